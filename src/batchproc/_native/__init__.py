@@ -1,0 +1,1 @@
+"""Compiled hot path: request heap, batch assembly, rolling percentile window."""

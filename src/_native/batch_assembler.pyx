@@ -1,0 +1,433 @@
+# cython: language_level=3
+"""Copies request items into reused, pre-allocated batch buffers.
+
+Validation (types, dtypes, shapes, overflow-checked sizes) runs with the GIL and
+without allocating; the copy itself is a ``noexcept nogil`` kernel over ``char*``:
+one ``memcpy`` per C-contiguous item, a strided loop for any other layout.
+"""
+
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport uintptr_t
+from libc.string cimport memcpy
+from libcpp.vector cimport vector
+
+cimport numpy as cnp
+from numpy cimport npy_intp
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # Raw-pointer spellings of the numpy C API: no reference counting per item.
+    bint np_is_array "PyArray_Check"(PyObject* op)
+    int np_ndim "PyArray_NDIM"(cnp.PyArrayObject* arr) noexcept nogil
+    npy_intp* np_dims "PyArray_DIMS"(cnp.PyArrayObject* arr) noexcept nogil
+    npy_intp* np_strides "PyArray_STRIDES"(cnp.PyArrayObject* arr) noexcept nogil
+    char* np_bytes "PyArray_BYTES"(cnp.PyArrayObject* arr) noexcept nogil
+    int np_flags "PyArray_FLAGS"(cnp.PyArrayObject* arr) noexcept nogil
+    npy_intp np_itemsize "PyArray_ITEMSIZE"(cnp.PyArrayObject* arr) noexcept nogil
+    cnp.PyArray_Descr* np_descr "PyArray_DESCR"(cnp.PyArrayObject* arr) noexcept nogil
+    bint np_refchk "PyDataType_REFCHK"(cnp.PyArray_Descr* d) noexcept
+    unsigned char np_equiv "PyArray_EquivTypes"(cnp.PyArray_Descr* a, cnp.PyArray_Descr* b)
+    # Steals a reference to descr, also on failure.
+    object np_new_from_descr "PyArray_NewFromDescr"(
+        PyTypeObject* subtype, cnp.PyArray_Descr* descr, int nd, npy_intp* dims,
+        npy_intp* strides, void* data, int flags, PyObject* obj)
+    # Steals a reference to base, also on failure.
+    int np_set_base "PyArray_SetBaseObject"(cnp.PyArrayObject* arr, PyObject* base) except -1
+    PyTypeObject np_array_type "PyArray_Type"
+    enum:
+        NPY_ARRAY_C_CONTIGUOUS
+        NPY_ARRAY_ALIGNED
+        NPY_ARRAY_WRITEABLE
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+
+cdef enum:
+    MAX_BUFFERS = 16
+    MAX_DIMS = 64           # NPY_MAXDIMS on NumPy 2; NumPy 1.x itself refuses > 32
+    ALIGN = 64              # buffer alignment in bytes
+    NOGIL_BYTES = 1 << 16   # release the GIL only for copies at least this large
+
+# Largest capacity handed to the allocator: the rounding to a power of two and the
+# alignment slack must not overflow Py_ssize_t.
+cdef Py_ssize_t MAX_CAPACITY = (<Py_ssize_t>1) << 62
+
+
+cdef struct Item:
+    # One input array as the copy kernel sees it; shapes are copied (not borrowed)
+    # so nothing another thread does to the array object can change them mid-copy.
+    const char* src
+    Py_ssize_t nbytes       # bytes this item contributes to the batch
+    int contiguous          # 1: one memcpy of nbytes
+    int nd                  # strided items: dims/strides live in shape_pool[shape_at:]
+    Py_ssize_t shape_at
+
+
+cdef inline bint _mul(Py_ssize_t a, Py_ssize_t b, Py_ssize_t* out) noexcept nogil:
+    """out = a * b for a, b >= 0; True when that overflows."""
+    if a != 0 and b > PY_SSIZE_T_MAX // a:
+        return True
+    out[0] = a * b
+    return False
+
+
+cdef void _strided_copy(char* dst, const char* src, int nd, const npy_intp* dims,
+                        const npy_intp* strides, Py_ssize_t itemsize) noexcept nogil:
+    """Copy an nd array at src (any strides, negative included) to dst in C order."""
+    cdef npy_intp counter[MAX_DIMS]
+    cdef Py_ssize_t block = itemsize
+    cdef int k = nd, d, j
+    cdef npy_intp n_inner, inner_stride, i
+    cdef const char* p
+    for d in range(nd):
+        if dims[d] == 0:
+            return
+    # Fold trailing dimensions that are already contiguous into one memcpy block.
+    while k > 0 and (dims[k - 1] == 1 or strides[k - 1] == block):
+        block *= dims[k - 1]
+        k -= 1
+    if k == 0:
+        memcpy(dst, src, block)
+        return
+    n_inner = dims[k - 1]
+    inner_stride = strides[k - 1]
+    for d in range(k - 1):
+        counter[d] = 0
+    while True:
+        # Offset of the current outer index.
+        p = src
+        for d in range(k - 1):
+            p += counter[d] * strides[d]
+        if block == 8:
+            for i in range(n_inner):
+                memcpy(dst, p, 8)
+                dst += 8
+                p += inner_stride
+        elif block == 4:
+            for i in range(n_inner):
+                memcpy(dst, p, 4)
+                dst += 4
+                p += inner_stride
+        else:
+            for i in range(n_inner):
+                memcpy(dst, p, block)
+                dst += block
+                p += inner_stride
+        # Odometer over the outer k-1 dimensions.
+        j = k - 2
+        while j >= 0:
+            counter[j] += 1
+            if counter[j] < dims[j]:
+                break
+            counter[j] = 0
+            j -= 1
+        if j < 0:
+            return
+
+
+cdef void _copy_items(char* dst, const Item* items, Py_ssize_t n,
+                      const npy_intp* shape_pool, Py_ssize_t itemsize) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef const Item* it
+    for i in range(n):
+        it = &items[i]
+        if it.nbytes == 0:
+            continue
+        if it.contiguous:
+            memcpy(dst, it.src, it.nbytes)
+        else:
+            _strided_copy(dst, it.src, it.nd, shape_pool + it.shape_at,
+                          shape_pool + it.shape_at + it.nd, itemsize)
+        dst += it.nbytes
+
+
+cdef inline bint _overlaps(const char* src, int nd, const npy_intp* dims,
+                           const npy_intp* strides, Py_ssize_t itemsize,
+                           uintptr_t lo, uintptr_t hi) noexcept nogil:
+    """Whether the memory an array spans intersects [lo, hi)."""
+    cdef uintptr_t a = <uintptr_t>src, b = <uintptr_t>src + itemsize
+    cdef int d
+    for d in range(nd):
+        if strides[d] < 0:
+            a -= <uintptr_t>(-strides[d]) * <uintptr_t>(dims[d] - 1)
+        else:
+            b += <uintptr_t>strides[d] * <uintptr_t>(dims[d] - 1)
+    return a < hi and lo < b
+
+
+cdef class BatchAssembler:
+    """Copies items into reused, pre-allocated batch buffers.
+
+    Not thread-safe: each worker owns one. ``concat``/``stack`` return a view into
+    the next buffer of a rotation of ``buffers``; the result of call *k* stays intact
+    through the following ``buffers - 1`` calls and may be overwritten after that.
+    A result always keeps its own buffer alive, even after the assembler grows.
+    """
+
+    cdef readonly int buffers
+    cdef int _next
+    cdef bint _busy
+    cdef list _owners                       # uint8 arrays owning each buffer (or None)
+    cdef char* _data[MAX_BUFFERS]           # ALIGN-aligned start of each buffer
+    cdef Py_ssize_t _cap[MAX_BUFFERS]       # usable bytes from _data[i]
+    cdef vector[Item] _items                # scratch, reused across calls
+    cdef vector[npy_intp] _shape_pool       # dims + strides of non-contiguous items
+    cdef npy_intp _out_dims[MAX_DIMS]
+
+    def __cinit__(self):
+        cdef int i
+        for i in range(MAX_BUFFERS):
+            self._data[i] = NULL
+            self._cap[i] = 0
+        self._owners = [None] * MAX_BUFFERS
+        self.buffers = 0
+        self._next = 0
+        self._busy = False
+
+    def __init__(self, buffers=2):
+        cdef Py_ssize_t n
+        if isinstance(buffers, bool):
+            raise TypeError(f"buffers must be an int, not {type(buffers).__name__}")
+        try:
+            n = buffers.__index__()
+        except (AttributeError, TypeError):
+            raise TypeError(
+                f"buffers must be an int, not {type(buffers).__name__}") from None
+        except OverflowError:
+            raise ValueError(f"buffers must be in 1..{MAX_BUFFERS}, got {buffers}") from None
+        if not 1 <= n <= MAX_BUFFERS:
+            raise ValueError(f"buffers must be in 1..{MAX_BUFFERS}, got {n}")
+        if self.buffers:
+            raise RuntimeError("BatchAssembler is already initialised")
+        self.buffers = <int>n
+
+    @property
+    def nbytes(self):
+        """Total bytes currently allocated across buffers (usable capacity)."""
+        cdef Py_ssize_t total = 0
+        cdef int i
+        for i in range(MAX_BUFFERS):
+            total += self._cap[i]
+        return total
+
+    def __repr__(self):
+        return f"BatchAssembler(buffers={self.buffers}, nbytes={self.nbytes})"
+
+    def __reduce__(self):
+        raise TypeError("BatchAssembler cannot be pickled")
+
+    def concat(self, arrays):
+        """Concatenate the rows of every array along axis 0 into the next buffer."""
+        return self._assemble(arrays, False)
+
+    def stack(self, arrays):
+        """Stack arrays (one sample each) along a new axis 0 into the next buffer."""
+        return self._assemble(arrays, True)
+
+    cdef object _assemble(self, arrays, bint stacking):
+        if self.buffers == 0:
+            raise RuntimeError("BatchAssembler.__init__ was not called")
+        if self._busy:
+            raise RuntimeError(
+                "BatchAssembler is not thread-safe: it is already assembling a batch "
+                "(use one assembler per worker)")
+        # A tuple snapshot: the items stay referenced (and the sequence unchanged)
+        # for the whole call, whatever other threads do to a list passed in.
+        cdef tuple seq = arrays if type(arrays) is tuple else tuple(arrays)
+        self._busy = True
+        try:
+            return self._assemble_tuple(seq, stacking)
+        finally:
+            self._busy = False
+
+    cdef object _assemble_tuple(self, tuple seq, bint stacking):
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(seq)
+        cdef Py_ssize_t i, rows, total_rows = 0, row_bytes, total_bytes = 0, sample_bytes
+        cdef Py_ssize_t itemsize
+        cdef int nd, nd0, d, out_nd, slot
+        cdef PyObject* obj
+        cdef cnp.PyArrayObject* arr
+        cdef cnp.PyArrayObject* arr0
+        cdef cnp.PyArray_Descr* descr0
+        cdef cnp.PyArray_Descr* descr
+        cdef npy_intp* dims0
+        cdef npy_intp* dims
+        cdef npy_intp* strides
+        cdef Item* item
+        cdef bint overlap = False, release
+        cdef uintptr_t lo, hi
+        cdef char* dst
+
+        if n == 0:
+            raise ValueError(
+                f"need at least one array to {'stack' if stacking else 'concatenate'}")
+
+        obj = PyTuple_GET_ITEM(seq, 0)
+        if not np_is_array(obj):
+            raise TypeError(
+                f"item 0 is {type(<object>obj).__name__}, not numpy.ndarray")
+        arr0 = <cnp.PyArrayObject*>obj
+        descr0 = np_descr(arr0)
+        if np_refchk(descr0):
+            raise TypeError(
+                f"item 0 has dtype {(<object>descr0)!r}, which holds Python object "
+                "references: object arrays are never raw-copied (use numpy's own "
+                "concatenation)")
+        nd0 = np_ndim(arr0)
+        dims0 = np_dims(arr0)
+        itemsize = np_itemsize(arr0)
+        if not stacking and nd0 == 0:
+            raise ValueError(
+                "item 0 is a 0-d array: concat needs a leading sample axis "
+                "(use stack for one sample per item)")
+        out_nd = nd0 + 1 if stacking else nd0
+        if out_nd > MAX_DIMS:
+            raise ValueError(f"result would have {out_nd} dimensions, more than {MAX_DIMS}")
+
+        # Bytes of one row (concat) or one sample (stack), overflow-checked.
+        row_bytes = itemsize
+        for d in range(0 if stacking else 1, nd0):
+            if _mul(row_bytes, dims0[d], &row_bytes):
+                raise ValueError("item 0 is too large: its size overflows")
+        sample_bytes = row_bytes
+
+        # Target buffer of this call; inputs that are views into it force a new one.
+        slot = self._next
+        lo = <uintptr_t>self._data[slot]
+        hi = lo + <uintptr_t>self._cap[slot]
+
+        self._items.resize(<size_t>n)
+        self._shape_pool.clear()
+        for i in range(n):
+            obj = PyTuple_GET_ITEM(seq, i)
+            if i:
+                if not np_is_array(obj):
+                    raise TypeError(
+                        f"item {i} is {type(<object>obj).__name__}, not numpy.ndarray")
+                arr = <cnp.PyArrayObject*>obj
+                descr = np_descr(arr)
+                nd = np_ndim(arr)
+                if descr != descr0 and not np_equiv(descr, descr0):
+                    raise ValueError(
+                        f"item {i} has dtype {(<object>descr)!r} but item 0 has dtype "
+                        f"{(<object>descr0)!r}: all items must have the same dtype")
+                dims = np_dims(arr)
+                if stacking:
+                    if nd != nd0 or not _same_dims(dims, dims0, nd):
+                        raise ValueError(
+                            f"item {i} has shape {_shape(dims, nd)} but item 0 has shape "
+                            f"{_shape(dims0, nd0)}: stack needs equal shapes")
+                else:
+                    if nd == 0:
+                        raise ValueError(
+                            f"item {i} is a 0-d array: concat needs a leading sample axis")
+                    if nd != nd0 or not _same_dims(dims + 1, dims0 + 1, nd - 1):
+                        raise ValueError(
+                            f"item {i} has trailing shape {_shape(dims + 1, nd - 1)} but "
+                            f"item 0 has trailing shape {_shape(dims0 + 1, nd0 - 1)}: "
+                            "concat needs equal dtype and trailing shape")
+            else:
+                arr = arr0
+                nd = nd0
+                dims = dims0
+            item = &self._items[i]
+            item.src = np_bytes(arr)
+            if stacking:
+                item.nbytes = sample_bytes
+                rows = 1
+            else:
+                rows = dims[0]
+                if _mul(rows, row_bytes, &item.nbytes):
+                    raise ValueError(f"item {i} is too large: its size overflows")
+            if total_rows > PY_SSIZE_T_MAX - rows:
+                raise ValueError("batch is too large: its row count overflows")
+            total_rows += rows
+            if item.nbytes == 0:
+                item.contiguous = 1
+                continue
+            strides = np_strides(arr)
+            if hi != lo and not overlap:
+                overlap = _overlaps(item.src, nd, dims, strides, itemsize, lo, hi)
+            if np_flags(arr) & NPY_ARRAY_C_CONTIGUOUS:
+                item.contiguous = 1
+            else:
+                item.contiguous = 0
+                item.nd = nd
+                item.shape_at = <Py_ssize_t>self._shape_pool.size()
+                for d in range(nd):
+                    self._shape_pool.push_back(dims[d])
+                for d in range(nd):
+                    self._shape_pool.push_back(strides[d])
+
+        if _mul(total_rows, row_bytes, &total_bytes) or total_bytes > MAX_CAPACITY:
+            raise ValueError(
+                f"batch of {total_rows} rows x {row_bytes} bytes is too large to assemble")
+
+        # Output shape: (total_rows, *trailing) or (n, *shape).
+        self._out_dims[0] = total_rows
+        if stacking:
+            for d in range(nd0):
+                self._out_dims[d + 1] = dims0[d]
+        else:
+            for d in range(1, nd0):
+                self._out_dims[d] = dims0[d]
+
+        if overlap or self._cap[slot] < total_bytes or self._data[slot] == NULL:
+            self._grow(slot, total_bytes)
+        owner = self._owners[slot]
+        dst = self._data[slot]
+
+        Py_INCREF(<object>descr0)   # stolen by PyArray_NewFromDescr
+        out = np_new_from_descr(
+            &np_array_type, descr0, out_nd, self._out_dims, NULL, dst,
+            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, NULL)
+        Py_INCREF(owner)            # stolen by PyArray_SetBaseObject
+        np_set_base(<cnp.PyArrayObject*>out, <PyObject*>owner)
+
+        # Nothing below runs Python code: the items, shapes and buffer are fixed.
+        release = total_bytes >= NOGIL_BYTES
+        if release:
+            with nogil:
+                _copy_items(dst, self._items.data(), n, self._shape_pool.data(), itemsize)
+        else:
+            _copy_items(dst, self._items.data(), n, self._shape_pool.data(), itemsize)
+        self._next = slot + 1 if slot + 1 < self.buffers else 0
+        return out
+
+    cdef int _grow(self, int slot, Py_ssize_t need) except -1:
+        """Give buffer `slot` a fresh allocation of at least `need` bytes."""
+        cdef Py_ssize_t cap = ALIGN
+        cdef uintptr_t addr
+        while cap < need:
+            cap <<= 1               # need <= 2**62, so this stops at 2**62 at most
+        try:
+            owner = np.empty(cap + ALIGN - 1, dtype=np.uint8)
+        except MemoryError:
+            if cap == need:
+                raise
+            cap = need              # the power of two did not fit: try exact size
+            owner = np.empty(cap + ALIGN - 1, dtype=np.uint8)
+        addr = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>owner)
+        # The old buffer (if any) lives on in the base of every result that uses it.
+        self._owners[slot] = owner
+        self._data[slot] = <char*>((addr + ALIGN - 1) & ~(<uintptr_t>(ALIGN - 1)))
+        self._cap[slot] = cap
+        return 0
+
+
+cdef inline bint _same_dims(const npy_intp* a, const npy_intp* b, int n) noexcept:
+    cdef int d
+    for d in range(n):
+        if a[d] != b[d]:
+            return False
+    return True
+
+
+cdef tuple _shape(const npy_intp* dims, int n):
+    return tuple([dims[d] for d in range(n)])

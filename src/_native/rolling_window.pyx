@@ -1,0 +1,492 @@
+# cython: language_level=3
+"""Fixed-capacity window of recent samples: mean, min, max and percentiles.
+
+Storage is a ring buffer in insertion order whose slots are also the nodes of a
+treap (randomised balanced BST) keyed by (value, age) and augmented with subtree
+sizes, so add/evict and the k-th smallest value are O(log n) expected. Node i is
+ring slot i - 1; node 0 is the empty sentinel (size 0). Arrays grow lazily up to
+the capacity, so a large, mostly empty window costs little memory.
+"""
+
+cimport cython
+from libc.math cimport fabs, floor, isfinite, NAN
+from libc.stdint cimport int32_t, uint32_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+from libcpp.vector cimport vector
+
+import numpy as np
+
+cdef enum:
+    MAX_CAPACITY = 1 << 26
+    NOGIL_EXTEND = 4096     # extend() releases the GIL for batches at least this long
+
+
+@cython.final
+cdef class RollingWindow:
+    """Fixed-capacity window over the most recent samples; thread-safe.
+
+    Every method takes the window's own lock; no Python code runs while it is held.
+    """
+
+    cdef cython.pymutex _lock
+    cdef readonly Py_ssize_t capacity
+    cdef Py_ssize_t _n              # samples in the window
+    cdef Py_ssize_t _head           # ring slot of the oldest sample (0 until full)
+    cdef Py_ssize_t _alloc          # node slots allocated (excluding the sentinel)
+    cdef unsigned long long _total  # samples ever added
+    cdef Py_ssize_t _evictions      # since the running sum was last recomputed
+    cdef double _sum, _comp         # Neumaier running sum of the window
+    cdef uint32_t _rng
+    cdef int32_t _root
+    cdef double* _val
+    cdef int32_t* _left
+    cdef int32_t* _right
+    cdef int32_t* _size
+    cdef uint32_t* _prio
+
+    def __cinit__(self, *args, **kwargs):
+        self._val = NULL
+        self._left = NULL
+        self._right = NULL
+        self._size = NULL
+        self._prio = NULL
+        self._alloc = -1
+        self.capacity = 0
+
+    def __init__(self, capacity):
+        cdef Py_ssize_t cap
+        if isinstance(capacity, bool):
+            raise TypeError("capacity must be an int, not bool")
+        try:
+            cap = capacity.__index__()
+        except (AttributeError, TypeError):
+            raise TypeError(
+                f"capacity must be an int, not {type(capacity).__name__}") from None
+        except OverflowError:
+            raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, got {capacity}") from None
+        if not 1 <= cap <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, got {cap}")
+        if self.capacity:
+            raise RuntimeError("RollingWindow is already initialised")
+        self._rng = 0x9E3779B9u ^ <uint32_t>cap
+        self._reset()
+        self._alloc = 0
+        if self._reserve(min(cap, 64)) < 0:
+            raise MemoryError()
+        self.capacity = cap
+
+    def __dealloc__(self):
+        free(self._val)
+        free(self._left)
+        free(self._right)
+        free(self._size)
+        free(self._prio)
+
+    def __repr__(self):
+        return f"RollingWindow(capacity={self.capacity}, len={len(self)})"
+
+    # ---------------------------------------------------------------- mutation
+
+    def add(self, double value):
+        """Add one sample; NaN and +-inf raise ValueError."""
+        cdef int rc = 0
+        if not isfinite(value):
+            raise ValueError(f"value must be finite, got {value!r}")
+        self._check_init()
+        with self._lock:
+            rc = self._push(value)
+            if rc == 0:
+                self._total += 1
+        if rc < 0:
+            raise MemoryError("RollingWindow could not grow its storage")
+
+    def extend(self, values):
+        """Add every value of an iterable, oldest first; all or nothing on bad input."""
+        cdef vector[double] buf
+        cdef double x
+        cdef const double[::1] view
+        cdef Py_ssize_t i, k
+        cdef int rc = 0
+        self._check_init()
+        if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "biuf":
+            view = np.ascontiguousarray(values, dtype=np.float64)
+            k = view.shape[0]
+            buf.resize(k)
+            for i in range(k):
+                x = view[i]
+                if not isfinite(x):
+                    raise ValueError(f"values[{i}] must be finite, got {x!r}")
+                buf[i] = x
+        else:
+            i = 0
+            for v in values:
+                x = v
+                if not isfinite(x):
+                    raise ValueError(f"values[{i}] must be finite, got {x!r}")
+                buf.push_back(x)
+                i += 1
+        k = <Py_ssize_t>buf.size()
+        if k == 0:
+            return
+        with self._lock:
+            if k >= NOGIL_EXTEND:
+                with nogil:
+                    rc = self._push_many(buf.data(), k)
+            else:
+                rc = self._push_many(buf.data(), k)
+        if rc < 0:
+            raise MemoryError("RollingWindow could not grow its storage")
+
+    def clear(self):
+        """Empty the window (total_count keeps counting)."""
+        self._check_init()
+        with self._lock:
+            self._reset()
+
+    # ----------------------------------------------------------------- queries
+
+    def __len__(self):
+        cdef Py_ssize_t n = 0
+        with self._lock:
+            n = self._n
+        return n
+
+    @property
+    def total_count(self):
+        """Samples ever added, including those evicted or cleared."""
+        cdef unsigned long long t = 0
+        with self._lock:
+            t = self._total
+        return t
+
+    def mean(self):
+        """Mean of the window; nan when empty."""
+        cdef double r = NAN
+        self._check_init()
+        with self._lock:
+            if self._n:
+                if not isfinite(self._sum + self._comp):
+                    self._recompute_sum()
+                r = (self._sum + self._comp) / self._n
+        return r
+
+    def min(self):
+        """Smallest sample in the window; nan when empty."""
+        cdef double r = NAN
+        self._check_init()
+        with self._lock:
+            if self._n:
+                r = self._select(0)
+        return r
+
+    def max(self):
+        """Largest sample in the window; nan when empty."""
+        cdef double r = NAN
+        self._check_init()
+        with self._lock:
+            if self._n:
+                r = self._select(self._n - 1)
+        return r
+
+    def percentile(self, double q):
+        """numpy.percentile(window, q) with the default 'linear' method; nan when empty."""
+        cdef double r = NAN
+        if not (0.0 <= q <= 100.0):
+            raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
+        self._check_init()
+        with self._lock:
+            if self._n:
+                r = self._quantile(q)
+        return r
+
+    def percentiles(self, qs):
+        """Several percentiles under one lock acquisition; a list of floats."""
+        cdef vector[double] qv
+        cdef double q
+        cdef Py_ssize_t i, m
+        cdef bint empty = True
+        self._check_init()
+        for v in qs:
+            q = v
+            if not (0.0 <= q <= 100.0):
+                raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
+            qv.push_back(q)
+        m = <Py_ssize_t>qv.size()
+        with self._lock:
+            empty = self._n == 0
+            if not empty:
+                for i in range(m):
+                    qv[i] = self._quantile(qv[i])
+        if empty:
+            return [float("nan")] * m
+        return [qv[i] for i in range(m)]
+
+    def values(self):
+        """A float64 copy of the window in insertion order (oldest first)."""
+        cdef vector[double] tmp
+        cdef Py_ssize_t n = 0, first, cap
+        cdef double[::1] view
+        self._check_init()
+        # Copy out under the lock into C memory (no Python code while it is held),
+        # then build the array.
+        tmp.reserve(<size_t>self.capacity if self.capacity < 4096 else 4096)
+        while True:
+            with self._lock:
+                n = self._n
+                if <size_t>n <= tmp.capacity():
+                    tmp.resize(<size_t>n)
+                    cap = self.capacity
+                    first = cap - self._head
+                    if first > n:
+                        first = n
+                    if n:
+                        memcpy(tmp.data(), self._val + 1 + self._head, first * sizeof(double))
+                        memcpy(tmp.data() + first, self._val + 1,
+                               (n - first) * sizeof(double))
+                    break
+            tmp.reserve(<size_t>n)
+        out = np.empty(n, dtype=np.float64)
+        if n:
+            view = out
+            memcpy(&view[0], tmp.data(), n * sizeof(double))
+        return out
+
+    # --------------------------------------------------------------- internals
+
+    cdef inline int _check_init(self) except -1:
+        if self.capacity == 0:
+            raise RuntimeError("RollingWindow.__init__ was not called")
+        return 0
+
+    cdef void _reset(self) noexcept nogil:
+        self._n = 0
+        self._head = 0
+        self._root = 0
+        self._sum = 0.0
+        self._comp = 0.0
+        self._evictions = 0
+
+    cdef int _reserve(self, Py_ssize_t want) noexcept nogil:
+        """Make room for `want` nodes (plus the sentinel); -1 when out of memory."""
+        cdef Py_ssize_t new_alloc, slots
+        cdef void* p
+        if want <= self._alloc:
+            return 0
+        new_alloc = self._alloc * 2
+        if new_alloc < want:
+            new_alloc = want
+        if new_alloc > self.capacity and self.capacity:
+            new_alloc = self.capacity
+        if new_alloc < want:
+            new_alloc = want
+        slots = new_alloc + 1
+        # Each realloc keeps the old block on failure, so a failure leaves a
+        # consistent (if partly larger) set of arrays; _alloc only moves at the end.
+        p = realloc(self._val, slots * sizeof(double))
+        if p == NULL:
+            return -1
+        self._val = <double*>p
+        p = realloc(self._left, slots * sizeof(int32_t))
+        if p == NULL:
+            return -1
+        self._left = <int32_t*>p
+        p = realloc(self._right, slots * sizeof(int32_t))
+        if p == NULL:
+            return -1
+        self._right = <int32_t*>p
+        p = realloc(self._size, slots * sizeof(int32_t))
+        if p == NULL:
+            return -1
+        self._size = <int32_t*>p
+        p = realloc(self._prio, slots * sizeof(uint32_t))
+        if p == NULL:
+            return -1
+        self._prio = <uint32_t*>p
+        if self._alloc <= 0:
+            # The sentinel: an empty subtree.
+            self._val[0] = 0.0
+            self._left[0] = 0
+            self._right[0] = 0
+            self._size[0] = 0
+            self._prio[0] = 0
+        self._alloc = new_alloc
+        return 0
+
+    cdef inline uint32_t _next_prio(self) noexcept nogil:
+        # xorshift32; never 0, which is reserved for the sentinel.
+        cdef uint32_t x = self._rng
+        x ^= x << 13
+        x ^= x >> 17
+        x ^= x << 5
+        self._rng = x
+        return x
+
+    cdef inline Py_ssize_t _age(self, int32_t node) noexcept nogil:
+        cdef Py_ssize_t a = (node - 1) - self._head
+        if a < 0:
+            a += self.capacity
+        return a
+
+    cdef inline bint _less(self, int32_t a, int32_t b) noexcept nogil:
+        """Order of nodes: by value, ties broken by age (older first)."""
+        cdef double va = self._val[a], vb = self._val[b]
+        if va != vb:
+            return va < vb
+        return self._age(a) < self._age(b)
+
+    cdef inline void _update(self, int32_t t) noexcept nogil:
+        self._size[t] = 1 + self._size[self._left[t]] + self._size[self._right[t]]
+
+    cdef void _split(self, int32_t t, int32_t x, int32_t* l, int32_t* r) noexcept nogil:
+        """Split subtree t into nodes ordered before x (into *l) and after x (*r)."""
+        if t == 0:
+            l[0] = 0
+            r[0] = 0
+            return
+        if self._less(t, x):
+            self._split(self._right[t], x, &self._right[t], r)
+            l[0] = t
+        else:
+            self._split(self._left[t], x, l, &self._left[t])
+            r[0] = t
+        self._update(t)
+
+    cdef int32_t _merge(self, int32_t a, int32_t b) noexcept nogil:
+        """Join subtrees a and b, every node of a ordered before every node of b."""
+        if a == 0:
+            return b
+        if b == 0:
+            return a
+        if self._prio[a] > self._prio[b]:
+            self._right[a] = self._merge(self._right[a], b)
+            self._update(a)
+            return a
+        self._left[b] = self._merge(a, self._left[b])
+        self._update(b)
+        return b
+
+    cdef void _insert(self, int32_t x) noexcept nogil:
+        cdef int32_t* link = &self._root
+        cdef int32_t t
+        cdef uint32_t px = self._prio[x]
+        while True:
+            t = link[0]
+            if t == 0 or px > self._prio[t]:
+                break
+            self._size[t] += 1
+            if self._less(x, t):
+                link = &self._left[t]
+            else:
+                link = &self._right[t]
+        self._split(t, x, &self._left[x], &self._right[x])
+        self._update(x)
+        link[0] = x
+
+    cdef void _erase(self, int32_t x) noexcept nogil:
+        cdef int32_t* link = &self._root
+        cdef int32_t t = 0
+        while True:
+            t = link[0]
+            if t == x:
+                break
+            self._size[t] -= 1
+            if self._less(x, t):
+                link = &self._left[t]
+            else:
+                link = &self._right[t]
+        link[0] = self._merge(self._left[x], self._right[x])
+
+    cdef double _select(self, Py_ssize_t k) noexcept nogil:
+        """The k-th smallest value, 0 <= k < n."""
+        cdef int32_t t = self._root
+        cdef Py_ssize_t ls
+        while True:
+            ls = self._size[self._left[t]]
+            if k < ls:
+                t = self._left[t]
+            elif k == ls:
+                return self._val[t]
+            else:
+                k -= ls + 1
+                t = self._right[t]
+
+    cdef double _quantile(self, double q) noexcept nogil:
+        """numpy's 'linear' percentile (Hyndman & Fan 7), same arithmetic; n > 0."""
+        cdef Py_ssize_t n = self._n, lo
+        cdef double virtual = (n - 1) * (q / 100.0)
+        cdef double prev = floor(virtual)
+        cdef double gamma, a, b, diff
+        if virtual >= n - 1:
+            return self._select(n - 1)
+        lo = <Py_ssize_t>prev
+        gamma = virtual - prev
+        a = self._select(lo)
+        b = self._select(lo + 1)
+        diff = b - a
+        if gamma >= 0.5:
+            return b - diff * (1.0 - gamma)
+        return a + diff * gamma
+
+    cdef inline void _sum_add(self, double x) noexcept nogil:
+        # Neumaier's compensated summation.
+        cdef double s = self._sum
+        cdef double t = s + x
+        if fabs(s) >= fabs(x):
+            self._comp += (s - t) + x
+        else:
+            self._comp += (x - t) + s
+        self._sum = t
+
+    cdef void _recompute_sum(self) noexcept nogil:
+        cdef Py_ssize_t i
+        self._sum = 0.0
+        self._comp = 0.0
+        for i in range(self._n):
+            self._sum_add(self._val[1 + (self._head + i) % self.capacity])
+        self._evictions = 0
+
+    cdef int _push(self, double x) noexcept nogil:
+        """Append x, evicting the oldest sample when full. -1: out of memory."""
+        cdef int32_t node
+        cdef double old
+        if self._n < self.capacity:
+            if self._n >= self._alloc and self._reserve(self._n + 1) < 0:
+                return -1
+            node = <int32_t>(self._n + 1)      # not full: head is 0
+            self._n += 1
+            self._val[node] = x
+        else:
+            node = <int32_t>(self._head + 1)
+            self._erase(node)
+            old = self._val[node]
+            self._val[node] = x
+            self._head += 1
+            if self._head == self.capacity:
+                self._head = 0
+            self._sum_add(-old)
+            self._evictions += 1
+        self._left[node] = 0
+        self._right[node] = 0
+        self._prio[node] = self._next_prio()
+        self._insert(node)
+        self._sum_add(x)
+        if self._evictions >= self.capacity:
+            self._recompute_sum()
+        return 0
+
+    cdef int _push_many(self, const double* xs, Py_ssize_t k) noexcept nogil:
+        cdef Py_ssize_t i, start = 0
+        if k >= self.capacity:
+            # Only the last `capacity` values survive: start from an empty window.
+            start = k - self.capacity
+            self._reset()
+        if self._reserve(min(self._n + (k - start), self.capacity)) < 0:
+            return -1
+        for i in range(start, k):
+            if self._push(xs[i]) < 0:
+                self._total += <unsigned long long>(i - start)
+                return -1
+        self._total += <unsigned long long>k
+        return 0
+

@@ -1,0 +1,126 @@
+"""Pure-Python twin of batchproc._native.batch_assembler, used only by the tests.
+
+Same contract as the native BatchAssembler (validation, errors, buffer rotation,
+growth to powers of two, 64-byte alignment), built on np.concatenate / np.stack
+writing into the rotating buffers with ``out=``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+MAX_BUFFERS = 16
+MAX_DIMS = 64
+ALIGN = 64
+MAX_CAPACITY = 1 << 62
+
+
+class BatchAssembler:
+    """Copies items into reused, pre-allocated batch buffers (reference version)."""
+
+    def __init__(self, buffers: int = 2) -> None:
+        if isinstance(buffers, bool):
+            raise TypeError(f"buffers must be an int, not {type(buffers).__name__}")
+        try:
+            n = operator.index(buffers)
+        except TypeError:
+            raise TypeError(f"buffers must be an int, not {type(buffers).__name__}") from None
+        if not 1 <= n <= MAX_BUFFERS:
+            raise ValueError(f"buffers must be in 1..{MAX_BUFFERS}, got {n}")
+        self._buffers = n
+        self._owners: list[np.ndarray[Any, Any] | None] = [None] * n
+        self._caps = [0] * n
+        self._next = 0
+
+    @property
+    def buffers(self) -> int:
+        return self._buffers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._caps)
+
+    def concat(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+        return self._assemble(arrays, stacking=False)
+
+    def stack(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+        return self._assemble(arrays, stacking=True)
+
+    def _assemble(self, arrays: Iterable[np.ndarray[Any, Any]], stacking: bool) -> Any:
+        seq = tuple(arrays)
+        if not seq:
+            verb = "stack" if stacking else "concatenate"
+            raise ValueError(f"need at least one array to {verb}")
+        for i, a in enumerate(seq):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"item {i} is {type(a).__name__}, not numpy.ndarray")
+            if i == 0:
+                if a.dtype.hasobject:
+                    raise TypeError(
+                        f"item 0 has dtype {a.dtype!r}, which holds Python object "
+                        "references: object arrays are never raw-copied")
+                first = a
+                if not stacking and a.ndim == 0:
+                    raise ValueError("item 0 is a 0-d array: concat needs a leading sample axis")
+                out_nd = a.ndim + 1 if stacking else a.ndim
+                if out_nd > MAX_DIMS:
+                    raise ValueError(f"result would have {out_nd} dimensions")
+                continue
+            if a.dtype != first.dtype:
+                raise ValueError(
+                    f"item {i} has dtype {a.dtype!r} but item 0 has dtype {first.dtype!r}")
+            if stacking:
+                if a.shape != first.shape:
+                    raise ValueError(
+                        f"item {i} has shape {a.shape} but item 0 has shape {first.shape}")
+            else:
+                if a.ndim == 0:
+                    raise ValueError(f"item {i} is a 0-d array: concat needs a leading axis")
+                if a.shape[1:] != first.shape[1:]:
+                    raise ValueError(
+                        f"item {i} has trailing shape {a.shape[1:]} but item 0 has "
+                        f"trailing shape {first.shape[1:]}")
+        dtype = first.dtype
+        if stacking:
+            shape = (len(seq), *first.shape)
+        else:
+            shape = (sum(a.shape[0] for a in seq), *first.shape[1:])
+        total = dtype.itemsize
+        for d in shape:
+            total *= d
+        if total > MAX_CAPACITY:
+            raise ValueError(f"batch of shape {shape} is too large to assemble")
+
+        slot = self._next
+        owner = self._owners[slot]
+        overlap = owner is not None and any(
+            a.size and np.may_share_memory(a, owner) for a in seq)
+        if owner is None or overlap or self._caps[slot] < total:
+            owner = self._grow(slot, total)
+        start = (-owner.ctypes.data) % ALIGN
+        out: Any = np.ndarray(shape, dtype=dtype, buffer=owner, offset=start)
+        if stacking:
+            np.stack(seq, out=out)
+        else:
+            np.concatenate(seq, out=out)
+        self._next = (slot + 1) % self._buffers
+        return out
+
+    def _grow(self, slot: int, need: int) -> np.ndarray[Any, Any]:
+        cap = ALIGN
+        while cap < need:
+            cap <<= 1
+        try:
+            owner = np.empty(cap + ALIGN - 1, dtype=np.uint8)
+        except MemoryError:
+            if cap == need:
+                raise
+            cap = need
+            owner = np.empty(cap + ALIGN - 1, dtype=np.uint8)
+        self._owners[slot] = owner
+        self._caps[slot] = cap
+        return owner

@@ -1,0 +1,410 @@
+"""BatchAssembler: native module and its numpy twin run through the same tests."""
+
+from __future__ import annotations
+
+import gc
+import importlib.machinery
+from typing import Any
+
+import numpy as np
+import pytest
+import reference_assembler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from batchproc._native import batch_assembler as native_module
+
+IMPLEMENTATIONS = {
+    "native": native_module.BatchAssembler,
+    "twin": reference_assembler.BatchAssembler,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(IMPLEMENTATIONS))
+def assembler_cls(request: pytest.FixtureRequest) -> Any:
+    return IMPLEMENTATIONS[request.param]
+
+
+def test_native_module_is_compiled() -> None:
+    assert native_module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    assert native_module.BatchAssembler.__module__ == "batchproc._native.batch_assembler"
+
+
+# --------------------------------------------------------------------- helpers
+
+DTYPES = [
+    np.dtype(t)
+    for t in (
+        "?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16",
+        "M8[ns]", "m8[us]", ">f8", ">i4", ">c16", "S5", "U3", "V7",
+        [("a", "<i4"), ("b", ">f8"), ("c", "S3")],
+        [("x", "u1"), ("y", "<f4", (2,))],
+    )
+] + [
+    np.dtype([("p", "u1"), ("q", "<i8")], align=True),  # padding bytes between fields
+    np.dtype({"names": ["a", "b"], "formats": ["u1", ">i4"], "offsets": [0, 8],
+              "itemsize": 16}),
+]
+
+LAYOUTS = ["C", "F", "flipped", "strided", "row-strided", "broadcast"]
+
+
+def relayout(a: np.ndarray, layout: str) -> np.ndarray:
+    """The same values as `a` (except 'broadcast') in a different memory layout."""
+    if a.ndim == 0:
+        return a
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "flipped":  # negative strides on every axis
+        return np.flip(np.flip(a).copy())
+    if layout == "strided" and a.ndim:
+        b = np.zeros((*a.shape[:-1], a.shape[-1] * 2 + 1), dtype=a.dtype)
+        b[..., 1::2] = a
+        return b[..., 1::2]
+    if layout == "row-strided" and a.ndim:
+        b = np.zeros((a.shape[0] * 3, *a.shape[1:]), dtype=a.dtype)
+        b[::3] = a
+        return b[::3]
+    if layout == "broadcast" and a.ndim and a.shape[0]:
+        return np.broadcast_to(a[-1:], a.shape)  # zero stride on the sample axis
+    return a
+
+
+def assert_same(out: np.ndarray, ref: np.ndarray, dtype: np.dtype) -> None:
+    """out equals ref exactly: shape, values bit for bit, and out keeps the input dtype."""
+    assert out.dtype == dtype
+    assert out.shape == ref.shape
+    assert out.flags.c_contiguous
+    _assert_bits(out, ref)
+
+
+def _assert_bits(out: np.ndarray, ref: np.ndarray) -> None:
+    if out.dtype.names:
+        # Compare field by field: padding bytes carry no value.
+        for name in out.dtype.names:
+            _assert_bits(out[name], ref[name])
+    else:
+        # NumPy >= 2 returns the canonical (native byte order) dtype; cast back to
+        # compare raw bytes, which also checks NaN payloads and -0.0.
+        assert out.tobytes() == ref.astype(out.dtype).tobytes()
+
+
+@st.composite
+def item_lists(draw: st.DrawFn, stacking: bool) -> tuple[np.dtype, list[np.ndarray]]:
+    dtype = draw(st.sampled_from(DTYPES))
+    trailing = draw(hnp.array_shapes(min_dims=0 if stacking else 0, max_dims=3,
+                                     min_side=0, max_side=3))
+    n = draw(st.integers(1, 8))
+    items = []
+    for _ in range(n):
+        shape = trailing if stacking else (draw(st.integers(0, 4)), *trailing)
+        if dtype.kind == "V" and not dtype.names:   # raw void: no inferred strategy
+            raw = draw(hnp.arrays(np.uint8, (*shape, dtype.itemsize)))
+            a = raw.view(dtype).reshape(shape)
+        else:
+            a = np.asarray(draw(hnp.arrays(dtype, shape)))   # shape () gives a scalar
+        items.append(relayout(a, draw(st.sampled_from(LAYOUTS))))
+    return dtype, items
+
+
+# ------------------------------------------------------------ differential tests
+
+
+@settings(max_examples=300)
+@given(data=item_lists(stacking=False))
+def test_concat_equals_numpy(assembler_cls: Any, data: tuple[np.dtype, list]) -> None:
+    dtype, items = data
+    ref = np.concatenate(items)
+    out = assembler_cls().concat(items)
+    assert_same(out, ref, dtype)
+
+
+@settings(max_examples=300)
+@given(data=item_lists(stacking=True))
+def test_stack_equals_numpy(assembler_cls: Any, data: tuple[np.dtype, list]) -> None:
+    dtype, items = data
+    ref = np.stack(items)
+    out = assembler_cls().stack(items)
+    assert_same(out, ref, dtype)
+
+
+@settings(max_examples=100)
+@given(
+    buffers=st.integers(1, 4),
+    calls=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 40), st.sampled_from(["f4", "i2", "c16"])),
+        min_size=1, max_size=12),
+)
+def test_results_survive_the_next_buffers_minus_one_calls(
+        assembler_cls: Any, buffers: int, calls: list[tuple[bool, int, str]]) -> None:
+    """Result k stays intact through call k + buffers - 1, whatever sizes (and so
+    growth) those calls bring; a result's buffer outlives the assembler's reference."""
+    asm = assembler_cls(buffers)
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    rng = np.random.default_rng(len(calls))
+    for k, (stacking, rows, dt) in enumerate(calls):
+        if stacking:
+            items = [rng.integers(-99, 99, size=3).astype(dt) for _ in range(max(rows, 1))]
+            expected = np.stack(items)
+            out = asm.stack(items)
+        else:
+            items = [rng.integers(-99, 99, size=(r, 3)).astype(dt)
+                     for r in (rows // 2, rows - rows // 2)]
+            expected = np.concatenate(items)
+            out = asm.concat(items)
+        kept.append((out, expected))
+        for j in range(max(0, k - buffers + 1), k + 1):
+            np.testing.assert_array_equal(kept[j][0], kept[j][1], err_msg=f"call {j} at {k}")
+
+
+def test_growth_keeps_earlier_result_alive(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=1)
+    small = asm.concat([np.arange(4, dtype=np.float64)])
+    before = asm.nbytes
+    big = asm.concat([np.ones(10_000)])          # replaces the only buffer
+    assert asm.nbytes > before
+    junk = [np.full(10_000, 7.0) for _ in range(20)]   # reuse freed memory if any
+    np.testing.assert_array_equal(small, np.arange(4.0))
+    np.testing.assert_array_equal(big, np.ones(10_000))
+    del junk
+
+
+def test_result_outlives_assembler(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    out = asm.concat([np.arange(1000, dtype=np.int64)])
+    del asm
+    gc.collect()
+    junk = [np.full(1000, -1, dtype=np.int64) for _ in range(50)]
+    np.testing.assert_array_equal(out, np.arange(1000))
+    del junk
+
+
+def test_buffers_are_reused_not_reallocated(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=2)
+    x = [np.ones((3, 5), np.float32)] * 4
+    first = asm.concat(x)
+    asm.concat(x)
+    size = asm.nbytes
+    third = asm.concat(x)
+    assert np.shares_memory(first, third)         # buffer 0 again
+    assert asm.nbytes == size
+    smaller = asm.concat(x[:1])                    # a smaller batch fits: no growth
+    assert asm.nbytes == size
+    assert smaller.shape == (3, 5)
+
+
+def test_growth_is_geometric(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=1)
+    sizes = set()
+    for rows in range(1, 2000, 7):
+        asm.concat([np.zeros((rows, 4), np.float32)])
+        sizes.add(asm.nbytes)
+    assert asm.nbytes >= 2000 * 16
+    assert len(sizes) <= 12      # powers of two, not one allocation per size
+
+
+def test_results_are_aligned_writeable_and_contiguous(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=3)
+    for rows in (1, 3, 17, 1000):
+        out = asm.concat([np.ones((rows, 3), np.float16)])
+        assert out.ctypes.data % 64 == 0
+        assert out.flags.writeable and out.flags.c_contiguous
+        out[:] = 2                                 # process_func may work in place
+        assert out.base is not None
+
+
+def test_input_that_aliases_the_target_buffer(assembler_cls: Any) -> None:
+    """A view of an earlier result (same buffer as this call's target) as input."""
+    asm = assembler_cls(buffers=1)
+    asm.concat([np.zeros((100, 2))])                 # room for the next calls: no growth
+    prev = asm.concat([np.arange(12.0).reshape(6, 2)])
+    items = [prev[::-1], prev[1:3], prev]
+    expected = np.concatenate(items)
+    out = asm.concat(items)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_zero_rows_and_zero_itemsize(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    out = asm.concat([np.zeros((0, 3, 2), np.int32)] * 3)
+    assert out.shape == (0, 3, 2) and out.dtype == np.int32
+    out = asm.stack([np.zeros((0, 2))] * 4)
+    assert out.shape == (4, 0, 2)
+    empty_struct = np.dtype([])
+    out = asm.concat([np.zeros(3, empty_struct), np.zeros(2, empty_struct)])
+    assert out.shape == (5,) and out.dtype == empty_struct
+
+
+def test_stack_zero_d_items(assembler_cls: Any) -> None:
+    items = [np.array(v, dtype=">i8") for v in (3, -1, 7)]
+    out = assembler_cls().stack(items)
+    assert out.dtype == np.dtype(">i8")
+    np.testing.assert_array_equal(out, [3, -1, 7])
+
+
+def test_accepts_tuples_and_generators(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    items = [np.full((2, 2), i) for i in range(3)]
+    np.testing.assert_array_equal(asm.concat(tuple(items)), np.concatenate(items))
+    np.testing.assert_array_equal(asm.stack(a for a in items), np.stack(items))
+
+
+# -------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("buffers", [0, -1, 17, 2**70])
+def test_buffers_out_of_range(assembler_cls: Any, buffers: int) -> None:
+    with pytest.raises((ValueError, OverflowError), match="buffers"):
+        assembler_cls(buffers)
+
+
+@pytest.mark.parametrize("buffers", [2.0, "2", None, True])
+def test_buffers_not_an_int(assembler_cls: Any, buffers: Any) -> None:
+    with pytest.raises(TypeError, match="buffers"):
+        assembler_cls(buffers)
+
+
+def test_buffers_property(assembler_cls: Any) -> None:
+    assert assembler_cls().buffers == 2
+    assert assembler_cls(16).buffers == 16
+    assert assembler_cls(3).nbytes == 0
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+def test_empty_list(assembler_cls: Any, method: str) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        getattr(assembler_cls(), method)([])
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+@pytest.mark.parametrize("bad", [[1.0, 2.0], None, "ab", np.float64(1.0)])
+def test_non_ndarray_item(assembler_cls: Any, method: str, bad: Any) -> None:
+    items = [np.zeros((1, 2)), np.zeros((1, 2)), bad]
+    with pytest.raises(TypeError, match="item 2"):
+        getattr(assembler_cls(), method)(items)
+    with pytest.raises(TypeError, match="item 0"):
+        getattr(assembler_cls(), method)([bad, np.zeros((1, 2))])
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+def test_not_iterable(assembler_cls: Any, method: str) -> None:
+    with pytest.raises(TypeError):
+        getattr(assembler_cls(), method)(5)
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+@pytest.mark.parametrize("dtype", [
+    np.dtype(object),
+    np.dtype([("a", "f8"), ("b", "O")]),
+    np.dtypes.StringDType(),
+])
+def test_object_arrays_are_refused(assembler_cls: Any, method: str, dtype: Any) -> None:
+    a = np.empty((2, 2), dtype=dtype)
+    with pytest.raises(TypeError, match="object arrays are never raw-copied"):
+        getattr(assembler_cls(), method)([a, a])
+
+
+def test_zero_d_in_concat(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    with pytest.raises(ValueError, match="item 0 is a 0-d"):
+        asm.concat([np.array(1.0), np.array(2.0)])
+    with pytest.raises(ValueError, match="item 1 is a 0-d"):
+        asm.concat([np.ones(2), np.array(2.0)])
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+def test_mismatched_dtype(assembler_cls: Any, method: str) -> None:
+    items = [np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
+             np.zeros((1, 2), np.float64)]
+    with pytest.raises(ValueError, match=r"item 2 .*float64.*item 0 .*float32"):
+        getattr(assembler_cls(), method)(items)
+    with pytest.raises(ValueError, match="item 1"):     # byte order counts
+        getattr(assembler_cls(), method)([np.zeros((1, 2), "<f8"), np.zeros((1, 2), ">f8")])
+
+
+def test_mismatched_trailing_shape(assembler_cls: Any) -> None:
+    items = [np.zeros((2, 3)), np.zeros((5, 3)), np.zeros((2, 4))]
+    with pytest.raises(ValueError, match=r"item 2 .*\(4,\).*item 0 .*\(3,\)"):
+        assembler_cls().concat(items)
+    with pytest.raises(ValueError, match="item 1"):
+        assembler_cls().concat([np.zeros((2, 3)), np.zeros((2, 3, 1))])
+
+
+def test_stack_mismatched_shape(assembler_cls: Any) -> None:
+    with pytest.raises(ValueError, match=r"item 1 .*\(2, 3\).*item 0 .*\(3, 3\)"):
+        assembler_cls().stack([np.zeros((3, 3)), np.zeros((2, 3))])
+
+
+def test_too_many_dimensions_for_stack(assembler_cls: Any) -> None:
+    a = np.zeros((1,) * 64)
+    with pytest.raises(ValueError, match="dimensions"):
+        assembler_cls().stack([a])
+
+
+def test_size_overflow(assembler_cls: Any) -> None:
+    """Virtual (stride-0) arrays whose total size overflows: an error, no allocation."""
+    huge = np.broadcast_to(np.zeros(1), (2**59,))       # 2**62 bytes each, 8 bytes real
+    asm = assembler_cls()
+    with pytest.raises(ValueError, match="too large"):
+        asm.concat([huge, huge])
+    with pytest.raises(ValueError, match="too large"):
+        asm.stack([huge, huge, huge])
+    assert asm.nbytes == 0
+    np.testing.assert_array_equal(asm.concat([np.ones(3)]), np.ones(3))
+
+
+def test_absurd_size_is_a_memory_error(assembler_cls: Any) -> None:
+    huge = np.broadcast_to(np.zeros(1, np.uint8), (2**49,))   # 2 x 512 TiB: cannot map
+    asm = assembler_cls()
+    with pytest.raises(MemoryError):
+        asm.concat([huge, huge])
+    assert asm.nbytes == 0
+    np.testing.assert_array_equal(asm.concat([np.ones(3)]), np.ones(3))
+
+
+def test_failed_call_leaves_earlier_results_intact(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=2)
+    a = asm.concat([np.arange(5)])
+    with pytest.raises(ValueError):
+        asm.concat([np.arange(5), np.arange(5.0)])
+    b = asm.concat([np.arange(5) * 2])
+    np.testing.assert_array_equal(a, np.arange(5))
+    np.testing.assert_array_equal(b, np.arange(5) * 2)
+
+
+# ------------------------------------------------------------------ native only
+
+
+def test_native_large_copy_releases_the_gil() -> None:
+    """A copy above the no-GIL threshold still gives the exact result (and a second
+    thread can run meanwhile); exercised from two threads with two assemblers."""
+    import threading
+
+    items = [np.random.default_rng(i).random((512, 64)) for i in range(4)]
+    expected = np.concatenate(items)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work() -> None:
+        asm = native_module.BatchAssembler()
+        barrier.wait()
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(asm.concat(items), expected)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_native_cannot_be_pickled() -> None:
+    import pickle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(native_module.BatchAssembler())

@@ -1,0 +1,988 @@
+# cython: autotestdict=False
+"""Bounded request heap in front of the batch dispatcher.
+
+``RequestQueue`` orders requests by (priority, arrival) in a binary heap of C structs and
+hands them out a batch at a time. It has its own mutex and condition variables, so every
+blocking wait runs without the GIL and other Python threads keep running meanwhile.
+
+How the GIL and the queue mutex meet (the one rule that keeps this deadlock-free): a
+thread never waits for the GIL while it holds the mutex, and never runs Python code
+(nor allocates Python objects, which may start the GC and its finalizers) under it. A
+thread that holds the GIL only ever *tries* the mutex (fast path); when that fails, or
+when it has to wait, it drops the GIL first and then locks. Under the mutex the only
+Python-level work is moving object pointers in and out of the item table, which runs
+no Python code.
+
+Python objects never reach nogil code: they live in a Python list indexed by slot, and the
+heap only holds slot numbers. A popped slot is put back on the free list only after its
+object has been moved out of the table, so a slot is never reused under a live object.
+"""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
+from cpython.list cimport PyList_New
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.number cimport PyNumber_Index
+from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
+from libc.math cimport INFINITY, isnan
+from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint64_t
+from libc.stdlib cimport free, realloc
+
+import queue as _queue
+import threading as _threading
+
+cdef extern from "Python.h":
+    # Declared on PyObject* so moves between the table and C buffers stay plain
+    # pointer moves, with reference counts handled explicitly.
+    PyObject* PyList_GET_ITEM(PyObject* lst, Py_ssize_t i)
+    void PyList_SET_ITEM(PyObject* lst, Py_ssize_t i, PyObject* o)
+    Py_ssize_t PyList_GET_SIZE(PyObject* lst)
+    unsigned long PyThread_get_thread_ident() nogil
+
+cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
+    cdef cppclass Sync:
+        pass
+    cdef cppclass PopBuf:
+        int32_t* slots
+        void** objs
+        size_t n
+        PopBuf() noexcept nogil
+        bint has_room() noexcept nogil
+
+    double mono_now "batchproc_rq::now"() noexcept nogil
+    Sync* sync_new() noexcept nogil
+    void sync_delete(Sync* s) noexcept nogil
+    bint sync_try_lock(Sync* s) noexcept nogil
+    void sync_lock(Sync* s) noexcept nogil
+    void sync_unlock(Sync* s) noexcept nogil
+    void wait_items(Sync* s, double deadline) noexcept nogil
+    void wait_fill(Sync* s, double deadline) noexcept nogil
+    void wait_room(Sync* s, double deadline) noexcept nogil
+    void notify_items_one(Sync* s) noexcept nogil
+    void notify_fill_all(Sync* s) noexcept nogil
+    void notify_room_one(Sync* s) noexcept nogil
+    void notify_room_all(Sync* s) noexcept nogil
+    void notify_everyone(Sync* s) noexcept nogil
+
+
+class QueueClosed(RuntimeError):
+    """Raised by ``RequestQueue.push`` once the queue is closed."""
+
+
+# A token packs the entry's sequence number above its slot: slot = token & _SLOT_MASK.
+# Capacity is at most 2**24, so a slot fits in 24 bits.
+cdef int _SLOT_BITS = 24
+cdef int64_t _SLOT_MASK = (1 << 24) - 1
+cdef int64_t _MAX_CAPACITY = 1 << 24
+cdef int64_t _MAX_PRIORITY = 2147483647
+# rows and nbytes are capped so that the totals of a full queue (2**24 entries) can never
+# overflow int64: 2**24 * (2**39 - 1) < 2**63.
+cdef int64_t _MAX_COUNT = (1 << 39) - 1
+# Below this a token fits in an int64 and is built without Python arithmetic.
+cdef uint64_t _FAST_SEQ_LIMIT = (<uint64_t>1) << 39
+# The main thread wakes this often from a blocking wait to run signal handlers, so that
+# Ctrl-C interrupts a push/pop blocked with timeout=None. Other threads never poll.
+cdef double _SIGNAL_SLICE = 0.1
+cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
+
+# Status codes of the locked helpers (negative = nothing happened, try again).
+cdef enum:
+    RQ_OK = 0
+    RQ_FULL = 1
+    RQ_CLOSED = 2
+    RQ_NOMEM = 3
+    RQ_RETRY = -1       # the caller must wait (fast path) or handle signals (main thread)
+
+
+ctypedef struct Entry:
+    int64_t priority
+    uint64_t seq        # arrival order; also the token's high part
+    int64_t rows
+    int64_t nbytes
+    int64_t key
+    double t_push       # mono_now() at publication
+    int32_t slot
+
+ctypedef struct SlotInfo:
+    uint64_t seq        # seq of the slot's latest entry (UINT64_MAX: none yet)
+    Py_ssize_t pos      # its index in the heap while queued, else -1
+
+ctypedef struct PopParams:
+    int64_t max_rows
+    int64_t max_bytes
+    int64_t fill_rows
+    double max_wait
+    double idle_gap
+    bint fill           # whether step 2 (the fill wait) applies at all
+
+
+# ---------------------------------------------------------------- heap kernels
+# Min-heap on (priority, seq). Every move records the entry's new index in SlotInfo.pos so
+# cancel() can remove an entry from the middle in O(log n).
+
+cdef inline bint _before(const Entry* a, const Entry* b) noexcept nogil:
+    return a.priority < b.priority or (a.priority == b.priority and a.seq < b.seq)
+
+
+cdef void _sift_up(Entry* h, SlotInfo* info, Py_ssize_t i) noexcept nogil:
+    cdef Entry e = h[i]
+    cdef Py_ssize_t parent
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not _before(&e, &h[parent]):
+            break
+        h[i] = h[parent]
+        info[h[i].slot].pos = i
+        i = parent
+    h[i] = e
+    info[e.slot].pos = i
+
+
+cdef void _sift_down(Entry* h, SlotInfo* info, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    cdef Entry e = h[i]
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and _before(&h[child + 1], &h[child]):
+            child += 1
+        if not _before(&h[child], &e):
+            break
+        h[i] = h[child]
+        info[h[i].slot].pos = i
+        i = child
+    h[i] = e
+    info[e.slot].pos = i
+
+
+cdef inline void _heap_push(Entry* h, SlotInfo* info, Py_ssize_t* n,
+                            const Entry* e) noexcept nogil:
+    h[n[0]] = e[0]
+    n[0] += 1
+    _sift_up(h, info, n[0] - 1)
+
+
+cdef void _heap_remove(Entry* h, SlotInfo* info, Py_ssize_t* n, Py_ssize_t i,
+                       Entry* out) noexcept nogil:
+    """Remove h[i] into *out and restore the heap."""
+    out[0] = h[i]
+    info[out.slot].pos = -1
+    n[0] -= 1
+    if i == n[0]:
+        return
+    h[i] = h[n[0]]
+    if i > 0 and _before(&h[i], &h[(i - 1) >> 1]):
+        _sift_up(h, info, i)
+    else:
+        _sift_down(h, info, n[0], i)
+
+
+# ---------------------------------------------------------------- argument checks
+# Validate with the GIL, before any lock: bad input raises, never reaches the C state.
+
+cdef int64_t _int_arg(object v, str name, int64_t lo, int64_t hi) except? -1:
+    """v as an int64 in [lo, hi]; TypeError/ValueError naming the argument."""
+    cdef int overflow = 0
+    cdef long long x
+    if not PyLong_Check(v):
+        v = _as_index(v, name)
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow != 0 or x < lo or x > hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")
+    return x
+
+
+cdef int64_t _int_arg_clamped(object v, str name) except? -1:
+    """v as an int64, saturating at the int64 limits (for caps where that is exact)."""
+    cdef int overflow = 0
+    cdef long long x
+    if not PyLong_Check(v):
+        v = _as_index(v, name)
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow > 0:
+        return INT64_MAX
+    if overflow < 0:
+        return INT64_MIN
+    return x
+
+
+cdef object _as_index(object v, str name):
+    # Kept out of the int helpers so their common path (an int) sets up no try block.
+    try:
+        return PyNumber_Index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}") from None
+
+
+cdef double _float_arg(object v, str name) except? -1.0:
+    """v as a double; NaN and non-numbers rejected."""
+    cdef double x
+    if PyFloat_CheckExact(v):
+        x = PyFloat_AS_DOUBLE(v)
+    else:
+        x = _as_double(v, name)
+    if isnan(x):
+        raise ValueError(f"{name} must not be NaN")
+    return x
+
+
+cdef double _as_double(object v, str name) except? -1.0:
+    cdef double x
+    try:
+        x = v
+    except TypeError:
+        raise TypeError(f"{name} must be a number of seconds, not {type(v).__name__}") from None
+    except OverflowError:       # an int too large for a double
+        x = INFINITY if v > 0 else -INFINITY
+    return x
+
+
+cdef double _timeout_arg(object v) except? -1.0:
+    """None -> +inf (wait forever); else seconds >= 0."""
+    if v is None:
+        return INFINITY
+    cdef double x = _float_arg(v, "timeout")
+    if x < 0.0:
+        raise ValueError(f"timeout must be None or >= 0, got {v!r}")
+    return x
+
+
+cdef inline double _wake_by() noexcept:
+    """When a blocking wait must come back to run signal handlers (main thread only)."""
+    if PyThread_get_thread_ident() == _MAIN_IDENT:
+        return mono_now() + _SIGNAL_SLICE
+    return INFINITY
+
+
+cdef inline object _token(uint64_t seq, int32_t slot):
+    if seq < _FAST_SEQ_LIMIT:
+        return <int64_t>((seq << _SLOT_BITS) | <uint64_t>slot)
+    return ((<object>seq) << _SLOT_BITS) | slot     # ~5e11 pushes later: still unique
+
+
+@cython.final
+@cython.auto_pickle(False)
+@cython.no_gc_clear     # the item table must outlive finalizers that may still call us
+cdef class RequestQueue:
+    """Bounded queue of requests, ordered by (priority, arrival), popped a batch at a time.
+
+    ``capacity`` (1 .. 2**24) bounds the number of entries held; a push on a full queue
+    waits for room. Lower ``priority`` values are served first and entries of one level
+    in arrival order; with ``priorities=False`` the queue is plain FIFO and ``priority``
+    arguments are still validated but otherwise ignored.
+
+    All methods are thread-safe. Blocking waits release the GIL; the main thread wakes
+    every 0.1 s while blocked so that Ctrl-C (signal handlers) still works. Times are
+    measured on the clock of ``time.monotonic()``.
+
+    Capacity accounting: a slot counts against ``capacity`` from the moment a push
+    reserves it until the object has been handed out (pop/drain) or dropped (cancel), i.e.
+    until the call that removed it returns; ``len()`` counts only queued entries.
+    """
+
+    cdef Sync* _sync
+    cdef Entry* _heap           # _len entries, heap-ordered
+    cdef SlotInfo* _info        # per slot, _nslots of them
+    cdef int32_t* _free         # free slots (LIFO: the most recently used is warm in cache)
+    cdef Entry* _skip           # scratch for entries a pop walks past (used under the lock)
+    cdef Py_ssize_t _len, _nfree, _nslots, _arrays_cap, _skip_cap
+    cdef Py_ssize_t _capacity
+    cdef Py_ssize_t _used       # reserved slots: queued + being pushed + being handed out
+    cdef int64_t _rows          # rows of queued entries
+    cdef uint64_t _seq
+    cdef double _last_push
+    cdef bint _priorities, _closed
+    cdef bint _paused           # pops hand nothing out while set (until close)
+    cdef Py_ssize_t _w_items, _w_fill, _w_room   # threads waiting on each condition
+    cdef list _items            # slot -> object; only touched with the GIL held
+
+    def __cinit__(self, *args, **kwargs):
+        self._sync = sync_new()
+        if self._sync == NULL:
+            raise MemoryError()
+
+    def __init__(self, capacity, priorities=True):
+        cdef bint ok
+        if self._items is not None:
+            raise RuntimeError("RequestQueue is already initialised")
+        self._capacity = <Py_ssize_t>_int_arg(capacity, "capacity", 1, _MAX_CAPACITY)
+        self._priorities = bool(priorities)
+        with nogil:     # nobody else can see the queue yet; the lock is for form only
+            sync_lock(self._sync)
+            ok = self._grow_arrays()
+            sync_unlock(self._sync)
+        if not ok:
+            raise MemoryError()
+        # Last: it marks the queue as initialised. Until then capacity is 0, so a queue
+        # made by __new__ alone refuses pushes (queue.Full) and is empty, never crashes.
+        self._items = []
+
+    def __reduce__(self):
+        raise TypeError("a RequestQueue cannot be pickled (it holds threads' waits)")
+
+    def __dealloc__(self):
+        free(self._heap)
+        free(self._info)
+        free(self._free)
+        free(self._skip)
+        if self._sync != NULL:
+            sync_delete(self._sync)
+
+    # ------------------------------------------------------------ locked helpers
+    # Everything below that ends in _locked runs with the mutex held and touches no
+    # Python object; callers hold the GIL (fast path) or not (slow path).
+
+    cdef bint _grow_arrays(self) noexcept nogil:
+        cdef Py_ssize_t ncap = self._arrays_cap * 2
+        if ncap < 16:
+            ncap = 16
+        if ncap > self._capacity:
+            ncap = self._capacity
+        cdef Entry* h = <Entry*>realloc(self._heap, ncap * sizeof(Entry))
+        if h == NULL:
+            return False
+        self._heap = h
+        cdef SlotInfo* inf = <SlotInfo*>realloc(self._info, ncap * sizeof(SlotInfo))
+        if inf == NULL:
+            return False
+        self._info = inf
+        cdef int32_t* fr = <int32_t*>realloc(self._free, ncap * sizeof(int32_t))
+        if fr == NULL:
+            return False
+        self._free = fr
+        self._arrays_cap = ncap
+        return True
+
+    cdef bint _grow_skip(self) noexcept nogil:
+        cdef Py_ssize_t ncap = self._skip_cap * 2
+        if ncap < 16:
+            ncap = 16
+        cdef Entry* s = <Entry*>realloc(self._skip, ncap * sizeof(Entry))
+        if s == NULL:
+            return False
+        self._skip = s
+        self._skip_cap = ncap
+        return True
+
+    cdef int _reserve_locked(self, int32_t* slot) noexcept nogil:
+        """Take a free slot for a push: RQ_OK, RQ_FULL, RQ_CLOSED or RQ_NOMEM."""
+        cdef int32_t s
+        if self._closed:
+            return RQ_CLOSED
+        if self._used >= self._capacity:
+            return RQ_FULL
+        if self._nfree > 0:
+            self._nfree -= 1
+            s = self._free[self._nfree]
+        else:
+            if self._nslots == self._arrays_cap and not self._grow_arrays():
+                return RQ_NOMEM
+            s = <int32_t>self._nslots
+            self._nslots += 1
+            self._info[s].seq = UINT64_MAX
+            self._info[s].pos = -1
+        self._used += 1
+        slot[0] = s
+        return RQ_OK
+
+    cdef int _reserve_wait_locked(self, double deadline, double wake_by,
+                                  int32_t* slot) noexcept nogil:
+        cdef int r
+        cdef double t
+        while True:
+            r = self._reserve_locked(slot)
+            if r != RQ_FULL:
+                return r
+            t = mono_now()
+            if t >= deadline:
+                return RQ_FULL
+            if t >= wake_by:
+                return RQ_RETRY
+            self._w_room += 1
+            wait_room(self._sync, deadline if deadline < wake_by else wake_by)
+            self._w_room -= 1
+
+    cdef int _publish_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
+                             int64_t key, uint64_t* seq) noexcept nogil:
+        """Queue the entry whose object is already in slot s; wake consumers."""
+        cdef Entry e
+        if self._closed:
+            return RQ_CLOSED
+        e.priority = priority if self._priorities else 0
+        e.seq = self._seq
+        self._seq += 1
+        e.rows = rows
+        e.nbytes = nbytes
+        e.key = key
+        e.t_push = mono_now()
+        e.slot = s
+        self._info[s].seq = e.seq
+        _heap_push(self._heap, self._info, &self._len, &e)
+        self._rows += rows
+        self._last_push = e.t_push
+        # One new entry can start one idle consumer; every filling consumer re-checks
+        # its batch (rows and idle gap both changed).
+        if self._w_items > 0:
+            notify_items_one(self._sync)
+        if self._w_fill > 0:
+            notify_fill_all(self._sync)
+        seq[0] = e.seq
+        return RQ_OK
+
+    cdef void _release_slots_locked(self, const int32_t* slots, Py_ssize_t n) noexcept nogil:
+        """Return emptied slots to the free list and wake as many producers."""
+        cdef Py_ssize_t i, _k
+        for i in range(n):
+            self._free[self._nfree] = slots[i]
+            self._nfree += 1
+        self._used -= n
+        if self._w_room > 0:
+            if n >= self._w_room:
+                notify_room_all(self._sync)
+            else:
+                for _k in range(n):
+                    notify_room_one(self._sync)
+
+    cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
+        """When the fill wait for the current head ends (head age and idle gap)."""
+        cdef double d = self._heap[0].t_push + p.max_wait
+        cdef double g
+        if p.idle_gap > 0.0:
+            g = self._last_push + p.idle_gap
+            if g < d:
+                d = g
+        return d
+
+    cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
+        """Step 3 of pop_batch: move the batch's slots into buf. Requires _len > 0."""
+        cdef Entry head, e
+        cdef const Entry* top
+        cdef Py_ssize_t nskip = 0, i
+        cdef int64_t total_rows, total_bytes
+        _heap_remove(self._heap, self._info, &self._len, 0, &head)
+        buf.slots[buf.n] = head.slot        # buf starts empty with stack room: no check
+        buf.n += 1
+        self._rows -= head.rows
+        total_rows = head.rows
+        total_bytes = head.nbytes
+        while self._len > 0:
+            top = &self._heap[0]
+            if top.key != head.key:
+                # Incompatible: set aside, reinserted below with its own (priority, seq),
+                # so it keeps its place and order.
+                if nskip == self._skip_cap and not self._grow_skip():
+                    break       # out of memory: a shorter batch, never a crash
+                _heap_remove(self._heap, self._info, &self._len, 0, &self._skip[nskip])
+                nskip += 1
+                continue
+            # No overtaking: the first compatible entry that does not fit ends the batch.
+            # (Written as differences: totals never exceed 2**63 - 1, caps are >= 0.)
+            if top.rows > p.max_rows - total_rows:
+                break
+            if p.max_bytes > 0 and top.nbytes > p.max_bytes - total_bytes:
+                break
+            if not buf.has_room():
+                break
+            _heap_remove(self._heap, self._info, &self._len, 0, &e)
+            buf.slots[buf.n] = e.slot
+            buf.n += 1
+            total_rows += e.rows
+            total_bytes += e.nbytes
+            self._rows -= e.rows
+        for i in range(nskip):
+            _heap_push(self._heap, self._info, &self._len, &self._skip[i])
+        return <Py_ssize_t>buf.n
+
+    cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
+                                    PopBuf* buf) noexcept nogil:
+        """pop_batch without waiting: the batch size, or RQ_RETRY if it must wait."""
+        if self._len == 0 or (self._paused and not self._closed):
+            if self._closed or not may_wait:
+                return 0
+            return RQ_RETRY
+        if p.fill and not self._closed and self._rows < p.fill_rows:
+            if mono_now() < self._fill_deadline(p):
+                return RQ_RETRY
+        return self._select_locked(p, buf)
+
+    cdef Py_ssize_t _wait_pop_locked(self, const PopParams* p, double deadline, double wake_by,
+                                     PopBuf* buf) noexcept nogil:
+        """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
+        cdef double t, d
+        while True:
+            # Step 1: wait for any live entry (and, while paused, for resume or close).
+            while self._len == 0 or (self._paused and not self._closed):
+                if self._closed:
+                    return 0
+                t = mono_now()
+                if t >= deadline:
+                    return 0
+                if t >= wake_by:
+                    return RQ_RETRY
+                self._w_items += 1
+                wait_items(self._sync, deadline if deadline < wake_by else wake_by)
+                self._w_items -= 1
+            # Step 2: let the batch fill, bounded by the head's age and the idle gap.
+            if p.fill:
+                while (self._len > 0 and not self._closed and not self._paused
+                       and self._rows < p.fill_rows):
+                    d = self._fill_deadline(p)
+                    t = mono_now()
+                    if t >= d:
+                        break
+                    if t >= wake_by:
+                        return RQ_RETRY
+                    self._w_fill += 1
+                    wait_fill(self._sync, d if d < wake_by else wake_by)
+                    self._w_fill -= 1
+                if self._len == 0 or (self._paused and not self._closed):
+                    # Cancelled, taken by another consumer or paused meanwhile: back to
+                    # step 1, with what is left of `timeout`.
+                    continue
+            return self._select_locked(p, buf)
+
+    cdef Py_ssize_t _drain_locked(self, PopBuf* buf) noexcept nogil:
+        cdef Entry e
+        while self._len > 0 and buf.has_room():
+            _heap_remove(self._heap, self._info, &self._len, 0, &e)
+            buf.slots[buf.n] = e.slot
+            buf.n += 1
+            self._rows -= e.rows
+        return <Py_ssize_t>buf.n
+
+    cdef bint _unlink_locked(self, int64_t slot, uint64_t seq) noexcept nogil:
+        """Remove the queued entry (slot, seq) from the heap; False if not queued."""
+        cdef Entry e
+        cdef SlotInfo* inf
+        if slot >= self._nslots:
+            return False
+        inf = &self._info[slot]
+        # The seq check is what tells a reused slot's new entry from the old token.
+        if inf.pos < 0 or inf.seq != seq:
+            return False
+        _heap_remove(self._heap, self._info, &self._len, inf.pos, &e)
+        self._rows -= e.rows
+        if self._w_fill > 0:
+            # A filling consumer may have lost its head (or every entry): let it
+            # re-evaluate, or go back to waiting for an entry under its own timeout.
+            notify_fill_all(self._sync)
+        return True
+
+    # ------------------------------------------------------------ GIL-side helpers
+
+    cdef void _store(self, int32_t s, object item) noexcept:
+        """Put item into table slot s, which holds None. Safe under the mutex: the only
+        reference dropped is None's, so no Python code can run."""
+        cdef PyObject* lst = <PyObject*>self._items
+        cdef PyObject* old = PyList_GET_ITEM(lst, s)
+        Py_XINCREF(<PyObject*>item)
+        PyList_SET_ITEM(lst, s, <PyObject*>item)
+        Py_XDECREF(old)
+
+    cdef void _move_out(self, PopBuf* buf) noexcept:
+        """Move the objects of buf's slots into buf.objs, leaving None behind. Only pointer
+        moves (we take over the table's references), so it is safe under the mutex."""
+        cdef PyObject* lst = <PyObject*>self._items
+        cdef PyObject* none = <PyObject*>None
+        cdef size_t i
+        cdef int32_t s
+        for i in range(buf.n):
+            s = buf.slots[i]
+            buf.objs[i] = <void*>PyList_GET_ITEM(lst, s)
+            Py_XINCREF(none)
+            PyList_SET_ITEM(lst, s, none)
+
+    cdef void _release_slots(self, const int32_t* slots, Py_ssize_t n) noexcept:
+        if sync_try_lock(self._sync):
+            self._release_slots_locked(slots, n)
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                self._release_slots_locked(slots, n)
+                sync_unlock(self._sync)
+
+    cdef int _ensure_table(self, int32_t s) except -1:
+        """Grow the item table (GIL only, never under the mutex) to hold slot s."""
+        cdef Py_ssize_t n = len(self._items)
+        cdef Py_ssize_t target
+        if s < n:
+            return 0
+        target = max(16, 2 * n, s + 1)
+        if target > self._capacity:
+            target = self._capacity
+        self._items.extend([None] * (target - n))
+        return 0
+
+    cdef list _to_list(self, PopBuf* buf):
+        """A list owning buf.objs' references (PyList_SET_ITEM steals them)."""
+        cdef Py_ssize_t n = <Py_ssize_t>buf.n, i
+        cdef list out
+        try:
+            out = PyList_New(n)
+        except BaseException:
+            for i in range(n):
+                Py_XDECREF(<PyObject*>buf.objs[i])
+            buf.n = 0
+            raise
+        for i in range(n):
+            PyList_SET_ITEM(<PyObject*>out, i, <PyObject*>buf.objs[i])
+        buf.n = 0
+        return out
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def capacity(self):
+        """The most entries the queue holds (fixed at construction)."""
+        return self._capacity
+
+    @property
+    def closed(self):
+        """True once close() was called."""
+        cdef bint c
+        if sync_try_lock(self._sync):
+            c = self._closed
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                c = self._closed
+                sync_unlock(self._sync)
+        return c
+
+    @property
+    def rows(self):
+        """Total rows of the queued (not cancelled, not yet popped) entries."""
+        cdef int64_t r
+        if sync_try_lock(self._sync):
+            r = self._rows
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                r = self._rows
+                sync_unlock(self._sync)
+        return r
+
+    def __len__(self):
+        """Number of queued (not cancelled, not yet popped) entries."""
+        cdef Py_ssize_t n
+        if sync_try_lock(self._sync):
+            n = self._len
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                n = self._len
+                sync_unlock(self._sync)
+        return n
+
+    def __repr__(self):
+        return (f"<RequestQueue capacity={self._capacity} len={len(self)} "
+                f"priorities={bool(self._priorities)} closed={self.closed}>")
+
+    def push(self, item, priority=0, rows=1, nbytes=0, key=0, timeout=None):
+        """Queue ``item`` behind every entry of a lower-or-equal ``priority`` value pushed
+        before it, and return its token (an int >= 0, unique for the queue's lifetime)
+        for ``cancel()``.
+
+        ``priority``: 0 .. 2**31-1, lower is served first (validated, then ignored when
+        the queue was made with ``priorities=False``). ``rows``, ``nbytes``: 0 .. 2**39-1,
+        what the entry weighs against ``pop_batch``'s caps. ``key``: any int64; only
+        entries with the head's key share a batch.
+
+        When the queue is full, ``timeout=None`` waits for room, ``0`` does not wait and
+        a positive number waits that many seconds; then ``queue.Full`` is raised.
+        ``QueueClosed`` is raised if the queue is closed, before or during the wait.
+        Bad arguments raise ``TypeError``/``ValueError`` naming the argument.
+        """
+        cdef int64_t c_prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)
+        cdef double c_timeout = _timeout_arg(timeout)
+        cdef int32_t s = -1
+        cdef int r = RQ_FULL
+        cdef uint64_t seq = 0
+        cdef double deadline, wake_by
+        cdef bint reserved = False
+
+        # Fast path, GIL held: only try the mutex (never block on it with the GIL).
+        if sync_try_lock(self._sync):
+            r = self._reserve_locked(&s)
+            if r == RQ_OK and s < PyList_GET_SIZE(<PyObject*>self._items):
+                self._store(s, item)
+                # Cannot fail: we held the lock since _reserve_locked saw it open.
+                self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+                sync_unlock(self._sync)
+                return _token(seq, s)
+            sync_unlock(self._sync)
+            if r == RQ_OK:
+                reserved = True         # a fresh slot beyond the table: grow it first
+            elif r == RQ_CLOSED:
+                raise QueueClosed("push on a closed RequestQueue")
+            elif r == RQ_NOMEM:
+                raise MemoryError()
+            elif c_timeout <= 0.0:
+                raise _queue.Full
+
+        if not reserved:
+            # Slow path: wait for room without the GIL.
+            deadline = mono_now() + c_timeout
+            while True:
+                wake_by = _wake_by()
+                with nogil:
+                    sync_lock(self._sync)
+                    r = self._reserve_wait_locked(deadline, wake_by, &s)
+                    sync_unlock(self._sync)
+                if r != RQ_RETRY:
+                    break
+                PyErr_CheckSignals()    # main thread only: lets Ctrl-C through
+            if r == RQ_CLOSED:
+                raise QueueClosed("push on a closed RequestQueue")
+            if r == RQ_FULL:
+                raise _queue.Full
+            if r == RQ_NOMEM:
+                raise MemoryError()
+
+        # Slot s is ours; store the object (GIL, no mutex), then publish it.
+        try:
+            self._ensure_table(s)
+        except BaseException:
+            self._release_slots(&s, 1)
+            raise
+        self._store(s, item)
+        if sync_try_lock(self._sync):
+            r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+                sync_unlock(self._sync)
+        if r == RQ_CLOSED:
+            # Closed while we held the slot: give it back, drop our reference.
+            self._store(s, None)
+            self._release_slots(&s, 1)
+            raise QueueClosed("push on a closed RequestQueue")
+        return _token(seq, s)
+
+    def pop_batch(self, max_rows, max_bytes=0, *, fill_rows=0, max_wait=0.0, idle_gap=0.0,
+                  timeout=None):
+        """Take the next batch: a list of items in (priority, arrival) order.
+
+        1. Wait up to ``timeout`` seconds (None: until closed; 0: not at all) for at least
+           one queued entry; if none comes, return ``[]``.
+        2. If ``fill_rows > 0`` and ``max_wait > 0``, keep waiting while the queue holds
+           fewer than ``fill_rows`` rows, the head (most urgent, oldest entry) was pushed
+           less than ``max_wait`` seconds ago, and (if ``idle_gap > 0``) the latest push
+           was less than ``idle_gap`` seconds ago. This step applies whatever
+           ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
+           the call goes back to step 1 with what is left of ``timeout``.
+        3. Under one lock acquisition, take the head, always, even if its rows exceed
+           ``max_rows`` or its bytes ``max_bytes``. Then walk on in (priority, arrival)
+           order: entries whose key differs from the head's are skipped and stay queued
+           in their place; entries with the head's key are taken while the batch's rows
+           stay <= ``max_rows`` and (if ``max_bytes > 0``) its bytes <= ``max_bytes``;
+           the first one that does not fit ends the batch (no overtaking).
+
+        After ``close()`` nothing waits: the call returns what remains by the same rules,
+        and ``[]`` once the queue is empty. ``max_rows`` must be >= 1 (else
+        ``ValueError``); ``max_bytes <= 0`` means no byte cap. Cost: O((k + s) log n) for
+        k taken and s skipped entries.
+        """
+        cdef PopParams p
+        p.max_rows = _int_arg_clamped(max_rows, "max_rows")
+        if p.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
+        p.max_bytes = _int_arg_clamped(max_bytes, "max_bytes")
+        p.fill_rows = _int_arg_clamped(fill_rows, "fill_rows")
+        p.max_wait = _float_arg(max_wait, "max_wait")
+        p.idle_gap = _float_arg(idle_gap, "idle_gap")
+        p.fill = p.fill_rows > 0 and p.max_wait > 0.0
+        cdef double c_timeout = _timeout_arg(timeout)
+        cdef double deadline, wake_by
+        cdef PopBuf buf
+        cdef Py_ssize_t n = RQ_RETRY
+
+        # Fast path, GIL held: if no wait is needed, select, move the objects out and free
+        # the slots in one critical section.
+        if sync_try_lock(self._sync):
+            n = self._try_pop_locked(&p, c_timeout > 0.0, &buf)
+            if n > 0:
+                self._move_out(&buf)
+                self._release_slots_locked(buf.slots, n)
+            sync_unlock(self._sync)
+            if n >= 0:
+                return self._to_list(&buf)
+
+        # Slow path: wait and select without the GIL, then move the objects out with the
+        # GIL (lock released), then give the slots back.
+        deadline = mono_now() + c_timeout
+        while True:
+            wake_by = _wake_by()
+            with nogil:
+                sync_lock(self._sync)
+                n = self._wait_pop_locked(&p, deadline, wake_by, &buf)
+                sync_unlock(self._sync)
+            if n != RQ_RETRY:
+                break
+            PyErr_CheckSignals()
+        if n > 0:
+            self._move_out(&buf)
+            self._release_slots(buf.slots, n)
+        return self._to_list(&buf)
+
+    def cancel(self, token):
+        """Withdraw a queued entry: it will never be returned, stops counting in ``len()``
+        and ``rows`` at once, and its capacity is released before this call returns
+        (one waiting producer is woken). Returns True if the entry was queued and is now
+        cancelled; False if the token is unknown, already popped or already cancelled
+        (a token never matches a later entry that reuses its slot).
+
+        The item's last reference held by the queue is dropped outside the queue's lock,
+        so its finalizer may safely call back into the queue.
+        """
+        cdef int overflow = 0
+        cdef long long t
+        cdef int64_t slot
+        cdef uint64_t seq
+        cdef bint found
+        cdef PopBuf buf
+        if not PyLong_Check(token):
+            try:
+                token = PyNumber_Index(token)
+            except TypeError:
+                raise TypeError(
+                    f"token must be an int, not {type(token).__name__}") from None
+        t = PyLong_AsLongLongAndOverflow(token, &overflow)
+        if overflow < 0 or (overflow == 0 and t < 0):
+            return False
+        if overflow == 0:
+            slot = t & _SLOT_MASK
+            seq = (<uint64_t>t) >> _SLOT_BITS
+        else:
+            if (token >> _SLOT_BITS) > 0xFFFFFFFFFFFFFFFF:
+                return False
+            slot = token & _SLOT_MASK
+            seq = token >> _SLOT_BITS
+        if sync_try_lock(self._sync):
+            found = self._unlink_locked(slot, seq)
+            if found:
+                buf.slots[0] = <int32_t>slot
+                buf.n = 1
+                self._move_out(&buf)
+                self._release_slots_locked(buf.slots, 1)
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                found = self._unlink_locked(slot, seq)
+                sync_unlock(self._sync)
+            if found:
+                buf.slots[0] = <int32_t>slot
+                buf.n = 1
+                self._move_out(&buf)
+                self._release_slots(buf.slots, 1)
+        if found:
+            Py_XDECREF(<PyObject*>buf.objs[0])     # finalizers run here, lock released
+        return found
+
+    def drain(self):
+        """Pop every queued entry, all keys, in (priority, arrival) order; never waits.
+        Meant for shutdown, typically after ``close()``.
+        """
+        cdef PopBuf buf
+        cdef Py_ssize_t n
+        if sync_try_lock(self._sync):
+            n = self._drain_locked(&buf)
+            self._move_out(&buf)
+            self._release_slots_locked(buf.slots, n)
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                n = self._drain_locked(&buf)
+                sync_unlock(self._sync)
+            self._move_out(&buf)
+            self._release_slots(buf.slots, n)
+        return self._to_list(&buf)
+
+    def close(self):
+        """Stop intake; idempotent. Every waiter wakes: blocked pushes raise
+        ``QueueClosed``, blocked pops return what remains (or ``[]``). Queued entries
+        stay poppable.
+        """
+        with nogil:
+            sync_lock(self._sync)
+            self._closed = True
+            notify_everyone(self._sync)
+            sync_unlock(self._sync)
+
+    def pause(self):
+        """Hold every pop: until ``resume()`` (or ``close()``), ``pop_batch`` hands nothing
+        out and waits as if the queue were empty (up to its ``timeout``). Pushes go on.
+        """
+        with nogil:
+            sync_lock(self._sync)
+            self._paused = True
+            sync_unlock(self._sync)
+
+    def resume(self):
+        """Undo ``pause()``; waiting pops wake and go on."""
+        with nogil:
+            sync_lock(self._sync)
+            self._paused = False
+            notify_everyone(self._sync)
+            sync_unlock(self._sync)
+
+    @property
+    def paused(self):
+        """True between ``pause()`` and ``resume()``."""
+        return self._paused
+
+    def oldest_age(self):
+        """Seconds since the oldest queued entry (by push time, whatever its priority) was
+        pushed; 0.0 when empty. O(1) for a FIFO queue, O(n) with priorities.
+        """
+        cdef double oldest
+        if sync_try_lock(self._sync):
+            oldest = self._oldest_locked()
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                oldest = self._oldest_locked()
+                sync_unlock(self._sync)
+        if oldest == INFINITY:
+            return 0.0
+        return max(0.0, mono_now() - oldest)
+
+    cdef double _oldest_locked(self) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef double t = INFINITY
+        if self._len == 0:
+            return INFINITY
+        if not self._priorities:
+            return self._heap[0].t_push      # FIFO: the head is the oldest
+        for i in range(self._len):
+            if self._heap[i].t_push < t:
+                t = self._heap[i].t_push
+        return t
+
+    def _waiters(self):
+        """Test hook: threads blocked right now in (pop waiting for an entry, pop waiting
+        for a batch to fill, push waiting for room), so tests can order events without
+        sleeping.
+        """
+        cdef Py_ssize_t a, b, c
+        with nogil:
+            sync_lock(self._sync)
+            a = self._w_items
+            b = self._w_fill
+            c = self._w_room
+            sync_unlock(self._sync)
+        return (a, b, c)

@@ -1,0 +1,132 @@
+// Synchronisation and scratch helpers for request_queue.pyx.
+//
+// Why a header: Cython cannot hold a std::unique_lock across a condition-variable wait, so
+// the waits live here. Every function is noexcept and touches no Python object, so the
+// .pyx may call them with or without the GIL. The only C++ exception these could raise is
+// std::system_error from a broken mutex, which terminates: there is no sane recovery.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+namespace batchproc_rq {
+
+using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC on Linux, as time.monotonic()
+
+// Seconds on the monotonic clock, comparable with Python's time.monotonic().
+inline double now() noexcept {
+    return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+}
+
+// The queue's mutex and its three condition variables:
+//   items: consumers waiting for the queue to become non-empty (step 1 of pop_batch);
+//   fill:  consumers waiting for a batch to fill (step 2), woken by every push;
+//   room:  producers waiting for free capacity.
+// Separate variables let a push wake one idle consumer instead of every producer too.
+struct Sync {
+    std::mutex mu;
+    std::condition_variable items;
+    std::condition_variable fill;
+    std::condition_variable room;
+};
+
+inline Sync* sync_new() noexcept {
+    return new (std::nothrow) Sync();
+}
+inline void sync_delete(Sync* s) noexcept { delete s; }
+inline bool sync_try_lock(Sync* s) noexcept { return s->mu.try_lock(); }
+inline void sync_lock(Sync* s) noexcept { s->mu.lock(); }
+inline void sync_unlock(Sync* s) noexcept { s->mu.unlock(); }
+
+// Waits on `cv` with s->mu already held by the caller; returns with it held again.
+// `deadline` is in now() seconds; +inf waits untimed. A finite deadline far away is
+// waited for in slices of at most a day so the conversion to Clock ticks cannot
+// overflow; callers re-check their predicate and deadline after every return anyway
+// (spurious wake-ups are allowed), so slicing is invisible to them.
+inline void wait_until(Sync* s, std::condition_variable& cv, double deadline) noexcept {
+    std::unique_lock<std::mutex> lk(s->mu, std::adopt_lock);
+    if (std::isinf(deadline)) {
+        cv.wait(lk);
+    } else {
+        double left = deadline - now();
+        if (left > 0.0) {
+            if (left > 86400.0) left = 86400.0;
+            // ceil: never wake before the deadline, so a timed-out waiter sees it passed.
+            auto ticks = std::chrono::ceil<Clock::duration>(std::chrono::duration<double>(left));
+            cv.wait_until(lk, Clock::now() + ticks);
+        }
+    }
+    lk.release();  // the caller still owns the lock
+}
+inline void wait_items(Sync* s, double deadline) noexcept { wait_until(s, s->items, deadline); }
+inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill, deadline); }
+inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
+
+// Notifications are sent with the mutex held (the waiter counts they depend on are only
+// consistent under it).
+inline void notify_items_one(Sync* s) noexcept { s->items.notify_one(); }
+inline void notify_fill_all(Sync* s) noexcept { s->fill.notify_all(); }
+inline void notify_room_one(Sync* s) noexcept { s->room.notify_one(); }
+inline void notify_room_all(Sync* s) noexcept { s->room.notify_all(); }
+inline void notify_everyone(Sync* s) noexcept {
+    s->items.notify_all();
+    s->fill.notify_all();
+    s->room.notify_all();
+}
+
+// Per-call buffer of the slots a pop takes, and later of the objects moved out of them.
+// Small batches live on the stack; larger ones grow on the C heap. add() reports
+// allocation failure instead of throwing so it can run under the queue mutex.
+struct PopBuf {
+    static constexpr size_t kSmall = 64;
+    int32_t* slots;
+    void** objs;
+    size_t n;
+    size_t cap;
+    int32_t small_slots[kSmall];
+    void* small_objs[kSmall];
+
+    PopBuf() noexcept : slots(small_slots), objs(small_objs), n(0), cap(kSmall) {}
+    ~PopBuf() { release(); }
+    PopBuf(const PopBuf&) = delete;
+    PopBuf& operator=(const PopBuf&) = delete;
+
+    void release() noexcept {
+        if (slots != small_slots) {
+            std::free(slots);
+            std::free(objs);
+            slots = small_slots;
+            objs = small_objs;
+            cap = kSmall;
+        }
+    }
+    bool grow() noexcept {
+        size_t ncap = cap * 2;
+        int32_t* ns = static_cast<int32_t*>(std::malloc(ncap * sizeof(int32_t)));
+        void** no = static_cast<void**>(std::malloc(ncap * sizeof(void*)));
+        if (ns == nullptr || no == nullptr) {
+            std::free(ns);
+            std::free(no);
+            return false;
+        }
+        std::memcpy(ns, slots, n * sizeof(int32_t));
+        std::memcpy(no, objs, n * sizeof(void*));
+        if (slots != small_slots) {
+            std::free(slots);
+            std::free(objs);
+        }
+        slots = ns;
+        objs = no;
+        cap = ncap;
+        return true;
+    }
+    // Room for one more slot? Grows if needed; false only when memory is exhausted.
+    bool has_room() noexcept { return n < cap || grow(); }
+};
+
+}  // namespace batchproc_rq

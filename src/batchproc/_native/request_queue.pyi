@@ -1,0 +1,48 @@
+"""Bounded request heap in front of the batch dispatcher (compiled: request_queue.pyx)."""
+
+from typing import Any, SupportsFloat, SupportsIndex, final
+
+class QueueClosed(RuntimeError):
+    """Raised by ``RequestQueue.push`` once the queue is closed."""
+
+@final
+class RequestQueue:
+    """Bounded queue of requests, ordered by (priority, arrival), popped a batch at a time."""
+
+    def __init__(self, capacity: SupportsIndex, priorities: bool = True) -> None: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def rows(self) -> int: ...
+    def __len__(self) -> int: ...
+    def push(
+        self,
+        item: object,
+        priority: SupportsIndex = 0,
+        rows: SupportsIndex = 1,
+        nbytes: SupportsIndex = 0,
+        key: SupportsIndex = 0,
+        timeout: SupportsFloat | SupportsIndex | None = None,
+    ) -> int: ...
+    def pop_batch(
+        self,
+        max_rows: SupportsIndex,
+        max_bytes: SupportsIndex = 0,
+        *,
+        fill_rows: SupportsIndex = 0,
+        max_wait: SupportsFloat | SupportsIndex = 0.0,
+        idle_gap: SupportsFloat | SupportsIndex = 0.0,
+        timeout: SupportsFloat | SupportsIndex | None = None,
+    ) -> list[Any]: ...
+    def cancel(self, token: SupportsIndex) -> bool: ...
+    def drain(self) -> list[Any]: ...
+    def close(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    @property
+    def paused(self) -> bool: ...
+    def oldest_age(self) -> float: ...
+    def _waiters(self) -> tuple[int, int, int]:
+        """Test hook: threads blocked in (pop for an entry, pop for a fill, push for room)."""

@@ -1,0 +1,290 @@
+"""Pure-Python twin of ``batchproc._native.request_queue``, used only by the tests.
+
+Same API and semantics as the native ``RequestQueue``, written for obviousness rather
+than speed: a ``heapq`` of entries with lazy cancellation, one ``threading.Condition``,
+and ``notify_all`` on every change. Differential tests run the same operations on both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import operator
+import queue
+import threading
+import time
+from typing import Any
+
+_MAX_CAPACITY = 2**24
+_MAX_PRIORITY = 2**31 - 1
+_MAX_COUNT = 2**39 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class QueueClosed(RuntimeError):
+    """Raised by ``RequestQueue.push`` once the queue is closed."""
+
+
+def _int_arg(v: Any, name: str, lo: int, hi: int) -> int:
+    try:
+        x = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}") from None
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")
+    return x
+
+
+def _int_clamped(v: Any, name: str) -> int:
+    try:
+        x = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}") from None
+    return min(max(x, _INT64_MIN), _INT64_MAX)
+
+
+def _float_arg(v: Any, name: str) -> float:
+    if isinstance(v, (str, bytes, bytearray)) or not (
+        hasattr(type(v), "__float__") or hasattr(type(v), "__index__")
+    ):
+        raise TypeError(f"{name} must be a number of seconds, not {type(v).__name__}")
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf if v > 0 else -math.inf
+    if math.isnan(x):
+        raise ValueError(f"{name} must not be NaN")
+    return x
+
+
+def _timeout_arg(v: Any) -> float:
+    if v is None:
+        return math.inf
+    x = _float_arg(v, "timeout")
+    if x < 0:
+        raise ValueError(f"timeout must be None or >= 0, got {v!r}")
+    return x
+
+
+class _Entry:
+    __slots__ = ("cancelled", "item", "key", "nbytes", "priority", "rows", "seq", "t_push")
+
+    def __init__(self, priority: int, seq: int, rows: int, nbytes: int, key: int,
+                 item: Any) -> None:
+        self.priority = priority
+        self.seq = seq
+        self.rows = rows
+        self.nbytes = nbytes
+        self.key = key
+        self.item = item
+        self.t_push = time.monotonic()
+        self.cancelled = False
+
+    def __lt__(self, other: _Entry) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+
+class RequestQueue:
+    """Reference twin of the native RequestQueue (see its docstrings for the contract).
+
+    Cancelled entries stay in the heap, flagged, and are dropped when a pop meets them;
+    they stop counting in len(), rows and capacity at cancel time, as in the native one.
+    """
+
+    def __init__(self, capacity: int, priorities: bool = True) -> None:
+        self._capacity = _int_arg(capacity, "capacity", 1, _MAX_CAPACITY)
+        self._priorities = bool(priorities)
+        self._heap: list[_Entry] = []
+        self._live: dict[int, _Entry] = {}      # token (= seq) -> queued entry
+        self._rows = 0
+        self._seq = itertools.count()
+        self._closed = False
+        self._paused = False
+        self._last_push = 0.0
+        self._cond = threading.Condition(threading.Lock())
+        self._w_items = self._w_fill = self._w_room = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    @property
+    def rows(self) -> int:
+        with self._cond:
+            return self._rows
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._live)
+
+    def push(self, item: object, priority: int = 0, rows: int = 1, nbytes: int = 0,
+             key: int = 0, timeout: float | None = None) -> int:
+        prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        key = _int_arg(key, "key", _INT64_MIN, _INT64_MAX)
+        deadline = time.monotonic() + _timeout_arg(timeout)
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise QueueClosed("push on a closed RequestQueue")
+                if len(self._live) < self._capacity:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise queue.Full
+                self._w_room += 1
+                try:
+                    self._cond.wait(None if math.isinf(left) else left)
+                finally:
+                    self._w_room -= 1
+            e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
+                       item)
+            heapq.heappush(self._heap, e)
+            self._live[e.seq] = e
+            self._rows += rows
+            self._last_push = e.t_push
+            self._cond.notify_all()
+            return e.seq
+
+    def _head(self) -> _Entry | None:
+        while self._heap and self._heap[0].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else None
+
+    def _take(self, e: _Entry) -> Any:
+        del self._live[e.seq]
+        self._rows -= e.rows
+        item, e.item = e.item, None
+        return item
+
+    def pop_batch(self, max_rows: int, max_bytes: int = 0, *, fill_rows: int = 0,
+                  max_wait: float = 0.0, idle_gap: float = 0.0,
+                  timeout: float | None = None) -> list[Any]:
+        max_rows = _int_clamped(max_rows, "max_rows")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
+        max_bytes = _int_clamped(max_bytes, "max_bytes")
+        fill_rows = _int_clamped(fill_rows, "fill_rows")
+        max_wait = _float_arg(max_wait, "max_wait")
+        idle_gap = _float_arg(idle_gap, "idle_gap")
+        deadline = time.monotonic() + _timeout_arg(timeout)
+        fill = fill_rows > 0 and max_wait > 0
+        with self._cond:
+            while True:
+                # Step 1: any live entry.
+                while not self._live or (self._paused and not self._closed):
+                    left = deadline - time.monotonic()
+                    if self._closed or left <= 0:
+                        return []
+                    self._w_items += 1
+                    try:
+                        self._cond.wait(None if math.isinf(left) else left)
+                    finally:
+                        self._w_items -= 1
+                # Step 2: fill wait.
+                while (fill and self._live and not self._closed and not self._paused
+                       and self._rows < fill_rows):
+                    head = self._head()
+                    assert head is not None
+                    until = head.t_push + max_wait
+                    if idle_gap > 0:
+                        until = min(until, self._last_push + idle_gap)
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._w_fill += 1
+                    try:
+                        self._cond.wait(left)
+                    finally:
+                        self._w_fill -= 1
+                if self._live and not (self._paused and not self._closed):
+                    break
+            # Step 3: select.
+            head = self._head()
+            assert head is not None
+            heapq.heappop(self._heap)
+            out = [self._take(head)]
+            total_rows, total_bytes = head.rows, head.nbytes
+            skipped: list[_Entry] = []
+            while self._heap:
+                e = self._heap[0]
+                if e.cancelled:
+                    heapq.heappop(self._heap)
+                elif e.key != head.key:
+                    skipped.append(heapq.heappop(self._heap))
+                elif total_rows + e.rows > max_rows or (
+                    max_bytes > 0 and total_bytes + e.nbytes > max_bytes
+                ):
+                    break
+                else:
+                    heapq.heappop(self._heap)
+                    out.append(self._take(e))
+                    total_rows += e.rows
+                    total_bytes += e.nbytes
+            for e in skipped:
+                heapq.heappush(self._heap, e)
+            self._cond.notify_all()
+            return out
+
+    def cancel(self, token: int) -> bool:
+        try:
+            token = operator.index(token)
+        except TypeError:
+            raise TypeError(f"token must be an int, not {type(token).__name__}") from None
+        with self._cond:
+            e = self._live.pop(token, None)
+            if e is None:
+                return False
+            e.cancelled = True
+            self._rows -= e.rows
+            item, e.item = e.item, None
+            self._cond.notify_all()
+        del item        # dropped outside the lock, as the native queue does
+        return True
+
+    def drain(self) -> list[Any]:
+        with self._cond:
+            out = [self._take(e) for e in sorted(self._live.values())]
+            self._heap.clear()
+            self._cond.notify_all()
+            return out
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def oldest_age(self) -> float:
+        with self._cond:
+            if not self._live:
+                return 0.0
+            oldest = min(e.t_push for e in self._live.values())
+        return max(0.0, time.monotonic() - oldest)
+
+    def _waiters(self) -> tuple[int, int, int]:
+        with self._cond:
+            return (self._w_items, self._w_fill, self._w_room)
+
+    def __repr__(self) -> str:
+        return (f"<reference RequestQueue capacity={self._capacity} len={len(self)} "
+                f"priorities={self._priorities} closed={self.closed}>")

@@ -1,0 +1,767 @@
+"""RequestQueue: the native heap and its pure-Python twin, held to the same contract.
+
+Every semantic test runs on both implementations through the ``impl`` fixture (the
+module: ``impl.RequestQueue``, ``impl.QueueClosed``); a Hypothesis state machine runs
+random operation sequences on both side by side; a few tests are native-only.
+Orderings between threads are made to happen with the queues' ``_waiters()`` hook,
+events and barriers, never by sleeping. Time bounds are hang guards, not speed claims.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import math
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import reference_queue
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from batchproc._native import request_queue as native_queue
+
+IMPLS = {"native": native_queue, "reference": reference_queue}
+HANG = 10.0  # seconds: only a guard against a hung thread, never a speed assertion
+ITEMS, FILL, ROOM = 0, 1, 2  # indices into _waiters()
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request: pytest.FixtureRequest) -> Any:
+    return IMPLS[request.param]
+
+
+class Worker(threading.Thread):
+    """Runs fn in a thread and hands back its result or exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self._call = (fn, args, kwargs)
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        fn, args, kwargs = self._call
+        try:
+            self.result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.error = exc
+
+    def outcome(self) -> Any:
+        self.join(HANG)
+        assert not self.is_alive(), "thread still blocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a condition (not a sleep-and-hope: the test proceeds when it holds)."""
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.0005)
+
+
+def blocked(q: Any, which: int, count: int = 1) -> None:
+    wait_until(lambda: q._waiters()[which] >= count, f"waiter {which} x{count}")
+
+
+# ------------------------------------------------------------------ the compiled module
+
+
+def test_native_module_is_compiled() -> None:
+    path = native_queue.__file__
+    assert path is not None
+    assert path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), path
+    assert native_queue.RequestQueue.__module__ == "batchproc._native.request_queue"
+
+
+# ------------------------------------------------------------------ ordering
+
+
+def test_priority_then_arrival(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    prios = [2, 0, 1, 0, 2, 1, 0]
+    for i, p in enumerate(prios):
+        q.push(i, priority=p)
+    expected = sorted(range(len(prios)), key=lambda i: (prios[i], i))
+    assert q.pop_batch(100) == expected
+    assert q.pop_batch(100, timeout=0) == []
+
+
+def test_fifo_when_priorities_off(impl: Any) -> None:
+    q = impl.RequestQueue(16, priorities=False)
+    for i, p in enumerate([3, 0, 2, 1]):
+        q.push(i, priority=p)
+    assert q.pop_batch(100) == [0, 1, 2, 3]
+
+
+def test_key_grouping_leaves_others_in_place(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", priority=1, key=1)
+    q.push("b", priority=1, key=2)
+    q.push("c", priority=1, key=1)
+    q.push("d", priority=0, key=2)      # most urgent: the head
+    q.push("e", priority=2, key=2)
+    assert q.pop_batch(100) == ["d", "b", "e"]
+    q.push("f", priority=0, key=1)
+    # a and c kept their places: f (more urgent) first, then a, c by arrival.
+    assert q.pop_batch(100) == ["f", "a", "c"]
+    assert len(q) == 0
+
+
+def test_row_cap_stops_at_first_misfit(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for name, rows in [("a", 2), ("b", 3), ("c", 1)]:
+        q.push(name, rows=rows)
+    # b does not fit after a; c would, but may not overtake b.
+    assert q.pop_batch(4) == ["a"]
+    assert q.rows == 4
+    assert q.pop_batch(4) == ["b", "c"]
+    assert q.rows == 0
+
+
+def test_incompatible_entries_do_not_end_the_batch(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=2, key=0)
+    q.push("big-other", rows=100, key=1)
+    q.push("b", rows=2, key=0)
+    assert q.pop_batch(4) == ["a", "b"]
+    assert q.pop_batch(4) == ["big-other"]
+
+
+def test_head_always_taken(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("huge", rows=10, nbytes=1000)
+    q.push("zero", rows=0, nbytes=0)
+    q.push("small", rows=1, nbytes=1)
+    # The head exceeds both caps and goes alone: nothing fits after it, not even 0 rows.
+    assert q.pop_batch(4, max_bytes=100) == ["huge"]
+    assert q.pop_batch(4, max_bytes=100) == ["zero", "small"]
+
+
+def test_byte_cap(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for i in range(4):
+        q.push(i, rows=1, nbytes=100)
+    assert q.pop_batch(100, max_bytes=250) == [0, 1]
+    assert q.pop_batch(100, max_bytes=0) == [2, 3]      # <= 0: no byte cap
+
+
+def test_zero_row_entries_fill_a_full_batch(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=4)
+    q.push("b", rows=0)
+    q.push("c", rows=1)
+    assert q.pop_batch(4) == ["a", "b"]
+
+
+def test_drain_takes_all_keys_in_order(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for i, (p, k) in enumerate([(1, 0), (0, 1), (1, 2), (0, 0)]):
+        q.push(i, priority=p, key=k, rows=50)
+    assert q.drain() == [1, 3, 0, 2]
+    assert (len(q), q.rows, q.drain()) == (0, 0, [])
+
+
+def test_len_rows_and_oldest_age(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    assert (len(q), q.rows, q.oldest_age()) == (0, 0, 0.0)
+    t0 = time.monotonic()
+    q.push("old", priority=5, rows=3)
+    t1 = time.monotonic()
+    while time.monotonic() < t1 + 0.02:   # a known minimum age, without sleeping
+        pass
+    q.push("new", priority=0, rows=4)
+    age = q.oldest_age()
+    # The oldest by push time is the low-priority entry, not the head.
+    assert 0.02 <= age <= time.monotonic() - t0
+    assert (len(q), q.rows) == (2, 7)
+    assert q.pop_batch(1) == ["new"]
+    assert q.oldest_age() >= 0.02
+    assert q.pop_batch(10) == ["old"]
+    assert q.oldest_age() == 0.0
+
+
+# ------------------------------------------------------------------ capacity and timeouts
+
+
+def test_push_full_without_wait_raises_queue_full(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    q.push(1)
+    q.push(2)
+    with pytest.raises(queue.Full):
+        q.push(3, timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.push(3, timeout=0.05)
+    assert time.monotonic() - t0 >= 0.05 - 1e-4
+    assert len(q) == 2
+    assert q.pop_batch(1) == [1]
+    q.push(3, timeout=0)     # popping freed room
+    assert q.drain() == [2, 3]
+
+
+def test_pop_timeout_returns_empty(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    assert q.pop_batch(1, timeout=0) == []
+    t0 = time.monotonic()
+    assert q.pop_batch(1, timeout=0.05) == []
+    assert time.monotonic() - t0 >= 0.05 - 1e-4
+
+
+def test_pop_wakes_a_blocked_pusher(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    q.push("a")
+    q.push("b")
+    pusher = Worker(q.push, "c", timeout=HANG)
+    blocked(q, ROOM)
+    assert q.pop_batch(1) == ["a"]
+    assert isinstance(pusher.outcome(), int)
+    assert q.drain() == ["b", "c"]
+
+
+def test_a_blocked_pop_wakes_on_push(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    popper = Worker(q.pop_batch, 4, timeout=HANG)
+    blocked(q, ITEMS)
+    q.push("x")
+    assert popper.outcome() == ["x"]
+
+
+# ------------------------------------------------------------------ fill wait
+
+
+def test_fill_wait_returns_once_fill_rows_is_reached(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    go = threading.Event()
+
+    def producer() -> None:
+        assert go.wait(HANG)
+        blocked(q, FILL)            # the consumer is filling its batch
+        q.push("b", rows=2)         # 3 rows: not yet
+        q.push("c", rows=2)         # 5 rows: reached
+
+    q.push("a", rows=1)
+    prod = Worker(producer)
+    go.set()
+    t0 = time.monotonic()
+    batch = q.pop_batch(10, fill_rows=4, max_wait=6 * HANG)
+    assert batch == ["a", "b", "c"]
+    assert time.monotonic() - t0 < 3 * HANG      # hang guard: did not sit out max_wait
+    prod.outcome()
+
+
+def test_fill_wait_ends_after_max_wait(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    t_before = time.monotonic()
+    q.push("a", rows=1)
+    assert q.pop_batch(10, fill_rows=5, max_wait=0.2, timeout=0) == ["a"]
+    # Waited until the head was max_wait old (same clock as time.monotonic()).
+    assert time.monotonic() >= t_before + 0.2 - 1e-4
+
+
+def test_fill_wait_ends_early_on_idle_gap(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    t_before = time.monotonic()
+    q.push("a", rows=1)
+    batch = q.pop_batch(10, fill_rows=5, max_wait=6 * HANG, idle_gap=0.2)
+    assert batch == ["a"]
+    t = time.monotonic()
+    assert t >= t_before + 0.2 - 1e-4
+    assert t - t_before < 3 * HANG               # hang guard: ended on the gap
+
+
+def test_no_fill_wait_without_fill_rows_or_max_wait(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a")
+    assert q.pop_batch(10, fill_rows=0, max_wait=10 * HANG) == ["a"]
+    q.push("b")
+    assert q.pop_batch(10, fill_rows=100, max_wait=0.0) == ["b"]
+    q.push("c", rows=3)
+    assert q.pop_batch(10, fill_rows=3, max_wait=10 * HANG) == ["c"]   # already filled
+
+
+def test_close_ends_a_fill_wait(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=10 * HANG)
+    blocked(q, FILL)
+    q.close()
+    assert popper.outcome() == ["a"]
+
+
+def test_fill_wait_goes_back_to_step_one_when_emptied(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    tok = q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=10 * HANG, timeout=10 * HANG)
+    blocked(q, FILL)
+    assert q.cancel(tok)
+    blocked(q, ITEMS)               # waiting for an entry again, not returning []
+    q.push("b", rows=5)
+    assert popper.outcome() == ["b"]
+
+
+# ------------------------------------------------------------------ close
+
+
+def test_close_releases_blocked_push_and_pop(impl: Any) -> None:
+    full = impl.RequestQueue(1)
+    full.push("x")
+    pusher = Worker(full.push, "y")              # timeout=None: waits for room
+    empty = impl.RequestQueue(1)
+    popper = Worker(empty.pop_batch, 1)          # timeout=None: waits until closed
+    blocked(full, ROOM)
+    blocked(empty, ITEMS)
+    full.close()
+    empty.close()
+    with pytest.raises(impl.QueueClosed):
+        pusher.outcome()
+    assert popper.outcome() == []
+    assert full.drain() == ["x"]
+
+
+def test_after_close(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    q.push("a", key=1)
+    q.push("b", key=2)
+    q.push("c", key=1)
+    assert not q.closed
+    q.close()
+    q.close()                                    # idempotent
+    assert q.closed
+    assert issubclass(impl.QueueClosed, RuntimeError)
+    with pytest.raises(impl.QueueClosed):
+        q.push("d", timeout=0)
+    with pytest.raises(impl.QueueClosed):
+        q.push("d")
+    # No waiting at all, not even a fill wait; same batching rules.
+    assert q.pop_batch(10, fill_rows=100, max_wait=10 * HANG) == ["a", "c"]
+    assert q.pop_batch(10) == ["b"]
+    assert q.pop_batch(10) == []
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def test_cancel(impl: Any) -> None:
+    q = impl.RequestQueue(3)
+    ta = q.push("a", rows=2)
+    tb = q.push("b", rows=3)
+    tc = q.push("c", rows=4)
+    assert len({ta, tb, tc}) == 3 and min(ta, tb, tc) >= 0
+    assert q.cancel(tb) is True
+    assert (len(q), q.rows) == (2, 6)
+    q.push("d", timeout=0)                       # capacity released at cancel time
+    assert q.cancel(tb) is False                 # already cancelled
+    assert q.pop_batch(100) == ["a", "c", "d"]   # never returned
+    assert q.cancel(ta) is False                 # already popped
+    assert q.cancel(-1) is False
+    assert q.cancel(2**70) is False
+    assert q.cancel(123456789) is False
+
+
+def test_cancel_token_of_a_reused_slot(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    old = q.push("a")
+    assert q.pop_batch(1) == ["a"]
+    new = q.push("b")                            # reuses the only slot
+    assert new != old
+    assert q.cancel(old) is False
+    assert len(q) == 1
+    assert q.cancel(new) is True
+    assert len(q) == 0
+
+
+def test_cancel_wakes_a_blocked_pusher(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    tok = q.push("a")
+    pusher = Worker(q.push, "b", timeout=HANG)
+    blocked(q, ROOM)
+    assert q.cancel(tok)
+    pusher.outcome()
+    assert q.drain() == ["b"]
+
+
+def test_dropped_item_finalizer_may_call_the_queue(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    seen: list[int] = []
+
+    class CallsBack:
+        def __del__(self) -> None:
+            seen.append(len(q))
+            q.push("from-finalizer", timeout=0)
+
+    def scenario() -> None:
+        tok = q.push(CallsBack())
+        assert q.cancel(tok)
+
+    Worker(scenario).outcome()       # a deadlock would leave the thread blocked
+    assert seen == [0]
+    assert q.drain() == ["from-finalizer"]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("capacity", "exc"),
+    [(0, ValueError), (-1, ValueError), (2**25, ValueError), (2**24 + 1, ValueError),
+     (2**80, ValueError), (1.5, TypeError), (None, TypeError), ("3", TypeError)],
+)
+def test_bad_capacity(impl: Any, capacity: Any, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match="capacity"):
+        impl.RequestQueue(capacity)
+
+
+def test_capacity_limits_accepted(impl: Any) -> None:
+    assert impl.RequestQueue(1).capacity == 1
+    assert impl.RequestQueue(2**24).capacity == 2**24
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "name"),
+    [
+        ({"priority": -1}, ValueError, "priority"),
+        ({"priority": 2**31}, ValueError, "priority"),
+        ({"priority": "x"}, TypeError, "priority"),
+        ({"priority": 1.0}, TypeError, "priority"),
+        ({"rows": -1}, ValueError, "rows"),
+        ({"rows": 2**39}, ValueError, "rows"),
+        ({"rows": 1.5}, TypeError, "rows"),
+        ({"nbytes": -1}, ValueError, "nbytes"),
+        ({"nbytes": None}, TypeError, "nbytes"),
+        ({"key": 2**63}, ValueError, "key"),
+        ({"key": -(2**63) - 1}, ValueError, "key"),
+        ({"key": "k"}, TypeError, "key"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": math.nan}, ValueError, "timeout"),
+        ({"timeout": "1"}, TypeError, "timeout"),
+    ],
+)
+def test_bad_push(impl: Any, kwargs: dict[str, Any], exc: type[Exception], name: str) -> None:
+    for priorities in (True, False):             # validated even when ignored
+        q = impl.RequestQueue(4, priorities=priorities)
+        with pytest.raises(exc, match=name):
+            q.push("x", **kwargs)
+        assert (len(q), q.rows) == (0, 0)
+
+
+def test_push_limits_accepted(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    q.push("a", priority=2**31 - 1, rows=2**39 - 1, nbytes=2**39 - 1, key=2**63 - 1)
+    q.push("b", priority=0, rows=0, nbytes=0, key=-(2**63), timeout=math.inf)
+    q.push("c", rows=True, timeout=0.5)
+    assert q.rows == 2**39
+    assert q.drain() == ["b", "c", "a"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "name"),
+    [
+        ((0,), {}, ValueError, "max_rows"),
+        ((-5,), {}, ValueError, "max_rows"),
+        ((-(2**80),), {}, ValueError, "max_rows"),
+        ((1.5,), {}, TypeError, "max_rows"),
+        ((None,), {}, TypeError, "max_rows"),
+        ((1, "x"), {}, TypeError, "max_bytes"),
+        ((1,), {"fill_rows": 1.0}, TypeError, "fill_rows"),
+        ((1,), {"max_wait": math.nan}, ValueError, "max_wait"),
+        ((1,), {"max_wait": "x"}, TypeError, "max_wait"),
+        ((1,), {"idle_gap": math.nan}, ValueError, "idle_gap"),
+        ((1,), {"timeout": -0.1}, ValueError, "timeout"),
+        ((1,), {"timeout": math.nan}, ValueError, "timeout"),
+    ],
+)
+def test_bad_pop(impl: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 exc: type[Exception], name: str) -> None:
+    q = impl.RequestQueue(4)
+    q.push("x")
+    with pytest.raises(exc, match=name):
+        q.pop_batch(*args, **kwargs)
+    assert len(q) == 1
+
+
+def test_pop_limits_accepted(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    q.push("x", rows=5)
+    q.push("y", rows=5)
+    assert q.pop_batch(2**80, max_bytes=-(2**80), fill_rows=-(2**80), max_wait=-1.0,
+                       idle_gap=-1.0, timeout=math.inf) == ["x", "y"]
+    with pytest.raises(TypeError, match="positional"):
+        q.pop_batch(1, 0, 0)                       # fill_rows and later are keyword-only
+
+
+@pytest.mark.parametrize("token", ["x", 1.5, None])
+def test_bad_cancel(impl: Any, token: Any) -> None:
+    q = impl.RequestQueue(4)
+    with pytest.raises(TypeError, match="token"):
+        q.cancel(token)
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_producers_and_one_consumer(impl: Any) -> None:
+    producers, per_producer = 4, 300
+    q = impl.RequestQueue(8)        # small: producers block on a full queue
+    start = threading.Barrier(producers + 1)
+
+    def prio(p: int, i: int) -> int:
+        return (p * 7 + i * 13) % 3
+
+    def produce(p: int) -> None:
+        start.wait(HANG)
+        for i in range(per_producer):
+            q.push((p, i), priority=prio(p, i), timeout=HANG)
+
+    workers = [Worker(produce, p) for p in range(producers)]
+    start.wait(HANG)
+    out: list[tuple[int, int]] = []
+    while len(out) < producers * per_producer:
+        batch = q.pop_batch(5, timeout=HANG)
+        assert batch, "consumer starved"
+        levels = [prio(*item) for item in batch]
+        assert levels == sorted(levels)          # a batch is in priority order
+        out.extend(batch)
+    for w in workers:
+        w.outcome()
+    assert sorted(out) == [(p, i) for p in range(producers) for i in range(per_producer)]
+    assert q.pop_batch(5, timeout=0) == []
+    _assert_priority_then_arrival_per_producer(out, prio)
+
+
+def _assert_priority_then_arrival_per_producer(
+        out: list[tuple[int, int]], prio: Callable[[int, int], int]) -> None:
+    # If a producer pushed i before j and prio(i) <= prio(j), i must come out first.
+    latest: dict[tuple[int, int], int] = {}      # (producer, level) -> max i seen
+    for p, i in out:
+        level = prio(p, i)
+        later = [v for (pp, lv), v in latest.items() if pp == p and lv >= level]
+        assert all(v < i for v in later), f"{(p, i)} overtaken"
+        latest[(p, level)] = max(latest.get((p, level), -1), i)
+
+
+def test_producers_and_several_consumers(impl: Any) -> None:
+    producers, consumers, per_producer = 3, 3, 300
+    q = impl.RequestQueue(4)
+    start = threading.Barrier(producers + consumers)
+
+    def produce(p: int) -> None:
+        start.wait(HANG)
+        for i in range(per_producer):
+            q.push((p, i), priority=i % 2, timeout=HANG)
+
+    def consume() -> list[tuple[int, int]]:
+        start.wait(HANG)
+        got: list[tuple[int, int]] = []
+        while batch := q.pop_batch(3, timeout=HANG):   # [] only once closed and empty
+            assert [i % 2 for _, i in batch] == sorted(i % 2 for _, i in batch)
+            got.extend(batch)
+        return got
+
+    cons = [Worker(consume) for _ in range(consumers)]
+    prods = [Worker(produce, p) for p in range(producers)]
+    for w in prods:
+        w.outcome()
+    q.close()
+    out = [item for c in cons for item in c.outcome()]
+    assert sorted(out) == [(p, i) for p in range(producers) for i in range(per_producer)]
+
+
+def test_blocking_calls_release_the_gil(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    popper = Worker(q.pop_batch, 1)
+    blocked(q, ITEMS)
+    total = sum(range(200_000))      # runs only if the blocked thread let the GIL go
+    q.push(total)
+    assert popper.outcome() == [total]
+
+
+def test_ctrl_c_interrupts_a_blocked_main_thread(impl: Any) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    q = impl.RequestQueue(1)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:
+        blocked(q, ITEMS)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    sender = Worker(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        q.pop_batch(1)                           # timeout=None: only the signal ends it
+    sender.outcome()
+
+
+# ------------------------------------------------------------------ native only
+
+
+def test_native_tokens_unique_across_slot_reuse() -> None:
+    q = native_queue.RequestQueue(2)
+    tokens = set()
+    for i in range(1000):
+        tokens.add(q.push(i))
+        assert q.pop_batch(1) == [i]
+    assert len(tokens) == 1000
+    assert not any(q.cancel(t) for t in tokens)
+
+
+def test_native_big_queue_grows_on_demand() -> None:
+    q = native_queue.RequestQueue(2**24, priorities=False)
+    n = 5000
+    for i in range(n):
+        q.push(i, priority=i % 7, rows=1)
+    assert (len(q), q.rows) == (n, n)
+    assert q.pop_batch(2 * n) == list(range(n))
+
+
+def test_native_refuses_pickle_and_reinit() -> None:
+    q = native_queue.RequestQueue(4)
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(q)
+    with pytest.raises(RuntimeError, match="initialised"):
+        q.__init__(8)
+    assert q.capacity == 4
+
+
+def test_native_uninitialised_queue_is_inert() -> None:
+    q = native_queue.RequestQueue.__new__(native_queue.RequestQueue)
+    with pytest.raises(queue.Full):
+        q.push("x", timeout=0)
+    assert (len(q), q.rows, q.pop_batch(1, timeout=0), q.drain()) == (0, 0, [], [])
+    assert q.cancel(0) is False
+    assert q.oldest_age() == 0.0
+
+
+# ------------------------------------------------------------------ differential
+
+
+class NativeVsReference(RuleBasedStateMachine):
+    """Random operation sequences on both queues, compared step by step."""
+
+    @initialize(capacity=st.integers(1, 12), priorities=st.booleans())
+    def make(self, capacity: int, priorities: bool) -> None:
+        self.native = native_queue.RequestQueue(capacity, priorities)
+        self.ref = reference_queue.RequestQueue(capacity, priorities)
+        self.next_item = 0
+        self.tokens: list[tuple[int, int]] = []
+
+    @staticmethod
+    def _both(fn_n: Callable[[], Any], fn_r: Callable[[], Any]) -> tuple[Any, Any]:
+        results = []
+        for fn in (fn_n, fn_r):
+            try:
+                results.append(("ok", fn()))
+            except Exception as exc:
+                results.append(("raised", type(exc).__name__))
+        (kn, vn), (kr, vr) = results
+        assert kn == kr, results
+        if kn == "raised":
+            assert vn == vr, results
+        return vn, vr
+
+    @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), nbytes=st.integers(0, 300),
+          key=st.integers(0, 2))
+    def push(self, priority: int, rows: int, nbytes: int, key: int) -> None:
+        item = self.next_item
+        self.next_item += 1
+        tn, tr = self._both(
+            lambda: self.native.push(item, priority, rows, nbytes, key, timeout=0),
+            lambda: self.ref.push(item, priority, rows, nbytes, key, timeout=0))
+        if isinstance(tn, int):
+            self.tokens.append((tn, tr))
+
+    @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700))
+    def pop(self, max_rows: int, max_bytes: int) -> None:
+        got_n, got_r = self._both(
+            lambda: self.native.pop_batch(max_rows, max_bytes, timeout=0),
+            lambda: self.ref.pop_batch(max_rows, max_bytes, timeout=0))
+        assert got_n == got_r
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        tn, tr = data.draw(st.sampled_from(self.tokens))
+        assert self.native.cancel(tn) == self.ref.cancel(tr)
+
+    @rule()
+    def drain(self) -> None:
+        assert self.native.drain() == self.ref.drain()
+
+    @precondition(lambda self: self.next_item >= 25)   # late, so most runs explore first
+    @rule()
+    def close(self) -> None:
+        self.native.close()
+        self.ref.close()
+
+    @invariant()
+    def same_state(self) -> None:
+        assert len(self.native) == len(self.ref)
+        assert self.native.rows == self.ref.rows
+        assert self.native.closed == self.ref.closed
+        assert (self.native.oldest_age() == 0.0) == (len(self.ref) == 0)
+
+
+NativeVsReference.TestCase.settings = settings(max_examples=300, stateful_step_count=60)
+TestNativeVsReference = NativeVsReference.TestCase
+
+
+# ------------------------------------------------------------------ pause / resume
+
+
+def test_pause_holds_pops_and_resume_releases_them(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    q.pause()
+    assert q.paused
+    q.push("a")
+    q.push("b")  # intake goes on while paused
+    assert q.pop_batch(8, timeout=0) == []
+    assert q.pop_batch(8, timeout=0.05) == []
+    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    blocked(q, ITEMS)  # waiting although entries are queued
+    assert len(q) == 2
+    q.resume()
+    assert popper.outcome() == ["a", "b"]
+    assert not q.paused
+
+
+def test_pause_ends_a_fill_wait_without_popping(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    q.push("a")
+    popper = Worker(q.pop_batch, 8, fill_rows=4, max_wait=HANG, timeout=HANG)
+    blocked(q, FILL)
+    q.pause()
+    q.push("b")  # wakes the fill wait, which must now hold instead of popping
+    blocked(q, ITEMS)
+    assert len(q) == 2
+    q.resume()
+    q.push("c")
+    q.push("d")
+    assert popper.outcome() == ["a", "b", "c", "d"]
+
+
+def test_close_overrides_pause(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    q.pause()
+    q.push("a")
+    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    blocked(q, ITEMS)
+    q.close()
+    assert popper.outcome() == ["a"]
+    assert q.pop_batch(8) == []

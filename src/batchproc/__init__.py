@@ -1,1 +1,41 @@
+"""batchproc: a dynamic batching engine for ML inference with a compiled hot path.
+
+Call ``enqueue_predict(item, priority=...)`` from any thread and get a
+``concurrent.futures.Future``; requests are grouped into batches, your model runs once
+per batch and each caller gets its own slice of the output.
+"""
+
+from .config import (
+    BatchPriority,
+    BatchProcessingStrategy,
+    BatchProcessorConfig,
+    PrioritizedItem,
+)
+from .errors import (
+    BatchOutputError,
+    BatchProcessorError,
+    BatchTimeoutError,
+    ProcessorStoppedError,
+    QueueFullError,
+)
+from .metrics import MetricsCollector
+from .processor import BatchProcessor
+from .stats import BatchStats
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BatchOutputError",
+    "BatchPriority",
+    "BatchProcessingStrategy",
+    "BatchProcessor",
+    "BatchProcessorConfig",
+    "BatchProcessorError",
+    "BatchStats",
+    "BatchTimeoutError",
+    "MetricsCollector",
+    "PrioritizedItem",
+    "ProcessorStoppedError",
+    "QueueFullError",
+    "__version__",
+]

@@ -1,0 +1,241 @@
+"""The batching controller: how many rows to aim for, and how long to wait for them.
+
+Per-batch Python work: ``plan()`` runs once before each batch is popped and
+``observe_*`` once after it; nothing here runs per request.
+
+The policy (DESIGN.md "Adaptive control"):
+
+* An idle worker takes what is queued at once. It waits only while requests keep
+  arriving faster than the batch's fixed cost per row (``idle_gap``): waiting one more
+  inter-arrival gap then costs less than the overhead that row would add in a batch of
+  its own. At low load arrivals are far apart, so nothing waits; under load, batches fill.
+* Waiting is bounded by ``min(batch_timeout, fixed cost)``: waiting longer than one
+  batch's fixed cost can never pay for itself. ``batch_timeout`` is a ceiling, never a
+  default delay.
+* The target size grows toward the throughput-optimal size of the fitted latency model
+  ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
+  (at ``max_batch_size`` when cost grows at most linearly).
+* Classic inputs stay: a backed-up queue grows the target, failures halve it
+  (``reduce_batch_on_failure``), memory pressure caps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import NamedTuple
+
+from .config import BatchProcessingStrategy, BatchProcessorConfig
+
+logger = logging.getLogger(__name__)
+
+# Memory pressure levels, as the health monitor reports them, and the share of the
+# throughput-optimal size each allows.
+MEMORY_OK, MEMORY_WARNING, MEMORY_CRITICAL = "ok", "warning", "critical"
+_MEMORY_SHARE = {MEMORY_OK: 1.0, MEMORY_WARNING: 0.5, MEMORY_CRITICAL: 0.0}
+
+
+class Plan(NamedTuple):
+    """What the next pop asks of the queue (see ``RequestQueue.pop_batch``)."""
+
+    target_rows: int
+    max_wait: float
+    idle_gap: float
+
+
+class LatencyModel:
+    """Batch time as a function of rows, ``a + b*r + c*r**2``, fitted online.
+
+    Exponentially weighted least squares over the sufficient statistics, so old
+    measurements fade (half-life of ``halflife`` batches) and a change in the model's
+    cost is followed. Refitted every ``refit_every`` observations.
+    """
+
+    def __init__(self, halflife: float = 200.0, refit_every: int = 16) -> None:
+        self._decay = 0.5 ** (1.0 / halflife)
+        self._refit_every = refit_every
+        # Weighted sums of r**k for k = 0..4 and of t * r**k for k = 0..2.
+        self._sr = [0.0] * 5
+        self._st = [0.0] * 3
+        self._since_fit = 0
+        self.observations = 0
+        self.a = 0.0
+        self.b = 0.0
+        self.c = 0.0
+        self.mean_time = 0.0
+        self.mean_rows = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self._decay
+        sr, st = self._sr, self._st
+        r = float(rows)
+        rk = 1.0
+        for k in range(5):
+            sr[k] = sr[k] * d + rk
+            if k < 3:
+                st[k] = st[k] * d + seconds * rk
+            rk *= r
+        self.observations += 1
+        self._since_fit += 1
+        if self._since_fit >= self._refit_every or self.observations <= 8:
+            self._fit()
+
+    def _fit(self) -> None:
+        self._since_fit = 0
+        sr, st = self._sr, self._st
+        n = sr[0]
+        self.mean_rows = sr[1] / n
+        self.mean_time = st[0] / n
+        var_r = sr[2] / n - self.mean_rows**2
+        if var_r <= 1e-9 * max(1.0, self.mean_rows**2):
+            # Every batch had the same size: the fixed and per-row costs cannot be told
+            # apart, so assume the worst case for waiting decisions (all of it is fixed).
+            self.a, self.b, self.c = self.mean_time, 0.0, 0.0
+            return
+        quad = _solve3(
+            [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]], st)
+        if quad is not None and quad[2] > 0.0 and quad[0] >= 0.0:
+            self.a, self.b, self.c = quad
+            return
+        # Linear fit (cost grows at most linearly: bigger batches are always cheaper per row).
+        b = (st[1] / n - self.mean_rows * self.mean_time) / var_r
+        a = self.mean_time - b * self.mean_rows
+        if a < 0.0:  # a negative fixed cost is noise: treat the cost as per-row only
+            a, b = 0.0, self.mean_time / max(self.mean_rows, 1e-9)
+        self.a, self.b, self.c = a, max(b, 0.0), 0.0
+
+    def optimal_rows(self, upper: int) -> int:
+        """The batch size that maximises rows per second, capped at ``upper``."""
+        if self.c <= 0.0 or self.a <= 0.0:
+            return upper
+        return int(min(upper, max(1.0, math.sqrt(self.a / self.c))))
+
+    def predict(self, rows: int) -> float:
+        return self.a + self.b * rows + self.c * rows * rows
+
+
+def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:
+    """Solve a 3x3 linear system by Cramer's rule; None if it is (near) singular."""
+    def det(x: list[list[float]]) -> float:
+        return (x[0][0] * (x[1][1] * x[2][2] - x[1][2] * x[2][1])
+                - x[0][1] * (x[1][0] * x[2][2] - x[1][2] * x[2][0])
+                + x[0][2] * (x[1][0] * x[2][1] - x[1][1] * x[2][0]))
+
+    d = det(m)
+    scale = abs(m[0][0] * m[1][1] * m[2][2]) or 1.0
+    if abs(d) <= 1e-12 * scale:
+        return None
+    out = []
+    for col in range(3):
+        mc = [row[:] for row in m]
+        for i in range(3):
+            mc[i][col] = v[i]
+        out.append(det(mc) / d)
+    return out[0], out[1], out[2]
+
+
+class Controller:
+    """Decides each batch's target rows and wait; thread-safe."""
+
+    def __init__(self, config: BatchProcessorConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._current = config.initial_batch_size
+        self._memory = MEMORY_OK
+        self.model = LatencyModel()
+        strategy = config.processing_strategy
+        if not config.enable_adaptive_batching:
+            strategy = BatchProcessingStrategy.FIXED
+        self.strategy = strategy
+        self._debug = config.debug_mode
+
+    @property
+    def current_batch_size(self) -> int:
+        return self._current
+
+    @property
+    def memory_level(self) -> str:
+        return self._memory
+
+    def set_batch_size(self, rows: int) -> int:
+        """Manual override (``update_batch_size``), clamped into [min, max]."""
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            raise TypeError(f"batch size must be an int, got {rows!r}")
+        cfg = self._config
+        with self._lock:
+            self._current = min(max(rows, cfg.min_batch_size), cfg.max_batch_size)
+            return self._current
+
+    def _ceiling(self) -> int:
+        cfg = self._config
+        optimal = self.model.optimal_rows(cfg.max_batch_size)
+        return max(cfg.min_batch_size, int(optimal * _MEMORY_SHARE[self._memory]))
+
+    def plan(self, queued_rows: int) -> Plan:
+        cfg = self._config
+        strategy = self.strategy
+        if strategy is BatchProcessingStrategy.FIXED:
+            return Plan(self._current, cfg.batch_timeout, 0.0)
+        with self._lock:
+            target = self._current
+            if queued_rows >= 2 * target:
+                # A backed-up queue: bigger batches drain it at a lower cost per row.
+                grown = min(self._ceiling(), 2 * target)
+                if grown > target:
+                    self._log("queue backed up (%d rows queued): target %d -> %d",
+                              queued_rows, target, grown)
+                    self._current = target = grown
+        if strategy is BatchProcessingStrategy.GREEDY:
+            return Plan(target, 0.0, 0.0)
+        fixed_cost = self.model.a
+        if fixed_cost <= 0.0:
+            return Plan(target, 0.0, 0.0)
+        return Plan(target, min(cfg.batch_timeout, fixed_cost), fixed_cost / target)
+
+    def observe_batch(self, rows: int, seconds: float, target: int) -> None:
+        """A batch of ``rows`` succeeded in ``seconds``; ``target`` is what it aimed for."""
+        with self._lock:
+            self.model.observe(rows, seconds)
+            if self.strategy is BatchProcessingStrategy.FIXED:
+                return
+            ceiling = self._ceiling()
+            current = self._current
+            if rows >= target and current < ceiling:
+                # Full batches mean the load can fill bigger ones: grow by a quarter.
+                new = min(ceiling, current + max(1, current // 4))
+            elif current > ceiling:
+                new = ceiling
+            else:
+                return
+            self._log("batch of %d rows in %.3f ms: target %d -> %d",
+                      rows, seconds * 1e3, current, new)
+            self._current = new
+
+    def observe_failure(self) -> None:
+        cfg = self._config
+        if not cfg.reduce_batch_on_failure or self.strategy is BatchProcessingStrategy.FIXED:
+            return
+        with self._lock:
+            new = max(cfg.min_batch_size, self._current // 2)
+            if new != self._current:
+                self._log("batch failed: target %d -> %d", self._current, new)
+                self._current = new
+
+    def set_memory_level(self, level: str) -> None:
+        if level not in _MEMORY_SHARE:
+            raise ValueError(f"unknown memory level {level!r}")
+        with self._lock:
+            if level == self._memory:
+                return
+            self._memory = level
+            if self.strategy is BatchProcessingStrategy.FIXED:
+                return
+            ceiling = self._ceiling()
+            if self._current > ceiling:
+                self._log("memory %s: target %d -> %d", level, self._current, ceiling)
+                self._current = ceiling
+
+    def _log(self, msg: str, *args: object) -> None:
+        if self._debug:
+            logger.debug(msg, *args)

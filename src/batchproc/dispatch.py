@@ -1,0 +1,451 @@
+"""Workers: pop a batch, run ``process_func`` on it, hand each caller its part.
+
+Each of the ``max_workers`` worker threads runs the whole dispatch loop itself (no hand-off
+to a pool, so no extra thread wake-up per batch): ask the controller for a plan, pop a
+batch from the native queue (waiting without the GIL), build it in the worker's reused
+buffers, call ``process_func``, then count and deliver. An idle worker blocked in the
+queue is woken by the push itself, which is what keeps latency low at low load.
+
+Failure handling (DESIGN.md "Precise rules"): a failing batch of several requests is
+bisected; a failing single request is retried ``max_retries`` times after
+``retry_delay * 2**k``; a call running past ``item_timeout`` is abandoned by the
+supervisor (``expire_stuck``), its requests fail with ``BatchTimeoutError`` and a fresh
+worker takes its place; its late result is discarded.
+
+Exactly-once: a batch's futures are completed either by its worker or, after it was
+abandoned (time-out or stop), by whoever abandoned it, never both. The hand-over is the
+``_Batch`` flags ``abandoned`` and ``delivering``, changed only under ``Dispatcher._lock``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from typing import Any
+
+import numpy as np
+
+from .batching import BatchBuilder, Request
+from .config import BatchProcessorConfig
+from .controller import Controller
+from .errors import BatchTimeoutError
+from .metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
+from .stats import BatchStats
+
+logger = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# How long a blocked pop waits before the worker looks at its own state again. Pushes,
+# close() and pause changes do not need it; it only bounds how long an abandoned or
+# surplus worker can linger.
+_POP_POLL = 1.0
+
+# Results of one process_func attempt.
+_OK, _FAILED, _ABANDONED = 0, 1, 2
+
+
+class _Worker:
+    __slots__ = ("abandoned", "name", "thread")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.abandoned = False
+        self.thread: threading.Thread | None = None
+
+
+class _Batch:
+    """The requests one worker popped together, while that worker holds them."""
+
+    __slots__ = ("abandoned", "call_started", "delivering", "dispatched_at", "requests",
+                 "worker")
+
+    def __init__(self, requests: list[Request], worker: _Worker) -> None:
+        self.requests = requests
+        self.worker = worker
+        self.dispatched_at = _monotonic()
+        self.call_started: float | None = None  # set while process_func runs
+        self.abandoned = False
+        self.delivering = False
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: BatchProcessorConfig,
+        queue: Any,
+        controller: Controller,
+        stats: BatchStats,
+        metrics: MetricsSink,
+        resume: threading.Event,
+        count_cancelled: Callable[[int], None],
+    ) -> None:
+        self._config = config
+        self._queue = queue
+        self._controller = controller
+        self._stats = stats
+        self._metrics = metrics
+        self._resume = resume
+        self._count_cancelled = count_cancelled
+        self._process_func: Callable[[Any], Any] | None = None
+        self._byte_cap = config.max_batch_bytes
+        self._lock = threading.Lock()
+        self._active: set[_Batch] = set()
+        self._workers: list[_Worker] = []
+        self._worker_ids = 0
+        self._closing = False
+        # Set when stop gives up on in-flight work, so backoff waits end at once.
+        self._abandon_all = threading.Event()
+        self._pace_lock = threading.Lock()
+        self._next_start = 0.0
+        self._last_gc = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, process_func: Callable[[Any], Any]) -> None:
+        self._process_func = process_func
+        for _ in range(self._config.max_workers):
+            self._spawn_worker()
+
+    def _spawn_worker(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._worker_ids += 1
+            worker = _Worker(f"batchproc-worker-{self._worker_ids}")
+            self._workers.append(worker)
+        # Daemon: a worker stuck in process_func must never keep the interpreter alive.
+        thread = threading.Thread(target=self._worker_main, args=(worker,), name=worker.name,
+                                  daemon=True)
+        worker.thread = thread
+        thread.start()
+
+    def join(self, deadline: float) -> bool:
+        """Wait until ``deadline`` for the workers to drain the closed queue and exit."""
+        with self._lock:
+            self._closing = True
+            workers = list(self._workers)
+        for worker in workers:
+            if worker.thread is not None:
+                remaining = deadline - _monotonic()
+                worker.thread.join(None if remaining == float("inf") else max(0.0, remaining))
+        return not any(w.thread is not None and w.thread.is_alive() and not w.abandoned
+                       for w in workers)
+
+    def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
+        """Fail every request still held by a worker (stop ran out of time)."""
+        with self._lock:
+            self._closing = True
+            taken = [b for b in self._active if not b.abandoned and not b.delivering]
+            for batch in taken:
+                batch.abandoned = True
+                batch.worker.abandoned = True
+        self._abandon_all.set()
+        failed = 0
+        for batch in taken:
+            failed += self._fail_pending(batch.requests, error_factory(), OUTCOME_ERROR)
+        return failed
+
+    def alive_workers(self) -> tuple[int, int]:
+        with self._lock:
+            alive = sum(1 for w in self._workers
+                        if not w.abandoned and w.thread is not None and w.thread.is_alive())
+        return alive, (0 if self._closing or self._process_func is None
+                       else self._config.max_workers)
+
+    def active_batches(self) -> int:
+        with self._lock:
+            return sum(1 for b in self._active if not b.abandoned)
+
+    def threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return [w.thread for w in self._workers if w.thread is not None]
+
+    # ----------------------------------------------------------------- time limits
+
+    def expire_stuck(self) -> int:
+        """Abandon batches whose process_func call has run past ``item_timeout``."""
+        limit = self._config.item_timeout
+        now = _monotonic()
+        with self._lock:
+            overdue = [b for b in self._active
+                       if not b.abandoned and not b.delivering and b.call_started is not None
+                       and now - b.call_started > limit]
+            for batch in overdue:
+                batch.abandoned = True
+                batch.worker.abandoned = True
+        for batch in overdue:
+            started = batch.call_started or now
+            logger.error(
+                "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
+                " failing them with BatchTimeoutError and replacing worker %s",
+                now - started, len(batch.requests), limit, batch.worker.name)
+            self._metrics.batch(len(batch.requests), _rows(batch.requests),
+                                0.0, now - started, OUTCOME_TIMEOUT)
+            self._fail_pending(
+                batch.requests,
+                BatchTimeoutError(f"process_func exceeded item_timeout={limit} s"),
+                OUTCOME_TIMEOUT)
+            self._spawn_worker()
+        return len(overdue)
+
+    def stuck_batches(self) -> list[dict[str, Any]]:
+        """Batches whose call is past ``item_timeout``, abandoned or about to be."""
+        limit = self._config.item_timeout
+        now = _monotonic()
+        with self._lock:
+            return [{"worker": b.worker.name, "requests": len(b.requests),
+                     "running_for": now - b.call_started, "abandoned": b.abandoned}
+                    for b in self._active
+                    if b.call_started is not None and now - b.call_started > limit]
+
+    # ----------------------------------------------------------------- the loop
+
+    def _worker_main(self, worker: _Worker) -> None:
+        builder = BatchBuilder(self._config.stack_items)
+        queue = self._queue
+        controller = self._controller
+        resume = self._resume
+        byte_cap = self._byte_cap
+        try:
+            while not worker.abandoned:
+                plan = controller.plan(queue.rows)
+                requests = queue.pop_batch(
+                    plan.target_rows, byte_cap, fill_rows=plan.target_rows,
+                    max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
+                if not requests:
+                    if queue.closed:
+                        return  # closed and drained
+                    continue
+                if not resume.is_set():
+                    # Popped just as pause began (the queue holds pops while paused):
+                    # hold the batch until resume; stop resumes.
+                    resume.wait()
+                self._dispatch(requests, worker, builder, plan.target_rows)
+        except BaseException:
+            # Only a bug in batchproc itself gets here: make it loud, and keep serving.
+            logger.critical("worker %s crashed; starting a replacement", worker.name,
+                            exc_info=True)
+            worker.abandoned = True
+            self._spawn_worker()
+
+    def _dispatch(self, requests: list[Request], worker: _Worker, builder: BatchBuilder,
+                  target: int) -> None:
+        # From here on a request can no longer be cancelled; one already cancelled is
+        # dropped without being processed.
+        live = [r for r in requests if r[0].set_running_or_notify_cancel()]
+        if len(live) != len(requests):
+            self._count_cancelled(len(requests) - len(live))
+            if not live:
+                return
+        if self._config.min_batch_interval > 0.0:
+            self._pace()
+        batch = _Batch(live, worker)
+        with self._lock:
+            self._active.add(batch)
+        try:
+            first = live[0][1]
+            cfg = self._config
+            if (len(live) == 1 and isinstance(first, np.ndarray) and not cfg.stack_items
+                    and (live[0][2] > cfg.max_batch_size
+                         or (self._byte_cap and first.nbytes > self._byte_cap))):
+                self._run_chunked(batch, live[0], builder)
+            else:
+                self._run(batch, live, builder, target)
+        except BaseException as exc:  # a BaseException from process_func, or our own bug
+            logger.exception("batch of %d requests failed outside the retry logic", len(live))
+            self._fail(batch, live, exc)
+        finally:
+            with self._lock:
+                self._active.discard(batch)
+        if self._config.enable_memory_optimization:
+            self._collect_young(len(live))
+
+    def _pace(self) -> None:
+        """Keep batch starts at least ``min_batch_interval`` apart, across workers."""
+        with self._pace_lock:
+            now = _monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + self._config.min_batch_interval
+        if start > now:
+            time.sleep(start - now)
+
+    def _collect_young(self, size: int) -> None:
+        # Large batches leave many temporaries; a young-generation collection frees them
+        # in microseconds (a full collection would stall this worker for milliseconds).
+        # At most ten a second, whatever the batch rate.
+        if size >= self._config.gc_batch_threshold:
+            now = _monotonic()
+            if now - self._last_gc >= 0.1:
+                self._last_gc = now
+                gc.collect(0)
+
+    # ----------------------------------------------------------------- one batch
+
+    def _attempt(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+                 ) -> tuple[int, Any, float, int]:
+        """Build, call and check once: (status, output or error, seconds, rows)."""
+        if batch.abandoned:
+            return _ABANDONED, None, 0.0, 0
+        try:
+            inputs, expected = builder.build([r[1] for r in requests])
+        except Exception as exc:
+            return _FAILED, exc, 0.0, _rows(requests)
+        rows = len(inputs) if isinstance(inputs, (list, np.ndarray)) else expected
+        started = _monotonic()
+        batch.call_started = started
+        try:
+            out = self._process_func(inputs)  # type: ignore[misc]
+            status = _OK
+        except BaseException as exc:
+            out, status = exc, _FAILED
+        finally:
+            elapsed = _monotonic() - started
+            batch.call_started = None
+        with self._lock:
+            if batch.abandoned:
+                return _ABANDONED, None, elapsed, rows
+        if status == _OK:
+            try:
+                out = builder.check_output(out, inputs, expected)
+            except Exception as exc:
+                out, status = exc, _FAILED
+        return status, out, elapsed, rows
+
+    def _run(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+             target: int) -> None:
+        status, out, elapsed, rows = self._attempt(batch, requests, builder)
+        if status == _OK:
+            self._deliver(batch, requests, builder.split(out, requests), elapsed, rows, target)
+            return
+        if status == _ABANDONED:
+            return
+        self._metrics.batch(len(requests), rows, self._queue_time(batch, requests), elapsed,
+                            OUTCOME_ERROR)
+        self._controller.observe_failure()
+        if not isinstance(out, Exception):
+            # KeyboardInterrupt-like: not retried, but never lost: the batch fails with it.
+            logger.error("process_func raised %r; failing its %d requests without retry",
+                         out, len(requests))
+            self._fail(batch, requests, out)
+            return
+        if len(requests) > 1:
+            # Bisect: the good halves still succeed, only the guilty requests fail.
+            if self._config.debug_mode:
+                logger.debug("batch of %d failed (%r): bisecting", len(requests), out)
+            mid = len(requests) // 2
+            self._run(batch, requests[:mid], builder, target)
+            self._run(batch, requests[mid:], builder, target)
+            return
+        self._retry_single(batch, requests, builder, out, target)
+
+    def _retry_single(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+                      error: BaseException, target: int) -> None:
+        cfg = self._config
+        for attempt in range(cfg.max_retries):
+            delay = cfg.retry_delay * 2 ** attempt
+            if delay > 0.0:
+                self._abandon_all.wait(delay)
+            if batch.abandoned:
+                return
+            status, out, elapsed, rows = self._attempt(batch, requests, builder)
+            if status == _OK:
+                self._deliver(batch, requests, builder.split(out, requests), elapsed, rows,
+                              target)
+                return
+            if status == _ABANDONED:
+                return
+            error = out
+            if not isinstance(error, Exception):
+                break
+        logger.warning("request failed after %d retries: %r", cfg.max_retries, error)
+        self._fail(batch, requests, error)
+
+    def _run_chunked(self, batch: _Batch, request: Request, builder: BatchBuilder) -> None:
+        """One item larger than a batch: run it in chunks that fit, join the results."""
+        cfg = self._config
+        chunks = builder.chunks(request[1], cfg.max_batch_size, self._byte_cap)
+        parts: list[Any] = []
+        total_elapsed = 0.0
+        for chunk in chunks:
+            chunk_request = (request[0], chunk, chunk.shape[0], request[3])
+            status, out, elapsed, _ = self._attempt(batch, [chunk_request], builder)
+            attempt = 0
+            while status == _FAILED and isinstance(out, Exception) and attempt < cfg.max_retries:
+                self._controller.observe_failure()
+                self._abandon_all.wait(cfg.retry_delay * 2 ** attempt)
+                attempt += 1
+                status, out, elapsed, _ = self._attempt(batch, [chunk_request], builder)
+            if status == _ABANDONED:
+                return
+            if status == _FAILED:
+                self._fail(batch, [request], out)
+                return
+            parts.append(out[: chunk.shape[0]])
+            total_elapsed += elapsed
+        self._deliver(batch, [request], [builder.join(parts)], total_elapsed, request[2],
+                      cfg.max_batch_size)
+
+    # ----------------------------------------------------------------- completion
+
+    def _queue_time(self, batch: _Batch, requests: list[Request]) -> float:
+        return batch.dispatched_at - sum(r[3] for r in requests) / len(requests)
+
+    def _deliver(self, batch: _Batch, requests: list[Request], parts: list[Any],
+                 elapsed: float, rows: int, target: int) -> None:
+        with self._lock:
+            if batch.abandoned:
+                return
+            batch.delivering = True
+        try:
+            now = _monotonic()
+            queue_time = self._queue_time(batch, requests)
+            latencies = ([now - r[3] for r in requests] if self._config.enable_monitoring
+                         else None)
+            # Counted before any future completes: a caller holding its result sees it.
+            self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
+                               requests=len(requests), latencies=latencies)
+            self._controller.observe_batch(rows, elapsed, target)
+            self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
+            if self._config.debug_mode:
+                logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
+                             len(requests), rows, elapsed * 1e3, queue_time * 1e3)
+            for request, part in zip(requests, parts):
+                try:
+                    request[0].set_result(part)
+                except InvalidStateError:  # pragma: no cover - would be a batchproc bug
+                    logger.error("a future was completed twice; result dropped")
+        finally:
+            batch.delivering = False
+
+    def _fail(self, batch: _Batch, requests: list[Request], error: BaseException) -> None:
+        with self._lock:
+            if batch.abandoned:
+                return
+            batch.delivering = True
+        try:
+            self._fail_pending(requests, error, OUTCOME_ERROR)
+        finally:
+            batch.delivering = False
+
+    def _fail_pending(self, requests: list[Request], error: BaseException, outcome: str,
+                      ) -> int:
+        pending = [r for r in requests if not r[0].done()]
+        if not pending:
+            return 0
+        self._stats.record_error(len(pending))
+        self._metrics.error(error, len(pending))
+        for request in pending:
+            try:
+                request[0].set_exception(error)
+            except InvalidStateError:  # pragma: no cover - would be a batchproc bug
+                logger.error("a future was completed twice; error dropped")
+        return len(pending)
+
+
+def _rows(requests: list[Request]) -> int:
+    return sum(r[2] for r in requests)

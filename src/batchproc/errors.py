@@ -1,0 +1,25 @@
+"""Exceptions a caller of batchproc may need to catch."""
+
+from __future__ import annotations
+
+import queue
+
+
+class BatchProcessorError(Exception):
+    """Base class of the errors batchproc raises itself."""
+
+
+class QueueFullError(BatchProcessorError, queue.Full):
+    """The queue stayed full for the whole ``timeout`` given to ``enqueue_predict``."""
+
+
+class ProcessorStoppedError(BatchProcessorError, RuntimeError):
+    """The processor is stopped (or stopping): the request was refused or not finished in time."""
+
+
+class BatchTimeoutError(BatchProcessorError, TimeoutError):
+    """``process_func`` ran longer than ``item_timeout`` on the batch holding this request."""
+
+
+class BatchOutputError(BatchProcessorError, ValueError):
+    """``process_func`` returned an output whose length differs from its batch's."""

@@ -1,0 +1,303 @@
+"""BatchProcessor: the public face of batchproc (DESIGN.md "Public API").
+
+Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
+describe the item, create its future, push it onto the native queue. Everything after
+that happens on the processor's threads: the workers (``dispatch.py``) and one
+supervisor that enforces ``item_timeout`` and runs the health checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as _stdlib_queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from ._native.request_queue import QueueClosed, RequestQueue
+from .batching import ItemDescriber
+from .config import BatchPriority, BatchProcessorConfig
+from .controller import Controller
+from .dispatch import Dispatcher
+from .errors import ProcessorStoppedError, QueueFullError
+from .health import HealthMonitor
+from .metrics import MetricsSink
+from .stats import BatchStats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+_monotonic = time.monotonic
+
+
+class _RequestFuture(Future):  # type: ignore[type-arg]
+    """A Future whose ``cancel()`` also removes the request from the queue at once."""
+
+    _bp_owner: BatchProcessor[Any, Any] | None = None
+    _bp_token = -1
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        owner = self._bp_owner
+        if owner is not None:
+            owner._cancel_queued(self._bp_token)
+        return True
+
+
+class BatchProcessor(Generic[T, U]):
+    """Groups requests from many threads into batches for one ``process_func``.
+
+    >>> import numpy as np
+    >>> from batchproc import BatchProcessor, BatchProcessorConfig
+    >>> with BatchProcessor(BatchProcessorConfig(max_batch_size=64)) as p:
+    ...     p.start(lambda batch: batch * 2)
+    ...     p.enqueue_predict(np.array([[1.0, 2.0]])).result()
+    array([[2., 4.]])
+    """
+
+    def __init__(self, config: BatchProcessorConfig | None = None,
+                 metrics_collector: object | None = None) -> None:
+        if config is None:
+            config = BatchProcessorConfig()
+        if not isinstance(config, BatchProcessorConfig):
+            raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+        self.config = config
+        self.shutdown_event = threading.Event()
+        self._state = _NEW
+        self._lifecycle = threading.Lock()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue)
+        self._describe = ItemDescriber(config.stack_items).describe
+        self._stats = BatchStats(config.monitoring_window)
+        self._controller = Controller(config)
+        self._metrics = MetricsSink(metrics_collector)
+        self._counts_lock = threading.Lock()
+        self._accepted = 0
+        self._cancelled = 0
+        self._dispatcher = Dispatcher(config, self._queue, self._controller, self._stats,
+                                      self._metrics, self._resume, self._count_cancelled)
+        self._health = HealthMonitor(
+            config, self._controller, self._metrics,
+            queue_size=self._queue.__len__,
+            stuck_batches=self._dispatcher.stuck_batches,
+            workers=self._dispatcher.alive_workers)
+        self._supervisor: threading.Thread | None = None
+        self._supervisor_stop = threading.Event()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, process_func: Callable[[Any], Any]) -> None:
+        """Start the workers. Idempotent while running; work queued before start is kept."""
+        if not callable(process_func):
+            raise TypeError(f"process_func must be callable, got {process_func!r}")
+        with self._lifecycle:
+            if self._state == _RUNNING:
+                return
+            if self._state != _NEW:
+                raise ProcessorStoppedError(
+                    "a stopped BatchProcessor cannot be started again; create a new one")
+            self._state = _RUNNING
+            self._dispatcher.start(process_func)
+            self._supervisor = threading.Thread(target=self._supervise,
+                                                name="batchproc-supervisor", daemon=True)
+            self._supervisor.start()
+        logger.info("batchproc started: %d workers, strategy %s, max batch %d rows",
+                    self.config.max_workers, self._controller.strategy.name,
+                    self.config.max_batch_size)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop intake, finish queued and in-flight work within ``timeout`` seconds, fail
+        what is left with ``ProcessorStoppedError`` and join the threads.
+
+        Idempotent, safe before ``start``; never blocks much past ``timeout``
+        (``None`` waits for all work to finish).
+        """
+        if timeout is not None and (timeout != timeout or timeout < 0):
+            raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+        deadline = float("inf") if timeout is None else _monotonic() + timeout
+        with self._lifecycle:
+            if self._state in (_STOPPING, _STOPPED):
+                return
+            was_running = self._state == _RUNNING
+            self._state = _STOPPING
+            self.shutdown_event.set()
+            self._queue.close()  # also ends a pause of the queue: stop drains as usual
+            self._resume.set()
+        drained = self._dispatcher.join(deadline) if was_running else True
+        leftover = 0
+        if not drained:
+            leftover += self._dispatcher.abandon_all(
+                lambda: ProcessorStoppedError("processor stopped before this request finished"))
+        leftover += self._fail_queued()
+        self._supervisor_stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
+        with self._lifecycle:
+            self._state = _STOPPED
+        if leftover:
+            logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
+                           leftover)
+        else:
+            logger.info("batchproc stopped")
+
+    def _fail_queued(self) -> int:
+        error = ProcessorStoppedError("processor stopped before this request was dispatched")
+        failed = 0
+        for request in self._queue.drain():
+            future = request[0]
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+                failed += 1
+            else:
+                self._count_cancelled(1)
+        if failed:
+            self._stats.record_error(failed)
+            self._metrics.error(error, failed)
+        return failed
+
+    def pause(self) -> None:
+        """No batch is dispatched until ``resume()``; intake continues."""
+        with self._lifecycle:
+            if self._state not in (_STOPPING, _STOPPED):
+                self._resume.clear()
+                self._queue.pause()  # waiting workers stop popping, not just dispatching
+
+    def resume(self) -> None:
+        self._queue.resume()
+        self._resume.set()
+
+    def __enter__(self) -> BatchProcessor[T, U]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- intake
+
+    def enqueue_predict(self, item: T, timeout: float | None = None,
+                        priority: BatchPriority | int = BatchPriority.NORMAL) -> Future[U]:
+        """Queue ``item`` and return the Future of its result.
+
+        ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
+        ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
+        A processing failure reaches the future as the exception ``process_func`` raised.
+        """
+        item, rows, nbytes, key = self._describe(item)
+        future = _RequestFuture()
+        try:
+            token = self._queue.push((future, item, rows, _monotonic()), priority, rows, nbytes,
+                                     key, timeout)
+        except _stdlib_queue.Full:
+            raise QueueFullError(
+                f"queue full ({self.config.max_queue_size} requests) for {timeout} s") from None
+        except QueueClosed:
+            raise ProcessorStoppedError("processor is stopped; request refused") from None
+        future._bp_token = token
+        future._bp_owner = self
+        with self._counts_lock:
+            self._accepted += 1
+        return future
+
+    def enqueue(self, item: T, timeout: float | None = None,
+                priority: BatchPriority | int = BatchPriority.NORMAL) -> None:
+        """Fire and forget: failures are logged and counted, never raised to the caller."""
+        try:
+            future = self.enqueue_predict(item, timeout, priority)
+        except Exception as exc:
+            self._stats.record_error(1)
+            logger.warning("enqueue: request refused: %s", exc)
+            return
+        future.add_done_callback(_log_failure)
+
+    def _cancel_queued(self, token: int) -> None:
+        if self._queue.cancel(token):
+            self._count_cancelled(1)
+
+    def _count_cancelled(self, count: int) -> None:
+        with self._counts_lock:
+            self._cancelled += count
+
+    # ----------------------------------------------------------------- control and state
+
+    def update_batch_size(self, new_size: int) -> None:
+        """Set the target rows per batch, clamped into [min_batch_size, max_batch_size]."""
+        self._controller.set_batch_size(new_size)
+
+    @property
+    def current_batch_size(self) -> int:
+        return self._controller.current_batch_size
+
+    @property
+    def _current_batch_size(self) -> int:
+        return self._controller.current_batch_size
+
+    @property
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    @property
+    def is_paused(self) -> bool:
+        return not self._resume.is_set()
+
+    def get_stats(self) -> dict[str, Any]:
+        """Statistics; times in seconds. See DESIGN.md for the keys."""
+        stats = self._stats.get_stats()
+        active = self._dispatcher.active_batches()
+        with self._counts_lock:
+            accepted, cancelled = self._accepted, self._cancelled
+        stats.update(
+            current_batch_size=self._controller.current_batch_size,
+            system_load=min(1.0, active / self.config.max_workers),
+            active_batches=active,
+            queue_size=len(self._queue),
+            queued_rows=self._queue.rows,
+            is_paused=self.is_paused,
+            is_stopping=self._state in (_STOPPING, _STOPPED),
+            is_running=self._state == _RUNNING,
+            total_accepted=accepted,
+            total_cancelled=cancelled,
+            strategy=self._controller.strategy.name,
+            memory_level=self._controller.memory_level,
+        )
+        return stats
+
+    def health(self) -> dict[str, Any]:
+        """A health report: overall ``status`` (healthy, degraded, unhealthy) and each
+        check's ``value`` and ``status`` (memory, queue, stuck_batches, workers)."""
+        return self._health.check()
+
+    # ----------------------------------------------------------------- supervisor
+
+    def _supervise(self) -> None:
+        """Enforce item_timeout at a fine tick; run health checks at their interval."""
+        cfg = self.config
+        tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
+        next_health = _monotonic() + cfg.health_check_interval
+        while not self._supervisor_stop.wait(tick):
+            try:
+                self._dispatcher.expire_stuck()
+                if cfg.enable_health_monitoring and _monotonic() >= next_health:
+                    next_health = _monotonic() + cfg.health_check_interval
+                    self._health.check_and_act()
+            except Exception:
+                logger.exception("supervisor check failed; will retry")
+
+    def _threads(self) -> list[threading.Thread]:
+        threads = self._dispatcher.threads()
+        if self._supervisor is not None:
+            threads.append(self._supervisor)
+        return threads
+
+
+def _log_failure(future: Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("enqueue: request failed: %r", future.exception())

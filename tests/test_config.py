@@ -1,0 +1,98 @@
+"""BatchProcessorConfig defaults, validation and the small public value types."""
+
+import dataclasses
+
+import pytest
+
+from batchproc import (
+    BatchPriority,
+    BatchProcessingStrategy,
+    BatchProcessorConfig,
+    PrioritizedItem,
+)
+
+DESIGN_DEFAULTS = dict(
+    initial_batch_size=32, min_batch_size=1, max_batch_size=128, batch_timeout=0.1,
+    item_timeout=30.0, max_queue_size=1000, enable_priority_queue=False, max_workers=4,
+    min_batch_interval=0.0, max_batch_memory_mb=None, enable_memory_optimization=True,
+    gc_batch_threshold=100, memory_warning_threshold=80.0, memory_critical_threshold=90.0,
+    enable_adaptive_batching=True, processing_strategy=BatchProcessingStrategy.ADAPTIVE,
+    reduce_batch_on_failure=True, enable_monitoring=True, monitoring_window=1000,
+    enable_health_monitoring=True, health_check_interval=30.0, queue_warning_threshold=500,
+    queue_critical_threshold=800, max_retries=3, retry_delay=1.0, debug_mode=False,
+    stack_items=False,
+)
+
+
+def test_defaults_are_the_documented_ones():
+    config = BatchProcessorConfig()
+    assert dataclasses.asdict(config) == DESIGN_DEFAULTS
+    assert {f.name for f in dataclasses.fields(config)} == set(DESIGN_DEFAULTS)
+
+
+def test_keyword_arguments_only_change_what_they_name():
+    config = BatchProcessorConfig(max_batch_size=256, batch_timeout=0.01)
+    assert config.max_batch_size == 256 and config.batch_timeout == 0.01
+    assert config.initial_batch_size == 32
+
+
+@pytest.mark.parametrize("field,value", [
+    ("initial_batch_size", 0), ("min_batch_size", 0), ("max_batch_size", 0),
+    ("max_batch_size", -5), ("max_queue_size", 0), ("max_workers", 0),
+    ("monitoring_window", 0), ("gc_batch_threshold", 0), ("queue_warning_threshold", 0),
+    ("batch_timeout", -0.1), ("item_timeout", -1.0), ("item_timeout", 0.0),
+    ("min_batch_interval", -1.0), ("retry_delay", -1.0), ("health_check_interval", 0.0),
+    ("max_retries", -1), ("max_batch_memory_mb", 0), ("max_batch_memory_mb", -1),
+    ("memory_warning_threshold", 101.0), ("memory_critical_threshold", 100.5),
+    ("memory_warning_threshold", -1.0), ("batch_timeout", float("nan")),
+    ("max_batch_size", 2.5), ("max_workers", True), ("enable_priority_queue", "yes"),
+    ("processing_strategy", "sideways"),
+])
+def test_bad_values_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        BatchProcessorConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(min_batch_size=10, max_batch_size=5), "min_batch_size"),
+    (dict(memory_warning_threshold=95.0, memory_critical_threshold=90.0),
+     "memory_warning_threshold"),
+    (dict(queue_warning_threshold=900, queue_critical_threshold=800),
+     "queue_warning_threshold"),
+])
+def test_contradictions_raise_naming_the_field(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        BatchProcessorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("initial,expected", [(500, 64), (1, 4), (10, 10)])
+def test_initial_size_is_clamped_into_min_max(initial, expected):
+    config = BatchProcessorConfig(initial_batch_size=initial, min_batch_size=4,
+                                  max_batch_size=64)
+    assert config.initial_batch_size == expected
+
+
+def test_strategy_accepts_its_value_string():
+    assert (BatchProcessorConfig(processing_strategy="greedy").processing_strategy
+            is BatchProcessingStrategy.GREEDY)
+
+
+def test_memory_cap_is_in_mebibytes():
+    assert BatchProcessorConfig(max_batch_memory_mb=2).max_batch_bytes == 2 * 2**20
+    assert BatchProcessorConfig().max_batch_bytes == 0
+
+
+def test_priority_levels_lower_is_more_urgent():
+    assert [(p.name, int(p)) for p in BatchPriority] == [
+        ("CRITICAL", 0), ("HIGH", 1), ("NORMAL", 2), ("LOW", 3), ("BACKGROUND", 4)]
+    assert BatchPriority.CRITICAL < BatchPriority.BACKGROUND
+
+
+def test_strategies():
+    assert {s.name for s in BatchProcessingStrategy} == {"FIXED", "ADAPTIVE", "GREEDY"}
+
+
+def test_prioritized_item_orders_by_priority_then_sequence():
+    items = [PrioritizedItem(2, 1, "b"), PrioritizedItem(0, 5, "urgent"),
+             PrioritizedItem(2, 0, "a")]
+    assert [i.item for i in sorted(items)] == ["urgent", "a", "b"]

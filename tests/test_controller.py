@@ -1,0 +1,164 @@
+"""The controller: strategies, the fitted latency model, and the classic inputs."""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from batchproc import BatchProcessorConfig
+from batchproc.controller import (
+    MEMORY_CRITICAL,
+    MEMORY_OK,
+    MEMORY_WARNING,
+    Controller,
+    LatencyModel,
+)
+
+
+def controller(**kwargs):
+    return Controller(BatchProcessorConfig(**kwargs))
+
+
+def test_latency_model_recovers_a_linear_cost():
+    model = LatencyModel()
+    for i in range(200):
+        rows = 1 + (i * 7) % 64
+        model.observe(rows, 0.005 + 0.0001 * rows)
+    assert model.a == pytest.approx(0.005, rel=1e-3)
+    assert model.b == pytest.approx(0.0001, rel=1e-3)
+    assert model.optimal_rows(128) == 128  # linear cost: bigger is always better
+
+
+def test_latency_model_finds_the_throughput_optimum_of_a_convex_cost():
+    model = LatencyModel()
+    a, b, c = 0.004, 0.00002, 0.000001
+    for i in range(300):
+        rows = 1 + (i * 13) % 200
+        model.observe(rows, a + b * rows + c * rows * rows)
+    assert model.optimal_rows(1000) == int(math.sqrt(a / c))  # 63
+    assert model.predict(100) == pytest.approx(a + b * 100 + c * 10000, rel=1e-3)
+
+
+def test_latency_model_with_one_size_treats_the_cost_as_fixed():
+    model = LatencyModel()
+    for _ in range(20):
+        model.observe(32, 0.002)
+    assert model.a == pytest.approx(0.002) and model.b == 0.0
+
+
+def test_fixed_strategy_waits_batch_timeout_for_its_size():
+    c = controller(processing_strategy="fixed", batch_timeout=0.07, initial_batch_size=16)
+    plan = c.plan(queued_rows=1000)
+    assert plan == (16, 0.07, 0.0)
+    c.observe_failure()
+    for _ in range(50):
+        c.observe_batch(16, 0.01, 16)
+    assert c.current_batch_size == 16  # only update_batch_size changes it
+
+
+def test_disabling_adaptive_batching_behaves_as_fixed():
+    c = controller(enable_adaptive_batching=False, processing_strategy="greedy")
+    assert c.plan(0).max_wait == c._config.batch_timeout
+
+
+def test_greedy_never_waits():
+    c = controller(processing_strategy="greedy")
+    for _ in range(20):
+        c.observe_batch(32, 0.01, 32)
+    assert c.plan(5).max_wait == 0.0
+
+
+def test_adaptive_does_not_wait_before_it_has_measured_anything():
+    assert controller().plan(1)[1:] == (0.0, 0.0)
+
+
+def test_adaptive_waits_at_most_the_fixed_cost_and_never_past_batch_timeout():
+    c = controller(batch_timeout=0.05, initial_batch_size=64, max_batch_size=64)
+    for i in range(100):
+        rows = 1 + i % 64
+        c.observe_batch(rows, 0.010 + 0.00001 * rows, 64)
+    plan = c.plan(1)
+    assert plan.max_wait == pytest.approx(0.010, rel=0.01)
+    assert plan.idle_gap == pytest.approx(0.010 / plan.target_rows, rel=0.01)
+    c2 = controller(batch_timeout=0.001)
+    for _ in range(20):
+        c2.observe_batch(8, 0.5, 8)
+    assert c2.plan(1).max_wait == 0.001
+
+
+def test_full_batches_grow_the_target_toward_the_optimum():
+    c = controller(initial_batch_size=8, max_batch_size=128)
+    for _ in range(40):
+        target = c.current_batch_size
+        c.observe_batch(target, 0.001 + 0.00001 * target, target)
+    assert c.current_batch_size == 128
+
+
+def test_a_backed_up_queue_grows_the_target():
+    c = controller(initial_batch_size=8, max_batch_size=128)
+    assert c.plan(queued_rows=100).target_rows == 16
+
+
+def test_failures_halve_the_target_unless_disabled():
+    c = controller(initial_batch_size=32)
+    c.observe_failure()
+    assert c.current_batch_size == 16
+    c = controller(initial_batch_size=32, reduce_batch_on_failure=False)
+    c.observe_failure()
+    assert c.current_batch_size == 32
+
+
+def test_memory_pressure_caps_the_target():
+    c = controller(initial_batch_size=64, max_batch_size=128, min_batch_size=2)
+    c.set_memory_level(MEMORY_WARNING)
+    assert c.current_batch_size == 64  # half of the optimum (128)
+    for _ in range(20):
+        c.observe_batch(64, 0.001, 64)
+    assert c.current_batch_size == 64  # no growth past the cap
+    c.set_memory_level(MEMORY_CRITICAL)
+    assert c.current_batch_size == 2
+    c.set_memory_level(MEMORY_OK)
+    c.observe_batch(2, 0.001, 2)
+    assert c.current_batch_size > 2
+    with pytest.raises(ValueError):
+        c.set_memory_level("purple")
+
+
+def test_update_batch_size_is_clamped(make_processor):
+    p = make_processor(min_batch_size=4, max_batch_size=64)
+    p.update_batch_size(1000)
+    assert p.current_batch_size == 64 and p._current_batch_size == 64
+    p.update_batch_size(1)
+    assert p.current_batch_size == 4
+    with pytest.raises(TypeError):
+        p.update_batch_size("big")
+
+
+def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):
+    lock = threading.Lock()
+
+    def gpu_like(batch):
+        with lock:  # one device: calls are serialised, each costs the same
+            threading.Event().wait(0.004)
+        return batch
+
+    p = make_processor(gpu_like, max_batch_size=64, max_workers=2)
+    clients = 24
+    barrier = threading.Barrier(clients)
+
+    def client(cid):
+        barrier.wait()
+        for j in range(15):
+            x = np.array([[cid, j]])
+            assert np.array_equal(p.enqueue_predict(x).result(timeout=30), x)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stats = p.get_stats()
+    assert stats["total_processed"] == clients * 15
+    # 24 clients against one serial device: batching must carry several per call.
+    assert stats["avg_batch_size"] >= 4

@@ -1,0 +1,206 @@
+"""start / stop / pause / resume, intake before start and after stop, thread hygiene."""
+
+import queue
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+import pytest
+
+from batchproc import (
+    BatchProcessor,
+    BatchProcessorConfig,
+    ProcessorStoppedError,
+    QueueFullError,
+)
+
+
+def one(v):
+    return np.array([v], dtype=np.float64)
+
+
+def test_start_is_idempotent_while_running(make_processor):
+    p = make_processor(lambda b: b * 2)
+    threads = len(p._threads())
+    p.start(lambda b: b * 3)  # ignored: already running
+    assert len(p._threads()) == threads
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
+    assert p.running
+
+
+def test_start_rejects_a_non_callable(make_processor):
+    p = make_processor()
+    with pytest.raises(TypeError, match="callable"):
+        p.start(42)
+
+
+def test_work_enqueued_before_start_is_kept(make_processor):
+    p = make_processor()
+    futures = [p.enqueue_predict(one(i)) for i in range(5)]
+    assert not any(f.done() for f in futures)
+    p.start(lambda b: b + 1)
+    assert [f.result(timeout=10)[0] for f in futures] == [1, 2, 3, 4, 5]
+
+
+def test_stop_before_start_is_safe_and_fails_queued_work():
+    p = BatchProcessor(BatchProcessorConfig())
+    future = p.enqueue_predict(one(1))
+    p.stop()
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=1)
+    assert p.shutdown_event.is_set() and not p.running
+
+
+def test_stop_is_idempotent_and_final(make_processor):
+    p = make_processor(lambda b: b)
+    p.stop()
+    p.stop()
+    assert p.shutdown_event.is_set() and not p.running
+    with pytest.raises(ProcessorStoppedError):
+        p.enqueue_predict(one(1))
+    with pytest.raises(ProcessorStoppedError):
+        p.start(lambda b: b)
+    assert p.get_stats()["is_stopping"] is True
+
+
+def test_stop_drains_queued_work_within_its_timeout(make_processor):
+    gate = threading.Event()
+
+    def model(batch):
+        gate.wait(10)
+        return batch
+
+    p = make_processor(model, max_workers=1, max_batch_size=4)
+    futures = [p.enqueue_predict(one(i)) for i in range(20)]
+    stopper = threading.Thread(target=p.stop, kwargs={"timeout": 10})
+    stopper.start()
+    assert p.shutdown_event.wait(5)
+    with pytest.raises(ProcessorStoppedError):
+        p.enqueue_predict(one(99))  # intake is closed at once
+    gate.set()
+    stopper.join(10)
+    assert [f.result(timeout=0)[0] for f in futures] == list(range(20))
+
+
+def test_stop_with_a_hung_model_returns_within_timeout_and_fails_the_rest(make_processor):
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hung(batch):
+        entered.set()
+        release.wait(30)
+        return batch
+
+    p = make_processor(hung, max_workers=1, max_batch_size=1, processing_strategy="greedy")
+    first = p.enqueue_predict(one(1))
+    assert entered.wait(10)
+    queued = [p.enqueue_predict(one(i)) for i in range(3)]
+    started = time.monotonic()
+    p.stop(timeout=1)
+    took = time.monotonic() - started
+    assert 0.9 <= took < 3.0
+    for future in [first, *queued]:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    release.set()  # the late result is discarded: the future stays failed
+    for thread in p._threads():
+        thread.join(10)
+    with pytest.raises(ProcessorStoppedError):
+        first.result(timeout=0)
+    stats = p.get_stats()
+    assert stats["total_errors"] == 4 and stats["total_processed"] == 0
+
+
+def test_context_manager_stops(make_processor):
+    with BatchProcessor(BatchProcessorConfig()) as p:
+        p.start(lambda b: b)
+        assert p.enqueue_predict(one(3)).result(timeout=10)[0] == 3
+    assert not p.running and p.shutdown_event.is_set()
+    assert not any(t.is_alive() for t in p._threads())
+
+
+def test_start_stop_cycles_leave_no_threads_behind():
+    before = {t for t in threading.enumerate() if t.name.startswith("batchproc")}
+    for i in range(20):
+        p = BatchProcessor(BatchProcessorConfig(max_workers=2, health_check_interval=0.01))
+        p.start(lambda b: b)
+        assert p.enqueue_predict(one(i)).result(timeout=10)[0] == i
+        p.stop()
+    after = {t for t in threading.enumerate()
+             if t.name.startswith("batchproc") and t.is_alive()}
+    assert after <= before
+
+
+def test_pause_holds_batches_and_resume_releases_them(make_processor, recorder):
+    model = recorder()
+    p = make_processor(model)
+    p.pause()
+    assert p.get_stats()["is_paused"] is True
+    futures = [p.enqueue_predict(one(i)) for i in range(5)]  # intake continues
+    with pytest.raises(FutureTimeout):
+        futures[0].result(timeout=0.3)
+    assert model.batches == [] and p.get_stats()["queue_size"] == 5
+    p.resume()
+    assert [f.result(timeout=10)[0] for f in futures] == list(range(5))
+    assert p.get_stats()["is_paused"] is False
+
+
+def test_stop_while_paused_drains_as_usual(make_processor):
+    p = make_processor(lambda b: b * 10)
+    p.pause()
+    futures = [p.enqueue_predict(one(i)) for i in range(4)]
+    p.stop(timeout=10)
+    assert [f.result(timeout=0)[0] for f in futures] == [0, 10, 20, 30]
+
+
+def test_queue_full_raises_queue_full_error_after_timeout(make_processor):
+    p = make_processor(lambda b: b, max_queue_size=2)
+    p.pause()
+    p.enqueue_predict(one(1))
+    p.enqueue_predict(one(2))
+    started = time.monotonic()
+    with pytest.raises(QueueFullError) as info:
+        p.enqueue_predict(one(3), timeout=0.2)
+    assert isinstance(info.value, queue.Full)
+    assert time.monotonic() - started >= 0.19
+    assert p.get_stats()["queue_size"] == 2
+
+
+def test_queue_full_with_no_timeout_waits_for_room(make_processor):
+    p = make_processor(lambda b: b + 1, max_queue_size=1)
+    p.pause()
+    first = p.enqueue_predict(one(1))
+    result = {}
+
+    def producer():
+        result["future"] = p.enqueue_predict(one(2))  # timeout=None: waits for room
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive()  # still waiting: the queue is full and paused
+    p.resume()
+    thread.join(10)
+    assert first.result(timeout=10)[0] == 2
+    assert result["future"].result(timeout=10)[0] == 3
+
+
+def test_enqueue_fire_and_forget_counts_but_never_raises(make_processor, caplog):
+    done = threading.Event()
+    seen = []
+
+    def model(batch):
+        seen.extend(batch)
+        done.set()
+        raise RuntimeError("boom")
+
+    p = make_processor(model, max_retries=0, retry_delay=0.0)
+    assert p.enqueue("generic item") is None
+    assert done.wait(10)
+    p.stop(timeout=10)
+    assert seen == ["generic item"]
+    assert p.get_stats()["total_errors"] == 1
+    p.enqueue("after stop")  # refused, logged and counted: not raised
+    assert p.get_stats()["total_errors"] == 2
+    assert any("refused" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,20 @@
+"""Benchmark machinery behind ``batchproc bench`` and ``benchmarks/compare_peers.py``.
+
+One module, one job:
+
+- :mod:`.models`  — the built-in batch functions (identity, mlp, fixed) and user models
+- :mod:`.minimal` — the minimal pure-Python batcher, the bar any serious library must clear
+- :mod:`.targets` — the systems a load runs against (batchproc, no batching, minimal)
+- :mod:`.loads`   — load generators (closed loop, Poisson open loop, burst)
+- :mod:`.runner`  — runs one load against one system, or the limit, and measures it
+- :mod:`.report`  — table, JSON and plot
+- :mod:`.cli`     — the ``batchproc bench`` command line
+
+Nothing here prints except :mod:`.cli` and :mod:`.report` (when the CLI asks it to).
+"""
+
+from __future__ import annotations
+
+
+class BenchError(ValueError):
+    """A bad benchmark setting: the CLI prints its message on one line and exits 2."""

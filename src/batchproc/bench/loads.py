@@ -1,0 +1,473 @@
+"""Load generators: closed loop, Poisson open loop, burst.
+
+Every request is one row of ``features`` float32 values. A run is bounded by a request
+count and/or a duration, whichever comes first, so that slow configurations (no batching
+on the ``fixed`` model) still finish; the result says which bound ended it.
+
+- closed loop (``clients=N``): N threads each submit one request, wait for its result,
+  repeat. Latency: submit to result.
+- open loop (``rate=R``): one generator thread, exponential gaps of mean 1/R (Poisson
+  arrivals), futures collected. Latency is measured from each request's *scheduled*
+  arrival, so a system that falls behind shows its queueing delay (no coordinated
+  omission).
+- burst (``burst=N``): one thread submits N requests as fast as it can, then waits for
+  them all. Latency: from the start of the burst (all N arrive at once) to completion,
+  so a system that cannot take requests as fast as they come is charged for it.
+
+Sync targets are driven from threads; async targets (``is_async``) from one asyncio loop
+in its own thread, with the same shapes (N client coroutines, one generator coroutine).
+The calling thread only watches: it reports progress through ``tick(done)`` every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from . import BenchError
+
+NORMAL = 2  # BatchPriority.NORMAL
+N_LEVELS = 5
+# How long to wait, past the run's deadline, for requests already submitted.
+DRAIN_GRACE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Load:
+    """The shape of a load. Exactly one of clients / rate / burst is the driver."""
+
+    kind: str  # "closed" | "rate" | "burst"
+    clients: int = 1
+    rate: float = 0.0
+    burst: int = 0
+    priorities: bool = False
+    features: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("closed", "rate", "burst"):
+            raise BenchError(f"unknown load kind {self.kind!r}")
+        if self.kind == "closed" and self.clients < 1:
+            raise BenchError(f"--clients must be >= 1, got {self.clients}")
+        if self.kind == "rate" and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise BenchError(f"--rate must be a positive number, got {self.rate}")
+        if self.kind == "burst" and self.burst < 1:
+            raise BenchError(f"--burst must be >= 1, got {self.burst}")
+        if self.features < 1:
+            raise BenchError(f"--features must be >= 1, got {self.features}")
+
+    @property
+    def label(self) -> str:
+        base = {
+            "closed": f"{self.clients} client{'s' if self.clients != 1 else ''}",
+            "rate": f"{self.rate:g} req/s Poisson",
+            "burst": f"burst {self.burst}",
+        }[self.kind]
+        return base + (", mixed priorities" if self.priorities else "")
+
+    @property
+    def n_threads(self) -> int:
+        return self.clients if self.kind == "closed" else 1
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Stop after ``requests`` requests or ``duration`` seconds, whichever comes first."""
+
+    requests: int | None = None
+    duration: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.requests is None and self.duration is None:
+            raise BenchError("give --requests or --duration (or both)")
+        if self.requests is not None and self.requests < 1:
+            raise BenchError(f"--requests must be >= 1, got {self.requests}")
+        if self.duration is not None and not (self.duration > 0 and math.isfinite(self.duration)):
+            raise BenchError(
+                f"--duration must be a positive number of seconds, got {self.duration}"
+            )
+
+
+@dataclass
+class LoadResult:
+    latencies: np.ndarray  # seconds, one per completed request
+    priorities: np.ndarray  # int8, aligned with latencies
+    submitted: int
+    completed: int
+    errors: int
+    elapsed: float  # from the first submission to the last completion
+    stopped_by: str  # "requests" | "duration"
+    unfinished: int = 0  # submitted but not done DRAIN_GRACE_S past the deadline
+    first_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.elapsed if self.elapsed > 0 else 0.0
+
+
+Tick = Callable[[int], None]
+
+
+def _noop_tick(done: int) -> None:
+    pass
+
+
+def _priority_table(load: Load, n: int) -> list[int]:
+    if not load.priorities:
+        return [NORMAL]
+    rng = np.random.default_rng(load.seed + 1)
+    return rng.integers(0, N_LEVELS, size=max(1, min(n, 1 << 16))).tolist()  # type: ignore[no-any-return]
+
+
+def _item(load: Load, k: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(load.seed + 100 + k)
+    return rng.standard_normal((1, load.features), dtype=np.float32)
+
+
+def _limits(load: Load, bounds: Bounds) -> tuple[int, float]:
+    n = bounds.requests if bounds.requests is not None else 1 << 62
+    if load.kind == "burst":
+        n = min(n, load.burst)
+    if load.kind == "rate" and bounds.requests is None:
+        # Preallocate the arrival schedule for the duration (plus slack).
+        n = int(load.rate * (bounds.duration or 0) * 1.2 + 100)
+    dur = bounds.duration if bounds.duration is not None else math.inf
+    return n, dur
+
+
+def run_load(target: Any, load: Load, bounds: Bounds, tick: Tick = _noop_tick) -> LoadResult:
+    """Drive ``target`` (already started) with ``load`` until ``bounds``; measure it."""
+    n, dur = _limits(load, bounds)
+    if getattr(target, "is_async", False):
+        return _run_async(target, load, n, dur, tick)
+    if load.kind == "closed":
+        return _closed(target, load, n, dur, tick)
+    return _open(target, load, n, dur, tick)
+
+
+# -- sync drivers -------------------------------------------------------------------------
+
+
+def _watch(threads: list[threading.Thread], count: Callable[[], int], tick: Tick) -> None:
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.1)
+            tick(count())
+    tick(count())
+
+
+def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
+    tickets = itertools.count()
+    prios = _priority_table(load, n)
+    n_prios = len(prios)
+    lats: list[list[float]] = [[] for _ in range(load.clients)]
+    pris: list[list[int]] = [[] for _ in range(load.clients)]
+    errors: list[BaseException] = []
+    bound = ["requests"]
+    start_gate = threading.Barrier(load.clients + 1)
+    t0_box = [0.0]
+
+    def client(i: int) -> None:
+        call = target.call
+        pc = time.perf_counter
+        x = _item(load, i)
+        lat, pri = lats[i], pris[i]
+        start_gate.wait()
+        deadline = t0_box[0] + dur
+        while True:
+            k = next(tickets)
+            if k >= n:
+                return
+            t = pc()
+            if t >= deadline:
+                bound[0] = "duration"
+                return
+            p = prios[k % n_prios]
+            try:
+                call(x, p)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            lat.append(pc() - t)
+            pri.append(p)
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"bench-client-{i}", daemon=True)
+        for i in range(load.clients)
+    ]
+    for t in threads:
+        t.start()
+    t0_box[0] = time.perf_counter()
+    start_gate.wait()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.1)
+            tick(sum(map(len, lats)))
+    elapsed = time.perf_counter() - t0_box[0]
+    done = sum(map(len, lats))
+    tick(done)
+    return LoadResult(
+        latencies=np.fromiter(itertools.chain.from_iterable(lats), float, done),
+        priorities=np.fromiter(itertools.chain.from_iterable(pris), np.int8, done),
+        submitted=done + len(errors),
+        completed=done,
+        errors=len(errors),
+        elapsed=elapsed,
+        stopped_by=bound[0],
+        first_error=_describe(errors[0]) if errors else None,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _schedule(load: Load, n: int) -> np.ndarray | None:
+    """Arrival offsets (seconds from start) for an open loop; None for a burst."""
+    if load.kind != "rate":
+        return None
+    rng = np.random.default_rng(load.seed)
+    return np.cumsum(rng.exponential(1.0 / load.rate, size=n))
+
+
+def _mark(done: list[float], count: list[int], i: int, fut: Any) -> None:
+    done[i] = time.perf_counter()
+    count[0] += 1  # progress only: a lost update under a thread switch does not matter
+
+
+def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
+    """Burst and Poisson open loop: one generator thread, futures collected."""
+    sched = _schedule(load, n)
+    prios = _priority_table(load, n)
+    n_prios = len(prios)
+    x = _item(load)
+    sub: list[float] = []
+    done: list[float] = [0.0] * min(n, 1 << 24)
+    futs: list[Future[Any]] = []
+    count = [0]
+    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None}
+
+    def generate() -> None:
+        submit = target.submit
+        pc = time.perf_counter
+        sleep = time.sleep
+        t0 = state["t0"] = pc()
+        deadline = t0 + dur
+        for i in range(n):
+            now = pc()
+            if now >= deadline:
+                state["bound"] = "duration"
+                return
+            if sched is not None:
+                t = t0 + sched[i]
+                if t >= deadline:
+                    state["bound"] = "duration"
+                    return
+                if t > now:
+                    sleep(t - now)
+            else:
+                t = t0  # a burst arrives all at once
+            try:
+                f = submit(x, prios[i % n_prios])
+            except Exception as exc:  # the target refused the request
+                state["error"] = _describe(exc)
+                return
+            sub.append(t)
+            futs.append(f)
+            f.add_done_callback(partial(_mark, done, count, i))
+
+    gen = threading.Thread(target=generate, name="bench-generator", daemon=True)
+    gen.start()
+    while gen.is_alive():
+        gen.join(0.1)
+        tick(count[0])
+    # Wait for what was submitted (bounded), still reporting progress. Futures complete
+    # roughly in order: block on the oldest unfinished one (no polling, which would
+    # steal CPU from the system under test); most of the rest are done by then.
+    pc = time.perf_counter
+    wait_until = last = pc()
+    wait_until += DRAIN_GRACE_S
+    for k, f in enumerate(futs):
+        if not f.done():
+            with contextlib.suppress(FutureTimeout, CancelledError):
+                f.exception(timeout=max(wait_until - pc(), 0.0))
+        now = pc()
+        if now - last > 0.1:
+            tick(k)
+            last = now
+    unfinished = sum(1 for f in futs if not f.done())
+    tick(len(futs) - unfinished)
+    return _collect(futs, sub, done, prios, state, unfinished)
+
+
+def _collect(
+    futs: list[Any],
+    sub: list[float],
+    done: list[float],
+    prios: list[int],
+    state: dict[str, Any],
+    unfinished: int,
+) -> LoadResult:
+    m = len(futs)
+    lat: list[float] = []
+    pri: list[int] = []
+    errors = 0
+    first_error = state.get("error")
+    last = state["t0"]
+    n_prios = len(prios)
+    for i in range(m):
+        f = futs[i]
+        if not f.done():
+            continue
+        exc = f.exception() if not f.cancelled() else None
+        if exc is not None:
+            errors += 1
+            first_error = first_error or _describe(exc)
+            continue
+        d = done[i]
+        if d == 0.0:  # completed between the last check and now; callback not yet run
+            d = time.perf_counter()
+        lat.append(d - sub[i])
+        pri.append(prios[i % n_prios])
+        last = max(last, d)
+    completed = len(lat)
+    return LoadResult(
+        latencies=np.asarray(lat, dtype=float),
+        priorities=np.asarray(pri, dtype=np.int8),
+        submitted=m,
+        completed=completed,
+        errors=errors,
+        elapsed=max(last - state["t0"], 1e-9),
+        stopped_by=state["bound"],
+        unfinished=unfinished,
+        first_error=first_error,
+    )
+
+
+# -- async driver (targets with ``acall``) ------------------------------------------------
+
+
+def _run_async(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
+    box: dict[str, Any] = {}
+    progress = [0]
+
+    def thread_main() -> None:
+        try:
+            box["result"] = asyncio.run(_async_main(target, load, n, dur, progress))
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=thread_main, name="bench-asyncio", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+        tick(progress[0])
+    if "error" in box:
+        raise box["error"]
+    res: LoadResult = box["result"]
+    tick(res.completed)
+    return res
+
+
+async def _async_main(
+    target: Any, load: Load, n: int, dur: float, progress: list[int]
+) -> LoadResult:
+    acall = target.acall
+    prios = _priority_table(load, n)
+    n_prios = len(prios)
+    pc = time.perf_counter
+    if load.kind == "closed":
+        tickets = itertools.count()
+        lat: list[float] = []
+        pri: list[int] = []
+        errors: list[BaseException] = []
+        bound = ["requests"]
+        t0 = pc()
+        deadline = t0 + dur
+
+        async def client(i: int) -> None:
+            x = _item(load, i)
+            while True:
+                k = next(tickets)
+                if k >= n:
+                    return
+                t = pc()
+                if t >= deadline:
+                    bound[0] = "duration"
+                    return
+                p = prios[k % n_prios]
+                try:
+                    await acall(x, p)
+                except Exception as exc:
+                    errors.append(exc)
+                    continue
+                lat.append(pc() - t)
+                pri.append(p)
+                progress[0] += 1
+
+        await asyncio.gather(*(client(i) for i in range(load.clients)))
+        return LoadResult(
+            latencies=np.asarray(lat, dtype=float),
+            priorities=np.asarray(pri, dtype=np.int8),
+            submitted=len(lat) + len(errors),
+            completed=len(lat),
+            errors=len(errors),
+            elapsed=pc() - t0,
+            stopped_by=bound[0],
+            first_error=_describe(errors[0]) if errors else None,
+        )
+
+    sched = _schedule(load, n)
+    x = _item(load)
+    sub: list[float] = []
+    done: list[float] = [0.0] * min(n, 1 << 24)
+    futs: list[asyncio.Task[Any]] = []
+    state: dict[str, Any] = {"bound": "requests", "t0": pc(), "error": None}
+    deadline = state["t0"] + dur
+
+    def mark(i: int, fut: Any) -> None:
+        done[i] = pc()
+        progress[0] += 1
+
+    loop = asyncio.get_running_loop()
+    for i in range(n):
+        now = pc()
+        if now >= deadline:
+            state["bound"] = "duration"
+            break
+        if sched is not None:
+            t = state["t0"] + sched[i]
+            if t >= deadline:
+                state["bound"] = "duration"
+                break
+            if t > now:
+                await asyncio.sleep(t - now)
+        else:
+            t = state["t0"]  # a burst arrives all at once
+        task = loop.create_task(acall(x, prios[i % n_prios]))
+        sub.append(t)
+        futs.append(task)
+        task.add_done_callback(partial(mark, i))
+    pending = [f for f in futs if not f.done()]
+    unfinished = 0
+    if pending:
+        _, still = await asyncio.wait(pending, timeout=DRAIN_GRACE_S)
+        unfinished = len(still)
+        for f in still:
+            f.cancel()
+    return _collect(futs, sub, done, prios, state, unfinished)

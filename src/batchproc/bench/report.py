@@ -1,0 +1,371 @@
+"""Output of a benchmark: the table (rich or plain text), markdown, JSON, the plot, and
+the progress display. Only the CLI and the peer-comparison script call these.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .runner import LIMIT, RunResult
+
+COLUMNS = ("system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "requests")
+
+
+# -- environment -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
+    """Python, numpy, batchproc and the named distributions (None when not installed)."""
+    from importlib import metadata
+
+    import numpy
+
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
+    for dist in ("batchproc", *extra):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# -- numbers ------------------------------------------------------------------------------
+
+
+def fmt_ms(v: float) -> str:
+    if v is None or math.isnan(v):
+        return "-"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def fmt_rate(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:,.0f}"
+
+
+def fmt_ratio(v: float | None) -> str:
+    if v is None or math.isnan(v) or math.isinf(v):
+        return "-"
+    if v < 0.1:
+        return f"{v:.2g}x"
+    if v < 10:
+        return f"{v:.2f}x"
+    return f"{v:.1f}x" if v < 100 else f"{v:,.0f}x"
+
+
+def fmt_requests(r: RunResult) -> str:
+    """Completed requests; ``*`` marks a run ended by its time bound (see run_notes)."""
+    s = f"{r.completed:,}"
+    if r.stopped_by == "duration":
+        s += " *"
+    return s
+
+
+def run_notes(runs: Sequence[RunResult]) -> list[str]:
+    """Footnotes for the table: time-bounded runs, errors, unfinished requests."""
+    notes = []
+    for r in runs:
+        who = f"{r.system} ({r.model}, {r.load})"
+        if r.stopped_by == "duration":
+            notes.append(f"* {who}: stopped by the time bound after {r.elapsed_s:.1f} s")
+        if r.errors:
+            notes.append(f"! {who}: {r.errors:,} requests failed, first: {r.first_error}")
+        if r.unfinished:
+            notes.append(f"! {who}: {r.unfinished:,} requests still unfinished, not counted")
+    return notes
+
+
+def row_cells(r: RunResult) -> list[str]:
+    return [
+        r.system,
+        fmt_rate(r.throughput),
+        fmt_ms(r.p50_ms),
+        fmt_ms(r.p95_ms),
+        fmt_ms(r.p99_ms),
+        f"{r.mean_batch:.1f}",
+        fmt_requests(r),
+    ]
+
+
+def ratio(a: RunResult | None, b: RunResult | None) -> float | None:
+    if a is None or b is None or not b.throughput or not a.completed:
+        return None
+    return a.throughput / b.throughput
+
+
+def bench_ratios(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, float | None]:
+    by = {r.system: r for r in runs}
+    return {
+        "vs_no_batching": ratio(by.get(subject), by.get("no batching")),
+        "vs_limit": ratio(by.get(subject), by.get(LIMIT)),
+    }
+
+
+# -- text table ---------------------------------------------------------------------------
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1
+) -> str:
+    """A markdown table; the first ``text_columns`` columns align left, numbers right."""
+
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    out = ["| " + " | ".join(map(esc, headers)) + " |"]
+    out.append("|" + "|".join("---" if i < text_columns else "---:" for i in range(len(headers)))
+               + "|")
+    out += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def have_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def print_bench_table(
+    title: str,
+    runs: Sequence[RunResult],
+    ratios: dict[str, float | None],
+    out: TextIO | None = None,
+    use_rich: bool | None = None,
+) -> None:
+    """The ``batchproc bench`` table and the two ratios below it."""
+    out = out or sys.stdout
+    rows = [row_cells(r) for r in runs]
+    lines = [n.replace(f" ({runs[0].model}, {runs[0].load})", "") for n in run_notes(runs)]
+    for r in runs:
+        if r.by_priority:
+            lines.append(f"{r.system} latency by priority (p50 / p99 ms): " + ", ".join(
+                f"{k} {fmt_ms(v['p50_ms'])} / {fmt_ms(v['p99_ms'])}"
+                for k, v in r.by_priority.items()))
+    lines += [
+        f"batchproc vs no batching: {fmt_ratio(ratios.get('vs_no_batching'))} throughput",
+        f"batchproc vs the limit:   {fmt_ratio(ratios.get('vs_limit'))} throughput "
+        "(the limit: the model called back to back on full batches)",
+    ]
+    if use_rich is None:
+        use_rich = have_rich()
+    if use_rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for i, h in enumerate(COLUMNS):
+            table.add_column(h, justify="left" if i in (0, len(COLUMNS) - 1) else "right")
+        for r in rows:
+            table.add_row(*r)
+        console = Console(file=out, width=None if out.isatty() else 120)
+        console.print(title, highlight=False)
+        console.print(table)
+        for s in lines:
+            console.print(s, highlight=False)
+    else:
+        print(title, file=out)
+        print(plain_table(COLUMNS, rows), file=out)
+        for s in lines:
+            print(s, file=out)
+
+
+# -- JSON and plot ------------------------------------------------------------------------
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(doc), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+class PlotUnavailable(RuntimeError):
+    pass
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotUnavailable(
+            "--plot needs matplotlib: pip install 'batchproc[plot]'"
+        ) from None
+
+
+def write_plot(path: str, runs: Sequence[RunResult], title: str) -> None:
+    """Latency (p50, with a bar up to p99) against throughput, one point per run."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    systems = list(dict.fromkeys(r.system for r in runs))
+    for s in systems:
+        pts = [r for r in runs if r.system == s and r.completed]
+        if not pts:
+            continue
+        x = [r.throughput for r in pts]
+        y = [r.p50_ms for r in pts]
+        yerr = [[0.0] * len(pts), [max(r.p99_ms - r.p50_ms, 0.0) for r in pts]]
+        ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3, label=s)
+        for r in pts:
+            if len(runs) > len(systems):
+                ax.annotate(r.load, (r.throughput, r.p50_ms), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency p50, bar to p99 (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- progress -----------------------------------------------------------------------------
+
+
+class PlainProgress:
+    """One line per run on stderr: what runs, then how it ended."""
+
+    def __init__(self, out: TextIO | None = None):
+        self.out = out or sys.stderr
+        self._t0 = 0.0
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        self._t0 = time.perf_counter()
+        print(f"  {label} ...", end="", file=self.out, flush=True)
+
+    def update(self, done: int) -> None:
+        pass
+
+    def finish(self, summary: str) -> None:
+        print(f" {summary} ({time.perf_counter() - self._t0:.1f} s)", file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RichProgress:
+    """A rich progress bar per run; a run bounded by time fills with the clock too."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._p.start()
+        self._task: Any = None
+        self._total: int | None = None
+        self._dur: float | None = None
+        self._t0 = 0.0
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        self._total, self._dur, self._t0 = total, duration, time.perf_counter()
+        self._task = self._p.add_task(label, total=1000, info="")
+
+    def update(self, done: int) -> None:
+        frac = done / self._total if self._total else 0.0
+        if self._dur:
+            frac = max(frac, (time.perf_counter() - self._t0) / self._dur)
+        self._p.update(self._task, completed=min(frac, 1.0) * 1000, info=f"{done:,} done")
+
+    def finish(self, summary: str) -> None:
+        self._p.update(self._task, completed=1000, info=summary)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def make_progress(quiet: bool = False) -> Any:
+    from .runner import NullProgress
+
+    if quiet:
+        p: Any = NullProgress()
+        p.close = lambda: None
+        return p
+    if have_rich() and sys.stderr.isatty():
+        return RichProgress()
+    return PlainProgress()

@@ -1,0 +1,225 @@
+"""Run one load against one system — or the limit — and turn the timings into figures.
+
+The limit is the model called back to back on full batches (``max_batch`` rows) from one
+thread, with no queue at all: its throughput is rows / time and its latency is one call.
+No batcher can beat it on throughput; how close one gets is the figure that matters.
+
+Every system gets the model wrapped in :class:`CountingModel`, so the mean batch size is
+measured the same way everywhere (rows the model saw / calls), not taken from a system's
+own statistics.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .loads import Bounds, Load, LoadResult, run_load
+from .models import Model
+
+log = logging.getLogger(__name__)
+
+LIMIT = "limit"
+PRIORITY_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW", "BACKGROUND")
+MIN_LIMIT_S = 0.2  # run the limit at least this long, so fast models are not all noise
+
+
+class Progress(Protocol):
+    def start(self, label: str, total: int | None, duration: float | None) -> None: ...
+    def update(self, done: int) -> None: ...
+    def finish(self, summary: str) -> None: ...
+
+
+class NullProgress:
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        pass
+
+    def update(self, done: int) -> None:
+        pass
+
+    def finish(self, summary: str) -> None:
+        pass
+
+
+class CountingModel:
+    """Wraps a model; counts calls and rows (thread-safe, a lock per batch)."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.calls = 0
+        self.rows = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> Any:
+        n = len(batch)
+        with self._lock:
+            self.calls += 1
+            self.rows += n
+        return self.model(batch)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.rows / self.calls if self.calls else 0.0
+
+
+@dataclass
+class RunResult:
+    system: str
+    model: str
+    load: str
+    throughput: float  # completed requests per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    mean_batch: float  # rows per model call
+    batches: int
+    submitted: int
+    completed: int
+    errors: int
+    elapsed_s: float
+    stopped_by: str  # "requests" | "duration"
+    unfinished: int = 0
+    first_error: str | None = None
+    note: str = ""
+    by_priority: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pct(lat_s: np.ndarray) -> tuple[float, float, float, float]:
+    if lat_s.size == 0:
+        nan = float("nan")
+        return nan, nan, nan, nan
+    p50, p95, p99 = np.percentile(lat_s, [50, 95, 99]) * 1000.0
+    return float(p50), float(p95), float(p99), float(lat_s.mean() * 1000.0)
+
+
+def _by_priority(res: LoadResult) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for level in np.unique(res.priorities):
+        lat = res.latencies[res.priorities == level]
+        p50, _, p99, _ = _pct(lat)
+        out[PRIORITY_NAMES[int(level)]] = {"count": int(lat.size), "p50_ms": p50, "p99_ms": p99}
+    return out
+
+
+def run_target(
+    target: Any,
+    model: Model,
+    model_name: str,
+    load: Load,
+    bounds: Bounds,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Start ``target`` on ``model``, drive it with ``load`` until ``bounds``, stop it."""
+    progress = progress or NullProgress()
+    counted = CountingModel(model)
+    gc.collect()
+    target.start(counted)
+    total = _expected(load, bounds)
+    progress.start(f"{model_name} · {load.label} · {target.name}", total, bounds.duration)
+    try:
+        res = run_load(target, load, bounds, progress.update)
+    finally:
+        target.stop()
+    p50, p95, p99, mean = _pct(res.latencies)
+    out = RunResult(
+        system=target.name,
+        model=model_name,
+        load=load.label,
+        throughput=res.throughput,
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        mean_ms=mean,
+        mean_batch=counted.mean_batch,
+        batches=counted.calls,
+        submitted=res.submitted,
+        completed=res.completed,
+        errors=res.errors,
+        elapsed_s=res.elapsed,
+        stopped_by=res.stopped_by,
+        unfinished=res.unfinished,
+        first_error=res.first_error,
+        by_priority=_by_priority(res) if load.priorities else {},
+        extra=dict(getattr(target, "stats", dict)()),
+    )
+    if res.errors:
+        log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
+    progress.finish(f"{res.throughput:,.0f} req/s")
+    return out
+
+
+def _expected(load: Load, bounds: Bounds) -> int | None:
+    n = bounds.requests
+    if load.kind == "burst":
+        n = min(n, load.burst) if n is not None else load.burst
+    return n
+
+
+def run_limit(
+    model: Model,
+    model_name: str,
+    load: Load,
+    bounds: Bounds,
+    max_batch: int,
+    progress: Progress | None = None,
+) -> RunResult:
+    """The model called back to back on full batches from one thread: rows / time."""
+    progress = progress or NullProgress()
+    rows_wanted = _expected(load, bounds) or 1 << 62
+    dur = bounds.duration if bounds.duration is not None else float("inf")
+    rng = np.random.default_rng(load.seed)
+    batch = rng.standard_normal((max_batch, load.features), dtype=np.float32)
+    gc.collect()
+    progress.start(f"{model_name} · {load.label} · {LIMIT}", rows_wanted, bounds.duration)
+    times: list[float] = []
+    rows = 0
+    pc = time.perf_counter
+    t0 = last_tick = pc()
+    stopped_by = "requests"
+    while True:
+        t = pc()
+        if rows >= rows_wanted and t - t0 >= MIN_LIMIT_S:
+            break
+        if t - t0 >= dur:
+            stopped_by = "duration"
+            break
+        model(batch)
+        t1 = pc()
+        times.append(t1 - t)
+        rows += max_batch
+        if t1 - last_tick > 0.1:
+            progress.update(min(rows, rows_wanted))
+            last_tick = t1
+    elapsed = pc() - t0
+    lat = np.asarray(times)
+    p50, p95, p99, mean = _pct(lat)
+    progress.finish(f"{rows / elapsed:,.0f} req/s")
+    return RunResult(
+        system=LIMIT,
+        model=model_name,
+        load=load.label,
+        throughput=rows / elapsed,
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        mean_ms=mean,
+        mean_batch=float(max_batch),
+        batches=len(times),
+        submitted=rows,
+        completed=rows,
+        errors=0,
+        elapsed_s=elapsed,
+        stopped_by=stopped_by,
+        note="model on full batches, one thread, no queue; latency = one call",
+    )

@@ -1,0 +1,165 @@
+"""The systems a load runs against, behind one small interface.
+
+A *target* is started with a model, then takes requests from many threads:
+
+- ``submit(item, priority) -> Future`` (a ``concurrent.futures.Future``) — thread-safe;
+- ``call(item, priority)`` — submit and wait, used by closed-loop clients;
+- ``stop()``.
+
+An *async target* (``is_async = True``, e.g. Ray Serve's ``serve.batch``) instead offers
+``async acall(item, priority)``; the load generators drive it from one asyncio loop.
+``priority`` is an int, 0 (most urgent) to 4, as :class:`batchproc.BatchPriority`.
+
+Peer adapters live in ``benchmarks/peers/`` and follow the same interface.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import numpy as np
+
+from .minimal import MinimalBatcher
+from .models import Model
+
+STRATEGIES = ("adaptive", "fixed", "greedy")
+
+
+class Target(Protocol):
+    name: str
+    is_async: bool
+
+    def start(self, model: Model) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SyncTarget:
+    """Base for thread-driven targets: ``call`` is ``submit(...).result()``."""
+
+    name = "?"
+    is_async = False
+
+    def start(self, model: Model) -> None:
+        raise NotImplementedError
+
+    def submit(self, item: np.ndarray, priority: int) -> Future[Any]:
+        raise NotImplementedError
+
+    def call(self, item: np.ndarray, priority: int) -> Any:
+        return self.submit(item, priority).result()
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        """Extra figures the system reports about itself (JSON only)."""
+        return {}
+
+
+class NoBatching(SyncTarget):
+    """The model called on each request alone, in the caller's thread.
+
+    Closed-loop clients each call the model themselves (serialized only as far as the
+    model demands: ``fixed`` holds its lock, ``mlp`` runs where numpy lets it); burst and
+    open-loop generators run it inline, so a model slower than the arrival rate shows
+    as queueing delay, measured from each request's scheduled arrival.
+    """
+
+    name = "no batching"
+
+    def start(self, model: Model) -> None:
+        self._model = model
+
+    def call(self, item: np.ndarray, priority: int) -> Any:
+        return self._model(item)
+
+    def submit(self, item: np.ndarray, priority: int) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(self._model(item))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+class Minimal(SyncTarget):
+    """:class:`MinimalBatcher` (priorities are ignored: it is FIFO)."""
+
+    name = "minimal batcher"
+
+    def __init__(self, max_batch: int = 64, max_delay: float = 0.005):
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+
+    def start(self, model: Model) -> None:
+        self._b = MinimalBatcher(model, self.max_batch, self.max_delay).start()
+        self._submit = self._b.submit
+
+    def submit(self, item: np.ndarray, priority: int) -> Future[Any]:
+        return self._submit(item)
+
+    def call(self, item: np.ndarray, priority: int) -> Any:
+        return self._submit(item).result()
+
+    def stop(self) -> None:
+        self._b.stop()
+
+
+class Batchproc(SyncTarget):
+    """``batchproc.BatchProcessor`` configured from the bench flags."""
+
+    name = "batchproc"
+
+    def __init__(
+        self,
+        max_batch: int = 64,
+        max_delay: float = 0.005,
+        workers: int | None = None,
+        strategy: str = "adaptive",
+        priorities: bool = False,
+        queue_size: int = 1000,
+    ):
+        self.settings: dict[str, Any] = {
+            "max_batch_size": max_batch,
+            "initial_batch_size": max_batch,
+            "batch_timeout": max_delay,
+            "enable_priority_queue": priorities,
+            "max_queue_size": queue_size,
+            # A burst fills the queue on purpose: do not log it as a health problem.
+            "queue_warning_threshold": queue_size,
+            "queue_critical_threshold": queue_size,
+        }
+        if workers is not None:
+            self.settings["max_workers"] = workers
+        self.strategy = strategy
+        self._stats: dict[str, Any] = {}
+
+    def config(self) -> Any:
+        from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+
+        strategy = getattr(BatchProcessingStrategy, self.strategy.upper())
+        return BatchProcessorConfig(processing_strategy=strategy, **self.settings)
+
+    def start(self, model: Model) -> None:
+        from batchproc import BatchPriority, BatchProcessor
+
+        self._levels = [BatchPriority(p) for p in range(5)]
+        self._p = BatchProcessor(self.config())
+        self._p.start(model)
+        self._enqueue = self._p.enqueue_predict
+
+    def submit(self, item: np.ndarray, priority: int) -> Future[Any]:
+        return self._enqueue(item, priority=self._levels[priority])  # type: ignore[no-any-return]
+
+    def call(self, item: np.ndarray, priority: int) -> Any:
+        return self._enqueue(item, priority=self._levels[priority]).result()
+
+    def stop(self) -> None:
+        try:
+            self._stats = dict(self._p.get_stats())
+        finally:
+            self._p.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {k: v for k, v in self._stats.items() if isinstance(v, (int, float, bool, str))}

@@ -1,0 +1,187 @@
+"""`batchproc bench`: what a user types and what they get back.
+
+Small and fast: runs of a few dozen requests. Flag errors must be one line on stderr
+with a non-zero exit and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from batchproc.__main__ import main
+
+TINY = ["--requests", "40", "--duration", "5", "--quiet"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_module_help_in_a_fresh_interpreter() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "batchproc", "bench", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    for flag in ("--model", "--clients", "--rate", "--burst", "--priorities", "--json", "--plot"):
+        assert flag in r.stdout
+
+
+def test_bad_flag_in_a_fresh_interpreter_is_one_line() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "batchproc", "bench", "--clients", "-3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "--clients" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--clients", "-1"], "--clients"),
+        (["--clients", "0"], "--clients"),
+        (["--burst", "-5"], "--burst"),
+        (["--requests", "many"], "--requests"),
+        (["--rate", "0"], "--rate"),
+        (["--rate", "nan"], "--rate"),
+        (["--duration", "-1"], "--duration"),
+        (["--max-delay", "-2"], "--max-delay"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--model-ms", "-1"], "--model-ms"),
+        (["--rate", "100", "--clients", "4"], "not allowed"),
+        (["--burst", "10", "--rate", "5"], "not allowed"),
+        (["--strategy", "fastest"], "--strategy"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--model", "resnet"], "resnet"),
+        (["--model", "no_such_module_xyz:predict"], "no_such_module_xyz"),
+        (["--model", "json:no_such_function"], "no_such_function"),
+        (["--model", "os:sep"], "not callable"),
+        (["--model", "json:"], "package.module:callable"),
+        (["--json", "/nonexistent-dir/out.json"], "/nonexistent-dir"),
+        (["--plot", "/nonexistent-dir/out.png"], "--plot"),
+    ],
+)
+def test_bad_flags_give_one_line_and_nonzero_exit(
+    capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str
+) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert mentions in lines[0]
+    assert "Traceback" not in err
+
+
+def test_user_model_that_breaks_its_contract_is_one_line(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad_model_mod.py").write_text(textwrap.dedent("""
+        def one_row(batch):
+            return batch[:1]
+        def boom(batch):
+            raise RuntimeError("no GPU here")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run_cli(capsys, "--model", "bad_model_mod:one_row", *TINY)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "returned 1 rows for a batch of 2" in err
+    code, _, err = run_cli(capsys, "--model", "bad_model_mod:boom", *TINY)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no GPU here" in err
+
+
+def test_tiny_run_prints_the_three_systems_and_writes_json(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bench.json"
+    code, out, err = run_cli(
+        capsys, "--model", "identity", "--clients", "2", *TINY, "--json", str(path)
+    )
+    assert code == 0, err
+    for name in ("batchproc", "no batching", "limit", "req/s", "p99", "mean batch"):
+        assert name in out
+    assert "vs no batching" in out and "vs the limit" in out
+    doc = json.loads(path.read_text())
+    assert {"date", "machine", "versions", "settings", "runs", "ratios"} <= doc.keys()
+    assert {"cpu", "cores"} <= doc["machine"].keys()
+    assert {"python", "numpy", "batchproc"} <= doc["versions"].keys()
+    assert doc["settings"]["model"] == "identity"
+    assert doc["settings"]["load"]["clients"] == 2
+    assert [r["system"] for r in doc["runs"]] == ["batchproc", "no batching", "limit"]
+    keys = {"throughput", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "completed", "stopped_by"}
+    for run in doc["runs"]:
+        assert keys <= run.keys()
+        assert run["throughput"] > 0 and run["errors"] == 0
+    bp, nb = doc["runs"][0], doc["runs"][1]
+    assert bp["completed"] == nb["completed"] == 40
+    assert nb["mean_batch"] == 1.0
+    assert doc["runs"][2]["mean_batch"] == 64.0
+    assert 1 <= bp["mean_batch"] <= 2  # two clients: never more than two rows at once
+    assert set(doc["ratios"]) == {"vs_no_batching", "vs_limit"}
+
+
+def test_burst_on_the_fixed_model_batches(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    path = tmp_path / "b.json"
+    code, _, err = run_cli(
+        capsys, "--model", "fixed", "--model-ms", "2", "--burst", "256", "--duration", "5",
+        "--quiet", "--json", str(path),
+    )
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["batchproc"]["completed"] == 256
+    # 256 requests queued at once behind a 2 ms model: batchproc fills batches.
+    assert runs["batchproc"]["mean_batch"] > 8
+    assert runs["no batching"]["mean_batch"] == 1.0
+
+
+def test_rate_with_priorities_and_a_user_model(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "good_model_mod.py").write_text("def double(batch):\n    return batch * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "r.json"
+    code, out, err = run_cli(
+        capsys, "--model", "good_model_mod:double", "--rate", "400", "--priorities",
+        *TINY, "--json", str(path),
+    )
+    assert code == 0, err
+    assert "latency by priority" in out
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["load"] == {
+        "kind": "rate", "clients": None, "rate": 400.0, "burst": None,
+        "priorities": True, "seed": 0,
+    }
+    bp = doc["runs"][0]
+    assert bp["completed"] == 40
+    assert sum(v["count"] for v in bp["by_priority"].values()) == 40
+
+
+def test_plot_needs_matplotlib_or_writes_a_png(tmp_path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "plot.png"
+    code, _, err = run_cli(
+        capsys, "--model", "identity", "--clients", "1", *TINY, "--plot", str(path)
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert code == 2 and "pip install 'batchproc[plot]'" in err
+        assert len(err.strip().splitlines()) == 1
+    else:
+        assert code == 0, err
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -101,6 +101,8 @@ class RequestQueue:
         self._seq = itertools.count()
         self._closed = False
         self._paused = False
+        self._in_flight = 0
+        self._idle_since = 0.0
         self._last_push = 0.0
         self._cond = threading.Condition(threading.Lock())
         self._w_items = self._w_fill = self._w_room = 0
@@ -165,7 +167,7 @@ class RequestQueue:
         return item
 
     def pop_batch(self, max_rows: int, max_bytes: int = 0, *, fill_rows: int = 0,
-                  max_wait: float = 0.0, idle_gap: float = 0.0,
+                  max_wait: float = 0.0, idle_gap: float | None = None,
                   timeout: float | None = None) -> list[Any]:
         max_rows = _int_clamped(max_rows, "max_rows")
         if max_rows < 1:
@@ -173,7 +175,7 @@ class RequestQueue:
         max_bytes = _int_clamped(max_bytes, "max_bytes")
         fill_rows = _int_clamped(fill_rows, "fill_rows")
         max_wait = _float_arg(max_wait, "max_wait")
-        idle_gap = _float_arg(idle_gap, "idle_gap")
+        idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
         deadline = time.monotonic() + _timeout_arg(timeout)
         fill = fill_rows > 0 and max_wait > 0
         with self._cond:
@@ -193,15 +195,19 @@ class RequestQueue:
                        and self._rows < fill_rows):
                     head = self._head()
                     assert head is not None
-                    until = head.t_push + max_wait
-                    if idle_gap > 0:
-                        until = min(until, self._last_push + idle_gap)
+                    if idle_gap < 0:
+                        until = head.t_push + max_wait
+                    elif self._in_flight > 0:
+                        until = math.inf
+                    else:
+                        until = min(max(head.t_push, self._idle_since) + max_wait,
+                                    max(self._last_push, self._idle_since) + idle_gap)
                     left = until - time.monotonic()
                     if left <= 0:
                         break
                     self._w_fill += 1
                     try:
-                        self._cond.wait(left)
+                        self._cond.wait(None if math.isinf(left) else left)
                     finally:
                         self._w_fill -= 1
                 if self._live and not (self._paused and not self._closed):
@@ -260,6 +266,22 @@ class RequestQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def begin_batch(self) -> None:
+        with self._cond:
+            self._in_flight += 1
+
+    def end_batch(self) -> None:
+        with self._cond:
+            if self._in_flight > 0:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle_since = time.monotonic()
+                    self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     def pause(self) -> None:
         with self._cond:

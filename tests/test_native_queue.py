@@ -765,3 +765,69 @@ def test_close_overrides_pause(impl: Any) -> None:
     q.close()
     assert popper.outcome() == ["a"]
     assert q.pop_batch(8) == []
+
+
+# ------------------------------------------------------------------ batches in flight
+
+
+def test_idle_gap_only_counts_while_no_batch_is_in_flight(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.begin_batch()
+    assert q.in_flight == 1
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=6 * HANG, idle_gap=0.0,
+                    timeout=HANG)
+    blocked(q, FILL)  # idle_gap=0 would end the wait at once, but a batch is in flight
+    q.push("b")
+    blocked(q, FILL)
+    started = time.monotonic()
+    q.end_batch()  # the model is idle: the batch goes once arrivals pause for idle_gap
+    assert popper.outcome() == ["a", "b"]
+    assert q.in_flight == 0
+    assert time.monotonic() - started < HANG
+
+
+def test_idle_gap_is_measured_from_the_end_of_the_last_batch(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a")
+    q.begin_batch()
+    q.end_batch()
+    ended = time.monotonic()
+    assert q.pop_batch(10, fill_rows=5, max_wait=6 * HANG, idle_gap=0.2) == ["a"]
+    assert time.monotonic() >= ended + 0.2 - 1e-4
+
+
+def test_idle_gap_none_turns_the_early_end_off(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    t_before = time.monotonic()
+    q.push("a")
+    assert q.pop_batch(10, fill_rows=5, max_wait=0.3, idle_gap=None) == ["a"]
+    assert time.monotonic() >= t_before + 0.3 - 1e-4
+    q.end_batch()  # unbalanced end: ignored
+    assert q.in_flight == 0
+
+
+def test_a_batch_in_flight_extends_the_fill_wait_past_max_wait(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.begin_batch()
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=0.05, idle_gap=0.05,
+                    timeout=HANG)
+    blocked(q, FILL)
+    time.sleep(0.2)  # four times max_wait: a plain fill wait would have ended
+    assert q._waiters()[FILL] == 1 and popper.is_alive()
+    q.push("b")
+    ended = time.monotonic()
+    q.end_batch()
+    assert popper.outcome() == ["a", "b"]
+    # After the model went idle, max_wait counted from that moment.
+    assert time.monotonic() >= ended + 0.05 - 1e-4
+
+
+def test_plain_fill_wait_ignores_batches_in_flight(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.begin_batch()
+    t_before = time.monotonic()
+    q.push("a")
+    assert q.pop_batch(10, fill_rows=5, max_wait=0.1) == ["a"]  # idle_gap=None
+    assert HANG > time.monotonic() - t_before >= 0.1 - 1e-4

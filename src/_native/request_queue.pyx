@@ -295,6 +295,8 @@ cdef class RequestQueue:
     cdef double _last_push
     cdef bint _priorities, _closed
     cdef bint _paused           # pops hand nothing out while set (until close)
+    cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
+    cdef double _idle_since     # when _in_flight last dropped to 0
     cdef Py_ssize_t _w_items, _w_fill, _w_room   # threads waiting on each condition
     cdef list _items            # slot -> object; only touched with the GIL held
 
@@ -446,14 +448,19 @@ cdef class RequestQueue:
                     notify_room_one(self._sync)
 
     cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
-        """When the fill wait for the current head ends (head age and idle gap)."""
-        cdef double d = self._heap[0].t_push + p.max_wait
-        cdef double g
-        if p.idle_gap > 0.0:
-            g = self._last_push + p.idle_gap
-            if g < d:
-                d = g
-        return d
+        """When the fill wait for the current head ends (see pop_batch, step 2)."""
+        cdef double head = self._heap[0].t_push
+        cdef double d, g
+        if p.idle_gap < 0.0:
+            return head + p.max_wait            # plain: the head's age reaches max_wait
+        if self._in_flight > 0:
+            return INFINITY                     # the model is busy: keep filling
+        # Idle model: max_wait counts from when it became idle (or from the head's push,
+        # if later), and the batch goes early once arrivals pause for idle_gap.
+        d = (head if head > self._idle_since else self._idle_since) + p.max_wait
+        g = (self._last_push if self._last_push > self._idle_since
+             else self._idle_since) + p.idle_gap
+        return g if g < d else d
 
     cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
         """Step 3 of pop_batch: move the batch's slots into buf. Requires _len > 0."""
@@ -770,7 +777,7 @@ cdef class RequestQueue:
             raise QueueClosed("push on a closed RequestQueue")
         return _token(seq, s)
 
-    def pop_batch(self, max_rows, max_bytes=0, *, fill_rows=0, max_wait=0.0, idle_gap=0.0,
+    def pop_batch(self, max_rows, max_bytes=0, *, fill_rows=0, max_wait=0.0, idle_gap=None,
                   timeout=None):
         """Take the next batch: a list of items in (priority, arrival) order.
 
@@ -778,8 +785,13 @@ cdef class RequestQueue:
            one queued entry; if none comes, return ``[]``.
         2. If ``fill_rows > 0`` and ``max_wait > 0``, keep waiting while the queue holds
            fewer than ``fill_rows`` rows, the head (most urgent, oldest entry) was pushed
-           less than ``max_wait`` seconds ago, and (if ``idle_gap > 0``) the latest push
-           was less than ``idle_gap`` seconds ago. This step applies whatever
+           less than ``max_wait`` seconds ago. With ``idle_gap`` given (>= 0) the wait
+           follows the consumer's model instead (see ``begin_batch``): while a batch is
+           in flight it goes on (the model is busy: filling costs nothing); once none is,
+           ``max_wait`` counts from that moment (or the head's push, if later), and the
+           wait also ends once nothing was pushed for ``idle_gap`` seconds since the later
+           of the latest push and that moment. ``idle_gap=None`` (or negative) keeps the
+           plain rule. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
            the call goes back to step 1 with what is left of ``timeout``.
         3. Under one lock acquisition, take the head, always, even if its rows exceed
@@ -801,7 +813,7 @@ cdef class RequestQueue:
         p.max_bytes = _int_arg_clamped(max_bytes, "max_bytes")
         p.fill_rows = _int_arg_clamped(fill_rows, "fill_rows")
         p.max_wait = _float_arg(max_wait, "max_wait")
-        p.idle_gap = _float_arg(idle_gap, "idle_gap")
+        p.idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
         p.fill = p.fill_rows > 0 and p.max_wait > 0.0
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by
@@ -921,6 +933,29 @@ cdef class RequestQueue:
             self._closed = True
             notify_everyone(self._sync)
             sync_unlock(self._sync)
+
+    def begin_batch(self):
+        """Tell the queue a popped batch is now running (see ``pop_batch``'s fill wait)."""
+        with nogil:
+            sync_lock(self._sync)
+            self._in_flight += 1
+            sync_unlock(self._sync)
+
+    def end_batch(self):
+        """Undo one ``begin_batch()``; when none is left running, fill waits re-check."""
+        with nogil:
+            sync_lock(self._sync)
+            if self._in_flight > 0:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle_since = mono_now()
+                    notify_fill_all(self._sync)
+            sync_unlock(self._sync)
+
+    @property
+    def in_flight(self):
+        """Batches between ``begin_batch()`` and ``end_batch()``."""
+        return self._in_flight
 
     def pause(self):
         """Hold every pop: until ``resume()`` (or ``close()``), ``pop_batch`` hands nothing

@@ -5,18 +5,26 @@ Per-batch Python work: ``plan()`` runs once before each batch is popped and
 
 The policy (DESIGN.md "Adaptive control"):
 
-* An idle worker takes what is queued at once. It waits only while requests keep
-  arriving faster than the batch's fixed cost per row (``idle_gap``): waiting one more
-  inter-arrival gap then costs less than the overhead that row would add in a batch of
-  its own. At low load arrivals are far apart, so nothing waits; under load, batches fill.
-* Waiting is bounded by ``min(batch_timeout, fixed cost)``: waiting longer than one
-  batch's fixed cost can never pay for itself. ``batch_timeout`` is a ceiling, never a
-  default delay.
+* While a batch is in flight (popped and not yet delivered) the next one keeps filling:
+  the model is busy, so dispatching early would only queue a small batch behind it.
+* Once nothing is in flight, the batch goes as soon as arrivals pause for ``idle_gap``,
+  the fitted fixed cost per row (``a / target``): waiting one more inter-arrival gap then
+  costs less than the overhead that row would add in a batch of its own. At low load an
+  idle worker therefore takes what is queued at once; under load, batches fill.
+* ``batch_timeout`` bounds every wait (measured from the oldest request's arrival); it is
+  a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
   (at ``max_batch_size`` when cost grows at most linearly).
 * Classic inputs stay: a backed-up queue grows the target, failures halve it
   (``reduce_batch_on_failure``), memory pressure caps it.
+* How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
+  found by trying: it starts at two (one running, the next filling), and while requests
+  are waiting the controller tries one more for a window of batches and keeps it only if
+  rows per second rose by 10%.
+  A model behind one lock (a GPU) or holding the GIL stays at one call at a time, so
+  the next batch keeps filling instead of queueing small batches at the lock; a model
+  that runs in parallel (I/O, GIL-free native code) climbs toward ``max_workers``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import NamedTuple
 
 from .config import BatchProcessingStrategy, BatchProcessorConfig
@@ -41,7 +50,7 @@ class Plan(NamedTuple):
 
     target_rows: int
     max_wait: float
-    idle_gap: float
+    idle_gap: float | None
 
 
 class LatencyModel:
@@ -135,6 +144,92 @@ def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] 
     return out[0], out[1], out[2]
 
 
+class CallSlots:
+    """A counting gate: how many batches may be popped and run at once.
+
+    Unlike a semaphore its limit can change while threads wait on it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._limit = limit
+        self._busy = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def acquire(self, timeout: float) -> bool:
+        with self._cond:
+            if self._busy >= self._limit and not self._cond.wait_for(
+                    lambda: self._busy < self._limit, timeout):
+                return False
+            self._busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify()
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self._limit = limit
+            self._cond.notify_all()
+
+
+class ConcurrencyTuner:
+    """Hill-climbs the number of concurrent calls on measured rows per second."""
+
+    WINDOW_BATCHES = 16      # batches per measurement window ...
+    WINDOW_SECONDS = 0.05    # ... and at least this long, so timer noise averages out
+    GAIN = 1.10              # a probe must beat the baseline by 10% to be kept
+    COOLDOWN = 8             # windows to wait after a failed probe before the next
+
+    def __init__(self, slots: CallSlots, max_limit: int) -> None:
+        self.slots = slots
+        self._min = slots.limit
+        self._max = max_limit
+        self._start = time.monotonic()
+        self._rows = 0
+        self._batches = 0
+        self._probing = False
+        self._baseline = 0.0
+        self._cooldown = 0
+
+    def observe(self, rows: int, backlog: bool) -> tuple[int, int] | None:
+        """Count a finished batch; returns (old, new) limit when it changed."""
+        self._rows += rows
+        self._batches += 1
+        now = time.monotonic()
+        elapsed = now - self._start
+        if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
+            return None
+        rate = self._rows / elapsed
+        self._start, self._rows, self._batches = now, 0, 0
+        limit = self.slots.limit
+        if self._probing:
+            self._probing = False
+            if rate >= self._baseline * self.GAIN or limit - 1 < self._min:
+                return None  # the extra call paid off: keep it
+            self.slots.set_limit(limit - 1)
+            self._cooldown = self.COOLDOWN
+            return limit, limit - 1
+        if self._cooldown:
+            self._cooldown -= 1
+            return None
+        if backlog and limit < self._max:
+            self._probing = True
+            self._baseline = rate
+            self.slots.set_limit(limit + 1)
+            return limit, limit + 1
+        return None
+
+
 class Controller:
     """Decides each batch's target rows and wait; thread-safe."""
 
@@ -148,6 +243,10 @@ class Controller:
         if not config.enable_adaptive_batching:
             strategy = BatchProcessingStrategy.FIXED
         self.strategy = strategy
+        # FIXED is the hands-off strategy: all max_workers run, nothing is tuned.
+        tuned = strategy is not BatchProcessingStrategy.FIXED
+        self.slots = CallSlots(min(2, config.max_workers) if tuned else config.max_workers)
+        self._tuner = ConcurrencyTuner(self.slots, config.max_workers) if tuned else None
         self._debug = config.debug_mode
 
     @property
@@ -176,7 +275,7 @@ class Controller:
         cfg = self._config
         strategy = self.strategy
         if strategy is BatchProcessingStrategy.FIXED:
-            return Plan(self._current, cfg.batch_timeout, 0.0)
+            return Plan(self._current, cfg.batch_timeout, None)
         with self._lock:
             target = self._current
             if queued_rows >= 2 * target:
@@ -187,18 +286,20 @@ class Controller:
                               queued_rows, target, grown)
                     self._current = target = grown
         if strategy is BatchProcessingStrategy.GREEDY:
-            return Plan(target, 0.0, 0.0)
-        fixed_cost = self.model.a
-        if fixed_cost <= 0.0:
-            return Plan(target, 0.0, 0.0)
-        return Plan(target, min(cfg.batch_timeout, fixed_cost), fixed_cost / target)
+            return Plan(target, 0.0, None)
+        return Plan(target, cfg.batch_timeout, max(self.model.a, 0.0) / target)
 
-    def observe_batch(self, rows: int, seconds: float, target: int) -> None:
-        """A batch of ``rows`` succeeded in ``seconds``; ``target`` is what it aimed for."""
+    def observe_batch(self, rows: int, seconds: float, target: int,
+                      queued_rows: int = 0) -> None:
+        """A batch of ``rows`` succeeded in ``seconds``; ``target`` is what it aimed for and
+        ``queued_rows`` what was left waiting in the queue when it finished."""
         with self._lock:
             self.model.observe(rows, seconds)
-            if self.strategy is BatchProcessingStrategy.FIXED:
-                return
+            if self._tuner is None:
+                return  # FIXED
+            changed = self._tuner.observe(rows, backlog=queued_rows >= target)
+            if changed is not None:
+                self._log("concurrent batches %d -> %d", *changed)
             ceiling = self._ceiling()
             current = self._current
             if rows >= target and current < ceiling:

@@ -61,8 +61,8 @@ class _Worker:
 class _Batch:
     """The requests one worker popped together, while that worker holds them."""
 
-    __slots__ = ("abandoned", "call_started", "delivering", "dispatched_at", "requests",
-                 "worker")
+    __slots__ = ("abandoned", "call_started", "delivering", "dispatched_at", "holds_slot",
+                 "in_flight", "requests", "worker")
 
     def __init__(self, requests: list[Request], worker: _Worker) -> None:
         self.requests = requests
@@ -71,6 +71,8 @@ class _Batch:
         self.call_started: float | None = None  # set while process_func runs
         self.abandoned = False
         self.delivering = False
+        self.holds_slot = True  # one of the controller's CallSlots, until the call is done
+        self.in_flight = False  # counted in the queue's in_flight until delivered
 
 
 class Dispatcher:
@@ -90,6 +92,7 @@ class Dispatcher:
         self._stats = stats
         self._metrics = metrics
         self._resume = resume
+        self._slots = controller.slots
         self._count_cancelled = count_cancelled
         self._process_func: Callable[[Any], Any] | None = None
         self._byte_cap = config.max_batch_bytes
@@ -147,6 +150,8 @@ class Dispatcher:
         self._abandon_all.set()
         failed = 0
         for batch in taken:
+            self._release_slot(batch)
+            self._end_in_flight(batch)
             failed += self._fail_pending(batch.requests, error_factory(), OUTCOME_ERROR)
         return failed
 
@@ -179,6 +184,8 @@ class Dispatcher:
                 batch.abandoned = True
                 batch.worker.abandoned = True
         for batch in overdue:
+            self._release_slot(batch)
+            self._end_in_flight(batch)
             started = batch.call_started or now
             logger.error(
                 "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
@@ -211,13 +218,25 @@ class Dispatcher:
         controller = self._controller
         resume = self._resume
         byte_cap = self._byte_cap
+        slots = self._slots
         try:
             while not worker.abandoned:
-                plan = controller.plan(queue.rows)
-                requests = queue.pop_batch(
-                    plan.target_rows, byte_cap, fill_rows=plan.target_rows,
-                    max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
+                # A worker pops only once it may also run the batch: the others wait here
+                # instead of each taking a few requests to queue them at a busy model.
+                if not slots.acquire(_POP_POLL):
+                    if queue.closed and not len(queue):
+                        return
+                    continue
+                try:
+                    plan = controller.plan(queue.rows)
+                    requests = queue.pop_batch(
+                        plan.target_rows, byte_cap, fill_rows=plan.target_rows,
+                        max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
+                except BaseException:
+                    slots.release()
+                    raise
                 if not requests:
+                    slots.release()
                     if queue.closed:
                         return  # closed and drained
                     continue
@@ -241,12 +260,16 @@ class Dispatcher:
         if len(live) != len(requests):
             self._count_cancelled(len(requests) - len(live))
             if not live:
+                self._slots.release()
                 return
         if self._config.min_batch_interval > 0.0:
             self._pace()
         batch = _Batch(live, worker)
         with self._lock:
             self._active.add(batch)
+        # The next pop keeps filling until this batch is delivered (see RequestQueue).
+        batch.in_flight = True
+        self._queue.begin_batch()
         try:
             first = live[0][1]
             cfg = self._config
@@ -260,10 +283,28 @@ class Dispatcher:
             logger.exception("batch of %d requests failed outside the retry logic", len(live))
             self._fail(batch, live, exc)
         finally:
+            self._end_in_flight(batch)
+            self._release_slot(batch)
             with self._lock:
                 self._active.discard(batch)
         if self._config.enable_memory_optimization:
             self._collect_young(len(live))
+
+    def _release_slot(self, batch: _Batch) -> None:
+        """Let the next batch start: called once the batch's calls are over (or when it
+        is abandoned, so a stuck call does not hold its slot)."""
+        with self._lock:
+            if not batch.holds_slot:
+                return
+            batch.holds_slot = False
+        self._slots.release()
+
+    def _end_in_flight(self, batch: _Batch) -> None:
+        with self._lock:
+            if not batch.in_flight:
+                return
+            batch.in_flight = False
+        self._queue.end_batch()
 
     def _pace(self) -> None:
         """Keep batch starts at least ``min_batch_interval`` apart, across workers."""
@@ -349,6 +390,7 @@ class Dispatcher:
         for attempt in range(cfg.max_retries):
             delay = cfg.retry_delay * 2 ** attempt
             if delay > 0.0:
+                self._release_slot(batch)  # never hold up other batches while backing off
                 self._abandon_all.wait(delay)
             if batch.abandoned:
                 return
@@ -401,6 +443,8 @@ class Dispatcher:
             if batch.abandoned:
                 return
             batch.delivering = True
+        # The model is free: the next batch may start while this one is delivered.
+        self._release_slot(batch)
         try:
             now = _monotonic()
             queue_time = self._queue_time(batch, requests)
@@ -409,7 +453,7 @@ class Dispatcher:
             # Counted before any future completes: a caller holding its result sees it.
             self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
                                requests=len(requests), latencies=latencies)
-            self._controller.observe_batch(rows, elapsed, target)
+            self._controller.observe_batch(rows, elapsed, target, self._queue.rows)
             self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
             if self._config.debug_mode:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",

@@ -298,9 +298,11 @@ cdef class RequestQueue:
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
     cdef double _idle_since     # when _in_flight last dropped to 0
     cdef Py_ssize_t _w_items, _w_fill, _w_room   # threads waiting on each condition
+    cdef int64_t _fill_need     # least fill_rows among the filling consumers
     cdef list _items            # slot -> object; only touched with the GIL held
 
     def __cinit__(self, *args, **kwargs):
+        self._fill_need = INT64_MAX
         self._sync = sync_new()
         if self._sync == NULL:
             raise MemoryError()
@@ -424,11 +426,13 @@ cdef class RequestQueue:
         _heap_push(self._heap, self._info, &self._len, &e)
         self._rows += rows
         self._last_push = e.t_push
-        # One new entry can start one idle consumer; every filling consumer re-checks
-        # its batch (rows and idle gap both changed).
+        # One new entry can start one idle consumer. Filling consumers only need waking
+        # once the rows they wait for are there: a push only ever moves their other
+        # deadlines (head age, idle gap) later, and they re-check those when they wake.
+        # Waking them on every push would cost a context switch per request in a burst.
         if self._w_items > 0:
             notify_items_one(self._sync)
-        if self._w_fill > 0:
+        if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
         seq[0] = e.seq
         return RQ_OK
@@ -542,8 +546,12 @@ cdef class RequestQueue:
                     if t >= wake_by:
                         return RQ_RETRY
                     self._w_fill += 1
+                    if p.fill_rows < self._fill_need:
+                        self._fill_need = p.fill_rows
                     wait_fill(self._sync, d if d < wake_by else wake_by)
                     self._w_fill -= 1
+                    if self._w_fill == 0:
+                        self._fill_need = INT64_MAX
                 if self._len == 0 or (self._paused and not self._closed):
                     # Cancelled, taken by another consumer or paused meanwhile: back to
                     # step 1, with what is left of `timeout`.
@@ -964,6 +972,7 @@ cdef class RequestQueue:
         with nogil:
             sync_lock(self._sync)
             self._paused = True
+            notify_fill_all(self._sync)     # a filling pop must hold, not pop at its deadline
             sync_unlock(self._sync)
 
     def resume(self):

@@ -74,14 +74,14 @@ def test_adaptive_does_not_wait_before_it_has_measured_anything():
     assert controller(batch_timeout=0.2).plan(1)[1:] == (0.2, 0.0)
 
 
-def test_adaptive_waits_while_arrivals_are_faster_than_the_fixed_cost_per_row():
+def test_adaptive_waits_while_arrivals_come_within_a_sixteenth_of_the_fixed_cost():
     c = controller(batch_timeout=0.05, initial_batch_size=64, max_batch_size=64)
     for i in range(100):
         rows = 1 + i % 64
         c.observe_batch(rows, 0.010 + 0.00001 * rows, 64)
     plan = c.plan(1)
     assert plan.max_wait == 0.05  # batch_timeout is the ceiling
-    assert plan.idle_gap == pytest.approx(0.010 / plan.target_rows, rel=0.01)
+    assert plan.idle_gap == pytest.approx(0.010 / 16, rel=0.01)
 
 
 def test_full_batches_grow_the_target_toward_the_optimum():

@@ -8,9 +8,11 @@ The policy (DESIGN.md "Adaptive control"):
 * While a batch is in flight (popped and not yet delivered) the next one keeps filling:
   the model is busy, so dispatching early would only queue a small batch behind it.
 * Once nothing is in flight, the batch goes as soon as arrivals pause for ``idle_gap``,
-  the fitted fixed cost per row (``a / target``): waiting one more inter-arrival gap then
-  costs less than the overhead that row would add in a batch of its own. At low load an
-  idle worker therefore takes what is queued at once; under load, batches fill.
+  a sixteenth of the fitted fixed cost per batch (``a / 16``): a straggler left for a
+  batch of its own costs a whole fixed cost, while waiting for it costs at most 6% of
+  one. At low load an idle worker therefore takes what is queued almost at once (for a
+  model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
+  load, batches fill.
 * ``batch_timeout`` bounds every wait (measured from the oldest request's arrival); it is
   a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
@@ -43,6 +45,10 @@ logger = logging.getLogger(__name__)
 # throughput-optimal size each allows.
 MEMORY_OK, MEMORY_WARNING, MEMORY_CRITICAL = "ok", "warning", "critical"
 _MEMORY_SHARE = {MEMORY_OK: 1.0, MEMORY_WARNING: 0.5, MEMORY_CRITICAL: 0.0}
+
+
+# The share of the fixed cost per batch a filling batch waits for the next arrival.
+IDLE_GAP_SHARE = 1.0 / 16
 
 
 class Plan(NamedTuple):
@@ -104,7 +110,9 @@ class LatencyModel:
             return
         quad = _solve3(
             [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]], st)
-        if quad is not None and quad[2] > 0.0 and quad[0] >= 0.0:
+        if quad is not None and quad[0] >= 0.0 and quad[1] >= 0.0 and quad[2] > 0.0:
+            # A convex cost (a real optimum below max_batch_size) only when every term is
+            # physical; a negative per-row cost means the curvature is fitting noise.
             self.a, self.b, self.c = quad
             return
         # Linear fit (cost grows at most linearly: bigger batches are always cheaper per row).
@@ -118,6 +126,8 @@ class LatencyModel:
         """The batch size that maximises rows per second, capped at ``upper``."""
         if self.c <= 0.0 or self.a <= 0.0:
             return upper
+        if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
+            return upper  # the curvature is too small to matter up to the cap
         return int(min(upper, max(1.0, math.sqrt(self.a / self.c))))
 
     def predict(self, rows: int) -> float:
@@ -287,7 +297,7 @@ class Controller:
                     self._current = target = grown
         if strategy is BatchProcessingStrategy.GREEDY:
             return Plan(target, 0.0, None)
-        return Plan(target, cfg.batch_timeout, max(self.model.a, 0.0) / target)
+        return Plan(target, cfg.batch_timeout, max(self.model.a, 0.0) * IDLE_GAP_SHARE)
 
     def observe_batch(self, rows: int, seconds: float, target: int,
                       queued_rows: int = 0) -> None:

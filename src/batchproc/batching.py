@@ -111,11 +111,17 @@ class BatchBuilder:
         if length != expected:
             raise BatchOutputError(
                 f"process_func returned {length} results for a batch of {expected}")
-        if (isinstance(out, np.ndarray) and isinstance(batch, np.ndarray)
-                and np.may_share_memory(out, batch)):
-            # The output is (a view of) the reused input buffer: copy it out before the
-            # buffer is reused, so a delivered result never changes afterwards.
-            out = out.copy()
+        if isinstance(batch, np.ndarray):
+            if isinstance(out, np.ndarray):
+                if np.may_share_memory(out, batch):
+                    # The output is (a view of) the reused input buffer: copy it out
+                    # before the buffer is reused, so a delivered result never changes.
+                    out = out.copy()
+            elif isinstance(out, (list, tuple)) and any(
+                    isinstance(o, np.ndarray) and np.may_share_memory(o, batch) for o in out):
+                # A sequence of views of the buffer (``list(batch)``): the same, per element.
+                out = [o.copy() if isinstance(o, np.ndarray) and np.may_share_memory(o, batch)
+                       else o for o in out]
         return out
 
     def split(self, out: Any, requests: Sequence[Request]) -> list[Any]:

@@ -32,7 +32,7 @@ import numpy as np
 from .batching import BatchBuilder, Request
 from .config import BatchProcessorConfig
 from .controller import Controller
-from .errors import BatchTimeoutError
+from .errors import BatchTimeoutError, ProcessorStoppedError
 from .metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
 from .stats import BatchStats
 
@@ -101,6 +101,10 @@ class Dispatcher:
         self._workers: list[_Worker] = []
         self._worker_ids = 0
         self._closing = False
+        # Workers between entering pop_batch and registering what they popped in _active:
+        # abandon_all waits for them, so no popped request escapes stop().
+        self._popping = 0
+        self._popped = threading.Condition(self._lock)
         # Set when stop gives up on in-flight work, so backoff waits end at once.
         self._abandon_all = threading.Event()
         self._pace_lock = threading.Lock()
@@ -143,11 +147,16 @@ class Dispatcher:
         """Fail every request still held by a worker (stop ran out of time)."""
         with self._lock:
             self._closing = True
+            # The queue is closed, so a worker inside pop_batch returns at once: wait for
+            # it to register what it popped (bounded, should a pop be stuck somehow).
+            wait_until = _monotonic() + 1.0
+            while self._popping and _monotonic() < wait_until:
+                self._popped.wait(max(0.0, wait_until - _monotonic()))
+            self._abandon_all.set()  # under the lock: _register sees it or is taken here
             taken = [b for b in self._active if not b.abandoned and not b.delivering]
             for batch in taken:
                 batch.abandoned = True
                 batch.worker.abandoned = True
-        self._abandon_all.set()
         failed = 0
         for batch in taken:
             self._release_slot(batch)
@@ -229,9 +238,18 @@ class Dispatcher:
                     continue
                 try:
                     plan = controller.plan(queue.rows)
-                    requests = queue.pop_batch(
-                        plan.target_rows, byte_cap, fill_rows=plan.target_rows,
-                        max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
+                    with self._lock:
+                        self._popping += 1
+                    try:
+                        requests = queue.pop_batch(
+                            plan.target_rows, byte_cap, fill_rows=plan.target_rows,
+                            max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
+                        batch = self._register(requests, worker) if requests else None
+                    finally:
+                        with self._lock:
+                            self._popping -= 1
+                            if not self._popping:
+                                self._popped.notify_all()
                 except BaseException:
                     slots.release()
                     raise
@@ -240,11 +258,13 @@ class Dispatcher:
                     if queue.closed:
                         return  # closed and drained
                     continue
+                if batch is None:
+                    continue  # all cancelled, or failed because stop() gave up
                 if not resume.is_set():
                     # Popped just as pause began (the queue holds pops while paused):
                     # hold the batch until resume; stop resumes.
                     resume.wait()
-                self._dispatch(requests, worker, builder, plan.target_rows)
+                self._dispatch(batch, builder, plan.target_rows)
         except BaseException:
             # Only a bug in batchproc itself gets here: make it loud, and keep serving.
             logger.critical("worker %s crashed; starting a replacement", worker.name,
@@ -252,8 +272,9 @@ class Dispatcher:
             worker.abandoned = True
             self._spawn_worker()
 
-    def _dispatch(self, requests: list[Request], worker: _Worker, builder: BatchBuilder,
-                  target: int) -> None:
+    def _register(self, requests: list[Request], worker: _Worker) -> _Batch | None:
+        """Make popped requests an in-flight batch at once, so that stop() always sees
+        them (in the queue, or in _active), never between the two."""
         # From here on a request can no longer be cancelled; one already cancelled is
         # dropped without being processed.
         live = [r for r in requests if r[0].set_running_or_notify_cancel()]
@@ -261,12 +282,24 @@ class Dispatcher:
             self._count_cancelled(len(requests) - len(live))
             if not live:
                 self._slots.release()
-                return
-        if self._config.min_batch_interval > 0.0:
-            self._pace()
+                return None
         batch = _Batch(live, worker)
         with self._lock:
-            self._active.add(batch)
+            late = self._abandon_all.is_set()
+            if not late:
+                self._active.add(batch)
+        if late:  # stop() gave up on in-flight work (only after its grace for pops)
+            self._release_slot(batch)
+            self._fail_pending(live, ProcessorStoppedError(
+                "processor stopped before this request finished"), OUTCOME_ERROR)
+            return None
+        return batch
+
+    def _dispatch(self, batch: _Batch, builder: BatchBuilder, target: int) -> None:
+        live = batch.requests
+        if self._config.min_batch_interval > 0.0:
+            self._pace()  # in _active meanwhile: stop() can fail it; _attempt then skips it
+        batch.dispatched_at = _monotonic()
         # The next pop keeps filling until this batch is delivered (see RequestQueue).
         batch.in_flight = True
         self._queue.begin_batch()
@@ -313,7 +346,7 @@ class Dispatcher:
             start = max(now, self._next_start)
             self._next_start = start + self._config.min_batch_interval
         if start > now:
-            time.sleep(start - now)
+            self._abandon_all.wait(start - now)  # stop() giving up ends the wait
 
     def _collect_young(self, size: int) -> None:
         # Large batches leave many temporaries; a young-generation collection frees them
@@ -425,6 +458,12 @@ class Dispatcher:
             if status == _ABANDONED:
                 return
             if status == _FAILED:
+                if isinstance(out, Exception):
+                    logger.warning("request of %d rows failed on a chunk after %d retries: %r",
+                                   request[2], cfg.max_retries, out)
+                else:
+                    logger.error("process_func raised %r on a chunk of a %d-row request; "
+                                 "failing it without retry", out, request[2])
                 self._fail(batch, [request], out)
                 return
             parts.append(out[: chunk.shape[0]])

@@ -82,6 +82,7 @@ class BatchProcessor(Generic[T, U]):
         self._counts_lock = threading.Lock()
         self._accepted = 0
         self._cancelled = 0
+        self._rejected = 0
         self._dispatcher = Dispatcher(config, self._queue, self._controller, self._stats,
                                       self._metrics, self._resume, self._count_cancelled)
         self._health = HealthMonitor(
@@ -213,7 +214,9 @@ class BatchProcessor(Generic[T, U]):
         try:
             future = self.enqueue_predict(item, timeout, priority)
         except Exception as exc:
-            self._stats.record_error(1)
+            # Counted apart: it was never accepted, so it is not a processing error.
+            with self._counts_lock:
+                self._rejected += 1
             logger.warning("enqueue: request refused: %s", exc)
             return
         future.add_done_callback(_log_failure)
@@ -253,7 +256,7 @@ class BatchProcessor(Generic[T, U]):
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:
-            accepted, cancelled = self._accepted, self._cancelled
+            accepted, cancelled, rejected = self._accepted, self._cancelled, self._rejected
         stats.update(
             current_batch_size=self._controller.current_batch_size,
             system_load=min(1.0, active / self.config.max_workers),
@@ -265,6 +268,7 @@ class BatchProcessor(Generic[T, U]):
             is_running=self._state == _RUNNING,
             total_accepted=accepted,
             total_cancelled=cancelled,
+            total_rejected=rejected,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )

@@ -392,7 +392,7 @@ def test_native_large_copy_releases_the_gil() -> None:
         try:
             for _ in range(20):
                 np.testing.assert_array_equal(asm.concat(items), expected)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(2)]

@@ -233,7 +233,7 @@ def test_concurrent_adders_exact(window_cls: Any) -> None:
                     w.add(t * 100_000 + i)
                 if i % 100 == 0:
                     w.percentiles([50, 99])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     def reader() -> None:
@@ -244,7 +244,7 @@ def test_concurrent_adders_exact(window_cls: Any) -> None:
                 assert all(math.isnan(x) for x in p) or p[0] <= p[1] <= p[2]
                 len(w)
                 w.mean()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=adder, args=(t,)) for t in range(threads_n)]
@@ -278,7 +278,7 @@ def test_concurrent_batches_with_eviction(window_cls: Any) -> None:
         try:
             for b in range(batches):
                 w.extend(np.full(size, float(t * 1000 + b)))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     def reader() -> None:
@@ -287,7 +287,7 @@ def test_concurrent_batches_with_eviction(window_cls: Any) -> None:
             for _ in range(200):
                 w.percentile(99)
                 w.values()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ GENERIC_KEY = 0
 
 # A queued request: (future, item, rows, enqueue time). A tuple, because one is built per
 # request on the hot path.
-Request = tuple  # (Future, Any, int, float)
+Request = tuple["Future[Any]", Any, int, float]
 
 
 class ItemDescriber:

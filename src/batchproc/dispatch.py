@@ -149,7 +149,7 @@ class Dispatcher:
             self._closing = True
             # The queue is closed, so a worker inside pop_batch returns at once: wait for
             # it to register what it popped (bounded, should a pop be stuck somehow).
-            wait_until = _monotonic() + 1.0
+            wait_until = _monotonic() + 0.2
             while self._popping and _monotonic() < wait_until:
                 self._popped.wait(max(0.0, wait_until - _monotonic()))
             self._abandon_all.set()  # under the lock: _register sees it or is taken here

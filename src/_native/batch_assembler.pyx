@@ -12,6 +12,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uintptr_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
+from _types cimport count_arg
 
 cimport numpy as cnp
 from numpy cimport npy_intp
@@ -191,18 +192,7 @@ cdef class BatchAssembler:
         self._busy = False
 
     def __init__(self, buffers=2):
-        cdef Py_ssize_t n
-        if isinstance(buffers, bool):
-            raise TypeError(f"buffers must be an int, not {type(buffers).__name__}")
-        try:
-            n = buffers.__index__()
-        except (AttributeError, TypeError):
-            raise TypeError(
-                f"buffers must be an int, not {type(buffers).__name__}") from None
-        except OverflowError:
-            raise ValueError(f"buffers must be in 1..{MAX_BUFFERS}, got {buffers}") from None
-        if not 1 <= n <= MAX_BUFFERS:
-            raise ValueError(f"buffers must be in 1..{MAX_BUFFERS}, got {n}")
+        cdef Py_ssize_t n = count_arg(buffers, "buffers", MAX_BUFFERS)
         if self.buffers:
             raise RuntimeError("BatchAssembler is already initialised")
         self.buffers = <int>n

@@ -14,6 +14,7 @@ from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
+from _types cimport count_arg
 
 import numpy as np
 
@@ -55,18 +56,7 @@ cdef class RollingWindow:
         self.capacity = 0
 
     def __init__(self, capacity):
-        cdef Py_ssize_t cap
-        if isinstance(capacity, bool):
-            raise TypeError("capacity must be an int, not bool")
-        try:
-            cap = capacity.__index__()
-        except (AttributeError, TypeError):
-            raise TypeError(
-                f"capacity must be an int, not {type(capacity).__name__}") from None
-        except OverflowError:
-            raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, got {capacity}") from None
-        if not 1 <= cap <= MAX_CAPACITY:
-            raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, got {cap}")
+        cdef Py_ssize_t cap = count_arg(capacity, "capacity", MAX_CAPACITY)
         if self.capacity:
             raise RuntimeError("RollingWindow is already initialised")
         self._rng = 0x9E3779B9u ^ <uint32_t>cap

@@ -205,3 +205,22 @@ def test_enqueue_fire_and_forget_counts_but_never_raises(make_processor, caplog)
     stats = p.get_stats()
     assert stats["total_rejected"] == 1 and stats["total_errors"] == 1
     assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_intake_is_closed_by_the_time_shutdown_event_is_set(make_processor):
+    p = make_processor(lambda b: b)
+    original_set = p.shutdown_event.set
+    seen = {}
+
+    def set_and_probe():
+        # The moment stop() announces shutdown, a submission must already be refused.
+        try:
+            p.enqueue_predict(one(1))
+            seen["refused"] = False
+        except ProcessorStoppedError:
+            seen["refused"] = True
+        original_set()
+
+    p.shutdown_event.set = set_and_probe
+    p.stop()
+    assert seen == {"refused": True}

@@ -169,10 +169,6 @@ class CallSlots:
     def limit(self) -> int:
         return self._limit
 
-    @property
-    def busy(self) -> int:
-        return self._busy
-
     def acquire(self, timeout: float) -> bool:
         with self._cond:
             if self._busy >= self._limit and not self._cond.wait_for(

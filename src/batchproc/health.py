@@ -87,7 +87,6 @@ class HealthMonitor:
         # Queue sizes at recent checks, to tell a queue that keeps growing.
         self._queue_history: deque[int] = deque(maxlen=4)
         self._last_status: dict[str, str] = {}
-        self.last_report: dict[str, Any] | None = None
 
     def check(self) -> dict[str, Any]:
         cfg = self._config
@@ -142,7 +141,6 @@ class HealthMonitor:
                 gc.collect()
         for name, check in checks.items():
             self._log_transition(name, check)
-        self.last_report = report
         self._metrics.health(report)
         return report
 

@@ -55,10 +55,6 @@ class MetricsSink:
             logger.warning("metrics_collector %r has none of %s; it will not be called",
                            collector, ", ".join(self._METHODS))
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._methods)
-
     def _call(self, name: str, *args: Any) -> None:
         method = self._methods.get(name)
         if method is None:

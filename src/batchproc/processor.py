@@ -129,9 +129,10 @@ class BatchProcessor(Generic[T, U]):
                 return
             was_running = self._state == _RUNNING
             self._state = _STOPPING
-            self.shutdown_event.set()
             self._queue.close()  # also ends a pause of the queue: stop drains as usual
             self._resume.set()
+            # Last: whoever sees the event must find intake already closed.
+            self.shutdown_event.set()
         drained = self._dispatcher.join(deadline) if was_running else True
         leftover = 0
         if not drained:

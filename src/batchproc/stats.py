@@ -138,7 +138,3 @@ class BatchStats:
             "avg_queue_length": _finite_or_zero(self._queue_lengths.mean()),
             "uptime": 0.0,
         }
-
-    def processing_time_percentile(self, q: float) -> float:
-        with self._lock:
-            return _finite_or_zero(self._processing_times.percentile(q))

@@ -99,6 +99,7 @@ class RequestQueue:
         self._live: dict[int, _Entry] = {}      # token (= seq) -> queued entry
         self._rows = 0
         self._seq = itertools.count()
+        self._pushed = 0
         self._closed = False
         self._paused = False
         self._in_flight = 0
@@ -146,6 +147,7 @@ class RequestQueue:
                     self._cond.wait(None if math.isinf(left) else left)
                 finally:
                     self._w_room -= 1
+            self._pushed += 1
             e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
                        item)
             heapq.heappush(self._heap, e)
@@ -278,6 +280,10 @@ class RequestQueue:
                 if self._in_flight == 0:
                     self._idle_since = time.monotonic()
                     self._cond.notify_all()
+
+    @property
+    def pushed(self) -> int:
+        return self._pushed
 
     @property
     def in_flight(self) -> int:

@@ -831,3 +831,18 @@ def test_plain_fill_wait_ignores_batches_in_flight(impl: Any) -> None:
     q.push("a")
     assert q.pop_batch(10, fill_rows=5, max_wait=0.1) == ["a"]  # idle_gap=None
     assert HANG > time.monotonic() - t_before >= 0.1 - 1e-4
+
+
+def test_pushed_counts_accepted_entries_only(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    assert q.pushed == 0
+    token = q.push("a")
+    q.push("b")
+    with pytest.raises(queue.Full):
+        q.push("c", timeout=0)
+    q.cancel(token)
+    assert q.pop_batch(8) == ["b"]
+    q.close()
+    with pytest.raises(impl.QueueClosed):
+        q.push("d")
+    assert q.pushed == 2  # refused pushes never count; cancel and pop do not uncount

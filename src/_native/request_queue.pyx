@@ -961,6 +961,11 @@ cdef class RequestQueue:
             sync_unlock(self._sync)
 
     @property
+    def pushed(self):
+        """Entries ever accepted by push() (the arrival sequence; never decreases)."""
+        return self._seq
+
+    @property
     def in_flight(self):
         """Batches between ``begin_batch()`` and ``end_batch()``."""
         return self._in_flight

@@ -80,7 +80,6 @@ class BatchProcessor(Generic[T, U]):
         self._controller = Controller(config)
         self._metrics = MetricsSink(metrics_collector)
         self._counts_lock = threading.Lock()
-        self._accepted = 0
         self._cancelled = 0
         self._rejected = 0
         self._dispatcher = Dispatcher(config, self._queue, self._controller, self._stats,
@@ -205,8 +204,6 @@ class BatchProcessor(Generic[T, U]):
             raise ProcessorStoppedError("processor is stopped; request refused") from None
         future._bp_token = token
         future._bp_owner = self
-        with self._counts_lock:
-            self._accepted += 1
         return future
 
     def enqueue(self, item: T, timeout: float | None = None,
@@ -257,7 +254,8 @@ class BatchProcessor(Generic[T, U]):
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:
-            accepted, cancelled, rejected = self._accepted, self._cancelled, self._rejected
+            cancelled, rejected = self._cancelled, self._rejected
+        accepted = self._queue.pushed  # the native queue counts arrivals already
         stats.update(
             current_batch_size=self._controller.current_batch_size,
             system_load=min(1.0, active / self.config.max_workers),

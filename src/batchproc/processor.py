@@ -23,6 +23,7 @@ from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
 from .errors import ProcessorStoppedError, QueueFullError
+from .futures import RequestFuture
 from .health import HealthMonitor
 from .metrics import MetricsSink
 from .stats import BatchStats
@@ -36,8 +37,8 @@ _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 _monotonic = time.monotonic
 
 
-class _RequestFuture(Future):  # type: ignore[type-arg]
-    """A Future whose ``cancel()`` also removes the request from the queue at once."""
+class _RequestFuture(RequestFuture):
+    """A future whose ``cancel()`` also removes the request from the queue at once."""
 
     _bp_owner: BatchProcessor[Any, Any] | None = None
     _bp_token = -1
@@ -46,8 +47,10 @@ class _RequestFuture(Future):  # type: ignore[type-arg]
         if not super().cancel():
             return False
         owner = self._bp_owner
-        if owner is not None:
-            owner._cancel_queued(self._bp_token)
+        if owner is not None and owner._cancel_queued(self._bp_token):
+            # Taken out of the queue, so no worker will ever see it: tell
+            # concurrent.futures.wait()/as_completed() now, as a worker would have.
+            self.set_running_or_notify_cancel()
         return True
 
 
@@ -219,9 +222,11 @@ class BatchProcessor(Generic[T, U]):
             return
         future.add_done_callback(_log_failure)
 
-    def _cancel_queued(self, token: int) -> None:
+    def _cancel_queued(self, token: int) -> bool:
         if self._queue.cancel(token):
             self._count_cancelled(1)
+            return True
+        return False
 
     def _count_cancelled(self, count: int) -> None:
         with self._counts_lock:

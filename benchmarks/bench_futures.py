@@ -1,0 +1,82 @@
+"""RequestFuture vs the standard concurrent.futures.Future: what one request's future costs.
+
+    pytest benchmarks/bench_futures.py --benchmark-only
+
+- lifecycle: create, mark running, set the result, read it (what every request pays).
+- create with 50,000 futures alive, garbage collector on: a burst keeps that many
+  outstanding, and every young/old collection walks the objects each future tracks
+  (eleven for Future, two for RequestFuture). Both are measured in turn in one run and
+  the ratio goes into extra_info.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import timeit
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from batchproc.futures import RequestFuture
+
+LIVE = 50_000
+CREATE = 10_000
+
+
+def _lifecycle(cls: type[Future[Any]]) -> Callable[[], Any]:
+    def step() -> Any:
+        f = cls()
+        f.set_running_or_notify_cancel()
+        f.set_result(1)
+        return f.result()
+
+    return step
+
+
+def _create_with_live(cls: type[Future[Any]]) -> Callable[[], Any]:
+    live = [cls() for _ in range(LIVE)]
+
+    def step() -> Any:
+        made = [cls() for _ in range(CREATE)]
+        return len(made) + len(live) * 0
+
+    return step
+
+
+def _interleaved(cases: list[tuple[Callable[[], Any], int]], rounds: int = 7) -> list[float]:
+    """Best seconds per call of each case, measured in turn round after round."""
+    best = [math.inf] * len(cases)
+    for _ in range(rounds):
+        for k, (fn, number) in enumerate(cases):
+            best[k] = min(best[k], timeit.timeit(fn, number=number) / number)
+    return best
+
+
+@pytest.mark.benchmark(group="future-lifecycle")
+@pytest.mark.parametrize("cls", [RequestFuture, Future], ids=["RequestFuture", "Future"])
+def test_bench_future_lifecycle(benchmark: Any, cls: type[Future[Any]]) -> None:
+    step = _lifecycle(cls)
+    assert step() == 1
+    benchmark(step)
+    if cls is RequestFuture:
+        ours, std = _interleaved(
+            [(_lifecycle(RequestFuture), 20_000), (_lifecycle(Future), 20_000)])
+        benchmark.extra_info["ns_RequestFuture"] = round(ours * 1e9)
+        benchmark.extra_info["ns_Future"] = round(std * 1e9)
+        benchmark.extra_info["speedup"] = round(std / ours, 1)
+
+
+@pytest.mark.benchmark(group="future-create-50k-live")
+@pytest.mark.parametrize("cls", [RequestFuture, Future], ids=["RequestFuture", "Future"])
+def test_bench_future_create_with_many_live(benchmark: Any, cls: type[Future[Any]]) -> None:
+    assert gc.isenabled()
+    step = _create_with_live(cls)
+    assert step() == CREATE
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.extra_info["us_per_future"] = round(benchmark.stats.stats.min * 1e6 / CREATE, 2)
+    if cls is RequestFuture:
+        ours, std = _interleaved([(step, 1), (_create_with_live(Future), 1)], rounds=5)
+        benchmark.extra_info["speedup"] = round(std / ours, 1)

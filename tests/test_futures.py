@@ -1,0 +1,277 @@
+"""RequestFuture: a lighter concurrent.futures.Future that must behave exactly like one.
+
+The standard Future is the reference: random operation sequences are applied to both and
+every answer compared. Blocking, waking and the stdlib helpers (wait, as_completed,
+asyncio.wrap_future) are tested with the orderings made to happen, not slept for.
+"""
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import inspect
+import logging
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchproc.futures import RequestFuture
+
+OPS = ("cancel", "set_running_or_notify_cancel", "set_result", "set_exception",
+       "add_done_callback", "done", "running", "cancelled", "result", "exception", "repr")
+
+
+def _apply(future, op, calls):
+    """Run one operation; return what it answered (value or exception type)."""
+    try:
+        if op == "set_result":
+            return ("ok", future.set_result(42))
+        if op == "set_exception":
+            return ("ok", future.set_exception(KeyError("boom")))
+        if op == "add_done_callback":
+            return ("ok", future.add_done_callback(lambda f: calls.append(f.done())))
+        if op in ("result", "exception"):
+            out = getattr(future, op)(timeout=0)
+            return ("ok", type(out).__name__ if isinstance(out, BaseException) else out)
+        if op == "repr":
+            # Same text once the class name and address are taken out.
+            return ("ok", repr(future).split(" state=")[1])
+        return ("ok", getattr(future, op)())
+    except BaseException as exc:  # compared by type: both must raise the same thing
+        return ("raised", type(exc).__name__)
+
+
+@given(st.lists(st.sampled_from(OPS), max_size=12))
+def test_every_operation_sequence_answers_like_the_standard_future(ops):
+    ours, ref = RequestFuture(), cf.Future()
+    ours_calls, ref_calls = [], []
+    logging.disable(logging.CRITICAL)  # the unexpected-state log line, on both sides
+    try:
+        for op in ops:
+            assert _apply(ours, op, ours_calls) == _apply(ref, op, ref_calls), op
+            assert ours._state == ref._state
+            assert ours_calls == ref_calls
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_is_a_concurrent_futures_future():
+    assert isinstance(RequestFuture(), cf.Future)
+
+
+def test_every_future_method_that_could_wait_or_notify_is_overridden():
+    # wait()/as_completed() use _condition only as a lock; a Future method this class
+    # inherits must not call wait/notify on it. A new one in a later Python fails here.
+    inherited_ok = {"_Future__get_result", "__class_getitem__"}
+    for name, value in vars(cf.Future).items():
+        if not callable(value) and not isinstance(value, (classmethod, staticmethod)):
+            continue
+        if name in vars(RequestFuture):
+            continue
+        assert name in inherited_ok, f"Future.{name} is inherited unchecked"
+        if inspect.isfunction(value):
+            assert "_condition" not in inspect.getsource(value), name
+
+
+def test_tracks_far_fewer_objects_for_the_garbage_collector():
+    def tracked(factory):
+        gc.collect()
+        before = len(gc.get_objects())
+        keep = [factory() for _ in range(100)]
+        count = len(gc.get_objects()) - before
+        del keep
+        return count / 100
+
+    assert tracked(RequestFuture) <= 3 < tracked(cf.Future)
+
+
+def _blocked_in_wait(future):
+    """Wait until a thread is registered as blocked on ``future`` (a state, polled)."""
+    for _ in range(10_000):
+        if future._sleepers:
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("no thread blocked on the future")
+
+
+@pytest.mark.parametrize("outcome", ["result", "exception", "cancel"])
+def test_a_blocked_result_call_is_woken_by_completion(outcome):
+    future = RequestFuture()
+    got = []
+
+    def waiter():
+        try:
+            got.append(("value", future.result()))
+        except BaseException as exc:
+            got.append(("error", type(exc).__name__))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _blocked_in_wait(future)
+    assert not got
+    if outcome == "result":
+        future.set_result(7)
+    elif outcome == "exception":
+        future.set_exception(ValueError("no"))
+    else:
+        assert future.cancel()
+    thread.join(5)
+    assert not thread.is_alive()
+    expected = {"result": ("value", 7), "exception": ("error", "ValueError"),
+                "cancel": ("error", "CancelledError")}[outcome]
+    assert got == [expected]
+    assert future._sleepers is None
+
+
+def test_many_waiters_are_all_woken():
+    future = RequestFuture()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(future.result()))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for _ in range(10_000):
+        if future._sleepers and len(future._sleepers) == 8:
+            break
+        threading.Event().wait(0.001)
+    future.set_result("x")
+    for t in threads:
+        t.join(5)
+    assert results == ["x"] * 8
+
+
+def test_a_timed_out_wait_raises_and_leaves_nothing_registered():
+    future = RequestFuture()
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=0.01)
+    with pytest.raises(cf.TimeoutError):
+        future.exception(timeout=0.01)
+    assert not future._sleepers
+    future.set_result(1)
+    assert future.result(timeout=0) == 1
+
+
+def test_callback_errors_are_logged_not_raised(caplog):
+    future = RequestFuture()
+    seen = []
+
+    def bad(f):
+        raise RuntimeError("callback bug")
+
+    future.add_done_callback(bad)
+    future.add_done_callback(lambda f: seen.append(f.result()))
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        future.set_result(5)
+    assert seen == [5]
+    assert "exception calling callback" in caplog.text
+    # Added after completion: called at once, errors still only logged.
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        future.add_done_callback(bad)
+    assert "exception calling callback" in caplog.text
+
+
+def test_cancel_racing_the_worker_is_decided_exactly_once():
+    for _ in range(500):
+        future = RequestFuture()
+        calls = []
+        future.add_done_callback(calls.append)
+        barrier = threading.Barrier(2)
+        outcome = {}
+
+        def user(future=future, barrier=barrier, outcome=outcome):
+            barrier.wait()
+            outcome["cancel"] = future.cancel()
+
+        thread = threading.Thread(target=user)
+        thread.start()
+        barrier.wait()
+        outcome["run"] = future.set_running_or_notify_cancel()
+        thread.join(5)
+        assert outcome["cancel"] != outcome["run"]
+        if outcome["run"]:
+            future.set_result(1)
+        assert calls == [future]
+
+
+def test_concurrent_futures_wait_and_as_completed():
+    a, b, c = RequestFuture(), RequestFuture(), RequestFuture()
+    b.set_result("early")
+    done, not_done = cf.wait([a, b, c], timeout=0, return_when=cf.FIRST_COMPLETED)
+    assert done == {b} and not_done == {a, c}
+
+    order = []
+
+    def finish():
+        # Completes a then c once as_completed is waiting on them (it registered).
+        for _ in range(10_000):
+            if a._waiter_list and c._waiter_list:
+                break
+            threading.Event().wait(0.001)
+        c.set_exception(KeyError("c"))
+        a.set_result("late")
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    for f in cf.as_completed([a, b, c], timeout=5):
+        order.append(f)
+    thread.join(5)
+    assert order[0] is b and set(order) == {a, b, c}
+    assert not a._waiter_list and not c._waiter_list  # as_completed cleaned up
+
+    d = RequestFuture()
+    d.cancel()
+    d.set_running_or_notify_cancel()
+    done, _ = cf.wait([d], timeout=5)
+    assert done == {d}
+
+
+def test_asyncio_wrap_future_sees_results_and_cancellation():
+    async def main():
+        loop = asyncio.get_running_loop()
+        ok = RequestFuture()
+        loop.call_soon(lambda: threading.Thread(target=ok.set_result, args=(3,)).start())
+        assert await asyncio.wrap_future(ok) == 3
+
+        cancelled = RequestFuture()
+        wrapped = asyncio.wrap_future(cancelled)
+        wrapped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+        await asyncio.sleep(0)  # the loop passes the cancellation on in a callback
+        return cancelled.cancelled()
+
+    assert asyncio.run(main())
+
+
+def test_results_are_kept_by_reference():
+    future = RequestFuture()
+    value = np.arange(3)
+    future.set_result(value)
+    assert future.result() is value
+    assert "returned ndarray" in repr(future)
+
+
+# -- through the processor ---------------------------------------------------------------
+
+
+def test_a_cancelled_queued_request_is_reported_to_concurrent_futures_wait(make_processor):
+    processor = make_processor(lambda batch: batch)
+    processor.pause()
+    future = processor.enqueue_predict(np.ones((1, 2)))
+    assert future.cancel()
+    # Without the notification wait() would only see CANCELLED, never "done", and time
+    # out: no worker will ever pop this request to notify it.
+    done, not_done = cf.wait([future], timeout=5)
+    assert done == {future} and not not_done
+    processor.resume()
+    assert processor.get_stats()["total_cancelled"] == 1
+
+
+def test_processor_futures_are_request_futures(make_processor):
+    processor = make_processor(lambda batch: batch)
+    future = processor.enqueue_predict(np.ones((1, 2)))
+    assert isinstance(future, RequestFuture)
+    assert future.result(timeout=5).tolist() == [[1.0, 1.0]]

@@ -177,10 +177,15 @@ class CallSlots:
             self._busy += 1
             return True
 
-    def release(self) -> None:
+    def release(self, wake: bool = True) -> None:
+        """Free a slot. ``wake=False`` when the releasing thread will come back for it
+        at once and nothing is waiting to be popped: handing the slot to a sleeping
+        thread instead would cost a wake-up (and a GIL hand-off) on every batch at low
+        load, for no work."""
         with self._cond:
             self._busy -= 1
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def set_limit(self, limit: int) -> None:
         with self._cond:

@@ -244,17 +244,15 @@ class Dispatcher:
                         requests = queue.pop_batch(
                             plan.target_rows, byte_cap, fill_rows=plan.target_rows,
                             max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
-                        batch = self._register(requests, worker) if requests else None
-                    finally:
-                        with self._lock:
-                            self._popping -= 1
-                            if not self._popping:
-                                self._popped.notify_all()
+                    except BaseException:
+                        self._register([], worker)  # only to end the pop
+                        raise
+                    batch = self._register(requests, worker)
                 except BaseException:
                     slots.release()
                     raise
                 if not requests:
-                    slots.release()
+                    slots.release(wake=queue.closed)
                     if queue.closed:
                         return  # closed and drained
                     continue
@@ -273,22 +271,26 @@ class Dispatcher:
             self._spawn_worker()
 
     def _register(self, requests: list[Request], worker: _Worker) -> _Batch | None:
-        """Make popped requests an in-flight batch at once, so that stop() always sees
-        them (in the queue, or in _active), never between the two."""
+        """End a pop: make what it took an in-flight batch at once, so that stop() always
+        sees popped requests (in the queue, or in _active), never between the two."""
         # From here on a request can no longer be cancelled; one already cancelled is
         # dropped without being processed.
         live = [r for r in requests if r[0].set_running_or_notify_cancel()]
+        batch = _Batch(live, worker) if live else None
+        with self._lock:
+            self._popping -= 1
+            if self._closing and not self._popping:
+                self._popped.notify_all()  # abandon_all may be waiting for this pop
+            late = self._abandon_all.is_set()
+            if batch is not None and not late:
+                self._active.add(batch)
         if len(live) != len(requests):
             self._count_cancelled(len(requests) - len(live))
             if not live:
-                self._slots.release()
+                self._slots.release(wake=self._others_needed())
                 return None
-        batch = _Batch(live, worker)
-        with self._lock:
-            late = self._abandon_all.is_set()
-            if not late:
-                self._active.add(batch)
-        if late:  # stop() gave up on in-flight work (only after its grace for pops)
+        if batch is not None and late:
+            # stop() gave up on in-flight work (only after its grace for pops).
             self._release_slot(batch)
             self._fail_pending(live, ProcessorStoppedError(
                 "processor stopped before this request finished"), OUTCOME_ERROR)
@@ -316,21 +318,36 @@ class Dispatcher:
             logger.exception("batch of %d requests failed outside the retry logic", len(live))
             self._fail(batch, live, exc)
         finally:
-            self._end_in_flight(batch)
-            self._release_slot(batch)
-            with self._lock:
-                self._active.discard(batch)
+            self._finish(batch)
         if self._config.enable_memory_optimization:
             self._collect_young(len(live))
 
+    def _finish(self, batch: _Batch) -> None:
+        """The worker is done with the batch: whatever it still holds, it gives back (one
+        lock round for the three; this runs once per batch)."""
+        with self._lock:
+            self._active.discard(batch)
+            in_flight, batch.in_flight = batch.in_flight, False
+            holds_slot, batch.holds_slot = batch.holds_slot, False
+        if in_flight:
+            self._queue.end_batch()
+        if holds_slot:
+            self._slots.release(wake=self._others_needed())
+
     def _release_slot(self, batch: _Batch) -> None:
-        """Let the next batch start: called once the batch's calls are over (or when it
-        is abandoned, so a stuck call does not hold its slot)."""
+        """Let another batch start while this worker cannot: it was abandoned (a stuck
+        call must not hold its slot) or it is backing off before a retry."""
         with self._lock:
             if not batch.holds_slot:
                 return
             batch.holds_slot = False
         self._slots.release()
+
+    def _others_needed(self) -> bool:
+        """Should a slot this worker gives back wake another worker? Only for requests
+        already waiting: this one goes back to popping right after."""
+        queue = self._queue
+        return len(queue) > 0 or queue.closed
 
     def _end_in_flight(self, batch: _Batch) -> None:
         with self._lock:
@@ -482,8 +499,10 @@ class Dispatcher:
             if batch.abandoned:
                 return
             batch.delivering = True
-        # The model is free: the next batch may start while this one is delivered.
-        self._release_slot(batch)
+            holds_slot, batch.holds_slot = batch.holds_slot, False
+        if holds_slot:
+            # The model is free: the next batch may start while this one is delivered.
+            self._slots.release(wake=self._others_needed())
         try:
             now = _monotonic()
             queue_time = self._queue_time(batch, requests)

@@ -243,6 +243,41 @@ def test_a_blocked_pop_wakes_on_push(impl: Any) -> None:
     assert popper.outcome() == ["x"]
 
 
+def test_a_push_wakes_the_pop_that_blocked_last() -> None:
+    # LIFO: at low load the worker that just finished (so parked last) takes the next
+    # request while the others sleep on. Native only: wake order is not the twin's job.
+    q = native_queue.RequestQueue(4)
+    first = Worker(q.pop_batch, 1, timeout=HANG)
+    blocked(q, ITEMS, 1)
+    last = Worker(q.pop_batch, 1, timeout=HANG)
+    blocked(q, ITEMS, 2)
+    q.push("x")
+    assert last.outcome() == ["x"]
+    assert first.is_alive()
+    q.push("y")
+    assert first.outcome() == ["y"]
+
+
+def test_a_timed_out_pop_leaves_the_waiter_stack_intact() -> None:
+    # The middle waiter times out and must unlink itself; the other two are still woken,
+    # one per push, newest first, and close() wakes everyone left.
+    q = native_queue.RequestQueue(4)
+    bottom = Worker(q.pop_batch, 1, timeout=HANG)
+    blocked(q, ITEMS, 1)
+    middle = Worker(q.pop_batch, 1, timeout=0.05)
+    blocked(q, ITEMS, 2)
+    top = Worker(q.pop_batch, 1, timeout=HANG)
+    blocked(q, ITEMS, 3)
+    assert middle.outcome() == []
+    q.push("a")
+    assert top.outcome() == ["a"]
+    spare = [Worker(q.pop_batch, 1) for _ in range(3)]  # timeout=None
+    blocked(q, ITEMS, 4)
+    q.close()
+    assert bottom.outcome() == []
+    assert [w.outcome() for w in spare] == [[], [], []]
+
+
 # ------------------------------------------------------------------ fill wait
 
 

@@ -245,3 +245,26 @@ def test_fixed_strategy_dispatches_as_soon_as_the_batch_is_full(make_processor, 
     for f in futures:
         f.result(timeout=10)  # would take 30 s if it waited for the time-out
     assert model.sizes == [4]
+
+
+@pytest.mark.parametrize("out", [
+    np.arange(6.0),                                   # 1-D
+    np.arange(12.0).reshape(6, 2),                    # 2-D
+    np.arange(24.0).reshape(6, 2, 2),                 # 3-D
+    np.arange(12.0).reshape(2, 6).T,                  # not contiguous
+    np.ma.masked_array(np.arange(6.0)),               # a subclass: the generic path
+    list(range(6)),                                   # not an array
+], ids=["1d", "2d", "3d", "transposed", "subclass", "list"])
+@pytest.mark.parametrize("rows", [[1] * 6, [2, 1, 0, 3]], ids=["one-row-each", "mixed"])
+def test_split_gives_each_request_exactly_its_rows(out, rows):
+    from batchproc.batching import BatchBuilder
+
+    requests = [(None, np.zeros((r, 2)), r, 0.0) for r in rows]
+    parts = BatchBuilder(stack_items=False).split(out, requests)
+    start = 0
+    for part, r in zip(parts, rows, strict=True):
+        expected = out[start:start + r]
+        start += r
+        assert type(part) is type(expected)
+        assert np.shape(part) == np.shape(expected)
+        assert np.array_equal(part, expected)

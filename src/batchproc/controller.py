@@ -161,7 +161,10 @@ class CallSlots:
     """
 
     def __init__(self, limit: int) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Taken directly (a C-level context manager) on the per-batch paths; the
+        # Condition over it only for the rare wait.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._limit = limit
         self._busy = 0
 
@@ -170,7 +173,7 @@ class CallSlots:
         return self._limit
 
     def acquire(self, timeout: float) -> bool:
-        with self._cond:
+        with self._lock:
             if self._busy >= self._limit and not self._cond.wait_for(
                     lambda: self._busy < self._limit, timeout):
                 return False
@@ -182,7 +185,7 @@ class CallSlots:
         at once and nothing is waiting to be popped: handing the slot to a sleeping
         thread instead would cost a wake-up (and a GIL hand-off) on every batch at low
         load, for no work."""
-        with self._cond:
+        with self._lock:
             self._busy -= 1
             if wake:
                 self._cond.notify()

@@ -491,7 +491,7 @@ class Dispatcher:
     # ----------------------------------------------------------------- completion
 
     def _queue_time(self, batch: _Batch, requests: list[Request]) -> float:
-        return batch.dispatched_at - sum(r[3] for r in requests) / len(requests)
+        return batch.dispatched_at - sum([r[3] for r in requests]) / len(requests)
 
     def _deliver(self, batch: _Batch, requests: list[Request], parts: list[Any],
                  elapsed: float, rows: int, target: int) -> None:

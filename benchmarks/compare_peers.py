@@ -42,7 +42,7 @@ from batchproc.bench import BenchError, report
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, make_model
 from batchproc.bench.runner import LIMIT, RunResult, run_limit, run_target
-from batchproc.bench.targets import Batchproc, Minimal, NoBatching
+from batchproc.bench.targets import Batchproc, BatchprocAsync, Minimal, NoBatching
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import PeerUnavailable, batched_peer, ray_peer
@@ -51,7 +51,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_BATCH = 64
 MAX_DELAY = 0.005
 FEATURES = 64
-SYSTEMS = ("batchproc", batched_peer.NAME, ray_peer.NAME, "minimal batcher", "no batching", LIMIT)
+ASYNC = "batchproc asyncio"
+SYSTEMS = ("batchproc", ASYNC, batched_peer.NAME, ray_peer.NAME, "minimal batcher",
+           "no batching", LIMIT)
 MODELS = ("identity", "mlp", "fixed")
 LOADS = ("1", "64", "burst")
 
@@ -60,6 +62,7 @@ TARGETS = [
     ("identity", "1", "batchproc", "minimal batcher", 50.0, "no waiting at low load"),
     ("identity", "burst", "batchproc", "minimal batcher", 2.0, "per-request overhead"),
     ("identity", "64", "batchproc", ray_peer.NAME, 1.5, "per-request overhead"),
+    ("identity", "64", ASYNC, ray_peer.NAME, 1.5, "the same asyncio clients as Ray"),
     ("fixed", "64", "batchproc", LIMIT, 0.95, "full batches, model never idle"),
     ("fixed", "burst", "batchproc", LIMIT, 0.95, "full batches, model never idle"),
     ("mlp", "burst", "batchproc", "no batching", 1.5, "batching pays on a real model"),
@@ -123,8 +126,9 @@ def make_factories(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any
     factories: dict[str, Callable[[], Any]] = {}
     skipped: dict[str, str] = {}
     for name in args.systems:
-        if name == "batchproc":
-            factories[name] = lambda: Batchproc(
+        if name in ("batchproc", ASYNC):
+            cls = Batchproc if name == "batchproc" else BatchprocAsync
+            factories[name] = lambda cls=cls: cls(
                 MAX_BATCH, MAX_DELAY, workers=args.workers, strategy=args.strategy,
                 queue_size=max(1000, args.burst),
             )
@@ -169,13 +173,20 @@ def cpython_floor(n: int = 200_000) -> dict[str, float]:
     import threading
     from concurrent.futures import Future
 
+    from batchproc.futures import RequestFuture
+
     pc = time.perf_counter
-    t = pc()
-    for _ in range(n):
-        f: Future[int] = Future()
-        f.set_result(1)
-        f.result()
-    future_us = (pc() - t) / n * 1e6
+
+    def lifecycle(cls: type[Future[int]]) -> float:
+        t = pc()
+        for _ in range(n):
+            f = cls()
+            f.set_result(1)
+            f.result()
+        return (pc() - t) / n * 1e6
+
+    future_us = lifecycle(Future)
+    request_future_us = lifecycle(RequestFuture)
 
     rounds = 5_000
     ping, pong = threading.Event(), threading.Event()
@@ -195,7 +206,9 @@ def cpython_floor(n: int = 200_000) -> dict[str, float]:
         pong.clear()
     wake_us = (pc() - t) / rounds / 2 * 1e6
     th.join()
-    return {"future_create_complete_us": future_us, "thread_wakeup_us": wake_us}
+    return {"future_create_complete_us": future_us,
+            "request_future_create_complete_us": request_future_us,
+            "thread_wakeup_us": wake_us}
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,6 +294,7 @@ def target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             got = a["throughput"] / b["throughput"]
         out.append({
             "model": model, "load": {"1": "1 client", "64": "64 clients"}.get(key, "burst"),
+            "subject": subject,
             "reference": ref, "target": goal, "measured": got,
             "met": None if got is None else got >= goal, "why": why,
         })
@@ -313,15 +327,17 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for t in doc["targets"]:
         got = t["measured"]
         verdict = "-" if t["met"] is None else ("met" if t["met"] else "**missed**")
-        rows.append([f"{t['model']}, {t['load']}", t["reference"], f"{t['target']:g}x",
-                     report.fmt_ratio(got), verdict])
+        rows.append([f"{t['model']}, {t['load']}", t.get("subject", "batchproc"),
+                     t["reference"], f"{t['target']:g}x", report.fmt_ratio(got), verdict])
     lines += [report.markdown_table(
-        ["model, load", "reference", "target", "batchproc measured", "verdict"], rows, 2), ""]
+        ["model, load", "system", "reference", "target", "measured", "verdict"], rows, 3), ""]
     fl = doc.get("cpython_floor")
     if fl:
         lines += [
             f"CPython floor on this machine: creating and completing one `Future` costs "
-            f"{fl['future_create_complete_us']:.2f} µs; one thread wake-up (Event ping-pong, "
+            f"{fl['future_create_complete_us']:.2f} µs (batchproc's lighter `RequestFuture`: "
+            f"{fl.get('request_future_create_complete_us', float('nan')):.2f} µs); "
+            f"one thread wake-up (Event ping-pong, "
             f"one way) {fl['thread_wakeup_us']:.1f} µs. A burst cannot beat "
             f"{1e6 / fl['future_create_complete_us']:,.0f} req/s from one submitting thread "
             "on Future handling alone; a closed-loop client pays at least two wake-ups per "
@@ -362,7 +378,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "on full batches of 64 from one thread (latency = one call). No batching runs the model "
         "per request in the caller's thread. `ray serve.batch` runs standalone in one asyncio "
         "loop (no Ray cluster; one replica-only warning check disabled, see "
-        "benchmarks/peers/ray_peer.py). `batched` is driven from threads through its sync API.",
+        "benchmarks/peers/ray_peer.py). `batched` is driven from threads through its sync API. "
+        "`batchproc` is driven from threads (`enqueue_predict(x).result()`); `batchproc "
+        "asyncio` is the same processor driven like Ray, from one asyncio loop "
+        "(`await enqueue_predict_async(x)`).",
         "",
     ]
     return "\n".join(lines)

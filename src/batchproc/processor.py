@@ -8,16 +8,19 @@ supervisor that enforces ``item_timeout`` and runs the health checks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue as _stdlib_queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._native.request_queue import QueueClosed, RequestQueue
+from .aio import AsyncRequest, LoopChannel
 from .batching import ItemDescriber
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
@@ -94,6 +97,12 @@ class BatchProcessor(Generic[T, U]):
             workers=self._dispatcher.alive_workers)
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
+        # enqueue_predict_async: one LoopChannel per event loop, the last one used cached
+        # as a (loop, channel) pair, read in one step by any thread.
+        self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopChannel] = (
+            weakref.WeakKeyDictionary())
+        self._channels_lock = threading.Lock()
+        self._last_channel: tuple[object, LoopChannel | None] = (None, None)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -208,6 +217,43 @@ class BatchProcessor(Generic[T, U]):
         future._bp_token = token
         future._bp_owner = self
         return future
+
+    def enqueue_predict_async(self, item: T,
+                              priority: BatchPriority | int = BatchPriority.NORMAL,
+                              ) -> asyncio.Future[U]:
+        """From a coroutine: queue ``item`` and return an ``asyncio.Future`` of its result
+        on the running event loop (``await processor.enqueue_predict_async(x)``).
+
+        Results reach the loop a batch at a time (one wake-up of the loop per batch, not
+        per request, as ``asyncio.wrap_future(enqueue_predict(x))`` would cost). It never
+        blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
+        ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
+        dispatched is never processed; after dispatch its result is discarded.
+        ``RuntimeError`` if no event loop is running in this thread.
+        """
+        loop = asyncio.get_running_loop()
+        last_loop, channel = self._last_channel
+        if last_loop is not loop or channel is None:
+            channel = self._channel_for(loop)
+        item, rows, nbytes, key = self._describe(item)
+        future: asyncio.Future[U] = loop.create_future()
+        try:
+            self._queue.push((AsyncRequest(future, channel), item, rows, _monotonic()),
+                             priority, rows, nbytes, key, 0)
+        except _stdlib_queue.Full:
+            raise QueueFullError(
+                f"queue full ({self.config.max_queue_size} requests)") from None
+        except QueueClosed:
+            raise ProcessorStoppedError("processor is stopped; request refused") from None
+        return future
+
+    def _channel_for(self, loop: asyncio.AbstractEventLoop) -> LoopChannel:
+        with self._channels_lock:
+            channel = self._channels.get(loop)
+            if channel is None:
+                channel = self._channels[loop] = LoopChannel(loop)
+            self._last_channel = (loop, channel)
+        return channel
 
     def enqueue(self, item: T, timeout: float | None = None,
                 priority: BatchPriority | int = BatchPriority.NORMAL) -> None:

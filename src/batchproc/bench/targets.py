@@ -163,3 +163,14 @@ class Batchproc(SyncTarget):
 
     def stats(self) -> dict[str, Any]:
         return {k: v for k, v in self._stats.items() if isinstance(v, (int, float, bool, str))}
+
+
+class BatchprocAsync(Batchproc):
+    """The same processor driven from one asyncio loop through
+    ``enqueue_predict_async``: the client shape of Ray Serve's ``serve.batch``."""
+
+    name = "batchproc asyncio"
+    is_async = True  # type: ignore[assignment]
+
+    async def acall(self, item: np.ndarray, priority: int) -> Any:
+        return await self._p.enqueue_predict_async(item, self._levels[priority])

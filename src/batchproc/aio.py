@@ -1,0 +1,98 @@
+"""The asyncio front door: requests whose results land on an event loop.
+
+``BatchProcessor.enqueue_predict_async`` returns an ``asyncio.Future`` of the caller's
+running loop. Wrapping a ``concurrent.futures.Future`` instead (``asyncio.wrap_future``)
+costs a ``call_soon_threadsafe`` per request: a write to the loop's wake-up socket and
+a callback per result. Here a worker hands a loop every result of a batch at once: the
+first result posted to an idle ``LoopChannel`` schedules one flush on the loop, later
+ones join it, and the flush completes them all in one pass of the loop
+(benchmarks/compare_peers.py, "batchproc asyncio", measures the difference).
+
+``AsyncRequest`` stands in the queue where a ``RequestFuture`` would: the workers only
+call ``set_running_or_notify_cancel``, ``set_result``, ``set_exception`` and ``done``.
+Thread rules: the asyncio future is only completed on its loop (in the flush); workers
+only read whether it was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_PENDING, _RUNNING, _DONE = 0, 1, 2
+
+
+class LoopChannel:
+    """Results travelling from worker threads to one event loop, a batch at a time."""
+
+    __slots__ = ("_lock", "_loop", "_pending", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._scheduled = False
+
+    def post(self, future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        """From any thread: complete ``future`` on its loop, soon."""
+        with self._lock:
+            self._pending.append((future, ok, value))
+            if self._scheduled:
+                return  # a flush is already on its way and will take this one too
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed: nobody can await these any more
+            with self._lock:
+                dropped, self._pending, self._scheduled = len(self._pending), [], False
+            logger.debug("event loop closed; %d results dropped", dropped)
+
+    def _flush(self) -> None:
+        """On the loop: complete everything posted so far."""
+        with self._lock:
+            items, self._pending, self._scheduled = self._pending, [], False
+        for future, ok, value in items:
+            if future.done():
+                continue  # cancelled by its awaiter meanwhile
+            if ok:
+                future.set_result(value)
+                continue
+            try:
+                future.set_exception(value)
+            except TypeError:  # StopIteration cannot travel through an asyncio future
+                future.set_exception(RuntimeError(f"process_func raised {value!r}"))
+
+
+class AsyncRequest:
+    """The queue's view of an async request: a future-like whose results go to a loop."""
+
+    __slots__ = ("_channel", "_future", "_state")
+
+    def __init__(self, future: asyncio.Future[Any], channel: LoopChannel) -> None:
+        self._future = future
+        self._channel = channel
+        self._state = _PENDING
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """Called once, by the worker that popped it (or by stop()): False if the
+        awaiter has cancelled, and then it is never processed."""
+        if self._future.cancelled():
+            self._state = _DONE
+            return False
+        self._state = _RUNNING
+        return True
+
+    def set_result(self, result: Any) -> None:
+        self._state = _DONE
+        self._channel.post(self._future, True, result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._state = _DONE
+        self._channel.post(self._future, False, exception)
+
+    def done(self) -> bool:
+        return self._state == _DONE

@@ -1,0 +1,183 @@
+"""enqueue_predict_async: results on the caller's event loop, a batch at a time."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc import BatchProcessingStrategy, ProcessorStoppedError, QueueFullError
+
+
+def _wait_for(predicate, what, timeout=10.0):
+    """Poll a state the test is waiting for (blocking the calling thread on purpose)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_many_coroutines_each_get_exactly_their_result(make_processor):
+    processor = make_processor(lambda batch: batch * 2)
+
+    async def client(i):
+        out = []
+        for k in range(20):
+            value = float(i * 1000 + k)
+            result = await processor.enqueue_predict_async(np.array([[value, -value]]))
+            out.append(result.tolist() == [[2 * value, -2 * value]])
+        return out
+
+    async def main():
+        return await asyncio.gather(*(client(i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert all(all(r) for r in results)
+    assert processor.get_stats()["total_processed"] == 32 * 20
+
+
+def test_a_failing_item_fails_only_its_own_awaiter(make_processor):
+    def model(batch):
+        if (batch < 0).any():
+            raise ValueError("negative input")
+        return batch
+
+    processor = make_processor(model, max_retries=0)
+    processor.pause()
+
+    async def main():
+        good = processor.enqueue_predict_async(np.array([[1.0]]))
+        bad = processor.enqueue_predict_async(np.array([[-1.0]]))
+        processor.resume()
+        return await asyncio.gather(good, bad, return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good.tolist() == [[1.0]]
+    assert isinstance(bad, ValueError)
+
+
+def test_results_of_a_batch_reach_the_loop_in_one_wake_up(make_processor):
+    seen = []
+    processor = make_processor(lambda batch: seen.append(len(batch)) or batch,
+                               processing_strategy=BatchProcessingStrategy.FIXED,
+                               initial_batch_size=10, batch_timeout=5.0)
+    processor.pause()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = []
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            wakes.append(callback)
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        futures = [processor.enqueue_predict_async(np.array([[float(i)]])) for i in range(10)]
+        channel = processor._last_channel[1]
+        processor.resume()
+        # Hold the loop (so no flush can run) until the worker has posted all ten.
+        _wait_for(lambda: len(channel._pending) == 10, "ten posted results")
+        assert len(wakes) == 1
+        results = await asyncio.gather(*futures)
+        return [r.tolist() for r in results], len(wakes)
+
+    results, wakes = asyncio.run(main())
+    assert seen == [10]
+    assert results == [[[float(i)]] for i in range(10)]
+    assert wakes == 1
+
+
+def test_a_request_cancelled_before_dispatch_is_never_processed(make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model)
+    processor.pause()
+
+    async def main():
+        doomed = asyncio.ensure_future(processor.enqueue_predict_async(np.array([[7.0]])))
+        kept = processor.enqueue_predict_async(np.array([[8.0]]))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        processor.resume()
+        result = await kept
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        return result
+
+    assert asyncio.run(main()).tolist() == [[8.0]]
+    assert [b.tolist() for b in model.batches] == [[[8.0]]]
+    assert processor.get_stats()["total_cancelled"] == 1
+
+
+def test_stop_fails_queued_async_requests(make_processor):
+    processor = make_processor()  # never started: the request stays queued
+
+    async def main():
+        future = processor.enqueue_predict_async(np.array([[1.0]]))
+        await asyncio.get_running_loop().run_in_executor(None, processor.stop)
+        with pytest.raises(ProcessorStoppedError):
+            await future
+        with pytest.raises(ProcessorStoppedError):
+            processor.enqueue_predict_async(np.array([[1.0]]))
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_refuses_at_once_instead_of_blocking_the_loop(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        first = processor.enqueue_predict_async(np.array([[1.0]]))
+        with pytest.raises(QueueFullError):
+            processor.enqueue_predict_async(np.array([[2.0]]))
+        processor.resume()
+        return await first
+
+    assert asyncio.run(main()).tolist() == [[1.0]]
+
+
+def test_without_a_running_loop_it_says_so(make_processor):
+    processor = make_processor(lambda batch: batch)
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        processor.enqueue_predict_async(np.array([[1.0]]))
+    assert processor.get_stats()["total_accepted"] == 0
+
+
+def test_loops_in_several_threads_share_one_processor(make_processor):
+    processor = make_processor(lambda batch: batch + 1)
+    outcomes = {}
+
+    def thread_main(tag):
+        async def main():
+            futures = [processor.enqueue_predict_async(np.array([[float(tag * 100 + k)]]))
+                       for k in range(50)]
+            return [r.item() for r in await asyncio.gather(*futures)]
+
+        outcomes[tag] = asyncio.run(main())
+
+    threads = [threading.Thread(target=thread_main, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert {t: outcomes[t] for t in range(4)} == {
+        t: [float(t * 100 + k + 1) for k in range(50)] for t in range(4)}
+
+
+def test_a_closed_loop_does_not_break_the_worker(make_processor):
+    processor = make_processor(lambda batch: batch)
+    processor.pause()
+    loop = asyncio.new_event_loop()
+
+    async def enqueue_only():
+        return processor.enqueue_predict_async(np.array([[1.0]]))
+
+    orphan = loop.run_until_complete(enqueue_only())
+    loop.close()
+    processor.resume()
+    _wait_for(lambda: processor.get_stats()["total_processed"] == 1, "the orphan processed")
+    assert not orphan.done()  # its loop is gone: nobody could ever await it
+    # The worker that posted into the closed loop goes on serving.
+    assert processor.enqueue_predict(np.array([[2.0]])).result(timeout=10).tolist() == [[2.0]]

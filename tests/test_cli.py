@@ -185,3 +185,20 @@ def test_plot_needs_matplotlib_or_writes_a_png(tmp_path, capsys: pytest.CaptureF
     else:
         assert code == 0, err
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_asyncio_drives_batchproc_from_an_event_loop(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a.json"
+    code, out, err = run_cli(
+        capsys, "--model", "identity", "--clients", "8", "--asyncio", *TINY,
+        "--json", str(path),
+    )
+    assert code == 0, err
+    assert "batchproc asyncio vs no batching" in out
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["asyncio"] is True
+    assert [r["system"] for r in doc["runs"]] == ["batchproc asyncio", "no batching", "limit"]
+    assert doc["runs"][0]["completed"] == 40 and doc["runs"][0]["errors"] == 0
+    assert doc["ratios"]["vs_no_batching"] is not None

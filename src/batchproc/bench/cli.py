@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from . import BenchError
 from .loads import Bounds, Load
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, check_model, make_model
-from .targets import STRATEGIES, Batchproc, NoBatching
+from .targets import STRATEGIES, Batchproc, BatchprocAsync, NoBatching
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument(
         "--burst", type=_positive_int, metavar="N",
         help="one thread submits N requests as fast as it can, then waits for all",
+    )
+    ld.add_argument(
+        "--asyncio", action="store_true",
+        help="drive batchproc from one asyncio loop (enqueue_predict_async): clients are "
+        "coroutines, as in an asyncio service; no batching and the limit run as usual",
     )
     ld.add_argument(
         "--priorities", action="store_true",
@@ -231,6 +236,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Load, Bounds, dict[str, Any
         "max_delay_ms": args.max_delay,
         "workers": args.workers,
         "strategy": args.strategy,
+        "asyncio": args.asyncio,
         "queue_size": queue_size,
     }
     return load, bounds, settings
@@ -258,7 +264,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError) as exc:
         raise BenchError(f"batchproc's BatchProcessor is not importable: {exc}") from None
 
-    bp = Batchproc(
+    bp = (BatchprocAsync if args.asyncio else Batchproc)(
         max_batch=args.max_batch,
         max_delay=args.max_delay / 1000.0,
         workers=args.workers,
@@ -290,7 +296,7 @@ def run_bench(args: argparse.Namespace) -> int:
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
     finally:
         progress.close()
-    ratios = report.bench_ratios(runs)
+    ratios = report.bench_ratios(runs, subject=bp.name)
     report.print_bench_table(title, runs, ratios)
     failed = [r for r in runs if r.errors]
     if args.json:

@@ -195,9 +195,10 @@ def print_bench_table(
             lines.append(f"{r.system} latency by priority (p50 / p99 ms): " + ", ".join(
                 f"{k} {fmt_ms(v['p50_ms'])} / {fmt_ms(v['p99_ms'])}"
                 for k, v in r.by_priority.items()))
+    subject = runs[0].system if runs else "batchproc"
     lines += [
-        f"batchproc vs no batching: {fmt_ratio(ratios.get('vs_no_batching'))} throughput",
-        f"batchproc vs the limit:   {fmt_ratio(ratios.get('vs_limit'))} throughput "
+        f"{subject} vs no batching: {fmt_ratio(ratios.get('vs_no_batching'))} throughput",
+        f"{subject} vs the limit:   {fmt_ratio(ratios.get('vs_limit'))} throughput "
         "(the limit: the model called back to back on full batches)",
     ]
     if use_rich is None:

@@ -45,6 +45,10 @@ _monotonic = time.monotonic
 # surplus worker can linger.
 _POP_POLL = 1.0
 
+# How long a worker that finished its call steps off the GIL for another one starting its
+# call (see _deliver): any sleep, rounded up by the kernel's timer slack.
+_HAND_OVER_S = 1e-6
+
 # Results of one process_func attempt.
 _OK, _FAILED, _ABANDONED = 0, 1, 2
 
@@ -500,9 +504,18 @@ class Dispatcher:
                 return
             batch.delivering = True
             holds_slot, batch.holds_slot = batch.holds_slot, False
+            next_call_waits = any(b.call_started is not None for b in self._active
+                                  if b is not batch)
         if holds_slot:
             # The model is free: the next batch may start while this one is delivered.
             self._slots.release(wake=self._others_needed())
+        if next_call_waits:
+            # Another worker is inside process_func, and the model this batch just left
+            # is now its to start, but starting takes the GIL, which this thread would
+            # hold through the whole delivery. Step off it first (a sleep of ~50 us with
+            # Linux's default timer slack) so the model is busy again before results go
+            # out (benchmarks/compare_peers.py, fixed model: the gap between calls).
+            time.sleep(_HAND_OVER_S)
         try:
             now = _monotonic()
             queue_time = self._queue_time(batch, requests)

@@ -86,7 +86,7 @@ class MinimalBatcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch = []
+            batch: list[tuple[np.ndarray, Future[Any], float]] = []
             rows = 0
             while q and (not batch or rows + len(q[0][0]) <= self.max_batch):
                 entry = q.popleft()

@@ -53,7 +53,8 @@ class MLP:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         h = np.maximum(batch @ self.w1 + self.b1, 0.0)
         h = np.maximum(h @ self.w2 + self.b2, 0.0)
-        return h @ self.w3 + self.b3
+        out: np.ndarray = h @ self.w3 + self.b3
+        return out
 
     def __repr__(self) -> str:
         return f"MLP({self.features}->256->256->16)"

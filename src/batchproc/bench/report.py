@@ -210,8 +210,8 @@ def print_bench_table(
         table = Table()
         for i, h in enumerate(COLUMNS):
             table.add_column(h, justify="left" if i in (0, len(COLUMNS) - 1) else "right")
-        for r in rows:
-            table.add_row(*r)
+        for cells in rows:
+            table.add_row(*cells)
         console = Console(file=out, width=None if out.isatty() else 120)
         console.print(title, highlight=False)
         console.print(table)

@@ -145,12 +145,12 @@ class Batchproc(SyncTarget):
         from batchproc import BatchPriority, BatchProcessor
 
         self._levels = [BatchPriority(p) for p in range(5)]
-        self._p = BatchProcessor(self.config())
+        self._p: BatchProcessor[Any, Any] = BatchProcessor(self.config())
         self._p.start(model)
         self._enqueue = self._p.enqueue_predict
 
     def submit(self, item: np.ndarray, priority: int) -> Future[Any]:
-        return self._enqueue(item, priority=self._levels[priority])  # type: ignore[no-any-return]
+        return self._enqueue(item, priority=self._levels[priority])
 
     def call(self, item: np.ndarray, priority: int) -> Any:
         return self._enqueue(item, priority=self._levels[priority]).result()
@@ -170,7 +170,7 @@ class BatchprocAsync(Batchproc):
     ``enqueue_predict_async``: the client shape of Ray Serve's ``serve.batch``."""
 
     name = "batchproc asyncio"
-    is_async = True  # type: ignore[assignment]
+    is_async = True
 
     async def acall(self, item: np.ndarray, priority: int) -> Any:
         return await self._p.enqueue_predict_async(item, self._levels[priority])

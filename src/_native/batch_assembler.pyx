@@ -84,7 +84,7 @@ cdef void _strided_copy(char* dst, const char* src, int nd, const npy_intp* dims
     cdef npy_intp counter[MAX_DIMS]
     cdef Py_ssize_t block = itemsize
     cdef int k = nd, d, j
-    cdef npy_intp n_inner, inner_stride, i
+    cdef npy_intp n_inner, inner_stride, _i
     cdef const char* p
     for d in range(nd):
         if dims[d] == 0:
@@ -106,17 +106,17 @@ cdef void _strided_copy(char* dst, const char* src, int nd, const npy_intp* dims
         for d in range(k - 1):
             p += counter[d] * strides[d]
         if block == 8:
-            for i in range(n_inner):
+            for _i in range(n_inner):
                 memcpy(dst, p, 8)
                 dst += 8
                 p += inner_stride
         elif block == 4:
-            for i in range(n_inner):
+            for _i in range(n_inner):
                 memcpy(dst, p, 4)
                 dst += 4
                 p += inner_stride
         else:
-            for i in range(n_inner):
+            for _i in range(n_inner):
                 memcpy(dst, p, block)
                 dst += block
                 p += inner_stride

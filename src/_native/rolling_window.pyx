@@ -479,4 +479,3 @@ cdef class RollingWindow:
                 return -1
         self._total += <unsigned long long>k
         return 0
-

@@ -2,23 +2,26 @@
 
 Why: every request gets a future, so its cost is paid per request. The standard
 ``Future.__init__`` builds a ``threading.Condition`` (an RLock, a deque and five bound
-methods): eleven objects the cyclic garbage collector tracks, per request. With tens of
-thousands of requests outstanding, collections that walk them cost as much as the rest
-of the request path (benchmarks/bench_futures.py measures both).
+methods): eleven objects the cyclic garbage collector tracks, per request, and every
+call takes the lock. With tens of thousands of requests outstanding, collections that
+walk those objects cost as much as the rest of the request path
+(benchmarks/bench_futures.py measures both).
 
 ``RequestFuture`` keeps the same states, the same attributes that
 ``concurrent.futures.wait()`` and ``as_completed()`` use, and the same behaviour, but:
 
-- its one lock is a plain ``_thread`` lock, which the collector does not track;
+- it owns no lock: each state transition is one call into compiled code that no other
+  Python thread can interleave with (``batchproc._native.future_state`` says why);
 - a thread blocked in ``result()``/``exception()`` waits on a lock of its own, created
   only when somebody actually waits (the way ``Condition.wait`` works inside);
-- lists of callbacks and waiters exist only once something is added to them;
-- ``done()``, ``running()`` and ``cancelled()`` read the state without the lock (one
-  attribute read is atomic; the standard version takes the lock only to read it).
+- lists of callbacks and waiters exist only once something is added to them.
 
-``concurrent.futures.wait()`` and ``as_completed()`` only acquire and release
-``_condition`` and append to ``_waiters``; every ``Future`` method that would wait on or
-notify a condition is overridden here (a test checks that no new one appears unnoticed).
+The one exception is a future handed to ``concurrent.futures.wait()`` or
+``as_completed()``: they hold ``_condition`` (a plain lock here, created on first use)
+while they read the state and register their waiter, so once it exists every
+transition of that future takes it too (the ``_locked`` methods below). Every ``Future``
+method that would wait on or notify a condition is overridden (a test checks that no
+new one appears unnoticed).
 """
 
 from __future__ import annotations
@@ -37,32 +40,48 @@ from concurrent.futures._base import (
 )
 from typing import Any
 
+from ._native import future_state as _atomic
+
 _Lock = threading.Lock
+_NEED_LOCK = _atomic.NEED_LOCK
+_INVALID = _atomic.INVALID
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _CANCELLED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED))
 _DESCRIPTION = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
                 CANCELLED_AND_NOTIFIED: "cancelled", FINISHED: "finished"}
+# Makes a future's lock exactly once, whichever thread asks first (rare: wait() only).
+_lock_creation = _Lock()
 
 
 class RequestFuture(Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` without per-instance Condition, lists or dict churn.
+    """A ``concurrent.futures.Future`` without a lock, Condition or lists of its own.
 
     Thread-safe in the same way as ``Future``; ``isinstance(f, Future)`` holds.
     """
 
     # Class-level defaults: an instance gets its own only once it needs one.
+    _cond: Any = None           # the lock behind _condition, once something asks for it
     _done_callbacks: Any = ()   # a list once a callback is added
     _waiter_list: list[Any] | None = None  # wait()/as_completed() waiters
     _sleepers: list[Any] | None = None  # locks of threads blocked in result()/exception()
 
     def __init__(self) -> None:
         # Future.__init__ is deliberately not called: it builds the Condition.
-        # _condition is a plain lock: wait() and as_completed() only acquire, release and
-        # use it as a context manager, and nothing here waits on or notifies it.
-        self._condition = _Lock()  # type: ignore[assignment]
         self._state = PENDING
         self._result = None
         self._exception: BaseException | None = None
+
+    @property
+    def _condition(self) -> Any:  # type: ignore[override]
+        """A plain lock, made on first use: wait() and as_completed() only acquire and
+        release it, and nothing here waits on or notifies it."""
+        cond = self._cond
+        if cond is None:
+            with _lock_creation:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = _Lock()
+        return cond
 
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
@@ -74,8 +93,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         state = self._state
-        name = type(self).__name__
-        head = f"<{name} at {id(self):#x} state={_DESCRIPTION[state]}"
+        head = f"<{type(self).__name__} at {id(self):#x} state={_DESCRIPTION[state]}"
         if state == FINISHED:
             if self._exception is not None:
                 return f"{head} raised {type(self._exception).__name__}>"
@@ -122,29 +140,30 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     def _wait(self, timeout: float | None) -> None:
         """Block until done or until ``timeout`` passes (``Condition.wait`` semantics:
         None waits for ever, <= 0 does not wait)."""
-        with self._condition:
-            if self._state in _DONE:
-                return
-            sleeper = _Lock()
-            sleeper.acquire()
-            if self._sleepers is None:
-                self._sleepers = [sleeper]
-            else:
-                self._sleepers.append(sleeper)
+        sleeper = _Lock()
+        sleeper.acquire()
+        registered = _atomic.add_sleeper(self, sleeper)
+        if registered == _NEED_LOCK:
+            with self._condition:
+                registered = 0 if self._state in _DONE else 1
+                if registered:
+                    self._sleepers = [*(self._sleepers or ()), sleeper]
+        if not registered:
+            return
         if timeout is None:
             woken = sleeper.acquire()
         elif timeout > 0:
             woken = sleeper.acquire(True, timeout)
         else:
             woken = sleeper.acquire(False)
-        if not woken:
+        if not woken and _atomic.remove_sleeper(self, sleeper) == _NEED_LOCK:
             with self._condition:
                 sleepers = self._sleepers
                 if sleepers is not None and sleeper in sleepers:
                     sleepers.remove(sleeper)
 
     def _wake_sleepers(self) -> None:
-        # Under _condition.
+        # Locked path only (the atomic functions wake them themselves).
         sleepers = self._sleepers
         if sleepers is not None:
             self._sleepers = None
@@ -154,14 +173,14 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     # ----------------------------------------------------------------- callbacks
 
     def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
-        with self._condition:
-            if self._state not in _DONE:
-                callbacks = self._done_callbacks
-                if callbacks:
-                    callbacks.append(fn)
-                else:
-                    self._done_callbacks = [fn]
-                return
+        added = _atomic.add_callback(self, fn)
+        if added == _NEED_LOCK:
+            with self._condition:
+                added = 0 if self._state in _DONE else 1
+                if added:
+                    self._done_callbacks = [*self._done_callbacks, fn]
+        if added:
+            return
         try:
             fn(self)
         except Exception:
@@ -177,57 +196,74 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     # ----------------------------------------------------------------- transitions
 
     def cancel(self) -> bool:
-        with self._condition:
-            state = self._state
-            if state in (RUNNING, FINISHED):
-                return False
-            if state in _CANCELLED:
-                return True
-            self._state = CANCELLED
-            self._wake_sleepers()
-        self._invoke_callbacks()
-        return True
+        code = _atomic.cancel(self)
+        if code == _NEED_LOCK:
+            with self._condition:
+                state = self._state
+                if state in (RUNNING, FINISHED):
+                    code = 0
+                elif state in _CANCELLED:
+                    code = 2
+                else:
+                    self._state = CANCELLED
+                    self._wake_sleepers()
+                    code = 1
+        if code == 1:
+            self._invoke_callbacks()
+        return code != 0
 
     def set_running_or_notify_cancel(self) -> bool:
-        with self._condition:
-            state = self._state
-            if state == PENDING:
-                self._state = RUNNING
-                return True
-            if state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self._waiter_list or ():
-                    waiter.add_cancelled(self)
-                return False
-        LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
-        raise RuntimeError("Future in unexpected state")
+        code = _atomic.start(self)
+        if code == _NEED_LOCK:
+            with self._condition:
+                state = self._state
+                if state == PENDING:
+                    self._state = RUNNING
+                    code = 1
+                elif state == CANCELLED:
+                    self._state = CANCELLED_AND_NOTIFIED
+                    for waiter in self._waiter_list or ():
+                        waiter.add_cancelled(self)
+                    code = 0
+                else:
+                    code = _INVALID
+        if code == _INVALID:
+            LOGGER.critical("Future %s in unexpected state: %s", id(self), self._state)
+            raise RuntimeError("Future in unexpected state")
+        return code == 1
 
     def set_result(self, result: Any) -> None:
-        with self._condition:
-            state = self._state
-            if state in _DONE:
-                raise InvalidStateError(f"{state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            if self._waiter_list:
-                for waiter in self._waiter_list:
-                    waiter.add_result(self)
-            if self._sleepers is not None:
-                self._wake_sleepers()
-        if self._done_callbacks:
+        code = _atomic.finish(self, result, False)
+        if code == _NEED_LOCK:
+            code = self._finish_locked(result, None)
+        if code == _INVALID:
+            raise InvalidStateError(f"{self._state}: {self!r}")
+        if code == 1:
             self._invoke_callbacks()
 
     def set_exception(self, exception: BaseException | None) -> None:
-        with self._condition:
-            state = self._state
-            if state in _DONE:
-                raise InvalidStateError(f"{state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
-            if self._waiter_list:
-                for waiter in self._waiter_list:
-                    waiter.add_exception(self)
-            if self._sleepers is not None:
-                self._wake_sleepers()
-        if self._done_callbacks:
+        code = _atomic.finish(self, exception, True)
+        if code == _NEED_LOCK:
+            code = self._finish_locked(None, exception, is_exception=True)
+        if code == _INVALID:
+            raise InvalidStateError(f"{self._state}: {self!r}")
+        if code == 1:
             self._invoke_callbacks()
+
+    def _finish_locked(self, result: Any, exception: BaseException | None,
+                       is_exception: bool = False) -> int:
+        with self._condition:
+            if self._state in _DONE:
+                return _INVALID
+            if is_exception:
+                self._exception = exception
+            else:
+                self._result = result
+            self._state = FINISHED
+            for waiter in self._waiter_list or ():
+                if is_exception:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
+            self._wake_sleepers()
+        return 1 if self._done_callbacks else 0

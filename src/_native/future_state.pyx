@@ -1,0 +1,138 @@
+# cython: language_level=3
+"""Atomic state transitions for ``batchproc.futures.RequestFuture``.
+
+Why native: two threads must never interleave inside one transition of a future (the
+worker completing it, the caller cancelling it or adding a callback). The standard Future
+allocates a lock per future and takes it on every call. Each function here runs, with
+the GIL held, only compiled code that calls no Python code (attribute reads and writes
+of a plain instance, list appends, ``_thread`` lock releases), and compiled code is never
+interrupted to switch threads: so each call is one indivisible step for every other
+Python thread, and the future needs no lock of its own.
+
+That holds while the future has no lock (``_cond is None``). One exists once something
+asked for ``_condition``: ``concurrent.futures.wait()`` and ``as_completed()`` hold it while
+they read the state and register a waiter, so from then on every function answers
+``NEED_LOCK`` and the caller takes its locked path. ``_cond`` never goes back to None.
+
+Codes returned: ``NEED_LOCK`` (-1) everywhere; otherwise as each function says.
+"""
+
+from concurrent.futures._base import (
+    CANCELLED as _CANCELLED_S,
+    CANCELLED_AND_NOTIFIED as _NOTIFIED_S,
+    FINISHED as _FINISHED_S,
+    PENDING as _PENDING_S,
+    RUNNING as _RUNNING_S,
+)
+
+cdef object PENDING = _PENDING_S
+cdef object RUNNING = _RUNNING_S
+cdef object CANCELLED = _CANCELLED_S
+cdef object CANCELLED_AND_NOTIFIED = _NOTIFIED_S
+cdef object FINISHED = _FINISHED_S
+
+NEED_LOCK = -1
+INVALID = -2
+
+
+cdef inline bint _done(object state):
+    return state is FINISHED or state is CANCELLED or state is CANCELLED_AND_NOTIFIED
+
+
+cdef inline void _wake(object f) except *:
+    """Release every thread blocked in result()/exception() (their own locks)."""
+    cdef object sleepers = f._sleepers
+    if sleepers is not None:
+        f._sleepers = None
+        for sleeper in <list>sleepers:
+            sleeper.release()
+
+
+def start(f):
+    """``set_running_or_notify_cancel``: 1 now RUNNING; 0 it was cancelled, now
+    CANCELLED_AND_NOTIFIED; ``INVALID`` in any other state."""
+    if f._cond is not None:
+        return NEED_LOCK
+    state = f._state
+    if state is PENDING:
+        f._state = RUNNING
+        return 1
+    if state is CANCELLED:
+        f._state = CANCELLED_AND_NOTIFIED
+        return 0
+    return INVALID
+
+
+def finish(f, value, bint is_exception):
+    """``set_result``/``set_exception``: 1 done and callbacks are waiting to be called;
+    0 done, no callbacks; ``INVALID`` if it was already done or cancelled."""
+    if f._cond is not None:
+        return NEED_LOCK
+    if _done(f._state):
+        return INVALID
+    if is_exception:
+        f._exception = value
+    else:
+        f._result = value
+    f._state = FINISHED
+    _wake(f)
+    return 1 if f._done_callbacks else 0
+
+
+def cancel(f):
+    """``cancel``: 1 cancelled now (call the callbacks); 2 it already was; 0 it cannot be
+    (running or finished)."""
+    if f._cond is not None:
+        return NEED_LOCK
+    state = f._state
+    if state is PENDING:
+        f._state = CANCELLED
+        _wake(f)
+        return 1
+    if state is CANCELLED or state is CANCELLED_AND_NOTIFIED:
+        return 2
+    return 0
+
+
+def add_callback(f, fn):
+    """``add_done_callback``: 1 added; 0 the future is done (call ``fn`` now)."""
+    if f._cond is not None:
+        return NEED_LOCK
+    if _done(f._state):
+        return 0
+    callbacks = f._done_callbacks
+    if type(callbacks) is list:
+        (<list>callbacks).append(fn)
+    else:
+        f._done_callbacks = [fn]
+    return 1
+
+
+def add_sleeper(f, sleeper):
+    """A thread is about to block on ``sleeper`` (a held lock) until the future is done:
+    1 registered (``finish``/``cancel`` will release it); 0 already done, do not block."""
+    if f._cond is not None:
+        return NEED_LOCK
+    if _done(f._state):
+        return 0
+    sleepers = f._sleepers
+    if sleepers is None:
+        f._sleepers = [sleeper]
+    else:
+        (<list>sleepers).append(sleeper)
+    return 1
+
+
+def remove_sleeper(f, sleeper):
+    """A blocked thread timed out: forget its lock. 1 removed; 0 it was not registered
+    (it was released meanwhile)."""
+    if f._cond is not None:
+        return NEED_LOCK
+    sleepers = f._sleepers
+    if sleepers is None:
+        return 0
+    for i in range(len(<list>sleepers)):
+        if (<list>sleepers)[i] is sleeper:
+            del (<list>sleepers)[i]
+            return 1
+    return 0

@@ -14,6 +14,9 @@ asked for ``_condition``: ``concurrent.futures.wait()`` and ``as_completed()`` h
 they read the state and register a waiter, so from then on every function answers
 ``NEED_LOCK`` and the caller takes its locked path. ``_cond`` never goes back to None.
 
+On a free-threaded CPython build the argument needs the GIL: this module does not declare
+itself free-threading compatible, so importing it there turns the GIL back on.
+
 Codes returned: ``NEED_LOCK`` (-1) everywhere; otherwise as each function says.
 """
 

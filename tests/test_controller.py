@@ -159,3 +159,53 @@ def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):
     assert stats["total_processed"] == clients * 15
     # 24 clients against one serial device: batching must carry several per call.
     assert stats["avg_batch_size"] >= 4
+
+
+class _Clock:
+    """Stands in for time.monotonic in the controller: each window lasts 0.1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _window(tuner, clock, backlog, rows_per_batch=64):
+    """One measurement window of WINDOW_BATCHES batches; returns the last change."""
+    change = None
+    clock.now += 0.1
+    for _ in range(tuner.WINDOW_BATCHES):
+        change = tuner.observe(rows_per_batch, backlog) or change
+    return change
+
+
+def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monkeypatch):
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(1)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
+    # Requests left waiting: straight to two, no probe needed.
+    assert _window(tuner, clock, backlog=True) == (1, 2) and slots.limit == 2
+    # Still waiting: a probe to three, kept only if rows per second rise 10%.
+    assert _window(tuner, clock, backlog=True) == (2, 3)
+    assert _window(tuner, clock, backlog=True, rows_per_batch=64) == (3, 2)  # no gain
+    assert slots.limit == 2
+    # Quiet for QUIET_WINDOWS windows: back to one call at a time.
+    changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
+    assert changes[-1] == (2, 1) and not any(changes[:-1])
+    assert slots.limit == 1
+
+
+def test_adaptive_and_greedy_start_with_one_call_fixed_with_all():
+    from batchproc import BatchProcessingStrategy
+
+    assert controller(max_workers=4).slots.limit == 1
+    assert controller(max_workers=4,
+                      processing_strategy=BatchProcessingStrategy.GREEDY).slots.limit == 1
+    assert controller(max_workers=4,
+                      processing_strategy=BatchProcessingStrategy.FIXED).slots.limit == 4

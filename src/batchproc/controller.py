@@ -197,20 +197,31 @@ class CallSlots:
 
 
 class ConcurrencyTuner:
-    """Hill-climbs the number of concurrent calls on measured rows per second."""
+    """Sizes the number of concurrent calls from what the last batches saw.
+
+    - Idle (no request left waiting when batches finish): one call at a time. A second
+      worker parked in the queue would only take turns with the first one, which costs
+      a thread wake-up per request at low load (benchmarks/bench_round_trip.py).
+    - Requests left waiting: two at once straight away (one running, one filling), then
+      hill-climb above two on measured rows per second, keeping a probe that pays 10%.
+    - QUIET_WINDOWS windows in a row without a request left waiting: back to one.
+    """
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
     WINDOW_SECONDS = 0.05    # ... and at least this long, so timer noise averages out
     GAIN = 1.10              # a probe must beat the baseline by 10% to be kept
     COOLDOWN = 8             # windows to wait after a failed probe before the next
+    QUIET_WINDOWS = 8        # windows without waiting requests before going back to one
 
     def __init__(self, slots: CallSlots, max_limit: int) -> None:
         self.slots = slots
-        self._min = slots.limit
+        self._busy_floor = min(2, max_limit)
         self._max = max_limit
         self._start = time.monotonic()
         self._rows = 0
         self._batches = 0
+        self._backlogged = False  # did any batch of this window leave requests waiting?
+        self._quiet = 0
         self._probing = False
         self._baseline = 0.0
         self._cooldown = 0
@@ -219,24 +230,34 @@ class ConcurrencyTuner:
         """Count a finished batch; returns (old, new) limit when it changed."""
         self._rows += rows
         self._batches += 1
+        self._backlogged = self._backlogged or backlog
         now = time.monotonic()
         elapsed = now - self._start
         if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
             return None
         rate = self._rows / elapsed
-        self._start, self._rows, self._batches = now, 0, 0
+        backlogged = self._backlogged
+        self._start, self._rows, self._batches, self._backlogged = now, 0, 0, False
+        self._quiet = 0 if backlogged else self._quiet + 1
         limit = self.slots.limit
         if self._probing:
             self._probing = False
-            if rate >= self._baseline * self.GAIN or limit - 1 < self._min:
+            if rate >= self._baseline * self.GAIN or limit - 1 < self._busy_floor:
                 return None  # the extra call paid off: keep it
             self.slots.set_limit(limit - 1)
             self._cooldown = self.COOLDOWN
             return limit, limit - 1
+        if backlogged and limit < self._busy_floor:
+            self.slots.set_limit(self._busy_floor)
+            return limit, self._busy_floor
+        if self._quiet >= self.QUIET_WINDOWS and limit > 1:
+            self._quiet = self._cooldown = 0
+            self.slots.set_limit(1)
+            return limit, 1
         if self._cooldown:
             self._cooldown -= 1
             return None
-        if backlog and limit < self._max:
+        if backlogged and limit < self._max:
             self._probing = True
             self._baseline = rate
             self.slots.set_limit(limit + 1)
@@ -259,7 +280,7 @@ class Controller:
         self.strategy = strategy
         # FIXED is the hands-off strategy: all max_workers run, nothing is tuned.
         tuned = strategy is not BatchProcessingStrategy.FIXED
-        self.slots = CallSlots(min(2, config.max_workers) if tuned else config.max_workers)
+        self.slots = CallSlots(1 if tuned else config.max_workers)
         self._tuner = ConcurrencyTuner(self.slots, config.max_workers) if tuned else None
         self._debug = config.debug_mode
 

@@ -504,8 +504,8 @@ class Dispatcher:
                 return
             batch.delivering = True
             holds_slot, batch.holds_slot = batch.holds_slot, False
-            next_call_waits = any(b.call_started is not None for b in self._active
-                                  if b is not batch)
+            next_call_waits = len(self._active) > 1 and any(
+                b.call_started is not None for b in self._active if b is not batch)
         if holds_slot:
             # The model is free: the next batch may start while this one is delivered.
             self._slots.release(wake=self._others_needed())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the native modules with AddressSanitizer and Cython's runtime checks on, in their
-# own venv and build dir, and run the native tests (tests/test_native_*.py) under ASan.
+# own venv and build dir, and run the native tests (tests/test_native_*.py and the futures'
+# tests, whose state transitions are native) under ASan.
 #
 #   tools/asan.sh                 # venv .venv-asan, build dir build/asan
 #   ASAN_VENV=/tmp/v tools/asan.sh tests/test_native_queue.py -k cancel
@@ -49,7 +50,7 @@ CC="$CC" CXX="$CXX" "$VENV/bin/python" -m pip install --quiet --no-deps --force-
 # (Importing them needs the runtime preloaded, like the tests below.)
 SOS=$(LD_PRELOAD="$RUNTIME" ASAN_OPTIONS=detect_leaks=0 "$VENV/bin/python" - <<'PY'
 import importlib.util
-for m in ("batch_assembler", "request_queue", "rolling_window"):
+for m in ("batch_assembler", "request_queue", "rolling_window", "future_state"):
     print(importlib.util.find_spec(f"batchproc._native.{m}").origin)
 PY
 )
@@ -65,7 +66,8 @@ for so in $SOS; do
 done
 
 if [[ $# -eq 0 ]]; then
-  set -- tests/test_native_assembler.py tests/test_native_queue.py tests/test_native_window.py
+  set -- tests/test_native_assembler.py tests/test_native_queue.py tests/test_native_window.py \
+    tests/test_futures.py
 fi
 echo "asan.sh: running $* under $RUNTIME"
 LD_PRELOAD="$RUNTIME" \

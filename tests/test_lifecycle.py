@@ -224,3 +224,30 @@ def test_intake_is_closed_by_the_time_shutdown_event_is_set(make_processor):
     p.shutdown_event.set = set_and_probe
     p.stop()
     assert seen == {"refused": True}
+
+
+def test_stop_waits_for_a_batch_being_delivered(make_processor):
+    from batchproc import BatchProcessingStrategy
+
+    processor = make_processor(lambda batch: batch, max_workers=1, initial_batch_size=2,
+                               processing_strategy=BatchProcessingStrategy.FIXED,
+                               batch_timeout=5.0)
+    processor.pause()
+    first = processor.enqueue_predict(np.array([[1.0]]))
+    second = processor.enqueue_predict(np.array([[2.0]]))
+    in_delivery = threading.Event()
+
+    def hold(_future):
+        # Keeps the worker inside the delivery of this batch until stop() has given up
+        # on the work in progress (a state, polled).
+        in_delivery.set()
+        while not processor._dispatcher._abandon_all.is_set():
+            time.sleep(0.001)
+
+    first.add_done_callback(hold)
+    processor.resume()
+    assert in_delivery.wait(10)
+    processor.stop(timeout=0.05)
+    # The batch belonged to its worker, which was completing it: stop() let it finish.
+    assert second.done()
+    assert second.result().tolist() == [[2.0]]

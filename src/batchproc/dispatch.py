@@ -106,7 +106,8 @@ class Dispatcher:
         self._worker_ids = 0
         self._closing = False
         # Workers between entering pop_batch and registering what they popped in _active:
-        # abandon_all waits for them, so no popped request escapes stop().
+        # abandon_all waits for them, so no popped request escapes stop(). The condition
+        # also signals the end of a delivery, which abandon_all waits for too.
         self._popping = 0
         self._popped = threading.Condition(self._lock)
         # Set when stop gives up on in-flight work, so backoff waits end at once.
@@ -161,6 +162,12 @@ class Dispatcher:
             for batch in taken:
                 batch.abandoned = True
                 batch.worker.abandoned = True
+            # Batches being delivered belong to their workers, which are completing their
+            # futures right now: let them finish (same bounded grace), so that no future
+            # is still pending when stop() returns.
+            while (any(b.delivering for b in self._active)
+                   and _monotonic() < wait_until):
+                self._popped.wait(max(0.0, wait_until - _monotonic()))
         failed = 0
         for batch in taken:
             self._release_slot(batch)
@@ -535,7 +542,7 @@ class Dispatcher:
                 except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                     logger.error("a future was completed twice; result dropped")
         finally:
-            batch.delivering = False
+            self._end_delivery(batch)
 
     def _fail(self, batch: _Batch, requests: list[Request], error: BaseException) -> None:
         with self._lock:
@@ -545,7 +552,13 @@ class Dispatcher:
         try:
             self._fail_pending(requests, error, OUTCOME_ERROR)
         finally:
-            batch.delivering = False
+            self._end_delivery(batch)
+
+    def _end_delivery(self, batch: _Batch) -> None:
+        batch.delivering = False
+        if self._closing:  # abandon_all may be waiting for this delivery
+            with self._lock:
+                self._popped.notify_all()
 
     def _fail_pending(self, requests: list[Request], error: BaseException, outcome: str,
                       ) -> int:

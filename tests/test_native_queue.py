@@ -264,7 +264,7 @@ def test_a_timed_out_pop_leaves_the_waiter_stack_intact() -> None:
     q = native_queue.RequestQueue(4)
     bottom = Worker(q.pop_batch, 1, timeout=HANG)
     blocked(q, ITEMS, 1)
-    middle = Worker(q.pop_batch, 1, timeout=0.05)
+    middle = Worker(q.pop_batch, 1, timeout=1.0)  # time for `top` to park above it
     blocked(q, ITEMS, 2)
     top = Worker(q.pop_batch, 1, timeout=HANG)
     blocked(q, ITEMS, 3)

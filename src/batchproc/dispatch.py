@@ -106,10 +106,11 @@ class Dispatcher:
         self._worker_ids = 0
         self._closing = False
         # Workers between entering pop_batch and registering what they popped in _active:
-        # abandon_all waits for them, so no popped request escapes stop(). The condition
-        # also signals the end of a delivery, which abandon_all waits for too.
+        # abandon_all waits for them, so no popped request escapes stop(). _settled is
+        # notified when such a pop ends and when a delivery ends (abandon_all waits for
+        # both).
         self._popping = 0
-        self._popped = threading.Condition(self._lock)
+        self._settled = threading.Condition(self._lock)
         # Set when stop gives up on in-flight work, so backoff waits end at once.
         self._abandon_all = threading.Event()
         self._pace_lock = threading.Lock()
@@ -156,7 +157,7 @@ class Dispatcher:
             # it to register what it popped (bounded, should a pop be stuck somehow).
             wait_until = _monotonic() + 0.2
             while self._popping and _monotonic() < wait_until:
-                self._popped.wait(max(0.0, wait_until - _monotonic()))
+                self._settled.wait(max(0.0, wait_until - _monotonic()))
             self._abandon_all.set()  # under the lock: _register sees it or is taken here
             taken = [b for b in self._active if not b.abandoned and not b.delivering]
             for batch in taken:
@@ -167,7 +168,7 @@ class Dispatcher:
             # is still pending when stop() returns.
             while (any(b.delivering for b in self._active)
                    and _monotonic() < wait_until):
-                self._popped.wait(max(0.0, wait_until - _monotonic()))
+                self._settled.wait(max(0.0, wait_until - _monotonic()))
         failed = 0
         for batch in taken:
             self._release_slot(batch)
@@ -291,7 +292,7 @@ class Dispatcher:
         with self._lock:
             self._popping -= 1
             if self._closing and not self._popping:
-                self._popped.notify_all()  # abandon_all may be waiting for this pop
+                self._settled.notify_all()  # abandon_all may be waiting for this pop
             late = self._abandon_all.is_set()
             if batch is not None and not late:
                 self._active.add(batch)
@@ -558,7 +559,7 @@ class Dispatcher:
         batch.delivering = False
         if self._closing:  # abandon_all may be waiting for this delivery
             with self._lock:
-                self._popped.notify_all()
+                self._settled.notify_all()
 
     def _fail_pending(self, requests: list[Request], error: BaseException, outcome: str,
                       ) -> int:

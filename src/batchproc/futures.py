@@ -235,7 +235,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     def set_result(self, result: Any) -> None:
         code = _atomic.finish(self, result, False)
         if code == _NEED_LOCK:
-            code = self._finish_locked(result, None)
+            code = self._finish_locked(result, False)
         if code == _INVALID:
             raise InvalidStateError(f"{self._state}: {self!r}")
         if code == 1:
@@ -244,21 +244,21 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     def set_exception(self, exception: BaseException | None) -> None:
         code = _atomic.finish(self, exception, True)
         if code == _NEED_LOCK:
-            code = self._finish_locked(None, exception, is_exception=True)
+            code = self._finish_locked(exception, True)
         if code == _INVALID:
             raise InvalidStateError(f"{self._state}: {self!r}")
         if code == 1:
             self._invoke_callbacks()
 
-    def _finish_locked(self, result: Any, exception: BaseException | None,
-                       is_exception: bool = False) -> int:
+    def _finish_locked(self, value: Any, is_exception: bool) -> int:
+        """``_atomic.finish`` under the lock, notifying wait()/as_completed() waiters."""
         with self._condition:
             if self._state in _DONE:
                 return _INVALID
             if is_exception:
-                self._exception = exception
+                self._exception = value
             else:
-                self._result = result
+                self._result = value
             self._state = FINISHED
             for waiter in self._waiter_list or ():
                 if is_exception:

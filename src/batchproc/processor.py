@@ -25,7 +25,7 @@ from .batching import ItemDescriber
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
-from .errors import ProcessorStoppedError, QueueFullError
+from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
 from .futures import RequestFuture
 from .health import HealthMonitor
 from .metrics import MetricsSink
@@ -209,11 +209,8 @@ class BatchProcessor(Generic[T, U]):
         try:
             token = self._queue.push((future, item, rows, _monotonic()), priority, rows, nbytes,
                                      key, timeout)
-        except _stdlib_queue.Full:
-            raise QueueFullError(
-                f"queue full ({self.config.max_queue_size} requests) for {timeout} s") from None
-        except QueueClosed:
-            raise ProcessorStoppedError("processor is stopped; request refused") from None
+        except (_stdlib_queue.Full, QueueClosed) as exc:
+            raise self._refusal(exc, timeout) from None
         future._bp_token = token
         future._bp_owner = self
         return future
@@ -240,12 +237,16 @@ class BatchProcessor(Generic[T, U]):
         try:
             self._queue.push((AsyncRequest(future, channel), item, rows, _monotonic()),
                              priority, rows, nbytes, key, 0)
-        except _stdlib_queue.Full:
-            raise QueueFullError(
-                f"queue full ({self.config.max_queue_size} requests)") from None
-        except QueueClosed:
-            raise ProcessorStoppedError("processor is stopped; request refused") from None
+        except (_stdlib_queue.Full, QueueClosed) as exc:
+            raise self._refusal(exc, 0) from None
         return future
+
+    def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
+        """The error a caller gets when the queue refused its request."""
+        if isinstance(exc, QueueClosed):
+            return ProcessorStoppedError("processor is stopped; request refused")
+        return QueueFullError(
+            f"queue full ({self.config.max_queue_size} requests) for {waited} s")
 
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> LoopChannel:
         with self._channels_lock:

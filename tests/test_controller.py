@@ -122,6 +122,35 @@ def test_memory_pressure_caps_the_target():
         c.set_memory_level("purple")
 
 
+@pytest.mark.parametrize("strategy", ["adaptive", "greedy", "fixed"])
+def test_every_change_of_target_model_or_memory_reaches_the_next_plan(strategy):
+    """plan() hands out a plan rebuilt on each change: none may be missed."""
+    c = controller(processing_strategy=strategy, initial_batch_size=32, max_batch_size=64,
+                   min_batch_size=2, batch_timeout=0.05)
+
+    def target():
+        return c.plan(0).target_rows
+
+    assert target() == 32 == c.current_batch_size
+    c.set_batch_size(8)
+    assert target() == 8
+    c.observe_failure()
+    assert target() == (8 if strategy == "fixed" else 4) == c.current_batch_size
+    c.set_memory_level(MEMORY_CRITICAL)
+    assert target() == (8 if strategy == "fixed" else 2) == c.current_batch_size
+    c.set_memory_level(MEMORY_OK)
+    for _ in range(12):  # full batches of a 4 ms fixed cost: refits and growth
+        c.observe_batch(target(), 0.004, target())
+    assert target() == c.current_batch_size
+    assert target() == 8 if strategy == "fixed" else target() > 2  # grew back
+    plan = c.plan(0)
+    if strategy == "adaptive":
+        assert plan.idle_gap == pytest.approx(0.004 / 16)  # the refitted fixed cost
+    else:
+        assert plan.idle_gap is None
+    assert plan.max_wait == (0.0 if strategy == "greedy" else 0.05)
+
+
 def test_update_batch_size_is_clamped(make_processor):
     p = make_processor(min_batch_size=4, max_batch_size=64)
     p.update_batch_size(1000)

@@ -21,12 +21,13 @@ The policy (DESIGN.md "Adaptive control"):
 * Classic inputs stay: a backed-up queue grows the target, failures halve it
   (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
-  found by trying: it starts at two (one running, the next filling), and while requests
-  are waiting the controller tries one more for a window of batches and keeps it only if
-  rows per second rose by 10%.
-  A model behind one lock (a GPU) or holding the GIL stays at one call at a time, so
-  the next batch keeps filling instead of queueing small batches at the lock; a model
-  that runs in parallel (I/O, GIL-free native code) climbs toward ``max_workers``.
+  found by trying (``ConcurrencyTuner``): one while nothing is left waiting, two as soon
+  as requests are (one running, the next filling), and above two the controller tries
+  one more for a window of batches and keeps it only if rows per second rose by 10%.
+  A model behind one lock (a GPU) or holding the GIL stays at two, so the next batch
+  keeps filling instead of queueing small batches at the lock; a model that runs in
+  parallel (I/O, GIL-free native code) climbs toward ``max_workers``. FIXED runs
+  ``max_workers`` at once and tunes nothing.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class LatencyModel:
         self.mean_time = 0.0
         self.mean_rows = 0.0
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float) -> bool:
+        """Add one batch's measurement; True when the coefficients were refitted."""
         # Runs once per batch: unrolled (the loop over k cost twice as much).
         d = self._decay
         sr, st = self._sr, self._st
@@ -99,6 +101,8 @@ class LatencyModel:
         self._since_fit += 1
         if self._since_fit >= self._refit_every or self.observations <= 8:
             self._fit()
+            return True
+        return False
 
     def _fit(self) -> None:
         self._since_fit = 0
@@ -270,7 +274,12 @@ class ConcurrencyTuner:
 
 
 class Controller:
-    """Decides each batch's target rows and wait; thread-safe."""
+    """Decides each batch's target rows and wait; thread-safe.
+
+    What ``plan()`` returns changes only when the target, the fitted model or the memory
+    level does, so it is rebuilt then (``_replan``, under the lock) and ``plan()``, which
+    runs before every batch, is one attribute read unless the queue is backed up.
+    """
 
     def __init__(self, config: BatchProcessorConfig) -> None:
         self._config = config
@@ -287,6 +296,9 @@ class Controller:
         self.slots = CallSlots(1 if tuned else config.max_workers)
         self._tuner = ConcurrencyTuner(self.slots, config.max_workers) if tuned else None
         self._debug = config.debug_mode
+        self._ceiling = config.max_batch_size
+        self._plan = Plan(self._current, config.batch_timeout, None)
+        self._replan()
 
     @property
     def current_batch_size(self) -> int:
@@ -303,45 +315,53 @@ class Controller:
         cfg = self._config
         with self._lock:
             self._current = min(max(rows, cfg.min_batch_size), cfg.max_batch_size)
+            self._replan()
             return self._current
 
-    def _ceiling(self) -> int:
+    def _replan(self) -> None:
+        """Recompute the size ceiling and the plan from the target, the model and the
+        memory level; called (under the lock) whenever one of them changes."""
         cfg = self._config
         optimal = self.model.optimal_rows(cfg.max_batch_size)
-        return max(cfg.min_batch_size, int(optimal * _MEMORY_SHARE[self._memory]))
+        self._ceiling = max(cfg.min_batch_size, int(optimal * _MEMORY_SHARE[self._memory]))
+        strategy = self.strategy
+        if strategy is BatchProcessingStrategy.ADAPTIVE:
+            self._plan = Plan(self._current, cfg.batch_timeout,
+                              max(self.model.a, 0.0) * IDLE_GAP_SHARE)
+        else:  # FIXED waits up to batch_timeout to fill; GREEDY never waits
+            wait = cfg.batch_timeout if strategy is BatchProcessingStrategy.FIXED else 0.0
+            self._plan = Plan(self._current, wait, None)
 
     def plan(self, queued_rows: int) -> Plan:
-        cfg = self._config
-        strategy = self.strategy
-        if strategy is BatchProcessingStrategy.FIXED:
-            return Plan(self._current, cfg.batch_timeout, None)
-        target = self._current  # one attribute read; the lock only when it may change
-        if queued_rows >= 2 * target:
-            with self._lock:
-                target = self._current
-                if queued_rows >= 2 * target:
-                    # A backed-up queue: bigger batches drain it at a lower cost per row.
-                    grown = min(self._ceiling(), 2 * target)
-                    if grown > target:
-                        self._log("queue backed up (%d rows queued): target %d -> %d",
-                                  queued_rows, target, grown)
-                        self._current = target = grown
-        if strategy is BatchProcessingStrategy.GREEDY:
-            return Plan(target, 0.0, None)
-        return Plan(target, cfg.batch_timeout, max(self.model.a, 0.0) * IDLE_GAP_SHARE)
+        plan = self._plan  # one attribute read; the lock only when the target may grow
+        if queued_rows < 2 * plan.target_rows or self._tuner is None:
+            return plan
+        with self._lock:
+            target = self._current
+            if queued_rows >= 2 * target:
+                # A backed-up queue: bigger batches drain it at a lower cost per row.
+                grown = min(self._ceiling, 2 * target)
+                if grown > target:
+                    self._log("queue backed up (%d rows queued): target %d -> %d",
+                              queued_rows, target, grown)
+                    self._current = grown
+                    self._replan()
+            return self._plan
 
     def observe_batch(self, rows: int, seconds: float, target: int,
                       queued_rows: int = 0) -> None:
         """A batch of ``rows`` succeeded in ``seconds``; ``target`` is what it aimed for and
         ``queued_rows`` what was left waiting in the queue when it finished."""
         with self._lock:
-            self.model.observe(rows, seconds)
+            refitted = self.model.observe(rows, seconds)
             if self._tuner is None:
                 return  # FIXED
             changed = self._tuner.observe(rows, backlog=queued_rows >= target)
             if changed is not None:
                 self._log("concurrent batches %d -> %d", *changed)
-            ceiling = self._ceiling()
+            if refitted:
+                self._replan()
+            ceiling = self._ceiling
             current = self._current
             if rows >= target and current < ceiling:
                 # Full batches mean the load can fill bigger ones: grow by a quarter.
@@ -353,6 +373,7 @@ class Controller:
             self._log("batch of %d rows in %.3f ms: target %d -> %d",
                       rows, seconds * 1e3, current, new)
             self._current = new
+            self._replan()
 
     def observe_failure(self) -> None:
         cfg = self._config
@@ -363,6 +384,7 @@ class Controller:
             if new != self._current:
                 self._log("batch failed: target %d -> %d", self._current, new)
                 self._current = new
+                self._replan()
 
     def set_memory_level(self, level: str) -> None:
         if level not in _MEMORY_SHARE:
@@ -371,12 +393,13 @@ class Controller:
             if level == self._memory:
                 return
             self._memory = level
+            self._replan()
             if self.strategy is BatchProcessingStrategy.FIXED:
                 return
-            ceiling = self._ceiling()
-            if self._current > ceiling:
-                self._log("memory %s: target %d -> %d", level, self._current, ceiling)
-                self._current = ceiling
+            if self._current > self._ceiling:
+                self._log("memory %s: target %d -> %d", level, self._current, self._ceiling)
+                self._current = self._ceiling
+                self._replan()
 
     def _log(self, msg: str, *args: object) -> None:
         if self._debug:

@@ -44,6 +44,10 @@ class BatchAssembler:
     def nbytes(self) -> int:
         return sum(self._caps)
 
+    def overlaps(self, obj: object) -> bool:
+        return (isinstance(obj, np.ndarray) and obj.size > 0 and any(
+            owner is not None and np.may_share_memory(obj, owner) for owner in self._owners))
+
     def concat(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         return self._assemble(arrays, stacking=False)
 

@@ -204,6 +204,29 @@ def test_growth_is_geometric(assembler_cls: Any) -> None:
     assert len(sizes) <= 12      # powers of two, not one allocation per size
 
 
+def test_overlaps_tells_views_of_the_buffers_from_other_memory(assembler_cls: Any) -> None:
+    """What a worker asks of a model's output: would a later batch overwrite it?"""
+    asm = assembler_cls(buffers=2)
+    assert not asm.overlaps(np.ones(3))            # no buffer yet
+    first = asm.concat([np.arange(12.0).reshape(6, 2)])
+    second = asm.concat([np.ones((4, 2))])
+    for view in (first, second, first[2:3], first[::-1], first.T, first[:, 1],
+                 first.reshape(-1), second[3]):
+        assert asm.overlaps(view), view
+    assert asm.overlaps(first[5:, 1:]) and asm.overlaps(np.flip(second))
+    for other in (first.copy(), np.ones((6, 2)), first[:0], np.float64(1.0), [1.0, 2.0],
+                  None, "x", memoryview(b"ab")):
+        assert not asm.overlaps(other), other
+
+
+def test_overlaps_forgets_a_buffer_it_grew_out_of(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=1)
+    small = asm.concat([np.ones((2, 2))])
+    big = asm.concat([np.ones((1000, 2))])         # the only buffer is replaced
+    assert asm.overlaps(big)
+    assert not asm.overlaps(small)                 # no later batch can overwrite it
+
+
 def test_results_are_aligned_writeable_and_contiguous(assembler_cls: Any) -> None:
     asm = assembler_cls(buffers=3)
     for rows in (1, 3, 17, 1000):

@@ -30,6 +30,7 @@ cdef extern from "numpy/arrayobject.h":
     char* np_bytes "PyArray_BYTES"(cnp.PyArrayObject* arr) noexcept nogil
     int np_flags "PyArray_FLAGS"(cnp.PyArrayObject* arr) noexcept nogil
     npy_intp np_itemsize "PyArray_ITEMSIZE"(cnp.PyArrayObject* arr) noexcept nogil
+    npy_intp np_size "PyArray_SIZE"(cnp.PyArrayObject* arr) noexcept nogil
     cnp.PyArray_Descr* np_descr "PyArray_DESCR"(cnp.PyArrayObject* arr) noexcept nogil
     bint np_refchk "PyDataType_REFCHK"(cnp.PyArray_Descr* d) noexcept
     unsigned char np_equiv "PyArray_EquivTypes"(cnp.PyArray_Descr* a, cnp.PyArray_Descr* b)
@@ -211,6 +212,26 @@ cdef class BatchAssembler:
 
     def __reduce__(self):
         raise TypeError("BatchAssembler cannot be pickled")
+
+    def overlaps(self, obj):
+        """Whether ``obj`` is an ndarray whose memory intersects one of this assembler's
+        buffers, which a later batch will overwrite (a model's output that is, or views,
+        its input). Anything else, an empty array included, is False."""
+        cdef cnp.PyArrayObject* arr
+        cdef uintptr_t lo
+        cdef int i
+        if not np_is_array(<PyObject*>obj):
+            return False
+        arr = <cnp.PyArrayObject*>obj
+        if np_size(arr) == 0:
+            return False
+        for i in range(MAX_BUFFERS):
+            if self._cap[i]:
+                lo = <uintptr_t>self._data[i]
+                if _overlaps(np_bytes(arr), np_ndim(arr), np_dims(arr), np_strides(arr),
+                             np_itemsize(arr), lo, lo + <uintptr_t>self._cap[i]):
+                    return True
+        return False
 
     def concat(self, arrays):
         """Concatenate the rows of every array along axis 0 into the next buffer."""

@@ -113,16 +113,17 @@ class BatchBuilder:
             raise BatchOutputError(
                 f"process_func returned {length} results for a batch of {expected}")
         if isinstance(batch, np.ndarray):
+            # A batch not built in our buffers (object dtype) is never reused: only
+            # memory of the assembler's buffers can change under a delivered result.
+            overlaps = self._assembler.overlaps
             if isinstance(out, np.ndarray):
-                if np.may_share_memory(out, batch):
+                if overlaps(out):
                     # The output is (a view of) the reused input buffer: copy it out
                     # before the buffer is reused, so a delivered result never changes.
                     out = out.copy()
-            elif isinstance(out, (list, tuple)) and any(
-                    isinstance(o, np.ndarray) and np.may_share_memory(o, batch) for o in out):
+            elif isinstance(out, (list, tuple)) and any(map(overlaps, out)):
                 # A sequence of views of the buffer (``list(batch)``): the same, per element.
-                out = [o.copy() if isinstance(o, np.ndarray) and np.may_share_memory(o, batch)
-                       else o for o in out]
+                out = [o.copy() if overlaps(o) else o for o in out]
         return out
 
     def split(self, out: Any, requests: Sequence[Request]) -> list[Any]:

@@ -21,6 +21,9 @@ class BatchAssembler:
     @property
     def nbytes(self) -> int:
         """Total usable bytes currently allocated across buffers."""
+    def overlaps(self, obj: object) -> bool:
+        """Whether ``obj`` is a non-empty ndarray whose memory intersects one of this
+        assembler's buffers (which later batches overwrite)."""
     def concat(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         """Rows of every array along axis 0; equal to ``np.concatenate(arrays)``."""
     def stack(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:

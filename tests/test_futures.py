@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchproc.futures import RequestFuture
+from batchproc.futures import RequestFuture, finish_all, start_all
 
 OPS = ("cancel", "set_running_or_notify_cancel", "set_result", "set_exception",
        "add_done_callback", "done", "running", "cancelled", "result", "exception", "repr")
@@ -167,6 +167,115 @@ def test_a_blocked_result_call_is_woken_by_completion(outcome):
                 "cancel": ("error", "CancelledError")}[outcome]
     assert got == [expected]
     assert future._sleepers is None
+
+
+# --------------------------------------------------------------------- whole batches
+# A worker starts and completes a batch's futures with one compiled call each
+# (start_all, finish_all). Each must answer exactly as the per-future methods called in
+# turn, whatever state the futures are in, with or without a lock, and for futures of
+# another kind (here the standard one), which go through their own methods.
+
+PREP = ("cancel", "set_running_or_notify_cancel", "set_result", "add_done_callback", "lock")
+
+
+def _prepared(kind, prep, calls):
+    future = cf.Future() if kind == "stdlib" else RequestFuture()
+    for op in prep:
+        if op == "lock":
+            assert future._condition is not None  # as after concurrent.futures.wait()
+        elif op == "add_done_callback":
+            future.add_done_callback(lambda f: calls.append(f._state))
+        elif op == "set_result":
+            future.set_result("early")
+        else:
+            getattr(future, op)()
+    return future
+
+
+def _twin_batches(specs):
+    """The same batch of futures twice: (requests, callback log) each."""
+    batches = []
+    for _ in range(2):
+        calls = []
+        logging.disable(logging.CRITICAL)
+        try:
+            requests = []
+            for i, (kind, prep) in enumerate(specs):
+                try:
+                    requests.append((_prepared(kind, prep, calls), i))
+                except (RuntimeError, cf.InvalidStateError):
+                    pass  # the preparation itself was invalid: leave this one out
+        finally:
+            logging.disable(logging.NOTSET)
+        batches.append((requests, calls))
+    return batches
+
+
+BATCH_SPECS = st.lists(st.tuples(st.sampled_from(["ours", "stdlib"]),
+                                 st.lists(st.sampled_from(PREP), max_size=3)), max_size=6)
+
+
+def _outcome(call):
+    logging.disable(logging.CRITICAL)
+    try:
+        return ("ok", call())
+    except BaseException as exc:
+        return ("raised", type(exc).__name__)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@given(BATCH_SPECS)
+def test_start_all_answers_like_starting_each_future(specs):
+    (batch, batch_calls), (single, single_calls) = _twin_batches(specs)
+
+    def one_by_one():
+        return [r for r in single if r[0].set_running_or_notify_cancel()]
+
+    got = _outcome(lambda: [r[1] for r in start_all(batch)])
+    expected = _outcome(lambda: [r[1] for r in one_by_one()])
+    assert got == expected
+    assert [r[0]._state for r in batch] == [r[0]._state for r in single]
+    assert batch_calls == single_calls
+
+
+@given(BATCH_SPECS)
+def test_finish_all_answers_like_completing_each_future(specs):
+    (batch, batch_calls), (single, single_calls) = _twin_batches(specs)
+    results = [f"result {r[1]}" for r in batch]
+
+    def one_by_one():
+        already_done = 0
+        for request, result in zip(single, results):
+            try:
+                request[0].set_result(result)
+            except cf.InvalidStateError:
+                already_done += 1
+        return already_done
+
+    assert _outcome(lambda: finish_all(batch, results)) == _outcome(one_by_one)
+    assert [r[0]._state for r in batch] == [r[0]._state for r in single]
+    assert [r[0]._result for r in batch] == [r[0]._result for r in single]
+    assert batch_calls == single_calls
+
+
+def test_finish_all_wakes_blocked_callers_and_checks_lengths():
+    futures = [RequestFuture() for _ in range(3)]
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.setdefault(i, futures[i].result(10)),
+                                daemon=True) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for future in futures:
+        _blocked_in_wait(future)
+    requests = [(f, None, 1, 0.0) for f in futures]
+    with pytest.raises(ValueError, match="3 requests but 2 results"):
+        finish_all(requests, ["a", "b"])
+    assert not any(f.done() for f in futures)
+    assert finish_all(requests, ["a", "b", "c"]) == 0
+    for thread in threads:
+        thread.join(5)
+    assert got == {0: "a", 1: "b", 2: "c"}
 
 
 def test_many_waiters_are_all_woken():

@@ -18,8 +18,13 @@ On a free-threaded CPython build the argument needs the GIL: this module does no
 itself free-threading compatible, so importing it there turns the GIL back on.
 
 Codes returned: ``NEED_LOCK`` (-1) everywhere; otherwise as each function says.
+
+``start_all`` and ``finish_all`` run a transition over a whole batch of requests, so the
+per-request loop a worker runs on every batch is compiled too. Each future's transition
+is still one indivisible step; another thread may run between two of them.
 """
 
+from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
     CANCELLED as _CANCELLED_S,
     CANCELLED_AND_NOTIFIED as _NOTIFIED_S,
@@ -34,8 +39,23 @@ cdef object CANCELLED = _CANCELLED_S
 cdef object CANCELLED_AND_NOTIFIED = _NOTIFIED_S
 cdef object FINISHED = _FINISHED_S
 
-NEED_LOCK = -1
-INVALID = -2
+cdef enum:
+    _NEED_LOCK = -1
+    _INVALID = -2
+
+NEED_LOCK = _NEED_LOCK
+INVALID = _INVALID
+
+# The class whose instances start_all/finish_all transition here (RequestFuture, bound
+# by batchproc.futures): anything else in a batch goes through its own methods.
+cdef object _direct = None
+
+
+def bind(cls):
+    """Let ``start_all``/``finish_all`` transition instances of ``cls`` (which must keep
+    this module's attributes: ``_cond``, ``_state``, ``_result``, ...) directly."""
+    global _direct
+    _direct = cls
 
 
 cdef inline bint _done(object state):
@@ -54,8 +74,12 @@ cdef inline void _wake(object f) except *:
 def start(f):
     """``set_running_or_notify_cancel``: 1 now RUNNING; 0 it was cancelled, now
     CANCELLED_AND_NOTIFIED; ``INVALID`` in any other state."""
+    return _start(f)
+
+
+cdef int _start(object f) except? -3:
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     state = f._state
     if state is PENDING:
         f._state = RUNNING
@@ -63,16 +87,20 @@ def start(f):
     if state is CANCELLED:
         f._state = CANCELLED_AND_NOTIFIED
         return 0
-    return INVALID
+    return _INVALID
 
 
 def finish(f, value, bint is_exception):
     """``set_result``/``set_exception``: 1 done and callbacks are waiting to be called;
     0 done, no callbacks; ``INVALID`` if it was already done or cancelled."""
+    return _finish(f, value, is_exception)
+
+
+cdef int _finish(object f, object value, bint is_exception) except? -3:
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     if _done(f._state):
-        return INVALID
+        return _INVALID
     if is_exception:
         f._exception = value
     else:
@@ -86,7 +114,7 @@ def cancel(f):
     """``cancel``: 1 cancelled now (call the callbacks); 2 it already was; 0 it cannot be
     (running or finished)."""
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     state = f._state
     if state is PENDING:
         f._state = CANCELLED
@@ -100,7 +128,7 @@ def cancel(f):
 def add_callback(f, fn):
     """``add_done_callback``: 1 added; 0 the future is done (call ``fn`` now)."""
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     if _done(f._state):
         return 0
     callbacks = f._done_callbacks
@@ -115,7 +143,7 @@ def add_sleeper(f, sleeper):
     """A thread is about to block on ``sleeper`` (a held lock) until the future is done:
     1 registered (``finish``/``cancel`` will release it); 0 already done, do not block."""
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     if _done(f._state):
         return 0
     sleepers = f._sleepers
@@ -130,7 +158,7 @@ def remove_sleeper(f, sleeper):
     """A blocked thread timed out: forget its lock. 1 removed; 0 it was not registered
     (it was released meanwhile)."""
     if f._cond is not None:
-        return NEED_LOCK
+        return _NEED_LOCK
     sleepers = f._sleepers
     if sleepers is None:
         return 0
@@ -139,3 +167,55 @@ def remove_sleeper(f, sleeper):
             del (<list>sleepers)[i]
             return 1
     return 0
+
+
+def start_all(list requests):
+    """``set_running_or_notify_cancel`` on the future of each request (a tuple whose item
+    0 is the future), in order: the list of those now running. A cancelled one is left
+    out, and its future becomes CANCELLED_AND_NOTIFIED. A future in any other state
+    raises ``RuntimeError``, as ``Future`` does."""
+    cdef list live = []
+    cdef object f
+    cdef int code
+    for r in requests:
+        f = (<tuple>r)[0]
+        if _direct is not None and isinstance(f, _direct):
+            code = _start(f)
+            if code == 1:
+                live.append(r)
+                continue
+            if code == 0:
+                continue
+        # A future with a lock, one in a bad state, or another future-like: its method.
+        if f.set_running_or_notify_cancel():
+            live.append(r)
+    return live
+
+
+def finish_all(list requests, list results):
+    """``set_result(results[i])`` on the future of each request (a tuple whose item 0 is
+    the future), in order, running each future's callbacks after its own transition.
+    Returns how many futures were already done: their results are dropped."""
+    cdef Py_ssize_t i, n = len(requests), already_done = 0
+    cdef object f, value
+    cdef int code
+    if len(results) != n:
+        raise ValueError(f"{n} requests but {len(results)} results")
+    for i in range(n):
+        f = (<tuple>requests[i])[0]
+        value = results[i]
+        if _direct is not None and isinstance(f, _direct):
+            code = _finish(f, value, False)
+            if code == 0:
+                continue
+            if code == 1:
+                f._invoke_callbacks()
+                continue
+            if code == _INVALID:
+                already_done += 1
+                continue
+        try:
+            f.set_result(value)
+        except InvalidStateError:
+            already_done += 1
+    return already_done

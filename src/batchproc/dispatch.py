@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from .batching import BatchBuilder, Request
 from .config import BatchProcessorConfig
 from .controller import Controller
 from .errors import BatchTimeoutError, ProcessorStoppedError
+from .futures import finish_all, start_all
 from .metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
 from .stats import BatchStats
 
@@ -48,6 +50,10 @@ _POP_POLL = 1.0
 # How long a worker that finished its call steps off the GIL for another one starting its
 # call (see _deliver): any sleep, rounded up by the kernel's timer slack.
 _HAND_OVER_S = 1e-6
+
+# A Request's item and enqueue time (batching.Request), taken without a Python frame.
+_item = operator.itemgetter(1)
+_enqueued_at = operator.itemgetter(3)
 
 # Results of one process_func attempt.
 _OK, _FAILED, _ABANDONED = 0, 1, 2
@@ -111,8 +117,10 @@ class Dispatcher:
         # both).
         self._popping = 0
         self._settled = threading.Condition(self._lock)
-        # Set when stop gives up on in-flight work, so backoff waits end at once.
+        # Set when stop gives up on in-flight work: waits on the event (backoff, pacing)
+        # end at once, and every pop reads the flag under _lock.
         self._abandon_all = threading.Event()
+        self._gave_up = False
         self._pace_lock = threading.Lock()
         self._next_start = 0.0
         self._last_gc = 0.0
@@ -158,7 +166,9 @@ class Dispatcher:
             wait_until = _monotonic() + 0.2
             while self._popping and _monotonic() < wait_until:
                 self._settled.wait(max(0.0, wait_until - _monotonic()))
-            self._abandon_all.set()  # under the lock: _register sees it or is taken here
+            # Under the lock: _register sees it, or its batch is taken here.
+            self._gave_up = True
+            self._abandon_all.set()
             taken = [b for b in self._active if not b.abandoned and not b.delivering]
             for batch in taken:
                 batch.abandoned = True
@@ -270,9 +280,10 @@ class Dispatcher:
                     continue
                 if batch is None:
                     continue  # all cancelled, or failed because stop() gave up
-                if not resume.is_set():
+                if queue.paused:
                     # Popped just as pause began (the queue holds pops while paused):
-                    # hold the batch until resume; stop resumes.
+                    # hold the batch until resume; stop resumes. (pause() clears the
+                    # event before it pauses the queue, resume() sets it after.)
                     resume.wait()
                 self._dispatch(batch, builder, plan.target_rows)
         except BaseException:
@@ -287,13 +298,13 @@ class Dispatcher:
         sees popped requests (in the queue, or in _active), never between the two."""
         # From here on a request can no longer be cancelled; one already cancelled is
         # dropped without being processed.
-        live = [r for r in requests if r[0].set_running_or_notify_cancel()]
+        live = start_all(requests)
         batch = _Batch(live, worker) if live else None
         with self._lock:
             self._popping -= 1
             if self._closing and not self._popping:
                 self._settled.notify_all()  # abandon_all may be waiting for this pop
-            late = self._abandon_all.is_set()
+            late = self._gave_up
             if batch is not None and not late:
                 self._active.add(batch)
         if len(live) != len(requests):
@@ -331,8 +342,9 @@ class Dispatcher:
             self._fail(batch, live, exc)
         finally:
             self._finish(batch)
-        if self._config.enable_memory_optimization:
-            self._collect_young(len(live))
+        cfg = self._config
+        if cfg.enable_memory_optimization and len(live) >= cfg.gc_batch_threshold:
+            self._collect_young()
 
     def _finish(self, batch: _Batch) -> None:
         """The worker is done with the batch: whatever it still holds, it gives back (one
@@ -377,15 +389,14 @@ class Dispatcher:
         if start > now:
             self._abandon_all.wait(start - now)  # stop() giving up ends the wait
 
-    def _collect_young(self, size: int) -> None:
+    def _collect_young(self) -> None:
         # Large batches leave many temporaries; a young-generation collection frees them
         # in microseconds (a full collection would stall this worker for milliseconds).
         # At most ten a second, whatever the batch rate.
-        if size >= self._config.gc_batch_threshold:
-            now = _monotonic()
-            if now - self._last_gc >= 0.1:
-                self._last_gc = now
-                gc.collect(0)
+        now = _monotonic()
+        if now - self._last_gc >= 0.1:
+            self._last_gc = now
+            gc.collect(0)
 
     # ----------------------------------------------------------------- one batch
 
@@ -395,7 +406,7 @@ class Dispatcher:
         if batch.abandoned:
             return _ABANDONED, None, 0.0, 0
         try:
-            inputs, expected = builder.build([r[1] for r in requests])
+            inputs, expected = builder.build(list(map(_item, requests)))
         except Exception as exc:
             return _FAILED, exc, 0.0, _rows(requests)
         rows = len(inputs) if isinstance(inputs, (list, np.ndarray)) else expected
@@ -503,7 +514,8 @@ class Dispatcher:
     # ----------------------------------------------------------------- completion
 
     def _queue_time(self, batch: _Batch, requests: list[Request]) -> float:
-        return batch.dispatched_at - sum([r[3] for r in requests]) / len(requests)
+        enqueued: float = sum(map(_enqueued_at, requests))
+        return batch.dispatched_at - enqueued / len(requests)
 
     def _deliver(self, batch: _Batch, requests: list[Request], parts: list[Any],
                  elapsed: float, rows: int, target: int) -> None:
@@ -526,22 +538,21 @@ class Dispatcher:
             time.sleep(_HAND_OVER_S)
         try:
             now = _monotonic()
-            queue_time = self._queue_time(batch, requests)
-            latencies = ([now - r[3] for r in requests] if self._config.enable_monitoring
+            enqueued = list(map(_enqueued_at, requests))
+            queue_time = batch.dispatched_at - sum(enqueued) / len(enqueued)
+            latencies = ([now - t for t in enqueued] if self._config.enable_monitoring
                          else None)
             # Counted before any future completes: a caller holding its result sees it.
             self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
                                requests=len(requests), latencies=latencies)
             self._controller.observe_batch(rows, elapsed, target, self._queue.rows)
-            self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
+            if self._metrics.records_batches:
+                self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
             if self._config.debug_mode:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
                              len(requests), rows, elapsed * 1e3, queue_time * 1e3)
-            for request, part in zip(requests, parts):
-                try:
-                    request[0].set_result(part)
-                except InvalidStateError:  # pragma: no cover - would be a batchproc bug
-                    logger.error("a future was completed twice; result dropped")
+            if finish_all(requests, parts):  # pragma: no cover - would be a batchproc bug
+                logger.error("a future was completed twice; result dropped")
         finally:
             self._end_delivery(batch)
 

@@ -267,3 +267,11 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                     waiter.add_result(self)
             self._wake_sleepers()
         return 1 if self._done_callbacks else 0
+
+
+# A worker's per-batch loops over its requests' futures, compiled (see future_state):
+# start_all(requests) -> the requests still live; finish_all(requests, results) -> how
+# many futures were already done. Futures of other kinds go through their own methods.
+_atomic.bind(RequestFuture)
+start_all = _atomic.start_all
+finish_all = _atomic.finish_all

@@ -45,12 +45,16 @@ class MetricsSink:
     def __init__(self, collector: object | None) -> None:
         self._methods: dict[str, Any] = {}
         self._warned: set[str] = set()
+        # Read on every batch: without a collector that takes batches, the dispatcher
+        # does not make the call at all.
+        self.records_batches = False
         if collector is None:
             return
         for name in self._METHODS:
             method = getattr(collector, name, None)
             if callable(method):
                 self._methods[name] = method
+        self.records_batches = "record_batch" in self._methods
         if not self._methods:
             logger.warning("metrics_collector %r has none of %s; it will not be called",
                            collector, ", ".join(self._METHODS))

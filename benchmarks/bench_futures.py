@@ -7,6 +7,9 @@
   outstanding, and every young/old collection walks the objects each future tracks
   (eleven for Future, two for RequestFuture). Both are measured in turn in one run and
   the ratio goes into extra_info.
+- a batch of 64: start and complete the futures of one batch the way a worker does, with
+  one compiled call each (start_all, finish_all) against a Python loop of the per-future
+  methods.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from batchproc.futures import RequestFuture
+from batchproc.futures import RequestFuture, finish_all, start_all
 
 LIVE = 50_000
 CREATE = 10_000
+BATCH = 64
 
 
 def _lifecycle(cls: type[Future[Any]]) -> Callable[[], Any]:
@@ -80,3 +84,34 @@ def test_bench_future_create_with_many_live(benchmark: Any, cls: type[Future[Any
     if cls is RequestFuture:
         ours, std = _interleaved([(step, 1), (_create_with_live(Future), 1)], rounds=5)
         benchmark.extra_info["speedup"] = round(std / ours, 1)
+
+
+def _batch_round(batched: bool) -> Callable[[], Any]:
+    """Start and complete the futures of one batch of requests (fresh futures each call)."""
+    results = list(range(BATCH))
+
+    def step() -> Any:
+        requests = [(RequestFuture(), None, 1, 0.0) for _ in range(BATCH)]
+        if batched:
+            live = start_all(requests)
+            finish_all(live, results)
+        else:
+            live = [r for r in requests if r[0].set_running_or_notify_cancel()]
+            for request, result in zip(live, results):
+                request[0].set_result(result)
+        return live
+
+    return step
+
+
+@pytest.mark.benchmark(group="future-batch-of-64")
+@pytest.mark.parametrize("batched", [True, False], ids=["start_all+finish_all", "per-future"])
+def test_bench_future_batch(benchmark: Any, batched: bool) -> None:
+    step = _batch_round(batched)
+    assert [r[0].result(timeout=0) for r in step()] == list(range(BATCH))
+    benchmark(step)
+    if batched:
+        ours, loop = _interleaved([(_batch_round(True), 2_000), (_batch_round(False), 2_000)])
+        benchmark.extra_info["us_batch_calls"] = round(ours * 1e6, 2)
+        benchmark.extra_info["us_per_future_methods"] = round(loop * 1e6, 2)
+        benchmark.extra_info["speedup"] = round(loop / ours, 2)

@@ -255,7 +255,8 @@ def test_fixed_strategy_dispatches_as_soon_as_the_batch_is_full(make_processor, 
     np.ma.masked_array(np.arange(6.0)),               # a subclass: the generic path
     list(range(6)),                                   # not an array
 ], ids=["1d", "2d", "3d", "transposed", "subclass", "list"])
-@pytest.mark.parametrize("rows", [[1] * 6, [2, 1, 0, 3]], ids=["one-row-each", "mixed"])
+@pytest.mark.parametrize("rows", [[1] * 6, [2, 1, 0, 3], [6]],
+                         ids=["one-row-each", "mixed", "one-request"])
 def test_split_gives_each_request_exactly_its_rows(out, rows):
     from batchproc.batching import BatchBuilder
 

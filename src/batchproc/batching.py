@@ -132,6 +132,9 @@ class BatchBuilder:
         if self._stack or not isinstance(requests[0][1], np.ndarray):
             return [out[i] for i in range(n)]
         if type(out) is np.ndarray and out.ndim:
+            if n == 1:
+                # One request (every batch at low load): the checked output is its part.
+                return [out]
             for request in requests:
                 if request[2] != 1:
                     break

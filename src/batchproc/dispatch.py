@@ -514,8 +514,8 @@ class Dispatcher:
     # ----------------------------------------------------------------- completion
 
     def _queue_time(self, batch: _Batch, requests: list[Request]) -> float:
-        enqueued: float = sum(map(_enqueued_at, requests))
-        return batch.dispatched_at - enqueued / len(requests)
+        enqueued_sum: float = sum(map(_enqueued_at, requests))
+        return batch.dispatched_at - enqueued_sum / len(requests)
 
     def _deliver(self, batch: _Batch, requests: list[Request], parts: list[Any],
                  elapsed: float, rows: int, target: int) -> None:

@@ -130,6 +130,28 @@ def test_a_future_cancelled_before_dispatch_is_never_processed(make_processor, r
     assert p.get_stats()["total_cancelled"] == 1
 
 
+def test_futures_their_callers_started_or_completed_cost_no_other_request(make_processor,
+                                                                         recorder, caplog):
+    """The Future API lets a caller complete (or start) its own future while the request
+    waits in the queue. That request's outcome is the caller's; the others in its batch
+    must still be processed, and the worker must keep serving."""
+    model = recorder()
+    p = make_processor(model)
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in (1, 2, 3, 4)]
+    futures[1].set_result("the caller's own")
+    assert futures[2].set_running_or_notify_cancel()
+    p.resume()
+    for f, v in zip(futures, (1, 2, 3, 4)):
+        if v != 2:
+            assert f.result(timeout=10)[0, 0] == v
+    assert futures[1].result(timeout=0) == "the caller's own"
+    seen = sorted(v for batch in model.batches for v in batch[:, 0])
+    assert seen == [1.0, 3.0, 4.0]
+    assert p.enqueue_predict(item(5)).result(timeout=10)[0, 0] == 5  # still serving
+    assert "crashed" not in caplog.text
+
+
 def test_a_dispatched_future_cannot_be_cancelled(make_processor):
     entered, release = threading.Event(), threading.Event()
 

@@ -172,11 +172,16 @@ def remove_sleeper(f, sleeper):
 def start_all(list requests):
     """``set_running_or_notify_cancel`` on the future of each request (a tuple whose item
     0 is the future), in order: the list of those now running. A cancelled one is left
-    out, and its future becomes CANCELLED_AND_NOTIFIED. A future in any other state
-    raises ``RuntimeError``, as ``Future`` does."""
+    out, and its future becomes CANCELLED_AND_NOTIFIED.
+
+    The ``Future`` API lets a caller start or complete its own future, which makes this
+    call raise ``RuntimeError`` (logged) for that future. Here the rest of the batch must
+    not be lost with it: a future already running is kept (it is completed as usual),
+    one already done is left out."""
     cdef list live = []
     cdef object f
     cdef int code
+    cdef bint started
     for r in requests:
         f = (<tuple>r)[0]
         if _direct is not None and isinstance(f, _direct):
@@ -186,8 +191,13 @@ def start_all(list requests):
                 continue
             if code == 0:
                 continue
-        # A future with a lock, one in a bad state, or another future-like: its method.
-        if f.set_running_or_notify_cancel():
+        # A future with a lock, one its caller started or completed, or another
+        # future-like: its own method.
+        try:
+            started = f.set_running_or_notify_cancel()
+        except RuntimeError:
+            started = not f.done()
+        if started:
             live.append(r)
     return live
 

@@ -296,8 +296,9 @@ class Dispatcher:
     def _register(self, requests: list[Request], worker: _Worker) -> _Batch | None:
         """End a pop: make what it took an in-flight batch at once, so that stop() always
         sees popped requests (in the queue, or in _active), never between the two."""
-        # From here on a request can no longer be cancelled; one already cancelled is
-        # dropped without being processed.
+        # From here on a request can no longer be cancelled; one already cancelled (or
+        # completed by its caller, which the Future API allows) is dropped unprocessed
+        # and counted as cancelled.
         live = start_all(requests)
         batch = _Batch(live, worker) if live else None
         with self._lock:

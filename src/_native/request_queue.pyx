@@ -60,6 +60,7 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
     void notify_items_one(Sync* s) noexcept nogil
+    size_t items_waiting(Sync* s) noexcept nogil
     void notify_fill_all(Sync* s) noexcept nogil
     void notify_room_one(Sync* s) noexcept nogil
     void notify_room_all(Sync* s) noexcept nogil
@@ -297,7 +298,8 @@ cdef class RequestQueue:
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
     cdef double _idle_since     # when _in_flight last dropped to 0
-    cdef Py_ssize_t _w_items, _w_fill, _w_room   # threads waiting on each condition
+    # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
+    cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
     cdef list _items            # slot -> object; only touched with the GIL held
 
@@ -430,8 +432,7 @@ cdef class RequestQueue:
         # once the rows they wait for are there: a push only ever moves their other
         # deadlines (head age, idle gap) later, and they re-check those when they wake.
         # Waking them on every push would cost a context switch per request in a burst.
-        if self._w_items > 0:
-            notify_items_one(self._sync)
+        notify_items_one(self._sync)
         if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
         seq[0] = e.seq
@@ -532,9 +533,7 @@ cdef class RequestQueue:
                     return 0
                 if t >= wake_by:
                     return RQ_RETRY
-                self._w_items += 1
                 wait_items(self._sync, deadline if deadline < wake_by else wake_by)
-                self._w_items -= 1
             # Step 2: let the batch fill, bounded by the head's age and the idle gap.
             if p.fill:
                 while (self._len > 0 and not self._closed and not self._paused
@@ -1030,7 +1029,7 @@ cdef class RequestQueue:
         cdef Py_ssize_t a, b, c
         with nogil:
             sync_lock(self._sync)
-            a = self._w_items
+            a = <Py_ssize_t>items_waiting(self._sync)
             b = self._w_fill
             c = self._w_room
             sync_unlock(self._sync)

@@ -97,6 +97,12 @@ inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room
 
 // Notifications are sent with the mutex held (the waiter counts they depend on are only
 // consistent under it).
+// Item waiters parked and not yet chosen (a test hook's count; O(waiters)).
+inline std::size_t items_waiting(Sync* s) noexcept {
+    std::size_t n = 0;
+    for (ItemWaiter* w = s->items; w != nullptr; w = w->next) ++n;
+    return n;
+}
 inline void notify_items_one(Sync* s) noexcept {
     ItemWaiter* w = s->items;
     if (w != nullptr) {

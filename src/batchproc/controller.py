@@ -296,9 +296,9 @@ class Controller:
         self.slots = CallSlots(1 if tuned else config.max_workers)
         self._tuner = ConcurrencyTuner(self.slots, config.max_workers) if tuned else None
         self._debug = config.debug_mode
-        self._ceiling = config.max_batch_size
-        self._plan = Plan(self._current, config.batch_timeout, None)
-        self._replan()
+        self._ceiling: int
+        self._plan: Plan
+        self._replan()  # sets both
 
     @property
     def current_batch_size(self) -> int:

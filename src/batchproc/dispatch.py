@@ -439,7 +439,8 @@ class Dispatcher:
             return
         if status == _ABANDONED:
             return
-        self._metrics.batch(len(requests), rows, self._queue_time(batch, requests), elapsed,
+        self._metrics.batch(len(requests), rows,
+                            _queue_time(batch, list(map(_enqueued_at, requests))), elapsed,
                             OUTCOME_ERROR)
         self._controller.observe_failure()
         if not isinstance(out, Exception):
@@ -514,10 +515,6 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- completion
 
-    def _queue_time(self, batch: _Batch, requests: list[Request]) -> float:
-        enqueued_sum: float = sum(map(_enqueued_at, requests))
-        return batch.dispatched_at - enqueued_sum / len(requests)
-
     def _deliver(self, batch: _Batch, requests: list[Request], parts: list[Any],
                  elapsed: float, rows: int, target: int) -> None:
         with self._lock:
@@ -540,7 +537,7 @@ class Dispatcher:
         try:
             now = _monotonic()
             enqueued = list(map(_enqueued_at, requests))
-            queue_time = batch.dispatched_at - sum(enqueued) / len(enqueued)
+            queue_time = _queue_time(batch, enqueued)
             latencies = ([now - t for t in enqueued] if self._config.enable_monitoring
                          else None)
             # Counted before any future completes: a caller holding its result sees it.
@@ -586,6 +583,11 @@ class Dispatcher:
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
         return len(pending)
+
+
+def _queue_time(batch: _Batch, enqueued: list[float]) -> float:
+    """How long a batch's requests waited, on average, between enqueue and dispatch."""
+    return batch.dispatched_at - sum(enqueued) / len(enqueued)
 
 
 def _rows(requests: list[Request]) -> int:

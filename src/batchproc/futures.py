@@ -233,18 +233,15 @@ class RequestFuture(Future):  # type: ignore[type-arg]
         return code == 1
 
     def set_result(self, result: Any) -> None:
-        code = _atomic.finish(self, result, False)
-        if code == _NEED_LOCK:
-            code = self._finish_locked(result, False)
-        if code == _INVALID:
-            raise InvalidStateError(f"{self._state}: {self!r}")
-        if code == 1:
-            self._invoke_callbacks()
+        self._complete(result, False)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        code = _atomic.finish(self, exception, True)
+        self._complete(exception, True)
+
+    def _complete(self, value: Any, is_exception: bool) -> None:
+        code = _atomic.finish(self, value, is_exception)
         if code == _NEED_LOCK:
-            code = self._finish_locked(exception, True)
+            code = self._finish_locked(value, is_exception)
         if code == _INVALID:
             raise InvalidStateError(f"{self._state}: {self!r}")
         if code == 1:

@@ -1,13 +1,15 @@
 """Pure-Python twin of batchproc._native.batch_assembler, used only by the tests.
 
 Same contract as the native BatchAssembler (validation, errors, buffer rotation,
-growth to powers of two, 64-byte alignment), built on np.concatenate / np.stack
-writing into the rotating buffers with ``out=``.
+reuse only while no view of a buffer is alive, growth to powers of two, 64-byte
+alignment), built on np.concatenate / np.stack writing into the rotating buffers with
+``out=``.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +19,11 @@ MAX_BUFFERS = 16
 MAX_DIMS = 64
 ALIGN = 64
 MAX_CAPACITY = 1 << 62
+
+# sys.getrefcount of an object held only by a list, read as ``the_list[i]``: the list's
+# reference plus the temporary one of the expression (how _claim reads its owners).
+_PROBE = [object()]
+_OWN_REFS = sys.getrefcount(_PROBE[0])
 
 
 class BatchAssembler:
@@ -100,11 +107,7 @@ class BatchAssembler:
             raise ValueError(f"batch of shape {shape} is too large to assemble")
 
         slot = self._next
-        owner = self._owners[slot]
-        overlap = owner is not None and any(
-            a.size and np.may_share_memory(a, owner) for a in seq)
-        if owner is None or overlap or self._caps[slot] < total:
-            owner = self._grow(slot, total)
+        owner, _replaced = self._claim(slot, total, seq)
         start = (-owner.ctypes.data) % ALIGN
         out: Any = np.ndarray(shape, dtype=dtype, buffer=owner, offset=start)
         if stacking:
@@ -113,6 +116,21 @@ class BatchAssembler:
             np.concatenate(seq, out=out)
         self._next = (slot + 1) % self._buffers
         return out
+
+    def _claim(self, slot: int, need: int, seq: tuple[np.ndarray[Any, Any], ...],
+               ) -> tuple[np.ndarray[Any, Any], Any]:
+        """Buffer `slot`, ready for `need` bytes, and the buffer it replaced (or None),
+        which the caller keeps alive through its copy (an input may alias it by address)."""
+        # Reuse only if nothing but our list references the owner: every view of a
+        # result references it, directly or through its base chain.
+        viewed = (self._owners[slot] is not None
+                  and sys.getrefcount(self._owners[slot]) > _OWN_REFS)
+        replaced = self._owners[slot]
+        overlap = replaced is not None and any(
+            a.size and np.may_share_memory(a, replaced) for a in seq)
+        if replaced is None or viewed or overlap or self._caps[slot] < need:
+            return self._grow(slot, need), replaced
+        return replaced, None
 
     def _grow(self, slot: int, need: int) -> np.ndarray[Any, Any]:
         cap = ALIGN

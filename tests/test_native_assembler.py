@@ -129,22 +129,27 @@ def test_stack_equals_numpy(assembler_cls: Any, data: tuple[np.dtype, list]) -> 
     assert_same(out, ref, dtype)
 
 
+def data_address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
 @settings(max_examples=100)
 @given(
     buffers=st.integers(1, 4),
     calls=st.lists(
-        st.tuples(st.booleans(), st.integers(0, 40), st.sampled_from(["f4", "i2", "c16"])),
-        min_size=1, max_size=12),
+        st.tuples(st.sampled_from(["concat", "stack"]), st.integers(0, 40),
+                  st.sampled_from(["f4", "i2", "c16"]), st.booleans()),
+        min_size=1, max_size=16),
 )
-def test_results_survive_the_next_buffers_minus_one_calls(
-        assembler_cls: Any, buffers: int, calls: list[tuple[bool, int, str]]) -> None:
-    """Result k stays intact through call k + buffers - 1, whatever sizes (and so
-    growth) those calls bring; a result's buffer outlives the assembler's reference."""
+def test_results_never_change_while_referenced(
+        assembler_cls: Any, buffers: int, calls: list[tuple[str, int, str, bool]]) -> None:
+    """A result that is kept never changes, whatever the calls after it (sizes, growth,
+    methods); one that is dropped lets its buffer be written again."""
     asm = assembler_cls(buffers)
     kept: list[tuple[np.ndarray, np.ndarray]] = []
     rng = np.random.default_rng(len(calls))
-    for k, (stacking, rows, dt) in enumerate(calls):
-        if stacking:
+    for k, (method, rows, dt, keep) in enumerate(calls):
+        if method == "stack":
             items = [rng.integers(-99, 99, size=3).astype(dt) for _ in range(max(rows, 1))]
             expected = np.stack(items)
             out = asm.stack(items)
@@ -153,9 +158,109 @@ def test_results_survive_the_next_buffers_minus_one_calls(
                      for r in (rows // 2, rows - rows // 2)]
             expected = np.concatenate(items)
             out = asm.concat(items)
-        kept.append((out, expected))
-        for j in range(max(0, k - buffers + 1), k + 1):
-            np.testing.assert_array_equal(kept[j][0], kept[j][1], err_msg=f"call {j} at {k}")
+        np.testing.assert_array_equal(out, expected)
+        if keep:
+            kept.append((out, expected))
+        del out
+        for j, (result, values) in enumerate(kept):
+            np.testing.assert_array_equal(result, values, err_msg=f"kept {j} at call {k}")
+
+
+class Holder:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def test_views_at_any_depth_keep_their_values(assembler_cls: Any) -> None:
+    """Hundreds of calls; each result is kept only through some view of it, nested in
+    containers; every later call brings different values, so any reuse would show."""
+    asm = assembler_cls(buffers=2)
+    kept: list[tuple[Any, Any]] = []     # (how it is held, function giving the view back)
+
+    def keep(k: int, out: np.ndarray) -> tuple[Any, Any]:
+        form = k % 9
+        if form == 0:      # a dict per row
+            return [{"row": out[i]} for i in range(len(out))], lambda h: np.stack(
+                [d["row"] for d in h])
+        if form == 1:      # an object keeping a slice
+            return Holder(out[1:]), lambda h: h.value
+        if form == 2:      # views of views of views
+            return out[::-1][1:][::-1], lambda h: h
+        if form == 3:
+            return {"a": [(np.flip(out),)]}, lambda h: h["a"][0][0]
+        if form == 4:
+            return memoryview(out), lambda h: np.asarray(h)
+        if form == 5:      # a view whose parent result was deleted
+            view = out.reshape(-1)[2:]
+            return view, lambda h: h
+        if form == 6:      # a view of a memoryview of a view
+            return np.asarray(memoryview(out[:, 1:])), lambda h: h
+        if form == 7:      # the result itself, deep in a list
+            return [[[out]]], lambda h: h[0][0][0]
+        return Holder(Holder(out.T)), lambda h: h.value.value
+
+    expected: list[np.ndarray] = []
+    for k in range(300):
+        rows = 2 + k % 5
+        items = [np.full((rows, 3), k, np.int32) + np.arange(3, dtype=np.int32)]
+        out = asm.concat(items)
+        held, get = keep(k, out)
+        expected.append(np.array(get(held), copy=True))
+        kept.append((held, get))
+        del out, held
+        if k % 50 == 49 or k == 299:
+            for j, ((h, g), values) in enumerate(zip(kept, expected)):
+                np.testing.assert_array_equal(g(h), values, err_msg=f"kept {j} at call {k}")
+
+
+def test_torch_tensor_keeps_its_buffer(assembler_cls: Any) -> None:
+    torch = pytest.importorskip("torch")
+    asm = assembler_cls(buffers=1)
+    tensor = torch.from_numpy(asm.concat([np.arange(8.0)])[2:])
+    for _ in range(5):
+        asm.concat([np.full(8, -1.0)])
+    assert tensor.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("method", ["concat", "stack"])
+def test_buffer_is_reused_once_no_view_is_alive(assembler_cls: Any, method: str) -> None:
+    asm = assembler_cls(buffers=2)
+
+    def call(value: float) -> np.ndarray:
+        if method == "concat":
+            return asm.concat([np.full((3, 4), value)])
+        return asm.stack([np.full(4, value)] * 3)
+
+    first = call(1.0)
+    address = data_address(first)
+    view = {"deep": [first[1:][::-1]]}
+    del first
+    call(2.0)                                # buffer 1
+    third = call(3.0)                        # buffer 0 is still viewed: a fresh one
+    assert data_address(third) != address
+    assert (view["deep"][0][:, :2] == 1.0).all()
+    address = data_address(third)
+    del third, view
+    call(4.0)
+    assert data_address(call(5.0)) == address    # nothing views it: reused
+
+    # Dropped as soon as made: the calls alternate between the same two buffers.
+    addresses = [data_address(call(float(v))) for v in range(20)]
+    assert len(set(addresses)) == 2 and address in addresses
+    assert addresses[0::2] == addresses[0:1] * 10
+
+
+def test_dropped_result_buffer_is_reused_in_rotation(assembler_cls: Any) -> None:
+    asm = assembler_cls(buffers=3)
+    x = [np.ones((3, 5), np.float32)] * 4
+    first = asm.concat(x)
+    address = data_address(first)
+    keep = memoryview(first)[1:]
+    del first
+    asm.concat(x)
+    asm.concat(x)
+    del keep                                # nothing views buffer 0 any more
+    assert data_address(asm.concat(x)) == address
 
 
 def test_growth_keeps_earlier_result_alive(assembler_cls: Any) -> None:
@@ -181,17 +286,34 @@ def test_result_outlives_assembler(assembler_cls: Any) -> None:
 
 
 def test_buffers_are_reused_not_reallocated(assembler_cls: Any) -> None:
+    """Results dropped before their buffer comes round again: the same two buffers."""
     asm = assembler_cls(buffers=2)
     x = [np.ones((3, 5), np.float32)] * 4
-    first = asm.concat(x)
-    asm.concat(x)
+    first = data_address(asm.concat(x))
+    second = data_address(asm.concat(x))
     size = asm.nbytes
-    third = asm.concat(x)
-    assert np.shares_memory(first, third)         # buffer 0 again
+    assert data_address(asm.concat(x)) == first
+    assert data_address(asm.concat(x)) == second
     assert asm.nbytes == size
     smaller = asm.concat(x[:1])                    # a smaller batch fits: no growth
     assert asm.nbytes == size
     assert smaller.shape == (3, 5)
+    assert data_address(smaller) == first
+
+
+def test_a_viewed_buffer_is_let_go_not_counted(assembler_cls: Any) -> None:
+    """nbytes counts the buffers the assembler holds now: one it replaced because a
+    result still viewed it lives on in that result only."""
+    asm = assembler_cls(buffers=1)
+    big = asm.concat([np.zeros((1000, 8))])        # 64000 bytes -> a 65536-byte buffer
+    assert asm.nbytes == 65536
+    small = asm.concat([np.ones((2, 8))])          # big is alive: a fresh, small buffer
+    assert asm.nbytes == 128
+    assert (big == 0).all() and (small == 1).all()
+    address = data_address(small)
+    del big, small
+    again = asm.concat([np.full((2, 8), 2.0)])     # nothing views it: reused
+    assert data_address(again) == address and asm.nbytes == 128
 
 
 def test_growth_is_geometric(assembler_cls: Any) -> None:
@@ -235,6 +357,31 @@ def test_results_are_aligned_writeable_and_contiguous(assembler_cls: Any) -> Non
         assert out.flags.writeable and out.flags.c_contiguous
         out[:] = 2                                 # process_func may work in place
         assert out.base is not None
+
+
+class RawArray:
+    """Memory given by address alone: an array made from it references nothing."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__array_interface__ = {"data": (address, False), "shape": shape,
+                                    "typestr": typestr, "version": 3}
+
+
+def test_input_aliasing_the_target_buffer_by_address(assembler_cls: Any) -> None:
+    """Nothing references the buffer, yet an input points into it: the reference
+    count alone would reuse the buffer while reading from it; the overlap check
+    gives the call a fresh one."""
+    asm = assembler_cls(buffers=1)
+    asm.concat([np.zeros((100, 2))])                 # room for the next calls: no growth
+    prev = asm.concat([np.arange(12.0).reshape(6, 2)])
+    address, values = data_address(prev), prev.copy()
+    del prev
+    alias = np.asarray(RawArray(address, (6, 2), "<f8"))
+    out = asm.concat([alias[::-1], alias])
+    expected = np.concatenate([values[::-1], values])
+    del alias                       # its memory went with the buffer the call replaced
+    assert data_address(out) != address
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_input_that_aliases_the_target_buffer(assembler_cls: Any) -> None:

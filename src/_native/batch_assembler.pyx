@@ -3,9 +3,12 @@
 
 Validation (types, dtypes, shapes, overflow-checked sizes) runs with the GIL and
 without allocating; the copy itself is a ``noexcept nogil`` kernel over ``char*``:
-one ``memcpy`` per C-contiguous item, a strided loop for any other layout.
+one ``memcpy`` per C-contiguous item, a strided loop for any other layout. A buffer
+is written again only while nothing but the assembler references it (see
+``BatchAssembler``).
 """
 
+from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -48,6 +51,8 @@ cdef extern from "numpy/arrayobject.h":
 
 cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
+    # On a raw pointer: no temporary reference of our own inflates the count.
+    Py_ssize_t py_refcnt "Py_REFCNT"(PyObject* op) noexcept nogil
 
 
 cdef enum:
@@ -167,9 +172,13 @@ cdef class BatchAssembler:
     """Copies items into reused, pre-allocated batch buffers.
 
     Not thread-safe: each worker owns one. ``concat``/``stack`` return a view into
-    the next buffer of a rotation of ``buffers``; the result of call *k* stays intact
-    through the following ``buffers - 1`` calls and may be overwritten after that.
-    A result always keeps its own buffer alive, even after the assembler grows.
+    the next buffer of a rotation of ``buffers``. A result's buffer is reused only
+    once no view of it is alive (a later call writes into a fresh buffer instead); so
+    a result never changes while anybody can see it. A view is anything
+    that references the result or its buffer, at any depth: slices of slices,
+    ``np.flip``, ``memoryview``, ``torch.from_numpy``, an object or dict holding one.
+    A raw address (``ctypes.data``) is not a view. Rotating over ``buffers`` lets the
+    last ``buffers - 1`` results stay in use while the buffers are still reused.
     """
 
     cdef readonly int buffers
@@ -200,7 +209,11 @@ cdef class BatchAssembler:
 
     @property
     def nbytes(self):
-        """Total bytes currently allocated across buffers (usable capacity)."""
+        """Usable bytes of the buffers the assembler holds now (at most one per slot).
+
+        A buffer it let go of because a result still viewed it lives on in that result
+        and is no longer counted.
+        """
         cdef Py_ssize_t total = 0
         cdef int i
         for i in range(MAX_BUFFERS):
@@ -214,9 +227,10 @@ cdef class BatchAssembler:
         raise TypeError("BatchAssembler cannot be pickled")
 
     def overlaps(self, obj):
-        """Whether ``obj`` is an ndarray whose memory intersects one of this assembler's
-        buffers, which a later batch will overwrite (a model's output that is, or views,
-        its input). Anything else, an empty array included, is False."""
+        """Whether ``obj`` is an ndarray whose memory intersects one of the buffers this
+        assembler holds now (a model's output that is, or views, its input). Anything
+        else, an empty array included, is False. Such an output is safe to deliver:
+        a buffer is never written while a view of it is alive."""
         cdef cnp.PyArrayObject* arr
         cdef uintptr_t lo
         cdef int i
@@ -242,6 +256,14 @@ cdef class BatchAssembler:
         return self._assemble(arrays, True)
 
     cdef object _assemble(self, arrays, bint stacking):
+        cdef tuple seq = self._begin(arrays)
+        try:
+            return self._assemble_tuple(seq, stacking)
+        finally:
+            self._busy = False
+
+    cdef tuple _begin(self, arrays):
+        """The items as a tuple, with the assembler marked busy (the caller clears it)."""
         if self.buffers == 0:
             raise RuntimeError("BatchAssembler.__init__ was not called")
         if self._busy:
@@ -252,10 +274,7 @@ cdef class BatchAssembler:
         # for the whole call, whatever other threads do to a list passed in.
         cdef tuple seq = arrays if type(arrays) is tuple else tuple(arrays)
         self._busy = True
-        try:
-            return self._assemble_tuple(seq, stacking)
-        finally:
-            self._busy = False
+        return seq
 
     cdef object _assemble_tuple(self, tuple seq, bint stacking):
         cdef Py_ssize_t n = PyTuple_GET_SIZE(seq)
@@ -389,17 +408,9 @@ cdef class BatchAssembler:
             for d in range(1, nd0):
                 self._out_dims[d] = dims0[d]
 
-        if overlap or self._cap[slot] < total_bytes or self._data[slot] == NULL:
-            self._grow(slot, total_bytes)
-        owner = self._owners[slot]
+        _replaced = self._claim(slot, total_bytes, overlap)   # alive until we return
+        out = self._result(slot, descr0, out_nd)
         dst = self._data[slot]
-
-        Py_INCREF(<object>descr0)   # stolen by PyArray_NewFromDescr
-        out = np_new_from_descr(
-            &np_array_type, descr0, out_nd, self._out_dims, NULL, dst,
-            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, NULL)
-        Py_INCREF(owner)            # stolen by PyArray_SetBaseObject
-        np_set_base(<cnp.PyArrayObject*>out, <PyObject*>owner)
 
         # Nothing below runs Python code: the items, shapes and buffer are fixed.
         release = total_bytes >= NOGIL_BYTES
@@ -409,6 +420,32 @@ cdef class BatchAssembler:
         else:
             _copy_items(dst, self._items.data(), n, self._shape_pool.data(), itemsize)
         self._next = slot + 1 if slot + 1 < self.buffers else 0
+        return out
+
+    cdef object _claim(self, int slot, Py_ssize_t need, bint overlap):
+        """Make buffer `slot` ready for `need` bytes. Returns the buffer it replaced (or
+        None), for the caller to keep alive until its copy is done: an input may still
+        alias that memory by address alone."""
+        # Every view of a result (a slice, memoryview, tensor, at any depth) references
+        # the owner directly or through its base chain; our list holds one reference.
+        cdef PyObject* held = PyList_GET_ITEM(self._owners, slot)
+        if (self._data[slot] != NULL and py_refcnt(held) == 1 and not overlap
+                and self._cap[slot] >= need):
+            return None
+        replaced = <object>held
+        self._grow(slot, need)
+        return replaced
+
+    cdef object _result(self, int slot, cnp.PyArray_Descr* descr, int nd):
+        """A C-contiguous array of shape _out_dims[:nd] at the start of buffer `slot`,
+        its base the buffer's owner."""
+        owner = self._owners[slot]
+        Py_INCREF(<object>descr)    # stolen by PyArray_NewFromDescr
+        out = np_new_from_descr(
+            &np_array_type, descr, nd, self._out_dims, NULL, self._data[slot],
+            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, NULL)
+        Py_INCREF(owner)            # stolen by PyArray_SetBaseObject
+        np_set_base(<cnp.PyArrayObject*>out, <PyObject*>owner)
         return out
 
     cdef int _grow(self, int slot, Py_ssize_t need) except -1:
@@ -425,7 +462,7 @@ cdef class BatchAssembler:
             cap = need              # the power of two did not fit: try exact size
             owner = np.empty(cap + ALIGN - 1, dtype=np.uint8)
         addr = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>owner)
-        # The old buffer (if any) lives on in the base of every result that uses it.
+        # The old buffer (if any) lives on in the base of every result that views it.
         self._owners[slot] = owner
         self._data[slot] = <char*>((addr + ALIGN - 1) & ~(<uintptr_t>(ALIGN - 1)))
         self._cap[slot] = cap

@@ -10,9 +10,13 @@ class BatchAssembler:
     """Copies items into reused, pre-allocated batch buffers.
 
     Not thread-safe: each worker owns one. A result is a view into the next buffer of
-    a rotation of ``buffers``; the result of call k stays intact through call
-    k + buffers - 1 and may be overwritten from call k + buffers on. A result keeps its
-    own buffer alive (numpy base chain), also after the assembler grows.
+    a rotation of ``buffers``. A result's buffer is reused only once no view of it is
+    alive (a later call writes into a fresh buffer instead); so a result never changes
+    while anybody can see it. A view is anything referencing the result or its buffer,
+    at any depth (slices of slices, ``np.flip``, ``memoryview``, ``torch.from_numpy``,
+    a dict or object holding one); a raw address (``ctypes.data``) is not. Rotating
+    over ``buffers`` lets the last ``buffers - 1`` results stay in use while the
+    buffers are still reused.
     """
 
     def __init__(self, buffers: int = 2) -> None: ...
@@ -20,10 +24,13 @@ class BatchAssembler:
     def buffers(self) -> int: ...
     @property
     def nbytes(self) -> int:
-        """Total usable bytes currently allocated across buffers."""
+        """Usable bytes of the buffers the assembler holds now (at most one per slot).
+        A buffer it let go of because a result still viewed it lives on in that result
+        and is no longer counted."""
     def overlaps(self, obj: object) -> bool:
-        """Whether ``obj`` is a non-empty ndarray whose memory intersects one of this
-        assembler's buffers (which later batches overwrite)."""
+        """Whether ``obj`` is a non-empty ndarray whose memory intersects one of the
+        buffers this assembler holds now. Such an output is safe to deliver: a buffer
+        is never written while a view of it is alive."""
     def concat(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         """Rows of every array along axis 0; equal to ``np.concatenate(arrays)``."""
     def stack(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:

@@ -3,7 +3,7 @@
 Same contract as the native BatchAssembler (validation, errors, buffer rotation,
 reuse only while no view of a buffer is alive, growth to powers of two, 64-byte
 alignment), built on np.concatenate / np.stack writing into the rotating buffers with
-``out=``.
+``out=``, and slice assignment for concat_padded.
 """
 
 from __future__ import annotations
@@ -60,6 +60,79 @@ class BatchAssembler:
 
     def stack(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         return self._assemble(arrays, stacking=True)
+
+    def concat_padded(self, arrays: Iterable[np.ndarray[Any, Any]], length: int,
+                      pad: bytes) -> np.ndarray[Any, Any]:
+        if isinstance(length, bool):
+            raise TypeError("length must be an int, not bool")
+        try:
+            n_length = operator.index(length)
+        except TypeError:
+            raise TypeError(f"length must be an int, not {type(length).__name__}") from None
+        if n_length < 0:
+            raise ValueError(f"length must be >= 0, got {n_length}")
+        if n_length >= 1 << 63:
+            raise ValueError(f"length {n_length} is too large")
+        if not isinstance(pad, bytes):
+            raise TypeError(
+                "pad must be bytes (the fill value encoded in the items' dtype, e.g. "
+                f"np.asarray(value, dtype).tobytes()), not {type(pad).__name__}")
+        seq = tuple(arrays)
+        if not seq:
+            raise ValueError("need at least one array to concatenate")
+        for i, a in enumerate(seq):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"item {i} is {type(a).__name__}, not numpy.ndarray")
+            if i == 0:
+                if a.dtype.hasobject:
+                    raise TypeError(
+                        f"item 0 has dtype {a.dtype!r}, which holds Python object "
+                        "references: object arrays are never raw-copied")
+                if a.ndim < 2:
+                    raise ValueError(
+                        f"item 0 has shape {a.shape}: concat_padded needs items of shape "
+                        "(rows, length, ...), at least 2-d")
+                if len(pad) != a.dtype.itemsize:
+                    raise ValueError(
+                        f"pad has {len(pad)} bytes but dtype {a.dtype!r} has itemsize "
+                        f"{a.dtype.itemsize}")
+                first = a
+            else:
+                if a.dtype != first.dtype:
+                    raise ValueError(
+                        f"item {i} has dtype {a.dtype!r} but item 0 has dtype {first.dtype!r}")
+                if a.ndim < 2:
+                    raise ValueError(
+                        f"item {i} has shape {a.shape}: concat_padded needs items of shape "
+                        "(rows, length, ...), at least 2-d")
+                if a.shape[2:] != first.shape[2:]:
+                    raise ValueError(
+                        f"item {i} has shape {a.shape} but item 0 has shape {first.shape}")
+            if a.shape[1] > n_length:
+                raise ValueError(
+                    f"item {i} has shape {a.shape}: its length {a.shape[1]} is more than "
+                    f"length={n_length}")
+        dtype = first.dtype
+        shape = (sum(a.shape[0] for a in seq), n_length, *first.shape[2:])
+        total = dtype.itemsize
+        for d in shape:
+            total *= d
+        if total > MAX_CAPACITY:
+            raise ValueError(f"batch of shape {shape} is too large to assemble")
+
+        slot = self._next
+        owner, _replaced = self._claim(slot, total, seq)
+        start = (-owner.ctypes.data) % ALIGN
+        out = np.ndarray(shape, dtype=dtype, buffer=owner, offset=start)
+        if out.size and dtype.itemsize:
+            out[...] = np.frombuffer(pad, dtype=dtype)
+        row = 0
+        for a in seq:
+            rows, seq_len = a.shape[:2]
+            out[row:row + rows, :seq_len] = a
+            row += rows
+        self._next = (slot + 1) % self._buffers
+        return out
 
     def _assemble(self, arrays: Iterable[np.ndarray[Any, Any]], stacking: bool) -> Any:
         seq = tuple(arrays)

@@ -71,6 +71,15 @@ def relayout(a: np.ndarray, layout: str) -> np.ndarray:
     return a
 
 
+def padded_reference(items: list[np.ndarray], length: int, value: Any) -> np.ndarray:
+    """Each item padded with `value` to `length` along axis 1, then concatenated."""
+    fill = np.asarray(value, items[0].dtype)
+    return np.concatenate([
+        np.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+               constant_values=fill)
+        for a in items])
+
+
 def assert_same(out: np.ndarray, ref: np.ndarray, dtype: np.dtype) -> None:
     """out equals ref exactly: shape, values bit for bit, and out keeps the input dtype."""
     assert out.dtype == dtype
@@ -137,7 +146,7 @@ def data_address(a: np.ndarray) -> int:
 @given(
     buffers=st.integers(1, 4),
     calls=st.lists(
-        st.tuples(st.sampled_from(["concat", "stack"]), st.integers(0, 40),
+        st.tuples(st.sampled_from(["concat", "stack", "padded"]), st.integers(0, 40),
                   st.sampled_from(["f4", "i2", "c16"]), st.booleans()),
         min_size=1, max_size=16),
 )
@@ -153,11 +162,16 @@ def test_results_never_change_while_referenced(
             items = [rng.integers(-99, 99, size=3).astype(dt) for _ in range(max(rows, 1))]
             expected = np.stack(items)
             out = asm.stack(items)
-        else:
+        elif method == "concat":
             items = [rng.integers(-99, 99, size=(r, 3)).astype(dt)
                      for r in (rows // 2, rows - rows // 2)]
             expected = np.concatenate(items)
             out = asm.concat(items)
+        else:
+            items = [rng.integers(-99, 99, size=(r, 1 + r % 3, 2)).astype(dt)
+                     for r in (rows // 2, rows - rows // 2)]
+            expected = padded_reference(items, 3, np.zeros((), dt))
+            out = asm.concat_padded(items, 3, np.zeros((), dt).tobytes())
         np.testing.assert_array_equal(out, expected)
         if keep:
             kept.append((out, expected))
@@ -222,14 +236,17 @@ def test_torch_tensor_keeps_its_buffer(assembler_cls: Any) -> None:
     assert tensor.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
 
 
-@pytest.mark.parametrize("method", ["concat", "stack"])
+@pytest.mark.parametrize("method", ["concat", "stack", "padded"])
 def test_buffer_is_reused_once_no_view_is_alive(assembler_cls: Any, method: str) -> None:
     asm = assembler_cls(buffers=2)
 
     def call(value: float) -> np.ndarray:
         if method == "concat":
             return asm.concat([np.full((3, 4), value)])
-        return asm.stack([np.full(4, value)] * 3)
+        if method == "stack":
+            return asm.stack([np.full(4, value)] * 3)
+        return asm.concat_padded([np.full((3, 2, 4), value)], 3,
+                                 np.float64(-1.5).tobytes())
 
     first = call(1.0)
     address = data_address(first)
@@ -367,7 +384,8 @@ class RawArray:
                                     "typestr": typestr, "version": 3}
 
 
-def test_input_aliasing_the_target_buffer_by_address(assembler_cls: Any) -> None:
+@pytest.mark.parametrize("method", ["concat", "padded"])
+def test_input_aliasing_the_target_buffer_by_address(assembler_cls: Any, method: str) -> None:
     """Nothing references the buffer, yet an input points into it: the reference
     count alone would reuse the buffer while reading from it; the overlap check
     gives the call a fresh one."""
@@ -377,8 +395,13 @@ def test_input_aliasing_the_target_buffer_by_address(assembler_cls: Any) -> None
     address, values = data_address(prev), prev.copy()
     del prev
     alias = np.asarray(RawArray(address, (6, 2), "<f8"))
-    out = asm.concat([alias[::-1], alias])
-    expected = np.concatenate([values[::-1], values])
+    if method == "concat":
+        out = asm.concat([alias[::-1], alias])
+        expected = np.concatenate([values[::-1], values])
+    else:
+        out = asm.concat_padded([alias[None], alias[None, ::-1]], 8,
+                                np.float64(-1.5).tobytes())
+        expected = padded_reference([values[None], values[None, ::-1]], 8, -1.5)
     del alias                       # its memory went with the buffer the call replaced
     assert data_address(out) != address
     np.testing.assert_array_equal(out, expected)
@@ -541,6 +564,217 @@ def test_failed_call_leaves_earlier_results_intact(assembler_cls: Any) -> None:
     b = asm.concat([np.arange(5) * 2])
     np.testing.assert_array_equal(a, np.arange(5))
     np.testing.assert_array_equal(b, np.arange(5) * 2)
+
+
+# ---------------------------------------------------------------- concat_padded
+
+PAD_DTYPES = [np.dtype(t) for t in (
+    "?", "i1", "u1", "i2", "u4", "i8", "f2", "f4", "f8", "c8", "c16", ">f8", ">i2", "M8[s]")]
+
+
+@st.composite
+def padded_items(draw: st.DrawFn) -> tuple[np.dtype, list[np.ndarray], int, np.ndarray]:
+    dtype = draw(st.sampled_from(PAD_DTYPES))
+    rest = draw(hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3))
+    lengths = draw(st.lists(st.integers(0, 6), min_size=1, max_size=6))
+    length = max(lengths) + draw(st.integers(0, 3))
+    items = []
+    for seq_len in lengths:
+        shape = (draw(st.integers(0, 3)), seq_len, *rest)
+        a = np.asarray(draw(hnp.arrays(dtype, shape)))
+        items.append(relayout_padded(a, draw(st.sampled_from([*LAYOUTS, "transposed"]))))
+    values = hnp.from_dtype(dtype)
+    if dtype.kind in "fc":      # -1.5: bytes that are not all equal, as most values
+        values = st.one_of(st.sampled_from([0.0, -0.0, -1.5, 1.0]), values)
+    fill = np.asarray(draw(values)).astype(dtype)
+    return dtype, items, length, fill
+
+
+def relayout_padded(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "transposed":      # the same values, axes 0 and 1 swapped in memory
+        return np.swapaxes(np.swapaxes(a, 0, 1).copy(), 0, 1)
+    return relayout(a, layout)
+
+
+@settings(max_examples=400)
+@given(data=padded_items())
+def test_concat_padded_equals_numpy(assembler_cls: Any, data: tuple) -> None:
+    dtype, items, length, fill = data
+    ref = padded_reference(items, length, fill)
+    out = assembler_cls().concat_padded(items, length, fill.tobytes())
+    assert_same(out, ref, dtype)
+
+
+def test_concat_padded_small_example(assembler_cls: Any) -> None:
+    items = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[7, 8]], np.float32),
+             np.zeros((0, 4), np.float32), np.zeros((1, 0), np.float32)]
+    out = assembler_cls().concat_padded(items, 4, np.float32(-1.5).tobytes())
+    assert out.shape == (4, 4) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, [[0, 1, 2, -1.5], [3, 4, 5, -1.5],
+                                        [7, 8, -1.5, -1.5], [-1.5] * 4])
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "strided", "row-strided",
+                                    "broadcast", "transposed"])
+@pytest.mark.parametrize("fill", [0.0, -1.5, float("nan")])
+def test_concat_padded_large_batch(assembler_cls: Any, layout: str, fill: float) -> None:
+    """Above the size where the native copy runs without the GIL; many rows, each a
+    different tail length (the pad pattern is reused from the longest tail so far)."""
+    rng = np.random.default_rng(7)
+    items = [relayout_padded(rng.random((int(rng.integers(1, 4)), int(n), 5), np.float32),
+                             layout)
+             for n in rng.integers(0, 300, size=40)]
+    length = max(a.shape[1] for a in items) + 3
+    out = assembler_cls().concat_padded(items, length, np.float32(fill).tobytes())
+    assert out.nbytes > 1 << 16
+    assert_same(out, padded_reference(items, length, np.float32(fill)), np.dtype("f4"))
+
+
+def padded_bytes_reference(items: list[np.ndarray], length: int, pad: bytes) -> np.ndarray:
+    """The expected result built byte by byte: each row's values, then the pad bytes."""
+    rest = items[0].shape[2:]
+    per_position = int(np.prod(rest, dtype=np.int64))
+    chunks = []
+    for a in items:
+        c = np.ascontiguousarray(a)
+        for r in range(a.shape[0]):
+            chunks += [c[r].tobytes(), pad * ((length - a.shape[1]) * per_position)]
+    rows = sum(a.shape[0] for a in items)
+    return np.frombuffer(b"".join(chunks), dtype=items[0].dtype).reshape(
+        rows, length, *rest)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_concat_padded_any_dtype(assembler_cls: Any, dtype: np.dtype) -> None:
+    """Strings, structured and raw void dtypes: the pad is bytes, never a value."""
+    raw = np.random.default_rng(3).integers(0, 256, size=(5, 4, 2, dtype.itemsize),
+                                            dtype=np.uint8)
+    whole = raw.view(dtype).reshape(5, 4, 2)
+    items = [whole[:2, :3], whole[2:3, :1], relayout(whole[3:], "F"), whole[:1, ::-1]]
+    pad = bytes(range(1, dtype.itemsize + 1))
+    out = assembler_cls().concat_padded(items, 5, pad)
+    assert_same(out, padded_bytes_reference(items, 5, pad), dtype)
+
+
+def test_concat_padded_zero_sizes(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    pad = np.int16(-2).tobytes()
+    out = asm.concat_padded([np.zeros((0, 3), np.int16)] * 2, 5, pad)
+    assert out.shape == (0, 5) and out.dtype == np.int16
+    out = asm.concat_padded([np.zeros((2, 0), np.int16), np.zeros((1, 0), np.int16)], 3, pad)
+    np.testing.assert_array_equal(out, np.full((3, 3), -2))
+    out = asm.concat_padded([np.zeros((2, 0), np.int16)], 0, pad)
+    assert out.shape == (2, 0)
+    out = asm.concat_padded([np.zeros((2, 1, 0, 3), np.int16),
+                             np.zeros((1, 4, 0, 3), np.int16)], 4, pad)
+    assert out.shape == (3, 4, 0, 3)
+    empty_struct = np.dtype([])
+    out = asm.concat_padded([np.zeros((2, 1), empty_struct)], 3, b"")
+    assert out.shape == (2, 3) and out.dtype == empty_struct
+
+
+def test_concat_padded_length_accepts_index_types(assembler_cls: Any) -> None:
+    out = assembler_cls().concat_padded([np.ones((1, 2))], np.int64(3), bytes(8))
+    np.testing.assert_array_equal(out, [[1, 1, 0]])
+
+
+def test_concat_padded_empty_list(assembler_cls: Any) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        assembler_cls().concat_padded([], 3, bytes(8))
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], None, "ab", np.float64(1.0)])
+def test_concat_padded_non_ndarray_item(assembler_cls: Any, bad: Any) -> None:
+    ok = np.zeros((1, 2))
+    with pytest.raises(TypeError, match="item 2"):
+        assembler_cls().concat_padded([ok, ok, bad], 3, bytes(8))
+    with pytest.raises(TypeError, match="item 0"):
+        assembler_cls().concat_padded([bad, ok], 3, bytes(8))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(object), np.dtype([("a", "f8"), ("b", "O")])])
+def test_concat_padded_refuses_object_arrays(assembler_cls: Any, dtype: np.dtype) -> None:
+    a = np.empty((2, 2), dtype=dtype)
+    with pytest.raises(TypeError, match="object arrays are never raw-copied"):
+        assembler_cls().concat_padded([a, a], 3, bytes(dtype.itemsize))
+
+
+def test_concat_padded_needs_two_dimensions(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    with pytest.raises(ValueError, match=r"item 0 has shape \(3,\).*at least 2-d"):
+        asm.concat_padded([np.zeros(3), np.zeros((1, 3))], 3, bytes(8))
+    with pytest.raises(ValueError, match=r"item 1 has shape \(\).*at least 2-d"):
+        asm.concat_padded([np.zeros((1, 3)), np.array(1.0)], 3, bytes(8))
+
+
+def test_concat_padded_mismatched_dtype(assembler_cls: Any) -> None:
+    items = [np.zeros((1, 2), np.float32)] * 2 + [np.zeros((1, 2), np.float64)]
+    with pytest.raises(ValueError, match=r"item 2 .*float64.*item 0 .*float32"):
+        assembler_cls().concat_padded(items, 3, bytes(4))
+
+
+def test_concat_padded_mismatched_rest(assembler_cls: Any) -> None:
+    asm = assembler_cls()
+    items = [np.zeros((2, 3, 3)), np.zeros((1, 1, 3)), np.zeros((1, 2, 4))]
+    with pytest.raises(ValueError,
+                       match=r"item 2 has shape \(1, 2, 4\) but item 0 has shape \(2, 3, 3\)"):
+        asm.concat_padded(items, 3, bytes(8))
+    with pytest.raises(ValueError,
+                       match=r"item 1 has shape \(2, 3\) but item 0 has shape \(2, 3, 3\)"):
+        asm.concat_padded([np.zeros((2, 3, 3)), np.zeros((2, 3))], 3, bytes(8))
+
+
+def test_concat_padded_item_longer_than_length(assembler_cls: Any) -> None:
+    items = [np.zeros((2, 4)), np.zeros((1, 5))]
+    with pytest.raises(ValueError, match=r"item 1 has shape \(1, 5\).*5 is more than length=4"):
+        assembler_cls().concat_padded(items, 4, bytes(8))
+
+
+@pytest.mark.parametrize("length", [2.0, "4", None, True])
+def test_concat_padded_length_not_an_int(assembler_cls: Any, length: Any) -> None:
+    with pytest.raises(TypeError, match="length must be an int"):
+        assembler_cls().concat_padded([np.zeros((1, 2))], length, bytes(8))
+
+
+@pytest.mark.parametrize("length", [-1, 2**70])
+def test_concat_padded_length_out_of_range(assembler_cls: Any, length: int) -> None:
+    with pytest.raises(ValueError, match="length"):
+        assembler_cls().concat_padded([np.zeros((1, 2))], length, bytes(8))
+
+
+@pytest.mark.parametrize("pad", ["\0" * 8, 0, 0.0, np.float64(0.0), bytearray(8),
+                                 memoryview(bytes(8)), None])
+def test_concat_padded_pad_not_bytes(assembler_cls: Any, pad: Any) -> None:
+    with pytest.raises(TypeError, match=r"pad must be bytes .*np.asarray"):
+        assembler_cls().concat_padded([np.zeros((1, 2))], 3, pad)
+
+
+@pytest.mark.parametrize("size", [0, 4, 9])
+def test_concat_padded_pad_of_the_wrong_size(assembler_cls: Any, size: int) -> None:
+    with pytest.raises(ValueError, match=rf"pad has {size} bytes .*itemsize 8"):
+        assembler_cls().concat_padded([np.zeros((1, 2))], 3, bytes(size))
+
+
+def test_concat_padded_size_overflow(assembler_cls: Any) -> None:
+    huge = np.broadcast_to(np.zeros((1, 1)), (2**59, 1))     # 2**62 bytes, 8 real
+    asm = assembler_cls()
+    with pytest.raises(ValueError, match="too large"):
+        asm.concat_padded([huge, huge], 1, bytes(8))
+    with pytest.raises(ValueError, match="too large"):
+        asm.concat_padded([np.zeros((1, 1))], 2**62, bytes(8))
+    with pytest.raises(ValueError, match="too large"):
+        asm.concat_padded([np.zeros((3, 1))], 2**61, bytes(8))
+    assert asm.nbytes == 0
+    np.testing.assert_array_equal(asm.concat_padded([np.ones((1, 1))], 2, bytes(8)),
+                                  [[1, 0]])
+
+
+def test_concat_padded_absurd_size_is_a_memory_error(assembler_cls: Any) -> None:
+    huge = np.broadcast_to(np.zeros((1, 1), np.uint8), (2**49, 1))   # 2 x 512 TiB
+    asm = assembler_cls()
+    with pytest.raises(MemoryError):
+        asm.concat_padded([huge, huge], 1, b"\0")
+    assert asm.nbytes == 0
 
 
 # ------------------------------------------------------------------ native only

@@ -204,6 +204,39 @@ def test_batch_assembler_entry_points_survive_odd_arguments(buffers, arrays, sta
     call(fn, tuple(arrays))
 
 
+FIT = object()   # stands for the length or pad that fits the first array
+
+
+@st.composite
+def ragged(draw: st.DrawFn) -> list[np.ndarray]:
+    """Arrays that concat_padded accepts, mostly: one dtype, one shape after axis 1."""
+    dtype = draw(st.sampled_from(DTYPES))
+    rest = draw(st.lists(st.integers(0, 2), max_size=2))
+    return [make_array(dtype, (draw(st.integers(0, 3)), draw(st.integers(0, 5)), *rest),
+                       draw(st.sampled_from(LAYOUTS)))
+            for _ in range(draw(st.integers(1, 4)))]
+
+
+@ENOUGH
+@given(arrays=st.one_of(ragged(), st.lists(st.one_of(ODD, arrays), max_size=4)),
+       length=st.one_of(st.just(FIT), st.integers(0, 400), ODD),
+       pad=st.one_of(st.just(FIT), st.binary(max_size=17), ODD))
+def test_batch_assembler_concat_padded_survives_odd_arguments(arrays, length, pad):
+    first = arrays[0] if arrays and isinstance(arrays[0], np.ndarray) else None
+    if length is FIT:
+        length = max((x.shape[1] for x in arrays if isinstance(x, np.ndarray) and x.ndim > 1),
+                     default=3)
+    if pad is FIT:
+        pad = bytes(first.itemsize if first is not None else 8)
+    a = BatchAssembler(2)
+    out = call(a.concat_padded, arrays, length, pad)
+    if out is not None:
+        assert out.shape == (sum(x.shape[0] for x in arrays), length, *arrays[0].shape[2:])
+        for x, rows in zip(arrays, np.cumsum([x.shape[0] for x in arrays])):
+            np.testing.assert_array_equal(out[rows - x.shape[0]:rows, :x.shape[1]], x)
+    call(a.concat_padded, iter(arrays), length, pad)
+
+
 @pytest.mark.parametrize("stacking", [False, True])
 def test_batch_assembler_refuses_huge_batches_without_crashing(stacking):
     a = BatchAssembler(2)

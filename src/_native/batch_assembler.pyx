@@ -3,17 +3,18 @@
 
 Validation (types, dtypes, shapes, overflow-checked sizes) runs with the GIL and
 without allocating; the copy itself is a ``noexcept nogil`` kernel over ``char*``:
-one ``memcpy`` per C-contiguous item, a strided loop for any other layout. A buffer
-is written again only while nothing but the assembler references it (see
-``BatchAssembler``).
+one ``memcpy`` per C-contiguous item (per row when padding), a strided loop for any
+other layout. A buffer is written again only while nothing but the assembler
+references it (see ``BatchAssembler``).
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uintptr_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
 from _types cimport count_arg
 
@@ -21,6 +22,7 @@ cimport numpy as cnp
 from numpy cimport npy_intp
 
 import numpy as np
+from operator import index as _index
 
 cnp.import_array()
 
@@ -73,6 +75,17 @@ cdef struct Item:
     Py_ssize_t nbytes       # bytes this item contributes to the batch
     int contiguous          # 1: one memcpy of nbytes
     int nd                  # strided items: dims/strides live in shape_pool[shape_at:]
+    Py_ssize_t shape_at
+
+
+cdef struct PadItem:
+    # One input of concat_padded: `rows` rows of `seq_bytes` bytes of values each.
+    const char* src
+    Py_ssize_t rows
+    Py_ssize_t row_stride   # bytes from one row of src to the next (any sign)
+    Py_ssize_t seq_bytes    # L_i * inner: the values of one row, C order
+    int contiguous          # 1: the whole item is C-contiguous
+    int nd                  # strided items: one row's dims/strides at shape_pool[shape_at:]
     Py_ssize_t shape_at
 
 
@@ -154,6 +167,64 @@ cdef void _copy_items(char* dst, const Item* items, Py_ssize_t n,
         dst += it.nbytes
 
 
+cdef inline void _fill(char* dst, Py_ssize_t n, const char* pad, Py_ssize_t itemsize,
+                       int fill_byte, const char** tmpl, Py_ssize_t* tmpl_len) noexcept nogil:
+    """Fill n bytes (a whole number of items, n > 0) with the pad pattern.
+
+    fill_byte >= 0: every pad byte equals it, one memset. Otherwise copy the longest
+    tail filled so far (tmpl; every tail starts on an item boundary, so its pattern
+    lines up) and double from there.
+    """
+    cdef Py_ssize_t done, c
+    if fill_byte >= 0:
+        memset(dst, fill_byte, <size_t>n)
+        return
+    if tmpl_len[0] >= n:
+        memcpy(dst, tmpl[0], <size_t>n)
+        return
+    if tmpl_len[0]:
+        memcpy(dst, tmpl[0], <size_t>tmpl_len[0])
+        done = tmpl_len[0]
+    else:
+        memcpy(dst, pad, <size_t>itemsize)
+        done = itemsize
+    while done < n:
+        c = done if done < n - done else n - done
+        memcpy(dst + done, dst, <size_t>c)
+        done += c
+    tmpl[0] = dst
+    tmpl_len[0] = n
+
+
+cdef void _copy_padded(char* dst, const PadItem* items, Py_ssize_t n,
+                       const npy_intp* shape_pool, Py_ssize_t itemsize,
+                       Py_ssize_t row_bytes, const char* pad, int fill_byte) noexcept nogil:
+    """Each item's rows at dst, row_bytes apart: values first, the pad pattern after."""
+    cdef const char* tmpl = NULL
+    cdef Py_ssize_t tmpl_len = 0, i, r, tail
+    cdef const PadItem* it
+    for i in range(n):
+        it = &items[i]
+        if it.rows == 0:
+            continue
+        tail = row_bytes - it.seq_bytes
+        if it.contiguous and tail == 0:
+            memcpy(dst, it.src, <size_t>(it.rows * row_bytes))
+            dst += it.rows * row_bytes
+            continue
+        for r in range(it.rows):
+            if it.seq_bytes:
+                if it.contiguous:
+                    memcpy(dst, it.src + r * it.seq_bytes, <size_t>it.seq_bytes)
+                else:
+                    _strided_copy(dst, it.src + r * it.row_stride, it.nd,
+                                  shape_pool + it.shape_at,
+                                  shape_pool + it.shape_at + it.nd, itemsize)
+            if tail:
+                _fill(dst + it.seq_bytes, tail, pad, itemsize, fill_byte, &tmpl, &tmpl_len)
+            dst += row_bytes
+
+
 cdef inline bint _overlaps(const char* src, int nd, const npy_intp* dims,
                            const npy_intp* strides, Py_ssize_t itemsize,
                            uintptr_t lo, uintptr_t hi) noexcept nogil:
@@ -171,10 +242,10 @@ cdef inline bint _overlaps(const char* src, int nd, const npy_intp* dims,
 cdef class BatchAssembler:
     """Copies items into reused, pre-allocated batch buffers.
 
-    Not thread-safe: each worker owns one. ``concat``/``stack`` return a view into
-    the next buffer of a rotation of ``buffers``. A result's buffer is reused only
-    once no view of it is alive (a later call writes into a fresh buffer instead); so
-    a result never changes while anybody can see it. A view is anything
+    Not thread-safe: each worker owns one. ``concat``/``stack``/``concat_padded``
+    return a view into the next buffer of a rotation of ``buffers``. A result's buffer
+    is reused only once no view of it is alive (a later call writes into a fresh buffer
+    instead); so a result never changes while anybody can see it. A view is anything
     that references the result or its buffer, at any depth: slices of slices,
     ``np.flip``, ``memoryview``, ``torch.from_numpy``, an object or dict holding one.
     A raw address (``ctypes.data``) is not a view. Rotating over ``buffers`` lets the
@@ -188,6 +259,7 @@ cdef class BatchAssembler:
     cdef char* _data[MAX_BUFFERS]           # ALIGN-aligned start of each buffer
     cdef Py_ssize_t _cap[MAX_BUFFERS]       # usable bytes from _data[i]
     cdef vector[Item] _items                # scratch, reused across calls
+    cdef vector[PadItem] _pad_items
     cdef vector[npy_intp] _shape_pool       # dims + strides of non-contiguous items
     cdef npy_intp _out_dims[MAX_DIMS]
 
@@ -254,6 +326,20 @@ cdef class BatchAssembler:
     def stack(self, arrays):
         """Stack arrays (one sample each) along a new axis 0 into the next buffer."""
         return self._assemble(arrays, True)
+
+    def concat_padded(self, arrays, length, pad):
+        """Concatenate items of shape (r_i, L_i, *rest) into (sum r_i, length, *rest),
+        each row's values in [:, :L_i] and ``pad`` (one item's bytes) after them."""
+        cdef Py_ssize_t n_length = _length_arg(length)
+        if not isinstance(pad, bytes):
+            raise TypeError(
+                f"pad must be bytes (the fill value encoded in the items' dtype, e.g. "
+                f"np.asarray(value, dtype).tobytes()), not {type(pad).__name__}")
+        cdef tuple seq = self._begin(arrays)
+        try:
+            return self._pad_tuple(seq, n_length, <bytes>pad)
+        finally:
+            self._busy = False
 
     cdef object _assemble(self, arrays, bint stacking):
         cdef tuple seq = self._begin(arrays)
@@ -422,6 +508,150 @@ cdef class BatchAssembler:
         self._next = slot + 1 if slot + 1 < self.buffers else 0
         return out
 
+    cdef object _pad_tuple(self, tuple seq, Py_ssize_t length, bytes pad):
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(seq)
+        cdef Py_ssize_t i, rows, total_rows = 0, inner, row_bytes, total_bytes
+        cdef Py_ssize_t itemsize
+        cdef int nd, nd0, d, slot, fill_byte
+        cdef PyObject* obj
+        cdef cnp.PyArrayObject* arr
+        cdef cnp.PyArrayObject* arr0
+        cdef cnp.PyArray_Descr* descr0
+        cdef cnp.PyArray_Descr* descr
+        cdef npy_intp* dims0
+        cdef npy_intp* dims
+        cdef npy_intp* strides
+        cdef PadItem* item
+        cdef bint overlap = False
+        cdef uintptr_t lo, hi
+        cdef const char* pad_bytes = PyBytes_AS_STRING(pad)
+        cdef char* dst
+
+        if n == 0:
+            raise ValueError("need at least one array to concatenate")
+        obj = PyTuple_GET_ITEM(seq, 0)
+        if not np_is_array(obj):
+            raise TypeError(
+                f"item 0 is {type(<object>obj).__name__}, not numpy.ndarray")
+        arr0 = <cnp.PyArrayObject*>obj
+        descr0 = np_descr(arr0)
+        if np_refchk(descr0):
+            raise TypeError(
+                f"item 0 has dtype {(<object>descr0)!r}, which holds Python object "
+                "references: object arrays are never raw-copied (pad them with numpy)")
+        nd0 = np_ndim(arr0)
+        dims0 = np_dims(arr0)
+        if nd0 < 2:
+            raise ValueError(
+                f"item 0 has shape {_shape(dims0, nd0)}: concat_padded needs items of "
+                "shape (rows, length, ...), at least 2-d")
+        itemsize = np_itemsize(arr0)
+        if PyBytes_GET_SIZE(pad) != itemsize:
+            raise ValueError(
+                f"pad has {PyBytes_GET_SIZE(pad)} bytes but dtype {(<object>descr0)!r} has "
+                f"itemsize {itemsize}: pass one value encoded in that dtype, e.g. "
+                "np.asarray(value, dtype).tobytes()")
+        # Bytes of one position along the length axis, and of one output row.
+        inner = itemsize
+        for d in range(2, nd0):
+            if _mul(inner, dims0[d], &inner):
+                raise ValueError("item 0 is too large: its size overflows")
+        if _mul(length, inner, &row_bytes):
+            raise ValueError(f"length {length} is too large: a row's size overflows")
+
+        slot = self._next
+        lo = <uintptr_t>self._data[slot]
+        hi = lo + <uintptr_t>self._cap[slot]
+
+        self._pad_items.resize(<size_t>n)
+        self._shape_pool.clear()
+        for i in range(n):
+            obj = PyTuple_GET_ITEM(seq, i)
+            if i:
+                if not np_is_array(obj):
+                    raise TypeError(
+                        f"item {i} is {type(<object>obj).__name__}, not numpy.ndarray")
+                arr = <cnp.PyArrayObject*>obj
+                descr = np_descr(arr)
+                nd = np_ndim(arr)
+                dims = np_dims(arr)
+                if descr != descr0 and not np_equiv(descr, descr0):
+                    raise ValueError(
+                        f"item {i} has dtype {(<object>descr)!r} but item 0 has dtype "
+                        f"{(<object>descr0)!r}: all items must have the same dtype")
+                if nd < 2:
+                    raise ValueError(
+                        f"item {i} has shape {_shape(dims, nd)}: concat_padded needs "
+                        "items of shape (rows, length, ...), at least 2-d")
+                if nd != nd0 or not _same_dims(dims + 2, dims0 + 2, nd - 2):
+                    raise ValueError(
+                        f"item {i} has shape {_shape(dims, nd)} but item 0 has shape "
+                        f"{_shape(dims0, nd0)}: concat_padded needs equal dtype and "
+                        "equal shape after the first two axes")
+            else:
+                arr = arr0
+                nd = nd0
+                dims = dims0
+            if dims[1] > length:
+                raise ValueError(
+                    f"item {i} has shape {_shape(dims, nd)}: its length {dims[1]} is "
+                    f"more than length={length}")
+            rows = dims[0]
+            if total_rows > PY_SSIZE_T_MAX - rows:
+                raise ValueError("batch is too large: its row count overflows")
+            total_rows += rows
+            item = &self._pad_items[i]
+            item.src = np_bytes(arr)
+            item.rows = rows
+            item.seq_bytes = dims[1] * inner      # <= row_bytes: no overflow
+            item.contiguous = 1
+            if rows == 0 or item.seq_bytes == 0:
+                continue                          # nothing of it is read
+            strides = np_strides(arr)
+            if hi != lo and not overlap:
+                overlap = _overlaps(item.src, nd, dims, strides, itemsize, lo, hi)
+            if not np_flags(arr) & NPY_ARRAY_C_CONTIGUOUS:
+                item.contiguous = 0
+                item.row_stride = strides[0]
+                item.nd = nd - 1
+                item.shape_at = <Py_ssize_t>self._shape_pool.size()
+                for d in range(1, nd):
+                    self._shape_pool.push_back(dims[d])
+                for d in range(1, nd):
+                    self._shape_pool.push_back(strides[d])
+
+        if _mul(total_rows, row_bytes, &total_bytes) or total_bytes > MAX_CAPACITY:
+            raise ValueError(
+                f"batch of {total_rows} rows x {row_bytes} bytes is too large to assemble")
+
+        self._out_dims[0] = total_rows
+        self._out_dims[1] = length
+        for d in range(2, nd0):
+            self._out_dims[d] = dims0[d]
+
+        # memset when every byte of the pattern is the same (0, -1 in ints, False...).
+        fill_byte = <unsigned char>pad_bytes[0] if itemsize else 0
+        for i in range(1, itemsize):
+            if pad_bytes[i] != pad_bytes[0]:
+                fill_byte = -1
+                break
+
+        _replaced = self._claim(slot, total_bytes, overlap)   # alive until we return
+        out = self._result(slot, descr0, nd0)
+        dst = self._data[slot]
+
+        # Nothing below runs Python code; pad stays referenced by our caller's frame.
+        if total_bytes:
+            if total_bytes >= NOGIL_BYTES:
+                with nogil:
+                    _copy_padded(dst, self._pad_items.data(), n, self._shape_pool.data(),
+                                 itemsize, row_bytes, pad_bytes, fill_byte)
+            else:
+                _copy_padded(dst, self._pad_items.data(), n, self._shape_pool.data(),
+                             itemsize, row_bytes, pad_bytes, fill_byte)
+        self._next = slot + 1 if slot + 1 < self.buffers else 0
+        return out
+
     cdef object _claim(self, int slot, Py_ssize_t need, bint overlap):
         """Make buffer `slot` ready for `need` bytes. Returns the buffer it replaced (or
         None), for the caller to keep alive until its copy is done: an input may still
@@ -479,3 +709,18 @@ cdef inline bint _same_dims(const npy_intp* a, const npy_intp* b, int n) noexcep
 
 cdef tuple _shape(const npy_intp* dims, int n):
     return tuple([dims[d] for d in range(n)])
+
+
+cdef Py_ssize_t _length_arg(object v) except -1:
+    """concat_padded's length: an int (not a bool) in [0, PY_SSIZE_T_MAX]."""
+    if isinstance(v, bool):
+        raise TypeError("length must be an int, not bool")
+    try:
+        n = _index(v)
+    except TypeError:
+        raise TypeError(f"length must be an int, not {type(v).__name__}") from None
+    if n < 0:
+        raise ValueError(f"length must be >= 0, got {n}")
+    if n > PY_SSIZE_T_MAX:
+        raise ValueError(f"length {n} is too large")
+    return n

@@ -35,3 +35,19 @@ class BatchAssembler:
         """Rows of every array along axis 0; equal to ``np.concatenate(arrays)``."""
     def stack(self, arrays: Iterable[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         """One sample per array along a new axis 0; equal to ``np.stack(arrays)``."""
+    def concat_padded(self, arrays: Iterable[np.ndarray[Any, Any]], length: int,
+                      pad: bytes) -> np.ndarray[Any, Any]:
+        """Ragged sequences padded to ``length`` and concatenated along axis 0.
+
+        Item i has shape ``(r_i, L_i, *rest)`` (at least 2-d; one dtype and one
+        ``rest`` for all items; ``L_i <= length``). The result is C-contiguous, of shape
+        ``(sum r_i, length, *rest)``: item i's rows hold its values in ``[:, :L_i]``
+        and ``pad`` everywhere after. ``pad`` is one value already encoded in the
+        dtype, exactly ``itemsize`` bytes: ``np.asarray(value, dtype).tobytes()``.
+
+        Raises TypeError for an item that is not an ndarray, an object dtype, a
+        ``length`` that is not an int, a ``pad`` that is not bytes; ValueError for no
+        items, an item under 2-d, a different dtype or ``rest`` (naming the item and
+        both shapes), ``L_i > length``, ``length < 0``, ``pad`` of the wrong size, a
+        size that overflows; MemoryError if the buffer cannot be allocated.
+        """

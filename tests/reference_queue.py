@@ -68,15 +68,17 @@ def _timeout_arg(v: Any) -> float:
 
 
 class _Entry:
-    __slots__ = ("cancelled", "item", "key", "nbytes", "priority", "rows", "seq", "t_push")
+    __slots__ = ("cancelled", "item", "key", "length", "nbytes", "priority", "rows", "seq",
+                 "t_push")
 
     def __init__(self, priority: int, seq: int, rows: int, nbytes: int, key: int,
-                 item: Any) -> None:
+                 length: int, item: Any) -> None:
         self.priority = priority
         self.seq = seq
         self.rows = rows
         self.nbytes = nbytes
         self.key = key
+        self.length = length
         self.item = item
         self.t_push = time.monotonic()
         self.cancelled = False
@@ -127,12 +129,13 @@ class RequestQueue:
             return len(self._live)
 
     def push(self, item: object, priority: int = 0, rows: int = 1, nbytes: int = 0,
-             key: int = 0, timeout: float | None = None) -> int:
+             key: int = 0, timeout: float | None = None, length: int = 0) -> int:
         prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
         rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
         nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
         key = _int_arg(key, "key", _INT64_MIN, _INT64_MAX)
         deadline = time.monotonic() + _timeout_arg(timeout)
+        length = _int_arg(length, "length", 0, _MAX_COUNT)
         with self._cond:
             while True:
                 if self._closed:
@@ -149,7 +152,7 @@ class RequestQueue:
                     self._w_room -= 1
             self._pushed += 1
             e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
-                       item)
+                       length, item)
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += rows
@@ -168,13 +171,14 @@ class RequestQueue:
         item, e.item = e.item, None
         return item
 
-    def pop_batch(self, max_rows: int, max_bytes: int = 0, *, fill_rows: int = 0,
-                  max_wait: float = 0.0, idle_gap: float | None = None,
+    def pop_batch(self, max_rows: int, max_bytes: int = 0, *, max_tokens: int = 0,
+                  fill_rows: int = 0, max_wait: float = 0.0, idle_gap: float | None = None,
                   timeout: float | None = None) -> list[Any]:
         max_rows = _int_clamped(max_rows, "max_rows")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
         max_bytes = _int_clamped(max_bytes, "max_bytes")
+        max_tokens = _int_clamped(max_tokens, "max_tokens")
         fill_rows = _int_clamped(fill_rows, "fill_rows")
         max_wait = _float_arg(max_wait, "max_wait")
         idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
@@ -192,7 +196,7 @@ class RequestQueue:
                         self._cond.wait(None if math.isinf(left) else left)
                     finally:
                         self._w_items -= 1
-                # Step 2: fill wait.
+                # Step 2: fill wait (rows only, never tokens).
                 while (fill and self._live and not self._closed and not self._paused
                        and self._rows < fill_rows):
                     head = self._head()
@@ -219,7 +223,7 @@ class RequestQueue:
             assert head is not None
             heapq.heappop(self._heap)
             out = [self._take(head)]
-            total_rows, total_bytes = head.rows, head.nbytes
+            total_rows, total_bytes, longest = head.rows, head.nbytes, head.length
             skipped: list[_Entry] = []
             while self._heap:
                 e = self._heap[0]
@@ -229,6 +233,10 @@ class RequestQueue:
                     skipped.append(heapq.heappop(self._heap))
                 elif total_rows + e.rows > max_rows or (
                     max_bytes > 0 and total_bytes + e.nbytes > max_bytes
+                ) or (
+                    # A padded batch costs its rows times its longest length.
+                    max_tokens > 0
+                    and (total_rows + e.rows) * max(longest, e.length) > max_tokens
                 ):
                     break
                 else:
@@ -236,6 +244,7 @@ class RequestQueue:
                     out.append(self._take(e))
                     total_rows += e.rows
                     total_bytes += e.nbytes
+                    longest = max(longest, e.length)
             for e in skipped:
                 heapq.heappush(self._heap, e)
             self._cond.notify_all()

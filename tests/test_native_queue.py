@@ -170,6 +170,128 @@ def test_zero_row_entries_fill_a_full_batch(impl: Any) -> None:
     assert q.pop_batch(4) == ["a", "b"]
 
 
+# ------------------------------------------------------------------ token cap
+# A padded batch costs (its rows) x (its longest length); max_tokens caps that cost.
+
+
+def test_token_cap_exactly_equal_fits(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=2, length=4)
+    q.push("b", rows=1, length=6)       # 3 rows padded to 6: 18 tokens
+    q.push("c", rows=1, length=1)       # 4 x 6 = 24
+    assert q.pop_batch(100, max_tokens=18) == ["a", "b"]
+    assert q.pop_batch(100, max_tokens=18) == ["c"]
+
+
+def test_token_cap_one_over_ends_the_batch(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=2, length=4)
+    q.push("b", rows=1, length=6)       # 18 tokens: one over 17
+    q.push("c", rows=1, length=4)       # would fit after a (12), may not overtake b
+    assert q.pop_batch(100, max_tokens=17) == ["a"]
+    assert q.rows == 2
+    assert q.pop_batch(100, max_tokens=17) == ["b", "c"]     # 2 x 6 = 12
+
+
+def test_token_cap_head_over_it_goes_alone(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("long", rows=2, length=100)
+    q.push("short", rows=1, length=1)
+    q.push("empty", rows=0, length=0)
+    # 200 tokens alone, over the cap: taken anyway, and nothing joins it.
+    assert q.pop_batch(100, max_tokens=50) == ["long"]
+    assert q.pop_batch(100, max_tokens=50) == ["short", "empty"]
+
+
+def test_a_long_entry_later_in_line_ends_the_batch(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for name, length in [("a", 8), ("b", 8), ("long", 64), ("c", 8)]:
+        q.push(name, length=length)
+    # long would pad the batch to 3 x 64: it ends the batch rather than being skipped,
+    # and c, which would fit, does not overtake it.
+    assert q.pop_batch(100, max_tokens=100) == ["a", "b"]
+    assert q.pop_batch(100, max_tokens=100) == ["long"]      # 2 x 64 > 100
+    assert q.pop_batch(100, max_tokens=100) == ["c"]
+
+
+def test_token_cap_ignores_entries_of_other_keys(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=1, length=4, key=0)
+    q.push("other", rows=10, length=1000, key=1)
+    q.push("b", rows=1, length=4, key=0)     # 2 x 4 = 8: the skipped entry counts nothing
+    q.push("c", rows=1, length=4, key=0)     # 12 > 8
+    assert q.pop_batch(100, max_tokens=8) == ["a", "b"]
+    assert q.pop_batch(100, max_tokens=8) == ["other"]       # the head now: goes alone
+    assert q.pop_batch(100, max_tokens=8) == ["c"]
+
+
+def test_token_cap_with_length_zero_entries(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for i in range(5):
+        q.push(i, rows=3)                       # not sequences: cost nothing
+    assert q.pop_batch(100, max_tokens=1) == [0, 1, 2, 3, 4]
+    q.push("seq", rows=1, length=10)
+    q.push("flat", rows=1, length=0)        # its row is padded too: 2 x 10 = 20
+    assert q.pop_batch(100, max_tokens=15) == ["seq"]
+    assert q.pop_batch(100, max_tokens=15) == ["flat"]
+    q.push("flat", rows=2, length=0)
+    q.push("seq", rows=0, length=10)        # no rows of its own, but pads flat's: 20
+    assert q.pop_batch(100, max_tokens=15) == ["flat"]
+    assert q.pop_batch(100, max_tokens=15) == ["seq"]
+
+
+def test_token_cap_off_and_beside_the_other_caps(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    for i in range(12):
+        q.push(i, rows=1, nbytes=10, length=50)
+    assert q.pop_batch(4, max_tokens=0) == [0, 1, 2, 3]       # <= 0: no cap
+    assert q.pop_batch(4, max_tokens=-5) == [4, 5, 6, 7]
+    # Whichever cap binds first ends the batch.
+    assert q.pop_batch(3, max_bytes=100, max_tokens=1000) == [8, 9, 10]    # rows
+    q.push(12, rows=1, nbytes=10, length=50)
+    assert q.pop_batch(9, max_bytes=15, max_tokens=1000) == [11]            # bytes
+    for i in range(13, 16):
+        q.push(i, rows=1, nbytes=10, length=50)
+    assert q.pop_batch(9, max_bytes=1000, max_tokens=100) == [12, 13]      # tokens
+
+
+def test_token_cap_arithmetic_does_not_overflow(impl: Any) -> None:
+    big = 2**39 - 1
+    q = impl.RequestQueue(16)
+    for name in "abc":
+        q.push(name, rows=2**23, length=big)
+    exact = 2**24 * big                     # a + b, just below 2**63
+    assert q.pop_batch(2**80, max_tokens=exact) == ["a", "b"]
+    q.push("d", rows=2**23, length=big)
+    assert q.pop_batch(2**80, max_tokens=exact - 1) == ["c"]
+    q.push("e", rows=big, length=big)       # its product with a total is far past 2**63
+    q.push("f", rows=big, length=big)
+    assert q.pop_batch(2**80, max_tokens=2**63 - 1) == ["d"]
+    assert q.pop_batch(2**80, max_tokens=2**80) == ["e"]     # clamped to 2**63 - 1
+    assert q.pop_batch(2**80, max_tokens=0) == ["f"]
+
+
+def test_length_is_push_last_positional_parameter(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", 0, 2, 0, 0, None, 5)        # item, priority, rows, nbytes, key, timeout, length
+    q.push("b", 0, 1, 0, 0, 0, 5)
+    assert q.pop_batch(100, max_tokens=14) == ["a"]
+    assert q.pop_batch(100, max_tokens=14) == ["b"]
+    with pytest.raises(TypeError, match="positional"):
+        q.pop_batch(100, 0, 14)             # max_tokens is keyword-only
+
+
+def test_fill_wait_counts_rows_not_tokens(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a", rows=2, length=1000)        # far over the token cap, but 2 rows
+    assert q.pop_batch(100, max_tokens=10, fill_rows=2, max_wait=10 * HANG) == ["a"]
+    t_before = time.monotonic()
+    q.push("b", rows=1, length=1000)
+    # The token cap cannot grow this batch, yet it still waits for fill_rows rows.
+    assert q.pop_batch(100, max_tokens=10, fill_rows=2, max_wait=0.2, timeout=0) == ["b"]
+    assert time.monotonic() >= t_before + 0.2 - 1e-4
+
+
 def test_drain_takes_all_keys_in_order(impl: Any) -> None:
     q = impl.RequestQueue(16)
     for i, (p, k) in enumerate([(1, 0), (0, 1), (1, 2), (0, 0)]):
@@ -483,6 +605,11 @@ def test_capacity_limits_accepted(impl: Any) -> None:
         ({"key": 2**63}, ValueError, "key"),
         ({"key": -(2**63) - 1}, ValueError, "key"),
         ({"key": "k"}, TypeError, "key"),
+        ({"length": -1}, ValueError, "length"),
+        ({"length": 2**39}, ValueError, "length"),
+        ({"length": 2**80}, ValueError, "length"),
+        ({"length": 1.5}, TypeError, "length"),
+        ({"length": None}, TypeError, "length"),
         ({"timeout": -1}, ValueError, "timeout"),
         ({"timeout": math.nan}, ValueError, "timeout"),
         ({"timeout": "1"}, TypeError, "timeout"),
@@ -505,6 +632,21 @@ def test_push_limits_accepted(impl: Any) -> None:
     assert q.drain() == ["b", "c", "a"]
 
 
+def test_push_length_limits_accepted(impl: Any) -> None:
+    class Seven:
+        def __index__(self) -> int:
+            return 7
+
+    q = impl.RequestQueue(8)
+    q.push("a", length=2**39 - 1)
+    q.push("b", length=0)
+    q.push("c", length=True)
+    q.push("d", length=Seven())
+    assert q.pop_batch(8, max_tokens=8) == ["a"]
+    assert q.pop_batch(8, max_tokens=8) == ["b", "c"]        # 2 x 1; then 3 x 7 > 8
+    assert q.pop_batch(8, max_tokens=8) == ["d"]
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "exc", "name"),
     [
@@ -515,6 +657,9 @@ def test_push_limits_accepted(impl: Any) -> None:
         ((None,), {}, TypeError, "max_rows"),
         ((1, "x"), {}, TypeError, "max_bytes"),
         ((1,), {"fill_rows": 1.0}, TypeError, "fill_rows"),
+        ((1,), {"max_tokens": 1.0}, TypeError, "max_tokens"),
+        ((1,), {"max_tokens": "x"}, TypeError, "max_tokens"),
+        ((1,), {"max_tokens": None}, TypeError, "max_tokens"),
         ((1,), {"max_wait": math.nan}, ValueError, "max_wait"),
         ((1,), {"max_wait": "x"}, TypeError, "max_wait"),
         ((1,), {"idle_gap": math.nan}, ValueError, "idle_gap"),
@@ -537,6 +682,12 @@ def test_pop_limits_accepted(impl: Any) -> None:
     q.push("y", rows=5)
     assert q.pop_batch(2**80, max_bytes=-(2**80), fill_rows=-(2**80), max_wait=-1.0,
                        idle_gap=-1.0, timeout=math.inf) == ["x", "y"]
+    q.push("x", rows=5, length=2**39 - 1)
+    q.push("y", rows=5, length=2**39 - 1)
+    assert q.pop_batch(2**80, max_tokens=-(2**80)) == ["x", "y"]
+    q.push("x", rows=5, length=2**39 - 1)
+    q.push("y", rows=5, length=2**39 - 1)
+    assert q.pop_batch(2**80, max_tokens=2**80) == ["x", "y"]     # 10 x (2**39 - 1) fits
     with pytest.raises(TypeError, match="positional"):
         q.pop_batch(1, 0, 0)                       # fill_rows and later are keyword-only
 
@@ -687,6 +838,10 @@ def test_native_uninitialised_queue_is_inert() -> None:
 # ------------------------------------------------------------------ differential
 
 
+# Mostly short, so that several share a batch; now and then the largest one (overflow).
+LENGTHS = st.integers(0, 12).map(lambda n: n if n <= 11 else 2**39 - 1)
+
+
 class NativeVsReference(RuleBasedStateMachine):
     """Random operation sequences on both queues, compared step by step."""
 
@@ -712,21 +867,41 @@ class NativeVsReference(RuleBasedStateMachine):
         return vn, vr
 
     @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), nbytes=st.integers(0, 300),
-          key=st.integers(0, 2))
-    def push(self, priority: int, rows: int, nbytes: int, key: int) -> None:
+          key=st.integers(0, 2), length=LENGTHS)
+    def push(self, priority: int, rows: int, nbytes: int, key: int, length: int) -> None:
         item = self.next_item
         self.next_item += 1
-        tn, tr = self._both(
-            lambda: self.native.push(item, priority, rows, nbytes, key, timeout=0),
-            lambda: self.ref.push(item, priority, rows, nbytes, key, timeout=0))
+        tn, tr = self._both(      # timeout=0, then length: all positional
+            lambda: self.native.push(item, priority, rows, nbytes, key, 0, length),
+            lambda: self.ref.push(item, priority, rows, nbytes, key, 0, length))
         if isinstance(tn, int):
             self.tokens.append((tn, tr))
 
-    @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700))
-    def pop(self, max_rows: int, max_bytes: int) -> None:
+    # Several entries of one key in one step: one push at a time seldom queues enough of
+    # them for the caps (the token cap above all) to decide a batch's end.
+    @rule(key=st.integers(0, 2),
+          entries=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4), LENGTHS),
+                           min_size=2, max_size=8))
+    def push_run(self, key: int, entries: list[tuple[int, int, int]]) -> None:
+        for priority, rows, length in entries:
+            self.push(priority, rows, 0, key, length)
+
+    @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700),
+          max_tokens=st.integers(-1, 62).map(lambda n: {61: 2**63 - 1, 62: 2**80}.get(n, n)))
+    def pop(self, max_rows: int, max_bytes: int, max_tokens: int) -> None:
         got_n, got_r = self._both(
-            lambda: self.native.pop_batch(max_rows, max_bytes, timeout=0),
-            lambda: self.ref.pop_batch(max_rows, max_bytes, timeout=0))
+            lambda: self.native.pop_batch(max_rows, max_bytes, max_tokens=max_tokens,
+                                          timeout=0),
+            lambda: self.ref.pop_batch(max_rows, max_bytes, max_tokens=max_tokens,
+                                       timeout=0))
+        assert got_n == got_r
+
+    @rule(max_tokens=st.integers(1, 40))
+    def pop_by_tokens(self, max_tokens: int) -> None:
+        # Only the token cap: with the others drawn too, it seldom decides a batch's end.
+        got_n, got_r = self._both(
+            lambda: self.native.pop_batch(2**63 - 1, max_tokens=max_tokens, timeout=0),
+            lambda: self.ref.pop_batch(2**63 - 1, max_tokens=max_tokens, timeout=0))
         assert got_n == got_r
 
     @precondition(lambda self: self.tokens)

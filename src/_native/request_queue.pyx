@@ -77,8 +77,8 @@ cdef int _SLOT_BITS = 24
 cdef int64_t _SLOT_MASK = (1 << 24) - 1
 cdef int64_t _MAX_CAPACITY = 1 << 24
 cdef int64_t _MAX_PRIORITY = 2147483647
-# rows and nbytes are capped so that the totals of a full queue (2**24 entries) can never
-# overflow int64: 2**24 * (2**39 - 1) < 2**63.
+# rows, nbytes and length are capped so that the totals of a full queue (2**24 entries)
+# can never overflow int64: 2**24 * (2**39 - 1) < 2**63.
 cdef int64_t _MAX_COUNT = (1 << 39) - 1
 # Below this a token fits in an int64 and is built without Python arithmetic.
 cdef uint64_t _FAST_SEQ_LIMIT = (<uint64_t>1) << 39
@@ -102,6 +102,7 @@ ctypedef struct Entry:
     int64_t rows
     int64_t nbytes
     int64_t key
+    int64_t length      # sequence length; a batch costs rows x its longest length
     double t_push       # mono_now() at publication
     int32_t slot
 
@@ -112,6 +113,7 @@ ctypedef struct SlotInfo:
 ctypedef struct PopParams:
     int64_t max_rows
     int64_t max_bytes
+    int64_t max_tokens  # <= 0: no cap
     int64_t fill_rows
     double max_wait
     double idle_gap
@@ -411,7 +413,7 @@ cdef class RequestQueue:
             self._w_room -= 1
 
     cdef int _publish_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
-                             int64_t key, uint64_t* seq) noexcept nogil:
+                             int64_t key, int64_t length, uint64_t* seq) noexcept nogil:
         """Queue the entry whose object is already in slot s; wake consumers."""
         cdef Entry e
         if self._closed:
@@ -422,6 +424,7 @@ cdef class RequestQueue:
         e.rows = rows
         e.nbytes = nbytes
         e.key = key
+        e.length = length
         e.t_push = mono_now()
         e.slot = s
         self._info[s].seq = e.seq
@@ -472,13 +475,14 @@ cdef class RequestQueue:
         cdef Entry head, e
         cdef const Entry* top
         cdef Py_ssize_t nskip = 0, i
-        cdef int64_t total_rows, total_bytes
+        cdef int64_t total_rows, total_bytes, longest, longest_after
         _heap_remove(self._heap, self._info, &self._len, 0, &head)
         buf.slots[buf.n] = head.slot        # buf starts empty with stack room: no check
         buf.n += 1
         self._rows -= head.rows
         total_rows = head.rows
         total_bytes = head.nbytes
+        longest = head.length
         while self._len > 0:
             top = &self._heap[0]
             if top.key != head.key:
@@ -495,6 +499,13 @@ cdef class RequestQueue:
                 break
             if p.max_bytes > 0 and top.nbytes > p.max_bytes - total_bytes:
                 break
+            if p.max_tokens > 0:
+                # (rows after) x (longest after) <= max_tokens, tested by division: the
+                # product could overflow. Both sides are >= 0, so // floors exactly.
+                longest_after = top.length if top.length > longest else longest
+                if (longest_after > 0 and
+                        total_rows + top.rows > p.max_tokens // longest_after):
+                    break
             if not buf.has_room():
                 break
             _heap_remove(self._heap, self._info, &self._len, 0, &e)
@@ -502,6 +513,8 @@ cdef class RequestQueue:
             buf.n += 1
             total_rows += e.rows
             total_bytes += e.nbytes
+            if e.length > longest:
+                longest = e.length
             self._rows -= e.rows
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
@@ -698,7 +711,7 @@ cdef class RequestQueue:
         return (f"<RequestQueue capacity={self._capacity} len={len(self)} "
                 f"priorities={bool(self._priorities)} closed={self.closed}>")
 
-    def push(self, item, priority=0, rows=1, nbytes=0, key=0, timeout=None):
+    def push(self, item, priority=0, rows=1, nbytes=0, key=0, timeout=None, length=0):
         """Queue ``item`` behind every entry of a lower-or-equal ``priority`` value pushed
         before it, and return its token (an int >= 0, unique for the queue's lifetime)
         for ``cancel()``.
@@ -706,7 +719,10 @@ cdef class RequestQueue:
         ``priority``: 0 .. 2**31-1, lower is served first (validated, then ignored when
         the queue was made with ``priorities=False``). ``rows``, ``nbytes``: 0 .. 2**39-1,
         what the entry weighs against ``pop_batch``'s caps. ``key``: any int64; only
-        entries with the head's key share a batch.
+        entries with the head's key share a batch. ``length``: 0 .. 2**39-1, the entry's
+        sequence length, already rounded up by the caller (0 for entries that are not
+        sequences); a batch weighs its rows times its longest length against
+        ``max_tokens``.
 
         When the queue is full, ``timeout=None`` waits for room, ``0`` does not wait and
         a positive number waits that many seconds; then ``queue.Full`` is raised.
@@ -718,6 +734,9 @@ cdef class RequestQueue:
         cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
         cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)
         cdef double c_timeout = _timeout_arg(timeout)
+        # Most entries are not sequences: the default (the interpreter's cached 0) skips
+        # the conversion, a C-API call on push's fast path.
+        cdef int64_t c_length = 0 if length is 0 else _int_arg(length, "length", 0, _MAX_COUNT)
         cdef int32_t s = -1
         cdef int r = RQ_FULL
         cdef uint64_t seq = 0
@@ -730,7 +749,7 @@ cdef class RequestQueue:
             if r == RQ_OK and s < PyList_GET_SIZE(<PyObject*>self._items):
                 self._store(s, item)
                 # Cannot fail: we held the lock since _reserve_locked saw it open.
-                self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+                self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
                 sync_unlock(self._sync)
                 return _token(seq, s)
             sync_unlock(self._sync)
@@ -770,12 +789,12 @@ cdef class RequestQueue:
             raise
         self._store(s, item)
         if sync_try_lock(self._sync):
-            r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+            r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
-                r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, &seq)
+                r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
                 sync_unlock(self._sync)
         if r == RQ_CLOSED:
             # Closed while we held the slot: give it back, drop our reference.
@@ -784,8 +803,8 @@ cdef class RequestQueue:
             raise QueueClosed("push on a closed RequestQueue")
         return _token(seq, s)
 
-    def pop_batch(self, max_rows, max_bytes=0, *, fill_rows=0, max_wait=0.0, idle_gap=None,
-                  timeout=None):
+    def pop_batch(self, max_rows, max_bytes=0, *, max_tokens=0, fill_rows=0, max_wait=0.0,
+                  idle_gap=None, timeout=None):
         """Take the next batch: a list of items in (priority, arrival) order.
 
         1. Wait up to ``timeout`` seconds (None: until closed; 0: not at all) for at least
@@ -800,24 +819,28 @@ cdef class RequestQueue:
            of the latest push and that moment. ``idle_gap=None`` (or negative) keeps the
            plain rule. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
-           the call goes back to step 1 with what is left of ``timeout``.
+           the call goes back to step 1 with what is left of ``timeout``. The fill counts
+           rows, never tokens (``max_tokens`` plays no part in it).
         3. Under one lock acquisition, take the head, always, even if its rows exceed
-           ``max_rows`` or its bytes ``max_bytes``. Then walk on in (priority, arrival)
-           order: entries whose key differs from the head's are skipped and stay queued
-           in their place; entries with the head's key are taken while the batch's rows
-           stay <= ``max_rows`` and (if ``max_bytes > 0``) its bytes <= ``max_bytes``;
-           the first one that does not fit ends the batch (no overtaking).
+           ``max_rows``, its bytes ``max_bytes`` or its tokens ``max_tokens``. Then walk
+           on in (priority, arrival) order: entries whose key differs from the head's are
+           skipped and stay queued in their place; entries with the head's key are taken
+           while the batch's rows stay <= ``max_rows``, (if ``max_bytes > 0``) its bytes
+           <= ``max_bytes`` and (if ``max_tokens > 0``) its padded size, rows times the
+           longest ``length`` among its entries, <= ``max_tokens``; the first one that
+           does not fit ends the batch (no overtaking).
 
         After ``close()`` nothing waits: the call returns what remains by the same rules,
         and ``[]`` once the queue is empty. ``max_rows`` must be >= 1 (else
-        ``ValueError``); ``max_bytes <= 0`` means no byte cap. Cost: O((k + s) log n) for
-        k taken and s skipped entries.
+        ``ValueError``); ``max_bytes <= 0`` means no byte cap, ``max_tokens <= 0`` no
+        token cap. Cost: O((k + s) log n) for k taken and s skipped entries.
         """
         cdef PopParams p
         p.max_rows = _int_arg_clamped(max_rows, "max_rows")
         if p.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
         p.max_bytes = _int_arg_clamped(max_bytes, "max_bytes")
+        p.max_tokens = 0 if max_tokens is 0 else _int_arg_clamped(max_tokens, "max_tokens")
         p.fill_rows = _int_arg_clamped(fill_rows, "fill_rows")
         p.max_wait = _float_arg(max_wait, "max_wait")
         p.idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")

@@ -25,17 +25,27 @@ class RequestQueue:
         nbytes: SupportsIndex = 0,
         key: SupportsIndex = 0,
         timeout: SupportsFloat | SupportsIndex | None = None,
-    ) -> int: ...
+        length: SupportsIndex = 0,
+    ) -> int:
+        """``length``: the entry's sequence length (0 .. 2**39-1, 0 if not a sequence),
+        weighed against ``pop_batch``'s ``max_tokens``."""
+
     def pop_batch(
         self,
         max_rows: SupportsIndex,
         max_bytes: SupportsIndex = 0,
         *,
+        max_tokens: SupportsIndex = 0,
         fill_rows: SupportsIndex = 0,
         max_wait: SupportsFloat | SupportsIndex = 0.0,
         idle_gap: SupportsFloat | SupportsIndex | None = None,
         timeout: SupportsFloat | SupportsIndex | None = None,
-    ) -> list[Any]: ...
+    ) -> list[Any]:
+        """Caps: ``max_rows`` (>= 1), ``max_bytes`` and ``max_tokens`` (<= 0: none), where a
+        batch's tokens are its rows times the longest ``length`` among its entries. The
+        head is always taken; the first entry of its key that does not fit ends the batch.
+        ``fill_rows`` counts rows, not tokens."""
+
     def cancel(self, token: SupportsIndex) -> bool: ...
     def drain(self) -> list[Any]: ...
     def close(self) -> None: ...

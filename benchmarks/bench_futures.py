@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from batchproc._native.future_state import Request
 from batchproc.futures import RequestFuture, finish_all, start_all
 
 LIVE = 50_000
@@ -91,14 +92,14 @@ def _batch_round(batched: bool) -> Callable[[], Any]:
     results = list(range(BATCH))
 
     def step() -> Any:
-        requests = [(RequestFuture(), None, 1, 0.0) for _ in range(BATCH)]
+        requests = [Request(RequestFuture(), None, None, 1, 0, 0, 0.0) for _ in range(BATCH)]
         if batched:
             live = start_all(requests)
             finish_all(live, results)
         else:
-            live = [r for r in requests if r[0].set_running_or_notify_cancel()]
+            live = [r for r in requests if r.future.set_running_or_notify_cancel()]
             for request, result in zip(live, results):
-                request[0].set_result(result)
+                request.future.set_result(result)
         return live
 
     return step
@@ -108,7 +109,7 @@ def _batch_round(batched: bool) -> Callable[[], Any]:
 @pytest.mark.parametrize("batched", [True, False], ids=["start_all+finish_all", "per-future"])
 def test_bench_future_batch(benchmark: Any, batched: bool) -> None:
     step = _batch_round(batched)
-    assert [r[0].result(timeout=0) for r in step()] == list(range(BATCH))
+    assert [r.future.result(timeout=0) for r in step()] == list(range(BATCH))
     benchmark(step)
     if batched:
         ours, loop = _interleaved([(_batch_round(True), 2_000), (_batch_round(False), 2_000)])

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from batchproc import BatchOutputError
+from batchproc import BatchOutputError, BatchProcessorConfig
 
 
 def rows(n, start=0, features=3, dtype=np.float64):
@@ -167,7 +167,7 @@ def test_wrong_output_length_fails_with_a_value_error_naming_both(make_processor
 
 def test_output_without_length_is_a_failure(make_processor):
     p = make_processor(lambda b: 42, max_retries=0, retry_delay=0.0)
-    with pytest.raises(ValueError, match="no length"):
+    with pytest.raises(ValueError, match="int, which the output rule cannot split"):
         p.enqueue_predict(rows(1)).result(timeout=10)
 
 
@@ -258,10 +258,12 @@ def test_fixed_strategy_dispatches_as_soon_as_the_batch_is_full(make_processor, 
 @pytest.mark.parametrize("rows", [[1] * 6, [2, 1, 0, 3], [6]],
                          ids=["one-row-each", "mixed", "one-request"])
 def test_split_gives_each_request_exactly_its_rows(out, rows):
-    from batchproc.batching import BatchBuilder
+    from batchproc.formats import Workspace, make_describer
 
-    requests = [(None, np.zeros((r, 2)), r, 0.0) for r in rows]
-    parts = BatchBuilder(stack_items=False).split(out, requests)
+    describe = make_describer(BatchProcessorConfig()).describe
+    requests = [describe(np.zeros((r, 2)), None, 0.0)[0] for r in rows]
+    fmt = requests[0].format
+    parts = fmt.split(out, requests, fmt.build(requests, Workspace()))
     start = 0
     for part, r in zip(parts, rows, strict=True):
         expected = out[start:start + r]

@@ -21,6 +21,9 @@ DESIGN_DEFAULTS = dict(
     enable_health_monitoring=True, health_check_interval=30.0, queue_warning_threshold=500,
     queue_critical_threshold=800, max_retries=3, retry_delay=1.0, debug_mode=False,
     stack_items=False,
+    # Batch formats (docs/formats.md)
+    pad_value=None, pad_to_multiple_of=None, max_batch_tokens=None, per_token_outputs=False,
+    item_size=None,
 )
 
 
@@ -96,3 +99,30 @@ def test_prioritized_item_orders_by_priority_then_sequence():
     items = [PrioritizedItem(2, 1, "b"), PrioritizedItem(0, 5, "urgent"),
              PrioritizedItem(2, 0, "a")]
     assert [i.item for i in sorted(items)] == ["urgent", "a", "b"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(pad_value="0"), "pad_value must be a number"),
+    (dict(pad_value={}), "empty mapping"),
+    (dict(pad_value={1: 0}), "keys must be input names"),
+    (dict(pad_value={"ids": None}), r"pad_value\['ids'\] must be a number"),
+    (dict(pad_to_multiple_of=8), "pad_to_multiple_of needs pad_value"),
+    (dict(max_batch_tokens=512), "max_batch_tokens needs pad_value"),
+    (dict(pad_value=0, max_batch_tokens=0), "max_batch_tokens must be >= 1"),
+    (dict(pad_value=0, pad_to_multiple_of=2.0), "pad_to_multiple_of must be an int"),
+    (dict(per_token_outputs=True), "per_token_outputs needs pad_value"),
+    (dict(pad_value=0, per_token_outputs="logits"), "bool or a collection"),
+    (dict(pad_value=0, per_token_outputs=[1.5]), "str .* or int"),
+    (dict(item_size=3), "item_size must be callable"),
+])
+def test_format_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BatchProcessorConfig(**kwargs)
+
+
+def test_format_settings_accepted_and_normalised():
+    config = BatchProcessorConfig(pad_value={"input_ids": 0, "attention_mask": 0},
+                                  pad_to_multiple_of=8, max_batch_tokens=4096,
+                                  per_token_outputs=["logits", 0], item_size=len)
+    assert config.per_token_outputs == frozenset({"logits", 0})
+    assert BatchProcessorConfig(pad_value=-100.5).pad_value == -100.5

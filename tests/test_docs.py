@@ -6,7 +6,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "configurations.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "configurations.md", ROOT / "docs" / "formats.md"]
 
 
 def python_blocks():
@@ -22,4 +22,4 @@ def test_example_runs(code):
 
 
 def test_every_doc_has_examples():
-    assert len(list(python_blocks())) == 4
+    assert len(list(python_blocks())) == 6

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batchproc._native.future_state import Request, enqueued_of, items_of, longest, total_rows
 from batchproc.futures import RequestFuture, finish_all, start_all
 
 OPS = ("cancel", "set_running_or_notify_cancel", "set_result", "set_exception",
@@ -202,7 +203,7 @@ def _twin_batches(specs):
             requests = []
             for i, (kind, prep) in enumerate(specs):
                 try:
-                    requests.append((_prepared(kind, prep, calls), i))
+                    requests.append(Request(_prepared(kind, prep, calls), i, None, 1, 0, 0, 0.0))
                 except (RuntimeError, cf.InvalidStateError):
                     pass  # the preparation itself was invalid: leave this one out
         finally:
@@ -233,38 +234,38 @@ def test_start_all_answers_like_starting_each_future_and_loses_none(specs):
         live = []
         for request in single:
             try:
-                started = request[0].set_running_or_notify_cancel()
+                started = request.future.set_running_or_notify_cancel()
             except RuntimeError:  # started or completed by its caller: kept if running
-                started = not request[0].done()
+                started = not request.future.done()
             if started:
                 live.append(request)
         return live
 
-    got = _outcome(lambda: [r[1] for r in start_all(batch)])
-    expected = _outcome(lambda: [r[1] for r in one_by_one()])
+    got = _outcome(lambda: [r.item for r in start_all(batch)])
+    expected = _outcome(lambda: [r.item for r in one_by_one()])
     assert got == expected
     assert got[0] == "ok"  # never raises: one misused future cannot sink its batch
-    assert [r[0]._state for r in batch] == [r[0]._state for r in single]
+    assert [r.future._state for r in batch] == [r.future._state for r in single]
     assert batch_calls == single_calls
 
 
 @given(BATCH_SPECS)
 def test_finish_all_answers_like_completing_each_future(specs):
     (batch, batch_calls), (single, single_calls) = _twin_batches(specs)
-    results = [f"result {r[1]}" for r in batch]
+    results = [f"result {r.item}" for r in batch]
 
     def one_by_one():
         already_done = 0
         for request, result in zip(single, results):
             try:
-                request[0].set_result(result)
+                request.future.set_result(result)
             except cf.InvalidStateError:
                 already_done += 1
         return already_done
 
     assert _outcome(lambda: finish_all(batch, results)) == _outcome(one_by_one)
-    assert [r[0]._state for r in batch] == [r[0]._state for r in single]
-    assert [r[0]._result for r in batch] == [r[0]._result for r in single]
+    assert [r.future._state for r in batch] == [r.future._state for r in single]
+    assert [r.future._result for r in batch] == [r.future._result for r in single]
     assert batch_calls == single_calls
 
 
@@ -277,7 +278,7 @@ def test_finish_all_wakes_blocked_callers_and_checks_lengths():
         thread.start()
     for future in futures:
         _blocked_in_wait(future)
-    requests = [(f, None, 1, 0.0) for f in futures]
+    requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in futures]
     with pytest.raises(ValueError, match="3 requests but 2 results"):
         finish_all(requests, ["a", "b"])
     assert not any(f.done() for f in futures)
@@ -437,3 +438,24 @@ def test_processor_futures_are_request_futures(make_processor):
     future = processor.enqueue_predict(np.ones((1, 2)))
     assert isinstance(future, RequestFuture)
     assert future.result(timeout=5).tolist() == [[1.0, 1.0]]
+
+
+def test_request_records_are_read_by_name_and_by_the_batch_helpers():
+    futures = [RequestFuture() for _ in range(3)]
+    requests = [Request(f, f"item {i}", "fmt", i + 1, 10 * i, 3 - i, 0.5 * i)
+                for i, f in enumerate(futures)]
+    r = requests[1]
+    assert (r.future, r.item, r.format, r.rows, r.nbytes, r.length, r.enqueued_at) == (
+        futures[1], "item 1", "fmt", 2, 10, 2, 0.5)
+    assert items_of(requests) == ["item 0", "item 1", "item 2"]
+    assert enqueued_of(requests) == [0.0, 0.5, 1.0]
+    assert total_rows(requests) == 6 and longest(requests) == 3
+    assert total_rows([]) == 0 and longest([]) == 0
+    piece = r.replace_item("part", 1, 4)
+    assert (piece.future, piece.item, piece.format, piece.rows, piece.nbytes, piece.length,
+            piece.enqueued_at) == (futures[1], "part", "fmt", 1, 4, 2, 0.5)
+    with pytest.raises(AttributeError):
+        r.rows = 5  # immutable
+    for helper in (items_of, enqueued_of, total_rows, longest, start_all):
+        with pytest.raises(TypeError):
+            helper([(futures[0], "a tuple is not a request")])

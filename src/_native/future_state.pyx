@@ -19,10 +19,14 @@ itself free-threading compatible, so importing it there turns the GIL back on.
 
 Codes returned: ``NEED_LOCK`` (-1) everywhere; otherwise as each function says.
 
-``start_all`` and ``finish_all`` run a transition over a whole batch of requests, so the
-per-request loop a worker runs on every batch is compiled too. Each future's transition
-is still one indivisible step; another thread may run between two of them.
+``Request`` is the record of one queued request. ``start_all`` and ``finish_all`` run a
+transition over the futures of a whole batch of requests, and ``items_of``/``enqueued_of``
+read a batch's items and arrival times, so the per-request loops a worker runs on every
+batch are compiled too. Each future's transition is still one indivisible step; another
+thread may run between two of them.
 """
+
+cimport cython
 
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
@@ -169,10 +173,88 @@ def remove_sleeper(f, sleeper):
     return 0
 
 
+@cython.final
+cdef class Request:
+    """One queued request, as the queue and the workers hold it (immutable).
+
+    ``future``: what the caller waits on (a ``RequestFuture`` or a future-like with the same
+    ``set_running_or_notify_cancel``/``set_result``/``set_exception``/``done``).
+    ``item``: the data as its format keeps it. ``format``: the ``BatchFormat`` that described
+    it (shared by every request it may be batched with). ``rows``: samples it counts for
+    toward ``max_batch_size``; ``nbytes``: bytes toward ``max_batch_memory_mb``; ``length``:
+    its sequence length on the padded axis (0 when it is not padded). ``enqueued_at``:
+    ``time.monotonic()`` at enqueue, in seconds.
+    """
+
+    cdef readonly object future
+    cdef readonly object item
+    cdef readonly object format
+    cdef readonly Py_ssize_t rows
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly Py_ssize_t length
+    cdef readonly double enqueued_at
+
+    def __cinit__(self, future, item, format, Py_ssize_t rows, Py_ssize_t nbytes,
+                  Py_ssize_t length, double enqueued_at):
+        self.future = future
+        self.item = item
+        self.format = format
+        self.rows = rows
+        self.nbytes = nbytes
+        self.length = length
+        self.enqueued_at = enqueued_at
+
+    def replace_item(self, item, Py_ssize_t rows, Py_ssize_t nbytes):
+        """The same request (future, format, length, arrival) holding part of its item:
+        one chunk of an item too large for a batch."""
+        return Request(self.future, item, self.format, rows, nbytes, self.length,
+                       self.enqueued_at)
+
+    def __repr__(self):
+        return (f"Request(rows={self.rows}, nbytes={self.nbytes}, length={self.length}, "
+                f"format={self.format!r}, future={self.future!r})")
+
+    def __reduce__(self):
+        raise TypeError("Request cannot be pickled: it holds a live future")
+
+
+def items_of(list requests):
+    """The item of each request, in order."""
+    cdef list out = []
+    for r in requests:
+        out.append((<Request?>r).item)
+    return out
+
+
+def enqueued_of(list requests):
+    """The ``enqueued_at`` of each request, in order."""
+    cdef list out = []
+    for r in requests:
+        out.append((<Request?>r).enqueued_at)
+    return out
+
+
+def total_rows(list requests):
+    """The sum of the requests' ``rows``."""
+    cdef Py_ssize_t total = 0
+    for r in requests:
+        total += (<Request?>r).rows
+    return total
+
+
+def longest(list requests):
+    """The largest ``length`` among the requests (0 for none)."""
+    cdef Py_ssize_t most = 0
+    for r in requests:
+        if (<Request?>r).length > most:
+            most = (<Request>r).length
+    return most
+
+
 def start_all(list requests):
-    """``set_running_or_notify_cancel`` on the future of each request (a tuple whose item
-    0 is the future), in order: the list of those now running. A cancelled one is left
-    out, and its future becomes CANCELLED_AND_NOTIFIED.
+    """``set_running_or_notify_cancel`` on the future of each ``Request``, in order: the
+    list of those now running. A cancelled one is left out, and its future becomes
+    CANCELLED_AND_NOTIFIED.
 
     The ``Future`` API lets a caller start or complete its own future, which makes this
     call raise ``RuntimeError`` (logged) for that future. Here the rest of the batch must
@@ -183,7 +265,7 @@ def start_all(list requests):
     cdef int code
     cdef bint started
     for r in requests:
-        f = (<tuple>r)[0]
+        f = (<Request?>r).future
         if _direct is not None and isinstance(f, _direct):
             code = _start(f)
             if code == 1:
@@ -203,16 +285,16 @@ def start_all(list requests):
 
 
 def finish_all(list requests, list results):
-    """``set_result(results[i])`` on the future of each request (a tuple whose item 0 is
-    the future), in order, running each future's callbacks after its own transition.
-    Returns how many futures were already done: their results are dropped."""
+    """``set_result(results[i])`` on the future of each ``Request``, in order, running
+    each future's callbacks after its own transition. Returns how many futures were
+    already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef int code
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
     for i in range(n):
-        f = (<tuple>requests[i])[0]
+        f = (<Request?>requests[i]).future
         value = results[i]
         if _direct is not None and isinstance(f, _direct):
             code = _finish(f, value, False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
 from typing import Any
@@ -80,6 +82,21 @@ class BatchProcessorConfig:
     retry_delay: float = 1.0
     debug_mode: bool = False
     stack_items: bool = False
+    # Batch formats (docs/formats.md). Ragged sequences: with pad_value set, arrays and
+    # tensors that differ only in axis 1 share a batch, padded on axis 1 with pad_value (a
+    # number, or {input name: number} for named inputs; unnamed inputs are not padded) to
+    # the longest in the batch, rounded up to a multiple of pad_to_multiple_of.
+    pad_value: float | Mapping[str, float] | None = None
+    pad_to_multiple_of: int | None = None
+    # Caps rows x padded length of a batch (needs pad_value).
+    max_batch_tokens: int | None = None
+    # Outputs whose axis 1 is the padded axis, cut back to each caller's own length: True
+    # (every output), or the names (dict outputs) / positions (tuple outputs) of those
+    # outputs. Never guessed from shapes.
+    per_token_outputs: bool | Collection[str | int] = False
+    # Generic items (neither arrays, tensors nor tuples/mappings of them): how many samples
+    # an item counts for toward max_batch_size (Ray Serve's batch_size_fn); default 1.
+    item_size: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("initial_batch_size", "min_batch_size", "max_batch_size", "max_queue_size",
@@ -120,8 +137,41 @@ class BatchProcessorConfig:
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
+        self._check_formats()
         self.initial_batch_size = min(max(self.initial_batch_size, self.min_batch_size),
                                       self.max_batch_size)
+
+    def _check_formats(self) -> None:
+        pad = self.pad_value
+        if isinstance(pad, Mapping):
+            if not pad:
+                raise ValueError("pad_value must not be an empty mapping")
+            for name, value in pad.items():
+                if not isinstance(name, str):
+                    raise ValueError(f"pad_value keys must be input names (str), got {name!r}")
+                _require_pad_number(f"pad_value[{name!r}]", value)
+        elif pad is not None:
+            _require_pad_number("pad_value", pad)
+        for name in ("pad_to_multiple_of", "max_batch_tokens"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+                if pad is None:
+                    raise ValueError(f"{name} needs pad_value (it applies to padded batches)")
+        per_token = self.per_token_outputs
+        if not isinstance(per_token, bool):
+            if isinstance(per_token, (str, bytes, Mapping)) or not isinstance(
+                    per_token, Collection):
+                raise ValueError("per_token_outputs must be a bool or a collection of output "
+                                 f"names and positions, got {per_token!r}")
+            for output in per_token:
+                if isinstance(output, bool) or not isinstance(output, (str, int)):
+                    raise ValueError("per_token_outputs must name outputs by str (dict "
+                                     f"outputs) or int (tuple outputs), got {output!r}")
+            self.per_token_outputs = frozenset(per_token)
+        if self.per_token_outputs and pad is None:
+            raise ValueError("per_token_outputs needs pad_value (it cuts padded outputs)")
+        if self.item_size is not None and not callable(self.item_size):
+            raise ValueError(f"item_size must be callable, got {self.item_size!r}")
 
     @property
     def max_batch_bytes(self) -> int:
@@ -137,6 +187,11 @@ def _require_int(name: str, value: Any, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
+
+
+def _require_pad_number(name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Number) or isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True) -> float:

@@ -2,8 +2,10 @@
 
 Each of the ``max_workers`` worker threads runs the whole dispatch loop itself (no hand-off
 to a pool, so no extra thread wake-up per batch): ask the controller for a plan, pop a
-batch from the native queue (waiting without the GIL), build it in the worker's reused
-buffers, call ``process_func``, then count and deliver. An idle worker blocked in the
+batch from the native queue (waiting without the GIL), have the requests' format build it
+(in the worker's reused buffers), call ``process_func``, have the format check and split
+the output, then count and deliver. Everything that depends on the kind of data is the
+format's (``formats/``); this module never looks at items or outputs. An idle worker blocked in the
 queue is woken by the push itself, which is what keeps latency low at low load.
 
 Failure handling (DESIGN.md "Precise rules"): a failing batch of several requests is
@@ -21,19 +23,17 @@ from __future__ import annotations
 
 import gc
 import logging
-import operator
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-import numpy as np
-
-from .batching import BatchBuilder, Request
+from ._native.future_state import Request, enqueued_of, total_rows
 from .config import BatchProcessorConfig
 from .controller import Controller
 from .errors import BatchTimeoutError, ProcessorStoppedError
+from .formats import Limits, Workspace
 from .futures import finish_all, start_all
 from .metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
 from .stats import BatchStats
@@ -50,10 +50,6 @@ _POP_POLL = 1.0
 # How long a worker that finished its call steps off the GIL for another one starting its
 # call (see _deliver): any sleep, rounded up by the kernel's timer slack.
 _HAND_OVER_S = 1e-6
-
-# A Request's item and enqueue time (batching.Request), taken without a Python frame.
-_item = operator.itemgetter(1)
-_enqueued_at = operator.itemgetter(3)
 
 # Results of one process_func attempt.
 _OK, _FAILED, _ABANDONED = 0, 1, 2
@@ -106,6 +102,8 @@ class Dispatcher:
         self._count_cancelled = count_cancelled
         self._process_func: Callable[[Any], Any] | None = None
         self._byte_cap = config.max_batch_bytes
+        self._token_cap = config.max_batch_tokens or 0
+        self._limits = Limits(config.max_batch_size, self._byte_cap, self._token_cap)
         self._lock = threading.Lock()
         self._active: set[_Batch] = set()
         self._workers: list[_Worker] = []
@@ -222,7 +220,7 @@ class Dispatcher:
                 "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
                 " failing them with BatchTimeoutError and replacing worker %s",
                 now - started, len(batch.requests), limit, batch.worker.name)
-            self._metrics.batch(len(batch.requests), _rows(batch.requests),
+            self._metrics.batch(len(batch.requests), total_rows(batch.requests),
                                 0.0, now - started, OUTCOME_TIMEOUT)
             self._fail_pending(
                 batch.requests,
@@ -244,11 +242,12 @@ class Dispatcher:
     # ----------------------------------------------------------------- the loop
 
     def _worker_main(self, worker: _Worker) -> None:
-        builder = BatchBuilder(self._config.stack_items)
+        workspace = Workspace()
         queue = self._queue
         controller = self._controller
         resume = self._resume
         byte_cap = self._byte_cap
+        token_cap = self._token_cap
         slots = self._slots
         try:
             while not worker.abandoned:
@@ -264,7 +263,8 @@ class Dispatcher:
                         self._popping += 1
                     try:
                         requests = queue.pop_batch(
-                            plan.target_rows, byte_cap, fill_rows=plan.target_rows,
+                            plan.target_rows, byte_cap, max_tokens=token_cap,
+                            fill_rows=plan.target_rows,
                             max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=_POP_POLL)
                     except BaseException:
                         self._register([], worker)  # only to end the pop
@@ -285,7 +285,7 @@ class Dispatcher:
                     # hold the batch until resume; stop resumes. (pause() clears the
                     # event before it pauses the queue, resume() sets it after.)
                     resume.wait()
-                self._dispatch(batch, builder, plan.target_rows)
+                self._dispatch(batch, workspace, plan.target_rows)
         except BaseException:
             # Only a bug in batchproc itself gets here: make it loud, and keep serving.
             logger.critical("worker %s crashed; starting a replacement", worker.name,
@@ -321,7 +321,7 @@ class Dispatcher:
             return None
         return batch
 
-    def _dispatch(self, batch: _Batch, builder: BatchBuilder, target: int) -> None:
+    def _dispatch(self, batch: _Batch, workspace: Workspace, target: int) -> None:
         live = batch.requests
         if self._config.min_batch_interval > 0.0:
             self._pace()  # in _active meanwhile: stop() can fail it; _attempt then skips it
@@ -330,14 +330,12 @@ class Dispatcher:
         batch.in_flight = True
         self._queue.begin_batch()
         try:
-            first = live[0][1]
-            cfg = self._config
-            if (len(live) == 1 and isinstance(first, np.ndarray) and not cfg.stack_items
-                    and (live[0][2] > cfg.max_batch_size
-                         or (self._byte_cap and first.nbytes > self._byte_cap))):
-                self._run_chunked(batch, live[0], builder)
+            # A request too large for one batch (it was popped alone) runs in chunks.
+            chunks = live[0].format.chunks(live[0], self._limits) if len(live) == 1 else None
+            if chunks is not None:
+                self._run_chunked(batch, live[0], chunks, workspace)
             else:
-                self._run(batch, live, builder, target)
+                self._run(batch, live, workspace, target)
         except BaseException as exc:  # a BaseException from process_func, or our own bug
             logger.exception("batch of %d requests failed outside the retry logic", len(live))
             self._fail(batch, live, exc)
@@ -401,20 +399,22 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- one batch
 
-    def _attempt(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+    def _attempt(self, batch: _Batch, requests: list[Request], workspace: Workspace,
                  ) -> tuple[int, Any, float, int]:
-        """Build, call and check once: (status, output or error, seconds, rows)."""
+        """Build, call, check and split once: (status, each request's part or the error,
+        seconds, rows)."""
         if batch.abandoned:
             return _ABANDONED, None, 0.0, 0
+        fmt = requests[0].format
         try:
-            inputs, expected = builder.build(list(map(_item, requests)))
+            built = fmt.build(requests, workspace)
         except Exception as exc:
-            return _FAILED, exc, 0.0, _rows(requests)
-        rows = len(inputs) if isinstance(inputs, (list, np.ndarray)) else expected
+            return _FAILED, exc, 0.0, total_rows(requests)
+        rows = built.rows
         started = _monotonic()
         batch.call_started = started
         try:
-            out = self._process_func(inputs)  # type: ignore[misc]
+            out = self._process_func(built.inputs)  # type: ignore[misc]
             status = _OK
         except BaseException as exc:
             out, status = exc, _FAILED
@@ -426,21 +426,21 @@ class Dispatcher:
                 return _ABANDONED, None, elapsed, rows
         if status == _OK:
             try:
-                out = builder.check_output(out, inputs, expected)
+                out = fmt.split(out, requests, built)
             except Exception as exc:
                 out, status = exc, _FAILED
         return status, out, elapsed, rows
 
-    def _run(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+    def _run(self, batch: _Batch, requests: list[Request], workspace: Workspace,
              target: int) -> None:
-        status, out, elapsed, rows = self._attempt(batch, requests, builder)
+        status, out, elapsed, rows = self._attempt(batch, requests, workspace)
         if status == _OK:
-            self._deliver(batch, requests, builder.split(out, requests), elapsed, rows, target)
+            self._deliver(batch, requests, out, elapsed, rows, target)
             return
         if status == _ABANDONED:
             return
         self._metrics.batch(len(requests), rows,
-                            _queue_time(batch, list(map(_enqueued_at, requests))), elapsed,
+                            _queue_time(batch, enqueued_of(requests)), elapsed,
                             OUTCOME_ERROR)
         self._controller.observe_failure()
         if not isinstance(out, Exception):
@@ -454,12 +454,12 @@ class Dispatcher:
             if self._config.debug_mode:
                 logger.debug("batch of %d failed (%r): bisecting", len(requests), out)
             mid = len(requests) // 2
-            self._run(batch, requests[:mid], builder, target)
-            self._run(batch, requests[mid:], builder, target)
+            self._run(batch, requests[:mid], workspace, target)
+            self._run(batch, requests[mid:], workspace, target)
             return
-        self._retry_single(batch, requests, builder, out, target)
+        self._retry_single(batch, requests, workspace, out, target)
 
-    def _retry_single(self, batch: _Batch, requests: list[Request], builder: BatchBuilder,
+    def _retry_single(self, batch: _Batch, requests: list[Request], workspace: Workspace,
                       error: BaseException, target: int) -> None:
         cfg = self._config
         for attempt in range(cfg.max_retries):
@@ -469,10 +469,9 @@ class Dispatcher:
                 self._abandon_all.wait(delay)
             if batch.abandoned:
                 return
-            status, out, elapsed, rows = self._attempt(batch, requests, builder)
+            status, out, elapsed, rows = self._attempt(batch, requests, workspace)
             if status == _OK:
-                self._deliver(batch, requests, builder.split(out, requests), elapsed, rows,
-                              target)
+                self._deliver(batch, requests, out, elapsed, rows, target)
                 return
             if status == _ABANDONED:
                 return
@@ -482,35 +481,39 @@ class Dispatcher:
         logger.warning("request failed after %d retries: %r", cfg.max_retries, error)
         self._fail(batch, requests, error)
 
-    def _run_chunked(self, batch: _Batch, request: Request, builder: BatchBuilder) -> None:
+    def _run_chunked(self, batch: _Batch, request: Request, chunks: list[Request],
+                     workspace: Workspace) -> None:
         """One item larger than a batch: run it in chunks that fit, join the results."""
         cfg = self._config
-        chunks = builder.chunks(request[1], cfg.max_batch_size, self._byte_cap)
         parts: list[Any] = []
         total_elapsed = 0.0
         for chunk in chunks:
-            chunk_request = (request[0], chunk, chunk.shape[0], request[3])
-            status, out, elapsed, _ = self._attempt(batch, [chunk_request], builder)
+            status, out, elapsed, _ = self._attempt(batch, [chunk], workspace)
             attempt = 0
             while status == _FAILED and isinstance(out, Exception) and attempt < cfg.max_retries:
                 self._controller.observe_failure()
                 self._abandon_all.wait(cfg.retry_delay * 2 ** attempt)
                 attempt += 1
-                status, out, elapsed, _ = self._attempt(batch, [chunk_request], builder)
+                status, out, elapsed, _ = self._attempt(batch, [chunk], workspace)
             if status == _ABANDONED:
                 return
             if status == _FAILED:
                 if isinstance(out, Exception):
                     logger.warning("request of %d rows failed on a chunk after %d retries: %r",
-                                   request[2], cfg.max_retries, out)
+                                   request.rows, cfg.max_retries, out)
                 else:
                     logger.error("process_func raised %r on a chunk of a %d-row request; "
-                                 "failing it without retry", out, request[2])
+                                 "failing it without retry", out, request.rows)
                 self._fail(batch, [request], out)
                 return
-            parts.append(out[: chunk.shape[0]])
+            parts.append(out[0])
             total_elapsed += elapsed
-        self._deliver(batch, [request], [builder.join(parts)], total_elapsed, request[2],
+        try:
+            joined = request.format.join(parts)
+        except Exception as exc:
+            self._fail(batch, [request], exc)
+            return
+        self._deliver(batch, [request], [joined], total_elapsed, request.rows,
                       cfg.max_batch_size)
 
     # ----------------------------------------------------------------- completion
@@ -536,7 +539,7 @@ class Dispatcher:
             time.sleep(_HAND_OVER_S)
         try:
             now = _monotonic()
-            enqueued = list(map(_enqueued_at, requests))
+            enqueued = enqueued_of(requests)
             queue_time = _queue_time(batch, enqueued)
             latencies = ([now - t for t in enqueued] if self._config.enable_monitoring
                          else None)
@@ -572,14 +575,14 @@ class Dispatcher:
 
     def _fail_pending(self, requests: list[Request], error: BaseException, outcome: str,
                       ) -> int:
-        pending = [r for r in requests if not r[0].done()]
+        pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
         self._stats.record_error(len(pending))
         self._metrics.error(error, len(pending))
         for request in pending:
             try:
-                request[0].set_exception(error)
+                request.future.set_exception(error)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
         return len(pending)
@@ -589,6 +592,3 @@ def _queue_time(batch: _Batch, enqueued: list[float]) -> float:
     """How long a batch's requests waited, on average, between enqueue and dispatch."""
     return batch.dispatched_at - sum(enqueued) / len(enqueued)
 
-
-def _rows(requests: list[Request]) -> int:
-    return sum(r[2] for r in requests)

@@ -21,11 +21,11 @@ from typing import Any, Generic, TypeVar
 
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
-from .batching import ItemDescriber
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
 from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
+from .formats import make_describer
 from .futures import RequestFuture
 from .health import HealthMonitor
 from .metrics import MetricsSink
@@ -81,7 +81,7 @@ class BatchProcessor(Generic[T, U]):
         self._resume = threading.Event()
         self._resume.set()
         self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue)
-        self._describe = ItemDescriber(config.stack_items).describe
+        self._describe = make_describer(config).describe
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config)
         self._metrics = MetricsSink(metrics_collector)
@@ -165,7 +165,7 @@ class BatchProcessor(Generic[T, U]):
         error = ProcessorStoppedError("processor stopped before this request was dispatched")
         failed = 0
         for request in self._queue.drain():
-            future = request[0]
+            future = request.future
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
                 failed += 1
@@ -204,11 +204,10 @@ class BatchProcessor(Generic[T, U]):
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         A processing failure reaches the future as the exception ``process_func`` raised.
         """
-        item, rows, nbytes, key = self._describe(item)
         future = _RequestFuture()
+        request, rows, nbytes, key, length = self._describe(item, future, _monotonic())
         try:
-            token = self._queue.push((future, item, rows, _monotonic()), priority, rows, nbytes,
-                                     key, timeout)
+            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, timeout) from None
         future._bp_token = token
@@ -232,11 +231,11 @@ class BatchProcessor(Generic[T, U]):
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
-        item, rows, nbytes, key = self._describe(item)
         future: asyncio.Future[U] = loop.create_future()
+        request, rows, nbytes, key, length = self._describe(
+            item, AsyncRequest(future, channel), _monotonic())
         try:
-            self._queue.push((AsyncRequest(future, channel), item, rows, _monotonic()),
-                             priority, rows, nbytes, key, 0)
+            self._queue.push(request, priority, rows, nbytes, key, 0, length)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
         return future

@@ -1,0 +1,110 @@
+"""numpy arrays: rows concatenated (or samples stacked) natively into reused buffers.
+
+An array item carries a leading sample axis: a batch concatenates rows along axis 0 and
+each request gets its rows back (Triton, TF Serving). With ``stack_items`` each item is
+one sample: a batch stacks them on a new axis 0 (Ray Serve, PyTorch's collate). Arrays
+share a batch when their dtype and trailing shape are equal (axis 1 excepted when it is
+padded: ``padding.py``). Byte-swapped arrays are copied once into native order at
+enqueue; other layouts (non-contiguous, Fortran, negative strides) are copied by the
+assembler. Object arrays go through numpy's own concatenation, never a raw copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import BatchFormat, Description, Family, LeafFormat, Workspace
+from .padding import Padding, pad_bytes
+
+_ndarray = np.ndarray
+_newaxis = np.newaxis
+
+
+class ArrayLeaf:
+    """Builds one input position of a batch from numpy arrays."""
+
+    __slots__ = ("_object", "_pad", "_stacked")
+
+    def __init__(self, dtype: np.dtype[Any], stacked: bool, pad: Any) -> None:
+        self._object = dtype.hasobject
+        self._stacked = stacked
+        self._pad = None if pad is None else pad_bytes(pad, dtype)
+
+    @property
+    def padded(self) -> bool:
+        return self._pad is not None
+
+    def build(self, items: list[Any] | tuple[Any, ...], workspace: Workspace, position: int,
+              padded_length: int) -> Any:
+        if self._pad is not None:
+            return workspace.assembler(position).concat_padded(items, padded_length, self._pad)
+        if self._object:
+            return np.stack(items) if self._stacked else np.concatenate(items)
+        assembler = workspace.assembler(position)
+        return assembler.stack(items) if self._stacked else assembler.concat(items)
+
+
+def describe_array(item: Any, stacked: bool, padding: Padding | None, name: object,
+                   ) -> tuple[tuple[Any, ...], Any, int, int, int]:
+    """``(signature, item, rows, nbytes, length)`` of one array (an item, or one input of
+    a mapping or tuple item called ``name``). ``ValueError`` for a 0-d array that needs a
+    sample axis."""
+    dtype = item.dtype
+    if not dtype.isnative:
+        # Byte-swapped input: copied once into native order so batches are native.
+        item = item.astype(dtype.newbyteorder("="))
+        dtype = item.dtype
+    shape = item.shape
+    if stacked:
+        rows, trailing = 1, shape
+    else:
+        if not shape:
+            raise ValueError(
+                "0-d arrays have no sample axis to batch along; pass x.reshape(1) "
+                "or use stack_items=True")
+        rows, trailing = shape[0], shape[1:]
+        if dtype.hasobject and item.size and _holds_sequences(item):
+            raise ValueError(
+                "an object array of sequences (ragged rows) cannot be batched by rows: "
+                "send each sequence as an array of its own"
+                + ("" if padding is not None else
+                   " and set pad_value to batch sequences of different lengths together"))
+    length = 0
+    pad = None if padding is None or not trailing else padding.value_for(name)
+    if pad is not None:
+        length = trailing[0]
+        trailing = (-1, *trailing[1:])  # the padded axis is free
+        if stacked:
+            item = item[_newaxis]  # one sample is one row of a padded batch
+    return ("array", dtype, trailing, stacked, pad), item, rows, item.nbytes, length
+
+
+def _holds_sequences(item: Any) -> bool:
+    return any(isinstance(x, (list, _ndarray)) for x in item.flat)
+
+
+def _cut_rows(item: Any, start: int, stop: int) -> tuple[Any, int]:
+    piece = item[start:stop]
+    return piece, piece.nbytes
+
+
+class ArrayFamily(Family):
+    """numpy arrays (subclasses included)."""
+
+    def __init__(self, stacked: bool, padding: Padding | None) -> None:
+        self._stacked = stacked
+        self._padding = padding
+
+    def describe(self, item: Any) -> Description | None:
+        if not isinstance(item, _ndarray):
+            return None
+        return describe_array(item, self._stacked, self._padding, None)
+
+    def make_format(self, signature: Any) -> BatchFormat:
+        _, dtype, trailing, stacked, pad = signature
+        label = (f"{'stacked ' if stacked else ''}arrays of {dtype}, trailing shape {trailing}"
+                 + ("" if pad is None else f", padded with {pad!r}"))
+        return LeafFormat(ArrayLeaf(dtype, stacked, pad), stacked, self._padding, _cut_rows,
+                          label)

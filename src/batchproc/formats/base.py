@@ -1,0 +1,242 @@
+"""The seam between the engine and the kinds of data it batches.
+
+A request's ``BatchFormat`` is chosen once, when ``Describer.describe`` sees its item at
+enqueue, and owns everything that depends on the kind of data: the rows and bytes the
+request counts for, which requests it may share a batch with (its compatibility key: the
+queue only batches requests with equal keys, and equal keys mean one shared format
+instance), how a batch is built from items, how an output is checked and split back per
+request, how an oversized item is chunked and its results joined. The workers only call
+``build``, ``split``, ``chunks`` and ``join``.
+
+A new format is one new file: a ``Family`` that recognises its items and describes them
+(a signature for the key, rows, bytes) and the ``BatchFormat`` it makes for a signature,
+added to ``Describer``'s list of families.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, Protocol
+
+from .._native.batch_assembler import BatchAssembler
+from .._native.future_state import Request, items_of, longest
+from . import outputs
+
+# Compatibility keys are small ints (the native queue compares them); new signatures get
+# fresh ones, never reused, so forgetting old ones (below) cannot merge two kinds.
+_MEMO_LIMIT = 4096
+
+
+class Limits(NamedTuple):
+    """A batch's caps: ``rows`` (``max_batch_size``), ``nbytes`` (0: none) and ``tokens``
+    (rows x padded length, 0: none)."""
+
+    rows: int
+    nbytes: int
+    tokens: int
+
+
+class Built(NamedTuple):
+    """A batch as built for ``process_func``.
+
+    ``inputs``: what the model is called with. ``length``: its leading length (rows, or
+    items for one-sample formats): every output must have it on axis 0. ``rows``: samples
+    it counts for (stats, controller). ``padded_length``: the length axis 1 was padded to
+    (0: not padded).
+    """
+
+    inputs: Any
+    length: int
+    rows: int
+    padded_length: int = 0
+
+
+class Workspace:
+    """One worker's reusable state: a ``BatchAssembler`` per input position, made on first
+    use (position 0 for single arrays, one per leaf for named and tuple inputs)."""
+
+    __slots__ = ("_assemblers",)
+
+    def __init__(self) -> None:
+        self._assemblers: list[BatchAssembler] = []
+
+    def assembler(self, position: int) -> BatchAssembler:
+        assemblers = self._assemblers
+        while len(assemblers) <= position:
+            assemblers.append(BatchAssembler(2))
+        return assemblers[position]
+
+
+class BatchFormat(ABC):
+    """What a batch of compatible requests is to the engine (see the module docstring).
+
+    ``one_sample``: each request is one element of the batch, and its caller gets element
+    ``i`` of every output (stacked samples, generic objects); otherwise each request holds
+    rows and its caller gets its rows ``[start:end]``. ``per_token``: which outputs are cut
+    back to each caller's own sequence length (padded formats only).
+    """
+
+    one_sample: bool = False
+    per_token: outputs.PerToken = outputs.NO_TRIM
+    _list_reading: outputs.ListReading | None = None
+
+    @abstractmethod
+    def build(self, requests: list[Request], workspace: Workspace) -> Built:
+        """The batch of ``requests`` (in order) to call ``process_func`` with."""
+
+    def split(self, out: Any, requests: list[Request], built: Built) -> list[Any]:
+        """Each request's part of ``out``, in request order. ``BatchOutputError`` if the
+        output does not have the batch's rows (docs/formats.md, "Outputs")."""
+        reading = self._list_reading
+        if reading is None:
+            reading = self._list_reading = outputs.ListReading()
+        return outputs.split(out, requests, built, self.one_sample, self.per_token, reading)
+
+    def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
+        """Pieces of a request too large for one batch, each within ``limits``; None when
+        it fits (or cannot be cut: it then runs alone)."""
+        return None
+
+    def join(self, parts: list[Any]) -> Any:
+        """The result of a chunked request from its chunks' results, in order."""
+        return outputs.join(parts)
+
+
+class Leaf(Protocol):
+    """Builds one input position of a batch (an array or a tensor of each request)."""
+
+    @property
+    def padded(self) -> bool: ...
+
+    def build(self, items: list[Any] | tuple[Any, ...], workspace: Workspace, position: int,
+              padded_length: int) -> Any: ...
+
+
+class LeafFormat(BatchFormat):
+    """A batch of items that are one array or tensor each (``leaf`` builds it).
+
+    ``cut(item, start, stop)`` gives rows ``[start:stop]`` of an item and their bytes (for
+    chunks); ``label`` names the format in reprs and logs.
+    """
+
+    def __init__(self, leaf: Leaf, stacked: bool, padding: Any,
+                 cut: Callable[[Any, int, int], tuple[Any, int]], label: str) -> None:
+        self._leaf = leaf
+        self.one_sample = stacked
+        self._padding = padding if leaf.padded else None
+        if self._padding is not None:
+            self.per_token = self._padding.per_token
+        self._cut = cut
+        self._label = label
+
+    def __repr__(self) -> str:
+        return f"<{self._label}>"
+
+    def build(self, requests: list[Request], workspace: Workspace) -> Built:
+        padding = self._padding
+        padded_length = 0 if padding is None else padding.padded_length(longest(requests))
+        batch = self._leaf.build(items_of(requests), workspace, 0, padded_length)
+        rows = batch.shape[0]
+        return Built(batch, rows, rows, padded_length)
+
+    def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
+        if self.one_sample:
+            return None
+        padding = self._padding
+        tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
+        return row_chunks(request, limits, tokens_per_row, self._cut)
+
+
+def row_chunks(request: Request, limits: Limits, tokens_per_row: int,
+               cut: Callable[[Any, int, int], tuple[Any, int]]) -> list[Request] | None:
+    """Cut a request that holds rows into pieces within ``limits`` (rows, bytes and
+    ``rows x tokens_per_row`` tokens); None when it fits, or when it is a single row
+    (which then runs alone, whatever it costs). ``cut(item, start, stop)`` gives the
+    piece of rows ``[start:stop]`` and its bytes."""
+    rows = request.rows
+    step = limits.rows
+    if limits.nbytes and rows:
+        step = min(step, max(1, limits.nbytes // max(1, request.nbytes // rows)))
+    if limits.tokens and tokens_per_row:
+        step = min(step, max(1, limits.tokens // tokens_per_row))
+    if rows <= step:
+        return None
+    item = request.item
+    pieces = []
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        piece, nbytes = cut(item, start, stop)
+        pieces.append(request.replace_item(piece, stop - start, nbytes))
+    return pieces
+
+
+# What a family tells the describer about one item, as a plain tuple (one is made per
+# request): (signature, item, rows, nbytes, length). Equal signatures share a batch and a
+# format; ``item`` is the item as the format keeps it (possibly normalised); ``length`` is
+# its sequence length on the padded axis (0: not padded).
+Description = tuple[Hashable, Any, int, int, int]
+
+
+class Family(ABC):
+    """Recognises one kind of item and makes the format for each of its signatures."""
+
+    @abstractmethod
+    def describe(self, item: Any) -> Description | None:
+        """The item's description, or None if it is not of this family. Bad input of this
+        family raises ``ValueError``/``TypeError`` naming the problem."""
+
+    @abstractmethod
+    def make_format(self, signature: Any) -> BatchFormat:
+        """The format shared by all items with this signature."""
+
+
+class Describer:
+    """Chooses each item's format at enqueue (thread-safe) and builds its ``Request``.
+
+    ``families`` are asked in order; the first that recognises the item describes it. A
+    signature seen before gets its memoised key and format (one dict lookup).
+    """
+
+    def __init__(self, families: list[Family], pad_multiple: int = 1) -> None:
+        self._families = families
+        self._multiple = pad_multiple
+        self._memo: dict[Hashable, tuple[int, BatchFormat]] = {}
+        self._next_key = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def describe(self, item: Any, future: Any, now: float,
+                 ) -> tuple[Request, int, int, int, int]:
+        """``(request, rows, nbytes, key, queue_length)`` for ``item``: what the queue
+        needs to order and group it. ``queue_length`` is its padded length rounded up to
+        ``pad_to_multiple_of`` (what it costs in tokens per row)."""
+        for family in self._families:
+            d = family.describe(item)
+            if d is not None:
+                break
+        else:  # pragma: no cover - the generic family takes everything
+            raise TypeError(f"no batch format for {type(item).__name__}")
+        signature, item, rows, nbytes, length = d
+        entry = self._memo.get(signature)
+        if entry is None:
+            entry = self._register(signature, family.make_format)
+        queue_length = length
+        if length:
+            multiple = self._multiple
+            queue_length = -(-length // multiple) * multiple
+        return (Request(future, item, entry[1], rows, nbytes, length, now), rows, nbytes,
+                entry[0], queue_length)
+
+    def _register(self, signature: Hashable, make: Callable[[Any], BatchFormat],
+                  ) -> tuple[int, BatchFormat]:
+        with self._lock:
+            entry = self._memo.get(signature)
+            if entry is None:
+                if len(self._memo) >= _MEMO_LIMIT:
+                    # Bounded: forgetting old signatures only stops their items from
+                    # sharing a batch with newer ones of the same signature.
+                    self._memo.clear()
+                entry = self._memo[signature] = (next(self._next_key), make(signature))
+            return entry

@@ -1,0 +1,309 @@
+"""The output rule: how ``process_func``'s output for a batch is checked and split back.
+
+The rule goes by the output's type first; shapes are checked (docs/formats.md):
+
+* An **array or tensor** (or any other object with a length that slices by rows: a masked
+  array, a DataFrame) is split by rows: the caller of a request holding rows
+  ``[start:end]`` of the batch gets ``out[start:end]``; with a one-sample format (stacked
+  samples, generic objects) caller ``i`` gets ``out[i]``.
+* A **tuple** (namedtuple included) or a **mapping** is a multi-output: each caller gets
+  the same structure, every leaf cut as above. Containers nested inside (tuples, lists,
+  dicts) are part of the structure; ``None`` stays ``None``. Every leaf must be an array
+  or tensor with the batch's leading length on axis 0.
+* A **list**, with a one-sample format, holds one result per item (Ray Serve's rule).
+  With a format of rows it is either one result per row (``[f(row) for row in batch]``)
+  or several outputs, like a tuple (ONNX Runtime's ``run`` returns a list of outputs):
+  it is several outputs when every element is an array or tensor with the batch's rows
+  on axis 0 and the list's own length differs from them; one result per row when its
+  length is the batch's rows and its elements are not all such arrays. When both hold,
+  the reading this format's model showed on an earlier batch decides (a model's output
+  structure does not change with the batch size); before any has, the batch fails. With
+  one row, both readings hand the caller the same data.
+
+Any output the rule does not cover (a string, a set, a generator, a scalar) is an error.
+Every error is a ``BatchOutputError`` naming the offending leaf by its path and both
+lengths: the batch fails, as if the model raised.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+import numpy as np
+import optree
+
+from .._native.future_state import Request
+from ..errors import BatchOutputError
+
+# Which outputs have the padded axis on axis 1 and are cut back to each caller's length:
+# True for every output, else the top-level names (mapping outputs) or positions (tuple
+# outputs) of those that do; the empty set for none.
+PerToken: TypeAlias = "bool | frozenset[str | int]"
+NO_TRIM: frozenset[str | int] = frozenset()
+
+_ndarray = np.ndarray
+
+
+def tensor_type() -> type | None:
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def is_tensor(obj: object) -> bool:
+    """Whether ``obj`` is a torch tensor (without importing torch if nobody has)."""
+    tensor = tensor_type()
+    return tensor is not None and isinstance(obj, tensor)
+
+
+def _is_leaf(obj: object) -> bool:
+    """An array-like leaf: an ndarray, a tensor, or another object with a length that is
+    not one of the rule's containers nor text."""
+    if isinstance(obj, _ndarray):
+        return True
+    if isinstance(obj, (list, tuple, Mapping, str, bytes, bytearray)):
+        return False
+    return hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
+
+
+def _leading(obj: Any) -> int | None:
+    """The length of axis 0, or None when there is none (0-d, no length)."""
+    if isinstance(obj, _ndarray):
+        return obj.shape[0] if obj.ndim else None
+    try:
+        return len(obj)
+    except TypeError:  # a 0-d tensor, or an object whose __len__ refuses
+        return None
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "output" + "".join(f"[{p!r}]" for p in path)
+
+
+class ListReading:
+    """What a format's model means by a list output, once a batch has shown it."""
+
+    __slots__ = ("outputs",)
+
+    def __init__(self) -> None:
+        self.outputs: bool | None = None  # True: several outputs; False: one per row
+
+
+def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
+          per_token: PerToken, reading: ListReading) -> list[Any]:
+    """Each request's part of ``out``, in request order (the module's rule).
+
+    ``built`` is the batch as built (``formats.base.Built``): ``built.length`` is the
+    leading length every output must have, ``built.padded_length`` the length that
+    per-token outputs must have on axis 1. ``reading`` is the format's memory of what its
+    model means by a list.
+    """
+    n = built.length
+    if type(out) is _ndarray and not per_token:
+        # The common case first: one array.
+        if not out.ndim or out.shape[0] != n:
+            raise _wrong_rows((), out, n)
+        return _cut_rows(out, requests, one_sample)
+    if isinstance(out, list):
+        if _list_of_outputs(out, n, one_sample, reading):
+            return _split_tree(out, requests, n, built.padded_length, one_sample, per_token)
+        if per_token:
+            raise BatchOutputError(
+                "per_token_outputs needs an array, tuple or dict output; process_func "
+                "returned a list with one result per row, which has no padded axis to cut")
+        return _cut_rows(out, requests, one_sample)
+    if _is_leaf(out):
+        if _leading(out) != n:
+            raise _wrong_rows((), out, n)
+        if per_token:
+            if per_token is not True:
+                raise BatchOutputError(
+                    f"per_token_outputs names {sorted(per_token, key=repr)} but process_func "
+                    f"returned one {type(out).__name__}, not a tuple or dict of outputs")
+            _check_per_token((), out, built.padded_length)
+            return _cut_tokens(out, requests, one_sample)
+        return _cut_rows(out, requests, one_sample)
+    if isinstance(out, (tuple, Mapping)):
+        return _split_tree(out, requests, n, built.padded_length, one_sample, per_token)
+    raise BatchOutputError(
+        f"process_func returned {type(out).__name__}, which the output rule cannot split: "
+        f"return an array or tensor with the batch's {n} rows on axis 0, a tuple or dict of "
+        "them (several outputs), or a list with one result per row")
+
+
+def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int) -> BatchOutputError:
+    got = _leading(leaf)
+    where = "" if not path else f" in {_path_str(path)}"
+    if got is None:
+        return BatchOutputError(
+            f"process_func returned {type(leaf).__name__}{where} with no axis 0 "
+            f"for a batch of {n}")
+    return BatchOutputError(f"process_func returned {got} results{where} for a batch of {n}")
+
+
+def _list_of_outputs(out: list[Any], n: int, one_sample: bool, reading: ListReading,
+                     ) -> bool:
+    """Whether a list output is several outputs (True) or one result per row (False), by
+    the module's rule; ``BatchOutputError`` when it is neither or cannot be told."""
+    k = len(out)
+    as_outputs = k > 0 and all(_is_leaf(x) and _leading(x) == n for x in out)
+    per_row = k == n
+    if one_sample:
+        if not per_row:
+            hint = (f" (a list of {k} outputs with {n} rows each? With these inputs a list "
+                    "is one result per item: return a tuple or dict for several outputs)"
+                    if as_outputs else "")
+            raise BatchOutputError(
+                f"process_func returned {k} results for a batch of {n}{hint}")
+        return False
+    if as_outputs and per_row and n > 1:
+        if reading.outputs is None:
+            raise BatchOutputError(
+                f"process_func returned a list of {k} arrays with {n} rows each for a batch "
+                f"of {n}: that is one result per row or {k} outputs split by rows, and no "
+                "earlier batch has shown which. Return a tuple or dict for several outputs, "
+                "or one stacked array for one result per row")
+        return reading.outputs
+    if not as_outputs and not per_row:
+        raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
+    decided = as_outputs and not per_row
+    if n > 1 or decided:  # one row of one output shows nothing (both readings agree)
+        if reading.outputs is None:
+            reading.outputs = decided
+        elif reading.outputs != decided:
+            raise BatchOutputError(
+                f"process_func returned a list of {k} for a batch of {n}, read as "
+                f"{'several outputs' if decided else 'one result per row'}, but earlier "
+                f"batches returned {'one result per row' if decided else 'several outputs'}:"
+                " a model's output structure must not change with the batch")
+    return decided
+
+
+def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]:
+    """Cut a checked leaf (or per-row list) into each request's part."""
+    count = len(requests)
+    iloc = getattr(leaf, "iloc", None)  # pandas: positional rows, not labels or columns
+    if one_sample:
+        if type(leaf) is _ndarray or type(leaf) is list:
+            return list(leaf)
+        if iloc is not None:
+            return [iloc[i] for i in range(count)]
+        return [leaf[i] for i in range(count)]
+    if count == 1:
+        return [leaf]  # one request (every batch at low load): the output is its part
+    if type(leaf) is _ndarray and leaf.shape[0] == count:
+        for request in requests:
+            if request.rows != 1:
+                break
+        else:
+            # One row each (the usual case): numpy makes the (1, ...) views in C.
+            return list(leaf.reshape((count, 1, *leaf.shape[1:])))
+    cut = iloc if iloc is not None else leaf
+    parts = []
+    start = 0
+    for request in requests:
+        end = start + request.rows
+        parts.append(cut[start:end])
+        start = end
+    return parts
+
+
+def _check_per_token(path: tuple[Any, ...], leaf: Any, padded_length: int) -> None:
+    shape = getattr(leaf, "shape", None)
+    if shape is None or len(shape) < 2 or shape[1] != padded_length:
+        got = "no axis 1" if shape is None or len(shape) < 2 else f"{shape[1]} on axis 1"
+        raise BatchOutputError(
+            f"per-token {_path_str(path)} has {got}, but the batch was padded to "
+            f"{padded_length}: per_token_outputs must name outputs whose axis 1 is the "
+            "padded axis")
+
+
+def _cut_tokens(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]:
+    """Cut a per-token leaf into each request's rows, each cut back to its own length."""
+    if one_sample:
+        return [leaf[i, :r.length] for i, r in enumerate(requests)]
+    parts = []
+    start = 0
+    for request in requests:
+        end = start + request.rows
+        parts.append(leaf[start:end, :request.length])
+        start = end
+    return parts
+
+
+def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
+                one_sample: bool, per_token: PerToken) -> list[Any]:
+    if isinstance(out, Mapping) and optree.tree_structure(
+            out, none_is_leaf=False).is_leaf():  # type: ignore[arg-type]
+        out = dict(out)  # a Mapping optree does not know (a model-output class): a dict
+    paths, leaves, spec = optree.tree_flatten_with_path(out, none_is_leaf=False)
+    if per_token is not True and per_token:
+        _check_names(out, per_token)
+    tokens = []
+    for path, leaf in zip(paths, leaves):
+        if not _is_leaf(leaf):
+            raise BatchOutputError(
+                f"{_path_str(path)} is {type(leaf).__name__}: every leaf of a tuple or dict "
+                f"output must be an array or tensor with the batch's {n} rows on axis 0")
+        if _leading(leaf) != n:
+            raise _wrong_rows(path, leaf, n)
+        trim = per_token is True or (bool(path) and path[0] in per_token)  # type: ignore[operator]
+        if trim:
+            _check_per_token(path, leaf, padded_length)
+        tokens.append(trim)
+    if len(requests) == 1 and not one_sample and not any(tokens):
+        return [out]
+    columns = [(_cut_tokens if trim else _cut_rows)(leaf, requests, one_sample)
+               for leaf, trim in zip(leaves, tokens)]
+    return [spec.unflatten(list(parts)) for parts in zip(*columns)] if columns else [
+        out for _ in requests]
+
+
+def _check_names(out: Any, names: frozenset[str | int]) -> None:
+    have = list(out.keys()) if isinstance(out, Mapping) else list(range(len(out)))
+    missing = [name for name in names if name not in have]
+    if missing:
+        raise BatchOutputError(
+            f"per_token_outputs names {sorted(missing, key=repr)}, which the output does "
+            f"not have (it has {have})")
+
+
+def join(parts: list[Any]) -> Any:
+    """One result from the results of a request's chunks (in order): arrays and tensors
+    concatenated on axis 0, lists chained, tuples and dicts joined leaf by leaf."""
+    first = parts[0]
+    if isinstance(first, list):
+        joined: list[Any] = []
+        for part in parts:
+            joined.extend(part)
+        return joined
+    if isinstance(first, (tuple, Mapping)):
+        flat = [optree.tree_flatten(p, none_is_leaf=False) for p in parts]
+        spec = flat[0][1]
+        if any(s != spec for _, s in flat):
+            raise BatchOutputError("the chunks of one request got outputs of different "
+                                   "structures; they cannot be joined")
+        return spec.unflatten([_join_leaves(list(column)) for column in
+                               zip(*(leaves for leaves, _ in flat))])
+    return _join_leaves(parts)
+
+
+def _join_leaves(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, np.ma.MaskedArray):
+        return np.ma.concatenate(parts)  # type: ignore[no-untyped-call]
+    if isinstance(first, _ndarray):
+        return np.concatenate(parts)
+    if is_tensor(first):
+        import torch
+
+        return torch.cat(parts)
+    module = type(first).__module__.partition(".")[0]
+    if module == "pandas":
+        import pandas
+
+        return pandas.concat(parts)
+    raise BatchOutputError(
+        f"the chunks of one request returned {type(first).__name__}, which batchproc "
+        "cannot join; return arrays, tensors or lists")

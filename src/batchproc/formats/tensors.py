@@ -1,0 +1,116 @@
+"""torch tensors: the same row semantics as arrays, built with torch's own operations.
+
+torch is optional: this family recognises a tensor only if torch has been imported (an
+item cannot be a tensor otherwise), so batchproc never imports it itself. A batch is
+built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (samples, with
+``stack_items``); padded batches are filled on that device. Tensors share a batch when
+their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
+Each caller gets its rows as a tensor (a view of the output). batchproc never reuses a
+tensor it built, so a result never changes after it is delivered.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .base import BatchFormat, Description, Family, LeafFormat, Workspace
+from .padding import Padding
+
+
+class TensorLeaf:
+    """Builds one input position of a batch from torch tensors."""
+
+    __slots__ = ("_pad", "_stacked")
+
+    def __init__(self, dtype: Any, stacked: bool, pad: Any) -> None:
+        self._stacked = stacked
+        self._pad = None if pad is None else _check_pad(pad, dtype)
+
+    @property
+    def padded(self) -> bool:
+        return self._pad is not None
+
+    def build(self, items: list[Any] | tuple[Any, ...], workspace: Workspace, position: int,
+              padded_length: int) -> Any:
+        import torch
+
+        if self._pad is None:
+            return torch.stack(items) if self._stacked else torch.cat(items)
+        first = items[0]
+        rows = sum(item.shape[0] for item in items)
+        batch = first.new_full((rows, padded_length, *first.shape[2:]), self._pad)
+        start = 0
+        for item in items:
+            end = start + item.shape[0]
+            batch[start:end, :item.shape[1]] = item
+            start = end
+        return batch
+
+
+def _check_pad(value: Any, dtype: Any) -> Any:
+    """``value`` if a tensor of ``dtype`` can hold it, else ``ValueError`` (as for arrays:
+    a pad silently changed by the cast would corrupt every padded position)."""
+    import torch
+
+    try:
+        held = torch.tensor(value).to(dtype)
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
+    if dtype.is_floating_point or dtype.is_complex:
+        ok = bool(torch.isfinite(held)) == bool(torch.isfinite(torch.tensor(value)))
+    else:
+        ok = held.item() == value
+    if not ok:
+        raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype} "
+                         f"(it would become {held.item()!r})")
+    return value
+
+
+def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: object,
+                    ) -> tuple[tuple[Any, ...], Any, int, int, int]:
+    """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``)."""
+    shape = tuple(item.shape)
+    if stacked:
+        rows, trailing = 1, shape
+    else:
+        if not shape:
+            raise ValueError(
+                "0-d tensors have no sample axis to batch along; pass x.reshape(1) "
+                "or use stack_items=True")
+        rows, trailing = shape[0], shape[1:]
+    length = 0
+    pad = None if padding is None or not trailing else padding.value_for(name)
+    if pad is not None:
+        length = trailing[0]
+        trailing = (-1, *trailing[1:])
+        if stacked:
+            item = item.unsqueeze(0)
+    nbytes = item.element_size() * item.nelement()
+    return ("tensor", item.device, item.dtype, trailing, stacked, pad), item, rows, nbytes, length
+
+
+def _cut_rows(item: Any, start: int, stop: int) -> tuple[Any, int]:
+    piece = item[start:stop]
+    return piece, piece.element_size() * piece.nelement()
+
+
+class TensorFamily(Family):
+    """torch tensors (subclasses included), once torch is imported."""
+
+    def __init__(self, stacked: bool, padding: Padding | None) -> None:
+        self._stacked = stacked
+        self._padding = padding
+
+    def describe(self, item: Any) -> Description | None:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(item, torch.Tensor):
+            return None
+        return describe_tensor(item, self._stacked, self._padding, None)
+
+    def make_format(self, signature: Any) -> BatchFormat:
+        _, device, dtype, trailing, stacked, pad = signature
+        label = (f"{'stacked ' if stacked else ''}tensors of {dtype} on {device}, trailing "
+                 f"shape {trailing}" + ("" if pad is None else f", padded with {pad!r}"))
+        return LeafFormat(TensorLeaf(dtype, stacked, pad), stacked, self._padding, _cut_rows,
+                          label)

@@ -1,0 +1,231 @@
+"""The output rule (docs/formats.md, "Outputs"): multi-output models, per-row lists, the
+cases the rule refuses, and that no caller ever gets another caller's data.
+
+Batches of 1, 2 and 3 requests are made with pause/resume: those are the sizes where a
+wrong split can look right (a 2-output model with 2 rows, a list of 1 output with 1 row).
+"""
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+
+from batchproc import BatchOutputError
+
+SIZES = [1, 2, 3]
+
+
+def one_batch(p, items, **kwargs):
+    """Enqueue ``items`` while paused, so that they form one batch; their futures."""
+    p.pause()
+    futures = [p.enqueue_predict(x, **kwargs) for x in items]
+    p.resume()
+    return futures
+
+
+def rows_of(i, n=1, features=4):
+    return np.arange(i * 100, i * 100 + n * features, dtype=np.float64).reshape(n, features)
+
+
+Pair = collections.namedtuple("Pair", "logits embeddings")
+
+
+def _logits(b):
+    return b.sum(axis=1, keepdims=True)
+
+
+def _embeddings(b):
+    return b * 2
+
+
+MULTI_OUTPUTS = {
+    "tuple": lambda b: (_logits(b), _embeddings(b)),
+    "namedtuple": lambda b: Pair(_logits(b), _embeddings(b)),
+    "dict": lambda b: {"logits": _logits(b), "embeddings": _embeddings(b)},
+    "nested": lambda b: {"heads": (_logits(b), [_embeddings(b), None]), "extra": {"x": b}},
+    # Batches here hold 1, 3 or 4 rows: never 2, where a list of 2 is undecidable.
+    "list of outputs (ONNX)": lambda b: [_logits(b), _embeddings(b)],
+}
+
+
+@pytest.mark.parametrize("kind", MULTI_OUTPUTS)
+@pytest.mark.parametrize("n", SIZES)
+def test_each_caller_gets_its_own_rows_of_every_output(make_processor, recorder, kind, n):
+    model = recorder(MULTI_OUTPUTS[kind])
+    p = make_processor(model, max_batch_size=64)
+    items = [rows_of(i, n=1 + i % 2) for i in range(n)]
+    futures = one_batch(p, items)
+    for item, future in zip(items, futures):
+        got = future.result(timeout=10)
+        expected = MULTI_OUTPUTS[kind](item)  # the model on this caller's item alone
+        assert type(got) is type(expected)
+        assert _tree_equal(got, expected), (got, expected)
+    assert len(model.batches) == 1
+
+
+def _tree_equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tree_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_tree_equal(x, y) for x, y in zip(a, b))
+    if a is None:
+        return b is None
+    return np.array_equal(a, b) and np.shape(a) == np.shape(b)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_a_stacked_sample_gets_element_i_of_every_output(make_processor, n):
+    p = make_processor(lambda b: (b.sum(axis=1), {"twice": b * 2}), stack_items=True)
+    items = [np.full(3, float(i)) for i in range(n)]
+    for i, future in enumerate(one_batch(p, items)):
+        total, rest = future.result(timeout=10)
+        assert total == 3.0 * i
+        np.testing.assert_array_equal(rest["twice"], np.full(3, 2.0 * i))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_a_generic_item_gets_element_i_of_every_output(make_processor, n):
+    model = lambda batch: (np.array([len(s) for s in batch]), [s.upper() for s in batch])  # noqa: E731
+    p = make_processor(lambda batch: {"len": model(batch)[0]})
+    words = ["a", "bb", "ccc"][:n]
+    for word, future in zip(words, one_batch(p, words)):
+        assert future.result(timeout=10) == {"len": len(word)}
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_a_per_row_list_gives_each_caller_its_rows_results(make_processor, n):
+    # A list of per-row dicts: element k belongs to row k of the batch.
+    p = make_processor(lambda b: [{"row": float(r[0])} for r in b])
+    items = [rows_of(i, n=1 + i % 2) for i in range(n)]
+    for item, future in zip(items, one_batch(p, items)):
+        assert future.result(timeout=10) == [{"row": float(r[0])} for r in item]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_leaf_with_the_wrong_rows_fails_the_batch_naming_it(make_processor, n):
+    model = lambda b: {"logits": b.sum(axis=1), "embeddings": b[:-1]}  # noqa: E731
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
+    # One request of n rows: it cannot be bisected, so its caller gets the batch's error.
+    future = p.enqueue_predict(rows_of(0, n=n))
+    with pytest.raises(BatchOutputError) as info:
+        future.result(timeout=10)
+    message = str(info.value)
+    assert "output['embeddings']" in message and f"{n - 1} results" in message
+    assert f"batch of {n}" in message
+
+
+def test_a_non_array_leaf_fails_the_batch_naming_it(make_processor):
+    p = make_processor(lambda b: (b, "metadata"), max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match=r"output\[1\] is str"):
+        p.enqueue_predict(rows_of(0)).result(timeout=10)
+
+
+@pytest.mark.parametrize("out", ["text", {1, 2}, 3.5, (x for x in [1])],
+                         ids=["str", "set", "float", "generator"])
+def test_outputs_the_rule_does_not_cover_fail_the_batch(make_processor, out):
+    p = make_processor(lambda b: out, max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match="which the output rule cannot split"):
+        p.enqueue_predict(rows_of(0)).result(timeout=10)
+
+
+def test_an_undecidable_list_fails_until_a_batch_shows_what_it_means(make_processor):
+    # Two outputs, given as a list, for a batch of 2 rows: as one result per row, the
+    # first caller would get all the logits. The rule cannot tell; the batch fails.
+    model = lambda b: [b * 10, b * 20]  # noqa: E731
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
+    with pytest.raises(BatchOutputError, match="no earlier batch has shown"):
+        p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)
+    # Three rows show it: the list is two outputs.
+    got = p.enqueue_predict(rows_of(1, n=3)).result(timeout=10)
+    assert isinstance(got, list) and len(got) == 2
+    np.testing.assert_array_equal(got[0], rows_of(1, n=3) * 10)
+    # From now on a batch of 2 rows reads the same way, for every caller.
+    items = [rows_of(2), rows_of(3)]
+    for item, future in zip(items, one_batch(p, items)):
+        a, b = future.result(timeout=10)
+        np.testing.assert_array_equal(a, item * 10)
+        np.testing.assert_array_equal(b, item * 20)
+
+
+def test_a_per_row_list_of_arrays_stays_per_row_when_rows_equal_features(make_processor):
+    # [f(row) for row in batch] where each row's result has 2 elements: in a batch of 2
+    # rows it looks like 2 outputs of 2 rows, but an earlier batch showed per-row results.
+    p = make_processor(lambda b: [r[:2] * 1.0 for r in b], max_batch_size=64)
+    first = p.enqueue_predict(rows_of(0, n=3)).result(timeout=10)
+    assert [list(x) for x in first] == [list(r[:2]) for r in rows_of(0, n=3)]
+    items = [rows_of(1), rows_of(2)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert len(got) == 1
+        np.testing.assert_array_equal(got[0], item[0, :2])
+
+
+def test_a_model_that_changes_its_list_structure_fails_the_batch(make_processor):
+    calls = []
+
+    def model(b):
+        calls.append(len(b))
+        return [b, b] if len(calls) == 1 else [r for r in b]
+
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
+    p.enqueue_predict(rows_of(0, n=3)).result(timeout=10)        # two outputs
+    with pytest.raises(BatchOutputError, match="must not change"):
+        p.enqueue_predict(rows_of(1, n=3)).result(timeout=10)    # now per row
+
+
+def test_a_one_sample_list_is_one_result_per_item_with_a_hint(make_processor):
+    p = make_processor(lambda batch: [np.ones((len(batch), 2)), np.ones((len(batch), 3))],
+                       max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match="return a tuple or dict"):
+        one_batch(p, ["a", "b", "c"])[0].result(timeout=10)
+
+
+def test_none_leaves_stay_none_and_a_model_output_mapping_arrives_as_a_dict(make_processor):
+    class ModelOutput(collections.OrderedDict):
+        pass
+
+    p = make_processor(lambda b: ModelOutput(logits=b * 3, past=None))
+    items = [rows_of(0), rows_of(1, n=2)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert type(got) is dict and got["past"] is None
+        np.testing.assert_array_equal(got["logits"], item * 3)
+
+
+@dataclasses.dataclass
+class Holder:
+    view: np.ndarray
+
+
+@pytest.mark.parametrize("shape", ["dict per row", "dataclass per row", "nested object",
+                                   "view of a view", "identity"])
+def test_a_delivered_result_never_changes_whatever_holds_a_view(make_processor, shape):
+    # Every model below returns (something holding) views of its input batch, which lives
+    # in a worker's reused buffer; thousands of later batches must not change them.
+    models = {
+        "dict per row": lambda b: [{"emb": row} for row in b],
+        "dataclass per row": lambda b: [Holder(row) for row in b],
+        "nested object": lambda b: [[(Holder(row[1:]),)] for row in b],
+        "view of a view": lambda b: (b[:, ::-1][:, 1:],),
+        "identity": lambda b: b,
+    }
+    p = make_processor(models[shape], max_batch_size=2, initial_batch_size=2, max_workers=2,
+                       processing_strategy="greedy", max_queue_size=10000)
+    items = [rows_of(i) for i in range(3000)]
+    results = [f.result(timeout=60) for f in [p.enqueue_predict(x) for x in items]]
+    p.stop(timeout=10)
+    assert p.get_stats()["total_batches"] >= 1500
+    for item, got in zip(items, results):
+        expected = models[shape](item.copy())
+        assert _deep_equal(got, expected), (got, expected)
+
+
+def _deep_equal(a, b):
+    if dataclasses.is_dataclass(a):
+        return _deep_equal(a.view, b.view)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    return np.array_equal(a, b)

@@ -1,0 +1,160 @@
+"""torch tensors as items, against real torch on the CPU.
+
+torch is an optional extra: without it these tests are skipped, unless
+BATCHPROC_REQUIRE_TORCH=1 (CI sets it) makes its absence a failure.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+if os.environ.get("BATCHPROC_REQUIRE_TORCH") == "1":
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+
+from batchproc import BatchOutputError
+
+
+def one_batch(p, items, **kwargs):
+    p.pause()
+    futures = [p.enqueue_predict(x, **kwargs) for x in items]
+    p.resume()
+    return futures
+
+
+class Recorder:
+    def __init__(self, func):
+        self.func = func
+        self.batches = []
+
+    def __call__(self, batch):
+        self.batches.append(batch)
+        return self.func(batch)
+
+
+def test_batchproc_never_imports_torch_itself():
+    code = ("import numpy as np, sys, batchproc\n"
+            "with batchproc.BatchProcessor() as p:\n"
+            "    p.start(lambda b: b)\n"
+            "    p.enqueue_predict(np.ones((1, 2))).result(10)\n"
+            "    p.enqueue_predict({'a': np.ones((1, 2))}).result(10)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_an_nn_module_gets_a_tensor_and_each_caller_its_rows(make_processor, n):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+
+    @torch.no_grad()
+    def model(batch):
+        assert isinstance(batch, torch.Tensor)
+        return module(batch)
+
+    recorded = Recorder(model)
+    p = make_processor(recorded, max_batch_size=64)
+    items = [torch.randn(1 + i % 2, 4) for i in range(n)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert isinstance(got, torch.Tensor) and got.shape == (item.shape[0], 3)
+        with torch.no_grad():
+            torch.testing.assert_close(got, module(item))
+    assert len(recorded.batches) == 1
+
+
+def test_stacked_tensors(make_processor):
+    p = make_processor(lambda b: b.sum(dim=1), stack_items=True)
+    items = [torch.full((3,), float(i)) for i in range(3)]
+    for i, future in enumerate(one_batch(p, items)):
+        assert future.result(timeout=10).item() == 3.0 * i
+
+
+def test_tensors_are_grouped_by_dtype_and_device(make_processor):
+    model = Recorder(lambda b: b * 2)
+    p = make_processor(model, max_batch_size=64)
+    items = [torch.ones(1, 2), torch.ones(1, 2, dtype=torch.float64),
+             torch.ones(1, 2, device="meta"), torch.ones(1, 2), torch.ones(1, 3)]
+    futures = one_batch(p, items)
+    for item, future in zip(items, futures):
+        got = future.result(timeout=10)
+        assert got.dtype == item.dtype and got.device == item.device
+        if item.device.type == "cpu":
+            torch.testing.assert_close(got, item * 2)
+    kinds = sorted((b.device.type, str(b.dtype), tuple(b.shape)) for b in model.batches)
+    assert kinds == [("cpu", "torch.float32", (1, 3)), ("cpu", "torch.float32", (2, 2)),
+                     ("cpu", "torch.float64", (1, 2)), ("meta", "torch.float32", (1, 2))]
+
+
+def test_named_inputs_on_different_devices_are_refused_at_enqueue(make_processor):
+    p = make_processor(lambda b: b["a"])
+    with pytest.raises(ValueError, match="different devices"):
+        p.enqueue_predict({"a": torch.ones(1, 2), "b": torch.ones(1, 2, device="meta")})
+
+
+def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
+    seen = []
+
+    def model(batch):
+        seen.append(batch["input_ids"].clone())
+        hidden = batch["input_ids"].unsqueeze(-1).float() * torch.tensor([1.0, -1.0])
+        return {"hidden": hidden, "n_tokens": batch["attention_mask"].sum(dim=1)}
+
+    p = make_processor(model, pad_value={"input_ids": 0, "attention_mask": 0},
+                       pad_to_multiple_of=4, per_token_outputs={"hidden"}, max_batch_size=64)
+    items = []
+    for n in (3, 6, 1):
+        ids = torch.arange(1, n + 1).unsqueeze(0)
+        items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        alone = model(item)
+        torch.testing.assert_close(got["hidden"], alone["hidden"])
+        assert got["n_tokens"].tolist() == [item["input_ids"].shape[1]]
+    assert seen[0].shape == (3, 8) and seen[0][2].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused(make_processor):
+    p = make_processor(lambda b: b, pad_value=-1)
+    with pytest.raises(ValueError, match="cannot be stored"):
+        p.enqueue_predict(torch.ones(1, 3, dtype=torch.uint8))
+
+
+def test_multi_output_tensors_are_split_per_caller(make_processor):
+    p = make_processor(lambda b: (b.sum(dim=1), b * 2), max_batch_size=64)
+    items = [torch.full((2, 2), 1.0), torch.full((1, 2), 5.0)]
+    (s0, d0), (s1, d1) = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert s0.tolist() == [2.0, 2.0] and s1.tolist() == [10.0]
+    torch.testing.assert_close(d0, items[0] * 2)
+    torch.testing.assert_close(d1, items[1] * 2)
+
+
+def test_an_oversized_tensor_is_cut_and_joined_with_torch(make_processor):
+    model = Recorder(lambda b: b + 1)
+    p = make_processor(model, max_batch_size=4)
+    item = torch.arange(20.0).reshape(10, 2)
+    got = p.enqueue_predict(item).result(timeout=10)
+    assert isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got, item + 1)
+    assert [b.shape[0] for b in model.batches] == [4, 4, 2]
+
+
+def test_a_tensor_view_of_a_numpy_batch_never_changes_after_delivery(make_processor):
+    # torch.from_numpy shares the reused input buffer; the results must survive it.
+    p = make_processor(lambda b: torch.from_numpy(b), max_batch_size=2,
+                       initial_batch_size=2, processing_strategy="greedy",
+                       max_queue_size=5000)
+    items = [np.full((1, 3), float(i)) for i in range(2000)]
+    results = [f.result(timeout=60) for f in [p.enqueue_predict(x) for x in items]]
+    for item, got in zip(items, results):
+        assert got.tolist() == item.tolist()
+
+
+def test_wrong_rows_in_a_tensor_output_name_the_leaf(make_processor):
+    p = make_processor(lambda b: {"y": b[:-1]}, max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match=r"1 results in output\['y'\] for a batch of 2"):
+        p.enqueue_predict(torch.ones(2, 3)).result(timeout=10)

@@ -260,7 +260,15 @@ class Dispatcher:
                 try:
                     plan = controller.plan(queue.rows)
                     with self._lock:
-                        self._popping += 1
+                        # Once stop() has given up on in-flight work it fails what is
+                        # still queued itself: a pop now would race it for those requests
+                        # (they could still be pending when stop() returns).
+                        gave_up = self._gave_up
+                        if not gave_up:
+                            self._popping += 1
+                    if gave_up:
+                        slots.release(wake=True)
+                        return
                     try:
                         requests = queue.pop_batch(
                             plan.target_rows, byte_cap, max_tokens=token_cap,

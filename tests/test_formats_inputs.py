@@ -308,3 +308,34 @@ def _leaves(x):
     if isinstance(x, tuple):
         return list(x)
     return [x]
+
+
+@pytest.mark.parametrize("config", [{}, {"stack_items": True}, {"pad_value": 0},
+                                    {"pad_value": 0, "stack_items": True,
+                                     "pad_to_multiple_of": 4}])
+def test_a_described_array_shape_is_described_the_same_the_second_time(config):
+    # Plain arrays skip the families once their (dtype, shape) is known: the shortcut
+    # must answer exactly as a fresh describer does, whatever the array.
+    from batchproc import BatchProcessorConfig
+    from batchproc.formats import make_describer
+
+    arrays = [np.ones((2, 3), np.float32), np.ones((2, 3), ">f4"), np.ones((1, 5), np.int64),
+              np.ones((2, 3), np.float32)[:, ::2], np.array([[1, "a"]], dtype=object),
+              np.ones(4, np.uint8)]
+    memoised = make_describer(BatchProcessorConfig(**config)).describe
+    for x in arrays + arrays:
+        got = memoised(x, None, 0.0)
+        fresh = make_describer(BatchProcessorConfig(**config)).describe(x, None, 0.0)
+        r, f = got[0], fresh[0]
+        assert (r.rows, r.nbytes, r.length, repr(r.format)) == (
+            f.rows, f.nbytes, f.length, repr(f.format))
+        assert got[1:3] == fresh[1:3] and got[4] == fresh[4]
+        np.testing.assert_array_equal(r.item, f.item)
+        assert r.item.dtype.isnative
+    ragged = np.empty(1, dtype=object)
+    ragged[0] = [1, 2]
+    plain = np.empty(1, dtype=object)
+    plain[0] = 3
+    memoised(plain, None, 0.0)
+    with pytest.raises(ValueError, match="ragged"):
+        memoised(ragged, None, 0.0)  # same dtype and shape: still looked into

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from .._native.batch_assembler import BatchAssembler
 from .._native.future_state import Request, items_of, longest
 from . import outputs
@@ -28,6 +30,7 @@ from . import outputs
 # Compatibility keys are small ints (the native queue compares them); new signatures get
 # fresh ones, never reused, so forgetting old ones (below) cannot merge two kinds.
 _MEMO_LIMIT = 4096
+_ndarray = np.ndarray
 
 
 class Limits(NamedTuple):
@@ -198,12 +201,19 @@ class Describer:
 
     ``families`` are asked in order; the first that recognises the item describes it. A
     signature seen before gets its memoised key and format (one dict lookup).
+
+    Plain ndarrays, the common case, skip the families once their (dtype, shape) has been
+    described: everything a description holds follows from those two, unless the family
+    had to change the item (byte order, a padded sample's new axis) or look into it
+    (object arrays), which are never memoised this way.
     """
 
     def __init__(self, families: list[Family], pad_multiple: int = 1) -> None:
         self._families = families
         self._multiple = pad_multiple
         self._memo: dict[Hashable, tuple[int, BatchFormat]] = {}
+        # (dtype, shape) -> (key, format, rows, length, queue_length) of a plain ndarray.
+        self._arrays: dict[tuple[Any, Any], tuple[int, BatchFormat, int, int, int]] = {}
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -212,6 +222,14 @@ class Describer:
         """``(request, rows, nbytes, key, queue_length)`` for ``item``: what the queue
         needs to order and group it. ``queue_length`` is its padded length rounded up to
         ``pad_to_multiple_of`` (what it costs in tokens per row)."""
+        if type(item) is _ndarray:
+            known = self._arrays.get((item.dtype, item.shape))
+            if known is not None:
+                key, fmt, rows, length, queue_length = known
+                nbytes = item.nbytes
+                return (Request(future, item, fmt, rows, nbytes, length, now), rows, nbytes,
+                        key, queue_length)
+        original = item
         for family in self._families:
             d = family.describe(item)
             if d is not None:
@@ -226,6 +244,11 @@ class Describer:
         if length:
             multiple = self._multiple
             queue_length = -(-length // multiple) * multiple
+        if item is original and type(item) is _ndarray and not item.dtype.hasobject:
+            arrays = self._arrays
+            if len(arrays) >= _MEMO_LIMIT:
+                arrays.clear()
+            arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, length, queue_length)
         return (Request(future, item, entry[1], rows, nbytes, length, now), rows, nbytes,
                 entry[0], queue_length)
 

@@ -320,8 +320,9 @@ def test_a_described_array_shape_is_described_the_same_the_second_time(config):
     from batchproc.formats import make_describer
 
     arrays = [np.ones((2, 3), np.float32), np.ones((2, 3), ">f4"), np.ones((1, 5), np.int64),
-              np.ones((2, 3), np.float32)[:, ::2], np.array([[1, "a"]], dtype=object),
-              np.ones(4, np.uint8)]
+              np.ones((2, 3), np.float32)[:, ::2], np.ones(4, np.uint8)]
+    if "pad_value" not in config:  # object arrays cannot be padded
+        arrays.append(np.array([[1, "a"]], dtype=object))
     memoised = make_describer(BatchProcessorConfig(**config)).describe
     for x in arrays + arrays:
         got = memoised(x, None, 0.0)
@@ -332,10 +333,11 @@ def test_a_described_array_shape_is_described_the_same_the_second_time(config):
         assert got[1:3] == fresh[1:3] and got[4] == fresh[4]
         np.testing.assert_array_equal(r.item, f.item)
         assert r.item.dtype.isnative
-    ragged = np.empty(1, dtype=object)
-    ragged[0] = [1, 2]
-    plain = np.empty(1, dtype=object)
-    plain[0] = 3
-    memoised(plain, None, 0.0)
-    with pytest.raises(ValueError, match="ragged"):
-        memoised(ragged, None, 0.0)  # same dtype and shape: still looked into
+    if not config:
+        ragged = np.empty(1, dtype=object)
+        ragged[0] = [1, 2]
+        plain = np.empty(1, dtype=object)
+        plain[0] = 3
+        memoised(plain, None, 0.0)
+        with pytest.raises(ValueError, match="ragged"):
+            memoised(ragged, None, 0.0)  # same dtype and shape: still looked into

@@ -1,10 +1,10 @@
 """Version comparison: is the numpy one-row path of the installed batchproc slower than
 a baseline commit? Both run side by side, interleaved, in one session.
 
-    python benchmarks/compare_versions.py              # median of 5 (~4 min on 2 cores,
-                                                       # plus ~2 min the first time to
+    python benchmarks/compare_versions.py              # median of 5 (~3 min on 2 cores,
+                                                       # plus ~1-2 min the first time to
                                                        # build the baseline)
-    python benchmarks/compare_versions.py --quick      # 1 repetition, smaller loads (~1 min)
+    python benchmarks/compare_versions.py --quick      # 1 repetition, smaller loads (~20 s)
     python benchmarks/compare_versions.py --baseline HEAD~3 --repeat 9 --configs identity/1
 
 "current" is the batchproc installed in the environment running this script; the
@@ -137,7 +137,7 @@ def describe_current() -> dict[str, Any]:
                 continue
             with open(mine, "rb") as a, open(theirs, "rb") as b:
                 same = same and a.read() == b.read()
-    head = git("rev-parse", "HEAD")
+    head = git("log", "-1", "--format=%H", "--", "src")  # the last commit that changed src
     dirty = bool(git("status", "--porcelain", "--", "src"))
     return {"path": portable(path), "version": batchproc.__version__, "checkout_commit": head,
             "checkout_src_dirty": dirty, "matches_checkout": same}
@@ -255,7 +255,7 @@ def fmt_span(ratios: list[float]) -> str:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     b, c, s, mach = doc["baseline"], doc["current"], doc["settings"], doc["machine"]
-    checkout = (f"this checkout's src at {c['checkout_commit'][:7]}"
+    checkout = (f"this checkout's src as of {c['checkout_commit'][:7]} (its last change)"
                 + (" plus uncommitted changes" if c["checkout_src_dirty"] else "")
                 if c["matches_checkout"] else "not this checkout's src (commit unknown)")
     lines = [

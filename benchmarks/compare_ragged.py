@@ -1,8 +1,8 @@
 """Ragged sequences: batchproc padding against exact-shape grouping and `batched`'s
 padding, side by side in one run.
 
-    python benchmarks/compare_ragged.py              # median of 3 (~2 min on 2 cores)
-    python benchmarks/compare_ragged.py --quick      # 1 repetition, 1,000 requests (~20 s)
+    python benchmarks/compare_ragged.py              # median of 3 (~30 s on 2 cores)
+    python benchmarks/compare_ragged.py --quick      # 1 repetition, 1,000 requests (~5 s)
     python benchmarks/compare_ragged.py --repeat 5 --requests 8000 --loads burst
 
 Workload: N requests (default 4,000) of int64 token ids, lengths uniform in 8..128
@@ -294,6 +294,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def spread(runs: list[dict[str, Any]]) -> str:
+    rates = [r["throughput"] for r in runs]
+    return f"{report.fmt_rate(min(rates))}-{report.fmt_rate(max(rates))}"
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     s, mach, v = doc["settings"], doc["machine"], doc["versions"]
     lines = [
@@ -326,7 +331,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             thr = ref["throughput"] / m["throughput"] if ref and m["throughput"] else None
             p50 = ref["p50_ms"] / m["p50_ms"] if ref and m["p50_ms"] else None
             table.append([
-                r["system"], report.fmt_rate(m["throughput"]), report.fmt_ms(m["p50_ms"]),
+                r["system"], f"{report.fmt_rate(m['throughput'])} ({spread(r['runs'])})",
+                report.fmt_ms(m["p50_ms"]),
                 report.fmt_ms(m["p99_ms"]), f"{m['mean_batch']:.1f}", f"{m['batches']:,.0f}",
                 f"{m['padding_efficiency']:.0%}",
                 f"{m['checked']:,}, {m['wrong']} wrong" if not m["wrong"]
@@ -339,7 +345,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                              f"{m['unfinished']} unfinished, {m['stopped_by_cap']} run(s) "
                              "stopped by the time cap")
         lines += [f"## {rows[0]['load']}", "", report.markdown_table(
-            ["system", "req/s", "p50 ms", "p99 ms", "rows/call", "calls", "padding eff.",
+            ["system", "req/s (range)", "p50 ms", "p99 ms", "rows/call", "calls", "padding eff.",
              "checked", "padded req/s ÷ this", "padded p50 ÷ this"], table), ""]
     lines += notes
     return "\n".join(lines).rstrip() + "\n"

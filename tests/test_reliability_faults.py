@@ -128,6 +128,52 @@ def test_a_model_that_never_returns_times_out_is_replaced_and_stop_is_bounded(
         hung.result(timeout=0)  # the late result was discarded
 
 
+def test_stop_while_the_supervisor_replaces_a_stuck_worker(make_processor, monkeypatch):
+    """stop() arriving while the replacement of a stuck worker is being started: its join
+    must never meet a worker thread that is not started yet (it raised RuntimeError,
+    "cannot join thread before it is started")."""
+    release = threading.Event()
+
+    def model(batch):
+        if (batch == 666).any():
+            release.wait()
+        return batch
+
+    p = make_processor(model, item_timeout=0.3, max_workers=1, max_batch_size=1,
+                       initial_batch_size=1)
+    errors = []
+
+    def stop():
+        try:
+            p.stop(timeout=1.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop, name="test-stopper")
+    replacing = threading.Event()
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("batchproc-worker") and not stopper.ident:
+            release.set()       # the stuck worker exits: stop()'s join moves past it
+            stopper.start()     # stop() begins while the replacement is not started yet
+            replacing.set()
+            stopper.join(0.5)   # it failed at once; now it waits for the start to finish
+        real_start(thread)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        hung = p.enqueue_predict(item(666))
+        assert isinstance(hung.exception(timeout=HANG), BatchTimeoutError)
+        assert replacing.wait(HANG)
+        stopper.join(HANG)
+        assert not stopper.is_alive() and errors == []
+    finally:
+        release.set()
+    for thread in p._threads():
+        thread.join(HANG)
+
+
 # ---------------------------------------------------------------- odd outputs
 
 

@@ -136,12 +136,14 @@ class Dispatcher:
                 return
             self._worker_ids += 1
             worker = _Worker(f"batchproc-worker-{self._worker_ids}")
+            # Daemon: a worker stuck in process_func must never keep the interpreter alive.
+            thread = threading.Thread(target=self._worker_main, args=(worker,),
+                                      name=worker.name, daemon=True)
+            # Started under the lock: join() (stop) must never see a thread it cannot join
+            # yet (the supervisor replacing a stuck worker while stop() began).
+            thread.start()
+            worker.thread = thread
             self._workers.append(worker)
-        # Daemon: a worker stuck in process_func must never keep the interpreter alive.
-        thread = threading.Thread(target=self._worker_main, args=(worker,), name=worker.name,
-                                  daemon=True)
-        worker.thread = thread
-        thread.start()
 
     def join(self, deadline: float) -> bool:
         """Wait until ``deadline`` for the workers to drain the closed queue and exit."""

@@ -22,6 +22,8 @@ from .metrics import MetricsCollector
 from .processor import BatchProcessor
 from .stats import BatchStats
 
+# The one place the version is written: the build reads it from here for the package's
+# metadata (pyproject.toml, tool.scikit-build.metadata.version).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -179,9 +179,11 @@ def test_stop_while_the_supervisor_replaces_a_stuck_worker(make_processor, monke
 
 def test_an_output_without_a_length_is_a_clear_error(make_processor, caplog):
     p = make_processor(lambda batch: 42, max_retries=1, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match="int, which the output rule cannot split"):
+        p.enqueue_predict(item(1)).result(timeout=HANG)
     with caplog.at_level(logging.WARNING, logger="batchproc"):
-        with pytest.raises(BatchOutputError, match="int, which the output rule cannot split"):
-            p.enqueue_predict(item(1)).result(timeout=HANG)
+        p.enqueue(item(1))  # fire and forget: nobody gets the error, so it is logged
+        p.stop(timeout=HANG)
     assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
 
 
@@ -230,15 +232,17 @@ def test_a_dict_of_per_row_values_fails_clearly_naming_the_leaf(make_processor, 
     # batch's rows, so the batch fails with an error that names it, and is logged.
     p = make_processor(lambda batch: {i: row for i, row in enumerate(batch)},
                        max_retries=0, retry_delay=0.0)
-    with caplog.at_level(logging.WARNING, logger="batchproc"):
-        exc = p.enqueue_predict(item(1.0)).exception(timeout=HANG)
+    exc = p.enqueue_predict(item(1.0)).exception(timeout=HANG)
     assert isinstance(exc, BatchOutputError) and "output[0]" in str(exc)
-    assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
     # The processor serves on.
     assert p.enqueue_predict(["still served"]).exception(timeout=HANG) is not None
     np.testing.assert_array_equal(
         make_processor(lambda b: b).enqueue_predict(item(2.0)).result(timeout=HANG),
         item(2.0))
+    with caplog.at_level(logging.WARNING, logger="batchproc"):
+        p.enqueue(item(1.0))  # fire and forget: nobody gets the error, so it is logged
+        p.stop(timeout=HANG)
+    assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
 
 
 # ---------------------------------------------------------------- metrics collector

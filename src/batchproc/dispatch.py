@@ -488,7 +488,8 @@ class Dispatcher:
             error = out
             if not isinstance(error, Exception):
                 break
-        logger.warning("request failed after %d retries: %r", cfg.max_retries, error)
+        # Debug only: the caller gets the error (enqueue logs it for fire and forget).
+        logger.debug("request failed after %d retries: %r", cfg.max_retries, error)
         self._fail(batch, requests, error)
 
     def _run_chunked(self, batch: _Batch, request: Request, chunks: list[Request],
@@ -509,8 +510,8 @@ class Dispatcher:
                 return
             if status == _FAILED:
                 if isinstance(out, Exception):
-                    logger.warning("request of %d rows failed on a chunk after %d retries: %r",
-                                   request.rows, cfg.max_retries, out)
+                    logger.debug("request of %d rows failed on a chunk after %d retries: %r",
+                                 request.rows, cfg.max_retries, out)
                 else:
                     logger.error("process_func raised %r on a chunk of a %d-row request; "
                                  "failing it without retry", out, request.rows)

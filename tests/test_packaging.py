@@ -1,9 +1,11 @@
-"""What a user installs: the package's metadata.
+"""What a user installs: the package's metadata and the config reference.
 
 With BATCHPROC_EXPECT_WHEEL_TAG set (CI, testing the wheel from dist/), also checks that
 the package under test is that wheel, installed, and not a build from the source tree.
 """
 
+import dataclasses
+import enum
 import importlib.metadata
 import os
 import pathlib
@@ -13,6 +15,7 @@ import sysconfig
 import pytest
 
 import batchproc
+from batchproc import BatchProcessorConfig
 
 # ---------------------------------------------------------------- the installed package
 
@@ -46,3 +49,43 @@ def test_the_installed_wheel_is_the_manylinux_one():
     tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines()
             if line.startswith("Tag:")]
     assert any(tag.endswith(expected) for tag in tags), tags
+
+
+# ---------------------------------------------------------------- the config reference
+
+UNITS = ("rows", "seconds", "requests", "batches", "MiB", "percent", "tokens", "attempts")
+
+
+def attribute_entries():
+    """{field: its text} from the 'Attributes:' section of BatchProcessorConfig's
+    docstring, the section the API reference renders."""
+    doc = BatchProcessorConfig.__doc__ or ""
+    section = doc.split("Attributes:\n", 1)[1]
+    entries = {}
+    for match in re.finditer(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", section, re.M | re.S):
+        entries[match[1]] = " ".join(match[2].split())
+    return entries
+
+
+def shown_default(value):
+    if isinstance(value, enum.Enum):
+        return f"``{type(value).__name__}.{value.name}``"
+    return f"``{value!r}``"
+
+
+def test_every_config_field_is_documented_with_unit_default_and_effect():
+    entries = attribute_entries()
+    fields = dataclasses.fields(BatchProcessorConfig)
+    assert list(entries) == [f.name for f in fields]
+    for f in fields:
+        text = entries[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert f"Default {shown_default(default)}" in text, (f.name, text)
+        kind = f.type
+        if kind == "bool":
+            assert "on or off" in text, (f.name, text)
+        elif re.fullmatch(r"(int|float)( \| None)?", kind):
+            assert any(f" in {unit}" in text for unit in UNITS), (f.name, text)
+        # ...and what it does: more than the unit and the default.
+        effect = re.sub(r"Default ``[^`]*``\.?", "", text)
+        assert len(effect.split()) >= 6, (f.name, text)

@@ -1,5 +1,5 @@
-"""Reliability: fault injection. Each fault gets the behaviour DESIGN.md prescribes and a
-clear log line (asserted through caplog).
+"""Reliability: fault injection. Each fault gets the behaviour docs/failures.md describes
+and a clear log line (asserted through caplog).
 
 Faults: BaseException subclasses from the model, a model that never returns, outputs that
 are not arrays or have the wrong dtype, a metrics collector that raises in every method,
@@ -206,8 +206,8 @@ def test_a_list_output_for_an_array_batch_gives_each_caller_its_rows(make_proces
 
 
 def test_a_list_of_views_into_the_batch_never_changes_after_delivery(make_processor):
-    """DESIGN.md "Buffers": output that aliases the reused input buffer is copied out
-    before the buffer is reused. ``list(batch)`` is a list of views of that buffer."""
+    """docs/formats.md, "A delivered result never changes": a reused buffer is not
+    reused while an output refers to it. ``list(batch)`` is a list of views of it."""
     p = make_processor(lambda batch: list(batch), max_workers=1, batch_timeout=0.0)
     first = p.enqueue_predict(item(1.0)).result(timeout=HANG)
     snapshot = [np.array(row, copy=True) for row in first]

@@ -8,7 +8,7 @@ the output, then count and deliver. Everything that depends on the kind of data 
 format's (``formats/``); this module never looks at items or outputs. An idle worker blocked in the
 queue is woken by the push itself, which is what keeps latency low at low load.
 
-Failure handling (DESIGN.md "Precise rules"): a failing batch of several requests is
+Failure handling (docs/failures.md): a failing batch of several requests is
 bisected; a failing single request is retried ``max_retries`` times after
 ``retry_delay * 2**k``; a call running past ``item_timeout`` is abandoned by the
 supervisor (``expire_stuck``), its requests fail with ``BatchTimeoutError`` and a fresh

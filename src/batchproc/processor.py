@@ -1,4 +1,4 @@
-"""BatchProcessor: the public face of batchproc (DESIGN.md "Public API").
+"""BatchProcessor: the public face of batchproc (docs/reference.md).
 
 Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
 describe the item, create its future, push it onto the native queue. Everything after
@@ -189,6 +189,7 @@ class BatchProcessor(Generic[T, U]):
                 self._queue.pause()  # waiting workers stop popping, not just dispatching
 
     def resume(self) -> None:
+        """Dispatch again after ``pause()``."""
         self._queue.resume()
         self._resume.set()
 
@@ -297,6 +298,7 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def current_batch_size(self) -> int:
+        """The target rows per batch, as the controller (or ``update_batch_size``) set it."""
         return self._controller.current_batch_size
 
     @property
@@ -305,14 +307,28 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def running(self) -> bool:
+        """Started and not stopped."""
         return self._state == _RUNNING
 
     @property
     def is_paused(self) -> bool:
+        """Paused by ``pause()`` and not yet resumed."""
         return not self._resume.is_set()
 
     def get_stats(self) -> dict[str, Any]:
-        """Statistics; times in seconds. See DESIGN.md for the keys."""
+        """Statistics of recent batches and the processor's state; times in seconds.
+
+        Keys: ``avg_processing_time``, ``avg_batch_size`` (rows), ``avg_queue_time``,
+        ``avg_latency``, ``p50_latency``, ``p95_latency``, ``p99_latency`` and
+        ``max_latency`` (from enqueue to result, over the last ``monitoring_window``
+        requests), ``throughput`` (requests per second), ``error_rate``,
+        ``total_processed``, ``total_errors``, ``total_batches``, ``avg_queue_length``,
+        ``uptime``; and the processor's own: ``current_batch_size`` (target rows),
+        ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
+        ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
+        ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
+        ``strategy``, ``memory_level``.
+        """
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:

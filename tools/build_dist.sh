@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build what users install. dist/ gets:
+# Build what users install. dist/ is emptied, then gets:
 #   batchproc-<version>.tar.gz                         the sdist
 #   batchproc-<version>-cp3XX-cp3XX-manylinux2014_<arch>.manylinux_2_17_<arch>.whl
 #                                                      built from that sdist, repaired

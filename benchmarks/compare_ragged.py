@@ -355,14 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     doc = run_all(args)
-    md = to_markdown(doc)
-    md_path = os.path.join(args.out_dir, f"{args.name}.md")
-    json_path = os.path.join(args.out_dir, f"{args.name}.json")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(md)
-    report.write_json(json_path, doc)
-    print(md)
-    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    report.write_results(args.out_dir, args.name, to_markdown(doc), doc)
     return 0
 
 

@@ -371,7 +371,6 @@ cdef class BatchAssembler:
         cdef cnp.PyArrayObject* arr
         cdef cnp.PyArrayObject* arr0
         cdef cnp.PyArray_Descr* descr0
-        cdef cnp.PyArray_Descr* descr
         cdef npy_intp* dims0
         cdef npy_intp* dims
         cdef npy_intp* strides
@@ -423,16 +422,8 @@ cdef class BatchAssembler:
         for i in range(n):
             obj = PyTuple_GET_ITEM(seq, i)
             if i:
-                if not np_is_array(obj):
-                    raise TypeError(
-                        f"item {i} is {type(<object>obj).__name__}, not numpy.ndarray")
-                arr = <cnp.PyArrayObject*>obj
-                descr = np_descr(arr)
+                arr = _array_like_first(obj, i, descr0)
                 nd = np_ndim(arr)
-                if descr != descr0 and not np_equiv(descr, descr0):
-                    raise ValueError(
-                        f"item {i} has dtype {(<object>descr)!r} but item 0 has dtype "
-                        f"{(<object>descr0)!r}: all items must have the same dtype")
                 dims = np_dims(arr)
                 if stacking:
                     if nd != nd0 or not _same_dims(dims, dims0, nd):
@@ -517,7 +508,6 @@ cdef class BatchAssembler:
         cdef cnp.PyArrayObject* arr
         cdef cnp.PyArrayObject* arr0
         cdef cnp.PyArray_Descr* descr0
-        cdef cnp.PyArray_Descr* descr
         cdef npy_intp* dims0
         cdef npy_intp* dims
         cdef npy_intp* strides
@@ -568,17 +558,9 @@ cdef class BatchAssembler:
         for i in range(n):
             obj = PyTuple_GET_ITEM(seq, i)
             if i:
-                if not np_is_array(obj):
-                    raise TypeError(
-                        f"item {i} is {type(<object>obj).__name__}, not numpy.ndarray")
-                arr = <cnp.PyArrayObject*>obj
-                descr = np_descr(arr)
+                arr = _array_like_first(obj, i, descr0)
                 nd = np_ndim(arr)
                 dims = np_dims(arr)
-                if descr != descr0 and not np_equiv(descr, descr0):
-                    raise ValueError(
-                        f"item {i} has dtype {(<object>descr)!r} but item 0 has dtype "
-                        f"{(<object>descr0)!r}: all items must have the same dtype")
                 if nd < 2:
                     raise ValueError(
                         f"item {i} has shape {_shape(dims, nd)}: concat_padded needs "
@@ -697,6 +679,20 @@ cdef class BatchAssembler:
         self._data[slot] = <char*>((addr + ALIGN - 1) & ~(<uintptr_t>(ALIGN - 1)))
         self._cap[slot] = cap
         return 0
+
+
+cdef inline cnp.PyArrayObject* _array_like_first(
+        PyObject* obj, Py_ssize_t i, cnp.PyArray_Descr* descr0) except NULL:
+    """Item ``i`` as an array, checked to have item 0's dtype."""
+    if not np_is_array(obj):
+        raise TypeError(f"item {i} is {type(<object>obj).__name__}, not numpy.ndarray")
+    cdef cnp.PyArrayObject* arr = <cnp.PyArrayObject*>obj
+    cdef cnp.PyArray_Descr* descr = np_descr(arr)
+    if descr != descr0 and not np_equiv(descr, descr0):
+        raise ValueError(
+            f"item {i} has dtype {(<object>descr)!r} but item 0 has dtype "
+            f"{(<object>descr0)!r}: all items must have the same dtype")
+    return arr
 
 
 cdef inline bint _same_dims(const npy_intp* a, const npy_intp* b, int n) noexcept:

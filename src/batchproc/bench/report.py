@@ -244,6 +244,19 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
         f.write("\n")
 
 
+def write_results(out_dir: str, name: str, markdown: str, doc: dict[str, Any]) -> None:
+    """Write ``<name>.md`` and ``<name>.json`` into ``out_dir`` (made if missing), print the
+    table, and say on stderr where both went: the end of every comparison script."""
+    os.makedirs(out_dir, exist_ok=True)
+    md_path = os.path.join(out_dir, f"{name}.md")
+    json_path = os.path.join(out_dir, f"{name}.json")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown)
+    write_json(json_path, doc)
+    print(markdown)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+
+
 class PlotUnavailable(RuntimeError):
     pass
 

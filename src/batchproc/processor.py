@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
+from .async_model import AsyncModel, is_async_callable
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
@@ -99,6 +100,7 @@ class BatchProcessor(Generic[T, U]):
             queue_size=self._queue.__len__,
             stuck_batches=self._dispatcher.stuck_batches,
             workers=self._dispatcher.alive_workers)
+        self._async_model: AsyncModel | None = None
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
         # enqueue_predict_async: one LoopChannel per event loop, the last one used cached
@@ -112,7 +114,14 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- lifecycle
 
     def start(self, process_func: Callable[[Any], Any]) -> None:
-        """Start the workers. Idempotent while running; work queued before start is kept."""
+        """Start the workers. Idempotent while running; work queued before start is kept.
+
+        An ``async def`` ``process_func`` (or an object whose ``__call__`` is one, or a
+        ``functools.partial`` of either) runs on an event loop the processor starts here,
+        in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
+
+        Raises ``ProcessorStoppedError`` once stopped.
+        """
         if not callable(process_func):
             raise TypeError(f"process_func must be callable, got {process_func!r}")
         with self._lifecycle:
@@ -122,6 +131,11 @@ class BatchProcessor(Generic[T, U]):
                 raise ProcessorStoppedError(
                     "a stopped BatchProcessor cannot be started again; create a new one")
             self._state = _RUNNING
+            if is_async_callable(process_func):
+                # The workers call it like any model; it runs the coroutine on the loop.
+                self._async_model = AsyncModel(process_func)
+                self._async_model.start()
+                process_func = self._async_model
             self._dispatcher.start(process_func)
             self._supervisor = threading.Thread(target=self._supervise,
                                                 name="batchproc-supervisor", daemon=True)
@@ -155,6 +169,9 @@ class BatchProcessor(Generic[T, U]):
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
         leftover += self._fail_queued()
+        if self._async_model is not None:
+            # After the workers: a call still running now was abandoned; cancel it.
+            self._async_model.close(deadline)
         self._supervisor_stop.set()
         if self._supervisor is not None:
             self._supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
@@ -365,7 +382,13 @@ class BatchProcessor(Generic[T, U]):
         next_health = _monotonic() + cfg.health_check_interval
         while not self._supervisor_stop.wait(tick):
             try:
+                checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
+                if self._async_model is not None:
+                    # Every call that began before checked_at - item_timeout was abandoned
+                    # just now (or before): cancel its coroutine.
+                    self._async_model.cancel_started_before(
+                        checked_at - cfg.item_timeout, cfg.item_timeout)
                 if cfg.enable_health_monitoring and _monotonic() >= next_health:
                     next_health = _monotonic() + cfg.health_check_interval
                     self._health.check_and_act()
@@ -376,6 +399,8 @@ class BatchProcessor(Generic[T, U]):
         threads = self._dispatcher.threads()
         if self._supervisor is not None:
             threads.append(self._supervisor)
+        if self._async_model is not None:
+            threads.append(self._async_model.thread)
         return threads
 
 

@@ -28,7 +28,7 @@ from .dispatch import Dispatcher
 from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
 from .formats import make_describer
 from .futures import RequestFuture
-from .health import HealthMonitor
+from .health import PAUSED, HealthMonitor
 from .metrics import MetricsSink
 from .stats import BatchStats
 
@@ -99,7 +99,8 @@ class BatchProcessor(Generic[T, U]):
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
             stuck_batches=self._dispatcher.stuck_batches,
-            workers=self._dispatcher.alive_workers)
+            workers=self._dispatcher.alive_workers,
+            state=self._lifecycle_state)
         self._async_model: AsyncModel | None = None
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
@@ -369,9 +370,27 @@ class BatchProcessor(Generic[T, U]):
         return stats
 
     def health(self) -> dict[str, Any]:
-        """A health report: overall ``status`` (healthy, degraded, unhealthy) and each
-        check's ``value`` and ``status`` (memory, queue, stuck_batches, workers)."""
+        """A health report for a health endpoint or a Kubernetes probe.
+
+        Keys: ``ready`` (bool: serve traffic to this process: running, not paused, live,
+        and no check critical), ``live`` (bool: False only when the processor cannot
+        recover in this process: a forked child's copy, workers missing, or as many
+        calls stuck past ``item_timeout`` as ``max_workers``), ``state`` (new, running,
+        paused, stopping, stopped, forked), ``status`` (healthy, degraded, unhealthy:
+        the worst check; unhealthy whenever the processor is not started or stopped,
+        at least degraded while paused), ``timestamp`` (Unix seconds) and ``checks``:
+        each check's ``status`` (ok, warning, critical, unknown) and ``value``: memory
+        (percent of the container's memory limit, cgroup v2 or v1, where there is one;
+        else of the machine's memory), queue (requests), stuck_batches, workers.
+        See docs/failures.md, "Health and probes".
+        """
         return self._health.check()
+
+    def _lifecycle_state(self) -> str:
+        state = self._state
+        if state == _RUNNING and not self._resume.is_set():
+            return PAUSED
+        return state
 
     # ----------------------------------------------------------------- supervisor
 

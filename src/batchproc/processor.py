@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue as _stdlib_queue
 import threading
 import time
@@ -20,15 +21,21 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._native.request_queue import QueueClosed, RequestQueue
+from . import forking
 from .aio import AsyncRequest, LoopChannel
 from .async_model import AsyncModel, is_async_callable
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
-from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
+from .errors import (
+    BatchProcessorError,
+    ProcessorForkedError,
+    ProcessorStoppedError,
+    QueueFullError,
+)
 from .formats import make_describer
 from .futures import RequestFuture
-from .health import PAUSED, HealthMonitor
+from .health import FORKED, PAUSED, HealthMonitor
 from .metrics import MetricsSink
 from .stats import BatchStats
 
@@ -102,6 +109,9 @@ class BatchProcessor(Generic[T, U]):
             workers=self._dispatcher.alive_workers,
             state=self._lifecycle_state)
         self._async_model: AsyncModel | None = None
+        # Set in a forked child of the process that started this processor (forking.py).
+        self._forked = False
+        self._started_in_pid = 0
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
         # enqueue_predict_async: one LoopChannel per event loop, the last one used cached
@@ -121,17 +131,22 @@ class BatchProcessor(Generic[T, U]):
         ``functools.partial`` of either) runs on an event loop the processor starts here,
         in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
 
-        Raises ``ProcessorStoppedError`` once stopped.
+        Raises ``ProcessorStoppedError`` once stopped, ``ProcessorForkedError`` in a
+        forked child of the process that started it.
         """
         if not callable(process_func):
             raise TypeError(f"process_func must be callable, got {process_func!r}")
         with self._lifecycle:
+            if self._forked:
+                raise self._forked_error()
             if self._state == _RUNNING:
                 return
             if self._state != _NEW:
                 raise ProcessorStoppedError(
                     "a stopped BatchProcessor cannot be started again; create a new one")
             self._state = _RUNNING
+            self._started_in_pid = os.getpid()
+            forking.track(self)
             if is_async_callable(process_func):
                 # The workers call it like any model; it runs the coroutine on the loop.
                 self._async_model = AsyncModel(process_func)
@@ -156,8 +171,8 @@ class BatchProcessor(Generic[T, U]):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
-            if self._state in (_STOPPING, _STOPPED):
-                return
+            if self._state in (_STOPPING, _STOPPED) or self._forked:
+                return  # a forked child's copy: its queue and threads are the parent's
             was_running = self._state == _RUNNING
             self._state = _STOPPING
             self._queue.close()  # also ends a pause of the queue: stop drains as usual
@@ -202,12 +217,14 @@ class BatchProcessor(Generic[T, U]):
     def pause(self) -> None:
         """No batch is dispatched until ``resume()``; intake continues."""
         with self._lifecycle:
-            if self._state not in (_STOPPING, _STOPPED):
+            if self._state not in (_STOPPING, _STOPPED) and not self._forked:
                 self._resume.clear()
                 self._queue.pause()  # waiting workers stop popping, not just dispatching
 
     def resume(self) -> None:
         """Dispatch again after ``pause()``."""
+        if self._forked:
+            return
         self._queue.resume()
         self._resume.set()
 
@@ -227,7 +244,11 @@ class BatchProcessor(Generic[T, U]):
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         A processing failure reaches the future as the exception ``process_func`` raised.
+        In a forked child of the process that started the processor:
+        ``ProcessorForkedError`` (a ``ProcessorStoppedError``).
         """
+        if self._forked:
+            raise self._forked_error()
         future = _RequestFuture()
         request, rows, nbytes, key, length = self._describe(item, future, _monotonic())
         try:
@@ -249,8 +270,11 @@ class BatchProcessor(Generic[T, U]):
         blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
         ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
         dispatched is never processed; after dispatch its result is discarded.
-        ``RuntimeError`` if no event loop is running in this thread.
+        ``RuntimeError`` if no event loop is running in this thread;
+        ``ProcessorForkedError`` in a forked child, as for ``enqueue_predict``.
         """
+        if self._forked:
+            raise self._forked_error()
         loop = asyncio.get_running_loop()
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
@@ -325,8 +349,8 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def running(self) -> bool:
-        """Started and not stopped."""
-        return self._state == _RUNNING
+        """Started and not stopped (False in a forked child: see ``ProcessorForkedError``)."""
+        return self._state == _RUNNING and not self._forked
 
     @property
     def is_paused(self) -> bool:
@@ -346,7 +370,11 @@ class BatchProcessor(Generic[T, U]):
         ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
         ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
         ``strategy``, ``memory_level``.
+
+        ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
+        if self._forked:
+            raise self._forked_error()
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:
@@ -387,10 +415,30 @@ class BatchProcessor(Generic[T, U]):
         return self._health.check()
 
     def _lifecycle_state(self) -> str:
+        if self._forked:
+            return FORKED
         state = self._state
         if state == _RUNNING and not self._resume.is_set():
             return PAUSED
         return state
+
+    # ----------------------------------------------------------------- fork
+
+    def _forked_in_child(self) -> None:
+        """In a forked child (forking.py), with only the forking thread alive: refuse
+        from now on. Locks a vanished thread may have held are replaced; the queue and
+        the workers' state are the parent's and are never touched again here."""
+        self._forked = True
+        self._lifecycle = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._failure_log = FailureLog()
+
+    def _forked_error(self) -> ProcessorForkedError:
+        return ProcessorForkedError(
+            f"this BatchProcessor was started in process {self._started_in_pid} and this "
+            f"process ({os.getpid()}) is a fork of it: its worker threads did not survive "
+            "the fork. Create and start a BatchProcessor in this process instead (for "
+            "gunicorn --preload: in a post_fork hook, or on first use)")
 
     # ----------------------------------------------------------------- supervisor
 

@@ -3,8 +3,9 @@
 Random sequences of enqueue (arrays of several dtypes and shapes, generic items, random
 priorities), enqueue_predict, cancel, pause, resume, update_batch_size, fork and stop run
 against a model (a plain function or an ``async def`` one) that, decided by each
-request's own id, fails, returns the wrong number of rows, hangs briefly, or succeeds. Because the outcome depends on the request alone,
-the expected outcome of every request is known whatever batch it lands in.
+request's own id, fails, returns the wrong number of rows, hangs briefly, or succeeds.
+Because the outcome depends on the request alone, the expected outcome of every request
+is known whatever batch it lands in.
 
 Invariants, after every step and at teardown (docs/architecture.md, "Guarantees";
 docs/failures.md):

@@ -50,7 +50,7 @@ def is_async_callable(func: object) -> bool:
     if (inspect.isfunction(func) or inspect.ismethod(func) or inspect.isbuiltin(func)
             or isinstance(func, type)):
         return False
-    return inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    return callable(func) and inspect.iscoroutinefunction(func.__call__)
 
 
 class _Call(Future[Any]):

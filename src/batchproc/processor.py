@@ -20,8 +20,8 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._native.request_queue import QueueClosed, RequestQueue
 from . import forking
+from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
 from .async_model import AsyncModel, is_async_callable
 from .config import BatchPriority, BatchProcessorConfig

@@ -103,11 +103,6 @@ class AsyncModel:
     def start(self) -> None:
         self._thread.start()
 
-    def in_flight(self) -> int:
-        """Calls started and not yet returned to their worker."""
-        with self._lock:
-            return len(self._calls)
-
     # ----------------------------------------------------------------- worker side
 
     def __call__(self, batch: Any) -> Any:
@@ -117,7 +112,10 @@ class AsyncModel:
                 raise ProcessorStoppedError("the processor's event loop is stopped")
             self._calls.add(call)
         try:
-            self._loop.call_soon_threadsafe(self._begin, call, batch)
+            try:
+                self._loop.call_soon_threadsafe(self._begin, call, batch)
+            except RuntimeError:  # close() closed the loop since the check above
+                raise ProcessorStoppedError("the processor's event loop is stopped") from None
             return call.result()
         finally:
             with self._lock:

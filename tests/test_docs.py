@@ -20,7 +20,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_BLOCKS = {
     "README.md": 1,
     "architecture.md": 0,
-    "asyncio.md": 1,
+    "asyncio.md": 2,
     "configurations.md": 3,
     "failures.md": 2,
     "formats.md": 2,

@@ -1,10 +1,11 @@
 """Reliability: a Hypothesis state machine over the public API of BatchProcessor.
 
 Random sequences of enqueue (arrays of several dtypes and shapes, generic items, random
-priorities), enqueue_predict, cancel, pause, resume, update_batch_size and stop run
-against a model that, decided by each request's own id, fails, returns the wrong number
-of rows, hangs briefly, or succeeds. Because the outcome depends on the request alone,
-the expected outcome of every request is known whatever batch it lands in.
+priorities), enqueue_predict, cancel, pause, resume, update_batch_size, fork and stop run
+against a model (a plain function or an ``async def`` one) that, decided by each
+request's own id, fails, returns the wrong number of rows, hangs briefly, or succeeds.
+Because the outcome depends on the request alone, the expected outcome of every request
+is known whatever batch it lands in.
 
 Invariants, after every step and at teardown (docs/architecture.md, "Guarantees";
 docs/failures.md):
@@ -15,7 +16,9 @@ docs/failures.md):
 * no request is seen by the model after its future was cancelled, and nothing enqueued
   while paused is seen before resume;
 * stop() returns within its timeout plus a small margin and leaves no thread behind;
-* get_stats(): total_processed + total_errors + total_cancelled + pending == total_accepted.
+* get_stats(): total_processed + total_errors + total_cancelled + pending == total_accepted;
+* in a forked child the processor refuses requests with ProcessorForkedError and reports
+  itself neither ready nor live, at once; the parent's processor is unaffected.
 
 Time bounds are hang guards (HANG) or the stop() bound the contract states; orderings come
 from pause()/resume() and events, never from sleeping.
@@ -23,8 +26,14 @@ from pause()/resume() and events, never from sleeping.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import select
+import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +53,7 @@ from batchproc import (
     BatchProcessingStrategy,
     BatchProcessor,
     BatchProcessorConfig,
+    ProcessorForkedError,
     ProcessorStoppedError,
 )
 
@@ -87,6 +97,20 @@ class Model:
             self.calls += 1
         if any(kind_of(i) == HANG_KIND for i in ids):
             self.never.wait(BRIEF_HANG)
+        return pure_model(batch)
+
+
+class AsyncModel(Model):
+    """The same model as an ``async def``: it runs on the processor's event loop."""
+
+    async def __call__(self, batch: Any) -> Any:  # type: ignore[override]
+        ids = batch_ids(batch)
+        with self.lock:
+            self.seen.update(ids)
+            self.calls += 1
+        await asyncio.sleep(0)
+        if any(kind_of(i) == HANG_KIND for i in ids):
+            await asyncio.sleep(BRIEF_HANG)
         return pure_model(batch)
 
 
@@ -152,10 +176,12 @@ class ProcessorMachine(RuleBasedStateMachine):
         strategy=st.sampled_from(list(BatchProcessingStrategy)),
         priorities=st.booleans(),
         workers=st.integers(1, 3),
+        async_model=st.booleans(),
     )
-    def start(self, strategy: BatchProcessingStrategy, priorities: bool, workers: int) -> None:
+    def start(self, strategy: BatchProcessingStrategy, priorities: bool, workers: int,
+              async_model: bool) -> None:
         self.threads_before = set(threading.enumerate())
-        self.model = Model()
+        self.model = AsyncModel() if async_model else Model()
         self.config = BatchProcessorConfig(
             max_batch_size=MAX_BATCH, initial_batch_size=4, max_workers=workers,
             processing_strategy=strategy, enable_priority_queue=priorities,
@@ -170,6 +196,7 @@ class ProcessorMachine(RuleBasedStateMachine):
         self.paused_ids: set[int] = set()
         self.stopped = False
         self.stop_called = False
+        self.forked = False
 
     # ------------------------------------------------------------ intake
 
@@ -259,6 +286,30 @@ class ProcessorMachine(RuleBasedStateMachine):
         assert self.config.min_batch_size <= size <= self.config.max_batch_size
         if self.config.processing_strategy is BatchProcessingStrategy.FIXED:
             assert size == min(max(n, self.config.min_batch_size), MAX_BATCH)
+
+    @precondition(lambda self: not self.forked)  # one fork per run: each costs a process
+    @rule()
+    def fork(self) -> None:
+        """A forked child's copy refuses at once, whatever the parent's copy is doing."""
+        assert self.p is not None
+        self.forked = True
+        p = self.p
+
+        def child() -> list[Any]:
+            try:
+                p.enqueue_predict(np.zeros((1, 1)))
+            except ProcessorForkedError:
+                refused = "forked"
+            except ProcessorStoppedError:
+                refused = "stopped"  # stopped before the fork (never started: not here)
+            else:
+                refused = "accepted"
+            report = p.health()
+            p.stop(timeout=HANG)
+            return [refused, report["ready"], report["live"]]
+
+        refused, ready, live = run_in_fork(child)
+        assert refused == "forked" and not ready and not live
 
     @precondition(lambda self: not self.stopped and not self.paused)
     @rule()
@@ -389,6 +440,42 @@ class ProcessorMachine(RuleBasedStateMachine):
                   if th not in self.threads_before and th.name.startswith("batchproc")
                   and th.is_alive()]
         assert not leaked, f"threads left behind: {leaked}"
+
+
+def run_in_fork(body: Any) -> Any:
+    """``body()`` in a forked child that reports its JSON result through a pipe and
+    exits; a child that hangs past HANG is killed and fails the test."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(body()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    data = b""
+    try:
+        deadline = time.monotonic() + HANG
+        while True:
+            ready, _, _ = select.select([read_end], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError("a forked child hung")
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    assert data and os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+    return json.loads(data)
 
 
 ProcessorMachine.TestCase.settings = settings(

@@ -17,6 +17,7 @@ from .errors import (
     BatchOutputError,
     BatchProcessorError,
     BatchTimeoutError,
+    ProcessorForkedError,
     ProcessorStoppedError,
     QueueFullError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "BatchTimeoutError",
     "MetricsCollector",
     "PrioritizedItem",
+    "ProcessorForkedError",
     "ProcessorStoppedError",
     "QueueFullError",
     "__version__",

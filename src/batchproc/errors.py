@@ -23,3 +23,10 @@ class BatchTimeoutError(BatchProcessorError, TimeoutError):
 
 class BatchOutputError(BatchProcessorError, ValueError):
     """``process_func`` returned an output whose length differs from its batch's."""
+
+
+class ProcessorForkedError(ProcessorStoppedError):
+    """This process is a fork (``os.fork()``, gunicorn ``--preload``, multiprocessing's
+    "fork" start method) of the one that started the processor. Its threads did not
+    survive the fork, so it refuses requests instead of queueing them for nobody; start
+    a processor in this process instead."""

@@ -1,16 +1,22 @@
-"""Health: process memory, queue growth, stuck batches and workers, checked periodically.
+"""Health: memory, queue growth, stuck batches and workers, checked periodically.
 
-``HealthMonitor.check()`` builds a report a service can serve from its health endpoint;
-``HealthMonitor.check_and_act()`` (run by the processor's supervisor thread every
-``health_check_interval``) also logs and feeds memory pressure to the controller:
-warning caps batches at half the optimal size, critical shrinks them to the minimum and
-runs a full garbage collection there, off the request path.
+``HealthMonitor.check()`` builds a report a service can serve from its health endpoint,
+with readiness and liveness for probes; ``HealthMonitor.check_and_act()`` (run by the
+processor's supervisor thread every ``health_check_interval``) also logs and feeds memory
+pressure to the controller: warning caps batches at half the optimal size, critical
+shrinks them to the minimum and runs a full garbage collection there, off the request
+path.
+
+Memory is graded against the container's limit where there is one (``CgroupMemory``: the
+cgroup v2 or v1 files), else against the machine's memory.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import pathlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,30 +34,148 @@ OK, WARNING, CRITICAL, UNKNOWN = "ok", "warning", "critical", "unknown"
 _SEVERITY = {OK: 0, UNKNOWN: 1, WARNING: 1, CRITICAL: 2}
 _OVERALL = {0: "healthy", 1: "degraded", 2: "unhealthy"}
 
+# A processor's state, as the report names it.
+NEW, RUNNING, PAUSED, STOPPING, STOPPED, FORKED = (
+    "new", "running", "paused", "stopping", "stopped", "forked")
+_NOT_SERVING = (NEW, STOPPING, STOPPED, FORKED)
+_FORKED_DETAIL = "inherited by a forked process: the queue and workers are the parent's"
+
+# cgroup v1 writes "no limit" as a huge number (a page counter's maximum), not as "max".
+_V1_UNLIMITED = 1 << 60
+
+
+class CgroupMemory:
+    """The memory limit of this process's container (its cgroup) and the memory counted
+    against it, read from the cgroup filesystem under ``root``: v2 (``memory.max``,
+    ``memory.current``) or else v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``).
+
+    Usage is the working set, as the kubelet counts it: usage less the inactive file
+    cache (``inactive_file`` in ``memory.stat``), which the kernel reclaims before it
+    kills anything. The process's cgroup comes from ``proc_cgroup``; its directory and
+    each ancestor with a limit are read, and the limit nearest to being reached counts.
+    In a container whose own cgroup is mounted as the root, ``root`` itself is read.
+    Both paths are parameters so that a test can use a fake cgroup directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                 proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> None:
+        self.root = pathlib.Path(root)
+        self.proc_cgroup = pathlib.Path(proc_cgroup)
+
+    def read(self) -> dict[str, Any] | None:
+        """``{"usage_bytes", "limit_bytes", "percent", "source"}`` of the limit nearest to
+        being reached (``source``: "cgroup v2" or "cgroup v1"), or None when no limit is
+        set or there is no cgroup filesystem to read. Never raises."""
+        try:
+            if (self.root / "cgroup.controllers").is_file():
+                return self._read(self.root, self._own_path(v1=False), "cgroup v2",
+                                  "memory.max", "memory.current", ("inactive_file",))
+            base = self.root / "memory"
+            if (base / "memory.limit_in_bytes").is_file():
+                return self._read(base, self._own_path(v1=True), "cgroup v1",
+                                  "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                  ("total_inactive_file", "inactive_file"))
+        except (OSError, ValueError):
+            logger.debug("could not read the cgroup memory files", exc_info=True)
+        return None
+
+    def _own_path(self, v1: bool) -> str:
+        """This process's cgroup path (v2: the "0::" line; v1: the memory controller's)."""
+        try:
+            text = self.proc_cgroup.read_text()
+        except OSError:
+            return "/"
+        for line in text.splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if v1 and "memory" in controllers.split(","):
+                return path
+            if not v1 and hierarchy == "0" and not controllers:
+                return path
+        return "/"
+
+    def _read(self, base: pathlib.Path, path: str, source: str, limit_file: str,
+              usage_file: str, inactive_keys: tuple[str, ...]) -> dict[str, Any] | None:
+        own = base / path.strip("/")
+        if not own.is_dir() or base not in (own, *own.parents):
+            own = base  # a container's cgroup namespace: its cgroup is the mount's root
+        nearest: dict[str, Any] | None = None
+        for directory in (own, *own.parents):
+            limit = _limit(directory / limit_file)
+            if limit is not None:
+                usage = int((directory / usage_file).read_text())
+                working = max(0, usage - _stat(directory / "memory.stat", inactive_keys))
+                percent = 100.0 * working / limit
+                if nearest is None or percent > nearest["percent"]:
+                    nearest = {"usage_bytes": working, "limit_bytes": limit,
+                               "percent": percent, "source": source}
+            if directory == base:
+                break
+        return nearest
+
+
+def _limit(path: pathlib.Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None  # the root cgroup has no limit file
+    if text == "max":
+        return None
+    limit = int(text)
+    return limit if 0 < limit < _V1_UNLIMITED else None
+
+
+def _stat(path: pathlib.Path, keys: tuple[str, ...]) -> int:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    values = dict(line.split(maxsplit=1) for line in text.splitlines() if " " in line)
+    for key in keys:
+        if key in values:
+            return int(values[key])
+    return 0
+
 
 class MemoryProbe:
-    """Reads this process's memory through psutil; a failing psutil reads as None."""
+    """Reads memory for the health check: this process's resident memory through
+    psutil, graded against the container's limit (``CgroupMemory``) where there is one,
+    else against the machine's memory. A failing psutil reads as None (unknown).
 
-    def __init__(self) -> None:
+    ``cgroup_root`` and ``proc_cgroup`` locate the cgroup files (tests pass a fake
+    directory).
+    """
+
+    def __init__(self, cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                 proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> None:
         self._process: psutil.Process | None = None
+        self.cgroup = CgroupMemory(cgroup_root, proc_cgroup)
 
-    def read(self) -> dict[str, float] | None:
+    def read(self) -> dict[str, Any] | None:
+        """``percent`` (of the container's limit, else of the machine's memory),
+        ``rss_bytes``, ``system_percent``, ``source`` ("cgroup v2", "cgroup v1" or
+        "system") and, under a cgroup limit, ``usage_bytes`` and ``limit_bytes``."""
         try:
-            if self._process is None:
+            # A forked child must not read its parent's process.
+            if self._process is None or self._process.pid != os.getpid():
                 self._process = psutil.Process()
             info = self._process.memory_info()
-            total = psutil.virtual_memory().total
-            system_percent = psutil.virtual_memory().percent
+            system = psutil.virtual_memory()
         except Exception:
             logger.warning("psutil could not read memory; memory check is unknown",
                            exc_info=True)
             self._process = None
             return None
-        return {
+        reading: dict[str, Any] = {
             "rss_bytes": float(info.rss),
-            "percent": 100.0 * info.rss / total if total else 0.0,
-            "system_percent": float(system_percent),
+            "percent": 100.0 * info.rss / system.total if system.total else 0.0,
+            "system_percent": float(system.percent),
+            "source": "system",
         }
+        container = self.cgroup.read()
+        if container is not None:
+            reading.update(container)
+        return reading
 
 
 def _grade(value: float, warning: float, critical: float) -> str:
@@ -76,6 +200,7 @@ class HealthMonitor:
         stuck_batches: Callable[[], list[dict[str, Any]]],
         workers: Callable[[], tuple[int, int]],
         memory_probe: MemoryProbe | None = None,
+        state: Callable[[], str] = lambda: RUNNING,
     ) -> None:
         self._config = config
         self._controller = controller
@@ -83,13 +208,16 @@ class HealthMonitor:
         self._queue_size = queue_size
         self._stuck_batches = stuck_batches
         self._workers = workers
+        self._state = state
         self.memory_probe = memory_probe or MemoryProbe()
         # Queue sizes at recent checks, to tell a queue that keeps growing.
         self._queue_history: deque[int] = deque(maxlen=4)
         self._last_status: dict[str, str] = {}
 
     def check(self) -> dict[str, Any]:
+        """The report ``BatchProcessor.health()`` returns (its docstring has the keys)."""
         cfg = self._config
+        state = self._state()
         checks: dict[str, dict[str, Any]] = {}
 
         memory = self.memory_probe.read()
@@ -103,10 +231,41 @@ class HealthMonitor:
                 "value": round(memory["percent"], 3),
                 "rss_bytes": int(memory["rss_bytes"]),
                 "system_percent": memory["system_percent"],
+                "source": memory.get("source", "system"),
                 "warning": cfg.memory_warning_threshold,
                 "critical": cfg.memory_critical_threshold,
             }
+            if "limit_bytes" in memory:
+                checks["memory"]["usage_bytes"] = int(memory["usage_bytes"])
+                checks["memory"]["limit_bytes"] = int(memory["limit_bytes"])
 
+        if state == FORKED:
+            # Behind locks that a thread of the parent may have held at the fork: unread.
+            checks["queue"] = {"status": UNKNOWN, "value": None, "detail": _FORKED_DETAIL}
+            checks["stuck_batches"] = {"status": UNKNOWN, "value": None,
+                                       "detail": _FORKED_DETAIL}
+            checks["workers"] = {"status": CRITICAL, "value": 0,
+                                 "expected": cfg.max_workers, "detail": _FORKED_DETAIL}
+        else:
+            self._check_work(checks)
+
+        worst = max(_SEVERITY[c["status"]] for c in checks.values())
+        if state in _NOT_SERVING:
+            worst = 2
+        elif state == PAUSED:
+            worst = max(worst, 1)
+        # Live: this processor can still serve (or recover) in this process. Not when
+        # forked, when workers are missing, or when every worker's call is stuck.
+        live = state != FORKED and (
+            state not in (RUNNING, PAUSED)
+            or (checks["workers"]["status"] == OK
+                and checks["stuck_batches"]["value"] < cfg.max_workers))
+        ready = state == RUNNING and live and worst < 2
+        return {"status": _OVERALL[worst], "ready": ready, "live": live, "state": state,
+                "timestamp": time.time(), "checks": checks}
+
+    def _check_work(self, checks: dict[str, dict[str, Any]]) -> None:
+        cfg = self._config
         size = self._queue_size()
         history = [*self._queue_history, size]
         growing = len(history) >= 3 and all(b > a for a, b in zip(history, history[1:]))
@@ -124,9 +283,6 @@ class HealthMonitor:
         alive, expected = self._workers()
         checks["workers"] = {"status": OK if alive >= expected else CRITICAL,
                              "value": alive, "expected": expected}
-
-        worst = max(_SEVERITY[c["status"]] for c in checks.values())
-        return {"status": _OVERALL[worst], "timestamp": time.time(), "checks": checks}
 
     def check_and_act(self) -> dict[str, Any]:
         report = self.check()

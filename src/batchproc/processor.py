@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue as _stdlib_queue
 import threading
 import time
@@ -19,15 +20,22 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from . import forking
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
+from .async_model import AsyncModel, is_async_callable
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .dispatch import Dispatcher
-from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
+from .errors import (
+    BatchProcessorError,
+    ProcessorForkedError,
+    ProcessorStoppedError,
+    QueueFullError,
+)
 from .formats import make_describer
 from .futures import RequestFuture
-from .health import HealthMonitor
+from .health import FORKED, PAUSED, HealthMonitor
 from .metrics import MetricsSink
 from .stats import BatchStats
 
@@ -98,7 +106,12 @@ class BatchProcessor(Generic[T, U]):
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
             stuck_batches=self._dispatcher.stuck_batches,
-            workers=self._dispatcher.alive_workers)
+            workers=self._dispatcher.alive_workers,
+            state=self._lifecycle_state)
+        self._async_model: AsyncModel | None = None
+        # Set in a forked child of the process that started this processor (forking.py).
+        self._forked = False
+        self._started_in_pid = 0
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
         # enqueue_predict_async: one LoopChannel per event loop, the last one used cached
@@ -112,16 +125,33 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- lifecycle
 
     def start(self, process_func: Callable[[Any], Any]) -> None:
-        """Start the workers. Idempotent while running; work queued before start is kept."""
+        """Start the workers. Idempotent while running; work queued before start is kept.
+
+        An ``async def`` ``process_func`` (or an object whose ``__call__`` is one, or a
+        ``functools.partial`` of either) runs on an event loop the processor starts here,
+        in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
+
+        Raises ``ProcessorStoppedError`` once stopped, ``ProcessorForkedError`` in a
+        forked child of the process that started it.
+        """
         if not callable(process_func):
             raise TypeError(f"process_func must be callable, got {process_func!r}")
         with self._lifecycle:
+            if self._forked:
+                raise self._forked_error()
             if self._state == _RUNNING:
                 return
             if self._state != _NEW:
                 raise ProcessorStoppedError(
                     "a stopped BatchProcessor cannot be started again; create a new one")
             self._state = _RUNNING
+            self._started_in_pid = os.getpid()
+            forking.track(self)
+            if is_async_callable(process_func):
+                # The workers call it like any model; it runs the coroutine on the loop.
+                self._async_model = AsyncModel(process_func)
+                self._async_model.start()
+                process_func = self._async_model
             self._dispatcher.start(process_func)
             self._supervisor = threading.Thread(target=self._supervise,
                                                 name="batchproc-supervisor", daemon=True)
@@ -141,8 +171,8 @@ class BatchProcessor(Generic[T, U]):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
-            if self._state in (_STOPPING, _STOPPED):
-                return
+            if self._state in (_STOPPING, _STOPPED) or self._forked:
+                return  # a forked child's copy: its queue and threads are the parent's
             was_running = self._state == _RUNNING
             self._state = _STOPPING
             self._queue.close()  # also ends a pause of the queue: stop drains as usual
@@ -155,6 +185,9 @@ class BatchProcessor(Generic[T, U]):
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
         leftover += self._fail_queued()
+        if self._async_model is not None:
+            # After the workers: a call still running now was abandoned; cancel it.
+            self._async_model.close(deadline)
         self._supervisor_stop.set()
         if self._supervisor is not None:
             self._supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
@@ -184,12 +217,14 @@ class BatchProcessor(Generic[T, U]):
     def pause(self) -> None:
         """No batch is dispatched until ``resume()``; intake continues."""
         with self._lifecycle:
-            if self._state not in (_STOPPING, _STOPPED):
+            if self._state not in (_STOPPING, _STOPPED) and not self._forked:
                 self._resume.clear()
                 self._queue.pause()  # waiting workers stop popping, not just dispatching
 
     def resume(self) -> None:
         """Dispatch again after ``pause()``."""
+        if self._forked:
+            return
         self._queue.resume()
         self._resume.set()
 
@@ -209,7 +244,11 @@ class BatchProcessor(Generic[T, U]):
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         A processing failure reaches the future as the exception ``process_func`` raised.
+        In a forked child of the process that started the processor:
+        ``ProcessorForkedError`` (a ``ProcessorStoppedError``).
         """
+        if self._forked:
+            raise self._forked_error()
         future = _RequestFuture()
         request, rows, nbytes, key, length = self._describe(item, future, _monotonic())
         try:
@@ -231,8 +270,11 @@ class BatchProcessor(Generic[T, U]):
         blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
         ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
         dispatched is never processed; after dispatch its result is discarded.
-        ``RuntimeError`` if no event loop is running in this thread.
+        ``RuntimeError`` if no event loop is running in this thread;
+        ``ProcessorForkedError`` in a forked child, as for ``enqueue_predict``.
         """
+        if self._forked:
+            raise self._forked_error()
         loop = asyncio.get_running_loop()
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
@@ -307,8 +349,8 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def running(self) -> bool:
-        """Started and not stopped."""
-        return self._state == _RUNNING
+        """Started and not stopped (False in a forked child: see ``ProcessorForkedError``)."""
+        return self._state == _RUNNING and not self._forked
 
     @property
     def is_paused(self) -> bool:
@@ -328,7 +370,11 @@ class BatchProcessor(Generic[T, U]):
         ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
         ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
         ``strategy``, ``memory_level``.
+
+        ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
+        if self._forked:
+            raise self._forked_error()
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:
@@ -352,9 +398,47 @@ class BatchProcessor(Generic[T, U]):
         return stats
 
     def health(self) -> dict[str, Any]:
-        """A health report: overall ``status`` (healthy, degraded, unhealthy) and each
-        check's ``value`` and ``status`` (memory, queue, stuck_batches, workers)."""
+        """A health report for a health endpoint or a Kubernetes probe.
+
+        Keys: ``ready`` (bool: serve traffic to this process: running, not paused, live,
+        and no check critical), ``live`` (bool: False only when the processor cannot
+        recover in this process: a forked child's copy, workers missing, or as many
+        calls stuck past ``item_timeout`` as ``max_workers``), ``state`` (new, running,
+        paused, stopping, stopped, forked), ``status`` (healthy, degraded, unhealthy:
+        the worst check; unhealthy whenever the processor is not started or stopped,
+        at least degraded while paused), ``timestamp`` (Unix seconds) and ``checks``:
+        each check's ``status`` (ok, warning, critical, unknown) and ``value``: memory
+        (percent of the container's memory limit, cgroup v2 or v1, where there is one;
+        else of the machine's memory), queue (requests), stuck_batches, workers.
+        See docs/failures.md, "Health and probes".
+        """
         return self._health.check()
+
+    def _lifecycle_state(self) -> str:
+        if self._forked:
+            return FORKED
+        state = self._state
+        if state == _RUNNING and not self._resume.is_set():
+            return PAUSED
+        return state
+
+    # ----------------------------------------------------------------- fork
+
+    def _forked_in_child(self) -> None:
+        """In a forked child (forking.py), with only the forking thread alive: refuse
+        from now on. Locks a vanished thread may have held are replaced; the queue and
+        the workers' state are the parent's and are never touched again here."""
+        self._forked = True
+        self._lifecycle = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._failure_log = FailureLog()
+
+    def _forked_error(self) -> ProcessorForkedError:
+        return ProcessorForkedError(
+            f"this BatchProcessor was started in process {self._started_in_pid} and this "
+            f"process ({os.getpid()}) is a fork of it: its worker threads did not survive "
+            "the fork. Create and start a BatchProcessor in this process instead (for "
+            "gunicorn --preload: in a post_fork hook, or on first use)")
 
     # ----------------------------------------------------------------- supervisor
 
@@ -365,7 +449,13 @@ class BatchProcessor(Generic[T, U]):
         next_health = _monotonic() + cfg.health_check_interval
         while not self._supervisor_stop.wait(tick):
             try:
+                checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
+                if self._async_model is not None:
+                    # Every call that began before checked_at - item_timeout was abandoned
+                    # just now (or before): cancel its coroutine.
+                    self._async_model.cancel_started_before(
+                        checked_at - cfg.item_timeout, cfg.item_timeout)
                 if cfg.enable_health_monitoring and _monotonic() >= next_health:
                     next_health = _monotonic() + cfg.health_check_interval
                     self._health.check_and_act()
@@ -376,6 +466,8 @@ class BatchProcessor(Generic[T, U]):
         threads = self._dispatcher.threads()
         if self._supervisor is not None:
             threads.append(self._supervisor)
+        if self._async_model is not None:
+            threads.append(self._async_model.thread)
         return threads
 
 

@@ -1,0 +1,318 @@
+"""An ``async def`` process_func: it runs on the processor's own event loop, and results,
+failures, time limits and stop behave as for a sync model (docs/asyncio.md)."""
+
+import asyncio
+import functools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc import (
+    BatchOutputError,
+    BatchProcessingStrategy,
+    BatchTimeoutError,
+    ProcessorStoppedError,
+)
+from batchproc.async_model import LOOP_THREAD_NAME, is_async_callable
+
+HANG = 10.0  # seconds: a guard against a hung processor, never a speed assertion
+
+
+def loop_threads():
+    return [t for t in threading.enumerate() if t.name == LOOP_THREAD_NAME and t.is_alive()]
+
+
+# ----------------------------------------------------------------- which callables
+
+
+async def async_double(batch):
+    await asyncio.sleep(0)
+    return batch * 2
+
+
+def sync_double(batch):
+    return batch * 2
+
+
+class AsyncCallable:
+    def __init__(self, factor=2):
+        self.factor = factor
+
+    async def __call__(self, batch, factor=None):
+        await asyncio.sleep(0)
+        return batch * (factor or self.factor)
+
+    async def method(self, batch):
+        return batch * self.factor
+
+
+class SyncCallable:
+    def __call__(self, batch):
+        return batch * 2
+
+
+@pytest.mark.parametrize("func, expected", [
+    (async_double, True),
+    (AsyncCallable(), True),
+    (AsyncCallable().method, True),
+    (functools.partial(async_double), True),
+    (functools.partial(AsyncCallable(), factor=3), True),
+    (functools.partial(functools.partial(async_double)), True),
+    (sync_double, False),
+    (lambda batch: batch, False),
+    (SyncCallable(), False),
+    (functools.partial(sync_double), False),
+    (AsyncCallable, False),  # calling the class builds an instance, not a coroutine
+    (len, False),
+])
+def test_which_callables_are_async(func, expected):
+    assert is_async_callable(func) is expected
+
+
+@pytest.mark.parametrize("model, factor", [
+    (async_double, 2),
+    (AsyncCallable(), 2),
+    (functools.partial(AsyncCallable(), factor=3), 3),
+    (AsyncCallable(5).method, 5),
+])
+def test_an_async_model_gives_each_caller_its_rows(make_processor, model, factor):
+    p = make_processor(model, max_batch_size=16)
+    p.pause()  # so that the requests share batches
+    futures = [p.enqueue_predict(np.full((2, 3), i, np.float64)) for i in range(20)]
+    p.resume()
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(timeout=HANG),
+                                      np.full((2, 3), i * factor, np.float64))
+    stats = p.get_stats()
+    assert stats["total_processed"] == 20 and stats["total_errors"] == 0
+
+
+def test_calls_run_on_one_loop_in_one_thread_the_processor_owns(make_processor):
+    seen = []
+
+    async def model(batch):
+        seen.append((threading.current_thread().name, asyncio.get_running_loop()))
+        return batch
+
+    before = loop_threads()
+    p = make_processor(max_workers=3)
+    assert loop_threads() == before  # no loop before start
+    p.start(model)
+    assert len(loop_threads()) == len(before) + 1
+    for i in range(5):
+        assert p.enqueue_predict([i]).result(timeout=HANG) == [i]
+    assert {name for name, _ in seen} == {LOOP_THREAD_NAME}
+    assert len({id(loop) for _, loop in seen}) == 1
+    p.stop()
+    assert loop_threads() == before  # stopped and joined by stop()
+    assert seen[0][1].is_closed()
+
+
+def test_a_sync_model_starts_no_loop(make_processor):
+    before = loop_threads()
+    p = make_processor(sync_double)
+    assert p.enqueue_predict(np.array([1])).result(timeout=HANG).tolist() == [2]
+    assert loop_threads() == before
+
+
+# ----------------------------------------------------------------- concurrency
+
+
+def test_workers_have_calls_in_flight_on_the_loop_at_once(make_processor):
+    """max_workers calls await at the same time: the third call arriving is what releases
+    all three, so a loop running one call at a time never finishes any of them."""
+    workers = 3
+    state = {"in_flight": 0, "most": 0, "release": None}
+
+    async def model(batch):
+        if state["release"] is None:
+            state["release"] = asyncio.Event()  # created on the processor's loop
+        state["in_flight"] += 1
+        state["most"] = max(state["most"], state["in_flight"])
+        if state["in_flight"] == workers:
+            state["release"].set()
+        await state["release"].wait()  # stands in for a request to a remote model
+        state["in_flight"] -= 1
+        return batch
+
+    p = make_processor(max_workers=workers, max_batch_size=1,
+                       processing_strategy=BatchProcessingStrategy.FIXED)
+    p.pause()
+    futures = [p.enqueue_predict([i]) for i in range(workers)]
+    p.start(model)
+    p.resume()
+    assert [f.result(timeout=HANG) for f in futures] == [[i] for i in range(workers)]
+    assert state["most"] == workers
+
+
+def test_an_async_model_also_serves_enqueue_predict_async(make_processor):
+    p = make_processor(async_double)
+
+    async def main():
+        results = await asyncio.gather(
+            *(p.enqueue_predict_async(np.array([[float(i)]])) for i in range(50)))
+        return [float(r[0, 0]) for r in results]
+
+    assert asyncio.run(main()) == [2.0 * i for i in range(50)]
+
+
+# ----------------------------------------------------------------- failures
+
+
+def test_a_failing_request_is_bisected_out_and_retried_as_for_a_sync_model(make_processor):
+    calls = []
+
+    async def model(batch):
+        calls.append(list(batch))
+        await asyncio.sleep(0)
+        if "poison" in batch:
+            raise ValueError("cannot process 'poison'")
+        return [text.upper() for text in batch]
+
+    p = make_processor(max_retries=2, retry_delay=0.0, max_workers=1, max_batch_size=8,
+                       processing_strategy=BatchProcessingStrategy.GREEDY)
+    p.pause()
+    futures = {t: p.enqueue_predict(t) for t in ["a", "b", "poison", "c"]}
+    p.start(model)
+    p.resume()
+    assert futures["a"].result(timeout=HANG) == "A"
+    assert futures["b"].result(timeout=HANG) == "B"
+    assert futures["c"].result(timeout=HANG) == "C"
+    error = futures["poison"].exception(timeout=HANG)
+    assert isinstance(error, ValueError) and "poison" in str(error)  # unwrapped
+    assert calls[0] == ["a", "b", "poison", "c"]
+    assert calls.count(["poison"]) == 1 + 2  # the first try alone, then max_retries
+    assert p.get_stats()["total_errors"] == 1
+
+
+def test_a_wrong_length_output_fails_the_batch_as_for_a_sync_model(make_processor):
+    async def model(batch):
+        return batch[:-1]
+
+    p = make_processor(model, max_retries=0)
+    error = p.enqueue_predict(np.ones((3, 2))).exception(timeout=HANG)
+    assert isinstance(error, BatchOutputError)
+
+
+def test_an_exception_raised_before_the_first_await_fails_only_its_batch(make_processor):
+    p = make_processor(functools.partial(AsyncCallable(), unexpected=1), max_retries=0)
+    assert isinstance(p.enqueue_predict([1]).exception(timeout=HANG), TypeError)
+
+
+class Interrupt(BaseException):
+    pass
+
+
+def test_a_base_exception_fails_its_batch_without_retry_and_the_loop_serves_on(
+        make_processor):
+    calls = []
+
+    async def model(batch):
+        calls.append(list(batch))
+        if "stop" in batch:
+            raise Interrupt()
+        return batch
+
+    p = make_processor(model, max_retries=3, retry_delay=0.0)
+    assert isinstance(p.enqueue_predict("stop").exception(timeout=HANG), Interrupt)
+    assert calls == [["stop"]]  # not retried, as for a sync model
+    assert p.enqueue_predict("next").result(timeout=HANG) == "next"
+
+
+# ----------------------------------------------------------------- time limits and stop
+
+
+def test_a_call_past_item_timeout_fails_and_its_coroutine_is_cancelled(make_processor):
+    cancelled = threading.Event()
+
+    async def model(batch):
+        if "hang" in batch:
+            try:
+                await asyncio.Event().wait()  # never set: a call that never returns
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return batch
+
+    p = make_processor(model, item_timeout=0.2, max_batch_size=1, max_workers=2)
+    stuck = p.enqueue_predict("hang")
+    assert isinstance(stuck.exception(timeout=HANG), BatchTimeoutError)
+    assert cancelled.wait(HANG)
+    assert p.enqueue_predict("next").result(timeout=HANG) == "next"  # still serving
+    # The cancelled call's worker is replaced, and it ends instead of running on.
+    deadline = time.monotonic() + HANG
+    while not (p.health()["checks"]["workers"]["status"] == "ok"
+               and p.health()["checks"]["stuck_batches"]["value"] == 0):
+        assert time.monotonic() < deadline, "the cancelled call never returned"
+        time.sleep(0.005)
+
+
+def test_stop_lets_calls_in_flight_finish_within_its_timeout(make_processor):
+    async def model(batch):
+        await asyncio.sleep(0)
+        return batch
+
+    p = make_processor(max_workers=2, max_batch_size=2)
+    p.pause()
+    futures = [p.enqueue_predict([i]) for i in range(10)]
+    p.start(model)
+    p.stop(timeout=HANG)  # resumes and drains
+    assert [f.result(timeout=0) for f in futures] == [[i] for i in range(10)]
+
+
+def test_stop_that_gives_up_fails_the_call_and_cancels_its_coroutine(make_processor):
+    entered = threading.Event()
+    cancelled = threading.Event()
+
+    async def model(batch):
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return batch
+
+    before = loop_threads()
+    p = make_processor(model)
+    future = p.enqueue_predict([1])
+    assert entered.wait(HANG)
+    started = time.monotonic()
+    p.stop(timeout=0.1)
+    assert time.monotonic() - started < 0.1 + 1.0  # the contract's bound, with a margin
+    assert isinstance(future.exception(timeout=0), ProcessorStoppedError)
+    assert cancelled.wait(HANG)
+    for thread in p._threads():
+        thread.join(HANG)
+    assert loop_threads() == before
+
+
+def test_stop_cancels_tasks_the_model_left_on_the_loop(make_processor):
+    cancelled = threading.Event()
+
+    async def background():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    tasks = []
+
+    async def model(batch):
+        tasks.append(asyncio.get_running_loop().create_task(background()))
+        return batch
+
+    p = make_processor(model)
+    assert p.enqueue_predict([1]).result(timeout=HANG) == [1]
+    p.stop(timeout=HANG)
+    assert cancelled.is_set()
+
+
+def test_requests_after_stop_are_refused_as_for_a_sync_model(make_processor):
+    p = make_processor(async_double)
+    p.stop()
+    with pytest.raises(ProcessorStoppedError):
+        p.enqueue_predict([1])

@@ -1,0 +1,155 @@
+"""A processor inherited by a forked child refuses requests at once, with an error that
+says why, instead of queueing them for workers that did not survive the fork. Each test
+forks a real child, which reports through a pipe and leaves with os._exit."""
+
+import asyncio
+import json
+import os
+import select
+import signal
+import time
+import traceback
+import warnings
+
+import pytest
+
+import batchproc.processor
+from batchproc import ProcessorForkedError, ProcessorStoppedError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+HANG = 20.0  # seconds: a guard against a hung child, never a speed assertion
+
+
+def in_child(body):
+    """Run ``body()`` in a forked child; return what it returned (JSON), or fail with
+    the child's traceback. A child that hangs is killed after HANG seconds."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that forking a process with threads may deadlock the child:
+        # what these tests check is that batchproc's part of it does not.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 0
+        try:
+            os.close(read_end)
+            try:
+                payload = {"ok": body()}
+            except BaseException:
+                payload = {"error": traceback.format_exc()}
+            os.write(write_end, json.dumps(payload).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + HANG
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([read_end], [], [], max(0.0, remaining))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"the forked child hung for {HANG} s")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    payload = json.loads(b"".join(chunks) or b"{}")
+    assert "error" not in payload, payload.get("error")
+    assert "ok" in payload, "the child reported nothing"
+    return payload["ok"]
+
+
+def refusal(call):
+    try:
+        call()
+    except ProcessorForkedError as exc:
+        return {"type": "ProcessorForkedError", "stopped": isinstance(exc, ProcessorStoppedError),
+                "message": str(exc)}
+    except BaseException as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return None
+
+
+def test_a_started_processor_refuses_in_a_forked_child(make_processor):
+    p = make_processor(lambda batch: batch, max_workers=2)
+    assert p.enqueue_predict(["warm"]).result(timeout=HANG) == ["warm"]
+    parent = os.getpid()
+
+    def child():
+        started = time.monotonic()
+        report = p.health()
+        out = {
+            "predict": refusal(lambda: p.enqueue_predict(["x"])),
+            "start": refusal(lambda: p.start(lambda batch: batch)),
+            "stats": refusal(p.get_stats),
+            "async": refusal(lambda: asyncio.run(_submit_async(p))),
+            "health": [report["state"], report["ready"], report["live"], report["status"]],
+            "running": p.running,
+        }
+        p.enqueue(["fire and forget"])  # refused, logged, never raised
+        p.pause()
+        p.resume()
+        p.stop(timeout=HANG)  # the parent's queue and threads: not touched, no wait
+        out["seconds"] = time.monotonic() - started
+        return out
+
+    out = in_child(child)
+    predict = out["predict"]
+    assert predict["type"] == "ProcessorForkedError" and predict["stopped"]
+    assert "fork" in predict["message"] and str(parent) in predict["message"]
+    assert out["start"]["type"] == "ProcessorForkedError"
+    assert out["stats"]["type"] == "ProcessorForkedError"
+    assert out["async"]["type"] == "ProcessorForkedError"
+    assert out["health"] == ["forked", False, False, "unhealthy"]
+    assert out["running"] is False
+    assert out["seconds"] < HANG / 2  # nothing waited for a thread of the parent
+    # The parent's processor is untouched by its child's fork.
+    assert p.running and p.health()["state"] == "running"
+    assert p.enqueue_predict(["after"]).result(timeout=HANG) == ["after"]
+
+
+async def _submit_async(p):
+    return await p.enqueue_predict_async(["x"])
+
+
+def test_an_async_model_processor_refuses_in_a_forked_child(make_processor):
+    async def model(batch):
+        return batch
+
+    p = make_processor(model)
+    assert p.enqueue_predict(["warm"]).result(timeout=HANG) == ["warm"]
+    out = in_child(lambda: refusal(lambda: p.enqueue_predict(["x"])))
+    assert out["type"] == "ProcessorForkedError"
+    assert p.enqueue_predict(["after"]).result(timeout=HANG) == ["after"]
+
+
+def test_a_processor_never_started_before_the_fork_serves_in_the_child(make_processor):
+    # gunicorn --preload: built at import in the parent, started in each worker.
+    p = make_processor(max_workers=2)
+
+    def child():
+        p.start(lambda batch: [x * 2 for x in batch])
+        try:
+            return p.enqueue_predict(21).result(timeout=HANG)
+        finally:
+            p.stop(timeout=HANG)
+
+    assert in_child(child) == 42
+    assert p.health()["state"] == "new"  # the parent's copy was never started
+
+
+def test_intake_makes_no_system_call_to_notice_a_fork(make_processor, monkeypatch):
+    p = make_processor(lambda batch: batch)
+
+    def no_getpid():
+        raise AssertionError("os.getpid() on the request path")
+
+    monkeypatch.setattr(batchproc.processor.os, "getpid", no_getpid)
+    assert p.enqueue_predict(["x"]).result(timeout=HANG) == ["x"]

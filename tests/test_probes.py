@@ -1,0 +1,221 @@
+"""health() for probes: readiness and liveness through the processor's life, and memory
+graded against the container's limit (fake cgroup directories)."""
+
+import threading
+import time
+
+import pytest
+
+from batchproc import BatchProcessorConfig
+from batchproc.controller import MEMORY_CRITICAL, Controller
+from batchproc.health import CgroupMemory, HealthMonitor, MemoryProbe
+from batchproc.metrics import MetricsSink
+
+HANG = 10.0
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class FakeProbe:
+    def __init__(self, percent=10.0):
+        self.percent = percent
+
+    def read(self):
+        return {"rss_bytes": 1.0, "percent": self.percent, "system_percent": self.percent}
+
+
+def wait_for(predicate, what):
+    """Poll a state the test is waiting for, bounded by HANG."""
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def probe_view(report):
+    return report["state"], report["ready"], report["live"], report["status"]
+
+
+# ----------------------------------------------------------------- readiness and liveness
+
+
+def test_ready_only_while_running_and_not_paused(make_processor):
+    p = make_processor(max_workers=2)
+    p._health.memory_probe = FakeProbe(10.0)
+    assert probe_view(p.health()) == ("new", False, True, "unhealthy")
+    p.start(lambda batch: batch)
+    assert probe_view(p.health()) == ("running", True, True, "healthy")
+    p.pause()
+    assert probe_view(p.health()) == ("paused", False, True, "degraded")
+    p.resume()
+    assert probe_view(p.health()) == ("running", True, True, "healthy")
+    p.stop()
+    assert probe_view(p.health()) == ("stopped", False, True, "unhealthy")
+
+
+def test_existing_report_keys_stay(make_processor):
+    report = make_processor(lambda batch: batch).health()
+    assert {"status", "timestamp", "checks"} <= set(report)
+    assert set(report["checks"]) == {"memory", "queue", "stuck_batches", "workers"}
+
+
+def monitor(state="running", percent=10.0, workers=(2, 2), stuck=0, queue=0, **config):
+    cfg = BatchProcessorConfig(max_workers=2, **config)
+    return HealthMonitor(
+        cfg, Controller(cfg), MetricsSink(None),
+        queue_size=lambda: queue,
+        stuck_batches=lambda: [{"worker": f"w{i}", "requests": 1, "running_for": 99.0,
+                                "abandoned": True} for i in range(stuck)],
+        workers=lambda: workers, memory_probe=FakeProbe(percent), state=lambda: state)
+
+
+@pytest.mark.parametrize("kwargs, ready, live, status", [
+    ({}, True, True, "healthy"),
+    ({"percent": 85.0}, True, True, "degraded"),          # memory warning: still ready
+    ({"percent": 95.0}, False, True, "unhealthy"),        # memory critical: shed load
+    ({"queue": 900}, False, True, "unhealthy"),           # queue past critical
+    ({"stuck": 1}, False, True, "unhealthy"),             # one of two workers stuck
+    ({"stuck": 2}, False, False, "unhealthy"),            # every worker stuck
+    ({"workers": (1, 2)}, False, False, "unhealthy"),     # a worker missing
+    ({"state": "paused", "stuck": 2}, False, False, "unhealthy"),
+    ({"state": "stopping"}, False, True, "unhealthy"),
+    ({"state": "forked"}, False, False, "unhealthy"),
+])
+def test_readiness_and_liveness_rules(kwargs, ready, live, status):
+    report = monitor(**kwargs).check()
+    assert (report["ready"], report["live"], report["status"]) == (ready, live, status)
+
+
+def test_a_forked_report_reads_nothing_of_the_parents(make_processor):
+    def untouchable():
+        raise AssertionError("read in a forked child")
+
+    cfg = BatchProcessorConfig()
+    health = HealthMonitor(cfg, Controller(cfg), MetricsSink(None),
+                           queue_size=untouchable, stuck_batches=untouchable,
+                           workers=untouchable, memory_probe=FakeProbe(),
+                           state=lambda: "forked")
+    report = health.check()
+    assert report["checks"]["workers"]["status"] == "critical"
+    assert report["checks"]["queue"]["status"] == "unknown"
+
+
+def test_every_worker_stuck_past_item_timeout_is_not_live(make_processor):
+    release = threading.Event()
+
+    def model(batch):
+        release.wait(HANG)
+        return batch
+
+    p = make_processor(model, max_workers=1, item_timeout=0.05, max_batch_size=1)
+    p._health.memory_probe = FakeProbe()
+    stuck = p.enqueue_predict([1])
+    stuck.exception(timeout=HANG)  # abandoned: its thread is still inside the model
+    report = p.health()
+    assert report["checks"]["stuck_batches"]["value"] == 1
+    assert (report["ready"], report["live"]) == (False, False)
+    release.set()
+    wait_for(lambda: p.health()["live"], "the stuck call to return")
+    assert p.health()["ready"]
+
+
+# ----------------------------------------------------------------- cgroup memory
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def v2_cgroup(root, path, max_, current, inactive=0):
+    d = root / path.strip("/") if path.strip("/") else root
+    write(d / "memory.max", f"{max_}\n")
+    write(d / "memory.current", f"{current}\n")
+    write(d / "memory.stat", f"anon {current}\nfile 0\ninactive_file {inactive}\n"
+                             "active_file 0\n")
+
+
+def test_cgroup_v2_limit_and_working_set(tmp_path):
+    write(tmp_path / "cgroup.controllers", "cpu memory pids\n")
+    write(tmp_path / "self_cgroup", "0::/\n")
+    v2_cgroup(tmp_path, "/", GiB, 768 * MiB, inactive=256 * MiB)
+    reading = CgroupMemory(tmp_path, tmp_path / "self_cgroup").read()
+    # The page cache the kernel would reclaim first does not count (the kubelet's rule).
+    assert reading == {"usage_bytes": 512 * MiB, "limit_bytes": GiB, "percent": 50.0,
+                       "source": "cgroup v2"}
+
+
+def test_cgroup_v2_the_limit_nearest_to_being_reached_counts(tmp_path):
+    write(tmp_path / "cgroup.controllers", "memory\n")
+    write(tmp_path / "self_cgroup", "0::/kubepods/pod1/ctr\n")
+    v2_cgroup(tmp_path, "/kubepods/pod1/ctr", 2 * GiB, GiB)             # 50%
+    v2_cgroup(tmp_path, "/kubepods/pod1", "max", GiB)                   # no limit
+    v2_cgroup(tmp_path, "/kubepods", 4 * GiB, 3 * GiB + 614 * MiB)      # ~90%
+    reading = CgroupMemory(tmp_path, tmp_path / "self_cgroup").read()
+    assert reading["limit_bytes"] == 4 * GiB
+    assert reading["percent"] == pytest.approx(100.0 * (3 * GiB + 614 * MiB) / (4 * GiB))
+
+
+def test_cgroup_v2_without_a_limit_reads_as_none(tmp_path):
+    write(tmp_path / "cgroup.controllers", "memory\n")
+    write(tmp_path / "self_cgroup", "0::/\n")
+    v2_cgroup(tmp_path, "/", "max", GiB)
+    assert CgroupMemory(tmp_path, tmp_path / "self_cgroup").read() is None
+
+
+def test_cgroup_v1_in_a_container_reads_the_mount_root(tmp_path):
+    # Without a cgroup namespace /proc/self/cgroup names the host's path, which does not
+    # exist inside the container's mount: the mount's root is the container's cgroup.
+    write(tmp_path / "self_cgroup", "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    base = tmp_path / "memory"
+    write(base / "memory.limit_in_bytes", f"{GiB}\n")
+    write(base / "memory.usage_in_bytes", f"{900 * MiB}\n")
+    write(base / "memory.stat", f"inactive_file 1\ntotal_inactive_file {100 * MiB}\n")
+    reading = CgroupMemory(tmp_path, tmp_path / "self_cgroup").read()
+    assert reading == {"usage_bytes": 800 * MiB, "limit_bytes": GiB,
+                       "percent": 100.0 * 800 / 1024, "source": "cgroup v1"}
+
+
+def test_cgroup_v1_unlimited_reads_as_none(tmp_path):
+    write(tmp_path / "self_cgroup", "4:memory:/\n")
+    write(tmp_path / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    write(tmp_path / "memory" / "memory.usage_in_bytes", f"{GiB}\n")
+    assert CgroupMemory(tmp_path, tmp_path / "self_cgroup").read() is None
+
+
+def test_no_cgroup_filesystem_reads_as_none(tmp_path):
+    assert CgroupMemory(tmp_path / "absent", tmp_path / "absent_too").read() is None
+
+
+def test_unreadable_cgroup_files_read_as_none(tmp_path):
+    write(tmp_path / "cgroup.controllers", "memory\n")
+    write(tmp_path / "self_cgroup", "0::/\n")
+    v2_cgroup(tmp_path, "/", GiB, "not a number")
+    assert CgroupMemory(tmp_path, tmp_path / "self_cgroup").read() is None
+
+
+def test_memory_is_graded_against_the_container_limit(make_processor, tmp_path):
+    write(tmp_path / "cgroup.controllers", "memory\n")
+    write(tmp_path / "self_cgroup", "0::/\n")
+    v2_cgroup(tmp_path, "/", GiB, 800 * MiB)  # 78%: past warning (50), short of critical
+    p = make_processor(lambda batch: batch, memory_warning_threshold=50.0,
+                       memory_critical_threshold=90.0, initial_batch_size=64)
+    p._health.memory_probe = MemoryProbe(tmp_path, tmp_path / "self_cgroup")
+    memory = p.health()["checks"]["memory"]
+    assert memory["status"] == "warning" and memory["source"] == "cgroup v2"
+    assert memory["value"] == pytest.approx(100.0 * 800 / 1024, abs=1e-3)
+    assert (memory["usage_bytes"], memory["limit_bytes"]) == (800 * MiB, GiB)
+    assert memory["rss_bytes"] > 0  # the process's own memory, from psutil, still there
+    v2_cgroup(tmp_path, "/", GiB, 1000 * MiB)
+    report = p._health.check_and_act()
+    assert report["checks"]["memory"]["status"] == "critical"
+    assert not report["ready"]
+    assert p._controller.memory_level == MEMORY_CRITICAL
+
+
+def test_without_a_cgroup_limit_memory_is_a_share_of_the_machine(make_processor, tmp_path):
+    p = make_processor(lambda batch: batch)
+    p._health.memory_probe = MemoryProbe(tmp_path, tmp_path / "self_cgroup")
+    memory = p.health()["checks"]["memory"]
+    assert memory["source"] == "system" and "limit_bytes" not in memory
+    assert 0 < memory["value"] < 100

@@ -375,3 +375,59 @@ def test_a_masked_array_cannot_be_padded(make_processor):
     p = make_processor(lambda b: b, pad_value=0)
     with pytest.raises(ValueError, match="MaskedArray items cannot be padded"):
         p.enqueue_predict(np.ma.array([[1.0, 2.0]]))
+
+
+# ------------------------------------------------------------------ torch being imported
+
+
+def _torch_being_imported():
+    """What sys.modules holds while another thread runs ``import torch``: a module whose
+    spec says it is initialising, without ``Tensor`` yet."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("torch")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    module.__spec__._initializing = True
+    return module
+
+
+def test_items_are_described_while_another_thread_is_importing_torch(make_processor,
+                                                                     monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", _torch_being_imported())
+
+    def model(batch):
+        if isinstance(batch, list):
+            return [s.upper() for s in batch]
+        return {"y": batch["x"] * 2} if isinstance(batch, dict) else (batch[0] + batch[1],)
+
+    p = make_processor(model, max_batch_size=4)
+    x = np.arange(6.0).reshape(3, 2)
+    items = ["text", {"x": x}, (x, x), {"x": np.ones((9, 2))}]  # the last is chunked
+    got = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert got[0] == "TEXT"
+    np.testing.assert_array_equal(got[1]["y"], x * 2)
+    np.testing.assert_array_equal(got[2][0], x * 2)
+    np.testing.assert_array_equal(got[3]["y"], np.full((9, 2), 2.0))
+
+
+def test_torch_counts_as_present_once_its_import_has_finished(monkeypatch):
+    import sys
+
+    from batchproc.formats.outputs import is_tensor, tensor_type
+
+    module = _torch_being_imported()
+    monkeypatch.setitem(sys.modules, "torch", module)
+    assert tensor_type() is None and not is_tensor("text")
+
+    class Tensor:
+        pass
+
+    module.Tensor = Tensor
+    assert tensor_type() is None  # still initialising: not trusted yet
+    module.__spec__._initializing = False
+    assert tensor_type() is Tensor and is_tensor(Tensor())
+    monkeypatch.delitem(sys.modules, "torch")
+    assert tensor_type() is None

@@ -47,9 +47,28 @@ NO_TRIM: frozenset[str | int] = frozenset()
 _ndarray = np.ndarray
 
 
+_torch: tuple[Any, type | None] = (None, None)  # (the torch module seen, its Tensor)
+
+
 def tensor_type() -> type | None:
+    """``torch.Tensor`` once torch is fully imported, else None (never imports it).
+
+    An item can only be a tensor once some thread's ``import torch`` has finished; while
+    another thread is still running it, ``sys.modules`` already holds the partly
+    initialised module, which may not have ``Tensor`` yet, and nothing can be a tensor.
+    """
+    global _torch
     torch = sys.modules.get("torch")
-    return None if torch is None else torch.Tensor
+    seen, tensor = _torch
+    if torch is seen:
+        return tensor
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None  # not imported, or still importing (what the import machinery sets)
+    tensor = getattr(torch, "Tensor", None)
+    if not isinstance(tensor, type):
+        return None
+    _torch = (torch, tensor)  # one tuple: other threads see both or neither
+    return tensor
 
 
 def is_tensor(obj: object) -> bool:

@@ -1,7 +1,8 @@
 """torch tensors: the same row semantics as arrays, built with torch's own operations.
 
-torch is optional: this family recognises a tensor only if torch has been imported (an
-item cannot be a tensor otherwise), so batchproc never imports it itself. A batch is
+torch is optional: this family recognises a tensor only once torch has been imported (an
+item cannot be a tensor otherwise), so batchproc never imports it itself; while another
+thread is still importing it, items are described as if it were absent. A batch is
 built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (samples, with
 ``stack_items``); padded batches are filled on that device. Tensors share a batch when
 their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
@@ -13,10 +14,10 @@ without autograd, so no graph links one caller's tensors to another's (use
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
+from .outputs import tensor_type
 from .padding import Padding
 
 
@@ -108,8 +109,8 @@ class TensorFamily(Family):
         self._padding = padding
 
     def describe(self, item: Any) -> Description | None:
-        torch = sys.modules.get("torch")
-        if torch is None or not isinstance(item, torch.Tensor):
+        tensor = tensor_type()
+        if tensor is None or not isinstance(item, tensor):
             return None
         return describe_tensor(item, self._stacked, self._padding, None)
 

@@ -223,13 +223,33 @@ def test_a_per_token_output_without_the_padded_axis_fails_the_batch(make_process
         p.enqueue_predict(np.ones((1, 4))).result(timeout=10)
 
 
-@pytest.mark.parametrize("pad, dtype", [(-1, np.uint8), (0.5, np.int64), (1e9, np.float16),
-                                        (300, np.int8)])
-def test_a_pad_value_the_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad, dtype):
+@pytest.mark.parametrize("pad, dtype, match", [
+    (-1, np.uint8, "pad_value -1 cannot be stored exactly as uint8"),
+    (0.5, np.int64, "pad_value 0.5 cannot be stored exactly as int64"),
+    (1e9, np.float16, "pad_value 1000000000.0 cannot be stored exactly as float16"),
+    (300, np.int8, "pad_value 300 cannot be stored"),
+    (1 + 2j, np.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as float32"),
+    (0, [("a", "i4")], r"pad_value 0 cannot pad arrays of dtype \[\('a', '<i4'\)\]: padding "
+                       "needs a bool, int, float or complex dtype"),
+    (0, "U3", "pad_value 0 cannot pad arrays of dtype <U3"),
+    (0, "datetime64[s]", r"pad_value 0 cannot pad arrays of dtype datetime64\[s\]"),
+])
+def test_a_pad_value_the_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad, dtype,
+                                                                 match):
     p = make_processor(lambda b: b, pad_value=pad)
-    with pytest.raises(ValueError, match="cannot be stored"):
-        p.enqueue_predict(np.ones((1, 3), dtype=dtype))
-    p.enqueue_predict(np.ones(3, dtype=dtype)).result(timeout=10)  # 1-D: nothing to pad
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(np.zeros((1, 3), dtype=dtype))
+    p.enqueue_predict(np.zeros(3, dtype=dtype)).result(timeout=10)  # 1-D: nothing to pad
+
+
+@pytest.mark.parametrize("pad, dtype", [(2**64 - 1, np.uint64), (-(2**63), np.int64),
+                                        (1 + 2j, np.complex64), (True, np.bool_),
+                                        (np.float16(0.5), np.float32)])
+def test_a_pad_value_at_the_dtype_s_limits_pads_with_that_value(make_processor, pad, dtype):
+    p = make_processor(lambda b: b, pad_value=pad)
+    short, long_ = np.zeros((1, 1), dtype), np.zeros((1, 3), dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].tolist() == [[0, pad, pad]] and got[1].tolist() == long_.tolist()
 
 
 def test_ragged_object_array_with_pad_value_is_refused_with_advice(make_processor):
@@ -258,12 +278,23 @@ def test_item_size_counts_samples_toward_max_batch_size(make_processor, recorder
     (lambda x: -3, ValueError, "got -3"),
     (lambda x: 2.5, TypeError, "must return an int"),
     (lambda x: True, TypeError, "must return an int"),
+    # The queue counts at most 2**39 - 1 rows per request: said in item_size's terms.
+    (lambda x: 2**39, ValueError, "item_size returned 549755813888 samples for a str item; "
+                                  "one request counts for at most 549755813887"),
+    (lambda x: 2**100, ValueError, "item_size returned 1267650600228229401496703205376 "),
 ])
 def test_a_bad_item_size_is_an_error_at_enqueue(make_processor, size, error, match):
     p = make_processor(lambda batch: batch, item_size=size)
     with pytest.raises(error, match=match):
         p.enqueue_predict("text")
     assert p.get_stats()["total_accepted"] == 0
+
+
+def test_the_largest_item_size_is_accepted_and_runs_alone(make_processor, recorder):
+    model = recorder(lambda batch: batch)
+    p = make_processor(model, max_batch_size=8, item_size=lambda x: 2**39 - 1 if x else 1)
+    assert [f.result(timeout=10) for f in one_batch(p, ["big", ""])] == ["big", ""]
+    assert sorted(model.sizes) == [1, 1]
 
 
 def test_many_threads_with_mixed_formats_each_get_their_own_result(make_processor):

@@ -118,10 +118,38 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
     assert seen[0].shape == (3, 8) and seen[0][2].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
 
 
-def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused(make_processor):
-    p = make_processor(lambda b: b, pad_value=-1)
-    with pytest.raises(ValueError, match="cannot be stored"):
-        p.enqueue_predict(torch.ones(1, 3, dtype=torch.uint8))
+@pytest.mark.parametrize("pad, dtype, match", [
+    (-1, torch.uint8, r"pad_value -1 cannot be stored exactly as torch.uint8"),
+    (0.5, torch.int64, r"pad_value 0.5 cannot be stored exactly as torch.int64"),
+    (1e9, torch.float16, r"pad_value 1000000000.0 cannot be stored exactly as torch.float16"),
+    (2**64 - 1, torch.int64, r"pad_value 18446744073709551615 cannot be stored as torch.int64"),
+    (2, torch.bool, r"pad_value 2 cannot be stored exactly as torch.bool"),
+    (1 + 2j, torch.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as "
+                            r"torch.float32"),
+    (1 + 0j, torch.int64, r"pad_value \(1\+0j\) is complex; it cannot be stored as torch.int64"),
+])
+def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad,
+                                                                        dtype, match):
+    # As for arrays: refused at enqueue, never accepted and then failing every batch.
+    p = make_processor(lambda b: b, pad_value=pad)
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(torch.ones(1, 3, dtype=dtype))
+    assert p.get_stats()["total_accepted"] == 0
+
+
+@pytest.mark.parametrize("pad, dtype", [
+    (2**64 - 1, torch.uint64), (-(2**63), torch.int64), (1 + 2j, torch.complex64),
+    (0.1, torch.float32), (True, torch.bool), (float("inf"), torch.float32),
+    (np.float32(0.5), torch.float64),
+])
+def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor, pad, dtype):
+    seen = []
+    p = make_processor(lambda b: seen.append(b.clone()) or b, pad_value=pad, max_batch_size=8)
+    short, long_ = torch.zeros(1, 1, dtype=dtype), torch.zeros(1, 3, dtype=dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].shape == (1, 3)  # no per_token_outputs: the padded row comes back
+    want = torch.full((), pad, dtype=dtype)
+    assert seen[0][0, 1:].tolist() == [want.item()] * 2
 
 
 def test_multi_output_tensors_are_split_per_caller(make_processor):

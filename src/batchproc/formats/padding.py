@@ -68,6 +68,9 @@ def pad_bytes(value: Any, dtype: np.dtype[Any]) -> bytes:
     """
     if dtype.hasobject:
         raise ValueError("object arrays cannot be padded; pad_value needs a numeric dtype")
+    if dtype.kind not in "biufc":
+        raise ValueError(f"pad_value {value!r} cannot pad arrays of dtype {dtype}: padding "
+                         "needs a bool, int, float or complex dtype")
     if np.iscomplexobj(value) and dtype.kind != "c":
         raise ValueError(f"pad_value {value!r} is complex; it cannot be stored as {dtype}")
     try:

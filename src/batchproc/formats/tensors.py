@@ -14,6 +14,8 @@ without autograd, so no graph links one caller's tensors to another's (use
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
@@ -59,12 +61,15 @@ def _check_pad(value: Any, dtype: Any) -> Any:
     a pad silently changed by the cast would corrupt every padded position)."""
     import torch
 
+    if (not dtype.is_complex and isinstance(value, numbers.Complex)
+            and not isinstance(value, numbers.Real)):
+        raise ValueError(f"pad_value {value!r} is complex; it cannot be stored as {dtype}")
     try:
-        held = torch.tensor(value).to(dtype)
+        held = torch.full((), value, dtype=dtype)  # what the padded batch is filled with
     except (RuntimeError, TypeError, OverflowError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
     if dtype.is_floating_point or dtype.is_complex:
-        ok = bool(torch.isfinite(held)) == bool(torch.isfinite(torch.tensor(value)))
+        ok = bool(torch.isfinite(held)) == math.isfinite(abs(value))  # no overflow
     else:
         ok = held.item() == value
     if not ok:

@@ -7,6 +7,7 @@ BATCHPROC_REQUIRE_TORCH=1 (CI sets it) makes its absence a failure.
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +151,29 @@ def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor,
     assert got[0].shape == (1, 3)  # no per_token_outputs: the padded row comes back
     want = torch.full((), pad, dtype=dtype)
     assert seen[0][0, 1:].tolist() == [want.item()] * 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.ones(10, 3).to_sparse(), "layout torch.sparse_coo"),
+    (lambda: torch.ones(2, 2).to_sparse_csr(), "layout torch.sparse_csr"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
+     "nested tensors"),
+], ids=["COO", "CSR", "nested"])
+@pytest.mark.parametrize("config", [{}, {"max_batch_size": 4}, {"pad_value": 0},
+                                    {"stack_items": True}],
+                         ids=["plain", "chunked", "padded", "stacked"])
+def test_tensors_torch_cannot_batch_are_refused_at_enqueue(make_processor, make, match,
+                                                            config):
+    p = make_processor(lambda b: b, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "sparse CSR support is in beta"
+        item = make()
+    match = f"tensors with {match} cannot be batched" if "layout" in match else match
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)
+    with pytest.raises(ValueError, match=r"item\['x'\]: " + match):
+        p.enqueue_predict({"x": item})
+    assert p.get_stats()["total_accepted"] == 0
 
 
 def test_multi_output_tensors_are_split_per_caller(make_processor):

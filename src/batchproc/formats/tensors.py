@@ -80,7 +80,21 @@ def _check_pad(value: Any, dtype: Any) -> Any:
 
 def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: object,
                     ) -> tuple[tuple[Any, ...], Any, int, int, int]:
-    """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``)."""
+    """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``).
+    ``ValueError`` for a tensor that torch cannot cut by rows, join or pad (nested,
+    sparse and other non-strided layouts), or a 0-d one that needs a sample axis."""
+    import torch  # imported already: the item is a tensor
+
+    if item.is_nested:
+        raise ValueError(
+            "nested tensors cannot be batched: send each sequence as a tensor of its own"
+            + ("" if padding is not None else
+               " and set pad_value to batch sequences of different lengths together"))
+    layout = item.layout
+    if layout is not torch.strided:
+        raise ValueError(
+            f"tensors with layout {layout} cannot be batched (only dense, strided tensors "
+            "are): send x.to_dense()")
     shape = tuple(item.shape)
     if stacked:
         rows, trailing = 1, shape

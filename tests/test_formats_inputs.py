@@ -8,6 +8,8 @@ import pytest
 
 from batchproc import BatchOutputError
 
+STRING_DTYPE = getattr(np.dtypes, "StringDType", lambda: None)()  # numpy >= 2
+
 
 def one_batch(p, items, **kwargs):
     p.pause()
@@ -352,8 +354,11 @@ def test_a_described_array_shape_is_described_the_same_the_second_time(config):
 
     arrays = [np.ones((2, 3), np.float32), np.ones((2, 3), ">f4"), np.ones((1, 5), np.int64),
               np.ones((2, 3), np.float32)[:, ::2], np.ones(4, np.uint8)]
-    if "pad_value" not in config:  # object arrays cannot be padded
+    if "pad_value" not in config:  # object, string and structured arrays cannot be padded
         arrays.append(np.array([[1, "a"]], dtype=object))
+        arrays.append(np.zeros((2, 1), [("a", "i4"), ("b", "O")]))
+        if STRING_DTYPE is not None:
+            arrays.append(np.array([["ab"], ["c"]], dtype=STRING_DTYPE))
     memoised = make_describer(BatchProcessorConfig(**config)).describe
     for x in arrays + arrays:
         got = memoised(x, None, 0.0)
@@ -462,3 +467,68 @@ def test_torch_counts_as_present_once_its_import_has_finished(monkeypatch):
     assert tensor_type() is Tensor and is_tensor(Tensor())
     monkeypatch.delitem(sys.modules, "torch")
     assert tensor_type() is None
+
+
+# ------------------------------------------------------------------ object and string arrays
+
+
+def _python_calls(func, *args):
+    """How many Python functions (generator steps included) ``func(*args)`` runs."""
+    import sys
+
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        func(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [
+    object,
+    pytest.param(STRING_DTYPE, marks=pytest.mark.skipif(STRING_DTYPE is None,
+                                                        reason="numpy < 2")),
+    [("a", "i4"), ("b", "O")],
+], ids=["object", "StringDType", "structured with objects"])
+def test_describing_a_large_object_or_string_array_runs_no_python_per_element(dtype):
+    from batchproc import BatchProcessorConfig
+    from batchproc.formats import make_describer
+
+    def calls(item):  # a fresh describer: the family's whole path each time
+        return _python_calls(make_describer(BatchProcessorConfig()).describe, item, None, 0.0)
+
+    small = np.zeros((10, 1), dtype) if isinstance(dtype, list) else np.array(
+        [[f"s{i}"] for i in range(10)], dtype=dtype)
+    assert calls(small) == calls(np.resize(small, (100_000, 1)))
+
+
+@pytest.mark.parametrize("where", [0, 500, 999], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("sequence", [[1, 2], np.ones(2)], ids=["list", "array"])
+def test_an_object_array_with_a_sequence_anywhere_is_refused(make_processor, where, sequence):
+    p = make_processor(lambda b: b)
+    x = np.empty((100, 10), dtype=object)
+    x[:] = "text"
+    x.flat[where] = sequence
+    with pytest.raises(ValueError, match="ragged rows"):
+        p.enqueue_predict(x)
+    with pytest.raises(ValueError, match=r"item\['x'\]: an object array of sequences"):
+        p.enqueue_predict({"x": x[:, ::-1]})  # non-contiguous too
+    x.flat[where] = (1, 2)  # a tuple is one value, as are str and None
+    x.flat[0] = None
+    np.testing.assert_array_equal(p.enqueue_predict(x).result(timeout=10), x)
+
+
+@pytest.mark.skipif(STRING_DTYPE is None, reason="numpy < 2")
+def test_string_dtype_arrays_are_batched_by_rows(make_processor, recorder):
+    model = recorder(np.strings.upper)
+    p = make_processor(model, max_batch_size=8)
+    items = [np.array([["ab"], ["c"]], dtype=STRING_DTYPE), np.array([["de"]], STRING_DTYPE)]
+    got = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert [g.tolist() for g in got] == [[["AB"], ["C"]], [["DE"]]]
+    assert model.sizes == [3]

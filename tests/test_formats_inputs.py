@@ -1,6 +1,8 @@
 """Input formats (docs/formats.md): named and tuple inputs, ragged sequences with padding,
 generic items with item_size, and bad input refused at enqueue at no cost to others."""
 
+import collections
+import collections.abc
 import threading
 
 import numpy as np
@@ -73,6 +75,42 @@ def test_stacked_named_inputs(make_processor):
     items = [{"x": np.full(3, float(i)), "y": np.asarray(float(i))} for i in range(3)]
     for i, future in enumerate(one_batch(p, items)):
         assert future.result(timeout=10) == 4.0 * i
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda x: (x, collections.UserDict(x=x * 10)),
+    lambda x: {"enc": collections.UserDict(ids=x), "dec": (x * 10,)},
+    lambda x: collections.UserDict(enc=collections.UserDict(ids=x)),
+], ids=["in a tuple", "in a dict", "in itself"])
+def test_a_mapping_class_is_batched_like_a_dict_at_any_depth(make_processor, wrap):
+    seen = []
+
+    def model(batch):
+        seen.append(batch)
+        return batch
+
+    p = make_processor(model, max_batch_size=64)
+    items = [wrap(np.full((1 + i, 2), float(i))) for i in range(3)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert _as_dicts(got) == _as_dicts(item) and _no_mapping_class(got)
+    assert len(seen) == 1 and _no_mapping_class(seen[0])
+
+
+def _as_dicts(tree):
+    if isinstance(tree, collections.abc.Mapping):
+        return {k: _as_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map(_as_dicts, tree))
+    return tree.tolist()
+
+
+def _no_mapping_class(tree):
+    if isinstance(tree, collections.abc.Mapping):
+        return type(tree) is dict and all(map(_no_mapping_class, tree.values()))
+    if isinstance(tree, (tuple, list)):
+        return all(map(_no_mapping_class, tree))
+    return True
 
 
 def test_mappings_and_tuples_without_arrays_are_generic_items(make_processor, recorder):

@@ -77,6 +77,26 @@ def is_tensor(obj: object) -> bool:
     return tensor is not None and isinstance(obj, tensor)
 
 
+def flatten(tree: Any) -> tuple[Any, list[Any], list[Any], Any]:
+    """``(tree, paths, leaves, spec)``: ``tree`` flattened by optree (``None`` is no
+    leaf), with every mapping optree does not know (a ``UserDict``, a model-output class)
+    made a ``dict`` first, at any depth: optree walks only the containers it knows and
+    would keep such a mapping whole, as a leaf. A tree holding none is flattened once."""
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
+    for leaf in leaves:
+        if type(leaf) is not _ndarray and isinstance(leaf, Mapping):
+            tree = _plain(tree)
+            paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
+            break
+    return tree, paths, leaves, spec
+
+
+def _plain(tree: Any) -> Any:
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=False)
+    return spec.unflatten([_plain(dict(leaf)) if isinstance(leaf, Mapping) else leaf
+                           for leaf in leaves])
+
+
 def _is_leaf(obj: object) -> bool:
     """An array-like leaf: an ndarray, a tensor, or another object with a length that is
     not one of the rule's containers nor text."""
@@ -262,10 +282,7 @@ def _cut_tokens(leaf: Any, requests: list[Request], one_sample: bool) -> list[An
 
 def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
                 one_sample: bool, per_token: PerToken) -> list[Any]:
-    if isinstance(out, Mapping) and optree.tree_structure(
-            out, none_is_leaf=False).is_leaf():  # type: ignore[arg-type]
-        out = dict(out)  # a Mapping optree does not know (a model-output class): a dict
-    paths, leaves, spec = optree.tree_flatten_with_path(out, none_is_leaf=False)
+    out, paths, leaves, spec = flatten(out)
     if per_token is not True and per_token:
         _check_names(out, per_token)
     tokens = []

@@ -159,6 +159,88 @@ def test_sequences_of_different_lengths_share_a_padded_batch(make_processor):
     assert seen[0].shape == (3, 7)
 
 
+_IDS = np.ones((1, 3), np.int64)
+
+
+@pytest.mark.parametrize("config, item, match", [
+    ({"pad_value": {"input_ids": 0}}, {"ids": _IDS},
+     r"^pad_value names 'input_ids', which this item does not have \(its inputs are 'ids'\): "
+     "pad_value names the item's top-level keys$"),
+    ({"pad_value": {"input_ids": 0, "attention_mask": 0}}, {"input_ids": _IDS, "mask": _IDS},
+     r"pad_value names 'attention_mask', which .* \(its inputs are 'input_ids', 'mask'\)"),
+    ({"pad_value": {"input_ids": 0}}, {"encoder": {"input_ids": _IDS}},
+     r"pad_value names 'input_ids', .* \(its inputs are 'encoder'\)"),
+    ({"pad_value": {"input_ids": 0}}, (_IDS, _IDS),
+     r"^pad_value names inputs \('input_ids'\), but a tuple item has no input names: give "
+     "pad_value as one number to pad every input, or send a mapping of input names to "
+     "arrays or tensors$"),
+    ({"pad_value": {"input_ids": 0}}, _IDS,
+     r"pad_value names inputs \('input_ids'\), but an array or tensor item has no input "
+     "names"),
+    ({"pad_value": {"input_ids": 0}}, {"input_ids": np.ones(3)},
+     r"^item\['input_ids'\]: pad_value names 'input_ids', but it has no axis 1 to pad: a 1-d "
+     r"input is rows of one value each; send a sequence as shape \(rows, length\)$"),
+    ({"pad_value": 0, "per_token_outputs": True}, np.ones(3, np.int64),
+     r"^per_token_outputs is set, but nothing in this item is padded \(arrays of int64, "
+     r"trailing shape \(\)\): per-token outputs are cut to each request's sequence length"),
+    ({"pad_value": 0, "per_token_outputs": True}, {"a": np.ones(3), "b": np.ones(3)},
+     "per_token_outputs is set, but nothing in this item is padded"),
+    ({"pad_value": {"input_ids": 0}, "per_token_outputs": True},
+     {"input_ids": np.ones(3), "x": _IDS}, "has no axis 1 to pad"),
+], ids=["typo", "one of two names", "nested one level down", "tuple", "array", "1-d named",
+        "per-token 1-d array", "per-token dict of 1-d", "per-token named 1-d"])
+def test_padding_that_would_pad_nothing_is_refused_at_enqueue(make_processor, config, item,
+                                                              match):
+    # A name matching nothing used to be ignored: nothing padded, and every length in a
+    # batch of its own. Refused, it costs the other requests nothing.
+    def model(batch):
+        return batch
+
+    p = make_processor(model, max_batch_size=64, **config)
+    names = config["pad_value"] if isinstance(config["pad_value"], dict) else ["input_ids"]
+    p.pause()
+    good = [p.enqueue_predict({name: np.full((1, n), n) for name in names}) for n in (1, 2, 3)]
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)  # every time, not only the first
+    p.resume()
+    for n, future in zip((1, 2, 3), good):
+        got = future.result(timeout=10)["input_ids"]
+        assert got[0, :n].tolist() == [n] * n
+    assert p.get_stats()["total_accepted"] == 3
+
+
+@pytest.mark.parametrize("config, item", [
+    ({"pad_value": {"input_ids": 0}},
+     {"input_ids": np.ones((1, 3)), "pixel_values": np.ones((1, 3, 2, 2))}),
+    ({"pad_value": {"input_ids": 0}}, "text"),
+    ({"pad_value": {"input_ids": 0}}, {"input_ids": "text"}),
+    ({"pad_value": 0}, np.ones(3)),
+    ({"pad_value": 0}, (np.ones(1), np.ones((1, 3)))),
+    ({"pad_value": 0, "per_token_outputs": True}, "text"),
+    ({"pad_value": 0, "per_token_outputs": True}, {"ids": np.ones((1, 3)), "n": np.ones(1)}),
+], ids=["unnamed extra input", "generic", "mapping without arrays", "scalar pad, 1-d",
+        "scalar pad, tuple", "per-token generic", "per-token with something padded"])
+def test_padding_settings_that_apply_to_part_of_an_item_are_accepted(make_processor, config,
+                                                                     item):
+    def model(batch):  # the identity, with per-token outputs only
+        return {"ids": batch["ids"]} if isinstance(batch, dict) and "n" in batch else batch
+
+    p = make_processor(model, **config)
+    p.enqueue_predict(item).result(timeout=10)
+
+
+def test_a_pad_value_name_that_matches_batches_every_length_together(make_processor, recorder):
+    model = recorder(lambda b: {"tokens": b["ids"] * 10})
+    p = make_processor(model, max_batch_size=64, pad_value={"ids": 0},
+                       per_token_outputs={"tokens"})
+    items = [{"ids": np.full((1, n), n)} for n in range(1, 9)]
+    for n, future in enumerate(one_batch(p, items), 1):
+        assert future.result(timeout=10)["tokens"].tolist() == [[n * 10] * n]
+    assert len(model.batches) == 1
+
+
 def test_pad_to_multiple_of_rounds_the_padded_length_up(make_processor):
     shapes = []
     p = make_processor(lambda b: shapes.append(b.shape) or b, pad_value=0,

@@ -82,7 +82,7 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
                 + ("" if padding is not None else
                    " and set pad_value to batch sequences of different lengths together"))
     length = 0
-    pad = None if padding is None or not trailing else padding.value_for(name)
+    pad = None if padding is None else padding.value_for(name, trailing)
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])  # the padded axis is free

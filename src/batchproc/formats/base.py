@@ -128,6 +128,9 @@ class LeafFormat(BatchFormat):
 
     def __init__(self, leaf: Leaf, stacked: bool, padding: Any,
                  cut: Callable[[Any, int, int], tuple[Any, int]], label: str) -> None:
+        if padding is not None:
+            padding.check_names(None, "an array or tensor item")
+            padding.check_padded(leaf.padded, label)
         self._leaf = leaf
         self.one_sample = stacked
         self._padding = padding if leaf.padded else None

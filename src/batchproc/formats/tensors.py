@@ -105,7 +105,7 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
                 "or use stack_items=True")
         rows, trailing = shape[0], shape[1:]
     length = 0
-    pad = None if padding is None or not trailing else padding.value_for(name)
+    pad = None if padding is None else padding.value_for(name, trailing)
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])

@@ -53,10 +53,16 @@ class TreeFormat(BatchFormat):
 
     def __init__(self, spec: Any, leaves: list[Any], stacked: bool,
                  padding: Padding | None) -> None:
+        padded = any(leaf.padded for leaf in leaves)
+        if padding is not None:
+            root = spec.type
+            padding.check_names(list(spec.entries()) if issubclass(root, Mapping) else None,
+                                f"a {root.__name__} item")
+            padding.check_padded(padded, f"inputs {spec}")
         self._spec = spec
         self._leaves = leaves
         self.one_sample = stacked
-        self._padding = padding if any(leaf.padded for leaf in leaves) else None
+        self._padding = padding if padded else None
         if self._padding is not None:
             self.per_token = self._padding.per_token
 

@@ -283,6 +283,36 @@ def test_a_delivered_result_never_changes_whatever_holds_a_view(make_processor, 
         assert _deep_equal(got, expected), (got, expected)
 
 
+@pytest.mark.parametrize("model", [
+    lambda b: b * 2, lambda b: b, lambda b: {"y": b[:, :2], "z": (b + 1,)},
+], ids=["fresh output", "a view of the input buffer", "tree"])
+def test_a_result_is_a_view_whose_writes_reach_only_its_own_rows(make_processor, model):
+    # docs/formats.md, "A delivered result never changes": a view of the batch output,
+    # no copy per request; writing into it reaches its own rows and nothing else.
+    outputs = []
+    p = make_processor(lambda b: outputs.append(model(b)) or outputs[-1], max_batch_size=64)
+    items = [rows_of(i, n=1 + i % 2) for i in range(3)]
+    results = [f.result(timeout=10) for f in one_batch(p, items)]
+    (out,) = outputs
+    for item, got in zip(items, results):
+        assert _tree_equal(got, model(item))
+        for leaf, whole in zip(_flat(got), _flat(out)):
+            assert np.shares_memory(leaf, whole)  # a view, not a copy
+    before = [[leaf.copy() for leaf in _flat(r)] for r in results]
+    for leaf in _flat(results[1]):
+        leaf[...] = -1.0
+    for k in (0, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(_flat(results[k]), before[k]))
+
+
+def _flat(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _flat(v)]
+    if isinstance(tree, tuple):
+        return [x for v in tree for x in _flat(v)]
+    return [tree]
+
+
 def _deep_equal(a, b):
     if dataclasses.is_dataclass(a):
         return _deep_equal(a.view, b.view)

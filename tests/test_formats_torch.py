@@ -219,3 +219,17 @@ def test_a_batch_of_tensors_that_require_grad_links_no_caller_to_another(make_pr
     a, b = [f.result(timeout=10) for f in one_batch(p, [alice, bob])]
     assert a.grad_fn is None and not a.requires_grad      # no graph back to any input
     assert a.tolist() == [[14.0] * 3] and b.tolist() == [[84.0] * 3]
+
+
+def test_a_tensor_result_is_a_view_whose_writes_reach_only_its_own_rows(make_processor):
+    outputs = []
+    p = make_processor(lambda b: outputs.append(b * 2) or outputs[-1], max_batch_size=64)
+    items = [torch.full((1 + i % 2, 3), float(i)) for i in range(3)]
+    results = [f.result(timeout=10) for f in one_batch(p, items)]
+    (out,) = outputs
+    for item, got in zip(items, results):
+        assert got.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        torch.testing.assert_close(got, item * 2)
+    results[1][...] = -1.0
+    torch.testing.assert_close(results[0], items[0] * 2)
+    torch.testing.assert_close(results[2], items[2] * 2)

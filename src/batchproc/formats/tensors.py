@@ -7,7 +7,7 @@ built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (sampl
 ``stack_items``); padded batches are filled on that device. Tensors share a batch when
 their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
 Each caller gets its rows as a tensor (a view of the output). batchproc never reuses a
-tensor it built, so a result never changes after it is delivered. Batches are built
+tensor it built, so it never changes a result after it is delivered. Batches are built
 without autograd, so no graph links one caller's tensors to another's (use
 ``torch.inference_mode()`` in the model for the rest).
 """

@@ -1,7 +1,10 @@
 """BatchProcessorConfig defaults, validation and the small public value types."""
 
 import dataclasses
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from batchproc import (
@@ -106,6 +109,13 @@ def test_prioritized_item_orders_by_priority_then_sequence():
     (dict(pad_value={}), "empty mapping"),
     (dict(pad_value={1: 0}), "keys must be input names"),
     (dict(pad_value={"ids": None}), r"pad_value\['ids'\] must be a number"),
+    # Numbers no dtype holds: refused here, not by every padded enqueue.
+    (dict(pad_value=Decimal("1.5")), r"pad_value must be a bool, int, float or complex "
+                                     r"number that fits 64 bits .* got Decimal\('1.5'\)"),
+    (dict(pad_value=Fraction(1, 2)), r"fits 64 bits .* got Fraction\(1, 2\)"),
+    (dict(pad_value=2**64), "fits 64 bits .* got 18446744073709551616"),
+    (dict(pad_value=-(2**63) - 1), "fits 64 bits .* got -9223372036854775809"),
+    (dict(pad_value={"ids": Decimal(0)}), r"pad_value\['ids'\] must be a bool, int"),
     (dict(pad_to_multiple_of=8), "pad_to_multiple_of needs pad_value"),
     (dict(max_batch_tokens=512), "max_batch_tokens needs pad_value"),
     (dict(pad_value=0, max_batch_tokens=0), "max_batch_tokens must be >= 1"),
@@ -126,3 +136,5 @@ def test_format_settings_accepted_and_normalised():
                                   per_token_outputs=["logits", 0], item_size=len)
     assert config.per_token_outputs == frozenset({"logits", 0})
     assert BatchProcessorConfig(pad_value=-100.5).pad_value == -100.5
+    for pad in (True, 2**64 - 1, -(2**63), 1 + 2j, np.float16(0.5), np.uint64(2**64 - 1)):
+        assert BatchProcessorConfig(pad_value=pad).pad_value == pad

@@ -1,12 +1,16 @@
 """Input formats (docs/formats.md): named and tuple inputs, ragged sequences with padding,
 generic items with item_size, and bad input refused at enqueue at no cost to others."""
 
+import collections
+import collections.abc
 import threading
 
 import numpy as np
 import pytest
 
 from batchproc import BatchOutputError
+
+STRING_DTYPE = getattr(np.dtypes, "StringDType", lambda: None)()  # numpy >= 2
 
 
 def one_batch(p, items, **kwargs):
@@ -73,6 +77,42 @@ def test_stacked_named_inputs(make_processor):
         assert future.result(timeout=10) == 4.0 * i
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda x: (x, collections.UserDict(x=x * 10)),
+    lambda x: {"enc": collections.UserDict(ids=x), "dec": (x * 10,)},
+    lambda x: collections.UserDict(enc=collections.UserDict(ids=x)),
+], ids=["in a tuple", "in a dict", "in itself"])
+def test_a_mapping_class_is_batched_like_a_dict_at_any_depth(make_processor, wrap):
+    seen = []
+
+    def model(batch):
+        seen.append(batch)
+        return batch
+
+    p = make_processor(model, max_batch_size=64)
+    items = [wrap(np.full((1 + i, 2), float(i))) for i in range(3)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert _as_dicts(got) == _as_dicts(item) and _no_mapping_class(got)
+    assert len(seen) == 1 and _no_mapping_class(seen[0])
+
+
+def _as_dicts(tree):
+    if isinstance(tree, collections.abc.Mapping):
+        return {k: _as_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map(_as_dicts, tree))
+    return tree.tolist()
+
+
+def _no_mapping_class(tree):
+    if isinstance(tree, collections.abc.Mapping):
+        return type(tree) is dict and all(map(_no_mapping_class, tree.values()))
+    if isinstance(tree, (tuple, list)):
+        return all(map(_no_mapping_class, tree))
+    return True
+
+
 def test_mappings_and_tuples_without_arrays_are_generic_items(make_processor, recorder):
     model = recorder(lambda batch: [repr(x) for x in batch])
     p = make_processor(model)
@@ -117,6 +157,88 @@ def test_sequences_of_different_lengths_share_a_padded_batch(make_processor):
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0][0], [1, 2, 3, -1, -1, -1, -1])
     assert seen[0].shape == (3, 7)
+
+
+_IDS = np.ones((1, 3), np.int64)
+
+
+@pytest.mark.parametrize("config, item, match", [
+    ({"pad_value": {"input_ids": 0}}, {"ids": _IDS},
+     r"^pad_value names 'input_ids', which this item does not have \(its inputs are 'ids'\): "
+     "pad_value names the item's top-level keys$"),
+    ({"pad_value": {"input_ids": 0, "attention_mask": 0}}, {"input_ids": _IDS, "mask": _IDS},
+     r"pad_value names 'attention_mask', which .* \(its inputs are 'input_ids', 'mask'\)"),
+    ({"pad_value": {"input_ids": 0}}, {"encoder": {"input_ids": _IDS}},
+     r"pad_value names 'input_ids', .* \(its inputs are 'encoder'\)"),
+    ({"pad_value": {"input_ids": 0}}, (_IDS, _IDS),
+     r"^pad_value names inputs \('input_ids'\), but a tuple item has no input names: give "
+     "pad_value as one number to pad every input, or send a mapping of input names to "
+     "arrays or tensors$"),
+    ({"pad_value": {"input_ids": 0}}, _IDS,
+     r"pad_value names inputs \('input_ids'\), but an array or tensor item has no input "
+     "names"),
+    ({"pad_value": {"input_ids": 0}}, {"input_ids": np.ones(3)},
+     r"^item\['input_ids'\]: pad_value names 'input_ids', but it has no axis 1 to pad: a 1-d "
+     r"input is rows of one value each; send a sequence as shape \(rows, length\)$"),
+    ({"pad_value": 0, "per_token_outputs": True}, np.ones(3, np.int64),
+     r"^per_token_outputs is set, but nothing in this item is padded \(arrays of int64, "
+     r"trailing shape \(\)\): per-token outputs are cut to each request's sequence length"),
+    ({"pad_value": 0, "per_token_outputs": True}, {"a": np.ones(3), "b": np.ones(3)},
+     "per_token_outputs is set, but nothing in this item is padded"),
+    ({"pad_value": {"input_ids": 0}, "per_token_outputs": True},
+     {"input_ids": np.ones(3), "x": _IDS}, "has no axis 1 to pad"),
+], ids=["typo", "one of two names", "nested one level down", "tuple", "array", "1-d named",
+        "per-token 1-d array", "per-token dict of 1-d", "per-token named 1-d"])
+def test_padding_that_would_pad_nothing_is_refused_at_enqueue(make_processor, config, item,
+                                                              match):
+    # A name matching nothing used to be ignored: nothing padded, and every length in a
+    # batch of its own. Refused, it costs the other requests nothing.
+    def model(batch):
+        return batch
+
+    p = make_processor(model, max_batch_size=64, **config)
+    names = config["pad_value"] if isinstance(config["pad_value"], dict) else ["input_ids"]
+    p.pause()
+    good = [p.enqueue_predict({name: np.full((1, n), n) for name in names}) for n in (1, 2, 3)]
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)  # every time, not only the first
+    p.resume()
+    for n, future in zip((1, 2, 3), good):
+        got = future.result(timeout=10)["input_ids"]
+        assert got[0, :n].tolist() == [n] * n
+    assert p.get_stats()["total_accepted"] == 3
+
+
+@pytest.mark.parametrize("config, item", [
+    ({"pad_value": {"input_ids": 0}},
+     {"input_ids": np.ones((1, 3)), "pixel_values": np.ones((1, 3, 2, 2))}),
+    ({"pad_value": {"input_ids": 0}}, "text"),
+    ({"pad_value": {"input_ids": 0}}, {"input_ids": "text"}),
+    ({"pad_value": 0}, np.ones(3)),
+    ({"pad_value": 0}, (np.ones(1), np.ones((1, 3)))),
+    ({"pad_value": 0, "per_token_outputs": True}, "text"),
+    ({"pad_value": 0, "per_token_outputs": True}, {"ids": np.ones((1, 3)), "n": np.ones(1)}),
+], ids=["unnamed extra input", "generic", "mapping without arrays", "scalar pad, 1-d",
+        "scalar pad, tuple", "per-token generic", "per-token with something padded"])
+def test_padding_settings_that_apply_to_part_of_an_item_are_accepted(make_processor, config,
+                                                                     item):
+    def model(batch):  # the identity, with per-token outputs only
+        return {"ids": batch["ids"]} if isinstance(batch, dict) and "n" in batch else batch
+
+    p = make_processor(model, **config)
+    p.enqueue_predict(item).result(timeout=10)
+
+
+def test_a_pad_value_name_that_matches_batches_every_length_together(make_processor, recorder):
+    model = recorder(lambda b: {"tokens": b["ids"] * 10})
+    p = make_processor(model, max_batch_size=64, pad_value={"ids": 0},
+                       per_token_outputs={"tokens"})
+    items = [{"ids": np.full((1, n), n)} for n in range(1, 9)]
+    for n, future in enumerate(one_batch(p, items), 1):
+        assert future.result(timeout=10)["tokens"].tolist() == [[n * 10] * n]
+    assert len(model.batches) == 1
 
 
 def test_pad_to_multiple_of_rounds_the_padded_length_up(make_processor):
@@ -223,13 +345,33 @@ def test_a_per_token_output_without_the_padded_axis_fails_the_batch(make_process
         p.enqueue_predict(np.ones((1, 4))).result(timeout=10)
 
 
-@pytest.mark.parametrize("pad, dtype", [(-1, np.uint8), (0.5, np.int64), (1e9, np.float16),
-                                        (300, np.int8)])
-def test_a_pad_value_the_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad, dtype):
+@pytest.mark.parametrize("pad, dtype, match", [
+    (-1, np.uint8, "pad_value -1 cannot be stored exactly as uint8"),
+    (0.5, np.int64, "pad_value 0.5 cannot be stored exactly as int64"),
+    (1e9, np.float16, "pad_value 1000000000.0 cannot be stored exactly as float16"),
+    (300, np.int8, "pad_value 300 cannot be stored"),
+    (1 + 2j, np.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as float32"),
+    (0, [("a", "i4")], r"pad_value 0 cannot pad arrays of dtype \[\('a', '<i4'\)\]: padding "
+                       "needs a bool, int, float or complex dtype"),
+    (0, "U3", "pad_value 0 cannot pad arrays of dtype <U3"),
+    (0, "datetime64[s]", r"pad_value 0 cannot pad arrays of dtype datetime64\[s\]"),
+])
+def test_a_pad_value_the_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad, dtype,
+                                                                 match):
     p = make_processor(lambda b: b, pad_value=pad)
-    with pytest.raises(ValueError, match="cannot be stored"):
-        p.enqueue_predict(np.ones((1, 3), dtype=dtype))
-    p.enqueue_predict(np.ones(3, dtype=dtype)).result(timeout=10)  # 1-D: nothing to pad
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(np.zeros((1, 3), dtype=dtype))
+    p.enqueue_predict(np.zeros(3, dtype=dtype)).result(timeout=10)  # 1-D: nothing to pad
+
+
+@pytest.mark.parametrize("pad, dtype", [(2**64 - 1, np.uint64), (-(2**63), np.int64),
+                                        (1 + 2j, np.complex64), (True, np.bool_),
+                                        (np.float16(0.5), np.float32)])
+def test_a_pad_value_at_the_dtype_s_limits_pads_with_that_value(make_processor, pad, dtype):
+    p = make_processor(lambda b: b, pad_value=pad)
+    short, long_ = np.zeros((1, 1), dtype), np.zeros((1, 3), dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].tolist() == [[0, pad, pad]] and got[1].tolist() == long_.tolist()
 
 
 def test_ragged_object_array_with_pad_value_is_refused_with_advice(make_processor):
@@ -258,12 +400,23 @@ def test_item_size_counts_samples_toward_max_batch_size(make_processor, recorder
     (lambda x: -3, ValueError, "got -3"),
     (lambda x: 2.5, TypeError, "must return an int"),
     (lambda x: True, TypeError, "must return an int"),
+    # The queue counts at most 2**39 - 1 rows per request: said in item_size's terms.
+    (lambda x: 2**39, ValueError, "item_size returned 549755813888 samples for a str item; "
+                                  "one request counts for at most 549755813887"),
+    (lambda x: 2**100, ValueError, "item_size returned 1267650600228229401496703205376 "),
 ])
 def test_a_bad_item_size_is_an_error_at_enqueue(make_processor, size, error, match):
     p = make_processor(lambda batch: batch, item_size=size)
     with pytest.raises(error, match=match):
         p.enqueue_predict("text")
     assert p.get_stats()["total_accepted"] == 0
+
+
+def test_the_largest_item_size_is_accepted_and_runs_alone(make_processor, recorder):
+    model = recorder(lambda batch: batch)
+    p = make_processor(model, max_batch_size=8, item_size=lambda x: 2**39 - 1 if x else 1)
+    assert [f.result(timeout=10) for f in one_batch(p, ["big", ""])] == ["big", ""]
+    assert sorted(model.sizes) == [1, 1]
 
 
 def test_many_threads_with_mixed_formats_each_get_their_own_result(make_processor):
@@ -321,8 +474,11 @@ def test_a_described_array_shape_is_described_the_same_the_second_time(config):
 
     arrays = [np.ones((2, 3), np.float32), np.ones((2, 3), ">f4"), np.ones((1, 5), np.int64),
               np.ones((2, 3), np.float32)[:, ::2], np.ones(4, np.uint8)]
-    if "pad_value" not in config:  # object arrays cannot be padded
+    if "pad_value" not in config:  # object, string and structured arrays cannot be padded
         arrays.append(np.array([[1, "a"]], dtype=object))
+        arrays.append(np.zeros((2, 1), [("a", "i4"), ("b", "O")]))
+        if STRING_DTYPE is not None:
+            arrays.append(np.array([["ab"], ["c"]], dtype=STRING_DTYPE))
     memoised = make_describer(BatchProcessorConfig(**config)).describe
     for x in arrays + arrays:
         got = memoised(x, None, 0.0)
@@ -375,3 +531,124 @@ def test_a_masked_array_cannot_be_padded(make_processor):
     p = make_processor(lambda b: b, pad_value=0)
     with pytest.raises(ValueError, match="MaskedArray items cannot be padded"):
         p.enqueue_predict(np.ma.array([[1.0, 2.0]]))
+
+
+# ------------------------------------------------------------------ torch being imported
+
+
+def _torch_being_imported():
+    """What sys.modules holds while another thread runs ``import torch``: a module whose
+    spec says it is initialising, without ``Tensor`` yet."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("torch")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    module.__spec__._initializing = True
+    return module
+
+
+def test_items_are_described_while_another_thread_is_importing_torch(make_processor,
+                                                                     monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", _torch_being_imported())
+
+    def model(batch):
+        if isinstance(batch, list):
+            return [s.upper() for s in batch]
+        return {"y": batch["x"] * 2} if isinstance(batch, dict) else (batch[0] + batch[1],)
+
+    p = make_processor(model, max_batch_size=4)
+    x = np.arange(6.0).reshape(3, 2)
+    items = ["text", {"x": x}, (x, x), {"x": np.ones((9, 2))}]  # the last is chunked
+    got = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert got[0] == "TEXT"
+    np.testing.assert_array_equal(got[1]["y"], x * 2)
+    np.testing.assert_array_equal(got[2][0], x * 2)
+    np.testing.assert_array_equal(got[3]["y"], np.full((9, 2), 2.0))
+
+
+def test_torch_counts_as_present_once_its_import_has_finished(monkeypatch):
+    import sys
+
+    from batchproc.formats.outputs import is_tensor, tensor_type
+
+    module = _torch_being_imported()
+    monkeypatch.setitem(sys.modules, "torch", module)
+    assert tensor_type() is None and not is_tensor("text")
+
+    class Tensor:
+        pass
+
+    module.Tensor = Tensor
+    assert tensor_type() is None  # still initialising: not trusted yet
+    module.__spec__._initializing = False
+    assert tensor_type() is Tensor and is_tensor(Tensor())
+    monkeypatch.delitem(sys.modules, "torch")
+    assert tensor_type() is None
+
+
+# ------------------------------------------------------------------ object and string arrays
+
+
+def _python_calls(func, *args):
+    """How many Python functions (generator steps included) ``func(*args)`` runs."""
+    import sys
+
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        func(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [
+    object,
+    pytest.param(STRING_DTYPE, marks=pytest.mark.skipif(STRING_DTYPE is None,
+                                                        reason="numpy < 2")),
+    [("a", "i4"), ("b", "O")],
+], ids=["object", "StringDType", "structured with objects"])
+def test_describing_a_large_object_or_string_array_runs_no_python_per_element(dtype):
+    from batchproc import BatchProcessorConfig
+    from batchproc.formats import make_describer
+
+    def calls(item):  # a fresh describer: the family's whole path each time
+        return _python_calls(make_describer(BatchProcessorConfig()).describe, item, None, 0.0)
+
+    small = np.zeros((10, 1), dtype) if isinstance(dtype, list) else np.array(
+        [[f"s{i}"] for i in range(10)], dtype=dtype)
+    assert calls(small) == calls(np.resize(small, (100_000, 1)))
+
+
+@pytest.mark.parametrize("where", [0, 500, 999], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("sequence", [[1, 2], np.ones(2)], ids=["list", "array"])
+def test_an_object_array_with_a_sequence_anywhere_is_refused(make_processor, where, sequence):
+    p = make_processor(lambda b: b)
+    x = np.empty((100, 10), dtype=object)
+    x[:] = "text"
+    x.flat[where] = sequence
+    with pytest.raises(ValueError, match="ragged rows"):
+        p.enqueue_predict(x)
+    with pytest.raises(ValueError, match=r"item\['x'\]: an object array of sequences"):
+        p.enqueue_predict({"x": x[:, ::-1]})  # non-contiguous too
+    x.flat[where] = (1, 2)  # a tuple is one value, as are str and None
+    x.flat[0] = None
+    np.testing.assert_array_equal(p.enqueue_predict(x).result(timeout=10), x)
+
+
+@pytest.mark.skipif(STRING_DTYPE is None, reason="numpy < 2")
+def test_string_dtype_arrays_are_batched_by_rows(make_processor, recorder):
+    model = recorder(np.strings.upper)
+    p = make_processor(model, max_batch_size=8)
+    items = [np.array([["ab"], ["c"]], dtype=STRING_DTYPE), np.array([["de"]], STRING_DTYPE)]
+    got = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert [g.tolist() for g in got] == [[["AB"], ["C"]], [["DE"]]]
+    assert model.sizes == [3]

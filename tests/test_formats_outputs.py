@@ -6,6 +6,7 @@ wrong split can look right (a 2-output model with 2 rows, a list of 1 output wit
 """
 
 import collections
+import collections.abc
 import dataclasses
 
 import numpy as np
@@ -181,6 +182,67 @@ def test_a_one_sample_list_is_one_result_per_item_with_a_hint(make_processor):
         one_batch(p, ["a", "b", "c"])[0].result(timeout=10)
 
 
+class ModelOutput(collections.UserDict):
+    """A mapping class optree does not know (as transformers' outputs are)."""
+
+
+class FrozenMapping(collections.abc.Mapping):
+    """A read-only mapping that is no dict at all."""
+
+    def __init__(self, **values):
+        self._values = values
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+def _dicts(tree):
+    """``tree`` with every mapping a dict: what a caller receives."""
+    if isinstance(tree, collections.abc.Mapping):
+        return {k: _dicts(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*map(_dicts, tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map(_dicts, tree))
+    return tree
+
+
+MAPPING_CLASS_OUTPUTS = {
+    "top level": lambda b: ModelOutput(logits=_logits(b)),
+    "in a tuple": lambda b: (ModelOutput(logits=_logits(b)), _embeddings(b)),
+    "in a dict": lambda b: {"enc": ModelOutput(logits=_logits(b)), "x": b},
+    "in a namedtuple": lambda b: Pair(ModelOutput(logits=_logits(b)), _embeddings(b)),
+    "deep": lambda b: {"a": [(FrozenMapping(h=ModelOutput(e=_embeddings(b)), n=None),)]},
+    "no dict at all": lambda b: FrozenMapping(logits=_logits(b)),
+}
+
+
+@pytest.mark.parametrize("kind", MAPPING_CLASS_OUTPUTS)
+@pytest.mark.parametrize("n", SIZES)
+def test_a_mapping_class_is_split_like_a_dict_at_any_depth(make_processor, kind, n):
+    model = MAPPING_CLASS_OUTPUTS[kind]
+    p = make_processor(model, max_batch_size=64)
+    items = [rows_of(i, n=1 + i % 2) for i in range(n)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        expected = _dicts(model(item))
+        assert type(got) is type(expected)
+        assert _tree_equal(got, expected), (got, expected)
+
+
+def test_a_chunked_request_joins_mapping_class_outputs(make_processor):
+    p = make_processor(lambda b: (ModelOutput(y=b * 2), b), max_batch_size=2)
+    item = rows_of(0, n=5)
+    got = p.enqueue_predict(item).result(timeout=10)
+    assert _tree_equal(got, ({"y": item * 2}, item))
+
+
 def test_none_leaves_stay_none_and_a_model_output_mapping_arrives_as_a_dict(make_processor):
     class ModelOutput(collections.OrderedDict):
         pass
@@ -219,6 +281,36 @@ def test_a_delivered_result_never_changes_whatever_holds_a_view(make_processor, 
     for item, got in zip(items, results):
         expected = models[shape](item.copy())
         assert _deep_equal(got, expected), (got, expected)
+
+
+@pytest.mark.parametrize("model", [
+    lambda b: b * 2, lambda b: b, lambda b: {"y": b[:, :2], "z": (b + 1,)},
+], ids=["fresh output", "a view of the input buffer", "tree"])
+def test_a_result_is_a_view_whose_writes_reach_only_its_own_rows(make_processor, model):
+    # docs/formats.md, "A delivered result never changes": a view of the batch output,
+    # no copy per request; writing into it reaches its own rows and nothing else.
+    outputs = []
+    p = make_processor(lambda b: outputs.append(model(b)) or outputs[-1], max_batch_size=64)
+    items = [rows_of(i, n=1 + i % 2) for i in range(3)]
+    results = [f.result(timeout=10) for f in one_batch(p, items)]
+    (out,) = outputs
+    for item, got in zip(items, results):
+        assert _tree_equal(got, model(item))
+        for leaf, whole in zip(_flat(got), _flat(out)):
+            assert np.shares_memory(leaf, whole)  # a view, not a copy
+    before = [[leaf.copy() for leaf in _flat(r)] for r in results]
+    for leaf in _flat(results[1]):
+        leaf[...] = -1.0
+    for k in (0, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(_flat(results[k]), before[k]))
+
+
+def _flat(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _flat(v)]
+    if isinstance(tree, tuple):
+        return [x for v in tree for x in _flat(v)]
+    return [tree]
 
 
 def _deep_equal(a, b):

@@ -7,6 +7,7 @@ BATCHPROC_REQUIRE_TORCH=1 (CI sets it) makes its absence a failure.
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -118,10 +119,61 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
     assert seen[0].shape == (3, 8) and seen[0][2].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
 
 
-def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused(make_processor):
-    p = make_processor(lambda b: b, pad_value=-1)
-    with pytest.raises(ValueError, match="cannot be stored"):
-        p.enqueue_predict(torch.ones(1, 3, dtype=torch.uint8))
+@pytest.mark.parametrize("pad, dtype, match", [
+    (-1, torch.uint8, r"pad_value -1 cannot be stored exactly as torch.uint8"),
+    (0.5, torch.int64, r"pad_value 0.5 cannot be stored exactly as torch.int64"),
+    (1e9, torch.float16, r"pad_value 1000000000.0 cannot be stored exactly as torch.float16"),
+    (2**64 - 1, torch.int64, r"pad_value 18446744073709551615 cannot be stored as torch.int64"),
+    (2, torch.bool, r"pad_value 2 cannot be stored exactly as torch.bool"),
+    (1 + 2j, torch.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as "
+                            r"torch.float32"),
+    (1 + 0j, torch.int64, r"pad_value \(1\+0j\) is complex; it cannot be stored as torch.int64"),
+])
+def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad,
+                                                                        dtype, match):
+    # As for arrays: refused at enqueue, never accepted and then failing every batch.
+    p = make_processor(lambda b: b, pad_value=pad)
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(torch.ones(1, 3, dtype=dtype))
+    assert p.get_stats()["total_accepted"] == 0
+
+
+@pytest.mark.parametrize("pad, dtype", [
+    (2**64 - 1, torch.uint64), (-(2**63), torch.int64), (1 + 2j, torch.complex64),
+    (0.1, torch.float32), (True, torch.bool), (float("inf"), torch.float32),
+    (np.float32(0.5), torch.float64),
+])
+def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor, pad, dtype):
+    seen = []
+    p = make_processor(lambda b: seen.append(b.clone()) or b, pad_value=pad, max_batch_size=8)
+    short, long_ = torch.zeros(1, 1, dtype=dtype), torch.zeros(1, 3, dtype=dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].shape == (1, 3)  # no per_token_outputs: the padded row comes back
+    want = torch.full((), pad, dtype=dtype)
+    assert seen[0][0, 1:].tolist() == [want.item()] * 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.ones(10, 3).to_sparse(), "layout torch.sparse_coo"),
+    (lambda: torch.ones(2, 2).to_sparse_csr(), "layout torch.sparse_csr"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
+     "nested tensors"),
+], ids=["COO", "CSR", "nested"])
+@pytest.mark.parametrize("config", [{}, {"max_batch_size": 4}, {"pad_value": 0},
+                                    {"stack_items": True}],
+                         ids=["plain", "chunked", "padded", "stacked"])
+def test_tensors_torch_cannot_batch_are_refused_at_enqueue(make_processor, make, match,
+                                                            config):
+    p = make_processor(lambda b: b, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "sparse CSR support is in beta"
+        item = make()
+    match = f"tensors with {match} cannot be batched" if "layout" in match else match
+    with pytest.raises(ValueError, match=match):
+        p.enqueue_predict(item)
+    with pytest.raises(ValueError, match=r"item\['x'\]: " + match):
+        p.enqueue_predict({"x": item})
+    assert p.get_stats()["total_accepted"] == 0
 
 
 def test_multi_output_tensors_are_split_per_caller(make_processor):
@@ -167,3 +219,17 @@ def test_a_batch_of_tensors_that_require_grad_links_no_caller_to_another(make_pr
     a, b = [f.result(timeout=10) for f in one_batch(p, [alice, bob])]
     assert a.grad_fn is None and not a.requires_grad      # no graph back to any input
     assert a.tolist() == [[14.0] * 3] and b.tolist() == [[84.0] * 3]
+
+
+def test_a_tensor_result_is_a_view_whose_writes_reach_only_its_own_rows(make_processor):
+    outputs = []
+    p = make_processor(lambda b: outputs.append(b * 2) or outputs[-1], max_batch_size=64)
+    items = [torch.full((1 + i % 2, 3), float(i)) for i in range(3)]
+    results = [f.result(timeout=10) for f in one_batch(p, items)]
+    (out,) = outputs
+    for item, got in zip(items, results):
+        assert got.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        torch.testing.assert_close(got, item * 2)
+    results[1][...] = -1.0
+    torch.testing.assert_close(results[0], items[0] * 2)
+    torch.testing.assert_close(results[2], items[2] * 2)

@@ -80,6 +80,7 @@ cdef int64_t _MAX_PRIORITY = 2147483647
 # rows, nbytes and length are capped so that the totals of a full queue (2**24 entries)
 # can never overflow int64: 2**24 * (2**39 - 1) < 2**63.
 cdef int64_t _MAX_COUNT = (1 << 39) - 1
+MAX_COUNT = _MAX_COUNT  # for Python callers that check a count before pushing it
 # Below this a token fits in an int64 and is built without Python arithmetic.
 cdef uint64_t _FAST_SEQ_LIMIT = (<uint64_t>1) << 39
 # The main thread wakes this often from a blocking wait to run signal handlers, so that

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
 from typing import Any
 
+import numpy as np
+
 
 class BatchPriority(IntEnum):
     """Request priority: lower values are served first."""
@@ -283,6 +285,12 @@ def _require_int(name: str, value: Any, *, minimum: int) -> int:
 def _require_pad_number(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Number) or isinstance(value, (str, bytes)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    # A number no array or tensor dtype holds (a Decimal, a Fraction, an int beyond 64
+    # bits) would be refused by every padded enqueue: refuse it once, here.
+    if np.asarray(value).dtype.kind not in "biufc":
+        raise ValueError(
+            f"{name} must be a bool, int, float or complex number that fits 64 bits (what "
+            f"arrays and tensors hold), got {value!r} ({type(value).__name__})")
 
 
 def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True) -> float:

@@ -1,6 +1,9 @@
 """Bounded request heap in front of the batch dispatcher (compiled: request_queue.pyx)."""
 
-from typing import Any, SupportsFloat, SupportsIndex, final
+from typing import Any, Final, SupportsFloat, SupportsIndex, final
+
+MAX_COUNT: Final[int]
+"""The most rows, bytes or sequence length one entry may count for (2**39 - 1)."""
 
 class QueueClosed(RuntimeError):
     """Raised by ``RequestQueue.push`` once the queue is closed."""

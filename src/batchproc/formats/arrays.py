@@ -75,14 +75,14 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
                 "0-d arrays have no sample axis to batch along; pass x.reshape(1) "
                 "or use stack_items=True")
         rows, trailing = shape[0], shape[1:]
-        if dtype.hasobject and item.size and _holds_sequences(item):
+        if dtype.kind == "O" and item.size and _holds_sequences(item):
             raise ValueError(
                 "an object array of sequences (ragged rows) cannot be batched by rows: "
                 "send each sequence as an array of its own"
                 + ("" if padding is not None else
                    " and set pad_value to batch sequences of different lengths together"))
     length = 0
-    pad = None if padding is None or not trailing else padding.value_for(name)
+    pad = None if padding is None else padding.value_for(name, trailing)
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])  # the padded axis is free
@@ -92,7 +92,14 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
 
 
 def _holds_sequences(item: Any) -> bool:
-    return any(isinstance(x, (list, _ndarray)) for x in item.flat)
+    """Whether an object array holds a list or an array anywhere (ragged rows).
+
+    Every element is looked at, so the answer never depends on where the sequence is;
+    the pass runs in C (``type`` of each element, gathered in a set), costing about
+    what copying the array into a batch does, not a Python step per element. Only
+    object arrays need it: no other dtype (StringDType, structured) can hold a list.
+    """
+    return any(issubclass(t, (list, _ndarray)) for t in set(map(type, item.flat)))
 
 
 def _cut_rows(item: Any, start: int, stop: int) -> tuple[Any, int]:

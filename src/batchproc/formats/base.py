@@ -128,6 +128,9 @@ class LeafFormat(BatchFormat):
 
     def __init__(self, leaf: Leaf, stacked: bool, padding: Any,
                  cut: Callable[[Any, int, int], tuple[Any, int]], label: str) -> None:
+        if padding is not None:
+            padding.check_names(None, "an array or tensor item")
+            padding.check_padded(leaf.padded, label)
         self._leaf = leaf
         self.one_sample = stacked
         self._padding = padding if leaf.padded else None
@@ -206,7 +209,8 @@ class Describer:
     Plain ndarrays, the common case, skip the families once their (dtype, shape) has been
     described: everything a description holds follows from those two, unless the family
     had to change the item (byte order, a padded sample's new axis) or look into it
-    (object arrays), which are never memoised this way.
+    (object arrays, checked for ragged rows every time), which are never memoised this
+    way.
     """
 
     def __init__(self, families: list[Family], pad_multiple: int = 1) -> None:
@@ -248,7 +252,7 @@ class Describer:
             # Bytes padded to its own rounded length: the queue scales them to a batch's
             # longest to hold max_batch_memory_mb for the padded batch.
             nbytes = -(-nbytes * queue_length // length)
-        if item is original and type(item) is _ndarray and not item.dtype.hasobject:
+        if item is original and type(item) is _ndarray and item.dtype.kind != "O":
             arrays = self._arrays
             if len(arrays) >= _MEMO_LIMIT:
                 arrays.clear()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request, items_of, total_rows
+from .._native.request_queue import MAX_COUNT
 from .base import BatchFormat, Built, Description, Family, Workspace
 
 _SIGNATURE = ("generic",)
@@ -61,4 +62,8 @@ def _samples(item_size: Callable[[Any], int], item: Any) -> int:
         raise ValueError(
             f"item_size must return a positive number of samples, got {size} for a "
             f"{type(item).__name__} item")
+    if size > MAX_COUNT:
+        raise ValueError(
+            f"item_size returned {size} samples for a {type(item).__name__} item; one "
+            f"request counts for at most {MAX_COUNT}")
     return size

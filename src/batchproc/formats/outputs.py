@@ -47,15 +47,54 @@ NO_TRIM: frozenset[str | int] = frozenset()
 _ndarray = np.ndarray
 
 
+_torch: tuple[Any, type | None] = (None, None)  # (the torch module seen, its Tensor)
+
+
 def tensor_type() -> type | None:
+    """``torch.Tensor`` once torch is fully imported, else None (never imports it).
+
+    An item can only be a tensor once some thread's ``import torch`` has finished; while
+    another thread is still running it, ``sys.modules`` already holds the partly
+    initialised module, which may not have ``Tensor`` yet, and nothing can be a tensor.
+    """
+    global _torch
     torch = sys.modules.get("torch")
-    return None if torch is None else torch.Tensor
+    seen, tensor = _torch
+    if torch is seen:
+        return tensor
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None  # not imported, or still importing (what the import machinery sets)
+    tensor = getattr(torch, "Tensor", None)
+    if not isinstance(tensor, type):
+        return None
+    _torch = (torch, tensor)  # one tuple: other threads see both or neither
+    return tensor
 
 
 def is_tensor(obj: object) -> bool:
     """Whether ``obj`` is a torch tensor (without importing torch if nobody has)."""
     tensor = tensor_type()
     return tensor is not None and isinstance(obj, tensor)
+
+
+def flatten(tree: Any) -> tuple[Any, list[Any], list[Any], Any]:
+    """``(tree, paths, leaves, spec)``: ``tree`` flattened by optree (``None`` is no
+    leaf), with every mapping optree does not know (a ``UserDict``, a model-output class)
+    made a ``dict`` first, at any depth: optree walks only the containers it knows and
+    would keep such a mapping whole, as a leaf. A tree holding none is flattened once."""
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
+    for leaf in leaves:
+        if type(leaf) is not _ndarray and isinstance(leaf, Mapping):
+            tree = _plain(tree)
+            paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
+            break
+    return tree, paths, leaves, spec
+
+
+def _plain(tree: Any) -> Any:
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=False)
+    return spec.unflatten([_plain(dict(leaf)) if isinstance(leaf, Mapping) else leaf
+                           for leaf in leaves])
 
 
 def _is_leaf(obj: object) -> bool:
@@ -243,10 +282,7 @@ def _cut_tokens(leaf: Any, requests: list[Request], one_sample: bool) -> list[An
 
 def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
                 one_sample: bool, per_token: PerToken) -> list[Any]:
-    if isinstance(out, Mapping) and optree.tree_structure(
-            out, none_is_leaf=False).is_leaf():  # type: ignore[arg-type]
-        out = dict(out)  # a Mapping optree does not know (a model-output class): a dict
-    paths, leaves, spec = optree.tree_flatten_with_path(out, none_is_leaf=False)
+    out, paths, leaves, spec = flatten(out)
     if per_token is not True and per_token:
         _check_names(out, per_token)
     tokens = []

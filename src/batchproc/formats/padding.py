@@ -4,8 +4,12 @@ With ``pad_value`` set, arrays and tensors that differ only in axis 1 share a ba
 axis is left out of their compatibility key, and the batch pads every such input on
 axis 1 to the longest in the batch, rounded up to a multiple of ``pad_to_multiple_of``
 (as Hugging Face tokenizers do). ``pad_value`` is a number for every input, or a mapping
-from input names (the keys of a mapping item) to numbers: unnamed inputs are then not
-padded. Inputs without an axis 1 (one row of scalars) are never padded.
+from input names (the top-level keys of a mapping item) to numbers: inputs it does not
+name are then not padded, and an array, tensor or tuple item (no names) or a mapping item
+lacking one of the names is refused at enqueue (a name that matched nothing would leave
+every length in a batch of its own). Inputs without an axis 1 (one row of scalars) are
+never padded; naming one is an error. ``per_token_outputs`` needs something padded: an
+array, tensor or mapping/tuple item with nothing to pad is refused (generic objects pass).
 
 A request's sequence length is the longest axis 1 of its padded inputs; it counts as
 ``rows x length`` tokens toward ``max_batch_tokens``, and per-token outputs are cut back to
@@ -44,14 +48,53 @@ class Padding:
             return None
         return cls(config.pad_value, config.pad_to_multiple_of, config.per_token_outputs)
 
-    def value_for(self, name: object) -> Any:
+    def value_for(self, name: object, trailing: tuple[int, ...]) -> Any:
         """The pad value of the input called ``name`` (None for an unnamed input: the
-        item itself or a tuple position), or None when it is not padded."""
-        if self._by_name is None:
-            return self._value
-        if isinstance(name, str):
-            return self._by_name.get(name)
-        return None
+        item itself or a tuple position) whose shape after axis 0 is ``trailing``, or
+        None when it is not padded. ``ValueError`` when ``pad_value`` names an input
+        without an axis 1 (a sequence sent without its row axis)."""
+        by_name = self._by_name
+        if by_name is None:
+            return self._value if trailing else None
+        value = by_name.get(name) if isinstance(name, str) else None
+        if value is not None and not trailing:
+            raise ValueError(
+                f"pad_value names {name!r}, but it has no axis 1 to pad: a 1-d input is "
+                "rows of one value each; send a sequence as shape (rows, length)")
+        return value
+
+    def check_names(self, names: list[Any] | None, what: str) -> None:
+        """``ValueError`` unless every input ``pad_value`` names is among ``names``, the
+        top-level names of an item (None: an item whose inputs have no names, which a
+        mapping of names cannot pad). A name that matches nothing is a typo or an item
+        of another shape; ignored, it would leave those inputs unpadded, and each
+        length in a batch of its own."""
+        by_name = self._by_name
+        if by_name is None:
+            return
+        wanted = ", ".join(map(repr, by_name))
+        if names is None:
+            raise ValueError(
+                f"pad_value names inputs ({wanted}), but {what} has no input names: give "
+                "pad_value as one number to pad every input, or send a mapping of input "
+                "names to arrays or tensors")
+        missing = [name for name in by_name if name not in names]
+        if missing:
+            raise ValueError(
+                f"pad_value names {', '.join(map(repr, missing))}, which this item does not "
+                f"have (its inputs are {', '.join(map(repr, names))}): pad_value names "
+                "the item's top-level keys")
+
+    def check_padded(self, padded: bool, label: str) -> None:
+        """``ValueError`` when ``per_token_outputs`` is set and the format of an item
+        (``label``) pads nothing: its outputs would have no padded axis to cut, and
+        ignoring the setting would hand callers outputs of a length they did not ask
+        for."""
+        if self.per_token and not padded:
+            raise ValueError(
+                f"per_token_outputs is set, but nothing in this item is padded ({label}): "
+                "per-token outputs are cut to each request's sequence length, which only "
+                "padded inputs have (an input pad_value covers, with its length on axis 1)")
 
     def padded_length(self, longest: int) -> int:
         """The length a batch whose longest sequence is ``longest`` is padded to."""
@@ -68,6 +111,9 @@ def pad_bytes(value: Any, dtype: np.dtype[Any]) -> bytes:
     """
     if dtype.hasobject:
         raise ValueError("object arrays cannot be padded; pad_value needs a numeric dtype")
+    if dtype.kind not in "biufc":
+        raise ValueError(f"pad_value {value!r} cannot pad arrays of dtype {dtype}: padding "
+                         "needs a bool, int, float or complex dtype")
     if np.iscomplexobj(value) and dtype.kind != "c":
         raise ValueError(f"pad_value {value!r} is complex; it cannot be stored as {dtype}")
     try:

@@ -1,22 +1,25 @@
 """torch tensors: the same row semantics as arrays, built with torch's own operations.
 
-torch is optional: this family recognises a tensor only if torch has been imported (an
-item cannot be a tensor otherwise), so batchproc never imports it itself. A batch is
+torch is optional: this family recognises a tensor only once torch has been imported (an
+item cannot be a tensor otherwise), so batchproc never imports it itself; while another
+thread is still importing it, items are described as if it were absent. A batch is
 built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (samples, with
 ``stack_items``); padded batches are filled on that device. Tensors share a batch when
 their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
 Each caller gets its rows as a tensor (a view of the output). batchproc never reuses a
-tensor it built, so a result never changes after it is delivered. Batches are built
+tensor it built, so it never changes a result after it is delivered. Batches are built
 without autograd, so no graph links one caller's tensors to another's (use
 ``torch.inference_mode()`` in the model for the rest).
 """
 
 from __future__ import annotations
 
-import sys
+import math
+import numbers
 from typing import Any
 
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
+from .outputs import tensor_type
 from .padding import Padding
 
 
@@ -58,12 +61,15 @@ def _check_pad(value: Any, dtype: Any) -> Any:
     a pad silently changed by the cast would corrupt every padded position)."""
     import torch
 
+    if (not dtype.is_complex and isinstance(value, numbers.Complex)
+            and not isinstance(value, numbers.Real)):
+        raise ValueError(f"pad_value {value!r} is complex; it cannot be stored as {dtype}")
     try:
-        held = torch.tensor(value).to(dtype)
+        held = torch.full((), value, dtype=dtype)  # what the padded batch is filled with
     except (RuntimeError, TypeError, OverflowError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
     if dtype.is_floating_point or dtype.is_complex:
-        ok = bool(torch.isfinite(held)) == bool(torch.isfinite(torch.tensor(value)))
+        ok = bool(torch.isfinite(held)) == math.isfinite(abs(value))  # no overflow
     else:
         ok = held.item() == value
     if not ok:
@@ -74,7 +80,21 @@ def _check_pad(value: Any, dtype: Any) -> Any:
 
 def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: object,
                     ) -> tuple[tuple[Any, ...], Any, int, int, int]:
-    """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``)."""
+    """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``).
+    ``ValueError`` for a tensor that torch cannot cut by rows, join or pad (nested,
+    sparse and other non-strided layouts), or a 0-d one that needs a sample axis."""
+    import torch  # imported already: the item is a tensor
+
+    if item.is_nested:
+        raise ValueError(
+            "nested tensors cannot be batched: send each sequence as a tensor of its own"
+            + ("" if padding is not None else
+               " and set pad_value to batch sequences of different lengths together"))
+    layout = item.layout
+    if layout is not torch.strided:
+        raise ValueError(
+            f"tensors with layout {layout} cannot be batched (only dense, strided tensors "
+            "are): send x.to_dense()")
     shape = tuple(item.shape)
     if stacked:
         rows, trailing = 1, shape
@@ -85,7 +105,7 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
                 "or use stack_items=True")
         rows, trailing = shape[0], shape[1:]
     length = 0
-    pad = None if padding is None or not trailing else padding.value_for(name)
+    pad = None if padding is None else padding.value_for(name, trailing)
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])
@@ -108,8 +128,8 @@ class TensorFamily(Family):
         self._padding = padding
 
     def describe(self, item: Any) -> Description | None:
-        torch = sys.modules.get("torch")
-        if torch is None or not isinstance(item, torch.Tensor):
+        tensor = tensor_type()
+        if tensor is None or not isinstance(item, tensor):
             return None
         return describe_tensor(item, self._stacked, self._padding, None)
 

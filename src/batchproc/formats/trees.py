@@ -3,7 +3,8 @@
 A tokenizer's ``{"input_ids": (1, L), "attention_mask": (1, L)}`` or a multi-input model's
 ``(image, text)`` is one request; a batch holds the same structure with each leaf batched
 across requests (the model gets ``{"input_ids": (rows, L), ...}``). Structures nest (tuples,
-lists and mappings inside, walked by ``optree``; ``None`` stays ``None``). Every leaf of one
+lists and mappings inside, walked by ``optree``; ``None`` stays ``None``; a mapping class
+optree does not know is made a ``dict`` at any depth). Every leaf of one
 request must have the same rows on axis 0 (with ``stack_items`` each leaf is one sample).
 Requests share a batch only with the same structure (keys, positions) and, leaf by leaf,
 the same kind (array or tensor), dtype, device and trailing shape. Padding is by input
@@ -20,12 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import optree
 
 from .._native.future_state import Request, items_of, longest, total_rows
 from .arrays import ArrayLeaf, describe_array
 from .base import BatchFormat, Built, Description, Family, Limits, Workspace, row_chunks
-from .outputs import tensor_type
+from .outputs import flatten, tensor_type
 from .padding import Padding
 from .tensors import TensorLeaf, describe_tensor
 
@@ -53,10 +53,16 @@ class TreeFormat(BatchFormat):
 
     def __init__(self, spec: Any, leaves: list[Any], stacked: bool,
                  padding: Padding | None) -> None:
+        padded = any(leaf.padded for leaf in leaves)
+        if padding is not None:
+            root = spec.type
+            padding.check_names(list(spec.entries()) if issubclass(root, Mapping) else None,
+                                f"a {root.__name__} item")
+            padding.check_padded(padded, f"inputs {spec}")
         self._spec = spec
         self._leaves = leaves
         self.one_sample = stacked
-        self._padding = padding if any(leaf.padded for leaf in leaves) else None
+        self._padding = padding if padded else None
         if self._padding is not None:
             self.per_token = self._padding.per_token
 
@@ -90,10 +96,7 @@ class TreeFamily(Family):
     def describe(self, item: Any) -> Description | None:
         if not isinstance(item, (tuple, Mapping)):
             return None
-        if isinstance(item, Mapping) and optree.tree_structure(
-                item, none_is_leaf=False).is_leaf():  # type: ignore[arg-type]
-            item = dict(item)  # a Mapping optree does not know (a tokenizer's output)
-        paths, leaves, spec = optree.tree_flatten_with_path(item, none_is_leaf=False)
+        _, paths, leaves, spec = flatten(item)  # a tokenizer's output class: a dict
         tensor = tensor_type()
         data = [isinstance(leaf, _ndarray) or (tensor is not None and isinstance(leaf, tensor))
                 for leaf in leaves]

@@ -210,10 +210,15 @@ class BatchedMethod(Generic[S, T, U]):
             raise TypeError(
                 f"@batchproc.batch on {self._name}: the instance needs a __dict__ "
                 f"to hold its processor") from None
+        bound = namespace.get(self._attr)
+        if isinstance(bound, BatchedFunction):
+            # Normally the instance's __dict__ answers before this descriptor is asked;
+            # not for special methods (``__call__``), which are looked up on the type.
+            return bound
         with self._lock:
             bound = namespace.get(self._attr)
             if isinstance(bound, BatchedFunction):
-                return bound  # only reached while another thread was binding it
+                return bound  # another thread bound it meanwhile
             bound = BatchedFunction[T, U](
                 _bind(self._func, instance), self._config, self._metrics_collector,
                 self._name)
@@ -262,7 +267,7 @@ def _bind(func: Callable[..., Any], instance: Any) -> Callable[[Any], Any]:
 def _stop_in_background(ref: weakref.ref[BatchedFunction[Any, Any]]) -> None:
     bound = ref()
     if bound is not None and bound._processor is not None:
-        threading.Thread(target=bound.stop, name="batchproc-stop", daemon=True).start()
+        threading.Thread(target=bound.stop, name="stop-collected:batchproc", daemon=True).start()
 
 
 # Every BatchedFunction alive, stopped at interpreter exit (their workers are daemon

@@ -5,8 +5,13 @@
 - ``executor``: the blocking ``enqueue_predict`` run in the loop's default thread pool
   (``loop.run_in_executor``), its future wrapped for the loop: the textbook way to call a
   blocking API from asyncio;
-- ``async, room for all``: ``enqueue_predict_async`` with a queue of 50,000, so that
-  nothing needs to wait (the floor: what the burst costs without backpressure);
+- ``apredict, room for all``: the same with a queue of 50,000: nothing waits, so the
+  difference from the first is the cost of waiting for room;
+- ``async in a task each, room for all``: ``enqueue_predict_async`` awaited in a
+  coroutine of its own per request (what ``gather`` of coroutines costs: a task each),
+  with a queue of 50,000;
+- ``async, room for all``: ``enqueue_predict_async``'s futures gathered directly, a queue
+  of 50,000 (the floor: no task per request, no backpressure);
 - ``async, refusing``: ``enqueue_predict_async`` with the queue of 1,000: how many get
   through at all.
 
@@ -20,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shlex
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -65,6 +73,14 @@ async def _executor(p, x):
     return len(results), 0
 
 
+async def _async_tasks(p, x):
+    async def one():
+        return await p.enqueue_predict_async(x)
+
+    results = await asyncio.gather(*(one() for _ in range(N)))
+    return len(results), 0
+
+
 async def _async_all(p, x):
     results = await asyncio.gather(*(p.enqueue_predict_async(x) for _ in range(N)))
     return len(results), 0
@@ -83,6 +99,8 @@ async def _async_refusing(p, x):
 
 WAYS = {
     "apredict": (_apredict, CAPACITY),
+    "apredict, room for all": (_apredict, N),
+    "enqueue_predict_async in a task each, room for all": (_async_tasks, N),
     "executor (run_in_executor + wrap_future)": (_executor, CAPACITY),
     "enqueue_predict_async, room for all": (_async_all, N),
     "enqueue_predict_async, refusing": (_async_refusing, CAPACITY),
@@ -106,8 +124,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     lines = [f"Burst of {N:,} requests from one asyncio loop, queue of {CAPACITY:,} "
-             f"(median of {args.runs} runs)", "",
+             f"(median of {args.runs} runs; {os.cpu_count()} cores, "
+             f"{time.strftime('%Y-%m-%d')}; load average {load_before:.1f} before, "
+             "LOAD_AFTER after: a shared machine)", "",
+             f"Command: `{shlex.join(['python', *sys.argv])}`", "",
              "| model | way | seconds | completed | refused | requests/s |",
              "|---|---|---:|---:|---:|---:|"]
     for model_name, model in _models().items():
@@ -119,6 +141,7 @@ def main() -> None:
                     f"{done / seconds:,.0f} |")
             print(line, flush=True)
             lines.append(line)
+    lines[0] = lines[0].replace("LOAD_AFTER", f"{os.getloadavg()[0]:.1f}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

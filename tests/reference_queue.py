@@ -87,6 +87,13 @@ class _Entry:
         return (self.priority, self.seq) < (other.priority, other.seq)
 
 
+def _bytes_per_token(e: _Entry) -> int:
+    """An entry's bytes per row and unit of length, rounded up (0 unless it has both)."""
+    if e.rows <= 0 or e.length <= 0:
+        return 0
+    return -(-e.nbytes // (e.rows * e.length))
+
+
 class RequestQueue:
     """Reference twin of the native RequestQueue (see its docstrings for the contract).
 
@@ -224,6 +231,7 @@ class RequestQueue:
             heapq.heappop(self._heap)
             out = [self._take(head)]
             total_rows, total_bytes, longest = head.rows, head.nbytes, head.length
+            per_token = _bytes_per_token(head)
             skipped: list[_Entry] = []
             while self._heap:
                 e = self._heap[0]
@@ -237,6 +245,12 @@ class RequestQueue:
                     # A padded batch costs its rows times its longest length.
                     max_tokens > 0
                     and (total_rows + e.rows) * max(longest, e.length) > max_tokens
+                ) or (
+                    # ... and, padded, its rows times its longest length times the most
+                    # bytes per row and unit of length among its entries.
+                    max_bytes > 0
+                    and (total_rows + e.rows) * max(longest, e.length)
+                    * max(per_token, _bytes_per_token(e)) > max_bytes
                 ):
                     break
                 else:
@@ -245,6 +259,7 @@ class RequestQueue:
                     total_rows += e.rows
                     total_bytes += e.nbytes
                     longest = max(longest, e.length)
+                    per_token = max(per_token, _bytes_per_token(e))
             for e in skipped:
                 heapq.heappush(self._heap, e)
             self._cond.notify_all()

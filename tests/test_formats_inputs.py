@@ -341,3 +341,37 @@ def test_a_described_array_shape_is_described_the_same_the_second_time(config):
         memoised(plain, None, 0.0)
         with pytest.raises(ValueError, match="ragged"):
             memoised(ragged, None, 0.0)  # same dtype and shape: still looked into
+
+
+def test_masked_arrays_keep_their_masks_and_batch_only_with_their_kind(make_processor):
+    seen = []
+
+    def model(batch):
+        seen.append(type(batch).__name__)
+        return np.ma.filled(batch, 0).sum(axis=1)
+
+    p = make_processor(model, max_batch_size=64)
+    masked = [np.ma.array([[1.0, 1e9, float(i)]], mask=[[False, True, False]])
+              for i in range(2)]
+    plain = np.array([[1.0, 2.0, 3.0]])
+    futures = one_batch(p, [*masked, plain])
+    assert [f.result(timeout=10).tolist() for f in futures] == [[1.0], [2.0], [6.0]]
+    assert sorted(seen) == ["MaskedArray", "ndarray"]
+
+
+def test_padded_batches_hold_the_memory_cap(make_processor, recorder):
+    model = recorder(lambda b: b[:, :1])
+    row = np.ones((1, 1024), np.float32).nbytes          # a padded row: 4 KiB
+    p = make_processor(model, pad_value=0, max_batch_memory_mb=2.5 * row / 2**20,
+                       max_batch_size=64, processing_strategy="fixed", initial_batch_size=64)
+    items = [np.ones((1, 1024), np.float32)] + [np.ones((1, 1), np.float32)] * 5
+    for future in one_batch(p, items):
+        future.result(timeout=10)
+    assert max(b.nbytes for b in model.batches) <= 2.5 * row
+    assert sorted(b.shape for b in model.batches) == [(2, 1024), (4, 1)]
+
+
+def test_a_masked_array_cannot_be_padded(make_processor):
+    p = make_processor(lambda b: b, pad_value=0)
+    with pytest.raises(ValueError, match="MaskedArray items cannot be padded"):
+        p.enqueue_predict(np.ma.array([[1.0, 2.0]]))

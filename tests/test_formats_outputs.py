@@ -229,3 +229,54 @@ def _deep_equal(a, b):
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
     return np.array_equal(a, b)
+
+
+def test_a_chunked_request_joins_a_list_of_outputs_output_by_output(make_processor):
+    model = lambda b: [b[:, :3] * 1.0, b * 2.0]  # noqa: E731  (ONNX Runtime style)
+    p = make_processor(model, max_batch_size=4)
+    x = np.arange(50.0).reshape(10, 5)
+    got = p.enqueue_predict(x).result(timeout=10)       # chunks of 4, 4 and 2 rows
+    assert isinstance(got, list) and len(got) == 2
+    np.testing.assert_array_equal(got[0], x[:, :3])
+    np.testing.assert_array_equal(got[1], x * 2)
+
+
+@pytest.mark.parametrize("out", [{}, {"info": {}}, (None, {}), [{}]],
+                         ids=["empty dict", "nested", "tuple", "list"])
+def test_callers_never_share_the_containers_of_an_output_without_arrays(make_processor, out):
+    import copy
+
+    p = make_processor(lambda b: copy.deepcopy(out) if not isinstance(out, list)
+                       else [copy.deepcopy(out[0]) for _ in range(len(b))])
+    got = [f.result(timeout=10) for f in one_batch(p, [rows_of(i) for i in range(3)])]
+    assert len({id(g) for g in got}) == 3
+    first = got[0][0] if isinstance(out, list) else got[0]
+    if isinstance(first, dict):
+        first["mine"] = 1
+    elif isinstance(first, tuple):
+        first[1]["mine"] = 1
+    assert all("mine" not in repr(g) for g in got[1:])
+
+
+def test_a_list_whose_length_is_the_rows_with_a_batch_sized_element_is_not_guessed(
+        make_processor):
+    # An LSTM-style [y (n, T), h (layers, n, hidden)] list for a batch of n == 2 rows
+    # whose layers (3) differ from n: as "one result per row" caller 0 would get every
+    # caller's y. Before any batch has shown the model's lists, the batch fails.
+    model = lambda b: [b * 1.0, np.zeros((3, len(b), 4))]  # noqa: E731
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
+    with pytest.raises(BatchOutputError, match="no earlier batch has shown"):
+        p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)
+    with pytest.raises(BatchOutputError, match="2 results for a batch of 4"):
+        p.enqueue_predict(rows_of(0, n=4)).result(timeout=10)
+
+
+def test_a_per_row_model_keeps_its_reading_when_one_row_result_has_the_batch_length(
+        make_processor):
+    # Per-row results of varying length: one of them happens to have as many elements
+    # as the batch has rows. An earlier batch showed per-row results, so that decides.
+    model = lambda b: [np.zeros(int(r[0])) for r in b]  # noqa: E731
+    p = make_processor(model, max_batch_size=64)
+    p.enqueue_predict(np.array([[5.0], [7.0]])).result(timeout=10)    # shows: per row
+    got = p.enqueue_predict(np.array([[2.0], [9.0]])).result(timeout=10)
+    assert [len(g) for g in got] == [2, 9]

@@ -158,3 +158,12 @@ def test_wrong_rows_in_a_tensor_output_name_the_leaf(make_processor):
     p = make_processor(lambda b: {"y": b[:-1]}, max_retries=0, retry_delay=0.0)
     with pytest.raises(BatchOutputError, match=r"1 results in output\['y'\] for a batch of 2"):
         p.enqueue_predict(torch.ones(2, 3)).result(timeout=10)
+
+
+def test_a_batch_of_tensors_that_require_grad_links_no_caller_to_another(make_processor):
+    p = make_processor(lambda b: b * 2, max_batch_size=64)
+    alice = torch.full((1, 3), 7.0, requires_grad=True)
+    bob = torch.full((1, 3), 42.0, requires_grad=True)
+    a, b = [f.result(timeout=10) for f in one_batch(p, [alice, bob])]
+    assert a.grad_fn is None and not a.requires_grad      # no graph back to any input
+    assert a.tolist() == [[14.0] * 3] and b.tolist() == [[84.0] * 3]

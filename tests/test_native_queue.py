@@ -247,7 +247,7 @@ def test_token_cap_off_and_beside_the_other_caps(impl: Any) -> None:
     assert q.pop_batch(4, max_tokens=0) == [0, 1, 2, 3]       # <= 0: no cap
     assert q.pop_batch(4, max_tokens=-5) == [4, 5, 6, 7]
     # Whichever cap binds first ends the batch.
-    assert q.pop_batch(3, max_bytes=100, max_tokens=1000) == [8, 9, 10]    # rows
+    assert q.pop_batch(3, max_bytes=1000, max_tokens=1000) == [8, 9, 10]   # rows
     q.push(12, rows=1, nbytes=10, length=50)
     assert q.pop_batch(9, max_bytes=15, max_tokens=1000) == [11]            # bytes
     for i in range(13, 16):
@@ -269,6 +269,31 @@ def test_token_cap_arithmetic_does_not_overflow(impl: Any) -> None:
     assert q.pop_batch(2**80, max_tokens=2**63 - 1) == ["d"]
     assert q.pop_batch(2**80, max_tokens=2**80) == ["e"]     # clamped to 2**63 - 1
     assert q.pop_batch(2**80, max_tokens=0) == ["f"]
+
+
+def test_byte_cap_holds_for_the_padded_batch(impl: Any) -> None:
+    # A padded batch's bytes: rows x longest length x bytes per row and unit of length.
+    q = impl.RequestQueue(16)
+    q.push("long", rows=1, nbytes=400, length=100)      # 4 bytes per token
+    q.push("short", rows=1, nbytes=4, length=1)         # padded to 100: 400 bytes
+    q.push("short2", rows=1, nbytes=4, length=1)
+    # Unpadded the three are 408 bytes; padded, two rows already take 800.
+    assert q.pop_batch(100, max_bytes=799) == ["long"]
+    assert q.pop_batch(100, max_bytes=799) == ["short", "short2"]     # 2 x 1 x 4
+    q.push("a", rows=2, nbytes=48, length=3)            # 8 bytes per token
+    q.push("b", rows=1, nbytes=10, length=5)            # 2 per token, but the batch's
+    q.push("c", rows=1, nbytes=8, length=1)             # most is a's 8: 3 x 5 x 8 = 120
+    assert q.pop_batch(100, max_bytes=120) == ["a", "b"]
+    assert q.pop_batch(100, max_bytes=120) == ["c"]
+    q.push("a", rows=2, nbytes=48, length=3)
+    q.push("b", rows=1, nbytes=10, length=5)
+    assert q.pop_batch(100, max_bytes=119) == ["a"]
+    assert q.pop_batch(100, max_bytes=119) == ["b"]
+    big = 2**39 - 1                                      # rows x length past any nbytes
+    q.push("x", rows=big, nbytes=big, length=big)
+    q.push("y", rows=1, nbytes=1, length=1)
+    assert q.pop_batch(2**80, max_bytes=2**62) == ["x"]
+    assert q.pop_batch(2**80, max_bytes=2**62) == ["y"]
 
 
 def test_length_is_push_last_positional_parameter(impl: Any) -> None:

@@ -3,7 +3,7 @@
 A Hypothesis search over arrays (0-d, empty, non-contiguous, Fortran order, byte-swapped,
 object, string, complex, bool, datetime, a leading dimension far above small row and byte
 caps) and non-array items through ``enqueue_predict``: each gets the result of the model
-applied to it alone, or a clear exception at enqueue (DESIGN.md "Odd arrays"). Then the
+applied to it alone, or a clear exception at enqueue (docs/formats.md). Then the
 native modules' public entry points get wrong types and values directly: each call
 returns or raises an ordinary Python exception, never crashes.
 """

@@ -1,5 +1,5 @@
-"""Reliability: fault injection. Each fault gets the behaviour DESIGN.md prescribes and a
-clear log line (asserted through caplog).
+"""Reliability: fault injection. Each fault gets the behaviour docs/failures.md describes
+and a clear log line (asserted through caplog).
 
 Faults: BaseException subclasses from the model, a model that never returns, outputs that
 are not arrays or have the wrong dtype, a metrics collector that raises in every method,
@@ -128,14 +128,62 @@ def test_a_model_that_never_returns_times_out_is_replaced_and_stop_is_bounded(
         hung.result(timeout=0)  # the late result was discarded
 
 
+def test_stop_while_the_supervisor_replaces_a_stuck_worker(make_processor, monkeypatch):
+    """stop() arriving while the replacement of a stuck worker is being started: its join
+    must never meet a worker thread that is not started yet (it raised RuntimeError,
+    "cannot join thread before it is started")."""
+    release = threading.Event()
+
+    def model(batch):
+        if (batch == 666).any():
+            release.wait()
+        return batch
+
+    p = make_processor(model, item_timeout=0.3, max_workers=1, max_batch_size=1,
+                       initial_batch_size=1)
+    errors = []
+
+    def stop():
+        try:
+            p.stop(timeout=1.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop, name="test-stopper")
+    replacing = threading.Event()
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("batchproc-worker") and not stopper.ident:
+            release.set()       # the stuck worker exits: stop()'s join moves past it
+            stopper.start()     # stop() begins while the replacement is not started yet
+            replacing.set()
+            stopper.join(0.5)   # it failed at once; now it waits for the start to finish
+        real_start(thread)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        hung = p.enqueue_predict(item(666))
+        assert isinstance(hung.exception(timeout=HANG), BatchTimeoutError)
+        assert replacing.wait(HANG)
+        stopper.join(HANG)
+        assert not stopper.is_alive() and errors == []
+    finally:
+        release.set()
+    for thread in p._threads():
+        thread.join(HANG)
+
+
 # ---------------------------------------------------------------- odd outputs
 
 
 def test_an_output_without_a_length_is_a_clear_error(make_processor, caplog):
     p = make_processor(lambda batch: 42, max_retries=1, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match="int, which the output rule cannot split"):
+        p.enqueue_predict(item(1)).result(timeout=HANG)
     with caplog.at_level(logging.WARNING, logger="batchproc"):
-        with pytest.raises(BatchOutputError, match="int, which the output rule cannot split"):
-            p.enqueue_predict(item(1)).result(timeout=HANG)
+        p.enqueue(item(1))  # fire and forget: nobody gets the error, so it is logged
+        p.stop(timeout=HANG)
     assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
 
 
@@ -158,8 +206,8 @@ def test_a_list_output_for_an_array_batch_gives_each_caller_its_rows(make_proces
 
 
 def test_a_list_of_views_into_the_batch_never_changes_after_delivery(make_processor):
-    """DESIGN.md "Buffers": output that aliases the reused input buffer is copied out
-    before the buffer is reused. ``list(batch)`` is a list of views of that buffer."""
+    """docs/formats.md, "A delivered result never changes": a reused buffer is not
+    reused while an output refers to it. ``list(batch)`` is a list of views of it."""
     p = make_processor(lambda batch: list(batch), max_workers=1, batch_timeout=0.0)
     first = p.enqueue_predict(item(1.0)).result(timeout=HANG)
     snapshot = [np.array(row, copy=True) for row in first]
@@ -184,15 +232,17 @@ def test_a_dict_of_per_row_values_fails_clearly_naming_the_leaf(make_processor, 
     # batch's rows, so the batch fails with an error that names it, and is logged.
     p = make_processor(lambda batch: {i: row for i, row in enumerate(batch)},
                        max_retries=0, retry_delay=0.0)
-    with caplog.at_level(logging.WARNING, logger="batchproc"):
-        exc = p.enqueue_predict(item(1.0)).exception(timeout=HANG)
+    exc = p.enqueue_predict(item(1.0)).exception(timeout=HANG)
     assert isinstance(exc, BatchOutputError) and "output[0]" in str(exc)
-    assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
     # The processor serves on.
     assert p.enqueue_predict(["still served"]).exception(timeout=HANG) is not None
     np.testing.assert_array_equal(
         make_processor(lambda b: b).enqueue_predict(item(2.0)).result(timeout=HANG),
         item(2.0))
+    with caplog.at_level(logging.WARNING, logger="batchproc"):
+        p.enqueue(item(1.0))  # fire and forget: nobody gets the error, so it is logged
+        p.stop(timeout=HANG)
+    assert records(caplog, logging.WARNING, "BatchOutputError"), caplog.text
 
 
 # ---------------------------------------------------------------- metrics collector

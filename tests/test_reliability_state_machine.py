@@ -6,8 +6,8 @@ against a model that, decided by each request's own id, fails, returns the wrong
 of rows, hangs briefly, or succeeds. Because the outcome depends on the request alone,
 the expected outcome of every request is known whatever batch it lands in.
 
-Invariants, after every step and at teardown (DESIGN.md "Exactly once", "Cancellation",
-"Pause and stop", "Precise rules"):
+Invariants, after every step and at teardown (docs/architecture.md, "Guarantees";
+docs/failures.md):
 
 * every accepted future completes exactly once (done-callbacks are counted);
 * every result equals the model applied to that request alone, and every failure is the

@@ -1,8 +1,9 @@
-"""The tests of the module documentation (spec/batch_processor.md), run as written.
+"""The tests of the module documentation batchproc grew from, run as written.
 
 Only the imports change (``modules.engine.batch_processor`` and ``modules.configs`` read
-as ``batchproc``), and, as DESIGN.md decides, ``test_ml_pipeline_integration`` submits
-1-D samples to a model expecting ``(n, features)``, so it sets ``stack_items=True``.
+as ``batchproc``), and ``test_ml_pipeline_integration`` submits 1-D samples to a model
+expecting ``(n, features)``, so it sets ``stack_items=True``: an array item's leading
+axis counts rows unless ``stack_items`` makes each item one sample (docs/formats.md).
 """
 
 import numpy as np

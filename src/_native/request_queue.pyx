@@ -124,6 +124,16 @@ ctypedef struct PopParams:
 # Min-heap on (priority, seq). Every move records the entry's new index in SlotInfo.pos so
 # cancel() can remove an entry from the middle in O(log n).
 
+cdef inline int64_t _bytes_per_token(const Entry* e) noexcept nogil:
+    """An entry's bytes per row and unit of length, rounded up (0 unless it has both)."""
+    if e.rows <= 0 or e.length <= 0:
+        return 0
+    if e.rows > _MAX_COUNT // e.length:
+        # rows x length exceeds any nbytes (< 2**39): less than a byte each, rounded up.
+        return 1 if e.nbytes > 0 else 0
+    return (e.nbytes + e.rows * e.length - 1) // (e.rows * e.length)
+
+
 cdef inline bint _before(const Entry* a, const Entry* b) noexcept nogil:
     return a.priority < b.priority or (a.priority == b.priority and a.seq < b.seq)
 
@@ -475,7 +485,7 @@ cdef class RequestQueue:
         cdef Entry head, e
         cdef const Entry* top
         cdef Py_ssize_t nskip = 0, i
-        cdef int64_t total_rows, total_bytes, longest, longest_after
+        cdef int64_t total_rows, total_bytes, longest, longest_after, per_token, per_token_after
         _heap_remove(self._heap, self._info, &self._len, 0, &head)
         buf.slots[buf.n] = head.slot        # buf starts empty with stack room: no check
         buf.n += 1
@@ -483,6 +493,7 @@ cdef class RequestQueue:
         total_rows = head.rows
         total_bytes = head.nbytes
         longest = head.length
+        per_token = _bytes_per_token(&head)
         while self._len > 0:
             top = &self._heap[0]
             if top.key != head.key:
@@ -506,6 +517,18 @@ cdef class RequestQueue:
                 if (longest_after > 0 and
                         total_rows + top.rows > p.max_tokens // longest_after):
                     break
+            if p.max_bytes > 0 and (longest > 0 or top.length > 0):
+                # Padded, the batch's bytes are its rows x its longest length x the most
+                # bytes per row and unit of length among its entries (by division again).
+                longest_after = top.length if top.length > longest else longest
+                per_token_after = _bytes_per_token(top)
+                if per_token_after < per_token:
+                    per_token_after = per_token
+                if per_token_after > 0 and (
+                        longest_after > p.max_bytes // per_token_after or
+                        total_rows + top.rows >
+                        p.max_bytes // per_token_after // longest_after):
+                    break
             if not buf.has_room():
                 break
             _heap_remove(self._heap, self._info, &self._len, 0, &e)
@@ -515,6 +538,9 @@ cdef class RequestQueue:
             total_bytes += e.nbytes
             if e.length > longest:
                 longest = e.length
+            per_token_after = _bytes_per_token(&e)
+            if per_token_after > per_token:
+                per_token = per_token_after
             self._rows -= e.rows
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
@@ -828,7 +854,10 @@ cdef class RequestQueue:
            while the batch's rows stay <= ``max_rows``, (if ``max_bytes > 0``) its bytes
            <= ``max_bytes`` and (if ``max_tokens > 0``) its padded size, rows times the
            longest ``length`` among its entries, <= ``max_tokens``; the first one that
-           does not fit ends the batch (no overtaking).
+           does not fit ends the batch (no overtaking). For entries with a ``length``
+           (padded sequences) the byte cap also holds for the padded batch: its rows x
+           its longest length x the most bytes per row and unit of length among its
+           entries (an entry's ``nbytes / (rows x length)``, rounded up).
 
         After ``close()`` nothing waits: the call returns what remains by the same rules,
         and ``[]`` once the queue is empty. ``max_rows`` must be >= 1 (else

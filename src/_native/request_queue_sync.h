@@ -6,9 +6,11 @@
 // std::system_error from a broken mutex, which terminates: there is no sane recovery.
 #pragma once
 
+#include <pthread.h>
+#include <time.h>
+
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +25,43 @@ inline double now() noexcept {
     return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
 }
 
+// A condition variable whose timed waits run on CLOCK_MONOTONIC, whatever the C library.
+// std::condition_variable::wait_until(steady_clock) only waits on the monotonic clock when
+// the C library it was compiled against has pthread_cond_clockwait (glibc 2.30+); built for
+// an older glibc (the manylinux wheel targets 2.17) it converts the deadline to the wall
+// clock, so a wall-clock step back during a wait would stretch the wait by the step.
+// pthread_condattr_setclock (glibc 2.3.3) gives the monotonic wait everywhere.
+struct CondVar {
+    pthread_cond_t cv;
+
+    CondVar() noexcept {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&cv, &attr);
+        pthread_condattr_destroy(&attr);
+    }
+    ~CondVar() { pthread_cond_destroy(&cv); }
+    CondVar(const CondVar&) = delete;
+    CondVar& operator=(const CondVar&) = delete;
+
+    void notify_one() noexcept { pthread_cond_signal(&cv); }
+    void notify_all() noexcept { pthread_cond_broadcast(&cv); }
+    // Both wait with `mu` held and return with it held again.
+    void wait(std::mutex& mu) noexcept { pthread_cond_wait(&cv, mu.native_handle()); }
+    // Waits at most `seconds` (finite, > 0), rounded up to whole nanoseconds: never wakes
+    // before the deadline, so a timed-out waiter sees it passed.
+    void wait_for(std::mutex& mu, double seconds) noexcept {
+        timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        double whole = std::floor(seconds);
+        long long ns = static_cast<long long>(std::ceil((seconds - whole) * 1e9)) + ts.tv_nsec;
+        ts.tv_sec += static_cast<time_t>(whole) + static_cast<time_t>(ns / 1000000000);
+        ts.tv_nsec = static_cast<long>(ns % 1000000000);
+        pthread_cond_timedwait(&cv, mu.native_handle(), &ts);
+    }
+};
+
 // A consumer waiting for the queue to become non-empty. Item waiters form a stack, and a
 // push wakes the one that parked last (LIFO): at low load the worker that just finished a
 // batch, with its buffers still in cache, takes the next request, and the others stay
@@ -30,7 +69,7 @@ inline double now() noexcept {
 // rotating every batch through every worker (measured: about 30 us more per round trip
 // with two workers; benchmarks/bench_round_trip.py).
 struct ItemWaiter {
-    std::condition_variable cv;
+    CondVar cv;
     ItemWaiter* next = nullptr;
     bool linked = false;  // still on the stack: not yet chosen by a notify
 };
@@ -43,8 +82,8 @@ struct ItemWaiter {
 struct Sync {
     std::mutex mu;
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
-    std::condition_variable fill;
-    std::condition_variable room;
+    CondVar fill;
+    CondVar room;
 };
 
 inline Sync* sync_new() noexcept {
@@ -57,23 +96,19 @@ inline void sync_unlock(Sync* s) noexcept { s->mu.unlock(); }
 
 // Waits on `cv` with s->mu already held by the caller; returns with it held again.
 // `deadline` is in now() seconds; +inf waits untimed. A finite deadline far away is
-// waited for in slices of at most a day so the conversion to Clock ticks cannot
+// waited for in slices of at most a day so the conversion to a timespec cannot
 // overflow; callers re-check their predicate and deadline after every return anyway
 // (spurious wake-ups are allowed), so slicing is invisible to them.
-inline void wait_until(Sync* s, std::condition_variable& cv, double deadline) noexcept {
-    std::unique_lock<std::mutex> lk(s->mu, std::adopt_lock);
+inline void wait_until(Sync* s, CondVar& cv, double deadline) noexcept {
     if (std::isinf(deadline)) {
-        cv.wait(lk);
+        cv.wait(s->mu);
     } else {
         double left = deadline - now();
         if (left > 0.0) {
             if (left > 86400.0) left = 86400.0;
-            // ceil: never wake before the deadline, so a timed-out waiter sees it passed.
-            auto ticks = std::chrono::ceil<Clock::duration>(std::chrono::duration<double>(left));
-            cv.wait_until(lk, Clock::now() + ticks);
+            cv.wait_for(s->mu, left);
         }
     }
-    lk.release();  // the caller still owns the lock
 }
 // Parks on the item-waiter stack until notified, the deadline passes or a spurious
 // wake-up; always leaves the stack before returning.

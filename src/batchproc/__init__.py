@@ -5,6 +5,8 @@ Call ``enqueue_predict(item, priority=...)`` from any thread and get a
 per batch and each caller gets its own slice of the output.
 """
 
+import logging
+
 from .config import (
     BatchPriority,
     BatchProcessingStrategy,
@@ -23,7 +25,14 @@ from .metrics import MetricsCollector
 from .processor import BatchProcessor
 from .stats import BatchStats
 
+# The one place the version is written: the build reads it from here for the package's
+# metadata (pyproject.toml, tool.scikit-build.metadata.version).
 __version__ = "0.1.0"
+
+# The library logs to "batchproc.*" and never configures logging. Without this handler,
+# an application that has not configured logging would get batchproc's warnings printed
+# to stderr by logging's last-resort handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BatchOutputError",

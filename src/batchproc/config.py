@@ -49,10 +49,101 @@ class PrioritizedItem:
 
 @dataclass
 class BatchProcessorConfig:
-    """Settings of a :class:`BatchProcessor`; see DESIGN.md "Public API" for each field.
+    """Settings of a `BatchProcessor`, all keyword arguments with defaults.
 
-    Contradictory values raise ``ValueError`` naming the field; an ``initial_batch_size``
-    outside ``[min_batch_size, max_batch_size]`` is clamped into it.
+    Contradictory values (min above max, non-positive sizes, negative times, a warning
+    threshold above its critical one, a percentage outside 0-100) raise ``ValueError``
+    naming the field; an ``initial_batch_size`` outside ``[min_batch_size,
+    max_batch_size]`` is clamped into it. Rows are what a batch is counted in: an array
+    item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a generic item one
+    (docs/formats.md). Requests are calls of ``enqueue_predict``; an item split into
+    chunks counts once.
+
+    Attributes:
+        initial_batch_size: Target rows per batch at start, in rows. Default ``32``.
+            ADAPTIVE moves the target from there; FIXED keeps it until
+            `BatchProcessor.update_batch_size`.
+        min_batch_size: Lowest target the controller may set, in rows. Default ``1``.
+            Failures and memory pressure never shrink the target below it.
+        max_batch_size: Most rows in one batch, in rows. Default ``128``. A hard cap: a
+            larger item is split into chunks that fit and its result joined back.
+        batch_timeout: Longest a batch waits to fill, in seconds from its oldest
+            request's arrival. Default ``0.1``. A ceiling, not a delay: ADAPTIVE
+            dispatches as soon as arrivals pause while the model is idle; FIXED waits up
+            to it for ``current_batch_size`` rows; GREEDY never waits.
+        item_timeout: Longest one ``process_func`` call may run, in seconds. Default
+            ``30.0``. Past it the batch's requests fail with `BatchTimeoutError` and a
+            new worker replaces the stuck one; a late result is discarded.
+        max_queue_size: Most requests waiting in the queue, in requests. Default
+            ``1000``. ``enqueue_predict`` blocks for room (up to its ``timeout``, then
+            `QueueFullError`); ``enqueue_predict_async`` refuses at once.
+        enable_priority_queue: Serve by `BatchPriority` (most urgent first, FIFO within a
+            level), on or off. Default ``False``: the queue is FIFO and ``priority`` is
+            accepted and ignored.
+        max_workers: Most batches in progress at once, in batches (one worker thread
+            each). Default ``4``. ADAPTIVE runs one while nothing waits, two under load,
+            and more only while each raises rows per second by 10%; FIXED runs all.
+        min_batch_interval: Least time between the starts of two batches, across all
+            workers, in seconds. Default ``0.0`` (no pacing).
+        max_batch_memory_mb: Most input bytes in one batch, in MiB (2**20 bytes), or
+            ``None`` for no cap. Default ``None``. An item larger than the cap is split
+            into chunks that fit; a single row larger than it runs alone.
+        enable_memory_optimization: Garbage collection off the request path, on or off.
+            Default ``True``: a young-generation collection after each batch of at least
+            ``gc_batch_threshold`` requests, and a full one when memory is critical.
+        gc_batch_threshold: Batch size that triggers the young-generation collection of
+            ``enable_memory_optimization``, in requests. Default ``100``.
+        memory_warning_threshold: Memory level graded "warning", in percent of the
+            machine's memory held by this process (resident set). Default ``80.0``. At
+            warning the target is capped at half the throughput-optimal size.
+        memory_critical_threshold: Memory level graded "critical", in percent, as above.
+            Default ``90.0``. At critical the target drops to ``min_batch_size``.
+        enable_adaptive_batching: Let the strategy adapt, on or off. Default ``True``;
+            ``False`` makes every strategy behave as FIXED.
+        processing_strategy: How batch size and wait are chosen, a
+            `BatchProcessingStrategy` (or its value, ``"adaptive"``). Default
+            ``BatchProcessingStrategy.ADAPTIVE``.
+        reduce_batch_on_failure: Halve the target after a failed batch, on or off
+            (not with FIXED). Default ``True``.
+        enable_monitoring: Record every request's latency for the percentiles of
+            ``get_stats()``, on or off. Default ``True``; off, the latency keys stay 0.
+        monitoring_window: How many recent samples the statistics look at, in batches
+            (and in requests for latencies). Default ``1000``.
+        enable_health_monitoring: Run the health checks every
+            ``health_check_interval``, on or off: log transitions, feed memory pressure
+            to the controller, report to the metrics collector. Default ``True``.
+            ``health()`` answers on demand either way.
+        health_check_interval: Time between periodic health checks, in seconds.
+            Default ``30.0``.
+        queue_warning_threshold: Queue length graded "warning" by the health check, in
+            requests. Default ``500``. A queue that grew over three checks and is past
+            half of it is a warning too.
+        queue_critical_threshold: Queue length graded "critical", in requests. Default
+            ``800``.
+        max_retries: Retries of a single failing request, in attempts after the first.
+            Default ``3``. A failing batch of several requests is bisected first; only
+            single requests are retried.
+        retry_delay: Backoff before the first retry, in seconds; retry ``k`` (from 0)
+            waits ``retry_delay * 2**k``. Default ``1.0``. While it backs off, its
+            worker gives up its place among the batches in progress.
+        debug_mode: Log the controller's decisions and every delivery at DEBUG level,
+            on or off. Default ``False``.
+        stack_items: Treat each array or tensor item as one sample, stacked on a new
+            axis 0 (each caller gets ``out[i]``), instead of rows concatenated on axis 0;
+            on or off. Default ``False``.
+        pad_value: Padding for ragged sequences: arrays and tensors that differ only in
+            axis 1 share a batch, padded on axis 1 to the longest with this number (or
+            ``{input name: number}`` for named inputs). Default ``None`` (no padding).
+        pad_to_multiple_of: Round the padded length up to a multiple of this, in tokens
+            (needs ``pad_value``). Default ``None``.
+        max_batch_tokens: Most rows x padded length in one batch, in tokens (needs
+            ``pad_value``). Default ``None`` (no cap).
+        per_token_outputs: Outputs whose axis 1 is the padded axis, cut back to each
+            caller's own length: ``True`` for every output, or the names (dict outputs)
+            and positions (tuple outputs) of those that are. Default ``False``.
+        item_size: For generic items (neither arrays, tensors nor tuples or mappings of
+            them), a function giving how many rows an item counts for toward
+            ``max_batch_size``. Default ``None`` (each counts 1).
     """
 
     initial_batch_size: int = 32

@@ -3,7 +3,7 @@
 Per-batch Python work: ``plan()`` runs once before each batch is popped and
 ``observe_*`` once after it; nothing here runs per request.
 
-The policy (DESIGN.md "Adaptive control"):
+The policy (docs/architecture.md, "The controller"):
 
 * While a batch is in flight (popped and not yet delivered) the next one keeps filling:
   the model is busy, so dispatching early would only queue a small batch behind it.

@@ -8,7 +8,7 @@ the output, then count and deliver. Everything that depends on the kind of data 
 format's (``formats/``); this module never looks at items or outputs. An idle worker blocked in the
 queue is woken by the push itself, which is what keeps latency low at low load.
 
-Failure handling (DESIGN.md "Precise rules"): a failing batch of several requests is
+Failure handling (docs/failures.md): a failing batch of several requests is
 bisected; a failing single request is retried ``max_retries`` times after
 ``retry_delay * 2**k``; a call running past ``item_timeout`` is abandoned by the
 supervisor (``expire_stuck``), its requests fail with ``BatchTimeoutError`` and a fresh
@@ -140,12 +140,14 @@ class Dispatcher:
                 return
             self._worker_ids += 1
             worker = _Worker(f"batchproc-worker-{self._worker_ids}")
+            # Daemon: a worker stuck in process_func must never keep the interpreter alive.
+            thread = threading.Thread(target=self._worker_main, args=(worker,),
+                                      name=worker.name, daemon=True)
+            # Started under the lock: join() (stop) must never see a thread it cannot join
+            # yet (the supervisor replacing a stuck worker while stop() began).
+            thread.start()
+            worker.thread = thread
             self._workers.append(worker)
-        # Daemon: a worker stuck in process_func must never keep the interpreter alive.
-        thread = threading.Thread(target=self._worker_main, args=(worker,), name=worker.name,
-                                  daemon=True)
-        worker.thread = thread
-        thread.start()
 
     def join(self, deadline: float) -> bool:
         """Wait until ``deadline`` for the workers to drain the closed queue and exit."""
@@ -495,7 +497,8 @@ class Dispatcher:
             error = out
             if not isinstance(error, Exception):
                 break
-        logger.warning("request failed after %d retries: %r", cfg.max_retries, error)
+        # Debug only: the caller gets the error (enqueue logs it for fire and forget).
+        logger.debug("request failed after %d retries: %r", cfg.max_retries, error)
         self._fail(batch, requests, error)
 
     def _run_chunked(self, batch: _Batch, request: Request, chunks: list[Request],
@@ -516,8 +519,8 @@ class Dispatcher:
                 return
             if status == _FAILED:
                 if isinstance(out, Exception):
-                    logger.warning("request of %d rows failed on a chunk after %d retries: %r",
-                                   request.rows, cfg.max_retries, out)
+                    logger.debug("request of %d rows failed on a chunk after %d retries: %r",
+                                 request.rows, cfg.max_retries, out)
                 else:
                     logger.error("process_func raised %r on a chunk of a %d-row request; "
                                  "failing it without retry", out, request.rows)

@@ -1,4 +1,4 @@
-"""BatchProcessor: the public face of batchproc (DESIGN.md "Public API").
+"""BatchProcessor: the public face of batchproc (docs/reference.md).
 
 Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
 describe the item, create its future, push it onto the native queue. Everything after
@@ -39,6 +39,10 @@ U = TypeVar("U")
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 _monotonic = time.monotonic
+
+# enqueue() logs a failure of each exception type at once, then at most once per this many
+# seconds, with the count of those it left out.
+FAILURE_LOG_INTERVAL = 10.0
 
 
 class _RequestFuture(RequestFuture):
@@ -104,6 +108,7 @@ class BatchProcessor(Generic[T, U]):
             weakref.WeakKeyDictionary())
         self._channels_lock = threading.Lock()
         self._last_channel: tuple[object, LoopChannel | None] = (None, None)
+        self._failure_log = FailureLog()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -189,6 +194,7 @@ class BatchProcessor(Generic[T, U]):
                 self._queue.pause()  # waiting workers stop popping, not just dispatching
 
     def resume(self) -> None:
+        """Dispatch again after ``pause()``."""
         self._queue.resume()
         self._resume.set()
 
@@ -289,16 +295,22 @@ class BatchProcessor(Generic[T, U]):
 
     def enqueue(self, item: T, timeout: float | None = None,
                 priority: BatchPriority | int = BatchPriority.NORMAL) -> None:
-        """Fire and forget: failures are logged and counted, never raised to the caller."""
+        """Fire and forget: failures are logged and counted, never raised to the caller.
+
+        A refused or failed request is logged once, as a warning on the
+        ``batchproc.processor`` logger; repeats of one exception type are logged at most
+        once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
+        count in ``get_stats()["total_rejected"]``, failures in ``total_errors``.
+        """
         try:
             future = self.enqueue_predict(item, timeout, priority)
         except Exception as exc:
             # Counted apart: it was never accepted, so it is not a processing error.
             with self._counts_lock:
                 self._rejected += 1
-            logger.warning("enqueue: request refused: %s", exc)
+            self._failure_log("refused", exc)
             return
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(self._failure_log.future_done)
 
     def _cancel_queued(self, token: int) -> bool:
         if self._queue.cancel(token):
@@ -321,6 +333,7 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def current_batch_size(self) -> int:
+        """The target rows per batch, as the controller (or ``update_batch_size``) set it."""
         return self._controller.current_batch_size
 
     @property
@@ -329,14 +342,28 @@ class BatchProcessor(Generic[T, U]):
 
     @property
     def running(self) -> bool:
+        """Started and not stopped."""
         return self._state == _RUNNING
 
     @property
     def is_paused(self) -> bool:
+        """Paused by ``pause()`` and not yet resumed."""
         return not self._resume.is_set()
 
     def get_stats(self) -> dict[str, Any]:
-        """Statistics; times in seconds. See DESIGN.md for the keys."""
+        """Statistics of recent batches and the processor's state; times in seconds.
+
+        Keys: ``avg_processing_time``, ``avg_batch_size`` (rows), ``avg_queue_time``,
+        ``avg_latency``, ``p50_latency``, ``p95_latency``, ``p99_latency`` and
+        ``max_latency`` (from enqueue to result, over the last ``monitoring_window``
+        requests), ``throughput`` (requests per second), ``error_rate``,
+        ``total_processed``, ``total_errors``, ``total_batches``, ``avg_queue_length``,
+        ``uptime``; and the processor's own: ``current_batch_size`` (target rows),
+        ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
+        ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
+        ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
+        ``strategy``, ``memory_level``.
+        """
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:
@@ -387,6 +414,40 @@ class BatchProcessor(Generic[T, U]):
         return threads
 
 
-def _log_failure(future: Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("enqueue: request failed: %r", future.exception())
+class FailureLog:
+    """Logs what ``enqueue`` (fire and forget) refused or saw fail, where nobody else will
+    see it: the first failure of each exception type at once, then at most one line per
+    ``interval`` seconds for that type, saying how many were left out since the last line.
+
+    A model failing on every request then costs one log line per interval, not one per
+    request. Thread-safe: ``future_done`` runs on the processor's worker threads.
+    """
+
+    def __init__(self, interval: float = FAILURE_LOG_INTERVAL,
+                 clock: Callable[[], float] = _monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (what, exception type) -> (time of its last line, failures left out since then)
+        self._last: dict[tuple[str, type], tuple[float, int]] = {}
+
+    def __call__(self, what: str, exc: BaseException) -> None:
+        key = (what, type(exc))
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last[0] < self.interval:
+                self._last[key] = (last[0], last[1] + 1)
+                return
+            self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            logger.warning("enqueue: request %s: %r (and %d more %s in the last %.0f s)",
+                           what, exc, last[1], type(exc).__name__, now - last[0])
+        else:
+            logger.warning("enqueue: request %s: %r", what, exc)
+
+    def future_done(self, future: Future[Any]) -> None:
+        if not future.cancelled():
+            exc = future.exception()
+            if exc is not None:
+                self("failed", exc)

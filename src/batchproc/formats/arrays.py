@@ -6,7 +6,9 @@ one sample: a batch stacks them on a new axis 0 (Ray Serve, PyTorch's collate). 
 share a batch when their dtype and trailing shape are equal (axis 1 excepted when it is
 padded: ``padding.py``). Byte-swapped arrays are copied once into native order at
 enqueue; other layouts (non-contiguous, Fortran, negative strides) are copied by the
-assembler. Object arrays go through numpy's own concatenation, never a raw copy.
+assembler. Object arrays go through numpy's own concatenation, never a raw copy, and so
+do ndarray subclasses (masked arrays keep their masks: ``numpy.ma``'s concatenation),
+which share a batch only with their own class.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ _newaxis = np.newaxis
 
 
 class ArrayLeaf:
-    """Builds one input position of a batch from numpy arrays."""
+    """Builds one input position of a batch from numpy arrays (of class ``cls``)."""
 
-    __slots__ = ("_object", "_pad", "_stacked")
+    __slots__ = ("_numpy", "_pad", "_stacked")
 
-    def __init__(self, dtype: np.dtype[Any], stacked: bool, pad: Any) -> None:
-        self._object = dtype.hasobject
+    def __init__(self, dtype: np.dtype[Any], stacked: bool, pad: Any,
+                 cls: type = np.ndarray) -> None:
         self._stacked = stacked
+        # Object arrays and subclasses are numpy's to join; the assembler copies raw bytes.
+        self._numpy = None
+        if issubclass(cls, np.ma.MaskedArray):
+            self._numpy = np.ma.stack if stacked else np.ma.concatenate
+        elif dtype.hasobject or cls is not np.ndarray:
+            self._numpy = np.stack if stacked else np.concatenate
+        if pad is not None and cls is not np.ndarray:
+            raise ValueError(f"{cls.__name__} items cannot be padded; send plain arrays")
         self._pad = None if pad is None else pad_bytes(pad, dtype)
 
     @property
@@ -40,8 +50,8 @@ class ArrayLeaf:
               padded_length: int) -> Any:
         if self._pad is not None:
             return workspace.assembler(position).concat_padded(items, padded_length, self._pad)
-        if self._object:
-            return np.stack(items) if self._stacked else np.concatenate(items)
+        if self._numpy is not None:
+            return self._numpy(items)
         assembler = workspace.assembler(position)
         return assembler.stack(items) if self._stacked else assembler.concat(items)
 
@@ -78,7 +88,7 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
         trailing = (-1, *trailing[1:])  # the padded axis is free
         if stacked:
             item = item[_newaxis]  # one sample is one row of a padded batch
-    return ("array", dtype, trailing, stacked, pad), item, rows, item.nbytes, length
+    return ("array", dtype, trailing, stacked, pad, type(item)), item, rows, item.nbytes, length
 
 
 def _holds_sequences(item: Any) -> bool:
@@ -103,8 +113,9 @@ class ArrayFamily(Family):
         return describe_array(item, self._stacked, self._padding, None)
 
     def make_format(self, signature: Any) -> BatchFormat:
-        _, dtype, trailing, stacked, pad = signature
-        label = (f"{'stacked ' if stacked else ''}arrays of {dtype}, trailing shape {trailing}"
+        _, dtype, trailing, stacked, pad, cls = signature
+        kind = "arrays" if cls is np.ndarray else cls.__name__
+        label = (f"{'stacked ' if stacked else ''}{kind} of {dtype}, trailing shape {trailing}"
                  + ("" if pad is None else f", padded with {pad!r}"))
-        return LeafFormat(ArrayLeaf(dtype, stacked, pad), stacked, self._padding, _cut_rows,
+        return LeafFormat(ArrayLeaf(dtype, stacked, pad, cls), stacked, self._padding, _cut_rows,
                           label)

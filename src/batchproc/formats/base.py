@@ -105,7 +105,8 @@ class BatchFormat(ABC):
 
     def join(self, parts: list[Any]) -> Any:
         """The result of a chunked request from its chunks' results, in order."""
-        return outputs.join(parts)
+        reading = self._list_reading
+        return outputs.join(parts, reading is not None and bool(reading.outputs))
 
 
 class Leaf(Protocol):
@@ -212,8 +213,9 @@ class Describer:
         self._families = families
         self._multiple = pad_multiple
         self._memo: dict[Hashable, tuple[int, BatchFormat]] = {}
-        # (dtype, shape) -> (key, format, rows, length, queue_length) of a plain ndarray.
-        self._arrays: dict[tuple[Any, Any], tuple[int, BatchFormat, int, int, int]] = {}
+        # (dtype, shape) -> (key, format, rows, nbytes, length, queue_length) of a plain
+        # ndarray.
+        self._arrays: dict[tuple[Any, Any], tuple[int, BatchFormat, int, int, int, int]] = {}
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -225,8 +227,7 @@ class Describer:
         if type(item) is _ndarray:
             known = self._arrays.get((item.dtype, item.shape))
             if known is not None:
-                key, fmt, rows, length, queue_length = known
-                nbytes = item.nbytes
+                key, fmt, rows, nbytes, length, queue_length = known
                 return (Request(future, item, fmt, rows, nbytes, length, now), rows, nbytes,
                         key, queue_length)
         original = item
@@ -244,11 +245,15 @@ class Describer:
         if length:
             multiple = self._multiple
             queue_length = -(-length // multiple) * multiple
+            # Bytes padded to its own rounded length: the queue scales them to a batch's
+            # longest to hold max_batch_memory_mb for the padded batch.
+            nbytes = -(-nbytes * queue_length // length)
         if item is original and type(item) is _ndarray and not item.dtype.hasobject:
             arrays = self._arrays
             if len(arrays) >= _MEMO_LIMIT:
                 arrays.clear()
-            arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, length, queue_length)
+            arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, nbytes, length,
+                                              queue_length)
         return (Request(future, item, entry[1], rows, nbytes, length, now), rows, nbytes,
                 entry[0], queue_length)
 

@@ -15,10 +15,11 @@ The rule goes by the output's type first; shapes are checked (docs/formats.md):
   or several outputs, like a tuple (ONNX Runtime's ``run`` returns a list of outputs):
   it is several outputs when every element is an array or tensor with the batch's rows
   on axis 0 and the list's own length differs from them; one result per row when its
-  length is the batch's rows and its elements are not all such arrays. When both hold,
-  the reading this format's model showed on an earlier batch decides (a model's output
-  structure does not change with the batch size); before any has, the batch fails. With
-  one row, both readings hand the caller the same data.
+  length is the batch's rows and no element is such an array. When its length is the
+  batch's rows and some element is such an array, the reading this format's model
+  showed on an earlier batch decides (a model's output structure does not change with
+  the batch size); before any has, the batch fails. With one row, both readings hand the
+  caller the same data.
 
 Any output the rule does not cover (a string, a set, a generator, a scalar) is an error.
 Every error is a ``BatchOutputError`` naming the offending leaf by its path and both
@@ -147,36 +148,44 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, reading: ListRead
     """Whether a list output is several outputs (True) or one result per row (False), by
     the module's rule; ``BatchOutputError`` when it is neither or cannot be told."""
     k = len(out)
-    as_outputs = k > 0 and all(_is_leaf(x) and _leading(x) == n for x in out)
-    per_row = k == n
+    with_rows = [_is_leaf(x) and _leading(x) == n for x in out]
+    all_rows = k > 0 and all(with_rows)
     if one_sample:
-        if not per_row:
+        if k != n:
             hint = (f" (a list of {k} outputs with {n} rows each? With these inputs a list "
                     "is one result per item: return a tuple or dict for several outputs)"
-                    if as_outputs else "")
+                    if all_rows else "")
             raise BatchOutputError(
                 f"process_func returned {k} results for a batch of {n}{hint}")
         return False
-    if as_outputs and per_row and n > 1:
-        if reading.outputs is None:
-            raise BatchOutputError(
-                f"process_func returned a list of {k} arrays with {n} rows each for a batch "
-                f"of {n}: that is one result per row or {k} outputs split by rows, and no "
-                "earlier batch has shown which. Return a tuple or dict for several outputs, "
-                "or one stacked array for one result per row")
-        return reading.outputs
-    if not as_outputs and not per_row:
-        raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
-    decided = as_outputs and not per_row
-    if n > 1 or decided:  # one row of one output shows nothing (both readings agree)
-        if reading.outputs is None:
-            reading.outputs = decided
-        elif reading.outputs != decided:
-            raise BatchOutputError(
-                f"process_func returned a list of {k} for a batch of {n}, read as "
-                f"{'several outputs' if decided else 'one result per row'}, but earlier "
-                f"batches returned {'one result per row' if decided else 'several outputs'}:"
-                " a model's output structure must not change with the batch")
+    if k != n:
+        if not all_rows:
+            raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
+        decided = True  # several outputs, each with the batch's rows
+    elif n == 1:
+        return False  # one row: both readings hand the one caller the same data
+    elif not any(with_rows):
+        decided = False  # one result per row: no element looks like a batch's output
+    else:
+        # Some element has the batch's rows, as an output would; the list's length is
+        # the batch's too, as per-row results would be. An earlier batch decides.
+        if reading.outputs is False or (reading.outputs and all_rows):
+            return reading.outputs
+        what = (f"a list of {k} arrays with {n} rows each" if all_rows else
+                f"a list of {k} results, some of them arrays with the batch's {n} rows")
+        raise BatchOutputError(
+            f"process_func returned {what} for a batch of {n}: that is one result per row "
+            f"or {k} outputs split by rows, and no earlier batch has shown which "
+            "(several outputs must all have the batch's rows on axis 0). Return a tuple or "
+            "dict for several outputs, or one stacked array for one result per row")
+    if reading.outputs is None:
+        reading.outputs = decided
+    elif reading.outputs != decided:
+        raise BatchOutputError(
+            f"process_func returned a list of {k} for a batch of {n}, read as "
+            f"{'several outputs' if decided else 'one result per row'}, but earlier "
+            f"batches returned {'one result per row' if decided else 'several outputs'}:"
+            " a model's output structure must not change with the batch")
     return decided
 
 
@@ -254,10 +263,11 @@ def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
         tokens.append(trim)
     if len(requests) == 1 and not one_sample and not any(tokens):
         return [out]
+    if not leaves:  # containers only: each caller gets its own copy of them
+        return [spec.unflatten([]) for _ in requests]
     columns = [(_cut_tokens if trim else _cut_rows)(leaf, requests, one_sample)
                for leaf, trim in zip(leaves, tokens)]
-    return [spec.unflatten(list(parts)) for parts in zip(*columns)] if columns else [
-        out for _ in requests]
+    return [spec.unflatten(list(parts)) for parts in zip(*columns)]
 
 
 def _check_names(out: Any, names: frozenset[str | int]) -> None:
@@ -269,16 +279,17 @@ def _check_names(out: Any, names: frozenset[str | int]) -> None:
             f"not have (it has {have})")
 
 
-def join(parts: list[Any]) -> Any:
+def join(parts: list[Any], list_of_outputs: bool = False) -> Any:
     """One result from the results of a request's chunks (in order): arrays and tensors
-    concatenated on axis 0, lists chained, tuples and dicts joined leaf by leaf."""
+    concatenated on axis 0, per-row lists chained, tuples, dicts and lists of outputs
+    (``list_of_outputs``) joined output by output."""
     first = parts[0]
-    if isinstance(first, list):
+    if isinstance(first, list) and not list_of_outputs:
         joined: list[Any] = []
         for part in parts:
             joined.extend(part)
         return joined
-    if isinstance(first, (tuple, Mapping)):
+    if isinstance(first, (tuple, list, Mapping)):
         flat = [optree.tree_flatten(p, none_is_leaf=False) for p in parts]
         spec = flat[0][1]
         if any(s != spec for _, s in flat):

@@ -6,7 +6,9 @@ built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (sampl
 ``stack_items``); padded batches are filled on that device. Tensors share a batch when
 their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
 Each caller gets its rows as a tensor (a view of the output). batchproc never reuses a
-tensor it built, so a result never changes after it is delivered.
+tensor it built, so a result never changes after it is delivered. Batches are built
+without autograd, so no graph links one caller's tensors to another's (use
+``torch.inference_mode()`` in the model for the rest).
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ class TensorLeaf:
               padded_length: int) -> Any:
         import torch
 
-        if self._pad is None:
-            return torch.stack(items) if self._stacked else torch.cat(items)
-        first = items[0]
-        rows = sum(item.shape[0] for item in items)
-        batch = first.new_full((rows, padded_length, *first.shape[2:]), self._pad)
-        start = 0
-        for item in items:
-            end = start + item.shape[0]
-            batch[start:end, :item.shape[1]] = item
-            start = end
-        return batch
+        # Without autograd: a batch built from tensors that require grad would join every
+        # caller's tensors in one graph, reachable from every caller's result.
+        with torch.no_grad():
+            if self._pad is None:
+                return torch.stack(items) if self._stacked else torch.cat(items)
+            first = items[0]
+            rows = sum(item.shape[0] for item in items)
+            batch = first.new_full((rows, padded_length, *first.shape[2:]), self._pad)
+            start = 0
+            for item in items:
+                end = start + item.shape[0]
+                batch[start:end, :item.shape[1]] = item
+                start = end
+            return batch
 
 
 def _check_pad(value: Any, dtype: Any) -> Any:

@@ -139,8 +139,8 @@ class TreeFamily(Family):
         leaves: list[Any] = []
         for s in signatures:
             if s[0] == "array":
-                _, dtype, _, stacked, pad = s
-                leaves.append(ArrayLeaf(dtype, stacked, pad))
+                _, dtype, _, stacked, pad, cls = s
+                leaves.append(ArrayLeaf(dtype, stacked, pad, cls))
             else:
                 _, _, dtype, _, stacked, pad = s
                 leaves.append(TensorLeaf(dtype, stacked, pad))

@@ -1,0 +1,62 @@
+"""One run of compare_versions.py, in the interpreter of the version being measured.
+
+    python benchmarks/version_run.py '{"model": "identity", "load": "burst", "burst": 50000,
+                                       "cap": 3.0}'
+
+Runs the batchproc installed for *this* interpreter (the script's own folder, not the
+source tree, is first on sys.path) through ``batchproc.bench``: the same target, loads
+and measurement in every version since the benchmark package was written, so two
+versions differ only in the library under test. A short warm-up run of the same load
+comes first (thread start-up, first-call costs); then one measured run. Prints one JSON
+object on stdout: where batchproc was imported from, versions, and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+MAX_BATCH = 64
+MAX_DELAY = 0.005
+FEATURES = 64
+WARMUP_S = 0.3
+
+
+def main(spec: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    import batchproc
+    from batchproc.bench.loads import Bounds, Load
+    from batchproc.bench.models import make_model
+    from batchproc.bench.runner import run_target
+    from batchproc.bench.targets import Batchproc
+
+    key, burst, cap = spec["load"], int(spec["burst"]), float(spec["cap"])
+    if key == "burst":
+        load = Load("burst", burst=burst, features=FEATURES)
+        warm = Load("burst", burst=min(burst, 2_000), features=FEATURES)
+        bounds = Bounds(None, 3 * cap)
+    else:
+        load = warm = Load("closed", clients=int(key), features=FEATURES)
+        bounds = Bounds(None, cap)
+    model = make_model(spec["model"], features=FEATURES)
+
+    def target() -> Batchproc:
+        return Batchproc(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
+
+    run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))
+    r = run_target(target(), model, spec["model"], load, bounds)
+    return {
+        "batchproc_path": os.path.dirname(os.path.abspath(batchproc.__file__)),
+        "batchproc_version": batchproc.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "result": r.to_dict(),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))

@@ -2,7 +2,6 @@
 
 import asyncio
 import gc
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from extras import skip_without
 
 import batchproc
 from batchproc import BatchedFunction, BatchedMethod, BatchProcessor, ProcessorStoppedError
@@ -283,8 +283,7 @@ async def use() -> None:
 
 
 def test_mypy_infers_item_and_result_types(tmp_path):
-    if importlib.util.find_spec("mypy") is None:
-        pytest.skip("mypy is not installed (the test extra has it)")
+    skip_without("test")  # mypy
     path = tmp_path / "typed.py"
     path.write_text(TYPED)
     # In a child process: mypy raises the garbage collector's thresholds for good in the

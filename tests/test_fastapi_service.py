@@ -8,12 +8,12 @@ import socket
 import threading
 
 import numpy as np
-import pytest
+from extras import require
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("prometheus_client")
+require("fastapi", "service")
+require("uvicorn", "service")
+httpx = require("httpx", "test")
+require("prometheus_client", "service")
 
 import uvicorn  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402

@@ -7,11 +7,12 @@ import threading
 
 import numpy as np
 import pytest
+from extras import require
 
 import batchproc
 from batchproc import BatchTimeoutError, QueueFullError
 
-prometheus_client = pytest.importorskip("prometheus_client")
+prometheus_client = require("prometheus_client", "prometheus")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 

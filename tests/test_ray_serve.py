@@ -6,21 +6,16 @@ otherwise reach every test after this one. The child returns what it got; the ch
 are made here.
 """
 
-import importlib.util
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
+from extras import skip_without
 
 from batchproc.bench.models import MLP
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None
-                       or importlib.util.find_spec("httpx") is None,
-                       reason="needs the ray extra (ray[serve]) and httpx"),
-]
+pytestmark = pytest.mark.slow
 
 FEATURES = 8
 
@@ -76,6 +71,7 @@ def _serve_and_call(handle_rows, http_rows):
 
 
 def test_two_replicas_batch_requests_from_a_handle_and_http():
+    skip_without("ray", "test")  # not imported here: only in the child
     rng = np.random.default_rng(1)
     handle_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(400)]
     http_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(200)]

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -76,7 +77,8 @@ def create_app(model: Callable[[np.ndarray], np.ndarray] | None = None,
         try:
             yield
         finally:
-            processor.stop(timeout=10.0)  # drains what is queued
+            # Drains what is queued; from a thread, since stop() blocks while it drains.
+            await asyncio.to_thread(processor.stop, 10.0)
 
     app = FastAPI(title="batchproc example", lifespan=lifespan)
     retry_after = str(max(1, math.ceil(queue_wait)))

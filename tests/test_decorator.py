@@ -242,6 +242,34 @@ def test_functions_still_running_at_exit_finish_their_work():
     assert sum(int(line.split()[1]) for line in out.splitlines()[1:]) == 8
 
 
+def test_a_forked_child_starts_its_own_processor():
+    # A pre-forking server that called the function before forking: the child must not
+    # queue into the parent's processor, whose threads it does not have (it would wait
+    # for ever). In a child interpreter, so that the fork leaves this one's threads alone.
+    code = (
+        "import os, batchproc\n"
+        "@batchproc.batch(max_batch_size=4)\n"
+        "def double(items):\n"
+        "    return [2 * i for i in items]\n"
+        "assert double(1) == 2\n"
+        "parent = double.processor\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    code = 1\n"
+        "    try:\n"
+        "        ok = double.submit(3).result(timeout=10) == 6\n"
+        "        code = 0 if ok and double.processor is not parent else 2\n"
+        "    finally:\n"
+        "        os._exit(code)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+        "print('parent', double(2), double.processor is parent)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.splitlines() == ["child 0", "parent 4 True"]
+
+
 TYPED = '''
 import numpy as np
 import numpy.typing as npt

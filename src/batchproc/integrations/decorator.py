@@ -16,7 +16,9 @@ The processor is made and started on first use, one per function, or one per ins
 for a method (kept in the instance's ``__dict__`` under the method's name, the way
 ``functools.cached_property`` keeps its value). After ``stop()`` the next call starts a
 fresh one. Every processor still running at interpreter exit is stopped by an ``atexit``
-hook, so queued work is finished or failed, never lost silently.
+hook, so queued work is finished or failed, never lost silently. A process forked after
+the first call (a pre-forking server that warmed the model up before forking) does not
+inherit the processor, whose threads stay in the parent: its first call starts its own.
 
 ``async def`` batch functions run on an event loop of their own: a thread owned by the
 function's processor, started and stopped with it; the workers hand each batch to it with
@@ -31,6 +33,7 @@ import asyncio
 import atexit
 import functools
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -165,6 +168,18 @@ class BatchedFunction(Generic[T, U]):
             if loop_thread is not None:
                 loop_thread.stop(timeout)
 
+    def _forget_after_fork(self) -> None:
+        # In a forked child the parent's threads do not exist: its processor would accept
+        # work and never run it. The locks may have been held by a parent thread at the
+        # fork. The old processor is kept, never stopped or collected here: stopping it
+        # would wait on threads that are not there.
+        if self._processor is not None:
+            _INHERITED.append(self._processor)
+        self._processor = None
+        self._loop_thread = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Lock()
+
     def _threads(self) -> list[threading.Thread]:
         """Test hook: the threads this function's processor runs."""
         threads = [] if self._processor is None else self._processor._threads()
@@ -279,6 +294,19 @@ _LIVE: weakref.WeakSet[BatchedFunction[Any, Any]] = weakref.WeakSet()
 def _stop_all() -> None:
     for fn in list(_LIVE):
         fn.stop()
+
+
+# Processors a forked child inherited from its parent, threads gone (see _forget_after_fork).
+_INHERITED: list[BatchProcessor[Any, Any]] = []
+
+
+def _forget_all_after_fork() -> None:
+    for fn in list(_LIVE):
+        fn._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
 def _defined_in_class(func: Callable[..., Any]) -> bool:

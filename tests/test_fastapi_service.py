@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from extras import require
@@ -123,6 +124,40 @@ def test_a_full_queue_answers_503_with_retry_after():
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert served.status_code == 200
+
+
+def test_a_request_waits_for_room_then_is_served():
+    app = example.create_app(
+        config=BatchProcessorConfig(max_queue_size=4, max_batch_size=4),
+        queue_wait=60.0, registry=CollectorRegistry())
+    model = example.make_model()
+    row = np.zeros((1, example.FEATURES), dtype=np.float32)
+    features = [float(i) for i in range(example.FEATURES)]
+
+    async def request(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await client.post("/predict", json={"features": features})
+
+    with serve(app) as url:
+        processor = app.state.processor
+        processor.pause()
+        held = [processor.enqueue_predict(row) for _ in range(4)]  # the queue is full
+        waiters = processor._room_waiters()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(asyncio.run, request(url))
+            # Until the handler awaits room in apredict (bounded): then let it in.
+            for _ in range(6000):
+                if len(waiters) == 1 or pending.done():
+                    break
+                threading.Event().wait(0.01)
+            assert len(waiters) == 1 and not pending.done()
+            processor.resume()
+            response = pending.result(60)
+        for future in held:
+            future.result(10)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["output"], _expected(model, features),
+                               rtol=1e-5)
 
 
 def test_ready_is_503_when_unhealthy():

@@ -59,7 +59,8 @@ say "sdist"
 "$VPY" -m build --sdist --outdir dist .
 sdist=$(ls dist/batchproc-*.tar.gz)
 members=$(tar -tzf "$sdist")
-for member in LICENSE README.md tests/test_docs.py docs/index.md mkdocs.yml; do
+for member in LICENSE README.md tests/test_docs.py docs/index.md mkdocs.yml \
+        examples/fastapi_service.py; do
     grep -qx "batchproc-[^/]*/$member" <<<"$members" \
         || { echo "error: $sdist lacks $member" >&2; exit 1; }
 done

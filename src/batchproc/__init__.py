@@ -21,6 +21,7 @@ from .errors import (
     ProcessorStoppedError,
     QueueFullError,
 )
+from .integrations.decorator import BatchedFunction, BatchedMethod, batch
 from .metrics import MetricsCollector
 from .processor import BatchProcessor
 from .stats import BatchStats
@@ -43,10 +44,22 @@ __all__ = [
     "BatchProcessorError",
     "BatchStats",
     "BatchTimeoutError",
+    "BatchedFunction",
+    "BatchedMethod",
     "MetricsCollector",
     "PrioritizedItem",
     "ProcessorForkedError",
     "ProcessorStoppedError",
     "QueueFullError",
     "__version__",
+    "batch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Optional dependencies are imported on first use, never by ``import batchproc``.
+    if name == "PrometheusMetrics":
+        from .observe.prometheus import PrometheusMetrics
+
+        return PrometheusMetrics
+    raise AttributeError(f"module 'batchproc' has no attribute {name!r}")

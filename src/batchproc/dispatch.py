@@ -82,6 +82,10 @@ class _Batch:
 
 
 class Dispatcher:
+    # Told how many requests each pop took out of the queue, once something awaits room in
+    # it (backpressure.RoomWaiters); until then the workers pay one attribute read.
+    room: Any = None
+
     def __init__(
         self,
         config: BatchProcessorConfig,
@@ -183,7 +187,8 @@ class Dispatcher:
         for batch in taken:
             self._release_slot(batch)
             self._end_in_flight(batch)
-            failed += self._fail_pending(batch.requests, error_factory(), OUTCOME_ERROR)
+            failed += self._fail_pending(batch.requests, error_factory(), OUTCOME_ERROR,
+                                         batch.dispatched_at)
         return failed
 
     def alive_workers(self) -> tuple[int, int]:
@@ -227,7 +232,7 @@ class Dispatcher:
             self._fail_pending(
                 batch.requests,
                 BatchTimeoutError(f"process_func exceeded item_timeout={limit} s"),
-                OUTCOME_TIMEOUT)
+                OUTCOME_TIMEOUT, batch.dispatched_at)
             self._spawn_worker()
         return len(overdue)
 
@@ -288,6 +293,9 @@ class Dispatcher:
                     if queue.closed:
                         return  # closed and drained
                     continue
+                room = self.room
+                if room is not None:
+                    room.release(len(requests))
                 if batch is None:
                     continue  # all cancelled, or failed because stop() gave up
                 if queue.paused:
@@ -327,7 +335,8 @@ class Dispatcher:
             # stop() gave up on in-flight work (only after its grace for pops).
             self._release_slot(batch)
             self._fail_pending(live, ProcessorStoppedError(
-                "processor stopped before this request finished"), OUTCOME_ERROR)
+                "processor stopped before this request finished"), OUTCOME_ERROR,
+                batch.dispatched_at)
             return None
         return batch
 
@@ -558,8 +567,13 @@ class Dispatcher:
             self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
                                requests=len(requests), latencies=latencies)
             self._controller.observe_batch(rows, elapsed, target, self._queue.rows)
-            if self._metrics.records_batches:
-                self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
+            metrics = self._metrics
+            if metrics.records_batches:
+                metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
+            if metrics.records_requests:
+                dispatched = batch.dispatched_at
+                metrics.requests(latencies or [now - t for t in enqueued],
+                                 [dispatched - t for t in enqueued], OUTCOME_OK)
             if self._config.debug_mode:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
                              len(requests), rows, elapsed * 1e3, queue_time * 1e3)
@@ -574,7 +588,7 @@ class Dispatcher:
                 return
             batch.delivering = True
         try:
-            self._fail_pending(requests, error, OUTCOME_ERROR)
+            self._fail_pending(requests, error, OUTCOME_ERROR, batch.dispatched_at)
         finally:
             self._end_delivery(batch)
 
@@ -585,18 +599,32 @@ class Dispatcher:
                 self._settled.notify_all()
 
     def _fail_pending(self, requests: list[Request], error: BaseException, outcome: str,
-                      ) -> int:
+                      dispatched_at: float) -> int:
         pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
         self._stats.record_error(len(pending))
         self._metrics.error(error, len(pending))
+        if self._metrics.records_requests:
+            record_requests(self._metrics, pending, outcome, dispatched_at)
         for request in pending:
             try:
                 request.future.set_exception(error)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
         return len(pending)
+
+
+def record_requests(metrics: MetricsSink, requests: list[Request], outcome: str,
+                    dispatched_at: float | None) -> None:
+    """Report requests that failed together; ``dispatched_at`` None: never dispatched (their
+    whole wait was queue time)."""
+    now = _monotonic()
+    enqueued = enqueued_of(requests)
+    latencies = [now - t for t in enqueued]
+    queue_times = (latencies if dispatched_at is None
+                   else [max(0.0, dispatched_at - t) for t in enqueued])
+    metrics.requests(latencies, queue_times, outcome)
 
 
 def _queue_time(batch: _Batch, enqueued: list[float]) -> float:

@@ -10,6 +10,19 @@ A metrics collector is any object with some of these methods; missing ones are s
     Once per failure that reaches callers: the exception and how many requests got it.
 ``record_health(report)``
     After each periodic health check, with the dict ``BatchProcessor.health()`` returns.
+``record_requests(latencies, queue_times, outcome)``
+    Once per group of requests that reached an outcome together (a delivered batch, a
+    failed part of one, the requests a ``stop()`` failed): each request's latency (enqueue
+    to result) and queue time (enqueue to dispatch) in seconds, as two lists of the same
+    length, and the ``outcome`` of all of them (``"ok"``, ``"error"``, ``"timeout"``).
+    Only collectors that have this method cost the workers the lists.
+``record_rejected(count)``
+    Requests refused at enqueue (a full queue, or a stopped processor).
+``record_cancelled(count)``
+    Requests cancelled by their callers before they were dispatched.
+``bind_processor(processor)``
+    Once, when the collector is given to a ``BatchProcessor``: for collectors that read
+    its state when they are read themselves (queue depth, batches in flight).
 
 Calls happen on the processor's own threads. An exception raised inside a collector is
 logged (once per method, then at debug level) and never breaks processing.
@@ -18,6 +31,7 @@ logged (once per method, then at debug level) and never breaks processing.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -36,41 +50,67 @@ class MetricsCollector(Protocol):
 
     def record_health(self, report: dict[str, Any]) -> None: ...
 
+    def record_requests(self, latencies: list[float], queue_times: list[float],
+                        outcome: str) -> None: ...
+
+    def record_rejected(self, count: int) -> None: ...
+
+    def record_cancelled(self, count: int) -> None: ...
+
 
 class MetricsSink:
-    """Calls a collector's methods if it has them, swallowing and logging its failures."""
+    """Calls its collectors' methods if they have them, swallowing and logging failures.
 
-    _METHODS = ("record_batch", "record_error", "record_health")
+    One collector comes from ``BatchProcessor(metrics_collector=...)``; ``add`` attaches
+    more later (an exporter attached to a running processor).
+    """
 
-    def __init__(self, collector: object | None) -> None:
-        self._methods: dict[str, Any] = {}
+    _METHODS = ("record_batch", "record_error", "record_health", "record_requests",
+                "record_rejected", "record_cancelled")
+
+    def __init__(self, collector: object | None, owner: object = None) -> None:
+        self._methods: dict[str, tuple[Any, ...]] = {}
         self._warned: set[str] = set()
-        # Read on every batch: without a collector that takes batches, the dispatcher
-        # does not make the call at all.
+        self._adding = threading.Lock()
+        # Read on every batch: without a collector that takes batches (or requests), the
+        # dispatcher makes no call and builds no list for it.
         self.records_batches = False
-        if collector is None:
-            return
-        for name in self._METHODS:
-            method = getattr(collector, name, None)
-            if callable(method):
-                self._methods[name] = method
-        self.records_batches = "record_batch" in self._methods
-        if not self._methods:
+        self.records_requests = False
+        self._owner = owner
+        if collector is not None:
+            self.add(collector)
+
+    def add(self, collector: object) -> None:
+        """Attach a collector (also while the processor runs); its methods are called from
+        the next event on."""
+        bind = getattr(collector, "bind_processor", None)
+        if callable(bind) and self._owner is not None:
+            bind(self._owner)
+        found = {name: method for name in self._METHODS
+                 if callable(method := getattr(collector, name, None))}
+        if not found:
             logger.warning("metrics_collector %r has none of %s; it will not be called",
                            collector, ", ".join(self._METHODS))
+            return
+        with self._adding:
+            methods = dict(self._methods)
+            for name, method in found.items():
+                methods[name] = (*methods.get(name, ()), method)
+            self._methods = methods  # one assignment: readers see the old or the new map
+        self.records_batches = "record_batch" in methods
+        self.records_requests = "record_requests" in methods
 
     def _call(self, name: str, *args: Any) -> None:
-        method = self._methods.get(name)
-        if method is None:
-            return
-        try:
-            method(*args)
-        except Exception:
-            if name in self._warned:
-                logger.debug("metrics_collector.%s raised again", name, exc_info=True)
-            else:
-                self._warned.add(name)
-                logger.exception("metrics_collector.%s raised; processing continues", name)
+        for method in self._methods.get(name, ()):
+            try:
+                method(*args)
+            except Exception:
+                if name in self._warned:
+                    logger.debug("metrics_collector.%s raised again", name, exc_info=True)
+                else:
+                    self._warned.add(name)
+                    logger.exception("metrics_collector.%s raised; processing continues",
+                                     name)
 
     def batch(self, size: int, rows: int, queue_time: float, processing_time: float,
               outcome: str) -> None:
@@ -81,3 +121,12 @@ class MetricsSink:
 
     def health(self, report: dict[str, Any]) -> None:
         self._call("record_health", report)
+
+    def requests(self, latencies: list[float], queue_times: list[float], outcome: str) -> None:
+        self._call("record_requests", latencies, queue_times, outcome)
+
+    def rejected(self, count: int) -> None:
+        self._call("record_rejected", count)
+
+    def cancelled(self, count: int) -> None:
+        self._call("record_cancelled", count)

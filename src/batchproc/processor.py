@@ -24,9 +24,10 @@ from . import forking
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
 from .async_model import AsyncModel, is_async_callable
+from .backpressure import RoomWaiters, apredict
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, record_requests
 from .errors import (
     BatchProcessorError,
     ProcessorForkedError,
@@ -36,7 +37,7 @@ from .errors import (
 from .formats import make_describer
 from .futures import RequestFuture
 from .health import FORKED, PAUSED, HealthMonitor
-from .metrics import MetricsSink
+from .metrics import OUTCOME_ERROR, MetricsSink
 from .stats import BatchStats
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class BatchProcessor(Generic[T, U]):
         self._describe = make_describer(config).describe
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config)
-        self._metrics = MetricsSink(metrics_collector)
+        self._metrics = MetricsSink(metrics_collector, self)
         self._counts_lock = threading.Lock()
         self._cancelled = 0
         self._rejected = 0
@@ -176,6 +177,8 @@ class BatchProcessor(Generic[T, U]):
             was_running = self._state == _RUNNING
             self._state = _STOPPING
             self._queue.close()  # also ends a pause of the queue: stop drains as usual
+            if self._room is not None:
+                self._room.close()  # coroutines awaiting room in apredict: refused
             self._resume.set()
             # Last: whoever sees the event must find intake already closed.
             self.shutdown_event.set()
@@ -201,18 +204,20 @@ class BatchProcessor(Generic[T, U]):
 
     def _fail_queued(self) -> int:
         error = ProcessorStoppedError("processor stopped before this request was dispatched")
-        failed = 0
+        failed = []
         for request in self._queue.drain():
             future = request.future
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
-                failed += 1
+                failed.append(request)
             else:
                 self._count_cancelled(1)
         if failed:
-            self._stats.record_error(failed)
-            self._metrics.error(error, failed)
-        return failed
+            self._stats.record_error(len(failed))
+            self._metrics.error(error, len(failed))
+            if self._metrics.records_requests:
+                record_requests(self._metrics, failed, OUTCOME_ERROR, None)
+        return len(failed)
 
     def pause(self) -> None:
         """No batch is dispatched until ``resume()``; intake continues."""
@@ -288,8 +293,37 @@ class BatchProcessor(Generic[T, U]):
             raise self._refusal(exc, 0) from None
         return future
 
+    async def apredict(self, item: T, timeout: float | None = None,
+                       priority: BatchPriority | int = BatchPriority.NORMAL) -> U:
+        """From a coroutine: queue ``item`` and return its result
+        (``await processor.apredict(x)``).
+
+        Unlike ``enqueue_predict_async``, a full queue does not refuse: the coroutine
+        waits for room without blocking the loop (as ``asyncio.Queue.put`` does), up to
+        ``timeout`` seconds (``None``: as long as it takes); then ``QueueFullError``.
+        Waiters get room oldest first. Cancelling the awaiting task withdraws a queued
+        request at once (it is never processed); after dispatch its result is dropped.
+        After stop: ``ProcessorStoppedError``; in a forked child: ``ProcessorForkedError``.
+        Results reach the loop a batch at a time, as with ``enqueue_predict_async``.
+        """
+        if self._forked:
+            raise self._forked_error()
+        return await apredict(self, item, timeout, priority)
+
+    _room: RoomWaiters | None = None
+
+    def _room_waiters(self) -> RoomWaiters:
+        """The coroutines awaiting room (apredict); made on first need, after which the
+        workers report each batch they pop to it."""
+        with self._channels_lock:
+            if self._room is None:
+                self._room = RoomWaiters()
+                self._dispatcher.room = self._room
+            return self._room
+
     def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
         """The error a caller gets when the queue refused its request."""
+        self._metrics.rejected(1)
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
         return QueueFullError(
@@ -325,12 +359,15 @@ class BatchProcessor(Generic[T, U]):
     def _cancel_queued(self, token: int) -> bool:
         if self._queue.cancel(token):
             self._count_cancelled(1)
+            if self._room is not None:
+                self._room.release(1)
             return True
         return False
 
     def _count_cancelled(self, count: int) -> None:
         with self._counts_lock:
             self._cancelled += count
+        self._metrics.cancelled(count)
 
     # ----------------------------------------------------------------- control and state
 

@@ -1,0 +1,181 @@
+"""Awaiting room in a full queue from asyncio: ``BatchProcessor.apredict``.
+
+``enqueue_predict_async`` can only refuse when the queue is full (blocking the event loop
+is not an option). ``apredict`` waits instead, the way ``asyncio.Queue.put`` does, and
+without a thread per waiting request: a coroutine that finds the queue full registers a
+waiter in ``RoomWaiters`` and sleeps on an ``asyncio`` future of its own loop. Room is
+given back by whoever frees it: a worker that popped a batch of ``n`` requests wakes the
+``n`` oldest waiters, a cancelled request wakes one, ``stop()`` wakes them all. The wakes
+travel to each loop through its ``LoopChannel`` (aio.py), so a batch's worth of waiters
+costs a loop one wake-up, the same as a batch's results. A woken waiter pushes again; if
+somebody else took the room first (a thread in ``enqueue_predict``, a new request on the
+loop), it waits again at the front of the line.
+
+No wake-up is lost: each release bumps ``epoch``, which a coroutine reads before its push;
+``wait`` registers it only if no room was freed since then, under the same lock release
+takes. A waiter that goes away (its task was cancelled, its ``timeout`` passed) after it
+was handed room passes that room on to the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as _stdlib_queue
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, TypeVar
+
+from ._native.request_queue import QueueClosed
+from .aio import AsyncRequest, LoopChannel
+from .config import BatchPriority
+
+if TYPE_CHECKING:
+    from .processor import BatchProcessor
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+_WAITING, _CLAIMED, _GONE = 0, 1, 2
+_monotonic = time.monotonic
+
+
+class _Waiter:
+    __slots__ = ("channel", "future", "state")
+
+    def __init__(self, future: asyncio.Future[None], channel: LoopChannel) -> None:
+        self.future = future
+        self.channel = channel
+        self.state = _WAITING
+
+
+class RoomWaiters:
+    """Coroutines waiting for room in one processor's queue, woken oldest first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._line: deque[_Waiter] = deque()
+        self._waiting = 0  # entries of _line still _WAITING
+        self._closed = False
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self._waiting
+
+    def wait(self, loop: asyncio.AbstractEventLoop, channel: LoopChannel, epoch: int,
+             front: bool) -> _Waiter | None:
+        """On the loop: register a waiter, or None if room was freed since ``epoch``."""
+        with self._lock:
+            if self.epoch != epoch or self._closed:
+                return None
+            waiter = _Waiter(loop.create_future(), channel)
+            if front:
+                self._line.appendleft(waiter)
+            else:
+                self._line.append(waiter)
+            self._waiting += 1
+        return waiter
+
+    def release(self, count: int) -> None:
+        """From any thread: ``count`` requests left the queue; wake as many waiters."""
+        with self._lock:
+            self.epoch += 1
+            if not self._waiting:
+                return
+            woken = []
+            line = self._line
+            while count > 0 and line:
+                waiter = line.popleft()
+                if waiter.state != _WAITING:
+                    continue
+                waiter.state = _CLAIMED
+                woken.append(waiter)
+                count -= 1
+            self._waiting -= len(woken)
+        for waiter in woken:
+            waiter.channel.post(waiter.future, True, None)
+
+    def close(self) -> None:
+        """The queue is closed: wake everyone (their push raises ``QueueClosed``)."""
+        with self._lock:
+            self._closed = True
+        self.release(len(self._line))
+
+    def withdraw(self, waiter: _Waiter) -> None:
+        """On the loop: the waiter stops waiting (cancelled, timed out). Room it was
+        already handed goes to the next waiter."""
+        with self._lock:
+            state, waiter.state = waiter.state, _GONE
+            if state == _WAITING:
+                self._waiting -= 1
+                if len(self._line) > 64 and self._waiting < len(self._line) // 2:
+                    # Many left without being woken (a paused processor, time-outs):
+                    # drop them now rather than at the next release.
+                    self._line = deque(w for w in self._line if w.state == _WAITING)
+        if state == _CLAIMED:
+            self.release(1)
+
+
+class _NoRoomInTime(Exception):
+    """A waiter's ``timeout`` passed."""
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_NoRoomInTime())
+
+
+async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | None,
+                   priority: BatchPriority | int) -> U:
+    """See ``BatchProcessor.apredict``."""
+    loop = asyncio.get_running_loop()
+    last_loop, channel = processor._last_channel
+    if last_loop is not loop or channel is None:
+        channel = processor._channel_for(loop)
+    future: asyncio.Future[U] = loop.create_future()
+    request, rows, nbytes, key, length = processor._describe(
+        item, AsyncRequest(future, channel), _monotonic())
+    queue = processor._queue
+    room: RoomWaiters | None = None
+    epoch = 0
+    front = False
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        try:
+            token = queue.push(request, priority, rows, nbytes, key, 0, length)
+            break
+        except QueueClosed as exc:
+            raise processor._refusal(exc, timeout) from None
+        except _stdlib_queue.Full as exc:
+            if deadline is not None and loop.time() >= deadline:
+                raise processor._refusal(exc, timeout) from None
+            if room is None:
+                # First time full: make sure room is reported from now on, then try again
+                # (room freed before that was reported to nobody).
+                room = processor._room_waiters()
+                epoch = room.epoch
+                continue
+        waiter = room.wait(loop, channel, epoch, front)
+        if waiter is not None:
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter.future)
+            try:
+                await waiter.future
+            except _NoRoomInTime:
+                room.withdraw(waiter)
+                raise processor._refusal(_stdlib_queue.Full(), timeout) from None
+            except BaseException:
+                room.withdraw(waiter)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            front = True  # woken: if the room is gone again, next in line
+        epoch = room.epoch
+    try:
+        return await future
+    except asyncio.CancelledError:
+        # Still queued: take it out now (its room goes to the next waiter). Already
+        # dispatched: the worker sees the cancelled future and its result is dropped.
+        processor._cancel_queued(token)
+        raise
+

@@ -1,0 +1,385 @@
+"""``@batchproc.batch``: a batch function turned into a per-item callable.
+
+::
+
+    @batchproc.batch(max_batch_size=64, batch_timeout=0.005)
+    def embed(batch):               # called with a batch, returns one result per row
+        return model(batch)
+
+    embed(x)                        # from any thread: x's result
+    await embed.acall(x)            # from a coroutine (waits for room, see apredict)
+    embed.submit(x)                 # the concurrent.futures.Future
+    embed.processor                 # the BatchProcessor behind it
+    embed.stop()                    # also done at interpreter exit
+
+The processor is made and started on first use, one per function, or one per instance
+for a method (kept in the instance's ``__dict__`` under the method's name, the way
+``functools.cached_property`` keeps its value). After ``stop()`` the next call starts a
+fresh one. Every processor still running at interpreter exit is stopped by an ``atexit``
+hook, so queued work is finished or failed, never lost silently. A process forked after
+the first call (a pre-forking server that warmed the model up before forking) does not
+inherit the processor, whose threads stay in the parent: its first call starts its own.
+
+``async def`` batch functions run on an event loop of their own: a thread owned by the
+function's processor, started and stopped with it; the workers hand each batch to it with
+``asyncio.run_coroutine_threadsafe`` and wait for the result without the GIL. Several
+batches can be awaiting at once (up to ``max_workers``). This lives here, apart from the
+engine, so that a processor running async models on its own loop can replace it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import inspect
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar, cast, overload
+
+from ..config import BatchPriority, BatchProcessorConfig
+from ..processor import BatchProcessor
+
+T = TypeVar("T")
+U = TypeVar("U")
+S = TypeVar("S")
+B = TypeVar("B")
+R = TypeVar("R")
+
+_NORMAL = BatchPriority.NORMAL
+
+
+class _LoopThread:
+    """A private event loop on a thread of its own, for an ``async def`` batch function."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=f"batchproc-async-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # Batches still awaiting here were abandoned by their workers (item_timeout,
+            # stop's time limit): cancel them, then close.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def call(self, func: Callable[[Any], Coroutine[Any, Any, Any]], batch: Any) -> Any:
+        """From a worker thread: run ``func(batch)`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(func(batch), self.loop).result()
+
+    def stop(self, timeout: float | None) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed meanwhile
+            return
+        self._thread.join(timeout)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+
+class BatchedFunction(Generic[T, U]):
+    """A batch function called one item at a time; see the module for the interface."""
+
+    def __init__(self, func: Callable[[Any], Any], config: BatchProcessorConfig,
+                 metrics_collector: object | None, name: str) -> None:
+        functools.update_wrapper(self, func, updated=())
+        self.name = name
+        self._func = func
+        self._is_async = inspect.iscoroutinefunction(func)
+        self._config = config
+        self._metrics_collector = metrics_collector
+        self._lock = threading.Lock()
+        self._stopping = threading.Lock()
+        self._processor: BatchProcessor[T, U] | None = None
+        self._loop_thread: _LoopThread | None = None
+        _LIVE.add(self)
+
+    # ----------------------------------------------------------------- calling
+
+    def __call__(self, item: T, timeout: float | None = None,
+                 priority: BatchPriority | int = _NORMAL) -> U:
+        """From a thread: the item's result. ``timeout`` bounds the wait for room in a
+        full queue (then ``QueueFullError``); a failure raises what the function raised.
+        Do not call it on an event loop's thread (it blocks): use ``acall``."""
+        return self.submit(item, timeout, priority).result()
+
+    async def acall(self, item: T, timeout: float | None = None,
+                    priority: BatchPriority | int = _NORMAL) -> U:
+        """From a coroutine: the item's result. A full queue is waited out without
+        blocking the loop (``BatchProcessor.apredict``)."""
+        return await self.processor.apredict(item, timeout, priority)
+
+    def submit(self, item: T, timeout: float | None = None,
+               priority: BatchPriority | int = _NORMAL) -> Future[U]:
+        """The ``concurrent.futures.Future`` of the item's result."""
+        return self.processor.enqueue_predict(item, timeout, priority)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def processor(self) -> BatchProcessor[T, U]:
+        """The running processor (started now if it was not)."""
+        processor = self._processor
+        if processor is not None and processor.running:
+            return processor
+        return self._start()
+
+    def _start(self) -> BatchProcessor[T, U]:
+        with self._lock:
+            processor = self._processor
+            if processor is not None and processor.running:
+                return processor
+            processor = BatchProcessor(self._config, self._metrics_collector)
+            if self._is_async:
+                loop_thread = self._loop_thread = _LoopThread(self.name)
+                func = self._func
+                processor.start(functools.partial(loop_thread.call, func))
+            else:
+                processor.start(self._func)
+            self._processor = processor
+            return processor
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the processor (finishing queued work within ``timeout``, as
+        ``BatchProcessor.stop``) and its event loop thread; the next call starts anew."""
+        with self._stopping:  # a second stop() returns once the first has finished
+            with self._lock:
+                processor, self._processor = self._processor, None
+                loop_thread, self._loop_thread = self._loop_thread, None
+            if processor is not None:
+                processor.stop(timeout)
+            if loop_thread is not None:
+                loop_thread.stop(timeout)
+
+    def _forget_after_fork(self) -> None:
+        # In a forked child the parent's threads do not exist: its processor would accept
+        # work and never run it. The locks may have been held by a parent thread at the
+        # fork. The old processor is kept, never stopped or collected here: stopping it
+        # would wait on threads that are not there.
+        if self._processor is not None:
+            _INHERITED.append(self._processor)
+        self._processor = None
+        self._loop_thread = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Lock()
+
+    def _threads(self) -> list[threading.Thread]:
+        """Test hook: the threads this function's processor runs."""
+        threads = [] if self._processor is None else self._processor._threads()
+        if self._loop_thread is not None:
+            threads.append(self._loop_thread.thread)
+        return threads
+
+    def __repr__(self) -> str:
+        state = "running" if self._processor is not None and self._processor.running else "idle"
+        return f"<batched function {self.name} ({state})>"
+
+
+class BatchedMethod(Generic[S, T, U]):
+    """A batch method: each instance gets its own ``BatchedFunction`` (and processor)."""
+
+    def __init__(self, func: Callable[..., Any], config: BatchProcessorConfig,
+                 metrics_collector: object | None, name: str) -> None:
+        functools.update_wrapper(cast(Any, self), func, updated=())
+        self._func = func
+        self._config = config
+        self._metrics_collector = metrics_collector
+        self._name = name
+        self._attr = func.__name__
+        self._lock = threading.Lock()
+        self._bound: weakref.WeakSet[BatchedFunction[T, U]] = weakref.WeakSet()
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._attr = name
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None,
+                ) -> BatchedMethod[S, T, U]: ...
+
+    @overload
+    def __get__(self, instance: S, owner: type[Any] | None = None) -> BatchedFunction[T, U]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self
+        try:
+            namespace = instance.__dict__
+        except AttributeError:
+            raise TypeError(
+                f"@batchproc.batch on {self._name}: the instance needs a __dict__ "
+                f"to hold its processor") from None
+        bound = namespace.get(self._attr)
+        if isinstance(bound, BatchedFunction):
+            # Normally the instance's __dict__ answers before this descriptor is asked;
+            # not for special methods (``__call__``), which are looked up on the type.
+            return bound
+        with self._lock:
+            bound = namespace.get(self._attr)
+            if isinstance(bound, BatchedFunction):
+                return bound  # another thread bound it meanwhile
+            bound = BatchedFunction[T, U](
+                _bind(self._func, instance), self._config, self._metrics_collector,
+                self._name)
+            # Later lookups find it in the instance's __dict__ before this descriptor.
+            namespace[self._attr] = bound
+            self._bound.add(bound)
+        # When the instance goes away, so does its processor (stopped off the thread that
+        # dropped the instance: that may be one of the processor's own workers). At exit
+        # the atexit hook below stops it instead.
+        try:
+            weakref.finalize(instance, _stop_in_background, weakref.ref(bound)).atexit = False
+        except TypeError:  # not weakly referenceable: it lives as long as its processor
+            pass
+        return bound
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the processor of every instance."""
+        for bound in list(self._bound):
+            bound.stop(timeout)
+
+
+def _bind(func: Callable[..., Any], instance: Any) -> Callable[[Any], Any]:
+    """``func`` with ``instance`` as its first argument, held weakly where possible (the
+    processor's workers would otherwise keep the instance alive for ever)."""
+    try:
+        ref = weakref.ref(instance)
+    except TypeError:
+        return functools.partial(func, instance)
+
+    def target() -> Any:
+        obj = ref()
+        if obj is None:
+            raise ReferenceError("the instance of this batch method was garbage-collected")
+        return obj
+
+    if inspect.iscoroutinefunction(func):
+        async def bound_async(batch: Any) -> Any:
+            return await func(target(), batch)
+        return bound_async
+
+    def bound(batch: Any) -> Any:
+        return func(target(), batch)
+    return bound
+
+
+def _stop_in_background(ref: weakref.ref[BatchedFunction[Any, Any]]) -> None:
+    bound = ref()
+    if bound is not None and bound._processor is not None:
+        threading.Thread(target=bound.stop, name="stop-collected:batchproc", daemon=True).start()
+
+
+# Every BatchedFunction alive, stopped at interpreter exit (their workers are daemon
+# threads: without this, queued work would die with them).
+_LIVE: weakref.WeakSet[BatchedFunction[Any, Any]] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for fn in list(_LIVE):
+        fn.stop()
+
+
+# Processors a forked child inherited from its parent, threads gone (see _forget_after_fork).
+_INHERITED: list[BatchProcessor[Any, Any]] = []
+
+
+def _forget_all_after_fork() -> None:
+    for fn in list(_LIVE):
+        fn._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_after_fork)
+
+
+def _defined_in_class(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` was written in a class body (its qualified name says so)."""
+    parts = getattr(func, "__qualname__", "").split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
+
+
+class _Decorator:
+    def __init__(self, config: BatchProcessorConfig, metrics_collector: object | None,
+                 name: str | None) -> None:
+        self._config = config
+        self._metrics_collector = metrics_collector
+        self._name = name
+
+    # Plain functions: a list of items in, a sequence of results out (generic items) ...
+    @overload
+    def __call__(self, func: Callable[[list[T]], Awaitable[Sequence[U]]],
+                 ) -> BatchedFunction[T, U]: ...
+
+    @overload
+    def __call__(self, func: Callable[[list[T]], Sequence[U]]) -> BatchedFunction[T, U]: ...
+
+    # ... or the batch has the items' own type (arrays, tensors, dicts of them).
+    @overload
+    def __call__(self, func: Callable[[B], Awaitable[R]]) -> BatchedFunction[B, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[[B], R]) -> BatchedFunction[B, R]: ...
+
+    # Methods: the same, after ``self``.
+    @overload
+    def __call__(self, func: Callable[[S, list[T]], Awaitable[Sequence[U]]],
+                 ) -> BatchedMethod[S, T, U]: ...
+
+    @overload
+    def __call__(self, func: Callable[[S, list[T]], Sequence[U]],
+                 ) -> BatchedMethod[S, T, U]: ...
+
+    @overload
+    def __call__(self, func: Callable[[S, B], Awaitable[R]]) -> BatchedMethod[S, B, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[[S, B], R]) -> BatchedMethod[S, B, R]: ...
+
+    def __call__(self, func: Callable[..., Any]) -> Any:
+        if not callable(func):
+            raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
+        name = self._name or getattr(func, "__qualname__", None) or repr(func)
+        if _defined_in_class(func):
+            return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
+                                                name)
+        return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
+
+
+def batch(*, config: BatchProcessorConfig | None = None, metrics_collector: object = None,
+          name: str | None = None, **fields: Any) -> _Decorator:
+    """Turn a batch function into a per-item callable (see the module).
+
+    ``fields`` are ``BatchProcessorConfig``'s fields (``max_batch_size=64``, ...), checked
+    now; or pass a whole ``config``. ``metrics_collector`` goes to each processor made
+    (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus); ``name`` names it
+    in logs and metrics (default: the function's qualified name).
+
+    The function takes a batch and returns one result per row, as ``process_func`` does
+    (docs/formats.md): a list of items for generic items, the concatenated array or tensor
+    for arrays and tensors. A function written in a class body is a method: each instance
+    gets its own processor.
+    """
+    if config is not None and fields:
+        raise TypeError("pass either config or its fields, not both")
+    if config is None:
+        config = BatchProcessorConfig(**fields)
+    elif not isinstance(config, BatchProcessorConfig):
+        raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+    return _Decorator(config, metrics_collector, name)

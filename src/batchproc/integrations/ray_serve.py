@@ -1,0 +1,169 @@
+"""Scale out on Ray Serve: each replica batches its own requests with batchproc.
+
+Serve runs the replicas (how many, on which nodes, autoscaling between bounds, restarts,
+the HTTP proxy and the handles that route to them); batchproc runs inside each replica,
+turning the requests Serve routes to it into batches for the model::
+
+    from ray import serve
+    from batchproc.integrations.ray_serve import batched_deployment
+
+    app = batched_deployment("my_models:load_model",     # builds the model in the replica
+                             max_batch_size=64, batch_timeout=0.005,
+                             num_replicas=2)               # any serve.deployment option
+    handle = serve.run(app, route_prefix="/predict")
+    handle.remote(x).result()                              # through a handle, or over HTTP
+
+``model`` is a factory called once in each replica (where the weights load), given as a
+zero-argument callable or as ``"package.module:attr"``; what it returns is the batch
+function (``process_func``). Requests through a handle pass their item as is; over HTTP
+the JSON body is ``decode``-d into an item and the result ``encode``-d back (by default a
+list of rows becomes a float32 array and an array becomes lists). A full queue answers
+HTTP with 503 and ``Retry-After`` (after ``queue_wait`` seconds), a handle call with
+``QueueFullError``. Serve's own ``max_ongoing_requests`` (5 by default in Serve, too few
+to batch) is set to four batches' worth unless given.
+
+``BatchedReplica`` is the replica class, for subclassing (an endpoint of your own,
+another health rule) under ``@serve.deployment``.
+
+Ray is imported only here, and only when a deployment is made: ``pip install
+"batchproc[ray]"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..config import BatchProcessorConfig
+from ..errors import ProcessorStoppedError, QueueFullError
+from ..processor import BatchProcessor
+
+ModelFactory = Callable[[], Callable[[Any], Any]]
+
+
+def decode_rows(body: Any) -> Any:
+    """Default HTTP decoding: a JSON list (of rows) becomes a float32 array; an object
+    with ``"inputs"`` decodes those; anything else is the item as it is."""
+    if isinstance(body, dict) and "inputs" in body:
+        body = body["inputs"]
+    if isinstance(body, list):
+        return np.asarray(body, dtype=np.float32)
+    return body
+
+
+def encode_rows(result: Any) -> Any:
+    """Default HTTP encoding: arrays (and tuples/dicts of them) become lists."""
+    if isinstance(result, np.ndarray):
+        return result.tolist()
+    if isinstance(result, dict):
+        return {k: encode_rows(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return [encode_rows(v) for v in result]
+    if isinstance(result, np.generic):
+        return result.item()
+    return result
+
+
+def _resolve(model: ModelFactory | str) -> ModelFactory:
+    if isinstance(model, str):
+        module_name, _, attr = model.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        model = obj
+    if not callable(model):
+        raise TypeError(f"model must be a factory (a callable) or 'module:attr', got {model!r}")
+    return model
+
+
+class BatchedReplica:
+    """A Serve replica holding one model behind one ``BatchProcessor``."""
+
+    def __init__(self, model: ModelFactory | str, config: BatchProcessorConfig | None = None,
+                 decode: Callable[[Any], Any] = decode_rows,
+                 encode: Callable[[Any], Any] = encode_rows, queue_wait: float = 0.1,
+                 metrics_name: str | None = None) -> None:
+        collector = None
+        if metrics_name is not None:
+            from ..observe.prometheus import PrometheusMetrics
+
+            collector = PrometheusMetrics(metrics_name)
+        self.processor: BatchProcessor[Any, Any] = BatchProcessor(config, collector)
+        self.processor.start(_resolve(model)())
+        self._decode = decode
+        self._encode = encode
+        self._queue_wait = queue_wait
+        self._retry_after = str(max(1, math.ceil(queue_wait)))
+
+    async def __call__(self, request: Any) -> Any:
+        """A handle call: the item in, its result out. An HTTP request (a Starlette
+        ``Request``): the decoded JSON body in, the encoded result out as JSON."""
+        from starlette.requests import Request
+
+        if not isinstance(request, Request):
+            return await self.processor.apredict(request)
+        from starlette.responses import JSONResponse
+
+        try:
+            item = self._decode(await request.json())
+        except Exception as exc:
+            return JSONResponse({"detail": f"bad request: {exc}"}, status_code=400)
+        try:
+            result = await self.processor.apredict(item, timeout=self._queue_wait)
+        except (QueueFullError, ProcessorStoppedError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503,
+                                headers={"Retry-After": self._retry_after})
+        return JSONResponse(self._encode(result))
+
+    def get_stats(self) -> dict[str, Any]:
+        """This replica's ``get_stats()``, with its process id as ``replica_pid``."""
+        stats = self.processor.get_stats()
+        stats["replica_pid"] = os.getpid()
+        return stats
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose processor stopped is restarted."""
+        if not self.processor.running:
+            raise RuntimeError("batchproc processor is not running")
+
+    def __del__(self) -> None:
+        # Serve calls __del__ when it shuts a replica down: finish what is queued.
+        processor = getattr(self, "processor", None)
+        if processor is not None:
+            processor.stop(timeout=10.0)
+
+
+def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfig | None = None,
+                       decode: Callable[[Any], Any] = decode_rows,
+                       encode: Callable[[Any], Any] = encode_rows, queue_wait: float = 0.1,
+                       metrics_name: str | None = None, name: str = "batchproc",
+                       deployment_options: dict[str, Any] | None = None,
+                       **fields: Any) -> Any:
+    """A Serve application (pass it to ``serve.run``) whose replicas batch with batchproc.
+
+    ``fields`` are ``BatchProcessorConfig`` fields (or pass ``config``); Serve options
+    (``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
+    ``max_ongoing_requests``, ...) go in ``deployment_options`` or, for the common ones,
+    directly as keywords: ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
+    ``max_ongoing_requests``, ``max_queued_requests``. ``metrics_name`` attaches the
+    Prometheus exporter in each replica (to the replica's default registry).
+    """
+    from ray import serve
+
+    options = dict(deployment_options or {})
+    for key in ("num_replicas", "autoscaling_config", "ray_actor_options",
+                "max_ongoing_requests", "max_queued_requests", "health_check_period_s"):
+        if key in fields:
+            options[key] = fields.pop(key)
+    if config is not None and fields:
+        raise TypeError("pass either config or its fields, not both")
+    if config is None:
+        config = BatchProcessorConfig(**fields)
+    options.setdefault("max_ongoing_requests", 4 * config.max_batch_size)
+    deployment: Any = serve.deployment(BatchedReplica, name=name, **options)
+    return deployment.bind(model, config, decode, encode, queue_wait, metrics_name)

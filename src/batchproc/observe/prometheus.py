@@ -1,0 +1,230 @@
+"""Prometheus metrics for a processor (optional extra ``prometheus``: prometheus_client).
+
+One line attaches it::
+
+    processor = BatchProcessor(config, metrics_collector=PrometheusMetrics("embedder"))
+
+(or ``@batchproc.batch(..., metrics_collector=PrometheusMetrics("embedder"))``), and the
+registry (``prometheus_client.REGISTRY`` unless ``registry=`` says otherwise) serves:
+
+=================================================  ==========  ============================
+``batchproc_request_latency_seconds``              histogram   enqueue to result or error
+``batchproc_queue_time_seconds``                   histogram   enqueue to dispatch
+``batchproc_batch_size_rows``                      histogram   rows per model call
+``batchproc_model_call_duration_seconds``          histogram   one ``process_func`` call
+``batchproc_queue_depth``                          gauge       requests queued now
+``batchproc_batches_in_flight``                    gauge       batches being processed now
+``batchproc_requests_total{outcome}``              counter     completed, failed, expired
+                                                               (item_timeout), rejected (at
+                                                               enqueue), cancelled
+=================================================  ==========  ============================
+
+every series labelled ``processor`` with the name given. Times are in seconds, sizes in
+rows, counts in requests (a request split into chunks counts once).
+
+Why not prometheus_client's ``Histogram``: a batch of 64 requests would make 128 calls
+of ``observe``, each taking a lock. Here a batch's latencies are counted into buckets in
+one pass under one lock, and a collector hands prometheus_client the totals when the
+registry is scraped (its ``HistogramMetricFamily``), together with the two gauges, read
+from the processor at that moment. The exposition is the same. (prometheus_client's
+multiprocess mode is not supported: each process serves its own registry.)
+
+Names are unique within a registry: a ``PrometheusMetrics`` made again under the name of
+an earlier one (a processor restarted, a decorated function stopped and called again)
+continues its counters and histograms, and its gauges follow the newest processor.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from ..metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT
+
+#: Latency and queue-time buckets (seconds): 0.5 ms to 10 s.
+LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Model-call buckets (seconds).
+CALL_BUCKETS: tuple[float, ...] = LATENCY_BUCKETS
+#: Batch-size buckets (rows): powers of two up to 4096.
+SIZE_BUCKETS: tuple[float, ...] = tuple(float(2 ** k) for k in range(13))
+
+OUTCOMES = ("completed", "failed", "expired", "rejected", "cancelled")
+_BY_DELIVERY = {OUTCOME_OK: "completed", OUTCOME_ERROR: "failed", OUTCOME_TIMEOUT: "expired"}
+_LABELS = ("processor",)
+
+
+class _Buckets:
+    """A histogram's state: per-bucket counts (the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(float(b) for b in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def add(self, values: Sequence[float]) -> None:  # caller holds the lock
+        bounds, counts = self.bounds, self.counts
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # le: a value on a bound is in it
+        self.total += sum(values)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds, self.counts):
+            running += count
+            out.append((repr(bound), float(running)))  # 0.005, 1.0, 4096.0
+        out.append(("+Inf", float(running + self.counts[-1])))
+        return out
+
+
+class _State:
+    """Everything recorded under one processor name."""
+
+    def __init__(self, latency: Sequence[float], size: Sequence[float],
+                 call: Sequence[float]) -> None:
+        self.lock = threading.Lock()
+        self.latency = _Buckets(latency)
+        self.queue_time = _Buckets(latency)
+        self.size = _Buckets(size)
+        self.call = _Buckets(call)
+        self.requests = dict.fromkeys(OUTCOMES, 0)
+        self.processor: weakref.ref[Any] | None = None
+
+
+class _RegistryCollector:
+    """The one collector a registry holds for every batchproc processor in it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.states: dict[str, _State] = {}
+
+    def state(self, name: str, latency: Sequence[float], size: Sequence[float],
+              call: Sequence[float]) -> _State:
+        with self.lock:
+            state = self.states.get(name)
+            if state is None:
+                state = self.states[name] = _State(latency, size, call)
+            return state
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            states = list(self.states.items())
+        return self._families(states)
+
+    def _families(self, states: list[tuple[str, _State]] | None = None) -> Iterator[Metric]:
+        latency = HistogramMetricFamily(
+            "batchproc_request_latency_seconds",
+            "Time from enqueue to the request's result or error.", labels=_LABELS)
+        queue_time = HistogramMetricFamily(
+            "batchproc_queue_time_seconds",
+            "Time from enqueue to dispatch in a batch.", labels=_LABELS)
+        size = HistogramMetricFamily(
+            "batchproc_batch_size_rows", "Rows per model call.", labels=_LABELS)
+        call = HistogramMetricFamily(
+            "batchproc_model_call_duration_seconds",
+            "Duration of one call of the batch function.", labels=_LABELS)
+        depth = GaugeMetricFamily(
+            "batchproc_queue_depth", "Requests waiting in the queue.", labels=_LABELS)
+        in_flight = GaugeMetricFamily(
+            "batchproc_batches_in_flight", "Batches being processed.", labels=_LABELS)
+        requests = CounterMetricFamily(
+            "batchproc_requests", "Requests by outcome: completed, failed, expired "
+            "(item_timeout), rejected (at enqueue), cancelled (before dispatch).",
+            labels=(*_LABELS, "outcome"))
+        for name, state in states or ():
+            with state.lock:
+                for family, buckets in ((latency, state.latency),
+                                        (queue_time, state.queue_time),
+                                        (size, state.size), (call, state.call)):
+                    family.add_metric([name], buckets.cumulative(), buckets.total)
+                counts = dict(state.requests)
+            for outcome, count in counts.items():
+                requests.add_metric([name, outcome], float(count))
+            processor = state.processor() if state.processor is not None else None
+            if processor is not None:
+                stats = processor.get_stats()
+                depth.add_metric([name], float(stats["queue_size"]))
+                in_flight.add_metric([name], float(stats["active_batches"]))
+        yield from (latency, queue_time, size, call, depth, in_flight, requests)
+
+
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryCollector] = (
+    weakref.WeakKeyDictionary())
+_collectors_lock = threading.Lock()
+
+
+def _collector_for(registry: CollectorRegistry) -> _RegistryCollector:
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+        if collector is None:
+            collector = _collectors[registry] = _RegistryCollector()
+            registry.register(collector)
+        return collector
+
+
+class PrometheusMetrics:
+    """A metrics collector (``metrics_collector=``) that feeds a Prometheus registry.
+
+    ``name`` is the ``processor`` label. ``registry`` defaults to prometheus_client's
+    global one (what ``start_http_server`` and ``make_asgi_app`` serve). Bucket bounds
+    can be changed per name (the first ``PrometheusMetrics`` of a name sets them).
+    """
+
+    def __init__(self, name: str = "default", registry: CollectorRegistry | None = None, *,
+                 latency_buckets: Sequence[float] = LATENCY_BUCKETS,
+                 size_buckets: Sequence[float] = SIZE_BUCKETS,
+                 call_buckets: Sequence[float] = CALL_BUCKETS) -> None:
+        self.name = name
+        self.registry = REGISTRY if registry is None else registry
+        self._state = _collector_for(self.registry).state(
+            name, latency_buckets, size_buckets, call_buckets)
+
+    # The collector protocol (batchproc.metrics), called on the processor's threads.
+
+    def bind_processor(self, processor: Any) -> None:
+        self._state.processor = weakref.ref(processor)
+
+    def record_batch(self, size: int, rows: int, queue_time: float, processing_time: float,
+                     outcome: str) -> None:
+        state = self._state
+        with state.lock:
+            state.size.add((float(rows),))
+            state.call.add((processing_time,))
+
+    def record_requests(self, latencies: list[float], queue_times: list[float],
+                        outcome: str) -> None:
+        state = self._state
+        key = _BY_DELIVERY.get(outcome, "failed")
+        with state.lock:
+            state.latency.add(latencies)
+            state.queue_time.add(queue_times)
+            state.requests[key] += len(latencies)
+
+    def record_rejected(self, count: int) -> None:
+        state = self._state
+        with state.lock:
+            state.requests["rejected"] += count
+
+    def record_cancelled(self, count: int) -> None:
+        state = self._state
+        with state.lock:
+            state.requests["cancelled"] += count
+
+    def __repr__(self) -> str:
+        return f"PrometheusMetrics({self.name!r})"

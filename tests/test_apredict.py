@@ -1,0 +1,225 @@
+"""apredict: from a coroutine, wait for room in a full queue instead of being refused."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError
+from batchproc.aio import LoopChannel
+from batchproc.backpressure import RoomWaiters
+
+
+async def _until(predicate, what, timeout=10.0):
+    """Let the loop run until ``predicate()`` holds (each pass yields to the loop)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def test_a_burst_of_50000_from_one_loop_completes(make_processor):
+    processor = make_processor(lambda batch: batch * 2, max_queue_size=1000,
+                               max_batch_size=128)
+    n = 50_000
+
+    async def main():
+        refused = 0
+        # The refusing path: everything past the queue's capacity is refused at once.
+        processor.pause()
+        accepted = []
+        for i in range(2000):
+            try:
+                accepted.append(processor.enqueue_predict_async(np.array([[float(i)]])))
+            except QueueFullError:
+                refused += 1
+        processor.resume()
+        await asyncio.gather(*accepted)
+        # The waiting path: all of them complete.
+        results = await asyncio.gather(
+            *(processor.apredict(np.array([[float(i)]])) for i in range(n)))
+        return refused, len(accepted), results
+
+    refused, accepted, results = asyncio.run(main())
+    assert (accepted, refused) == (1000, 1000)
+    assert len(results) == n
+    assert all(r[0, 0] == 2.0 * i for i, r in enumerate(results))
+    stats = processor.get_stats()
+    assert stats["total_processed"] == 1000 + n
+    assert len(processor._room) == 0
+
+
+def test_waiting_for_room_does_not_block_the_loop(make_processor):
+    processor = make_processor(lambda batch: batch + 1, max_queue_size=2)
+    processor.pause()
+
+    async def main():
+        tasks = [asyncio.ensure_future(processor.apredict(np.array([[float(i)]])))
+                 for i in range(5)]
+        ticks = 0
+        # The loop keeps running other work while three coroutines wait for room.
+        while len(processor._room_waiters()) < 3:
+            ticks += 1
+            await asyncio.sleep(0)
+        assert len(processor._queue) == 2
+        assert not any(t.done() for t in tasks)
+        for _ in range(10):
+            await asyncio.sleep(0)
+            ticks += 1
+        processor.resume()
+        results = await asyncio.gather(*tasks)
+        return ticks, [r.tolist() for r in results]
+
+    ticks, results = asyncio.run(main())
+    assert ticks >= 10
+    assert results == [[[float(i + 1)]] for i in range(5)]
+
+
+def test_timeout_bounds_the_wait_for_room(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        first = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        with pytest.raises(QueueFullError):
+            await processor.apredict(np.array([[2.0]]), timeout=0.05)
+        with pytest.raises(QueueFullError):  # 0: refuse at once, like the async path
+            await processor.apredict(np.array([[3.0]]), timeout=0)
+        assert len(processor._room_waiters()) == 0
+        processor.resume()
+        return await first
+
+    assert asyncio.run(main()).tolist() == [[1.0]]
+    assert processor.get_stats()["total_processed"] == 1
+
+
+def test_cancelling_a_queued_request_withdraws_it_and_passes_its_room_on(
+        make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        queued = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        waiting = asyncio.ensure_future(processor.apredict(np.array([[2.0]])))
+        await _until(lambda: len(processor._room_waiters()) == 1, "a waiter")
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        # Its place in the queue went to the waiter at once, while still paused.
+        await _until(lambda: len(processor._room_waiters()) == 0, "the waiter woken")
+        await _until(lambda: len(processor._queue) == 1, "the waiter queued")
+        processor.resume()
+        return await waiting
+
+    assert asyncio.run(main()).tolist() == [[2.0]]
+    assert [b.tolist() for b in model.batches] == [[[2.0]]]
+    assert processor.get_stats()["total_cancelled"] == 1
+
+
+def test_cancelling_a_task_waiting_for_room_leaves_the_line(make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        first = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        doomed = asyncio.ensure_future(processor.apredict(np.array([[2.0]])))
+        await _until(lambda: len(processor._room_waiters()) == 1, "a waiter")
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert len(processor._room_waiters()) == 0
+        processor.resume()
+        return await first
+
+    assert asyncio.run(main()).tolist() == [[1.0]]
+    assert [b.tolist() for b in model.batches] == [[[1.0]]]
+
+
+def test_cancelled_after_dispatch_the_result_is_dropped(make_processor):
+    started, release = threading.Event(), threading.Event()
+
+    def model(batch):
+        started.set()
+        release.wait(10)
+        return batch
+
+    processor = make_processor(model)
+
+    async def main():
+        task = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        # The processor goes on serving; the dropped result hurt nobody.
+        return await processor.apredict(np.array([[5.0]]))
+
+    assert asyncio.run(main()).tolist() == [[5.0]]
+    assert processor.get_stats()["total_processed"] == 2
+
+
+def test_stop_refuses_the_coroutines_waiting_for_room(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        queued = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        waiting = [asyncio.ensure_future(processor.apredict(np.array([[2.0]])))
+                   for _ in range(3)]
+        await _until(lambda: len(processor._room_waiters()) == 3, "three waiters")
+        await asyncio.get_running_loop().run_in_executor(None, processor.stop)
+        outcomes = await asyncio.gather(queued, *waiting, return_exceptions=True)
+        with pytest.raises(ProcessorStoppedError):
+            await processor.apredict(np.array([[3.0]]))
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    # stop() drains what was queued (it resumes a paused processor); waiters are refused.
+    assert outcomes[0].tolist() == [[1.0]]
+    assert all(isinstance(o, ProcessorStoppedError) for o in outcomes[1:])
+
+
+def test_priority_is_kept(make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model, enable_priority_queue=True, max_batch_size=1)
+    processor.pause()
+
+    async def main():
+        low = asyncio.ensure_future(
+            processor.apredict(np.array([[1.0]]), priority=BatchPriority.LOW))
+        high = asyncio.ensure_future(
+            processor.apredict(np.array([[2.0]]), priority=BatchPriority.HIGH))
+        await _until(lambda: len(processor._queue) == 2, "both queued")
+        processor.resume()
+        await asyncio.gather(low, high)
+
+    asyncio.run(main())
+    assert [b.tolist() for b in model.batches] == [[[2.0]], [[1.0]]]
+
+
+def test_room_handed_to_a_waiter_that_left_goes_to_the_next():
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel = LoopChannel(loop)
+        room = RoomWaiters()
+        a = room.wait(loop, channel, room.epoch, front=False)
+        b = room.wait(loop, channel, room.epoch, front=False)
+        assert len(room) == 2
+        room.release(1)  # hands the room to a (posted to the loop, not yet run)
+        assert len(room) == 1
+        room.withdraw(a)  # a's task was cancelled meanwhile: b gets the room
+        assert len(room) == 0
+        await b.future
+        # A wait registered after a release it did not see returns at once.
+        assert room.wait(loop, channel, room.epoch - 1, front=False) is None
+
+    asyncio.run(main())

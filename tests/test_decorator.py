@@ -1,0 +1,342 @@
+"""@batchproc.batch: a batch function called one item at a time."""
+
+import asyncio
+import gc
+import subprocess
+import sys
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from extras import skip_without
+
+import batchproc
+from batchproc import BatchedFunction, BatchedMethod, BatchProcessor, ProcessorStoppedError
+
+
+@pytest.fixture
+def stopped_after():
+    """Batched functions made by a test, stopped (and their threads checked) at teardown."""
+    made = []
+    before = set(threading.enumerate())
+
+    def track(fn):
+        made.append(fn)
+        return fn
+
+    yield track
+    for fn in made:
+        fn.stop()
+    leaked = [t for t in threading.enumerate()
+              if t not in before and t.name.startswith("batchproc") and t.is_alive()]
+    assert not leaked, f"threads left behind: {leaked}"
+
+
+def test_a_function_becomes_a_per_item_callable(stopped_after):
+    batches = []
+
+    @batchproc.batch(max_batch_size=8, batch_timeout=0.01)
+    def double(items):
+        batches.append(len(items))
+        return [2 * x for x in items]
+
+    stopped_after(double)
+    assert isinstance(double, BatchedFunction)
+    assert double.__name__ == "double"
+    assert double(21) == 42
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(double, range(200))) == [2 * x for x in range(200)]
+    assert sum(batches) == 201
+    assert max(batches) <= 8
+
+
+def test_submit_gives_the_future_and_processor_is_the_processor(stopped_after):
+    @batchproc.batch(max_batch_size=4)
+    def square(items):
+        return [x * x for x in items]
+
+    stopped_after(square)
+    processor = square.processor
+    assert isinstance(processor, BatchProcessor)
+    assert processor.running
+    assert processor.config.max_batch_size == 4
+    processor.pause()
+    futures = [square.submit(i) for i in range(10)]
+    assert all(isinstance(f, Future) for f in futures)
+    assert not any(f.done() for f in futures)
+    processor.resume()
+    assert [f.result(10) for f in futures] == [i * i for i in range(10)]
+    assert square.processor is processor  # one processor per function
+
+
+def test_arrays_keep_their_format(stopped_after):
+    @batchproc.batch(max_batch_size=64)
+    def model(batch):
+        assert batch.ndim == 2
+        return batch * 10
+
+    stopped_after(model)
+    out = model(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    assert out.tolist() == [[10.0, 20.0], [30.0, 40.0]]
+
+
+def test_acall_from_a_coroutine(stopped_after):
+    @batchproc.batch(max_batch_size=16, max_queue_size=4)
+    def inc(items):
+        return [x + 1 for x in items]
+
+    stopped_after(inc)
+
+    async def main():
+        # 500 from one loop through a queue of 4: acall waits for room, never refuses.
+        return await asyncio.gather(*(inc.acall(i) for i in range(500)))
+
+    assert asyncio.run(main()) == [i + 1 for i in range(500)]
+
+
+def test_an_async_batch_function_runs_on_its_own_loop(stopped_after):
+    loops = set()
+
+    @batchproc.batch(max_batch_size=8, max_workers=2)
+    async def fetch(items):
+        loops.add(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        return [f"<{x}>" for x in items]
+
+    stopped_after(fetch)
+    assert fetch("a") == "<a>"
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(fetch, "xyz" * 20)) == [f"<{c}>" for c in "xyz" * 20]
+
+    async def main():
+        return await asyncio.gather(*(fetch.acall(c) for c in "pq"))
+
+    assert asyncio.run(main()) == ["<p>", "<q>"]
+    assert len(loops) == 1  # one private loop, not the caller's
+    (loop,) = loops
+    threads = fetch._threads()
+    fetch.stop()
+    assert loop.is_closed()
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_failures_reach_the_caller_unwrapped(stopped_after):
+    @batchproc.batch(max_batch_size=8, max_retries=0)
+    def picky(items):
+        if any(x < 0 for x in items):
+            raise ValueError("negative")
+        return items
+
+    stopped_after(picky)
+    assert picky(3) == 3
+    with pytest.raises(ValueError, match="negative"):
+        picky(-1)
+
+
+def test_a_method_gets_one_processor_per_instance(stopped_after):
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+            self.calls = 0
+
+        @batchproc.batch(max_batch_size=32)
+        def predict(self, items):
+            self.calls += 1
+            return [self.scale * x for x in items]
+
+    assert isinstance(Model.__dict__["predict"], BatchedMethod)
+    a, b = Model(2), Model(3)
+    stopped_after(a.predict)
+    stopped_after(b.predict)
+    assert a.predict(5) == 10
+    assert b.predict(5) == 15
+    assert a.predict is a.predict  # bound once, then found in the instance
+    assert a.predict.processor is not b.predict.processor
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(a.predict, range(100))) == [2 * x for x in range(100)]
+    assert a.calls >= 2
+    Model.predict.stop()
+    assert not a.predict._processor and not b.predict._processor
+
+
+def test_an_async_method(stopped_after):
+    class Service:
+        @batchproc.batch(max_batch_size=8)
+        async def handle(self, items):
+            await asyncio.sleep(0)
+            return [len(items)] * len(items)
+
+    svc = Service()
+    stopped_after(svc.handle)
+
+    async def main():
+        return await asyncio.gather(*(svc.handle.acall(i) for i in range(20)))
+
+    assert all(1 <= n <= 8 for n in asyncio.run(main()))
+
+
+def test_an_instance_that_goes_away_stops_its_processor():
+    class Model:
+        @batchproc.batch(max_batch_size=4)
+        def predict(self, items):
+            return items
+
+    model = Model()
+    assert model.predict(1) == 1
+    processor = model.predict.processor
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the workers do not keep the instance alive
+    processor.shutdown_event.wait(10)
+    assert processor.shutdown_event.is_set()
+    for thread in processor._threads():
+        thread.join(10)
+    assert not processor.running
+
+
+def test_stop_then_call_again_starts_a_fresh_processor(stopped_after):
+    @batchproc.batch()
+    def ident(items):
+        return items
+
+    stopped_after(ident)
+    first = ident.processor
+    ident.stop()
+    assert not first.running
+    with pytest.raises(ProcessorStoppedError):
+        first.enqueue_predict(1)
+    assert ident(7) == 7
+    assert ident.processor is not first
+
+
+def test_config_fields_are_checked_when_decorating():
+    with pytest.raises(TypeError):
+        batchproc.batch(max_batch_sise=8)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        batchproc.batch(max_batch_size=0)
+    with pytest.raises(TypeError, match="either config or its fields"):
+        batchproc.batch(config=batchproc.BatchProcessorConfig(), max_batch_size=4)
+
+
+def test_functions_still_running_at_exit_finish_their_work():
+    # A child interpreter: queued work is finished by the atexit hook, not dropped.
+    code = (
+        "import batchproc, sys\n"
+        "@batchproc.batch(max_batch_size=4)\n"
+        "def slow(items):\n"
+        "    import time; time.sleep(0.01)\n"
+        "    print('batch', len(items), flush=True)\n"
+        "    return items\n"
+        "slow.processor.pause()\n"
+        "futures = [slow.submit(i) for i in range(8)]\n"
+        "slow.processor.resume()\n"
+        "futures[0].add_done_callback(lambda f: None)\n"
+        "print('exiting', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.startswith("exiting")
+    assert sum(int(line.split()[1]) for line in out.splitlines()[1:]) == 8
+
+
+def test_a_forked_child_starts_its_own_processor():
+    # A pre-forking server that called the function before forking: the child must not
+    # queue into the parent's processor, whose threads it does not have (it would wait
+    # for ever). In a child interpreter, so that the fork leaves this one's threads alone.
+    code = (
+        "import os, batchproc\n"
+        "@batchproc.batch(max_batch_size=4)\n"
+        "def double(items):\n"
+        "    return [2 * i for i in items]\n"
+        "assert double(1) == 2\n"
+        "parent = double.processor\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    code = 1\n"
+        "    try:\n"
+        "        ok = double.submit(3).result(timeout=10) == 6\n"
+        "        code = 0 if ok and double.processor is not parent else 2\n"
+        "    finally:\n"
+        "        os._exit(code)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+        "print('parent', double(2), double.processor is parent)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.splitlines() == ["child 0", "parent 4 True"]
+
+
+TYPED = '''
+import numpy as np
+import numpy.typing as npt
+from concurrent.futures import Future
+from typing import Any
+import batchproc
+from batchproc import BatchProcessor
+
+@batchproc.batch(max_batch_size=8)
+def lengths(items: list[str]) -> list[int]:
+    return [len(s) for s in items]
+
+@batchproc.batch(max_batch_size=8)
+async def alengths(items: list[str]) -> list[int]:
+    return [len(s) for s in items]
+
+Array = npt.NDArray[np.float32]
+
+@batchproc.batch(max_batch_size=8)
+def model(batch: Array) -> Array:
+    return batch
+
+class Service:
+    @batchproc.batch(max_batch_size=8)
+    def predict(self, items: list[float]) -> list[str]:
+        return [str(x) for x in items]
+
+async def use() -> None:
+    reveal_type(lengths("abc"))
+    reveal_type(await lengths.acall("abc"))
+    reveal_type(lengths.submit("abc"))
+    reveal_type(lengths.processor)
+    reveal_type(alengths("abc"))
+    reveal_type(model(np.zeros((1, 2), np.float32)))
+    reveal_type(Service().predict(1.0))
+    reveal_type(Service.predict)
+    lengths(3)
+'''
+
+
+def test_mypy_infers_item_and_result_types(tmp_path):
+    skip_without("test")  # mypy
+    path = tmp_path / "typed.py"
+    path.write_text(TYPED)
+    # In a child process: mypy raises the garbage collector's thresholds for good in the
+    # process it runs in (later load tests would see memory grow).
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir",
+         "/dev/null", "--hide-error-context", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path).stdout
+    # Written the way mypy 1.x and 2.x both can be read: without "builtins."
+    reveals = [line.split("Revealed type is ", 1)[1].strip('"').replace("builtins.", "")
+               for line in out.splitlines() if "Revealed type is" in line]
+    assert len(reveals) == 8, out
+    assert reveals[:5] == [
+        "int",
+        "int",
+        "concurrent.futures._base.Future[int]",
+        "batchproc.processor.BatchProcessor[str, int]",
+        "int",
+    ], out
+    assert reveals[5].startswith("numpy.ndarray[") and "32" in reveals[5], out
+    assert reveals[6:] == [
+        "str",
+        "batchproc.integrations.decorator.BatchedMethod[typed.Service, float, str]",
+    ], out
+    # The only error: an int where the function takes str items.
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and '"BatchedFunction"' in errors[0], out
+    assert 'type "int"; expected "str"' in errors[0], out

@@ -1,0 +1,183 @@
+"""examples/fastapi_service.py, served by uvicorn on the loopback and called over HTTP."""
+
+import asyncio
+import contextlib
+import importlib.util
+import pathlib
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from extras import require
+
+require("fastapi", "service")
+require("uvicorn", "service")
+httpx = require("httpx", "test")
+require("prometheus_client", "service")
+
+import uvicorn  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from batchproc import BatchProcessorConfig  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location(
+        "fastapi_service", ROOT / "examples" / "fastapi_service.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yield its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def _expected(model, features):
+    return model(np.asarray([features], dtype=np.float32))[0]
+
+
+def test_concurrent_requests_each_get_their_own_answer():
+    registry = CollectorRegistry()
+    app = example.create_app(registry=registry)
+    model = example.make_model()
+    n = 200
+
+    async def main(url):
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            bodies = [{"features": [float(i), -float(i), 1, 2, 3, 4, 5, float(i % 7)]}
+                      for i in range(n)]
+            responses = await asyncio.gather(*(client.post("/predict", json=b)
+                                               for b in bodies))
+            ready = await client.get("/ready")
+            metrics = await client.get("/metrics")
+            bad = await client.post("/predict", json={"features": [1.0]})
+            return bodies, responses, ready, metrics, bad
+
+    with serve(app) as url:
+        bodies, responses, ready, metrics, bad = asyncio.run(main(url))
+        processor = app.state.processor
+        assert processor.get_stats()["avg_batch_size"] > 1  # they did share batches
+    assert not processor.running  # the lifespan stopped it
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(response.json()["output"],
+                                   _expected(model, body["features"]), rtol=1e-5)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "healthy"
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'batchproc_requests_total{outcome="completed",processor="model"} 200.0' \
+        in metrics.text
+    assert 'batchproc_request_latency_seconds_count{processor="model"} 200.0' in metrics.text
+    assert bad.status_code == 422
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    app = example.create_app(
+        config=BatchProcessorConfig(max_queue_size=4, max_batch_size=4),
+        queue_wait=0.0, registry=CollectorRegistry())
+    row = np.zeros((1, example.FEATURES), dtype=np.float32)
+
+    async def request(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await client.post("/predict", json={"features": [0.0] * 8})
+
+    with serve(app) as url:
+        processor = app.state.processor
+        processor.pause()
+        held = [processor.enqueue_predict(row) for _ in range(4)]  # the queue is full
+        refused = asyncio.run(request(url))
+        processor.resume()
+        for future in held:
+            future.result(10)
+        served = asyncio.run(request(url))
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert served.status_code == 200
+
+
+def test_a_request_waits_for_room_then_is_served():
+    app = example.create_app(
+        config=BatchProcessorConfig(max_queue_size=4, max_batch_size=4),
+        queue_wait=60.0, registry=CollectorRegistry())
+    model = example.make_model()
+    row = np.zeros((1, example.FEATURES), dtype=np.float32)
+    features = [float(i) for i in range(example.FEATURES)]
+
+    async def request(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await client.post("/predict", json={"features": features})
+
+    with serve(app) as url:
+        processor = app.state.processor
+        processor.pause()
+        held = [processor.enqueue_predict(row) for _ in range(4)]  # the queue is full
+        waiters = processor._room_waiters()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(asyncio.run, request(url))
+            # Until the handler awaits room in apredict (bounded): then let it in.
+            for _ in range(6000):
+                if len(waiters) == 1 or pending.done():
+                    break
+                threading.Event().wait(0.01)
+            assert len(waiters) == 1 and not pending.done()
+            processor.resume()
+            response = pending.result(60)
+        for future in held:
+            future.result(10)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["output"], _expected(model, features),
+                               rtol=1e-5)
+
+
+def test_ready_is_503_when_unhealthy():
+    app = example.create_app(
+        config=BatchProcessorConfig(max_queue_size=10, queue_warning_threshold=2,
+                                    queue_critical_threshold=3),
+        registry=CollectorRegistry())
+    row = np.zeros((1, example.FEATURES), dtype=np.float32)
+
+    async def ready(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await client.get("/ready")
+
+    with serve(app) as url:
+        processor = app.state.processor
+        processor.pause()
+        held = [processor.enqueue_predict(row) for _ in range(5)]  # past critical
+        response = asyncio.run(ready(url))
+        processor.resume()
+        for future in held:
+            future.result(10)
+    assert response.status_code == 503
+    assert response.json()["status"] == "unhealthy"

@@ -1,0 +1,248 @@
+"""The collector protocol's per-request methods, and the Prometheus exporter built on them:
+scrape a registry after a known load and check every number."""
+
+import asyncio
+import re
+import threading
+
+import numpy as np
+import pytest
+from extras import require
+
+import batchproc
+from batchproc import BatchTimeoutError, QueueFullError
+
+prometheus_client = require("prometheus_client", "prometheus")
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from batchproc.observe.prometheus import PrometheusMetrics  # noqa: E402
+
+
+class Protocol:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = []
+        self.rejected = 0
+        self.cancelled = 0
+        self.bound = None
+
+    def bind_processor(self, processor):
+        self.bound = processor
+
+    def record_requests(self, latencies, queue_times, outcome):
+        with self.lock:
+            assert len(latencies) == len(queue_times)
+            assert all(0.0 <= q <= lat for q, lat in zip(queue_times, latencies))
+            self.requests.append((len(latencies), outcome))
+
+    def record_rejected(self, count):
+        self.rejected += count
+
+    def record_cancelled(self, count):
+        self.cancelled += count
+
+    def count(self, outcome):
+        return sum(n for n, o in self.requests if o == outcome)
+
+
+def test_the_protocol_reports_each_request_once(make_processor):
+    collector = Protocol()
+
+    def model(batch):
+        if (batch < 0).any():
+            raise ValueError("negative")
+        return batch
+
+    processor = make_processor(model, metrics_collector=collector, max_queue_size=20,
+                               max_retries=0, max_batch_size=8)
+    assert collector.bound is processor
+    processor.pause()
+    good = [processor.enqueue_predict(np.array([[float(i)]])) for i in range(15)]
+    bad = [processor.enqueue_predict(np.array([[-1.0]])) for _ in range(3)]
+    doomed = [processor.enqueue_predict(np.array([[5.0]])) for _ in range(2)]
+    with pytest.raises(QueueFullError):
+        processor.enqueue_predict(np.array([[1.0]]), timeout=0)
+    for f in doomed:
+        assert f.cancel()
+    processor.resume()
+    for f in good:
+        f.result(10)
+    for f in bad:
+        with pytest.raises(ValueError):
+            f.result(10)
+    assert collector.count("ok") == 15
+    assert collector.count("error") == 3
+    assert (collector.rejected, collector.cancelled) == (1, 2)
+
+
+def _scrape(registry):
+    """{(sample name, frozenset(labels)): value} from the text exposition, parsed back."""
+    text = generate_latest(registry).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return text, out
+
+
+def _value(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_scraped_numbers_match_a_known_load(make_processor):
+    registry = CollectorRegistry()
+    release = threading.Event()
+    started = threading.Event()
+
+    def model(batch):
+        if (batch < 0).any():
+            raise ValueError("negative")
+        if (batch == 1e6).any():
+            started.set()
+            release.wait(10)
+        return batch
+
+    processor = make_processor(
+        model, metrics_collector=PrometheusMetrics("mlp", registry), max_queue_size=200,
+        max_retries=0, max_batch_size=10)
+    processor.pause()
+    ok = [processor.enqueue_predict(np.array([[float(i)]])) for i in range(100)]
+    processor.resume()
+    for f in ok:
+        f.result(10)
+    processor.pause()
+    failing = [processor.enqueue_predict(np.array([[-1.0]])) for _ in range(4)]
+    cancelled = [processor.enqueue_predict(np.array([[2.0]])) for _ in range(3)]
+    for f in cancelled:
+        f.cancel()
+    processor.resume()
+    for f in failing:
+        with pytest.raises(ValueError):
+            f.result(10)
+
+    # While one batch is stuck in the model with 5 requests queued behind it: the gauges.
+    stuck = processor.enqueue_predict(np.array([[1e6]]))
+    assert started.wait(10)
+    processor.pause()
+    queued = [processor.enqueue_predict(np.array([[3.0]])) for _ in range(5)]
+    text, samples = _scrape(registry)
+    assert _value(samples, "batchproc_queue_depth", processor="mlp") == 5
+    assert _value(samples, "batchproc_batches_in_flight", processor="mlp") == 1
+    release.set()
+    stuck.result(10)
+    processor.resume()
+    for f in queued:
+        f.result(10)
+
+    # Refused at enqueue: a full queue.
+    processor.pause()
+    fill = [processor.enqueue_predict(np.array([[4.0]])) for _ in range(200)]
+    for _ in range(7):
+        with pytest.raises(QueueFullError):
+            processor.enqueue_predict(np.array([[4.0]]), timeout=0)
+    processor.resume()
+    for f in fill:
+        f.result(10)
+
+    text, samples = _scrape(registry)
+    completed = 100 + 1 + 5 + 200
+    assert _value(samples, "batchproc_requests_total", processor="mlp",
+                  outcome="completed") == completed
+    assert _value(samples, "batchproc_requests_total", processor="mlp", outcome="failed") == 4
+    assert _value(samples, "batchproc_requests_total", processor="mlp",
+                  outcome="cancelled") == 3
+    assert _value(samples, "batchproc_requests_total", processor="mlp",
+                  outcome="rejected") == 7
+    assert _value(samples, "batchproc_requests_total", processor="mlp", outcome="expired") == 0
+    requests = completed + 4
+    for name in ("batchproc_request_latency_seconds", "batchproc_queue_time_seconds"):
+        assert _value(samples, f"{name}_count", processor="mlp") == requests
+        assert _value(samples, f"{name}_bucket", processor="mlp", le="+Inf") == requests
+        assert 0 < _value(samples, f"{name}_sum", processor="mlp") < requests * 10
+        assert f"# TYPE {name} histogram" in text
+    # Batches of at most 10 rows: every call falls in the le="16.0" bucket.
+    calls = _value(samples, "batchproc_batch_size_rows_count", processor="mlp")
+    assert calls == _value(samples, "batchproc_model_call_duration_seconds_count",
+                           processor="mlp")
+    assert _value(samples, "batchproc_batch_size_rows_bucket", processor="mlp",
+                  le="16.0") == calls
+    assert _value(samples, "batchproc_batch_size_rows_sum", processor="mlp") >= requests
+    assert calls >= requests / 10
+    # Buckets are cumulative and end at the count.
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in samples.items()
+                     if k[0] == "batchproc_request_latency_seconds_bucket")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    # (the TYPE line names the counter with or without _total, by prometheus_client version)
+    assert re.search(r"^# TYPE batchproc_requests(_total)? counter$", text, re.M)
+
+
+def test_expired_requests_are_counted(make_processor):
+    registry = CollectorRegistry()
+    release = threading.Event()
+    processor = make_processor(lambda batch: release.wait(10) and batch,
+                               metrics_collector=PrometheusMetrics("slow", registry),
+                               item_timeout=0.05, max_retries=0)
+    future = processor.enqueue_predict(np.array([[1.0]]))
+    with pytest.raises(BatchTimeoutError):
+        future.result(10)
+    release.set()
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_requests_total", processor="slow", outcome="expired") == 1
+
+
+def test_apredict_and_async_paths_are_counted(make_processor):
+    registry = CollectorRegistry()
+    processor = make_processor(lambda batch: batch, max_queue_size=8,
+                               metrics_collector=PrometheusMetrics("aio", registry))
+
+    async def main():
+        await asyncio.gather(*(processor.apredict(np.array([[1.0]])) for _ in range(100)))
+        processor.pause()
+        kept = [processor.enqueue_predict_async(np.array([[1.0]])) for _ in range(8)]
+        with pytest.raises(QueueFullError):
+            processor.enqueue_predict_async(np.array([[1.0]]))
+        with pytest.raises(QueueFullError):
+            await processor.apredict(np.array([[1.0]]), timeout=0.01)
+        processor.resume()
+        await asyncio.gather(*kept)
+
+    asyncio.run(main())
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_requests_total", processor="aio",
+                  outcome="completed") == 108
+    assert _value(samples, "batchproc_requests_total", processor="aio", outcome="rejected") == 2
+
+
+def test_names_label_processors_and_continue_across_restarts():
+    registry = CollectorRegistry()
+
+    @batchproc.batch(max_batch_size=4, metrics_collector=PrometheusMetrics("f", registry))
+    def f(items):
+        return items
+
+    g_metrics = PrometheusMetrics("g", registry)
+    with batchproc.BatchProcessor(metrics_collector=g_metrics) as g:
+        g.start(lambda items: items)
+        g.enqueue_predict(["x"]).result(10)
+    try:
+        assert f(1) == 1
+        f.stop()
+        assert f(2) == 2  # a fresh processor, the same series
+    finally:
+        f.stop()
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_requests_total", processor="f", outcome="completed") == 2
+    assert _value(samples, "batchproc_requests_total", processor="g", outcome="completed") == 1
+
+
+def test_the_package_imports_prometheus_client_only_when_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, batchproc\n"
+            "assert 'prometheus_client' not in sys.modules\n"
+            "assert 'ray' not in sys.modules and 'fastapi' not in sys.modules\n"
+            "batchproc.PrometheusMetrics\n"
+            "assert 'prometheus_client' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,109 @@
+"""batchproc on Ray Serve: a real local Ray instance, two replicas, a handle and HTTP.
+
+Ray runs in a fresh interpreter (a spawned process): ``ray.init`` changes process-wide
+state (logging handlers, signal handlers, threads left after ``shutdown``) that would
+otherwise reach every test after this one. The child returns what it got; the checks
+are made here.
+"""
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+from extras import skip_without
+
+from batchproc.bench.models import MLP
+
+pytestmark = pytest.mark.slow
+
+FEATURES = 8
+
+
+def _serve_and_call(handle_rows, http_rows, out_dir):
+    """In a fresh interpreter: start Ray and Serve on the loopback, deploy two replicas,
+    send every row through a handle (all in flight at once) and over HTTP (concurrent),
+    and return the answers and one replica's stats. Each replica writes the rows of each
+    model call to a file named by its process id in ``out_dir``."""
+    import asyncio
+    import os
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from batchproc.integrations.ray_serve import batched_deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        def recording_mlp():
+            # Runs in each replica (a nested function: Ray pickles it by value). Who
+            # served what is read from the files, not from get_stats(), which Serve
+            # routes to whichever replica it likes.
+            model = MLP(FEATURES)
+            path = os.path.join(out_dir, f"{os.getpid()}.rows")
+
+            def call(batch):
+                with open(path, "a") as f:
+                    f.write(f"{len(batch)}\n")
+                return model(batch)
+
+            return call
+
+        # 4 batches of 32 (128) requests at most in a replica: 400 in flight need both.
+        app = batched_deployment(
+            recording_mlp, max_batch_size=32, batch_timeout=0.005, num_replicas=2,
+            ray_actor_options={"num_cpus": 0.5})
+        handle = serve.run(app, name="mlp", route_prefix="/mlp")
+
+        responses = [handle.remote(rows) for rows in handle_rows]
+        by_handle = [r.result(timeout_s=120) for r in responses]
+
+        async def post_all():
+            limits = httpx.Limits(max_connections=len(http_rows))
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                         limits=limits) as client:
+                return await asyncio.gather(*(client.post("/mlp", json=rows.tolist())
+                                              for rows in http_rows))
+
+        by_http = [(r.status_code, r.json()) for r in asyncio.run(post_all())]
+
+        stats = handle.get_stats.remote().result(timeout_s=60)
+        serve.delete("mlp")
+        serve.shutdown()
+        return by_handle, by_http, stats
+    finally:
+        ray.shutdown()
+
+
+def test_two_replicas_batch_requests_from_a_handle_and_http(tmp_path):
+    skip_without("ray", "test")  # not imported here: only in the child
+    rng = np.random.default_rng(1)
+    handle_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(400)]
+    http_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(200)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        by_handle, by_http, stats = pool.submit(
+            _serve_and_call, handle_rows, http_rows, str(tmp_path)).result(timeout=300)
+    rows_by_replica = {int(path.stem): [int(n) for n in path.read_text().split()]
+                       for path in tmp_path.glob("*.rows")}
+
+    model = MLP(FEATURES)  # the same seed as in the replicas: the expected answers
+    assert len(by_handle) == 400
+    for rows, result in zip(handle_rows, by_handle):
+        np.testing.assert_allclose(result, model(rows), rtol=1e-5, atol=1e-6)
+    assert len(by_http) == 200
+    for rows, (status, body) in zip(http_rows, by_http):
+        assert status == 200, body
+        np.testing.assert_allclose(body, model(rows).tolist(), rtol=1e-5, atol=1e-6)
+    # Both replicas served every row between them, and batched what they were sent.
+    assert len(rows_by_replica) == 2, rows_by_replica
+    assert sum(sum(calls) for calls in rows_by_replica.values()) == 600
+    assert all(calls for calls in rows_by_replica.values())
+    assert max(max(calls) for calls in rows_by_replica.values()) > 1
+    # get_stats() answers for the replica Serve sent it to: its count is that replica's.
+    assert stats["total_processed"] == sum(rows_by_replica[stats["replica_pid"]])

@@ -19,6 +19,7 @@ from .errors import (
     BatchTimeoutError,
     ProcessorStoppedError,
     QueueFullError,
+    QueueTimeoutError,
 )
 from .metrics import MetricsCollector
 from .processor import BatchProcessor
@@ -46,5 +47,6 @@ __all__ = [
     "PrioritizedItem",
     "ProcessorStoppedError",
     "QueueFullError",
+    "QueueTimeoutError",
     "__version__",
 ]

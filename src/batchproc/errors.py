@@ -23,3 +23,7 @@ class BatchTimeoutError(BatchProcessorError, TimeoutError):
 
 class BatchOutputError(BatchProcessorError, ValueError):
     """``process_func`` returned an output whose length differs from its batch's."""
+
+
+class QueueTimeoutError(BatchProcessorError, TimeoutError):
+    """The request waited in the queue past its ``max_queue_time``; it was not processed."""

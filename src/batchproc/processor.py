@@ -2,8 +2,9 @@
 
 Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
 describe the item, create its future, push it onto the native queue. Everything after
-that happens on the processor's threads: the workers (``dispatch.py``) and one
-supervisor that enforces ``item_timeout`` and runs the health checks.
+that happens on the processor's threads: the workers (``engine/``) and one supervisor
+that fails requests whose ``max_queue_time`` ran out, enforces ``item_timeout`` and runs
+the health checks.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
-from .dispatch import Dispatcher
+from .engine import Engine
 from .errors import BatchProcessorError, ProcessorStoppedError, QueueFullError
 from .formats import make_describer
 from .futures import RequestFuture
@@ -38,6 +40,17 @@ U = TypeVar("U")
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 _monotonic = time.monotonic
+_INF = float("inf")
+
+
+class _ConfigDefault:
+    """The default of ``max_queue_time`` keywords: the config's value."""
+
+    def __repr__(self) -> str:
+        return "<config default>"
+
+
+_CONFIG = _ConfigDefault()
 
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
@@ -84,16 +97,17 @@ class BatchProcessor(Generic[T, U]):
         self._lifecycle = threading.Lock()
         self._resume = threading.Event()
         self._resume.set()
-        self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue)
+        self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue,
+                                   config.max_priority_wait)
         self._describe = make_describer(config).describe
         self._stats = BatchStats(config.monitoring_window)
-        self._controller = Controller(config)
+        self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector)
         self._counts_lock = threading.Lock()
         self._cancelled = 0
         self._rejected = 0
-        self._dispatcher = Dispatcher(config, self._queue, self._controller, self._stats,
-                                      self._metrics, self._resume, self._count_cancelled)
+        self._dispatcher = Engine(config, self._queue, self._controller, self._stats,
+                                  self._metrics, self._resume, self._count_cancelled)
         self._health = HealthMonitor(
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
@@ -150,6 +164,7 @@ class BatchProcessor(Generic[T, U]):
             # Last: whoever sees the event must find intake already closed.
             self.shutdown_event.set()
         drained = self._dispatcher.join(deadline) if was_running else True
+        self._dispatcher.expire_queued(self._queue.take_expired())
         leftover = 0
         if not drained:
             leftover += self._dispatcher.abandon_all(
@@ -168,14 +183,13 @@ class BatchProcessor(Generic[T, U]):
 
     def _fail_queued(self) -> int:
         error = ProcessorStoppedError("processor stopped before this request was dispatched")
-        failed = 0
-        for request in self._queue.drain():
-            future = request.future
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
-                failed += 1
-            else:
-                self._count_cancelled(1)
+        queued = self._queue.drain()
+        live = start_all(queued)  # requests parked for a retry are running already
+        if len(live) != len(queued):
+            self._count_cancelled(len(queued) - len(live))
+        for request in live:
+            request.future.set_exception(error)
+        failed = len(live)
         if failed:
             self._stats.record_error(failed)
             self._metrics.error(error, failed)
@@ -203,17 +217,32 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- intake
 
     def enqueue_predict(self, item: T, timeout: float | None = None,
-                        priority: BatchPriority | int = BatchPriority.NORMAL) -> Future[U]:
+                        priority: BatchPriority | int = BatchPriority.NORMAL,
+                        max_queue_time: float | _ConfigDefault | None = _CONFIG,
+                        ) -> Future[U]:
         """Queue ``item`` and return the Future of its result.
 
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         A processing failure reaches the future as the exception ``process_func`` raised.
+        ``max_queue_time`` (seconds; default: the config's): if the request is still
+        waiting for its call that long after enqueue, it fails with
+        ``QueueTimeoutError`` and is never processed; ``None``: no limit.
         """
         future = _RequestFuture()
-        request, rows, nbytes, key, length = self._describe(item, future, _monotonic())
+        now = _monotonic()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self.config.max_queue_time
+        if max_queue_time is None:
+            request, rows, nbytes, key, length = self._describe(item, future, now, priority)
+            deadline = None
+        else:
+            deadline = now + _queue_time_arg(max_queue_time)
+            request, rows, nbytes, key, length = self._describe(item, future, now, priority,
+                                                                deadline)
         try:
-            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length)
+            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
+                                     deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, timeout) from None
         future._bp_token = token
@@ -222,6 +251,7 @@ class BatchProcessor(Generic[T, U]):
 
     def enqueue_predict_async(self, item: T,
                               priority: BatchPriority | int = BatchPriority.NORMAL,
+                              max_queue_time: float | _ConfigDefault | None = _CONFIG,
                               ) -> asyncio.Future[U]:
         """From a coroutine: queue ``item`` and return an ``asyncio.Future`` of its result
         on the running event loop (``await processor.enqueue_predict_async(x)``).
@@ -231,17 +261,23 @@ class BatchProcessor(Generic[T, U]):
         blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
         ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
         dispatched is never processed; after dispatch its result is discarded.
-        ``RuntimeError`` if no event loop is running in this thread.
+        ``RuntimeError`` if no event loop is running in this thread. ``max_queue_time`` as
+        for ``enqueue_predict``.
         """
         loop = asyncio.get_running_loop()
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
         future: asyncio.Future[U] = loop.create_future()
+        now = _monotonic()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self.config.max_queue_time
+        deadline = None if max_queue_time is None else now + _queue_time_arg(max_queue_time)
         request, rows, nbytes, key, length = self._describe(
-            item, AsyncRequest(future, channel), _monotonic())
+            item, AsyncRequest(future, channel), now, priority,
+            _INF if deadline is None else deadline)
         try:
-            self._queue.push(request, priority, rows, nbytes, key, 0, length)
+            self._queue.push(request, priority, rows, nbytes, key, 0, length, deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
         return future
@@ -262,16 +298,18 @@ class BatchProcessor(Generic[T, U]):
         return channel
 
     def enqueue(self, item: T, timeout: float | None = None,
-                priority: BatchPriority | int = BatchPriority.NORMAL) -> None:
+                priority: BatchPriority | int = BatchPriority.NORMAL,
+                max_queue_time: float | _ConfigDefault | None = _CONFIG) -> None:
         """Fire and forget: failures are logged and counted, never raised to the caller.
 
         A refused or failed request is logged once, as a warning on the
         ``batchproc.processor`` logger; repeats of one exception type are logged at most
         once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
-        count in ``get_stats()["total_rejected"]``, failures in ``total_errors``.
+        count in ``get_stats()["total_rejected"]``, failures in ``total_errors`` (expired
+        ones in ``total_expired``). ``max_queue_time`` as for ``enqueue_predict``.
         """
         try:
-            future = self.enqueue_predict(item, timeout, priority)
+            future = self.enqueue_predict(item, timeout, priority, max_queue_time)
         except Exception as exc:
             # Counted apart: it was never accepted, so it is not a processing error.
             with self._counts_lock:
@@ -327,7 +365,8 @@ class BatchProcessor(Generic[T, U]):
         ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
         ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
         ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
-        ``strategy``, ``memory_level``.
+        ``total_expired`` (failed with ``QueueTimeoutError``: ``max_queue_time`` ran out
+        before their call), ``strategy``, ``memory_level``.
         """
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
@@ -346,6 +385,7 @@ class BatchProcessor(Generic[T, U]):
             total_accepted=accepted,
             total_cancelled=cancelled,
             total_rejected=rejected,
+            total_expired=self._dispatcher.expired,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )
@@ -359,12 +399,23 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- supervisor
 
     def _supervise(self) -> None:
-        """Enforce item_timeout at a fine tick; run health checks at their interval."""
+        """Fail requests whose max_queue_time ran out as soon as it does (the queue wakes
+        this thread then); enforce item_timeout at a fine tick; run health checks at
+        their interval."""
         cfg = self.config
         tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
         next_health = _monotonic() + cfg.health_check_interval
-        while not self._supervisor_stop.wait(tick):
+        queue = self._queue
+        stop = self._supervisor_stop
+        while not stop.is_set():
             try:
+                if queue.closed:  # take_expired would not wait any more
+                    if stop.wait(tick):
+                        break
+                else:
+                    expired = queue.take_expired(tick)
+                    if expired:
+                        self._dispatcher.expire_queued(expired)
                 self._dispatcher.expire_stuck()
                 if cfg.enable_health_monitoring and _monotonic() >= next_health:
                     next_health = _monotonic() + cfg.health_check_interval
@@ -377,6 +428,13 @@ class BatchProcessor(Generic[T, U]):
         if self._supervisor is not None:
             threads.append(self._supervisor)
         return threads
+
+
+def _queue_time_arg(value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            or value <= 0):
+        raise ValueError(f"max_queue_time must be None or a number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 class FailureLog:

@@ -164,11 +164,13 @@ class BatchProcessor(Generic[T, U]):
             # Last: whoever sees the event must find intake already closed.
             self.shutdown_event.set()
         drained = self._dispatcher.join(deadline) if was_running else True
-        self._dispatcher.expire_queued(self._queue.take_expired())
         leftover = 0
         if not drained:
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
+        # No pop runs any more (one would expire entries on its look): what expired is
+        # failed as expired, the rest as stopped.
+        self._dispatcher.expire_queued(self._queue.take_expired())
         leftover += self._fail_queued()
         self._supervisor_stop.set()
         if self._supervisor is not None:

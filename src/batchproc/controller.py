@@ -294,7 +294,11 @@ class Controller:
 
     def __init__(self, config: BatchProcessorConfig, queue: Any = None) -> None:
         self._config = config
-        self._queue = queue
+        if queue is not None:
+            # The queue counts batches in flight for its fill wait (the policy is ours,
+            # applied by its pop).
+            self.batch_started = queue.begin_batch  # type: ignore[method-assign]
+            self.batch_ended = queue.end_batch  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
         self._memory = MEMORY_OK
@@ -388,15 +392,12 @@ class Controller:
             self._replan()
 
     def batch_started(self) -> None:
-        """A popped batch is in flight: the next pop keeps filling (within the ceiling)."""
-        if self._queue is not None:
-            self._queue.begin_batch()
+        """A popped batch is in flight: the next pop keeps filling (within the ceiling).
+        (With a queue, the queue's own method: one call per batch, no Python frame.)"""
 
     def batch_ended(self) -> None:
         """A batch is delivered (or abandoned): once none is in flight, pops that are
         filling switch to the idle rule (go once arrivals pause)."""
-        if self._queue is not None:
-            self._queue.end_batch()
 
     def observe_failure(self) -> None:
         cfg = self._config

@@ -122,6 +122,7 @@ class BatchProcessor(Generic[T, U]):
         self._channels_lock = threading.Lock()
         self._last_channel: tuple[object, LoopChannel | None] = (None, None)
         self._failure_log = FailureLog()
+        self._max_queue_time = config.max_queue_time
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -234,7 +235,7 @@ class BatchProcessor(Generic[T, U]):
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:
-            max_queue_time = self.config.max_queue_time
+            max_queue_time = self._max_queue_time
         if max_queue_time is None:
             request, rows, nbytes, key, length = self._describe(item, future, now, priority)
             deadline = None

@@ -82,9 +82,11 @@ class Board:
             return True, holds
 
     def end_delivery(self, batch: Batch) -> None:
-        with self.lock:
-            batch.state = HELD
-            if self.closing:
+        # No lock needed to leave DELIVERING: nothing else moves a batch out of it, and
+        # abandon() takes a HELD batch whichever way it reads the state.
+        batch.state = HELD
+        if self.closing:
+            with self.lock:
                 self.settled.notify_all()  # stop may be waiting for this delivery
 
     def finish(self, batch: Batch) -> tuple[bool, bool]:

@@ -6,9 +6,10 @@
 Closed-loop client threads (``--clients``, default 32) each send one-row requests (64
 float32), waiting for each good one's result (a poisoned one is sent and not waited
 for, so the load of good requests stays the same), to a model that costs 2 ms per call
-behind one lock (a GPU-like model) and raises for any batch holding a poisoned row. With ``--bad 0.01``, 1% of the requests are
-poisoned; the same load runs with none, interleaved, in one session, default config
-(``max_retries=3``, ``retry_delay=1.0``, ``max_batch_size=64``, ``batch_timeout=5 ms``).
+behind one lock (a GPU-like model) and raises for any batch holding a poisoned row.
+With ``--bad 0.01``, 1% of the requests are poisoned; the same load runs with none,
+interleaved, in one session, default config (``max_retries=3``,
+``retry_delay=1.0``, ``max_batch_size=64``, ``batch_timeout=5 ms``).
 Reported: throughput and p50/p99 latency of the *good* requests in both runs, and the
 ratio. Before the failure-path rework the backoff of one poisoned request ran on the
 worker and healthy requests of its batch waited for it (7 s for a batch of 8); here the

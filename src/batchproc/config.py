@@ -70,7 +70,9 @@ class BatchProcessorConfig:
         batch_timeout: Longest a batch waits to fill, in seconds from its oldest
             request's arrival. Default ``0.1``. A ceiling, not a delay: ADAPTIVE
             dispatches as soon as arrivals pause while the model is idle; FIXED waits up
-            to it for ``current_batch_size`` rows; GREEDY never waits.
+            to it for ``current_batch_size`` rows; GREEDY never waits. It holds while
+            other calls run long too: a worker without a call in progress (up to
+            ``max_workers``) starts one for requests that waited that long.
         item_timeout: Longest one ``process_func`` call may run, in seconds. Default
             ``30.0``. Past it the batch's requests fail with `BatchTimeoutError` and a
             new worker replaces the stuck one; a late result is discarded.

@@ -67,12 +67,15 @@ def _timeout_arg(v: Any) -> float:
     return x
 
 
+_AGED = -1  # the priority of an entry that waited past max_priority_wait
+
+
 class _Entry:
-    __slots__ = ("cancelled", "item", "key", "length", "nbytes", "priority", "rows", "seq",
-                 "t_push")
+    __slots__ = ("aged", "cancelled", "deadline", "due", "item", "key", "length", "nbytes",
+                 "priority", "rows", "seq", "solo", "t_push")
 
     def __init__(self, priority: int, seq: int, rows: int, nbytes: int, key: int,
-                 length: int, item: Any) -> None:
+                 length: int, item: Any, deadline: float = math.inf) -> None:
         self.priority = priority
         self.seq = seq
         self.rows = rows
@@ -82,6 +85,10 @@ class _Entry:
         self.item = item
         self.t_push = time.monotonic()
         self.cancelled = False
+        self.deadline = deadline
+        self.solo = False
+        self.due = 0.0
+        self.aged = False
 
     def __lt__(self, other: _Entry) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -101,9 +108,19 @@ class RequestQueue:
     they stop counting in len(), rows and capacity at cancel time, as in the native one.
     """
 
-    def __init__(self, capacity: int, priorities: bool = True) -> None:
+    def __init__(self, capacity: int, priorities: bool = True,
+                 max_priority_wait: float | None = None) -> None:
         self._capacity = _int_arg(capacity, "capacity", 1, _MAX_CAPACITY)
         self._priorities = bool(priorities)
+        aging = -1.0
+        if max_priority_wait is not None:
+            aging = _float_arg(max_priority_wait, "max_priority_wait")
+            if aging < 0:
+                raise ValueError(
+                    f"max_priority_wait must be None or >= 0, got {max_priority_wait!r}")
+        self._aging = aging if self._priorities else -1.0
+        self._parked: list[_Entry] = []     # not yet due, any order
+        self._expired: list[_Entry] = []    # expired, not yet taken
         self._heap: list[_Entry] = []
         self._live: dict[int, _Entry] = {}      # token (= seq) -> queued entry
         self._rows = 0
@@ -133,23 +150,63 @@ class RequestQueue:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._live)
+            return len(self._live) + len(self._parked)
+
+    @property
+    def parked(self) -> int:
+        with self._cond:
+            return len(self._parked)
+
+    def _used(self) -> int:
+        return len(self._live) + len(self._parked) + len(self._expired)
+
+    def _tick(self) -> None:
+        """Expire, queue what is due, age: what the native queue does on every look."""
+        now = time.monotonic()
+        gone = [e for e in list(self._live.values()) + self._parked if e.deadline <= now]
+        for e in sorted(gone, key=lambda e: e.deadline):
+            if e in self._parked:
+                self._parked.remove(e)
+            else:
+                del self._live[e.seq]
+                e.cancelled = True
+                self._rows -= e.rows
+            self._expired.append(e)
+        for e in sorted((e for e in self._parked if e.due <= now), key=lambda e: e.due):
+            self._parked.remove(e)
+            e.seq = next(self._seq)
+            e.t_push = now
+            heapq.heappush(self._heap, e)
+            self._live[e.seq] = e
+            self._rows += e.rows
+        if self._aging >= 0:
+            changed = False
+            for e in self._live.values():
+                if not e.aged and e.t_push + self._aging < now:
+                    e.aged, e.priority, changed = True, _AGED, True
+            if changed:
+                heapq.heapify(self._heap)
+
+    def _next_due(self) -> float:
+        return min((e.due for e in self._parked), default=math.inf)
 
     def push(self, item: object, priority: int = 0, rows: int = 1, nbytes: int = 0,
-             key: int = 0, timeout: float | None = None, length: int = 0) -> int:
+             key: int = 0, timeout: float | None = None, length: int = 0,
+             deadline: float | None = None) -> int:
         prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
         rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
         nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
         key = _int_arg(key, "key", _INT64_MIN, _INT64_MAX)
-        deadline = time.monotonic() + _timeout_arg(timeout)
+        until = time.monotonic() + _timeout_arg(timeout)
         length = _int_arg(length, "length", 0, _MAX_COUNT)
+        expires = math.inf if deadline is None else _float_arg(deadline, "deadline")
         with self._cond:
             while True:
                 if self._closed:
                     raise QueueClosed("push on a closed RequestQueue")
-                if len(self._live) < self._capacity:
+                if self._used() < self._capacity:
                     break
-                left = deadline - time.monotonic()
+                left = until - time.monotonic()
                 if left <= 0:
                     raise queue.Full
                 self._w_room += 1
@@ -159,13 +216,49 @@ class RequestQueue:
                     self._w_room -= 1
             self._pushed += 1
             e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
-                       length, item)
+                       length, item, expires)
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += rows
             self._last_push = e.t_push
             self._cond.notify_all()
             return e.seq
+
+    def park(self, item: object, priority: int, rows: int, nbytes: int, key: int,
+             length: int, not_before: float, deadline: float | None = None) -> None:
+        prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        key = _int_arg(key, "key", _INT64_MIN, _INT64_MAX)
+        length = _int_arg(length, "length", 0, _MAX_COUNT)
+        due = _float_arg(not_before, "not_before")
+        expires = math.inf if deadline is None else _float_arg(deadline, "deadline")
+        with self._cond:
+            e = _Entry(prio if self._priorities else 0, -1, rows, nbytes, key, length, item,
+                       expires)
+            e.solo = True
+            e.due = due
+            self._parked.append(e)
+            self._cond.notify_all()
+
+    def take_expired(self, timeout: float | None = 0.0) -> list[Any]:
+        deadline = time.monotonic() + _timeout_arg(timeout)
+        with self._cond:
+            while True:
+                self._tick()
+                if self._expired or self._closed:
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                soonest = min((e.deadline for e in list(self._live.values()) + self._parked),
+                              default=math.inf)
+                until = min(deadline, soonest)
+                self._cond.wait(None if math.isinf(until) else max(0.0, until - now))
+            out = [e.item for e in self._expired]
+            self._expired.clear()
+            self._cond.notify_all()
+            return out
 
     def _head(self) -> _Entry | None:
         while self._heap and self._heap[0].cancelled:
@@ -193,28 +286,29 @@ class RequestQueue:
         fill = fill_rows > 0 and max_wait > 0
         with self._cond:
             while True:
-                # Step 1: any live entry.
+                # Step 1: any live entry (parked ones are coming, even after close).
+                self._tick()
                 while not self._live or (self._paused and not self._closed):
-                    left = deadline - time.monotonic()
-                    if self._closed or left <= 0:
+                    now = time.monotonic()
+                    left = deadline - now
+                    if (self._closed and not self._parked) or left <= 0:
                         return []
+                    if not self._paused or self._closed:
+                        left = min(left, max(0.0, self._next_due() - now))
                     self._w_items += 1
                     try:
                         self._cond.wait(None if math.isinf(left) else left)
                     finally:
                         self._w_items -= 1
+                    self._tick()
                 # Step 2: fill wait (rows only, never tokens).
                 while (fill and self._live and not self._closed and not self._paused
-                       and self._rows < fill_rows):
+                       and self._rows < fill_rows and not self._head().solo):  # type: ignore[union-attr]
                     head = self._head()
                     assert head is not None
-                    if idle_gap < 0:
-                        until = head.t_push + max_wait
-                    elif self._in_flight > 0:
-                        until = math.inf
-                    else:
-                        until = min(max(head.t_push, self._idle_since) + max_wait,
-                                    max(self._last_push, self._idle_since) + idle_gap)
+                    until = head.t_push + max_wait     # the ceiling, always
+                    if idle_gap >= 0 and self._in_flight == 0:
+                        until = min(until, max(self._last_push, self._idle_since) + idle_gap)
                     left = until - time.monotonic()
                     if left <= 0:
                         break
@@ -223,6 +317,7 @@ class RequestQueue:
                         self._cond.wait(None if math.isinf(left) else left)
                     finally:
                         self._w_fill -= 1
+                    self._tick()
                 if self._live and not (self._paused and not self._closed):
                     break
             # Step 3: select.
@@ -233,11 +328,11 @@ class RequestQueue:
             total_rows, total_bytes, longest = head.rows, head.nbytes, head.length
             per_token = _bytes_per_token(head)
             skipped: list[_Entry] = []
-            while self._heap:
+            while self._heap and not head.solo:
                 e = self._heap[0]
                 if e.cancelled:
                     heapq.heappop(self._heap)
-                elif e.key != head.key:
+                elif e.key != head.key or e.solo:
                     skipped.append(heapq.heappop(self._heap))
                 elif total_rows + e.rows > max_rows or (
                     max_bytes > 0 and total_bytes + e.nbytes > max_bytes
@@ -285,6 +380,9 @@ class RequestQueue:
         with self._cond:
             out = [self._take(e) for e in sorted(self._live.values())]
             self._heap.clear()
+            for e in sorted(self._parked, key=lambda e: e.due):
+                out.append(e.item)
+            self._parked.clear()
             self._cond.notify_all()
             return out
 

@@ -27,6 +27,8 @@ DESIGN_DEFAULTS = dict(
     # Batch formats (docs/formats.md)
     pad_value=None, pad_to_multiple_of=None, max_batch_tokens=None, per_token_outputs=False,
     item_size=None,
+    # Failure scheduling and deadlines (issue 11).
+    retry_on=(Exception,), max_queue_time=None, max_priority_wait=None,
 )
 
 

@@ -29,7 +29,7 @@ PYTHON_BLOCKS = {
     "architecture.md": 0,
     "asyncio.md": 2,
     "configurations.md": 3,
-    "failures.md": 2,
+    "failures.md": 3,
     "formats.md": 2,
     "getting-started.md": 2,
     "index.md": 1,

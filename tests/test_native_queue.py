@@ -870,11 +870,14 @@ LENGTHS = st.integers(0, 12).map(lambda n: n if n <= 11 else 2**39 - 1)
 class NativeVsReference(RuleBasedStateMachine):
     """Random operation sequences on both queues, compared step by step."""
 
-    @initialize(capacity=st.integers(1, 12), priorities=st.booleans())
-    def make(self, capacity: int, priorities: bool) -> None:
-        self.native = native_queue.RequestQueue(capacity, priorities)
-        self.ref = reference_queue.RequestQueue(capacity, priorities)
+    # max_priority_wait: off, or 0 (every entry has waited past it by the next pop).
+    @initialize(capacity=st.integers(1, 12), priorities=st.booleans(),
+                aging=st.sampled_from([None, 0.0]))
+    def make(self, capacity: int, priorities: bool, aging: float | None) -> None:
+        self.native = native_queue.RequestQueue(capacity, priorities, aging)
+        self.ref = reference_queue.RequestQueue(capacity, priorities, aging)
         self.next_item = 0
+        self.parks = 0
         self.tokens: list[tuple[int, int]] = []
 
     @staticmethod
@@ -910,6 +913,39 @@ class NativeVsReference(RuleBasedStateMachine):
     def push_run(self, key: int, entries: list[tuple[int, int, int]]) -> None:
         for priority, rows, length in entries:
             self.push(priority, rows, 0, key, length)
+
+    # Deadlines and parking with times either long past (expired, due) or far ahead, so
+    # that both queues see the same thing whenever they look.
+    @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), key=st.integers(0, 2),
+          expired=st.booleans())
+    def push_with_deadline(self, priority: int, rows: int, key: int, expired: bool) -> None:
+        item = self.next_item
+        self.next_item += 1
+        deadline = 1.0 if expired else 1e12
+        tn, tr = self._both(
+            lambda: self.native.push(item, priority, rows, 0, key, 0, 0, deadline),
+            lambda: self.ref.push(item, priority, rows, 0, key, 0, 0, deadline))
+        if isinstance(tn, int):
+            self.tokens.append((tn, tr))
+
+    @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), key=st.integers(0, 2),
+          due=st.booleans(), deadline=st.sampled_from([None, 1.0, 1e12]))
+    def park(self, priority: int, rows: int, key: int, due: bool,
+             deadline: float | None) -> None:
+        item = self.next_item
+        self.next_item += 1
+        self.parks += 1
+        # Distinct times in the past: the queues agree on the order they come due in.
+        not_before = self.parks * 1e-6 if due else 1e12 + self.parks
+        self._both(
+            lambda: self.native.park(item, priority, rows, 0, key, 0, not_before, deadline),
+            lambda: self.ref.park(item, priority, rows, 0, key, 0, not_before, deadline))
+
+    @rule()
+    def take_expired(self) -> None:
+        got_n, got_r = self._both(lambda: self.native.take_expired(0),
+                                  lambda: self.ref.take_expired(0))
+        assert sorted(got_n) == sorted(got_r)
 
     @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700),
           max_tokens=st.integers(-1, 62).map(lambda n: {61: 2**63 - 1, 62: 2**80}.get(n, n)))
@@ -948,9 +984,10 @@ class NativeVsReference(RuleBasedStateMachine):
     @invariant()
     def same_state(self) -> None:
         assert len(self.native) == len(self.ref)
+        assert self.native.parked == self.ref.parked
         assert self.native.rows == self.ref.rows
         assert self.native.closed == self.ref.closed
-        assert (self.native.oldest_age() == 0.0) == (len(self.ref) == 0)
+        assert (self.native.oldest_age() == 0.0) == (len(self.ref) == self.ref.parked)
 
 
 NativeVsReference.TestCase.settings = settings(max_examples=300, stateful_step_count=60)
@@ -1042,21 +1079,17 @@ def test_idle_gap_none_turns_the_early_end_off(impl: Any) -> None:
     assert q.in_flight == 0
 
 
-def test_a_batch_in_flight_extends_the_fill_wait_past_max_wait(impl: Any) -> None:
+def test_a_batch_in_flight_fills_only_up_to_max_wait(impl: Any) -> None:
+    # max_wait is a ceiling from the head's arrival even while a batch is in flight: a
+    # long call never holds the queued requests past it.
     q = impl.RequestQueue(16)
     q.begin_batch()
+    pushed = time.monotonic()
     q.push("a")
-    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=0.05, idle_gap=0.05,
-                    timeout=HANG)
-    blocked(q, FILL)
-    time.sleep(0.2)  # four times max_wait: a plain fill wait would have ended
-    assert q._waiters()[FILL] == 1 and popper.is_alive()
-    q.push("b")
-    ended = time.monotonic()
-    q.end_batch()
-    assert popper.outcome() == ["a", "b"]
-    # After the model went idle, max_wait counted from that moment.
-    assert time.monotonic() >= ended + 0.05 - 1e-4
+    # idle_gap=0 would end an idle wait at once: only the ceiling ends this one.
+    assert q.pop_batch(10, fill_rows=5, max_wait=0.2, idle_gap=0.0, timeout=HANG) == ["a"]
+    assert 0.2 - 1e-4 <= time.monotonic() - pushed < HANG
+    assert q.in_flight == 1
 
 
 def test_plain_fill_wait_ignores_batches_in_flight(impl: Any) -> None:
@@ -1081,3 +1114,86 @@ def test_pushed_counts_accepted_entries_only(impl: Any) -> None:
     with pytest.raises(impl.QueueClosed):
         q.push("d")
     assert q.pushed == 2  # refused pushes never count; cancel and pop do not uncount
+
+
+# ------------------------------------------------------------------ deadlines, parking, ageing
+
+
+def test_an_entry_past_its_deadline_is_never_popped(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    q.push("late", deadline=time.monotonic() - 1)
+    q.push("ok", deadline=time.monotonic() + 3600)
+    assert q.pop_batch(10, timeout=0) == ["ok"]
+    assert len(q) == 0 and q.rows == 0
+    assert q.take_expired() == ["late"]
+    assert q.take_expired() == []
+
+
+def test_take_expired_waits_for_the_earliest_deadline(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    collector = Worker(q.take_expired, HANG)
+    q.push("a", deadline=time.monotonic() + 6 * HANG)
+    q.push("b", deadline=time.monotonic() + 0.05)   # earlier: wakes the collector
+    assert collector.outcome() == ["b"]
+    assert len(q) == 1
+
+
+def test_expired_entries_hold_capacity_until_taken(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    q.push("a", deadline=time.monotonic() - 1)
+    assert q.pop_batch(10, timeout=0) == []         # expired on this look
+    with pytest.raises(queue.Full):
+        q.push("b", timeout=0)
+    assert q.take_expired() == ["a"]
+    q.push("b", timeout=0)
+
+
+def test_a_parked_entry_comes_back_alone_when_due(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 0.05)
+    assert len(q) == 1 and q.parked == 1 and q.rows == 0
+    q.push("x")
+    q.push("y")
+    assert q.pop_batch(10, timeout=0) == ["x", "y"]
+    popper = Worker(q.pop_batch, 10, timeout=HANG)   # wakes when the park is due
+    assert popper.outcome() == ["retry"]
+    q.push("z")
+    q.park("r2", 0, 1, 0, 0, 0, 0.0)                  # due: it arrives on the next look
+    q.push("z2")
+    assert q.pop_batch(10, timeout=0) == ["z", "z2"]  # solo: it joins no batch
+    assert q.pop_batch(10, timeout=0) == ["r2"]
+
+
+def test_a_closed_queue_still_hands_out_parked_entries(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 0.05)
+    q.close()
+    assert q.pop_batch(10, timeout=HANG) == ["retry"]
+    assert q.pop_batch(10, timeout=HANG) == []
+
+
+def test_a_park_past_capacity_is_accepted(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    q.push("a")
+    q.park("retry", 0, 1, 0, 0, 0, 1e12)
+    assert len(q) == 2
+    assert q.drain() == ["a", "retry"]
+
+
+def test_an_expired_park_goes_to_take_expired(impl: Any) -> None:
+    q = impl.RequestQueue(2)
+    q.park("retry", 0, 1, 0, 0, 0, 1e12, time.monotonic() - 1)
+    assert q.take_expired() == ["retry"]
+    assert len(q) == 0
+
+
+def test_max_priority_wait_serves_an_aged_entry_first(impl: Any) -> None:
+    q = impl.RequestQueue(8, True, 0.05)
+    q.push("low", 3)
+    time.sleep(0.1)   # "low" has now waited past max_priority_wait
+    q.push("high", 0)
+    q.push("high2", 0)
+    assert q.pop_batch(1, timeout=0) == ["low"]
+    assert q.pop_batch(10, timeout=0) == ["high", "high2"]
+    with pytest.raises(ValueError, match="max_priority_wait"):
+        impl.RequestQueue(8, True, -1)

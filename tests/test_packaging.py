@@ -70,6 +70,8 @@ def attribute_entries():
 def shown_default(value):
     if isinstance(value, enum.Enum):
         return f"``{type(value).__name__}.{value.name}``"
+    if isinstance(value, tuple) and value and all(isinstance(v, type) for v in value):
+        return "``(" + "".join(f"{v.__name__}," for v in value) + ")``"  # as written
     return f"``{value!r}``"
 
 

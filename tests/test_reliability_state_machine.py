@@ -1,7 +1,8 @@
 """Reliability: a Hypothesis state machine over the public API of BatchProcessor.
 
 Random sequences of enqueue (arrays of several dtypes and shapes, generic items, random
-priorities), enqueue_predict, cancel, pause, resume, update_batch_size, fork and stop run
+priorities, some with a ``max_queue_time``), enqueue_predict, cancel, pause, resume,
+update_batch_size, fork and stop run, with retries backing off briefly or for longer,
 against a model (a plain function or an ``async def`` one) that, decided by each
 request's own id, fails, returns the wrong number of rows, hangs briefly, or succeeds.
 Because the outcome depends on the request alone, the expected outcome of every request
@@ -12,11 +13,14 @@ docs/failures.md):
 
 * every accepted future completes exactly once (done-callbacks are counted);
 * every result equals the model applied to that request alone, and every failure is the
-  exception the request alone would get (ProcessorStoppedError only once stop began);
+  exception the request alone would get (ProcessorStoppedError only once stop began;
+  QueueTimeoutError only for a request with a max_queue_time, and then the model never
+  saw it unless it was waiting for a retry);
 * no request is seen by the model after its future was cancelled, and nothing enqueued
   while paused is seen before resume;
 * stop() returns within its timeout plus a small margin and leaves no thread behind;
-* get_stats(): total_processed + total_errors + total_cancelled + pending == total_accepted;
+* get_stats(): total_processed + total_errors + total_cancelled + total_expired + pending
+  == total_accepted;
 * in a forked child the processor refuses requests with ProcessorForkedError and reports
   itself neither ready nor live, at once; the parent's processor is unaffected.
 
@@ -55,6 +59,7 @@ from batchproc import (
     BatchProcessorConfig,
     ProcessorForkedError,
     ProcessorStoppedError,
+    QueueTimeoutError,
 )
 
 HANG = 20.0  # seconds: a guard against a hung processor, never a speed assertion
@@ -162,6 +167,7 @@ class Tracked:
     callbacks: list[int] = field(default_factory=list)
     cancelled: bool = False
     checked: bool = False
+    deadline: bool = False  # enqueued with a max_queue_time
 
 
 DTYPES = [np.float64, np.float32, np.int64, np.int32, np.int16, np.complex128]
@@ -177,15 +183,16 @@ class ProcessorMachine(RuleBasedStateMachine):
         priorities=st.booleans(),
         workers=st.integers(1, 3),
         async_model=st.booleans(),
+        retry_delay=st.sampled_from([0.001, 0.05]),
     )
     def start(self, strategy: BatchProcessingStrategy, priorities: bool, workers: int,
-              async_model: bool) -> None:
+              async_model: bool, retry_delay: float) -> None:
         self.threads_before = set(threading.enumerate())
         self.model = AsyncModel() if async_model else Model()
         self.config = BatchProcessorConfig(
             max_batch_size=MAX_BATCH, initial_batch_size=4, max_workers=workers,
             processing_strategy=strategy, enable_priority_queue=priorities,
-            max_retries=2, retry_delay=0.001, item_timeout=HANG, batch_timeout=0.01,
+            max_retries=2, retry_delay=retry_delay, item_timeout=HANG, batch_timeout=0.01,
             max_queue_size=10_000, health_check_interval=0.05)
         self.p = BatchProcessor(self.config)
         self.p.start(self.model)
@@ -205,7 +212,8 @@ class ProcessorMachine(RuleBasedStateMachine):
         self.next_id += 1
         return rid
 
-    def _submit(self, item: Any, rid: int, priority: int, predict: bool) -> None:
+    def _submit(self, item: Any, rid: int, priority: int, predict: bool,
+                max_queue_time: float | None = None) -> None:
         assert self.p is not None
         if self.stopped:
             started = time.monotonic()
@@ -223,11 +231,13 @@ class ProcessorMachine(RuleBasedStateMachine):
         if self.paused:
             self.paused_ids.add(rid)
         if not predict:
-            self.p.enqueue(item, priority=priority)
+            self.p.enqueue(item, priority=priority, max_queue_time=max_queue_time)
             self.fire_and_forget += 1
             return
-        future = self.p.enqueue_predict(item, priority=priority)
-        t = Tracked(rid, item, future, expected_alone(item))
+        future = self.p.enqueue_predict(item, priority=priority,
+                                        max_queue_time=max_queue_time)
+        t = Tracked(rid, item, future, expected_alone(item),
+                    deadline=max_queue_time is not None)
         future.add_done_callback(lambda f, t=t: t.callbacks.append(1))
         self.tracked.append(t)
 
@@ -239,6 +249,18 @@ class ProcessorMachine(RuleBasedStateMachine):
         rid = self._new_id()
         item = np.full((rows, width), rid, dtype=dtype)
         self._submit(item, rid, priority, predict)
+
+    # A deadline that has passed by the time any worker looks (or one long enough to
+    # expire only during a backoff or a pause): the request expires or completes as
+    # usual, never both, and an expired one never reached the model unless it was
+    # waiting for a retry.
+    @rule(rows=st.integers(1, 3), priority=st.integers(0, 4),
+          max_queue_time=st.sampled_from([1e-6, 0.02]), predict=st.booleans())
+    def enqueue_with_deadline(self, rows: int, priority: int, max_queue_time: float,
+                              predict: bool) -> None:
+        rid = self._new_id()
+        item = np.full((rows, 2), rid, dtype=np.float64)
+        self._submit(item, rid, priority, predict, max_queue_time)
 
     @rule(priority=st.integers(0, 4), predict=st.booleans() | st.just(True))
     def enqueue_generic(self, priority: int, predict: bool) -> None:
@@ -348,7 +370,8 @@ class ProcessorMachine(RuleBasedStateMachine):
     def _counts(self) -> tuple[int, int]:
         assert self.p is not None
         s = self.p.get_stats()
-        counted = s["total_processed"] + s["total_errors"] + s["total_cancelled"]
+        counted = (s["total_processed"] + s["total_errors"] + s["total_cancelled"]
+                   + s["total_expired"])
         return counted, s["total_accepted"]
 
     def _check_counts_settle(self) -> None:
@@ -384,6 +407,12 @@ class ProcessorMachine(RuleBasedStateMachine):
         exc = f.exception(timeout=0)
         if exc is not None and isinstance(exc, ProcessorStoppedError):
             assert self.stop_called, f"request {t.rid}: ProcessorStoppedError before stop()"
+            return
+        if isinstance(exc, QueueTimeoutError):
+            assert t.deadline, f"request {t.rid} expired without a max_queue_time"
+            if exc.__cause__ is None:  # not waiting for a retry: never called
+                with self.model.lock:
+                    assert t.rid not in self.model.seen, f"expired {t.rid} was processed"
             return
         kind, expected = t.expected
         if kind == "err":

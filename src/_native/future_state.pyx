@@ -27,6 +27,7 @@ thread may run between two of them.
 """
 
 cimport cython
+from libc.math cimport INFINITY
 
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
@@ -184,6 +185,12 @@ cdef class Request:
     toward ``max_batch_size``; ``nbytes``: bytes toward ``max_batch_memory_mb``; ``length``:
     its sequence length on the padded axis (0 when it is not padded). ``enqueued_at``:
     ``time.monotonic()`` at enqueue, in seconds.
+
+    What the queue needs to queue it again for a retry: ``key`` (its compatibility key),
+    ``queue_length`` (its length as the queue weighs it), ``priority`` (as given at
+    enqueue) and ``deadline`` (monotonic time it expires while queued; ``inf``: never).
+    ``attempt``: 0 for the first try, k for the k-th retry; ``error``: the failure that
+    sent it to be retried (None on its first try).
     """
 
     cdef readonly object future
@@ -193,9 +200,16 @@ cdef class Request:
     cdef readonly Py_ssize_t nbytes
     cdef readonly Py_ssize_t length
     cdef readonly double enqueued_at
+    cdef readonly long long key
+    cdef readonly Py_ssize_t queue_length
+    cdef readonly object priority
+    cdef readonly double deadline
+    cdef readonly int attempt
+    cdef readonly object error
 
     def __cinit__(self, future, item, format, Py_ssize_t rows, Py_ssize_t nbytes,
-                  Py_ssize_t length, double enqueued_at):
+                  Py_ssize_t length, double enqueued_at, long long key=0,
+                  Py_ssize_t queue_length=0, priority=2, double deadline=INFINITY):
         self.future = future
         self.item = item
         self.format = format
@@ -203,12 +217,30 @@ cdef class Request:
         self.nbytes = nbytes
         self.length = length
         self.enqueued_at = enqueued_at
+        self.key = key
+        self.queue_length = queue_length
+        self.priority = priority
+        self.deadline = deadline
+
+    cdef Request _copy(self, object item, Py_ssize_t rows, Py_ssize_t nbytes):
+        cdef Request r = Request(self.future, item, self.format, rows, nbytes, self.length,
+                                 self.enqueued_at, self.key, self.queue_length,
+                                 self.priority, self.deadline)
+        r.attempt = self.attempt
+        r.error = self.error
+        return r
 
     def replace_item(self, item, Py_ssize_t rows, Py_ssize_t nbytes):
         """The same request (future, format, length, arrival) holding part of its item:
         one chunk of an item too large for a batch."""
-        return Request(self.future, item, self.format, rows, nbytes, self.length,
-                       self.enqueued_at)
+        return self._copy(item, rows, nbytes)
+
+    def for_retry(self, error):
+        """The same request, to be tried once more after ``error``."""
+        cdef Request r = self._copy(self.item, self.rows, self.nbytes)
+        r.attempt = self.attempt + 1
+        r.error = error
+        return r
 
     def __repr__(self):
         return (f"Request(rows={self.rows}, nbytes={self.nbytes}, length={self.length}, "
@@ -259,13 +291,19 @@ def start_all(list requests):
     The ``Future`` API lets a caller start or complete its own future, which makes this
     call raise ``RuntimeError`` (logged) for that future. Here the rest of the batch must
     not be lost with it: a future already running is kept (it is completed as usual),
-    one already done is left out."""
+    one already done is left out. A retried request's future is running already: it is
+    kept unless it is done."""
     cdef list live = []
     cdef object f
     cdef int code
     cdef bint started
     for r in requests:
         f = (<Request?>r).future
+        if (<Request>r).attempt:
+            # A retry: its future has been running since its first try.
+            if not f.done():
+                live.append(r)
+            continue
         if _direct is not None and isinstance(f, _direct):
             code = _start(f)
             if code == 1:

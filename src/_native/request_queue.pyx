@@ -59,6 +59,8 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void wait_items(Sync* s, double deadline) noexcept nogil
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
+    void wait_expiry(Sync* s, double deadline) noexcept nogil
+    void notify_expiry_all(Sync* s) noexcept nogil
     void notify_items_one(Sync* s) noexcept nogil
     size_t items_waiting(Sync* s) noexcept nogil
     void notify_fill_all(Sync* s) noexcept nogil
@@ -98,18 +100,27 @@ cdef enum:
 
 
 ctypedef struct Entry:
-    int64_t priority
+    int64_t priority    # _AGED once it waited past max_priority_wait
     uint64_t seq        # arrival order; also the token's high part
     int64_t rows
     int64_t nbytes
     int64_t key
     int64_t length      # sequence length; a batch costs rows x its longest length
-    double t_push       # mono_now() at publication
+    double t_push       # mono_now() at publication (for a parked entry: when it is due)
+    int32_t slot
+    bint solo           # always a batch of its own (a request being retried)
+
+ctypedef struct TEntry:
+    # An entry of a timer heap: what time it is keyed on, and its slot.
+    double key
     int32_t slot
 
 ctypedef struct SlotInfo:
     uint64_t seq        # seq of the slot's latest entry (UINT64_MAX: none yet)
     Py_ssize_t pos      # its index in the heap while queued, else -1
+    Py_ssize_t dpos     # its index in the deadline heap, else -1
+    Py_ssize_t ppos     # its index in the parked heap, else -1
+    Py_ssize_t apos     # its index in the ageing heap, else -1
 
 ctypedef struct PopParams:
     int64_t max_rows
@@ -119,6 +130,17 @@ ctypedef struct PopParams:
     double max_wait
     double idle_gap
     bint fill           # whether step 2 (the fill wait) applies at all
+
+
+# The priority an entry gets once it has waited longer than max_priority_wait: above
+# every level a push accepts, so aged entries go first, among themselves by arrival.
+cdef int64_t _AGED = -1
+
+# Which position field of SlotInfo a timer heap keeps up to date.
+cdef enum:
+    T_DEADLINE = 0
+    T_PARKED = 1
+    T_AGE = 2
 
 
 # ---------------------------------------------------------------- heap kernels
@@ -193,6 +215,75 @@ cdef void _heap_remove(Entry* h, SlotInfo* info, Py_ssize_t* n, Py_ssize_t i,
         _sift_down(h, info, n[0], i)
 
 
+# ---------------------------------------------------------------- timer heaps
+# Min-heaps of (time, slot) for deadlines, parked entries and ageing. Each records its
+# entries' indexes in one position field of SlotInfo, so an entry leaving the queue any
+# way (popped, cancelled, expired) leaves its timer heaps in O(log n).
+
+cdef inline void _t_setpos(SlotInfo* info, int which, int32_t slot,
+                           Py_ssize_t i) noexcept nogil:
+    if which == T_DEADLINE:
+        info[slot].dpos = i
+    elif which == T_PARKED:
+        info[slot].ppos = i
+    else:
+        info[slot].apos = i
+
+
+cdef void _t_sift_up(TEntry* h, SlotInfo* info, int which, Py_ssize_t i) noexcept nogil:
+    cdef TEntry e = h[i]
+    cdef Py_ssize_t parent
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not e.key < h[parent].key:
+            break
+        h[i] = h[parent]
+        _t_setpos(info, which, h[i].slot, i)
+        i = parent
+    h[i] = e
+    _t_setpos(info, which, e.slot, i)
+
+
+cdef void _t_sift_down(TEntry* h, SlotInfo* info, int which, Py_ssize_t n,
+                       Py_ssize_t i) noexcept nogil:
+    cdef TEntry e = h[i]
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and h[child + 1].key < h[child].key:
+            child += 1
+        if not h[child].key < e.key:
+            break
+        h[i] = h[child]
+        _t_setpos(info, which, h[i].slot, i)
+        i = child
+    h[i] = e
+    _t_setpos(info, which, e.slot, i)
+
+
+cdef inline void _t_push(TEntry* h, SlotInfo* info, int which, Py_ssize_t* n, double key,
+                         int32_t slot) noexcept nogil:
+    h[n[0]].key = key
+    h[n[0]].slot = slot
+    n[0] += 1
+    _t_sift_up(h, info, which, n[0] - 1)
+
+
+cdef void _t_remove(TEntry* h, SlotInfo* info, int which, Py_ssize_t* n,
+                    Py_ssize_t i) noexcept nogil:
+    _t_setpos(info, which, h[i].slot, -1)
+    n[0] -= 1
+    if i == n[0]:
+        return
+    h[i] = h[n[0]]
+    if i > 0 and h[i].key < h[(i - 1) >> 1].key:
+        _t_sift_up(h, info, which, i)
+    else:
+        _t_sift_down(h, info, which, n[0], i)
+
+
 # ---------------------------------------------------------------- argument checks
 # Validate with the GIL, before any lock: bad input raises, never reaches the C state.
 
@@ -263,6 +354,11 @@ cdef double _timeout_arg(object v) except? -1.0:
     return x
 
 
+cdef double _deadline_arg(object v) except? -1.0:
+    """A point in time on the monotonic clock; +inf means never."""
+    return _float_arg(v, "deadline")
+
+
 cdef inline double _wake_by() noexcept:
     """When a blocking wait must come back to run signal handlers (main thread only)."""
     if PyThread_get_thread_ident() == _MAIN_IDENT:
@@ -315,6 +411,17 @@ cdef class RequestQueue:
     cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
     cdef list _items            # slot -> object; only touched with the GIL held
+    # Time: deadlines of queued and parked entries; parked entries by when they are due
+    # (their records in _parked, by slot); queued entries by push time while ageing is on
+    # (_aging >= 0); slots of expired entries not yet taken out (take_expired).
+    cdef TEntry* _dheap
+    cdef TEntry* _pheap
+    cdef TEntry* _aheap
+    cdef Entry* _parked
+    cdef int32_t* _expired
+    cdef Py_ssize_t _dlen, _plen, _alen, _nexpired, _w_exp
+    cdef double _aging
+    cdef uint64_t _pushed       # entries accepted by push() (parks are not arrivals)
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX
@@ -322,15 +429,23 @@ cdef class RequestQueue:
         if self._sync == NULL:
             raise MemoryError()
 
-    def __init__(self, capacity, priorities=True):
+    def __init__(self, capacity, priorities=True, max_priority_wait=None):
         cdef bint ok
+        cdef double aging = -1.0
         if self._items is not None:
             raise RuntimeError("RequestQueue is already initialised")
         self._capacity = <Py_ssize_t>_int_arg(capacity, "capacity", 1, _MAX_CAPACITY)
         self._priorities = bool(priorities)
+        if max_priority_wait is not None:
+            aging = _float_arg(max_priority_wait, "max_priority_wait")
+            if aging < 0.0:
+                raise ValueError(
+                    f"max_priority_wait must be None or >= 0, got {max_priority_wait!r}")
+        # Without priorities the heap is FIFO already: nothing to age.
+        self._aging = aging if self._priorities else -1.0
         with nogil:     # nobody else can see the queue yet; the lock is for form only
             sync_lock(self._sync)
-            ok = self._grow_arrays()
+            ok = self._grow_arrays(False)
             sync_unlock(self._sync)
         if not ok:
             raise MemoryError()
@@ -346,6 +461,11 @@ cdef class RequestQueue:
         free(self._info)
         free(self._free)
         free(self._skip)
+        free(self._dheap)
+        free(self._pheap)
+        free(self._aheap)
+        free(self._parked)
+        free(self._expired)
         if self._sync != NULL:
             sync_delete(self._sync)
 
@@ -353,12 +473,38 @@ cdef class RequestQueue:
     # Everything below that ends in _locked runs with the mutex held and touches no
     # Python object; callers hold the GIL (fast path) or not (slow path).
 
-    cdef bint _grow_arrays(self) noexcept nogil:
+    cdef bint _grow_arrays(self, bint beyond_capacity) noexcept nogil:
+        # A parked retry may take a slot past capacity (it was accepted already), up to
+        # the slot limit of a token.
+        cdef Py_ssize_t limit = _MAX_CAPACITY if beyond_capacity else self._capacity
         cdef Py_ssize_t ncap = self._arrays_cap * 2
         if ncap < 16:
             ncap = 16
-        if ncap > self._capacity:
-            ncap = self._capacity
+        if ncap > limit:
+            ncap = limit
+        if ncap <= self._arrays_cap:
+            return False
+        cdef TEntry* t
+        t = <TEntry*>realloc(self._dheap, ncap * sizeof(TEntry))
+        if t == NULL:
+            return False
+        self._dheap = t
+        t = <TEntry*>realloc(self._pheap, ncap * sizeof(TEntry))
+        if t == NULL:
+            return False
+        self._pheap = t
+        t = <TEntry*>realloc(self._aheap, ncap * sizeof(TEntry))
+        if t == NULL:
+            return False
+        self._aheap = t
+        cdef Entry* pk = <Entry*>realloc(self._parked, ncap * sizeof(Entry))
+        if pk == NULL:
+            return False
+        self._parked = pk
+        cdef int32_t* ex = <int32_t*>realloc(self._expired, ncap * sizeof(int32_t))
+        if ex == NULL:
+            return False
+        self._expired = ex
         cdef Entry* h = <Entry*>realloc(self._heap, ncap * sizeof(Entry))
         if h == NULL:
             return False
@@ -387,21 +533,27 @@ cdef class RequestQueue:
 
     cdef int _reserve_locked(self, int32_t* slot) noexcept nogil:
         """Take a free slot for a push: RQ_OK, RQ_FULL, RQ_CLOSED or RQ_NOMEM."""
-        cdef int32_t s
         if self._closed:
             return RQ_CLOSED
         if self._used >= self._capacity:
             return RQ_FULL
+        return self._take_slot_locked(slot, False)
+
+    cdef int _take_slot_locked(self, int32_t* slot, bint beyond_capacity) noexcept nogil:
+        cdef int32_t s
         if self._nfree > 0:
             self._nfree -= 1
             s = self._free[self._nfree]
         else:
-            if self._nslots == self._arrays_cap and not self._grow_arrays():
-                return RQ_NOMEM
+            if self._nslots == self._arrays_cap and not self._grow_arrays(beyond_capacity):
+                return RQ_FULL if self._nslots >= _MAX_CAPACITY else RQ_NOMEM
             s = <int32_t>self._nslots
             self._nslots += 1
             self._info[s].seq = UINT64_MAX
             self._info[s].pos = -1
+            self._info[s].dpos = -1
+            self._info[s].ppos = -1
+            self._info[s].apos = -1
         self._used += 1
         slot[0] = s
         return RQ_OK
@@ -424,7 +576,8 @@ cdef class RequestQueue:
             self._w_room -= 1
 
     cdef int _publish_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
-                             int64_t key, int64_t length, uint64_t* seq) noexcept nogil:
+                             int64_t key, int64_t length, double deadline,
+                             uint64_t* seq) noexcept nogil:
         """Queue the entry whose object is already in slot s; wake consumers."""
         cdef Entry e
         if self._closed:
@@ -432,16 +585,22 @@ cdef class RequestQueue:
         e.priority = priority if self._priorities else 0
         e.seq = self._seq
         self._seq += 1
+        self._pushed += 1
         e.rows = rows
         e.nbytes = nbytes
         e.key = key
         e.length = length
         e.t_push = mono_now()
         e.slot = s
+        e.solo = False
         self._info[s].seq = e.seq
         _heap_push(self._heap, self._info, &self._len, &e)
         self._rows += rows
         self._last_push = e.t_push
+        if self._aging >= 0.0:
+            _t_push(self._aheap, self._info, T_AGE, &self._alen, e.t_push, s)
+        if deadline != INFINITY:
+            self._add_deadline_locked(deadline, s)
         # One new entry can start one idle consumer. Filling consumers only need waking
         # once the rows they wait for are there: a push only ever moves their other
         # deadlines (head age, idle gap) later, and they re-check those when they wake.
@@ -451,6 +610,82 @@ cdef class RequestQueue:
             notify_fill_all(self._sync)
         seq[0] = e.seq
         return RQ_OK
+
+    cdef void _add_deadline_locked(self, double deadline, int32_t s) noexcept nogil:
+        # The collector waits for the earliest deadline: wake it if this one is earlier.
+        if self._w_exp > 0 and (self._dlen == 0 or deadline < self._dheap[0].key):
+            notify_expiry_all(self._sync)
+        _t_push(self._dheap, self._info, T_DEADLINE, &self._dlen, deadline, s)
+
+    cdef void _unindex_locked(self, int32_t s) noexcept nogil:
+        """Take a slot that leaves the queue out of its deadline and ageing heaps."""
+        cdef SlotInfo* inf = &self._info[s]
+        if inf.dpos >= 0:
+            _t_remove(self._dheap, self._info, T_DEADLINE, &self._dlen, inf.dpos)
+        if inf.apos >= 0:
+            _t_remove(self._aheap, self._info, T_AGE, &self._alen, inf.apos)
+
+    cdef bint _remove_slot_locked(self, int32_t s) noexcept nogil:
+        """Take the entry of slot s out of the queue, queued or parked; False if it is
+        neither."""
+        cdef Entry e
+        cdef SlotInfo* inf = &self._info[s]
+        if inf.pos >= 0:
+            _heap_remove(self._heap, self._info, &self._len, inf.pos, &e)
+            self._rows -= e.rows
+        elif inf.ppos >= 0:
+            _t_remove(self._pheap, self._info, T_PARKED, &self._plen, inf.ppos)
+        else:
+            return False
+        self._unindex_locked(s)
+        if self._w_fill > 0:
+            # A filling consumer may have lost its head (or every entry): let it
+            # re-evaluate, or go back to waiting for an entry under its own timeout.
+            notify_fill_all(self._sync)
+        return True
+
+    cdef void _tick_locked(self) noexcept nogil:
+        """Apply the clock: expire entries past their deadline, queue parked entries that
+        are due, age entries that waited past max_priority_wait. Cheap when none of these
+        is in use (three length checks)."""
+        cdef double now
+        cdef int32_t s
+        cdef Entry e
+        cdef Py_ssize_t i, before
+        if self._dlen == 0 and self._plen == 0 and self._alen == 0:
+            return
+        now = mono_now()
+        before = self._nexpired
+        while self._dlen > 0 and self._dheap[0].key <= now:
+            s = self._dheap[0].slot
+            self._remove_slot_locked(s)
+            self._expired[self._nexpired] = s
+            self._nexpired += 1
+        if self._nexpired > before and self._w_exp > 0:
+            notify_expiry_all(self._sync)
+        while self._plen > 0 and self._pheap[0].key <= now:
+            s = self._pheap[0].slot
+            _t_remove(self._pheap, self._info, T_PARKED, &self._plen, 0)
+            e = self._parked[s]
+            # Due now: it arrives again (a new place in line, a new push time).
+            e.seq = self._seq
+            self._seq += 1
+            e.t_push = now
+            self._info[s].seq = e.seq
+            _heap_push(self._heap, self._info, &self._len, &e)
+            self._rows += e.rows
+            if self._aging >= 0.0:
+                _t_push(self._aheap, self._info, T_AGE, &self._alen, now, s)
+        while self._alen > 0 and self._aheap[0].key + self._aging < now:
+            s = self._aheap[0].slot
+            _t_remove(self._aheap, self._info, T_AGE, &self._alen, 0)
+            i = self._info[s].pos
+            self._heap[i].priority = _AGED
+            _sift_up(self._heap, self._info, i)
+
+    cdef double _next_due_locked(self) noexcept nogil:
+        """When the earliest parked entry is due (INFINITY: none is parked)."""
+        return self._pheap[0].key if self._plen > 0 else INFINITY
 
     cdef void _release_slots_locked(self, const int32_t* slots, Py_ssize_t n) noexcept nogil:
         """Return emptied slots to the free list and wake as many producers."""
@@ -468,15 +703,11 @@ cdef class RequestQueue:
 
     cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
         """When the fill wait for the current head ends (see pop_batch, step 2)."""
-        cdef double head = self._heap[0].t_push
-        cdef double d, g
-        if p.idle_gap < 0.0:
-            return head + p.max_wait            # plain: the head's age reaches max_wait
-        if self._in_flight > 0:
-            return INFINITY                     # the model is busy: keep filling
-        # Idle model: max_wait counts from when it became idle (or from the head's push,
-        # if later), and the batch goes early once arrivals pause for idle_gap.
-        d = (head if head > self._idle_since else self._idle_since) + p.max_wait
+        cdef double d = self._heap[0].t_push + p.max_wait  # the ceiling, always
+        cdef double g
+        if p.idle_gap < 0.0 or self._in_flight > 0:
+            return d        # plain, or the model is busy: keep filling up to the ceiling
+        # Idle model: the batch also goes once arrivals pause for idle_gap.
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
         return g if g < d else d
@@ -491,13 +722,16 @@ cdef class RequestQueue:
         buf.slots[buf.n] = head.slot        # buf starts empty with stack room: no check
         buf.n += 1
         self._rows -= head.rows
+        self._unindex_locked(head.slot)
+        if head.solo:
+            return <Py_ssize_t>buf.n
         total_rows = head.rows
         total_bytes = head.nbytes
         longest = head.length
         per_token = _bytes_per_token(&head)
         while self._len > 0:
             top = &self._heap[0]
-            if top.key != head.key:
+            if top.key != head.key or top.solo:
                 # Incompatible: set aside, reinserted below with its own (priority, seq),
                 # so it keeps its place and order.
                 if nskip == self._skip_cap and not self._grow_skip():
@@ -535,6 +769,7 @@ cdef class RequestQueue:
             _heap_remove(self._heap, self._info, &self._len, 0, &e)
             buf.slots[buf.n] = e.slot
             buf.n += 1
+            self._unindex_locked(e.slot)
             total_rows += e.rows
             total_bytes += e.nbytes
             if e.length > longest:
@@ -550,11 +785,13 @@ cdef class RequestQueue:
     cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
                                     PopBuf* buf) noexcept nogil:
         """pop_batch without waiting: the batch size, or RQ_RETRY if it must wait."""
+        self._tick_locked()
         if self._len == 0 or (self._paused and not self._closed):
-            if self._closed or not may_wait:
+            if (self._closed and self._plen == 0) or not may_wait:
                 return 0
             return RQ_RETRY
-        if p.fill and not self._closed and self._rows < p.fill_rows:
+        if (p.fill and not self._closed and self._rows < p.fill_rows
+                and not self._heap[0].solo):
             if mono_now() < self._fill_deadline(p):
                 return RQ_RETRY
         return self._select_locked(p, buf)
@@ -565,19 +802,27 @@ cdef class RequestQueue:
         cdef double t, d
         while True:
             # Step 1: wait for any live entry (and, while paused, for resume or close).
+            # Parked entries count as coming: a wait ends when the first is due, and a
+            # closed queue still hands them out then.
+            self._tick_locked()
             while self._len == 0 or (self._paused and not self._closed):
-                if self._closed:
+                if self._closed and self._plen == 0:
                     return 0
                 t = mono_now()
                 if t >= deadline:
                     return 0
                 if t >= wake_by:
                     return RQ_RETRY
-                wait_items(self._sync, deadline if deadline < wake_by else wake_by)
+                d = deadline if deadline < wake_by else wake_by
+                if not self._paused or self._closed:
+                    if self._next_due_locked() < d:
+                        d = self._next_due_locked()
+                wait_items(self._sync, d)
+                self._tick_locked()
             # Step 2: let the batch fill, bounded by the head's age and the idle gap.
             if p.fill:
                 while (self._len > 0 and not self._closed and not self._paused
-                       and self._rows < p.fill_rows):
+                       and self._rows < p.fill_rows and not self._heap[0].solo):
                     d = self._fill_deadline(p)
                     t = mono_now()
                     if t >= d:
@@ -591,6 +836,7 @@ cdef class RequestQueue:
                     self._w_fill -= 1
                     if self._w_fill == 0:
                         self._fill_need = INT64_MAX
+                    self._tick_locked()
                 if self._len == 0 or (self._paused and not self._closed):
                     # Cancelled, taken by another consumer or paused meanwhile: back to
                     # step 1, with what is left of `timeout`.
@@ -599,16 +845,24 @@ cdef class RequestQueue:
 
     cdef Py_ssize_t _drain_locked(self, PopBuf* buf) noexcept nogil:
         cdef Entry e
+        cdef int32_t s
         while self._len > 0 and buf.has_room():
             _heap_remove(self._heap, self._info, &self._len, 0, &e)
             buf.slots[buf.n] = e.slot
             buf.n += 1
             self._rows -= e.rows
+            self._unindex_locked(e.slot)
+        # Then the parked entries, soonest due first.
+        while self._plen > 0 and buf.has_room():
+            s = self._pheap[0].slot
+            _t_remove(self._pheap, self._info, T_PARKED, &self._plen, 0)
+            self._unindex_locked(s)
+            buf.slots[buf.n] = s
+            buf.n += 1
         return <Py_ssize_t>buf.n
 
     cdef bint _unlink_locked(self, int64_t slot, uint64_t seq) noexcept nogil:
         """Remove the queued entry (slot, seq) from the heap; False if not queued."""
-        cdef Entry e
         cdef SlotInfo* inf
         if slot >= self._nslots:
             return False
@@ -616,13 +870,7 @@ cdef class RequestQueue:
         # The seq check is what tells a reused slot's new entry from the old token.
         if inf.pos < 0 or inf.seq != seq:
             return False
-        _heap_remove(self._heap, self._info, &self._len, inf.pos, &e)
-        self._rows -= e.rows
-        if self._w_fill > 0:
-            # A filling consumer may have lost its head (or every entry): let it
-            # re-evaluate, or go back to waiting for an entry under its own timeout.
-            notify_fill_all(self._sync)
-        return True
+        return self._remove_slot_locked(<int32_t>slot)
 
     # ------------------------------------------------------------ GIL-side helpers
 
@@ -666,7 +914,7 @@ cdef class RequestQueue:
             return 0
         target = max(16, 2 * n, s + 1)
         if target > self._capacity:
-            target = self._capacity
+            target = max(self._capacity, s + 1)    # past capacity only for parked retries
         self._items.extend([None] * (target - n))
         return 0
 
@@ -722,15 +970,15 @@ cdef class RequestQueue:
         return r
 
     def __len__(self):
-        """Number of queued (not cancelled, not yet popped) entries."""
+        """Number of queued (not cancelled, not yet popped) entries, parked ones too."""
         cdef Py_ssize_t n
         if sync_try_lock(self._sync):
-            n = self._len
+            n = self._len + self._plen
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
-                n = self._len
+                n = self._len + self._plen
                 sync_unlock(self._sync)
         return n
 
@@ -738,7 +986,8 @@ cdef class RequestQueue:
         return (f"<RequestQueue capacity={self._capacity} len={len(self)} "
                 f"priorities={bool(self._priorities)} closed={self.closed}>")
 
-    def push(self, item, priority=0, rows=1, nbytes=0, key=0, timeout=None, length=0):
+    def push(self, item, priority=0, rows=1, nbytes=0, key=0, timeout=None, length=0,
+             deadline=None):
         """Queue ``item`` behind every entry of a lower-or-equal ``priority`` value pushed
         before it, and return its token (an int >= 0, unique for the queue's lifetime)
         for ``cancel()``.
@@ -749,7 +998,9 @@ cdef class RequestQueue:
         entries with the head's key share a batch. ``length``: 0 .. 2**39-1, the entry's
         sequence length, already rounded up by the caller (0 for entries that are not
         sequences); a batch weighs its rows times its longest length against
-        ``max_tokens``.
+        ``max_tokens``. ``deadline``: None, or the ``time.monotonic()`` time at which the
+        entry expires if it is still queued: it then leaves the queue, is never popped,
+        and is handed to ``take_expired()``.
 
         When the queue is full, ``timeout=None`` waits for room, ``0`` does not wait and
         a positive number waits that many seconds; then ``queue.Full`` is raised.
@@ -764,10 +1015,11 @@ cdef class RequestQueue:
         # Most entries are not sequences: the default (the interpreter's cached 0) skips
         # the conversion, a C-API call on push's fast path.
         cdef int64_t c_length = 0 if length is 0 else _int_arg(length, "length", 0, _MAX_COUNT)
+        cdef double c_deadline = INFINITY if deadline is None else _deadline_arg(deadline)
         cdef int32_t s = -1
         cdef int r = RQ_FULL
         cdef uint64_t seq = 0
-        cdef double deadline, wake_by
+        cdef double until, wake_by
         cdef bint reserved = False
 
         # Fast path, GIL held: only try the mutex (never block on it with the GIL).
@@ -776,7 +1028,8 @@ cdef class RequestQueue:
             if r == RQ_OK and s < PyList_GET_SIZE(<PyObject*>self._items):
                 self._store(s, item)
                 # Cannot fail: we held the lock since _reserve_locked saw it open.
-                self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
+                self._publish_locked(
+                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
                 sync_unlock(self._sync)
                 return _token(seq, s)
             sync_unlock(self._sync)
@@ -791,12 +1044,12 @@ cdef class RequestQueue:
 
         if not reserved:
             # Slow path: wait for room without the GIL.
-            deadline = mono_now() + c_timeout
+            until = mono_now() + c_timeout
             while True:
                 wake_by = _wake_by()
                 with nogil:
                     sync_lock(self._sync)
-                    r = self._reserve_wait_locked(deadline, wake_by, &s)
+                    r = self._reserve_wait_locked(until, wake_by, &s)
                     sync_unlock(self._sync)
                 if r != RQ_RETRY:
                     break
@@ -816,12 +1069,14 @@ cdef class RequestQueue:
             raise
         self._store(s, item)
         if sync_try_lock(self._sync):
-            r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
+            r = self._publish_locked(
+                s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
-                r = self._publish_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, &seq)
+                r = self._publish_locked(
+                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
                 sync_unlock(self._sync)
         if r == RQ_CLOSED:
             # Closed while we held the slot: give it back, drop our reference.
@@ -838,13 +1093,12 @@ cdef class RequestQueue:
            one queued entry; if none comes, return ``[]``.
         2. If ``fill_rows > 0`` and ``max_wait > 0``, keep waiting while the queue holds
            fewer than ``fill_rows`` rows, the head (most urgent, oldest entry) was pushed
-           less than ``max_wait`` seconds ago. With ``idle_gap`` given (>= 0) the wait
-           follows the consumer's model instead (see ``begin_batch``): while a batch is
-           in flight it goes on (the model is busy: filling costs nothing); once none is,
-           ``max_wait`` counts from that moment (or the head's push, if later), and the
-           wait also ends once nothing was pushed for ``idle_gap`` seconds since the later
-           of the latest push and that moment. ``idle_gap=None`` (or negative) keeps the
-           plain rule. This step applies whatever
+           less than ``max_wait`` seconds ago (a ceiling, whatever is in flight). With
+           ``idle_gap`` given (>= 0), while no batch is in flight (see ``begin_batch``)
+           the wait also ends once nothing was pushed for ``idle_gap`` seconds since the
+           later of the latest push and the moment the last batch in flight ended.
+           ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
+           retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
            the call goes back to step 1 with what is left of ``timeout``. The fill counts
            rows, never tokens (``max_tokens`` plays no part in it).
@@ -907,6 +1161,123 @@ cdef class RequestQueue:
             self._move_out(&buf)
             self._release_slots(buf.slots, n)
         return self._to_list(&buf)
+
+    def park(self, item, priority, rows, nbytes, key, length, not_before, deadline=None):
+        """Hold ``item`` out of line until ``not_before`` (a ``time.monotonic()`` time),
+        then queue it as a new arrival of ``priority`` that always makes a batch of its own
+        (a request waiting to be retried). Meanwhile it counts in ``len()`` and
+        ``parked``, not in ``rows``; a pop waiting for entries wakes when it is due, even
+        on a closed queue (``pop_batch`` returns ``[]`` only once nothing is parked
+        either). ``deadline`` as for ``push``. It never waits for room and is accepted
+        even after ``close()``: the request was accepted once already.
+        """
+        cdef int64_t c_prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)
+        cdef int64_t c_length = _int_arg(length, "length", 0, _MAX_COUNT)
+        cdef double c_due = _float_arg(not_before, "not_before")
+        cdef double c_deadline = INFINITY if deadline is None else _deadline_arg(deadline)
+        cdef int32_t s = -1
+        cdef int r
+        with nogil:
+            sync_lock(self._sync)
+            r = self._take_slot_locked(&s, True)
+            sync_unlock(self._sync)
+        if r == RQ_FULL:
+            raise _queue.Full
+        if r != RQ_OK:
+            raise MemoryError()
+        try:
+            self._ensure_table(s)
+        except BaseException:
+            self._release_slots(&s, 1)
+            raise
+        self._store(s, item)
+        with nogil:
+            sync_lock(self._sync)
+            self._park_locked(s, c_prio, c_rows, c_nbytes, c_key, c_length, c_due,
+                              c_deadline)
+            sync_unlock(self._sync)
+
+    cdef void _park_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
+                           int64_t key, int64_t length, double due,
+                           double deadline) noexcept nogil:
+        cdef Entry* e = &self._parked[s]
+        e.priority = priority if self._priorities else 0
+        e.seq = 0               # given when it is due: it arrives then
+        e.rows = rows
+        e.nbytes = nbytes
+        e.key = key
+        e.length = length
+        e.t_push = due
+        e.slot = s
+        e.solo = True
+        _t_push(self._pheap, self._info, T_PARKED, &self._plen, due, s)
+        if deadline != INFINITY:
+            self._add_deadline_locked(deadline, s)
+        # A consumer blocked without a time limit must learn when this one is due.
+        notify_items_one(self._sync)
+
+    def take_expired(self, timeout=0.0):
+        """The items whose ``deadline`` passed while they were queued or parked, in the
+        order they expired; they are out of the queue already (len, rows) and their
+        capacity is released before this returns. Waits up to ``timeout`` seconds
+        (None: until closed) for one to expire; returns at once once closed.
+        """
+        cdef double c_timeout = _timeout_arg(timeout)
+        cdef double deadline = mono_now() + c_timeout
+        cdef double wake_by
+        cdef PopBuf buf
+        cdef Py_ssize_t n = RQ_RETRY
+        while True:
+            wake_by = _wake_by()
+            with nogil:
+                sync_lock(self._sync)
+                n = self._wait_expired_locked(deadline, wake_by, &buf)
+                sync_unlock(self._sync)
+            if n != RQ_RETRY:
+                break
+            PyErr_CheckSignals()
+        if n > 0:
+            self._move_out(&buf)
+            self._release_slots(buf.slots, n)
+        return self._to_list(&buf)
+
+    cdef Py_ssize_t _wait_expired_locked(self, double deadline, double wake_by,
+                                         PopBuf* buf) noexcept nogil:
+        cdef double t, d
+        cdef Py_ssize_t i, k
+        while True:
+            self._tick_locked()
+            if self._nexpired > 0 or self._closed:
+                break
+            t = mono_now()
+            if t >= deadline:
+                break
+            if t >= wake_by:
+                return RQ_RETRY
+            d = deadline if deadline < wake_by else wake_by
+            if self._dlen > 0 and self._dheap[0].key < d:
+                d = self._dheap[0].key
+            self._w_exp += 1
+            wait_expiry(self._sync, d)
+            self._w_exp -= 1
+        k = 0
+        while k < self._nexpired and buf.has_room():
+            buf.slots[buf.n] = self._expired[k]
+            buf.n += 1
+            k += 1
+        # Whatever did not fit (out of memory) stays for the next call.
+        for i in range(k, self._nexpired):
+            self._expired[i - k] = self._expired[i]
+        self._nexpired -= k
+        return <Py_ssize_t>buf.n
+
+    @property
+    def parked(self):
+        """Entries parked by ``park()`` and not yet due."""
+        return self._plen
 
     def cancel(self, token):
         """Withdraw a queued entry: it will never be returned, stops counting in ``len()``
@@ -1014,8 +1385,8 @@ cdef class RequestQueue:
 
     @property
     def pushed(self):
-        """Entries ever accepted by push() (the arrival sequence; never decreases)."""
-        return self._seq
+        """Entries ever accepted by push() (never decreases; parks do not count)."""
+        return self._pushed
 
     @property
     def in_flight(self):

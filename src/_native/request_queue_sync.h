@@ -84,6 +84,7 @@ struct Sync {
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
     CondVar fill;
     CondVar room;
+    CondVar expiry;  // the collector of expired entries (take_expired)
 };
 
 inline Sync* sync_new() noexcept {
@@ -129,6 +130,8 @@ inline void wait_items(Sync* s, double deadline) noexcept {
 }
 inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill, deadline); }
 inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
+inline void wait_expiry(Sync* s, double deadline) noexcept { wait_until(s, s->expiry, deadline); }
+inline void notify_expiry_all(Sync* s) noexcept { s->expiry.notify_all(); }
 
 // Notifications are sent with the mutex held (the waiter counts they depend on are only
 // consistent under it).
@@ -153,6 +156,7 @@ inline void notify_everyone(Sync* s) noexcept {
     while (s->items != nullptr) notify_items_one(s);
     s->fill.notify_all();
     s->room.notify_all();
+    s->expiry.notify_all();
 }
 
 // Per-call buffer of the slots a pop takes, and later of the objects moved out of them.

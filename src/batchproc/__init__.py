@@ -20,6 +20,7 @@ from .errors import (
     ProcessorForkedError,
     ProcessorStoppedError,
     QueueFullError,
+    QueueTimeoutError,
 )
 from .integrations.decorator import BatchedFunction, BatchedMethod, batch
 from .metrics import MetricsCollector
@@ -51,6 +52,7 @@ __all__ = [
     "ProcessorForkedError",
     "ProcessorStoppedError",
     "QueueFullError",
+    "QueueTimeoutError",
     "__version__",
     "batch",
 ]

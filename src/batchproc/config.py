@@ -72,7 +72,9 @@ class BatchProcessorConfig:
         batch_timeout: Longest a batch waits to fill, in seconds from its oldest
             request's arrival. Default ``0.1``. A ceiling, not a delay: ADAPTIVE
             dispatches as soon as arrivals pause while the model is idle; FIXED waits up
-            to it for ``current_batch_size`` rows; GREEDY never waits.
+            to it for ``current_batch_size`` rows; GREEDY never waits. It holds while
+            other calls run long too: a worker without a call in progress (up to
+            ``max_workers``) starts one for requests that waited that long.
         item_timeout: Longest one ``process_func`` call may run, in seconds. Default
             ``30.0``. Past it the batch's requests fail with `BatchTimeoutError` and a
             new worker replaces the stuck one; a late result is discarded.
@@ -124,10 +126,22 @@ class BatchProcessorConfig:
             ``800``.
         max_retries: Retries of a single failing request, in attempts after the first.
             Default ``3``. A failing batch of several requests is bisected first; only
-            single requests are retried.
+            single requests are retried, each alone in its batch.
         retry_delay: Backoff before the first retry, in seconds; retry ``k`` (from 0)
-            waits ``retry_delay * 2**k``. Default ``1.0``. While it backs off, its
-            worker gives up its place among the batches in progress.
+            waits ``retry_delay * 2**k``. Default ``1.0``. A request backing off is
+            parked in the queue: it holds no worker, and nothing waits for it.
+        retry_on: Which failures of a single request are retried, an exception class or
+            a tuple of them. Default ``(Exception,)`` (every ``Exception``); others
+            fail the request at once. ``()`` retries nothing.
+        max_queue_time: Longest a request may wait in the queue (and parked for a
+            retry) before its call, in seconds from enqueue. Default ``None``: no limit.
+            A request still waiting when it runs out fails with ``QueueTimeoutError``
+            and never reaches the model. ``enqueue_predict``, ``enqueue`` and
+            ``enqueue_predict_async`` take a per-request value.
+        max_priority_wait: With ``enable_priority_queue``, the longest a request waits
+            before it is served ahead of every newer request whatever its priority, in
+            seconds. Default ``None``: strict priorities. Bounds how long a low priority
+            can starve under a flood of higher ones.
         debug_mode: Log the controller's decisions and every delivery at DEBUG level,
             on or off. Default ``False``.
         stack_items: Treat each array or tensor item as one sample, stacked on a new
@@ -173,6 +187,9 @@ class BatchProcessorConfig:
     queue_critical_threshold: int = 800
     max_retries: int = 3
     retry_delay: float = 1.0
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,)
+    max_queue_time: float | None = None
+    max_priority_wait: float | None = None
     debug_mode: bool = False
     stack_items: bool = False
     # Batch formats (docs/formats.md). Ragged sequences: with pad_value set, arrays and
@@ -208,6 +225,18 @@ class BatchProcessorConfig:
         if self.max_batch_memory_mb is not None:
             _require_number("max_batch_memory_mb", self.max_batch_memory_mb, minimum=0.0,
                             allow_zero=False)
+        for name in ("max_queue_time", "max_priority_wait"):
+            if getattr(self, name) is not None:
+                _require_number(name, getattr(self, name), minimum=0.0,
+                                allow_zero=name == "max_priority_wait")
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        if not isinstance(retry_on, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise ValueError(
+                f"retry_on must be an exception class or a tuple of them, got {self.retry_on!r}")
+        self.retry_on = retry_on
         if self.min_batch_size > self.max_batch_size:
             raise ValueError(
                 f"min_batch_size ({self.min_batch_size}) must not exceed "

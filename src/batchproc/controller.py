@@ -5,16 +5,20 @@ Per-batch Python work: ``plan()`` runs once before each batch is popped and
 
 The policy (docs/architecture.md, "The controller"):
 
-* While a batch is in flight (popped and not yet delivered) the next one keeps filling:
-  the model is busy, so dispatching early would only queue a small batch behind it.
+* While a batch is in flight (popped and not yet delivered) the next one keeps filling,
+  within ``batch_timeout`` of its oldest request's arrival: the model is busy, so
+  dispatching early would only queue a small batch behind it, but a long call never
+  holds queued requests past the ceiling while a worker is free to start another.
+  The controller owns this policy: it counts batches in flight (``batch_started`` /
+  ``batch_ended``) and tells the queue, whose pop applies the plan.
 * Once nothing is in flight, the batch goes as soon as arrivals pause for ``idle_gap``,
   a sixteenth of the fitted fixed cost per batch (``a / 16``): a straggler left for a
   batch of its own costs a whole fixed cost, while waiting for it costs at most 6% of
   one. At low load an idle worker therefore takes what is queued almost at once (for a
   model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
   load, batches fill.
-* ``batch_timeout`` bounds every wait (measured from the oldest request's arrival); it is
-  a ceiling, never a default delay.
+* ``batch_timeout`` bounds every wait (measured from the oldest request's arrival,
+  whether or not a batch is in flight); it is a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
   (at ``max_batch_size`` when cost grows at most linearly).
@@ -36,7 +40,7 @@ import logging
 import math
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .config import BatchProcessingStrategy, BatchProcessorConfig
 
@@ -188,6 +192,13 @@ class CallSlots:
             self._busy += 1
             return True
 
+    def acquire_extra(self) -> None:
+        """Take a slot past the limit: requests have waited past ``batch_timeout`` and
+        this worker is free (the limit is a target for throughput; the ceiling on
+        waiting comes first)."""
+        with self._lock:
+            self._busy += 1
+
     def release(self, wake: bool = True) -> None:
         """Free a slot. ``wake=False`` when the releasing thread will come back for it
         at once and nothing is waiting to be popped: handing the slot to a sleeping
@@ -281,8 +292,13 @@ class Controller:
     runs before every batch, is one attribute read unless the queue is backed up.
     """
 
-    def __init__(self, config: BatchProcessorConfig) -> None:
+    def __init__(self, config: BatchProcessorConfig, queue: Any = None) -> None:
         self._config = config
+        if queue is not None:
+            # The queue counts batches in flight for its fill wait (the policy is ours,
+            # applied by its pop).
+            self.batch_started = queue.begin_batch  # type: ignore[method-assign]
+            self.batch_ended = queue.end_batch  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
         self._memory = MEMORY_OK
@@ -374,6 +390,14 @@ class Controller:
                       rows, seconds * 1e3, current, new)
             self._current = new
             self._replan()
+
+    def batch_started(self) -> None:
+        """A popped batch is in flight: the next pop keeps filling (within the ceiling).
+        (With a queue, the queue's own method: one call per batch, no Python frame.)"""
+
+    def batch_ended(self) -> None:
+        """A batch is delivered (or abandoned): once none is in flight, pops that are
+        filling switch to the idle rule (go once arrivals pause)."""
 
     def observe_failure(self) -> None:
         cfg = self._config

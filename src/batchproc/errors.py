@@ -30,3 +30,7 @@ class ProcessorForkedError(ProcessorStoppedError):
     "fork" start method) of the one that started the processor. Its threads did not
     survive the fork, so it refuses requests instead of queueing them for nobody; start
     a processor in this process instead."""
+
+
+class QueueTimeoutError(BatchProcessorError, TimeoutError):
+    """The request waited in the queue past its ``max_queue_time``; it was not processed."""

@@ -2,8 +2,9 @@
 
 Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
 describe the item, create its future, push it onto the native queue. Everything after
-that happens on the processor's threads: the workers (``dispatch.py``) and one
-supervisor that enforces ``item_timeout`` and runs the health checks.
+that happens on the processor's threads: the workers (``engine/``) and one supervisor
+that fails requests whose ``max_queue_time`` ran out, enforces ``item_timeout`` and runs
+the health checks.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import forking
+from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
-from .dispatch import Dispatcher, record_requests
+from .engine import Engine
+from .engine.delivery import record_requests
 from .errors import (
     BatchProcessorError,
     ProcessorForkedError,
@@ -47,6 +50,17 @@ U = TypeVar("U")
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 _monotonic = time.monotonic
+_INF = float("inf")
+
+
+class _ConfigDefault:
+    """The default of ``max_queue_time`` keywords: the config's value."""
+
+    def __repr__(self) -> str:
+        return "<config default>"
+
+
+_CONFIG = _ConfigDefault()
 
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
@@ -93,16 +107,17 @@ class BatchProcessor(Generic[T, U]):
         self._lifecycle = threading.Lock()
         self._resume = threading.Event()
         self._resume.set()
-        self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue)
+        self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue,
+                                   config.max_priority_wait)
         self._describe = make_describer(config).describe
         self._stats = BatchStats(config.monitoring_window)
-        self._controller = Controller(config)
+        self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector, self)
         self._counts_lock = threading.Lock()
         self._cancelled = 0
         self._rejected = 0
-        self._dispatcher = Dispatcher(config, self._queue, self._controller, self._stats,
-                                      self._metrics, self._resume, self._count_cancelled)
+        self._dispatcher = Engine(config, self._queue, self._controller, self._stats,
+                                  self._metrics, self._resume, self._count_cancelled)
         self._health = HealthMonitor(
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
@@ -122,6 +137,7 @@ class BatchProcessor(Generic[T, U]):
         self._channels_lock = threading.Lock()
         self._last_channel: tuple[object, LoopChannel | None] = (None, None)
         self._failure_log = FailureLog()
+        self._max_queue_time = config.max_queue_time
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -187,6 +203,9 @@ class BatchProcessor(Generic[T, U]):
         if not drained:
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
+        # No pop runs any more (one would expire entries on its look): what expired is
+        # failed as expired, the rest as stopped.
+        self._dispatcher.expire_queued(self._queue.take_expired())
         leftover += self._fail_queued()
         if self._async_model is not None:
             # After the workers: a call still running now was abandoned; cancel it.
@@ -204,14 +223,12 @@ class BatchProcessor(Generic[T, U]):
 
     def _fail_queued(self) -> int:
         error = ProcessorStoppedError("processor stopped before this request was dispatched")
-        failed = []
-        for request in self._queue.drain():
-            future = request.future
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
-                failed.append(request)
-            else:
-                self._count_cancelled(1)
+        queued = self._queue.drain()
+        failed = start_all(queued)  # requests parked for a retry are running already
+        if len(failed) != len(queued):
+            self._count_cancelled(len(queued) - len(failed))
+        for request in failed:
+            request.future.set_exception(error)
         if failed:
             self._stats.record_error(len(failed))
             self._metrics.error(error, len(failed))
@@ -243,21 +260,36 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- intake
 
     def enqueue_predict(self, item: T, timeout: float | None = None,
-                        priority: BatchPriority | int = BatchPriority.NORMAL) -> Future[U]:
+                        priority: BatchPriority | int = BatchPriority.NORMAL,
+                        max_queue_time: float | _ConfigDefault | None = _CONFIG,
+                        ) -> Future[U]:
         """Queue ``item`` and return the Future of its result.
 
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         A processing failure reaches the future as the exception ``process_func`` raised.
+        ``max_queue_time`` (seconds; default: the config's): if the request is still
+        waiting for its call that long after enqueue, it fails with
+        ``QueueTimeoutError`` and is never processed; ``None``: no limit.
         In a forked child of the process that started the processor:
         ``ProcessorForkedError`` (a ``ProcessorStoppedError``).
         """
         if self._forked:
             raise self._forked_error()
         future = _RequestFuture()
-        request, rows, nbytes, key, length = self._describe(item, future, _monotonic())
+        now = _monotonic()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self._max_queue_time
+        if max_queue_time is None:
+            request, rows, nbytes, key, length = self._describe(item, future, now, priority)
+            deadline = None
+        else:
+            deadline = now + _queue_time_arg(max_queue_time)
+            request, rows, nbytes, key, length = self._describe(item, future, now, priority,
+                                                                deadline)
         try:
-            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length)
+            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
+                                     deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, timeout) from None
         future._bp_token = token
@@ -266,6 +298,7 @@ class BatchProcessor(Generic[T, U]):
 
     def enqueue_predict_async(self, item: T,
                               priority: BatchPriority | int = BatchPriority.NORMAL,
+                              max_queue_time: float | _ConfigDefault | None = _CONFIG,
                               ) -> asyncio.Future[U]:
         """From a coroutine: queue ``item`` and return an ``asyncio.Future`` of its result
         on the running event loop (``await processor.enqueue_predict_async(x)``).
@@ -277,6 +310,7 @@ class BatchProcessor(Generic[T, U]):
         dispatched is never processed; after dispatch its result is discarded.
         ``RuntimeError`` if no event loop is running in this thread;
         ``ProcessorForkedError`` in a forked child, as for ``enqueue_predict``.
+        ``max_queue_time`` as for ``enqueue_predict``.
         """
         if self._forked:
             raise self._forked_error()
@@ -285,10 +319,15 @@ class BatchProcessor(Generic[T, U]):
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
         future: asyncio.Future[U] = loop.create_future()
+        now = _monotonic()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self.config.max_queue_time
+        deadline = None if max_queue_time is None else now + _queue_time_arg(max_queue_time)
         request, rows, nbytes, key, length = self._describe(
-            item, AsyncRequest(future, channel), _monotonic())
+            item, AsyncRequest(future, channel), now, priority,
+            _INF if deadline is None else deadline)
         try:
-            self._queue.push(request, priority, rows, nbytes, key, 0, length)
+            self._queue.push(request, priority, rows, nbytes, key, 0, length, deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
         return future
@@ -338,16 +377,18 @@ class BatchProcessor(Generic[T, U]):
         return channel
 
     def enqueue(self, item: T, timeout: float | None = None,
-                priority: BatchPriority | int = BatchPriority.NORMAL) -> None:
+                priority: BatchPriority | int = BatchPriority.NORMAL,
+                max_queue_time: float | _ConfigDefault | None = _CONFIG) -> None:
         """Fire and forget: failures are logged and counted, never raised to the caller.
 
         A refused or failed request is logged once, as a warning on the
         ``batchproc.processor`` logger; repeats of one exception type are logged at most
         once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
-        count in ``get_stats()["total_rejected"]``, failures in ``total_errors``.
+        count in ``get_stats()["total_rejected"]``, failures in ``total_errors`` (expired
+        ones in ``total_expired``). ``max_queue_time`` as for ``enqueue_predict``.
         """
         try:
-            future = self.enqueue_predict(item, timeout, priority)
+            future = self.enqueue_predict(item, timeout, priority, max_queue_time)
         except Exception as exc:
             # Counted apart: it was never accepted, so it is not a processing error.
             with self._counts_lock:
@@ -406,7 +447,8 @@ class BatchProcessor(Generic[T, U]):
         ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
         ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
         ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
-        ``strategy``, ``memory_level``.
+        ``total_expired`` (failed with ``QueueTimeoutError``: ``max_queue_time`` ran out
+        before their call), ``strategy``, ``memory_level``.
 
         ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
@@ -429,6 +471,7 @@ class BatchProcessor(Generic[T, U]):
             total_accepted=accepted,
             total_cancelled=cancelled,
             total_rejected=rejected,
+            total_expired=self._dispatcher.expired,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )
@@ -480,12 +523,23 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- supervisor
 
     def _supervise(self) -> None:
-        """Enforce item_timeout at a fine tick; run health checks at their interval."""
+        """Fail requests whose max_queue_time ran out as soon as it does (the queue wakes
+        this thread then); enforce item_timeout at a fine tick; run health checks at
+        their interval."""
         cfg = self.config
         tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
         next_health = _monotonic() + cfg.health_check_interval
-        while not self._supervisor_stop.wait(tick):
+        queue = self._queue
+        stop = self._supervisor_stop
+        while not stop.is_set():
             try:
+                if queue.closed:  # take_expired would not wait any more
+                    if stop.wait(tick):
+                        break
+                else:
+                    expired = queue.take_expired(tick)
+                    if expired:
+                        self._dispatcher.expire_queued(expired)
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
                 if self._async_model is not None:
@@ -506,6 +560,13 @@ class BatchProcessor(Generic[T, U]):
         if self._async_model is not None:
             threads.append(self._async_model.thread)
         return threads
+
+
+def _queue_time_arg(value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            or value <= 0):
+        raise ValueError(f"max_queue_time must be None or a number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 class FailureLog:

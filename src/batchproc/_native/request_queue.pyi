@@ -12,7 +12,14 @@ class QueueClosed(RuntimeError):
 class RequestQueue:
     """Bounded queue of requests, ordered by (priority, arrival), popped a batch at a time."""
 
-    def __init__(self, capacity: SupportsIndex, priorities: bool = True) -> None: ...
+    def __init__(
+        self,
+        capacity: SupportsIndex,
+        priorities: bool = True,
+        max_priority_wait: SupportsFloat | SupportsIndex | None = None,
+    ) -> None:
+        """``max_priority_wait`` (seconds, None: off): with priorities, an entry queued
+        longer than this is served before every entry that has not, by arrival."""
     @property
     def capacity(self) -> int: ...
     @property
@@ -29,9 +36,30 @@ class RequestQueue:
         key: SupportsIndex = 0,
         timeout: SupportsFloat | SupportsIndex | None = None,
         length: SupportsIndex = 0,
+        deadline: SupportsFloat | SupportsIndex | None = None,
     ) -> int:
         """``length``: the entry's sequence length (0 .. 2**39-1, 0 if not a sequence),
-        weighed against ``pop_batch``'s ``max_tokens``."""
+        weighed against ``pop_batch``'s ``max_tokens``. ``deadline``: when (monotonic
+        clock) it expires if still queued; then ``take_expired()`` hands it out."""
+
+    def park(
+        self,
+        item: object,
+        priority: SupportsIndex,
+        rows: SupportsIndex,
+        nbytes: SupportsIndex,
+        key: SupportsIndex,
+        length: SupportsIndex,
+        not_before: SupportsFloat | SupportsIndex,
+        deadline: SupportsFloat | SupportsIndex | None = None,
+    ) -> None:
+        """Queue ``item`` as a batch of its own once ``not_before`` (monotonic) comes."""
+
+    def take_expired(self, timeout: SupportsFloat | SupportsIndex | None = 0.0) -> list[Any]:
+        """Items whose deadline passed while queued or parked; waits up to ``timeout``."""
+
+    @property
+    def parked(self) -> int: ...
 
     def pop_batch(
         self,

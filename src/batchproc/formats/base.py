@@ -31,6 +31,7 @@ from . import outputs
 # fresh ones, never reused, so forgetting old ones (below) cannot merge two kinds.
 _MEMO_LIMIT = 4096
 _ndarray = np.ndarray
+_INF = float("inf")
 
 
 class Limits(NamedTuple):
@@ -223,17 +224,19 @@ class Describer:
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
 
-    def describe(self, item: Any, future: Any, now: float,
-                 ) -> tuple[Request, int, int, int, int]:
+    def describe(self, item: Any, future: Any, now: float, priority: Any = 2,
+                 deadline: float = _INF) -> tuple[Request, int, int, int, int]:
         """``(request, rows, nbytes, key, queue_length)`` for ``item``: what the queue
         needs to order and group it. ``queue_length`` is its padded length rounded up to
-        ``pad_to_multiple_of`` (what it costs in tokens per row)."""
+        ``pad_to_multiple_of`` (what it costs in tokens per row). ``priority`` and
+        ``deadline`` are kept in the request, for a retry to queue it again."""
         if type(item) is _ndarray:
             known = self._arrays.get((item.dtype, item.shape))
             if known is not None:
                 key, fmt, rows, nbytes, length, queue_length = known
-                return (Request(future, item, fmt, rows, nbytes, length, now), rows, nbytes,
-                        key, queue_length)
+                return (Request(future, item, fmt, rows, nbytes, length, now, key,
+                                queue_length, priority, deadline),
+                        rows, nbytes, key, queue_length)
         original = item
         for family in self._families:
             d = family.describe(item)
@@ -258,8 +261,9 @@ class Describer:
                 arrays.clear()
             arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, nbytes, length,
                                               queue_length)
-        return (Request(future, item, entry[1], rows, nbytes, length, now), rows, nbytes,
-                entry[0], queue_length)
+        return (Request(future, item, entry[1], rows, nbytes, length, now, entry[0],
+                        queue_length, priority, deadline),
+                rows, nbytes, entry[0], queue_length)
 
     def _register(self, signature: Hashable, make: Callable[[Any], BatchFormat],
                   ) -> tuple[int, BatchFormat]:

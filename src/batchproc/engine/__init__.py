@@ -1,0 +1,83 @@
+"""The engine: what happens to requests between the queue and their futures.
+
+One module per job, each with a narrow interface:
+
+- ``batch``: a popped batch's state (one field, named transitions) and the board of
+  batches held by workers;
+- ``workers``: the worker threads, their loop, and the hand-over at stop;
+- ``execution``: one batch's calls: build, call, check and split, bisection, retries;
+- ``delivery``: completing futures (results, failures, expired deadlines), counted first;
+- ``limits``: ``item_timeout``.
+
+``Engine`` wires them together for the processor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._native.future_state import Request
+from ..config import BatchProcessorConfig
+from ..controller import Controller
+from ..metrics import MetricsSink
+from ..stats import BatchStats
+from .batch import ABANDONED, Board
+from .delivery import Delivery
+from .execution import Executor
+from .limits import TimeLimits
+from .workers import WorkerPool
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    def __init__(self, config: BatchProcessorConfig, queue: Any, controller: Controller,
+                 stats: BatchStats, metrics: MetricsSink, resume: threading.Event,
+                 count_cancelled: Callable[[int], None]) -> None:
+        self._board = Board()
+        self.delivery = Delivery(config, self._board, queue, controller, stats, metrics,
+                                 count_cancelled)
+        self._executor = Executor(config, self._board, queue, controller, self.delivery,
+                                  metrics)
+        self._pool = WorkerPool(config, queue, controller, self._board, self._executor,
+                                self.delivery, resume, count_cancelled)
+        self._limits = TimeLimits(config, self._board, self._pool, controller,
+                                  self.delivery, metrics)
+        self.join = self._pool.join
+        self.abandon_all = self._pool.abandon_all
+        self.alive_workers = self._pool.alive_workers
+        self.threads = self._pool.threads
+        self.expire_stuck = self._limits.expire_stuck
+        self.stuck_batches = self._limits.stuck_batches
+
+    def start(self, process_func: Callable[[Any], Any]) -> None:
+        self._executor.process_func = process_func
+        self._pool.start()
+
+    @property
+    def room(self) -> Any:
+        """The coroutines awaiting room in the queue (``backpressure.RoomWaiters``), told
+        whenever requests leave it; ``None`` until one awaits."""
+        return self._pool.room
+
+    @room.setter
+    def room(self, waiters: Any) -> None:
+        self._pool.room = waiters
+
+    def expire_queued(self, requests: list[Request]) -> int:
+        """Fail requests whose ``max_queue_time`` ran out in the queue."""
+        room = self._pool.room
+        if room is not None and requests:
+            room.release(len(requests))
+        return self.delivery.expire(requests)
+
+    @property
+    def expired(self) -> int:
+        return self.delivery.expired
+
+    def active_batches(self) -> int:
+        board = self._board
+        with board.lock:
+            return sum(1 for b in board.active if b.state is not ABANDONED)

@@ -1,0 +1,117 @@
+"""A popped batch while a worker holds it: one state field with named transitions.
+
+States::
+
+    HELD ──begin_call──▶ CALLING ──end_call──▶ HELD ──begin_delivery──▶ DELIVERING
+      ▲                                          │                         │
+      └──────────────── end_delivery ◀───────────┴─────────────────────────┘
+    HELD ──finish──▶ DONE          HELD or CALLING ──abandon──▶ ABANDONED
+
+A batch is HELD from its pop until its worker is done with it (bisection and delivery
+move it between HELD, CALLING and DELIVERING any number of times). Exactly-once rests on
+one rule: a batch's futures are completed by its worker only while it is DELIVERING, and
+by whoever abandoned it (a time limit, or stop giving up) only after moving it from HELD or
+CALLING to ABANDONED. Every transition runs under the board's one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._native.future_state import Request
+
+_monotonic = time.monotonic
+
+HELD, CALLING, DELIVERING, DONE, ABANDONED = (
+    "held", "calling", "delivering", "done", "abandoned")
+
+
+class Batch:
+    """The requests one worker popped together."""
+
+    __slots__ = ("call_started", "dispatched_at", "holds_slot", "requests", "state",
+                 "worker")
+
+    def __init__(self, requests: list[Request], worker: Any) -> None:
+        self.requests = requests
+        self.worker = worker
+        self.state = HELD
+        self.dispatched_at = _monotonic()
+        self.call_started = 0.0  # when the current call began (state CALLING)
+        # A resource, not a state: one of the controller's call slots, held from the pop
+        # until the model is free again (delivery, the end, or abandonment).
+        self.holds_slot = True
+
+
+class Board:
+    """The batches held by workers, and the lock every transition takes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: set[Batch] = set()
+        # Notified when a delivery ends while stop is waiting for deliveries.
+        self.settled = threading.Condition(self.lock)
+        self.closing = False
+
+    def begin_call(self, batch: Batch) -> bool:
+        with self.lock:
+            if batch.state is not HELD:
+                return False
+            batch.state = CALLING
+            batch.call_started = _monotonic()
+            return True
+
+    def end_call(self, batch: Batch) -> bool:
+        """False if the batch was abandoned during the call: its result is discarded."""
+        with self.lock:
+            if batch.state is not CALLING:
+                return False
+            batch.state = HELD
+            return True
+
+    def begin_delivery(self, batch: Batch) -> tuple[bool, bool]:
+        """(may deliver, held a call slot that the caller must now release)."""
+        with self.lock:
+            if batch.state is not HELD:
+                return False, False
+            batch.state = DELIVERING
+            holds, batch.holds_slot = batch.holds_slot, False
+            return True, holds
+
+    def end_delivery(self, batch: Batch) -> None:
+        # No lock needed to leave DELIVERING: nothing else moves a batch out of it, and
+        # abandon() takes a HELD batch whichever way it reads the state.
+        batch.state = HELD
+        if self.closing:
+            with self.lock:
+                self.settled.notify_all()  # stop may be waiting for this delivery
+
+    def finish(self, batch: Batch) -> tuple[bool, bool]:
+        """The worker is done: (it was still its own, it held a call slot)."""
+        with self.lock:
+            self.active.discard(batch)
+            holds, batch.holds_slot = batch.holds_slot, False
+            if batch.state is ABANDONED:
+                return False, holds
+            batch.state = DONE
+            return True, holds
+
+    def abandon(self, which: Callable[[Batch], bool]) -> list[tuple[Batch, bool]]:
+        """Take every HELD or CALLING batch ``which`` picks: [(batch, held a slot)]."""
+        taken = []
+        with self.lock:
+            for batch in self.active:
+                if batch.state in (HELD, CALLING) and which(batch):
+                    batch.state = ABANDONED
+                    holds, batch.holds_slot = batch.holds_slot, False
+                    taken.append((batch, holds))
+        return taken
+
+    def release_slot(self, batch: Batch) -> bool:
+        """Give back the batch's call slot early; True if it still held one."""
+        with self.lock:
+            holds, batch.holds_slot = batch.holds_slot, False
+            return holds

@@ -1,0 +1,187 @@
+"""Completing futures: results, failures and expired deadlines, counted first.
+
+Per-batch work: the per-request loops (``finish_all``, ``start_all``) are native. A
+batch's outcome is counted in the statistics before any of its futures completes, so a
+caller holding its result sees it counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from typing import Any
+
+from .._native.future_state import Request, enqueued_of, start_all
+from ..config import BatchProcessorConfig
+from ..controller import Controller
+from ..errors import BatchOutputError, QueueTimeoutError
+from ..futures import finish_all
+from ..metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
+from ..stats import BatchStats
+from .batch import CALLING, Batch, Board
+
+logger = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# How long a worker that finished its call steps off the GIL for another one starting its
+# call (see Delivery.deliver): any sleep, rounded up by the kernel's timer slack.
+_HAND_OVER_S = 1e-6
+
+
+class Delivery:
+    def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
+                 controller: Controller, stats: BatchStats, metrics: MetricsSink,
+                 count_cancelled: Callable[[int], None]) -> None:
+        self._config = config
+        self._board = board
+        self._queue = queue
+        self._controller = controller
+        self._stats = stats
+        self._metrics = metrics
+        self._count_cancelled = count_cancelled
+        self._expired_lock = threading.Lock()
+        self.expired = 0
+
+    def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
+                elapsed: float, rows: int, target: int) -> None:
+        board = self._board
+        ok, holds_slot = board.begin_delivery(batch)
+        if not ok:
+            return
+        if holds_slot:
+            # The model is free: the next batch may start while this one is delivered.
+            self._controller.slots.release(wake=self.others_needed())
+        if self._other_call_running(batch):
+            # Another worker is inside process_func, and the model this batch just left
+            # is now its to start, but starting takes the GIL, which this thread would
+            # hold through the whole delivery. Step off it first (a sleep of ~50 us with
+            # Linux's default timer slack) so the model is busy again before results go
+            # out (benchmarks/compare_peers.py, fixed model: the gap between calls).
+            time.sleep(_HAND_OVER_S)
+        try:
+            now = _monotonic()
+            enqueued = enqueued_of(requests)
+            queue_time = batch.dispatched_at - sum(enqueued) / len(enqueued)
+            latencies = ([now - t for t in enqueued] if self._config.enable_monitoring
+                         else None)
+            # Counted before any future completes: a caller holding its result sees it.
+            self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
+                               requests=len(requests), latencies=latencies)
+            self._controller.observe_batch(rows, elapsed, target, self._queue.rows)
+            metrics = self._metrics
+            if metrics.records_batches:
+                metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
+            if metrics.records_requests:
+                dispatched = batch.dispatched_at
+                metrics.requests(latencies or [now - t for t in enqueued],
+                                 [dispatched - t for t in enqueued], OUTCOME_OK)
+            if self._config.debug_mode:
+                logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
+                             len(requests), rows, elapsed * 1e3, queue_time * 1e3)
+            if finish_all(requests, parts):  # pragma: no cover - would be a batchproc bug
+                logger.error("a future was completed twice; result dropped")
+        finally:
+            board.end_delivery(batch)
+
+    def _other_call_running(self, batch: Batch) -> bool:
+        active = self._board.active
+        if len(active) < 2:
+            return False
+        with self._board.lock:
+            return any(b.state is CALLING for b in active if b is not batch)
+
+    def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
+        """Fail ``requests`` of a batch this worker still owns."""
+        ok, holds_slot = self._board.begin_delivery(batch)
+        if not ok:
+            return
+        if holds_slot:
+            self._controller.slots.release(wake=self.others_needed())
+        try:
+            self.fail_pending(requests, error, dispatched_at=batch.dispatched_at)
+        finally:
+            self._board.end_delivery(batch)
+
+    def fail_pending(self, requests: list[Request], error: BaseException,
+                     outcome: str = OUTCOME_ERROR, dispatched_at: float | None = None) -> int:
+        """Fail the requests not yet done; ``dispatched_at``: when their batch was popped
+        (for the metrics' queue times; ``None``: never dispatched)."""
+        pending = [r for r in requests if not r.future.done()]
+        if not pending:
+            return 0
+        self._stats.record_error(len(pending))
+        self._metrics.error(error, len(pending))
+        if self._metrics.records_requests:
+            record_requests(self._metrics, pending, outcome, dispatched_at)
+        for request in pending:
+            try:
+                request.future.set_exception(error)
+            except InvalidStateError:  # pragma: no cover - would be a batchproc bug
+                logger.error("a future was completed twice; error dropped")
+        return len(pending)
+
+    def expire(self, requests: list[Request]) -> int:
+        """Fail requests whose ``max_queue_time`` ran out while they were queued (or
+        parked for a retry) with ``QueueTimeoutError``; they never reach the model."""
+        live = start_all(requests)
+        if len(live) != len(requests):
+            self._count_cancelled(len(requests) - len(live))
+        if not live:
+            return 0
+        now = _monotonic()
+        with self._expired_lock:
+            self.expired += len(live)
+        if self._metrics.records_requests:
+            record_requests(self._metrics, live, OUTCOME_TIMEOUT, None)
+        for request in live:
+            waited = now - request.enqueued_at
+            allowed = request.deadline - request.enqueued_at
+            error = QueueTimeoutError(
+                f"request waited {waited:.3f} s in the queue, past its max_queue_time of "
+                f"{allowed:.3f} s; it was not processed")
+            if request.error is not None:
+                error.__cause__ = request.error  # it was waiting to be retried after this
+            self._metrics.error(error, 1)
+            try:
+                request.future.set_exception(error)
+            except InvalidStateError:  # pragma: no cover - would be a batchproc bug
+                logger.error("a future was completed twice; error dropped")
+        return len(live)
+
+    def others_needed(self) -> bool:
+        """Should a slot this worker gives back wake another worker? Only for requests
+        already waiting: this one goes back to popping right after."""
+        queue = self._queue
+        return len(queue) > 0 or queue.closed
+
+
+def record_requests(metrics: MetricsSink, requests: list[Request], outcome: str,
+                    dispatched_at: float | None) -> None:
+    """Report requests that ended together; ``dispatched_at`` None: never dispatched (their
+    whole wait was queue time)."""
+    now = _monotonic()
+    enqueued = enqueued_of(requests)
+    latencies = [now - t for t in enqueued]
+    queue_times = (latencies if dispatched_at is None
+                   else [max(0.0, dispatched_at - t) for t in enqueued])
+    metrics.requests(latencies, queue_times, outcome)
+
+
+def final_error(request: Request, error: BaseException,
+                origin: BaseException | None = None) -> BaseException:
+    """The error a request that failed for good gets: what ``process_func`` raised, as
+    it raised it; for an output that could not be split, the message also names the batch
+    where the request first failed, as the model saw it (its rows and the output's
+    length), when the last failure was on a smaller batch. ``origin``: the failure of
+    the batch it was popped in."""
+    first = request.error if request.error is not None else origin
+    if (isinstance(error, BatchOutputError) and isinstance(first, BatchOutputError)
+            and str(first) != str(error)):
+        combined = BatchOutputError(f"{first}; then on this request alone: {error}")
+        combined.__cause__ = error
+        return combined
+    return error

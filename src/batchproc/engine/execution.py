@@ -1,0 +1,245 @@
+"""Running one popped batch: build, call, check and split; isolate failures; retry.
+
+Failure scheduling (docs/failures.md):
+
+* A failing batch of several requests is bisected on the worker, without waiting: run
+  the first half; if it succeeds, the failure is in the second half, which is split
+  further without running it whole; if it fails too, run the second half as well. With
+  one failing request, the others have their results within one call per bisection
+  level after the failure.
+* A request that fails on its own is never waited for on the worker: it is parked in the
+  native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
+  over, then popped as a batch of its own by whichever worker is free. Backoff holds no
+  worker and no call slot, and nothing else waits for it.
+* ``retry_on`` says which exceptions are retried; others (and any ``BaseException``
+  that is not an ``Exception``) fail the request at once.
+* The target size shrinks once per failed batch, not per bisection step or retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as _stdlib_queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._native.future_state import Request, enqueued_of, total_rows
+from ..config import BatchProcessorConfig
+from ..controller import Controller
+from ..formats import Limits, Workspace
+from ..metrics import OUTCOME_ERROR, MetricsSink
+from .batch import HELD, Batch, Board
+from .delivery import Delivery, final_error
+
+logger = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+_INF = float("inf")
+
+# Results of one process_func attempt.
+OK, FAILED, ABANDONED = 0, 1, 2
+
+
+class Executor:
+    def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
+                 controller: Controller, delivery: Delivery, metrics: MetricsSink) -> None:
+        self._config = config
+        self._board = board
+        self._queue = queue
+        self._controller = controller
+        self._delivery = delivery
+        self._metrics = metrics
+        self._retry_on = config.retry_on
+        self._limits = Limits(config.max_batch_size, config.max_batch_bytes,
+                              config.max_batch_tokens or 0)
+        self.process_func: Callable[[Any], Any] | None = None
+
+    def run(self, batch: Batch, workspace: Workspace, target: int) -> None:
+        """Run a popped batch until each of its requests is delivered, failed or parked."""
+        live = batch.requests
+        try:
+            # A request too large for one batch (it was popped alone) runs in chunks.
+            chunks = live[0].format.chunks(live[0], self._limits) if len(live) == 1 else None
+            if chunks is not None:
+                self._run_chunked(batch, live[0], chunks, workspace)
+            else:
+                self._run(batch, live, workspace, target)
+        except BaseException as exc:  # a BaseException from process_func, or our own bug
+            logger.exception("batch of %d requests failed outside the retry logic", len(live))
+            self._delivery.fail(batch, live, exc)
+
+    # ----------------------------------------------------------------- one call
+
+    def attempt(self, batch: Batch, requests: list[Request], workspace: Workspace,
+                ) -> tuple[int, Any, float, int]:
+        """Build, call, check and split once: (status, each request's part or the error,
+        seconds, rows)."""
+        fmt = requests[0].format
+        try:
+            built = fmt.build(requests, workspace)
+        except Exception as exc:
+            return FAILED, exc, 0.0, total_rows(requests)
+        rows = built.rows
+        if not self._board.begin_call(batch):
+            return ABANDONED, None, 0.0, rows
+        started = _monotonic()
+        try:
+            out = self.process_func(built.inputs)  # type: ignore[misc]
+            status = OK
+        except BaseException as exc:
+            out, status = exc, FAILED
+        elapsed = _monotonic() - started
+        if not self._board.end_call(batch):
+            return ABANDONED, None, elapsed, rows
+        if status == OK:
+            try:
+                out = fmt.split(out, requests, built)
+            except Exception as exc:
+                out, status = exc, FAILED
+        return status, out, elapsed, rows
+
+    def _try(self, batch: Batch, requests: list[Request], workspace: Workspace,
+             target: int) -> tuple[int, Any]:
+        """One attempt; delivers on success. (status, the error if it failed)."""
+        status, out, elapsed, rows = self.attempt(batch, requests, workspace)
+        if status == OK:
+            self._delivery.deliver(batch, requests, out, elapsed, rows, target)
+            return OK, None
+        if status == FAILED:
+            self._metrics.batch(len(requests), rows,
+                                batch.dispatched_at - _mean(enqueued_of(requests)),
+                                elapsed, OUTCOME_ERROR)
+        return status, out
+
+    # ----------------------------------------------------------------- failures
+
+    def _run(self, batch: Batch, requests: list[Request], workspace: Workspace,
+             target: int) -> None:
+        status, error = self._try(batch, requests, workspace, target)
+        if status != FAILED:
+            return
+        if requests[0].attempt == 0:
+            self._controller.observe_failure()  # once per failed batch, never per retry
+        if not isinstance(error, Exception):
+            # KeyboardInterrupt-like: not retried, but never lost: the batch fails with it.
+            logger.error("process_func raised %r; failing its %d requests without retry",
+                         error, len(requests))
+            self._delivery.fail(batch, requests, error)
+            return
+        if len(requests) == 1:
+            self._retry_or_fail(batch, requests[0], error, error)
+            return
+        if self._config.debug_mode:
+            logger.debug("batch of %d failed (%r): bisecting", len(requests), error)
+        self._isolate(batch, requests, workspace, target, error)
+
+    def _isolate(self, batch: Batch, group: list[Request], workspace: Workspace,
+                 target: int, origin: BaseException) -> None:
+        """``group`` (two or more requests) failed as a whole: find who fails."""
+        mid = len(group) // 2
+        first, second = group[:mid], group[mid:]
+        status, error_first = self._try(batch, first, workspace, target)
+        if status == ABANDONED:
+            return
+        if status == OK:
+            # The failure is in the second half: split it without running it whole.
+            if len(second) == 1:
+                self._alone(batch, second[0], workspace, target, origin)
+            else:
+                self._isolate(batch, second, workspace, target, origin)
+            return
+        # Both halves may hold failures: run the second before looking into the first,
+        # so that its good requests wait one call, not a bisection.
+        status, error_second = self._try(batch, second, workspace, target)
+        if status == ABANDONED:
+            return
+        self._failed_part(batch, first, workspace, target, error_first, origin)
+        if status == FAILED:
+            self._failed_part(batch, second, workspace, target, error_second, origin)
+
+    def _failed_part(self, batch: Batch, part: list[Request], workspace: Workspace,
+                     target: int, error: BaseException, origin: BaseException) -> None:
+        if not isinstance(error, Exception):
+            logger.error("process_func raised %r; failing its %d requests without retry",
+                         error, len(part))
+            self._delivery.fail(batch, part, error)
+        elif len(part) == 1:
+            self._retry_or_fail(batch, part[0], error, origin)
+        else:
+            self._isolate(batch, part, workspace, target, origin)
+
+    def _alone(self, batch: Batch, request: Request, workspace: Workspace, target: int,
+               origin: BaseException) -> None:
+        """A request that must hold the failure: run it alone once for its own error."""
+        status, error = self._try(batch, [request], workspace, target)
+        if status == FAILED:
+            self._failed_part(batch, [request], workspace, target, error, origin)
+
+    def _retry_or_fail(self, batch: Batch, request: Request, error: BaseException,
+                       origin: BaseException) -> None:
+        """Park a single failing request for a retry after its backoff, or fail it."""
+        cfg = self._config
+        if (isinstance(error, self._retry_on) and request.attempt < cfg.max_retries
+                and self._park(batch, request, error, origin)):
+            return
+        if cfg.debug_mode:  # the caller gets the error (enqueue logs it for fire and forget)
+            logger.debug("request failed after %d retries: %r", request.attempt, error)
+        self._delivery.fail(batch, [request], final_error(request, error, origin))
+
+    def _park(self, batch: Batch, request: Request, error: BaseException,
+              origin: BaseException) -> bool:
+        delay = self._config.retry_delay * 2 ** request.attempt
+        retry = request.for_retry(request.error if request.error is not None else origin)
+        deadline = request.deadline
+        # Under the board's lock: either stop gave up on this batch first (and fails the
+        # request with the batch), or the request is parked before stop drains the queue.
+        with self._board.lock:
+            if batch.state is not HELD:
+                return True  # abandoned: whoever abandoned it completes the future
+            try:
+                self._queue.park(retry, request.priority, request.rows, request.nbytes,
+                                 request.key, request.queue_length, _monotonic() + delay,
+                                 None if deadline == _INF else deadline)
+            except (_stdlib_queue.Full, MemoryError):
+                return False
+            # No longer this batch's: a time limit on its later calls must not fail it.
+            batch.requests = [r for r in batch.requests if r is not request]
+        if self._config.debug_mode:
+            logger.debug("request failed (%r): retry %d in %.3f s", error,
+                         request.attempt + 1, delay)
+        return True
+
+    def _run_chunked(self, batch: Batch, request: Request, chunks: list[Request],
+                     workspace: Workspace) -> None:
+        """One item larger than a batch: run it in chunks that fit, join the results. A
+        failing chunk sends the whole request to be retried (or fails it)."""
+        parts: list[Any] = []
+        total_elapsed = 0.0
+        for chunk in chunks:
+            status, out, elapsed, _ = self.attempt(batch, [chunk], workspace)
+            if status == ABANDONED:
+                return
+            if status == FAILED:
+                if request.attempt == 0:
+                    self._controller.observe_failure()
+                if not isinstance(out, Exception):
+                    logger.error("process_func raised %r on a chunk of a %d-row request; "
+                                 "failing it without retry", out, request.rows)
+                    self._delivery.fail(batch, [request], out)
+                else:
+                    self._retry_or_fail(batch, request, out, out)
+                return
+            parts.append(out[0])
+            total_elapsed += elapsed
+        try:
+            joined = request.format.join(parts)
+        except Exception as exc:
+            self._delivery.fail(batch, [request], exc)
+            return
+        self._delivery.deliver(batch, [request], [joined], total_elapsed, request.rows,
+                               self._config.max_batch_size)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

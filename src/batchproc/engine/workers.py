@@ -1,0 +1,294 @@
+"""The worker threads: their loop, their replacement, and the hand-over at stop.
+
+Each of the ``max_workers`` threads runs the whole loop itself (no hand-off to a pool,
+so no extra thread wake-up per batch): take a call slot, ask the controller for a plan,
+pop a batch from the native queue (waiting without the GIL), and run it (``Executor``).
+An idle worker blocked in the queue is woken by the push itself, which is what keeps
+latency low at low load.
+
+Stop: ``join`` waits for the workers to drain the closed queue; if time runs out,
+``abandon_all`` takes every batch still held (``Board.abandon``) and fails its requests,
+while a worker between its pop and registering the batch is waited for (``_popping``),
+so that no popped request escapes stop.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._native.future_state import Request, start_all
+from ..config import BatchProcessorConfig
+from ..controller import Controller
+from ..errors import ProcessorStoppedError
+from ..formats import Workspace
+from .batch import DELIVERING, Batch, Board
+from .delivery import Delivery
+from .execution import Executor
+
+logger = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# How long a blocked pop waits before the worker looks at its own state again. Pushes,
+# close() and pause changes do not need it; it only bounds how long an abandoned or
+# surplus worker can linger.
+POP_POLL = 1.0
+
+
+class Worker:
+    __slots__ = ("abandoned", "name", "thread")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.abandoned = False
+        self.thread: threading.Thread | None = None
+
+
+class WorkerPool:
+    # Told how many requests each pop took out of the queue, once something awaits room in
+    # it (backpressure.RoomWaiters); until then the workers pay one attribute read.
+    room: Any = None
+
+    def __init__(self, config: BatchProcessorConfig, queue: Any, controller: Controller,
+                 board: Board, executor: Executor, delivery: Delivery,
+                 resume: threading.Event, count_cancelled: Callable[[int], None]) -> None:
+        self._config = config
+        self._queue = queue
+        self._controller = controller
+        self._board = board
+        self._executor = executor
+        self._delivery = delivery
+        self._resume = resume
+        self._count_cancelled = count_cancelled
+        self._workers: list[Worker] = []
+        self._worker_ids = 0
+        self._started = False
+        # Workers between entering pop_batch and registering what they popped: stop
+        # waits for them, so no popped request escapes it.
+        self._popping = 0
+        self._gave_up = False
+        # Set when stop gives up on in-flight work: pacing waits end at once.
+        self._abandon_all = threading.Event()
+        self._pace_lock = threading.Lock()
+        self._next_start = 0.0
+        self._last_gc = 0.0
+
+    # ----------------------------------------------------------------- threads
+
+    def start(self) -> None:
+        self._started = True
+        for _ in range(self._config.max_workers):
+            self.spawn()
+
+    def spawn(self) -> None:
+        with self._board.lock:
+            if self._board.closing:
+                return
+            self._worker_ids += 1
+            worker = Worker(f"batchproc-worker-{self._worker_ids}")
+            # Daemon: a worker stuck in process_func must never keep the interpreter alive.
+            thread = threading.Thread(target=self._main, args=(worker,),
+                                      name=worker.name, daemon=True)
+            # Started under the lock: join() (stop) must never see a thread it cannot join
+            # yet (the supervisor replacing a stuck worker while stop() began).
+            thread.start()
+            worker.thread = thread
+            self._workers.append(worker)
+
+    def join(self, deadline: float) -> bool:
+        """Wait until ``deadline`` for the workers to drain the closed queue and exit."""
+        with self._board.lock:
+            self._board.closing = True
+            workers = list(self._workers)
+        for worker in workers:
+            if worker.thread is not None:
+                remaining = deadline - _monotonic()
+                worker.thread.join(None if remaining == float("inf") else max(0.0, remaining))
+        return not any(w.thread is not None and w.thread.is_alive() and not w.abandoned
+                       for w in workers)
+
+    def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
+        """Fail every request still held by a worker (stop ran out of time)."""
+        board = self._board
+        with board.lock:
+            board.closing = True
+            # The queue is closed, so a worker inside pop_batch returns at once: wait for
+            # it to register what it popped (bounded, should a pop be stuck somehow).
+            wait_until = _monotonic() + 0.2
+            while self._popping and _monotonic() < wait_until:
+                board.settled.wait(max(0.0, wait_until - _monotonic()))
+            self._gave_up = True
+            self._abandon_all.set()
+            # Batches being delivered belong to their workers, completing their futures
+            # right now: let them finish (same bounded grace), then take them too.
+            while (any(b.state is DELIVERING for b in board.active)
+                   and _monotonic() < wait_until):
+                board.settled.wait(max(0.0, wait_until - _monotonic()))
+        taken = board.abandon(lambda b: True)
+        failed = 0
+        for batch, holds_slot in taken:
+            batch.worker.abandoned = True
+            if holds_slot:
+                self._controller.slots.release()
+            self._controller.batch_ended()
+            failed += self._delivery.fail_pending(batch.requests, error_factory(),
+                                                  dispatched_at=batch.dispatched_at)
+        return failed
+
+    def alive_workers(self) -> tuple[int, int]:
+        with self._board.lock:
+            alive = sum(1 for w in self._workers
+                        if not w.abandoned and w.thread is not None and w.thread.is_alive())
+        return alive, (0 if self._board.closing or not self._started
+                       else self._config.max_workers)
+
+    def threads(self) -> list[threading.Thread]:
+        with self._board.lock:
+            return [w.thread for w in self._workers if w.thread is not None]
+
+    # ----------------------------------------------------------------- the loop
+
+    def _main(self, worker: Worker) -> None:
+        workspace = Workspace()
+        queue = self._queue
+        controller = self._controller
+        resume = self._resume
+        byte_cap = self._config.max_batch_bytes
+        token_cap = self._config.max_batch_tokens or 0
+        slots = controller.slots
+        board = self._board
+        # How often a worker without a call slot looks for requests waiting past
+        # batch_timeout (the ceiling holds within this much).
+        poll = min(POP_POLL, max(self._config.batch_timeout / 2, 0.005))
+        try:
+            while not worker.abandoned:
+                # A worker pops only once it may also run the batch: the others wait here
+                # instead of each taking a few requests to queue them at a busy model.
+                if not slots.acquire(poll):
+                    if queue.closed and not len(queue):
+                        return
+                    if not self._overdue():
+                        continue
+                    # batch_timeout is a ceiling on waiting while a worker is free: the
+                    # other calls run long, so this worker starts one more.
+                    slots.acquire_extra()
+                try:
+                    plan = controller.plan(queue.rows)
+                    with board.lock:
+                        # Once stop() has given up on in-flight work it fails what is
+                        # still queued itself: a pop now would race it for those requests.
+                        gave_up = self._gave_up
+                        if not gave_up:
+                            self._popping += 1
+                    if gave_up:
+                        slots.release(wake=True)
+                        return
+                    try:
+                        requests = queue.pop_batch(
+                            plan.target_rows, byte_cap, max_tokens=token_cap,
+                            fill_rows=plan.target_rows,
+                            max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=POP_POLL)
+                    except BaseException:
+                        self._register([], worker)  # only to end the pop
+                        raise
+                    batch = self._register(requests, worker)
+                    room = self.room
+                    if room is not None:
+                        room.release(len(requests))
+                except BaseException:
+                    slots.release()
+                    raise
+                if not requests:
+                    slots.release(wake=queue.closed)
+                    if queue.closed and not len(queue):
+                        return  # closed and drained
+                    continue
+                if batch is None:
+                    continue  # all cancelled, or failed because stop() gave up
+                if queue.paused:
+                    # Popped just as pause began (the queue holds pops while paused):
+                    # hold the batch until resume; stop resumes. (pause() clears the
+                    # event before it pauses the queue, resume() sets it after.)
+                    resume.wait()
+                self._dispatch(batch, workspace, plan.target_rows)
+        except BaseException:
+            # Only a bug in batchproc itself gets here: make it loud, and keep serving.
+            logger.critical("worker %s crashed; starting a replacement", worker.name,
+                            exc_info=True)
+            worker.abandoned = True
+            self.spawn()
+
+    def _overdue(self) -> bool:
+        queue = self._queue
+        return bool(queue.rows > 0 and queue.oldest_age() >= self._config.batch_timeout)
+
+    def _register(self, requests: list[Request], worker: Worker) -> Batch | None:
+        """End a pop: make what it took a held batch at once, so that stop() always sees
+        popped requests (in the queue, or on the board), never between the two."""
+        # From here on a request can no longer be cancelled; one already cancelled (or
+        # completed by its caller, which the Future API allows) is dropped unprocessed
+        # and counted as cancelled.
+        live = start_all(requests)
+        batch = Batch(live, worker) if live else None
+        board = self._board
+        with board.lock:
+            self._popping -= 1
+            if board.closing and not self._popping:
+                board.settled.notify_all()  # abandon_all may be waiting for this pop
+            late = self._gave_up
+            if batch is not None and not late:
+                board.active.add(batch)
+        if len(live) != len(requests):
+            self._count_cancelled(len(requests) - len(live))
+            if not live:
+                self._controller.slots.release(wake=self._delivery.others_needed())
+                return None
+        if batch is not None and late:
+            # stop() gave up on in-flight work (only after its grace for pops).
+            self._controller.slots.release()
+            self._delivery.fail_pending(live, ProcessorStoppedError(
+                "processor stopped before this request finished"),
+                dispatched_at=batch.dispatched_at)
+            return None
+        if batch is not None:
+            self._controller.batch_started()
+        return batch
+
+    def _dispatch(self, batch: Batch, workspace: Workspace, target: int) -> None:
+        if self._config.min_batch_interval > 0.0:
+            self._pace()  # on the board meanwhile: stop() can abandon it
+        batch.dispatched_at = _monotonic()
+        try:
+            self._executor.run(batch, workspace, target)
+        finally:
+            own, holds_slot = self._board.finish(batch)
+            if own:
+                self._controller.batch_ended()
+            if holds_slot:
+                self._controller.slots.release(wake=self._delivery.others_needed())
+        cfg = self._config
+        if cfg.enable_memory_optimization and len(batch.requests) >= cfg.gc_batch_threshold:
+            self._collect_young()
+
+    def _pace(self) -> None:
+        """Keep batch starts at least ``min_batch_interval`` apart, across workers."""
+        with self._pace_lock:
+            now = _monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + self._config.min_batch_interval
+        if start > now:
+            self._abandon_all.wait(start - now)  # stop() giving up ends the wait
+
+    def _collect_young(self) -> None:
+        # Large batches leave many temporaries; a young-generation collection frees them
+        # in microseconds (a full collection would stall this worker for milliseconds).
+        # At most ten a second, whatever the batch rate.
+        now = _monotonic()
+        if now - self._last_gc >= 0.1:
+            self._last_gc = now
+            gc.collect(0)

@@ -1,0 +1,184 @@
+"""Per-request deadlines (``max_queue_time``) and bounded starvation
+(``max_priority_wait``), issue 11.
+
+A request still queued when its ``max_queue_time`` runs out fails with
+``QueueTimeoutError`` and never reaches the model: while queued behind a long call, while
+the processor is paused, and while parked for a retry.
+"""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from batchproc import BatchPriority, QueueTimeoutError
+
+
+def item(v):
+    return np.array([[v]], dtype=np.float64)
+
+
+def test_queue_timeout_error_is_a_timeout_error():
+    assert issubclass(QueueTimeoutError, TimeoutError)
+
+
+def test_a_request_expires_while_the_processor_is_paused(make_processor, recorder):
+    model = recorder()
+    p = make_processor(model)
+    p.pause()
+    short = p.enqueue_predict(item(1), max_queue_time=0.05)
+    kept = p.enqueue_predict(item(2))   # no limit
+    with pytest.raises(QueueTimeoutError, match="max_queue_time"):
+        short.result(timeout=10)        # fails while still paused
+    assert p.get_stats()["total_expired"] == 1
+    assert p.get_stats()["queue_size"] == 1
+    p.resume()
+    assert kept.result(timeout=10)[0, 0] == 2
+    assert [b[:, 0].tolist() for b in model.batches] == [[2.0]]  # never reached the model
+
+
+def test_the_config_default_applies_and_the_keyword_overrides_it(make_processor, recorder):
+    model = recorder()
+    p = make_processor(model, max_queue_time=0.05)
+    p.pause()
+    default = p.enqueue_predict(item(1))
+    unlimited = p.enqueue_predict(item(2), max_queue_time=None)
+    p.enqueue(item(3))                  # fire and forget takes the default too
+    with pytest.raises(QueueTimeoutError):
+        default.result(timeout=10)
+    while p.get_stats()["total_expired"] < 2:
+        threading.Event().wait(0.01)
+    p.resume()
+    assert unlimited.result(timeout=10)[0, 0] == 2
+    assert p.get_stats()["total_expired"] == 2
+    assert p.get_stats()["total_errors"] == 0  # expiry is not a processing error
+
+
+def test_a_request_expires_while_queued_behind_a_long_call(make_processor, recorder):
+    release = threading.Event()
+    entered = threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            entered.set()
+            release.wait(30)
+        return batch
+
+    # One worker, so the second request can only wait behind the first call.
+    p = make_processor(model, max_workers=1, max_batch_size=1, initial_batch_size=1)
+    try:
+        slow = p.enqueue_predict(item(666))
+        assert entered.wait(10)
+        behind = p.enqueue_predict(item(1), max_queue_time=0.05)
+        with pytest.raises(QueueTimeoutError):
+            behind.result(timeout=10)   # while the call is still running
+        assert not slow.done()
+    finally:
+        release.set()
+    assert slow.result(timeout=10)[0, 0] == 666
+
+
+def test_a_request_expires_during_its_backoff(make_processor):
+    calls = []
+
+    def model(batch):
+        calls.append(1)
+        raise ConnectionError("down")
+
+    p = make_processor(model, max_workers=1, retry_delay=30.0, max_retries=3)
+    future = p.enqueue_predict(item(1), max_queue_time=0.2)
+    with pytest.raises(QueueTimeoutError) as info:
+        future.result(timeout=10)
+    assert isinstance(info.value.__cause__, ConnectionError)  # why it was waiting
+    assert len(calls) == 1
+    assert p.get_stats()["total_expired"] == 1 and p.get_stats()["queue_size"] == 0
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), "1", True])
+def test_bad_max_queue_time_is_refused(make_processor, value):
+    p = make_processor(lambda b: b)
+    with pytest.raises(ValueError, match="max_queue_time"):
+        p.enqueue_predict(item(1), max_queue_time=value)
+    from batchproc import BatchProcessorConfig
+    with pytest.raises(ValueError, match="max_queue_time"):
+        BatchProcessorConfig(max_queue_time=value)
+
+
+def test_a_cancelled_request_that_expires_counts_as_cancelled(make_processor):
+    p = make_processor(lambda b: b)
+    p.pause()
+    future = p.enqueue_predict(item(1), max_queue_time=0.05)
+    future.cancel()
+    other = p.enqueue_predict(item(2), max_queue_time=0.05)
+    with pytest.raises(QueueTimeoutError):
+        other.result(timeout=10)
+    assert p.get_stats()["total_expired"] == 1
+
+
+def test_asyncio_requests_take_max_queue_time(make_processor):
+    p = make_processor(lambda b: b)
+
+    async def main():
+        p.pause()
+        future = p.enqueue_predict_async(item(1), max_queue_time=0.05)
+        with pytest.raises(QueueTimeoutError):
+            await asyncio.wait_for(future, 10)
+        p.resume()
+        return await asyncio.wait_for(p.enqueue_predict_async(item(2)), 10)
+
+    assert asyncio.run(main())[0, 0] == 2
+
+
+def test_a_stopped_processor_fails_expired_requests_as_expired(make_processor):
+    p = make_processor(lambda b: b)
+    p.pause()
+    futures = [p.enqueue_predict(item(i), max_queue_time=0.05 if i else None)
+               for i in range(2)]
+    with pytest.raises(QueueTimeoutError):
+        futures[1].result(timeout=10)
+    p.stop(timeout=1.0)
+    assert futures[0].result(timeout=1)[0, 0] == 0  # stop drains what is left
+
+
+# ---------------------------------------------------------------- max_priority_wait
+
+
+def test_an_aged_low_priority_request_goes_before_newer_urgent_ones(make_processor,
+                                                                    recorder):
+    model = recorder()
+    p = make_processor(model, enable_priority_queue=True, max_priority_wait=0.05,
+                       max_workers=1, max_batch_size=1, initial_batch_size=1)
+    p.pause()
+    low = p.enqueue_predict(item(1), priority=BatchPriority.LOW)
+    threading.Event().wait(0.1)  # the LOW one has now waited past max_priority_wait
+    high = [p.enqueue_predict(item(10 + i), priority=BatchPriority.CRITICAL)
+            for i in range(3)]
+    p.resume()
+    for f in [low, *high]:
+        f.result(timeout=10)
+    order = [b[0, 0] for b in model.batches]
+    assert order[0] == 1.0
+    assert order[1:] == [10.0, 11.0, 12.0]
+
+
+def test_without_max_priority_wait_priorities_are_strict(make_processor, recorder):
+    model = recorder()
+    p = make_processor(model, enable_priority_queue=True, max_workers=1,
+                       max_batch_size=1, initial_batch_size=1)
+    p.pause()
+    low = p.enqueue_predict(item(1), priority=BatchPriority.LOW)
+    threading.Event().wait(0.1)
+    high = [p.enqueue_predict(item(10 + i), priority=BatchPriority.CRITICAL)
+            for i in range(3)]
+    p.resume()
+    for f in [low, *high]:
+        f.result(timeout=10)
+    assert [b[0, 0] for b in model.batches] == [10.0, 11.0, 12.0, 1.0]
+
+
+def test_max_priority_wait_is_validated():
+    from batchproc import BatchProcessorConfig
+    with pytest.raises(ValueError, match="max_priority_wait"):
+        BatchProcessorConfig(max_priority_wait=-1)
+    assert BatchProcessorConfig(max_priority_wait=0).max_priority_wait == 0

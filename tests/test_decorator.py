@@ -96,7 +96,7 @@ def test_acall_from_a_coroutine(stopped_after):
     assert asyncio.run(main()) == [i + 1 for i in range(500)]
 
 
-def test_an_async_batch_function_runs_on_its_own_loop(stopped_after):
+def test_an_async_batch_function_runs_on_the_processors_loop(stopped_after):
     loops = set()
 
     @batchproc.batch(max_batch_size=8, max_workers=2)
@@ -114,7 +114,7 @@ def test_an_async_batch_function_runs_on_its_own_loop(stopped_after):
         return await asyncio.gather(*(fetch.acall(c) for c in "pq"))
 
     assert asyncio.run(main()) == ["<p>", "<q>"]
-    assert len(loops) == 1  # one private loop, not the caller's
+    assert len(loops) == 1  # the processor's loop, not the caller's
     (loop,) = loops
     threads = fetch._threads()
     fetch.stop()

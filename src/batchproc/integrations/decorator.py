@@ -20,23 +20,19 @@ hook, so queued work is finished or failed, never lost silently. A process forke
 the first call (a pre-forking server that warmed the model up before forking) does not
 inherit the processor, whose threads stay in the parent: its first call starts its own.
 
-``async def`` batch functions run on an event loop of their own: a thread owned by the
-function's processor, started and stopped with it; the workers hand each batch to it with
-``asyncio.run_coroutine_threadsafe`` and wait for the result without the GIL. Several
-batches can be awaiting at once (up to ``max_workers``). This lives here, apart from the
-engine, so that a processor running async models on its own loop can replace it.
+``async def`` batch functions are async models of the processor: they run on the event
+loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import functools
 import inspect
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -52,48 +48,6 @@ R = TypeVar("R")
 _NORMAL = BatchPriority.NORMAL
 
 
-class _LoopThread:
-    """A private event loop on a thread of its own, for an ``async def`` batch function."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=f"batchproc-async-{name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            # Batches still awaiting here were abandoned by their workers (item_timeout,
-            # stop's time limit): cancel them, then close.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    def call(self, func: Callable[[Any], Coroutine[Any, Any, Any]], batch: Any) -> Any:
-        """From a worker thread: run ``func(batch)`` on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(func(batch), self.loop).result()
-
-    def stop(self, timeout: float | None) -> None:
-        if self.loop.is_closed():
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:  # closed meanwhile
-            return
-        self._thread.join(timeout)
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
-
-
 class BatchedFunction(Generic[T, U]):
     """A batch function called one item at a time; see the module for the interface."""
 
@@ -102,13 +56,11 @@ class BatchedFunction(Generic[T, U]):
         functools.update_wrapper(self, func, updated=())
         self.name = name
         self._func = func
-        self._is_async = inspect.iscoroutinefunction(func)
         self._config = config
         self._metrics_collector = metrics_collector
         self._lock = threading.Lock()
         self._stopping = threading.Lock()
         self._processor: BatchProcessor[T, U] | None = None
-        self._loop_thread: _LoopThread | None = None
         _LIVE.add(self)
 
     # ----------------------------------------------------------------- calling
@@ -147,26 +99,18 @@ class BatchedFunction(Generic[T, U]):
             if processor is not None and processor.running:
                 return processor
             processor = BatchProcessor(self._config, self._metrics_collector)
-            if self._is_async:
-                loop_thread = self._loop_thread = _LoopThread(self.name)
-                func = self._func
-                processor.start(functools.partial(loop_thread.call, func))
-            else:
-                processor.start(self._func)
+            processor.start(self._func)  # an async def one runs on the processor's loop
             self._processor = processor
             return processor
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor (finishing queued work within ``timeout``, as
-        ``BatchProcessor.stop``) and its event loop thread; the next call starts anew."""
+        ``BatchProcessor.stop``); the next call starts anew."""
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
                 processor, self._processor = self._processor, None
-                loop_thread, self._loop_thread = self._loop_thread, None
             if processor is not None:
                 processor.stop(timeout)
-            if loop_thread is not None:
-                loop_thread.stop(timeout)
 
     def _forget_after_fork(self) -> None:
         # In a forked child the parent's threads do not exist: its processor would accept
@@ -176,16 +120,12 @@ class BatchedFunction(Generic[T, U]):
         if self._processor is not None:
             _INHERITED.append(self._processor)
         self._processor = None
-        self._loop_thread = None
         self._lock = threading.Lock()
         self._stopping = threading.Lock()
 
     def _threads(self) -> list[threading.Thread]:
         """Test hook: the threads this function's processor runs."""
-        threads = [] if self._processor is None else self._processor._threads()
-        if self._loop_thread is not None:
-            threads.append(self._loop_thread.thread)
-        return threads
+        return [] if self._processor is None else self._processor._threads()
 
     def __repr__(self) -> str:
         state = "running" if self._processor is not None and self._processor.running else "idle"

@@ -372,6 +372,15 @@ cdef inline object _token(uint64_t seq, int32_t slot):
     return ((<object>seq) << _SLOT_BITS) | slot     # ~5e11 pushes later: still unique
 
 
+cdef inline bint _grow(void** array, size_t nbytes) noexcept nogil:
+    """realloc ``*array`` to ``nbytes``; on failure it is left as it was."""
+    cdef void* grown = realloc(array[0], nbytes)
+    if grown == NULL:
+        return False
+    array[0] = grown
+    return True
+
+
 @cython.final
 @cython.auto_pickle(False)
 @cython.no_gc_clear     # the item table must outlive finalizers that may still call us
@@ -484,39 +493,17 @@ cdef class RequestQueue:
             ncap = limit
         if ncap <= self._arrays_cap:
             return False
-        cdef TEntry* t
-        t = <TEntry*>realloc(self._dheap, ncap * sizeof(TEntry))
-        if t == NULL:
+        # Each array is grown in place; one that fails leaves the others larger, which
+        # is harmless: _arrays_cap stays the capacity all of them have.
+        if not (_grow(<void**>&self._dheap, ncap * sizeof(TEntry))
+                and _grow(<void**>&self._pheap, ncap * sizeof(TEntry))
+                and _grow(<void**>&self._aheap, ncap * sizeof(TEntry))
+                and _grow(<void**>&self._parked, ncap * sizeof(Entry))
+                and _grow(<void**>&self._expired, ncap * sizeof(int32_t))
+                and _grow(<void**>&self._heap, ncap * sizeof(Entry))
+                and _grow(<void**>&self._info, ncap * sizeof(SlotInfo))
+                and _grow(<void**>&self._free, ncap * sizeof(int32_t))):
             return False
-        self._dheap = t
-        t = <TEntry*>realloc(self._pheap, ncap * sizeof(TEntry))
-        if t == NULL:
-            return False
-        self._pheap = t
-        t = <TEntry*>realloc(self._aheap, ncap * sizeof(TEntry))
-        if t == NULL:
-            return False
-        self._aheap = t
-        cdef Entry* pk = <Entry*>realloc(self._parked, ncap * sizeof(Entry))
-        if pk == NULL:
-            return False
-        self._parked = pk
-        cdef int32_t* ex = <int32_t*>realloc(self._expired, ncap * sizeof(int32_t))
-        if ex == NULL:
-            return False
-        self._expired = ex
-        cdef Entry* h = <Entry*>realloc(self._heap, ncap * sizeof(Entry))
-        if h == NULL:
-            return False
-        self._heap = h
-        cdef SlotInfo* inf = <SlotInfo*>realloc(self._info, ncap * sizeof(SlotInfo))
-        if inf == NULL:
-            return False
-        self._info = inf
-        cdef int32_t* fr = <int32_t*>realloc(self._free, ncap * sizeof(int32_t))
-        if fr == NULL:
-            return False
-        self._free = fr
         self._arrays_cap = ncap
         return True
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError
+from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError, QueueTimeoutError
 from batchproc.aio import LoopChannel
 from batchproc.backpressure import RoomWaiters
 
@@ -223,3 +223,80 @@ def test_room_handed_to_a_waiter_that_left_goes_to_the_next():
         assert room.wait(loop, channel, room.epoch - 1, front=False) is None
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("from_config", [True, False])
+def test_max_queue_time_expires_an_awaited_request_that_never_reaches_the_model(
+        make_processor, from_config):
+    seen = []
+
+    def model(batch):
+        seen.extend(batch[:, 0].tolist())
+        return batch
+
+    config = {"max_queue_time": 0.05} if from_config else {}
+    processor = make_processor(model, **config)
+    processor.pause()
+
+    async def main():
+        kwargs = {} if from_config else {"max_queue_time": 0.05}
+        expiring = asyncio.ensure_future(processor.apredict(np.array([[1.0]]), **kwargs))
+        with pytest.raises(QueueTimeoutError):
+            await asyncio.wait_for(expiring, 10)
+        processor.resume()
+        # No limit for this one: it waits as long as it takes, then is processed.
+        return await processor.apredict(np.array([[2.0]]), max_queue_time=None)
+
+    assert asyncio.run(main())[0, 0] == 2.0
+    assert seen == [2.0]
+    assert processor.get_stats()["total_expired"] == 1
+
+
+@pytest.mark.parametrize("timeout, error", [
+    (float("nan"), ValueError), (-1, ValueError), ("1", TypeError), (True, TypeError)])
+def test_a_bad_timeout_is_refused_before_anything_is_queued(make_processor, timeout, error):
+    processor = make_processor(lambda batch: batch)
+    processor.pause()
+
+    async def main():
+        with pytest.raises(error, match="timeout"):
+            await processor.apredict(np.array([[1.0]]), timeout=timeout)
+
+    asyncio.run(main())
+    assert processor.get_stats()["queue_size"] == 0
+
+
+def test_a_retried_request_keeps_its_priority(make_processor):
+    """A request retried after a failure is parked with the priority it was sent with, so
+    its retry goes before older requests of a lower level."""
+    failed_once = threading.Event()
+    order = []
+
+    def model(batch):
+        values = batch[:, 0].tolist()
+        if 9.0 in values and not failed_once.is_set():
+            processor.pause()  # the older NORMAL requests stay queued meanwhile
+            failed_once.set()
+            raise RuntimeError("transient")
+        order.extend(values)
+        return batch
+
+    processor = make_processor(model, enable_priority_queue=True, max_retries=1,
+                               retry_delay=0.001, max_batch_size=1, max_workers=1)
+    processor.pause()
+
+    async def main():
+        normal = [processor.enqueue_predict_async(np.array([[float(i)]])) for i in range(5)]
+        critical = asyncio.ensure_future(
+            processor.apredict(np.array([[9.0]]), priority=BatchPriority.CRITICAL))
+        await _until(lambda: processor.get_stats()["queue_size"] == 6, "all queued")
+        processor.resume()
+        await _until(failed_once.is_set, "the first failure")
+        # The retry's backoff (1 ms) passes while paused: then it is due.
+        parked_at = time.monotonic()
+        await _until(lambda: time.monotonic() > parked_at + 0.05, "the backoff")
+        processor.resume()
+        await asyncio.gather(critical, *normal)
+
+    asyncio.run(main())
+    assert order == [9.0, 0.0, 1.0, 2.0, 3.0, 4.0]

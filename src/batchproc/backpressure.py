@@ -24,7 +24,7 @@ import queue as _stdlib_queue
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._native.request_queue import QueueClosed
 from .aio import AsyncRequest, LoopChannel
@@ -38,6 +38,7 @@ U = TypeVar("U")
 
 _WAITING, _CLAIMED, _GONE = 0, 1, 2
 _monotonic = time.monotonic
+_INF = float("inf")
 
 
 class _Waiter:
@@ -125,16 +126,30 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(_NoRoomInTime())
 
 
+def _timeout_arg(timeout: Any) -> float | None:
+    """``apredict``'s wait for room: ``None`` or seconds >= 0 (as ``enqueue_predict``)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    if timeout != timeout or timeout < 0:
+        raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+    return float(timeout)
+
+
 async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | None,
-                   priority: BatchPriority | int) -> U:
-    """See ``BatchProcessor.apredict``."""
+                   priority: BatchPriority | int, deadline_at: float | None) -> U:
+    """See ``BatchProcessor.apredict``; ``deadline_at``: the request's ``max_queue_time``
+    deadline (monotonic seconds), or ``None``."""
+    timeout = _timeout_arg(timeout)
     loop = asyncio.get_running_loop()
     last_loop, channel = processor._last_channel
     if last_loop is not loop or channel is None:
         channel = processor._channel_for(loop)
     future: asyncio.Future[U] = loop.create_future()
     request, rows, nbytes, key, length = processor._describe(
-        item, AsyncRequest(future, channel), _monotonic())
+        item, AsyncRequest(future, channel), _monotonic(), priority,
+        _INF if deadline_at is None else deadline_at)
     queue = processor._queue
     room: RoomWaiters | None = None
     epoch = 0
@@ -142,7 +157,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     deadline = None if timeout is None else loop.time() + timeout
     while True:
         try:
-            token = queue.push(request, priority, rows, nbytes, key, 0, length)
+            token = queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
             break
         except QueueClosed as exc:
             raise processor._refusal(exc, timeout) from None

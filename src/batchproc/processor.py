@@ -333,7 +333,8 @@ class BatchProcessor(Generic[T, U]):
         return future
 
     async def apredict(self, item: T, timeout: float | None = None,
-                       priority: BatchPriority | int = BatchPriority.NORMAL) -> U:
+                       priority: BatchPriority | int = BatchPriority.NORMAL,
+                       max_queue_time: float | _ConfigDefault | None = _CONFIG) -> U:
         """From a coroutine: queue ``item`` and return its result
         (``await processor.apredict(x)``).
 
@@ -344,10 +345,17 @@ class BatchProcessor(Generic[T, U]):
         request at once (it is never processed); after dispatch its result is dropped.
         After stop: ``ProcessorStoppedError``; in a forked child: ``ProcessorForkedError``.
         Results reach the loop a batch at a time, as with ``enqueue_predict_async``.
+        ``max_queue_time`` as for ``enqueue_predict``, counted from this call (a wait for
+        room counts). ``timeout``: ``TypeError`` if not a number, ``ValueError`` if NaN or
+        negative.
         """
         if self._forked:
             raise self._forked_error()
-        return await apredict(self, item, timeout, priority)
+        if max_queue_time is _CONFIG:
+            max_queue_time = self._max_queue_time
+        deadline = (None if max_queue_time is None
+                    else _monotonic() + _queue_time_arg(max_queue_time))
+        return await apredict(self, item, timeout, priority, deadline)
 
     _room: RoomWaiters | None = None
 

@@ -137,11 +137,12 @@ class BatchProcessorConfig:
             retry) before its call, in seconds from enqueue. Default ``None``: no limit.
             A request still waiting when it runs out fails with ``QueueTimeoutError``
             and never reaches the model. ``enqueue_predict``, ``enqueue`` and
-            ``enqueue_predict_async`` take a per-request value.
+            ``enqueue_predict_async`` and ``apredict`` take a per-request value.
         max_priority_wait: With ``enable_priority_queue``, the longest a request waits
             before it is served ahead of every newer request whatever its priority, in
-            seconds. Default ``None``: strict priorities. Bounds how long a low priority
-            can starve under a flood of higher ones.
+            seconds. Default ``None``: strict priorities. A low priority then waits at
+            most this long plus the time to serve the requests older than it (which go
+            in arrival order), however many higher ones keep arriving.
         debug_mode: Log the controller's decisions and every delivery at DEBUG level,
             on or off. Default ``False``.
         stack_items: Treat each array or tensor item as one sample, stacked on a new

@@ -340,3 +340,11 @@ def test_mypy_infers_item_and_result_types(tmp_path):
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert len(errors) == 1 and '"BatchedFunction"' in errors[0], out
     assert 'type "int"; expected "str"' in errors[0], out
+
+
+def test_without_parentheses_the_error_says_how_to_write_it():
+    def lengths(items):
+        return [len(s) for s in items]
+
+    with pytest.raises(TypeError, match=r"@batchproc.batch\(\)"):
+        batchproc.batch(lengths)

@@ -302,8 +302,9 @@ class _Decorator:
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
 
 
-def batch(*, config: BatchProcessorConfig | None = None, metrics_collector: object = None,
-          name: str | None = None, **fields: Any) -> _Decorator:
+def batch(function: None = None, /, *, config: BatchProcessorConfig | None = None,
+          metrics_collector: object = None, name: str | None = None,
+          **fields: Any) -> _Decorator:
     """Turn a batch function into a per-item callable (see the module).
 
     ``fields`` are ``BatchProcessorConfig``'s fields (``max_batch_size=64``, ...), checked
@@ -315,7 +316,13 @@ def batch(*, config: BatchProcessorConfig | None = None, metrics_collector: obje
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor
     for arrays and tensors. A function written in a class body is a method: each instance
     gets its own processor.
+
+    ``TypeError`` when used without parentheses (``@batch``): it takes keywords only.
     """
+    if function is not None:
+        raise TypeError(
+            "batch takes keyword arguments only: write @batchproc.batch() (with "
+            "parentheses) or @batchproc.batch(max_batch_size=..., ...)")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     if config is None:

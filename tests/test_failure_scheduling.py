@@ -53,18 +53,14 @@ def enqueue_paused(p, values, before_resume=lambda futures: None):
     return futures
 
 
-@pytest.mark.parametrize("bad_positions", [
-    [0], [3], [4], [7],                  # one bad input, wherever it is
-    [0, 7], [3, 4], [1, 2, 5],           # several at once
-])
-def test_healthy_requests_never_wait_for_a_backoff(make_processor, bad_positions):
-    # The healthy requests are done after at most two calls per bisection level and
-    # bad input (one per level when a single bad input sits last), long before the
-    # first retry: no backoff is waited on the worker.
+def run_with_bad_inputs(make_processor, size, bad_positions):
+    """One batch of ``size`` requests, those at ``bad_positions`` poisoned, retries
+    parked for 30 s: (processor, model, values, futures, calls made when each good one
+    was done)."""
     model = CountingModel()
-    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
+    p = make_processor(model, max_workers=1, max_batch_size=size, initial_batch_size=size,
                        retry_delay=30.0)
-    values = [float(v) for v in range(8)]
+    values = [float(v) for v in range(size)]
     for i in bad_positions:
         values[i] = -1.0
     good_done = []
@@ -79,11 +75,24 @@ def test_healthy_requests_never_wait_for_a_backoff(make_processor, bad_positions
         if v != -1.0:
             assert f.result(timeout=20)[0, 0] == 2 * v
     assert model.calls[0] == values  # one batch first
+    return p, model, values, futures, good_done
+
+
+@pytest.mark.parametrize("bad_positions", [
+    [0], [3], [4], [7],                  # one bad input, wherever it is
+    [0, 7], [3, 4], [1, 2, 5],           # several at once
+])
+def test_healthy_requests_never_wait_for_a_backoff(make_processor, bad_positions):
+    # The healthy requests are done after at most two calls per bisection level and
+    # bad input (one per level, plus one, when a single input is bad: see below), long
+    # before the first retry: no backoff is waited on the worker.
+    p, _model, values, futures, good_done = run_with_bad_inputs(make_processor, 8,
+                                                                bad_positions)
     levels = 3  # log2(8)
     # At most two calls per level for each bad input (both halves of a failing batch).
     assert max(good_done) <= 1 + 2 * levels * len(bad_positions)
-    if bad_positions == [7]:
-        assert max(good_done) <= 1 + levels  # one call per level
+    if len(bad_positions) == 1:
+        assert max(good_done) <= 1 + levels + 1
     # The bad ones are parked for 30 s: nothing above waited for them.
     assert not any(f.done() for v, f in zip(values, futures) if v == -1.0)
     assert p.get_stats()["queue_size"] == len(bad_positions)  # parked in the queue
@@ -92,6 +101,26 @@ def test_healthy_requests_never_wait_for_a_backoff(make_processor, bad_positions
         if v == -1.0:
             with pytest.raises(ProcessorStoppedError):
                 f.result(timeout=0)
+
+
+@pytest.mark.parametrize("size", [2, 8, 64])
+def test_one_bad_input_costs_one_call_per_level_wherever_it_is(make_processor, size):
+    # One failing request among n: the others have their results within log2(n) + 1
+    # calls after the failing batch (one call per bisection level, and at most one to
+    # deliver the requests set aside); once found, the failing one is parked without
+    # another call.
+    levels = size.bit_length() - 1
+    positions = sorted({0, 1, size // 2 - 1, size // 2, size - 2, size - 1})
+    for bad in positions:
+        p, model, values, futures, good_done = run_with_bad_inputs(make_processor, size,
+                                                                   [bad])
+        assert len(model.calls) <= 1 + levels + 1, (bad, model.calls)
+        assert max(good_done) == len(model.calls)  # the last call delivered
+        # Every request is in at most one successful call, so nothing ran twice.
+        delivered = [v for call in model.calls if -1.0 not in call for v in call]
+        assert sorted(delivered) == sorted(v for v in values if v != -1.0)
+        assert not futures[bad].done()  # parked for its retry
+        p.stop(timeout=0.1)
 
 
 def test_backoff_holds_no_worker_and_holds_up_no_other_request(make_processor):
@@ -132,10 +161,12 @@ def test_a_failure_of_every_request_ends_within_one_retry_schedule(make_processo
         assert "0 results for a batch of 1" in str(info.value)
     elapsed = time.monotonic() - started
     schedule = delay * (2**3 - 1)
-    assert elapsed < schedule + 1.5  # generous for the 19 calls on a loaded machine
-    # [4], its halves [2] [2], then each single alone and its 3 retries.
-    assert calls[:3] == [4, 2, 2]
-    assert sorted(calls[3:]) == [1] * 16
+    assert elapsed < schedule + 1.5  # generous for the 21 calls on a loaded machine
+    # The search for one failing request: [r0 r1 r2 r3], [r0 r1], [r2 r3 r0], then the
+    # two set aside with r1 fail on their own, so r0 runs alone and [r2 r3 r1] is
+    # bisected: [r2], [r3 r1], [r3], [r1]. Then each request's 3 retries, alone.
+    assert calls[:9] == [4, 2, 3, 3, 1, 1, 2, 1, 1]
+    assert sorted(calls[9:]) == [1] * 12
     assert p.get_stats()["total_errors"] == 4
 
 

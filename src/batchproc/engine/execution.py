@@ -2,11 +2,12 @@
 
 Failure scheduling (docs/failures.md):
 
-* A failing batch of several requests is bisected on the worker, without waiting: run
-  the first half; if it succeeds, the failure is in the second half, which is split
-  further without running it whole; if it fails too, run the second half as well. With
-  one failing request, the others have their results within one call per bisection
-  level after the failure.
+* A failing batch of several requests is searched on the worker, without waiting, for
+  the one request that fails (``Executor._isolate``): each call runs half of the
+  suspects with the requests set aside so far (presumed good), so a single failing
+  request is found in log2(n) calls and the others have their results within one more.
+  When more than one fails, the rest is bisected: both halves run, and each that fails
+  is bisected again.
 * A request that fails on its own is never waited for on the worker: it is parked in the
   native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
@@ -121,22 +122,79 @@ class Executor:
             return
         if requests[0].attempt == 0:
             self._controller.observe_failure()  # once per failed batch, never per retry
+        if self._config.debug_mode and len(requests) > 1:
+            logger.debug("batch of %d failed (%r): isolating", len(requests), error)
+        self._failed(batch, requests, workspace, target, error, error, self._isolate)
+
+    def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
+                target: int, error: BaseException, origin: BaseException,
+                search: Callable[..., None]) -> None:
+        """A call on exactly ``group`` failed with ``error``: settle its requests."""
         if not isinstance(error, Exception):
-            # KeyboardInterrupt-like: not retried, but never lost: the batch fails with it.
+            # KeyboardInterrupt-like: not retried, but never lost: the group fails with it.
             logger.error("process_func raised %r; failing its %d requests without retry",
-                         error, len(requests))
-            self._delivery.fail(batch, requests, error)
-            return
-        if len(requests) == 1:
-            self._retry_or_fail(batch, requests[0], error, error)
-            return
-        if self._config.debug_mode:
-            logger.debug("batch of %d failed (%r): bisecting", len(requests), error)
-        self._isolate(batch, requests, workspace, target, error)
+                         error, len(group))
+            self._delivery.fail(batch, group, error)
+        elif len(group) == 1:
+            self._retry_or_fail(batch, group[0], error, origin)
+        else:
+            search(batch, group, workspace, target, error, origin)
+
+    def _settle(self, batch: Batch, group: list[Request], workspace: Workspace,
+                target: int, origin: BaseException) -> None:
+        """Run a group not known to fail; if it does, isolate its failure."""
+        status, error = self._try(batch, group, workspace, target)
+        if status == FAILED:
+            self._failed(batch, group, workspace, target, error, origin, self._isolate)
 
     def _isolate(self, batch: Batch, group: list[Request], workspace: Workspace,
-                 target: int, origin: BaseException) -> None:
-        """``group`` (two or more requests) failed as a whole: find who fails."""
+                 target: int, error: BaseException, origin: BaseException) -> None:
+        """``group`` (two or more requests) failed as a whole: search for the one that
+        fails, expecting a single one.
+
+        Each call runs half of the suspects together with the requests set aside so far
+        (not run since a failing call; presumed good). If it succeeds, they all have
+        their results and the failure is in the other half; if it fails, that other half
+        is set aside too. A single failing request is found
+        in log2(n) calls and is parked without a call of its own, and the others have
+        their results within one more. Should the requests set aside fail on their own,
+        several requests fail: the rest is bisected instead (``_bisect``).
+        """
+        suspects, aside = group, []
+        while len(suspects) > 1:
+            mid = len(suspects) // 2
+            half, rest = suspects[:mid], suspects[mid:]
+            tried = aside + half
+            status, failure = self._try(batch, tried, workspace, target)
+            if status == ABANDONED:
+                return
+            if status == OK:
+                suspects, aside = rest, []
+                continue
+            if not isinstance(failure, Exception):
+                self._failed(batch, tried, workspace, target, failure, origin,
+                             self._isolate)
+                self._settle(batch, rest, workspace, target, origin)
+                return
+            error = failure
+            suspects, aside = half, aside + rest
+        if aside:
+            status, failure = self._try(batch, aside, workspace, target)
+            if status == ABANDONED:
+                return
+            if status == FAILED:
+                # The requests set aside fail too: the suspect's own health is unknown.
+                self._settle(batch, suspects, workspace, target, origin)
+                self._failed(batch, aside, workspace, target, failure, origin,
+                             self._bisect)
+                return
+        # Every other request of a failing call succeeded: this one fails on its own.
+        self._retry_or_fail(batch, suspects[0], error, origin)
+
+    def _bisect(self, batch: Batch, group: list[Request], workspace: Workspace,
+                target: int, error: BaseException, origin: BaseException) -> None:
+        """``group`` (two or more requests) failed as a whole and is likely to hold
+        several failures: run both halves, then look into those that fail."""
         mid = len(group) // 2
         first, second = group[:mid], group[mid:]
         status, error_first = self._try(batch, first, workspace, target)
@@ -144,37 +202,15 @@ class Executor:
             return
         if status == OK:
             # The failure is in the second half: split it without running it whole.
-            if len(second) == 1:
-                self._alone(batch, second[0], workspace, target, origin)
-            else:
-                self._isolate(batch, second, workspace, target, origin)
+            self._failed(batch, second, workspace, target, error, origin, self._bisect)
             return
-        # Both halves may hold failures: run the second before looking into the first,
-        # so that its good requests wait one call, not a bisection.
         status, error_second = self._try(batch, second, workspace, target)
         if status == ABANDONED:
             return
-        self._failed_part(batch, first, workspace, target, error_first, origin)
+        self._failed(batch, first, workspace, target, error_first, origin, self._bisect)
         if status == FAILED:
-            self._failed_part(batch, second, workspace, target, error_second, origin)
-
-    def _failed_part(self, batch: Batch, part: list[Request], workspace: Workspace,
-                     target: int, error: BaseException, origin: BaseException) -> None:
-        if not isinstance(error, Exception):
-            logger.error("process_func raised %r; failing its %d requests without retry",
-                         error, len(part))
-            self._delivery.fail(batch, part, error)
-        elif len(part) == 1:
-            self._retry_or_fail(batch, part[0], error, origin)
-        else:
-            self._isolate(batch, part, workspace, target, origin)
-
-    def _alone(self, batch: Batch, request: Request, workspace: Workspace, target: int,
-               origin: BaseException) -> None:
-        """A request that must hold the failure: run it alone once for its own error."""
-        status, error = self._try(batch, [request], workspace, target)
-        if status == FAILED:
-            self._failed_part(batch, [request], workspace, target, error, origin)
+            self._failed(batch, second, workspace, target, error_second, origin,
+                         self._bisect)
 
     def _retry_or_fail(self, batch: Batch, request: Request, error: BaseException,
                        origin: BaseException) -> None:

@@ -273,7 +273,7 @@ class RequestQueue:
 
     def pop_batch(self, max_rows: int, max_bytes: int = 0, *, max_tokens: int = 0,
                   fill_rows: int = 0, max_wait: float = 0.0, idle_gap: float | None = None,
-                  timeout: float | None = None) -> list[Any]:
+                  fill_time: float = 0.0, timeout: float | None = None) -> list[Any]:
         max_rows = _int_clamped(max_rows, "max_rows")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
@@ -282,6 +282,7 @@ class RequestQueue:
         fill_rows = _int_clamped(fill_rows, "fill_rows")
         max_wait = _float_arg(max_wait, "max_wait")
         idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
+        fill_time = _float_arg(fill_time, "fill_time")
         deadline = time.monotonic() + _timeout_arg(timeout)
         fill = fill_rows > 0 and max_wait > 0
         with self._cond:
@@ -308,7 +309,12 @@ class RequestQueue:
                     assert head is not None
                     until = head.t_push + max_wait     # the ceiling, always
                     if idle_gap >= 0 and self._in_flight == 0:
-                        until = min(until, max(self._last_push, self._idle_since) + idle_gap)
+                        # The pause ends the wait, unless the queue fills on pace.
+                        gap_end = max(self._last_push, self._idle_since) + idle_gap
+                        if fill_time > 0:
+                            gap_end = max(gap_end,
+                                          head.t_push + fill_time * self._rows / fill_rows)
+                        until = min(until, gap_end)
                     left = until - time.monotonic()
                     if left <= 0:
                         break

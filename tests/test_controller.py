@@ -50,7 +50,8 @@ def test_latency_model_with_one_size_treats_the_cost_as_fixed():
 def test_fixed_strategy_waits_batch_timeout_for_its_size():
     c = controller(processing_strategy="fixed", batch_timeout=0.07, initial_batch_size=16)
     plan = c.plan(queued_rows=1000)
-    assert plan == (16, 0.07, None)  # None: arrivals pausing never end the wait
+    # None: arrivals pausing never end the wait (and no pace to keep, 0.0).
+    assert plan == (16, 0.07, None, 0.0)
     c.observe_failure()
     for _ in range(50):
         c.observe_batch(16, 0.01, 16)
@@ -70,8 +71,8 @@ def test_greedy_never_waits():
 
 
 def test_adaptive_does_not_wait_before_it_has_measured_anything():
-    # idle_gap 0: once nothing is in flight, the batch goes at once.
-    assert controller(batch_timeout=0.2).plan(1)[1:] == (0.2, 0.0)
+    # idle_gap 0: once nothing is in flight, the batch goes at once (no pace either).
+    assert controller(batch_timeout=0.2).plan(1)[1:] == (0.2, 0.0, 0.0)
 
 
 def test_adaptive_waits_while_arrivals_come_within_a_sixteenth_of_the_fixed_cost():
@@ -82,6 +83,8 @@ def test_adaptive_waits_while_arrivals_come_within_a_sixteenth_of_the_fixed_cost
     plan = c.plan(1)
     assert plan.max_wait == 0.05  # batch_timeout is the ceiling
     assert plan.idle_gap == pytest.approx(0.010 / 16, rel=0.01)
+    # A wave filling the batch within one fixed cost keeps filling through a pause.
+    assert plan.fill_time == pytest.approx(0.010, rel=0.01)
 
 
 def test_full_batches_grow_the_target_toward_the_optimum():

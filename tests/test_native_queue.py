@@ -468,6 +468,47 @@ def test_fill_wait_ends_early_on_idle_gap(impl: Any) -> None:
     assert t - t_before < 3 * HANG               # hang guard: ended on the gap
 
 
+def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
+    # 3 of 4 rows came at once: at that rate the batch fills within fill_time, so a pause
+    # in arrivals longer than idle_gap (clients coming back after a delivery, one by one)
+    # does not cut it before 3/4 of fill_time; the fourth row completes it.
+    q = impl.RequestQueue(16)
+    for name in "abc":
+        q.push(name)
+    popper = Worker(q.pop_batch, 10, fill_rows=4, max_wait=6 * HANG, idle_gap=0.001,
+                    fill_time=HANG, timeout=HANG)
+    blocked(q, FILL)
+    paused_from = time.monotonic()
+    wait_until(lambda: time.monotonic() - paused_from > 0.05, "a pause of 50 idle gaps")
+    assert popper.is_alive()  # still filling: on pace until 7.5 s after the first push
+    q.push("d")
+    assert popper.outcome() == ["a", "b", "c", "d"]
+
+
+def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
+    # 1 row of 4 is on pace for a quarter of fill_time (0.1 s); then the pause ends it,
+    # long before the ceiling.
+    q = impl.RequestQueue(16)
+    t_before = time.monotonic()
+    q.push("a")
+    assert q.pop_batch(10, fill_rows=4, max_wait=6 * HANG, idle_gap=0.001, fill_time=0.4,
+                       timeout=HANG) == ["a"]
+    waited = time.monotonic() - t_before
+    assert waited >= 0.1 - 1e-4
+    assert waited < 3 * HANG  # not the ceiling
+
+
+def test_a_fill_on_pace_still_ends_at_the_ceiling(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    t_before = time.monotonic()
+    for name in "abc":
+        q.push(name)
+    assert q.pop_batch(10, fill_rows=4, max_wait=0.2, idle_gap=0.0, fill_time=6 * HANG,
+                       timeout=HANG) == ["a", "b", "c"]
+    waited = time.monotonic() - t_before
+    assert 0.2 - 1e-4 <= waited < 3 * HANG
+
+
 def test_no_fill_wait_without_fill_rows_or_max_wait(impl: Any) -> None:
     q = impl.RequestQueue(16)
     q.push("a")
@@ -688,6 +729,8 @@ def test_push_length_limits_accepted(impl: Any) -> None:
         ((1,), {"max_wait": math.nan}, ValueError, "max_wait"),
         ((1,), {"max_wait": "x"}, TypeError, "max_wait"),
         ((1,), {"idle_gap": math.nan}, ValueError, "idle_gap"),
+        ((1,), {"fill_time": math.nan}, ValueError, "fill_time"),
+        ((1,), {"fill_time": "soon"}, TypeError, "fill_time"),
         ((1,), {"timeout": -0.1}, ValueError, "timeout"),
         ((1,), {"timeout": math.nan}, ValueError, "timeout"),
     ],

@@ -129,6 +129,7 @@ ctypedef struct PopParams:
     int64_t fill_rows
     double max_wait
     double idle_gap
+    double fill_time
     bint fill           # whether step 2 (the fill wait) applies at all
 
 
@@ -690,13 +691,22 @@ cdef class RequestQueue:
 
     cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
         """When the fill wait for the current head ends (see pop_batch, step 2)."""
-        cdef double d = self._heap[0].t_push + p.max_wait  # the ceiling, always
-        cdef double g
+        cdef double head_pushed = self._heap[0].t_push
+        cdef double d = head_pushed + p.max_wait  # the ceiling, always
+        cdef double g, on_pace
         if p.idle_gap < 0.0 or self._in_flight > 0:
             return d        # plain, or the model is busy: keep filling up to the ceiling
-        # Idle model: the batch also goes once arrivals pause for idle_gap.
+        # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
+        # ... unless it is filling on pace: at the rate rows came since the head, it
+        # would reach fill_rows within fill_time. Then the pause is a hiccup in a wave of
+        # arrivals (clients coming back after a delivery), and going now would leave the
+        # rest of the wave a call of its own.
+        if p.fill_time > 0.0:
+            on_pace = head_pushed + p.fill_time * (<double>self._rows / <double>p.fill_rows)
+            if on_pace > g:
+                g = on_pace
         return g if g < d else d
 
     cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
@@ -1073,7 +1083,7 @@ cdef class RequestQueue:
         return _token(seq, s)
 
     def pop_batch(self, max_rows, max_bytes=0, *, max_tokens=0, fill_rows=0, max_wait=0.0,
-                  idle_gap=None, timeout=None):
+                  idle_gap=None, fill_time=0.0, timeout=None):
         """Take the next batch: a list of items in (priority, arrival) order.
 
         1. Wait up to ``timeout`` seconds (None: until closed; 0: not at all) for at least
@@ -1083,7 +1093,10 @@ cdef class RequestQueue:
            less than ``max_wait`` seconds ago (a ceiling, whatever is in flight). With
            ``idle_gap`` given (>= 0), while no batch is in flight (see ``begin_batch``)
            the wait also ends once nothing was pushed for ``idle_gap`` seconds since the
-           later of the latest push and the moment the last batch in flight ended.
+           later of the latest push and the moment the last batch in flight ended, but
+           not while the queue fills on pace: with ``fill_time > 0`` (seconds), while the
+           rows queued are at least ``fill_rows`` times the share of ``fill_time`` since
+           the head's push (at that rate it fills within ``fill_time``).
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
@@ -1115,6 +1128,7 @@ cdef class RequestQueue:
         p.fill_rows = _int_arg_clamped(fill_rows, "fill_rows")
         p.max_wait = _float_arg(max_wait, "max_wait")
         p.idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
+        p.fill_time = _float_arg(fill_time, "fill_time")
         p.fill = p.fill_rows > 0 and p.max_wait > 0.0
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by

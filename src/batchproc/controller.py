@@ -14,7 +14,12 @@ The policy (docs/architecture.md, "The controller"):
 * Once nothing is in flight, the batch goes as soon as arrivals pause for ``idle_gap``,
   a sixteenth of the fitted fixed cost per batch (``a / 16``): a straggler left for a
   batch of its own costs a whole fixed cost, while waiting for it costs at most 6% of
-  one. At low load an idle worker therefore takes what is queued almost at once (for a
+  one. Unless the batch fills on pace: at the rate its rows came, it would be full
+  within one fixed cost (``fill_time = a``). Then a pause is a hiccup in a wave of
+  arrivals (clients coming back after a delivery, delayed by the GIL), and going would
+  leave the rest of the wave a call of its own; at a slower rate the stragglers cost
+  less than waiting for them.
+  At low load an idle worker therefore takes what is queued almost at once (for a
   model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
   load, batches fill.
 * ``batch_timeout`` bounds every wait (measured from the oldest request's arrival,
@@ -62,6 +67,7 @@ class Plan(NamedTuple):
     target_rows: int
     max_wait: float
     idle_gap: float | None
+    fill_time: float = 0.0
 
 
 class LatencyModel:
@@ -342,8 +348,9 @@ class Controller:
         self._ceiling = max(cfg.min_batch_size, int(optimal * _MEMORY_SHARE[self._memory]))
         strategy = self.strategy
         if strategy is BatchProcessingStrategy.ADAPTIVE:
+            fixed_cost = max(self.model.a, 0.0)
             self._plan = Plan(self._current, cfg.batch_timeout,
-                              max(self.model.a, 0.0) * IDLE_GAP_SHARE)
+                              fixed_cost * IDLE_GAP_SHARE, fixed_cost)
         else:  # FIXED waits up to batch_timeout to fill; GREEDY never waits
             wait = cfg.batch_timeout if strategy is BatchProcessingStrategy.FIXED else 0.0
             self._plan = Plan(self._current, wait, None)

@@ -70,6 +70,7 @@ class RequestQueue:
         fill_rows: SupportsIndex = 0,
         max_wait: SupportsFloat | SupportsIndex = 0.0,
         idle_gap: SupportsFloat | SupportsIndex | None = None,
+        fill_time: SupportsFloat | SupportsIndex = 0.0,
         timeout: SupportsFloat | SupportsIndex | None = None,
     ) -> list[Any]:
         """Caps: ``max_rows`` (>= 1), ``max_bytes`` and ``max_tokens`` (<= 0: none), where a

@@ -160,7 +160,8 @@ class Executor:
         their results within one more. Should the requests set aside fail on their own,
         several requests fail: the rest is bisected instead (``_bisect``).
         """
-        suspects, aside = group, []
+        suspects = group
+        aside: list[Request] = []
         while len(suspects) > 1:
             mid = len(suspects) // 2
             half, rest = suspects[:mid], suspects[mid:]

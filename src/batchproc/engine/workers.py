@@ -192,7 +192,8 @@ class WorkerPool:
                         requests = queue.pop_batch(
                             plan.target_rows, byte_cap, max_tokens=token_cap,
                             fill_rows=plan.target_rows,
-                            max_wait=plan.max_wait, idle_gap=plan.idle_gap, timeout=POP_POLL)
+                            max_wait=plan.max_wait, idle_gap=plan.idle_gap,
+                            fill_time=plan.fill_time, timeout=POP_POLL)
                     except BaseException:
                         self._register([], worker)  # only to end the pop
                         raise

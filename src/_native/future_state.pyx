@@ -175,6 +175,7 @@ def remove_sleeper(f, sleeper):
 
 
 @cython.final
+@cython.freelist(256)  # one is made and freed per request: reuse their memory
 cdef class Request:
     """One queued request, as the queue and the workers hold it (immutable).
 

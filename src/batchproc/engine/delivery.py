@@ -55,7 +55,7 @@ class Delivery:
         if holds_slot:
             # The model is free: the next batch may start while this one is delivered.
             self._controller.slots.release(wake=self.others_needed())
-        if self._other_call_running(batch):
+        if len(board.active) > 1 and self._other_call_running(batch):
             # Another worker is inside process_func, and the model this batch just left
             # is now its to start, but starting takes the GIL, which this thread would
             # hold through the whole delivery. Step off it first (a sleep of ~50 us with
@@ -88,11 +88,8 @@ class Delivery:
             board.end_delivery(batch)
 
     def _other_call_running(self, batch: Batch) -> bool:
-        active = self._board.active
-        if len(active) < 2:
-            return False
         with self._board.lock:
-            return any(b.state is CALLING for b in active if b is not batch)
+            return any(b.state is CALLING for b in self._board.active if b is not batch)
 
     def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
         """Fail ``requests`` of a batch this worker still owns."""

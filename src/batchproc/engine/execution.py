@@ -60,8 +60,10 @@ class Executor:
         """Run a popped batch until each of its requests is delivered, failed or parked."""
         live = batch.requests
         try:
-            # A request too large for one batch (it was popped alone) runs in chunks.
-            chunks = live[0].format.chunks(live[0], self._limits) if len(live) == 1 else None
+            # A request too large for one batch (it was popped alone) runs in chunks; a
+            # single row is never cut.
+            chunks = (live[0].format.chunks(live[0], self._limits)
+                      if len(live) == 1 and live[0].rows > 1 else None)
             if chunks is not None:
                 self._run_chunked(batch, live[0], chunks, workspace)
             else:

@@ -216,6 +216,7 @@ class WorkerPool:
                     # hold the batch until resume; stop resumes. (pause() clears the
                     # event before it pauses the queue, resume() sets it after.)
                     resume.wait()
+                    batch.dispatched_at = _monotonic()
                 self._dispatch(batch, workspace, plan.target_rows)
         except BaseException:
             # Only a bug in batchproc itself gets here: make it loud, and keep serving.
@@ -263,7 +264,7 @@ class WorkerPool:
     def _dispatch(self, batch: Batch, workspace: Workspace, target: int) -> None:
         if self._config.min_batch_interval > 0.0:
             self._pace()  # on the board meanwhile: stop() can abandon it
-        batch.dispatched_at = _monotonic()
+            batch.dispatched_at = _monotonic()
         try:
             self._executor.run(batch, workspace, target)
         finally:

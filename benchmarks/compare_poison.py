@@ -43,14 +43,18 @@ class Poisoned(Exception):
     pass
 
 
-def make_model(call_s: float):
+def make_model(call_s: float, counts: dict[str, int]):
+    """The model, counting its calls, the rows they held and the calls that raised."""
     lock = threading.Lock()
     weights = np.eye(64, dtype=np.float32)
 
     def model(batch):
         with lock:  # one device: calls run one at a time
+            counts["calls"] += 1
+            counts["rows"] += len(batch)
             time.sleep(call_s)
             if (batch[:, 0] < 0).any():
+                counts["raised"] += 1
                 raise Poisoned("poisoned row")
             return batch @ weights
     return model
@@ -85,7 +89,8 @@ def run_load(bad_share: float, clients: int, seconds: float, call_s: float) -> d
             errors[0] += bad
 
     processor: BatchProcessor = BatchProcessor(config)
-    processor.start(make_model(call_s))
+    counts = {"calls": 0, "rows": 0, "raised": 0}
+    processor.start(make_model(call_s, counts))
     try:
         start = time.monotonic()
         stop_at[0] = start + seconds
@@ -107,6 +112,11 @@ def run_load(bad_share: float, clients: int, seconds: float, call_s: float) -> d
         "p50_ms": good_lat[n // 2] * 1e3 if n else None,
         "p99_ms": good_lat[min(n - 1, int(n * 0.99))] * 1e3 if n else None,
         "elapsed_s": elapsed,
+        "calls": counts["calls"],
+        "rows_per_call": counts["rows"] / max(1, counts["calls"]),
+        # Every call that raised held a poisoned row: what each poisoned request cost in
+        # failed calls (its batch's failure, the search's failing calls, its retries).
+        "raised_per_poisoned": counts["raised"] / errors[0] if errors[0] else None,
     }
 
 
@@ -136,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("p99_ms", "p99 of good (ms)")):
         clean, poisoned = med(0.0, key), med(args.bad, key)
         rows.append(f"| {label} | {clean:,.1f} | {poisoned:,.1f} | {poisoned / clean:.2f}x |")
+    rows.append(f"| rows per call | {med(0.0, 'rows_per_call'):.1f} | "
+                f"{med(args.bad, 'rows_per_call'):.1f} | |")
+    rows.append(f"| calls that raised, per poisoned request | | "
+                f"{med(args.bad, 'raised_per_poisoned'):.1f} | |")
     command = "python benchmarks/compare_poison.py " + " ".join(argv or sys.argv[1:])
     md = "\n".join([
         "# batchproc: healthy requests next to poisoned ones",
@@ -157,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "The poisoned requests themselves fail after their retry schedule (about 7 s), "
         "parked in the queue meanwhile (every one of them failed with the model's "
         "exception: `failed_requests` in poison.json). What the good requests pay is the "
-        "bisection of the batches a poisoned request lands in (up to two calls per level) "
-        "and one extra call per retry, each alone in its batch.",
+        "search of the batches a poisoned request lands in (one call per bisection level, "
+        "and one to deliver the requests set aside) and one call per retry, each alone in "
+        "its batch: the calls that raised, per poisoned request, count them with its "
+        "batch's own failure.",
         "",
     ])
     os.makedirs(args.out_dir, exist_ok=True)

@@ -131,6 +131,7 @@ class RequestQueue:
         self._in_flight = 0
         self._idle_since = 0.0
         self._last_push = 0.0
+        self._last_batch_rows = 0
         self._cond = threading.Condition(threading.Lock())
         self._w_items = self._w_fill = self._w_room = 0
 
@@ -311,9 +312,9 @@ class RequestQueue:
                     if idle_gap >= 0 and self._in_flight == 0:
                         # The pause ends the wait, unless the queue fills on pace.
                         gap_end = max(self._last_push, self._idle_since) + idle_gap
-                        if fill_time > 0:
-                            gap_end = max(gap_end,
-                                          head.t_push + fill_time * self._rows / fill_rows)
+                        if fill_time > 0 and self._rows < self._last_batch_rows:
+                            gap_end = max(gap_end, head.t_push + fill_time * self._rows
+                                          / self._last_batch_rows)
                         until = min(until, gap_end)
                     left = until - time.monotonic()
                     if left <= 0:
@@ -363,6 +364,8 @@ class RequestQueue:
                     per_token = max(per_token, _bytes_per_token(e))
             for e in skipped:
                 heapq.heappush(self._heap, e)
+            if not head.solo:
+                self._last_batch_rows = total_rows
             self._cond.notify_all()
             return out
 

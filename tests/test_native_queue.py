@@ -468,27 +468,49 @@ def test_fill_wait_ends_early_on_idle_gap(impl: Any) -> None:
     assert t - t_before < 3 * HANG               # hang guard: ended on the gap
 
 
+def answered(q: Any, rows: int) -> None:
+    """Pop one batch of ``rows`` rows: the wave that comes back after it has that many."""
+    for i in range(rows):
+        q.push(f"earlier-{i}")
+    assert len(q.pop_batch(rows)) == rows
+
+
 def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
-    # 3 of 4 rows came at once: at that rate the batch fills within fill_time, so a pause
-    # in arrivals longer than idle_gap (clients coming back after a delivery, one by one)
-    # does not cut it before 3/4 of fill_time; the fourth row completes it.
+    # The last batch held 4 rows; 3 came back at once: at that rate all 4 are in within
+    # fill_time, so a pause longer than idle_gap (clients coming back after a delivery,
+    # one by one) does not cut the batch before 3/4 of fill_time; the fourth completes it.
     q = impl.RequestQueue(16)
+    answered(q, 4)
     for name in "abc":
         q.push(name)
-    popper = Worker(q.pop_batch, 10, fill_rows=4, max_wait=6 * HANG, idle_gap=0.001,
+    popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=6 * HANG, idle_gap=0.001,
                     fill_time=HANG, timeout=HANG)
     blocked(q, FILL)
     paused_from = time.monotonic()
     wait_until(lambda: time.monotonic() - paused_from > 0.05, "a pause of 50 idle gaps")
     assert popper.is_alive()  # still filling: on pace until 7.5 s after the first push
-    q.push("d")
+    q.push("d")  # 4 of fill_rows=10: the wave is in, the next pause ends the wait
     assert popper.outcome() == ["a", "b", "c", "d"]
 
 
-def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
-    # 1 row of 4 is on pace for a quarter of fill_time (0.1 s); then the pause ends it,
-    # long before the ceiling.
+def test_a_wave_as_large_as_the_last_batch_goes_on_the_pause(impl: Any) -> None:
+    # 2 rows came back after a batch of 2 (fewer clients than fill_rows): nothing more
+    # is coming, so the pause ends the wait, whatever fill_time says.
     q = impl.RequestQueue(16)
+    answered(q, 2)
+    t_before = time.monotonic()
+    q.push("a")
+    q.push("b")
+    assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=0.001,
+                       fill_time=6 * HANG, timeout=HANG) == ["a", "b"]
+    assert time.monotonic() - t_before < 3 * HANG  # not held for the pace or the ceiling
+
+
+def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
+    # 1 row back of a batch of 4 is on pace for a quarter of fill_time (0.1 s); then the
+    # pause ends it, long before the ceiling.
+    q = impl.RequestQueue(16)
+    answered(q, 4)
     t_before = time.monotonic()
     q.push("a")
     assert q.pop_batch(10, fill_rows=4, max_wait=6 * HANG, idle_gap=0.001, fill_time=0.4,
@@ -500,6 +522,7 @@ def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
 
 def test_a_fill_on_pace_still_ends_at_the_ceiling(impl: Any) -> None:
     q = impl.RequestQueue(16)
+    answered(q, 4)
     t_before = time.monotonic()
     for name in "abc":
         q.push(name)

@@ -417,6 +417,7 @@ cdef class RequestQueue:
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
     cdef double _idle_since     # when _in_flight last dropped to 0
+    cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
     cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
@@ -699,12 +700,14 @@ cdef class RequestQueue:
         # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
-        # ... unless it is filling on pace: at the rate rows came since the head, it
-        # would reach fill_rows within fill_time. Then the pause is a hiccup in a wave of
-        # arrivals (clients coming back after a delivery), and going now would leave the
-        # rest of the wave a call of its own.
-        if p.fill_time > 0.0:
-            on_pace = head_pushed + p.fill_time * (<double>self._rows / <double>p.fill_rows)
+        # ... unless a wave of arrivals is still coming in on pace: fewer rows are queued
+        # than the last batch held (the clients it answered may all come back), and at
+        # the rate rows came since the head, as many would be in within fill_time. Then
+        # the pause is a hiccup in the wave, and going now would leave the rest of it a
+        # call of its own.
+        if p.fill_time > 0.0 and self._rows < self._last_batch_rows:
+            on_pace = head_pushed + p.fill_time * (
+                <double>self._rows / <double>self._last_batch_rows)
             if on_pace > g:
                 g = on_pace
         return g if g < d else d
@@ -777,6 +780,7 @@ cdef class RequestQueue:
             self._rows -= e.rows
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
+        self._last_batch_rows = total_rows
         return <Py_ssize_t>buf.n
 
     cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
@@ -1094,9 +1098,9 @@ cdef class RequestQueue:
            ``idle_gap`` given (>= 0), while no batch is in flight (see ``begin_batch``)
            the wait also ends once nothing was pushed for ``idle_gap`` seconds since the
            later of the latest push and the moment the last batch in flight ended, but
-           not while the queue fills on pace: with ``fill_time > 0`` (seconds), while the
-           rows queued are at least ``fill_rows`` times the share of ``fill_time`` since
-           the head's push (at that rate it fills within ``fill_time``).
+           not while a wave of arrivals comes in on pace: with ``fill_time > 0``
+           (seconds), while fewer rows are queued than the last batch popped held, and
+           at least that many times the share of ``fill_time`` since the head's push.
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),

@@ -1,0 +1,518 @@
+"""``BatchProcessor.map`` and ``amap``: many items in, their results out in order.
+
+A future per item costs about as much as a small CPU model's share of a batch, so a
+bulk job through ``enqueue_predict`` spends its time on futures. Here consecutive items
+of one kind are grouped into **chunks** of up to ``chunksize`` rows, and each chunk is
+one request of the queue: one future, one push, one completion, whatever its size. The
+per-item work left is what cannot be shared: describing each item (the processor's own
+describer, as at enqueue), appending it to its chunk, and handing its result out. Items
+reach the model as they would one by one (``formats/chunks.py``): a batch of chunks is
+built natively by the items' own format and its output split per item.
+
+Flow control: at most ``buffersize`` chunks are in flight (queued, running, or done
+and not yet handed out); the input is read only to refill that window, so an infinite
+or lazy input is read as fast as results are consumed and memory stays bounded.
+
+Failures: a chunk fails as one request (after its retries). Its items are then queued
+again one by one, so the engine's bisection finds the failing item and only that
+position raises (or yields the exception, with ``return_exceptions``). A chunk that
+expired (``QueueTimeoutError``) or was refused or dropped at stop
+(``ProcessorStoppedError``) is not queued again: each of its positions gets that error.
+``ProcessorStoppedError`` and an exception raised by the input iterator always end the
+iteration at their position, with or without ``return_exceptions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as _stdlib_queue
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._native.future_state import Request
+from ._native.request_queue import QueueClosed
+from .aio import AsyncRequest
+from .backpressure import push_when_room
+from .errors import ProcessorStoppedError, QueueTimeoutError
+from .formats.base import BatchFormat
+from .formats.chunks import ChunkFormat
+
+if TYPE_CHECKING:
+    from .processor import BatchProcessor
+
+_monotonic = time.monotonic
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+class Chunk:
+    """Consecutive items of one kind, queued as one request."""
+
+    __slots__ = ("format", "items", "key", "length", "nbytes", "queue_length", "requests",
+                 "rows")
+
+    def __init__(self, requests: list[Request], items: list[Any], fmt: BatchFormat,
+                 key: int, rows: int, nbytes: int, length: int, queue_length: int) -> None:
+        self.requests = requests  # each item's request, as the describer made it
+        self.items = items  # the items as given, to queue again one by one
+        self.format = fmt
+        self.key = key
+        self.rows = rows
+        self.nbytes = nbytes
+        self.length = length
+        self.queue_length = queue_length
+
+
+class Failed:
+    """One position whose item could not be queued (bad input: the describer's error)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class InputFailed(Failed):
+    """The input iterator raised: the iteration ends with its exception here."""
+
+    __slots__ = ()
+
+
+class Chunker:
+    """Groups consecutive items of one kind (one compatibility key) into chunks within
+    the processor's caps: ``chunksize`` rows, ``max_batch_memory_mb`` and
+    ``max_batch_tokens``. An item over a cap goes alone (the engine cuts it by rows).
+    Closed chunks, and failures in their places, wait in ``ready``."""
+
+    def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int) -> None:
+        config = processor.config
+        self._describer = processor._describer
+        self._describe = self._describer.describe
+        self._max_rows = chunksize
+        self._max_bytes = config.max_batch_bytes
+        self._max_tokens = config.max_batch_tokens or 0
+        self.ready: deque[Chunk | Failed] = deque()
+        self._requests: list[Request] = []
+        self._items: list[Any] = []
+        self._format: BatchFormat | None = None
+        self._key = -1
+        self._rows = 0
+        self._nbytes = 0
+        self._per_token = 0.0  # padded items: bytes per token of the padded axis, summed
+        self._length = 0
+        self._queue_length = 0
+        self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
+
+    def add(self, item: Any) -> None:
+        try:
+            request, rows, nbytes, key, queue_length = self._describe(item, None, 0.0)
+        except Exception as exc:  # bad input: this position fails, the others go on
+            self.flush()
+            self.ready.append(Failed(exc))
+            return
+        if self._requests and (
+                key != self._key or self._rows + rows > self._max_rows
+                or (self._max_bytes and self._nbytes + nbytes > self._max_bytes)
+                or (self._max_tokens and (self._rows + rows) * max(
+                    self._queue_length, queue_length) > self._max_tokens)):
+            self.flush()
+        if not self._requests:
+            self._key = key
+            self._format = request.format
+        self._requests.append(request)
+        self._items.append(item)
+        self._rows += rows
+        if queue_length:
+            # The queue weighs padded bytes at the batch's longest length: keep this
+            # chunk's bytes per token, and weigh them at the chunk's longest.
+            self._per_token += nbytes / queue_length
+            self._queue_length = max(self._queue_length, queue_length)
+            self._length = max(self._length, request.length)
+            self._nbytes = int(self._per_token * self._queue_length + 0.5)
+        else:
+            self._nbytes += nbytes
+        if self._rows >= self._max_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Close the open chunk (if any) into ``ready``."""
+        requests = self._requests
+        if not requests:
+            return
+        key = self._key
+        entry = self._chunk_formats.get(key)
+        if entry is None:
+            inner = self._format
+            entry = self._chunk_formats[key] = self._describer.format_for(
+                ("chunk", key), lambda _: ChunkFormat(inner))  # type: ignore[arg-type]
+        self.ready.append(Chunk(requests, self._items, entry[1], entry[0], self._rows,
+                                self._nbytes, self._length, self._queue_length))
+        self._requests = []
+        self._items = []
+        self._rows = self._nbytes = self._length = self._queue_length = 0
+        self._per_token = 0.0
+
+    def read(self, iterator: Iterator[Any]) -> bool:
+        """Read items until a chunk (or a failure) is ready; False once the input ended
+        (or raised: an ``InputFailed`` is then last in ``ready``)."""
+        add = self.add
+        ready = self.ready
+        try:
+            for item in iterator:
+                add(item)
+                if ready:
+                    return True
+        except Exception as exc:
+            self.flush()
+            ready.append(InputFailed(exc))
+            return False
+        self.flush()
+        return False
+
+    async def aread(self, iterator: AsyncIterator[Any]) -> bool:
+        """``read`` for an async iterator."""
+        add = self.add
+        ready = self.ready
+        anext = iterator.__anext__
+        try:
+            while True:
+                try:
+                    item = await anext()
+                except StopAsyncIteration:
+                    break
+                add(item)
+                if ready:
+                    return True
+        except Exception as exc:
+            self.flush()
+            ready.append(InputFailed(exc))
+            return False
+        self.flush()
+        return False
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+class Settings:
+    """What ``map``/``amap`` was called with, checked."""
+
+    __slots__ = ("buffersize", "chunksize", "max_queue_time", "priority", "return_exceptions")
+
+    def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int | None,
+                 buffersize: int | None, priority: Any, max_queue_time: float | None,
+                 return_exceptions: bool) -> None:
+        config = processor.config
+        if chunksize is None:
+            chunksize = config.max_batch_size
+        if (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                or not 1 <= chunksize <= config.max_batch_size):
+            raise ValueError(f"chunksize must be an int from 1 to max_batch_size "
+                             f"({config.max_batch_size}), got {chunksize!r}")
+        if buffersize is None:
+            buffersize = max(2, 2 * config.max_workers)
+        if isinstance(buffersize, bool) or not isinstance(buffersize, int) or buffersize < 1:
+            raise ValueError(f"buffersize must be an int >= 1, got {buffersize!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise ValueError(f"priority must be a BatchPriority or an int >= 0, got {priority!r}")
+        self.chunksize = chunksize
+        self.buffersize = buffersize
+        self.priority = priority
+        self.max_queue_time = max_queue_time
+        self.return_exceptions = bool(return_exceptions)
+
+    def deadline(self) -> float | None:
+        mqt = self.max_queue_time
+        return None if mqt is None else _monotonic() + mqt
+
+
+def _queue_again(error: BaseException, count: int) -> bool:
+    """Whether a failed chunk's items are worth queuing one by one: a processing failure
+    of several items (one of them may be the cause). Expired and stopped ones are not:
+    their time or their processor is gone."""
+    return (count > 1 and isinstance(error, Exception)
+            and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
+
+
+def _final(error: BaseException, settings: Settings) -> bool:
+    """Whether ``error`` at a position ends the iteration (is raised)."""
+    return not settings.return_exceptions or isinstance(error, ProcessorStoppedError)
+
+
+def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
+    return Request(future, chunk.requests, chunk.format, chunk.rows, chunk.nbytes,
+                   chunk.length, _monotonic(), chunk.key, chunk.queue_length, priority,
+                   _INF if deadline is None else deadline)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class _Queued:
+    """A chunk in the queue (a future of its list of results), or, once it failed, its
+    items queued one by one (a future each)."""
+
+    __slots__ = ("chunk", "future", "singles")
+
+    def __init__(self, chunk: Chunk, future: Any) -> None:
+        self.chunk = chunk
+        self.future = future
+        self.singles: list[Any] | None = None
+
+
+def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
+                settings: Settings) -> Iterator[Any]:
+    """``BatchProcessor.map`` (see its docstring): a generator."""
+    from .processor import _RequestFuture
+
+    queue = processor._queue
+    priority = settings.priority
+    window: deque[_Queued | Failed] = deque()
+
+    def submit(entry: Chunk | Failed) -> _Queued | Failed:
+        if not isinstance(entry, Chunk):
+            return entry
+        future = _RequestFuture()
+        deadline = settings.deadline()
+        request = _request(future, entry, priority, deadline)
+        try:
+            token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
+                               entry.queue_length, deadline)
+        except (_stdlib_queue.Full, QueueClosed) as exc:
+            return Failed(processor._refusal(exc, None))
+        future._bp_token = token
+        future._bp_owner = processor
+        return _Queued(entry, future)
+
+    def queue_singly(slot: _Queued) -> None:
+        singles: list[Any] = []
+        for item in slot.chunk.items:
+            try:
+                singles.append(processor.enqueue_predict(
+                    item, priority=priority, max_queue_time=settings.max_queue_time))
+            except Exception as exc:  # refused (stopped): this position gets the error
+                singles.append(exc)
+        slot.singles = singles
+
+    def requeue_failed() -> None:
+        # Before waiting: chunks already failed go back to the queue item by item now,
+        # so that their good items are processed while we wait for older ones.
+        for slot in window:
+            if type(slot) is _Queued and slot.singles is None and slot.future.done():
+                error = _error_of(slot.future)
+                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                    queue_singly(slot)
+
+    def gen() -> Iterator[Any]:
+        iterator = iter(items)
+        chunker = Chunker(processor, settings.chunksize)
+        ready = chunker.ready
+        depth = settings.buffersize
+        reading = True
+        try:
+            while True:
+                while reading and len(window) < depth:
+                    reading = chunker.read(iterator)
+                    while ready:
+                        window.append(submit(ready.popleft()))
+                if not window:
+                    return
+                slot = window[0]
+                if not isinstance(slot, _Queued):
+                    window.popleft()
+                    error = slot.error
+                    if type(slot) is InputFailed or _final(error, settings):
+                        raise error
+                    yield error
+                    continue
+                if slot.singles is None and not slot.future.done():
+                    requeue_failed()
+                if slot.singles is None:
+                    try:
+                        parts = slot.future.result()
+                    except BaseException as exc:
+                        if not _queue_again(exc, len(slot.chunk.items)):
+                            window.popleft()
+                            if _final(exc, settings):
+                                raise
+                            for _ in slot.chunk.items:
+                                yield exc
+                            continue
+                        queue_singly(slot)
+                    else:
+                        window.popleft()
+                        yield from parts
+                        continue
+                # Its items one by one. The slot stays first in the window meanwhile, so
+                # closing the iterator withdraws the ones not handed out yet.
+                singles = slot.singles
+                assert singles is not None
+                while singles:
+                    single = singles.pop(0)
+                    failed = isinstance(single, BaseException)  # refused at enqueue
+                    value = single
+                    if not failed:
+                        try:
+                            value = single.result()
+                        except BaseException as exc:
+                            value, failed = exc, True
+                    if failed and _final(value, settings):
+                        raise value
+                    yield value
+                window.popleft()
+        finally:
+            _cancel_all(window)
+
+    return gen()
+
+
+def _error_of(future: Any) -> BaseException | None:
+    if future.cancelled():
+        return None
+    return future.exception()  # type: ignore[no-any-return]
+
+
+def _cancel_all(window: deque[Any]) -> None:
+    """Withdraw what is still queued (the rest completes unseen): closing the iterator
+    early leaves no request of it behind in the queue."""
+    for slot in window:
+        if type(slot) is _Queued:
+            slot.future.cancel()
+            for single in slot.singles or ():
+                if not isinstance(single, BaseException):
+                    single.cancel()
+    window.clear()
+
+
+# --------------------------------------------------------------------------- asyncio
+
+
+class _AQueued:
+    """A chunk queued from a loop: an asyncio future of its results and the queue's token
+    to withdraw it; once it failed, a task per item (``apredict``)."""
+
+    __slots__ = ("chunk", "future", "singles", "token")
+
+    def __init__(self, chunk: Chunk, future: asyncio.Future[Any], token: int) -> None:
+        self.chunk = chunk
+        self.future = future
+        self.token = token
+        self.singles: list[asyncio.Task[Any]] | None = None
+
+
+def amap_results(processor: BatchProcessor[Any, Any],
+                 items: Iterable[Any] | AsyncIterable[Any],
+                 settings: Settings) -> AsyncIterator[Any]:
+    """``BatchProcessor.amap`` (see its docstring): an async generator."""
+    priority = settings.priority
+    window: deque[_AQueued | Failed] = deque()
+
+    async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
+                     channel: Any) -> _AQueued | Failed:
+        if not isinstance(entry, Chunk):
+            return entry
+        future: asyncio.Future[Any] = loop.create_future()
+        deadline = settings.deadline()
+        request = _request(AsyncRequest(future, channel), entry, priority, deadline)
+        try:
+            token = await push_when_room(processor, request, priority, entry.rows,
+                                         entry.nbytes, entry.key, entry.queue_length,
+                                         deadline, None)
+        except ProcessorStoppedError as exc:
+            return Failed(exc)
+        return _AQueued(entry, future, token)
+
+    def queue_singly(slot: _AQueued) -> None:
+        slot.singles = [asyncio.ensure_future(processor.apredict(
+            item, priority=priority, max_queue_time=settings.max_queue_time))
+            for item in slot.chunk.items]
+
+    def requeue_failed() -> None:
+        for slot in window:
+            if type(slot) is _AQueued and slot.singles is None and slot.future.done():
+                error = _error_of(slot.future)
+                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                    queue_singly(slot)
+
+    async def gen() -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        channel = processor._channel_for(loop)
+        chunker = Chunker(processor, settings.chunksize)
+        ready = chunker.ready
+        if isinstance(items, AsyncIterable):
+            aiterator = items.__aiter__()
+            is_async = True
+        else:
+            iterator = iter(items)
+            is_async = False
+        depth = settings.buffersize
+        reading = True
+        try:
+            while True:
+                while reading and len(window) < depth:
+                    if is_async:
+                        reading = await chunker.aread(aiterator)
+                    else:
+                        reading = chunker.read(iterator)
+                    while ready:
+                        window.append(await submit(ready.popleft(), loop, channel))
+                if not window:
+                    return
+                slot = window[0]
+                if not isinstance(slot, _AQueued):
+                    window.popleft()
+                    error = slot.error
+                    if type(slot) is InputFailed or _final(error, settings):
+                        raise error
+                    yield error
+                    continue
+                if slot.singles is None and not slot.future.done():
+                    requeue_failed()
+                if slot.singles is None:
+                    try:
+                        parts = await slot.future
+                    except Exception as exc:
+                        if not _queue_again(exc, len(slot.chunk.items)):
+                            window.popleft()
+                            if _final(exc, settings):
+                                raise
+                            for _ in slot.chunk.items:
+                                yield exc
+                            continue
+                        queue_singly(slot)
+                    else:
+                        window.popleft()
+                        for part in parts:
+                            yield part
+                        continue
+                singles = slot.singles
+                assert singles is not None
+                while singles:
+                    task = singles[0]
+                    try:
+                        value = await task
+                    except Exception as exc:
+                        if _final(exc, settings):
+                            raise
+                        value = exc
+                    del singles[0]
+                    yield value
+                window.popleft()
+        finally:
+            _acancel_all(processor, window)
+
+    return gen()
+
+
+def _acancel_all(processor: BatchProcessor[Any, Any], window: deque[Any]) -> None:
+    for slot in window:
+        if type(slot) is _AQueued:
+            if slot.future.cancel():
+                processor._cancel_queued(slot.token)
+            for task in slot.singles or ():
+                task.cancel()
+    window.clear()

@@ -31,7 +31,9 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._native.future_state import Request
+import numpy as np
+
+from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
 from ._native.request_queue import QueueClosed
 from .aio import AsyncRequest
 from .backpressure import push_when_room
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 _monotonic = time.monotonic
 _INF = float("inf")
+_ndarray = np.ndarray
 
 
 # --------------------------------------------------------------------------- chunking
@@ -106,6 +109,7 @@ class Chunker:
         self._length = 0
         self._queue_length = 0
         self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
+        self._template: Request | None = None
 
     def add(self, item: Any) -> None:
         try:
@@ -137,6 +141,10 @@ class Chunker:
             self._nbytes += nbytes
         if self._rows >= self._max_rows:
             self.flush()
+        # A plain array (described as it is, nothing looked into): the items after it
+        # that are exactly like it are described like it, natively (``read``).
+        self._template = (request if type(item) is _ndarray and request.item is item
+                          and not queue_length and rows and item.dtype.kind != "O" else None)
 
     def flush(self) -> None:
         """Close the open chunk (if any) into ``ready``."""
@@ -162,11 +170,36 @@ class Chunker:
         add = self.add
         ready = self.ready
         try:
-            for item in iterator:
+            while not ready:
+                template = self._template
+                if template is not None:
+                    room = (self._max_rows - self._rows) // template.rows
+                    if self._max_bytes and template.nbytes:
+                        room = min(room, (self._max_bytes - self._nbytes) // template.nbytes)
+                    if room > 0:
+                        taken, item = take_like(iterator, template, room, self._requests,
+                                                self._items)
+                        self._rows += taken * template.rows
+                        self._nbytes += taken * template.nbytes
+                        if self._rows >= self._max_rows:
+                            self.flush()
+                        if item is TOOK_ALL:
+                            continue
+                        if item is ENDED:
+                            break
+                        add(item)
+                        continue
+                item = next(iterator, ENDED)
+                if item is ENDED:
+                    break
                 add(item)
-                if ready:
-                    return True
+            else:
+                return True
         except Exception as exc:
+            if self._template is not None and self._requests:
+                # take_like may have taken items before the iterator raised.
+                self._rows = total_rows(self._requests)
+                self._nbytes = sum(r.nbytes for r in self._requests)
             self.flush()
             ready.append(InputFailed(exc))
             return False

@@ -386,14 +386,21 @@ def test_pause_holds_the_map_and_resume_finishes_it(make_processor):
 
 def test_stop_mid_map_raises_processor_stopped(make_processor):
     p = make_processor(lambda b: b, max_batch_size=4)
-    results = p.map(rows(100), buffersize=2)
+    read = itertools.count()
+
+    def endless():
+        for k in read:
+            yield np.full((1, 1), float(k))
+
+    results = p.map(endless(), buffersize=2)
     got = [next(results) for _ in range(5)]
     p.stop()  # finishes what is queued; the next chunk is refused
     with pytest.raises(ProcessorStoppedError):
         for y in results:
             got.append(y)
-    assert 5 < len(got) < 100
+    assert 5 < len(got) <= 5 + 3 * 4
     assert [float(y[0, 0]) for y in got] == list(range(len(got)))
+    assert next(read) == len(got) + 4  # one refused chunk read, nothing after it
 
 
 def test_stop_with_a_stuck_model_fails_the_map_without_hanging(make_processor):

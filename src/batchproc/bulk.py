@@ -276,6 +276,11 @@ def _final(error: BaseException, settings: Settings) -> bool:
     return not settings.return_exceptions or isinstance(error, ProcessorStoppedError)
 
 
+def _refused(slot: object) -> bool:
+    """A chunk the stopped processor refused: nothing after it is read."""
+    return isinstance(slot, Failed) and isinstance(slot.error, ProcessorStoppedError)
+
+
 def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
     return Request(future, chunk.requests, chunk.format, chunk.rows, chunk.nbytes,
                    chunk.length, _monotonic(), chunk.key, chunk.queue_length, priority,
@@ -351,7 +356,11 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 while reading and len(window) < depth:
                     reading = chunker.read(iterator)
                     while ready:
-                        window.append(submit(ready.popleft()))
+                        slot = submit(ready.popleft())
+                        window.append(slot)
+                        if _refused(slot):
+                            reading = False
+                            ready.clear()
                 if not window:
                     return
                 slot = window[0]
@@ -492,7 +501,11 @@ def amap_results(processor: BatchProcessor[Any, Any],
                     else:
                         reading = chunker.read(iterator)
                     while ready:
-                        window.append(await submit(ready.popleft(), loop, channel))
+                        aslot = await submit(ready.popleft(), loop, channel)
+                        window.append(aslot)
+                        if _refused(aslot):
+                            reading = False
+                            ready.clear()
                 if not window:
                     return
                 slot = window[0]

@@ -5,7 +5,8 @@ bulk job through ``enqueue_predict`` spends its time on futures. Here consecutiv
 of one kind are grouped into **chunks** of up to ``chunksize`` rows, and each chunk is
 one request of the queue: one future, one push, one completion, whatever its size. The
 per-item work left is what cannot be shared: describing each item (the processor's own
-describer, as at enqueue), appending it to its chunk, and handing its result out. Items
+describer, as at enqueue; natively, ``take_like``, for a run of arrays exactly like the
+one before), adding it to its chunk, and handing its result out. Items
 reach the model as they would one by one (``formats/chunks.py``): a batch of chunks is
 built natively by the items' own format and its output split per item.
 
@@ -28,7 +29,7 @@ import asyncio
 import queue as _stdlib_queue
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -228,7 +229,7 @@ class Chunker:
         return False
 
 
-# --------------------------------------------------------------------------- outcomes
+# --------------------------------------------------------------------------- settings
 
 
 class Settings:
@@ -263,22 +264,101 @@ class Settings:
         return None if mqt is None else _monotonic() + mqt
 
 
+# --------------------------------------------------------------------------- the window
+
+
+class InFlight:
+    """A queued chunk: the future of its list of results (a thread future for ``map``,
+    an asyncio future for ``amap``) and, for ``amap``, the queue's token to withdraw it.
+    Once the chunk failed, ``singles`` holds its items queued one by one: a future (or
+    task) each, or the exception that refused one."""
+
+    __slots__ = ("chunk", "future", "singles", "token")
+
+    def __init__(self, chunk: Chunk, future: Any, token: int | None = None) -> None:
+        self.chunk = chunk
+        self.future = future
+        self.token = token
+        self.singles: list[Any] | None = None
+
+
+class Window:
+    """One map's chunks in flight, oldest first, and what ``map`` and ``amap`` both do
+    with them; the two differ only in how they wait. ``queue_singly(slot)`` queues a
+    failed chunk's items one by one into ``slot.singles``."""
+
+    def __init__(self, processor: BatchProcessor[Any, Any], settings: Settings,
+                 queue_singly: Callable[[InFlight], None]) -> None:
+        self.slots: deque[InFlight | Failed] = deque()
+        self.reading = True
+        self._processor = processor
+        self._settings = settings
+        self._queue_singly = queue_singly
+
+    def add(self, slot: InFlight | Failed, ready: deque[Chunk | Failed]) -> None:
+        self.slots.append(slot)
+        if isinstance(slot, Failed) and isinstance(slot.error, ProcessorStoppedError):
+            # Refused by the stopped processor: nothing after it is read.
+            self.reading = False
+            ready.clear()
+
+    def wants_more(self) -> bool:
+        return self.reading and len(self.slots) < self._settings.buffersize
+
+    def requeue_failed(self) -> None:
+        """Before waiting for the oldest chunk: chunks that already failed go back to the
+        queue item by item now, so their good items are processed meanwhile."""
+        for slot in self.slots:
+            if isinstance(slot, InFlight) and slot.singles is None and slot.future.done():
+                future = slot.future
+                error = None if future.cancelled() else future.exception()
+                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                    self._queue_singly(slot)
+
+    def take_failure(self) -> BaseException:
+        """The oldest position could not be queued: its error, to yield; raised when it
+        ends the iteration."""
+        slot = self.slots.popleft()
+        assert isinstance(slot, Failed)
+        if type(slot) is InputFailed or self.final(slot.error):
+            raise slot.error
+        return slot.error
+
+    def chunk_failed(self, slot: InFlight, error: BaseException) -> int:
+        """The oldest chunk failed: 0 when its items were queued again one by one; else
+        how many positions get ``error`` (raised when it ends the iteration)."""
+        count = len(slot.chunk.items)
+        if _queue_again(error, count):
+            self._queue_singly(slot)
+            return 0
+        self.slots.popleft()
+        if self.final(error):
+            raise error
+        return count
+
+    def final(self, error: BaseException) -> bool:
+        """Whether ``error`` at a position ends the iteration (is raised)."""
+        return not self._settings.return_exceptions or isinstance(error, ProcessorStoppedError)
+
+    def cancel(self) -> None:
+        """Withdraw what is still queued (what runs completes unseen): an iterator closed
+        early leaves none of its requests behind in the queue."""
+        for slot in self.slots:
+            if isinstance(slot, InFlight):
+                if slot.future.cancel() and slot.token is not None:
+                    self._processor._cancel_queued(slot.token)
+                for single in slot.singles or ():
+                    if not isinstance(single, BaseException):
+                        single.cancel()
+        self.slots.clear()
+
+
 def _queue_again(error: BaseException, count: int) -> bool:
     """Whether a failed chunk's items are worth queuing one by one: a processing failure
     of several items (one of them may be the cause). Expired and stopped ones are not:
     their time or their processor is gone."""
     return (count > 1 and isinstance(error, Exception)
             and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
-
-
-def _final(error: BaseException, settings: Settings) -> bool:
-    """Whether ``error`` at a position ends the iteration (is raised)."""
-    return not settings.return_exceptions or isinstance(error, ProcessorStoppedError)
-
-
-def _refused(slot: object) -> bool:
-    """A chunk the stopped processor refused: nothing after it is read."""
-    return isinstance(slot, Failed) and isinstance(slot.error, ProcessorStoppedError)
 
 
 def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
@@ -290,18 +370,6 @@ def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -
 # --------------------------------------------------------------------------- threads
 
 
-class _Queued:
-    """A chunk in the queue (a future of its list of results), or, once it failed, its
-    items queued one by one (a future each)."""
-
-    __slots__ = ("chunk", "future", "singles")
-
-    def __init__(self, chunk: Chunk, future: Any) -> None:
-        self.chunk = chunk
-        self.future = future
-        self.singles: list[Any] | None = None
-
-
 def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 settings: Settings) -> Iterator[Any]:
     """``BatchProcessor.map`` (see its docstring): a generator."""
@@ -309,9 +377,8 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
 
     queue = processor._queue
     priority = settings.priority
-    window: deque[_Queued | Failed] = deque()
 
-    def submit(entry: Chunk | Failed) -> _Queued | Failed:
+    def submit(entry: Chunk | Failed) -> InFlight | Failed:
         if not isinstance(entry, Chunk):
             return entry
         future = _RequestFuture()
@@ -322,11 +389,11 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                                entry.queue_length, deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             return Failed(processor._refusal(exc, None))
-        future._bp_token = token
+        future._bp_token = token  # its cancel() withdraws it from the queue
         future._bp_owner = processor
-        return _Queued(entry, future)
+        return InFlight(entry, future)
 
-    def queue_singly(slot: _Queued) -> None:
+    def queue_singly(slot: InFlight) -> None:
         singles: list[Any] = []
         for item in slot.chunk.items:
             try:
@@ -336,57 +403,38 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 singles.append(exc)
         slot.singles = singles
 
-    def requeue_failed() -> None:
-        # Before waiting: chunks already failed go back to the queue item by item now,
-        # so that their good items are processed while we wait for older ones.
-        for slot in window:
-            if type(slot) is _Queued and slot.singles is None and slot.future.done():
-                error = _error_of(slot.future)
-                if error is not None and _queue_again(error, len(slot.chunk.items)):
-                    queue_singly(slot)
+    window = Window(processor, settings, queue_singly)
 
     def gen() -> Iterator[Any]:
         iterator = iter(items)
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
-        depth = settings.buffersize
-        reading = True
+        slots = window.slots
         try:
             while True:
-                while reading and len(window) < depth:
-                    reading = chunker.read(iterator)
+                while window.wants_more():
+                    window.reading = chunker.read(iterator)
                     while ready:
-                        slot = submit(ready.popleft())
-                        window.append(slot)
-                        if _refused(slot):
-                            reading = False
-                            ready.clear()
-                if not window:
+                        window.add(submit(ready.popleft()), ready)
+                if not slots:
                     return
-                slot = window[0]
-                if not isinstance(slot, _Queued):
-                    window.popleft()
-                    error = slot.error
-                    if type(slot) is InputFailed or _final(error, settings):
-                        raise error
-                    yield error
+                slot = slots[0]
+                if not isinstance(slot, InFlight):
+                    yield window.take_failure()
                     continue
-                if slot.singles is None and not slot.future.done():
-                    requeue_failed()
                 if slot.singles is None:
+                    if not slot.future.done():
+                        window.requeue_failed()
                     try:
                         parts = slot.future.result()
                     except BaseException as exc:
-                        if not _queue_again(exc, len(slot.chunk.items)):
-                            window.popleft()
-                            if _final(exc, settings):
-                                raise
-                            for _ in slot.chunk.items:
-                                yield exc
+                        count = window.chunk_failed(slot, exc)
+                        for _ in range(count):
+                            yield exc
+                        if count:
                             continue
-                        queue_singly(slot)
                     else:
-                        window.popleft()
+                        slots.popleft()
                         yield from parts
                         continue
                 # Its items one by one. The slot stays first in the window meanwhile, so
@@ -402,48 +450,17 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                             value = single.result()
                         except BaseException as exc:
                             value, failed = exc, True
-                    if failed and _final(value, settings):
+                    if failed and window.final(value):
                         raise value
                     yield value
-                window.popleft()
+                slots.popleft()
         finally:
-            _cancel_all(window)
+            window.cancel()
 
     return gen()
 
 
-def _error_of(future: Any) -> BaseException | None:
-    if future.cancelled():
-        return None
-    return future.exception()  # type: ignore[no-any-return]
-
-
-def _cancel_all(window: deque[Any]) -> None:
-    """Withdraw what is still queued (the rest completes unseen): closing the iterator
-    early leaves no request of it behind in the queue."""
-    for slot in window:
-        if type(slot) is _Queued:
-            slot.future.cancel()
-            for single in slot.singles or ():
-                if not isinstance(single, BaseException):
-                    single.cancel()
-    window.clear()
-
-
 # --------------------------------------------------------------------------- asyncio
-
-
-class _AQueued:
-    """A chunk queued from a loop: an asyncio future of its results and the queue's token
-    to withdraw it; once it failed, a task per item (``apredict``)."""
-
-    __slots__ = ("chunk", "future", "singles", "token")
-
-    def __init__(self, chunk: Chunk, future: asyncio.Future[Any], token: int) -> None:
-        self.chunk = chunk
-        self.future = future
-        self.token = token
-        self.singles: list[asyncio.Task[Any]] | None = None
 
 
 def amap_results(processor: BatchProcessor[Any, Any],
@@ -451,10 +468,9 @@ def amap_results(processor: BatchProcessor[Any, Any],
                  settings: Settings) -> AsyncIterator[Any]:
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
-    window: deque[_AQueued | Failed] = deque()
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
-                     channel: Any) -> _AQueued | Failed:
+                     channel: Any) -> InFlight | Failed:
         if not isinstance(entry, Chunk):
             return entry
         future: asyncio.Future[Any] = loop.create_future()
@@ -466,99 +482,68 @@ def amap_results(processor: BatchProcessor[Any, Any],
                                          deadline, None)
         except ProcessorStoppedError as exc:
             return Failed(exc)
-        return _AQueued(entry, future, token)
+        return InFlight(entry, future, token)
 
-    def queue_singly(slot: _AQueued) -> None:
+    def queue_singly(slot: InFlight) -> None:
         slot.singles = [asyncio.ensure_future(processor.apredict(
             item, priority=priority, max_queue_time=settings.max_queue_time))
             for item in slot.chunk.items]
 
-    def requeue_failed() -> None:
-        for slot in window:
-            if type(slot) is _AQueued and slot.singles is None and slot.future.done():
-                error = _error_of(slot.future)
-                if error is not None and _queue_again(error, len(slot.chunk.items)):
-                    queue_singly(slot)
+    window = Window(processor, settings, queue_singly)
 
     async def gen() -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         channel = processor._channel_for(loop)
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
+        slots = window.slots
         if isinstance(items, AsyncIterable):
-            aiterator = items.__aiter__()
-            is_async = True
+            aiterator: AsyncIterator[Any] | None = items.__aiter__()
         else:
+            aiterator = None
             iterator = iter(items)
-            is_async = False
-        depth = settings.buffersize
-        reading = True
         try:
             while True:
-                while reading and len(window) < depth:
-                    if is_async:
-                        reading = await chunker.aread(aiterator)
-                    else:
-                        reading = chunker.read(iterator)
+                while window.wants_more():
+                    window.reading = (chunker.read(iterator) if aiterator is None
+                                      else await chunker.aread(aiterator))
                     while ready:
-                        aslot = await submit(ready.popleft(), loop, channel)
-                        window.append(aslot)
-                        if _refused(aslot):
-                            reading = False
-                            ready.clear()
-                if not window:
+                        window.add(await submit(ready.popleft(), loop, channel), ready)
+                if not slots:
                     return
-                slot = window[0]
-                if not isinstance(slot, _AQueued):
-                    window.popleft()
-                    error = slot.error
-                    if type(slot) is InputFailed or _final(error, settings):
-                        raise error
-                    yield error
+                slot = slots[0]
+                if not isinstance(slot, InFlight):
+                    yield window.take_failure()
                     continue
-                if slot.singles is None and not slot.future.done():
-                    requeue_failed()
                 if slot.singles is None:
+                    if not slot.future.done():
+                        window.requeue_failed()
                     try:
                         parts = await slot.future
                     except Exception as exc:
-                        if not _queue_again(exc, len(slot.chunk.items)):
-                            window.popleft()
-                            if _final(exc, settings):
-                                raise
-                            for _ in slot.chunk.items:
-                                yield exc
+                        count = window.chunk_failed(slot, exc)
+                        for _ in range(count):
+                            yield exc
+                        if count:
                             continue
-                        queue_singly(slot)
                     else:
-                        window.popleft()
+                        slots.popleft()
                         for part in parts:
                             yield part
                         continue
                 singles = slot.singles
                 assert singles is not None
                 while singles:
-                    task = singles[0]
                     try:
-                        value = await task
+                        value = await singles[0]
                     except Exception as exc:
-                        if _final(exc, settings):
+                        if window.final(exc):
                             raise
                         value = exc
                     del singles[0]
                     yield value
-                window.popleft()
+                slots.popleft()
         finally:
-            _acancel_all(processor, window)
+            window.cancel()
 
     return gen()
-
-
-def _acancel_all(processor: BatchProcessor[Any, Any], window: deque[Any]) -> None:
-    for slot in window:
-        if type(slot) is _AQueued:
-            if slot.future.cancel():
-                processor._cancel_queued(slot.token)
-            for task in slot.singles or ():
-                task.cancel()
-    window.clear()

@@ -534,3 +534,33 @@ def test_amap_stop_raises_processor_stopped(make_processor):
     got = asyncio.run(main())
     assert 5 <= len(got) < 100
     assert [float(y[0, 0]) for y in got] == list(range(len(got)))
+
+
+# ----------------------------------------------------------------------- the native taker
+
+
+def test_take_like_takes_a_run_of_arrays_exactly_like_the_template(make_processor):
+    from batchproc._native.future_state import ENDED, TOOK_ALL, take_like
+
+    p = make_processor()
+    template = p._describer.describe(np.zeros((1, 3), np.float32), None, 0.0)[0]
+    same = rows(5)
+    other_shape = np.zeros((2, 3), np.float32)
+    requests, items = [], []
+    taken, stop = take_like(iter([*same, other_shape, *same]), template, 10, requests, items)
+    assert taken == 5 and stop is other_shape
+    assert items == same and [r.item for r in requests] == same
+    assert all(r.rows == 1 and r.format is template.format for r in requests)
+    assert take_like(iter(same), template, 3, [], []) == (3, TOOK_ALL)
+    assert take_like(iter(same[:2]), template, 3, [], []) == (2, ENDED)
+    other_dtype = np.zeros((1, 3), np.float64)
+    assert take_like(iter([other_dtype]), template, 3, [], [])[1] is other_dtype
+
+    def broken():
+        yield from same[:2]
+        raise RuntimeError("source broke")
+
+    requests, items = [], []
+    with pytest.raises(RuntimeError, match="source broke"):
+        take_like(broken(), template, 10, requests, items)
+    assert len(requests) == len(items) == 2  # what was taken before stays

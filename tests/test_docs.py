@@ -28,6 +28,7 @@ PYTHON_BLOCKS = {
     "README.md": 3,
     "architecture.md": 0,
     "asyncio.md": 2,
+    "bulk.md": 3,
     "configurations.md": 3,
     "failures.md": 3,
     "formats.md": 2,

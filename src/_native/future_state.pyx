@@ -350,3 +350,40 @@ def finish_all(list requests, list results):
         except InvalidStateError:
             already_done += 1
     return already_done
+
+
+# What take_like returns in place of an item: it stopped because it took ``count`` items,
+# or because the iterator ended.
+TOOK_ALL = object()
+ENDED = object()
+
+
+def take_like(iterator, Request template, Py_ssize_t count, list requests, list items):
+    """Take up to ``count`` more items from ``iterator`` as long as each is exactly like
+    ``template.item`` (a plain ndarray: same type, same dtype object, same shape), which
+    the describer would describe as it did ``template``: append a copy of ``template``
+    holding each to ``requests`` and the item to ``items``. Returns ``(taken, stop)``:
+    ``stop`` is ``TOOK_ALL``, ``ENDED``, or the first item that differs (taken from the
+    iterator, not appended: the caller describes it). Exceptions of the iterator
+    propagate; what was taken before stays appended.
+
+    ``BatchProcessor.map``'s per-item loop for the common case, an iterator of arrays
+    of one shape: no Python step per item."""
+    cdef object proto = template.item
+    cdef object cls = type(proto)
+    cdef object dtype = proto.dtype
+    cdef object shape = proto.shape
+    cdef Py_ssize_t taken = 0
+    cdef object item
+    cdef Request r
+    while taken < count:
+        item = next(iterator, ENDED)
+        if item is ENDED:
+            return taken, ENDED
+        if type(item) is not cls or item.dtype is not dtype or item.shape != shape:
+            return taken, item
+        r = template._copy(item, template.rows, template.nbytes)
+        requests.append(r)
+        items.append(item)
+        taken += 1
+    return taken, TOOK_ALL

@@ -143,13 +143,38 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     deadline (monotonic seconds), or ``None``."""
     timeout = _timeout_arg(timeout)
     loop = asyncio.get_running_loop()
+    future: asyncio.Future[U] = loop.create_future()
+    request, rows, nbytes, key, length = processor._describe(
+        item, AsyncRequest(future, _channel(processor, loop)), _monotonic(), priority,
+        _INF if deadline_at is None else deadline_at)
+    token = await push_when_room(processor, request, priority, rows, nbytes, key, length,
+                                 deadline_at, timeout)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        # Still queued: take it out now (its room goes to the next waiter). Already
+        # dispatched: the worker sees the cancelled future and its result is dropped.
+        processor._cancel_queued(token)
+        raise
+
+
+def _channel(processor: BatchProcessor[Any, Any], loop: asyncio.AbstractEventLoop,
+             ) -> LoopChannel:
     last_loop, channel = processor._last_channel
     if last_loop is not loop or channel is None:
         channel = processor._channel_for(loop)
-    future: asyncio.Future[U] = loop.create_future()
-    request, rows, nbytes, key, length = processor._describe(
-        item, AsyncRequest(future, channel), _monotonic(), priority,
-        _INF if deadline_at is None else deadline_at)
+    return channel
+
+
+async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
+                         priority: BatchPriority | int, rows: int, nbytes: int, key: int,
+                         length: int, deadline_at: float | None, timeout: float | None,
+                         ) -> int:
+    """On the loop: push a described request (its future an ``AsyncRequest`` of this
+    loop), waiting for room in a full queue up to ``timeout`` seconds (``None``: as long
+    as it takes); its token. ``QueueFullError`` when the time is up,
+    ``ProcessorStoppedError`` once stopped."""
+    loop = asyncio.get_running_loop()
     queue = processor._queue
     room: RoomWaiters | None = None
     epoch = 0
@@ -157,8 +182,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     deadline = None if timeout is None else loop.time() + timeout
     while True:
         try:
-            token = queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
-            break
+            return queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
         except QueueClosed as exc:
             raise processor._refusal(exc, timeout) from None
         except _stdlib_queue.Full as exc:
@@ -170,7 +194,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
                 room = processor._room_waiters()
                 epoch = room.epoch
                 continue
-        waiter = room.wait(loop, channel, epoch, front)
+        waiter = room.wait(loop, _channel(processor, loop), epoch, front)
         if waiter is not None:
             timer = None if deadline is None else loop.call_at(deadline, _expire, waiter.future)
             try:
@@ -186,11 +210,3 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
                     timer.cancel()
             front = True  # woken: if the room is gone again, next in line
         epoch = room.epoch
-    try:
-        return await future
-    except asyncio.CancelledError:
-        # Still queued: take it out now (its room goes to the next waiter). Already
-        # dispatched: the worker sees the cancelled future and its result is dropped.
-        processor._cancel_queued(token)
-        raise
-

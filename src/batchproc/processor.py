@@ -16,12 +16,12 @@ import queue as _stdlib_queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import forking
+from . import bulk, forking
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel
@@ -109,7 +109,8 @@ class BatchProcessor(Generic[T, U]):
         self._resume.set()
         self._queue = RequestQueue(config.max_queue_size, config.enable_priority_queue,
                                    config.max_priority_wait)
-        self._describe = make_describer(config).describe
+        self._describer = make_describer(config)
+        self._describe = self._describer.describe
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector, self)
@@ -404,6 +405,77 @@ class BatchProcessor(Generic[T, U]):
             self._failure_log("refused", exc)
             return
         future.add_done_callback(self._failure_log.future_done)
+
+    def map(self, items: Iterable[T], *, chunksize: int | None = None,
+            buffersize: int | None = None,
+            priority: BatchPriority | int = BatchPriority.NORMAL,
+            max_queue_time: float | _ConfigDefault | None = _CONFIG,
+            return_exceptions: bool = False) -> Iterator[U]:
+        """Process every item of ``items`` and return an iterator of their results, in
+        order: the result for each item is what ``enqueue_predict(item).result()`` gives
+        (docs/bulk.md).
+
+        An item is what ``enqueue_predict`` takes: an array ``(r, ...)`` counts ``r``
+        rows (``(1, features)`` for one sample; with ``stack_items=True`` a sample
+        ``(features,)``), a tensor likewise, a dict or tuple of them, or any other object.
+        Consecutive items of one kind are queued together as one request of up to
+        ``chunksize`` rows (default and maximum: ``max_batch_size``), so a bulk job
+        costs no future per item. At most ``buffersize`` such chunks (default
+        ``2 * max_workers``) are queued or waiting to be read: ``items`` (any iterable,
+        infinite or lazy) is read only as results are consumed. Nothing is read before
+        the first ``next()``.
+
+        A failing item fails its position only: the chunk holding it is retried as the
+        config says, then its items are queued one by one. As with
+        ``concurrent.futures.Executor.map``, an item's exception is raised when the
+        iteration reaches its position, and the iteration ends there; with
+        ``return_exceptions=True`` it is yielded in place of the result instead and the
+        iteration goes on. Bad input (an item ``enqueue_predict`` would refuse) fails its
+        own position the same way. Always raised, ending the iteration, whatever
+        ``return_exceptions`` says: ``ProcessorStoppedError`` at the first position not
+        finished when the processor stopped, and an exception of the input iterator
+        after the results of the items read before it.
+
+        ``priority`` and ``max_queue_time`` (seconds, counted for each chunk from when it
+        is queued) as for ``enqueue_predict``. Closing the iterator (``close()``, or
+        dropping it) withdraws its queued chunks. In ``get_stats()`` a chunk counts as
+        one request and its rows as rows. ``ValueError`` for a ``chunksize`` outside
+        [1, max_batch_size], a ``buffersize`` below 1 or a bad ``max_queue_time``;
+        ``ProcessorForkedError`` in a forked child.
+        """
+        return bulk.map_results(self, items, self._bulk_settings(
+            chunksize, buffersize, priority, max_queue_time, return_exceptions))
+
+    def amap(self, items: Iterable[T] | AsyncIterable[T], *, chunksize: int | None = None,
+             buffersize: int | None = None,
+             priority: BatchPriority | int = BatchPriority.NORMAL,
+             max_queue_time: float | _ConfigDefault | None = _CONFIG,
+             return_exceptions: bool = False) -> AsyncIterator[U]:
+        """``map`` for asyncio: an async iterator of the results, in order
+        (``async for result in processor.amap(items)``).
+
+        ``items`` may be an iterable or an async iterable; a plain iterable is read on
+        the event loop, so it must not block (make a blocking source an async
+        generator). Nothing blocks the loop: a full queue is waited for as ``apredict``
+        waits, and results reach the loop a batch at a time. Everything else as for
+        ``map``; close it with ``await results.aclose()`` (``contextlib.aclosing``) to
+        withdraw its queued chunks at once when leaving early.
+        """
+        return bulk.amap_results(self, items, self._bulk_settings(
+            chunksize, buffersize, priority, max_queue_time, return_exceptions))
+
+    def _bulk_settings(self, chunksize: int | None, buffersize: int | None,
+                       priority: BatchPriority | int,
+                       max_queue_time: float | _ConfigDefault | None,
+                       return_exceptions: bool) -> bulk.Settings:
+        if self._forked:
+            raise self._forked_error()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self._max_queue_time
+        if max_queue_time is not None:
+            max_queue_time = _queue_time_arg(max_queue_time)
+        return bulk.Settings(self, chunksize, buffersize, priority, max_queue_time,
+                             return_exceptions)
 
     def _cancel_queued(self, token: int) -> bool:
         if self._queue.cancel(token):

@@ -265,6 +265,13 @@ class Describer:
                         queue_length, priority, deadline),
                 rows, nbytes, entry[0], queue_length)
 
+    def format_for(self, signature: Hashable, make: Callable[[Any], BatchFormat],
+                   ) -> tuple[int, BatchFormat]:
+        """The key and the format of ``signature`` (made by ``make(signature)`` on first
+        use): for requests made other than by ``describe`` (``map``'s chunks)."""
+        entry = self._memo.get(signature)
+        return entry if entry is not None else self._register(signature, make)
+
     def _register(self, signature: Hashable, make: Callable[[Any], BatchFormat],
                   ) -> tuple[int, BatchFormat]:
         with self._lock:

@@ -1,0 +1,549 @@
+"""``BatchProcessor.map`` and ``amap``: many items in, their results out in order.
+
+A future per item costs about as much as a small CPU model's share of a batch, so a
+bulk job through ``enqueue_predict`` spends its time on futures. Here consecutive items
+of one kind are grouped into **chunks** of up to ``chunksize`` rows, and each chunk is
+one request of the queue: one future, one push, one completion, whatever its size. The
+per-item work left is what cannot be shared: describing each item (the processor's own
+describer, as at enqueue; natively, ``take_like``, for a run of arrays exactly like the
+one before), adding it to its chunk, and handing its result out. Items
+reach the model as they would one by one (``formats/chunks.py``): a batch of chunks is
+built natively by the items' own format and its output split per item.
+
+Flow control: at most ``buffersize`` chunks are in flight (queued, running, or done
+and not yet handed out); the input is read only to refill that window, so an infinite
+or lazy input is read as fast as results are consumed and memory stays bounded.
+
+Failures: a chunk fails as one request (after its retries). Its items are then queued
+again one by one, so the engine's bisection finds the failing item and only that
+position raises (or yields the exception, with ``return_exceptions``). A chunk that
+expired (``QueueTimeoutError``) or was refused or dropped at stop
+(``ProcessorStoppedError``) is not queued again: each of its positions gets that error.
+``ProcessorStoppedError`` and an exception raised by the input iterator always end the
+iteration at their position, with or without ``return_exceptions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as _stdlib_queue
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
+from ._native.request_queue import QueueClosed
+from .aio import AsyncRequest
+from .backpressure import push_when_room
+from .errors import ProcessorStoppedError, QueueTimeoutError
+from .formats.base import BatchFormat
+from .formats.chunks import ChunkFormat
+
+if TYPE_CHECKING:
+    from .processor import BatchProcessor
+
+_monotonic = time.monotonic
+_INF = float("inf")
+_ndarray = np.ndarray
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+class Chunk:
+    """Consecutive items of one kind, queued as one request."""
+
+    __slots__ = ("format", "items", "key", "length", "nbytes", "queue_length", "requests",
+                 "rows")
+
+    def __init__(self, requests: list[Request], items: list[Any], fmt: BatchFormat,
+                 key: int, rows: int, nbytes: int, length: int, queue_length: int) -> None:
+        self.requests = requests  # each item's request, as the describer made it
+        self.items = items  # the items as given, to queue again one by one
+        self.format = fmt
+        self.key = key
+        self.rows = rows
+        self.nbytes = nbytes
+        self.length = length
+        self.queue_length = queue_length
+
+
+class Failed:
+    """One position whose item could not be queued (bad input: the describer's error)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class InputFailed(Failed):
+    """The input iterator raised: the iteration ends with its exception here."""
+
+    __slots__ = ()
+
+
+class Chunker:
+    """Groups consecutive items of one kind (one compatibility key) into chunks within
+    the processor's caps: ``chunksize`` rows, ``max_batch_memory_mb`` and
+    ``max_batch_tokens``. An item over a cap goes alone (the engine cuts it by rows).
+    Closed chunks, and failures in their places, wait in ``ready``."""
+
+    def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int) -> None:
+        config = processor.config
+        self._describer = processor._describer
+        self._describe = self._describer.describe
+        self._max_rows = chunksize
+        self._max_bytes = config.max_batch_bytes
+        self._max_tokens = config.max_batch_tokens or 0
+        self.ready: deque[Chunk | Failed] = deque()
+        self._requests: list[Request] = []
+        self._items: list[Any] = []
+        self._format: BatchFormat | None = None
+        self._key = -1
+        self._rows = 0
+        self._nbytes = 0
+        self._per_token = 0.0  # padded items: bytes per token of the padded axis, summed
+        self._length = 0
+        self._queue_length = 0
+        self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
+        self._template: Request | None = None
+
+    def add(self, item: Any) -> None:
+        try:
+            request, rows, nbytes, key, queue_length = self._describe(item, None, 0.0)
+        except Exception as exc:  # bad input: this position fails, the others go on
+            self.flush()
+            self.ready.append(Failed(exc))
+            return
+        if self._requests and (
+                key != self._key or self._rows + rows > self._max_rows
+                or (self._max_bytes and self._nbytes + nbytes > self._max_bytes)
+                or (self._max_tokens and (self._rows + rows) * max(
+                    self._queue_length, queue_length) > self._max_tokens)):
+            self.flush()
+        if not self._requests:
+            self._key = key
+            self._format = request.format
+        self._requests.append(request)
+        self._items.append(item)
+        self._rows += rows
+        if queue_length:
+            # The queue weighs padded bytes at the batch's longest length: keep this
+            # chunk's bytes per token, and weigh them at the chunk's longest.
+            self._per_token += nbytes / queue_length
+            self._queue_length = max(self._queue_length, queue_length)
+            self._length = max(self._length, request.length)
+            self._nbytes = int(self._per_token * self._queue_length + 0.5)
+        else:
+            self._nbytes += nbytes
+        if self._rows >= self._max_rows:
+            self.flush()
+        # A plain array (described as it is, nothing looked into): the items after it
+        # that are exactly like it are described like it, natively (``read``).
+        self._template = (request if type(item) is _ndarray and request.item is item
+                          and not queue_length and rows and item.dtype.kind != "O" else None)
+
+    def flush(self) -> None:
+        """Close the open chunk (if any) into ``ready``."""
+        requests = self._requests
+        if not requests:
+            return
+        key = self._key
+        entry = self._chunk_formats.get(key)
+        if entry is None:
+            inner = self._format
+            entry = self._chunk_formats[key] = self._describer.format_for(
+                ("chunk", key), lambda _: ChunkFormat(inner))  # type: ignore[arg-type]
+        self.ready.append(Chunk(requests, self._items, entry[1], entry[0], self._rows,
+                                self._nbytes, self._length, self._queue_length))
+        self._requests = []
+        self._items = []
+        self._rows = self._nbytes = self._length = self._queue_length = 0
+        self._per_token = 0.0
+
+    def read(self, iterator: Iterator[Any]) -> bool:
+        """Read items until a chunk (or a failure) is ready; False once the input ended
+        (or raised: an ``InputFailed`` is then last in ``ready``)."""
+        add = self.add
+        ready = self.ready
+        try:
+            while not ready:
+                template = self._template
+                if template is not None:
+                    room = (self._max_rows - self._rows) // template.rows
+                    if self._max_bytes and template.nbytes:
+                        room = min(room, (self._max_bytes - self._nbytes) // template.nbytes)
+                    if room > 0:
+                        taken, item = take_like(iterator, template, room, self._requests,
+                                                self._items)
+                        self._rows += taken * template.rows
+                        self._nbytes += taken * template.nbytes
+                        if self._rows >= self._max_rows:
+                            self.flush()
+                        if item is TOOK_ALL:
+                            continue
+                        if item is ENDED:
+                            break
+                        add(item)
+                        continue
+                item = next(iterator, ENDED)
+                if item is ENDED:
+                    break
+                add(item)
+            else:
+                return True
+        except Exception as exc:
+            if self._template is not None and self._requests:
+                # take_like may have taken items before the iterator raised.
+                self._rows = total_rows(self._requests)
+                self._nbytes = sum(r.nbytes for r in self._requests)
+            self.flush()
+            ready.append(InputFailed(exc))
+            return False
+        self.flush()
+        return False
+
+    async def aread(self, iterator: AsyncIterator[Any]) -> bool:
+        """``read`` for an async iterator."""
+        add = self.add
+        ready = self.ready
+        anext = iterator.__anext__
+        try:
+            while True:
+                try:
+                    item = await anext()
+                except StopAsyncIteration:
+                    break
+                add(item)
+                if ready:
+                    return True
+        except Exception as exc:
+            self.flush()
+            ready.append(InputFailed(exc))
+            return False
+        self.flush()
+        return False
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class Settings:
+    """What ``map``/``amap`` was called with, checked."""
+
+    __slots__ = ("buffersize", "chunksize", "max_queue_time", "priority", "return_exceptions")
+
+    def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int | None,
+                 buffersize: int | None, priority: Any, max_queue_time: float | None,
+                 return_exceptions: bool) -> None:
+        config = processor.config
+        if chunksize is None:
+            chunksize = config.max_batch_size
+        if (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                or not 1 <= chunksize <= config.max_batch_size):
+            raise ValueError(f"chunksize must be an int from 1 to max_batch_size "
+                             f"({config.max_batch_size}), got {chunksize!r}")
+        if buffersize is None:
+            buffersize = max(2, 2 * config.max_workers)
+        if isinstance(buffersize, bool) or not isinstance(buffersize, int) or buffersize < 1:
+            raise ValueError(f"buffersize must be an int >= 1, got {buffersize!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise ValueError(f"priority must be a BatchPriority or an int >= 0, got {priority!r}")
+        self.chunksize = chunksize
+        self.buffersize = buffersize
+        self.priority = priority
+        self.max_queue_time = max_queue_time
+        self.return_exceptions = bool(return_exceptions)
+
+    def deadline(self) -> float | None:
+        mqt = self.max_queue_time
+        return None if mqt is None else _monotonic() + mqt
+
+
+# --------------------------------------------------------------------------- the window
+
+
+class InFlight:
+    """A queued chunk: the future of its list of results (a thread future for ``map``,
+    an asyncio future for ``amap``) and, for ``amap``, the queue's token to withdraw it.
+    Once the chunk failed, ``singles`` holds its items queued one by one: a future (or
+    task) each, or the exception that refused one."""
+
+    __slots__ = ("chunk", "future", "singles", "token")
+
+    def __init__(self, chunk: Chunk, future: Any, token: int | None = None) -> None:
+        self.chunk = chunk
+        self.future = future
+        self.token = token
+        self.singles: list[Any] | None = None
+
+
+class Window:
+    """One map's chunks in flight, oldest first, and what ``map`` and ``amap`` both do
+    with them; the two differ only in how they wait. ``queue_singly(slot)`` queues a
+    failed chunk's items one by one into ``slot.singles``."""
+
+    def __init__(self, processor: BatchProcessor[Any, Any], settings: Settings,
+                 queue_singly: Callable[[InFlight], None]) -> None:
+        self.slots: deque[InFlight | Failed] = deque()
+        self.reading = True
+        self._processor = processor
+        self._settings = settings
+        self._queue_singly = queue_singly
+
+    def add(self, slot: InFlight | Failed, ready: deque[Chunk | Failed]) -> None:
+        self.slots.append(slot)
+        if isinstance(slot, Failed) and isinstance(slot.error, ProcessorStoppedError):
+            # Refused by the stopped processor: nothing after it is read.
+            self.reading = False
+            ready.clear()
+
+    def wants_more(self) -> bool:
+        return self.reading and len(self.slots) < self._settings.buffersize
+
+    def requeue_failed(self) -> None:
+        """Before waiting for the oldest chunk: chunks that already failed go back to the
+        queue item by item now, so their good items are processed meanwhile."""
+        for slot in self.slots:
+            if isinstance(slot, InFlight) and slot.singles is None and slot.future.done():
+                future = slot.future
+                error = None if future.cancelled() else future.exception()
+                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                    self._queue_singly(slot)
+
+    def take_failure(self) -> BaseException:
+        """The oldest position could not be queued: its error, to yield; raised when it
+        ends the iteration."""
+        slot = self.slots.popleft()
+        assert isinstance(slot, Failed)
+        if type(slot) is InputFailed or self.final(slot.error):
+            raise slot.error
+        return slot.error
+
+    def chunk_failed(self, slot: InFlight, error: BaseException) -> int:
+        """The oldest chunk failed: 0 when its items were queued again one by one; else
+        how many positions get ``error`` (raised when it ends the iteration)."""
+        count = len(slot.chunk.items)
+        if _queue_again(error, count):
+            self._queue_singly(slot)
+            return 0
+        self.slots.popleft()
+        if self.final(error):
+            raise error
+        return count
+
+    def final(self, error: BaseException) -> bool:
+        """Whether ``error`` at a position ends the iteration (is raised)."""
+        return not self._settings.return_exceptions or isinstance(error, ProcessorStoppedError)
+
+    def cancel(self) -> None:
+        """Withdraw what is still queued (what runs completes unseen): an iterator closed
+        early leaves none of its requests behind in the queue."""
+        for slot in self.slots:
+            if isinstance(slot, InFlight):
+                if slot.future.cancel() and slot.token is not None:
+                    self._processor._cancel_queued(slot.token)
+                for single in slot.singles or ():
+                    if not isinstance(single, BaseException):
+                        single.cancel()
+        self.slots.clear()
+
+
+def _queue_again(error: BaseException, count: int) -> bool:
+    """Whether a failed chunk's items are worth queuing one by one: a processing failure
+    of several items (one of them may be the cause). Expired and stopped ones are not:
+    their time or their processor is gone."""
+    return (count > 1 and isinstance(error, Exception)
+            and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
+
+
+def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
+    return Request(future, chunk.requests, chunk.format, chunk.rows, chunk.nbytes,
+                   chunk.length, _monotonic(), chunk.key, chunk.queue_length, priority,
+                   _INF if deadline is None else deadline)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
+                settings: Settings) -> Iterator[Any]:
+    """``BatchProcessor.map`` (see its docstring): a generator."""
+    from .processor import _RequestFuture
+
+    queue = processor._queue
+    priority = settings.priority
+
+    def submit(entry: Chunk | Failed) -> InFlight | Failed:
+        if not isinstance(entry, Chunk):
+            return entry
+        future = _RequestFuture()
+        deadline = settings.deadline()
+        request = _request(future, entry, priority, deadline)
+        try:
+            token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
+                               entry.queue_length, deadline)
+        except (_stdlib_queue.Full, QueueClosed) as exc:
+            return Failed(processor._refusal(exc, None))
+        future._bp_token = token  # its cancel() withdraws it from the queue
+        future._bp_owner = processor
+        return InFlight(entry, future)
+
+    def queue_singly(slot: InFlight) -> None:
+        singles: list[Any] = []
+        for item in slot.chunk.items:
+            try:
+                singles.append(processor.enqueue_predict(
+                    item, priority=priority, max_queue_time=settings.max_queue_time))
+            except Exception as exc:  # refused (stopped): this position gets the error
+                singles.append(exc)
+        slot.singles = singles
+
+    window = Window(processor, settings, queue_singly)
+
+    def gen() -> Iterator[Any]:
+        iterator = iter(items)
+        chunker = Chunker(processor, settings.chunksize)
+        ready = chunker.ready
+        slots = window.slots
+        try:
+            while True:
+                while window.wants_more():
+                    window.reading = chunker.read(iterator)
+                    while ready:
+                        window.add(submit(ready.popleft()), ready)
+                if not slots:
+                    return
+                slot = slots[0]
+                if not isinstance(slot, InFlight):
+                    yield window.take_failure()
+                    continue
+                if slot.singles is None:
+                    if not slot.future.done():
+                        window.requeue_failed()
+                    try:
+                        parts = slot.future.result()
+                    except BaseException as exc:
+                        count = window.chunk_failed(slot, exc)
+                        for _ in range(count):
+                            yield exc
+                        if count:
+                            continue
+                    else:
+                        slots.popleft()
+                        yield from parts
+                        continue
+                # Its items one by one. The slot stays first in the window meanwhile, so
+                # closing the iterator withdraws the ones not handed out yet.
+                singles = slot.singles
+                assert singles is not None
+                while singles:
+                    single = singles.pop(0)
+                    failed = isinstance(single, BaseException)  # refused at enqueue
+                    value = single
+                    if not failed:
+                        try:
+                            value = single.result()
+                        except BaseException as exc:
+                            value, failed = exc, True
+                    if failed and window.final(value):
+                        raise value
+                    yield value
+                slots.popleft()
+        finally:
+            window.cancel()
+
+    return gen()
+
+
+# --------------------------------------------------------------------------- asyncio
+
+
+def amap_results(processor: BatchProcessor[Any, Any],
+                 items: Iterable[Any] | AsyncIterable[Any],
+                 settings: Settings) -> AsyncIterator[Any]:
+    """``BatchProcessor.amap`` (see its docstring): an async generator."""
+    priority = settings.priority
+
+    async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
+                     channel: Any) -> InFlight | Failed:
+        if not isinstance(entry, Chunk):
+            return entry
+        future: asyncio.Future[Any] = loop.create_future()
+        deadline = settings.deadline()
+        request = _request(AsyncRequest(future, channel), entry, priority, deadline)
+        try:
+            token = await push_when_room(processor, request, priority, entry.rows,
+                                         entry.nbytes, entry.key, entry.queue_length,
+                                         deadline, None)
+        except ProcessorStoppedError as exc:
+            return Failed(exc)
+        return InFlight(entry, future, token)
+
+    def queue_singly(slot: InFlight) -> None:
+        slot.singles = [asyncio.ensure_future(processor.apredict(
+            item, priority=priority, max_queue_time=settings.max_queue_time))
+            for item in slot.chunk.items]
+
+    window = Window(processor, settings, queue_singly)
+
+    async def gen() -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        channel = processor._channel_for(loop)
+        chunker = Chunker(processor, settings.chunksize)
+        ready = chunker.ready
+        slots = window.slots
+        if isinstance(items, AsyncIterable):
+            aiterator: AsyncIterator[Any] | None = items.__aiter__()
+        else:
+            aiterator = None
+            iterator = iter(items)
+        try:
+            while True:
+                while window.wants_more():
+                    window.reading = (chunker.read(iterator) if aiterator is None
+                                      else await chunker.aread(aiterator))
+                    while ready:
+                        window.add(await submit(ready.popleft(), loop, channel), ready)
+                if not slots:
+                    return
+                slot = slots[0]
+                if not isinstance(slot, InFlight):
+                    yield window.take_failure()
+                    continue
+                if slot.singles is None:
+                    if not slot.future.done():
+                        window.requeue_failed()
+                    try:
+                        parts = await slot.future
+                    except Exception as exc:
+                        count = window.chunk_failed(slot, exc)
+                        for _ in range(count):
+                            yield exc
+                        if count:
+                            continue
+                    else:
+                        slots.popleft()
+                        for part in parts:
+                            yield part
+                        continue
+                singles = slot.singles
+                assert singles is not None
+                while singles:
+                    try:
+                        value = await singles[0]
+                    except Exception as exc:
+                        if window.final(exc):
+                            raise
+                        value = exc
+                    del singles[0]
+                    yield value
+                slots.popleft()
+        finally:
+            window.cancel()
+
+    return gen()

@@ -1,0 +1,64 @@
+"""Chunks of ``BatchProcessor.map``: many items queued as one request (bulk.py).
+
+A chunk request's item is the list of its items' own requests, each described at
+``map`` time by the processor's describer, so all of one inner format (a chunk holds
+items of one kind only). Its format delegates everything to that inner format: a batch
+of chunks is built from all their items, in order, exactly as the same items queued one
+by one would be; the output is split per item by the inner format and each chunk gets
+the list of its items' results. So every kind of item (arrays, stacked samples, tensors,
+named inputs, padded sequences, generic objects) batches in a chunk as it would alone,
+while the queue, the workers and the futures see one request per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._native.future_state import Request
+from .base import BatchFormat, Built, Limits, Workspace
+
+
+def _inner(requests: list[Request]) -> list[Request]:
+    """The items' requests of a batch of chunks, in order."""
+    if len(requests) == 1:
+        return requests[0].item  # type: ignore[no-any-return]
+    inner: list[Request] = []
+    for chunk in requests:
+        inner.extend(chunk.item)
+    return inner
+
+
+class ChunkFormat(BatchFormat):
+    """Chunks of items of one ``inner`` format."""
+
+    def __init__(self, inner: BatchFormat) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"<chunks of {self.inner!r}>"
+
+    def build(self, requests: list[Request], workspace: Workspace) -> Built:
+        return self.inner.build(_inner(requests), workspace)
+
+    def split(self, out: Any, requests: list[Request], built: Built) -> list[Any]:
+        parts = self.inner.split(out, _inner(requests), built)
+        if len(requests) == 1:
+            return [parts]
+        per_chunk = []
+        start = 0
+        for chunk in requests:
+            end = start + len(chunk.item)
+            per_chunk.append(parts[start:end])
+            start = end
+        return per_chunk
+
+    def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
+        # map puts an item larger than a batch in a chunk of its own: it is cut as it
+        # would be when queued alone (its pieces are requests of the inner format).
+        items = request.item
+        if len(items) != 1:
+            return None
+        return self.inner.chunks(items[0], limits)
+
+    def join(self, parts: list[Any]) -> Any:
+        return [self.inner.join(parts)]

@@ -1,0 +1,566 @@
+"""BatchProcessor.map and amap: results in order, a request per chunk, failures at their
+own position, bounded read-ahead, priorities, deadlines, stop, pause and early close."""
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc import BatchPriority, ProcessorStoppedError, QueueTimeoutError
+from batchproc.errors import BatchOutputError
+
+
+def _wait_for(predicate, what, timeout=10.0):
+    """Poll a state the test is waiting for (blocking the calling thread on purpose)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def rows(n, features=3, start=0):
+    """n items of one row each; row k holds k + start everywhere."""
+    return [np.full((1, features), float(k + start), dtype=np.float32) for k in range(n)]
+
+
+class Calls:
+    """A model that doubles its batch and records how many rows each call saw."""
+
+    def __init__(self, func=lambda batch: batch * 2):
+        self.func = func
+        self.sizes = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self.lock:
+            self.sizes.append(len(batch))
+        return self.func(batch)
+
+
+# ----------------------------------------------------------------------- results and order
+
+
+def test_results_in_order_one_request_per_chunk(make_processor):
+    model = Calls()
+    p = make_processor(model, max_batch_size=16)
+    items = rows(100)
+    out = list(p.map(items))
+    assert len(out) == 100
+    for k, (x, y) in enumerate(zip(items, out)):
+        assert y.shape == (1, 3) and (y == 2 * x).all(), k
+    stats = p.get_stats()
+    # 100 items in chunks of 16 rows: 7 requests, not 100 futures.
+    assert stats["total_accepted"] == 7
+    assert stats["total_processed"] == 7
+    assert sum(model.sizes) == 100 and max(model.sizes) <= 16
+
+
+def test_chunksize_sets_the_rows_per_request(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=16)
+    assert len(list(p.map(rows(20), chunksize=5))) == 20
+    assert p.get_stats()["total_accepted"] == 4
+
+
+def test_items_of_several_rows_get_their_rows(make_processor):
+    p = make_processor(lambda b: b + 1, max_batch_size=8)
+    items = [np.full((r, 2), float(k)) for k, r in enumerate([1, 3, 2, 5, 1, 8, 2])]
+    out = list(p.map(items))
+    for x, y in zip(items, out, strict=True):
+        assert y.shape == x.shape and (y == x + 1).all()
+
+
+def test_an_item_larger_than_a_batch_is_cut_and_joined(make_processor):
+    model = Calls(lambda b: b * 3)
+    p = make_processor(model, max_batch_size=8)
+    items = [np.ones((2, 2)), np.arange(40.0).reshape(20, 2), np.ones((1, 2))]
+    out = list(p.map(items))
+    assert [y.shape for y in out] == [(2, 2), (20, 2), (1, 2)]
+    assert (out[1] == items[1] * 3).all()
+    assert max(model.sizes) <= 8
+
+
+def test_stacked_samples(make_processor):
+    p = make_processor(lambda b: b.sum(axis=1), max_batch_size=8, stack_items=True)
+    items = [np.full(4, float(k)) for k in range(20)]
+    assert [float(y) for y in p.map(items)] == [4.0 * k for k in range(20)]
+
+
+def test_named_and_tuple_inputs(make_processor):
+    def model(batch):
+        if isinstance(batch, dict):
+            return {"sum": batch["a"] + batch["b"]}
+        return batch[0] - batch[1]
+
+    p = make_processor(model, max_batch_size=8)
+    dicts = [{"a": np.full((1, 2), k), "b": np.ones((1, 2))} for k in range(10)]
+    tuples = [(np.full((1, 2), k), np.ones((1, 2))) for k in range(10)]
+    out = list(p.map(dicts + tuples))
+    for k in range(10):
+        assert (out[k]["sum"] == k + 1).all()
+        assert (out[10 + k] == k - 1).all()
+
+
+def test_generic_objects(make_processor):
+    p = make_processor(lambda texts: [t.upper() for t in texts], max_batch_size=8)
+    words = [f"w{k}" for k in range(30)]
+    assert list(p.map(words)) == [w.upper() for w in words]
+    assert p.get_stats()["total_accepted"] == 4
+
+
+def test_torch_tensors(make_processor):
+    if os.environ.get("BATCHPROC_REQUIRE_TORCH") == "1":
+        import torch
+    else:
+        torch = pytest.importorskip("torch")
+    p = make_processor(lambda b: b * 2, max_batch_size=8)
+    items = [torch.full((1, 3), float(k)) for k in range(20)]
+    out = list(p.map(items))
+    assert all(isinstance(y, torch.Tensor) and torch.equal(y, x * 2)
+               for x, y in zip(items, out, strict=True))
+
+
+def test_padded_sequences(make_processor):
+    def model(ids):
+        return ids.sum(axis=1, keepdims=True)
+
+    p = make_processor(model, max_batch_size=8, pad_value=0)
+    items = [np.arange(1, 2 + k % 5)[None] for k in range(20)]
+    out = list(p.map(items))
+    assert [int(y[0, 0]) for y in out] == [int(x.sum()) for x in items]
+
+
+def test_mixed_kinds_give_what_enqueue_predict_gives(make_processor):
+    def model(batch):
+        if isinstance(batch, list):
+            return [len(x) for x in batch]
+        if isinstance(batch, dict):
+            return {"y": batch["x"] * 10}
+        return batch + 1
+
+    p = make_processor(model, max_batch_size=4)
+    items = []
+    for k in range(12):
+        items += [np.full((1, 2), k), f"text{k}", {"x": np.full((1, 1), k)},
+                  np.full((1, 2), k, dtype=np.int8), np.full((2, 2), float(k))]
+    items += rows(9)
+    got = list(p.map(items))
+    want = [p.enqueue_predict(x).result() for x in items]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if isinstance(w, dict):
+            assert (g["y"] == w["y"]).all()
+        elif isinstance(w, np.ndarray):
+            assert g.dtype == w.dtype and (g == w).all()
+        else:
+            assert g == w
+
+
+def test_result_is_not_changed_by_later_batches(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=8)  # aliases the reused buffer
+    results = p.map(rows(64))
+    first = next(results)
+    rest = list(results)
+    assert (first == 0).all() and (rest[-1] == 63).all()
+
+
+# ----------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"chunksize": 0}, {"chunksize": 17}, {"chunksize": True}, {"chunksize": 2.0},
+    {"buffersize": 0}, {"buffersize": "2"}, {"priority": -1}, {"priority": 1.5},
+    {"max_queue_time": -1}, {"max_queue_time": float("nan")},
+])
+def test_bad_arguments_are_refused_at_the_call(make_processor, kwargs):
+    p = make_processor(lambda b: b, max_batch_size=16)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        p.map(rows(3), **kwargs)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        p.amap(rows(3), **kwargs)
+
+
+def test_nothing_is_read_before_the_first_next(make_processor):
+    p = make_processor(lambda b: b)
+    read = []
+
+    def source():
+        for x in rows(5):
+            read.append(x)
+            yield x
+
+    results = p.map(source())
+    assert read == []
+    assert len(list(results)) == 5
+
+
+# ----------------------------------------------------------------------- bounded read-ahead
+
+
+def test_an_infinite_input_is_read_only_as_results_are_consumed(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=8, max_workers=2)
+    read = itertools.count()
+
+    def source():
+        for k in read:
+            yield np.full((1, 1), float(k))
+
+    results = p.map(source(), chunksize=8, buffersize=3)
+    taken = list(itertools.islice(results, 100))
+    assert [float(y[0, 0]) for y in taken] == list(range(100))
+    # Read so far: the items handed out, up to 3 chunks in flight and the one being filled.
+    assert next(read) <= 100 + 3 * 8 + 8
+    results.close()
+
+
+def test_closing_early_withdraws_queued_chunks(make_processor):
+    started, gate = threading.Event(), threading.Event()
+    sizes = []
+
+    def model(batch):
+        started.set()
+        gate.wait(10)
+        sizes.append(len(batch))
+        return batch
+
+    p = make_processor(model, max_batch_size=4, max_workers=1)
+    results = p.map(rows(40), chunksize=4, buffersize=6)
+    first = []
+    consumer = threading.Thread(target=lambda: first.append(next(results)))
+    consumer.start()  # queues 6 chunks, waits for the first, held in the model
+    assert started.wait(10)
+    _wait_for(lambda: p.get_stats()["queue_size"] == 5, "five chunks queued")
+    p.pause()
+    gate.set()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive() and (first[0] == 0).all()
+    results.close()  # the five queued chunks leave the queue at once
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 5
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()  # a batch after the close
+    assert sizes == [4, 1]
+
+
+def test_a_full_queue_is_waited_for(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=2, max_queue_size=2)
+    assert len(list(p.map(rows(50), buffersize=8))) == 50
+
+
+# ----------------------------------------------------------------------- failures
+
+
+def _failing_on(bad):
+    def model(batch):
+        if (batch == bad).any():
+            raise ValueError(f"bad row {bad}")
+        return batch * 2
+    return model
+
+
+def test_a_bad_item_raises_at_its_position_only(make_processor):
+    model = Calls(_failing_on(37))
+    p = make_processor(model, max_batch_size=8, max_retries=1, retry_delay=0.001)
+    results = p.map(rows(60))
+    for k in range(37):
+        assert (next(results) == 2 * k).all()
+    with pytest.raises(ValueError, match="bad row 37"):
+        next(results)
+    with pytest.raises(StopIteration):  # as Executor.map: the iteration ends there
+        next(results)
+
+
+def test_return_exceptions_yields_the_error_in_place(make_processor):
+    p = make_processor(_failing_on(37), max_batch_size=8, max_retries=1, retry_delay=0.001)
+    out = list(p.map(rows(60), return_exceptions=True))
+    assert isinstance(out[37], ValueError)
+    for k, y in enumerate(out):
+        if k != 37:
+            assert (y == 2 * k).all(), k  # the bad item's chunk-mates too
+
+
+def test_two_bad_items_in_one_chunk(make_processor):
+    def model(batch):
+        if (batch == 3).any() or (batch == 5).any():
+            raise KeyError("bad")
+        return batch
+
+    p = make_processor(model, max_batch_size=8, max_retries=0)
+    out = list(p.map(rows(16), return_exceptions=True))
+    assert [k for k, y in enumerate(out) if isinstance(y, KeyError)] == [3, 5]
+
+
+def test_a_wrong_output_fails_its_chunk_items_alone(make_processor):
+    p = make_processor(lambda b: b[:1], max_batch_size=8, max_retries=0)
+    out = list(p.map(rows(5), return_exceptions=True))
+    # Each item alone has one row, so the model's first row is right for it.
+    assert [float(y[0, 0]) for y in out] == [0, 1, 2, 3, 4]
+    p2 = make_processor(lambda b: b[:0], max_batch_size=8, max_retries=0)
+    out = list(p2.map(rows(3), return_exceptions=True))
+    assert all(isinstance(e, BatchOutputError) for e in out)
+
+
+def test_bad_input_fails_its_own_position(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=8)
+    items = [*rows(3), np.array(1.0, np.float32), *rows(3, start=3)]
+    out = list(p.map(items, return_exceptions=True))
+    assert isinstance(out[3], ValueError) and "0-d" in str(out[3])
+    assert [float(y[0, 0]) for k, y in enumerate(out) if k != 3] == [0, 1, 2, 3, 4, 5]
+    results = p.map(items)
+    assert len([next(results) for _ in range(3)]) == 3
+    with pytest.raises(ValueError, match="0-d"):
+        next(results)
+
+
+@pytest.mark.parametrize("return_exceptions", [False, True])
+def test_an_input_that_raises_ends_after_the_items_read_before(make_processor,
+                                                                return_exceptions):
+    p = make_processor(lambda b: b, max_batch_size=8)
+
+    def source():
+        yield from rows(21)
+        raise RuntimeError("source broke")
+
+    results = p.map(source(), return_exceptions=return_exceptions)
+    got = [float(next(results)[0, 0]) for _ in range(21)]
+    assert got == list(range(21))
+    with pytest.raises(RuntimeError, match="source broke"):
+        next(results)
+
+
+# ----------------------------------------------------------------------- scheduling
+
+
+def test_priority_reaches_the_queue(make_processor):
+    seen = []
+
+    def model(batch):
+        seen.append(float(batch[0, 0]))
+        return batch
+
+    p = make_processor(model, max_batch_size=4, max_workers=1, enable_priority_queue=True)
+    p.pause()
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(
+        p.map(rows(8, start=100), chunksize=4, priority=BatchPriority.LOW)))
+    consumer.start()
+    _wait_for(lambda: p.get_stats()["queue_size"] == 2, "the map's two chunks queued")
+    urgent = p.enqueue_predict(np.full((1, 3), -1.0, np.float32), priority=BatchPriority.HIGH)
+    p.resume()
+    urgent.result(timeout=10)
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert seen[0] == -1.0 and len(out) == 8
+
+
+def test_max_queue_time_expires_whole_chunks(make_processor):
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()  # nothing is dispatched: the chunks run out of queue time
+    out = list(p.map(rows(10), max_queue_time=0.05, return_exceptions=True))
+    assert len(out) == 10 and all(isinstance(e, QueueTimeoutError) for e in out)
+    assert p.get_stats()["total_expired"] == 3
+    assert model.sizes == []
+    with pytest.raises(QueueTimeoutError):
+        next(p.map(rows(2), max_queue_time=0.05))
+
+
+def test_pause_holds_the_map_and_resume_finishes_it(make_processor):
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(40), buffersize=3)))
+    consumer.start()
+    _wait_for(lambda: p.get_stats()["queue_size"] == 3, "three chunks queued while paused")
+    assert model.sizes == [] and out == []
+    p.resume()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(40)]
+
+
+def test_stop_mid_map_raises_processor_stopped(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=4)
+    read = itertools.count()
+
+    def endless():
+        for k in read:
+            yield np.full((1, 1), float(k))
+
+    results = p.map(endless(), buffersize=2)
+    got = [next(results) for _ in range(5)]
+    p.stop()  # finishes what is queued; the next chunk is refused
+    with pytest.raises(ProcessorStoppedError):
+        for y in results:
+            got.append(y)
+    assert 5 < len(got) <= 5 + 3 * 4
+    assert [float(y[0, 0]) for y in got] == list(range(len(got)))
+    assert next(read) == len(got) + 4  # one refused chunk read, nothing after it
+
+
+def test_stop_with_a_stuck_model_fails_the_map_without_hanging(make_processor):
+    started, gate = threading.Event(), threading.Event()
+
+    def model(batch):
+        started.set()
+        gate.wait(10)
+        return batch
+
+    p = make_processor(model, max_batch_size=4)
+    outcome = []
+
+    def consume():
+        try:
+            list(p.map(rows(40), return_exceptions=True))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert started.wait(10)
+    p.stop(timeout=0.2)
+    gate.set()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ProcessorStoppedError)
+
+
+def test_map_on_a_stopped_processor(make_processor):
+    p = make_processor(lambda b: b)
+    p.stop()
+    with pytest.raises(ProcessorStoppedError):
+        next(p.map(rows(3)))
+
+
+# ----------------------------------------------------------------------- asyncio
+
+
+def test_amap_sync_and_async_inputs(make_processor):
+    p = make_processor(lambda b: b * 2, max_batch_size=8)
+
+    async def source():
+        for x in rows(30):
+            yield x
+
+    async def main():
+        a = [y async for y in p.amap(source())]
+        b = [y async for y in p.amap(rows(30))]
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert [float(y[0, 0]) for y in a] == [2.0 * k for k in range(30)]
+    assert [float(y[0, 0]) for y in b] == [2.0 * k for k in range(30)]
+    assert p.get_stats()["total_accepted"] == 8
+
+
+def test_amap_failures_at_their_position(make_processor):
+    p = make_processor(_failing_on(11), max_batch_size=8, max_retries=0)
+
+    async def main():
+        out = [y async for y in p.amap(rows(20), return_exceptions=True)]
+        results = p.amap(rows(20))
+        first = [await results.__anext__() for _ in range(11)]
+        with pytest.raises(ValueError, match="bad row 11"):
+            await results.__anext__()
+        return out, first
+
+    out, first = asyncio.run(main())
+    assert [k for k, y in enumerate(out) if isinstance(y, ValueError)] == [11]
+    assert [float(y[0, 0]) for y in first] == [2.0 * k for k in range(11)]
+
+
+def test_amap_input_error_and_bad_item(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=8)
+    two = rows(2)
+
+    async def source():
+        yield two[0]
+        yield np.ones(())  # 0-d: refused at its position
+        yield two[1]
+        raise RuntimeError("source broke")
+
+    async def main():
+        out = []
+        with pytest.raises(RuntimeError, match="source broke"):
+            async for y in p.amap(source(), return_exceptions=True):
+                out.append(y)
+        return out
+
+    out = asyncio.run(main())
+    assert len(out) == 3 and isinstance(out[1], ValueError)
+
+
+def test_amap_does_not_block_the_loop_and_aclose_withdraws(make_processor):
+    model = Calls()
+    p = make_processor(model, max_batch_size=4, max_queue_size=2)
+    p.pause()
+
+    async def main():
+        results = p.amap(rows(40), buffersize=6)
+        consumer = asyncio.ensure_future(results.__anext__())
+        # The queue holds 2 chunks and the map waits for room: the loop keeps running.
+        while p.get_stats()["queue_size"] < 2:
+            await asyncio.sleep(0)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not consumer.done()
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await results.aclose()
+
+    asyncio.run(main())
+    assert p.get_stats()["queue_size"] == 0
+    assert model.sizes == []
+
+
+def test_amap_stop_raises_processor_stopped(make_processor):
+    p = make_processor(lambda b: b, max_batch_size=4)
+
+    async def main():
+        got = []
+        with pytest.raises(ProcessorStoppedError):
+            async for y in p.amap(rows(100), buffersize=2):
+                got.append(y)
+                if len(got) == 5:
+                    p.stop()
+        return got
+
+    got = asyncio.run(main())
+    assert 5 <= len(got) < 100
+    assert [float(y[0, 0]) for y in got] == list(range(len(got)))
+
+
+# ----------------------------------------------------------------------- the native taker
+
+
+def test_take_like_takes_a_run_of_arrays_exactly_like_the_template(make_processor):
+    from batchproc._native.future_state import ENDED, TOOK_ALL, take_like
+
+    p = make_processor()
+    template = p._describer.describe(np.zeros((1, 3), np.float32), None, 0.0)[0]
+    same = rows(5)
+    other_shape = np.zeros((2, 3), np.float32)
+    requests, items = [], []
+    taken, stop = take_like(iter([*same, other_shape, *same]), template, 10, requests, items)
+    assert taken == 5 and stop is other_shape
+    assert items == same and [r.item for r in requests] == same
+    assert all(r.rows == 1 and r.format is template.format for r in requests)
+    assert take_like(iter(same), template, 3, [], []) == (3, TOOK_ALL)
+    assert take_like(iter(same[:2]), template, 3, [], []) == (2, ENDED)
+    other_dtype = np.zeros((1, 3), np.float64)
+    assert take_like(iter([other_dtype]), template, 3, [], [])[1] is other_dtype
+
+    def broken():
+        yield from same[:2]
+        raise RuntimeError("source broke")
+
+    requests, items = [], []
+    with pytest.raises(RuntimeError, match="source broke"):
+        take_like(broken(), template, 10, requests, items)
+    assert len(requests) == len(items) == 2  # what was taken before stays

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import BenchError
+from .inputs import FeatureRows
 from .loads import Bounds, Load
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, check_model, make_model
 from .targets import STRATEGIES, Batchproc, BatchprocAsync, NoBatching
@@ -256,7 +257,7 @@ def run_bench(args: argparse.Namespace) -> int:
         _check_writable("--json", args.json)
     load, bounds, settings = settings_from(args)
     model = make_model(args.model, features=args.features, model_ms=args.model_ms)
-    check_model(model, args.features, name=f"--model {args.model}")
+    check_model(model, FeatureRows(args.features), name=f"--model {args.model}")
     try:
         import batchproc
 

@@ -203,10 +203,12 @@ def print_table(
         for cells in rows:
             table.add_row(*cells)
         console = Console(file=out, width=None if out.isatty() else 120)
-        console.print(title, highlight=False)
+        # Lines of text are not wrapped at the console's width: a log or a file keeps them
+        # whole; only the table is fitted to it.
+        console.print(title, highlight=False, soft_wrap=True)
         console.print(table)
         for s in notes:
-            console.print(s, highlight=False)
+            console.print(s, highlight=False, soft_wrap=True)
     else:
         print(title, file=out)
         print(plain_table(headers, rows), file=out)

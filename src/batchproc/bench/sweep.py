@@ -23,7 +23,7 @@ from .loads import Bounds, Load
 from .models import Model
 from .runner import Progress, RunResult, run_target
 
-DEFAULT_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 SATURATED = 0.8  # achieved below this share of the offered load: not keeping up
 SATURATED_IN_A_ROW = 2
 COLUMNS = ("system", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "mean batch",

@@ -1,8 +1,11 @@
-"""``batchproc bench``: run one load three ways and print what batching buys.
+"""The ``batchproc`` command line: ``bench`` (one load, or ``--sweep`` for the curve) and
+``tune``.
 
-Through batchproc, with no batching (the model called per request) and the limit (the
-model called back to back on full batches). Bad flags end with one line on stderr and
-exit status 2; a failure while running ends with one line and status 1.
+``bench`` runs one load through batchproc, with no batching (the model called per
+request) and the limit (the model called back to back on full batches); ``bench
+--sweep`` runs open-loop loads at fractions of the capacity (:mod:`.sweep`); ``tune``
+searches static configurations (:mod:`.tune`). Bad flags end with one line on stderr
+and exit status 2; a failure while running ends with one line and status 1.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import BenchError
+from . import BenchError, tune
+from .configs import describe_fields, parse_config
+from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load
-from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, check_model, make_model
+from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
+from .sweep import DEFAULT_FRACTIONS
 from .targets import STRATEGIES, Batchproc, BatchprocAsync, NoBatching
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,9 @@ PROG = "batchproc"
 DEFAULT_CLIENTS = 64
 DEFAULT_REQUESTS = 20_000
 DEFAULT_DURATION_S = 5.0
+DEFAULT_SWEEP_S = 2.0
+DEFAULT_TUNE_S = 1.0
+DEFAULT_BUDGET_S = 120.0
 
 DESCRIPTION = """\
 Run the same load three ways -- through batchproc, with no batching (the model called
@@ -37,8 +46,14 @@ With no flags: the `fixed` model (5 ms per call behind one lock, like one GPU),
 """
 
 EPILOG = """\
+With --sweep: open-loop Poisson loads at fractions of the measured capacity
+(--loads), each system's latency against its achieved throughput (--plot draws
+the curve).
+
 examples:
   batchproc bench
+  batchproc bench --sweep --plot curve.png
+  batchproc bench --sweep --model mypkg.serving:predict --input int64:1x8..128
   batchproc bench --model mlp --burst 50000
   batchproc bench --model identity --clients 1 --requests 2000
   batchproc bench --model fixed --rate 5000 --priorities --duration 10
@@ -79,8 +94,47 @@ def _positive_float(s: str) -> float:
     return _float(s, allow_zero=False)
 
 
+def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(s: str) -> list[Any]:
+        parts = [p.strip() for p in s.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+        return [item(p) for p in parts]
+
+    return parse
+
+
+def _strategy_name(s: str) -> str:
+    if s.lower() not in STRATEGIES:
+        raise argparse.ArgumentTypeError(f"{s!r} is not one of {', '.join(STRATEGIES)}")
+    return s.lower()
+
+
 def _nonneg_float(s: str) -> float:
     return _float(s, allow_zero=True)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model and requests")
+    m.add_argument(
+        "--model", default="fixed", metavar="NAME",
+        help=f"{', '.join(BUILTIN_MODELS)} or package.module:callable, a batch function "
+        "taking what --input describes (default: fixed)",
+    )
+    m.add_argument(
+        "--model-ms", type=_nonneg_float, default=DEFAULT_FIXED_MS, metavar="MS",
+        help=f"cost per call of the fixed model (default: {DEFAULT_FIXED_MS:g})",
+    )
+    m.add_argument(
+        "--features", type=_positive_int, default=None, metavar="N",
+        help="requests are one row of N float32 features (default: 64, unless --input)",
+    )
+    m.add_argument(
+        "--input", action="append", metavar="SPEC",
+        help="what a request is: DTYPE:SHAPE (float32:1x3x224x224; a dimension LO..HI is "
+        "ragged, on axis 0 or 1: int64:1x8..128), NAME=DTYPE:SHAPE once per named input, "
+        "or FILE.npz of sample requests (docs/tuning.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,20 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    m = b.add_argument_group("model")
-    m.add_argument(
-        "--model", default="fixed", metavar="NAME",
-        help=f"{', '.join(BUILTIN_MODELS)} or package.module:callable, a batch function "
-        "taking a (rows, features) float32 array (default: fixed)",
-    )
-    m.add_argument(
-        "--model-ms", type=_nonneg_float, default=DEFAULT_FIXED_MS, metavar="MS",
-        help=f"cost per call of the fixed model (default: {DEFAULT_FIXED_MS:g})",
-    )
-    m.add_argument(
-        "--features", type=_positive_int, default=64, metavar="N",
-        help="float32 features per request; each request is one row (default: 64)",
-    )
+    _add_model_arguments(b)
 
     ld = b.add_argument_group("load (one of --clients, --rate, --burst)")
     shape = ld.add_mutually_exclusive_group()
@@ -138,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"stop each run after N requests (default: {DEFAULT_REQUESTS}; a burst: its size)",
     )
     ld.add_argument(
-        "--duration", type=_positive_float, default=DEFAULT_DURATION_S, metavar="S",
-        help=f"... or after S seconds, whichever comes first (default: {DEFAULT_DURATION_S:g})",
+        "--duration", type=_positive_float, default=None, metavar="S",
+        help=f"... or after S seconds, whichever comes first (default: {DEFAULT_DURATION_S:g};"
+        f" with --sweep, {DEFAULT_SWEEP_S:g} per load)",
     )
     ld.add_argument("--seed", type=int, default=0, help="seed for data, arrivals, priorities")
 
@@ -160,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy", choices=STRATEGIES, default="adaptive",
         help="processing_strategy (default: adaptive)",
     )
+    c.add_argument(
+        "--config", action="append", metavar="FIELDS",
+        help="one more batchproc system: BatchProcessorConfig fields, 'max_batch_size=32, "
+        "batch_timeout=0.002', or the BatchProcessorConfig(...) that tune prints "
+        "(repeatable)",
+    )
+
+    sw = b.add_argument_group("sweep (the latency-throughput curve)")
+    sw.add_argument(
+        "--sweep", action="store_true",
+        help="run open-loop Poisson loads at fractions of the capacity instead of one load",
+    )
+    sw.add_argument(
+        "--loads", type=_list_of(_positive_float), default=None, metavar="F,F,...",
+        help="offered loads, fractions of the capacity (default: "
+        f"{','.join(f'{f:g}' for f in DEFAULT_FRACTIONS)})",
+    )
+    sw.add_argument(
+        "--capacity", type=_positive_float, default=None, metavar="R",
+        help="the capacity in requests/s (default: measured, batchproc under a closed loop "
+        "of 2 x --max-batch clients for one run's duration)",
+    )
 
     o = b.add_argument_group("output")
     o.add_argument(
@@ -170,11 +234,83 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--plot", metavar="FILE.png",
-        help="draw latency against throughput (needs matplotlib: the plot extra)",
+        help="draw p50 and p99 latency against achieved throughput (needs matplotlib: "
+        "the plot extra); with --sweep, one curve per system",
     )
+    _add_log_arguments(o)
+    _add_tune_parser(sub)
+    return parser
+
+
+def _add_log_arguments(o: Any) -> None:
     o.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     o.add_argument("-v", "--verbose", action="store_true", help="log batchproc at INFO")
-    return parser
+
+
+TUNE_DESCRIPTION = """\
+Search static configurations (max batch size, max delay, workers, strategy) of your
+model for the best at a target load (--rate) or an SLO (--p99-ms), compare it with the
+default configuration (ADAPTIVE), and print it as Python to paste.
+
+Each configuration runs open-loop Poisson arrivals for --duration seconds. With --rate:
+the best carries the load (achieves 90% of it, no errors; p99 within --p99-ms if given)
+with the lowest p99. With --p99-ms alone: the best carries the highest load within the
+SLO (loads are fractions of a measured capacity). The search stops at --budget seconds;
+--json FILE keeps every run, and rerunning with the same FILE measures only what is
+missing.
+"""
+
+TUNE_EPILOG = """\
+examples:
+  batchproc tune --model fixed --p99-ms 20 --budget 60 --json tune.json
+  batchproc tune --model mypkg.serving:predict --input float32:1x128 --rate 2000
+  batchproc tune --model fixed --rate 3000 --p99-ms 15 --sizes 16,32,64 --strategies fixed
+"""
+
+
+def _add_tune_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="search static configurations of your model for the best at a load or SLO",
+        description=TUNE_DESCRIPTION,
+        epilog=TUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(t)
+    g = t.add_argument_group("goal (one or both)")
+    g.add_argument("--rate", type=_positive_float, metavar="R",
+                   help="target load: offered requests/s (Poisson) to carry")
+    g.add_argument("--p99-ms", type=_positive_float, metavar="MS",
+                   help="SLO: the highest p99 latency allowed, in ms")
+    sp = t.add_argument_group("search space (comma-separated lists)")
+    sp.add_argument("--sizes", type=_list_of(_positive_int), metavar="N,...",
+                    default=list(tune.DEFAULT_SIZES),
+                    help="max_batch_size values, in rows (default: "
+                    f"{','.join(map(str, tune.DEFAULT_SIZES))})")
+    sp.add_argument("--delays-ms", type=_list_of(_nonneg_float), metavar="MS,...",
+                    default=list(tune.DEFAULT_DELAYS_MS),
+                    help="batch_timeout values, in ms (default: "
+                    f"{','.join(f'{d:g}' for d in tune.DEFAULT_DELAYS_MS)})")
+    sp.add_argument("--workers", type=_list_of(_positive_int), metavar="N,...",
+                    default=list(tune.DEFAULT_WORKERS),
+                    help="max_workers values (default: "
+                    f"{','.join(map(str, tune.DEFAULT_WORKERS))})")
+    sp.add_argument("--strategies", type=_list_of(_strategy_name), metavar="S,...",
+                    default=list(tune.DEFAULT_STRATEGIES),
+                    help=f"processing_strategy values (default: {','.join(STRATEGIES)})")
+    r = t.add_argument_group("run")
+    r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
+                   help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")
+    r.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_S, metavar="S",
+                   help="start no run past S seconds from the start (default: "
+                   f"{DEFAULT_BUDGET_S:g})")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed for requests, arrivals and the search order")
+    o = t.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE",
+                   help="results file, written after every run; rerun with the same FILE "
+                   "to resume (runs it holds are not measured again)")
+    _add_log_arguments(o)
 
 
 def _version() -> str:
@@ -203,30 +339,34 @@ def _describe_model(name: str, model_ms: float) -> str:
     return name
 
 
-def settings_from(args: argparse.Namespace) -> tuple[Load, Bounds, dict[str, Any]]:
+def settings_from(
+    args: argparse.Namespace, source: RequestSource | None = None
+) -> tuple[Load, Bounds, dict[str, Any]]:
+    features = args.features or 64
+    common = {"priorities": args.priorities, "features": features, "seed": args.seed,
+              "source": source}
     if args.rate is not None:
-        load = Load("rate", rate=args.rate, priorities=args.priorities, features=args.features,
-                    seed=args.seed)
+        load = Load("rate", rate=args.rate, **common)
     elif args.burst is not None:
-        load = Load("burst", burst=args.burst, priorities=args.priorities,
-                    features=args.features, seed=args.seed)
+        load = Load("burst", burst=args.burst, **common)
     else:
-        load = Load("closed", clients=args.clients or DEFAULT_CLIENTS,
-                    priorities=args.priorities, features=args.features, seed=args.seed)
+        load = Load("closed", clients=args.clients or DEFAULT_CLIENTS, **common)
+    duration = args.duration or DEFAULT_DURATION_S
     requests = args.requests
     if requests is None and load.kind != "burst":
         requests = DEFAULT_REQUESTS
-    bounds = Bounds(requests=requests, duration=args.duration)
+    bounds = Bounds(requests=requests, duration=duration)
     expected = requests if requests is not None else load.burst
     if load.kind == "burst" and requests is not None:
         expected = min(requests, load.burst)
     if load.kind == "rate":
-        expected = min(expected, int(load.rate * args.duration) + 1)
+        expected = min(expected, int(load.rate * duration) + 1)
     queue_size = max(1000, load.n_threads, min(expected, 1_000_000))
     settings = {
         "model": args.model,
         "model_ms": args.model_ms if args.model == "fixed" else None,
-        "features": args.features,
+        "features": features if not args.input else None,
+        "input": source.to_dict() if source is not None else None,
         "load": {"kind": load.kind, "clients": load.clients if load.kind == "closed" else None,
                  "rate": load.rate or None, "burst": load.burst or None,
                  "priorities": load.priorities, "seed": load.seed},
@@ -236,17 +376,35 @@ def settings_from(args: argparse.Namespace) -> tuple[Load, Bounds, dict[str, Any
         "max_delay_ms": args.max_delay,
         "workers": args.workers,
         "strategy": args.strategy,
+        "configs": [describe_fields(c) for c in _configs(args)],
         "asyncio": args.asyncio,
         "queue_size": queue_size,
     }
     return load, bounds, settings
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from . import report
-    from .runner import run_limit, run_target
+def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [parse_config(text) for text in args.config or ()]
 
-    if args.plot:
+
+def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
+    """The model and what it is sent, checked on batches of one and two requests."""
+    source = parse_inputs(args.input, args.features)
+    model = make_model(args.model, features=args.features or 64, model_ms=args.model_ms)
+    check_model(model, source, name=f"--model {args.model}", seed=args.seed)
+    try:
+        import batchproc
+
+        batchproc.BatchProcessor  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        raise BenchError(f"batchproc's BatchProcessor is not importable: {exc}") from None
+    return model, source
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    from . import report
+
+    if getattr(args, "plot", None):
         try:
             report.require_matplotlib()
         except report.PlotUnavailable as exc:
@@ -254,50 +412,76 @@ def run_bench(args: argparse.Namespace) -> int:
         _check_writable("--plot", args.plot)
     if args.json:
         _check_writable("--json", args.json)
-    load, bounds, settings = settings_from(args)
-    model = make_model(args.model, features=args.features, model_ms=args.model_ms)
-    check_model(model, args.features, name=f"--model {args.model}")
-    try:
-        import batchproc
 
-        batchproc.BatchProcessor  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        raise BenchError(f"batchproc's BatchProcessor is not importable: {exc}") from None
 
+def _bench_targets(
+    args: argparse.Namespace, source: RequestSource, queue_size: int
+) -> list[Batchproc]:
+    """batchproc from the flags, then one per --config; padded when requests are ragged."""
+    pad = {"pad_value": 0} if source.padded else {}
     bp = (BatchprocAsync if args.asyncio else Batchproc)(
         max_batch=args.max_batch,
         max_delay=args.max_delay / 1000.0,
         workers=args.workers,
         strategy=args.strategy,
         priorities=args.priorities,
-        queue_size=settings["queue_size"],
+        queue_size=queue_size,
+        fields=pad,
     )
     try:
         bp.config()
     except (ValueError, TypeError) as exc:
         raise BenchError(f"batchproc rejects this configuration: {exc}") from None
+    configs = [
+        Batchproc(queue_size=queue_size, priorities=args.priorities, fields={**pad, **c},
+                  name=f"config {i}")
+        for i, c in enumerate(_configs(args), 1)
+    ]
+    return [bp, *configs]
 
+
+def _config_notes(args: argparse.Namespace) -> list[str]:
+    return [f"config {i}: {describe_fields(c)}" for i, c in enumerate(_configs(args), 1)]
+
+
+def _title(args: argparse.Namespace, source: RequestSource, load_desc: str) -> str:
+    return (
+        f"{_describe_model(args.model, args.model_ms)} · {load_desc} · {source.description}"
+        f" · max batch {args.max_batch}, max delay {args.max_delay:g} ms, strategy "
+        f"{args.strategy}" + (f", {args.workers} workers" if args.workers else "")
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import report
+    from .runner import run_limit, run_target
+
+    if args.sweep:
+        return run_sweep(args)
+    for flag in ("loads", "capacity"):
+        if getattr(args, flag) is not None:
+            raise BenchError(f"--{flag} goes with --sweep")
+    _check_outputs(args)
+    model, source = _model_and_source(args)
+    load, bounds, settings = settings_from(args, source if args.input else None)
+    systems = _bench_targets(args, source, settings["queue_size"])
     bound_desc = (
         f"{bounds.requests:,} requests or {bounds.duration:g} s" if bounds.requests
         else f"{bounds.duration:g} s"
     )
-    title = (
-        f"{_describe_model(args.model, args.model_ms)} · {load.label} · "
-        f"{args.features} float32 features/request · max batch {args.max_batch}, "
-        f"max delay {args.max_delay:g} ms, strategy {args.strategy}"
-        + (f", {args.workers} workers" if args.workers else "")
-        + f" · each run stops at {bound_desc}"
-    )
+    title = _title(args, source, load.label) + f" · each run stops at {bound_desc}"
     progress = report.make_progress(args.quiet)
     runs = []
     try:
-        for target in (bp, NoBatching()):
+        for target in (*systems, NoBatching()):
             runs.append(run_target(target, model, args.model, load, bounds, progress))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
     finally:
         progress.close()
-    ratios = report.bench_ratios(runs, subject=bp.name)
+    ratios = report.bench_ratios(runs, subject=systems[0].name)
     report.print_bench_table(title, runs, ratios)
+    for line in _config_notes(args):
+        print(line)
     failed = [r for r in runs if r.errors]
     if args.json:
         report.write_json(args.json, {
@@ -309,8 +493,118 @@ def run_bench(args: argparse.Namespace) -> int:
             "ratios": ratios,
         })
     if args.plot:
-        report.write_plot(args.plot, runs, title)
+        report.write_plot(
+            args.plot, {r.system: [r] for r in runs},
+            f"{_describe_model(args.model, args.model_ms)} · {load.label}",
+            f"{source.description}; max batch {args.max_batch}, max delay "
+            f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
+        )
     return 1 if failed else 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``bench --sweep``: capacity, then each system at each offered load."""
+    from . import report, sweep
+
+    for flag, value in (("--clients", args.clients), ("--rate", args.rate),
+                        ("--burst", args.burst), ("--requests", args.requests)):
+        if value is not None:
+            raise BenchError(f"--sweep sets the loads itself (--loads); {flag} does not apply")
+    for flag, on in (("--asyncio", args.asyncio), ("--priorities", args.priorities)):
+        if on:
+            raise BenchError(f"{flag} does not go with --sweep")
+    _check_outputs(args)
+    model, source = _model_and_source(args)
+    fractions = sorted(set(args.loads or DEFAULT_FRACTIONS))
+    duration = args.duration or DEFAULT_SWEEP_S
+    capacity = args.capacity
+    progress = report.make_progress(args.quiet)
+    try:
+        capacity_run = None
+        if capacity is None:
+            probe = _bench_targets(args, source, 1000)[0]
+            capacity_run = sweep.measure_capacity(
+                probe, model, args.model, source, clients=2 * args.max_batch,
+                duration=duration, seed=args.seed, progress=progress)
+            if not capacity_run.completed:
+                raise BenchError(
+                    "no request completed while measuring capacity: "
+                    f"{capacity_run.first_error or 'the model is too slow for --duration'}")
+            capacity = capacity_run.throughput
+        queue_size = sweep.queue_size_for(capacity * fractions[-1], duration)
+        systems = [*_bench_targets(args, source, queue_size), NoBatching()]
+        result = sweep.run_sweep(
+            systems, model, args.model, source, fractions=fractions, capacity=capacity,
+            duration=duration, seed=args.seed, capacity_run=capacity_run, progress=progress)
+    finally:
+        progress.close()
+    title = _title(args, source, f"Poisson loads, {duration:g} s each")
+    sweep.print_sweep(title, result, _config_notes(args))
+    if args.json:
+        report.write_json(args.json, {
+            "date": report.now_iso(),
+            "machine": report.machine_info(),
+            "versions": report.versions(),
+            "settings": {
+                "model": args.model,
+                "model_ms": args.model_ms if args.model == "fixed" else None,
+                "input": source.to_dict(),
+                "fractions": fractions,
+                "duration_s": duration,
+                "max_batch": args.max_batch,
+                "max_delay_ms": args.max_delay,
+                "workers": args.workers,
+                "strategy": args.strategy,
+                "configs": [describe_fields(c) for c in _configs(args)],
+                "seed": args.seed,
+                "queue_size": queue_size,
+            },
+            **sweep.to_json(result),
+        })
+    if args.plot:
+        sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
+               f"{args.max_delay:g} ms, {args.strategy}"
+               + (f", {args.workers} workers" if args.workers else "")
+               + "".join(f"; {n}" for n in _config_notes(args))
+               + f". Open loop, Poisson, {duration:g} s per load, "
+               f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
+               f"({report.fmt_rate(capacity)} req/s).")
+        sweep.write_sweep_plot(
+            args.plot, result,
+            f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}", sub)
+    failed = any(p.run.errors for pts in result.points.values() for p in pts)
+    return 1 if failed else 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """``tune``: search the space, print the table, the verdict and the config."""
+    from . import report
+
+    goal = tune.Goal(rate=args.rate, p99_ms=args.p99_ms)
+    _check_outputs(args)
+    model, source = _model_and_source(args)
+    identity = {
+        "model": args.model,
+        "model_ms": args.model_ms if args.model == "fixed" else None,
+        "input": source.to_dict(),
+        "duration_s": args.duration,
+        "seed": args.seed,
+    }
+    results = tune.ResultsFile(args.json, identity)
+    space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
+                            seed=args.seed)
+    progress = report.make_progress(args.quiet)
+    try:
+        result = tune.Tuner(
+            model, args.model, source, goal, space, duration=args.duration,
+            budget=args.budget, results=results, seed=args.seed, progress=progress,
+        ).run()
+    finally:
+        progress.close()
+    title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
+             f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
+    tune.print_result(title, result)
+    return 0 if result.best is not None else 1
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -346,15 +640,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _configure_logging(verbose=getattr(args, "verbose", False))
+    command = f"{PROG} {args.command}"
     try:
-        return run_bench(args)
+        return run_tune(args) if args.command == "tune" else run_bench(args)
     except BenchError as exc:
-        print(f"{PROG} bench: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG} bench: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # never a traceback for the user; the log keeps it
-        log.debug("bench failed", exc_info=True)
-        print(f"{PROG} bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"{command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """Load generators: closed loop, Poisson open loop, burst.
 
-Every request is one row of ``features`` float32 values. A run is bounded by a request
-count and/or a duration, whichever comes first, so that slow configurations (no batching
-on the ``fixed`` model) still finish; the result says which bound ended it.
+Requests come from the load's request source (:mod:`.inputs`: one float32 row of
+``features`` values unless ``--input`` says otherwise), cycled in order. A run is
+bounded by a request count and/or a duration, whichever comes first, so that slow
+configurations (no batching on the ``fixed`` model) still finish; the result says which
+bound ended it.
 
 - closed loop (``clients=N``): N threads each submit one request, wait for its result,
   repeat. Latency: submit to result.
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from . import BenchError
+from .inputs import FeatureRows, RequestSource
 
 NORMAL = 2  # BatchPriority.NORMAL
 N_LEVELS = 5
@@ -55,6 +58,7 @@ class Load:
     priorities: bool = False
     features: int = 64
     seed: int = 0
+    source: RequestSource | None = None  # None: one float32 row of ``features`` values
 
     def __post_init__(self) -> None:
         if self.kind not in ("closed", "rate", "burst"):
@@ -76,6 +80,10 @@ class Load:
             "burst": f"burst {self.burst}",
         }[self.kind]
         return base + (", mixed priorities" if self.priorities else "")
+
+    def requests(self) -> list[Any]:
+        """The sample requests this load cycles through (at least one)."""
+        return (self.source or FeatureRows(self.features)).requests(self.seed)
 
     @property
     def n_threads(self) -> int:
@@ -111,6 +119,9 @@ class LoadResult:
     stopped_by: str  # "requests" | "duration"
     unfinished: int = 0  # submitted but not done DRAIN_GRACE_S past the deadline
     first_error: str | None = None
+    # Open loop: the arrivals its schedule puts within the run (however late a system
+    # that cannot keep up takes them), so scheduled / duration is the load offered.
+    scheduled: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -130,11 +141,6 @@ def _priority_table(load: Load, n: int) -> list[int]:
         return [NORMAL]
     rng = np.random.default_rng(load.seed + 1)
     return rng.integers(0, N_LEVELS, size=max(1, min(n, 1 << 16))).tolist()  # type: ignore[no-any-return]
-
-
-def _item(load: Load, k: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(load.seed + 100 + k)
-    return rng.standard_normal((1, load.features), dtype=np.float32)
 
 
 def _limits(load: Load, bounds: Bounds) -> tuple[int, float]:
@@ -181,11 +187,12 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
     bound = ["requests"]
     start_gate = threading.Barrier(load.clients + 1)
     t0_box = [0.0]
+    pool = load.requests()
+    n_pool = len(pool)
 
     def client(i: int) -> None:
         call = target.call
         pc = time.perf_counter
-        x = _item(load, i)
         lat, pri = lats[i], pris[i]
         start_gate.wait()
         deadline = t0_box[0] + dur
@@ -199,7 +206,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
                 return
             p = prios[k % n_prios]
             try:
-                call(x, p)
+                call(pool[k % n_pool], p)
             except Exception as exc:
                 errors.append(exc)
                 continue
@@ -245,6 +252,12 @@ def _schedule(load: Load, n: int) -> np.ndarray | None:
     return np.cumsum(rng.exponential(1.0 / load.rate, size=n))
 
 
+def _scheduled(sched: np.ndarray | None, n: int, dur: float) -> int | None:
+    if sched is None:
+        return None
+    return min(n, int(np.searchsorted(sched, dur))) if math.isfinite(dur) else n
+
+
 def _mark(done: list[float], count: list[int], i: int, fut: Any) -> None:
     done[i] = time.perf_counter()
     count[0] += 1  # progress only: a lost update under a thread switch does not matter
@@ -255,12 +268,14 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     sched = _schedule(load, n)
     prios = _priority_table(load, n)
     n_prios = len(prios)
-    x = _item(load)
+    pool = load.requests()
+    n_pool = len(pool)
     sub: list[float] = []
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[Future[Any]] = []
     count = [0]
-    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None}
+    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None,
+                             "scheduled": _scheduled(sched, n, dur)}
 
     def generate() -> None:
         submit = target.submit
@@ -283,7 +298,7 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
             else:
                 t = t0  # a burst arrives all at once
             try:
-                f = submit(x, prios[i % n_prios])
+                f = submit(pool[i % n_pool], prios[i % n_prios])
             except Exception as exc:  # the target refused the request
                 state["error"] = _describe(exc)
                 return
@@ -356,6 +371,7 @@ def _collect(
         stopped_by=state["bound"],
         unfinished=unfinished,
         first_error=first_error,
+        scheduled=state.get("scheduled"),
     )
 
 
@@ -390,6 +406,8 @@ async def _async_main(
     acall = target.acall
     prios = _priority_table(load, n)
     n_prios = len(prios)
+    pool = load.requests()
+    n_pool = len(pool)
     pc = time.perf_counter
     if load.kind == "closed":
         tickets = itertools.count()
@@ -401,7 +419,6 @@ async def _async_main(
         deadline = t0 + dur
 
         async def client(i: int) -> None:
-            x = _item(load, i)
             while True:
                 k = next(tickets)
                 if k >= n:
@@ -412,7 +429,7 @@ async def _async_main(
                     return
                 p = prios[k % n_prios]
                 try:
-                    await acall(x, p)
+                    await acall(pool[k % n_pool], p)
                 except Exception as exc:
                     errors.append(exc)
                     continue
@@ -433,11 +450,11 @@ async def _async_main(
         )
 
     sched = _schedule(load, n)
-    x = _item(load)
     sub: list[float] = []
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[asyncio.Task[Any]] = []
-    state: dict[str, Any] = {"bound": "requests", "t0": pc(), "error": None}
+    state: dict[str, Any] = {"bound": "requests", "t0": pc(), "error": None,
+                             "scheduled": _scheduled(sched, n, dur)}
     deadline = state["t0"] + dur
 
     def mark(i: int, fut: Any) -> None:
@@ -459,7 +476,7 @@ async def _async_main(
                 await asyncio.sleep(t - now)
         else:
             t = state["t0"]  # a burst arrives all at once
-        task = loop.create_task(acall(x, prios[i % n_prios]))
+        task = loop.create_task(acall(pool[i % n_pool], prios[i % n_prios]))
         sub.append(t)
         futs.append(task)
         task.add_done_callback(partial(mark, i))

@@ -1,7 +1,9 @@
 """Built-in batch functions for benchmarks, and loading the user's own.
 
-A model is a callable taking a float32 array of shape ``(rows, features)`` and returning
-an array whose leading length is ``rows``. The three built-ins span the cases that matter:
+A model is a callable taking a batch (by default a float32 array of shape
+``(rows, features)``; what ``--input`` describes otherwise, see :mod:`.inputs`) and
+returning an output whose leading length is ``rows``. The three built-ins span the cases
+that matter:
 
 - ``identity`` returns its input: all the time measured is the batcher's own overhead.
 - ``mlp`` is a small float32 numpy MLP (features -> 256 -> 256 -> 16, ReLU, fixed seed):
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import BenchError
+from .inputs import RequestSource, make_batch, rows_of
 
 Model = Callable[[np.ndarray], Any]
 
@@ -119,22 +122,31 @@ def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED
     return load_user_model(name)
 
 
-def check_model(model: Model, features: int, name: str = "model") -> None:
-    """Call ``model`` on batches of 1 and 2 rows; raise BenchError if it misbehaves."""
-    for rows in (1, 2):
-        x = np.zeros((rows, features), dtype=np.float32)
+def check_model(model: Model, source: RequestSource, name: str = "model", seed: int = 0) -> None:
+    """Call ``model`` on batches of one and two sample requests of ``source``; raise
+    BenchError (one line) if it fails or returns other than one row per input row."""
+    pool = source.requests(seed)
+    for n in (1, 2):
+        batch = make_batch(pool[:n] if len(pool) >= n else pool * n)
+        rows = rows_of(batch)
+        what = f"a batch of {rows} row{'s' if rows != 1 else ''} ({_describe_batch(batch)})"
         try:
-            out = model(x)
+            out = model(batch)
         except Exception as exc:
             raise BenchError(
-                f"{name} failed on a ({rows}, {features}) float32 batch: "
-                f"{type(exc).__name__}: {exc}"
+                f"{name} failed on {what}: {type(exc).__name__}: {exc}"
             ) from None
         try:
-            n = len(out)
+            got = rows_of(out)
         except TypeError:
             raise BenchError(
-                f"{name} returned a {type(out).__name__} without a length for a batch of {rows}"
+                f"{name} returned a {type(out).__name__} without a length for {what}"
             ) from None
-        if n != rows:
-            raise BenchError(f"{name} returned {n} rows for a batch of {rows}")
+        if got != rows:
+            raise BenchError(f"{name} returned {got} rows for a batch of {rows}")
+
+
+def _describe_batch(batch: Any) -> str:
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {_describe_batch(v)}" for k, v in batch.items())
+    return f"{batch.dtype} {tuple(batch.shape)}"

@@ -10,8 +10,9 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from .runner import LIMIT, RunResult
@@ -179,6 +180,42 @@ def have_rich() -> bool:
     return True
 
 
+def print_table(
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    notes: Sequence[str] = (),
+    out: TextIO | None = None,
+    use_rich: bool | None = None,
+) -> None:
+    """A title, a table (rich when installed, else plain text) and lines of notes. The
+    first and last columns align left, the others (numbers) right."""
+    out = out or sys.stdout
+    if use_rich is None:
+        use_rich = have_rich()
+    if use_rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i in (0, len(headers) - 1) else "right")
+        for cells in rows:
+            table.add_row(*cells)
+        console = Console(file=out, width=None if out.isatty() else 120)
+        # Lines of text are not wrapped at the console's width: a log or a file keeps them
+        # whole; only the table is fitted to it.
+        console.print(title, highlight=False, soft_wrap=True)
+        console.print(table)
+        for s in notes:
+            console.print(s, highlight=False, soft_wrap=True)
+    else:
+        print(title, file=out)
+        print(plain_table(headers, rows), file=out)
+        for s in notes:
+            print(s, file=out)
+
+
 def print_bench_table(
     title: str,
     runs: Sequence[RunResult],
@@ -187,7 +224,6 @@ def print_bench_table(
     use_rich: bool | None = None,
 ) -> None:
     """The ``batchproc bench`` table and the two ratios below it."""
-    out = out or sys.stdout
     rows = [row_cells(r) for r in runs]
     lines = [n.replace(f" ({runs[0].model}, {runs[0].load})", "") for n in run_notes(runs)]
     for r in runs:
@@ -201,27 +237,7 @@ def print_bench_table(
         f"{subject} vs the limit:   {fmt_ratio(ratios.get('vs_limit'))} throughput "
         "(the limit: the model called back to back on full batches)",
     ]
-    if use_rich is None:
-        use_rich = have_rich()
-    if use_rich:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for i, h in enumerate(COLUMNS):
-            table.add_column(h, justify="left" if i in (0, len(COLUMNS) - 1) else "right")
-        for cells in rows:
-            table.add_row(*cells)
-        console = Console(file=out, width=None if out.isatty() else 120)
-        console.print(title, highlight=False)
-        console.print(table)
-        for s in lines:
-            console.print(s, highlight=False)
-    else:
-        print(title, file=out)
-        print(plain_table(COLUMNS, rows), file=out)
-        for s in lines:
-            print(s, file=out)
+    print_table(title, COLUMNS, rows, lines, out, use_rich)
 
 
 # -- JSON and plot ------------------------------------------------------------------------
@@ -270,35 +286,44 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def write_plot(path: str, runs: Sequence[RunResult], title: str) -> None:
-    """Latency (p50, with a bar up to p99) against throughput, one point per run."""
+def write_plot(
+    path: str,
+    curves: Mapping[str, Sequence[RunResult]],
+    title: str,
+    subtitle: str = "",
+) -> None:
+    """Latency against achieved throughput: for each system, p99 (solid) and p50
+    (dashed) through its runs in the order given (one run: one point of each).
+
+    Both axes are logarithmic, throughput in requests/s and latency in ms. The title is
+    wrapped to the figure's width and ``subtitle`` (settings) printed small below it.
+    """
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    systems = list(dict.fromkeys(r.system for r in runs))
-    for s in systems:
-        pts = [r for r in runs if r.system == s and r.completed]
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for i, (system, runs) in enumerate(curves.items()):
+        pts = [r for r in runs if r.completed and r.throughput > 0 and r.p99_ms > 0]
         if not pts:
             continue
+        color = f"C{i % 10}"
         x = [r.throughput for r in pts]
-        y = [r.p50_ms for r in pts]
-        yerr = [[0.0] * len(pts), [max(r.p99_ms - r.p50_ms, 0.0) for r in pts]]
-        ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3, label=s)
-        for r in pts:
-            if len(runs) > len(systems):
-                ax.annotate(r.load, (r.throughput, r.p50_ms), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+        ax.plot(x, [r.p99_ms for r in pts], "-o", color=color, ms=5, label=f"{system} p99")
+        ax.plot(x, [r.p50_ms for r in pts], "--s", color=color, ms=3.5, alpha=0.8,
+                label=f"{system} p50")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("throughput (requests/s)")
-    ax.set_ylabel("latency p50, bar to p99 (ms)")
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("achieved throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=11, fontweight="bold",
+                 x=0.02, ha="left")
+    if subtitle:
+        ax.set_title("\n".join(textwrap.wrap(subtitle, 110)), fontsize=8, loc="left")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

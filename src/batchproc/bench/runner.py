@@ -1,7 +1,7 @@
 """Run one load against one system — or the limit — and turn the timings into figures.
 
 The limit is the model called back to back on full batches (``max_batch`` rows) from one
-thread, with no queue at all: its throughput is rows / time and its latency is one call.
+thread, with no queue at all: its throughput is requests / time and its latency is one call.
 No batcher can beat it on throughput; how close one gets is the figure that matters.
 
 Every system gets the model wrapped in :class:`CountingModel`, so the mean batch size is
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .inputs import FeatureRows, rows_of
 from .loads import Bounds, Load, LoadResult, run_load
 from .models import Model
 
@@ -56,8 +57,8 @@ class CountingModel:
         self.rows = 0
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray) -> Any:
-        n = len(batch)
+    def __call__(self, batch: Any) -> Any:
+        n = rows_of(batch)
         with self._lock:
             self.calls += 1
             self.rows += n
@@ -87,6 +88,7 @@ class RunResult:
     stopped_by: str  # "requests" | "duration"
     unfinished: int = 0
     first_error: str | None = None
+    scheduled: int | None = None  # open loop: arrivals scheduled within the run
     note: str = ""
     by_priority: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -119,14 +121,19 @@ def run_target(
     load: Load,
     bounds: Bounds,
     progress: Progress | None = None,
+    label: str | None = None,
 ) -> RunResult:
-    """Start ``target`` on ``model``, drive it with ``load`` until ``bounds``, stop it."""
+    """Start ``target`` on ``model``, drive it with ``load`` until ``bounds``, stop it.
+
+    ``label`` names the run on the progress display (default: model, load and system).
+    """
     progress = progress or NullProgress()
     counted = CountingModel(model)
     gc.collect()
     target.start(counted)
     total = _expected(load, bounds)
-    progress.start(f"{model_name} · {load.label} · {target.name}", total, bounds.duration)
+    progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
+                   bounds.duration)
     try:
         res = run_load(target, load, bounds, progress.update)
     finally:
@@ -150,6 +157,7 @@ def run_target(
         stopped_by=res.stopped_by,
         unfinished=res.unfinished,
         first_error=res.first_error,
+        scheduled=res.scheduled,
         by_priority=_by_priority(res) if load.priorities else {},
         extra=dict(getattr(target, "stats", dict)()),
     )
@@ -174,22 +182,26 @@ def run_limit(
     max_batch: int,
     progress: Progress | None = None,
 ) -> RunResult:
-    """The model called back to back on full batches from one thread: rows / time."""
+    """The model called back to back on full batches from one thread: requests / time.
+
+    A full batch is whole requests of the load's source, up to ``max_batch`` rows.
+    """
     progress = progress or NullProgress()
-    rows_wanted = _expected(load, bounds) or 1 << 62
+    wanted = _expected(load, bounds) or 1 << 62
     dur = bounds.duration if bounds.duration is not None else float("inf")
-    rng = np.random.default_rng(load.seed)
-    batch = rng.standard_normal((max_batch, load.features), dtype=np.float32)
+    source = load.source or FeatureRows(load.features)
+    batch, per_call = source.limit_batch(max_batch, load.seed)
+    batch_rows = rows_of(batch)
     gc.collect()
-    progress.start(f"{model_name} · {load.label} · {LIMIT}", rows_wanted, bounds.duration)
+    progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     times: list[float] = []
-    rows = 0
+    done = 0
     pc = time.perf_counter
     t0 = last_tick = pc()
     stopped_by = "requests"
     while True:
         t = pc()
-        if rows >= rows_wanted and t - t0 >= MIN_LIMIT_S:
+        if done >= wanted and t - t0 >= MIN_LIMIT_S:
             break
         if t - t0 >= dur:
             stopped_by = "duration"
@@ -197,27 +209,27 @@ def run_limit(
         model(batch)
         t1 = pc()
         times.append(t1 - t)
-        rows += max_batch
+        done += per_call
         if t1 - last_tick > 0.1:
-            progress.update(min(rows, rows_wanted))
+            progress.update(min(done, wanted))
             last_tick = t1
     elapsed = pc() - t0
     lat = np.asarray(times)
     p50, p95, p99, mean = _pct(lat)
-    progress.finish(f"{rows / elapsed:,.0f} req/s")
+    progress.finish(f"{done / elapsed:,.0f} req/s")
     return RunResult(
         system=LIMIT,
         model=model_name,
         load=load.label,
-        throughput=rows / elapsed,
+        throughput=done / elapsed,
         p50_ms=p50,
         p95_ms=p95,
         p99_ms=p99,
         mean_ms=mean,
-        mean_batch=float(max_batch),
+        mean_batch=float(batch_rows),
         batches=len(times),
-        submitted=rows,
-        completed=rows,
+        submitted=done,
+        completed=done,
         errors=0,
         elapsed_s=elapsed,
         stopped_by=stopped_by,

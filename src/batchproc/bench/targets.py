@@ -107,7 +107,11 @@ class Minimal(SyncTarget):
 
 
 class Batchproc(SyncTarget):
-    """``batchproc.BatchProcessor`` configured from the bench flags."""
+    """``batchproc.BatchProcessor`` configured from the bench flags.
+
+    ``fields`` (``BatchProcessorConfig`` keyword arguments) override the flags; ``name``
+    names the system in tables and plots.
+    """
 
     name = "batchproc"
 
@@ -119,7 +123,11 @@ class Batchproc(SyncTarget):
         strategy: str = "adaptive",
         priorities: bool = False,
         queue_size: int = 1000,
+        fields: dict[str, Any] | None = None,
+        name: str | None = None,
     ):
+        if name is not None:
+            self.name = name
         self.settings: dict[str, Any] = {
             "max_batch_size": max_batch,
             "initial_batch_size": max_batch,
@@ -132,14 +140,18 @@ class Batchproc(SyncTarget):
         }
         if workers is not None:
             self.settings["max_workers"] = workers
-        self.strategy = strategy
+        self.settings["processing_strategy"] = strategy
+        self.settings.update(fields or {})
         self._stats: dict[str, Any] = {}
 
     def config(self) -> Any:
         from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 
-        strategy = getattr(BatchProcessingStrategy, self.strategy.upper())
-        return BatchProcessorConfig(processing_strategy=strategy, **self.settings)
+        settings = dict(self.settings)
+        strategy = settings["processing_strategy"]
+        if isinstance(strategy, str):
+            settings["processing_strategy"] = getattr(BatchProcessingStrategy, strategy.upper())
+        return BatchProcessorConfig(**settings)
 
     def start(self, model: Model) -> None:
         from batchproc import BatchPriority, BatchProcessor

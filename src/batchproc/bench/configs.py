@@ -1,0 +1,104 @@
+"""Configurations as text: ``--config`` in, ``BatchProcessorConfig(...)`` out.
+
+``bench --sweep --config`` takes what ``tune`` prints, so a tuned configuration can be
+swept against the default as it was pasted: ``BatchProcessorConfig(max_batch_size=32,
+...)``, or only its arguments ``max_batch_size=32, batch_timeout=0.002``. The text is
+parsed, never executed: values are literals, and ``processing_strategy`` is also
+accepted as ``BatchProcessingStrategy.FIXED``, ``FIXED`` or ``"fixed"``.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from . import BenchError
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """``BatchProcessorConfig`` keyword arguments from ``text``, checked by building one.
+
+    Raises:
+        BenchError: not a call of keyword arguments, a value that is not a literal, an
+            unknown field, or a value ``BatchProcessorConfig`` rejects.
+    """
+    from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+
+    where = f"--config {text!r}"
+    src = text.strip()
+    if not src.startswith("BatchProcessorConfig("):
+        src = f"BatchProcessorConfig({src})"
+    try:
+        call = ast.parse(src, mode="eval").body
+    except SyntaxError:
+        raise BenchError(f"{where}: expected field=value, ... (BatchProcessorConfig's fields)"
+                         ) from None
+    if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):
+        raise BenchError(f"{where}: expected field=value, ... (keyword arguments only)")
+    fields: dict[str, Any] = {}
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise BenchError(f"{where}: ** is not accepted; write each field")
+        if kw.arg == "processing_strategy":
+            fields[kw.arg] = _strategy(kw.value, where, BatchProcessingStrategy)
+            continue
+        try:
+            fields[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise BenchError(
+                f"{where}: {kw.arg}={ast.unparse(kw.value)} is not a literal value"
+            ) from None
+    try:
+        BatchProcessorConfig(**fields)
+    except TypeError as exc:
+        raise BenchError(f"{where}: {exc}") from None
+    except ValueError as exc:
+        raise BenchError(f"{where}: batchproc rejects it: {exc}") from None
+    return fields
+
+
+def _strategy(node: ast.expr, where: str, strategies: type[enum.Enum]) -> Any:
+    if isinstance(node, ast.Attribute):
+        name = node.attr
+    elif isinstance(node, ast.Name):
+        name = node.id
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        name = node.value
+    else:
+        name = ""
+    try:
+        return strategies[name.upper()]
+    except KeyError:
+        choices = ", ".join(s.name for s in strategies)
+        raise BenchError(
+            f"{where}: processing_strategy={ast.unparse(node)} is not one of {choices}"
+        ) from None
+
+
+def format_config(fields: Mapping[str, Any]) -> str:
+    """Python that builds the configuration: imports, then ``config =
+    BatchProcessorConfig(...)`` with one field per line, ready to paste."""
+    lines = ["from batchproc import BatchProcessingStrategy, BatchProcessorConfig", ""]
+    if not fields:
+        return "\n".join([*lines, "config = BatchProcessorConfig()"])
+    lines.append("config = BatchProcessorConfig(")
+    for name, value in fields.items():
+        if isinstance(value, enum.Enum):
+            text = f"BatchProcessingStrategy.{value.name}"
+        elif isinstance(value, str) and name == "processing_strategy":
+            text = f"BatchProcessingStrategy.{value.upper()}"
+        else:
+            text = repr(value)
+        lines.append(f"    {name}={text},")
+    lines.append(")")
+    return "\n".join(lines)
+
+
+def describe_fields(fields: Mapping[str, Any]) -> str:
+    """``name=value, ...`` on one line (strategies by name), for labels and notes."""
+    def text(v: Any) -> str:
+        return v.name if isinstance(v, enum.Enum) else repr(v)
+
+    return ", ".join(f"{k}={text(v)}" for k, v in fields.items())

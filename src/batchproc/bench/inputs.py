@@ -1,0 +1,437 @@
+"""What a benchmark sends: the ``--input`` specification and sample requests from an ``.npz``.
+
+A *request source* makes the requests a load sends and the batches the limit and the
+model check call the model with. Requests are numpy arrays with a leading row axis, or
+mappings ``{input name: array}`` of them (a tokenizer's output); a batch is requests
+concatenated on axis 0 — padded with 0 on axis 1 to the longest when their lengths
+differ there, as batchproc does with ``pad_value=0``.
+
+``--input`` takes, once per named input or once for a plain array::
+
+    DTYPE:SHAPE            float32:1x64, uint8:1x3x224x224
+    NAME=DTYPE:SHAPE       input_ids=int64:1x8..128 (repeat the flag for each name)
+    FILE.npz               sample requests, layouts below
+
+``SHAPE`` is one request's shape, dimensions joined by ``x``; the first is its rows. A
+dimension ``LO..HI`` is ragged, drawn uniformly per request: on axis 0 (rows per
+request) or axis 1 (sequence length, padded in a batch). Named inputs draw one length per
+request, shared by all of them, so their ranges must agree.
+
+An ``.npz`` holds sample requests in one of three layouts:
+
+- ``np.savez(path, *requests)``: keys ``arr_0``, ``arr_1``, ...: one array per request,
+  shapes free (ragged lengths, varied rows);
+- ``np.savez(path, **{f"{i}/{name}": ...})``: keys ``0/input_ids``, ``0/attention_mask``,
+  ``1/input_ids``, ...: one named request per index, the same names in each;
+- ``np.savez(path, **inputs)``: any other keys: each array holds one row per request
+  along axis 0, the same count in all; one array gives array requests, several named
+  requests.
+
+Every error is a :class:`~batchproc.bench.BenchError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import BenchError
+
+Request = Any  # np.ndarray | dict[str, np.ndarray]
+
+POOL_SIZE = 256  # distinct sample requests a generated load cycles through
+POOL_BYTES = 64 << 20  # ... unless they would take more memory than this
+_DIM = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+_PER_REQUEST = re.compile(r"^arr_(\d+)$")
+_PER_REQUEST_NAMED = re.compile(r"^(\d+)/(.+)$")
+
+
+def rows_of(x: Any) -> int:
+    """Rows of a batch or output: ``len`` of an array, of a mapping's or tuple's first
+    entry for named or multiple outputs, of anything else with a length.
+
+    Raises:
+        TypeError: ``x`` has no length.
+    """
+    if isinstance(x, Mapping):
+        if not x:
+            raise TypeError("an empty mapping has no rows")
+        return rows_of(next(iter(x.values())))
+    if isinstance(x, tuple) and x and not isinstance(x[0], (int, float)):
+        return rows_of(x[0])
+    return len(x)
+
+
+def make_batch(requests: Sequence[Request]) -> Request:
+    """Requests concatenated on axis 0 (per name for named requests), padded with 0 on
+    axis 1 to the longest when lengths differ there: what the model receives."""
+    first = requests[0]
+    if isinstance(first, Mapping):
+        return {k: _concat([r[k] for r in requests]) for k in first}
+    return _concat(list(requests))
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    if arrays[0].ndim < 2 or len({a.shape[1] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    length = max(a.shape[1] for a in arrays)
+    rows = sum(len(a) for a in arrays)
+    out = np.zeros((rows, length, *arrays[0].shape[2:]), dtype=arrays[0].dtype)
+    r = 0
+    for a in arrays:
+        out[r:r + len(a), : a.shape[1]] = a
+        r += len(a)
+    return out
+
+
+def _signature(request: Request, padded: bool) -> Any:
+    """What must match for two requests to share a batch: dtype and trailing shape
+    (but for axis 1 when padding)."""
+    def sig(a: np.ndarray) -> Any:
+        trailing = a.shape[2:] if padded and a.ndim >= 2 else a.shape[1:]
+        return a.dtype.str, trailing
+
+    if isinstance(request, Mapping):
+        return tuple((k, sig(v)) for k, v in request.items())
+    return sig(request)
+
+
+class RequestSource:
+    """Sample requests for a load, and full batches of them for the limit.
+
+    Attributes:
+        description: One line saying what a request is, for titles and JSON.
+        padded: Requests differ in length on axis 1, so batchproc needs ``pad_value``.
+    """
+
+    description: str = ""
+    padded: bool = False
+
+    def requests(self, seed: int) -> list[Request]:
+        """The sample requests a load cycles through (at least one), the same for the
+        same ``seed``."""
+        raise NotImplementedError
+
+    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+        """A full batch for the limit: whole requests, compatible with the first, up to
+        ``max_rows`` rows (at least one request). Returns (batch, requests in it)."""
+        pool = self.requests(seed)
+        key = _signature(pool[0], self.padded)
+        chosen: list[Request] = []
+        rows = 0
+        for r in _cycle(pool, max_rows):
+            if _signature(r, self.padded) != key:
+                continue
+            n = rows_of(r)
+            if chosen and rows + n > max_rows:
+                break
+            chosen.append(r)
+            rows += n
+        return make_batch(chosen), len(chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description, "padded": self.padded}
+
+
+def _cycle(pool: list[Request], at_least: int) -> list[Request]:
+    reps = max(1, -(-at_least // len(pool)))
+    return pool * reps
+
+
+class FeatureRows(RequestSource):
+    """One float32 row of ``features`` values per request (``--features``)."""
+
+    def __init__(self, features: int = 64, pool: int = 1):
+        if features < 1:
+            raise BenchError(f"--features must be >= 1, got {features}")
+        self.features = features
+        self.pool = pool
+        self.description = f"{features} float32 features/request"
+
+    def requests(self, seed: int) -> list[Request]:
+        return [
+            np.random.default_rng(seed + 100 + k).standard_normal(
+                (1, self.features), dtype=np.float32)
+            for k in range(self.pool)
+        ]
+
+    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((max_rows, self.features), dtype=np.float32), max_rows
+
+
+# -- DTYPE:SHAPE specs --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dim:
+    lo: int
+    hi: int
+
+    @property
+    def ragged(self) -> bool:
+        return self.lo != self.hi
+
+    def __str__(self) -> str:
+        return f"{self.lo}..{self.hi}" if self.ragged else str(self.lo)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input of a request: its dtype and shape, dimensions possibly ragged."""
+
+    name: str | None
+    dtype: np.dtype[Any]
+    dims: tuple[Dim, ...]
+
+    def __str__(self) -> str:
+        s = f"{self.dtype.name}:{'x'.join(map(str, self.dims))}"
+        return f"{self.name}={s}" if self.name else s
+
+
+def parse_tensor_spec(text: str) -> TensorSpec:
+    """Parse ``[NAME=]DTYPE:SHAPE`` (``int64:1x8..128``).
+
+    Raises:
+        BenchError: not of that form, an unknown or non-numeric dtype, a dimension that
+            is not a positive whole number or ``LO..HI`` with ``1 <= LO <= HI``, or a
+            ragged dimension past axis 1.
+    """
+    where = f"--input {text!r}"
+    name: str | None = None
+    body = text
+    if "=" in text:
+        name, _, body = text.partition("=")
+        if not _NAME.match(name):
+            raise BenchError(f"{where}: {name!r} is not an input name (letters, digits, _)")
+    dtype_text, sep, shape_text = body.partition(":")
+    if not sep or not dtype_text or not shape_text:
+        raise BenchError(
+            f"{where}: expected [NAME=]DTYPE:SHAPE (float32:1x64, int64:1x8..128) or FILE.npz"
+        )
+    try:
+        dtype = np.dtype(dtype_text)
+    except TypeError:
+        raise BenchError(f"{where}: unknown dtype {dtype_text!r}") from None
+    if dtype.kind not in "biufc":
+        raise BenchError(f"{where}: dtype {dtype_text!r} is not numeric or bool")
+    dims = []
+    for axis, part in enumerate(shape_text.split("x")):
+        m = _DIM.match(part.strip())
+        if not m:
+            raise BenchError(f"{where}: dimension {part!r} is not N or LO..HI")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if lo < 1 or hi < lo:
+            raise BenchError(f"{where}: dimension {part!r} needs 1 <= LO <= HI")
+        if lo != hi and axis > 1:
+            raise BenchError(
+                f"{where}: only axis 0 (rows) and axis 1 (length) may be ragged, not axis {axis}"
+            )
+        dims.append(Dim(lo, hi))
+    return TensorSpec(name, dtype, tuple(dims))
+
+
+class SpecSource(RequestSource):
+    """Random requests described by one unnamed spec or several named ones."""
+
+    def __init__(self, specs: Sequence[TensorSpec]):
+        if not specs:
+            raise BenchError("--input: nothing given")
+        names = [s.name for s in specs]
+        if len(specs) > 1 and None in names:
+            raise BenchError(
+                "--input: several inputs need a name each (NAME=DTYPE:SHAPE), got "
+                + " ".join(map(str, specs))
+            )
+        if len(set(names)) != len(names):
+            raise BenchError(f"--input: input {_first_duplicate(names)!r} given twice")
+        for axis in (0, 1):
+            ranges = {(s.dims[axis].lo, s.dims[axis].hi) for s in specs if len(s.dims) > axis
+                      and (s.dims[axis].ragged or axis == 0)}
+            if len(ranges) > 1:
+                raise BenchError(
+                    f"--input: named inputs must agree on axis {axis} (one "
+                    f"{'row count' if axis == 0 else 'length'} per request), got "
+                    + " ".join(map(str, specs))
+                )
+        self.specs = tuple(specs)
+        self.named = specs[0].name is not None
+        self.padded = any(len(s.dims) > 1 and s.dims[1].ragged for s in specs)
+        self._ragged = _ragged_axes(specs)
+        self.description = " ".join(map(str, specs)) + "/request"
+        self._bytes = sum(
+            s.dtype.itemsize * int(np.prod([d.hi for d in s.dims])) for s in specs
+        )
+
+    def requests(self, seed: int) -> list[Request]:
+        n = max(1, min(POOL_SIZE, POOL_BYTES // max(self._bytes, 1)))
+        rng = np.random.default_rng(seed + 100)
+        out: list[Request] = []
+        for _ in range(n):
+            # One draw per ragged axis, shared by every named input.
+            drawn = [int(rng.integers(d.lo, d.hi + 1)) for d in self._ragged]
+            arrays = {s.name: _random(rng, s, drawn) for s in self.specs}
+            out.append(arrays if self.named else arrays[None])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "inputs": [str(s) for s in self.specs]}
+
+
+def _first_duplicate(names: Sequence[Any]) -> Any:
+    seen = set()
+    for n in names:
+        if n in seen:
+            return n
+        seen.add(n)
+    return None
+
+
+def _ragged_axes(specs: Sequence[TensorSpec]) -> list[Dim]:
+    """Axes 0 and 1: the range drawn per request (1..1 where no input is ragged there)."""
+    out = []
+    for axis in (0, 1):
+        ragged = [s.dims[axis] for s in specs if len(s.dims) > axis and s.dims[axis].ragged]
+        out.append(ragged[0] if ragged else Dim(1, 1))
+    return out
+
+
+def _random(rng: np.random.Generator, spec: TensorSpec, drawn: list[int]) -> np.ndarray:
+    shape = tuple(
+        (drawn[i] if i < len(drawn) and d.ragged else d.lo) for i, d in enumerate(spec.dims)
+    )
+    kind = spec.dtype.kind
+    if kind == "b":
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)
+    if kind in "iu":
+        hi = min(1000, int(np.iinfo(spec.dtype).max) + 1)
+        return rng.integers(0, hi, size=shape).astype(spec.dtype)
+    if kind == "c":
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+# -- .npz ---------------------------------------------------------------------------------
+
+
+class NpzSource(RequestSource):
+    """Sample requests loaded from an ``.npz`` (layouts in the module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._requests = load_npz(path)
+        first = self._requests[0]
+        self.padded = _needs_padding(self._requests)
+        kind = ("named: " + ", ".join(first)) if isinstance(first, Mapping) else "arrays"
+        self.description = f"{len(self._requests)} sample requests from {path} ({kind})"
+
+    def requests(self, seed: int) -> list[Request]:
+        return self._requests
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "npz": self.path, "count": len(self._requests)}
+
+
+def _needs_padding(requests: list[Request]) -> bool:
+    def lengths(a: np.ndarray) -> int:
+        return a.shape[1] if a.ndim >= 2 else -1
+
+    seen = set()
+    for r in requests:
+        arrays = r.values() if isinstance(r, Mapping) else [r]
+        seen.add(tuple(lengths(a) for a in arrays))
+    return len(seen) > 1
+
+
+def load_npz(path: str) -> list[Request]:
+    """Sample requests from ``path`` (one of the three layouts of the module docstring).
+
+    Raises:
+        BenchError: the file is missing, not an ``.npz``, empty, mixes layouts, holds
+            object arrays or 0-d arrays, or its arrays (stacked layout) or named requests
+            do not line up.
+    """
+    where = f"--input {path}"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise BenchError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise BenchError(f"{where}: is a directory") from None
+    except ValueError as exc:  # object arrays (pickles) or a file numpy cannot read
+        raise BenchError(f"{where}: cannot read: {exc}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BenchError(f"{where}: not an .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(arrays, dict) or not arrays:
+        raise BenchError(f"{where}: holds no arrays")
+    for k, a in arrays.items():
+        if a.ndim == 0:
+            raise BenchError(f"{where}: array {k!r} is 0-d; a request needs a row axis")
+        if a.dtype.kind not in "biufc":
+            raise BenchError(f"{where}: array {k!r} has dtype {a.dtype}, not numeric or bool")
+    keys = list(arrays)
+    if all(_PER_REQUEST.match(k) for k in keys):
+        return [arrays[k] for k in sorted(keys, key=lambda k: int(k[4:]))]
+    named = [_PER_REQUEST_NAMED.match(k) for k in keys]
+    if all(named):
+        groups: dict[int, dict[str, np.ndarray]] = {}
+        for m in named:
+            assert m is not None
+            groups.setdefault(int(m.group(1)), {})[m.group(2)] = arrays[m.group(0)]
+        ordered = [groups[i] for i in sorted(groups)]
+        names = sorted(ordered[0])
+        for i, g in zip(sorted(groups), ordered):
+            if sorted(g) != names:
+                raise BenchError(
+                    f"{where}: request {i} has inputs {sorted(g)}, request "
+                    f"{min(groups)} has {names}"
+                )
+            if len({len(a) for a in g.values()}) > 1:
+                raise BenchError(f"{where}: request {i}'s inputs differ in rows")
+        return [{k: g[k] for k in names} for g in ordered]
+    if any(_PER_REQUEST.match(k) or m for k, m in zip(keys, named)):
+        raise BenchError(
+            f"{where}: mixes per-request keys (arr_0, 0/name) with other keys: {keys[:4]}"
+        )
+    counts = {k: len(a) for k, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise BenchError(
+            f"{where}: stacked arrays need the same number of requests on axis 0, got "
+            + ", ".join(f"{k} {n}" for k, n in counts.items())
+        )
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise BenchError(f"{where}: holds no requests (axis 0 is empty)")
+    if len(arrays) == 1:
+        a = next(iter(arrays.values()))
+        return [a[i:i + 1] for i in range(n)]
+    return [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(n)]
+
+
+# -- from the command line -----------------------------------------------------------------
+
+
+def parse_inputs(specs: Sequence[str] | None, features: int | None) -> RequestSource:
+    """The request source of ``--input`` (repeatable) or ``--features``.
+
+    Raises:
+        BenchError: both given, an ``.npz`` with other specs, or a bad spec or file.
+    """
+    if not specs:
+        return FeatureRows(features if features is not None else 64)
+    if features is not None:
+        raise BenchError("--features and --input do not go together (give the shape in --input)")
+    npz = [s for s in specs if s.endswith(".npz")]
+    if npz:
+        if len(specs) > 1:
+            raise BenchError("--input FILE.npz holds every input; give it alone")
+        return NpzSource(npz[0])
+    return SpecSource([parse_tensor_spec(s) for s in specs])

@@ -1,0 +1,185 @@
+"""``batchproc bench --sweep``: the latency-throughput curve of each system.
+
+First the capacity: batchproc's achieved throughput under a closed loop of twice
+``max_batch`` clients for one run's duration (or ``--capacity``, given). Then each system
+(batchproc, no batching, each ``--config``) runs an open loop of Poisson arrivals at
+each offered load, a fraction of that capacity, from the lowest up. A system that
+achieves less than :data:`SATURATED` of the offered load twice in a row is saturated: its
+higher loads are skipped (they would only queue longer) and listed as skipped.
+
+Each point records offered load, achieved throughput, p50/p95/p99 latency (from each
+request's scheduled arrival, so queueing counts) and rows per model call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import report
+from .inputs import RequestSource
+from .loads import Bounds, Load
+from .models import Model
+from .runner import Progress, RunResult, run_target
+
+DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+SATURATED = 0.8  # achieved below this share of the offered load: not keeping up
+SATURATED_IN_A_ROW = 2
+COLUMNS = ("system", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "mean batch",
+           "requests")
+
+
+@dataclass
+class SweepPoint:
+    """One system at one offered load (requests/s, ``fraction`` of the capacity)."""
+
+    fraction: float
+    offered: float
+    run: RunResult
+    duration: float  # seconds of arrivals
+
+    @property
+    def saturated(self) -> bool:
+        return self.run.throughput < SATURATED * arrival_rate(self.run, self.duration,
+                                                             self.offered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "offered": self.offered,
+                "saturated": self.saturated, **self.run.to_dict()}
+
+
+@dataclass
+class SweepResult:
+    capacity: float  # requests/s
+    capacity_run: RunResult | None  # None when given with --capacity
+    points: dict[str, list[SweepPoint]]  # by system, in the order of offered load
+    skipped: dict[str, list[float]]  # by system: fractions not run once saturated
+
+
+def arrival_rate(run: RunResult, duration: float, offered: float) -> float:
+    """The load a run was offered, in requests/s: its scheduled arrivals over its
+    duration (a short Poisson run offers more or less than its mean ``offered``)."""
+    if run.scheduled is None or duration <= 0:
+        return offered
+    return run.scheduled / duration
+
+
+def measure_capacity(
+    target: Any,
+    model: Model,
+    model_name: str,
+    source: RequestSource,
+    *,
+    clients: int,
+    duration: float,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> RunResult:
+    """``target``'s achieved throughput (requests/s) under ``clients`` closed-loop clients
+    for ``duration`` seconds: the scale of the offered loads."""
+    load = Load("closed", clients=clients, source=source, seed=seed)
+    return run_target(target, model, model_name, load, Bounds(duration=duration), progress,
+                      label=f"capacity · {load.label} · {target.name}")
+
+
+def queue_size_for(max_rate: float, duration: float) -> int:
+    """A queue that holds every request an open loop offers in one run (at least the
+    library's 1000, at most a million): a backlog shows as latency, not refusals."""
+    return int(min(max(1000, max_rate * duration * 1.2 + 100), 1_000_000))
+
+
+def run_sweep(
+    systems: Sequence[Any],
+    model: Model,
+    model_name: str,
+    source: RequestSource,
+    *,
+    fractions: Sequence[float],
+    capacity: float,
+    duration: float,
+    seed: int = 0,
+    capacity_run: RunResult | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Run every system at ``fractions`` of ``capacity`` (requests/s), ``duration`` seconds
+    each, Poisson arrivals; skip a system's higher loads once it is saturated."""
+    points: dict[str, list[SweepPoint]] = {}
+    skipped: dict[str, list[float]] = {}
+    total = len(systems) * len(fractions)
+    k = 0
+    for target in systems:
+        mine = points.setdefault(target.name, [])
+        in_a_row = 0
+        for i, f in enumerate(sorted(fractions)):
+            k += 1
+            if in_a_row >= SATURATED_IN_A_ROW:
+                skipped.setdefault(target.name, []).extend(sorted(fractions)[i:])
+                k += len(fractions) - i - 1
+                break
+            rate = capacity * f
+            load = Load("rate", rate=rate, source=source, seed=seed)
+            run = run_target(
+                target, model, model_name, load, Bounds(duration=duration), progress,
+                label=f"[{k}/{total}] {target.name} · {f:g} x capacity = {rate:,.0f} req/s",
+            )
+            point = SweepPoint(f, rate, run, duration)
+            mine.append(point)
+            in_a_row = in_a_row + 1 if point.saturated else 0
+    return SweepResult(capacity, capacity_run, points, skipped)
+
+
+def table_rows(result: SweepResult) -> list[list[str]]:
+    rows = []
+    for system, pts in result.points.items():
+        for p in pts:
+            r = p.run
+            rows.append([
+                system,
+                f"{report.fmt_rate(p.offered)} ({p.fraction:g}x)",
+                report.fmt_rate(r.throughput) + (" !" if p.saturated else ""),
+                report.fmt_ms(r.p50_ms),
+                report.fmt_ms(r.p99_ms),
+                f"{r.mean_batch:.1f}",
+                f"{r.completed:,}",
+            ])
+    return rows
+
+
+def notes(result: SweepResult) -> list[str]:
+    out = []
+    if any(p.saturated for pts in result.points.values() for p in pts):
+        out.append(f"! achieved under {SATURATED:.0%} of the offered load: saturated")
+    for system, fr in result.skipped.items():
+        out.append(f"{system}: saturated, not run at " + ", ".join(f"{f:g}x" for f in fr))
+    runs = [p.run for pts in result.points.values() for p in pts]
+    out += [n for n in report.run_notes(runs) if not n.startswith("*")]
+    return out
+
+
+def print_sweep(title: str, result: SweepResult, extra_notes: Sequence[str] = ()) -> None:
+    """The sweep's table on stdout: one row per system and offered load."""
+    how = ("measured" if result.capacity_run is not None else "given")
+    head = f"{title}\ncapacity ({how}): {report.fmt_rate(result.capacity)} req/s"
+    report.print_table(head, COLUMNS, table_rows(result), [*notes(result), *extra_notes])
+
+
+def to_json(result: SweepResult) -> dict[str, Any]:
+    """``capacity`` {req_s, measured, run}, ``points`` (one object per system and load:
+    system, fraction, offered, saturated, throughput, p50_ms, p95_ms, p99_ms,
+    mean_batch, completed, ...) and ``skipped`` {system: [fraction, ...]}."""
+    return {
+        "capacity": {
+            "req_s": result.capacity,
+            "measured": result.capacity_run is not None,
+            "run": result.capacity_run.to_dict() if result.capacity_run else None,
+        },
+        "points": [p.to_dict() for pts in result.points.values() for p in pts],
+        "skipped": result.skipped,
+    }
+
+
+def write_sweep_plot(path: str, result: SweepResult, title: str, subtitle: str) -> None:
+    """The curve: p50 and p99 against achieved throughput, one colour per system."""
+    curves = {s: [p.run for p in pts] for s, pts in result.points.items()}
+    report.write_plot(path, curves, title, subtitle)

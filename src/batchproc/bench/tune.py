@@ -1,0 +1,521 @@
+"""``batchproc tune``: search static configurations of the user's model for the best one.
+
+A *candidate* is a static configuration: ``max_batch_size`` (rows), ``batch_timeout``
+(the longest wait, ms), ``max_workers`` and ``processing_strategy``. The search measures
+candidates in a fixed shuffled order (random search covers a grid best when the budget
+ends early), the library's default configuration (ADAPTIVE) first, as the reference.
+
+Two goals:
+
+- **a target load** (``rate``, optionally with ``p99_ms``): every candidate runs one
+  open loop of Poisson arrivals at ``rate`` requests/s; it *meets* the target when it
+  achieves at least :data:`SUSTAINED` of the load its run was offered (its scheduled
+  arrivals over the run's duration) without errors (and, with an
+  SLO, a p99 at or under it). The best meets it with the lowest p99.
+- **an SLO alone** (``p99_ms``): the best carries the highest offered load with p99 at
+  or under the SLO. Loads are steps of a ladder, fractions of a measured capacity
+  (:data:`LADDER`); a candidate starts at the step the best so far reached and climbs
+  while it meets the SLO, so one that cannot beat the best costs one run.
+
+Results are written to the results file after every run, with the settings that make
+them comparable (model, input, run duration, seed, capacity). Rerunning with the same
+file reuses every run it holds, by candidate and offered load, and only measures what is
+missing: a search cut short by its budget continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import BenchError, report
+from .configs import describe_fields, format_config
+from .inputs import RequestSource
+from .loads import Bounds, Load
+from .models import Model
+from .runner import Progress, RunResult, run_target
+from .sweep import arrival_rate, measure_capacity
+from .targets import Batchproc
+
+SUSTAINED = 0.9  # achieved at least this share of the offered load: it keeps up
+LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
+LADDER_GROWTH = 1.25  # past the last step: each step this much above the one before
+LADDER_STEPS = 30  # ... up to this many steps in all
+DEFAULT_SIZES = (8, 16, 32, 64, 128)
+DEFAULT_DELAYS_MS = (1.0, 2.0, 5.0, 10.0)
+DEFAULT_WORKERS = (1, 2, 4)
+DEFAULT_STRATEGIES = ("adaptive", "fixed", "greedy")
+FILE_KIND = "batchproc tune results"
+FILE_VERSION = 1
+DEFAULT_KEY = "default"
+RUN_OVERHEAD = 1.3  # a run takes its duration plus start, drain and stop
+# The queue holds this many seconds of the offered load. A configuration that falls
+# further behind fails the goal anyway; a longer queue would only make its run drain
+# for seconds of the budget. (Latency counts from each request's scheduled arrival, so
+# a generator held up by a full queue is still charged for the wait.)
+QUEUE_S = 0.25
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One static configuration. ``None`` fields keep the library's default."""
+
+    strategy: str
+    max_batch_size: int | None = None
+    delay_ms: float | None = None
+    max_workers: int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.max_batch_size is None:
+            return DEFAULT_KEY
+        return (f"{self.strategy}/size={self.max_batch_size}/delay_ms={self.delay_ms:g}"
+                f"/workers={self.max_workers}")
+
+    @property
+    def label(self) -> str:
+        if self.max_batch_size is None:
+            return "default (ADAPTIVE)"
+        wait = "no wait" if self.strategy == "greedy" else f"{self.delay_ms:g} ms"
+        return (f"{self.strategy.upper()} {self.max_batch_size} rows, {wait}, "
+                f"{self.max_workers} worker{'s' if self.max_workers != 1 else ''}")
+
+    def fields(self) -> dict[str, Any]:
+        """The ``BatchProcessorConfig`` fields this candidate sets (none for the default)."""
+        from batchproc import BatchProcessingStrategy
+
+        if self.max_batch_size is None:
+            return {}
+        assert self.delay_ms is not None
+        return {
+            "max_batch_size": self.max_batch_size,
+            "initial_batch_size": self.max_batch_size,
+            "batch_timeout": round(self.delay_ms / 1000.0, 9),
+            "max_workers": self.max_workers,
+            "processing_strategy": BatchProcessingStrategy[self.strategy.upper()],
+        }
+
+
+DEFAULT = Candidate("adaptive")
+
+
+def candidates(
+    sizes: Sequence[int],
+    delays_ms: Sequence[float],
+    workers: Sequence[int],
+    strategies: Sequence[str],
+    seed: int = 0,
+) -> list[Candidate]:
+    """The grid, shuffled with ``seed``; GREEDY never waits, so only once per size and
+    workers (with the first delay as its ``batch_timeout``)."""
+    grid: dict[str, Candidate] = {}
+    for strategy, size, delay, w in itertools.product(strategies, sizes, delays_ms, workers):
+        if strategy == "greedy":
+            delay = delays_ms[0]
+        c = Candidate(strategy, size, float(delay), w)
+        grid.setdefault(c.key, c)
+    out = list(grid.values())
+    random.Random(seed).shuffle(out)
+    return out
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``rate``: the offered load to carry (requests/s); ``p99_ms``: the SLO."""
+
+    rate: float | None = None
+    p99_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rate is None and self.p99_ms is None:
+            raise BenchError("give a target load (--rate R), an SLO (--p99-ms MS), or both")
+
+    def meets(self, m: dict[str, Any]) -> bool:
+        """Whether a measurement (a results-file record) meets this goal."""
+        if m["errors"] or m["unfinished"] or not m["completed"]:
+            return False
+        if m["throughput"] < SUSTAINED * (m.get("arrival_rate") or m["offered"]):
+            return False
+        return self.p99_ms is None or (m["p99_ms"] is not None and m["p99_ms"] <= self.p99_ms)
+
+    def describe(self) -> str:
+        parts = []
+        if self.rate is not None:
+            parts.append(f"carry {report.fmt_rate(self.rate)} req/s offered (Poisson)")
+        if self.p99_ms is not None:
+            parts.append(f"p99 <= {self.p99_ms:g} ms")
+        if self.rate is None:
+            parts.append("at the highest load")
+        return ", ".join(parts)
+
+
+class ResultsFile:
+    """The results file: written after every run, read back to resume.
+
+    ``identity`` holds what makes runs comparable; a file written under another identity
+    is refused rather than mixed in.
+    """
+
+    def __init__(self, path: str | None, identity: dict[str, Any]):
+        self.path = path
+        self.identity = identity
+        self.capacity: float | None = None
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.reused = 0
+        self.doc: dict[str, Any] = {}
+        if path and os.path.exists(path):
+            self._load(path)
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"--json {path}: cannot read it to resume: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("kind") != FILE_KIND:
+            raise BenchError(f"--json {path}: not a file written by batchproc tune")
+        if doc.get("identity") != _jsonable(self.identity):
+            changed = sorted(
+                k for k in set(self.identity) | set(doc.get("identity") or {})
+                if _jsonable(self.identity).get(k) != (doc.get("identity") or {}).get(k)
+            )
+            raise BenchError(
+                f"--json {path}: holds runs of other settings ({', '.join(changed)}); "
+                "give another file to start afresh"
+            )
+        self.capacity = doc.get("capacity")
+        self.runs = {f"{r['key']}@{r['offered']!r}": r for r in doc.get("runs", [])}
+
+    def get(self, key: str, offered: float) -> dict[str, Any] | None:
+        return self.runs.get(f"{key}@{offered!r}")
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.runs[f"{record['key']}@{record['offered']!r}"] = record
+
+    def save(self, summary: dict[str, Any]) -> None:
+        """Write everything so far (atomically: a run cut short leaves the last file)."""
+        if not self.path:
+            return
+        self.doc = {
+            "kind": FILE_KIND,
+            "version": FILE_VERSION,
+            "date": report.now_iso(),
+            "machine": report.machine_info(),
+            "versions": report.versions(),
+            "identity": self.identity,
+            "capacity": self.capacity,
+            **summary,
+            "runs": list(self.runs.values()),
+        }
+        tmp = f"{self.path}.tmp"
+        report.write_json(tmp, self.doc)
+        os.replace(tmp, self.path)
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(report._clean(v)))
+
+
+@dataclass
+class TuneResult:
+    goal: Goal
+    best: dict[str, Any] | None  # the best candidate's deciding run (a record)
+    default: dict[str, Any] | None  # the default's deciding run
+    records: list[dict[str, Any]]  # every run this search looked at, in order
+    measured: int  # runs measured now (the rest came from the results file)
+    reused: int
+    candidates_done: int
+    candidates_total: int
+    budget_spent: bool
+    capacity: float | None
+    padded: bool = False  # the requests are ragged: the config needs pad_value
+
+
+class Tuner:
+    """Runs the search; ``measure(candidate, offered)`` is one run (or a reused one)."""
+
+    def __init__(
+        self,
+        model: Model,
+        model_name: str,
+        source: RequestSource,
+        goal: Goal,
+        space: Sequence[Candidate],
+        *,
+        duration: float,
+        budget: float,
+        results: ResultsFile,
+        seed: int = 0,
+        progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.model, self.model_name, self.source = model, model_name, source
+        self.goal, self.space = goal, list(space)
+        self.duration, self.budget = duration, budget
+        self.results, self.seed, self.progress = results, seed, progress
+        self.clock = clock
+        self.measured = 0
+        self.reused = 0
+        self.records: list[dict[str, Any]] = []
+        self._deadline = clock() + budget
+        self._done = 0
+        self._total = len(self.space) + 1
+        self.capacity: float | None = results.capacity
+
+    # -- one run -------------------------------------------------------------------------
+
+    def _target(self, c: Candidate, offered: float) -> Batchproc:
+        from batchproc import BatchProcessorConfig
+
+        base = BatchProcessorConfig()
+        fields = c.fields()
+        if not fields:  # the library's defaults, all of them
+            fields = {"max_batch_size": base.max_batch_size,
+                      "initial_batch_size": base.initial_batch_size,
+                      "batch_timeout": base.batch_timeout,
+                      "max_workers": base.max_workers,
+                      "processing_strategy": base.processing_strategy}
+        if self.source.padded:
+            fields["pad_value"] = 0
+        queue_size = max(1000, int(offered * QUEUE_S))
+        return Batchproc(queue_size=queue_size, fields=fields, name=c.label)
+
+    def _time_left(self) -> bool:
+        return self.clock() + self.duration * RUN_OVERHEAD <= self._deadline
+
+    def measure(self, c: Candidate, offered: float) -> dict[str, Any] | None:
+        """The run of ``c`` at ``offered`` requests/s: from the results file, else
+        measured now; None when the budget has no room for it."""
+        offered = float(offered)
+        old = self.results.get(c.key, offered)
+        if old is not None:
+            self.reused += 1
+            self.records.append(old)
+            return old
+        if not self._time_left():
+            return None
+        load = Load("rate", rate=offered, source=self.source, seed=self.seed)
+        run = run_target(
+            self._target(c, offered), self.model, self.model_name, load,
+            Bounds(duration=self.duration), self.progress,
+            label=f"[{self._done + 1}/{self._total}] {c.label} @ {offered:,.0f} req/s",
+        )
+        record = self._record(c, offered, run)
+        self.measured += 1
+        self.results.add(record)
+        self.records.append(record)
+        self.results.save(self.summary())
+        return record
+
+    def _record(self, c: Candidate, offered: float, run: RunResult) -> dict[str, Any]:
+        r = run.to_dict()
+        record = {
+            "key": c.key,
+            "label": c.label,
+            "candidate": dataclasses.asdict(c),
+            "offered": offered,
+            "arrival_rate": arrival_rate(run, self.duration, offered),
+            **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
+                                 "mean_batch", "completed", "errors", "unfinished",
+                                 "first_error", "elapsed_s")},
+        }
+        return report._clean(record)  # type: ignore[no-any-return]
+
+    # -- the search ----------------------------------------------------------------------
+
+    def run(self) -> TuneResult:
+        """Measure the default, then candidates in order until done or out of budget."""
+        if self.goal.rate is None and self.capacity is None:
+            self._measure_capacity()
+        best: tuple[Candidate, dict[str, Any], int] | None = None
+        default: dict[str, Any] | None = None
+        spent = False
+        for c in [DEFAULT, *self.space]:
+            start = 0 if best is None or c is DEFAULT else best[2]
+            outcome = self._evaluate(c, start)
+            if outcome is None:
+                spent = True
+                break
+            self._done += 1
+            record, step = outcome
+            if c is DEFAULT:
+                default = record
+            if record is not None and self.goal.meets(record) and (
+                    best is None or self._better(record, step, best[1], best[2])):
+                best = (c, record, step)
+        self.results.save(self.summary(best, default, spent))
+        return TuneResult(
+            self.goal, best[1] if best else None, default, self.records, self.measured,
+            self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
+        )
+
+    def _measure_capacity(self) -> None:
+        clients = 2 * max(c.max_batch_size or 0 for c in self.space) if self.space else 64
+        run = measure_capacity(
+            self._target(DEFAULT, 0.0), self.model, self.model_name, self.source,
+            clients=max(clients, 16), duration=self.duration, seed=self.seed,
+            progress=self.progress,
+        )
+        if not run.completed or run.errors:
+            raise BenchError(
+                f"the model failed while measuring capacity: {run.first_error or 'no results'}"
+            )
+        self.capacity = self.results.capacity = run.throughput
+        self.results.save(self.summary())
+
+    def _evaluate(self, c: Candidate, start: int) -> tuple[dict[str, Any] | None, int] | None:
+        """(deciding record, ladder step) of ``c``; None when out of budget first."""
+        if self.goal.rate is not None:
+            record = self.measure(c, self.goal.rate)
+            return None if record is None else (record, 0)
+        assert self.capacity is not None
+        good: dict[str, Any] | None = None
+        step = start
+        last: dict[str, Any] | None = None
+        while step < LADDER_STEPS:
+            record = self.measure(c, _ladder_rate(self.capacity, step))
+            if record is None:
+                return None
+            last = record
+            if not self.goal.meets(record):
+                break
+            good = record
+            step += 1
+        # Its deciding run: the highest load it met the SLO at (else the first it missed).
+        return (good, step - 1) if good is not None else (last, -1)
+
+    def _better(self, rec: dict[str, Any], step: int, best: dict[str, Any], bstep: int) -> bool:
+        if self.goal.rate is None and step != bstep:
+            return step > bstep
+        return bool(rec["p99_ms"] < best["p99_ms"])
+
+    def summary(
+        self,
+        best: tuple[Candidate, dict[str, Any], int] | None = None,
+        default: dict[str, Any] | None = None,
+        spent: bool = False,
+    ) -> dict[str, Any]:
+        return {
+            "goal": dataclasses.asdict(self.goal),
+            "best": None if best is None else {
+                "key": best[0].key, "config": describe_fields(best[0].fields()),
+                "run": best[1],
+            },
+            "default": default,
+            "budget_spent": spent,
+        }
+
+
+def ladder_fraction(step: int) -> float:
+    """The offered load of ladder step ``step``, as a fraction of the capacity: the
+    measured capacity can be low (a closed loop of threads is CPU-bound before the
+    model is), so the ladder goes on past it while a candidate keeps meeting the SLO."""
+    if step < len(LADDER):
+        return LADDER[step]
+    return LADDER[-1] * LADDER_GROWTH ** (step - len(LADDER) + 1)
+
+
+def _ladder_rate(capacity: float, step: int) -> float:
+    # Rounded so that the same capacity gives the same keys in the results file.
+    return float(f"{capacity * ladder_fraction(step):.6g}")
+
+
+# -- output --------------------------------------------------------------------------------
+
+COLUMNS = ("config", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "mean batch",
+           "meets")
+
+
+def print_result(title: str, result: TuneResult, top: int = 10) -> None:
+    """The table of the best runs, the verdict against the default, and the chosen
+    configuration as Python (last, so it can be copied from the end of the output)."""
+    goal = result.goal
+    deciding = _deciding(result)
+    ranked = sorted(deciding, key=lambda r: _rank(goal, r))
+    shown = ranked[:top]
+    if result.default is not None and result.default not in shown:
+        shown.append(result.default)
+    rows = [[
+        r["label"], report.fmt_rate(r["offered"]), report.fmt_rate(r["throughput"]),
+        report.fmt_ms(_nan(r["p50_ms"])), report.fmt_ms(_nan(r["p99_ms"])),
+        f"{r['mean_batch']:.1f}", "yes" if goal.meets(r) else "no",
+    ] for r in shown]
+    notes = [
+        f"runs: {result.measured} measured now, {result.reused} reused from the results "
+        f"file; {result.candidates_done} of {result.candidates_total} configurations done"
+        + (" (budget spent: rerun with the same --json to continue)"
+           if result.budget_spent else ""),
+    ]
+    if result.capacity is not None and goal.rate is None:
+        notes.append(f"capacity (default config, closed loop): "
+                     f"{report.fmt_rate(result.capacity)} req/s; loads: "
+                     + ", ".join(f"{f:g}" for f in LADDER) + f", then x{LADDER_GROWTH:g} a "
+                     "step, x capacity")
+    report.print_table(title, COLUMNS, rows, notes)
+    print()
+    best, default = result.best, result.default
+    if best is None:
+        print(f"no configuration tried meets the goal ({goal.describe()})")
+        return
+    print(f"best: {best['label']}: {_verdict(best)}")
+    if best["key"] == DEFAULT_KEY:
+        print("  the default is the best configuration tried")
+    elif default is not None:
+        d = f"default (ADAPTIVE): {_verdict(default)}"
+        if not goal.meets(default):
+            d += " (misses the goal)"
+        print(d)
+        if goal.meets(default):
+            print("  " + _compare(best, default, by_load=goal.rate is None))
+    print()
+    fields = Candidate(**best["candidate"]).fields()
+    if result.padded:
+        fields["pad_value"] = 0
+    print(format_config(fields))
+
+
+def _compare(best: dict[str, Any], default: dict[str, Any], by_load: bool) -> str:
+    """How the best beats the default: by the load carried (an SLO alone), else by p99."""
+    p99 = (f"p99 {default['p99_ms'] / best['p99_ms']:.2f}x lower"
+           if best["p99_ms"] else "")
+    if by_load and best["offered"] != default["offered"]:
+        return f"{best['offered'] / default['offered']:.2f}x the load within the SLO"
+    if by_load:
+        return f"the same load within the SLO, {p99}"
+    return p99
+
+
+def _deciding(result: TuneResult) -> list[dict[str, Any]]:
+    """Per configuration, its run that decides: the highest load meeting the goal, else
+    its last run."""
+    by: dict[str, dict[str, Any]] = {}
+    for r in result.records:
+        cur = by.get(r["key"])
+        if cur is None or (result.goal.meets(r) and (
+                not result.goal.meets(cur) or r["offered"] > cur["offered"])):
+            by[r["key"]] = r
+    return list(by.values())
+
+
+def _rank(goal: Goal, r: dict[str, Any]) -> tuple[Any, ...]:
+    p99 = _nan(r["p99_ms"])
+    return (not goal.meets(r), -r["offered"] if goal.rate is None else 0,
+            p99 if not math.isnan(p99) else math.inf)
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    return (f"p50 {report.fmt_ms(_nan(r['p50_ms']))} ms, p99 {report.fmt_ms(_nan(r['p99_ms']))}"
+            f" ms at {report.fmt_rate(r['throughput'])} req/s achieved of "
+            f"{report.fmt_rate(r['offered'])} offered, {r['mean_batch']:.1f} rows per call")

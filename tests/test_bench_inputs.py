@@ -1,0 +1,235 @@
+"""`--input`: what `batchproc bench` and `tune` send a user's model.
+
+Each kind of spec (dtype and shape, ragged lengths, named inputs, an .npz in each of its
+layouts) gives the requests it says, and every bad one is a one-line BenchError.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from batchproc.__main__ import main
+from batchproc.bench import BenchError
+from batchproc.bench.inputs import (
+    FeatureRows,
+    NpzSource,
+    SpecSource,
+    make_batch,
+    parse_inputs,
+    parse_tensor_spec,
+    rows_of,
+)
+from batchproc.bench.models import check_model, identity
+
+TINY = ["--requests", "30", "--duration", "5", "--quiet"]
+
+
+def test_dtype_and_shape() -> None:
+    source = parse_inputs(["uint8:2x3x4"], None)
+    assert isinstance(source, SpecSource) and not source.padded
+    pool = source.requests(seed=0)
+    assert all(r.shape == (2, 3, 4) and r.dtype == np.uint8 for r in pool)
+    assert source.requests(seed=0)[0].tolist() == pool[0].tolist()  # same seed, same data
+    batch, n = source.limit_batch(8, seed=0)
+    assert batch.shape == (8, 3, 4) and n == 4
+    assert source.description == "uint8:2x3x4/request"
+
+
+def test_ragged_lengths_are_drawn_in_range_and_padded_in_a_batch() -> None:
+    source = parse_inputs(["int64:1x4..9"], None)
+    assert source.padded
+    pool = source.requests(seed=1)
+    lengths = {r.shape[1] for r in pool}
+    assert lengths <= set(range(4, 10)) and len(lengths) > 1
+    batch = make_batch(pool[:5])
+    longest = max(r.shape[1] for r in pool[:5])
+    assert batch.shape == (5, longest)
+    first = pool[0]
+    assert (batch[0, : first.shape[1]] == first[0]).all()
+    assert (batch[0, first.shape[1]:] == 0).all()
+
+
+def test_ragged_rows_need_no_padding() -> None:
+    source = parse_inputs(["float32:1..3x8"], None)
+    assert not source.padded
+    assert {r.shape[0] for r in source.requests(seed=0)} == {1, 2, 3}
+    batch, n = source.limit_batch(16, seed=0)
+    assert 14 <= len(batch) <= 16 and n >= 5
+
+
+def test_named_inputs_share_one_length_per_request() -> None:
+    source = parse_inputs(["input_ids=int64:1x8..32", "attention_mask=bool:1x8..32"], None)
+    assert source.padded
+    for r in source.requests(seed=0):
+        assert list(r) == ["input_ids", "attention_mask"]
+        assert r["input_ids"].shape == r["attention_mask"].shape
+        assert r["attention_mask"].dtype == np.bool_
+    batch = make_batch(source.requests(seed=0)[:3])
+    assert rows_of(batch) == 3 and batch["input_ids"].shape == batch["attention_mask"].shape
+
+
+@pytest.mark.parametrize(
+    ("spec", "mentions"),
+    [
+        ("float32", "DTYPE:SHAPE"),
+        ("float32:", "DTYPE:SHAPE"),
+        ("floaty:1x4", "unknown dtype 'floaty'"),
+        ("U8:1x4", "not numeric"),
+        ("float32:1x0", "1 <= LO <= HI"),
+        ("float32:1x9..3", "1 <= LO <= HI"),
+        ("float32:1xfour", "'four' is not N or LO..HI"),
+        ("float32:1x4x2..3", "not axis 2"),
+        ("9lives=float32:1x4", "not an input name"),
+    ],
+)
+def test_bad_specs(spec: str, mentions: str) -> None:
+    with pytest.raises(BenchError, match="--input") as info:
+        parse_tensor_spec(spec)
+    assert mentions in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("specs", "mentions"),
+    [
+        (["float32:1x4", "int64:1x4"], "need a name each"),
+        (["a=float32:1x4", "a=int64:1x4"], "'a' given twice"),
+        (["a=int64:1x4..8", "b=int64:1x4..9"], "agree on axis 1"),
+        (["a=int64:1x4", "b=int64:2x4"], "agree on axis 0"),
+        (["x.npz", "float32:1x4"], "give it alone"),
+    ],
+)
+def test_bad_combinations(specs: list[str], mentions: str) -> None:
+    with pytest.raises(BenchError, match=mentions):
+        parse_inputs(specs, None)
+
+
+def test_features_and_input_do_not_go_together() -> None:
+    with pytest.raises(BenchError, match="--features and --input"):
+        parse_inputs(["float32:1x4"], 16)
+    assert isinstance(parse_inputs(None, 16), FeatureRows)
+
+
+def test_npz_one_array_per_request(tmp_path) -> None:
+    path = tmp_path / "reqs.npz"
+    requests = [np.arange(n, dtype=np.int32).reshape(1, n) for n in (3, 5, 4)]
+    np.savez(path, *requests)
+    source = parse_inputs([str(path)], None)
+    assert isinstance(source, NpzSource) and source.padded
+    assert [r.tolist() for r in source.requests(seed=0)] == [r.tolist() for r in requests]
+    assert "3 sample requests" in source.description
+
+
+def test_npz_named_requests(tmp_path) -> None:
+    path = tmp_path / "named.npz"
+    np.savez(path, **{
+        f"{i}/{name}": np.ones((1, n), np.int64)
+        for i, n in enumerate((4, 6)) for name in ("input_ids", "attention_mask")
+    })
+    pool = parse_inputs([str(path)], None).requests(seed=0)
+    assert [sorted(r) for r in pool] == [["attention_mask", "input_ids"]] * 2
+    assert [r["input_ids"].shape for r in pool] == [(1, 4), (1, 6)]
+
+
+def test_npz_stacked_rows(tmp_path) -> None:
+    one = tmp_path / "one.npz"
+    np.savez(one, x=np.arange(12, dtype=np.float32).reshape(6, 2))
+    pool = parse_inputs([str(one)], None).requests(seed=0)
+    assert len(pool) == 6 and pool[2].tolist() == [[4.0, 5.0]]
+    two = tmp_path / "two.npz"
+    np.savez(two, ids=np.zeros((3, 5), np.int64), mask=np.ones((3, 5), np.int64))
+    source = parse_inputs([str(two)], None)
+    assert not source.padded
+    assert [{k: v.shape for k, v in r.items()} for r in source.requests(0)] == [
+        {"ids": (1, 5), "mask": (1, 5)}] * 3
+
+
+def test_npz_errors(tmp_path) -> None:
+    def error(path) -> str:
+        with pytest.raises(BenchError) as info:
+            parse_inputs([str(path)], None)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "no such file" in error(tmp_path / "missing.npz")
+    text = tmp_path / "text.npz"
+    text.write_text("not a zip")
+    assert "cannot read" in error(text) or "not an .npz" in error(text)
+    uneven = tmp_path / "uneven.npz"
+    np.savez(uneven, a=np.zeros((3, 2)), b=np.zeros((4, 2)))
+    assert "same number of requests" in error(uneven)
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, arr_0=np.zeros((1, 2)), other=np.zeros((1, 2)))
+    assert "mixes per-request keys" in error(mixed)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, a=np.array([{"x": 1}], dtype=object))
+    assert "cannot read" in error(objects)
+    scalar = tmp_path / "scalar.npz"
+    np.savez(scalar, arr_0=np.float32(1.0))
+    assert "0-d" in error(scalar)
+    names = tmp_path / "names.npz"
+    np.savez(names, **{"0/a": np.zeros((1, 2)), "1/b": np.zeros((1, 2))})
+    assert "request 1 has inputs ['b']" in error(names)
+
+
+def test_check_model_names_the_batch_it_failed_on() -> None:
+    source = parse_inputs(["ids=int64:1x8", "mask=int64:1x8"], None)
+    check_model(identity, source)
+
+    def wants_an_array(batch):
+        return batch.shape
+
+    with pytest.raises(BenchError, match=r"ids: int64 \(1, 8\), mask: int64 \(1, 8\)"):
+        check_model(wants_an_array, source, name="--model m:f")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_sends_ragged_named_requests(tmp_path, capsys) -> None:
+    path = tmp_path / "b.json"
+    code, out, err = run_cli(
+        capsys, "--model", "identity", "--clients", "4", *TINY, "--json", str(path),
+        "--input", "input_ids=int64:1x4..16", "--input", "attention_mask=int64:1x4..16",
+    )
+    assert code == 0, err
+    assert "input_ids=int64:1x4..16" in out
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["input"]["padded"] is True
+    assert doc["settings"]["input"]["inputs"] == [
+        "input_ids=int64:1x4..16", "attention_mask=int64:1x4..16"]
+    assert doc["settings"]["features"] is None
+    runs = {r["system"]: r for r in doc["runs"]}
+    assert runs["batchproc"]["completed"] == 30 and runs["batchproc"]["errors"] == 0
+
+
+def test_bench_sends_npz_requests(tmp_path, capsys) -> None:
+    npz = tmp_path / "reqs.npz"
+    np.savez(npz, *[np.ones((2, 3), np.float32) for _ in range(5)])
+    path = tmp_path / "b.json"
+    code, _, err = run_cli(capsys, "--model", "identity", "--rate", "500", *TINY,
+                           "--input", str(npz), "--json", str(path))
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["no batching"]["mean_batch"] == 2.0  # two rows per request
+    assert runs["limit"]["mean_batch"] == 64.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--input", "float32:1x0"], "--input"),
+        (["--input", "nope.npz"], "no such file"),
+        (["--input", "float32:1x4", "--features", "4"], "--features and --input"),
+        (["--model", "mlp", "--input", "float32:1x5"], "--model mlp failed on a batch of 1 row"),
+    ],
+)
+def test_bad_input_flags_are_one_line(capsys, argv: list[str], mentions: str) -> None:
+    code, out, err = run_cli(capsys, *argv, *TINY)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and mentions in err, err

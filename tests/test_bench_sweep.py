@@ -1,0 +1,160 @@
+"""`batchproc bench --sweep`: offered loads at fractions of the capacity, one curve per
+system, a table, JSON and the plot; and `--config`, which adds a system to a bench.
+
+Short runs of the identity model (0.15 s per load); nothing here depends on speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from extras import skip_without
+
+from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+from batchproc.__main__ import main
+from batchproc.bench import BenchError
+from batchproc.bench.configs import format_config, parse_config
+from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.models import FixedCost
+from batchproc.bench.sweep import SATURATED_IN_A_ROW, run_sweep
+from batchproc.bench.targets import NoBatching
+
+FAST = ["--model", "identity", "--duration", "0.15", "--quiet"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sweep_json_table_and_systems(tmp_path, capsys) -> None:
+    path = tmp_path / "sweep.json"
+    code, out, err = run_cli(
+        capsys, "--sweep", *FAST, "--capacity", "2000", "--loads", "0.5,0.1",
+        "--config", "max_batch_size=8, processing_strategy=FIXED, batch_timeout=0.001",
+        "--json", str(path),
+    )
+    assert code == 0, err
+    for text in ("capacity (given): 2,000 req/s", "offered req/s", "achieved req/s",
+                 "p99 ms", "batchproc", "no batching", "config 1",
+                 "config 1: max_batch_size=8, processing_strategy=FIXED"):
+        assert text in out, text
+    doc = json.loads(path.read_text())
+    assert {"date", "machine", "versions", "settings", "capacity", "points", "skipped"} <= set(doc)
+    assert doc["capacity"] == {"req_s": 2000.0, "measured": False, "run": None}
+    assert doc["settings"]["fractions"] == [0.1, 0.5]
+    assert doc["settings"]["configs"] == [
+        "max_batch_size=8, processing_strategy=FIXED, batch_timeout=0.001"]
+    points = doc["points"]
+    assert [(p["system"], p["fraction"]) for p in points] == [
+        (s, f) for s in ("batchproc", "config 1", "no batching") for f in (0.1, 0.5)]
+    for p in points:
+        assert p["offered"] == pytest.approx(2000 * p["fraction"])
+        assert {"throughput", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "completed",
+                "saturated"} <= set(p)
+        assert p["errors"] == 0 and p["completed"] > 0
+        assert 0 < p["p50_ms"] <= p["p99_ms"]
+    assert all(p["mean_batch"] == 1.0 for p in points if p["system"] == "no batching")
+
+
+def test_sweep_measures_the_capacity_first(tmp_path, capsys) -> None:
+    path = tmp_path / "sweep.json"
+    code, out, err = run_cli(capsys, "--sweep", *FAST, "--max-batch", "4", "--loads", "0.05",
+                             "--json", str(path))
+    assert code == 0, err
+    doc = json.loads(path.read_text())
+    cap = doc["capacity"]
+    assert cap["measured"] is True and cap["req_s"] > 0
+    assert cap["run"]["load"] == "8 clients"  # twice --max-batch
+    assert cap["run"]["throughput"] == cap["req_s"]
+    assert doc["points"][0]["offered"] == pytest.approx(0.05 * cap["req_s"])
+    assert "capacity (measured)" in out
+
+
+def test_sweep_plot_is_a_png(tmp_path, capsys) -> None:
+    skip_without("test")
+    path = tmp_path / "curve.png"
+    code, _, err = run_cli(capsys, "--sweep", *FAST, "--capacity", "1000",
+                           "--loads", "0.1,0.3", "--plot", str(path))
+    assert code == 0, err
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_saturated_system_skips_its_higher_loads() -> None:
+    # No batching on a 20 ms model carries 50 requests/s: 500 and 1000 offered saturate it.
+    result = run_sweep([NoBatching()], FixedCost(0.02), "fixed", FeatureRows(4),
+                       fractions=[0.5, 1.0, 2.0, 4.0], capacity=1000.0, duration=0.2)
+    pts = result.points["no batching"]
+    assert [p.fraction for p in pts] == [0.5, 1.0][:SATURATED_IN_A_ROW]
+    assert all(p.saturated for p in pts)
+    assert result.skipped == {"no batching": [2.0, 4.0]}
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--sweep", "--clients", "4"], "--clients does not apply"),
+        (["--sweep", "--rate", "100"], "--rate does not apply"),
+        (["--sweep", "--priorities"], "--priorities does not go with --sweep"),
+        (["--loads", "0.5"], "--loads goes with --sweep"),
+        (["--capacity", "100"], "--capacity goes with --sweep"),
+        (["--sweep", "--loads", "0.5,,1"], "comma-separated"),
+        (["--sweep", "--loads", "0.5,-1"], "--loads"),
+        (["--sweep", "--capacity", "0"], "--capacity"),
+        (["--config", "max_batch_size=0"], "batchproc rejects it"),
+        (["--config", "no_such_field=1"], "no_such_field"),
+    ],
+)
+def test_bad_sweep_flags_are_one_line(capsys, argv: list[str], mentions: str) -> None:
+    code, out, err = run_cli(capsys, *argv, *FAST)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and mentions in err, err
+
+
+def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
+    fields = {"max_batch_size": 32, "batch_timeout": 0.002, "max_workers": 2,
+              "processing_strategy": BatchProcessingStrategy.FIXED}
+    text = format_config(fields)
+    call = text[text.index("BatchProcessorConfig("):]
+    assert parse_config(call) == fields
+    assert parse_config("max_batch_size=32, batch_timeout=0.002, max_workers=2, "
+                        "processing_strategy='fixed'") == fields
+    assert parse_config("processing_strategy=GREEDY") == {
+        "processing_strategy": BatchProcessingStrategy.GREEDY}
+    namespace: dict[str, object] = {}
+    exec(text, namespace)
+    config = namespace["config"]
+    assert isinstance(config, BatchProcessorConfig)
+    assert config.max_batch_size == 32 and config.max_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("max_batch_size=", "field=value"),
+        ("32", "keyword arguments only"),
+        ("max_batch_size=int('3')", "not a literal"),
+        ("processing_strategy=FASTEST", "not one of FIXED, ADAPTIVE, GREEDY"),
+        ("**{'a': 1}", "** is not accepted"),
+        ("min_batch_size=10, max_batch_size=5", "batchproc rejects it"),
+    ],
+)
+def test_bad_configs(text: str, mentions: str) -> None:
+    with pytest.raises(BenchError, match="--config") as info:
+        parse_config(text)
+    assert mentions in str(info.value)
+
+
+def test_bench_runs_each_config_as_one_more_system(tmp_path, capsys) -> None:
+    path = tmp_path / "b.json"
+    code, _, err = run_cli(capsys, "--model", "identity", "--clients", "2", "--requests",
+                             "20", "--quiet", "--config", "max_batch_size=2",
+                             "--json", str(path))
+    assert code == 0, err
+    doc = json.loads(path.read_text())
+    assert [r["system"] for r in doc["runs"]] == ["batchproc", "config 1", "no batching",
+                                                  "limit"]
+    assert doc["runs"][1]["completed"] == 20 and doc["runs"][1]["mean_batch"] <= 2

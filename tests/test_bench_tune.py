@@ -1,0 +1,196 @@
+"""`batchproc tune`: the search, its results file (resumable), the budget, the verdict
+against the default, and the configuration printed as Python.
+
+The CLI runs use the identity model for 0.15 s per configuration; the SLO search's
+ladder is checked with synthetic measurements, so nothing depends on speed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+from batchproc.__main__ import main
+from batchproc.bench import BenchError
+from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.models import identity
+from batchproc.bench.tune import (
+    DEFAULT,
+    Candidate,
+    Goal,
+    ResultsFile,
+    Tuner,
+    candidates,
+    ladder_fraction,
+)
+
+SPACE = ["--sizes", "4,8", "--delays-ms", "1", "--workers", "1",
+         "--strategies", "adaptive,fixed"]
+FAST = ["--model", "identity", "--duration", "0.15", "--quiet"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["tune", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def config_of(out: str) -> BatchProcessorConfig:
+    """Exec the Python that tune prints last, as a user would paste it."""
+    code = out[out.index("from batchproc import"):]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)
+    config = namespace["config"]
+    assert isinstance(config, BatchProcessorConfig)
+    return config
+
+
+def test_tune_at_a_rate_then_resume_measures_nothing_new(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    argv = [*FAST, *SPACE, "--rate", "300", "--json", str(path)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    for text in ("offered req/s", "achieved req/s", "p99 ms", "meets", "default (ADAPTIVE)",
+                 "best: ", "runs: 5 measured now, 0 reused", "5 of 5 configurations done"):
+        assert text in out, text
+    config = config_of(out)
+    assert config.max_batch_size in (4, 8, 128)
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "batchproc tune results" and doc["version"] == 1
+    assert doc["identity"]["model"] == "identity" and doc["identity"]["duration_s"] == 0.15
+    assert doc["goal"] == {"rate": 300.0, "p99_ms": None}
+    assert doc["capacity"] is None  # a target load needs no capacity
+    keys = [r["key"] for r in doc["runs"]]
+    assert keys[0] == "default" and len(set(keys)) == 5
+    for r in doc["runs"]:
+        assert r["offered"] == 300.0 and r["completed"] > 0 and r["errors"] == 0
+        assert {"throughput", "p50_ms", "p99_ms", "mean_batch", "label", "candidate"} <= set(r)
+    assert doc["best"]["run"]["key"] == doc["best"]["key"]
+
+    code, out2, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "runs: 0 measured now, 5 reused" in out2
+    assert json.loads(path.read_text())["runs"] == doc["runs"]
+    assert out2[out2.index("from batchproc import"):] == out[out.index("from batchproc import"):]
+
+
+def test_a_file_of_other_settings_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    code, _, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "0.001",
+                           "--json", str(path))
+    assert code == 1  # the budget allowed no run: nothing meets the goal
+    code, out, err = run_cli(capsys, "--model", "identity", "--duration", "0.3", "--quiet",
+                             *SPACE, "--rate", "300", "--json", str(path))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "duration_s" in err
+    other = tmp_path / "other.json"
+    other.write_text('{"runs": []}')
+    code, _, err = run_cli(capsys, *FAST, "--rate", "300", "--json", str(other))
+    assert code == 2 and "not a file written by batchproc tune" in err
+
+
+def test_the_budget_bounds_the_search_and_a_rerun_continues(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    code, out, _ = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "0.001",
+                           "--json", str(path))
+    assert code == 1
+    assert "runs: 0 measured now" in out and "budget spent" in out
+    assert "no configuration tried meets the goal" in out
+    assert json.loads(path.read_text())["budget_spent"] is True
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--json", str(path))
+    assert code == 0, err
+    assert "runs: 5 measured now" in out and "budget spent" not in out
+
+
+def test_ragged_requests_print_a_config_with_padding(capsys) -> None:
+    code, out, err = run_cli(capsys, *FAST, "--sizes", "4", "--delays-ms", "1", "--workers",
+                             "1", "--strategies", "greedy", "--rate", "200",
+                             "--input", "int64:1x2..6")
+    assert code == 0, err
+    assert config_of(out).pad_value == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        ([], "give a target load (--rate R), an SLO (--p99-ms MS), or both"),
+        (["--rate", "0"], "--rate"),
+        (["--p99-ms", "-1"], "--p99-ms"),
+        (["--rate", "10", "--sizes", "8,x"], "--sizes"),
+        (["--rate", "10", "--strategies", "fastest"], "not one of adaptive, fixed, greedy"),
+        (["--rate", "10", "--budget", "0"], "--budget"),
+        (["--rate", "10", "--input", "float32:1x"], "--input"),
+        (["--rate", "10", "--json", "/nonexistent-dir/t.json"], "/nonexistent-dir"),
+    ],
+)
+def test_bad_tune_flags_are_one_line(capsys, argv: list[str], mentions: str) -> None:
+    code, out, err = run_cli(capsys, *FAST, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and mentions in err, err
+
+
+def test_candidates_cover_the_grid_once_greedy_without_delays() -> None:
+    space = candidates([8, 16], [1.0, 5.0], [1, 2], ["adaptive", "fixed", "greedy"], seed=3)
+    assert len(space) == 2 * 2 * 2 * 2 + 2 * 2
+    assert len({c.key for c in space}) == len(space)
+    assert space == candidates([8, 16], [1.0, 5.0], [1, 2],
+                               ["adaptive", "fixed", "greedy"], seed=3)
+    fields = Candidate("fixed", 16, 2.0, 2).fields()
+    assert fields == {"max_batch_size": 16, "initial_batch_size": 16, "batch_timeout": 0.002,
+                      "max_workers": 2, "processing_strategy": BatchProcessingStrategy.FIXED}
+    assert DEFAULT.fields() == {} and DEFAULT.key == "default"
+
+
+class FakeTuner(Tuner):
+    """Synthetic runs: a candidate keeps p99 under 10 ms up to the load it can carry."""
+
+    def __init__(self, carries: dict[str, float], capacity: float = 1000.0) -> None:
+        results = ResultsFile(None, {})
+        results.capacity = capacity
+        space = [c for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]) if c.key in carries]
+        super().__init__(identity, "identity", FeatureRows(4), Goal(p99_ms=10.0), space,
+                         duration=1.0, budget=1e9, results=results)
+        self.carries = carries
+        self.calls: list[tuple[str, float]] = []
+
+    def measure(self, c: Candidate, offered: float) -> dict[str, Any] | None:
+        self.calls.append((c.key, offered))
+        ok = offered <= self.carries[c.key]
+        record = {"key": c.key, "label": c.label, "candidate": vars(c), "offered": offered,
+                  "throughput": offered, "p50_ms": 1.0, "p99_ms": 5.0 if ok else 50.0,
+                  "mean_batch": 1.0, "completed": 10, "errors": 0, "unfinished": 0}
+        self.records.append(record)
+        return record
+
+
+def test_the_slo_search_climbs_the_ladder_and_prunes() -> None:
+    small, mid, big = (c.key for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]))
+    tuner = FakeTuner({"default": 450.0, small: 100.0, mid: 1000.0, big: 450.0})
+    result = tuner.run()
+    assert result.best is not None and result.best["offered"] == 1000.0
+    assert result.best["key"] == mid
+    assert result.default is not None and result.default["offered"] == 400.0
+    by_key: dict[str, list[float]] = {}
+    for key, offered in tuner.calls:
+        by_key.setdefault(key, []).append(offered)
+    # The default climbs from the bottom; the others start where the best so far is, so
+    # one that cannot carry that load costs one run.
+    assert by_key["default"] == pytest.approx([1000.0 * ladder_fraction(s) for s in range(6)])
+    assert len(by_key[small]) == 1 and by_key[small][0] in (400.0, 1000.0)
+    assert len(by_key[big]) <= 2
+    assert by_key[mid][-1] == pytest.approx(1000.0 * ladder_fraction(11))  # first miss
+
+
+def test_goal_needs_the_load_carried_and_the_slo() -> None:
+    run = {"offered": 100.0, "throughput": 95.0, "p99_ms": 8.0, "errors": 0,
+           "unfinished": 0, "completed": 95}
+    assert Goal(rate=100.0).meets(run)
+    assert Goal(rate=100.0, p99_ms=10.0).meets(run)
+    assert not Goal(rate=100.0, p99_ms=5.0).meets(run)
+    assert not Goal(rate=100.0).meets({**run, "throughput": 80.0})
+    assert not Goal(rate=100.0).meets({**run, "errors": 1})
+    with pytest.raises(BenchError):
+        Goal()

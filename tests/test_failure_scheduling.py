@@ -107,20 +107,39 @@ def test_healthy_requests_never_wait_for_a_backoff(make_processor, bad_positions
 def test_one_bad_input_costs_one_call_per_level_wherever_it_is(make_processor, size):
     # One failing request among n: the others have their results within log2(n) + 1
     # calls after the failing batch (one call per bisection level, and at most one to
-    # deliver the requests set aside); once found, the failing one is parked without
-    # another call.
+    # deliver the requests set aside).
     levels = size.bit_length() - 1
     positions = sorted({0, 1, size // 2 - 1, size // 2, size - 2, size - 1})
     for bad in positions:
         p, model, values, futures, good_done = run_with_bad_inputs(make_processor, size,
                                                                    [bad])
-        assert len(model.calls) <= 1 + levels + 1, (bad, model.calls)
-        assert max(good_done) == len(model.calls)  # the last call delivered
+        assert max(good_done) <= 1 + levels + 1, (bad, model.calls)
+        # Then, once every other request has its result, the bad one runs alone (only a
+        # request that fails on its own gets an error).
+        assert model.calls[-1] == [-1.0]
+        assert max(good_done) == len(model.calls) - 1
         # Every request is in at most one successful call, so nothing ran twice.
         delivered = [v for call in model.calls if -1.0 not in call for v in call]
         assert sorted(delivered) == sorted(v for v in values if v != -1.0)
         assert not futures[bad].done()  # parked for its retry
         p.stop(timeout=0.1)
+
+
+@pytest.mark.parametrize("largest", [1, 2, 3, 5])
+def test_a_failure_that_depends_on_the_batch_fails_no_request(make_processor, largest):
+    # A model that fails on any batch larger than `largest` rows (out of memory, say):
+    # no request fails on its own, so with no retries every one still gets its result:
+    # a request is failed only after it failed alone.
+    def model(batch):
+        if len(batch) > largest:
+            raise RuntimeError("batch too large")
+        return batch * 2
+
+    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
+                       max_retries=0, reduce_batch_on_failure=False)
+    futures = enqueue_paused(p, [float(v) for v in range(8)])
+    assert [f.result(timeout=20)[0, 0] for f in futures] == [2.0 * v for v in range(8)]
+    assert p.get_stats()["total_errors"] == 0
 
 
 def test_backoff_holds_no_worker_and_holds_up_no_other_request(make_processor):

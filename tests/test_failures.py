@@ -43,12 +43,12 @@ def test_a_poison_request_fails_alone(make_processor):
         else:
             assert future.result(timeout=10)[0, 0] == 2 * v
     assert calls[0] == [float(v) for v in values]  # one batch first, then bisection
-    # Found in log2(16) calls, none of them its own; then its one retry, alone.
+    # Found in log2(16) calls; then it runs alone (for its own error), then its retry.
     assert calls[1:5] == [[float(v) for v in values[:8]],
                           [float(v) for v in values[8:12]],
                           [float(v) for v in values[12:16] + values[8:10]],
                           [float(values[10])]]
-    assert [c for c in calls[5:]] == [[-1.0]]
+    assert calls[5:] == [[-1.0], [-1.0]]
     stats = p.get_stats()
     assert stats["total_errors"] == 1 and stats["total_processed"] == 15
 

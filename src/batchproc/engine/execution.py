@@ -5,9 +5,10 @@ Failure scheduling (docs/failures.md):
 * A failing batch of several requests is searched on the worker, without waiting, for
   the one request that fails (``Executor._isolate``): each call runs half of the
   suspects with the requests set aside so far (presumed good), so a single failing
-  request is found in log2(n) calls and the others have their results within one more.
-  When more than one fails, the rest is bisected: both halves run, and each that fails
-  is bisected again.
+  request is found in log2(n) calls and the others have their results within one more;
+  then it runs alone, so that only a request that fails on its own gets an error. When
+  more than one fails, the rest is bisected: both halves run, and each that fails is
+  bisected again.
 * A request that fails on its own is never waited for on the worker: it is parked in the
   native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
@@ -158,8 +159,8 @@ class Executor:
         (not run since a failing call; presumed good). If it succeeds, they all have
         their results and the failure is in the other half; if it fails, that other half
         is set aside too. A single failing request is found
-        in log2(n) calls and is parked without a call of its own, and the others have
-        their results within one more. Should the requests set aside fail on their own,
+        in log2(n) calls and the others have their results within one more; then it
+        runs alone, for its own error. Should the requests set aside fail on their own,
         several requests fail: the rest is bisected instead (``_bisect``).
         """
         suspects = group
@@ -179,7 +180,6 @@ class Executor:
                              self._isolate)
                 self._settle(batch, rest, workspace, target, origin)
                 return
-            error = failure
             suspects, aside = half, aside + rest
         if aside:
             status, failure = self._try(batch, aside, workspace, target)
@@ -191,8 +191,10 @@ class Executor:
                 self._failed(batch, aside, workspace, target, failure, origin,
                              self._bisect)
                 return
-        # Every other request of a failing call succeeded: this one fails on its own.
-        self._retry_or_fail(batch, suspects[0], error, origin)
+        # Every other request of a failing call has its result. Whether this one fails
+        # on its own is seen by running it alone: a failure that depends on the batch
+        # (its size, say) must never fail a request that would succeed by itself.
+        self._settle(batch, suspects, workspace, target, origin)
 
     def _bisect(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException) -> None:
@@ -205,7 +207,10 @@ class Executor:
             return
         if status == OK:
             # The failure is in the second half: split it without running it whole.
-            self._failed(batch, second, workspace, target, error, origin, self._bisect)
+            if len(second) == 1:
+                self._settle(batch, second, workspace, target, origin)
+            else:
+                self._bisect(batch, second, workspace, target, error, origin)
             return
         status, error_second = self._try(batch, second, workspace, target)
         if status == ABANDONED:

@@ -96,6 +96,33 @@ def test_acall_from_a_coroutine(stopped_after):
     assert asyncio.run(main()) == [i + 1 for i in range(500)]
 
 
+def test_cancelling_an_acall_takes_its_request_out_of_the_queue_at_once(stopped_after):
+    seen = []
+
+    @batchproc.batch(max_batch_size=4)
+    def ident(items):
+        seen.extend(items)
+        return items
+
+    stopped_after(ident)
+    ident.processor.pause()
+
+    async def main():
+        doomed = asyncio.ensure_future(ident.acall("doomed"))
+        await asyncio.sleep(0)  # its first step has queued the request
+        assert ident.processor.get_stats()["queue_size"] == 1
+        doomed.cancel()
+        stats = ident.processor.get_stats()  # no await since the cancel
+        assert (stats["queue_size"], stats["total_cancelled"]) == (0, 1)
+        ident.processor.resume()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        return await ident.acall("kept")
+
+    assert asyncio.run(main()) == "kept"
+    assert seen == ["kept"]
+
+
 def test_an_async_batch_function_runs_on_the_processors_loop(stopped_after):
     loops = set()
 

@@ -24,10 +24,10 @@ import queue as _stdlib_queue
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._native.request_queue import QueueClosed
-from .aio import AsyncRequest, LoopChannel
+from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .config import BatchPriority
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     last_loop, channel = processor._last_channel
     if last_loop is not loop or channel is None:
         channel = processor._channel_for(loop)
-    future: asyncio.Future[U] = loop.create_future()
+    future = QueuedFuture(loop=loop)
     request, rows, nbytes, key, length = processor._describe(
         item, AsyncRequest(future, channel), _monotonic(), priority,
         _INF if deadline_at is None else deadline_at)
@@ -186,11 +186,10 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
                     timer.cancel()
             front = True  # woken: if the room is gone again, next in line
         epoch = room.epoch
-    try:
-        return await future
-    except asyncio.CancelledError:
-        # Still queued: take it out now (its room goes to the next waiter). Already
-        # dispatched: the worker sees the cancelled future and its result is dropped.
-        processor._cancel_queued(token)
-        raise
+    # Cancelling the awaiting task cancels the future: still queued, the request leaves
+    # the queue at once (its room goes to the next waiter); already dispatched, the worker
+    # sees the cancelled future and its result is dropped.
+    future._bp_token = token
+    future._bp_owner = processor
+    return cast("U", await future)
 

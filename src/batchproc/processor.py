@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from . import forking
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
-from .aio import AsyncRequest, LoopChannel
+from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict
 from .config import BatchPriority, BatchProcessorConfig
@@ -306,8 +306,10 @@ class BatchProcessor(Generic[T, U]):
         Results reach the loop a batch at a time (one wake-up of the loop per batch, not
         per request, as ``asyncio.wrap_future(enqueue_predict(x))`` would cost). It never
         blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
-        ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
-        dispatched is never processed; after dispatch its result is discarded.
+        ``ProcessorStoppedError``. Cancelling the future (or a task awaiting it) before
+        the request is dispatched takes it out of the queue at once, counted in
+        ``total_cancelled``; it is never processed. After dispatch its result is
+        discarded.
         ``RuntimeError`` if no event loop is running in this thread;
         ``ProcessorForkedError`` in a forked child, as for ``enqueue_predict``.
         ``max_queue_time`` as for ``enqueue_predict``.
@@ -318,7 +320,7 @@ class BatchProcessor(Generic[T, U]):
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
-        future: asyncio.Future[U] = loop.create_future()
+        future: QueuedFuture = QueuedFuture(loop=loop)
         now = _monotonic()
         if max_queue_time is _CONFIG:
             max_queue_time = self.config.max_queue_time
@@ -327,9 +329,12 @@ class BatchProcessor(Generic[T, U]):
             item, AsyncRequest(future, channel), now, priority,
             _INF if deadline is None else deadline)
         try:
-            self._queue.push(request, priority, rows, nbytes, key, 0, length, deadline)
+            token = self._queue.push(request, priority, rows, nbytes, key, 0, length,
+                                     deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
+        future._bp_token = token
+        future._bp_owner = self
         return future
 
     async def apredict(self, item: T, timeout: float | None = None,

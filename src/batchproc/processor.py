@@ -374,7 +374,10 @@ class BatchProcessor(Generic[T, U]):
             return self._room
 
     def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
-        """The error a caller gets when the queue refused its request."""
+        """The error a caller gets when the queue refused its request (every path comes
+        here: one count for ``get_stats()`` and the metrics collector alike)."""
+        with self._counts_lock:
+            self._rejected += 1
         self._metrics.rejected(1)
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
@@ -397,15 +400,15 @@ class BatchProcessor(Generic[T, U]):
         A refused or failed request is logged once, as a warning on the
         ``batchproc.processor`` logger; repeats of one exception type are logged at most
         once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
-        count in ``get_stats()["total_rejected"]``, failures in ``total_errors`` (expired
-        ones in ``total_expired``). ``max_queue_time`` as for ``enqueue_predict``.
+        (a full queue, a stopped processor) count in ``get_stats()["total_rejected"]`` as
+        from every other path, failures in ``total_errors`` (expired ones in
+        ``total_expired``); an item or argument ``enqueue_predict`` would raise for (a
+        0-d array, a bad ``max_queue_time``) is only logged. ``max_queue_time`` as for
+        ``enqueue_predict``.
         """
         try:
             future = self.enqueue_predict(item, timeout, priority, max_queue_time)
         except Exception as exc:
-            # Counted apart: it was never accepted, so it is not a processing error.
-            with self._counts_lock:
-                self._rejected += 1
             self._failure_log("refused", exc)
             return
         future.add_done_callback(self._failure_log.future_done)
@@ -454,14 +457,22 @@ class BatchProcessor(Generic[T, U]):
         Keys: ``avg_processing_time``, ``avg_batch_size`` (rows), ``avg_queue_time``,
         ``avg_latency``, ``p50_latency``, ``p95_latency``, ``p99_latency`` and
         ``max_latency`` (from enqueue to result, over the last ``monitoring_window``
-        requests), ``throughput`` (requests per second), ``error_rate``,
-        ``total_processed``, ``total_errors``, ``total_batches``, ``avg_queue_length``,
-        ``uptime``; and the processor's own: ``current_batch_size`` (target rows),
-        ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
-        ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
-        ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
-        ``total_expired`` (failed with ``QueueTimeoutError``: ``max_queue_time`` ran out
-        before their call), ``strategy``, ``memory_level``.
+        requests), ``throughput`` (requests per second), ``error_rate`` (of
+        ``total_processed`` and ``total_errors``, below), ``total_batches``,
+        ``avg_queue_length``, ``uptime``; and the processor's own:
+        ``current_batch_size`` (target rows), ``system_load`` (batches in progress /
+        ``max_workers``), ``active_batches``, ``queue_size`` (requests), ``queued_rows``,
+        ``is_paused``, ``is_stopping``, ``is_running``, ``strategy``, ``memory_level``;
+        and the counts of requests by
+        outcome, from start (docs/services.md, "Counts of requests"):
+        ``total_accepted`` (queued by any path), ``total_processed`` (a result),
+        ``total_errors`` (failed after acceptance: the model's exception, a bad output,
+        ``stop()``, and ``total_timed_out``), ``total_timed_out`` (their call ran past
+        ``item_timeout``: ``BatchTimeoutError``), ``total_expired`` (``max_queue_time``
+        ran out before their call: ``QueueTimeoutError``; not in ``total_errors``),
+        ``total_cancelled`` (by their callers, before dispatch), ``total_rejected``
+        (refused at enqueue, by any path, because the queue was full or the processor
+        stopped; never accepted).
 
         ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
@@ -485,6 +496,7 @@ class BatchProcessor(Generic[T, U]):
             total_cancelled=cancelled,
             total_rejected=rejected,
             total_expired=self._dispatcher.expired,
+            total_timed_out=self._dispatcher.timed_out,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )

@@ -5,6 +5,7 @@ import gc
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -213,14 +214,131 @@ def test_an_instance_that_goes_away_stops_its_processor():
     model = Model()
     assert model.predict(1) == 1
     processor = model.predict.processor
+    threads = processor._threads()
     ref = weakref.ref(model)
     del model
-    gc.collect()
-    assert ref() is None  # the workers do not keep the instance alive
-    processor.shutdown_event.wait(10)
-    assert processor.shutdown_event.is_set()
-    for thread in processor._threads():
+    assert _collected(ref)  # the workers do not keep the instance alive
+    assert _all_exit(threads)
+    assert not processor.running
+
+
+def _collected(ref, timeout=10.0):
+    """Collect until ``ref``'s object is gone. A worker drops the last batch it ran
+    only after delivering it, so its caller may get there a moment first."""
+    deadline = time.monotonic() + timeout
+    while ref() is not None:
+        assert time.monotonic() < deadline, "still alive"
+        gc.collect()
+        time.sleep(0.001)
+    return True
+
+
+def _all_exit(threads):
+    for thread in threads:
         thread.join(10)
+    running = threading.enumerate()
+    return not any(t.is_alive() or t in running for t in threads)
+
+
+def _model_class():
+    class Model:
+        def __init__(self, factor=1):
+            self.factor = factor
+            self.me = self  # a reference cycle: only the cyclic collector frees it
+
+        @batchproc.batch(max_batch_size=8)
+        def predict(self, items):
+            return [self.factor * x for x in items]
+
+    return Model
+
+
+def test_an_instance_freed_through_a_cycle_stops_its_processor_and_threads():
+    model = _model_class()(2)
+    assert model.predict(1) == 2
+    processor = model.predict.processor
+    threads = processor._threads()
+    assert {t.name for t in threads} >= {"batchproc-supervisor", "batchproc-worker-1"}
+    ref = weakref.ref(model)
+    del model
+    assert _collected(ref)
+    assert _all_exit(threads)
+    assert not processor.running and processor.shutdown_event.is_set()
+
+
+def test_functions_made_at_runtime_and_dropped_stop_their_processors():
+    def make(k):
+        @batchproc.batch(max_batch_size=4)
+        def scale(items):
+            return [k * x for x in items]
+        return scale
+
+    made = [make(k) for k in (2, 3, 4)]
+    assert [fn(1) for fn in made] == [2, 3, 4]
+    processors = [fn.processor for fn in made]
+    threads = [t for fn in made for t in fn._threads()]
+    refs = [weakref.ref(fn) for fn in made]
+    del made
+    assert all(_collected(ref) for ref in refs)
+    assert _all_exit(threads)
+    assert not any(p.running for p in processors)
+
+
+def test_pending_requests_keep_a_dropped_function_alive_until_done(recorder):
+    model = recorder()
+
+    def make():
+        @batchproc.batch(max_batch_size=8)
+        def ident(items):
+            return model(items)
+        return ident
+
+    fn = make()
+    processor = fn.processor
+    processor.pause()
+    fn.submit("dropped")  # fire and forget: held only by the queue
+    kept = [fn.submit(i) for i in range(3)]
+    ref = weakref.ref(fn)
+    del fn
+    gc.collect()
+    assert ref() is not None and processor.running  # the queued requests hold it
+    threads = processor._threads()
+    processor.resume()
+    assert [f.result(10) for f in kept] == [0, 1, 2]
+    assert model.batches == [["dropped", 0, 1, 2]]
+    del kept
+    assert _collected(ref)
+    assert _all_exit(threads)
+
+
+def test_pending_requests_keep_a_dropped_instance_alive_until_done():
+    model = _model_class()(10)
+    processor = model.predict.processor
+    processor.pause()
+    pending = [model.predict.submit(i) for i in range(3)]
+
+    async def from_a_loop(model):
+        task = asyncio.ensure_future(model.predict.acall(5))
+        await asyncio.sleep(0)  # queued by its first step
+        return task
+
+    async def main():
+        nonlocal model
+        task = await from_a_loop(model)
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is not None  # the pending requests hold it
+        processor.resume()
+        return ref, await task
+
+    ref, from_acall = asyncio.run(main())
+    # Served by the instance, not failed with ReferenceError for want of it.
+    assert [f.result(10) for f in pending] == [0, 10, 20] and from_acall == 50
+    threads = processor._threads()
+    del pending
+    assert _collected(ref)
+    assert _all_exit(threads)
     assert not processor.running
 
 

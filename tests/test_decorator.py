@@ -342,6 +342,90 @@ def test_pending_requests_keep_a_dropped_instance_alive_until_done():
     assert not processor.running
 
 
+def test_a_bound_method_gets_one_processor_per_decoration(stopped_after):
+    class Scaler:
+        def __init__(self, factor):
+            self.factor = factor
+
+        def scale(self, items):
+            return [self.factor * x for x in items]
+
+    double, triple = Scaler(2), Scaler(3)
+    by_two = stopped_after(batchproc.batch(max_batch_size=4)(double.scale))
+    by_three = stopped_after(batchproc.batch(max_batch_size=4)(triple.scale))
+    again = stopped_after(batchproc.batch(max_batch_size=4)(double.scale))
+    assert isinstance(by_two, BatchedFunction)
+    assert (by_two(5), by_three(5), again(5)) == (10, 15, 10)
+    assert len({id(f.processor) for f in (by_two, by_three, again)}) == 3
+
+
+def _static_model(order):
+    """A class whose static batch method is decorated in ``order`` (in a class body:
+    the qualified name is what marks a method)."""
+    if order == "batch over staticmethod":
+        class Model:
+            @batchproc.batch()
+            @staticmethod
+            def ident(items):
+                return list(items)
+    elif order == "staticmethod over batch":
+        class Model:
+            @staticmethod
+            @batchproc.batch()
+            def ident(items):
+                return list(items)
+    else:
+        class Model:  # taking only the batch, without @staticmethod: static too
+            @batchproc.batch()
+            def ident(items):
+                return list(items)
+    assert Model.__dict__["ident"].__qualname__.endswith("Model.ident")
+    return Model
+
+
+@pytest.mark.parametrize("order", ["batch over staticmethod", "staticmethod over batch",
+                                   "a class-body function of the batch alone"])
+def test_a_static_method_gets_one_processor_for_its_class(stopped_after, order):
+    Model = _static_model(order)
+    Sub = type("Sub", (Model,), {})
+    fn = stopped_after(Model.ident)
+    assert isinstance(fn, BatchedFunction)
+    assert (Model.ident("a"), Model().ident("b"), Sub.ident("c"), Sub().ident("d")) == (
+        "a", "b", "c", "d")
+    assert Model().ident.processor is Sub().ident.processor is fn.processor
+
+
+def test_a_method_called_on_its_class_uses_the_instances_processor(stopped_after):
+    Model = _model_class()
+    model = Model(3)
+    assert Model.predict(model, 2) == 6 == model.predict(2)
+    assert Model.predict.__get__(model).processor is model.predict.processor
+    Model.predict.stop()
+
+
+def test_a_classmethod_is_refused_with_what_to_write_instead():
+    what = r"classmethod cannot be batched .* @staticmethod .* method taking self"
+    # Under @batch: refused when decorating.
+    with pytest.raises(TypeError, match=what):
+        class Under:
+            @batchproc.batch()
+            @classmethod
+            def predict(cls, items):
+                return items
+
+    # Above @batch, @classmethod wraps what @batch made: refused on first use.
+    class Above:
+        @classmethod
+        @batchproc.batch()
+        def predict(cls, items):
+            return items
+
+    with pytest.raises(TypeError, match=what):
+        Above.predict(1)
+    with pytest.raises(TypeError, match=what):
+        Above().predict(1)
+
+
 def test_stop_then_call_again_starts_a_fresh_processor(stopped_after):
     @batchproc.batch()
     def ident(items):

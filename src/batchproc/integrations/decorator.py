@@ -12,17 +12,26 @@
     embed.processor                 # the BatchProcessor behind it
     embed.stop()                    # also done at interpreter exit
 
-The processor is made and started on first use, one per function, or one per instance
-for a method (kept in the instance's ``__dict__`` under the method's name, the way
-``functools.cached_property`` keeps its value). After ``stop()`` the next call starts a
-fresh one. A processor lives as long as its owner (the decorated function; for a method,
-the instance), reference cycles included: once the owner is collected its processor is
-stopped and its threads exit. A request still pending keeps its owner alive (its future,
-or the coroutine awaiting it, holds it), so none is lost that way.
-Every processor still running at interpreter exit is stopped by an ``atexit`` hook, so
-queued work is finished or failed, never lost silently. A process forked after the first
-call (a pre-forking server that warmed the model up before forking) does not inherit
-the processor, whose threads stay in the parent: its first call starts its own.
+The processor is made and started on first use, one per decorated function, or one
+per instance for a method (kept in the instance's ``__dict__`` under the method's name,
+the way ``functools.cached_property`` keeps its value). What counts as which:
+
+- a function written in a class body that takes the instance and the batch is a method;
+- one that takes only the batch (``@staticmethod``, above or below ``@batch``) is a
+  function: one processor for the class, its subclasses and instances;
+- a bound method (``batch(...)(obj.method)``) is a function: one processor per
+  decoration, which keeps ``obj`` alive;
+- ``@classmethod`` is refused (``TypeError``): there is no per-class processor.
+
+After ``stop()`` the next call starts a fresh one. A processor lives as long as its owner
+(the decorated function; for a method, the instance), reference cycles included: once
+the owner is collected its processor is stopped and its threads exit. A request still
+pending keeps its owner alive (its future, or the coroutine awaiting it, holds it), so
+none is lost that way. Every processor still running at interpreter exit is stopped by
+an ``atexit`` hook, so queued work is finished or failed, never lost silently. A process
+forked after the first call (a pre-forking server that warmed the model up before
+forking) does not inherit the processor, whose threads stay in the parent: its first
+call starts its own.
 
 ``async def`` batch functions are async models of the processor: they run on the event
 loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
@@ -181,6 +190,8 @@ class BatchedMethod(Generic[S, T, U]):
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
+        if isinstance(instance, type):  # @classmethod above @batch
+            raise TypeError(_CLASSMETHOD.format(name=self._name))
         try:
             namespace = instance.__dict__
         except AttributeError:
@@ -210,10 +221,24 @@ class BatchedMethod(Generic[S, T, U]):
             self._bound.add(bound)
         return bound
 
+    def __call__(self, instance: S, item: T, timeout: float | None = None,
+                 priority: BatchPriority | int = _NORMAL) -> U:
+        """Called on the class, ``Class.method(instance, item)``: as
+        ``instance.method(item)``."""
+        bound: BatchedFunction[T, U] = self.__get__(instance, type(instance))
+        return bound(item, timeout, priority)
+
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor of every instance."""
         for bound in list(self._bound):
             bound.stop(timeout)
+
+
+_CLASSMETHOD = (
+    "@batchproc.batch on {name}: a classmethod cannot be batched (a batch method has one "
+    "processor per instance, and there is none per class). For one processor shared by "
+    "the class, write it as a @staticmethod taking only the batch (or a module-level "
+    "function); for one per instance, as a method taking self and the batch")
 
 
 def _bind(func: Callable[..., Any], instance: Any,
@@ -281,10 +306,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
-def _defined_in_class(func: Callable[..., Any]) -> bool:
-    """Whether ``func`` was written in a class body (its qualified name says so)."""
+def _is_method(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is a batch method: a function written in a class body (its
+    qualified name says so) that takes the instance and the batch. One that takes only
+    the batch is a static method (what the typed overloads of ``_Decorator`` also say)."""
+    if inspect.ismethod(func):
+        return False  # bound already
     parts = getattr(func, "__qualname__", "").split(".")
-    return len(parts) >= 2 and parts[-2] != "<locals>"
+    if len(parts) < 2 or parts[-2] == "<locals>":
+        return False
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: as written in a class body
+        return True
+    required = [p for p in parameters if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) >= 2
 
 
 class _Decorator:
@@ -325,10 +362,16 @@ class _Decorator:
     def __call__(self, func: Callable[[S, B], R]) -> BatchedMethod[S, B, R]: ...
 
     def __call__(self, func: Callable[..., Any]) -> Any:
+        if isinstance(func, classmethod):
+            raise TypeError(_CLASSMETHOD.format(name=func.__func__.__qualname__))
+        if isinstance(func, staticmethod):
+            # A BatchedFunction is no descriptor: through the class or an instance it is
+            # the same callable, so it needs no staticmethod around it.
+            func = func.__func__
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
         name = self._name or getattr(func, "__qualname__", None) or repr(func)
-        if _defined_in_class(func):
+        if _is_method(func):
             return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
                                                 name)
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
@@ -346,8 +389,11 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
 
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor
-    for arrays and tensors. A function written in a class body is a method: each instance
-    gets its own processor.
+    for arrays and tensors. A function written in a class body that takes the instance
+    and the batch is a method: each instance gets its own processor. A static method
+    (one taking only the batch, with or without ``@staticmethod``) gets one processor,
+    as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
+    for a classmethod.
 
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only.
     """

@@ -110,6 +110,81 @@ def test_a_request_cancelled_before_dispatch_is_never_processed(make_processor, 
     assert processor.get_stats()["total_cancelled"] == 1
 
 
+async def _awaiting(awaitable):
+    """A task already waiting on ``awaitable`` (its first step has run)."""
+    async def wait():
+        return await awaitable
+
+    task = asyncio.ensure_future(wait())
+    await asyncio.sleep(0)
+    return task
+
+
+async def _via_enqueue_predict(processor, item):
+    return processor.enqueue_predict(item)
+
+
+async def _via_async_future(processor, item):
+    return processor.enqueue_predict_async(item)
+
+
+async def _via_task_on_async_future(processor, item):
+    return await _awaiting(processor.enqueue_predict_async(item))
+
+
+async def _via_apredict_task(processor, item):
+    return await _awaiting(processor.apredict(item))
+
+
+@pytest.mark.parametrize("submit", [_via_enqueue_predict, _via_async_future,
+                                    _via_task_on_async_future, _via_apredict_task])
+def test_cancelling_from_any_path_takes_the_request_out_of_the_queue_at_once(
+        make_processor, recorder, submit):
+    model = recorder()
+    processor = make_processor(model)
+    processor.pause()
+
+    async def main():
+        doomed = await submit(processor, np.array([[7.0]]))
+        kept = processor.enqueue_predict_async(np.array([[8.0]]))
+        assert processor.get_stats()["queue_size"] == 2
+        assert doomed.cancel()
+        # No await since: the queue and the count changed inside cancel().
+        stats = processor.get_stats()
+        assert (stats["queue_size"], stats["total_cancelled"]) == (1, 1)
+        processor.resume()
+        return await kept
+
+    assert asyncio.run(main()).tolist() == [[8.0]]
+    assert [b.tolist() for b in model.batches] == [[[8.0]]]
+    stats = processor.get_stats()
+    assert (stats["total_cancelled"], stats["total_processed"]) == (1, 1)
+
+
+def test_cancelling_after_dispatch_drops_the_result_and_counts_no_cancellation(
+        make_processor):
+    started, release = threading.Event(), threading.Event()
+
+    def model(batch):
+        started.set()
+        assert release.wait(10)
+        return batch
+
+    processor = make_processor(model)
+
+    async def main():
+        future = processor.enqueue_predict_async(np.array([[1.0]]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        assert future.cancel()  # an asyncio future can always be cancelled
+        release.set()
+        await asyncio.get_running_loop().run_in_executor(
+            None, _wait_for, lambda: processor.get_stats()["total_processed"] == 1,
+            "the batch delivered")
+
+    asyncio.run(main())
+    assert processor.get_stats()["total_cancelled"] == 0
+
+
 def test_stop_fails_queued_async_requests(make_processor):
     processor = make_processor()  # never started: the request stays queued
 

@@ -140,3 +140,19 @@ def test_format_settings_accepted_and_normalised():
     assert BatchProcessorConfig(pad_value=-100.5).pad_value == -100.5
     for pad in (True, 2**64 - 1, -(2**63), 1 + 2j, np.float16(0.5), np.uint64(2**64 - 1)):
         assert BatchProcessorConfig(pad_value=pad).pad_value == pad
+
+
+@pytest.mark.parametrize("name,value,switch", [
+    ("max_priority_wait", 0.5, "enable_priority_queue"),
+    ("max_priority_wait", 0, "enable_priority_queue"),
+    ("gc_batch_threshold", 10, "enable_memory_optimization"),
+    ("health_check_interval", 5.0, "enable_health_monitoring"),
+])
+def test_a_setting_of_a_feature_switched_off_is_refused(name, value, switch):
+    with pytest.raises(ValueError, match=f"{name} has no effect while {switch} is False: "
+                                         f"set {switch}=True"):
+        BatchProcessorConfig(**{name: value, switch: False})
+    # With the switch on it is taken; left at its default, the switch may be off.
+    assert getattr(BatchProcessorConfig(**{name: value, switch: True}), name) == value
+    default = DESIGN_DEFAULTS[name]
+    assert getattr(BatchProcessorConfig(**{name: default, switch: False}), name) == default

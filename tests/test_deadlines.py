@@ -181,4 +181,5 @@ def test_max_priority_wait_is_validated():
     from batchproc import BatchProcessorConfig
     with pytest.raises(ValueError, match="max_priority_wait"):
         BatchProcessorConfig(max_priority_wait=-1)
-    assert BatchProcessorConfig(max_priority_wait=0).max_priority_wait == 0
+    assert BatchProcessorConfig(enable_priority_queue=True,
+                                max_priority_wait=0).max_priority_wait == 0

@@ -5,6 +5,7 @@ import gc
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -94,6 +95,33 @@ def test_acall_from_a_coroutine(stopped_after):
         return await asyncio.gather(*(inc.acall(i) for i in range(500)))
 
     assert asyncio.run(main()) == [i + 1 for i in range(500)]
+
+
+def test_cancelling_an_acall_takes_its_request_out_of_the_queue_at_once(stopped_after):
+    seen = []
+
+    @batchproc.batch(max_batch_size=4)
+    def ident(items):
+        seen.extend(items)
+        return items
+
+    stopped_after(ident)
+    ident.processor.pause()
+
+    async def main():
+        doomed = asyncio.ensure_future(ident.acall("doomed"))
+        await asyncio.sleep(0)  # its first step has queued the request
+        assert ident.processor.get_stats()["queue_size"] == 1
+        doomed.cancel()
+        stats = ident.processor.get_stats()  # no await since the cancel
+        assert (stats["queue_size"], stats["total_cancelled"]) == (0, 1)
+        ident.processor.resume()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        return await ident.acall("kept")
+
+    assert asyncio.run(main()) == "kept"
+    assert seen == ["kept"]
 
 
 def test_an_async_batch_function_runs_on_the_processors_loop(stopped_after):
@@ -186,15 +214,216 @@ def test_an_instance_that_goes_away_stops_its_processor():
     model = Model()
     assert model.predict(1) == 1
     processor = model.predict.processor
+    threads = processor._threads()
     ref = weakref.ref(model)
     del model
-    gc.collect()
-    assert ref() is None  # the workers do not keep the instance alive
-    processor.shutdown_event.wait(10)
-    assert processor.shutdown_event.is_set()
-    for thread in processor._threads():
-        thread.join(10)
+    assert _collected(ref)  # the workers do not keep the instance alive
+    assert _all_exit(threads)
     assert not processor.running
+
+
+def _collected(ref, timeout=10.0):
+    """Collect until ``ref``'s object is gone. A worker drops the last batch it ran
+    only after delivering it, so its caller may get there a moment first."""
+    deadline = time.monotonic() + timeout
+    while ref() is not None:
+        assert time.monotonic() < deadline, "still alive"
+        gc.collect()
+        time.sleep(0.001)
+    return True
+
+
+def _all_exit(threads):
+    for thread in threads:
+        thread.join(10)
+    running = threading.enumerate()
+    return not any(t.is_alive() or t in running for t in threads)
+
+
+def _model_class():
+    class Model:
+        def __init__(self, factor=1):
+            self.factor = factor
+            self.me = self  # a reference cycle: only the cyclic collector frees it
+
+        @batchproc.batch(max_batch_size=8)
+        def predict(self, items):
+            return [self.factor * x for x in items]
+
+    return Model
+
+
+def test_an_instance_freed_through_a_cycle_stops_its_processor_and_threads():
+    model = _model_class()(2)
+    assert model.predict(1) == 2
+    processor = model.predict.processor
+    threads = processor._threads()
+    assert {t.name for t in threads} >= {"batchproc-supervisor", "batchproc-worker-1"}
+    ref = weakref.ref(model)
+    del model
+    assert _collected(ref)
+    assert _all_exit(threads)
+    assert not processor.running and processor.shutdown_event.is_set()
+
+
+def test_functions_made_at_runtime_and_dropped_stop_their_processors():
+    def make(k):
+        @batchproc.batch(max_batch_size=4)
+        def scale(items):
+            return [k * x for x in items]
+        return scale
+
+    made = [make(k) for k in (2, 3, 4)]
+    assert [fn(1) for fn in made] == [2, 3, 4]
+    processors = [fn.processor for fn in made]
+    threads = [t for fn in made for t in fn._threads()]
+    refs = [weakref.ref(fn) for fn in made]
+    del made
+    assert all(_collected(ref) for ref in refs)
+    assert _all_exit(threads)
+    assert not any(p.running for p in processors)
+
+
+def test_pending_requests_keep_a_dropped_function_alive_until_done(recorder):
+    model = recorder()
+
+    def make():
+        @batchproc.batch(max_batch_size=8)
+        def ident(items):
+            return model(items)
+        return ident
+
+    fn = make()
+    processor = fn.processor
+    processor.pause()
+    fn.submit("dropped")  # fire and forget: held only by the queue
+    kept = [fn.submit(i) for i in range(3)]
+    ref = weakref.ref(fn)
+    del fn
+    gc.collect()
+    assert ref() is not None and processor.running  # the queued requests hold it
+    threads = processor._threads()
+    processor.resume()
+    assert [f.result(10) for f in kept] == [0, 1, 2]
+    assert model.batches == [["dropped", 0, 1, 2]]
+    del kept
+    assert _collected(ref)
+    assert _all_exit(threads)
+
+
+def test_pending_requests_keep_a_dropped_instance_alive_until_done():
+    model = _model_class()(10)
+    processor = model.predict.processor
+    processor.pause()
+    pending = [model.predict.submit(i) for i in range(3)]
+
+    async def from_a_loop(model):
+        task = asyncio.ensure_future(model.predict.acall(5))
+        await asyncio.sleep(0)  # queued by its first step
+        return task
+
+    async def main():
+        nonlocal model
+        task = await from_a_loop(model)
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is not None  # the pending requests hold it
+        processor.resume()
+        return ref, await task
+
+    ref, from_acall = asyncio.run(main())
+    # Served by the instance, not failed with ReferenceError for want of it.
+    assert [f.result(10) for f in pending] == [0, 10, 20] and from_acall == 50
+    threads = processor._threads()
+    del pending
+    assert _collected(ref)
+    assert _all_exit(threads)
+    assert not processor.running
+
+
+def test_a_bound_method_gets_one_processor_per_decoration(stopped_after):
+    class Scaler:
+        def __init__(self, factor):
+            self.factor = factor
+
+        def scale(self, items):
+            return [self.factor * x for x in items]
+
+    double, triple = Scaler(2), Scaler(3)
+    by_two = stopped_after(batchproc.batch(max_batch_size=4)(double.scale))
+    by_three = stopped_after(batchproc.batch(max_batch_size=4)(triple.scale))
+    again = stopped_after(batchproc.batch(max_batch_size=4)(double.scale))
+    assert isinstance(by_two, BatchedFunction)
+    assert (by_two(5), by_three(5), again(5)) == (10, 15, 10)
+    assert len({id(f.processor) for f in (by_two, by_three, again)}) == 3
+
+
+def _static_model(order):
+    """A class whose static batch method is decorated in ``order`` (in a class body:
+    the qualified name is what marks a method)."""
+    if order == "batch over staticmethod":
+        class Model:
+            @batchproc.batch()
+            @staticmethod
+            def ident(items):
+                return list(items)
+    elif order == "staticmethod over batch":
+        class Model:
+            @staticmethod
+            @batchproc.batch()
+            def ident(items):
+                return list(items)
+    else:
+        class Model:  # taking only the batch, without @staticmethod: static too
+            @batchproc.batch()
+            def ident(items):
+                return list(items)
+    assert Model.__dict__["ident"].__qualname__.endswith("Model.ident")
+    return Model
+
+
+@pytest.mark.parametrize("order", ["batch over staticmethod", "staticmethod over batch",
+                                   "a class-body function of the batch alone"])
+def test_a_static_method_gets_one_processor_for_its_class(stopped_after, order):
+    Model = _static_model(order)
+    Sub = type("Sub", (Model,), {})
+    fn = stopped_after(Model.ident)
+    assert isinstance(fn, BatchedFunction)
+    assert (Model.ident("a"), Model().ident("b"), Sub.ident("c"), Sub().ident("d")) == (
+        "a", "b", "c", "d")
+    assert Model().ident.processor is Sub().ident.processor is fn.processor
+
+
+def test_a_method_called_on_its_class_uses_the_instances_processor(stopped_after):
+    Model = _model_class()
+    model = Model(3)
+    assert Model.predict(model, 2) == 6 == model.predict(2)
+    assert Model.predict.__get__(model).processor is model.predict.processor
+    Model.predict.stop()
+
+
+def test_a_classmethod_is_refused_with_what_to_write_instead():
+    what = r"classmethod cannot be batched .* @staticmethod .* method taking self"
+    # Under @batch: refused when decorating.
+    with pytest.raises(TypeError, match=what):
+        class Under:
+            @batchproc.batch()
+            @classmethod
+            def predict(cls, items):
+                return items
+
+    # Above @batch, @classmethod wraps what @batch made: refused on first use.
+    class Above:
+        @classmethod
+        @batchproc.batch()
+        def predict(cls, items):
+            return items
+
+    with pytest.raises(TypeError, match=what):
+        Above.predict(1)
+    with pytest.raises(TypeError, match=what):
+        Above().predict(1)
 
 
 def test_stop_then_call_again_starts_a_fresh_processor(stopped_after):

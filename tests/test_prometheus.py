@@ -10,7 +10,12 @@ import pytest
 from extras import require
 
 import batchproc
-from batchproc import BatchTimeoutError, QueueFullError
+from batchproc import (
+    BatchTimeoutError,
+    ProcessorStoppedError,
+    QueueFullError,
+    QueueTimeoutError,
+)
 
 prometheus_client = require("prometheus_client", "prometheus")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -177,18 +182,90 @@ def test_scraped_numbers_match_a_known_load(make_processor):
     assert re.search(r"^# TYPE batchproc_requests(_total)? counter$", text, re.M)
 
 
-def test_expired_requests_are_counted(make_processor):
+class Both(Protocol):
+    """The protocol's record, and a Prometheus registry fed by the same calls."""
+
+    def __init__(self, prometheus):
+        super().__init__()
+        self.prometheus = prometheus
+
+    def record_requests(self, latencies, queue_times, outcome):
+        super().record_requests(latencies, queue_times, outcome)
+        self.prometheus.record_requests(latencies, queue_times, outcome)
+
+    def record_rejected(self, count):
+        super().record_rejected(count)
+        self.prometheus.record_rejected(count)
+
+    def record_cancelled(self, count):
+        super().record_cancelled(count)
+        self.prometheus.record_cancelled(count)
+
+
+def test_every_outcome_is_counted_once_and_alike_on_every_surface(make_processor):
     registry = CollectorRegistry()
+    collector = Both(PrometheusMetrics("all", registry))
     release = threading.Event()
-    processor = make_processor(lambda batch: release.wait(10) and batch,
-                               metrics_collector=PrometheusMetrics("slow", registry),
-                               item_timeout=0.05, max_retries=0)
-    future = processor.enqueue_predict(np.array([[1.0]]))
-    with pytest.raises(BatchTimeoutError):
-        future.result(10)
+
+    def model(items):
+        if "hang" in items:
+            release.wait(10)
+        if "bad" in items:
+            raise ValueError("bad item")
+        return items
+
+    p = make_processor(model, metrics_collector=collector, max_batch_size=1,
+                       max_queue_size=2, max_retries=0, item_timeout=1.0)
+    # completed: 3; failed: 2 (the model raised); timed_out: 1 (item_timeout).
+    assert [p.enqueue_predict("ok").result(10) for _ in range(3)] == ["ok"] * 3
+    for _ in range(2):
+        assert isinstance(p.enqueue_predict("bad").exception(10), ValueError)
+    assert isinstance(p.enqueue_predict("hang").exception(10), BatchTimeoutError)
     release.set()
+    # expired: 1 (max_queue_time ran out while paused; never dispatched).
+    p.pause()
+    assert isinstance(p.enqueue_predict("late", max_queue_time=0.01).exception(10),
+                      QueueTimeoutError)
+    # cancelled: 3, one per path, each while queued.
+    assert p.enqueue_predict("c").cancel()
+
+    async def cancel_and_refuse_from_a_loop():
+        assert p.enqueue_predict_async("c").cancel()
+        task = asyncio.ensure_future(p.apredict("c"))
+        await asyncio.sleep(0)  # queued by its first step
+        assert task.cancel()
+        # rejected: 5, from every path (a full queue of 2; later a stopped processor).
+        fill = [p.enqueue_predict("fill") for _ in range(2)]
+        with pytest.raises(QueueFullError):
+            p.enqueue_predict("x", timeout=0)
+        p.enqueue("x", timeout=0)  # fire and forget: refused and counted, not raised
+        with pytest.raises(QueueFullError):
+            p.enqueue_predict_async("x")
+        with pytest.raises(QueueFullError):
+            await p.apredict("x", timeout=0)
+        return fill
+
+    fill = asyncio.run(cancel_and_refuse_from_a_loop())
+    p.resume()
+    assert [f.result(10) for f in fill] == ["fill"] * 2  # completed: 5 in all
+    p.stop()
+    with pytest.raises(ProcessorStoppedError):
+        p.enqueue_predict("x")
+
+    expected = dict(completed=5, failed=2, timed_out=1, expired=1, cancelled=3, rejected=5)
+    stats = p.get_stats()
+    assert dict(
+        completed=stats["total_processed"],
+        failed=stats["total_errors"] - stats["total_timed_out"],
+        timed_out=stats["total_timed_out"], expired=stats["total_expired"],
+        cancelled=stats["total_cancelled"], rejected=stats["total_rejected"]) == expected
+    assert stats["total_accepted"] == 12 and stats["queue_size"] == 0
     _, samples = _scrape(registry)
-    assert _value(samples, "batchproc_requests_total", processor="slow", outcome="expired") == 1
+    assert {outcome: _value(samples, "batchproc_requests_total", processor="all",
+                            outcome=outcome) for outcome in expected} == expected
+    assert dict(completed=collector.count("ok"), failed=collector.count("error"),
+                timed_out=collector.count("timeout"), expired=collector.count("expired"),
+                cancelled=collector.cancelled, rejected=collector.rejected) == expected
 
 
 def test_apredict_and_async_paths_are_counted(make_processor):

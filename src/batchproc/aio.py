@@ -26,6 +26,26 @@ logger = logging.getLogger(__name__)
 _PENDING, _RUNNING, _DONE = 0, 1, 2
 
 
+class QueuedFuture(asyncio.Future):  # type: ignore[type-arg]
+    """The asyncio future of a queued request, whose ``cancel()`` also takes the request
+    out of the queue at once, as ``enqueue_predict``'s future does. Cancelling a task
+    that awaits it cancels it too (``Task.cancel`` cancels the future it waits on)."""
+
+    # Set once queued. Slots: no per-request __dict__ (as cheap as loop.create_future()).
+    __slots__ = ("_bp_owner", "_bp_token")
+    _bp_owner: Any  # the BatchProcessor
+    _bp_token: int
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        owner = getattr(self, "_bp_owner", None)
+        if owner is not None:
+            # False once a worker popped it: that worker then counts it as cancelled.
+            owner._cancel_queued(self._bp_token)
+        return True
+
+
 class LoopChannel:
     """Results travelling from worker threads to one event loop, a batch at a time."""
 

@@ -24,10 +24,10 @@ import queue as _stdlib_queue
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._native.request_queue import QueueClosed
-from .aio import AsyncRequest, LoopChannel
+from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .config import BatchPriority
 
 if TYPE_CHECKING:
@@ -143,19 +143,18 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     deadline (monotonic seconds), or ``None``."""
     timeout = _timeout_arg(timeout)
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[U] = loop.create_future()
+    future = QueuedFuture(loop=loop)
     request, rows, nbytes, key, length = processor._describe(
         item, AsyncRequest(future, _channel(processor, loop)), _monotonic(), priority,
         _INF if deadline_at is None else deadline_at)
     token = await push_when_room(processor, request, priority, rows, nbytes, key, length,
                                  deadline_at, timeout)
-    try:
-        return await future
-    except asyncio.CancelledError:
-        # Still queued: take it out now (its room goes to the next waiter). Already
-        # dispatched: the worker sees the cancelled future and its result is dropped.
-        processor._cancel_queued(token)
-        raise
+    # Cancelling the awaiting task cancels the future: still queued, the request leaves
+    # the queue at once (its room goes to the next waiter); already dispatched, the worker
+    # sees the cancelled future and its result is dropped.
+    future._bp_token = token
+    future._bp_owner = processor
+    return cast("U", await future)
 
 
 def _channel(processor: BatchProcessor[Any, Any], loop: asyncio.AbstractEventLoop,

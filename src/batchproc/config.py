@@ -55,11 +55,15 @@ class BatchProcessorConfig:
 
     Contradictory values (min above max, non-positive sizes, negative times, a warning
     threshold above its critical one, a percentage outside 0-100) raise ``ValueError``
-    naming the field; an ``initial_batch_size`` outside ``[min_batch_size,
-    max_batch_size]`` is clamped into it. Rows are what a batch is counted in: an array
-    item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a generic item one
-    (docs/formats.md). Requests are calls of ``enqueue_predict``; an item split into
-    chunks counts once.
+    naming the field; so does a setting of a feature switched off (a value other than
+    its default for ``max_priority_wait`` without ``enable_priority_queue``,
+    ``gc_batch_threshold`` without ``enable_memory_optimization``,
+    ``health_check_interval`` without ``enable_health_monitoring``, the padding settings
+    without ``pad_value``): it would be ignored. An ``initial_batch_size`` outside
+    ``[min_batch_size, max_batch_size]`` is clamped into it. Rows are what a batch is
+    counted in: an array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a
+    generic item one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
+    item split into chunks counts once.
 
     Attributes:
         initial_batch_size: Target rows per batch at start, in rows. Default ``32``.
@@ -96,7 +100,8 @@ class BatchProcessorConfig:
             Default ``True``: a young-generation collection after each batch of at least
             ``gc_batch_threshold`` requests, and a full one when memory is critical.
         gc_batch_threshold: Batch size that triggers the young-generation collection of
-            ``enable_memory_optimization``, in requests. Default ``100``.
+            ``enable_memory_optimization``, in requests. Default ``100``. Needs
+            ``enable_memory_optimization``.
         memory_warning_threshold: Memory level graded "warning", in percent of the
             machine's memory held by this process (resident set). Default ``80.0``. At
             warning the target is capped at half the throughput-optimal size.
@@ -118,7 +123,7 @@ class BatchProcessorConfig:
             to the controller, report to the metrics collector. Default ``True``.
             ``health()`` answers on demand either way.
         health_check_interval: Time between periodic health checks, in seconds.
-            Default ``30.0``.
+            Default ``30.0``. Needs ``enable_health_monitoring``.
         queue_warning_threshold: Queue length graded "warning" by the health check, in
             requests. Default ``500``. A queue that grew over three checks and is past
             half of it is a warning too.
@@ -142,7 +147,8 @@ class BatchProcessorConfig:
             before it is served ahead of every newer request whatever its priority, in
             seconds. Default ``None``: strict priorities. A low priority then waits at
             most this long plus the time to serve the requests older than it (which go
-            in arrival order), however many higher ones keep arriving.
+            in arrival order), however many higher ones keep arriving. Needs
+            ``enable_priority_queue`` (a FIFO queue serves in arrival order anyway).
         debug_mode: Log the controller's decisions and every delivery at DEBUG level,
             on or off. Default ``False``.
         stack_items: Treat each array or tensor item as one sample, stacked on a new
@@ -260,9 +266,18 @@ class BatchProcessorConfig:
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
+        self._check_switches()
         self._check_formats()
         self.initial_batch_size = min(max(self.initial_batch_size, self.min_batch_size),
                                       self.max_batch_size)
+
+    def _check_switches(self) -> None:
+        for name, switch in _NEEDS_SWITCH:
+            default = _DEFAULTS[name]
+            if not getattr(self, switch) and getattr(self, name) != default:
+                raise ValueError(
+                    f"{name} has no effect while {switch} is False: set {switch}=True, "
+                    f"or leave {name} at its default ({default!r})")
 
     def _check_formats(self) -> None:
         pad = self.pad_value
@@ -302,6 +317,17 @@ class BatchProcessorConfig:
         if self.max_batch_memory_mb is None:
             return 0
         return max(1, int(self.max_batch_memory_mb * 2**20))
+
+
+# Settings of a feature that a boolean switch turns off: set while it is off, they would
+# be ignored and the feature believed on. (The padding settings, switched by pad_value,
+# are checked with the formats.)
+_NEEDS_SWITCH = (
+    ("max_priority_wait", "enable_priority_queue"),
+    ("gc_batch_threshold", "enable_memory_optimization"),
+    ("health_check_interval", "enable_health_monitoring"),
+)
+_DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> int:

@@ -14,10 +14,15 @@ A metrics collector is any object with some of these methods; missing ones are s
     Once per group of requests that reached an outcome together (a delivered batch, a
     failed part of one, the requests a ``stop()`` failed): each request's latency (enqueue
     to result) and queue time (enqueue to dispatch) in seconds, as two lists of the same
-    length, and the ``outcome`` of all of them (``"ok"``, ``"error"``, ``"timeout"``).
+    length, and the ``outcome`` of all of them: ``"ok"`` (a result), ``"error"`` (a
+    failure: the model's exception, a bad output, ``stop()``), ``"timeout"`` (their call
+    ran past ``item_timeout``: ``BatchTimeoutError``) or ``"expired"`` (their
+    ``max_queue_time`` ran out before their call: ``QueueTimeoutError``).
     Only collectors that have this method cost the workers the lists.
 ``record_rejected(count)``
-    Requests refused at enqueue (a full queue, or a stopped processor).
+    Requests refused at enqueue because the queue was full or the processor stopped,
+    from every path (``enqueue_predict``, ``enqueue``, ``enqueue_predict_async``,
+    ``apredict``).
 ``record_cancelled(count)``
     Requests cancelled by their callers before they were dispatched.
 ``bind_processor(processor)``
@@ -37,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 logger = logging.getLogger(__name__)
 
 OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT = "ok", "error", "timeout"
+OUTCOME_EXPIRED = "expired"  # max_queue_time, never dispatched (OUTCOME_TIMEOUT: item_timeout)
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from . import bulk, forking
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
-from .aio import AsyncRequest, LoopChannel
+from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict
 from .config import BatchPriority, BatchProcessorConfig
@@ -307,8 +307,10 @@ class BatchProcessor(Generic[T, U]):
         Results reach the loop a batch at a time (one wake-up of the loop per batch, not
         per request, as ``asyncio.wrap_future(enqueue_predict(x))`` would cost). It never
         blocks the loop: a full queue raises ``QueueFullError`` at once. After stop:
-        ``ProcessorStoppedError``. A request whose awaiter is cancelled before it is
-        dispatched is never processed; after dispatch its result is discarded.
+        ``ProcessorStoppedError``. Cancelling the future (or a task awaiting it) before
+        the request is dispatched takes it out of the queue at once, counted in
+        ``total_cancelled``; it is never processed. After dispatch its result is
+        discarded.
         ``RuntimeError`` if no event loop is running in this thread;
         ``ProcessorForkedError`` in a forked child, as for ``enqueue_predict``.
         ``max_queue_time`` as for ``enqueue_predict``.
@@ -319,7 +321,7 @@ class BatchProcessor(Generic[T, U]):
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
-        future: asyncio.Future[U] = loop.create_future()
+        future: QueuedFuture = QueuedFuture(loop=loop)
         now = _monotonic()
         if max_queue_time is _CONFIG:
             max_queue_time = self.config.max_queue_time
@@ -328,9 +330,12 @@ class BatchProcessor(Generic[T, U]):
             item, AsyncRequest(future, channel), now, priority,
             _INF if deadline is None else deadline)
         try:
-            self._queue.push(request, priority, rows, nbytes, key, 0, length, deadline)
+            token = self._queue.push(request, priority, rows, nbytes, key, 0, length,
+                                     deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
+        future._bp_token = token
+        future._bp_owner = self
         return future
 
     async def apredict(self, item: T, timeout: float | None = None,
@@ -370,7 +375,10 @@ class BatchProcessor(Generic[T, U]):
             return self._room
 
     def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
-        """The error a caller gets when the queue refused its request."""
+        """The error a caller gets when the queue refused its request (every path comes
+        here: one count for ``get_stats()`` and the metrics collector alike)."""
+        with self._counts_lock:
+            self._rejected += 1
         self._metrics.rejected(1)
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
@@ -393,15 +401,15 @@ class BatchProcessor(Generic[T, U]):
         A refused or failed request is logged once, as a warning on the
         ``batchproc.processor`` logger; repeats of one exception type are logged at most
         once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
-        count in ``get_stats()["total_rejected"]``, failures in ``total_errors`` (expired
-        ones in ``total_expired``). ``max_queue_time`` as for ``enqueue_predict``.
+        (a full queue, a stopped processor) count in ``get_stats()["total_rejected"]`` as
+        from every other path, failures in ``total_errors`` (expired ones in
+        ``total_expired``); an item or argument ``enqueue_predict`` would raise for (a
+        0-d array, a bad ``max_queue_time``) is only logged. ``max_queue_time`` as for
+        ``enqueue_predict``.
         """
         try:
             future = self.enqueue_predict(item, timeout, priority, max_queue_time)
         except Exception as exc:
-            # Counted apart: it was never accepted, so it is not a processing error.
-            with self._counts_lock:
-                self._rejected += 1
             self._failure_log("refused", exc)
             return
         future.add_done_callback(self._failure_log.future_done)
@@ -521,14 +529,22 @@ class BatchProcessor(Generic[T, U]):
         Keys: ``avg_processing_time``, ``avg_batch_size`` (rows), ``avg_queue_time``,
         ``avg_latency``, ``p50_latency``, ``p95_latency``, ``p99_latency`` and
         ``max_latency`` (from enqueue to result, over the last ``monitoring_window``
-        requests), ``throughput`` (requests per second), ``error_rate``,
-        ``total_processed``, ``total_errors``, ``total_batches``, ``avg_queue_length``,
-        ``uptime``; and the processor's own: ``current_batch_size`` (target rows),
-        ``system_load`` (batches in progress / ``max_workers``), ``active_batches``,
-        ``queue_size`` (requests), ``queued_rows``, ``is_paused``, ``is_stopping``,
-        ``is_running``, ``total_accepted``, ``total_cancelled``, ``total_rejected``,
-        ``total_expired`` (failed with ``QueueTimeoutError``: ``max_queue_time`` ran out
-        before their call), ``strategy``, ``memory_level``.
+        requests), ``throughput`` (requests per second), ``error_rate`` (of
+        ``total_processed`` and ``total_errors``, below), ``total_batches``,
+        ``avg_queue_length``, ``uptime``; and the processor's own:
+        ``current_batch_size`` (target rows), ``system_load`` (batches in progress /
+        ``max_workers``), ``active_batches``, ``queue_size`` (requests), ``queued_rows``,
+        ``is_paused``, ``is_stopping``, ``is_running``, ``strategy``, ``memory_level``;
+        and the counts of requests by
+        outcome, from start (docs/services.md, "Counts of requests"):
+        ``total_accepted`` (queued by any path), ``total_processed`` (a result),
+        ``total_errors`` (failed after acceptance: the model's exception, a bad output,
+        ``stop()``, and ``total_timed_out``), ``total_timed_out`` (their call ran past
+        ``item_timeout``: ``BatchTimeoutError``), ``total_expired`` (``max_queue_time``
+        ran out before their call: ``QueueTimeoutError``; not in ``total_errors``),
+        ``total_cancelled`` (by their callers, before dispatch), ``total_rejected``
+        (refused at enqueue, by any path, because the queue was full or the processor
+        stopped; never accepted).
 
         ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
@@ -552,6 +568,7 @@ class BatchProcessor(Generic[T, U]):
             total_cancelled=cancelled,
             total_rejected=rejected,
             total_expired=self._dispatcher.expired,
+            total_timed_out=self._dispatcher.timed_out,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )

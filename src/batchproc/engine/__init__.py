@@ -77,6 +77,10 @@ class Engine:
     def expired(self) -> int:
         return self.delivery.expired
 
+    @property
+    def timed_out(self) -> int:
+        return self.delivery.timed_out
+
     def active_batches(self) -> int:
         board = self._board
         with board.lock:

@@ -19,7 +19,13 @@ from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError
 from ..futures import finish_all
-from ..metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, MetricsSink
+from ..metrics import (
+    OUTCOME_ERROR,
+    OUTCOME_EXPIRED,
+    OUTCOME_OK,
+    OUTCOME_TIMEOUT,
+    MetricsSink,
+)
 from ..stats import BatchStats
 from .batch import CALLING, Batch, Board
 
@@ -44,7 +50,8 @@ class Delivery:
         self._metrics = metrics
         self._count_cancelled = count_cancelled
         self._expired_lock = threading.Lock()
-        self.expired = 0
+        self.expired = 0  # max_queue_time ran out (QueueTimeoutError)
+        self.timed_out = 0  # their call ran past item_timeout (BatchTimeoutError)
 
     def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
                 elapsed: float, rows: int, target: int) -> None:
@@ -121,6 +128,15 @@ class Delivery:
                 logger.error("a future was completed twice; error dropped")
         return len(pending)
 
+    def time_out(self, requests: list[Request], error: BaseException,
+                 dispatched_at: float) -> int:
+        """Fail the requests of a call abandoned past ``item_timeout``, counted in
+        ``timed_out`` (as in the statistics' errors) before any future completes."""
+        pending = [r for r in requests if not r.future.done()]
+        with self._expired_lock:
+            self.timed_out += len(pending)
+        return self.fail_pending(pending, error, OUTCOME_TIMEOUT, dispatched_at)
+
     def expire(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or
         parked for a retry) with ``QueueTimeoutError``; they never reach the model."""
@@ -133,7 +149,7 @@ class Delivery:
         with self._expired_lock:
             self.expired += len(live)
         if self._metrics.records_requests:
-            record_requests(self._metrics, live, OUTCOME_TIMEOUT, None)
+            record_requests(self._metrics, live, OUTCOME_EXPIRED, None)
         for request in live:
             waited = now - request.enqueued_at
             allowed = request.deadline - request.enqueued_at

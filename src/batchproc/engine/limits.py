@@ -52,10 +52,10 @@ class TimeLimits:
                 now - batch.call_started, len(batch.requests), limit, batch.worker.name)
             self._metrics.batch(len(batch.requests), total_rows(batch.requests),
                                 0.0, now - batch.call_started, OUTCOME_TIMEOUT)
-            self._delivery.fail_pending(
+            self._delivery.time_out(
                 batch.requests,
                 BatchTimeoutError(f"process_func exceeded item_timeout={limit} s"),
-                OUTCOME_TIMEOUT, batch.dispatched_at)
+                batch.dispatched_at)
             self._pool.spawn()
         return len(overdue)
 

@@ -209,15 +209,17 @@ class WorkerPool:
                     if queue.closed and not len(queue):
                         return  # closed and drained
                     continue
-                if batch is None:
-                    continue  # all cancelled, or failed because stop() gave up
-                if queue.paused:
-                    # Popped just as pause began (the queue holds pops while paused):
-                    # hold the batch until resume; stop resumes. (pause() clears the
-                    # event before it pauses the queue, resume() sets it after.)
-                    resume.wait()
-                    batch.dispatched_at = _monotonic()
-                self._dispatch(batch, workspace, plan.target_rows)
+                if batch is not None:  # None: all cancelled, or stop() gave up on them
+                    if queue.paused:
+                        # Popped just as pause began (the queue holds pops while paused):
+                        # hold the batch until resume; stop resumes. (pause() clears the
+                        # event before it pauses the queue, resume() sets it after.)
+                        resume.wait()
+                        batch.dispatched_at = _monotonic()
+                    self._dispatch(batch, workspace, plan.target_rows)
+                # Keep nothing of a finished batch while waiting for the next: its futures
+                # may hold what their callers keep alive only while pending (decorator.py).
+                del requests, batch
         except BaseException:
             # Only a bug in batchproc itself gets here: make it loud, and keep serving.
             logger.critical("worker %s crashed; starting a replacement", worker.name,

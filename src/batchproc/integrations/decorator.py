@@ -12,13 +12,26 @@
     embed.processor                 # the BatchProcessor behind it
     embed.stop()                    # also done at interpreter exit
 
-The processor is made and started on first use, one per function, or one per instance
-for a method (kept in the instance's ``__dict__`` under the method's name, the way
-``functools.cached_property`` keeps its value). After ``stop()`` the next call starts a
-fresh one. Every processor still running at interpreter exit is stopped by an ``atexit``
-hook, so queued work is finished or failed, never lost silently. A process forked after
-the first call (a pre-forking server that warmed the model up before forking) does not
-inherit the processor, whose threads stay in the parent: its first call starts its own.
+The processor is made and started on first use, one per decorated function, or one
+per instance for a method (kept in the instance's ``__dict__`` under the method's name,
+the way ``functools.cached_property`` keeps its value). What counts as which:
+
+- a function written in a class body that takes the instance and the batch is a method;
+- one that takes only the batch (``@staticmethod``, above or below ``@batch``) is a
+  function: one processor for the class, its subclasses and instances;
+- a bound method (``batch(...)(obj.method)``) is a function: one processor per
+  decoration, which keeps ``obj`` alive;
+- ``@classmethod`` is refused (``TypeError``): there is no per-class processor.
+
+After ``stop()`` the next call starts a fresh one. A processor lives as long as its owner
+(the decorated function; for a method, the instance), reference cycles included: once
+the owner is collected its processor is stopped and its threads exit. A request still
+pending keeps its owner alive (its future, or the coroutine awaiting it, holds it), so
+none is lost that way. Every processor still running at interpreter exit is stopped by
+an ``atexit`` hook, so queued work is finished or failed, never lost silently. A process
+forked after the first call (a pre-forking server that warmed the model up before
+forking) does not inherit the processor, whose threads stay in the parent: its first
+call starts its own.
 
 ``async def`` batch functions are async models of the processor: they run on the event
 loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
@@ -52,7 +65,8 @@ class BatchedFunction(Generic[T, U]):
     """A batch function called one item at a time; see the module for the interface."""
 
     def __init__(self, func: Callable[[Any], Any], config: BatchProcessorConfig,
-                 metrics_collector: object | None, name: str) -> None:
+                 metrics_collector: object | None, name: str,
+                 instance: weakref.ref[Any] | None = None) -> None:
         functools.update_wrapper(self, func, updated=())
         self.name = name
         self._func = func
@@ -61,6 +75,8 @@ class BatchedFunction(Generic[T, U]):
         self._lock = threading.Lock()
         self._stopping = threading.Lock()
         self._processor: BatchProcessor[T, U] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._instance = instance  # a method's instance, which its function needs
         _LIVE.add(self)
 
     # ----------------------------------------------------------------- calling
@@ -76,12 +92,21 @@ class BatchedFunction(Generic[T, U]):
                     priority: BatchPriority | int = _NORMAL) -> U:
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
+        _owner = self._owner()  # held by this frame while the request is pending
         return await self.processor.apredict(item, timeout, priority)
 
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result."""
-        return self.processor.enqueue_predict(item, timeout, priority)
+        future = self.processor.enqueue_predict(item, timeout, priority)
+        # The queue, then the worker, hold the future until it completes: through it a
+        # pending request keeps the owner, and so the processor, alive.
+        future._bp_pending_owner = self._owner()  # type: ignore[attr-defined]
+        return future
+
+    def _owner(self) -> Any:
+        """What the processor lives as long as: this function, or a method's instance."""
+        return self if self._instance is None else self._instance()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -101,6 +126,7 @@ class BatchedFunction(Generic[T, U]):
             processor = BatchProcessor(self._config, self._metrics_collector)
             processor.start(self._func)  # an async def one runs on the processor's loop
             self._processor = processor
+            self._finalizer = _stop_when_collected(self, processor)
             return processor
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -109,6 +135,9 @@ class BatchedFunction(Generic[T, U]):
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
                 processor, self._processor = self._processor, None
+                finalizer, self._finalizer = self._finalizer, None
+            if finalizer is not None:
+                finalizer.detach()
             if processor is not None:
                 processor.stop(timeout)
 
@@ -119,7 +148,9 @@ class BatchedFunction(Generic[T, U]):
         # would wait on threads that are not there.
         if self._processor is not None:
             _INHERITED.append(self._processor)
-        self._processor = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._processor = self._finalizer = None
         self._lock = threading.Lock()
         self._stopping = threading.Lock()
 
@@ -159,6 +190,8 @@ class BatchedMethod(Generic[S, T, U]):
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
+        if isinstance(instance, type):  # @classmethod above @batch
+            raise TypeError(_CLASSMETHOD.format(name=self._name))
         try:
             namespace = instance.__dict__
         except AttributeError:
@@ -174,20 +207,26 @@ class BatchedMethod(Generic[S, T, U]):
             bound = namespace.get(self._attr)
             if isinstance(bound, BatchedFunction):
                 return bound  # another thread bound it meanwhile
+            try:
+                ref: weakref.ref[Any] | None = weakref.ref(instance)
+            except TypeError:  # not weakly referenceable: it lives as long as its processor
+                ref = None
+            # The bound function lives in the instance, so it goes when the instance goes
+            # (and its processor with it: see BatchedFunction).
             bound = BatchedFunction[T, U](
-                _bind(self._func, instance), self._config, self._metrics_collector,
-                self._name)
+                _bind(self._func, instance, ref), self._config, self._metrics_collector,
+                self._name, ref)
             # Later lookups find it in the instance's __dict__ before this descriptor.
             namespace[self._attr] = bound
             self._bound.add(bound)
-        # When the instance goes away, so does its processor (stopped off the thread that
-        # dropped the instance: that may be one of the processor's own workers). At exit
-        # the atexit hook below stops it instead.
-        try:
-            weakref.finalize(instance, _stop_in_background, weakref.ref(bound)).atexit = False
-        except TypeError:  # not weakly referenceable: it lives as long as its processor
-            pass
         return bound
+
+    def __call__(self, instance: S, item: T, timeout: float | None = None,
+                 priority: BatchPriority | int = _NORMAL) -> U:
+        """Called on the class, ``Class.method(instance, item)``: as
+        ``instance.method(item)``."""
+        bound: BatchedFunction[T, U] = self.__get__(instance, type(instance))
+        return bound(item, timeout, priority)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor of every instance."""
@@ -195,12 +234,19 @@ class BatchedMethod(Generic[S, T, U]):
             bound.stop(timeout)
 
 
-def _bind(func: Callable[..., Any], instance: Any) -> Callable[[Any], Any]:
-    """``func`` with ``instance`` as its first argument, held weakly where possible (the
-    processor's workers would otherwise keep the instance alive for ever)."""
-    try:
-        ref = weakref.ref(instance)
-    except TypeError:
+_CLASSMETHOD = (
+    "@batchproc.batch on {name}: a classmethod cannot be batched (a batch method has one "
+    "processor per instance, and there is none per class). For one processor shared by "
+    "the class, write it as a @staticmethod taking only the batch (or a module-level "
+    "function); for one per instance, as a method taking self and the batch")
+
+
+def _bind(func: Callable[..., Any], instance: Any,
+          ref: weakref.ref[Any] | None) -> Callable[[Any], Any]:
+    """``func`` with ``instance`` as its first argument, held weakly through ``ref``
+    where there is one (the processor's workers would otherwise keep the instance alive
+    for ever)."""
+    if ref is None:
         return functools.partial(func, instance)
 
     def target() -> Any:
@@ -219,10 +265,21 @@ def _bind(func: Callable[..., Any], instance: Any) -> Callable[[Any], Any]:
     return bound
 
 
-def _stop_in_background(ref: weakref.ref[BatchedFunction[Any, Any]]) -> None:
-    bound = ref()
-    if bound is not None and bound._processor is not None:
-        threading.Thread(target=bound.stop, name="stop-collected:batchproc", daemon=True).start()
+def _stop_when_collected(owner: BatchedFunction[Any, Any],
+                         processor: BatchProcessor[Any, Any]) -> weakref.finalize[Any, Any]:
+    """Stop ``processor`` once ``owner`` is collected, also as part of a reference cycle
+    (the finalizer holds the processor, never the owner). Not at exit: ``_stop_all``
+    stops it then."""
+    finalizer = weakref.finalize(owner, _stop_in_background, processor)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _stop_in_background(processor: BatchProcessor[Any, Any]) -> None:
+    # Off the thread that collected the owner: that may be one of the processor's own
+    # workers, which stop() joins. Queued work is finished as by stop().
+    threading.Thread(target=processor.stop, name="stop-collected:batchproc",
+                     daemon=True).start()
 
 
 # Every BatchedFunction alive, stopped at interpreter exit (their workers are daemon
@@ -249,10 +306,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
-def _defined_in_class(func: Callable[..., Any]) -> bool:
-    """Whether ``func`` was written in a class body (its qualified name says so)."""
+def _is_method(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is a batch method: a function written in a class body (its
+    qualified name says so) that takes the instance and the batch. One that takes only
+    the batch is a static method (what the typed overloads of ``_Decorator`` also say)."""
+    if inspect.ismethod(func):
+        return False  # bound already
     parts = getattr(func, "__qualname__", "").split(".")
-    return len(parts) >= 2 and parts[-2] != "<locals>"
+    if len(parts) < 2 or parts[-2] == "<locals>":
+        return False
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: as written in a class body
+        return True
+    required = [p for p in parameters if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) >= 2
 
 
 class _Decorator:
@@ -293,10 +362,16 @@ class _Decorator:
     def __call__(self, func: Callable[[S, B], R]) -> BatchedMethod[S, B, R]: ...
 
     def __call__(self, func: Callable[..., Any]) -> Any:
+        if isinstance(func, classmethod):
+            raise TypeError(_CLASSMETHOD.format(name=func.__func__.__qualname__))
+        if isinstance(func, staticmethod):
+            # A BatchedFunction is no descriptor: through the class or an instance it is
+            # the same callable, so it needs no staticmethod around it.
+            func = func.__func__
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
         name = self._name or getattr(func, "__qualname__", None) or repr(func)
-        if _defined_in_class(func):
+        if _is_method(func):
             return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
                                                 name)
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
@@ -314,8 +389,11 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
 
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor
-    for arrays and tensors. A function written in a class body is a method: each instance
-    gets its own processor.
+    for arrays and tensors. A function written in a class body that takes the instance
+    and the batch is a method: each instance gets its own processor. A static method
+    (one taking only the batch, with or without ``@staticmethod``) gets one processor,
+    as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
+    for a classmethod.
 
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only.
     """

@@ -14,13 +14,27 @@ registry (``prometheus_client.REGISTRY`` unless ``registry=`` says otherwise) se
 ``batchproc_model_call_duration_seconds``          histogram   one ``process_func`` call
 ``batchproc_queue_depth``                          gauge       requests queued now
 ``batchproc_batches_in_flight``                    gauge       batches being processed now
-``batchproc_requests_total{outcome}``              counter     completed, failed, expired
-                                                               (item_timeout), rejected (at
-                                                               enqueue), cancelled
+``batchproc_requests_total{outcome}``              counter     requests by outcome (below)
 =================================================  ==========  ============================
 
 every series labelled ``processor`` with the name given. Times are in seconds, sizes in
 rows, counts in requests (a request split into chunks counts once).
+
+Each request submitted counts once in ``batchproc_requests_total``, under one
+``outcome``, the same count as a key of ``BatchProcessor.get_stats()``:
+
+=============  =================================================  =====================
+``completed``  a result                                           ``total_processed``
+``failed``     the model's exception, a bad output, ``stop()``    ``total_errors`` less
+                                                                  ``total_timed_out``
+``timed_out``  the call ran past ``item_timeout``                 ``total_timed_out``
+               (``BatchTimeoutError``)
+``expired``    ``max_queue_time`` ran out before the call         ``total_expired``
+               (``QueueTimeoutError``)
+``cancelled``  cancelled by its caller before dispatch            ``total_cancelled``
+``rejected``   refused at enqueue, by any path: full queue or     ``total_rejected``
+               stopped processor (never accepted)
+=============  =================================================  =====================
 
 Why not prometheus_client's ``Histogram``: a batch of 64 requests would make 128 calls
 of ``observe``, each taking a lock. Here a batch's latencies are counted into buckets in
@@ -50,7 +64,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from ..metrics import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT
+from ..metrics import OUTCOME_ERROR, OUTCOME_EXPIRED, OUTCOME_OK, OUTCOME_TIMEOUT
 
 #: Latency and queue-time buckets (seconds): 0.5 ms to 10 s.
 LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -60,8 +74,9 @@ CALL_BUCKETS: tuple[float, ...] = LATENCY_BUCKETS
 #: Batch-size buckets (rows): powers of two up to 4096.
 SIZE_BUCKETS: tuple[float, ...] = tuple(float(2 ** k) for k in range(13))
 
-OUTCOMES = ("completed", "failed", "expired", "rejected", "cancelled")
-_BY_DELIVERY = {OUTCOME_OK: "completed", OUTCOME_ERROR: "failed", OUTCOME_TIMEOUT: "expired"}
+OUTCOMES = ("completed", "failed", "timed_out", "expired", "cancelled", "rejected")
+_BY_DELIVERY = {OUTCOME_OK: "completed", OUTCOME_ERROR: "failed",
+                OUTCOME_TIMEOUT: "timed_out", OUTCOME_EXPIRED: "expired"}
 _LABELS = ("processor",)
 
 
@@ -144,8 +159,9 @@ class _RegistryCollector:
         in_flight = GaugeMetricFamily(
             "batchproc_batches_in_flight", "Batches being processed.", labels=_LABELS)
         requests = CounterMetricFamily(
-            "batchproc_requests", "Requests by outcome: completed, failed, expired "
-            "(item_timeout), rejected (at enqueue), cancelled (before dispatch).",
+            "batchproc_requests", "Requests by outcome: completed, failed, timed_out "
+            "(item_timeout), expired (max_queue_time), cancelled (before dispatch), "
+            "rejected (at enqueue: queue full or stopped).",
             labels=(*_LABELS, "outcome"))
         for name, state in states or ():
             with state.lock:

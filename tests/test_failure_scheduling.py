@@ -114,10 +114,11 @@ def test_one_bad_input_costs_one_call_per_level_wherever_it_is(make_processor, s
         p, model, values, futures, good_done = run_with_bad_inputs(make_processor, size,
                                                                    [bad])
         assert max(good_done) <= 1 + levels + 1, (bad, model.calls)
-        # Then, once every other request has its result, the bad one runs alone (only a
-        # request that fails on its own gets an error).
-        assert model.calls[-1] == [-1.0]
-        assert max(good_done) == len(model.calls) - 1
+        # The bad one has run alone exactly once before it is parked (only a request that
+        # fails on its own gets an error): as the search's last call, or after every
+        # other request has its result.
+        assert model.calls.count([-1.0]) == 1
+        assert len(model.calls) <= max(good_done) + 1
         # Every request is in at most one successful call, so nothing ran twice.
         delivered = [v for call in model.calls if -1.0 not in call for v in call]
         assert sorted(delivered) == sorted(v for v in values if v != -1.0)

@@ -158,13 +158,15 @@ class Executor:
         Each call runs half of the suspects together with the requests set aside so far
         (not run since a failing call; presumed good). If it succeeds, they all have
         their results and the failure is in the other half; if it fails, that other half
-        is set aside too. A single failing request is found
-        in log2(n) calls and the others have their results within one more; then it
-        runs alone, for its own error. Should the requests set aside fail on their own,
-        several requests fail: the rest is bisected instead (``_bisect``).
+        is set aside too. A single failing request is found in log2(n) calls and the
+        others have their results within one more; then it runs alone for its own error,
+        unless the search's last call already ran it alone. Should the requests set
+        aside fail on their own, several requests fail: the rest is bisected instead
+        (``_bisect``).
         """
         suspects = group
         aside: list[Request] = []
+        alone_failure: BaseException | None = None  # the suspect's own, once run alone
         while len(suspects) > 1:
             mid = len(suspects) // 2
             half, rest = suspects[:mid], suspects[mid:]
@@ -181,6 +183,7 @@ class Executor:
                 self._settle(batch, rest, workspace, target, origin)
                 return
             suspects, aside = half, aside + rest
+            alone_failure = failure if len(tried) == 1 else None
         if aside:
             status, failure = self._try(batch, aside, workspace, target)
             if status == ABANDONED:
@@ -194,7 +197,10 @@ class Executor:
         # Every other request of a failing call has its result. Whether this one fails
         # on its own is seen by running it alone: a failure that depends on the batch
         # (its size, say) must never fail a request that would succeed by itself.
-        self._settle(batch, suspects, workspace, target, origin)
+        if alone_failure is not None:
+            self._retry_or_fail(batch, suspects[0], alone_failure, origin)
+        else:
+            self._settle(batch, suspects, workspace, target, origin)
 
     def _bisect(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException) -> None:

@@ -312,7 +312,8 @@ class RequestQueue:
                     if idle_gap >= 0 and self._in_flight == 0:
                         # The pause ends the wait, unless the queue fills on pace.
                         gap_end = max(self._last_push, self._idle_since) + idle_gap
-                        if fill_time > 0 and self._rows < self._last_batch_rows:
+                        if (fill_time > 0 and 2 <= self._rows < self._last_batch_rows
+                                and head.t_push <= self._idle_since + fill_time):
                             gap_end = max(gap_end, head.t_push + fill_time * self._rows
                                           / self._last_batch_rows)
                         until = min(until, gap_end)

@@ -469,10 +469,13 @@ def test_fill_wait_ends_early_on_idle_gap(impl: Any) -> None:
 
 
 def answered(q: Any, rows: int) -> None:
-    """Pop one batch of ``rows`` rows: the wave that comes back after it has that many."""
+    """One batch of ``rows`` rows popped, run and ended now: the wave that comes back
+    after it has that many."""
     for i in range(rows):
         q.push(f"earlier-{i}")
     assert len(q.pop_batch(rows)) == rows
+    q.begin_batch()
+    q.end_batch()
 
 
 def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
@@ -507,17 +510,45 @@ def test_a_wave_as_large_as_the_last_batch_goes_on_the_pause(impl: Any) -> None:
 
 
 def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
-    # 1 row back of a batch of 4 is on pace for a quarter of fill_time (0.1 s); then the
-    # pause ends it, long before the ceiling.
+    # 2 rows back of a batch of 8 are on pace for a quarter of fill_time (0.1 s); then
+    # the pause ends it, long before the ceiling.
     q = impl.RequestQueue(16)
-    answered(q, 4)
+    answered(q, 8)
     t_before = time.monotonic()
     q.push("a")
-    assert q.pop_batch(10, fill_rows=4, max_wait=6 * HANG, idle_gap=0.001, fill_time=0.4,
-                       timeout=HANG) == ["a"]
+    q.push("b")
+    assert q.pop_batch(10, fill_rows=8, max_wait=6 * HANG, idle_gap=0.001, fill_time=0.4,
+                       timeout=HANG) == ["a", "b"]
     waited = time.monotonic() - t_before
     assert waited >= 0.1 - 1e-4
     assert waited < 3 * HANG  # not the ceiling
+
+
+def test_a_lone_row_is_no_wave(impl: Any) -> None:
+    # One row back of a batch of 2 gives no rate to go by: the pause ends its wait (it
+    # would otherwise wait half of fill_time, 3 * HANG).
+    q = impl.RequestQueue(16)
+    answered(q, 2)
+    t_before = time.monotonic()
+    q.push("a")
+    assert q.pop_batch(10, fill_rows=8, max_wait=60 * HANG, idle_gap=0.001,
+                       fill_time=6 * HANG, timeout=HANG) == ["a"]
+    assert time.monotonic() - t_before < HANG
+
+
+def test_rows_after_a_quiet_spell_are_no_wave(impl: Any) -> None:
+    # Two rows that come fill_time after the last batch ended are not its clients coming
+    # back: the pause ends the wait (on pace, it would last half of fill_time, 0.5 s).
+    q = impl.RequestQueue(16)
+    answered(q, 4)
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 1.05, "a quiet spell past fill_time")
+    t_before = time.monotonic()
+    q.push("a")
+    q.push("b")
+    assert q.pop_batch(10, fill_rows=8, max_wait=6 * HANG, idle_gap=0.001, fill_time=1.0,
+                       timeout=HANG) == ["a", "b"]
+    assert time.monotonic() - t_before < 0.4
 
 
 def test_a_fill_on_pace_still_ends_at_the_ceiling(impl: Any) -> None:

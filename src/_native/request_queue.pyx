@@ -700,12 +700,14 @@ cdef class RequestQueue:
         # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
-        # ... unless a wave of arrivals is still coming in on pace: fewer rows are queued
-        # than the last batch held (the clients it answered may all come back), and at
-        # the rate rows came since the head, as many would be in within fill_time. Then
-        # the pause is a hiccup in the wave, and going now would leave the rest of it a
-        # call of its own.
-        if p.fill_time > 0.0 and self._rows < self._last_batch_rows:
+        # ... unless a wave of arrivals is still coming in on pace: it began within
+        # fill_time of the last batch's end (the clients it answered coming back), holds
+        # at least two rows (a rate to go by) but fewer than that batch held, and at the
+        # rate rows came since the head, as many would be in within fill_time. Then the
+        # pause is a hiccup in the wave, and going now would leave the rest of it a call
+        # of its own.
+        if (p.fill_time > 0.0 and 2 <= self._rows < self._last_batch_rows
+                and head_pushed <= self._idle_since + p.fill_time):
             on_pace = head_pushed + p.fill_time * (
                 <double>self._rows / <double>self._last_batch_rows)
             if on_pace > g:
@@ -1099,8 +1101,9 @@ cdef class RequestQueue:
            the wait also ends once nothing was pushed for ``idle_gap`` seconds since the
            later of the latest push and the moment the last batch in flight ended, but
            not while a wave of arrivals comes in on pace: with ``fill_time > 0``
-           (seconds), while fewer rows are queued than the last batch popped held, and
-           at least that many times the share of ``fill_time`` since the head's push.
+           (seconds), while the head came within ``fill_time`` of that end, at least 2
+           but fewer rows are queued than the last batch popped held, and at least that
+           many times the share of ``fill_time`` since the head's push.
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),

@@ -232,9 +232,37 @@ def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
             f.result(timeout=20)
     with pytest.raises(Poison):
         futures[37].result(timeout=20)
-    # Once for the failed batch of 64: not for each failing half of its bisection (six
-    # more), nor for the poisoned request's own failures and retries.
+    # A poisoned request fails alone: its own failure, not the batch's, so the target
+    # stays (not halved for the failed batch, for each failing call of the search, nor
+    # for the poisoned request's own retries).
+    assert halvings == []
+    assert p.current_batch_size == 64
+
+
+@pytest.mark.parametrize("largest", [1, 8, 40])
+def test_a_batch_too_large_halves_the_target_once(make_processor, largest):
+    # A model that fails on batches above `largest` rows (out of memory): no request
+    # fails alone, so the failure is the batch's: the target halves, once for the batch,
+    # not per failing call of its search.
+    def model(batch):
+        if len(batch) > largest:
+            raise RuntimeError("out of memory")
+        return batch * 2
+
+    p = make_processor(model, max_workers=1, max_batch_size=64, initial_batch_size=64,
+                       retry_delay=0.0, max_retries=2)
+    halvings = []
+    observe = p._controller.observe_failure
+
+    def counted():
+        halvings.append(p.current_batch_size)
+        observe()
+
+    p._controller.observe_failure = counted
+    futures = enqueue_paused(p, [float(v) for v in range(64)])
+    assert [f.result(timeout=20)[0, 0] for f in futures] == [2.0 * v for v in range(64)]
     assert halvings == [64]
+    assert p.current_batch_size == 32
 
 
 def test_retry_on_limits_which_failures_are_retried(make_processor):

@@ -112,8 +112,9 @@ class BatchProcessorConfig:
         processing_strategy: How batch size and wait are chosen, a
             `BatchProcessingStrategy` (or its value, ``"adaptive"``). Default
             ``BatchProcessingStrategy.ADAPTIVE``.
-        reduce_batch_on_failure: Halve the target after a failed batch, on or off
-            (not with FIXED). Default ``True``.
+        reduce_batch_on_failure: Halve the target after a batch fails though none of
+            its requests fails alone (out of memory on its size, say), on or off (not
+            with FIXED). Default ``True``.
         enable_monitoring: Record every request's latency for the percentiles of
             ``get_stats()``, on or off. Default ``True``; off, the latency keys stay 0.
         monitoring_window: How many recent samples the statistics look at, in batches

@@ -27,8 +27,8 @@ The policy (docs/architecture.md, "The controller"):
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
   (at ``max_batch_size`` when cost grows at most linearly).
-* Classic inputs stay: a backed-up queue grows the target, failures halve it
-  (``reduce_batch_on_failure``), memory pressure caps it.
+* Classic inputs stay: a backed-up queue grows the target, failures of a batch
+  (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
   found by trying (``ConcurrencyTuner``): one while nothing is left waiting, two as soon
   as requests are (one running, the next filling), and above two the controller tries

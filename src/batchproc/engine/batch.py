@@ -32,8 +32,8 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "dispatched_at", "holds_slot", "requests", "state",
-                 "worker")
+    __slots__ = ("call_started", "dispatched_at", "holds_slot", "own_failures", "requests",
+                 "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -44,6 +44,8 @@ class Batch:
         # A resource, not a state: one of the controller's call slots, held from the pop
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
+        # Requests of it that failed alone (their own failure, not the batch's).
+        self.own_failures = 0
 
 
 class Board:

@@ -15,7 +15,9 @@ Failure scheduling (docs/failures.md):
   worker and no call slot, and nothing else waits for it.
 * ``retry_on`` says which exceptions are retried; others (and any ``BaseException``
   that is not an ``Exception``) fail the request at once.
-* The target size shrinks once per failed batch, not per bisection step or retry.
+* The target size shrinks once per failed batch that no request of it explains by
+  failing alone (a failure of the batch, such as out of memory on its size); never per
+  step of the search or per retry, nor for a request's own failure.
 """
 
 from __future__ import annotations
@@ -123,11 +125,14 @@ class Executor:
         status, error = self._try(batch, requests, workspace, target)
         if status != FAILED:
             return
-        if requests[0].attempt == 0:
-            self._controller.observe_failure()  # once per failed batch, never per retry
         if self._config.debug_mode and len(requests) > 1:
             logger.debug("batch of %d failed (%r): isolating", len(requests), error)
         self._failed(batch, requests, workspace, target, error, error, self._isolate)
+        if len(requests) > 1 and not batch.own_failures and requests[0].attempt == 0:
+            # The batch failed, yet none of its requests fails alone: a failure of the
+            # batch (out of memory on its size, say), so smaller ones may get through.
+            # Once per failed batch, never per step of the search or per retry.
+            self._controller.observe_failure()
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,
@@ -229,6 +234,7 @@ class Executor:
     def _retry_or_fail(self, batch: Batch, request: Request, error: BaseException,
                        origin: BaseException) -> None:
         """Park a single failing request for a retry after its backoff, or fail it."""
+        batch.own_failures += 1
         cfg = self._config
         if (isinstance(error, self._retry_on) and request.attempt < cfg.max_retries
                 and self._park(batch, request, error, origin)):
@@ -271,8 +277,6 @@ class Executor:
             if status == ABANDONED:
                 return
             if status == FAILED:
-                if request.attempt == 0:
-                    self._controller.observe_failure()
                 if not isinstance(out, Exception):
                     logger.error("process_func raised %r on a chunk of a %d-row request; "
                                  "failing it without retry", out, request.rows)

@@ -143,6 +143,44 @@ def test_a_failure_that_depends_on_the_batch_fails_no_request(make_processor, la
     assert p.get_stats()["total_errors"] == 0
 
 
+@pytest.mark.parametrize("hung_at", [0, 2, 5])
+def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hung_at):
+    # A search runs parts of a failed batch; one part hangs past item_timeout. Only the
+    # requests of that call time out: the rest of the batch is queued again (and the
+    # poisoned one gets its own error), whatever part hangs.
+    release = threading.Event()
+    hang_on = float(hung_at)
+
+    def model(batch):
+        values = batch[:, 0].tolist()
+        if -1.0 in values:
+            raise Poison("poisoned row")
+        if hang_on in values and len(values) < 8:  # a part of the batch, not all of it
+            release.wait()
+        return batch * 2
+
+    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
+                       max_retries=0, item_timeout=0.3)
+    try:
+        values = [float(v) for v in range(8)]
+        values[6] = -1.0
+        futures = enqueue_paused(p, values)
+        outcome = {}
+        for v, f in zip(values, futures):
+            error = f.exception(timeout=20)
+            outcome[v] = type(error).__name__ if error else f.result()[0, 0]
+    finally:
+        release.set()
+    timed_out = [v for v, o in outcome.items() if o == "BatchTimeoutError"]
+    assert hang_on in timed_out
+    assert outcome[-1.0] in ("Poison", "BatchTimeoutError")
+    for v, o in outcome.items():
+        if v not in timed_out and v != -1.0:
+            assert o == 2 * v, (v, o)
+    # Only one call hung: its requests are a part of the batch, never all of it.
+    assert len(timed_out) < 7, outcome
+
+
 def test_backoff_holds_no_worker_and_holds_up_no_other_request(make_processor):
     # One worker only: were the backoff on a worker, the unrelated request would wait.
     model = CountingModel()

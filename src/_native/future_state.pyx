@@ -312,6 +312,12 @@ def start_all(list requests):
                 continue
             if code == 0:
                 continue
+            if code == _INVALID:
+                # Running already (queued again after its batch's call was abandoned
+                # past item_timeout): kept; done: left out.
+                if f._state is RUNNING:
+                    live.append(r)
+                continue
         # A future with a lock, one its caller started or completed, or another
         # future-like: its own method.
         try:

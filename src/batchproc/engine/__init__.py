@@ -43,7 +43,7 @@ class Engine:
                                   metrics)
         self._pool = WorkerPool(config, queue, controller, self._board, self._executor,
                                 self.delivery, resume, count_cancelled)
-        self._limits = TimeLimits(config, self._board, self._pool, controller,
+        self._limits = TimeLimits(config, self._board, queue, self._pool, controller,
                                   self.delivery, metrics)
         self.join = self._pool.join
         self.abandon_all = self._pool.abandon_all

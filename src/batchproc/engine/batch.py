@@ -32,8 +32,8 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "dispatched_at", "holds_slot", "own_failures", "requests",
-                 "state", "worker")
+    __slots__ = ("call_started", "calling", "dispatched_at", "holds_slot", "own_failures",
+                 "requests", "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -41,6 +41,8 @@ class Batch:
         self.state = HELD
         self.dispatched_at = _monotonic()
         self.call_started = 0.0  # when the current call began (state CALLING)
+        # The requests of the current (or last) call: a search runs parts of the batch.
+        self.calling: list[Request] | None = None
         # A resource, not a state: one of the controller's call slots, held from the pop
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
@@ -58,11 +60,12 @@ class Board:
         self.settled = threading.Condition(self.lock)
         self.closing = False
 
-    def begin_call(self, batch: Batch) -> bool:
+    def begin_call(self, batch: Batch, requests: list[Request]) -> bool:
         with self.lock:
             if batch.state is not HELD:
                 return False
             batch.state = CALLING
+            batch.calling = requests
             batch.call_started = _monotonic()
             return True
 

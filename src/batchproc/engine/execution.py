@@ -87,7 +87,7 @@ class Executor:
         except Exception as exc:
             return FAILED, exc, 0.0, total_rows(requests)
         rows = built.rows
-        if not self._board.begin_call(batch):
+        if not self._board.begin_call(batch, requests):
             return ABANDONED, None, 0.0, rows
         started = _monotonic()
         try:

@@ -1,17 +1,20 @@
 """Time limits: a ``process_func`` call running past ``item_timeout`` is abandoned.
 
-The supervisor calls ``expire_stuck`` at a fine tick. An abandoned batch's requests fail
-with ``BatchTimeoutError``, its worker is left to finish alone (its late result is
-discarded: ``Board.end_call`` refuses it) and a fresh worker takes its place.
+The supervisor calls ``expire_stuck`` at a fine tick. The requests of the call fail with
+``BatchTimeoutError``; those of its batch that were not in the call (a failure search
+runs parts of a batch) and are not done yet are queued again, each alone, at once. The
+worker is left to finish alone (its late result is discarded: ``Board.end_call`` refuses
+it) and a fresh worker takes its place.
 """
 
 from __future__ import annotations
 
 import logging
+import queue as _stdlib_queue
 import time
 from typing import Any
 
-from .._native.future_state import total_rows
+from .._native.future_state import Request, total_rows
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchTimeoutError
@@ -23,13 +26,16 @@ from .workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+_INF = float("inf")
 
 
 class TimeLimits:
-    def __init__(self, config: BatchProcessorConfig, board: Board, pool: WorkerPool,
-                 controller: Controller, delivery: Delivery, metrics: MetricsSink) -> None:
+    def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
+                 pool: WorkerPool, controller: Controller, delivery: Delivery,
+                 metrics: MetricsSink) -> None:
         self._limit = config.item_timeout
         self._board = board
+        self._queue = queue
         self._pool = pool
         self._controller = controller
         self._delivery = delivery
@@ -46,18 +52,41 @@ class TimeLimits:
             if holds_slot:
                 self._controller.slots.release()
             self._controller.batch_ended()
+            calling = batch.requests if batch.calling is None else batch.calling
             logger.error(
                 "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
                 " failing them with BatchTimeoutError and replacing worker %s",
-                now - batch.call_started, len(batch.requests), limit, batch.worker.name)
-            self._metrics.batch(len(batch.requests), total_rows(batch.requests),
+                now - batch.call_started, len(calling), limit, batch.worker.name)
+            self._metrics.batch(len(calling), total_rows(calling),
                                 0.0, now - batch.call_started, OUTCOME_TIMEOUT)
-            self._delivery.time_out(
-                batch.requests,
-                BatchTimeoutError(f"process_func exceeded item_timeout={limit} s"),
-                batch.dispatched_at)
+            error = BatchTimeoutError(f"process_func exceeded item_timeout={limit} s")
+            self._delivery.time_out(calling, error, batch.dispatched_at)
+            in_call = {id(r.future) for r in calling}  # a chunk shares its request's future
+            self._queue_again([r for r in batch.requests
+                               if id(r.future) not in in_call and not r.future.done()],
+                              error, batch.dispatched_at)
             self._pool.spawn()
         return len(overdue)
+
+    def _queue_again(self, requests: list[Request], error: BaseException,
+                     dispatched_at: float) -> None:
+        """Queue the requests of an abandoned batch that were not in its call; each is
+        popped alone (parked, due now). Once stop has begun, or with no room, they time
+        out with the call instead: never lost."""
+        now = _monotonic()
+        left = []
+        with self._board.lock:  # stop sets closing under it before it drains the queue
+            for r in requests:
+                if self._board.closing:
+                    left.append(r)
+                    continue
+                try:
+                    self._queue.park(r, r.priority, r.rows, r.nbytes, r.key, r.queue_length,
+                                     now, None if r.deadline == _INF else r.deadline)
+                except (_stdlib_queue.Full, MemoryError):
+                    left.append(r)
+        if left:
+            self._delivery.time_out(left, error, dispatched_at)
 
     def stuck_batches(self) -> list[dict[str, Any]]:
         """Batches whose call is past ``item_timeout``, abandoned or about to be."""

@@ -244,8 +244,8 @@ class ConcurrencyTuner:
       time. Then two at once straight away (one running, the next filling), kept only if
       the window at two carried about as many rows per second as the window at one
       before it (TWO_LOSS: calls that serialize on the GIL lose by running two; then
-      back to one for COOLDOWN windows), then hill-climb above two on measured rows per second,
-      keeping a probe that pays 10%.
+      back to one for COOLDOWN windows), then hill-climb above two on measured rows
+      per second, keeping a probe that pays 10%.
       A full batch left now and then (a Poisson load below capacity) is not enough:
       there one call at a time takes all that arrived during the last call as soon as
       it ends, while a second call would seal the next batch early (at
@@ -407,10 +407,10 @@ class Controller:
             plan = self._grow(queued_rows)
         if (queued_rows and plan.idle_gap and self._oldest_age is not None
                 and self._oldest_age() >= plan.fill_time):
-            # The oldest request arrived before the last call ended and has waited a
-            # whole fixed cost (an open load under a busy model, not a wave of clients
-            # coming back after a delivery): waiting for stragglers would only make
-            # every queued request wait longer, so what is queued goes at once.
+            # The oldest request has waited a whole fixed cost: it came while the model
+            # was busy (an open load), not in a wave of clients coming back after a
+            # delivery. Waiting for stragglers would only make every queued request
+            # wait longer, so what is queued goes at once.
             return self._plan_now
         return plan
 

@@ -1,7 +1,7 @@
 """ADAPTIVE with no tuning against the best static configuration, at loads from 10% to
 90% of the capacity, and its saturation throughput against the limit.
 
-    python benchmarks/compare_adaptive.py                   # full run (~12 min, 2 cores)
+    python benchmarks/compare_adaptive.py                   # full run (~9 min, 2 cores)
     python benchmarks/compare_adaptive.py --quick           # 1 repetition, short runs
     python benchmarks/compare_adaptive.py --models mlp --loads 0.3,0.9
 

@@ -87,6 +87,72 @@ def test_adaptive_waits_while_arrivals_come_within_a_sixteenth_of_the_fixed_cost
     assert plan.fill_time == pytest.approx(0.010, rel=0.01)
 
 
+class _Queue:
+    """The queue as the controller sees it: batches in flight and the oldest's age (s)."""
+
+    def __init__(self):
+        self.age = 0.0
+
+    def begin_batch(self):
+        pass
+
+    def end_batch(self):
+        pass
+
+    def oldest_age(self):
+        return self.age
+
+
+def test_requests_that_waited_a_whole_fixed_cost_go_without_an_idle_gap():
+    # An open load under a busy model: the requests queued meanwhile have waited a call
+    # already, so the batch takes them at once instead of waiting for arrivals to pause.
+    q = _Queue()
+    c = Controller(BatchProcessorConfig(batch_timeout=0.05, initial_batch_size=64,
+                                        max_batch_size=64), q)
+    for i in range(100):
+        rows = 1 + i % 64
+        c.observe_batch(rows, 0.010 + 0.00001 * rows, 64)
+    q.age = 0.011  # older than the fixed cost, 10 ms
+    assert c.plan(30) == (64, 0.05, 0.0, 0.0)  # the ceiling stays
+    q.age = 0.004  # younger: it may be the start of a wave, the idle gap and pace apply
+    plan = c.plan(30)
+    assert plan.idle_gap == pytest.approx(0.010 / 16, rel=0.01)
+    assert plan.fill_time == pytest.approx(0.010, rel=0.01)
+    q.age = 1.0
+    assert c.plan(0).idle_gap == pytest.approx(0.010 / 16, rel=0.01)  # nothing queued
+
+
+def test_a_model_too_fast_to_wait_for_gets_no_idle_gap():
+    # A fixed cost of 0.4 ms: a sixteenth is 25 us, under the timer slack a timed wait
+    # lasts at least, so the batch goes at once (no pace either).
+    from batchproc.controller import SHORTEST_IDLE_GAP
+
+    c = controller(batch_timeout=0.05, initial_batch_size=64, max_batch_size=64)
+    for i in range(100):
+        rows = 1 + i % 64
+        c.observe_batch(rows, 0.0004 + 0.000001 * rows, 64)
+    assert 0.0004 / 16 < SHORTEST_IDLE_GAP
+    assert c.plan(1)[1:] == (0.05, 0.0, 0.0)
+    for i in range(1500):  # the cost grows to 2 ms: a gap of 125 us is worth waiting
+        rows = 1 + i % 64
+        c.observe_batch(rows, 0.002 + 0.000001 * rows, 64)
+    assert c.plan(1).idle_gap == pytest.approx(0.002 / 16, rel=0.05)
+
+
+def test_fixed_and_greedy_plans_ignore_the_age_of_queued_requests():
+    from batchproc import BatchProcessingStrategy
+
+    q = _Queue()
+    q.age = 1.0
+    for strategy, wait in ((BatchProcessingStrategy.FIXED, 0.05),
+                           (BatchProcessingStrategy.GREEDY, 0.0)):
+        c = Controller(BatchProcessorConfig(batch_timeout=0.05, initial_batch_size=16,
+                                            processing_strategy=strategy), q)
+        for _ in range(20):
+            c.observe_batch(16, 0.01, 16)
+        assert c.plan(10)[1:] == (wait, None, 0.0)
+
+
 def test_full_batches_grow_the_target_toward_the_optimum():
     c = controller(initial_batch_size=8, max_batch_size=128)
     for _ in range(40):
@@ -231,6 +297,68 @@ def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monk
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (2, 1) and not any(changes[:-1])
     assert slots.limit == 1
+
+
+def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
+    # A Poisson load below capacity leaves a full batch waiting after some calls: one
+    # call at a time still takes it all when the call ends. Only when most batches of a
+    # window leave one (the load outruns one call) does a second call start.
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(1)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    n = tuner.WINDOW_BATCHES
+    minority = int(n * tuner.BACKLOG_SHARE) - 1
+    for _ in range(3 * tuner.QUIET_WINDOWS):
+        clock.now += 0.1
+        for i in range(n):
+            assert tuner.observe(64, backlog=i < minority) is None
+    assert slots.limit == 1
+    clock.now += 0.1
+    changes = [tuner.observe(64, backlog=i % 2 == 0) for i in range(n)]
+    assert changes[-1] == (1, 2) and not any(changes[:-1])
+    assert slots.limit == 2
+
+
+def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(1)
+    tuner = ConcurrencyTuner(slots, max_limit=2)  # no probes above two
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+    n = tuner.WINDOW_BATCHES
+    changes = []
+    for _ in range(tuner.QUIET_WINDOWS):
+        clock.now += 0.1
+        changes += [tuner.observe(64, backlog=i == 0) for i in range(n)]
+    assert [c for c in changes if c] == [(2, 1)] and changes[-1] == (2, 1)
+    assert slots.limit == 1
+
+
+def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
+    # A model holding the GIL: two calls only take turns, and carry less than one did.
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(1)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
+    # Backlogged still, but two is not tried again before COOLDOWN windows at one.
+    changes = [_window(tuner, clock, backlog=True) for _ in range(tuner.COOLDOWN)]
+    assert not any(changes) and slots.limit == 1
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+    # This time two carries more (a model behind one lock: the next batch is ready
+    # when the lock frees): it stays, and three is tried.
+    assert _window(tuner, clock, backlog=True, rows_per_batch=70) == (2, 3)
 
 
 def test_adaptive_and_greedy_start_with_one_call_fixed_with_all():

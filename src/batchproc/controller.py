@@ -19,6 +19,11 @@ The policy (docs/architecture.md, "The controller"):
   arrivals (clients coming back after a delivery, delayed by the GIL), and going would
   leave the rest of the wave a call of its own; at a slower rate the stragglers cost
   less than waiting for them.
+  Neither applies to requests that have already waited a whole fixed cost when the
+  batch is planned: they came while the model was busy (an open load), not in a wave
+  after a delivery, and what is queued goes at once.
+  Nor to a model whose idle gap would be under ``SHORTEST_IDLE_GAP`` (a fixed cost
+  under 0.8 ms): so short a timed wait lasts the OS's timer slack, many times the gap.
   At low load an idle worker therefore takes what is queued almost at once (for a
   model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
   load, batches fill.
@@ -30,13 +35,16 @@ The policy (docs/architecture.md, "The controller"):
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
-  found by trying (``ConcurrencyTuner``): one while nothing is left waiting, two as soon
-  as requests are (one running, the next filling), and above two the controller tries
-  one more for a window of batches and keeps it only if rows per second rose by 10%.
-  A model behind one lock (a GPU) or holding the GIL stays at two, so the next batch
-  keeps filling instead of queueing small batches at the lock; a model that runs in
-  parallel (I/O, GIL-free native code) climbs toward ``max_workers``. FIXED runs
-  ``max_workers`` at once and tunes nothing.
+  found by trying (``ConcurrencyTuner``): one until most batches of a window of them
+  leave a full batch waiting (the load outruns one call at a time), then two (one
+  running, the next filling), and above two the controller tries one more for a window
+  of batches and keeps it only if rows per second rose by 10%. Below that backlog one
+  call at a time is what a model whose calls serialize (a lock, the GIL) does best: the
+  next call takes everything that arrived during the last one, where a second call
+  would be sealed early and wait at the lock. At saturation a model behind one lock (a
+  GPU) or holding the GIL stays at two, so the next batch is ready when the lock frees;
+  a model that runs in parallel (I/O, GIL-free native code) climbs toward
+  ``max_workers``. FIXED runs ``max_workers`` at once and tunes nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ _MEMORY_SHARE = {MEMORY_OK: 1.0, MEMORY_WARNING: 0.5, MEMORY_CRITICAL: 0.0}
 
 # The share of the fixed cost per batch a filling batch waits for the next arrival.
 IDLE_GAP_SHARE = 1.0 / 16
+# The shortest idle gap worth waiting for, s: a timed wait lasts at least the thread's
+# timer slack (50 us by default on Linux) plus a wake-up, so a shorter gap would cost
+# many times itself (a model of microseconds, whose gap is a fraction of one).
+SHORTEST_IDLE_GAP = 50e-6
 
 
 class Plan(NamedTuple):
@@ -227,9 +239,19 @@ class ConcurrencyTuner:
     - Idle (no request left waiting when batches finish): one call at a time. A second
       worker parked in the queue would only take turns with the first one, which costs
       a thread wake-up per request at low load (benchmarks/bench_round_trip.py).
-    - Requests left waiting: two at once straight away (one running, one filling), then
-      hill-climb above two on measured rows per second, keeping a probe that pays 10%.
-    - QUIET_WINDOWS windows in a row without a request left waiting: back to one.
+    - Backlogged: at least BACKLOG_SHARE of a window's batches left a full batch
+      (``target`` rows) waiting when they finished, so the load outruns one call at a
+      time. Then two at once straight away (one running, the next filling), kept only if
+      the window at two carried about as many rows per second as the window at one
+      before it (TWO_LOSS: calls that serialize on the GIL lose by running two; then
+      back to one for COOLDOWN windows), then hill-climb above two on measured rows
+      per second, keeping a probe that pays 10%.
+      A full batch left now and then (a Poisson load below capacity) is not enough:
+      there one call at a time takes all that arrived during the last call as soon as
+      it ends, while a second call would seal the next batch early (at
+      ``batch_timeout``) and, on a model whose calls serialize (a lock, the GIL), only
+      queue it behind the first, a whole call later and with fewer rows.
+    - QUIET_WINDOWS windows in a row not backlogged: back to one.
     """
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
@@ -237,6 +259,8 @@ class ConcurrencyTuner:
     GAIN = 1.10              # a probe must beat the baseline by 10% to be kept
     COOLDOWN = 8             # windows to wait after a failed probe before the next
     QUIET_WINDOWS = 8        # windows without waiting requests before going back to one
+    BACKLOG_SHARE = 0.5      # share of a window's batches leaving a full batch: backlogged
+    TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
 
     def __init__(self, slots: CallSlots, max_limit: int) -> None:
         self.slots = slots
@@ -245,9 +269,10 @@ class ConcurrencyTuner:
         self._start = time.monotonic()
         self._rows = 0
         self._batches = 0
-        self._backlogged = False  # did any batch of this window leave requests waiting?
+        self._backlogged = 0  # batches of this window that left a full batch waiting
         self._quiet = 0
         self._probing = False
+        self._checking_two = False  # the window at two is being compared with one
         self._baseline = 0.0
         self._cooldown = 0
 
@@ -255,14 +280,14 @@ class ConcurrencyTuner:
         """Count a finished batch; returns (old, new) limit when it changed."""
         self._rows += rows
         self._batches += 1
-        self._backlogged = self._backlogged or backlog
+        self._backlogged += backlog
         now = time.monotonic()
         elapsed = now - self._start
         if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
             return None
         rate = self._rows / elapsed
-        backlogged = self._backlogged
-        self._start, self._rows, self._batches, self._backlogged = now, 0, 0, False
+        backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
+        self._start, self._rows, self._batches, self._backlogged = now, 0, 0, 0
         self._quiet = 0 if backlogged else self._quiet + 1
         limit = self.slots.limit
         if self._probing:
@@ -272,7 +297,20 @@ class ConcurrencyTuner:
             self.slots.set_limit(limit - 1)
             self._cooldown = self.COOLDOWN
             return limit, limit - 1
+        if self._checking_two:
+            self._checking_two = False
+            if rate < self._baseline * self.TWO_LOSS and limit > 1:
+                # Two calls carried fewer rows than one: they only take turns (the GIL)
+                # and contend while doing so.
+                self.slots.set_limit(1)
+                self._cooldown = self.COOLDOWN
+                return limit, 1
         if backlogged and limit < self._busy_floor:
+            if self._cooldown:
+                self._cooldown -= 1
+                return None
+            self._checking_two = True
+            self._baseline = rate
             self.slots.set_limit(self._busy_floor)
             return limit, self._busy_floor
         if self._quiet >= self.QUIET_WINDOWS and limit > 1:
@@ -305,6 +343,8 @@ class Controller:
             # applied by its pop).
             self.batch_started = queue.begin_batch  # type: ignore[method-assign]
             self.batch_ended = queue.end_batch  # type: ignore[method-assign]
+        # Seconds since the oldest queued request arrived (None: no queue to ask).
+        self._oldest_age = queue.oldest_age if queue is not None else None
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
         self._memory = MEMORY_OK
@@ -320,7 +360,8 @@ class Controller:
         self._debug = config.debug_mode
         self._ceiling: int
         self._plan: Plan
-        self._replan()  # sets both
+        self._plan_now: Plan
+        self._replan()  # sets all three
 
     @property
     def current_batch_size(self) -> int:
@@ -349,16 +390,31 @@ class Controller:
         strategy = self.strategy
         if strategy is BatchProcessingStrategy.ADAPTIVE:
             fixed_cost = max(self.model.a, 0.0)
-            self._plan = Plan(self._current, cfg.batch_timeout,
-                              fixed_cost * IDLE_GAP_SHARE, fixed_cost)
+            # For queued requests that have already waited a whole fixed cost, and for a
+            # model too fast to wait for: no idle gap, no pace (the fill while a batch is
+            # in flight and the ceiling stay).
+            self._plan_now = Plan(self._current, cfg.batch_timeout, 0.0, 0.0)
+            gap = fixed_cost * IDLE_GAP_SHARE
+            self._plan = (self._plan_now if gap < SHORTEST_IDLE_GAP else
+                          Plan(self._current, cfg.batch_timeout, gap, fixed_cost))
         else:  # FIXED waits up to batch_timeout to fill; GREEDY never waits
             wait = cfg.batch_timeout if strategy is BatchProcessingStrategy.FIXED else 0.0
-            self._plan = Plan(self._current, wait, None)
+            self._plan = self._plan_now = Plan(self._current, wait, None)
 
     def plan(self, queued_rows: int) -> Plan:
         plan = self._plan  # one attribute read; the lock only when the target may grow
-        if queued_rows < 2 * plan.target_rows or self._tuner is None:
-            return plan
+        if queued_rows >= 2 * plan.target_rows and self._tuner is not None:
+            plan = self._grow(queued_rows)
+        if (queued_rows and plan.idle_gap and self._oldest_age is not None
+                and self._oldest_age() >= plan.fill_time):
+            # The oldest request has waited a whole fixed cost: it came while the model
+            # was busy (an open load), not in a wave of clients coming back after a
+            # delivery. Waiting for stragglers would only make every queued request
+            # wait longer, so what is queued goes at once.
+            return self._plan_now
+        return plan
+
+    def _grow(self, queued_rows: int) -> Plan:
         with self._lock:
             target = self._current
             if queued_rows >= 2 * target:

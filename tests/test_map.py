@@ -362,6 +362,56 @@ def test_two_bad_items_in_one_chunk(make_processor):
     assert [k for k, y in enumerate(out) if isinstance(y, KeyError)] == [3, 5]
 
 
+class Outcomes:
+    """A metrics collector that counts the requests reported per outcome."""
+
+    def __init__(self):
+        self.counts = {}
+        self.lock = threading.Lock()
+
+    def record_requests(self, latencies, queue_times, outcome):
+        with self.lock:
+            self.counts[outcome] = self.counts.get(outcome, 0) + len(latencies)
+
+
+def _counts(p):
+    stats = p.get_stats()
+    names = ("total_accepted", "total_processed", "total_errors", "total_expired",
+             "total_cancelled", "queue_size")
+    accepted, processed, errors, expired, cancelled, queued = (stats[n] for n in names)
+    assert accepted == processed + errors + expired + cancelled + queued
+    return accepted, processed, errors
+
+
+def test_a_failed_chunk_is_counted_as_its_items_once_queued_again(make_processor):
+    outcomes = Outcomes()
+    p = make_processor(_failing_on(1), metrics_collector=outcomes, max_retries=0)
+    out = list(p.map(rows(3), return_exceptions=True))
+    assert isinstance(out[1], ValueError)
+    # Three items, three requests, one failed: the chunk is not a failure of its own.
+    assert _counts(p) == (3, 2, 1)
+    assert p.get_stats()["error_rate"] == pytest.approx(1 / 3)
+    assert outcomes.counts == {"ok": 2, "error": 1}
+
+
+def test_counts_with_a_bad_item_and_a_good_chunk(make_processor):
+    outcomes = Outcomes()
+    p = make_processor(_failing_on(3), metrics_collector=outcomes, max_batch_size=8,
+                       max_retries=0)
+    out = list(p.map(rows(9), return_exceptions=True))  # chunks of 8 and 1
+    assert [k for k, y in enumerate(out) if isinstance(y, ValueError)] == [3]
+    # The first chunk's 8 items (7 results, 1 failure), the second chunk (1 result).
+    assert _counts(p) == (9, 8, 1)
+    assert outcomes.counts == {"ok": 8, "error": 1}
+
+
+def test_a_failed_chunk_of_one_item_is_one_failure(make_processor):
+    p = make_processor(_failing_on(0), max_retries=0)
+    out = list(p.map(rows(1), return_exceptions=True))
+    assert isinstance(out[0], ValueError)
+    assert _counts(p) == (1, 0, 1)
+
+
 def test_a_wrong_output_fails_its_chunk_items_alone(make_processor):
     p = make_processor(lambda b: b[:1], max_batch_size=8, max_retries=0)
     out = list(p.map(rows(5), return_exceptions=True))

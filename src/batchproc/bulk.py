@@ -38,9 +38,9 @@ from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_row
 from ._native.request_queue import QueueClosed
 from .aio import AsyncRequest, QueuedFuture
 from .backpressure import push_when_room
-from .errors import ProcessorStoppedError, QueueTimeoutError
+from .errors import ProcessorStoppedError
 from .formats.base import BatchFormat
-from .formats.chunks import ChunkFormat
+from .formats.chunks import ChunkFormat, items_queued_again
 
 if TYPE_CHECKING:
     from .processor import BatchProcessor
@@ -311,7 +311,7 @@ class Window:
             if isinstance(slot, InFlight) and slot.singles is None and slot.future.done():
                 future = slot.future
                 error = None if future.cancelled() else future.exception()
-                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                if error is not None and items_queued_again(error, len(slot.chunk.items)):
                     self._queue_singly(slot)
 
     def take_failure(self) -> BaseException:
@@ -327,7 +327,7 @@ class Window:
         """The oldest chunk failed: 0 when its items were queued again one by one; else
         how many positions get ``error`` (raised when it ends the iteration)."""
         count = len(slot.chunk.items)
-        if _queue_again(error, count):
+        if items_queued_again(error, count):
             self._queue_singly(slot)
             return 0
         self.slots.popleft()
@@ -349,14 +349,6 @@ class Window:
                     if not isinstance(single, BaseException):
                         single.cancel()
         self.slots.clear()
-
-
-def _queue_again(error: BaseException, count: int) -> bool:
-    """Whether a failed chunk's items are worth queuing one by one: a processing failure
-    of several items (one of them may be the cause). Expired and stopped ones are not:
-    their time or their processor is gone."""
-    return (count > 1 and isinstance(error, Exception)
-            and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
 
 
 def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:

@@ -15,6 +15,7 @@ import pytest
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
 from batchproc.bench import BenchError
+from batchproc.bench.configs import format_config
 from batchproc.bench.inputs import FeatureRows
 from batchproc.bench.models import identity
 from batchproc.bench.tune import (
@@ -240,6 +241,19 @@ def test_a_climb_cut_short_below_the_best_is_marked_and_ranked_below(capsys) -> 
     assert Candidate(**result.records[-1]["candidate"]).label in cut
     assert "best: default (ADAPTIVE): " in out
     assert "the default is the best configuration tried" in out
+
+
+def test_the_default_config_is_printed_with_the_imports_it_uses(capsys) -> None:
+    result = FakeTuner({"default": 450.0}).run()
+    assert result.best is not None and result.best["key"] == "default"
+    out, _ = _printed(result, capsys)
+    code = out[out.index("from batchproc import"):]
+    assert code == "from batchproc import BatchProcessorConfig\n\nconfig = BatchProcessorConfig()\n"
+    assert config_of(out) == BatchProcessorConfig()
+    assert format_config({"pad_value": 0}).splitlines()[0] == (
+        "from batchproc import BatchProcessorConfig")
+    assert format_config({"processing_strategy": "greedy"}).splitlines()[0] == (
+        "from batchproc import BatchProcessingStrategy, BatchProcessorConfig")
 
 
 def test_goal_needs_the_load_carried_and_the_slo() -> None:

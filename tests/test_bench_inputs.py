@@ -154,9 +154,25 @@ def test_npz_errors(tmp_path) -> None:
         return str(info.value)
 
     assert "no such file" in error(tmp_path / "missing.npz")
+    folder = tmp_path / "folder.npz"
+    folder.mkdir()
+    assert "is a directory" in error(folder)
+    # Not an .npz: said so, and never a word of pickles (numpy's own message for any
+    # file that is not a zip or an .npy suggests loading it with allow_pickle).
     text = tmp_path / "text.npz"
-    text.write_text("not a zip")
-    assert "cannot read" in error(text) or "not an .npz" in error(text)
+    text.write_text("hello\n")
+    npy = tmp_path / "array.npz"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros((2, 3)))
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    damaged = tmp_path / "damaged.npz"
+    np.savez(damaged, a=np.zeros((3, 2)))
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    for path in (text, npy, empty, damaged):
+        message = error(path)
+        assert f"--input {path}: not a readable .npz file" in message, message
+        assert "pickle" not in message.lower(), message
     uneven = tmp_path / "uneven.npz"
     np.savez(uneven, a=np.zeros((3, 2)), b=np.zeros((4, 2)))
     assert "same number of requests" in error(uneven)
@@ -165,7 +181,9 @@ def test_npz_errors(tmp_path) -> None:
     assert "mixes per-request keys" in error(mixed)
     objects = tmp_path / "objects.npz"
     np.savez(objects, a=np.array([{"x": 1}], dtype=object))
-    assert "cannot read" in error(objects)
+    message = error(objects)
+    assert "array 'a' holds Python objects (dtype object)" in message
+    assert "pickle" not in message.lower()
     scalar = tmp_path / "scalar.npz"
     np.savez(scalar, arr_0=np.float32(1.0))
     assert "0-d" in error(scalar)
@@ -233,3 +251,12 @@ def test_bad_input_flags_are_one_line(capsys, argv: list[str], mentions: str) ->
     code, out, err = run_cli(capsys, *argv, *TINY)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and mentions in err, err
+
+
+def test_a_file_that_is_not_an_npz_is_one_line(tmp_path, capsys) -> None:
+    path = tmp_path / "notnpz.npz"
+    path.write_text("hello\n")
+    code, out, err = run_cli(capsys, "--input", str(path), *TINY)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert "not a readable .npz file" in err and "pickle" not in err, err

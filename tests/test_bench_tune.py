@@ -15,6 +15,7 @@ import pytest
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
 from batchproc.bench import BenchError
+from batchproc.bench.configs import format_config
 from batchproc.bench.inputs import FeatureRows
 from batchproc.bench.models import identity
 from batchproc.bench.tune import (
@@ -25,6 +26,7 @@ from batchproc.bench.tune import (
     Tuner,
     candidates,
     ladder_fraction,
+    print_result,
 )
 
 SPACE = ["--sizes", "4,8", "--delays-ms", "1", "--workers", "1",
@@ -147,7 +149,8 @@ def test_candidates_cover_the_grid_once_greedy_without_delays() -> None:
 class FakeTuner(Tuner):
     """Synthetic runs: a candidate keeps p99 under 10 ms up to the load it can carry."""
 
-    def __init__(self, carries: dict[str, float], capacity: float = 1000.0) -> None:
+    def __init__(self, carries: dict[str, float], capacity: float = 1000.0,
+                 runs: int | None = None) -> None:
         results = ResultsFile(None, {})
         results.capacity = capacity
         space = [c for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]) if c.key in carries]
@@ -155,8 +158,13 @@ class FakeTuner(Tuner):
                          duration=1.0, budget=1e9, results=results)
         self.carries = carries
         self.calls: list[tuple[str, float]] = []
+        self.runs_left = runs  # None: no budget; else the runs the budget has room for
 
     def measure(self, c: Candidate, offered: float) -> dict[str, Any] | None:
+        if self.runs_left is not None:
+            if self.runs_left == 0:
+                return None
+            self.runs_left -= 1
         self.calls.append((c.key, offered))
         ok = offered <= self.carries[c.key]
         record = {"key": c.key, "label": c.label, "candidate": vars(c), "offered": offered,
@@ -182,6 +190,70 @@ def test_the_slo_search_climbs_the_ladder_and_prunes() -> None:
     assert len(by_key[small]) == 1 and by_key[small][0] in (400.0, 1000.0)
     assert len(by_key[big]) <= 2
     assert by_key[mid][-1] == pytest.approx(1000.0 * ladder_fraction(11))  # first miss
+
+
+def _cut_after(carries: dict[str, float], key: str, offered: float) -> FakeTuner:
+    """A search whose budget ends right after ``key``'s run at ``offered``."""
+    full = FakeTuner(carries)
+    full.run()
+    runs = full.calls.index((key, pytest.approx(offered))) + 1
+    tuner = FakeTuner(carries, runs=runs)
+    tuner.result = tuner.run()  # type: ignore[attr-defined]
+    assert tuner.calls == full.calls[:runs]
+    return tuner
+
+
+def _printed(result: Any, capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """The output of ``print_result`` and its table's first row (found by its label)."""
+    print_result("tune", result)
+    out = capsys.readouterr().out
+    labels = [r["label"] for r in result.records]
+    top = next(line for line in out.splitlines() if any(lbl in line for lbl in labels))
+    return out, top
+
+
+def test_a_climb_cut_short_that_beats_the_best_is_the_best(capsys) -> None:
+    small, mid, big = (c.key for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]))
+    carries = {"default": 450.0, small: 100.0, mid: 1000.0, big: 450.0}
+    tuner = _cut_after(carries, mid, 600.0)  # past the default's 400, still climbing
+    result = tuner.result  # type: ignore[attr-defined]
+    assert result.budget_spent and result.cut_short == mid
+    # It met the SLO at 600 req/s, more than any finished one: the best, whatever more
+    # it would have carried.
+    assert result.best["key"] == mid and result.best["offered"] == pytest.approx(600.0)
+    out, top = _printed(result, capsys)
+    label = result.best["label"]
+    assert f"{label} (cut short)" in top
+    assert f"best: {label} (cut short): " in out
+    assert "(cut short): the budget ended its climb" in out
+    assert config_of(out).max_batch_size == Candidate(**result.best["candidate"]).max_batch_size
+
+
+def test_a_climb_cut_short_below_the_best_is_marked_and_ranked_below(capsys) -> None:
+    small, mid, big = (c.key for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]))
+    carries = {"default": 450.0, small: 100.0, mid: 1000.0, big: 450.0}
+    tuner = _cut_after(carries, mid, 400.0)  # its first run: the default's load, no more
+    result = tuner.result  # type: ignore[attr-defined]
+    assert result.cut_short == mid and result.best["key"] == "default"
+    out, top = _printed(result, capsys)
+    assert "default (ADAPTIVE)" in top and "(cut short)" not in top
+    cut = next(line for line in out.splitlines() if "(cut short)" in line)
+    assert Candidate(**result.records[-1]["candidate"]).label in cut
+    assert "best: default (ADAPTIVE): " in out
+    assert "the default is the best configuration tried" in out
+
+
+def test_the_default_config_is_printed_with_the_imports_it_uses(capsys) -> None:
+    result = FakeTuner({"default": 450.0}).run()
+    assert result.best is not None and result.best["key"] == "default"
+    out, _ = _printed(result, capsys)
+    code = out[out.index("from batchproc import"):]
+    assert code == "from batchproc import BatchProcessorConfig\n\nconfig = BatchProcessorConfig()\n"
+    assert config_of(out) == BatchProcessorConfig()
+    assert format_config({"pad_value": 0}).splitlines()[0] == (
+        "from batchproc import BatchProcessorConfig")
+    assert format_config({"processing_strategy": "greedy"}).splitlines()[0] == (
+        "from batchproc import BatchProcessingStrategy, BatchProcessorConfig")
 
 
 def test_goal_needs_the_load_carried_and_the_slo() -> None:

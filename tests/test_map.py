@@ -246,6 +246,74 @@ def test_closing_early_withdraws_queued_chunks(make_processor):
     assert sizes == [4, 1]
 
 
+class _InterruptedWait:
+    """Stands for a future whose waiter gets KeyboardInterrupt (Ctrl-C) while it waits:
+    ``result()`` raises it when the request is not done yet."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def result(self, timeout=None):
+        if not self.future.done():
+            raise KeyboardInterrupt
+        return self.future.result(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.future, name)
+
+
+@pytest.mark.parametrize("return_exceptions", [False, True])
+def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatch,
+                                                      return_exceptions):
+    import batchproc.processor
+
+    base = batchproc.processor._RequestFuture
+
+    class Interrupted(base):
+        def result(self, timeout=None):
+            if not self.done():
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    monkeypatch.setattr(batchproc.processor, "_RequestFuture", Interrupted)
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()
+    results = p.map(rows(32), buffersize=8, return_exceptions=return_exceptions)
+    # The interruption is not the chunk's outcome: it is raised, never yielded, and the
+    # chunk it waited for leaves the queue with the others.
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 8
+    monkeypatch.undo()
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
+
+
+def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processor):
+    model = Calls()
+
+    def failing(batch):
+        if len(batch) > 1:
+            p.pause()  # the chunk's items, queued again one by one, stay queued
+            raise ValueError("a chunk")
+        return model(batch)
+
+    p = make_processor(failing, max_batch_size=4, max_retries=0)
+    results = p.map(rows(4), buffersize=1)
+    enqueue = p.enqueue_predict
+    p.enqueue_predict = lambda *a, **k: _InterruptedWait(enqueue(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 4
+    p.resume()
+    enqueue(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
+
+
 def test_a_full_queue_is_waited_for(make_processor):
     p = make_processor(lambda b: b, max_batch_size=2, max_queue_size=2)
     assert len(list(p.map(rows(50), buffersize=8))) == 50
@@ -292,6 +360,56 @@ def test_two_bad_items_in_one_chunk(make_processor):
     p = make_processor(model, max_batch_size=8, max_retries=0)
     out = list(p.map(rows(16), return_exceptions=True))
     assert [k for k, y in enumerate(out) if isinstance(y, KeyError)] == [3, 5]
+
+
+class Outcomes:
+    """A metrics collector that counts the requests reported per outcome."""
+
+    def __init__(self):
+        self.counts = {}
+        self.lock = threading.Lock()
+
+    def record_requests(self, latencies, queue_times, outcome):
+        with self.lock:
+            self.counts[outcome] = self.counts.get(outcome, 0) + len(latencies)
+
+
+def _counts(p):
+    stats = p.get_stats()
+    names = ("total_accepted", "total_processed", "total_errors", "total_expired",
+             "total_cancelled", "queue_size")
+    accepted, processed, errors, expired, cancelled, queued = (stats[n] for n in names)
+    assert accepted == processed + errors + expired + cancelled + queued
+    return accepted, processed, errors
+
+
+def test_a_failed_chunk_is_counted_as_its_items_once_queued_again(make_processor):
+    outcomes = Outcomes()
+    p = make_processor(_failing_on(1), metrics_collector=outcomes, max_retries=0)
+    out = list(p.map(rows(3), return_exceptions=True))
+    assert isinstance(out[1], ValueError)
+    # Three items, three requests, one failed: the chunk is not a failure of its own.
+    assert _counts(p) == (3, 2, 1)
+    assert p.get_stats()["error_rate"] == pytest.approx(1 / 3)
+    assert outcomes.counts == {"ok": 2, "error": 1}
+
+
+def test_counts_with_a_bad_item_and_a_good_chunk(make_processor):
+    outcomes = Outcomes()
+    p = make_processor(_failing_on(3), metrics_collector=outcomes, max_batch_size=8,
+                       max_retries=0)
+    out = list(p.map(rows(9), return_exceptions=True))  # chunks of 8 and 1
+    assert [k for k, y in enumerate(out) if isinstance(y, ValueError)] == [3]
+    # The first chunk's 8 items (7 results, 1 failure), the second chunk (1 result).
+    assert _counts(p) == (9, 8, 1)
+    assert outcomes.counts == {"ok": 8, "error": 1}
+
+
+def test_a_failed_chunk_of_one_item_is_one_failure(make_processor):
+    p = make_processor(_failing_on(0), max_retries=0)
+    out = list(p.map(rows(1), return_exceptions=True))
+    assert isinstance(out[0], ValueError)
+    assert _counts(p) == (1, 0, 1)
 
 
 def test_a_wrong_output_fails_its_chunk_items_alone(make_processor):
@@ -517,6 +635,85 @@ def test_amap_does_not_block_the_loop_and_aclose_withdraws(make_processor):
     asyncio.run(main())
     assert p.get_stats()["queue_size"] == 0
     assert model.sizes == []
+
+
+def _cancel_when_queued(p, consumer, queued):
+    """Once ``queued`` requests wait in the (paused) processor's queue: cancel the task
+    ``consumer`` and return the queue size right after it finished."""
+
+    async def main():
+        task = asyncio.ensure_future(consumer())
+        while p.get_stats()["queue_size"] < queued:
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return p.get_stats()["queue_size"]
+
+    return asyncio.run(main())
+
+
+def test_cancelling_the_amap_task_withdraws_the_awaited_chunk_too(make_processor):
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()
+
+    async def consume():
+        async for _ in p.amap(rows(32), buffersize=8):
+            pass
+
+    # The task waits for the first chunk's result: cancelling it cancels that chunk's
+    # future, and the chunk leaves the queue with the seven others.
+    assert _cancel_when_queued(p, consume, 8) == 0
+    assert p.get_stats()["total_cancelled"] == 8
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
+
+
+def test_cancelling_the_amap_task_withdraws_a_failed_chunks_items(make_processor):
+    model = Calls()
+
+    def failing(batch):
+        if len(batch) > 1:
+            p.pause()  # the chunk's items, queued again one by one, stay queued
+            raise ValueError("a chunk")
+        return model(batch)
+
+    p = make_processor(failing, max_batch_size=4, max_retries=0)
+
+    async def consume():
+        async for _ in p.amap(rows(4), buffersize=1):
+            pass
+
+    assert _cancel_when_queued(p, consume, 4) == 0
+    assert p.get_stats()["total_cancelled"] == 4
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
+
+
+def test_amap_aclose_after_a_result_withdraws_queued_chunks(make_processor):
+    started, gate = threading.Event(), threading.Event()
+    model = Calls(lambda batch: (started.set(), gate.wait(10), batch)[2])
+    p = make_processor(model, max_batch_size=4, max_workers=1)
+
+    async def main():
+        results = p.amap(rows(40), chunksize=4, buffersize=6)
+        first = asyncio.ensure_future(results.__anext__())
+        while not started.is_set() or p.get_stats()["queue_size"] < 5:
+            await asyncio.sleep(0)
+        p.pause()
+        gate.set()
+        assert (await first == 0).all()
+        await results.aclose()  # suspended at a result: the five queued chunks leave
+        return p.get_stats()
+
+    stats = asyncio.run(main())
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 5
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [4, 1]
 
 
 def test_amap_stop_raises_processor_stopped(make_processor):

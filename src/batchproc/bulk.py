@@ -36,11 +36,11 @@ import numpy as np
 
 from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
 from ._native.request_queue import QueueClosed
-from .aio import AsyncRequest
+from .aio import AsyncRequest, QueuedFuture
 from .backpressure import push_when_room
-from .errors import ProcessorStoppedError, QueueTimeoutError
+from .errors import ProcessorStoppedError
 from .formats.base import BatchFormat
-from .formats.chunks import ChunkFormat
+from .formats.chunks import ChunkFormat, items_queued_again
 
 if TYPE_CHECKING:
     from .processor import BatchProcessor
@@ -269,16 +269,15 @@ class Settings:
 
 class InFlight:
     """A queued chunk: the future of its list of results (a thread future for ``map``,
-    an asyncio future for ``amap``) and, for ``amap``, the queue's token to withdraw it.
-    Once the chunk failed, ``singles`` holds its items queued one by one: a future (or
-    task) each, or the exception that refused one."""
+    an asyncio future for ``amap``), whose ``cancel()`` withdraws the chunk from the
+    queue. Once the chunk failed, ``singles`` holds its items queued one by one: a
+    future (or task) each, or the exception that refused one."""
 
-    __slots__ = ("chunk", "future", "singles", "token")
+    __slots__ = ("chunk", "future", "singles")
 
-    def __init__(self, chunk: Chunk, future: Any, token: int | None = None) -> None:
+    def __init__(self, chunk: Chunk, future: Any) -> None:
         self.chunk = chunk
         self.future = future
-        self.token = token
         self.singles: list[Any] | None = None
 
 
@@ -312,7 +311,7 @@ class Window:
             if isinstance(slot, InFlight) and slot.singles is None and slot.future.done():
                 future = slot.future
                 error = None if future.cancelled() else future.exception()
-                if error is not None and _queue_again(error, len(slot.chunk.items)):
+                if error is not None and items_queued_again(error, len(slot.chunk.items)):
                     self._queue_singly(slot)
 
     def take_failure(self) -> BaseException:
@@ -328,7 +327,7 @@ class Window:
         """The oldest chunk failed: 0 when its items were queued again one by one; else
         how many positions get ``error`` (raised when it ends the iteration)."""
         count = len(slot.chunk.items)
-        if _queue_again(error, count):
+        if items_queued_again(error, count):
             self._queue_singly(slot)
             return 0
         self.slots.popleft()
@@ -345,20 +344,11 @@ class Window:
         early leaves none of its requests behind in the queue."""
         for slot in self.slots:
             if isinstance(slot, InFlight):
-                if slot.future.cancel() and slot.token is not None:
-                    self._processor._cancel_queued(slot.token)
+                slot.future.cancel()
                 for single in slot.singles or ():
                     if not isinstance(single, BaseException):
                         single.cancel()
         self.slots.clear()
-
-
-def _queue_again(error: BaseException, count: int) -> bool:
-    """Whether a failed chunk's items are worth queuing one by one: a processing failure
-    of several items (one of them may be the cause). Expired and stopped ones are not:
-    their time or their processor is gone."""
-    return (count > 1 and isinstance(error, Exception)
-            and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
 
 
 def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
@@ -428,6 +418,10 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                     try:
                         parts = slot.future.result()
                     except BaseException as exc:
+                        if not slot.future.done():
+                            # Interrupted while waiting (KeyboardInterrupt): not the
+                            # chunk's outcome; it stays in the window to be withdrawn.
+                            raise
                         count = window.chunk_failed(slot, exc)
                         for _ in range(count):
                             yield exc
@@ -442,14 +436,17 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 singles = slot.singles
                 assert singles is not None
                 while singles:
-                    single = singles.pop(0)
+                    single = singles[0]
                     failed = isinstance(single, BaseException)  # refused at enqueue
                     value = single
                     if not failed:
                         try:
                             value = single.result()
                         except BaseException as exc:
+                            if not single.done():
+                                raise  # interrupted while waiting: withdrawn below
                             value, failed = exc, True
+                    del singles[0]
                     if failed and window.final(value):
                         raise value
                     yield value
@@ -473,7 +470,9 @@ def amap_results(processor: BatchProcessor[Any, Any],
                      channel: Any) -> InFlight | Failed:
         if not isinstance(entry, Chunk):
             return entry
-        future: asyncio.Future[Any] = loop.create_future()
+        # Cancelling the task that awaits it cancels this future, which then takes the
+        # chunk out of the queue at once (as apredict's does).
+        future = QueuedFuture(loop=loop)
         deadline = settings.deadline()
         request = _request(AsyncRequest(future, channel), entry, priority, deadline)
         try:
@@ -482,7 +481,9 @@ def amap_results(processor: BatchProcessor[Any, Any],
                                          deadline, None)
         except ProcessorStoppedError as exc:
             return Failed(exc)
-        return InFlight(entry, future, token)
+        future._bp_token = token
+        future._bp_owner = processor
+        return InFlight(entry, future)
 
     def queue_singly(slot: InFlight) -> None:
         slot.singles = [asyncio.ensure_future(processor.apredict(

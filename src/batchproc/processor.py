@@ -447,7 +447,8 @@ class BatchProcessor(Generic[T, U]):
         ``priority`` and ``max_queue_time`` (seconds, counted for each chunk from when it
         is queued) as for ``enqueue_predict``. Closing the iterator (``close()``, or
         dropping it) withdraws its queued chunks. In ``get_stats()`` a chunk counts as
-        one request and its rows as rows. ``ValueError`` for a ``chunksize`` outside
+        one request and its rows as rows; a chunk whose items were queued again one by
+        one counts as those requests instead. ``ValueError`` for a ``chunksize`` outside
         [1, max_batch_size], a ``buffersize`` below 1 or a bad ``max_queue_time``;
         ``ProcessorForkedError`` in a forked child.
         """
@@ -466,8 +467,8 @@ class BatchProcessor(Generic[T, U]):
         the event loop, so it must not block (make a blocking source an async
         generator). Nothing blocks the loop: a full queue is waited for as ``apredict``
         waits, and results reach the loop a batch at a time. Everything else as for
-        ``map``; close it with ``await results.aclose()`` (``contextlib.aclosing``) to
-        withdraw its queued chunks at once when leaving early.
+        ``map``; cancelling the task that iterates it, or closing it with ``await
+        results.aclose()`` (``contextlib.aclosing``), withdraws its queued chunks at once.
         """
         return bulk.amap_results(self, items, self._bulk_settings(
             chunksize, buffersize, priority, max_queue_time, return_exceptions))
@@ -554,7 +555,9 @@ class BatchProcessor(Generic[T, U]):
         active = self._dispatcher.active_batches()
         with self._counts_lock:
             cancelled, rejected = self._cancelled, self._rejected
-        accepted = self._queue.pushed  # the native queue counts arrivals already
+        # The native queue counts arrivals already. A map chunk whose items were queued
+        # again one by one is counted as those items, not as a request of its own.
+        accepted = self._queue.pushed - self._dispatcher.handed_back
         stats.update(
             current_batch_size=self._controller.current_batch_size,
             system_load=min(1.0, active / self.config.max_workers),

@@ -78,20 +78,24 @@ def _strategy(node: ast.expr, where: str, strategies: type[enum.Enum]) -> Any:
 
 
 def format_config(fields: Mapping[str, Any]) -> str:
-    """Python that builds the configuration: imports, then ``config =
+    """Python that builds the configuration: the imports it uses, then ``config =
     BatchProcessorConfig(...)`` with one field per line, ready to paste."""
-    lines = ["from batchproc import BatchProcessingStrategy, BatchProcessorConfig", ""]
-    if not fields:
-        return "\n".join([*lines, "config = BatchProcessorConfig()"])
-    lines.append("config = BatchProcessorConfig(")
+    texts = {}
     for name, value in fields.items():
         if isinstance(value, enum.Enum):
-            text = f"BatchProcessingStrategy.{value.name}"
+            texts[name] = f"BatchProcessingStrategy.{value.name}"
         elif isinstance(value, str) and name == "processing_strategy":
-            text = f"BatchProcessingStrategy.{value.upper()}"
+            texts[name] = f"BatchProcessingStrategy.{value.upper()}"
         else:
-            text = repr(value)
-        lines.append(f"    {name}={text},")
+            texts[name] = repr(value)
+    uses_strategy = any(t.startswith("BatchProcessingStrategy.") for t in texts.values())
+    names = "BatchProcessingStrategy, BatchProcessorConfig" if uses_strategy else (
+        "BatchProcessorConfig")
+    lines = [f"from batchproc import {names}", ""]
+    if not texts:
+        return "\n".join([*lines, "config = BatchProcessorConfig()"])
+    lines.append("config = BatchProcessorConfig(")
+    lines.extend(f"    {name}={text}," for name, text in texts.items())
     lines.append(")")
     return "\n".join(lines)
 

@@ -350,6 +350,51 @@ def _needs_padding(requests: list[Request]) -> bool:
     return len(seen) > 1
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive; an empty one
+
+
+def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
+    """The arrays of the open file ``f``, which must be an ``.npz``."""
+    # Not a zip: numpy would try it as a pickle, and its refusal reads as if the file
+    # held objects that allow_pickle would load; it holds no .npz at all.
+    if f.read(4) not in _ZIP_MAGIC:
+        raise BenchError(f"{where}: not a readable .npz file (numpy.savez writes one)")
+    f.seek(0)
+    try:
+        with np.load(f, allow_pickle=False) as npz:
+            return {k: _npz_array(npz, k, where) for k in npz.files}
+    except BenchError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BenchError(f"{where}: not a readable .npz file (a zip numpy cannot read: "
+                         f"{type(exc).__name__})") from None
+
+
+def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
+    """One array of an open ``.npz``; its refusal as a one-line ``BenchError``."""
+    try:
+        return npz[key]  # type: ignore[no-any-return]
+    except ValueError:
+        if _holds_objects(npz, key):
+            raise BenchError(f"{where}: array {key!r} holds Python objects (dtype object); "
+                             "save numeric arrays") from None
+        raise BenchError(f"{where}: array {key!r} is not a readable .npy array") from None
+
+
+def _holds_objects(npz: Any, key: str) -> bool:
+    """Whether the header of ``key`` in ``npz`` declares an object dtype (its data would
+    be a pickle, which is never loaded)."""
+    fmt = np.lib.format
+    try:
+        with npz.zip.open(f"{key}.npy") as f:
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0,
+                    (2, 0): fmt.read_array_header_2_0}.get(version)
+            return read is not None and bool(read(f)[2].hasobject)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+
+
 def load_npz(path: str) -> list[Request]:
     """Sample requests from ``path`` (one of the three layouts of the module docstring).
 
@@ -360,16 +405,15 @@ def load_npz(path: str) -> list[Request]:
     """
     where = f"--input {path}"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        # Opened here, not by np.load, which leaves its file open when the zip is damaged.
+        with open(path, "rb") as f:
+            arrays = _npz_arrays(f, where)
     except FileNotFoundError:
         raise BenchError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise BenchError(f"{where}: is a directory") from None
-    except ValueError as exc:  # object arrays (pickles) or a file numpy cannot read
-        raise BenchError(f"{where}: cannot read: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BenchError(f"{where}: not an .npz file ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:  # opening or reading it
+        raise BenchError(f"{where}: cannot read it ({exc.strerror})") from None
     if not isinstance(arrays, dict) or not arrays:
         raise BenchError(f"{where}: holds no arrays")
     for k, a in arrays.items():

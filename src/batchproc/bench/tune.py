@@ -15,7 +15,11 @@ Two goals:
 - **an SLO alone** (``p99_ms``): the best carries the highest offered load with p99 at
   or under the SLO. Loads are steps of a ladder, fractions of a measured capacity
   (:data:`LADDER`); a candidate starts at the step the best so far reached and climbs
-  while it meets the SLO, so one that cannot beat the best costs one run.
+  while it meets the SLO, so one that cannot beat the best costs one run. A climb the
+  budget cuts short still counts at the highest load met so far: it can only rise.
+
+One ranking (:func:`_rank`) picks the best and orders the table, so the table's first
+row that meets the goal is the verdict's.
 
 Results are written to the results file after every run, with the settings that make
 them comparable (model, input, run duration, seed, capacity). Rerunning with the same
@@ -237,6 +241,7 @@ class TuneResult:
     budget_spent: bool
     capacity: float | None
     padded: bool = False  # the requests are ragged: the config needs pad_value
+    cut_short: str | None = None  # the key of the candidate whose climb the budget ended
 
 
 class Tuner:
@@ -338,23 +343,28 @@ class Tuner:
         best: tuple[Candidate, dict[str, Any], int] | None = None
         default: dict[str, Any] | None = None
         spent = False
+        cut_short: str | None = None
         for c in [DEFAULT, *self.space]:
             start = 0 if best is None or c is DEFAULT else best[2]
             outcome = self._evaluate(c, start)
             if outcome is None:
                 spent = True
                 break
-            self._done += 1
-            record, step = outcome
+            record, step, finished = outcome
             if c is DEFAULT:
                 default = record
             if record is not None and self.goal.meets(record) and (
-                    best is None or self._better(record, step, best[1], best[2])):
+                    best is None or _rank(self.goal, record) < _rank(self.goal, best[1])):
                 best = (c, record, step)
+            if not finished:
+                spent, cut_short = True, c.key
+                break
+            self._done += 1
         self.results.save(self.summary(best, default, spent))
         return TuneResult(
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
+            cut_short,
         )
 
     def _measure_capacity(self) -> None:
@@ -371,31 +381,33 @@ class Tuner:
         self.capacity = self.results.capacity = run.throughput
         self.results.save(self.summary())
 
-    def _evaluate(self, c: Candidate, start: int) -> tuple[dict[str, Any] | None, int] | None:
-        """(deciding record, ladder step) of ``c``; None when out of budget first."""
+    def _evaluate(self, c: Candidate, start: int,
+                  ) -> tuple[dict[str, Any] | None, int, bool] | None:
+        """(deciding record, ladder step, finished) of ``c``; None when out of budget
+        before its first run. Not finished: the budget ended its climb after a run that
+        met the SLO, which decides for now."""
         if self.goal.rate is not None:
             record = self.measure(c, self.goal.rate)
-            return None if record is None else (record, 0)
+            return None if record is None else (record, 0, True)
         assert self.capacity is not None
         good: dict[str, Any] | None = None
         step = start
         last: dict[str, Any] | None = None
+        finished = True
         while step < LADDER_STEPS:
             record = self.measure(c, _ladder_rate(self.capacity, step))
             if record is None:
-                return None
+                if good is None:
+                    return None
+                finished = False
+                break
             last = record
             if not self.goal.meets(record):
                 break
             good = record
             step += 1
         # Its deciding run: the highest load it met the SLO at (else the first it missed).
-        return (good, step - 1) if good is not None else (last, -1)
-
-    def _better(self, rec: dict[str, Any], step: int, best: dict[str, Any], bstep: int) -> bool:
-        if self.goal.rate is None and step != bstep:
-            return step > bstep
-        return bool(rec["p99_ms"] < best["p99_ms"])
+        return (good, step - 1, finished) if good is not None else (last, -1, finished)
 
     def summary(
         self,
@@ -448,12 +460,18 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
         report.fmt_ms(_nan(r["p50_ms"])), report.fmt_ms(_nan(r["p99_ms"])),
         f"{r['mean_batch']:.1f}", "yes" if goal.meets(r) else "no",
     ] for r in shown]
+    for row, r in zip(rows, shown):
+        if r["key"] == result.cut_short:
+            row[0] += " (cut short)"
     notes = [
         f"runs: {result.measured} measured now, {result.reused} reused from the results "
         f"file; {result.candidates_done} of {result.candidates_total} configurations done"
         + (" (budget spent: rerun with the same --json to continue)"
            if result.budget_spent else ""),
     ]
+    if result.cut_short is not None:
+        notes.append("(cut short): the budget ended its climb; it met the goal up to the "
+                     "load shown and may carry more")
     if result.capacity is not None and goal.rate is None:
         notes.append(f"capacity (default config, closed loop): "
                      f"{report.fmt_rate(result.capacity)} req/s; loads: "
@@ -465,7 +483,8 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     if best is None:
         print(f"no configuration tried meets the goal ({goal.describe()})")
         return
-    print(f"best: {best['label']}: {_verdict(best)}")
+    cut = " (cut short)" if best["key"] == result.cut_short else ""
+    print(f"best: {best['label']}{cut}: {_verdict(best)}")
     if best["key"] == DEFAULT_KEY:
         print("  the default is the best configuration tried")
     elif default is not None:
@@ -507,6 +526,8 @@ def _deciding(result: TuneResult) -> list[dict[str, Any]]:
 
 def _rank(goal: Goal, r: dict[str, Any]) -> tuple[Any, ...]:
     p99 = _nan(r["p99_ms"])
+    """The order of the best first: meets the goal, then (an SLO alone) the higher
+    load, then the lower p99."""
     return (not goal.meets(r), -r["offered"] if goal.rate is None else 0,
             p99 if not math.isnan(p99) else math.inf)
 

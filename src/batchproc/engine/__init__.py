@@ -81,6 +81,10 @@ class Engine:
     def timed_out(self) -> int:
         return self.delivery.timed_out
 
+    @property
+    def handed_back(self) -> int:
+        return self.delivery.handed_back
+
     def active_batches(self) -> int:
         board = self._board
         with board.lock:

@@ -18,6 +18,7 @@ from .._native.future_state import Request, enqueued_of, start_all
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError
+from ..formats.chunks import handed_back
 from ..futures import finish_all
 from ..metrics import (
     OUTCOME_ERROR,
@@ -52,6 +53,7 @@ class Delivery:
         self._expired_lock = threading.Lock()
         self.expired = 0  # max_queue_time ran out (QueueTimeoutError)
         self.timed_out = 0  # their call ran past item_timeout (BatchTimeoutError)
+        self.handed_back = 0  # map chunks that failed and came back as their items
 
     def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
                 elapsed: float, rows: int, target: int) -> None:
@@ -117,10 +119,12 @@ class Delivery:
         pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
-        self._stats.record_error(len(pending))
-        self._metrics.error(error, len(pending))
-        if self._metrics.records_requests:
-            record_requests(self._metrics, pending, outcome, dispatched_at)
+        counted = self._counted(pending, error)
+        if counted:
+            self._stats.record_error(len(counted))
+            self._metrics.error(error, len(counted))
+            if self._metrics.records_requests:
+                record_requests(self._metrics, counted, outcome, dispatched_at)
         for request in pending:
             try:
                 request.future.set_exception(error)
@@ -133,9 +137,20 @@ class Delivery:
         """Fail the requests of a call abandoned past ``item_timeout``, counted in
         ``timed_out`` (as in the statistics' errors) before any future completes."""
         pending = [r for r in requests if not r.future.done()]
+        timed_out = sum(1 for r in pending if not handed_back(r, error))
         with self._expired_lock:
-            self.timed_out += len(pending)
+            self.timed_out += timed_out
         return self.fail_pending(pending, error, OUTCOME_TIMEOUT, dispatched_at)
+
+    def _counted(self, pending: list[Request], error: BaseException) -> list[Request]:
+        """The failed requests that count as failures: not a map chunk whose items are
+        queued again one by one, whose items then count each (once, as the requests they
+        become: ``handed_back`` takes it out of the accepted too)."""
+        counted = [r for r in pending if not handed_back(r, error)]
+        if len(counted) != len(pending):
+            with self._expired_lock:
+                self.handed_back += len(pending) - len(counted)
+        return counted
 
     def expire(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or

@@ -15,7 +15,23 @@ from __future__ import annotations
 from typing import Any
 
 from .._native.future_state import Request
+from ..errors import ProcessorStoppedError, QueueTimeoutError
 from .base import BatchFormat, Built, Limits, Workspace
+
+
+def items_queued_again(error: BaseException, count: int) -> bool:
+    """Whether a chunk of ``count`` items that failed for good with ``error`` has its items
+    queued again one by one: a processing failure of several items (one of them may be
+    the cause). Expired and stopped ones are not: their time or their processor is gone.
+    Such a chunk has no outcome of its own in the counts; its items each have theirs."""
+    return (count > 1 and isinstance(error, Exception)
+            and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
+
+
+def handed_back(request: Request, error: BaseException) -> bool:
+    """``items_queued_again`` for a request that failed: whether it is such a chunk."""
+    return isinstance(request.format, ChunkFormat) and items_queued_again(
+        error, len(request.item))
 
 
 def _inner(requests: list[Request]) -> list[Request]:

@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
             md += "\n" + f.read()
-    doc = {"args": vars(args), "machine": report.machine_info(),
+    args_out = {**vars(args), "out_dir": os.path.relpath(args.out_dir, HERE)}
+    doc = {"args": args_out, "machine": report.machine_info(),
            "versions": report.versions(), "elapsed_s": time.monotonic() - t0,
            "results": results}
     report.write_results(args.out_dir, args.name, md, doc)

@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out_dir, "poison.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "poison.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+        # The output folder as given relative to here: the results name no machine's paths.
+        args_out = {**vars(args), "out_dir": os.path.relpath(args.out_dir, HERE)}
+        json.dump({"args": args_out, "runs": runs}, f, indent=1)
     print(md)
     return 0
 

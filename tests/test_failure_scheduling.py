@@ -126,23 +126,6 @@ def test_one_bad_input_costs_one_call_per_level_wherever_it_is(make_processor, s
         p.stop(timeout=0.1)
 
 
-@pytest.mark.parametrize("largest", [1, 2, 3, 5])
-def test_a_failure_that_depends_on_the_batch_fails_no_request(make_processor, largest):
-    # A model that fails on any batch larger than `largest` rows (out of memory, say):
-    # no request fails on its own, so with no retries every one still gets its result:
-    # a request is failed only after it failed alone.
-    def model(batch):
-        if len(batch) > largest:
-            raise RuntimeError("batch too large")
-        return batch * 2
-
-    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
-                       max_retries=0, reduce_batch_on_failure=False)
-    futures = enqueue_paused(p, [float(v) for v in range(8)])
-    assert [f.result(timeout=20)[0, 0] for f in futures] == [2.0 * v for v in range(8)]
-    assert p.get_stats()["total_errors"] == 0
-
-
 @pytest.mark.parametrize("hung_at", [0, 2, 5])
 def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hung_at):
     # A search runs parts of a failed batch; one part hangs past item_timeout. Only the
@@ -250,10 +233,8 @@ def test_retries_of_a_failing_batch_run_together_not_one_after_another(make_proc
     assert max(last) - min(last) < 0.2 + 0.5
 
 
-def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
-    model = CountingModel()
-    p = make_processor(model, max_workers=1, max_batch_size=64, initial_batch_size=64,
-                       retry_delay=0.0, max_retries=2)
+def record_halvings(p):
+    """The target size at each time the controller is told a batch failed."""
     halvings = []
     observe = p._controller.observe_failure
 
@@ -262,6 +243,14 @@ def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
         observe()
 
     p._controller.observe_failure = counted
+    return halvings
+
+
+def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
+    model = CountingModel()
+    p = make_processor(model, max_workers=1, max_batch_size=64, initial_batch_size=64,
+                       retry_delay=0.0, max_retries=2)
+    halvings = record_halvings(p)
     values = [float(v) for v in range(64)]
     values[37] = -1.0
     futures = enqueue_paused(p, values)
@@ -277,28 +266,23 @@ def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
     assert p.current_batch_size == 64
 
 
-@pytest.mark.parametrize("largest", [1, 8, 40])
-def test_a_batch_too_large_halves_the_target_once(make_processor, largest):
-    # A model that fails on batches above `largest` rows (out of memory): no request
-    # fails alone, so the failure is the batch's: the target halves, once for the batch,
-    # not per failing call of its search.
+@pytest.mark.parametrize("largest", [1, 2, 3, 5, 8, 40])
+def test_a_failure_that_depends_on_the_batch_fails_no_request(make_processor, largest):
+    # A model that fails on any batch above `largest` rows (out of memory, say): no
+    # request fails alone, so with no retries every one still gets its result (a request
+    # is failed only after it failed alone), and the failure is the batch's: the target
+    # halves, once for the batch, not per failing call of its search.
     def model(batch):
         if len(batch) > largest:
             raise RuntimeError("out of memory")
         return batch * 2
 
     p = make_processor(model, max_workers=1, max_batch_size=64, initial_batch_size=64,
-                       retry_delay=0.0, max_retries=2)
-    halvings = []
-    observe = p._controller.observe_failure
-
-    def counted():
-        halvings.append(p.current_batch_size)
-        observe()
-
-    p._controller.observe_failure = counted
+                       max_retries=0)
+    halvings = record_halvings(p)
     futures = enqueue_paused(p, [float(v) for v in range(64)])
     assert [f.result(timeout=20)[0, 0] for f in futures] == [2.0 * v for v in range(64)]
+    assert p.get_stats()["total_errors"] == 0
     assert halvings == [64]
     assert p.current_batch_size == 32
 

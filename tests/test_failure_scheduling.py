@@ -164,6 +164,56 @@ def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hu
     assert len(timed_out) < 7, outcome
 
 
+def test_an_abandoned_search_leaves_the_target(make_processor):
+    # The search's first call hangs past item_timeout and is abandoned; when it returns at
+    # last, its worker must not take the unfinished search for a failure of the batch.
+    release = threading.Event()
+
+    def model(batch):
+        values = batch[:, 0].tolist()
+        if -1.0 in values:
+            raise Poison("poisoned row")
+        if 0.0 in values and len(values) < 8:
+            release.wait()
+        return batch * 2
+
+    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
+                       max_retries=0, item_timeout=0.3)
+    values = [float(v) for v in range(8)]
+    values[6] = -1.0
+    futures = enqueue_paused(p, values)
+    for f in futures:
+        f.exception(timeout=20)
+    release.set()  # the abandoned call returns; its worker ends its part of the search
+    p.stop(timeout=20)
+    for thread in p._threads():
+        thread.join(20)
+    assert p.current_batch_size == 8
+
+
+def test_stop_never_waits_for_a_call_abandoned_past_item_timeout(make_processor):
+    # stop() begins while a call hangs; the time limit abandons it during stop's wait:
+    # nothing is left to finish, so stop returns then, not at its own timeout.
+    release = threading.Event()
+    started = threading.Event()
+
+    def model(batch):
+        started.set()
+        release.wait()
+        return batch
+
+    p = make_processor(model, max_workers=1, item_timeout=0.3)
+    try:
+        future = p.enqueue_predict(item(1))
+        assert started.wait(20)
+        began = time.monotonic()
+        p.stop(timeout=20)
+        assert time.monotonic() - began < 10  # the abandonment (~0.3 s), not 20 s
+        assert type(future.exception(timeout=0)).__name__ == "BatchTimeoutError"
+    finally:
+        release.set()
+
+
 def test_backoff_holds_no_worker_and_holds_up_no_other_request(make_processor):
     # One worker only: were the backoff on a worker, the unrelated request would wait.
     model = CountingModel()

@@ -61,6 +61,9 @@ class Delivery:
         ok, holds_slot = board.begin_delivery(batch)
         if not ok:
             return
+        # What this batch left waiting, read before its slot lets another worker pop it:
+        # the controller sizes the calls in flight on it.
+        left_waiting = self._queue.rows
         if holds_slot:
             # The model is free: the next batch may start while this one is delivered.
             self._controller.slots.release(wake=self.others_needed())
@@ -80,7 +83,7 @@ class Delivery:
             # Counted before any future completes: a caller holding its result sees it.
             self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
                                requests=len(requests), latencies=latencies)
-            self._controller.observe_batch(rows, elapsed, target, self._queue.rows)
+            self._controller.observe_batch(rows, elapsed, target, left_waiting)
             metrics = self._metrics
             if metrics.records_batches:
                 metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)

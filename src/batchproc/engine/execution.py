@@ -33,6 +33,7 @@ from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..formats import Limits, Workspace
 from ..metrics import OUTCOME_ERROR, MetricsSink
+from .batch import ABANDONED as ABANDONED_BATCH
 from .batch import HELD, Batch, Board
 from .delivery import Delivery, final_error
 
@@ -128,9 +129,11 @@ class Executor:
         if self._config.debug_mode and len(requests) > 1:
             logger.debug("batch of %d failed (%r): isolating", len(requests), error)
         self._failed(batch, requests, workspace, target, error, error, self._isolate)
-        if len(requests) > 1 and not batch.own_failures and requests[0].attempt == 0:
-            # The batch failed, yet none of its requests fails alone: a failure of the
-            # batch (out of memory on its size, say), so smaller ones may get through.
+        if (len(requests) > 1 and not batch.own_failures and requests[0].attempt == 0
+                and batch.state is not ABANDONED_BATCH):
+            # The batch failed, yet none of its requests fails alone (and its search ran
+            # to the end): a failure of the batch (out of memory on its size, say), so
+            # smaller ones may get through.
             # Once per failed batch, never per step of the search or per retry.
             self._controller.observe_failure()
 

@@ -38,6 +38,8 @@ _monotonic = time.monotonic
 # close() and pause changes do not need it; it only bounds how long an abandoned or
 # surplus worker can linger.
 POP_POLL = 1.0
+# How often stop's wait for a worker looks whether a time limit abandoned it meanwhile.
+JOIN_SLICE = 0.05
 
 
 class Worker:
@@ -106,9 +108,15 @@ class WorkerPool:
             self._board.closing = True
             workers = list(self._workers)
         for worker in workers:
-            if worker.thread is not None:
+            thread = worker.thread
+            # An abandoned worker is stuck in a call past item_timeout whose requests
+            # have failed already: it is left to finish alone, never waited for. The
+            # time limit may abandon it during this wait, hence the slices.
+            while thread is not None and thread.is_alive() and not worker.abandoned:
                 remaining = deadline - _monotonic()
-                worker.thread.join(None if remaining == float("inf") else max(0.0, remaining))
+                if remaining <= 0.0:
+                    break
+                thread.join(min(remaining, JOIN_SLICE))
         return not any(w.thread is not None and w.thread.is_alive() and not w.abandoned
                        for w in workers)
 

@@ -361,6 +361,31 @@ def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     assert _window(tuner, clock, backlog=True, rows_per_batch=70) == (2, 3)
 
 
+def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
+    # Every request in flight at three calls (a closed loop the calls serve in
+    # parallel): nothing waits, so the windows are quiet; one call then carries far less,
+    # and the three come back, with twice the quiet windows before the next try.
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(3)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
+    assert changes[-1] == (3, 1) and not any(changes[:-1])
+    assert _window(tuner, clock, backlog=False, rows_per_batch=22) == (1, 3)
+    assert slots.limit == 3
+    changes = [_window(tuner, clock, backlog=False)
+               for _ in range(2 * tuner.QUIET_WINDOWS)]
+    assert changes[-1] == (3, 1) and not any(changes[:-1])
+    # A truly quiet load: one call carries as much, and one it stays.
+    assert _window(tuner, clock, backlog=False, rows_per_batch=63) is None
+    assert slots.limit == 1
+    changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
+    assert not any(changes) and slots.limit == 1
+
+
 def test_adaptive_and_greedy_start_with_one_call_fixed_with_all():
     from batchproc import BatchProcessingStrategy
 

@@ -251,7 +251,11 @@ class ConcurrencyTuner:
       it ends, while a second call would seal the next batch early (at
       ``batch_timeout``) and, on a model whose calls serialize (a lock, the GIL), only
       queue it behind the first, a whole call later and with fewer rows.
-    - QUIET_WINDOWS windows in a row not backlogged: back to one.
+    - QUIET_WINDOWS windows in a row not backlogged: back to one, kept only if the
+      window at one carries at least QUIET_LOSS of the rows per second before it. No
+      request waits either when every one is in flight (a closed loop that the calls in
+      use serve in parallel): then one call carries far less, the limit comes back,
+      and the next try at one waits twice as many quiet windows.
     """
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
@@ -261,6 +265,8 @@ class ConcurrencyTuner:
     QUIET_WINDOWS = 8        # windows without waiting requests before going back to one
     BACKLOG_SHARE = 0.5      # share of a window's batches leaving a full batch: backlogged
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
+    QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
+    MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
 
     def __init__(self, slots: CallSlots, max_limit: int) -> None:
         self.slots = slots
@@ -273,6 +279,8 @@ class ConcurrencyTuner:
         self._quiet = 0
         self._probing = False
         self._checking_two = False  # the window at two is being compared with one
+        self._checking_one = 0  # the limit before a quiet spell's drop to one, while checked
+        self._quiet_needed = self.QUIET_WINDOWS
         self._baseline = 0.0
         self._cooldown = 0
 
@@ -297,6 +305,15 @@ class ConcurrencyTuner:
             self.slots.set_limit(limit - 1)
             self._cooldown = self.COOLDOWN
             return limit, limit - 1
+        if self._checking_one:
+            before, self._checking_one = self._checking_one, 0
+            if rate < self._baseline * self.QUIET_LOSS:
+                # Quiet because every request was in flight, served by the calls dropped.
+                self._quiet_needed = min(2 * self._quiet_needed, self.MOST_QUIET_WINDOWS)
+                self._quiet = 0
+                self.slots.set_limit(before)
+                return limit, before
+            self._quiet_needed = self.QUIET_WINDOWS
         if self._checking_two:
             self._checking_two = False
             if rate < self._baseline * self.TWO_LOSS and limit > 1:
@@ -313,8 +330,10 @@ class ConcurrencyTuner:
             self._baseline = rate
             self.slots.set_limit(self._busy_floor)
             return limit, self._busy_floor
-        if self._quiet >= self.QUIET_WINDOWS and limit > 1:
+        if self._quiet >= self._quiet_needed and limit > 1:
             self._quiet = self._cooldown = 0
+            self._checking_one = limit
+            self._baseline = rate
             self.slots.set_limit(1)
             return limit, 1
         if self._cooldown:

@@ -292,16 +292,24 @@ def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatc
     assert model.sizes == [1]
 
 
-def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processor):
+def pausing_on_a_failed_chunk(make_processor):
+    """A processor whose model fails every chunk of several rows and pauses it, so the
+    chunk's items, queued again one by one, stay queued: (processor, the counting model
+    that sees what runs alone)."""
     model = Calls()
 
     def failing(batch):
         if len(batch) > 1:
-            p.pause()  # the chunk's items, queued again one by one, stay queued
+            p.pause()
             raise ValueError("a chunk")
         return model(batch)
 
     p = make_processor(failing, max_batch_size=4, max_retries=0)
+    return p, model
+
+
+def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processor):
+    p, model = pausing_on_a_failed_chunk(make_processor)
     results = p.map(rows(4), buffersize=1)
     enqueue = p.enqueue_predict
     p.enqueue_predict = lambda *a, **k: _InterruptedWait(enqueue(*a, **k))
@@ -672,15 +680,7 @@ def test_cancelling_the_amap_task_withdraws_the_awaited_chunk_too(make_processor
 
 
 def test_cancelling_the_amap_task_withdraws_a_failed_chunks_items(make_processor):
-    model = Calls()
-
-    def failing(batch):
-        if len(batch) > 1:
-            p.pause()  # the chunk's items, queued again one by one, stay queued
-            raise ValueError("a chunk")
-        return model(batch)
-
-    p = make_processor(failing, max_batch_size=4, max_retries=0)
+    p, model = pausing_on_a_failed_chunk(make_processor)
 
     async def consume():
         async for _ in p.amap(rows(4), buffersize=1):

@@ -122,7 +122,7 @@ class Delivery:
         pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
-        counted = self._counted(pending, error)
+        counted = self._counted(pending, error, outcome)
         if counted:
             self._stats.record_error(len(counted))
             self._metrics.error(error, len(counted))
@@ -139,20 +139,20 @@ class Delivery:
                  dispatched_at: float) -> int:
         """Fail the requests of a call abandoned past ``item_timeout``, counted in
         ``timed_out`` (as in the statistics' errors) before any future completes."""
-        pending = [r for r in requests if not r.future.done()]
-        timed_out = sum(1 for r in pending if not handed_back(r, error))
-        with self._expired_lock:
-            self.timed_out += timed_out
-        return self.fail_pending(pending, error, OUTCOME_TIMEOUT, dispatched_at)
+        return self.fail_pending(requests, error, OUTCOME_TIMEOUT, dispatched_at)
 
-    def _counted(self, pending: list[Request], error: BaseException) -> list[Request]:
+    def _counted(self, pending: list[Request], error: BaseException,
+                 outcome: str) -> list[Request]:
         """The failed requests that count as failures: not a map chunk whose items are
         queued again one by one, whose items then count each (once, as the requests they
-        become: ``handed_back`` takes it out of the accepted too)."""
+        become: ``handed_back`` takes it out of the accepted too). Time-outs are also
+        counted in ``timed_out`` here."""
         counted = [r for r in pending if not handed_back(r, error)]
-        if len(counted) != len(pending):
+        timed_out = len(counted) if outcome is OUTCOME_TIMEOUT else 0
+        if timed_out or len(counted) != len(pending):
             with self._expired_lock:
                 self.handed_back += len(pending) - len(counted)
+                self.timed_out += timed_out
         return counted
 
     def expire(self, requests: list[Request]) -> int:

@@ -39,13 +39,14 @@ from collections.abc import Callable
 from typing import Any
 
 from batchproc.bench import BenchError, report
-from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, make_model
 from batchproc.bench.runner import LIMIT, RunResult, run_limit, run_target
 from batchproc.bench.targets import Batchproc, BatchprocAsync, Minimal, NoBatching
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import floors
 from peers import PeerUnavailable, batched_peer, ray_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -278,6 +279,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "failures": failures,
         "wall_s": time.perf_counter() - t_start,
         "cpython_floor": cpython_floor(),
+        "no_work_floors": floors.floors(args.repeat) if "identity" in args.models else None,
         "results": results,
         "targets": target_ratios(results, args.burst),
     }
@@ -316,6 +318,25 @@ def target_ratios(results: list[dict[str, Any]], burst: int) -> list[dict[str, A
             "met": None if got is None else got >= goal, "why": why,
         })
     return out
+
+
+def _floor_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[str]:
+    """The no-work batchers of floors.py against the references of the 64-client targets:
+    no batcher can beat its reference by more than the floor does."""
+    out = ["No-work floors at 64 clients (`benchmarks/floors.py`, median of as many runs "
+           "as repetitions, in this run):", ""]
+    for label, rps, refs in (
+        ("64 client threads", nw["threads_64_rps"], THREAD_PEERS),
+        ("64 asyncio tasks", nw["asyncio_64_rps"], (ray_peer.NAME,)),
+    ):
+        found = [(b["throughput"], name) for name in refs
+                 if (b := _find(results, "identity", "64", name)) and b["throughput"]]
+        versus = ""
+        if found:
+            best, name = max(found)
+            versus = f", {rps / best:.2f}x {name}"
+        out.append(f"- {label}: {rps:,.0f} req/s{versus}")
+    return [*out, ""]
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
@@ -361,6 +382,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
             "request.",
             "",
         ]
+    nw = doc.get("no_work_floors")
+    if nw:
+        lines += _floor_lines(nw, doc["results"])
     lines += ["## All runs (medians)", ""]
     headers = ["model", "load", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
                "requests", "vs limit"]

@@ -1,0 +1,55 @@
+"""The comparison scripts in benchmarks/ still run against the installed package.
+
+They are not part of the library, so nothing else calls them: an API change that breaks
+one would go unnoticed until somebody reran it for a note. Each runs here at its
+smallest size (far too small to quote) and must exit 0 and write its tables. What the
+figures are is not checked; that the script still measures something is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+# (script, arguments for its smallest run, the output stem it writes)
+SMOKE_RUNS = [
+    ("compare_peers.py", ["--quick", "--models", "identity", "--loads", "1,burst",
+                          "--systems", "batchproc,batchproc asyncio,limit", "--cap", "0.2",
+                          "--burst", "200", "--name", "smoke"], "smoke"),
+    ("compare_map.py", ["--quick", "--items", "2000", "--repeat", "1", "--cap", "0.5",
+                        "--name", "smoke"], "smoke"),
+    ("compare_ragged.py", ["--quick", "--requests", "200", "--repeat", "1", "--cap", "0.3",
+                           "--name", "smoke"], "smoke"),
+    ("compare_adaptive.py", ["--quick", "--models", "fixed", "--loads", "0.5", "--repeat",
+                             "1", "--duration", "0.3", "--sat-duration", "0.3",
+                             "--capacity", "fixed=10000", "--name", "smoke"], "smoke"),
+    ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
+]
+
+
+def test_the_benchmarks_folder_is_here() -> None:
+    # The suite ships with benchmarks/ (CI copies it next to tests/): without it every
+    # run below would fail on a missing file, not be skipped.
+    assert (BENCHMARKS / "compare_peers.py").is_file(), BENCHMARKS
+
+
+@pytest.mark.parametrize(("script", "args", "stem"), SMOKE_RUNS,
+                         ids=[s for s, _, _ in SMOKE_RUNS])
+def test_comparison_script_runs_at_its_smallest_size(
+        script: str, args: list[str], stem: str, tmp_path: Path) -> None:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / f"{stem}.md").read_text()
+    assert "|" in table  # a markdown table was written
+    doc = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert doc  # and the raw figures

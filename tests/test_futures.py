@@ -92,6 +92,32 @@ def test_tracks_far_fewer_objects_for_the_garbage_collector():
     assert tracked(RequestFuture) < 1.5  # the future itself; the standard one: 11
 
 
+def test_one_callback_adds_no_container_for_the_garbage_collector():
+    # A caller holding many futures, each with a done-callback (a burst, a progress
+    # counter), pays a full collection for every object a future keeps: the first
+    # callback is kept on its own, not in a list.
+    f = RequestFuture()
+    f.add_done_callback(print)
+    assert not [r for r in gc.get_referents(f) if isinstance(r, list)]
+
+
+@pytest.mark.parametrize("locked", [False, True])
+@pytest.mark.parametrize("outcome", ["result", "cancel"])
+def test_callbacks_run_once_each_in_the_order_added(locked, outcome):
+    f = RequestFuture()
+    if locked:
+        assert f._condition is f._condition  # every transition takes the lock from now
+    calls = []
+    for k in range(3):
+        f.add_done_callback(lambda _f, k=k: calls.append(k))
+    if outcome == "result":
+        f.set_result(1)
+    else:
+        assert f.cancel()
+    f.add_done_callback(lambda _f: calls.append("late"))  # done: called at once
+    assert calls == [0, 1, 2, "late"]
+
+
 def test_the_compiled_transitions_are_the_ones_used():
     from batchproc._native import future_state
 

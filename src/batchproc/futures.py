@@ -61,7 +61,8 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 
     # Class-level defaults: an instance gets its own only once it needs one.
     _cond: Any = None           # the lock behind _condition, once something asks for it
-    _done_callbacks: Any = ()   # a list once a callback is added
+    _first_callback: Any = None  # the first callback added, on its own (no list)
+    _done_callbacks: Any = ()   # a list of the others, once a second one is added
     _waiter_list: list[Any] | None = None  # wait()/as_completed() waiters
     _sleepers: list[Any] | None = None  # locks of threads blocked in result()/exception()
 
@@ -178,20 +179,26 @@ class RequestFuture(Future):  # type: ignore[type-arg]
             with self._condition:
                 added = 0 if self._state in _DONE else 1
                 if added:
-                    self._done_callbacks = [*self._done_callbacks, fn]
-        if added:
-            return
-        try:
-            fn(self)
-        except Exception:
-            LOGGER.exception("exception calling callback for %r", self)
+                    if self._first_callback is None:
+                        self._first_callback = fn
+                    else:
+                        self._done_callbacks = [*self._done_callbacks, fn]
+        if not added:
+            self._call(fn)
 
     def _invoke_callbacks(self) -> None:
+        first = self._first_callback
+        if first is None:
+            return
+        self._call(first)
         for callback in self._done_callbacks:
-            try:
-                callback(self)
-            except Exception:
-                LOGGER.exception("exception calling callback for %r", self)
+            self._call(callback)
+
+    def _call(self, callback: Callable[[Future[Any]], object]) -> None:
+        try:
+            callback(self)
+        except Exception:
+            LOGGER.exception("exception calling callback for %r", self)
 
     # ----------------------------------------------------------------- transitions
 
@@ -263,7 +270,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                 else:
                     waiter.add_result(self)
             self._wake_sleepers()
-        return 1 if self._done_callbacks else 0
+        return 0 if self._first_callback is None else 1
 
 
 # A worker's per-batch loops over its requests' futures, compiled (see future_state):

@@ -118,9 +118,11 @@ class RequestSource:
         same ``seed``."""
         raise NotImplementedError
 
-    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+    def limit_batch(self, max_rows: int, seed: int,
+                    max_requests: int | None = None) -> tuple[Request, int]:
         """A full batch for the limit: whole requests, compatible with the first, up to
-        ``max_rows`` rows (at least one request). Returns (batch, requests in it)."""
+        ``max_rows`` rows (at least one request) and ``max_requests`` requests (the
+        last call of a run bounded by a request count). Returns (batch, requests in it)."""
         pool = self.requests(seed)
         key = _signature(pool[0], self.padded)
         chosen: list[Request] = []
@@ -129,7 +131,7 @@ class RequestSource:
             if _signature(r, self.padded) != key:
                 continue
             n = rows_of(r)
-            if chosen and rows + n > max_rows:
+            if chosen and (rows + n > max_rows or len(chosen) == max_requests):
                 break
             chosen.append(r)
             rows += n
@@ -161,9 +163,11 @@ class FeatureRows(RequestSource):
             for k in range(self.pool)
         ]
 
-    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+    def limit_batch(self, max_rows: int, seed: int,
+                    max_requests: int | None = None) -> tuple[Request, int]:
+        rows = max_rows if max_requests is None else min(max_rows, max_requests)
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((max_rows, self.features), dtype=np.float32), max_rows
+        return rng.standard_normal((rows, self.features), dtype=np.float32), rows
 
 
 # -- DTYPE:SHAPE specs --------------------------------------------------------------------

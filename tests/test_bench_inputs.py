@@ -14,6 +14,7 @@ import pytest
 from batchproc.__main__ import main
 from batchproc.bench import BenchError
 from batchproc.bench.inputs import (
+    MAX_REQUEST_BYTES,
     FeatureRows,
     NpzSource,
     SpecSource,
@@ -235,7 +236,8 @@ def test_bench_sends_npz_requests(tmp_path, capsys) -> None:
     assert code == 0, err
     runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
     assert runs["no batching"]["mean_batch"] == 2.0  # two rows per request
-    assert runs["limit"]["mean_batch"] == 64.0
+    # The limit stops at --requests 30 as well: one call of 30 two-row requests.
+    assert runs["limit"]["completed"] == 30 and runs["limit"]["mean_batch"] == 60.0
 
 
 @pytest.mark.parametrize(
@@ -260,3 +262,45 @@ def test_a_file_that_is_not_an_npz_is_one_line(tmp_path, capsys) -> None:
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert "not a readable .npz file" in err and "pickle" not in err, err
+
+
+def test_a_request_at_the_size_limit_is_accepted() -> None:
+    assert MAX_REQUEST_BYTES == 256 << 20
+    source = parse_inputs([f"uint8:1x{MAX_REQUEST_BYTES}"], None)
+    assert source.description == f"uint8:1x{MAX_REQUEST_BYTES}/request"
+    parse_inputs(None, MAX_REQUEST_BYTES // 4)  # --features: float32 values
+
+
+@pytest.mark.parametrize(
+    ("specs", "features", "size", "values"),
+    [
+        (["uint8:1x268435457"], None, "256 MiB", "268,435,457"),  # one byte over
+        (["float32:1000000x1000000"], None, "3.64 TiB", "1,000,000,000,000"),
+        # Ragged: the largest request counts.
+        (["float32:1..2x33554433"], None, "256 MiB", "67,108,866"),
+        # Named inputs: one request holds all of them.
+        (["a=float32:1x40000000", "b=float32:1x40000000"], None, "305 MiB", "80,000,000"),
+        # Too large for int64: never wraps around to a small size.
+        (["uint8:99999999999999999999x99999999999999999999"], None,
+         "8,881,784,197,001,252,593,205,248 PiB",
+         "9,999,999,999,999,999,999,800,000,000,000,000,000,001"),
+        (None, 100_000_000, "381 MiB", "100,000,000"),
+    ],
+)
+def test_a_request_over_the_size_limit_is_refused_with_its_size(
+    specs: list[str] | None, features: int | None, size: str, values: str
+) -> None:
+    with pytest.raises(BenchError) as info:
+        parse_inputs(specs, features)
+    message = str(info.value)
+    assert f"one request would take {size} ({values} values)" in message
+    assert message.endswith("over the limit of 256 MiB per request")
+    assert "\n" not in message
+
+
+def test_bench_refuses_a_huge_input_in_one_line_before_allocating(capsys) -> None:
+    code, out, err = run_cli(capsys, "--input", "float32:1000000x1000000", *TINY)
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        "batchproc bench: error: --input float32:1000000x1000000: one request would take "
+        "3.64 TiB (1,000,000,000,000 values), over the limit of 256 MiB per request")

@@ -100,7 +100,13 @@ def test_the_budget_bounds_the_search_and_a_rerun_continues(tmp_path, capsys) ->
                            "--json", str(path))
     assert code == 1
     assert "runs: 0 measured now" in out and "budget spent" in out
-    assert "no configuration tried meets the goal" in out
+    # Nothing was measured: the verdict says so (not that nothing meets the goal), and
+    # what budget would measure something (runs of 0.15 s take about 0.195 s).
+    assert "no configuration tried meets the goal" not in out
+    assert out.strip().endswith(
+        "no configuration could be measured within the budget (--budget 0.001 s): one run "
+        "takes about 0.195 s (--duration plus start and stop); give --budget 0.2 or more "
+        "to measure one configuration (about 1 s to measure each of the 5 once)")
     assert json.loads(path.read_text())["budget_spent"] is True
     code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--json", str(path))
     assert code == 0, err
@@ -266,3 +272,35 @@ def test_goal_needs_the_load_carried_and_the_slo() -> None:
     assert not Goal(rate=100.0).meets({**run, "errors": 1})
     with pytest.raises(BenchError):
         Goal()
+
+
+def test_an_slo_search_with_no_budget_counts_the_capacity_run_in_its_advice(capsys) -> None:
+    code, out, _ = run_cli(capsys, *FAST, *SPACE, "--p99-ms", "50", "--budget", "0.001")
+    assert code == 1
+    assert "no configuration tried meets the goal" not in out
+    assert out.strip().endswith(
+        "give --budget 0.4 or more to measure one configuration (about 1.2 s to measure "
+        "each of the 5 once)")
+
+
+def test_a_search_that_measured_and_found_nothing_says_so(capsys) -> None:
+    # Runs were measured (the budget had room), none met the goal: the other verdict.
+    code, out, err = run_cli(capsys, *FAST, "--sizes", "4", "--delays-ms", "1",
+                             "--workers", "1", "--strategies", "fixed", "--rate", "300",
+                             "--p99-ms", "0.000001")
+    assert code == 1, err
+    assert "runs: 2 measured now" in out
+    assert out.strip().endswith("no configuration tried meets the goal "
+                                "(carry 300 req/s offered (Poisson), p99 <= 1e-06 ms)")
+    assert "could be measured" not in out
+
+
+def test_reused_runs_are_not_nothing_measured(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    argv = [*FAST, "--sizes", "4", "--delays-ms", "1", "--workers", "1", "--strategies",
+            "fixed", "--rate", "300", "--p99-ms", "0.000001", "--json", str(path)]
+    assert run_cli(capsys, *argv)[0] == 1
+    code, out, _ = run_cli(capsys, *argv, "--budget", "0.001")
+    assert code == 1
+    assert "runs: 0 measured now, 2 reused" in out
+    assert "no configuration tried meets the goal" in out and "could be measured" not in out

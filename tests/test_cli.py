@@ -131,7 +131,8 @@ def test_tiny_run_prints_the_three_systems_and_writes_json(
     bp, nb = doc["runs"][0], doc["runs"][1]
     assert bp["completed"] == nb["completed"] == 40
     assert nb["mean_batch"] == 1.0
-    assert doc["runs"][2]["mean_batch"] == 64.0
+    # The limit is bounded by --requests too: one call of the 40 requests.
+    assert doc["runs"][2]["completed"] == 40 and doc["runs"][2]["mean_batch"] == 40.0
     assert 1 <= bp["mean_batch"] <= 2  # two clients: never more than two rows at once
     assert set(doc["ratios"]) == {"vs_no_batching", "vs_limit"}
 
@@ -202,3 +203,35 @@ def test_asyncio_drives_batchproc_from_an_event_loop(
     assert [r["system"] for r in doc["runs"]] == ["batchproc asyncio", "no batching", "limit"]
     assert doc["runs"][0]["completed"] == 40 and doc["runs"][0]["errors"] == 0
     assert doc["ratios"]["vs_no_batching"] is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "calls", "rows"),
+    [
+        # One row per request, max batch 64: 7 full calls and one of 52 rows.
+        (["--requests", "500"], 8, 500),
+        # Two rows per request: 32 requests a call; 15 full calls and one of 20 requests.
+        (["--requests", "500", "--input", "float32:2x4"], 16, 1000),
+        # Fewer requests than one full batch: a single call.
+        (["--requests", "10"], 1, 10),
+        # A burst bounded by a smaller --requests: every row stops at --requests.
+        (["--burst", "300", "--requests", "100"], 2, 100),
+    ],
+)
+def test_requests_bound_every_row_including_the_limit(
+    tmp_path, capsys: pytest.CaptureFixture[str], argv: list[str], calls: int, rows: int
+) -> None:
+    path = tmp_path / "bench.json"
+    code, _, err = run_cli(
+        capsys, "--model", "identity", "--duration", "60", "--quiet", *argv,
+        "--json", str(path),
+    )
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    wanted = int(argv[argv.index("--requests") + 1])
+    for name in ("batchproc", "no batching", "limit"):
+        assert runs[name]["completed"] == wanted, name
+        assert runs[name]["stopped_by"] == "requests", name
+    limit = runs["limit"]
+    assert limit["batches"] == calls
+    assert limit["mean_batch"] == rows / calls

@@ -61,6 +61,58 @@ def test_bad_values_raise_naming_the_field(field, value):
         BatchProcessorConfig(**{field: value})
 
 
+# Every number field counted in seconds, percent or MiB: with the switch it needs on, and
+# what None means where it takes None.
+NUMBER_FIELDS = [
+    ("batch_timeout", {}, None),
+    ("item_timeout", {}, None),
+    ("min_batch_interval", {}, None),
+    ("retry_delay", {}, None),
+    ("health_check_interval", {}, None),
+    ("memory_warning_threshold", {}, None),
+    ("memory_critical_threshold", {}, None),
+    ("max_batch_memory_mb", {}, "no cap"),
+    ("max_queue_time", {}, "no limit"),
+    ("max_priority_wait", {"enable_priority_queue": True}, "strict priorities"),
+]
+
+
+def test_the_number_fields_listed_are_every_float_field():
+    floats = {f.name for f in dataclasses.fields(BatchProcessorConfig)
+              if f.type in ("float", "float | None")}
+    assert floats == {name for name, _, _ in NUMBER_FIELDS}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("field,needs,none_means", NUMBER_FIELDS)
+def test_non_finite_numbers_are_refused_naming_field_and_value(field, needs, none_means,
+                                                               value):
+    with pytest.raises(ValueError) as info:
+        BatchProcessorConfig(**needs, **{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} must be a finite number, got {value!r}")
+    if none_means is not None:
+        assert f"use None for {none_means}" in message
+    else:
+        assert "None" not in message
+
+
+def test_fixed_with_an_infinite_batch_timeout_is_refused():
+    # It would wait for ever for a full batch: a lone request would never be served.
+    with pytest.raises(ValueError, match="batch_timeout must be a finite number, got inf"):
+        BatchProcessorConfig(processing_strategy=BatchProcessingStrategy.FIXED,
+                             batch_timeout=float("inf"))
+
+
+@pytest.mark.parametrize("field,needs,none_means", NUMBER_FIELDS)
+def test_large_finite_numbers_are_still_accepted(field, needs, none_means):
+    value = 100.0 if "threshold" in field else 1e9
+    if field == "memory_warning_threshold":
+        needs = {**needs, "memory_critical_threshold": 100.0}
+    config = BatchProcessorConfig(**needs, **{field: value})
+    assert getattr(config, field) == value
+
+
 @pytest.mark.parametrize("kwargs,named", [
     (dict(min_batch_size=10, max_batch_size=5), "min_batch_size"),
     (dict(memory_warning_threshold=95.0, memory_critical_threshold=90.0),

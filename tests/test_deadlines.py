@@ -29,8 +29,10 @@ def test_a_request_expires_while_the_processor_is_paused(make_processor, recorde
     p.pause()
     short = p.enqueue_predict(item(1), max_queue_time=0.05)
     kept = p.enqueue_predict(item(2))   # no limit
-    with pytest.raises(QueueTimeoutError, match="max_queue_time"):
+    with pytest.raises(QueueTimeoutError, match="max_queue_time") as info:
         short.result(timeout=10)        # fails while still paused
+    assert str(info.value).endswith("in the queue; it was never processed")
+    assert info.value.__cause__ is None
     assert p.get_stats()["total_expired"] == 1
     assert p.get_stats()["queue_size"] == 1
     p.resume()
@@ -91,8 +93,41 @@ def test_a_request_expires_during_its_backoff(make_processor):
     with pytest.raises(QueueTimeoutError) as info:
         future.result(timeout=10)
     assert isinstance(info.value.__cause__, ConnectionError)  # why it was waiting
+    message = str(info.value)
+    assert "while parked for retry 1: it was processed and failed 1 time on its own" in message
+    assert message.endswith("its first failure: ConnectionError: down (the __cause__)")
+    assert "never processed" not in message
     assert len(calls) == 1
     assert p.get_stats()["total_expired"] == 1 and p.get_stats()["queue_size"] == 0
+
+
+def _request(enqueued_at, deadline):
+    from batchproc._native.future_state import Request
+    return Request(None, None, None, 1, 8, 0, enqueued_at, deadline=deadline)
+
+
+def test_the_expiry_message_of_a_request_never_processed():
+    from batchproc.engine.delivery import expiry_error
+    error = expiry_error(_request(100.0, 100.5), now=100.75)
+    assert str(error) == ("request waited 0.750 s, past its max_queue_time of 0.500 s in "
+                          "the queue; it was never processed")
+    assert error.__cause__ is None
+
+
+@pytest.mark.parametrize("tries", [1, 2, 3])
+def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
+    from batchproc.engine.delivery import expiry_error
+    first = ValueError("bad row")
+    request = _request(100.0, 102.0).for_retry(first)
+    for _ in range(1, tries):
+        request = request.for_retry(first)  # as the engine parks it: the first failure kept
+    error = expiry_error(request, now=102.25)
+    plural = "time" if tries == 1 else "times"
+    assert str(error) == (
+        f"request waited 2.250 s, past its max_queue_time of 2.000 s while parked for retry "
+        f"{tries}: it was processed and failed {tries} {plural} on its own; its first "
+        "failure: ValueError: bad row (the __cause__)")
+    assert error.__cause__ is first
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), "1", True])

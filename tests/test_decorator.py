@@ -426,19 +426,88 @@ def test_a_classmethod_is_refused_with_what_to_write_instead():
         Above().predict(1)
 
 
-def test_stop_then_call_again_starts_a_fresh_processor(stopped_after):
+def test_a_call_after_stop_raises_instead_of_restarting(stopped_after):
     @batchproc.batch()
     def ident(items):
         return items
 
     stopped_after(ident)
     first = ident.processor
+    assert ident(7) == 7
     ident.stop()
     assert not first.running
+    for call in (lambda: ident(7), lambda: ident.submit(7), lambda: ident.processor,
+                 lambda: asyncio.run(ident.acall(7))):
+        with pytest.raises(ProcessorStoppedError, match="ident was stopped"):
+            call()
+    assert ident._processor is None and ident._threads() == []
+    assert "stopped" in repr(ident)
+    ident.stop()  # idempotent
+
+
+def test_stop_before_the_first_call_is_final_too(stopped_after):
+    @batchproc.batch()
+    def ident(items):
+        return items
+
+    stopped_after(ident)
+    ident.stop()
     with pytest.raises(ProcessorStoppedError):
-        first.enqueue_predict(1)
-    assert ident(7) == 7
-    assert ident.processor is not first
+        ident(1)
+    assert ident._processor is None
+
+
+def test_a_stopped_method_refuses_every_instance_also_later_ones(stopped_after):
+    Model = _model_class()
+    before = Model(2)
+    assert before.predict(1) == 2
+    stopped_after(before.predict)
+    Model.predict.stop()
+    with pytest.raises(ProcessorStoppedError):
+        before.predict(1)
+    later = Model(3)
+    stopped_after(later.predict)
+    with pytest.raises(ProcessorStoppedError):
+        later.predict(1)
+    with pytest.raises(ProcessorStoppedError):
+        Model.predict(later, 1)
+
+
+def test_stopping_one_instance_leaves_the_others_running(stopped_after):
+    Model = _model_class()
+    a, b = Model(2), Model(3)
+    stopped_after(a.predict)
+    stopped_after(b.predict)
+    a.predict.stop()
+    with pytest.raises(ProcessorStoppedError):
+        a.predict(1)
+    assert b.predict(1) == 3
+    assert Model(4).predict(1) == 4  # the method itself was not stopped
+    Model.predict.stop()
+
+
+def test_a_call_after_the_exit_hook_is_refused():
+    # In a child interpreter: after the atexit hook stopped every function, a late call
+    # (from a hook that runs after it) must not start a processor nobody would stop.
+    code = (
+        "import atexit\n"
+        "atexit.register(lambda: late())  # before batchproc's hook, so it runs after it\n"
+        "import batchproc\n"
+        "@batchproc.batch(max_batch_size=4)\n"
+        "def ident(items):\n"
+        "    return items\n"
+        "def late():\n"
+        "    try:\n"
+        "        ident(1)\n"
+        "    except batchproc.ProcessorStoppedError:\n"
+        "        print('refused', flush=True)\n"
+        "    else:\n"
+        "        print('restarted', flush=True)\n"
+        "print(ident(5), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.splitlines() == ["5", "refused"]
 
 
 def test_config_fields_are_checked_when_decorating():

@@ -20,19 +20,95 @@ def one(v):
     return np.array([v], dtype=np.float64)
 
 
-def test_start_is_idempotent_while_running(make_processor):
-    p = make_processor(lambda b: b * 2)
-    threads = len(p._threads())
-    p.start(lambda b: b * 3)  # ignored: already running
-    assert len(p._threads()) == threads
-    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
+def test_start_again_with_the_same_function_is_a_no_op(make_processor):
+    def triple(b):
+        return b * 3
+
+    p = make_processor(triple)
+    threads = p._threads()
+    p.start(triple)
+    assert p._threads() == threads
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 3
     assert p.running
 
 
-def test_start_rejects_a_non_callable(make_processor):
+def test_start_again_with_an_equal_bound_method_is_a_no_op(make_processor):
+    class Model:
+        def predict(self, b):
+            return b + 10
+
+    model = Model()
+    p = make_processor(model.predict)
+    p.start(model.predict)  # a new bound-method object, equal to the first
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 11
+
+
+def test_start_again_with_another_function_is_refused_naming_both(make_processor):
+    def double(b):
+        return b * 2
+
+    def triple(b):
+        return b * 3
+
+    p = make_processor(double)
+    with pytest.raises(RuntimeError, match=r"already running .*double.* with .*triple"):
+        p.start(triple)
+    # The first function keeps running, the processor untouched.
+    assert p.running
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
+
+
+def test_start_again_with_another_instance_of_a_method_is_refused(make_processor):
+    class Model:
+        def __init__(self, k):
+            self.k = k
+
+        def predict(self, b):
+            return b * self.k
+
+    p = make_processor(Model(2).predict)
+    with pytest.raises(RuntimeError, match="already running"):
+        p.start(Model(5).predict)
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
+
+
+def test_start_while_running_with_a_function_whose_eq_raises_is_refused(make_processor):
+    class Picky:
+        def __call__(self, b):
+            return b
+
+        def __eq__(self, other):
+            raise TypeError("no comparing")
+
+        __hash__ = object.__hash__
+
+    first = Picky()
+    p = make_processor(first)
+    p.start(first)  # the same object: no comparison needed
+    with pytest.raises(RuntimeError, match="already running"):
+        p.start(Picky())
+
+
+@pytest.mark.parametrize("bad", [None, 42, "model", [lambda b: b]])
+def test_start_rejects_what_is_not_callable(make_processor, bad):
     p = make_processor()
-    with pytest.raises(TypeError, match="callable"):
-        p.start(42)
+    with pytest.raises(TypeError, match=r"process_func must be a callable .* got "):
+        p.start(bad)
+    assert not p.running
+    p.start(lambda b: b)  # the refusal left it startable
+    assert p.running
+
+
+def test_start_after_stop_is_refused(make_processor):
+    def ident(b):
+        return b
+
+    p = make_processor(ident)
+    p.stop()
+    for func in (ident, lambda b: b):
+        with pytest.raises(ProcessorStoppedError, match="cannot be started again"):
+            p.start(func)
+    assert not p.running
 
 
 def test_work_enqueued_before_start_is_kept(make_processor):

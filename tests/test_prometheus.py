@@ -293,11 +293,12 @@ def test_apredict_and_async_paths_are_counted(make_processor):
 
 def test_names_label_processors_and_continue_across_restarts():
     registry = CollectorRegistry()
+    f_metrics = PrometheusMetrics("f", registry)
 
-    @batchproc.batch(max_batch_size=4, metrics_collector=PrometheusMetrics("f", registry))
-    def f(items):
+    def ident(items):
         return items
 
+    f = batchproc.batch(max_batch_size=4, metrics_collector=f_metrics)(ident)
     g_metrics = PrometheusMetrics("g", registry)
     with batchproc.BatchProcessor(metrics_collector=g_metrics) as g:
         g.start(lambda items: items)
@@ -305,7 +306,9 @@ def test_names_label_processors_and_continue_across_restarts():
     try:
         assert f(1) == 1
         f.stop()
-        assert f(2) == 2  # a fresh processor, the same series
+        # Decorated again (stop() is final): a fresh processor, the same series.
+        f = batchproc.batch(max_batch_size=4, metrics_collector=f_metrics)(ident)
+        assert f(2) == 2
     finally:
         f.stop()
     _, samples = _scrape(registry)

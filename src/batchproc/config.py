@@ -55,8 +55,10 @@ class BatchProcessorConfig:
 
     Contradictory values (min above max, non-positive sizes, negative times, a warning
     threshold above its critical one, a percentage outside 0-100) raise ``ValueError``
-    naming the field; so does a setting of a feature switched off (a value other than
-    its default for ``max_priority_wait`` without ``enable_priority_queue``,
+    naming the field; so does a number that is not finite (``inf``, ``nan``) in any
+    field (where ``None`` means no limit, that is the way to say it); so does a setting
+    of a feature switched off (a value other than its default for ``max_priority_wait``
+    without ``enable_priority_queue``,
     ``gc_batch_threshold`` without ``enable_memory_optimization``,
     ``health_check_interval`` without ``enable_health_monitoring``, the padding settings
     without ``pad_value``): it would be ignored. An ``initial_batch_size`` outside
@@ -230,13 +232,11 @@ class BatchProcessorConfig:
             value = _require_number(name, getattr(self, name), minimum=0.0)
             if value > 100.0:
                 raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
-        if self.max_batch_memory_mb is not None:
-            _require_number("max_batch_memory_mb", self.max_batch_memory_mb, minimum=0.0,
-                            allow_zero=False)
-        for name in ("max_queue_time", "max_priority_wait"):
+        for name in ("max_batch_memory_mb", "max_queue_time", "max_priority_wait"):
             if getattr(self, name) is not None:
                 _require_number(name, getattr(self, name), minimum=0.0,
-                                allow_zero=name == "max_priority_wait")
+                                allow_zero=name == "max_priority_wait",
+                                unlimited=_NONE_MEANS[name])
         retry_on = self.retry_on
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -329,6 +329,12 @@ _NEEDS_SWITCH = (
     ("health_check_interval", "enable_health_monitoring"),
 )
 _DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
+# What None means for the number fields that take it.
+_NONE_MEANS = {
+    "max_batch_memory_mb": "no cap",
+    "max_queue_time": "no limit",
+    "max_priority_wait": "strict priorities (no limit)",
+}
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> int:
@@ -350,9 +356,16 @@ def _require_pad_number(name: str, value: Any) -> None:
             f"arrays and tensors hold), got {value!r} ({type(value).__name__})")
 
 
-def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True,
+                    unlimited: str | None = None) -> float:
+    """``value`` as a float: a finite number at or above ``minimum``. Infinity is no way
+    to say "unlimited" (a batch waiting for ever for a full batch, a deadline never
+    reached): ``unlimited`` says what ``None`` means for a field that takes it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        hint = f"; use None for {unlimited}" if unlimited else ""
+        raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
     if value < minimum or (not allow_zero and value == 0):
         bound = f"> {minimum}" if not allow_zero else f">= {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")

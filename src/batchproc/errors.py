@@ -33,4 +33,9 @@ class ProcessorForkedError(ProcessorStoppedError):
 
 
 class QueueTimeoutError(BatchProcessorError, TimeoutError):
-    """The request waited in the queue past its ``max_queue_time``; it was not processed."""
+    """The request ran out of its ``max_queue_time`` before it had a result.
+
+    Still waiting in the queue, it was never processed. Parked for a retry, it was
+    processed and failed: the message says how many times, and its first failure (the
+    one it was being retried after) is the ``__cause__``. Either way the model does not
+    see it again."""

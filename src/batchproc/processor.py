@@ -126,6 +126,7 @@ class BatchProcessor(Generic[T, U]):
             workers=self._dispatcher.alive_workers,
             state=self._lifecycle_state)
         self._async_model: AsyncModel | None = None
+        self._process_func: Callable[[Any], Any] | None = None  # as given to start()
         # Set in a forked child of the process that started this processor (forking.py).
         self._forked = False
         self._started_in_pid = 0
@@ -143,26 +144,42 @@ class BatchProcessor(Generic[T, U]):
     # ----------------------------------------------------------------- lifecycle
 
     def start(self, process_func: Callable[[Any], Any]) -> None:
-        """Start the workers. Idempotent while running; work queued before start is kept.
+        """Start the workers, which call ``process_func`` with each batch. Work queued
+        before start is kept.
+
+        Called again while running: with the same function (``==``, so the same bound
+        method counts) it does nothing; with another it raises ``RuntimeError``, naming
+        both (a processor runs one function for its whole life).
 
         An ``async def`` ``process_func`` (or an object whose ``__call__`` is one, or a
         ``functools.partial`` of either) runs on an event loop the processor starts here,
         in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
 
-        Raises ``ProcessorStoppedError`` once stopped, ``ProcessorForkedError`` in a
-        forked child of the process that started it.
+        Raises ``TypeError`` when ``process_func`` is not callable (``None`` included),
+        ``ProcessorStoppedError`` once ``stop()`` was called (a stopped processor is never
+        started again: make a new one), ``ProcessorForkedError`` in a forked child of the
+        process that started it.
         """
         if not callable(process_func):
-            raise TypeError(f"process_func must be callable, got {process_func!r}")
+            raise TypeError(
+                "process_func must be a callable taking a batch and returning one result "
+                f"per row, got {process_func!r} ({type(process_func).__name__})")
         with self._lifecycle:
             if self._forked:
                 raise self._forked_error()
             if self._state == _RUNNING:
-                return
+                running = self._process_func
+                if _same_function(process_func, running):
+                    return
+                raise RuntimeError(
+                    f"this BatchProcessor is already running {running!r}; it cannot be "
+                    f"started with {process_func!r} as well (one processor runs one "
+                    "function: make another BatchProcessor for it)")
             if self._state != _NEW:
                 raise ProcessorStoppedError(
                     "a stopped BatchProcessor cannot be started again; create a new one")
             self._state = _RUNNING
+            self._process_func = process_func
             self._started_in_pid = os.getpid()
             forking.track(self)
             if is_async_callable(process_func):
@@ -660,6 +677,17 @@ class BatchProcessor(Generic[T, U]):
         if self._async_model is not None:
             threads.append(self._async_model.thread)
         return threads
+
+
+def _same_function(a: Callable[[Any], Any], b: Callable[[Any], Any] | None) -> bool:
+    """Whether ``start(a)`` asks for what ``start(b)`` started: the same object, or an
+    equal one (``obj.method`` makes a new bound method on each access)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # an __eq__ that refuses the comparison: not the same
+        return False
 
 
 def _queue_time_arg(value: Any) -> float:

@@ -15,7 +15,8 @@ differ there, as batchproc does with ``pad_value=0``.
 ``SHAPE`` is one request's shape, dimensions joined by ``x``; the first is its rows. A
 dimension ``LO..HI`` is ragged, drawn uniformly per request: on axis 0 (rows per
 request) or axis 1 (sequence length, padded in a batch). Named inputs draw one length per
-request, shared by all of them, so their ranges must agree.
+request, shared by all of them, so their ranges must agree. One request may take at most
+:data:`MAX_REQUEST_BYTES` (256 MiB).
 
 An ``.npz`` holds sample requests in one of three layouts:
 
@@ -32,6 +33,7 @@ Every error is a :class:`~batchproc.bench.BenchError` with a one-line message.
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -46,6 +48,10 @@ Request = Any  # np.ndarray | dict[str, np.ndarray]
 
 POOL_SIZE = 256  # distinct sample requests a generated load cycles through
 POOL_BYTES = 64 << 20  # ... unless they would take more memory than this
+# The largest request a generated load may send: a shape past it is a typo (a missing
+# "x", an extra digit) far more often than a model's real input, and would be allocated
+# many times over (the pool, the limit's batches) before anything reported it.
+MAX_REQUEST_BYTES = 256 << 20
 _DIM = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
 _PER_REQUEST = re.compile(r"^arr_(\d+)$")
@@ -118,9 +124,11 @@ class RequestSource:
         same ``seed``."""
         raise NotImplementedError
 
-    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+    def limit_batch(self, max_rows: int, seed: int,
+                    max_requests: int | None = None) -> tuple[Request, int]:
         """A full batch for the limit: whole requests, compatible with the first, up to
-        ``max_rows`` rows (at least one request). Returns (batch, requests in it)."""
+        ``max_rows`` rows (at least one request) and ``max_requests`` requests (the
+        last call of a run bounded by a request count). Returns (batch, requests in it)."""
         pool = self.requests(seed)
         key = _signature(pool[0], self.padded)
         chosen: list[Request] = []
@@ -129,7 +137,7 @@ class RequestSource:
             if _signature(r, self.padded) != key:
                 continue
             n = rows_of(r)
-            if chosen and rows + n > max_rows:
+            if chosen and (rows + n > max_rows or len(chosen) == max_requests):
                 break
             chosen.append(r)
             rows += n
@@ -161,9 +169,11 @@ class FeatureRows(RequestSource):
             for k in range(self.pool)
         ]
 
-    def limit_batch(self, max_rows: int, seed: int) -> tuple[Request, int]:
+    def limit_batch(self, max_rows: int, seed: int,
+                    max_requests: int | None = None) -> tuple[Request, int]:
+        rows = max_rows if max_requests is None else min(max_rows, max_requests)
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((max_rows, self.features), dtype=np.float32), max_rows
+        return rng.standard_normal((rows, self.features), dtype=np.float32), rows
 
 
 # -- DTYPE:SHAPE specs --------------------------------------------------------------------
@@ -266,9 +276,10 @@ class SpecSource(RequestSource):
         self.padded = any(len(s.dims) > 1 and s.dims[1].ragged for s in specs)
         self._ragged = _ragged_axes(specs)
         self.description = " ".join(map(str, specs)) + "/request"
-        self._bytes = sum(
-            s.dtype.itemsize * int(np.prod([d.hi for d in s.dims])) for s in specs
-        )
+        # The largest request, in Python ints: a huge shape must not wrap around.
+        values = [math.prod(d.hi for d in s.dims) for s in specs]
+        self._bytes = sum(s.dtype.itemsize * v for s, v in zip(specs, values))
+        _check_request_size(f"--input {' '.join(map(str, specs))}", self._bytes, sum(values))
 
     def requests(self, seed: int) -> list[Request]:
         n = max(1, min(POOL_SIZE, POOL_BYTES // max(self._bytes, 1)))
@@ -283,6 +294,27 @@ class SpecSource(RequestSource):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "inputs": [str(s) for s in self.specs]}
+
+
+def _check_request_size(where: str, nbytes: int, values: int) -> None:
+    """Refuse a request of more than :data:`MAX_REQUEST_BYTES` (the largest one, for
+    ragged shapes)."""
+    if nbytes > MAX_REQUEST_BYTES:
+        raise BenchError(
+            f"{where}: one request would take {format_bytes(nbytes)} ({values:,} values), "
+            f"over the limit of {format_bytes(MAX_REQUEST_BYTES)} per request")
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units, three digits: ``256 MiB``, ``3.64 TiB``."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{value:.3g} PiB" if value < 1000 else f"{value:,.0f} PiB"
 
 
 def _first_duplicate(names: Sequence[Any]) -> Any:
@@ -470,7 +502,9 @@ def parse_inputs(specs: Sequence[str] | None, features: int | None) -> RequestSo
         BenchError: both given, an ``.npz`` with other specs, or a bad spec or file.
     """
     if not specs:
-        return FeatureRows(features if features is not None else 64)
+        features = features if features is not None else 64
+        _check_request_size(f"--features {features}", 4 * features, features)
+        return FeatureRows(features)
     if features is not None:
         raise BenchError("--features and --input do not go together (give the shape in --input)")
     npz = [s for s in specs if s.endswith(".npz")]

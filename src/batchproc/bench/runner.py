@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 LIMIT = "limit"
 PRIORITY_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW", "BACKGROUND")
-MIN_LIMIT_S = 0.2  # run the limit at least this long, so fast models are not all noise
 
 
 class Progress(Protocol):
@@ -184,34 +183,39 @@ def run_limit(
 ) -> RunResult:
     """The model called back to back on full batches from one thread: requests / time.
 
-    A full batch is whole requests of the load's source, up to ``max_batch`` rows.
+    A full batch is whole requests of the load's source, up to ``max_batch`` rows. The
+    run stops at ``bounds`` as the other systems' do: after exactly ``bounds.requests``
+    requests (the last call takes only those still wanted) or ``bounds.duration``
+    seconds, whichever comes first.
     """
     progress = progress or NullProgress()
-    wanted = _expected(load, bounds) or 1 << 62
+    wanted = _expected(load, bounds)  # None: bounded by time alone
     dur = bounds.duration if bounds.duration is not None else float("inf")
     source = load.source or FeatureRows(load.features)
-    batch, per_call = source.limit_batch(max_batch, load.seed)
-    batch_rows = rows_of(batch)
+    full = source.limit_batch(max_batch, load.seed)
+    last = full
+    if wanted is not None and wanted % full[1]:
+        last = source.limit_batch(max_batch, load.seed, max_requests=wanted % full[1])
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     times: list[float] = []
-    done = 0
+    done = rows = 0
     pc = time.perf_counter
     t0 = last_tick = pc()
     stopped_by = "requests"
-    while True:
+    while wanted is None or done < wanted:
         t = pc()
-        if done >= wanted and t - t0 >= MIN_LIMIT_S:
-            break
         if t - t0 >= dur:
             stopped_by = "duration"
             break
+        batch, per_call = full if wanted is None or wanted - done >= full[1] else last
         model(batch)
         t1 = pc()
         times.append(t1 - t)
         done += per_call
+        rows += rows_of(batch)
         if t1 - last_tick > 0.1:
-            progress.update(min(done, wanted))
+            progress.update(done)
             last_tick = t1
     elapsed = pc() - t0
     lat = np.asarray(times)
@@ -226,7 +230,7 @@ def run_limit(
         p95_ms=p95,
         p99_ms=p99,
         mean_ms=mean,
-        mean_batch=float(batch_rows),
+        mean_batch=rows / len(times) if times else 0.0,
         batches=len(times),
         submitted=done,
         completed=done,

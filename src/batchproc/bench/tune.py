@@ -242,6 +242,8 @@ class TuneResult:
     capacity: float | None
     padded: bool = False  # the requests are ragged: the config needs pad_value
     cut_short: str | None = None  # the key of the candidate whose climb the budget ended
+    budget: float = math.inf  # the search's budget, in seconds
+    run_s: float = 0.0  # what one run takes out of it: its duration, start and stop
 
 
 class Tuner:
@@ -364,7 +366,7 @@ class Tuner:
         return TuneResult(
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
-            cut_short,
+            cut_short, self.budget, self.duration * RUN_OVERHEAD,
         )
 
     def _measure_capacity(self) -> None:
@@ -480,6 +482,9 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     report.print_table(title, COLUMNS, rows, notes)
     print()
     best, default = result.best, result.default
+    if best is None and not result.records:
+        print(_nothing_measured(result))
+        return
     if best is None:
         print(f"no configuration tried meets the goal ({goal.describe()})")
         return
@@ -499,6 +504,23 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     if result.padded:
         fields["pad_value"] = 0
     print(format_config(fields))
+
+
+def _nothing_measured(result: TuneResult) -> str:
+    """The verdict of a search whose budget had room for no run: not that nothing meets
+    the goal (nothing was measured), but what budget would measure something."""
+    run, total = result.run_s, result.candidates_total
+    first = run * (2 if result.goal.rate is None else 1)  # an SLO alone: capacity first
+    every = first + run * (total - 1)
+    return (f"no configuration could be measured within the budget (--budget "
+            f"{result.budget:g} s): one run takes about {run:.3g} s (--duration plus start "
+            f"and stop); give --budget {_round_up(first):g} or more to measure one "
+            f"configuration (about {_round_up(every):g} s to measure each of the {total} once)")
+
+
+def _round_up(seconds: float) -> float:
+    """Seconds rounded up to a tenth below 10 s, to a whole second above."""
+    return math.ceil(seconds * 10) / 10 if seconds < 10 else float(math.ceil(seconds))
 
 
 def _compare(best: dict[str, Any], default: dict[str, Any], by_load: bool) -> str:

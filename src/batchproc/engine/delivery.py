@@ -157,7 +157,8 @@ class Delivery:
 
     def expire(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or
-        parked for a retry) with ``QueueTimeoutError``; they never reach the model."""
+        parked for a retry) with ``QueueTimeoutError``; they do not reach the model
+        again."""
         live = start_all(requests)
         if len(live) != len(requests):
             self._count_cancelled(len(requests) - len(live))
@@ -169,13 +170,7 @@ class Delivery:
         if self._metrics.records_requests:
             record_requests(self._metrics, live, OUTCOME_EXPIRED, None)
         for request in live:
-            waited = now - request.enqueued_at
-            allowed = request.deadline - request.enqueued_at
-            error = QueueTimeoutError(
-                f"request waited {waited:.3f} s in the queue, past its max_queue_time of "
-                f"{allowed:.3f} s; it was not processed")
-            if request.error is not None:
-                error.__cause__ = request.error  # it was waiting to be retried after this
+            error = expiry_error(request, now)
             self._metrics.error(error, 1)
             try:
                 request.future.set_exception(error)
@@ -188,6 +183,24 @@ class Delivery:
         already waiting: this one goes back to popping right after."""
         queue = self._queue
         return len(queue) > 0 or queue.closed
+
+
+def expiry_error(request: Request, now: float) -> QueueTimeoutError:
+    """The error of a request whose ``max_queue_time`` ran out at ``now``: a request
+    never processed says so; one parked for a retry says how often it failed, and its
+    first failure (the one it is retried after) is the ``__cause__``."""
+    waited = now - request.enqueued_at
+    allowed = request.deadline - request.enqueued_at
+    ran_out = f"request waited {waited:.3f} s, past its max_queue_time of {allowed:.3f} s"
+    if request.error is None:
+        return QueueTimeoutError(f"{ran_out} in the queue; it was never processed")
+    tries = request.attempt
+    error = QueueTimeoutError(
+        f"{ran_out} while parked for retry {tries}: it was processed and failed "
+        f"{tries} time{'s' if tries != 1 else ''} on its own; its first failure: "
+        f"{type(request.error).__name__}: {request.error} (the __cause__)")
+    error.__cause__ = request.error
+    return error
 
 
 def record_requests(metrics: MetricsSink, requests: list[Request], outcome: str,

@@ -23,7 +23,11 @@ the way ``functools.cached_property`` keeps its value). What counts as which:
   decoration, which keeps ``obj`` alive;
 - ``@classmethod`` is refused (``TypeError``): there is no per-class processor.
 
-After ``stop()`` the next call starts a fresh one. A processor lives as long as its owner
+``stop()`` is final, as ``BatchProcessor.stop`` is: every later call (and
+``.processor``) raises ``ProcessorStoppedError`` rather than silently starting a new
+processor, also after the ``atexit`` hook below stopped it; decorate the function again
+for a new one. On a method, ``Class.method.stop()`` stops it for every instance, those
+made later included. A processor lives as long as its owner
 (the decorated function; for a method, the instance), reference cycles included: once
 the owner is collected its processor is stopped and its threads exit. A request still
 pending keeps its owner alive (its future, or the coroutine awaiting it, holds it), so
@@ -50,6 +54,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, cast, overload
 
 from ..config import BatchPriority, BatchProcessorConfig
+from ..errors import ProcessorStoppedError
 from ..processor import BatchProcessor
 
 T = TypeVar("T")
@@ -76,6 +81,7 @@ class BatchedFunction(Generic[T, U]):
         self._stopping = threading.Lock()
         self._processor: BatchProcessor[T, U] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._stopped = False  # stop() was called: final
         self._instance = instance  # a method's instance, which its function needs
         _LIVE.add(self)
 
@@ -97,7 +103,8 @@ class BatchedFunction(Generic[T, U]):
 
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
-        """The ``concurrent.futures.Future`` of the item's result."""
+        """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
+        after ``stop()`` (as every way of calling it)."""
         future = self.processor.enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
         # pending request keeps the owner, and so the processor, alive.
@@ -112,7 +119,9 @@ class BatchedFunction(Generic[T, U]):
 
     @property
     def processor(self) -> BatchProcessor[T, U]:
-        """The running processor (started now if it was not)."""
+        """The running processor (started now if it was not).
+
+        Raises ``ProcessorStoppedError`` after ``stop()``."""
         processor = self._processor
         if processor is not None and processor.running:
             return processor
@@ -123,6 +132,10 @@ class BatchedFunction(Generic[T, U]):
             processor = self._processor
             if processor is not None and processor.running:
                 return processor
+            if self._stopped:
+                raise ProcessorStoppedError(
+                    f"batched function {self.name} was stopped; stop() is final (decorate "
+                    "the function again for a new processor)")
             processor = BatchProcessor(self._config, self._metrics_collector)
             processor.start(self._func)  # an async def one runs on the processor's loop
             self._processor = processor
@@ -131,9 +144,11 @@ class BatchedFunction(Generic[T, U]):
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor (finishing queued work within ``timeout``, as
-        ``BatchProcessor.stop``); the next call starts anew."""
+        ``BatchProcessor.stop``). Final: later calls raise ``ProcessorStoppedError``.
+        Idempotent, and safe before the first call."""
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
+                self._stopped = True
                 processor, self._processor = self._processor, None
                 finalizer, self._finalizer = self._finalizer, None
             if finalizer is not None:
@@ -159,7 +174,12 @@ class BatchedFunction(Generic[T, U]):
         return [] if self._processor is None else self._processor._threads()
 
     def __repr__(self) -> str:
-        state = "running" if self._processor is not None and self._processor.running else "idle"
+        if self._stopped:
+            state = "stopped"
+        elif self._processor is not None and self._processor.running:
+            state = "running"
+        else:
+            state = "idle"
         return f"<batched function {self.name} ({state})>"
 
 
@@ -176,6 +196,7 @@ class BatchedMethod(Generic[S, T, U]):
         self._attr = func.__name__
         self._lock = threading.Lock()
         self._bound: weakref.WeakSet[BatchedFunction[T, U]] = weakref.WeakSet()
+        self._stopped = False  # stop() was called: instances bound later are stopped too
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self._attr = name
@@ -216,6 +237,7 @@ class BatchedMethod(Generic[S, T, U]):
             bound = BatchedFunction[T, U](
                 _bind(self._func, instance, ref), self._config, self._metrics_collector,
                 self._name, ref)
+            bound._stopped = self._stopped
             # Later lookups find it in the instance's __dict__ before this descriptor.
             namespace[self._attr] = bound
             self._bound.add(bound)
@@ -229,7 +251,11 @@ class BatchedMethod(Generic[S, T, U]):
         return bound(item, timeout, priority)
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop the processor of every instance."""
+        """Stop the processor of every instance. Final, as ``BatchedFunction.stop``: the
+        method of every instance, also of one made later, raises
+        ``ProcessorStoppedError``."""
+        with self._lock:
+            self._stopped = True
         for bound in list(self._bound):
             bound.stop(timeout)
 
@@ -393,7 +419,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     and the batch is a method: each instance gets its own processor. A static method
     (one taking only the batch, with or without ``@staticmethod``) gets one processor,
     as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
-    for a classmethod.
+    for a classmethod. The processor starts on the first call; ``stop()`` is final (later
+    calls raise ``ProcessorStoppedError``).
 
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only.
     """

@@ -13,7 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from batchproc import BatchOutputError, ProcessorStoppedError
+from batchproc import (
+    BatchOutputError,
+    BatchTimeoutError,
+    ProcessorStoppedError,
+    QueueTimeoutError,
+)
 
 
 class Poison(Exception):
@@ -127,10 +132,11 @@ def test_one_bad_input_costs_one_call_per_level_wherever_it_is(make_processor, s
 
 
 @pytest.mark.parametrize("hung_at", [0, 2, 5])
-def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hung_at):
-    # A search runs parts of a failed batch; one part hangs past item_timeout. Only the
-    # requests of that call time out: the rest of the batch is queued again (and the
-    # poisoned one gets its own error), whatever part hangs.
+def test_a_call_of_a_search_past_item_timeout_times_out_only_the_hanging_request(
+        make_processor, hung_at):
+    # A search runs parts of a failed batch; a part holding the request that hangs runs
+    # past item_timeout. The batch's requests are queued again, each alone: the poisoned
+    # one gets its own error, the hanging one times out alone, the others have results.
     release = threading.Event()
     hang_on = float(hung_at)
 
@@ -143,7 +149,7 @@ def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hu
         return batch * 2
 
     p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
-                       max_retries=0, item_timeout=0.3)
+                       max_retries=0, item_timeout=0.2)
     try:
         values = [float(v) for v in range(8)]
         values[6] = -1.0
@@ -154,14 +160,164 @@ def test_a_call_past_item_timeout_fails_only_its_own_requests(make_processor, hu
             outcome[v] = type(error).__name__ if error else f.result()[0, 0]
     finally:
         release.set()
-    timed_out = [v for v, o in outcome.items() if o == "BatchTimeoutError"]
-    assert hang_on in timed_out
-    assert outcome[-1.0] in ("Poison", "BatchTimeoutError")
-    for v, o in outcome.items():
-        if v not in timed_out and v != -1.0:
-            assert o == 2 * v, (v, o)
-    # Only one call hung: its requests are a part of the batch, never all of it.
-    assert len(timed_out) < 7, outcome
+    assert outcome.pop(hang_on) == "BatchTimeoutError"
+    assert outcome.pop(-1.0) == "Poison"
+    assert outcome == {v: 2 * v for v in outcome}
+    assert p.get_stats()["total_timed_out"] == 1
+
+
+class HangingModel:
+    """Doubles its batch; a call holding one of the ``hang`` values, or more than
+    ``above`` rows, blocks until ``release`` is set (the test sets it at its end). Counts
+    calls and those that hung: each hung call leaves one thread stuck."""
+
+    def __init__(self, hang=(), above=None):
+        self.hang = set(hang)
+        self.above = above
+        self.release = threading.Event()
+        self.calls = []
+        self.hung = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        values = batch[:, 0].tolist()
+        hangs = bool(self.hang.intersection(values)) or (
+            self.above is not None and len(values) > self.above)
+        with self.lock:
+            self.calls.append(values)
+            if hangs:
+                self.hung.append(values)
+        if hangs:
+            self.release.wait()
+        return batch * 2
+
+
+def run_with_hangs(make_processor, model, size, **config):
+    """One batch of ``size`` requests (values 0..size-1) through ``model`` with
+    item_timeout=0.1: (processor, {value: its result's value, or its error's type name},
+    the target sizes halved)."""
+    p = make_processor(model, max_workers=1, max_batch_size=size, initial_batch_size=size,
+                       item_timeout=0.1, **config)
+    halvings = record_halvings(p)
+    try:
+        futures = enqueue_paused(p, [float(v) for v in range(size)])
+        outcome = {}
+        for v, f in enumerate(futures):
+            error = f.exception(timeout=20)
+            outcome[float(v)] = type(error).__name__ if error else f.result()[0, 0]
+        # The time limit settles a stuck call once its requests have all ended.
+        limits = p._dispatcher._limits
+        deadline = time.monotonic() + 20
+        while limits._hung:
+            assert time.monotonic() < deadline, "stuck calls never settled"
+            time.sleep(0.001)
+    finally:
+        model.release.set()
+    assert model.calls[0] == [float(v) for v in range(size)]  # one batch first
+    return p, outcome, halvings
+
+
+@pytest.mark.parametrize("size", [2, 8, 16])
+def test_a_request_held_with_one_that_hangs_gets_its_result(make_processor, size):
+    # The call of the whole batch runs past item_timeout. Only the hanging request times
+    # out, wherever it is; the others are queued again alone and have their results. The
+    # search costs one more stuck call (the hanging request alone), within log2(n) + 2;
+    # retries left do not run it again (a time-out is not retried).
+    for hang in sorted({0, size // 2, size - 1}):
+        model = HangingModel(hang=[float(hang)])
+        p, outcome, halvings = run_with_hangs(make_processor, model, size,
+                                              max_retries=3, retry_delay=0.0)
+        assert outcome.pop(float(hang)) == "BatchTimeoutError", (hang, model.calls)
+        assert outcome == {v: 2 * v for v in outcome}
+        assert model.hung == [[float(v) for v in range(size)], [float(hang)]]
+        assert len(model.hung) <= size.bit_length() + 2
+        assert len(model.calls) == 1 + size  # every request once more, alone
+        stats = p.get_stats()
+        assert stats["total_timed_out"] == stats["total_errors"] == 1
+        assert stats["total_processed"] == size - 1
+        # The hang is the request's own: the target stays.
+        assert halvings == [] and p.current_batch_size == size
+
+
+def test_two_hanging_requests_time_out_and_no_other(make_processor):
+    model = HangingModel(hang=[1.0, 6.0])
+    p, outcome, halvings = run_with_hangs(make_processor, model, 8, max_retries=0)
+    assert outcome.pop(1.0) == outcome.pop(6.0) == "BatchTimeoutError"
+    assert outcome == {v: 2 * v for v in outcome}
+    assert len(model.hung) == 3  # the batch, then each hanging request alone
+    assert p.get_stats()["total_timed_out"] == 2
+    assert halvings == [] and p.current_batch_size == 8
+
+
+@pytest.mark.parametrize("above", [1, 3])
+def test_a_model_that_hangs_on_large_batches_fails_no_request(make_processor, above):
+    # A hang that depends on the batch (any batch above `above` rows) is no request's
+    # own: every request has its result, run alone, after the one stuck call; the hang
+    # is the batch's, so the target halves, once.
+    model = HangingModel(above=above)
+    p, outcome, halvings = run_with_hangs(make_processor, model, 8, max_retries=0)
+    assert outcome == {float(v): 2.0 * v for v in range(8)}
+    assert len(model.hung) == 1
+    assert p.get_stats()["total_timed_out"] == 0
+    assert halvings == [8] and p.current_batch_size == 4
+
+
+def test_a_deadline_that_passes_while_queued_again_fails_with_its_own_error(
+        make_processor):
+    # Queued again after the call of its batch timed out, the healthy request waits (the
+    # processor is paused) past its max_queue_time: it expires with QueueTimeoutError,
+    # not the hanging request's BatchTimeoutError; that one still times out alone.
+    model = HangingModel(hang=[0.0])
+    entered = threading.Event()
+    inner = model.__call__
+    p = make_processor(lambda batch: (entered.set(), inner(batch))[1], max_workers=1,
+                       max_batch_size=2, initial_batch_size=2, item_timeout=0.2)
+    try:
+        p.pause()
+        hanging = p.enqueue_predict(item(0))
+        timed = p.enqueue_predict(item(1), max_queue_time=2.0)
+        p.resume()
+        assert entered.wait(20)
+        p.pause()  # nothing is popped: the requests queued again wait
+        assert isinstance(timed.exception(timeout=20), QueueTimeoutError)
+        assert not hanging.done()
+        p.resume()
+        assert isinstance(hanging.exception(timeout=20), BatchTimeoutError)
+    finally:
+        model.release.set()
+    assert model.hung == [[0.0, 1.0], [0.0]]
+    stats = p.get_stats()
+    assert stats["total_timed_out"] == 1 and stats["total_expired"] == 1
+
+
+def test_a_hang_of_the_batch_leaves_the_target_once_a_request_expired(make_processor):
+    # Any call of two rows hangs. One request runs out of its max_queue_time while queued
+    # again: whether it would hang alone is unknown, so the target stays.
+    model = HangingModel(above=1)
+    entered = threading.Event()
+    inner = model.__call__
+    p = make_processor(lambda batch: (entered.set(), inner(batch))[1], max_workers=1,
+                       max_batch_size=2, initial_batch_size=2, item_timeout=0.2)
+    halvings = record_halvings(p)
+    try:
+        p.pause()
+        served = p.enqueue_predict(item(0))
+        timed = p.enqueue_predict(item(1), max_queue_time=2.0)
+        p.resume()
+        assert entered.wait(20)
+        p.pause()
+        assert isinstance(timed.exception(timeout=20), QueueTimeoutError)
+        p.resume()
+        assert served.result(timeout=20)[0, 0] == 0.0
+        limits = p._dispatcher._limits
+        deadline = time.monotonic() + 20
+        while limits._hung:
+            assert time.monotonic() < deadline, "stuck call never settled"
+            time.sleep(0.001)
+    finally:
+        model.release.set()
+    assert model.hung == [[0.0, 1.0]]
+    assert halvings == [] and p.current_batch_size == 2
 
 
 def test_an_abandoned_search_leaves_the_target(make_processor):

@@ -11,7 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from batchproc import BatchPriority, ProcessorStoppedError, QueueTimeoutError
+from batchproc import (
+    BatchPriority,
+    BatchTimeoutError,
+    ProcessorStoppedError,
+    QueueTimeoutError,
+)
 from batchproc.errors import BatchOutputError
 
 
@@ -368,6 +373,35 @@ def test_two_bad_items_in_one_chunk(make_processor):
     p = make_processor(model, max_batch_size=8, max_retries=0)
     out = list(p.map(rows(16), return_exceptions=True))
     assert [k for k, y in enumerate(out) if isinstance(y, KeyError)] == [3, 5]
+
+
+def test_a_hanging_item_times_out_at_its_position_only(make_processor):
+    # The chunk holding item 5 runs past item_timeout: its items are queued again one by
+    # one (as for a chunk that raised); their call hangs too, so each is queued again
+    # alone, and only item 5 times out.
+    release = threading.Event()
+    hung = []
+
+    def model(batch):
+        if (batch == 5).any():
+            hung.append(len(batch))
+            release.wait()
+        return batch * 2
+
+    p = make_processor(model, max_batch_size=8, max_retries=0, item_timeout=0.1)
+    try:
+        out = list(p.map(rows(16), return_exceptions=True))
+    finally:
+        release.set()
+    assert isinstance(out[5], BatchTimeoutError)
+    for k, y in enumerate(out):
+        if k != 5:
+            assert (y == 2 * k).all(), k
+    # The chunk, its items together (in one call, or more as they arrive), then item 5
+    # alone: one stuck call per step.
+    assert hung[0] == 8 and hung[-1] == 1 and len(hung) <= 3
+    assert _counts(p) == (9, 8, 1)  # the two chunks, less the one handed back, + 8 items
+    assert p.get_stats()["total_timed_out"] == 1
 
 
 class Outcomes:

@@ -18,6 +18,8 @@ Failure scheduling (docs/failures.md):
 * The target size shrinks once per failed batch that no request of it explains by
   failing alone (a failure of the batch, such as out of memory on its size); never per
   step of the search or per retry, nor for a request's own failure.
+* A call past ``item_timeout`` is not searched here: its worker is stuck in it, and the
+  time limit (engine/limits.py) queues each of its requests again alone.
 """
 
 from __future__ import annotations

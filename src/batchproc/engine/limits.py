@@ -1,10 +1,18 @@
 """Time limits: a ``process_func`` call running past ``item_timeout`` is abandoned.
 
-The supervisor calls ``expire_stuck`` at a fine tick. The requests of the call fail with
-``BatchTimeoutError``; those of its batch that were not in the call (a failure search
-runs parts of a batch) and are not done yet are queued again, each alone, at once. The
-worker is left to finish alone (its late result is discarded: ``Board.end_call`` refuses
-it) and a fresh worker takes its place.
+The supervisor calls ``expire_stuck`` at a fine tick. The worker is left to finish alone
+(its late result is discarded: ``Board.end_call`` refuses it) and a fresh worker takes
+its place. Which request of a call made it hang is unknown, and a search by calls (as
+for an exception) would leave one more thread stuck, and one ``item_timeout`` more of
+waiting, per step: so a call of several requests fails none of them. Each of them, and
+each request of its batch not in the call (a failure search runs parts of a batch) and
+not done yet, is queued again at once, alone. Only a call of one request fails it with
+``BatchTimeoutError``: a request times out only when it ran past the limit on its own,
+and each request that does leaves at most one more thread stuck. A time-out is never
+retried (each try would leave another thread stuck). As for a failure
+(engine/execution.py), the target size halves only for a hang that no request explains:
+once every request of the call has ended, none of them timed out alone and none ran out
+of its deadline meanwhile (``_HungCall``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class TimeLimits:
         self._controller = controller
         self._delivery = delivery
         self._metrics = metrics
+        # Calls of several requests that timed out, until their requests have all ended
+        # (only the supervisor's thread touches it).
+        self._hung: list[_HungCall] = []
 
     def expire_stuck(self) -> int:
         """Abandon batches whose process_func call has run past ``item_timeout``."""
@@ -53,26 +64,59 @@ class TimeLimits:
                 self._controller.slots.release()
             self._controller.batch_ended()
             calling = batch.requests if batch.calling is None else batch.calling
+            # A call of several requests fails none of them: each is queued again alone.
+            own = calling if len(calling) == 1 else []
             logger.error(
                 "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
-                " failing them with BatchTimeoutError and replacing worker %s",
-                now - batch.call_started, len(calling), limit, batch.worker.name)
+                " %s and replacing worker %s",
+                now - batch.call_started, len(calling), limit,
+                "failing it with BatchTimeoutError" if own else "queueing each again alone",
+                batch.worker.name)
             self._metrics.batch(len(calling), total_rows(calling),
                                 0.0, now - batch.call_started, OUTCOME_TIMEOUT)
             error = BatchTimeoutError(f"process_func exceeded item_timeout={limit} s")
-            self._delivery.time_out(calling, error, batch.dispatched_at)
-            in_call = {id(r.future) for r in calling}  # a chunk shares its request's future
+            self._delivery.time_out(own, error, batch.dispatched_at)
+            if own:
+                self._may_be_own(own)
+            else:
+                self._hung.append(_HungCall(calling))
+            failed = {id(r.future) for r in own}  # a chunk shares its request's future
             self._queue_again([r for r in batch.requests
-                               if id(r.future) not in in_call and not r.future.done()],
+                               if id(r.future) not in failed and not r.future.done()],
                               error, batch.dispatched_at)
             self._pool.spawn()
+        if self._hung:
+            self._settle_hung(now)
         return len(overdue)
+
+    def _may_be_own(self, requests: list[Request]) -> None:
+        """``requests`` timed out alone, or without running alone after a call of several
+        (stop began, or no room): a hung call of several they were in may be theirs."""
+        keys = {id(r.future) for r in requests}
+        for call in self._hung:
+            if not keys.isdisjoint(call.futures):
+                call.explained = True
+
+    def _settle_hung(self, now: float) -> None:
+        """Halve the target for each hung call whose requests have all ended, none of
+        them timing out alone: the hang was the batch's (its size, say), as for a
+        failure no request explains. A request whose deadline passed may have expired
+        before it ran alone: it might be the one that hangs, so the target stays."""
+        left = []
+        for call in self._hung:
+            if call.explained:
+                continue
+            if not all(r.future.done() for r in call.requests):
+                left.append(call)
+            elif all(r.deadline > now for r in call.requests):
+                self._controller.observe_failure()
+        self._hung = left
 
     def _queue_again(self, requests: list[Request], error: BaseException,
                      dispatched_at: float) -> None:
-        """Queue the requests of an abandoned batch that were not in its call; each is
-        popped alone (parked, due now). Once stop has begun, or with no room, they time
-        out with the call instead: never lost."""
+        """Queue the requests of an abandoned batch that its time-out did not fail; each
+        is popped alone (parked, due now; its own deadline still holds). Once stop has
+        begun, or with no room, they time out with the call instead: never lost."""
         now = _monotonic()
         left = []
         with self._board.lock:  # stop sets closing under it before it drains the queue
@@ -87,6 +131,7 @@ class TimeLimits:
                     left.append(r)
         if left:
             self._delivery.time_out(left, error, dispatched_at)
+            self._may_be_own(left)
 
     def stuck_batches(self) -> list[dict[str, Any]]:
         """Batches whose call is past ``item_timeout``, abandoned or about to be."""
@@ -99,3 +144,14 @@ class TimeLimits:
                     for b in self._board.active
                     if b.state in (CALLING, ABANDONED) and b.call_started > 0.0
                     and now - b.call_started > limit]
+
+
+class _HungCall:
+    """The requests of a call of several that ran past ``item_timeout``."""
+
+    __slots__ = ("explained", "futures", "requests")
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+        self.futures = {id(r.future) for r in requests}
+        self.explained = False  # one of them may hang on its own

@@ -130,11 +130,22 @@ def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     assert error.__cause__ is first
 
 
-@pytest.mark.parametrize("value", [0, -1, float("nan"), "1", True])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), -float("inf"), "1",
+                                   True])
 def test_bad_max_queue_time_is_refused(make_processor, value):
     p = make_processor(lambda b: b)
     with pytest.raises(ValueError, match="max_queue_time"):
         p.enqueue_predict(item(1), max_queue_time=value)
+    with pytest.raises(ValueError, match="max_queue_time"):
+        list(p.map([item(1)], max_queue_time=value))
+
+    async def from_a_loop():
+        with pytest.raises(ValueError, match="max_queue_time"):
+            p.enqueue_predict_async(item(1), max_queue_time=value)
+        with pytest.raises(ValueError, match="max_queue_time"):
+            await p.apredict(item(1), max_queue_time=value)
+
+    asyncio.run(from_a_loop())
     from batchproc import BatchProcessorConfig
     with pytest.raises(ValueError, match="max_queue_time"):
         BatchProcessorConfig(max_queue_time=value)

@@ -82,8 +82,10 @@ class BatchProcessorConfig:
             other calls run long too: a worker without a call in progress (up to
             ``max_workers``) starts one for requests that waited that long.
         item_timeout: Longest one ``process_func`` call may run, in seconds. Default
-            ``30.0``. Past it the batch's requests fail with `BatchTimeoutError` and a
-            new worker replaces the stuck one; a late result is discarded.
+            ``30.0``. Past it a new worker replaces the stuck one and a late result is
+            discarded; a call of several requests fails none of them (each is queued again
+            alone), and a request whose call of its own runs past it fails with
+            `BatchTimeoutError`.
         max_queue_size: Most requests waiting in the queue, in requests. Default
             ``1000``. ``enqueue_predict`` blocks for room (up to its ``timeout``, then
             `QueueFullError`); ``enqueue_predict_async`` refuses at once.

@@ -691,9 +691,10 @@ def _same_function(a: Callable[[Any], Any], b: Callable[[Any], Any] | None) -> b
 
 
 def _queue_time_arg(value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-            or value <= 0):
-        raise ValueError(f"max_queue_time must be None or a number of seconds > 0, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value < _INF):
+        raise ValueError("max_queue_time must be None (no limit) or a finite number of "
+                         f"seconds > 0, got {value!r}")
     return float(value)
 
 

@@ -46,7 +46,7 @@ from batchproc.bench.runner import LIMIT, RunResult, run_limit, run_target
 from batchproc.bench.targets import Batchproc, BatchprocAsync, Minimal, NoBatching
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import floors
+import no_work_batchers
 from peers import PeerUnavailable, batched_peer, ray_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -279,7 +279,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "failures": failures,
         "wall_s": time.perf_counter() - t_start,
         "cpython_floor": cpython_floor(),
-        "no_work_floors": floors.floors(args.repeat) if "identity" in args.models else None,
+        "no_work_batchers": (no_work_batchers.measure(args.repeat)
+                             if "identity" in args.models else None),
         "results": results,
         "targets": target_ratios(results, args.burst),
     }
@@ -320,11 +321,11 @@ def target_ratios(results: list[dict[str, Any]], burst: int) -> list[dict[str, A
     return out
 
 
-def _floor_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[str]:
-    """The no-work batchers of floors.py against the references of the 64-client targets:
-    no batcher can beat its reference by more than the floor does."""
-    out = ["No-work floors at 64 clients (`benchmarks/floors.py`, median of as many runs "
-           "as repetitions, in this run):", ""]
+def _no_work_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[str]:
+    """no_work_batchers.py against the references of the 64-client targets: how far
+    above its reference a batcher doing nothing gets."""
+    out = ["Batchers that do no work, 64 clients (`benchmarks/no_work_batchers.py`, median "
+           "of as many runs as repetitions, in this run):", ""]
     for label, rps, refs in (
         ("64 client threads", nw["threads_64_rps"], THREAD_PEERS),
         ("64 asyncio tasks", nw["asyncio_64_rps"], (ray_peer.NAME,)),
@@ -382,9 +383,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
             "request.",
             "",
         ]
-    nw = doc.get("no_work_floors")
+    nw = doc.get("no_work_batchers")
     if nw:
-        lines += _floor_lines(nw, doc["results"])
+        lines += _no_work_lines(nw, doc["results"])
     lines += ["## All runs (medians)", ""]
     headers = ["model", "load", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
                "requests", "vs limit"]

@@ -1,10 +1,11 @@
-"""What CPython alone allows a batcher of 64 clients, with no batcher in the way.
+"""Batchers that do no work, at 64 clients: what CPython's own primitives allow.
 
-Each floor is a batcher that does no work at all: no queue policy, no copies, no model.
-Clients hand a request to one server and wait for their answer; the server answers
-everything waiting at once. Whatever a real batcher does on top can only be slower, so
-a throughput ratio against a peer can be no larger than the floor's ratio against it
-(compare_peers.py prints both).
+Each is a batcher with no queue policy, no copies and no model. Clients hand a request
+to one server and wait for their answer; the server answers everything waiting at once.
+They are not strict floors (batchproc's compiled queue and futures can be cheaper than
+the primitives used here), but a target far above what a no-work batcher reaches against
+the same peer is out of reach for per-request waits of this kind: compare_peers.py
+prints both ratios.
 
 * ``threads``: 64 client threads, each blocking on its own lock (as a
   ``RequestFuture`` waiter does) after a put to a C-coded queue; one server thread takes
@@ -14,7 +15,7 @@ a throughput ratio against a peer can be no larger than the floor's ratio agains
   pass of the loop completes every pending future (as ``batchproc.aio`` flushes a batch).
   Each request costs a future and a task step.
 
-    python benchmarks/floors.py         # both floors, 3 runs of 1.5 s each
+    python benchmarks/no_work_batchers.py   # both, median of 3 runs of 1.5 s each
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 CLIENTS = 64
 
 
-def threads_floor(clients: int = CLIENTS, seconds: float = 1.5) -> float:
+def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     """Requests per second through a no-work server thread, ``clients`` client threads."""
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C-coded: a cheap put, a nogil get
     stopping = threading.Event()
@@ -59,7 +60,7 @@ def threads_floor(clients: int = CLIENTS, seconds: float = 1.5) -> float:
             n += 1
         served[k] = n
 
-    srv = threading.Thread(target=server, name="floor-server", daemon=True)
+    srv = threading.Thread(target=server, name="no-work-server", daemon=True)
     srv.start()
     workers = [threading.Thread(target=client, args=(k,), daemon=True)
                for k in range(clients)]
@@ -76,7 +77,7 @@ def threads_floor(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     return sum(served) / elapsed
 
 
-def asyncio_floor(clients: int = CLIENTS, seconds: float = 1.5) -> float:
+def asyncio_loop(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     """Requests per second through one no-work flush per loop pass, ``clients`` tasks."""
 
     async def run() -> float:
@@ -112,14 +113,14 @@ def asyncio_floor(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     return asyncio.run(run())
 
 
-def floors(repeat: int = 3) -> dict[str, float]:
-    """Median requests per second of each floor over ``repeat`` runs."""
+def measure(repeat: int = 3) -> dict[str, float]:
+    """Median requests per second of each no-work batcher over ``repeat`` runs."""
     return {
-        "threads_64_rps": statistics.median(threads_floor() for _ in range(repeat)),
-        "asyncio_64_rps": statistics.median(asyncio_floor() for _ in range(repeat)),
+        "threads_64_rps": statistics.median(threads() for _ in range(repeat)),
+        "asyncio_64_rps": statistics.median(asyncio_loop() for _ in range(repeat)),
     }
 
 
 if __name__ == "__main__":
-    for name, rps in floors().items():
+    for name, rps in measure().items():
         print(f"{name}: {rps:,.0f} req/s")

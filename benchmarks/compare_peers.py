@@ -163,6 +163,8 @@ def median_run(runs: list[RunResult]) -> dict[str, Any]:
     return {
         "throughput": med("throughput"), "p50_ms": med("p50_ms"), "p95_ms": med("p95_ms"),
         "p99_ms": med("p99_ms"), "mean_batch": med("mean_batch"),
+        "gc_share": statistics.median(r.gc_s / r.elapsed_s if r.elapsed_s else 0.0
+                                      for r in runs),
         "completed": int(statistics.median(r.completed for r in runs)),
         "stopped_by": "duration" if any(r.stopped_by == "duration" for r in runs) else "requests",
         "elapsed_s": med("elapsed_s"),
@@ -388,7 +390,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         lines += _no_work_lines(nw, doc["results"])
     lines += ["## All runs (medians)", ""]
     headers = ["model", "load", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
-               "requests", "vs limit"]
+               "requests", "vs limit", "in GC"]
     rows = []
     footnotes = []
     for r in doc["results"]:
@@ -408,14 +410,17 @@ def to_markdown(doc: dict[str, Any]) -> str:
         rows.append([r["model"], r["load"], r["system"], report.fmt_rate(med["throughput"]),
                      report.fmt_ms(med["p50_ms"]), report.fmt_ms(med["p95_ms"]),
                      report.fmt_ms(med["p99_ms"]), f"{med['mean_batch']:.1f}", req,
-                     report.fmt_ratio(vs)])
+                     report.fmt_ratio(vs), f"{100 * med.get('gc_share', 0.0):.0f}%"])
     lines += [report.markdown_table(headers, rows, 3), ""]
     lines += footnotes
     if doc["failures"]:
         lines += [""] + [f"- failed: {k}: {why}" for k, why in doc["failures"].items()]
     lines += [
         "",
-        "Notes: latency is submit-to-result for closed loops and from the start of the burst "
+        "Notes: *in GC*: the share of the run's wall time the process spent in CPython's "
+        "cyclic garbage collector (every thread stops for it), most of it full collections "
+        "over the whole heap (which holds every peer's modules). "
+        "Latency is submit-to-result for closed loops and from the start of the burst "
         "for bursts (all requests arrive at once). The limit is the model called back to back "
         "on full batches of 64 from one thread (latency = one call). No batching runs the model "
         "per request in the caller's thread. `ray serve.batch` runs standalone in one asyncio "

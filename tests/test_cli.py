@@ -235,3 +235,19 @@ def test_requests_bound_every_row_including_the_limit(
     limit = runs["limit"]
     assert limit["batches"] == calls
     assert limit["mean_batch"] == rows / calls
+
+
+def test_the_gc_clock_counts_collections_while_entered_only() -> None:
+    import gc
+
+    from batchproc.bench.runner import GcClock
+
+    with GcClock() as clock:
+        gc.collect()
+        gc.collect(0)
+    assert clock.full == 1
+    assert clock.seconds > 0.0
+    seconds = clock.seconds
+    gc.collect()  # after the block: not counted
+    assert (clock.full, clock.seconds) == (1, seconds)
+    assert clock._callback not in gc.callbacks

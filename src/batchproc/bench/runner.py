@@ -91,9 +91,36 @@ class RunResult:
     note: str = ""
     by_priority: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    gc_s: float = 0.0  # seconds the process spent in cyclic garbage collections
+    gc_full: int = 0  # how many of them were full (generation 2) collections
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class GcClock:
+    """Time spent in CPython's cyclic garbage collector while it is entered, in seconds,
+    from ``gc.callbacks``: any thread's collection stops every thread, so it counts
+    against the whole run."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.full += info.get("generation") == 2
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def _pct(lat_s: np.ndarray) -> tuple[float, float, float, float]:
@@ -134,7 +161,8 @@ def run_target(
     progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
                    bounds.duration)
     try:
-        res = run_load(target, load, bounds, progress.update)
+        with GcClock() as gc_clock:
+            res = run_load(target, load, bounds, progress.update)
     finally:
         target.stop()
     p50, p95, p99, mean = _pct(res.latencies)
@@ -158,6 +186,8 @@ def run_target(
         first_error=res.first_error,
         scheduled=res.scheduled,
         by_priority=_by_priority(res) if load.priorities else {},
+        gc_s=gc_clock.seconds,
+        gc_full=gc_clock.full,
         extra=dict(getattr(target, "stats", dict)()),
     )
     if res.errors:

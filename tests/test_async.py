@@ -256,3 +256,106 @@ def test_a_closed_loop_does_not_break_the_worker(make_processor):
     assert not orphan.done()  # its loop is gone: nobody could ever await it
     # The worker that posted into the closed loop goes on serving.
     assert processor.enqueue_predict(np.array([[2.0]])).result(timeout=10).tolist() == [[2.0]]
+
+
+def test_one_batch_mixing_loops_and_threads_hands_each_caller_its_own_result(
+        make_processor):
+    # Requests of two event loops (each in its own thread) and of a plain thread, queued
+    # alternately so one batch holds runs of each: every caller gets its own row.
+    seen = []
+    processor = make_processor(lambda batch: seen.append(len(batch)) or batch * 10,
+                               processing_strategy=BatchProcessingStrategy.FIXED,
+                               initial_batch_size=12, batch_timeout=5.0)
+    processor.pause()
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    runners = [threading.Thread(target=loop.run_forever) for loop in loops]
+    for t in runners:
+        t.start()
+    try:
+        async def enqueue(value):
+            return processor.enqueue_predict_async(np.array([[value]]))
+
+        futures = []
+        for k in range(12):
+            if k % 3 == 2:
+                futures.append(processor.enqueue_predict(np.array([[float(k)]])))
+            else:
+                loop = loops[k % 3]
+                queued = asyncio.run_coroutine_threadsafe(enqueue(float(k)), loop).result(10)
+                futures.append(asyncio.run_coroutine_threadsafe(_await(queued), loop))
+        processor.resume()
+        results = [f.result(10).item() for f in futures]
+    finally:
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for t in runners:
+            t.join(10)
+        for loop in loops:
+            loop.close()
+    assert seen == [12]
+    assert results == [10.0 * k for k in range(12)]
+
+
+async def _await(future):
+    return await future
+
+
+class _RecordingChannel:
+    def __init__(self):
+        self.posts = []
+
+    def post_many(self, items):
+        self.posts.append(list(items))
+
+
+def test_the_batch_loops_start_and_complete_async_requests_one_post_per_run():
+    from batchproc._native.future_state import Request, finish_all, start_all
+    from batchproc.aio import AsyncRequest
+    from batchproc.futures import RequestFuture
+
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = _RecordingChannel(), _RecordingChannel()
+        futures = [loop.create_future() for _ in range(5)]
+        futures[1].cancel()  # its awaiter gave up before the batch started
+        stand_ins = [AsyncRequest(futures[0], first), AsyncRequest(futures[1], first),
+                     AsyncRequest(futures[2], first), AsyncRequest(futures[3], second),
+                     AsyncRequest(futures[4], first)]
+        plain = RequestFuture()
+        requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in [*stand_ins, plain]]
+
+        live = start_all(requests)
+        assert [r.future for r in live] == [*stand_ins[:1], *stand_ins[2:], plain]
+        assert [s.done() for s in stand_ins] == [False, True, False, False, False]
+
+        assert finish_all(live, ["a", "c", "d", "e", "p"]) == 0
+        # Runs of one channel go in one post each; the loop completes them later.
+        assert first.posts == [[(futures[0], True, "a"), (futures[2], True, "c")],
+                               [(futures[4], True, "e")]]
+        assert second.posts == [[(futures[3], True, "d")]]
+        assert all(s.done() for s in stand_ins)
+        assert plain.result(0) == "p"
+        assert not any(f.done() for f in (futures[0], futures[2], futures[3], futures[4]))
+    finally:
+        loop.close()
+
+
+def test_results_collected_for_a_loop_are_posted_even_if_a_later_future_raises():
+    from batchproc._native.future_state import Request, finish_all
+    from batchproc.aio import AsyncRequest
+
+    class Broken:
+        def set_result(self, value):
+            raise RuntimeError("broken future-like")
+
+    loop = asyncio.new_event_loop()
+    try:
+        channel = _RecordingChannel()
+        future = loop.create_future()
+        requests = [Request(AsyncRequest(future, channel), None, None, 1, 0, 0, 0.0),
+                    Request(Broken(), None, None, 1, 0, 0, 0.0)]
+        with pytest.raises(RuntimeError, match="broken"):
+            finish_all(requests, ["kept", "lost"])
+        assert channel.posts == [[(future, True, "kept")]]
+    finally:
+        loop.close()

@@ -63,6 +63,22 @@ def bind(cls):
     _direct = cls
 
 
+# The queue's stand-in for an asyncio future (batchproc.aio.AsyncRequest) and its states:
+# start_all and finish_all handle them here, and finish_all hands each loop's channel the
+# results of a batch in one post, not one per request.
+cdef object _async = None
+cdef object _ASYNC_RUNNING = None
+cdef object _ASYNC_DONE = None
+
+
+def bind_async(cls, running, done):
+    """Let ``start_all``/``finish_all`` handle instances of ``cls`` (slots ``_future``, an
+    asyncio future; ``_channel``, with ``post_many(items)``; ``_state``: set to
+    ``running``/``done``) directly."""
+    global _async, _ASYNC_RUNNING, _ASYNC_DONE
+    _async, _ASYNC_RUNNING, _ASYNC_DONE = cls, running, done
+
+
 cdef inline bint _done(object state):
     return state is FINISHED or state is CANCELLED or state is CANCELLED_AND_NOTIFIED
 
@@ -310,6 +326,15 @@ def start_all(list requests):
             if not f.done():
                 live.append(r)
             continue
+        if type(f) is _async:
+            # Only reads whether the awaiter cancelled: the asyncio future itself is
+            # only ever completed on its loop.
+            if f._future.cancelled():
+                f._state = _ASYNC_DONE
+            else:
+                f._state = _ASYNC_RUNNING
+                live.append(r)
+            continue
         if _direct is not None and isinstance(f, _direct):
             code = _start(f)
             if code == 1:
@@ -336,31 +361,53 @@ def start_all(list requests):
 
 def finish_all(list requests, list results):
     """``set_result(results[i])`` on the future of each ``Request``, in order, running
-    each future's callbacks after its own transition. Returns how many futures were
-    already done: their results are dropped."""
+    each future's callbacks after its own transition; the results of ``AsyncRequest``s go
+    to their loops' channels, one post per run of requests of one channel. Returns how
+    many futures were already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
-    cdef int code
+    cdef object channel = None
+    cdef list posts = None
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
-    for i in range(n):
-        f = (<Request?>requests[i]).future
-        value = results[i]
-        if _direct is not None and isinstance(f, _direct):
-            code = _finish(f, value, False)
-            if code == 0:
+    try:
+        for i in range(n):
+            f = (<Request?>requests[i]).future
+            value = results[i]
+            if type(f) is _async:
+                f._state = _ASYNC_DONE
+                if f._channel is not channel:
+                    if posts:
+                        channel.post_many(posts)
+                    channel = f._channel
+                    posts = []
+                posts.append((f._future, True, value))
                 continue
-            if code == 1:
-                f._invoke_callbacks()
-                continue
-            if code == _INVALID:
-                already_done += 1
-                continue
-        try:
-            f.set_result(value)
-        except InvalidStateError:
-            already_done += 1
+            already_done += _finish_one(f, value)
+    finally:
+        if posts:
+            channel.post_many(posts)
     return already_done
+
+
+cdef int _finish_one(object f, object value) except -1:
+    """``finish_all``'s step for one future other than an ``AsyncRequest``: 1 if it was
+    already done (its result dropped), else 0."""
+    cdef int code
+    if _direct is not None and isinstance(f, _direct):
+        code = _finish(f, value, False)
+        if code == 0:
+            return 0
+        if code == 1:
+            f._invoke_callbacks()
+            return 0
+        if code == _INVALID:
+            return 1
+    try:
+        f.set_result(value)
+    except InvalidStateError:
+        return 1
+    return 0
 
 
 # What take_like returns in place of an item: it stopped because it took ``count`` items,

@@ -21,6 +21,8 @@ import logging
 import threading
 from typing import Any
 
+from ._native import future_state as _atomic
+
 logger = logging.getLogger(__name__)
 
 _PENDING, _RUNNING, _DONE = 0, 1, 2
@@ -64,6 +66,19 @@ class LoopChannel:
             if self._scheduled:
                 return  # a flush is already on its way and will take this one too
             self._scheduled = True
+        self._schedule_flush()
+
+    def post_many(self, items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+        """From any thread: ``post`` each ``(future, ok, value)``, in one step (a worker's
+        results of one batch: future_state.finish_all)."""
+        with self._lock:
+            self._pending.extend(items)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         try:
             self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop is closed: nobody can await these any more
@@ -116,3 +131,7 @@ class AsyncRequest:
 
     def done(self) -> bool:
         return self._state == _DONE
+
+
+# The workers' per-batch loops start and complete these without a Python call each.
+_atomic.bind_async(AsyncRequest, _RUNNING, _DONE)

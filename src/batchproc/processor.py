@@ -50,6 +50,7 @@ U = TypeVar("U")
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 _monotonic = time.monotonic
+_running_loop = asyncio.get_running_loop
 _INF = float("inf")
 
 
@@ -334,18 +335,22 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
         future: QueuedFuture = QueuedFuture(loop=loop)
         now = _monotonic()
         if max_queue_time is _CONFIG:
-            max_queue_time = self.config.max_queue_time
-        deadline = None if max_queue_time is None else now + _queue_time_arg(max_queue_time)
-        request, rows, nbytes, key, length = self._describe(
-            item, AsyncRequest(future, channel), now, priority,
-            _INF if deadline is None else deadline)
+            max_queue_time = self._max_queue_time
+        if max_queue_time is None:
+            request, rows, nbytes, key, length = self._describe(
+                item, AsyncRequest(future, channel), now, priority)
+            deadline = None
+        else:
+            deadline = now + _queue_time_arg(max_queue_time)
+            request, rows, nbytes, key, length = self._describe(
+                item, AsyncRequest(future, channel), now, priority, deadline)
         try:
             token = self._queue.push(request, priority, rows, nbytes, key, 0, length,
                                      deadline)

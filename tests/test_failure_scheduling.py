@@ -440,9 +440,15 @@ def test_retries_of_a_failing_batch_run_together_not_one_after_another(make_proc
 
 
 def record_halvings(p):
-    """The target size at each time the controller is told a batch failed."""
+    """The target size at each time the controller is told a batch failed.
+
+    The size ceiling is pinned to ``max_batch_size``: otherwise the latency model fitted
+    on the timings of a search's small calls may lower the target first, by a ceiling
+    that depends on how fast the machine ran them."""
     halvings = []
-    observe = p._controller.observe_failure
+    controller = p._controller
+    controller.model.optimal_rows = lambda upper: upper
+    observe = controller.observe_failure
 
     def counted():
         halvings.append(p.current_batch_size)

@@ -505,8 +505,7 @@ def test_a_call_after_the_exit_hook_is_refused():
         "        print('restarted', flush=True)\n"
         "print(ident(5), flush=True)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = _script_output(code)
     assert out.splitlines() == ["5", "refused"]
 
 
@@ -534,8 +533,7 @@ def test_functions_still_running_at_exit_finish_their_work():
         "futures[0].add_done_callback(lambda f: None)\n"
         "print('exiting', flush=True)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = _script_output(code)
     assert out.startswith("exiting")
     assert sum(int(line.split()[1]) for line in out.splitlines()[1:]) == 8
 
@@ -563,8 +561,7 @@ def test_a_forked_child_starts_its_own_processor():
         "print('child', os.waitstatus_to_exitcode(status))\n"
         "print('parent', double(2), double.processor is parent)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = _script_output(code)
     assert out.splitlines() == ["child 0", "parent 4 True"]
 
 
@@ -646,3 +643,9 @@ def test_without_parentheses_the_error_says_how_to_write_it():
 
     with pytest.raises(TypeError, match=r"@batchproc.batch\(\)"):
         batchproc.batch(lengths)
+
+
+def _script_output(code: str) -> str:
+    """What a fresh interpreter running ``code`` prints (it must exit 0)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True).stdout

@@ -205,12 +205,7 @@ def run_with_hangs(make_processor, model, size, **config):
         for v, f in enumerate(futures):
             error = f.exception(timeout=20)
             outcome[float(v)] = type(error).__name__ if error else f.result()[0, 0]
-        # The time limit settles a stuck call once its requests have all ended.
-        limits = p._dispatcher._limits
-        deadline = time.monotonic() + 20
-        while limits._hung:
-            assert time.monotonic() < deadline, "stuck calls never settled"
-            time.sleep(0.001)
+        wait_until_hung_calls_settle(p)
     finally:
         model.release.set()
     assert model.calls[0] == [float(v) for v in range(size)]  # one batch first
@@ -309,11 +304,7 @@ def test_a_hang_of_the_batch_leaves_the_target_once_a_request_expired(make_proce
         assert isinstance(timed.exception(timeout=20), QueueTimeoutError)
         p.resume()
         assert served.result(timeout=20)[0, 0] == 0.0
-        limits = p._dispatcher._limits
-        deadline = time.monotonic() + 20
-        while limits._hung:
-            assert time.monotonic() < deadline, "stuck call never settled"
-            time.sleep(0.001)
+        wait_until_hung_calls_settle(p)
     finally:
         model.release.set()
     assert model.hung == [[0.0, 1.0]]
@@ -437,6 +428,16 @@ def test_retries_of_a_failing_batch_run_together_not_one_after_another(make_proc
     # The last retries of all four are within one backoff of each other: each request's
     # schedule runs at the same time as the others'.
     assert max(last) - min(last) < 0.2 + 0.5
+
+
+def wait_until_hung_calls_settle(p):
+    """The time limit settles a stuck call of several requests (halving the target or
+    not) once its requests have all ended; wait for the supervisor's tick to do it."""
+    limits = p._dispatcher._limits
+    deadline = time.monotonic() + 20
+    while limits._hung:
+        assert time.monotonic() < deadline, "stuck calls never settled"
+        time.sleep(0.001)
 
 
 def record_halvings(p):

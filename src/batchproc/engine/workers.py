@@ -121,8 +121,12 @@ class WorkerPool:
                        for w in workers)
 
     def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
-        """Fail every request still held by a worker (stop ran out of time)."""
+        """Fail every request still held by a worker (stop ran out of time, or was called
+        on a worker). From here on no worker calls the model, delivers or parks a retry:
+        a batch it still holds is abandoned, even one being delivered (whose delivery
+        completes the requests it began on, nothing more)."""
         board = self._board
+        me = threading.current_thread()
         with board.lock:
             board.closing = True
             # The queue is closed, so a worker inside pop_batch returns at once: wait for
@@ -132,19 +136,20 @@ class WorkerPool:
                 board.settled.wait(max(0.0, wait_until - _monotonic()))
             self._gave_up = True
             self._abandon_all.set()
-            # Batches being delivered belong to their workers, completing their futures
-            # right now: let them finish (same bounded grace), then take them too.
-            while (any(b.state is DELIVERING for b in board.active)
+            # Deliveries in progress complete their futures right now: let them finish
+            # (same bounded grace) before taking their batches. The calling thread's own
+            # delivery (stop called from a done-callback) ends only after stop returns.
+            while (any(b.state is DELIVERING and b.worker.thread is not me
+                       for b in board.active)
                    and _monotonic() < wait_until):
                 board.settled.wait(max(0.0, wait_until - _monotonic()))
-        taken = board.abandon(lambda b: True)
         failed = 0
-        for batch, holds_slot in taken:
+        for batch, holds_slot, requests in board.give_up():
             batch.worker.abandoned = True
             if holds_slot:
                 self._controller.slots.release()
             self._controller.batch_ended()
-            failed += self._delivery.fail_pending(batch.requests, error_factory(),
+            failed += self._delivery.fail_pending(requests, error_factory(),
                                                   dispatched_at=batch.dispatched_at)
         return failed
 

@@ -1,0 +1,109 @@
+"""stop(): what it settles, from which thread it may be called, and how long it takes.
+
+The invariant: when ``stop(timeout)`` returns, every future accepted before it is settled
+(a result, the model's error, or ``ProcessorStoppedError``), except the requests a delivery
+in progress is completing, and no worker calls the model or parks a retry after it.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from batchproc import BatchProcessingStrategy, ProcessorStoppedError
+
+POISON = -1.0
+
+
+def one(v):
+    return np.array([[v]], dtype=np.float64)
+
+
+class PoisonModel:
+    """Raises ValueError when any row of the batch is POISON; records every call."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self.lock:
+            self.calls.append(sorted(batch[:, 0].tolist()))
+        if (batch == POISON).any():
+            raise ValueError("poison row")
+        return batch
+
+
+def fixed_batches(make_processor, model, size, **config):
+    """One worker, batches of exactly ``size`` requests, popped once resumed."""
+    p = make_processor(model, max_workers=1, initial_batch_size=size,
+                       processing_strategy=BatchProcessingStrategy.FIXED,
+                       batch_timeout=5.0, **config)
+    return p
+
+
+def join_threads(p):
+    for thread in p._threads():
+        thread.join(10)
+    assert not any(t.is_alive() for t in p._threads())
+
+
+def test_stop_takes_a_searched_batch_whose_delivery_outlasts_its_grace(make_processor,
+                                                                       caplog):
+    # The failure search delivers the good half; a done-callback keeps that delivery
+    # going past stop's grace. stop() must fail the rest of the batch itself: its worker
+    # may not go on searching (and park the poison request in the drained queue).
+    model = PoisonModel()
+    p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    in_delivery, release = threading.Event(), threading.Event()
+
+    def hold(_future):
+        in_delivery.set()
+        release.wait(10)
+
+    futures[0].add_done_callback(hold)
+    p.resume()
+    assert in_delivery.wait(10)
+    p.stop(timeout=0.05)
+    # [1, 2] is being delivered by the blocked callback; 3 and the poison are stop's.
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError, match="before this request finished"):
+            future.result(timeout=0)
+    calls = len(model.calls)
+    release.set()
+    join_threads(p)
+    assert futures[0].result(timeout=0).tolist() == [[1.0]]
+    assert futures[1].result(timeout=0).tolist() == [[2.0]]
+    assert len(model.calls) == calls  # nothing ran after stop gave up
+    assert p._queue.parked == 0 and len(p._queue) == 0
+    assert not [r for r in caplog.records if "completed twice" in r.getMessage()]
+
+
+def test_stop_takes_a_searched_batch_during_its_next_call(make_processor):
+    # The search's next call blocks: the batch is CALLING when stop gives up on it. The
+    # call's late outcome is discarded and nothing is parked afterwards.
+    model = PoisonModel()
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(batch):
+        if len(model.calls) == 2:  # the batch failed, then its first half ran: block
+            entered.set()
+            release.wait(10)
+        return model(batch)
+
+    p = fixed_batches(make_processor, blocking, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    p.resume()
+    assert entered.wait(10)
+    p.stop(timeout=0.05)
+    assert [f.result(timeout=0).tolist() for f in futures[:2]] == [[[1.0]], [[2.0]]]
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    release.set()
+    join_threads(p)
+    assert len(model.calls) == 3
+    assert p._queue.parked == 0

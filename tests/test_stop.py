@@ -6,6 +6,7 @@ in progress is completing, and no worker calls the model or parks a retry after 
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -107,3 +108,37 @@ def test_stop_takes_a_searched_batch_during_its_next_call(make_processor):
     join_threads(p)
     assert len(model.calls) == 3
     assert p._queue.parked == 0
+
+
+def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
+    model = PoisonModel()
+    entered, release = threading.Event(), threading.Event()
+
+    def model_blocking_on_two(batch):
+        if (batch == 2.0).any():
+            entered.set()
+            release.wait(10)
+        return model(batch)
+
+    p = fixed_batches(make_processor, model_blocking_on_two, 1, max_retries=3,
+                      retry_delay=30.0)
+    failing = p.enqueue_predict(one(POISON))
+    deadline = time.monotonic() + 10
+    while p._queue.parked == 0:  # parked for its retry, 30 s away (a state, polled)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    running = p.enqueue_predict(one(2.0))
+    assert entered.wait(10)
+    never_run = p.enqueue_predict(one(1.0))  # queued behind the only worker's call
+    p.stop(timeout=0.05)
+    with pytest.raises(ProcessorStoppedError,
+                       match=r"waiting to be retried \(after 1 failed call\)") as caught:
+        failing.result(timeout=0)
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(ProcessorStoppedError, match="before this request was dispatched"):
+        never_run.result(timeout=0)
+    with pytest.raises(ProcessorStoppedError, match="before this request finished"):
+        running.result(timeout=0)
+    release.set()
+    join_threads(p)
+    assert p.get_stats()["total_errors"] == 3

@@ -223,16 +223,27 @@ class BatchProcessor(Generic[T, U]):
             logger.info("batchproc stopped")
 
     def _fail_queued(self) -> int:
-        error = ProcessorStoppedError("processor stopped before this request was dispatched")
+        """Fail what is left in the queue: requests never dispatched, and requests
+        parked for a retry after a failed call (their error's cause is that failure)."""
         queued = self._queue.drain()
         failed = start_all(queued)  # requests parked for a retry are running already
         if len(failed) != len(queued):
             self._count_cancelled(len(queued) - len(failed))
+        never_run = ProcessorStoppedError(
+            "processor stopped before this request was dispatched")
         for request in failed:
+            if request.attempt:
+                error = ProcessorStoppedError(
+                    f"processor stopped while this request was waiting to be retried "
+                    f"(after {request.attempt} failed "
+                    f"{'call' if request.attempt == 1 else 'calls'})")
+                error.__cause__ = request.error
+            else:
+                error = never_run
             request.future.set_exception(error)
         if failed:
             self._stats.record_error(len(failed))
-            self._metrics.error(error, len(failed))
+            self._metrics.error(never_run, len(failed))
             if self._metrics.records_requests:
                 record_requests(self._metrics, failed, OUTCOME_ERROR, None)
         return len(failed)

@@ -5,6 +5,7 @@ The invariant: when ``stop(timeout)`` returns, every future accepted before it i
 in progress is completing, and no worker calls the model or parks a retry after it.
 """
 
+import logging
 import threading
 import time
 
@@ -142,3 +143,106 @@ def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
     release.set()
     join_threads(p)
     assert p.get_stats()["total_errors"] == 3
+
+
+# ----------------------------------------------------------------- stop on its own threads
+
+
+def test_stop_from_a_done_callback_on_a_worker(make_processor, caplog):
+    p = fixed_batches(make_processor, lambda b: b, 2)
+    p.pause()
+    first, second = p.enqueue_predict(one(1.0)), p.enqueue_predict(one(2.0))
+    queued = [p.enqueue_predict(one(3.0)), p.enqueue_predict(one(4.0))]
+    outcome = {}
+
+    def stop_here(_future):
+        started = time.monotonic()
+        try:
+            p.stop(timeout=5)
+            outcome["returned_after"] = time.monotonic() - started
+        except BaseException as exc:
+            outcome["raised"] = exc
+
+    first.add_done_callback(stop_here)
+    p.resume()
+    join_threads(p)  # the worker, whose callback called stop, exits too
+    assert "raised" not in outcome
+    assert outcome["returned_after"] < 4.0  # never waits for its own thread
+    assert first.result(timeout=0).tolist() == [[1.0]]
+    assert second.result(timeout=0).tolist() == [[2.0]]  # its delivery went on
+    for future in queued:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_a_done_callback_gives_up_the_rest_of_its_batch(make_processor, caplog):
+    # The callback runs in the failure search's delivery of the good half: the rest of
+    # the batch is given up, and the worker runs nothing more.
+    model = PoisonModel()
+    p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    outcome = {}
+
+    def stop_here(_future):
+        p.stop(timeout=5)
+        outcome["calls"] = len(model.calls)
+
+    futures[0].add_done_callback(stop_here)
+    p.resume()
+    join_threads(p)
+    assert len(model.calls) == outcome["calls"] == 2
+    assert [f.result(timeout=0).tolist() for f in futures[:2]] == [[[1.0]], [[2.0]]]
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    assert p._queue.parked == 0 and len(p._queue) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_a_done_callback_on_the_supervisor(make_processor, caplog):
+    # An expired request is failed on the supervisor thread, its callbacks too.
+    p = make_processor(lambda b: b)
+    p.pause()
+    queued = p.enqueue_predict(one(2.0))
+    outcome = {}
+
+    def stop_here(_future):
+        outcome["thread"] = threading.current_thread().name
+        try:
+            p.stop(timeout=5)
+            outcome["returned"] = True
+        except BaseException as exc:
+            outcome["raised"] = exc
+
+    expiring = p.enqueue_predict(one(1.0), max_queue_time=0.5)
+    expiring.add_done_callback(stop_here)
+    join_threads(p)
+    assert outcome == {"thread": "batchproc-supervisor", "returned": True}
+    assert queued.result(timeout=0).tolist() == [[2.0]]  # stop drains, as always
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_an_async_model_on_the_event_loop(make_processor, caplog):
+    outcome = {}
+
+    async def model(batch):
+        try:
+            p.stop(timeout=0.05)
+            outcome["returned"] = True
+        except BaseException as exc:
+            outcome["raised"] = exc
+        return batch
+
+    p = make_processor(model, max_workers=1)
+    future = p.enqueue_predict(one(1.0))
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=10)
+    join_threads(p)
+    assert outcome == {"returned": True}
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and "stopped:" not in r.getMessage()]

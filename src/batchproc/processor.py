@@ -183,7 +183,17 @@ class BatchProcessor(Generic[T, U]):
         what is left with ``ProcessorStoppedError`` and join the threads.
 
         Idempotent, safe before ``start``; never blocks much past ``timeout``
-        (``None`` waits for all work to finish).
+        (``None`` waits for all work to finish). When it returns, every request accepted
+        before it has its outcome: a result, the model's error, or
+        ``ProcessorStoppedError``; no call, delivery or retry starts afterwards. Only the
+        requests whose results a worker was completing when time ran out (a done-callback
+        of one of them still running) are completed by that worker, after stop returns.
+
+        Called on one of the processor's own threads (a done-callback running on a worker
+        or the supervisor, an ``async def`` model on the event loop), it does the same
+        but never waits for that thread: the work it is doing is given up (its other
+        requests fail with ``ProcessorStoppedError``), and the thread exits once its
+        current callback or call returns. Returns ``None`` in every case.
         """
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
@@ -212,8 +222,9 @@ class BatchProcessor(Generic[T, U]):
             # After the workers: a call still running now was abandoned; cancel it.
             self._async_model.close(deadline)
         self._supervisor_stop.set()
-        if self._supervisor is not None:
-            self._supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
         with self._lifecycle:
             self._state = _STOPPED
         if leftover:

@@ -103,12 +103,17 @@ class WorkerPool:
             self._workers.append(worker)
 
     def join(self, deadline: float) -> bool:
-        """Wait until ``deadline`` for the workers to drain the closed queue and exit."""
+        """Wait until ``deadline`` for the workers to drain the closed queue and exit.
+        False if one is still running, the calling thread included (stop called on a
+        worker, which never waits for itself)."""
+        me = threading.current_thread()
         with self._board.lock:
             self._board.closing = True
             workers = list(self._workers)
         for worker in workers:
             thread = worker.thread
+            if thread is me:
+                continue
             # An abandoned worker is stuck in a call past item_timeout whose requests
             # have failed already: it is left to finish alone, never waited for. The
             # time limit may abandon it during this wait, hence the slices.

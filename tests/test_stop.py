@@ -246,3 +246,52 @@ def test_stop_from_an_async_model_on_the_event_loop(make_processor, caplog):
     assert p.health()["state"] == "stopped"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and "stopped:" not in r.getMessage()]
+
+
+# ----------------------------------------------------------------- how long stop takes
+
+
+@pytest.mark.parametrize("attempt", range(3))  # its failure was intermittent
+def test_stop_returns_in_time_while_threads_keep_enqueuing(make_processor, attempt):
+    # Callers that go on enqueuing after their refusals must neither starve stop()
+    # nor get anything but refusals; every request accepted is settled. Poison requests
+    # wait for their retries (1 s) in the queue, where the workers' pops wait for them.
+    model = PoisonModel()
+    p = make_processor(model, max_workers=4, max_batch_size=32)  # retry_delay 1 s
+    accepted, refused = [], []
+    lock = threading.Lock()
+    loaded = threading.Barrier(17)
+    done = threading.Event()
+
+    def enqueue(k):
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                future = p.enqueue_predict(one(POISON if n % 50 == k else 1.0))
+            except ProcessorStoppedError:
+                with lock:
+                    refused.append(k)
+                continue
+            with lock:
+                accepted.append(future)
+            if n == 300:
+                loaded.wait(10)
+
+    threads = [threading.Thread(target=enqueue, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        loaded.wait(10)  # every thread has queued 300 requests and goes on
+        started = time.monotonic()
+        p.stop(timeout=0.3)
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        for t in threads:
+            t.join(10)
+    assert took < 1.0
+    assert refused
+    join_threads(p)
+    with lock:
+        assert not [f for f in accepted if not f.done()]

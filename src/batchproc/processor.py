@@ -214,10 +214,15 @@ class BatchProcessor(Generic[T, U]):
         if not drained:
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
-        # No pop runs any more (one would expire entries on its look): what expired is
+        # No pop starts any more (one would expire entries on its look): what expired is
         # failed as expired, the rest as stopped.
         self._dispatcher.expire_queued(self._queue.take_expired())
         leftover += self._fail_queued()
+        if not drained:
+            # A pop still waiting for a parked retry (taken just now) ends once woken:
+            # close() again wakes every waiter.
+            self._queue.close()
+            self._dispatcher.wait_for_pops()
         if self._async_model is not None:
             # After the workers: a call still running now was abandoned; cancel it.
             self._async_model.close(deadline)
@@ -299,6 +304,8 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
+        if self._state is _STOPPING or self._state is _STOPPED:
+            raise self._refusal_after_stop(timeout)
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:
@@ -340,6 +347,8 @@ class BatchProcessor(Generic[T, U]):
         if self._forked:
             raise self._forked_error()
         loop = asyncio.get_running_loop()
+        if self._state is _STOPPING or self._state is _STOPPED:
+            raise self._refusal_after_stop(0)
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
@@ -406,6 +415,14 @@ class BatchProcessor(Generic[T, U]):
             return ProcessorStoppedError("processor is stopped; request refused")
         return QueueFullError(
             f"queue full ({self.config.max_queue_size} requests) for {waited} s")
+
+    def _refusal_after_stop(self, waited: float | None) -> BatchProcessorError:
+        """Refuse a request once stop() began, before any work on it (the queue, closed
+        by then, would refuse it too). The caller first lets go of the GIL once: callers
+        that keep enqueuing after their refusals would otherwise hold it between them,
+        and each wait of the stopping threads (stop's, the workers') needs it back."""
+        time.sleep(0)
+        return self._refusal(QueueClosed(), waited)
 
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> LoopChannel:
         with self._channels_lock:

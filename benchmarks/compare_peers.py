@@ -39,8 +39,8 @@ from collections.abc import Callable
 from typing import Any
 
 from batchproc.bench import BenchError, report
-from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, make_model
 from batchproc.bench.runner import LIMIT, RunResult, run_limit, run_target
 from batchproc.bench.targets import Batchproc, BatchprocAsync, Minimal, NoBatching

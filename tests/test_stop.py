@@ -145,6 +145,29 @@ def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
     assert p.get_stats()["total_errors"] == 3
 
 
+def test_a_second_stop_returns_once_the_first_has_settled_everything(make_processor):
+    release, entered = threading.Event(), threading.Event()
+
+    def hung(batch):
+        entered.set()
+        release.wait(10)
+        return batch
+
+    p = make_processor(hung, max_workers=1, max_batch_size=1)
+    future = p.enqueue_predict(one(1.0))
+    assert entered.wait(10)
+    first = threading.Thread(target=p.stop, kwargs={"timeout": 0.5})
+    first.start()
+    assert p.shutdown_event.wait(10)  # the first stop() is waiting for the hung call
+    p.stop(timeout=10)
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=0)
+    assert p.health()["state"] == "stopped"
+    release.set()
+    first.join(10)
+    join_threads(p)
+
+
 # ----------------------------------------------------------------- stop on its own threads
 
 

@@ -103,6 +103,7 @@ class BatchProcessor(Generic[T, U]):
             raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
         self.config = config
         self.shutdown_event = threading.Event()
+        self._stopped = threading.Event()  # set when stop() has returned
         self._state = _NEW
         self._lifecycle = threading.Lock()
         self._resume = threading.Event()
@@ -194,21 +195,43 @@ class BatchProcessor(Generic[T, U]):
         but never waits for that thread: the work it is doing is given up (its other
         requests fail with ``ProcessorStoppedError``), and the thread exits once its
         current callback or call returns. Returns ``None`` in every case.
+
+        While another call is stopping the processor, it waits for that call to return
+        (up to ``timeout``), on the processor's own threads not at all.
         """
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
-            if self._state in (_STOPPING, _STOPPED) or self._forked:
+            if self._forked:
                 return  # a forked child's copy: its queue and threads are the parent's
-            was_running = self._state == _RUNNING
-            self._state = _STOPPING
-            self._queue.close()  # also ends a pause of the queue: stop drains as usual
-            if self._room is not None:
-                self._room.close()  # coroutines awaiting room in apredict: refused
-            self._resume.set()
-            # Last: whoever sees the event must find intake already closed.
-            self.shutdown_event.set()
+            stopping_already = self._state in (_STOPPING, _STOPPED)
+            if not stopping_already:
+                was_running = self._state == _RUNNING
+                self._state = _STOPPING
+                self._queue.close()  # also ends a pause of the queue: stop drains as usual
+                if self._room is not None:
+                    self._room.close()  # coroutines awaiting room in apredict: refused
+                self._resume.set()
+                # Last: whoever sees the event must find intake already closed.
+                self.shutdown_event.set()
+        if stopping_already:
+            # Another call is stopping: wait for it (within this timeout), except on a
+            # thread that call may itself be waiting for.
+            if threading.current_thread() not in self._threads():
+                self._stopped.wait(None if timeout is None
+                                   else max(0.0, deadline - _monotonic()))
+            return
+        try:
+            self._shut_down(deadline, was_running)
+        finally:
+            with self._lifecycle:
+                self._state = _STOPPED
+            self._stopped.set()
+
+    def _shut_down(self, deadline: float, was_running: bool) -> None:
+        """stop()'s work once intake is closed: drain or give up, fail what is left, join
+        the threads."""
         drained = self._dispatcher.join(deadline) if was_running else True
         leftover = 0
         if not drained:
@@ -230,8 +253,6 @@ class BatchProcessor(Generic[T, U]):
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
-        with self._lifecycle:
-            self._state = _STOPPED
         if leftover:
             logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
                            leftover)

@@ -168,6 +168,27 @@ def test_a_second_stop_returns_once_the_first_has_settled_everything(make_proces
     join_threads(p)
 
 
+def test_stop_from_a_done_callback_that_stop_itself_runs(make_processor):
+    # stop() fails a queued request on its own thread; that request's callback stops
+    # again: it must return at once, not wait for the stop() it runs in.
+    p = make_processor()  # never started: the request waits in the queue for stop()
+    future = p.enqueue_predict(one(1.0))
+    seen = {}
+
+    def stop_again(_future):
+        started = time.monotonic()
+        p.stop(timeout=5)
+        seen["took"] = time.monotonic() - started
+
+    future.add_done_callback(stop_again)
+    started = time.monotonic()
+    p.stop(timeout=5)
+    assert time.monotonic() - started < 4.0
+    assert seen["took"] < 1.0
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=0)
+
+
 # ----------------------------------------------------------------- stop on its own threads
 
 

@@ -104,6 +104,7 @@ class BatchProcessor(Generic[T, U]):
         self.config = config
         self.shutdown_event = threading.Event()
         self._stopped = threading.Event()  # set when stop() has returned
+        self._stopping_thread: threading.Thread | None = None
         self._state = _NEW
         self._lifecycle = threading.Lock()
         self._resume = threading.Event()
@@ -197,7 +198,8 @@ class BatchProcessor(Generic[T, U]):
         current callback or call returns. Returns ``None`` in every case.
 
         While another call is stopping the processor, it waits for that call to return
-        (up to ``timeout``), on the processor's own threads not at all.
+        (up to ``timeout``); on the processor's own threads, or on that call's thread (a
+        done-callback of a request it fails), it returns at once.
         """
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
@@ -209,6 +211,7 @@ class BatchProcessor(Generic[T, U]):
             if not stopping_already:
                 was_running = self._state == _RUNNING
                 self._state = _STOPPING
+                self._stopping_thread = threading.current_thread()
                 self._queue.close()  # also ends a pause of the queue: stop drains as usual
                 if self._room is not None:
                     self._room.close()  # coroutines awaiting room in apredict: refused
@@ -217,8 +220,10 @@ class BatchProcessor(Generic[T, U]):
                 self.shutdown_event.set()
         if stopping_already:
             # Another call is stopping: wait for it (within this timeout), except on a
-            # thread that call may itself be waiting for.
-            if threading.current_thread() not in self._threads():
+            # thread that call may itself be waiting for, or its own (a done-callback of
+            # a request it fails).
+            me = threading.current_thread()
+            if me is not self._stopping_thread and me not in self._threads():
                 self._stopped.wait(None if timeout is None
                                    else max(0.0, deadline - _monotonic()))
             return

@@ -195,6 +195,7 @@ class AsyncModel:
     def close(self, deadline: float) -> bool:
         """Cancel every call still running and the loop's other tasks, stop the loop and
         join its thread until monotonic ``deadline`` (``inf``: wait). True if it ended.
+        Called on the loop's own thread, it does not wait: the loop ends after it returns.
 
         Called after the workers were joined or abandoned: nothing waits for these calls'
         results any more."""
@@ -203,6 +204,7 @@ class AsyncModel:
                 return not self._thread.is_alive()
             self._closed = True
             calls = list(self._calls)
+        on_loop = self._thread is threading.current_thread()
         if self._thread.is_alive():
             try:
                 self._loop.call_soon_threadsafe(self._begin_shutdown)
@@ -211,15 +213,17 @@ class AsyncModel:
             # A short grace past the deadline: stop() may call this with no time left,
             # and cancelling takes the loop one turn.
             remaining = deadline - _monotonic()
-            self._thread.join(None if remaining == float("inf")
-                              else max(0.0, remaining) + _STOP_GRACE)
+            # stop() called on the loop (by the model itself): it ends after this returns.
+            if not on_loop:
+                self._thread.join(None if remaining == float("inf")
+                                  else max(0.0, remaining) + _STOP_GRACE)
         elif not self._loop.is_closed():
             self._loop.close()  # never started
         error = ProcessorStoppedError("processor stopped before this call finished")
         for call in calls:
             _settle(call, error=error)
         ended = not self._thread.is_alive()
-        if not ended:
+        if not ended and not on_loop:
             logger.warning("the event loop of an async process_func did not stop in time; "
                            "a coroutine may be ignoring cancellation")
         return ended

@@ -104,6 +104,8 @@ class BatchProcessor(Generic[T, U]):
             raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
         self.config = config
         self.shutdown_event = threading.Event()
+        self._stopped = threading.Event()  # set when stop() has returned
+        self._stopping_thread: threading.Thread | None = None
         self._state = _NEW
         self._lifecycle = threading.Lock()
         self._resume = threading.Event()
@@ -201,39 +203,79 @@ class BatchProcessor(Generic[T, U]):
         what is left with ``ProcessorStoppedError`` and join the threads.
 
         Idempotent, safe before ``start``; never blocks much past ``timeout``
-        (``None`` waits for all work to finish).
+        (``None`` waits for all work to finish). When it returns, every request accepted
+        before it has its outcome: a result, the model's error, or
+        ``ProcessorStoppedError``; no call, delivery or retry starts afterwards. Only the
+        requests whose results a worker was completing when time ran out (a done-callback
+        of one of them still running) are completed by that worker, after stop returns.
+
+        Called on one of the processor's own threads (a done-callback running on a worker
+        or the supervisor, an ``async def`` model on the event loop), it does the same
+        but never waits for that thread: the work it is doing is given up (its other
+        requests fail with ``ProcessorStoppedError``), and the thread exits once its
+        current callback or call returns. Returns ``None`` in every case.
+
+        While another call is stopping the processor, it waits for that call to return
+        (up to ``timeout``); on the processor's own threads, or on that call's thread (a
+        done-callback of a request it fails), it returns at once.
         """
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
-            if self._state in (_STOPPING, _STOPPED) or self._forked:
+            if self._forked:
                 return  # a forked child's copy: its queue and threads are the parent's
-            was_running = self._state == _RUNNING
-            self._state = _STOPPING
-            self._queue.close()  # also ends a pause of the queue: stop drains as usual
-            if self._room is not None:
-                self._room.close()  # coroutines awaiting room in apredict: refused
-            self._resume.set()
-            # Last: whoever sees the event must find intake already closed.
-            self.shutdown_event.set()
+            stopping_already = self._state in (_STOPPING, _STOPPED)
+            if not stopping_already:
+                was_running = self._state == _RUNNING
+                self._state = _STOPPING
+                self._stopping_thread = threading.current_thread()
+                self._queue.close()  # also ends a pause of the queue: stop drains as usual
+                if self._room is not None:
+                    self._room.close()  # coroutines awaiting room in apredict: refused
+                self._resume.set()
+                # Last: whoever sees the event must find intake already closed.
+                self.shutdown_event.set()
+        if stopping_already:
+            # Another call is stopping: wait for it (within this timeout), except on a
+            # thread that call may itself be waiting for, or its own (a done-callback of
+            # a request it fails).
+            me = threading.current_thread()
+            if me is not self._stopping_thread and me not in self._threads():
+                self._stopped.wait(None if timeout is None
+                                   else max(0.0, deadline - _monotonic()))
+            return
+        try:
+            self._shut_down(deadline, was_running)
+        finally:
+            with self._lifecycle:
+                self._state = _STOPPED
+            self._stopped.set()
+
+    def _shut_down(self, deadline: float, was_running: bool) -> None:
+        """stop()'s work once intake is closed: drain or give up, fail what is left, join
+        the threads."""
         drained = self._dispatcher.join(deadline) if was_running else True
         leftover = 0
         if not drained:
             leftover += self._dispatcher.abandon_all(
                 lambda: ProcessorStoppedError("processor stopped before this request finished"))
-        # No pop runs any more (one would expire entries on its look): what expired is
+        # No pop starts any more (one would expire entries on its look): what expired is
         # failed as expired, the rest as stopped.
         self._dispatcher.expire_queued(self._queue.take_expired())
         leftover += self._fail_queued()
+        if not drained:
+            # A pop still waiting for a parked retry (taken just now) ends once woken:
+            # close() again wakes every waiter.
+            self._queue.close()
+            self._dispatcher.wait_for_pops()
         if self._async_model is not None:
             # After the workers: a call still running now was abandoned; cancel it.
             self._async_model.close(deadline)
         self._supervisor_stop.set()
-        if self._supervisor is not None:
-            self._supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
-        with self._lifecycle:
-            self._state = _STOPPED
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
         if leftover:
             logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
                            leftover)
@@ -241,16 +283,27 @@ class BatchProcessor(Generic[T, U]):
             logger.info("batchproc stopped")
 
     def _fail_queued(self) -> int:
-        error = ProcessorStoppedError("processor stopped before this request was dispatched")
+        """Fail what is left in the queue: requests never dispatched, and requests
+        parked for a retry after a failed call (their error's cause is that failure)."""
         queued = self._queue.drain()
         failed = start_all(queued)  # requests parked for a retry are running already
         if len(failed) != len(queued):
             self._count_cancelled(len(queued) - len(failed))
+        never_run = ProcessorStoppedError(
+            "processor stopped before this request was dispatched")
         for request in failed:
+            if request.attempt:
+                error = ProcessorStoppedError(
+                    f"processor stopped while this request was waiting to be retried "
+                    f"(after {request.attempt} failed "
+                    f"{'call' if request.attempt == 1 else 'calls'})")
+                error.__cause__ = request.error
+            else:
+                error = never_run
             request.future.set_exception(error)
         if failed:
             self._stats.record_error(len(failed))
-            self._metrics.error(error, len(failed))
+            self._metrics.error(never_run, len(failed))
             if self._metrics.records_requests:
                 record_requests(self._metrics, failed, OUTCOME_ERROR, None)
         return len(failed)
@@ -295,6 +348,8 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
+        if self._state is _STOPPING or self._state is _STOPPED:
+            raise self._refusal_after_stop(timeout)
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:
@@ -336,6 +391,8 @@ class BatchProcessor(Generic[T, U]):
         if self._forked:
             raise self._forked_error()
         loop = _running_loop()
+        if self._state is _STOPPING or self._state is _STOPPED:
+            raise self._refusal_after_stop(0)
         last_loop, channel = self._last_channel
         if last_loop is not loop or channel is None:
             channel = self._channel_for(loop)
@@ -406,6 +463,14 @@ class BatchProcessor(Generic[T, U]):
             return ProcessorStoppedError("processor is stopped; request refused")
         return QueueFullError(
             f"queue full ({self.config.max_queue_size} requests) for {waited} s")
+
+    def _refusal_after_stop(self, waited: float | None) -> BatchProcessorError:
+        """Refuse a request once stop() began, before any work on it (the queue, closed
+        by then, would refuse it too). The caller first lets go of the GIL once: callers
+        that keep enqueuing after their refusals would otherwise hold it between them,
+        and each wait of the stopping threads (stop's, the workers') needs it back."""
+        time.sleep(0)
+        return self._refusal(QueueClosed(), waited)
 
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> LoopChannel:
         with self._channels_lock:

@@ -47,6 +47,7 @@ class Engine:
                                   self.delivery, metrics)
         self.join = self._pool.join
         self.abandon_all = self._pool.abandon_all
+        self.wait_for_pops = self._pool.wait_for_pops
         self.alive_workers = self._pool.alive_workers
         self.threads = self._pool.threads
         self.expire_stuck = self._limits.expire_stuck

@@ -6,12 +6,16 @@ States::
       ▲                                          │                         │
       └──────────────── end_delivery ◀───────────┴─────────────────────────┘
     HELD ──finish──▶ DONE          HELD or CALLING ──abandon──▶ ABANDONED
+                                   any of the three ──give_up──▶ ABANDONED
 
 A batch is HELD from its pop until its worker is done with it (bisection and delivery
 move it between HELD, CALLING and DELIVERING any number of times). Exactly-once rests on
 one rule: a batch's futures are completed by its worker only while it is DELIVERING, and
-by whoever abandoned it (a time limit, or stop giving up) only after moving it from HELD or
-CALLING to ABANDONED. Every transition runs under the board's one lock.
+by whoever abandoned it (a time limit, or stop giving up) only after moving it to
+ABANDONED. Stop may take a batch during a delivery: the requests of that delivery stay
+the worker's to complete, the others are the abandoner's; once ABANDONED the worker
+starts nothing more with it (no call, delivery or retry). Every transition runs under the
+board's one lock.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "calling", "dispatched_at", "holds_slot", "own_failures",
-                 "requests", "state", "worker")
+    __slots__ = ("call_started", "calling", "delivering", "dispatched_at", "holds_slot",
+                 "own_failures", "requests", "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -43,6 +47,9 @@ class Batch:
         self.call_started = 0.0  # when the current call began (state CALLING)
         # The requests of the current (or last) call: a search runs parts of the batch.
         self.calling: list[Request] | None = None
+        # The requests of the current delivery (state DELIVERING): its worker completes
+        # them even if stop takes the batch meanwhile.
+        self.delivering: list[Request] = []
         # A resource, not a state: one of the controller's call slots, held from the pop
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
@@ -77,21 +84,23 @@ class Board:
             batch.state = HELD
             return True
 
-    def begin_delivery(self, batch: Batch) -> tuple[bool, bool]:
-        """(may deliver, held a call slot that the caller must now release)."""
+    def begin_delivery(self, batch: Batch, requests: list[Request]) -> tuple[bool, bool]:
+        """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that
+        the caller must now release)."""
         with self.lock:
             if batch.state is not HELD:
                 return False, False
             batch.state = DELIVERING
+            batch.delivering = requests
             holds, batch.holds_slot = batch.holds_slot, False
             return True, holds
 
     def end_delivery(self, batch: Batch) -> None:
-        # No lock needed to leave DELIVERING: nothing else moves a batch out of it, and
-        # abandon() takes a HELD batch whichever way it reads the state.
-        batch.state = HELD
-        if self.closing:
-            with self.lock:
+        with self.lock:
+            if batch.state is DELIVERING:  # else stop gave up on it during the delivery
+                batch.state = HELD
+            batch.delivering = []
+            if self.closing:
                 self.settled.notify_all()  # stop may be waiting for this delivery
 
     def finish(self, batch: Batch) -> tuple[bool, bool]:
@@ -113,6 +122,22 @@ class Board:
                     batch.state = ABANDONED
                     holds, batch.holds_slot = batch.holds_slot, False
                     taken.append((batch, holds))
+        return taken
+
+    def give_up(self) -> list[tuple[Batch, bool, list[Request]]]:
+        """Stop gives up on in-flight work: take every batch still held, being called or
+        being delivered: [(batch, held a call slot, its requests the taker must fail)].
+        The requests of a delivery in progress are left out: their worker completes them
+        (it is doing so now); it starts nothing more with the batch."""
+        taken = []
+        with self.lock:
+            for batch in self.active:
+                if batch.state in (HELD, CALLING, DELIVERING):
+                    delivering = {id(r) for r in batch.delivering}
+                    batch.state = ABANDONED
+                    holds, batch.holds_slot = batch.holds_slot, False
+                    taken.append((batch, holds, [r for r in batch.requests
+                                                 if id(r) not in delivering]))
         return taken
 
     def release_slot(self, batch: Batch) -> bool:

@@ -58,7 +58,7 @@ class Delivery:
     def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
                 elapsed: float, rows: int, target: int) -> None:
         board = self._board
-        ok, holds_slot = board.begin_delivery(batch)
+        ok, holds_slot = board.begin_delivery(batch, requests)
         if not ok:
             return
         # What this batch left waiting, read before its slot lets another worker pop it:
@@ -105,7 +105,7 @@ class Delivery:
 
     def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
         """Fail ``requests`` of a batch this worker still owns."""
-        ok, holds_slot = self._board.begin_delivery(batch)
+        ok, holds_slot = self._board.begin_delivery(batch, requests)
         if not ok:
             return
         if holds_slot:

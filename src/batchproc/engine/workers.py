@@ -7,9 +7,9 @@ An idle worker blocked in the queue is woken by the push itself, which is what k
 latency low at low load.
 
 Stop: ``join`` waits for the workers to drain the closed queue; if time runs out,
-``abandon_all`` takes every batch still held (``Board.abandon``) and fails its requests,
-while a worker between its pop and registering the batch is waited for (``_popping``),
-so that no popped request escapes stop.
+``abandon_all`` takes every batch still held (``Board.give_up``) and fails its requests.
+A pop still in progress then fails what it took itself, and stop waits for it
+(``wait_for_pops``, counted in ``_popping``), so that no popped request escapes stop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ _monotonic = time.monotonic
 POP_POLL = 1.0
 # How often stop's wait for a worker looks whether a time limit abandoned it meanwhile.
 JOIN_SLICE = 0.05
+# How long stop, giving up on in-flight work, lets deliveries in progress finish, and
+# waits for pops in progress to end.
+DELIVERY_GRACE = 0.2
+POP_GRACE = 0.2
 
 
 class Worker:
@@ -103,12 +107,17 @@ class WorkerPool:
             self._workers.append(worker)
 
     def join(self, deadline: float) -> bool:
-        """Wait until ``deadline`` for the workers to drain the closed queue and exit."""
+        """Wait until ``deadline`` for the workers to drain the closed queue and exit.
+        False if one is still running, the calling thread included (stop called on a
+        worker, which never waits for itself)."""
+        me = threading.current_thread()
         with self._board.lock:
             self._board.closing = True
             workers = list(self._workers)
         for worker in workers:
             thread = worker.thread
+            if thread is me:
+                continue
             # An abandoned worker is stuck in a call past item_timeout whose requests
             # have failed already: it is left to finish alone, never waited for. The
             # time limit may abandon it during this wait, hence the slices.
@@ -121,32 +130,46 @@ class WorkerPool:
                        for w in workers)
 
     def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
-        """Fail every request still held by a worker (stop ran out of time)."""
+        """Fail every request still held by a worker (stop ran out of time, or was called
+        on a worker). From here on no worker pops, calls the model, delivers or parks a
+        retry: a batch it still holds is abandoned, even one being delivered (whose
+        delivery completes the requests it began on, nothing more). A pop in progress
+        fails what it takes itself (see ``wait_for_pops``)."""
         board = self._board
+        me = threading.current_thread()
         with board.lock:
             board.closing = True
-            # The queue is closed, so a worker inside pop_batch returns at once: wait for
-            # it to register what it popped (bounded, should a pop be stuck somehow).
-            wait_until = _monotonic() + 0.2
-            while self._popping and _monotonic() < wait_until:
-                board.settled.wait(max(0.0, wait_until - _monotonic()))
             self._gave_up = True
             self._abandon_all.set()
-            # Batches being delivered belong to their workers, completing their futures
-            # right now: let them finish (same bounded grace), then take them too.
-            while (any(b.state is DELIVERING for b in board.active)
+            # Deliveries in progress complete their futures right now: let them finish
+            # (a bounded grace) before taking their batches. The calling thread's own
+            # delivery (stop called from a done-callback) ends only after stop returns.
+            wait_until = _monotonic() + DELIVERY_GRACE
+            while (any(b.state is DELIVERING and b.worker.thread is not me
+                       for b in board.active)
                    and _monotonic() < wait_until):
                 board.settled.wait(max(0.0, wait_until - _monotonic()))
-        taken = board.abandon(lambda b: True)
         failed = 0
-        for batch, holds_slot in taken:
+        for batch, holds_slot, requests in board.give_up():
             batch.worker.abandoned = True
             if holds_slot:
                 self._controller.slots.release()
             self._controller.batch_ended()
-            failed += self._delivery.fail_pending(batch.requests, error_factory(),
+            failed += self._delivery.fail_pending(requests, error_factory(),
                                                   dispatched_at=batch.dispatched_at)
         return failed
+
+    def wait_for_pops(self) -> bool:
+        """After ``abandon_all``, once stop took what was left in the queue and woke its
+        waiters: wait (a bounded grace) for the pops in progress to end, each failing
+        what it took. A pop on a closed queue waits only for parked retries, so with the
+        queue drained it returns at once. True if none is left."""
+        board = self._board
+        deadline = _monotonic() + POP_GRACE
+        with board.lock:
+            while self._popping and _monotonic() < deadline:
+                board.settled.wait(max(0.0, deadline - _monotonic()))
+            return not self._popping
 
     def alive_workers(self) -> tuple[int, int]:
         with self._board.lock:
@@ -241,7 +264,8 @@ class WorkerPool:
 
     def _register(self, requests: list[Request], worker: Worker) -> Batch | None:
         """End a pop: make what it took a held batch at once, so that stop() always sees
-        popped requests (in the queue, or on the board), never between the two."""
+        popped requests (in the queue, on the board, or being failed by this pop), never
+        between them."""
         # From here on a request can no longer be cancelled; one already cancelled (or
         # completed by its caller, which the Future API allows) is dropped unprocessed
         # and counted as cancelled.
@@ -249,24 +273,31 @@ class WorkerPool:
         batch = Batch(live, worker) if live else None
         board = self._board
         with board.lock:
-            self._popping -= 1
-            if board.closing and not self._popping:
-                board.settled.notify_all()  # abandon_all may be waiting for this pop
             late = self._gave_up
-            if batch is not None and not late:
-                board.active.add(batch)
-        if len(live) != len(requests):
-            self._count_cancelled(len(requests) - len(live))
-            if not live:
-                self._controller.slots.release(wake=self._delivery.others_needed())
+            if not late:
+                self._popping -= 1
+                if batch is not None:
+                    board.active.add(batch)
+        try:
+            if len(live) != len(requests):
+                self._count_cancelled(len(requests) - len(live))
+                if not live:
+                    self._controller.slots.release(wake=self._delivery.others_needed())
+                    return None
+            if batch is not None and late:
+                # stop() gave up on in-flight work while this pop ran: fail what it took
+                # before stop's wait for pops (wait_for_pops) ends.
+                self._controller.slots.release()
+                self._delivery.fail_pending(live, ProcessorStoppedError(
+                    "processor stopped before this request finished"),
+                    dispatched_at=batch.dispatched_at)
                 return None
-        if batch is not None and late:
-            # stop() gave up on in-flight work (only after its grace for pops).
-            self._controller.slots.release()
-            self._delivery.fail_pending(live, ProcessorStoppedError(
-                "processor stopped before this request finished"),
-                dispatched_at=batch.dispatched_at)
-            return None
+        finally:
+            if late:
+                with board.lock:
+                    self._popping -= 1
+                    if not self._popping:
+                        board.settled.notify_all()
         if batch is not None:
             self._controller.batch_started()
         return batch

@@ -1,0 +1,341 @@
+"""stop(): what it settles, from which thread it may be called, and how long it takes.
+
+The invariant: when ``stop(timeout)`` returns, every future accepted before it is settled
+(a result, the model's error, or ``ProcessorStoppedError``), except the requests a delivery
+in progress is completing, and no worker calls the model or parks a retry after it.
+"""
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc import BatchProcessingStrategy, ProcessorStoppedError
+
+POISON = -1.0
+
+
+def one(v):
+    return np.array([[v]], dtype=np.float64)
+
+
+class PoisonModel:
+    """Raises ValueError when any row of the batch is POISON; records every call."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self.lock:
+            self.calls.append(sorted(batch[:, 0].tolist()))
+        if (batch == POISON).any():
+            raise ValueError("poison row")
+        return batch
+
+
+def fixed_batches(make_processor, model, size, **config):
+    """One worker, batches of exactly ``size`` requests, popped once resumed."""
+    p = make_processor(model, max_workers=1, initial_batch_size=size,
+                       processing_strategy=BatchProcessingStrategy.FIXED,
+                       batch_timeout=5.0, **config)
+    return p
+
+
+def join_threads(p):
+    for thread in p._threads():
+        thread.join(10)
+    assert not any(t.is_alive() for t in p._threads())
+
+
+def test_stop_takes_a_searched_batch_whose_delivery_outlasts_its_grace(make_processor,
+                                                                       caplog):
+    # The failure search delivers the good half; a done-callback keeps that delivery
+    # going past stop's grace. stop() must fail the rest of the batch itself: its worker
+    # may not go on searching (and park the poison request in the drained queue).
+    model = PoisonModel()
+    p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    in_delivery, release = threading.Event(), threading.Event()
+
+    def hold(_future):
+        in_delivery.set()
+        release.wait(10)
+
+    futures[0].add_done_callback(hold)
+    p.resume()
+    assert in_delivery.wait(10)
+    p.stop(timeout=0.05)
+    # [1, 2] is being delivered by the blocked callback; 3 and the poison are stop's.
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError, match="before this request finished"):
+            future.result(timeout=0)
+    calls = len(model.calls)
+    release.set()
+    join_threads(p)
+    assert futures[0].result(timeout=0).tolist() == [[1.0]]
+    assert futures[1].result(timeout=0).tolist() == [[2.0]]
+    assert len(model.calls) == calls  # nothing ran after stop gave up
+    assert p._queue.parked == 0 and len(p._queue) == 0
+    assert not [r for r in caplog.records if "completed twice" in r.getMessage()]
+
+
+def test_stop_takes_a_searched_batch_during_its_next_call(make_processor):
+    # The search's next call blocks: the batch is CALLING when stop gives up on it. The
+    # call's late outcome is discarded and nothing is parked afterwards.
+    model = PoisonModel()
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(batch):
+        if len(model.calls) == 2:  # the batch failed, then its first half ran: block
+            entered.set()
+            release.wait(10)
+        return model(batch)
+
+    p = fixed_batches(make_processor, blocking, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    p.resume()
+    assert entered.wait(10)
+    p.stop(timeout=0.05)
+    assert [f.result(timeout=0).tolist() for f in futures[:2]] == [[[1.0]], [[2.0]]]
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    release.set()
+    join_threads(p)
+    assert len(model.calls) == 3
+    assert p._queue.parked == 0
+
+
+def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
+    model = PoisonModel()
+    entered, release = threading.Event(), threading.Event()
+
+    def model_blocking_on_two(batch):
+        if (batch == 2.0).any():
+            entered.set()
+            release.wait(10)
+        return model(batch)
+
+    p = fixed_batches(make_processor, model_blocking_on_two, 1, max_retries=3,
+                      retry_delay=30.0)
+    failing = p.enqueue_predict(one(POISON))
+    deadline = time.monotonic() + 10
+    while p._queue.parked == 0:  # parked for its retry, 30 s away (a state, polled)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    running = p.enqueue_predict(one(2.0))
+    assert entered.wait(10)
+    never_run = p.enqueue_predict(one(1.0))  # queued behind the only worker's call
+    p.stop(timeout=0.05)
+    with pytest.raises(ProcessorStoppedError,
+                       match=r"waiting to be retried \(after 1 failed call\)") as caught:
+        failing.result(timeout=0)
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(ProcessorStoppedError, match="before this request was dispatched"):
+        never_run.result(timeout=0)
+    with pytest.raises(ProcessorStoppedError, match="before this request finished"):
+        running.result(timeout=0)
+    release.set()
+    join_threads(p)
+    assert p.get_stats()["total_errors"] == 3
+
+
+def test_a_second_stop_returns_once_the_first_has_settled_everything(make_processor):
+    release, entered = threading.Event(), threading.Event()
+
+    def hung(batch):
+        entered.set()
+        release.wait(10)
+        return batch
+
+    p = make_processor(hung, max_workers=1, max_batch_size=1)
+    future = p.enqueue_predict(one(1.0))
+    assert entered.wait(10)
+    first = threading.Thread(target=p.stop, kwargs={"timeout": 0.5})
+    first.start()
+    assert p.shutdown_event.wait(10)  # the first stop() is waiting for the hung call
+    p.stop(timeout=10)
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=0)
+    assert p.health()["state"] == "stopped"
+    release.set()
+    first.join(10)
+    join_threads(p)
+
+
+def test_stop_from_a_done_callback_that_stop_itself_runs(make_processor):
+    # stop() fails a queued request on its own thread; that request's callback stops
+    # again: it must return at once, not wait for the stop() it runs in.
+    p = make_processor()  # never started: the request waits in the queue for stop()
+    future = p.enqueue_predict(one(1.0))
+    seen = {}
+
+    def stop_again(_future):
+        started = time.monotonic()
+        p.stop(timeout=5)
+        seen["took"] = time.monotonic() - started
+
+    future.add_done_callback(stop_again)
+    started = time.monotonic()
+    p.stop(timeout=5)
+    assert time.monotonic() - started < 4.0
+    assert seen["took"] < 1.0
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=0)
+
+
+# ----------------------------------------------------------------- stop on its own threads
+
+
+def test_stop_from_a_done_callback_on_a_worker(make_processor, caplog):
+    p = fixed_batches(make_processor, lambda b: b, 2)
+    p.pause()
+    first, second = p.enqueue_predict(one(1.0)), p.enqueue_predict(one(2.0))
+    queued = [p.enqueue_predict(one(3.0)), p.enqueue_predict(one(4.0))]
+    outcome = {}
+
+    def stop_here(_future):
+        started = time.monotonic()
+        try:
+            p.stop(timeout=5)
+            outcome["returned_after"] = time.monotonic() - started
+        except BaseException as exc:
+            outcome["raised"] = exc
+
+    first.add_done_callback(stop_here)
+    p.resume()
+    join_threads(p)  # the worker, whose callback called stop, exits too
+    assert "raised" not in outcome
+    assert outcome["returned_after"] < 4.0  # never waits for its own thread
+    assert first.result(timeout=0).tolist() == [[1.0]]
+    assert second.result(timeout=0).tolist() == [[2.0]]  # its delivery went on
+    for future in queued:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_a_done_callback_gives_up_the_rest_of_its_batch(make_processor, caplog):
+    # The callback runs in the failure search's delivery of the good half: the rest of
+    # the batch is given up, and the worker runs nothing more.
+    model = PoisonModel()
+    p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
+    p.pause()
+    futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
+    outcome = {}
+
+    def stop_here(_future):
+        p.stop(timeout=5)
+        outcome["calls"] = len(model.calls)
+
+    futures[0].add_done_callback(stop_here)
+    p.resume()
+    join_threads(p)
+    assert len(model.calls) == outcome["calls"] == 2
+    assert [f.result(timeout=0).tolist() for f in futures[:2]] == [[[1.0]], [[2.0]]]
+    for future in futures[2:]:
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=0)
+    assert p._queue.parked == 0 and len(p._queue) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_a_done_callback_on_the_supervisor(make_processor, caplog):
+    # An expired request is failed on the supervisor thread, its callbacks too.
+    p = make_processor(lambda b: b)
+    p.pause()
+    queued = p.enqueue_predict(one(2.0))
+    outcome = {}
+
+    def stop_here(_future):
+        outcome["thread"] = threading.current_thread().name
+        try:
+            p.stop(timeout=5)
+            outcome["returned"] = True
+        except BaseException as exc:
+            outcome["raised"] = exc
+
+    expiring = p.enqueue_predict(one(1.0), max_queue_time=0.5)
+    expiring.add_done_callback(stop_here)
+    join_threads(p)
+    assert outcome == {"thread": "batchproc-supervisor", "returned": True}
+    assert queued.result(timeout=0).tolist() == [[2.0]]  # stop drains, as always
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_stop_from_an_async_model_on_the_event_loop(make_processor, caplog):
+    outcome = {}
+
+    async def model(batch):
+        try:
+            p.stop(timeout=0.05)
+            outcome["returned"] = True
+        except BaseException as exc:
+            outcome["raised"] = exc
+        return batch
+
+    p = make_processor(model, max_workers=1)
+    future = p.enqueue_predict(one(1.0))
+    with pytest.raises(ProcessorStoppedError):
+        future.result(timeout=10)
+    join_threads(p)
+    assert outcome == {"returned": True}
+    assert p.health()["state"] == "stopped"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and "stopped:" not in r.getMessage()]
+
+
+# ----------------------------------------------------------------- how long stop takes
+
+
+@pytest.mark.parametrize("attempt", range(3))  # its failure was intermittent
+def test_stop_returns_in_time_while_threads_keep_enqueuing(make_processor, attempt):
+    # Callers that go on enqueuing after their refusals must neither starve stop()
+    # nor get anything but refusals; every request accepted is settled. Poison requests
+    # wait for their retries (1 s) in the queue, where the workers' pops wait for them.
+    model = PoisonModel()
+    p = make_processor(model, max_workers=4, max_batch_size=32)  # retry_delay 1 s
+    accepted, refused = [], []
+    lock = threading.Lock()
+    loaded = threading.Barrier(17)
+    done = threading.Event()
+
+    def enqueue(k):
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                future = p.enqueue_predict(one(POISON if n % 50 == k else 1.0))
+            except ProcessorStoppedError:
+                with lock:
+                    refused.append(k)
+                continue
+            with lock:
+                accepted.append(future)
+            if n == 300:
+                loaded.wait(10)
+
+    threads = [threading.Thread(target=enqueue, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        loaded.wait(10)  # every thread has queued 300 requests and goes on
+        started = time.monotonic()
+        p.stop(timeout=0.3)
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        for t in threads:
+            t.join(10)
+    assert took < 1.0
+    assert refused
+    join_threads(p)
+    with lock:
+        assert not [f for f in accepted if not f.done()]

@@ -251,3 +251,17 @@ def test_the_gc_clock_counts_collections_while_entered_only() -> None:
     gc.collect()  # after the block: not counted
     assert (clock.full, clock.seconds) == (1, seconds)
     assert clock._callback not in gc.callbacks
+
+
+def test_a_run_freezes_the_heap_it_found_and_thaws_it_after() -> None:
+    import gc
+
+    from batchproc.bench.runner import _frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with _frozen_heap():
+        assert gc.get_freeze_count() > 0  # a collection in the run skips these
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), _frozen_heap():
+        raise RuntimeError("a failing run")
+    assert gc.get_freeze_count() == 0

@@ -11,10 +11,12 @@ own statistics.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -123,6 +125,20 @@ class GcClock:
         gc.callbacks.remove(self._callback)
 
 
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Collect, then freeze what exists (``gc.freeze``) for the block: a collection
+    during a run scans what the run made, not the process's whole heap (every system's
+    modules, what earlier runs and peers left behind), so one system's figures do not
+    depend on which ran before it."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _pct(lat_s: np.ndarray) -> tuple[float, float, float, float]:
     if lat_s.size == 0:
         nan = float("nan")
@@ -161,7 +177,7 @@ def run_target(
     progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
                    bounds.duration)
     try:
-        with GcClock() as gc_clock:
+        with _frozen_heap(), GcClock() as gc_clock:
             res = run_load(target, load, bounds, progress.update)
     finally:
         target.stop()

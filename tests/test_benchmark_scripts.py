@@ -32,6 +32,12 @@ SMOKE_RUNS = [
                              "--capacity", "fixed=10000", "--name", "smoke"], "smoke"),
     ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
 ]
+# Scripts that print their table instead of writing files: (script, arguments, a line
+# the table must hold).
+PRINTING_RUNS = [
+    ("profile_threads.py", ["--clients", "8", "--seconds", "0.2"], "| no-work batcher |"),
+    ("no_work_batchers.py", [], "threads_64_rps"),
+]
 
 
 def test_the_benchmarks_folder_is_here() -> None:
@@ -53,3 +59,13 @@ def test_comparison_script_runs_at_its_smallest_size(
     assert "|" in table  # a markdown table was written
     doc = json.loads((tmp_path / f"{stem}.json").read_text())
     assert doc  # and the raw figures
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), PRINTING_RUNS,
+                         ids=[s for s, _, _ in PRINTING_RUNS])
+def test_profiling_script_prints_its_table(script: str, args: list[str], expected: str,
+                                           tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert expected in proc.stdout

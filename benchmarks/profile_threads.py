@@ -1,0 +1,159 @@
+"""Where a request's time goes when many client threads each wait on their own result.
+
+    python benchmarks/profile_threads.py                 # 64 threads, 2 s per system
+    python benchmarks/profile_threads.py --clients 16 --seconds 3
+
+Every system serves the identity model (one row of 64 float32, max batch 64, max delay
+5 ms) to closed-loop client threads. For each: requests per second, and per request the
+process's CPU time in user space and in the kernel (getrusage) and its context switches,
+voluntary (a thread blocked: on its result, or on the GIL a woken thread could not take)
+and involuntary. A system whose kernel time and context switches per request dominate is
+bound by waking threads, not by its own code.
+
+Systems: batchproc (ADAPTIVE, default workers), batchproc with one worker, the minimal
+batcher, and the no-work batcher of no_work_batchers.py (one C-coded queue and a lock per
+client: no model, no copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROW = np.ones((1, 64), np.float32)
+
+
+def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[], int],
+                                                  Callable[[], None]]],
+            clients: int, seconds: float) -> dict[str, Any]:
+    """``start()`` -> (one blocking request, requests served so far, stop): figures over
+    ``seconds`` of ``clients`` threads calling it back to back."""
+    call, served, stop = start()
+    stopping = threading.Event()
+
+    def client() -> None:
+        while not stopping.is_set():
+            call()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # every client in its loop
+        n0, u0, t0 = served(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        time.sleep(seconds)
+        n, u1 = served() - n0, resource.getrusage(resource.RUSAGE_SELF)
+        elapsed = time.perf_counter() - t0
+        stopping.set()
+        for t in threads:
+            t.join()
+    finally:
+        stop()
+    per = 1e6 / max(n, 1)
+    return {
+        "system": name, "req_s": n / elapsed,
+        "user_us": (u1.ru_utime - u0.ru_utime) * per,
+        "sys_us": (u1.ru_stime - u0.ru_stime) * per,
+        "voluntary": (u1.ru_nvcsw - u0.ru_nvcsw) / max(n, 1),
+        "involuntary": (u1.ru_nivcsw - u0.ru_nivcsw) / max(n, 1),
+    }
+
+
+def _batchproc(workers: int | None) -> Callable[[], Any]:
+    def start() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+        from batchproc import BatchProcessor, BatchProcessorConfig
+
+        fields: dict[str, Any] = {"max_batch_size": 64, "initial_batch_size": 64,
+                                  "batch_timeout": 0.005}
+        if workers is not None:
+            fields["max_workers"] = workers
+        p: Any = BatchProcessor(BatchProcessorConfig(**fields))
+        p.start(lambda batch: batch)
+        enqueue = p.enqueue_predict
+        return (lambda: enqueue(ROW).result(),
+                lambda: p.get_stats()["total_processed"], p.stop)
+    return start
+
+
+def _minimal() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+    from batchproc.bench.minimal import MinimalBatcher
+
+    served = [0]
+
+    def model(batch: Any) -> Any:
+        served[0] += len(batch)
+        return batch
+
+    b = MinimalBatcher(model, max_batch=64, max_delay=0.005).start()
+    return (lambda: b.submit(ROW).result(), lambda: served[0], b.stop)
+
+
+def _no_work() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+    import queue
+
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    served = [0]
+    local = threading.local()
+
+    def server() -> None:
+        while True:
+            batch = [inbox.get()]
+            while True:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for lock in batch:
+                if lock is None:
+                    return
+                served[0] += 1
+                lock.release()
+
+    srv = threading.Thread(target=server, daemon=True)
+    srv.start()
+
+    def call() -> None:
+        lock = getattr(local, "lock", None)
+        if lock is None:
+            lock = local.lock = threading.Lock()
+            lock.acquire()
+        inbox.put(lock)
+        lock.acquire()
+
+    def stop() -> None:
+        inbox.put(None)
+        srv.join()
+
+    return call, lambda: served[0], stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    systems = [("batchproc", _batchproc(None)), ("batchproc, 1 worker", _batchproc(1)),
+               ("minimal batcher", _minimal), ("no-work batcher", _no_work)]
+    print(f"{args.clients} client threads, identity model, {args.seconds:g} s per system\n")
+    print("| system | req/s | user us/req | kernel us/req | voluntary switches/req |"
+          " involuntary/req |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, start in systems:
+        r = profile(name, start, args.clients, args.seconds)
+        print(f"| {r['system']} | {r['req_s']:,.0f} | {r['user_us']:.1f} | {r['sys_us']:.1f}"
+              f" | {r['voluntary']:.2f} | {r['involuntary']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -911,10 +911,16 @@ def test_ctrl_c_interrupts_a_blocked_main_thread(impl: Any) -> None:
         blocked(q, ITEMS)
         signal.pthread_kill(main, signal.SIGINT)
 
-    sender = Worker(interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        q.pop_batch(1)                           # timeout=None: only the signal ends it
-    sender.outcome()
+    # Python raises KeyboardInterrupt only with its own SIGINT handler, which it does not
+    # install when started with SIGINT ignored (a background job of a script, say).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sender = Worker(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            q.pop_batch(1)                       # timeout=None: only the signal ends it
+        sender.outcome()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------ native only

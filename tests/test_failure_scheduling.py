@@ -588,3 +588,64 @@ def test_calls_that_release_the_gil_run_side_by_side(make_processor):
     for f in futures:
         f.result(timeout=20)
     assert max(peak) >= 2  # calls overlapped
+
+
+def test_a_call_of_usual_length_is_waited_for_not_joined_by_a_second(make_processor):
+    # A model behind one lock whose calls take their usual time: requests queued past
+    # batch_timeout behind a call wait for it and go together, instead of a free worker
+    # starting a second call that waits at the lock (which split one batch of a few
+    # closed-loop clients into two alternating halves, each waiting a whole call).
+    lock = threading.Lock()
+    calls, overlapped = [], []
+    entered = threading.Event()
+
+    def model(batch):
+        if not lock.acquire(blocking=False):
+            overlapped.append(batch[:, 0].tolist())
+            lock.acquire()
+        try:
+            calls.append(batch[:, 0].tolist())
+            if batch[0, 0] == 100:
+                entered.set()
+            time.sleep(0.25 if batch[0, 0] == 100 else 0.2)
+            return batch
+        finally:
+            lock.release()
+
+    p = make_processor(model, max_workers=4, batch_timeout=0.005, max_batch_size=64,
+                       initial_batch_size=64)
+    for v in range(3):  # the model's usual time: 0.2 s a call
+        p.enqueue_predict(item(v)).result(timeout=20)
+    first = p.enqueue_predict(item(100))
+    assert entered.wait(10)
+    behind = [p.enqueue_predict(item(v)) for v in (101, 102)]
+    assert [f.result(timeout=20)[0, 0] for f in (first, *behind)] == [100, 101, 102]
+    assert overlapped == []  # no call started while another ran
+    assert calls[-2:] == [[100.0], [101.0, 102.0]]
+
+
+def test_a_hung_call_after_usual_ones_holds_no_request_past_batch_timeout(make_processor):
+    # Once the model's usual time is known (fast calls), a call running past twice that
+    # is overrunning: the next request starts its own call after batch_timeout.
+    release = threading.Event()
+    entered = threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            entered.set()
+            release.wait(30)
+        return batch * 2
+
+    p = make_processor(model, max_workers=4, batch_timeout=0.05, max_batch_size=1,
+                       initial_batch_size=1, item_timeout=60)
+    try:
+        for v in range(5):
+            p.enqueue_predict(item(v)).result(timeout=20)
+        slow = p.enqueue_predict(item(666))
+        assert entered.wait(10)
+        fast = p.enqueue_predict(item(1))
+        assert fast.result(timeout=20)[0, 0] == 2
+        assert not slow.done()
+    finally:
+        release.set()
+    assert slow.result(timeout=20)[0, 0] == 1332

@@ -7,8 +7,9 @@ The policy (docs/architecture.md, "The controller"):
 
 * While a batch is in flight (popped and not yet delivered) the next one keeps filling,
   within ``batch_timeout`` of its oldest request's arrival: the model is busy, so
-  dispatching early would only queue a small batch behind it, but a long call never
-  holds queued requests past the ceiling while a worker is free to start another.
+  dispatching early would only queue a small batch behind it, but a call that overruns
+  (``OVERRUN_FACTOR`` times its fitted time, or hangs) never holds queued requests past
+  the ceiling while a worker is free to start another.
   The controller owns this policy: it counts batches in flight (``batch_started`` /
   ``batch_ended``) and tells the queue, whose pop applies the plan.
 * Once nothing is in flight, the batch goes as soon as arrivals pause for ``idle_gap``,
@@ -71,6 +72,10 @@ IDLE_GAP_SHARE = 1.0 / 16
 # timer slack (50 us by default on Linux) plus a wake-up, so a shorter gap would cost
 # many times itself (a model of microseconds, whose gap is a fraction of one).
 SHORTEST_IDLE_GAP = 50e-6
+# A call in flight overruns once it has run this many times the model's usual time for its
+# rows (a hang, an outlier). Only then may requests queued past batch_timeout start a
+# call of their own beside it: a call of normal length, however long, is waited for.
+OVERRUN_FACTOR = 2.0
 
 
 class Plan(NamedTuple):
@@ -472,6 +477,12 @@ class Controller:
                       rows, seconds * 1e3, current, new)
             self._current = new
             self._replan()
+
+    def overruns(self, rows: int, running_for: float) -> bool:
+        """Whether a call of ``rows`` rows, ``running_for`` seconds in, has run past
+        ``OVERRUN_FACTOR`` times the fitted time for its size (before any fit: yes)."""
+        model = self.model
+        return model.observations == 0 or running_for > OVERRUN_FACTOR * model.predict(rows)
 
     def batch_started(self) -> None:
         """A popped batch is in flight: the next pop keeps filling (within the ceiling).

@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._native.future_state import Request, start_all
+from .._native.future_state import Request, start_all, total_rows
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import ProcessorStoppedError
 from ..formats import Workspace
-from .batch import DELIVERING, Batch, Board
+from .batch import CALLING, DELIVERING, Batch, Board
 from .delivery import Delivery
 from .execution import Executor
 
@@ -259,8 +259,22 @@ class WorkerPool:
             self.spawn()
 
     def _overdue(self) -> bool:
+        """Requests have waited past ``batch_timeout`` behind a call that overruns its
+        usual time: a worker without a call slot may start one more. Behind calls of
+        normal length they wait for them: a model that runs one call at a time (a lock,
+        the GIL, one GPU) would only queue a second call, and split one full batch into
+        two alternating halves. With no call in progress the slot holders are popping or
+        delivering, and the next pop takes them."""
         queue = self._queue
-        return bool(queue.rows > 0 and queue.oldest_age() >= self._config.batch_timeout)
+        if not (queue.rows > 0 and queue.oldest_age() >= self._config.batch_timeout):
+            return False
+        now = _monotonic()
+        with self._board.lock:
+            calls = [(b.calling if b.calling is not None else b.requests, b.call_started)
+                     for b in self._board.active if b.state is CALLING]
+        overruns = self._controller.overruns
+        return any(overruns(total_rows(requests), now - started)
+                   for requests, started in calls)
 
     def _register(self, requests: list[Request], worker: Worker) -> Batch | None:
         """End a pop: make what it took a held batch at once, so that stop() always sees

@@ -54,9 +54,9 @@ def test_min_batch_interval_spaces_batch_starts(make_processor):
 
     p = make_processor(model, min_batch_interval=0.05, max_batch_size=1, initial_batch_size=1,
                        processing_strategy="greedy")
-    # Pacing spaces the scheduled starts; a worker stalled between its slot and its call
-    # would shift one call onto the next. A full collection of the suite's heap (torch
-    # and fastapi imported) holds the GIL for about 0.2 s, so none runs meanwhile.
+    # Pacing spaces the starts as taken; a worker stalled between its start and its call
+    # would still shift that call toward the next. A full collection of the suite's heap
+    # (torch and fastapi imported) holds the GIL for about 0.2 s, so none runs meanwhile.
     gc.disable()
     try:
         p.pause()
@@ -67,7 +67,10 @@ def test_min_batch_interval_spaces_batch_starts(make_processor):
     finally:
         gc.enable()
     gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert len(gaps) == 3 and min(gaps) >= 0.05 * 0.98
+    # Each start counts from the one before it as taken, so a late one delays the rest
+    # (a reserved schedule let a start woken 8 ms late leave 42 ms to the next). The
+    # tolerance is for the steps between a start and the model's first line.
+    assert len(gaps) == 3 and min(gaps) >= 0.05 * 0.95
 
 
 def test_large_batches_trigger_a_young_generation_collection(make_processor, monkeypatch):

@@ -333,13 +333,19 @@ class WorkerPool:
             self._collect_young()
 
     def _pace(self) -> None:
-        """Keep batch starts at least ``min_batch_interval`` apart, across workers."""
-        with self._pace_lock:
-            now = _monotonic()
-            start = max(now, self._next_start)
-            self._next_start = start + self._config.min_batch_interval
-        if start > now:
-            self._abandon_all.wait(start - now)  # stop() giving up ends the wait
+        """Keep batch starts at least ``min_batch_interval`` apart, across workers. A
+        start is taken once its time has come, and the next one counts from when it was
+        taken: a worker woken late does not bring the start after it closer."""
+        interval = self._config.min_batch_interval
+        while True:
+            with self._pace_lock:
+                now = _monotonic()
+                wait = self._next_start - now
+                if wait <= 0.0:
+                    self._next_start = now + interval
+                    return
+            if self._abandon_all.wait(wait):
+                return  # stop() gave up on in-flight work
 
     def _collect_young(self) -> None:
         # Large batches leave many temporaries; a young-generation collection frees them

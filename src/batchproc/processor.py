@@ -26,7 +26,7 @@ from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
-from .backpressure import RoomWaiters, apredict
+from .backpressure import RoomWaiters, apredict, timeout_arg
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .engine import Engine
@@ -218,9 +218,11 @@ class BatchProcessor(Generic[T, U]):
         While another call is stopping the processor, it waits for that call to return
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
         done-callback of a request it fails), it returns at once.
+
+        ``timeout``: ``TypeError`` if not ``None`` or a number (a bool included),
+        ``ValueError`` if NaN or negative.
         """
-        if timeout is not None and (timeout != timeout or timeout < 0):
-            raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+        timeout = timeout_arg(timeout)
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
             if self._forked:
@@ -350,6 +352,8 @@ class BatchProcessor(Generic[T, U]):
             raise self._forked_error()
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(timeout)
+        if timeout is True or timeout is False:  # the queue takes any number
+            raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:

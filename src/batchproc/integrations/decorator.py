@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, cast, overload
 
+from ..backpressure import timeout_arg
 from ..config import BatchPriority, BatchProcessorConfig
 from ..errors import ProcessorStoppedError
 from ..processor import BatchProcessor
@@ -145,7 +146,9 @@ class BatchedFunction(Generic[T, U]):
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor (finishing queued work within ``timeout``, as
         ``BatchProcessor.stop``). Final: later calls raise ``ProcessorStoppedError``.
-        Idempotent, and safe before the first call."""
+        Idempotent, and safe before the first call. ``timeout``: ``TypeError`` if not a
+        number, ``ValueError`` if NaN or negative."""
+        timeout = timeout_arg(timeout)
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
                 self._stopped = True
@@ -253,7 +256,9 @@ class BatchedMethod(Generic[S, T, U]):
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor of every instance. Final, as ``BatchedFunction.stop``: the
         method of every instance, also of one made later, raises
-        ``ProcessorStoppedError``."""
+        ``ProcessorStoppedError``. ``timeout`` is each instance's, checked as
+        ``BatchedFunction.stop`` checks it."""
+        timeout = timeout_arg(timeout)
         with self._lock:
             self._stopped = True
         for bound in list(self._bound):

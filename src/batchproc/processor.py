@@ -63,6 +63,9 @@ class _ConfigDefault:
 
 _CONFIG = _ConfigDefault()
 
+# How long a start() that failed part-way waits for the threads it started to exit.
+START_ABORT_JOIN = 5.0
+
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
 FAILURE_LOG_INTERVAL = 10.0
@@ -161,7 +164,12 @@ class BatchProcessor(Generic[T, U]):
         Raises ``TypeError`` when ``process_func`` is not callable (``None`` included),
         ``ProcessorStoppedError`` once ``stop()`` was called (a stopped processor is never
         started again: make a new one), ``ProcessorForkedError`` in a forked child of the
-        process that started it.
+        process that started it. ``RuntimeError`` when the system refuses one of its
+        threads (too many threads in the process), naming how many workers started and
+        chained to the system's error: start is all or nothing, so the threads it did
+        start are stopped and joined first, the processor is stopped as by ``stop()``
+        (requests queued before start fail with ``ProcessorStoppedError`` unprocessed)
+        and cannot be started again.
         """
         if not callable(process_func):
             raise TypeError(
@@ -185,18 +193,84 @@ class BatchProcessor(Generic[T, U]):
             self._process_func = process_func
             self._started_in_pid = os.getpid()
             forking.track(self)
-            if is_async_callable(process_func):
-                # The workers call it like any model; it runs the coroutine on the loop.
-                self._async_model = AsyncModel(process_func)
-                self._async_model.start()
-                process_func = self._async_model
-            self._dispatcher.start(process_func)
-            self._supervisor = threading.Thread(target=self._supervise,
-                                                name="batchproc-supervisor", daemon=True)
-            self._supervisor.start()
+            # No worker takes work until every thread started: a start that fails then
+            # has run nothing (a pause by the caller stays as it is).
+            hold = self._resume.is_set()
+            if hold:
+                self._queue.pause()
+            try:
+                self._start_threads(process_func)
+            except RuntimeError as exc:
+                failure: RuntimeError | None = exc
+            else:
+                failure = None
+                if hold:
+                    self._queue.resume()
+        if failure is not None:
+            # Atomic: what did start is stopped and joined before the error is raised.
+            self._abort_start()
+            raise failure
         logger.info("batchproc started: %d workers, strategy %s, max batch %d rows",
                     self.config.max_workers, self._controller.strategy.name,
                     self.config.max_batch_size)
+
+    def _start_threads(self, process_func: Callable[[Any], Any]) -> None:
+        """``RuntimeError`` when the system refuses a thread, naming which (chained to
+        its error); the threads started until then are left running."""
+        if is_async_callable(process_func):
+            # The workers call it like any model; it runs the coroutine on the loop.
+            async_model = AsyncModel(process_func)
+            try:
+                async_model.start()
+            except Exception as exc:
+                async_model.close(_monotonic())  # closes the loop it made
+                raise RuntimeError(
+                    f"could not start the event loop thread of an async process_func: "
+                    f"{exc}") from exc
+            self._async_model = process_func = async_model
+        self._dispatcher.start(process_func)  # RuntimeError naming the workers it started
+        supervisor = threading.Thread(target=self._supervise, name="batchproc-supervisor",
+                                      daemon=True)
+        try:
+            supervisor.start()
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not start the supervisor thread (all {self.config.max_workers} "
+                f"workers started): {exc}") from exc
+        self._supervisor = supervisor
+
+    def _abort_start(self) -> None:
+        """start() could not start every thread: stop at once, without running queued
+        work (it fails with ``ProcessorStoppedError``), and join the threads it did start
+        (bounded by ``START_ABORT_JOIN``; one stuck in a model call is left)."""
+        # Before intake closes (which ends the queue's pause): from here on a pop fails
+        # what it takes instead of running it.
+        self._dispatcher.abandon_all(
+            lambda: ProcessorStoppedError("processor stopped before this request finished"))
+        with self._lifecycle:
+            self._close_intake()
+        try:
+            self._shut_down(_monotonic(), was_running=True)
+            deadline = _monotonic() + START_ABORT_JOIN
+            self._dispatcher.join(deadline)
+            for thread in self._threads():
+                if thread.is_alive():
+                    thread.join(max(0.0, deadline - _monotonic()))
+        finally:
+            with self._lifecycle:
+                self._state = _STOPPED
+            self._stopped.set()
+
+    def _close_intake(self) -> None:
+        """Begin stopping, holding ``_lifecycle``: refuse new requests, end a pause."""
+        self._state = _STOPPING
+        self._stopping_thread = threading.current_thread()
+        self._queue.close()  # also ends a pause of the queue: stop drains as usual
+        if self._room is not None:
+            self._room.close()  # coroutines awaiting room in apredict: refused
+        self._resume.set()
+        # Last: whoever sees the event must find intake already closed.
+        self.shutdown_event.set()
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop intake, finish queued and in-flight work within ``timeout`` seconds, fail
@@ -219,8 +293,8 @@ class BatchProcessor(Generic[T, U]):
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
         done-callback of a request it fails), it returns at once.
 
-        ``timeout``: ``TypeError`` if not ``None`` or a number (a bool included),
-        ``ValueError`` if NaN or negative.
+        ``timeout``: ``TypeError`` if not ``None`` or a number (a bool
+        included), ``ValueError`` if NaN or negative.
         """
         timeout = timeout_arg(timeout)
         deadline = float("inf") if timeout is None else _monotonic() + timeout
@@ -230,14 +304,7 @@ class BatchProcessor(Generic[T, U]):
             stopping_already = self._state in (_STOPPING, _STOPPED)
             if not stopping_already:
                 was_running = self._state == _RUNNING
-                self._state = _STOPPING
-                self._stopping_thread = threading.current_thread()
-                self._queue.close()  # also ends a pause of the queue: stop drains as usual
-                if self._room is not None:
-                    self._room.close()  # coroutines awaiting room in apredict: refused
-                self._resume.set()
-                # Last: whoever sees the event must find intake already closed.
-                self.shutdown_event.set()
+                self._close_intake()
         if stopping_already:
             # Another call is stopping: wait for it (within this timeout), except on a
             # thread that call may itself be waiting for, or its own (a done-callback of

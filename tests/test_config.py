@@ -13,6 +13,7 @@ from batchproc import (
     BatchProcessorConfig,
     PrioritizedItem,
 )
+from batchproc.config import MAX_WORKERS
 
 DESIGN_DEFAULTS = dict(
     initial_batch_size=32, min_batch_size=1, max_batch_size=128, batch_timeout=0.1,
@@ -208,3 +209,19 @@ def test_a_setting_of_a_feature_switched_off_is_refused(name, value, switch):
     assert getattr(BatchProcessorConfig(**{name: value, switch: True}), name) == value
     default = DESIGN_DEFAULTS[name]
     assert getattr(BatchProcessorConfig(**{name: default, switch: False}), name) == default
+
+
+@pytest.mark.parametrize("workers", [1, 4, MAX_WORKERS])
+def test_max_workers_up_to_its_bound_is_accepted(workers):
+    assert BatchProcessorConfig(max_workers=workers).max_workers == workers
+
+
+@pytest.mark.parametrize("workers", [MAX_WORKERS + 1, 10**6])
+def test_max_workers_above_its_bound_is_refused_naming_field_value_and_bound(workers):
+    with pytest.raises(ValueError, match=rf"max_workers must be <= {MAX_WORKERS}, "
+                                         rf"got {workers}"):
+        BatchProcessorConfig(max_workers=workers)
+
+
+def test_the_max_workers_bound_is_1024():
+    assert MAX_WORKERS == 1024

@@ -1,6 +1,9 @@
 """start / stop / pause / resume, intake before start and after stop, thread hygiene."""
 
 import queue
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -327,3 +330,202 @@ def test_stop_waits_for_a_batch_being_delivered(make_processor):
     # The batch belonged to its worker, which was completing it: stop() let it finish.
     assert second.done()
     assert second.result().tolist() == [[2.0]]
+
+
+# ----------------------------------------------------------------- start that fails part-way
+
+
+class RefusedThread(RuntimeError):
+    """What threading raises when the process may start no more threads."""
+
+
+def refuse_thread_start(monkeypatch, nth):
+    """Make the ``nth`` call of ``threading.Thread.start`` from now on fail, as the
+    system refuses a thread; the others start as usual."""
+    real_start = threading.Thread.start
+    calls = []
+
+    def start(thread):
+        calls.append(thread.name)
+        if len(calls) == nth:
+            raise RefusedThread("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return calls
+
+
+def alive_processor_threads():
+    return {t for t in threading.enumerate() if t.name.startswith("batchproc") and t.is_alive()}
+
+
+@pytest.mark.parametrize("nth, started", [(1, 0), (2, 1), (4, 3)])
+def test_a_refused_worker_thread_stops_the_start_naming_how_many_started(
+        monkeypatch, nth, started):
+    before = alive_processor_threads()
+    model_calls = []
+    p = BatchProcessor(BatchProcessorConfig(max_workers=4, batch_timeout=0.01))
+    queued = p.enqueue_predict(one(1))  # queued before start: never reaches the model
+    calls = refuse_thread_start(monkeypatch, nth)
+    with pytest.raises(RuntimeError,
+                       match=rf"could start only {started} of 4 worker threads") as raised:
+        p.start(lambda b: model_calls.append(b) or b)
+    monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, RefusedThread)
+    assert len(calls) == nth  # it stopped at the refusal: no supervisor, no more workers
+    # All or nothing: what started was stopped and joined; the processor is stopped.
+    assert alive_processor_threads() <= before
+    assert not p.running
+    assert p.get_stats()["is_running"] is False and p.health()["state"] == "stopped"
+    with pytest.raises(ProcessorStoppedError):
+        queued.result(timeout=1)
+    assert model_calls == []
+    with pytest.raises(ProcessorStoppedError):
+        p.enqueue_predict(one(2))
+    with pytest.raises(ProcessorStoppedError, match="cannot be started again"):
+        p.start(lambda b: b)
+    p.stop()  # still safe
+
+
+def test_a_refused_supervisor_thread_stops_the_start_too(monkeypatch):
+    before = alive_processor_threads()
+    p = BatchProcessor(BatchProcessorConfig(max_workers=2, batch_timeout=0.01))
+    refuse_thread_start(monkeypatch, 3)  # two workers, then the supervisor
+    with pytest.raises(RuntimeError, match=r"supervisor thread \(all 2 workers started") as raised:
+        p.start(lambda b: b)
+    monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, RefusedThread)
+    assert alive_processor_threads() <= before
+    assert not p.running
+
+
+def test_a_refused_event_loop_thread_stops_the_start_too(monkeypatch):
+    async def model(batch):
+        return batch
+
+    before = alive_processor_threads()
+    p = BatchProcessor(BatchProcessorConfig(max_workers=2))
+    calls = refuse_thread_start(monkeypatch, 1)  # the async model's loop comes first
+    with pytest.raises(RuntimeError, match="event loop thread") as raised:
+        p.start(model)
+    monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, RefusedThread)
+    assert len(calls) == 1
+    assert alive_processor_threads() <= before
+    assert not p.running
+
+
+def test_a_start_that_succeeds_starts_every_thread(monkeypatch, make_processor):
+    calls = refuse_thread_start(monkeypatch, 10**9)
+    p = make_processor(lambda b: b, max_workers=3)
+    monkeypatch.undo()
+    assert sorted(calls) == sorted(["batchproc-worker-1", "batchproc-worker-2",
+                                    "batchproc-worker-3", "batchproc-supervisor"])
+    assert p.running
+    assert p.enqueue_predict(one(5)).result(timeout=10)[0] == 5
+
+
+# ----------------------------------------------------------------- interpreter exit
+
+
+def run_script(code, timeout=60):
+    """What a fresh interpreter running ``code`` prints (it must exit 0), and how long
+    it ran, in seconds."""
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout, check=True).stdout
+    return out.splitlines(), time.monotonic() - began
+
+
+EXIT_PRELUDE = """
+    import threading
+    import numpy as np
+    from batchproc import BatchProcessor, BatchProcessorConfig, exiting
+
+    def printing_model(batch):
+        for row in batch:
+            print("processed", int(row[0]), flush=True)
+        return batch
+
+    def one(v):
+        return np.array([[float(v)]])
+"""
+
+
+def test_a_processor_never_stopped_finishes_its_queued_work_at_exit():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(printing_model)
+    p.pause()  # everything is still queued when the interpreter exits
+    for i in range(3):
+        p.enqueue(one(i))
+    futures = [p.enqueue_predict(one(i)) for i in (3, 4)]
+    print("exiting", flush=True)
+    """)
+    assert lines[0] == "exiting"
+    assert sorted(lines[1:]) == [f"processed {i}" for i in range(5)]
+
+
+def test_a_processor_stopped_before_exit_is_left_alone_at_exit():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1))
+    p.start(printing_model)
+    print("registered", p in exiting.registered(), flush=True)
+    p.stop()
+    print("registered", p in exiting.registered(), flush=True)
+    never_started = BatchProcessor()
+    print("registered", never_started in exiting.registered(), flush=True)
+    p.stop = never_started.stop = lambda timeout=None: print("stopped again", flush=True)
+    """)
+    assert lines == ["registered True", "registered False", "registered False"]
+
+
+def test_a_model_that_hangs_delays_exit_only_by_the_exit_timeout():
+    lines, took = run_script(EXIT_PRELUDE + """
+    exiting.EXIT_TIMEOUT = 0.5
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        threading.Event().wait()  # for ever
+        return batch
+
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(hangs)
+    future = p.enqueue_predict(one(1))
+    future.add_done_callback(lambda f: print("failed", type(f.exception()).__name__,
+                                             flush=True))
+    entered.wait()
+    print("exiting", flush=True)
+    """)
+    assert lines == ["exiting", "failed ProcessorStoppedError"]
+    assert took < 30  # EXIT_TIMEOUT plus the interpreter's start; never the 30 s item_timeout
+
+
+def test_the_exit_hook_stops_within_one_timeout_for_all_processors():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    import time
+    from batchproc import ProcessorStoppedError
+
+    exiting.EXIT_TIMEOUT = 0.5
+    release = threading.Event()
+    processors = []
+    for name in "ab":
+        p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+        p.start(lambda batch: release.wait() and batch)
+        processors.append(p)
+        future = p.enqueue_predict(one(1))
+        future.add_done_callback(lambda f, name=name: print(
+            name, type(f.exception()).__name__, flush=True))
+    calls = []
+    real_stop = BatchProcessor.stop
+
+    def stop(self, timeout=5.0):
+        calls.append(timeout)
+        real_stop(self, timeout)
+        if len(calls) == 2:
+            print("timeouts", all(t <= 0.5 for t in calls), flush=True)
+
+    BatchProcessor.stop = stop
+    """)
+    assert lines == ["a ProcessorStoppedError", "b ProcessorStoppedError", "timeouts True"]

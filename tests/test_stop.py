@@ -339,3 +339,79 @@ def test_stop_returns_in_time_while_threads_keep_enqueuing(make_processor, attem
     join_threads(p)
     with lock:
         assert not [f for f in accepted if not f.done()]
+
+
+# ----------------------------------------------------------------- the timeout argument
+
+BAD_TIMEOUTS = [
+    ("1", TypeError), (b"1", TypeError), ([1], TypeError), (True, TypeError),
+    (False, TypeError), (float("nan"), ValueError), (-1, ValueError), (-0.5, ValueError),
+]
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS)
+def test_stop_refuses_a_bad_timeout_naming_it_and_keeps_running(make_processor, timeout,
+                                                                 error):
+    p = make_processor(lambda b: b)
+    with pytest.raises(error, match="timeout"):
+        p.stop(timeout)
+    assert p.running
+    assert p.enqueue_predict(one(1)).result(timeout=10)[0, 0] == 1
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS)
+def test_stop_before_start_refuses_a_bad_timeout(make_processor, timeout, error):
+    p = make_processor()
+    with pytest.raises(error, match="timeout"):
+        p.stop(timeout)
+    assert not p.shutdown_event.is_set()
+
+
+@pytest.mark.parametrize("timeout", [None, 0, 0.0, 2, 2.5, float("inf")])
+def test_stop_takes_none_or_seconds(make_processor, timeout):
+    p = make_processor(lambda b: b)
+    future = p.enqueue_predict(one(3))
+    p.stop(timeout)
+    assert not p.running and future.done()
+
+
+@pytest.mark.parametrize("timeout", [True, False])
+def test_enqueue_predict_refuses_a_bool_timeout(make_processor, timeout):
+    p = make_processor(lambda b: b)
+    with pytest.raises(TypeError, match="timeout"):
+        p.enqueue_predict(one(1), timeout)
+    assert p.get_stats()["total_accepted"] == 0
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS)
+def test_a_batched_function_stop_refuses_a_bad_timeout(timeout, error):
+    import batchproc
+
+    @batchproc.batch(max_batch_size=4)
+    def double(batch):
+        return batch * 2
+
+    with pytest.raises(error, match="timeout"):
+        double.stop(timeout)  # before the first call too
+    assert double(one(2))[0, 0] == 4
+    with pytest.raises(error, match="timeout"):
+        double.stop(timeout)
+    assert double(one(3))[0, 0] == 6  # still running
+    double.stop()
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS)
+def test_a_batched_method_stop_refuses_a_bad_timeout(timeout, error):
+    import batchproc
+
+    class Model:
+        @batchproc.batch(max_batch_size=4)
+        def double(self, batch):
+            return batch * 2
+
+    model = Model()
+    assert model.double(one(2))[0, 0] == 4
+    with pytest.raises(error, match="timeout"):
+        Model.double.stop(timeout)
+    assert model.double(one(3))[0, 0] == 6  # not stopped
+    Model.double.stop()

@@ -126,8 +126,10 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(_NoRoomInTime())
 
 
-def _timeout_arg(timeout: Any) -> float | None:
-    """``apredict``'s wait for room: ``None`` or seconds >= 0 (as ``enqueue_predict``)."""
+def timeout_arg(timeout: Any) -> float | None:
+    """A ``timeout`` argument (``apredict``'s wait for room, ``stop``'s): ``None`` or
+    seconds >= 0, as ``enqueue_predict`` takes. ``TypeError`` for a non-number (a bool
+    included), ``ValueError`` for NaN or a negative number."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -141,7 +143,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
                    priority: BatchPriority | int, deadline_at: float | None) -> U:
     """See ``BatchProcessor.apredict``; ``deadline_at``: the request's ``max_queue_time``
     deadline (monotonic seconds), or ``None``."""
-    timeout = _timeout_arg(timeout)
+    timeout = timeout_arg(timeout)
     loop = asyncio.get_running_loop()
     future = QueuedFuture(loop=loop)
     request, rows, nbytes, key, length = processor._describe(

@@ -93,8 +93,9 @@ class BatchProcessorConfig:
             level), on or off. Default ``False``: the queue is FIFO and ``priority`` is
             accepted and ignored.
         max_workers: Most batches in progress at once, in batches (one worker thread
-            each). Default ``4``. ADAPTIVE runs one while nothing waits, two under load,
-            and more only while each raises rows per second by 10%; FIXED runs all.
+            each), at most ``MAX_WORKERS`` (1024). Default ``4``. ADAPTIVE runs one while
+            nothing waits, two under load, and more only while each raises rows per
+            second by 10%; FIXED runs all.
         min_batch_interval: Least time between the starts of two batches, across all
             workers, in seconds. Default ``0.0`` (no pacing).
         max_batch_memory_mb: Most input bytes in one batch, in MiB (2**20 bytes), or
@@ -225,6 +226,11 @@ class BatchProcessorConfig:
                      "max_workers", "monitoring_window", "gc_batch_threshold",
                      "queue_warning_threshold", "queue_critical_threshold"):
             _require_int(name, getattr(self, name), minimum=1)
+        if self.max_workers > MAX_WORKERS:
+            # Each worker is a thread: far more than this exhausts the process's threads
+            # (start() would fail deep in threading) long before it helps throughput.
+            raise ValueError(
+                f"max_workers must be <= {MAX_WORKERS}, got {self.max_workers!r}")
         _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
             _require_number(name, getattr(self, name), minimum=0.0)
@@ -332,6 +338,9 @@ _NEEDS_SWITCH = (
 )
 _DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
 # What None means for the number fields that take it.
+# The most worker threads one processor may run (max_workers).
+MAX_WORKERS = 1024
+
 _NONE_MEANS = {
     "max_batch_memory_mb": "no cap",
     "max_queue_time": "no limit",

@@ -21,12 +21,12 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import bulk, forking
+from . import bulk, exiting, forking
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
-from .backpressure import RoomWaiters, apredict
+from .backpressure import RoomWaiters, apredict, timeout_arg
 from .config import BatchPriority, BatchProcessorConfig
 from .controller import Controller
 from .engine import Engine
@@ -62,6 +62,9 @@ class _ConfigDefault:
 
 
 _CONFIG = _ConfigDefault()
+
+# How long a start() that failed part-way waits for the threads it started to exit.
+START_ABORT_JOIN = 5.0
 
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
@@ -158,10 +161,18 @@ class BatchProcessor(Generic[T, U]):
         ``functools.partial`` of either) runs on an event loop the processor starts here,
         in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
 
+        Once running, it is stopped at interpreter exit if ``stop()`` was not called: its
+        queued work finishes first, as a ``ThreadPoolExecutor``'s does (see ``stop``).
+
         Raises ``TypeError`` when ``process_func`` is not callable (``None`` included),
         ``ProcessorStoppedError`` once ``stop()`` was called (a stopped processor is never
         started again: make a new one), ``ProcessorForkedError`` in a forked child of the
-        process that started it.
+        process that started it. ``RuntimeError`` when the system refuses one of its
+        threads (too many threads in the process), naming how many workers started and
+        chained to the system's error: start is all or nothing, so the threads it did
+        start are stopped and joined first, the processor is stopped as by ``stop()``
+        (requests queued before start fail with ``ProcessorStoppedError`` unprocessed)
+        and cannot be started again.
         """
         if not callable(process_func):
             raise TypeError(
@@ -185,18 +196,86 @@ class BatchProcessor(Generic[T, U]):
             self._process_func = process_func
             self._started_in_pid = os.getpid()
             forking.track(self)
-            if is_async_callable(process_func):
-                # The workers call it like any model; it runs the coroutine on the loop.
-                self._async_model = AsyncModel(process_func)
-                self._async_model.start()
-                process_func = self._async_model
-            self._dispatcher.start(process_func)
-            self._supervisor = threading.Thread(target=self._supervise,
-                                                name="batchproc-supervisor", daemon=True)
-            self._supervisor.start()
+            # No worker takes work until every thread started: a start that fails then
+            # has run nothing (a pause by the caller stays as it is).
+            hold = self._resume.is_set()
+            if hold:
+                self._queue.pause()
+            try:
+                self._start_threads(process_func)
+            except RuntimeError as exc:
+                failure: RuntimeError | None = exc
+            else:
+                failure = None
+                if hold:
+                    self._queue.resume()
+                exiting.stop_at_exit(self)
+        if failure is not None:
+            # Atomic: what did start is stopped and joined before the error is raised.
+            self._abort_start()
+            raise failure
         logger.info("batchproc started: %d workers, strategy %s, max batch %d rows",
                     self.config.max_workers, self._controller.strategy.name,
                     self.config.max_batch_size)
+
+    def _start_threads(self, process_func: Callable[[Any], Any]) -> None:
+        """``RuntimeError`` when the system refuses a thread, naming which (chained to
+        its error); the threads started until then are left running."""
+        if is_async_callable(process_func):
+            # The workers call it like any model; it runs the coroutine on the loop.
+            async_model = AsyncModel(process_func)
+            try:
+                async_model.start()
+            except Exception as exc:
+                async_model.close(_monotonic())  # closes the loop it made
+                raise RuntimeError(
+                    f"could not start the event loop thread of an async process_func: "
+                    f"{exc}") from exc
+            self._async_model = process_func = async_model
+        self._dispatcher.start(process_func)  # RuntimeError naming the workers it started
+        supervisor = threading.Thread(target=self._supervise, name="batchproc-supervisor",
+                                      daemon=True)
+        try:
+            supervisor.start()
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not start the supervisor thread (all {self.config.max_workers} "
+                f"workers started): {exc}") from exc
+        self._supervisor = supervisor
+
+    def _abort_start(self) -> None:
+        """start() could not start every thread: stop at once, without running queued
+        work (it fails with ``ProcessorStoppedError``), and join the threads it did start
+        (bounded by ``START_ABORT_JOIN``; one stuck in a model call is left)."""
+        # Before intake closes (which ends the queue's pause): from here on a pop fails
+        # what it takes instead of running it.
+        self._dispatcher.abandon_all(
+            lambda: ProcessorStoppedError("processor stopped before this request finished"))
+        with self._lifecycle:
+            self._close_intake()
+        try:
+            self._shut_down(_monotonic(), was_running=True)
+            deadline = _monotonic() + START_ABORT_JOIN
+            self._dispatcher.join(deadline)
+            for thread in self._threads():
+                if thread.is_alive():
+                    thread.join(max(0.0, deadline - _monotonic()))
+        finally:
+            with self._lifecycle:
+                self._state = _STOPPED
+            self._stopped.set()
+
+    def _close_intake(self) -> None:
+        """Begin stopping, holding ``_lifecycle``: refuse new requests, end a pause."""
+        self._state = _STOPPING
+        self._stopping_thread = threading.current_thread()
+        self._queue.close()  # also ends a pause of the queue: stop drains as usual
+        if self._room is not None:
+            self._room.close()  # coroutines awaiting room in apredict: refused
+        self._resume.set()
+        # Last: whoever sees the event must find intake already closed.
+        self.shutdown_event.set()
+        exiting.forget(self)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop intake, finish queued and in-flight work within ``timeout`` seconds, fail
@@ -218,9 +297,14 @@ class BatchProcessor(Generic[T, U]):
         While another call is stopping the processor, it waits for that call to return
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
         done-callback of a request it fails), it returns at once.
+
+        A processor still running at interpreter exit is stopped then (an ``atexit``
+        hook, ``batchproc.exiting``), within ``exiting.EXIT_TIMEOUT`` (5) seconds for all
+        processors together: its queued work is finished, not dropped with its daemon
+        threads. ``timeout``: ``TypeError`` if not ``None`` or a number (a bool
+        included), ``ValueError`` if NaN or negative.
         """
-        if timeout is not None and (timeout != timeout or timeout < 0):
-            raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+        timeout = timeout_arg(timeout)
         deadline = float("inf") if timeout is None else _monotonic() + timeout
         with self._lifecycle:
             if self._forked:
@@ -228,14 +312,7 @@ class BatchProcessor(Generic[T, U]):
             stopping_already = self._state in (_STOPPING, _STOPPED)
             if not stopping_already:
                 was_running = self._state == _RUNNING
-                self._state = _STOPPING
-                self._stopping_thread = threading.current_thread()
-                self._queue.close()  # also ends a pause of the queue: stop drains as usual
-                if self._room is not None:
-                    self._room.close()  # coroutines awaiting room in apredict: refused
-                self._resume.set()
-                # Last: whoever sees the event must find intake already closed.
-                self.shutdown_event.set()
+                self._close_intake()
         if stopping_already:
             # Another call is stopping: wait for it (within this timeout), except on a
             # thread that call may itself be waiting for, or its own (a done-callback of
@@ -350,6 +427,8 @@ class BatchProcessor(Generic[T, U]):
             raise self._forked_error()
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(timeout)
+        if timeout is True or timeout is False:  # the queue takes any number
+            raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:

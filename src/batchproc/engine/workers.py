@@ -87,9 +87,18 @@ class WorkerPool:
     # ----------------------------------------------------------------- threads
 
     def start(self) -> None:
+        """Start ``max_workers`` threads. ``RuntimeError`` naming how many started when
+        the system refuses one (chained to its error); those that did start are left
+        running for the caller to stop (the processor stops at once, see its ``start``)."""
         self._started = True
-        for _ in range(self._config.max_workers):
-            self.spawn()
+        wanted = self._config.max_workers
+        for _ in range(wanted):
+            try:
+                self.spawn()
+            except Exception as exc:  # "can't start new thread", out of memory
+                raise RuntimeError(
+                    f"could start only {len(self._workers)} of {wanted} worker threads "
+                    f"(max_workers): {exc}") from exc
 
     def spawn(self) -> None:
         with self._board.lock:

@@ -181,7 +181,7 @@ def test_plot_needs_matplotlib_or_writes_a_png(tmp_path, capsys: pytest.CaptureF
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert code == 2 and "pip install 'batchproc[plot]'" in err
+        assert code == 2 and "pip install matplotlib" in err
         assert len(err.strip().splitlines()) == 1
     else:
         assert code == 0, err

@@ -282,7 +282,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailable(
-            "--plot needs matplotlib: pip install 'batchproc[plot]'"
+            "--plot needs matplotlib: pip install matplotlib (the plot extra)"
         ) from None
 
 

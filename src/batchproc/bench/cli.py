@@ -4,8 +4,10 @@
 ``bench`` runs one load through batchproc, with no batching (the model called per
 request) and the limit (the model called back to back on full batches); ``bench
 --sweep`` runs open-loop loads at fractions of the capacity (:mod:`.sweep`); ``tune``
-searches static configurations (:mod:`.tune`). Bad flags end with one line on stderr
-and exit status 2; a failure while running ends with one line and status 1.
+searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
+--plot format matplotlib cannot write) end with one line on stderr and exit status 2,
+before anything runs. A run that raises is shown as failed, the other runs are kept, and
+the status is 1; any other failure while running ends with one line and status 1.
 """
 
 from __future__ import annotations
@@ -231,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE",
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
-        "mean_batch, completed, stopped_by, ...) and ratios (vs_no_batching, vs_limit)",
+        "mean_batch, completed, stopped_by, failed: the error of a run that raised, "
+        "...) and ratios (vs_no_batching, vs_limit)",
     )
     o.add_argument(
         "--plot", metavar="FILE.png",
         help="draw p50 and p99 latency against achieved throughput (needs matplotlib: "
-        "the plot extra); with --sweep, one curve per system",
+        "the plot extra), in the format the extension names (.png, .svg, .pdf, ...); "
+        "with --sweep, one curve per system",
     )
     _add_log_arguments(o)
     _add_tune_parser(sub)

@@ -11,6 +11,8 @@
   waits (without blocking the event loop) up to ``queue_wait`` seconds for room in a full
   queue, then answers 503 with ``Retry-After``: the service sheds load instead of letting
   latency grow without bound. Concurrent requests share batches.
+- A request's features must be finite numbers within float32's range (422 otherwise),
+  and an output that is not finite is answered 422, never as JSON nulls.
 - ``GET /ready`` answers 200 while ``processor.health()["ready"]`` (running, not paused,
   no critical check), 503 otherwise: a readiness probe takes the replica out of rotation.
 - ``GET /metrics`` serves the Prometheus exposition (``batchproc.observe.prometheus``).
@@ -26,9 +28,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from batchproc import (
     BatchProcessor,
@@ -51,8 +54,20 @@ def make_model() -> Callable[[np.ndarray], np.ndarray]:
     return model
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class PredictRequest(BaseModel):
     features: list[float]
+
+    @field_validator("features")
+    @classmethod
+    def _finite_in_float32(cls, features: list[float]) -> list[float]:
+        # The model computes in float32; JSON's 1e400 parses as infinity, and Python's
+        # parser accepts NaN and Infinity: refuse them (422) rather than answer nulls.
+        if not all(math.isfinite(f) and abs(f) <= FLOAT32_MAX for f in features):
+            raise ValueError(f"features must be finite numbers within +-{FLOAT32_MAX:.4g}")
+        return features
 
 
 class PredictResponse(BaseModel):
@@ -83,6 +98,13 @@ def create_app(model: Callable[[np.ndarray], np.ndarray] | None = None,
     app = FastAPI(title="batchproc example", lifespan=lifespan)
     retry_after = str(max(1, math.ceil(queue_wait)))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which JSON cannot hold when a number in
+        # it is not finite: say where and why, without it.
+        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest, request: Request) -> Any:
         processor: BatchProcessor[np.ndarray, np.ndarray] = request.app.state.processor
@@ -97,6 +119,9 @@ def create_app(model: Callable[[np.ndarray], np.ndarray] | None = None,
         except ProcessorStoppedError:
             return JSONResponse({"detail": "shutting down"}, status_code=503,
                                 headers={"Retry-After": retry_after})
+        if not np.isfinite(out).all():  # JSON has no infinity: never answer nulls
+            return JSONResponse({"detail": "the model's output is not finite for this input"},
+                                status_code=422)
         return {"output": out[0].tolist()}
 
     @app.get("/ready")

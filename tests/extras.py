@@ -18,7 +18,7 @@ EXTRAS = {
     "prometheus": ["prometheus_client"],
     "service": ["fastapi", "uvicorn", "prometheus_client"],
     "ray": ["ray", "ray.serve"],
-    "test": ["httpx", "mypy", "matplotlib", "rich"],
+    "test": ["httpx", "mypy", "matplotlib", "rich", "threadpoolctl"],
 }
 
 

@@ -17,7 +17,7 @@ from batchproc.bench import BenchError
 from batchproc.bench.configs import format_config, parse_config
 from batchproc.bench.inputs import FeatureRows
 from batchproc.bench.models import FixedCost
-from batchproc.bench.sweep import SATURATED_IN_A_ROW, run_sweep
+from batchproc.bench.sweep import SATURATED_IN_A_ROW, notes, run_sweep, table_rows, to_json
 from batchproc.bench.targets import NoBatching
 
 FAST = ["--model", "identity", "--duration", "0.15", "--quiet"]
@@ -158,3 +158,26 @@ def test_bench_runs_each_config_as_one_more_system(tmp_path, capsys) -> None:
     assert [r["system"] for r in doc["runs"]] == ["batchproc", "config 1", "no batching",
                                                   "limit"]
     assert doc["runs"][1]["completed"] == 20 and doc["runs"][1]["mean_batch"] <= 2
+
+
+class _BrokenTarget:
+    name = "broken"
+
+    def start(self, model: object) -> None:
+        raise OSError("no such device")
+
+
+def test_a_system_that_fails_in_a_sweep_is_reported_and_the_others_kept() -> None:
+    result = run_sweep([_BrokenTarget(), NoBatching()], FixedCost(0.0), "fixed",
+                       FeatureRows(4), fractions=[0.5], capacity=200.0, duration=0.2)
+    broken, = result.points["broken"]
+    assert broken.run.failed == "OSError: no such device" and not broken.saturated
+    kept, = result.points["no batching"]
+    assert kept.run.failed is None and kept.run.completed > 0
+    rows = table_rows(result)
+    assert rows[0] == ["broken", "100 (0.5x)", "failed", "-", "-", "-", "-"]
+    assert rows[1][0] == "no batching" and rows[1][2] != "failed"
+    assert "! broken (fixed, 100 req/s Poisson): the run failed: OSError: no such device" \
+        in notes(result)
+    points = to_json(result)["points"]
+    assert [p["failed"] for p in points] == ["OSError: no such device", None]

@@ -7,13 +7,18 @@ with a non-zero exit and never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from extras import require
 
 from batchproc.__main__ import main
+from batchproc.bench import blas, models, report
+from batchproc.bench.loads import Bounds, Load
+from batchproc.bench.runner import run_limit, run_target
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -181,7 +186,7 @@ def test_plot_needs_matplotlib_or_writes_a_png(tmp_path, capsys: pytest.CaptureF
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert code == 2 and "pip install 'batchproc[plot]'" in err
+        assert code == 2 and "pip install matplotlib" in err
         assert len(err.strip().splitlines()) == 1
     else:
         assert code == 0, err
@@ -265,3 +270,165 @@ def test_a_run_freezes_the_heap_it_found_and_thaws_it_after() -> None:
     with pytest.raises(RuntimeError), _frozen_heap():
         raise RuntimeError("a failing run")
     assert gc.get_freeze_count() == 0
+
+
+# -- a plot's format is checked before anything runs ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("plot.txt", "format 'txt' is not supported"), ("plot", "it has no extension"),
+     ("plot.png.bak", "format 'bak' is not supported")],
+)
+@pytest.mark.parametrize("sweep", [False, True], ids=["bench", "sweep"])
+def test_plot_in_a_format_matplotlib_cannot_write_fails_before_any_run(
+    tmp_path, capsys: pytest.CaptureFixture[str], name: str, says: str, sweep: bool
+) -> None:
+    require("matplotlib", "test")
+    path = tmp_path / name
+    argv = ["--sweep", "--capacity", "100", "--loads", "0.5", "--duration", "0.2", "--quiet"] \
+        if sweep else ["--clients", "1", *TINY]
+    code, out, err = run_cli(capsys, "--model", "identity", *argv, "--plot", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert says in err and ".png" in err and ".svg" in err
+    assert out == "" and not path.exists()  # no run, no table
+
+
+@pytest.mark.parametrize("name", ["p.png", "p.PNG", "p.svg", "p.pdf"])
+def test_plot_formats_matplotlib_writes_are_accepted(tmp_path, name: str) -> None:
+    require("matplotlib", "test")
+    report.check_plot_path("--plot", str(tmp_path / name))
+
+
+def test_write_plot_refuses_an_unknown_format_before_drawing(tmp_path) -> None:
+    require("matplotlib", "test")
+    with pytest.raises(report.PlotUnavailable, match="'txt' is not supported"):
+        report.write_plot(str(tmp_path / "x.txt"), {}, "title")
+    assert not (tmp_path / "x.txt").exists()
+
+
+# -- a run that fails is reported, the others are kept ---------------------------------------
+
+
+SMALL_ONLY = """
+def small_only(batch):
+    if len(batch) > 8:
+        raise RuntimeError("too big")
+    return batch
+"""
+
+
+def test_a_failing_limit_run_is_reported_and_the_other_runs_kept(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "small_model_mod.py").write_text(SMALL_ONLY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "f.json"
+    code, out, err = run_cli(
+        capsys, "--model", "small_model_mod:small_only", "--clients", "2", *TINY,
+        "--json", str(path),
+    )
+    assert code == 1
+    # The error names the run and the batch it failed on, on stderr and under the table.
+    assert "batchproc bench: error: the limit run failed: the model raised on a batch of " \
+        "40 rows (40 requests): RuntimeError: too big" in err
+    assert "limit: the run failed: the model raised on a batch of 40 rows" in out
+    assert "batchproc vs no batching" in out
+    doc = json.loads(path.read_text())
+    runs = {r["system"]: r for r in doc["runs"]}
+    assert list(runs) == ["batchproc", "no batching", "limit"]
+    assert runs["batchproc"]["completed"] == runs["no batching"]["completed"] == 40
+    assert runs["batchproc"]["failed"] is None and runs["no batching"]["failed"] is None
+    assert runs["limit"]["failed"].endswith("RuntimeError: too big")
+    assert runs["limit"]["throughput"] is None and runs["limit"]["completed"] == 0
+    assert doc["ratios"]["vs_limit"] is None and doc["ratios"]["vs_no_batching"] > 0
+
+
+def test_the_limit_fails_on_its_last_partial_batch_too() -> None:
+    calls = []
+
+    def fails_on_three(batch):
+        calls.append(len(batch))
+        if len(batch) == 3:
+            raise ValueError("three")
+        return batch
+
+    load = Load("closed", clients=1, features=4)
+    run = run_limit(fails_on_three, "m", load, Bounds(requests=11), max_batch=4)
+    assert calls == [4, 4, 3]
+    assert run.system == "limit" and run.completed == 0 and math.isnan(run.throughput)
+    assert run.failed == "the model raised on a batch of 3 rows (3 requests): ValueError: three"
+    assert report.row_cells(run) == ["limit", "failed", "-", "-", "-", "-", "-"]
+
+
+class BrokenTarget:
+    name = "broken"
+
+    def start(self, model: object) -> None:
+        raise OSError("no such device")
+
+
+def test_a_system_that_raises_is_a_failed_run_not_an_exception() -> None:
+    target = BrokenTarget()
+    run = run_target(target, lambda b: b, "m", Load("closed", clients=1, features=4),
+                     Bounds(requests=5))
+    assert run.system == "broken" and run.failed == "OSError: no such device"
+    assert run.completed == 0 and run.stopped_by == "failed"
+    notes = report.run_notes([run])
+    assert notes == ["! broken (m, 1 client): the run failed: OSError: no such device"]
+    ok = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4), Bounds(requests=5), 4)
+    assert report.ratio(run, ok) is None and report.ratio(ok, run) is None
+
+
+# -- BLAS threads for the built-in numpy model -------------------------------------------------
+
+
+def _blas_threads() -> list[int]:
+    import threadpoolctl
+
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_the_mlp_model_runs_one_blas_thread_per_call_under_bench(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require("threadpoolctl", "test")
+    before = _blas_threads()
+    assert before, "numpy's BLAS is not visible to threadpoolctl"
+    seen: list[list[int]] = []
+    call = models.MLP.__call__
+
+    def recording(self, batch):
+        seen.append(_blas_threads())
+        return call(self, batch)
+
+    monkeypatch.setattr(models.MLP, "__call__", recording)
+    code, _, err = run_cli(capsys, "--model", "mlp", "--clients", "2", *TINY)
+    assert code == 0, err
+    assert len(seen) > 3 and all(threads == [1] * len(before) for threads in seen), seen
+    assert _blas_threads() == before  # given back after the command
+    assert "threadpoolctl" not in err
+
+
+def test_other_models_keep_their_blas_threads(monkeypatch) -> None:
+    require("threadpoolctl", "test")
+    before = _blas_threads()
+    with blas.one_blas_thread("identity", "batchproc bench"):
+        assert _blas_threads() == before
+    with blas.one_blas_thread("mlp", "batchproc bench"):
+        assert set(_blas_threads()) == {1}
+    assert _blas_threads() == before
+
+
+def test_without_threadpoolctl_bench_says_figures_may_vary_and_how_to_pin(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    code, out, err = run_cli(capsys, "--model", "mlp", "--clients", "2", *TINY)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "threadpoolctl" in line]
+    assert lines == [f"batchproc bench: {blas.MISSING_NOTE}"]
+    assert "figures may vary" in lines[0] and "OPENBLAS_NUM_THREADS=1" in lines[0]
+    assert "limit" in out
+    code, _, err = run_cli(capsys, "--model", "identity", "--clients", "2", *TINY)
+    assert code == 0 and "threadpoolctl" not in err  # only the numpy model needs it

@@ -103,3 +103,64 @@ def test_no_page_sends_readers_to_files_they_do_not_have():
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
         assert "DESIGN.md" not in text and "spec/" not in text, path.name
+
+
+# `batchproc` on PyPI is another project: an install line must name a path (a checkout's
+# ".", a built wheel), never the bare name, which a package index would resolve.
+PIP_INSTALL = re.compile(r"pip3? install\b([^`\n#&;|)]*)")
+BARE_NAME = re.compile(r"batchproc(\[[^\]]*\])?\s*([<>=!~;].*)?", re.IGNORECASE)
+INSTALL_TEXTS = [
+    *DOCS,
+    ROOT / "CONTRIBUTING.md",
+    *sorted((ROOT / "src" / "batchproc").rglob("*.py")),
+    *sorted((ROOT / "examples").glob("*.py")),
+]
+
+
+def requirements_from_index(text):
+    """The requirements of each ``pip install`` line in ``text`` that name batchproc by
+    name alone (with or without extras and a version), not by a path or URL."""
+    found = []
+    for m in PIP_INSTALL.finditer(text):
+        args = m.group(1)
+        try:
+            words = shlex.split(args)
+        except ValueError:  # an unclosed quote: the line goes on in the prose
+            words = args.split()
+        for word in words:
+            word = word.strip("\"'`,.:")
+            if word and not word.startswith("-") and BARE_NAME.fullmatch(word):
+                found.append(f"pip install{args.rstrip()}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("line", "bare"),
+    [
+        ("pip install batchproc", True),
+        ("pip install batchproc  # the wheel", True),
+        ('pip install "batchproc[torch]"', True),
+        ("`pip install 'batchproc[cli,plot]'` first", True),
+        ("pip install -U batchproc==0.3", True),
+        ("pip3 install --no-deps batchproc>=0.2", True),
+        ('pip install ".[cli]"', False),
+        ("pip install .", False),
+        ("pip install dist/batchproc-0.3.0-cp311-cp311-manylinux_2_17_x86_64.whl", False),
+        ("pip install dist/batchproc-*.whl", False),
+        ('pip install "batchproc[torch] @ file://$PWD/dist/batchproc-1-x.whl"', False),
+        ("pip install batchproc-tools", False),
+        ("pip install torch==2.13.0", False),
+    ],
+)
+def test_bare_name_install_lines_are_recognised(line, bare):
+    assert bool(requirements_from_index(line)) is bare
+
+
+@pytest.mark.parametrize("path", INSTALL_TEXTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_install_line_fetches_batchproc_from_an_index(path):
+    assert requirements_from_index(path.read_text(encoding="utf-8")) == []
+
+
+def test_the_docs_say_batchproc_is_not_on_pypi():
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    assert "not published on PyPI" in text

@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from extras import require
 
 require("fastapi", "service")
@@ -181,3 +182,40 @@ def test_ready_is_503_when_unhealthy():
             future.result(10)
     assert response.status_code == 503
     assert response.json()["status"] == "unhealthy"
+
+
+# The overflowing case overflows in the model's matmul, as it would in production.
+@pytest.mark.filterwarnings("ignore:.* encountered in matmul:RuntimeWarning")
+def test_non_finite_input_and_output_are_refused_with_422():
+    app = example.create_app(registry=CollectorRegistry())
+    ones = ["1"] * (example.FEATURES - 1)
+    refused = {
+        # JSON's parser reads an overflowing literal as infinity, and accepts NaN/Infinity.
+        "1e400": "1e400", "-1e400": "-1e400", "NaN": "NaN", "Infinity": "Infinity",
+        "-Infinity": "-Infinity",
+        # Finite in float64 but not in the model's float32.
+        "1e39": "1e39", "-3.5e38": "-3.5e38",
+    }
+    accepted = {"3e38": "3e38", "-1e-50": "-1e-50", "0": "0"}
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def post(first):
+                body = '{"features": [' + ", ".join([first, *ones]) + "]}"
+                return await client.post("/predict", content=body,
+                                         headers={"content-type": "application/json"})
+            answers = {k: await post(v) for k, v in {**refused, **accepted}.items()}
+            # Every feature at float32's largest: finite in, but the products overflow.
+            big = await client.post("/predict", json={"features": [3.4e38] * example.FEATURES})
+            return answers, big
+
+    with serve(app) as url:
+        answers, big = asyncio.run(main(url))
+    for name in refused:
+        assert answers[name].status_code == 422, (name, answers[name].text)
+    for name in accepted:
+        assert answers[name].status_code == 200, (name, answers[name].text)
+        assert all(v is not None for v in answers[name].json()["output"]), name
+    out = example.make_model()(np.full((1, example.FEATURES), 3.4e38, dtype=np.float32))
+    assert not np.isfinite(out).all()  # the case below is the overflowing one
+    assert big.status_code == 422 and "not finite" in big.json()["detail"]

@@ -4,8 +4,10 @@
 ``bench`` runs one load through batchproc, with no batching (the model called per
 request) and the limit (the model called back to back on full batches); ``bench
 --sweep`` runs open-loop loads at fractions of the capacity (:mod:`.sweep`); ``tune``
-searches static configurations (:mod:`.tune`). Bad flags end with one line on stderr
-and exit status 2; a failure while running ends with one line and status 1.
+searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
+--plot format matplotlib cannot write) end with one line on stderr and exit status 2,
+before anything runs. A run that raises is shown as failed, the other runs are kept, and
+the status is 1; any other failure while running ends with one line and status 1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import BenchError, tune
+from .blas import one_blas_thread
 from .configs import describe_fields, parse_config
 from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load
@@ -230,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE",
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
-        "mean_batch, completed, stopped_by, ...) and ratios (vs_no_batching, vs_limit)",
+        "mean_batch, completed, stopped_by, failed: the error of a run that raised, "
+        "...) and ratios (vs_no_batching, vs_limit)",
     )
     o.add_argument(
         "--plot", metavar="FILE.png",
         help="draw p50 and p99 latency against achieved throughput (needs matplotlib: "
-        "the plot extra); with --sweep, one curve per system",
+        "the plot extra), in the format the extension names (.png, .svg, .pdf, ...); "
+        "with --sweep, one curve per system",
     )
     _add_log_arguments(o)
     _add_tune_parser(sub)
@@ -406,7 +411,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
     if getattr(args, "plot", None):
         try:
-            report.require_matplotlib()
+            report.check_plot_path("--plot", args.plot)
         except report.PlotUnavailable as exc:
             raise BenchError(str(exc)) from None
         _check_writable("--plot", args.plot)
@@ -482,7 +487,7 @@ def run_bench(args: argparse.Namespace) -> int:
     report.print_bench_table(title, runs, ratios)
     for line in _config_notes(args):
         print(line)
-    failed = [r for r in runs if r.errors]
+    failed = [r for r in runs if r.errors or r.failed]
     if args.json:
         report.write_json(args.json, {
             "date": report.now_iso(),
@@ -499,7 +504,17 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{source.description}; max batch {args.max_batch}, max delay "
             f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
         )
+    _report_failed_runs("bench", runs)
     return 1 if failed else 0
+
+
+def _report_failed_runs(command: str, runs: Sequence[Any]) -> None:
+    """One line on stderr per run that raised (the table has them too): the exit status
+    is 1 and the reason should not hide among the figures."""
+    for r in runs:
+        if r.failed:
+            print(f"{PROG} {command}: error: the {r.system} run failed: {r.failed}",
+                  file=sys.stderr)
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -527,9 +542,9 @@ def run_sweep(args: argparse.Namespace) -> int:
                 probe, model, args.model, source, clients=2 * args.max_batch,
                 duration=duration, seed=args.seed, progress=progress)
             if not capacity_run.completed:
-                raise BenchError(
-                    "no request completed while measuring capacity: "
-                    f"{capacity_run.first_error or 'the model is too slow for --duration'}")
+                why = (capacity_run.failed or capacity_run.first_error
+                       or "the model is too slow for --duration")
+                raise BenchError(f"no request completed while measuring capacity: {why}")
             capacity = capacity_run.throughput
         queue_size = sweep.queue_size_for(capacity * fractions[-1], duration)
         systems = [*_bench_targets(args, source, queue_size), NoBatching()]
@@ -572,8 +587,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         sweep.write_sweep_plot(
             args.plot, result,
             f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}", sub)
-    failed = any(p.run.errors for pts in result.points.values() for p in pts)
-    return 1 if failed else 0
+    runs = [p.run for pts in result.points.values() for p in pts]
+    _report_failed_runs("bench", runs)
+    return 1 if any(r.errors or r.failed for r in runs) else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -642,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(verbose=getattr(args, "verbose", False))
     command = f"{PROG} {args.command}"
     try:
-        return run_tune(args) if args.command == "tune" else run_bench(args)
+        with one_blas_thread(args.model, command):
+            return run_tune(args) if args.command == "tune" else run_bench(args)
     except BenchError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2

@@ -102,10 +102,13 @@ def fmt_requests(r: RunResult) -> str:
 
 
 def run_notes(runs: Sequence[RunResult]) -> list[str]:
-    """Footnotes for the table: time-bounded runs, errors, unfinished requests."""
+    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished
+    requests."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"
+        if r.failed:
+            notes.append(f"! {who}: the run failed: {r.failed}")
         if r.stopped_by == "duration":
             notes.append(f"* {who}: stopped by the time bound after {r.elapsed_s:.1f} s")
         if r.errors:
@@ -116,6 +119,8 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
 
 
 def row_cells(r: RunResult) -> list[str]:
+    if r.failed:
+        return [r.system, "failed", "-", "-", "-", "-", "-"]
     return [
         r.system,
         fmt_rate(r.throughput),
@@ -128,7 +133,7 @@ def row_cells(r: RunResult) -> list[str]:
 
 
 def ratio(a: RunResult | None, b: RunResult | None) -> float | None:
-    if a is None or b is None or not b.throughput or not a.completed:
+    if a is None or b is None or a.failed or b.failed or not b.throughput or not a.completed:
         return None
     return a.throughput / b.throughput
 
@@ -282,8 +287,30 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailable(
-            "--plot needs matplotlib: pip install 'batchproc[plot]'"
+            "--plot needs matplotlib: pip install matplotlib (the plot extra)"
         ) from None
+
+
+def plot_formats() -> dict[str, str]:
+    """The file formats matplotlib can write: extension (no dot) to description."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return dict(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_plot_path(flag: str, path: str) -> None:
+    """Raise :class:`PlotUnavailable` (one line) unless matplotlib is installed and
+    ``path``'s extension names a format it writes: checked before any run, so a typo
+    costs nothing."""
+    formats = plot_formats()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in formats:
+        what = f"format {ext!r} is not supported" if ext else "it has no extension"
+        raise PlotUnavailable(
+            f"{flag} {path}: {what}; end it in one of "
+            + ", ".join(f".{e}" for e in sorted(formats))
+        )
 
 
 def write_plot(
@@ -297,8 +324,10 @@ def write_plot(
 
     Both axes are logarithmic, throughput in requests/s and latency in ms. The title is
     wrapped to the figure's width and ``subtitle`` (settings) printed small below it.
+    Raises :class:`PlotUnavailable` before drawing if ``path``'s format is not one
+    matplotlib writes.
     """
-    require_matplotlib()
+    check_plot_path("plot", path)
     import matplotlib
 
     matplotlib.use("Agg")

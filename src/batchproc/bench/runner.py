@@ -86,7 +86,7 @@ class RunResult:
     completed: int
     errors: int
     elapsed_s: float
-    stopped_by: str  # "requests" | "duration"
+    stopped_by: str  # "requests" | "duration" | "failed" (the run raised)
     unfinished: int = 0
     first_error: str | None = None
     scheduled: int | None = None  # open loop: arrivals scheduled within the run
@@ -95,9 +95,21 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
     gc_s: float = 0.0  # seconds the process spent in cyclic garbage collections
     gc_full: int = 0  # how many of them were full (generation 2) collections
+    failed: str | None = None  # the run itself raised (what, and on what): no figures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def failed_run(system: str, model_name: str, load: Load, failure: str) -> RunResult:
+    """The result of a run that raised: no figures, ``failed`` says why. The other
+    systems' runs are kept; the command exits non-zero at the end."""
+    nan = float("nan")
+    return RunResult(
+        system=system, model=model_name, load=load.label, throughput=nan, p50_ms=nan,
+        p95_ms=nan, p99_ms=nan, mean_ms=nan, mean_batch=nan, batches=0, submitted=0,
+        completed=0, errors=0, elapsed_s=nan, stopped_by="failed", failed=failure,
+    )
 
 
 class GcClock:
@@ -172,15 +184,20 @@ def run_target(
     progress = progress or NullProgress()
     counted = CountingModel(model)
     gc.collect()
-    target.start(counted)
     total = _expected(load, bounds)
     progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
                    bounds.duration)
     try:
-        with _frozen_heap(), GcClock() as gc_clock:
-            res = run_load(target, load, bounds, progress.update)
-    finally:
-        target.stop()
+        target.start(counted)
+        try:
+            with _frozen_heap(), GcClock() as gc_clock:
+                res = run_load(target, load, bounds, progress.update)
+        finally:
+            target.stop()
+    except Exception as exc:  # the system itself broke: keep the other systems' runs
+        log.debug("%s failed", target.name, exc_info=True)
+        progress.finish("failed")
+        return failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
     p50, p95, p99, mean = _pct(res.latencies)
     out = RunResult(
         system=target.name,
@@ -232,7 +249,8 @@ def run_limit(
     A full batch is whole requests of the load's source, up to ``max_batch`` rows. The
     run stops at ``bounds`` as the other systems' do: after exactly ``bounds.requests``
     requests (the last call takes only those still wanted) or ``bounds.duration``
-    seconds, whichever comes first.
+    seconds, whichever comes first. A model call that raises ends the run as
+    :func:`failed_run`, saying the batch's rows.
     """
     progress = progress or NullProgress()
     wanted = _expected(load, bounds)  # None: bounded by time alone
@@ -255,7 +273,16 @@ def run_limit(
             stopped_by = "duration"
             break
         batch, per_call = full if wanted is None or wanted - done >= full[1] else last
-        model(batch)
+        try:
+            model(batch)
+        except Exception as exc:
+            n = rows_of(batch)
+            progress.finish("failed")
+            return failed_run(
+                LIMIT, model_name, load,
+                f"the model raised on a batch of {n} row{'s' if n != 1 else ''} "
+                f"({per_call} requests): {type(exc).__name__}: {exc}",
+            )
         t1 = pc()
         times.append(t1 - t)
         done += per_call

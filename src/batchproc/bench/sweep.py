@@ -134,6 +134,10 @@ def table_rows(result: SweepResult) -> list[list[str]]:
     for system, pts in result.points.items():
         for p in pts:
             r = p.run
+            if r.failed:
+                rows.append([system, f"{report.fmt_rate(p.offered)} ({p.fraction:g}x)",
+                             "failed", "-", "-", "-", "-"])
+                continue
             rows.append([
                 system,
                 f"{report.fmt_rate(p.offered)} ({p.fraction:g}x)",

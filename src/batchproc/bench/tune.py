@@ -332,7 +332,7 @@ class Tuner:
             "arrival_rate": arrival_rate(run, self.duration, offered),
             **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
                                  "mean_batch", "completed", "errors", "unfinished",
-                                 "first_error", "elapsed_s")},
+                                 "first_error", "elapsed_s", "failed")},
         }
         return report._clean(record)  # type: ignore[no-any-return]
 
@@ -378,7 +378,8 @@ class Tuner:
         )
         if not run.completed or run.errors:
             raise BenchError(
-                f"the model failed while measuring capacity: {run.first_error or 'no results'}"
+                "the model failed while measuring capacity: "
+                f"{run.failed or run.first_error or 'no results'}"
             )
         self.capacity = self.results.capacity = run.throughput
         self.results.save(self.summary())

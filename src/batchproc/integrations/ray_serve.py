@@ -25,8 +25,8 @@ to batch) is set to four batches' worth unless given.
 ``BatchedReplica`` is the replica class, for subclassing (an endpoint of your own,
 another health rule) under ``@serve.deployment``.
 
-Ray is imported only here, and only when a deployment is made: ``pip install
-"batchproc[ray]"``.
+Ray is imported only here, and only when a deployment is made: ``pip install ".[ray]"``
+in a checkout.
 """
 
 from __future__ import annotations

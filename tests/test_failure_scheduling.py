@@ -536,10 +536,13 @@ def test_retry_on_nothing_fails_single_requests_at_once(make_processor):
     assert len(model.calls) == 1
 
 
+@pytest.mark.parametrize("usual_calls", [0, 5])  # before any fit; after fast calls
 @pytest.mark.parametrize("call_seconds", [0.3, None])  # long, and never ending
-def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_seconds):
-    # max_workers=4: a call running long (or hung) does not keep the next request
-    # waiting for it; another worker starts its call once batch_timeout has passed.
+def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_seconds,
+                                                         usual_calls):
+    # max_workers=4: a call overrunning (no usual time known yet, or past twice the
+    # usual time of fast calls) or hung does not keep the next request waiting for it;
+    # another worker starts its call once batch_timeout has passed.
     release = threading.Event()
     entered = threading.Event()
 
@@ -552,6 +555,8 @@ def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_se
     p = make_processor(model, max_workers=4, batch_timeout=0.05, max_batch_size=1,
                        initial_batch_size=1, item_timeout=60)
     try:
+        for v in range(usual_calls):
+            p.enqueue_predict(item(v)).result(timeout=20)
         slow = p.enqueue_predict(item(666))
         assert entered.wait(10)
         sent = time.monotonic()
@@ -622,30 +627,3 @@ def test_a_call_of_usual_length_is_waited_for_not_joined_by_a_second(make_proces
     assert [f.result(timeout=20)[0, 0] for f in (first, *behind)] == [100, 101, 102]
     assert overlapped == []  # no call started while another ran
     assert calls[-2:] == [[100.0], [101.0, 102.0]]
-
-
-def test_a_hung_call_after_usual_ones_holds_no_request_past_batch_timeout(make_processor):
-    # Once the model's usual time is known (fast calls), a call running past twice that
-    # is overrunning: the next request starts its own call after batch_timeout.
-    release = threading.Event()
-    entered = threading.Event()
-
-    def model(batch):
-        if batch[0, 0] == 666:
-            entered.set()
-            release.wait(30)
-        return batch * 2
-
-    p = make_processor(model, max_workers=4, batch_timeout=0.05, max_batch_size=1,
-                       initial_batch_size=1, item_timeout=60)
-    try:
-        for v in range(5):
-            p.enqueue_predict(item(v)).result(timeout=20)
-        slow = p.enqueue_predict(item(666))
-        assert entered.wait(10)
-        fast = p.enqueue_predict(item(1))
-        assert fast.result(timeout=20)[0, 0] == 2
-        assert not slow.done()
-    finally:
-        release.set()
-    assert slow.result(timeout=20)[0, 0] == 1332

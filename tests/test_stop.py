@@ -8,6 +8,8 @@ in progress is completing, and no worker calls the model or parks a retry after 
 import logging
 import threading
 import time
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -345,7 +347,9 @@ def test_stop_returns_in_time_while_threads_keep_enqueuing(make_processor, attem
 
 BAD_TIMEOUTS = [
     ("1", TypeError), (b"1", TypeError), ([1], TypeError), (True, TypeError),
-    (False, TypeError), (float("nan"), ValueError), (-1, ValueError), (-0.5, ValueError),
+    (False, TypeError), (np.True_, TypeError), (float("nan"), ValueError),
+    (np.float32("nan"), ValueError), (-1, ValueError), (np.int64(-1), ValueError),
+    (-0.5, ValueError),
 ]
 
 
@@ -367,9 +371,14 @@ def test_stop_before_start_refuses_a_bad_timeout(make_processor, timeout, error)
     assert not p.shutdown_event.is_set()
 
 
-@pytest.mark.parametrize("timeout", [None, 0, 0.0, 2, 2.5, float("inf")])
+@pytest.mark.parametrize("timeout", [
+    None, 0, 0.0, 2, 2.5, float("inf"), np.int64(2), np.float32(2.5), Fraction(5, 2),
+    Decimal("2.5"), 10**400])
 def test_stop_takes_none_or_seconds(make_processor, timeout):
+    # Any number enqueue_predict's timeout takes (numpy scalars, fractions, decimals, an
+    # int too large for a float).
     p = make_processor(lambda b: b)
+    p.enqueue_predict(one(1), timeout=timeout).result(timeout=10)
     future = p.enqueue_predict(one(3))
     p.stop(timeout)
     assert not p.running and future.done()

@@ -20,6 +20,7 @@ was handed room passes that room on to the next waiter.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue as _stdlib_queue
 import threading
 import time
@@ -128,15 +129,24 @@ def _expire(future: asyncio.Future[None]) -> None:
 
 def timeout_arg(timeout: Any) -> float | None:
     """A ``timeout`` argument (``apredict``'s wait for room, ``stop``'s): ``None`` or
-    seconds >= 0, as ``enqueue_predict`` takes. ``TypeError`` for a non-number (a bool
-    included), ``ValueError`` for NaN or a negative number."""
+    seconds >= 0, any number ``enqueue_predict`` takes (numpy scalars, ``Fraction``,
+    ``Decimal``; an int too large for a float is for ever). ``TypeError`` for a
+    non-number (a string, a bool, numpy's included), ``ValueError`` for NaN or a negative
+    number."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, (str, bytes, bytearray)) or type(timeout).__name__ in ("bool", "bool_"):
         raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
-    if timeout != timeout or timeout < 0:
+    try:
+        value = float(timeout)
+    except OverflowError:
+        value = math.inf if timeout > 0 else -math.inf
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"timeout must be None or a number of seconds, got {timeout!r}") from None
+    if value != value or value < 0:
         raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
-    return float(timeout)
+    return value
 
 
 async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | None,

@@ -249,8 +249,10 @@ class BatchProcessor(Generic[T, U]):
         (bounded by ``START_ABORT_JOIN``; one stuck in a model call is left)."""
         # Before intake closes (which ends the queue's pause): from here on a pop fails
         # what it takes instead of running it.
+        # Nothing ran: a request a pop takes now was never dispatched, and says so.
         self._dispatcher.abandon_all(
-            lambda: ProcessorStoppedError("processor stopped before this request finished"))
+            lambda: ProcessorStoppedError(
+                "processor stopped before this request was dispatched"))
         with self._lifecycle:
             self._close_intake()
         try:

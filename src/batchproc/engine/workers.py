@@ -312,7 +312,7 @@ class WorkerPool:
                 # before stop's wait for pops (wait_for_pops) ends.
                 self._controller.slots.release()
                 self._delivery.fail_pending(live, ProcessorStoppedError(
-                    "processor stopped before this request finished"),
+                    "processor stopped before this request was dispatched"),
                     dispatched_at=batch.dispatched_at)
                 return None
         finally:

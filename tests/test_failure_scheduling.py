@@ -263,10 +263,7 @@ def test_a_deadline_that_passes_while_queued_again_fails_with_its_own_error(
     # processor is paused) past its max_queue_time: it expires with QueueTimeoutError,
     # not the hanging request's BatchTimeoutError; that one still times out alone.
     model = HangingModel(hang=[0.0])
-    entered = threading.Event()
-    inner = model.__call__
-    p = make_processor(lambda batch: (entered.set(), inner(batch))[1], max_workers=1,
-                       max_batch_size=2, initial_batch_size=2, item_timeout=0.2)
+    p, entered = two_row_processor_signalling_calls(make_processor, model)
     try:
         p.pause()
         hanging = p.enqueue_predict(item(0))
@@ -289,10 +286,7 @@ def test_a_hang_of_the_batch_leaves_the_target_once_a_request_expired(make_proce
     # Any call of two rows hangs. One request runs out of its max_queue_time while queued
     # again: whether it would hang alone is unknown, so the target stays.
     model = HangingModel(above=1)
-    entered = threading.Event()
-    inner = model.__call__
-    p = make_processor(lambda batch: (entered.set(), inner(batch))[1], max_workers=1,
-                       max_batch_size=2, initial_batch_size=2, item_timeout=0.2)
+    p, entered = two_row_processor_signalling_calls(make_processor, model)
     halvings = record_halvings(p)
     try:
         p.pause()
@@ -428,6 +422,16 @@ def test_retries_of_a_failing_batch_run_together_not_one_after_another(make_proc
     # The last retries of all four are within one backoff of each other: each request's
     # schedule runs at the same time as the others'.
     assert max(last) - min(last) < 0.2 + 0.5
+
+
+def two_row_processor_signalling_calls(make_processor, model):
+    """One worker, batches of two, item_timeout 0.2 s: (processor, an event set as each
+    call of ``model`` begins)."""
+    entered = threading.Event()
+    inner = model.__call__
+    p = make_processor(lambda batch: (entered.set(), inner(batch))[1], max_workers=1,
+                       max_batch_size=2, initial_batch_size=2, item_timeout=0.2)
+    return p, entered
 
 
 def wait_until_hung_calls_settle(p):

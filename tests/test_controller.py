@@ -269,6 +269,18 @@ class _Clock:
         return self.now
 
 
+def _tuner_on_a_fake_clock(monkeypatch, max_limit):
+    """A ConcurrencyTuner starting at one call slot, its time the returned ``_Clock``:
+    (tuner, slots, clock)."""
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots, ConcurrencyTuner
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(1)
+    return ConcurrencyTuner(slots, max_limit=max_limit), slots, clock
+
+
 def _window(tuner, clock, backlog, rows_per_batch=64):
     """One measurement window of WINDOW_BATCHES batches; returns the last change."""
     change = None
@@ -279,13 +291,7 @@ def _window(tuner, clock, backlog, rows_per_batch=64):
 
 
 def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monkeypatch):
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(1)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
     # Requests left waiting: straight to two, no probe needed.
     assert _window(tuner, clock, backlog=True) == (1, 2) and slots.limit == 2
@@ -303,13 +309,7 @@ def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
     # A Poisson load below capacity leaves a full batch waiting after some calls: one
     # call at a time still takes it all when the call ends. Only when most batches of a
     # window leave one (the load outruns one call) does a second call start.
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(1)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     n = tuner.WINDOW_BATCHES
     minority = int(n * tuner.BACKLOG_SHARE) - 1
     for _ in range(3 * tuner.QUIET_WINDOWS):
@@ -324,13 +324,7 @@ def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
 
 
 def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(1)
-    tuner = ConcurrencyTuner(slots, max_limit=2)  # no probes above two
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)  # no probes above two
     assert _window(tuner, clock, backlog=True) == (1, 2)
     n = tuner.WINDOW_BATCHES
     changes = []
@@ -343,13 +337,7 @@ def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
 
 def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     # A model holding the GIL: two calls only take turns, and carry less than one did.
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(1)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     assert _window(tuner, clock, backlog=True) == (1, 2)
     assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
     # Backlogged still, but two is not tried again before COOLDOWN windows at one.

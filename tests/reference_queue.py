@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 _MAX_CAPACITY = 2**24
+# How much faster than the rows carried across a call its wave must come (native: WAVE_PACE).
+WAVE_PACE = 8.0
 _MAX_PRIORITY = 2**31 - 1
 _MAX_COUNT = 2**39 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -130,6 +132,8 @@ class RequestQueue:
         self._paused = False
         self._in_flight = 0
         self._idle_since = 0.0
+        self._busy_since = 0.0
+        self._idle_rows = 0
         self._last_push = 0.0
         self._last_batch_rows = 0
         self._cond = threading.Condition(threading.Lock())
@@ -309,7 +313,10 @@ class RequestQueue:
                     head = self._head()
                     assert head is not None
                     until = head.t_push + max_wait     # the ceiling, always
-                    if idle_gap >= 0 and self._in_flight == 0:
+                    if (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
+                            and head.t_push < self._idle_since):
+                        until = self._wave_deadline(idle_gap, max_wait)
+                    elif idle_gap >= 0 and self._in_flight == 0:
                         # The pause ends the wait, unless the queue fills on pace.
                         gap_end = max(self._last_push, self._idle_since) + idle_gap
                         if (fill_time > 0 and 2 <= self._rows < self._last_batch_rows
@@ -401,8 +408,24 @@ class RequestQueue:
             self._closed = True
             self._cond.notify_all()
 
+    def _wave_deadline(self, idle_gap: float, max_wait: float) -> float:
+        # A head carried across the last batch goes at once, unless that batch's
+        # clients come back faster than WAVE_PACE times the carried rows came.
+        wave = self._rows - self._idle_rows
+        if wave >= self._last_batch_rows:
+            return 0.0
+        wave = max(wave, 0)
+        until = max(self._last_push, self._idle_since) + idle_gap
+        busy = self._idle_since - self._busy_since
+        if self._idle_rows > 0 and busy > 0:
+            until = min(until, self._idle_since
+                        + (wave + 1) * busy / (WAVE_PACE * self._idle_rows))
+        return min(until, self._idle_since + max_wait)
+
     def begin_batch(self) -> None:
         with self._cond:
+            if self._in_flight == 0:
+                self._busy_since = time.monotonic()
             self._in_flight += 1
 
     def end_batch(self) -> None:
@@ -411,6 +434,7 @@ class RequestQueue:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle_since = time.monotonic()
+                    self._idle_rows = self._rows
                     self._cond.notify_all()
 
     @property

@@ -103,23 +103,22 @@ class _Queue:
         return self.age
 
 
-def test_requests_that_waited_a_whole_fixed_cost_go_without_an_idle_gap():
-    # An open load under a busy model: the requests queued meanwhile have waited a call
-    # already, so the batch takes them at once instead of waiting for arrivals to pause.
+def test_the_plan_keeps_its_idle_gap_and_pace_whatever_the_queued_requests_waited():
+    # Requests that waited through a call (an open load) or not: the plan is the same,
+    # and the queue's fill wait tells carried requests from a wave by when they came
+    # (test_native_queue.py, "carried").
     q = _Queue()
     c = Controller(BatchProcessorConfig(batch_timeout=0.05, initial_batch_size=64,
                                         max_batch_size=64), q)
     for i in range(100):
         rows = 1 + i % 64
         c.observe_batch(rows, 0.010 + 0.00001 * rows, 64)
-    q.age = 0.011  # older than the fixed cost, 10 ms
-    assert c.plan(30) == (64, 0.05, 0.0, 0.0)  # the ceiling stays
-    q.age = 0.004  # younger: it may be the start of a wave, the idle gap and pace apply
-    plan = c.plan(30)
-    assert plan.idle_gap == pytest.approx(0.010 / 16, rel=0.01)
-    assert plan.fill_time == pytest.approx(0.010, rel=0.01)
-    q.age = 1.0
-    assert c.plan(0).idle_gap == pytest.approx(0.010 / 16, rel=0.01)  # nothing queued
+    for age in (0.004, 0.011, 1.0):
+        q.age = age
+        plan = c.plan(30)
+        assert plan[:2] == (64, 0.05)  # the ceiling stays
+        assert plan.idle_gap == pytest.approx(0.010 / 16, rel=0.01)
+        assert plan.fill_time == pytest.approx(0.010, rel=0.01)
 
 
 def test_a_model_too_fast_to_wait_for_gets_no_idle_gap():

@@ -631,3 +631,65 @@ def test_a_call_of_usual_length_is_waited_for_not_joined_by_a_second(make_proces
     assert [f.result(timeout=20)[0, 0] for f in (first, *behind)] == [100, 101, 102]
     assert overlapped == []  # no call started while another ran
     assert calls[-2:] == [[100.0], [101.0, 102.0]]
+
+
+def test_closed_loop_clients_split_across_a_call_merge_at_its_delivery(make_processor):
+    # Client 0 is alone in a call of a model behind one lock when clients 1-3 arrive:
+    # they are carried across it. After its delivery client 0 comes back at once, and
+    # the carried three wait for it (its wave): from then on all four share each call,
+    # instead of two halves alternating, each waiting a whole call for the other.
+    lock = threading.Lock()
+    sizes = []
+    entered = threading.Event()
+
+    def model(batch):
+        with lock:
+            sizes.append(len(batch))
+            entered.set()
+            time.sleep(0.2)
+            return batch
+
+    p = make_processor(model, max_workers=4, batch_timeout=0.05, max_batch_size=64)
+    p.enqueue_predict(item(0)).result(timeout=20)  # the model's usual time: 0.2 s
+    sizes.clear()
+    entered.clear()
+
+    def client(v, calls):
+        for _ in range(calls):
+            assert p.enqueue_predict(item(v)).result(timeout=20)[0, 0] == v
+
+    first = threading.Thread(target=client, args=(0, 10))
+    first.start()
+    assert entered.wait(10)  # client 0's first call is running
+    others = [threading.Thread(target=client, args=(v, 9)) for v in (1, 2, 3)]
+    for t in others:
+        t.start()
+    for t in (first, *others):
+        t.join(30)
+    # Merged: [1, 4, 4, ...] (nine calls of four). Alternating: [1, 3, 1, 3, ...]
+    # until a client happens to come back early.
+    assert sizes[0] == 1
+    assert sizes[1:].count(4) >= 7, sizes
+
+
+def test_a_done_callback_that_blocks_holds_up_no_other_request(make_processor):
+    # A batch keeps its call slot while it is delivered; a delivery that runs past
+    # batch_timeout (a caller's done-callback blocking the worker) lets a free worker
+    # take the requests waiting behind it.
+    release, in_callback = threading.Event(), threading.Event()
+
+    def blocking_callback(future):
+        in_callback.set()
+        release.wait(20)
+
+    p = make_processor(lambda batch: batch, max_workers=2, batch_timeout=0.01)
+    try:
+        p.pause()
+        held = p.enqueue_predict(item(1))
+        held.add_done_callback(blocking_callback)
+        p.resume()
+        assert in_callback.wait(10)
+        assert p.enqueue_predict(item(2)).result(timeout=10)[0, 0] == 2
+    finally:
+        release.set()
+    assert held.result(timeout=10)[0, 0] == 1

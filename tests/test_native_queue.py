@@ -551,6 +551,80 @@ def test_rows_after_a_quiet_spell_are_no_wave(impl: Any) -> None:
     assert time.monotonic() - t_before < 0.4
 
 
+def carried_across(q: Any, last_rows: int, carried: list[str], busy: float) -> None:
+    """A batch of ``last_rows`` rows popped and in flight for ``busy`` seconds while
+    ``carried`` came, then ended: they were carried across it."""
+    answered(q, last_rows)
+    q.begin_batch()
+    began = time.monotonic()
+    for name in carried:
+        q.push(name)
+    wait_until(lambda: time.monotonic() - began > busy, "the batch's call")
+    q.end_batch()
+
+
+def test_rows_carried_across_a_call_go_at_once_without_a_wave(impl: Any) -> None:
+    # An open load: two rows came during a call of 0.2 s. Nothing comes after its end
+    # faster than 8 times their rate, so they go once the first row of a wave is late
+    # (0.2 s / (8 x 2) = 12.5 ms), not after an idle gap of 5 s.
+    q = impl.RequestQueue(16)
+    carried_across(q, 3, ["x", "y"], busy=0.2)
+    ended = time.monotonic()
+    assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
+                       fill_time=HANG, timeout=HANG) == ["x", "y"]
+    assert 0.0125 - 1e-3 <= time.monotonic() - ended < HANG / 4
+
+
+def test_the_wave_after_a_delivery_joins_the_rows_carried_across_it(impl: Any) -> None:
+    # One client came during a call of three (0.4 s); the three come back after its
+    # delivery, faster than 8 times that rate: one batch of four, although the carried
+    # row is past its own max_wait (0.3 s) and a lone row ends no wait by itself.
+    q = impl.RequestQueue(16)
+    carried_across(q, 3, ["x"], busy=0.4)
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=0.3, idle_gap=6 * HANG,
+                    fill_time=HANG, timeout=HANG)
+    blocked(q, FILL)
+    q.push("b")
+    q.push("c")  # the wave is back: the wait ends now, not on a gap or the ceiling
+    assert popper.outcome() == ["x", "a", "b", "c"]
+
+
+def test_a_wave_too_slow_for_the_carried_rows_ends_their_wait(impl: Any) -> None:
+    # Two rows came during a call of 0.2 s (10 rows/s); one more after its end at
+    # nowhere near 80 rows/s is an open load going on, not clients coming back: the
+    # wait ends when the next row is late, 2 x 12.5 ms after the end.
+    q = impl.RequestQueue(16)
+    carried_across(q, 8, ["x", "y"], busy=0.2)
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 0.03, "past the second row's pace")
+    q.push("a")
+    t_before = time.monotonic()
+    assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
+                       fill_time=HANG, timeout=HANG) == ["x", "y", "a"]
+    assert time.monotonic() - t_before < HANG / 4
+
+
+def test_a_wave_on_pace_ends_at_max_wait_after_the_delivery(impl: Any) -> None:
+    # A wave that keeps its pace (a row every 5 ms; 50 ms would do) but never brings
+    # back the 40 rows of the last batch: the carried row's wait for it ends max_wait
+    # (0.1 s) after the end, not on the row's own max_wait (long past) or the gap.
+    q = impl.RequestQueue(64)
+    carried_across(q, 40, ["x"], busy=0.4)
+    ended = time.monotonic()
+    popper = Worker(q.pop_batch, 64, fill_rows=64, max_wait=0.1, idle_gap=6 * HANG,
+                    fill_time=HANG, timeout=HANG)
+    pushed = 0
+    while popper.is_alive() and pushed < 30:
+        q.push(f"w{pushed}")
+        pushed += 1
+        next_row = time.monotonic() + 0.005
+        wait_until(lambda at=next_row: time.monotonic() > at, "the next row of the wave")
+    out = popper.outcome()
+    assert out[0] == "x" and 1 < len(out) < 31
+    assert 0.1 - 1e-3 <= time.monotonic() - ended < HANG / 4
+
+
 def test_a_fill_on_pace_still_ends_at_the_ceiling(impl: Any) -> None:
     q = impl.RequestQueue(16)
     answered(q, 4)

@@ -88,6 +88,9 @@ cdef uint64_t _FAST_SEQ_LIMIT = (<uint64_t>1) << 39
 # The main thread wakes this often from a blocking wait to run signal handlers, so that
 # Ctrl-C interrupts a push/pop blocked with timeout=None. Other threads never poll.
 cdef double _SIGNAL_SLICE = 0.1
+# How much faster than the requests carried across a call (an open load's rate) the rows
+# after its delivery must come to be its clients coming back (see _wave_deadline).
+cdef double WAVE_PACE = 8.0
 cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
 
 # Status codes of the locked helpers (negative = nothing happened, try again).
@@ -417,6 +420,8 @@ cdef class RequestQueue:
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
     cdef double _idle_since     # when _in_flight last dropped to 0
+    cdef double _busy_since     # when _in_flight last rose from 0
+    cdef int64_t _idle_rows     # rows queued when _in_flight last dropped to 0
     cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
     cdef Py_ssize_t _w_fill, _w_room
@@ -697,6 +702,8 @@ cdef class RequestQueue:
         cdef double g, on_pace
         if p.idle_gap < 0.0 or self._in_flight > 0:
             return d        # plain, or the model is busy: keep filling up to the ceiling
+        if p.fill_time > 0.0 and head_pushed < self._idle_since:
+            return self._wave_deadline(p)
         # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
@@ -713,6 +720,44 @@ cdef class RequestQueue:
             if on_pace > g:
                 g = on_pace
         return g if g < d else d
+
+    cdef inline double _wave_deadline(self, const PopParams* p) noexcept nogil:
+        """The fill wait of a head carried across the last batch (pushed while it ran).
+
+        Carried requests came while the model was busy; they go at once, whatever their
+        age, unless the batch just delivered brings its clients back in a wave: the rows
+        pushed since the end come faster than ``WAVE_PACE`` times the rate the carried
+        rows came at during the busy spell, and fewer are back than that batch held.
+        Then the wait lasts while each next row of the wave keeps that pace and comes
+        within ``idle_gap`` of the last, never past ``max_wait`` after the end. Going
+        without the wave would leave it a call of its own, and the two halves of a
+        closed loop would alternate at a model that runs one call at a time.
+        """
+        cdef int64_t wave = self._rows - self._idle_rows
+        cdef double busy = self._idle_since - self._busy_since
+        cdef double until, by_pace
+        if wave >= self._last_batch_rows:
+            return 0.0      # the wave is back
+        if wave < 0:
+            wave = 0        # some were taken or cancelled meanwhile
+        until = (self._last_push if self._last_push > self._idle_since
+                 else self._idle_since) + p.idle_gap
+        if self._idle_rows > 0 and busy > 0.0:
+            by_pace = self._idle_since + <double>(wave + 1) * busy / (
+                WAVE_PACE * <double>self._idle_rows)
+            if by_pace < until:
+                until = by_pace
+        if until > self._idle_since + p.max_wait:
+            until = self._idle_since + p.max_wait
+        return until
+
+    cdef inline int64_t _wave_rows_locked(self, const PopParams* p) noexcept nogil:
+        """Queued rows at which a fill wait must be woken (the wave of _wave_deadline
+        complete), or INT64_MAX when the wait is no wave's."""
+        if (p.idle_gap < 0.0 or p.fill_time <= 0.0 or self._in_flight > 0
+                or self._heap[0].t_push >= self._idle_since):
+            return INT64_MAX
+        return self._idle_rows + self._last_batch_rows
 
     cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
         """Step 3 of pop_batch: move the batch's slots into buf. Requires _len > 0."""
@@ -835,6 +880,8 @@ cdef class RequestQueue:
                     self._w_fill += 1
                     if p.fill_rows < self._fill_need:
                         self._fill_need = p.fill_rows
+                    if self._wave_rows_locked(p) < self._fill_need:
+                        self._fill_need = self._wave_rows_locked(p)
                     wait_fill(self._sync, d if d < wake_by else wake_by)
                     self._w_fill -= 1
                     if self._w_fill == 0:
@@ -1103,7 +1150,12 @@ cdef class RequestQueue:
            not while a wave of arrivals comes in on pace: with ``fill_time > 0``
            (seconds), while the head came within ``fill_time`` of that end, at least 2
            but fewer rows are queued than the last batch popped held, and at least that
-           many times the share of ``fill_time`` since the head's push.
+           many times the share of ``fill_time`` since the head's push. A head pushed
+           before that end (carried across the last batch) ends the wait at once, unless
+           with ``fill_time > 0`` a wave comes back: fewer rows were pushed since the end
+           than the last batch popped held, and each came within ``idle_gap`` of the one
+           before and faster than 8 times the rate the rows queued at the end came
+           while batches were in flight; the wait for it ends ``max_wait`` after the end.
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
@@ -1377,6 +1429,8 @@ cdef class RequestQueue:
         """Tell the queue a popped batch is now running (see ``pop_batch``'s fill wait)."""
         with nogil:
             sync_lock(self._sync)
+            if self._in_flight == 0:
+                self._busy_since = mono_now()
             self._in_flight += 1
             sync_unlock(self._sync)
 
@@ -1388,6 +1442,7 @@ cdef class RequestQueue:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle_since = mono_now()
+                    self._idle_rows = self._rows
                     notify_fill_all(self._sync)
             sync_unlock(self._sync)
 

@@ -20,9 +20,12 @@ The policy (docs/architecture.md, "The controller"):
   arrivals (clients coming back after a delivery, delayed by the GIL), and going would
   leave the rest of the wave a call of its own; at a slower rate the stragglers cost
   less than waiting for them.
-  Neither applies to requests that have already waited a whole fixed cost when the
-  batch is planned: they came while the model was busy (an open load), not in a wave
-  after a delivery, and what is queued goes at once.
+  Neither applies to requests carried across the last call (they came while it ran, as
+  an open load's do): they go at once, unless that call's delivery brings its clients
+  back in a wave (rows after its end at more than 8 times the rate the carried ones
+  came); then they wait for the wave, up to ``batch_timeout`` after the end, so a few
+  closed-loop clients split across one call merge again instead of alternating. The
+  queue tells the two apart (``RequestQueue.pop_batch``); the plan is the same.
   Nor to a model whose idle gap would be under ``SHORTEST_IDLE_GAP`` (a fixed cost
   under 0.8 ms): so short a timed wait lasts the OS's timer slack, many times the gap.
   At low load an idle worker therefore takes what is queued almost at once (for a
@@ -367,8 +370,6 @@ class Controller:
             # applied by its pop).
             self.batch_started = queue.begin_batch  # type: ignore[method-assign]
             self.batch_ended = queue.end_batch  # type: ignore[method-assign]
-        # Seconds since the oldest queued request arrived (None: no queue to ask).
-        self._oldest_age = queue.oldest_age if queue is not None else None
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
         self._memory = MEMORY_OK
@@ -384,8 +385,7 @@ class Controller:
         self._debug = config.debug_mode
         self._ceiling: int
         self._plan: Plan
-        self._plan_now: Plan
-        self._replan()  # sets all three
+        self._replan()  # sets both
 
     @property
     def current_batch_size(self) -> int:
@@ -414,28 +414,20 @@ class Controller:
         strategy = self.strategy
         if strategy is BatchProcessingStrategy.ADAPTIVE:
             fixed_cost = max(self.model.a, 0.0)
-            # For queued requests that have already waited a whole fixed cost, and for a
-            # model too fast to wait for: no idle gap, no pace (the fill while a batch is
-            # in flight and the ceiling stay).
-            self._plan_now = Plan(self._current, cfg.batch_timeout, 0.0, 0.0)
             gap = fixed_cost * IDLE_GAP_SHARE
-            self._plan = (self._plan_now if gap < SHORTEST_IDLE_GAP else
+            # A model too fast to wait for: no idle gap, no pace (the fill while a batch
+            # is in flight and the ceiling stay).
+            self._plan = (Plan(self._current, cfg.batch_timeout, 0.0, 0.0)
+                          if gap < SHORTEST_IDLE_GAP else
                           Plan(self._current, cfg.batch_timeout, gap, fixed_cost))
         else:  # FIXED waits up to batch_timeout to fill; GREEDY never waits
             wait = cfg.batch_timeout if strategy is BatchProcessingStrategy.FIXED else 0.0
-            self._plan = self._plan_now = Plan(self._current, wait, None)
+            self._plan = Plan(self._current, wait, None)
 
     def plan(self, queued_rows: int) -> Plan:
         plan = self._plan  # one attribute read; the lock only when the target may grow
         if queued_rows >= 2 * plan.target_rows and self._tuner is not None:
             plan = self._grow(queued_rows)
-        if (queued_rows and plan.idle_gap and self._oldest_age is not None
-                and self._oldest_age() >= plan.fill_time):
-            # The oldest request has waited a whole fixed cost: it came while the model
-            # was busy (an open load), not in a wave of clients coming back after a
-            # delivery. Waiting for stragglers would only make every queued request
-            # wait longer, so what is queued goes at once.
-            return self._plan_now
         return plan
 
     def _grow(self, queued_rows: int) -> Plan:

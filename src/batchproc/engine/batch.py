@@ -36,8 +36,8 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "calling", "delivering", "dispatched_at", "holds_slot",
-                 "own_failures", "requests", "state", "worker")
+    __slots__ = ("call_started", "calling", "delivering", "delivery_started",
+                 "dispatched_at", "holds_slot", "own_failures", "requests", "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -50,6 +50,7 @@ class Batch:
         # The requests of the current delivery (state DELIVERING): its worker completes
         # them even if stop takes the batch meanwhile.
         self.delivering: list[Request] = []
+        self.delivery_started = 0.0  # when the current delivery began (state DELIVERING)
         # A resource, not a state: one of the controller's call slots, held from the pop
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
@@ -86,12 +87,18 @@ class Board:
 
     def begin_delivery(self, batch: Batch, requests: list[Request]) -> tuple[bool, bool]:
         """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that
-        the caller must now release)."""
+        the caller must now release). A delivery of the whole batch keeps the slot until
+        ``finish``: its clients come back in a wave that the next pop waits for (the
+        queue's fill wait), and a worker handed the slot now would pop without them. A
+        part of a batch (a failure search) frees it at once for the other calls."""
         with self.lock:
             if batch.state is not HELD:
                 return False, False
             batch.state = DELIVERING
             batch.delivering = requests
+            batch.delivery_started = _monotonic()
+            if len(requests) == len(batch.requests):
+                return True, False
             holds, batch.holds_slot = batch.holds_slot, False
             return True, holds
 

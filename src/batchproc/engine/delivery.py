@@ -61,11 +61,11 @@ class Delivery:
         ok, holds_slot = board.begin_delivery(batch, requests)
         if not ok:
             return
-        # What this batch left waiting, read before its slot lets another worker pop it:
-        # the controller sizes the calls in flight on it.
+        # What this batch left waiting, read before another worker may pop it: the
+        # controller sizes the calls in flight on it.
         left_waiting = self._queue.rows
         if holds_slot:
-            # The model is free: the next batch may start while this one is delivered.
+            # A part of a batch: the model is free for another call meanwhile.
             self._controller.slots.release(wake=self.others_needed())
         if len(board.active) > 1 and self._other_call_running(batch):
             # Another worker is inside process_func, and the model this batch just left

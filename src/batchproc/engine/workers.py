@@ -269,18 +269,24 @@ class WorkerPool:
 
     def _overdue(self) -> bool:
         """Requests have waited past ``batch_timeout`` behind a call that overruns its
-        usual time: a worker without a call slot may start one more. Behind calls of
-        normal length they wait for them: a model that runs one call at a time (a lock,
-        the GIL, one GPU) would only queue a second call, and split one full batch into
-        two alternating halves. With no call in progress the slot holders are popping or
-        delivering, and the next pop takes them."""
+        usual time, or behind a delivery running longer than ``batch_timeout`` (a
+        done-callback that blocks): a worker without a call slot may start one more.
+        Behind calls of normal length they wait for them: a model that runs one call at
+        a time (a lock, the GIL, one GPU) would only queue a second call, and split one
+        full batch into two alternating halves. With no call in progress the slot
+        holders are popping or delivering, and the next pop takes them."""
         queue = self._queue
-        if not (queue.rows > 0 and queue.oldest_age() >= self._config.batch_timeout):
+        timeout = self._config.batch_timeout
+        if not (queue.rows > 0 and queue.oldest_age() >= timeout):
             return False
         now = _monotonic()
         with self._board.lock:
             calls = [(b.calling if b.calling is not None else b.requests, b.call_started)
                      for b in self._board.active if b.state is CALLING]
+            delivering = [b.delivery_started for b in self._board.active
+                          if b.state is DELIVERING]
+        if any(now - started > timeout for started in delivering):
+            return True
         overruns = self._controller.overruns
         return any(overruns(total_rows(requests), now - started)
                    for requests, started in calls)

@@ -1,6 +1,9 @@
 """start / stop / pause / resume, intake before start and after stop, thread hygiene."""
 
 import queue
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -422,3 +425,142 @@ def test_a_start_that_succeeds_starts_every_thread(monkeypatch, make_processor):
     assert p.running
     assert p.enqueue_predict(one(5)).result(timeout=10)[0] == 5
 
+
+# ----------------------------------------------------------------- interpreter exit
+
+
+def run_script(code, timeout=60):
+    """What a fresh interpreter running ``code`` prints (it must exit 0), and how long
+    it ran, in seconds."""
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout, check=True).stdout
+    return out.splitlines(), time.monotonic() - began
+
+
+EXIT_PRELUDE = """
+    import threading
+    import numpy as np
+    from batchproc import BatchProcessor, BatchProcessorConfig, exiting
+
+    def printing_model(batch):
+        for row in batch:
+            print("processed", int(row[0]), flush=True)
+        return batch
+
+    def one(v):
+        return np.array([[float(v)]])
+"""
+
+
+def test_a_processor_never_stopped_finishes_its_queued_work_at_exit():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(printing_model)
+    p.pause()  # everything is still queued when the interpreter exits
+    for i in range(3):
+        p.enqueue(one(i))
+    futures = [p.enqueue_predict(one(i)) for i in (3, 4)]
+    print("exiting", flush=True)
+    """)
+    assert lines[0] == "exiting"
+    assert sorted(lines[1:]) == [f"processed {i}" for i in range(5)]
+
+
+def test_a_processor_stopped_before_exit_is_left_alone_at_exit():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1))
+    p.start(printing_model)
+    print("registered", p in exiting.registered(), flush=True)
+    p.stop()
+    print("registered", p in exiting.registered(), flush=True)
+    never_started = BatchProcessor()
+    print("registered", never_started in exiting.registered(), flush=True)
+    p.stop = never_started.stop = lambda timeout=None: print("stopped again", flush=True)
+    """)
+    assert lines == ["registered True", "registered False", "registered False"]
+
+
+def test_a_model_that_hangs_delays_exit_only_by_the_exit_timeout():
+    lines, took = run_script(EXIT_PRELUDE + """
+    exiting.EXIT_TIMEOUT = 0.5
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        threading.Event().wait()  # for ever
+        return batch
+
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(hangs)
+    future = p.enqueue_predict(one(1))
+    future.add_done_callback(lambda f: print("failed", type(f.exception()).__name__,
+                                             flush=True))
+    entered.wait()
+    print("exiting", flush=True)
+    """)
+    assert lines == ["exiting", "failed ProcessorStoppedError"]
+    assert took < 30  # EXIT_TIMEOUT plus the interpreter's start; never the 30 s item_timeout
+
+
+def test_the_exit_hook_stops_within_one_timeout_for_all_processors():
+    lines, _ = run_script(EXIT_PRELUDE + """
+    import time
+    from batchproc import ProcessorStoppedError
+
+    exiting.EXIT_TIMEOUT = 0.5
+    release = threading.Event()
+    processors = []
+    for name in "ab":
+        p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+        p.start(lambda batch: release.wait() and batch)
+        processors.append(p)
+        future = p.enqueue_predict(one(1))
+        future.add_done_callback(lambda f, name=name: print(
+            name, type(f.exception()).__name__, flush=True))
+    calls = []
+    real_stop = BatchProcessor.stop
+
+    def stop(self, timeout=5.0):
+        calls.append(timeout)
+        real_stop(self, timeout)
+        if len(calls) == 2:
+            print("timeouts", all(t <= 0.5 for t in calls), flush=True)
+
+    BatchProcessor.stop = stop
+    """)
+    assert lines == ["a ProcessorStoppedError", "b ProcessorStoppedError", "timeouts True"]
+
+
+STUCK_AT_EXIT = EXIT_PRELUDE + """
+    exiting.EXIT_TIMEOUT = 0.5
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def stuck(batch):
+        entered.release()
+        release.wait()
+        return batch
+
+    for _ in range(2):
+        p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+        p.start(stuck)
+        p.enqueue_predict(one(1))
+    for _ in range(2):
+        entered.acquire()
+    print("exiting", flush=True)
+"""
+
+
+def test_exits_with_processors_stuck_in_their_model_never_crash():
+    # The exit hook gives up on the stuck calls and closes the queues: it wakes the
+    # processors' other threads from their native waits just before the interpreter
+    # finalizes, and the ones not out by then are ended inside the native module. Each
+    # run is a fresh draw of that race; a crash shows as a negative exit status.
+    children = [subprocess.Popen([sys.executable, "-X", "faulthandler", "-c",
+                                  textwrap.dedent(STUCK_AT_EXIT)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(8)]
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert (child.returncode, out) == (0, "exiting\n"), err

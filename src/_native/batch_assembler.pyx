@@ -15,8 +15,8 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uintptr_t
 from libc.string cimport memcpy, memset
-from libcpp.vector cimport vector
 from _types cimport count_arg
+from scratch_array cimport ScratchArray
 
 cimport numpy as cnp
 from numpy cimport npy_intp
@@ -258,9 +258,9 @@ cdef class BatchAssembler:
     cdef list _owners                       # uint8 arrays owning each buffer (or None)
     cdef char* _data[MAX_BUFFERS]           # ALIGN-aligned start of each buffer
     cdef Py_ssize_t _cap[MAX_BUFFERS]       # usable bytes from _data[i]
-    cdef vector[Item] _items                # scratch, reused across calls
-    cdef vector[PadItem] _pad_items
-    cdef vector[npy_intp] _shape_pool       # dims + strides of non-contiguous items
+    cdef ScratchArray[Item] _items                # scratch, reused across calls
+    cdef ScratchArray[PadItem] _pad_items
+    cdef ScratchArray[npy_intp] _shape_pool       # dims + strides of non-contiguous items
     cdef npy_intp _out_dims[MAX_DIMS]
 
     def __cinit__(self):
@@ -417,7 +417,8 @@ cdef class BatchAssembler:
         lo = <uintptr_t>self._data[slot]
         hi = lo + <uintptr_t>self._cap[slot]
 
-        self._items.resize(<size_t>n)
+        if not self._items.resize(<size_t>n):
+            raise MemoryError("could not grow the assembler's scratch space")
         self._shape_pool.clear()
         for i in range(n):
             obj = PyTuple_GET_ITEM(seq, i)
@@ -468,9 +469,11 @@ cdef class BatchAssembler:
                 item.nd = nd
                 item.shape_at = <Py_ssize_t>self._shape_pool.size()
                 for d in range(nd):
-                    self._shape_pool.push_back(dims[d])
+                    if not self._shape_pool.push_back(dims[d]):
+                        raise MemoryError("could not grow the assembler's scratch space")
                 for d in range(nd):
-                    self._shape_pool.push_back(strides[d])
+                    if not self._shape_pool.push_back(strides[d]):
+                        raise MemoryError("could not grow the assembler's scratch space")
 
         if _mul(total_rows, row_bytes, &total_bytes) or total_bytes > MAX_CAPACITY:
             raise ValueError(
@@ -553,7 +556,8 @@ cdef class BatchAssembler:
         lo = <uintptr_t>self._data[slot]
         hi = lo + <uintptr_t>self._cap[slot]
 
-        self._pad_items.resize(<size_t>n)
+        if not self._pad_items.resize(<size_t>n):
+            raise MemoryError("could not grow the assembler's scratch space")
         self._shape_pool.clear()
         for i in range(n):
             obj = PyTuple_GET_ITEM(seq, i)
@@ -598,9 +602,11 @@ cdef class BatchAssembler:
                 item.nd = nd - 1
                 item.shape_at = <Py_ssize_t>self._shape_pool.size()
                 for d in range(1, nd):
-                    self._shape_pool.push_back(dims[d])
+                    if not self._shape_pool.push_back(dims[d]):
+                        raise MemoryError("could not grow the assembler's scratch space")
                 for d in range(1, nd):
-                    self._shape_pool.push_back(strides[d])
+                    if not self._shape_pool.push_back(strides[d]):
+                        raise MemoryError("could not grow the assembler's scratch space")
 
         if _mul(total_rows, row_bytes, &total_bytes) or total_bytes > MAX_CAPACITY:
             raise ValueError(

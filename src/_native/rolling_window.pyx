@@ -13,8 +13,8 @@ from libc.math cimport fabs, floor, isfinite, NAN
 from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from libcpp.vector cimport vector
 from _types cimport count_arg
+from scratch_array cimport ScratchArray
 
 import numpy as np
 
@@ -93,7 +93,7 @@ cdef class RollingWindow:
 
     def extend(self, values):
         """Add every value of an iterable, oldest first; all or nothing on bad input."""
-        cdef vector[double] buf
+        cdef ScratchArray[double] buf
         cdef double x
         cdef const double[::1] view
         cdef Py_ssize_t i, k
@@ -102,7 +102,8 @@ cdef class RollingWindow:
         if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "biuf":
             view = np.ascontiguousarray(values, dtype=np.float64)
             k = view.shape[0]
-            buf.resize(k)
+            if not buf.resize(k):
+                raise MemoryError("RollingWindow.extend could not copy its values")
             for i in range(k):
                 x = view[i]
                 if not isfinite(x):
@@ -114,7 +115,8 @@ cdef class RollingWindow:
                 x = v
                 if not isfinite(x):
                     raise ValueError(f"values[{i}] must be finite, got {x!r}")
-                buf.push_back(x)
+                if not buf.push_back(x):
+                    raise MemoryError("RollingWindow.extend could not copy its values")
                 i += 1
         k = <Py_ssize_t>buf.size()
         if k == 0:
@@ -192,7 +194,7 @@ cdef class RollingWindow:
 
     def percentiles(self, qs):
         """Several percentiles under one lock acquisition; a list of floats."""
-        cdef vector[double] qv
+        cdef ScratchArray[double] qv
         cdef double q
         cdef Py_ssize_t i, m
         cdef bint empty = True
@@ -201,7 +203,8 @@ cdef class RollingWindow:
             q = v
             if not (0.0 <= q <= 100.0):
                 raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
-            qv.push_back(q)
+            if not qv.push_back(q):
+                raise MemoryError("RollingWindow.percentiles could not copy its arguments")
         m = <Py_ssize_t>qv.size()
         with self._lock:
             empty = self._n == 0
@@ -214,18 +217,19 @@ cdef class RollingWindow:
 
     def values(self):
         """A float64 copy of the window in insertion order (oldest first)."""
-        cdef vector[double] tmp
+        cdef ScratchArray[double] tmp
         cdef Py_ssize_t n = 0, first, cap
         cdef double[::1] view
         self._check_init()
         # Copy out under the lock into C memory (no Python code while it is held),
         # then build the array.
-        tmp.reserve(<size_t>self.capacity if self.capacity < 4096 else 4096)
+        if not tmp.reserve(<size_t>self.capacity if self.capacity < 4096 else 4096):
+            raise MemoryError("RollingWindow.values could not copy the window")
         while True:
             with self._lock:
                 n = self._n
                 if <size_t>n <= tmp.capacity():
-                    tmp.resize(<size_t>n)
+                    tmp.resize(<size_t>n)  # within capacity: cannot fail
                     cap = self.capacity
                     first = cap - self._head
                     if first > n:
@@ -235,7 +239,8 @@ cdef class RollingWindow:
                         memcpy(tmp.data() + first, self._val + 1,
                                (n - first) * sizeof(double))
                     break
-            tmp.reserve(<size_t>n)
+            if not tmp.reserve(<size_t>n):
+                raise MemoryError("RollingWindow.values could not copy the window")
         out = np.empty(n, dtype=np.float64)
         if n:
             view = out

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import bulk, forking
+from . import bulk, exiting, forking
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
@@ -161,6 +161,9 @@ class BatchProcessor(Generic[T, U]):
         ``functools.partial`` of either) runs on an event loop the processor starts here,
         in a thread of its own, and stops in ``stop()`` after the workers (docs/asyncio.md).
 
+        Once running, it is stopped at interpreter exit if ``stop()`` was not called: its
+        queued work finishes first, as a ``ThreadPoolExecutor``'s does (see ``stop``).
+
         Raises ``TypeError`` when ``process_func`` is not callable (``None`` included),
         ``ProcessorStoppedError`` once ``stop()`` was called (a stopped processor is never
         started again: make a new one), ``ProcessorForkedError`` in a forked child of the
@@ -206,6 +209,7 @@ class BatchProcessor(Generic[T, U]):
                 failure = None
                 if hold:
                     self._queue.resume()
+                exiting.stop_at_exit(self)
         if failure is not None:
             # Atomic: what did start is stopped and joined before the error is raised.
             self._abort_start()
@@ -273,6 +277,7 @@ class BatchProcessor(Generic[T, U]):
         self._resume.set()
         # Last: whoever sees the event must find intake already closed.
         self.shutdown_event.set()
+        exiting.forget(self)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop intake, finish queued and in-flight work within ``timeout`` seconds, fail
@@ -295,7 +300,10 @@ class BatchProcessor(Generic[T, U]):
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
         done-callback of a request it fails), it returns at once.
 
-        ``timeout``: ``TypeError`` if not ``None`` or a number (a bool
+        A processor still running at interpreter exit is stopped then (an ``atexit``
+        hook, ``batchproc.exiting``), within ``exiting.EXIT_TIMEOUT`` (5) seconds for all
+        processors together: its queued work is finished, not dropped with its daemon
+        threads. ``timeout``: ``TypeError`` if not ``None`` or a number (a bool
         included), ``ValueError`` if NaN or negative.
         """
         timeout = timeout_arg(timeout)

@@ -25,14 +25,15 @@ the way ``functools.cached_property`` keeps its value). What counts as which:
 
 ``stop()`` is final, as ``BatchProcessor.stop`` is: every later call (and
 ``.processor``) raises ``ProcessorStoppedError`` rather than silently starting a new
-processor, also after the ``atexit`` hook below stopped it; decorate the function again
+processor, also after the ``atexit`` hook stopped it; decorate the function again
 for a new one. On a method, ``Class.method.stop()`` stops it for every instance, those
 made later included. A processor lives as long as its owner
 (the decorated function; for a method, the instance), reference cycles included: once
 the owner is collected its processor is stopped and its threads exit. A request still
 pending keeps its owner alive (its future, or the coroutine awaiting it, holds it), so
 none is lost that way. Every processor still running at interpreter exit is stopped by
-an ``atexit`` hook, so queued work is finished or failed, never lost silently. A process
+an ``atexit`` hook (``batchproc.exiting``), so queued work is finished or failed, never
+lost silently. A process
 forked after the first call (a pre-forking server that warmed the model up before
 forking) does not inherit the processor, whose threads stay in the parent: its first
 call starts its own.
@@ -43,7 +44,6 @@ loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import os
@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, cast, overload
 
+from .. import exiting
 from ..backpressure import timeout_arg
 from ..config import BatchPriority, BatchProcessorConfig
 from ..errors import ProcessorStoppedError
@@ -85,6 +86,7 @@ class BatchedFunction(Generic[T, U]):
         self._stopped = False  # stop() was called: final
         self._instance = instance  # a method's instance, which its function needs
         _LIVE.add(self)
+        exiting.stop_at_exit(self)
 
     # ----------------------------------------------------------------- calling
 
@@ -149,6 +151,7 @@ class BatchedFunction(Generic[T, U]):
         Idempotent, and safe before the first call. ``timeout``: ``TypeError`` if not a
         number, ``ValueError`` if NaN or negative."""
         timeout = timeout_arg(timeout)
+        exiting.forget(self)
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
                 self._stopped = True
@@ -313,15 +316,9 @@ def _stop_in_background(processor: BatchProcessor[Any, Any]) -> None:
                      daemon=True).start()
 
 
-# Every BatchedFunction alive, stopped at interpreter exit (their workers are daemon
-# threads: without this, queued work would die with them).
+# Every BatchedFunction alive, forgotten in a forked child (each is also stopped at
+# interpreter exit: exiting.py).
 _LIVE: weakref.WeakSet[BatchedFunction[Any, Any]] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for fn in list(_LIVE):
-        fn.stop()
 
 
 # Processors a forked child inherited from its parent, threads gone (see _forget_after_fork).

@@ -143,7 +143,11 @@ class BatchProcessorConfig:
             parked in the queue: it holds no worker, and nothing waits for it.
         retry_on: Which failures of a single request are retried, an exception class or
             a tuple of them. Default ``(Exception,)`` (every ``Exception``); others
-            fail the request at once. ``()`` retries nothing.
+            fail the request at once. ``()`` retries nothing. An output that breaks the
+            output rule (`BatchOutputError`: wrong type, wrong rows) would come back on
+            every try: it is retried only when ``retry_on`` names `BatchOutputError`
+            (or a subclass of it) itself; a broader class (``Exception``,
+            ``ValueError``) does not retry it.
         max_queue_time: Longest a request may wait in the queue (and parked for a
             retry) before its call, in seconds from enqueue. Default ``None``: no limit.
             A request still waiting when it runs out fails with ``QueueTimeoutError``

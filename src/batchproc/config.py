@@ -115,14 +115,15 @@ class BatchProcessorConfig:
             ``gc_batch_threshold`` requests, and a full one when memory is critical.
         gc_batch_threshold: Batch size that triggers the young-generation collection of
             ``enable_memory_optimization``, in requests, at most ``max_batch_size``.
-            Default ``100``, or ``max_batch_size`` when that is smaller. Needs
+            Default ``None``: ``100``, or ``max_batch_size`` when that is smaller. Needs
             ``enable_memory_optimization``.
         memory_warning_threshold: Memory level graded "warning", in percent of the
-            machine's memory held by this process (resident set). Default ``80.0``, or
-            ``memory_critical_threshold`` when that is set lower. At warning the target
-            is capped at half the throughput-optimal size.
+            machine's memory held by this process (resident set). Default ``None``:
+            ``80.0``, or ``memory_critical_threshold`` when that is set lower. At warning
+            the target is capped at half the throughput-optimal size.
         memory_critical_threshold: Memory level graded "critical", in percent, as above.
-            Default ``90.0``, or ``memory_warning_threshold`` when that is set higher. At
+            Default ``None``: ``90.0``, or ``memory_warning_threshold`` when that is set
+            higher. At
             critical the target drops to ``min_batch_size``.
         enable_adaptive_batching: Let the strategy adapt, on or off. Default ``True``;
             ``False`` makes every strategy behave as FIXED.
@@ -143,14 +144,14 @@ class BatchProcessorConfig:
         health_check_interval: Time between periodic health checks, in seconds.
             Default ``30.0``. Needs ``enable_health_monitoring``.
         queue_warning_threshold: Queue length graded "warning" by the health check, in
-            requests, at most ``max_queue_size``. Default: half of ``max_queue_size``
-            (rounded up; ``500`` for the default ``1000``), or
+            requests, at most ``max_queue_size``. Default ``None``: half of
+            ``max_queue_size`` (rounded up; ``500`` for the default ``1000``), or
             ``queue_critical_threshold`` when that is set lower. A queue that grew over
             three checks and is past half of it is a warning too.
         queue_critical_threshold: Queue length graded "critical", in requests, at most
-            ``max_queue_size``. Default: 80% of ``max_queue_size`` (rounded up; ``800``
-            for the default ``1000``), or ``queue_warning_threshold`` when that is set
-            higher.
+            ``max_queue_size``. Default ``None``: 80% of ``max_queue_size`` (rounded up;
+            ``800`` for the default ``1000``), or ``queue_warning_threshold`` when that
+            is set higher.
         max_retries: Retries of a single failing request, in attempts after the first.
             Default ``3``. A failing batch of several requests is bisected first; only
             single requests are retried, each alone in its batch.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -432,3 +433,78 @@ def test_without_threadpoolctl_bench_says_figures_may_vary_and_how_to_pin(
     assert "limit" in out
     code, _, err = run_cli(capsys, "--model", "identity", "--clients", "2", *TINY)
     assert code == 0 and "threadpoolctl" not in err  # only the numpy model needs it
+
+
+def _unwritable(tmp_path, place: str, ext: str) -> tuple[str, str]:
+    """(path, what the error says) of an output that cannot be written, whoever runs the
+    tests (root writes through permission bits: /proc refuses even root)."""
+    if place == "missing":
+        return str(tmp_path / "missing" / f"out.{ext}"), "does not exist"
+    if place == "file":
+        (tmp_path / "a-file").write_text("")
+        return str(tmp_path / "a-file" / f"out.{ext}"), "is not a directory"
+    if place == "dir":
+        (tmp_path / f"a-dir.{ext}").mkdir()
+        return str(tmp_path / f"a-dir.{ext}"), "is a directory"
+    if not os.path.isdir("/proc/self"):  # Linux
+        pytest.skip("no /proc here")
+    return f"/proc/out.{ext}", "is not writable"
+
+
+def _counting_model(tmp_path, monkeypatch) -> list[int]:
+    """A user model (``calls_mod:model``) that records each call."""
+    (tmp_path / "calls_mod.py").write_text(
+        "CALLS = []\n\ndef model(batch):\n    CALLS.append(len(batch))\n    return batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import calls_mod
+
+    return calls_mod.CALLS
+
+
+@pytest.mark.parametrize("place", ["missing", "file", "dir", "proc"])
+@pytest.mark.parametrize(("command", "flag"), [
+    ("bench", "--json"), ("bench", "--plot"), ("sweep", "--json"), ("sweep", "--plot"),
+    ("tune", "--json"),  # tune's resumable results file
+])
+def test_an_output_that_cannot_be_written_fails_before_any_run(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str], command: str, flag: str,
+    place: str,
+) -> None:
+    calls = _counting_model(tmp_path, monkeypatch)
+    argv = {
+        "bench": ["bench", "--clients", "1", *TINY],
+        "sweep": ["bench", "--sweep", "--capacity", "100", "--loads", "0.5",
+                  "--duration", "0.2", "--quiet"],
+        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
+    }[command]
+    path, says = _unwritable(tmp_path, place, "json" if flag == "--json" else "png")
+    code = main([*argv, "--model", "calls_mod:model", flag, path])
+    out, err = capsys.readouterr()
+    assert out == "" and calls == []  # no run, not even the model's check
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{flag} {path}: " in err and says in err, err
+
+
+def test_an_existing_output_that_cannot_be_written_fails_before_any_run(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = _counting_model(tmp_path, monkeypatch)
+    fifo = tmp_path / "no-reader.json"  # opens for writing only with a reader: never here
+    os.mkfifo(fifo)
+    code = main(["bench", "--model", "calls_mod:model", "--clients", "1", *TINY,
+                 "--json", str(fifo)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "cannot be written" in err, err
+    assert calls == []
+
+
+def test_tune_resumes_from_a_writable_file_it_checked(tmp_path, capsys) -> None:
+    # The check leaves an existing file as it was: a results file to resume is kept.
+    path = tmp_path / "tune.json"
+    path.write_text("{}")
+    code = main(["tune", "--model", "identity", "--rate", "100", "--duration", "0.2",
+                 "--budget", "5", "--quiet", "--json", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "not a file written by batchproc tune" in err, err
+    assert path.read_text() == "{}"

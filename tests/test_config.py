@@ -1,6 +1,7 @@
 """BatchProcessorConfig defaults, validation and the small public value types."""
 
 import dataclasses
+import re
 from decimal import Decimal
 from fractions import Fraction
 
@@ -124,6 +125,80 @@ def test_large_finite_numbers_are_still_accepted(field, needs, none_means):
 def test_contradictions_raise_naming_the_field(kwargs, named):
     with pytest.raises(ValueError, match=named):
         BatchProcessorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(memory_warning_threshold=95.0, memory_critical_threshold=90.0),
+     "memory_warning_threshold (95.0) must not exceed memory_critical_threshold (90.0)"),
+    (dict(queue_warning_threshold=90, queue_critical_threshold=80),
+     "queue_warning_threshold (90) must not exceed queue_critical_threshold (80)"),
+    (dict(max_queue_size=100, queue_critical_threshold=150),
+     "queue_critical_threshold (150) must not exceed max_queue_size (100)"),
+    (dict(max_queue_size=100, queue_warning_threshold=101, queue_critical_threshold=100),
+     "queue_warning_threshold (101) must not exceed max_queue_size (100)"),
+    (dict(queue_warning_threshold=1001), "queue_warning_threshold (1001) must not exceed "
+     "max_queue_size (1000)"),
+    (dict(max_batch_size=16, gc_batch_threshold=17),
+     "gc_batch_threshold (17) must not exceed max_batch_size (16)"),
+    (dict(gc_batch_threshold=129), "gc_batch_threshold (129) must not exceed "
+     "max_batch_size (128)"),
+    (dict(pad_value=0, pad_to_multiple_of=8, max_batch_tokens=15),
+     "max_batch_tokens (15) must be at least twice pad_to_multiple_of (8)"),
+])
+def test_a_pair_that_can_never_take_effect_is_refused_naming_both(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BatchProcessorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("size,warning,critical", [
+    (1000, 500, 800), (100, 50, 80), (10, 5, 8), (3, 2, 3), (1, 1, 1)])
+def test_queue_thresholds_not_given_follow_max_queue_size(size, warning, critical):
+    config = BatchProcessorConfig(max_queue_size=size)
+    assert (config.queue_warning_threshold, config.queue_critical_threshold) == (
+        warning, critical)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    # A threshold not given stays on its side of the one given.
+    (dict(queue_warning_threshold=900), (900, 900)),
+    (dict(queue_critical_threshold=300), (300, 300)),
+    (dict(queue_warning_threshold=100), (100, 800)),
+    (dict(max_queue_size=100, queue_warning_threshold=90), (90, 90)),
+    (dict(max_queue_size=100, queue_critical_threshold=100), (50, 100)),
+    (dict(queue_warning_threshold=None, queue_critical_threshold=None), (500, 800)),
+])
+def test_a_queue_threshold_not_given_agrees_with_the_given_one(kwargs, expected):
+    config = BatchProcessorConfig(**kwargs)
+    assert (config.queue_warning_threshold, config.queue_critical_threshold) == expected
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(memory_warning_threshold=95.0), (95.0, 95.0)),
+    (dict(memory_critical_threshold=70.0), (70.0, 70.0)),
+    (dict(memory_warning_threshold=50.0), (50.0, 90.0)),
+    (dict(memory_critical_threshold=99.0), (80.0, 99.0)),
+])
+def test_a_memory_threshold_not_given_agrees_with_the_given_one(kwargs, expected):
+    config = BatchProcessorConfig(**kwargs)
+    assert (config.memory_warning_threshold, config.memory_critical_threshold) == expected
+
+
+@pytest.mark.parametrize("max_batch,expected", [(128, 100), (100, 100), (16, 16), (1, 1)])
+def test_gc_batch_threshold_not_given_is_at_most_max_batch_size(max_batch, expected):
+    assert BatchProcessorConfig(max_batch_size=max_batch).gc_batch_threshold == expected
+    assert BatchProcessorConfig(max_batch_size=max_batch,
+                                enable_memory_optimization=False).max_batch_size == max_batch
+
+
+def test_limits_that_can_take_effect_are_accepted():
+    config = BatchProcessorConfig(max_queue_size=10, queue_warning_threshold=10,
+                                  queue_critical_threshold=10, max_batch_size=16,
+                                  gc_batch_threshold=16)
+    assert (config.queue_warning_threshold, config.gc_batch_threshold) == (10, 16)
+    assert BatchProcessorConfig(pad_value=0, pad_to_multiple_of=8,
+                                max_batch_tokens=16).max_batch_tokens == 16
+    # Initial sizes are still clamped, not refused: 32 with a max of 16 is 16.
+    assert BatchProcessorConfig(max_batch_size=16).initial_batch_size == 16
 
 
 @pytest.mark.parametrize("initial,expected", [(500, 64), (1, 4), (10, 10)])

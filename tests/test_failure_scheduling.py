@@ -380,8 +380,9 @@ def test_a_failure_of_every_request_ends_within_one_retry_schedule(make_processo
         return batch[:-1]
 
     delay = 0.15
+    # An output error is retried only when retry_on names it (docs/failures.md).
     p = make_processor(short, max_workers=1, max_batch_size=4, initial_batch_size=4,
-                       max_retries=3, retry_delay=delay)
+                       max_retries=3, retry_delay=delay, retry_on=BatchOutputError)
     started = time.monotonic()
     futures = enqueue_paused(p, [1.0, 2.0, 3.0, 4.0])
     for f in futures:
@@ -521,6 +522,130 @@ def test_retry_on_limits_which_failures_are_retried(make_processor):
     with pytest.raises(ConnectionError):
         p.enqueue_predict(item(2)).result(timeout=20)
     assert calls == [1.0, 2.0, 2.0, 2.0]
+
+
+class Unsliceable:
+    """A length, but no rows to cut: splitting it raises TypeError."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        raise TypeError("Unsliceable cannot be indexed")
+
+
+# Outputs that break the output rule, for a batch of ``n`` rows ``batch``.
+BAD_OUTPUTS = {
+    "None": lambda batch: None,
+    "a set": lambda batch: {1.0},
+    "a str": lambda batch: "text",
+    "a row too few": lambda batch: batch[:-1] * 2,
+    "a row too many": lambda batch: np.concatenate([batch, batch[:1]]) * 2,
+    "a number": lambda batch: 42,
+    "a dict of a row short": lambda batch: {"y": batch[:-1]},
+}
+
+
+@pytest.mark.parametrize("bad_output", BAD_OUTPUTS.values(), ids=BAD_OUTPUTS)
+def test_an_output_that_breaks_the_rule_fails_its_request_without_a_retry(
+        make_processor, bad_output):
+    # Its retries would each wait 30 s: the bad request failing far sooner, after one call
+    # on its own, shows that none is scheduled; the healthy ones still get their results.
+    calls = []
+
+    def model(batch):
+        calls.append(batch[:, 0].tolist())
+        return bad_output(batch) if -1.0 in batch[:, 0] else batch * 2
+
+    p = make_processor(model, max_workers=1, max_batch_size=4, initial_batch_size=4,
+                       max_retries=3, retry_delay=30.0)
+    futures = enqueue_paused(p, [1.0, -1.0, 2.0, 3.0])
+    assert isinstance(futures[1].exception(timeout=10), BatchOutputError)
+    for v, f in zip([1.0, 2.0, 3.0], [futures[0], *futures[2:]]):
+        assert f.result(timeout=10)[0, 0] == 2 * v
+    assert calls.count([-1.0]) == 1
+    assert p.get_stats()["total_errors"] == 1
+
+
+def test_an_output_that_cannot_be_cut_fails_its_request_without_a_retry(make_processor):
+    # Cutting the output raises (a length but no indexing): still the model's contract
+    # broken, a BatchOutputError that names the output and what cutting it raised.
+    calls = []
+
+    def model(batch):
+        calls.append(list(batch))
+        return Unsliceable(len(batch)) if "poison" in batch else [s.upper() for s in batch]
+
+    p = make_processor(model, max_workers=1, max_batch_size=4, max_retries=3,
+                       retry_delay=30.0)
+    p.pause()
+    futures = [p.enqueue_predict(s) for s in ["a", "poison", "b"]]
+    p.resume()
+    error = futures[1].exception(timeout=10)
+    assert isinstance(error, BatchOutputError)
+    assert "returned Unsliceable" in str(error)
+    assert "TypeError: Unsliceable cannot be indexed" in str(error)
+    assert [futures[0].result(timeout=10), futures[2].result(timeout=10)] == ["A", "B"]
+    assert calls.count(["poison"]) == 1
+
+
+def test_a_chunk_output_that_breaks_the_rule_fails_its_request_without_a_retry(
+        make_processor):
+    # A request larger than a batch runs in chunks: the first chunk's bad output ends it.
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return batch[:-1]
+
+    p = make_processor(model, max_workers=1, max_batch_size=2, max_retries=3,
+                       retry_delay=30.0)
+    big = np.ones((5, 1))
+    assert isinstance(p.enqueue_predict(big).exception(timeout=10), BatchOutputError)
+    assert calls == [2]
+
+
+class NamedOutputError(BatchOutputError):
+    pass
+
+
+@pytest.mark.parametrize(("retry_on", "raised", "retried"), [
+    ((Exception,), BatchOutputError, False),
+    ((ValueError,), BatchOutputError, False),
+    ((NamedOutputError,), BatchOutputError, False),
+    ((BatchOutputError,), BatchOutputError, True),
+    ((ConnectionError, BatchOutputError), BatchOutputError, True),
+    ((NamedOutputError,), NamedOutputError, True),
+    ((Exception,), NamedOutputError, False),
+])
+def test_an_output_error_is_retried_only_when_retry_on_names_it(make_processor, retry_on,
+                                                                raised, retried):
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        raise raised("process_func returned 0 results for a batch of 1")
+
+    p = make_processor(model, max_workers=1, max_retries=2, retry_delay=0.0,
+                       retry_on=retry_on)
+    assert isinstance(p.enqueue_predict(item(1)).exception(timeout=20), raised)
+    assert len(calls) == (3 if retried else 1)
+
+
+def test_a_wrong_output_is_retried_when_retry_on_names_batch_output_error(make_processor):
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return None
+
+    p = make_processor(model, max_workers=1, max_retries=2, retry_delay=0.0,
+                       retry_on=BatchOutputError)
+    assert isinstance(p.enqueue_predict(item(1)).exception(timeout=20), BatchOutputError)
+    assert calls == [1, 1, 1]
 
 
 def test_retry_on_accepts_one_class_and_rejects_others(make_processor):

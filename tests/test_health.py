@@ -80,6 +80,21 @@ def test_queue_thresholds(make_processor):
     p.resume()
 
 
+def test_a_small_queue_is_graded_by_thresholds_derived_from_its_size(make_processor):
+    # max_queue_size=10 with the thresholds left alone: warning at 5, critical at 8 (half
+    # and 80% of it), not the 500 and 800 of a queue of 1000 that this one never reaches.
+    p = make_processor(lambda b: b, max_queue_size=10)
+    p.pause()
+    for i in range(5):
+        p.enqueue_predict(np.array([i]))
+    queue = p.health()["checks"]["queue"]
+    assert (queue["warning"], queue["critical"], queue["status"]) == (5, 8, "warning")
+    for i in range(3):
+        p.enqueue_predict(np.array([i]))
+    assert p.health()["checks"]["queue"]["status"] == "critical"
+    p.resume()
+
+
 def test_periodic_checks_reach_the_metrics_collector(make_processor):
     got = threading.Event()
     reports = []

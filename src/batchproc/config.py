@@ -49,20 +49,29 @@ class PrioritizedItem:
     future: Any = field(default=None, compare=False)
 
 
+# The default of the settings derived from others when not given (a None, typed as what
+# __post_init__ makes of it).
+_DERIVED: Any = None
+
+
 @dataclass
 class BatchProcessorConfig:
     """Settings of a `BatchProcessor`, all keyword arguments with defaults.
 
     Contradictory values (min above max, non-positive sizes, negative times, a warning
-    threshold above its critical one, a percentage outside 0-100) raise ``ValueError``
-    naming the field; so does a number that is not finite (``inf``, ``nan``) in any
+    threshold above its critical one, a queue threshold above ``max_queue_size``,
+    ``gc_batch_threshold`` above ``max_batch_size``, ``max_batch_tokens`` under twice
+    ``pad_to_multiple_of``, a percentage outside 0-100) raise ``ValueError`` naming the
+    fields and values; so does a number that is not finite (``inf``, ``nan``) in any
     field (where ``None`` means no limit, that is the way to say it); so does a setting
     of a feature switched off (a value other than its default for ``max_priority_wait``
     without ``enable_priority_queue``,
     ``gc_batch_threshold`` without ``enable_memory_optimization``,
     ``health_check_interval`` without ``enable_health_monitoring``, the padding settings
     without ``pad_value``): it would be ignored. An ``initial_batch_size`` outside
-    ``[min_batch_size, max_batch_size]`` is clamped into it. Rows are what a batch is
+    ``[min_batch_size, max_batch_size]`` is clamped into it. A threshold not given (or
+    given as ``None``) is derived from the settings it must agree with (each says how),
+    so that a setting you change never makes a default one unreachable. Rows are what a batch is
     counted in: an array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a
     generic item one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
     item split into chunks counts once.
@@ -105,13 +114,17 @@ class BatchProcessorConfig:
             Default ``True``: a young-generation collection after each batch of at least
             ``gc_batch_threshold`` requests, and a full one when memory is critical.
         gc_batch_threshold: Batch size that triggers the young-generation collection of
-            ``enable_memory_optimization``, in requests. Default ``100``. Needs
+            ``enable_memory_optimization``, in requests, at most ``max_batch_size``.
+            Default ``None``: ``100``, or ``max_batch_size`` when that is smaller. Needs
             ``enable_memory_optimization``.
         memory_warning_threshold: Memory level graded "warning", in percent of the
-            machine's memory held by this process (resident set). Default ``80.0``. At
-            warning the target is capped at half the throughput-optimal size.
+            machine's memory held by this process (resident set). Default ``None``:
+            ``80.0``, or ``memory_critical_threshold`` when that is set lower. At warning
+            the target is capped at half the throughput-optimal size.
         memory_critical_threshold: Memory level graded "critical", in percent, as above.
-            Default ``90.0``. At critical the target drops to ``min_batch_size``.
+            Default ``None``: ``90.0``, or ``memory_warning_threshold`` when that is set
+            higher. At
+            critical the target drops to ``min_batch_size``.
         enable_adaptive_batching: Let the strategy adapt, on or off. Default ``True``;
             ``False`` makes every strategy behave as FIXED.
         processing_strategy: How batch size and wait are chosen, a
@@ -131,10 +144,14 @@ class BatchProcessorConfig:
         health_check_interval: Time between periodic health checks, in seconds.
             Default ``30.0``. Needs ``enable_health_monitoring``.
         queue_warning_threshold: Queue length graded "warning" by the health check, in
-            requests. Default ``500``. A queue that grew over three checks and is past
-            half of it is a warning too.
-        queue_critical_threshold: Queue length graded "critical", in requests. Default
-            ``800``.
+            requests, at most ``max_queue_size``. Default ``None``: half of
+            ``max_queue_size`` (rounded up; ``500`` for the default ``1000``), or
+            ``queue_critical_threshold`` when that is set lower. A queue that grew over
+            three checks and is past half of it is a warning too.
+        queue_critical_threshold: Queue length graded "critical", in requests, at most
+            ``max_queue_size``. Default ``None``: 80% of ``max_queue_size`` (rounded up;
+            ``800`` for the default ``1000``), or ``queue_warning_threshold`` when that
+            is set higher.
         max_retries: Retries of a single failing request, in attempts after the first.
             Default ``3``. A failing batch of several requests is bisected first; only
             single requests are retried, each alone in its batch.
@@ -143,7 +160,11 @@ class BatchProcessorConfig:
             parked in the queue: it holds no worker, and nothing waits for it.
         retry_on: Which failures of a single request are retried, an exception class or
             a tuple of them. Default ``(Exception,)`` (every ``Exception``); others
-            fail the request at once. ``()`` retries nothing.
+            fail the request at once. ``()`` retries nothing. An output that breaks the
+            output rule (`BatchOutputError`: wrong type, wrong rows) would come back on
+            every try: it is retried only when ``retry_on`` names `BatchOutputError`
+            (or a subclass of it) itself; a broader class (``Exception``,
+            ``ValueError``) does not retry it.
         max_queue_time: Longest a request may wait in the queue (and parked for a
             retry) before its call, in seconds from enqueue. Default ``None``: no limit.
             A request still waiting when it runs out fails with ``QueueTimeoutError``
@@ -166,7 +187,8 @@ class BatchProcessorConfig:
         pad_to_multiple_of: Round the padded length up to a multiple of this, in tokens
             (needs ``pad_value``). Default ``None``.
         max_batch_tokens: Most rows x padded length in one batch, in tokens (needs
-            ``pad_value``). Default ``None`` (no cap).
+            ``pad_value``; at least twice ``pad_to_multiple_of``). Default ``None`` (no
+            cap).
         per_token_outputs: Outputs whose axis 1 is the padded axis, cut back to each
             caller's own length: ``True`` for every output, or the names (dict outputs)
             and positions (tuple outputs) of those that are. Default ``False``.
@@ -186,9 +208,10 @@ class BatchProcessorConfig:
     min_batch_interval: float = 0.0
     max_batch_memory_mb: float | None = None
     enable_memory_optimization: bool = True
-    gc_batch_threshold: int = 100
-    memory_warning_threshold: float = 80.0
-    memory_critical_threshold: float = 90.0
+    # None (the default) in these four: derived in __post_init__ (see the docstring).
+    gc_batch_threshold: int = _DERIVED
+    memory_warning_threshold: float = _DERIVED
+    memory_critical_threshold: float = _DERIVED
     enable_adaptive_batching: bool = True
     processing_strategy: BatchProcessingStrategy = BatchProcessingStrategy.ADAPTIVE
     reduce_batch_on_failure: bool = True
@@ -196,8 +219,8 @@ class BatchProcessorConfig:
     monitoring_window: int = 1000
     enable_health_monitoring: bool = True
     health_check_interval: float = 30.0
-    queue_warning_threshold: int = 500
-    queue_critical_threshold: int = 800
+    queue_warning_threshold: int = _DERIVED
+    queue_critical_threshold: int = _DERIVED
     max_retries: int = 3
     retry_delay: float = 1.0
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,)
@@ -223,9 +246,12 @@ class BatchProcessorConfig:
 
     def __post_init__(self) -> None:
         for name in ("initial_batch_size", "min_batch_size", "max_batch_size", "max_queue_size",
-                     "max_workers", "monitoring_window", "gc_batch_threshold",
-                     "queue_warning_threshold", "queue_critical_threshold"):
+                     "max_workers", "monitoring_window"):
             _require_int(name, getattr(self, name), minimum=1)
+        for name in ("gc_batch_threshold", "queue_warning_threshold",
+                     "queue_critical_threshold"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
         if self.max_workers > MAX_WORKERS:
             # Each worker is a thread: far more than this exhausts the process's threads
             # (start() would fail deep in threading) long before it helps throughput.
@@ -237,6 +263,8 @@ class BatchProcessorConfig:
         for name in ("item_timeout", "health_check_interval"):
             _require_number(name, getattr(self, name), minimum=0.0, allow_zero=False)
         for name in ("memory_warning_threshold", "memory_critical_threshold"):
+            if getattr(self, name) is None:
+                continue
             value = _require_number(name, getattr(self, name), minimum=0.0)
             if value > 100.0:
                 raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
@@ -257,14 +285,6 @@ class BatchProcessorConfig:
             raise ValueError(
                 f"min_batch_size ({self.min_batch_size}) must not exceed "
                 f"max_batch_size ({self.max_batch_size})")
-        if self.memory_warning_threshold > self.memory_critical_threshold:
-            raise ValueError(
-                f"memory_warning_threshold ({self.memory_warning_threshold}) must not exceed "
-                f"memory_critical_threshold ({self.memory_critical_threshold})")
-        if self.queue_warning_threshold > self.queue_critical_threshold:
-            raise ValueError(
-                f"queue_warning_threshold ({self.queue_warning_threshold}) must not exceed "
-                f"queue_critical_threshold ({self.queue_critical_threshold})")
         if not isinstance(self.processing_strategy, BatchProcessingStrategy):
             try:
                 self.processing_strategy = BatchProcessingStrategy(self.processing_strategy)
@@ -277,16 +297,46 @@ class BatchProcessorConfig:
                 raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
         self._check_switches()
         self._check_formats()
+        self._derive_thresholds()
         self.initial_batch_size = min(max(self.initial_batch_size, self.min_batch_size),
                                       self.max_batch_size)
 
     def _check_switches(self) -> None:
         for name, switch in _NEEDS_SWITCH:
             default = _DEFAULTS[name]
-            if not getattr(self, switch) and getattr(self, name) != default:
+            value = getattr(self, name)
+            if not getattr(self, switch) and value is not None and value != default:
                 raise ValueError(
                     f"{name} has no effect while {switch} is False: set {switch}=True, "
                     f"or leave {name} at its default ({default!r})")
+
+    def _derive_thresholds(self) -> None:
+        """Fill in the thresholds not given, each from what it must stay consistent with;
+        refuse a given one that could never take effect."""
+        size = self.max_queue_size
+        for name in ("queue_warning_threshold", "queue_critical_threshold"):
+            value = getattr(self, name)
+            if value is not None and value > size:
+                # The queue never holds more than max_queue_size: never graded so.
+                raise ValueError(
+                    f"{name} ({value}) must not exceed max_queue_size ({size}): the queue "
+                    "never holds more")
+        warning, critical = _ordered(
+            "queue", self.queue_warning_threshold, self.queue_critical_threshold,
+            -(-size * _QUEUE_WARNING[0] // _QUEUE_WARNING[1]),
+            -(-size * _QUEUE_CRITICAL[0] // _QUEUE_CRITICAL[1]))
+        self.queue_warning_threshold, self.queue_critical_threshold = warning, critical
+        self.memory_warning_threshold, self.memory_critical_threshold = _ordered(
+            "memory", self.memory_warning_threshold, self.memory_critical_threshold,
+            _MEMORY_WARNING, _MEMORY_CRITICAL)
+        gc_threshold = self.gc_batch_threshold
+        if gc_threshold is None:
+            self.gc_batch_threshold = min(_GC_BATCH_THRESHOLD, self.max_batch_size)
+        elif gc_threshold > self.max_batch_size:
+            # A batch holds at most max_batch_size requests: it would never collect.
+            raise ValueError(
+                f"gc_batch_threshold ({gc_threshold}) must not exceed max_batch_size "
+                f"({self.max_batch_size}): no batch holds more requests")
 
     def _check_formats(self) -> None:
         pad = self.pad_value
@@ -304,6 +354,13 @@ class BatchProcessorConfig:
                 _require_int(name, getattr(self, name), minimum=1)
                 if pad is None:
                     raise ValueError(f"{name} needs pad_value (it applies to padded batches)")
+        multiple, tokens = self.pad_to_multiple_of, self.max_batch_tokens
+        if multiple is not None and tokens is not None and tokens < 2 * multiple:
+            # Every padded row costs at least `multiple` tokens: no batch could hold two.
+            raise ValueError(
+                f"max_batch_tokens ({tokens}) must be at least twice pad_to_multiple_of "
+                f"({multiple}): each padded row counts for at least {multiple} tokens, so "
+                "no two rows could share a batch")
         per_token = self.per_token_outputs
         if not isinstance(per_token, bool):
             if isinstance(per_token, (str, bytes, Mapping)) or not isinstance(
@@ -336,7 +393,16 @@ _NEEDS_SWITCH = (
     ("gc_batch_threshold", "enable_memory_optimization"),
     ("health_check_interval", "enable_health_monitoring"),
 )
+# What the derived settings are when nothing constrains them: queue levels as fractions
+# (numerator, denominator) of max_queue_size, rounded up; memory levels in percent.
+_QUEUE_WARNING = (1, 2)
+_QUEUE_CRITICAL = (4, 5)
+_MEMORY_WARNING = 80.0
+_MEMORY_CRITICAL = 90.0
+_GC_BATCH_THRESHOLD = 100
+# The documented defaults (a derived setting's when nothing constrains it).
 _DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
+_DEFAULTS["gc_batch_threshold"] = _GC_BATCH_THRESHOLD
 # What None means for the number fields that take it.
 # The most worker threads one processor may run (max_workers).
 MAX_WORKERS = 1024
@@ -346,6 +412,23 @@ _NONE_MEANS = {
     "max_queue_time": "no limit",
     "max_priority_wait": "strict priorities (no limit)",
 }
+
+
+def _ordered(kind: str, warning: Any, critical: Any, default_warning: Any,
+             default_critical: Any) -> tuple[Any, Any]:
+    """A warning and a critical level, either given or None (derived from its default,
+    kept on its side of the other one). ``ValueError`` naming both when both are given
+    and the warning level is above the critical one."""
+    if warning is None:
+        return (min(default_warning, critical if critical is not None else default_critical),
+                critical if critical is not None else default_critical)
+    if critical is None:
+        return warning, max(default_critical, warning)
+    if warning > critical:
+        raise ValueError(
+            f"{kind}_warning_threshold ({warning}) must not exceed "
+            f"{kind}_critical_threshold ({critical})")
+    return warning, critical
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> int:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -325,13 +326,30 @@ def _version() -> str:
 
 
 def _check_writable(flag: str, path: str) -> None:
+    """``BenchError`` (exit 2) unless ``path`` can be written: its directory exists and
+    takes a new file (a temporary one is made there and removed: permission bits do not
+    tell for root, read-only mounts or /proc), and a file already there opens for writing
+    (left as it is). Checked before any run, so an unwritable output costs nothing."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise BenchError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BenchError(f"{flag} {path}: directory {parent} is not writable")
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise BenchError(f"{flag} {path}: {parent} {what}")
     if os.path.isdir(path):
         raise BenchError(f"{flag} {path}: is a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise BenchError(
+            f"{flag} {path}: directory {parent} is not writable ({exc.strerror or exc})",
+        ) from None
+    if os.path.exists(path):
+        try:
+            # No O_TRUNC: the file is only tried; O_NONBLOCK: a FIFO without a reader fails.
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            raise BenchError(
+                f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def _describe_model(name: str, model_ms: float) -> str:
@@ -410,11 +428,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from . import report
 
     if getattr(args, "plot", None):
+        _check_writable("--plot", args.plot)
         try:
             report.check_plot_path("--plot", args.plot)
         except report.PlotUnavailable as exc:
             raise BenchError(str(exc)) from None
-        _check_writable("--plot", args.plot)
     if args.json:
         _check_writable("--json", args.json)
 

@@ -19,6 +19,14 @@ bound ended it.
 Sync targets are driven from threads; async targets (``is_async``) from one asyncio loop
 in its own thread, with the same shapes (N client coroutines, one generator coroutine).
 The calling thread only watches: it reports progress through ``tick(done)`` every 0.1 s.
+
+A run's length is bounded, however overloaded the system: no load is offered past the
+duration, and what was offered then has a drain of :func:`drain_window` to finish. What
+has not finished by then (still queued or running, a submit still blocked, arrivals a
+blocked generator never got to submit) is *unfinished*: not counted as completed, its
+latency taken as its wait so far (a lower bound), so that an overloaded system's
+percentiles are not flattered by leaving out its slowest requests. The caller then stops
+the target (``run_target``), which gives up on what is left.
 """
 
 from __future__ import annotations
@@ -43,8 +51,23 @@ from .inputs import FeatureRows, RequestSource
 
 NORMAL = 2  # BatchPriority.NORMAL
 N_LEVELS = 5
-# How long to wait, past the run's deadline, for requests already submitted.
-DRAIN_GRACE_S = 60.0
+# After the load stops (the duration, or the last request submitted), the requests
+# offered get DRAIN_MULTIPLE times the time the load ran to finish, at least DRAIN_MIN_S
+# (so a short run's last batches are not cut off) and at most DRAIN_MAX_S.
+DRAIN_MULTIPLE = 1.0
+DRAIN_MIN_S = 0.5
+DRAIN_MAX_S = 60.0
+
+
+def drain_window(offered_s: float) -> float:
+    """Seconds the requests of a load that ran ``offered_s`` seconds get to finish."""
+    return min(max(DRAIN_MULTIPLE * offered_s, DRAIN_MIN_S), DRAIN_MAX_S)
+
+
+def _offered(t0: float, dur: float, by_duration: bool) -> float:
+    """How long a load started at ``t0`` offered requests: its whole duration when that
+    ended it (or it is still running), else until now (it ran out of requests)."""
+    return dur if by_duration else min(time.perf_counter() - t0, dur)
 
 
 @dataclass(frozen=True)
@@ -110,14 +133,19 @@ class Bounds:
 
 @dataclass
 class LoadResult:
-    latencies: np.ndarray  # seconds, one per completed request
+    # Seconds, one per completed request, then one per unfinished request (its wait until
+    # the run ended: a lower bound of its latency).
+    latencies: np.ndarray
     priorities: np.ndarray  # int8, aligned with latencies
     submitted: int
     completed: int
     errors: int
-    elapsed: float  # from the first submission to the last completion
+    # From the first submission to the last completion; to the end of the drain when
+    # requests were left unfinished.
+    elapsed: float
     stopped_by: str  # "requests" | "duration"
-    unfinished: int = 0  # submitted but not done DRAIN_GRACE_S past the deadline
+    # Offered but not done when the drain ended (see the module docstring).
+    unfinished: int = 0
     first_error: str | None = None
     # Open loop: the arrivals its schedule puts within the run (however late a system
     # that cannot keep up takes them), so scheduled / duration is the load offered.
@@ -177,6 +205,16 @@ def _watch(threads: list[threading.Thread], count: Callable[[], int], tick: Tick
     tick(count())
 
 
+def _join_until(threads: list[threading.Thread], until: float, count: Callable[[], int],
+                tick: Tick) -> None:
+    """Wait for ``threads`` until the ``until`` (perf_counter) deadline, ticking."""
+    pc = time.perf_counter
+    for t in threads:
+        while t.is_alive() and pc() < until:
+            t.join(min(0.1, max(until - pc(), 0.0)))
+            tick(count())
+
+
 def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
     tickets = itertools.count()
     prios = _priority_table(load, n)
@@ -189,11 +227,16 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
     t0_box = [0.0]
     pool = load.requests()
     n_pool = len(pool)
+    # Each client's call in progress (its start), and its lock: the run's end takes each
+    # lock once, so a call that returns after it is not counted as completed too.
+    inflight: list[tuple[float, int] | None] = [None] * load.clients
+    locks = [threading.Lock() for _ in range(load.clients)]
+    closed = [False]
 
     def client(i: int) -> None:
         call = target.call
         pc = time.perf_counter
-        lat, pri = lats[i], pris[i]
+        lat, pri, lock = lats[i], pris[i], locks[i]
         start_gate.wait()
         deadline = t0_box[0] + dur
         while True:
@@ -205,13 +248,21 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
                 bound[0] = "duration"
                 return
             p = prios[k % n_prios]
+            inflight[i] = (t, p)
+            failure = None
             try:
                 call(pool[k % n_pool], p)
             except Exception as exc:
-                errors.append(exc)
-                continue
-            lat.append(pc() - t)
-            pri.append(p)
+                failure = exc
+            with lock:
+                if closed[0]:
+                    return  # the run ended while this call was in progress
+                inflight[i] = None
+                if failure is not None:
+                    errors.append(failure)
+                    continue
+                lat.append(pc() - t)
+                pri.append(p)
 
     threads = [
         threading.Thread(target=client, args=(i,), name=f"bench-client-{i}", daemon=True)
@@ -219,23 +270,37 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
     ]
     for t in threads:
         t.start()
-    t0_box[0] = time.perf_counter()
+    pc = time.perf_counter
+    t0 = t0_box[0] = pc()
     start_gate.wait()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.1)
-            tick(sum(map(len, lats)))
-    elapsed = time.perf_counter() - t0_box[0]
-    done = sum(map(len, lats))
+
+    def count() -> int:
+        return sum(map(len, lats))
+
+    _join_until(threads, t0 + dur, count, tick)
+    offered = _offered(t0, dur, bound[0] == "duration" or any(t.is_alive() for t in threads))
+    _join_until(threads, t0 + offered + drain_window(offered), count, tick)
+    closed[0] = True
+    for lock in locks:
+        with lock:
+            pass  # a client in its bookkeeping has finished it; the others see closed
+    end = pc()
+    late = [c for c in inflight if c is not None]
+    if late:
+        bound[0] = "duration"
+    done = count()
     tick(done)
     return LoadResult(
-        latencies=np.fromiter(itertools.chain.from_iterable(lats), float, done),
-        priorities=np.fromiter(itertools.chain.from_iterable(pris), np.int8, done),
-        submitted=done + len(errors),
+        latencies=np.fromiter(itertools.chain(itertools.chain.from_iterable(lats),
+                                              (end - t for t, _ in late)), float),
+        priorities=np.fromiter(itertools.chain(itertools.chain.from_iterable(pris),
+                                               (p for _, p in late)), np.int8),
+        submitted=done + len(errors) + len(late),
         completed=done,
         errors=len(errors),
-        elapsed=elapsed,
+        elapsed=end - t0,
         stopped_by=bound[0],
+        unfinished=len(late),
         first_error=_describe(errors[0]) if errors else None,
     )
 
@@ -276,12 +341,17 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     count = [0]
     state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None,
                              "scheduled": _scheduled(sched, n, dur)}
+    # The run's end (closed) and the generator's bookkeeping exclude each other: a request
+    # is either in futs when the run ends, or `submitting` (its arrival) then, or neither.
+    lock = threading.Lock()
+    closed = [False]
+    submitting: list[float | None] = [None]
 
     def generate() -> None:
         submit = target.submit
         pc = time.perf_counter
         sleep = time.sleep
-        t0 = state["t0"] = pc()
+        t0 = state["t0"]
         deadline = t0 + dur
         for i in range(n):
             now = pc()
@@ -297,37 +367,63 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
                     sleep(t - now)
             else:
                 t = t0  # a burst arrives all at once
+            submitting[0] = t
             try:
                 f = submit(pool[i % n_pool], prios[i % n_prios])
             except Exception as exc:  # the target refused the request
-                state["error"] = _describe(exc)
+                with lock:
+                    if not closed[0]:
+                        submitting[0] = None
+                        state["error"] = _describe(exc)
                 return
-            sub.append(t)
-            futs.append(f)
+            with lock:
+                if closed[0]:
+                    return  # the run has ended: counted as unfinished while submitting
+                submitting[0] = None
+                sub.append(t)
+                futs.append(f)
             f.add_done_callback(partial(_mark, done, count, i))
 
     gen = threading.Thread(target=generate, name="bench-generator", daemon=True)
+    pc = time.perf_counter
+    t0 = state["t0"] = pc()
     gen.start()
-    while gen.is_alive():
-        gen.join(0.1)
-        tick(count[0])
+    _join_until([gen], t0 + dur, lambda: count[0], tick)
+    offered = _offered(t0, dur, state["bound"] == "duration" or gen.is_alive())
+    drained_by = t0 + offered + drain_window(offered)
+    _join_until([gen], drained_by, lambda: count[0], tick)
     # Wait for what was submitted (bounded), still reporting progress. Futures complete
     # roughly in order: block on the oldest unfinished one (no polling, which would
     # steal CPU from the system under test); most of the rest are done by then.
-    pc = time.perf_counter
-    wait_until = last = pc()
-    wait_until += DRAIN_GRACE_S
-    for k, f in enumerate(futs):
+    last = pc()
+    k = 0
+    while k < len(futs) and pc() < drained_by:
+        f = futs[k]
         if not f.done():
             with contextlib.suppress(FutureTimeout, CancelledError):
-                f.exception(timeout=max(wait_until - pc(), 0.0))
+                f.exception(timeout=max(drained_by - pc(), 0.0))
         now = pc()
         if now - last > 0.1:
-            tick(k)
+            tick(count[0])
             last = now
-    unfinished = sum(1 for f in futs if not f.done())
-    tick(len(futs) - unfinished)
-    return _collect(futs, sub, done, prios, state, unfinished)
+        k += 1
+    with lock:
+        closed[0] = True
+        m = len(futs)
+        late = [] if submitting[0] is None else [submitting[0]]
+    end = pc()
+    if gen.is_alive():
+        # Blocked in a submit past the drain: the arrivals it had yet to submit are late
+        # too (a burst's all arrived at once; a Poisson load's within the duration).
+        state["bound"] = "duration"
+        first = m + len(late)
+        if sched is None:
+            late += [t0] * (n - first)
+        else:
+            late += (t0 + sched[first:state["scheduled"]]).tolist()
+    unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
+    tick(m - len(unfinished))
+    return _collect(futs[:m], sub, done, prios, state, end, unfinished, late)
 
 
 def _collect(
@@ -336,8 +432,13 @@ def _collect(
     done: list[float],
     prios: list[int],
     state: dict[str, Any],
-    unfinished: int,
+    end: float,
+    unfinished: list[tuple[float, int]],
+    late: list[float],
 ) -> LoadResult:
+    """The result of an open loop: ``futs`` (``sub``: their arrivals) of which
+    ``unfinished`` ((arrival, index) pairs) had not completed at ``end``, and ``late``:
+    the arrivals of requests never submitted by then."""
     m = len(futs)
     lat: list[float] = []
     pri: list[int] = []
@@ -361,15 +462,21 @@ def _collect(
         pri.append(prios[i % n_prios])
         last = max(last, d)
     completed = len(lat)
+    # Unfinished requests: their wait until the run ended, a lower bound of their latency.
+    lat += [end - t for t, _ in unfinished]
+    pri += [prios[i % n_prios] for _, i in unfinished]
+    lat += [end - t for t in late]
+    pri += [prios[(m + j) % n_prios] for j in range(len(late))]
+    left = len(unfinished) + len(late)
     return LoadResult(
         latencies=np.asarray(lat, dtype=float),
         priorities=np.asarray(pri, dtype=np.int8),
         submitted=m,
         completed=completed,
         errors=errors,
-        elapsed=max(last - state["t0"], 1e-9),
+        elapsed=max((end if left else last) - state["t0"], 1e-9),
         stopped_by=state["bound"],
-        unfinished=unfinished,
+        unfinished=left,
         first_error=first_error,
         scheduled=state.get("scheduled"),
     )
@@ -415,6 +522,7 @@ async def _async_main(
         pri: list[int] = []
         errors: list[BaseException] = []
         bound = ["requests"]
+        inflight: list[tuple[float, int] | None] = [None] * load.clients
         t0 = pc()
         deadline = t0 + dur
 
@@ -428,24 +536,36 @@ async def _async_main(
                     bound[0] = "duration"
                     return
                 p = prios[k % n_prios]
+                inflight[i] = (t, p)
                 try:
                     await acall(pool[k % n_pool], p)
                 except Exception as exc:
                     errors.append(exc)
                     continue
+                finally:
+                    inflight[i] = None
                 lat.append(pc() - t)
                 pri.append(p)
                 progress[0] += 1
 
-        await asyncio.gather(*(client(i) for i in range(load.clients)))
+        clients = [asyncio.ensure_future(client(i)) for i in range(load.clients)]
+        await _wait_until(clients, deadline)
+        offered = _offered(t0, dur, bound[0] == "duration" or not all(c.done() for c in clients))
+        await _wait_until(clients, t0 + offered + drain_window(offered))
+        end = pc()
+        late = [c for c in inflight if c is not None]
+        await _cancel(clients)
+        if late:
+            bound[0] = "duration"
         return LoadResult(
-            latencies=np.asarray(lat, dtype=float),
-            priorities=np.asarray(pri, dtype=np.int8),
-            submitted=len(lat) + len(errors),
+            latencies=np.asarray(lat + [end - t for t, _ in late], dtype=float),
+            priorities=np.asarray(pri + [p for _, p in late], dtype=np.int8),
+            submitted=len(lat) + len(errors) + len(late),
             completed=len(lat),
             errors=len(errors),
-            elapsed=pc() - t0,
+            elapsed=end - t0,
             stopped_by=bound[0],
+            unfinished=len(late),
             first_error=_describe(errors[0]) if errors else None,
         )
 
@@ -480,11 +600,25 @@ async def _async_main(
         sub.append(t)
         futs.append(task)
         task.add_done_callback(partial(mark, i))
-    pending = [f for f in futs if not f.done()]
-    unfinished = 0
+    offered = _offered(state["t0"], dur, state["bound"] == "duration")
+    await _wait_until(futs, state["t0"] + offered + drain_window(offered))
+    end = pc()
+    unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
+    result = _collect(futs, sub, done, prios, state, end, unfinished, [])
+    await _cancel([futs[i] for _, i in unfinished])  # after _collect: cancelled is done
+    return result
+
+
+async def _wait_until(tasks: list[Any], until: float) -> None:
+    """Wait for ``tasks`` until the ``until`` (perf_counter) deadline."""
+    pending = [t for t in tasks if not t.done()]
     if pending:
-        _, still = await asyncio.wait(pending, timeout=DRAIN_GRACE_S)
-        unfinished = len(still)
-        for f in still:
-            f.cancel()
-    return _collect(futs, sub, done, prios, state, unfinished)
+        await asyncio.wait(pending, timeout=max(until - time.perf_counter(), 0.0))
+
+
+async def _cancel(tasks: list[Any]) -> None:
+    """Cancel ``tasks`` and let them unwind (the run has ended)."""
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks)

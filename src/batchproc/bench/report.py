@@ -94,11 +94,17 @@ def fmt_ratio(v: float | None) -> str:
 
 
 def fmt_requests(r: RunResult) -> str:
-    """Completed requests; ``*`` marks a run ended by its time bound (see run_notes)."""
-    s = f"{r.completed:,}"
+    """Completed requests, ``+ N late`` for those left unfinished; ``*`` marks a run
+    ended by its time bound (see run_notes)."""
+    s = fmt_completed(r)
     if r.stopped_by == "duration":
         s += " *"
     return s
+
+
+def fmt_completed(r: RunResult) -> str:
+    """Completed requests, and ``+ N late`` for those left unfinished."""
+    return f"{r.completed:,}" + (f" + {r.unfinished:,} late" if r.unfinished else "")
 
 
 def run_notes(runs: Sequence[RunResult]) -> list[str]:
@@ -114,7 +120,9 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.errors:
             notes.append(f"! {who}: {r.errors:,} requests failed, first: {r.first_error}")
         if r.unfinished:
-            notes.append(f"! {who}: {r.unfinished:,} requests still unfinished, not counted")
+            notes.append(
+                f"! {who}: {r.unfinished:,} requests (late) unfinished when the run ended, "
+                "not counted as completed; their wait so far counts in its latencies")
     return notes
 
 

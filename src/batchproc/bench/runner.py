@@ -87,6 +87,8 @@ class RunResult:
     errors: int
     elapsed_s: float
     stopped_by: str  # "requests" | "duration" | "failed" (the run raised)
+    # Offered but not done when the run's drain ended: not in ``completed`` nor the
+    # throughput; in the latency figures at their wait so far (a lower bound).
     unfinished: int = 0
     first_error: str | None = None
     scheduled: int | None = None  # open loop: arrivals scheduled within the run
@@ -225,7 +227,8 @@ def run_target(
     )
     if res.errors:
         log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
-    progress.finish(f"{res.throughput:,.0f} req/s")
+    late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
+    progress.finish(f"{res.throughput:,.0f} req/s{late}")
     return out
 
 

@@ -145,7 +145,7 @@ def table_rows(result: SweepResult) -> list[list[str]]:
                 report.fmt_ms(r.p50_ms),
                 report.fmt_ms(r.p99_ms),
                 f"{r.mean_batch:.1f}",
-                f"{r.completed:,}",
+                report.fmt_completed(r),
             ])
     return rows
 

@@ -24,6 +24,9 @@ from .minimal import MinimalBatcher
 from .models import Model
 
 STRATEGIES = ("adaptive", "fixed", "greedy")
+# How long stopping a processor after its run may take, in seconds: time for its threads
+# to exit, not for a backlog to be served.
+STOP_TIMEOUT_S = 0.5
 
 
 class Target(Protocol):
@@ -168,10 +171,12 @@ class Batchproc(SyncTarget):
         return self._enqueue(item, priority=self._levels[priority]).result()
 
     def stop(self) -> None:
+        """Give up on what is still queued: the run has ended (what it left unfinished
+        is counted as such), and serving it would take the machine from the next run."""
         try:
             self._stats = dict(self._p.get_stats())
         finally:
-            self._p.stop()
+            self._p.stop(timeout=STOP_TIMEOUT_S)
 
     def stats(self) -> dict[str, Any]:
         return {k: v for k, v in self._stats.items() if isinstance(v, (int, float, bool, str))}

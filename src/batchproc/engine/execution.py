@@ -14,7 +14,10 @@ Failure scheduling (docs/failures.md):
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
   worker and no call slot, and nothing else waits for it.
 * ``retry_on`` says which exceptions are retried; others (and any ``BaseException``
-  that is not an ``Exception``) fail the request at once.
+  that is not an ``Exception``) fail the request at once. An output that breaks the
+  output rule (``BatchOutputError``) is batchproc's own check of the model's contract,
+  not a transient failure: once the request fails it alone, it fails at once unless
+  ``retry_on`` names ``BatchOutputError`` (or a subclass) itself (``retried``).
 * The target size shrinks once per failed batch that no request of it explains by
   failing alone (a failure of the batch, such as out of memory on its size); never per
   step of the search or per retry, nor for a request's own failure.
@@ -33,6 +36,7 @@ from typing import Any
 from .._native.future_state import Request, enqueued_of, total_rows
 from ..config import BatchProcessorConfig
 from ..controller import Controller
+from ..errors import BatchOutputError
 from ..formats import Limits, Workspace
 from ..metrics import OUTCOME_ERROR, MetricsSink
 from .batch import ABANDONED as ABANDONED_BATCH
@@ -241,7 +245,7 @@ class Executor:
         """Park a single failing request for a retry after its backoff, or fail it."""
         batch.own_failures += 1
         cfg = self._config
-        if (isinstance(error, self._retry_on) and request.attempt < cfg.max_retries
+        if (retried(error, self._retry_on) and request.attempt < cfg.max_retries
                 and self._park(batch, request, error, origin)):
             return
         if cfg.debug_mode:  # the caller gets the error (enqueue logs it for fire and forget)
@@ -298,6 +302,19 @@ class Executor:
             return
         self._delivery.deliver(batch, [request], [joined], total_elapsed, request.rows,
                                self._config.max_batch_size)
+
+
+def retried(error: BaseException,
+            retry_on: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether a single request's failure ``error`` is retried under ``retry_on``.
+
+    An output the model's contract forbids (``BatchOutputError``) comes back the same on
+    every try: only a class of ``retry_on`` that is ``BatchOutputError`` or a subclass
+    of it retries it, never a broader one (``Exception``, ``ValueError``)."""
+    if isinstance(error, BatchOutputError):
+        classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+        retry_on = tuple(t for t in classes if issubclass(t, BatchOutputError))
+    return isinstance(error, retry_on)
 
 
 def _mean(values: list[float]) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
 from .._native.future_state import Request, items_of, longest
+from ..errors import BatchOutputError
 from . import outputs
 
 # Compatibility keys are small ints (the native queue compares them); new signatures get
@@ -93,11 +94,22 @@ class BatchFormat(ABC):
 
     def split(self, out: Any, requests: list[Request], built: Built) -> list[Any]:
         """Each request's part of ``out``, in request order. ``BatchOutputError`` if the
-        output does not have the batch's rows (docs/formats.md, "Outputs")."""
+        output does not have the batch's rows (docs/formats.md, "Outputs"), or if
+        cutting it raises (an object with a length that does not slice by rows, a
+        ``deque``): either way the output breaks the model's contract."""
         reading = self._list_reading
         if reading is None:
             reading = self._list_reading = outputs.ListReading()
-        return outputs.split(out, requests, built, self.one_sample, self.per_token, reading)
+        try:
+            return outputs.split(out, requests, built, self.one_sample, self.per_token,
+                                 reading)
+        except BatchOutputError:
+            raise
+        except Exception as exc:
+            raise BatchOutputError(
+                f"process_func returned {type(out).__name__}, which could not be cut into "
+                f"the parts of a batch of {built.length}: {type(exc).__name__}: {exc}",
+            ) from exc
 
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
         """Pieces of a request too large for one batch, each within ``limits``; None when

@@ -1,0 +1,157 @@
+"""A bench run's length is bounded, however overloaded the system.
+
+The overload is made deterministic: a model that blocks on an event until the test
+releases it, so nothing completes during the run. A run of ``DURATION`` seconds then
+ends within its drain (:func:`drain_window`) plus stopping the target; what it offered is
+reported unfinished, its latency at least its wait, and the processor is stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchproc.bench import report
+from batchproc.bench.loads import (
+    DRAIN_MAX_S,
+    DRAIN_MIN_S,
+    Bounds,
+    Load,
+    drain_window,
+    run_load,
+)
+from batchproc.bench.runner import run_target
+from batchproc.bench.targets import Batchproc, BatchprocAsync, NoBatching
+
+DURATION = 0.2
+# The run's drain and the target's stop, with room for a loaded machine; the model stays
+# blocked for far longer (BLOCKED_S), so a run that waited for it could not pass.
+BOUND_S = DURATION + drain_window(DURATION) + 4.0
+BLOCKED_S = 30.0
+
+
+class Blocked:
+    """A model that blocks every call until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.release.wait(BLOCKED_S)
+        return batch
+
+
+class Recording:
+    """A progress display that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.done: list[int] = []
+        self.summary = ""
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        pass
+
+    def update(self, done: int) -> None:
+        self.done.append(done)
+
+    def finish(self, summary: str) -> None:
+        self.summary = summary
+
+
+@pytest.fixture
+def blocked():
+    model = Blocked()
+    before = set(threading.enumerate())
+    yield model
+    model.release.set()
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith(("batchproc", "bench")):
+            thread.join(10)
+            assert not thread.is_alive(), f"{thread.name} left running"
+
+
+def test_the_drain_is_a_multiple_of_the_run_within_bounds():
+    assert drain_window(0.01) == DRAIN_MIN_S
+    assert drain_window(2.0) == 2.0
+    assert drain_window(1e6) == DRAIN_MAX_S
+
+
+@pytest.mark.parametrize("target", [Batchproc(max_batch=4), BatchprocAsync(max_batch=4)],
+                         ids=["threads", "asyncio"])
+def test_an_overloaded_open_loop_ends_within_its_drain(blocked, target):
+    progress = Recording()
+    started = time.monotonic()
+    run = run_target(target, blocked, "blocked", Load("rate", rate=200.0, features=4),
+                     Bounds(duration=DURATION), progress)
+    took = time.monotonic() - started
+    assert took < BOUND_S
+    assert blocked.entered.is_set()
+    assert run.failed is None and run.stopped_by == "duration"
+    # Nothing completed: every request it offered is unfinished, none an error (the
+    # target was stopped only after the run was counted).
+    assert run.completed == 0 and run.errors == 0
+    assert run.unfinished == run.submitted == run.scheduled > 0
+    # Each waited at least the drain: latencies are not flattered by leaving them out.
+    assert run.p50_ms >= drain_window(DURATION) * 1000
+    assert run.elapsed_s >= DURATION + drain_window(DURATION)
+    assert "unfinished" in progress.summary
+    # The processor was stopped with the run: nothing is left to serve.
+    assert target._p.shutdown_event.is_set()
+
+
+def test_an_overloaded_closed_loop_ends_within_its_drain(blocked):
+    started = time.monotonic()
+    run = run_target(Batchproc(max_batch=4), blocked, "blocked",
+                     Load("closed", clients=3, features=4), Bounds(duration=DURATION))
+    assert time.monotonic() - started < BOUND_S
+    assert run.completed == 0 and run.errors == 0
+    assert run.unfinished == run.submitted == 3
+    assert run.p50_ms >= drain_window(DURATION) * 1000
+    assert run.stopped_by == "duration"
+
+
+def test_an_inline_model_that_blocks_the_generator_counts_every_arrival_late(blocked):
+    # No batching runs the model in the generator's own submit: blocked there, it never
+    # offers the rest of its arrivals, which are late all the same.
+    started = time.monotonic()
+    res = run_load(_started(NoBatching(), blocked), Load("rate", rate=200.0, features=4),
+                   Bounds(duration=DURATION))
+    assert time.monotonic() - started < BOUND_S
+    assert res.submitted == 0 and res.completed == 0
+    assert res.unfinished == res.scheduled > 1
+    assert len(res.latencies) == res.unfinished
+    assert res.latencies.min() >= drain_window(DURATION)
+
+
+def test_a_burst_that_blocks_its_generator_counts_the_whole_burst_late(blocked):
+    res = run_load(_started(NoBatching(), blocked), Load("burst", burst=25, features=4),
+                   Bounds(duration=DURATION))
+    assert res.unfinished == 25 and res.completed == 0
+    assert res.stopped_by == "duration"
+
+
+def test_a_run_that_keeps_up_leaves_nothing_unfinished():
+    run = run_target(Batchproc(max_batch=4), lambda b: b, "identity",
+                     Load("rate", rate=200.0, features=4), Bounds(duration=DURATION))
+    assert run.unfinished == 0 and run.completed == run.submitted == run.scheduled
+    assert run.elapsed_s < DURATION + drain_window(DURATION)
+
+
+def test_the_table_and_its_notes_say_what_was_late(blocked):
+    run = run_target(Batchproc(max_batch=4), blocked, "blocked",
+                     Load("rate", rate=200.0, features=4), Bounds(duration=DURATION))
+    assert report.fmt_completed(run) == f"0 + {run.unfinished:,} late"
+    assert report.row_cells(run)[-1] == f"0 + {run.unfinished:,} late *"
+    assert any(f"{run.unfinished:,} requests (late) unfinished" in note
+               for note in report.run_notes([run]))
+    assert run.to_dict()["unfinished"] == run.unfinished
+
+
+def _started(target, model):
+    target.start(model)
+    return target

@@ -300,3 +300,19 @@ def test_max_workers_above_its_bound_is_refused_naming_field_value_and_bound(wor
 
 def test_the_max_workers_bound_is_1024():
     assert MAX_WORKERS == 1024
+
+
+def test_a_config_made_from_another_derives_its_unset_thresholds_again():
+    # dataclasses.replace passes every field on: the derived thresholds follow the new
+    # sizes instead of being taken for given ones (which would refuse max_queue_size=100).
+    base = BatchProcessorConfig()
+    small = dataclasses.replace(base, max_queue_size=100, max_batch_size=16)
+    assert (small.queue_warning_threshold, small.queue_critical_threshold) == (50, 80)
+    assert small.gc_batch_threshold == 16
+    given = dataclasses.replace(BatchProcessorConfig(queue_warning_threshold=10),
+                                max_queue_size=100)
+    assert (given.queue_warning_threshold, given.queue_critical_threshold) == (10, 80)
+    assert dataclasses.replace(small, max_queue_size=1000).queue_critical_threshold == 800
+    with pytest.raises(ValueError, match="queue_critical_threshold"):
+        dataclasses.replace(BatchProcessorConfig(queue_critical_threshold=800),
+                            max_queue_size=100)

@@ -54,6 +54,25 @@ class PrioritizedItem:
 _DERIVED: Any = None
 
 
+class _DerivedInt(int):
+    """A threshold's value derived in __post_init__, not given: an int in every use, and
+    derived again by a config made from this one (``dataclasses.replace``), so that
+    changing what it follows (``max_queue_size``) moves it instead of refusing it."""
+
+    __slots__ = ()
+
+
+class _DerivedFloat(float):
+    """As ``_DerivedInt``, for the percentage thresholds."""
+
+    __slots__ = ()
+
+
+_DERIVED_FIELDS = ("gc_batch_threshold", "memory_warning_threshold",
+                   "memory_critical_threshold", "queue_warning_threshold",
+                   "queue_critical_threshold")
+
+
 @dataclass
 class BatchProcessorConfig:
     """Settings of a `BatchProcessor`, all keyword arguments with defaults.
@@ -71,9 +90,10 @@ class BatchProcessorConfig:
     without ``pad_value``): it would be ignored. An ``initial_batch_size`` outside
     ``[min_batch_size, max_batch_size]`` is clamped into it. A threshold not given (or
     given as ``None``) is derived from the settings it must agree with (each says how),
-    so that a setting you change never makes a default one unreachable. Rows are what a batch is
-    counted in: an array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a
-    generic item one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
+    so that a setting you change never makes a default one unreachable; a copy made with
+    ``dataclasses.replace`` derives it again. Rows are what a batch is counted in: an
+    array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a generic item
+    one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
     item split into chunks counts once.
 
     Attributes:
@@ -245,6 +265,9 @@ class BatchProcessorConfig:
     item_size: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
+        for name in _DERIVED_FIELDS:
+            if isinstance(getattr(self, name), (_DerivedInt, _DerivedFloat)):
+                setattr(self, name, None)  # derived for another config: derive it again
         for name in ("initial_batch_size", "min_batch_size", "max_batch_size", "max_queue_size",
                      "max_workers", "monitoring_window"):
             _require_int(name, getattr(self, name), minimum=1)
@@ -297,7 +320,13 @@ class BatchProcessorConfig:
                 raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
         self._check_switches()
         self._check_formats()
+        given = {name for name in _DERIVED_FIELDS if getattr(self, name) is not None}
         self._derive_thresholds()
+        for name in _DERIVED_FIELDS:
+            if name not in given:
+                value = getattr(self, name)
+                setattr(self, name, _DerivedInt(value) if isinstance(value, int)
+                        else _DerivedFloat(value))
         self.initial_batch_size = min(max(self.initial_batch_size, self.min_batch_size),
                                       self.max_batch_size)
 

@@ -14,7 +14,8 @@ two interpreters executing benchmarks/version_run.py, which drives batchproc.ben
 ``Batchproc`` target (unchanged since the baseline) with its loads: requests of one row
 of 64 float32, max batch 64, max delay 5 ms, as in compare_peers.py. Configurations: the
 identity model at 1 client (closed loop, 3 s) and a burst of 50,000 from one thread; the
-fixed model (5 ms per call behind one lock) at 64 clients and in a burst. In each
+fixed model (5 ms per call behind one lock) at 64 clients and in a burst; on request
+(``--configs fixed-50ms/4``) a fixed model of 50 ms at 4 clients. In each
 repetition the two versions run one after the other, the order alternating; reported are
 the median per version, the ratio current/baseline of the medians, and the range of the
 per-repetition ratios (each pair measured back to back), so noise is visible.
@@ -45,8 +46,11 @@ RUNNER = os.path.join(HERE, "version_run.py")
 # one-row numpy path must not be slower than.
 DEFAULT_BASELINE = "5516cfc"
 CONFIGS = ("identity/1", "identity/burst", "fixed/64", "fixed/burst")
+# Run only when named in --configs: a few closed-loop clients of a slow model behind one
+# lock, where ADAPTIVE once split the clients into two groups served by alternate calls.
+EXTRA_CONFIGS = ("fixed-50ms/4",)
 MIN_PAIRS = 3  # fewer pairs than this get no verdict
-LOAD_LABELS = {"1": "1 client", "64": "64 clients", "burst": "burst"}
+LOAD_LABELS = {"1": "1 client", "4": "4 clients", "64": "64 clients", "burst": "burst"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="1 repetition, burst of 5,000, 1 s windows: a smoke run, not for quoting")
     p.add_argument("--repeat", type=int, default=None, help="repetitions (default 5)")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma list of model/load (default: all): " + ", ".join(CONFIGS))
+                   help="comma list of model/load (default: all of "
+                   + ", ".join(CONFIGS) + "; also " + ", ".join(EXTRA_CONFIGS) + ")")
     p.add_argument("--burst", type=int, default=None, help="burst size (default 50000)")
     p.add_argument("--cap", type=float, default=None,
                    help="closed-loop window in seconds, a burst's cap is 3x (default 3)")
@@ -74,9 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.cap = a.cap or (1.0 if a.quick else 3.0)
     a.name = a.name or ("versions-quick" if a.quick else "versions")
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    bad = [c for c in a.configs if c not in CONFIGS]
+    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS]
     if bad:
-        p.error(f"--configs: unknown {', '.join(bad)} (choose from {', '.join(CONFIGS)})")
+        known = ", ".join(CONFIGS + EXTRA_CONFIGS)
+        p.error(f"--configs: unknown {', '.join(bad)} (choose from {known})")
     if a.repeat < 1 or a.burst < 1 or a.cap <= 0:
         p.error("--repeat, --burst and --cap must be positive")
     return a

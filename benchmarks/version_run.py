@@ -42,7 +42,11 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         load = warm = Load("closed", clients=int(key), features=FEATURES)
         bounds = Bounds(None, cap)
-    model = make_model(spec["model"], features=FEATURES)
+    name = spec["model"]
+    if name.startswith("fixed-") and name.endswith("ms"):  # fixed-50ms: 50 ms per call
+        model = make_model("fixed", features=FEATURES, model_ms=float(name[6:-2]))
+    else:
+        model = make_model(name, features=FEATURES)
 
     def target() -> Batchproc:
         return Batchproc(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))

@@ -2,8 +2,9 @@
 
 The overload is made deterministic: a model that blocks on an event until the test
 releases it, so nothing completes during the run. A run of ``DURATION`` seconds then
-ends within its drain (:func:`drain_window`) plus stopping the target; what it offered is
-reported unfinished, its latency at least its wait, and the processor is stopped.
+ends within its drain (:func:`drain_window`, past the duration) plus stopping the
+target; what it offered is reported unfinished, its latency at least its wait, and the
+processor is stopped.
 """
 
 from __future__ import annotations
@@ -133,6 +134,20 @@ def test_a_burst_that_blocks_its_generator_counts_the_whole_burst_late(blocked):
                    Bounds(duration=DURATION))
     assert res.unfinished == 25 and res.completed == 0
     assert res.stopped_by == "duration"
+
+
+def test_a_burst_has_its_whole_duration_to_be_served(blocked):
+    # A burst is offered at once; its drain counts from the duration, not from its last
+    # submission: served 1 s in (after a drain counted from the submission, 0.5 s, it
+    # would all be late), it completes within its 2 s.
+    release = threading.Timer(1.0, blocked.release.set)
+    release.start()
+    try:
+        run = run_target(Batchproc(max_batch=4), blocked, "blocked",
+                         Load("burst", burst=20, features=4), Bounds(duration=2.0))
+    finally:
+        release.cancel()
+    assert run.unfinished == 0 and run.completed == 20
 
 
 def test_a_run_that_keeps_up_leaves_nothing_unfinished():

@@ -51,23 +51,24 @@ from .inputs import FeatureRows, RequestSource
 
 NORMAL = 2  # BatchPriority.NORMAL
 N_LEVELS = 5
-# After the load stops (the duration, or the last request submitted), the requests
-# offered get DRAIN_MULTIPLE times the time the load ran to finish, at least DRAIN_MIN_S
-# (so a short run's last batches are not cut off) and at most DRAIN_MAX_S.
+# What a run offered has until DRAIN_MULTIPLE times its duration after the duration ends
+# to finish, at least DRAIN_MIN_S (so a short run's last batches are not cut off) and at
+# most DRAIN_MAX_S. Counted from the duration, not from the last submission: a burst
+# offers everything at once and then needs its whole duration to be served.
 DRAIN_MULTIPLE = 1.0
 DRAIN_MIN_S = 0.5
 DRAIN_MAX_S = 60.0
 
 
-def drain_window(offered_s: float) -> float:
-    """Seconds the requests of a load that ran ``offered_s`` seconds get to finish."""
-    return min(max(DRAIN_MULTIPLE * offered_s, DRAIN_MIN_S), DRAIN_MAX_S)
+def drain_window(duration_s: float) -> float:
+    """Seconds past its duration that what a run of ``duration_s`` offered gets to finish."""
+    return min(max(DRAIN_MULTIPLE * duration_s, DRAIN_MIN_S), DRAIN_MAX_S)
 
 
-def _offered(t0: float, dur: float, by_duration: bool) -> float:
-    """How long a load started at ``t0`` offered requests: its whole duration when that
-    ended it (or it is still running), else until now (it ran out of requests)."""
-    return dur if by_duration else min(time.perf_counter() - t0, dur)
+def _drained_by(t0: float, dur: float) -> float:
+    """When a run started at ``t0`` with duration ``dur`` stops waiting for what it
+    offered (``time.perf_counter`` time)."""
+    return t0 + dur + drain_window(dur)
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
         return sum(map(len, lats))
 
     _join_until(threads, t0 + dur, count, tick)
-    offered = _offered(t0, dur, bound[0] == "duration" or any(t.is_alive() for t in threads))
-    _join_until(threads, t0 + offered + drain_window(offered), count, tick)
+    _join_until(threads, _drained_by(t0, dur), count, tick)
     closed[0] = True
     for lock in locks:
         with lock:
@@ -389,8 +389,7 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     t0 = state["t0"] = pc()
     gen.start()
     _join_until([gen], t0 + dur, lambda: count[0], tick)
-    offered = _offered(t0, dur, state["bound"] == "duration" or gen.is_alive())
-    drained_by = t0 + offered + drain_window(offered)
+    drained_by = _drained_by(t0, dur)
     _join_until([gen], drained_by, lambda: count[0], tick)
     # Wait for what was submitted (bounded), still reporting progress. Futures complete
     # roughly in order: block on the oldest unfinished one (no polling, which would
@@ -550,8 +549,7 @@ async def _async_main(
 
         clients = [asyncio.ensure_future(client(i)) for i in range(load.clients)]
         await _wait_until(clients, deadline)
-        offered = _offered(t0, dur, bound[0] == "duration" or not all(c.done() for c in clients))
-        await _wait_until(clients, t0 + offered + drain_window(offered))
+        await _wait_until(clients, _drained_by(t0, dur))
         end = pc()
         late = [c for c in inflight if c is not None]
         await _cancel(clients)
@@ -600,8 +598,7 @@ async def _async_main(
         sub.append(t)
         futs.append(task)
         task.add_done_callback(partial(mark, i))
-    offered = _offered(state["t0"], dur, state["bound"] == "duration")
-    await _wait_until(futs, state["t0"] + offered + drain_window(offered))
+    await _wait_until(futs, _drained_by(state["t0"], dur))
     end = pc()
     unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
     result = _collect(futs, sub, done, prios, state, end, unfinished, [])

@@ -465,6 +465,13 @@ class RequestQueue:
             oldest = min(e.t_push for e in self._live.values())
         return max(0.0, time.monotonic() - oldest)
 
+    def newest_age(self) -> float:
+        with self._cond:
+            if not self._live:
+                return 0.0
+            newest = self._last_push
+        return max(0.0, time.monotonic() - newest)
+
     def _waiters(self) -> tuple[int, int, int]:
         with self._cond:
             return (self._w_items, self._w_fill, self._w_room)

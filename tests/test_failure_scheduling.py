@@ -818,3 +818,40 @@ def test_a_done_callback_that_blocks_holds_up_no_other_request(make_processor):
     finally:
         release.set()
     assert held.result(timeout=10)[0, 0] == 1
+
+
+def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_delivery(
+        make_processor, monkeypatch):
+    # An open load: a request came in the second half of the call, so no wave of its
+    # clients is waited for; the next call starts while its results are handed out
+    # (here, while a done-callback blocks the delivery), not once the delivery ends.
+    # (The extra call for requests behind a long delivery is switched off: it would
+    # serve the request too, only later.)
+    from batchproc.engine.workers import WorkerPool
+
+    monkeypatch.setattr(WorkerPool, "_overdue", lambda self: False)
+    release_call, in_call = threading.Event(), threading.Event()
+    second_done = threading.Event()
+    waited = []
+
+    def model(batch):
+        if batch[0, 0] == 1:
+            in_call.set()
+            assert release_call.wait(20)
+        return batch
+
+    def delivering(future):
+        waited.append(second_done.wait(10))
+
+    p = make_processor(model, max_workers=2, batch_timeout=0.05)
+    first = p.enqueue_predict(item(1))
+    first.add_done_callback(delivering)
+    assert in_call.wait(10)
+    threading.Event().wait(0.2)  # a call of 0.3 s at least, the request 0.2 s in:
+    second = p.enqueue_predict(item(2))  # past batch_timeout when the call ends
+    second.add_done_callback(lambda f: second_done.set())
+    threading.Event().wait(0.1)
+    release_call.set()
+    assert second.result(timeout=20)[0, 0] == 2
+    assert first.result(timeout=20)[0, 0] == 1
+    assert waited == [True]  # served while the first batch's delivery was still going

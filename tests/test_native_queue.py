@@ -333,15 +333,21 @@ def test_len_rows_and_oldest_age(impl: Any) -> None:
     t1 = time.monotonic()
     while time.monotonic() < t1 + 0.02:   # a known minimum age, without sleeping
         pass
+    t2 = time.monotonic()
     q.push("new", priority=0, rows=4)
+    t3 = time.monotonic()
     age = q.oldest_age()
     # The oldest by push time is the low-priority entry, not the head.
     assert 0.02 <= age <= time.monotonic() - t0
+    assert q.newest_age() <= time.monotonic() - t2 < 0.02
     assert (len(q), q.rows) == (2, 7)
+    while time.monotonic() < t3 + 0.02:
+        pass
+    assert q.newest_age() >= 0.02  # since the latest push, whichever entry is left
     assert q.pop_batch(1) == ["new"]
-    assert q.oldest_age() >= 0.02
+    assert q.oldest_age() >= 0.02 and q.newest_age() >= 0.02
     assert q.pop_batch(10) == ["old"]
-    assert q.oldest_age() == 0.0
+    assert q.oldest_age() == 0.0 and q.newest_age() == 0.0
 
 
 # ------------------------------------------------------------------ capacity and timeouts

@@ -1496,6 +1496,24 @@ cdef class RequestQueue:
             return 0.0
         return max(0.0, mono_now() - oldest)
 
+    def newest_age(self):
+        """Seconds since the latest push while something is queued (arrivals still
+        coming in, or stopped a while ago); 0.0 when empty. O(1)."""
+        cdef double newest = INFINITY
+        if sync_try_lock(self._sync):
+            if self._len > 0:
+                newest = self._last_push
+            sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                if self._len > 0:
+                    newest = self._last_push
+                sync_unlock(self._sync)
+        if newest == INFINITY:
+            return 0.0
+        return max(0.0, mono_now() - newest)
+
     cdef double _oldest_locked(self) noexcept nogil:
         cdef Py_ssize_t i
         cdef double t = INFINITY

@@ -89,8 +89,9 @@ class Board:
         """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that
         the caller must now release). A delivery of the whole batch keeps the slot until
         ``finish``: its clients come back in a wave that the next pop waits for (the
-        queue's fill wait), and a worker handed the slot now would pop without them. A
-        part of a batch (a failure search) frees it at once for the other calls."""
+        queue's fill wait), and a worker handed the slot now would pop without them
+        (unless none is coming: ``Delivery.deliver`` frees it then). A part of a batch (a
+        failure search) frees it at once for the other calls."""
         with self.lock:
             if batch.state is not HELD:
                 return False, False

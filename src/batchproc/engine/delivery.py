@@ -67,6 +67,10 @@ class Delivery:
         if holds_slot:
             # A part of a batch: the model is free for another call meanwhile.
             self._controller.slots.release(wake=self.others_needed())
+        elif self._no_wave_coming(left_waiting, target, elapsed) and board.release_slot(batch):
+            # The next call may start while this one is delivered. Otherwise the slot is
+            # kept until the delivery ends (Board.begin_delivery).
+            self._controller.slots.release(wake=True)
         if len(board.active) > 1 and self._other_call_running(batch):
             # Another worker is inside process_func, and the model this batch just left
             # is now its to start, but starting takes the GIL, which this thread would
@@ -98,6 +102,13 @@ class Delivery:
                 logger.error("a future was completed twice; result dropped")
         finally:
             board.end_delivery(batch)
+
+    def _no_wave_coming(self, left_waiting: int, target: int, elapsed: float) -> bool:
+        """A full batch waits, or requests were still arriving in the second half of the
+        call just ended (an open load): the next pop has no wave of this batch's clients
+        to wait for."""
+        return left_waiting > 0 and (left_waiting >= target
+                                     or self._queue.newest_age() < elapsed / 2)
 
     def _other_call_running(self, batch: Batch) -> bool:
         with self._board.lock:

@@ -132,7 +132,6 @@ class RequestQueue:
         self._paused = False
         self._in_flight = 0
         self._idle_since = 0.0
-        self._busy_since = 0.0
         self._idle_rows = 0
         self._last_push = 0.0
         self._last_batch_rows = 0
@@ -315,7 +314,7 @@ class RequestQueue:
                     until = head.t_push + max_wait     # the ceiling, always
                     if (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
                             and head.t_push < self._idle_since):
-                        until = self._wave_deadline(idle_gap, max_wait)
+                        until = self._wave_deadline(idle_gap, max_wait, head.t_push)
                     elif idle_gap >= 0 and self._in_flight == 0:
                         # The pause ends the wait, unless the queue fills on pace.
                         gap_end = max(self._last_push, self._idle_since) + idle_gap
@@ -408,7 +407,7 @@ class RequestQueue:
             self._closed = True
             self._cond.notify_all()
 
-    def _wave_deadline(self, idle_gap: float, max_wait: float) -> float:
+    def _wave_deadline(self, idle_gap: float, max_wait: float, head_pushed: float) -> float:
         # A head carried across the last batch goes at once, unless that batch's
         # clients come back faster than WAVE_PACE times the carried rows came.
         wave = self._rows - self._idle_rows
@@ -416,7 +415,7 @@ class RequestQueue:
             return 0.0
         wave = max(wave, 0)
         until = max(self._last_push, self._idle_since) + idle_gap
-        busy = self._idle_since - self._busy_since
+        busy = self._idle_since - head_pushed
         if self._idle_rows > 0 and busy > 0:
             until = min(until, self._idle_since
                         + (wave + 1) * busy / (WAVE_PACE * self._idle_rows))
@@ -424,8 +423,6 @@ class RequestQueue:
 
     def begin_batch(self) -> None:
         with self._cond:
-            if self._in_flight == 0:
-                self._busy_since = time.monotonic()
             self._in_flight += 1
 
     def end_batch(self) -> None:

@@ -611,6 +611,29 @@ def test_a_wave_too_slow_for_the_carried_rows_ends_their_wait(impl: Any) -> None
     assert time.monotonic() - t_before < HANG / 4
 
 
+def test_the_carried_rows_rate_counts_from_the_head_not_the_busy_spell(impl: Any) -> None:
+    # Batches in flight for 2 s, the two carried rows pushed in its last 10 ms: they came
+    # at 200 rows/s, not 1 row/s, so a row 30 ms after the end is no wave (it would be,
+    # at 8 x 1 row/s, for 250 ms): the pop takes what is queued at once.
+    q = impl.RequestQueue(16)
+    answered(q, 8)
+    q.begin_batch()
+    began = time.monotonic()
+    wait_until(lambda: time.monotonic() - began > 2.0, "a long busy spell")
+    q.push("x")
+    q.push("y")
+    pushed = time.monotonic()
+    wait_until(lambda: time.monotonic() - pushed > 0.01, "the carried rows' spell")
+    q.end_batch()
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 0.03, "a row after the end")
+    q.push("a")
+    t_before = time.monotonic()
+    assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
+                       fill_time=HANG, timeout=HANG) == ["x", "y", "a"]
+    assert time.monotonic() - t_before < 0.2
+
+
 def test_a_wave_on_pace_ends_at_max_wait_after_the_delivery(impl: Any) -> None:
     # A wave that keeps its pace (a row every 5 ms; 50 ms would do) but never brings
     # back the 40 rows of the last batch: the carried row's wait for it ends max_wait

@@ -420,7 +420,6 @@ cdef class RequestQueue:
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
     cdef double _idle_since     # when _in_flight last dropped to 0
-    cdef double _busy_since     # when _in_flight last rose from 0
     cdef int64_t _idle_rows     # rows queued when _in_flight last dropped to 0
     cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
@@ -703,7 +702,7 @@ cdef class RequestQueue:
         if p.idle_gap < 0.0 or self._in_flight > 0:
             return d        # plain, or the model is busy: keep filling up to the ceiling
         if p.fill_time > 0.0 and head_pushed < self._idle_since:
-            return self._wave_deadline(p)
+            return self._wave_deadline(p, head_pushed)
         # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
@@ -721,20 +720,22 @@ cdef class RequestQueue:
                 g = on_pace
         return g if g < d else d
 
-    cdef inline double _wave_deadline(self, const PopParams* p) noexcept nogil:
+    cdef inline double _wave_deadline(self, const PopParams* p,
+                                      double head_pushed) noexcept nogil:
         """The fill wait of a head carried across the last batch (pushed while it ran).
 
         Carried requests came while the model was busy; they go at once, whatever their
         age, unless the batch just delivered brings its clients back in a wave: the rows
         pushed since the end come faster than ``WAVE_PACE`` times the rate the carried
-        rows came at during the busy spell, and fewer are back than that batch held.
+        rows came at (from the head's push to the end), and fewer are back than that
+        batch held.
         Then the wait lasts while each next row of the wave keeps that pace and comes
         within ``idle_gap`` of the last, never past ``max_wait`` after the end. Going
         without the wave would leave it a call of its own, and the two halves of a
         closed loop would alternate at a model that runs one call at a time.
         """
         cdef int64_t wave = self._rows - self._idle_rows
-        cdef double busy = self._idle_since - self._busy_since
+        cdef double busy = self._idle_since - head_pushed
         cdef double until, by_pace
         if wave >= self._last_batch_rows:
             return 0.0      # the wave is back
@@ -1155,7 +1156,8 @@ cdef class RequestQueue:
            with ``fill_time > 0`` a wave comes back: fewer rows were pushed since the end
            than the last batch popped held, and each came within ``idle_gap`` of the one
            before and faster than 8 times the rate the rows queued at the end came
-           while batches were in flight; the wait for it ends ``max_wait`` after the end.
+           (from the head's push to the end); the wait for it ends ``max_wait`` after
+           the end.
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
@@ -1429,8 +1431,6 @@ cdef class RequestQueue:
         """Tell the queue a popped batch is now running (see ``pop_batch``'s fill wait)."""
         with nogil:
             sync_lock(self._sync)
-            if self._in_flight == 0:
-                self._busy_since = mono_now()
             self._in_flight += 1
             sync_unlock(self._sync)
 

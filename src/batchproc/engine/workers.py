@@ -269,8 +269,9 @@ class WorkerPool:
 
     def _overdue(self) -> bool:
         """Requests have waited past ``batch_timeout`` behind a call that overruns its
-        usual time, or behind a delivery running longer than ``batch_timeout`` (a
-        done-callback that blocks): a worker without a call slot may start one more.
+        usual time, or behind a delivery that kept its call slot running longer than
+        ``batch_timeout`` (a done-callback that blocks): a worker without a call slot may
+        start one more.
         Behind calls of normal length they wait for them: a model that runs one call at
         a time (a lock, the GIL, one GPU) would only queue a second call, and split one
         full batch into two alternating halves. With no call in progress the slot
@@ -283,8 +284,9 @@ class WorkerPool:
         with self._board.lock:
             calls = [(b.calling if b.calling is not None else b.requests, b.call_started)
                      for b in self._board.active if b.state is CALLING]
+            # Only a delivery that kept its call slot holds up the next call.
             delivering = [b.delivery_started for b in self._board.active
-                          if b.state is DELIVERING]
+                          if b.state is DELIVERING and b.holds_slot]
         if any(now - started > timeout for started in delivering):
             return True
         overruns = self._controller.overruns

@@ -564,3 +564,39 @@ def test_exits_with_processors_stuck_in_their_model_never_crash():
     for child in children:
         out, err = child.communicate(timeout=120)
         assert (child.returncode, out) == (0, "exiting\n"), err
+
+
+def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future():
+    # A hung model and a queued request at exit; Ctrl-C one second into a drain of 30 s:
+    # both futures fail with ProcessorStoppedError and the interpreter exits.
+    lines, took = run_script(EXIT_PRELUDE + """
+    import os
+    import signal
+    import time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    exiting.EXIT_TIMEOUT = 30.0
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        threading.Event().wait()  # for ever
+        return batch
+
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(hangs)
+    futures = [p.enqueue_predict(one(1))]
+    entered.wait()
+    futures.append(p.enqueue_predict(one(2)))
+    for f in futures:
+        f.add_done_callback(lambda f: print("failed", type(f.exception()).__name__,
+                                            flush=True))
+
+    def interrupt():
+        time.sleep(1.0)  # in the exit hook's wait by then
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    print("exiting", flush=True)
+    """)
+    assert lines == ["exiting"] + ["failed ProcessorStoppedError"] * 2
+    assert took < 20  # not the 30 s drain

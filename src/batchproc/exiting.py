@@ -5,7 +5,8 @@ interpreter alive), so work still queued at exit would die with them unnoticed. 
 as ``concurrent.futures.ThreadPoolExecutor`` does, an ``atexit`` hook stops every running
 ``BatchProcessor`` and every ``@batch`` function: their queued work is finished, within
 ``EXIT_TIMEOUT`` seconds for all of them together, and what is left then fails with
-``ProcessorStoppedError`` as in ``stop()``.
+``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C during that wait gives up at once on
+what is left (it fails with ``ProcessorStoppedError``), and the interpreter exits.
 
 Held weakly, and stopped in the order registered: a decorated function comes before the
 processor it starts, so its ``stop()`` (final) is what stops that processor.
@@ -57,5 +58,11 @@ def stop_all() -> None:
     for obj in registered():
         try:
             obj.stop(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            # Ctrl-C during the drain: the interrupted stop gave up on its work; the
+            # others give up on theirs at once, so every accepted request still ends.
+            deadline = 0.0
+            logger.warning("interrupted at interpreter exit: queued work given up "
+                           "(ProcessorStoppedError)")
         except Exception:  # one failing stop must not keep the others running
             logger.exception("stopping %r at interpreter exit failed", obj)

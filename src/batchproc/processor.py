@@ -298,13 +298,15 @@ class BatchProcessor(Generic[T, U]):
 
         While another call is stopping the processor, it waits for that call to return
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
-        done-callback of a request it fails), it returns at once.
+        done-callback of a request it fails), it returns at once. A ``KeyboardInterrupt``
+        (Ctrl-C) during the wait gives up at once on what is left, as when ``timeout``
+        runs out, and is then raised.
 
         A processor still running at interpreter exit is stopped then (an ``atexit``
         hook, ``batchproc.exiting``), within ``exiting.EXIT_TIMEOUT`` (5) seconds for all
         processors together: its queued work is finished, not dropped with its daemon
-        threads. ``timeout``: ``TypeError`` if not ``None`` or a number (a bool
-        included), ``ValueError`` if NaN or negative.
+        threads (a Ctrl-C then gives up on it at once). ``timeout``: ``TypeError`` if
+        not ``None`` or a number (a bool included), ``ValueError`` if NaN or negative.
         """
         timeout = timeout_arg(timeout)
         deadline = float("inf") if timeout is None else _monotonic() + timeout
@@ -326,15 +328,25 @@ class BatchProcessor(Generic[T, U]):
             return
         try:
             self._shut_down(deadline, was_running)
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting for the work to drain: give it up at once, so that
+            # every accepted request still completes (ProcessorStoppedError), then let
+            # the interrupt go on. (Without waiting again: a Thread.join interrupted so
+            # can leave that thread looking finished.)
+            self._shut_down(_monotonic(), was_running, drain=False)
+            raise
         finally:
             with self._lifecycle:
                 self._state = _STOPPED
             self._stopped.set()
 
-    def _shut_down(self, deadline: float, was_running: bool) -> None:
-        """stop()'s work once intake is closed: drain or give up, fail what is left, join
-        the threads."""
-        drained = self._dispatcher.join(deadline) if was_running else True
+    def _shut_down(self, deadline: float, was_running: bool, drain: bool = True) -> None:
+        """stop()'s work once intake is closed: drain (until ``deadline``; ``drain=False``:
+        not at all) or give up, fail what is left, join the threads."""
+        if not was_running:
+            drained = True
+        else:
+            drained = self._dispatcher.join(deadline) if drain else False
         leftover = 0
         if not drained:
             leftover += self._dispatcher.abandon_all(

@@ -855,3 +855,23 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     assert second.result(timeout=20)[0, 0] == 2
     assert first.result(timeout=20)[0, 0] == 1
     assert waited == [True]  # served while the first batch's delivery was still going
+
+
+def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):
+    # Its callers get their results (each request succeeds alone), so only a warning
+    # says the model's batched output is broken: once, then at most once a minute.
+    import logging
+
+    def broken_when_batched(batch):
+        return {"a": batch, "b": batch[:1]}  # "b" has one row whatever the batch
+
+    p = make_processor(broken_when_batched, max_workers=1, batch_timeout=0.05)
+    with caplog.at_level(logging.WARNING, logger="batchproc"):
+        for _ in range(2):
+            p.pause()
+            futures = [p.enqueue_predict(item(v)) for v in range(4)]
+            p.resume()
+            assert [f.result(timeout=20)["a"][0, 0] for f in futures] == [0, 1, 2, 3]
+    warnings = [r for r in caplog.records if "fails on batches" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "BatchOutputError" in warnings[0].getMessage()

@@ -46,6 +46,9 @@ from .delivery import Delivery, final_error
 logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+# A batch that fails while each of its requests succeeds alone is logged at once, then
+# at most once per this many seconds (with how many there were meanwhile).
+BATCH_ONLY_FAILURE_LOG_S = 60.0
 _INF = float("inf")
 
 # Results of one process_func attempt.
@@ -65,6 +68,8 @@ class Executor:
         self._limits = Limits(config.max_batch_size, config.max_batch_bytes,
                               config.max_batch_tokens or 0)
         self.process_func: Callable[[Any], Any] | None = None
+        self._batch_only_failures = 0  # since the last warning about them
+        self._batch_only_logged_at = -BATCH_ONLY_FAILURE_LOG_S
 
     def run(self, batch: Batch, workspace: Workspace, target: int) -> None:
         """Run a popped batch until each of its requests is delivered, failed or parked."""
@@ -142,6 +147,24 @@ class Executor:
             # smaller ones may get through.
             # Once per failed batch, never per step of the search or per retry.
             self._controller.observe_failure()
+            self._warn_batch_only_failure(len(requests), error)
+
+    def _warn_batch_only_failure(self, n: int, error: BaseException) -> None:
+        """Callers get their results, yet every such batch costs a search of calls and
+        halves the target: a model that only fails on batches (an output that cannot be
+        split, out of memory) must not go unnoticed."""
+        self._batch_only_failures += 1
+        now = _monotonic()
+        if now - self._batch_only_logged_at < BATCH_ONLY_FAILURE_LOG_S:
+            return
+        logger.warning(
+            "a batch of %d requests failed (%s: %s), yet each of its requests succeeded "
+            "on a smaller batch: process_func fails on batches, not on these inputs; %d "
+            "such batch(es) since the last warning (each costs a search of calls and "
+            "halves the batch target)", n, type(error).__name__, error,
+            self._batch_only_failures)
+        self._batch_only_failures = 0
+        self._batch_only_logged_at = now
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,

@@ -21,6 +21,7 @@ from batchproc.bench.loads import (
     DRAIN_MIN_S,
     Bounds,
     Load,
+    _schedule,
     drain_window,
     run_load,
 )
@@ -150,11 +151,76 @@ def test_a_burst_has_its_whole_duration_to_be_served(blocked):
     assert run.unfinished == 0 and run.completed == 20
 
 
-def test_a_run_that_keeps_up_leaves_nothing_unfinished():
-    run = run_target(Batchproc(max_batch=4), lambda b: b, "identity",
+@pytest.mark.parametrize("target", [Batchproc(max_batch=4), BatchprocAsync(max_batch=4)],
+                         ids=["threads", "asyncio"])
+def test_a_run_that_keeps_up_leaves_nothing_unfinished(target):
+    run = run_target(target, lambda b: b, "identity",
                      Load("rate", rate=200.0, features=4), Bounds(duration=DURATION))
     assert run.unfinished == 0 and run.completed == run.submitted == run.scheduled
     assert run.elapsed_s < DURATION + drain_window(DURATION)
+
+
+class Slow:
+    """A model that takes ``seconds`` per call (at least: an event that is never set)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._never = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self._never.wait(self.seconds)
+        return batch
+
+
+class InlineAsync:
+    """An async target that runs its model inline, holding up the event loop."""
+
+    is_async = True
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    async def acall(self, item: np.ndarray, priority: int):
+        return self._model(item)
+
+
+# Dense enough that a generator running a model of SLOW_S per call cannot keep up.
+DENSE_RATE = 20000.0
+
+
+@pytest.mark.parametrize(
+    ("make_target", "seconds"),
+    [(NoBatching, 0.02), (NoBatching, DURATION * 1.5), (InlineAsync, DURATION * 1.5)],
+    ids=["threads-many-calls", "threads-one-call", "asyncio"],
+)
+def test_arrivals_a_slow_generator_never_submitted_are_late(make_target, seconds):
+    # The model is slow, not blocked: the generator falls behind its schedule, gives up at
+    # the end of the duration, and the arrivals it never submitted are late all the same.
+    model = Slow(seconds)
+    target = make_target(model) if make_target is InlineAsync else _started(make_target(), model)
+    load = Load("rate", rate=DENSE_RATE, features=4)
+    res = run_load(target, load, Bounds(duration=DURATION))
+    assert res.errors == 0 and res.stopped_by == "duration"
+    assert 0 < res.submitted < res.scheduled
+    assert res.scheduled == res.completed + res.unfinished
+    assert len(res.latencies) == res.scheduled
+    unsent = res.scheduled - res.submitted
+    assert res.unfinished >= unsent
+    # Each waited at least from its scheduled arrival to the end of the duration.
+    arrivals = _schedule(load, res.scheduled + 1)[res.submitted:res.scheduled]
+    assert np.all(res.latencies[-unsent:] >= DURATION - arrivals - 1e-9)
+    # The completed ones waited for the model.
+    assert res.latencies[:res.completed].min() >= seconds
+
+
+def test_a_burst_a_slow_generator_did_not_submit_is_late():
+    res = run_load(_started(NoBatching(), Slow(0.02)), Load("burst", burst=1000, features=4),
+                   Bounds(duration=DURATION))
+    assert res.errors == 0 and res.stopped_by == "duration"
+    assert 0 < res.submitted < 1000
+    assert res.completed + res.unfinished == 1000
+    # All arrived at the start of the burst: each unsent one waited the whole duration.
+    assert res.latencies[res.completed:].min() >= DURATION
 
 
 def test_the_table_and_its_notes_say_what_was_late(blocked):

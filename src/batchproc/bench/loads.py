@@ -22,11 +22,12 @@ The calling thread only watches: it reports progress through ``tick(done)`` ever
 
 A run's length is bounded, however overloaded the system: no load is offered past the
 duration, and what was offered then has a drain of :func:`drain_window` to finish. What
-has not finished by then (still queued or running, a submit still blocked, arrivals a
-blocked generator never got to submit) is *unfinished*: not counted as completed, its
-latency taken as its wait so far (a lower bound), so that an overloaded system's
-percentiles are not flattered by leaving out its slowest requests. The caller then stops
-the target (``run_target``), which gives up on what is left.
+has not finished by then (still queued or running, a submit still blocked, arrivals due
+within the duration that a blocked or slow generator never got to submit) is
+*unfinished*: not counted as completed, its latency taken as its wait so far (a lower
+bound), so that an overloaded system's percentiles are not flattered by leaving out its
+slowest requests. The caller then stops the target (``run_target``), which gives up on
+what is left.
 """
 
 from __future__ import annotations
@@ -323,6 +324,23 @@ def _scheduled(sched: np.ndarray | None, n: int, dur: float) -> int | None:
     return min(n, int(np.searchsorted(sched, dur))) if math.isfinite(dur) else n
 
 
+def _offered(sched: np.ndarray | None, n: int, dur: float) -> int:
+    """How many arrivals an open loop or burst offers: those its schedule puts within the
+    duration (a burst: all ``n``)."""
+    scheduled = _scheduled(sched, n, dur)
+    return n if scheduled is None else scheduled
+
+
+def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> list[float]:
+    """The arrivals (``time.perf_counter`` times) of requests ``first`` to ``total`` of a
+    run started at ``t0``: all at ``t0`` for a burst, else as scheduled."""
+    if first >= total:
+        return []
+    if sched is None:
+        return [t0] * (total - first)
+    return (t0 + sched[first:total]).tolist()  # type: ignore[no-any-return]
+
+
 def _mark(done: list[float], count: list[int], i: int, fut: Any) -> None:
     done[i] = time.perf_counter()
     count[0] += 1  # progress only: a lost update under a thread switch does not matter
@@ -339,6 +357,7 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[Future[Any]] = []
     count = [0]
+    total = _offered(sched, n, dur)
     state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None,
                              "scheduled": _scheduled(sched, n, dur)}
     # The run's end (closed) and the generator's bookkeeping exclude each other: a request
@@ -353,16 +372,16 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         sleep = time.sleep
         t0 = state["t0"]
         deadline = t0 + dur
-        for i in range(n):
+        if total < n:
+            state["bound"] = "duration"
+        for i in range(total):
             now = pc()
             if now >= deadline:
+                # Behind its schedule: what it did not submit is counted late at the end.
                 state["bound"] = "duration"
                 return
             if sched is not None:
                 t = t0 + sched[i]
-                if t >= deadline:
-                    state["bound"] = "duration"
-                    return
                 if t > now:
                     sleep(t - now)
             else:
@@ -410,16 +429,14 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         closed[0] = True
         m = len(futs)
         late = [] if submitting[0] is None else [submitting[0]]
+        refused = state["error"] is not None
     end = pc()
-    if gen.is_alive():
-        # Blocked in a submit past the drain: the arrivals it had yet to submit are late
-        # too (a burst's all arrived at once; a Poisson load's within the duration).
+    if not refused:
+        # Arrivals the generator never submitted, blocked in a submit past the drain or
+        # too slow to keep to its schedule, are late too.
+        late += _unsent(t0, sched, m + len(late), total)
+    if late:
         state["bound"] = "duration"
-        first = m + len(late)
-        if sched is None:
-            late += [t0] * (n - first)
-        else:
-            late += (t0 + sched[first:state["scheduled"]]).tolist()
     unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
     tick(m - len(unfinished))
     return _collect(futs[:m], sub, done, prios, state, end, unfinished, late)
@@ -568,11 +585,12 @@ async def _async_main(
         )
 
     sched = _schedule(load, n)
+    total = _offered(sched, n, dur)
     sub: list[float] = []
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[asyncio.Task[Any]] = []
-    state: dict[str, Any] = {"bound": "requests", "t0": pc(), "error": None,
-                             "scheduled": _scheduled(sched, n, dur)}
+    state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
+                             "error": None, "scheduled": _scheduled(sched, n, dur)}
     deadline = state["t0"] + dur
 
     def mark(i: int, fut: Any) -> None:
@@ -580,16 +598,13 @@ async def _async_main(
         progress[0] += 1
 
     loop = asyncio.get_running_loop()
-    for i in range(n):
+    for i in range(total):
         now = pc()
         if now >= deadline:
-            state["bound"] = "duration"
+            state["bound"] = "duration"  # behind its schedule: the rest are late
             break
         if sched is not None:
             t = state["t0"] + sched[i]
-            if t >= deadline:
-                state["bound"] = "duration"
-                break
             if t > now:
                 await asyncio.sleep(t - now)
         else:
@@ -601,7 +616,8 @@ async def _async_main(
     await _wait_until(futs, _drained_by(state["t0"], dur))
     end = pc()
     unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
-    result = _collect(futs, sub, done, prios, state, end, unfinished, [])
+    unsent = _unsent(state["t0"], sched, len(futs), total)
+    result = _collect(futs, sub, done, prios, state, end, unfinished, unsent)
     await _cancel([futs[i] for _, i in unfinished])  # after _collect: cancelled is done
     return result
 

@@ -244,6 +244,7 @@ class TuneResult:
     cut_short: str | None = None  # the key of the candidate whose climb the budget ended
     budget: float = math.inf  # the search's budget, in seconds
     run_s: float = 0.0  # what one run takes out of it: its duration, start and stop
+    results_path: str | None = None  # the --json results file, None when not given
 
 
 class Tuner:
@@ -366,7 +367,7 @@ class Tuner:
         return TuneResult(
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
-            cut_short, self.budget, self.duration * RUN_OVERHEAD,
+            cut_short, self.budget, self.duration * RUN_OVERHEAD, self.results.path,
         )
 
     def _measure_capacity(self) -> None:
@@ -469,8 +470,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     notes = [
         f"runs: {result.measured} measured now, {result.reused} reused from the results "
         f"file; {result.candidates_done} of {result.candidates_total} configurations done"
-        + (" (budget spent: rerun with the same --json to continue)"
-           if result.budget_spent else ""),
+        + (f" (budget spent: {_how_to_continue(result)})" if result.budget_spent else ""),
     ]
     if result.cut_short is not None:
         notes.append("(cut short): the budget ended its climb; it met the goal up to the "
@@ -505,6 +505,12 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     if result.padded:
         fields["pad_value"] = 0
     print(format_config(fields))
+
+
+def _how_to_continue(result: TuneResult) -> str:
+    if result.results_path:
+        return "rerun with the same --json to continue"
+    return "pass --json FILE to keep the results and continue in a later run"
 
 
 def _nothing_measured(result: TuneResult) -> str:

@@ -1,6 +1,8 @@
 """BatchProcessorConfig defaults, validation and the small public value types."""
 
+import copy
 import dataclasses
+import pickle
 import re
 from decimal import Decimal
 from fractions import Fraction
@@ -316,3 +318,45 @@ def test_a_config_made_from_another_derives_its_unset_thresholds_again():
     with pytest.raises(ValueError, match="queue_critical_threshold"):
         dataclasses.replace(BatchProcessorConfig(queue_critical_threshold=800),
                             max_queue_size=100)
+
+
+@pytest.mark.parametrize("value", ["fixed", "FIXED", "Fixed", BatchProcessingStrategy.FIXED])
+def test_strategy_accepts_member_names_and_values_in_any_case(value):
+    assert (BatchProcessorConfig(processing_strategy=value).processing_strategy
+            is BatchProcessingStrategy.FIXED)
+
+
+@pytest.mark.parametrize("value", ["sideways", "", "fixed ", 0, None])
+def test_a_bad_strategy_is_refused_listing_the_valid_values(value):
+    with pytest.raises(ValueError, match=re.escape(
+            "processing_strategy must be a BatchProcessingStrategy or one of 'fixed', "
+            f"'adaptive', 'greedy' (any case), got {value!r}")):
+        BatchProcessorConfig(processing_strategy=value)
+
+
+@pytest.mark.parametrize("base,changes,expected", [
+    # Clamped to a bound that then moves: the value given (or the default) is clamped again.
+    (dict(max_batch_size=8), dict(max_batch_size=128), 32),
+    (dict(max_batch_size=8), dict(max_batch_size=16), 16),
+    (dict(min_batch_size=64), dict(min_batch_size=1), 32),
+    (dict(initial_batch_size=500, max_batch_size=64), dict(max_batch_size=256), 256),
+    (dict(initial_batch_size=500, max_batch_size=64), dict(max_batch_size=1000), 500),
+    (dict(initial_batch_size=2, min_batch_size=4), dict(min_batch_size=1), 2),
+    # Not clamped: the value given survives, and is clamped only by new bounds.
+    (dict(initial_batch_size=10), dict(max_batch_size=64), 10),
+    (dict(initial_batch_size=10), dict(max_batch_size=8), 8),
+    (dict(initial_batch_size=10, max_batch_size=8), dict(initial_batch_size=4), 4),
+])
+def test_a_config_made_from_another_clamps_the_given_initial_size_again(base, changes,
+                                                                         expected):
+    config = dataclasses.replace(BatchProcessorConfig(**base), **changes)
+    assert config.initial_batch_size == expected
+    assert config == BatchProcessorConfig(**{**base, **changes})
+
+
+def test_a_clamped_initial_size_is_an_int_that_survives_copies():
+    config = BatchProcessorConfig(max_batch_size=8)
+    assert config.initial_batch_size == 8 and repr(config.initial_batch_size) == "8"
+    for copied in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
+        assert copied == config
+        assert dataclasses.replace(copied, max_batch_size=128).initial_batch_size == 32

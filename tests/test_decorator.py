@@ -649,3 +649,27 @@ def _script_output(code: str) -> str:
     """What a fresh interpreter running ``code`` prints (it must exit 0)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True).stdout
+
+
+def test_a_config_changed_into_a_bad_value_is_refused_when_decorating():
+    config = batchproc.BatchProcessorConfig()
+    config.batch_timeout = "x"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="batch_timeout"):
+        batchproc.batch(config=config)
+
+
+def test_the_decorator_keeps_its_own_copy_of_the_config():
+    config = batchproc.BatchProcessorConfig(max_batch_size=4)
+
+    @batchproc.batch(config=config)
+    def double(items):
+        return [2 * item for item in items]
+
+    try:
+        config.max_batch_size = 0
+        config.batch_timeout = "x"  # type: ignore[assignment]
+        assert double.submit(3).result(timeout=10) == 6  # makes the processor
+        assert double.processor.config.max_batch_size == 4
+        assert double.processor.config.batch_timeout == 0.1
+    finally:
+        double.stop()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from batchproc import (
+    BatchProcessingStrategy,
     BatchProcessor,
     BatchProcessorConfig,
     ProcessorStoppedError,
@@ -600,3 +601,48 @@ def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_futur
     """)
     assert lines == ["exiting"] + ["failed ProcessorStoppedError"] * 2
     assert took < 20  # not the 30 s drain
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"batch_timeout": "x"}, "batch_timeout"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_workers": -3}, "max_workers"),
+    ({"max_workers": 5000}, "max_workers"),
+    ({"min_batch_size": 64, "max_batch_size": 8}, "min_batch_size"),
+    ({"processing_strategy": "sideways"}, "processing_strategy"),
+])
+def test_a_config_changed_into_a_bad_value_is_refused_at_construction(changes, named):
+    # A dataclass checks only when made: the processor checks the object it is given.
+    config = BatchProcessorConfig()
+    for name, value in changes.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=named):
+        BatchProcessor(config)
+
+
+def test_a_config_changed_into_a_good_value_is_taken_at_construction():
+    config = BatchProcessorConfig()
+    config.max_batch_size = 8
+    config.processing_strategy = "FIXED"  # type: ignore[assignment]
+    p = BatchProcessor(config)
+    assert p.config.max_batch_size == 8
+    assert p.config.initial_batch_size == 8  # clamped against the new bound
+    assert p.config.gc_batch_threshold == 8  # derived again from it
+    assert p.config.processing_strategy is BatchProcessingStrategy.FIXED
+
+
+def test_the_processor_keeps_its_own_copy_of_the_config():
+    config = BatchProcessorConfig(max_batch_size=16, batch_timeout=0.01)
+    p = BatchProcessor(config)
+    try:
+        assert p.config == config and p.config is not config
+        config.batch_timeout = "x"  # type: ignore[assignment]
+        config.max_batch_size = 0
+        config.max_workers = -3
+        assert (p.config.batch_timeout, p.config.max_batch_size, p.config.max_workers) == (
+            0.01, 16, 4)
+        p.start(lambda b: b * 2)
+        # The workers read the processor's copy: the broken object reaches none of them.
+        assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
+    finally:
+        p.stop(timeout=5.0)

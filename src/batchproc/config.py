@@ -68,6 +68,23 @@ class _DerivedFloat(float):
     __slots__ = ()
 
 
+class _ClampedInt(int):
+    """``initial_batch_size`` clamped into ``[min_batch_size, max_batch_size]`` in
+    __post_init__: an int in every use, remembering the value given (or the default), so
+    that a config made from this one (``dataclasses.replace``) clamps that again against
+    its own bounds instead of keeping a clamp made for the old ones."""
+
+    given: int
+
+    def __new__(cls, value: int, given: int) -> _ClampedInt:
+        self = super().__new__(cls, value)
+        self.given = given
+        return self
+
+    def __getnewargs__(self) -> tuple[int, int]:  # type: ignore[override]
+        return int(self), self.given
+
+
 _DERIVED_FIELDS = ("gc_batch_threshold", "memory_warning_threshold",
                    "memory_critical_threshold", "queue_warning_threshold",
                    "queue_critical_threshold")
@@ -88,7 +105,9 @@ class BatchProcessorConfig:
     ``gc_batch_threshold`` without ``enable_memory_optimization``,
     ``health_check_interval`` without ``enable_health_monitoring``, the padding settings
     without ``pad_value``): it would be ignored. An ``initial_batch_size`` outside
-    ``[min_batch_size, max_batch_size]`` is clamped into it. A threshold not given (or
+    ``[min_batch_size, max_batch_size]`` is clamped into it; a copy made with
+    ``dataclasses.replace`` clamps the value given (or the default) again against its own
+    bounds. A threshold not given (or
     given as ``None``) is derived from the settings it must agree with (each says how),
     so that a setting you change never makes a default one unreachable; a copy made with
     ``dataclasses.replace`` derives it again. Rows are what a batch is counted in: an
@@ -148,7 +167,8 @@ class BatchProcessorConfig:
         enable_adaptive_batching: Let the strategy adapt, on or off. Default ``True``;
             ``False`` makes every strategy behave as FIXED.
         processing_strategy: How batch size and wait are chosen, a
-            `BatchProcessingStrategy` (or its value, ``"adaptive"``). Default
+            `BatchProcessingStrategy`, or its value or name in any case (``"adaptive"``,
+            ``"ADAPTIVE"``); anything else raises ``ValueError`` listing them. Default
             ``BatchProcessingStrategy.ADAPTIVE``.
         reduce_batch_on_failure: Halve the target after a batch fails though none of
             its requests fails alone (out of memory on its size, say), on or off (not
@@ -268,6 +288,9 @@ class BatchProcessorConfig:
         for name in _DERIVED_FIELDS:
             if isinstance(getattr(self, name), (_DerivedInt, _DerivedFloat)):
                 setattr(self, name, None)  # derived for another config: derive it again
+        if isinstance(self.initial_batch_size, _ClampedInt):
+            # Clamped for another config's bounds: clamp what was given against these.
+            self.initial_batch_size = self.initial_batch_size.given
         for name in ("initial_batch_size", "min_batch_size", "max_batch_size", "max_queue_size",
                      "max_workers", "monitoring_window"):
             _require_int(name, getattr(self, name), minimum=1)
@@ -308,13 +331,7 @@ class BatchProcessorConfig:
             raise ValueError(
                 f"min_batch_size ({self.min_batch_size}) must not exceed "
                 f"max_batch_size ({self.max_batch_size})")
-        if not isinstance(self.processing_strategy, BatchProcessingStrategy):
-            try:
-                self.processing_strategy = BatchProcessingStrategy(self.processing_strategy)
-            except ValueError:
-                raise ValueError(
-                    f"processing_strategy must be a BatchProcessingStrategy, "
-                    f"got {self.processing_strategy!r}") from None
+        self.processing_strategy = _strategy(self.processing_strategy)
         for f in fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
@@ -327,8 +344,10 @@ class BatchProcessorConfig:
                 value = getattr(self, name)
                 setattr(self, name, _DerivedInt(value) if isinstance(value, int)
                         else _DerivedFloat(value))
-        self.initial_batch_size = min(max(self.initial_batch_size, self.min_batch_size),
-                                      self.max_batch_size)
+        given_size = self.initial_batch_size
+        clamped = min(max(given_size, self.min_batch_size), self.max_batch_size)
+        if clamped != given_size:
+            self.initial_batch_size = _ClampedInt(clamped, given_size)
 
     def _check_switches(self) -> None:
         for name, switch in _NEEDS_SWITCH:
@@ -441,6 +460,21 @@ _NONE_MEANS = {
     "max_queue_time": "no limit",
     "max_priority_wait": "strict priorities (no limit)",
 }
+
+
+def _strategy(value: Any) -> BatchProcessingStrategy:
+    """``value`` as a `BatchProcessingStrategy`: a member, or a member's value or name in
+    any case. ``ValueError`` listing the valid values otherwise."""
+    if isinstance(value, BatchProcessingStrategy):
+        return value
+    if isinstance(value, str):
+        for member in BatchProcessingStrategy:
+            if value.lower() in (member.value, member.name.lower()):
+                return member
+    valid = ", ".join(repr(member.value) for member in BatchProcessingStrategy)
+    raise ValueError(
+        f"processing_strategy must be a BatchProcessingStrategy or one of {valid} (any "
+        f"case), got {value!r}")
 
 
 def _ordered(kind: str, warning: Any, critical: Any, default_warning: Any,

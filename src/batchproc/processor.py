@@ -10,6 +10,7 @@ the health checks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import queue as _stdlib_queue
@@ -91,6 +92,10 @@ class _RequestFuture(RequestFuture):
 class BatchProcessor(Generic[T, U]):
     """Groups requests from many threads into batches for one ``process_func``.
 
+    ``config`` is validated again here (``ValueError`` naming the field for one changed
+    into a bad value after it was made) and the processor keeps its own copy, ``config``:
+    later changes to the object passed in change nothing in the processor.
+
     >>> import numpy as np
     >>> from batchproc import BatchProcessor, BatchProcessorConfig
     >>> with BatchProcessor(BatchProcessorConfig(max_batch_size=64)) as p:
@@ -105,6 +110,9 @@ class BatchProcessor(Generic[T, U]):
             config = BatchProcessorConfig()
         if not isinstance(config, BatchProcessorConfig):
             raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+        # A validated copy: the caller's object may have been changed since it was made
+        # (a dataclass checks only in __post_init__), and may be changed later.
+        config = dataclasses.replace(config)
         self.config = config
         self.shutdown_event = threading.Event()
         self._stopped = threading.Event()  # set when stop() has returned

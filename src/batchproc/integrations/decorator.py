@@ -44,6 +44,7 @@ loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -411,7 +412,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     """Turn a batch function into a per-item callable (see the module).
 
     ``fields`` are ``BatchProcessorConfig``'s fields (``max_batch_size=64``, ...), checked
-    now; or pass a whole ``config``. ``metrics_collector`` goes to each processor made
+    now; or pass a whole ``config``, checked now too and copied (later changes to it
+    change nothing). ``metrics_collector`` goes to each processor made
     (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus); ``name`` names it
     in logs and metrics (default: the function's qualified name).
 
@@ -436,4 +438,7 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
         config = BatchProcessorConfig(**fields)
     elif not isinstance(config, BatchProcessorConfig):
         raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+    else:
+        # Validated now, and kept: later changes to the caller's object change nothing.
+        config = dataclasses.replace(config)
     return _Decorator(config, metrics_collector, name)

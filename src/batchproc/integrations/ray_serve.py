@@ -31,6 +31,7 @@ in a checkout.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -164,6 +165,9 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
         raise TypeError("pass either config or its fields, not both")
     if config is None:
         config = BatchProcessorConfig(**fields)
+    else:
+        # Checked (and copied) here, before it sizes the deployment, not in each replica.
+        config = dataclasses.replace(config)
     options.setdefault("max_ongoing_requests", 4 * config.max_batch_size)
     deployment: Any = serve.deployment(BatchedReplica, name=name, **options)
     return deployment.bind(model, config, decode, encode, queue_wait, metrics_name)

@@ -831,7 +831,7 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
 
     monkeypatch.setattr(WorkerPool, "_overdue", lambda self: False)
     release_call, in_call = threading.Event(), threading.Event()
-    second_done = threading.Event()
+    second_done, delivered = threading.Event(), threading.Event()
     waited = []
 
     def model(batch):
@@ -842,6 +842,7 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
 
     def delivering(future):
         waited.append(second_done.wait(10))
+        delivered.set()
 
     p = make_processor(model, max_workers=2, batch_timeout=0.05)
     first = p.enqueue_predict(item(1))
@@ -854,6 +855,7 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     release_call.set()
     assert second.result(timeout=20)[0, 0] == 2
     assert first.result(timeout=20)[0, 0] == 1
+    assert delivered.wait(20)  # the callback runs after the result is set
     assert waited == [True]  # served while the first batch's delivery was still going
 
 

@@ -454,6 +454,20 @@ EXIT_PRELUDE = """
 """
 
 
+# A processor whose model never returns (its call has begun once ``entered`` is set).
+HANGING = """
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        threading.Event().wait()  # for ever
+        return batch
+
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(hangs)
+"""
+
+
 def test_a_processor_never_stopped_finishes_its_queued_work_at_exit():
     lines, _ = run_script(EXIT_PRELUDE + """
     p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
@@ -483,17 +497,8 @@ def test_a_processor_stopped_before_exit_is_left_alone_at_exit():
 
 
 def test_a_model_that_hangs_delays_exit_only_by_the_exit_timeout():
-    lines, took = run_script(EXIT_PRELUDE + """
+    lines, took = run_script(EXIT_PRELUDE + HANGING + """
     exiting.EXIT_TIMEOUT = 0.5
-    entered = threading.Event()
-
-    def hangs(batch):
-        entered.set()
-        threading.Event().wait()  # for ever
-        return batch
-
-    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
-    p.start(hangs)
     future = p.enqueue_predict(one(1))
     future.add_done_callback(lambda f: print("failed", type(f.exception()).__name__,
                                              flush=True))
@@ -570,21 +575,12 @@ def test_exits_with_processors_stuck_in_their_model_never_crash():
 def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future():
     # A hung model and a queued request at exit; Ctrl-C one second into a drain of 30 s:
     # both futures fail with ProcessorStoppedError and the interpreter exits.
-    lines, took = run_script(EXIT_PRELUDE + """
+    lines, took = run_script(EXIT_PRELUDE + HANGING + """
     import os
     import signal
     import time
     signal.signal(signal.SIGINT, signal.default_int_handler)
     exiting.EXIT_TIMEOUT = 30.0
-    entered = threading.Event()
-
-    def hangs(batch):
-        entered.set()
-        threading.Event().wait()  # for ever
-        return batch
-
-    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
-    p.start(hangs)
     futures = [p.enqueue_predict(one(1))]
     entered.wait()
     futures.append(p.enqueue_predict(one(2)))

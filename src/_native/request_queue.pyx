@@ -701,7 +701,7 @@ cdef class RequestQueue:
         cdef double g, on_pace
         if p.idle_gap < 0.0 or self._in_flight > 0:
             return d        # plain, or the model is busy: keep filling up to the ceiling
-        if p.fill_time > 0.0 and head_pushed < self._idle_since:
+        if self._head_carried(p):
             return self._wave_deadline(p, head_pushed)
         # Idle model: the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
@@ -752,13 +752,18 @@ cdef class RequestQueue:
             until = self._idle_since + p.max_wait
         return until
 
+    cdef inline bint _head_carried(self, const PopParams* p) noexcept nogil:
+        """The fill wait is the wave rule's (``_wave_deadline``): the idle rules are on,
+        nothing is in flight, and the head was pushed before the last batch ended."""
+        return (p.idle_gap >= 0.0 and p.fill_time > 0.0 and self._in_flight == 0
+                and self._heap[0].t_push < self._idle_since)
+
     cdef inline int64_t _wave_rows_locked(self, const PopParams* p) noexcept nogil:
         """Queued rows at which a fill wait must be woken (the wave of _wave_deadline
         complete), or INT64_MAX when the wait is no wave's."""
-        if (p.idle_gap < 0.0 or p.fill_time <= 0.0 or self._in_flight > 0
-                or self._heap[0].t_push >= self._idle_since):
-            return INT64_MAX
-        return self._idle_rows + self._last_batch_rows
+        if self._head_carried(p):
+            return self._idle_rows + self._last_batch_rows
+        return INT64_MAX
 
     cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
         """Step 3 of pop_batch: move the batch's slots into buf. Requires _len > 0."""
@@ -849,6 +854,7 @@ cdef class RequestQueue:
                                      PopBuf* buf) noexcept nogil:
         """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
         cdef double t, d
+        cdef int64_t wave_rows
         while True:
             # Step 1: wait for any live entry (and, while paused, for resume or close).
             # Parked entries count as coming: a wait ends when the first is due, and a
@@ -881,8 +887,9 @@ cdef class RequestQueue:
                     self._w_fill += 1
                     if p.fill_rows < self._fill_need:
                         self._fill_need = p.fill_rows
-                    if self._wave_rows_locked(p) < self._fill_need:
-                        self._fill_need = self._wave_rows_locked(p)
+                    wave_rows = self._wave_rows_locked(p)
+                    if wave_rows < self._fill_need:
+                        self._fill_need = wave_rows
                     wait_fill(self._sync, d if d < wake_by else wake_by)
                     self._w_fill -= 1
                     if self._w_fill == 0:

@@ -162,8 +162,7 @@ class BatchProcessorConfig:
             the target is capped at half the throughput-optimal size.
         memory_critical_threshold: Memory level graded "critical", in percent, as above.
             Default ``None``: ``90.0``, or ``memory_warning_threshold`` when that is set
-            higher. At
-            critical the target drops to ``min_batch_size``.
+            higher. At critical the target drops to ``min_batch_size``.
         enable_adaptive_batching: Let the strategy adapt, on or off. Default ``True``;
             ``False`` makes every strategy behave as FIXED.
         processing_strategy: How batch size and wait are chosen, a

@@ -85,20 +85,18 @@ class Board:
             batch.state = HELD
             return True
 
-    def begin_delivery(self, batch: Batch, requests: list[Request]) -> tuple[bool, bool]:
+    def begin_delivery(self, batch: Batch, requests: list[Request],
+                       keep_slot: bool) -> tuple[bool, bool]:
         """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that
-        the caller must now release). A delivery of the whole batch keeps the slot until
-        ``finish``: its clients come back in a wave that the next pop waits for (the
-        queue's fill wait), and a worker handed the slot now would pop without them
-        (unless none is coming: ``Delivery.deliver`` frees it then). A part of a batch (a
-        failure search) frees it at once for the other calls."""
+        the caller must now release). With ``keep_slot`` the batch keeps its slot until
+        ``finish`` (see ``Delivery.deliver``)."""
         with self.lock:
             if batch.state is not HELD:
                 return False, False
             batch.state = DELIVERING
             batch.delivering = requests
             batch.delivery_started = _monotonic()
-            if len(requests) == len(batch.requests):
+            if keep_slot:
                 return True, False
             holds, batch.holds_slot = batch.holds_slot, False
             return True, holds
@@ -147,9 +145,3 @@ class Board:
                     taken.append((batch, holds, [r for r in batch.requests
                                                  if id(r) not in delivering]))
         return taken
-
-    def release_slot(self, batch: Batch) -> bool:
-        """Give back the batch's call slot early; True if it still held one."""
-        with self.lock:
-            holds, batch.holds_slot = batch.holds_slot, False
-            return holds

@@ -58,19 +58,20 @@ class Delivery:
     def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
                 elapsed: float, rows: int, target: int) -> None:
         board = self._board
-        ok, holds_slot = board.begin_delivery(batch, requests)
-        if not ok:
-            return
         # What this batch left waiting, read before another worker may pop it: the
         # controller sizes the calls in flight on it.
         left_waiting = self._queue.rows
+        # A whole batch keeps its call slot through its delivery: its clients come back
+        # in a wave that the next pop waits for (the queue's fill wait), and a worker
+        # handed the slot now would pop without them. Unless no wave is coming; and a
+        # part of a batch (a failure search) frees the model for other calls at once.
+        keep_slot = (len(requests) == len(batch.requests)
+                     and not self._no_wave_coming(left_waiting, target, elapsed))
+        ok, holds_slot = board.begin_delivery(batch, requests, keep_slot)
+        if not ok:
+            return
         if holds_slot:
-            # A part of a batch: the model is free for another call meanwhile.
             self._controller.slots.release(wake=self.others_needed())
-        elif self._no_wave_coming(left_waiting, target, elapsed) and board.release_slot(batch):
-            # The next call may start while this one is delivered. Otherwise the slot is
-            # kept until the delivery ends (Board.begin_delivery).
-            self._controller.slots.release(wake=True)
         if len(board.active) > 1 and self._other_call_running(batch):
             # Another worker is inside process_func, and the model this batch just left
             # is now its to start, but starting takes the GIL, which this thread would
@@ -116,7 +117,8 @@ class Delivery:
 
     def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
         """Fail ``requests`` of a batch this worker still owns."""
-        ok, holds_slot = self._board.begin_delivery(batch, requests)
+        ok, holds_slot = self._board.begin_delivery(
+            batch, requests, keep_slot=len(requests) == len(batch.requests))
         if not ok:
             return
         if holds_slot:

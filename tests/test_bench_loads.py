@@ -236,3 +236,15 @@ def test_the_table_and_its_notes_say_what_was_late(blocked):
 def _started(target, model):
     target.start(model)
     return target
+
+
+def test_a_max_queue_size_given_to_the_bench_takes_its_queue_levels_along():
+    # The bench sets the health levels to its queue's size (a burst fills it on
+    # purpose); a smaller max_queue_size from --config takes them along, not refused.
+    target = Batchproc(max_batch=4, queue_size=20_000, fields={"max_queue_size": 100})
+    config = target.config()
+    assert (config.max_queue_size, config.queue_warning_threshold,
+            config.queue_critical_threshold) == (100, 100, 100)
+    given = Batchproc(max_batch=4, fields={"max_queue_size": 100,
+                                           "queue_warning_threshold": 10})
+    assert given.config().queue_warning_threshold == 10

@@ -877,3 +877,22 @@ def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):
     warnings = [r for r in caplog.records if "fails on batches" in r.getMessage()]
     assert len(warnings) == 1
     assert "BatchOutputError" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
+def test_a_done_callback_raising_a_base_exception_touches_no_other_request(
+        make_processor, raised):
+    # The worker completing a batch runs every request's callbacks and goes on: one
+    # callback's SystemExit or KeyboardInterrupt is logged, never another request's
+    # outcome (it failed the rest of its batch with it, counted twice).
+    def raising(future):
+        raise raised
+
+    p = make_processor(lambda batch: batch, max_workers=1, batch_timeout=0.05)
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in range(4)]
+    futures[1].add_done_callback(raising)
+    p.resume()
+    assert [f.result(timeout=20)[0, 0] for f in futures] == [0, 1, 2, 3]
+    stats = p.get_stats()
+    assert stats["total_errors"] == 0

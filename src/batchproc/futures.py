@@ -187,17 +187,21 @@ class RequestFuture(Future):  # type: ignore[type-arg]
             self._call(fn)
 
     def _invoke_callbacks(self) -> None:
+        # On completion, whoever completes (a worker delivering a whole batch) runs every
+        # callback and goes on, whatever one raises: a SystemExit or KeyboardInterrupt
+        # from a callback must not fail the other requests of its batch.
         first = self._first_callback
         if first is None:
             return
-        self._call(first)
+        self._call(first, BaseException)
         for callback in self._done_callbacks:
-            self._call(callback)
+            self._call(callback, BaseException)
 
-    def _call(self, callback: Callable[[Future[Any]], object]) -> None:
+    def _call(self, callback: Callable[[Future[Any]], object],
+              caught: type[BaseException] = Exception) -> None:
         try:
             callback(self)
-        except Exception:
+        except caught:
             LOGGER.exception("exception calling callback for %r", self)
 
     # ----------------------------------------------------------------- transitions

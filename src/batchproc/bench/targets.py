@@ -145,6 +145,9 @@ class Batchproc(SyncTarget):
             self.settings["max_workers"] = workers
         self.settings["processing_strategy"] = strategy
         self.settings.update(fields or {})
+        for level in ("queue_warning_threshold", "queue_critical_threshold"):
+            if level not in (fields or {}):  # follows a max_queue_size the user gave
+                self.settings[level] = self.settings["max_queue_size"]
         self._stats: dict[str, Any] = {}
 
     def config(self) -> Any:

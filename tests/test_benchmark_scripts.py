@@ -32,6 +32,8 @@ SMOKE_RUNS = [
                              "--capacity", "fixed=10000", "--name", "smoke"], "smoke"),
     ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
 ]
+# What a script's table must hold beyond a table, where it reports more than one.
+EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best static"}
 # Scripts that print their table instead of writing files: (script, arguments, a line
 # the table must hold).
 PRINTING_RUNS = [
@@ -57,6 +59,7 @@ def test_comparison_script_runs_at_its_smallest_size(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / f"{stem}.md").read_text()
     assert "|" in table  # a markdown table was written
+    assert EXPECTED_IN_TABLE.get(script, "|") in table
     doc = json.loads((tmp_path / f"{stem}.json").read_text())
     assert doc  # and the raw figures
 

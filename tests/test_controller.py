@@ -305,21 +305,51 @@ def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monk
 
 
 def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
-    # A Poisson load below capacity leaves a full batch waiting after some calls: one
-    # call at a time still takes it all when the call ends. Only when most batches of a
-    # window leave one (the load outruns one call) does a second call start.
+    # A Poisson load below capacity leaves a full batch waiting after some calls, just
+    # below capacity after half of them: one call at a time still takes it all when the
+    # call ends. Only when three quarters of a window's batches leave one (the load
+    # outruns one call) does a second call start.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     n = tuner.WINDOW_BATCHES
-    minority = int(n * tuner.BACKLOG_SHARE) - 1
-    for _ in range(3 * tuner.QUIET_WINDOWS):
-        clock.now += 0.1
-        for i in range(n):
-            assert tuner.observe(64, backlog=i < minority) is None
-    assert slots.limit == 1
+    short_of_outrun = -(-n * 3 // 4) - 1  # 11 of 16
+    assert tuner.OUTRUN_SHARE == 0.75
+    for left in (1, n // 2, short_of_outrun):
+        for _ in range(3 * tuner.QUIET_WINDOWS):
+            clock.now += 0.1
+            for i in range(n):
+                assert tuner.observe(64, backlog=i < left) is None
+        assert slots.limit == 1
     clock.now += 0.1
-    changes = [tuner.observe(64, backlog=i % 2 == 0) for i in range(n)]
+    changes = [tuner.observe(64, backlog=i < short_of_outrun + 1) for i in range(n)]
     assert changes[-1] == (1, 2) and not any(changes[:-1])
     assert slots.limit == 2
+
+
+def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
+    # An open load below capacity: more calls never carry more rows, and each try
+    # seals batches early. Each failed try of two doubles the wait before the next, up
+    # to MOST_COOLDOWN; a try that pays resets it.
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
+
+    def fail_two_then_count_the_wait():
+        assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
+        wait = 0
+        while (change := _window(tuner, clock, backlog=True)) is None:
+            wait += 1
+        assert change == (1, 2)
+        return wait
+
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert [fail_two_then_count_the_wait() for _ in range(6)] == [8, 16, 32, 64, 64, 64]
+    assert tuner.MOST_COOLDOWN == 64
+    # Two carries as much as one: kept. A quiet spell takes it back to one, and the
+    # next failed try waits COOLDOWN windows again.
+    assert _window(tuner, clock, backlog=True, rows_per_batch=64) is None
+    changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
+    assert changes[-1] == (2, 1)
+    assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert fail_two_then_count_the_wait() == tuner.COOLDOWN == 8
 
 
 def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):

@@ -39,10 +39,11 @@ The policy (docs/architecture.md, "The controller"):
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
-  found by trying (``ConcurrencyTuner``): one until most batches of a window of them
+  found by trying (``ConcurrencyTuner``): one until three quarters of a window's batches
   leave a full batch waiting (the load outruns one call at a time), then two (one
   running, the next filling), and above two the controller tries one more for a window
-  of batches and keeps it only if rows per second rose by 10%. Below that backlog one
+  of batches and keeps it only if rows per second rose by 10%; a try that fails waits
+  longer each time before the next. Below that backlog one
   call at a time is what a model whose calls serialize (a lock, the GIL) does best: the
   next call takes everything that arrived during the last one, where a second call
   would be sealed early and wait at the lock. At saturation a model behind one lock (a
@@ -247,18 +248,24 @@ class ConcurrencyTuner:
     - Idle (no request left waiting when batches finish): one call at a time. A second
       worker parked in the queue would only take turns with the first one, which costs
       a thread wake-up per request at low load (benchmarks/bench_round_trip.py).
-    - Backlogged: at least BACKLOG_SHARE of a window's batches left a full batch
+    - Outrun: at least OUTRUN_SHARE of a window's batches left a full batch
       (``target`` rows) waiting when they finished, so the load outruns one call at a
       time. Then two at once straight away (one running, the next filling), kept only if
       the window at two carried about as many rows per second as the window at one
       before it (TWO_LOSS: calls that serialize on the GIL lose by running two; then
-      back to one for COOLDOWN windows), then hill-climb above two on measured rows
-      per second, keeping a probe that pays 10%.
-      A full batch left now and then (a Poisson load below capacity) is not enough:
-      there one call at a time takes all that arrived during the last call as soon as
-      it ends, while a second call would seal the next batch early (at
-      ``batch_timeout``) and, on a model whose calls serialize (a lock, the GIL), only
-      queue it behind the first, a whole call later and with fewer rows.
+      back to one for a cooldown).
+      A full batch left now and then, or after half the calls (a Poisson load just
+      below capacity), is not enough: there one call at a time takes all that arrived
+      during the last call as soon as it ends, while a second call would seal the next
+      batch early (at ``batch_timeout``) and, on a model whose calls serialize (a lock,
+      the GIL), only queue it behind the first, a whole call later and with fewer rows.
+    - Backlogged (BACKLOG_SHARE of a window's batches) at two or more: hill-climb on
+      measured rows per second, trying one more call for a window and keeping it if
+      rows per second rose by GAIN.
+    - A try that did not pay (a probe, or two that carried less than one) is not made
+      again for a cooldown of COOLDOWN windows, doubled after each try in a row that
+      failed, up to MOST_COOLDOWN: under an open load below capacity more calls never
+      carry more (the load is what it is), and every try seals batches early.
     - QUIET_WINDOWS windows in a row not backlogged: back to one, kept only if the
       window at one carries at least QUIET_LOSS of the rows per second before it. No
       request waits either when every one is in flight (a closed loop that the calls in
@@ -269,9 +276,11 @@ class ConcurrencyTuner:
     WINDOW_BATCHES = 16      # batches per measurement window ...
     WINDOW_SECONDS = 0.05    # ... and at least this long, so timer noise averages out
     GAIN = 1.10              # a probe must beat the baseline by 10% to be kept
-    COOLDOWN = 8             # windows to wait after a failed probe before the next
+    COOLDOWN = 8             # windows to wait after a failed try before the next ...
+    MOST_COOLDOWN = 8 * COOLDOWN  # ... doubled after each failed try in a row, up to this
     QUIET_WINDOWS = 8        # windows without waiting requests before going back to one
     BACKLOG_SHARE = 0.5      # share of a window's batches leaving a full batch: backlogged
+    OUTRUN_SHARE = 0.75      # ... and the share that shows one call at a time outrun
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
     QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
     MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
@@ -291,6 +300,7 @@ class ConcurrencyTuner:
         self._quiet_needed = self.QUIET_WINDOWS
         self._baseline = 0.0
         self._cooldown = 0
+        self._next_cooldown = self.COOLDOWN
 
     def observe(self, rows: int, backlog: bool) -> tuple[int, int] | None:
         """Count a finished batch; returns (old, new) limit when it changed."""
@@ -303,15 +313,17 @@ class ConcurrencyTuner:
             return None
         rate = self._rows / elapsed
         backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
+        outrun = self._backlogged >= self.OUTRUN_SHARE * self._batches
         self._start, self._rows, self._batches, self._backlogged = now, 0, 0, 0
         self._quiet = 0 if backlogged else self._quiet + 1
         limit = self.slots.limit
         if self._probing:
             self._probing = False
             if rate >= self._baseline * self.GAIN or limit - 1 < self._busy_floor:
+                self._next_cooldown = self.COOLDOWN
                 return None  # the extra call paid off: keep it
             self.slots.set_limit(limit - 1)
-            self._cooldown = self.COOLDOWN
+            self._cool_down()
             return limit, limit - 1
         if self._checking_one:
             before, self._checking_one = self._checking_one, 0
@@ -328,9 +340,10 @@ class ConcurrencyTuner:
                 # Two calls carried fewer rows than one: they only take turns (the GIL)
                 # and contend while doing so.
                 self.slots.set_limit(1)
-                self._cooldown = self.COOLDOWN
+                self._cool_down()
                 return limit, 1
-        if backlogged and limit < self._busy_floor:
+            self._next_cooldown = self.COOLDOWN
+        if outrun and limit < self._busy_floor:
             if self._cooldown:
                 self._cooldown -= 1
                 return None
@@ -347,12 +360,16 @@ class ConcurrencyTuner:
         if self._cooldown:
             self._cooldown -= 1
             return None
-        if backlogged and limit < self._max:
+        if backlogged and self._busy_floor <= limit < self._max:
             self._probing = True
             self._baseline = rate
             self.slots.set_limit(limit + 1)
             return limit, limit + 1
         return None
+
+    def _cool_down(self) -> None:
+        self._cooldown = self._next_cooldown
+        self._next_cooldown = min(2 * self._next_cooldown, self.MOST_COOLDOWN)
 
 
 class Controller:

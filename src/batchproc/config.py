@@ -7,7 +7,7 @@ import numbers
 import operator
 import sys
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from decimal import Decimal
 from enum import Enum, IntEnum
 from typing import Any
@@ -436,6 +436,22 @@ class BatchProcessorConfig:
         if self.item_size is not None and not callable(self.item_size):
             raise ConfigTypeError(f"item_size must be callable, got {_shown(self.item_size)}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _READ_ONLY in self.__dict__:
+            raise FrozenInstanceError(_FIXED.format(action="set", name=name))
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if _READ_ONLY in self.__dict__:
+            raise FrozenInstanceError(_FIXED.format(action="delete", name=name))
+        super().__delattr__(name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.copy, deepcopy, pickle) is nobody's own copy: a config to change.
+        state = dict(self.__dict__)
+        state.pop(_READ_ONLY, None)
+        return state
+
     @property
     def max_batch_bytes(self) -> int:
         """``max_batch_memory_mb`` in bytes (MiB, 2**20), or 0 when there is no cap."""
@@ -471,6 +487,34 @@ _NONE_MEANS = {
     "max_queue_time": "no limit",
     "max_priority_wait": "strict priorities (no limit)",
 }
+
+
+# Set (in the instance's __dict__, never a field) on a processor's own copy of its config.
+_READ_ONLY = "_read_only"
+_FIXED = (
+    "cannot {action} {name}: this config is a BatchProcessor's own, fixed when the "
+    "processor was made (its queue, workers and controller were built from it). Use "
+    "processor.update_batch_size(n) to change the target batch size, or make a new "
+    "processor from dataclasses.replace(processor.config, {name}=...)")
+
+
+def checked_copy(config: object) -> BatchProcessorConfig:
+    """A new config made from ``config``'s fields, checked again: a dataclass checks only
+    when it is made, and the object may have been changed since. ``TypeError`` if
+    ``config`` is not a `BatchProcessorConfig`; ``ValueError`` (or `ConfigTypeError`)
+    naming the field for a bad setting."""
+    if not isinstance(config, BatchProcessorConfig):
+        raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+    return replace(config)
+
+
+def read_only_copy(config: object) -> BatchProcessorConfig:
+    """``checked_copy(config)`` that refuses to be changed: assigning (or deleting) a
+    field raises ``dataclasses.FrozenInstanceError`` (an ``AttributeError``) saying what
+    to do instead. ``dataclasses.replace`` and ``copy`` make ordinary configs from it."""
+    config = checked_copy(config)
+    object.__setattr__(config, _READ_ONLY, True)
+    return config
 
 
 def _strategy(value: Any) -> BatchProcessingStrategy:

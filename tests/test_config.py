@@ -13,7 +13,9 @@ import pytest
 from batchproc import (
     BatchPriority,
     BatchProcessingStrategy,
+    BatchProcessor,
     BatchProcessorConfig,
+    ConfigTypeError,
     PrioritizedItem,
 )
 from batchproc.config import MAX_WORKERS
@@ -87,7 +89,9 @@ def test_the_number_fields_listed_are_every_float_field():
     assert floats == {name for name, _, _ in NUMBER_FIELDS}
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("value", [
+    float("inf"), float("-inf"), float("nan"), np.float64("inf"), np.float32("nan"),
+    Decimal("Infinity"), Decimal("-Infinity"), Decimal("NaN"), Decimal("sNaN")])
 @pytest.mark.parametrize("field,needs,none_means", NUMBER_FIELDS)
 def test_non_finite_numbers_are_refused_naming_field_and_value(field, needs, none_means,
                                                                value):
@@ -360,3 +364,136 @@ def test_a_clamped_initial_size_is_an_int_that_survives_copies():
     for copied in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
         assert copied == config
         assert dataclasses.replace(copied, max_batch_size=128).initial_batch_size == 32
+
+
+# Every integer field, with what it needs to take the value 8.
+INT_FIELDS = [
+    ("initial_batch_size", {}), ("min_batch_size", {}), ("max_batch_size", {}),
+    ("max_queue_size", {}), ("max_workers", {}), ("monitoring_window", {}),
+    ("gc_batch_threshold", {}), ("queue_warning_threshold", {}),
+    ("queue_critical_threshold", {}), ("max_retries", {}),
+    ("pad_to_multiple_of", {"pad_value": 0}), ("max_batch_tokens", {"pad_value": 0}),
+]
+BOOL_FIELDS = [f.name for f in dataclasses.fields(BatchProcessorConfig) if f.type == "bool"]
+
+
+def test_the_int_fields_listed_are_every_int_field():
+    ints = {f.name for f in dataclasses.fields(BatchProcessorConfig)
+            if f.type in ("int", "int | None")}
+    assert ints == {name for name, _ in INT_FIELDS}
+
+
+@pytest.mark.parametrize("value", [8, np.int64(8), np.int8(8), np.uint64(8), np.array(8)],
+                         ids=repr)
+@pytest.mark.parametrize("field,needs", INT_FIELDS)
+def test_an_integral_number_is_taken_in_an_int_field_as_a_plain_int(field, needs, value):
+    stored = getattr(BatchProcessorConfig(**needs, **{field: value}), field)
+    assert stored == 8 and type(stored) is int
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0.5, 0.5), (1, 1.0), (np.float64(0.5), 0.5), (np.float32(0.5), 0.5),
+    (np.float16(0.5), 0.5), (np.int64(1), 1.0), (np.uint8(1), 1.0),
+    (Fraction(1, 2), 0.5), (Decimal("0.5"), 0.5)], ids=repr)
+@pytest.mark.parametrize("field,needs,none_means", NUMBER_FIELDS)
+def test_a_real_number_is_taken_in_a_number_field_as_a_plain_float(field, needs, none_means,
+                                                                    value, expected):
+    stored = getattr(BatchProcessorConfig(**needs, **{field: value}), field)
+    assert stored == expected and type(stored) is float
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), np.bool_(False)], ids=repr)
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+def test_a_bool_or_numpy_bool_is_taken_in_a_switch_as_a_plain_bool(field, value):
+    stored = getattr(BatchProcessorConfig(**{field: value}), field)
+    assert stored is bool(value)
+
+
+def test_a_config_of_numpy_numbers_runs_a_processor():
+    config = BatchProcessorConfig(max_batch_size=np.int64(4), max_queue_size=np.int32(16),
+                                  batch_timeout=np.float32(0.01), max_workers=np.uint8(2),
+                                  enable_priority_queue=np.bool_(True))
+    with BatchProcessor(config) as processor:
+        processor.start(lambda batch: batch * 2)
+        result = processor.enqueue_predict(np.arange(6.0).reshape(6, 1)).result(timeout=10)
+    assert result.ravel().tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+INTEGER = "must be an integer (an int or a numpy integer, not a bool or a float)"
+REAL = ("must be a real number (an int, a float, a numpy number, a Fraction or a Decimal; "
+        "not a bool)")
+BOOL = "must be a bool (True or False)"
+
+
+@pytest.mark.parametrize("field,value,accepted", [
+    ("max_batch_size", 2.5, INTEGER), ("max_batch_size", 8.0, INTEGER),
+    ("max_batch_size", np.float64(8.0), INTEGER), ("max_batch_size", True, INTEGER),
+    ("max_batch_size", np.bool_(True), INTEGER), ("max_batch_size", Fraction(8), INTEGER),
+    ("max_batch_size", Decimal(8), INTEGER), ("max_batch_size", "8", INTEGER),
+    ("max_batch_size", None, INTEGER), ("max_retries", 1.0, INTEGER),
+    ("max_queue_size", float("inf"), INTEGER), ("max_workers", float("nan"), INTEGER),
+    ("queue_warning_threshold", 10.0, INTEGER),
+    ("batch_timeout", "0.1", REAL), ("batch_timeout", True, REAL),
+    ("batch_timeout", np.bool_(False), REAL), ("batch_timeout", 1j, REAL),
+    ("batch_timeout", None, REAL), ("max_queue_time", "1", REAL),
+    ("memory_warning_threshold", np.complex64(1), REAL),
+    ("enable_priority_queue", "yes", BOOL), ("enable_priority_queue", 1, BOOL),
+    ("debug_mode", None, BOOL), ("stack_items", np.int64(1), BOOL),
+    ("processing_strategy", 0, "must be a BatchProcessingStrategy or one of"),
+    ("processing_strategy", None, "must be a BatchProcessingStrategy or one of"),
+    ("retry_on", "ValueError", "must be an exception class or a tuple of them"),
+    ("retry_on", (ValueError, 3), "must be an exception class or a tuple of them"),
+    ("pad_value", "0", "must be a number"),
+    ("pad_value", Decimal("1.5"), "must be a bool, int, float or complex number"),
+    ("item_size", 3, "must be callable"),
+    ("per_token_outputs", "logits", "must be a bool or a collection"),
+], ids=repr)
+def test_a_wrong_type_is_a_type_error_and_a_value_error_naming_field_value_and_accepted(
+        field, value, accepted):
+    with pytest.raises(ConfigTypeError) as info:
+        BatchProcessorConfig(**{field: value})
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert message.startswith(f"{field} {accepted}")
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize("kwargs,wrong", [
+    (dict(pad_value={1: 0}), 1), (dict(pad_value={"ids": "0"}), "0"),
+    (dict(pad_value=0, per_token_outputs=[1.5]), 1.5),
+    (dict(pad_value=0, per_token_outputs=[True]), True),
+    (dict(pad_value=0, pad_to_multiple_of=2.0), 2.0),
+])
+def test_a_wrong_type_inside_a_format_setting_is_a_config_type_error(kwargs, wrong):
+    with pytest.raises(ConfigTypeError, match=re.escape(repr(wrong))):
+        BatchProcessorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_batch_size", np.int64(0), "max_batch_size must be >= 1, got np.int64(0)"),
+    ("max_retries", np.int8(-1), "max_retries must be >= 0, got np.int8(-1)"),
+    ("max_workers", np.int64(MAX_WORKERS + 1), f"max_workers must be <= {MAX_WORKERS}"),
+    ("batch_timeout", np.float64(-1.0), "batch_timeout must be >= 0.0"),
+    ("batch_timeout", Fraction(-1, 2), "batch_timeout must be >= 0.0, got Fraction(-1, 2)"),
+    ("item_timeout", Decimal(0), "item_timeout must be > 0.0, got Decimal('0')"),
+    ("memory_warning_threshold", np.float32(100.5), "must be a percentage in [0, 100]"),
+    ("batch_timeout", 10**400, "batch_timeout must be a number a float holds"),
+    ("max_queue_time", Fraction(10**400, 3), "max_queue_time must be a number a float holds"),
+    ("retry_delay", Decimal("1e400"), "retry_delay must be a number a float holds"),
+    ("processing_strategy", "sideways", "processing_strategy must be a"),
+    ("pad_value", 2**64, "pad_value must be a bool, int, float or complex number that "
+                         "fits 64 bits"),
+])
+def test_a_wrong_value_of_the_right_type_is_a_value_error_only(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        BatchProcessorConfig(**{field: value})
+    assert not isinstance(info.value, TypeError)
+
+
+def test_numpy_numbers_are_taken_in_format_settings():
+    config = BatchProcessorConfig(pad_value=np.bool_(False),
+                                  per_token_outputs=[np.int64(0), "logits"])
+    assert config.per_token_outputs == frozenset({0, "logits"})
+    assert {type(output) for output in config.per_token_outputs} == {int, str}
+    assert BatchProcessorConfig(pad_value={"mask": np.bool_(False)}).pad_value == {
+        "mask": False}

@@ -1,6 +1,7 @@
 """@batchproc.batch: a batch function called one item at a time."""
 
 import asyncio
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -673,3 +674,44 @@ def test_the_decorator_keeps_its_own_copy_of_the_config():
         assert double.processor.config.batch_timeout == 0.1
     finally:
         double.stop()
+
+
+def test_the_decorated_functions_processor_config_is_read_only():
+    @batchproc.batch(max_batch_size=4)
+    def double(items):
+        return [2 * item for item in items]
+
+    try:
+        config = double.processor.config
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot set max_batch_size"):
+            config.max_batch_size = 8
+        assert double.processor.config.max_batch_size == 4
+        # A config taken from it decorates another function, and stays the caller's.
+        variant = dataclasses.replace(config, max_batch_size=2)
+        variant.batch_timeout = 0.01
+
+        @batchproc.batch(config=variant)
+        def triple(items):
+            return [3 * item for item in items]
+
+        try:
+            assert triple(2) == 6
+            assert (triple.processor.config.max_batch_size,
+                    triple.processor.config.batch_timeout) == (2, 0.01)
+            variant.max_batch_size = 1  # the caller's object: changeable, changes nothing
+            assert triple.processor.config.max_batch_size == 2
+        finally:
+            triple.stop()
+        identity = batchproc.batch(config=config)(lambda items: items)
+        try:
+            assert identity(5) == 5
+        finally:
+            identity.stop()
+    finally:
+        double.stop()
+
+
+@pytest.mark.parametrize("config", ["max_batch_size=4", {"max_batch_size": 4}, 4])
+def test_a_config_that_is_not_a_config_is_refused_when_decorating(config):
+    with pytest.raises(TypeError, match="config must be a BatchProcessorConfig, got "):
+        batchproc.batch(config=config)

@@ -29,7 +29,7 @@ PYTHON_BLOCKS = {
     "architecture.md": 0,
     "asyncio.md": 2,
     "bulk.md": 3,
-    "configurations.md": 3,
+    "configurations.md": 5,
     "failures.md": 3,
     "formats.md": 2,
     "getting-started.md": 2,

@@ -117,9 +117,9 @@ def test_no_monitor_checks_when_health_monitoring_is_off(make_processor):
             calls.append(report)
 
     p = make_processor(metrics_collector=Collector(), enable_health_monitoring=False)
-    # The config refuses this pair; set after it, a check would be due at once if the
-    # switch were ignored.
-    p.config.health_check_interval = 0.01
+    # The config refuses this pair; forced into the processor's read-only copy, a check
+    # would be due at once if the switch were ignored.
+    object.__setattr__(p.config, "health_check_interval", 0.01)
     p.start(lambda b: b)
     assert p.enqueue_predict(np.array([1])).result(timeout=10)[0] == 1
     p.stop()

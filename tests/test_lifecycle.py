@@ -1,5 +1,8 @@
 """start / stop / pause / resume, intake before start and after stop, thread hygiene."""
 
+import copy
+import dataclasses
+import pickle
 import queue
 import subprocess
 import sys
@@ -642,3 +645,67 @@ def test_the_processor_keeps_its_own_copy_of_the_config():
         assert p.enqueue_predict(one(1)).result(timeout=10)[0] == 2
     finally:
         p.stop(timeout=5.0)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("max_batch_size", 4), ("batch_timeout", 0.5), ("max_workers", 1),
+    ("processing_strategy", BatchProcessingStrategy.GREEDY), ("enable_monitoring", False),
+    ("max_queue_time", 1.0)])
+def test_the_processors_config_is_read_only_and_says_what_to_use_instead(name, value):
+    p = BatchProcessor(BatchProcessorConfig(max_batch_size=16, batch_timeout=0.01))
+    before = getattr(p.config, name)
+    with pytest.raises(dataclasses.FrozenInstanceError) as info:
+        setattr(p.config, name, value)
+    assert isinstance(info.value, AttributeError)
+    message = str(info.value)
+    assert message.startswith(f"cannot set {name}: this config is a BatchProcessor's own, "
+                              "fixed when the processor was made")
+    assert "processor.update_batch_size(n)" in message
+    assert f"dataclasses.replace(processor.config, {name}=...)" in message
+    with pytest.raises(dataclasses.FrozenInstanceError, match=rf"^cannot delete {name}: "):
+        delattr(p.config, name)
+    assert getattr(p.config, name) == before
+
+
+def test_update_batch_size_changes_the_target_under_a_read_only_config():
+    p = BatchProcessor(BatchProcessorConfig(max_batch_size=16))
+    p.update_batch_size(4)
+    assert p.current_batch_size == 4
+    assert p.config.initial_batch_size == 16  # the settings it was made with
+
+
+def test_a_config_made_from_the_processors_is_an_ordinary_one():
+    p = BatchProcessor(BatchProcessorConfig(max_batch_size=16, batch_timeout=0.01))
+    variant = dataclasses.replace(p.config, max_batch_size=4)
+    variant.max_workers = 1  # changeable, as any config the user builds
+    assert (variant.max_batch_size, variant.max_workers) == (4, 1)
+    assert variant == BatchProcessorConfig(max_batch_size=4, batch_timeout=0.01,
+                                           max_workers=1)
+    for copied in (copy.copy(p.config), copy.deepcopy(p.config),
+                   pickle.loads(pickle.dumps(p.config))):
+        assert copied == p.config
+        copied.max_batch_size = 8
+        assert copied.max_batch_size == 8 and p.config.max_batch_size == 16
+    second = BatchProcessor(variant)
+    try:
+        second.start(lambda b: b * 2)
+        assert second.config.max_batch_size == 4
+        assert second.enqueue_predict(one(3)).result(timeout=10)[0] == 6
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            second.config.max_batch_size = 8
+    finally:
+        second.stop(timeout=5.0)
+    # Made from another processor's config as it is: a read-only copy of its own.
+    third = BatchProcessor(p.config)
+    assert third.config == p.config and third.config is not p.config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        third.config.max_batch_size = 8
+
+
+def test_the_config_given_to_a_processor_stays_the_callers_to_change():
+    config = BatchProcessorConfig(max_batch_size=16)
+    p = BatchProcessor(config)
+    config.max_batch_size = 4
+    config.batch_timeout = 0.5
+    assert (config.max_batch_size, config.batch_timeout) == (4, 0.5)
+    assert p.config.max_batch_size == 16

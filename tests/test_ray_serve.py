@@ -6,16 +6,18 @@ otherwise reach every test after this one. The child returns what it got; the ch
 are made here.
 """
 
+import dataclasses
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from extras import skip_without
 
+from batchproc import BatchProcessorConfig, ConfigTypeError
 from batchproc.bench.models import MLP
-
-pytestmark = pytest.mark.slow
+from batchproc.integrations.ray_serve import BatchedReplica, batched_deployment
 
 FEATURES = 8
 
@@ -81,6 +83,7 @@ def _serve_and_call(handle_rows, http_rows, out_dir):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_two_replicas_batch_requests_from_a_handle_and_http(tmp_path):
     skip_without("ray", "test")  # not imported here: only in the child
     rng = np.random.default_rng(1)
@@ -107,3 +110,46 @@ def test_two_replicas_batch_requests_from_a_handle_and_http(tmp_path):
     assert max(max(calls) for calls in rows_by_replica.values()) > 1
     # get_stats() answers for the replica Serve sent it to: its count is that replica's.
     assert stats["total_processed"] == sum(rows_by_replica[stats["replica_pid"]])
+
+
+def _doubling_model():
+    return lambda batch: batch * 2
+
+
+def test_a_replicas_processor_config_is_read_only():
+    # A replica made directly (as Serve makes it in its actor): no Ray needed.
+    replica = BatchedReplica(_doubling_model, BatchProcessorConfig(max_batch_size=8))
+    try:
+        config = replica.processor.config
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot set max_batch_size"):
+            config.max_batch_size = 16
+        assert replica.processor.config.max_batch_size == 8
+        variant = dataclasses.replace(config, max_batch_size=16)
+        variant.batch_timeout = 0.01
+        assert (variant.max_batch_size, variant.batch_timeout) == (16, 0.01)
+        assert replica.processor.enqueue_predict(np.ones((1, 2))).result(
+            timeout=10).tolist() == [[2.0, 2.0]]
+    finally:
+        replica.processor.stop(timeout=5.0)
+
+
+@pytest.mark.parametrize("config,match", [
+    ("max_batch_size=8", "config must be a BatchProcessorConfig, got str"),
+    ({"max_batch_size": 8}, "config must be a BatchProcessorConfig, got dict"),
+])
+def test_a_deployment_refuses_what_is_not_a_config_before_importing_ray(config, match,
+                                                                         monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing it would raise ImportError
+    with pytest.raises(TypeError, match=match):
+        batched_deployment(_doubling_model, config=config)
+
+
+def test_a_deployment_checks_a_changed_config_and_its_fields_before_importing_ray(
+        monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    config = BatchProcessorConfig()
+    config.max_batch_size = 8.0  # type: ignore[assignment]
+    with pytest.raises(ConfigTypeError, match=r"max_batch_size must be an integer .* 8\.0"):
+        batched_deployment(_doubling_model, config=config)
+    with pytest.raises(ValueError, match=r"batch_timeout must be >= 0\.0"):
+        batched_deployment(_doubling_model, batch_timeout=-1)

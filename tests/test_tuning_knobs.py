@@ -92,9 +92,9 @@ def test_no_collection_without_memory_optimization(make_processor, monkeypatch):
     calls = []
     monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
     p = make_processor(enable_memory_optimization=False)
-    # The config refuses this pair; set after it, every batch would collect if the switch
-    # were ignored.
-    p.config.gc_batch_threshold = 1
+    # The config refuses this pair; forced into the processor's read-only copy, every
+    # batch would collect if the switch were ignored.
+    object.__setattr__(p.config, "gc_batch_threshold", 1)
     p.start(lambda b: b)
     for i in range(5):
         p.enqueue_predict(np.array([i])).result(timeout=10)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+import sys
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
+from decimal import Decimal
 from enum import Enum, IntEnum
 from typing import Any
 
 import numpy as np
+
+from .errors import ConfigTypeError
 
 
 class BatchPriority(IntEnum):
@@ -110,7 +115,13 @@ class BatchProcessorConfig:
     bounds. A threshold not given (or
     given as ``None``) is derived from the settings it must agree with (each says how),
     so that a setting you change never makes a default one unreachable; a copy made with
-    ``dataclasses.replace`` derives it again. Rows are what a batch is counted in: an
+    ``dataclasses.replace`` derives it again. A value of the wrong type (a float or a
+    bool for an integer, a string for a number or a bool) raises `ConfigTypeError`, a
+    ``TypeError`` that is also a ``ValueError``, naming the field, the value and what it
+    accepts: integer fields take any integral number (``operator.index``: an int, a
+    numpy integer), number fields any real number (a numpy number, a ``Fraction``, a
+    ``Decimal``) and switches a bool or a numpy bool, stored as a plain ``int``,
+    ``float`` and ``bool``. Rows are what a batch is counted in: an
     array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a generic item
     one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
     item split into chunks counts once.
@@ -292,39 +303,42 @@ class BatchProcessorConfig:
             self.initial_batch_size = self.initial_batch_size.given
         for name in ("initial_batch_size", "min_batch_size", "max_batch_size", "max_queue_size",
                      "max_workers", "monitoring_window"):
-            _require_int(name, getattr(self, name), minimum=1)
+            setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
         for name in ("gc_batch_threshold", "queue_warning_threshold",
                      "queue_critical_threshold"):
             if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), minimum=1)
+                setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
         if self.max_workers > MAX_WORKERS:
             # Each worker is a thread: far more than this exhausts the process's threads
             # (start() would fail deep in threading) long before it helps throughput.
             raise ValueError(
                 f"max_workers must be <= {MAX_WORKERS}, got {self.max_workers!r}")
-        _require_int("max_retries", self.max_retries, minimum=0)
+        self.max_retries = _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
-            _require_number(name, getattr(self, name), minimum=0.0)
+            setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0))
         for name in ("item_timeout", "health_check_interval"):
-            _require_number(name, getattr(self, name), minimum=0.0, allow_zero=False)
+            setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0,
+                                                allow_zero=False))
         for name in ("memory_warning_threshold", "memory_critical_threshold"):
             if getattr(self, name) is None:
                 continue
             value = _require_number(name, getattr(self, name), minimum=0.0)
             if value > 100.0:
                 raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
+            setattr(self, name, value)
         for name in ("max_batch_memory_mb", "max_queue_time", "max_priority_wait"):
             if getattr(self, name) is not None:
-                _require_number(name, getattr(self, name), minimum=0.0,
-                                allow_zero=name == "max_priority_wait",
-                                unlimited=_NONE_MEANS[name])
+                setattr(self, name, _require_number(
+                    name, getattr(self, name), minimum=0.0,
+                    allow_zero=name == "max_priority_wait", unlimited=_NONE_MEANS[name]))
         retry_on = self.retry_on
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
         if not isinstance(retry_on, tuple) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
-            raise ValueError(
-                f"retry_on must be an exception class or a tuple of them, got {self.retry_on!r}")
+            raise ConfigTypeError(
+                "retry_on must be an exception class or a tuple of them, got "
+                f"{_shown(self.retry_on)}")
         self.retry_on = retry_on
         if self.min_batch_size > self.max_batch_size:
             raise ValueError(
@@ -332,8 +346,8 @@ class BatchProcessorConfig:
                 f"max_batch_size ({self.max_batch_size})")
         self.processing_strategy = _strategy(self.processing_strategy)
         for f in fields(self):
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
+            if f.type == "bool":
+                setattr(self, f.name, _require_bool(f.name, getattr(self, f.name)))
         self._check_switches()
         self._check_formats()
         given = {name for name in _DERIVED_FIELDS if getattr(self, name) is not None}
@@ -392,13 +406,14 @@ class BatchProcessorConfig:
                 raise ValueError("pad_value must not be an empty mapping")
             for name, value in pad.items():
                 if not isinstance(name, str):
-                    raise ValueError(f"pad_value keys must be input names (str), got {name!r}")
+                    raise ConfigTypeError(
+                        f"pad_value keys must be input names (str), got {_shown(name)}")
                 _require_pad_number(f"pad_value[{name!r}]", value)
         elif pad is not None:
             _require_pad_number("pad_value", pad)
         for name in ("pad_to_multiple_of", "max_batch_tokens"):
             if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), minimum=1)
+                setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
                 if pad is None:
                     raise ValueError(f"{name} needs pad_value (it applies to padded batches)")
         multiple, tokens = self.pad_to_multiple_of, self.max_batch_tokens
@@ -412,17 +427,30 @@ class BatchProcessorConfig:
         if not isinstance(per_token, bool):
             if isinstance(per_token, (str, bytes, Mapping)) or not isinstance(
                     per_token, Collection):
-                raise ValueError("per_token_outputs must be a bool or a collection of output "
-                                 f"names and positions, got {per_token!r}")
-            for output in per_token:
-                if isinstance(output, bool) or not isinstance(output, (str, int)):
-                    raise ValueError("per_token_outputs must name outputs by str (dict "
-                                     f"outputs) or int (tuple outputs), got {output!r}")
-            self.per_token_outputs = frozenset(per_token)
+                raise ConfigTypeError(
+                    "per_token_outputs must be a bool or a collection of output names and "
+                    f"positions, got {_shown(per_token)}")
+            self.per_token_outputs = frozenset(_output_key(output) for output in per_token)
         if self.per_token_outputs and pad is None:
             raise ValueError("per_token_outputs needs pad_value (it cuts padded outputs)")
         if self.item_size is not None and not callable(self.item_size):
-            raise ValueError(f"item_size must be callable, got {self.item_size!r}")
+            raise ConfigTypeError(f"item_size must be callable, got {_shown(self.item_size)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _READ_ONLY in self.__dict__:
+            raise FrozenInstanceError(_FIXED.format(action="set", name=name))
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if _READ_ONLY in self.__dict__:
+            raise FrozenInstanceError(_FIXED.format(action="delete", name=name))
+        super().__delattr__(name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.copy, deepcopy, pickle) is nobody's own copy: a config to change.
+        state = dict(self.__dict__)
+        state.pop(_READ_ONLY, None)
+        return state
 
     @property
     def max_batch_bytes(self) -> int:
@@ -461,9 +489,38 @@ _NONE_MEANS = {
 }
 
 
+# Set (in the instance's __dict__, never a field) on a processor's own copy of its config.
+_READ_ONLY = "_read_only"
+_FIXED = (
+    "cannot {action} {name}: this config is a BatchProcessor's own, fixed when the "
+    "processor was made (its queue, workers and controller were built from it). Use "
+    "processor.update_batch_size(n) to change the target batch size, or make a new "
+    "processor from dataclasses.replace(processor.config, {name}=...)")
+
+
+def checked_copy(config: object) -> BatchProcessorConfig:
+    """A new config made from ``config``'s fields, checked again: a dataclass checks only
+    when it is made, and the object may have been changed since. ``TypeError`` if
+    ``config`` is not a `BatchProcessorConfig`; ``ValueError`` (or `ConfigTypeError`)
+    naming the field for a bad setting."""
+    if not isinstance(config, BatchProcessorConfig):
+        raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
+    return replace(config)
+
+
+def read_only_copy(config: object) -> BatchProcessorConfig:
+    """``checked_copy(config)`` that refuses to be changed: assigning (or deleting) a
+    field raises ``dataclasses.FrozenInstanceError`` (an ``AttributeError``) saying what
+    to do instead. ``dataclasses.replace`` and ``copy`` make ordinary configs from it."""
+    config = checked_copy(config)
+    object.__setattr__(config, _READ_ONLY, True)
+    return config
+
+
 def _strategy(value: Any) -> BatchProcessingStrategy:
     """``value`` as a `BatchProcessingStrategy`: a member, or a member's value or name in
-    any case. ``ValueError`` listing the valid values otherwise."""
+    any case. Otherwise ``ValueError`` listing the valid values (``ConfigTypeError`` for
+    what is neither a member nor a string)."""
     if isinstance(value, BatchProcessingStrategy):
         return value
     if isinstance(value, str):
@@ -471,7 +528,8 @@ def _strategy(value: Any) -> BatchProcessingStrategy:
             if value.lower() in (member.value, member.name.lower()):
                 return member
     valid = ", ".join(repr(member.value) for member in BatchProcessingStrategy)
-    raise ValueError(
+    error = ValueError if isinstance(value, str) else ConfigTypeError
+    raise error(
         f"processing_strategy must be a BatchProcessingStrategy or one of {valid} (any "
         f"case), got {value!r}")
 
@@ -493,36 +551,96 @@ def _ordered(kind: str, warning: Any, critical: Any, default_warning: Any,
     return warning, critical
 
 
+def _shown(value: Any) -> str:
+    """A refused value for an error message: its repr and its type."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as a plain int if it is an integral number (what ``operator.index``
+    takes: an int, a numpy integer), else None. Never a bool: ``True`` is no size."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _require_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
+    """``value`` as a plain int at or above ``minimum``; ``ConfigTypeError`` for what is
+    not an integral number (a float, even a whole one, a bool, a string)."""
+    number = _as_int(value)
+    if number is None:
+        raise ConfigTypeError(
+            f"{name} must be an integer (an int or a numpy integer, not a bool or a "
+            f"float), got {_shown(value)}")
+    if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    return number
+
+
+def _require_bool(name: str, value: Any) -> bool:
+    """``value`` as a plain bool: ``True``, ``False`` or a numpy bool, never ``0``/``1``
+    or a string (``"false"`` would read as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigTypeError(f"{name} must be a bool (True or False), got {_shown(value)}")
+    return bool(value)
+
+
+def _output_key(output: Any) -> str | int:
+    """An entry of ``per_token_outputs``: a dict output's name or a tuple output's
+    position (an integer, numpy integers included, stored as an int)."""
+    if isinstance(output, str):
+        return output
+    position = _as_int(output)
+    if position is None:
+        raise ConfigTypeError(
+            "per_token_outputs must name outputs by str (dict outputs) or int (tuple "
+            f"outputs), got {_shown(output)}")
+    return position
 
 
 def _require_pad_number(name: str, value: Any) -> None:
-    if not isinstance(value, numbers.Number) or isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (not isinstance(value, (numbers.Number, np.bool_))
+            or isinstance(value, (str, bytes))):
+        raise ConfigTypeError(f"{name} must be a number, got {_shown(value)}")
     # A number no array or tensor dtype holds (a Decimal, a Fraction, an int beyond 64
     # bits) would be refused by every padded enqueue: refuse it once, here.
     if np.asarray(value).dtype.kind not in "biufc":
-        raise ValueError(
+        # An int too large is a value out of range; a Decimal or Fraction, a wrong type.
+        error = ValueError if isinstance(value, int) else ConfigTypeError
+        raise error(
             f"{name} must be a bool, int, float or complex number that fits 64 bits (what "
-            f"arrays and tensors hold), got {value!r} ({type(value).__name__})")
+            f"arrays and tensors hold), got {_shown(value)}")
 
 
 def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True,
                     unlimited: str | None = None) -> float:
-    """``value`` as a float: a finite number at or above ``minimum``. Infinity is no way
-    to say "unlimited" (a batch waiting for ever for a full batch, a deadline never
-    reached): ``unlimited`` says what ``None`` means for a field that takes it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    """``value`` as a plain float: a finite real number (an int, a float, a numpy
+    number, a ``Fraction`` or a ``Decimal``; never a bool) at or above ``minimum``.
+    ``ConfigTypeError`` for anything else. Infinity is no way to say "unlimited" (a
+    batch waiting for ever for a full batch, a deadline never reached): ``unlimited``
+    says what ``None`` means for a field that takes it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, Decimal)):
+        raise ConfigTypeError(
+            f"{name} must be a real number (an int, a float, a numpy number, a Fraction or "
+            f"a Decimal; not a bool), got {_shown(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan  # a signalling Decimal NaN
+    except OverflowError:  # an int or a Fraction beyond what a float holds
+        number = math.inf
+    if not math.isfinite(number):
+        if isinstance(value, numbers.Rational) or (
+                isinstance(value, Decimal) and value.is_finite()):
+            raise ValueError(
+                f"{name} must be a number a float holds (at most {sys.float_info.max!r}), "
+                f"got {value!r}")
         hint = f"; use None for {unlimited}" if unlimited else ""
         raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
-    if value < minimum or (not allow_zero and value == 0):
+    if number < minimum or (not allow_zero and number == 0):
         bound = f"> {minimum}" if not allow_zero else f">= {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
+    return number

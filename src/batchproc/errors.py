@@ -21,6 +21,13 @@ class BatchTimeoutError(BatchProcessorError, TimeoutError):
     """``process_func`` ran longer than ``item_timeout`` on the batch holding this request."""
 
 
+class ConfigTypeError(BatchProcessorError, TypeError, ValueError):
+    """A `BatchProcessorConfig` setting of the wrong type: a float or a bool where an
+    integer goes, a string where a number goes. A ``TypeError``, and a ``ValueError``
+    as every refused setting is, so that ``except ValueError`` still catches them all.
+    The message names the field, the value given and what the field accepts."""
+
+
 class BatchOutputError(BatchProcessorError, ValueError):
     """``process_func`` returned an output whose length differs from its batch's."""
 

@@ -10,7 +10,6 @@ the health checks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import queue as _stdlib_queue
@@ -28,7 +27,7 @@ from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict, timeout_arg
-from .config import BatchPriority, BatchProcessorConfig
+from .config import BatchPriority, BatchProcessorConfig, read_only_copy
 from .controller import Controller
 from .engine import Engine
 from .engine.delivery import record_requests
@@ -93,7 +92,8 @@ class BatchProcessor(Generic[T, U]):
     """Groups requests from many threads into batches for one ``process_func``.
 
     ``config`` is validated again here (``ValueError`` naming the field for one changed
-    into a bad value after it was made) and the processor keeps its own copy, ``config``:
+    into a bad value after it was made; ``TypeError`` for what is not a
+    `BatchProcessorConfig`) and the processor keeps its own copy, ``config``, read-only:
     later changes to the object passed in change nothing in the processor.
 
     >>> import numpy as np
@@ -106,14 +106,10 @@ class BatchProcessor(Generic[T, U]):
 
     def __init__(self, config: BatchProcessorConfig | None = None,
                  metrics_collector: object | None = None) -> None:
-        if config is None:
-            config = BatchProcessorConfig()
-        if not isinstance(config, BatchProcessorConfig):
-            raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
-        # A validated copy: the caller's object may have been changed since it was made
-        # (a dataclass checks only in __post_init__), and may be changed later.
-        config = dataclasses.replace(config)
-        self.config = config
+        # Checked again and copied (the caller's object may have been changed since it
+        # was made, and may be changed later); read-only, as everything is built from it.
+        config = read_only_copy(BatchProcessorConfig() if config is None else config)
+        self._config = config
         self.shutdown_event = threading.Event()
         self._stopped = threading.Event()  # set when stop() has returned
         self._stopping_thread: threading.Thread | None = None
@@ -688,6 +684,17 @@ class BatchProcessor(Generic[T, U]):
         self._metrics.cancelled(count)
 
     # ----------------------------------------------------------------- control and state
+
+    @property
+    def config(self) -> BatchProcessorConfig:
+        """This processor's own copy of its settings, taken at construction; read-only.
+
+        Assigning a field raises ``dataclasses.FrozenInstanceError`` (an
+        ``AttributeError``): the queue, workers and controller were built from it. Change
+        the target batch size with `update_batch_size`; for other settings make a new
+        processor from ``dataclasses.replace(processor.config, ...)``, an ordinary config.
+        """
+        return self._config
 
     def update_batch_size(self, new_size: int) -> None:
         """Set the target rows per batch, clamped into [min_batch_size, max_batch_size]."""

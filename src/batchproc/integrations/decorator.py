@@ -44,7 +44,6 @@ loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -56,7 +55,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 from .. import exiting
 from ..backpressure import timeout_arg
-from ..config import BatchPriority, BatchProcessorConfig
+from ..config import BatchPriority, BatchProcessorConfig, checked_copy
 from ..errors import ProcessorStoppedError
 from ..processor import BatchProcessor
 
@@ -434,11 +433,6 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
             "parentheses) or @batchproc.batch(max_batch_size=..., ...)")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
-    if config is None:
-        config = BatchProcessorConfig(**fields)
-    elif not isinstance(config, BatchProcessorConfig):
-        raise TypeError(f"config must be a BatchProcessorConfig, got {type(config).__name__}")
-    else:
-        # Validated now, and kept: later changes to the caller's object change nothing.
-        config = dataclasses.replace(config)
+    # Validated now, and kept: later changes to the caller's object change nothing.
+    config = BatchProcessorConfig(**fields) if config is None else checked_copy(config)
     return _Decorator(config, metrics_collector, name)

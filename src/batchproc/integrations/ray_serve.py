@@ -31,7 +31,6 @@ in a checkout.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BatchProcessorConfig
+from ..config import BatchProcessorConfig, checked_copy
 from ..errors import ProcessorStoppedError, QueueFullError
 from ..processor import BatchProcessor
 
@@ -153,9 +152,12 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
     directly as keywords: ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
     ``max_ongoing_requests``, ``max_queued_requests``. ``metrics_name`` attaches the
     Prometheus exporter in each replica (to the replica's default registry).
-    """
-    from ray import serve
 
+    The settings are checked here, before Ray is imported: ``TypeError`` for a ``config``
+    that is not a ``BatchProcessorConfig``, ``ValueError`` (`ConfigTypeError` for a wrong
+    type) naming the field for a bad setting. Each replica's ``processor.config`` is its
+    own read-only copy.
+    """
     options = dict(deployment_options or {})
     for key in ("num_replicas", "autoscaling_config", "ray_actor_options",
                 "max_ongoing_requests", "max_queued_requests", "health_check_period_s"):
@@ -163,11 +165,10 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
             options[key] = fields.pop(key)
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
-    if config is None:
-        config = BatchProcessorConfig(**fields)
-    else:
-        # Checked (and copied) here, before it sizes the deployment, not in each replica.
-        config = dataclasses.replace(config)
+    # Checked (and copied) here, before it sizes the deployment, not in each replica.
+    config = BatchProcessorConfig(**fields) if config is None else checked_copy(config)
+    from ray import serve
+
     options.setdefault("max_ongoing_requests", 4 * config.max_batch_size)
     deployment: Any = serve.deployment(BatchedReplica, name=name, **options)
     return deployment.bind(model, config, decode, encode, queue_wait, metrics_name)

@@ -6,6 +6,7 @@ in progress is completing, and no worker calls the model or parks a retry after 
 """
 
 import logging
+import sys
 import threading
 import time
 from decimal import Decimal
@@ -424,3 +425,91 @@ def test_a_batched_method_stop_refuses_a_bad_timeout(timeout, error):
         Model.double.stop(timeout)
     assert model.double(one(3))[0, 0] == 6  # not stopped
     Model.double.stop()
+
+
+class Interrupter:
+    """A trace function raising KeyboardInterrupt into this thread at the chosen
+    instructions (counted from 1) of stop's code and of the wait in ``shielded``, as a
+    signal handler's exception lands: between any two instructions."""
+
+    def __init__(self, at=()):
+        from batchproc import processor, shielded
+        self.files = {processor.__file__, shielded.__file__}
+        self.at = set(at)
+        self.count = 0
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code.co_filename not in self.files:
+            return None
+        frame.f_trace_lines = False
+        frame.f_trace_opcodes = True
+        return self.instruction
+
+    def instruction(self, frame, event, arg):
+        if event == "opcode":
+            self.count += 1
+            if self.count in self.at:
+                raise KeyboardInterrupt(f"at instruction {self.count}")
+        return self.instruction
+
+
+def stop_interrupted(make_processor, interrupter):
+    """stop() a processor holding a hung call and a queued request, ``interrupter``
+    tracing; what it raised (None if nothing), its futures, and the model's release."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        release.wait()
+        return batch
+
+    p = make_processor(hangs, max_workers=1, batch_timeout=0.001)
+    futures = [p.enqueue_predict(one(1.0))]
+    assert entered.wait(10)
+    futures.append(p.enqueue_predict(one(2.0)))
+    raised = None
+    previous = sys.gettrace()
+    sys.settrace(interrupter)
+    try:
+        p.stop(timeout=0.05)
+    except KeyboardInterrupt as exc:
+        raised = exc
+    finally:
+        sys.settrace(previous)
+    return p, raised, futures, release
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="interrupts land on the main thread")
+@pytest.mark.parametrize("gaps", [(), (1,), (1, 3)], ids=["once", "twice", "thrice"])
+def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
+        make_processor, gaps):
+    # Whatever instructions of stop the interrupts land on, stop either had not begun
+    # (as if interrupted before the call: the processor runs on) or it completes every
+    # future, stops its threads and raises KeyboardInterrupt once.
+    dry = Interrupter()
+    p, raised, futures, release = stop_interrupted(make_processor, dry)
+    release.set()
+    assert raised is None and all(f.done() for f in futures)
+    for first in range(1, dry.count + 1):
+        at = [first]
+        for gap in gaps:
+            at.append(at[-1] + gap)
+        p, raised, futures, release = stop_interrupted(make_processor, Interrupter(at))
+        try:
+            assert isinstance(raised, KeyboardInterrupt), at
+            if p.health()["state"] == "running":
+                assert not any(f.done() for f in futures), at
+                continue
+            assert p.health()["state"] == "stopped", at
+            for f in futures:
+                with pytest.raises(ProcessorStoppedError):
+                    f.result(timeout=0)
+            p._supervisor.join(10)  # told to stop; stop waits for it only while in time
+            assert not p._supervisor.is_alive(), at
+            assert not [t for t in threading.enumerate()
+                        if t.name == "batchproc-stop" and t.is_alive()], at
+        finally:
+            release.set()
+            p.stop(timeout=5)

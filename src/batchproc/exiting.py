@@ -5,8 +5,11 @@ interpreter alive), so work still queued at exit would die with them unnoticed. 
 as ``concurrent.futures.ThreadPoolExecutor`` does, an ``atexit`` hook stops every running
 ``BatchProcessor`` and every ``@batch`` function: their queued work is finished, within
 ``EXIT_TIMEOUT`` seconds for all of them together, and what is left then fails with
-``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C during that wait gives up at once on
-what is left (it fails with ``ProcessorStoppedError``), and the interpreter exits.
+``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C (or any exception a signal handler
+raises), however often, gives up at once on what is left (it fails with
+``ProcessorStoppedError``); the stops run on a helper thread (``shielded``) so that no
+interrupt can cut them short. The interpreter then exits with the status it had: a hook
+cannot change it.
 
 Held weakly, and stopped in the order registered: a decorated function comes before the
 processor it starts, so its ``stop()`` (final) is what stops that processor.
@@ -20,6 +23,8 @@ import threading
 import time
 import weakref
 from typing import Any
+
+from . import shielded
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +58,25 @@ def registered() -> list[Any]:
 
 @atexit.register
 def stop_all() -> None:
-    """Stop everything registered, within ``EXIT_TIMEOUT`` seconds in all."""
+    """Stop everything registered, within ``EXIT_TIMEOUT`` seconds in all.
+
+    Interrupted (Ctrl-C), what is left is given up at once and everything is still
+    stopped; the interrupt is logged, not raised: an ``atexit`` hook's exception (a
+    ``SystemExit`` too) is only printed as ignored and cannot change the exit status."""
+    try:
+        shielded.run(_stop_registered, name="batchproc-exit")
+    except BaseException as exc:  # an interrupt of the wait, raised once all stopped
+        logger.warning("interrupted at interpreter exit (%s): queued work given up "
+                       "(ProcessorStoppedError)", type(exc).__name__)
+
+
+def _stop_registered(shield: shielded.Shield) -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT
     for obj in registered():
+        # Once interrupted, the others give up at once too (an interrupt during a stop
+        # reaches it through the shield they share).
+        remaining = 0.0 if shield.interrupted else max(0.0, deadline - time.monotonic())
         try:
-            obj.stop(max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            # Ctrl-C during the drain: the interrupted stop gave up on its work; the
-            # others give up on theirs at once, so every accepted request still ends.
-            deadline = 0.0
-            logger.warning("interrupted at interpreter exit: queued work given up "
-                           "(ProcessorStoppedError)")
+            obj.stop(remaining)
         except Exception:  # one failing stop must not keep the others running
             logger.exception("stopping %r at interpreter exit failed", obj)

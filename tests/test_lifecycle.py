@@ -572,8 +572,10 @@ def test_exits_with_processors_stuck_in_their_model_never_crash():
         assert (child.returncode, out) == (0, "exiting\n"), err
 
 
-# Ctrl-C sent from a helper thread once the drain has begun (``_drain`` is entered), as
-# many times as asked, back to back: the second lands while the first is being handled.
+# SIGINT sent from a helper thread once the drain has begun (``_drain`` is entered), as
+# many times as asked, back to back (the second lands while the first is being handled),
+# to the process or to the sending thread: a signal the system hands to a thread other
+# than the main one must reach the main thread's wait all the same.
 INTERRUPT_THE_DRAIN = """
     import logging
     import os
@@ -589,10 +591,13 @@ INTERRUPT_THE_DRAIN = """
 
     BatchProcessor._drain = drain
 
-    def interrupt(times):
+    def interrupt(times, to):
         draining.wait()
         for _ in range(times):
-            os.kill(os.getpid(), signal.SIGINT)
+            if to == "process":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
     futures = [p.enqueue_predict(one(1))]
     entered.wait()
@@ -604,7 +609,8 @@ INTERRUPT_THE_DRAIN = """
 
 
 @pytest.mark.parametrize("times", [1, 2, 5])
-def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future(times):
+@pytest.mark.parametrize("to", ["process", "thread"])
+def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future(times, to):
     # A hung model and a queued request at exit, a drain of 30 s: both futures fail with
     # ProcessorStoppedError at once and the interpreter exits, with the status it had
     # (an atexit hook cannot change it), saying on stderr that it was interrupted.
@@ -612,7 +618,7 @@ def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_futur
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(
         EXIT_PRELUDE + HANGING + INTERRUPT_THE_DRAIN + f"""
     exiting.EXIT_TIMEOUT = 30.0
-    threading.Thread(target=interrupt, args=({times},), daemon=True).start()
+    threading.Thread(target=interrupt, args=({times}, {to!r}), daemon=True).start()
     print("exiting", flush=True)
     """)], capture_output=True, text=True, timeout=60)
     took = time.monotonic() - began
@@ -624,9 +630,10 @@ def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_futur
 
 
 @pytest.mark.parametrize("times", [1, 2, 5])
-def test_ctrl_c_during_stop_completes_every_future_then_raises_once(times):
+@pytest.mark.parametrize("to", ["process", "thread"])
+def test_ctrl_c_during_stop_completes_every_future_then_raises_once(times, to):
     lines, took = run_script(EXIT_PRELUDE + HANGING + INTERRUPT_THE_DRAIN + f"""
-    threading.Thread(target=interrupt, args=({times},), daemon=True).start()
+    threading.Thread(target=interrupt, args=({times}, {to!r}), daemon=True).start()
     try:
         p.stop(timeout=30.0)
     except KeyboardInterrupt:

@@ -21,6 +21,9 @@ T = TypeVar("T")
 
 _local = threading.local()
 
+# How soon a signal delivered to another thread reaches the waiting main thread (seconds).
+SIGNAL_POLL = 0.05
+
 
 class Shield:
     """What the shielded work looks at: ``interrupted`` is True once the waiting thread
@@ -87,7 +90,9 @@ class _Wait:
             except Exception:
                 helper.run()  # no thread to be had: run it here (unless one began)
             self.started = True
-        helper.done.acquire()
+        # In slices: a signal the system delivers to another thread only sets a flag, and
+        # its handler runs here at the next instruction, not in a wait that never ends.
+        helper.done.acquire(timeout=SIGNAL_POLL)
 
 
 def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:

@@ -429,14 +429,15 @@ def test_a_batched_method_stop_refuses_a_bad_timeout(timeout, error):
 
 class Interrupter:
     """A trace function raising KeyboardInterrupt into this thread at the chosen
-    instructions (counted from 1) of stop's code and of the wait in ``shielded``, as a
-    signal handler's exception lands: between any two instructions."""
+    instructions (counted from 1) of the code of ``modules`` (stop's, and the wait in
+    ``shielded``), as a signal handler's exception lands: between any two instructions."""
 
-    def __init__(self, at=()):
-        from batchproc import processor, shielded
-        self.files = {processor.__file__, shielded.__file__}
+    def __init__(self, at=(), modules=("processor", "shielded")):
+        import importlib
+        self.files = {importlib.import_module(f"batchproc.{m}").__file__ for m in modules}
         self.at = set(at)
         self.count = 0
+        self.landed = []  # (function, line, offset) of each interrupt raised
 
     def __call__(self, frame, event, arg):
         if frame.f_code.co_filename not in self.files:
@@ -449,13 +450,15 @@ class Interrupter:
         if event == "opcode":
             self.count += 1
             if self.count in self.at:
+                self.landed.append((frame.f_code.co_name, frame.f_lineno, frame.f_lasti))
                 raise KeyboardInterrupt(f"at instruction {self.count}")
         return self.instruction
 
 
-def stop_interrupted(make_processor, interrupter):
-    """stop() a processor holding a hung call and a queued request, ``interrupter``
-    tracing; what it raised (None if nothing), its futures, and the model's release."""
+def stop_interrupted(make_processor, interrupter, stop=None):
+    """Stop a processor holding a hung call and a queued request, with ``stop(p)``
+    (``p.stop(0.05)`` by default), ``interrupter`` tracing; what it raised (None if
+    nothing), its futures, and the model's release."""
     release = threading.Event()
     entered = threading.Event()
 
@@ -472,7 +475,10 @@ def stop_interrupted(make_processor, interrupter):
     previous = sys.gettrace()
     sys.settrace(interrupter)
     try:
-        p.stop(timeout=0.05)
+        if stop is None:
+            p.stop(timeout=0.05)
+        else:
+            stop(p)
     except KeyboardInterrupt as exc:
         raised = exc
     finally:
@@ -496,9 +502,11 @@ def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
         at = [first]
         for gap in gaps:
             at.append(at[-1] + gap)
-        p, raised, futures, release = stop_interrupted(make_processor, Interrupter(at))
+        interrupter = Interrupter(at)
+        p, raised, futures, release = stop_interrupted(make_processor, interrupter)
         try:
-            assert isinstance(raised, KeyboardInterrupt), at
+            # The wait's slices make the count vary a little from run to run.
+            assert isinstance(raised, KeyboardInterrupt) or interrupter.count < first, at
             if p.health()["state"] == "running":
                 assert not any(f.done() for f in futures), at
                 continue
@@ -510,6 +518,52 @@ def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
             assert not p._supervisor.is_alive(), at
             assert not [t for t in threading.enumerate()
                         if t.name == "batchproc-stop" and t.is_alive()], at
+        finally:
+            release.set()
+            p.stop(timeout=5)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="interrupts land on the main thread")
+@pytest.mark.parametrize("gaps", [(), (1,)], ids=["once", "twice"])
+def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
+        make_processor, monkeypatch, gaps):
+    # The exit hook, unlike stop(), must stop what is registered even when interrupted
+    # before its stops begin. An interrupt before its ``try`` (a signal's only chance
+    # there is the call's entry) escapes as if before the call, one after everything
+    # stopped is raised (the interpreter prints it as ignored); the hook logs the others.
+    import inspect
+    import weakref
+
+    from batchproc import exiting
+
+    def stop_all(p):
+        monkeypatch.setattr(exiting, "_registered", weakref.WeakKeyDictionary({p: None}))
+        monkeypatch.setattr(exiting, "EXIT_TIMEOUT", 0.05)
+        exiting.stop_all()
+
+    source, first_line = inspect.getsourcelines(exiting.stop_all)
+    try_line = first_line + next(i for i, text in enumerate(source) if "try:" in text)
+    modules = ("exiting", "shielded", "processor")
+    dry = Interrupter(modules=modules)
+    p, raised, futures, release = stop_interrupted(make_processor, dry, stop_all)
+    release.set()
+    assert raised is None and all(f.done() for f in futures)
+    for first in range(2, dry.count + 1):
+        at = [first]
+        for gap in gaps:
+            at.append(at[-1] + gap)
+        interrupter = Interrupter(at, modules)
+        p, raised, futures, release = stop_interrupted(make_processor, interrupter, stop_all)
+        try:
+            function, line, _ = interrupter.landed[0] if interrupter.landed else ("", 0, 0)
+            if function == "stop_all" and line <= try_line:
+                assert raised is not None and p.health()["state"] == "running"
+                continue  # before anything of the hook ran, as if before the call
+            assert p.health()["state"] == "stopped", interrupter.landed
+            for f in futures:
+                with pytest.raises(ProcessorStoppedError):
+                    f.result(timeout=0)
         finally:
             release.set()
             p.stop(timeout=5)

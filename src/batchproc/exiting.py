@@ -18,6 +18,7 @@ processor it starts, so its ``stop()`` (final) is what stops that processor.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
 import time
@@ -63,19 +64,40 @@ def stop_all() -> None:
     Interrupted (Ctrl-C), what is left is given up at once and everything is still
     stopped; the interrupt is logged, not raised: an ``atexit`` hook's exception (a
     ``SystemExit`` too) is only printed as ignored and cannot change the exit status."""
-    try:
-        shielded.run(_stop_registered, name="batchproc-exit")
-    except BaseException as exc:  # an interrupt of the wait, raised once all stopped
+    interrupted: str | None = None
+    while True:
+        try:
+            shielded.run(functools.partial(_stop_registered, interrupted is not None),
+                         name="batchproc-exit")
+            break
+        except BaseException as exc:
+            # An interrupt, raised once the stops were done, or before they began: run
+            # them again, giving up at once (with nothing left to stop, a no-op).
+            interrupted = type(exc).__name__
+    if interrupted is not None:
         logger.warning("interrupted at interpreter exit (%s): queued work given up "
-                       "(ProcessorStoppedError)", type(exc).__name__)
+                       "(ProcessorStoppedError)", interrupted)
 
 
-def _stop_registered(shield: shielded.Shield) -> None:
+# Held while the stops run: a run again after an interrupt that ended the hook's wait
+# early (the stops it began have taken the objects off the list) waits for them.
+_stopping = threading.Lock()
+
+
+def _stop_registered(give_up: bool, shield: shielded.Shield) -> None:
+    with _stopping:
+        _stop_each(give_up, shield)
+
+
+def _stop_each(give_up: bool, shield: shielded.Shield) -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT
     for obj in registered():
         # Once interrupted, the others give up at once too (an interrupt during a stop
         # reaches it through the shield they share).
-        remaining = 0.0 if shield.interrupted else max(0.0, deadline - time.monotonic())
+        if give_up or shield.interrupted:
+            remaining = 0.0
+        else:
+            remaining = max(0.0, deadline - time.monotonic())
         try:
             obj.stop(remaining)
         except Exception:  # one failing stop must not keep the others running

@@ -110,7 +110,9 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
         return work(getattr(_local, "shield", None) or Shield())
     # Everything below may be interrupted at any instruction: each step is either done
     # (an assignment made) or done again by the next turn of the loop. The outer loop
-    # catches what lands between the inner handler and the inner loop's next turn.
+    # catches what lands between the inner handler and the inner loop's next turn; the
+    # handlers tell the work first, so that it gives up even if a further interrupt,
+    # landing right after the outer handler, ends this wait early.
     state = _Wait()
     # (The loops test attributes, not a call: a call's entry may be interrupted too.)
     while state.helper is None or not state.helper.finished:
@@ -119,9 +121,13 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
                 try:
                     state.step(work, name)
                 except BaseException as exc:
+                    if state.helper is not None:
+                        state.helper.shield.interrupted = True
                     if state.interrupt is None:
                         state.interrupt = exc
         except BaseException as exc:
+            if state.helper is not None:
+                state.helper.shield.interrupted = True
             if state.interrupt is None:
                 state.interrupt = exc
     helper = state.helper

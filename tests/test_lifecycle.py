@@ -575,30 +575,78 @@ def test_exits_with_processors_stuck_in_their_model_never_crash():
         assert (child.returncode, out) == (0, "exiting\n"), err
 
 
-def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future():
-    # A hung model and a queued request at exit; Ctrl-C one second into a drain of 30 s:
-    # both futures fail with ProcessorStoppedError and the interpreter exits.
-    lines, took = run_script(EXIT_PRELUDE + HANGING + """
+# SIGINT sent from a helper thread once the drain has begun (``_drain`` is entered), as
+# many times as asked, back to back (the second lands while the first is being handled),
+# to the process or to the sending thread: a signal the system hands to a thread other
+# than the main one must reach the main thread's wait all the same.
+INTERRUPT_THE_DRAIN = """
+    import logging
     import os
     import signal
-    import time
+    logging.basicConfig()  # the library's warnings, on stderr
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    exiting.EXIT_TIMEOUT = 30.0
+    draining = threading.Event()
+    real_drain = BatchProcessor._drain
+
+    def drain(self, deadline, shield):
+        draining.set()
+        return real_drain(self, deadline, shield)
+
+    BatchProcessor._drain = drain
+
+    def interrupt(times, to):
+        draining.wait()
+        for _ in range(times):
+            if to == "process":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
     futures = [p.enqueue_predict(one(1))]
     entered.wait()
     futures.append(p.enqueue_predict(one(2)))
     for f in futures:
         f.add_done_callback(lambda f: print("failed", type(f.exception()).__name__,
                                             flush=True))
+"""
 
-    def interrupt():
-        time.sleep(1.0)  # in the exit hook's wait by then
-        os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt, daemon=True).start()
+@pytest.mark.parametrize("times", [1, 2, 5])
+@pytest.mark.parametrize("to", ["process", "thread"])
+def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future(times, to):
+    # A hung model and a queued request at exit, a drain of 30 s: both futures fail with
+    # ProcessorStoppedError at once and the interpreter exits, with the status it had
+    # (an atexit hook cannot change it), saying on stderr that it was interrupted.
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(
+        EXIT_PRELUDE + HANGING + INTERRUPT_THE_DRAIN + f"""
+    exiting.EXIT_TIMEOUT = 30.0
+    threading.Thread(target=interrupt, args=({times}, {to!r}), daemon=True).start()
     print("exiting", flush=True)
+    """)], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - began
+    assert done.stdout.splitlines() == ["exiting"] + ["failed ProcessorStoppedError"] * 2
+    assert done.returncode == 0, done.stderr
+    assert "interrupted at interpreter exit (KeyboardInterrupt)" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert took < 20  # not the 30 s drain
+
+
+@pytest.mark.parametrize("times", [1, 2, 5])
+@pytest.mark.parametrize("to", ["process", "thread"])
+def test_ctrl_c_during_stop_completes_every_future_then_raises_once(times, to):
+    lines, took = run_script(EXIT_PRELUDE + HANGING + INTERRUPT_THE_DRAIN + f"""
+    threading.Thread(target=interrupt, args=({times}, {to!r}), daemon=True).start()
+    try:
+        p.stop(timeout=30.0)
+    except KeyboardInterrupt:
+        print("raised", flush=True)
+    print("state", p.health()["state"], flush=True)
+    print("done", all(f.done() for f in futures), flush=True)
+    print("supervisor alive", p._supervisor.is_alive(), flush=True)
     """)
-    assert lines == ["exiting"] + ["failed ProcessorStoppedError"] * 2
+    assert lines == ["failed ProcessorStoppedError"] * 2 + [
+        "raised", "state stopped", "done True", "supervisor alive False"]
     assert took < 20  # not the 30 s drain
 
 

@@ -6,6 +6,7 @@ in progress is completing, and no worker calls the model or parks a retry after 
 """
 
 import logging
+import sys
 import threading
 import time
 from decimal import Decimal
@@ -424,3 +425,145 @@ def test_a_batched_method_stop_refuses_a_bad_timeout(timeout, error):
         Model.double.stop(timeout)
     assert model.double(one(3))[0, 0] == 6  # not stopped
     Model.double.stop()
+
+
+class Interrupter:
+    """A trace function raising KeyboardInterrupt into this thread at the chosen
+    instructions (counted from 1) of the code of ``modules`` (stop's, and the wait in
+    ``shielded``), as a signal handler's exception lands: between any two instructions."""
+
+    def __init__(self, at=(), modules=("processor", "shielded")):
+        import importlib
+        self.files = {importlib.import_module(f"batchproc.{m}").__file__ for m in modules}
+        self.at = set(at)
+        self.count = 0
+        self.landed = []  # (function, line, offset) of each interrupt raised
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code.co_filename not in self.files:
+            return None
+        frame.f_trace_lines = False
+        frame.f_trace_opcodes = True
+        return self.instruction
+
+    def instruction(self, frame, event, arg):
+        if event == "opcode":
+            self.count += 1
+            if self.count in self.at:
+                self.landed.append((frame.f_code.co_name, frame.f_lineno, frame.f_lasti))
+                raise KeyboardInterrupt(f"at instruction {self.count}")
+        return self.instruction
+
+
+def stop_interrupted(make_processor, interrupter, stop=None):
+    """Stop a processor holding a hung call and a queued request, with ``stop(p)``
+    (``p.stop(0.05)`` by default), ``interrupter`` tracing; what it raised (None if
+    nothing), its futures, and the model's release."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hangs(batch):
+        entered.set()
+        release.wait()
+        return batch
+
+    p = make_processor(hangs, max_workers=1, batch_timeout=0.001)
+    futures = [p.enqueue_predict(one(1.0))]
+    assert entered.wait(10)
+    futures.append(p.enqueue_predict(one(2.0)))
+    raised = None
+    previous = sys.gettrace()
+    sys.settrace(interrupter)
+    try:
+        if stop is None:
+            p.stop(timeout=0.05)
+        else:
+            stop(p)
+    except KeyboardInterrupt as exc:
+        raised = exc
+    finally:
+        sys.settrace(previous)
+    return p, raised, futures, release
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="interrupts land on the main thread")
+@pytest.mark.parametrize("gaps", [(), (1,), (1, 3)], ids=["once", "twice", "thrice"])
+def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
+        make_processor, gaps):
+    # Whatever instructions of stop the interrupts land on, stop either had not begun
+    # (as if interrupted before the call: the processor runs on) or it completes every
+    # future, stops its threads and raises KeyboardInterrupt once.
+    dry = Interrupter()
+    p, raised, futures, release = stop_interrupted(make_processor, dry)
+    release.set()
+    assert raised is None and all(f.done() for f in futures)
+    for first in range(1, dry.count + 1):
+        at = [first]
+        for gap in gaps:
+            at.append(at[-1] + gap)
+        interrupter = Interrupter(at)
+        p, raised, futures, release = stop_interrupted(make_processor, interrupter)
+        try:
+            # The wait's slices make the count vary a little from run to run.
+            assert isinstance(raised, KeyboardInterrupt) or interrupter.count < first, at
+            if p.health()["state"] == "running":
+                assert not any(f.done() for f in futures), at
+                continue
+            assert p.health()["state"] == "stopped", at
+            for f in futures:
+                with pytest.raises(ProcessorStoppedError):
+                    f.result(timeout=0)
+            p._supervisor.join(10)  # told to stop; stop waits for it only while in time
+            assert not p._supervisor.is_alive(), at
+            assert not [t for t in threading.enumerate()
+                        if t.name == "batchproc-stop" and t.is_alive()], at
+        finally:
+            release.set()
+            p.stop(timeout=5)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="interrupts land on the main thread")
+@pytest.mark.parametrize("gaps", [(), (1,)], ids=["once", "twice"])
+def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
+        make_processor, monkeypatch, gaps):
+    # The exit hook, unlike stop(), must stop what is registered even when interrupted
+    # before its stops begin. An interrupt before its ``try`` (a signal's only chance
+    # there is the call's entry) escapes as if before the call, one after everything
+    # stopped is raised (the interpreter prints it as ignored); the hook logs the others.
+    import inspect
+    import weakref
+
+    from batchproc import exiting
+
+    def stop_all(p):
+        monkeypatch.setattr(exiting, "_registered", weakref.WeakKeyDictionary({p: None}))
+        monkeypatch.setattr(exiting, "EXIT_TIMEOUT", 0.05)
+        exiting.stop_all()
+
+    source, first_line = inspect.getsourcelines(exiting.stop_all)
+    try_line = first_line + next(i for i, text in enumerate(source) if "try:" in text)
+    modules = ("exiting", "shielded", "processor")
+    dry = Interrupter(modules=modules)
+    p, raised, futures, release = stop_interrupted(make_processor, dry, stop_all)
+    release.set()
+    assert raised is None and all(f.done() for f in futures)
+    for first in range(2, dry.count + 1):
+        at = [first]
+        for gap in gaps:
+            at.append(at[-1] + gap)
+        interrupter = Interrupter(at, modules)
+        p, raised, futures, release = stop_interrupted(make_processor, interrupter, stop_all)
+        try:
+            function, line, _ = interrupter.landed[0] if interrupter.landed else ("", 0, 0)
+            if function == "stop_all" and line <= try_line:
+                assert raised is not None and p.health()["state"] == "running"
+                continue  # before anything of the hook ran, as if before the call
+            assert p.health()["state"] == "stopped", interrupter.landed
+            for f in futures:
+                with pytest.raises(ProcessorStoppedError):
+                    f.result(timeout=0)
+        finally:
+            release.set()
+            p.stop(timeout=5)

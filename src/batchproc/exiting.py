@@ -5,8 +5,11 @@ interpreter alive), so work still queued at exit would die with them unnoticed. 
 as ``concurrent.futures.ThreadPoolExecutor`` does, an ``atexit`` hook stops every running
 ``BatchProcessor`` and every ``@batch`` function: their queued work is finished, within
 ``EXIT_TIMEOUT`` seconds for all of them together, and what is left then fails with
-``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C during that wait gives up at once on
-what is left (it fails with ``ProcessorStoppedError``), and the interpreter exits.
+``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C (or any exception a signal handler
+raises), however often, gives up at once on what is left (it fails with
+``ProcessorStoppedError``); the stops run on a helper thread (``shielded``) so that no
+interrupt can cut them short. The interpreter then exits with the status it had: a hook
+cannot change it.
 
 Held weakly, and stopped in the order registered: a decorated function comes before the
 processor it starts, so its ``stop()`` (final) is what stops that processor.
@@ -15,11 +18,14 @@ processor it starts, so its ``stop()`` (final) is what stops that processor.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
 import time
 import weakref
 from typing import Any
+
+from . import shielded
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +59,46 @@ def registered() -> list[Any]:
 
 @atexit.register
 def stop_all() -> None:
-    """Stop everything registered, within ``EXIT_TIMEOUT`` seconds in all."""
+    """Stop everything registered, within ``EXIT_TIMEOUT`` seconds in all.
+
+    Interrupted (Ctrl-C), what is left is given up at once and everything is still
+    stopped; the interrupt is logged, not raised: an ``atexit`` hook's exception (a
+    ``SystemExit`` too) is only printed as ignored and cannot change the exit status."""
+    interrupted: str | None = None
+    while True:
+        try:
+            shielded.run(functools.partial(_stop_registered, interrupted is not None),
+                         name="batchproc-exit")
+            break
+        except BaseException as exc:
+            # An interrupt, raised once the stops were done, or before they began: run
+            # them again, giving up at once (with nothing left to stop, a no-op).
+            interrupted = type(exc).__name__
+    if interrupted is not None:
+        logger.warning("interrupted at interpreter exit (%s): queued work given up "
+                       "(ProcessorStoppedError)", interrupted)
+
+
+# Held while the stops run: a run again after an interrupt that ended the hook's wait
+# early (the stops it began have taken the objects off the list) waits for them.
+_stopping = threading.Lock()
+
+
+def _stop_registered(give_up: bool, shield: shielded.Shield) -> None:
+    with _stopping:
+        _stop_each(give_up, shield)
+
+
+def _stop_each(give_up: bool, shield: shielded.Shield) -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT
     for obj in registered():
+        # Once interrupted, the others give up at once too (an interrupt during a stop
+        # reaches it through the shield they share).
+        if give_up or shield.interrupted:
+            remaining = 0.0
+        else:
+            remaining = max(0.0, deadline - time.monotonic())
         try:
-            obj.stop(max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            # Ctrl-C during the drain: the interrupted stop gave up on its work; the
-            # others give up on theirs at once, so every accepted request still ends.
-            deadline = 0.0
-            logger.warning("interrupted at interpreter exit: queued work given up "
-                           "(ProcessorStoppedError)")
+            obj.stop(remaining)
         except Exception:  # one failing stop must not keep the others running
             logger.exception("stopping %r at interpreter exit failed", obj)

@@ -10,6 +10,7 @@ the health checks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue as _stdlib_queue
@@ -21,7 +22,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import bulk, exiting, forking
+from . import bulk, exiting, forking, shielded
 from ._native.future_state import start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
@@ -65,6 +66,9 @@ _CONFIG = _ConfigDefault()
 
 # How long a start() that failed part-way waits for the threads it started to exit.
 START_ABORT_JOIN = 5.0
+
+# How soon stop() sees that its caller was interrupted while it waits for the work.
+INTERRUPT_POLL = 0.05
 
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
@@ -304,7 +308,9 @@ class BatchProcessor(Generic[T, U]):
         (up to ``timeout``); on the processor's own threads, or on that call's thread (a
         done-callback of a request it fails), it returns at once. A ``KeyboardInterrupt``
         (Ctrl-C) during the wait gives up at once on what is left, as when ``timeout``
-        runs out, and is then raised.
+        runs out, and is then raised, once, however many arrive: on the main thread the
+        work runs on a helper thread (``batchproc.shielded``) that interrupts cannot cut
+        short.
 
         A processor still running at interpreter exit is stopped then (an ``atexit``
         hook, ``batchproc.exiting``), within ``exiting.EXIT_TIMEOUT`` (5) seconds for all
@@ -313,7 +319,12 @@ class BatchProcessor(Generic[T, U]):
         not ``None`` or a number (a bool included), ``ValueError`` if NaN or negative.
         """
         timeout = timeout_arg(timeout)
-        deadline = float("inf") if timeout is None else _monotonic() + timeout
+        deadline = _INF if timeout is None else _monotonic() + timeout
+        shielded.run(functools.partial(self._stop, deadline), name="batchproc-stop")
+
+    def _stop(self, deadline: float, shield: shielded.Shield) -> None:
+        """stop()'s work, out of reach of interrupts of its caller: an interrupt of the
+        wait (``shield.interrupted``) gives up at once on what is left."""
         with self._lifecycle:
             if self._forked:
                 return  # a forked child's copy: its queue and threads are the parent's
@@ -327,30 +338,26 @@ class BatchProcessor(Generic[T, U]):
             # a request it fails).
             me = threading.current_thread()
             if me is not self._stopping_thread and me not in self._threads():
-                self._stopped.wait(None if timeout is None
-                                   else max(0.0, deadline - _monotonic()))
+                while not (self._stopped.is_set() or shield.interrupted):
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0.0:
+                        break
+                    self._stopped.wait(min(remaining, INTERRUPT_POLL))
             return
         try:
-            self._shut_down(deadline, was_running)
-        except KeyboardInterrupt:
-            # Ctrl-C while waiting for the work to drain: give it up at once, so that
-            # every accepted request still completes (ProcessorStoppedError), then let
-            # the interrupt go on. (Without waiting again: a Thread.join interrupted so
-            # can leave that thread looking finished.)
-            self._shut_down(_monotonic(), was_running, drain=False)
-            raise
+            self._shut_down(deadline, was_running, shield)
         finally:
             with self._lifecycle:
                 self._state = _STOPPED
             self._stopped.set()
 
-    def _shut_down(self, deadline: float, was_running: bool, drain: bool = True) -> None:
-        """stop()'s work once intake is closed: drain (until ``deadline``; ``drain=False``:
-        not at all) or give up, fail what is left, join the threads."""
-        if not was_running:
-            drained = True
-        else:
-            drained = self._dispatcher.join(deadline) if drain else False
+    def _shut_down(self, deadline: float, was_running: bool,
+                   shield: shielded.Shield | None = None) -> None:
+        """stop()'s work once intake is closed: drain until ``deadline`` (or until
+        ``shield.interrupted``), give up on what is left, fail it, join the threads."""
+        drained = not was_running or self._drain(deadline, shield)
+        if shield is not None and shield.interrupted:
+            deadline = _monotonic()  # giving up at once: no more waiting below
         leftover = 0
         if not drained:
             leftover += self._dispatcher.abandon_all(
@@ -376,6 +383,19 @@ class BatchProcessor(Generic[T, U]):
                            leftover)
         else:
             logger.info("batchproc stopped")
+
+    def _drain(self, deadline: float, shield: shielded.Shield | None) -> bool:
+        """Wait until ``deadline`` for the workers to finish the queued work and exit;
+        in slices, so that an interrupt of stop's caller ends the wait at once. True if
+        they did."""
+        while True:
+            step = min(deadline, _monotonic() + INTERRUPT_POLL)
+            if self._dispatcher.join(step):
+                return True
+            if _monotonic() < step:
+                return False  # not for want of time: the caller is a worker, never joined
+            if (shield is not None and shield.interrupted) or step >= deadline:
+                return False
 
     def _fail_queued(self) -> int:
         """Fail what is left in the queue: requests never dispatched, and requests

@@ -1,0 +1,149 @@
+"""Running work to its end however often the calling thread is interrupted.
+
+A signal handler's exception (``KeyboardInterrupt`` at Ctrl-C, or whatever a handler
+raises) lands in the main thread between almost any two bytecodes: inside a ``finally``,
+between taking a list of requests and failing them, inside a Python-level ``__enter__``
+that has just taken its lock. Work interrupted there leaves futures that never complete,
+and a ``Thread.join`` interrupted so can leave that thread looking finished. Handlers run
+only on the main thread, so there ``run`` hands the work to a helper thread and only
+waits, with a plain lock and attribute assignments that no interrupt can leave half done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Shield", "run"]
+
+T = TypeVar("T")
+
+_local = threading.local()
+
+# How soon a signal delivered to another thread reaches the waiting main thread (seconds).
+SIGNAL_POLL = 0.05
+
+
+class Shield:
+    """What the shielded work looks at: ``interrupted`` is True once the waiting thread
+    got an exception. The work should then stop waiting for anything, and still finish
+    what it must (completing futures, stopping threads)."""
+
+    __slots__ = ("interrupted",)
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+
+class _Helper(Generic[T]):
+    """The work and its outcome, shared by the waiting thread and the helper thread."""
+
+    def __init__(self, work: Callable[[Shield], T], shield: Shield) -> None:
+        self.work = work
+        self.shield = shield
+        # Taken by the one thread that runs the work: a start() that was interrupted may
+        # or may not have started its thread, so the waiting thread may start another.
+        self.claim = threading.Lock()
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.finished = False
+        self.thread: threading.Thread | None = None  # the one that ran the work
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if not self.claim.acquire(blocking=False):
+            return
+        self.thread = threading.current_thread()
+        _local.shield = self.shield  # work nested in this one shares its shield
+        try:
+            self.result = self.work(self.shield)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            _local.shield = None
+            self.finished = True  # before the release: the waiter reads it after
+            self.done.release()
+
+
+class _Wait:
+    """The waiting thread's side of ``run``."""
+
+    def __init__(self) -> None:
+        self.helper: _Helper[Any] | None = None
+        self.started = False
+        self.interrupt: BaseException | None = None
+
+    def step(self, work: Callable[[Shield], Any], name: str) -> None:
+        if self.helper is None:
+            self.helper = _Helper(work, Shield())
+        helper = self.helper
+        if self.interrupt is not None:
+            helper.shield.interrupted = True
+        # A start() interrupted may not have started its thread: start another (the
+        # first to claim the work runs it, the others return at once).
+        if not helper.claim.locked() and (not self.started or self.interrupt is not None):
+            thread = threading.Thread(target=helper.run, name=name, daemon=True)
+            try:
+                thread.start()
+            except Exception:
+                helper.run()  # no thread to be had: run it here (unless one began)
+            self.started = True
+        # In slices: a signal the system delivers to another thread only sets a flag, and
+        # its handler runs here at the next instruction, not in a wait that never ends.
+        helper.done.acquire(timeout=SIGNAL_POLL)
+
+
+def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
+    """Call ``work(shield)`` and return its result (or raise its exception) once it has
+    finished, whatever exceptions the calling thread gets meanwhile.
+
+    On the main thread ``work`` runs on a helper thread named ``name``: the first
+    exception raised into the wait (``KeyboardInterrupt``...) sets ``shield.interrupted``
+    and is raised once ``work`` has finished, instead of its outcome; later ones are
+    dropped. On any other thread (no signal handler runs there) ``work`` runs on the
+    caller's thread, with the shield of the shielded work it is nested in, if any. If no
+    thread can be started, ``work`` runs on the caller's thread, unshielded.
+    """
+    if threading.get_ident() != threading.main_thread().ident:
+        return work(getattr(_local, "shield", None) or Shield())
+    # Everything below may be interrupted at any instruction: each step is either done
+    # (an assignment made) or done again by the next turn of the loop. The outer loop
+    # catches what lands between the inner handler and the inner loop's next turn; the
+    # handlers tell the work first, so that it gives up even if a further interrupt,
+    # landing right after the outer handler, ends this wait early.
+    state = _Wait()
+    # (The loops test attributes, not a call: a call's entry may be interrupted too.)
+    while state.helper is None or not state.helper.finished:
+        try:
+            while state.helper is None or not state.helper.finished:
+                try:
+                    state.step(work, name)
+                except BaseException as exc:
+                    if state.helper is not None:
+                        state.helper.shield.interrupted = True
+                    if state.interrupt is None:
+                        state.interrupt = exc
+        except BaseException as exc:
+            if state.helper is not None:
+                state.helper.shield.interrupted = True
+            if state.interrupt is None:
+                state.interrupt = exc
+    helper = state.helper
+    assert helper is not None
+    interrupt = state.interrupt
+    # The helper has finished its work; let it end too, so that it outlives nothing (one
+    # that found the work taken returns at once).
+    try:
+        if helper.thread is not None and helper.thread is not threading.current_thread():
+            helper.thread.join()
+    except BaseException as exc:
+        if interrupt is None:
+            interrupt = exc
+    if interrupt is not None:
+        raise interrupt
+    if helper.error is not None:
+        raise helper.error
+    result: T = helper.result
+    return result

@@ -16,8 +16,11 @@ import textwrap
 import pytest
 from extras import require
 
+from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
-from batchproc.bench import blas, models, report
+from batchproc.bench import BenchError, blas, models, report
+from batchproc.bench.cli import build_parser
+from batchproc.bench.configs import parse_config
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.runner import run_limit, run_target
 
@@ -92,6 +95,55 @@ def test_bad_flags_give_one_line_and_nonzero_exit(
     assert len(lines) == 1, err
     assert mentions in lines[0]
     assert "Traceback" not in err
+
+
+STRATEGY_SPELLINGS = [
+    *(m.name for m in BatchProcessingStrategy),
+    *(m.value for m in BatchProcessingStrategy),
+    *(m.value.capitalize() for m in BatchProcessingStrategy),
+    "fastest", "", "fixed_", "BatchProcessingStrategy",
+]
+
+
+def _library_reads(text: str) -> BatchProcessingStrategy | None:
+    try:
+        return BatchProcessorConfig(processing_strategy=text).processing_strategy
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("text", STRATEGY_SPELLINGS)
+def test_strategy_options_accept_what_the_library_accepts(capsys, text: str) -> None:
+    """--strategy, tune's --strategies and --config's processing_strategy each take a
+    spelling exactly when BatchProcessorConfig does, and mean the same member."""
+    expected = _library_reads(text)
+    parser = build_parser()
+    readings = {}
+    for argv, read in (
+        (["bench", "--strategy", text], lambda a: a.strategy),
+        (["tune", "--strategies", text], lambda a: a.strategies[0]),
+    ):
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            readings[argv[1]] = None
+            assert text == "" or "processing_strategy must be" in capsys.readouterr().err
+        else:
+            readings[argv[1]] = BatchProcessingStrategy(read(args))
+    try:
+        readings["--config"] = parse_config(f"processing_strategy={text!r}")[
+            "processing_strategy"]
+    except BenchError:
+        readings["--config"] = None
+    if text.isidentifier():  # unquoted, as in the BatchProcessorConfig(...) tune prints
+        for key, form in (("--config name", text),
+                          ("--config member", f"BatchProcessingStrategy.{text}")):
+            try:
+                readings[key] = parse_config(f"processing_strategy={form}")[
+                    "processing_strategy"]
+            except BenchError:
+                readings[key] = None
+    assert readings == dict.fromkeys(readings, expected)
 
 
 def test_user_model_that_breaks_its_contract_is_one_line(

@@ -23,12 +23,12 @@ from typing import Any, NoReturn
 
 from . import BenchError, tune
 from .blas import one_blas_thread
-from .configs import describe_fields, parse_config
+from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .sweep import DEFAULT_FRACTIONS
-from .targets import STRATEGIES, Batchproc, BatchprocAsync, NoBatching
+from .targets import Batchproc, BatchprocAsync, NoBatching
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,17 @@ def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def _strategy_name(s: str) -> str:
-    if s.lower() not in STRATEGIES:
-        raise argparse.ArgumentTypeError(f"{s!r} is not one of {', '.join(STRATEGIES)}")
-    return s.lower()
+    """A strategy as the library reads it (name or value, any case), kept as its value."""
+    try:
+        return str(parse_strategy(s).value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _strategy_values() -> list[str]:
+    from batchproc import BatchProcessingStrategy
+
+    return [str(s.value) for s in BatchProcessingStrategy]
 
 
 def _nonneg_float(s: str) -> float:
@@ -203,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_workers: batches in flight (default: the library's, 4)",
     )
     c.add_argument(
-        "--strategy", choices=STRATEGIES, default="adaptive",
-        help="processing_strategy (default: adaptive)",
+        "--strategy", type=_strategy_name, default="adaptive",
+        help=f"processing_strategy: {', '.join(_strategy_values())}, any case "
+        "(default: adaptive)",
     )
     c.add_argument(
         "--config", action="append", metavar="FIELDS",
@@ -303,7 +312,8 @@ def _add_tune_parser(sub: Any) -> None:
                     f"{','.join(map(str, tune.DEFAULT_WORKERS))})")
     sp.add_argument("--strategies", type=_list_of(_strategy_name), metavar="S,...",
                     default=list(tune.DEFAULT_STRATEGIES),
-                    help=f"processing_strategy values (default: {','.join(STRATEGIES)})")
+                    help="processing_strategy values, any case (default: "
+                    f"{','.join(tune.DEFAULT_STRATEGIES)})")
     r = t.add_argument_group("run")
     r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
                    help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import BenchError, report
-from .configs import describe_fields, format_config
+from .configs import describe_fields, format_config, parse_strategy
 from .inputs import RequestSource
 from .loads import Bounds, Load
 from .models import Model
@@ -94,8 +94,6 @@ class Candidate:
 
     def fields(self) -> dict[str, Any]:
         """The ``BatchProcessorConfig`` fields this candidate sets (none for the default)."""
-        from batchproc import BatchProcessingStrategy
-
         if self.max_batch_size is None:
             return {}
         assert self.delay_ms is not None
@@ -104,7 +102,7 @@ class Candidate:
             "initial_batch_size": self.max_batch_size,
             "batch_timeout": round(self.delay_ms / 1000.0, 9),
             "max_workers": self.max_workers,
-            "processing_strategy": BatchProcessingStrategy[self.strategy.upper()],
+            "processing_strategy": parse_strategy(self.strategy),
         }
 
 

@@ -538,17 +538,103 @@ def test_an_output_that_cannot_be_written_fails_before_any_run(
     assert f"{flag} {path}: " in err and says in err, err
 
 
-def test_an_existing_output_that_cannot_be_written_fails_before_any_run(
-    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+def _not_a_regular_file(tmp_path, what: str, ext: str) -> tuple[str, str]:
+    """(path, what the error says) of an existing output that is not (or cannot become)
+    a regular file."""
+    if what == "fifo":
+        fifo = tmp_path / f"no-reader.{ext}"
+        os.mkfifo(fifo)
+        return str(fifo), "is a FIFO, not a regular file"
+    if what == "link to a device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        (tmp_path / f"full.{ext}").symlink_to("/dev/full")
+        return str(tmp_path / f"full.{ext}"), "is a character device, not a regular file"
+    if what == "device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        return "/dev/full", "is a character device, not a regular file"
+    if not os.path.isfile("/proc/version"):
+        pytest.skip("no /proc here")
+    return "/proc/version", "cannot be rewritten: its directory takes no new file"
+
+
+@pytest.mark.parametrize("what", ["fifo", "device", "link to a device", "proc file"])
+@pytest.mark.parametrize(("command", "flag"), [
+    ("bench", "--json"), ("bench", "--plot"), ("tune", "--json"),
+])
+def test_an_existing_output_that_is_no_regular_file_fails_before_any_run(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str], command: str, flag: str,
+    what: str,
 ) -> None:
+    if flag == "--plot":
+        require("matplotlib", "test")
     calls = _counting_model(tmp_path, monkeypatch)
-    fifo = tmp_path / "no-reader.json"  # opens for writing only with a reader: never here
-    os.mkfifo(fifo)
-    code = main(["bench", "--model", "calls_mod:model", "--clients", "1", *TINY,
-                 "--json", str(fifo)])
-    _, err = capsys.readouterr()
-    assert code == 2 and "cannot be written" in err, err
-    assert calls == []
+    path, says = _not_a_regular_file(tmp_path, what, "json" if flag == "--json" else "png")
+    argv = {
+        "bench": ["bench", "--clients", "1", *TINY],
+        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
+    }[command]
+    code = main([*argv, "--model", "calls_mod:model", flag, path])
+    out, err = capsys.readouterr()
+    assert out == "" and calls == []
+    assert code == 2, err
+    assert err.strip() == f"batchproc {command}: error: {flag} {path}: {says}", err
+
+
+@pytest.fixture
+def full_disk(monkeypatch) -> None:
+    """Every output is written where a full disk would take it: the write fails with
+    ENOSPC after the runs, as on a disk that filled up during them."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+
+    def replace_file(path, write) -> None:
+        write("/dev/full")
+
+    monkeypatch.setattr(report, "replace_file", replace_file)
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["bench", "sweep"])
+def test_outputs_that_fail_after_the_runs_lose_no_figures(
+    tmp_path, capsys: pytest.CaptureFixture[str], full_disk, sweep: bool
+) -> None:
+    require("matplotlib", "test")
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    load = (["--sweep", "--capacity", "200", "--loads", "0.5", "--duration", "0.15",
+             "--quiet"] if sweep else ["--clients", "2", *TINY])
+    code, out, err = run_cli(capsys, "--model", "identity", *load, "--json", str(out_json),
+                             "--plot", str(out_png))
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"batchproc bench: error: --plot {out_png}: could not be written "
+        "(No space left on device), left as it was",
+        f"batchproc bench: error: --json {out_json}: could not be written "
+        "(No space left on device), left as it was; the JSON follows on stdout",
+    ]
+    table, _, doc = out.partition("\n{")
+    assert "no batching" in table
+    figures = json.loads("{" + doc)
+    assert ("points" if sweep else "runs") in figures and "settings" in figures
+    assert not out_json.exists() and not out_png.exists()
+
+
+def test_tune_whose_results_file_fails_keeps_searching_and_says_so(
+    tmp_path, capsys: pytest.CaptureFixture[str], full_disk
+) -> None:
+    path = tmp_path / "tune.json"
+    code = main(["tune", "--model", "identity", "--rate", "100", "--duration", "0.15",
+                 "--budget", "20", "--sizes", "4", "--delays-ms", "1", "--workers", "1",
+                 "--strategies", "fixed", "--quiet", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip() == (
+        f"batchproc tune: error: --json {path}: could not be written (No space left on "
+        "device); it holds 0 runs, from its last write that succeeded; the search's "
+        "result is above")
+    assert "2 of 2 configurations done" in out and "config = BatchProcessorConfig(" in out
 
 
 def test_tune_resumes_from_a_writable_file_it_checked(tmp_path, capsys) -> None:

@@ -7,7 +7,9 @@ request) and the limit (the model called back to back on full batches); ``bench
 searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
 --plot format matplotlib cannot write) end with one line on stderr and exit status 2,
 before anything runs. A run that raises is shown as failed, the other runs are kept, and
-the status is 1; any other failure while running ends with one line and status 1.
+the status is 1; so is an output that fails to be written after the runs (the figures
+are printed all the same); any other failure while running ends with one line and
+status 1.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -27,6 +27,7 @@ from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
+from .outputs import check_writable
 from .sweep import DEFAULT_FRACTIONS
 from .targets import Batchproc, BatchprocAsync, NoBatching
 
@@ -335,33 +336,6 @@ def _version() -> str:
     return str(__version__)
 
 
-def _check_writable(flag: str, path: str) -> None:
-    """``BenchError`` (exit 2) unless ``path`` can be written: its directory exists and
-    takes a new file (a temporary one is made there and removed: permission bits do not
-    tell for root, read-only mounts or /proc), and a file already there opens for writing
-    (left as it is). Checked before any run, so an unwritable output costs nothing."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        raise BenchError(f"{flag} {path}: {parent} {what}")
-    if os.path.isdir(path):
-        raise BenchError(f"{flag} {path}: is a directory")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise BenchError(
-            f"{flag} {path}: directory {parent} is not writable ({exc.strerror or exc})",
-        ) from None
-    if os.path.exists(path):
-        try:
-            # No O_TRUNC: the file is only tried; O_NONBLOCK: a FIFO without a reader fails.
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError as exc:
-            raise BenchError(
-                f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
-
-
 def _describe_model(name: str, model_ms: float) -> str:
     if name == "fixed":
         return f"fixed ({model_ms:g} ms per call, one lock)"
@@ -438,13 +412,32 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from . import report
 
     if getattr(args, "plot", None):
-        _check_writable("--plot", args.plot)
+        check_writable("--plot", args.plot)
         try:
             report.check_plot_path("--plot", args.plot)
         except report.PlotUnavailable as exc:
             raise BenchError(str(exc)) from None
     if args.json:
-        _check_writable("--json", args.json)
+        check_writable("--json", args.json)
+
+
+def _write_output(command: str, flag: str, path: str, write: Callable[[str], None],
+                  doc: dict[str, Any] | None = None) -> bool:
+    """Write one output after the runs. A write that fails (a full disk) is one line on
+    stderr, and the figures are not lost: the table is already printed, and ``doc``, the
+    JSON the file was to hold, follows it on stdout. False when it failed."""
+    from . import report
+
+    try:
+        write(path)
+    except OSError as exc:
+        then = "; the JSON follows on stdout" if doc is not None else ""
+        print(f"{PROG} {command}: error: {flag} {path}: could not be written "
+              f"({exc.strerror or exc}), left as it was{then}", file=sys.stderr)
+        if doc is not None:
+            print(report.json_text(doc), end="")
+        return False
+    return True
 
 
 def _bench_targets(
@@ -516,24 +509,27 @@ def run_bench(args: argparse.Namespace) -> int:
     for line in _config_notes(args):
         print(line)
     failed = [r for r in runs if r.errors or r.failed]
+    written = True
+    if args.plot:
+        written &= _write_output("bench", "--plot", args.plot, lambda path: report.write_plot(
+            path, {r.system: [r] for r in runs},
+            f"{_describe_model(args.model, args.model_ms)} · {load.label}",
+            f"{source.description}; max batch {args.max_batch}, max delay "
+            f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
+        ))
     if args.json:
-        report.write_json(args.json, {
+        doc = {
             "date": report.now_iso(),
             "machine": report.machine_info(),
             "versions": report.versions(),
             "settings": settings,
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
-        })
-    if args.plot:
-        report.write_plot(
-            args.plot, {r.system: [r] for r in runs},
-            f"{_describe_model(args.model, args.model_ms)} · {load.label}",
-            f"{source.description}; max batch {args.max_batch}, max delay "
-            f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
-        )
+        }
+        written &= _write_output(
+            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
     _report_failed_runs("bench", runs)
-    return 1 if failed else 0
+    return 1 if failed or not written else 0
 
 
 def _report_failed_runs(command: str, runs: Sequence[Any]) -> None:
@@ -583,8 +579,20 @@ def run_sweep(args: argparse.Namespace) -> int:
         progress.close()
     title = _title(args, source, f"Poisson loads, {duration:g} s each")
     sweep.print_sweep(title, result, _config_notes(args))
+    written = True
+    if args.plot:
+        sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
+               f"{args.max_delay:g} ms, {args.strategy}"
+               + (f", {args.workers} workers" if args.workers else "")
+               + "".join(f"; {n}" for n in _config_notes(args))
+               + f". Open loop, Poisson, {duration:g} s per load, "
+               f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
+               f"({report.fmt_rate(capacity)} req/s).")
+        plot_title = f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}"
+        written &= _write_output("bench", "--plot", args.plot, lambda path: (
+            sweep.write_sweep_plot(path, result, plot_title, sub)))
     if args.json:
-        report.write_json(args.json, {
+        doc = {
             "date": report.now_iso(),
             "machine": report.machine_info(),
             "versions": report.versions(),
@@ -603,21 +611,12 @@ def run_sweep(args: argparse.Namespace) -> int:
                 "queue_size": queue_size,
             },
             **sweep.to_json(result),
-        })
-    if args.plot:
-        sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
-               f"{args.max_delay:g} ms, {args.strategy}"
-               + (f", {args.workers} workers" if args.workers else "")
-               + "".join(f"; {n}" for n in _config_notes(args))
-               + f". Open loop, Poisson, {duration:g} s per load, "
-               f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
-               f"({report.fmt_rate(capacity)} req/s).")
-        sweep.write_sweep_plot(
-            args.plot, result,
-            f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}", sub)
+        }
+        written &= _write_output(
+            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
     runs = [p.run for pts in result.points.values() for p in pts]
     _report_failed_runs("bench", runs)
-    return 1 if any(r.errors or r.failed for r in runs) else 0
+    return 1 if any(r.errors or r.failed for r in runs) or not written else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -648,6 +647,11 @@ def run_tune(args: argparse.Namespace) -> int:
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
     tune.print_result(title, result)
+    if results.write_error is not None:
+        print(f"{PROG} tune: error: --json {args.json}: could not be written "
+              f"({results.write_error}); it holds {results.saved_runs} runs, from its last "
+              "write that succeeded; the search's result is above", file=sys.stderr)
+        return 1
     return 0 if result.best is not None else 1
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from .outputs import replace_file
 from .runner import LIMIT, RunResult
 
 COLUMNS = ("system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "requests")
@@ -267,10 +268,20 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def json_text(doc: dict[str, Any]) -> str:
+    """``doc`` as the JSON files hold it: NaN and infinities as null, indented."""
+    return json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: str, doc: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_clean(doc), f, indent=2, allow_nan=False)
-        f.write("\n")
+    """Write ``doc`` to ``path`` whole or not at all (``OSError`` if it cannot be)."""
+    text = json_text(doc)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    replace_file(path, write)
 
 
 def write_results(out_dir: str, name: str, markdown: str, doc: dict[str, Any]) -> None:
@@ -333,7 +344,8 @@ def write_plot(
     Both axes are logarithmic, throughput in requests/s and latency in ms. The title is
     wrapped to the figure's width and ``subtitle`` (settings) printed small below it.
     Raises :class:`PlotUnavailable` before drawing if ``path``'s format is not one
-    matplotlib writes.
+    matplotlib writes; ``OSError`` if the file cannot be written (``path`` is then left
+    as it was).
     """
     check_plot_path("plot", path)
     import matplotlib
@@ -362,8 +374,11 @@ def write_plot(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fmt = os.path.splitext(path)[1].lstrip(".").lower()
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
 
 
 # -- progress -----------------------------------------------------------------------------

@@ -173,8 +173,10 @@ class ResultsFile:
         self.runs: dict[str, dict[str, Any]] = {}
         self.reused = 0
         self.doc: dict[str, Any] = {}
+        self.write_error: str | None = None
         if path and os.path.exists(path):
             self._load(path)
+        self.saved_runs = len(self.runs)
 
     def _load(self, path: str) -> None:
         try:
@@ -203,7 +205,8 @@ class ResultsFile:
         self.runs[f"{record['key']}@{record['offered']!r}"] = record
 
     def save(self, summary: dict[str, Any]) -> None:
-        """Write everything so far (atomically: a run cut short leaves the last file)."""
+        """Write everything so far (atomically: a run cut short leaves the last file).
+        A write that fails is kept in ``write_error`` (None after one that succeeds)."""
         if not self.path:
             return
         self.doc = {
@@ -217,9 +220,15 @@ class ResultsFile:
             **summary,
             "runs": list(self.runs.values()),
         }
-        tmp = f"{self.path}.tmp"
-        report.write_json(tmp, self.doc)
-        os.replace(tmp, self.path)
+        try:
+            report.write_json(self.path, self.doc)
+        except OSError as exc:
+            # The search goes on: its result is printed at the end, and the file keeps
+            # the runs of its last good write for a resume.
+            self.write_error = f"{exc.strerror or exc}"
+        else:
+            self.write_error = None
+            self.saved_runs = len(self.runs)
 
 
 def _jsonable(v: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -293,3 +294,61 @@ def test_a_max_queue_size_given_to_the_bench_takes_its_queue_levels_along():
     given = Batchproc(max_batch=4, fields={"max_queue_size": 100,
                                            "queue_warning_threshold": 10})
     assert given.config().queue_warning_threshold == 10
+
+
+class Refusing:
+    """A sync target that refuses every ``every``-th submit, as a full queue that does
+    not wait would; the others complete at once."""
+
+    name = "refusing"
+    is_async = False
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.submits = 0
+
+    def start(self, model) -> None:
+        self.model = model
+
+    def submit(self, item, priority):
+        self.submits += 1
+        if self.submits % self.every == 0:
+            raise RuntimeError("queue full")
+        f: Future = Future()
+        f.set_result(self.model(item))
+        return f
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("load", [Load("burst", burst=30, features=4),
+                                  Load("rate", rate=300.0, features=4)],
+                         ids=["burst", "rate"])
+def test_every_arrival_is_accounted_when_the_target_refuses_some(load, every):
+    target = Refusing(every)
+    run = run_target(target, lambda b: b, "identity", load, Bounds(duration=DURATION))
+    arrivals = 30 if load.kind == "burst" else run.scheduled
+    assert arrivals and target.submits == arrivals  # the generator went on after each
+    assert run.refused == arrivals // every
+    assert run.completed == run.submitted == arrivals - run.refused
+    assert run.errors == run.unfinished == 0
+    assert run.first_refusal == "RuntimeError: queue full" and run.first_error is None
+    assert run.to_dict()["refused"] == run.refused
+    assert report.fmt_completed(run) == (
+        f"{run.completed:,} + {run.refused:,} refused")
+    assert any(f"{run.refused:,} requests refused at submit" in note
+               and "RuntimeError: queue full" in note for note in report.run_notes([run]))
+
+
+def test_refused_requests_fail_tunes_goal():
+    from batchproc.bench.tune import Goal
+
+    record = {"errors": 0, "unfinished": 0, "refused": 1, "completed": 99,
+              "throughput": 100.0, "offered": 100.0, "p99_ms": 1.0}
+    assert not Goal(rate=100.0).meets(record)
+    assert Goal(rate=100.0).meets({**record, "refused": 0})

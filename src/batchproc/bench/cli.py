@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE",
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
-        "mean_batch, completed, stopped_by, failed: the error of a run that raised, "
+        "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
+        "run that raised, "
         "...) and ratios (vs_no_batching, vs_limit)",
     )
     o.add_argument(

@@ -11,7 +11,9 @@ bound ended it.
 - open loop (``rate=R``): one generator thread, exponential gaps of mean 1/R (Poisson
   arrivals), futures collected. Latency is measured from each request's *scheduled*
   arrival, so a system that falls behind shows its queueing delay (no coordinated
-  omission).
+  omission). A request the target refuses (its submit raises: a full queue) is counted
+  *refused* and the generator goes on with the next arrival, so every arrival is
+  accounted: completed, failed, refused or unfinished.
 - burst (``burst=N``): one thread submits N requests as fast as it can, then waits for
   them all. Latency: from the start of the burst (all N arrive at once) to completion,
   so a system that cannot take requests as fast as they come is charged for it.
@@ -163,6 +165,10 @@ class LoadResult:
     # Open loop: the arrivals its schedule puts within the run (however late a system
     # that cannot keep up takes them), so scheduled / duration is the load offered.
     scheduled: int | None = None
+    # Open loop and burst: requests the target refused at submit (not in ``submitted``,
+    # nor in the latencies: they were answered at once, with an error).
+    refused: int = 0
+    first_refusal: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -370,8 +376,8 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     futs: list[Future[Any]] = []
     count = [0]
     total = _offered(sched, n, dur)
-    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None,
-                             "scheduled": _scheduled(sched, n, dur)}
+    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "first_refusal": None,
+                             "scheduled": _scheduled(sched, n, dur), "refused": 0}
     # The run's end (closed) and the generator's bookkeeping exclude each other: a request
     # is either in futs when the run ends, or `submitting` (its arrival) then, or neither.
     lock = threading.Lock()
@@ -401,12 +407,14 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
             submitting[0] = t
             try:
                 f = submit(pool[i % n_pool], prios[i % n_prios])
-            except Exception as exc:  # the target refused the request
+            except Exception as exc:  # refused (a full queue): the next arrival still comes
                 with lock:
-                    if not closed[0]:
-                        submitting[0] = None
-                        state["error"] = _describe(exc)
-                return
+                    if closed[0]:
+                        return
+                    submitting[0] = None
+                    state["refused"] += 1
+                    state["first_refusal"] = state.get("first_refusal") or _describe(exc)
+                continue
             with lock:
                 if closed[0]:
                     return  # the run has ended: counted as unfinished while submitting
@@ -441,12 +449,11 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         closed[0] = True
         m = len(futs)
         late = [] if submitting[0] is None else [submitting[0]]
-        refused = state["error"] is not None
+        refused = state["refused"]
     end = pc()
-    if not refused:
-        # Arrivals the generator never submitted, blocked in a submit past the drain or
-        # too slow to keep to its schedule, are late too.
-        late += _unsent(t0, sched, m + len(late), total)
+    # Arrivals the generator never submitted, blocked in a submit past the drain or too
+    # slow to keep to its schedule, are late too.
+    late += _unsent(t0, sched, m + refused + len(late), total)
     unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
     tick(m - len(unfinished))
     return _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end),
@@ -466,12 +473,13 @@ def _collect(
 ) -> LoadResult:
     """The result of an open loop: ``futs`` (``sub``: their arrivals) of which
     ``unfinished`` ((arrival, index) pairs) had not completed at ``end``, and ``late``:
-    the arrivals of requests never submitted by then. Both wait until ``horizon``."""
+    the arrivals of requests never submitted by then. Both wait until ``horizon``.
+    ``state["refused"]`` requests were refused at submit."""
     m = len(futs)
     lat: list[float] = []
     pri: list[int] = []
     errors = 0
-    first_error = state.get("error")
+    first_error = None
     last = state["t0"]
     n_prios = len(prios)
     for i in range(m):
@@ -494,7 +502,8 @@ def _collect(
     lat += [horizon - t for t, _ in unfinished]
     pri += [prios[i % n_prios] for _, i in unfinished]
     lat += [horizon - t for t in late]
-    pri += [prios[(m + j) % n_prios] for j in range(len(late))]
+    refused = state.get("refused", 0)
+    pri += [prios[(m + refused + j) % n_prios] for j in range(len(late))]
     left = len(unfinished) + len(late)
     return LoadResult(
         latencies=np.asarray(lat, dtype=float),
@@ -507,6 +516,8 @@ def _collect(
         unfinished=left,
         first_error=first_error,
         scheduled=state.get("scheduled"),
+        refused=refused,
+        first_refusal=state.get("first_refusal"),
     )
 
 
@@ -603,7 +614,7 @@ async def _async_main(
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[asyncio.Task[Any]] = []
     state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
-                             "error": None, "scheduled": _scheduled(sched, n, dur)}
+                             "scheduled": _scheduled(sched, n, dur)}
     deadline = state["t0"] + dur
 
     def mark(i: int, fut: Any) -> None:

@@ -104,13 +104,15 @@ def fmt_requests(r: RunResult) -> str:
 
 
 def fmt_completed(r: RunResult) -> str:
-    """Completed requests, and ``+ N late`` for those left unfinished."""
-    return f"{r.completed:,}" + (f" + {r.unfinished:,} late" if r.unfinished else "")
+    """Completed requests, ``+ N late`` for those left unfinished and ``+ N refused``
+    for those the system refused."""
+    return (f"{r.completed:,}" + (f" + {r.unfinished:,} late" if r.unfinished else "")
+            + (f" + {r.refused:,} refused" if r.refused else ""))
 
 
 def run_notes(runs: Sequence[RunResult]) -> list[str]:
-    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished
-    requests."""
+    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished and
+    refused requests."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"
@@ -123,7 +125,12 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.unfinished:
             notes.append(
                 f"! {who}: {r.unfinished:,} requests (late) unfinished when the run ended, "
-                "not counted as completed; their wait so far counts in its latencies")
+                "not counted as completed; their wait until the end of the drain counts "
+                "in its latencies")
+        if r.refused:
+            notes.append(
+                f"! {who}: {r.refused:,} requests refused at submit, not counted as "
+                f"completed nor in its latencies; first: {r.first_refusal}")
     return notes
 
 

@@ -142,7 +142,7 @@ class Goal:
 
     def meets(self, m: dict[str, Any]) -> bool:
         """Whether a measurement (a results-file record) meets this goal."""
-        if m["errors"] or m["unfinished"] or not m["completed"]:
+        if m["errors"] or m["unfinished"] or m.get("refused") or not m["completed"]:
             return False
         if m["throughput"] < SUSTAINED * (m.get("arrival_rate") or m["offered"]):
             return False
@@ -339,7 +339,7 @@ class Tuner:
             "offered": offered,
             "arrival_rate": arrival_rate(run, self.duration, offered),
             **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                                 "mean_batch", "completed", "errors", "unfinished",
+                                 "mean_batch", "completed", "errors", "unfinished", "refused",
                                  "first_error", "elapsed_s", "failed")},
         }
         return report._clean(record)  # type: ignore[no-any-return]

@@ -6,7 +6,9 @@ with a non-zero exit and never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import subprocess
@@ -18,7 +20,7 @@ from extras import require
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
-from batchproc.bench import BenchError, blas, models, report
+from batchproc.bench import BenchError, blas, cli, models, report
 from batchproc.bench.cli import build_parser
 from batchproc.bench.configs import parse_config
 from batchproc.bench.loads import Bounds, Load
@@ -662,3 +664,65 @@ def test_tune_out_of_budget_says_how_to_continue(tmp_path, capsys, with_json) ->
     pass_json = "budget spent: pass --json FILE to keep the results and continue"
     assert (rerun in out) == with_json
     assert (pass_json in out) != with_json
+
+
+# -- log records and the progress display -------------------------------------------------
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.mark.parametrize(("tty", "taken_off"), [(False, "\n"), (True, "\r\x1b[2K")])
+def test_a_log_record_during_a_run_takes_the_progress_line_off_and_back(
+    monkeypatch, tty: bool, taken_off: str
+) -> None:
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    cli._configure_logging(verbose=False)
+    progress = report.PlainProgress(stream)
+    monkeypatch.setattr(report, "make_progress", lambda quiet: progress)
+    log = logging.getLogger("batchproc.test_progress")
+    with cli._progress_display(quiet=False):
+        log.warning("before any run")  # no line open: written as it is
+        progress.start("run 1", None, None)
+        log.warning("during run 1")
+        progress.finish("done")
+    log.warning("after")  # the display is gone
+    out = stream.getvalue()
+    record = "batchproc.test_progress: WARNING: {}\n"
+    assert out == (record.format("before any run") + "  run 1 ..." + taken_off
+                   + record.format("during run 1") + "  run 1 ... done (0.0 s)\n"
+                   + record.format("after"))
+
+
+def test_log_records_and_a_bench_progress_never_share_a_line(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A model that fails after the bench's own check: each run logs its failures
+    # (batchproc.bench.runner) while its progress line is open.
+    (tmp_path / "flaky_mod.py").write_text(textwrap.dedent("""
+        CALLS = [0]
+
+        def model(batch):
+            CALLS[0] += 1
+            if CALLS[0] > 2:
+                raise ValueError("flaky")
+            return batch
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["bench", "--model", "flaky_mod:model", "--burst", "8", "--duration", "0.3"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    lines = err.splitlines()
+    warnings = [line for line in lines
+                if line.startswith("batchproc.") and ": WARNING: " in line]
+    assert len(warnings) >= 2, err  # from batchproc's run and no batching's
+    runs = [line for line in lines if line.startswith("  flaky_mod:model")]
+    assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
+    assert len(warnings) + len(runs) + 1 == len(lines), err  # and the limit's error line

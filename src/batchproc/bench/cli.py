@@ -15,10 +15,11 @@ status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import BenchError, tune
@@ -497,14 +498,11 @@ def run_bench(args: argparse.Namespace) -> int:
         else f"{bounds.duration:g} s"
     )
     title = _title(args, source, load.label) + f" · each run stops at {bound_desc}"
-    progress = report.make_progress(args.quiet)
     runs = []
-    try:
+    with _progress_display(args.quiet) as progress:
         for target in (*systems, NoBatching()):
             runs.append(run_target(target, model, args.model, load, bounds, progress))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
-    finally:
-        progress.close()
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     report.print_bench_table(title, runs, ratios)
     for line in _config_notes(args):
@@ -558,8 +556,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     fractions = sorted(set(args.loads or DEFAULT_FRACTIONS))
     duration = args.duration or DEFAULT_SWEEP_S
     capacity = args.capacity
-    progress = report.make_progress(args.quiet)
-    try:
+    with _progress_display(args.quiet) as progress:
         capacity_run = None
         if capacity is None:
             probe = _bench_targets(args, source, 1000)[0]
@@ -576,8 +573,6 @@ def run_sweep(args: argparse.Namespace) -> int:
         result = sweep.run_sweep(
             systems, model, args.model, source, fractions=fractions, capacity=capacity,
             duration=duration, seed=args.seed, capacity_run=capacity_run, progress=progress)
-    finally:
-        progress.close()
     title = _title(args, source, f"Poisson loads, {duration:g} s each")
     sweep.print_sweep(title, result, _config_notes(args))
     written = True
@@ -622,7 +617,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     """``tune``: search the space, print the table, the verdict and the config."""
-    from . import report
 
     goal = tune.Goal(rate=args.rate, p99_ms=args.p99_ms)
     _check_outputs(args)
@@ -637,14 +631,11 @@ def run_tune(args: argparse.Namespace) -> int:
     results = tune.ResultsFile(args.json, identity)
     space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
                             seed=args.seed)
-    progress = report.make_progress(args.quiet)
-    try:
+    with _progress_display(args.quiet) as progress:
         result = tune.Tuner(
             model, args.model, source, goal, space, duration=args.duration,
             budget=args.budget, results=results, seed=args.seed, progress=progress,
         ).run()
-    finally:
-        progress.close()
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
     tune.print_result(title, result)
@@ -657,7 +648,19 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at the time of each record."""
+    """Writes to whatever ``sys.stderr`` is at the time of each record, around the
+    progress display (``display``) while one shows: its line is taken off before the
+    record and drawn again after, so neither breaks into the other."""
+
+    display: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        display = self.display
+        if display is None:
+            super().emit(record)
+            return
+        with display.paused():
+            super().emit(record)
 
     @property
     def stream(self) -> Any:
@@ -668,15 +671,37 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def _cli_handler() -> _StderrHandler | None:
+    logger = logging.getLogger("batchproc")
+    return next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+
+
 def _configure_logging(verbose: bool) -> None:
     """The CLI owns its process, but configures only batchproc's logger, never the root."""
     logger = logging.getLogger("batchproc")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not any(getattr(h, "_batchproc_cli", False) for h in logger.handlers):
+    if _cli_handler() is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
-        handler._batchproc_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+@contextlib.contextmanager
+def _progress_display(quiet: bool) -> Iterator[Any]:
+    """The progress display for the runs, and batchproc's log records written around it
+    while it shows."""
+    from . import report
+
+    progress = report.make_progress(quiet)
+    handler = _cli_handler()
+    if handler is not None:
+        handler.display = progress
+    try:
+        yield progress
+    finally:
+        if handler is not None:
+            handler.display = None
+        progress.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ the progress display. Only the CLI and the peer-comparison script call these.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -11,8 +12,9 @@ import os
 import platform
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from .outputs import replace_file
@@ -392,21 +394,49 @@ def write_plot(
 
 
 class PlainProgress:
-    """One line per run on stderr: what runs, then how it ended."""
+    """One line per run on stderr: what runs, then how it ended.
+
+    The line stays open while its run does; :meth:`paused` ends it (on a terminal,
+    clears it) for whatever else must write to the stream, and draws it again after.
+    """
 
     def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stderr
         self._t0 = 0.0
+        self._line: str | None = None  # the open line: a run started, not finished
+        # Runs report from the main thread, log records come from any thread.
+        self._lock = threading.RLock()
 
     def start(self, label: str, total: int | None, duration: float | None) -> None:
-        self._t0 = time.perf_counter()
-        print(f"  {label} ...", end="", file=self.out, flush=True)
+        with self._lock:
+            self._t0 = time.perf_counter()
+            self._line = f"  {label} ..."
+            print(self._line, end="", file=self.out, flush=True)
 
     def update(self, done: int) -> None:
         pass
 
     def finish(self, summary: str) -> None:
-        print(f" {summary} ({time.perf_counter() - self._t0:.1f} s)", file=self.out, flush=True)
+        with self._lock:
+            self._line = None
+            print(f" {summary} ({time.perf_counter() - self._t0:.1f} s)", file=self.out,
+                  flush=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Take the open line off the stream for the block, then draw it again."""
+        with self._lock:
+            line = self._line
+            if line is not None:
+                tty = getattr(self.out, "isatty", lambda: False)()
+                self.out.write("\r\x1b[2K" if tty else "\n")
+                self.out.flush()
+            try:
+                yield
+            finally:
+                if line is not None:
+                    self.out.write(line)
+                    self.out.flush()
 
     def close(self) -> None:
         pass
@@ -453,6 +483,12 @@ class RichProgress:
     def finish(self, summary: str) -> None:
         self._p.update(self._task, completed=1000, info=summary)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """rich's live display redirects ``sys.stderr`` while it runs: what is written
+        there is printed above the bars, which are drawn again below it."""
+        yield
+
     def close(self) -> None:
         self._p.stop()
 
@@ -461,9 +497,7 @@ def make_progress(quiet: bool = False) -> Any:
     from .runner import NullProgress
 
     if quiet:
-        p: Any = NullProgress()
-        p.close = lambda: None
-        return p
+        return NullProgress()
     if have_rich() and sys.stderr.isatty():
         return RichProgress()
     return PlainProgress()

@@ -48,6 +48,13 @@ class NullProgress:
     def finish(self, summary: str) -> None:
         pass
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
+
+    def close(self) -> None:
+        pass
+
 
 class CountingModel:
     """Wraps a model; counts calls and rows (thread-safe, a lock per batch)."""

@@ -273,7 +273,8 @@ default configuration (ADAPTIVE), and print it as Python to paste.
 Each configuration runs open-loop Poisson arrivals for --duration seconds. With --rate:
 the best carries the load (achieves 90% of it, no errors; p99 within --p99-ms if given)
 with the lowest p99. With --p99-ms alone: the best carries the highest load within the
-SLO (loads are fractions of a measured capacity). The search stops at --budget seconds;
+SLO (loads are fractions of a measured capacity). The best few and the default are then
+rerun and the verdict is taken on medians. The search ends within --budget seconds;
 --json FILE keeps every run, and rerunning with the same FILE measures only what is
 missing.
 """
@@ -321,7 +322,7 @@ def _add_tune_parser(sub: Any) -> None:
     r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
                    help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")
     r.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_S, metavar="S",
-                   help="start no run past S seconds from the start (default: "
+                   help="start no run that could end past S seconds from the start (default: "
                    f"{DEFAULT_BUDGET_S:g})")
     r.add_argument("--seed", type=int, default=0,
                    help="seed for requests, arrivals and the search order")

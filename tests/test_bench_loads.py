@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -149,6 +150,48 @@ def test_a_burst_has_its_whole_duration_to_be_served(blocked):
     finally:
         release.cancel()
     assert run.unfinished == 0 and run.completed == 20
+    assert run.stopped_by == "requests"
+
+
+@pytest.mark.parametrize("target", [Batchproc(max_batch=4), BatchprocAsync(max_batch=4)],
+                         ids=["threads", "asyncio"])
+def test_a_burst_cut_by_its_drain_says_the_time_bound_stopped_it(blocked, target):
+    # Every request of the burst was submitted (the request bound was never reached):
+    # the end of the drain stopped the run.
+    run = run_target(target, blocked, "blocked", Load("burst", burst=20, features=4),
+                     Bounds(duration=DURATION))
+    assert run.submitted == run.unfinished == 20 and run.completed == 0
+    assert run.stopped_by == "duration"
+    assert report.row_cells(run)[-1] == "0 + 20 late *"
+
+
+def test_unsent_and_queued_requests_wait_until_the_same_horizon():
+    # The same overload (a model of 20 ms per call, arrivals every 50 us): no batching's
+    # generator runs the model itself and gives up at the end of the duration with most
+    # arrivals unsent; batchproc takes them all and leaves them queued. Both systems'
+    # requests left count to the end of the drain, so their latencies compare.
+    load = Load("rate", rate=DENSE_RATE, features=4)
+    drained = DURATION + drain_window(DURATION)
+    blocked = Blocked()
+    systems = {"no batching": _started(NoBatching(), Slow(0.02)),
+               "batchproc": _started(Batchproc(max_batch=1, workers=1), blocked)}
+    try:
+        results = {name: run_load(t, load, Bounds(duration=DURATION))
+                   for name, t in systems.items()}
+    finally:
+        blocked.release.set()
+        systems["batchproc"].stop()
+    for name, res in results.items():
+        left = res.latencies[res.completed:]
+        assert res.unfinished > 0 and left.size == res.unfinished, name
+        assert res.stopped_by == "duration", name
+        # The last arrival is within the duration: it waited at least the drain.
+        assert left.min() >= drain_window(DURATION), name
+        assert left.max() <= drained + 4.0, name  # generous: a loaded machine
+    first_nb = results["no batching"].latencies[results["no batching"].completed:].max()
+    first_bp = results["batchproc"].latencies[results["batchproc"].completed:].max()
+    # The earliest arrival left waited from near the start to the horizon, in both.
+    assert first_nb >= drained - 0.05 and first_bp >= drained - 0.05
 
 
 @pytest.mark.parametrize("target", [Batchproc(max_batch=4), BatchprocAsync(max_batch=4)],
@@ -206,9 +249,11 @@ def test_arrivals_a_slow_generator_never_submitted_are_late(make_target, seconds
     assert len(res.latencies) == res.scheduled
     unsent = res.scheduled - res.submitted
     assert res.unfinished >= unsent
-    # Each waited at least from its scheduled arrival to the end of the duration.
+    # Each waited from its scheduled arrival to the end of the drain, the horizon of
+    # every request a run leaves, however early its generator gave up.
     arrivals = _schedule(load, res.scheduled + 1)[res.submitted:res.scheduled]
-    assert np.all(res.latencies[-unsent:] >= DURATION - arrivals - 1e-9)
+    drained = DURATION + drain_window(DURATION)
+    assert np.all(res.latencies[-unsent:] >= drained - arrivals - 1e-9)
     # The completed ones waited for the model.
     assert res.latencies[:res.completed].min() >= seconds
 
@@ -219,8 +264,9 @@ def test_a_burst_a_slow_generator_did_not_submit_is_late():
     assert res.errors == 0 and res.stopped_by == "duration"
     assert 0 < res.submitted < 1000
     assert res.completed + res.unfinished == 1000
-    # All arrived at the start of the burst: each unsent one waited the whole duration.
-    assert res.latencies[res.completed:].min() >= DURATION
+    # All arrived at the start of the burst: each unsent one waited the whole duration
+    # and its drain.
+    assert res.latencies[res.completed:].min() >= DURATION + drain_window(DURATION) - 1e-9
 
 
 def test_the_table_and_its_notes_say_what_was_late(blocked):
@@ -248,3 +294,61 @@ def test_a_max_queue_size_given_to_the_bench_takes_its_queue_levels_along():
     given = Batchproc(max_batch=4, fields={"max_queue_size": 100,
                                            "queue_warning_threshold": 10})
     assert given.config().queue_warning_threshold == 10
+
+
+class Refusing:
+    """A sync target that refuses every ``every``-th submit, as a full queue that does
+    not wait would; the others complete at once."""
+
+    name = "refusing"
+    is_async = False
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.submits = 0
+
+    def start(self, model) -> None:
+        self.model = model
+
+    def submit(self, item, priority):
+        self.submits += 1
+        if self.submits % self.every == 0:
+            raise RuntimeError("queue full")
+        f: Future = Future()
+        f.set_result(self.model(item))
+        return f
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("load", [Load("burst", burst=30, features=4),
+                                  Load("rate", rate=300.0, features=4)],
+                         ids=["burst", "rate"])
+def test_every_arrival_is_accounted_when_the_target_refuses_some(load, every):
+    target = Refusing(every)
+    run = run_target(target, lambda b: b, "identity", load, Bounds(duration=DURATION))
+    arrivals = 30 if load.kind == "burst" else run.scheduled
+    assert arrivals and target.submits == arrivals  # the generator went on after each
+    assert run.refused == arrivals // every
+    assert run.completed == run.submitted == arrivals - run.refused
+    assert run.errors == run.unfinished == 0
+    assert run.first_refusal == "RuntimeError: queue full" and run.first_error is None
+    assert run.to_dict()["refused"] == run.refused
+    assert report.fmt_completed(run) == (
+        f"{run.completed:,} + {run.refused:,} refused")
+    assert any(f"{run.refused:,} requests refused at submit" in note
+               and "RuntimeError: queue full" in note for note in report.run_notes([run]))
+
+
+def test_refused_requests_fail_tunes_goal():
+    from batchproc.bench.tune import Goal
+
+    record = {"errors": 0, "unfinished": 0, "refused": 1, "completed": 99,
+              "throughput": 100.0, "offered": 100.0, "p99_ms": 1.0}
+    assert not Goal(rate=100.0).meets(record)
+    assert Goal(rate=100.0).meets({**record, "refused": 0})

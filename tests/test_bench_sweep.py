@@ -137,7 +137,7 @@ def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
         ("max_batch_size=", "field=value"),
         ("32", "keyword arguments only"),
         ("max_batch_size=int('3')", "not a literal"),
-        ("processing_strategy=FASTEST", "not one of FIXED, ADAPTIVE, GREEDY"),
+        ("processing_strategy=FASTEST", "one of 'fixed', 'adaptive', 'greedy'"),
         ("**{'a': 1}", "** is not accepted"),
         ("min_batch_size=10, max_batch_size=5", "batchproc rejects it"),
     ],

@@ -6,7 +6,9 @@ with a non-zero exit and never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import subprocess
@@ -16,8 +18,11 @@ import textwrap
 import pytest
 from extras import require
 
+from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
-from batchproc.bench import blas, models, report
+from batchproc.bench import BenchError, blas, cli, models, report
+from batchproc.bench.cli import build_parser
+from batchproc.bench.configs import parse_config
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.runner import run_limit, run_target
 
@@ -92,6 +97,55 @@ def test_bad_flags_give_one_line_and_nonzero_exit(
     assert len(lines) == 1, err
     assert mentions in lines[0]
     assert "Traceback" not in err
+
+
+STRATEGY_SPELLINGS = [
+    *(m.name for m in BatchProcessingStrategy),
+    *(m.value for m in BatchProcessingStrategy),
+    *(m.value.capitalize() for m in BatchProcessingStrategy),
+    "fastest", "", "fixed_", "BatchProcessingStrategy",
+]
+
+
+def _library_reads(text: str) -> BatchProcessingStrategy | None:
+    try:
+        return BatchProcessorConfig(processing_strategy=text).processing_strategy
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("text", STRATEGY_SPELLINGS)
+def test_strategy_options_accept_what_the_library_accepts(capsys, text: str) -> None:
+    """--strategy, tune's --strategies and --config's processing_strategy each take a
+    spelling exactly when BatchProcessorConfig does, and mean the same member."""
+    expected = _library_reads(text)
+    parser = build_parser()
+    readings = {}
+    for argv, read in (
+        (["bench", "--strategy", text], lambda a: a.strategy),
+        (["tune", "--strategies", text], lambda a: a.strategies[0]),
+    ):
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            readings[argv[1]] = None
+            assert text == "" or "processing_strategy must be" in capsys.readouterr().err
+        else:
+            readings[argv[1]] = BatchProcessingStrategy(read(args))
+    try:
+        readings["--config"] = parse_config(f"processing_strategy={text!r}")[
+            "processing_strategy"]
+    except BenchError:
+        readings["--config"] = None
+    if text.isidentifier():  # unquoted, as in the BatchProcessorConfig(...) tune prints
+        for key, form in (("--config name", text),
+                          ("--config member", f"BatchProcessingStrategy.{text}")):
+            try:
+                readings[key] = parse_config(f"processing_strategy={form}")[
+                    "processing_strategy"]
+            except BenchError:
+                readings[key] = None
+    assert readings == dict.fromkeys(readings, expected)
 
 
 def test_user_model_that_breaks_its_contract_is_one_line(
@@ -486,17 +540,103 @@ def test_an_output_that_cannot_be_written_fails_before_any_run(
     assert f"{flag} {path}: " in err and says in err, err
 
 
-def test_an_existing_output_that_cannot_be_written_fails_before_any_run(
-    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+def _not_a_regular_file(tmp_path, what: str, ext: str) -> tuple[str, str]:
+    """(path, what the error says) of an existing output that is not (or cannot become)
+    a regular file."""
+    if what == "fifo":
+        fifo = tmp_path / f"no-reader.{ext}"
+        os.mkfifo(fifo)
+        return str(fifo), "is a FIFO, not a regular file"
+    if what == "link to a device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        (tmp_path / f"full.{ext}").symlink_to("/dev/full")
+        return str(tmp_path / f"full.{ext}"), "is a character device, not a regular file"
+    if what == "device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        return "/dev/full", "is a character device, not a regular file"
+    if not os.path.isfile("/proc/version"):
+        pytest.skip("no /proc here")
+    return "/proc/version", "cannot be rewritten: its directory takes no new file"
+
+
+@pytest.mark.parametrize("what", ["fifo", "device", "link to a device", "proc file"])
+@pytest.mark.parametrize(("command", "flag"), [
+    ("bench", "--json"), ("bench", "--plot"), ("tune", "--json"),
+])
+def test_an_existing_output_that_is_no_regular_file_fails_before_any_run(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str], command: str, flag: str,
+    what: str,
 ) -> None:
+    if flag == "--plot":
+        require("matplotlib", "test")
     calls = _counting_model(tmp_path, monkeypatch)
-    fifo = tmp_path / "no-reader.json"  # opens for writing only with a reader: never here
-    os.mkfifo(fifo)
-    code = main(["bench", "--model", "calls_mod:model", "--clients", "1", *TINY,
-                 "--json", str(fifo)])
-    _, err = capsys.readouterr()
-    assert code == 2 and "cannot be written" in err, err
-    assert calls == []
+    path, says = _not_a_regular_file(tmp_path, what, "json" if flag == "--json" else "png")
+    argv = {
+        "bench": ["bench", "--clients", "1", *TINY],
+        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
+    }[command]
+    code = main([*argv, "--model", "calls_mod:model", flag, path])
+    out, err = capsys.readouterr()
+    assert out == "" and calls == []
+    assert code == 2, err
+    assert err.strip() == f"batchproc {command}: error: {flag} {path}: {says}", err
+
+
+@pytest.fixture
+def full_disk(monkeypatch) -> None:
+    """Every output is written where a full disk would take it: the write fails with
+    ENOSPC after the runs, as on a disk that filled up during them."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+
+    def replace_file(path, write) -> None:
+        write("/dev/full")
+
+    monkeypatch.setattr(report, "replace_file", replace_file)
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["bench", "sweep"])
+def test_outputs_that_fail_after_the_runs_lose_no_figures(
+    tmp_path, capsys: pytest.CaptureFixture[str], full_disk, sweep: bool
+) -> None:
+    require("matplotlib", "test")
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    load = (["--sweep", "--capacity", "200", "--loads", "0.5", "--duration", "0.15",
+             "--quiet"] if sweep else ["--clients", "2", *TINY])
+    code, out, err = run_cli(capsys, "--model", "identity", *load, "--json", str(out_json),
+                             "--plot", str(out_png))
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"batchproc bench: error: --plot {out_png}: could not be written "
+        "(No space left on device), left as it was",
+        f"batchproc bench: error: --json {out_json}: could not be written "
+        "(No space left on device), left as it was; the JSON follows on stdout",
+    ]
+    table, _, doc = out.partition("\n{")
+    assert "no batching" in table
+    figures = json.loads("{" + doc)
+    assert ("points" if sweep else "runs") in figures and "settings" in figures
+    assert not out_json.exists() and not out_png.exists()
+
+
+def test_tune_whose_results_file_fails_keeps_searching_and_says_so(
+    tmp_path, capsys: pytest.CaptureFixture[str], full_disk
+) -> None:
+    path = tmp_path / "tune.json"
+    code = main(["tune", "--model", "identity", "--rate", "100", "--duration", "0.15",
+                 "--budget", "20", "--sizes", "4", "--delays-ms", "1", "--workers", "1",
+                 "--strategies", "fixed", "--quiet", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip() == (
+        f"batchproc tune: error: --json {path}: could not be written (No space left on "
+        "device); it holds 0 runs, from its last write that succeeded; the search's "
+        "result is above")
+    assert "2 of 2 configurations done" in out and "config = BatchProcessorConfig(" in out
 
 
 def test_tune_resumes_from_a_writable_file_it_checked(tmp_path, capsys) -> None:
@@ -524,3 +664,65 @@ def test_tune_out_of_budget_says_how_to_continue(tmp_path, capsys, with_json) ->
     pass_json = "budget spent: pass --json FILE to keep the results and continue"
     assert (rerun in out) == with_json
     assert (pass_json in out) != with_json
+
+
+# -- log records and the progress display -------------------------------------------------
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.mark.parametrize(("tty", "taken_off"), [(False, "\n"), (True, "\r\x1b[2K")])
+def test_a_log_record_during_a_run_takes_the_progress_line_off_and_back(
+    monkeypatch, tty: bool, taken_off: str
+) -> None:
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    cli._configure_logging(verbose=False)
+    progress = report.PlainProgress(stream)
+    monkeypatch.setattr(report, "make_progress", lambda quiet: progress)
+    log = logging.getLogger("batchproc.test_progress")
+    with cli._progress_display(quiet=False):
+        log.warning("before any run")  # no line open: written as it is
+        progress.start("run 1", None, None)
+        log.warning("during run 1")
+        progress.finish("done")
+    log.warning("after")  # the display is gone
+    out = stream.getvalue()
+    record = "batchproc.test_progress: WARNING: {}\n"
+    assert out == (record.format("before any run") + "  run 1 ..." + taken_off
+                   + record.format("during run 1") + "  run 1 ... done (0.0 s)\n"
+                   + record.format("after"))
+
+
+def test_log_records_and_a_bench_progress_never_share_a_line(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A model that fails after the bench's own check: each run logs its failures
+    # (batchproc.bench.runner) while its progress line is open.
+    (tmp_path / "flaky_mod.py").write_text(textwrap.dedent("""
+        CALLS = [0]
+
+        def model(batch):
+            CALLS[0] += 1
+            if CALLS[0] > 2:
+                raise ValueError("flaky")
+            return batch
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["bench", "--model", "flaky_mod:model", "--burst", "8", "--duration", "0.3"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    lines = err.splitlines()
+    warnings = [line for line in lines
+                if line.startswith("batchproc.") and ": WARNING: " in line]
+    assert len(warnings) >= 2, err  # from batchproc's run and no batching's
+    runs = [line for line in lines if line.startswith("  flaky_mod:model")]
+    assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
+    assert len(warnings) + len(runs) + 1 == len(lines), err  # and the limit's error line

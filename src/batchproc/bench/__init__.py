@@ -13,6 +13,7 @@ One module, one job:
 - :mod:`.tune`    — the search of static configurations, resumable from its results file
 - :mod:`.configs` — configurations as text: ``--config`` in, ``BatchProcessorConfig(...)`` out
 - :mod:`.report`  — tables, JSON and plot
+- :mod:`.outputs` — output files: checked before any run, written whole or not at all
 - :mod:`.cli`     — the ``batchproc`` command line (``bench``, ``bench --sweep``, ``tune``)
 
 Nothing here prints except :mod:`.cli` and :mod:`.report` (when the CLI asks it to).

@@ -7,28 +7,30 @@ request) and the limit (the model called back to back on full batches); ``bench
 searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
 --plot format matplotlib cannot write) end with one line on stderr and exit status 2,
 before anything runs. A run that raises is shown as failed, the other runs are kept, and
-the status is 1; any other failure while running ends with one line and status 1.
+the status is 1; so is an output that fails to be written after the runs (the figures
+are printed all the same); any other failure while running ends with one line and
+status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import BenchError, tune
 from .blas import one_blas_thread
-from .configs import describe_fields, parse_config
+from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
+from .outputs import check_writable
 from .sweep import DEFAULT_FRACTIONS
-from .targets import STRATEGIES, Batchproc, BatchprocAsync, NoBatching
+from .targets import Batchproc, BatchprocAsync, NoBatching
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,17 @@ def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def _strategy_name(s: str) -> str:
-    if s.lower() not in STRATEGIES:
-        raise argparse.ArgumentTypeError(f"{s!r} is not one of {', '.join(STRATEGIES)}")
-    return s.lower()
+    """A strategy as the library reads it (name or value, any case), kept as its value."""
+    try:
+        return str(parse_strategy(s).value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _strategy_values() -> list[str]:
+    from batchproc import BatchProcessingStrategy
+
+    return [str(s.value) for s in BatchProcessingStrategy]
 
 
 def _nonneg_float(s: str) -> float:
@@ -203,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_workers: batches in flight (default: the library's, 4)",
     )
     c.add_argument(
-        "--strategy", choices=STRATEGIES, default="adaptive",
-        help="processing_strategy (default: adaptive)",
+        "--strategy", type=_strategy_name, default="adaptive",
+        help=f"processing_strategy: {', '.join(_strategy_values())}, any case "
+        "(default: adaptive)",
     )
     c.add_argument(
         "--config", action="append", metavar="FIELDS",
@@ -234,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE",
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
-        "mean_batch, completed, stopped_by, failed: the error of a run that raised, "
+        "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
+        "run that raised, "
         "...) and ratios (vs_no_batching, vs_limit)",
     )
     o.add_argument(
@@ -261,7 +273,8 @@ default configuration (ADAPTIVE), and print it as Python to paste.
 Each configuration runs open-loop Poisson arrivals for --duration seconds. With --rate:
 the best carries the load (achieves 90% of it, no errors; p99 within --p99-ms if given)
 with the lowest p99. With --p99-ms alone: the best carries the highest load within the
-SLO (loads are fractions of a measured capacity). The search stops at --budget seconds;
+SLO (loads are fractions of a measured capacity). The best few and the default are then
+rerun and the verdict is taken on medians. The search ends within --budget seconds;
 --json FILE keeps every run, and rerunning with the same FILE measures only what is
 missing.
 """
@@ -303,12 +316,13 @@ def _add_tune_parser(sub: Any) -> None:
                     f"{','.join(map(str, tune.DEFAULT_WORKERS))})")
     sp.add_argument("--strategies", type=_list_of(_strategy_name), metavar="S,...",
                     default=list(tune.DEFAULT_STRATEGIES),
-                    help=f"processing_strategy values (default: {','.join(STRATEGIES)})")
+                    help="processing_strategy values, any case (default: "
+                    f"{','.join(tune.DEFAULT_STRATEGIES)})")
     r = t.add_argument_group("run")
     r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
                    help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")
     r.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_S, metavar="S",
-                   help="start no run past S seconds from the start (default: "
+                   help="start no run that could end past S seconds from the start (default: "
                    f"{DEFAULT_BUDGET_S:g})")
     r.add_argument("--seed", type=int, default=0,
                    help="seed for requests, arrivals and the search order")
@@ -323,33 +337,6 @@ def _version() -> str:
     from batchproc import __version__
 
     return str(__version__)
-
-
-def _check_writable(flag: str, path: str) -> None:
-    """``BenchError`` (exit 2) unless ``path`` can be written: its directory exists and
-    takes a new file (a temporary one is made there and removed: permission bits do not
-    tell for root, read-only mounts or /proc), and a file already there opens for writing
-    (left as it is). Checked before any run, so an unwritable output costs nothing."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        raise BenchError(f"{flag} {path}: {parent} {what}")
-    if os.path.isdir(path):
-        raise BenchError(f"{flag} {path}: is a directory")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise BenchError(
-            f"{flag} {path}: directory {parent} is not writable ({exc.strerror or exc})",
-        ) from None
-    if os.path.exists(path):
-        try:
-            # No O_TRUNC: the file is only tried; O_NONBLOCK: a FIFO without a reader fails.
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError as exc:
-            raise BenchError(
-                f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def _describe_model(name: str, model_ms: float) -> str:
@@ -428,13 +415,32 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from . import report
 
     if getattr(args, "plot", None):
-        _check_writable("--plot", args.plot)
+        check_writable("--plot", args.plot)
         try:
             report.check_plot_path("--plot", args.plot)
         except report.PlotUnavailable as exc:
             raise BenchError(str(exc)) from None
     if args.json:
-        _check_writable("--json", args.json)
+        check_writable("--json", args.json)
+
+
+def _write_output(command: str, flag: str, path: str, write: Callable[[str], None],
+                  doc: dict[str, Any] | None = None) -> bool:
+    """Write one output after the runs. A write that fails (a full disk) is one line on
+    stderr, and the figures are not lost: the table is already printed, and ``doc``, the
+    JSON the file was to hold, follows it on stdout. False when it failed."""
+    from . import report
+
+    try:
+        write(path)
+    except OSError as exc:
+        then = "; the JSON follows on stdout" if doc is not None else ""
+        print(f"{PROG} {command}: error: {flag} {path}: could not be written "
+              f"({exc.strerror or exc}), left as it was{then}", file=sys.stderr)
+        if doc is not None:
+            print(report.json_text(doc), end="")
+        return False
+    return True
 
 
 def _bench_targets(
@@ -493,37 +499,37 @@ def run_bench(args: argparse.Namespace) -> int:
         else f"{bounds.duration:g} s"
     )
     title = _title(args, source, load.label) + f" · each run stops at {bound_desc}"
-    progress = report.make_progress(args.quiet)
     runs = []
-    try:
+    with _progress_display(args.quiet) as progress:
         for target in (*systems, NoBatching()):
             runs.append(run_target(target, model, args.model, load, bounds, progress))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
-    finally:
-        progress.close()
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     report.print_bench_table(title, runs, ratios)
     for line in _config_notes(args):
         print(line)
     failed = [r for r in runs if r.errors or r.failed]
+    written = True
+    if args.plot:
+        written &= _write_output("bench", "--plot", args.plot, lambda path: report.write_plot(
+            path, {r.system: [r] for r in runs},
+            f"{_describe_model(args.model, args.model_ms)} · {load.label}",
+            f"{source.description}; max batch {args.max_batch}, max delay "
+            f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
+        ))
     if args.json:
-        report.write_json(args.json, {
+        doc = {
             "date": report.now_iso(),
             "machine": report.machine_info(),
             "versions": report.versions(),
             "settings": settings,
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
-        })
-    if args.plot:
-        report.write_plot(
-            args.plot, {r.system: [r] for r in runs},
-            f"{_describe_model(args.model, args.model_ms)} · {load.label}",
-            f"{source.description}; max batch {args.max_batch}, max delay "
-            f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
-        )
+        }
+        written &= _write_output(
+            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
     _report_failed_runs("bench", runs)
-    return 1 if failed else 0
+    return 1 if failed or not written else 0
 
 
 def _report_failed_runs(command: str, runs: Sequence[Any]) -> None:
@@ -551,8 +557,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     fractions = sorted(set(args.loads or DEFAULT_FRACTIONS))
     duration = args.duration or DEFAULT_SWEEP_S
     capacity = args.capacity
-    progress = report.make_progress(args.quiet)
-    try:
+    with _progress_display(args.quiet) as progress:
         capacity_run = None
         if capacity is None:
             probe = _bench_targets(args, source, 1000)[0]
@@ -569,12 +574,22 @@ def run_sweep(args: argparse.Namespace) -> int:
         result = sweep.run_sweep(
             systems, model, args.model, source, fractions=fractions, capacity=capacity,
             duration=duration, seed=args.seed, capacity_run=capacity_run, progress=progress)
-    finally:
-        progress.close()
     title = _title(args, source, f"Poisson loads, {duration:g} s each")
     sweep.print_sweep(title, result, _config_notes(args))
+    written = True
+    if args.plot:
+        sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
+               f"{args.max_delay:g} ms, {args.strategy}"
+               + (f", {args.workers} workers" if args.workers else "")
+               + "".join(f"; {n}" for n in _config_notes(args))
+               + f". Open loop, Poisson, {duration:g} s per load, "
+               f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
+               f"({report.fmt_rate(capacity)} req/s).")
+        plot_title = f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}"
+        written &= _write_output("bench", "--plot", args.plot, lambda path: (
+            sweep.write_sweep_plot(path, result, plot_title, sub)))
     if args.json:
-        report.write_json(args.json, {
+        doc = {
             "date": report.now_iso(),
             "machine": report.machine_info(),
             "versions": report.versions(),
@@ -593,26 +608,16 @@ def run_sweep(args: argparse.Namespace) -> int:
                 "queue_size": queue_size,
             },
             **sweep.to_json(result),
-        })
-    if args.plot:
-        sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
-               f"{args.max_delay:g} ms, {args.strategy}"
-               + (f", {args.workers} workers" if args.workers else "")
-               + "".join(f"; {n}" for n in _config_notes(args))
-               + f". Open loop, Poisson, {duration:g} s per load, "
-               f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
-               f"({report.fmt_rate(capacity)} req/s).")
-        sweep.write_sweep_plot(
-            args.plot, result,
-            f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}", sub)
+        }
+        written &= _write_output(
+            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
     runs = [p.run for pts in result.points.values() for p in pts]
     _report_failed_runs("bench", runs)
-    return 1 if any(r.errors or r.failed for r in runs) else 0
+    return 1 if any(r.errors or r.failed for r in runs) or not written else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
     """``tune``: search the space, print the table, the verdict and the config."""
-    from . import report
 
     goal = tune.Goal(rate=args.rate, p99_ms=args.p99_ms)
     _check_outputs(args)
@@ -627,22 +632,36 @@ def run_tune(args: argparse.Namespace) -> int:
     results = tune.ResultsFile(args.json, identity)
     space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
                             seed=args.seed)
-    progress = report.make_progress(args.quiet)
-    try:
+    with _progress_display(args.quiet) as progress:
         result = tune.Tuner(
             model, args.model, source, goal, space, duration=args.duration,
             budget=args.budget, results=results, seed=args.seed, progress=progress,
         ).run()
-    finally:
-        progress.close()
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
     tune.print_result(title, result)
+    if results.write_error is not None:
+        print(f"{PROG} tune: error: --json {args.json}: could not be written "
+              f"({results.write_error}); it holds {results.saved_runs} runs, from its last "
+              "write that succeeded; the search's result is above", file=sys.stderr)
+        return 1
     return 0 if result.best is not None else 1
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at the time of each record."""
+    """Writes to whatever ``sys.stderr`` is at the time of each record, around the
+    progress display (``display``) while one shows: its line is taken off before the
+    record and drawn again after, so neither breaks into the other."""
+
+    display: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        display = self.display
+        if display is None:
+            super().emit(record)
+            return
+        with display.paused():
+            super().emit(record)
 
     @property
     def stream(self) -> Any:
@@ -653,15 +672,37 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def _cli_handler() -> _StderrHandler | None:
+    logger = logging.getLogger("batchproc")
+    return next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+
+
 def _configure_logging(verbose: bool) -> None:
     """The CLI owns its process, but configures only batchproc's logger, never the root."""
     logger = logging.getLogger("batchproc")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not any(getattr(h, "_batchproc_cli", False) for h in logger.handlers):
+    if _cli_handler() is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
-        handler._batchproc_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+@contextlib.contextmanager
+def _progress_display(quiet: bool) -> Iterator[Any]:
+    """The progress display for the runs, and batchproc's log records written around it
+    while it shows."""
+    from . import report
+
+    progress = report.make_progress(quiet)
+    handler = _cli_handler()
+    if handler is not None:
+        handler.display = progress
+    try:
+        yield progress
+    finally:
+        if handler is not None:
+            handler.display = None
+        progress.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

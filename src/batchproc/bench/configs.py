@@ -5,6 +5,10 @@ swept against the default as it was pasted: ``BatchProcessorConfig(max_batch_siz
 ...)``, or only its arguments ``max_batch_size=32, batch_timeout=0.002``. The text is
 parsed, never executed: values are literals, and ``processing_strategy`` is also
 accepted as ``BatchProcessingStrategy.FIXED``, ``FIXED`` or ``"fixed"``.
+
+Strategy names, here and in the ``--strategy``/``--strategies`` flags, are read by
+``BatchProcessorConfig`` itself (:func:`parse_strategy`), so the command line accepts
+exactly what the library does.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def parse_config(text: str) -> dict[str, Any]:
         BenchError: not a call of keyword arguments, a value that is not a literal, an
             unknown field, or a value ``BatchProcessorConfig`` rejects.
     """
-    from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+    from batchproc import BatchProcessorConfig
 
     where = f"--config {text!r}"
     src = text.strip()
@@ -42,7 +46,7 @@ def parse_config(text: str) -> dict[str, Any]:
         if kw.arg is None:
             raise BenchError(f"{where}: ** is not accepted; write each field")
         if kw.arg == "processing_strategy":
-            fields[kw.arg] = _strategy(kw.value, where, BatchProcessingStrategy)
+            fields[kw.arg] = _strategy(kw.value, where)
             continue
         try:
             fields[kw.arg] = ast.literal_eval(kw.value)
@@ -59,22 +63,32 @@ def parse_config(text: str) -> dict[str, Any]:
     return fields
 
 
-def _strategy(node: ast.expr, where: str, strategies: type[enum.Enum]) -> Any:
+def parse_strategy(text: Any) -> Any:
+    """The ``BatchProcessingStrategy`` that ``text`` names, read as
+    ``BatchProcessorConfig(processing_strategy=text)`` reads it (a member's name or value,
+    any case).
+
+    Raises:
+        ValueError: the library's message, listing the valid values.
+    """
+    from batchproc import BatchProcessorConfig
+
+    return BatchProcessorConfig(processing_strategy=text).processing_strategy
+
+
+def _strategy(node: ast.expr, where: str) -> Any:
     if isinstance(node, ast.Attribute):
-        name = node.attr
+        name: Any = node.attr
     elif isinstance(node, ast.Name):
         name = node.id
-    elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+    elif isinstance(node, ast.Constant):
         name = node.value
     else:
-        name = ""
+        name = ast.unparse(node)
     try:
-        return strategies[name.upper()]
-    except KeyError:
-        choices = ", ".join(s.name for s in strategies)
-        raise BenchError(
-            f"{where}: processing_strategy={ast.unparse(node)} is not one of {choices}"
-        ) from None
+        return parse_strategy(name)
+    except ValueError as exc:
+        raise BenchError(f"{where}: {exc}") from None
 
 
 def format_config(fields: Mapping[str, Any]) -> str:
@@ -85,7 +99,7 @@ def format_config(fields: Mapping[str, Any]) -> str:
         if isinstance(value, enum.Enum):
             texts[name] = f"BatchProcessingStrategy.{value.name}"
         elif isinstance(value, str) and name == "processing_strategy":
-            texts[name] = f"BatchProcessingStrategy.{value.upper()}"
+            texts[name] = f"BatchProcessingStrategy.{parse_strategy(value).name}"
         else:
             texts[name] = repr(value)
     uses_strategy = any(t.startswith("BatchProcessingStrategy.") for t in texts.values())

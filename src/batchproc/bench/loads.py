@@ -11,7 +11,9 @@ bound ended it.
 - open loop (``rate=R``): one generator thread, exponential gaps of mean 1/R (Poisson
   arrivals), futures collected. Latency is measured from each request's *scheduled*
   arrival, so a system that falls behind shows its queueing delay (no coordinated
-  omission).
+  omission). A request the target refuses (its submit raises: a full queue) is counted
+  *refused* and the generator goes on with the next arrival, so every arrival is
+  accounted: completed, failed, refused or unfinished.
 - burst (``burst=N``): one thread submits N requests as fast as it can, then waits for
   them all. Latency: from the start of the burst (all N arrive at once) to completion,
   so a system that cannot take requests as fast as they come is charged for it.
@@ -24,10 +26,13 @@ A run's length is bounded, however overloaded the system: no load is offered pas
 duration, and what was offered then has a drain of :func:`drain_window` to finish. What
 has not finished by then (still queued or running, a submit still blocked, arrivals due
 within the duration that a blocked or slow generator never got to submit) is
-*unfinished*: not counted as completed, its latency taken as its wait so far (a lower
-bound), so that an overloaded system's percentiles are not flattered by leaving out its
-slowest requests. The caller then stops the target (``run_target``), which gives up on
-what is left.
+*unfinished*: not counted as completed, its latency taken as its wait until the end of
+the drain (a lower bound), so that an overloaded system's percentiles are not flattered
+by leaving out its slowest requests. One horizon for every system and every request left
+(queued, running or never sent): a system that stops taking requests early (no batching,
+whose generator runs the model itself) is charged as long a wait as one that queued them.
+A run that leaves any is reported ``stopped_by="duration"``: the time bound ended it.
+The caller then stops the target (``run_target``), which gives up on what is left.
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ def _drained_by(t0: float, dur: float) -> float:
     """When a run started at ``t0`` with duration ``dur`` stops waiting for what it
     offered (``time.perf_counter`` time)."""
     return t0 + dur + drain_window(dur)
+
+
+def _horizon(t0: float, dur: float, end: float) -> float:
+    """Until when a request a run left unfinished counts as waiting: the end of the drain
+    (or the run's ``end``, if later), whenever the run stopped waiting for it."""
+    drained = _drained_by(t0, dur)
+    return max(end, drained) if math.isfinite(drained) else end
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ class Bounds:
 @dataclass
 class LoadResult:
     # Seconds, one per completed request, then one per unfinished request (its wait until
-    # the run ended: a lower bound of its latency).
+    # the end of the drain: a lower bound of its latency).
     latencies: np.ndarray
     priorities: np.ndarray  # int8, aligned with latencies
     submitted: int
@@ -145,13 +157,18 @@ class LoadResult:
     # From the first submission to the last completion; to the end of the drain when
     # requests were left unfinished.
     elapsed: float
-    stopped_by: str  # "requests" | "duration"
+    # "requests": all done; "duration": the time bound (duration, then drain) ended it.
+    stopped_by: str
     # Offered but not done when the drain ended (see the module docstring).
     unfinished: int = 0
     first_error: str | None = None
     # Open loop: the arrivals its schedule puts within the run (however late a system
     # that cannot keep up takes them), so scheduled / duration is the load offered.
     scheduled: int | None = None
+    # Open loop and burst: requests the target refused at submit (not in ``submitted``,
+    # nor in the latencies: they were answered at once, with an error).
+    refused: int = 0
+    first_refusal: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -286,6 +303,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
         with lock:
             pass  # a client in its bookkeeping has finished it; the others see closed
     end = pc()
+    horizon = _horizon(t0, dur, end)
     late = [c for c in inflight if c is not None]
     if late:
         bound[0] = "duration"
@@ -293,7 +311,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
     tick(done)
     return LoadResult(
         latencies=np.fromiter(itertools.chain(itertools.chain.from_iterable(lats),
-                                              (end - t for t, _ in late)), float),
+                                              (horizon - t for t, _ in late)), float),
         priorities=np.fromiter(itertools.chain(itertools.chain.from_iterable(pris),
                                                (p for _, p in late)), np.int8),
         submitted=done + len(errors) + len(late),
@@ -358,8 +376,8 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     futs: list[Future[Any]] = []
     count = [0]
     total = _offered(sched, n, dur)
-    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "error": None,
-                             "scheduled": _scheduled(sched, n, dur)}
+    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "first_refusal": None,
+                             "scheduled": _scheduled(sched, n, dur), "refused": 0}
     # The run's end (closed) and the generator's bookkeeping exclude each other: a request
     # is either in futs when the run ends, or `submitting` (its arrival) then, or neither.
     lock = threading.Lock()
@@ -389,12 +407,14 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
             submitting[0] = t
             try:
                 f = submit(pool[i % n_pool], prios[i % n_prios])
-            except Exception as exc:  # the target refused the request
+            except Exception as exc:  # refused (a full queue): the next arrival still comes
                 with lock:
-                    if not closed[0]:
-                        submitting[0] = None
-                        state["error"] = _describe(exc)
-                return
+                    if closed[0]:
+                        return
+                    submitting[0] = None
+                    state["refused"] += 1
+                    state["first_refusal"] = state.get("first_refusal") or _describe(exc)
+                continue
             with lock:
                 if closed[0]:
                     return  # the run has ended: counted as unfinished while submitting
@@ -429,17 +449,15 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         closed[0] = True
         m = len(futs)
         late = [] if submitting[0] is None else [submitting[0]]
-        refused = state["error"] is not None
+        refused = state["refused"]
     end = pc()
-    if not refused:
-        # Arrivals the generator never submitted, blocked in a submit past the drain or
-        # too slow to keep to its schedule, are late too.
-        late += _unsent(t0, sched, m + len(late), total)
-    if late:
-        state["bound"] = "duration"
+    # Arrivals the generator never submitted, blocked in a submit past the drain or too
+    # slow to keep to its schedule, are late too.
+    late += _unsent(t0, sched, m + refused + len(late), total)
     unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
     tick(m - len(unfinished))
-    return _collect(futs[:m], sub, done, prios, state, end, unfinished, late)
+    return _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end),
+                    unfinished, late)
 
 
 def _collect(
@@ -449,17 +467,19 @@ def _collect(
     prios: list[int],
     state: dict[str, Any],
     end: float,
+    horizon: float,
     unfinished: list[tuple[float, int]],
     late: list[float],
 ) -> LoadResult:
     """The result of an open loop: ``futs`` (``sub``: their arrivals) of which
     ``unfinished`` ((arrival, index) pairs) had not completed at ``end``, and ``late``:
-    the arrivals of requests never submitted by then."""
+    the arrivals of requests never submitted by then. Both wait until ``horizon``.
+    ``state["refused"]`` requests were refused at submit."""
     m = len(futs)
     lat: list[float] = []
     pri: list[int] = []
     errors = 0
-    first_error = state.get("error")
+    first_error = None
     last = state["t0"]
     n_prios = len(prios)
     for i in range(m):
@@ -478,11 +498,12 @@ def _collect(
         pri.append(prios[i % n_prios])
         last = max(last, d)
     completed = len(lat)
-    # Unfinished requests: their wait until the run ended, a lower bound of their latency.
-    lat += [end - t for t, _ in unfinished]
+    # Unfinished requests: their wait until the horizon, a lower bound of their latency.
+    lat += [horizon - t for t, _ in unfinished]
     pri += [prios[i % n_prios] for _, i in unfinished]
-    lat += [end - t for t in late]
-    pri += [prios[(m + j) % n_prios] for j in range(len(late))]
+    lat += [horizon - t for t in late]
+    refused = state.get("refused", 0)
+    pri += [prios[(m + refused + j) % n_prios] for j in range(len(late))]
     left = len(unfinished) + len(late)
     return LoadResult(
         latencies=np.asarray(lat, dtype=float),
@@ -491,10 +512,12 @@ def _collect(
         completed=completed,
         errors=errors,
         elapsed=max((end if left else last) - state["t0"], 1e-9),
-        stopped_by=state["bound"],
+        stopped_by="duration" if left else state["bound"],
         unfinished=left,
         first_error=first_error,
         scheduled=state.get("scheduled"),
+        refused=refused,
+        first_refusal=state.get("first_refusal"),
     )
 
 
@@ -568,12 +591,13 @@ async def _async_main(
         await _wait_until(clients, deadline)
         await _wait_until(clients, _drained_by(t0, dur))
         end = pc()
+        horizon = _horizon(t0, dur, end)
         late = [c for c in inflight if c is not None]
         await _cancel(clients)
         if late:
             bound[0] = "duration"
         return LoadResult(
-            latencies=np.asarray(lat + [end - t for t, _ in late], dtype=float),
+            latencies=np.asarray(lat + [horizon - t for t, _ in late], dtype=float),
             priorities=np.asarray(pri + [p for _, p in late], dtype=np.int8),
             submitted=len(lat) + len(errors) + len(late),
             completed=len(lat),
@@ -590,7 +614,7 @@ async def _async_main(
     done: list[float] = [0.0] * min(n, 1 << 24)
     futs: list[asyncio.Task[Any]] = []
     state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
-                             "error": None, "scheduled": _scheduled(sched, n, dur)}
+                             "scheduled": _scheduled(sched, n, dur)}
     deadline = state["t0"] + dur
 
     def mark(i: int, fut: Any) -> None:
@@ -617,7 +641,8 @@ async def _async_main(
     end = pc()
     unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
     unsent = _unsent(state["t0"], sched, len(futs), total)
-    result = _collect(futs, sub, done, prios, state, end, unfinished, unsent)
+    result = _collect(futs, sub, done, prios, state, end, _horizon(state["t0"], dur, end),
+                      unfinished, unsent)
     await _cancel([futs[i] for _, i in unfinished])  # after _collect: cancelled is done
     return result
 

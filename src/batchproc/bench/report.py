@@ -4,6 +4,7 @@ the progress display. Only the CLI and the peer-comparison script call these.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -11,10 +12,12 @@ import os
 import platform
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
+from .outputs import replace_file
 from .runner import LIMIT, RunResult
 
 COLUMNS = ("system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "requests")
@@ -103,13 +106,15 @@ def fmt_requests(r: RunResult) -> str:
 
 
 def fmt_completed(r: RunResult) -> str:
-    """Completed requests, and ``+ N late`` for those left unfinished."""
-    return f"{r.completed:,}" + (f" + {r.unfinished:,} late" if r.unfinished else "")
+    """Completed requests, ``+ N late`` for those left unfinished and ``+ N refused``
+    for those the system refused."""
+    return (f"{r.completed:,}" + (f" + {r.unfinished:,} late" if r.unfinished else "")
+            + (f" + {r.refused:,} refused" if r.refused else ""))
 
 
 def run_notes(runs: Sequence[RunResult]) -> list[str]:
-    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished
-    requests."""
+    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished and
+    refused requests."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"
@@ -122,7 +127,12 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.unfinished:
             notes.append(
                 f"! {who}: {r.unfinished:,} requests (late) unfinished when the run ended, "
-                "not counted as completed; their wait so far counts in its latencies")
+                "not counted as completed; their wait until the end of the drain counts "
+                "in its latencies")
+        if r.refused:
+            notes.append(
+                f"! {who}: {r.refused:,} requests refused at submit, not counted as "
+                f"completed nor in its latencies; first: {r.first_refusal}")
     return notes
 
 
@@ -267,10 +277,20 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def json_text(doc: dict[str, Any]) -> str:
+    """``doc`` as the JSON files hold it: NaN and infinities as null, indented."""
+    return json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: str, doc: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_clean(doc), f, indent=2, allow_nan=False)
-        f.write("\n")
+    """Write ``doc`` to ``path`` whole or not at all (``OSError`` if it cannot be)."""
+    text = json_text(doc)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    replace_file(path, write)
 
 
 def write_results(out_dir: str, name: str, markdown: str, doc: dict[str, Any]) -> None:
@@ -333,7 +353,8 @@ def write_plot(
     Both axes are logarithmic, throughput in requests/s and latency in ms. The title is
     wrapped to the figure's width and ``subtitle`` (settings) printed small below it.
     Raises :class:`PlotUnavailable` before drawing if ``path``'s format is not one
-    matplotlib writes.
+    matplotlib writes; ``OSError`` if the file cannot be written (``path`` is then left
+    as it was).
     """
     check_plot_path("plot", path)
     import matplotlib
@@ -362,29 +383,60 @@ def write_plot(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fmt = os.path.splitext(path)[1].lstrip(".").lower()
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
 
 
 # -- progress -----------------------------------------------------------------------------
 
 
 class PlainProgress:
-    """One line per run on stderr: what runs, then how it ended."""
+    """One line per run on stderr: what runs, then how it ended.
+
+    The line stays open while its run does; :meth:`paused` ends it (on a terminal,
+    clears it) for whatever else must write to the stream, and draws it again after.
+    """
 
     def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stderr
         self._t0 = 0.0
+        self._line: str | None = None  # the open line: a run started, not finished
+        # Runs report from the main thread, log records come from any thread.
+        self._lock = threading.RLock()
 
     def start(self, label: str, total: int | None, duration: float | None) -> None:
-        self._t0 = time.perf_counter()
-        print(f"  {label} ...", end="", file=self.out, flush=True)
+        with self._lock:
+            self._t0 = time.perf_counter()
+            self._line = f"  {label} ..."
+            print(self._line, end="", file=self.out, flush=True)
 
     def update(self, done: int) -> None:
         pass
 
     def finish(self, summary: str) -> None:
-        print(f" {summary} ({time.perf_counter() - self._t0:.1f} s)", file=self.out, flush=True)
+        with self._lock:
+            self._line = None
+            print(f" {summary} ({time.perf_counter() - self._t0:.1f} s)", file=self.out,
+                  flush=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Take the open line off the stream for the block, then draw it again."""
+        with self._lock:
+            line = self._line
+            if line is not None:
+                tty = getattr(self.out, "isatty", lambda: False)()
+                self.out.write("\r\x1b[2K" if tty else "\n")
+                self.out.flush()
+            try:
+                yield
+            finally:
+                if line is not None:
+                    self.out.write(line)
+                    self.out.flush()
 
     def close(self) -> None:
         pass
@@ -431,6 +483,12 @@ class RichProgress:
     def finish(self, summary: str) -> None:
         self._p.update(self._task, completed=1000, info=summary)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """rich's live display redirects ``sys.stderr`` while it runs: what is written
+        there is printed above the bars, which are drawn again below it."""
+        yield
+
     def close(self) -> None:
         self._p.stop()
 
@@ -439,9 +497,7 @@ def make_progress(quiet: bool = False) -> Any:
     from .runner import NullProgress
 
     if quiet:
-        p: Any = NullProgress()
-        p.close = lambda: None
-        return p
+        return NullProgress()
     if have_rich() and sys.stderr.isatty():
         return RichProgress()
     return PlainProgress()

@@ -48,6 +48,13 @@ class NullProgress:
     def finish(self, summary: str) -> None:
         pass
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
+
+    def close(self) -> None:
+        pass
+
 
 class CountingModel:
     """Wraps a model; counts calls and rows (thread-safe, a lock per batch)."""
@@ -92,6 +99,10 @@ class RunResult:
     unfinished: int = 0
     first_error: str | None = None
     scheduled: int | None = None  # open loop: arrivals scheduled within the run
+    # Open loop and burst: requests the system refused at submit (a full queue); not in
+    # ``submitted``, the throughput nor the latencies.
+    refused: int = 0
+    first_refusal: str | None = None
     note: str = ""
     by_priority: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -220,6 +231,8 @@ def run_target(
         unfinished=res.unfinished,
         first_error=res.first_error,
         scheduled=res.scheduled,
+        refused=res.refused,
+        first_refusal=res.first_refusal,
         by_priority=_by_priority(res) if load.priorities else {},
         gc_s=gc_clock.seconds,
         gc_full=gc_clock.full,
@@ -228,6 +241,7 @@ def run_target(
     if res.errors:
         log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
     late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
+    late += f", {res.refused:,} refused" if res.refused else ""
     progress.finish(f"{res.throughput:,.0f} req/s{late}")
     return out
 

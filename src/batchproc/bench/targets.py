@@ -23,7 +23,6 @@ import numpy as np
 from .minimal import MinimalBatcher
 from .models import Model
 
-STRATEGIES = ("adaptive", "fixed", "greedy")
 # How long stopping a processor after its run may take, in seconds: time for its threads
 # to exit, not for a backlog to be served.
 STOP_TIMEOUT_S = 0.5
@@ -151,13 +150,9 @@ class Batchproc(SyncTarget):
         self._stats: dict[str, Any] = {}
 
     def config(self) -> Any:
-        from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+        from batchproc import BatchProcessorConfig
 
-        settings = dict(self.settings)
-        strategy = settings["processing_strategy"]
-        if isinstance(strategy, str):
-            settings["processing_strategy"] = getattr(BatchProcessingStrategy, strategy.upper())
-        return BatchProcessorConfig(**settings)
+        return BatchProcessorConfig(**self.settings)
 
     def start(self, model: Model) -> None:
         from batchproc import BatchPriority, BatchProcessor

@@ -21,6 +21,13 @@ Two goals:
 One ranking (:func:`_rank`) picks the best and orders the table, so the table's first
 row that meets the goal is the verdict's.
 
+Single short runs are noisy (one unlucky p99 can pick the wrong winner), so the search
+ends by confirming its *finalists*, the :data:`FINALISTS` best and the default: each is
+rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, and the verdict is
+taken on their medians. A share of the budget is kept for this (:data:`CONFIRM_SHARE` at
+most); a run is counted at its bound (duration, drain and stop), so the search does not
+overrun its budget.
+
 Results are written to the results file after every run, with the settings that make
 them comparable (model, input, run duration, seed, capacity). Rerunning with the same
 file reuses every run it holds, by candidate and offered load, and only measures what is
@@ -35,19 +42,20 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import BenchError, report
-from .configs import describe_fields, format_config
+from .configs import describe_fields, format_config, parse_strategy
 from .inputs import RequestSource
-from .loads import Bounds, Load
+from .loads import Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
 from .sweep import arrival_rate, measure_capacity
-from .targets import Batchproc
+from .targets import STOP_TIMEOUT_S, Batchproc
 
 SUSTAINED = 0.9  # achieved at least this share of the offered load: it keeps up
 LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
@@ -60,7 +68,9 @@ DEFAULT_STRATEGIES = ("adaptive", "fixed", "greedy")
 FILE_KIND = "batchproc tune results"
 FILE_VERSION = 1
 DEFAULT_KEY = "default"
-RUN_OVERHEAD = 1.3  # a run takes its duration plus start, drain and stop
+FINALISTS = 3  # the best configurations the search confirms, with the default
+CONFIRM_RUNS = 3  # runs per finalist the verdict takes medians of
+CONFIRM_SHARE = 1 / 3  # the most of the budget kept for confirming
 # The queue holds this many seconds of the offered load. A configuration that falls
 # further behind fails the goal anyway; a longer queue would only make its run drain
 # for seconds of the budget. (Latency counts from each request's scheduled arrival, so
@@ -94,8 +104,6 @@ class Candidate:
 
     def fields(self) -> dict[str, Any]:
         """The ``BatchProcessorConfig`` fields this candidate sets (none for the default)."""
-        from batchproc import BatchProcessingStrategy
-
         if self.max_batch_size is None:
             return {}
         assert self.delay_ms is not None
@@ -104,7 +112,7 @@ class Candidate:
             "initial_batch_size": self.max_batch_size,
             "batch_timeout": round(self.delay_ms / 1000.0, 9),
             "max_workers": self.max_workers,
-            "processing_strategy": BatchProcessingStrategy[self.strategy.upper()],
+            "processing_strategy": parse_strategy(self.strategy),
         }
 
 
@@ -144,7 +152,7 @@ class Goal:
 
     def meets(self, m: dict[str, Any]) -> bool:
         """Whether a measurement (a results-file record) meets this goal."""
-        if m["errors"] or m["unfinished"] or not m["completed"]:
+        if m["errors"] or m["unfinished"] or m.get("refused") or not m["completed"]:
             return False
         if m["throughput"] < SUSTAINED * (m.get("arrival_rate") or m["offered"]):
             return False
@@ -175,8 +183,10 @@ class ResultsFile:
         self.runs: dict[str, dict[str, Any]] = {}
         self.reused = 0
         self.doc: dict[str, Any] = {}
+        self.write_error: str | None = None
         if path and os.path.exists(path):
             self._load(path)
+        self.saved_runs = len(self.runs)
 
     def _load(self, path: str) -> None:
         try:
@@ -196,16 +206,18 @@ class ResultsFile:
                 "give another file to start afresh"
             )
         self.capacity = doc.get("capacity")
-        self.runs = {f"{r['key']}@{r['offered']!r}": r for r in doc.get("runs", [])}
+        self.runs = {_run_key(r["key"], r["offered"], r.get("repeat", 0)): r
+                     for r in doc.get("runs", [])}
 
-    def get(self, key: str, offered: float) -> dict[str, Any] | None:
-        return self.runs.get(f"{key}@{offered!r}")
+    def get(self, key: str, offered: float, repeat: int = 0) -> dict[str, Any] | None:
+        return self.runs.get(_run_key(key, offered, repeat))
 
     def add(self, record: dict[str, Any]) -> None:
-        self.runs[f"{record['key']}@{record['offered']!r}"] = record
+        self.runs[_run_key(record["key"], record["offered"], record.get("repeat", 0))] = record
 
     def save(self, summary: dict[str, Any]) -> None:
-        """Write everything so far (atomically: a run cut short leaves the last file)."""
+        """Write everything so far (atomically: a run cut short leaves the last file).
+        A write that fails is kept in ``write_error`` (None after one that succeeds)."""
         if not self.path:
             return
         self.doc = {
@@ -219,9 +231,26 @@ class ResultsFile:
             **summary,
             "runs": list(self.runs.values()),
         }
-        tmp = f"{self.path}.tmp"
-        report.write_json(tmp, self.doc)
-        os.replace(tmp, self.path)
+        try:
+            report.write_json(self.path, self.doc)
+        except OSError as exc:
+            # The search goes on: its result is printed at the end, and the file keeps
+            # the runs of its last good write for a resume.
+            self.write_error = f"{exc.strerror or exc}"
+        else:
+            self.write_error = None
+            self.saved_runs = len(self.runs)
+
+
+def _run_key(key: str, offered: float, repeat: int) -> str:
+    """A run's key in the results file: a confirming rerun (``repeat`` > 0) has its own."""
+    return f"{key}@{offered!r}" + (f"#{repeat}" if repeat else "")
+
+
+def run_bound_s(duration: float) -> float:
+    """The longest one run of ``duration`` seconds takes: its duration, the drain of a
+    configuration far behind its load, and stopping the processor."""
+    return duration + drain_window(duration) + STOP_TIMEOUT_S
 
 
 def _jsonable(v: Any) -> Any:
@@ -243,8 +272,10 @@ class TuneResult:
     padded: bool = False  # the requests are ragged: the config needs pad_value
     cut_short: str | None = None  # the key of the candidate whose climb the budget ended
     budget: float = math.inf  # the search's budget, in seconds
-    run_s: float = 0.0  # what one run takes out of it: its duration, start and stop
+    run_s: float = 0.0  # what one run is counted as: its duration, drain and stop
     results_path: str | None = None  # the --json results file, None when not given
+    # The finalists' medians over their runs (``runs``: how many), by key.
+    confirmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Tuner:
@@ -273,7 +304,10 @@ class Tuner:
         self.measured = 0
         self.reused = 0
         self.records: list[dict[str, Any]] = []
-        self._deadline = clock() + budget
+        self._end = clock() + budget
+        # The search leaves room for confirming its finalists: at most CONFIRM_SHARE.
+        confirming = (FINALISTS + 1) * (CONFIRM_RUNS - 1) * run_bound_s(duration)
+        self._deadline = self._end - min(confirming, budget * CONFIRM_SHARE)
         self._done = 0
         self._total = len(self.space) + 1
         self.capacity: float | None = results.capacity
@@ -297,13 +331,14 @@ class Tuner:
         return Batchproc(queue_size=queue_size, fields=fields, name=c.label)
 
     def _time_left(self) -> bool:
-        return self.clock() + self.duration * RUN_OVERHEAD <= self._deadline
+        return self.clock() + run_bound_s(self.duration) <= self._deadline
 
-    def measure(self, c: Candidate, offered: float) -> dict[str, Any] | None:
-        """The run of ``c`` at ``offered`` requests/s: from the results file, else
-        measured now; None when the budget has no room for it."""
+    def measure(self, c: Candidate, offered: float, repeat: int = 0) -> dict[str, Any] | None:
+        """The run of ``c`` at ``offered`` requests/s (``repeat`` > 0: a confirming
+        rerun): from the results file, else measured now; None when the budget has no
+        room for it."""
         offered = float(offered)
-        old = self.results.get(c.key, offered)
+        old = self.results.get(c.key, offered, repeat)
         if old is not None:
             self.reused += 1
             self.records.append(old)
@@ -314,9 +349,12 @@ class Tuner:
         run = run_target(
             self._target(c, offered), self.model, self.model_name, load,
             Bounds(duration=self.duration), self.progress,
-            label=f"[{self._done + 1}/{self._total}] {c.label} @ {offered:,.0f} req/s",
+            label=(f"[{self._done + 1}/{self._total}] {c.label} @ {offered:,.0f} req/s"
+                   if not repeat else f"[rerun {repeat}] {c.label} @ {offered:,.0f} req/s"),
         )
         record = self._record(c, offered, run)
+        if repeat:
+            record["repeat"] = repeat
         self.measured += 1
         self.results.add(record)
         self.records.append(record)
@@ -332,7 +370,7 @@ class Tuner:
             "offered": offered,
             "arrival_rate": arrival_rate(run, self.duration, offered),
             **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                                 "mean_batch", "completed", "errors", "unfinished",
+                                 "mean_batch", "completed", "errors", "unfinished", "refused",
                                  "first_error", "elapsed_s", "failed")},
         }
         return report._clean(record)  # type: ignore[no-any-return]
@@ -363,12 +401,42 @@ class Tuner:
                 spent, cut_short = True, c.key
                 break
             self._done += 1
+        confirmed = self._confirm(default)
+        if confirmed:
+            finals = sorted(confirmed.values(), key=lambda r: _rank(self.goal, r))
+            met = [r for r in finals if self.goal.meets(r)]
+            pick = met[0] if met else None
+            best = None if pick is None else (
+                Candidate(**pick["candidate"]), pick, best[2] if best else 0)
+            default = confirmed.get(DEFAULT_KEY, default)
         self.results.save(self.summary(best, default, spent))
         return TuneResult(
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
-            cut_short, self.budget, self.duration * RUN_OVERHEAD, self.results.path,
+            cut_short, self.budget, run_bound_s(self.duration), self.results.path,
+            confirmed,
         )
+
+    def _confirm(self, default: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        """Rerun the finalists (the FINALISTS best deciding runs that meet the goal, and
+        the default's) at their deciding loads, up to CONFIRM_RUNS runs each, as far as
+        the budget goes; their medians, by key."""
+        self._deadline = self._end
+        ranked = sorted((r for r in _deciding_of(self.goal, self.records)
+                         if self.goal.meets(r)), key=lambda r: _rank(self.goal, r))
+        finalists = ranked[:FINALISTS]
+        if not finalists:
+            return {}
+        if default is not None and default["key"] not in {r["key"] for r in finalists}:
+            finalists.append(default)
+        runs = {r["key"]: [r] for r in finalists}
+        for repeat in range(1, CONFIRM_RUNS):
+            for r in finalists:
+                again = self.measure(Candidate(**r["candidate"]), r["offered"], repeat)
+                if again is None:
+                    return {k: _median_record(v) for k, v in runs.items()}
+                runs[r["key"]].append(again)
+        return {k: _median_record(v) for k, v in runs.items()}
 
     def _measure_capacity(self) -> None:
         clients = 2 * max(c.max_batch_size or 0 for c in self.space) if self.space else 64
@@ -455,7 +523,9 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     configuration as Python (last, so it can be copied from the end of the output)."""
     goal = result.goal
     deciding = _deciding(result)
-    ranked = sorted(deciding, key=lambda r: _rank(goal, r))
+    # Confirmed finalists first: the verdict is the first of them that meets the goal.
+    ranked = sorted(deciding, key=lambda r: (r["key"] not in result.confirmed,
+                                             *_rank(goal, r)))
     shown = ranked[:top]
     if result.default is not None and result.default not in shown:
         shown.append(result.default)
@@ -467,11 +537,17 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     for row, r in zip(rows, shown):
         if r["key"] == result.cut_short:
             row[0] += " (cut short)"
+        if r.get("runs", 1) > 1:
+            row[0] += f" (median of {r['runs']})"
     notes = [
         f"runs: {result.measured} measured now, {result.reused} reused from the results "
         f"file; {result.candidates_done} of {result.candidates_total} configurations done"
         + (f" (budget spent: {_how_to_continue(result)})" if result.budget_spent else ""),
     ]
+    if result.confirmed:
+        notes.append(f"finalists (the {FINALISTS} best and the default) rerun at their "
+                     f"deciding load up to {CONFIRM_RUNS} runs each, within the budget; "
+                     "they are ranked first, on their medians")
     if result.cut_short is not None:
         notes.append("(cut short): the budget ended its climb; it met the goal up to the "
                      "load shown and may carry more")
@@ -519,9 +595,11 @@ def _nothing_measured(result: TuneResult) -> str:
     run, total = result.run_s, result.candidates_total
     first = run * (2 if result.goal.rate is None else 1)  # an SLO alone: capacity first
     every = first + run * (total - 1)
+    # The search may use what the share kept for confirming finalists leaves.
+    first, every = first / (1 - CONFIRM_SHARE), every / (1 - CONFIRM_SHARE)
     return (f"no configuration could be measured within the budget (--budget "
-            f"{result.budget:g} s): one run takes about {run:.3g} s (--duration plus start "
-            f"and stop); give --budget {_round_up(first):g} or more to measure one "
+            f"{result.budget:g} s): one run is counted as {run:.3g} s (--duration, its "
+            f"drain and stop); give --budget {_round_up(first):g} or more to measure one "
             f"configuration (about {_round_up(every):g} s to measure each of the {total} once)")
 
 
@@ -542,15 +620,41 @@ def _compare(best: dict[str, Any], default: dict[str, Any], by_load: bool) -> st
 
 
 def _deciding(result: TuneResult) -> list[dict[str, Any]]:
-    """Per configuration, its run that decides: the highest load meeting the goal, else
-    its last run."""
+    """Per configuration, what decides: a finalist's medians, else its run at the highest
+    load meeting the goal, else its last run."""
+    return [result.confirmed.get(r["key"], r) for r in _deciding_of(result.goal, result.records)]
+
+
+def _deciding_of(goal: Goal, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration, its search run that decides: the highest load meeting the goal,
+    else its last run (confirming reruns left out)."""
     by: dict[str, dict[str, Any]] = {}
-    for r in result.records:
+    for r in records:
+        if r.get("repeat"):
+            continue
         cur = by.get(r["key"])
-        if cur is None or (result.goal.meets(r) and (
-                not result.goal.meets(cur) or r["offered"] > cur["offered"])):
+        if cur is None or (goal.meets(r) and (
+                not goal.meets(cur) or r["offered"] > cur["offered"])):
             by[r["key"]] = r
     return list(by.values())
+
+
+_MEDIANS = ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch",
+            "arrival_rate", "completed", "elapsed_s")
+_ANY_RUN = ("errors", "unfinished", "refused")
+
+
+def _median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record for a finalist's runs at one load: the medians of its figures, and the
+    worst of its errors, unfinished and refused requests (one failing run fails it)."""
+    out = dict(runs[0])
+    for k in _MEDIANS:
+        values = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.median(values) if values else runs[0].get(k)
+    for k in _ANY_RUN:
+        out[k] = max(r.get(k) or 0 for r in runs)
+    out["runs"] = len(runs)
+    return out
 
 
 def _rank(goal: Goal, r: dict[str, Any]) -> tuple[Any, ...]:

@@ -1,0 +1,96 @@
+"""Output files (``--json``, ``--plot``, ``tune``'s results file): checked before any
+run, then written whole or not at all.
+
+A file is written beside its destination under a temporary name and renamed over it, so
+the destination must be (or become) a regular file in a directory that takes new files.
+:func:`check_writable` refuses anything else up front; a write that still fails after a
+run (a full disk) leaves the destination as it was and raises ``OSError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+
+from . import BenchError
+
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_writable(flag: str, path: str) -> None:
+    """``BenchError`` (exit 2) unless ``path`` can be written as a regular file.
+
+    Refused: a directory, a device, FIFO or socket (``/dev/full``, ``/dev/stdout``); an
+    existing file that does not open for writing (it is only opened, left as it was);
+    a directory that is missing or takes no new file (tried for real: permission bits
+    do not tell for root, read-only mounts or ``/proc``). A link is followed.
+    """
+    target = os.path.realpath(path)
+    exists = os.path.exists(target)
+    if exists:
+        mode = os.stat(target).st_mode
+        if stat.S_ISDIR(mode):
+            raise BenchError(f"{flag} {path}: is a directory")
+        for test, kind in _KINDS:
+            if test(mode):
+                raise BenchError(f"{flag} {path}: is {kind}, not a regular file")
+        try:
+            # No O_TRUNC: the file is only tried.
+            os.close(os.open(target, os.O_WRONLY))
+        except OSError as exc:
+            raise BenchError(
+                f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise BenchError(f"{flag} {path}: {parent} {what}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".batchproc-check-")
+    except OSError as exc:
+        # ENOENT from a directory that exists: a file system that makes no files (/proc).
+        why = "" if exc.errno == errno.ENOENT else f" ({exc.strerror or exc})"
+        what = ("cannot be rewritten: its directory takes no new file" if exists
+                else f"directory {parent} is not writable")
+        raise BenchError(f"{flag} {path}: {what}{why}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def replace_file(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path`` (its extension kept), then
+    rename it over ``path``. On any error the temporary file is removed, ``path`` is left
+    as it was, and the error propagates (``OSError`` for a full disk)."""
+    target = os.path.realpath(path)
+    parent, name = os.path.split(target)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.",
+                               suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _new_file_mode(target))
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _new_file_mode(target: str) -> int:
+    """The mode the file keeps (an existing one's), or that ``open`` would give a new
+    one: mkstemp makes it private."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

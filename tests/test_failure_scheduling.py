@@ -771,11 +771,13 @@ def test_closed_loop_clients_split_across_a_call_merge_at_its_delivery(make_proc
         with lock:
             sizes.append(len(batch))
             entered.set()
-            time.sleep(0.2)
+            time.sleep(0.3)
             return batch
 
-    p = make_processor(model, max_workers=4, batch_timeout=0.05, max_batch_size=64)
-    p.enqueue_predict(item(0)).result(timeout=20)  # the model's usual time: 0.2 s
+    # Times long enough that a client thread descheduled for a few ms on a busy machine
+    # still comes back within the wave (its idle gap is a sixteenth of a call).
+    p = make_processor(model, max_workers=4, batch_timeout=0.1, max_batch_size=64)
+    p.enqueue_predict(item(0)).result(timeout=20)  # the model's usual time: 0.3 s
     sizes.clear()
     entered.clear()
 
@@ -791,10 +793,11 @@ def test_closed_loop_clients_split_across_a_call_merge_at_its_delivery(make_proc
         t.start()
     for t in (first, *others):
         t.join(30)
-    # Merged: [1, 4, 4, ...] (nine calls of four). Alternating: [1, 3, 1, 3, ...]
+    # Merged: [1, 4, 4, ...] (nine calls of four; a client held up past the wave splits
+    # them once, and the next delivery merges them again). Alternating: [1, 3, 1, 3, ...]
     # until a client happens to come back early.
     assert sizes[0] == 1
-    assert sizes[1:].count(4) >= 7, sizes
+    assert sizes[1:].count(4) >= 6, sizes
 
 
 def test_a_done_callback_that_blocks_holds_up_no_other_request(make_processor):

@@ -70,6 +70,9 @@ START_ABORT_JOIN = 5.0
 # How soon stop() sees that its caller was interrupted while it waits for the work.
 INTERRUPT_POLL = 0.05
 
+# How long stop() waits for the supervisor thread to end however little time is left (s).
+SUPERVISOR_EXIT = 0.5
+
 # enqueue() logs a failure of each exception type at once, then at most once per this many
 # seconds, with the count of those it left out.
 FAILURE_LOG_INTERVAL = 10.0
@@ -377,7 +380,9 @@ class BatchProcessor(Generic[T, U]):
         self._supervisor_stop.set()
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not threading.current_thread():
-            supervisor.join(max(0.0, min(deadline - _monotonic(), 1.0)))
+            # Even when giving up at once: it only waits on its stop event, so it ends
+            # at once unless a health check is running.
+            supervisor.join(min(max(deadline - _monotonic(), SUPERVISOR_EXIT), 1.0))
         if leftover:
             logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
                            leftover)

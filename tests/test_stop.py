@@ -463,6 +463,16 @@ class Interrupter:
         return self.instruction
 
 
+def interrupt_points(count, gaps, first=1):
+    """Each schedule of interrupts: one at every instruction from ``first`` to ``count``,
+    each followed by one more after each of ``gaps`` further instructions."""
+    for start in range(first, count + 1):
+        at = [start]
+        for gap in gaps:
+            at.append(at[-1] + gap)
+        yield at
+
+
 def stop_interrupted(make_processor, interrupter, stop=None):
     """Stop a processor holding a hung call and a queued request, with ``stop(p)``
     (``p.stop(0.05)`` by default), ``interrupter`` tracing; what it raised (None if
@@ -506,15 +516,12 @@ def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
     p, raised, futures, release = stop_interrupted(make_processor, dry)
     release.set()
     assert raised is None and all(f.done() for f in futures)
-    for first in range(1, dry.count + 1):
-        at = [first]
-        for gap in gaps:
-            at.append(at[-1] + gap)
+    for at in interrupt_points(dry.count, gaps):
         interrupter = Interrupter(at)
         p, raised, futures, release = stop_interrupted(make_processor, interrupter)
         try:
             # The wait's slices make the count vary a little from run to run.
-            assert isinstance(raised, KeyboardInterrupt) or interrupter.count < first, at
+            assert isinstance(raised, KeyboardInterrupt) or interrupter.count < at[0], at
             if p.health()["state"] == "running":
                 assert not any(f.done() for f in futures), at
                 continue
@@ -557,10 +564,7 @@ def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
     p, raised, futures, release = stop_interrupted(make_processor, dry, stop_all)
     release.set()
     assert raised is None and all(f.done() for f in futures)
-    for first in range(2, dry.count + 1):
-        at = [first]
-        for gap in gaps:
-            at.append(at[-1] + gap)
+    for at in interrupt_points(dry.count, gaps, first=2):
         interrupter = Interrupter(at, modules)
         p, raised, futures, release = stop_interrupted(make_processor, interrupter, stop_all)
         try:

@@ -757,3 +757,65 @@ def test_the_config_given_to_a_processor_stays_the_callers_to_change():
     config.batch_timeout = 0.5
     assert (config.max_batch_size, config.batch_timeout) == (4, 0.5)
     assert p.config.max_batch_size == 16
+
+
+# A processor whose hanging call holds a second request back, and a done-callback on
+# that request that blocks until the script ends: whoever fails it runs the callback.
+BLOCKING_CALLBACK = """
+    import time
+    from batchproc import shielded
+    shielded.GRACE = 0.5
+    exiting.EXIT_TIMEOUT = 0.5
+    in_callback = threading.Event()
+
+    def blocks(future):
+        in_callback.set()
+        threading.Event().wait()  # for ever
+
+    first = p.enqueue_predict(one(1))
+    assert entered.wait(10)
+    held = p.enqueue_predict(one(2))
+    held.add_done_callback(blocks)
+"""
+
+
+def test_a_done_callback_that_blocks_holds_stop_only_a_grace_past_its_timeout():
+    lines, took = run_script(EXIT_PRELUDE + HANGING + BLOCKING_CALLBACK + """
+    began = time.monotonic()
+    p.stop(timeout=0.2)
+    print("returned", time.monotonic() - began < 10, flush=True)
+    print("in callback", in_callback.is_set(), flush=True)
+    print("failed", type(held.exception(timeout=0)).__name__, flush=True)
+    """)
+    assert lines == ["returned True", "in callback True",
+                     "failed ProcessorStoppedError"]
+    assert took < 30
+
+
+def test_a_done_callback_that_blocks_holds_ctrl_c_only_a_grace():
+    lines, _ = run_script(EXIT_PRELUDE + HANGING + BLOCKING_CALLBACK + """
+    import os
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupt():
+        in_callback.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    began = time.monotonic()
+    try:
+        p.stop()  # no timeout: only the Ctrl-C ends the wait
+    except KeyboardInterrupt:
+        print("raised", time.monotonic() - began < 10, flush=True)
+    print("in callback", in_callback.is_set(), flush=True)
+    """, timeout=30)
+    assert lines == ["raised True", "in callback True"]
+
+
+def test_a_done_callback_that_blocks_holds_the_exit_only_a_grace_past_its_timeout():
+    lines, took = run_script(EXIT_PRELUDE + HANGING + BLOCKING_CALLBACK + """
+    print("exiting", flush=True)
+    """, timeout=30)
+    assert lines == ["exiting"]
+    assert took < 20

@@ -65,10 +65,14 @@ def stop_all() -> None:
     stopped; the interrupt is logged, not raised: an ``atexit`` hook's exception (a
     ``SystemExit`` too) is only printed as ignored and cannot change the exit status."""
     interrupted: str | None = None
+    deadline = time.monotonic() + EXIT_TIMEOUT
     while True:
         try:
+            # A done-callback that blocks cannot hold the exit past the deadline (or,
+            # once interrupted, past shielded.GRACE): the stops go on in the background.
             shielded.run(functools.partial(_stop_registered, interrupted is not None),
-                         name="batchproc-exit")
+                         name="batchproc-exit",
+                         wait_until=deadline if interrupted is None else time.monotonic())
             break
         except BaseException as exc:
             # An interrupt, raised once the stops were done, or before they began: run

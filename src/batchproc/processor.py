@@ -313,7 +313,9 @@ class BatchProcessor(Generic[T, U]):
         (Ctrl-C) during the wait gives up at once on what is left, as when ``timeout``
         runs out, and is then raised, once, however many arrive: on the main thread the
         work runs on a helper thread (``batchproc.shielded``) that interrupts cannot cut
-        short.
+        short. There, a done-callback that blocks (run as stop fails its request) holds
+        stop at most ``shielded.GRACE`` (2) seconds past ``timeout`` or past a Ctrl-C;
+        the rest of the stop then finishes on that thread, after stop returns.
 
         A processor still running at interpreter exit is stopped then (an ``atexit``
         hook, ``batchproc.exiting``), within ``exiting.EXIT_TIMEOUT`` (5) seconds for all
@@ -323,7 +325,8 @@ class BatchProcessor(Generic[T, U]):
         """
         timeout = timeout_arg(timeout)
         deadline = _INF if timeout is None else _monotonic() + timeout
-        shielded.run(functools.partial(self._stop, deadline), name="batchproc-stop")
+        shielded.run(functools.partial(self._stop, deadline), name="batchproc-stop",
+                     wait_until=deadline)
 
     def _stop(self, deadline: float, shield: shielded.Shield) -> None:
         """stop()'s work, out of reach of interrupts of its caller: an interrupt of the

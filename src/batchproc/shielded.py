@@ -7,11 +7,18 @@ that has just taken its lock. Work interrupted there leaves futures that never c
 and a ``Thread.join`` interrupted so can leave that thread looking finished. Handlers run
 only on the main thread, so there ``run`` hands the work to a helper thread and only
 waits, with a plain lock and attribute assignments that no interrupt can leave half done.
+
+The wait is not endless, though: once interrupted, or once past the time its caller
+gave, it lasts at most ``GRACE`` more seconds. The work gives up its own waits at once
+then, so only code it calls that blocks (a user's done-callback) can keep it longer; it
+goes on finishing on the helper thread, and the caller gets its interrupt back.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -23,6 +30,10 @@ _local = threading.local()
 
 # How soon a signal delivered to another thread reaches the waiting main thread (seconds).
 SIGNAL_POLL = 0.05
+
+# How long the caller still waits for the work once interrupted, or once past its
+# ``wait_until``, before leaving it to finish on its helper thread (seconds).
+GRACE = 2.0
 
 
 class Shield:
@@ -70,10 +81,13 @@ class _Helper(Generic[T]):
 class _Wait:
     """The waiting thread's side of ``run``."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait_until: float) -> None:
         self.helper: _Helper[Any] | None = None
         self.started = False
         self.interrupt: BaseException | None = None
+        self.wait_until = wait_until
+        self.interrupted_at = math.inf
+        self.waited_enough = False  # past the grace: leave the work to its helper
 
     def step(self, work: Callable[[Shield], Any], name: str) -> None:
         if self.helper is None:
@@ -93,11 +107,21 @@ class _Wait:
         # In slices: a signal the system delivers to another thread only sets a flag, and
         # its handler runs here at the next instruction, not in a wait that never ends.
         helper.done.acquire(timeout=SIGNAL_POLL)
+        now = time.monotonic()
+        if self.interrupt is not None and self.interrupted_at == math.inf:
+            self.interrupted_at = now
+        if now >= min(self.wait_until, self.interrupted_at) + GRACE:
+            self.waited_enough = True
 
 
-def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
+def run(work: Callable[[Shield], T], name: str = "batchproc-shielded",
+        wait_until: float = math.inf) -> T | None:
     """Call ``work(shield)`` and return its result (or raise its exception) once it has
     finished, whatever exceptions the calling thread gets meanwhile.
+
+    The caller waits at most ``GRACE`` seconds past its first interrupt or past
+    ``wait_until`` (``time.monotonic()`` time); then it returns None (or raises the
+    interrupt) and the work finishes on its own.
 
     On the main thread ``work`` runs on a helper thread named ``name``: the first
     exception raised into the wait (``KeyboardInterrupt``...) sets ``shield.interrupted``
@@ -113,11 +137,11 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
     # catches what lands between the inner handler and the inner loop's next turn; the
     # handlers tell the work first, so that it gives up even if a further interrupt,
     # landing right after the outer handler, ends this wait early.
-    state = _Wait()
+    state = _Wait(wait_until)
     # (The loops test attributes, not a call: a call's entry may be interrupted too.)
-    while state.helper is None or not state.helper.finished:
+    while state.helper is None or not (state.helper.finished or state.waited_enough):
         try:
-            while state.helper is None or not state.helper.finished:
+            while state.helper is None or not (state.helper.finished or state.waited_enough):
                 try:
                     state.step(work, name)
                 except BaseException as exc:
@@ -133,6 +157,10 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded") -> T:
     helper = state.helper
     assert helper is not None
     interrupt = state.interrupt
+    if not helper.finished:  # waited long enough: the work finishes on its own
+        if interrupt is not None:
+            raise interrupt
+        return None
     # The helper has finished its work; let it end too, so that it outlives nothing (one
     # that found the work taken returns at once).
     try:

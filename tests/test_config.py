@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 import pickle
 import re
 from decimal import Decimal
@@ -18,6 +19,7 @@ from batchproc import (
     ConfigTypeError,
     PrioritizedItem,
 )
+from batchproc._native import request_queue, rolling_window
 from batchproc.config import MAX_WORKERS
 
 DESIGN_DEFAULTS = dict(
@@ -497,3 +499,61 @@ def test_numpy_numbers_are_taken_in_format_settings():
     assert {type(output) for output in config.per_token_outputs} == {int, str}
     assert BatchProcessorConfig(pad_value={"mask": np.bool_(False)}).pad_value == {
         "mask": False}
+
+
+# The native limits the settings that size native structures must stay within.
+QUEUE_MOST = request_queue.MAX_CAPACITY
+WINDOW_MOST = rolling_window.MAX_CAPACITY
+# The largest max_batch_memory_mb: its bytes, 2**63 - 2**10, fit an int64.
+MIB_MOST = math.nextafter(2.0**43, 0)
+
+
+def test_the_native_limits_are_those_of_the_native_structures():
+    assert (QUEUE_MOST, WINDOW_MOST) == (2**24, 2**26)
+    with pytest.raises(ValueError, match="capacity"):
+        request_queue.RequestQueue(QUEUE_MOST + 1)
+    with pytest.raises(ValueError, match="capacity"):
+        rolling_window.RollingWindow(WINDOW_MOST + 1)
+
+
+@pytest.mark.parametrize("field,most,value", [
+    ("max_queue_size", QUEUE_MOST, QUEUE_MOST + 1),
+    ("max_queue_size", QUEUE_MOST, np.int64(QUEUE_MOST + 1)),
+    ("max_queue_size", QUEUE_MOST, 2**70),
+    ("monitoring_window", WINDOW_MOST, WINDOW_MOST + 1),
+    ("monitoring_window", WINDOW_MOST, 2**70),
+    ("max_workers", MAX_WORKERS, MAX_WORKERS + 1),
+], ids=repr)
+def test_a_size_above_its_native_limit_is_refused_naming_field_and_limit(field, most, value):
+    with pytest.raises(ValueError, match=re.escape(
+            f"{field} must be <= {most}, got {int(value)}")) as info:
+        BatchProcessorConfig(**{field: value})
+    assert not isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize("value", [2.0**43, 1e308, np.float64(1e300), Decimal("1e300"),
+                                   Fraction(2**63, 2**20), 10**300], ids=repr)
+def test_a_memory_cap_whose_bytes_do_not_fit_64_bits_is_refused_naming_the_largest(value):
+    with pytest.raises(ValueError, match=re.escape(
+            f"max_batch_memory_mb must be <= {MIB_MOST!r}")) as info:
+        BatchProcessorConfig(max_batch_memory_mb=value)
+    assert not isinstance(info.value, TypeError)
+    assert "use None for no cap" in str(info.value)
+
+
+@pytest.mark.parametrize("value,nbytes", [
+    (MIB_MOST, 2**63 - 2**10), (2**42, 2**62), (1e-9, 1), (1, 2**20)], ids=repr)
+def test_a_memory_cap_just_inside_the_limit_is_kept_in_bytes(value, nbytes):
+    assert BatchProcessorConfig(max_batch_memory_mb=value).max_batch_bytes == nbytes
+
+
+def test_the_largest_settings_accepted_construct_and_run_a_processor():
+    config = BatchProcessorConfig(
+        max_queue_size=QUEUE_MOST, monitoring_window=WINDOW_MOST,
+        max_batch_memory_mb=MIB_MOST, max_batch_size=2**70, initial_batch_size=2**70,
+        max_batch_tokens=2**70, pad_value=0, max_retries=2**70,
+        batch_timeout=1e308, max_queue_time=1e308)
+    with BatchProcessor(config) as processor:
+        processor.start(lambda batch: batch * 2)
+        result = processor.enqueue_predict(np.arange(3.0).reshape(3, 1)).result(timeout=10)
+    assert result.ravel().tolist() == [0.0, 2.0, 4.0]

@@ -78,6 +78,7 @@ class QueueClosed(RuntimeError):
 cdef int _SLOT_BITS = 24
 cdef int64_t _SLOT_MASK = (1 << 24) - 1
 cdef int64_t _MAX_CAPACITY = 1 << 24
+MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 cdef int64_t _MAX_PRIORITY = 2147483647
 # rows, nbytes and length are capped so that the totals of a full queue (2**24 entries)
 # can never overflow int64: 2**24 * (2**39 - 1) < 2**63.

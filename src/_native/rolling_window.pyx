@@ -19,8 +19,10 @@ from scratch_array cimport ScratchArray
 import numpy as np
 
 cdef enum:
-    MAX_CAPACITY = 1 << 26
+    _MAX_CAPACITY = 1 << 26
     NOGIL_EXTEND = 4096     # extend() releases the GIL for batches at least this long
+
+MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 
 
 @cython.final
@@ -56,7 +58,7 @@ cdef class RollingWindow:
         self.capacity = 0
 
     def __init__(self, capacity):
-        cdef Py_ssize_t cap = count_arg(capacity, "capacity", MAX_CAPACITY)
+        cdef Py_ssize_t cap = count_arg(capacity, "capacity", _MAX_CAPACITY)
         if self.capacity:
             raise RuntimeError("RollingWindow is already initialised")
         self._rng = 0x9E3779B9u ^ <uint32_t>cap

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ._native.request_queue import MAX_CAPACITY as _MAX_QUEUE_SIZE
+from ._native.rolling_window import MAX_CAPACITY as _MAX_MONITORING_WINDOW
 from .errors import ConfigTypeError
 
 
@@ -145,8 +147,9 @@ class BatchProcessorConfig:
             discarded; a call of several requests fails none of them (each is queued again
             alone), and a request whose call of its own runs past it fails with
             `BatchTimeoutError`.
-        max_queue_size: Most requests waiting in the queue, in requests. Default
-            ``1000``. ``enqueue_predict`` blocks for room (up to its ``timeout``, then
+        max_queue_size: Most requests waiting in the queue, in requests, at most
+            ``2**24`` (the native queue's capacity). Default ``1000``.
+            ``enqueue_predict`` blocks for room (up to its ``timeout``, then
             `QueueFullError`); ``enqueue_predict_async`` refuses at once.
         enable_priority_queue: Serve by `BatchPriority` (most urgent first, FIFO within a
             level), on or off. Default ``False``: the queue is FIFO and ``priority`` is
@@ -158,7 +161,8 @@ class BatchProcessorConfig:
         min_batch_interval: Least time between the starts of two batches, across all
             workers, in seconds. Default ``0.0`` (no pacing).
         max_batch_memory_mb: Most input bytes in one batch, in MiB (2**20 bytes), or
-            ``None`` for no cap. Default ``None``. An item larger than the cap is split
+            ``None`` for no cap, below ``2**43`` (so that its bytes fit 64 bits).
+            Default ``None``. An item larger than the cap is split
             into chunks that fit; a single row larger than it runs alone.
         enable_memory_optimization: Garbage collection off the request path, on or off.
             Default ``True``: a young-generation collection after each batch of at least
@@ -186,7 +190,7 @@ class BatchProcessorConfig:
         enable_monitoring: Record every request's latency for the percentiles of
             ``get_stats()``, on or off. Default ``True``; off, the latency keys stay 0.
         monitoring_window: How many recent samples the statistics look at, in batches
-            (and in requests for latencies). Default ``1000``.
+            (and in requests for latencies), at most ``2**26``. Default ``1000``.
         enable_health_monitoring: Run the health checks every
             ``health_check_interval``, on or off: log transitions, feed memory pressure
             to the controller, report to the metrics collector. Default ``True``.
@@ -308,11 +312,9 @@ class BatchProcessorConfig:
                      "queue_critical_threshold"):
             if getattr(self, name) is not None:
                 setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
-        if self.max_workers > MAX_WORKERS:
-            # Each worker is a thread: far more than this exhausts the process's threads
-            # (start() would fail deep in threading) long before it helps throughput.
-            raise ValueError(
-                f"max_workers must be <= {MAX_WORKERS}, got {self.max_workers!r}")
+        for name, most in _MOST.items():
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
         self.max_retries = _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
             setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0))
@@ -331,6 +333,12 @@ class BatchProcessorConfig:
                 setattr(self, name, _require_number(
                     name, getattr(self, name), minimum=0.0,
                     allow_zero=name == "max_priority_wait", unlimited=_NONE_MEANS[name]))
+        if self.max_batch_memory_mb is not None and self.max_batch_memory_mb >= _MIB_LIMIT:
+            # max_batch_bytes must fit the native queue's 64-bit byte counts.
+            raise ValueError(
+                f"max_batch_memory_mb must be <= {math.nextafter(_MIB_LIMIT, 0)!r} (below "
+                f"2**43 MiB: 2**63 bytes do not fit a 64-bit byte count), got "
+                f"{self.max_batch_memory_mb!r}; use None for no cap")
         retry_on = self.retry_on
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -481,6 +489,17 @@ _DEFAULTS["gc_batch_threshold"] = _GC_BATCH_THRESHOLD
 # What None means for the number fields that take it.
 # The most worker threads one processor may run (max_workers).
 MAX_WORKERS = 1024
+
+# The largest values of the settings with an upper bound: a thread per worker (far more
+# exhausts the process's threads long before it helps throughput), and the capacities of
+# the native queue and statistics windows they size.
+_MOST = {
+    "max_workers": MAX_WORKERS,
+    "max_queue_size": _MAX_QUEUE_SIZE,
+    "monitoring_window": _MAX_MONITORING_WINDOW,
+}
+# max_batch_memory_mb is below this many MiB: its bytes fit an int64.
+_MIB_LIMIT = 2.0**43
 
 _NONE_MEANS = {
     "max_batch_memory_mb": "no cap",

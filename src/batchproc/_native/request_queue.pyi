@@ -2,6 +2,9 @@
 
 from typing import Any, Final, SupportsFloat, SupportsIndex, final
 
+MAX_CAPACITY: Final[int]
+"""The most entries a queue may hold (2**24): ``capacity``'s upper bound."""
+
 MAX_COUNT: Final[int]
 """The most rows, bytes or sequence length one entry may count for (2**39 - 1)."""
 

@@ -1,10 +1,13 @@
 """Type stub for the compiled module batchproc._native.rolling_window."""
 
 from collections.abc import Iterable
-from typing import SupportsFloat, SupportsIndex, final
+from typing import Final, SupportsFloat, SupportsIndex, final
 
 import numpy as np
 import numpy.typing as npt
+
+MAX_CAPACITY: Final[int]
+"""The most samples a window may hold (2**26): ``capacity``'s upper bound."""
 
 @final
 class RollingWindow:

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import datetime
 import math
 import pickle
 import re
@@ -557,3 +558,46 @@ def test_the_largest_settings_accepted_construct_and_run_a_processor():
         processor.start(lambda batch: batch * 2)
         result = processor.enqueue_predict(np.arange(3.0).reshape(3, 1)).result(timeout=10)
     assert result.ravel().tolist() == [0.0, 2.0, 4.0]
+
+
+class _FloatFails(Fraction):
+    """A real number whose conversion to float breaks."""
+
+    def __float__(self) -> float:
+        raise ZeroDivisionError("no float for this one")
+
+
+class _IndexFails:
+    """An object whose conversion to an integer breaks with a ValueError."""
+
+    def __index__(self) -> int:
+        raise ValueError("no index for this one")
+
+
+DURATIONS = [np.timedelta64(10, "ms"), np.timedelta64(10), np.timedelta64("NaT"),
+             datetime.timedelta(milliseconds=10)]
+
+
+@pytest.mark.parametrize("value", [*DURATIONS, np.datetime64(10, "ms"), _FloatFails(1, 2)],
+                         ids=repr)
+@pytest.mark.parametrize("field,needs,none_means", NUMBER_FIELDS)
+def test_what_fails_the_conversion_to_a_number_is_a_config_type_error_naming_the_field(
+        field, needs, none_means, value):
+    with pytest.raises(ConfigTypeError) as info:
+        BatchProcessorConfig(**needs, **{field: value})
+    assert str(info.value).startswith(f"{field} {REAL}, got {value!r}")
+
+
+@pytest.mark.parametrize("value", DURATIONS, ids=repr)
+def test_a_duration_is_refused_asking_for_seconds(value):
+    with pytest.raises(ConfigTypeError, match="give a duration in seconds, as a number"):
+        BatchProcessorConfig(batch_timeout=value)
+
+
+@pytest.mark.parametrize("value", [_IndexFails(), np.timedelta64(10)], ids=repr)
+@pytest.mark.parametrize("field,needs", INT_FIELDS)
+def test_what_fails_the_conversion_to_an_integer_is_a_config_type_error_naming_the_field(
+        field, needs, value):
+    with pytest.raises(ConfigTypeError) as info:
+        BatchProcessorConfig(**needs, **{field: value})
+    assert str(info.value).startswith(f"{field} {INTEGER}, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import numbers
 import operator
@@ -118,7 +119,8 @@ class BatchProcessorConfig:
     given as ``None``) is derived from the settings it must agree with (each says how),
     so that a setting you change never makes a default one unreachable; a copy made with
     ``dataclasses.replace`` derives it again. A value of the wrong type (a float or a
-    bool for an integer, a string for a number or a bool) raises `ConfigTypeError`, a
+    bool for an integer, a string or a duration for a number, anything that fails the
+    conversion) raises `ConfigTypeError`, a
     ``TypeError`` that is also a ``ValueError``, naming the field, the value and what it
     accepts: integer fields take any integral number (``operator.index``: an int, a
     numpy integer), number fields any real number (a numpy number, a ``Fraction``, a
@@ -582,7 +584,7 @@ def _as_int(value: Any) -> int | None:
         return None
     try:
         return operator.index(value)
-    except TypeError:
+    except Exception:  # whatever a broken __index__ raises, it is no integer
         return None
 
 
@@ -638,19 +640,28 @@ def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool =
                     unlimited: str | None = None) -> float:
     """``value`` as a plain float: a finite real number (an int, a float, a numpy
     number, a ``Fraction`` or a ``Decimal``; never a bool) at or above ``minimum``.
-    ``ConfigTypeError`` for anything else. Infinity is no way to say "unlimited" (a
+    ``ConfigTypeError`` for anything else: a duration (a ``timedelta``, a numpy
+    ``timedelta64``, whose unit is not seconds), or what ``float()`` fails on.
+    Infinity is no way to say "unlimited" (a
     batch waiting for ever for a full batch, a deadline never reached): ``unlimited``
     says what ``None`` means for a field that takes it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, Decimal)):
-        raise ConfigTypeError(
-            f"{name} must be a real number (an int, a float, a numpy number, a Fraction or "
-            f"a Decimal; not a bool), got {_shown(value)}")
+    # A timedelta64 is registered as a number, but counts its own unit, not seconds.
+    duration = isinstance(value, (np.timedelta64, datetime.timedelta))
+    refused = ConfigTypeError(
+        f"{name} must be a real number (an int, a float, a numpy number, a Fraction or a "
+        f"Decimal; not a bool), got {_shown(value)}"
+        + ("; give a duration in seconds, as a number" if duration else ""))
+    if duration or isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (numbers.Real, Decimal)):
+        raise refused
     try:
         number = float(value)
-    except ValueError:
-        number = math.nan  # a signalling Decimal NaN
     except OverflowError:  # an int or a Fraction beyond what a float holds
         number = math.inf
+    except Exception as error:
+        if not (isinstance(value, Decimal) and value.is_nan()):  # a signalling NaN
+            raise refused from error
+        number = math.nan
     if not math.isfinite(number):
         if isinstance(value, numbers.Rational) or (
                 isinstance(value, Decimal) and value.is_finite()):

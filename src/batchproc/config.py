@@ -124,8 +124,9 @@ class BatchProcessorConfig:
     ``TypeError`` that is also a ``ValueError``, naming the field, the value and what it
     accepts: integer fields take any integral number (``operator.index``: an int, a
     numpy integer), number fields any real number (a numpy number, a ``Fraction``, a
-    ``Decimal``) and switches a bool or a numpy bool, stored as a plain ``int``,
-    ``float`` and ``bool``. Rows are what a batch is counted in: an
+    ``Decimal``) and switches a bool or a numpy bool, stored as a Python ``int``,
+    ``float`` and ``bool`` (what the config clamped or derived: a subclass remembering
+    what was given). Rows are what a batch is counted in: an
     array item of shape ``(r, ...)`` is ``r`` rows, a stacked sample or a generic item
     one (docs/formats.md). Requests are calls of ``enqueue_predict``; an
     item split into chunks counts once.

@@ -22,10 +22,12 @@ Sync targets are driven from threads; async targets (``is_async``) from one asyn
 in its own thread, with the same shapes (N client coroutines, one generator coroutine).
 The calling thread only watches: it reports progress through ``tick(done)`` every 0.1 s.
 
-A run's length is bounded, however overloaded the system: no load is offered past the
-duration, and what was offered then has a drain of :func:`drain_window` to finish. What
-has not finished by then (still queued or running, a submit still blocked, arrivals due
-within the duration that a blocked or slow generator never got to submit) is
+A run's length is bounded, however overloaded the system: no arrival is scheduled past
+the duration, and what was scheduled has a drain of :func:`drain_window` to finish. An
+open loop or burst that falls behind still submits every arrival, late (its latency
+counted from its schedule), until the drain ends. What has not finished by then (still
+queued or running, a submit still blocked, arrivals that a blocked or slow generator
+never got to submit) is
 *unfinished*: not counted as completed, its latency taken as its wait until the end of
 the drain (a lower bound), so that an overloaded system's percentiles are not flattered
 by leaving out its slowest requests. One horizon for every system and every request left
@@ -389,15 +391,12 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         pc = time.perf_counter
         sleep = time.sleep
         t0 = state["t0"]
-        deadline = t0 + dur
         if total < n:
             state["bound"] = "duration"
         for i in range(total):
+            if closed[0]:
+                return  # the drain has ended: what is left is counted late
             now = pc()
-            if now >= deadline:
-                # Behind its schedule: what it did not submit is counted late at the end.
-                state["bound"] = "duration"
-                return
             if sched is not None:
                 t = t0 + sched[i]
                 if t > now:
@@ -615,7 +614,7 @@ async def _async_main(
     futs: list[asyncio.Task[Any]] = []
     state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
                              "scheduled": _scheduled(sched, n, dur)}
-    deadline = state["t0"] + dur
+    drained_by = _drained_by(state["t0"], dur)
 
     def mark(i: int, fut: Any) -> None:
         done[i] = pc()
@@ -624,20 +623,20 @@ async def _async_main(
     loop = asyncio.get_running_loop()
     for i in range(total):
         now = pc()
-        if now >= deadline:
-            state["bound"] = "duration"  # behind its schedule: the rest are late
-            break
+        if now >= drained_by:
+            break  # the drain has ended: what is left is counted late
         if sched is not None:
+            # Behind its schedule, it still yields once per arrival, so that the
+            # requests it made run and the drain's end is seen.
             t = state["t0"] + sched[i]
-            if t > now:
-                await asyncio.sleep(t - now)
+            await asyncio.sleep(max(t - now, 0.0))
         else:
-            t = state["t0"]  # a burst arrives all at once
+            t = state["t0"]  # a burst arrives all at once; making its tasks runs none
         task = loop.create_task(acall(pool[i % n_pool], prios[i % n_prios]))
         sub.append(t)
         futs.append(task)
         task.add_done_callback(partial(mark, i))
-    await _wait_until(futs, _drained_by(state["t0"], dur))
+    await _wait_until(futs, drained_by)
     end = pc()
     unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
     unsent = _unsent(state["t0"], sched, len(futs), total)

@@ -423,3 +423,50 @@ def test_a_burst_submits_every_request_however_late(is_async):
     # All arrived at the start: the held one and those after it waited the duration.
     assert res.latencies[10:].min() >= DURATION - 1e-9
 
+
+class CompletesWhenLookedAt(Future):
+    """A future that completes right after the run, having waited on it until its drain
+    ended, first finds it not done: the target finishing it at that very moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = False
+
+    def exception(self, timeout=None):
+        try:
+            return super().exception(timeout)
+        finally:
+            self.waited = True
+
+    def done(self) -> bool:
+        was = super().done()
+        if not was and self.waited:
+            self.set_result(None)
+        return was
+
+
+class CompletingAtTheHorizon:
+    """A sync target whose requests complete only as the run's end looks at them."""
+
+    name = "completing-at-the-horizon"
+    is_async = False
+
+    def __init__(self) -> None:
+        self.futures: list[CompletesWhenLookedAt] = []
+
+    def submit(self, item, priority):
+        self.futures.append(CompletesWhenLookedAt())
+        return self.futures[-1]
+
+
+@pytest.mark.parametrize("load", [Load("burst", burst=1, features=4),
+                                  Load("rate", rate=50.0, features=4)],
+                         ids=["burst", "rate"])
+def test_a_request_completing_at_the_horizon_is_counted_once(load):
+    target = CompletingAtTheHorizon()
+    res = run_load(target, load, Bounds(duration=DURATION))
+    offered = 1 if load.kind == "burst" else res.scheduled
+    assert offered and res.submitted == len(target.futures) == offered
+    assert target.futures[0].done()  # the one waited on completed as it was looked at
+    assert res.completed + res.unfinished == offered == len(res.latencies)
+    assert res.unfinished >= 1 and res.stopped_by == "duration"

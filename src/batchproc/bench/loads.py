@@ -453,10 +453,9 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
     late += _unsent(t0, sched, m + refused + len(late), total)
-    unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
-    tick(m - len(unfinished))
-    return _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end),
-                    unfinished, late)
+    res = _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end), late)
+    tick(res.completed + res.errors)
+    return res
 
 
 def _collect(
@@ -467,12 +466,11 @@ def _collect(
     state: dict[str, Any],
     end: float,
     horizon: float,
-    unfinished: list[tuple[float, int]],
     late: list[float],
 ) -> LoadResult:
-    """The result of an open loop: ``futs`` (``sub``: their arrivals) of which
-    ``unfinished`` ((arrival, index) pairs) had not completed at ``end``, and ``late``:
-    the arrivals of requests never submitted by then. Both wait until ``horizon``.
+    """The result of an open loop: ``futs`` (``sub``: their arrivals) submitted by
+    ``end``, and ``late``: the arrivals of requests never submitted by then. A future not
+    done when this looks at it is unfinished; it and ``late`` wait until ``horizon``.
     ``state["refused"]`` requests were refused at submit."""
     m = len(futs)
     lat: list[float] = []
@@ -481,9 +479,13 @@ def _collect(
     first_error = None
     last = state["t0"]
     n_prios = len(prios)
+    # Each future is looked at once: one that completes meanwhile (the target is still
+    # running) is counted completed or unfinished, never both.
+    unfinished: list[tuple[float, int]] = []
     for i in range(m):
         f = futs[i]
         if not f.done():
+            unfinished.append((sub[i], i))
             continue
         exc = f.exception() if not f.cancelled() else None
         if exc is not None:
@@ -638,11 +640,11 @@ async def _async_main(
         task.add_done_callback(partial(mark, i))
     await _wait_until(futs, drained_by)
     end = pc()
-    unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
     unsent = _unsent(state["t0"], sched, len(futs), total)
     result = _collect(futs, sub, done, prios, state, end, _horizon(state["t0"], dur, end),
-                      unfinished, unsent)
-    await _cancel([futs[i] for _, i in unfinished])  # after _collect: cancelled is done
+                      unsent)
+    # After _collect (a cancelled task is done): what it found unfinished.
+    await _cancel([f for f in futs if not f.done()])
     return result
 
 

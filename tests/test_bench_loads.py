@@ -352,3 +352,121 @@ def test_refused_requests_fail_tunes_goal():
               "throughput": 100.0, "offered": 100.0, "p99_ms": 1.0}
     assert not Goal(rate=100.0).meets(record)
     assert Goal(rate=100.0).meets({**record, "refused": 0})
+
+
+class HoldsOne:
+    """A target that completes each request at once, except that submitting request
+    ``hold`` (counted from 0) returns only once ``hold_s`` have passed since the first
+    submit (so past a run of that duration: the run starts before its first submit)."""
+
+    name = "holds-one"
+
+    def __init__(self, hold: int, hold_s: float, is_async: bool = False) -> None:
+        self.hold = hold
+        self.hold_s = hold_s
+        self.is_async = is_async
+        self.submits = 0
+        self._first = 0.0
+        self._never = threading.Event()
+
+    def _arrive(self) -> None:
+        if self.submits == 0:
+            self._first = time.perf_counter()
+        if self.submits == self.hold:
+            # A wait on an event never set, until the time has surely passed.
+            while (left := self._first + self.hold_s - time.perf_counter()) > 0:
+                self._never.wait(left)
+        self.submits += 1
+
+    def submit(self, item, priority):
+        self._arrive()
+        f: Future = Future()
+        f.set_result(item)
+        return f
+
+    async def acall(self, item, priority):
+        # The event loop is held up, as a generator blocked in a submit is.
+        self._arrive()
+        return item
+
+
+# Rate and seeds whose last two arrivals within one second lie microseconds apart, just
+# before its end: a generator a little behind reaches the last one past the duration.
+EDGE_RATE = 6878.4
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["threads", "asyncio"])
+@pytest.mark.parametrize(("seed", "scheduled"), [(0, 6914), (1, 6879)])
+def test_every_arrival_within_the_duration_is_submitted_however_late(seed, scheduled,
+                                                                      is_async):
+    load = Load("rate", rate=EDGE_RATE, features=4, seed=seed)
+    sched = _schedule(load, scheduled + 1)
+    assert sched[scheduled - 1] < 1.0 <= sched[scheduled]
+    # The one before the last arrival is held in its submit past the duration.
+    target = HoldsOne(scheduled - 2, 1.0, is_async=is_async)
+    res = run_load(target, load, Bounds(requests=100_000, duration=1.0))
+    assert res.scheduled == scheduled == target.submits
+    assert res.submitted == res.completed == scheduled
+    assert res.unfinished == res.errors == 0
+    assert len(res.latencies) == scheduled
+    # Both were late: their latency counts from their schedule, past the duration.
+    assert np.all(res.latencies[-2:] >= 1.0 - sched[scheduled - 2:scheduled] - 1e-9)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["threads", "asyncio"])
+def test_a_burst_submits_every_request_however_late(is_async):
+    target = HoldsOne(10, DURATION, is_async=is_async)
+    res = run_load(target, Load("burst", burst=50, features=4), Bounds(duration=DURATION))
+    assert target.submits == res.submitted == res.completed == 50
+    assert res.unfinished == res.errors == 0
+    assert res.stopped_by == "requests"
+    # All arrived at the start: the held one and those after it waited the duration.
+    assert res.latencies[10:].min() >= DURATION - 1e-9
+
+
+class CompletesWhenLookedAt(Future):
+    """A future that completes right after the run, having waited on it until its drain
+    ended, first finds it not done: the target finishing it at that very moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = False
+
+    def exception(self, timeout=None):
+        try:
+            return super().exception(timeout)
+        finally:
+            self.waited = True
+
+    def done(self) -> bool:
+        was = super().done()
+        if not was and self.waited:
+            self.set_result(None)
+        return was
+
+
+class CompletingAtTheHorizon:
+    """A sync target whose requests complete only as the run's end looks at them."""
+
+    name = "completing-at-the-horizon"
+    is_async = False
+
+    def __init__(self) -> None:
+        self.futures: list[CompletesWhenLookedAt] = []
+
+    def submit(self, item, priority):
+        self.futures.append(CompletesWhenLookedAt())
+        return self.futures[-1]
+
+
+@pytest.mark.parametrize("load", [Load("burst", burst=1, features=4),
+                                  Load("rate", rate=50.0, features=4)],
+                         ids=["burst", "rate"])
+def test_a_request_completing_at_the_horizon_is_counted_once(load):
+    target = CompletingAtTheHorizon()
+    res = run_load(target, load, Bounds(duration=DURATION))
+    offered = 1 if load.kind == "burst" else res.scheduled
+    assert offered and res.submitted == len(target.futures) == offered
+    assert target.futures[0].done()  # the one waited on completed as it was looked at
+    assert res.completed + res.unfinished == offered == len(res.latencies)
+    assert res.unfinished >= 1 and res.stopped_by == "duration"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,54 @@ def test_a_socket_is_no_regular_file(tmp_path) -> None:
         s.bind(str(path))
         with pytest.raises(BenchError, match="is a socket, not a regular file"):
             check_writable("--json", str(path))
+
+
+def test_an_empty_name_is_refused() -> None:
+    with pytest.raises(BenchError, match=r"^--json: an empty file name$"):
+        check_writable("--json", "")
+
+
+# A fresh interpreter whose standard output and error go where the test says.
+CHECK = ("import sys\nfrom batchproc.bench import BenchError\n"
+         "from batchproc.bench.outputs import check_writable\n"
+         "try:\n    check_writable('--json', sys.argv[1])\n"
+         "except BenchError as exc:\n    sys.exit(str(exc))\n")
+
+
+def _check_in(path: str, stdout, stderr) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHECK, path], stdout=stdout, stderr=stderr,
+                          timeout=60, check=False)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+@pytest.mark.parametrize("named", ["by its name", "as /dev/fd"])
+def test_the_file_a_standard_stream_goes_to_is_refused(tmp_path, stream, named) -> None:
+    # Renaming the output over it would replace the file the shell redirected to.
+    redirected = tmp_path / "printed.txt"
+    fd = 1 if stream == "stdout" else 2
+    path = str(redirected) if named == "by its name" else f"/dev/fd/{fd}"
+    if named != "by its name" and not os.path.exists("/dev/fd/1"):
+        pytest.skip("no /dev/fd here")
+    with open(redirected, "w") as f:
+        other = subprocess.PIPE
+        res = _check_in(path, f if fd == 1 else other, f if fd == 2 else other)
+    name = "standard output" if fd == 1 else "standard error"
+    assert res.returncode == 1
+    said = redirected.read_text() if fd == 2 else res.stderr.decode()
+    assert said == (f"--json {path}: is this command's {name}, where the table goes; "
+                    "give the output its own file\n")
+
+
+def test_dev_stdout_through_a_pipe_says_so() -> None:
+    if not os.path.exists("/dev/stdout"):
+        pytest.skip("no /dev/stdout here")
+    res = _check_in("/dev/stdout", subprocess.PIPE, subprocess.PIPE)
+    assert res.returncode == 1 and res.stdout == b""
+    assert res.stderr.decode() == ("--json /dev/stdout: is this command's standard output, "
+                                   "where the table goes; give the output its own file\n")
+
+
+def test_another_file_passes_with_the_streams_redirected(tmp_path) -> None:
+    with open(tmp_path / "printed.txt", "w") as f:
+        res = _check_in(str(tmp_path / "out.json"), f, subprocess.PIPE)
+    assert res.returncode == 0, res.stderr

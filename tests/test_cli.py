@@ -24,7 +24,7 @@ from batchproc.bench import BenchError, blas, cli, models, report
 from batchproc.bench.cli import build_parser
 from batchproc.bench.configs import parse_config
 from batchproc.bench.loads import Bounds, Load
-from batchproc.bench.runner import run_limit, run_target
+from batchproc.bench.runner import RunResult, run_limit, run_target
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -726,3 +726,47 @@ def test_log_records_and_a_bench_progress_never_share_a_line(
     runs = [line for line in lines if line.startswith("  flaky_mod:model")]
     assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
     assert len(warnings) + len(runs) + 1 == len(lines), err  # and the limit's error line
+
+
+@pytest.mark.parametrize(("command", "flag"), [
+    ("bench", "--json"), ("bench", "--plot"), ("sweep", "--json"), ("tune", "--json"),
+])
+def test_an_empty_output_name_fails_before_any_run(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str], command: str, flag: str,
+) -> None:
+    calls = _counting_model(tmp_path, monkeypatch)
+    argv = {
+        "bench": ["bench", "--clients", "1", *TINY],
+        "sweep": ["bench", "--sweep", "--capacity", "100", "--loads", "0.5",
+                  "--duration", "0.2", "--quiet"],
+        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
+    }[command]
+    code = main([*argv, "--model", "calls_mod:model", flag, ""])
+    out, err = capsys.readouterr()
+    assert out == "" and calls == []
+    assert code == 2, err
+    assert err.strip() == f"batchproc {argv[0]}: error: {flag}: an empty file name", err
+
+
+def _one_curve() -> dict[str, list[RunResult]]:
+    run = RunResult(
+        system="batchproc", model="m", load="l", throughput=100.0, p50_ms=1.0, p95_ms=2.0,
+        p99_ms=3.0, mean_ms=1.5, mean_batch=4.0, batches=10, submitted=40, completed=40,
+        errors=0, elapsed_s=0.4, stopped_by="requests")
+    return {"batchproc": [run]}
+
+
+@pytest.mark.parametrize("name", ["p.svgz", "p.eps", "p.ps", "p.svg", "p.png"])
+def test_a_plot_holds_no_temporary_file_name(tmp_path, name: str) -> None:
+    require("matplotlib", "test")
+    path = tmp_path / name
+    report.write_plot(str(path), _one_curve(), "title")
+    data = path.read_bytes()
+    assert f".{name}.".encode() not in data  # the temporary file's prefix
+    assert os.listdir(tmp_path) == [name]
+    if name.endswith(".svgz"):
+        import gzip
+
+        assert b"<svg" in gzip.decompress(data)
+        # The gzip header's optional file name (FNAME flag) names the destination.
+        assert data[3] & 0x08 and data[10:10 + len(name) + 1] == name.encode() + b"\0"

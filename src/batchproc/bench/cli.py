@@ -414,13 +414,14 @@ def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
 def _check_outputs(args: argparse.Namespace) -> None:
     from . import report
 
-    if getattr(args, "plot", None):
+    # Checked when given at all: an empty name is refused, not taken for "none".
+    if getattr(args, "plot", None) is not None:
         check_writable("--plot", args.plot)
         try:
             report.check_plot_path("--plot", args.plot)
         except report.PlotUnavailable as exc:
             raise BenchError(str(exc)) from None
-    if args.json:
+    if args.json is not None:
         check_writable("--json", args.json)
 
 

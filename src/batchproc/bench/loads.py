@@ -22,10 +22,12 @@ Sync targets are driven from threads; async targets (``is_async``) from one asyn
 in its own thread, with the same shapes (N client coroutines, one generator coroutine).
 The calling thread only watches: it reports progress through ``tick(done)`` every 0.1 s.
 
-A run's length is bounded, however overloaded the system: no load is offered past the
-duration, and what was offered then has a drain of :func:`drain_window` to finish. What
-has not finished by then (still queued or running, a submit still blocked, arrivals due
-within the duration that a blocked or slow generator never got to submit) is
+A run's length is bounded, however overloaded the system: no arrival is scheduled past
+the duration, and what was scheduled has a drain of :func:`drain_window` to finish. An
+open loop or burst that falls behind still submits every arrival, late (its latency
+counted from its schedule), until the drain ends. What has not finished by then (still
+queued or running, a submit still blocked, arrivals that a blocked or slow generator
+never got to submit) is
 *unfinished*: not counted as completed, its latency taken as its wait until the end of
 the drain (a lower bound), so that an overloaded system's percentiles are not flattered
 by leaving out its slowest requests. One horizon for every system and every request left
@@ -389,15 +391,12 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         pc = time.perf_counter
         sleep = time.sleep
         t0 = state["t0"]
-        deadline = t0 + dur
         if total < n:
             state["bound"] = "duration"
         for i in range(total):
+            if closed[0]:
+                return  # the drain has ended: what is left is counted late
             now = pc()
-            if now >= deadline:
-                # Behind its schedule: what it did not submit is counted late at the end.
-                state["bound"] = "duration"
-                return
             if sched is not None:
                 t = t0 + sched[i]
                 if t > now:
@@ -454,10 +453,9 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
     late += _unsent(t0, sched, m + refused + len(late), total)
-    unfinished = [(t, i) for i, t in enumerate(sub[:m]) if not futs[i].done()]
-    tick(m - len(unfinished))
-    return _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end),
-                    unfinished, late)
+    res = _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end), late)
+    tick(res.completed + res.errors)
+    return res
 
 
 def _collect(
@@ -468,12 +466,11 @@ def _collect(
     state: dict[str, Any],
     end: float,
     horizon: float,
-    unfinished: list[tuple[float, int]],
     late: list[float],
 ) -> LoadResult:
-    """The result of an open loop: ``futs`` (``sub``: their arrivals) of which
-    ``unfinished`` ((arrival, index) pairs) had not completed at ``end``, and ``late``:
-    the arrivals of requests never submitted by then. Both wait until ``horizon``.
+    """The result of an open loop: ``futs`` (``sub``: their arrivals) submitted by
+    ``end``, and ``late``: the arrivals of requests never submitted by then. A future not
+    done when this looks at it is unfinished; it and ``late`` wait until ``horizon``.
     ``state["refused"]`` requests were refused at submit."""
     m = len(futs)
     lat: list[float] = []
@@ -482,9 +479,13 @@ def _collect(
     first_error = None
     last = state["t0"]
     n_prios = len(prios)
+    # Each future is looked at once: one that completes meanwhile (the target is still
+    # running) is counted completed or unfinished, never both.
+    unfinished: list[tuple[float, int]] = []
     for i in range(m):
         f = futs[i]
         if not f.done():
+            unfinished.append((sub[i], i))
             continue
         exc = f.exception() if not f.cancelled() else None
         if exc is not None:
@@ -615,7 +616,7 @@ async def _async_main(
     futs: list[asyncio.Task[Any]] = []
     state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
                              "scheduled": _scheduled(sched, n, dur)}
-    deadline = state["t0"] + dur
+    drained_by = _drained_by(state["t0"], dur)
 
     def mark(i: int, fut: Any) -> None:
         done[i] = pc()
@@ -624,26 +625,26 @@ async def _async_main(
     loop = asyncio.get_running_loop()
     for i in range(total):
         now = pc()
-        if now >= deadline:
-            state["bound"] = "duration"  # behind its schedule: the rest are late
-            break
+        if now >= drained_by:
+            break  # the drain has ended: what is left is counted late
         if sched is not None:
+            # Behind its schedule, it still yields once per arrival, so that the
+            # requests it made run and the drain's end is seen.
             t = state["t0"] + sched[i]
-            if t > now:
-                await asyncio.sleep(t - now)
+            await asyncio.sleep(max(t - now, 0.0))
         else:
-            t = state["t0"]  # a burst arrives all at once
+            t = state["t0"]  # a burst arrives all at once; making its tasks runs none
         task = loop.create_task(acall(pool[i % n_pool], prios[i % n_prios]))
         sub.append(t)
         futs.append(task)
         task.add_done_callback(partial(mark, i))
-    await _wait_until(futs, _drained_by(state["t0"], dur))
+    await _wait_until(futs, drained_by)
     end = pc()
-    unfinished = [(t, i) for i, t in enumerate(sub) if not futs[i].done()]
     unsent = _unsent(state["t0"], sched, len(futs), total)
     result = _collect(futs, sub, done, prios, state, end, _horizon(state["t0"], dur, end),
-                      unfinished, unsent)
-    await _cancel([futs[i] for _, i in unfinished])  # after _collect: cancelled is done
+                      unsent)
+    # After _collect (a cancelled task is done): what it found unfinished.
+    await _cancel([f for f in futs if not f.done()])
     return result
 
 

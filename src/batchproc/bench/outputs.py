@@ -28,15 +28,25 @@ _KINDS = (
 def check_writable(flag: str, path: str) -> None:
     """``BenchError`` (exit 2) unless ``path`` can be written as a regular file.
 
-    Refused: a directory, a device, FIFO or socket (``/dev/full``, ``/dev/stdout``); an
-    existing file that does not open for writing (it is only opened, left as it was);
-    a directory that is missing or takes no new file (tried for real: permission bits
-    do not tell for root, read-only mounts or ``/proc``). A link is followed.
+    Refused: an empty name; the file this process's standard output or error goes to
+    (``/dev/stdout``, or the file the shell redirects it to: renaming over it would lose
+    what is printed); a directory, a device, FIFO or socket (``/dev/full``); an existing
+    file that does not open for writing (it is only opened, left as it was); a directory
+    that is missing or takes no new file (tried for real: permission bits do not tell for
+    root, read-only mounts or ``/proc``). A link is followed.
     """
+    if not path:
+        raise BenchError(f"{flag}: an empty file name")
     target = os.path.realpath(path)
-    exists = os.path.exists(target)
-    if exists:
-        mode = os.stat(target).st_mode
+    try:
+        # The path itself, not its real path: /dev/stdout's link to a pipe has none.
+        st = os.stat(path)
+    except OSError:
+        st = None
+    exists = st is not None
+    if st is not None:
+        _refuse_standard_stream(flag, path, st)
+        mode = st.st_mode
         if stat.S_ISDIR(mode):
             raise BenchError(f"{flag} {path}: is a directory")
         for test, kind in _KINDS:
@@ -62,6 +72,18 @@ def check_writable(flag: str, path: str) -> None:
         raise BenchError(f"{flag} {path}: {what}{why}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def _refuse_standard_stream(flag: str, path: str, st: os.stat_result) -> None:
+    for fd, name in ((1, "standard output"), (2, "standard error")):
+        try:
+            same = os.path.samestat(st, os.fstat(fd))
+        except OSError:  # closed
+            continue
+        if same:
+            raise BenchError(
+                f"{flag} {path}: is this command's {name}, where the table goes; "
+                "give the output its own file")
 
 
 def replace_file(path: str, write: Callable[[str], None]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -384,10 +385,25 @@ def write_plot(
     ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
     fig.tight_layout()
     try:
-        fmt = os.path.splitext(path)[1].lstrip(".").lower()
-        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+        data = _rendered(fig, path)
     finally:
         plt.close(fig)
+    replace_file(path, lambda tmp: _write_bytes(tmp, data))
+
+
+def _rendered(fig: Any, path: str) -> bytes:
+    """``fig`` in ``path``'s format, drawn in memory under ``path``'s base name: formats
+    that record their file's name (gzip's header in ``.svgz``, PostScript's title) then
+    never see the temporary file it is written to (``.svgz`` names ``path``)."""
+    buf = io.BytesIO()
+    buf.name = os.path.basename(path)
+    fig.savefig(buf, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower())
+    return buf.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 # -- progress -----------------------------------------------------------------------------

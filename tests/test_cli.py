@@ -515,6 +515,15 @@ def _counting_model(tmp_path, monkeypatch) -> list[int]:
     return calls_mod.CALLS
 
 
+# The shortest run of each command that writes outputs.
+SHORT_RUNS = {
+    "bench": ["bench", "--clients", "1", *TINY],
+    "sweep": ["bench", "--sweep", "--capacity", "100", "--loads", "0.5",
+              "--duration", "0.2", "--quiet"],
+    "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
+}
+
+
 @pytest.mark.parametrize("place", ["missing", "file", "dir", "proc"])
 @pytest.mark.parametrize(("command", "flag"), [
     ("bench", "--json"), ("bench", "--plot"), ("sweep", "--json"), ("sweep", "--plot"),
@@ -525,12 +534,7 @@ def test_an_output_that_cannot_be_written_fails_before_any_run(
     place: str,
 ) -> None:
     calls = _counting_model(tmp_path, monkeypatch)
-    argv = {
-        "bench": ["bench", "--clients", "1", *TINY],
-        "sweep": ["bench", "--sweep", "--capacity", "100", "--loads", "0.5",
-                  "--duration", "0.2", "--quiet"],
-        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
-    }[command]
+    argv = SHORT_RUNS[command]
     path, says = _unwritable(tmp_path, place, "json" if flag == "--json" else "png")
     code = main([*argv, "--model", "calls_mod:model", flag, path])
     out, err = capsys.readouterr()
@@ -735,12 +739,7 @@ def test_an_empty_output_name_fails_before_any_run(
     tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str], command: str, flag: str,
 ) -> None:
     calls = _counting_model(tmp_path, monkeypatch)
-    argv = {
-        "bench": ["bench", "--clients", "1", *TINY],
-        "sweep": ["bench", "--sweep", "--capacity", "100", "--loads", "0.5",
-                  "--duration", "0.2", "--quiet"],
-        "tune": ["tune", "--rate", "100", "--duration", "0.2", "--budget", "5", "--quiet"],
-    }[command]
+    argv = SHORT_RUNS[command]
     code = main([*argv, "--model", "calls_mod:model", flag, ""])
     out, err = capsys.readouterr()
     assert out == "" and calls == []

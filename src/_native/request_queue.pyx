@@ -386,6 +386,13 @@ cdef inline bint _grow(void** array, size_t nbytes) noexcept nogil:
     return True
 
 
+cdef inline double _age_since(double pushed) noexcept nogil:
+    """Seconds since ``pushed`` (monotonic); 0.0 for INFINITY (nothing queued)."""
+    if pushed == INFINITY:
+        return 0.0
+    return max(0.0, mono_now() - pushed)
+
+
 @cython.final
 @cython.auto_pickle(False)
 @cython.no_gc_clear     # the item table must outlive finalizers that may still call us
@@ -1491,36 +1498,29 @@ cdef class RequestQueue:
         """Seconds since the oldest queued entry (by push time, whatever its priority) was
         pushed; 0.0 when empty. O(1) for a FIFO queue, O(n) with priorities.
         """
-        cdef double oldest
-        if sync_try_lock(self._sync):
-            oldest = self._oldest_locked()
-            sync_unlock(self._sync)
-        else:
-            with nogil:
-                sync_lock(self._sync)
-                oldest = self._oldest_locked()
-                sync_unlock(self._sync)
-        if oldest == INFINITY:
-            return 0.0
-        return max(0.0, mono_now() - oldest)
+        return _age_since(self._push_time(False))
 
     def newest_age(self):
         """Seconds since the latest push while something is queued (arrivals still
         coming in, or stopped a while ago); 0.0 when empty. O(1)."""
-        cdef double newest = INFINITY
+        return _age_since(self._push_time(True))
+
+    cdef double _push_time(self, bint newest):
+        """The newest (or oldest) queued entry's push time; INFINITY when empty. Takes the
+        lock at once when it is free, releasing the GIL only to wait for it."""
+        cdef double t
         if sync_try_lock(self._sync):
-            if self._len > 0:
-                newest = self._last_push
+            t = self._newest_locked() if newest else self._oldest_locked()
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
-                if self._len > 0:
-                    newest = self._last_push
+                t = self._newest_locked() if newest else self._oldest_locked()
                 sync_unlock(self._sync)
-        if newest == INFINITY:
-            return 0.0
-        return max(0.0, mono_now() - newest)
+        return t
+
+    cdef inline double _newest_locked(self) noexcept nogil:
+        return self._last_push if self._len > 0 else INFINITY
 
     cdef double _oldest_locked(self) noexcept nogil:
         cdef Py_ssize_t i

@@ -715,6 +715,17 @@ def test_the_processors_config_is_read_only_and_says_what_to_use_instead(name, v
     assert getattr(p.config, name) == before
 
 
+def test_the_processors_config_cannot_be_replaced_and_says_what_to_use_instead():
+    p = BatchProcessor(BatchProcessorConfig(max_batch_size=16))
+    own = p.config
+    with pytest.raises(dataclasses.FrozenInstanceError,
+                       match=r"^cannot replace a BatchProcessor's config") as info:
+        p.config = BatchProcessorConfig(max_batch_size=4)
+    assert "processor.update_batch_size(n)" in str(info.value)
+    assert "dataclasses.replace(processor.config, ...)" in str(info.value)
+    assert p.config is own and p.config.max_batch_size == 16
+
+
 def test_update_batch_size_changes_the_target_under_a_read_only_config():
     p = BatchProcessor(BatchProcessorConfig(max_batch_size=16))
     p.update_batch_size(4)

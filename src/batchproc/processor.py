@@ -10,6 +10,7 @@ the health checks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -721,8 +722,17 @@ class BatchProcessor(Generic[T, U]):
         ``AttributeError``): the queue, workers and controller were built from it. Change
         the target batch size with `update_batch_size`; for other settings make a new
         processor from ``dataclasses.replace(processor.config, ...)``, an ordinary config.
+        Assigning the whole config raises the same error.
         """
         return self._config
+
+    @config.setter
+    def config(self, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(
+            "cannot replace a BatchProcessor's config: it is fixed when the processor is "
+            "made (its queue, workers and controller were built from it). Use "
+            "processor.update_batch_size(n) to change the target batch size, or make a new "
+            "processor from dataclasses.replace(processor.config, ...)")
 
     def update_batch_size(self, new_size: int) -> None:
         """Set the target rows per batch, clamped into [min_batch_size, max_batch_size]."""

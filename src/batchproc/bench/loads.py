@@ -49,7 +49,6 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -361,9 +360,19 @@ def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> list
     return (t0 + sched[first:total]).tolist()  # type: ignore[no-any-return]
 
 
-def _mark(done: list[float], count: list[int], i: int, fut: Any) -> None:
-    done[i] = time.perf_counter()
-    count[0] += 1  # progress only: a lost update under a thread switch does not matter
+def _marker(done: list[float], count: list[int]) -> tuple[Callable[[Any], None], dict[int, int]]:
+    """One done-callback shared by every request of a run, and the index it reads:
+    ``index[id(future)]`` is the request's place in ``done``. A callback made per request
+    (a ``partial``) would add two objects per waiting request for the cyclic garbage
+    collector to walk, a cost the harness would add to every system it measures."""
+    index: dict[int, int] = {}
+    pc = time.perf_counter
+
+    def mark(fut: Any) -> None:
+        done[index[id(fut)]] = pc()
+        count[0] += 1  # progress only: a lost update under a thread switch does not matter
+
+    return mark, index
 
 
 def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
@@ -385,6 +394,7 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     lock = threading.Lock()
     closed = [False]
     submitting: list[float | None] = [None]
+    mark, index = _marker(done, count)
 
     def generate() -> None:
         submit = target.submit
@@ -420,7 +430,8 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
                 submitting[0] = None
                 sub.append(t)
                 futs.append(f)
-            f.add_done_callback(partial(_mark, done, count, i))
+            index[id(f)] = i  # f stays in futs: its id is not reused during the run
+            f.add_done_callback(mark)
 
     gen = threading.Thread(target=generate, name="bench-generator", daemon=True)
     pc = time.perf_counter
@@ -618,10 +629,7 @@ async def _async_main(
                              "scheduled": _scheduled(sched, n, dur)}
     drained_by = _drained_by(state["t0"], dur)
 
-    def mark(i: int, fut: Any) -> None:
-        done[i] = pc()
-        progress[0] += 1
-
+    mark, index = _marker(done, progress)
     loop = asyncio.get_running_loop()
     for i in range(total):
         now = pc()
@@ -637,7 +645,8 @@ async def _async_main(
         task = loop.create_task(acall(pool[i % n_pool], prios[i % n_prios]))
         sub.append(t)
         futs.append(task)
-        task.add_done_callback(partial(mark, i))
+        index[id(task)] = i  # the task stays in futs: its id is not reused during the run
+        task.add_done_callback(mark)
     await _wait_until(futs, drained_by)
     end = pc()
     unsent = _unsent(state["t0"], sched, len(futs), total)

@@ -16,6 +16,10 @@ no Python code.
 Python objects never reach nogil code: they live in a Python list indexed by slot, and the
 heap only holds slot numbers. A popped slot is put back on the free list only after its
 object has been moved out of the table, so a slot is never reused under a live object.
+
+Once a consumer has taken a batch, an object in the table is off the cyclic garbage
+collector's lists (see ``_leave_gc``) and back on them the moment it leaves, by whatever
+path: a burst of waiting requests costs the collector nothing.
 """
 
 cimport cython
@@ -39,6 +43,33 @@ cdef extern from "Python.h":
     void PyList_SET_ITEM(PyObject* lst, Py_ssize_t i, PyObject* o)
     Py_ssize_t PyList_GET_SIZE(PyObject* lst)
     unsigned long PyThread_get_thread_ident() nogil
+
+cdef extern from "Python.h":
+    int PyObject_IS_GC(object o)
+    int PyObject_GC_IsTracked(object o)
+    void PyObject_GC_Track(object o)
+    void PyObject_GC_UnTrack(object o)
+
+
+# A queued entry is reachable through its queue until it leaves, so while it waits the
+# collector need not walk it, nor carry it up its generations (a burst of waiting
+# requests would otherwise start full collections over the whole heap). Untracking is
+# safe for an object that stays reachable: it only hides the cycles it is part of, and
+# tracking it again when it leaves lets the collector find them (CPython untracks its
+# own dicts and tuples of atomic values the same way). The one cycle that must not be
+# hidden runs through the queue itself, which only a collection could then free: hence
+# entries stay tracked until a consumer has taken a batch (one that does drains the
+# queue before it lets go of it).
+cdef inline void _leave_gc(object o) noexcept:
+    if PyObject_IS_GC(o) and PyObject_GC_IsTracked(o):
+        PyObject_GC_UnTrack(o)
+
+
+cdef inline void _rejoin_gc(object o) noexcept:
+    # No Python code, no allocation: safe under the mutex.
+    if PyObject_IS_GC(o) and not PyObject_GC_IsTracked(o):
+        PyObject_GC_Track(o)
+
 
 cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     cdef cppclass Sync:
@@ -434,6 +465,7 @@ cdef class RequestQueue:
     cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
     cdef list _items            # slot -> object; only touched with the GIL held
+    cdef bint _hide_entries     # from the first pop_batch: entries off the GC's lists
     # Time: deadlines of queued and parked entries; parked entries by when they are due
     # (their records in _parked, by slot); queued entries by push time while ageing is on
     # (_aging >= 0); slots of expired entries not yet taken out (take_expired).
@@ -480,6 +512,12 @@ cdef class RequestQueue:
         raise TypeError("a RequestQueue cannot be pickled (it holds threads' waits)")
 
     def __dealloc__(self):
+        cdef object entry
+        if self._items is not None:
+            # What is still queued goes back to the collector before the table lets go
+            # of it: a cycle it is part of can then be found.
+            for entry in self._items:
+                _rejoin_gc(entry)
         free(self._heap)
         free(self._info)
         free(self._free)
@@ -941,17 +979,25 @@ cdef class RequestQueue:
     # ------------------------------------------------------------ GIL-side helpers
 
     cdef void _store(self, int32_t s, object item) noexcept:
-        """Put item into table slot s, which holds None. Safe under the mutex: the only
-        reference dropped is None's, so no Python code can run."""
+        """Put item into table slot s, which holds None (and take it off the collector's
+        lists once the queue has a consumer); or put None back into the slot of an item,
+        which is tracked again (a push undone: its caller still holds it). Safe under the
+        mutex: the reference dropped is None's, or one the caller also holds, so no
+        Python code can run."""
         cdef PyObject* lst = <PyObject*>self._items
         cdef PyObject* old = PyList_GET_ITEM(lst, s)
+        if item is not None and self._hide_entries:
+            _leave_gc(item)
+        if old != <PyObject*>None:
+            _rejoin_gc(<object>old)
         Py_XINCREF(<PyObject*>item)
         PyList_SET_ITEM(lst, s, <PyObject*>item)
         Py_XDECREF(old)
 
     cdef void _move_out(self, PopBuf* buf) noexcept:
-        """Move the objects of buf's slots into buf.objs, leaving None behind. Only pointer
-        moves (we take over the table's references), so it is safe under the mutex."""
+        """Move the objects of buf's slots into buf.objs, leaving None behind, and track
+        them again. Only pointer moves (we take over the table's references) and the
+        collector's list links, so it is safe under the mutex."""
         cdef PyObject* lst = <PyObject*>self._items
         cdef PyObject* none = <PyObject*>None
         cdef size_t i
@@ -959,6 +1005,7 @@ cdef class RequestQueue:
         for i in range(buf.n):
             s = buf.slots[i]
             buf.objs[i] = <void*>PyList_GET_ITEM(lst, s)
+            _rejoin_gc(<object>buf.objs[i])
             Py_XINCREF(none)
             PyList_SET_ITEM(lst, s, none)
 
@@ -1196,6 +1243,7 @@ cdef class RequestQueue:
         token cap. Cost: O((k + s) log n) for k taken and s skipped entries.
         """
         cdef PopParams p
+        self._hide_entries = True   # a consumer, which will drain us (_leave_gc says why)
         p.max_rows = _int_arg_clamped(max_rows, "max_rows")
         if p.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")

@@ -9,6 +9,8 @@ events and barriers, never by sleeping. Time bounds are hang guards, not speed c
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib.machinery
 import math
 import pickle
@@ -1076,8 +1078,31 @@ def test_native_uninitialised_queue_is_inert() -> None:
 LENGTHS = st.integers(0, 12).map(lambda n: n if n <= 11 else 2**39 - 1)
 
 
+@functools.total_ordering
+class Item:
+    """A queue entry the cyclic garbage collector manages (an int is not one), equal and
+    ordered by its number like the ints it stands for."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Item) and other.n == self.n
+
+    def __lt__(self, other: Item) -> bool:
+        return self.n < other.n
+
+    def __hash__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"Item({self.n})"
+
+
 class NativeVsReference(RuleBasedStateMachine):
-    """Random operation sequences on both queues, compared step by step."""
+    """Random operation sequences on both queues, compared step by step; and the native
+    queue's entries off the garbage collector's lists exactly while they are queued
+    (once it has been popped from), whatever took them out."""
 
     # max_priority_wait: off, or 0 (every entry has waited past it by the next pop).
     @initialize(capacity=st.integers(1, 12), priorities=st.booleans(),
@@ -1088,6 +1113,23 @@ class NativeVsReference(RuleBasedStateMachine):
         self.next_item = 0
         self.parks = 0
         self.tokens: list[tuple[int, int]] = []
+        self.popped_from = False     # the native queue hides entries pushed from then on
+        self.queued: dict[Item, bool] = {}   # in the native queue -> hidden when pushed
+        self.items: list[Item] = []
+        self.by_token: dict[int, Item] = {}
+
+    def _new_item(self) -> Item:
+        item = Item(self.next_item)
+        self.next_item += 1
+        self.items.append(item)
+        return item
+
+    def _queued(self, item: Item) -> None:
+        self.queued[item] = self.popped_from
+
+    def _left(self, items: list[Item]) -> None:
+        for item in items:
+            del self.queued[item]
 
     @staticmethod
     def _both(fn_n: Callable[[], Any], fn_r: Callable[[], Any]) -> tuple[Any, Any]:
@@ -1106,13 +1148,14 @@ class NativeVsReference(RuleBasedStateMachine):
     @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), nbytes=st.integers(0, 300),
           key=st.integers(0, 2), length=LENGTHS)
     def push(self, priority: int, rows: int, nbytes: int, key: int, length: int) -> None:
-        item = self.next_item
-        self.next_item += 1
+        item = self._new_item()
         tn, tr = self._both(      # timeout=0, then length: all positional
             lambda: self.native.push(item, priority, rows, nbytes, key, 0, length),
             lambda: self.ref.push(item, priority, rows, nbytes, key, 0, length))
         if isinstance(tn, int):
             self.tokens.append((tn, tr))
+            self.by_token[tn] = item
+            self._queued(item)
 
     # Several entries of one key in one step: one push at a time seldom queues enough of
     # them for the caps (the token cap above all) to decide a batch's end.
@@ -1128,33 +1171,36 @@ class NativeVsReference(RuleBasedStateMachine):
     @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), key=st.integers(0, 2),
           expired=st.booleans())
     def push_with_deadline(self, priority: int, rows: int, key: int, expired: bool) -> None:
-        item = self.next_item
-        self.next_item += 1
+        item = self._new_item()
         deadline = 1.0 if expired else 1e12
         tn, tr = self._both(
             lambda: self.native.push(item, priority, rows, 0, key, 0, 0, deadline),
             lambda: self.ref.push(item, priority, rows, 0, key, 0, 0, deadline))
         if isinstance(tn, int):
             self.tokens.append((tn, tr))
+            self.by_token[tn] = item
+            self._queued(item)
 
     @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), key=st.integers(0, 2),
           due=st.booleans(), deadline=st.sampled_from([None, 1.0, 1e12]))
     def park(self, priority: int, rows: int, key: int, due: bool,
              deadline: float | None) -> None:
-        item = self.next_item
-        self.next_item += 1
+        item = self._new_item()
         self.parks += 1
         # Distinct times in the past: the queues agree on the order they come due in.
         not_before = self.parks * 1e-6 if due else 1e12 + self.parks
-        self._both(
+        got, _ = self._both(
             lambda: self.native.park(item, priority, rows, 0, key, 0, not_before, deadline),
             lambda: self.ref.park(item, priority, rows, 0, key, 0, not_before, deadline))
+        if got is None:  # parked (else the name of what it raised)
+            self._queued(item)
 
     @rule()
     def take_expired(self) -> None:
         got_n, got_r = self._both(lambda: self.native.take_expired(0),
                                   lambda: self.ref.take_expired(0))
         assert sorted(got_n) == sorted(got_r)
+        self._left(got_n)
 
     @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700),
           max_tokens=st.integers(-1, 62).map(lambda n: {61: 2**63 - 1, 62: 2**80}.get(n, n)))
@@ -1165,6 +1211,8 @@ class NativeVsReference(RuleBasedStateMachine):
             lambda: self.ref.pop_batch(max_rows, max_bytes, max_tokens=max_tokens,
                                        timeout=0))
         assert got_n == got_r
+        self.popped_from = True
+        self._left(got_n)
 
     @rule(max_tokens=st.integers(1, 40))
     def pop_by_tokens(self, max_tokens: int) -> None:
@@ -1173,16 +1221,23 @@ class NativeVsReference(RuleBasedStateMachine):
             lambda: self.native.pop_batch(2**63 - 1, max_tokens=max_tokens, timeout=0),
             lambda: self.ref.pop_batch(2**63 - 1, max_tokens=max_tokens, timeout=0))
         assert got_n == got_r
+        self.popped_from = True
+        self._left(got_n)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         tn, tr = data.draw(st.sampled_from(self.tokens))
-        assert self.native.cancel(tn) == self.ref.cancel(tr)
+        cancelled = self.native.cancel(tn)
+        assert cancelled == self.ref.cancel(tr)
+        if cancelled:
+            self._left([self.by_token[tn]])
 
     @rule()
     def drain(self) -> None:
-        assert self.native.drain() == self.ref.drain()
+        got = self.native.drain()
+        assert got == self.ref.drain()
+        self._left(got)
 
     @precondition(lambda self: self.next_item >= 25)   # late, so most runs explore first
     @rule()
@@ -1197,6 +1252,19 @@ class NativeVsReference(RuleBasedStateMachine):
         assert self.native.rows == self.ref.rows
         assert self.native.closed == self.ref.closed
         assert (self.native.oldest_age() == 0.0) == (len(self.ref) == self.ref.parked)
+
+    @invariant()
+    def entries_hidden_from_the_collector_exactly_while_queued(self) -> None:
+        if not hasattr(self, "items"):
+            return  # before make()
+        for item in self.items:
+            assert gc.is_tracked(item) != self.queued.get(item, False), item
+
+    def teardown(self) -> None:
+        # Dropped with the queue, what it still held is tracked again.
+        items = getattr(self, "items", [])
+        self.native = self.ref = None  # type: ignore[assignment]
+        assert all(gc.is_tracked(item) for item in items)
 
 
 NativeVsReference.TestCase.settings = settings(max_examples=300, stateful_step_count=60)

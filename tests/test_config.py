@@ -21,7 +21,7 @@ from batchproc import (
     PrioritizedItem,
 )
 from batchproc._native import request_queue, rolling_window
-from batchproc.config import MAX_WORKERS
+from batchproc.config import FIELD_NAMES, MAX_WORKERS, check_keywords
 
 DESIGN_DEFAULTS = dict(
     initial_batch_size=32, min_batch_size=1, max_batch_size=128, batch_timeout=0.1,
@@ -601,3 +601,43 @@ def test_what_fails_the_conversion_to_an_integer_is_a_config_type_error_naming_t
     with pytest.raises(ConfigTypeError) as info:
         BatchProcessorConfig(**needs, **{field: value})
     assert str(info.value).startswith(f"{field} {INTEGER}, got {value!r}")
+
+
+# -- unknown keywords ----------------------------------------------------------------------
+
+
+def test_check_keywords_names_the_function_each_unknown_name_and_the_closest() -> None:
+    check_keywords("f", ["max_batch_size", "own"], ["own"])  # all known: nothing raised
+    with pytest.raises(TypeError) as info:
+        check_keywords("f", ["max_batch_siz", "queue_wait", "zzz", "retry_delay"],
+                       ["queue_wait", "decode"])
+    assert str(info.value) == (
+        "f() got unexpected keyword arguments 'max_batch_siz' (did you mean "
+        "'max_batch_size'?), 'zzz'. f() takes BatchProcessorConfig's fields as keywords "
+        "(help(batchproc.BatchProcessorConfig) lists them), and queue_wait, decode")
+    # The function's own keywords are candidates too.
+    with pytest.raises(TypeError, match=r"'decod' \(did you mean 'decode'\?\)"):
+        check_keywords("f", ["decod"], ["decode"])
+    assert set(FIELD_NAMES) == {f.name for f in dataclasses.fields(BatchProcessorConfig)}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: BatchProcessorConfig(max_batch_siz=64),
+    lambda: dataclasses.replace(BatchProcessorConfig(), max_batch_siz=64),
+], ids=["config", "replace"])
+def test_a_config_names_an_unknown_field_and_the_closest(build) -> None:
+    with pytest.raises(TypeError) as info:
+        build()
+    assert str(info.value) == (
+        "BatchProcessorConfig() got an unexpected keyword argument 'max_batch_siz' (did you "
+        "mean 'max_batch_size'?). BatchProcessorConfig() takes its fields as keywords "
+        "(help(batchproc.BatchProcessorConfig) lists them)")
+    assert not isinstance(info.value, ConfigTypeError)
+
+
+def test_a_config_keeps_its_signature_and_positional_fields() -> None:
+    import inspect
+
+    parameters = list(inspect.signature(BatchProcessorConfig).parameters)
+    assert parameters == list(FIELD_NAMES)
+    assert BatchProcessorConfig(16).initial_batch_size == 16

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import difflib
+import functools
 import math
 import numbers
 import operator
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from decimal import Decimal
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -98,6 +100,24 @@ _DERIVED_FIELDS = ("gc_batch_threshold", "memory_warning_threshold",
                    "queue_critical_threshold")
 
 
+_C = TypeVar("_C")
+
+
+def _keywords_named(cls: type[_C]) -> type[_C]:
+    """A dataclass whose ``__init__`` refuses an unknown keyword with
+    `check_keywords`'s message (the generated one names no close match)."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        check_keywords(cls.__name__, kwargs)
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_keywords_named
 @dataclass
 class BatchProcessorConfig:
     """Settings of a `BatchProcessor`, all keyword arguments with defaults.
@@ -509,6 +529,36 @@ _NONE_MEANS = {
     "max_queue_time": "no limit",
     "max_priority_wait": "strict priorities (no limit)",
 }
+
+
+# The keywords BatchProcessorConfig takes.
+FIELD_NAMES = tuple(f.name for f in fields(BatchProcessorConfig))
+
+
+def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = ()) -> None:
+    """``TypeError`` if a name in ``keywords`` is neither a field of
+    `BatchProcessorConfig` nor one of ``own`` (the other keywords ``function`` takes):
+    the message names ``function``, each unknown name with the closest valid one where
+    one is close, and what ``function`` takes. For everything that builds a config from
+    a caller's keywords (``batch(...)``, ``batched_deployment(...)``, the config itself),
+    whose bare ``TypeError`` would name ``BatchProcessorConfig.__init__`` and no fix."""
+    own = tuple(own)
+    valid = (*FIELD_NAMES, *own)
+    unknown = [name for name in keywords if name not in valid]
+    if not unknown:
+        return
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        shown.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    takes = "its fields" if function == BatchProcessorConfig.__name__ else (
+        "BatchProcessorConfig's fields")
+    also = f", and {', '.join(own)}" if own else ""
+    got = "unexpected keyword arguments" if len(unknown) > 1 else (
+        "an unexpected keyword argument")
+    raise TypeError(
+        f"{function}() got {got} {', '.join(shown)}. {function}() takes {takes} as keywords "
+        f"(help(batchproc.BatchProcessorConfig) lists them){also}")
 
 
 # Set (in the instance's __dict__, never a field) on a processor's own copy of its config.

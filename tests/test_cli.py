@@ -85,6 +85,8 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--model", "json:"], "package.module:callable"),
         (["--json", "/nonexistent-dir/out.json"], "/nonexistent-dir"),
         (["--plot", "/nonexistent-dir/out.png"], "--plot"),
+        (["--config", "max_batch_siz=3"],
+         "'max_batch_siz' (did you mean 'max_batch_size'?)"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(

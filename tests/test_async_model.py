@@ -262,6 +262,19 @@ def test_stop_lets_calls_in_flight_finish_within_its_timeout(make_processor):
     assert [f.result(timeout=0) for f in futures] == [[i] for i in range(10)]
 
 
+@pytest.mark.parametrize("timeout", [1e308, float("inf"), 10**400])
+def test_stop_with_a_timeout_longer_than_a_thread_can_wait(make_processor, timeout):
+    # Its wait for the loop's thread raised OverflowError, leaving the processor running.
+    async def model(batch):
+        await asyncio.sleep(0)
+        return batch
+
+    p = make_processor(model)
+    assert p.enqueue_predict([1]).result(timeout=HANG) == [1]
+    p.stop(timeout=timeout)
+    assert not p.running and not any(t.is_alive() for t in p._threads())
+
+
 def test_stop_that_gives_up_fails_the_call_and_cancels_its_coroutine(make_processor):
     entered = threading.Event()
     cancelled = threading.Event()

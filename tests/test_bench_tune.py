@@ -21,6 +21,7 @@ from batchproc.bench.loads import drain_window
 from batchproc.bench.models import identity
 from batchproc.bench.targets import STOP_TIMEOUT_S
 from batchproc.bench.tune import (
+    CONFIRM_SHARE,
     DEFAULT,
     Candidate,
     Goal,
@@ -28,7 +29,9 @@ from batchproc.bench.tune import (
     Tuner,
     candidates,
     ladder_fraction,
+    least_budget,
     print_result,
+    run_bound_s,
 )
 
 SPACE = ["--sizes", "4,8", "--delays-ms", "1", "--workers", "1",
@@ -90,9 +93,9 @@ def test_tune_at_a_rate_then_resume_measures_nothing_new(tmp_path, capsys) -> No
 
 def test_a_file_of_other_settings_is_refused(tmp_path, capsys) -> None:
     path = tmp_path / "tune.json"
-    code, _, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "0.001",
-                           "--json", str(path))
-    assert code == 1  # the budget allowed no run: nothing meets the goal
+    # The least budget (one run): a file of one run.
+    run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json", str(path))
+    assert len(json.loads(path.read_text())["runs"]) >= 1
     code, out, err = run_cli(capsys, "--model", "identity", "--duration", "0.3", "--quiet",
                              *SPACE, "--rate", "300", "--json", str(path))
     assert code == 2 and out == ""
@@ -103,24 +106,70 @@ def test_a_file_of_other_settings_is_refused(tmp_path, capsys) -> None:
     assert code == 2 and "not a file written by batchproc tune" in err
 
 
-def test_the_budget_bounds_the_search_and_a_rerun_continues(tmp_path, capsys) -> None:
+# A run of 0.15 s is counted as 1.15 s (with its drain and stop), and a third of the
+# budget is kept for confirming finalists: 1.8 s is the least with room for one run.
+TOO_SMALL = ("is too small for one run: a run is counted as 1.15 s (--duration, its drain "
+             "and stop) and a third of the budget is kept for rerunning the finalists; give "
+             "--budget 1.8 or more (about 8.7 s measures each of the 5 configurations once)")
+
+
+@pytest.mark.parametrize("budget", ["0.001", "1", "1.7"])
+def test_a_budget_too_small_for_one_run_is_refused_before_any_run(tmp_path, capsys,
+                                                                  budget) -> None:
     path = tmp_path / "tune.json"
-    code, out, _ = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "0.001",
-                           "--json", str(path))
-    assert code == 1
-    assert "runs: 0 measured now" in out and "budget spent" in out
-    # Nothing was measured: the verdict says so (not that nothing meets the goal), and
-    # what budget would measure something (a run of 0.15 s is counted with its drain and
-    # stop, and a third of the budget is kept for confirming finalists).
-    assert "no configuration tried meets the goal" not in out
-    assert out.strip().endswith(
-        "no configuration could be measured within the budget (--budget 0.001 s): one run "
-        "is counted as 1.15 s (--duration, its drain and stop); give --budget 1.8 or more "
-        "to measure one configuration (about 8.7 s to measure each of the 5 once)")
-    assert json.loads(path.read_text())["budget_spent"] is True
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", budget,
+                             "--json", str(path))
+    assert code == 2 and out == ""
+    assert err == f"batchproc tune: error: --budget {budget} s {TOO_SMALL}\n"
+    assert not path.exists()  # nothing ran, nothing was written
+
+
+def test_a_budget_too_small_is_refused_before_the_model_is_made(capsys) -> None:
+    # A model that cannot even be imported: the budget is refused first.
+    code, _, err = run_cli(capsys, "--model", "no_such_module_xyz:predict", "--duration",
+                           "0.15", "--quiet", *SPACE, "--rate", "300", "--budget", "1")
+    assert code == 2 and TOO_SMALL in err
+
+
+def test_the_least_budget_measures_one_run_then_a_rerun_continues(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "1.8",
+                             "--json", str(path))
+    assert code in (0, 1), err  # whether the default meets the goal is the machine's
+    assert "0 reused" in out and "0 of 5 configurations done" not in out
+    assert "1 of 5 configurations done (budget spent: rerun with the same --json to " in out
+    assert "could be measured" not in out
+    doc = json.loads(path.read_text())
+    assert doc["budget_spent"] is True
+    assert {r["key"] for r in doc["runs"]} == {"default"}
     code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--json", str(path))
     assert code == 0, err
     assert "5 of 5 configurations done" in out and "budget spent" not in out
+
+
+def test_a_results_file_with_the_first_run_is_shown_whatever_the_budget(tmp_path,
+                                                                        capsys) -> None:
+    path = tmp_path / "tune.json"
+    assert run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json",
+                   str(path))[0] in (0, 1)
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300", "--budget", "0.001",
+                             "--json", str(path))
+    assert code in (0, 1) and err == ""
+    assert "runs: 0 measured now" in out and "reused" in out and "budget spent" in out
+
+
+def test_least_budget_has_room_for_the_first_run_and_counts_a_capacity_run() -> None:
+    assert least_budget(Goal(rate=300.0), 0.15) == (1.8, 1.8)
+    assert least_budget(Goal(p99_ms=50.0), 0.15) == (3.5, 3.5)  # the capacity run first
+    assert least_budget(Goal(p99_ms=50.0), 0.15, capacity_known=True) == (1.8, 1.8)
+    assert least_budget(Goal(rate=300.0), 0.15, configurations=5)[1] == 8.7
+    # A run of 0.75 s is counted as 2 s: exactly 3 s would leave the search no time to
+    # start its run; whole seconds from 10 s.
+    assert least_budget(Goal(rate=300.0), 0.75)[0] == 3.1
+    assert least_budget(Goal(rate=300.0), 10.0)[0] == 31.0
+    for duration in (0.15, 0.75, 1.0, 10.0):
+        least = least_budget(Goal(rate=300.0), duration)[0]
+        assert least * (1 - CONFIRM_SHARE) > run_bound_s(duration)
 
 
 def test_ragged_requests_print_a_config_with_padding(capsys) -> None:
@@ -287,13 +336,39 @@ def test_goal_needs_the_load_carried_and_the_slo() -> None:
         Goal()
 
 
-def test_an_slo_search_with_no_budget_counts_the_capacity_run_in_its_advice(capsys) -> None:
-    code, out, _ = run_cli(capsys, *FAST, *SPACE, "--p99-ms", "50", "--budget", "0.001")
-    assert code == 1
+def test_an_slo_search_too_small_for_the_capacity_run_and_one_more_is_refused(
+        capsys) -> None:
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--p99-ms", "50", "--budget", "3.4")
+    assert code == 2 and out == ""
+    assert err == (
+        "batchproc tune: error: --budget 3.4 s is too small for one run (an SLO alone "
+        "measures the capacity first): a run is counted as 1.15 s (--duration, its drain "
+        "and stop) and a third of the budget is kept for rerunning the finalists; give "
+        "--budget 3.5 or more (about 11 s measures each of the 5 configurations once)\n")
+
+
+def test_a_search_that_could_measure_nothing_says_what_budget_would(capsys) -> None:
+    # A capacity run that took longer than its bound leaves the search no room: the
+    # verdict is not that nothing meets the goal, but what budget measures something.
+    now = [0.0]
+    tuner = Tuner(identity, "identity", FeatureRows(4), Goal(p99_ms=50.0),
+                  candidates([4, 8], [1.0], [1], ["adaptive", "fixed"]), duration=0.15,
+                  budget=3.5, results=ResultsFile(None, {}), clock=lambda: now[0])
+
+    def slow_capacity() -> None:
+        now[0] += 2.0
+        tuner.capacity = 1000.0
+
+    tuner._measure_capacity = slow_capacity  # type: ignore[method-assign]
+    result = tuner.run()
+    assert result.records == [] and result.budget_spent
+    print_result("tune", result)
+    out = capsys.readouterr().out
     assert "no configuration tried meets the goal" not in out
     assert out.strip().endswith(
-        "give --budget 3.5 or more to measure one configuration (about 11 s to measure "
-        "each of the 5 once)")
+        "no configuration could be measured within the budget (--budget 3.5 s): one run "
+        "is counted as 1.15 s (--duration, its drain and stop); give --budget 3.5 or more "
+        "to measure one configuration (about 11 s to measure each of the 5 once)")
 
 
 def test_a_search_that_measured_and_found_nothing_says_so(capsys) -> None:
@@ -394,3 +469,40 @@ def test_worst_case_runs_and_their_confirmation_stay_within_the_budget(monkeypat
         if budget >= 30.0:  # room for the search and its finalists' reruns
             assert result.confirmed and result.best is not None
             assert result.best["runs"] == 3
+
+
+@pytest.mark.parametrize(("budget", "note"), [
+    # Room for the default's run only: no rerun; the verdict is on single runs.
+    (3.8, "finalists (the 3 best and the default) not rerun: the budget had no room left "
+          "for a rerun; the verdict is on single runs (pass --json FILE to keep the "
+          "results and continue in a later run)"),
+    # The search, then one rerun of the two finalists' four.
+    (7.5, "finalists (the 3 best and the default) rerun at their deciding load until the "
+          "budget ended the reruns: 3 of 6 runs; they are ranked first, on the medians of "
+          "their runs (pass --json FILE to keep the results and continue in a later run)"),
+    (60.0, "finalists (the 3 best and the default) rerun at their deciding load, 3 runs "
+           "each; they are ranked first, on their medians"),
+])
+def test_the_output_says_how_far_confirming_the_finalists_went(monkeypatch, capsys,
+                                                               budget, note) -> None:
+    from batchproc.bench import tune
+    from batchproc.bench.runner import RunResult
+
+    now = [0.0]
+
+    def run_target(target, model, name, load, bounds, progress, label=None):
+        now[0] += run_bound_s(bounds.duration)  # every run takes its bound: 2.5 s
+        return RunResult(system=target.name, model=name, load=load.label, throughput=load.rate,
+                         p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.0, mean_batch=1.0,
+                         batches=1, submitted=10, completed=10, errors=0, elapsed_s=1.0,
+                         stopped_by="duration")
+
+    monkeypatch.setattr(tune, "run_target", run_target)
+    tuner = Tuner(identity, "identity", FeatureRows(4), Goal(rate=100.0),
+                  candidates([8], [1.0], [1], ["fixed"]), duration=1.0, budget=budget,
+                  results=ResultsFile(None, {}), clock=lambda: now[0])
+    result = tuner.run()
+    assert now[0] <= budget and result.best is not None
+    print_result("tune", result)
+    out = capsys.readouterr().out
+    assert note in out.splitlines()

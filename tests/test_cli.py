@@ -85,6 +85,8 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--model", "json:"], "package.module:callable"),
         (["--json", "/nonexistent-dir/out.json"], "/nonexistent-dir"),
         (["--plot", "/nonexistent-dir/out.png"], "--plot"),
+        (["--config", "max_batch_siz=3"],
+         "'max_batch_siz' (did you mean 'max_batch_size'?)"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(
@@ -657,13 +659,14 @@ def test_tune_resumes_from_a_writable_file_it_checked(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("with_json", [False, True], ids=["no-json", "json"])
 def test_tune_out_of_budget_says_how_to_continue(tmp_path, capsys, with_json) -> None:
     # Only a results file lets a rerun continue: without --json, it says to give one.
+    # The least budget (one run of 0.15 s): the search ends after the default's run.
     argv = ["tune", "--model", "identity", "--rate", "300", "--duration", "0.15",
-            "--budget", "0.001", "--quiet"]
+            "--budget", "1.8", "--quiet"]
     if with_json:
         argv += ["--json", str(tmp_path / "tune.json")]
     code = main(argv)
-    out, _ = capsys.readouterr()
-    assert code == 1
+    out, err = capsys.readouterr()
+    assert code in (0, 1), err  # whether the default meets the goal is the machine's
     rerun = "budget spent: rerun with the same --json to continue"
     pass_json = "budget spent: pass --json FILE to keep the results and continue"
     assert (rerun in out) == with_json

@@ -6,6 +6,7 @@ import datetime
 import math
 import pickle
 import re
+import threading
 from decimal import Decimal
 from fractions import Fraction
 
@@ -19,9 +20,10 @@ from batchproc import (
     BatchProcessorConfig,
     ConfigTypeError,
     PrioritizedItem,
+    ProcessorStoppedError,
 )
 from batchproc._native import request_queue, rolling_window
-from batchproc.config import MAX_WORKERS
+from batchproc.config import FIELD_NAMES, MAX_SECONDS, MAX_WORKERS, check_keywords
 
 DESIGN_DEFAULTS = dict(
     initial_batch_size=32, min_batch_size=1, max_batch_size=128, batch_timeout=0.1,
@@ -601,3 +603,91 @@ def test_what_fails_the_conversion_to_an_integer_is_a_config_type_error_naming_t
     with pytest.raises(ConfigTypeError) as info:
         BatchProcessorConfig(**needs, **{field: value})
     assert str(info.value).startswith(f"{field} {INTEGER}, got {value!r}")
+
+
+# -- unknown keywords ----------------------------------------------------------------------
+
+
+def test_check_keywords_names_the_function_each_unknown_name_and_the_closest() -> None:
+    check_keywords("f", ["max_batch_size", "own"], ["own"])  # all known: nothing raised
+    with pytest.raises(TypeError) as info:
+        check_keywords("f", ["max_batch_siz", "queue_wait", "zzz", "retry_delay"],
+                       ["queue_wait", "decode"])
+    assert str(info.value) == (
+        "f() got unexpected keyword arguments 'max_batch_siz' (did you mean "
+        "'max_batch_size'?), 'zzz'. f() takes BatchProcessorConfig's fields as keywords "
+        "(help(batchproc.BatchProcessorConfig) lists them), and queue_wait, decode")
+    # The function's own keywords are candidates too.
+    with pytest.raises(TypeError, match=r"'decod' \(did you mean 'decode'\?\)"):
+        check_keywords("f", ["decod"], ["decode"])
+    assert set(FIELD_NAMES) == {f.name for f in dataclasses.fields(BatchProcessorConfig)}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: BatchProcessorConfig(max_batch_siz=64),
+    lambda: dataclasses.replace(BatchProcessorConfig(), max_batch_siz=64),
+], ids=["config", "replace"])
+def test_a_config_names_an_unknown_field_and_the_closest(build) -> None:
+    with pytest.raises(TypeError) as info:
+        build()
+    assert str(info.value) == (
+        "BatchProcessorConfig() got an unexpected keyword argument 'max_batch_siz' (did you "
+        "mean 'max_batch_size'?). BatchProcessorConfig() takes its fields as keywords "
+        "(help(batchproc.BatchProcessorConfig) lists them)")
+    assert not isinstance(info.value, ConfigTypeError)
+
+
+def test_a_config_keeps_its_signature_and_positional_fields() -> None:
+    import inspect
+
+    parameters = list(inspect.signature(BatchProcessorConfig).parameters)
+    assert parameters == list(FIELD_NAMES)
+    assert BatchProcessorConfig(16).initial_batch_size == 16
+
+
+# -- the largest time settings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["min_batch_interval", "retry_delay"])
+@pytest.mark.parametrize("value", [math.nextafter(MAX_SECONDS, math.inf), 1e12, 1e308,
+                                   10**400, Decimal("1e400")])
+def test_a_wait_longer_than_a_thread_can_make_is_refused(field, value) -> None:
+    with pytest.raises(ValueError) as info:
+        BatchProcessorConfig(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} must be ")
+    if isinstance(value, float) and value < 1e300:
+        assert message == (f"{field} must be <= {MAX_SECONDS!r} seconds (MAX_SECONDS, "
+                           f"threading.TIMEOUT_MAX: the longest a thread can wait), got "
+                           f"{value!r}")
+
+
+@pytest.mark.parametrize("field", ["min_batch_interval", "retry_delay"])
+def test_the_longest_wait_a_thread_can_make_is_accepted(field) -> None:
+    assert MAX_SECONDS == threading.TIMEOUT_MAX
+    assert getattr(BatchProcessorConfig(**{field: MAX_SECONDS}), field) == MAX_SECONDS
+
+
+@pytest.mark.parametrize(("field", "needs"), [
+    ("batch_timeout", {}), ("item_timeout", {}), ("health_check_interval", {}),
+    ("max_queue_time", {}), ("max_priority_wait", {"enable_priority_queue": True}),
+])
+def test_deadlines_take_any_finite_value(field, needs) -> None:
+    # Compared with the clock, never waited for as one wait: longer than the process
+    # lives means never.
+    assert getattr(BatchProcessorConfig(**needs, **{field: 1e308}), field) == 1e308
+
+
+def test_the_most_time_settings_work_in_a_processor(make_processor) -> None:
+    # Every time setting at its largest: the requests are served (the first batch has no
+    # pacing to wait for), and stop ends the pacing wait of the second at once.
+    p = make_processor(lambda batch: batch, batch_timeout=1e308, item_timeout=1e308,
+                       health_check_interval=1e308, max_queue_time=1e308,
+                       enable_priority_queue=True, max_priority_wait=1e308,
+                       retry_delay=MAX_SECONDS, min_batch_interval=MAX_SECONDS,
+                       processing_strategy="greedy", max_workers=1)
+    assert p.enqueue_predict([1]).result(timeout=10) == [1]
+    second = p.enqueue_predict([2])
+    p.stop(timeout=0.1)
+    with pytest.raises(ProcessorStoppedError):
+        second.result(timeout=10)

@@ -511,12 +511,33 @@ def test_a_call_after_the_exit_hook_is_refused():
 
 
 def test_config_fields_are_checked_when_decorating():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^batch\(\) got an unexpected keyword argument "
+                       r"'max_batch_sise' \(did you mean 'max_batch_size'\?\)\. batch\(\) "
+                       r"takes BatchProcessorConfig's fields as keywords"):
         batchproc.batch(max_batch_sise=8)
     with pytest.raises(ValueError, match="max_batch_size"):
         batchproc.batch(max_batch_size=0)
     with pytest.raises(TypeError, match="either config or its fields"):
         batchproc.batch(config=batchproc.BatchProcessorConfig(), max_batch_size=4)
+
+
+@pytest.mark.parametrize(("keywords", "named"), [
+    ({"max_batch_siz": 64}, "'max_batch_siz' (did you mean 'max_batch_size'?)"),
+    ({"metric_collector": None}, "'metric_collector' (did you mean 'metrics_collector'?)"),
+    ({"nothing_like_it": 1}, "'nothing_like_it'. "),
+    # An unknown name is reported before a config given with it is refused.
+    ({"config": batchproc.BatchProcessorConfig(), "batch_timout": 0.1},
+     "'batch_timout' (did you mean 'batch_timeout'?)"),
+])
+def test_an_unknown_keyword_names_batch_the_closest_setting_and_what_batch_takes(
+        keywords, named):
+    with pytest.raises(TypeError) as info:
+        batchproc.batch(**keywords)
+    message = str(info.value)
+    assert message.startswith("batch() got an unexpected keyword argument ")
+    assert named in message
+    assert message.endswith("as keywords (help(batchproc.BatchProcessorConfig) lists them), "
+                            "and config, metrics_collector, name")
 
 
 def test_functions_still_running_at_exit_finish_their_work():

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from batchproc import BatchTimeoutError
+from batchproc.config import MAX_SECONDS
+from batchproc.engine.execution import backoff
 
 
 class Poison(Exception):
@@ -80,6 +82,30 @@ def test_retries_are_bounded_by_max_retries(make_processor):
     with pytest.raises(KeyError, match="permanent"):
         p.enqueue_predict(item(1)).result(timeout=10)
     assert len(calls) == 3  # the first call and two retries
+
+
+def test_backoff_doubles_up_to_the_longest_wait_and_never_overflows():
+    assert [backoff(0.5, k) for k in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff(0.0, 5000) == 0.0  # 0 * 2**5000: no float holds 2**5000
+    assert backoff(1.0, 40) == MAX_SECONDS  # past what a thread can wait: capped
+    assert backoff(1.0, 10**6) == MAX_SECONDS
+    assert backoff(MAX_SECONDS, 1) == MAX_SECONDS
+    assert backoff(5e-324, 1100) == 2.0**26  # 2**-1074 doubled 1100 times
+
+
+def test_more_than_a_thousand_retries_without_delay_end_in_the_models_error(make_processor):
+    # Retry 1024 waited retry_delay * 2**1024 seconds, which raised OverflowError (no float
+    # holds 2**1024) and failed the request with it.
+    calls = []
+
+    def always(batch):
+        calls.append(1)
+        raise KeyError("permanent")
+
+    p = make_processor(always, max_retries=1100, retry_delay=0.0, max_workers=1)
+    with pytest.raises(KeyError, match="permanent"):
+        p.enqueue_predict(item(1)).result(timeout=60)
+    assert len(calls) == 1101
 
 
 def test_a_batch_past_item_timeout_fails_with_timeout_error_and_service_continues(

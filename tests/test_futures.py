@@ -485,3 +485,26 @@ def test_request_records_are_read_by_name_and_by_the_batch_helpers():
     for helper in (items_of, enqueued_of, total_rows, longest, start_all):
         with pytest.raises(TypeError):
             helper([(futures[0], "a tuple is not a request")])
+
+
+@pytest.mark.parametrize("timeout", [threading.TIMEOUT_MAX * 2, 1e308, float("inf")])
+@pytest.mark.parametrize("method", ["result", "exception"])
+def test_a_wait_longer_than_a_thread_can_make_waits_until_done(method, timeout):
+    # The standard Future raises OverflowError: a wait that long is one without a limit.
+    future = RequestFuture()
+    waiting = threading.Event()
+    got = []
+
+    def wait():
+        waiting.set()
+        try:
+            got.append(getattr(future, method)(timeout=timeout))
+        except BaseException as exc:  # reported by the assertion below
+            got.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    waiting.wait()
+    future.set_result(42)
+    thread.join(timeout=10)
+    assert got == [42 if method == "result" else None]

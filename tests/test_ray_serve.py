@@ -153,3 +153,20 @@ def test_a_deployment_checks_a_changed_config_and_its_fields_before_importing_ra
         batched_deployment(_doubling_model, config=config)
     with pytest.raises(ValueError, match=r"batch_timeout must be >= 0\.0"):
         batched_deployment(_doubling_model, batch_timeout=-1)
+
+
+def test_a_deployment_names_an_unknown_keyword_and_the_closest_before_importing_ray(
+        monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(TypeError) as info:
+        batched_deployment(_doubling_model, max_batch_siz=64)
+    message = str(info.value)
+    assert message.startswith("batched_deployment() got an unexpected keyword argument "
+                              "'max_batch_siz' (did you mean 'max_batch_size'?). ")
+    assert "BatchProcessorConfig.__init__" not in message
+    # Its own keywords and Serve's options are valid names too, and close matches.
+    assert "num_replicas" in message and "metrics_name" in message
+    with pytest.raises(TypeError, match=r"'num_replica' \(did you mean 'num_replicas'\?\)"):
+        batched_deployment(_doubling_model, num_replica=2)
+    with pytest.raises(TypeError, match=r"argument 'zzz'\. batched_deployment\(\) takes"):
+        batched_deployment(_doubling_model, zzz=1)

@@ -215,7 +215,9 @@ class AsyncModel:
             remaining = deadline - _monotonic()
             # stop() called on the loop (by the model itself): it ends after this returns.
             if not on_loop:
-                self._thread.join(None if remaining == float("inf")
+                # Longer than a thread can wait (join would raise OverflowError): as
+                # long as it takes.
+                self._thread.join(None if remaining > threading.TIMEOUT_MAX - _STOP_GRACE
                                   else max(0.0, remaining) + _STOP_GRACE)
         elif not self._loop.is_closed():
             self._loop.close()  # never started

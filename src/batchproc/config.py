@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import difflib
+import functools
 import math
 import numbers
 import operator
 import sys
-from collections.abc import Callable, Collection, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from decimal import Decimal
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -98,6 +101,24 @@ _DERIVED_FIELDS = ("gc_batch_threshold", "memory_warning_threshold",
                    "queue_critical_threshold")
 
 
+_C = TypeVar("_C")
+
+
+def _keywords_named(cls: type[_C]) -> type[_C]:
+    """A dataclass whose ``__init__`` refuses an unknown keyword with
+    `check_keywords`'s message (the generated one names no close match)."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        check_keywords(cls.__name__, kwargs)
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_keywords_named
 @dataclass
 class BatchProcessorConfig:
     """Settings of a `BatchProcessor`, all keyword arguments with defaults.
@@ -107,7 +128,10 @@ class BatchProcessorConfig:
     ``gc_batch_threshold`` above ``max_batch_size``, ``max_batch_tokens`` under twice
     ``pad_to_multiple_of``, a percentage outside 0-100) raise ``ValueError`` naming the
     fields and values; so does a number that is not finite (``inf``, ``nan``) in any
-    field (where ``None`` means no limit, that is the way to say it); so does a setting
+    field (where ``None`` means no limit, that is the way to say it), and a
+    ``min_batch_interval`` or ``retry_delay`` above ``MAX_SECONDS`` (the longest a
+    thread can wait, ``threading.TIMEOUT_MAX``: about 292 years, 49 days on Windows);
+    so does a setting
     of a feature switched off (a value other than its default for ``max_priority_wait``
     without ``enable_priority_queue``,
     ``gc_batch_threshold`` without ``enable_memory_optimization``,
@@ -144,12 +168,14 @@ class BatchProcessorConfig:
             dispatches as soon as arrivals pause while the model is idle; FIXED waits up
             to it for ``current_batch_size`` rows; GREEDY never waits. It holds while
             other calls run long too: a worker without a call in progress (up to
-            ``max_workers``) starts one for requests that waited that long.
+            ``max_workers``) starts one for requests that waited that long. Any finite
+            value: one longer than the process lives means a batch waits to fill.
         item_timeout: Longest one ``process_func`` call may run, in seconds. Default
             ``30.0``. Past it a new worker replaces the stuck one and a late result is
             discarded; a call of several requests fails none of them (each is queued again
             alone), and a request whose call of its own runs past it fails with
-            `BatchTimeoutError`.
+            `BatchTimeoutError`. Any finite value: one longer than the process lives
+            means no limit.
         max_queue_size: Most requests waiting in the queue, in requests, at most
             ``2**24`` (the native queue's capacity). Default ``1000``.
             ``enqueue_predict`` blocks for room (up to its ``timeout``, then
@@ -162,7 +188,8 @@ class BatchProcessorConfig:
             nothing waits, two under load, and more only while each raises rows per
             second by 10%; FIXED runs all.
         min_batch_interval: Least time between the starts of two batches, across all
-            workers, in seconds. Default ``0.0`` (no pacing).
+            workers, in seconds, at most ``MAX_SECONDS`` (a worker waits it out).
+            Default ``0.0`` (no pacing).
         max_batch_memory_mb: Most input bytes in one batch, in MiB (2**20 bytes), or
             ``None`` for no cap, below ``2**43`` (so that its bytes fit 64 bits).
             Default ``None``. An item larger than the cap is split
@@ -198,8 +225,8 @@ class BatchProcessorConfig:
             ``health_check_interval``, on or off: log transitions, feed memory pressure
             to the controller, report to the metrics collector. Default ``True``.
             ``health()`` answers on demand either way.
-        health_check_interval: Time between periodic health checks, in seconds.
-            Default ``30.0``. Needs ``enable_health_monitoring``.
+        health_check_interval: Time between periodic health checks, in seconds, any
+            finite value. Default ``30.0``. Needs ``enable_health_monitoring``.
         queue_warning_threshold: Queue length graded "warning" by the health check, in
             requests, at most ``max_queue_size``. Default ``None``: half of
             ``max_queue_size`` (rounded up; ``500`` for the default ``1000``), or
@@ -212,9 +239,10 @@ class BatchProcessorConfig:
         max_retries: Retries of a single failing request, in attempts after the first.
             Default ``3``. A failing batch of several requests is bisected first; only
             single requests are retried, each alone in its batch.
-        retry_delay: Backoff before the first retry, in seconds; retry ``k`` (from 0)
-            waits ``retry_delay * 2**k``. Default ``1.0``. A request backing off is
-            parked in the queue: it holds no worker, and nothing waits for it.
+        retry_delay: Backoff before the first retry, in seconds, at most
+            ``MAX_SECONDS``; retry ``k`` (from 0) waits ``retry_delay * 2**k``, at most
+            ``MAX_SECONDS``. Default ``1.0``. A request backing off is parked in the
+            queue: it holds no worker, and nothing waits for it.
         retry_on: Which failures of a single request are retried, an exception class or
             a tuple of them. Default ``(Exception,)`` (every ``Exception``); others
             fail the request at once. ``()`` retries nothing. An output that breaks the
@@ -225,13 +253,15 @@ class BatchProcessorConfig:
         max_queue_time: Longest a request may wait in the queue (and parked for a
             retry) before its call, in seconds from enqueue. Default ``None``: no limit.
             A request still waiting when it runs out fails with ``QueueTimeoutError``
-            and never reaches the model. ``enqueue_predict``, ``enqueue`` and
+            and never reaches the model. Any finite value (one longer than the process
+            lives never runs out). ``enqueue_predict``, ``enqueue`` and
             ``enqueue_predict_async`` and ``apredict`` take a per-request value.
         max_priority_wait: With ``enable_priority_queue``, the longest a request waits
             before it is served ahead of every newer request whatever its priority, in
             seconds. Default ``None``: strict priorities. A low priority then waits at
             most this long plus the time to serve the requests older than it (which go
-            in arrival order), however many higher ones keep arriving. Needs
+            in arrival order), however many higher ones keep arriving. Any finite
+            value. Needs
             ``enable_priority_queue`` (a FIFO queue serves in arrival order anyway).
         debug_mode: Log the controller's decisions and every delivery at DEBUG level,
             on or off. Default ``False``.
@@ -321,6 +351,14 @@ class BatchProcessorConfig:
         self.max_retries = _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
             setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0))
+        for name in ("min_batch_interval", "retry_delay"):
+            if getattr(self, name) > MAX_SECONDS:
+                # A worker waits out the pacing interval, and a parked retry's backoff is
+                # capped at this (engine/execution.py): a thread can wait no longer.
+                raise ValueError(
+                    f"{name} must be <= {MAX_SECONDS!r} seconds (MAX_SECONDS, "
+                    f"threading.TIMEOUT_MAX: the longest a thread can wait), got "
+                    f"{getattr(self, name)!r}")
         for name in ("item_timeout", "health_check_interval"):
             setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0,
                                                 allow_zero=False))
@@ -492,6 +530,10 @@ _DEFAULTS["gc_batch_threshold"] = _GC_BATCH_THRESHOLD
 # What None means for the number fields that take it.
 # The most worker threads one processor may run (max_workers).
 MAX_WORKERS = 1024
+# The longest wait in seconds a thread can make (threading.TIMEOUT_MAX: about 292 years,
+# 49 days on Windows):
+# the most min_batch_interval and retry_delay (and a retry's backoff) may be.
+MAX_SECONDS: float = threading.TIMEOUT_MAX
 
 # The largest values of the settings with an upper bound: a thread per worker (far more
 # exhausts the process's threads long before it helps throughput), and the capacities of
@@ -509,6 +551,36 @@ _NONE_MEANS = {
     "max_queue_time": "no limit",
     "max_priority_wait": "strict priorities (no limit)",
 }
+
+
+# The keywords BatchProcessorConfig takes.
+FIELD_NAMES = tuple(f.name for f in fields(BatchProcessorConfig))
+
+
+def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = ()) -> None:
+    """``TypeError`` if a name in ``keywords`` is neither a field of
+    `BatchProcessorConfig` nor one of ``own`` (the other keywords ``function`` takes):
+    the message names ``function``, each unknown name with the closest valid one where
+    one is close, and what ``function`` takes. For everything that builds a config from
+    a caller's keywords (``batch(...)``, ``batched_deployment(...)``, the config itself),
+    whose bare ``TypeError`` would name ``BatchProcessorConfig.__init__`` and no fix."""
+    own = tuple(own)
+    valid = (*FIELD_NAMES, *own)
+    unknown = [name for name in keywords if name not in valid]
+    if not unknown:
+        return
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        shown.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    takes = "its fields" if function == BatchProcessorConfig.__name__ else (
+        "BatchProcessorConfig's fields")
+    also = f", and {', '.join(own)}" if own else ""
+    got = "unexpected keyword arguments" if len(unknown) > 1 else (
+        "an unexpected keyword argument")
+    raise TypeError(
+        f"{function}() got {got} {', '.join(shown)}. {function}() takes {takes} as keywords "
+        f"(help(batchproc.BatchProcessorConfig) lists them){also}")
 
 
 # Set (in the instance's __dict__, never a field) on a processor's own copy of its config.

@@ -14,7 +14,9 @@ walk those objects cost as much as the rest of the request path
   Python thread can interleave with (``batchproc._native.future_state`` says why);
 - a thread blocked in ``result()``/``exception()`` waits on a lock of its own, created
   only when somebody actually waits (the way ``Condition.wait`` works inside);
-- lists of callbacks and waiters exist only once something is added to them.
+- lists of callbacks and waiters exist only once something is added to them;
+- a ``timeout`` longer than a thread can wait (``threading.TIMEOUT_MAX``, ``inf``)
+  waits as long as it takes, where the standard one raises ``OverflowError``.
 
 The one exception is a future handed to ``concurrent.futures.wait()`` or
 ``as_completed()``: they hold ``_condition`` (a plain lock here, created on first use)
@@ -151,7 +153,9 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                     self._sleepers = [*(self._sleepers or ()), sleeper]
         if not registered:
             return
-        if timeout is None:
+        if timeout is None or timeout > threading.TIMEOUT_MAX:
+            # Longer than a thread can wait (acquire would raise OverflowError): as long
+            # as it takes.
             woken = sleeper.acquire()
         elif timeout > 0:
             woken = sleeper.acquire(True, timeout)

@@ -5,11 +5,11 @@
 request) and the limit (the model called back to back on full batches); ``bench
 --sweep`` runs open-loop loads at fractions of the capacity (:mod:`.sweep`); ``tune``
 searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
---plot format matplotlib cannot write) end with one line on stderr and exit status 2,
-before anything runs. A run that raises is shown as failed, the other runs are kept, and
-the status is 1; so is an output that fails to be written after the runs (the figures
-are printed all the same); any other failure while running ends with one line and
-status 1.
+--plot format matplotlib cannot write, a tune --budget too small for one run) end with
+one line on stderr and exit status 2, before anything runs. A run that raises is shown
+as failed, the other runs are kept, and the status is 1; so is an output that fails to
+be written after the runs (the figures are printed all the same); any other failure
+while running ends with one line and status 1.
 """
 
 from __future__ import annotations
@@ -322,7 +322,8 @@ def _add_tune_parser(sub: Any) -> None:
     r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
                    help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")
     r.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_S, metavar="S",
-                   help="start no run that could end past S seconds from the start (default: "
+                   help="start no run that could end past S seconds from the start; one "
+                   "too small for a run is refused, saying the least (default: "
                    f"{DEFAULT_BUDGET_S:g})")
     r.add_argument("--seed", type=int, default=0,
                    help="seed for requests, arrivals and the search order")
@@ -400,6 +401,11 @@ def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
     """The model and what it is sent, checked on batches of one and two requests."""
     source = parse_inputs(args.input, args.features)
+    return _model_for(args, source), source
+
+
+def _model_for(args: argparse.Namespace, source: RequestSource) -> Model:
+    """The model, checked on batches of one and two of ``source``'s requests."""
     model = make_model(args.model, features=args.features or 64, model_ms=args.model_ms)
     check_model(model, source, name=f"--model {args.model}", seed=args.seed)
     try:
@@ -408,7 +414,7 @@ def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
         batchproc.BatchProcessor  # noqa: B018
     except (ImportError, AttributeError) as exc:
         raise BenchError(f"batchproc's BatchProcessor is not importable: {exc}") from None
-    return model, source
+    return model
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -622,7 +628,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     goal = tune.Goal(rate=args.rate, p99_ms=args.p99_ms)
     _check_outputs(args)
-    model, source = _model_and_source(args)
+    source = parse_inputs(args.input, args.features)
     identity = {
         "model": args.model,
         "model_ms": args.model_ms if args.model == "fixed" else None,
@@ -633,6 +639,9 @@ def run_tune(args: argparse.Namespace) -> int:
     results = tune.ResultsFile(args.json, identity)
     space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
                             seed=args.seed)
+    # Before the model is made (it may take long to load): a budget too small is refused.
+    tune.check_budget(goal, args.duration, args.budget, results, len(space) + 1)
+    model = _model_for(args, source)
     with _progress_display(args.quiet) as progress:
         result = tune.Tuner(
             model, args.model, source, goal, space, duration=args.duration,

@@ -26,7 +26,8 @@ ends by confirming its *finalists*, the :data:`FINALISTS` best and the default: 
 rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, and the verdict is
 taken on their medians. A share of the budget is kept for this (:data:`CONFIRM_SHARE` at
 most); a run is counted at its bound (duration, drain and stop), so the search does not
-overrun its budget.
+overrun its budget. A budget too small for one run is refused before anything runs
+(:func:`check_budget`); the output says how far confirming went when the budget ended it.
 
 Results are written to the results file after every run, with the settings that make
 them comparable (model, input, run duration, seed, capacity). Rerunning with the same
@@ -76,6 +77,9 @@ CONFIRM_SHARE = 1 / 3  # the most of the budget kept for confirming
 # for seconds of the budget. (Latency counts from each request's scheduled arrival, so
 # a generator held up by a full queue is still charged for the wait.)
 QUEUE_S = 0.25
+# Time a search may take from the start of its budget to its first run (loading the
+# results file, making the first target): the least budget leaves it.
+START_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,50 @@ def run_bound_s(duration: float) -> float:
     return duration + drain_window(duration) + STOP_TIMEOUT_S
 
 
+def least_budget(goal: Goal, duration: float, capacity_known: bool = False,
+                 configurations: int = 1) -> tuple[float, float]:
+    """The least ``--budget`` (s) with room for one configuration's run, rounded up to a
+    tenth of a second (a whole second from 10 s), and about what measures each of
+    ``configurations`` once. A run is counted at its bound (:func:`run_bound_s`), an SLO
+    alone measures the capacity first (unless it is known), the search may use what the
+    share kept for confirming finalists leaves, and it starts :data:`START_S` after the
+    budget does."""
+    run = run_bound_s(duration)
+    first = run * (2 if goal.rate is None and not capacity_known else 1)
+    every = first + run * (configurations - 1)
+    share = 1 - CONFIRM_SHARE
+    return _round_up(first / share + START_S), _round_up(every / share + START_S)
+
+
+def check_budget(goal: Goal, duration: float, budget: float, results: ResultsFile,
+                 configurations: int) -> None:
+    """Refuse a budget with room for no run, before anything runs, unless the results
+    file holds the run the search starts with (a resumed search shows what it holds).
+
+    Raises:
+        BenchError: one line, with the least budget that measures a configuration.
+    """
+    capacity = results.capacity
+    least, every = least_budget(goal, duration, capacity is not None, configurations)
+    if budget >= least:
+        return
+    if goal.rate is not None:
+        first = results.get(DEFAULT_KEY, float(goal.rate))
+    else:
+        first = None if capacity is None else results.get(
+            DEFAULT_KEY, _ladder_rate(capacity, 0))
+    if first is not None:
+        return
+    capacity_first = " (an SLO alone measures the capacity first)" if (
+        goal.rate is None and capacity is None) else ""
+    raise BenchError(
+        f"--budget {budget:g} s is too small for one run{capacity_first}: a run is counted "
+        f"as {run_bound_s(duration):.3g} s (--duration, its drain and stop) and a third "
+        f"of the budget is kept for rerunning the finalists; give --budget {least:g} or "
+        f"more (about {every:g} s measures each of the {configurations} configurations "
+        "once)")
+
+
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(report._clean(v)))
 
@@ -274,6 +322,7 @@ class TuneResult:
     budget: float = math.inf  # the search's budget, in seconds
     run_s: float = 0.0  # what one run is counted as: its duration, drain and stop
     results_path: str | None = None  # the --json results file, None when not given
+    duration: float = 0.0  # seconds per run (--duration)
     # The finalists' medians over their runs (``runs``: how many), by key.
     confirmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -414,7 +463,7 @@ class Tuner:
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
             cut_short, self.budget, run_bound_s(self.duration), self.results.path,
-            confirmed,
+            self.duration, confirmed,
         )
 
     def _confirm(self, default: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -545,9 +594,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
         + (f" (budget spent: {_how_to_continue(result)})" if result.budget_spent else ""),
     ]
     if result.confirmed:
-        notes.append(f"finalists (the {FINALISTS} best and the default) rerun at their "
-                     f"deciding load up to {CONFIRM_RUNS} runs each, within the budget; "
-                     "they are ranked first, on their medians")
+        notes.append(_confirmation_note(result))
     if result.cut_short is not None:
         notes.append("(cut short): the budget ended its climb; it met the goal up to the "
                      "load shown and may carry more")
@@ -590,17 +637,33 @@ def _how_to_continue(result: TuneResult) -> str:
 
 
 def _nothing_measured(result: TuneResult) -> str:
-    """The verdict of a search whose budget had room for no run: not that nothing meets
-    the goal (nothing was measured), but what budget would measure something."""
-    run, total = result.run_s, result.candidates_total
-    first = run * (2 if result.goal.rate is None else 1)  # an SLO alone: capacity first
-    every = first + run * (total - 1)
-    # The search may use what the share kept for confirming finalists leaves.
-    first, every = first / (1 - CONFIRM_SHARE), every / (1 - CONFIRM_SHARE)
+    """The verdict of a search whose budget had room for no run (``check_budget``
+    refuses most such budgets up front; a capacity run that took longer than its bound
+    leaves this): not that nothing meets the goal (nothing was measured), but what budget
+    would measure something."""
+    total = result.candidates_total
+    first, every = least_budget(result.goal, result.duration, configurations=total)
     return (f"no configuration could be measured within the budget (--budget "
-            f"{result.budget:g} s): one run is counted as {run:.3g} s (--duration, its "
-            f"drain and stop); give --budget {_round_up(first):g} or more to measure one "
-            f"configuration (about {_round_up(every):g} s to measure each of the {total} once)")
+            f"{result.budget:g} s): one run is counted as {result.run_s:.3g} s (--duration, "
+            f"its drain and stop); give --budget {first:g} or more to measure one "
+            f"configuration (about {every:g} s to measure each of the {total} once)")
+
+
+def _confirmation_note(result: TuneResult) -> str:
+    """What confirming the finalists did: every rerun, some (the budget ended them), or
+    none, in which case the verdict is on single runs."""
+    finalists = f"finalists (the {FINALISTS} best and the default)"
+    runs = sum(r.get("runs", 1) for r in result.confirmed.values())
+    planned = len(result.confirmed) * CONFIRM_RUNS
+    if runs == planned:
+        return (f"{finalists} rerun at their deciding load, {CONFIRM_RUNS} runs each; they "
+                "are ranked first, on their medians")
+    if runs == len(result.confirmed):
+        return (f"{finalists} not rerun: the budget had no room left for a rerun; the "
+                f"verdict is on single runs ({_how_to_continue(result)})")
+    return (f"{finalists} rerun at their deciding load until the budget ended the reruns: "
+            f"{runs} of {planned} runs; they are ranked first, on the medians of their "
+            f"runs ({_how_to_continue(result)})")
 
 
 def _round_up(seconds: float) -> float:

@@ -28,13 +28,14 @@ Failure scheduling (docs/failures.md):
 from __future__ import annotations
 
 import logging
+import math
 import queue as _stdlib_queue
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request, enqueued_of, total_rows
-from ..config import BatchProcessorConfig
+from ..config import MAX_SECONDS, BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError
 from ..formats import Limits, Workspace
@@ -50,6 +51,15 @@ _monotonic = time.monotonic
 # at most once per this many seconds (with how many there were meanwhile).
 BATCH_ONLY_FAILURE_LOG_S = 60.0
 _INF = float("inf")
+
+
+def backoff(retry_delay: float, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (from 0): ``retry_delay * 2**attempt``, at most
+    ``MAX_SECONDS``; never an error (``retry_delay * 2**1024`` does not fit a float)."""
+    try:
+        return min(math.ldexp(retry_delay, attempt), MAX_SECONDS)
+    except OverflowError:
+        return MAX_SECONDS
 
 # Results of one process_func attempt.
 OK, FAILED, ABANDONED = 0, 1, 2
@@ -277,7 +287,7 @@ class Executor:
 
     def _park(self, batch: Batch, request: Request, error: BaseException,
               origin: BaseException) -> bool:
-        delay = self._config.retry_delay * 2 ** request.attempt
+        delay = backoff(self._config.retry_delay, request.attempt)
         retry = request.for_retry(request.error if request.error is not None else origin)
         deadline = request.deadline
         # Under the board's lock: either stop gave up on this batch first (and fails the

@@ -55,7 +55,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 from .. import exiting
 from ..backpressure import timeout_arg
-from ..config import BatchPriority, BatchProcessorConfig, checked_copy
+from ..config import BatchPriority, BatchProcessorConfig, check_keywords, checked_copy
 from ..errors import ProcessorStoppedError
 from ..processor import BatchProcessor
 
@@ -425,12 +425,14 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     for a classmethod. The processor starts on the first call; ``stop()`` is final (later
     calls raise ``ProcessorStoppedError``).
 
-    ``TypeError`` when used without parentheses (``@batch``): it takes keywords only.
+    ``TypeError`` when used without parentheses (``@batch``): it takes keywords only;
+    for a keyword that is neither a field nor one of its own, naming the closest field.
     """
     if function is not None:
         raise TypeError(
             "batch takes keyword arguments only: write @batchproc.batch() (with "
             "parentheses) or @batchproc.batch(max_batch_size=..., ...)")
+    check_keywords("batch", fields, ("config", "metrics_collector", "name"))
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Validated now, and kept: later changes to the caller's object change nothing.

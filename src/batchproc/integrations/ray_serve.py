@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BatchProcessorConfig, checked_copy
+from ..config import BatchProcessorConfig, check_keywords, checked_copy
 from ..errors import ProcessorStoppedError, QueueFullError
 from ..processor import BatchProcessor
 
@@ -138,6 +138,14 @@ class BatchedReplica:
             processor.stop(timeout=10.0)
 
 
+# Serve's deployment options that may be given directly as keywords.
+_SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options",
+                  "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
+# batched_deployment's other keywords.
+_OWN_KEYWORDS = ("config", "decode", "encode", "queue_wait", "metrics_name", "name",
+                 "deployment_options")
+
+
 def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfig | None = None,
                        decode: Callable[[Any], Any] = decode_rows,
                        encode: Callable[[Any], Any] = encode_rows, queue_wait: float = 0.1,
@@ -154,15 +162,16 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
     Prometheus exporter in each replica (to the replica's default registry).
 
     The settings are checked here, before Ray is imported: ``TypeError`` for a ``config``
-    that is not a ``BatchProcessorConfig``, ``ValueError`` (`ConfigTypeError` for a wrong
+    that is not a ``BatchProcessorConfig`` or a keyword that is neither a field nor one
+    of these (naming the closest), ``ValueError`` (`ConfigTypeError` for a wrong
     type) naming the field for a bad setting. Each replica's ``processor.config`` is its
     own read-only copy.
     """
     options = dict(deployment_options or {})
-    for key in ("num_replicas", "autoscaling_config", "ray_actor_options",
-                "max_ongoing_requests", "max_queued_requests", "health_check_period_s"):
+    for key in _SERVE_OPTIONS:
         if key in fields:
             options[key] = fields.pop(key)
+    check_keywords("batched_deployment", fields, (*_OWN_KEYWORDS, *_SERVE_OPTIONS))
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.

@@ -39,6 +39,7 @@ EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best
 PRINTING_RUNS = [
     ("profile_threads.py", ["--clients", "8", "--seconds", "0.2"], "| no-work batcher |"),
     ("no_work_batchers.py", [], "threads_64_rps"),
+    ("profile_burst.py", ["--burst", "300", "--runs", "1"], "| load generator alone "),
 ]
 
 

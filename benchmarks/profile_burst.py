@@ -1,0 +1,162 @@
+"""Where a burst's time goes: batchproc's own path, the load generator's, the collector's.
+
+    python benchmarks/profile_burst.py                   # a burst of 50,000, 5 runs
+    python benchmarks/profile_burst.py --burst 20000 --runs 9
+
+One thread submits a burst of requests (one row of 64 float32; identity model, max batch
+64, max delay 5 ms, batchproc's default ADAPTIVE) and waits for them all, as the peer
+comparison's burst does. Each run is a fresh processor, after a short warm-up, with the
+heap frozen (``gc.freeze``) as the comparison freezes it. Reported per request (median
+over the runs, microseconds), each measured on its own:
+
+* ``enqueue_predict``: the submitting thread's call (describe, future, native push), on a
+  processor not started, so that no worker competes for the GIL;
+* ``burst``: submit all, then ``result()`` each, first submit to last result; and of it,
+  the time in CPython's cyclic garbage collector (``gc.callbacks``);
+* ``load generator alone``: ``batchproc.bench``'s burst against a target whose futures
+  are done at once (what the comparison's harness adds per request, for every system);
+* ``burst through the load generator``: the same burst as the comparison runs it.
+
+The peer comparison's burst ratios are of the last figure: the load generator's cost is
+in both sides of each ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from batchproc import BatchProcessor, BatchProcessorConfig
+from batchproc.bench.loads import Bounds, Load, run_load
+from batchproc.futures import RequestFuture
+
+ROW = np.ones((1, 64), np.float32)
+WARMUP = 200
+
+
+class _GCClock:
+    """Seconds spent in the cyclic collector since ``reset()``."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+    def reset(self) -> None:
+        self.total = 0.0
+
+
+def _processor(burst: int) -> BatchProcessor[Any, Any]:
+    p: BatchProcessor[Any, Any] = BatchProcessor(BatchProcessorConfig(
+        max_batch_size=64, batch_timeout=0.005, max_queue_size=burst))
+    p.start(lambda batch: batch)
+    for _ in range(WARMUP):
+        p.enqueue_predict(ROW).result()
+    return p
+
+
+def enqueue_only(burst: int, clock: _GCClock) -> dict[str, float]:
+    # Not started: a paused one's workers would wake at every push to find it paused.
+    p: BatchProcessor[Any, Any] = BatchProcessor(BatchProcessorConfig(
+        max_batch_size=64, batch_timeout=0.005, max_queue_size=burst))
+    submit = p.enqueue_predict
+    t0 = time.perf_counter()
+    for _ in range(burst):
+        submit(ROW)
+    elapsed = time.perf_counter() - t0
+    p.stop()
+    return {"us": elapsed / burst * 1e6}
+
+
+def plain_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    p = _processor(burst)
+    clock.reset()
+    t0 = time.perf_counter()
+    futures = [p.enqueue_predict(ROW) for _ in range(burst)]
+    for f in futures:
+        f.result()
+    elapsed = time.perf_counter() - t0
+    in_gc = clock.total
+    p.stop()
+    return {"us": elapsed / burst * 1e6, "gc_us": in_gc / burst * 1e6}
+
+
+class _DoneAtOnce:
+    """A target whose futures are done when returned: only the generator's work is left."""
+
+    def submit(self, item: Any, priority: int) -> RequestFuture:
+        f = RequestFuture()
+        f.set_result(item)
+        return f
+
+
+class _Batchproc:
+    def __init__(self, p: BatchProcessor[Any, Any]) -> None:
+        self.submit = lambda item, priority: p.enqueue_predict(item, priority=priority)
+
+
+def generator_alone(burst: int, clock: _GCClock) -> dict[str, float]:
+    res = run_load(_DoneAtOnce(), Load("burst", burst=burst), Bounds(None, 60.0))
+    return {"us": res.elapsed / burst * 1e6}
+
+
+def generator_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    p = _processor(burst)
+    clock.reset()
+    res = run_load(_Batchproc(p), Load("burst", burst=burst), Bounds(None, 60.0))
+    in_gc = clock.total
+    p.stop()
+    if res.completed != burst:
+        raise SystemExit(f"the burst did not complete: {res.completed} of {burst}")
+    return {"us": res.elapsed / burst * 1e6, "gc_us": in_gc / burst * 1e6}
+
+
+MEASURES: list[tuple[str, Callable[[int, _GCClock], dict[str, float]]]] = [
+    ("enqueue_predict alone", enqueue_only),
+    ("burst", plain_burst),
+    ("load generator alone", generator_alone),
+    ("burst through the load generator", generator_burst),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--burst", type=int, default=50_000, help="requests per burst")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each measure (median)")
+    args = ap.parse_args(argv)
+    if args.burst < WARMUP or args.runs < 1:
+        ap.error(f"--burst must be >= {WARMUP} and --runs >= 1")
+    clock = _GCClock()
+    gc.collect()
+    gc.freeze()
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name, _ in MEASURES}
+    for run in range(args.runs):  # the measures take turns: drift hits them alike
+        for name, measure in MEASURES:
+            figures[name].append(measure(args.burst, clock))
+        print(f"run {run + 1}/{args.runs} done", flush=True)
+    print(f"\nper request, microseconds (median of {args.runs} runs, burst of "
+          f"{args.burst:,}):\n")
+    print(f"| {'measure':<36} | {'time':>7} | {'in GC':>7} | {'req/s':>9} |")
+    print(f"|{'-' * 38}|{'-' * 9}:|{'-' * 9}:|{'-' * 10}:|")
+    for name, _ in MEASURES:
+        us = statistics.median(f["us"] for f in figures[name])
+        gcs = [f["gc_us"] for f in figures[name] if "gc_us" in f]
+        in_gc = f"{statistics.median(gcs):.2f}" if gcs else "-"
+        print(f"| {name:<36} | {us:7.2f} | {in_gc:>7} | {1e6 / us:9,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

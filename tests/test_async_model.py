@@ -264,7 +264,7 @@ def test_stop_lets_calls_in_flight_finish_within_its_timeout(make_processor):
 
 @pytest.mark.parametrize("timeout", [1e308, float("inf"), 10**400])
 def test_stop_with_a_timeout_longer_than_a_thread_can_wait(make_processor, timeout):
-    # Its wait for the loop's thread raised OverflowError, leaving the processor running.
+    # The wait for the loop's thread must not overflow (and leave the processor running).
     async def model(batch):
         await asyncio.sleep(0)
         return batch

@@ -94,8 +94,8 @@ def test_backoff_doubles_up_to_the_longest_wait_and_never_overflows():
 
 
 def test_more_than_a_thousand_retries_without_delay_end_in_the_models_error(make_processor):
-    # Retry 1024 waited retry_delay * 2**1024 seconds, which raised OverflowError (no float
-    # holds 2**1024) and failed the request with it.
+    # Retry 1024's backoff, retry_delay * 2**1024 seconds, is more than a float holds: it
+    # must be capped, so that the request ends in the model's own error.
     calls = []
 
     def always(batch):

@@ -122,6 +122,7 @@ class RequestQueue:
                     f"max_priority_wait must be None or >= 0, got {max_priority_wait!r}")
         self._aging = aging if self._priorities else -1.0
         self._parked: list[_Entry] = []     # not yet due, any order
+        self._parked_until = math.inf       # once closed: no wait for entries due later
         self._expired: list[_Entry] = []    # expired, not yet taken
         self._heap: list[_Entry] = []
         self._live: dict[int, _Entry] = {}      # token (= seq) -> queued entry
@@ -193,6 +194,9 @@ class RequestQueue:
 
     def _next_due(self) -> float:
         return min((e.due for e in self._parked), default=math.inf)
+
+    def _nothing_coming(self) -> bool:
+        return self._closed and (not self._parked or self._next_due() > self._parked_until)
 
     def push(self, item: object, priority: int = 0, rows: int = 1, nbytes: int = 0,
              key: int = 0, timeout: float | None = None, length: int = 0,
@@ -296,7 +300,7 @@ class RequestQueue:
                 while not self._live or (self._paused and not self._closed):
                     now = time.monotonic()
                     left = deadline - now
-                    if (self._closed and not self._parked) or left <= 0:
+                    if self._nothing_coming() or left <= 0:
                         return []
                     if not self._paused or self._closed:
                         left = min(left, max(0.0, self._next_due() - now))
@@ -402,9 +406,17 @@ class RequestQueue:
             self._cond.notify_all()
             return out
 
-    def close(self) -> None:
+    @property
+    def exhausted(self) -> bool:
+        with self._cond:
+            self._tick()
+            return not self._live and self._nothing_coming()
+
+    def close(self, parked_until: float | None = None) -> None:
+        until = math.inf if parked_until is None else _float_arg(parked_until, "parked_until")
         with self._cond:
             self._closed = True
+            self._parked_until = min(self._parked_until, until)
             self._cond.notify_all()
 
     def _wave_deadline(self, idle_gap: float, max_wait: float, head_pushed: float) -> float:

@@ -1449,6 +1449,69 @@ def test_a_closed_queue_still_hands_out_parked_entries(impl: Any) -> None:
     assert q.pop_batch(10, timeout=HANG) == []
 
 
+def returns_at_once(fn: Callable[[], Any]) -> Any:
+    """fn's result, checking it did not wait (it would wait HANG, or far longer)."""
+    started = time.monotonic()
+    got = fn()
+    assert time.monotonic() - started < HANG / 2
+    return got
+
+
+def test_a_closed_queue_waits_for_no_parked_entry_due_after_its_horizon(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    now = time.monotonic()
+    q.park("late", 0, 1, 0, 0, 0, now + 1e6)
+    q.close(parked_until=now + 60)
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert q.exhausted
+    assert len(q) == 1 and q.parked == 1
+    assert q.drain() == ["late"]  # left for the consumer to fail
+
+
+def test_a_parked_entry_due_within_the_horizon_is_still_waited_for(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    now = time.monotonic()
+    q.park("soon", 0, 1, 0, 0, 0, now + 0.05)
+    q.park("late", 0, 1, 0, 0, 0, now + 1e6)
+    q.close(parked_until=now + 60)
+    assert not q.exhausted
+    assert q.pop_batch(10, timeout=HANG) == ["soon"]
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert q.exhausted and q.drain() == ["late"]
+
+
+def test_the_earliest_parked_horizon_given_to_close_counts(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    now = time.monotonic()
+    q.park("x", 0, 1, 0, 0, 0, now + 100)
+    q.close(parked_until=now + 10)
+    q.close()                           # none given: the horizon stays
+    q.close(parked_until=now + 1000)    # a later one does not extend it
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert q.exhausted
+
+
+def test_exhausted_only_once_closed_with_nothing_to_hand_out(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    assert not q.exhausted  # open: more may come
+    q.push("a")
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 1e6)
+    q.close()
+    assert not q.exhausted  # "a" to pop, and the retry to wait for (no horizon)
+    assert q.pop_batch(10, timeout=0) == ["a"]
+    assert not q.exhausted
+    assert q.drain() == ["retry"]
+    assert q.exhausted
+
+
+@pytest.mark.parametrize(("value", "error"), [(float("nan"), ValueError), ("soon", TypeError)])
+def test_close_refuses_a_parked_horizon_that_is_not_a_number(impl: Any, value: Any,
+                                                              error: type) -> None:
+    q = impl.RequestQueue(4)
+    with pytest.raises(error, match="parked_until"):
+        q.close(parked_until=value)
+
+
 def test_a_park_past_capacity_is_accepted(impl: Any) -> None:
     q = impl.RequestQueue(1)
     q.push("a")

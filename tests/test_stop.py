@@ -149,6 +149,50 @@ def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
     assert p.get_stats()["total_errors"] == 3
 
 
+def wait_until_parked(p):
+    deadline = time.monotonic() + 10
+    while p._queue.parked == 0:  # parked for its retry (a state, polled)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stop_does_not_wait_for_a_retry_due_after_its_timeout(make_processor, workers):
+    # The retry could never run before stop's deadline: waiting out the timeout for it
+    # would only delay the shutdown.
+    model = PoisonModel()
+    p = make_processor(model, max_workers=workers, max_retries=3, retry_delay=30.0)
+    failing = p.enqueue_predict(one(POISON))
+    wait_until_parked(p)
+    started = time.monotonic()
+    p.stop(timeout=20.0)
+    assert time.monotonic() - started < 10.0  # not the 20 s timeout (nor the 30 s retry)
+    with pytest.raises(ProcessorStoppedError,
+                       match=r"waiting to be retried \(after 1 failed call\)") as caught:
+        failing.result(timeout=0)
+    assert isinstance(caught.value.__cause__, ValueError)
+    join_threads(p)
+    assert len(model.calls) == 1
+
+
+def test_stop_runs_a_retry_due_before_its_timeout(make_processor):
+    calls = []
+
+    def flaky(batch):  # fails once, then works
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise ConnectionError("once")
+        return batch
+
+    p = make_processor(flaky, max_workers=1, max_retries=3, retry_delay=0.2)
+    future = p.enqueue_predict(one(7.0))
+    wait_until_parked(p)
+    p.stop(timeout=30.0)
+    assert future.result(timeout=0)[0, 0] == 7.0  # retried while stop waited for it
+    assert len(calls) == 2
+    join_threads(p)
+
+
 def test_a_second_stop_returns_once_the_first_has_settled_everything(make_processor):
     release, entered = threading.Event(), threading.Event()
 

@@ -466,6 +466,7 @@ cdef class RequestQueue:
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
     cdef list _items            # slot -> object; only touched with the GIL held
     cdef bint _hide_entries     # from the first pop_batch: entries off the GC's lists
+    cdef double _parked_until   # once closed, pops wait for no parked entry due later
     # Time: deadlines of queued and parked entries; parked entries by when they are due
     # (their records in _parked, by slot); queued entries by push time while ageing is on
     # (_aging >= 0); slots of expired entries not yet taken out (take_expired).
@@ -480,6 +481,7 @@ cdef class RequestQueue:
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX
+        self._parked_until = INFINITY
         self._sync = sync_new()
         if self._sync == NULL:
             raise MemoryError()
@@ -722,6 +724,12 @@ cdef class RequestQueue:
             self._heap[i].priority = _AGED
             _sift_up(self._heap, self._info, i)
 
+    cdef inline bint _nothing_coming_locked(self) noexcept nogil:
+        """Closed, with no parked entry a pop should wait for (none parked, or the first
+        due after ``close``'s ``parked_until``)."""
+        return self._closed and (self._plen == 0
+                                 or self._next_due_locked() > self._parked_until)
+
     cdef double _next_due_locked(self) noexcept nogil:
         """When the earliest parked entry is due (INFINITY: none is parked)."""
         return self._pheap[0].key if self._plen > 0 else INFINITY
@@ -887,7 +895,7 @@ cdef class RequestQueue:
         """pop_batch without waiting: the batch size, or RQ_RETRY if it must wait."""
         self._tick_locked()
         if self._len == 0 or (self._paused and not self._closed):
-            if (self._closed and self._plen == 0) or not may_wait:
+            if self._nothing_coming_locked() or not may_wait:
                 return 0
             return RQ_RETRY
         if (p.fill and not self._closed and self._rows < p.fill_rows
@@ -907,7 +915,7 @@ cdef class RequestQueue:
             # closed queue still hands them out then.
             self._tick_locked()
             while self._len == 0 or (self._paused and not self._closed):
-                if self._closed and self._plen == 0:
+                if self._nothing_coming_locked():
                     return 0
                 t = mono_now()
                 if t >= deadline:
@@ -1293,7 +1301,8 @@ cdef class RequestQueue:
         (a request waiting to be retried). Meanwhile it counts in ``len()`` and
         ``parked``, not in ``rows``; a pop waiting for entries wakes when it is due, even
         on a closed queue (``pop_batch`` returns ``[]`` only once nothing is parked
-        either). ``deadline`` as for ``push``. It never waits for room and is accepted
+        either, or nothing due by ``close``'s ``parked_until``). ``deadline`` as for
+        ``push``. It never waits for room and is accepted
         even after ``close()``: the request was accepted once already.
         """
         cdef int64_t c_prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
@@ -1479,14 +1488,35 @@ cdef class RequestQueue:
             self._release_slots(buf.slots, n)
         return self._to_list(&buf)
 
-    def close(self):
+    @property
+    def exhausted(self):
+        """True once closed and nothing is left that a pop would return or wait for: no
+        queued entry, and no parked one due by ``close``'s ``parked_until`` (one due
+        later stays, for ``drain()``)."""
+        cdef bint done
+        with nogil:
+            sync_lock(self._sync)
+            self._tick_locked()
+            done = self._len == 0 and self._nothing_coming_locked()
+            sync_unlock(self._sync)
+        return done
+
+    def close(self, parked_until=None):
         """Stop intake; idempotent. Every waiter wakes: blocked pushes raise
         ``QueueClosed``, blocked pops return what remains (or ``[]``). Queued entries
-        stay poppable.
+        stay poppable. Pops go on waiting for parked entries to come due, except, with
+        ``parked_until`` (a ``time.monotonic()`` time; the earliest given counts), for
+        those due after it: once nothing else is left they return ``[]`` (the entries
+        stay, for ``drain()``), as a consumer stopping by then could never run them.
         """
+        cdef double until = INFINITY
+        if parked_until is not None:
+            until = _float_arg(parked_until, "parked_until")
         with nogil:
             sync_lock(self._sync)
             self._closed = True
+            if until < self._parked_until:
+                self._parked_until = until
             notify_everyone(self._sync)
             sync_unlock(self._sync)
 

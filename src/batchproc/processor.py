@@ -279,11 +279,14 @@ class BatchProcessor(Generic[T, U]):
                 self._state = _STOPPED
             self._stopped.set()
 
-    def _close_intake(self) -> None:
-        """Begin stopping, holding ``_lifecycle``: refuse new requests, end a pause."""
+    def _close_intake(self, deadline: float | None = None) -> None:
+        """Begin stopping, holding ``_lifecycle``: refuse new requests, end a pause. A
+        request parked for a retry due after ``deadline`` (stop's) is not waited for:
+        it could never run in time, and fails as the stop ends."""
         self._state = _STOPPING
         self._stopping_thread = threading.current_thread()
-        self._queue.close()  # also ends a pause of the queue: stop drains as usual
+        # Also ends a pause of the queue: stop drains as usual.
+        self._queue.close(parked_until=deadline)
         if self._room is not None:
             self._room.close()  # coroutines awaiting room in apredict: refused
         self._resume.set()
@@ -338,7 +341,7 @@ class BatchProcessor(Generic[T, U]):
             stopping_already = self._state in (_STOPPING, _STOPPED)
             if not stopping_already:
                 was_running = self._state == _RUNNING
-                self._close_intake()
+                self._close_intake(deadline)
         if stopping_already:
             # Another call is stopping: wait for it (within this timeout), except on a
             # thread that call may itself be waiting for, or its own (a done-callback of

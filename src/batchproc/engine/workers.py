@@ -210,7 +210,7 @@ class WorkerPool:
                 # A worker pops only once it may also run the batch: the others wait here
                 # instead of each taking a few requests to queue them at a busy model.
                 if not slots.acquire(poll):
-                    if queue.closed and not len(queue):
+                    if queue.exhausted:
                         return
                     if not self._overdue():
                         continue
@@ -246,8 +246,8 @@ class WorkerPool:
                     raise
                 if not requests:
                     slots.release(wake=queue.closed)
-                    if queue.closed and not len(queue):
-                        return  # closed and drained
+                    if queue.exhausted:
+                        return  # closed, and nothing more will come out of it
                     continue
                 if batch is not None:  # None: all cancelled, or stop() gave up on them
                     if queue.paused:

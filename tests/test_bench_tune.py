@@ -106,6 +106,40 @@ def test_a_file_of_other_settings_is_refused(tmp_path, capsys) -> None:
     assert code == 2 and "not a file written by batchproc tune" in err
 
 
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda run: run.pop("key"), "run 0 lacks 'key'"),
+    (lambda run: run.pop("p99_ms"), "run 0 lacks 'p99_ms'"),
+    (lambda run: run.update(offered="fast"), "run 0 has 'offered' = 'fast'"),
+    (lambda run: run.update(completed=True), "run 0 has 'completed' = True"),
+    (lambda run: run["candidate"].update(colour="red"), "run 0 has a candidate"),
+    (lambda run: run.clear() or run.update(x=1), "run 0 lacks 'key'"),
+])
+def test_a_damaged_results_file_is_refused_naming_what_is_wrong(tmp_path, capsys, damage,
+                                                                 said) -> None:
+    path = tmp_path / "tune.json"
+    argv = [*FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json", str(path)]
+    assert run_cli(capsys, *argv)[0] == 0
+    doc = json.loads(path.read_text())
+    damage(doc["runs"][0])
+    path.write_text(json.dumps(doc))
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "damaged: " + said in err and "give another file" in err
+
+
+@pytest.mark.parametrize("runs", ['"many"', "[1]"])
+def test_results_whose_runs_are_not_records_are_refused(tmp_path, capsys, runs) -> None:
+    path = tmp_path / "tune.json"
+    argv = [*FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json", str(path)]
+    assert run_cli(capsys, *argv)[0] == 0
+    doc = json.loads(path.read_text())
+    doc["runs"] = json.loads(runs)
+    path.write_text(json.dumps(doc))
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and "damaged" in err
+
+
 # A run of 0.15 s is counted as 1.15 s (with its drain and stop), and a third of the
 # budget is kept for confirming finalists: 1.8 s is the least with room for one run.
 TOO_SMALL = ("is too small for one run: a run is counted as 1.15 s (--duration, its drain "

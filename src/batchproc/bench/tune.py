@@ -173,6 +173,36 @@ class Goal:
         return ", ".join(parts)
 
 
+
+# What every saved run must hold (what resuming reads from it), and of which type.
+_SAVED_RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "key": str, "label": str, "candidate": dict, "offered": (int, float),
+    "throughput": (int, float), "p50_ms": (int, float, type(None)),
+    "p99_ms": (int, float, type(None)), "mean_batch": (int, float),
+    "completed": int, "errors": int, "unfinished": int,
+}
+
+
+def _check_saved_run(path: str, i: int, run: Any) -> None:
+    """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything
+    (a damaged file must not end a resumed search in a ``KeyError``)."""
+    def damaged(what: str) -> BenchError:
+        return BenchError(f"--json {path}: damaged: run {i} {what}; give another file to "
+                          "start afresh")
+
+    if not isinstance(run, dict):
+        raise damaged("is not a record")
+    for name, kinds in _SAVED_RUN_FIELDS.items():
+        if name not in run:
+            raise damaged(f"lacks {name!r}")
+        if not isinstance(run[name], kinds) or isinstance(run[name], bool):
+            raise damaged(f"has {name!r} = {run[name]!r}")
+    try:
+        Candidate(**run["candidate"])
+    except TypeError as exc:
+        raise damaged(f"has a candidate this version cannot read ({exc})") from None
+
+
 class ResultsFile:
     """The results file: written after every run, read back to resume.
 
@@ -210,8 +240,13 @@ class ResultsFile:
                 "give another file to start afresh"
             )
         self.capacity = doc.get("capacity")
-        self.runs = {_run_key(r["key"], r["offered"], r.get("repeat", 0)): r
-                     for r in doc.get("runs", [])}
+        runs = doc.get("runs", [])
+        if not isinstance(runs, list):
+            raise BenchError(f"--json {path}: damaged (its runs are not a list); "
+                             "give another file to start afresh")
+        for i, r in enumerate(runs):
+            _check_saved_run(path, i, r)
+        self.runs = {_run_key(r["key"], r["offered"], r.get("repeat", 0)): r for r in runs}
 
     def get(self, key: str, offered: float, repeat: int = 0) -> dict[str, Any] | None:
         return self.runs.get(_run_key(key, offered, repeat))

@@ -9,6 +9,7 @@ processor is stopped.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -16,6 +17,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
+from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc.bench import report
 from batchproc.bench.loads import (
     DRAIN_MAX_S,
@@ -163,6 +165,26 @@ def test_a_burst_cut_by_its_drain_says_the_time_bound_stopped_it(blocked, target
     assert run.submitted == run.unfinished == 20 and run.completed == 0
     assert run.stopped_by == "duration"
     assert report.row_cells(run)[-1] == "0 + 20 late *"
+
+
+@pytest.mark.parametrize("target", [Batchproc(max_batch=4), BatchprocAsync(max_batch=4)],
+                         ids=["threads", "asyncio"])
+def test_a_runs_end_leaves_its_unfinished_requests_to_the_report(blocked, target, caplog):
+    # The run counts what it left unfinished itself: the processor's warning that its stop
+    # failed them would repeat it (with another count) in the middle of the progress.
+    with caplog.at_level(logging.INFO, logger="batchproc.processor"):
+        run = run_target(target, blocked, "blocked", Load("burst", burst=20, features=4),
+                         Bounds(duration=DURATION))
+    assert run.unfinished == 20
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # Only that stop: a processor stopped by anyone else still says it.
+    p = BatchProcessor(BatchProcessorConfig())
+    p.enqueue_predict(np.ones((1, 4), np.float32))  # never started: failed by stop
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="batchproc.processor"):
+        p.stop()
+    assert [r.getMessage() for r in caplog.records] == [
+        "batchproc stopped: 1 requests failed with ProcessorStoppedError"]
 
 
 def test_unsent_and_queued_requests_wait_until_the_same_horizon():

@@ -137,7 +137,7 @@ def test_results_whose_runs_are_not_records_are_refused(tmp_path, capsys, runs) 
     doc["runs"] = json.loads(runs)
     path.write_text(json.dumps(doc))
     code, out, err = run_cli(capsys, *argv)
-    assert code == 2 and "damaged" in err
+    assert code == 2 and out == "" and "damaged" in err
 
 
 # A run of 0.15 s is counted as 1.15 s (with its drain and stop), and a third of the

@@ -729,7 +729,9 @@ def test_log_records_and_a_bench_progress_never_share_a_line(
     lines = err.splitlines()
     warnings = [line for line in lines
                 if line.startswith("batchproc.") and ": WARNING: " in line]
-    assert len(warnings) >= 2, err  # from batchproc's run and no batching's
+    # No batching's run logs its failures; batchproc's requests are still waiting for
+    # their retries when its run ends (counted unfinished, not logged).
+    assert len(warnings) >= 1, err
     runs = [line for line in lines if line.startswith("  flaky_mod:model")]
     assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
     assert len(warnings) + len(runs) + 1 == len(lines), err  # and the limit's error line

@@ -48,6 +48,13 @@ def fixed_batches(make_processor, model, size, **config):
     return p
 
 
+def wait_until_parked(p):
+    deadline = time.monotonic() + 10
+    while p._queue.parked == 0:  # parked for its retry (a state, polled)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
 def join_threads(p):
     for thread in p._threads():
         thread.join(10)
@@ -128,10 +135,7 @@ def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
     p = fixed_batches(make_processor, model_blocking_on_two, 1, max_retries=3,
                       retry_delay=30.0)
     failing = p.enqueue_predict(one(POISON))
-    deadline = time.monotonic() + 10
-    while p._queue.parked == 0:  # parked for its retry, 30 s away (a state, polled)
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_until_parked(p)  # its retry is 30 s away
     running = p.enqueue_predict(one(2.0))
     assert entered.wait(10)
     never_run = p.enqueue_predict(one(1.0))  # queued behind the only worker's call
@@ -147,13 +151,6 @@ def test_a_retry_waiting_at_stop_fails_saying_it_ran_and_why(make_processor):
     release.set()
     join_threads(p)
     assert p.get_stats()["total_errors"] == 3
-
-
-def wait_until_parked(p):
-    deadline = time.monotonic() + 10
-    while p._queue.parked == 0:  # parked for its retry (a state, polled)
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
 
 
 @pytest.mark.parametrize("workers", [1, 3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -527,7 +528,6 @@ _GC_BATCH_THRESHOLD = 100
 # The documented defaults (a derived setting's when nothing constrains it).
 _DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
 _DEFAULTS["gc_batch_threshold"] = _GC_BATCH_THRESHOLD
-# What None means for the number fields that take it.
 # The most worker threads one processor may run (max_workers).
 MAX_WORKERS = 1024
 # The longest wait in seconds a thread can make (threading.TIMEOUT_MAX: about 292 years,
@@ -546,6 +546,7 @@ _MOST = {
 # max_batch_memory_mb is below this many MiB: its bytes fit an int64.
 _MIB_LIMIT = 2.0**43
 
+# What None means for the number fields that take it.
 _NONE_MEANS = {
     "max_batch_memory_mb": "no cap",
     "max_queue_time": "no limit",
@@ -555,6 +556,13 @@ _NONE_MEANS = {
 
 # The keywords BatchProcessorConfig takes.
 FIELD_NAMES = tuple(f.name for f in fields(BatchProcessorConfig))
+
+
+def keyword_only(function: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of ``function``'s keyword-only parameters (its own keywords, beside the
+    config fields its ``**fields`` takes): ``check_keywords``'s ``own``."""
+    return tuple(p.name for p in inspect.signature(function).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = ()) -> None:
@@ -720,20 +728,23 @@ def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool =
     says what ``None`` means for a field that takes it."""
     # A timedelta64 is registered as a number, but counts its own unit, not seconds.
     duration = isinstance(value, (np.timedelta64, datetime.timedelta))
-    refused = ConfigTypeError(
-        f"{name} must be a real number (an int, a float, a numpy number, a Fraction or a "
-        f"Decimal; not a bool), got {_shown(value)}"
-        + ("; give a duration in seconds, as a number" if duration else ""))
+
+    def refused() -> ConfigTypeError:
+        return ConfigTypeError(
+            f"{name} must be a real number (an int, a float, a numpy number, a Fraction or "
+            f"a Decimal; not a bool), got {_shown(value)}"
+            + ("; give a duration in seconds, as a number" if duration else ""))
+
     if duration or isinstance(value, (bool, np.bool_)) or not isinstance(
             value, (numbers.Real, Decimal)):
-        raise refused
+        raise refused()
     try:
         number = float(value)
     except OverflowError:  # an int or a Fraction beyond what a float holds
         number = math.inf
     except Exception as error:
         if not (isinstance(value, Decimal) and value.is_nan()):  # a signalling NaN
-            raise refused from error
+            raise refused() from error
         number = math.nan
     if not math.isfinite(number):
         if isinstance(value, numbers.Rational) or (

@@ -55,7 +55,13 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 from .. import exiting
 from ..backpressure import timeout_arg
-from ..config import BatchPriority, BatchProcessorConfig, check_keywords, checked_copy
+from ..config import (
+    BatchPriority,
+    BatchProcessorConfig,
+    check_keywords,
+    checked_copy,
+    keyword_only,
+)
 from ..errors import ProcessorStoppedError
 from ..processor import BatchProcessor
 
@@ -432,7 +438,7 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
         raise TypeError(
             "batch takes keyword arguments only: write @batchproc.batch() (with "
             "parentheses) or @batchproc.batch(max_batch_size=..., ...)")
-    check_keywords("batch", fields, ("config", "metrics_collector", "name"))
+    check_keywords("batch", fields, keyword_only(batch))
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Validated now, and kept: later changes to the caller's object change nothing.

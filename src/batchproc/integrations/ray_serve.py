@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BatchProcessorConfig, check_keywords, checked_copy
+from ..config import BatchProcessorConfig, check_keywords, checked_copy, keyword_only
 from ..errors import ProcessorStoppedError, QueueFullError
 from ..processor import BatchProcessor
 
@@ -141,9 +141,6 @@ class BatchedReplica:
 # Serve's deployment options that may be given directly as keywords.
 _SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options",
                   "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
-# batched_deployment's other keywords.
-_OWN_KEYWORDS = ("config", "decode", "encode", "queue_wait", "metrics_name", "name",
-                 "deployment_options")
 
 
 def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfig | None = None,
@@ -171,7 +168,8 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
     for key in _SERVE_OPTIONS:
         if key in fields:
             options[key] = fields.pop(key)
-    check_keywords("batched_deployment", fields, (*_OWN_KEYWORDS, *_SERVE_OPTIONS))
+    check_keywords("batched_deployment", fields,
+                   (*keyword_only(batched_deployment), *_SERVE_OPTIONS))
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.

@@ -30,6 +30,7 @@ from batchproc.bench.tune import (
     Goal,
     ResultsFile,
     Tuner,
+    TuneResult,
     candidates,
     ladder_fraction,
     least_budget,
@@ -775,3 +776,26 @@ def test_the_output_says_how_far_confirming_the_finalists_went(monkeypatch, caps
     print_result("tune", result)
     out = capsys.readouterr().out
     assert note in out.splitlines()
+
+
+def test_a_run_that_failed_outright_is_printed_without_figures(capsys) -> None:
+    # What the results file holds for it (and a resume reads back): no figures, null.
+    failed = {"key": DEFAULT.key, "label": DEFAULT.label, "candidate": vars(DEFAULT),
+              "offered": 300.0, "arrival_rate": None, "throughput": None, "p50_ms": None,
+              "p95_ms": None, "p99_ms": None, "mean_ms": None, "mean_batch": None,
+              "completed": 0, "errors": 0, "unfinished": 0, "refused": 0,
+              "first_error": None, "elapsed_s": None, "failed": "RuntimeError: no"}
+    c = Candidate("fixed", 8, 1.0, 1)
+    best = {**failed, "key": c.key, "label": c.label, "candidate": vars(c),
+            "throughput": 300.0, "p50_ms": 1.0, "p99_ms": 2.0, "mean_batch": 2.5,
+            "completed": 45, "failed": None}
+    goal = Goal(rate=300.0)
+    assert goal.meets(best) and not goal.meets(failed)
+    out, _ = _printed(TuneResult(goal, best, failed, [failed, best], 2, 0, 2, 2, False,
+                                 None), capsys)
+    row = next(line for line in out.splitlines() if "default (ADAPTIVE)  " in line)
+    assert [cell.strip() for cell in row.split("│")[2:-1]] == ["300", "-", "-", "-", "-",
+                                                              "no"]
+    assert ("default (ADAPTIVE): p50 - ms, p99 - ms at - req/s achieved of 300 offered, "
+            "- rows per call (misses the goal)") in out
+    assert "2.5 rows per call" in out

@@ -764,7 +764,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     rows = [[
         r["label"], report.fmt_rate(r["offered"]), report.fmt_rate(r["throughput"]),
         report.fmt_ms(_nan(r["p50_ms"])), report.fmt_ms(_nan(r["p99_ms"])),
-        f"{r['mean_batch']:.1f}", "yes" if goal.meets(r) else "no",
+        _fmt_batch(r["mean_batch"]), "yes" if goal.meets(r) else "no",
     ] for r in shown]
     for row, r in zip(rows, shown):
         if r["key"] == result.cut_short:
@@ -918,4 +918,10 @@ def _nan(v: float | None) -> float:
 def _verdict(r: dict[str, Any]) -> str:
     return (f"p50 {report.fmt_ms(_nan(r['p50_ms']))} ms, p99 {report.fmt_ms(_nan(r['p99_ms']))}"
             f" ms at {report.fmt_rate(r['throughput'])} req/s achieved of "
-            f"{report.fmt_rate(r['offered'])} offered, {r['mean_batch']:.1f} rows per call")
+            f"{report.fmt_rate(r['offered'])} offered, {_fmt_batch(r['mean_batch'])} rows per "
+            "call")
+
+
+def _fmt_batch(v: float | None) -> str:
+    """Rows per model call; a run that failed outright has none (null)."""
+    return "-" if v is None else f"{v:.1f}"

@@ -321,10 +321,11 @@ def _saved_candidate(path: str, i: int, fields: dict[str, Any]) -> Candidate:
                        f"{exc}") from None
 
 
-def _check_saved_file(path: str, doc: Any) -> None:
-    """``BenchError`` naming what is wrong with a results file's own fields (``kind``,
-    ``version``, ``identity``, ``capacity``, ``runs``), if anything; its runs are checked
-    by :func:`_check_saved_run`. The summary of its last search is not read back."""
+def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
+    """``BenchError`` naming what is wrong with a results file, if anything: its own
+    fields (``kind``, ``version``, ``identity``, ``capacity``, ``runs``), then each run
+    (:func:`_check_saved_run`); or saying which settings differ from ``identity`` (the
+    search's, as JSON holds it). The summary of its last search is not read back."""
     if not isinstance(doc, dict):
         raise BenchError(f"--json {path}: not a file written by batchproc tune (it holds "
                          f"{_shown(doc)}, not a record)")
@@ -349,6 +350,17 @@ def _check_saved_file(path: str, doc: Any) -> None:
         wrong = check(doc[name])
         if wrong is not None:
             raise _damaged(path, f"the file has {name!r} = {_shown(doc[name])}: {wrong}")
+    saved = doc["identity"]
+    for name in identity:
+        if name not in saved:
+            raise _damaged(path, f"'identity' lacks {name!r}")
+    if saved != identity:
+        changed = sorted(k for k in set(identity) | set(saved)
+                         if identity.get(k) != saved.get(k))
+        raise BenchError(f"--json {path}: holds runs of other settings "
+                         f"({', '.join(changed)}); give another file to start afresh")
+    for i, run in enumerate(doc["runs"]):
+        _check_saved_run(path, i, run)
 
 
 class ResultsFile:
@@ -376,21 +388,8 @@ class ResultsFile:
                 doc = json.load(f)
         except (OSError, ValueError) as exc:
             raise BenchError(f"--json {path}: cannot read it to resume: {exc}") from None
-        _check_saved_file(path, doc)
-        identity, saved = _jsonable(self.identity), doc["identity"]
-        for name in identity:
-            if name not in saved:
-                raise _damaged(path, f"'identity' lacks {name!r}")
-        if saved != identity:
-            changed = sorted(k for k in set(identity) | set(saved)
-                             if identity.get(k) != saved.get(k))
-            raise BenchError(
-                f"--json {path}: holds runs of other settings ({', '.join(changed)}); "
-                "give another file to start afresh"
-            )
+        _check_saved_file(path, doc, _jsonable(self.identity))
         runs = doc["runs"]
-        for i, r in enumerate(runs):
-            _check_saved_run(path, i, r)
         self.capacity = doc["capacity"]
         # Looked up by float loads (``get``): an offered load saved as 300 is 300.0.
         self.runs = {_run_key(r["key"], float(r["offered"]), r.get("repeat", 0)): r

@@ -457,6 +457,8 @@ def test_ragged_requests_print_a_config_with_padding(capsys) -> None:
         (["--p99-ms", "-1"], "--p99-ms"),
         (["--rate", "10", "--sizes", "8,x"], "--sizes"),
         (["--rate", "10", "--strategies", "fastest"], "one of 'fixed', 'adaptive', 'greedy'"),
+        (["--rate", "10", "--workers", "1,100000"], "the search space holds what is no "
+         "configuration: max_workers must be <= "),
         (["--rate", "10", "--budget", "0"], "--budget"),
         (["--rate", "10", "--input", "float32:1x"], "--input"),
         (["--rate", "10", "--json", "/nonexistent-dir/t.json"], "/nonexistent-dir"),

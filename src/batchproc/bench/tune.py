@@ -166,12 +166,20 @@ def candidates(
     seed: int = 0,
 ) -> list[Candidate]:
     """The grid, shuffled with ``seed``; GREEDY never waits, so only once per size and
-    workers (with the first delay as its ``batch_timeout``)."""
+    workers (with the first delay as its ``batch_timeout``).
+
+    Raises:
+        BenchError: one line, for a value no configuration takes (`Candidate`'s checks).
+    """
     grid: dict[str, Candidate] = {}
     for strategy, size, delay, w in itertools.product(strategies, sizes, delays_ms, workers):
         if strategy == "greedy":
             delay = delays_ms[0]
-        c = Candidate(strategy, size, float(delay), w)
+        try:
+            c = Candidate(strategy, size, float(delay), w)
+        except ValueError as exc:
+            raise BenchError(f"the search space holds what is no configuration: {exc}"
+                             ) from None
         grid.setdefault(c.key, c)
     out = list(grid.values())
     random.Random(seed).shuffle(out)

@@ -7,7 +7,9 @@ ladder is checked with synthetic measurements, so nothing depends on speed.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -21,12 +23,15 @@ from batchproc.bench.loads import drain_window
 from batchproc.bench.models import identity
 from batchproc.bench.targets import STOP_TIMEOUT_S
 from batchproc.bench.tune import (
+    _SAVED_RERUN_FIELDS,
+    _SAVED_RUN_FIELDS,
     CONFIRM_SHARE,
     DEFAULT,
     Candidate,
     Goal,
     ResultsFile,
     Tuner,
+    TuneResult,
     candidates,
     ladder_fraction,
     least_budget,
@@ -106,38 +111,268 @@ def test_a_file_of_other_settings_is_refused(tmp_path, capsys) -> None:
     assert code == 2 and "not a file written by batchproc tune" in err
 
 
-@pytest.mark.parametrize(("damage", "said"), [
-    (lambda run: run.pop("key"), "run 0 lacks 'key'"),
-    (lambda run: run.pop("p99_ms"), "run 0 lacks 'p99_ms'"),
-    (lambda run: run.update(offered="fast"), "run 0 has 'offered' = 'fast'"),
-    (lambda run: run.update(completed=True), "run 0 has 'completed' = True"),
-    (lambda run: run["candidate"].update(colour="red"), "run 0 has a candidate"),
-    (lambda run: run.clear() or run.update(x=1), "run 0 lacks 'key'"),
-])
-def test_a_damaged_results_file_is_refused_naming_what_is_wrong(tmp_path, capsys, damage,
-                                                                 said) -> None:
-    path = tmp_path / "tune.json"
-    argv = [*FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json", str(path)]
-    assert run_cli(capsys, *argv)[0] == 0
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[str, Any]]:
+    """A results file of a search at a target load (the default and one FIXED candidate,
+    some rerun as finalists): the command line that wrote it, and what it holds."""
+    path = tmp_path_factory.mktemp("tune") / "tune.json"
+    argv = [*FAST, "--sizes", "4", "--delays-ms", "1", "--workers", "1", "--strategies",
+            "fixed", "--rate", "300", "--budget", "6", "--json", str(path)]
+    assert main(["tune", *argv]) in (0, 1)
     doc = json.loads(path.read_text())
-    damage(doc["runs"][0])
+    assert {r["key"] for r in doc["runs"]} == {"default", "fixed/size=4/delay_ms=1/workers=1"}
+    return argv, doc
+
+
+def _first_run(doc: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
+    """A search run (not a rerun) of ``key`` in a results file, and its index."""
+    return next((i, r) for i, r in enumerate(doc["runs"])
+                if r["key"] == key and not r.get("repeat"))
+
+
+FIXED_KEY = "fixed/size=4/delay_ms=1/workers=1"
+FIGURES = ("arrival_rate", "throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
+           "mean_batch", "elapsed_s")
+COUNTS = ("completed", "errors", "unfinished", "refused")
+NUMBER = "must be a finite number >= 0, or null"
+WHOLE = "must be a whole number >= 0"
+NAN, INF = float("nan"), float("inf")
+
+
+def _damaged_runs() -> list[Any]:
+    """(field, value, what the message says) for a search run: each field of the saved
+    format with a wrong type, out of range, non-finite, or a bool for a number."""
+    cases: list[Any] = []
+    for name in FIGURES:
+        cases += [(name, v, f"{name!r} = {v!r}: {NUMBER}")
+                  for v in ("1", True, -1, -0.5, NAN, INF, -INF, [1])]
+    for name in COUNTS:
+        cases += [(name, v, f"{name!r} = {v!r}: {WHOLE}")
+                  for v in ("3", True, False, 1.5, 2.0, -1, None, NAN)]
+    cases += [("offered", v, f"'offered' = {v!r}: must be a finite number > 0")
+              for v in (0, 0.0, -300.0, None, "300", True, NAN, INF)]
+    for name in ("key", "label"):
+        cases += [(name, v, f"{name!r} = {v!r}: must be a string") for v in (1, None, [])]
+    for name in ("first_error", "failed"):
+        cases += [(name, v, f"{name!r} = {v!r}: must be a string, or null")
+                  for v in (1, True, ["x"])]
+    cases += [("candidate", v, f"'candidate' = {v!r}: must be a record")
+              for v in ("fixed", None, [1])]
+    cases += [("repeat", v, f"'repeat' = {v!r}: must be a whole number >= 1")
+              for v in (0, -1, "1", True, 1.5, None)]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "value", "said"), _damaged_runs())
+def test_a_saved_run_with_a_bad_field_is_refused_naming_it(tmp_path, saved, name, value,
+                                                             said) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    run[name] = value
+    path = tmp_path / "tune.json"
     path.write_text(json.dumps(doc))
-    code, out, err = run_cli(capsys, *argv)
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), doc["identity"])
+    assert str(refused.value) == (f"--json {path}: damaged: run {i} has {said}; give "
+                                  "another file to start afresh")
+
+
+@pytest.mark.parametrize("name", [*FIGURES, *COUNTS, "key", "label", "candidate", "offered",
+                                  "first_error", "failed"])
+def test_a_saved_run_lacking_a_field_is_refused_naming_it(tmp_path, saved, name) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    del run[name]
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=f"damaged: run {i} lacks {name!r}; give another"):
+        ResultsFile(str(path), doc["identity"])
+
+
+def test_the_saved_format_is_what_the_search_writes(saved) -> None:
+    # Every field of every run the search wrote is checked on reading, and no more.
+    for run in saved[1]["runs"]:
+        assert set(run) - set(_SAVED_RERUN_FIELDS) == set(_SAVED_RUN_FIELDS)
+
+
+# (field of the candidate, value, what the message says): the rules of a configuration.
+BAD_CANDIDATES = [
+    ("delay_ms", "1", "delay_ms must be a real number"),
+    ("delay_ms", True, "delay_ms must be a real number"),
+    ("delay_ms", -1.0, "delay_ms must be >= 0.0, got -1.0"),
+    ("delay_ms", NAN, "delay_ms must be a finite number, got nan"),
+    ("delay_ms", INF, "delay_ms must be a finite number, got inf"),
+    ("delay_ms", None, "delay_ms must be set when max_batch_size, delay_ms, max_workers are"),
+    ("max_batch_size", "8", "max_batch_size must be an integer"),
+    ("max_batch_size", -8, "max_batch_size must be >= 1, got -8"),
+    ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),
+    ("max_batch_size", 4.5, "max_batch_size must be an integer"),
+    ("max_batch_size", 4.0, "max_batch_size must be an integer"),
+    ("max_batch_size", True, "max_batch_size must be an integer"),
+    ("max_batch_size", None, "max_batch_size must be set when"),
+    ("max_workers", "1", "max_workers must be an integer"),
+    ("max_workers", 0, "max_workers must be >= 1, got 0"),
+    ("max_workers", False, "max_workers must be an integer"),
+    ("max_workers", 10**6, "max_workers must be <= "),
+    ("strategy", "nope", "strategy must be one of 'fixed', 'adaptive', 'greedy', got 'nope'"),
+    ("strategy", "FIXED", "strategy must be one of 'fixed', 'adaptive', 'greedy', got 'FIXED'"),
+    ("strategy", None, "strategy must be one of"),
+    ("strategy", 1, "strategy must be one of"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "said"), BAD_CANDIDATES)
+def test_a_saved_candidate_that_is_no_configuration_is_refused(tmp_path, saved, name,
+                                                                 value, said) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    run["candidate"][name] = value
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), doc["identity"])
+    assert f"damaged: run {i} has a 'candidate' that is no configuration: {said}" in str(
+        refused.value)
+    # The same rules as a candidate built by the search.
+    with pytest.raises(ValueError, match=re.escape(said)):
+        Candidate(**run["candidate"])
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda c: c.pop("strategy"), "a 'candidate' that lacks 'strategy'"),
+    (lambda c: c.pop("max_workers"), "a 'candidate' that lacks 'max_workers'"),
+    (lambda c: c.update(colour="red"), "a 'candidate' with 'colour', a field this version "
+     "does not know"),
+    (lambda c: c.update(max_batch_size=8), "'key' = 'fixed/size=4/delay_ms=1/workers=1': "
+     "its candidate's is 'fixed/size=8/delay_ms=1/workers=1'"),
+    (lambda c: c.update(strategy="greedy"), "'key' = 'fixed/size=4/delay_ms=1/workers=1': "
+     "its candidate's is 'greedy/size=4/delay_ms=1/workers=1'"),
+])
+def test_a_saved_candidate_not_of_its_run_is_refused(tmp_path, saved, damage, said) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    damage(run["candidate"])
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=re.escape(f"damaged: run {i} has {said}")):
+        ResultsFile(str(path), doc["identity"])
+
+
+def test_the_default_candidate_is_adaptive_with_nothing_set(tmp_path, saved) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, "default")
+    run["candidate"]["strategy"] = "fixed"
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=re.escape(
+            f"run {i} has a 'candidate' that is no configuration: the default (no "
+            "max_batch_size, delay_ms, max_workers) is 'adaptive', got strategy 'fixed'")):
+        ResultsFile(str(path), doc["identity"])
+
+
+def _set(name: str, value: Any) -> Any:
+    return lambda doc: doc.update({name: value})
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda doc: doc.clear(), "not a file written by batchproc tune (it has no 'kind')"),
+    (_set("kind", "bench"), "not a file written by batchproc tune (its 'kind' is 'bench', "
+     "not 'batchproc tune results')"),
+    (lambda doc: doc.pop("version"), "damaged: the file lacks 'version'"),
+    (_set("version", 2), "written by another version of batchproc tune (its 'version' is "
+     "2; this one reads 1)"),
+    (_set("version", "1"), "(its 'version' is '1'; this one reads 1)"),
+    (_set("version", True), "(its 'version' is True; this one reads 1)"),
+    (lambda doc: doc.pop("identity"), "damaged: the file lacks 'identity'"),
+    (_set("identity", [1]), "damaged: the file has 'identity' = [1]: must be a record"),
+    (_set("identity", "x"), "damaged: the file has 'identity' = 'x': must be a record"),
+    (_set("identity", None), "damaged: the file has 'identity' = None: must be a record"),
+    (lambda doc: doc["identity"].pop("seed"), "damaged: 'identity' lacks 'seed'"),
+    (lambda doc: doc["identity"].update(seed=1), "holds runs of other settings (seed)"),
+    (lambda doc: doc["identity"].update(seed="0"), "holds runs of other settings (seed)"),
+    (lambda doc: doc["identity"].update(colour=1), "holds runs of other settings (colour)"),
+    (lambda doc: doc.pop("capacity"), "damaged: the file lacks 'capacity'"),
+    *[(_set("capacity", v), f"damaged: the file has 'capacity' = {v!r}: must be a finite "
+       "number > 0, or null") for v in (0, -1.0, NAN, INF, "5", True, [5])],
+    (lambda doc: doc.pop("runs"), "damaged: the file lacks 'runs'"),
+    (_set("runs", "many"), "damaged: the file has 'runs' = 'many': must be a list"),
+    (_set("runs", {}), "damaged: the file has 'runs' = {}: must be a list"),
+    (_set("runs", [1]), "damaged: run 0 is not a record: 1"),
+    (lambda doc: doc["runs"].append([]), "is not a record: []"),
+])
+def test_a_damaged_results_file_is_refused_naming_the_field(tmp_path, saved, damage,
+                                                             said) -> None:
+    doc = copy.deepcopy(saved[1])
+    damage(doc)
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), saved[1]["identity"])
+    assert str(refused.value).startswith(f"--json {path}: ") and said in str(refused.value)
+
+
+def test_a_results_file_that_is_not_a_record_is_refused(tmp_path, saved) -> None:
+    path = tmp_path / "tune.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(BenchError, match=re.escape(
+            "not a file written by batchproc tune (it holds [1, 2], not a record)")):
+        ResultsFile(str(path), saved[1]["identity"])
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda doc: doc.update(identity=[1]), "the file has 'identity' = [1]"),
+    (lambda doc: doc["runs"][0].update(p99_ms=-1), "run 0 has 'p99_ms' = -1"),
+    (lambda doc: doc["runs"][0]["candidate"].update(strategy="nope"), "strategy must be"),
+    (lambda doc: _first_run(doc, FIXED_KEY)[1]["candidate"].update(delay_ms="1"),
+     "delay_ms must be"),
+])
+def test_the_command_refuses_a_damaged_file_on_one_line_before_any_run(
+        tmp_path, capsys, saved, damage, said) -> None:
+    argv, doc = saved[0], copy.deepcopy(saved[1])
+    damage(doc)
+    path = tmp_path / "tune.json"
+    text = json.dumps(doc, allow_nan=True)
+    path.write_text(text)
+    code, out, err = run_cli(capsys, *argv[:-1], str(path))
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1
-    assert "damaged: " + said in err and "give another file" in err
+    assert err.startswith(f"batchproc tune: error: --json {path}: ") and said in err
+    assert path.read_text() == text  # nothing ran: the file was not written again
 
 
-@pytest.mark.parametrize("runs", ['"many"', "[1]"])
-def test_results_whose_runs_are_not_records_are_refused(tmp_path, capsys, runs) -> None:
+def test_a_saved_file_with_its_neighbouring_good_values_resumes(tmp_path, capsys,
+                                                                saved) -> None:
+    argv, doc = saved[0], copy.deepcopy(saved[1])
+    _, run = _first_run(doc, FIXED_KEY)
+    # What a run may hold: figures of 0 or null (a run that failed outright completes
+    # nothing and has none), whole numbers as ints, an offered load as an int, notes.
+    run.update(offered=300, p99_ms=None, p50_ms=0, errors=0, first_error="x", failed=None)
+    _, default = _first_run(doc, "default")
+    default.update(completed=0, throughput=None, mean_batch=None, elapsed_s=None,
+                   failed="RuntimeError: no", p99_ms=None, p50_ms=None, p95_ms=None,
+                   mean_ms=None, arrival_rate=None)
+    doc["capacity"] = 1234.5
     path = tmp_path / "tune.json"
-    argv = [*FAST, *SPACE, "--rate", "300", "--budget", "1.8", "--json", str(path)]
-    assert run_cli(capsys, *argv)[0] == 0
-    doc = json.loads(path.read_text())
-    doc["runs"] = json.loads(runs)
     path.write_text(json.dumps(doc))
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 2 and out == "" and "damaged" in err
+    results = ResultsFile(str(path), doc["identity"])
+    assert results.capacity == 1234.5 and results.saved_runs == len(doc["runs"])
+    assert results.get(FIXED_KEY, 300.0) is not None
+    code, out, err = run_cli(capsys, *argv[:-1], str(path))
+    assert code in (0, 1), err
+    assert f"runs: 0 measured now, {len(doc['runs'])} reused" in out
+
+
+def test_a_completed_run_has_its_figures(tmp_path, saved) -> None:
+    for name in ("throughput", "mean_batch"):
+        doc = copy.deepcopy(saved[1])
+        i, run = _first_run(doc, FIXED_KEY)
+        run[name] = None
+        path = tmp_path / "tune.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(BenchError, match=re.escape(
+                f"run {i} has {name!r} = None: must be a number, as it completed "
+                f"{run['completed']} requests")):
+            ResultsFile(str(path), doc["identity"])
 
 
 # A run of 0.15 s is counted as 1.15 s (with its drain and stop), and a third of the
@@ -222,6 +457,8 @@ def test_ragged_requests_print_a_config_with_padding(capsys) -> None:
         (["--p99-ms", "-1"], "--p99-ms"),
         (["--rate", "10", "--sizes", "8,x"], "--sizes"),
         (["--rate", "10", "--strategies", "fastest"], "one of 'fixed', 'adaptive', 'greedy'"),
+        (["--rate", "10", "--workers", "1,100000"], "the search space holds what is no "
+         "configuration: max_workers must be <= "),
         (["--rate", "10", "--budget", "0"], "--budget"),
         (["--rate", "10", "--input", "float32:1x"], "--input"),
         (["--rate", "10", "--json", "/nonexistent-dir/t.json"], "/nonexistent-dir"),
@@ -540,3 +777,26 @@ def test_the_output_says_how_far_confirming_the_finalists_went(monkeypatch, caps
     print_result("tune", result)
     out = capsys.readouterr().out
     assert note in out.splitlines()
+
+
+def test_a_run_that_failed_outright_is_printed_without_figures(capsys) -> None:
+    # What the results file holds for it (and a resume reads back): no figures, null.
+    failed = {"key": DEFAULT.key, "label": DEFAULT.label, "candidate": vars(DEFAULT),
+              "offered": 300.0, "arrival_rate": None, "throughput": None, "p50_ms": None,
+              "p95_ms": None, "p99_ms": None, "mean_ms": None, "mean_batch": None,
+              "completed": 0, "errors": 0, "unfinished": 0, "refused": 0,
+              "first_error": None, "elapsed_s": None, "failed": "RuntimeError: no"}
+    c = Candidate("fixed", 8, 1.0, 1)
+    best = {**failed, "key": c.key, "label": c.label, "candidate": vars(c),
+            "throughput": 300.0, "p50_ms": 1.0, "p99_ms": 2.0, "mean_batch": 2.5,
+            "completed": 45, "failed": None}
+    goal = Goal(rate=300.0)
+    assert goal.meets(best) and not goal.meets(failed)
+    out, _ = _printed(TuneResult(goal, best, failed, [failed, best], 2, 0, 2, 2, False,
+                                 None), capsys)
+    row = next(line for line in out.splitlines() if "default (ADAPTIVE)  " in line)
+    assert [cell.strip() for cell in row.split("│")[2:-1]] == ["300", "-", "-", "-", "-",
+                                                              "no"]
+    assert ("default (ADAPTIVE): p50 - ms, p99 - ms at - req/s achieved of 300 offered, "
+            "- rows per call (misses the goal)") in out
+    assert "2.5 rows per call" in out

@@ -623,6 +623,36 @@ def test_check_keywords_names_the_function_each_unknown_name_and_the_closest() -
     assert set(FIELD_NAMES) == {f.name for f in dataclasses.fields(BatchProcessorConfig)}
 
 
+@pytest.mark.parametrize(("given", "meant"), [
+    ("MAX_BATCH_SIZE", "max_batch_size"),
+    ("Max_Batch_Size", "max_batch_size"),
+    ("max-batch-size", "max_batch_size"),
+    ("MAX-BATCH-SIZE", "max_batch_size"),
+    ("Max_Batch_Siz", "max_batch_size"),
+    ("max-batch-siz", "max_batch_size"),
+    ("Batch-Timeout", "batch_timeout"),
+    ("Processing_Strategy", "processing_strategy"),
+    ("max_batch_sizE", "max_batch_size"),
+    ("MAX_BATCH_SIZ", "max_batch_size"),
+    ("BATCH-TIMEOUT", "batch_timeout"),
+    ("MAX_WORKERS", "max_workers"),
+])
+def test_the_closest_name_is_found_in_any_case_and_with_dashes(given, meant) -> None:
+    with pytest.raises(TypeError) as info:
+        BatchProcessorConfig(**{given: 8})
+    assert str(info.value).startswith(
+        f"BatchProcessorConfig() got an unexpected keyword argument {given!r} (did you "
+        f"mean {meant!r}?). ")
+
+
+def test_a_function_s_own_keywords_are_found_in_any_case_and_with_dashes() -> None:
+    with pytest.raises(TypeError, match=r"'Queue-Wait' \(did you mean 'queue_wait'\?\)"):
+        check_keywords("f", ["Queue-Wait"], ["queue_wait"])
+    # Far from every name in every case: no hint.
+    with pytest.raises(TypeError, match=r"argument 'ZZZ'\. f\(\) takes"):
+        check_keywords("f", ["ZZZ"], ["queue_wait"])
+
+
 @pytest.mark.parametrize("build", [
     lambda: BatchProcessorConfig(max_batch_siz=64),
     lambda: dataclasses.replace(BatchProcessorConfig(), max_batch_siz=64),

@@ -170,3 +170,30 @@ def test_a_deployment_names_an_unknown_keyword_and_the_closest_before_importing_
         batched_deployment(_doubling_model, num_replica=2)
     with pytest.raises(TypeError, match=r"argument 'zzz'\. batched_deployment\(\) takes"):
         batched_deployment(_doubling_model, zzz=1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: batched_deployment(max_batch_siz=4),
+    lambda: batched_deployment(max_batch_siz=4, batch_timeout=-1),
+    lambda: batched_deployment(None, max_batch_siz=4),
+    lambda: batched_deployment(max_batch_siz=4, config=BatchProcessorConfig()),
+])
+def test_an_unknown_keyword_is_reported_before_the_missing_model(monkeypatch, call):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(TypeError, match=r"^batched_deployment\(\) got an unexpected keyword "
+                       r"argument 'max_batch_siz' \(did you mean 'max_batch_size'\?\)"):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: batched_deployment(),
+    lambda: batched_deployment(max_batch_size=4),
+    lambda: batched_deployment(None, num_replicas=2),
+    lambda: batched_deployment(model=None, batch_timeout=-1),
+])
+def test_a_deployment_without_its_model_is_refused_before_importing_ray(monkeypatch, call):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(TypeError, match=r"^batched_deployment\(\) missing its model: a "
+                       r"factory \(a callable returning the batch function\) or "
+                       r"'package\.module:factory'$"):
+        call()

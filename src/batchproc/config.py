@@ -569,9 +569,11 @@ def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = 
     """``TypeError`` if a name in ``keywords`` is neither a field of
     `BatchProcessorConfig` nor one of ``own`` (the other keywords ``function`` takes):
     the message names ``function``, each unknown name with the closest valid one where
-    one is close, and what ``function`` takes. For everything that builds a config from
-    a caller's keywords (``batch(...)``, ``batched_deployment(...)``, the config itself),
-    whose bare ``TypeError`` would name ``BatchProcessorConfig.__init__`` and no fix."""
+    one is close (in any case, ``-`` read as ``_``: ``MAX_BATCH_SIZE`` and
+    ``max-batch-size`` mean ``max_batch_size``), and what ``function`` takes. For
+    everything that builds a config from a caller's keywords (``batch(...)``,
+    ``batched_deployment(...)``, the config itself), whose bare ``TypeError`` would name
+    ``BatchProcessorConfig.__init__`` and no fix."""
     own = tuple(own)
     valid = (*FIELD_NAMES, *own)
     unknown = [name for name in keywords if name not in valid]
@@ -579,8 +581,8 @@ def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = 
         return
     shown = []
     for name in unknown:
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        shown.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        close = _closest(str(name), valid)
+        shown.append(f"{name!r}" + (f" (did you mean {close!r}?)" if close else ""))
     takes = "its fields" if function == BatchProcessorConfig.__name__ else (
         "BatchProcessorConfig's fields")
     also = f", and {', '.join(own)}" if own else ""
@@ -589,6 +591,19 @@ def check_keywords(function: str, keywords: Iterable[str], own: Iterable[str] = 
     raise TypeError(
         f"{function}() got {got} {', '.join(shown)}. {function}() takes {takes} as keywords "
         f"(help(batchproc.BatchProcessorConfig) lists them){also}")
+
+
+def _closest(name: str, valid: Iterable[str]) -> str | None:
+    """The name in ``valid`` closest to ``name``, or None when none is close; compared
+    folded (lower case, ``-`` as ``_``), as a name written in another case or with a
+    command line's dashes is still the same name."""
+    by_folded = {_folded(v): v for v in valid}
+    close = difflib.get_close_matches(_folded(name), list(by_folded), n=1)
+    return by_folded[close[0]] if close else None
+
+
+def _folded(name: str) -> str:
+    return name.lower().replace("-", "_")
 
 
 # Set (in the instance's __dict__, never a field) on a processor's own copy of its config.

@@ -38,16 +38,21 @@ missing: a search cut short by its budget continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 import random
+import reprlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from batchproc import BatchProcessingStrategy, BatchProcessorConfig
+from batchproc.config import _require_int, _require_number
 
 from . import BenchError, report
 from .configs import describe_fields, format_config, parse_strategy
@@ -69,6 +74,7 @@ DEFAULT_STRATEGIES = ("adaptive", "fixed", "greedy")
 FILE_KIND = "batchproc tune results"
 FILE_VERSION = 1
 DEFAULT_KEY = "default"
+DEFAULT_STRATEGY = "adaptive"  # the library's default processing_strategy
 FINALISTS = 3  # the best configurations the search confirms, with the default
 CONFIRM_RUNS = 3  # runs per finalist the verdict takes medians of
 CONFIRM_SHARE = 1 / 3  # the most of the budget kept for confirming
@@ -90,6 +96,35 @@ class Candidate:
     max_batch_size: int | None = None
     delay_ms: float | None = None
     max_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse what is no configuration, by the rules ``BatchProcessorConfig`` applies
+        to the fields a candidate sets, under the candidate's own names.
+
+        Raises:
+            ValueError: naming the field (``ConfigTypeError``, a ``ValueError`` too, for
+                a wrong type): ``strategy`` not a strategy's value (``"fixed"``); some
+                but not all of the other fields set (only the default leaves them
+                ``None``); a value the config refuses.
+        """
+        values = [str(s.value) for s in BatchProcessingStrategy]
+        if not isinstance(self.strategy, str) or self.strategy not in values:
+            raise ValueError(f"strategy must be one of {', '.join(map(repr, values))}, "
+                             f"got {self.strategy!r}")
+        settings = ("max_batch_size", "delay_ms", "max_workers")
+        unset = [name for name in settings if getattr(self, name) is None]
+        if len(unset) == len(settings):
+            if self.strategy != DEFAULT_STRATEGY:
+                raise ValueError(f"the default (no {', '.join(settings)}) is "
+                                 f"{DEFAULT_STRATEGY!r}, got strategy {self.strategy!r}")
+            return
+        if unset:
+            raise ValueError(f"{unset[0]} must be set when {', '.join(settings)} are "
+                             "(only the default leaves them all None)")
+        _require_int("max_batch_size", self.max_batch_size, minimum=1)
+        _require_number("delay_ms", self.delay_ms, minimum=0.0)
+        _require_int("max_workers", self.max_workers, minimum=1)
+        BatchProcessorConfig(**self.fields())  # the config's other rules (upper bounds)
 
     @property
     def key(self) -> str:
@@ -120,7 +155,7 @@ class Candidate:
         }
 
 
-DEFAULT = Candidate("adaptive")
+DEFAULT = Candidate(DEFAULT_STRATEGY)
 
 
 def candidates(
@@ -131,12 +166,20 @@ def candidates(
     seed: int = 0,
 ) -> list[Candidate]:
     """The grid, shuffled with ``seed``; GREEDY never waits, so only once per size and
-    workers (with the first delay as its ``batch_timeout``)."""
+    workers (with the first delay as its ``batch_timeout``).
+
+    Raises:
+        BenchError: one line, for a value no configuration takes (`Candidate`'s checks).
+    """
     grid: dict[str, Candidate] = {}
     for strategy, size, delay, w in itertools.product(strategies, sizes, delays_ms, workers):
         if strategy == "greedy":
             delay = delays_ms[0]
-        c = Candidate(strategy, size, float(delay), w)
+        try:
+            c = Candidate(strategy, size, float(delay), w)
+        except ValueError as exc:
+            raise BenchError(f"the search space holds what is no configuration: {exc}"
+                             ) from None
         grid.setdefault(c.key, c)
     out = list(grid.values())
     random.Random(seed).shuffle(out)
@@ -174,33 +217,158 @@ class Goal:
 
 
 
-# What every saved run must hold (what resuming reads from it), and of which type.
-_SAVED_RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "key": str, "label": str, "candidate": dict, "offered": (int, float),
-    "throughput": (int, float), "p50_ms": (int, float, type(None)),
-    "p99_ms": (int, float, type(None)), "mean_batch": (int, float),
-    "completed": int, "errors": int, "unfinished": int,
+# -- the results file, read back -----------------------------------------------------------
+# Everything a resumed search reads from the file is checked here, before anything runs:
+# a damaged file is refused on one line naming the field, never a KeyError or a
+# TypeError halfway through the search, nor a run it would measure again.
+
+
+def _number(v: Any, *, minimum: float, allow_zero: bool = True,
+            allow_null: bool = False) -> str | None:
+    """What is wrong with a figure read back (a finite number, never a bool), if
+    anything."""
+    bound = f">= {minimum:g}" if allow_zero else f"> {minimum:g}"
+    wanted = f"must be a finite number {bound}" + (", or null" if allow_null else "")
+    if v is None and allow_null:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return wanted
+    if not math.isfinite(v) or v < minimum or (v == minimum and not allow_zero):
+        return wanted
+    return None
+
+
+def _count(v: Any, minimum: int = 0) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        return f"must be a whole number >= {minimum}"
+    return None
+
+
+def _text(v: Any, allow_null: bool = False) -> str | None:
+    if isinstance(v, str) or (v is None and allow_null):
+        return None
+    return "must be a string" + (", or null" if allow_null else "")
+
+
+def _record(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "must be a record"
+
+
+_Check = Callable[[Any], "str | None"]
+_FIGURE: _Check = functools.partial(_number, minimum=0.0, allow_null=True)
+
+# Every field of a saved run (what ``Tuner._record`` writes) and what it must hold; a
+# run that failed outright has no figures (null). ``candidate`` is a `Candidate`'s fields.
+_SAVED_RUN_FIELDS: dict[str, _Check] = {
+    "key": _text, "label": _text, "candidate": _record,
+    "offered": functools.partial(_number, minimum=0.0, allow_zero=False),
+    "arrival_rate": _FIGURE, "throughput": _FIGURE, "p50_ms": _FIGURE, "p95_ms": _FIGURE,
+    "p99_ms": _FIGURE, "mean_ms": _FIGURE, "mean_batch": _FIGURE,
+    "completed": _count, "errors": _count, "unfinished": _count, "refused": _count,
+    "first_error": functools.partial(_text, allow_null=True), "elapsed_s": _FIGURE,
+    "failed": functools.partial(_text, allow_null=True),
 }
+# ... and what only a confirming rerun holds: which rerun it is.
+_SAVED_RERUN_FIELDS: dict[str, _Check] = {"repeat": functools.partial(_count, minimum=1)}
+# Figures a run that completed requests has (the search compares and prints them).
+_FIGURES_OF_COMPLETED = ("throughput", "mean_batch")
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 100
+
+
+def _shown(v: Any) -> str:
+    """A value read back, for a one-line message (long ones cut short)."""
+    return _SHOWN.repr(v)
+
+
+def _damaged(path: str, what: str) -> BenchError:
+    return BenchError(f"--json {path}: damaged: {what}; give another file to start afresh")
 
 
 def _check_saved_run(path: str, i: int, run: Any) -> None:
-    """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything
-    (a damaged file must not end a resumed search in a ``KeyError``)."""
-    def damaged(what: str) -> BenchError:
-        return BenchError(f"--json {path}: damaged: run {i} {what}; give another file to "
-                          "start afresh")
-
+    """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything:
+    a field missing, of the wrong type or out of range, a candidate that is no
+    configuration (`Candidate`'s own checks) or not the run's ``key``."""
     if not isinstance(run, dict):
-        raise damaged("is not a record")
-    for name, kinds in _SAVED_RUN_FIELDS.items():
+        raise _damaged(path, f"run {i} is not a record: {_shown(run)}")
+    for name, check in (*_SAVED_RUN_FIELDS.items(), *_SAVED_RERUN_FIELDS.items()):
         if name not in run:
-            raise damaged(f"lacks {name!r}")
-        if not isinstance(run[name], kinds) or isinstance(run[name], bool):
-            raise damaged(f"has {name!r} = {run[name]!r}")
+            if name in _SAVED_RERUN_FIELDS:
+                continue
+            raise _damaged(path, f"run {i} lacks {name!r}")
+        wrong = check(run[name])
+        if wrong is not None:
+            raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}: {wrong}")
+    if run["completed"]:
+        for name in _FIGURES_OF_COMPLETED:
+            if run[name] is None:
+                raise _damaged(path, f"run {i} has {name!r} = None: must be a number, "
+                               f"as it completed {run['completed']} requests")
+    candidate = _saved_candidate(path, i, run["candidate"])
+    if candidate.key != run["key"]:
+        raise _damaged(path, f"run {i} has 'key' = {_shown(run['key'])}: its candidate's "
+                       f"is {candidate.key!r}")
+
+
+def _saved_candidate(path: str, i: int, fields: dict[str, Any]) -> Candidate:
+    """The `Candidate` of run ``i``, by its own checks; ``BenchError`` naming the field."""
+    names = [f.name for f in dataclasses.fields(Candidate)]
+    for name in names:
+        if name not in fields:
+            raise _damaged(path, f"run {i} has a 'candidate' that lacks {name!r}")
+    unknown = sorted(str(name) for name in fields if name not in names)
+    if unknown:
+        raise _damaged(path, f"run {i} has a 'candidate' with {unknown[0]!r}, a field "
+                       "this version does not know")
     try:
-        Candidate(**run["candidate"])
-    except TypeError as exc:
-        raise damaged(f"has a candidate this version cannot read ({exc})") from None
+        return Candidate(**fields)
+    except ValueError as exc:
+        raise _damaged(path, f"run {i} has a 'candidate' that is no configuration: "
+                       f"{exc}") from None
+
+
+def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
+    """``BenchError`` naming what is wrong with a results file, if anything: its own
+    fields (``kind``, ``version``, ``identity``, ``capacity``, ``runs``), then each run
+    (:func:`_check_saved_run`); or saying which settings differ from ``identity`` (the
+    search's, as JSON holds it). The summary of its last search is not read back."""
+    if not isinstance(doc, dict):
+        raise BenchError(f"--json {path}: not a file written by batchproc tune (it holds "
+                         f"{_shown(doc)}, not a record)")
+    if doc.get("kind") != FILE_KIND:
+        got = (f"its 'kind' is {_shown(doc['kind'])}, not {FILE_KIND!r}" if "kind" in doc
+               else "it has no 'kind'")
+        raise BenchError(f"--json {path}: not a file written by batchproc tune ({got})")
+    for name in ("version", "identity", "capacity", "runs"):
+        if name not in doc:
+            raise _damaged(path, f"the file lacks {name!r}")
+    if doc["version"] != FILE_VERSION or isinstance(doc["version"], bool):
+        raise BenchError(f"--json {path}: written by another version of batchproc tune "
+                         f"(its 'version' is {_shown(doc['version'])}; this one reads "
+                         f"{FILE_VERSION}); give another file to start afresh")
+    checks: dict[str, _Check] = {
+        "identity": _record,
+        "capacity": functools.partial(_number, minimum=0.0, allow_zero=False,
+                                      allow_null=True),
+        "runs": lambda v: None if isinstance(v, list) else "must be a list",
+    }
+    for name, check in checks.items():
+        wrong = check(doc[name])
+        if wrong is not None:
+            raise _damaged(path, f"the file has {name!r} = {_shown(doc[name])}: {wrong}")
+    saved = doc["identity"]
+    for name in identity:
+        if name not in saved:
+            raise _damaged(path, f"'identity' lacks {name!r}")
+    if saved != identity:
+        changed = sorted(k for k in set(identity) | set(saved)
+                         if identity.get(k) != saved.get(k))
+        raise BenchError(f"--json {path}: holds runs of other settings "
+                         f"({', '.join(changed)}); give another file to start afresh")
+    for i, run in enumerate(doc["runs"]):
+        _check_saved_run(path, i, run)
 
 
 class ResultsFile:
@@ -228,25 +396,12 @@ class ResultsFile:
                 doc = json.load(f)
         except (OSError, ValueError) as exc:
             raise BenchError(f"--json {path}: cannot read it to resume: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("kind") != FILE_KIND:
-            raise BenchError(f"--json {path}: not a file written by batchproc tune")
-        if doc.get("identity") != _jsonable(self.identity):
-            changed = sorted(
-                k for k in set(self.identity) | set(doc.get("identity") or {})
-                if _jsonable(self.identity).get(k) != (doc.get("identity") or {}).get(k)
-            )
-            raise BenchError(
-                f"--json {path}: holds runs of other settings ({', '.join(changed)}); "
-                "give another file to start afresh"
-            )
-        self.capacity = doc.get("capacity")
-        runs = doc.get("runs", [])
-        if not isinstance(runs, list):
-            raise BenchError(f"--json {path}: damaged (its runs are not a list); "
-                             "give another file to start afresh")
-        for i, r in enumerate(runs):
-            _check_saved_run(path, i, r)
-        self.runs = {_run_key(r["key"], r["offered"], r.get("repeat", 0)): r for r in runs}
+        _check_saved_file(path, doc, _jsonable(self.identity))
+        runs = doc["runs"]
+        self.capacity = doc["capacity"]
+        # Looked up by float loads (``get``): an offered load saved as 300 is 300.0.
+        self.runs = {_run_key(r["key"], float(r["offered"]), r.get("repeat", 0)): r
+                     for r in runs}
 
     def get(self, key: str, offered: float, repeat: int = 0) -> dict[str, Any] | None:
         return self.runs.get(_run_key(key, offered, repeat))
@@ -616,7 +771,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     rows = [[
         r["label"], report.fmt_rate(r["offered"]), report.fmt_rate(r["throughput"]),
         report.fmt_ms(_nan(r["p50_ms"])), report.fmt_ms(_nan(r["p99_ms"])),
-        f"{r['mean_batch']:.1f}", "yes" if goal.meets(r) else "no",
+        _fmt_batch(r["mean_batch"]), "yes" if goal.meets(r) else "no",
     ] for r in shown]
     for row, r in zip(rows, shown):
         if r["key"] == result.cut_short:
@@ -770,4 +925,10 @@ def _nan(v: float | None) -> float:
 def _verdict(r: dict[str, Any]) -> str:
     return (f"p50 {report.fmt_ms(_nan(r['p50_ms']))} ms, p99 {report.fmt_ms(_nan(r['p99_ms']))}"
             f" ms at {report.fmt_rate(r['throughput'])} req/s achieved of "
-            f"{report.fmt_rate(r['offered'])} offered, {r['mean_batch']:.1f} rows per call")
+            f"{report.fmt_rate(r['offered'])} offered, {_fmt_batch(r['mean_batch'])} rows per "
+            "call")
+
+
+def _fmt_batch(v: float | None) -> str:
+    """Rows per model call; a run that failed outright has none (null)."""
+    return "-" if v is None else f"{v:.1f}"

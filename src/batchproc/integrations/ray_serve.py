@@ -143,7 +143,8 @@ _SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options",
                   "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
 
 
-def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfig | None = None,
+def batched_deployment(model: ModelFactory | str | None = None, *,
+                       config: BatchProcessorConfig | None = None,
                        decode: Callable[[Any], Any] = decode_rows,
                        encode: Callable[[Any], Any] = encode_rows, queue_wait: float = 0.1,
                        metrics_name: str | None = None, name: str = "batchproc",
@@ -160,7 +161,8 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
 
     The settings are checked here, before Ray is imported: ``TypeError`` for a ``config``
     that is not a ``BatchProcessorConfig`` or a keyword that is neither a field nor one
-    of these (naming the closest), ``ValueError`` (`ConfigTypeError` for a wrong
+    of these (naming the closest; reported first, as ``batch(...)`` does), or no
+    ``model``; ``ValueError`` (`ConfigTypeError` for a wrong
     type) naming the field for a bad setting. Each replica's ``processor.config`` is its
     own read-only copy.
     """
@@ -170,6 +172,10 @@ def batched_deployment(model: ModelFactory | str, *, config: BatchProcessorConfi
             options[key] = fields.pop(key)
     check_keywords("batched_deployment", fields,
                    (*keyword_only(batched_deployment), *_SERVE_OPTIONS))
+    # After the keywords: a misspelt one is the more useful error than a model left out.
+    if model is None:
+        raise TypeError("batched_deployment() missing its model: a factory (a callable "
+                        "returning the batch function) or 'package.module:factory'")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.

@@ -283,6 +283,7 @@ def _set(name: str, value: Any) -> Any:
      "2; this one reads 1)"),
     (_set("version", "1"), "(its 'version' is '1'; this one reads 1)"),
     (_set("version", True), "(its 'version' is True; this one reads 1)"),
+    (_set("version", 1.0), "(its 'version' is 1.0; this one reads 1)"),
     (lambda doc: doc.pop("identity"), "damaged: the file lacks 'identity'"),
     (_set("identity", [1]), "damaged: the file has 'identity' = [1]: must be a record"),
     (_set("identity", "x"), "damaged: the file has 'identity' = 'x': must be a record"),

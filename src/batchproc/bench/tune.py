@@ -344,7 +344,7 @@ def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
     for name in ("version", "identity", "capacity", "runs"):
         if name not in doc:
             raise _damaged(path, f"the file lacks {name!r}")
-    if doc["version"] != FILE_VERSION or isinstance(doc["version"], bool):
+    if type(doc["version"]) is not int or doc["version"] != FILE_VERSION:
         raise BenchError(f"--json {path}: written by another version of batchproc tune "
                          f"(its 'version' is {_shown(doc['version'])}; this one reads "
                          f"{FILE_VERSION}); give another file to start afresh")

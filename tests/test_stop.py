@@ -514,10 +514,23 @@ def interrupt_points(count, gaps, first=1):
         yield at
 
 
+# stop() waits out its whole timeout for the hung call of ``stop_interrupted``, once
+# per interrupt schedule: a short one, waited for in two of the caller's slices (the
+# interrupts also land on the loop between them).
+INTERRUPTED_STOP_TIMEOUT = 0.02
+INTERRUPTED_STOP_SLICE = 0.015
+
+
+@pytest.fixture
+def short_slices(monkeypatch):
+    from batchproc import shielded
+    monkeypatch.setattr(shielded, "SIGNAL_POLL", INTERRUPTED_STOP_SLICE)
+
+
 def stop_interrupted(make_processor, interrupter, stop=None):
     """Stop a processor holding a hung call and a queued request, with ``stop(p)``
-    (``p.stop(0.05)`` by default), ``interrupter`` tracing; what it raised (None if
-    nothing), its futures, and the model's release."""
+    (``p.stop(INTERRUPTED_STOP_TIMEOUT)`` by default), ``interrupter`` tracing; what it
+    raised (None if nothing), its futures, and the model's release."""
     release = threading.Event()
     entered = threading.Event()
 
@@ -535,7 +548,7 @@ def stop_interrupted(make_processor, interrupter, stop=None):
     sys.settrace(interrupter)
     try:
         if stop is None:
-            p.stop(timeout=0.05)
+            p.stop(timeout=INTERRUPTED_STOP_TIMEOUT)
         else:
             stop(p)
     except KeyboardInterrupt as exc:
@@ -549,7 +562,7 @@ def stop_interrupted(make_processor, interrupter, stop=None):
                     reason="interrupts land on the main thread")
 @pytest.mark.parametrize("gaps", [(), (1,), (1, 3)], ids=["once", "twice", "thrice"])
 def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
-        make_processor, gaps):
+        make_processor, short_slices, gaps):
     # Whatever instructions of stop the interrupts land on, stop either had not begun
     # (as if interrupted before the call: the processor runs on) or it completes every
     # future, stops its threads and raises KeyboardInterrupt once.
@@ -583,7 +596,7 @@ def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
                     reason="interrupts land on the main thread")
 @pytest.mark.parametrize("gaps", [(), (1,)], ids=["once", "twice"])
 def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
-        make_processor, monkeypatch, gaps):
+        make_processor, monkeypatch, short_slices, gaps):
     # The exit hook, unlike stop(), must stop what is registered even when interrupted
     # before its stops begin. An interrupt before its ``try`` (a signal's only chance
     # there is the call's entry) escapes as if before the call, one after everything
@@ -595,7 +608,7 @@ def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
 
     def stop_all(p):
         monkeypatch.setattr(exiting, "_registered", weakref.WeakKeyDictionary({p: None}))
-        monkeypatch.setattr(exiting, "EXIT_TIMEOUT", 0.05)
+        monkeypatch.setattr(exiting, "EXIT_TIMEOUT", INTERRUPTED_STOP_TIMEOUT)
         exiting.stop_all()
 
     source, first_line = inspect.getsourcelines(exiting.stop_all)

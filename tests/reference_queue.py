@@ -134,6 +134,8 @@ class RequestQueue:
         self._in_flight = 0
         self._idle_since = 0.0
         self._idle_rows = 0
+        self._begun_at = self._answered_at = 0.0
+        self._answered_rows = 0
         self._last_push = 0.0
         self._last_batch_rows = 0
         self._cond = threading.Condition(threading.Lock())
@@ -436,14 +438,24 @@ class RequestQueue:
     def begin_batch(self) -> None:
         with self._cond:
             self._in_flight += 1
+            self._begun_at = time.monotonic()
+
+    def answer_batch(self) -> None:
+        with self._cond:
+            self._answered_at = time.monotonic()
+            self._answered_rows = self._rows
 
     def end_batch(self) -> None:
         with self._cond:
             if self._in_flight > 0:
                 self._in_flight -= 1
                 if self._in_flight == 0:
-                    self._idle_since = time.monotonic()
-                    self._idle_rows = self._rows
+                    if self._answered_at >= self._begun_at:
+                        self._idle_since = self._answered_at
+                        self._idle_rows = self._answered_rows
+                    else:
+                        self._idle_since = time.monotonic()
+                        self._idle_rows = self._rows
                     self._cond.notify_all()
 
     @property

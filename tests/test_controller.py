@@ -96,6 +96,9 @@ class _Queue:
     def begin_batch(self):
         pass
 
+    def answer_batch(self):
+        pass
+
     def end_batch(self):
         pass
 
@@ -411,3 +414,36 @@ def test_adaptive_and_greedy_start_with_one_call_fixed_with_all():
                       processing_strategy=BatchProcessingStrategy.GREEDY).slots.limit == 1
     assert controller(max_workers=4,
                       processing_strategy=BatchProcessingStrategy.FIXED).slots.limit == 4
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_queue_is_told_a_batch_is_answered_before_its_callers_are(make_processor,
+                                                                      fails):
+    # Callers answered early in a delivery come back before it ends: the queue must
+    # already count their requests as the delivery's wave (RequestQueue.answer_batch),
+    # not as requests carried across the call. Results and failures alike.
+    def model(batch):
+        if fails:
+            raise ValueError("model failed")
+        return batch
+
+    p = make_processor(max_retries=0)
+    controller = p._controller
+    events = []
+    answer = controller.batch_answered
+
+    def answered():
+        events.append("answered")
+        answer()
+
+    controller.batch_answered = answered
+    p.start(model)
+    future = p.enqueue_predict(np.zeros((1, 2)))
+    future.add_done_callback(lambda f: events.append("caller answered"))
+    if fails:
+        with pytest.raises(ValueError):
+            future.result(timeout=30)
+    else:
+        future.result(timeout=30)
+    p.stop()
+    assert events == ["answered", "caller answered"]

@@ -500,8 +500,12 @@ def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
     paused_from = time.monotonic()
     wait_until(lambda: time.monotonic() - paused_from > 0.05, "a pause of 50 idle gaps")
     assert popper.is_alive()  # still filling: on pace until 7.5 s after the first push
-    q.push("d")  # 4 of fill_rows=10: the wave is in, the next pause ends the wait
+    pushed = time.monotonic()
+    q.push("d")  # 4 of fill_rows=10: the wave is in, the next pause ends the wait ...
     assert popper.outcome() == ["a", "b", "c", "d"]
+    # ... which the push must wake the waiting pop for: not the pace's 7.5 s (a bound
+    # far above the idle gap of 1 ms, far below the pace).
+    assert time.monotonic() - pushed < HANG / 4
 
 
 def test_a_wave_as_large_as_the_last_batch_goes_on_the_pause(impl: Any) -> None:
@@ -596,6 +600,50 @@ def test_the_wave_after_a_delivery_joins_the_rows_carried_across_it(impl: Any) -
     q.push("b")
     q.push("c")  # the wave is back: the wait ends now, not on a gap or the ceiling
     assert popper.outcome() == ["x", "a", "b", "c"]
+
+
+def answering(q: Any, rows: int, *, answered: bool) -> None:
+    """A batch of ``rows`` rows popped and running; with ``answered`` its results are
+    being handed out (``answer_batch``), without it the call just returned."""
+    for i in range(rows):
+        q.push(f"earlier-{i}")
+    assert len(q.pop_batch(rows)) == rows
+    q.begin_batch()
+    if answered:
+        q.answer_batch()
+
+
+def test_a_client_back_during_the_delivery_is_its_wave_not_carried(impl: Any) -> None:
+    # Two clients answered by a batch of two: the first is back before the delivery
+    # ends, the second after. Both are the delivery's wave: the first waits for the
+    # second (its idle gap of HANG / 2 is not up), one batch of two.
+    q = impl.RequestQueue(16)
+    answering(q, 2, answered=True)
+    q.push("a")
+    q.end_batch()
+    popper = Worker(q.pop_batch, 10, fill_rows=2, max_wait=6 * HANG, idle_gap=HANG / 2,
+                    fill_time=HANG, timeout=HANG)
+    blocked(q, FILL)
+    q.push("b")
+    assert popper.outcome() == ["a", "b"]
+
+
+@pytest.mark.parametrize("answered_before_begin", [False, True])
+def test_a_row_pushed_before_the_batch_was_answered_is_carried(
+        impl: Any, answered_before_begin: bool) -> None:
+    # No answer_batch since the batch began (none at all, or one for an earlier batch):
+    # a row pushed before end_batch came during the call, and goes at once (an open
+    # load), not after an idle gap of HANG / 2.
+    q = impl.RequestQueue(16)
+    if answered_before_begin:
+        q.answer_batch()
+    answering(q, 2, answered=False)
+    q.push("a")
+    q.end_batch()
+    t_before = time.monotonic()
+    assert q.pop_batch(10, fill_rows=2, max_wait=6 * HANG, idle_gap=HANG / 2,
+                       fill_time=HANG, timeout=HANG) == ["a"]
+    assert time.monotonic() - t_before < HANG / 4
 
 
 def test_a_wave_too_slow_for_the_carried_rows_ends_their_wait(impl: Any) -> None:

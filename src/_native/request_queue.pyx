@@ -458,8 +458,11 @@ cdef class RequestQueue:
     cdef bint _priorities, _closed
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
-    cdef double _idle_since     # when _in_flight last dropped to 0
-    cdef int64_t _idle_rows     # rows queued when _in_flight last dropped to 0
+    cdef double _idle_since     # when the batches that left _in_flight at 0 were answered
+    cdef int64_t _idle_rows     # rows queued then (carried across the last call)
+    cdef double _begun_at       # the latest begin_batch
+    cdef double _answered_at    # the latest answer_batch, and the rows queued then
+    cdef int64_t _answered_rows
     cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
     cdef Py_ssize_t _w_fill, _w_room
@@ -643,9 +646,11 @@ cdef class RequestQueue:
         if deadline != INFINITY:
             self._add_deadline_locked(deadline, s)
         # One new entry can start one idle consumer. Filling consumers only need waking
-        # once the rows they wait for are there: a push only ever moves their other
-        # deadlines (head age, idle gap) later, and they re-check those when they wake.
-        # Waking them on every push would cost a context switch per request in a burst.
+        # once the rows they wait for are there (_fill_need: fill_rows, or the rows at
+        # which a wave or a fill on pace is complete, see _wake_rows_locked): short of
+        # those a push only moves their other deadlines (head age, idle gap) later, and
+        # they re-check those when they wake. Waking them on every push would cost a
+        # context switch per request in a burst.
         notify_items_one(self._sync)
         if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
@@ -812,11 +817,16 @@ cdef class RequestQueue:
         return (p.idle_gap >= 0.0 and p.fill_time > 0.0 and self._in_flight == 0
                 and self._heap[0].t_push < self._idle_since)
 
-    cdef inline int64_t _wave_rows_locked(self, const PopParams* p) noexcept nogil:
-        """Queued rows at which a fill wait must be woken (the wave of _wave_deadline
-        complete), or INT64_MAX when the wait is no wave's."""
+    cdef inline int64_t _wake_rows_locked(self, const PopParams* p) noexcept nogil:
+        """Queued rows at which a fill wait must be woken because its deadline moves
+        earlier: the wave of _wave_deadline complete, or, for a fill held on pace
+        (_fill_deadline), as many rows as the last batch held (the pace no longer holds
+        it, the idle gap does); INT64_MAX when neither rule holds the wait."""
         if self._head_carried(p):
             return self._idle_rows + self._last_batch_rows
+        if (p.idle_gap >= 0.0 and p.fill_time > 0.0 and self._in_flight == 0
+                and self._rows < self._last_batch_rows):
+            return self._last_batch_rows
         return INT64_MAX
 
     cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
@@ -908,7 +918,7 @@ cdef class RequestQueue:
                                      PopBuf* buf) noexcept nogil:
         """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
         cdef double t, d
-        cdef int64_t wave_rows
+        cdef int64_t wake_rows
         while True:
             # Step 1: wait for any live entry (and, while paused, for resume or close).
             # Parked entries count as coming: a wait ends when the first is due, and a
@@ -941,9 +951,9 @@ cdef class RequestQueue:
                     self._w_fill += 1
                     if p.fill_rows < self._fill_need:
                         self._fill_need = p.fill_rows
-                    wave_rows = self._wave_rows_locked(p)
-                    if wave_rows < self._fill_need:
-                        self._fill_need = wave_rows
+                    wake_rows = self._wake_rows_locked(p)
+                    if wake_rows < self._fill_need:
+                        self._fill_need = wake_rows
                     wait_fill(self._sync, d if d < wake_by else wake_by)
                     self._w_fill -= 1
                     if self._w_fill == 0:
@@ -1525,17 +1535,36 @@ cdef class RequestQueue:
         with nogil:
             sync_lock(self._sync)
             self._in_flight += 1
+            self._begun_at = mono_now()
+            sync_unlock(self._sync)
+
+    def answer_batch(self):
+        """Tell the queue a running batch's results are being handed out: what is pushed
+        from now on came back after its call (its clients' wave), not during it."""
+        with nogil:
+            sync_lock(self._sync)
+            self._answered_at = mono_now()
+            self._answered_rows = self._rows
             sync_unlock(self._sync)
 
     def end_batch(self):
-        """Undo one ``begin_batch()``; when none is left running, fill waits re-check."""
+        """Undo one ``begin_batch()``; when none is left running, fill waits re-check.
+
+        The last call's end, which tells requests carried across it from the wave it
+        brings back (``pop_batch``), is then when its results began to be handed out
+        (``answer_batch``, if called since the latest ``begin_batch``), else now: clients
+        answered early in a delivery come back before it ends."""
         with nogil:
             sync_lock(self._sync)
             if self._in_flight > 0:
                 self._in_flight -= 1
                 if self._in_flight == 0:
-                    self._idle_since = mono_now()
-                    self._idle_rows = self._rows
+                    if self._answered_at >= self._begun_at:
+                        self._idle_since = self._answered_at
+                        self._idle_rows = self._answered_rows
+                    else:
+                        self._idle_since = mono_now()
+                        self._idle_rows = self._rows
                     notify_fill_all(self._sync)
             sync_unlock(self._sync)
 

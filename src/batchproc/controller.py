@@ -21,7 +21,8 @@ The policy (docs/architecture.md, "The controller"):
   leave the rest of the wave a call of its own; at a slower rate the stragglers cost
   less than waiting for them.
   Neither applies to requests carried across the last call (they came while it ran, as
-  an open load's do): they go at once, unless that call's delivery brings its clients
+  an open load's do; the call ends when its results begin to reach its callers,
+  ``batch_answered``): they go at once, unless that call's delivery brings its clients
   back in a wave (rows after its end at more than 8 times the rate the carried ones
   came); then they wait for the wave, up to ``batch_timeout`` after the end, so a few
   closed-loop clients split across one call merge again instead of alternating. The
@@ -386,6 +387,7 @@ class Controller:
             # The queue counts batches in flight for its fill wait (the policy is ours,
             # applied by its pop).
             self.batch_started = queue.begin_batch  # type: ignore[method-assign]
+            self.batch_answered = queue.answer_batch  # type: ignore[method-assign]
             self.batch_ended = queue.end_batch  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
@@ -496,6 +498,10 @@ class Controller:
     def batch_started(self) -> None:
         """A popped batch is in flight: the next pop keeps filling (within the ceiling).
         (With a queue, the queue's own method: one call per batch, no Python frame.)"""
+
+    def batch_answered(self) -> None:
+        """A batch's results (or its failure) are about to reach its callers: what
+        arrives from now on is their wave, not requests carried across the call."""
 
     def batch_ended(self) -> None:
         """A batch is delivered (or abandoned): once none is in flight, pops that are

@@ -99,6 +99,7 @@ class Delivery:
             if self._config.debug_mode:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
                              len(requests), rows, elapsed * 1e3, queue_time * 1e3)
+            self._controller.batch_answered()
             if finish_all(requests, parts):  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; result dropped")
         finally:
@@ -124,6 +125,7 @@ class Delivery:
         if holds_slot:
             self._controller.slots.release(wake=self.others_needed())
         try:
+            self._controller.batch_answered()
             self.fail_pending(requests, error, dispatched_at=batch.dispatched_at)
         finally:
             self._board.end_delivery(batch)

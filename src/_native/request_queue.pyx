@@ -1227,7 +1227,8 @@ cdef class RequestQueue:
            less than ``max_wait`` seconds ago (a ceiling, whatever is in flight). With
            ``idle_gap`` given (>= 0), while no batch is in flight (see ``begin_batch``)
            the wait also ends once nothing was pushed for ``idle_gap`` seconds since the
-           later of the latest push and the moment the last batch in flight ended, but
+           later of the latest push and the moment the last batch in flight ended (its
+           results began to be handed out: ``end_batch``, ``answer_batch``), but
            not while a wave of arrivals comes in on pace: with ``fill_time > 0``
            (seconds), while the head came within ``fill_time`` of that end, at least 2
            but fewer rows are queued than the last batch popped held, and at least that

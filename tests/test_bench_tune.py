@@ -202,14 +202,15 @@ BAD_CANDIDATES = [
     ("delay_ms", -1.0, "delay_ms must be >= 0.0, got -1.0"),
     ("delay_ms", NAN, "delay_ms must be a finite number, got nan"),
     ("delay_ms", INF, "delay_ms must be a finite number, got inf"),
-    ("delay_ms", None, "delay_ms must be set when max_batch_size, delay_ms, max_workers are"),
+    ("delay_ms", None, "max_batch_size=4, max_workers=1 without delay_ms: a candidate sets "
+     "all of max_batch_size, delay_ms, max_workers, or none of them (the default)"),
     ("max_batch_size", "8", "max_batch_size must be an integer"),
     ("max_batch_size", -8, "max_batch_size must be >= 1, got -8"),
     ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),
     ("max_batch_size", 4.5, "max_batch_size must be an integer"),
     ("max_batch_size", 4.0, "max_batch_size must be an integer"),
     ("max_batch_size", True, "max_batch_size must be an integer"),
-    ("max_batch_size", None, "max_batch_size must be set when"),
+    ("max_batch_size", None, "delay_ms=1.0, max_workers=1 without max_batch_size"),
     ("max_workers", "1", "max_workers must be an integer"),
     ("max_workers", 0, "max_workers must be >= 1, got 0"),
     ("max_workers", False, "max_workers must be an integer"),
@@ -291,6 +292,9 @@ def _set(name: str, value: Any) -> Any:
     (lambda doc: doc["identity"].pop("seed"), "damaged: 'identity' lacks 'seed'"),
     (lambda doc: doc["identity"].update(seed=1), "holds runs of other settings (seed)"),
     (lambda doc: doc["identity"].update(seed="0"), "holds runs of other settings (seed)"),
+    # Equal in Python (False == 0 == 0.0), not what the search wrote.
+    (lambda doc: doc["identity"].update(seed=False), "holds runs of other settings (seed)"),
+    (lambda doc: doc["identity"].update(seed=0.0), "holds runs of other settings (seed)"),
     (lambda doc: doc["identity"].update(colour=1), "holds runs of other settings (colour)"),
     (lambda doc: doc.pop("capacity"), "damaged: the file lacks 'capacity'"),
     *[(_set("capacity", v), f"damaged: the file has 'capacity' = {v!r}: must be a finite "
@@ -300,6 +304,9 @@ def _set(name: str, value: Any) -> Any:
     (_set("runs", {}), "damaged: the file has 'runs' = {}: must be a list"),
     (_set("runs", [1]), "damaged: run 0 is not a record: 1"),
     (lambda doc: doc["runs"].append([]), "is not a record: []"),
+    (_set("capacity", 10**400), "damaged: the file has 'capacity' = "),
+    (lambda doc: doc["runs"].append(copy.deepcopy(doc["runs"][1])),
+     "is run 1 again (the same configuration, load and repeat)"),
 ])
 def test_a_damaged_results_file_is_refused_naming_the_field(tmp_path, saved, damage,
                                                              said) -> None:
@@ -310,6 +317,38 @@ def test_a_damaged_results_file_is_refused_naming_the_field(tmp_path, saved, dam
     with pytest.raises(BenchError) as refused:
         ResultsFile(str(path), saved[1]["identity"])
     assert str(refused.value).startswith(f"--json {path}: ") and said in str(refused.value)
+
+
+@pytest.mark.parametrize("name", [*FIGURES, "offered"])
+def test_a_saved_figure_past_a_float_s_range_is_refused(tmp_path, saved, name) -> None:
+    # JSON's integers are unbounded; 10**400 is no figure (float() overflows on it).
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    run[name] = 10**400
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=f"damaged: run {i} has {name!r} = 1000"):
+        ResultsFile(str(path), doc["identity"])
+
+
+def test_a_results_file_nested_too_deep_to_read_is_refused(tmp_path, saved) -> None:
+    path = tmp_path / "tune.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(BenchError, match=f"--json {re.escape(str(path))}: cannot read it "
+                       "to resume"):
+        ResultsFile(str(path), saved[1]["identity"])
+
+
+def test_the_default_candidate_with_one_setting_names_it(tmp_path, saved) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, "default")
+    run["candidate"]["max_batch_size"] = "x"
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=re.escape(
+            f"run {i} has a 'candidate' that is no configuration: max_batch_size='x' "
+            "without delay_ms, max_workers: a candidate sets all")):
+        ResultsFile(str(path), doc["identity"])
 
 
 def test_a_results_file_that_is_not_a_record_is_refused(tmp_path, saved) -> None:

@@ -87,6 +87,11 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--plot", "/nonexistent-dir/out.png"], "--plot"),
         (["--config", "max_batch_siz=3"],
          "'max_batch_siz' (did you mean 'max_batch_size'?)"),
+        (["--config", "max-batch-size=3"],
+         "'max-batch-size' (did you mean 'max_batch_size'?)"),
+        (["--config", "Max-Batch-Size=3, batch_timeout=0.001"],
+         "'Max-Batch-Size' (did you mean 'max_batch_size'?)"),
+        (["--config", "max_batch_size=3,,"], "expected field=value"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(

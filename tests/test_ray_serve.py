@@ -8,6 +8,7 @@ are made here.
 
 import dataclasses
 import multiprocessing
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -197,3 +198,12 @@ def test_a_deployment_without_its_model_is_refused_before_importing_ray(monkeypa
                        r"factory \(a callable returning the batch function\) or "
                        r"'package\.module:factory'$"):
         call()
+
+
+@pytest.mark.parametrize("model", [5, 1.5, b"pkg.mod:factory", ["pkg.mod:factory"]])
+def test_a_model_that_is_neither_a_factory_nor_a_path_is_refused_before_importing_ray(
+        monkeypatch, model):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(TypeError, match=r"^batched_deployment\(\) model must be a factory "
+                       r".*got " + re.escape(repr(model)) + "$"):
+        batched_deployment(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ def parse_config(text: str) -> dict[str, Any]:
             unknown field, or a value ``BatchProcessorConfig`` rejects.
     """
     from batchproc import BatchProcessorConfig
+    from batchproc.config import check_keywords
 
     where = f"--config {text!r}"
     src = text.strip()
@@ -37,6 +39,13 @@ def parse_config(text: str) -> dict[str, Any]:
     try:
         call = ast.parse(src, mode="eval").body
     except SyntaxError:
+        # A dashed name (max-batch-size=8) is no Python keyword: name the field it meant.
+        dashed = re.findall(r"([A-Za-z_][\w-]*-[\w-]*)\s*=", src)
+        if dashed:
+            try:
+                check_keywords(BatchProcessorConfig.__name__, dashed)
+            except TypeError as exc:
+                raise BenchError(f"{where}: {exc}") from None
         raise BenchError(f"{where}: expected field=value, ... (BatchProcessorConfig's fields)"
                          ) from None
     if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):

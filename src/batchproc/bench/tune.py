@@ -119,8 +119,10 @@ class Candidate:
                                  f"{DEFAULT_STRATEGY!r}, got strategy {self.strategy!r}")
             return
         if unset:
-            raise ValueError(f"{unset[0]} must be set when {', '.join(settings)} are "
-                             "(only the default leaves them all None)")
+            given = ", ".join(f"{name}={getattr(self, name)!r}" for name in settings
+                              if name not in unset)
+            raise ValueError(f"{given} without {', '.join(unset)}: a candidate sets all of "
+                             f"{', '.join(settings)}, or none of them (the default)")
         _require_int("max_batch_size", self.max_batch_size, minimum=1)
         _require_number("delay_ms", self.delay_ms, minimum=0.0)
         _require_int("max_workers", self.max_workers, minimum=1)
@@ -232,6 +234,10 @@ def _number(v: Any, *, minimum: float, allow_zero: bool = True,
     if v is None and allow_null:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return wanted
+    try:
+        v = float(v)  # JSON's integers have no bound: one past a float's is no figure
+    except OverflowError:
         return wanted
     if not math.isfinite(v) or v < minimum or (v == minimum and not allow_zero):
         return wanted
@@ -362,13 +368,24 @@ def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
     for name in identity:
         if name not in saved:
             raise _damaged(path, f"'identity' lacks {name!r}")
-    if saved != identity:
+    if _strict(saved) != _strict(identity):
         changed = sorted(k for k in set(identity) | set(saved)
-                         if identity.get(k) != saved.get(k))
+                         if _strict(identity.get(k)) != _strict(saved.get(k)))
         raise BenchError(f"--json {path}: holds runs of other settings "
                          f"({', '.join(changed)}); give another file to start afresh")
+    first: dict[str, int] = {}
     for i, run in enumerate(doc["runs"]):
         _check_saved_run(path, i, run)
+        key = _run_key(run["key"], float(run["offered"]), run.get("repeat", 0))
+        if key in first:
+            raise _damaged(path, f"run {i} is run {first[key]} again (the same "
+                           "configuration, load and repeat): which one was measured?")
+        first[key] = i
+
+
+def _strict(v: Any) -> str:
+    """A value read back as JSON writes it: ``true``, ``1`` and ``1.0`` differ."""
+    return json.dumps(v, sort_keys=True)
 
 
 class ResultsFile:
@@ -394,7 +411,7 @@ class ResultsFile:
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise BenchError(f"--json {path}: cannot read it to resume: {exc}") from None
         _check_saved_file(path, doc, _jsonable(self.identity))
         runs = doc["runs"]

@@ -176,6 +176,11 @@ def batched_deployment(model: ModelFactory | str | None = None, *,
     if model is None:
         raise TypeError("batched_deployment() missing its model: a factory (a callable "
                         "returning the batch function) or 'package.module:factory'")
+    if not (callable(model) or isinstance(model, str)):
+        # Refused here, not in every replica at deploy time (a string is imported there).
+        raise TypeError("batched_deployment() model must be a factory (a callable "
+                        f"returning the batch function) or 'package.module:factory', "
+                        f"got {model!r}")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.

@@ -259,15 +259,21 @@ def test_a_saved_candidate_not_of_its_run_is_refused(tmp_path, saved, damage, sa
         ResultsFile(str(path), doc["identity"])
 
 
-def test_the_default_candidate_is_adaptive_with_nothing_set(tmp_path, saved) -> None:
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("strategy", "fixed", "the default (no max_batch_size, delay_ms, max_workers) is "
+     "'adaptive', got strategy 'fixed'"),
+    ("max_batch_size", "x", "max_batch_size='x' without delay_ms, max_workers: a "
+     "candidate sets all"),
+])
+def test_the_default_candidate_is_adaptive_with_nothing_set(tmp_path, saved, name, value,
+                                                            said) -> None:
     doc = copy.deepcopy(saved[1])
     i, run = _first_run(doc, "default")
-    run["candidate"]["strategy"] = "fixed"
+    run["candidate"][name] = value
     path = tmp_path / "tune.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(BenchError, match=re.escape(
-            f"run {i} has a 'candidate' that is no configuration: the default (no "
-            "max_batch_size, delay_ms, max_workers) is 'adaptive', got strategy 'fixed'")):
+            f"run {i} has a 'candidate' that is no configuration: {said}")):
         ResultsFile(str(path), doc["identity"])
 
 
@@ -337,18 +343,6 @@ def test_a_results_file_nested_too_deep_to_read_is_refused(tmp_path, saved) -> N
     with pytest.raises(BenchError, match=f"--json {re.escape(str(path))}: cannot read it "
                        "to resume"):
         ResultsFile(str(path), saved[1]["identity"])
-
-
-def test_the_default_candidate_with_one_setting_names_it(tmp_path, saved) -> None:
-    doc = copy.deepcopy(saved[1])
-    i, run = _first_run(doc, "default")
-    run["candidate"]["max_batch_size"] = "x"
-    path = tmp_path / "tune.json"
-    path.write_text(json.dumps(doc))
-    with pytest.raises(BenchError, match=re.escape(
-            f"run {i} has a 'candidate' that is no configuration: max_batch_size='x' "
-            "without delay_ms, max_workers: a candidate sets all")):
-        ResultsFile(str(path), doc["identity"])
 
 
 def test_a_results_file_that_is_not_a_record_is_refused(tmp_path, saved) -> None:

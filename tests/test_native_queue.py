@@ -476,13 +476,21 @@ def test_fill_wait_ends_early_on_idle_gap(impl: Any) -> None:
     assert t - t_before < 3 * HANG               # hang guard: ended on the gap
 
 
-def answered(q: Any, rows: int) -> None:
-    """One batch of ``rows`` rows popped, run and ended now: the wave that comes back
-    after it has that many."""
+def answering(q: Any, rows: int, *, answered: bool) -> None:
+    """A batch of ``rows`` rows popped and running; with ``answered`` its results are
+    being handed out (``answer_batch``), without it the call just returned."""
     for i in range(rows):
         q.push(f"earlier-{i}")
     assert len(q.pop_batch(rows)) == rows
     q.begin_batch()
+    if answered:
+        q.answer_batch()
+
+
+def answered(q: Any, rows: int) -> None:
+    """One batch of ``rows`` rows popped, run and ended now: the wave that comes back
+    after it has that many."""
+    answering(q, rows, answered=False)
     q.end_batch()
 
 
@@ -600,17 +608,6 @@ def test_the_wave_after_a_delivery_joins_the_rows_carried_across_it(impl: Any) -
     q.push("b")
     q.push("c")  # the wave is back: the wait ends now, not on a gap or the ceiling
     assert popper.outcome() == ["x", "a", "b", "c"]
-
-
-def answering(q: Any, rows: int, *, answered: bool) -> None:
-    """A batch of ``rows`` rows popped and running; with ``answered`` its results are
-    being handed out (``answer_batch``), without it the call just returned."""
-    for i in range(rows):
-        q.push(f"earlier-{i}")
-    assert len(q.pop_batch(rows)) == rows
-    q.begin_batch()
-    if answered:
-        q.answer_batch()
 
 
 def test_a_client_back_during_the_delivery_is_its_wave_not_carried(impl: Any) -> None:

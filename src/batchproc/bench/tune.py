@@ -335,11 +335,13 @@ def _saved_candidate(path: str, i: int, fields: dict[str, Any]) -> Candidate:
                        f"{exc}") from None
 
 
-def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
-    """``BenchError`` naming what is wrong with a results file, if anything: its own
-    fields (``kind``, ``version``, ``identity``, ``capacity``, ``runs``), then each run
-    (:func:`_check_saved_run`); or saying which settings differ from ``identity`` (the
-    search's, as JSON holds it). The summary of its last search is not read back."""
+def _saved_runs(path: str, doc: Any, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A results file's runs by their `_run_key`, once the whole file is checked:
+    ``BenchError`` naming what is wrong, if anything: its own fields (``kind``,
+    ``version``, ``identity``, ``capacity``, ``runs``), then each run
+    (:func:`_check_saved_run`), a run saved twice; or saying which settings differ from
+    ``identity`` (the search's, as JSON holds it). The summary of its last search is not
+    read back."""
     if not isinstance(doc, dict):
         raise BenchError(f"--json {path}: not a file written by batchproc tune (it holds "
                          f"{_shown(doc)}, not a record)")
@@ -373,14 +375,17 @@ def _check_saved_file(path: str, doc: Any, identity: dict[str, Any]) -> None:
                          if _strict(identity.get(k)) != _strict(saved.get(k)))
         raise BenchError(f"--json {path}: holds runs of other settings "
                          f"({', '.join(changed)}); give another file to start afresh")
-    first: dict[str, int] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    index: dict[str, int] = {}
     for i, run in enumerate(doc["runs"]):
         _check_saved_run(path, i, run)
+        # Looked up by float loads (``get``): an offered load saved as 300 is 300.0.
         key = _run_key(run["key"], float(run["offered"]), run.get("repeat", 0))
-        if key in first:
-            raise _damaged(path, f"run {i} is run {first[key]} again (the same "
+        if key in runs:
+            raise _damaged(path, f"run {i} is run {index[key]} again (the same "
                            "configuration, load and repeat): which one was measured?")
-        first[key] = i
+        runs[key], index[key] = run, i
+    return runs
 
 
 def _strict(v: Any) -> str:
@@ -413,12 +418,8 @@ class ResultsFile:
                 doc = json.load(f)
         except (OSError, ValueError, RecursionError) as exc:
             raise BenchError(f"--json {path}: cannot read it to resume: {exc}") from None
-        _check_saved_file(path, doc, _jsonable(self.identity))
-        runs = doc["runs"]
+        self.runs = _saved_runs(path, doc, _jsonable(self.identity))
         self.capacity = doc["capacity"]
-        # Looked up by float loads (``get``): an offered load saved as 300 is 300.0.
-        self.runs = {_run_key(r["key"], float(r["offered"]), r.get("repeat", 0)): r
-                     for r in runs}
 
     def get(self, key: str, offered: float, repeat: int = 0) -> dict[str, Any] | None:
         return self.runs.get(_run_key(key, offered, repeat))

@@ -138,6 +138,8 @@ class BatchedReplica:
             processor.stop(timeout=10.0)
 
 
+# What batched_deployment's model is, for its errors.
+_A_MODEL = "a factory (a callable returning the batch function) or 'package.module:factory'"
 # Serve's deployment options that may be given directly as keywords.
 _SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options",
                   "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
@@ -174,13 +176,10 @@ def batched_deployment(model: ModelFactory | str | None = None, *,
                    (*keyword_only(batched_deployment), *_SERVE_OPTIONS))
     # After the keywords: a misspelt one is the more useful error than a model left out.
     if model is None:
-        raise TypeError("batched_deployment() missing its model: a factory (a callable "
-                        "returning the batch function) or 'package.module:factory'")
+        raise TypeError(f"batched_deployment() missing its model: {_A_MODEL}")
     if not (callable(model) or isinstance(model, str)):
         # Refused here, not in every replica at deploy time (a string is imported there).
-        raise TypeError("batched_deployment() model must be a factory (a callable "
-                        f"returning the batch function) or 'package.module:factory', "
-                        f"got {model!r}")
+        raise TypeError(f"batched_deployment() model must be {_A_MODEL}, got {model!r}")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.

@@ -447,3 +447,61 @@ def test_the_queue_is_told_a_batch_is_answered_before_its_callers_are(make_proce
         future.result(timeout=30)
     p.stop()
     assert events == ["answered", "caller answered"]
+
+
+def _waiting_for_slot(slots, timeout, watch):
+    """Start a thread in ``slots.acquire(timeout, watch)``; returns (thread, result list)."""
+    got = []
+    thread = threading.Thread(target=lambda: got.append(slots.acquire(timeout, watch)),
+                              daemon=True)
+    thread.start()
+    return thread, got
+
+
+def _until(predicate, what):
+    import time
+
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        threading.Event().wait(0.001)
+
+
+def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
+    # Workers without a call slot look for requests overdue past batch_timeout every
+    # watch period; one of them is enough, the others waking as often would cost a
+    # thread wake-up each, every period, for nothing.
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
+    _until(lambda: slots._watched, "a watcher")
+    sleeper, sleeper_got = _waiting_for_slot(slots, 30.0, 0.05)
+    _until(lambda: len(slots._cond._waiters) == 2, "two waiters")
+    watcher.join(10)
+    assert watcher_got == [False]  # its watch period ended, no slot
+    assert sleeper.is_alive() and not sleeper_got  # still waiting out its 30 s
+    # The next watcher is whoever comes back first; a slot freed wakes one waiter, and
+    # a watcher that takes it hands the watch to one still asleep.
+    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
+    _until(lambda: slots._watched and len(slots._cond._waiters) == 2, "a new watcher")
+    slots.release(wake=False)  # freed without waking anyone: the watcher finds it
+    watcher.join(10)
+    assert watcher_got == [True]
+    sleeper.join(10)
+    assert sleeper_got == [False]  # woken to take the watch over, well before 30 s
+    slots.release()
+
+
+def test_a_thread_woken_for_a_slot_another_took_returns_to_look_again():
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    waiter, got = _waiting_for_slot(slots, 30.0, None)
+    _until(lambda: len(slots._cond._waiters) == 1, "a waiter")
+    slots.release(wake=True)
+    assert slots.acquire(0.0)  # the releasing thread takes it back first
+    waiter.join(10)
+    assert got == [False]

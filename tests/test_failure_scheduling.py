@@ -825,11 +825,11 @@ def test_a_done_callback_that_blocks_holds_up_no_other_request(make_processor):
 
 def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_delivery(
         make_processor, monkeypatch):
-    # An open load: a request came in the second half of the call, so no wave of its
-    # clients is waited for; the next call starts while its results are handed out
-    # (here, while a done-callback blocks the delivery), not once the delivery ends.
-    # (The extra call for requests behind a long delivery is switched off: it would
-    # serve the request too, only later.)
+    # A request came in the second half of the call and is past batch_timeout when it
+    # ends: the next pop would go at once, so the next call starts while the results
+    # are handed out (here, while a done-callback blocks the delivery), not once the
+    # delivery ends. (The extra call for requests behind a long delivery is switched
+    # off: it would serve the request too, only later.)
     from batchproc.engine.workers import WorkerPool
 
     monkeypatch.setattr(WorkerPool, "_overdue", lambda self: False)
@@ -860,6 +860,51 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     assert first.result(timeout=20)[0, 0] == 1
     assert delivered.wait(20)  # the callback runs after the result is set
     assert waited == [True]  # served while the first batch's delivery was still going
+
+
+@pytest.mark.parametrize("strategy, handed_over", [("adaptive", False), ("fixed", True)])
+def test_the_call_slot_is_handed_over_during_a_delivery_only_if_a_pop_could_go(
+        make_processor, strategy, handed_over):
+    # A request came in the second half of the call, neither a full batch nor past
+    # batch_timeout. ADAPTIVE keeps a pop filling while a batch is in flight, so another
+    # worker handed the call slot now would only wait in the queue for the delivery's
+    # end (two thread wake-ups a batch, for nothing): the worker that called keeps the
+    # slot and pops the next batch itself. FIXED's pop waits only its own delay: the
+    # slot goes to the other worker, which pops during the delivery.
+    release_call, in_call = threading.Event(), threading.Event()
+    callers, popping = [], []
+
+    def model(batch):
+        callers.append(threading.current_thread())
+        if batch[0, 0] == 1:
+            in_call.set()
+            assert release_call.wait(20)
+        return batch
+
+    # batch_timeout outlasts the look for a pop below: no extra call for a request
+    # held past it starts meanwhile.
+    p = make_processor(model, max_workers=2, max_batch_size=8, batch_timeout=1.0,
+                       processing_strategy=strategy)
+    queue = p._queue
+
+    def delivering(future):
+        deadline = time.monotonic() + 0.3  # bounds the look for what must not happen
+        while not (queue._waiters()[0] or queue._waiters()[1]):
+            if time.monotonic() > deadline:
+                popping.append(False)
+                return
+            threading.Event().wait(0.001)
+        popping.append(True)
+
+    first = p.enqueue_predict(item(1))
+    first.add_done_callback(delivering)
+    assert in_call.wait(10)
+    second = p.enqueue_predict(item(2))
+    release_call.set()
+    assert first.result(timeout=20)[0, 0] == 1
+    assert second.result(timeout=20)[0, 0] == 2  # FIXED's after its 1 s delay
+    assert popping == [handed_over]
+    assert (callers[0] is not callers[1]) is handed_over
 
 
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):

@@ -207,17 +207,39 @@ class CallSlots:
         self._cond = threading.Condition(self._lock)
         self._limit = limit
         self._busy = 0
+        self._watched = False  # a thread waits in acquire() with the watch
 
     @property
     def limit(self) -> int:
         return self._limit
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, timeout: float, watch_timeout: float | None = None) -> bool:
+        """Take a slot if one is free, else wait once for one: False if none was taken
+        (the wait timed out, or another thread took the slot it was woken for).
+
+        With ``watch_timeout``, one waiting thread at a time waits only that long: the
+        watch (``WorkerPool`` looks for requests overdue past ``batch_timeout``). The
+        others wait ``timeout``, without waking every watch period for nothing; a
+        watcher that takes a slot wakes one of them to take the watch over.
+        """
         with self._lock:
-            if self._busy >= self._limit and not self._cond.wait_for(
-                    lambda: self._busy < self._limit, timeout):
+            if self._busy < self._limit:
+                self._busy += 1
+                return True
+            watching = watch_timeout is not None and not self._watched
+            if not watching:
+                self._cond.wait(timeout)
+            else:
+                self._watched = True
+                try:
+                    self._cond.wait(watch_timeout)
+                finally:
+                    self._watched = False
+            if self._busy >= self._limit:
                 return False
             self._busy += 1
+            if watching:
+                self._cond.notify()
             return True
 
     def acquire_extra(self) -> None:
@@ -228,10 +250,10 @@ class CallSlots:
             self._busy += 1
 
     def release(self, wake: bool = True) -> None:
-        """Free a slot. ``wake=False`` when the releasing thread will come back for it
-        at once and nothing is waiting to be popped: handing the slot to a sleeping
-        thread instead would cost a wake-up (and a GIL hand-off) on every batch at low
-        load, for no work."""
+        """Free a slot. ``wake=False`` when the releasing thread comes back for one at
+        once (a worker after its batch, while the queue is open): it runs on and takes
+        the slot again before a woken thread could, so the wake-up (and GIL hand-off)
+        would be paid on every batch for nothing."""
         with self._lock:
             self._busy -= 1
             if wake:
@@ -397,6 +419,9 @@ class Controller:
         if not config.enable_adaptive_batching:
             strategy = BatchProcessingStrategy.FIXED
         self.strategy = strategy
+        # ADAPTIVE's plans keep a pop filling while a batch is in flight (the queue's
+        # fill wait); FIXED's and GREEDY's wait only their own delay.
+        self.fills_while_in_flight = strategy is BatchProcessingStrategy.ADAPTIVE
         # FIXED is the hands-off strategy: all max_workers run, nothing is tuned.
         tuned = strategy is not BatchProcessingStrategy.FIXED
         self.slots = CallSlots(1 if tuned else config.max_workers)

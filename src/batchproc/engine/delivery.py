@@ -61,12 +61,11 @@ class Delivery:
         # What this batch left waiting, read before another worker may pop it: the
         # controller sizes the calls in flight on it.
         left_waiting = self._queue.rows
-        # A whole batch keeps its call slot through its delivery: its clients come back
-        # in a wave that the next pop waits for (the queue's fill wait), and a worker
-        # handed the slot now would pop without them. Unless no wave is coming; and a
-        # part of a batch (a failure search) frees the model for other calls at once.
+        # A whole batch keeps its call slot through its delivery unless another worker
+        # handed it now could start a call meanwhile; a part of a batch (a failure
+        # search) frees the model for other calls at once.
         keep_slot = (len(requests) == len(batch.requests)
-                     and not self._no_wave_coming(left_waiting, target, elapsed))
+                     and not self._next_call_can_start(left_waiting, target, elapsed))
         ok, holds_slot = board.begin_delivery(batch, requests, keep_slot)
         if not ok:
             return
@@ -105,12 +104,24 @@ class Delivery:
         finally:
             board.end_delivery(batch)
 
-    def _no_wave_coming(self, left_waiting: int, target: int, elapsed: float) -> bool:
-        """A full batch waits, or requests were still arriving in the second half of the
-        call just ended (an open load): the next pop has no wave of this batch's clients
-        to wait for."""
-        return left_waiting > 0 and (left_waiting >= target
-                                     or self._queue.newest_age() < elapsed / 2)
+    def _next_call_can_start(self, left_waiting: int, target: int, elapsed: float) -> bool:
+        """Whether a worker handed this batch's call slot now could start a call during
+        its delivery: a full batch waits, or a request past ``batch_timeout`` (either
+        goes at once); or, where pops do not keep filling while a batch is in flight
+        (not ADAPTIVE), requests were still arriving in the second half of the call
+        just ended (an open load: no wave of this batch's clients is coming back for
+        the next pop to wait for). Otherwise the woken worker's pop would only wait for
+        this delivery's end, and this worker, back from it, for a slot: two thread
+        wake-ups a batch, for nothing."""
+        if left_waiting >= target:
+            return True
+        if left_waiting <= 0:
+            return False
+        queue = self._queue
+        if queue.oldest_age() >= self._config.batch_timeout:
+            return True
+        return (not self._controller.fills_while_in_flight
+                and queue.newest_age() < elapsed / 2)
 
     def _other_call_running(self, batch: Batch) -> bool:
         with self._board.lock:
@@ -194,8 +205,8 @@ class Delivery:
         return len(live)
 
     def others_needed(self) -> bool:
-        """Should a slot this worker gives back wake another worker? Only for requests
-        already waiting: this one goes back to popping right after."""
+        """Should a slot this worker gives back before delivering wake another worker?
+        Only for requests already waiting."""
         queue = self._queue
         return len(queue) > 0 or queue.closed
 

@@ -202,14 +202,15 @@ class WorkerPool:
         token_cap = self._config.max_batch_tokens or 0
         slots = controller.slots
         board = self._board
-        # How often a worker without a call slot looks for requests waiting past
-        # batch_timeout (the ceiling holds within this much).
-        poll = min(POP_POLL, max(self._config.batch_timeout / 2, 0.005))
+        # How often the worker watching for a call slot (one at a time, see
+        # CallSlots.acquire) looks for requests waiting past batch_timeout (the ceiling
+        # holds within this much). The others wait for a slot or the watch.
+        watch = min(POP_POLL, max(self._config.batch_timeout / 2, 0.005))
         try:
             while not worker.abandoned:
                 # A worker pops only once it may also run the batch: the others wait here
                 # instead of each taking a few requests to queue them at a busy model.
-                if not slots.acquire(poll):
+                if not slots.acquire(POP_POLL, watch):
                     if queue.exhausted:
                         return
                     if not self._overdue():
@@ -313,7 +314,7 @@ class WorkerPool:
             if len(live) != len(requests):
                 self._count_cancelled(len(requests) - len(live))
                 if not live:
-                    self._controller.slots.release(wake=self._delivery.others_needed())
+                    self._controller.slots.release(wake=self._queue.closed)
                     return None
             if batch is not None and late:
                 # stop() gave up on in-flight work while this pop ran: fail what it took
@@ -344,7 +345,7 @@ class WorkerPool:
             if own:
                 self._controller.batch_ended()
             if holds_slot:
-                self._controller.slots.release(wake=self._delivery.others_needed())
+                self._controller.slots.release(wake=self._queue.closed)
         cfg = self._config
         if cfg.enable_memory_optimization and len(batch.requests) >= cfg.gc_batch_threshold:
             self._collect_young()

@@ -15,10 +15,13 @@ two interpreters executing benchmarks/version_run.py, which drives batchproc.ben
 of 64 float32, max batch 64, max delay 5 ms, as in compare_peers.py. Configurations: the
 identity model at 1 client (closed loop, 3 s) and a burst of 50,000 from one thread; the
 fixed model (5 ms per call behind one lock) at 64 clients and in a burst; on request
-(``--configs fixed-50ms/4``) a fixed model of 50 ms at 4 clients. In each
-repetition the two versions run one after the other, the order alternating; reported are
-the median per version, the ratio current/baseline of the medians, and the range of the
-per-repetition ratios (each pair measured back to back), so noise is visible.
+(``--configs fixed-50ms/4``) a fixed model of 50 ms at 4 clients, and open-loop Poisson
+loads of any model (``--configs mlp/rate-9000``: 9,000 requests/s from one thread, the
+same arrivals for both versions in a repetition), where latency and the process's CPU
+per request tell versions apart. In each repetition the two versions run one after the
+other, the order alternating; reported are the median per version, the ratio
+current/baseline of the medians, and the range of the per-repetition ratios (each pair
+measured back to back), so noise is visible.
 
 Writes benchmarks/results/versions.md and versions.json (every run's figures).
 """
@@ -79,13 +82,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.cap = a.cap or (1.0 if a.quick else 3.0)
     a.name = a.name or ("versions-quick" if a.quick else "versions")
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS]
+    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)]
     if bad:
-        known = ", ".join(CONFIGS + EXTRA_CONFIGS)
+        known = ", ".join(CONFIGS + EXTRA_CONFIGS) + ", MODEL/rate-N"
         p.error(f"--configs: unknown {', '.join(bad)} (choose from {known})")
     if a.repeat < 1 or a.burst < 1 or a.cap <= 0:
         p.error("--repeat, --burst and --cap must be positive")
     return a
+
+
+def _open_loop(config: str) -> bool:
+    """``MODEL/rate-N``: a model of batchproc bench and a positive rate."""
+    model, _, key = config.partition("/")
+    if not key.startswith("rate-") or model not in ("identity", "mlp", "fixed"):
+        return False
+    try:
+        return 0 < float(key[5:]) < float("inf")
+    except ValueError:
+        return False
+
+
+def load_label(key: str) -> str:
+    if key.startswith("rate-"):
+        return f"{float(key[5:]):,.0f} req/s open loop"
+    return LOAD_LABELS[key]
 
 
 def git(*args: str) -> str:
@@ -182,12 +202,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     for config in args.configs:
         model, key = config.split("/")
-        spec = {"model": model, "load": key, "burst": args.burst, "cap": args.cap}
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
         for rep in range(args.repeat):
+            spec = {"model": model, "load": key, "burst": args.burst, "cap": args.cap,
+                    "seed": rep}
             order = ["baseline", "current"] if rep % 2 == 0 else ["current", "baseline"]
             for version in order:
-                progress.start(f"{model} · {LOAD_LABELS[key]} · {version} "
+                progress.start(f"{model} · {load_label(key)} · {version} "
                                f"(repetition {rep + 1}/{args.repeat})", None, None)
                 try:
                     out = run_one(pythons[version], spec)
@@ -205,7 +226,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 r["repetition"] = rep
                 runs[version].append(r)
                 progress.finish(f"{r['throughput']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms")
-        results.append({"config": config, "model": model, "load": LOAD_LABELS[key],
+        results.append({"config": config, "model": model, "load": load_label(key),
                         "summary": summarize(runs), "runs": runs})
     return {
         "date": report.now_iso(),
@@ -230,10 +251,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for v in ("baseline", "current"):
         out[v] = {f: med(v, f) for f in ("throughput", "p50_ms", "p99_ms", "mean_batch")}
+        cpu = [1e6 * r["process_cpu_s"] / r["completed"] for r in runs[v]
+               if r["completed"] and "process_cpu_s" in r]
+        out[v]["cpu_us_per_request"] = statistics.median(cpu) if cpu else float("nan")
         out[v]["errors"] = sum(r["errors"] + r["unfinished"] for r in runs[v])
         out[v]["stopped_by_cap"] = sum(r["stopped_by"] == "duration" for r in runs[v])
     paired = {r["repetition"]: r for r in runs["baseline"]}
-    for field in ("throughput", "p50_ms"):
+    for field in ("throughput", "p50_ms", "p99_ms"):
         per_rep = [c[field] / paired[c["repetition"]][field] for c in runs["current"]
                    if c["repetition"] in paired and paired[c["repetition"]][field]]
         b, c = out["baseline"][field], out["current"][field]
@@ -303,6 +327,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             report.fmt_ratio(sm["p50_ms_ratio"]), fmt_span(sm["p50_ms_ratios"]),
             verdict(sm["p50_ms_ratios"], False),
             report.fmt_ms(bs["p99_ms"]), report.fmt_ms(cs["p99_ms"]),
+            report.fmt_ratio(sm["p99_ms_ratio"]), fmt_span(sm["p99_ms_ratios"]),
+            f"{bs['cpu_us_per_request']:.1f} / {cs['cpu_us_per_request']:.1f}",
         ])
         for v in ("baseline", "current"):
             if sm[v]["errors"]:
@@ -315,7 +341,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
          "mean batch (baseline / current)"], speed), ""]
     lines += ["## Latency (ms, medians)", "", report.markdown_table(
         ["model, load", "baseline p50", "current p50", "current / baseline", "range",
-         "verdict", "baseline p99", "current p99"], latency), ""]
+         "verdict", "baseline p99", "current p99", "current / baseline", "range",
+         "process CPU us/request (baseline / current)"], latency), ""]
     lines += notes
     lines += [f"- failed: {k}: {why}" for k, why in doc["failures"].items()]
     return "\n".join(lines).rstrip() + "\n"

@@ -2,13 +2,18 @@
 
     python benchmarks/version_run.py '{"model": "identity", "load": "burst", "burst": 50000,
                                        "cap": 3.0}'
+    python benchmarks/version_run.py '{"model": "mlp", "load": "rate-9000", "burst": 0,
+                                       "cap": 3.0, "seed": 1}'
 
 Runs the batchproc installed for *this* interpreter (the script's own folder, not the
 source tree, is first on sys.path) through ``batchproc.bench``: the same target, loads
 and measurement in every version since the benchmark package was written, so two
 versions differ only in the library under test. A short warm-up run of the same load
-comes first (thread start-up, first-call costs); then one measured run. Prints one JSON
-object on stdout: where batchproc was imported from, versions, and the figures.
+comes first (thread start-up, first-call costs); then one measured run. Loads: ``burst``,
+a number of closed-loop clients, or ``rate-N``: open-loop Poisson arrivals at N requests/s
+from one thread (``seed`` picks the arrivals). Prints one JSON object on stdout: where
+batchproc was imported from, versions, the figures, and the process's CPU seconds over
+the measured run (all threads: the load generator's too, the same in every version).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import time
 from typing import Any
 
 MAX_BATCH = 64
@@ -39,6 +45,10 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         load = Load("burst", burst=burst, features=FEATURES)
         warm = Load("burst", burst=min(burst, 2_000), features=FEATURES)
         bounds = Bounds(None, 3 * cap)
+    elif key.startswith("rate-"):
+        load = warm = Load("rate", rate=float(key[5:]), features=FEATURES,
+                           seed=int(spec.get("seed", 0)))
+        bounds = Bounds(None, cap)
     else:
         load = warm = Load("closed", clients=int(key), features=FEATURES)
         bounds = Bounds(None, cap)
@@ -52,13 +62,15 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         return Batchproc(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
 
     run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))
+    cpu = time.process_time()
     r = run_target(target(), model, spec["model"], load, bounds)
+    cpu = time.process_time() - cpu
     return {
         "batchproc_path": os.path.dirname(os.path.abspath(batchproc.__file__)),
         "batchproc_version": batchproc.__version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "result": r.to_dict(),
+        "result": {**r.to_dict(), "process_cpu_s": cpu},
     }
 
 

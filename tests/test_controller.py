@@ -494,6 +494,22 @@ def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
     slots.release()
 
 
+def test_a_watcher_that_starts_an_extra_call_hands_the_watch_over():
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
+    _until(lambda: slots._watched, "a watcher")
+    sleeper, sleeper_got = _waiting_for_slot(slots, 30.0, 0.05)
+    _until(lambda: len(slots._cond._waiters) == 2, "two waiters")
+    watcher.join(10)
+    assert watcher_got == [False]
+    slots.acquire_extra()  # what the watcher does for requests past batch_timeout
+    sleeper.join(10)
+    assert sleeper_got == [False]  # woken to take the watch over, well before 30 s
+
+
 def test_a_thread_woken_for_a_slot_another_took_returns_to_look_again():
     from batchproc.controller import CallSlots
 

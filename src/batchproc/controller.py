@@ -245,9 +245,11 @@ class CallSlots:
     def acquire_extra(self) -> None:
         """Take a slot past the limit: requests have waited past ``batch_timeout`` and
         this worker is free (the limit is a target for throughput; the ceiling on
-        waiting comes first)."""
+        waiting comes first). The watcher that found them takes it: one of the threads
+        still waiting is woken to take the watch over."""
         with self._lock:
             self._busy += 1
+            self._cond.notify()
 
     def release(self, wake: bool = True) -> None:
         """Free a slot. ``wake=False`` when the releasing thread comes back for one at

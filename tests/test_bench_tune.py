@@ -259,6 +259,21 @@ def test_a_saved_candidate_not_of_its_run_is_refused(tmp_path, saved, damage, sa
         ResultsFile(str(path), doc["identity"])
 
 
+@pytest.mark.parametrize("label", ["FIXED 8 rows, 1 ms, 1 worker", "", "default"])
+def test_a_saved_label_not_of_its_candidate_is_refused(tmp_path, saved, label) -> None:
+    # The label is what the tables show for the run: an edited one would put another
+    # configuration's name on its figures.
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    own = run["label"]
+    run["label"] = label
+    said = f"'label' = {label!r}: its candidate's is {own!r}"
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BenchError, match=re.escape(f"damaged: run {i} has {said}")):
+        ResultsFile(str(path), doc["identity"])
+
+
 @pytest.mark.parametrize(("name", "value", "said"), [
     ("strategy", "fixed", "the default (no max_batch_size, delay_ms, max_workers) is "
      "'adaptive', got strategy 'fixed'"),

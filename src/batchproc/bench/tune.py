@@ -296,7 +296,7 @@ def _damaged(path: str, what: str) -> BenchError:
 def _check_saved_run(path: str, i: int, run: Any) -> None:
     """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything:
     a field missing, of the wrong type or out of range, a candidate that is no
-    configuration (`Candidate`'s own checks) or not the run's ``key``."""
+    configuration (`Candidate`'s own checks) or not the run's ``key`` and ``label``."""
     if not isinstance(run, dict):
         raise _damaged(path, f"run {i} is not a record: {_shown(run)}")
     for name, check in (*_SAVED_RUN_FIELDS.items(), *_SAVED_RERUN_FIELDS.items()):
@@ -313,9 +313,10 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
                 raise _damaged(path, f"run {i} has {name!r} = None: must be a number, "
                                f"as it completed {run['completed']} requests")
     candidate = _saved_candidate(path, i, run["candidate"])
-    if candidate.key != run["key"]:
-        raise _damaged(path, f"run {i} has 'key' = {_shown(run['key'])}: its candidate's "
-                       f"is {candidate.key!r}")
+    for name, own in (("key", candidate.key), ("label", candidate.label)):
+        if run[name] != own:
+            raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}: its "
+                           f"candidate's is {own!r}")
 
 
 def _saved_candidate(path: str, i: int, fields: dict[str, Any]) -> Candidate:

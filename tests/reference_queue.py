@@ -321,6 +321,10 @@ class RequestQueue:
                     if (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
                             and head.t_push < self._idle_since):
                         until = self._wave_deadline(idle_gap, max_wait, head.t_push)
+                    elif (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
+                          and 0 < self._last_batch_rows <= self._rows
+                          and head.t_push <= self._idle_since + fill_time):
+                        until = 0.0  # a wave as large as the last batch: back whole
                     elif idle_gap >= 0 and self._in_flight == 0:
                         # The pause ends the wait, unless the queue fills on pace.
                         gap_end = max(self._last_push, self._idle_since) + idle_gap

@@ -467,10 +467,9 @@ def _until(predicate, what):
         threading.Event().wait(0.001)
 
 
-def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
-    # Workers without a call slot look for requests overdue past batch_timeout every
-    # watch period; one of them is enough, the others waking as often would cost a
-    # thread wake-up each, every period, for nothing.
+def _a_watch_ended_beside_a_sleeper():
+    """All slots taken; one waiting thread's watch period ended without a slot while
+    another waits on, asleep: (slots, the sleeper, what its acquire returned)."""
     from batchproc.controller import CallSlots
 
     slots = CallSlots(1)
@@ -482,6 +481,14 @@ def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
     watcher.join(10)
     assert watcher_got == [False]  # its watch period ended, no slot
     assert sleeper.is_alive() and not sleeper_got  # still waiting out its 30 s
+    return slots, sleeper, sleeper_got
+
+
+def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
+    # Workers without a call slot look for requests overdue past batch_timeout every
+    # watch period; one of them is enough, the others waking as often would cost a
+    # thread wake-up each, every period, for nothing.
+    slots, sleeper, sleeper_got = _a_watch_ended_beside_a_sleeper()
     # The next watcher is whoever comes back first; a slot freed wakes one waiter, and
     # a watcher that takes it hands the watch to one still asleep.
     watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
@@ -495,16 +502,7 @@ def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
 
 
 def test_a_watcher_that_starts_an_extra_call_hands_the_watch_over():
-    from batchproc.controller import CallSlots
-
-    slots = CallSlots(1)
-    assert slots.acquire(0.0)
-    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
-    _until(lambda: slots._watched, "a watcher")
-    sleeper, sleeper_got = _waiting_for_slot(slots, 30.0, 0.05)
-    _until(lambda: len(slots._cond._waiters) == 2, "two waiters")
-    watcher.join(10)
-    assert watcher_got == [False]
+    slots, sleeper, sleeper_got = _a_watch_ended_beside_a_sleeper()
     slots.acquire_extra()  # what the watcher does for requests past batch_timeout
     sleeper.join(10)
     assert sleeper_got == [False]  # woken to take the watch over, well before 30 s

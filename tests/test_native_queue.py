@@ -509,24 +509,61 @@ def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
     wait_until(lambda: time.monotonic() - paused_from > 0.05, "a pause of 50 idle gaps")
     assert popper.is_alive()  # still filling: on pace until 7.5 s after the first push
     pushed = time.monotonic()
-    q.push("d")  # 4 of fill_rows=10: the wave is in, the next pause ends the wait ...
+    q.push("d")  # 4 of fill_rows=10: the wave is in and goes at once ...
     assert popper.outcome() == ["a", "b", "c", "d"]
     # ... which the push must wake the waiting pop for: not the pace's 7.5 s (a bound
-    # far above the idle gap of 1 ms, far below the pace).
+    # far below the pace).
     assert time.monotonic() - pushed < HANG / 4
 
 
-def test_a_wave_as_large_as_the_last_batch_goes_on_the_pause(impl: Any) -> None:
-    # 2 rows came back after a batch of 2 (fewer clients than fill_rows): nothing more
-    # is coming, so the pause ends the wait, whatever fill_time says.
+@pytest.mark.parametrize("last_rows", [1, 2, 3])
+def test_a_wave_as_large_as_the_last_batch_goes_at_once(impl: Any, last_rows: int) -> None:
+    # As many rows came back after a batch as it held (fewer clients than fill_rows),
+    # within fill_time of its end: nothing more is coming, so the wait ends at once, not
+    # on the pause (idle_gap) nor the pace or the ceiling.
+    q = impl.RequestQueue(16)
+    answered(q, last_rows)
+    names = [f"back-{i}" for i in range(last_rows)]
+    t_before = time.monotonic()
+    for name in names:
+        q.push(name)
+    assert q.pop_batch(10, fill_rows=10, max_wait=60 * HANG, idle_gap=6 * HANG,
+                       fill_time=60 * HANG, timeout=HANG) == names
+    assert time.monotonic() - t_before < HANG
+
+
+def test_a_wave_completed_by_a_push_goes_at_once(impl: Any) -> None:
+    # The last of a wave's rows wakes the pop filling for it (on pace, it would wait a
+    # quarter of fill_time; on the pause, idle_gap).
+    q = impl.RequestQueue(16)
+    answered(q, 4)
+    for name in "abc":
+        q.push(name)
+    popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=60 * HANG, idle_gap=6 * HANG,
+                    fill_time=60 * HANG, timeout=HANG)
+    blocked(q, FILL)
+    pushed = time.monotonic()
+    q.push("d")
+    assert popper.outcome() == ["a", "b", "c", "d"]
+    assert time.monotonic() - pushed < HANG
+
+
+def test_rows_as_many_as_the_last_batch_after_a_quiet_spell_wait_for_the_pause(
+        impl: Any) -> None:
+    # Rows that come fill_time after the last batch ended are no wave of its clients,
+    # however many: the pause (idle_gap) ends their wait.
     q = impl.RequestQueue(16)
     answered(q, 2)
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 0.25, "a quiet spell past fill_time")
     t_before = time.monotonic()
     q.push("a")
     q.push("b")
-    assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=0.001,
-                       fill_time=6 * HANG, timeout=HANG) == ["a", "b"]
-    assert time.monotonic() - t_before < 3 * HANG  # not held for the pace or the ceiling
+    assert q.pop_batch(10, fill_rows=8, max_wait=60 * HANG, idle_gap=0.3, fill_time=0.2,
+                       timeout=HANG) == ["a", "b"]
+    waited = time.monotonic() - t_before
+    assert waited >= 0.3 - 1e-3
+    assert waited < 3 * HANG
 
 
 def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:

@@ -762,7 +762,13 @@ cdef class RequestQueue:
             return d        # plain, or the model is busy: keep filling up to the ceiling
         if self._head_carried(p):
             return self._wave_deadline(p, head_pushed)
-        # Idle model: the batch also goes once arrivals pause for idle_gap ...
+        # Idle model: a wave that began within fill_time of the last batch's end and
+        # holds as many rows as that batch did is back whole (its clients, answered
+        # together): nothing more of it is coming to wait for.
+        if (p.fill_time > 0.0 and 0 < self._last_batch_rows <= self._rows
+                and head_pushed <= self._idle_since + p.fill_time):
+            return 0.0
+        # Otherwise the batch also goes once arrivals pause for idle_gap ...
         g = (self._last_push if self._last_push > self._idle_since
              else self._idle_since) + p.idle_gap
         # ... unless a wave of arrivals is still coming in on pace: it began within
@@ -1232,7 +1238,8 @@ cdef class RequestQueue:
            not while a wave of arrivals comes in on pace: with ``fill_time > 0``
            (seconds), while the head came within ``fill_time`` of that end, at least 2
            but fewer rows are queued than the last batch popped held, and at least that
-           many times the share of ``fill_time`` since the head's push. A head pushed
+           many times the share of ``fill_time`` since the head's push. Such a wave
+           ends the wait at once when it holds as many rows as that batch did. A head pushed
            before that end (carried across the last batch) ends the wait at once, unless
            with ``fill_time > 0`` a wave comes back: fewer rows were pushed since the end
            than the last batch popped held, and each came within ``idle_gap`` of the one

@@ -45,6 +45,8 @@ PRINTING_RUNS = [
     ("profile_burst.py", ["--burst", "300", "--runs", "1"], "| load generator alone "),
     ("profile_adaptive.py", ["--model", "mlp", "--rate", "2000", "--duration", "0.2"],
      '"process_cpu_share": '),
+    ("after_a_hang.py", ["--hang", "0.05", "--gap-ms", "1", "--before", "20"],
+     "median latency, ms: before the hang "),
     # compare_versions.py's run, on its open-loop load (the script itself builds a
     # baseline from git: too slow for the suite).
     ("version_run.py", ['{"model": "mlp", "load": "rate-2000", "burst": 0, "cap": 0.2,'

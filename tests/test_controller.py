@@ -30,6 +30,28 @@ def test_latency_model_recovers_a_linear_cost():
     assert model.optimal_rows(128) == 128  # linear cost: bigger is always better
 
 
+def test_one_hung_call_does_not_inflate_the_fitted_cost():
+    # A 2 ms model whose one call hung for 3 s: the fit stays near 2 ms (the idle gap and
+    # the pace are sized from it), where the plain average over its half-life would
+    # have put the fixed cost near 12 ms.
+    model = LatencyModel()
+    for _ in range(300):
+        model.observe(4, 0.002)
+    model.observe(4, 3.0)
+    for _ in range(16):
+        model.observe(4, 0.002)
+    assert model.predict(4) < 0.0021
+
+
+def test_a_lasting_change_of_cost_is_still_followed():
+    model = LatencyModel()
+    for _ in range(300):
+        model.observe(4, 0.002)
+    for _ in range(1000):
+        model.observe(4, 0.010)  # five times slower, for five half-lives
+    assert 0.0095 < model.predict(4) < 0.0101
+
+
 def test_latency_model_finds_the_throughput_optimum_of_a_convex_cost():
     model = LatencyModel()
     a, b, c = 0.004, 0.00002, 0.000001

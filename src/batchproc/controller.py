@@ -101,6 +101,9 @@ class LatencyModel:
     cost is followed. Refitted every ``refit_every`` observations.
     """
 
+    # Fits before a measurement is held to OVERRUN_FACTOR times the prediction.
+    TRUSTED_AFTER = 8
+
     def __init__(self, halflife: float = 200.0, refit_every: int = 16) -> None:
         self._decay = 0.5 ** (1.0 / halflife)
         self._refit_every = refit_every
@@ -116,12 +119,21 @@ class LatencyModel:
         self.mean_rows = 0.0
 
     def observe(self, rows: int, seconds: float) -> bool:
-        """Add one batch's measurement; True when the coefficients were refitted."""
+        """Add one batch's measurement; True when the coefficients were refitted.
+
+        Once fitted, a measurement counts as at most ``OVERRUN_FACTOR`` times the
+        prediction: one call that hung for seconds would otherwise inflate the fixed
+        cost, and with it every wait sized from it, for hundreds of batches. A lasting
+        change of cost is still followed, the cap rising with the fit."""
         # Runs once per batch: unrolled (the loop over k cost twice as much).
         d = self._decay
         sr, st = self._sr, self._st
         r = float(rows)
         r2 = r * r
+        if self.observations >= self.TRUSTED_AFTER:
+            cap = OVERRUN_FACTOR * (self.a + self.b * r + self.c * r2)
+            if 0.0 < cap < seconds:
+                seconds = cap
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
         sr[2] = sr[2] * d + r2

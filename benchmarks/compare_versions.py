@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -77,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None,
                    help="output file stem (default: versions; versions-quick with --quick)")
     a = p.parse_args(argv)
+    for name in ("repeat", "burst", "cap"):
+        given = getattr(a, name)
+        if given is not None and not (given > 0 and math.isfinite(given)):
+            p.error(f"--{name} must be a positive number, got {given}")
     a.repeat = a.repeat or (1 if a.quick else 5)
     a.burst = a.burst or (5_000 if a.quick else 50_000)
     a.cap = a.cap or (1.0 if a.quick else 3.0)
@@ -84,22 +90,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)]
     if bad:
-        known = ", ".join(CONFIGS + EXTRA_CONFIGS) + ", MODEL/rate-N"
-        p.error(f"--configs: unknown {', '.join(bad)} (choose from {known})")
-    if a.repeat < 1 or a.burst < 1 or a.cap <= 0:
-        p.error("--repeat, --burst and --cap must be positive")
+        known = ", ".join(CONFIGS + EXTRA_CONFIGS)
+        p.error(f"--configs: unknown {', '.join(bad)} (choose from {known}, or MODEL/rate-N "
+                f"for an open loop of N requests/s, {RATES[0]:g} <= N <= {RATES[1]:,.0f}, "
+                "MODEL one of identity, mlp, fixed)")
     return a
 
 
+RATES = (1.0, 1e6)  # the open loops' rates, requests/s: at least one request a second
+_RATE = re.compile(r"rate-(\d+(\.\d*)?)")
+
+
 def _open_loop(config: str) -> bool:
-    """``MODEL/rate-N``: a model of batchproc bench and a positive rate."""
+    """``MODEL/rate-N``: a model of batchproc bench and a rate within ``RATES``."""
     model, _, key = config.partition("/")
-    if not key.startswith("rate-") or model not in ("identity", "mlp", "fixed"):
-        return False
-    try:
-        return 0 < float(key[5:]) < float("inf")
-    except ValueError:
-        return False
+    match = _RATE.fullmatch(key)
+    return (model in ("identity", "mlp", "fixed") and match is not None
+            and RATES[0] <= float(match.group(1)) <= RATES[1])
 
 
 def load_label(key: str) -> str:
@@ -124,7 +131,11 @@ def portable(path: str) -> str:
 
 def baseline_python(rev: str, rebuild: bool) -> tuple[str, str]:
     """The baseline's interpreter (built on first use) and its full commit."""
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"compare_versions.py: --baseline {rev!r} names no commit of this "
+                         "repository") from None
     folder = os.path.join(ROOT, "build", f"baseline-{commit[:7]}")
     python = os.path.join(folder, "venv", "bin", "python")
     done = os.path.join(folder, "installed")
@@ -301,7 +312,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s'] / 60:.1f} min)",
         f"- every request: one row of {s['features']} float32; max batch {s['max_batch']}, "
         f"max delay {s['max_delay_ms']:g} ms, adaptive strategy; a fresh process per run, "
-        f"after a {0.3:g} s warm-up of the same load; closed loops measured over "
+        f"after a {0.3:g} s warm-up of the same load; closed and open loops measured over "
         f"{s['cap_s']:g} s, a burst of {s['burst']:,}; {s['repeat']} repetition(s), the two "
         "versions back to back in alternating order"
         + ("; **--quick smoke run: not for quoting**" if s["quick"] else ""),
@@ -353,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     doc = run_all(args)
     report.write_results(args.out_dir, args.name, to_markdown(doc), doc)
+    if doc["failures"]:
+        print(f"{len(doc['failures'])} run(s) failed: see the results' last lines",
+              file=sys.stderr)
+        return 1
     return 0
 
 

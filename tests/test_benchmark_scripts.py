@@ -84,3 +84,24 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert expected in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--configs", "mlp/rate-0.4"], "unknown mlp/rate-0.4"),  # under one request a second
+    (["--configs", "mlp/rate-1e12"], "unknown mlp/rate-1e12"),
+    (["--configs", "mlp/rate- 100"], "unknown mlp/rate- 100"),
+    (["--configs", "nope/rate-100"], "unknown nope/rate-100"),
+    (["--configs", "mlp/rate-inf"], "unknown mlp/rate-inf"),
+    (["--cap", "0"], "--cap must be a positive number, got 0.0"),
+    (["--cap", "nan"], "--cap must be a positive number, got nan"),
+    (["--repeat", "0"], "--repeat must be a positive number, got 0"),
+])
+def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
+                                                      tmp_path: Path) -> None:
+    # Refused on one line before the baseline is built (or any run starts).
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "compare_versions.py"), *args,
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert said in proc.stderr
+    assert not list(tmp_path.iterdir())  # no results written

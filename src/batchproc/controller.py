@@ -101,7 +101,8 @@ class LatencyModel:
     cost is followed. Refitted every ``refit_every`` observations.
     """
 
-    # Fits before a measurement is held to OVERRUN_FACTOR times the prediction.
+    # Measurements that are each fitted at once; later ones are held to OVERRUN_FACTOR
+    # times the prediction.
     TRUSTED_AFTER = 8
 
     def __init__(self, halflife: float = 200.0, refit_every: int = 16) -> None:
@@ -144,7 +145,7 @@ class LatencyModel:
         st[2] = st[2] * d + seconds * r2
         self.observations += 1
         self._since_fit += 1
-        if self._since_fit >= self._refit_every or self.observations <= 8:
+        if self._since_fit >= self._refit_every or self.observations <= self.TRUSTED_AFTER:
             self._fit()
             return True
         return False

@@ -138,6 +138,7 @@ class RequestQueue:
         self._answered_rows = 0
         self._last_push = 0.0
         self._last_batch_rows = 0
+        self._last_batch_len = 0
         self._cond = threading.Condition(threading.Lock())
         self._w_items = self._w_fill = self._w_room = 0
 
@@ -322,7 +323,8 @@ class RequestQueue:
                             and head.t_push < self._idle_since):
                         until = self._wave_deadline(idle_gap, max_wait, head.t_push)
                     elif (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
-                          and 0 < self._last_batch_rows <= self._rows
+                          and 0 < self._last_batch_len <= len(self._live)
+                          and self._last_batch_rows <= self._rows
                           and head.t_push <= self._idle_since + fill_time):
                         until = 0.0  # a wave as large as the last batch: back whole
                     elif idle_gap >= 0 and self._in_flight == 0:
@@ -383,6 +385,7 @@ class RequestQueue:
                 heapq.heappush(self._heap, e)
             if not head.solo:
                 self._last_batch_rows = total_rows
+                self._last_batch_len = len(out)
             self._cond.notify_all()
             return out
 

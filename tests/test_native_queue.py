@@ -532,6 +532,38 @@ def test_a_wave_as_large_as_the_last_batch_goes_at_once(impl: Any, last_rows: in
     assert time.monotonic() - t_before < HANG
 
 
+def _answered_sizes(q: Any, sizes: list[int]) -> None:
+    """One batch of requests of ``sizes`` rows popped, run and ended now."""
+    for i, rows in enumerate(sizes):
+        q.push(f"earlier-{i}", rows=rows)
+    assert len(q.pop_batch(sum(sizes))) == len(sizes)
+    q.begin_batch()
+    q.end_batch()
+
+
+def test_a_wave_goes_at_once_only_with_all_its_requests_back(impl: Any) -> None:
+    # The last batch held 2 requests of 1 and 5 rows. One client back with 6 rows holds
+    # as many rows but not as many requests: the other client's is still coming, so
+    # the pause (idle_gap), not the rows, ends the wait.
+    q = impl.RequestQueue(16)
+    _answered_sizes(q, [1, 5])
+    t_before = time.monotonic()
+    q.push("a", rows=6)
+    assert q.pop_batch(20, fill_rows=20, max_wait=60 * HANG, idle_gap=0.3,
+                       fill_time=60 * HANG, timeout=HANG) == ["a"]
+    waited = time.monotonic() - t_before
+    assert waited >= 0.3 - 1e-3
+    assert waited < 3 * HANG
+    # Both back, in other sizes: at once.
+    _answered_sizes(q, [1, 5])
+    t_before = time.monotonic()
+    q.push("b", rows=5)
+    q.push("c", rows=1)
+    assert q.pop_batch(20, fill_rows=20, max_wait=60 * HANG, idle_gap=6 * HANG,
+                       fill_time=60 * HANG, timeout=HANG) == ["b", "c"]
+    assert time.monotonic() - t_before < HANG
+
+
 def test_a_wave_completed_by_a_push_goes_at_once(impl: Any) -> None:
     # The last of a wave's rows wakes the pop filling for it (on pace, it would wait a
     # quarter of fill_time; on the pause, idle_gap).

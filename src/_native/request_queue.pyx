@@ -463,7 +463,8 @@ cdef class RequestQueue:
     cdef double _begun_at       # the latest begin_batch
     cdef double _answered_at    # the latest answer_batch, and the rows queued then
     cdef int64_t _answered_rows
-    cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch
+    cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch ...
+    cdef Py_ssize_t _last_batch_len  # ... and its entries
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
     cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
@@ -763,9 +764,12 @@ cdef class RequestQueue:
         if self._head_carried(p):
             return self._wave_deadline(p, head_pushed)
         # Idle model: a wave that began within fill_time of the last batch's end and
-        # holds as many rows as that batch did is back whole (its clients, answered
-        # together): nothing more of it is coming to wait for.
-        if (p.fill_time > 0.0 and 0 < self._last_batch_rows <= self._rows
+        # holds as many entries and rows as that batch did is back whole (its clients,
+        # answered together): nothing more of it is coming to wait for. (Rows alone
+        # would send the first of clients whose requests differ in size without the
+        # rest.)
+        if (p.fill_time > 0.0 and 0 < self._last_batch_len <= self._len
+                and self._last_batch_rows <= self._rows
                 and head_pushed <= self._idle_since + p.fill_time):
             return 0.0
         # Otherwise the batch also goes once arrivals pause for idle_gap ...
@@ -904,6 +908,7 @@ cdef class RequestQueue:
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
         self._last_batch_rows = total_rows
+        self._last_batch_len = <Py_ssize_t>buf.n
         return <Py_ssize_t>buf.n
 
     cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
@@ -1239,7 +1244,8 @@ cdef class RequestQueue:
            (seconds), while the head came within ``fill_time`` of that end, at least 2
            but fewer rows are queued than the last batch popped held, and at least that
            many times the share of ``fill_time`` since the head's push. Such a wave
-           ends the wait at once when it holds as many rows as that batch did. A head pushed
+           ends the wait at once when it holds as many entries and rows as that batch
+           did. A head pushed
            before that end (carried across the last batch) ends the wait at once, unless
            with ``fill_time > 0`` a wave comes back: fewer rows were pushed since the end
            than the last batch popped held, and each came within ``idle_gap`` of the one

@@ -19,8 +19,9 @@ The policy (docs/architecture.md, "The controller"):
   within one fixed cost (``fill_time = a``). Then a pause is a hiccup in a wave of
   arrivals (clients coming back after a delivery, delayed by the GIL), and going would
   leave the rest of the wave a call of its own; at a slower rate the stragglers cost
-  less than waiting for them. A wave as large as the last batch (all its clients back
-  within one fixed cost of its end) goes at once: nothing more of it is coming.
+  less than waiting for them. A wave as large as the last batch (as many requests and
+  rows, back within one fixed cost of its end) goes at once: nothing more of it is
+  coming.
   Neither applies to requests carried across the last call (they came while it ran, as
   an open load's do; the call ends when its results begin to reach its callers,
   ``batch_answered``): they go at once, unless that call's delivery brings its clients

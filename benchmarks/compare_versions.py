@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.cap = a.cap or (1.0 if a.quick else 3.0)
     a.name = a.name or ("versions-quick" if a.quick else "versions")
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    if not a.configs:
+        p.error("--configs: none given")
     bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)]
     if bad:
         known = ", ".join(CONFIGS + EXTRA_CONFIGS)
@@ -134,8 +136,9 @@ def baseline_python(rev: str, rebuild: bool) -> tuple[str, str]:
     try:
         commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     except subprocess.CalledProcessError:
-        raise SystemExit(f"compare_versions.py: --baseline {rev!r} names no commit of this "
-                         "repository") from None
+        print(f"compare_versions.py: error: --baseline {rev!r} names no commit of this "
+              "repository", file=sys.stderr)
+        raise SystemExit(2) from None
     folder = os.path.join(ROOT, "build", f"baseline-{commit[:7]}")
     python = os.path.join(folder, "venv", "bin", "python")
     done = os.path.join(folder, "installed")

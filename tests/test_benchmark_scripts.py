@@ -95,6 +95,8 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
     (["--cap", "0"], "--cap must be a positive number, got 0.0"),
     (["--cap", "nan"], "--cap must be a positive number, got nan"),
     (["--repeat", "0"], "--repeat must be a positive number, got 0"),
+    (["--configs", " , "], "--configs: none given"),
+    (["--baseline", "no-such-commit"], "--baseline 'no-such-commit' names no commit"),
 ])
 def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
                                                       tmp_path: Path) -> None:

@@ -862,49 +862,40 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     assert waited == [True]  # served while the first batch's delivery was still going
 
 
-@pytest.mark.parametrize("strategy, handed_over", [("adaptive", False), ("fixed", True)])
-def test_the_call_slot_is_handed_over_during_a_delivery_only_if_a_pop_could_go(
-        make_processor, strategy, handed_over):
-    # A request came in the second half of the call, neither a full batch nor past
-    # batch_timeout. ADAPTIVE keeps a pop filling while a batch is in flight, so another
-    # worker handed the call slot now would only wait in the queue for the delivery's
-    # end (two thread wake-ups a batch, for nothing): the worker that called keeps the
-    # slot and pops the next batch itself. FIXED's pop waits only its own delay: the
-    # slot goes to the other worker, which pops during the delivery.
+def test_adaptive_keeps_the_call_slot_through_a_delivery_if_no_pop_could_go(
+        make_processor):
+    # One call at a time; a request came at the end of the call, neither a full batch
+    # nor past batch_timeout. ADAPTIVE keeps a pop filling while a batch is in flight,
+    # so another worker handed the call slot now would only wait in the queue for the
+    # delivery's end (two thread wake-ups a batch, for nothing): the worker that called
+    # keeps the slot and calls again once it has delivered.
     release_call, in_call = threading.Event(), threading.Event()
-    callers, popping = [], []
+    second_called = threading.Event()
+    callers, during = [], []
 
     def model(batch):
         callers.append(threading.current_thread())
         if batch[0, 0] == 1:
             in_call.set()
             assert release_call.wait(20)
+        else:
+            second_called.set()
         return batch
 
-    # batch_timeout outlasts the look for a pop below: no extra call for a request
-    # held past it starts meanwhile.
-    p = make_processor(model, max_workers=2, max_batch_size=8, batch_timeout=1.0,
-                       processing_strategy=strategy)
-    queue = p._queue
-
-    def delivering(future):
-        deadline = time.monotonic() + 0.3  # bounds the look for what must not happen
-        while not (queue._waiters()[0] or queue._waiters()[1]):
-            if time.monotonic() > deadline:
-                popping.append(False)
-                return
-            threading.Event().wait(0.001)
-        popping.append(True)
-
+    # batch_timeout outlasts the look below: no extra call for a request held past it
+    # starts meanwhile.
+    p = make_processor(model, max_workers=2, max_batch_size=8, batch_timeout=1.0)
     first = p.enqueue_predict(item(1))
-    first.add_done_callback(delivering)
+    # Bounds the look for what must not happen.
+    first.add_done_callback(lambda f: during.append(second_called.wait(0.3)))
     assert in_call.wait(10)
     second = p.enqueue_predict(item(2))
     release_call.set()
     assert first.result(timeout=20)[0, 0] == 1
-    assert second.result(timeout=20)[0, 0] == 2  # FIXED's after its 1 s delay
-    assert popping == [handed_over]
-    assert (callers[0] is not callers[1]) is handed_over
+    assert second.result(timeout=20)[0, 0] == 2
+    assert p._controller.slots.limit == 1
+    assert during == [False]  # no call during the delivery ...
+    assert callers[0] is callers[1]  # ... and the next by the worker that delivered
 
 
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):

@@ -52,6 +52,14 @@ def test_a_lasting_change_of_cost_is_still_followed():
     assert 0.0095 < model.predict(4) < 0.0101
 
 
+def test_a_call_overruns_after_twice_its_fitted_time():
+    c = controller()
+    assert c.overrun_after(4) == 0.0  # nothing fitted: any call overruns
+    for _ in range(40):
+        c.model.observe(4, 0.002)
+    assert c.overrun_after(4) == pytest.approx(0.004)
+
+
 def test_latency_model_finds_the_throughput_optimum_of_a_convex_cost():
     model = LatencyModel()
     a, b, c = 0.004, 0.00002, 0.000001

@@ -700,6 +700,86 @@ def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_se
     assert slow.result(timeout=20)[0, 0] == 1332
 
 
+def _watch_started(p):
+    """When the worker without a call slot began to watch for requests past
+    batch_timeout: the first at the processor's start, with the queue empty."""
+    slots = p._controller.slots
+    deadline = time.monotonic() + 10
+    while not slots._watched:
+        assert time.monotonic() < deadline, "no worker watches"
+        threading.Event().wait(0.001)
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("held_by", ["call", "delivery"])
+def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_processor,
+                                                                        held_by):
+    # The one call slot is held by a call that hangs, or by a delivery whose
+    # done-callback blocks. A request comes a quarter of batch_timeout after the watcher
+    # began to watch: it is taken by the other worker when it has waited batch_timeout,
+    # not at the watcher's next look after that (with a look every half batch_timeout,
+    # 1.25 s: the look at 1 s finds it 0.75 s old).
+    release, holding = threading.Event(), threading.Event()
+    started = {}
+
+    def model(batch):
+        if batch[0, 0] == 2:
+            started[2] = time.monotonic()
+        elif held_by == "call":
+            holding.set()
+            release.wait(30)
+        return batch
+
+    def blocking_callback(future):
+        holding.set()
+        release.wait(30)
+
+    p = make_processor(model, max_workers=2, batch_timeout=1.0, item_timeout=60)
+    try:
+        watching_since = _watch_started(p)
+        held = p.enqueue_predict(item(1))
+        if held_by == "delivery":
+            held.add_done_callback(blocking_callback)
+        assert holding.wait(10)
+        time.sleep(max(0.0, watching_since + 0.25 - time.monotonic()))
+        sent = time.monotonic()
+        late = p.enqueue_predict(item(2))
+        assert late.result(timeout=20)[0, 0] == 2
+        waited = started[2] - sent
+        assert 0.95 < waited < 1.15, waited  # batch_timeout, and a thread's wake-up
+    finally:
+        release.set()
+    assert held.result(timeout=20)[0, 0] == 1
+
+
+def test_the_watch_does_not_spin_with_no_batch_timeout(make_processor, monkeypatch):
+    # batch_timeout=0: a request is late at once. While the one call slot is held and
+    # the queue is empty, the watcher still sleeps (5 ms at least) between looks.
+    from batchproc.engine.workers import WorkerPool
+
+    looks = []
+    until_overdue = WorkerPool._until_overdue
+    monkeypatch.setattr(WorkerPool, "_until_overdue",
+                        lambda self: looks.append(1) or until_overdue(self))
+    release, holding = threading.Event(), threading.Event()
+
+    def model(batch):
+        holding.set()
+        release.wait(30)
+        return batch
+
+    p = make_processor(model, max_workers=2, batch_timeout=0.0)
+    try:
+        held = p.enqueue_predict(item(1))
+        assert holding.wait(10)
+        looks.clear()
+        time.sleep(0.3)
+        assert 0 < len(looks) < 150, len(looks)  # one in 5 ms; spinning: 10**5
+    finally:
+        release.set()
+    assert held.result(timeout=20)[0, 0] == 1
+
+
 def test_calls_that_release_the_gil_run_side_by_side(make_processor):
     # Three requests for a model that waits 0.5 s without the GIL (a remote endpoint),
     # max_workers=4: they all finish within two calls' time, not one after another.
@@ -832,7 +912,7 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     # off: it would serve the request too, only later.)
     from batchproc.engine.workers import WorkerPool
 
-    monkeypatch.setattr(WorkerPool, "_overdue", lambda self: False)
+    monkeypatch.setattr(WorkerPool, "_until_overdue", lambda self: 1.0)
     release_call, in_call = threading.Event(), threading.Event()
     second_done, delivered = threading.Event(), threading.Event()
     waited = []

@@ -228,6 +228,14 @@ class CallSlots:
     def limit(self) -> int:
         return self._limit
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free, without waiting."""
+        with self._lock:
+            if self._busy < self._limit:
+                self._busy += 1
+                return True
+            return False
+
     def acquire(self, timeout: float, watch_timeout: float | None = None) -> bool:
         """Take a slot if one is free, else wait once for one: False if none was taken
         (the wait timed out, or another thread took the slot it was woken for).
@@ -531,11 +539,11 @@ class Controller:
             self._current = new
             self._replan()
 
-    def overruns(self, rows: int, running_for: float) -> bool:
-        """Whether a call of ``rows`` rows, ``running_for`` seconds in, has run past
-        ``OVERRUN_FACTOR`` times the fitted time for its size (before any fit: yes)."""
+    def overrun_after(self, rows: int) -> float:
+        """Seconds into a call of ``rows`` rows after which it overruns: ``OVERRUN_FACTOR``
+        times the fitted time for its size (before any fit: 0, any call overruns)."""
         model = self.model
-        return model.observations == 0 or running_for > OVERRUN_FACTOR * model.predict(rows)
+        return 0.0 if model.observations == 0 else OVERRUN_FACTOR * model.predict(rows)
 
     def batch_started(self) -> None:
         """A popped batch is in flight: the next pop keeps filling (within the ceiling).

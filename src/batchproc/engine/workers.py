@@ -38,6 +38,10 @@ _monotonic = time.monotonic
 # close() and pause changes do not need it; it only bounds how long an abandoned or
 # surplus worker can linger.
 POP_POLL = 1.0
+# The worker watching for requests past batch_timeout looks again when the next may be
+# late; at most every half batch_timeout for calls that start meanwhile, and (as a slot
+# is held while idle, by a worker blocked in its pop) no more often than this.
+WATCH_PERIOD_MIN = 0.005
 # How often stop's wait for a worker looks whether a time limit abandoned it meanwhile.
 JOIN_SLICE = 0.05
 # How long stop, giving up on in-flight work, lets deliveries in progress finish, and
@@ -202,22 +206,21 @@ class WorkerPool:
         token_cap = self._config.max_batch_tokens or 0
         slots = controller.slots
         board = self._board
-        # How often the worker watching for a call slot (one at a time, see
-        # CallSlots.acquire) looks for requests waiting past batch_timeout (the ceiling
-        # holds within this much). The others wait for a slot or the watch.
-        watch = min(POP_POLL, max(self._config.batch_timeout / 2, 0.005))
         try:
             while not worker.abandoned:
                 # A worker pops only once it may also run the batch: the others wait here
                 # instead of each taking a few requests to queue them at a busy model.
-                if not slots.acquire(POP_POLL, watch):
-                    if queue.exhausted:
-                        return
-                    if not self._overdue():
-                        continue
-                    # batch_timeout is a ceiling on waiting while a worker is free: the
-                    # other calls run long, so this worker starts one more.
-                    slots.acquire_extra()
+                if not slots.try_acquire():
+                    look_again = self._until_overdue()
+                    if look_again > 0.0:
+                        if not slots.acquire(POP_POLL, min(look_again, POP_POLL)):
+                            if queue.exhausted:
+                                return
+                            continue
+                    else:
+                        # batch_timeout is a ceiling on waiting while a worker is free:
+                        # the other calls run long, so this worker starts one more.
+                        slots.acquire_extra()
                 try:
                     plan = controller.plan(queue.rows)
                     with board.lock:
@@ -268,19 +271,23 @@ class WorkerPool:
             worker.abandoned = True
             self.spawn()
 
-    def _overdue(self) -> bool:
-        """Requests have waited past ``batch_timeout`` behind a call that overruns its
-        usual time, or behind a delivery that kept its call slot running longer than
-        ``batch_timeout`` (a done-callback that blocks): a worker without a call slot may
-        start one more.
+    def _until_overdue(self) -> float:
+        """Seconds until requests may be overdue (0.0: they are): waiting past
+        ``batch_timeout`` behind a call that overruns its usual time, or behind a delivery
+        that kept its call slot running longer than ``batch_timeout`` (a done-callback
+        that blocks). Then a worker without a call slot may start one more; the one
+        watching for a slot (``CallSlots.acquire``) looks again after this long.
         Behind calls of normal length they wait for them: a model that runs one call at
         a time (a lock, the GIL, one GPU) would only queue a second call, and split one
-        full batch into two alternating halves. With no call in progress the slot
-        holders are popping or delivering, and the next pop takes them."""
+        full batch into two alternating halves."""
         queue = self._queue
         timeout = self._config.batch_timeout
-        if not (queue.rows > 0 and queue.oldest_age() >= timeout):
-            return False
+        if queue.rows == 0:
+            # A request pushed from now on is overdue batch_timeout after its push.
+            return max(timeout, WATCH_PERIOD_MIN)
+        until_late: float = timeout - queue.oldest_age()
+        if until_late > 0.0:
+            return until_late
         now = _monotonic()
         with self._board.lock:
             calls = [(b.calling if b.calling is not None else b.requests, b.call_started)
@@ -288,11 +295,14 @@ class WorkerPool:
             # Only a delivery that kept its call slot holds up the next call.
             delivering = [b.delivery_started for b in self._board.active
                           if b.state is DELIVERING and b.holds_slot]
-        if any(now - started > timeout for started in delivering):
-            return True
-        overruns = self._controller.overruns
-        return any(overruns(total_rows(requests), now - started)
-                   for requests, started in calls)
+        overrun_after = self._controller.overrun_after
+        stalls = [timeout - (now - started) for started in delivering]
+        stalls += [overrun_after(total_rows(requests)) - (now - started)
+                   for requests, started in calls]
+        # A call that starts later (or none in progress: the slot holders are popping,
+        # and the next pop takes the late requests) is looked at within a period.
+        period = max(timeout / 2, WATCH_PERIOD_MIN)
+        return max(0.0, min(min(stalls, default=period), period))
 
     def _register(self, requests: list[Request], worker: Worker) -> Batch | None:
         """End a pop: make what it took a held batch at once, so that stop() always sees

@@ -1,0 +1,97 @@
+"""How long past ``batch_timeout`` a request waits behind a call that hangs.
+
+    python benchmarks/behind_a_hang.py                      # 0.002, 0.01, 0.05, 0.2 s
+    python benchmarks/behind_a_hang.py --timeouts 0.05 --trials 50
+
+``batch_timeout`` is a ceiling on waiting while a worker is free: a request queued behind
+a call that overruns is taken by another worker once it has waited that long. Here a
+model (2 ms a call, the default configuration otherwise, 4 workers) hangs on one call;
+a request is sent at a random moment during the hang, and the time from its send to
+the start of the call that serves it is measured. Prints, per ``batch_timeout``, that
+wait's overshoot past ``batch_timeout`` (median, 90th percentile and the most, in ms):
+how late the worker watching for such requests finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+
+import numpy as np
+
+from batchproc import BatchProcessor, BatchProcessorConfig
+
+HANG, PROBE = -1.0, -2.0
+
+
+def overshoots(batch_timeout: float, trials: int, rng: random.Random) -> list[float]:
+    """Seconds past ``batch_timeout`` each probe waited for its call to start."""
+    hanging, release = threading.Event(), threading.Event()
+    probe_started: list[float] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        if batch[0, 0] == HANG:
+            hanging.set()
+            release.wait(60)
+        elif batch[0, 0] == PROBE:
+            probe_started.append(time.monotonic())
+        time.sleep(0.002)
+        return batch
+
+    processor = BatchProcessor(BatchProcessorConfig(
+        max_workers=4, batch_timeout=batch_timeout, item_timeout=120))
+    processor.start(model)
+    row = np.zeros((1, 4), np.float32)
+    out = []
+    try:
+        for _ in range(30):  # the usual call time: the hang overruns it
+            processor.enqueue_predict(row).result()
+        for _ in range(trials):
+            hanging.clear()
+            release.clear()
+            hung = processor.enqueue_predict(np.full((1, 4), HANG, np.float32))
+            hanging.wait(10)
+            # Past the hung call's overrun point (twice its usual time), at a random
+            # moment against the watcher's looks.
+            time.sleep(0.005 + rng.uniform(0.0, max(batch_timeout, 0.01)))
+            sent = time.monotonic()
+            processor.enqueue_predict(np.full((1, 4), PROBE, np.float32)).result()
+            out.append(probe_started.pop() - sent - batch_timeout)
+            release.set()
+            hung.result()
+    finally:
+        release.set()
+        processor.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timeouts", default="0.002,0.01,0.05,0.2",
+                        help="batch_timeout values, seconds, comma-separated")
+    parser.add_argument("--trials", type=int, default=20, help="probes per batch_timeout")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
+    try:
+        timeouts = [float(t) for t in args.timeouts.split(",")]
+    except ValueError:
+        parser.error(f"--timeouts: numbers of seconds, comma-separated; got {args.timeouts!r}")
+    if not timeouts or any(not 0.0 < t <= 10.0 for t in timeouts):
+        parser.error("--timeouts: each in (0, 10] seconds")
+    rng = random.Random(args.seed)
+    print("batch_timeout ms | overshoot ms: median | p90 | most")
+    for timeout in timeouts:
+        late = sorted(x * 1e3 for x in overshoots(timeout, args.trials, rng))
+        p90 = late[min(len(late) - 1, int(0.9 * len(late)))]
+        print(f"{timeout * 1e3:g} | {statistics.median(late):.2f} | {p90:.2f} | {late[-1]:.2f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -47,6 +47,8 @@ PRINTING_RUNS = [
      '"process_cpu_share": '),
     ("after_a_hang.py", ["--hang", "0.05", "--gap-ms", "1", "--before", "20"],
      "median latency, ms: before the hang "),
+    ("behind_a_hang.py", ["--timeouts", "0.01", "--trials", "2"],
+     "batch_timeout ms | overshoot ms: median | p90 | most\n10 | "),
     # compare_versions.py's run, on its open-loop load (the script itself builds a
     # baseline from git: too slow for the suite).
     ("version_run.py", ['{"model": "mlp", "load": "rate-2000", "burst": 0, "cap": 0.2,'

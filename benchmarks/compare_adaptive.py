@@ -1,7 +1,7 @@
 """ADAPTIVE with no tuning against the best static configuration, at loads from 10% to
 90% of the capacity, and its saturation throughput against the limit.
 
-    python benchmarks/compare_adaptive.py                   # full run (~11 min, 2 cores)
+    python benchmarks/compare_adaptive.py                   # full run (~18 min, 2 cores)
     python benchmarks/compare_adaptive.py --quick           # 1 repetition, short runs
     python benchmarks/compare_adaptive.py --models mlp --loads 0.3,0.9
 
@@ -20,9 +20,12 @@ For each model (``fixed``: 5 ms per call behind one lock; ``mlp``: numpy, holds 
    measures its queue.
 
 3. at each load, a confirmation: ADAPTIVE and the best static configuration of step 2,
-   side by side in ``--confirm`` interleaved pairs on fresh arrival seeds. The best of 18
-   noisy medians is biased low (it is picked for its luck as much as for its merit);
-   measured again beside ADAPTIVE it is not.
+   side by side in ``--confirm`` interleaved pairs of ``--confirm-duration`` seconds on
+   fresh arrival seeds. The best of 18 noisy medians is biased low (it is picked for its
+   luck as much as for its merit); measured again beside ADAPTIVE it is not. On a model
+   that holds the GIL the tail is set by when the thread submitting the load gets it,
+   and one run's p99 moves by 2-3x between runs of one configuration: the confirmation
+   runs longer, and more often, than the search.
 
 Reported per load: ADAPTIVE's median p99, the best static median p99 and which, their
 ratio (1.0 = as good as the best static configuration), and the confirmation's medians
@@ -175,7 +178,7 @@ def _median(values: list[float]) -> float:
 
 def run_model(name: str, loads: list[float], repeat: int, duration: float,
               sat_duration: float, seed: int, capacity: float | None,
-              confirm: int = 0) -> dict[str, Any]:
+              confirm: int = 0, confirm_duration: float = 0.0) -> dict[str, Any]:
     model = TimedModel(make_model(name))
     # 1. the limit and the saturation throughput of ADAPTIVE and of a static
     # configuration, interleaved; ADAPTIVE's is the capacity the loads are fractions of
@@ -229,7 +232,8 @@ def run_model(name: str, loads: list[float], repeat: int, duration: float,
               f"{p['best']['p99_ms']:.2f} ms, ratio {p['ratio']:.2f}", file=sys.stderr)
         best = next((c for c in statics if c.key == p["best"]["key"]), None)
         if confirm and best is not None:
-            p["confirmation"] = _confirm(best, model, name, rate, dur, confirm, seed)
+            p["confirmation"] = _confirm(best, model, name, rate,
+                                         max(dur, confirm_duration), confirm, seed)
             c = p["confirmation"]
             print(f"  confirmed in {confirm} pairs: ADAPTIVE {c['adaptive_p99_ms']:.2f} ms, "
                   f"{best.label} {c['static_p99_ms']:.2f} ms, ratio {c['ratio']:.2f}",
@@ -262,7 +266,7 @@ def _confirm(best: Candidate, model: TimedModel, name: str, rate: float, dur: fl
     ada = [r["p99_ms"] for r in runs if r["system"] == ADAPTIVE]
     static = [r["p99_ms"] for r in runs if r["system"] != ADAPTIVE]
     return {
-        "static": best.label, "pairs": pairs,
+        "static": best.label, "pairs": pairs, "duration_s": dur,
         "adaptive_p99_ms": _median(ada), "static_p99_ms": _median(static),
         "ratio": _median(ada) / _median(static),
         "pair_ratios": [a / b for a, b in zip(ada, static)],
@@ -371,10 +375,11 @@ def _confirmation_table(results: list[dict[str, Any]]) -> list[str]:
                          f"{min(pr):.2f}-{max(pr):.2f}" if pr else "-"])
     if not rows:
         return []
+    first = results[0]["points"][0].get("confirmation", {})
     return [
         "Confirmation: ADAPTIVE and the best static configuration above, side by side in "
-        f"{results[0]['points'][0].get('confirmation', {}).get('pairs', 0)} interleaved "
-        "pairs on arrival seeds the search did not use; medians (the goal: ratio <= 1.10).",
+        f"{first.get('pairs', 0)} interleaved pairs of {first.get('duration_s', 0):g} s or "
+        "more on arrival seeds the search did not use; medians (the goal: ratio <= 1.10).",
         "",
         report.markdown_table(("model", "load", "static", "ADAPTIVE p99 ms",
                                "static p99 ms", "ratio", "pair ratios"), rows,
@@ -423,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sat-duration", type=float, default=1.5,
                    help="seconds per limit and saturation run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confirm", type=int, default=5,
+    p.add_argument("--confirm", type=int, default=9,
                    help="pairs of ADAPTIVE and the best static run side by side per load "
                         "(0: none)")
+    p.add_argument("--confirm-duration", type=float, default=2.0,
+                   help="seconds per confirmation run (at least --duration)")
     p.add_argument("--capacity", default="",
                    help="model=req/s,... : the loads' 100%% (default: measured, ADAPTIVE "
                         "saturated); give it to compare builds at the same loads")
@@ -439,8 +446,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="what --before measured (a build, a commit)")
     p.add_argument("--notes", default="", help="a markdown file appended to the results")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.confirm < 0:
+        p.error("--repeat must be at least 1, --confirm at least 0")
+    for flag in ("duration", "sat_duration", "confirm_duration"):
+        value = getattr(args, flag)
+        if not 0.0 <= value <= 600.0 or (value == 0.0 and flag != "confirm_duration"):
+            least = "[0" if flag == "confirm_duration" else "(0"
+            p.error(f"--{flag.replace('_', '-')}: seconds in {least}, 600], got {value!r}")
     if args.quick:
         args.repeat, args.duration, args.sat_duration, args.confirm = 1, 0.5, 0.5, 1
+        args.confirm_duration = 0.5
     models = [m for m in args.models.split(",") if m]
     loads = sorted(float(x) for x in args.loads.split(",") if x)
     command = "python benchmarks/compare_adaptive.py " + " ".join(
@@ -449,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: float(v) for k, _, v in
              (x.partition("=") for x in args.capacity.split(",") if x)}
     results = [run_model(m, loads, args.repeat, args.duration, args.sat_duration, args.seed,
-                         given.get(m), args.confirm) for m in models]
+                         given.get(m), args.confirm, args.confirm_duration)
+               for m in models]
     md = markdown(results, args, command.strip())
     if args.before:
         with open(args.before, encoding="utf-8") as f:

@@ -9,7 +9,8 @@ allowed), the rows taken, the model call's time, and how late the load generator
 submitted each request against its schedule (the generator needs the GIL too: a worker
 that holds it delays arrivals, and the delay counts as latency), and the process's CPU
 seconds per second of the run (all threads; near 1.0 a process whose work holds the GIL
-has none to spare). Prints one summary line per system; ``--json`` writes the figures.
+has none to spare), and how often its threads went to sleep per batch (voluntary context
+switches, each a wake-up to pay). Prints one summary line per system; ``--json`` writes the figures.
 """
 
 # ruff: noqa: E402  (BLAS settings must precede the numpy import)
@@ -23,6 +24,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections import Counter
@@ -88,9 +90,11 @@ def profile(system: Candidate | None, model_name: str, rate: float, duration: fl
     model = TimedModel(make_model(model_name))
     probe = Probe(_target(system, rate))
     load = Load("rate", rate=rate, seed=seed)
+    switches0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     cpu0, wall0 = time.process_time(), time.perf_counter()
     run = run_target(probe, model, model_name, load, Bounds(duration=duration))
     cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches0
     sub = np.asarray(probe.submits)
     sched = _schedule(load, len(sub))
     lag = (sub - sub[0]) - (sched[: len(sub)] - sched[0]) if len(sub) else np.zeros(1)
@@ -103,6 +107,7 @@ def profile(system: Candidate | None, model_name: str, rate: float, duration: fl
         **model.figures(),
         "process_cpu_share": cpu_share,
         "batches_per_s": len(probe.batches) / max(run.elapsed_s, 1e-9),
+        "sleeps_per_batch": switches / max(1, len(probe.batches)),
         "rows_p10_p50_p90": [float(x) for x in np.percentile(rows, [10, 50, 90])],
         "slot_limits": {str(k): v / max(1, len(probe.plans)) for k, v in limits.items()},
         "fit_us": [ctl.a * 1e6, ctl.b * 1e6, ctl.c * 1e6],

@@ -31,7 +31,8 @@ SMOKE_RUNS = [
     # static configurations keep up with at this load spares the drains of their
     # queues after each run.
     ("compare_adaptive.py", ["--models", "fixed", "--loads", "0.5", "--repeat", "1",
-                             "--confirm", "1", "--duration", "0.1", "--sat-duration", "0.1",
+                             "--confirm", "1", "--confirm-duration", "0.1", "--duration", "0.1",
+                             "--sat-duration", "0.1",
                              "--capacity", "fixed=1000", "--name", "smoke"], "smoke"),
     ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
 ]

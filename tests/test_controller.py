@@ -322,11 +322,19 @@ def _window(tuner, clock, backlog, rows_per_batch=64):
     return change
 
 
+def _outrun(tuner, clock, rows_per_batch=64):
+    """OUTRUN_WINDOWS windows in a row that leave a full batch waiting after every batch:
+    no change before the last; returns the last one's."""
+    for _ in range(tuner.OUTRUN_WINDOWS - 1):
+        assert _window(tuner, clock, backlog=True, rows_per_batch=rows_per_batch) is None
+    return _window(tuner, clock, backlog=True, rows_per_batch=rows_per_batch)
+
+
 def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
-    # Requests left waiting: straight to two, no probe needed.
-    assert _window(tuner, clock, backlog=True) == (1, 2) and slots.limit == 2
+    # Requests left waiting window after window: two at once, no probe needed.
+    assert _outrun(tuner, clock) == (1, 2) and slots.limit == 2
     # Still waiting: a probe to three, kept only if rows per second rise 10%.
     assert _window(tuner, clock, backlog=True) == (2, 3)
     assert _window(tuner, clock, backlog=True, rows_per_batch=64) == (3, 2)  # no gain
@@ -352,10 +360,25 @@ def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
             for i in range(n):
                 assert tuner.observe(64, backlog=i < left) is None
         assert slots.limit == 1
-    clock.now += 0.1
-    changes = [tuner.observe(64, backlog=i < short_of_outrun + 1) for i in range(n)]
+    changes = []
+    for _ in range(tuner.OUTRUN_WINDOWS):
+        clock.now += 0.1
+        changes += [tuner.observe(64, backlog=i < short_of_outrun + 1) for i in range(n)]
     assert changes[-1] == (1, 2) and not any(changes[:-1])
     assert slots.limit == 2
+
+
+def test_one_window_that_outruns_one_call_is_a_burst(monkeypatch):
+    # A Poisson load near capacity leaves a full batch after most calls of a window now
+    # and then; a second call then would seal batches early and queue them at a model
+    # that runs one call at a time. Only windows in a row that outrun one call start it.
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
+    assert tuner.OUTRUN_WINDOWS == 2
+    for _ in range(3 * tuner.QUIET_WINDOWS):
+        assert _window(tuner, clock, backlog=True) is None
+        assert _window(tuner, clock, backlog=False) is None
+    assert slots.limit == 1
+    assert _outrun(tuner, clock) == (1, 2)
 
 
 def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
@@ -372,7 +395,7 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
         assert change == (1, 2)
         return wait
 
-    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert _outrun(tuner, clock) == (1, 2)
     assert [fail_two_then_count_the_wait() for _ in range(6)] == [8, 16, 32, 64, 64, 64]
     assert tuner.MOST_COOLDOWN == 64
     # Two carries as much as one: kept. A quiet spell takes it back to one, and the
@@ -381,13 +404,13 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (2, 1)
     assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
-    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert _outrun(tuner, clock) == (1, 2)
     assert fail_two_then_count_the_wait() == tuner.COOLDOWN == 8
 
 
 def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)  # no probes above two
-    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert _outrun(tuner, clock) == (1, 2)
     n = tuner.WINDOW_BATCHES
     changes = []
     for _ in range(tuner.QUIET_WINDOWS):
@@ -400,7 +423,7 @@ def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
 def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     # A model holding the GIL: two calls only take turns, and carry less than one did.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
-    assert _window(tuner, clock, backlog=True) == (1, 2)
+    assert _outrun(tuner, clock) == (1, 2)
     assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
     # Backlogged still, but two is not tried again before COOLDOWN windows at one.
     changes = [_window(tuner, clock, backlog=True) for _ in range(tuner.COOLDOWN)]

@@ -42,8 +42,9 @@ The policy (docs/architecture.md, "The controller"):
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
-  found by trying (``ConcurrencyTuner``): one until three quarters of a window's batches
-  leave a full batch waiting (the load outruns one call at a time), then two (one
+  found by trying (``ConcurrencyTuner``): one until three quarters of the batches of two
+  windows in a row leave a full batch waiting (the load outruns one call at a time; one
+  such window is a burst of a Poisson load near capacity), then two (one
   running, the next filling), and above two the controller tries one more for a window
   of batches and keeps it only if rows per second rose by 10%; a try that fails waits
   longer each time before the next. Below that backlog one
@@ -296,9 +297,10 @@ class ConcurrencyTuner:
     - Idle (no request left waiting when batches finish): one call at a time. A second
       worker parked in the queue would only take turns with the first one, which costs
       a thread wake-up per request at low load (benchmarks/bench_round_trip.py).
-    - Outrun: at least OUTRUN_SHARE of a window's batches left a full batch
-      (``target`` rows) waiting when they finished, so the load outruns one call at a
-      time. Then two at once straight away (one running, the next filling), kept only if
+    - Outrun: at least OUTRUN_SHARE of the batches of OUTRUN_WINDOWS windows in a row
+      left a full batch (``target`` rows) waiting when they finished, so the load
+      outruns one call at a time (one such window comes now and then from a Poisson
+      load near capacity: a burst, which one call at a time absorbs). Then two at once straight away (one running, the next filling), kept only if
       the window at two carried about as many rows per second as the window at one
       before it (TWO_LOSS: calls that serialize on the GIL lose by running two; then
       back to one for a cooldown).
@@ -329,6 +331,7 @@ class ConcurrencyTuner:
     QUIET_WINDOWS = 8        # windows without waiting requests before going back to one
     BACKLOG_SHARE = 0.5      # share of a window's batches leaving a full batch: backlogged
     OUTRUN_SHARE = 0.75      # ... and the share that shows one call at a time outrun
+    OUTRUN_WINDOWS = 2       # ... in this many windows in a row (one is a Poisson burst)
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
     QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
     MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
@@ -341,6 +344,7 @@ class ConcurrencyTuner:
         self._rows = 0
         self._batches = 0
         self._backlogged = 0  # batches of this window that left a full batch waiting
+        self._outrun = 0  # windows in a row that outran one call at a time
         self._quiet = 0
         self._probing = False
         self._checking_two = False  # the window at two is being compared with one
@@ -363,6 +367,7 @@ class ConcurrencyTuner:
         backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
         outrun = self._backlogged >= self.OUTRUN_SHARE * self._batches
         self._start, self._rows, self._batches, self._backlogged = now, 0, 0, 0
+        self._outrun = self._outrun + 1 if outrun else 0
         self._quiet = 0 if backlogged else self._quiet + 1
         limit = self.slots.limit
         if self._probing:
@@ -391,7 +396,7 @@ class ConcurrencyTuner:
                 self._cool_down()
                 return limit, 1
             self._next_cooldown = self.COOLDOWN
-        if outrun and limit < self._busy_floor:
+        if self._outrun >= self.OUTRUN_WINDOWS and limit < self._busy_floor:
             if self._cooldown:
                 self._cooldown -= 1
                 return None

@@ -300,10 +300,10 @@ class ConcurrencyTuner:
     - Outrun: at least OUTRUN_SHARE of the batches of OUTRUN_WINDOWS windows in a row
       left a full batch (``target`` rows) waiting when they finished, so the load
       outruns one call at a time (one such window comes now and then from a Poisson
-      load near capacity: a burst, which one call at a time absorbs). Then two at once straight away (one running, the next filling), kept only if
-      the window at two carried about as many rows per second as the window at one
-      before it (TWO_LOSS: calls that serialize on the GIL lose by running two; then
-      back to one for a cooldown).
+      load near capacity: a burst, which one call at a time absorbs). Then two at once
+      (one running, the next filling), kept only if the window at two carried about as
+      many rows per second as the window at one before it (TWO_LOSS: calls that
+      serialize on the GIL lose by running two; then back to one for a cooldown).
       A full batch left now and then, or after half the calls (a Poisson load just
       below capacity), is not enough: there one call at a time takes all that arrived
       during the last call as soon as it ends, while a second call would seal the next

@@ -318,7 +318,9 @@ class RequestQueue:
                        and self._rows < fill_rows and not self._head().solo):  # type: ignore[union-attr]
                     head = self._head()
                     assert head is not None
-                    until = head.t_push + max_wait     # the ceiling, always
+                    # The ceiling, always, from the oldest entry (not the head: with
+                    # priorities an urgent arrival must not restart an older one's wait).
+                    until = min(e.t_push for e in self._live.values()) + max_wait
                     if (idle_gap >= 0 and self._in_flight == 0 and fill_time > 0
                             and head.t_push < self._idle_since):
                         until = self._wave_deadline(idle_gap, max_wait, head.t_push)

@@ -43,6 +43,31 @@ def test_one_hung_call_does_not_inflate_the_fitted_cost():
     assert model.predict(4) < 0.0021
 
 
+@pytest.mark.parametrize("slow_calls", [1, 3, 7])
+def test_slow_first_calls_of_a_warm_up_are_forgotten(slow_calls):
+    # The first calls take 1 s (CUDA initialisation, a JIT), then 2 ms: the usual time
+    # is 2 ms at once, not an average that takes hundreds of batches to fade (a call
+    # overruns at twice the usual time: a hang would hold requests for seconds).
+    model = LatencyModel()
+    for _ in range(slow_calls):
+        model.observe(4, 1.0)
+    model.observe(4, 0.002)
+    assert model.predict(4) == pytest.approx(0.002)
+    for _ in range(20):
+        model.observe(4, 0.002)
+    assert model.predict(4) == pytest.approx(0.002)
+
+
+def test_a_call_slower_than_the_first_ones_is_no_warm_up():
+    # Only a faster call marks the earlier ones as a warm-up: a slower one is fitted.
+    model = LatencyModel()
+    model.observe(4, 0.002)
+    model.observe(4, 0.010)
+    assert model.predict(4) == pytest.approx(0.006, rel=0.01)  # both, faded a little
+    model.observe(4, 0.0045)  # within OVERRUN_FACTOR of the prediction: fitted too
+    assert model.observations == 3
+
+
 def test_a_lasting_change_of_cost_is_still_followed():
     model = LatencyModel()
     for _ in range(300):
@@ -554,11 +579,13 @@ def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
     slots.release()
 
 
-def test_a_watcher_that_starts_an_extra_call_hands_the_watch_over():
+def test_a_watcher_that_takes_over_a_stalled_slot_hands_the_watch_over():
     slots, sleeper, sleeper_got = _a_watch_ended_beside_a_sleeper()
-    slots.acquire_extra()  # what the watcher does for requests past batch_timeout
+    busy = slots._busy
+    slots.took_over()  # what the watcher does for requests past batch_timeout
     sleeper.join(10)
     assert sleeper_got == [False]  # woken to take the watch over, well before 30 s
+    assert slots._busy == busy  # the slot changed hands; none was added
 
 
 def test_a_thread_woken_for_a_slot_another_took_returns_to_look_again():

@@ -752,6 +752,80 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
     assert held.result(timeout=20)[0, 0] == 1
 
 
+@pytest.mark.parametrize("strategy", ["adaptive", "greedy"])
+def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, strategy):
+    # One call at a time, and that call hangs. The first request behind it waits
+    # batch_timeout; the worker that takes it takes the hung call's slot, so the
+    # requests after it go as usual instead of each waiting batch_timeout again.
+    release, hanging = threading.Event(), threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            hanging.set()
+            release.wait(30)
+        return batch
+
+    p = make_processor(model, max_workers=3, batch_timeout=0.5, item_timeout=60,
+                       processing_strategy=strategy)
+    try:
+        for v in range(5):  # the usual time: fast
+            p.enqueue_predict(item(v)).result(timeout=20)
+        hung = p.enqueue_predict(item(666))
+        assert hanging.wait(10)
+        assert p.enqueue_predict(item(1)).result(timeout=20)[0, 0] == 1  # ~batch_timeout
+        waits = []
+        for v in range(2, 7):
+            sent = time.monotonic()
+            assert p.enqueue_predict(item(v)).result(timeout=20)[0, 0] == v
+            waits.append(time.monotonic() - sent)
+        assert max(waits) < 0.25, waits  # generous; each waited 0.5 s before
+        assert not hung.done()
+    finally:
+        release.set()
+    assert hung.result(timeout=20)[0, 0] == 666
+    # The hung call's end frees no slot it no longer holds: one call at a time again.
+    assert p._controller.slots._busy <= p._controller.slots.limit
+
+
+def test_a_request_behind_a_blocked_delivery_waits_batch_timeout_from_its_push(
+        make_processor):
+    # A request came during a call of usual length, not yet batch_timeout old when the
+    # call ended (the slot was kept for the delivery), and the delivery then blocks (a
+    # done-callback): it is taken by another worker once it has waited batch_timeout,
+    # not batch_timeout after the delivery began.
+    release, blocking = threading.Event(), threading.Event()
+    started = {}
+
+    def model(batch):
+        if batch[0, 0] == 2:
+            started[2] = time.monotonic()
+        else:
+            time.sleep(0.5)
+        return batch
+
+    def blocking_callback(future):
+        blocking.set()
+        release.wait(30)
+
+    p = make_processor(model, max_workers=2, batch_timeout=0.4, item_timeout=60)
+    try:
+        for _ in range(2):  # the usual time: 0.5 s a call
+            p.enqueue_predict(item(0)).result(timeout=20)
+        held = p.enqueue_predict(item(1))
+        held.add_done_callback(blocking_callback)
+        time.sleep(0.15)  # 0.35 s old when the call ends
+        sent = time.monotonic()
+        late = p.enqueue_predict(item(2))
+        assert late.result(timeout=20)[0, 0] == 2
+        assert blocking.is_set()
+        waited = started[2] - sent
+        # batch_timeout after the delivery began would be 0.75 s.
+        assert 0.38 < waited < 0.6, waited
+    finally:
+        release.set()
+    assert held.result(timeout=20)[0, 0] == 1
+
+
 def test_the_watch_does_not_spin_with_no_batch_timeout(make_processor, monkeypatch):
     # batch_timeout=0: a request is late at once. While the one call slot is held and
     # the queue is empty, the watcher still sleeps (5 ms at least) between looks.

@@ -71,3 +71,29 @@ def test_incompatible_requests_keep_their_place(make_processor, recorder):
     # kind joins, in priority order; the float32 requests follow in theirs.
     assert [b.tolist() for b in model.batches] == [[2, 4], [3, 1, 5]]
     assert [b.dtype for b in model.batches] == [np.int64, np.float32]
+
+
+def test_a_more_urgent_arrival_does_not_restart_an_older_requests_wait(make_processor):
+    # batch_timeout is counted from the oldest request, whatever its priority: a HIGH
+    # request half a batch_timeout after a LOW one (the batch far from full) does not
+    # push the LOW one's wait to the HIGH one's batch_timeout.
+    import threading
+    import time
+
+    reached = {}
+
+    def model(batch):
+        for name in batch:
+            reached[name] = time.monotonic()
+        return batch
+
+    p = make_processor(model, max_workers=1, max_batch_size=64, initial_batch_size=64,
+                       processing_strategy="fixed", batch_timeout=0.3,
+                       enable_priority_queue=True)
+    sent = time.monotonic()
+    low = p.enqueue_predict("low", priority=BatchPriority.LOW)
+    threading.Event().wait(0.15)
+    high = p.enqueue_predict("high", priority=BatchPriority.HIGH)
+    assert low.result(timeout=10) == "low" and high.result(timeout=10) == "high"
+    waited = reached["low"] - sent
+    assert 0.28 < waited < 0.42, waited  # 0.45 s counted from the HIGH one

@@ -633,3 +633,55 @@ def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
         finally:
             release.set()
             p.stop(timeout=5)
+
+
+def test_stop_drains_behind_a_hung_call_with_its_free_workers(make_processor):
+    # A call hangs; requests queued behind it wait for batch_timeout to fill while the
+    # queue is open. Once stop closes it nothing waits to fill: a free worker takes the
+    # hung call's slot at once and serves them within the stop's time.
+    release, hanging = threading.Event(), threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            hanging.set()
+            release.wait(30)
+        return batch
+
+    p = make_processor(model, max_workers=4, batch_timeout=5.0, max_batch_size=4,
+                       item_timeout=60)
+    try:
+        for v in range(3):  # the usual time: fast
+            p.enqueue_predict(one(v)).result(timeout=20)
+        hung = p.enqueue_predict(one(666))
+        assert hanging.wait(10)
+        queued = [p.enqueue_predict(one(v)) for v in range(10)]
+        p.stop(timeout=2.0)  # far below batch_timeout
+        assert [f.result(timeout=0)[0, 0] for f in queued] == list(range(10))
+        assert isinstance(hung.exception(timeout=0), ProcessorStoppedError)
+    finally:
+        release.set()
+
+
+def test_stop_waits_for_the_replacement_of_a_worker_abandoned_in_a_hang(make_processor):
+    # max_workers=1: the one worker hangs; item_timeout abandons it during stop's wait,
+    # and its replacement serves the requests queued behind it (stop waits for it).
+    from batchproc import BatchTimeoutError
+
+    release, hanging = threading.Event(), threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            hanging.set()
+            release.wait(30)
+        return batch
+
+    p = make_processor(model, max_workers=1, item_timeout=0.5)
+    try:
+        hung = p.enqueue_predict(one(666))
+        assert hanging.wait(10)
+        queued = [p.enqueue_predict(one(v)) for v in range(5)]
+        p.stop(timeout=20)
+        assert [f.result(timeout=0)[0, 0] for f in queued] == list(range(5))
+        assert isinstance(hung.exception(timeout=0), BatchTimeoutError)
+    finally:
+        release.set()

@@ -757,7 +757,10 @@ cdef class RequestQueue:
     cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
         """When the fill wait for the current head ends (see pop_batch, step 2)."""
         cdef double head_pushed = self._heap[0].t_push
-        cdef double d = head_pushed + p.max_wait  # the ceiling, always
+        # The ceiling, always, from the oldest entry: with priorities the head may be
+        # newer (an urgent arrival), and must not restart an older one's wait. (A scan
+        # then, of fewer entries than the batch's rows: this only runs while it fills.)
+        cdef double d = self._oldest_locked() + p.max_wait
         cdef double g, on_pace
         if p.idle_gap < 0.0 or self._in_flight > 0:
             return d        # plain, or the model is busy: keep filling up to the ceiling

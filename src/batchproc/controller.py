@@ -127,7 +127,11 @@ class LatencyModel:
         Once fitted, a measurement counts as at most ``OVERRUN_FACTOR`` times the
         prediction: one call that hung for seconds would otherwise inflate the fixed
         cost, and with it every wait sized from it, for hundreds of batches. A lasting
-        change of cost is still followed, the cap rising with the fit."""
+        change of cost is still followed, the cap rising with the fit. Before that
+        (the first ``TRUSTED_AFTER``), a measurement under 1/``OVERRUN_FACTOR`` of the
+        prediction starts the fit over: the first calls of many models are slow once
+        (a warm-up), and would set the usual time, and when a call overruns, for
+        hundreds of batches."""
         # Runs once per batch: unrolled (the loop over k cost twice as much).
         d = self._decay
         sr, st = self._sr, self._st
@@ -137,6 +141,13 @@ class LatencyModel:
             cap = OVERRUN_FACTOR * (self.a + self.b * r + self.c * r2)
             if 0.0 < cap < seconds:
                 seconds = cap
+        elif (self.observations
+              and OVERRUN_FACTOR * seconds < self.a + self.b * r + self.c * r2):
+            # A cold start: the calls before this one were slow once (CUDA or JIT
+            # initialisation, a first-call compile), not the model's cost. Start over.
+            self._sr = sr = [0.0] * 5
+            self._st = st = [0.0] * 3
+            self.observations = 0
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
         sr[2] = sr[2] * d + r2
@@ -266,13 +277,12 @@ class CallSlots:
                 self._cond.notify()
             return True
 
-    def acquire_extra(self) -> None:
-        """Take a slot past the limit: requests have waited past ``batch_timeout`` and
-        this worker is free (the limit is a target for throughput; the ceiling on
-        waiting comes first). The watcher that found them takes it: one of the threads
-        still waiting is woken to take the watch over."""
+    def took_over(self) -> None:
+        """The watcher took over the slot of a call that overruns (or a delivery that
+        stalls): requests waited past ``batch_timeout`` behind it while this worker was
+        free. The count is unchanged; one of the threads still waiting is woken to take
+        the watch over."""
         with self._lock:
-            self._busy += 1
             self._cond.notify()
 
     def release(self, wake: bool = True) -> None:
@@ -284,6 +294,11 @@ class CallSlots:
             self._busy -= 1
             if wake:
                 self._cond.notify()
+
+    def wake_all(self) -> None:
+        """Wake every thread waiting for a slot (the queue closed)."""
+        with self._lock:
+            self._cond.notify_all()
 
     def set_limit(self, limit: int) -> None:
         with self._cond:

@@ -287,6 +287,9 @@ class BatchProcessor(Generic[T, U]):
         self._stopping_thread = threading.current_thread()
         # Also ends a pause of the queue: stop drains as usual.
         self._queue.close(parked_until=deadline)
+        # Workers waiting for a call slot look again: behind a call that overruns they
+        # drain at once (no request waits to fill a batch any more), or exit.
+        self._controller.slots.wake_all()
         if self._room is not None:
             self._room.close()  # coroutines awaiting room in apredict: refused
         self._resume.set()

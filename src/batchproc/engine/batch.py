@@ -37,7 +37,8 @@ class Batch:
     """The requests one worker popped together."""
 
     __slots__ = ("call_started", "calling", "delivering", "delivery_started",
-                 "dispatched_at", "holds_slot", "own_failures", "requests", "state", "worker")
+                 "dispatched_at", "holds_slot", "in_flight", "own_failures", "requests",
+                 "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -54,6 +55,10 @@ class Batch:
         # A resource, not a state: one of the controller's call slots, held from the pop
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
+        # Counted by the queue's fill rule as a batch in flight (Controller.batch_started)
+        # until it ends, or until its stalled call's slot is taken over: exactly one
+        # batch_ended() each.
+        self.in_flight = True
         # Requests of it that failed alone (their own failure, not the batch's).
         self.own_failures = 0
 
@@ -110,29 +115,32 @@ class Board:
                 self.settled.notify_all()  # stop may be waiting for this delivery
 
     def finish(self, batch: Batch) -> tuple[bool, bool]:
-        """The worker is done: (it was still its own, it held a call slot)."""
+        """The worker is done: (it still counted as in flight, it held a call slot)."""
         with self.lock:
             self.active.discard(batch)
             holds, batch.holds_slot = batch.holds_slot, False
-            if batch.state is ABANDONED:
-                return False, holds
-            batch.state = DONE
-            return True, holds
+            in_flight, batch.in_flight = batch.in_flight, False
+            if batch.state is not ABANDONED:
+                batch.state = DONE
+            return in_flight, holds
 
-    def abandon(self, which: Callable[[Batch], bool]) -> list[tuple[Batch, bool]]:
-        """Take every HELD or CALLING batch ``which`` picks: [(batch, held a slot)]."""
+    def abandon(self, which: Callable[[Batch], bool]) -> list[tuple[Batch, bool, bool]]:
+        """Take every HELD or CALLING batch ``which`` picks: [(batch, held a slot, still
+        counted as in flight)]."""
         taken = []
         with self.lock:
             for batch in self.active:
                 if batch.state in (HELD, CALLING) and which(batch):
                     batch.state = ABANDONED
                     holds, batch.holds_slot = batch.holds_slot, False
-                    taken.append((batch, holds))
+                    in_flight, batch.in_flight = batch.in_flight, False
+                    taken.append((batch, holds, in_flight))
         return taken
 
-    def give_up(self) -> list[tuple[Batch, bool, list[Request]]]:
+    def give_up(self) -> list[tuple[Batch, bool, bool, list[Request]]]:
         """Stop gives up on in-flight work: take every batch still held, being called or
-        being delivered: [(batch, held a call slot, its requests the taker must fail)].
+        being delivered: [(batch, held a call slot, still counted as in flight, its
+        requests the taker must fail)].
         The requests of a delivery in progress are left out: their worker completes them
         (it is doing so now); it starts nothing more with the batch."""
         taken = []
@@ -142,6 +150,7 @@ class Board:
                     delivering = {id(r) for r in batch.delivering}
                     batch.state = ABANDONED
                     holds, batch.holds_slot = batch.holds_slot, False
-                    taken.append((batch, holds, [r for r in batch.requests
-                                                 if id(r) not in delivering]))
+                    in_flight, batch.in_flight = batch.in_flight, False
+                    taken.append((batch, holds, in_flight,
+                                  [r for r in batch.requests if id(r) not in delivering]))
         return taken

@@ -58,11 +58,12 @@ class TimeLimits:
         now = _monotonic()
         overdue = self._board.abandon(
             lambda b: b.state is CALLING and now - b.call_started > limit)
-        for batch, holds_slot in overdue:
+        for batch, holds_slot, in_flight in overdue:
             batch.worker.abandoned = True
             if holds_slot:
                 self._controller.slots.release()
-            self._controller.batch_ended()
+            if in_flight:
+                self._controller.batch_ended()
             calling = batch.requests if batch.calling is None else batch.calling
             # A call of several requests fails none of them: each is queued again alone.
             own = calling if len(calling) == 1 else []

@@ -42,6 +42,9 @@ POP_POLL = 1.0
 # late; at most every half batch_timeout for calls that start meanwhile, and (as a slot
 # is held while idle, by a worker blocked in its pop) no more often than this.
 WATCH_PERIOD_MIN = 0.005
+# A delivery that keeps its call slot this long has stalled (a done-callback blocking):
+# requests waiting past batch_timeout behind it are taken by another worker.
+DELIVERY_STALL = 0.005
 # How often stop's wait for a worker looks whether a time limit abandoned it meanwhile.
 JOIN_SLICE = 0.05
 # How long stop, giving up on in-flight work, lets deliveries in progress finish, and
@@ -106,7 +109,10 @@ class WorkerPool:
 
     def spawn(self) -> None:
         with self._board.lock:
-            if self._board.closing:
+            # While stop drains the queue a worker abandoned in a hung call is still
+            # replaced (with max_workers=1 no other would drain it); once stop gives up
+            # on in-flight work, none is.
+            if self._gave_up:
                 return
             self._worker_ids += 1
             worker = Worker(f"batchproc-worker-{self._worker_ids}")
@@ -126,21 +132,24 @@ class WorkerPool:
         me = threading.current_thread()
         with self._board.lock:
             self._board.closing = True
-            workers = list(self._workers)
-        for worker in workers:
-            thread = worker.thread
-            if thread is me:
-                continue
+
+        def running() -> list[threading.Thread]:
             # An abandoned worker is stuck in a call past item_timeout whose requests
-            # have failed already: it is left to finish alone, never waited for. The
-            # time limit may abandon it during this wait, hence the slices.
-            while thread is not None and thread.is_alive() and not worker.abandoned:
-                remaining = deadline - _monotonic()
-                if remaining <= 0.0:
-                    break
-                thread.join(min(remaining, JOIN_SLICE))
-        return not any(w.thread is not None and w.thread.is_alive() and not w.abandoned
-                       for w in workers)
+            # have failed already: it is left to finish alone, never waited for. Its
+            # replacement (the time limit may abandon one during this wait, hence the
+            # slices) is waited for.
+            with self._board.lock:
+                return [w.thread for w in self._workers if w.thread is not None
+                        and w.thread is not me and w.thread.is_alive()
+                        and not w.abandoned]
+
+        while threads := running():
+            remaining = deadline - _monotonic()
+            if remaining <= 0.0:
+                return False
+            threads[0].join(min(remaining, JOIN_SLICE))
+        return not any(w.thread is me and w.thread.is_alive() and not w.abandoned
+                       for w in self._workers)
 
     def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
         """Fail every request still held by a worker (stop ran out of time, or was called
@@ -163,11 +172,12 @@ class WorkerPool:
                    and _monotonic() < wait_until):
                 board.settled.wait(max(0.0, wait_until - _monotonic()))
         failed = 0
-        for batch, holds_slot, requests in board.give_up():
+        for batch, holds_slot, in_flight, requests in board.give_up():
             batch.worker.abandoned = True
             if holds_slot:
                 self._controller.slots.release()
-            self._controller.batch_ended()
+            if in_flight:
+                self._controller.batch_ended()
             failed += self._delivery.fail_pending(requests, error_factory(),
                                                   dispatched_at=batch.dispatched_at)
         return failed
@@ -217,10 +227,12 @@ class WorkerPool:
                             if queue.exhausted:
                                 return
                             continue
-                    else:
+                    elif self._take_over_stalled():
                         # batch_timeout is a ceiling on waiting while a worker is free:
-                        # the other calls run long, so this worker starts one more.
-                        slots.acquire_extra()
+                        # a call or delivery runs long, so this worker takes its slot.
+                        slots.took_over()
+                    else:
+                        continue  # it ended meanwhile: its slot is free again
                 try:
                     plan = controller.plan(queue.rows)
                     with board.lock:
@@ -273,36 +285,60 @@ class WorkerPool:
 
     def _until_overdue(self) -> float:
         """Seconds until requests may be overdue (0.0: they are): waiting past
-        ``batch_timeout`` behind a call that overruns its usual time, or behind a delivery
-        that kept its call slot running longer than ``batch_timeout`` (a done-callback
-        that blocks). Then a worker without a call slot may start one more; the one
-        watching for a slot (``CallSlots.acquire``) looks again after this long.
+        ``batch_timeout`` behind a call that holds its call slot and overruns its usual
+        time, or behind a delivery that kept its call slot running longer than
+        ``DELIVERY_STALL`` (a done-callback that blocks). Then a worker without a call
+        slot takes that one over (``_take_over_stalled``); the one watching for a slot
+        (``CallSlots.acquire``) looks again after this long.
         Behind calls of normal length they wait for them: a model that runs one call at
         a time (a lock, the GIL, one GPU) would only queue a second call, and split one
         full batch into two alternating halves."""
         queue = self._queue
-        timeout = self._config.batch_timeout
+        # Once the queue is closed (stop draining it) nothing waits to fill a batch.
+        timeout = 0.0 if queue.closed else self._config.batch_timeout
         if queue.rows == 0:
             # A request pushed from now on is overdue batch_timeout after its push.
             return max(timeout, WATCH_PERIOD_MIN)
         until_late: float = timeout - queue.oldest_age()
         if until_late > 0.0:
             return until_late
-        now = _monotonic()
         with self._board.lock:
-            calls = [(b.calling if b.calling is not None else b.requests, b.call_started)
-                     for b in self._board.active if b.state is CALLING]
-            # Only a delivery that kept its call slot holds up the next call.
-            delivering = [b.delivery_started for b in self._board.active
-                          if b.state is DELIVERING and b.holds_slot]
-        overrun_after = self._controller.overrun_after
-        stalls = [timeout - (now - started) for started in delivering]
-        stalls += [overrun_after(total_rows(requests)) - (now - started)
-                   for requests, started in calls]
+            stalls = self._stalls_locked(_monotonic())
         # A call that starts later (or none in progress: the slot holders are popping,
         # and the next pop takes the late requests) is looked at within a period.
         period = max(timeout / 2, WATCH_PERIOD_MIN)
-        return max(0.0, min(min(stalls, default=period), period))
+        return max(0.0, min(min((due for due, _ in stalls), default=period), period))
+
+    def _stalls_locked(self, now: float) -> list[tuple[float, Batch]]:
+        """(seconds until it stalls, batch) for each batch that holds a call slot and is
+        being called or delivered; under the board's lock."""
+        overrun_after = self._controller.overrun_after
+        stalls = []
+        for b in self._board.active:
+            if not b.holds_slot:
+                continue  # its slot was taken over: it holds nothing up any more
+            if b.state is CALLING:
+                rows = total_rows(b.calling if b.calling is not None else b.requests)
+                stalls.append((overrun_after(rows) - (now - b.call_started), b))
+            elif b.state is DELIVERING:
+                stalls.append((DELIVERY_STALL - (now - b.delivery_started), b))
+        return stalls
+
+    def _take_over_stalled(self) -> bool:
+        """Take the call slot of a batch that stalls (see ``_until_overdue``): it no
+        longer counts against the limit, nor as a batch in flight for the queue's fill
+        rule, so the batches after it go as usual while it hangs; it frees nothing when
+        it ends. False if none stalls any more."""
+        with self._board.lock:
+            stalled = [b for due, b in self._stalls_locked(_monotonic()) if due <= 0.0]
+            if not stalled:
+                return False
+            batch = stalled[0]
+            batch.holds_slot = False
+            in_flight, batch.in_flight = batch.in_flight, False
+        if in_flight:
+            self._controller.batch_ended()
+        return True
 
     def _register(self, requests: list[Request], worker: Worker) -> Batch | None:
         """End a pop: make what it took a held batch at once, so that stop() always sees
@@ -351,8 +387,8 @@ class WorkerPool:
         try:
             self._executor.run(batch, workspace, target)
         finally:
-            own, holds_slot = self._board.finish(batch)
-            if own:
+            in_flight, holds_slot = self._board.finish(batch)
+            if in_flight:
                 self._controller.batch_ended()
             if holds_slot:
                 self._controller.slots.release(wake=self._queue.closed)

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         timeouts = [float(t) for t in args.timeouts.split(",")]
     except ValueError:
         parser.error(f"--timeouts: numbers of seconds, comma-separated; got {args.timeouts!r}")
-    if not timeouts or any(not 0.0 < t <= 10.0 for t in timeouts):
-        parser.error("--timeouts: each in (0, 10] seconds")
+    if not timeouts or any(not 0.0 <= t <= 10.0 for t in timeouts):
+        parser.error("--timeouts: each in [0, 10] seconds")
     rng = random.Random(args.seed)
     print("batch_timeout ms | overshoot ms: median | p90 | most")
     for timeout in timeouts:

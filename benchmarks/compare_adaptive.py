@@ -432,14 +432,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="pairs of ADAPTIVE and the best static run side by side per load "
                         "(0: none)")
     p.add_argument("--confirm-duration", type=float, default=2.0,
-                   help="seconds per confirmation run (at least --duration)")
+                   help="seconds per confirmation run; a shorter one than --duration "
+                        "runs --duration")
     p.add_argument("--capacity", default="",
                    help="model=req/s,... : the loads' 100%% (default: measured, ADAPTIVE "
                         "saturated); give it to compare builds at the same loads")
     p.add_argument("--quick", action="store_true",
                    help="1 repetition of 0.5 s runs: a smoke run")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--name", default="adaptive", help="results file name, without suffix")
+    p.add_argument("--name", default="",
+                   help="results file name, without suffix (default: adaptive; "
+                        "adaptive-quick with --quick)")
     p.add_argument("--before", default="",
                    help="an earlier results .json: adds a table of its ratios beside these")
     p.add_argument("--before-label", default="the earlier run",
@@ -456,13 +459,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeat, args.duration, args.sat_duration, args.confirm = 1, 0.5, 0.5, 1
         args.confirm_duration = 0.5
+    # A smoke run never overwrites the quoted results.
+    args.name = args.name or ("adaptive-quick" if args.quick else "adaptive")
     models = [m for m in args.models.split(",") if m]
-    loads = sorted(float(x) for x in args.loads.split(",") if x)
+    unknown = [m for m in models if m not in MODELS]
+    if not models or unknown:
+        p.error(f"--models: comma-separated, each one of {', '.join(MODELS)}; "
+                f"got {args.models!r}")
+    try:
+        loads = sorted(float(x) for x in args.loads.split(",") if x)
+    except ValueError:
+        p.error(f"--loads: fractions of the capacity, comma-separated; got {args.loads!r}")
+    if not loads or any(not 0.0 < x <= 2.0 for x in loads):
+        p.error(f"--loads: each in (0, 2] (fractions of the capacity); got {args.loads!r}")
+    try:
+        given = {k: float(v) for k, _, v in
+                 (x.partition("=") for x in args.capacity.split(",") if x)}
+    except ValueError:
+        p.error(f"--capacity: model=req/s,...; got {args.capacity!r}")
+    if any(k not in MODELS or not 0.0 < v < float("inf") for k, v in given.items()):
+        p.error(f"--capacity: model=req/s with a known model and a positive rate; "
+                f"got {args.capacity!r}")
     command = "python benchmarks/compare_adaptive.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
-    given = {k: float(v) for k, _, v in
-             (x.partition("=") for x in args.capacity.split(",") if x)}
     results = [run_model(m, loads, args.repeat, args.duration, args.sat_duration, args.seed,
                          given.get(m), args.confirm, args.confirm_duration)
                for m in models]

@@ -1,4 +1,5 @@
-"""How long past ``batch_timeout`` a request waits behind a call that hangs.
+"""How long past ``batch_timeout`` a request waits behind a call that hangs, and how
+many requests/s the other workers serve while it hangs.
 
     python benchmarks/behind_a_hang.py                      # 0.002, 0.01, 0.05, 0.2 s
     python benchmarks/behind_a_hang.py --timeouts 0.05 --trials 50
@@ -9,7 +10,11 @@ model (2 ms a call, the default configuration otherwise, 4 workers) hangs on one
 a request is sent at a random moment during the hang, and the time from its send to
 the start of the call that serves it is measured. Prints, per ``batch_timeout``, that
 wait's overshoot past ``batch_timeout`` (median, 90th percentile and the most, in ms):
-how late the worker watching for such requests finds them.
+how late the worker watching for such requests finds them. Then, per strategy,
+``--clients`` closed-loop clients for ``--seconds`` before the hang and as long again
+during it (``batch_timeout=0.1``, batches of at most ``--clients`` rows): the requests/s and median latency of each. The hung
+call's slot is taken over by the worker that serves the first request behind it, so
+the others go as usual.
 """
 
 from __future__ import annotations
@@ -68,15 +73,71 @@ def overshoots(batch_timeout: float, trials: int, rng: random.Random) -> list[fl
     return out
 
 
+def during(strategy: str, clients: int, seconds: float) -> tuple[float, float, float, float]:
+    """(req/s, median ms) of closed-loop clients before a hang, then during it."""
+    hanging, release = threading.Event(), threading.Event()
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        if batch[0, 0] == HANG:
+            hanging.set()
+            release.wait(120)
+        time.sleep(0.002)
+        return batch
+
+    # A batch as large as the clients: FIXED, which waits for a full batch, fills.
+    processor = BatchProcessor(BatchProcessorConfig(
+        max_workers=4, batch_timeout=0.1, item_timeout=300, max_batch_size=clients,
+        initial_batch_size=clients, processing_strategy=strategy))
+    processor.start(model)
+    row = np.zeros((1, 4), np.float32)
+
+    def closed_loop() -> tuple[float, float]:
+        took: list[float] = []
+        end = time.monotonic() + seconds
+
+        def client() -> None:
+            while time.monotonic() < end:
+                t = time.perf_counter()
+                processor.enqueue_predict(row).result()
+                took.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(took) / seconds, statistics.median(took) * 1e3
+
+    try:
+        for _ in range(30):
+            processor.enqueue_predict(row).result()
+        before = closed_loop()
+        hung = processor.enqueue_predict(np.full((1, 4), HANG, np.float32))
+        hanging.wait(10)
+        while_hung = closed_loop()
+        release.set()
+        hung.result()
+    finally:
+        release.set()
+        processor.stop()
+    return before + while_hung
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timeouts", default="0.002,0.01,0.05,0.2",
                         help="batch_timeout values, seconds, comma-separated")
     parser.add_argument("--trials", type=int, default=20, help="probes per batch_timeout")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=4,
+                        help="closed-loop clients while a call hangs (0: skip)")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="seconds of clients before the hang, and during it")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be at least 1")
+    if not 0 <= args.clients <= 1024 or not 0.1 <= args.seconds <= 60.0:
+        parser.error("--clients in [0, 1024], --seconds in [0.1, 60]")
     try:
         timeouts = [float(t) for t in args.timeouts.split(",")]
     except ValueError:
@@ -90,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         p90 = late[min(len(late) - 1, int(0.9 * len(late)))]
         print(f"{timeout * 1e3:g} | {statistics.median(late):.2f} | {p90:.2f} | {late[-1]:.2f}",
               flush=True)
+    if args.clients:
+        print(f"\n{args.clients} clients, batch_timeout 100 ms | before the hang: req/s, "
+              "p50 ms | while one call hangs: req/s, p50 ms")
+        for strategy in ("adaptive", "greedy", "fixed"):
+            r = during(strategy, args.clients, args.seconds)
+            print(f"{strategy} | {r[0]:,.0f}, {r[1]:.2f} | {r[2]:,.0f}, {r[3]:.2f}",
+                  flush=True)
     return 0
 
 

@@ -48,8 +48,10 @@ PRINTING_RUNS = [
      '"process_cpu_share": '),
     ("after_a_hang.py", ["--hang", "0.05", "--gap-ms", "1", "--before", "20"],
      "median latency, ms: before the hang "),
-    ("behind_a_hang.py", ["--timeouts", "0.01", "--trials", "2"],
-     "batch_timeout ms | overshoot ms: median | p90 | most\n10 | "),
+    ("behind_a_hang.py", ["--timeouts", "0.01", "--trials", "2", "--clients", "1",
+                          "--seconds", "0.1"],
+     "1 clients, batch_timeout 100 ms | before the hang: req/s, p50 ms | while one call "
+     "hangs: req/s, p50 ms\nadaptive | "),
     # compare_versions.py's run, on its open-loop load (the script itself builds a
     # baseline from git: too slow for the suite).
     ("version_run.py", ['{"model": "mlp", "load": "rate-2000", "burst": 0, "cap": 0.2,'

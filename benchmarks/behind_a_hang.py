@@ -12,9 +12,9 @@ the start of the call that serves it is measured. Prints, per ``batch_timeout``,
 wait's overshoot past ``batch_timeout`` (median, 90th percentile and the most, in ms):
 how late the worker watching for such requests finds them. Then, per strategy,
 ``--clients`` closed-loop clients for ``--seconds`` before the hang and as long again
-during it (``batch_timeout=0.1``, batches of at most ``--clients`` rows): the requests/s and median latency of each. The hung
-call's slot is taken over by the worker that serves the first request behind it, so
-the others go as usual.
+during it (``batch_timeout=0.1``, batches of at most ``--clients`` rows): the
+requests/s and median latency of each. The hung call's slot is taken over by the worker
+that serves the first request behind it, so the others go as usual.
 """
 
 from __future__ import annotations

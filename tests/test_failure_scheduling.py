@@ -793,13 +793,15 @@ def test_a_request_behind_a_blocked_delivery_waits_batch_timeout_from_its_push(
     # call ended (the slot was kept for the delivery), and the delivery then blocks (a
     # done-callback): it is taken by another worker once it has waited batch_timeout,
     # not batch_timeout after the delivery began.
-    release, blocking = threading.Event(), threading.Event()
+    release, blocking, calling = threading.Event(), threading.Event(), threading.Event()
     started = {}
 
     def model(batch):
         if batch[0, 0] == 2:
             started[2] = time.monotonic()
         else:
+            if batch[0, 0] == 1:
+                calling.set()
             time.sleep(0.5)
         return batch
 
@@ -813,7 +815,8 @@ def test_a_request_behind_a_blocked_delivery_waits_batch_timeout_from_its_push(
             p.enqueue_predict(item(0)).result(timeout=20)
         held = p.enqueue_predict(item(1))
         held.add_done_callback(blocking_callback)
-        time.sleep(0.15)  # 0.35 s old when the call ends
+        assert calling.wait(10)
+        time.sleep(0.15)  # into the call: 0.35 s old when it ends
         sent = time.monotonic()
         late = p.enqueue_predict(item(2))
         assert late.result(timeout=20)[0, 0] == 2

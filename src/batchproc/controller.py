@@ -137,17 +137,18 @@ class LatencyModel:
         sr, st = self._sr, self._st
         r = float(rows)
         r2 = r * r
-        if self.observations >= self.TRUSTED_AFTER:
-            cap = OVERRUN_FACTOR * (self.a + self.b * r + self.c * r2)
-            if 0.0 < cap < seconds:
-                seconds = cap
-        elif (self.observations
-              and OVERRUN_FACTOR * seconds < self.a + self.b * r + self.c * r2):
-            # A cold start: the calls before this one were slow once (CUDA or JIT
-            # initialisation, a first-call compile), not the model's cost. Start over.
-            self._sr = sr = [0.0] * 5
-            self._st = st = [0.0] * 3
-            self.observations = 0
+        if self.observations:
+            predicted = self.a + self.b * r + self.c * r2
+            if self.observations >= self.TRUSTED_AFTER:
+                if 0.0 < OVERRUN_FACTOR * predicted < seconds:
+                    seconds = OVERRUN_FACTOR * predicted
+            elif OVERRUN_FACTOR * seconds < predicted:
+                # A cold start: the calls before this one were slow once (CUDA or JIT
+                # initialisation, a first-call compile), not the model's cost. Start
+                # over.
+                self._sr = sr = [0.0] * 5
+                self._st = st = [0.0] * 3
+                self.observations = 0
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
         sr[2] = sr[2] * d + r2
@@ -243,10 +244,13 @@ class CallSlots:
     def try_acquire(self) -> bool:
         """Take a slot if one is free, without waiting."""
         with self._lock:
-            if self._busy < self._limit:
-                self._busy += 1
-                return True
-            return False
+            return self._take_locked()
+
+    def _take_locked(self) -> bool:
+        if self._busy < self._limit:
+            self._busy += 1
+            return True
+        return False
 
     def acquire(self, timeout: float, watch_timeout: float | None = None) -> bool:
         """Take a slot if one is free, else wait once for one: False if none was taken
@@ -258,8 +262,7 @@ class CallSlots:
         watcher that takes a slot wakes one of them to take the watch over.
         """
         with self._lock:
-            if self._busy < self._limit:
-                self._busy += 1
+            if self._take_locked():
                 return True
             watching = watch_timeout is not None and not self._watched
             if not watching:
@@ -270,9 +273,8 @@ class CallSlots:
                     self._cond.wait(watch_timeout)
                 finally:
                     self._watched = False
-            if self._busy >= self._limit:
+            if not self._take_locked():
                 return False
-            self._busy += 1
             if watching:
                 self._cond.notify()
             return True

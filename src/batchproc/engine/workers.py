@@ -148,8 +148,8 @@ class WorkerPool:
             if remaining <= 0.0:
                 return False
             threads[0].join(min(remaining, JOIN_SLICE))
-        return not any(w.thread is me and w.thread.is_alive() and not w.abandoned
-                       for w in self._workers)
+        # The calling thread is a worker (stop from a done-callback): never waited for.
+        return not any(w.thread is me and not w.abandoned for w in self._workers)
 
     def abandon_all(self, error_factory: Callable[[], BaseException]) -> int:
         """Fail every request still held by a worker (stop ran out of time, or was called

@@ -38,7 +38,8 @@ The policy (docs/architecture.md, "The controller"):
   whether or not a batch is in flight); it is a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
-  (at ``max_batch_size`` when cost grows at most linearly).
+  (at ``max_batch_size`` when cost grows at most linearly), an optimum that counts only
+  where the curvature was measured (``LatencyModel.optimal_rows``).
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from typing import Any, NamedTuple
@@ -84,6 +86,9 @@ SHORTEST_IDLE_GAP = 50e-6
 # rows (a hang, an outlier). Only then may requests queued past batch_timeout start a
 # call of their own beside it: a call of normal length, however long, is waited for.
 OVERRUN_FACTOR = 2.0
+# A fitted optimum batch size caps batches only once batches this many times its size
+# were measured (``LatencyModel.optimal_rows``).
+MEASURED_BEYOND = 2.0
 
 
 class Plan(NamedTuple):
@@ -120,6 +125,9 @@ class LatencyModel:
         self.c = 0.0
         self.mean_time = 0.0
         self.mean_rows = 0.0
+        # The largest batch measured, forgotten at the fit's rate (scaled by its decay
+        # at each measurement): how far the fit's curvature was seen, not extrapolated.
+        self.largest_rows = 0.0
 
     def observe(self, rows: int, seconds: float) -> bool:
         """Add one batch's measurement; True when the coefficients were refitted.
@@ -149,6 +157,9 @@ class LatencyModel:
                 self._sr = sr = [0.0] * 5
                 self._st = st = [0.0] * 3
                 self.observations = 0
+                self.largest_rows = 0.0
+        largest = self.largest_rows * d
+        self.largest_rows = r if r > largest else largest
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
         sr[2] = sr[2] * d + r2
@@ -191,12 +202,28 @@ class LatencyModel:
         self.a, self.b, self.c = a, max(b, 0.0), 0.0
 
     def optimal_rows(self, upper: int) -> int:
-        """The batch size that maximises rows per second, capped at ``upper``."""
+        """The batch size that maximises rows per second, capped at ``upper``.
+
+        A convex fit's optimum, ``sqrt(a/c)``, counts only where its curvature was
+        measured, not guessed: calls at the optimum take at least the interpreter's
+        switch interval (``sys.getswitchinterval()``, 5 ms by default; a shorter call
+        is stretched by waits for the GIL and the CPU that grow with its length, a
+        curvature of the process, not of the model), and batches of at least
+        ``MEASURED_BEYOND`` times its size were measured (the curvature shows only
+        above the optimum). Until then the size allowed is ``MEASURED_BEYOND`` times
+        the largest batch measured, so a backed-up queue tries larger batches and the
+        fit sees them, instead of draining in batches held to a size it never
+        measured."""
         if self.c <= 0.0 or self.a <= 0.0:
             return upper
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
             return upper  # the curvature is too small to matter up to the cap
-        return int(min(upper, max(1.0, math.sqrt(self.a / self.c))))
+        optimum = max(1.0, math.sqrt(self.a / self.c))
+        if 2.0 * self.a + self.b * optimum < sys.getswitchinterval():  # t(optimum)
+            return upper
+        if self.largest_rows < MEASURED_BEYOND * optimum:
+            optimum = max(optimum, MEASURED_BEYOND * self.largest_rows)
+        return int(min(upper, optimum))
 
     def predict(self, rows: int) -> float:
         return self.a + self.b * rows + self.c * rows * rows

@@ -52,6 +52,10 @@ PRINTING_RUNS = [
                           "--seconds", "0.1"],
      "1 clients, batch_timeout 100 ms | before the hang: req/s, p50 ms | while one call "
      "hangs: req/s, p50 ms\nadaptive | "),
+    ("ablate_adaptive.py", ["--rate", "2000", "--rounds", "1", "--duration", "0.2",
+                            "--systems", "adaptive,no-fit-ceiling,no-watch,keep-slot,"
+                            "adaptive-workers:1,fixed:16,0,1"],
+     "| keep-slot | "),
     # compare_versions.py's run, on its open-loop load (the script itself builds a
     # baseline from git: too slow for the suite).
     ("version_run.py", ['{"model": "mlp", "load": "rate-2000", "burst": 0, "cap": 0.2,'
@@ -112,3 +116,21 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert said in proc.stderr
     assert not list(tmp_path.iterdir())  # no results written
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--rate", "1000", "--systems", "adaptive,nope"], "unknown system 'nope'"),
+    (["--rate", "1000", "--systems", "fixed:16,0"], "unknown system 'fixed:16,0'"),
+    (["--rate", "1000", "--systems", "adaptive-workers:0"],
+     "unknown system 'adaptive-workers:0'"),
+    (["--rate", "1000", "--systems", "adaptive,adaptive"], "a system is listed twice"),
+    (["--rate", "0"], "--rate: must be > 0, got '0'"),
+    (["--rate", "nan"], "--rate: must be > 0, got 'nan'"),
+    (["--rate", "1000", "--rounds", "0"], "--rounds: must be > 0, got '0'"),
+])
+def test_ablate_adaptive_refuses_what_it_cannot_run(args: list[str], said: str,
+                                                     tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "ablate_adaptive.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert said in proc.stderr

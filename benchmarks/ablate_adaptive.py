@@ -5,7 +5,8 @@
         --systems adaptive,keep-slot,fixed:64,0,1
 
 Each round runs every system once for ``--duration`` seconds on one arrival seed (the
-open-loop Poisson load of compare_adaptive.py), in a rotated order. Prints, per system,
+open-loop Poisson load of compare_adaptive.py), in a rotated order, after one short
+uncounted run of each (the process's first runs are slower). Prints, per system,
 the median p99 over the rounds, each round's p99, and in how many rounds it was worse
 than the last system listed (the reference). Systems:
 
@@ -46,6 +47,7 @@ from batchproc.bench.models import make_model
 from batchproc.bench.runner import run_target
 from batchproc.bench.targets import Batchproc
 from batchproc.bench.tune import Candidate
+from batchproc.config import BatchProcessorConfig
 from batchproc.controller import LatencyModel
 from batchproc.engine.delivery import Delivery
 from batchproc.engine.workers import POP_POLL, WorkerPool
@@ -73,20 +75,29 @@ def _variant(system: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+MOST_RATE = 1_000_000.0  # req/s: an open loop from one thread reaches far less
+WARM_UP_S = 0.5
+
+
 def parse_system(text: str) -> str:
-    """Check one ``--systems`` entry; returns it unchanged."""
+    """Check one ``--systems`` entry; returns it in its canonical spelling (so that
+    ``fixed:16,0,1`` and ``fixed:16,0.0,1`` are one system). The configuration it names
+    must be one ``BatchProcessorConfig`` accepts."""
     if text in VARIANTS:
         return text
     kind, _, rest = text.partition(":")
     try:
-        if kind == "adaptive-workers" and int(rest) >= 1:
-            return text
-        if kind == "fixed":
+        if kind == "adaptive-workers":
+            workers = int(rest)
+            BatchProcessorConfig(max_workers=workers)
+            return f"{kind}:{workers}"
+        if kind == "fixed" and rest.count(",") == 2:
             size, delay, workers = rest.split(",")
-            if int(size) >= 1 and float(delay) >= 0.0 and int(workers) >= 1:
-                return text
-    except ValueError:
-        pass
+            candidate = Candidate("fixed", int(size), float(delay), int(workers))
+            BatchProcessorConfig(**candidate.fields())
+            return f"fixed:{int(size)},{float(delay):g},{int(workers)}"
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"system {text!r}: {e}") from None
     raise argparse.ArgumentTypeError(
         f"unknown system {text!r}: one of {', '.join(VARIANTS)}, adaptive-workers:N, "
         "fixed:SIZE,DELAY_MS,WORKERS")
@@ -105,20 +116,34 @@ def _make_target(system: str, rate: float) -> Batchproc:
 
 
 def run(model_name: str, rate: float, systems: list[str], rounds: int,
-        duration: float) -> dict[str, list[float]]:
+        duration: float) -> tuple[dict[str, list[float]], list[str]]:
+    """Each system's p99 (ms) per round, and what went wrong (a run with errors,
+    requests left unfinished or refused, or none completed)."""
     model = TimedModel(make_model(model_name))
     p99: dict[str, list[float]] = {s: [] for s in systems}
-    for i in range(rounds):
-        k = i % len(systems)  # rotated: each system in another place
+    problems: list[str] = []
+    for i in range(-1, rounds):  # round -1: the warm-up, not counted
+        k = max(i, 0) % len(systems)  # rotated: each system in another place
         for system in systems[k:] + systems[:k]:
             model.reset()
             with _variant(system):
                 result = run_target(_make_target(system, rate), model, model_name,
-                                    Load("rate", rate=rate, seed=i), Bounds(duration=duration))
+                                    Load("rate", rate=rate, seed=max(i, 0)),
+                                    Bounds(duration=WARM_UP_S if i < 0 else duration))
+            if i < 0:
+                continue
             p99[system].append(result.p99_ms)
-        print(f"round {i + 1}/{rounds}: " + ", ".join(
-            f"{s} {p99[s][-1]:.2f}" for s in systems), file=sys.stderr, flush=True)
-    return p99
+            if (result.errors or result.unfinished or result.refused
+                    or not result.completed):
+                problems.append(
+                    f"round {i + 1}, {system}: {result.completed} completed, "
+                    f"{result.errors} failed, {result.unfinished} unfinished, "
+                    f"{result.refused} refused"
+                    + (f" ({result.first_error})" if result.first_error else ""))
+        if i >= 0:
+            print(f"round {i + 1}/{rounds}: " + ", ".join(
+                f"{s} {p99[s][-1]:.2f}" for s in systems), file=sys.stderr, flush=True)
+    return p99, problems
 
 
 def table(p99: dict[str, list[float]]) -> str:
@@ -134,14 +159,14 @@ def table(p99: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, low: float, high: float) -> Any:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:  # refuses NaN too
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not low <= value <= high:  # refuses NaN too
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text!r}")
         return value
     return parse
 
@@ -149,11 +174,13 @@ def _positive(kind: type) -> Any:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mlp", choices=MODELS)
-    p.add_argument("--rate", type=_positive(float), required=True, help="requests/s")
+    p.add_argument("--rate", type=_number(float, 1.0, MOST_RATE), required=True,
+                   help="offered requests/s")
     p.add_argument("--systems", default="adaptive,no-fit-ceiling,fixed:16,0,1",
                    help="comma-separated; fixed:SIZE,DELAY_MS,WORKERS takes three fields")
-    p.add_argument("--rounds", type=_positive(int), default=10)
-    p.add_argument("--duration", type=_positive(float), default=2.0, help="s per run")
+    p.add_argument("--rounds", type=_number(int, 1, 1000), default=10)
+    p.add_argument("--duration", type=_number(float, 0.1, 3600.0), default=2.0,
+                   help="s per run")
     p.add_argument("--json", default="", help="write each round's p99 here")
     args = p.parse_args(argv)
     # "fixed:16,0,1" holds commas of its own: split on those that start a new system.
@@ -169,16 +196,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if len(set(systems)) != len(systems):
         p.error("a system is listed twice")
+    out = None
+    if args.json:
+        try:
+            out = open(args.json, "w")  # noqa: SIM115 - written after the runs
+        except OSError as e:
+            p.error(f"--json: {e}")
     print(f"{args.model} at {args.rate:,.0f} req/s, max batch {MAX_BATCH}, "
           f"{args.rounds} rounds of {args.duration} s (queue {QUEUE_S} s of arrivals)",
           file=sys.stderr)
-    p99 = run(args.model, args.rate, systems, args.rounds, args.duration)
+    p99, problems = run(args.model, args.rate, systems, args.rounds, args.duration)
     print(table(p99))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "rate": args.rate, "duration_s": args.duration,
-                       "p99_ms": p99}, f, indent=1)
-    return 0
+    if out is not None:
+        with out:
+            json.dump({"model": args.model, "rate": args.rate,
+                       "duration_s": args.duration, "p99_ms": p99,
+                       "problems": problems}, out, indent=1)
+    for problem in problems:
+        print(f"not a clean run: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

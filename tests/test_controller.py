@@ -95,32 +95,14 @@ def test_latency_model_finds_the_throughput_optimum_of_a_convex_cost():
     assert model.predict(100) == pytest.approx(a + b * 100 + c * 10000, rel=1e-3)
 
 
-def test_a_curvature_fitted_over_small_batches_only_is_no_optimum():
-    # A convex cost whose optimum (63 rows, 9.3 ms a call) lies beyond every batch
-    # measured (at most 40 rows): the fit's optimum is a guess, so batches may grow to
-    # twice the largest measured; once batches past twice the optimum are measured, it
-    # holds.
-    model = LatencyModel()
-    a, b, c = 0.004, 0.00002, 0.000001
-    for i in range(300):
-        rows = 1 + (i * 13) % 40
-        model.observe(rows, a + b * rows + c * rows * rows)
-    assert int(math.sqrt(model.a / model.c)) == 63  # the fit itself is right
-    assert 75 <= model.optimal_rows(1000) <= 80  # twice the largest, forgotten a little
-    for i in range(300):
-        rows = 1 + (i * 13) % 200
-        model.observe(rows, a + b * rows + c * rows * rows)
-    assert model.optimal_rows(1000) == 63
-
-
 @pytest.mark.parametrize("switch_interval", [0.005, 0.0001])
 def test_the_curvature_of_calls_shorter_than_a_gil_switch_interval_is_no_optimum(
         switch_interval, monkeypatch):
-    # A model of microseconds (a = 30 us): the longer its call, the likelier it waits for
-    # the GIL or the CPU, which a fit reads as a curvature (here an optimum of 7 rows,
-    # 116 us a call). A ceiling at 7 would drain a backed-up queue 7 rows a call; calls
-    # this short are no measure of it. With calls as long as the switch interval, it
-    # holds.
+    # A model of microseconds (a = 30 us): the busier the process, the longer its calls
+    # wait for the GIL, and the bigger its batches (a backlog), which a fit reads as a
+    # curvature (here an optimum of 7 rows, 116 us a call). A ceiling at 7 would drain a
+    # backed-up queue 7 rows a call; calls this short are no measure of it, so the
+    # ceiling is the cap. With calls as long as the switch interval, the optimum holds.
     import sys
 
     monkeypatch.setattr(sys, "getswitchinterval", lambda: switch_interval)
@@ -131,6 +113,20 @@ def test_the_curvature_of_calls_shorter_than_a_gil_switch_interval_is_no_optimum
         model.observe(rows, a + b * rows + c * rows * rows)
     assert int(math.sqrt(model.a / model.c)) == 7
     assert model.optimal_rows(64) == (64 if switch_interval == 0.005 else 7)
+
+
+def test_a_convex_model_whose_calls_at_the_optimum_last_a_switch_interval_keeps_it():
+    # The boundary: 2.4 ms + 1.2 us * rows**2 peaks at 44 rows, where a call takes 4.8 ms
+    # (under the default 5 ms switch interval: the cap); 2.6 ms + 1.3 us * rows**2 peaks
+    # at 44 rows too, at 5.2 ms a call (the optimum). (1 ns a row: with no per-row cost
+    # at all the fitted one can come out a hair below zero, and the fit falls back to a
+    # line.)
+    for a, c, expected in ((0.0024, 1.2e-6, 1000), (0.0026, 1.3e-6, 44)):
+        model = LatencyModel()
+        for i in range(300):
+            rows = 1 + (i * 13) % 200
+            model.observe(rows, a + c * rows * rows + 1e-9 * rows)
+        assert model.optimal_rows(1000) == expected, (a, c)
 
 
 def test_latency_model_with_one_size_treats_the_cost_as_fixed():

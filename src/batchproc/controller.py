@@ -38,8 +38,8 @@ The policy (docs/architecture.md, "The controller"):
   whether or not a batch is in flight); it is a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
-  (at ``max_batch_size`` when cost grows at most linearly), an optimum that counts only
-  where the curvature was measured (``LatencyModel.optimal_rows``).
+  (at ``max_batch_size`` when cost grows at most linearly, or when a call at the
+  optimum is shorter than the GIL's switch interval: ``LatencyModel.optimal_rows``).
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
@@ -86,9 +86,6 @@ SHORTEST_IDLE_GAP = 50e-6
 # rows (a hang, an outlier). Only then may requests queued past batch_timeout start a
 # call of their own beside it: a call of normal length, however long, is waited for.
 OVERRUN_FACTOR = 2.0
-# A fitted optimum batch size caps batches only once batches this many times its size
-# were measured (``LatencyModel.optimal_rows``).
-MEASURED_BEYOND = 2.0
 
 
 class Plan(NamedTuple):
@@ -125,9 +122,6 @@ class LatencyModel:
         self.c = 0.0
         self.mean_time = 0.0
         self.mean_rows = 0.0
-        # The largest batch measured, forgotten at the fit's rate (scaled by its decay
-        # at each measurement): how far the fit's curvature was seen, not extrapolated.
-        self.largest_rows = 0.0
 
     def observe(self, rows: int, seconds: float) -> bool:
         """Add one batch's measurement; True when the coefficients were refitted.
@@ -157,9 +151,6 @@ class LatencyModel:
                 self._sr = sr = [0.0] * 5
                 self._st = st = [0.0] * 3
                 self.observations = 0
-                self.largest_rows = 0.0
-        largest = self.largest_rows * d
-        self.largest_rows = r if r > largest else largest
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
         sr[2] = sr[2] * d + r2
@@ -204,16 +195,13 @@ class LatencyModel:
     def optimal_rows(self, upper: int) -> int:
         """The batch size that maximises rows per second, capped at ``upper``.
 
-        A convex fit's optimum, ``sqrt(a/c)``, counts only where its curvature was
-        measured, not guessed: calls at the optimum take at least the interpreter's
-        switch interval (``sys.getswitchinterval()``, 5 ms by default; a shorter call
-        is stretched by waits for the GIL and the CPU that grow with its length, a
-        curvature of the process, not of the model), and batches of at least
-        ``MEASURED_BEYOND`` times its size were measured (the curvature shows only
-        above the optimum). Until then the size allowed is ``MEASURED_BEYOND`` times
-        the largest batch measured, so a backed-up queue tries larger batches and the
-        fit sees them, instead of draining in batches held to a size it never
-        measured."""
+        A convex fit's optimum, ``sqrt(a/c)``, counts only if a call at it lasts at
+        least the interpreter's switch interval (``sys.getswitchinterval()``, 5 ms by
+        default); for shorter calls this returns ``upper``. A thread that wants the GIL
+        waits up to one switch interval for it, so a call shorter than that is timed
+        with the waits of a busy process in it, and bigger batches come when the
+        process is busiest (a backlog): a curvature of the process, not the model,
+        which would hold a backed-up queue to a few rows a call."""
         if self.c <= 0.0 or self.a <= 0.0:
             return upper
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
@@ -221,8 +209,6 @@ class LatencyModel:
         optimum = max(1.0, math.sqrt(self.a / self.c))
         if 2.0 * self.a + self.b * optimum < sys.getswitchinterval():  # t(optimum)
             return upper
-        if self.largest_rows < MEASURED_BEYOND * optimum:
-            optimum = max(optimum, MEASURED_BEYOND * self.largest_rows)
         return int(min(upper, optimum))
 
     def predict(self, rows: int) -> float:

@@ -1,12 +1,14 @@
 """ADAPTIVE taken apart, side by side at one open-loop load: which of its parts costs p99.
 
     python benchmarks/ablate_adaptive.py --model mlp --rate 22769
+    python benchmarks/ablate_adaptive.py --model mlp --rate 22769 \\
+        --systems adaptive,no-fit-ceiling,adaptive-workers:1,fixed:16,0,1
     python benchmarks/ablate_adaptive.py --model fixed --rate 10383 --rounds 8 \\
         --systems adaptive,keep-slot,fixed:64,0,1
 
 Each round runs every system once for ``--duration`` seconds on one arrival seed (the
-open-loop Poisson load of compare_adaptive.py), in a rotated order, after one short
-uncounted run of each (the process's first runs are slower). Prints, per system,
+open-loop Poisson load of compare_adaptive.py), in a rotated order, after one uncounted
+run of each of at most 0.5 s (the process's first runs are slower). Prints, per system,
 the median p99 over the rounds, each round's p99, and in how many rounds it was worse
 than the last system listed (the reference). Systems:
 
@@ -90,12 +92,14 @@ def parse_system(text: str) -> str:
         if kind == "adaptive-workers":
             workers = int(rest)
             BatchProcessorConfig(max_workers=workers)
-            return f"{kind}:{workers}"
+            # The default's own worker count is the default.
+            return ("adaptive" if workers == BatchProcessorConfig().max_workers
+                    else f"{kind}:{workers}")
         if kind == "fixed" and rest.count(",") == 2:
             size, delay, workers = rest.split(",")
             candidate = Candidate("fixed", int(size), float(delay), int(workers))
             BatchProcessorConfig(**candidate.fields())
-            return f"fixed:{int(size)},{float(delay):g},{int(workers)}"
+            return f"fixed:{int(size)},{float(delay)!r},{int(workers)}"
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"system {text!r}: {e}") from None
     raise argparse.ArgumentTypeError(
@@ -129,7 +133,8 @@ def run(model_name: str, rate: float, systems: list[str], rounds: int,
             with _variant(system):
                 result = run_target(_make_target(system, rate), model, model_name,
                                     Load("rate", rate=rate, seed=max(i, 0)),
-                                    Bounds(duration=WARM_UP_S if i < 0 else duration))
+                                    Bounds(duration=min(WARM_UP_S, duration) if i < 0
+                                           else duration))
             if i < 0:
                 continue
             p99[system].append(result.p99_ms)
@@ -164,7 +169,8 @@ def _number(kind: type, low: float, high: float) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if not low <= value <= high:  # refuses NaN too
             raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text!r}")
         return value
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mlp", choices=MODELS)
     p.add_argument("--rate", type=_number(float, 1.0, MOST_RATE), required=True,
                    help="offered requests/s")
-    p.add_argument("--systems", default="adaptive,no-fit-ceiling,fixed:16,0,1",
+    p.add_argument("--systems", default="adaptive,no-watch,keep-slot,fixed:16,0,1",
                    help="comma-separated; fixed:SIZE,DELAY_MS,WORKERS takes three fields")
     p.add_argument("--rounds", type=_number(int, 1, 1000), default=10)
     p.add_argument("--duration", type=_number(float, 0.1, 3600.0), default=2.0,
@@ -196,19 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if len(set(systems)) != len(systems):
         p.error("a system is listed twice")
-    out = None
     if args.json:
-        try:
-            out = open(args.json, "w")  # noqa: SIM115 - written after the runs
-        except OSError as e:
-            p.error(f"--json: {e}")
+        # Checked now, written after the runs (an existing file is kept until then).
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if (os.path.isdir(args.json) or not os.access(folder, os.W_OK)
+                or (os.path.exists(args.json) and not os.access(args.json, os.W_OK))):
+            p.error(f"--json: cannot write {args.json!r}")
     print(f"{args.model} at {args.rate:,.0f} req/s, max batch {MAX_BATCH}, "
           f"{args.rounds} rounds of {args.duration} s (queue {QUEUE_S} s of arrivals)",
           file=sys.stderr)
     p99, problems = run(args.model, args.rate, systems, args.rounds, args.duration)
     print(table(p99))
-    if out is not None:
-        with out:
+    if args.json:
+        with open(args.json, "w") as out:
             json.dump({"model": args.model, "rate": args.rate,
                        "duration_s": args.duration, "p99_ms": p99,
                        "problems": problems}, out, indent=1)

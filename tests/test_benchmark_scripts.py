@@ -135,7 +135,12 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     (["--rate", "inf"], "--rate: must be from 1 to 1e+06, got 'inf'"),
     (["--rate", "1000", "--rounds", "0"], "--rounds: must be from 1 to 1000, got '0'"),
     (["--rate", "1000", "--duration", "1e-9"], "--duration: must be from 0.1 to 3600"),
-    (["--rate", "1000", "--json", "no/such/folder/x.json"], "--json: "),
+    (["--rate", "1000", "--systems", "adaptive,adaptive-workers:4"],  # the default's 4
+     "a system is listed twice"),
+    (["--rate", "1000", "--rounds", "1.5"], "--rounds: not an integer: '1.5'"),
+    (["--rate", "1000", "--json", "no/such/folder/x.json"],
+     "--json: cannot write 'no/such/folder/x.json'"),
+    (["--rate", "1000", "--json", "."], "--json: cannot write '.'"),
 ])
 def test_ablate_adaptive_refuses_what_it_cannot_run(args: list[str], said: str,
                                                      tmp_path: Path) -> None:

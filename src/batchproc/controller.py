@@ -201,7 +201,8 @@ class LatencyModel:
         waits up to one switch interval for it, so a call shorter than that is timed
         with the waits of a busy process in it, and bigger batches come when the
         process is busiest (a backlog): a curvature of the process, not the model,
-        which would hold a backed-up queue to a few rows a call."""
+        which would hold a backed-up queue to a few rows a call. (Read when the
+        controller replans: after a refit, every 16 batches, or a change of target.)"""
         if self.c <= 0.0 or self.a <= 0.0:
             return upper
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):

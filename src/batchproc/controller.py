@@ -208,11 +208,11 @@ class LatencyModel:
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
             return upper  # the curvature is too small to matter up to the cap
         optimum = max(1.0, math.sqrt(self.a / self.c))
-        if 2.0 * self.a + self.b * optimum < sys.getswitchinterval():  # t(optimum)
+        if self.predict(optimum) < sys.getswitchinterval():
             return upper
         return int(min(upper, optimum))
 
-    def predict(self, rows: int) -> float:
+    def predict(self, rows: float) -> float:
         return self.a + self.b * rows + self.c * rows * rows
 
 

@@ -59,6 +59,9 @@ class TimeLimits:
         overdue = self._board.abandon(
             lambda b: b.state is CALLING and now - b.call_started > limit)
         for batch, holds_slot, in_flight in overdue:
+            # The replacement first: stop() waits for workers not abandoned, and must
+            # never see none between the two (the queue would be failed undrained).
+            self._pool.spawn()
             batch.worker.abandoned = True
             if holds_slot:
                 self._controller.slots.release()
@@ -85,7 +88,6 @@ class TimeLimits:
             self._queue_again([r for r in batch.requests
                                if id(r.future) not in failed and not r.future.done()],
                               error, batch.dispatched_at)
-            self._pool.spawn()
         if self._hung:
             self._settle_hung(now)
         return len(overdue)

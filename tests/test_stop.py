@@ -685,3 +685,36 @@ def test_stop_waits_for_the_replacement_of_a_worker_abandoned_in_a_hang(make_pro
         assert isinstance(hung.exception(timeout=0), BatchTimeoutError)
     finally:
         release.set()
+
+
+def test_stop_as_the_time_limit_abandons_the_only_worker_still_drains_the_queue(
+        make_processor):
+    # The time limit's log line about abandoning the worker comes between marking it
+    # abandoned and the rest of its work. A stop made right there, and waited for, must
+    # find a worker to drain the queue: the replacement is started before the mark.
+    from batchproc import BatchTimeoutError
+
+    model, release, hanging = _hangs_on_666()
+    p = make_processor(model, max_workers=1, item_timeout=0.5)
+    stopper = threading.Thread(target=p.stop, kwargs={"timeout": 20})
+
+    class StopOnAbandon(logging.Handler):
+        def emit(self, record):
+            if "past item_timeout" in record.getMessage() and stopper.ident is None:
+                stopper.start()
+                stopper.join(30)
+
+    handler = StopOnAbandon()
+    limits_log = logging.getLogger("batchproc.engine.limits")
+    limits_log.addHandler(handler)
+    try:
+        hung = p.enqueue_predict(one(666))
+        assert hanging.wait(10)
+        queued = [p.enqueue_predict(one(v)) for v in range(5)]
+        assert isinstance(hung.exception(timeout=20), BatchTimeoutError)
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert [f.result(timeout=0)[0, 0] for f in queued] == list(range(5))
+    finally:
+        limits_log.removeHandler(handler)
+        release.set()

@@ -59,10 +59,7 @@ class TimeLimits:
         overdue = self._board.abandon(
             lambda b: b.state is CALLING and now - b.call_started > limit)
         for batch, holds_slot, in_flight in overdue:
-            # The replacement first: stop() waits for workers not abandoned, and must
-            # never see none between the two (the queue would be failed undrained).
-            self._pool.spawn()
-            batch.worker.abandoned = True
+            self._pool.replace(batch.worker)
             if holds_slot:
                 self._controller.slots.release()
             if in_flight:

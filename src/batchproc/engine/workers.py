@@ -125,6 +125,15 @@ class WorkerPool:
             worker.thread = thread
             self._workers.append(worker)
 
+    def replace(self, worker: Worker) -> None:
+        """Start a worker in ``worker``'s place, then mark ``worker`` abandoned (stuck past
+        ``item_timeout``, or crashed). In this order ``join``, which waits for workers not
+        abandoned, never sees none between the two: it would fail the queue undrained."""
+        try:
+            self.spawn()
+        finally:
+            worker.abandoned = True
+
     def join(self, deadline: float) -> bool:
         """Wait until ``deadline`` for the workers to drain the closed queue and exit.
         False if one is still running, the calling thread included (stop called on a
@@ -280,8 +289,7 @@ class WorkerPool:
             # Only a bug in batchproc itself gets here: make it loud, and keep serving.
             logger.critical("worker %s crashed; starting a replacement", worker.name,
                             exc_info=True)
-            worker.abandoned = True
-            self.spawn()
+            self.replace(worker)
 
     def _until_overdue(self) -> float:
         """Seconds until requests may be overdue (0.0: they are): waiting past

@@ -118,15 +118,44 @@ def test_the_curvature_of_calls_shorter_than_a_gil_switch_interval_is_no_optimum
 def test_a_convex_model_whose_calls_at_the_optimum_last_a_switch_interval_keeps_it():
     # The boundary: 2.4 ms + 1.2 us * rows**2 peaks at 44 rows, where a call takes 4.8 ms
     # (under the default 5 ms switch interval: the cap); 2.6 ms + 1.3 us * rows**2 peaks
-    # at 44 rows too, at 5.2 ms a call (the optimum). (1 ns a row: with no per-row cost
-    # at all the fitted one can come out a hair below zero, and the fit falls back to a
-    # line.)
+    # at 44 rows too, at 5.2 ms a call (the optimum).
     for a, c, expected in ((0.0024, 1.2e-6, 1000), (0.0026, 1.3e-6, 44)):
         model = LatencyModel()
         for i in range(300):
             rows = 1 + (i * 13) % 200
-            model.observe(rows, a + c * rows * rows + 1e-9 * rows)
+            model.observe(rows, a + c * rows * rows)
         assert model.optimal_rows(1000) == expected, (a, c)
+
+
+@pytest.mark.parametrize("per_row", [0.0, -2e-7, 1e-9])
+def test_a_convex_cost_with_no_per_row_part_keeps_its_optimum(per_row):
+    # 20 ms + 19.5 us * rows**2 peaks at 32 rows. With no per-row cost (or one too small
+    # to see, or noise below zero) the three-term fit can put the per-row cost below
+    # zero, which no cost has: the fit holds it at zero and keeps the curvature. (A fall
+    # back to a line underestimates big batches, whose times are then capped at twice
+    # the line's, and the fit drifts: a 1% error in the fixed cost.)
+    a, c = 0.02, 0.02 / 1024
+    model = LatencyModel()
+    for i in range(300):
+        rows = 1 + (i * 13) % 200
+        model.observe(rows, a + per_row * rows + c * rows * rows)
+    assert model.b == pytest.approx(max(per_row, 0.0), abs=1e-12)
+    assert model.a == pytest.approx(a, rel=1e-3)
+    assert model.c == pytest.approx(c, rel=1e-3)
+    assert model.optimal_rows(1000) in (31, 32)
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -0.001])
+def test_a_time_that_is_no_duration_is_left_out_of_the_fit(seconds):
+    model = LatencyModel()
+    assert model.observe(4, seconds) is False  # the first: nothing fitted from it
+    assert model.observations == 0
+    for i in range(40):
+        model.observe(1 + i % 8, 0.002 + 0.0001 * (1 + i % 8))
+    before = (model.a, model.b, model.c, model.observations)
+    assert model.observe(4, seconds) is False
+    assert (model.a, model.b, model.c, model.observations) == before
+    assert model.predict(4) == pytest.approx(0.0024)
 
 
 def test_latency_model_with_one_size_treats_the_cost_as_fixed():

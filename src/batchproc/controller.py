@@ -86,6 +86,7 @@ SHORTEST_IDLE_GAP = 50e-6
 # rows (a hang, an outlier). Only then may requests queued past batch_timeout start a
 # call of their own beside it: a call of normal length, however long, is waited for.
 OVERRUN_FACTOR = 2.0
+_INF = float("inf")
 
 
 class Plan(NamedTuple):
@@ -125,6 +126,8 @@ class LatencyModel:
 
     def observe(self, rows: int, seconds: float) -> bool:
         """Add one batch's measurement; True when the coefficients were refitted.
+        ``seconds`` that is not a finite time, >= 0 (NaN from a broken clock), is left
+        out: one would poison the sums for good.
 
         Once fitted, a measurement counts as at most ``OVERRUN_FACTOR`` times the
         prediction: one call that hung for seconds would otherwise inflate the fixed
@@ -134,6 +137,8 @@ class LatencyModel:
         prediction starts the fit over: the first calls of many models are slow once
         (a warm-up), and would set the usual time, and when a call overruns, for
         hundreds of batches."""
+        if not 0.0 <= seconds < _INF:
+            return False  # NaN, infinite or negative: no time a call took
         # Runs once per batch: unrolled (the loop over k cost twice as much).
         d = self._decay
         sr, st = self._sr, self._st
@@ -180,6 +185,11 @@ class LatencyModel:
             return
         quad = _solve3(
             [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]], st)
+        if quad is not None and quad[1] < 0.0 < quad[2]:
+            # A per-row cost below zero beside a curvature: the least squares with the
+            # per-row cost held at zero, its bound (a cost of exactly a + c*rows**2, or
+            # one whose per-row part is too small to see, fits a hair-negative one).
+            quad = _solve_without_per_row(sr, st)
         if quad is not None and quad[0] >= 0.0 and quad[1] >= 0.0 and quad[2] > 0.0:
             # A convex cost (a real optimum below max_batch_size) only when every term is
             # physical; a negative per-row cost means the curvature is fitting noise.
@@ -214,6 +224,16 @@ class LatencyModel:
 
     def predict(self, rows: float) -> float:
         return self.a + self.b * rows + self.c * rows * rows
+
+
+def _solve_without_per_row(sr: list[float], st: list[float]
+                           ) -> tuple[float, float, float] | None:
+    """Least squares of ``a + c*r**2`` (``b`` = 0) over the weighted sums of ``_fit``;
+    None if the sizes cannot tell the two apart."""
+    d = sr[0] * sr[4] - sr[2] * sr[2]
+    if d <= 1e-12 * sr[0] * sr[4]:
+        return None
+    return (st[0] * sr[4] - sr[2] * st[2]) / d, 0.0, (sr[0] * st[2] - sr[2] * st[0]) / d
 
 
 def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:

@@ -651,6 +651,75 @@ def test_a_watcher_that_takes_over_a_stalled_slot_hands_the_watch_over():
     assert slots._busy == busy  # the slot changed hands; none was added
 
 
+def _dozing_for_slot(slots, idle):
+    """Start a thread in ``slots.acquire(30.0, 0.01, idle)``: (thread, result list)."""
+    got = []
+    thread = threading.Thread(target=lambda: got.append(slots.acquire(30.0, 0.01, idle)),
+                              daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_an_idle_watcher_dozes_until_a_batch_begins():
+    # With nothing going on the watcher waits the long timeout, not a watch period (an
+    # idle processor woke it 200 times a second); the next batch to begin wakes it.
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    dozer, got = _dozing_for_slot(slots, lambda: True)
+    _until(lambda: slots.dozing and len(slots._cond._waiters) == 1, "a dozing watcher")
+    dozer.join(0.1)  # ten watch periods
+    assert dozer.is_alive() and not got
+    slots.wake_dozer()
+    dozer.join(10)
+    assert got == [False] and not slots.dozing
+
+
+def test_a_watcher_not_idle_keeps_its_watch_period():
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    asked = []
+    watcher, got = _dozing_for_slot(slots, lambda: asked.append(1) or False)
+    watcher.join(10)
+    assert got == [False] and asked == [1] and not slots.dozing
+
+
+def test_a_batch_that_begins_while_the_watcher_asks_whether_it_is_idle_wakes_it():
+    # The batch begins after the board was found empty and before the watcher waits:
+    # its wake_dozer blocks on the lock until the wait begins, then wakes it.
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    began = threading.Thread(target=slots.wake_dozer, daemon=True)
+
+    def idle():
+        began.start()
+        began.join(0.2)  # it returns at once only if it saw no doze
+        return True
+
+    dozer, got = _dozing_for_slot(slots, idle)
+    dozer.join(10)  # well before the 30 s doze
+    assert got == [False]
+    began.join(10)
+    assert not began.is_alive()
+
+
+def test_a_slot_freed_ends_a_doze_with_the_slot():
+    from batchproc.controller import CallSlots
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    dozer, got = _dozing_for_slot(slots, lambda: True)
+    _until(lambda: slots.dozing and len(slots._cond._waiters) == 1, "a dozing watcher")
+    slots.release()
+    dozer.join(10)
+    assert got == [True] and not slots.dozing
+
+
 def test_a_thread_woken_for_a_slot_another_took_returns_to_look_again():
     from batchproc.controller import CallSlots
 

@@ -752,6 +752,65 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
     assert held.result(timeout=20)[0, 0] == 1
 
 
+def _dozing(p):
+    """Wait until the watcher dozes (an idle spell: nothing queued, pushed or running)."""
+    slots = p._controller.slots
+    deadline = time.monotonic() + 10
+    while not slots.dozing:
+        assert time.monotonic() < deadline, "the watcher never dozes"
+        threading.Event().wait(0.001)
+
+
+def test_an_idle_processor_stops_waking_its_watcher_every_watch_period(make_processor,
+                                                                        monkeypatch):
+    # batch_timeout=5 ms, 4 workers: the watcher looked every 5 ms while idle (200
+    # thread wake-ups a second, for ever). Idle, it dozes until a batch begins.
+    from batchproc.engine import workers
+
+    looks = []
+    look = workers.WorkerPool._until_overdue
+    monkeypatch.setattr(workers.WorkerPool, "_until_overdue",
+                        lambda self: looks.append(1) or look(self))
+    p = make_processor(lambda b: b, max_workers=4, batch_timeout=0.005)
+    for v in range(20):
+        assert p.enqueue_predict(item(v)).result(timeout=20)[0, 0] == v
+    _dozing(p)
+    before = len(looks)
+    time.sleep(0.5)  # a hundred watch periods
+    assert len(looks) - before <= 10  # each worker waiting for a slot: ~1 a second
+    assert p.enqueue_predict(item(7)).result(timeout=20)[0, 0] == 7
+
+
+def test_a_call_that_hangs_after_an_idle_spell_holds_up_no_request_past_batch_timeout(
+        make_processor, monkeypatch):
+    # The watcher dozes (a doze as long as the test's own timeouts here); the call that
+    # ends the idle spell hangs. The batch that began wakes the watcher, which takes the
+    # next request over once it has waited batch_timeout.
+    from batchproc.engine import workers
+
+    monkeypatch.setattr(workers, "POP_POLL", 60.0)
+    release, hanging = threading.Event(), threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 666:
+            hanging.set()
+            release.wait(60)
+        return batch
+
+    p = make_processor(model, max_workers=2, batch_timeout=0.05, item_timeout=120)
+    try:
+        for v in range(5):  # the usual time: fast
+            p.enqueue_predict(item(v)).result(timeout=20)
+        _dozing(p)
+        hung = p.enqueue_predict(item(666))
+        assert hanging.wait(10)
+        assert p.enqueue_predict(item(1)).result(timeout=20)[0, 0] == 1
+        assert not hung.done()
+    finally:
+        release.set()
+    assert hung.result(timeout=20)[0, 0] == 666
+
+
 @pytest.mark.parametrize("strategy", ["adaptive", "greedy"])
 def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, strategy):
     # One call at a time, and that call hangs. The first request behind it waits

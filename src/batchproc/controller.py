@@ -64,6 +64,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .config import BatchProcessingStrategy, BatchProcessorConfig
@@ -270,6 +271,9 @@ class CallSlots:
         self._limit = limit
         self._busy = 0
         self._watched = False  # a thread waits in acquire() with the watch
+        # The watcher dozes through an idle spell (see acquire's ``idle``); read
+        # unlocked by wake_dozer on every batch.
+        self.dozing = False
 
     @property
     def limit(self) -> int:
@@ -286,7 +290,8 @@ class CallSlots:
             return True
         return False
 
-    def acquire(self, timeout: float, watch_timeout: float | None = None) -> bool:
+    def acquire(self, timeout: float, watch_timeout: float | None = None,
+                idle: Callable[[], bool] | None = None) -> bool:
         """Take a slot if one is free, else wait once for one: False if none was taken
         (the wait timed out, or another thread took the slot it was woken for).
 
@@ -294,6 +299,9 @@ class CallSlots:
         watch (``WorkerPool`` looks for requests overdue past ``batch_timeout``). The
         others wait ``timeout``, without waking every watch period for nothing; a
         watcher that takes a slot wakes one of them to take the watch over.
+        With ``idle`` (asked under this lock: True if no batch is running and none can
+        begin unseen), the watcher dozes instead: it waits ``timeout`` too, unless
+        ``wake_dozer`` (a batch began) or a freed slot wakes it first.
         """
         with self._lock:
             if self._take_locked():
@@ -303,15 +311,32 @@ class CallSlots:
                 self._cond.wait(timeout)
             else:
                 self._watched = True
+                # Set before asking: a batch that begins after the answer sees it.
+                self.dozing = idle is not None
                 try:
-                    self._cond.wait(watch_timeout)
+                    if self.dozing and idle():  # type: ignore[misc]
+                        self._cond.wait(timeout)
+                    else:
+                        self.dozing = False
+                        self._cond.wait(watch_timeout)
                 finally:
                     self._watched = False
+                    self.dozing = False
             if not self._take_locked():
                 return False
             if watching:
                 self._cond.notify()
             return True
+
+    def wake_dozer(self) -> None:
+        """A batch began: a dozing watcher must watch it (it may overrun), so it is woken
+        (with every waiter: it is not told apart from them, and this is once an idle
+        spell)."""
+        if self.dozing:
+            with self._lock:
+                if self.dozing:
+                    self.dozing = False
+                    self._cond.notify_all()
 
     def took_over(self) -> None:
         """The watcher took over the slot of a call that overruns (or a delivery that

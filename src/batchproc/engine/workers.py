@@ -42,6 +42,9 @@ POP_POLL = 1.0
 # late; at most every half batch_timeout for calls that start meanwhile, and (as a slot
 # is held while idle, by a worker blocked in its pop) no more often than this.
 WATCH_PERIOD_MIN = 0.005
+# Nothing queued or pushed for this long and no batch running: the watcher dozes (waits
+# up to POP_POLL) until a batch begins, instead of waking every watch period.
+IDLE_AFTER = 0.1
 # A delivery that keeps its call slot this long has stalled (a done-callback blocking):
 # requests waiting past batch_timeout behind it are taken by another worker.
 DELIVERY_STALL = 0.005
@@ -90,6 +93,9 @@ class WorkerPool:
         self._pace_lock = threading.Lock()
         self._next_start = 0.0
         self._last_gc = 0.0
+        # The queue's push count when the watcher last saw it change, and when (_idle).
+        self._pushed_seen = -1
+        self._quiet_since = 0.0
 
     # ----------------------------------------------------------------- threads
 
@@ -225,6 +231,7 @@ class WorkerPool:
         token_cap = self._config.max_batch_tokens or 0
         slots = controller.slots
         board = self._board
+        idle = self._idle
         try:
             while not worker.abandoned:
                 # A worker pops only once it may also run the batch: the others wait here
@@ -232,7 +239,7 @@ class WorkerPool:
                 if not slots.try_acquire():
                     look_again = self._until_overdue()
                     if look_again > 0.0:
-                        if not slots.acquire(POP_POLL, min(look_again, POP_POLL)):
+                        if not slots.acquire(POP_POLL, min(look_again, POP_POLL), idle):
                             if queue.exhausted:
                                 return
                             continue
@@ -317,6 +324,23 @@ class WorkerPool:
         period = max(timeout / 2, WATCH_PERIOD_MIN)
         return max(0.0, min(min((due for due, _ in stalls), default=period), period))
 
+    def _idle(self) -> bool:
+        """Whether the watcher may doze (``CallSlots.acquire``): nothing queued or pushed
+        for ``IDLE_AFTER`` and no batch on the board. Then any request to come is popped
+        by a worker waiting in its pop, and a call that could hold one up begins by
+        registering its batch, which wakes the watcher. Asked by the watcher alone, under
+        the call slots' lock (lock order: the slots', then the board's)."""
+        queue = self._queue
+        now = _monotonic()
+        pushed = queue.pushed
+        if pushed != self._pushed_seen or queue.rows or queue.closed:
+            self._pushed_seen, self._quiet_since = pushed, now
+            return False
+        if now - self._quiet_since < IDLE_AFTER:
+            return False
+        with self._board.lock:
+            return not self._board.active
+
     def _stalls_locked(self, now: float) -> list[tuple[float, Batch]]:
         """(seconds until it stalls, batch) for each batch that holds a call slot and is
         being called or delivered; under the board's lock."""
@@ -386,6 +410,9 @@ class WorkerPool:
                         board.settled.notify_all()
         if batch is not None:
             self._controller.batch_started()
+            slots = self._controller.slots
+            if slots.dozing:
+                slots.wake_dozer()
         return batch
 
     def _dispatch(self, batch: Batch, workspace: Workspace, target: int) -> None:

@@ -314,7 +314,7 @@ class CallSlots:
                 # Set before asking: a batch that begins after the answer sees it.
                 self.dozing = idle is not None
                 try:
-                    if self.dozing and idle():  # type: ignore[misc]
+                    if idle is not None and idle():
                         self._cond.wait(timeout)
                     else:
                         self.dozing = False

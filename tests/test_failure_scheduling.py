@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from hanging import hangs_on_666
 
 from batchproc import (
     BatchOutputError,
@@ -789,14 +790,7 @@ def test_a_call_that_hangs_after_an_idle_spell_holds_up_no_request_past_batch_ti
     from batchproc.engine import workers
 
     monkeypatch.setattr(workers, "POP_POLL", 60.0)
-    release, hanging = threading.Event(), threading.Event()
-
-    def model(batch):
-        if batch[0, 0] == 666:
-            hanging.set()
-            release.wait(60)
-        return batch
-
+    model, release, hanging = hangs_on_666(wait=60)
     p = make_processor(model, max_workers=2, batch_timeout=0.05, item_timeout=120)
     try:
         for v in range(5):  # the usual time: fast
@@ -816,14 +810,7 @@ def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, s
     # One call at a time, and that call hangs. The first request behind it waits
     # batch_timeout; the worker that takes it takes the hung call's slot, so the
     # requests after it go as usual instead of each waiting batch_timeout again.
-    release, hanging = threading.Event(), threading.Event()
-
-    def model(batch):
-        if batch[0, 0] == 666:
-            hanging.set()
-            release.wait(30)
-        return batch
-
+    model, release, hanging = hangs_on_666()
     p = make_processor(model, max_workers=3, batch_timeout=0.5, item_timeout=60,
                        processing_strategy=strategy)
     try:

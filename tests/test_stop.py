@@ -15,6 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hanging import hangs_on_666
 
 from batchproc import BatchProcessingStrategy, ProcessorStoppedError
 
@@ -635,25 +636,11 @@ def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
             p.stop(timeout=5)
 
 
-def _hangs_on_666():
-    """A model that hangs on a batch starting with 666 until released: (model, release,
-    hanging)."""
-    release, hanging = threading.Event(), threading.Event()
-
-    def model(batch):
-        if batch[0, 0] == 666:
-            hanging.set()
-            release.wait(30)
-        return batch
-
-    return model, release, hanging
-
-
 def test_stop_drains_behind_a_hung_call_with_its_free_workers(make_processor):
     # A call hangs; requests queued behind it wait for batch_timeout to fill while the
     # queue is open. Once stop closes it nothing waits to fill: a free worker takes the
     # hung call's slot at once and serves them within the stop's time.
-    model, release, hanging = _hangs_on_666()
+    model, release, hanging = hangs_on_666()
     p = make_processor(model, max_workers=4, batch_timeout=5.0, max_batch_size=4,
                        item_timeout=60)
     try:
@@ -674,7 +661,7 @@ def test_stop_waits_for_the_replacement_of_a_worker_abandoned_in_a_hang(make_pro
     # and its replacement serves the requests queued behind it (stop waits for it).
     from batchproc import BatchTimeoutError
 
-    model, release, hanging = _hangs_on_666()
+    model, release, hanging = hangs_on_666()
     p = make_processor(model, max_workers=1, item_timeout=0.5)
     try:
         hung = p.enqueue_predict(one(666))
@@ -694,7 +681,7 @@ def test_stop_as_the_time_limit_abandons_the_only_worker_still_drains_the_queue(
     # find a worker to drain the queue: the replacement is started before the mark.
     from batchproc import BatchTimeoutError
 
-    model, release, hanging = _hangs_on_666()
+    model, release, hanging = hangs_on_666()
     p = make_processor(model, max_workers=1, item_timeout=0.5)
     stopper = threading.Thread(target=p.stop, kwargs={"timeout": 20})
 

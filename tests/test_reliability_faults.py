@@ -174,6 +174,48 @@ def test_stop_while_the_supervisor_replaces_a_stuck_worker(make_processor, monke
         thread.join(HANG)
 
 
+@pytest.mark.parametrize("refusals", [1, 3])
+def test_a_replacement_the_system_refuses_fails_nothing_and_is_started_later(
+        make_processor, monkeypatch, caplog, refusals):
+    """The one worker hangs past item_timeout and the system refuses the thread of its
+    replacement (``refusals`` times in a row): the hung request still times out, the
+    slot it held is freed, and a worker is started in its place once the system lets
+    it. (The refusal escaped the time limit's clean-up: the hung request never
+    completed, not even at stop, and the processor served nothing more.)"""
+    release = threading.Event()
+
+    def model(batch):
+        if (batch == 666).any():
+            release.wait(HANG)
+        return batch
+
+    p = make_processor(model, item_timeout=0.2, max_workers=1, max_batch_size=1,
+                       initial_batch_size=1)
+    refused = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("batchproc-worker") and len(refused) < refusals:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    try:
+        assert p.enqueue_predict(item(1)).result(timeout=HANG)[0, 0] == 1
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with caplog.at_level(logging.WARNING, logger="batchproc"):
+            hung = p.enqueue_predict(item(666))
+            assert isinstance(hung.exception(timeout=HANG), BatchTimeoutError)
+            assert p.enqueue_predict(item(2)).result(timeout=HANG)[0, 0] == 2
+        assert len(refused) == refusals
+        assert records(caplog, logging.ERROR, "could not start a worker in place of")
+        assert records(caplog, logging.WARNING, "started a worker in a place left empty")
+        assert p.health()["checks"]["workers"]["value"] == 1
+    finally:
+        release.set()
+    p.stop(timeout=HANG)
+
+
 # ---------------------------------------------------------------- odd outputs
 
 

@@ -881,6 +881,7 @@ class BatchProcessor(Generic[T, U]):
                         self._dispatcher.expire_queued(expired)
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
+                self._dispatcher.fill_vacancies()
                 if self._async_model is not None:
                     # Every call that began before checked_at - item_timeout was abandoned
                     # just now (or before): cancel its coroutine.

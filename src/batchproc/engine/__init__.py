@@ -51,6 +51,7 @@ class Engine:
         self.alive_workers = self._pool.alive_workers
         self.threads = self._pool.threads
         self.expire_stuck = self._limits.expire_stuck
+        self.fill_vacancies = self._pool.fill_vacancies
         self.stuck_batches = self._limits.stuck_batches
 
     def start(self, process_func: Callable[[Any], Any]) -> None:

@@ -84,6 +84,8 @@ class WorkerPool:
         self._workers: list[Worker] = []
         self._worker_ids = 0
         self._started = False
+        # Places of abandoned workers whose replacement the system refused (replace).
+        self._vacancies = 0
         # Workers between entering pop_batch and registering what they popped: stop
         # waits for them, so no popped request escapes it.
         self._popping = 0
@@ -134,11 +136,31 @@ class WorkerPool:
     def replace(self, worker: Worker) -> None:
         """Start a worker in ``worker``'s place, then mark ``worker`` abandoned (stuck past
         ``item_timeout``, or crashed). In this order ``join``, which waits for workers not
-        abandoned, never sees none between the two: it would fail the queue undrained."""
+        abandoned, never sees none between the two: it would fail the queue undrained.
+        Never raises: the caller's clean-up of the batch ``worker`` held must go on. A
+        thread the system refuses is logged, and its place left for ``fill_vacancies``."""
         try:
             self.spawn()
+        except Exception:  # "can't start new thread", out of memory
+            with self._board.lock:
+                self._vacancies += 1
+            logger.error("could not start a worker in place of %s; trying again until "
+                         "one starts", worker.name, exc_info=True)
         finally:
             worker.abandoned = True
+
+    def fill_vacancies(self) -> None:
+        """Start the workers ``replace`` could not (the supervisor calls this every tick;
+        one refused again is tried at the next). None once stop has begun: it drains the
+        queue with the workers it has, or fails what is left."""
+        while self._vacancies and not self._board.closing:
+            try:
+                self.spawn()
+            except Exception:
+                return
+            with self._board.lock:
+                self._vacancies -= 1
+            logger.warning("started a worker in a place left empty by a refused thread")
 
     def join(self, deadline: float) -> bool:
         """Wait until ``deadline`` for the workers to drain the closed queue and exit.

@@ -145,6 +145,37 @@ def test_a_convex_cost_with_no_per_row_part_keeps_its_optimum(per_row):
     assert model.optimal_rows(1000) in (31, 32)
 
 
+@pytest.mark.parametrize(("a", "b", "c"), [
+    (0.0, 0.0, 1e-5),      # no fixed nor per-row cost: both fitted a hair off zero
+    (0.0, 1e-4, 1e-6),     # no fixed cost
+    (0.002, 0.0, 1e-5),    # no per-row cost
+    (0.005, 1e-4, 0.0),    # a line
+    (0.005, 0.0, 0.0),     # a constant
+])
+def test_every_fitted_term_of_a_cost_is_its_own(a, b, c):
+    # A term that is zero comes out zero (or a hair above), never below, and the others
+    # exact: a term fitted below zero threw the curvature away for a line (t = 1e-5 *
+    # rows**2 predicted 1.7 s at 512 rows for 2.6).
+    model = LatencyModel()
+    for i in range(600):
+        rows = 1 + (i * 37) % 512
+        model.observe(rows, a + b * rows + c * rows * rows)
+    assert min(model.a, model.b, model.c) >= 0.0
+    assert (model.a, model.b, model.c) == pytest.approx((a, b, c), rel=1e-6, abs=1e-12)
+    assert model.predict(512) == pytest.approx(a + b * 512 + c * 512 * 512, rel=1e-6)
+
+
+def test_a_concave_cost_is_fitted_as_a_line():
+    # Cost per row falling with size (a GPU filling up): no optimum below the cap, and
+    # the curvature is no term held at zero while the fixed cost takes its place.
+    model = LatencyModel()
+    for i in range(600):
+        rows = 1 + (i * 37) % 512
+        model.observe(rows, 0.005 + 1e-3 * rows - 1e-6 * rows * rows)
+    assert model.c == 0.0 and model.b > 0.0
+    assert model.optimal_rows(1000) == 1000
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_a_backed_up_queue_on_a_noisy_convex_model_settles_near_its_optimum(seed):
     # 20 ms + 19.5 us * rows**2 (optimum 32 rows), each call 5% off at random, and a

@@ -184,16 +184,9 @@ class LatencyModel:
             # apart, so assume the worst case for waiting decisions (all of it is fixed).
             self.a, self.b, self.c = self.mean_time, 0.0, 0.0
             return
-        quad = _solve3(
-            [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]], st)
-        if quad is not None and quad[1] < 0.0 < quad[2]:
-            # A per-row cost below zero beside a curvature: the least squares with the
-            # per-row cost held at zero, its bound (a cost of exactly a + c*rows**2, or
-            # one whose per-row part is too small to see, fits a hair-negative one).
-            quad = _solve_without_per_row(sr, st)
-        if quad is not None and quad[0] >= 0.0 and quad[1] >= 0.0 and quad[2] > 0.0:
-            # A convex cost (a real optimum below max_batch_size) only when every term is
-            # physical; a negative per-row cost means the curvature is fitting noise.
+        quad = _convex_fit(sr, st)
+        if quad is not None:
+            # A convex cost (a real optimum below max_batch_size, when a > 0).
             self.a, self.b, self.c = quad
             return
         # Linear fit (cost grows at most linearly: bigger batches are always cheaper per row).
@@ -227,14 +220,60 @@ class LatencyModel:
         return self.a + self.b * rows + self.c * rows * rows
 
 
-def _solve_without_per_row(sr: list[float], st: list[float]
-                           ) -> tuple[float, float, float] | None:
-    """Least squares of ``a + c*r**2`` (``b`` = 0) over the weighted sums of ``_fit``;
-    None if the sizes cannot tell the two apart."""
-    d = sr[0] * sr[4] - sr[2] * sr[2]
-    if d <= 1e-12 * sr[0] * sr[4]:
+# The terms of a + b*r + c*r**2 each fit may leave free (the others held at zero): all
+# three, then every face of a, b, c >= 0.
+_FREE_TERMS = ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,))
+
+
+def _convex_fit(sr: list[float], st: list[float]) -> tuple[float, float, float] | None:
+    """Least squares of ``a + b*r + c*r**2`` with ``a, b, c >= 0`` over the weighted
+    sums of ``LatencyModel._fit``, if its curvature ``c`` is above zero; else None (the
+    cost grows at most linearly). No term of a cost is below zero: where the
+    unconstrained fit puts one there (noise, a concave cost, or a cost of exactly
+    ``a + c*r**2`` or ``c*r**2``, which fits a hair below zero), the minimum under the
+    bounds lies on a face of them, so each face is solved with its terms held at zero
+    and the best fit with every term physical is taken (an active-set search, as for
+    non-negative least squares)."""
+    m = [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]]
+    best, best_excess = None, _INF
+    for free in _FREE_TERMS:
+        theta = _solve(m, st, free)
+        if theta is None or min(theta) < 0.0:
+            continue
+        if len(free) == 3:
+            best = theta  # the unconstrained minimum, within the bounds
+            break
+        # The squared error less sum(w * t**2), the same for every candidate.
+        excess = sum(theta[i] * (sum(m[i][j] * theta[j] for j in range(3)) - 2.0 * st[i])
+                     for i in range(3))
+        if excess < best_excess:
+            best, best_excess = theta, excess
+    return best if best is not None and best[2] > 0.0 else None
+
+
+def _solve(m: list[list[float]], v: list[float],
+           free: tuple[int, ...]) -> tuple[float, float, float] | None:
+    """Solve the normal equations ``m @ theta = v`` for the terms in ``free``, the others
+    held at zero; None if that system is (near) singular."""
+    sub = [[m[i][j] for j in free] for i in free]
+    rhs = [v[i] for i in free]
+    solved: tuple[float, ...] | None
+    if len(free) == 3:
+        solved = _solve3(sub, rhs)
+    elif len(free) == 2:
+        d = sub[0][0] * sub[1][1] - sub[0][1] * sub[1][0]
+        if d <= 1e-12 * sub[0][0] * sub[1][1]:
+            return None
+        solved = ((rhs[0] * sub[1][1] - sub[0][1] * rhs[1]) / d,
+                  (sub[0][0] * rhs[1] - sub[1][0] * rhs[0]) / d)
+    else:
+        solved = (rhs[0] / sub[0][0],) if sub[0][0] > 0.0 else None
+    if solved is None:
         return None
-    return (st[0] * sr[4] - sr[2] * st[2]) / d, 0.0, (sr[0] * st[2] - sr[2] * st[0]) / d
+    theta = [0.0, 0.0, 0.0]
+    for i, value in zip(free, solved):
+        theta[i] = value
+    return theta[0], theta[1], theta[2]
 
 
 def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:

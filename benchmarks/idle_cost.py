@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from batchproc import BatchProcessor, BatchProcessorConfig
+from batchproc.bench import BenchError
+from batchproc.bench.outputs import check_writable, replace_file
 from batchproc.engine import workers
 
 SETTLE = 0.5  # s after the last request: longer than the idle spell before a doze
@@ -83,8 +85,13 @@ def main() -> None:
                         help="idle time measured per configuration (default 3)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    if not args.seconds > 0:
-        parser.error("--seconds must be > 0")
+    if not 0 < args.seconds <= 3600:
+        parser.error("--seconds must be > 0 and at most 3600")
+    if args.json:
+        try:
+            check_writable("--json", args.json)  # before the runs, not after
+        except BenchError as exc:
+            parser.error(str(exc))
     if not Path("/proc/self/task").is_dir():
         parser.error("counts thread wake-ups from /proc/self/task: Linux only")
     base_switches, base_cpu = measure(args.seconds)
@@ -112,9 +119,14 @@ def main() -> None:
               f"| {r['no_doze']['cpu_per_s'] * 1e3:.2f} "
               f"| {r['batchproc']['cpu_per_s'] * 1e3:.2f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seconds": args.seconds, "baseline_wakeups_per_s": base_switches,
-                       "baseline_cpu_per_s": base_cpu, "runs": rows}, f, indent=1)
+        figures = {"seconds": args.seconds, "baseline_wakeups_per_s": base_switches,
+                   "baseline_cpu_per_s": base_cpu, "runs": rows}
+
+        def write(path: str) -> None:
+            with open(path, "w") as f:
+                json.dump(figures, f, indent=1)
+
+        replace_file(args.json, write)
 
 
 if __name__ == "__main__":

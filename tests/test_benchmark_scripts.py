@@ -149,3 +149,19 @@ def test_ablate_adaptive_refuses_what_it_cannot_run(args: list[str], said: str,
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert said in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--seconds", "inf"], "--seconds must be > 0 and at most 3600"),
+    (["--seconds", "nan"], "--seconds must be > 0 and at most 3600"),
+    (["--seconds", "0"], "--seconds must be > 0 and at most 3600"),
+    (["--json", "missing/idle.json"], "missing does not exist"),
+])
+def test_idle_cost_refuses_what_it_cannot_run(args: list[str], said: str,
+                                              tmp_path: Path) -> None:
+    # At once: nothing is measured first (3 s a configuration by default).
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "idle_cost.py"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert said in proc.stderr
+    assert "|" not in proc.stdout and not list(tmp_path.iterdir())

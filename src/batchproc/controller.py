@@ -220,60 +220,43 @@ class LatencyModel:
         return self.a + self.b * rows + self.c * rows * rows
 
 
-# The terms of a + b*r + c*r**2 each fit may leave free (the others held at zero): all
-# three, then every face of a, b, c >= 0.
-_FREE_TERMS = ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,))
-
-
 def _convex_fit(sr: list[float], st: list[float]) -> tuple[float, float, float] | None:
     """Least squares of ``a + b*r + c*r**2`` with ``a, b, c >= 0`` over the weighted
     sums of ``LatencyModel._fit``, if its curvature ``c`` is above zero; else None (the
     cost grows at most linearly). No term of a cost is below zero: where the
     unconstrained fit puts one there (noise, a concave cost, or a cost of exactly
     ``a + c*r**2`` or ``c*r**2``, which fits a hair below zero), the minimum under the
-    bounds lies on a face of them, so each face is solved with its terms held at zero
-    and the best fit with every term physical is taken (an active-set search, as for
-    non-negative least squares)."""
-    m = [[sr[0], sr[1], sr[2]], [sr[1], sr[2], sr[3]], [sr[2], sr[3], sr[4]]]
-    best, best_excess = None, _INF
-    for free in _FREE_TERMS:
-        theta = _solve(m, st, free)
-        if theta is None or min(theta) < 0.0:
+    bounds lies on a face of them, so each face is solved with its other terms held at
+    zero and the best fit with every term physical is taken (an active-set search, as
+    for non-negative least squares)."""
+    s0, s1, s2, s3, s4 = sr
+    t0, t1, t2 = st
+    full = _solve3([[s0, s1, s2], [s1, s2, s3], [s2, s3, s4]], st)
+    if full is not None and min(full) >= 0.0:
+        return full if full[2] > 0.0 else None
+    # At a face's own least squares the squared error is sum(w * t**2) less theta . st:
+    # the best face gains the most.
+    best: tuple[float, float, float] | None = None
+    best_gain = -_INF
+    for (i, j), (m_ii, m_ij, m_jj), (v_i, v_j) in (
+            ((0, 1), (s0, s1, s2), (t0, t1)),
+            ((0, 2), (s0, s2, s4), (t0, t2)),
+            ((1, 2), (s2, s3, s4), (t1, t2))):
+        d = m_ii * m_jj - m_ij * m_ij
+        if d <= 1e-12 * m_ii * m_jj:
             continue
-        if len(free) == 3:
-            best = theta  # the unconstrained minimum, within the bounds
-            break
-        # The squared error less sum(w * t**2), the same for every candidate.
-        excess = sum(theta[i] * (sum(m[i][j] * theta[j] for j in range(3)) - 2.0 * st[i])
-                     for i in range(3))
-        if excess < best_excess:
-            best, best_excess = theta, excess
+        x, y = (v_i * m_jj - m_ij * v_j) / d, (m_ii * v_j - m_ij * v_i) / d
+        if x >= 0.0 and y >= 0.0 and x * v_i + y * v_j > best_gain:
+            theta = [0.0, 0.0, 0.0]
+            theta[i], theta[j] = x, y
+            best, best_gain = (theta[0], theta[1], theta[2]), x * v_i + y * v_j
+    for i, (m_ii, v_i) in enumerate(((s0, t0), (s2, t1), (s4, t2))):
+        x = v_i / m_ii if m_ii > 0.0 else -1.0
+        if x >= 0.0 and x * v_i > best_gain:
+            theta = [0.0, 0.0, 0.0]
+            theta[i] = x
+            best, best_gain = (theta[0], theta[1], theta[2]), x * v_i
     return best if best is not None and best[2] > 0.0 else None
-
-
-def _solve(m: list[list[float]], v: list[float],
-           free: tuple[int, ...]) -> tuple[float, float, float] | None:
-    """Solve the normal equations ``m @ theta = v`` for the terms in ``free``, the others
-    held at zero; None if that system is (near) singular."""
-    sub = [[m[i][j] for j in free] for i in free]
-    rhs = [v[i] for i in free]
-    solved: tuple[float, ...] | None
-    if len(free) == 3:
-        solved = _solve3(sub, rhs)
-    elif len(free) == 2:
-        d = sub[0][0] * sub[1][1] - sub[0][1] * sub[1][0]
-        if d <= 1e-12 * sub[0][0] * sub[1][1]:
-            return None
-        solved = ((rhs[0] * sub[1][1] - sub[0][1] * rhs[1]) / d,
-                  (sub[0][0] * rhs[1] - sub[1][0] * rhs[0]) / d)
-    else:
-        solved = (rhs[0] / sub[0][0],) if sub[0][0] > 0.0 else None
-    if solved is None:
-        return None
-    theta = [0.0, 0.0, 0.0]
-    for i, value in zip(free, solved):
-        theta[i] = value
-    return theta[0], theta[1], theta[2]
 
 
 def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:

@@ -216,6 +216,49 @@ def test_a_replacement_the_system_refuses_fails_nothing_and_is_started_later(
     p.stop(timeout=HANG)
 
 
+def test_a_worker_abandoned_in_a_hang_that_then_crashes_is_not_replaced_twice(
+        make_processor, monkeypatch, caplog):
+    """The time limit replaced the worker; when its late call returns, a bug in batchproc
+    crashes it: the crash path's replacement would be a second one (two workers for
+    max_workers=1)."""
+    from batchproc.engine import execution
+
+    release = threading.Event()
+
+    def model(batch):
+        if (batch == 666).any():
+            release.wait(HANG)
+        return batch
+
+    real_run = execution.Executor.run
+
+    def run(self, batch, workspace, target):
+        real_run(self, batch, workspace, target)
+        if batch.worker.abandoned:
+            raise RuntimeError("a bug after an abandoned call")
+
+    monkeypatch.setattr(execution.Executor, "run", run)
+    p = make_processor(model, item_timeout=0.2, max_workers=1, max_batch_size=1,
+                       initial_batch_size=1)
+    try:
+        assert p.enqueue_predict(item(1)).result(timeout=HANG)[0, 0] == 1
+        hung = p.enqueue_predict(item(666))
+        assert isinstance(hung.exception(timeout=HANG), BatchTimeoutError)
+        first = next(t for t in p._threads() if t.name == "batchproc-worker-1")
+        with caplog.at_level(logging.CRITICAL, logger="batchproc"):
+            release.set()  # the late call returns, and its worker crashes
+            first.join(HANG)
+        assert not first.is_alive()
+        assert records(caplog, logging.CRITICAL, "crashed")
+        assert p.health()["checks"]["workers"]["value"] == 1
+        assert sum(t.name.startswith("batchproc-worker") and t.is_alive()
+                   for t in p._threads()) == 1
+        assert p.enqueue_predict(item(2)).result(timeout=HANG)[0, 0] == 2
+    finally:
+        release.set()
+    p.stop(timeout=HANG)
+
+
 # ---------------------------------------------------------------- odd outputs
 
 

@@ -57,11 +57,12 @@ POP_GRACE = 0.2
 
 
 class Worker:
-    __slots__ = ("abandoned", "name", "thread")
+    __slots__ = ("abandoned", "name", "replaced", "thread")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.abandoned = False
+        self.replaced = False  # a worker was started (or its place left) in its place
         self.thread: threading.Thread | None = None
 
 
@@ -138,7 +139,13 @@ class WorkerPool:
         ``item_timeout``, or crashed). In this order ``join``, which waits for workers not
         abandoned, never sees none between the two: it would fail the queue undrained.
         Never raises: the caller's clean-up of the batch ``worker`` held must go on. A
-        thread the system refuses is logged, and its place left for ``fill_vacancies``."""
+        thread the system refuses is logged, and its place left for ``fill_vacancies``.
+        A worker is replaced once: one abandoned in a hung call that then crashes (a bug
+        in batchproc) is not replaced again."""
+        with self._board.lock:
+            if worker.replaced:
+                return
+            worker.replaced = True
         try:
             self.spawn()
         except Exception:  # "can't start new thread", out of memory

@@ -40,6 +40,8 @@ The policy (docs/architecture.md, "The controller"):
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
   (at ``max_batch_size`` when cost grows at most linearly, or when a call at the
   optimum is shorter than the GIL's switch interval: ``LatencyModel.optimal_rows``).
+  Every term is fitted at zero or above, and a curvature counts only if it is
+  significant (``LatencyModel._fit``).
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
   (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
@@ -88,6 +90,10 @@ SHORTEST_IDLE_GAP = 50e-6
 # call of their own beside it: a call of normal length, however long, is waited for.
 OVERRUN_FACTOR = 2.0
 _INF = float("inf")
+# A fitted curvature counts only if it explains this many times more of the batch times
+# than its share of the noise would: an F-test at one degree of freedom, at about the 5%
+# level. Refitted every 16 batches, a curvature noise let through is soon dropped again.
+CURVATURE_F = 4.0
 
 
 class Plan(NamedTuple):
@@ -104,7 +110,9 @@ class LatencyModel:
 
     Exponentially weighted least squares over the sufficient statistics, so old
     measurements fade (half-life of ``halflife`` batches) and a change in the model's
-    cost is followed. Refitted every ``refit_every`` observations.
+    cost is followed. Refitted every ``refit_every`` observations. No term is below
+    zero, and a curvature counts only if it explains the times significantly better
+    than a line (``_fit``).
     """
 
     # Measurements that are each fitted at once; later ones are held to OVERRUN_FACTOR
@@ -114,9 +122,11 @@ class LatencyModel:
     def __init__(self, halflife: float = 200.0, refit_every: int = 16) -> None:
         self._decay = 0.5 ** (1.0 / halflife)
         self._refit_every = refit_every
-        # Weighted sums of r**k for k = 0..4 and of t * r**k for k = 0..2.
+        # Weighted (fading) sums of r**k for k = 0..4, of t * r**k for k = 0..2; of t**2
+        # (the residual) and of the squared weights (how many observations they make).
         self._sr = [0.0] * 5
         self._st = [0.0] * 3
+        self._sq = [0.0] * 2
         self._since_fit = 0
         self.observations = 0
         self.a = 0.0
@@ -156,6 +166,7 @@ class LatencyModel:
                 # over.
                 self._sr = sr = [0.0] * 5
                 self._st = st = [0.0] * 3
+                self._sq = [0.0] * 2
                 self.observations = 0
         sr[0] = sr[0] * d + 1.0
         sr[1] = sr[1] * d + r
@@ -165,6 +176,9 @@ class LatencyModel:
         st[0] = st[0] * d + seconds
         st[1] = st[1] * d + seconds * r
         st[2] = st[2] * d + seconds * r2
+        sq = self._sq
+        sq[0] = sq[0] * d + seconds * seconds
+        sq[1] = sq[1] * d * d + 1.0
         self.observations += 1
         self._since_fit += 1
         if self._since_fit >= self._refit_every or self.observations <= self.TRUSTED_AFTER:
@@ -184,17 +198,21 @@ class LatencyModel:
             # apart, so assume the worst case for waiting decisions (all of it is fixed).
             self.a, self.b, self.c = self.mean_time, 0.0, 0.0
             return
-        quad = _convex_fit(sr, st)
-        if quad is not None:
-            # A convex cost (a real optimum below max_batch_size, when a > 0).
-            self.a, self.b, self.c = quad
-            return
-        # Linear fit (cost grows at most linearly: bigger batches are always cheaper per row).
-        b = (st[1] / n - self.mean_rows * self.mean_time) / var_r
-        a = self.mean_time - b * self.mean_rows
-        if a < 0.0:  # a negative fixed cost is noise: treat the cost as per-row only
-            a, b = 0.0, self.mean_time / max(self.mean_rows, 1e-9)
-        self.a, self.b, self.c = a, max(b, 0.0), 0.0
+        fit, gain, line, line_gain = _bounded_fit(sr, st)
+        if fit[2] > 0.0 and not self._curvature_is_significant(gain - line_gain, gain):
+            fit = line
+        self.a, self.b, self.c = fit
+
+    def _curvature_is_significant(self, extra_gain: float, gain: float) -> bool:
+        """An F-test of the fitted curvature against the best line: does it explain more
+        of the times than the noise it leaves would by chance? A curvature fitted from
+        noise caps batches at its optimum, all of that size from then on, and what they
+        measure could never show it wrong. ``extra_gain``: the squared error the curvature
+        removes; ``gain``: the fit's (its squared error is ``sum(w * t**2) - gain``)."""
+        n = self._sr[0]
+        n_eff = n * n / self._sq[1]  # observations the fading weights amount to
+        residual = max(self._sq[0] - gain, 0.0)
+        return n_eff > 3.0 and extra_gain * (n_eff - 3.0) > CURVATURE_F * residual
 
     def optimal_rows(self, upper: int) -> int:
         """The batch size that maximises rows per second, capped at ``upper``.
@@ -207,11 +225,11 @@ class LatencyModel:
         process is busiest (a backlog): a curvature of the process, not the model,
         which would hold a backed-up queue to a few rows a call. (Read when the
         controller replans: after a refit, every 16 batches, or a change of target.)"""
-        if self.c <= 0.0 or self.a <= 0.0:
+        if self.c <= 0.0:
             return upper
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
             return upper  # the curvature is too small to matter up to the cap
-        optimum = max(1.0, math.sqrt(self.a / self.c))
+        optimum = max(1.0, math.sqrt(self.a / self.c))  # no fixed cost: one row
         if self.predict(optimum) < sys.getswitchinterval():
             return upper
         return int(min(upper, optimum))
@@ -220,43 +238,59 @@ class LatencyModel:
         return self.a + self.b * rows + self.c * rows * rows
 
 
-def _convex_fit(sr: list[float], st: list[float]) -> tuple[float, float, float] | None:
+# The faces of a, b, c >= 0 that _bounded_fit solves after the fixed cost alone, by the
+# terms each leaves free (the others held at zero): those without the curvature first,
+# fewer terms first.
+_FACES = ((1,), (0, 1), (2,), (0, 2), (1, 2))
+# How much more a fit must explain to replace one with fewer terms: more than rounding.
+_BETTER = 1.0 + 1e-9
+
+
+def _bounded_fit(sr: list[float], st: list[float]
+                 ) -> tuple[tuple[float, float, float], float, tuple[float, float, float], float]:
     """Least squares of ``a + b*r + c*r**2`` with ``a, b, c >= 0`` over the weighted
-    sums of ``LatencyModel._fit``, if its curvature ``c`` is above zero; else None (the
-    cost grows at most linearly). No term of a cost is below zero: where the
-    unconstrained fit puts one there (noise, a concave cost, or a cost of exactly
-    ``a + c*r**2`` or ``c*r**2``, which fits a hair below zero), the minimum under the
-    bounds lies on a face of them, so each face is solved with its other terms held at
-    zero and the best fit with every term physical is taken (an active-set search, as
-    for non-negative least squares)."""
+    sums of ``LatencyModel._fit`` (at least two sizes among them).
+
+    No term of a cost is below zero: where the unconstrained fit puts one there (noise,
+    a concave cost, or a cost of exactly ``a + c*r**2`` or ``c*r**2``, which fits a hair
+    below zero), the minimum under the bounds lies on a face of them, so each face is
+    solved with its other terms held at zero and the best fit is taken (an active-set
+    search, as for non-negative least squares). Of fits as good as each other (two sizes
+    fit a line and a curve alike) the one with fewer terms, and without a curvature,
+    is kept: a face must gain more than rounding to replace one before it.
+    Returns the best fit and its gain (``theta . st``: its squared error is the
+    weighted sum of ``t**2`` less that), and the best without a curvature and its gain.
+    """
     s0, s1, s2, s3, s4 = sr
     t0, t1, t2 = st
+    # At a face's own least squares the squared error is sum(w * t**2) less theta . st:
+    # the best face gains the most. The fixed cost alone (the weighted mean) always fits.
+    best = line = (t0 / s0, 0.0, 0.0)
+    best_gain = line_gain = t0 * t0 / s0
+    for free in _FACES:
+        theta = [0.0, 0.0, 0.0]
+        if len(free) == 1:
+            i = free[0]
+            theta[i] = st[i] / sr[2 * i]
+        else:
+            i, j = free
+            m_ii, m_ij, m_jj = sr[2 * i], sr[i + j], sr[2 * j]
+            d = m_ii * m_jj - m_ij * m_ij
+            if d <= 1e-12 * m_ii * m_jj:
+                continue
+            theta[i] = (st[i] * m_jj - m_ij * st[j]) / d
+            theta[j] = (m_ii * st[j] - m_ij * st[i]) / d
+        gain = theta[0] * t0 + theta[1] * t1 + theta[2] * t2
+        if min(theta) >= 0.0 and gain > best_gain * _BETTER:
+            best, best_gain = (theta[0], theta[1], theta[2]), gain
+            if free[-1] != 2:
+                line, line_gain = best, best_gain
     full = _solve3([[s0, s1, s2], [s1, s2, s3], [s2, s3, s4]], st)
     if full is not None and min(full) >= 0.0:
-        return full if full[2] > 0.0 else None
-    # At a face's own least squares the squared error is sum(w * t**2) less theta . st:
-    # the best face gains the most.
-    best: tuple[float, float, float] | None = None
-    best_gain = -_INF
-    for (i, j), (m_ii, m_ij, m_jj), (v_i, v_j) in (
-            ((0, 1), (s0, s1, s2), (t0, t1)),
-            ((0, 2), (s0, s2, s4), (t0, t2)),
-            ((1, 2), (s2, s3, s4), (t1, t2))):
-        d = m_ii * m_jj - m_ij * m_ij
-        if d <= 1e-12 * m_ii * m_jj:
-            continue
-        x, y = (v_i * m_jj - m_ij * v_j) / d, (m_ii * v_j - m_ij * v_i) / d
-        if x >= 0.0 and y >= 0.0 and x * v_i + y * v_j > best_gain:
-            theta = [0.0, 0.0, 0.0]
-            theta[i], theta[j] = x, y
-            best, best_gain = (theta[0], theta[1], theta[2]), x * v_i + y * v_j
-    for i, (m_ii, v_i) in enumerate(((s0, t0), (s2, t1), (s4, t2))):
-        x = v_i / m_ii if m_ii > 0.0 else -1.0
-        if x >= 0.0 and x * v_i > best_gain:
-            theta = [0.0, 0.0, 0.0]
-            theta[i] = x
-            best, best_gain = (theta[0], theta[1], theta[2]), x * v_i
-    return best if best is not None and best[2] > 0.0 else None
+        gain = full[0] * t0 + full[1] * t1 + full[2] * t2
+        if gain > best_gain * _BETTER:
+            best, best_gain = full, gain
+    return best, best_gain, line, line_gain
 
 
 def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:

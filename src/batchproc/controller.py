@@ -225,11 +225,15 @@ class LatencyModel:
         process is busiest (a backlog): a curvature of the process, not the model,
         which would hold a backed-up queue to a few rows a call. (Read when the
         controller replans: after a refit, every 16 batches, or a change of target.)"""
-        if self.c <= 0.0:
+        if self.c <= 0.0 or self.a <= 0.0:
+            # No fixed cost fitted beside a curvature: big batches' times, noisier in
+            # absolute terms, hide a real one more often than not (a cost with none would
+            # run best one row a call, and one with a fixed cost would lose half its
+            # throughput there).
             return upper
         if self.c * upper * upper < 0.2 * (self.a + self.b * upper):
             return upper  # the curvature is too small to matter up to the cap
-        optimum = max(1.0, math.sqrt(self.a / self.c))  # no fixed cost: one row
+        optimum = max(1.0, math.sqrt(self.a / self.c))
         if self.predict(optimum) < sys.getswitchinterval():
             return upper
         return int(min(upper, optimum))

@@ -112,12 +112,17 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
 def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
                                                       tmp_path: Path) -> None:
     # Refused on one line before the baseline is built (or any run starts).
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "compare_versions.py"), *args,
-                           "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    _refused("compare_versions.py", [*args, "--out-dir", str(tmp_path)], said, tmp_path)
+    assert not list(tmp_path.iterdir())  # no results written
+
+
+def _refused(script: str, args: list[str], said: str, cwd: Path) -> str:
+    """Run ``script`` with ``args``: it must exit 2 saying ``said``; its stdout."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert said in proc.stderr
-    assert not list(tmp_path.iterdir())  # no results written
+    return proc.stdout
 
 
 @pytest.mark.parametrize(("args", "said"), [
@@ -146,10 +151,7 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
 ])
 def test_ablate_adaptive_refuses_what_it_cannot_run(args: list[str], said: str,
                                                      tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "ablate_adaptive.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert said in proc.stderr
+    _refused("ablate_adaptive.py", args, said, tmp_path)
 
 
 @pytest.mark.parametrize(("args", "said"), [
@@ -161,8 +163,5 @@ def test_ablate_adaptive_refuses_what_it_cannot_run(args: list[str], said: str,
 def test_idle_cost_refuses_what_it_cannot_run(args: list[str], said: str,
                                               tmp_path: Path) -> None:
     # At once: nothing is measured first (3 s a configuration by default).
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "idle_cost.py"), *args],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert said in proc.stderr
-    assert "|" not in proc.stdout and not list(tmp_path.iterdir())
+    assert "|" not in _refused("idle_cost.py", args, said, tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -262,13 +262,13 @@ def _bounded_fit(sr: list[float], st: list[float]
     search, as for non-negative least squares). Of fits as good as each other (two sizes
     fit a line and a curve alike) the one with fewer terms, and without a curvature,
     is kept: a face must gain more than rounding to replace one before it.
-    Returns the best fit and its gain (``theta . st``: its squared error is the
-    weighted sum of ``t**2`` less that), and the best without a curvature and its gain.
+    Returns the best fit and its gain (``theta . st``: at a face's own least squares
+    the squared error is the weighted sum of ``t**2`` less that, so the best face
+    gains the most), and the best without a curvature and its gain.
     """
     s0, s1, s2, s3, s4 = sr
     t0, t1, t2 = st
-    # At a face's own least squares the squared error is sum(w * t**2) less theta . st:
-    # the best face gains the most. The fixed cost alone (the weighted mean) always fits.
+    # The fixed cost alone (the weighted mean) always fits.
     best = line = (t0 / s0, 0.0, 0.0)
     best_gain = line_gain = t0 * t0 / s0
     for free in _FACES:

@@ -2,8 +2,8 @@
 do not curve: a simulation of the controller alone (no threads).
 
     python benchmarks/backlog_fit.py                        # this build's controller
-    git show REV:src/batchproc/controller.py > /tmp/controller_rev.py
-    python benchmarks/backlog_fit.py --controller /tmp/controller_rev.py
+    git show REV:src/batchproc/controller.py > controller_rev.py
+    python benchmarks/backlog_fit.py --controller controller_rev.py
 
 A backed-up queue doubles the target toward ``max_batch_size`` (1,024); the latency
 model's fit must see a curvature on the way if there is one, and must not see one that

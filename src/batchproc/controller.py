@@ -391,7 +391,7 @@ class CallSlots:
     def wake_dozer(self) -> None:
         """A batch began: a dozing watcher must watch it (it may overrun), so it is woken
         (with every waiter: it is not told apart from them, and this is once an idle
-        spell)."""
+        spell). Called for every batch: without a doze, one unlocked read."""
         if self.dozing:
             with self._lock:
                 if self.dozing:

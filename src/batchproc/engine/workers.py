@@ -439,9 +439,7 @@ class WorkerPool:
                         board.settled.notify_all()
         if batch is not None:
             self._controller.batch_started()
-            slots = self._controller.slots
-            if slots.dozing:
-                slots.wake_dozer()
+            self._controller.slots.wake_dozer()
         return batch
 
     def _dispatch(self, batch: Batch, workspace: Workspace, target: int) -> None:

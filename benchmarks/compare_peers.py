@@ -331,7 +331,11 @@ def _no_work_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[
     for label, rps, refs in (
         ("64 client threads", nw["threads_64_rps"], THREAD_PEERS),
         ("64 asyncio tasks", nw["asyncio_64_rps"], (ray_peer.NAME,)),
+        ("64 asyncio tasks answered from a thread", nw.get("asyncio_thread_64_rps"),
+         (ray_peer.NAME,)),
     ):
+        if rps is None:  # a results file from before that batcher was measured
+            continue
         found = [(b["throughput"], name) for name in refs
                  if (b := _find(results, "identity", "64", name)) and b["throughput"]]
         versus = ""

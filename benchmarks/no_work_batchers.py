@@ -14,8 +14,14 @@ prints both ratios.
 * ``asyncio``: 64 tasks in one event loop, each awaiting a loop future; one callback per
   pass of the loop completes every pending future (as ``batchproc.aio`` flushes a batch).
   Each request costs a future and a task step.
+* ``asyncio, answered from a thread``: the same tasks, but each pass's requests go to a
+  server thread (one put to a C-coded queue), which answers the whole batch with one
+  ``loop.call_soon_threadsafe``: the least that a batcher whose model runs off the event
+  loop (batchproc's workers) pays. Ray Serve's ``serve.batch`` runs the batch on the loop
+  itself, so the plain ``asyncio`` figure is its own ceiling and this one is batchproc's.
+  Each batch costs the server thread's wake-up and the loop's.
 
-    python benchmarks/no_work_batchers.py   # both, median of 3 runs of 1.5 s each
+    python benchmarks/no_work_batchers.py   # all three, median of 3 runs of 1.5 s each
 """
 
 from __future__ import annotations
@@ -113,11 +119,63 @@ def asyncio_loop(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     return asyncio.run(run())
 
 
+def asyncio_thread(clients: int = CLIENTS, seconds: float = 1.5) -> float:
+    """Requests per second of ``clients`` tasks whose requests a no-work server thread
+    answers, a batch (one loop pass's requests) per hand-over each way."""
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        inbox: queue.SimpleQueue[list[asyncio.Future[int]] | None] = queue.SimpleQueue()
+        pending: list[asyncio.Future[int]] = []
+        scheduled = False
+        done = 0
+        deadline = loop.time() + seconds
+
+        def answer(batch: list[asyncio.Future[int]]) -> None:
+            for f in batch:
+                f.set_result(1)
+
+        def server() -> None:
+            get, answer_soon = inbox.get, loop.call_soon_threadsafe
+            while (batch := get()) is not None:
+                answer_soon(answer, batch)
+
+        def hand_over() -> None:
+            nonlocal scheduled
+            scheduled = False
+            inbox.put(pending[:])
+            pending.clear()
+
+        async def client() -> None:
+            nonlocal scheduled, done
+            while loop.time() < deadline:
+                f = loop.create_future()
+                pending.append(f)
+                if not scheduled:
+                    scheduled = True
+                    loop.call_soon(hand_over)
+                await f
+                done += 1
+
+        srv = threading.Thread(target=server, name="no-work-server", daemon=True)
+        srv.start()
+        try:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return done / (time.perf_counter() - t0)
+        finally:
+            inbox.put(None)
+            srv.join()
+
+    return asyncio.run(run())
+
+
 def measure(repeat: int = 3) -> dict[str, float]:
     """Median requests per second of each no-work batcher over ``repeat`` runs."""
     return {
         "threads_64_rps": statistics.median(threads() for _ in range(repeat)),
         "asyncio_64_rps": statistics.median(asyncio_loop() for _ in range(repeat)),
+        "asyncio_thread_64_rps": statistics.median(asyncio_thread() for _ in range(repeat)),
     }
 
 

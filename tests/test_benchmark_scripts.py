@@ -42,7 +42,7 @@ EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best
 # the table must hold).
 PRINTING_RUNS = [
     ("profile_threads.py", ["--clients", "8", "--seconds", "0.2"], "| no-work batcher |"),
-    ("no_work_batchers.py", [], "threads_64_rps"),
+    ("no_work_batchers.py", [], "asyncio_thread_64_rps: "),
     ("profile_burst.py", ["--burst", "300", "--runs", "1"], "| load generator alone "),
     ("profile_adaptive.py", ["--model", "mlp", "--rate", "2000", "--duration", "0.2"],
      '"process_cpu_share": '),

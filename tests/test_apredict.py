@@ -211,8 +211,8 @@ def test_room_handed_to_a_waiter_that_left_goes_to_the_next():
         loop = asyncio.get_running_loop()
         channel = LoopChannel(loop)
         room = RoomWaiters()
-        a = room.wait(loop, channel, room.epoch, front=False)
-        b = room.wait(loop, channel, room.epoch, front=False)
+        a = room.wait(loop, channel, room.epoch, room.ticket())
+        b = room.wait(loop, channel, room.epoch, room.ticket())
         assert len(room) == 2
         room.release(1)  # hands the room to a (posted to the loop, not yet run)
         assert len(room) == 1
@@ -220,7 +220,7 @@ def test_room_handed_to_a_waiter_that_left_goes_to_the_next():
         assert len(room) == 0
         await b.future
         # A wait registered after a release it did not see returns at once.
-        assert room.wait(loop, channel, room.epoch - 1, front=False) is None
+        assert room.wait(loop, channel, room.epoch - 1, room.ticket()) is None
 
     asyncio.run(main())
 
@@ -300,3 +300,132 @@ def test_a_retried_request_keeps_its_priority(make_processor):
 
     asyncio.run(main())
     assert order == [9.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def _wait_for(predicate, what, timeout=10.0):
+    """Block this thread (and so the loop, when called from it) until ``predicate()``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_waiters_who_lose_their_room_wait_again_in_their_order(make_processor):
+    seen = []
+
+    def model(batch):
+        seen.extend(int(v) for v in batch[:, 0])
+        return batch
+
+    processor = make_processor(model, max_queue_size=3, max_batch_size=3, max_workers=1)
+    processor.pause()
+
+    async def main():
+        fillers = [processor.enqueue_predict(np.array([[100.0 + i]])) for i in range(3)]
+        waiters = []
+        for i in range(1, 6):  # W1..W5 wait for room, in this order
+            waiters.append(asyncio.ensure_future(processor.apredict(np.array([[float(i)]]))))
+            await _until(lambda i=i: len(processor._room or ()) == i, f"waiter {i} in line")
+        room = processor._room
+        epoch = room.epoch
+        # Holding the loop: the worker pops the three fillers, which hands W1..W3 the
+        # room; before they can run, three requests from this thread take it.
+        processor.resume()
+        _wait_for(lambda: room.epoch != epoch, "the fillers popped")
+        processor.pause()
+        takers = [processor.enqueue_predict(np.array([[200.0 + i]]), timeout=0)
+                  for i in range(3)]
+        await _until(lambda: len(room) == 5, "W1..W3 back in line")
+        for future in fillers:
+            future.result(10)
+        seen.clear()
+        processor.resume()
+        await asyncio.gather(*waiters)
+        for future in takers:
+            future.result(10)
+
+    asyncio.run(main())
+    assert [v for v in seen if v < 100] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop stopped"])
+def test_room_is_not_lost_to_a_waiter_whose_loop_is_gone(make_processor, closed):
+    processor = make_processor(lambda batch: batch, max_queue_size=1, max_batch_size=1,
+                               max_workers=1)
+    processor.pause()
+    filler = processor.enqueue_predict(np.array([[0.0]]))
+    left = []  # the stopped loop, closed at the end
+    # Its task is kept, as asyncio's docs advise: collected, it would leave the line.
+    kept = []
+
+    def a_loop_that_goes_away():
+        loop = asyncio.new_event_loop()
+        kept.append(loop.create_task(processor.apredict(np.array([[1.0]]))))
+
+        async def until_in_line():
+            await _until(lambda: len(processor._room or ()) == 1, "the first waiter")
+
+        loop.run_until_complete(until_in_line())
+        if closed:
+            loop.close()
+        else:
+            left.append(loop)  # the thread ends with its loop stopped, never closed
+
+    thread = threading.Thread(target=a_loop_that_goes_away)
+    thread.start()
+    thread.join()
+
+    async def main():
+        healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=10))
+        await _until(lambda: len(processor._room) == 2, "the healthy waiter in line")
+        processor.resume()
+        filler.result(10)
+        started = time.monotonic()
+        result = await healthy
+        return result, time.monotonic() - started
+
+    try:
+        result, waited = asyncio.run(main())
+    finally:
+        for loop in left:
+            loop.close()
+    assert result.tolist() == [[7.0]]
+    assert waited < 5.0  # not its timeout: the room freed by the filler was its own
+
+
+def test_an_event_loop_is_not_kept_alive_by_the_processor(make_processor):
+    import gc
+    import weakref
+
+    processor = make_processor(lambda batch: batch)
+    loops = []
+
+    async def one_call():
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await processor.enqueue_predict_async(np.array([[1.0]]))
+        await processor.apredict(np.array([[2.0]]))
+
+    for _ in range(3):
+        asyncio.run(one_call())
+    gc.collect()
+    assert [ref() for ref in loops] == [None, None, None]
+    assert len(processor._channels) == 0
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, StopIteration])
+def test_a_model_raising_what_asyncio_reads_as_control_flow_fails_the_call_plainly(
+        make_processor, raised):
+    def model(batch):
+        raise raised()
+
+    processor = make_processor(model)
+
+    async def main():
+        task = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        with pytest.raises(RuntimeError, match="process_func raised") as info:
+            await task
+        assert not task.cancelled()  # the caller was not cancelled: the model failed
+        return info.value
+
+    error = asyncio.run(main())
+    assert isinstance(error.__cause__, raised)

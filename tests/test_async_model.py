@@ -329,3 +329,34 @@ def test_requests_after_stop_are_refused_as_for_a_sync_model(make_processor):
     p.stop()
     with pytest.raises(ProcessorStoppedError):
         p.enqueue_predict([1])
+
+
+def test_stop_called_by_the_model_gives_up_at_once_on_the_calls_it_holds(make_processor):
+    # stop() on the model's own loop holds that loop: no call in flight can end while it
+    # waits, so it gives up at once instead of waiting out its timeout.
+    other_running = threading.Event()
+    returned = threading.Event()
+    took = []
+
+    async def model(batch):
+        if batch == ["stop"]:
+            await asyncio.to_thread(other_running.wait, HANG)
+            started = time.monotonic()
+            p.stop(timeout=HANG)
+            took.append(time.monotonic() - started)
+            returned.set()
+            return batch
+        other_running.set()
+        await asyncio.sleep(HANG)  # held by the stop: never resumed before it returns
+        return batch
+
+    # FIXED: two calls at once from the start.
+    p = make_processor(model, max_workers=2, max_batch_size=1, batch_timeout=0.0,
+                       processing_strategy=BatchProcessingStrategy.FIXED)
+    stopping = p.enqueue_predict("stop")
+    other = p.enqueue_predict("other")
+    for future in (stopping, other):
+        with pytest.raises(ProcessorStoppedError):
+            future.result(timeout=HANG)
+    assert returned.wait(HANG)
+    assert took[0] < HANG / 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from typing import Any
 
 from ._native import future_state as _atomic
@@ -49,12 +50,16 @@ class QueuedFuture(asyncio.Future):  # type: ignore[type-arg]
 
 
 class LoopChannel:
-    """Results travelling from worker threads to one event loop, a batch at a time."""
+    """Results travelling from worker threads to one event loop, a batch at a time.
 
-    __slots__ = ("_lock", "_loop", "_pending", "_scheduled")
+    It holds its loop weakly: a processor keeps a channel per loop that ever used it, and
+    must not keep every loop of a program that calls ``asyncio.run`` again and again.
+    (Whatever is still pending on a loop holds that loop through its futures.)"""
+
+    __slots__ = ("_lock", "_pending", "_scheduled", "loop_ref")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop_ref = weakref.ref(loop)
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Future[Any], bool, Any]] = []
         self._scheduled = False
@@ -78,9 +83,18 @@ class LoopChannel:
             self._scheduled = True
         self._schedule_flush()
 
+    def serving(self) -> bool:
+        """Whether its loop is running (may run what is posted soon): not closed, not
+        stopped, not gone."""
+        loop = self.loop_ref()
+        return loop is not None and loop.is_running()
+
     def _schedule_flush(self) -> None:
+        loop = self.loop_ref()
         try:
-            self._loop.call_soon_threadsafe(self._flush)
+            if loop is None:
+                raise RuntimeError("event loop is gone")
+            loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop is closed: nobody can await these any more
             with self._lock:
                 dropped, self._pending, self._scheduled = len(self._pending), [], False
@@ -96,10 +110,14 @@ class LoopChannel:
             if ok:
                 future.set_result(value)
                 continue
-            try:
-                future.set_exception(value)
-            except TypeError:  # StopIteration cannot travel through an asyncio future
-                future.set_exception(RuntimeError(f"process_func raised {value!r}"))
+            if isinstance(value, (StopIteration, asyncio.CancelledError)):
+                # Neither can travel as the model's error: an asyncio future refuses a
+                # StopIteration, and a CancelledError would read as the awaiting task's
+                # own cancellation (asyncio, TaskGroups and servers would treat it so).
+                error = RuntimeError(f"process_func raised {value!r}")
+                error.__cause__ = value
+                value = error
+            future.set_exception(value)
 
 
 class AsyncRequest:

@@ -9,17 +9,22 @@ given back by whoever frees it: a worker that popped a batch of ``n`` requests w
 travel to each loop through its ``LoopChannel`` (aio.py), so a batch's worth of waiters
 costs a loop one wake-up, the same as a batch's results. A woken waiter pushes again; if
 somebody else took the room first (a thread in ``enqueue_predict``, a new request on the
-loop), it waits again at the front of the line.
+loop), it waits again in its old place, ahead of those who came after it.
 
 No wake-up is lost: each release bumps ``epoch``, which a coroutine reads before its push;
 ``wait`` registers it only if no room was freed since then, under the same lock release
 takes. A waiter that goes away (its task was cancelled, its ``timeout`` passed) after it
-was handed room passes that room on to the next waiter.
+was handed room passes that room on to the next waiter. Room goes only to a waiter whose
+loop is running: one on a closed loop could never take it (it leaves the line), and one
+on a stopped loop is woken without being counted, so that it tries again if its loop
+runs again. The line is kept in order of first arrival (a ticket each), so that waiters
+woken together who lost their room go back in their old order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import queue as _stdlib_queue
 import threading
@@ -37,18 +42,22 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 U = TypeVar("U")
 
-_WAITING, _CLAIMED, _GONE = 0, 1, 2
+# A waiter's states: in the line; handed room; woken without room (its loop was not
+# running: it tries again when it runs); withdrawn.
+_WAITING, _CLAIMED, _NUDGED, _GONE = 0, 1, 2, 3
 _monotonic = time.monotonic
 _INF = float("inf")
 
 
 class _Waiter:
-    __slots__ = ("channel", "future", "state")
+    __slots__ = ("channel", "future", "state", "ticket")
 
-    def __init__(self, future: asyncio.Future[None], channel: LoopChannel) -> None:
+    def __init__(self, future: asyncio.Future[None], channel: LoopChannel,
+                 ticket: int) -> None:
         self.future = future
         self.channel = channel
         self.state = _WAITING
+        self.ticket = ticket
 
 
 class RoomWaiters:
@@ -59,22 +68,33 @@ class RoomWaiters:
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
         self._closed = False
+        self._tickets = itertools.count()
         self.epoch = 0
 
     def __len__(self) -> int:
         return self._waiting
 
+    def ticket(self) -> int:
+        """A new waiter's place in the line (kept when it waits again)."""
+        return next(self._tickets)
+
     def wait(self, loop: asyncio.AbstractEventLoop, channel: LoopChannel, epoch: int,
-             front: bool) -> _Waiter | None:
-        """On the loop: register a waiter, or None if room was freed since ``epoch``."""
+             ticket: int) -> _Waiter | None:
+        """On the loop: register a waiter with its ``ticket``, in ticket order, or None if
+        room was freed since ``epoch``."""
         with self._lock:
             if self.epoch != epoch or self._closed:
                 return None
-            waiter = _Waiter(loop.create_future(), channel)
-            if front:
-                self._line.appendleft(waiter)
+            waiter = _Waiter(loop.create_future(), channel, ticket)
+            line = self._line
+            if not line or line[-1].ticket < ticket:
+                line.append(waiter)  # a first wait: the newest ticket
             else:
-                self._line.append(waiter)
+                # Woken but the room was taken: back among the oldest, in ticket order.
+                i = 0
+                while line[i].ticket < ticket:
+                    i += 1
+                line.insert(i, waiter)
             self._waiting += 1
         return waiter
 
@@ -90,10 +110,16 @@ class RoomWaiters:
                 waiter = line.popleft()
                 if waiter.state != _WAITING:
                     continue
-                waiter.state = _CLAIMED
+                self._waiting -= 1
+                if waiter.channel.serving():
+                    waiter.state = _CLAIMED
+                    count -= 1
+                elif waiter.future.get_loop().is_closed():
+                    waiter.state = _GONE  # its loop is closed: it will never take room
+                    continue
+                else:
+                    waiter.state = _NUDGED  # a stopped loop: to try again if it runs
                 woken.append(waiter)
-                count -= 1
-            self._waiting -= len(woken)
         for waiter in woken:
             waiter.channel.post(waiter.future, True, None)
 
@@ -171,8 +197,8 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
 
 def _channel(processor: BatchProcessor[Any, Any], loop: asyncio.AbstractEventLoop,
              ) -> LoopChannel:
-    last_loop, channel = processor._last_channel
-    if last_loop is not loop or channel is None:
+    channel = processor._last_channel
+    if channel is None or channel.loop_ref() is not loop:
         channel = processor._channel_for(loop)
     return channel
 
@@ -189,7 +215,7 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
     queue = processor._queue
     room: RoomWaiters | None = None
     epoch = 0
-    front = False
+    ticket = -1  # its place in the line, once it first waits
     deadline = None if timeout is None else loop.time() + timeout
     while True:
         try:
@@ -205,7 +231,9 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
                 room = processor._room_waiters()
                 epoch = room.epoch
                 continue
-        waiter = room.wait(loop, _channel(processor, loop), epoch, front)
+        if ticket < 0:
+            ticket = room.ticket()
+        waiter = room.wait(loop, _channel(processor, loop), epoch, ticket)
         if waiter is not None:
             timer = None if deadline is None else loop.call_at(deadline, _expire, waiter.future)
             try:
@@ -219,5 +247,4 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
             finally:
                 if timer is not None:
                     timer.cancel()
-            front = True  # woken: if the room is gone again, next in line
         epoch = room.epoch

@@ -150,12 +150,12 @@ class BatchProcessor(Generic[T, U]):
         self._started_in_pid = 0
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
-        # enqueue_predict_async: one LoopChannel per event loop, the last one used cached
-        # as a (loop, channel) pair, read in one step by any thread.
+        # enqueue_predict_async: one LoopChannel per event loop (neither holds the loop),
+        # the last one used cached, read in one step by any thread.
         self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopChannel] = (
             weakref.WeakKeyDictionary())
         self._channels_lock = threading.Lock()
-        self._last_channel: tuple[object, LoopChannel | None] = (None, None)
+        self._last_channel: LoopChannel | None = None
         self._failure_log = FailureLog()
         self._max_queue_time = config.max_queue_time
 
@@ -368,6 +368,11 @@ class BatchProcessor(Generic[T, U]):
                    shield: shielded.Shield | None = None) -> None:
         """stop()'s work once intake is closed: drain until ``deadline`` (or until
         ``shield.interrupted``), give up on what is left, fail it, join the threads."""
+        model_loop = self._async_model
+        if model_loop is not None and model_loop.thread is threading.current_thread():
+            # Called by an async model: the loop every call in flight (and every queued
+            # one) needs is this thread, held here, so no call can end while stop waits.
+            deadline = _monotonic()
         drained = not was_running or self._drain(deadline, shield)
         if shield is not None and shield.interrupted:
             deadline = _monotonic()  # giving up at once: no more waiting below
@@ -525,8 +530,8 @@ class BatchProcessor(Generic[T, U]):
         loop = _running_loop()
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(0)
-        last_loop, channel = self._last_channel
-        if last_loop is not loop or channel is None:
+        channel = self._last_channel
+        if channel is None or channel.loop_ref() is not loop:
             channel = self._channel_for(loop)
         future: QueuedFuture = QueuedFuture(loop=loop)
         now = _monotonic()
@@ -609,7 +614,7 @@ class BatchProcessor(Generic[T, U]):
             channel = self._channels.get(loop)
             if channel is None:
                 channel = self._channels[loop] = LoopChannel(loop)
-            self._last_channel = (loop, channel)
+            self._last_channel = channel
         return channel
 
     def enqueue(self, item: T, timeout: float | None = None,

@@ -222,6 +222,44 @@ def test_an_infinite_input_is_read_only_as_results_are_consumed(make_processor):
     results.close()
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_items_of_no_rows_are_read_ahead_within_the_bound(make_processor, asynchronous):
+    # An item of shape (0, n) adds no rows: a chunk is bounded by its items as well, so
+    # the read-ahead stays within (buffersize + 1) * chunksize items.
+    p = make_processor(lambda b: b * 2, max_batch_size=16)
+    read = itertools.count()
+
+    def source():
+        for k in read:
+            assert k < 1000, "read without bound"
+            yield np.empty((0, 4)) if k % 2 else np.full((1, 4), float(k))
+
+    async def asource():
+        for item in source():
+            yield item
+
+    if asynchronous:
+        async def first():
+            results = p.amap(asource(), chunksize=4, buffersize=1)
+            try:
+                return await results.__anext__()
+            finally:
+                await results.aclose()
+
+        first_result = asyncio.run(first())
+    else:
+        results = p.map(source(), chunksize=4, buffersize=1)
+        first_result = next(results)
+        results.close()
+    assert (first_result == 0).all() and first_result.shape == (1, 4)
+    assert next(read) <= (1 + 1) * 4
+    items = [np.empty((0, 4)) if k % 3 else np.full((1, 4), float(k)) for k in range(20)]
+    out = list(p.map(items, chunksize=4))
+    assert [y.shape for y in out] == [x.shape for x in items]
+    assert all((y == 2 * x).all() for x, y in zip(items, out))
+    assert p.get_stats()["total_accepted"] == 1 + 5  # the first chunk, then 20 items by 4
+
+
 def test_closing_early_withdraws_queued_chunks(make_processor):
     started, gate = threading.Event(), threading.Event()
     sizes = []

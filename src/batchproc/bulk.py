@@ -90,6 +90,8 @@ class Chunker:
     """Groups consecutive items of one kind (one compatibility key) into chunks within
     the processor's caps: ``chunksize`` rows, ``max_batch_memory_mb`` and
     ``max_batch_tokens``. An item over a cap goes alone (the engine cuts it by rows).
+    A chunk also holds at most ``chunksize`` items: items of no rows (an array of shape
+    ``(0, n)``) fill no rows, and the read-ahead is bounded in items.
     Closed chunks, and failures in their places, wait in ``ready``."""
 
     def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int) -> None:
@@ -140,7 +142,7 @@ class Chunker:
             self._nbytes = int(self._per_token * self._queue_length + 0.5)
         else:
             self._nbytes += nbytes
-        if self._rows >= self._max_rows:
+        if self._rows >= self._max_rows or len(self._requests) >= self._max_rows:
             self.flush()
         # A plain array (described as it is, nothing looked into): the items after it
         # that are exactly like it are described like it, natively (``read``).
@@ -174,7 +176,8 @@ class Chunker:
             while not ready:
                 template = self._template
                 if template is not None:
-                    room = (self._max_rows - self._rows) // template.rows
+                    room = min((self._max_rows - self._rows) // template.rows,
+                               self._max_rows - len(self._requests))
                     if self._max_bytes and template.nbytes:
                         room = min(room, (self._max_bytes - self._nbytes) // template.nbytes)
                     if room > 0:
@@ -182,7 +185,8 @@ class Chunker:
                                                 self._items)
                         self._rows += taken * template.rows
                         self._nbytes += taken * template.nbytes
-                        if self._rows >= self._max_rows:
+                        if (self._rows >= self._max_rows
+                                or len(self._requests) >= self._max_rows):
                             self.flush()
                         if item is TOOK_ALL:
                             continue

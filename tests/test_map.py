@@ -402,6 +402,24 @@ def test_return_exceptions_yields_the_error_in_place(make_processor):
             assert (y == 2 * k).all(), k  # the bad item's chunk-mates too
 
 
+def test_a_failed_chunk_is_not_retried_whole(make_processor):
+    # A chunk of several items that fails is handled as its items queued one by one
+    # would be (a failing batch of them is searched at once): its items are queued again
+    # at once and the good ones get their results without waiting for a backoff. Parked
+    # whole for its retry (60 s), the chunk would hold them all (and, with a shorter
+    # max_queue_time, expire them all).
+    p = make_processor(_failing_on(2), max_batch_size=4, max_retries=1, retry_delay=60.0)
+    results = p.map(rows(4), return_exceptions=True)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(itertools.islice(results, 2)))
+    consumer.start()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive(), "the good items waited for the chunk's backoff"
+    assert [float(y[0, 0]) for y in got] == [0.0, 2.0]
+    # Only the bad item is parked for its retry; the fourth has its result already.
+    _wait_for(lambda: p.get_stats()["total_processed"] == 3, "the three good items")
+
+
 def test_two_bad_items_in_one_chunk(make_processor):
     def model(batch):
         if (batch == 3).any() or (batch == 5).any():

@@ -14,11 +14,13 @@ Flow control: at most ``buffersize`` chunks are in flight (queued, running, or d
 and not yet handed out); the input is read only to refill that window, so an infinite
 or lazy input is read as fast as results are consumed and memory stays bounded.
 
-Failures: a chunk fails as one request (after its retries). Its items are then queued
-again one by one, so the engine's bisection finds the failing item and only that
-position raises (or yields the exception, with ``return_exceptions``). A chunk that
-expired (``QueueTimeoutError``) or was refused or dropped at stop
-(``ProcessorStoppedError``) is not queued again: each of its positions gets that error.
+Failures: a chunk of several items that fails is not retried whole (the engine fails
+it at once, as it searches a failing batch of several requests at once). Its items are
+then queued again one by one, so the engine's bisection finds the failing item, retried
+as it would be alone, and only that position raises (or yields the exception, with
+``return_exceptions``). A chunk that expired (``QueueTimeoutError``) or was refused or
+dropped at stop (``ProcessorStoppedError``) is not queued again: each of its positions
+gets that error.
 ``ProcessorStoppedError`` and an exception raised by the input iterator always end the
 iteration at their position, with or without ``return_exceptions``.
 """

@@ -9,6 +9,9 @@ Failure scheduling (docs/failures.md):
   then it runs alone, so that only a request that fails on its own gets an error. When
   more than one fails, the rest is bisected: both halves run, and each that fails is
   bisected again.
+* A ``map`` chunk of several items that fails on its own is not retried: it fails at
+  once, and ``map`` queues its items again one by one (formats/chunks.py), each then
+  searched and retried as it would have been had it been queued alone.
 * A request that fails on its own is never waited for on the worker: it is parked in the
   native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
@@ -39,6 +42,7 @@ from ..config import MAX_SECONDS, BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError
 from ..formats import Limits, Workspace
+from ..formats.chunks import handed_back
 from ..metrics import OUTCOME_ERROR, MetricsSink
 from .batch import ABANDONED as ABANDONED_BATCH
 from .batch import HELD, Batch, Board
@@ -275,8 +279,16 @@ class Executor:
 
     def _retry_or_fail(self, batch: Batch, request: Request, error: BaseException,
                        origin: BaseException) -> None:
-        """Park a single failing request for a retry after its backoff, or fail it."""
+        """Park a single failing request for a retry after its backoff, or fail it.
+
+        A map chunk of several items is not a single request: it fails at once, and its
+        items are queued again one by one (``handed_back``), as a failing batch of
+        several requests is searched at once. Retried and parked whole, it would make
+        every item wait for a backoff it may not outlive (``max_queue_time``)."""
         batch.own_failures += 1
+        if handed_back(request, error):
+            self._delivery.fail(batch, [request], error)
+            return
         cfg = self._config
         if (retried(error, self._retry_on) and request.attempt < cfg.max_retries
                 and self._park(batch, request, error, origin)):

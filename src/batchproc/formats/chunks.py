@@ -20,10 +20,12 @@ from .base import BatchFormat, Built, Limits, Workspace
 
 
 def items_queued_again(error: BaseException, count: int) -> bool:
-    """Whether a chunk of ``count`` items that failed for good with ``error`` has its items
-    queued again one by one: a processing failure of several items (one of them may be
-    the cause). Expired and stopped ones are not: their time or their processor is gone.
-    Such a chunk has no outcome of its own in the counts; its items each have theirs."""
+    """Whether a chunk of ``count`` items that failed with ``error`` has its items queued
+    again one by one: a processing failure of several items (one of them may be the
+    cause); it is never retried whole (engine/execution.py): its items are, each as it
+    would be alone. Expired and stopped ones are not: their time or their processor is
+    gone. Such a chunk has no outcome of its own in the counts; its items each have
+    theirs."""
     return (count > 1 and isinstance(error, Exception)
             and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
 

@@ -503,6 +503,40 @@ def test_counts_with_a_bad_item_and_a_good_chunk(make_processor):
     assert outcomes.counts == {"ok": 8, "error": 1}
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failed_chunk_dropped_by_closing_the_map_is_one_failure(make_processor,
+                                                                  asynchronous):
+    # The second chunk fails (its items not queued again yet: the consumer has not asked)
+    # and the map is closed: the chunk counts as the failure it was, not as nothing.
+    failed = threading.Event()
+
+    def model(batch):
+        if (batch == 5).any():
+            failed.set()
+            raise ValueError("bad row 5")
+        return batch
+
+    p = make_processor(model, max_batch_size=4, max_workers=1, max_retries=0)
+    if asynchronous:
+        async def main():
+            results = p.amap(rows(8), buffersize=2)
+            assert (await results.__anext__() == 0).all()
+            while not failed.is_set() or p.get_stats()["active_batches"]:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0)  # the failure, posted to the loop before the batch ended
+            await results.aclose()
+
+        asyncio.run(main())
+    else:
+        results = p.map(rows(8), buffersize=2)
+        assert (next(results) == 0).all()
+        assert failed.wait(10)
+        _wait_for(lambda: not p.get_stats()["active_batches"], "the chunk's failure")
+        results.close()
+    assert _counts(p) == (2, 1, 1)
+    assert p.get_stats()["total_cancelled"] == 0
+
+
 def test_a_failed_chunk_of_one_item_is_one_failure(make_processor):
     p = make_processor(_failing_on(0), max_retries=0)
     out = list(p.map(rows(1), return_exceptions=True))

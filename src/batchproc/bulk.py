@@ -347,10 +347,16 @@ class Window:
 
     def cancel(self) -> None:
         """Withdraw what is still queued (what runs completes unseen): an iterator closed
-        early leaves none of its requests behind in the queue."""
+        early leaves none of its requests behind in the queue. A chunk that failed and
+        whose items were not queued again yet never will be: it counts as a failure."""
         for slot in self.slots:
             if isinstance(slot, InFlight):
-                slot.future.cancel()
+                future = slot.future
+                if slot.singles is None and future.done() and not future.cancelled():
+                    error = future.exception()
+                    if error is not None and items_queued_again(error, len(slot.chunk.items)):
+                        self._processor._dispatcher.delivery.not_queued_again(error)
+                future.cancel()
                 for single in slot.singles or ():
                     if not isinstance(single, BaseException):
                         single.cancel()

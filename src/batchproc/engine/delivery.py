@@ -181,6 +181,14 @@ class Delivery:
                 self.timed_out += timed_out
         return counted
 
+    def not_queued_again(self, error: BaseException) -> None:
+        """A map chunk handed back (``_counted``) whose items were never queued again:
+        its map was closed first. It is counted as the failure it was, once."""
+        with self._expired_lock:
+            self.handed_back -= 1
+        self._stats.record_error(1)
+        self._metrics.error(error, 1)
+
     def expire(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or
         parked for a retry) with ``QueueTimeoutError``; they do not reach the model

@@ -372,3 +372,32 @@ def test_a_per_row_model_keeps_its_reading_when_one_row_result_has_the_batch_len
     p.enqueue_predict(np.array([[5.0], [7.0]])).result(timeout=10)    # shows: per row
     got = p.enqueue_predict(np.array([[2.0], [9.0]])).result(timeout=10)
     assert [len(g) for g in got] == [2, 9]
+
+
+# The rule does not depend on how many rows or requests a batch has: a batch of one row,
+# a lone request and a request cut into one-row chunks read an output as any batch does.
+
+def _onnx_logits(b):
+    return [np.stack([b, -b], axis=-1)]  # [logits (rows, length, 2)], session.run style
+
+
+@pytest.mark.parametrize("per_token", [True, {0}], ids=["all", "by position"])
+def test_a_one_row_list_of_one_output_is_cut_per_token(make_processor, per_token):
+    # A list of one array holding the batch's one row: with per_token_outputs only
+    # outputs can be meant. Before, a batch of one row read it as one result per row and
+    # failed, before and after a batch of two rows had shown the list holds outputs.
+    p = make_processor(_onnx_logits, pad_value=0, pad_to_multiple_of=8,
+                       per_token_outputs=per_token, max_retries=0, retry_delay=0.0)
+    for rows in (1, 2, 1):
+        x = np.arange(1, rows * 5 + 1).reshape(rows, 5)
+        got = p.enqueue_predict(x).result(timeout=10)     # padded to 8, cut back to 5
+        assert isinstance(got, list) and len(got) == 1
+        np.testing.assert_array_equal(got[0], np.stack([x, -x], axis=-1))
+    # Two outputs for two rows, the list's length: undecidable before a batch has shown
+    # what the model's lists are, but per_token_outputs leaves only outputs to mean.
+    p = make_processor(lambda b: [b * 1, b * 2], pad_value=0, pad_to_multiple_of=8,
+                       per_token_outputs=per_token, max_retries=0, retry_delay=0.0)
+    x = np.arange(1, 11).reshape(2, 5)
+    got = p.enqueue_predict(x).result(timeout=10)
+    np.testing.assert_array_equal(got[0], x)
+    assert got[1].shape == ((2, 5) if per_token is True else (2, 8))

@@ -18,8 +18,10 @@ The rule goes by the output's type first; shapes are checked (docs/formats.md):
   length is the batch's rows and no element is such an array. When its length is the
   batch's rows and some element is such an array, the reading this format's model
   showed on an earlier batch decides (a model's output structure does not change with
-  the batch size); before any has, the batch fails. With one row, both readings hand the
-  caller the same data.
+  the batch size); before any has, the batch fails. But with ``per_token_outputs`` only
+  several outputs can be meant (per-row results have no padded axis), and with one row a
+  list of one array holding it (ONNX Runtime's ``[logits]``) is read as one output: a
+  lone caller gets the same data either way. Neither is recorded as the reading.
 
 Any output the rule does not cover (a string, a set, a generator, a scalar) is an error.
 Every error is a ``BatchOutputError`` naming the offending leaf by its path and both
@@ -146,7 +148,7 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
             raise _wrong_rows((), out, n)
         return _cut_rows(out, requests, one_sample)
     if isinstance(out, list):
-        if _list_of_outputs(out, n, one_sample, reading):
+        if _list_of_outputs(out, n, one_sample, bool(per_token), reading):
             return _split_tree(out, requests, n, built.padded_length, one_sample, per_token)
         if per_token:
             raise BatchOutputError(
@@ -182,10 +184,11 @@ def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int) -> BatchOutputError:
     return BatchOutputError(f"process_func returned {got} results{where} for a batch of {n}")
 
 
-def _list_of_outputs(out: list[Any], n: int, one_sample: bool, reading: ListReading,
-                     ) -> bool:
+def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
+                     reading: ListReading) -> bool:
     """Whether a list output is several outputs (True) or one result per row (False), by
-    the module's rule; ``BatchOutputError`` when it is neither or cannot be told."""
+    the module's rule; ``BatchOutputError`` when it is neither or cannot be told. The rule
+    is the same for every batch size: one row and one request included."""
     k = len(out)
     with_rows = [_is_leaf(x) and _leading(x) == n for x in out]
     all_rows = k > 0 and all(with_rows)
@@ -197,19 +200,24 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, reading: ListRead
             raise BatchOutputError(
                 f"process_func returned {k} results for a batch of {n}{hint}")
         return False
+    known = reading.outputs
     if k != n:
         if not all_rows:
             raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
         decided = True  # several outputs, each with the batch's rows
-    elif n == 1:
-        return False  # one row: both readings hand the one caller the same data
     elif not any(with_rows):
         decided = False  # one result per row: no element looks like a batch's output
     else:
         # Some element has the batch's rows, as an output would; the list's length is
-        # the batch's too, as per-row results would be. An earlier batch decides.
-        if reading.outputs is False or (reading.outputs and all_rows):
-            return reading.outputs
+        # the batch's too, as per-row results would be. An earlier batch decides. Before
+        # one has: with per_token_outputs only outputs can be meant (per-row results have
+        # no padded axis); with one row (a list of one array holding it, ONNX Runtime's
+        # [logits]) a lone caller gets the same data either way. Neither shows what the
+        # model means, so neither is recorded.
+        if known is False or (known and all_rows):
+            return known
+        if all_rows and (per_token or n == 1):
+            return True
         what = (f"a list of {k} arrays with {n} rows each" if all_rows else
                 f"a list of {k} results, some of them arrays with the batch's {n} rows")
         raise BatchOutputError(
@@ -217,9 +225,9 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, reading: ListRead
             f"or {k} outputs split by rows, and no earlier batch has shown which "
             "(several outputs must all have the batch's rows on axis 0). Return a tuple or "
             "dict for several outputs, or one stacked array for one result per row")
-    if reading.outputs is None:
+    if known is None:
         reading.outputs = decided
-    elif reading.outputs != decided:
+    elif known != decided:
         raise BatchOutputError(
             f"process_func returned a list of {k} for a batch of {n}, read as "
             f"{'several outputs' if decided else 'one result per row'}, but earlier "

@@ -401,3 +401,22 @@ def test_a_one_row_list_of_one_output_is_cut_per_token(make_processor, per_token
     got = p.enqueue_predict(x).result(timeout=10)
     np.testing.assert_array_equal(got[0], x)
     assert got[1].shape == ((2, 5) if per_token is True else (2, 8))
+
+
+@pytest.mark.parametrize("config", [{"max_batch_size": 1},
+                                    {"pad_value": 0, "max_batch_tokens": 4}],
+                         ids=["max_batch_size", "max_batch_tokens"])
+def test_one_row_chunks_join_a_list_as_the_whole_request_would_get_it(make_processor,
+                                                                       config):
+    x = np.arange(12.0).reshape(3, 4)
+    # A list of one output: one-row chunks cannot show it, and were chained per row.
+    p = make_processor(lambda b: [b * 2], **config)
+    got = p.enqueue_predict(x).result(timeout=10)
+    assert isinstance(got, list) and len(got) == 1
+    np.testing.assert_array_equal(got[0], x * 2)
+    # One result per row (each of 4 values, not one row): still chained per row.
+    p = make_processor(lambda b: [r * 2 for r in b], **config)
+    got = p.enqueue_predict(x).result(timeout=10)
+    assert isinstance(got, list) and len(got) == 3
+    for g, r in zip(got, x):
+        np.testing.assert_array_equal(g, r * 2)

@@ -118,8 +118,10 @@ class BatchFormat(ABC):
 
     def join(self, parts: list[Any]) -> Any:
         """The result of a chunked request from its chunks' results, in order."""
+        # Lists are joined as the module's rule read them in split: one result per row
+        # only once a batch has shown it (one-row chunks read a list as outputs).
         reading = self._list_reading
-        return outputs.join(parts, reading is not None and bool(reading.outputs))
+        return outputs.join(parts, reading is not None and reading.outputs is not False)
 
 
 class Leaf(Protocol):

@@ -21,7 +21,8 @@ The rule goes by the output's type first; shapes are checked (docs/formats.md):
   the batch size); before any has, the batch fails. But with ``per_token_outputs`` only
   several outputs can be meant (per-row results have no padded axis), and with one row a
   list of one array holding it (ONNX Runtime's ``[logits]``) is read as one output: a
-  lone caller gets the same data either way. Neither is recorded as the reading.
+  lone caller gets the same data either way, and a request cut into one-row chunks is
+  joined as one output. Neither is recorded as the reading.
 
 Any output the rule does not cover (a string, a set, a generator, a scalar) is an error.
 Every error is a ``BatchOutputError`` naming the offending leaf by its path and both
@@ -212,8 +213,9 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
         # the batch's too, as per-row results would be. An earlier batch decides. Before
         # one has: with per_token_outputs only outputs can be meant (per-row results have
         # no padded axis); with one row (a list of one array holding it, ONNX Runtime's
-        # [logits]) a lone caller gets the same data either way. Neither shows what the
-        # model means, so neither is recorded.
+        # [logits]) a lone caller gets the same data either way, and outputs is what the
+        # one-row chunks of a larger request are joined as. Neither shows what the model
+        # means, so neither is recorded.
         if known is False or (known and all_rows):
             return known
         if all_rows and (per_token or n == 1):

@@ -359,7 +359,8 @@ def test_a_list_whose_length_is_the_rows_with_a_batch_sized_element_is_not_guess
     p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
     with pytest.raises(BatchOutputError, match="no earlier batch has shown"):
         p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)
-    with pytest.raises(BatchOutputError, match="2 results for a batch of 4"):
+    # A list of 2 for 4 rows is read as outputs: the error names h, the one without them.
+    with pytest.raises(BatchOutputError, match=r"3 results in output\[1\] for a batch of 4"):
         p.enqueue_predict(rows_of(0, n=4)).result(timeout=10)
 
 
@@ -420,3 +421,22 @@ def test_one_row_chunks_join_a_list_as_the_whole_request_would_get_it(make_proce
     assert isinstance(got, list) and len(got) == 3
     for g, r in zip(got, x):
         np.testing.assert_array_equal(g, r * 2)
+
+
+def test_a_list_of_outputs_with_an_output_missing_rows_fails_naming_it(make_processor):
+    # As a tuple's error does (docs/formats.md): the output by its path, both lengths.
+    # Before, the list was read as per-row results: "returned 2 results for a batch of 4".
+    p = make_processor(lambda b: [b * 2, b[:-1]], max_retries=0, retry_delay=0.0,
+                       max_batch_size=64, max_workers=1)
+    futures = one_batch(p, [rows_of(i) for i in range(4)])
+    message = str(futures[0].exception(timeout=10))
+    assert "3 results in output[1] for a batch of 4" in message, message
+    assert "0 results in output[1] for a batch of 1" in message, message
+    # Once a batch has shown the list holds outputs, a list of the batch's length too.
+    p = make_processor(lambda b: [b * 2, b[:1]], max_retries=0, retry_delay=0.0)
+    assert len(p.enqueue_predict(rows_of(0)).result(timeout=10)) == 2
+    for n in (2, 3):
+        with pytest.raises(BatchOutputError,
+                           match=rf"^process_func returned 1 results in output\[1\] "
+                                 rf"for a batch of {n}$"):
+            p.enqueue_predict(rows_of(0, n=n)).result(timeout=10)

@@ -204,6 +204,10 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
     known = reading.outputs
     if k != n:
         if not all_rows:
+            # Outputs (a model known to return them, or some element has the batch's
+            # rows as an output would): name the one that has not, as a tuple's error.
+            if known or (known is None and (per_token or any(with_rows))):
+                raise _wrong_output(out, n, with_rows)
             raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
         decided = True  # several outputs, each with the batch's rows
     elif not any(with_rows):
@@ -216,9 +220,11 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
         # [logits]) a lone caller gets the same data either way, and outputs is what the
         # one-row chunks of a larger request are joined as. Neither shows what the model
         # means, so neither is recorded.
-        if known is False or (known and all_rows):
-            return known
-        if all_rows and (per_token or n == 1):
+        if known is False:
+            return False
+        if known or per_token or n == 1:
+            if not all_rows:
+                raise _wrong_output(out, n, with_rows)
             return True
         what = (f"a list of {k} arrays with {n} rows each" if all_rows else
                 f"a list of {k} results, some of them arrays with the batch's {n} rows")
@@ -236,6 +242,17 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
             f"batches returned {'one result per row' if decided else 'several outputs'}:"
             " a model's output structure must not change with the batch")
     return decided
+
+
+def _wrong_output(out: list[Any], n: int, with_rows: list[bool]) -> BatchOutputError:
+    """The error for a list read as several outputs: its first element without the
+    batch's rows, named by its path (``output[1]``) with both lengths, as in a tuple."""
+    i = with_rows.index(False)
+    if _is_leaf(out[i]):
+        return _wrong_rows((i,), out[i], n)
+    return BatchOutputError(
+        f"{_path_str((i,))} is {type(out[i]).__name__}: every output of a list of outputs "
+        f"must be an array or tensor with the batch's {n} rows on axis 0")
 
 
 def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]:

@@ -440,3 +440,38 @@ def test_a_list_of_outputs_with_an_output_missing_rows_fails_naming_it(make_proc
                            match=rf"^process_func returned 1 results in output\[1\] "
                                  rf"for a batch of {n}$"):
             p.enqueue_predict(rows_of(0, n=n)).result(timeout=10)
+
+
+class IndexOnly:
+    """A length and integer indexing, but no slices (like a deque)."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise TypeError("integer indices only")
+        return self.rows[i]
+
+
+@pytest.mark.parametrize("model", [lambda b: collections.deque(b * 2),
+                                   lambda b: (b * 2, IndexOnly(b))],
+                         ids=["deque", "in a tuple"])
+def test_an_output_that_does_not_slice_fails_alone_as_in_a_batch(make_processor, recorder,
+                                                                  model):
+    # Alone, the output was handed over uncut: its request passed alone and failed in a
+    # batch, so every batch failed, was bisected and halved the target size, silently.
+    model = recorder(model)
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=8,
+                       max_workers=1)
+    with pytest.raises(BatchOutputError, match="could not be cut"):
+        p.enqueue_predict(rows_of(0)).result(timeout=10)
+    for _ in range(2):
+        first = len(model.sizes)
+        futures = one_batch(p, [rows_of(i) for i in range(4)])
+        for future in futures:
+            assert isinstance(future.exception(timeout=10), BatchOutputError)
+        assert model.sizes[first] == 4  # each fails alone: the target size is not halved

@@ -24,6 +24,10 @@ The rule goes by the output's type first; shapes are checked (docs/formats.md):
   lone caller gets the same data either way, and a request cut into one-row chunks is
   joined as one output. Neither is recorded as the reading.
 
+No part of the rule depends on how many rows or requests a batch has: a lone request's
+output is handed over uncut, but its leaves are checked as a batch's would be cut (an
+object with a length that does not slice, a ``deque``, fails alone too).
+
 Any output the rule does not cover (a string, a set, a generator, a scalar) is an error.
 Every error is a ``BatchOutputError`` naming the offending leaf by its path and both
 lengths: the batch fails, as if the model raised.
@@ -255,6 +259,24 @@ def _wrong_output(out: list[Any], n: int, with_rows: list[bool]) -> BatchOutputE
         f"must be an array or tensor with the batch's {n} rows on axis 0")
 
 
+# Leaf types seen to slice by rows. A lone request's leaf is handed over uncut, so a type
+# not seen yet is cut once to no rows: a leaf that a batch could not cut fails alone too.
+# Bounded: a type forgotten is only checked again.
+_SLICED: set[type] = set()
+
+
+def _check_slices(leaf: Any) -> None:
+    """Raise what cutting ``leaf`` by rows would (once per type; an ndarray slices)."""
+    kind = type(leaf)
+    if kind is _ndarray or kind in _SLICED:
+        return
+    iloc = getattr(leaf, "iloc", None)
+    (iloc if iloc is not None else leaf)[0:0]
+    if len(_SLICED) >= 256:
+        _SLICED.clear()
+    _SLICED.add(kind)
+
+
 def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]:
     """Cut a checked leaf (or per-row list) into each request's part."""
     count = len(requests)
@@ -266,7 +288,10 @@ def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]
             return [iloc[i] for i in range(count)]
         return [leaf[i] for i in range(count)]
     if count == 1:
-        return [leaf]  # one request (every batch at low load): the output is its part
+        # One request (every batch at low load): the output is its part, if it slices.
+        if type(leaf) is not _ndarray and type(leaf) not in _SLICED:
+            _check_slices(leaf)
+        return [leaf]
     if type(leaf) is _ndarray and leaf.shape[0] == count:
         for request in requests:
             if request.rows != 1:
@@ -325,6 +350,8 @@ def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
             _check_per_token(path, leaf, padded_length)
         tokens.append(trim)
     if len(requests) == 1 and not one_sample and not any(tokens):
+        for leaf in leaves:
+            _check_slices(leaf)
         return [out]
     if not leaves:  # containers only: each caller gets its own copy of them
         return [spec.unflatten([]) for _ in requests]

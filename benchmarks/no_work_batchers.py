@@ -32,6 +32,7 @@ import queue
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 CLIENTS = 64
@@ -83,40 +84,50 @@ def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     return sum(served) / elapsed
 
 
+Batch = list[asyncio.Future[int]]
+
+
+async def _tasks(clients: int, seconds: float, hand_over: Callable[[Batch], None]) -> float:
+    """Requests per second of ``clients`` tasks on the running loop, each awaiting its
+    own future in a closed loop; each pass of the loop hands the futures made since the
+    last one to ``hand_over`` at once, which must see them answered."""
+    loop = asyncio.get_running_loop()
+    pending: Batch = []
+    scheduled = False
+    done = 0
+    deadline = loop.time() + seconds
+
+    def pass_on() -> None:
+        nonlocal scheduled
+        scheduled = False
+        batch = pending[:]
+        pending.clear()
+        hand_over(batch)
+
+    async def client() -> None:
+        nonlocal scheduled, done
+        while loop.time() < deadline:
+            f = loop.create_future()
+            pending.append(f)
+            if not scheduled:
+                scheduled = True
+                loop.call_soon(pass_on)
+            await f
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.perf_counter() - t0)
+
+
+def _answer(batch: Batch) -> None:
+    for f in batch:
+        f.set_result(1)
+
+
 def asyncio_loop(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     """Requests per second through one no-work flush per loop pass, ``clients`` tasks."""
-
-    async def run() -> float:
-        loop = asyncio.get_running_loop()
-        pending: list[asyncio.Future[int]] = []
-        scheduled = False
-        done = 0
-        deadline = loop.time() + seconds
-
-        def flush() -> None:
-            nonlocal scheduled
-            scheduled = False
-            batch = pending[:]
-            pending.clear()
-            for f in batch:
-                f.set_result(1)
-
-        async def client() -> None:
-            nonlocal scheduled, done
-            while loop.time() < deadline:
-                f = loop.create_future()
-                pending.append(f)
-                if not scheduled:
-                    scheduled = True
-                    loop.call_soon(flush)
-                await f
-                done += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        return done / (time.perf_counter() - t0)
-
-    return asyncio.run(run())
+    return asyncio.run(_tasks(clients, seconds, _answer))
 
 
 def asyncio_thread(clients: int = CLIENTS, seconds: float = 1.5) -> float:
@@ -125,44 +136,17 @@ def asyncio_thread(clients: int = CLIENTS, seconds: float = 1.5) -> float:
 
     async def run() -> float:
         loop = asyncio.get_running_loop()
-        inbox: queue.SimpleQueue[list[asyncio.Future[int]] | None] = queue.SimpleQueue()
-        pending: list[asyncio.Future[int]] = []
-        scheduled = False
-        done = 0
-        deadline = loop.time() + seconds
-
-        def answer(batch: list[asyncio.Future[int]]) -> None:
-            for f in batch:
-                f.set_result(1)
+        inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
 
         def server() -> None:
             get, answer_soon = inbox.get, loop.call_soon_threadsafe
             while (batch := get()) is not None:
-                answer_soon(answer, batch)
-
-        def hand_over() -> None:
-            nonlocal scheduled
-            scheduled = False
-            inbox.put(pending[:])
-            pending.clear()
-
-        async def client() -> None:
-            nonlocal scheduled, done
-            while loop.time() < deadline:
-                f = loop.create_future()
-                pending.append(f)
-                if not scheduled:
-                    scheduled = True
-                    loop.call_soon(hand_over)
-                await f
-                done += 1
+                answer_soon(_answer, batch)
 
         srv = threading.Thread(target=server, name="no-work-server", daemon=True)
         srv.start()
         try:
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(clients)))
-            return done / (time.perf_counter() - t0)
+            return await _tasks(clients, seconds, inbox.put)
         finally:
             inbox.put(None)
             srv.join()

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from waiting import wait_for as _wait_for
 
 from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError, QueueTimeoutError
 from batchproc.aio import LoopChannel
@@ -300,14 +301,6 @@ def test_a_retried_request_keeps_its_priority(make_processor):
 
     asyncio.run(main())
     assert order == [9.0, 0.0, 1.0, 2.0, 3.0, 4.0]
-
-
-def _wait_for(predicate, what, timeout=10.0):
-    """Block this thread (and so the loop, when called from it) until ``predicate()``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def test_waiters_who_lose_their_room_wait_again_in_their_order(make_processor):

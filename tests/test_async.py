@@ -2,20 +2,12 @@
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
+from waiting import wait_for as _wait_for
 
 from batchproc import BatchProcessingStrategy, ProcessorStoppedError, QueueFullError
-
-
-def _wait_for(predicate, what, timeout=10.0):
-    """Poll a state the test is waiting for (blocking the calling thread on purpose)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def test_many_coroutines_each_get_exactly_their_result(make_processor):

@@ -6,10 +6,10 @@ import contextlib
 import itertools
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
+from waiting import wait_for as _wait_for
 
 from batchproc import (
     BatchPriority,
@@ -18,14 +18,6 @@ from batchproc import (
     QueueTimeoutError,
 )
 from batchproc.errors import BatchOutputError
-
-
-def _wait_for(predicate, what, timeout=10.0):
-    """Poll a state the test is waiting for (blocking the calling thread on purpose)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def rows(n, features=3, start=0):

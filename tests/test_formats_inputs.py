@@ -3,6 +3,8 @@ generic items with item_size, and bad input refused at enqueue at no cost to oth
 
 import collections
 import collections.abc
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -652,3 +654,16 @@ def test_string_dtype_arrays_are_batched_by_rows(make_processor, recorder):
     got = [f.result(timeout=10) for f in one_batch(p, items)]
     assert [g.tolist() for g in got] == [[["AB"], ["C"]], [["DE"]]]
     assert model.sizes == [3]
+
+
+def test_plain_arrays_never_import_numpy_ma():
+    # numpy imports numpy.ma on first use (milliseconds): a caller's first request paid it.
+    code = ("import numpy as np, sys, batchproc\n"
+            "config = batchproc.BatchProcessorConfig(max_batch_size=2)\n"
+            "with batchproc.BatchProcessor(config) as p:\n"
+            "    p.start(lambda b: b)\n"
+            "    p.enqueue_predict(np.ones((1, 2))).result(10)\n"
+            "    p.enqueue_predict({'a': np.ones((1, 2))}).result(10)\n"
+            "    p.enqueue_predict(np.ones((3, 2))).result(10)  # in chunks, joined\n"
+            "assert 'numpy.ma' not in sys.modules, 'numpy.ma was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

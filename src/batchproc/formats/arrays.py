@@ -34,7 +34,9 @@ class ArrayLeaf:
         self._stacked = stacked
         # Object arrays and subclasses are numpy's to join; the assembler copies raw bytes.
         self._numpy = None
-        if issubclass(cls, np.ma.MaskedArray):
+        # Plain arrays never touch np.ma: its first use imports numpy.ma (milliseconds, on
+        # a caller's first request).
+        if cls is not np.ndarray and issubclass(cls, np.ma.MaskedArray):
             self._numpy = np.ma.stack if stacked else np.ma.concatenate
         elif dtype.hasobject or cls is not np.ndarray:
             self._numpy = np.stack if stacked else np.concatenate

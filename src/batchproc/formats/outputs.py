@@ -392,9 +392,9 @@ def join(parts: list[Any], list_of_outputs: bool = False) -> Any:
 
 def _join_leaves(parts: list[Any]) -> Any:
     first = parts[0]
-    if isinstance(first, np.ma.MaskedArray):
-        return np.ma.concatenate(parts)  # type: ignore[no-untyped-call]
     if isinstance(first, _ndarray):
+        if type(first) is not _ndarray and isinstance(first, np.ma.MaskedArray):
+            return np.ma.concatenate(parts)  # type: ignore[no-untyped-call]
         return np.concatenate(parts)
     if is_tensor(first):
         import torch

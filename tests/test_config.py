@@ -526,6 +526,11 @@ def test_the_native_limits_are_those_of_the_native_structures():
     ("monitoring_window", WINDOW_MOST, WINDOW_MOST + 1),
     ("monitoring_window", WINDOW_MOST, 2**70),
     ("max_workers", MAX_WORKERS, MAX_WORKERS + 1),
+    # Accepted before, then an OverflowError (map) or a ValueError on every request.
+    ("max_batch_size", 2**31 - 1, 10**30),
+    ("max_batch_size", 2**31 - 1, 2**31),
+    ("pad_to_multiple_of", 2**20, 2**40),
+    ("pad_to_multiple_of", 2**20, 10**30),
 ], ids=repr)
 def test_a_size_above_its_native_limit_is_refused_naming_field_and_limit(field, most, value):
     with pytest.raises(ValueError, match=re.escape(
@@ -553,13 +558,15 @@ def test_a_memory_cap_just_inside_the_limit_is_kept_in_bytes(value, nbytes):
 def test_the_largest_settings_accepted_construct_and_run_a_processor():
     config = BatchProcessorConfig(
         max_queue_size=QUEUE_MOST, monitoring_window=WINDOW_MOST,
-        max_batch_memory_mb=MIB_MOST, max_batch_size=2**70, initial_batch_size=2**70,
-        max_batch_tokens=2**70, pad_value=0, max_retries=2**70,
+        max_batch_memory_mb=MIB_MOST, max_batch_size=2**31 - 1, initial_batch_size=2**70,
+        max_batch_tokens=2**70, pad_value=0, pad_to_multiple_of=2**20, max_retries=2**70,
         batch_timeout=1e308, max_queue_time=1e308)
     with BatchProcessor(config) as processor:
-        processor.start(lambda batch: batch * 2)
+        processor.start(lambda batch: batch[:, :1] * 2)
         result = processor.enqueue_predict(np.arange(3.0).reshape(3, 1)).result(timeout=10)
+        mapped = list(processor.map(np.arange(3.0).reshape(3, 1, 1)))  # chunks too
     assert result.ravel().tolist() == [0.0, 2.0, 4.0]
+    assert [m.ravel().tolist() for m in mapped] == [[0.0], [2.0], [4.0]]
 
 
 class _FloatFails(Fraction):

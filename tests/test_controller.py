@@ -457,8 +457,11 @@ def test_update_batch_size_is_clamped(make_processor):
     assert p.current_batch_size == 64 and p._current_batch_size == 64
     p.update_batch_size(1)
     assert p.current_batch_size == 4
-    with pytest.raises(TypeError):
-        p.update_batch_size("big")
+    p.update_batch_size(np.int64(16))  # any integer the config takes
+    assert p.current_batch_size == 16 and type(p.current_batch_size) is int
+    for bad in ("big", 16.0, True, np.bool_(True)):
+        with pytest.raises(TypeError, match="batch size must be an int"):
+            p.update_batch_size(bad)
 
 
 def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):

@@ -190,6 +190,32 @@ def test_a_method_gets_one_processor_per_instance(stopped_after):
     assert not a.predict._processor and not b.predict._processor
 
 
+def test_a_method_of_an_instance_nothing_holds_is_refused_at_once():
+    # Model(3).run(1): the instance is gone before the call queues anything, and its
+    # batch could only fail (after every retry, 7 s with the defaults). Refused at once,
+    # before a processor is started for it.
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @batchproc.batch(max_batch_size=8)
+        def run(self, items):
+            return [self.scale * x for x in items]
+
+    before = set(threading.enumerate())
+    try:
+        for call in (lambda: Model(3).run(1), lambda: Model(3).run.submit(1),
+                     lambda: asyncio.run(Model(3).run.acall(1))):
+            with pytest.raises(ReferenceError, match="keep the instance"):
+                call()
+        assert not [t for t in set(threading.enumerate()) - before
+                    if t.name.startswith("batchproc")]
+        kept = Model(3)
+        assert kept.run(1) == 3  # a held instance is served as ever
+    finally:
+        Model.run.stop()
+
+
 def test_an_async_method(stopped_after):
     class Service:
         @batchproc.batch(max_batch_size=8)

@@ -12,6 +12,7 @@ import traceback
 import warnings
 
 import pytest
+from extras import skip_without
 
 import batchproc.processor
 from batchproc import ProcessorForkedError, ProcessorStoppedError
@@ -153,3 +154,26 @@ def test_intake_makes_no_system_call_to_notice_a_fork(make_processor, monkeypatc
 
     monkeypatch.setattr(batchproc.processor.os, "getpid", no_getpid)
     assert p.enqueue_predict(["x"]).result(timeout=HANG) == ["x"]
+
+
+def test_a_prometheus_scrape_in_a_forked_child_leaves_out_the_parents_processor(
+        make_processor):
+    # gunicorn's preload: the child serves /metrics before (or without) a processor of its
+    # own; the inherited one's gauges read a queue that is not the child's, and asking it
+    # raised ProcessorForkedError, which failed the whole scrape.
+    skip_without("prometheus")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from batchproc.observe.prometheus import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    p = make_processor(lambda batch: batch, metrics_collector=PrometheusMetrics("svc", registry))
+    p.enqueue_predict("x").result(timeout=HANG)
+    assert b'batchproc_queue_depth{processor="svc"}' in generate_latest(registry)
+
+    def child():
+        text = generate_latest(registry).decode()
+        return {"counted": 'batchproc_requests_total{outcome="completed",processor="svc"}'
+                           in text, "gauge": "batchproc_queue_depth{" in text}
+
+    assert in_child(child) == {"counted": True, "gauge": False}

@@ -342,6 +342,9 @@ class RaisingCollector:
         self.calls[name] = self.calls.get(name, 0) + 1
         raise RuntimeError(f"collector {name} broke")
 
+    def bind_processor(self, processor: Any) -> None:
+        self._raise("bind_processor")  # in the processor's constructor
+
     def record_batch(self, *args: Any) -> None:
         self._raise("record_batch")
 
@@ -373,7 +376,8 @@ def test_a_collector_that_raises_everywhere_never_breaks_processing(make_process
                 p.enqueue_predict(item(-1)).result(timeout=HANG)
         assert collector.health_seen.wait(HANG)
     assert collector.calls["record_batch"] >= 3 and collector.calls["record_error"] >= 3
-    for name in ("record_batch", "record_error", "record_health"):
+    assert collector.calls["bind_processor"] == 1
+    for name in ("bind_processor", "record_batch", "record_error", "record_health"):
         logged = records(caplog, logging.ERROR, f"metrics_collector.{name} raised")
         assert len(logged) == 1, (name, caplog.text)  # once per method, not per call
     stats = p.get_stats()

@@ -162,8 +162,9 @@ class BatchProcessorConfig:
             `BatchProcessor.update_batch_size`.
         min_batch_size: Lowest target the controller may set, in rows. Default ``1``.
             Failures and memory pressure never shrink the target below it.
-        max_batch_size: Most rows in one batch, in rows. Default ``128``. A hard cap: a
-            larger item is split into chunks that fit and its result joined back.
+        max_batch_size: Most rows in one batch, in rows. Default ``128``; at most
+            ``2**31 - 1``. A hard cap: a larger item is split into chunks that fit and
+            its result joined back.
         batch_timeout: Longest a batch waits to fill, in seconds from its oldest
             request's arrival. Default ``0.1``. A ceiling, not a delay: ADAPTIVE
             dispatches as soon as arrivals pause while the model is idle; FIXED waits up
@@ -273,7 +274,7 @@ class BatchProcessorConfig:
             axis 1 share a batch, padded on axis 1 to the longest with this number (or
             ``{input name: number}`` for named inputs). Default ``None`` (no padding).
         pad_to_multiple_of: Round the padded length up to a multiple of this, in tokens
-            (needs ``pad_value``). Default ``None``.
+            (needs ``pad_value``; at most ``2**20``). Default ``None``.
         max_batch_tokens: Most rows x padded length in one batch, in tokens (needs
             ``pad_value``; at least twice ``pad_to_multiple_of``). Default ``None`` (no
             cap).
@@ -346,9 +347,8 @@ class BatchProcessorConfig:
                      "queue_critical_threshold"):
             if getattr(self, name) is not None:
                 setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
-        for name, most in _MOST.items():
-            if getattr(self, name) > most:
-                raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
+        for name in ("max_workers", "max_queue_size", "monitoring_window", "max_batch_size"):
+            _require_at_most(name, getattr(self, name))
         self.max_retries = _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
             setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0))
@@ -464,6 +464,7 @@ class BatchProcessorConfig:
         for name in ("pad_to_multiple_of", "max_batch_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, _require_int(name, getattr(self, name), minimum=1))
+                _require_at_most(name, getattr(self, name))
                 if pad is None:
                     raise ValueError(f"{name} needs pad_value (it applies to padded batches)")
         multiple, tokens = self.pad_to_multiple_of, self.max_batch_tokens
@@ -530,6 +531,9 @@ _DEFAULTS = {f.name: f.default for f in fields(BatchProcessorConfig)}
 _DEFAULTS["gc_batch_threshold"] = _GC_BATCH_THRESHOLD
 # The most worker threads one processor may run (max_workers).
 MAX_WORKERS = 1024
+# The largest max_batch_size and pad_to_multiple_of (see _MOST).
+MAX_BATCH_ROWS = 2**31 - 1
+MAX_PAD_MULTIPLE = 2**20
 # The longest wait in seconds a thread can make (threading.TIMEOUT_MAX: about 292 years,
 # 49 days on Windows):
 # the most min_batch_interval and retry_delay (and a retry's backoff) may be.
@@ -542,9 +546,19 @@ _MOST = {
     "max_workers": MAX_WORKERS,
     "max_queue_size": _MAX_QUEUE_SIZE,
     "monitoring_window": _MAX_MONITORING_WINDOW,
+    # Rows and tokens the native code counts in machine integers: far past any batch, and
+    # a padded length's bytes (tokens times a row's bytes per token) still fit them.
+    "max_batch_size": MAX_BATCH_ROWS,
+    "pad_to_multiple_of": MAX_PAD_MULTIPLE,
 }
 # max_batch_memory_mb is below this many MiB: its bytes fit an int64.
 _MIB_LIMIT = 2.0**43
+
+def _require_at_most(name: str, value: int) -> None:
+    most = _MOST.get(name)
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be <= {most}, got {value!r}")
+
 
 # What None means for the number fields that take it.
 _NONE_MEANS = {

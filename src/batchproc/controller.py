@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import sys
 import threading
 import time
@@ -607,8 +608,13 @@ class Controller:
 
     def set_batch_size(self, rows: int) -> int:
         """Manual override (``update_batch_size``), clamped into [min, max]."""
-        if isinstance(rows, bool) or not isinstance(rows, int):
+        # Any integer the config takes (numpy's included), not a bool.
+        if isinstance(rows, bool) or type(rows).__name__ == "bool_":
             raise TypeError(f"batch size must be an int, got {rows!r}")
+        try:
+            rows = operator.index(rows)
+        except TypeError:
+            raise TypeError(f"batch size must be an int, got {rows!r}") from None
         cfg = self._config
         with self._lock:
             self._current = min(max(rows, cfg.min_batch_size), cfg.max_batch_size)

@@ -91,7 +91,12 @@ class MetricsSink:
         the next event on."""
         bind = getattr(collector, "bind_processor", None)
         if callable(bind) and self._owner is not None:
-            bind(self._owner)
+            try:
+                bind(self._owner)
+            except Exception:
+                # As for every other method: a collector never breaks the processor.
+                logger.exception("metrics_collector.bind_processor raised; its other "
+                                 "methods are still called")
         found = {name: method for name in self._METHODS
                  if callable(method := getattr(collector, name, None))}
         if not found:

@@ -107,22 +107,34 @@ class BatchedFunction(Generic[T, U]):
                     priority: BatchPriority | int = _NORMAL) -> U:
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
-        _owner = self._owner()  # held by this frame while the request is pending
+        _owner = self._live_owner()  # held by this frame while the request is pending
         return await self.processor.apredict(item, timeout, priority)
 
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
         after ``stop()`` (as every way of calling it)."""
+        owner = self._live_owner()
         future = self.processor.enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
         # pending request keeps the owner, and so the processor, alive.
-        future._bp_pending_owner = self._owner()  # type: ignore[attr-defined]
+        future._bp_pending_owner = owner  # type: ignore[attr-defined]
         return future
 
     def _owner(self) -> Any:
         """What the processor lives as long as: this function, or a method's instance."""
         return self if self._instance is None else self._instance()
+
+    def _live_owner(self) -> Any:
+        """``_owner()``, or ``ReferenceError`` at once if a method's instance is gone (its
+        batch could only fail, after every retry)."""
+        owner = self._owner()
+        if owner is None:
+            raise ReferenceError(
+                f"@batchproc.batch method {self.name}: its instance is gone (a temporary, "
+                "as in Model().method(x)?). A batch method's processor lives in its "
+                "instance: keep the instance while you call it")
+        return owner
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -419,8 +431,9 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     ``fields`` are ``BatchProcessorConfig``'s fields (``max_batch_size=64``, ...), checked
     now; or pass a whole ``config``, checked now too and copied (later changes to it
     change nothing). ``metrics_collector`` goes to each processor made
-    (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus); ``name`` names it
-    in logs and metrics (default: the function's qualified name).
+    (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus: its own ``name``
+    is the metrics' ``processor`` label); ``name`` names the function in its errors and
+    ``repr`` (default: the function's qualified name).
 
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor

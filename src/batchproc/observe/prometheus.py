@@ -64,6 +64,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from ..errors import ProcessorForkedError
 from ..metrics import OUTCOME_ERROR, OUTCOME_EXPIRED, OUTCOME_OK, OUTCOME_TIMEOUT
 
 #: Latency and queue-time buckets (seconds): 0.5 ms to 10 s.
@@ -174,7 +175,10 @@ class _RegistryCollector:
                 requests.add_metric([name, outcome], float(count))
             processor = state.processor() if state.processor is not None else None
             if processor is not None:
-                stats = processor.get_stats()
+                try:
+                    stats = processor.get_stats()
+                except ProcessorForkedError:
+                    continue  # a forked child's copy: its queue is the parent's; no gauges
                 depth.add_metric([name], float(stats["queue_size"]))
                 in_flight.add_metric([name], float(stats["active_batches"]))
         yield from (latency, queue_time, size, call, depth, in_flight, requests)

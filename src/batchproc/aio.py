@@ -91,14 +91,16 @@ class LoopChannel:
 
     def _schedule_flush(self) -> None:
         loop = self.loop_ref()
-        try:
-            if loop is None:
-                raise RuntimeError("event loop is gone")
-            loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:  # the loop is closed: nobody can await these any more
-            with self._lock:
-                dropped, self._pending, self._scheduled = len(self._pending), [], False
-            logger.debug("event loop closed; %d results dropped", dropped)
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._flush)
+                return
+            except RuntimeError:  # the loop is closed
+                pass
+        # Closed or gone: nobody can await these any more.
+        with self._lock:
+            dropped, self._pending, self._scheduled = len(self._pending), [], False
+        logger.debug("event loop closed; %d results dropped", dropped)
 
     def _flush(self) -> None:
         """On the loop: complete everything posted so far."""

@@ -144,12 +144,16 @@ class Chunker:
             self._nbytes = int(self._per_token * self._queue_length + 0.5)
         else:
             self._nbytes += nbytes
-        if self._rows >= self._max_rows or len(self._requests) >= self._max_rows:
+        if self._full():
             self.flush()
         # A plain array (described as it is, nothing looked into): the items after it
         # that are exactly like it are described like it, natively (``read``).
         self._template = (request if type(item) is _ndarray and request.item is item
                           and not queue_length and rows and item.dtype.kind != "O" else None)
+
+    def _full(self) -> bool:
+        """The open chunk holds ``chunksize`` rows, or as many items (of no rows)."""
+        return self._rows >= self._max_rows or len(self._requests) >= self._max_rows
 
     def flush(self) -> None:
         """Close the open chunk (if any) into ``ready``."""
@@ -187,8 +191,7 @@ class Chunker:
                                                 self._items)
                         self._rows += taken * template.rows
                         self._nbytes += taken * template.nbytes
-                        if (self._rows >= self._max_rows
-                                or len(self._requests) >= self._max_rows):
+                        if self._full():
                             self.flush()
                         if item is TOOK_ALL:
                             continue

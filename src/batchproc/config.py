@@ -687,7 +687,7 @@ def _shown(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
     """``value`` as a plain int if it is an integral number (what ``operator.index``
     takes: an int, a numpy integer), else None. Never a bool: ``True`` is no size."""
     if isinstance(value, (bool, np.bool_)):
@@ -701,7 +701,7 @@ def _as_int(value: Any) -> int | None:
 def _require_int(name: str, value: Any, *, minimum: int) -> int:
     """``value`` as a plain int at or above ``minimum``; ``ConfigTypeError`` for what is
     not an integral number (a float, even a whole one, a bool, a string)."""
-    number = _as_int(value)
+    number = as_int(value)
     if number is None:
         raise ConfigTypeError(
             f"{name} must be an integer (an int or a numpy integer, not a bool or a "
@@ -724,7 +724,7 @@ def _output_key(output: Any) -> str | int:
     position (an integer, numpy integers included, stored as an int)."""
     if isinstance(output, str):
         return output
-    position = _as_int(output)
+    position = as_int(output)
     if position is None:
         raise ConfigTypeError(
             "per_token_outputs must name outputs by str (dict outputs) or int (tuple "

@@ -63,14 +63,13 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .config import BatchProcessingStrategy, BatchProcessorConfig
+from .config import BatchProcessingStrategy, BatchProcessorConfig, as_int
 
 logger = logging.getLogger(__name__)
 
@@ -608,16 +607,12 @@ class Controller:
 
     def set_batch_size(self, rows: int) -> int:
         """Manual override (``update_batch_size``), clamped into [min, max]."""
-        # Any integer the config takes (numpy's included), not a bool.
-        if isinstance(rows, bool) or type(rows).__name__ == "bool_":
+        number = as_int(rows)  # any integer the config takes (numpy's too), not a bool
+        if number is None:
             raise TypeError(f"batch size must be an int, got {rows!r}")
-        try:
-            rows = operator.index(rows)
-        except TypeError:
-            raise TypeError(f"batch size must be an int, got {rows!r}") from None
         cfg = self._config
         with self._lock:
-            self._current = min(max(rows, cfg.min_batch_size), cfg.max_batch_size)
+            self._current = min(max(number, cfg.min_batch_size), cfg.max_batch_size)
             self._replan()
             return self._current
 

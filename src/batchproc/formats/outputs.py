@@ -288,9 +288,7 @@ def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]
             return [iloc[i] for i in range(count)]
         return [leaf[i] for i in range(count)]
     if count == 1:
-        # One request (every batch at low load): the output is its part, if it slices.
-        if type(leaf) is not _ndarray and type(leaf) not in _SLICED:
-            _check_slices(leaf)
+        _check_slices(leaf)  # one request (every batch at low load): its part, if it slices
         return [leaf]
     if type(leaf) is _ndarray and leaf.shape[0] == count:
         for request in requests:

@@ -2,6 +2,7 @@
 scrape a registry after a known load and check every number."""
 
 import asyncio
+import gc
 import re
 import threading
 
@@ -314,6 +315,74 @@ def test_names_label_processors_and_continue_across_restarts():
     _, samples = _scrape(registry)
     assert _value(samples, "batchproc_requests_total", processor="f", outcome="completed") == 2
     assert _value(samples, "batchproc_requests_total", processor="g", outcome="completed") == 1
+
+
+def test_the_gauges_add_up_every_processor_under_one_name():
+    # The instances of a decorated method share one collector, so one name: the gauges
+    # are the sum of their queues, not the queue of whichever instance bound last.
+    registry = CollectorRegistry()
+
+    class Model:
+        @batchproc.batch(max_batch_size=4, metrics_collector=PrometheusMetrics("m", registry))
+        def predict(self, items):
+            return items
+
+    first, second = Model(), Model()
+    try:
+        first.predict.processor.pause()
+        second.predict.processor.pause()
+        futures = [first.predict.submit(i) for i in range(2)]
+        futures += [second.predict.submit(i) for i in range(3)]
+        _, samples = _scrape(registry)
+        assert _value(samples, "batchproc_queue_depth", processor="m") == 5
+        first.predict.processor.resume()
+        second.predict.processor.resume()
+        assert [f.result(10) for f in futures] == [0, 1, 0, 1, 2]
+        _, samples = _scrape(registry)
+        assert _value(samples, "batchproc_queue_depth", processor="m") == 0
+        assert _value(samples, "batchproc_requests_total", processor="m",
+                      outcome="completed") == 5
+    finally:
+        Model.predict.stop()
+    del first, second, futures  # a future holds its instance until it is dropped
+    # With no live processor left under the name, no gauge sample is served.
+    gc.collect()
+    _, samples = _scrape(registry)
+    assert ("batchproc_queue_depth", frozenset({("processor", "m")})) not in samples
+
+
+@pytest.mark.parametrize("kind", ["function", "method"])
+def test_a_call_refused_after_a_decorated_stop_counts_as_rejected(kind):
+    registry = CollectorRegistry()
+    decorate = batchproc.batch(max_batch_size=4,
+                               metrics_collector=PrometheusMetrics("s", registry))
+    if kind == "function":
+        call = decorate(lambda items: items)
+        stop = call.stop
+    else:
+        class Model:
+            @decorate
+            def predict(self, items):
+                return items
+
+        model = Model()
+        call = model.predict
+        stop = Model.predict.stop
+    assert call(1) == 1
+    stop()
+    for _ in range(2):
+        with pytest.raises(ProcessorStoppedError):
+            call(2)
+    if kind == "method":
+        later = Model()  # made after the stop: refused too
+        with pytest.raises(ProcessorStoppedError):
+            later.predict.submit(3)
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_requests_total", processor="s",
+                  outcome="completed") == 1
+    rejected = 3 if kind == "method" else 2
+    assert _value(samples, "batchproc_requests_total", processor="s",
+                  outcome="rejected") == rejected
 
 
 def test_the_package_imports_prometheus_client_only_when_asked():

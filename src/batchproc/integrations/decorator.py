@@ -63,6 +63,7 @@ from ..config import (
     keyword_only,
 )
 from ..errors import ProcessorStoppedError
+from ..metrics import MetricsSink
 from ..processor import BatchProcessor
 
 T = TypeVar("T")
@@ -154,6 +155,8 @@ class BatchedFunction(Generic[T, U]):
             if processor is not None and processor.running:
                 return processor
             if self._stopped:
+                # Counted as the processor counts its own refusals after stop().
+                MetricsSink(self._metrics_collector).rejected(1)
                 raise ProcessorStoppedError(
                     f"batched function {self.name} was stopped; stop() is final (decorate "
                     "the function again for a new processor)")

@@ -43,9 +43,11 @@ registry is scraped (its ``HistogramMetricFamily``), together with the two gauge
 from the processor at that moment. The exposition is the same. (prometheus_client's
 multiprocess mode is not supported: each process serves its own registry.)
 
-Names are unique within a registry: a ``PrometheusMetrics`` made again under the name of
-an earlier one (a processor restarted, a decorated function stopped and called again)
-continues its counters and histograms, and its gauges follow the newest processor.
+A name is one set of series within a registry, shared by every processor recorded under
+it: the instances of a decorated method (one processor each, one collector), or a
+``PrometheusMetrics`` made again under an earlier one's name (a processor restarted, a
+decorated function stopped and called again). Their counts go to the same counters and
+histograms, and the gauges add up the queues and batches of the live ones.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ class _State:
         self.size = _Buckets(size)
         self.call = _Buckets(call)
         self.requests = dict.fromkeys(OUTCOMES, 0)
-        self.processor: weakref.ref[Any] | None = None
+        # Every live processor bound under this name (the instances of a decorated
+        # method share it): the gauges add theirs up, as the counters do.
+        self.processors: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class _RegistryCollector:
@@ -173,15 +177,30 @@ class _RegistryCollector:
                 counts = dict(state.requests)
             for outcome, count in counts.items():
                 requests.add_metric([name, outcome], float(count))
-            processor = state.processor() if state.processor is not None else None
-            if processor is not None:
-                try:
-                    stats = processor.get_stats()
-                except ProcessorForkedError:
-                    continue  # a forked child's copy: its queue is the parent's; no gauges
-                depth.add_metric([name], float(stats["queue_size"]))
-                in_flight.add_metric([name], float(stats["active_batches"]))
+            gauges = _gauges(state)
+            if gauges is not None:
+                depth.add_metric([name], gauges[0])
+                in_flight.add_metric([name], gauges[1])
         yield from (latency, queue_time, size, call, depth, in_flight, requests)
+
+
+def _gauges(state: _State) -> tuple[float, float] | None:
+    """Queue depth and batches in flight summed over the name's live processors; None
+    when it has none (a forked child's inherited copies do not count: their queues are
+    the parent's)."""
+    with state.lock:
+        processors = list(state.processors)
+    depth = in_flight = 0.0
+    live = False
+    for processor in processors:
+        try:
+            stats = processor.get_stats()
+        except ProcessorForkedError:
+            continue
+        live = True
+        depth += stats["queue_size"]
+        in_flight += stats["active_batches"]
+    return (depth, in_flight) if live else None
 
 
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryCollector] = (
@@ -218,7 +237,9 @@ class PrometheusMetrics:
     # The collector protocol (batchproc.metrics), called on the processor's threads.
 
     def bind_processor(self, processor: Any) -> None:
-        self._state.processor = weakref.ref(processor)
+        state = self._state
+        with state.lock:
+            state.processors.add(processor)
 
     def record_batch(self, size: int, rows: int, queue_time: float, processing_time: float,
                      outcome: str) -> None:

@@ -674,6 +674,21 @@ def test_a_config_names_an_unknown_field_and_the_closest(build) -> None:
     assert not isinstance(info.value, ConfigTypeError)
 
 
+@pytest.mark.parametrize("model", [lambda batch: batch, np.negative, print],
+                         ids=["lambda", "ufunc", "builtin"])
+def test_a_model_given_where_the_config_goes_is_refused_saying_where_it_goes(model) -> None:
+    with pytest.raises(TypeError, match=r"BatchProcessor takes a BatchProcessorConfig, got "
+                       r"the callable .*: the model goes to start\(process_func\)"):
+        BatchProcessor(model)
+
+
+@pytest.mark.parametrize("config", ["max_batch_size=8", {"max_batch_size": 8}, 8])
+def test_what_is_no_config_is_refused_naming_its_type(config) -> None:
+    with pytest.raises(TypeError, match="config must be a BatchProcessorConfig, got "
+                       + type(config).__name__):
+        BatchProcessor(config)
+
+
 def test_a_config_keeps_its_signature_and_positional_fields() -> None:
     import inspect
 

@@ -114,6 +114,10 @@ class BatchProcessor(Generic[T, U]):
 
     def __init__(self, config: BatchProcessorConfig | None = None,
                  metrics_collector: object | None = None) -> None:
+        if callable(config) and not isinstance(config, BatchProcessorConfig):
+            raise TypeError(
+                f"BatchProcessor takes a BatchProcessorConfig, got the callable {config!r}: "
+                "the model goes to start(process_func), or use @batchproc.batch(...)")
         # Checked again and copied (the caller's object may have been changed since it
         # was made, and may be changed later); read-only, as everything is built from it.
         config = read_only_copy(BatchProcessorConfig() if config is None else config)

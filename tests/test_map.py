@@ -168,17 +168,84 @@ def test_result_is_not_changed_by_later_batches(make_processor):
 # ----------------------------------------------------------------------- arguments
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"chunksize": 0}, {"chunksize": 17}, {"chunksize": True}, {"chunksize": 2.0},
-    {"buffersize": 0}, {"buffersize": "2"}, {"priority": -1}, {"priority": 1.5},
-    {"max_queue_time": -1}, {"max_queue_time": float("nan")},
-])
-def test_bad_arguments_are_refused_at_the_call(make_processor, kwargs):
-    p = make_processor(lambda b: b, max_batch_size=16)
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
-        p.map(rows(3), **kwargs)
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
-        p.amap(rows(3), **kwargs)
+def _run(results):
+    """Everything a map (an iterator) or an amap (an async iterator) gives."""
+    if hasattr(results, "__anext__"):
+        async def consume():
+            return [y async for y in results]
+
+        return asyncio.run(consume())
+    return list(results)
+
+
+def _outcome(call):
+    """None if ``call()`` returned, else the type of what it raised."""
+    try:
+        call()
+    except Exception as exc:
+        return type(exc)
+    return None
+
+
+# Integers as the config reads them (config.as_int): numpy integers yes, bools and floats
+# (even whole) no.
+NUMPY_THREES = [t(3) for t in (np.int8, np.int16, np.int32, np.int64, np.intc, np.uint8,
+                               np.uint16, np.uint32, np.uint64)]
+NOT_INTEGERS = [True, False, np.True_, np.False_, 3.0, 2.5, np.float64(3.0), "3", [3]]
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+@pytest.mark.parametrize(("name", "value", "error"), [
+    *[("chunksize", v, None) for v in (None, 1, 16, *NUMPY_THREES)],
+    *[("chunksize", v, TypeError) for v in NOT_INTEGERS],
+    *[("chunksize", v, ValueError) for v in (0, -1, 17, np.int64(0), np.uint8(17), 2**80)],
+    *[("buffersize", v, None) for v in (None, 1, 2**20, *NUMPY_THREES)],
+    *[("buffersize", v, TypeError) for v in NOT_INTEGERS],
+    *[("buffersize", v, ValueError) for v in (0, -1, np.int64(0), -(2**80))],
+], ids=repr)
+def test_chunksize_and_buffersize_are_integers_as_the_config_reads_them(
+        make_processor, method, name, value, error):
+    p = make_processor(lambda b: b * 2, max_batch_size=16)
+    call = getattr(p, method)
+    if error is not None:
+        with pytest.raises(error, match=name) as refused:
+            call(rows(3), **{name: value})
+        assert refused.type is error  # exactly: not a ValueError for a wrong type
+        if error is ValueError:
+            assert "from 1" in str(refused.value) or ">= 1" in str(refused.value)
+        return
+    out = _run(call(rows(7), **{name: value}))
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(7)]
+    if name == "chunksize":
+        rows_per_chunk = 16 if value is None else int(value)
+        assert p.get_stats()["total_accepted"] == -(-7 // rows_per_chunk)
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+@pytest.mark.parametrize(("name", "value", "error"), [
+    # What enqueue_predict's queue takes as a priority: any integer in [0, 2**31-1].
+    *[("priority", v, None) for v in (BatchPriority.LOW, 0, 2**31 - 1, True, *NUMPY_THREES)],
+    *[("priority", v, TypeError) for v in ("high", 1.5, 1.0, np.float64(1.0), None,
+                                             np.True_)],
+    *[("priority", v, ValueError) for v in (-1, 2**31, np.int64(-1), 2**80)],
+    # And enqueue_predict's rule for max_queue_time.
+    *[("max_queue_time", v, None) for v in (None, 0.5, 10, np.float64(0.5), 1e9)],
+    *[("max_queue_time", v, ValueError) for v in (0, -1, float("nan"), float("inf"), "1",
+                                                   True, np.int64(10))],
+], ids=repr)
+def test_priority_and_max_queue_time_are_checked_as_enqueue_predict_checks_them(
+        make_processor, method, name, value, error):
+    p = make_processor(lambda b: b * 2, max_batch_size=16)
+    item = rows(1)[0]
+    assert _outcome(lambda: p.enqueue_predict(item, **{name: value}).result(10)) is error
+    call = getattr(p, method)
+    if error is not None:
+        with pytest.raises(error, match=name) as refused:
+            call(rows(3), **{name: value})  # at the call, not at the first next()
+        assert refused.type is error
+        return
+    out = _run(call(rows(7), **{name: value}))
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(7)]
 
 
 def test_nothing_is_read_before_the_first_next(make_processor):

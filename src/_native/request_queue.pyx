@@ -335,6 +335,19 @@ cdef int64_t _int_arg(object v, str name, int64_t lo, int64_t hi) except? -1:
     return x
 
 
+cdef inline int64_t _priority_arg(object v) except? -1:
+    return _int_arg(v, "priority", 0, _MAX_PRIORITY)
+
+
+def priority_arg(priority):
+    """``priority`` as ``RequestQueue.push`` (so ``enqueue_predict``) reads it, as an int:
+    an integer (``operator.index``: an int, a bool as the int it is, a numpy integer)
+    from 0 to 2**31-1.
+    ``TypeError`` for what is not an integer, ``ValueError`` out of range, naming it. For
+    a caller that checks a priority before it pushes (``map``, at the call)."""
+    return _priority_arg(priority)
+
+
 cdef int64_t _int_arg_clamped(object v, str name) except? -1:
     """v as an int64, saturating at the int64 limits (for caps where that is exact)."""
     cdef int overflow = 0
@@ -1152,7 +1165,7 @@ cdef class RequestQueue:
         ``QueueClosed`` is raised if the queue is closed, before or during the wait.
         Bad arguments raise ``TypeError``/``ValueError`` naming the argument.
         """
-        cdef int64_t c_prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        cdef int64_t c_prio = _priority_arg(priority)
         cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
         cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
         cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)
@@ -1332,7 +1345,7 @@ cdef class RequestQueue:
         ``push``. It never waits for room and is accepted
         even after ``close()``: the request was accepted once already.
         """
-        cdef int64_t c_prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        cdef int64_t c_prio = _priority_arg(priority)
         cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
         cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
         cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)

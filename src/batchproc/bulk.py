@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
-from ._native.request_queue import QueueClosed
+from ._native.request_queue import QueueClosed, priority_arg
 from .aio import AsyncRequest, QueuedFuture
 from .backpressure import push_when_room
+from .config import as_int
 from .errors import ProcessorStoppedError
 from .formats.base import BatchFormat
 from .formats.chunks import ChunkFormat, items_queued_again
@@ -242,7 +243,13 @@ class Chunker:
 
 
 class Settings:
-    """What ``map``/``amap`` was called with, checked."""
+    """What ``map``/``amap`` was called with, checked at the call by the rules the same
+    arguments follow elsewhere: ``chunksize`` and ``buffersize`` are integers as the
+    config reads them (``config.as_int``: an int or a numpy integer, never a bool or a
+    float), ``priority`` is checked by the queue's own check (``priority_arg``: what
+    ``enqueue_predict`` gets when its request is pushed), ``max_queue_time`` by
+    ``enqueue_predict``'s (the processor checks it). ``TypeError`` for a wrong type,
+    ``ValueError`` for a value out of range."""
 
     __slots__ = ("buffersize", "chunksize", "max_queue_time", "priority", "return_exceptions")
 
@@ -250,27 +257,30 @@ class Settings:
                  buffersize: int | None, priority: Any, max_queue_time: float | None,
                  return_exceptions: bool) -> None:
         config = processor.config
-        if chunksize is None:
-            chunksize = config.max_batch_size
-        if (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                or not 1 <= chunksize <= config.max_batch_size):
-            raise ValueError(f"chunksize must be an int from 1 to max_batch_size "
-                             f"({config.max_batch_size}), got {chunksize!r}")
-        if buffersize is None:
-            buffersize = max(2, 2 * config.max_workers)
-        if isinstance(buffersize, bool) or not isinstance(buffersize, int) or buffersize < 1:
-            raise ValueError(f"buffersize must be an int >= 1, got {buffersize!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-            raise ValueError(f"priority must be a BatchPriority or an int >= 0, got {priority!r}")
-        self.chunksize = chunksize
-        self.buffersize = buffersize
-        self.priority = priority
+        most = config.max_batch_size
+        self.chunksize = most if chunksize is None else _count_arg(
+            "chunksize", chunksize, most, f"from 1 to max_batch_size ({most})")
+        self.buffersize = (max(2, 2 * config.max_workers) if buffersize is None
+                           else _count_arg("buffersize", buffersize, None, ">= 1"))
+        self.priority = priority_arg(priority)
         self.max_queue_time = max_queue_time
         self.return_exceptions = bool(return_exceptions)
 
     def deadline(self) -> float | None:
         mqt = self.max_queue_time
         return None if mqt is None else _monotonic() + mqt
+
+
+def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
+    """``value`` as a plain int from 1 to ``most`` (None: no upper bound); ``allowed``
+    says that range in the ``ValueError``."""
+    number = as_int(value)
+    if number is None:
+        raise TypeError(f"{name} must be an integer (an int or a numpy integer, not a "
+                        f"bool or a float), got {value!r} ({type(value).__name__})")
+    if number < 1 or (most is not None and number > most):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
 
 
 # --------------------------------------------------------------------------- the window

@@ -676,9 +676,14 @@ class BatchProcessor(Generic[T, U]):
         is queued) as for ``enqueue_predict``. Closing the iterator (``close()``, or
         dropping it) withdraws its queued chunks. In ``get_stats()`` a chunk counts as
         one request and its rows as rows; a chunk whose items were queued again one by
-        one counts as those requests instead. ``ValueError`` for a ``chunksize`` outside
-        [1, max_batch_size], a ``buffersize`` below 1 or a bad ``max_queue_time``;
-        ``ProcessorForkedError`` in a forked child.
+        one counts as those requests instead. Checked at the call, as the same arguments
+        are elsewhere: ``chunksize`` and ``buffersize`` are integers as in the config (an
+        int or a numpy integer), ``priority`` and ``max_queue_time`` as for
+        ``enqueue_predict``. ``TypeError`` for a wrong type (a bool or a float where an
+        integer goes, a string), ``ValueError`` for a value out of range (a ``chunksize``
+        outside [1, max_batch_size], a ``buffersize`` below 1, a ``priority`` outside
+        [0, 2**31-1]) and for a bad ``max_queue_time``; ``ProcessorForkedError`` in a
+        forked child.
         """
         return bulk.map_results(self, items, self._bulk_settings(
             chunksize, buffersize, priority, max_queue_time, return_exceptions))

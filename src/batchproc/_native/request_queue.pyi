@@ -8,6 +8,10 @@ MAX_CAPACITY: Final[int]
 MAX_COUNT: Final[int]
 """The most rows, bytes or sequence length one entry may count for (2**39 - 1)."""
 
+def priority_arg(priority: SupportsIndex) -> int:
+    """``priority`` as ``RequestQueue.push`` reads it, as an int in [0, 2**31-1];
+    ``TypeError`` for what is not an integer, ``ValueError`` out of range."""
+
 class QueueClosed(RuntimeError):
     """Raised by ``RequestQueue.push`` once the queue is closed."""
 

@@ -235,6 +235,27 @@ class RequestQueue:
             self._cond.notify_all()
             return e.seq
 
+    def push_again(self, item: object, priority: int, rows: int, nbytes: int, key: int,
+                   length: int = 0, deadline: float | None = None) -> int:
+        prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)
+        rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        key = _int_arg(key, "key", _INT64_MIN, _INT64_MAX)
+        length = _int_arg(length, "length", 0, _MAX_COUNT)
+        expires = math.inf if deadline is None else _float_arg(deadline, "deadline")
+        with self._cond:
+            if self._used() >= _MAX_CAPACITY:
+                raise queue.Full
+            self._pushed += 1
+            e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
+                       length, item, expires)
+            heapq.heappush(self._heap, e)
+            self._live[e.seq] = e
+            self._rows += rows
+            self._last_push = e.t_push
+            self._cond.notify_all()
+            return e.seq
+
     def park(self, item: object, priority: int, rows: int, nbytes: int, key: int,
              length: int, not_before: float, deadline: float | None = None) -> None:
         prio = _int_arg(priority, "priority", 0, _MAX_PRIORITY)

@@ -932,9 +932,7 @@ def test_capacity_limits_accepted(impl: Any) -> None:
     assert impl.RequestQueue(2**24).capacity == 2**24
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "exc", "name"),
-    [
+BAD_PUSH_ARGUMENTS = [
         ({"priority": -1}, ValueError, "priority"),
         ({"priority": 2**31}, ValueError, "priority"),
         ({"priority": "x"}, TypeError, "priority"),
@@ -955,8 +953,10 @@ def test_capacity_limits_accepted(impl: Any) -> None:
         ({"timeout": -1}, ValueError, "timeout"),
         ({"timeout": math.nan}, ValueError, "timeout"),
         ({"timeout": "1"}, TypeError, "timeout"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "name"), BAD_PUSH_ARGUMENTS)
 def test_bad_push(impl: Any, kwargs: dict[str, Any], exc: type[Exception], name: str) -> None:
     for priorities in (True, False):             # validated even when ignored
         q = impl.RequestQueue(4, priorities=priorities)
@@ -1632,6 +1632,56 @@ def test_a_park_past_capacity_is_accepted(impl: Any) -> None:
     q.park("retry", 0, 1, 0, 0, 0, 1e12)
     assert len(q) == 2
     assert q.drain() == ["a", "retry"]
+
+
+# ------------------------------------------------------------------ push_again
+
+
+def test_push_again_needs_no_room_and_never_waits(impl: Any) -> None:
+    q = impl.RequestQueue(1)
+    q.push("a")
+    with pytest.raises(queue.Full):
+        q.push("b", timeout=0)
+    q.push_again("b", 0, 1, 0, 0)  # accepted once already: past capacity, at once
+    assert (len(q), q.rows, q.pushed) == (2, 2, 2)
+    with pytest.raises(queue.Full):
+        q.push("c", timeout=0)  # full until both have left
+    assert q.pop_batch(10, timeout=0) == ["a", "b"]  # one batch: no solo entry
+    q.push("c", timeout=0)
+
+
+def test_push_again_is_accepted_after_close_and_handed_out(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    q.push("a")
+    q.close()
+    with pytest.raises(impl.QueueClosed):
+        q.push("b")
+    token = q.push_again("b", 0, 1, 0, 0)
+    q.push_again("c", 0, 1, 0, 0)
+    assert not q.exhausted and q.pushed == 3
+    assert q.cancel(token)
+    assert q.pop_batch(10, timeout=HANG) == ["a", "c"]
+    assert q.exhausted
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+
+
+def test_push_again_orders_and_expires_as_push_does(impl: Any) -> None:
+    q = impl.RequestQueue(4)
+    q.push("low", priority=3)
+    q.push_again("urgent", 0, 1, 0, 0)
+    q.push_again("late", 1, 1, 0, 0, 0, time.monotonic() - 1)
+    assert q.take_expired() == ["late"]
+    assert q.pop_batch(10, timeout=0) == ["urgent", "low"]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "name"),
+                         [case for case in BAD_PUSH_ARGUMENTS if "timeout" not in case[0]])
+def test_bad_push_again(impl: Any, kwargs: dict[str, Any], exc: type[Exception],
+                        name: str) -> None:
+    q = impl.RequestQueue(4)
+    with pytest.raises(exc, match=name):
+        q.push_again("x", **{"priority": 0, "rows": 1, "nbytes": 0, "key": 0, **kwargs})
+    assert (len(q), q.rows, q.pushed) == (0, 0, 0)
 
 
 def test_an_expired_park_goes_to_take_expired(impl: Any) -> None:

@@ -635,10 +635,11 @@ cdef class RequestQueue:
 
     cdef int _publish_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
                              int64_t key, int64_t length, double deadline,
-                             uint64_t* seq) noexcept nogil:
-        """Queue the entry whose object is already in slot s; wake consumers."""
+                             uint64_t* seq, bint accepted) noexcept nogil:
+        """Queue the entry whose object is already in slot s; wake consumers. On a closed
+        queue only an entry ``accepted`` already (``push_again``)."""
         cdef Entry e
-        if self._closed:
+        if self._closed and not accepted:
             return RQ_CLOSED
         e.priority = priority if self._priorities else 0
         e.seq = self._seq
@@ -1187,7 +1188,7 @@ cdef class RequestQueue:
                 self._store(s, item)
                 # Cannot fail: we held the lock since _reserve_locked saw it open.
                 self._publish_locked(
-                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
+                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq, False)
                 sync_unlock(self._sync)
                 return _token(seq, s)
             sync_unlock(self._sync)
@@ -1228,19 +1229,58 @@ cdef class RequestQueue:
         self._store(s, item)
         if sync_try_lock(self._sync):
             r = self._publish_locked(
-                s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
+                s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq, False)
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
                 r = self._publish_locked(
-                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq)
+                    s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq, False)
                 sync_unlock(self._sync)
         if r == RQ_CLOSED:
             # Closed while we held the slot: give it back, drop our reference.
             self._store(s, None)
             self._release_slots(&s, 1)
             raise QueueClosed("push on a closed RequestQueue")
+        return _token(seq, s)
+
+    def push_again(self, item, priority, rows, nbytes, key, length=0, deadline=None):
+        """Queue ``item`` as ``push`` does, for a request accepted once already (an item of
+        a failed ``map`` chunk, queued again one by one): it never waits, may take a slot
+        past ``capacity`` and is accepted after ``close()`` too, as ``park`` is; unlike a
+        parked entry it arrives now and joins batches as any entry does. Counted in
+        ``pushed``; returns its token, as ``push``. Whether a consumer will still pop it
+        from a closed queue is the caller's to know. Arguments as for ``push``.
+        ``queue.Full`` only at the slot limit of a token (2**24 entries held at once).
+        """
+        cdef int64_t c_prio = _priority_arg(priority)
+        cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)
+        cdef int64_t c_nbytes = _int_arg(nbytes, "nbytes", 0, _MAX_COUNT)
+        cdef int64_t c_key = _int_arg(key, "key", INT64_MIN, INT64_MAX)
+        cdef int64_t c_length = _int_arg(length, "length", 0, _MAX_COUNT)
+        cdef double c_deadline = INFINITY if deadline is None else _deadline_arg(deadline)
+        cdef int32_t s = -1
+        cdef int r
+        cdef uint64_t seq = 0
+        with nogil:
+            sync_lock(self._sync)
+            r = self._take_slot_locked(&s, True)
+            sync_unlock(self._sync)
+        if r == RQ_FULL:
+            raise _queue.Full
+        if r != RQ_OK:
+            raise MemoryError()
+        try:
+            self._ensure_table(s)
+        except BaseException:
+            self._release_slots(&s, 1)
+            raise
+        self._store(s, item)
+        with nogil:
+            sync_lock(self._sync)
+            self._publish_locked(
+                s, c_prio, c_rows, c_nbytes, c_key, c_length, c_deadline, &seq, True)
+            sync_unlock(self._sync)
         return _token(seq, s)
 
     def pop_batch(self, max_rows, max_bytes=0, *, max_tokens=0, fill_rows=0, max_wait=0.0,

@@ -49,6 +49,19 @@ class RequestQueue:
         weighed against ``pop_batch``'s ``max_tokens``. ``deadline``: when (monotonic
         clock) it expires if still queued; then ``take_expired()`` hands it out."""
 
+    def push_again(
+        self,
+        item: object,
+        priority: SupportsIndex,
+        rows: SupportsIndex,
+        nbytes: SupportsIndex,
+        key: SupportsIndex,
+        length: SupportsIndex = 0,
+        deadline: SupportsFloat | SupportsIndex | None = None,
+    ) -> int:
+        """``push`` for a request accepted once already: never waits, may go past
+        ``capacity``, accepted after ``close()`` too; joins batches as any entry does."""
+
     def park(
         self,
         item: object,

@@ -348,22 +348,6 @@ def test_closing_early_withdraws_queued_chunks(make_processor):
     assert sizes == [4, 1]
 
 
-class _InterruptedWait:
-    """Stands for a future whose waiter gets KeyboardInterrupt (Ctrl-C) while it waits:
-    ``result()`` raises it when the request is not done yet."""
-
-    def __init__(self, future):
-        self.future = future
-
-    def result(self, timeout=None):
-        if not self.future.done():
-            raise KeyboardInterrupt
-        return self.future.result(timeout)
-
-    def __getattr__(self, name):
-        return getattr(self.future, name)
-
-
 @pytest.mark.parametrize("return_exceptions", [False, True])
 def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatch,
                                                       return_exceptions):
@@ -410,17 +394,29 @@ def pausing_on_a_failed_chunk(make_processor):
     return p, model
 
 
-def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processor):
+def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processor,
+                                                                    monkeypatch):
+    import batchproc.processor
+
+    class ItemInterrupted(batchproc.processor._RequestFuture):
+        """The future of a failed chunk's item (a chunk's own queues its items again):
+        its waiter gets KeyboardInterrupt."""
+
+        def result(self, timeout=None):
+            if not self.done() and self._bp_again is None:
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    monkeypatch.setattr(batchproc.processor, "_RequestFuture", ItemInterrupted)
     p, model = pausing_on_a_failed_chunk(make_processor)
     results = p.map(rows(4), buffersize=1)
-    enqueue = p.enqueue_predict
-    p.enqueue_predict = lambda *a, **k: _InterruptedWait(enqueue(*a, **k))
     with pytest.raises(KeyboardInterrupt):
         next(results)
     stats = p.get_stats()
     assert stats["queue_size"] == 0 and stats["total_cancelled"] == 4
+    monkeypatch.undo()
     p.resume()
-    enqueue(np.zeros((1, 3), np.float32)).result()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
     assert model.sizes == [1]
 
 
@@ -563,37 +559,157 @@ def test_counts_with_a_bad_item_and_a_good_chunk(make_processor):
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_failed_chunk_dropped_by_closing_the_map_is_one_failure(make_processor,
-                                                                  asynchronous):
-    # The second chunk fails (its items not queued again yet: the consumer has not asked)
-    # and the map is closed: the chunk counts as the failure it was, not as nothing.
-    failed = threading.Event()
+def test_a_chunk_failing_after_the_map_was_closed_is_one_failure(make_processor,
+                                                                 asynchronous):
+    # The second chunk is being called when the map is closed, then fails: nobody wants
+    # its items any more, so they are not queued again, and the chunk counts as the one
+    # failed request it was (not as nothing).
+    running, closed = threading.Event(), threading.Event()
+    model = Calls()
 
-    def model(batch):
+    def failing(batch):
         if (batch == 5).any():
-            failed.set()
+            running.set()
+            assert closed.wait(10)
             raise ValueError("bad row 5")
-        return batch
+        return model(batch)
 
-    p = make_processor(model, max_batch_size=4, max_workers=1, max_retries=0)
+    p = make_processor(failing, max_batch_size=4, max_workers=1, max_retries=0)
     if asynchronous:
         async def main():
             results = p.amap(rows(8), buffersize=2)
             assert (await results.__anext__() == 0).all()
-            while not failed.is_set() or p.get_stats()["active_batches"]:
-                await asyncio.sleep(0.001)
-            await asyncio.sleep(0)  # the failure, posted to the loop before the batch ended
+            assert running.wait(10)
             await results.aclose()
 
         asyncio.run(main())
     else:
         results = p.map(rows(8), buffersize=2)
         assert (next(results) == 0).all()
-        assert failed.wait(10)
-        _wait_for(lambda: not p.get_stats()["active_batches"], "the chunk's failure")
+        assert running.wait(10)
         results.close()
+    closed.set()
+    _wait_for(lambda: p.get_stats()["total_errors"] == 1, "the chunk's failure")
     assert _counts(p) == (2, 1, 1)
     assert p.get_stats()["total_cancelled"] == 0
+    assert model.sizes == [4]  # its items never ran alone
+
+
+def pausing_when_chunk_fails(make_processor, bad, release=None):
+    """A processor (one worker) whose model fails a chunk of several rows holding the row
+    ``bad`` and pauses the processor as it does, after waiting for ``release`` (an
+    event) if given; ``bad`` alone fails too. (processor, an event set as the chunk
+    fails, the counting model that sees the calls that succeed)."""
+    failing = threading.Event()
+    model = Calls()
+
+    def func(batch):
+        if (batch == bad).any():
+            if len(batch) > 1:
+                if release is not None:
+                    assert release.wait(10)
+                p.pause()  # its items, queued again, stay queued until stop resumes
+                failing.set()
+            raise ValueError(f"bad row {bad}")
+        return model(batch)
+
+    p = make_processor(func, max_batch_size=4, max_workers=1, max_retries=0)
+    return p, failing, model
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_closing_the_map_withdraws_a_failed_chunks_items(make_processor, asynchronous):
+    # The second chunk failed while the iteration was at the first: its items were queued
+    # again as it failed (and held there: the model paused the processor). Closing the
+    # map withdraws them, as it withdraws its queued chunks.
+    p, failing, model = pausing_when_chunk_fails(make_processor, 5)
+
+    def after_the_failure():
+        assert failing.wait(10)
+        _wait_for(lambda: not p.get_stats()["active_batches"], "the chunk's failure")
+
+    if asynchronous:
+        async def main():
+            results = p.amap(rows(8))
+            assert (await results.__anext__() == 0).all()
+            after_the_failure()
+            await results.aclose()
+
+        asyncio.run(main())
+    else:
+        results = p.map(rows(8))
+        assert (next(results) == 0).all()
+        after_the_failure()
+        results.close()
+    assert p.get_stats()["total_cancelled"] == 4
+    assert _counts(p) == (5, 1, 0)  # the first chunk, and the four items withdrawn
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [4, 1]
+
+
+def _after_the_first(p, asynchronous, between):
+    """Iterate ``p.map``/``amap`` over 8 rows (chunks of 4) with ``return_exceptions``:
+    the first result, then ``between()``, then the rest: (all results, the stats)."""
+    if asynchronous:
+        async def main():
+            results = p.amap(rows(8), return_exceptions=True)
+            first = await results.__anext__()
+            between()
+            return [first] + [y async for y in results]
+
+        return asyncio.run(main())
+    results = p.map(rows(8), return_exceptions=True)
+    first = next(results)
+    between()
+    return [first, *results]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_chunk_failed_before_stop_has_its_items_drained_by_it(make_processor,
+                                                                asynchronous):
+    # The second chunk fails (one bad item) while the iteration is still at the first,
+    # then stop() comes. The chunk was accepted before the stop and so are its items,
+    # queued again one by one as it failed: stop drains them as it drains every request
+    # accepted before it, and the iteration hands out their results after it.
+    p, failing, model = pausing_when_chunk_fails(make_processor, 5)
+
+    def stop_after_the_failure():
+        assert failing.wait(10)
+        _wait_for(lambda: not p.get_stats()["active_batches"], "the chunk's failure")
+        p.stop()
+
+    out = _after_the_first(p, asynchronous, stop_after_the_failure)
+    assert len(out) == 8 and isinstance(out[5], ValueError), out
+    assert [float(y[0, 0]) for k, y in enumerate(out) if k != 5] == [
+        2.0 * k for k in range(8) if k != 5]
+    # The first chunk, and the second's four items (three results, one error).
+    assert _counts(p) == (5, 4, 1)
+    assert sum(model.sizes) == 4 + 3  # each healthy item run once, after the stop began
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_chunk_failing_while_stop_drains_has_its_items_drained_too(make_processor,
+                                                                     asynchronous):
+    # The second chunk fails after stop() has closed the queue, while stop waits for the
+    # call: its items are queued again all the same (accepted before the stop), and run.
+    release = threading.Event()
+    p, failing, model = pausing_when_chunk_fails(make_processor, 5, release)
+
+    def stop_while_the_chunk_runs():
+        stopper = threading.Thread(target=p.stop, kwargs={"timeout": 30})
+        stopper.start()
+        _wait_for(p.shutdown_event.is_set, "stop to close the queue")
+        release.set()  # the chunk fails now, while stop waits for its call
+        stopper.join(30)
+        assert not stopper.is_alive() and failing.is_set()
+
+    out = _after_the_first(p, asynchronous, stop_while_the_chunk_runs)
+    assert len(out) == 8 and isinstance(out[5], ValueError), out
+    assert [float(y[0, 0]) for k, y in enumerate(out) if k != 5] == [
+        2.0 * k for k in range(8) if k != 5]
+    assert _counts(p) == (5, 4, 1)
+    assert sum(model.sizes) == 4 + 3
 
 
 def test_a_failed_chunk_of_one_item_is_one_failure(make_processor):

@@ -16,11 +16,13 @@ or lazy input is read as fast as results are consumed and memory stays bounded.
 
 Failures: a chunk of several items that fails is not retried whole (the engine fails
 it at once, as it searches a failing batch of several requests at once). Its items are
-then queued again one by one, so the engine's bisection finds the failing item, retried
-as it would be alone, and only that position raises (or yields the exception, with
-``return_exceptions``). A chunk that expired (``QueueTimeoutError``) or was refused or
-dropped at stop (``ProcessorStoppedError``) is not queued again: each of its positions
-gets that error.
+queued again one by one as it fails, by the engine's thread failing it
+(``Window.queue_again``), so the engine's bisection finds the failing item, retried as
+it would be alone, and only that position raises (or yields the exception, with
+``return_exceptions``); a ``stop()`` that comes before the iteration reaches the chunk
+drains them as requests accepted before it. A chunk that expired (``QueueTimeoutError``)
+or was refused or dropped at stop (``ProcessorStoppedError``) is not queued again: each
+of its positions gets that error.
 ``ProcessorStoppedError`` and an exception raised by the input iterator always end the
 iteration at their position, with or without ``return_exceptions``.
 """
@@ -28,7 +30,9 @@ iteration at their position, with or without ``return_exceptions``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue as _stdlib_queue
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -43,7 +47,7 @@ from .backpressure import push_when_room
 from .config import as_int
 from .errors import ProcessorStoppedError
 from .formats.base import BatchFormat
-from .formats.chunks import ChunkFormat, items_queued_again
+from .formats.chunks import ChunkFormat
 
 if TYPE_CHECKING:
     from .processor import BatchProcessor
@@ -60,18 +64,23 @@ class Chunk:
     """Consecutive items of one kind, queued as one request."""
 
     __slots__ = ("format", "items", "key", "length", "nbytes", "queue_length", "requests",
-                 "rows")
+                 "rows", "singles")
 
     def __init__(self, requests: list[Request], items: list[Any], fmt: BatchFormat,
                  key: int, rows: int, nbytes: int, length: int, queue_length: int) -> None:
-        self.requests = requests  # each item's request, as the describer made it
-        self.items = items  # the items as given, to queue again one by one
+        # Each item's request, as the describer made it: what enqueue_predict would queue
+        # for the item, and does queue should the chunk fail (Window.queue_again).
+        self.requests = requests
+        self.items = items  # the items as given
         self.format = fmt
         self.key = key
         self.rows = rows
         self.nbytes = nbytes
         self.length = length
         self.queue_length = queue_length
+        # Once it failed and its items were queued again one by one: a future each (or
+        # the error that refused one).
+        self.singles: list[Any] | None = None
 
 
 class Failed:
@@ -289,29 +298,30 @@ def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
 class InFlight:
     """A queued chunk: the future of its list of results (a thread future for ``map``,
     an asyncio future for ``amap``), whose ``cancel()`` withdraws the chunk from the
-    queue. Once the chunk failed, ``singles`` holds its items queued one by one: a
-    future (or task) each, or the exception that refused one."""
+    queue. Should the chunk fail, ``chunk.singles`` holds its items queued again."""
 
-    __slots__ = ("chunk", "future", "singles")
+    __slots__ = ("chunk", "future")
 
     def __init__(self, chunk: Chunk, future: Any) -> None:
         self.chunk = chunk
         self.future = future
-        self.singles: list[Any] | None = None
 
 
 class Window:
     """One map's chunks in flight, oldest first, and what ``map`` and ``amap`` both do
-    with them; the two differ only in how they wait. ``queue_singly(slot)`` queues a
-    failed chunk's items one by one into ``slot.singles``."""
+    with them; the two differ only in how they wait, and in the futures of a failed
+    chunk's items: ``make_future()`` gives one, as (what the queue completes, what the
+    consumer waits on)."""
 
-    def __init__(self, processor: BatchProcessor[Any, Any], settings: Settings,
-                 queue_singly: Callable[[InFlight], None]) -> None:
+    def __init__(self, processor: BatchProcessor[Any, Any], settings: Settings) -> None:
         self.slots: deque[InFlight | Failed] = deque()
         self.reading = True
+        self.closed = False
+        self.make_future: Callable[[], tuple[Any, Any]] | None = None
         self._processor = processor
         self._settings = settings
-        self._queue_singly = queue_singly
+        # Between a failing chunk's thread queueing its items and the consumer closing.
+        self._lock = threading.Lock()
 
     def add(self, slot: InFlight | Failed, ready: deque[Chunk | Failed]) -> None:
         self.slots.append(slot)
@@ -323,15 +333,60 @@ class Window:
     def wants_more(self) -> bool:
         return self.reading and len(self.slots) < self._settings.buffersize
 
-    def requeue_failed(self) -> None:
-        """Before waiting for the oldest chunk: chunks that already failed go back to the
-        queue item by item now, so their good items are processed meanwhile."""
-        for slot in self.slots:
-            if isinstance(slot, InFlight) and slot.singles is None and slot.future.done():
-                future = slot.future
-                error = None if future.cancelled() else future.exception()
-                if error is not None and items_queued_again(error, len(slot.chunk.items)):
-                    self._queue_singly(slot)
+    def queue_again(self, chunk: Chunk, error: BaseException) -> bool:
+        """``chunk`` (of several items) fails with ``error``, a failure of its processing:
+        queue its items again one by one, now, into ``chunk.singles``, each as
+        ``enqueue_predict`` would (the map's priority, a ``max_queue_time`` of its own).
+        The engine calls this on the thread that fails the chunk (a worker, or the
+        supervisor for a time-out), before the chunk's future gets ``error``.
+
+        Why then, rather than when the iteration reaches the chunk: its items are
+        accepted as their chunk was, before any ``stop()`` that comes between. stop
+        drains what was accepted before it and returns without waiting for the
+        iteration, which would find the queue closed and nobody to run them. So they go
+        in as requests accepted already (``BatchProcessor._push_accepted``: taken while
+        stop drains the queue, which runs them or fails them). The bounds of the map
+        hold: they are the chunk's items, in its place in the window (``buffersize``),
+        and a full queue is not waited for (the caller is the engine's own thread): they
+        go past ``max_queue_size``, as a retry does, never more than the chunks of the
+        window held.
+
+        False when nothing is queued: the map was closed first (nobody wants them) or
+        stop has taken the queue's last requests (each of ``chunk.singles`` is then its
+        ``ProcessorStoppedError``). The chunk then counts as the failure it was."""
+        settings = self._settings
+        processor = self._processor
+        with self._lock:
+            if self.closed or self.make_future is None:
+                return False
+            now = _monotonic()
+            mqt = settings.max_queue_time
+            deadline = _INF if mqt is None else now + mqt
+            priority = settings.priority
+            make_future = self.make_future
+            requests = []
+            waits: list[Any] = []
+            for r in chunk.requests:
+                future, wait = make_future()
+                requests.append(Request(future, r.item, r.format, r.rows, r.nbytes, r.length,
+                                        now, r.key, r.queue_length, priority, deadline))
+                waits.append(wait)
+            tokens = processor._push_accepted(requests)
+            if tokens is None:
+                stopped = ProcessorStoppedError(
+                    "processor stopped before the items of this failed chunk were queued "
+                    "again one by one")
+                stopped.__cause__ = error
+                chunk.singles = [stopped] * len(requests)
+                return False
+            for k, token in enumerate(tokens):
+                if isinstance(token, BaseException):
+                    waits[k] = token  # this position gets the refusal
+                else:
+                    waits[k]._bp_token = token  # its cancel() withdraws it
+                    waits[k]._bp_owner = processor
+            chunk.singles = waits
+            return True
 
     def take_failure(self) -> BaseException:
         """The oldest position could not be queued: its error, to yield; raised when it
@@ -343,16 +398,15 @@ class Window:
         return slot.error
 
     def chunk_failed(self, slot: InFlight, error: BaseException) -> int:
-        """The oldest chunk failed: 0 when its items were queued again one by one; else
-        how many positions get ``error`` (raised when it ends the iteration)."""
-        count = len(slot.chunk.items)
-        if items_queued_again(error, count):
-            self._queue_singly(slot)
+        """The oldest chunk failed: 0 when its items were queued again one by one (as it
+        failed: ``chunk.singles``); else how many positions get ``error`` (raised when it
+        ends the iteration)."""
+        if slot.chunk.singles is not None:
             return 0
         self.slots.popleft()
         if self.final(error):
             raise error
-        return count
+        return len(slot.chunk.items)
 
     def final(self, error: BaseException) -> bool:
         """Whether ``error`` at a position ends the iteration (is raised)."""
@@ -360,20 +414,37 @@ class Window:
 
     def cancel(self) -> None:
         """Withdraw what is still queued (what runs completes unseen): an iterator closed
-        early leaves none of its requests behind in the queue. A chunk that failed and
-        whose items were not queued again yet never will be: it counts as a failure."""
+        early leaves none of its requests behind in the queue. A chunk that fails after
+        this keeps its items to itself (``queue_again``): it counts as one failure."""
+        with self._lock:
+            self.closed = True
         for slot in self.slots:
             if isinstance(slot, InFlight):
-                future = slot.future
-                if slot.singles is None and future.done() and not future.cancelled():
-                    error = future.exception()
-                    if error is not None and items_queued_again(error, len(slot.chunk.items)):
-                        self._processor._dispatcher.delivery.not_queued_again(error)
-                future.cancel()
-                for single in slot.singles or ():
+                _withdraw(slot.future)
+                for single in slot.chunk.singles or ():
                     if not isinstance(single, BaseException):
-                        single.cancel()
+                        _withdraw(single)
         self.slots.clear()
+
+
+def _withdraw(future: Any) -> None:
+    """Cancel a future of the map's (a queued request leaves the queue); one that failed
+    already has its error taken, which nobody will see (asyncio would log it)."""
+    if not future.cancel() and future.done() and not future.cancelled():
+        future.exception()
+
+
+class ChunkRequest(AsyncRequest):
+    """An ``amap`` chunk as the queue holds it: an ``AsyncRequest`` that also carries
+    what queues its items again should it fail (``_bp_again``, as a ``map`` chunk's
+    future does)."""
+
+    __slots__ = ("_bp_again",)
+
+    def __init__(self, future: asyncio.Future[Any], channel: Any,
+                 again: Callable[[BaseException], bool]) -> None:
+        super().__init__(future, channel)
+        self._bp_again = again
 
 
 def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
@@ -392,11 +463,19 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
 
     queue = processor._queue
     priority = settings.priority
+    window = Window(processor, settings)
+
+    def make_future() -> tuple[Any, Any]:
+        future = _RequestFuture()
+        return future, future
+
+    window.make_future = make_future
 
     def submit(entry: Chunk | Failed) -> InFlight | Failed:
         if not isinstance(entry, Chunk):
             return entry
         future = _RequestFuture()
+        future._bp_again = functools.partial(window.queue_again, entry)  # before it runs
         deadline = settings.deadline()
         request = _request(future, entry, priority, deadline)
         try:
@@ -407,18 +486,6 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         future._bp_token = token  # its cancel() withdraws it from the queue
         future._bp_owner = processor
         return InFlight(entry, future)
-
-    def queue_singly(slot: InFlight) -> None:
-        singles: list[Any] = []
-        for item in slot.chunk.items:
-            try:
-                singles.append(processor.enqueue_predict(
-                    item, priority=priority, max_queue_time=settings.max_queue_time))
-            except Exception as exc:  # refused (stopped): this position gets the error
-                singles.append(exc)
-        slot.singles = singles
-
-    window = Window(processor, settings, queue_singly)
 
     def gen() -> Iterator[Any]:
         iterator = iter(items)
@@ -437,32 +504,31 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 if not isinstance(slot, InFlight):
                     yield window.take_failure()
                     continue
-                if slot.singles is None:
+                # Its own outcome first (a failed chunk's items are queued again before
+                # its failure is set).
+                try:
+                    parts = slot.future.result()
+                except BaseException as exc:
                     if not slot.future.done():
-                        window.requeue_failed()
-                    try:
-                        parts = slot.future.result()
-                    except BaseException as exc:
-                        if not slot.future.done():
-                            # Interrupted while waiting (KeyboardInterrupt): not the
-                            # chunk's outcome; it stays in the window to be withdrawn.
-                            raise
-                        count = window.chunk_failed(slot, exc)
-                        for _ in range(count):
-                            yield exc
-                        if count:
-                            continue
-                    else:
-                        slots.popleft()
-                        yield from parts
+                        # Interrupted while waiting (KeyboardInterrupt): not the chunk's
+                        # outcome; it stays in the window to be withdrawn.
+                        raise
+                    count = window.chunk_failed(slot, exc)
+                    for _ in range(count):
+                        yield exc
+                    if count:
                         continue
+                else:
+                    slots.popleft()
+                    yield from parts
+                    continue
                 # Its items one by one. The slot stays first in the window meanwhile, so
                 # closing the iterator withdraws the ones not handed out yet.
-                singles = slot.singles
+                singles = slot.chunk.singles
                 assert singles is not None
                 while singles:
                     single = singles[0]
-                    failed = isinstance(single, BaseException)  # refused at enqueue
+                    failed = isinstance(single, BaseException)  # refused: its error
                     value = single
                     if not failed:
                         try:
@@ -490,6 +556,7 @@ def amap_results(processor: BatchProcessor[Any, Any],
                  settings: Settings) -> AsyncIterator[Any]:
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
+    window = Window(processor, settings)
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
                      channel: Any) -> InFlight | Failed:
@@ -499,7 +566,8 @@ def amap_results(processor: BatchProcessor[Any, Any],
         # chunk out of the queue at once (as apredict's does).
         future = QueuedFuture(loop=loop)
         deadline = settings.deadline()
-        request = _request(AsyncRequest(future, channel), entry, priority, deadline)
+        again = functools.partial(window.queue_again, entry)
+        request = _request(ChunkRequest(future, channel, again), entry, priority, deadline)
         try:
             token = await push_when_room(processor, request, priority, entry.rows,
                                          entry.nbytes, entry.key, entry.queue_length,
@@ -510,16 +578,17 @@ def amap_results(processor: BatchProcessor[Any, Any],
         future._bp_owner = processor
         return InFlight(entry, future)
 
-    def queue_singly(slot: InFlight) -> None:
-        slot.singles = [asyncio.ensure_future(processor.apredict(
-            item, priority=priority, max_queue_time=settings.max_queue_time))
-            for item in slot.chunk.items]
-
-    window = Window(processor, settings, queue_singly)
-
     async def gen() -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         channel = processor._channel_for(loop)
+
+        def make_future() -> tuple[Any, Any]:
+            # On the thread failing a chunk: an asyncio future of this loop is only made
+            # there, completed on the loop (through the channel).
+            future = QueuedFuture(loop=loop)
+            return AsyncRequest(future, channel), future
+
+        window.make_future = make_future
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
         slots = window.slots
@@ -541,31 +610,36 @@ def amap_results(processor: BatchProcessor[Any, Any],
                 if not isinstance(slot, InFlight):
                     yield window.take_failure()
                     continue
-                if slot.singles is None:
-                    if not slot.future.done():
-                        window.requeue_failed()
-                    try:
-                        parts = await slot.future
-                    except Exception as exc:
-                        count = window.chunk_failed(slot, exc)
-                        for _ in range(count):
-                            yield exc
-                        if count:
-                            continue
-                    else:
-                        slots.popleft()
-                        for part in parts:
-                            yield part
+                # Its own outcome first, even once its items were queued again (they are
+                # before its failure is set): asyncio logs a failure never retrieved.
+                try:
+                    parts = await slot.future
+                except Exception as exc:
+                    count = window.chunk_failed(slot, exc)
+                    for _ in range(count):
+                        yield exc
+                    if count:
                         continue
-                singles = slot.singles
+                else:
+                    slots.popleft()
+                    for part in parts:
+                        yield part
+                    continue
+                singles = slot.chunk.singles
                 assert singles is not None
                 while singles:
-                    try:
-                        value = await singles[0]
-                    except Exception as exc:
-                        if window.final(exc):
-                            raise
-                        value = exc
+                    single = singles[0]
+                    if isinstance(single, BaseException):  # refused: its error
+                        value = single
+                        if window.final(value):
+                            raise value
+                    else:
+                        try:
+                            value = await single
+                        except Exception as exc:
+                            if window.final(exc):
+                                raise
+                            value = exc
                     del singles[0]
                     yield value
                 slots.popleft()

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import bulk, exiting, forking, shielded
-from ._native.future_state import start_all
+from ._native.future_state import Request, start_all
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
@@ -84,6 +84,8 @@ class _RequestFuture(RequestFuture):
 
     _bp_owner: BatchProcessor[Any, Any] | None = None
     _bp_token = -1
+    # A map chunk's: queues its items again should it fail (bulk.Window.queue_again).
+    _bp_again: Any = None
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -424,6 +426,9 @@ class BatchProcessor(Generic[T, U]):
     def _fail_queued(self) -> int:
         """Fail what is left in the queue: requests never dispatched, and requests
         parked for a retry after a failed call (their error's cause is that failure)."""
+        # The queue's last look: a failed map chunk's items queued after it would never
+        # run, so from here on they are not queued at all (Engine.seal).
+        self._dispatcher.seal()
         queued = self._queue.drain()
         failed = start_all(queued)  # requests parked for a retry are running already
         if len(failed) != len(queued):
@@ -661,8 +666,10 @@ class BatchProcessor(Generic[T, U]):
         infinite or lazy) is read only as results are consumed. Nothing is read before
         the first ``next()``.
 
-        A failing item fails its position only: the chunk holding it is retried as the
-        config says, then its items are queued one by one. As with
+        A failing item fails its position only: the chunk holding it is not retried
+        whole; its items are queued again one by one as it fails, each retried as the
+        config says as it would be alone (a ``stop()`` before the iteration reaches them
+        drains them as requests accepted before it). As with
         ``concurrent.futures.Executor.map``, an item's exception is raised when the
         iteration reaches its position, and the iteration ends there; with
         ``return_exceptions=True`` it is yielded in place of the result instead and the
@@ -718,6 +725,33 @@ class BatchProcessor(Generic[T, U]):
             max_queue_time = _queue_time_arg(max_queue_time)
         return bulk.Settings(self, chunksize, buffersize, priority, max_queue_time,
                              return_exceptions)
+
+    def _push_accepted(self, requests: list[Request]) -> list[int | BaseException] | None:
+        """Queue requests accepted already, each as an arrival of its own: the items of a
+        map chunk that failed, queued again one by one as its failure is delivered
+        (``bulk.Window.queue_again``). Never waits (a worker or the supervisor calls it),
+        may go past ``max_queue_size`` (the items held their place in it as their chunk),
+        and is taken while ``stop()`` drains the queue: the chunk was accepted before the
+        stop, and so are its items, which the draining workers run or stop fails. None,
+        queueing nothing, once stop has taken what was left in the queue for the last
+        time (``Engine.seal``): nobody would run them.
+
+        Each item counts as accepted (the queue's ``pushed``) and its chunk no more
+        (``Delivery.handed_back``), so ``get_stats()`` stays balanced. Per request: its
+        token, or the error that refused it (``QueueFullError``: the queue holds its most,
+        2**24 entries, or memory ran out), counted in ``total_rejected``."""
+        tokens = self._dispatcher.push_accepted(requests)
+        if tokens is not None:
+            for k, token in enumerate(tokens):
+                if isinstance(token, BaseException):
+                    with self._counts_lock:
+                        self._rejected += 1
+                    self._metrics.rejected(1)
+                    tokens[k] = QueueFullError(
+                        f"no room to queue this item again after its map chunk failed "
+                        f"({type(token).__name__}: the queue holds its most entries, or "
+                        f"memory ran out)")
+        return tokens
 
     def _cancel_queued(self, token: int) -> bool:
         if self._queue.cancel(token):

@@ -14,6 +14,7 @@ One module per job, each with a narrow interface:
 
 from __future__ import annotations
 
+import queue as _stdlib_queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +32,15 @@ from .workers import WorkerPool
 
 __all__ = ["Engine"]
 
+_INF = float("inf")
+
 
 class Engine:
     def __init__(self, config: BatchProcessorConfig, queue: Any, controller: Controller,
                  stats: BatchStats, metrics: MetricsSink, resume: threading.Event,
                  count_cancelled: Callable[[int], None]) -> None:
         self._board = Board()
+        self._queue = queue
         self.delivery = Delivery(config, self._board, queue, controller, stats, metrics,
                                  count_cancelled)
         self._executor = Executor(config, self._board, queue, controller, self.delivery,
@@ -67,6 +71,33 @@ class Engine:
     @room.setter
     def room(self, waiters: Any) -> None:
         self._pool.room = waiters
+
+    def push_accepted(self, requests: list[Request]) -> list[int | BaseException] | None:
+        """Queue requests accepted already (``BatchProcessor._push_accepted``), each with
+        ``RequestQueue.push_again``: per request its token, or the ``queue.Full`` or
+        ``MemoryError`` that refused it; None, queueing none, once ``seal``ed. Under the
+        board's lock, as ``seal`` is: either they are queued before stop's last look at
+        the queue, which then fails those no worker ran, or they are refused."""
+        queue = self._queue
+        out: list[int | BaseException] = []
+        with self._board.lock:
+            if self._board.sealed:
+                return None
+            for r in requests:
+                try:
+                    out.append(queue.push_again(
+                        r, r.priority, r.rows, r.nbytes, r.key, r.queue_length,
+                        None if r.deadline == _INF else r.deadline))
+                except (_stdlib_queue.Full, MemoryError) as exc:
+                    out.append(exc)
+        return out
+
+    def seal(self) -> None:
+        """Stop is about to take what is left in the queue for the last time (its
+        workers have exited or been given up on): ``push_accepted`` queues nothing any
+        more, as nobody would run it or fail it."""
+        with self._board.lock:
+            self._board.sealed = True
 
     def expire_queued(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out in the queue."""

@@ -72,6 +72,9 @@ class Board:
         # Notified when a delivery ends while stop is waiting for deliveries.
         self.settled = threading.Condition(self.lock)
         self.closing = False
+        # Set by stop just before it takes what is left in the queue for the last time:
+        # nothing accepted already may be queued again after that (Engine.push_accepted).
+        self.sealed = False
 
     def begin_call(self, batch: Batch, requests: list[Request]) -> bool:
         with self.lock:

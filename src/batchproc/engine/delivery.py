@@ -18,7 +18,7 @@ from .._native.future_state import Request, enqueued_of, start_all
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError
-from ..formats.chunks import handed_back
+from ..formats.chunks import handed_back, queued_again
 from ..futures import finish_all
 from ..metrics import (
     OUTCOME_ERROR,
@@ -170,24 +170,17 @@ class Delivery:
     def _counted(self, pending: list[Request], error: BaseException,
                  outcome: str) -> list[Request]:
         """The failed requests that count as failures: not a map chunk whose items are
-        queued again one by one, whose items then count each (once, as the requests they
-        become: ``handed_back`` takes it out of the accepted too). Time-outs are also
-        counted in ``timed_out`` here."""
-        counted = [r for r in pending if not handed_back(r, error)]
+        queued again one by one, here, before its future fails (``queued_again``), whose
+        items then count each (once, as the requests they become: ``handed_back`` takes
+        it out of the accepted too). Time-outs are also counted in ``timed_out`` here."""
+        counted = [r for r in pending
+                   if not (handed_back(r, error) and queued_again(r, error))]
         timed_out = len(counted) if outcome is OUTCOME_TIMEOUT else 0
         if timed_out or len(counted) != len(pending):
             with self._expired_lock:
                 self.handed_back += len(pending) - len(counted)
                 self.timed_out += timed_out
         return counted
-
-    def not_queued_again(self, error: BaseException) -> None:
-        """A map chunk handed back (``_counted``) whose items were never queued again:
-        its map was closed first. It is counted as the failure it was, once."""
-        with self._expired_lock:
-            self.handed_back -= 1
-        self._stats.record_error(1)
-        self._metrics.error(error, 1)
 
     def expire(self, requests: list[Request]) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or

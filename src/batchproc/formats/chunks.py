@@ -12,11 +12,14 @@ while the queue, the workers and the futures see one request per chunk.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .._native.future_state import Request
 from ..errors import ProcessorStoppedError, QueueTimeoutError
 from .base import BatchFormat, Built, Limits, Workspace
+
+logger = logging.getLogger(__name__)
 
 
 def items_queued_again(error: BaseException, count: int) -> bool:
@@ -34,6 +37,22 @@ def handed_back(request: Request, error: BaseException) -> bool:
     """``items_queued_again`` for a request that failed: whether it is such a chunk."""
     return isinstance(request.format, ChunkFormat) and items_queued_again(
         error, len(request.item))
+
+
+def queued_again(request: Request, error: BaseException) -> bool:
+    """Queue the items of a chunk failing with ``error`` (``handed_back``) again one by
+    one, now, by what its map set on its future (``bulk.Window.queue_again``): True once
+    they are queued (the chunk then has no outcome of its own); False when its map no
+    longer wants them (closed) or stop refused them, and the chunk counts as the failure
+    it was."""
+    again = getattr(request.future, "_bp_again", None)
+    if again is None:  # pragma: no cover - every map chunk has one
+        return False
+    try:
+        return bool(again(error))
+    except Exception:  # pragma: no cover - would be a batchproc bug: never lose the chunk
+        logger.exception("could not queue the items of a failed map chunk again")
+        return False
 
 
 def _inner(requests: list[Request]) -> list[Request]:

@@ -6,6 +6,8 @@ import contextlib
 import itertools
 import os
 import threading
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from waiting import wait_for as _wait_for
 from batchproc import (
     BatchPriority,
     BatchTimeoutError,
+    ConfigTypeError,
     ProcessorStoppedError,
     QueueTimeoutError,
 )
@@ -228,10 +231,14 @@ def test_chunksize_and_buffersize_are_integers_as_the_config_reads_them(
     *[("priority", v, TypeError) for v in ("high", 1.5, 1.0, np.float64(1.0), None,
                                              np.True_)],
     *[("priority", v, ValueError) for v in (-1, 2**31, np.int64(-1), 2**80)],
-    # And enqueue_predict's rule for max_queue_time.
-    *[("max_queue_time", v, None) for v in (None, 0.5, 10, np.float64(0.5), 1e9)],
-    *[("max_queue_time", v, ValueError) for v in (0, -1, float("nan"), float("inf"), "1",
-                                                   True, np.int64(10))],
+    # And enqueue_predict's rule for max_queue_time: the config field's.
+    *[("max_queue_time", v, None) for v in (None, 0.5, 10, np.float64(0.5), 1e9,
+                                            np.int64(10), np.float32(0.5), Fraction(1, 2),
+                                            Decimal("0.5"))],
+    *[("max_queue_time", v, ValueError) for v in (0, -1, float("nan"), float("inf"),
+                                                   np.float64("inf"), 10**400)],
+    *[("max_queue_time", v, ConfigTypeError) for v in ("1", True, np.True_, b"1",
+                                                        np.timedelta64(1, "s"))],
 ], ids=repr)
 def test_priority_and_max_queue_time_are_checked_as_enqueue_predict_checks_them(
         make_processor, method, name, value, error):

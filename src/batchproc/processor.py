@@ -29,7 +29,7 @@ from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict, timeout_arg
-from .config import BatchPriority, BatchProcessorConfig, read_only_copy
+from .config import BatchPriority, BatchProcessorConfig, _require_number, read_only_copy
 from .controller import Controller
 from .engine import Engine
 from .engine.delivery import record_requests
@@ -486,7 +486,9 @@ class BatchProcessor(Generic[T, U]):
         A processing failure reaches the future as the exception ``process_func`` raised.
         ``max_queue_time`` (seconds; default: the config's): if the request is still
         waiting for its call that long after enqueue, it fails with
-        ``QueueTimeoutError`` and is never processed; ``None``: no limit.
+        ``QueueTimeoutError`` and is never processed; ``None``: no limit. It takes what
+        the config's field takes (any real number > 0, numpy's too): ``ConfigTypeError``
+        for what is no number, ``ValueError`` for one out of range.
         In a forked child of the process that started the processor:
         ``ProcessorForkedError`` (a ``ProcessorStoppedError``).
         """
@@ -962,11 +964,12 @@ def _same_function(a: Callable[[Any], Any], b: Callable[[Any], Any] | None) -> b
 
 
 def _queue_time_arg(value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not 0 < value < _INF):
-        raise ValueError("max_queue_time must be None (no limit) or a finite number of "
-                         f"seconds > 0, got {value!r}")
-    return float(value)
+    """A call's own ``max_queue_time`` (not None), read as the config's field is: any
+    real number of seconds > 0 (numpy's, ``Fraction``, ``Decimal``); ``ConfigTypeError``
+    (a ``TypeError`` and a ``ValueError``) for what is no number, ``ValueError`` for one
+    out of range."""
+    return _require_number("max_queue_time", value, minimum=0.0, allow_zero=False,
+                          unlimited="no limit")
 
 
 class FailureLog:

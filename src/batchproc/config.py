@@ -428,10 +428,11 @@ class BatchProcessorConfig:
         for name in ("queue_warning_threshold", "queue_critical_threshold"):
             value = getattr(self, name)
             if value is not None and value > size:
-                # The queue never holds more than max_queue_size: never graded so.
+                # No new request is taken past max_queue_size (only retries of
+                # requests taken before may briefly go past it): never graded so.
                 raise ValueError(
-                    f"{name} ({value}) must not exceed max_queue_size ({size}): the queue "
-                    "never holds more")
+                    f"{name} ({value}) must not exceed max_queue_size ({size}): no new "
+                    "request is taken past it")
         warning, critical = _ordered(
             "queue", self.queue_warning_threshold, self.queue_critical_threshold,
             -(-size * _QUEUE_WARNING[0] // _QUEUE_WARNING[1]),

@@ -156,6 +156,11 @@ class RequestQueue:
         with self._cond:
             return self._rows
 
+    @property
+    def room(self) -> int:
+        with self._cond:
+            return max(0, self._capacity - self._used())
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._live) + len(self._parked)

@@ -371,6 +371,30 @@ def test_push_full_without_wait_raises_queue_full(impl: Any) -> None:
     assert q.drain() == [2, 3]
 
 
+def test_room_is_what_push_takes_now(impl: Any) -> None:
+    q = impl.RequestQueue(3)
+    assert q.room == 3
+    token = q.push("a")
+    q.push("b")
+    assert q.room == 1
+    assert q.cancel(token)
+    assert q.room == 2
+    q.push("c", deadline=time.monotonic() - 1)
+    assert q.pop_batch(10, timeout=0) == ["b"]
+    assert q.room == 2                                 # "c" expired: held until taken
+    assert q.take_expired() == ["c"]
+    assert q.room == 3
+    for item in "def":
+        q.push(item)
+    assert q.room == 0
+    q.park("retry", 0, 1, 0, 0, 0, 1e12)               # past capacity
+    assert (q.room, len(q)) == (0, 4)
+    assert q.pop_batch(1, timeout=0) == ["d"]
+    assert q.room == 0                                 # the retry still fills it
+    assert q.pop_batch(1, timeout=0) == ["e"]
+    assert q.room == 1
+
+
 def test_pop_timeout_returns_empty(impl: Any) -> None:
     q = impl.RequestQueue(2)
     assert q.pop_batch(1, timeout=0) == []
@@ -1362,6 +1386,7 @@ class NativeVsReference(RuleBasedStateMachine):
     @invariant()
     def same_state(self) -> None:
         assert len(self.native) == len(self.ref)
+        assert self.native.room == self.ref.room
         assert self.native.parked == self.ref.parked
         assert self.native.rows == self.ref.rows
         assert self.native.closed == self.ref.closed

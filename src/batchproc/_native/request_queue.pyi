@@ -33,6 +33,11 @@ class RequestQueue:
     def closed(self) -> bool: ...
     @property
     def rows(self) -> int: ...
+    @property
+    def room(self) -> int:
+        """How many more entries ``push`` takes now: ``capacity`` less every slot in use
+        (entries queued or parked, expired ones not yet taken, pushes and pops in
+        progress); 0 while parked retries hold it past capacity."""
     def __len__(self) -> int: ...
     def push(
         self,

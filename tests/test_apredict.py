@@ -226,6 +226,38 @@ def test_room_handed_to_a_waiter_that_left_goes_to_the_next():
     asyncio.run(main())
 
 
+class _QueueRoom:
+    """Stands in for the queue whose room a line reads (``RequestQueue.room``)."""
+
+    room = 0
+
+
+def test_room_a_release_counted_as_held_goes_on_once_its_waiter_has_pushed():
+    """A release between a waiter's push and its settle counts that waiter as holding
+    room it has taken; the settle hands out what that release could not."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel = LoopChannel(loop)
+        queue = _QueueRoom()
+        room = RoomWaiters(queue)
+        a = room.wait(loop, channel, None, room.ticket())
+        b = room.wait(loop, channel, None, room.ticket())
+        queue.room = 1
+        room.release(1)  # a is handed the room
+        await a.future
+        # a pushes (room 0), a worker pops (room 1) and releases before a settles.
+        room.release(1)
+        assert len(room) == 1  # b still waits: a counted as holding the room
+        room.settle(a)
+        assert len(room) == 0
+        await b.future
+        queue.room = 0  # b pushes
+        room.settle(b)
+        assert (room.ahead, len(room)) == (0, 0)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("from_config", [True, False])
 def test_max_queue_time_expires_an_awaited_request_that_never_reaches_the_model(
         make_processor, from_config):
@@ -339,6 +371,262 @@ def test_waiters_who_lose_their_room_wait_again_in_their_order(make_processor):
 
     asyncio.run(main())
     assert [v for v in seen if v < 100] == [1, 2, 3, 4, 5]
+
+
+def _seeing(seen, answer=lambda batch: batch):
+    """A model that records the first column of every row it is called with, in order."""
+
+    def model(batch):
+        seen.extend(int(v) for v in batch[:, 0])
+        return answer(batch)
+
+    return model
+
+
+def _item(value):
+    return np.array([[float(value)]])
+
+
+def test_a_newcomer_does_not_take_the_room_handed_to_the_waiters_before_it(make_processor):
+    seen = []
+    processor = make_processor(_seeing(seen), max_queue_size=3, max_batch_size=3,
+                               max_workers=1)
+    processor.pause()
+
+    async def main():
+        fillers = [processor.enqueue_predict_async(_item(100 + i)) for i in range(3)]
+        waiters = []
+        for i in range(1, 4):  # W1..W3 wait for room, in this order
+            waiters.append(asyncio.ensure_future(processor.apredict(_item(i))))
+            await _until(lambda i=i: len(processor._room or ()) == i, f"waiter {i} in line")
+        room = processor._room
+        # Holding the loop: the worker pops the fillers, which hands W1..W3 the room.
+        processor.resume()
+        _wait_for(lambda: len(room) == 0, "W1..W3 handed the room")
+        processor.pause()
+        # A newcomer arrives before W1..W3 have run to push: it goes behind them.
+        newcomer = asyncio.ensure_future(processor.apredict(_item(4)))
+        await _until(lambda: len(processor._queue) == 3 and len(room) == 1,
+                     "three queued, one waiting")
+        processor.resume()
+        return await asyncio.gather(*waiters, newcomer, *fillers)
+
+    results = asyncio.run(main())
+    assert [r[0, 0] for r in results] == [1, 2, 3, 4, 100, 101, 102]
+    assert [v for v in seen if v < 100] == [1, 2, 3, 4]
+
+
+def test_under_sustained_overload_requests_reach_the_model_in_arrival_order(make_processor):
+    """Callers keep arriving while the queue is full: after every batch, some arrive
+    before the waiters it handed room to have run. Each is served after everyone who
+    came before it, and gets its own result."""
+    seen, calls, gate = [], [], threading.Semaphore(0)
+
+    def model(batch):
+        calls.append(len(batch))
+        seen.extend(int(v) for v in batch[:, 0])
+        gate.acquire()  # one batch at a time, when the test says
+        return batch * 2
+
+    processor = make_processor(model, max_queue_size=8, max_batch_size=4, max_workers=1)
+    processor.pause()
+    tasks = []
+
+    def arrive(count):
+        for _ in range(count):
+            tasks.append(asyncio.ensure_future(processor.apredict(_item(len(tasks)))))
+
+    async def settled():
+        # Everyone who arrived is in the model, the queue or the line: no waiter handed
+        # room is still on its way to push.
+        await _until(lambda: len(seen) + len(processor._queue) + len(processor._room or ())
+                     == len(tasks), "arrivals settled")
+
+    async def main():
+        arrive(12)  # a full queue and four waiting
+        await settled()
+        processor.resume()
+        for _ in range(40):
+            arrive(2)
+            await settled()
+            before = len(calls)
+            gate.release()
+            # Holding the loop: the worker pops the next batch, handing its room to the
+            # oldest waiters, and calls the model with it; then three more arrive.
+            _wait_for(lambda before=before: len(calls) > before, "the next batch")
+            arrive(3)
+            await settled()
+        gate.release(10_000)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert len(results) == 12 + 40 * 5
+    assert [r[0, 0] for r in results] == [2.0 * i for i in range(len(results))]
+    assert seen == list(range(len(results)))
+    assert len(processor._room) == 0
+
+
+@pytest.mark.parametrize("how", ["cancelled while handed room", "cancelled while waiting",
+                                 "timed out while waiting"])
+def test_a_newcomer_behind_waiters_who_leave_the_line_still_gets_in(make_processor, how):
+    seen = []
+    processor = make_processor(_seeing(seen), max_queue_size=1, max_workers=1)
+    processor.pause()
+
+    async def main():
+        first = asyncio.ensure_future(processor.apredict(_item(0)))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        timeout = 0.05 if how == "timed out while waiting" else None
+        leaving = asyncio.ensure_future(processor.apredict(_item(9), timeout=timeout))
+        await _until(lambda: len(processor._room or ()) == 1, "a waiter")
+        room = processor._room
+        n1 = asyncio.ensure_future(processor.apredict(_item(1)))
+        await _until(lambda: len(room) == 2, "the first newcomer behind it")
+        if how == "cancelled while handed room":
+            # Holding the loop: the first request is popped, its room handed to the
+            # waiter, which is cancelled before it runs; a second newcomer arrives.
+            processor.resume()
+            _wait_for(lambda: len(room) == 1, "the waiter handed the room")
+            processor.pause()
+            n2 = asyncio.ensure_future(processor.apredict(_item(2)))
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+        else:
+            if how == "cancelled while waiting":
+                leaving.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await leaving
+            else:
+                with pytest.raises(QueueFullError):
+                    await leaving
+            assert len(room) == 1
+            processor.resume()
+            _wait_for(lambda: len(room) == 0, "the first newcomer handed the room")
+            processor.pause()
+            n2 = asyncio.ensure_future(processor.apredict(_item(2)))
+        await _until(lambda: len(processor._queue) == 1 and len(room) == 1,
+                     "one queued, one waiting")
+        processor.resume()
+        return await asyncio.gather(first, n1, n2)
+
+    results = asyncio.run(main())
+    assert [r[0, 0] for r in results] == [0, 1, 2]
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("path", ["apredict cancelled", "future cancelled",
+                                  "amap cancelled", "max_queue_time"])
+def test_room_freed_in_the_queue_goes_to_the_waiter_not_to_a_newcomer(make_processor, path):
+    """Each way a queued request leaves the queue other than a pop hands its room to the
+    waiter, and a newcomer arriving before that waiter has run waits behind it."""
+    seen = []
+    processor = make_processor(_seeing(seen), max_queue_size=1, max_workers=1)
+    processor.pause()
+
+    async def main():
+        if path == "apredict cancelled":
+            occupant = asyncio.ensure_future(processor.apredict(_item(0)))
+        elif path == "amap cancelled":
+            results = processor.amap([_item(0)])
+            occupant = asyncio.ensure_future(results.__anext__())
+        elif path == "future cancelled":
+            occupant = processor.enqueue_predict(_item(0))
+        else:
+            occupant = processor.enqueue_predict(_item(0), max_queue_time=0.05)
+        await _until(lambda: len(processor._queue) == 1, "the occupant queued")
+        waiter = asyncio.ensure_future(processor.apredict(_item(1)))
+        await _until(lambda: len(processor._room or ()) == 1, "a waiter")
+        room = processor._room
+        # Holding the loop from here until the newcomer arrives: the waiter is handed
+        # the room but cannot run to push.
+        if path == "max_queue_time":
+            _wait_for(occupant.done, "the occupant expired")
+        else:
+            occupant.cancel()
+        assert len(processor._queue) == 0
+        assert len(room) == 0  # the waiter was handed the room
+        newcomer = asyncio.ensure_future(processor.apredict(_item(2)))
+        await _until(lambda: len(processor._queue) == 1 and len(room) == 1,
+                     "one queued, one waiting")
+        processor.resume()
+        return await asyncio.gather(waiter, newcomer)
+
+    results = asyncio.run(main())
+    assert [r[0, 0] for r in results] == [1, 2]
+    assert seen == [1, 2]
+
+
+def test_room_to_spare_goes_down_the_line_without_another_release(make_processor):
+    """A pop frees more room than there are waiters; a newcomer arriving before they
+    have run waits behind them, and takes the room left over at once (paused: nothing
+    else will free room)."""
+    seen = []
+    processor = make_processor(_seeing(seen), max_queue_size=4, max_batch_size=4,
+                               max_workers=1)
+    processor.pause()
+
+    async def main():
+        fillers = [processor.enqueue_predict_async(_item(100 + i)) for i in range(4)]
+        waiter = asyncio.ensure_future(processor.apredict(_item(1)))
+        await _until(lambda: len(processor._room or ()) == 1, "a waiter")
+        room = processor._room
+        processor.resume()
+        _wait_for(lambda: len(room) == 0, "the waiter handed room")
+        processor.pause()
+        newcomer = asyncio.ensure_future(processor.apredict(_item(2)))
+        await _until(lambda: len(processor._queue) == 2, "both queued, still paused")
+        processor.resume()
+        return await asyncio.gather(waiter, newcomer, *fillers)
+
+    results = asyncio.run(main())
+    assert [r[0, 0] for r in results] == [1, 2, 100, 101, 102, 103]
+    assert seen == [100, 101, 102, 103, 1, 2]
+
+
+def test_stop_refuses_a_newcomer_waiting_behind_a_waiter_handed_room(make_processor):
+    seen = []
+    processor = make_processor(_seeing(seen), max_queue_size=1, max_workers=1)
+    processor.pause()
+
+    async def main():
+        occupant = processor.enqueue_predict(_item(0))
+        waiter = asyncio.ensure_future(processor.apredict(_item(1)))
+        await _until(lambda: len(processor._room or ()) == 1, "a waiter")
+        room = processor._room
+        processor.resume()
+        _wait_for(lambda: len(room) == 0, "the waiter handed the room")
+        processor.pause()
+        newcomer = asyncio.ensure_future(processor.apredict(_item(2)))
+        await _until(lambda: len(processor._queue) == 1 and len(room) == 1,
+                     "one queued, one waiting")
+        await asyncio.get_running_loop().run_in_executor(None, processor.stop)
+        outcomes = await asyncio.gather(waiter, newcomer, return_exceptions=True)
+        return occupant.result(10), outcomes
+
+    occupant, (queued, refused) = asyncio.run(main())
+    # stop() drains what was queued; the newcomer, still in line, is refused.
+    assert isinstance(refused, ProcessorStoppedError)
+    assert (occupant[0, 0], queued[0, 0]) == (0, 1)
+    assert seen == [0, 1]
+
+
+def test_a_zero_timeout_does_not_jump_the_line(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1, max_workers=1)
+    processor.pause()
+
+    async def main():
+        occupant = processor.enqueue_predict(_item(0))
+        waiter = asyncio.ensure_future(processor.apredict(_item(1)))
+        await _until(lambda: len(processor._room or ()) == 1, "a waiter")
+        occupant.cancel()  # its room goes to the waiter, which has not run yet
+        with pytest.raises(QueueFullError):
+            await asyncio.wait_for(processor.apredict(_item(2), timeout=0), 10)
+        processor.resume()
+        return await waiter
+
+    assert asyncio.run(main())[0, 0] == 1
+    assert processor.get_stats()["total_rejected"] == 1
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop stopped"])

@@ -2,23 +2,54 @@
 
 ``enqueue_predict_async`` can only refuse when the queue is full (blocking the event loop
 is not an option). ``apredict`` waits instead, the way ``asyncio.Queue.put`` does, and
-without a thread per waiting request: a coroutine that finds the queue full registers a
-waiter in ``RoomWaiters`` and sleeps on an ``asyncio`` future of its own loop. Room is
-given back by whoever frees it: a worker that popped a batch of ``n`` requests wakes the
-``n`` oldest waiters, a cancelled request wakes one, ``stop()`` wakes them all. The wakes
-travel to each loop through its ``LoopChannel`` (aio.py), so a batch's worth of waiters
-costs a loop one wake-up, the same as a batch's results. A woken waiter pushes again; if
-somebody else took the room first (a thread in ``enqueue_predict``, a new request on the
-loop), it waits again in its old place, ahead of those who came after it.
+without a thread per waiting request; unlike ``asyncio.Queue.put`` it serves callers in
+arrival order. A coroutine that finds the queue full, or anyone in line (``ahead``:
+waiters still waiting, and waiters handed room that have not pushed yet), takes a place
+at the back of ``RoomWaiters``' line instead of pushing, and sleeps on an ``asyncio``
+future of its own loop. With nobody in line, the fast path, that costs one int read.
 
-No wake-up is lost: each release bumps ``epoch``, which a coroutine reads before its push;
-``wait`` registers it only if no room was freed since then, under the same lock release
-takes. A waiter that goes away (its task was cancelled, its ``timeout`` passed) after it
-was handed room passes that room on to the next waiter. Room goes only to a waiter whose
-loop is running: one on a closed loop could never take it (it leaves the line), and one
-on a stopped loop is woken without being counted, so that it tries again if its loop
-runs again. The line is kept in order of first arrival (a ticket each), so that waiters
-woken together who lost their room go back in their old order.
+The line hands out room, oldest waiter first: it reads the queue's ``room`` under its
+lock and hands out what no waiter holds yet, whenever requests leave the queue
+(``release``), when the first waiter joins, and when a waiter handed room pushed
+(``settle``) or gave it up (``withdraw``). The wakes travel to each loop through its
+``LoopChannel`` (aio.py), so a batch's worth of waiters costs a loop one wake-up, the
+same as a batch's results; posted under the lock in the order handed out, they push in
+that order. A waiter handed room that finds the queue full when it pushes (a caller
+outside the line took it) waits again in its old place, ahead of those who came after it.
+
+Outside the line: threads calling ``enqueue_predict`` (and ``map``) push whenever the
+queue has room, or wait for it in the queue itself, up to their ``timeout``;
+``enqueue_predict_async`` pushes or is refused at once. Either may take room handed to
+a waiter that has not run yet, which then waits again, first in line. The line orders
+the ``apredict`` and ``amap`` callers among themselves.
+
+No wake-up is lost: a caller reads the queue's room and registers under the lock that
+``release`` takes, and room freed after that read is released after it, so the release
+finds it in line. (``epoch``, bumped by each release and read before a push that found
+the queue full, registers a waiter only if no room was released since; the caller
+pushes again otherwise. Without a queue to read, that protocol alone holds.) A waiter
+that goes away (its task was cancelled, its ``timeout`` passed) after it was handed room
+passes that room on to the next waiter. Room goes only to a waiter whose loop is
+running: one on a closed loop could never take it (it leaves the line), and one on a
+stopped loop is woken without room, so that it asks again if its loop runs again. The
+line is kept in order of first arrival (a ticket each).
+
+Nobody waits beside room that nobody will hand out: while anyone waits, room in the
+queue that no waiter holds always has a hand-out on its way. Room is freed only in ways
+that call ``release`` afterwards: a worker's pop (engine/workers.py); a queued request
+cancelled, by its caller or by a ``map``/``amap`` withdrawing its chunks
+(``BatchProcessor._cancel_queued``); one expired by ``max_queue_time``
+(``Engine.expire_queued``, from the supervisor and from ``stop``); and ``stop``, which
+closes the line first (everyone woken, every push refused) and only then drains the
+queue. ``pause`` and ``resume`` free nothing (pops stop, then pops release); a retry
+parked after a failed call only takes room. (A push that runs out of memory after it
+took a slot gives the slot back unreported: the next release hands it out.) A claim
+ends by its push (``settle`` hands out what a release between that push and it could
+not, counting the room as still held), by a failure or a departure (``withdraw``, which
+releases), or by finding the room taken (the caller pushes again at once if room was
+released since, else waits again). And the first to join a line where nobody waits
+hands out the room nobody holds (left over by a release that found fewer waiters than
+room); later ones join behind a waiter, so any such room's hand-out is on its way.
 """
 
 from __future__ import annotations
@@ -32,7 +63,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from ._native.request_queue import QueueClosed
+from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .config import BatchPriority
 
@@ -61,12 +92,20 @@ class _Waiter:
 
 
 class RoomWaiters:
-    """Coroutines waiting for room in one processor's queue, woken oldest first."""
+    """Coroutines waiting for room in one processor's queue, served in arrival order.
 
-    def __init__(self) -> None:
+    ``queue``: the ``RequestQueue`` whose room it hands out; its ``room`` is read under
+    this line's lock, and only room not handed out already goes to the oldest waiters.
+    Without one (a line on its own) a release hands out the count it is given."""
+
+    def __init__(self, queue: RequestQueue | None = None) -> None:
         self._lock = threading.Lock()
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
+        self._claimed = 0  # waiters handed room that have neither pushed nor left
+        # _waiting + _claimed: whoever finds it 0 may push at once (apredict's fast path).
+        self.ahead = 0
+        self._queue = queue
         self._closed = False
         self._tickets = itertools.count()
         self.epoch = 0
@@ -75,17 +114,34 @@ class RoomWaiters:
         return self._waiting
 
     def ticket(self) -> int:
-        """A new waiter's place in the line (kept when it waits again)."""
+        """A new caller's place in the line (kept when it waits again)."""
         return next(self._tickets)
 
-    def wait(self, loop: asyncio.AbstractEventLoop, channel: LoopChannel, epoch: int,
-             ticket: int) -> _Waiter | None:
-        """On the loop: register a waiter with its ``ticket``, in ticket order, or None if
-        room was freed since ``epoch``."""
+    def wait(self, loop: asyncio.AbstractEventLoop, channel: LoopChannel,
+             epoch: int | None, ticket: int, lost: _Waiter | None = None,
+             ) -> _Waiter | None:
+        """On the loop: register a waiter with its ``ticket``, in ticket order; or None:
+        push now. ``epoch``: read before a push that found the queue full, which makes
+        this None once room was released since; ``None`` for a caller that did not just
+        push, which gets None only if nobody is ahead of it and the queue has room.
+        ``lost``: this caller's waiter handed room that another caller took first: it
+        gives up that claim. The first to wait is handed at once the room nobody holds
+        (others waiting already: the releases to come hand it out)."""
+        future = loop.create_future()
         with self._lock:
-            if self.epoch != epoch or self._closed:
+            if lost is not None and lost.state == _CLAIMED:
+                lost.state = _GONE
+                self._claimed -= 1
+                self.ahead -= 1
+            if self._closed:
                 return None
-            waiter = _Waiter(loop.create_future(), channel, ticket)
+            if epoch is not None:
+                if epoch != self.epoch:
+                    return None
+            elif not self.ahead and (self._queue is None or self._queue.room > 0):
+                return None
+            waiter = _Waiter(future, channel, ticket)
+            first = not self._waiting
             line = self._line
             if not line or line[-1].ticket < ticket:
                 line.append(waiter)  # a first wait: the newest ticket
@@ -96,38 +152,41 @@ class RoomWaiters:
                     i += 1
                 line.insert(i, waiter)
             self._waiting += 1
+            self.ahead += 1
+            if first:
+                self._hand_out_locked(self._unclaimed_locked())
         return waiter
 
     def release(self, count: int) -> None:
-        """From any thread: ``count`` requests left the queue; wake as many waiters."""
+        """From any thread: ``count`` requests left the queue; hand the room nobody
+        claimed yet to the oldest waiters."""
         with self._lock:
             self.epoch += 1
             if not self._waiting:
                 return
-            woken = []
-            line = self._line
-            while count > 0 and line:
-                waiter = line.popleft()
-                if waiter.state != _WAITING:
-                    continue
-                self._waiting -= 1
-                if waiter.channel.serving():
-                    waiter.state = _CLAIMED
-                    count -= 1
-                elif waiter.future.get_loop().is_closed():
-                    waiter.state = _GONE  # its loop is closed: it will never take room
-                    continue
-                else:
-                    waiter.state = _NUDGED  # a stopped loop: to try again if it runs
-                woken.append(waiter)
-        for waiter in woken:
-            waiter.channel.post(waiter.future, True, None)
+            if self._closed:
+                count = len(self._line)
+            elif self._queue is not None:
+                count = self._unclaimed_locked()
+            self._hand_out_locked(count)
+
+    def settle(self, waiter: _Waiter) -> None:
+        """On the loop: a waiter handed room has pushed: it took its room. (One that
+        could not push withdraws: its room goes on.) A release between its push and
+        this counted it as holding room it had taken: what that release could not hand
+        out, this does."""
+        with self._lock:
+            if waiter.state == _CLAIMED:
+                waiter.state = _GONE
+                self._claimed -= 1
+                self.ahead -= 1
+                self._hand_out_locked(self._unclaimed_locked())
 
     def close(self) -> None:
         """The queue is closed: wake everyone (their push raises ``QueueClosed``)."""
         with self._lock:
             self._closed = True
-        self.release(len(self._line))
+        self.release(0)
 
     def withdraw(self, waiter: _Waiter) -> None:
         """On the loop: the waiter stops waiting (cancelled, timed out). Room it was
@@ -136,12 +195,48 @@ class RoomWaiters:
             state, waiter.state = waiter.state, _GONE
             if state == _WAITING:
                 self._waiting -= 1
-                if len(self._line) > 64 and self._waiting < len(self._line) // 2:
+                self.ahead -= 1
+                if not self._waiting:
+                    self._line.clear()
+                elif len(self._line) > 64 and self._waiting < len(self._line) // 2:
                     # Many left without being woken (a paused processor, time-outs):
                     # drop them now rather than at the next release.
                     self._line = deque(w for w in self._line if w.state == _WAITING)
+            elif state == _CLAIMED:
+                self._claimed -= 1
+                self.ahead -= 1
         if state == _CLAIMED:
             self.release(1)
+
+    def _unclaimed_locked(self) -> int:
+        """Room in the queue not handed to a waiter yet (0 without waiters to hand it
+        to, or without a queue to read)."""
+        if not self._waiting or self._queue is None:
+            return 0
+        return self._queue.room - self._claimed
+
+    def _hand_out_locked(self, count: int) -> None:
+        """Hand ``count`` units of room to the oldest waiters whose loop runs, and wake
+        them. One on a stopped loop is woken without room (to ask again if its loop runs
+        again); one on a closed loop leaves the line. The wakes are posted under the
+        lock: posted by two threads at once they could reach a loop out of turn."""
+        line = self._line
+        while count > 0 and self._waiting:
+            waiter = line.popleft()
+            if waiter.state != _WAITING:
+                continue
+            self._waiting -= 1
+            if waiter.channel.serving():
+                waiter.state = _CLAIMED
+                self._claimed += 1
+                count -= 1
+            else:
+                self.ahead -= 1
+                if waiter.future.get_loop().is_closed():
+                    waiter.state = _GONE  # its loop is closed: it will never take room
+                    continue
+                waiter.state = _NUDGED  # a stopped loop: to try again if it runs
+            waiter.channel.post(waiter.future, True, None)
 
 
 class _NoRoomInTime(Exception):
@@ -208,33 +303,50 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
                          length: int, deadline_at: float | None, timeout: float | None,
                          ) -> int:
     """On the loop: push a described request (its future an ``AsyncRequest`` of this
-    loop), waiting for room in a full queue up to ``timeout`` seconds (``None``: as long
-    as it takes); its token. ``QueueFullError`` when the time is up,
-    ``ProcessorStoppedError`` once stopped."""
-    loop = asyncio.get_running_loop()
-    queue = processor._queue
-    room: RoomWaiters | None = None
-    epoch = 0
-    ticket = -1  # its place in the line, once it first waits
-    deadline = None if timeout is None else loop.time() + timeout
-    while True:
+    loop), waiting for room in a full queue, or behind those already waiting for it, up
+    to ``timeout`` seconds (``None``: as long as it takes); its token.
+    ``QueueFullError`` when the time is up, ``ProcessorStoppedError`` once stopped."""
+    room = processor._room
+    if room is None or not room.ahead:
+        # Nobody in line (the fast path): push, as enqueue_predict_async does.
         try:
-            return queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
+            return processor._queue.push(request, priority, rows, nbytes, key, 0, length,
+                                         deadline_at)
         except QueueClosed as exc:
             raise processor._refusal(exc, timeout) from None
-        except _stdlib_queue.Full as exc:
-            if deadline is not None and loop.time() >= deadline:
-                raise processor._refusal(exc, timeout) from None
-            if room is None:
-                # First time full: make sure room is reported from now on, then try again
-                # (room freed before that was reported to nobody).
-                room = processor._room_waiters()
-                epoch = room.epoch
-                continue
-        if ticket < 0:
-            ticket = room.ticket()
-        waiter = room.wait(loop, _channel(processor, loop), epoch, ticket)
+        except _stdlib_queue.Full:
+            pass
+    return await _push_in_line(processor, room, request, priority, rows, nbytes, key,
+                               length, deadline_at, timeout)
+
+
+async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters | None,
+                        request: Any, priority: BatchPriority | int, rows: int,
+                        nbytes: int, key: int, length: int, deadline_at: float | None,
+                        timeout: float | None) -> int:
+    """``push_when_room`` once it found the queue full or others in line: take a place
+    at the back of the line, and push when handed room."""
+    loop = asyncio.get_running_loop()
+    queue = processor._queue
+    deadline = None if timeout is None else loop.time() + timeout
+    if deadline is not None and loop.time() >= deadline:
+        # It would have to wait (timeout=0): refused at once.
+        raise processor._refusal(_stdlib_queue.Full(), timeout)
+    if room is None:
+        # Made on first need; every release reaches it from now on (room freed before,
+        # it reads from the queue).
+        room = processor._room_waiters()
+    channel = _channel(processor, loop)
+    ticket = room.ticket()
+    epoch: int | None = None
+    claim: _Waiter | None = None  # this caller's waiter, handed room, about to push
+    while True:
+        waiter = room.wait(loop, channel, epoch, ticket, claim)
+        claim = None
         if waiter is not None:
+            if deadline is not None and loop.time() >= deadline:
+                room.withdraw(waiter)
+                raise processor._refusal(_stdlib_queue.Full(), timeout)
             timer = None if deadline is None else loop.call_at(deadline, _expire, waiter.future)
             try:
                 await waiter.future
@@ -247,4 +359,24 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
             finally:
                 if timer is not None:
                     timer.cancel()
+            if waiter.state != _CLAIMED:
+                epoch = None
+                continue  # woken without room (its loop had stopped): ask again
+            claim = waiter
         epoch = room.epoch
+        try:
+            token = queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
+        except QueueClosed as exc:
+            if claim is not None:
+                room.withdraw(claim)
+            raise processor._refusal(exc, timeout) from None
+        except _stdlib_queue.Full as exc:
+            # Taken by a caller outside the line: wait again, in this caller's old place.
+            if deadline is not None and loop.time() >= deadline:
+                if claim is not None:
+                    room.withdraw(claim)
+                raise processor._refusal(exc, timeout) from None
+            continue
+        if claim is not None:
+            room.settle(claim)
+        return token

@@ -574,8 +574,12 @@ class BatchProcessor(Generic[T, U]):
         Unlike ``enqueue_predict_async``, a full queue does not refuse: the coroutine
         waits for room without blocking the loop (as ``asyncio.Queue.put`` does), up to
         ``timeout`` seconds (``None``: as long as it takes); then ``QueueFullError``.
-        Waiters get room oldest first. Cancelling the awaiting task withdraws a queued
-        request at once (it is never processed); after dispatch its result is dropped.
+        Callers are served in arrival order: one arriving while others wait for room (or
+        were handed room they have not taken yet) waits behind them even if the queue has
+        room (with ``timeout=0``: ``QueueFullError``). ``enqueue_predict`` (threads) and
+        ``enqueue_predict_async`` do not wait in this line. Cancelling the awaiting task
+        withdraws a queued request at once (it is never processed); after dispatch its
+        result is dropped.
         After stop: ``ProcessorStoppedError``; in a forked child: ``ProcessorForkedError``.
         Results reach the loop a batch at a time, as with ``enqueue_predict_async``.
         ``max_queue_time`` as for ``enqueue_predict``, counted from this call (a wait for
@@ -597,7 +601,7 @@ class BatchProcessor(Generic[T, U]):
         workers report each batch they pop to it."""
         with self._channels_lock:
             if self._room is None:
-                self._room = RoomWaiters()
+                self._room = RoomWaiters(self._queue)
                 self._dispatcher.room = self._room
             return self._room
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from compare_adaptive import MAX_BATCH, TimedModel, _target
 
-from batchproc.bench.loads import Bounds, Load, _schedule
+from batchproc.bench.loads import Bounds, Load, arrival_times
 from batchproc.bench.models import make_model
 from batchproc.bench.runner import run_target
 from batchproc.bench.tune import Candidate
@@ -96,7 +96,7 @@ def profile(system: Candidate | None, model_name: str, rate: float, duration: fl
     cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches0
     sub = np.asarray(probe.submits)
-    sched = _schedule(load, len(sub))
+    sched = arrival_times(load, Bounds(duration=duration))
     lag = (sub - sub[0]) - (sched[: len(sub)] - sched[0]) if len(sub) else np.zeros(1)
     limits = Counter(p[4] for p in probe.plans)
     ctl = probe.controller.model

@@ -24,7 +24,7 @@ from batchproc.bench.loads import (
     DRAIN_MIN_S,
     Bounds,
     Load,
-    _schedule,
+    arrival_times,
     drain_window,
     run_load,
 )
@@ -273,7 +273,7 @@ def test_arrivals_a_slow_generator_never_submitted_are_late(make_target, seconds
     assert res.unfinished >= unsent
     # Each waited from its scheduled arrival to the end of the drain, the horizon of
     # every request a run leaves, however early its generator gave up.
-    arrivals = _schedule(load, res.scheduled + 1)[res.submitted:res.scheduled]
+    arrivals = arrival_times(load, Bounds(duration=DURATION))[res.submitted:]
     drained = DURATION + drain_window(DURATION)
     assert np.all(res.latencies[-unsent:] >= drained - arrivals - 1e-9)
     # The completed ones waited for the model.
@@ -412,27 +412,23 @@ class HoldsOne:
         return item
 
 
-# Rate and seeds whose last two arrivals within one second lie microseconds apart, just
-# before its end: a generator a little behind reaches the last one past the duration.
-EDGE_RATE = 6878.4
-
-
 @pytest.mark.parametrize("is_async", [False, True], ids=["threads", "asyncio"])
-@pytest.mark.parametrize(("seed", "scheduled"), [(0, 6914), (1, 6879)])
-def test_every_arrival_within_the_duration_is_submitted_however_late(seed, scheduled,
-                                                                      is_async):
-    load = Load("rate", rate=EDGE_RATE, features=4, seed=seed)
-    sched = _schedule(load, scheduled + 1)
-    assert sched[scheduled - 1] < 1.0 <= sched[scheduled]
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_arrival_within_the_duration_is_submitted_however_late(seed, is_async):
+    load = Load("rate", rate=2000.0, features=4, seed=seed)
+    bounds = Bounds(requests=100_000, duration=DURATION)
+    sched = arrival_times(load, bounds)
+    scheduled = len(sched)
+    assert scheduled == 2000.0 * DURATION and sched[-1] < DURATION
     # The one before the last arrival is held in its submit past the duration.
-    target = HoldsOne(scheduled - 2, 1.0, is_async=is_async)
-    res = run_load(target, load, Bounds(requests=100_000, duration=1.0))
+    target = HoldsOne(scheduled - 2, DURATION, is_async=is_async)
+    res = run_load(target, load, bounds)
     assert res.scheduled == scheduled == target.submits
     assert res.submitted == res.completed == scheduled
     assert res.unfinished == res.errors == 0
     assert len(res.latencies) == scheduled
     # Both were late: their latency counts from their schedule, past the duration.
-    assert np.all(res.latencies[-2:] >= 1.0 - sched[scheduled - 2:scheduled] - 1e-9)
+    assert np.all(res.latencies[-2:] >= DURATION - sched[-2:] - 1e-9)
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["threads", "asyncio"])

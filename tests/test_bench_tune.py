@@ -77,7 +77,7 @@ def test_tune_at_a_rate_then_resume_measures_nothing_new(tmp_path, capsys) -> No
     config = config_of(out)
     assert config.max_batch_size in (4, 8, 128)
     doc = json.loads(path.read_text())
-    assert doc["kind"] == "batchproc tune results" and doc["version"] == 1
+    assert doc["kind"] == "batchproc tune results" and doc["version"] == 2
     assert doc["identity"]["model"] == "identity" and doc["identity"]["duration_s"] == 0.15
     assert doc["goal"] == {"rate": 300.0, "p99_ms": None}
     assert doc["capacity"] is None  # a target load needs no capacity
@@ -301,11 +301,11 @@ def _set(name: str, value: Any) -> Any:
     (_set("kind", "bench"), "not a file written by batchproc tune (its 'kind' is 'bench', "
      "not 'batchproc tune results')"),
     (lambda doc: doc.pop("version"), "damaged: the file lacks 'version'"),
-    (_set("version", 2), "written by another version of batchproc tune (its 'version' is "
-     "2; this one reads 1)"),
-    (_set("version", "1"), "(its 'version' is '1'; this one reads 1)"),
-    (_set("version", True), "(its 'version' is True; this one reads 1)"),
-    (_set("version", 1.0), "(its 'version' is 1.0; this one reads 1)"),
+    (_set("version", 1), "written by another version of batchproc tune (its 'version' is "
+     "1; this one reads 2)"),
+    (_set("version", "2"), "(its 'version' is '2'; this one reads 2)"),
+    (_set("version", True), "(its 'version' is True; this one reads 2)"),
+    (_set("version", 2.0), "(its 'version' is 2.0; this one reads 2)"),
     (lambda doc: doc.pop("identity"), "damaged: the file lacks 'identity'"),
     (_set("identity", [1]), "damaged: the file has 'identity' = [1]: must be a record"),
     (_set("identity", "x"), "damaged: the file has 'identity' = 'x': must be a record"),
@@ -849,3 +849,63 @@ def test_a_run_that_failed_outright_is_printed_without_figures(capsys) -> None:
     assert ("default (ADAPTIVE): p50 - ms, p99 - ms at - req/s achieved of 300 offered, "
             "- rows per call (misses the goal)") in out
     assert "2.5 rows per call" in out
+
+
+def _fake_runs(monkeypatch, make=None) -> list[Any]:
+    """``tune.run_target`` replaced by an instant run (``make(target, load)`` gives its
+    RunResult, by default one that keeps up); the loads it was given, in order."""
+    from batchproc.bench import tune
+    from batchproc.bench.runner import RunResult
+
+    loads: list[Any] = []
+
+    def keeps_up(target, load):
+        return RunResult(system=target.name, model="identity", load=load.label,
+                         throughput=load.rate, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
+                         mean_ms=1.0, mean_batch=1.0, batches=10, submitted=10,
+                         completed=10, errors=0, elapsed_s=1.0, stopped_by="duration",
+                         scheduled=round(load.rate), window_s=1.0,
+                         arrival_rate=float(round(load.rate)))
+
+    def run_target(target, model, name, load, bounds, progress, label=None, **kw):
+        loads.append(load)
+        return (make or keeps_up)(target, load)
+
+    monkeypatch.setattr(tune, "run_target", run_target)
+    return loads
+
+
+def test_candidates_share_arrivals_and_reruns_get_fresh_ones(monkeypatch) -> None:
+    loads = _fake_runs(monkeypatch)
+    result = Tuner(identity, "identity", FeatureRows(4), Goal(rate=100.0),
+                   candidates([8, 16], [1.0], [1], ["fixed"]), duration=1.0, budget=1e9,
+                   results=ResultsFile(None, {}), seed=7).run()
+    assert result.confirmed and all(r["runs"] == 3 for r in result.confirmed.values())
+    assert {load.seed for load in loads} == {7}
+    searched = [load for load, r in zip(loads, result.records) if not r.get("repeat")]
+    reruns = [(r["repeat"], load.draw) for load, r in zip(loads, result.records)
+              if r.get("repeat")]
+    # Every candidate at the target load on the same arrivals; the reruns on others,
+    # the same for each finalist.
+    assert len(searched) == 3 and {load.draw for load in searched} == {0}
+    assert sorted(set(reruns)) == [(1, 1), (2, 2)]
+
+
+def test_the_table_shows_the_load_offered_and_judges_the_goal_on_it(capsys) -> None:
+    goal = Goal(rate=20.0)
+    c = Candidate("fixed", 8, 1.0, 1)
+    # Offered 14 arrivals a second for the 20 asked: 13 achieved is below 90% of 20, not
+    # of 14; the table says what the run was offered.
+    run = {"key": c.key, "label": c.label, "candidate": vars(c), "offered": 20.0,
+           "arrival_rate": 14.0, "throughput": 13.0, "p50_ms": 1.0, "p95_ms": 2.0,
+           "p99_ms": 2.0, "mean_ms": 1.0, "mean_batch": 1.0, "completed": 13, "errors": 0,
+           "unfinished": 0, "refused": 0, "first_error": None, "elapsed_s": 1.0,
+           "failed": None, "model_errors": 0, "first_model_error": None}
+    assert goal.meets(run)
+    assert not goal.meets({**run, "throughput": 12.0})
+    out, _ = _printed(TuneResult(goal, run, None, [run], 1, 0, 1, 1, False, None), capsys)
+    row = next(line for line in out.splitlines() if c.label in line and "│" in line)
+    assert [cell.strip() for cell in row.split("│")[2:4]] == ["14", "13"]
+    assert "at 13 req/s achieved of 14 offered" in out
+
+

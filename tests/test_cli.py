@@ -92,6 +92,14 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--config", "Max-Batch-Size=3, batch_timeout=0.001"],
          "'Max-Batch-Size' (did you mean 'max_batch_size'?)"),
         (["--config", "max_batch_size=3,,"], "expected field=value"),
+        (["--rate", "1e7", "--requests", "3000000", "--duration", "1"],
+         "--requests 3,000,000 at --rate 10,000,000 is more than a run offers: at most "
+         "2,000,000 arrivals"),
+        (["--rate", "1e7", "--requests", "3000000", "--duration", "0.25"],
+         "--rate 10,000,000 for --duration 0.25 makes 2,500,000 arrivals in one run; a run "
+         "offers at most 2,000,000"),
+        (["--burst", "3000000"], "--burst 3,000,000 is more than a run offers: at most "
+         "2,000,000"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(
@@ -779,3 +787,9 @@ def test_a_plot_holds_no_temporary_file_name(tmp_path, name: str) -> None:
         assert b"<svg" in gzip.decompress(data)
         # The gzip header's optional file name (FNAME flag) names the destination.
         assert data[3] & 0x08 and data[10:10 + len(name) + 1] == name.encode() + b"\0"
+
+
+def test_a_poisson_load_is_labelled_with_a_rounded_rate() -> None:
+    assert Load("rate", rate=1125.27).label == "1,125 req/s Poisson"
+    assert Load("rate", rate=2.5).label == "2.5 req/s Poisson"
+    assert Load("rate", rate=100.0).label == "100 req/s Poisson"

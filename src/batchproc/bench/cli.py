@@ -26,7 +26,7 @@ from . import BenchError, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
-from .loads import Bounds, Load
+from .loads import Bounds, Load, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
 from .sweep import DEFAULT_FRACTIONS
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument(
         "--rate", type=_positive_float, metavar="R",
-        help="open loop: Poisson arrivals at R requests/s from one thread",
+        help="open loop: Poisson arrivals at R requests/s from one thread (R x the "
+        "duration of them a run, at most 2,000,000)",
     )
     shape.add_argument(
         "--burst", type=_positive_int, metavar="N",
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
         "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
-        "run that raised, "
+        "run that raised, arrival_rate: an "
+        "open loop's arrivals over their window, "
         "...) and ratios (vs_no_batching, vs_limit)",
     )
     o.add_argument(
@@ -270,13 +272,13 @@ Search static configurations (max batch size, max delay, workers, strategy) of y
 model for the best at a target load (--rate) or an SLO (--p99-ms), compare it with the
 default configuration (ADAPTIVE), and print it as Python to paste.
 
-Each configuration runs open-loop Poisson arrivals for --duration seconds. With --rate:
-the best carries the load (achieves 90% of it, no errors; p99 within --p99-ms if given)
-with the lowest p99. With --p99-ms alone: the best carries the highest load within the
-SLO (loads are fractions of a measured capacity). The best few and the default are then
-rerun and the verdict is taken on medians. The search ends within --budget seconds;
---json FILE keeps every run, and rerunning with the same FILE measures only what is
-missing.
+Each configuration runs open-loop Poisson arrivals for --duration seconds, all on the
+same arrivals at a load. With --rate: the best carries the load (achieves 90% of it, no
+errors; p99 within --p99-ms if given) with the lowest p99. With --p99-ms alone: the best
+carries the highest load within the SLO (loads are fractions of a measured capacity).
+The best few and the default are then rerun on fresh arrivals and the verdict is taken
+on medians. The search ends within --budget seconds; --json FILE keeps every run, and
+rerunning with the same FILE measures only what is missing.
 """
 
 TUNE_EPILOG = """\
@@ -367,11 +369,9 @@ def settings_from(
     if requests is None and load.kind != "burst":
         requests = DEFAULT_REQUESTS
     bounds = Bounds(requests=requests, duration=duration)
-    expected = requests if requests is not None else load.burst
-    if load.kind == "burst" and requests is not None:
-        expected = min(requests, load.burst)
-    if load.kind == "rate":
-        expected = min(expected, int(load.rate * duration) + 1)
+    plan = schedule_of(load, bounds)  # refuses a schedule past MAX_ARRIVALS
+    expected = plan.n if plan is not None else requests
+    assert expected is not None
     queue_size = max(1000, load.n_threads, min(expected, 1_000_000))
     settings = {
         "model": args.model,

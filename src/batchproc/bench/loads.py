@@ -8,12 +8,16 @@ bound ended it.
 
 - closed loop (``clients=N``): N threads each submit one request, wait for its result,
   repeat. Latency: submit to result.
-- open loop (``rate=R``): one generator thread, exponential gaps of mean 1/R (Poisson
-  arrivals), futures collected. Latency is measured from each request's *scheduled*
-  arrival, so a system that falls behind shows its queueing delay (no coordinated
-  omission). A request the target refuses (its submit raises: a full queue) is counted
-  *refused* and the generator goes on with the next arrival, so every arrival is
-  accounted: completed, failed, refused or unfinished.
+- open loop (``rate=R``): one generator thread, futures collected. The schedule holds
+  ``round(R * duration)`` arrivals (at least one) within the duration, placed as a
+  Poisson process places that many (exponential gaps, scaled to the window: the sorted
+  times of uniform arrivals), so the load offered is R, not one draw's count of it.
+  Latency is measured from each request's *scheduled* arrival, so a system that falls
+  behind shows its queueing delay (no coordinated omission). A request the target
+  refuses (its submit raises: a full queue) is counted *refused* and the generator goes
+  on with the next arrival, so every arrival is accounted: completed, failed, refused or
+  unfinished. Its throughput is its completed arrivals over the arrival window (see
+  :func:`open_span`).
 - burst (``burst=N``): one thread submits N requests as fast as it can, then waits for
   them all. Latency: from the start of the burst (all N arrive at once) to completion,
   so a system that cannot take requests as fast as they come is charged for it.
@@ -65,6 +69,13 @@ N_LEVELS = 5
 DRAIN_MULTIPLE = 1.0
 DRAIN_MIN_S = 0.5
 DRAIN_MAX_S = 60.0
+# The most arrivals one open-loop run or burst may offer: its schedule and the record of
+# each request are held in memory, and a run past it would take far longer than its
+# bound to count (a rate, duration or capacity that would go past it is refused).
+MAX_ARRIVALS = 2_000_000
+# An open loop's throughput: the arrivals that came in this first share of the window
+# give the lag a run that keeps up shows (see open_span).
+EARLY_SHARE = 0.1
 
 
 def drain_window(duration_s: float) -> float:
@@ -85,9 +96,20 @@ def _horizon(t0: float, dur: float, end: float) -> float:
     return max(end, drained) if math.isfinite(drained) else end
 
 
+def fmt_load_rate(rate: float) -> str:
+    """A rate of requests/s as labels show it: whole from 10 (``1,125``), else 3
+    significant digits."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.3g}"
+
+
 @dataclass(frozen=True)
 class Load:
-    """The shape of a load. Exactly one of clients / rate / burst is the driver."""
+    """The shape of a load. Exactly one of clients / rate / burst is the driver.
+
+    ``seed`` makes the requests, priorities and arrivals; ``draw`` picks another arrival
+    schedule of the same seed (0 for a load's first run, k for its k-th rerun): loads of
+    one seed, rate and draw share their schedule, so systems compared on them see the
+    same arrivals, and a rerun is not the same draw again."""
 
     kind: str  # "closed" | "rate" | "burst"
     clients: int = 1
@@ -97,6 +119,7 @@ class Load:
     features: int = 64
     seed: int = 0
     source: RequestSource | None = None  # None: one float32 row of ``features`` values
+    draw: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("closed", "rate", "burst"):
@@ -109,12 +132,14 @@ class Load:
             raise BenchError(f"--burst must be >= 1, got {self.burst}")
         if self.features < 1:
             raise BenchError(f"--features must be >= 1, got {self.features}")
+        if self.draw < 0:
+            raise BenchError(f"a load's draw must be >= 0, got {self.draw}")
 
     @property
     def label(self) -> str:
         base = {
             "closed": f"{self.clients} client{'s' if self.clients != 1 else ''}",
-            "rate": f"{self.rate:g} req/s Poisson",
+            "rate": f"{fmt_load_rate(self.rate)} req/s Poisson",
             "burst": f"burst {self.burst}",
         }[self.kind]
         return base + (", mixed priorities" if self.priorities else "")
@@ -146,6 +171,91 @@ class Bounds:
             )
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """What an open loop or burst offers: ``n`` arrivals; an open loop's within its
+    arrival ``window`` (seconds from the start), a burst's all at once (``window``
+    None). ``bound``: which bound of the run set ``n`` ("requests" or "duration")."""
+
+    n: int
+    window: float | None
+    bound: str
+
+    @property
+    def rate(self) -> float | None:
+        """The load offered, in requests/s: the arrivals over the window."""
+        return None if self.window is None else self.n / self.window
+
+
+def schedule_of(load: Load, bounds: Bounds) -> Schedule | None:
+    """The arrivals ``load`` offers within ``bounds`` (None for a closed loop).
+
+    An open loop offers ``round(rate * duration)`` arrivals (at least one) over the
+    duration, or, when ``bounds.requests`` is fewer, that many over the time they take
+    at the rate (``requests / rate``): either way the arrivals over the window are the
+    rate, to rounding. A burst offers its size (at most ``bounds.requests``).
+
+    Raises:
+        BenchError: more than :data:`MAX_ARRIVALS` arrivals.
+    """
+    if load.kind == "closed":
+        return None
+    if load.kind == "burst":
+        n = load.burst if bounds.requests is None else min(load.burst, bounds.requests)
+        if n > MAX_ARRIVALS:
+            raise BenchError(f"--burst {n:,} is more than a run offers: at most "
+                             f"{MAX_ARRIVALS:,} requests")
+        return Schedule(n, None, "requests")
+    if bounds.duration is not None:
+        timed = load.rate * bounds.duration
+        if bounds.requests is None or bounds.requests >= max(1, round(min(timed, 1e18))):
+            check_arrivals(load.rate, bounds.duration,
+                           f"--rate {fmt_load_rate(load.rate)} for --duration "
+                           f"{bounds.duration:g}")
+            return Schedule(max(1, round(timed)), bounds.duration, "duration")
+    assert bounds.requests is not None
+    n = bounds.requests
+    if n > MAX_ARRIVALS:
+        raise BenchError(f"--requests {n:,} at --rate {fmt_load_rate(load.rate)} is more "
+                         f"than a run offers: at most {MAX_ARRIVALS:,} arrivals")
+    return Schedule(n, n / load.rate, "requests")
+
+
+def _fmt_count(n: float) -> str:
+    return f"{n:,.0f}" if n < 1e15 else f"{n:.3g}"
+
+
+def check_arrivals(rate: float, duration: float, what: str) -> None:
+    """Refuse an open loop of ``rate`` requests/s for ``duration`` s whose schedule would
+    hold more than :data:`MAX_ARRIVALS` arrivals: ``BenchError`` on one line, starting
+    with ``what`` (the flags that make it)."""
+    n = rate * duration
+    if n > MAX_ARRIVALS:
+        raise BenchError(
+            f"{what} makes {_fmt_count(round(n) if math.isfinite(n) else n)} arrivals in "
+            f"one run; a run offers at most {MAX_ARRIVALS:,}: lower the rate or the "
+            "duration")
+
+
+def open_span(window: float, arrived: np.ndarray, finished: np.ndarray) -> float:
+    """The seconds an open loop's throughput counts its completed requests over.
+
+    ``arrived`` and ``finished``: each completed request's scheduled arrival and its
+    completion, in seconds from the start of the run. The throughput is the completed
+    arrivals over the arrival ``window``, so a run that keeps up reads the load it was
+    offered, whatever the latency of its last requests; unless its completions trail
+    its arrivals by more at the end than at the start, which is a backlog: a run that
+    fell behind. The window is then stretched by that excess: to the last completion,
+    less the longest lag (completion less arrival) of the requests that arrived in the
+    first :data:`EARLY_SHARE` of the window (at least the first), so the throughput
+    reads the rate it served at."""
+    if arrived.size == 0:
+        return window
+    early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
+    lag = float((finished[early] - arrived[early]).max())
+    return max(window, float(finished.max()) - lag)
+
+
 @dataclass
 class LoadResult:
     # Seconds, one per completed request, then one per unfinished request (its wait until
@@ -164,17 +274,29 @@ class LoadResult:
     unfinished: int = 0
     first_error: str | None = None
     # Open loop: the arrivals its schedule puts within the run (however late a system
-    # that cannot keep up takes them), so scheduled / duration is the load offered.
+    # that cannot keep up takes them) and the window they arrive in, in seconds:
+    # scheduled / window is the load offered.
     scheduled: int | None = None
+    window: float | None = None
     # Open loop and burst: requests the target refused at submit (not in ``submitted``,
     # nor in the latencies: they were answered at once, with an error).
     refused: int = 0
     first_refusal: str | None = None
+    # The seconds the throughput counts over (an open loop: open_span); None: elapsed.
+    span: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
-        return self.completed / self.elapsed if self.elapsed > 0 else 0.0
+        over = self.elapsed if self.span is None else self.span
+        return self.completed / over if over > 0 else 0.0
+
+    @property
+    def offered_rate(self) -> float | None:
+        """An open loop's offered load, in requests/s: its arrivals over its window."""
+        if self.scheduled is None or not self.window:
+            return None
+        return self.scheduled / self.window
 
 
 Tick = Callable[[int], None]
@@ -191,25 +313,19 @@ def _priority_table(load: Load, n: int) -> list[int]:
     return rng.integers(0, N_LEVELS, size=max(1, min(n, 1 << 16))).tolist()  # type: ignore[no-any-return]
 
 
-def _limits(load: Load, bounds: Bounds) -> tuple[int, float]:
-    n = bounds.requests if bounds.requests is not None else 1 << 62
-    if load.kind == "burst":
-        n = min(n, load.burst)
-    if load.kind == "rate" and bounds.requests is None:
-        # Preallocate the arrival schedule for the duration (plus slack).
-        n = int(load.rate * (bounds.duration or 0) * 1.2 + 100)
-    dur = bounds.duration if bounds.duration is not None else math.inf
-    return n, dur
-
-
 def run_load(target: Any, load: Load, bounds: Bounds, tick: Tick = _noop_tick) -> LoadResult:
     """Drive ``target`` (already started) with ``load`` until ``bounds``; measure it."""
-    n, dur = _limits(load, bounds)
+    plan = schedule_of(load, bounds)
+    n = bounds.requests if bounds.requests is not None else 1 << 62
+    if plan is not None:
+        n = plan.n
+    dur = bounds.duration if bounds.duration is not None else math.inf
     if getattr(target, "is_async", False):
-        return _run_async(target, load, n, dur, tick)
+        return _run_async(target, load, n, dur, plan, tick)
     if load.kind == "closed":
         return _closed(target, load, n, dur, tick)
-    return _open(target, load, n, dur, tick)
+    assert plan is not None
+    return _open(target, load, dur, plan, tick)
 
 
 # -- sync drivers -------------------------------------------------------------------------
@@ -329,35 +445,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _schedule(load: Load, n: int) -> np.ndarray | None:
-    """Arrival offsets (seconds from start) for an open loop; None for a burst."""
-    if load.kind != "rate":
+def _schedule(load: Load, plan: Schedule) -> np.ndarray | None:
+    """Arrival offsets (seconds from start) for an open loop; None for a burst: the
+    ``plan.n`` arrivals of a Poisson process that has that many in ``plan.window`` (its
+    exponential gaps, the one after the last included, scaled to the window)."""
+    if load.kind != "rate" or plan.window is None:
         return None
-    rng = np.random.default_rng(load.seed)
-    return np.cumsum(rng.exponential(1.0 / load.rate, size=n))
+    rng = np.random.default_rng((load.seed, load.draw))
+    times = np.cumsum(rng.exponential(1.0, size=plan.n + 1))
+    return times[:-1] * (plan.window / times[-1])  # type: ignore[no-any-return]
 
 
-def _scheduled(sched: np.ndarray | None, n: int, dur: float) -> int | None:
-    if sched is None:
-        return None
-    return min(n, int(np.searchsorted(sched, dur))) if math.isfinite(dur) else n
+def arrival_times(load: Load, bounds: Bounds) -> np.ndarray | None:
+    """The arrival offsets (seconds from the start) an open loop of ``load`` within
+    ``bounds`` is run with; None for another kind of load."""
+    plan = schedule_of(load, bounds)
+    return None if plan is None else _schedule(load, plan)
 
 
-def _offered(sched: np.ndarray | None, n: int, dur: float) -> int:
-    """How many arrivals an open loop or burst offers: those its schedule puts within the
-    duration (a burst: all ``n``)."""
-    scheduled = _scheduled(sched, n, dur)
-    return n if scheduled is None else scheduled
-
-
-def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> list[float]:
+def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> np.ndarray:
     """The arrivals (``time.perf_counter`` times) of requests ``first`` to ``total`` of a
     run started at ``t0``: all at ``t0`` for a burst, else as scheduled."""
     if first >= total:
-        return []
+        return np.empty(0)
     if sched is None:
-        return [t0] * (total - first)
-    return (t0 + sched[first:total]).tolist()  # type: ignore[no-any-return]
+        return np.full(total - first, t0)
+    return t0 + sched[first:total]
 
 
 def _marker(done: list[float], count: list[int]) -> tuple[Callable[[Any], None], dict[int, int]]:
@@ -375,20 +488,19 @@ def _marker(done: list[float], count: list[int]) -> tuple[Callable[[Any], None],
     return mark, index
 
 
-def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
+def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> LoadResult:
     """Burst and Poisson open loop: one generator thread, futures collected."""
-    sched = _schedule(load, n)
-    prios = _priority_table(load, n)
+    total = plan.n
+    sched = _schedule(load, plan)
+    prios = _priority_table(load, total)
     n_prios = len(prios)
     pool = load.requests()
     n_pool = len(pool)
     sub: list[float] = []
-    done: list[float] = [0.0] * min(n, 1 << 24)
+    done: list[float] = [0.0] * total
     futs: list[Future[Any]] = []
     count = [0]
-    total = _offered(sched, n, dur)
-    state: dict[str, Any] = {"bound": "requests", "t0": 0.0, "first_refusal": None,
-                             "scheduled": _scheduled(sched, n, dur), "refused": 0}
+    state = _open_state(plan, sched)
     # The run's end (closed) and the generator's bookkeeping exclude each other: a request
     # is either in futs when the run ends, or `submitting` (its arrival) then, or neither.
     lock = threading.Lock()
@@ -401,8 +513,6 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
         pc = time.perf_counter
         sleep = time.sleep
         t0 = state["t0"]
-        if total < n:
-            state["bound"] = "duration"
         for i in range(total):
             if closed[0]:
                 return  # the drain has ended: what is left is counted late
@@ -458,15 +568,22 @@ def _open(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult
     with lock:
         closed[0] = True
         m = len(futs)
-        late = [] if submitting[0] is None else [submitting[0]]
+        held = [] if submitting[0] is None else [submitting[0]]
         refused = state["refused"]
     end = pc()
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
-    late += _unsent(t0, sched, m + refused + len(late), total)
+    late = np.concatenate([np.asarray(held, dtype=float),
+                           _unsent(t0, sched, m + refused + len(held), total)])
     res = _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end), late)
     tick(res.completed + res.errors)
     return res
+
+
+def _open_state(plan: Schedule, sched: np.ndarray | None) -> dict[str, Any]:
+    """The bookkeeping an open loop or burst shares with :func:`_collect`."""
+    return {"bound": plan.bound, "t0": 0.0, "first_refusal": None, "refused": 0,
+            "scheduled": None if sched is None else plan.n, "window": plan.window}
 
 
 def _collect(
@@ -477,7 +594,7 @@ def _collect(
     state: dict[str, Any],
     end: float,
     horizon: float,
-    late: list[float],
+    late: np.ndarray,
 ) -> LoadResult:
     """The result of an open loop: ``futs`` (``sub``: their arrivals) submitted by
     ``end``, and ``late``: the arrivals of requests never submitted by then. A future not
@@ -486,9 +603,11 @@ def _collect(
     m = len(futs)
     lat: list[float] = []
     pri: list[int] = []
+    arrived: list[float] = []
     errors = 0
     first_error = None
-    last = state["t0"]
+    t0 = state["t0"]
+    last = t0
     n_prios = len(prios)
     # Each future is looked at once: one that completes meanwhile (the target is still
     # running) is counted completed or unfinished, never both.
@@ -507,42 +626,52 @@ def _collect(
         if d == 0.0:  # completed between the last check and now; callback not yet run
             d = time.perf_counter()
         lat.append(d - sub[i])
+        arrived.append(sub[i])
         pri.append(prios[i % n_prios])
         last = max(last, d)
     completed = len(lat)
+    window = state.get("window")
+    span = None
+    if window is not None:  # an open loop: the completed arrivals over its window
+        start = np.asarray(arrived, dtype=float) - t0
+        span = open_span(window, start, start + np.asarray(lat, dtype=float))
     # Unfinished requests: their wait until the horizon, a lower bound of their latency.
     lat += [horizon - t for t, _ in unfinished]
     pri += [prios[i % n_prios] for _, i in unfinished]
-    lat += [horizon - t for t in late]
     refused = state.get("refused", 0)
-    pri += [prios[(m + refused + j) % n_prios] for j in range(len(late))]
+    first_late = m + refused
+    late_pri = np.take(np.asarray(prios, dtype=np.int8),
+                       np.arange(first_late, first_late + len(late)) % n_prios)
     left = len(unfinished) + len(late)
     return LoadResult(
-        latencies=np.asarray(lat, dtype=float),
-        priorities=np.asarray(pri, dtype=np.int8),
+        latencies=np.concatenate([np.asarray(lat, dtype=float), horizon - late]),
+        priorities=np.concatenate([np.asarray(pri, dtype=np.int8), late_pri]),
         submitted=m,
         completed=completed,
         errors=errors,
-        elapsed=max((end if left else last) - state["t0"], 1e-9),
+        elapsed=max((end if left else last) - t0, 1e-9),
         stopped_by="duration" if left else state["bound"],
         unfinished=left,
         first_error=first_error,
         scheduled=state.get("scheduled"),
+        window=window,
         refused=refused,
         first_refusal=state.get("first_refusal"),
+        span=span,
     )
 
 
 # -- async driver (targets with ``acall``) ------------------------------------------------
 
 
-def _run_async(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResult:
+def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | None,
+               tick: Tick) -> LoadResult:
     box: dict[str, Any] = {}
     progress = [0]
 
     def thread_main() -> None:
         try:
-            box["result"] = asyncio.run(_async_main(target, load, n, dur, progress))
+            box["result"] = asyncio.run(_async_main(target, load, n, dur, plan, progress))
         except BaseException as exc:
             box["error"] = exc
 
@@ -559,7 +688,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadR
 
 
 async def _async_main(
-    target: Any, load: Load, n: int, dur: float, progress: list[int]
+    target: Any, load: Load, n: int, dur: float, plan: Schedule | None, progress: list[int]
 ) -> LoadResult:
     acall = target.acall
     prios = _priority_table(load, n)
@@ -620,13 +749,14 @@ async def _async_main(
             first_error=_describe(errors[0]) if errors else None,
         )
 
-    sched = _schedule(load, n)
-    total = _offered(sched, n, dur)
+    assert plan is not None
+    total = plan.n
+    sched = _schedule(load, plan)
     sub: list[float] = []
-    done: list[float] = [0.0] * min(n, 1 << 24)
+    done: list[float] = [0.0] * total
     futs: list[asyncio.Task[Any]] = []
-    state: dict[str, Any] = {"bound": "requests" if total == n else "duration", "t0": pc(),
-                             "scheduled": _scheduled(sched, n, dur)}
+    state = _open_state(plan, sched)
+    state["t0"] = pc()
     drained_by = _drained_by(state["t0"], dur)
 
     mark, index = _marker(done, progress)

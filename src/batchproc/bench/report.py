@@ -137,6 +137,15 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
     return notes
 
 
+def offered_note(r: RunResult) -> str | None:
+    """What an open loop offered: its arrivals over their window, and what its
+    throughput counts."""
+    if r.scheduled is None or not r.window_s or r.arrival_rate is None:
+        return None
+    return (f"offered: {r.scheduled:,} arrivals over {r.window_s:.3g} s = "
+            f"{fmt_rate(r.arrival_rate)} req/s; req/s: completed arrivals over that window")
+
+
 def row_cells(r: RunResult) -> list[str]:
     if r.failed:
         return [r.system, "failed", "-", "-", "-", "-", "-"]
@@ -255,6 +264,9 @@ def print_bench_table(
             lines.append(f"{r.system} latency by priority (p50 / p99 ms): " + ", ".join(
                 f"{k} {fmt_ms(v['p50_ms'])} / {fmt_ms(v['p99_ms'])}"
                 for k, v in r.by_priority.items()))
+    offered = next((n for r in runs if (n := offered_note(r)) is not None), None)
+    if offered is not None:
+        lines.insert(0, offered)
     subject = runs[0].system if runs else "batchproc"
     lines += [
         f"{subject} vs no batching: {fmt_ratio(ratios.get('vs_no_batching'))} throughput",

@@ -99,6 +99,10 @@ class RunResult:
     unfinished: int = 0
     first_error: str | None = None
     scheduled: int | None = None  # open loop: arrivals scheduled within the run
+    # Open loop: the window (seconds) they arrive in, and the load offered: scheduled /
+    # window_s, in requests/s (the rate asked, to rounding).
+    window_s: float | None = None
+    arrival_rate: float | None = None
     # Open loop and burst: requests the system refused at submit (a full queue); not in
     # ``submitted``, the throughput nor the latencies.
     refused: int = 0
@@ -231,6 +235,8 @@ def run_target(
         unfinished=res.unfinished,
         first_error=res.first_error,
         scheduled=res.scheduled,
+        window_s=res.window,
+        arrival_rate=res.offered_rate,
         refused=res.refused,
         first_refusal=res.first_refusal,
         by_priority=_by_priority(res) if load.priorities else {},

@@ -1,14 +1,17 @@
 """``batchproc bench --sweep``: the latency-throughput curve of each system.
 
 First the capacity: batchproc's achieved throughput under a closed loop of twice
-``max_batch`` clients for one run's duration (or ``--capacity``, given). Then each system
-(batchproc, no batching, each ``--config``) runs an open loop of Poisson arrivals at
-each offered load, a fraction of that capacity, from the lowest up. A system that
+``max_batch`` clients for one run's duration (or
+``--capacity``, given). Then each system (batchproc, no batching, each ``--config``)
+runs an open loop of Poisson arrivals at each offered load, a fraction of that capacity,
+from the lowest up; every system gets the same arrivals at one load. A system that
 achieves less than :data:`SATURATED` of the offered load twice in a row is saturated: its
 higher loads are skipped (they would only queue longer) and listed as skipped.
 
-Each point records offered load, achieved throughput, p50/p95/p99 latency (from each
-request's scheduled arrival, so queueing counts) and rows per model call.
+Each point records offered load (its arrivals over their window: the fraction of the
+capacity, to rounding), achieved throughput (completed arrivals over that window, see
+:func:`.loads.open_span`), p50/p95/p99 latency (from each request's scheduled arrival,
+so queueing counts) and rows per model call.
 """
 
 from __future__ import annotations
@@ -40,9 +43,14 @@ class SweepPoint:
     duration: float  # seconds of arrivals
 
     @property
+    def arrival_rate(self) -> float:
+        """The load offered: the run's arrivals over their window (``offered`` to
+        rounding)."""
+        return arrival_rate(self.run, self.duration, self.offered)
+
+    @property
     def saturated(self) -> bool:
-        return self.run.throughput < SATURATED * arrival_rate(self.run, self.duration,
-                                                             self.offered)
+        return self.run.throughput < SATURATED * self.arrival_rate
 
     def to_dict(self) -> dict[str, Any]:
         return {"fraction": self.fraction, "offered": self.offered,
@@ -58,11 +66,10 @@ class SweepResult:
 
 
 def arrival_rate(run: RunResult, duration: float, offered: float) -> float:
-    """The load a run was offered, in requests/s: its scheduled arrivals over its
-    duration (a short Poisson run offers more or less than its mean ``offered``)."""
-    if run.scheduled is None or duration <= 0:
-        return offered
-    return run.scheduled / duration
+    """The load a run was offered, in requests/s: its scheduled arrivals over the window
+    they arrive in (``offered``, the rate asked, to rounding; ``offered`` itself for a
+    run that has none: it failed). ``duration`` is unused (the run has its window)."""
+    return offered if run.arrival_rate is None else run.arrival_rate
 
 
 def measure_capacity(
@@ -134,13 +141,13 @@ def table_rows(result: SweepResult) -> list[list[str]]:
     for system, pts in result.points.items():
         for p in pts:
             r = p.run
+            offered = f"{report.fmt_rate(p.arrival_rate)} ({p.fraction:g}x)"
             if r.failed:
-                rows.append([system, f"{report.fmt_rate(p.offered)} ({p.fraction:g}x)",
-                             "failed", "-", "-", "-", "-"])
+                rows.append([system, offered, "failed", "-", "-", "-", "-"])
                 continue
             rows.append([
                 system,
-                f"{report.fmt_rate(p.offered)} ({p.fraction:g}x)",
+                offered,
                 report.fmt_rate(r.throughput) + (" !" if p.saturated else ""),
                 report.fmt_ms(r.p50_ms),
                 report.fmt_ms(r.p99_ms),

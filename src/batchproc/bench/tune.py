@@ -8,10 +8,11 @@ ends early), the library's default configuration (ADAPTIVE) first, as the refere
 Two goals:
 
 - **a target load** (``rate``, optionally with ``p99_ms``): every candidate runs one
-  open loop of Poisson arrivals at ``rate`` requests/s; it *meets* the target when it
-  achieves at least :data:`SUSTAINED` of the load its run was offered (its scheduled
-  arrivals over the run's duration) without errors (and, with an
-  SLO, a p99 at or under it). The best meets it with the lowest p99.
+  open loop of Poisson arrivals at ``rate`` requests/s, on the same arrivals (one seed);
+  it *meets* the target when it achieves at least :data:`SUSTAINED` of the load its run
+  was offered (its arrivals over their window: ``rate``, to rounding; achieved: its
+  completed arrivals over that window) without errors (and, with an SLO, a p99 at
+  or under it). The best meets it with the lowest p99.
 - **an SLO alone** (``p99_ms``): the best carries the highest offered load with p99 at
   or under the SLO. Loads are steps of a ladder, fractions of a measured capacity
   (:data:`LADDER`); a candidate starts at the step the best so far reached and climbs
@@ -23,8 +24,9 @@ row that meets the goal is the verdict's.
 
 Single short runs are noisy (one unlucky p99 can pick the wrong winner), so the search
 ends by confirming its *finalists*, the :data:`FINALISTS` best and the default: each is
-rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, and the verdict is
-taken on their medians. A share of the budget is kept for this (:data:`CONFIRM_SHARE` at
+rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, each rerun on fresh
+arrivals (draw 1, 2, ... of the seed: the same draw for every finalist), and the
+verdict is taken on their medians. A share of the budget is kept for this (:data:`CONFIRM_SHARE` at
 most); a run is counted at its bound (duration, drain and stop), so the search does not
 overrun its budget. A budget too small for one run is refused before anything runs
 (:func:`check_budget`); the output says how far confirming went when the budget ended it.
@@ -72,7 +74,10 @@ DEFAULT_DELAYS_MS = (1.0, 2.0, 5.0, 10.0)
 DEFAULT_WORKERS = (1, 2, 4)
 DEFAULT_STRATEGIES = ("adaptive", "fixed", "greedy")
 FILE_KIND = "batchproc tune results"
-FILE_VERSION = 1
+# 2: an open loop's offered load is its arrivals over their window (the rate, to
+# rounding) and its throughput the completed arrivals over that window: version 1's
+# figures do not compare with these.
+FILE_VERSION = 2
 DEFAULT_KEY = "default"
 DEFAULT_STRATEGY = "adaptive"  # the library's default processing_strategy
 FINALISTS = 3  # the best configurations the search confirms, with the default
@@ -603,7 +608,9 @@ class Tuner:
             return old
         if not self._time_left():
             return None
-        load = Load("rate", rate=offered, source=self.source, seed=self.seed)
+        # Candidates at one load share its arrivals (draw 0); a confirming rerun gets
+        # fresh ones, the same for every finalist (draw ``repeat``).
+        load = Load("rate", rate=offered, source=self.source, seed=self.seed, draw=repeat)
         run = run_target(
             self._target(c, offered), self.model, self.model_name, load,
             Bounds(duration=self.duration), self.progress,
@@ -788,7 +795,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     if result.default is not None and result.default not in shown:
         shown.append(result.default)
     rows = [[
-        r["label"], report.fmt_rate(r["offered"]), report.fmt_rate(r["throughput"]),
+        r["label"], report.fmt_rate(_arrival_rate(r)), report.fmt_rate(r["throughput"]),
         report.fmt_ms(_nan(r["p50_ms"])), report.fmt_ms(_nan(r["p99_ms"])),
         _fmt_batch(r["mean_batch"]), "yes" if goal.meets(r) else "no",
     ] for r in shown]
@@ -944,8 +951,14 @@ def _nan(v: float | None) -> float:
 def _verdict(r: dict[str, Any]) -> str:
     return (f"p50 {report.fmt_ms(_nan(r['p50_ms']))} ms, p99 {report.fmt_ms(_nan(r['p99_ms']))}"
             f" ms at {report.fmt_rate(r['throughput'])} req/s achieved of "
-            f"{report.fmt_rate(r['offered'])} offered, {_fmt_batch(r['mean_batch'])} rows per "
-            "call")
+            f"{report.fmt_rate(_arrival_rate(r))} offered, {_fmt_batch(r['mean_batch'])} rows "
+            "per call")
+
+
+def _arrival_rate(r: dict[str, Any]) -> float:
+    """The load a run was offered, as shown: its arrivals over their window (the rate
+    asked, to rounding), or the rate asked for a run that has none (it failed)."""
+    return float(r.get("arrival_rate") or r["offered"])
 
 
 def _fmt_batch(v: float | None) -> str:

@@ -1,0 +1,244 @@
+"""What an open loop offers and what it achieves, as bench, sweep and tune report them.
+
+The offered load is the schedule's arrivals over the window they arrive in: the rate
+asked, to rounding (the schedule holds ``round(rate * duration)`` arrivals). The
+achieved throughput is the completed arrivals over that window, stretched only by a
+backlog (completions trailing their arrivals by more at the end than at the start).
+
+The figures are checked on synthetic timings (no clock, no threads): a run's
+arrivals and completions go straight to the function that counts them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from batchproc.bench import BenchError, report
+from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.loads import (
+    MAX_ARRIVALS,
+    Bounds,
+    Load,
+    _collect,
+    arrival_times,
+    open_span,
+    run_load,
+    schedule_of,
+)
+from batchproc.bench.sweep import SATURATED, run_sweep, table_rows
+
+T0 = 1000.0  # a run's start, on the clock of the synthetic timings
+
+
+def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float):
+    """The result of an open loop of ``load`` whose request ``i`` arriving at ``a``
+    (seconds from the start) completes at ``finish(i, a, previous completion)``, or never
+    (None); ``drained_by``: when the run stopped waiting, seconds from the start."""
+    plan = schedule_of(load, bounds)
+    arrivals = arrival_times(load, bounds)
+    futs, sub, done = [], [], []
+    previous = 0.0
+    for i, a in enumerate(arrivals):
+        f: Future = Future()
+        d = finish(i, a, previous)
+        if d is not None and d <= drained_by:
+            f.set_result(None)
+            previous = d
+        futs.append(f)
+        sub.append(T0 + a)
+        done.append(T0 + d if f.done() else 0.0)
+    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": 0,
+             "scheduled": plan.n, "window": plan.window}
+    end = T0 + drained_by
+    return _collect(futs, sub, done, [2], state, end, end, np.empty(0))
+
+
+def test_the_schedule_holds_the_rate_times_the_duration() -> None:
+    for rate, duration, n in ((20.0, 1.0, 20), (1000.0, 0.3, 300), (5.0, 1.0, 5),
+                              (1125.27, 1.0, 1125), (0.4, 1.0, 1)):
+        load = Load("rate", rate=rate, features=4)
+        times = arrival_times(load, Bounds(duration=duration))
+        assert len(times) == n, (rate, duration)
+        assert np.all(np.diff(times) >= 0) and 0 <= times[0] and times[-1] < duration
+        plan = schedule_of(load, Bounds(duration=duration))
+        assert plan.window == duration and plan.rate == pytest.approx(n / duration)
+
+
+def test_a_request_bound_shortens_the_window_not_the_rate() -> None:
+    # 1,000 requests at 5,000 req/s: the schedule's 1,000 arrivals come within 0.2 s.
+    load = Load("rate", rate=5000.0, features=4)
+    bounds = Bounds(requests=1000, duration=5.0)
+    plan = schedule_of(load, bounds)
+    assert (plan.n, plan.window, plan.bound) == (1000, 0.2, "requests")
+    assert plan.rate == pytest.approx(5000.0)
+    assert arrival_times(load, bounds)[-1] < 0.2
+
+
+def test_runs_at_one_load_share_arrivals_and_reruns_get_fresh_ones() -> None:
+    bounds = Bounds(duration=1.0)
+    first = arrival_times(Load("rate", rate=200.0, seed=3), bounds)
+    assert np.array_equal(first, arrival_times(Load("rate", rate=200.0, seed=3), bounds))
+    reruns = [arrival_times(Load("rate", rate=200.0, seed=3, draw=k), bounds)
+              for k in (1, 2)]
+    assert len({len(first), *map(len, reruns)}) == 1  # the same load ...
+    assert not np.array_equal(first, reruns[0])  # ... on other arrivals
+    assert not np.array_equal(reruns[0], reruns[1])
+    other_seed = arrival_times(Load("rate", rate=200.0, seed=4), bounds)
+    assert not np.array_equal(first, other_seed)
+
+
+def _lock_of(seconds: float):
+    """Completions of a model taking ``seconds`` per call behind one lock, any batch
+    size, called back to back: a request is served by the first call that starts after
+    it arrives."""
+    def finish(i: int, a: float, previous: float) -> float:
+        return float(np.ceil(a / seconds) * seconds) + seconds
+    return finish
+
+
+def test_a_slow_model_that_keeps_up_achieves_the_load_offered() -> None:
+    # 200 ms a call, any batch: ~5 calls carry 100 req/s, each request 200-400 ms late.
+    load = Load("rate", rate=100.0, features=4)
+    res = _measured(load, Bounds(duration=1.0), _lock_of(0.2), drained_by=2.0)
+    assert res.completed == res.scheduled == 100 and res.unfinished == 0
+    assert res.offered_rate == 100.0
+    assert res.throughput == 100.0  # not 100 / 1.2 s: its last request's latency
+    assert res.latencies.max() > 0.2
+
+
+def test_a_model_that_falls_behind_achieves_what_it_serves() -> None:
+    # A model serving 60 req/s under 100 req/s offered: its completions trail further
+    # and further behind; it catches up during the drain, all the same it carried 60.
+    load = Load("rate", rate=100.0, features=4)
+
+    def sixty(i: int, a: float, previous: float) -> float:
+        return max(a, previous) + 1 / 60
+
+    res = _measured(load, Bounds(duration=1.0), sixty, drained_by=2.0)
+    assert res.completed == 100 and res.unfinished == 0  # caught up within the drain
+    assert res.throughput == pytest.approx(60.0, rel=0.1)
+    assert res.throughput < SATURATED * res.offered_rate
+    # Left behind by the drain: fewer completed, served at the same rate.
+    res = _measured(load, Bounds(duration=1.0), sixty, drained_by=1.2)
+    assert 0 < res.completed < 100
+    assert res.throughput == pytest.approx(60.0, rel=0.1)
+
+
+def test_a_low_load_achieves_what_it_is_offered_not_more() -> None:
+    # 5 req/s for 1 s: 5 arrivals, each served in a millisecond.
+    load = Load("rate", rate=5.0, features=4)
+    res = _measured(load, Bounds(duration=1.0), lambda i, a, p: a + 0.001, drained_by=1.5)
+    assert res.scheduled == res.completed == 5
+    assert res.offered_rate == res.throughput == 5.0
+
+
+def test_a_short_schedule_achieves_its_own_rate() -> None:
+    # Fewer arrivals than rate x duration (the request bound): they came within 0.2 s.
+    load = Load("rate", rate=5000.0, features=4)
+    bounds = Bounds(requests=1000, duration=5.0)
+    res = _measured(load, bounds, lambda i, a, p: a + 0.001, drained_by=5.5)
+    assert res.scheduled == res.completed == 1000 and res.window == 0.2
+    assert res.offered_rate == pytest.approx(5000.0)
+    assert res.throughput == pytest.approx(5000.0)
+
+
+def test_a_few_requests_stuck_count_as_not_completed_only() -> None:
+    # 24 of 1,000 never complete (stuck in a retry): the others came and went on time.
+    load = Load("rate", rate=2000.0, features=4)
+    stuck = set(range(100, 1000, 40))
+    res = _measured(load, Bounds(duration=0.5), lambda i, a, p: None if i in stuck
+                    else a + 0.001, drained_by=1.0)
+    assert res.unfinished == len(stuck) == 23 and res.completed == 977
+    assert res.throughput == pytest.approx(977 / 0.5)
+
+
+def test_the_span_of_an_open_loop() -> None:
+    arrived = np.array([0.0, 0.1, 0.5, 0.9])
+    assert open_span(1.0, arrived, arrived + 0.3) == 1.0  # a steady lag: the window
+    lags = np.array([0.3, 0.3, 0.3, 0.8])  # the last 0.5 s behind the others
+    assert open_span(1.0, arrived, arrived + lags) == pytest.approx(1.4)
+    assert open_span(1.0, arrived[:0], arrived[:0]) == 1.0
+
+
+class Instant:
+    """A sync target that completes each request as it is submitted."""
+
+    name = "instant"
+    is_async = False
+
+    def start(self, model) -> None:
+        self.model = model
+
+    def submit(self, item, priority):
+        f: Future = Future()
+        f.set_result(self.model(item))
+        return f
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+class FakeTime:
+    """The load generator's clock, moved only by its sleeps: it keeps its schedule to
+    the microsecond, and a request completed at once completes at its arrival."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+@pytest.mark.parametrize(("rate", "bounds"), [
+    (5.0, Bounds(duration=0.2)),  # one arrival: 0.2 s x 5 req/s
+    (25.0, Bounds(duration=0.2)),
+    (2000.0, Bounds(requests=50, duration=5.0)),  # 50 arrivals within 25 ms
+])
+def test_a_run_that_keeps_up_reads_its_offered_load(monkeypatch, rate, bounds) -> None:
+    from batchproc.bench import loads
+
+    monkeypatch.setattr(loads, "time", FakeTime())
+    target = Instant()
+    target.start(lambda b: b)
+    res = run_load(target, Load("rate", rate=rate, features=4), bounds)
+    assert res.completed == res.scheduled == schedule_of(Load("rate", rate=rate),
+                                                          bounds).n
+    assert res.throughput == pytest.approx(res.offered_rate)
+    assert res.offered_rate == pytest.approx(max(1, round(rate * bounds.duration))
+                                             / bounds.duration if bounds.requests is None
+                                             else rate)
+
+
+def test_a_sweep_shows_the_load_offered_and_achieved_at_a_low_load(monkeypatch) -> None:
+    from batchproc.bench import loads
+
+    monkeypatch.setattr(loads, "time", FakeTime())
+    # 0.05 and 0.1 of 100 req/s for 0.2 s: 1 and 2 arrivals, all served at once.
+    result = run_sweep([Instant()], lambda b: b, "identity", FeatureRows(4),
+                       fractions=[0.05, 0.1], capacity=100.0, duration=0.2)
+    rows = table_rows(result)
+    assert [r[1:3] for r in rows] == [["5 (0.05x)", "5"], ["10 (0.1x)", "10"]]
+    assert not any(p.saturated for p in result.points["instant"])
+    run = result.points["instant"][0].run
+    assert run.scheduled == 1 and run.window_s == 0.2 and run.arrival_rate == 5.0
+    assert "offered: 1 arrivals over 0.2 s = 5 req/s" in report.offered_note(run)
+
+
+def test_a_schedule_past_the_most_arrivals_a_run_offers_is_refused() -> None:
+    with pytest.raises(BenchError, match=f"at most {MAX_ARRIVALS:,}"):
+        schedule_of(Load("rate", rate=2e7), Bounds(duration=1.0))
+    with pytest.raises(BenchError, match=f"at most {MAX_ARRIVALS:,}"):
+        schedule_of(Load("rate", rate=1e12), Bounds(duration=1e9))
+    with pytest.raises(BenchError, match="--burst"):
+        schedule_of(Load("burst", burst=MAX_ARRIVALS + 1), Bounds(duration=1.0))
+    # A request bound below the cap holds, whatever the rate.
+    assert schedule_of(Load("rate", rate=1e12), Bounds(requests=100, duration=1.0)).n == 100

@@ -488,3 +488,85 @@ def test_a_request_completing_at_the_horizon_is_counted_once(load):
     assert target.futures[0].done()  # the one waited on completed as it was looked at
     assert res.completed + res.unfinished == offered == len(res.latencies)
     assert res.unfinished >= 1 and res.stopped_by == "duration"
+
+
+class StopsLate:
+    """No batching whose ``stop`` lets go of the model calls its closed-loop clients are
+    blocked in (``blocked.release``): they return after the run has stopped."""
+
+    name = "stops-late"
+    is_async = False
+
+    def __init__(self, blocked: Blocked, release_on_stop: bool) -> None:
+        self.inner = NoBatching()
+        self.blocked = blocked
+        self.release_on_stop = release_on_stop
+
+    def start(self, model) -> None:
+        self.inner.start(model)
+
+    def call(self, item, priority):
+        return self.inner.call(item, priority)
+
+    def stop(self) -> None:
+        if self.release_on_stop:
+            self.blocked.release.set()
+
+    def stats(self) -> dict:
+        return {}
+
+
+class Lingering(Blocked):
+    """A blocked model whose calls, once released, return only when ``done`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.returned = 0
+        self.done = threading.Event()
+
+    def __call__(self, batch):
+        super().__call__(batch)
+        self.done.wait(BLOCKED_S)
+        self.returned += 1
+        return batch
+
+
+def test_a_run_waits_for_the_model_calls_it_left_running(blocked):
+    # Three clients blocked in the model when the run ends; its stop releases them. The
+    # run returns once their calls have: none runs on into the next run.
+    run = run_target(StopsLate(blocked, release_on_stop=True), blocked, "blocked",
+                     Load("closed", clients=3, features=4), Bounds(duration=DURATION),
+                     settle_s=BLOCKED_S)
+    assert run.unfinished == 3 and run.left_running == 0
+    assert run.batches == 3  # ... and they were counted as they returned
+
+
+def test_a_run_reports_the_model_calls_still_running_after_its_wait():
+    model = Lingering()
+    try:
+        run = run_target(StopsLate(model, release_on_stop=True), model, "lingering",
+                         Load("closed", clients=2, features=4), Bounds(duration=DURATION),
+                         settle_s=0.05)
+        assert run.left_running == 2 and model.returned == 0
+        assert any("2 model calls still running after the run" in note
+                   for note in report.run_notes([run]))
+    finally:
+        model.done.set()
+
+
+def test_counting_model_waits_for_its_calls_in_progress():
+    from batchproc.bench.runner import CountingModel
+
+    model = Lingering()
+    model.release.set()
+    counted = CountingModel(model)
+    caller = threading.Thread(target=counted, args=(np.zeros((1, 4)),))
+    caller.start()
+    try:
+        model.entered.wait(10)
+        assert counted.running == 1
+        assert counted.wait_idle(0.01) == 1  # still in the model
+    finally:
+        model.done.set()
+    assert counted.wait_idle(10) == 0 and model.returned == 1
+    caller.join(10)

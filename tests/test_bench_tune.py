@@ -133,7 +133,7 @@ def _first_run(doc: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
 FIXED_KEY = "fixed/size=4/delay_ms=1/workers=1"
 FIGURES = ("arrival_rate", "throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
            "mean_batch", "elapsed_s")
-COUNTS = ("completed", "errors", "unfinished", "refused")
+COUNTS = ("completed", "errors", "unfinished", "refused", "model_errors")
 NUMBER = "must be a finite number >= 0, or null"
 WHOLE = "must be a whole number >= 0"
 NAN, INF = float("nan"), float("inf")
@@ -153,7 +153,7 @@ def _damaged_runs() -> list[Any]:
               for v in (0, 0.0, -300.0, None, "300", True, NAN, INF)]
     for name in ("key", "label"):
         cases += [(name, v, f"{name!r} = {v!r}: must be a string") for v in (1, None, [])]
-    for name in ("first_error", "failed"):
+    for name in ("first_error", "failed", "first_model_error"):
         cases += [(name, v, f"{name!r} = {v!r}: must be a string, or null")
                   for v in (1, True, ["x"])]
     cases += [("candidate", v, f"'candidate' = {v!r}: must be a record")
@@ -178,7 +178,7 @@ def test_a_saved_run_with_a_bad_field_is_refused_naming_it(tmp_path, saved, name
 
 
 @pytest.mark.parametrize("name", [*FIGURES, *COUNTS, "key", "label", "candidate", "offered",
-                                  "first_error", "failed"])
+                                  "first_error", "failed", "first_model_error"])
 def test_a_saved_run_lacking_a_field_is_refused_naming_it(tmp_path, saved, name) -> None:
     doc = copy.deepcopy(saved[1])
     i, run = _first_run(doc, FIXED_KEY)
@@ -907,5 +907,52 @@ def test_the_table_shows_the_load_offered_and_judges_the_goal_on_it(capsys) -> N
     row = next(line for line in out.splitlines() if c.label in line and "│" in line)
     assert [cell.strip() for cell in row.split("│")[2:4]] == ["14", "13"]
     assert "at 13 req/s achieved of 14 offered" in out
+
+
+def test_a_run_in_which_the_model_raised_does_not_meet_the_goal() -> None:
+    run = {"offered": 100.0, "arrival_rate": 100.0, "throughput": 100.0, "p99_ms": 8.0,
+           "errors": 0, "unfinished": 0, "refused": 0, "completed": 100, "model_errors": 0}
+    assert Goal(rate=100.0).meets(run)
+    # Its calls were retried and every request completed: the model raised all the same.
+    assert not Goal(rate=100.0).meets({**run, "model_errors": 3})
+
+
+def test_tune_says_why_nothing_met_the_goal_when_every_run_failed(monkeypatch,
+                                                                  capsys) -> None:
+    from batchproc.bench.runner import failed_run
+
+    _fake_runs(monkeypatch, lambda target, load: failed_run(
+        target.name, "identity", load, "OSError: no such device"))
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--rate", "300")
+    assert code == 1
+    assert "no configuration tried meets the goal" in out
+    assert err.splitlines() == ["batchproc tune: error: 5 runs failed, the default "
+                                "(ADAPTIVE) run first: OSError: no such device"]
+
+
+FAILS_AFTER_CHECK = """
+CALLS = [0]
+
+def model(batch):
+    CALLS[0] += 1
+    if CALLS[0] > 2:  # past the bench's own check of the model
+        raise RuntimeError("GPU fell off\\nthe bus")
+    return batch
+"""
+
+
+def test_tune_reports_the_model_raising_in_its_runs(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "tune_dies_mod.py").write_text(FAILS_AFTER_CHECK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # The least budget: the default's run alone. Its requests wait in batchproc's
+    # retries past the run's end (late): only the count of the model's errors shows why.
+    code, out, err = run_cli(capsys, "--model", "tune_dies_mod:model", "--duration", "0.15",
+                             "--quiet", *SPACE, "--rate", "100", "--budget", "1.8")
+    assert code == 1, err
+    assert "no configuration tried meets the goal" in out
+    line, = err.splitlines()
+    assert line.startswith("batchproc tune: error: the default (ADAPTIVE) run: the model "
+                           "raised in ")
+    assert line.endswith(", first: RuntimeError: GPU fell off the bus")
 
 

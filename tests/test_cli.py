@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from extras import require
 
@@ -747,7 +748,10 @@ def test_log_records_and_a_bench_progress_never_share_a_line(
     assert len(warnings) >= 1, err
     runs = [line for line in lines if line.startswith("  flaky_mod:model")]
     assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
-    assert len(warnings) + len(runs) + 1 == len(lines), err  # and the limit's error line
+    # ... and the limit's error line, and the model's errors in the other runs.
+    assert len(warnings) + len(runs) + 2 == len(lines), err
+    assert lines[-1].startswith("batchproc bench: error: the model raised in 2 runs ("), err
+    assert lines[-1].endswith(", first in the batchproc run: ValueError: flaky"), err
 
 
 @pytest.mark.parametrize(("command", "flag"), [
@@ -787,6 +791,58 @@ def test_a_plot_holds_no_temporary_file_name(tmp_path, name: str) -> None:
         assert b"<svg" in gzip.decompress(data)
         # The gzip header's optional file name (FNAME flag) names the destination.
         assert data[3] & 0x08 and data[10:10 + len(name) + 1] == name.encode() + b"\0"
+
+
+# -- what a run's model did -------------------------------------------------------------
+
+DIES_AFTER_CHECK = """
+CALLS = [0]
+
+def model(batch):
+    CALLS[0] += 1
+    if CALLS[0] > 2:  # past the bench's own check of the model
+        raise RuntimeError("GPU fell off the bus")
+    return batch
+"""
+
+
+def test_a_model_that_raises_is_reported_for_every_run(tmp_path, monkeypatch, capsys) -> None:
+    # batchproc retries the failed calls: its requests end late, not failed, and only the
+    # count of the model's errors says why.
+    (tmp_path / "bench_dies_mod.py").write_text(DIES_AFTER_CHECK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "--model", "bench_dies_mod:model", "--rate", "50",
+                             "--duration", "0.2", "--quiet", "--json", str(path))
+    assert code == 1
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["batchproc"]["errors"] == 0 and runs["batchproc"]["unfinished"] > 0
+    for name in ("batchproc", "no batching"):
+        assert runs[name]["model_errors"] > 0, name
+        assert runs[name]["first_model_error"] == "RuntimeError: GPU fell off the bus"
+    assert "batchproc: the model raised in " in out
+    assert "first: RuntimeError: GPU fell off the bus" in out
+    lines = err.splitlines()
+    assert lines[-1].startswith("batchproc bench: error: the model raised in 2 runs (")
+    assert lines[-1].endswith("first in the batchproc run: RuntimeError: GPU fell off the bus")
+
+
+def test_counting_model_counts_what_raised_on_one_line() -> None:
+    from batchproc.bench.runner import CountingModel
+
+    def model(batch):
+        if len(batch) > 1:
+            raise ValueError("too\n  many   rows")
+        return batch
+
+    counted = CountingModel(model)
+    counted(np.zeros((1, 2)))
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            counted(np.zeros((3, 2)))
+    assert (counted.calls, counted.rows, counted.raised) == (3, 7, 2)
+    assert counted.first_raised == "ValueError: too many rows"
+    assert counted.running == 0
 
 
 def test_a_poisson_load_is_labelled_with_a_rounded_rate() -> None:

@@ -26,7 +26,7 @@ from . import BenchError, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
-from .loads import Bounds, Load, schedule_of
+from .loads import Bounds, Load, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
 from .sweep import DEFAULT_FRACTIONS
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
         "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
-        "run that raised, arrival_rate: an "
+        "run that raised, model_errors: the model's calls that raised, arrival_rate: an "
         "open loop's arrivals over their window, "
         "...) and ratios (vs_no_batching, vs_limit)",
     )
@@ -274,11 +274,11 @@ default configuration (ADAPTIVE), and print it as Python to paste.
 
 Each configuration runs open-loop Poisson arrivals for --duration seconds, all on the
 same arrivals at a load. With --rate: the best carries the load (achieves 90% of it, no
-errors; p99 within --p99-ms if given) with the lowest p99. With --p99-ms alone: the best
-carries the highest load within the SLO (loads are fractions of a measured capacity).
-The best few and the default are then rerun on fresh arrivals and the verdict is taken
-on medians. The search ends within --budget seconds; --json FILE keeps every run, and
-rerunning with the same FILE measures only what is missing.
+errors, the model never raising; p99 within --p99-ms if given) with the lowest p99. With
+--p99-ms alone: the best carries the highest load within the SLO (loads are fractions
+of a measured capacity). The best few and the default are then rerun on fresh arrivals
+and the verdict is taken on medians. The search ends within --budget seconds; --json
+FILE keeps every run, and rerunning with the same FILE measures only what is missing.
 """
 
 TUNE_EPILOG = """\
@@ -507,15 +507,17 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     title = _title(args, source, load.label) + f" · each run stops at {bound_desc}"
     runs = []
+    settle = drain_window(bounds.duration or 0.0)
     with _progress_display(args.quiet) as progress:
         for target in (*systems, NoBatching()):
-            runs.append(run_target(target, model, args.model, load, bounds, progress))
+            runs.append(run_target(target, model, args.model, load, bounds, progress,
+                                   settle_s=settle))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     report.print_bench_table(title, runs, ratios)
     for line in _config_notes(args):
         print(line)
-    failed = [r for r in runs if r.errors or r.failed]
+    failed = [r for r in runs if r.errors or r.failed or r.model_errors]
     written = True
     if args.plot:
         written &= _write_output("bench", "--plot", args.plot, lambda path: report.write_plot(
@@ -539,13 +541,41 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if failed or not written else 0
 
 
-def _report_failed_runs(command: str, runs: Sequence[Any]) -> None:
-    """One line on stderr per run that raised (the table has them too): the exit status
-    is 1 and the reason should not hide among the figures."""
-    for r in runs:
-        if r.failed:
-            print(f"{PROG} {command}: error: the {r.system} run failed: {r.failed}",
+def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error") -> None:
+    """Lines on stderr for the runs that raised and the runs in which the model raised
+    (the table's notes have them too): the reason should not hide among the figures.
+    Runs that failed the same way share a line; so do the runs of one first model error.
+    ``runs``: ``RunResult``s, or anything with their ``system``, ``failed``, ``batches``,
+    ``model_errors`` and ``first_model_error``."""
+    from . import report
+
+    say = f"{PROG} {command}: {level}:"
+    for failure, same in _grouped(runs, lambda r: r.failed):
+        if len(same) == 1:
+            print(f"{say} the {same[0].system} run failed: {failure}", file=sys.stderr)
+        else:
+            print(f"{say} {len(same)} runs failed, the {same[0].system} run first: "
+                  f"{failure}", file=sys.stderr)
+    for _, same in _grouped(runs, lambda r: r.first_model_error if r.model_errors else None):
+        if len(same) == 1:
+            print(f"{say} the {same[0].system} run: {report.model_raised(same[0])}",
                   file=sys.stderr)
+        else:
+            calls = sum(r.model_errors for r in same)
+            print(f"{say} the model raised in {len(same)} runs ({calls:,} calls), first "
+                  f"in the {same[0].system} run: {same[0].first_model_error}",
+                  file=sys.stderr)
+
+
+def _grouped(runs: Sequence[Any], key: Callable[[Any], str | None],
+             ) -> list[tuple[str, list[Any]]]:
+    """``runs`` grouped by ``key`` (None left out), in the order of each group's first."""
+    groups: dict[str, list[Any]] = {}
+    for r in runs:
+        k = key(r)
+        if k is not None:
+            groups.setdefault(k, []).append(r)
+    return list(groups.items())
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -619,8 +649,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         written &= _write_output(
             "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
     runs = [p.run for pts in result.points.values() for p in pts]
+    if capacity_run is not None:
+        runs.insert(0, capacity_run)
     _report_failed_runs("bench", runs)
-    return 1 if any(r.errors or r.failed for r in runs) or not written else 0
+    return 1 if any(r.errors or r.failed or r.model_errors for r in runs) or not written else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -650,6 +682,9 @@ def run_tune(args: argparse.Namespace) -> int:
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
     tune.print_result(title, result)
+    # Why runs failed, or the model raised: with nothing meeting the goal, the reason.
+    _report_failed_runs("tune", tune.failure_reports(result.records),
+                        "error" if result.best is None else "warning")
     if results.write_error is not None:
         print(f"{PROG} tune: error: --json {args.json}: could not be written "
               f"({results.write_error}); it holds {results.saved_runs} runs, from its last "

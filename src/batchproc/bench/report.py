@@ -134,7 +134,21 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
             notes.append(
                 f"! {who}: {r.refused:,} requests refused at submit, not counted as "
                 f"completed nor in its latencies; first: {r.first_refusal}")
+        if r.model_errors:
+            notes.append(f"! {who}: {model_raised(r)}")
+        if r.left_running:
+            notes.append(
+                f"! {who}: {r.left_running} model call{'s' if r.left_running != 1 else ''} "
+                "still running after the run had waited for them; the runs after it "
+                "shared the machine with them")
     return notes
+
+
+def model_raised(r: Any) -> str:
+    """How often the model raised in run ``r`` (a ``RunResult``), and its first error."""
+    calls = f" of {r.batches:,} calls" if r.batches else ""
+    return (f"the model raised in {r.model_errors:,}{calls}, first: "
+            f"{r.first_model_error}")
 
 
 def offered_note(r: RunResult) -> str | None:

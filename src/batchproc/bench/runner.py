@@ -25,6 +25,7 @@ import numpy as np
 from .inputs import FeatureRows, rows_of
 from .loads import Bounds, Load, LoadResult, run_load
 from .models import Model
+from .targets import STOP_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,59 @@ class NullProgress:
         pass
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (a message's lines joined), cut at ``limit``."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class CountingModel:
-    """Wraps a model; counts calls and rows (thread-safe, a lock per batch)."""
+    """Wraps a model; counts calls, rows, the calls that raised and the calls in
+    progress (thread-safe, a lock per batch)."""
 
     def __init__(self, model: Model):
         self.model = model
         self.calls = 0
         self.rows = 0
+        # Calls that raised (a system may retry them: their requests can still complete
+        # or only be late) and the first one's error, on one line.
+        self.raised = 0
+        self.first_raised: str | None = None
+        self._running = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     def __call__(self, batch: Any) -> Any:
         n = rows_of(batch)
         with self._lock:
             self.calls += 1
             self.rows += n
-        return self.model(batch)
+            self._running += 1
+        try:
+            return self.model(batch)
+        except Exception as exc:
+            with self._lock:
+                self.raised += 1
+                if self.first_raised is None:
+                    self.first_raised = one_line(exc)
+            raise
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+
+    @property
+    def running(self) -> int:
+        """Calls of the model in progress now."""
+        return self._running
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the calls in progress to return; how many
+        are still running then."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._running, max(timeout, 0.0))
+            return self._running
 
     @property
     def mean_batch(self) -> float:
@@ -113,6 +152,13 @@ class RunResult:
     gc_s: float = 0.0  # seconds the process spent in cyclic garbage collections
     gc_full: int = 0  # how many of them were full (generation 2) collections
     failed: str | None = None  # the run itself raised (what, and on what): no figures
+    # Calls of the model that raised (a system that retries them can still complete their
+    # requests, or leave them late) and the first one's error, on one line.
+    model_errors: int = 0
+    first_model_error: str | None = None
+    # Calls of the model still running when the run had waited for them (they share the
+    # machine with the run after it).
+    left_running: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,10 +239,15 @@ def run_target(
     bounds: Bounds,
     progress: Progress | None = None,
     label: str | None = None,
+    settle_s: float = STOP_TIMEOUT_S,
 ) -> RunResult:
     """Start ``target`` on ``model``, drive it with ``load`` until ``bounds``, stop it.
 
     ``label`` names the run on the progress display (default: model, load and system).
+    Once the target is stopped, the calls of the model still in progress (a closed-loop
+    client or generator of no batching in the model, a processor's worker its stop gave
+    up on) are waited for, until ``settle_s`` seconds from the stop: those still running
+    then are reported (``left_running``), as they take from the next run.
     """
     progress = progress or NullProgress()
     counted = CountingModel(model)
@@ -204,17 +255,25 @@ def run_target(
     total = _expected(load, bounds)
     progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
                    bounds.duration)
+    left = 0
     try:
         target.start(counted)
         try:
             with _frozen_heap(), GcClock() as gc_clock:
                 res = run_load(target, load, bounds, progress.update)
         finally:
-            target.stop()
+            stopped = time.perf_counter()
+            try:
+                target.stop()
+            finally:
+                left = counted.wait_idle(stopped + settle_s - time.perf_counter())
     except Exception as exc:  # the system itself broke: keep the other systems' runs
         log.debug("%s failed", target.name, exc_info=True)
         progress.finish("failed")
-        return failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
+        out = failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
+        out.model_errors, out.first_model_error = counted.raised, counted.first_raised
+        out.left_running = left
+        return out
     p50, p95, p99, mean = _pct(res.latencies)
     out = RunResult(
         system=target.name,
@@ -243,11 +302,16 @@ def run_target(
         gc_s=gc_clock.seconds,
         gc_full=gc_clock.full,
         extra=dict(getattr(target, "stats", dict)()),
+        model_errors=counted.raised,
+        first_model_error=counted.first_raised,
+        left_running=left,
     )
     if res.errors:
         log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
     late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
     late += f", {res.refused:,} refused" if res.refused else ""
+    late += f", the model raised {counted.raised:,} times" if counted.raised else ""
+    late += f", {left} model calls left running" if left else ""
     progress.finish(f"{res.throughput:,.0f} req/s{late}")
     return out
 

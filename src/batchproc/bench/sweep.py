@@ -22,7 +22,7 @@ from typing import Any
 
 from . import report
 from .inputs import RequestSource
-from .loads import Bounds, Load
+from .loads import Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
 
@@ -82,12 +82,17 @@ def measure_capacity(
     duration: float,
     seed: int = 0,
     progress: Progress | None = None,
+    settle_s: float | None = None,
 ) -> RunResult:
     """``target``'s achieved throughput (requests/s) under ``clients`` closed-loop clients
-    for ``duration`` seconds: the scale of the offered loads."""
+    for ``duration`` seconds: the scale of the offered loads. ``settle_s``: how long the
+    model calls still running after it are waited for (default: a run's drain)."""
+    if settle_s is None:
+        settle_s = drain_window(duration)
     load = Load("closed", clients=clients, source=source, seed=seed)
     return run_target(target, model, model_name, load, Bounds(duration=duration), progress,
-                      label=f"capacity · {load.label} · {target.name}")
+                      label=f"capacity · {load.label} · {target.name}",
+                      settle_s=settle_s)
 
 
 def queue_size_for(max_rate: float, duration: float) -> int:
@@ -129,6 +134,7 @@ def run_sweep(
             run = run_target(
                 target, model, model_name, load, Bounds(duration=duration), progress,
                 label=f"[{k}/{total}] {target.name} · {f:g} x capacity = {rate:,.0f} req/s",
+                settle_s=drain_window(duration),
             )
             point = SweepPoint(f, rate, run, duration)
             mine.append(point)

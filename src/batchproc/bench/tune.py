@@ -11,8 +11,8 @@ Two goals:
   open loop of Poisson arrivals at ``rate`` requests/s, on the same arrivals (one seed);
   it *meets* the target when it achieves at least :data:`SUSTAINED` of the load its run
   was offered (its arrivals over their window: ``rate``, to rounding; achieved: its
-  completed arrivals over that window) without errors (and, with an SLO, a p99 at
-  or under it). The best meets it with the lowest p99.
+  completed arrivals over that window) without errors, nor the model raising (and,
+  with an SLO, a p99 at or under it). The best meets it with the lowest p99.
 - **an SLO alone** (``p99_ms``): the best carries the highest offered load with p99 at
   or under the SLO. Loads are steps of a ladder, fractions of a measured capacity
   (:data:`LADDER`); a candidate starts at the step the best so far reached and climbs
@@ -75,8 +75,8 @@ DEFAULT_WORKERS = (1, 2, 4)
 DEFAULT_STRATEGIES = ("adaptive", "fixed", "greedy")
 FILE_KIND = "batchproc tune results"
 # 2: an open loop's offered load is its arrivals over their window (the rate, to
-# rounding) and its throughput the completed arrivals over that window: version 1's
-# figures do not compare with these.
+# rounding), its throughput the completed arrivals over that window, and each run says
+# how often the model raised; version 1's figures do not compare with these.
 FILE_VERSION = 2
 DEFAULT_KEY = "default"
 DEFAULT_STRATEGY = "adaptive"  # the library's default processing_strategy
@@ -205,8 +205,12 @@ class Goal:
             raise BenchError("give a target load (--rate R), an SLO (--p99-ms MS), or both")
 
     def meets(self, m: dict[str, Any]) -> bool:
-        """Whether a measurement (a results-file record) meets this goal."""
-        if m["errors"] or m["unfinished"] or m.get("refused") or not m["completed"]:
+        """Whether a measurement (a results-file record) meets this goal: every request
+        it was offered completed (none failed, late or refused), the model never raised
+        (a retried call hides it), it achieved :data:`SUSTAINED` of the load its run was
+        offered (its arrivals over their window), and its p99 is within the SLO."""
+        if (m["errors"] or m["unfinished"] or m.get("refused") or m.get("model_errors")
+                or not m["completed"]):
             return False
         if m["throughput"] < SUSTAINED * (m.get("arrival_rate") or m["offered"]):
             return False
@@ -277,7 +281,8 @@ _SAVED_RUN_FIELDS: dict[str, _Check] = {
     "p99_ms": _FIGURE, "mean_ms": _FIGURE, "mean_batch": _FIGURE,
     "completed": _count, "errors": _count, "unfinished": _count, "refused": _count,
     "first_error": functools.partial(_text, allow_null=True), "elapsed_s": _FIGURE,
-    "failed": functools.partial(_text, allow_null=True),
+    "failed": functools.partial(_text, allow_null=True), "model_errors": _count,
+    "first_model_error": functools.partial(_text, allow_null=True),
 }
 # ... and what only a confirming rerun holds: which rerun it is.
 _SAVED_RERUN_FIELDS: dict[str, _Check] = {"repeat": functools.partial(_count, minimum=1)}
@@ -636,7 +641,8 @@ class Tuner:
             "arrival_rate": arrival_rate(run, self.duration, offered),
             **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
                                  "mean_batch", "completed", "errors", "unfinished", "refused",
-                                 "first_error", "elapsed_s", "failed")},
+                                 "first_error", "elapsed_s", "failed", "model_errors",
+                                 "first_model_error")},
         }
         return report._clean(record)  # type: ignore[no-any-return]
 
@@ -708,7 +714,7 @@ class Tuner:
         run = measure_capacity(
             self._target(DEFAULT, 0.0), self.model, self.model_name, self.source,
             clients=max(clients, 16), duration=self.duration, seed=self.seed,
-            progress=self.progress,
+            progress=self.progress, settle_s=STOP_TIMEOUT_S,
         )
         if not run.completed or run.errors:
             raise BenchError(
@@ -846,6 +852,26 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     print(format_config(fields))
 
 
+@dataclass(frozen=True)
+class FailureReport:
+    """What the CLI's failed-run report reads of a run (a record of the search)."""
+
+    system: str
+    failed: str | None
+    model_errors: int
+    first_model_error: str | None
+    batches: int = 0
+
+
+def failure_reports(records: Sequence[dict[str, Any]]) -> list[FailureReport]:
+    """The runs of ``records`` that failed outright or in which the model raised, for
+    the report on stderr (its system: the configuration's label)."""
+    return [FailureReport(r["label"] + (f" (rerun {r['repeat']})" if r.get("repeat") else ""),
+                          r.get("failed"), r.get("model_errors") or 0,
+                          r.get("first_model_error"))
+            for r in records if r.get("failed") or r.get("model_errors")]
+
+
 def _how_to_continue(result: TuneResult) -> str:
     if result.results_path:
         return "rerun with the same --json to continue"
@@ -920,12 +946,13 @@ def _deciding_of(goal: Goal, records: Sequence[dict[str, Any]]) -> list[dict[str
 
 _MEDIANS = ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch",
             "arrival_rate", "completed", "elapsed_s")
-_ANY_RUN = ("errors", "unfinished", "refused")
+_ANY_RUN = ("errors", "unfinished", "refused", "model_errors")
 
 
 def _median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One record for a finalist's runs at one load: the medians of its figures, and the
-    worst of its errors, unfinished and refused requests (one failing run fails it)."""
+    worst of its errors, unfinished and refused requests and the model's errors (one
+    failing run fails it)."""
     out = dict(runs[0])
     for k in _MEDIANS:
         values = [r[k] for r in runs if r.get(k) is not None]

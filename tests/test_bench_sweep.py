@@ -114,6 +114,18 @@ def test_bad_sweep_flags_are_one_line(capsys, argv: list[str], mentions: str) ->
     assert len(err.strip().splitlines()) == 1 and mentions in err, err
 
 
+def test_config_accepts_tunes_output_as_pasted() -> None:
+    fields = {"max_batch_size": 32, "batch_timeout": 0.002,
+              "processing_strategy": BatchProcessingStrategy.FIXED, "pad_value": 0}
+    text = format_config(fields)
+    assert text.startswith("from batchproc import ") and "\nconfig = Batch" in text
+    assert parse_config(text) == fields  # the whole of it, its import line too
+    assert parse_config(text[text.index("config = "):]) == fields
+    assert parse_config("cfg=BatchProcessorConfig(max_batch_size=32)") == {
+        "max_batch_size": 32}
+    assert parse_config("config = BatchProcessorConfig()") == {}
+
+
 def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
     fields = {"max_batch_size": 32, "batch_timeout": 0.002, "max_workers": 2,
               "processing_strategy": BatchProcessingStrategy.FIXED}

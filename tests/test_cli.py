@@ -93,6 +93,10 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--config", "Max-Batch-Size=3, batch_timeout=0.001"],
          "'Max-Batch-Size' (did you mean 'max_batch_size'?)"),
         (["--config", "max_batch_size=3,,"], "expected field=value"),
+        (["--config", ""], "--config '': empty; give field=value"),
+        (["--config", " "], "--config ' ': empty"),
+        (["--config", "min_batch_size=100"], "batchproc rejects this configuration "
+         "(config 1: its fields over the flags')"),
         (["--rate", "1e7", "--requests", "3000000", "--duration", "1"],
          "--requests 3,000,000 at --rate 10,000,000 is more than a run offers: at most "
          "2,000,000 arrivals"),
@@ -843,6 +847,42 @@ def test_counting_model_counts_what_raised_on_one_line() -> None:
     assert (counted.calls, counted.rows, counted.raised) == (3, 7, 2)
     assert counted.first_raised == "ValueError: too many rows"
     assert counted.running == 0
+
+
+# -- --config systems --------------------------------------------------------------------
+
+
+def test_config_systems_take_the_flags_as_their_defaults() -> None:
+    from batchproc.bench.inputs import FeatureRows
+
+    args = build_parser().parse_args([
+        "bench", "--max-batch", "8", "--max-delay", "2", "--strategy", "fixed",
+        "--workers", "1", "--config", "batch_timeout=0.01", "--config",
+        "max_batch_size=4, processing_strategy=GREEDY"])
+    _, first, second = cli._bench_targets(args, FeatureRows(4), 1000)
+    config = first.config()
+    assert (config.max_batch_size, config.initial_batch_size, config.max_workers) == (8, 8, 1)
+    assert config.processing_strategy == BatchProcessingStrategy.FIXED
+    assert config.batch_timeout == 0.01  # its own field over --max-delay
+    config = second.config()
+    assert (config.max_batch_size, config.initial_batch_size) == (4, 4)
+    assert config.processing_strategy == BatchProcessingStrategy.GREEDY
+    assert config.batch_timeout == 0.002 and config.max_workers == 1
+    assert cli._config_notes(args) == [
+        "config 1: batch_timeout=0.01; the rest from the flags",
+        "config 2: max_batch_size=4, processing_strategy=GREEDY; the rest from the flags"]
+
+
+def test_a_config_runs_with_the_flags_max_batch(tmp_path, capsys) -> None:
+    path = tmp_path / "c.json"
+    code, _, err = run_cli(capsys, "--model", "fixed", "--model-ms", "1", "--burst", "200",
+                           "--max-batch", "8", "--strategy", "fixed", "--workers", "1",
+                           "--config", "batch_timeout=0.01", "--duration", "5", "--quiet",
+                           "--json", str(path))
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["config 1"]["completed"] == 200
+    assert runs["config 1"]["mean_batch"] <= 8  # the limit's batches are 8 rows too
 
 
 def test_a_poisson_load_is_labelled_with_a_rounded_rate() -> None:

@@ -453,31 +453,45 @@ def _write_output(command: str, flag: str, path: str, write: Callable[[str], Non
 def _bench_targets(
     args: argparse.Namespace, source: RequestSource, queue_size: int
 ) -> list[Batchproc]:
-    """batchproc from the flags, then one per --config; padded when requests are ragged."""
+    """batchproc from the flags, then one per --config (the flags' settings, its own
+    fields over them); padded when requests are ragged."""
     pad = {"pad_value": 0} if source.padded else {}
-    bp = (BatchprocAsync if args.asyncio else Batchproc)(
-        max_batch=args.max_batch,
-        max_delay=args.max_delay / 1000.0,
-        workers=args.workers,
-        strategy=args.strategy,
-        priorities=args.priorities,
-        queue_size=queue_size,
-        fields=pad,
-    )
-    try:
-        bp.config()
-    except (ValueError, TypeError) as exc:
-        raise BenchError(f"batchproc rejects this configuration: {exc}") from None
-    configs = [
-        Batchproc(queue_size=queue_size, priorities=args.priorities, fields={**pad, **c},
-                  name=f"config {i}")
-        for i, c in enumerate(_configs(args), 1)
-    ]
+
+    def system(cls: type[Batchproc], fields: dict[str, Any], name: str | None) -> Batchproc:
+        fields = {**pad, **fields}
+        if "max_batch_size" in fields and "initial_batch_size" not in fields:
+            # The flags' initial size is their --max-batch: the config's own max holds.
+            fields["initial_batch_size"] = fields["max_batch_size"]
+        target = cls(
+            max_batch=args.max_batch,
+            max_delay=args.max_delay / 1000.0,
+            workers=args.workers,
+            strategy=args.strategy,
+            priorities=args.priorities,
+            queue_size=queue_size,
+            fields=fields,
+            name=name,
+        )
+        try:
+            target.config()
+        except (ValueError, TypeError) as exc:
+            which = "" if name is None else f" ({name}: its fields over the flags')"
+            raise BenchError(f"batchproc rejects this configuration{which}: {exc}"
+                             ) from None
+        return target
+
+    bp = system(BatchprocAsync if args.asyncio else Batchproc, {}, None)
+    configs = [system(Batchproc, c, f"config {i}") for i, c in enumerate(_configs(args), 1)]
     return [bp, *configs]
 
 
 def _config_notes(args: argparse.Namespace) -> list[str]:
-    return [f"config {i}: {describe_fields(c)}" for i, c in enumerate(_configs(args), 1)]
+    notes = []
+    for i, c in enumerate(_configs(args), 1):
+        own = describe_fields(c)
+        notes.append(f"config {i}: {own}; the rest from the flags" if own
+                     else f"config {i}: the flags' settings")
+    return notes
 
 
 def _title(args: argparse.Namespace, source: RequestSource, load_desc: str) -> str:

@@ -1,8 +1,9 @@
 """Configurations as text: ``--config`` in, ``BatchProcessorConfig(...)`` out.
 
 ``bench --sweep --config`` takes what ``tune`` prints, so a tuned configuration can be
-swept against the default as it was pasted: ``BatchProcessorConfig(max_batch_size=32,
-...)``, or only its arguments ``max_batch_size=32, batch_timeout=0.002``. The text is
+swept against the default as it was pasted: ``config = BatchProcessorConfig(
+max_batch_size=32, ...)`` (its import line too), ``BatchProcessorConfig(...)``, or only
+its arguments ``max_batch_size=32, batch_timeout=0.002``. The text is
 parsed, never executed: values are literals, and ``processing_strategy`` is also
 accepted as ``BatchProcessingStrategy.FIXED``, ``FIXED`` or ``"fixed"``.
 
@@ -33,7 +34,10 @@ def parse_config(text: str) -> dict[str, Any]:
     from batchproc.config import check_keywords
 
     where = f"--config {text!r}"
-    src = text.strip()
+    src = _pasted_call(text)
+    if not src:
+        raise BenchError(f"{where}: empty; give field=value, ... (BatchProcessorConfig's "
+                         "fields), or the BatchProcessorConfig(...) that tune prints")
     if not src.startswith("BatchProcessorConfig("):
         src = f"BatchProcessorConfig({src})"
     try:
@@ -70,6 +74,17 @@ def parse_config(text: str) -> dict[str, Any]:
     except ValueError as exc:
         raise BenchError(f"{where}: batchproc rejects it: {exc}") from None
     return fields
+
+
+_IMPORT = re.compile(r"^\s*from\s+batchproc\s+import\s+[\w\s,()]*?$", re.MULTILINE)
+_ASSIGNED = re.compile(r"^\s*[A-Za-z_]\w*\s*=\s*(?=BatchProcessorConfig\s*\()")
+
+
+def _pasted_call(text: str) -> str:
+    """``text`` without what a paste of tune's output adds around the call: its import
+    line (``from batchproc import ...``) and the assignment (``config = ``)."""
+    src = _IMPORT.sub("", text).strip()
+    return _ASSIGNED.sub("", src, count=1).strip()
 
 
 def parse_strategy(text: Any) -> Any:

@@ -242,3 +242,5 @@ def test_a_schedule_past_the_most_arrivals_a_run_offers_is_refused() -> None:
         schedule_of(Load("burst", burst=MAX_ARRIVALS + 1), Bounds(duration=1.0))
     # A request bound below the cap holds, whatever the rate.
     assert schedule_of(Load("rate", rate=1e12), Bounds(requests=100, duration=1.0)).n == 100
+    with pytest.raises(BenchError, match="--seed must be >= 0"):
+        Load("rate", rate=10.0, seed=-1)

@@ -106,12 +106,24 @@ def test_a_saturated_system_skips_its_higher_loads() -> None:
         (["--sweep", "--capacity", "0"], "--capacity"),
         (["--config", "max_batch_size=0"], "batchproc rejects it"),
         (["--config", "no_such_field=1"], "no_such_field"),
+        (["--sweep", "--capacity", "1e12"], "--capacity 1e+12 at the highest of --loads (1) "
+         "makes 150,000,000,000 arrivals in one run; a run offers at most 2,000,000"),
+        (["--sweep", "--seed", "-1"], "--seed: must be >= 0"),
     ],
 )
 def test_bad_sweep_flags_are_one_line(capsys, argv: list[str], mentions: str) -> None:
     code, out, err = run_cli(capsys, *argv, *FAST)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and mentions in err, err
+
+
+def test_a_sweep_too_long_for_a_run_to_offer_is_refused(capsys) -> None:
+    code, out, err = run_cli(capsys, "--sweep", "--model", "identity", "--quiet",
+                             "--capacity", "10", "--duration", "1e9")
+    assert code == 2 and out == ""
+    assert err == ("batchproc bench: error: --capacity 10 at the highest of --loads (1) "
+                   "makes 10,000,000,000 arrivals in one run; a run offers at most "
+                   "2,000,000: lower the rate or the duration\n")
 
 
 def test_config_accepts_tunes_output_as_pasted() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
+import time
 from typing import Any
 
 import pytest
@@ -956,3 +958,29 @@ def test_tune_reports_the_model_raising_in_its_runs(tmp_path, monkeypatch, capsy
     assert line.endswith(", first: RuntimeError: GPU fell off the bus")
 
 
+def test_the_ladder_ends_where_a_run_would_offer_too_many_arrivals() -> None:
+    from batchproc.bench.loads import MAX_ARRIVALS
+
+    # Every candidate meets the SLO at any load: the ladder climbs until its next step
+    # would offer a run more than MAX_ARRIVALS arrivals.
+    tuner = FakeTuner({"default": math.inf}, capacity=MAX_ARRIVALS / 2)
+    result = tuner.run()
+    offered = [o for _, o in tuner.calls]
+    assert max(offered) * tuner.duration <= MAX_ARRIVALS
+    assert offered == [MAX_ARRIVALS / 2 * ladder_fraction(s) for s in range(len(offered))]
+    assert MAX_ARRIVALS / 2 * ladder_fraction(len(offered)) > MAX_ARRIVALS  # the next
+    assert result.best is not None
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--rate", "2e7"], "--rate 2e+07 for --duration 0.15 makes 3,000,000 arrivals in one "
+     "run; a run offers at most 2,000,000: lower the rate or the duration"),
+    (["--rate", "1e12"], "arrivals in one run; a run offers at most 2,000,000"),
+    (["--rate", "100", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+])
+def test_a_load_no_run_can_offer_is_refused_before_anything_runs(capsys, argv, said) -> None:
+    started = time.monotonic()
+    code, out, err = run_cli(capsys, *FAST, *SPACE, *argv, "--budget", "8")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and said in err, err
+    assert time.monotonic() - started < 5  # the budget is not spent: nothing ran

@@ -97,6 +97,7 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--config", " "], "--config ' ': empty"),
         (["--config", "min_batch_size=100"], "batchproc rejects this configuration "
          "(config 1: its fields over the flags')"),
+        (["--seed", "-1"], "--seed: must be >= 0, got -1"),
         (["--rate", "1e7", "--requests", "3000000", "--duration", "1"],
          "--requests 3,000,000 at --rate 10,000,000 is more than a run offers: at most "
          "2,000,000 arrivals"),

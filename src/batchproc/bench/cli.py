@@ -26,7 +26,7 @@ from . import BenchError, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
-from .loads import Bounds, Load, drain_window, schedule_of
+from .loads import Bounds, Load, check_arrivals, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
 from .sweep import DEFAULT_FRACTIONS
@@ -81,6 +81,16 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -198,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"... or after S seconds, whichever comes first (default: {DEFAULT_DURATION_S:g};"
         f" with --sweep, {DEFAULT_SWEEP_S:g} per load)",
     )
-    ld.add_argument("--seed", type=int, default=0, help="seed for data, arrivals, priorities")
+    ld.add_argument("--seed", type=_nonneg_int, default=0,
+                    help="seed (>= 0) for data, arrivals, priorities")
 
     c = b.add_argument_group("batchproc configuration")
     c.add_argument(
@@ -327,8 +338,9 @@ def _add_tune_parser(sub: Any) -> None:
                    help="start no run that could end past S seconds from the start; one "
                    "too small for a run is refused, saying the least (default: "
                    f"{DEFAULT_BUDGET_S:g})")
-    r.add_argument("--seed", type=int, default=0,
-                   help="seed for requests, arrivals and the search order")
+    r.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed (>= 0) for requests, arrivals and the search order; "
+                   "confirming reruns take fresh arrivals derived from it")
     o = t.add_argument_group("output")
     o.add_argument("--json", metavar="FILE",
                    help="results file, written after every run; rerun with the same FILE "
@@ -604,10 +616,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         if on:
             raise BenchError(f"{flag} does not go with --sweep")
     _check_outputs(args)
-    model, source = _model_and_source(args)
     fractions = sorted(set(args.loads or DEFAULT_FRACTIONS))
     duration = args.duration or DEFAULT_SWEEP_S
     capacity = args.capacity
+    if capacity is not None:
+        check_arrivals(capacity * fractions[-1], duration,
+                       f"--capacity {args.capacity:g} at the highest of --loads "
+                       f"({fractions[-1]:g})")
+    model, source = _model_and_source(args)
     with _progress_display(args.quiet) as progress:
         capacity_run = None
         if capacity is None:
@@ -620,6 +636,9 @@ def run_sweep(args: argparse.Namespace) -> int:
                        or "the model is too slow for --duration")
                 raise BenchError(f"no request completed while measuring capacity: {why}")
             capacity = capacity_run.throughput
+            check_arrivals(capacity * fractions[-1], duration,
+                           f"the measured capacity, {capacity:,.0f} req/s, at the highest "
+                           f"of --loads ({fractions[-1]:g})")
         queue_size = sweep.queue_size_for(capacity * fractions[-1], duration)
         systems = [*_bench_targets(args, source, queue_size), NoBatching()]
         result = sweep.run_sweep(
@@ -673,6 +692,9 @@ def run_tune(args: argparse.Namespace) -> int:
     """``tune``: search the space, print the table, the verdict and the config."""
 
     goal = tune.Goal(rate=args.rate, p99_ms=args.p99_ms)
+    if args.rate is not None:
+        check_arrivals(args.rate, args.duration,
+                       f"--rate {args.rate:g} for --duration {args.duration:g}")
     _check_outputs(args)
     source = parse_inputs(args.input, args.features)
     identity = {

@@ -132,6 +132,8 @@ class Load:
             raise BenchError(f"--burst must be >= 1, got {self.burst}")
         if self.features < 1:
             raise BenchError(f"--features must be >= 1, got {self.features}")
+        if self.seed < 0:
+            raise BenchError(f"--seed must be >= 0, got {self.seed}")
         if self.draw < 0:
             raise BenchError(f"a load's draw must be >= 0, got {self.draw}")
 

@@ -59,7 +59,7 @@ from batchproc.config import _require_int, _require_number
 from . import BenchError, report
 from .configs import describe_fields, format_config, parse_strategy
 from .inputs import RequestSource
-from .loads import Bounds, Load, drain_window
+from .loads import MAX_ARRIVALS, Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
 from .sweep import arrival_rate, measure_capacity
@@ -721,6 +721,11 @@ class Tuner:
                 "the model failed while measuring capacity: "
                 f"{run.failed or run.first_error or 'no results'}"
             )
+        if _ladder_rate(run.throughput, 0) * self.duration > MAX_ARRIVALS:
+            raise BenchError(
+                f"the measured capacity, {report.fmt_rate(run.throughput)} req/s, would "
+                f"offer more than {MAX_ARRIVALS:,} arrivals in a run at its lowest load: "
+                "lower --duration")
         self.capacity = self.results.capacity = run.throughput
         self.results.save(self.summary())
 
@@ -738,7 +743,10 @@ class Tuner:
         last: dict[str, Any] | None = None
         finished = True
         while step < LADDER_STEPS:
-            record = self.measure(c, _ladder_rate(self.capacity, step))
+            rate = _ladder_rate(self.capacity, step)
+            if rate * self.duration > MAX_ARRIVALS:
+                break  # the ladder ends where a run would offer too many arrivals
+            record = self.measure(c, rate)
             if record is None:
                 if good is None:
                     return None

@@ -138,6 +138,23 @@ def test_config_accepts_tunes_output_as_pasted() -> None:
     assert parse_config("config = BatchProcessorConfig()") == {}
 
 
+def test_the_capacity_is_measured_with_a_bounded_number_of_clients(monkeypatch,
+                                                                  capsys) -> None:
+    from batchproc.bench import sweep
+
+    seen = []
+
+    def measure_capacity(target, model, name, source, *, clients, **kw):
+        seen.append(clients)
+        raise BenchError("measured")
+
+    monkeypatch.setattr(sweep, "measure_capacity", measure_capacity)
+    code, _, err = run_cli(capsys, "--sweep", *FAST, "--max-batch", "100000")
+    assert code == 2 and "measured" in err
+    assert seen == [sweep.CAPACITY_CLIENTS]
+    assert sweep.capacity_clients(4) == 8 and sweep.capacity_clients(4, least=16) == 16
+
+
 def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
     fields = {"max_batch_size": 32, "batch_timeout": 0.002, "max_workers": 2,
               "processing_strategy": BatchProcessingStrategy.FIXED}

@@ -958,6 +958,29 @@ def test_tune_reports_the_model_raising_in_its_runs(tmp_path, monkeypatch, capsy
     assert line.endswith(", first: RuntimeError: GPU fell off the bus")
 
 
+def test_the_results_file_names_the_padding_the_printed_config_sets(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    code, out, err = run_cli(capsys, *FAST, "--sizes", "4", "--delays-ms", "1", "--workers",
+                             "1", "--strategies", "greedy", "--rate", "200",
+                             "--input", "int64:1x2..6", "--json", str(path))
+    assert code == 0, err
+    best = json.loads(path.read_text())["best"]
+    # Whichever is best (the default's own fields are none), as its printed config.
+    assert best["config"].split(", ")[-1] == "pad_value=0"
+    assert config_of(out).pad_value == 0
+
+
+def test_an_existing_empty_results_file_is_a_new_one(tmp_path, capsys) -> None:
+    path = tmp_path / "tune.json"
+    path.write_text("")  # as mktemp leaves it
+    code, out, err = run_cli(capsys, *FAST, "--sizes", "4", "--delays-ms", "1", "--workers",
+                             "1", "--strategies", "fixed", "--rate", "100", "--budget", "1.8",
+                             "--json", str(path))
+    assert code in (0, 1), err  # whether the default meets the goal is the machine's
+    assert "cannot read it" not in err and "0 reused" in out
+    assert json.loads(path.read_text())["runs"]
+
+
 def test_the_ladder_ends_where_a_run_would_offer_too_many_arrivals() -> None:
     from batchproc.bench.loads import MAX_ARRIVALS
 

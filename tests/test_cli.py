@@ -97,6 +97,7 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--config", " "], "--config ' ': empty"),
         (["--config", "min_batch_size=100"], "batchproc rejects this configuration "
          "(config 1: its fields over the flags')"),
+        (["--model", "sys:maxsize"], "'maxsize' is an int, not callable"),
         (["--seed", "-1"], "--seed: must be >= 0, got -1"),
         (["--rate", "1e7", "--requests", "3000000", "--duration", "1"],
          "--requests 3,000,000 at --rate 10,000,000 is more than a run offers: at most "
@@ -884,6 +885,44 @@ def test_a_config_runs_with_the_flags_max_batch(tmp_path, capsys) -> None:
     runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
     assert runs["config 1"]["completed"] == 200
     assert runs["config 1"]["mean_batch"] <= 8  # the limit's batches are 8 rows too
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+class _ClosedPipe(io.StringIO):
+    """A standard output whose reader has gone (``| head -1``)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_a_closed_stdout_loses_neither_the_json_nor_the_status(tmp_path, monkeypatch,
+                                                               capsys, command) -> None:
+    path = tmp_path / "out.json"
+    argv = (["bench", "--model", "identity", "--clients", "2", *TINY] if command == "bench"
+            else ["tune", "--model", "identity", "--duration", "0.15", "--quiet", "--rate",
+                  "100", "--sizes", "4", "--delays-ms", "1", "--workers", "1",
+                  "--strategies", "fixed", "--budget", "1.8"])
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    code = main([*argv, "--json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 0 if command == "bench" else code in (0, 1), err
+    assert "Traceback" not in err and "error" not in err, err
+    assert json.loads(path.read_text())["runs"]
+
+
+def test_a_plot_of_runs_that_all_failed_draws_no_legend_and_warns_nothing(tmp_path) -> None:
+    require("matplotlib", "test")
+    failed = run_target(BrokenTarget(), lambda b: b, "m",
+                        Load("closed", clients=1, features=4), Bounds(requests=5))
+    path = tmp_path / "p.png"
+    report.write_plot(str(path), {"broken": [failed]}, "all failed")  # warnings are errors
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_poisson_load_is_labelled_with_a_rounded_rate() -> None:

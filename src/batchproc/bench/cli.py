@@ -29,7 +29,7 @@ from .inputs import RequestSource, parse_inputs
 from .loads import Bounds, Load, check_arrivals, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
-from .sweep import DEFAULT_FRACTIONS
+from .sweep import CAPACITY_CLIENTS, DEFAULT_FRACTIONS, capacity_clients
 from .targets import Batchproc, BatchprocAsync, NoBatching
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "--capacity", type=_positive_float, default=None, metavar="R",
         help="the capacity in requests/s (default: measured, batchproc under a closed loop "
-        "of 2 x --max-batch clients for one run's duration)",
+        f"of 2 x --max-batch clients, at most {CAPACITY_CLIENTS}, for one run's duration)",
     )
 
     o = b.add_argument_group("output")
@@ -444,22 +444,30 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _write_output(command: str, flag: str, path: str, write: Callable[[str], None],
-                  doc: dict[str, Any] | None = None) -> bool:
-    """Write one output after the runs. A write that fails (a full disk) is one line on
-    stderr, and the figures are not lost: the table is already printed, and ``doc``, the
-    JSON the file was to hold, follows it on stdout. False when it failed."""
-    from . import report
-
+                  doc: dict[str, Any] | None = None, *,
+                  unwritten: list[dict[str, Any]]) -> bool:
+    """Write one output after the runs, before the table is printed. A write that fails
+    (a full disk) is one line on stderr, and the figures are not lost: ``doc``, the JSON
+    the file was to hold, is added to ``unwritten``, printed after the table
+    (:func:`_print_unwritten`). False when it failed."""
     try:
         write(path)
     except OSError as exc:
         then = "; the JSON follows on stdout" if doc is not None else ""
         print(f"{PROG} {command}: error: {flag} {path}: could not be written "
               f"({exc.strerror or exc}), left as it was{then}", file=sys.stderr)
-        if doc is not None:
-            print(report.json_text(doc), end="")
+        unwritten.append(doc or {})
         return False
     return True
+
+
+def _print_unwritten(unwritten: Sequence[dict[str, Any]]) -> None:
+    """The JSON of the files that could not be written, after the table on stdout."""
+    from . import report
+
+    for doc in unwritten:
+        if doc:
+            print(report.json_text(doc), end="")
 
 
 def _bench_targets(
@@ -540,18 +548,16 @@ def run_bench(args: argparse.Namespace) -> int:
                                    settle_s=settle))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
     ratios = report.bench_ratios(runs, subject=systems[0].name)
-    report.print_bench_table(title, runs, ratios)
-    for line in _config_notes(args):
-        print(line)
     failed = [r for r in runs if r.errors or r.failed or r.model_errors]
-    written = True
+    # The files first: the table goes to a stdout that may be closed (`| head`).
+    unwritten: list[dict[str, Any]] = []
     if args.plot:
-        written &= _write_output("bench", "--plot", args.plot, lambda path: report.write_plot(
+        _write_output("bench", "--plot", args.plot, lambda path: report.write_plot(
             path, {r.system: [r] for r in runs},
             f"{_describe_model(args.model, args.model_ms)} · {load.label}",
             f"{source.description}; max batch {args.max_batch}, max delay "
             f"{args.max_delay:g} ms, {args.strategy}. One load: bench --sweep draws the curve.",
-        ))
+        ), unwritten=unwritten)
     if args.json:
         doc = {
             "date": report.now_iso(),
@@ -561,10 +567,15 @@ def run_bench(args: argparse.Namespace) -> int:
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
         }
-        written &= _write_output(
-            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
+        _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
+                      doc, unwritten=unwritten)
+    with _stdout_may_close():
+        report.print_bench_table(title, runs, ratios)
+        for line in _config_notes(args):
+            print(line)
+        _print_unwritten(unwritten)
     _report_failed_runs("bench", runs)
-    return 1 if failed or not written else 0
+    return 1 if failed or unwritten else 0
 
 
 def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error") -> None:
@@ -604,6 +615,26 @@ def _grouped(runs: Sequence[Any], key: Callable[[Any], str | None],
     return list(groups.items())
 
 
+@contextlib.contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    """Printing to a standard output the reader has closed (``| head -1``) ends what is
+    printed, not the command: the rest of stdout goes nowhere, and the command ends as it
+    would have (its files are written, its errors still on stderr, its exit status)."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     """``bench --sweep``: capacity, then each system at each offered load."""
     from . import report, sweep
@@ -629,7 +660,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         if capacity is None:
             probe = _bench_targets(args, source, 1000)[0]
             capacity_run = sweep.measure_capacity(
-                probe, model, args.model, source, clients=2 * args.max_batch,
+                probe, model, args.model, source, clients=capacity_clients(args.max_batch),
                 duration=duration, seed=args.seed, progress=progress)
             if not capacity_run.completed:
                 why = (capacity_run.failed or capacity_run.first_error
@@ -645,8 +676,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             systems, model, args.model, source, fractions=fractions, capacity=capacity,
             duration=duration, seed=args.seed, capacity_run=capacity_run, progress=progress)
     title = _title(args, source, f"Poisson loads, {duration:g} s each")
-    sweep.print_sweep(title, result, _config_notes(args))
-    written = True
+    unwritten: list[dict[str, Any]] = []
     if args.plot:
         sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
                f"{args.max_delay:g} ms, {args.strategy}"
@@ -656,8 +686,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
                f"({report.fmt_rate(capacity)} req/s).")
         plot_title = f"Latency vs throughput: {_describe_model(args.model, args.model_ms)}"
-        written &= _write_output("bench", "--plot", args.plot, lambda path: (
-            sweep.write_sweep_plot(path, result, plot_title, sub)))
+        _write_output("bench", "--plot", args.plot, lambda path: (
+            sweep.write_sweep_plot(path, result, plot_title, sub)), unwritten=unwritten)
     if args.json:
         doc = {
             "date": report.now_iso(),
@@ -679,13 +709,16 @@ def run_sweep(args: argparse.Namespace) -> int:
             },
             **sweep.to_json(result),
         }
-        written &= _write_output(
-            "bench", "--json", args.json, lambda path: report.write_json(path, doc), doc)
+        _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
+                      doc, unwritten=unwritten)
+    with _stdout_may_close():
+        sweep.print_sweep(title, result, _config_notes(args))
+        _print_unwritten(unwritten)
     runs = [p.run for pts in result.points.values() for p in pts]
     if capacity_run is not None:
         runs.insert(0, capacity_run)
     _report_failed_runs("bench", runs)
-    return 1 if any(r.errors or r.failed or r.model_errors for r in runs) or not written else 0
+    return 1 if any(r.errors or r.failed or r.model_errors for r in runs) or unwritten else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -717,7 +750,8 @@ def run_tune(args: argparse.Namespace) -> int:
         ).run()
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
-    tune.print_result(title, result)
+    with _stdout_may_close():
+        tune.print_result(title, result)
     # Why runs failed, or the model raised: with nothing meeting the goal, the reason.
     _report_failed_runs("tune", tune.failure_reports(result.records),
                         "error" if result.best is None else "warning")

@@ -107,7 +107,9 @@ def load_user_model(spec: str) -> Model:
                 f"--model {spec!r}: {module_name!r} has no attribute {attr!r}"
             ) from None
     if not callable(obj):
-        raise BenchError(f"--model {spec!r}: {attr!r} is a {type(obj).__name__}, not callable")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise BenchError(f"--model {spec!r}: {attr!r} is {article} {kind}, not callable")
     return obj  # type: ignore[no-any-return]
 
 

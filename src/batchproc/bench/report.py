@@ -249,7 +249,13 @@ def print_table(
             table.add_column(h, justify="left" if i in (0, len(headers) - 1) else "right")
         for cells in rows:
             table.add_row(*cells)
-        console = Console(file=out, width=None if out.isatty() else 120)
+        class _Console(Console):
+            def on_broken_pipe(self) -> None:
+                # rich would exit (status 1); the caller decides (cli._stdout_may_close).
+                self.quiet = True
+                raise BrokenPipeError
+
+        console = _Console(file=out, width=None if out.isatty() else 120)
         # Lines of text are not wrapped at the console's width: a log or a file keeps them
         # whole; only the table is fitted to it.
         console.print(title, highlight=False, soft_wrap=True)
@@ -390,10 +396,12 @@ def write_plot(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
+    drawn = False
     for i, (system, runs) in enumerate(curves.items()):
         pts = [r for r in runs if r.completed and r.throughput > 0 and r.p99_ms > 0]
         if not pts:
             continue
+        drawn = True
         color = f"C{i % 10}"
         x = [r.throughput for r in pts]
         ax.plot(x, [r.p99_ms for r in pts], "-o", color=color, ms=5, label=f"{system} p99")
@@ -408,7 +416,11 @@ def write_plot(
     if subtitle:
         ax.set_title("\n".join(textwrap.wrap(subtitle, 110)), fontsize=8, loc="left")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
+    if drawn:
+        ax.legend(fontsize=8, ncols=2 if len(curves) > 2 else 1)
+    else:  # nothing to draw (every run failed or completed nothing): say so
+        ax.text(0.5, 0.5, "no run completed a request", transform=ax.transAxes,
+                ha="center", va="center")
     fig.tight_layout()
     try:
         data = _rendered(fig, path)

@@ -1,7 +1,7 @@
 """``batchproc bench --sweep``: the latency-throughput curve of each system.
 
 First the capacity: batchproc's achieved throughput under a closed loop of twice
-``max_batch`` clients for one run's duration (or
+``max_batch`` clients (at most :data:`CAPACITY_CLIENTS`) for one run's duration (or
 ``--capacity``, given). Then each system (batchproc, no batching, each ``--config``)
 runs an open loop of Poisson arrivals at each offered load, a fraction of that capacity,
 from the lowest up; every system gets the same arrivals at one load. A system that
@@ -29,6 +29,8 @@ from .runner import Progress, RunResult, run_target
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 SATURATED = 0.8  # achieved below this share of the offered load: not keeping up
 SATURATED_IN_A_ROW = 2
+# The most closed-loop clients (threads) the capacity is measured with.
+CAPACITY_CLIENTS = 512
 COLUMNS = ("system", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "mean batch",
            "requests")
 
@@ -70,6 +72,12 @@ def arrival_rate(run: RunResult, duration: float, offered: float) -> float:
     they arrive in (``offered``, the rate asked, to rounding; ``offered`` itself for a
     run that has none: it failed). ``duration`` is unused (the run has its window)."""
     return offered if run.arrival_rate is None else run.arrival_rate
+
+
+def capacity_clients(max_batch: int, least: int = 1) -> int:
+    """The closed-loop clients the capacity is measured with: twice ``max_batch``, at
+    least ``least``, at most :data:`CAPACITY_CLIENTS`."""
+    return min(max(2 * max_batch, least), CAPACITY_CLIENTS)
 
 
 def measure_capacity(

@@ -62,7 +62,7 @@ from .inputs import RequestSource
 from .loads import MAX_ARRIVALS, Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
-from .sweep import arrival_rate, measure_capacity
+from .sweep import arrival_rate, capacity_clients, measure_capacity
 from .targets import STOP_TIMEOUT_S, Batchproc
 
 SUSTAINED = 0.9  # achieved at least this share of the offered load: it keeps up
@@ -419,7 +419,8 @@ class ResultsFile:
         self.reused = 0
         self.doc: dict[str, Any] = {}
         self.write_error: str | None = None
-        if path and os.path.exists(path):
+        # An existing empty file (made by mktemp) is a new one: nothing to resume.
+        if path and os.path.exists(path) and not _empty_file(path):
             self._load(path)
         self.saved_runs = len(self.runs)
 
@@ -463,6 +464,13 @@ class ResultsFile:
         else:
             self.write_error = None
             self.saved_runs = len(self.runs)
+
+
+def _empty_file(path: str) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def _run_key(key: str, offered: float, repeat: int) -> str:
@@ -710,10 +718,10 @@ class Tuner:
         return {k: _median_record(v) for k, v in runs.items()}
 
     def _measure_capacity(self) -> None:
-        clients = 2 * max(c.max_batch_size or 0 for c in self.space) if self.space else 64
+        biggest = max(c.max_batch_size or 0 for c in self.space) if self.space else 32
         run = measure_capacity(
             self._target(DEFAULT, 0.0), self.model, self.model_name, self.source,
-            clients=max(clients, 16), duration=self.duration, seed=self.seed,
+            clients=capacity_clients(biggest, least=16), duration=self.duration, seed=self.seed,
             progress=self.progress, settle_s=STOP_TIMEOUT_S,
         )
         if not run.completed or run.errors:
@@ -769,12 +777,22 @@ class Tuner:
         return {
             "goal": dataclasses.asdict(self.goal),
             "best": None if best is None else {
-                "key": best[0].key, "config": describe_fields(best[0].fields()),
+                "key": best[0].key,
+                "config": describe_fields(config_fields(best[0], self.source.padded)),
                 "run": best[1],
             },
             "default": default,
             "budget_spent": spent,
         }
+
+
+def config_fields(c: Candidate, padded: bool) -> dict[str, Any]:
+    """The fields of the configuration ``tune`` prints for ``c``: its own, and
+    ``pad_value=0`` when the requests are ragged."""
+    fields = c.fields()
+    if padded:
+        fields["pad_value"] = 0
+    return fields
 
 
 def ladder_fraction(step: int) -> float:
@@ -854,10 +872,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
         if goal.meets(default):
             print("  " + _compare(best, default, by_load=goal.rate is None))
     print()
-    fields = Candidate(**best["candidate"]).fields()
-    if result.padded:
-        fields["pad_value"] = 0
-    print(format_config(fields))
+    print(format_config(config_fields(Candidate(**best["candidate"]), result.padded)))
 
 
 @dataclass(frozen=True)

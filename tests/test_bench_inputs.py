@@ -84,6 +84,9 @@ def test_named_inputs_share_one_length_per_request() -> None:
         ("float32:1xfour", "'four' is not N or LO..HI"),
         ("float32:1x4x2..3", "not axis 2"),
         ("9lives=float32:1x4", "not an input name"),
+        # Digits of other scripts are no dimension (int() would read them).
+        ("float32:1x\u0661\u0662", "'\u0661\u0662' is not N or LO..HI"),
+        ("float32:1x4..\uff19", "is not N or LO..HI"),
     ],
 )
 def test_bad_specs(spec: str, mentions: str) -> None:

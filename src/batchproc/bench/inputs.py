@@ -52,10 +52,11 @@ POOL_BYTES = 64 << 20  # ... unless they would take more memory than this
 # "x", an extra digit) far more often than a model's real input, and would be allocated
 # many times over (the pool, the limit's batches) before anything reported it.
 MAX_REQUEST_BYTES = 256 << 20
-_DIM = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
+# ASCII digits only: ``\d`` takes any script's digits, which int() reads.
+_DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
-_PER_REQUEST = re.compile(r"^arr_(\d+)$")
-_PER_REQUEST_NAMED = re.compile(r"^(\d+)/(.+)$")
+_PER_REQUEST = re.compile(r"^arr_([0-9]+)$")
+_PER_REQUEST_NAMED = re.compile(r"^([0-9]+)/(.+)$")
 
 
 def rows_of(x: Any) -> int:

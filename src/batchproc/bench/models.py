@@ -107,10 +107,13 @@ def load_user_model(spec: str) -> Model:
                 f"--model {spec!r}: {module_name!r} has no attribute {attr!r}"
             ) from None
     if not callable(obj):
-        kind = type(obj).__name__
-        article = "an" if kind[:1].lower() in "aeiou" else "a"
-        raise BenchError(f"--model {spec!r}: {attr!r} is {article} {kind}, not callable")
+        raise BenchError(f"--model {spec!r}: {attr!r} is {_a(type(obj).__name__)}, not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: ``a list``, ``an int``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED_MS) -> Model:

@@ -307,3 +307,61 @@ def test_bench_refuses_a_huge_input_in_one_line_before_allocating(capsys) -> Non
     assert err.strip() == (
         "batchproc bench: error: --input float32:1000000x1000000: one request would take "
         "3.64 TiB (1,000,000,000,000 values), over the limit of 256 MiB per request")
+
+
+# Request sets one batch cannot join: each refused at load, naming what differs.
+UNBATCHABLE = [
+    # A 2-D request and a 1-D one, either way round.
+    ({"arr_0": np.zeros((1, 5), np.float32), "arr_1": np.zeros(3, np.float32)},
+     "arr_1 has shape (3,), arr_0 has (1, 5): requests must have the same number of "
+     "dimensions to share a batch"),
+    ({"arr_0": np.zeros(3, np.float32), "arr_1": np.zeros((1, 5), np.float32)},
+     "arr_1 has shape (1, 5), arr_0 has (3,): requests must have the same number of "
+     "dimensions"),
+    # Lengths differ past axis 1: axis 1 alone is padded.
+    ({"arr_0": np.zeros((1, 4, 5), np.float32), "arr_1": np.zeros((1, 4, 6), np.float32)},
+     "arr_1 has shape (1, 4, 6), arr_0 has (1, 4, 5): requests may differ in rows (axis 0) "
+     "and length (axis 1, padded), not on axis 2"),
+    ({"arr_0": np.zeros((1, 64), np.float32), "arr_1": np.zeros((1, 64), np.float64)},
+     "arr_1 is float64, arr_0 is float32: requests must share a dtype"),
+    # Sorted by index, not by name: arr_10 comes after arr_2.
+    ({"arr_2": np.zeros((1, 2), np.int64), "arr_10": np.zeros((1, 2), np.int32)},
+     "arr_10 is int32, arr_2 is int64"),
+    # Named requests: per input.
+    ({"0/ids": np.zeros((1, 4), np.int64), "0/mask": np.zeros((1, 4), np.int64),
+      "1/ids": np.zeros((1, 4), np.int64), "1/mask": np.zeros((1, 4, 2), np.int64)},
+     "1/mask has shape (1, 4, 2), 0/mask has (1, 4): requests must have the same number "
+     "of dimensions"),
+]
+
+
+@pytest.mark.parametrize(("arrays", "mentions"), UNBATCHABLE)
+def test_npz_requests_that_cannot_share_a_batch_are_refused_at_load(
+    tmp_path, arrays: dict[str, np.ndarray], mentions: str
+) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(BenchError) as info:
+        parse_inputs([str(path)], None)
+    message = str(info.value)
+    assert message.startswith(f"--input {path}: ") and mentions in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("arrays", "mentions"), UNBATCHABLE[:3])
+def test_bench_refuses_an_npz_that_cannot_be_batched_in_one_line(
+    tmp_path, capsys, arrays: dict[str, np.ndarray], mentions: str
+) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    code, out, err = run_cli(capsys, "--model", "identity", "--input", str(path), *TINY)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and mentions in err, err
+
+
+def test_npz_requests_differing_in_rows_and_length_share_a_batch(tmp_path) -> None:
+    path = tmp_path / "ok.npz"
+    np.savez(path, np.ones((1, 4, 3), np.float32), np.ones((2, 6, 3), np.float32))
+    source = parse_inputs([str(path)], None)
+    assert source.padded
+    assert make_batch(source.requests(seed=0)).shape == (3, 6, 3)

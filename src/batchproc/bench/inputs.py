@@ -28,6 +28,10 @@ An ``.npz`` holds sample requests in one of three layouts:
   along axis 0, the same count in all; one array gives array requests, several named
   requests.
 
+Every request of a file must be able to share a batch with every other: the same dtype
+and number of dimensions, and the same shape past axis 1 (axis 0 is its rows, axis 1 a
+length, padded when it differs); per input for named requests.
+
 Every error is a :class:`~batchproc.bench.BenchError` with a one-line message.
 """
 
@@ -456,7 +460,9 @@ def load_npz(path: str) -> list[Request]:
             raise BenchError(f"{where}: array {k!r} has dtype {a.dtype}, not numeric or bool")
     keys = list(arrays)
     if all(_PER_REQUEST.match(k) for k in keys):
-        return [arrays[k] for k in sorted(keys, key=lambda k: int(k[4:]))]
+        keys.sort(key=lambda k: int(k[4:]))
+        _check_batchable(where, [(k, arrays[k]) for k in keys])
+        return [arrays[k] for k in keys]
     named = [_PER_REQUEST_NAMED.match(k) for k in keys]
     if all(named):
         groups: dict[int, dict[str, np.ndarray]] = {}
@@ -473,6 +479,9 @@ def load_npz(path: str) -> list[Request]:
                 )
             if len({len(a) for a in g.values()}) > 1:
                 raise BenchError(f"{where}: request {i}'s inputs differ in rows")
+        for name in names:
+            _check_batchable(where, [(f"{i}/{name}", g[name])
+                                     for i, g in zip(sorted(groups), ordered)])
         return [{k: g[k] for k in names} for g in ordered]
     if any(_PER_REQUEST.match(k) or m for k, m in zip(keys, named)):
         raise BenchError(
@@ -491,6 +500,27 @@ def load_npz(path: str) -> list[Request]:
         a = next(iter(arrays.values()))
         return [a[i:i + 1] for i in range(n)]
     return [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(n)]
+
+
+def _check_batchable(where: str, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Refuse, naming the first that differs and how, arrays (one per request, by its key)
+    that one batch cannot join: a batch concatenates them on axis 0, padding axis 1 to
+    the longest, so everything else must match the first."""
+    key0, first = arrays[0]
+    for key, a in arrays[1:]:
+        if a.dtype != first.dtype:
+            raise BenchError(
+                f"{where}: {key} is {a.dtype}, {key0} is {first.dtype}: requests must share "
+                "a dtype to share a batch")
+        if a.ndim != first.ndim:
+            raise BenchError(
+                f"{where}: {key} has shape {a.shape}, {key0} has {first.shape}: requests "
+                "must have the same number of dimensions to share a batch")
+        if a.shape[2:] != first.shape[2:]:
+            axis = next(i for i in range(2, a.ndim) if a.shape[i] != first.shape[i])
+            raise BenchError(
+                f"{where}: {key} has shape {a.shape}, {key0} has {first.shape}: requests "
+                f"may differ in rows (axis 0) and length (axis 1, padded), not on axis {axis}")
 
 
 # -- from the command line -----------------------------------------------------------------

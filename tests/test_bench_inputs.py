@@ -365,3 +365,65 @@ def test_npz_requests_differing_in_rows_and_length_share_a_batch(tmp_path) -> No
     source = parse_inputs([str(path)], None)
     assert source.padded
     assert make_batch(source.requests(seed=0)).shape == (3, 6, 3)
+
+
+# -- the limit's batches ---------------------------------------------------------------------
+
+
+def npz_source(tmp_path, *requests: np.ndarray) -> NpzSource:
+    path = tmp_path / "reqs.npz"
+    np.savez(path, *requests)
+    return NpzSource(str(path))
+
+
+def test_the_limit_skips_a_request_too_large_for_its_batch_and_goes_on_filling(tmp_path) -> None:
+    # Three one-row requests, then one of 500 rows: batches of the one-row requests.
+    ones = [np.full((1, 2), i, np.float32) for i in range(3)]
+    source = npz_source(tmp_path, *ones, np.zeros((500, 2), np.float32))
+    plan = source.limit_plan(64, seed=0)
+    assert [sum(len(r) for r in batch) for batch in plan] == [64]
+    assert all(len(r) == 1 for r in plan[0])
+    batch, n = source.limit_batch(64, seed=0)
+    assert batch.shape == (64, 2) and n == 64
+
+
+def test_the_limit_fills_the_room_left_with_a_later_request_that_fits(tmp_path) -> None:
+    sizes = (3, 3, 1, 2)
+    source = npz_source(tmp_path, *[np.full((n, 2), n, np.float32) for n in sizes])
+    plan = source.limit_plan(4, seed=0)
+    # 3 then 1 (the second 3 does not fit); the second 3 then 1 again; the 2, then
+    # (the 3s do not fit beside it) the 1 twice. Each batch starts at a request not sent.
+    assert [[len(r) for r in batch] for batch in plan] == [[3, 1], [3, 1], [2, 1, 1]]
+
+
+def test_the_limits_batches_hold_every_request_of_the_pool() -> None:
+    source = parse_inputs(["float32:1..3x2"], None)
+    pool = source.requests(seed=0)
+    plan = source.limit_plan(8, seed=0)
+    assert all(sum(len(r) for r in batch) <= 8 for batch in plan)
+    sent = {r.tobytes() for batch in plan for r in batch}
+    assert sent == {r.tobytes() for r in pool}
+
+
+def test_when_no_request_fits_each_batch_is_one_request(tmp_path) -> None:
+    source = npz_source(tmp_path, np.zeros((9, 2)), np.ones((10, 2)))
+    assert [[len(r) for r in batch] for batch in source.limit_plan(8, seed=0)] == [[9], [10]]
+
+
+def test_requests_of_no_rows_do_not_fill_a_batch_for_ever(tmp_path) -> None:
+    source = npz_source(tmp_path, np.zeros((0, 2)), np.zeros((0, 2)))
+    assert [len(batch) for batch in source.limit_plan(8, seed=0)] == [2]
+    source = npz_source(tmp_path, np.zeros((0, 2)), np.ones((1, 2)))
+    (batch,) = source.limit_plan(3, seed=0)
+    assert sum(len(r) for r in batch) == 3
+
+
+def test_the_default_requests_are_different_rows() -> None:
+    # A model that fails on some rows fails under every system: each is sent all of them.
+    pool = FeatureRows(4).requests(seed=0)
+    assert len(pool) == 256 and len({r.tobytes() for r in pool}) == 256
+    assert all(r.shape == (1, 4) and r.dtype == np.float32 for r in pool)
+    assert [r.tolist() for r in FeatureRows(4).requests(seed=0)] == [r.tolist() for r in pool]
+    assert FeatureRows(4).requests(seed=1)[0].tolist() != pool[0].tolist()
+    # Fewer rows when 256 would take more than the pool's memory.
+    assert len(FeatureRows(1 << 20).requests(seed=0)) == 16

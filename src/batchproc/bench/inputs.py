@@ -129,56 +129,81 @@ class RequestSource:
         same ``seed``."""
         raise NotImplementedError
 
-    def limit_batch(self, max_rows: int, seed: int,
-                    max_requests: int | None = None) -> tuple[Request, int]:
-        """A full batch for the limit: whole requests, compatible with the first, up to
-        ``max_rows`` rows (at least one request) and ``max_requests`` requests (the
-        last call of a run bounded by a request count). Returns (batch, requests in it)."""
+    def limit_plan(self, max_rows: int, seed: int) -> list[list[Request]]:
+        """The limit's batches, sent in turn, as lists of whole requests.
+
+        Each batch starts at the first request not sent yet and is filled in pool
+        order (cycling) up to ``max_rows`` rows: a request that does not fit the room
+        left is skipped and filling goes on with the next. Batches are added until every
+        request that fits a batch has been in one, so the limit sends what the loads
+        send. A request of more than ``max_rows`` rows is left out (batchproc cuts it
+        into chunks), unless none fits: each batch is then one request. Requests that
+        cannot share a batch with the first are left out.
+        """
         pool = self.requests(seed)
         key = _signature(pool[0], self.padded)
-        chosen: list[Request] = []
-        rows = 0
-        for r in _cycle(pool, max_rows):
-            if _signature(r, self.padded) != key:
-                continue
-            n = rows_of(r)
-            if chosen and (rows + n > max_rows or len(chosen) == max_requests):
-                break
-            chosen.append(r)
-            rows += n
+        usable = [r for r in pool if _signature(r, self.padded) == key]
+        sizes = [rows_of(r) for r in usable]
+        fits = [i for i, n in enumerate(sizes) if n <= max_rows]
+        if not fits:
+            return [[r] for r in usable]
+        plan: list[list[Request]] = []
+        unsent = set(fits)
+        while unsent:  # each batch sends at least the first unsent request
+            start = next(p for p, i in enumerate(fits) if i in unsent)
+            chosen = _fill(fits, sizes, start, max_rows)
+            unsent.difference_update(chosen)
+            plan.append([usable[i] for i in chosen])
+        return plan
+
+    def limit_batch(self, max_rows: int, seed: int,
+                    max_requests: int | None = None) -> tuple[Request, int]:
+        """The limit's first batch (:meth:`limit_plan`), of at most ``max_requests``
+        requests. Returns (batch, requests in it)."""
+        chosen = self.limit_plan(max_rows, seed)[0][:max_requests]
         return make_batch(chosen), len(chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return {"description": self.description, "padded": self.padded}
 
 
-def _cycle(pool: list[Request], at_least: int) -> list[Request]:
-    reps = max(1, -(-at_least // len(pool)))
-    return pool * reps
+def _fill(fits: list[int], sizes: list[int], start: int, max_rows: int) -> list[int]:
+    """One batch of the limit: the indices it takes, scanning ``fits`` (cycling) from
+    position ``start`` and taking each request that fits the room left, until the batch
+    is full or a whole turn adds no rows."""
+    chosen: list[int] = []
+    rows = 0
+    pos = start
+    idle = 0  # requests scanned since the last one that added rows
+    while rows < max_rows and idle < len(fits):
+        i = fits[pos % len(fits)]
+        pos += 1
+        if rows + sizes[i] <= max_rows:
+            chosen.append(i)
+            rows += sizes[i]
+            idle = 0 if sizes[i] else idle + 1
+        else:
+            idle += 1
+    return chosen
 
 
 class FeatureRows(RequestSource):
-    """One float32 row of ``features`` values per request (``--features``)."""
+    """One float32 row of ``features`` values per request (``--features``): a pool of
+    ``pool`` different rows (by default :data:`POOL_SIZE`, fewer if they would take more
+    than :data:`POOL_BYTES`), the same for the same seed."""
 
-    def __init__(self, features: int = 64, pool: int = 1):
+    def __init__(self, features: int = 64, pool: int | None = None):
         if features < 1:
             raise BenchError(f"--features must be >= 1, got {features}")
         self.features = features
-        self.pool = pool
+        self.pool = pool if pool is not None else max(
+            1, min(POOL_SIZE, POOL_BYTES // (4 * features)))
         self.description = f"{features} float32 features/request"
 
     def requests(self, seed: int) -> list[Request]:
-        return [
-            np.random.default_rng(seed + 100 + k).standard_normal(
-                (1, self.features), dtype=np.float32)
-            for k in range(self.pool)
-        ]
-
-    def limit_batch(self, max_rows: int, seed: int,
-                    max_requests: int | None = None) -> tuple[Request, int]:
-        rows = max_rows if max_requests is None else min(max_rows, max_requests)
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal((rows, self.features), dtype=np.float32), rows
+        rows = np.random.default_rng(seed + 100).standard_normal(
+            (self.pool, self.features), dtype=np.float32)
+        return [rows[k:k + 1] for k in range(self.pool)]
 
 
 # -- DTYPE:SHAPE specs --------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .inputs import FeatureRows, rows_of
+from .inputs import FeatureRows, make_batch, rows_of
 from .loads import Bounds, Load, LoadResult, run_load
 from .models import Model
 from .targets import STOP_TIMEOUT_S
@@ -333,33 +333,35 @@ def run_limit(
 ) -> RunResult:
     """The model called back to back on full batches from one thread: requests / time.
 
-    A full batch is whole requests of the load's source, up to ``max_batch`` rows. The
-    run stops at ``bounds`` as the other systems' do: after exactly ``bounds.requests``
-    requests (the last call takes only those still wanted) or ``bounds.duration``
-    seconds, whichever comes first. A model call that raises ends the run as
-    :func:`failed_run`, saying the batch's rows.
+    A full batch is whole requests of the load's source, up to ``max_batch`` rows; the
+    batches of :meth:`~.inputs.RequestSource.limit_plan` are sent in turn, so the limit
+    sends the requests the loads send. The run stops at ``bounds`` as the other systems'
+    do: after exactly ``bounds.requests`` requests (the last call takes only those still
+    wanted) or ``bounds.duration`` seconds, whichever comes first. A model call that
+    raises ends the run as :func:`failed_run`, saying the batch's rows.
     """
     progress = progress or NullProgress()
     wanted = _expected(load, bounds)  # None: bounded by time alone
     dur = bounds.duration if bounds.duration is not None else float("inf")
     source = load.source or FeatureRows(load.features)
-    full = source.limit_batch(max_batch, load.seed)
-    last = full
-    if wanted is not None and wanted % full[1]:
-        last = source.limit_batch(max_batch, load.seed, max_requests=wanted % full[1])
+    plan = source.limit_plan(max_batch, load.seed)
+    batches = [(make_batch(requests), len(requests)) for requests in plan]
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     times: list[float] = []
-    done = rows = 0
+    done = rows = calls = 0
     pc = time.perf_counter
     t0 = last_tick = pc()
     stopped_by = "requests"
     while wanted is None or done < wanted:
+        batch, per_call = batches[calls % len(batches)]
+        if wanted is not None and wanted - done < per_call:  # the last call
+            per_call = wanted - done
+            batch = make_batch(plan[calls % len(batches)][:per_call])
         t = pc()
         if t - t0 >= dur:
             stopped_by = "duration"
             break
-        batch, per_call = full if wanted is None or wanted - done >= full[1] else last
         try:
             model(batch)
         except Exception as exc:
@@ -372,6 +374,7 @@ def run_limit(
             )
         t1 = pc()
         times.append(t1 - t)
+        calls += 1
         done += per_call
         rows += rows_of(batch)
         if t1 - last_tick > 0.1:

@@ -182,7 +182,7 @@ def test_user_model_that_breaks_its_contract_is_one_line(
     monkeypatch.syspath_prepend(str(tmp_path))
     code, _, err = run_cli(capsys, "--model", "bad_model_mod:one_row", *TINY)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "returned 1 rows for a batch of 2" in err
+    assert "BatchOutputError: process_func returned 1 results for a batch of 2" in err
     code, _, err = run_cli(capsys, "--model", "bad_model_mod:boom", *TINY)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no GPU here" in err

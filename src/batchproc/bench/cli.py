@@ -417,9 +417,12 @@ def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
 
 
 def _model_for(args: argparse.Namespace, source: RequestSource) -> Model:
-    """The model, checked on batches of one and two of ``source``'s requests."""
+    """The model, checked on batches of one and two of ``source``'s requests and on a
+    full batch (``--max-batch``; tune: the largest of ``--sizes``)."""
     model = make_model(args.model, features=args.features or 64, model_ms=args.model_ms)
-    check_model(model, source, name=f"--model {args.model}", seed=args.seed)
+    max_batch = args.max_batch if hasattr(args, "max_batch") else max(args.sizes)
+    check_model(model, source, name=f"--model {args.model}", seed=args.seed,
+                max_batch=max_batch)
     try:
         import batchproc
 

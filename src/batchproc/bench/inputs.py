@@ -4,7 +4,10 @@ A *request source* makes the requests a load sends and the batches the limit and
 model check call the model with. Requests are numpy arrays with a leading row axis, or
 mappings ``{input name: array}`` of them (a tokenizer's output); a batch is requests
 concatenated on axis 0 — padded with 0 on axis 1 to the longest when their lengths
-differ there, as batchproc does with ``pad_value=0``.
+differ there, as batchproc does with ``pad_value=0``. Batches are built by batchproc's
+own batch formats, and the model's output for one is checked by batchproc's own output
+rule (:meth:`Batch.check`): the limit and the model check send what the processor
+sends, and refuse what it refuses.
 
 ``--input`` takes, once per named input or once for a plain array::
 
@@ -82,23 +85,70 @@ def rows_of(x: Any) -> int:
 def make_batch(requests: Sequence[Request]) -> Request:
     """Requests concatenated on axis 0 (per name for named requests), padded with 0 on
     axis 1 to the longest when lengths differ there: what the model receives."""
-    first = requests[0]
-    if isinstance(first, Mapping):
-        return {k: _concat([r[k] for r in requests]) for k in first}
-    return _concat(list(requests))
+    return _Batcher(_needs_padding(list(requests)))(requests).inputs
 
 
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    if arrays[0].ndim < 2 or len({a.shape[1] for a in arrays}) == 1:
-        return np.concatenate(arrays)
-    length = max(a.shape[1] for a in arrays)
-    rows = sum(len(a) for a in arrays)
-    out = np.zeros((rows, length, *arrays[0].shape[2:]), dtype=arrays[0].dtype)
-    r = 0
-    for a in arrays:
-        out[r:r + len(a), : a.shape[1]] = a
-        r += len(a)
-    return out
+class Batch:
+    """A batch of whole requests as batchproc builds it, and batchproc's own check of the
+    model's output for it.
+
+    Attributes:
+        inputs: What the model is called with.
+        requests: How many requests it holds.
+        rows: Its leading length, which every output must have.
+    """
+
+    def __init__(self, inputs: Any, requests: int, rows: int, check: Any) -> None:
+        self.inputs = inputs
+        self.requests = requests
+        self.rows = rows
+        self._check = check
+
+    def check(self, out: Any) -> None:
+        """Raise what batchproc raises (``BatchOutputError``) for ``out``, the model's
+        output for this batch, when it cannot give each request its part: the processor's
+        own output rule (``batchproc.formats.outputs``), not a copy of it."""
+        self._check(out)
+
+    def describe(self) -> str:
+        """``a batch of 2 rows (float32 (2, 64))``."""
+        return (f"a batch of {self.rows} row{'s' if self.rows != 1 else ''} "
+                f"({describe_batch(self.inputs)})")
+
+
+def describe_batch(batch: Any) -> str:
+    """A batch's dtype and shape, per input for named ones: ``ids: int64 (2, 8), ...``."""
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k}: {describe_batch(v)}" for k, v in batch.items())
+    return f"{batch.dtype} {tuple(batch.shape)}"
+
+
+class _Batcher:
+    """Builds batches of requests with batchproc's batch formats, as a processor with
+    ``pad_value=0`` (``padded``) or without builds them; its formats remember what the
+    model's outputs showed (a list's reading), as a processor's do."""
+
+    def __init__(self, padded: bool) -> None:
+        from batchproc import BatchProcessorConfig
+        from batchproc.formats import Workspace, make_describer
+
+        config = BatchProcessorConfig(pad_value=0) if padded else BatchProcessorConfig()
+        self._describe = make_describer(config).describe
+        self._workspace = Workspace
+
+    def __call__(self, requests: Sequence[Request]) -> Batch:
+        described = [self._describe(r, None, 0.0)[0] for r in requests]
+        fmt = described[0].format
+        if any(d.format is not fmt for d in described):
+            raise BenchError("these requests cannot share a batch: "
+                             + "; ".join(describe_batch(r) for r in requests[:4]))
+        # A workspace of its own: a batch's arrays are never a buffer another reuses.
+        built = fmt.build(described, self._workspace())
+
+        def check(out: Any) -> None:
+            fmt.split(out, described, built)
+
+        return Batch(built.inputs, len(described), built.length, check)
 
 
 def _signature(request: Request, padded: bool) -> Any:
@@ -128,6 +178,13 @@ class RequestSource:
         """The sample requests a load cycles through (at least one), the same for the
         same ``seed``."""
         raise NotImplementedError
+
+    def batch(self, requests: Sequence[Request]) -> Batch:
+        """A batch of ``requests`` (of this source), built as batchproc builds it."""
+        batcher = self.__dict__.get("_batcher")
+        if batcher is None:
+            batcher = self.__dict__["_batcher"] = _Batcher(self.padded)
+        return batcher(requests)
 
     def limit_plan(self, max_rows: int, seed: int) -> list[list[Request]]:
         """The limit's batches, sent in turn, as lists of whole requests.

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import BenchError
-from .inputs import RequestSource, make_batch, rows_of
+from .inputs import RequestSource
 
 Model = Callable[[np.ndarray], Any]
 
@@ -127,31 +127,37 @@ def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED
     return load_user_model(name)
 
 
-def check_model(model: Model, source: RequestSource, name: str = "model", seed: int = 0) -> None:
-    """Call ``model`` on batches of one and two sample requests of ``source``; raise
-    BenchError (one line) if it fails or returns other than one row per input row."""
+def check_model(model: Model, source: RequestSource, name: str = "model", seed: int = 0,
+                max_batch: int | None = None) -> None:
+    """Call ``model`` on batches of one and two sample requests of ``source`` and, given
+    ``max_batch``, on the limit's first full batch of up to ``max_batch`` rows; raise
+    BenchError (one line) if it fails on the first two, or returns what batchproc would
+    refuse (its own output rule: :meth:`~.inputs.Batch.check`) for any. A failure on the
+    full batch is left to the runs, which report it (batchproc isolates it; the limit
+    fails)."""
+    from batchproc.errors import BatchOutputError
+
     pool = source.requests(seed)
-    for n in (1, 2):
-        batch = make_batch(pool[:n] if len(pool) >= n else pool * n)
-        rows = rows_of(batch)
-        what = f"a batch of {rows} row{'s' if rows != 1 else ''} ({_describe_batch(batch)})"
+    checks = [(pool[:1], True), (pool[:2] if len(pool) >= 2 else pool * 2, True)]
+    if max_batch is not None:
+        full = source.limit_plan(max_batch, seed)[0]
+        if len(full) > 2:
+            checks.append((full, False))
+    for requests, must_run in checks:
+        batch = source.batch(requests)
+        what = batch.describe()
         try:
-            out = model(batch)
+            out = model(batch.inputs)
         except Exception as exc:
+            if not must_run:
+                continue
             raise BenchError(
                 f"{name} failed on {what}: {type(exc).__name__}: {exc}"
             ) from None
         try:
-            got = rows_of(out)
-        except TypeError:
+            batch.check(out)
+        except BatchOutputError as exc:
             raise BenchError(
-                f"{name} returned a {type(out).__name__} without a length for {what}"
+                f"{name} returned an output batchproc refuses for {what}: "
+                f"{type(exc).__name__}: {exc}"
             ) from None
-        if got != rows:
-            raise BenchError(f"{name} returned {got} rows for a batch of {rows}")
-
-
-def _describe_batch(batch: Any) -> str:
-    if isinstance(batch, dict):
-        return ", ".join(f"{k}: {_describe_batch(v)}" for k, v in batch.items())
-    return f"{batch.dtype} {tuple(batch.shape)}"

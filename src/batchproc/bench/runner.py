@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .inputs import FeatureRows, make_batch, rows_of
+from .inputs import Batch, FeatureRows, rows_of
 from .loads import Bounds, Load, LoadResult, run_load
 from .models import Model
 from .targets import STOP_TIMEOUT_S
@@ -316,6 +316,12 @@ def run_target(
     return out
 
 
+def _batch_words(batch: Batch) -> str:
+    """``a batch of 4 rows (4 requests)``."""
+    return (f"a batch of {batch.rows} row{'s' if batch.rows != 1 else ''} "
+            f"({batch.requests} requests)")
+
+
 def _expected(load: Load, bounds: Bounds) -> int | None:
     n = bounds.requests
     if load.kind == "burst":
@@ -340,12 +346,15 @@ def run_limit(
     wanted) or ``bounds.duration`` seconds, whichever comes first. A model call that
     raises ends the run as :func:`failed_run`, saying the batch's rows.
     """
+    from batchproc.errors import BatchOutputError
+
     progress = progress or NullProgress()
     wanted = _expected(load, bounds)  # None: bounded by time alone
     dur = bounds.duration if bounds.duration is not None else float("inf")
     source = load.source or FeatureRows(load.features)
     plan = source.limit_plan(max_batch, load.seed)
-    batches = [(make_batch(requests), len(requests)) for requests in plan]
+    batches = [source.batch(requests) for requests in plan]
+    checked = [False] * len(batches)  # each batch's output is checked on its first call
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     times: list[float] = []
@@ -354,29 +363,41 @@ def run_limit(
     t0 = last_tick = pc()
     stopped_by = "requests"
     while wanted is None or done < wanted:
-        batch, per_call = batches[calls % len(batches)]
-        if wanted is not None and wanted - done < per_call:  # the last call
-            per_call = wanted - done
-            batch = make_batch(plan[calls % len(batches)][:per_call])
+        k = calls % len(batches)
+        batch = batches[k]
+        left = batch.requests if wanted is None else wanted - done
+        last = left < batch.requests
+        if last:  # only the requests still wanted
+            batch = source.batch(plan[k][:left])
         t = pc()
         if t - t0 >= dur:
             stopped_by = "duration"
             break
         try:
-            model(batch)
+            out = model(batch.inputs)
         except Exception as exc:
-            n = rows_of(batch)
             progress.finish("failed")
             return failed_run(
                 LIMIT, model_name, load,
-                f"the model raised on a batch of {n} row{'s' if n != 1 else ''} "
-                f"({per_call} requests): {type(exc).__name__}: {exc}",
+                f"the model raised on {_batch_words(batch)}: {type(exc).__name__}: {exc}",
             )
         t1 = pc()
         times.append(t1 - t)
+        if last or not checked[k]:
+            try:
+                batch.check(out)
+            except BatchOutputError as exc:
+                progress.finish("failed")
+                return failed_run(
+                    LIMIT, model_name, load,
+                    f"batchproc refuses the model's output on {_batch_words(batch)}: "
+                    f"{type(exc).__name__}: {exc}",
+                )
+            checked[k] = True
+        del out
         calls += 1
-        done += per_call
-        rows += rows_of(batch)
+        done += batch.requests
+        rows += batch.rows
         if t1 - last_tick > 0.1:
             progress.update(done)
             last_tick = t1

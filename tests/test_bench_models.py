@@ -6,14 +6,19 @@ Models that hang block on an event the test releases at teardown, never on a sle
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import threading
+import time
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from batchproc.__main__ import main
-from batchproc.bench import BenchError
+from batchproc.bench import BenchError, models
 from batchproc.bench.inputs import FeatureRows, NpzSource
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, load_user_model
@@ -146,3 +151,177 @@ def test_the_limit_refuses_an_output_batchproc_refuses() -> None:
     assert run.failed == ("batchproc refuses the model's output on a batch of 3 rows "
                           "(3 requests): BatchOutputError: process_func returned 1 results "
                           "for a batch of 3")
+
+
+# -- calls that never return: bounded, said, left running -------------------------------------
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """What a hanging model waits for: set at teardown, so no thread outlives the test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_the_limit_gives_up_on_a_call_that_does_not_return(release: threading.Event) -> None:
+    calls = []
+
+    def hangs_on_third(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 3:
+            release.wait()
+        return batch
+
+    load = Load("closed", clients=1, features=4)
+    started = time.perf_counter()
+    run = run_limit(hangs_on_third, "m", load, Bounds(duration=0.2), max_batch=4)
+    # The duration, then the drain the other systems get (0.5 s at least), not for ever.
+    assert time.perf_counter() - started < 5
+    assert run.stopped_by == "failed" and run.completed == 0
+    assert run.failed == ("the model did not return within 0.7 s (the run's duration and "
+                          "drain) on a batch of 4 rows (4 requests); the call was left running")
+    assert calls == [4, 4, 4]
+
+
+def test_a_limit_call_that_returns_late_starts_no_other(release: threading.Event) -> None:
+    calls = []
+    returned = threading.Event()
+
+    def hangs_on_second(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            release.wait()
+            returned.set()
+        return batch
+
+    run = run_limit(hangs_on_second, "m", Load("closed", clients=1, features=4),
+                    Bounds(duration=0.01), max_batch=4)
+    assert run.failed is not None and "did not return within 0.51 s" in run.failed
+    release.set()
+    assert returned.wait(10)
+    limit_threads = [t for t in threading.enumerate() if t.name == "batchproc-bench-limit"]
+    for thread in limit_threads:
+        thread.join(10)
+    assert calls == [4, 4]
+
+
+def test_the_check_gives_up_on_a_call_that_does_not_return(release: threading.Event) -> None:
+    def hangs(batch: np.ndarray) -> np.ndarray:
+        release.wait()
+        return batch
+
+    with pytest.raises(BenchError) as info:
+        check_model(hangs, FeatureRows(4), name="--model m:hangs", timeout=0.2)
+    assert str(info.value) == (
+        "--model m:hangs did not return within 0.2 s on a batch of 1 row (float32 (1, 4)) "
+        "(the check before any run); the call was left running")
+
+
+def test_the_check_says_it_waits_for_a_slow_call(
+    release: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "CHECK_SLOW_S", 0.05)
+
+    class ReleaseOnWarning(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            self.message = record.getMessage()
+            release.set()
+
+    handler = ReleaseOnWarning()
+    logging.getLogger("batchproc.bench.models").addHandler(handler)
+    try:
+        check_model(lambda b: release.wait() and b, FeatureRows(4), name="--model m:f",
+                    timeout=60)
+    finally:
+        logging.getLogger("batchproc.bench.models").removeHandler(handler)
+    assert handler.message == ("--model m:f has not returned in 0.05 s on a batch of 1 row "
+                               "(float32 (1, 4)) (the check before any run); it has 60 s")
+
+
+def test_a_model_exiting_in_the_check_is_reported() -> None:
+    def exits(batch: np.ndarray) -> np.ndarray:
+        sys.exit(3)
+
+    with pytest.raises(BenchError) as info:
+        check_model(exits, FeatureRows(4), name="--model m:exits")
+    assert str(info.value) == ("--model m:exits called sys.exit(3) on a batch of 1 row "
+                               "(float32 (1, 4))")
+    with pytest.raises(BenchError, match=r"failed on a batch of 1 row \(float32 \(1, 4\)\): "
+                       r"KeyboardInterrupt$"):
+        check_model(raises_keyboard_interrupt, FeatureRows(4))
+
+
+def raises_keyboard_interrupt(batch: np.ndarray) -> np.ndarray:
+    raise KeyboardInterrupt
+
+
+def test_a_model_exiting_in_the_limit_fails_the_run() -> None:
+    def exits_on_big(batch: np.ndarray) -> np.ndarray:
+        if len(batch) > 2:
+            sys.exit(3)
+        return batch
+
+    run = run_limit(exits_on_big, "m", Load("closed", clients=1, features=4),
+                    Bounds(requests=8), max_batch=4)
+    assert run.failed == "the model raised on a batch of 4 rows (4 requests): SystemExit: 3"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_reports_a_model_hanging_in_the_check_and_exits_2(
+    user_module: types.ModuleType, release: threading.Event,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(models, "CHECK_TIMEOUT_S", 0.2)
+    user_module.hangs = lambda batch: release.wait()  # type: ignore[attr-defined]
+    code, out, err = cli(capsys, "--model", "bench_user_mod:hangs", *TINY)
+    assert code == 2 and out == ""
+    assert err == ("batchproc bench: error: --model bench_user_mod:hangs did not return "
+                   "within 0.2 s on a batch of 1 row (float32 (1, 64)) (the check before "
+                   "any run); the call was left running\n")
+
+
+def test_bench_reports_a_model_exiting_in_the_check_and_exits_2(
+    user_module: types.ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user_module.exits = lambda batch: sys.exit(3)  # type: ignore[attr-defined]
+    code, out, err = cli(capsys, "--model", "bench_user_mod:exits", *TINY)
+    assert code == 2 and out == ""
+    assert err == ("batchproc bench: error: --model bench_user_mod:exits called sys.exit(3) "
+                   "on a batch of 1 row (float32 (1, 64))\n")
+
+
+def test_bench_goes_on_past_a_limit_call_that_does_not_return(
+    user_module: types.ModuleType, release: threading.Event, tmp_path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    big_calls = []
+
+    def hangs_on_big(batch: np.ndarray) -> np.ndarray:
+        # Two clients: batchproc's batches have at most 2 rows. The check's full batch
+        # returns; the limit's first call does not.
+        if len(batch) > 2:
+            big_calls.append(len(batch))
+            if len(big_calls) > 1:
+                release.wait()
+        return batch
+
+    user_module.hangs_on_big = hangs_on_big  # type: ignore[attr-defined]
+    path = tmp_path / "b.json"
+    code, out, err = cli(capsys, "--model", "bench_user_mod:hangs_on_big", "--clients", "2",
+                         "--max-batch", "8", "--requests", "40", "--duration", "0.2",
+                         "--quiet", "--json", str(path))
+    assert code == 1
+    failure = ("the model did not return within 0.7 s (the run's duration and drain) on a "
+               "batch of 8 rows (8 requests); the call was left running")
+    last_line = err.strip().splitlines()[-1]
+    assert last_line == f"batchproc bench: error: the limit run failed: {failure}"
+    assert "batchproc vs no batching" in out
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["limit"]["failed"] == failure
+    assert runs["batchproc"]["completed"] == runs["no batching"]["completed"] == 40

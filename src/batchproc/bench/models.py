@@ -15,6 +15,7 @@ that matter:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -31,6 +32,12 @@ Model = Callable[[np.ndarray], Any]
 
 BUILTIN_MODELS = ("identity", "mlp", "fixed")
 DEFAULT_FIXED_MS = 5.0
+# How long one call of the check before the runs may take (a first call may load or
+# compile: generous), and when a warning says it is being waited for.
+CHECK_TIMEOUT_S = 60.0
+CHECK_SLOW_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def identity(batch: np.ndarray) -> np.ndarray:
@@ -128,15 +135,18 @@ def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED
 
 
 def check_model(model: Model, source: RequestSource, name: str = "model", seed: int = 0,
-                max_batch: int | None = None) -> None:
+                max_batch: int | None = None, timeout: float | None = None) -> None:
     """Call ``model`` on batches of one and two sample requests of ``source`` and, given
     ``max_batch``, on the limit's first full batch of up to ``max_batch`` rows; raise
     BenchError (one line) if it fails on the first two, or returns what batchproc would
-    refuse (its own output rule: :meth:`~.inputs.Batch.check`) for any. A failure on the
-    full batch is left to the runs, which report it (batchproc isolates it; the limit
-    fails)."""
+    refuse (its own output rule: :meth:`~.inputs.Batch.check`) for any, or a call does
+    not return within ``timeout`` seconds (default :data:`CHECK_TIMEOUT_S`). Each call
+    runs on a thread of its own, so that one that never returns is left to it. A failure
+    on the full batch is left to the runs, which report it (batchproc isolates it; the
+    limit fails)."""
     from batchproc.errors import BatchOutputError
 
+    timeout = CHECK_TIMEOUT_S if timeout is None else timeout
     pool = source.requests(seed)
     checks = [(pool[:1], True), (pool[:2] if len(pool) >= 2 else pool * 2, True)]
     if max_batch is not None:
@@ -146,18 +156,59 @@ def check_model(model: Model, source: RequestSource, name: str = "model", seed: 
     for requests, must_run in checks:
         batch = source.batch(requests)
         what = batch.describe()
-        try:
-            out = model(batch.inputs)
-        except Exception as exc:
+        call = _BoundedCall(model, batch.inputs)
+        if not call.wait(timeout, f"{name} has not returned in {CHECK_SLOW_S:g} s on {what} "
+                         f"(the check before any run); it has {timeout:g} s"):
+            raise BenchError(f"{name} did not return within {timeout:g} s on {what} (the "
+                             "check before any run); the call was left running")
+        if call.error is not None:
             if not must_run:
                 continue
-            raise BenchError(
-                f"{name} failed on {what}: {type(exc).__name__}: {exc}"
-            ) from None
+            if isinstance(call.error, SystemExit):
+                raise BenchError(f"{name} called sys.exit({call.error.code!r}) on {what}")
+            raise BenchError(f"{name} failed on {what}: {error_text(call.error)}")
         try:
-            batch.check(out)
+            batch.check(call.result)
         except BatchOutputError as exc:
             raise BenchError(
-                f"{name} returned an output batchproc refuses for {what}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{name} returned an output batchproc refuses for {what}: {error_text(exc)}"
             ) from None
+
+
+def error_text(exc: BaseException) -> str:
+    """``RuntimeError: no GPU``; ``KeyboardInterrupt`` when it says nothing."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _BoundedCall:
+    """One model call on a daemon thread of its own: waited for with a bound, and left
+    running when it does not return (a daemon thread does not hold the process at exit).
+    Whatever it raises is kept, ``SystemExit`` and ``KeyboardInterrupt`` included: the
+    model's, not the command's."""
+
+    def __init__(self, model: Model, inputs: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._model = model
+        self._inputs = inputs
+        threading.Thread(target=self._run, name="batchproc-bench-check", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._model(self._inputs)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float, slow: str) -> bool:
+        """Whether the call ended within ``timeout`` s; ``slow`` is logged as a warning
+        once it has taken :data:`CHECK_SLOW_S` (if that is sooner)."""
+        if timeout > CHECK_SLOW_S:
+            if self._done.wait(CHECK_SLOW_S):
+                return True
+            log.warning("%s", slow)
+            return self._done.wait(timeout - CHECK_SLOW_S)
+        return self._done.wait(timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .inputs import Batch, FeatureRows, rows_of
-from .loads import Bounds, Load, LoadResult, run_load
-from .models import Model
+from .loads import Bounds, Load, LoadResult, drain_window, run_load
+from .models import Model, error_text
 from .targets import STOP_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -343,65 +344,41 @@ def run_limit(
     batches of :meth:`~.inputs.RequestSource.limit_plan` are sent in turn, so the limit
     sends the requests the loads send. The run stops at ``bounds`` as the other systems'
     do: after exactly ``bounds.requests`` requests (the last call takes only those still
-    wanted) or ``bounds.duration`` seconds, whichever comes first. A model call that
-    raises ends the run as :func:`failed_run`, saying the batch's rows.
+    wanted) or ``bounds.duration`` seconds, whichever comes first; a call still running
+    then has the drain the other systems' runs have (:func:`~.loads.drain_window`). A
+    model call that raises, returns an output batchproc refuses (checked on the first
+    call of each batch) or has not returned by the end of the drain ends the run as
+    :func:`failed_run`, saying the batch's rows. The calls run on a thread of their own,
+    which a call that never returns is left to.
     """
-    from batchproc.errors import BatchOutputError
-
     progress = progress or NullProgress()
     wanted = _expected(load, bounds)  # None: bounded by time alone
     dur = bounds.duration if bounds.duration is not None else float("inf")
     source = load.source or FeatureRows(load.features)
-    plan = source.limit_plan(max_batch, load.seed)
-    batches = [source.batch(requests) for requests in plan]
-    checked = [False] * len(batches)  # each batch's output is checked on its first call
+    limit = _Limit(model, source, source.limit_plan(max_batch, load.seed), wanted, dur)
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
-    times: list[float] = []
-    done = rows = calls = 0
+    bound = dur + drain_window(dur) if math.isfinite(dur) else math.inf
+    worker = threading.Thread(target=limit.run, name="batchproc-bench-limit", daemon=True)
     pc = time.perf_counter
-    t0 = last_tick = pc()
-    stopped_by = "requests"
-    while wanted is None or done < wanted:
-        k = calls % len(batches)
-        batch = batches[k]
-        left = batch.requests if wanted is None else wanted - done
-        last = left < batch.requests
-        if last:  # only the requests still wanted
-            batch = source.batch(plan[k][:left])
-        t = pc()
-        if t - t0 >= dur:
-            stopped_by = "duration"
-            break
-        try:
-            out = model(batch.inputs)
-        except Exception as exc:
-            progress.finish("failed")
-            return failed_run(
-                LIMIT, model_name, load,
-                f"the model raised on {_batch_words(batch)}: {type(exc).__name__}: {exc}",
-            )
-        t1 = pc()
-        times.append(t1 - t)
-        if last or not checked[k]:
-            try:
-                batch.check(out)
-            except BatchOutputError as exc:
-                progress.finish("failed")
-                return failed_run(
-                    LIMIT, model_name, load,
-                    f"batchproc refuses the model's output on {_batch_words(batch)}: "
-                    f"{type(exc).__name__}: {exc}",
-                )
-            checked[k] = True
-        del out
-        calls += 1
-        done += batch.requests
-        rows += batch.rows
-        if t1 - last_tick > 0.1:
-            progress.update(done)
-            last_tick = t1
-    elapsed = pc() - t0
+    deadline = pc() + bound
+    worker.start()
+    try:
+        while not limit.finished.wait(min(0.1, max(deadline - pc(), 0.0))):
+            progress.update(limit.done)
+            if pc() >= deadline:
+                break
+    finally:
+        limit.stop = True  # a call that returns after the end starts no other
+    if not limit.finished.is_set():
+        batch = limit.current
+        on = _batch_words(batch) if batch is not None else "its last batch"
+        limit.failure = (f"the model did not return within {bound:.3g} s (the run's duration "
+                         f"and drain) on {on}; the call was left running")
+    if limit.failure is not None:
+        progress.finish("failed")
+        return failed_run(LIMIT, model_name, load, limit.failure)
+    done, elapsed, times = limit.done, limit.elapsed, limit.times
     lat = np.asarray(times)
     p50, p95, p99, mean = _pct(lat)
     progress.finish(f"{done / elapsed:,.0f} req/s")
@@ -414,12 +391,102 @@ def run_limit(
         p95_ms=p95,
         p99_ms=p99,
         mean_ms=mean,
-        mean_batch=rows / len(times) if times else 0.0,
+        mean_batch=limit.rows / len(times) if times else 0.0,
         batches=len(times),
         submitted=done,
         completed=done,
         errors=0,
         elapsed_s=elapsed,
-        stopped_by=stopped_by,
+        stopped_by=limit.stopped_by,
         note="model on full batches, one thread, no queue; latency = one call",
     )
+
+
+class _Limit:
+    """The limit's calls (:func:`run_limit`), made by :meth:`run` on a thread of their
+    own; the thread that started it watches ``done`` and ``finished``, and sets ``stop``
+    when it gives up on a call."""
+
+    def __init__(self, model: Model, source: Any, plan: list[list[Any]], wanted: int | None,
+                 dur: float) -> None:
+        self.model = model
+        self.source = source
+        self.plan = plan
+        self.batches = [source.batch(requests) for requests in plan]
+        self.checked = [False] * len(plan)  # each batch's output is checked on its first call
+        self.wanted = wanted
+        self.dur = dur
+        self.done = 0  # requests done; for progress, updated every 0.1 s and at the end
+        self.rows = 0
+        self.times: list[float] = []
+        self.elapsed = 0.0
+        self.stopped_by = "requests"
+        self.current: Batch | None = None  # the batch of the call in progress
+        self.failure: str | None = None
+        self.stop = False
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._calls()
+        except BaseException as exc:  # the bench's own failure: a failed run, not a hang
+            self.failure = f"the limit failed: {error_text(exc)}"
+        finally:
+            self.finished.set()
+
+    def _next(self, calls: int, done: int) -> tuple[Batch, int, bool]:
+        """The next call's batch, its index in the plan, and whether it is the last call
+        (cut to the requests still wanted)."""
+        k = calls % len(self.batches)
+        batch = self.batches[k]
+        left = batch.requests if self.wanted is None else self.wanted - done
+        if left < batch.requests:
+            return self.source.batch(self.plan[k][:left]), k, True
+        return batch, k, False
+
+    def _checked(self, batch: Batch, k: int, last: bool, out: Any) -> bool:
+        """Whether ``out`` passes batchproc's output rule (checked on each batch's first
+        call, and on the last); sets ``failure`` if not."""
+        from batchproc.errors import BatchOutputError
+
+        if last or not self.checked[k]:
+            try:
+                batch.check(out)
+            except BatchOutputError as exc:
+                self.failure = (f"batchproc refuses the model's output on "
+                                f"{_batch_words(batch)}: {error_text(exc)}")
+                return False
+            self.checked[k] = True
+        return True
+
+    def _calls(self) -> None:
+        model, wanted, dur, times = self.model, self.wanted, self.dur, self.times
+        done = rows = calls = 0
+        pc = time.perf_counter
+        t0 = last_tick = pc()
+        while (wanted is None or done < wanted) and not self.stop:
+            batch, k, last = self._next(calls, done)
+            t = pc()
+            if t - t0 >= dur:
+                self.stopped_by = "duration"
+                break
+            self.current = batch
+            try:
+                out = model(batch.inputs)
+            except BaseException as exc:
+                self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+                return
+            t1 = pc()
+            self.current = None
+            times.append(t1 - t)
+            if not self._checked(batch, k, last, out):
+                return
+            del out
+            calls += 1
+            done += batch.requests
+            rows += batch.rows
+            if t1 - last_tick > 0.1:
+                self.done = done
+                last_tick = t1
+        self.elapsed = pc() - t0
+        self.done, self.rows = done, rows

@@ -6,12 +6,15 @@ Models that hang block on an event the test releases at teardown, never on a sle
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import logging
 import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +25,8 @@ from batchproc.bench import BenchError, models
 from batchproc.bench.inputs import FeatureRows, NpzSource
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, load_user_model
-from batchproc.bench.runner import run_limit
+from batchproc.bench.runner import run_limit, run_target
+from batchproc.bench.targets import Batchproc, NoBatching
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -325,3 +329,125 @@ def test_bench_goes_on_past_a_limit_call_that_does_not_return(
     runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
     assert runs["limit"]["failed"] == failure
     assert runs["batchproc"]["completed"] == runs["no batching"]["completed"] == 40
+
+
+# -- async def models: awaited everywhere, as batchproc awaits them ---------------------------
+
+
+async def amodel(batch: np.ndarray) -> np.ndarray:
+    await asyncio.sleep(0)
+    return batch
+
+
+class AsyncCallable:
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        await asyncio.sleep(0)
+        return batch * 2
+
+
+@pytest.fixture
+def no_unawaited_coroutines() -> Iterator[None]:
+    """Fails the test on a "coroutine ... was never awaited" warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+        gc.collect()
+    never = [w for w in caught if "never awaited" in str(w.message)]
+    assert not never, never
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+def test_the_check_awaits_an_async_model() -> None:
+    check_model(amodel, FeatureRows(4), max_batch=8)
+
+    async def wrong_rows_async(batch: np.ndarray) -> np.ndarray:
+        return wrong_rows(batch)
+
+    with pytest.raises(BenchError, match="process_func returned 1 results for a batch of 8"):
+        check_model(wrong_rows_async, FeatureRows(4), max_batch=8)
+
+    async def raises(batch: np.ndarray) -> np.ndarray:
+        await asyncio.sleep(0)
+        raise RuntimeError("remote down")
+
+    with pytest.raises(BenchError, match=r"failed on a batch of 1 row .*RuntimeError: remote down"):
+        check_model(raises, FeatureRows(4))
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+def test_the_check_cancels_an_async_call_that_does_not_return() -> None:
+    cancelled = threading.Event()
+
+    async def waits_for_ever(batch: np.ndarray) -> np.ndarray:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return batch
+
+    with pytest.raises(BenchError, match=r"did not return within 0\.1 s on a batch of 1 row"):
+        check_model(waits_for_ever, FeatureRows(4), timeout=0.1)
+    assert cancelled.wait(10)
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+def test_the_limit_awaits_an_async_model_back_to_back() -> None:
+    model = AsyncCallable()
+    run = run_limit(model, "m", Load("closed", clients=1, features=4), Bounds(requests=100),
+                    max_batch=8)
+    assert run.failed is None and run.completed == 100 and run.batches == 13
+    assert model.threads == {"batchproc-bench-limit"}  # one thread, its own loop
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+def test_the_limit_cancels_an_async_call_that_does_not_return() -> None:
+    cancelled = threading.Event()
+    calls = []
+
+    async def hangs_on_second(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cancelled.set()
+        return batch
+
+    run = run_limit(hangs_on_second, "m", Load("closed", clients=1, features=4),
+                    Bounds(duration=0.01), max_batch=4)
+    assert run.failed is not None and "did not return within 0.51 s" in run.failed
+    assert cancelled.wait(10)
+    assert calls == [4, 4]
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+@pytest.mark.parametrize("target", [Batchproc(max_batch=8), NoBatching()],
+                         ids=lambda t: t.name)
+def test_every_system_awaits_an_async_model(target) -> None:
+    model = AsyncCallable()
+    run = run_target(target, model, "m", Load("closed", clients=4, features=4),
+                     Bounds(requests=100, duration=30))
+    assert run.failed is None and run.errors == 0 and run.completed == 100
+    # batchproc sees a coroutine function (the counting wrapper stays one) and runs it on
+    # its own loop; no batching awaits it on one of its own.
+    assert model.threads == {"batchproc-loop"}
+
+
+def test_bench_runs_an_async_model(
+    user_module: types.ModuleType, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user_module.amodel = amodel  # type: ignore[attr-defined]
+    path = tmp_path / "b.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        code, _, err = cli(capsys, "--model", "bench_user_mod:amodel", "--clients", "4",
+                           *TINY, "--json", str(path))
+        gc.collect()
+    assert code == 0, err
+    assert "never awaited" not in err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert [runs[s]["completed"] for s in ("batchproc", "no batching", "limit")] == [40] * 3

@@ -2,8 +2,10 @@
 
 A model is a callable taking a batch (by default a float32 array of shape
 ``(rows, features)``; what ``--input`` describes otherwise, see :mod:`.inputs`) and
-returning an output whose leading length is ``rows``. The three built-ins span the cases
-that matter:
+returning an output whose leading length is ``rows``; or an ``async def`` one
+(:func:`is_async_model`), which every system awaits: batchproc on its processor's event
+loop, the check, the limit and no batching each on a loop of their own. The three
+built-ins span the cases that matter:
 
 - ``identity`` returns its input: all the time measured is the batcher's own overhead.
 - ``mlp`` is a small float32 numpy MLP (features -> 256 -> 256 -> 16, ReLU, fixed seed):
@@ -14,6 +16,7 @@ that matter:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -134,6 +137,19 @@ def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED
     return load_user_model(name)
 
 
+def is_async_model(model: Any) -> bool:
+    """Whether calling ``model`` gives a coroutine to await (``async def``, an ``async
+    def __call__``, a ``functools.partial`` of either): batchproc's own test."""
+    from batchproc.async_model import is_async_callable
+
+    return is_async_callable(model)
+
+
+async def awaited(model: Any, inputs: Any) -> Any:
+    """The result of an async model's call on ``inputs``."""
+    return await model(inputs)
+
+
 def check_model(model: Model, source: RequestSource, name: str = "model", seed: int = 0,
                 max_batch: int | None = None, timeout: float | None = None) -> None:
     """Call ``model`` on batches of one and two sample requests of ``source`` and, given
@@ -182,10 +198,11 @@ def error_text(exc: BaseException) -> str:
 
 
 class _BoundedCall:
-    """One model call on a daemon thread of its own: waited for with a bound, and left
-    running when it does not return (a daemon thread does not hold the process at exit).
-    Whatever it raises is kept, ``SystemExit`` and ``KeyboardInterrupt`` included: the
-    model's, not the command's."""
+    """One model call on a daemon thread of its own (an async model's awaited on an
+    event loop of that thread's own): waited for with a bound, and left running when it
+    does not return (a daemon thread does not hold the process at exit); an async call
+    is cancelled then. Whatever it raises is kept, ``SystemExit`` and
+    ``KeyboardInterrupt`` included: the model's, not the command's."""
 
     def __init__(self, model: Model, inputs: Any) -> None:
         self.result: Any = None
@@ -193,11 +210,15 @@ class _BoundedCall:
         self._done = threading.Event()
         self._model = model
         self._inputs = inputs
+        self._loop: OwnLoop | None = OwnLoop() if is_async_model(model) else None
         threading.Thread(target=self._run, name="batchproc-bench-check", daemon=True).start()
 
     def _run(self) -> None:
         try:
-            self.result = self._model(self._inputs)
+            if self._loop is not None:
+                self.result = self._loop.run(awaited(self._model, self._inputs))
+            else:
+                self.result = self._model(self._inputs)
         except BaseException as exc:
             self.error = exc
         finally:
@@ -205,10 +226,52 @@ class _BoundedCall:
 
     def wait(self, timeout: float, slow: str) -> bool:
         """Whether the call ended within ``timeout`` s; ``slow`` is logged as a warning
-        once it has taken :data:`CHECK_SLOW_S` (if that is sooner)."""
+        once it has taken :data:`CHECK_SLOW_S` (if that is sooner). An async call that
+        has not ended is cancelled."""
         if timeout > CHECK_SLOW_S:
             if self._done.wait(CHECK_SLOW_S):
                 return True
             log.warning("%s", slow)
-            return self._done.wait(timeout - CHECK_SLOW_S)
-        return self._done.wait(timeout)
+            ended = self._done.wait(timeout - CHECK_SLOW_S)
+        else:
+            ended = self._done.wait(timeout)
+        if not ended and self._loop is not None:
+            self._loop.cancel()
+        return ended
+
+
+class OwnLoop:
+    """An event loop that runs one coroutine on the thread calling :meth:`run`, which
+    another thread may :meth:`cancel`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelled = False
+
+    def run(self, coro: Any) -> Any:
+        """Run ``coro`` to its end on a new event loop; its result, or what it raised
+        (``CancelledError`` once cancelled)."""
+        loop = asyncio.new_event_loop()
+        try:
+            with self._lock:
+                if self._cancelled:
+                    coro.close()  # never started: closed, so never "never awaited"
+                    raise asyncio.CancelledError
+                self._loop, self._task = loop, loop.create_task(coro)
+            return loop.run_until_complete(self._task)
+        finally:
+            with self._lock:
+                self._loop = None
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def cancel(self) -> None:
+        """Cancel the coroutine (before it starts, or on its loop)."""
+        with self._lock:
+            self._cancelled = True
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)

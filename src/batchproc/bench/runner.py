@@ -25,7 +25,7 @@ import numpy as np
 
 from .inputs import Batch, FeatureRows, rows_of
 from .loads import Bounds, Load, LoadResult, drain_window, run_load
-from .models import Model, error_text
+from .models import Model, OwnLoop, error_text, is_async_model
 from .targets import STOP_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,31 @@ class CountingModel:
     @property
     def mean_batch(self) -> float:
         return self.rows / self.calls if self.calls else 0.0
+
+
+class AsyncCountingModel(CountingModel):
+    """A :class:`CountingModel` of an ``async def`` model: itself a coroutine function,
+    so that batchproc sees one and awaits it on its event loop, as it would the model."""
+
+    async def __call__(self, batch: Any) -> Any:  # type: ignore[override]
+        n = rows_of(batch)
+        with self._lock:
+            self.calls += 1
+            self.rows += n
+            self._running += 1
+        try:
+            return await self.model(batch)
+        except Exception as exc:
+            with self._lock:
+                self.raised += 1
+                if self.first_raised is None:
+                    self.first_raised = one_line(exc)
+            raise
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
 
 
 @dataclass
@@ -251,7 +276,7 @@ def run_target(
     then are reported (``left_running``), as they take from the next run.
     """
     progress = progress or NullProgress()
-    counted = CountingModel(model)
+    counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)
     gc.collect()
     total = _expected(load, bounds)
     progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
@@ -369,7 +394,7 @@ def run_limit(
             if pc() >= deadline:
                 break
     finally:
-        limit.stop = True  # a call that returns after the end starts no other
+        limit.give_up()  # a call that returns after the end starts no other
     if not limit.finished.is_set():
         batch = limit.current
         on = _batch_words(batch) if batch is not None else "its last batch"
@@ -425,14 +450,26 @@ class _Limit:
         self.failure: str | None = None
         self.stop = False
         self.finished = threading.Event()
+        # An async model's calls are awaited back to back on an event loop of their own.
+        self._own_loop = OwnLoop() if is_async_model(model) else None
 
     def run(self) -> None:
         try:
-            self._calls()
+            if self._own_loop is not None:
+                self._own_loop.run(self._acalls())
+            else:
+                self._calls()
         except BaseException as exc:  # the bench's own failure: a failed run, not a hang
-            self.failure = f"the limit failed: {error_text(exc)}"
+            if self.failure is None and not self.stop:
+                self.failure = f"the limit failed: {error_text(exc)}"
         finally:
             self.finished.set()
+
+    def give_up(self) -> None:
+        """Start no other call; cancel an async model's call in progress."""
+        self.stop = True
+        if self._own_loop is not None:
+            self._own_loop.cancel()
 
     def _next(self, calls: int, done: int) -> tuple[Batch, int, bool]:
         """The next call's batch, its index in the plan, and whether it is the last call
@@ -474,6 +511,39 @@ class _Limit:
             try:
                 out = model(batch.inputs)
             except BaseException as exc:
+                self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+                return
+            t1 = pc()
+            self.current = None
+            times.append(t1 - t)
+            if not self._checked(batch, k, last, out):
+                return
+            del out
+            calls += 1
+            done += batch.requests
+            rows += batch.rows
+            if t1 - last_tick > 0.1:
+                self.done = done
+                last_tick = t1
+        self.elapsed = pc() - t0
+        self.done, self.rows = done, rows
+
+    async def _acalls(self) -> None:
+        """:meth:`_calls` for an async model: each call awaited before the next."""
+        model, wanted, dur, times = self.model, self.wanted, self.dur, self.times
+        done = rows = calls = 0
+        pc = time.perf_counter
+        t0 = last_tick = pc()
+        while (wanted is None or done < wanted) and not self.stop:
+            batch, k, last = self._next(calls, done)
+            t = pc()
+            if t - t0 >= dur:
+                self.stopped_by = "duration"
+                break
+            self.current = batch
+            try:
+                out = await model(batch.inputs)
+            except BaseException as exc:  # CancelledError too: the watcher gave up
                 self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
                 return
             t1 = pc()

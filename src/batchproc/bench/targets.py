@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -72,8 +73,18 @@ class NoBatching(SyncTarget):
     """
 
     name = "no batching"
+    _loop_model: Any = None  # an async model's batchproc.async_model.AsyncModel
 
     def start(self, model: Model) -> None:
+        from batchproc.async_model import AsyncModel, is_async_callable
+
+        self._loop_model = None
+        if is_async_callable(model):
+            # Awaited on an event loop of its own, as a processor awaits it on its own:
+            # each call blocks its caller until the coroutine ends.
+            self._loop_model = AsyncModel(model)
+            self._loop_model.start()
+            model = self._loop_model
         self._model = model
 
     def call(self, item: np.ndarray, priority: int) -> Any:
@@ -86,6 +97,10 @@ class NoBatching(SyncTarget):
         except Exception as exc:
             fut.set_exception(exc)
         return fut
+
+    def stop(self) -> None:
+        if self._loop_model is not None:
+            self._loop_model.close(time.monotonic() + STOP_TIMEOUT_S)
 
 
 class Minimal(SyncTarget):

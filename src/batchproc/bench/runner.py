@@ -471,92 +471,104 @@ class _Limit:
         if self._own_loop is not None:
             self._own_loop.cancel()
 
-    def _next(self, calls: int, done: int) -> tuple[Batch, int, bool]:
-        """The next call's batch, its index in the plan, and whether it is the last call
-        (cut to the requests still wanted)."""
-        k = calls % len(self.batches)
-        batch = self.batches[k]
-        left = batch.requests if self.wanted is None else self.wanted - done
-        if left < batch.requests:
-            return self.source.batch(self.plan[k][:left]), k, True
-        return batch, k, False
+    def _plan(self) -> list[tuple[Batch, Any, int, int]]:
+        """Each batch with its inputs, requests and rows, unpacked once for the calls."""
+        return [(b, b.inputs, b.requests, b.rows) for b in self.batches]
 
-    def _checked(self, batch: Batch, k: int, last: bool, out: Any) -> bool:
+    def _cut(self, k: int, left: int) -> tuple[Batch, Any, int, int]:
+        """The last call's batch: the first ``left`` requests of batch ``k``."""
+        b = self.source.batch(self.plan[k][:left])
+        return b, b.inputs, b.requests, b.rows
+
+    def _checked(self, batch: Batch, k: int, out: Any) -> bool:
         """Whether ``out`` passes batchproc's output rule (checked on each batch's first
         call, and on the last); sets ``failure`` if not."""
         from batchproc.errors import BatchOutputError
 
-        if last or not self.checked[k]:
-            try:
-                batch.check(out)
-            except BatchOutputError as exc:
-                self.failure = (f"batchproc refuses the model's output on "
-                                f"{_batch_words(batch)}: {error_text(exc)}")
-                return False
-            self.checked[k] = True
+        try:
+            batch.check(out)
+        except BatchOutputError as exc:
+            self.failure = (f"batchproc refuses the model's output on "
+                            f"{_batch_words(batch)}: {error_text(exc)}")
+            return False
+        self.checked[k] = True
         return True
 
+    # The two loops below are one loop, but for the model's call (awaited in the second):
+    # kept apart, and lean, as the limit of a fast model is the loop's own speed.
+
     def _calls(self) -> None:
-        model, wanted, dur, times = self.model, self.wanted, self.dur, self.times
-        done = rows = calls = 0
+        model, wanted, dur, checked = self.model, self.wanted, self.dur, self.checked
+        plan = self._plan()
+        append = self.times.append
+        done = rows = k = 0
         pc = time.perf_counter
         t0 = last_tick = pc()
-        while (wanted is None or done < wanted) and not self.stop:
-            batch, k, last = self._next(calls, done)
+        while wanted is None or done < wanted:
+            batch, inputs, per_call, n = plan[k]
+            last = wanted is not None and wanted - done < per_call
+            if last:
+                batch, inputs, per_call, n = self._cut(k, wanted - done)  # type: ignore[operator]
             t = pc()
             if t - t0 >= dur:
                 self.stopped_by = "duration"
                 break
             self.current = batch
             try:
-                out = model(batch.inputs)
+                out = model(inputs)
             except BaseException as exc:
                 self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
                 return
             t1 = pc()
-            self.current = None
-            times.append(t1 - t)
-            if not self._checked(batch, k, last, out):
+            append(t1 - t)
+            if (last or not checked[k]) and not self._checked(batch, k, out):
                 return
             del out
-            calls += 1
-            done += batch.requests
-            rows += batch.rows
+            done += per_call
+            rows += n
+            k = k + 1 if k + 1 < len(plan) else 0
             if t1 - last_tick > 0.1:
                 self.done = done
                 last_tick = t1
+                if self.stop:  # given up on (a call past the run's bound, or Ctrl-C)
+                    return
         self.elapsed = pc() - t0
         self.done, self.rows = done, rows
 
     async def _acalls(self) -> None:
-        """:meth:`_calls` for an async model: each call awaited before the next."""
-        model, wanted, dur, times = self.model, self.wanted, self.dur, self.times
-        done = rows = calls = 0
+        model, wanted, dur, checked = self.model, self.wanted, self.dur, self.checked
+        plan = self._plan()
+        append = self.times.append
+        done = rows = k = 0
         pc = time.perf_counter
         t0 = last_tick = pc()
-        while (wanted is None or done < wanted) and not self.stop:
-            batch, k, last = self._next(calls, done)
+        while wanted is None or done < wanted:
+            batch, inputs, per_call, n = plan[k]
+            last = wanted is not None and wanted - done < per_call
+            if last:
+                batch, inputs, per_call, n = self._cut(k, wanted - done)  # type: ignore[operator]
             t = pc()
             if t - t0 >= dur:
                 self.stopped_by = "duration"
                 break
             self.current = batch
             try:
-                out = await model(batch.inputs)
+                out = await model(inputs)
             except BaseException as exc:  # CancelledError too: the watcher gave up
                 self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
                 return
             t1 = pc()
-            self.current = None
-            times.append(t1 - t)
-            if not self._checked(batch, k, last, out):
+            append(t1 - t)
+            if (last or not checked[k]) and not self._checked(batch, k, out):
                 return
             del out
-            calls += 1
-            done += batch.requests
-            rows += batch.rows
+            done += per_call
+            rows += n
+            k = k + 1 if k + 1 < len(plan) else 0
             if t1 - last_tick > 0.1:
                 self.done = done
                 last_tick = t1
+                if self.stop:
+                    return
         self.elapsed = pc() - t0
         self.done, self.rows = done, rows

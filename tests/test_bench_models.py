@@ -16,6 +16,7 @@ import time
 import types
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -451,3 +452,17 @@ def test_bench_runs_an_async_model(
     assert "never awaited" not in err
     runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
     assert [runs[s]["completed"] for s in ("batchproc", "no batching", "limit")] == [40] * 3
+
+
+@pytest.mark.usefixtures("no_unawaited_coroutines")
+def test_a_plain_function_returning_a_coroutine_is_told_to_be_async_def() -> None:
+    def returns_a_coroutine(batch: np.ndarray) -> Any:
+        return amodel(batch)
+
+    with pytest.raises(BenchError) as info:
+        check_model(returns_a_coroutine, FeatureRows(4))
+    assert str(info.value).endswith(
+        "BatchOutputError: process_func returned coroutine, which the output rule cannot "
+        "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
+        "dict of them (several outputs), or a list with one result per row (a plain "
+        "function returning a coroutine: make it async def)")

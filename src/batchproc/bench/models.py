@@ -186,9 +186,12 @@ def check_model(model: Model, source: RequestSource, name: str = "model", seed: 
         try:
             batch.check(call.result)
         except BatchOutputError as exc:
-            raise BenchError(
-                f"{name} returned an output batchproc refuses for {what}: {error_text(exc)}"
-            ) from None
+            hint = ""
+            if asyncio.iscoroutine(call.result):
+                call.result.close()  # never run: no "never awaited" warning either
+                hint = " (a plain function returning a coroutine: make it async def)"
+            raise BenchError(f"{name} returned an output batchproc refuses for {what}: "
+                             f"{error_text(exc)}{hint}") from None
 
 
 def error_text(exc: BaseException) -> str:

@@ -466,3 +466,22 @@ def test_a_plain_function_returning_a_coroutine_is_told_to_be_async_def() -> Non
         "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
         "dict of them (several outputs), or a list with one result per row (a plain "
         "function returning a coroutine: make it async def)")
+
+
+def test_the_async_counting_wrapper_counts_a_raising_call_and_its_end():
+    import asyncio
+
+    from batchproc.bench.runner import AsyncCountingModel
+
+    async def model(batch):
+        await asyncio.sleep(0)
+        if batch.shape[0] > 1:
+            raise ValueError("too many rows")
+        return batch
+
+    counted = AsyncCountingModel(model)
+    assert asyncio.run(counted(np.ones((1, 2), np.float32))).shape == (1, 2)
+    with pytest.raises(ValueError):
+        asyncio.run(counted(np.ones((2, 2), np.float32)))
+    assert (counted.calls, counted.rows, counted.raised, counted.running) == (2, 3, 1, 0)
+    assert "too many rows" in counted.first_raised

@@ -81,24 +81,33 @@ class CountingModel:
         self._idle = threading.Condition(self._lock)
 
     def __call__(self, batch: Any) -> Any:
+        self._started(batch)
+        try:
+            return self.model(batch)
+        except Exception as exc:
+            self._raised(exc)
+            raise
+        finally:
+            self._ended()
+
+    def _started(self, batch: Any) -> None:
         n = rows_of(batch)
         with self._lock:
             self.calls += 1
             self.rows += n
             self._running += 1
-        try:
-            return self.model(batch)
-        except Exception as exc:
-            with self._lock:
-                self.raised += 1
-                if self.first_raised is None:
-                    self.first_raised = one_line(exc)
-            raise
-        finally:
-            with self._lock:
-                self._running -= 1
-                if not self._running:
-                    self._idle.notify_all()
+
+    def _raised(self, exc: Exception) -> None:
+        with self._lock:
+            self.raised += 1
+            if self.first_raised is None:
+                self.first_raised = one_line(exc)
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if not self._running:
+                self._idle.notify_all()
 
     @property
     def running(self) -> int:
@@ -121,25 +130,15 @@ class AsyncCountingModel(CountingModel):
     """A :class:`CountingModel` of an ``async def`` model: itself a coroutine function,
     so that batchproc sees one and awaits it on its event loop, as it would the model."""
 
-    async def __call__(self, batch: Any) -> Any:  # type: ignore[override]
-        n = rows_of(batch)
-        with self._lock:
-            self.calls += 1
-            self.rows += n
-            self._running += 1
+    async def __call__(self, batch: Any) -> Any:
+        self._started(batch)
         try:
             return await self.model(batch)
         except Exception as exc:
-            with self._lock:
-                self.raised += 1
-                if self.first_raised is None:
-                    self.first_raised = one_line(exc)
+            self._raised(exc)
             raise
         finally:
-            with self._lock:
-                self._running -= 1
-                if not self._running:
-                    self._idle.notify_all()
+            self._ended()
 
 
 @dataclass

@@ -1133,16 +1133,16 @@ cdef class RequestQueue:
         """How many more entries ``push`` takes now: ``capacity`` less every slot in use
         (entries queued or parked, expired ones not yet taken, pushes and pops in
         progress); 0 while parked retries hold it past capacity."""
-        cdef Py_ssize_t free
+        cdef Py_ssize_t spare
         if sync_try_lock(self._sync):
-            free = self._capacity - self._used
+            spare = self._capacity - self._used
             sync_unlock(self._sync)
         else:
             with nogil:
                 sync_lock(self._sync)
-                free = self._capacity - self._used
+                spare = self._capacity - self._used
                 sync_unlock(self._sync)
-        return free if free > 0 else 0
+        return spare if spare > 0 else 0
 
     def __len__(self):
         """Number of queued (not cancelled, not yet popped) entries, parked ones too."""

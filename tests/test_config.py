@@ -682,11 +682,39 @@ def test_a_model_given_where_the_config_goes_is_refused_saying_where_it_goes(mod
         BatchProcessor(model)
 
 
-@pytest.mark.parametrize("config", ["max_batch_size=8", {"max_batch_size": 8}, 8])
+@pytest.mark.parametrize("config", ["max_batch_size=8", {"max_batch_size": 8, "x": 1}, {},
+                                    {1: 2}, 8])
 def test_what_is_no_config_is_refused_naming_its_type(config) -> None:
     with pytest.raises(TypeError, match="config must be a BatchProcessorConfig, got "
                        + type(config).__name__):
         BatchProcessor(config)
+
+
+def test_config_fields_given_as_keywords_are_refused_showing_the_call_to_write() -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            "BatchProcessor takes a BatchProcessorConfig, not its fields as keywords: "
+            "BatchProcessor(BatchProcessorConfig(max_batch_size=8, batch_timeout=0.002))")):
+        BatchProcessor(max_batch_size=8, batch_timeout=0.002)
+
+
+def test_a_dict_of_config_fields_is_refused_showing_the_call_to_write() -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            "got a dict of its fields: BatchProcessor(BatchProcessorConfig(**fields))")):
+        BatchProcessor({"max_batch_size": 8, "batch_timeout": 0.002})
+
+
+@pytest.mark.parametrize("keywords", [{"metrics": None}, {"max_batch_size": 8, "workers": 2}])
+def test_an_unknown_keyword_is_refused_naming_it_and_what_is_taken(keywords) -> None:
+    with pytest.raises(TypeError, match=r"BatchProcessor\(\) got an unexpected keyword "
+                       r"argument '(metrics|workers)': it takes config \(a BatchProcessorConfig\)"
+                       " and metrics_collector"):
+        BatchProcessor(**keywords)
+
+
+def test_config_and_metrics_collector_are_still_taken_as_keywords() -> None:
+    processor = BatchProcessor(config=BatchProcessorConfig(max_batch_size=8),
+                               metrics_collector=None)
+    assert processor.config.max_batch_size == 8
 
 
 def test_a_config_keeps_its_signature_and_positional_fields() -> None:

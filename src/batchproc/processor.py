@@ -18,10 +18,10 @@ import queue as _stdlib_queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from . import bulk, exiting, forking, shielded
 from ._native.future_state import Request, start_all
@@ -29,7 +29,13 @@ from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict, timeout_arg
-from .config import BatchPriority, BatchProcessorConfig, _require_number, read_only_copy
+from .config import (
+    FIELD_NAMES,
+    BatchPriority,
+    BatchProcessorConfig,
+    _require_number,
+    read_only_copy,
+)
 from .controller import Controller
 from .engine import Engine
 from .engine.delivery import record_requests
@@ -98,6 +104,27 @@ class _RequestFuture(RequestFuture):
         return True
 
 
+def _refuse_config_in_pieces(config: object, config_fields: Mapping[str, object]) -> None:
+    """``TypeError`` showing the call to write where ``BatchProcessor`` was given its model,
+    its config's fields as keywords, or a dict of them, in place of a
+    `BatchProcessorConfig` (Python's own error names ``__init__`` and no fix)."""
+    if callable(config) and not isinstance(config, BatchProcessorConfig):
+        raise TypeError(
+            f"BatchProcessor takes a BatchProcessorConfig, got the callable {config!r}: "
+            "the model goes to start(process_func), or use @batchproc.batch(...)")
+    for name in config_fields:
+        if name not in FIELD_NAMES:
+            raise TypeError(f"BatchProcessor() got an unexpected keyword argument {name!r}: "
+                            "it takes config (a BatchProcessorConfig) and metrics_collector")
+    if config_fields:
+        fields = ", ".join(f"{name}={value!r}" for name, value in config_fields.items())
+        raise TypeError("BatchProcessor takes a BatchProcessorConfig, not its fields as "
+                        f"keywords: BatchProcessor(BatchProcessorConfig({fields}))")
+    if isinstance(config, dict) and config and all(name in FIELD_NAMES for name in config):
+        raise TypeError("BatchProcessor takes a BatchProcessorConfig, got a dict of its "
+                        "fields: BatchProcessor(BatchProcessorConfig(**fields))")
+
+
 class BatchProcessor(Generic[T, U]):
     """Groups requests from many threads into batches for one ``process_func``.
 
@@ -115,11 +142,10 @@ class BatchProcessor(Generic[T, U]):
     """
 
     def __init__(self, config: BatchProcessorConfig | None = None,
-                 metrics_collector: object | None = None) -> None:
-        if callable(config) and not isinstance(config, BatchProcessorConfig):
-            raise TypeError(
-                f"BatchProcessor takes a BatchProcessorConfig, got the callable {config!r}: "
-                "the model goes to start(process_func), or use @batchproc.batch(...)")
+                 metrics_collector: object | None = None,
+                 # NoReturn: a type checker still refuses every keyword beyond the two above.
+                 **config_fields: NoReturn) -> None:
+        _refuse_config_in_pieces(config, config_fields)
         # Checked again and copied (the caller's object may have been changed since it
         # was made, and may be changed later); read-only, as everything is built from it.
         config = read_only_copy(BatchProcessorConfig() if config is None else config)

@@ -131,7 +131,9 @@ class BatchProcessor(Generic[T, U]):
     ``config`` is validated again here (``ValueError`` naming the field for one changed
     into a bad value after it was made; ``TypeError`` for what is not a
     `BatchProcessorConfig`) and the processor keeps its own copy, ``config``, read-only:
-    later changes to the object passed in change nothing in the processor.
+    later changes to the object passed in change nothing in the processor. A config's
+    fields given here as keywords (``config_fields``) are refused with a ``TypeError``
+    showing the call to write: ``BatchProcessor(BatchProcessorConfig(max_batch_size=8))``.
 
     >>> import numpy as np
     >>> from batchproc import BatchProcessor, BatchProcessorConfig

@@ -674,6 +674,76 @@ def test_room_is_not_lost_to_a_waiter_whose_loop_is_gone(make_processor, closed)
     assert waited < 5.0  # not its timeout: the room freed by the filler was its own
 
 
+@pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop stopped"])
+@pytest.mark.parametrize("healthy_in_line", [True, False],
+                         ids=["healthy waiting behind it", "healthy coming after"])
+def test_room_handed_to_a_waiter_whose_loop_then_stops_goes_on(make_processor, closed,
+                                                               healthy_in_line):
+    # The room reaches waiter A while its loop runs (busy in a callback); the loop stops
+    # before A's wake runs, so A never takes it. A healthy waiter behind A, or one arriving
+    # later, must still get it, while the only worker is held in a call (so no pop ends
+    # to report room: only the supervisor's look at the claims can find it).
+    in_call, gate = threading.Event(), threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 0.0:
+            in_call.set()
+            assert gate.wait(10)
+        return batch
+
+    processor = make_processor(model, max_queue_size=1, max_batch_size=1, max_workers=1)
+    processor.pause()
+    filler = processor.enqueue_predict(np.array([[0.0]]))
+    loop_a = asyncio.new_event_loop()
+    holding, let_go = threading.Event(), threading.Event()
+    kept = []  # A's task, kept as asyncio's docs advise (collected, it would leave the line)
+
+    def hold_then_stop():
+        holding.set()
+        let_go.wait(10)
+        loop_a.stop()
+
+    def run_a():
+        kept.append(loop_a.create_task(processor.apredict(np.array([[1.0]]))))
+        loop_a.run_forever()
+
+    thread_a = threading.Thread(target=run_a)
+    thread_a.start()
+    _wait_for(lambda: len(processor._room or ()) == 1, "waiter A in line")
+    loop_a.call_soon_threadsafe(hold_then_stop)
+    assert holding.wait(10)
+
+    async def main():
+        healthy = None
+        if healthy_in_line:
+            healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=10))
+            await _until(lambda: len(processor._room) == 2, "the healthy waiter behind A")
+        processor.resume()
+        await asyncio.to_thread(in_call.wait, 10)  # the filler's pop handed its room to A
+        assert processor._room._claimed == 1
+        let_go.set()
+        await asyncio.to_thread(thread_a.join, 10)
+        assert not loop_a.is_running()
+        if closed:
+            loop_a.close()
+        if healthy is None:
+            healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=10))
+        await _until(lambda: len(processor._queue) == 1, "the healthy request queued", 5.0)
+        gate.set()
+        return await healthy
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        let_go.set()
+        gate.set()
+        thread_a.join(10)
+        loop_a.close()
+    assert result.tolist() == [[7.0]]
+    assert filler.result(10).tolist() == [[0.0]]
+    assert processor.get_stats()["total_rejected"] == 0
+
+
 def test_an_event_loop_is_not_kept_alive_by_the_processor(make_processor):
     import gc
     import weakref

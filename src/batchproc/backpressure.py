@@ -31,7 +31,11 @@ pushes again otherwise. Without a queue to read, that protocol alone holds.) A w
 that goes away (its task was cancelled, its ``timeout`` passed) after it was handed room
 passes that room on to the next waiter. Room goes only to a waiter whose loop is
 running: one on a closed loop could never take it (it leaves the line), and one on a
-stopped loop is woken without room, so that it asks again if its loop runs again. The
+stopped loop is woken without room, so that it asks again if its loop runs again. A
+loop can also stop (or close) after its waiter was handed room and before the waiter
+ran: that claim is taken back, the waiter counted as woken without room, at the next
+hand-out or at the supervisor's next tick (``reclaim``), whichever comes first (a loop
+that stops tells nobody, and no request may leave the queue to start a hand-out). The
 line is kept in order of first arrival (a ticket each).
 
 Nobody waits beside room that nobody will hand out: while anyone waits, room in the
@@ -46,10 +50,11 @@ parked after a failed call only takes room. (A push that runs out of memory afte
 took a slot gives the slot back unreported: the next release hands it out.) A claim
 ends by its push (``settle`` hands out what a release between that push and it could
 not, counting the room as still held), by a failure or a departure (``withdraw``, which
-releases), or by finding the room taken (the caller pushes again at once if room was
-released since, else waits again). And the first to join a line where nobody waits
-hands out the room nobody holds (left over by a release that found fewer waiters than
-room); later ones join behind a waiter, so any such room's hand-out is on its way.
+releases), by finding the room taken (the caller pushes again at once if room was
+released since, else waits again), or by its loop stopping (``reclaim``). And the first
+to join a line where nobody waits hands out the room nobody holds (left over by a
+release that found fewer waiters than room); later ones join behind a waiter, so any
+such room's hand-out is on its way.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class RoomWaiters:
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
         self._claimed = 0  # waiters handed room that have neither pushed nor left
+        self._claims: set[_Waiter] = set()  # those waiters
         # _waiting + _claimed: whoever finds it 0 may push at once (apredict's fast path).
         self.ahead = 0
         self._queue = queue
@@ -130,9 +136,7 @@ class RoomWaiters:
         future = loop.create_future()
         with self._lock:
             if lost is not None and lost.state == _CLAIMED:
-                lost.state = _GONE
-                self._claimed -= 1
-                self.ahead -= 1
+                self._unclaim_locked(lost, _GONE)
             if self._closed:
                 return None
             if epoch is not None:
@@ -177,9 +181,7 @@ class RoomWaiters:
         out, this does."""
         with self._lock:
             if waiter.state == _CLAIMED:
-                waiter.state = _GONE
-                self._claimed -= 1
-                self.ahead -= 1
+                self._unclaim_locked(waiter, _GONE)
                 self._hand_out_locked(self._unclaimed_locked())
 
     def close(self) -> None:
@@ -192,7 +194,10 @@ class RoomWaiters:
         """On the loop: the waiter stops waiting (cancelled, timed out). Room it was
         already handed goes to the next waiter."""
         with self._lock:
-            state, waiter.state = waiter.state, _GONE
+            state = waiter.state
+            if state == _CLAIMED:
+                self._unclaim_locked(waiter, _GONE)
+            waiter.state = _GONE
             if state == _WAITING:
                 self._waiting -= 1
                 self.ahead -= 1
@@ -202,17 +207,37 @@ class RoomWaiters:
                     # Many left without being woken (a paused processor, time-outs):
                     # drop them now rather than at the next release.
                     self._line = deque(w for w in self._line if w.state == _WAITING)
-            elif state == _CLAIMED:
-                self._claimed -= 1
-                self.ahead -= 1
         if state == _CLAIMED:
             self.release(1)
 
+    def reclaim(self) -> None:
+        """From any thread (the supervisor, at its tick): take back the room of waiters
+        handed it whose loop has stopped or closed since, and hand it to those waiting.
+        A loop that stops says so to nobody; without this, waiters behind such a claim
+        would wait for the next request to leave the queue, which may never come."""
+        if not self._claimed:
+            return
+        with self._lock:
+            if self._waiting:
+                self._hand_out_locked(self._unclaimed_locked())
+
+    def _unclaim_locked(self, waiter: _Waiter, state: int) -> None:
+        """``waiter`` no longer holds the room it was handed; its new ``state``."""
+        waiter.state = state
+        self._claims.discard(waiter)
+        self._claimed -= 1
+        self.ahead -= 1
+
     def _unclaimed_locked(self) -> int:
         """Room in the queue not handed to a waiter yet (0 without waiters to hand it
-        to, or without a queue to read)."""
+        to, or without a queue to read). Room held by a waiter whose loop stopped or
+        closed after it was handed the room counts as not handed: that waiter is woken
+        without room, as if its loop had not been running at the hand-out."""
         if not self._waiting or self._queue is None:
             return 0
+        for waiter in [w for w in self._claims if not w.channel.serving()]:
+            closed = waiter.future.get_loop().is_closed()
+            self._unclaim_locked(waiter, _GONE if closed else _NUDGED)
         return self._queue.room - self._claimed
 
     def _hand_out_locked(self, count: int) -> None:
@@ -228,6 +253,7 @@ class RoomWaiters:
             self._waiting -= 1
             if waiter.channel.serving():
                 waiter.state = _CLAIMED
+                self._claims.add(waiter)
                 self._claimed += 1
                 count -= 1
             else:

@@ -953,8 +953,9 @@ class BatchProcessor(Generic[T, U]):
 
     def _supervise(self) -> None:
         """Fail requests whose max_queue_time ran out as soon as it does (the queue wakes
-        this thread then); enforce item_timeout at a fine tick; run health checks at
-        their interval."""
+        this thread then); enforce item_timeout at a fine tick; take back room handed to
+        ``apredict`` waiters whose loop stopped since (``RoomWaiters.reclaim``); run
+        health checks at their interval."""
         cfg = self.config
         tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
         next_health = _monotonic() + cfg.health_check_interval
@@ -969,6 +970,9 @@ class BatchProcessor(Generic[T, U]):
                     expired = queue.take_expired(tick)
                     if expired:
                         self._dispatcher.expire_queued(expired)
+                room = self._room
+                if room is not None:
+                    room.reclaim()
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
                 self._dispatcher.fill_vacancies()

@@ -355,6 +355,53 @@ def test_closing_early_withdraws_queued_chunks(make_processor):
     assert sizes == [4, 1]
 
 
+def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_there(
+        make_processor):
+    # A garbage collection starts at any allocation, on any thread, maybe one holding a
+    # lock the withdrawal takes (here the apredict line's, which a withdrawn request's
+    # room goes through): the map's finalizer must not take it there.
+    import gc
+
+    started, gate = threading.Event(), threading.Event()
+
+    def model(batch):
+        started.set()
+        gate.wait(10)
+        return batch
+
+    p = make_processor(model, max_batch_size=4, max_workers=1)
+    line = p._room_waiters()
+    results = p.map(rows(40), chunksize=4, buffersize=6)
+    first = []
+    consumer = threading.Thread(target=lambda: first.append(next(results)))
+    consumer.start()  # queues 6 chunks, waits for the first, held in the model
+    assert started.wait(10)
+    _wait_for(lambda: p.get_stats()["queue_size"] == 5, "five chunks queued")
+    p.pause()
+    gate.set()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive() and (first[0] == 0).all()
+    gc.disable()  # the collection below is the one that finds the map
+    try:
+        cycle = [results]
+        cycle.append(cycle)
+        del results, cycle, consumer
+        collected = threading.Event()
+
+        def collect_holding_the_line_lock():
+            with line._lock:
+                gc.collect()
+            collected.set()
+
+        threading.Thread(target=collect_holding_the_line_lock, daemon=True).start()
+        assert collected.wait(10), "the collection deadlocked in the map's finalizer"
+    finally:
+        gc.enable()
+    # Withdrawn all the same, by the supervisor.
+    _wait_for(lambda: p.get_stats()["queue_size"] == 0, "the five chunks withdrawn")
+    assert p.get_stats()["total_cancelled"] == 5
+
+
 @pytest.mark.parametrize("return_exceptions", [False, True])
 def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatch,
                                                       return_exceptions):

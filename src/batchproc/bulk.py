@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import queue as _stdlib_queue
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -320,8 +320,6 @@ class Window:
         self.make_future: Callable[[], tuple[Any, Any]] | None = None
         self._processor = processor
         self._settings = settings
-        # Between a failing chunk's thread queueing its items and the consumer closing.
-        self._lock = threading.Lock()
 
     def add(self, slot: InFlight | Failed, ready: deque[Chunk | Failed]) -> None:
         self.slots.append(slot)
@@ -353,40 +351,46 @@ class Window:
 
         False when nothing is queued: the map was closed first (nobody wants them) or
         stop has taken the queue's last requests (each of ``chunk.singles`` is then its
-        ``ProcessorStoppedError``). The chunk then counts as the failure it was."""
+        ``ProcessorStoppedError``). The chunk then counts as the failure it was.
+
+        No lock against ``cancel`` (the consumer closing, maybe from a garbage collection
+        on this very thread): each sets its own flag before it reads the other's, so
+        either ``cancel`` finds ``chunk.singles`` and withdraws them, or this finds
+        ``closed`` after setting them and withdraws them itself."""
         settings = self._settings
         processor = self._processor
-        with self._lock:
-            if self.closed or self.make_future is None:
-                return False
-            now = _monotonic()
-            mqt = settings.max_queue_time
-            deadline = _INF if mqt is None else now + mqt
-            priority = settings.priority
-            make_future = self.make_future
-            requests = []
-            waits: list[Any] = []
-            for r in chunk.requests:
-                future, wait = make_future()
-                requests.append(Request(future, r.item, r.format, r.rows, r.nbytes, r.length,
-                                        now, r.key, r.queue_length, priority, deadline))
-                waits.append(wait)
-            tokens = processor._push_accepted(requests)
-            if tokens is None:
-                stopped = ProcessorStoppedError(
-                    "processor stopped before the items of this failed chunk were queued "
-                    "again one by one")
-                stopped.__cause__ = error
-                chunk.singles = [stopped] * len(requests)
-                return False
-            for k, token in enumerate(tokens):
-                if isinstance(token, BaseException):
-                    waits[k] = token  # this position gets the refusal
-                else:
-                    waits[k]._bp_token = token  # its cancel() withdraws it
-                    waits[k]._bp_owner = processor
-            chunk.singles = waits
-            return True
+        make_future = self.make_future
+        if self.closed or make_future is None:
+            return False
+        now = _monotonic()
+        mqt = settings.max_queue_time
+        deadline = _INF if mqt is None else now + mqt
+        priority = settings.priority
+        requests = []
+        waits: list[Any] = []
+        for r in chunk.requests:
+            future, wait = make_future()
+            requests.append(Request(future, r.item, r.format, r.rows, r.nbytes, r.length,
+                                    now, r.key, r.queue_length, priority, deadline))
+            waits.append(wait)
+        tokens = processor._push_accepted(requests)
+        if tokens is None:
+            stopped = ProcessorStoppedError(
+                "processor stopped before the items of this failed chunk were queued "
+                "again one by one")
+            stopped.__cause__ = error
+            chunk.singles = [stopped] * len(requests)
+            return False
+        for k, token in enumerate(tokens):
+            if isinstance(token, BaseException):
+                waits[k] = token  # this position gets the refusal
+            else:
+                waits[k]._bp_token = token  # its cancel() withdraws it
+                waits[k]._bp_owner = processor
+        chunk.singles = waits
+        if self.closed:  # closed meanwhile: nobody will read them
+            _withdraw_singles(waits)
+        return True
 
     def take_failure(self) -> BaseException:
         """The oldest position could not be queued: its error, to yield; raised when it
@@ -415,16 +419,48 @@ class Window:
     def cancel(self) -> None:
         """Withdraw what is still queued (what runs completes unseen): an iterator closed
         early leaves none of its requests behind in the queue. A chunk that fails after
-        this keeps its items to itself (``queue_again``): it counts as one failure."""
-        with self._lock:
-            self.closed = True
-        for slot in self.slots:
-            if isinstance(slot, InFlight):
-                _withdraw(slot.future)
-                for single in slot.chunk.singles or ():
-                    if not isinstance(single, BaseException):
-                        _withdraw(single)
+        this keeps its items to itself (``queue_again``): it counts as one failure.
+
+        Run by a garbage collection (a dropped map caught in a reference cycle), the
+        withdrawal is left to the processor's supervisor (``BatchProcessor._run_soon``):
+        a collection starts wherever an allocation happens, and this thread may hold a
+        lock that withdrawing takes (the ``apredict`` line's, a future's)."""
+        self.closed = True
+        slots = list(self.slots)
         self.slots.clear()
+        if _collecting:
+            self._processor._run_soon(functools.partial(_withdraw_slots, slots))
+        else:
+            _withdraw_slots(slots)
+
+
+def _withdraw_slots(slots: list[InFlight | Failed]) -> None:
+    for slot in slots:
+        if isinstance(slot, InFlight):
+            _withdraw(slot.future)
+            _withdraw_singles(slot.chunk.singles or ())
+
+
+def _withdraw_singles(singles: Iterable[Any]) -> None:
+    for single in singles:
+        if not isinstance(single, BaseException):  # a refusal: nothing queued
+            _withdraw(single)
+
+
+# Garbage collections in progress (gc.callbacks): finalizers they run may not take locks.
+_collecting = 0
+
+
+def _count_collections(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    # Never below 0: a collection may already run when the first map starts counting.
+    _collecting = _collecting + 1 if phase == "start" else max(_collecting - 1, 0)
+
+
+def _watch_collections() -> None:
+    """Count collections from now on (once per process; called by the first map)."""
+    if _count_collections not in gc.callbacks:
+        gc.callbacks.append(_count_collections)
 
 
 def _withdraw(future: Any) -> None:
@@ -464,6 +500,7 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
     queue = processor._queue
     priority = settings.priority
     window = Window(processor, settings)
+    _watch_collections()
 
     def make_future() -> tuple[Any, Any]:
         future = _RequestFuture()
@@ -557,6 +594,7 @@ def amap_results(processor: BatchProcessor[Any, Any],
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
     window = Window(processor, settings)
+    _watch_collections()
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
                      channel: Any) -> InFlight | Failed:

@@ -10,6 +10,7 @@ the health checks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import logging
@@ -184,6 +185,8 @@ class BatchProcessor(Generic[T, U]):
         self._started_in_pid = 0
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = threading.Event()
+        # Work handed to the supervisor by code that may not take locks (_run_soon).
+        self._soon: collections.deque[Callable[[], object]] = collections.deque()
         # enqueue_predict_async: one LoopChannel per event loop (neither holds the loop),
         # the last one used cached, read in one step by any thread.
         self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopChannel] = (
@@ -432,6 +435,7 @@ class BatchProcessor(Generic[T, U]):
             # Even when giving up at once: it only waits on its stop event, so it ends
             # at once unless a health check is running.
             supervisor.join(min(max(deadline - _monotonic(), SUPERVISOR_EXIT), 1.0))
+        self._run_soon_now()  # what the supervisor had no tick left for
         if leftover:
             logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
                            leftover)
@@ -623,6 +627,24 @@ class BatchProcessor(Generic[T, U]):
         return await apredict(self, item, timeout, priority, deadline)
 
     _room: RoomWaiters | None = None
+
+    def _run_soon(self, work: Callable[[], object]) -> None:
+        """Have the supervisor run ``work`` at its next tick (at most 0.5 s): for code
+        that may run where it must not take locks (a finalizer run by a garbage
+        collection). Taking no lock itself (``deque.append`` is atomic), it may be called
+        anywhere. ``stop()`` runs what is left when the supervisor has ended; handed
+        over after that, it is dropped with the processor (nothing is queued then)."""
+        self._soon.append(work)
+
+    def _run_soon_now(self) -> None:
+        """The supervisor runs what ``_run_soon`` handed it."""
+        soon = self._soon
+        while soon:
+            work = soon.popleft()
+            try:
+                work()
+            except Exception:
+                logger.exception("batchproc: deferred work failed")
 
     def _room_waiters(self) -> RoomWaiters:
         """The coroutines awaiting room (apredict); made on first need, after which the
@@ -973,6 +995,7 @@ class BatchProcessor(Generic[T, U]):
                 room = self._room
                 if room is not None:
                     room.reclaim()
+                self._run_soon_now()
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
                 self._dispatcher.fill_vacancies()

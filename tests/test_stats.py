@@ -6,7 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from batchproc import BatchStats
+from batchproc import BatchProcessor, BatchStats, QueueFullError
+from batchproc.metrics import MetricsSink
 from batchproc.stats import STAT_KEYS
 
 DESIGN_KEYS = {"avg_processing_time", "avg_batch_size", "avg_queue_time", "p50_latency",
@@ -153,6 +154,38 @@ def test_a_raising_collector_is_logged_and_never_breaks_processing(make_processo
     assert sum("record_batch raised" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_a_collector_without_the_methods_is_skipped(make_processor):
-    p = make_processor(lambda b: b, metrics_collector=object())
+@pytest.mark.parametrize("collector", [object(), "prometheus", MetricsSink],
+                         ids=["object", "a name", "a class"])
+def test_a_collector_with_none_of_the_methods_is_refused(collector):
+    with pytest.raises(TypeError, match=r"metrics_collector must have one or more of "
+                       r"record_batch, .* \(the MetricsCollector protocol\), got .*"
+                       r"PrometheusMetrics\(name\)"):
+        BatchProcessor(metrics_collector=collector)
+
+
+def test_a_collector_with_some_of_the_methods_gets_those(make_processor):
+    class Rejections:
+        def __init__(self):
+            self.rejected = 0
+
+        def record_rejected(self, count):
+            self.rejected += count
+
+    collector = Rejections()
+    p = make_processor(lambda b: b, metrics_collector=collector, max_queue_size=1)
+    p.pause()
+    p.enqueue_predict(np.array([1]))
+    with pytest.raises(QueueFullError):
+        p.enqueue_predict(np.array([2]), timeout=0)
+    assert collector.rejected == 1
+
+
+def test_a_collector_that_only_binds_to_the_processor_is_taken(make_processor):
+    class ReadsStatsItself:
+        def bind_processor(self, processor):
+            self.processor = processor
+
+    collector = ReadsStatsItself()
+    p = make_processor(lambda b: b, metrics_collector=collector)
+    assert collector.processor is p
     assert p.enqueue_predict(np.array([1])).result(timeout=10)[0] == 1

@@ -47,7 +47,8 @@ OUTCOME_EXPIRED = "expired"  # max_queue_time, never dispatched (OUTCOME_TIMEOUT
 
 @runtime_checkable
 class MetricsCollector(Protocol):
-    """The full protocol; a collector may implement any subset of it."""
+    """The full protocol; a collector may implement any subset of it, one method at least
+    (or ``bind_processor(processor)`` alone, to read the processor itself)."""
 
     def record_batch(self, size: int, rows: int, queue_time: float, processing_time: float,
                      outcome: str) -> None: ...
@@ -88,7 +89,9 @@ class MetricsSink:
 
     def add(self, collector: object) -> None:
         """Attach a collector (also while the processor runs); its methods are called from
-        the next event on."""
+        the next event on. ``TypeError`` for an object with none of them and no
+        ``bind_processor`` (a string, a class where an instance was meant): it would be
+        called for nothing."""
         bind = getattr(collector, "bind_processor", None)
         if callable(bind) and self._owner is not None:
             try:
@@ -100,9 +103,12 @@ class MetricsSink:
         found = {name: method for name in self._METHODS
                  if callable(method := getattr(collector, name, None))}
         if not found:
-            logger.warning("metrics_collector %r has none of %s; it will not be called",
-                           collector, ", ".join(self._METHODS))
-            return
+            if callable(bind):
+                return  # it reads the processor itself (bound above)
+            raise TypeError(
+                f"metrics_collector must have one or more of {', '.join(self._METHODS)} "
+                f"(the MetricsCollector protocol), got {collector!r}; for Prometheus: "
+                "batchproc.observe.prometheus.PrometheusMetrics(name)")
         with self._adding:
             methods = dict(self._methods)
             for name, method in found.items():

@@ -131,6 +131,7 @@ class RequestQueue:
         self._pushed = 0
         self._closed = False
         self._paused = False
+        self._retargets = 0
         self._in_flight = 0
         self._idle_since = 0.0
         self._idle_rows = 0
@@ -310,7 +311,8 @@ class RequestQueue:
 
     def pop_batch(self, max_rows: int, max_bytes: int = 0, *, max_tokens: int = 0,
                   fill_rows: int = 0, max_wait: float = 0.0, idle_gap: float | None = None,
-                  fill_time: float = 0.0, timeout: float | None = None) -> list[Any]:
+                  fill_time: float = 0.0, timeout: float | None = None,
+                  retargets: int | None = None) -> list[Any]:
         max_rows = _int_clamped(max_rows, "max_rows")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
@@ -322,14 +324,19 @@ class RequestQueue:
         fill_time = _float_arg(fill_time, "fill_time")
         deadline = time.monotonic() + _timeout_arg(timeout)
         fill = fill_rows > 0 and max_wait > 0
+        def stale() -> bool:
+            return retargets is not None and retargets != self._retargets
+
         with self._cond:
+            if stale():
+                return []
             while True:
                 # Step 1: any live entry (parked ones are coming, even after close).
                 self._tick()
                 while not self._live or (self._paused and not self._closed):
                     now = time.monotonic()
                     left = deadline - now
-                    if self._nothing_coming() or left <= 0:
+                    if self._nothing_coming() or left <= 0 or stale():
                         return []
                     if not self._paused or self._closed:
                         left = min(left, max(0.0, self._next_due() - now))
@@ -342,6 +349,8 @@ class RequestQueue:
                 # Step 2: fill wait (rows only, never tokens).
                 while (fill and self._live and not self._closed and not self._paused
                        and self._rows < fill_rows and not self._head().solo):  # type: ignore[union-attr]
+                    if stale():
+                        return []
                     head = self._head()
                     assert head is not None
                     # The ceiling, always, from the oldest entry (not the head: with
@@ -374,6 +383,8 @@ class RequestQueue:
                     self._tick()
                 if self._live and not (self._paused and not self._closed):
                     break
+            if stale():
+                return []
             # Step 3: select.
             head = self._head()
             assert head is not None
@@ -508,6 +519,15 @@ class RequestQueue:
     def resume(self) -> None:
         with self._cond:
             self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def retargets(self) -> int:
+        return self._retargets
+
+    def retarget(self) -> None:
+        with self._cond:
+            self._retargets += 1
             self._cond.notify_all()
 
     @property

@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from waiting import wait_for as _wait_for
 
 from batchproc import BatchProcessorConfig
 from batchproc.controller import (
@@ -462,6 +463,37 @@ def test_update_batch_size_is_clamped(make_processor):
     for bad in ("big", 16.0, True, np.bool_(True)):
         with pytest.raises(TypeError, match="batch size must be an int"):
             p.update_batch_size(bad)
+
+
+@pytest.mark.parametrize("worker", ["idle", "filling a batch"])
+def test_update_batch_size_applies_to_the_batch_a_waiting_worker_is_about_to_take(
+        make_processor, worker):
+    # The worker planned its pop for 64 rows before the call: waiting for requests, or
+    # with 3 queued waiting up to batch_timeout (far longer than the test) for 61 more.
+    sizes = []
+
+    def model(batch):
+        sizes.append(len(batch))
+        return batch
+
+    p = make_processor(model, processing_strategy="fixed", initial_batch_size=64,
+                       max_batch_size=64, batch_timeout=60.0, max_workers=1)
+    waiters = p._queue._waiters
+    if worker == "idle":
+        _wait_for(lambda: waiters()[0] == 1, "the worker waiting for requests")
+        p.update_batch_size(8)
+        p.pause()
+        futures = [p.enqueue_predict(np.ones((1, 2))) for _ in range(16)]
+        p.resume()
+        expected = [8, 8]
+    else:
+        futures = [p.enqueue_predict(np.ones((1, 2))) for _ in range(3)]
+        _wait_for(lambda: waiters()[1] == 1, "the worker filling a batch")
+        p.update_batch_size(3)
+        expected = [3]
+    for future in futures:
+        future.result(timeout=10)  # not batch_timeout's 60 s
+    assert sizes == expected
 
 
 def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):

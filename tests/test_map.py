@@ -373,7 +373,8 @@ def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_t
     line = p._room_waiters()
     results = p.map(rows(40), chunksize=4, buffersize=6)
     first = []
-    consumer = threading.Thread(target=lambda: first.append(next(results)))
+    # (The map as an argument: a thread drops its arguments when it ends.)
+    consumer = threading.Thread(target=lambda it: first.append(next(it)), args=(results,))
     consumer.start()  # queues 6 chunks, waits for the first, held in the model
     assert started.wait(10)
     _wait_for(lambda: p.get_stats()["queue_size"] == 5, "five chunks queued")

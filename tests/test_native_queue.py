@@ -839,6 +839,49 @@ def test_fill_wait_goes_back_to_step_one_when_emptied(impl: Any) -> None:
     assert popper.outcome() == ["b"]
 
 
+# ------------------------------------------------------------------ retarget
+
+
+def test_a_pop_planned_before_a_retarget_takes_nothing(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    planned = q.retargets
+    q.push("a")
+    q.retarget()
+    assert q.retargets == planned + 1
+    assert q.pop_batch(10, retargets=planned, timeout=0) == []
+    assert len(q) == 1  # still queued, for the pop planned again
+    assert q.pop_batch(10, retargets=q.retargets, timeout=0) == ["a"]
+
+
+def test_a_retarget_ends_a_pop_waiting_for_entries(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    popper = Worker(q.pop_batch, 10, retargets=q.retargets, timeout=10 * HANG)
+    blocked(q, ITEMS)
+    q.retarget()
+    assert popper.outcome() == []
+
+
+def test_a_retarget_ends_a_fill_wait_leaving_the_entries_queued(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a")
+    q.push("b")
+    popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=10 * HANG, retargets=q.retargets)
+    blocked(q, FILL)
+    q.retarget()
+    assert popper.outcome() == []
+    assert q.pop_batch(2, retargets=q.retargets, timeout=0) == ["a", "b"]
+
+
+def test_a_pop_that_gives_no_retargets_is_not_ended_by_one(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, fill_rows=2, max_wait=10 * HANG, timeout=10 * HANG)
+    blocked(q, FILL)
+    q.retarget()
+    q.push("b")
+    assert popper.outcome() == ["a", "b"]
+
+
 # ------------------------------------------------------------------ close
 
 

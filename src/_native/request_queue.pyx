@@ -166,6 +166,8 @@ ctypedef struct PopParams:
     double idle_gap
     double fill_time
     bint fill           # whether step 2 (the fill wait) applies at all
+    uint64_t retargets  # the queue's retargets the caller planned for (stale: pop nothing)
+    bint planned        # whether the caller gave one
 
 
 # The priority an entry gets once it has waited longer than max_priority_wait: above
@@ -495,6 +497,7 @@ cdef class RequestQueue:
     cdef Py_ssize_t _dlen, _plen, _alen, _nexpired, _w_exp
     cdef double _aging
     cdef uint64_t _pushed       # entries accepted by push() (parks are not arrivals)
+    cdef uint64_t _retargets    # retarget() calls: pops planned before one pop nothing
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX
@@ -928,9 +931,14 @@ cdef class RequestQueue:
         self._last_batch_len = <Py_ssize_t>buf.n
         return <Py_ssize_t>buf.n
 
+    cdef inline bint _stale_locked(self, const PopParams* p) noexcept nogil:
+        return p.planned and p.retargets != self._retargets
+
     cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
                                     PopBuf* buf) noexcept nogil:
         """pop_batch without waiting: the batch size, or RQ_RETRY if it must wait."""
+        if self._stale_locked(p):
+            return 0
         self._tick_locked()
         if self._len == 0 or (self._paused and not self._closed):
             if self._nothing_coming_locked() or not may_wait:
@@ -953,7 +961,7 @@ cdef class RequestQueue:
             # closed queue still hands them out then.
             self._tick_locked()
             while self._len == 0 or (self._paused and not self._closed):
-                if self._nothing_coming_locked():
+                if self._nothing_coming_locked() or self._stale_locked(p):
                     return 0
                 t = mono_now()
                 if t >= deadline:
@@ -970,6 +978,8 @@ cdef class RequestQueue:
             if p.fill:
                 while (self._len > 0 and not self._closed and not self._paused
                        and self._rows < p.fill_rows and not self._heap[0].solo):
+                    if self._stale_locked(p):
+                        return 0
                     d = self._fill_deadline(p)
                     t = mono_now()
                     if t >= d:
@@ -991,6 +1001,8 @@ cdef class RequestQueue:
                     # Cancelled, taken by another consumer or paused meanwhile: back to
                     # step 1, with what is left of `timeout`.
                     continue
+            if self._stale_locked(p):
+                return 0
             return self._select_locked(p, buf)
 
     cdef Py_ssize_t _drain_locked(self, PopBuf* buf) noexcept nogil:
@@ -1300,7 +1312,7 @@ cdef class RequestQueue:
         return _token(seq, s)
 
     def pop_batch(self, max_rows, max_bytes=0, *, max_tokens=0, fill_rows=0, max_wait=0.0,
-                  idle_gap=None, fill_time=0.0, timeout=None):
+                  idle_gap=None, fill_time=0.0, timeout=None, retargets=None):
         """Take the next batch: a list of items in (priority, arrival) order.
 
         1. Wait up to ``timeout`` seconds (None: until closed; 0: not at all) for at least
@@ -1341,6 +1353,11 @@ cdef class RequestQueue:
            its longest length x the most bytes per row and unit of length among its
            entries (an entry's ``nbytes / (rows x length)``, rounded up).
 
+        ``retargets``: the value of ``retargets`` the caller read before it chose
+        ``max_rows`` and ``fill_rows``; once ``retarget()`` has been called since, the
+        call returns ``[]`` at once, or as soon as it is woken, taking nothing (``None``:
+        not checked).
+
         After ``close()`` nothing waits: the call returns what remains by the same rules,
         and ``[]`` once the queue is empty. ``max_rows`` must be >= 1 (else
         ``ValueError``); ``max_bytes <= 0`` means no byte cap, ``max_tokens <= 0`` no
@@ -1358,6 +1375,8 @@ cdef class RequestQueue:
         p.idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
         p.fill_time = _float_arg(fill_time, "fill_time")
         p.fill = p.fill_rows > 0 and p.max_wait > 0.0
+        p.planned = retargets is not None
+        p.retargets = retargets if p.planned else 0
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by
         cdef PopBuf buf
@@ -1658,6 +1677,22 @@ cdef class RequestQueue:
     def pushed(self):
         """Entries ever accepted by push() (never decreases; parks do not count)."""
         return self._pushed
+
+    @property
+    def retargets(self):
+        """How many times ``retarget()`` was called: read it before choosing a pop's sizes
+        and pass it to ``pop_batch(retargets=...)``."""
+        return self._retargets
+
+    def retarget(self):
+        """The batch sizes changed: every pop planned before this call (its ``retargets``
+        older) returns ``[]`` now, or when it next looks, taking nothing, so that its
+        caller plans again (``BatchProcessor.update_batch_size``)."""
+        with nogil:
+            sync_lock(self._sync)
+            self._retargets += 1
+            notify_everyone(self._sync)
+            sync_unlock(self._sync)
 
     @property
     def in_flight(self):

@@ -577,6 +577,7 @@ class Controller:
             self.batch_started = queue.begin_batch  # type: ignore[method-assign]
             self.batch_answered = queue.answer_batch  # type: ignore[method-assign]
             self.batch_ended = queue.end_batch  # type: ignore[method-assign]
+        self._queue = queue
         self._lock = threading.Lock()
         self._current = config.initial_batch_size
         self._memory = MEMORY_OK
@@ -606,7 +607,8 @@ class Controller:
         return self._memory
 
     def set_batch_size(self, rows: int) -> int:
-        """Manual override (``update_batch_size``), clamped into [min, max]."""
+        """Manual override (``update_batch_size``), clamped into [min, max]; pops planned
+        before it (waiting for requests, or for a batch to fill) plan again."""
         number = as_int(rows)  # any integer the config takes (numpy's too), not a bool
         if number is None:
             raise TypeError(f"batch size must be an int, got {rows!r}")
@@ -614,7 +616,10 @@ class Controller:
         with self._lock:
             self._current = min(max(number, cfg.min_batch_size), cfg.max_batch_size)
             self._replan()
-            return self._current
+            current = self._current
+        if self._queue is not None:
+            self._queue.retarget()
+        return current
 
     def _replan(self) -> None:
         """Recompute the size ceiling and the plan from the target, the model and the

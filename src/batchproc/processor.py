@@ -847,13 +847,13 @@ class BatchProcessor(Generic[T, U]):
     def update_batch_size(self, new_size: int) -> None:
         """Set the target rows per batch, clamped into [min_batch_size, max_batch_size].
 
-        ``new_size`` is any integer the config takes (numpy's too; ``TypeError`` for
-        anything else, a ``bool`` included). The target applies from the next batch a
-        worker begins to gather: one already gathering keeps the target it began with,
-        so after lowering it that batch may still wait up to ``batch_timeout`` for its
-        rows. With ``FIXED`` (or ``enable_adaptive_batching=False``) the target then
+        ``new_size`` is any integer (numpy's too; ``TypeError`` for anything else, a
+        ``bool`` included); one outside the range is clamped, not refused. The target
+        applies to the next batch a worker takes: a worker already waiting for requests,
+        or for a batch to fill, plans its batch again (a batch already taken runs as it
+        is). With ``FIXED`` (or ``enable_adaptive_batching=False``) the target then
         stays until the next call; ``ADAPTIVE`` and ``GREEDY`` start from it and move it
-        again as they measure."""
+        again as they measure (a backed-up queue doubles it at once)."""
         self._controller.set_batch_size(new_size)
 
     @property

@@ -279,6 +279,9 @@ class WorkerPool:
                     else:
                         continue  # it ended meanwhile: its slot is free again
                 try:
+                    # Read before the plan: a target set after it (update_batch_size)
+                    # makes the pop return empty, to plan again.
+                    retargets = queue.retargets
                     plan = controller.plan(queue.rows)
                     with board.lock:
                         # Once stop() has given up on in-flight work it fails what is
@@ -294,7 +297,8 @@ class WorkerPool:
                             plan.target_rows, byte_cap, max_tokens=token_cap,
                             fill_rows=plan.target_rows,
                             max_wait=plan.max_wait, idle_gap=plan.idle_gap,
-                            fill_time=plan.fill_time, timeout=POP_POLL)
+                            fill_time=plan.fill_time, timeout=POP_POLL,
+                            retargets=retargets)
                     except BaseException:
                         self._register([], worker)  # only to end the pop
                         raise

@@ -717,6 +717,21 @@ def test_config_and_metrics_collector_are_still_taken_as_keywords() -> None:
     assert processor.config.max_batch_size == 8
 
 
+@pytest.mark.parametrize(("name", "hint"), [("max_batchsize", " (did you mean 'max_batch_size'?)"),
+                                            ("MAX_BATCH_SIZE", " (did you mean 'max_batch_size'?)"),
+                                            ("colour", "")])
+def test_assigning_a_field_that_does_not_exist_is_refused_naming_the_closest(name,
+                                                                             hint) -> None:
+    config = BatchProcessorConfig()
+    with pytest.raises(AttributeError, match=re.escape(
+            f"BatchProcessorConfig has no field {name!r}{hint}; "
+            "help(batchproc.BatchProcessorConfig) lists them")):
+        setattr(config, name, 8)
+    assert not hasattr(config, name)
+    config.max_batch_size = 8  # a field still can be
+    assert config.max_batch_size == 8
+
+
 def test_a_config_keeps_its_signature_and_positional_fields() -> None:
     import inspect
 

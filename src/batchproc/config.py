@@ -122,7 +122,8 @@ def _keywords_named(cls: type[_C]) -> type[_C]:
 @_keywords_named
 @dataclass
 class BatchProcessorConfig:
-    """Settings of a `BatchProcessor`, all keyword arguments with defaults.
+    """Settings of a `BatchProcessor`, each with a default; give them as keywords (taken
+    positionally too, in the order below, which is easy to get wrong).
 
     Contradictory values (min above max, non-positive sizes, negative times, a warning
     threshold above its critical one, a queue threshold above ``max_queue_size``,
@@ -203,8 +204,10 @@ class BatchProcessorConfig:
             ``enable_memory_optimization``, in requests, at most ``max_batch_size``.
             Default ``None``: ``100``, or ``max_batch_size`` when that is smaller. Needs
             ``enable_memory_optimization``.
-        memory_warning_threshold: Memory level graded "warning", in percent of the
-            machine's memory held by this process (resident set). Default ``None``:
+        memory_warning_threshold: Memory level graded "warning", in percent: of the
+            container's memory limit, the memory its cgroup counts (the working set),
+            where there is a limit; else of the machine's memory, this process's
+            resident set (``health()``'s ``memory`` check). Default ``None``:
             ``80.0``, or ``memory_critical_threshold`` when that is set lower. At warning
             the target is capped at half the throughput-optimal size.
         memory_critical_threshold: Memory level graded "critical", in percent, as above.
@@ -491,6 +494,13 @@ class BatchProcessorConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         if _READ_ONLY in self.__dict__:
             raise FrozenInstanceError(_FIXED.format(action="set", name=name))
+        if name not in FIELD_NAMES and not name.startswith("_"):
+            # A misspelt field would be set, and ignored: refused as the constructor does.
+            close = _closest(name, FIELD_NAMES)
+            raise AttributeError(
+                f"BatchProcessorConfig has no field {name!r}"
+                + (f" (did you mean {close!r}?)" if close else "")
+                + "; help(batchproc.BatchProcessorConfig) lists them")
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:

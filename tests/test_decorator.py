@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import gc
+import re
 import subprocess
 import sys
 import threading
@@ -693,6 +694,13 @@ def test_without_parentheses_the_error_says_how_to_write_it():
 
     with pytest.raises(TypeError, match=r"@batchproc.batch\(\)"):
         batchproc.batch(lengths)
+
+
+def test_a_config_given_positionally_is_refused_showing_the_keyword():
+    with pytest.raises(TypeError, match=re.escape(
+            "batch takes its config as a keyword: "
+            "@batchproc.batch(config=BatchProcessorConfig(...))")):
+        batchproc.batch(batchproc.BatchProcessorConfig(max_batch_size=8))
 
 
 def _script_output(code: str) -> str:

@@ -450,6 +450,9 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only;
     for a keyword that is neither a field nor one of its own, naming the closest field.
     """
+    if isinstance(function, BatchProcessorConfig):
+        raise TypeError("batch takes its config as a keyword: "
+                        "@batchproc.batch(config=BatchProcessorConfig(...))")
     if function is not None:
         raise TypeError(
             "batch takes keyword arguments only: write @batchproc.batch() (with "

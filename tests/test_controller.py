@@ -496,6 +496,26 @@ def test_update_batch_size_applies_to_the_batch_a_waiting_worker_is_about_to_tak
     assert sizes == expected
 
 
+def test_critical_memory_shrinks_the_batch_an_idle_worker_is_about_to_take(make_processor):
+    sizes = []
+
+    def model(batch):
+        sizes.append(len(batch))
+        return batch
+
+    # The health check off: set to critical here, the level stays.
+    p = make_processor(model, initial_batch_size=64, max_batch_size=64, min_batch_size=4,
+                       max_workers=1, enable_health_monitoring=False)
+    _wait_for(lambda: p._queue._waiters()[0] == 1, "the worker waiting for requests")
+    p._controller.set_memory_level("critical")  # as the health check does
+    p.pause()
+    futures = [p.enqueue_predict(np.ones((1, 2))) for _ in range(16)]
+    p.resume()
+    for future in futures:
+        future.result(timeout=10)
+    assert sizes == [4, 4, 4, 4]
+
+
 def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):
     lock = threading.Lock()
 

@@ -617,8 +617,7 @@ class Controller:
             self._current = min(max(number, cfg.min_batch_size), cfg.max_batch_size)
             self._replan()
             current = self._current
-        if self._queue is not None:
-            self._queue.retarget()
+        self._retarget()
         return current
 
     def _replan(self) -> None:
@@ -710,10 +709,12 @@ class Controller:
             return
         with self._lock:
             new = max(cfg.min_batch_size, self._current // 2)
-            if new != self._current:
-                self._log("batch failed: target %d -> %d", self._current, new)
-                self._current = new
-                self._replan()
+            if new == self._current:
+                return
+            self._log("batch failed: target %d -> %d", self._current, new)
+            self._current = new
+            self._replan()
+        self._retarget()
 
     def set_memory_level(self, level: str) -> None:
         if level not in _MEMORY_SHARE:
@@ -725,10 +726,18 @@ class Controller:
             self._replan()
             if self.strategy is BatchProcessingStrategy.FIXED:
                 return
-            if self._current > self._ceiling:
-                self._log("memory %s: target %d -> %d", level, self._current, self._ceiling)
-                self._current = self._ceiling
-                self._replan()
+            if self._current <= self._ceiling:
+                return
+            self._log("memory %s: target %d -> %d", level, self._current, self._ceiling)
+            self._current = self._ceiling
+            self._replan()
+        self._retarget()
+
+    def _retarget(self) -> None:
+        """The target was set or lowered: pops planned before (a worker waiting for
+        requests, or for a batch to fill) plan again, so the next batch has the new one."""
+        if self._queue is not None:
+            self._queue.retarget()
 
     def _log(self, msg: str, *args: object) -> None:
         if self._debug:

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc.bench import report
@@ -570,3 +571,33 @@ def test_counting_model_waits_for_its_calls_in_progress():
         model.done.set()
     assert counted.wait_idle(10) == 0 and model.returned == 1
     caller.join(10)
+
+
+def _ctrl_c(done: int) -> None:
+    """A tick that raises what Ctrl-C raises, where it lands: in the thread watching the
+    run, at its first look."""
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("target", "load"), [
+    (NoBatching(), Load("closed", clients=3, features=4)),
+    (NoBatching(), Load("rate", rate=200.0, features=4)),
+    (BatchprocAsync(max_batch=4), Load("closed", clients=3, features=4)),
+], ids=["closed", "open", "asyncio"])
+def test_ctrl_c_while_a_run_is_watched_ends_its_load(blocked, target, load):
+    # No batching's clients and generator are in the model's call; the asyncio clients
+    # await theirs. Interrupted, the load submits nothing more: its threads end once
+    # their call in progress returns, though the run had 30 s to go and the target is
+    # still running.
+    before = set(threading.enumerate())
+    _started(target, blocked)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_load(target, load, Bounds(duration=BLOCKED_S), _ctrl_c)
+        assert blocked.entered.is_set()
+        blocked.release.set()
+        wait_for(lambda: not [t for t in threading.enumerate()
+                              if t not in before and t.name.startswith("bench")],
+                 "the load's threads to end")
+    finally:
+        target.stop()

@@ -39,12 +39,18 @@ by leaving out its slowest requests. One horizon for every system and every requ
 whose generator runs the model itself) is charged as long a wait as one that queued them.
 A run that leaves any is reported ``stopped_by="duration"``: the time bound ended it.
 The caller then stops the target (``run_target``), which gives up on what is left.
+
+Ctrl-C (or any exception) in the watching thread ends the run on its way out: the
+clients and the generator submit nothing more and end after their call in progress, an
+asyncio run's tasks are cancelled, and the exception goes on to the caller, which stops
+the target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import threading
@@ -375,7 +381,10 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
         call = target.call
         pc = time.perf_counter
         lat, pri, lock = lats[i], pris[i], locks[i]
-        start_gate.wait()
+        try:
+            start_gate.wait()
+        except threading.BrokenBarrierError:
+            return  # the run ended before it began (Ctrl-C)
         deadline = t0_box[0] + dur
         while True:
             k = next(tickets)
@@ -406,17 +415,22 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
         threading.Thread(target=client, args=(i,), name=f"bench-client-{i}", daemon=True)
         for i in range(load.clients)
     ]
-    for t in threads:
-        t.start()
     pc = time.perf_counter
-    t0 = t0_box[0] = pc()
-    start_gate.wait()
 
     def count() -> int:
         return sum(map(len, lats))
 
-    _join_until(threads, t0 + dur, count, tick)
-    _join_until(threads, _drained_by(t0, dur), count, tick)
+    try:
+        for t in threads:
+            t.start()
+        t0 = t0_box[0] = pc()
+        start_gate.wait()
+        _join_until(threads, t0 + dur, count, tick)
+        _join_until(threads, _drained_by(t0, dur), count, tick)
+    except BaseException:  # interrupted (Ctrl-C): the clients end
+        closed[0] = True  # each after its call in progress
+        start_gate.abort()  # ... or at once, if still waiting to begin
+        raise
     closed[0] = True
     for lock in locks:
         with lock:
@@ -548,25 +562,30 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     gen = threading.Thread(target=generate, name="bench-generator", daemon=True)
     pc = time.perf_counter
     t0 = state["t0"] = pc()
-    gen.start()
-    _join_until([gen], t0 + dur, lambda: count[0], tick)
-    drained_by = _drained_by(t0, dur)
-    _join_until([gen], drained_by, lambda: count[0], tick)
-    # Wait for what was submitted (bounded), still reporting progress. Futures complete
-    # roughly in order: block on the oldest unfinished one (no polling, which would
-    # steal CPU from the system under test); most of the rest are done by then.
-    last = pc()
-    k = 0
-    while k < len(futs) and pc() < drained_by:
-        f = futs[k]
-        if not f.done():
-            with contextlib.suppress(FutureTimeout, CancelledError):
-                f.exception(timeout=max(drained_by - pc(), 0.0))
-        now = pc()
-        if now - last > 0.1:
-            tick(count[0])
-            last = now
-        k += 1
+    try:
+        gen.start()
+        _join_until([gen], t0 + dur, lambda: count[0], tick)
+        drained_by = _drained_by(t0, dur)
+        _join_until([gen], drained_by, lambda: count[0], tick)
+        # Wait for what was submitted (bounded), still reporting progress. Futures
+        # complete roughly in order: block on the oldest unfinished one (no polling,
+        # which would steal CPU from the system under test); most of the rest are done
+        # by then.
+        last = pc()
+        k = 0
+        while k < len(futs) and pc() < drained_by:
+            f = futs[k]
+            if not f.done():
+                with contextlib.suppress(FutureTimeout, CancelledError):
+                    f.exception(timeout=max(drained_by - pc(), 0.0))
+            now = pc()
+            if now - last > 0.1:
+                tick(count[0])
+                last = now
+            k += 1
+    except BaseException:  # interrupted (Ctrl-C): the generator submits nothing more
+        closed[0] = True
+        raise
     with lock:
         closed[0] = True
         m = len(futs)
@@ -670,18 +689,35 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
                tick: Tick) -> LoadResult:
     box: dict[str, Any] = {}
     progress = [0]
+    abandoned = threading.Event()
+
+    async def main() -> LoadResult:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        box["cancel"] = functools.partial(loop.call_soon_threadsafe, task.cancel)
+        if abandoned.is_set():  # interrupted before ``cancel`` was there to be called
+            raise asyncio.CancelledError
+        return await _async_main(target, load, n, dur, plan, progress)
 
     def thread_main() -> None:
         try:
-            box["result"] = asyncio.run(_async_main(target, load, n, dur, plan, progress))
+            box["result"] = asyncio.run(main())
         except BaseException as exc:
             box["error"] = exc
 
     t = threading.Thread(target=thread_main, name="bench-asyncio", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.1)
-        tick(progress[0])
+    try:
+        t.start()
+        while t.is_alive():
+            t.join(0.1)
+            tick(progress[0])
+    except BaseException:  # interrupted (Ctrl-C): the loop's clients and requests end
+        abandoned.set()
+        cancel = box.get("cancel")
+        if cancel is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: it was done
+                cancel()
+        raise
     if "error" in box:
         raise box["error"]
     res: LoadResult = box["result"]

@@ -273,6 +273,10 @@ def run_target(
     client or generator of no batching in the model, a processor's worker its stop gave
     up on) are waited for, until ``settle_s`` seconds from the stop: those still running
     then are reported (``left_running``), as they take from the next run.
+
+    Ctrl-C (``KeyboardInterrupt``) during the run ends it: the load's threads end, the
+    target is stopped, the progress line says "interrupted", and the interrupt goes on
+    to the caller, with no wait for the model's calls (no run follows).
     """
     progress = progress or NullProgress()
     counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)
@@ -286,12 +290,18 @@ def run_target(
         try:
             with _frozen_heap(), GcClock() as gc_clock:
                 res = run_load(target, load, bounds, progress.update)
+        except KeyboardInterrupt:
+            settle_s = 0.0  # no run follows: the model's calls are not waited for
+            raise
         finally:
             stopped = time.perf_counter()
             try:
                 target.stop()
             finally:
                 left = counted.wait_idle(stopped + settle_s - time.perf_counter())
+    except KeyboardInterrupt:
+        progress.finish("interrupted")
+        raise
     except Exception as exc:  # the system itself broke: keep the other systems' runs
         log.debug("%s failed", target.name, exc_info=True)
         progress.finish("failed")
@@ -373,7 +383,9 @@ def run_limit(
     model call that raises, returns an output batchproc refuses (checked on the first
     call of each batch) or has not returned by the end of the drain ends the run as
     :func:`failed_run`, saying the batch's rows. The calls run on a thread of their own,
-    which a call that never returns is left to.
+    which a call that never returns is left to. Ctrl-C ends the run as it does
+    :func:`run_target`'s: no other call starts, the line says "interrupted", and the
+    interrupt goes on to the caller.
     """
     progress = progress or NullProgress()
     wanted = _expected(load, bounds)  # None: bounded by time alone
@@ -386,12 +398,15 @@ def run_limit(
     worker = threading.Thread(target=limit.run, name="batchproc-bench-limit", daemon=True)
     pc = time.perf_counter
     deadline = pc() + bound
-    worker.start()
     try:
+        worker.start()
         while not limit.finished.wait(min(0.1, max(deadline - pc(), 0.0))):
             progress.update(limit.done)
             if pc() >= deadline:
                 break
+    except KeyboardInterrupt:
+        progress.finish("interrupted")
+        raise
     finally:
         limit.give_up()  # a call that returns after the end starts no other
     if not limit.finished.is_set():

@@ -44,6 +44,7 @@ def test_sweep_json_table_and_systems(tmp_path, capsys) -> None:
     doc = json.loads(path.read_text())
     assert {"date", "machine", "versions", "settings", "capacity", "points", "skipped"} <= set(doc)
     assert doc["capacity"] == {"req_s": 2000.0, "measured": False, "run": None}
+    assert doc["interrupted"] is False
     assert doc["settings"]["fractions"] == [0.1, 0.5]
     assert doc["settings"]["configs"] == [
         "max_batch_size=8, processing_strategy=FIXED, batch_timeout=0.001"]

@@ -11,9 +11,14 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -21,11 +26,11 @@ from extras import require
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
-from batchproc.bench import BenchError, blas, cli, models, report
+from batchproc.bench import BenchError, blas, cli, interrupts, models, report, targets
 from batchproc.bench.cli import build_parser
 from batchproc.bench.configs import parse_config
 from batchproc.bench.loads import Bounds, Load
-from batchproc.bench.runner import RunResult, run_limit, run_target
+from batchproc.bench.runner import NullProgress, RunResult, run_limit, run_target
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -217,6 +222,7 @@ def test_tiny_run_prints_the_three_systems_and_writes_json(
     assert doc["runs"][2]["completed"] == 40 and doc["runs"][2]["mean_batch"] == 40.0
     assert 1 <= bp["mean_batch"] <= 2  # two clients: never more than two rows at once
     assert set(doc["ratios"]) == {"vs_no_batching", "vs_limit"}
+    assert doc["interrupted"] is False
 
 
 def test_burst_on_the_fixed_model_batches(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
@@ -929,3 +935,179 @@ def test_a_poisson_load_is_labelled_with_a_rounded_rate() -> None:
     assert Load("rate", rate=1125.27).label == "1,125 req/s Poisson"
     assert Load("rate", rate=2.5).label == "2.5 req/s Poisson"
     assert Load("rate", rate=100.0).label == "100 req/s Poisson"
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------
+
+
+class CtrlC(NullProgress):
+    """Ctrl-C during run ``at`` of a command (from 1, in the order its progress display
+    starts them), and that display, which keeps each run's label and how it ended.
+
+    The model, ``--model ctrl_c_mod:model``, is the identity until run ``at`` starts;
+    then its first call sends SIGINT to the main thread, as Ctrl-C does (it lands in
+    whatever the main thread waits on), and every call blocks until :meth:`release`:
+    the run is still in progress when the interrupt lands, and a model call is left
+    running for the command to leave behind.
+    """
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.labels: list[str] = []
+        self.ends: list[str] = []
+        self.hold = threading.Event()
+        self.released = threading.Event()
+        self._sent = False
+        self._lock = threading.Lock()
+
+    def __call__(self, batch):
+        if self.hold.is_set():
+            with self._lock:
+                first, self._sent = not self._sent, True
+            if first:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            self.released.wait(60)
+        return batch
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        self.labels.append(label)
+        if len(self.labels) == self.at:
+            self.hold.set()
+
+    def finish(self, summary: str) -> None:
+        self.ends.append(summary)
+
+    def release(self, before: set[threading.Thread]) -> None:
+        """Let the model's calls return, and check that every thread the command started
+        since ``before`` ends then (none was left running). A thread has ended once it
+        is out of ``threading.enumerate()``: a join that Ctrl-C interrupted can leave
+        ``is_alive()`` False for a thread that runs on (CPython 3.11)."""
+        self.hold.clear()
+        self.released.set()
+
+        def running() -> list[str]:
+            return sorted(t.name for t in threading.enumerate()
+                          if t not in before and t.name.startswith(("batchproc", "bench")))
+
+        deadline = time.monotonic() + 10
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not running(), f"left running: {running()}"
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch) -> Iterator[Callable[[int], CtrlC]]:
+    """``ctrl_c(at)``: Ctrl-C during run ``at`` (see :class:`CtrlC`), with Python's own
+    SIGINT handler installed for the test; the threads are checked at its end."""
+    made: list[CtrlC] = []
+    before = set(threading.enumerate())
+
+    def at(run: int) -> CtrlC:
+        made.append(CtrlC(run))
+        module = types.ModuleType("ctrl_c_mod")
+        module.model = made[-1]  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "ctrl_c_mod", module)
+        monkeypatch.setattr(report, "make_progress", lambda quiet: made[-1])
+        return made[-1]
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield at
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for c in made:
+            c.release(before)
+
+
+CTRL_C_BENCH = ["--model", "ctrl_c_mod:model", "--clients", "2", "--requests", "40",
+                "--duration", "60"]  # no run it interrupts would end by itself soon
+
+
+@pytest.mark.parametrize(("at", "finished", "ratios"), [
+    (2, ["batchproc"], ("vs no batching: - throughput", "vs the limit:   - throughput")),
+    (3, ["batchproc", "no batching"], ("vs the limit:   - throughput",)),
+], ids=["no-batching", "limit"])
+def test_ctrl_c_keeps_the_runs_that_finished(tmp_path, capsys, ctrl_c, at, finished,
+                                             ratios) -> None:
+    require("matplotlib", "test")
+    c = ctrl_c(at)
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    code, out, err = run_cli(capsys, *CTRL_C_BENCH, "--json", str(out_json),
+                             "--plot", str(out_png))
+    assert code == 130, err
+    assert err.splitlines()[-1] == "batchproc bench: interrupted", err
+    assert "Traceback" not in err
+    # The run in progress ended, its line saying so; no other run started.
+    assert len(c.labels) == len(c.ends) == at
+    assert c.ends[-1] == "interrupted" and "interrupted" not in c.ends[:-1]
+    doc = json.loads(out_json.read_text())
+    assert doc["interrupted"] is True
+    assert [r["system"] for r in doc["runs"]] == finished
+    assert all(r["completed"] == 40 and not r["failed"] for r in doc["runs"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "batchproc" in out and interrupts.NOTE in out
+    for line in ratios:
+        assert line in out, line
+
+
+def test_ctrl_c_keeps_the_sweep_points_that_finished(tmp_path, capsys, ctrl_c) -> None:
+    require("matplotlib", "test")
+    c = ctrl_c(3)  # no batching at the lower load, after batchproc's two
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    code, out, err = run_cli(capsys, "--sweep", "--model", "ctrl_c_mod:model",
+                             "--capacity", "200", "--loads", "0.25,0.5", "--duration", "0.2",
+                             "--json", str(out_json), "--plot", str(out_png))
+    assert code == 130, err
+    assert err.splitlines()[-1] == "batchproc bench: interrupted", err
+    assert c.ends[-1] == "interrupted" and len(c.labels) == 3
+    doc = json.loads(out_json.read_text())
+    assert doc["interrupted"] is True
+    assert [(p["system"], p["fraction"]) for p in doc["points"]] == [
+        ("batchproc", 0.25), ("batchproc", 0.5)]
+    assert all(p["completed"] > 0 for p in doc["points"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "capacity (given): 200 req/s" in out and interrupts.NOTE in out
+
+
+@pytest.mark.parametrize("load", [["--clients", "2"], ["--rate", "50"],
+                                  ["--clients", "2", "--asyncio"]],
+                         ids=["closed", "open", "asyncio"])
+def test_ctrl_c_in_the_first_run_writes_nothing_and_leaves_nothing_running(
+        tmp_path, capsys, ctrl_c, load) -> None:
+    c = ctrl_c(1)
+    path = tmp_path / "out.json"
+    code, out, err = run_cli(capsys, "--model", "ctrl_c_mod:model", *load, "--duration",
+                             "60", "--json", str(path))
+    assert code == 130, err
+    assert out == "" and not path.exists()
+    assert err.splitlines()[-1] == "batchproc bench: interrupted", err
+    assert c.ends == ["interrupted"]
+    # The fixture checks that the load's threads and the processor's end once the model
+    # returns: none goes on with the run the interrupt ended.
+
+
+def test_a_second_ctrl_c_while_the_run_stops_ends_the_command_at_once(
+        tmp_path, capsys, ctrl_c, monkeypatch) -> None:
+    c = ctrl_c(2)  # the --config system, after batchproc's run
+    stop = targets.Batchproc.stop
+
+    def stopped_by_a_second_ctrl_c(self) -> None:
+        stop(self)  # gives up on the model's held call after its timeout
+        if c.hold.is_set():
+            raise KeyboardInterrupt  # as batchproc's stop() raises one that came during it
+
+    monkeypatch.setattr(targets.Batchproc, "stop", stopped_by_a_second_ctrl_c)
+    path = tmp_path / "out.json"
+    began = time.monotonic()
+    code, out, err = run_cli(capsys, *CTRL_C_BENCH, "--config", "max_batch_size=8",
+                             "--json", str(path))
+    # Not the 60 s the run's drain would have given the held model call: an interrupted
+    # run waits for none.
+    assert time.monotonic() - began < 30
+    assert code == 130, err
+    lines = err.splitlines()
+    assert lines[-1] == "batchproc bench: interrupted" and lines.count(lines[-1]) == 1, err
+    assert c.ends[-1] == "interrupted" and len(c.labels) == 2
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"] is True and [r["system"] for r in doc["runs"]] == ["batchproc"]
+    assert interrupts.NOTE in out

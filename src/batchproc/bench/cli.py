@@ -9,7 +9,10 @@ searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, 
 one line on stderr and exit status 2, before anything runs. A run that raises is shown
 as failed, the other runs are kept, and the status is 1; so is an output that fails to
 be written after the runs (the figures are printed all the same); any other failure
-while running ends with one line and status 1.
+while running ends with one line and status 1. Ctrl-C ends the run in progress and
+keeps the runs that finished (:mod:`.interrupts`): ``bench`` prints and writes them as
+usual, marked interrupted; then the command says it was interrupted on stderr and exits
+with status 130.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from . import BenchError, tune
+from . import BenchError, interrupts, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
@@ -260,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
         "run that raised, model_errors: the model's calls that raised, arrival_rate: an "
         "open loop's arrivals over their window, "
-        "...) and ratios (vs_no_batching, vs_limit)",
+        "...), ratios (vs_no_batching, vs_limit) and interrupted (true when Ctrl-C ended "
+        "the runs: runs holds those that finished)",
     )
     o.add_argument(
         "--plot", metavar="FILE.png",
@@ -545,11 +549,13 @@ def run_bench(args: argparse.Namespace) -> int:
     title = _title(args, source, load.label) + f" · each run stops at {bound_desc}"
     runs = []
     settle = drain_window(bounds.duration or 0.0)
-    with _progress_display(args.quiet) as progress:
+    with _progress_display(args.quiet) as progress, interrupts.keep_finished() as stop:
         for target in (*systems, NoBatching()):
             runs.append(run_target(target, model, args.model, load, bounds, progress,
                                    settle_s=settle))
         runs.append(run_limit(model, args.model, load, bounds, args.max_batch, progress))
+    if stop.interrupted and not runs:
+        return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     failed = [r for r in runs if r.errors or r.failed or r.model_errors]
     # The files first: the table goes to a stdout that may be closed (`| head`).
@@ -569,6 +575,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "settings": settings,
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
+            "interrupted": stop.interrupted,
         }
         _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
                       doc, unwritten=unwritten)
@@ -576,8 +583,12 @@ def run_bench(args: argparse.Namespace) -> int:
         report.print_bench_table(title, runs, ratios)
         for line in _config_notes(args):
             print(line)
+        if stop.interrupted:
+            print(interrupts.NOTE)
         _print_unwritten(unwritten)
     _report_failed_runs("bench", runs)
+    if stop.interrupted:
+        return _interrupted(args)
     return 1 if failed or unwritten else 0
 
 
@@ -678,6 +689,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         result = sweep.run_sweep(
             systems, model, args.model, source, fractions=fractions, capacity=capacity,
             duration=duration, seed=args.seed, capacity_run=capacity_run, progress=progress)
+    if result.interrupted and not result.points:
+        return _interrupted(args)
     title = _title(args, source, f"Poisson loads, {duration:g} s each")
     unwritten: list[dict[str, Any]] = []
     if args.plot:
@@ -721,6 +734,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if capacity_run is not None:
         runs.insert(0, capacity_run)
     _report_failed_runs("bench", runs)
+    if result.interrupted:
+        return _interrupted(args)
     return 1 if any(r.errors or r.failed or r.model_errors for r in runs) or unwritten else 0
 
 
@@ -764,6 +779,12 @@ def run_tune(args: argparse.Namespace) -> int:
               "write that succeeded; the search's result is above", file=sys.stderr)
         return 1
     return 0 if result.best is not None else 1
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """The line on stderr of a command Ctrl-C ended, and its exit status."""
+    print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+    return interrupts.EXIT_STATUS
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -840,9 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # before the runs or after them (the runs keep theirs)
+        return _interrupted(args)
     except Exception as exc:  # never a traceback for the user; the log keeps it
         log.debug("%s failed", args.command, exc_info=True)
         print(f"{command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -43,7 +43,7 @@ The caller then stops the target (``run_target``), which gives up on what is lef
 Ctrl-C (or any exception) in the watching thread ends the run on its way out: the
 clients and the generator submit nothing more and end after their call in progress, an
 asyncio run's tasks are cancelled, and the exception goes on to the caller, which stops
-the target.
+the target (:mod:`.interrupts`).
 """
 
 from __future__ import annotations

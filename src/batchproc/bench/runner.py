@@ -276,7 +276,8 @@ def run_target(
 
     Ctrl-C (``KeyboardInterrupt``) during the run ends it: the load's threads end, the
     target is stopped, the progress line says "interrupted", and the interrupt goes on
-    to the caller, with no wait for the model's calls (no run follows).
+    to the caller (:mod:`.interrupts`), with no wait for the model's calls (no run
+    follows).
     """
     progress = progress or NullProgress()
     counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import report
 from .inputs import RequestSource
+from .interrupts import NOTE, keep_finished
 from .loads import Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
@@ -63,8 +64,11 @@ class SweepPoint:
 class SweepResult:
     capacity: float  # requests/s
     capacity_run: RunResult | None  # None when given with --capacity
-    points: dict[str, list[SweepPoint]]  # by system, in the order of offered load
+    # By system, in the order of offered load; a system no run of which finished (the
+    # sweep was interrupted first) has none.
+    points: dict[str, list[SweepPoint]]
     skipped: dict[str, list[float]]  # by system: fractions not run once saturated
+    interrupted: bool = False  # Ctrl-C ended the sweep: ``points`` holds what finished
 
 
 def arrival_rate(run: RunResult, duration: float, offered: float) -> float:
@@ -123,31 +127,34 @@ def run_sweep(
     progress: Progress | None = None,
 ) -> SweepResult:
     """Run every system at ``fractions`` of ``capacity`` (requests/s), ``duration`` seconds
-    each, Poisson arrivals; skip a system's higher loads once it is saturated."""
+    each, Poisson arrivals; skip a system's higher loads once it is saturated. Ctrl-C
+    ends the sweep: the result holds the points that finished, ``interrupted`` set
+    (:mod:`.interrupts`)."""
     points: dict[str, list[SweepPoint]] = {}
     skipped: dict[str, list[float]] = {}
     total = len(systems) * len(fractions)
     k = 0
-    for target in systems:
-        mine = points.setdefault(target.name, [])
-        in_a_row = 0
-        for i, f in enumerate(sorted(fractions)):
-            k += 1
-            if in_a_row >= SATURATED_IN_A_ROW:
-                skipped.setdefault(target.name, []).extend(sorted(fractions)[i:])
-                k += len(fractions) - i - 1
-                break
-            rate = capacity * f
-            load = Load("rate", rate=rate, source=source, seed=seed)
-            run = run_target(
-                target, model, model_name, load, Bounds(duration=duration), progress,
-                label=f"[{k}/{total}] {target.name} · {f:g} x capacity = {rate:,.0f} req/s",
-                settle_s=drain_window(duration),
-            )
-            point = SweepPoint(f, rate, run, duration)
-            mine.append(point)
-            in_a_row = in_a_row + 1 if point.saturated else 0
-    return SweepResult(capacity, capacity_run, points, skipped)
+    with keep_finished() as stop:
+        for target in systems:
+            in_a_row = 0
+            for i, f in enumerate(sorted(fractions)):
+                k += 1
+                if in_a_row >= SATURATED_IN_A_ROW:
+                    skipped.setdefault(target.name, []).extend(sorted(fractions)[i:])
+                    k += len(fractions) - i - 1
+                    break
+                rate = capacity * f
+                load = Load("rate", rate=rate, source=source, seed=seed)
+                run = run_target(
+                    target, model, model_name, load, Bounds(duration=duration), progress,
+                    label=(f"[{k}/{total}] {target.name} · {f:g} x capacity = "
+                           f"{rate:,.0f} req/s"),
+                    settle_s=drain_window(duration),
+                )
+                point = SweepPoint(f, rate, run, duration)
+                points.setdefault(target.name, []).append(point)
+                in_a_row = in_a_row + 1 if point.saturated else 0
+    return SweepResult(capacity, capacity_run, points, skipped, stop.interrupted)
 
 
 def table_rows(result: SweepResult) -> list[list[str]]:
@@ -179,6 +186,8 @@ def notes(result: SweepResult) -> list[str]:
         out.append(f"{system}: saturated, not run at " + ", ".join(f"{f:g}x" for f in fr))
     runs = [p.run for pts in result.points.values() for p in pts]
     out += [n for n in report.run_notes(runs) if not n.startswith("*")]
+    if result.interrupted:
+        out.append(NOTE)
     return out
 
 
@@ -192,8 +201,10 @@ def print_sweep(title: str, result: SweepResult, extra_notes: Sequence[str] = ()
 def to_json(result: SweepResult) -> dict[str, Any]:
     """``capacity`` {req_s, measured, run}, ``points`` (one object per system and load:
     system, fraction, offered, saturated, throughput, p50_ms, p95_ms, p99_ms,
-    mean_batch, completed, ...) and ``skipped`` {system: [fraction, ...]}."""
+    mean_batch, completed, ...), ``skipped`` {system: [fraction, ...]} and
+    ``interrupted`` (true when Ctrl-C ended the sweep: ``points`` holds what finished)."""
     return {
+        "interrupted": result.interrupted,
         "capacity": {
             "req_s": result.capacity,
             "measured": result.capacity_run is not None,

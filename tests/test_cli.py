@@ -1111,3 +1111,60 @@ def test_a_second_ctrl_c_while_the_run_stops_ends_the_command_at_once(
     doc = json.loads(path.read_text())
     assert doc["interrupted"] is True and [r["system"] for r in doc["runs"]] == ["batchproc"]
     assert interrupts.NOTE in out
+
+
+TUNE_SPACE = ["--rate", "100", "--duration", "0.15", "--sizes", "4", "--delays-ms", "1",
+              "--workers", "1", "--strategies", "adaptive,fixed", "--quiet"]
+
+
+@pytest.mark.parametrize("with_json", [True, False], ids=["json", "no-json"])
+def test_ctrl_c_during_tune_keeps_the_finished_runs_and_says_how_to_continue(
+        tmp_path, capsys, ctrl_c, with_json) -> None:
+    c = ctrl_c(3)  # the third configuration, after the default's run and another's
+    path = tmp_path / "tune.json"
+    argv = ["tune", "--model", "ctrl_c_mod:model", *TUNE_SPACE]
+    if with_json:
+        argv += ["--json", str(path)]
+    before = set(threading.enumerate())
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    assert out == ""
+    assert c.ends[-1] == "interrupted" and len(c.labels) == 3
+    if not with_json:
+        assert err.splitlines()[-1] == ("batchproc tune: interrupted; pass --json FILE to "
+                                        "keep the results and continue in a later run"), err
+        return
+    assert err.splitlines()[-1] == ("batchproc tune: interrupted; rerun with the same "
+                                    "--json to continue"), err
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"] is True
+    keys = [r["key"] for r in doc["runs"]]
+    assert len(keys) == 2 and keys[0] == "default" and keys[1] != "default"
+    c.release(before)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code in (0, 1), err  # whether a configuration meets the goal is the machine's
+    assert ", 2 reused from the results file; 3 of 3 configurations done" in out
+    assert json.loads(path.read_text())["interrupted"] is False
+
+
+def test_ctrl_c_while_tune_writes_its_results_file_loses_no_finished_run(
+        tmp_path, capsys, monkeypatch) -> None:
+    write_json = report.write_json
+    writes = []
+
+    def interrupted_at_the_second(path, doc) -> None:
+        writes.append(len(doc["runs"]))
+        if len(writes) == 2:  # after the second run: the file is left as it was
+            raise KeyboardInterrupt
+        write_json(path, doc)
+
+    monkeypatch.setattr(report, "write_json", interrupted_at_the_second)
+    path = tmp_path / "tune.json"
+    code = main(["tune", "--model", "identity", *TUNE_SPACE, "--json", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 130, err
+    assert writes == [1, 2, 2]  # once more after the interrupt: every run that finished
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"] is True and len(doc["runs"]) == 2

@@ -11,8 +11,8 @@ as failed, the other runs are kept, and the status is 1; so is an output that fa
 be written after the runs (the figures are printed all the same); any other failure
 while running ends with one line and status 1. Ctrl-C ends the run in progress and
 keeps the runs that finished (:mod:`.interrupts`): ``bench`` prints and writes them as
-usual, marked interrupted; then the command says it was interrupted on stderr and exits
-with status 130.
+usual, marked interrupted, and ``tune``'s results file holds them; then the command
+says it was interrupted on stderr and exits with status 130.
 """
 
 from __future__ import annotations
@@ -766,6 +766,9 @@ def run_tune(args: argparse.Namespace) -> int:
             model, args.model, source, goal, space, duration=args.duration,
             budget=args.budget, results=results, seed=args.seed, progress=progress,
         ).run()
+    if result.interrupted:  # the results file holds what finished; a rerun continues
+        _report_unwritten_results(args, results, shown=False)
+        return _interrupted(args)
     title = (f"batchproc tune: {_describe_model(args.model, args.model_ms)} · "
              f"{source.description} · goal: {goal.describe()} · {args.duration:g} s per run")
     with _stdout_may_close():
@@ -773,17 +776,29 @@ def run_tune(args: argparse.Namespace) -> int:
     # Why runs failed, or the model raised: with nothing meeting the goal, the reason.
     _report_failed_runs("tune", tune.failure_reports(result.records),
                         "error" if result.best is None else "warning")
-    if results.write_error is not None:
-        print(f"{PROG} tune: error: --json {args.json}: could not be written "
-              f"({results.write_error}); it holds {results.saved_runs} runs, from its last "
-              "write that succeeded; the search's result is above", file=sys.stderr)
+    if _report_unwritten_results(args, results):
         return 1
     return 0 if result.best is not None else 1
 
 
+def _report_unwritten_results(args: argparse.Namespace, results: tune.ResultsFile,
+                              shown: bool = True) -> bool:
+    """The line on stderr for a ``tune`` results file whose last write failed (``shown``:
+    the search's result was printed); whether there was one."""
+    if results.write_error is None:
+        return False
+    print(f"{PROG} tune: error: --json {args.json}: could not be written "
+          f"({results.write_error}); it holds {results.saved_runs} runs, from its last "
+          "write that succeeded" + ("; the search's result is above" if shown else ""),
+          file=sys.stderr)
+    return True
+
+
 def _interrupted(args: argparse.Namespace) -> int:
-    """The line on stderr of a command Ctrl-C ended, and its exit status."""
-    print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+    """The line on stderr of a command Ctrl-C ended (``tune``: how to continue its
+    search), and its exit status."""
+    hint = f"; {tune.how_to_continue(args.json)}" if args.command == "tune" else ""
+    print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
     return interrupts.EXIT_STATUS
 
 

@@ -1,15 +1,17 @@
 """Ctrl-C during a command's runs: the run in progress ends, the runs that finished are
 kept.
 
-``bench`` runs its systems (or a sweep's loads) inside :func:`keep_finished`. Ctrl-C
-raises ``KeyboardInterrupt`` in the main thread, wherever it waits; the run in progress
-unwinds on the way out, as for any error: its load's threads submit nothing more and end
-after their call in progress (:mod:`.loads`), its system is stopped and its progress
-line ends with "interrupted" (:func:`.runner.run_target`; the limit gives up on its
-calls, :func:`.runner.run_limit`). :func:`keep_finished` ends the loop there, and what
-the loop had collected, the runs that finished, is the command's result, marked
-``interrupted``. The command prints and writes it as usual (nothing, when no run had
-finished), then ends with its interrupted line on stderr and :data:`EXIT_STATUS`.
+``bench`` runs its systems (or a sweep's loads), and ``tune`` its search, inside
+:func:`keep_finished`. Ctrl-C raises ``KeyboardInterrupt`` in the main thread, wherever
+it waits; the run in progress unwinds on the way out, as for any error: its load's
+threads submit nothing more and end after their call in progress (:mod:`.loads`), its
+system is stopped and its progress line ends with "interrupted"
+(:func:`.runner.run_target`; the limit gives up on its calls,
+:func:`.runner.run_limit`). :func:`keep_finished` ends the loop there, and what the loop
+had collected, the runs that finished, is the command's result, marked ``interrupted``.
+``bench`` prints and writes it as usual (nothing, when no run had finished), ``tune``
+saves it in its results file; then the command ends with its interrupted line on stderr
+(``tune``'s says how to continue) and :data:`EXIT_STATUS`.
 
 A second Ctrl-C while the run in progress unwinds cuts that short (a processor's stop
 gives up at once and raises it once) and is caught the same way; one after the loop,

@@ -59,6 +59,7 @@ from batchproc.config import _require_int, _require_number
 from . import BenchError, report
 from .configs import describe_fields, format_config, parse_strategy
 from .inputs import RequestSource
+from .interrupts import keep_finished
 from .loads import MAX_ARRIVALS, Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
@@ -552,6 +553,8 @@ class TuneResult:
     duration: float = 0.0  # seconds per run (--duration)
     # The finalists' medians over their runs (``runs``: how many), by key.
     confirmed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Ctrl-C ended the search: the results file holds every run that finished.
+    interrupted: bool = False
 
 
 class Tuner:
@@ -657,30 +660,36 @@ class Tuner:
     # -- the search ----------------------------------------------------------------------
 
     def run(self) -> TuneResult:
-        """Measure the default, then candidates in order until done or out of budget."""
-        if self.goal.rate is None and self.capacity is None:
-            self._measure_capacity()
+        """Measure the default, then candidates in order until done or out of budget,
+        then confirm the finalists. Ctrl-C ends the search (:mod:`.interrupts`): the
+        result holds what was measured, ``interrupted`` set, and the results file every
+        run that finished (it is saved once more: the interrupt may have cut a save
+        short), so that a rerun with it continues."""
         best: tuple[Candidate, dict[str, Any], int] | None = None
         default: dict[str, Any] | None = None
         spent = False
         cut_short: str | None = None
-        for c in [DEFAULT, *self.space]:
-            start = 0 if best is None or c is DEFAULT else best[2]
-            outcome = self._evaluate(c, start)
-            if outcome is None:
-                spent = True
-                break
-            record, step, finished = outcome
-            if c is DEFAULT:
-                default = record
-            if record is not None and self.goal.meets(record) and (
-                    best is None or _rank(self.goal, record) < _rank(self.goal, best[1])):
-                best = (c, record, step)
-            if not finished:
-                spent, cut_short = True, c.key
-                break
-            self._done += 1
-        confirmed = self._confirm(default)
+        confirmed: dict[str, dict[str, Any]] = {}
+        with keep_finished() as stop:
+            if self.goal.rate is None and self.capacity is None:
+                self._measure_capacity()
+            for c in [DEFAULT, *self.space]:
+                start = 0 if best is None or c is DEFAULT else best[2]
+                outcome = self._evaluate(c, start)
+                if outcome is None:
+                    spent = True
+                    break
+                record, step, finished = outcome
+                if c is DEFAULT:
+                    default = record
+                if record is not None and self.goal.meets(record) and (
+                        best is None or _rank(self.goal, record) < _rank(self.goal, best[1])):
+                    best = (c, record, step)
+                if not finished:
+                    spent, cut_short = True, c.key
+                    break
+                self._done += 1
+            confirmed = self._confirm(default)
         if confirmed:
             finals = sorted(confirmed.values(), key=lambda r: _rank(self.goal, r))
             met = [r for r in finals if self.goal.meets(r)]
@@ -688,12 +697,12 @@ class Tuner:
             best = None if pick is None else (
                 Candidate(**pick["candidate"]), pick, best[2] if best else 0)
             default = confirmed.get(DEFAULT_KEY, default)
-        self.results.save(self.summary(best, default, spent))
+        self.results.save(self.summary(best, default, spent, stop.interrupted))
         return TuneResult(
             self.goal, best[1] if best else None, default, self.records, self.measured,
             self.reused, self._done, self._total, spent, self.capacity, self.source.padded,
             cut_short, self.budget, run_bound_s(self.duration), self.results.path,
-            self.duration, confirmed,
+            self.duration, confirmed, stop.interrupted,
         )
 
     def _confirm(self, default: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -773,6 +782,7 @@ class Tuner:
         best: tuple[Candidate, dict[str, Any], int] | None = None,
         default: dict[str, Any] | None = None,
         spent: bool = False,
+        interrupted: bool = False,
     ) -> dict[str, Any]:
         return {
             "goal": dataclasses.asdict(self.goal),
@@ -783,6 +793,7 @@ class Tuner:
             },
             "default": default,
             "budget_spent": spent,
+            "interrupted": interrupted,
         }
 
 
@@ -896,7 +907,13 @@ def failure_reports(records: Sequence[dict[str, Any]]) -> list[FailureReport]:
 
 
 def _how_to_continue(result: TuneResult) -> str:
-    if result.results_path:
+    return how_to_continue(result.results_path)
+
+
+def how_to_continue(results_path: str | None) -> str:
+    """How a search cut short (by its budget, or Ctrl-C) is continued: with the results
+    file ``results_path`` (None: not given)."""
+    if results_path:
         return "rerun with the same --json to continue"
     return "pass --json FILE to keep the results and continue in a later run"
 

@@ -326,20 +326,23 @@ def test_items_of_no_rows_are_read_ahead_within_the_bound(make_processor, asynch
     assert p.get_stats()["total_accepted"] == 1 + 5  # the first chunk, then 20 items by 4
 
 
-def test_closing_early_withdraws_queued_chunks(make_processor):
+def _first_read_five_chunks_queued(make_processor, sizes=None):
+    """A paused processor whose map of 40 rows has handed out its first row, with its
+    five other chunks (4 rows each) still queued; the map and the processor."""
     started, gate = threading.Event(), threading.Event()
-    sizes = []
 
     def model(batch):
         started.set()
         gate.wait(10)
-        sizes.append(len(batch))
+        if sizes is not None:
+            sizes.append(len(batch))
         return batch
 
     p = make_processor(model, max_batch_size=4, max_workers=1)
     results = p.map(rows(40), chunksize=4, buffersize=6)
     first = []
-    consumer = threading.Thread(target=lambda: first.append(next(results)))
+    # (The map as an argument: a thread drops its arguments when it ends.)
+    consumer = threading.Thread(target=lambda it: first.append(next(it)), args=(results,))
     consumer.start()  # queues 6 chunks, waits for the first, held in the model
     assert started.wait(10)
     _wait_for(lambda: p.get_stats()["queue_size"] == 5, "five chunks queued")
@@ -347,6 +350,12 @@ def test_closing_early_withdraws_queued_chunks(make_processor):
     gate.set()
     consumer.join(timeout=10)
     assert not consumer.is_alive() and (first[0] == 0).all()
+    return results, p
+
+
+def test_closing_early_withdraws_queued_chunks(make_processor):
+    sizes = []
+    results, p = _first_read_five_chunks_queued(make_processor, sizes)
     results.close()  # the five queued chunks leave the queue at once
     stats = p.get_stats()
     assert stats["queue_size"] == 0 and stats["total_cancelled"] == 5
@@ -362,31 +371,13 @@ def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_t
     # room goes through): the map's finalizer must not take it there.
     import gc
 
-    started, gate = threading.Event(), threading.Event()
-
-    def model(batch):
-        started.set()
-        gate.wait(10)
-        return batch
-
-    p = make_processor(model, max_batch_size=4, max_workers=1)
+    results, p = _first_read_five_chunks_queued(make_processor)
     line = p._room_waiters()
-    results = p.map(rows(40), chunksize=4, buffersize=6)
-    first = []
-    # (The map as an argument: a thread drops its arguments when it ends.)
-    consumer = threading.Thread(target=lambda it: first.append(next(it)), args=(results,))
-    consumer.start()  # queues 6 chunks, waits for the first, held in the model
-    assert started.wait(10)
-    _wait_for(lambda: p.get_stats()["queue_size"] == 5, "five chunks queued")
-    p.pause()
-    gate.set()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive() and (first[0] == 0).all()
     gc.disable()  # the collection below is the one that finds the map
     try:
         cycle = [results]
         cycle.append(cycle)
-        del results, cycle, consumer
+        del results, cycle
         collected = threading.Event()
 
         def collect_holding_the_line_lock():

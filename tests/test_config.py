@@ -703,11 +703,46 @@ def test_a_dict_of_config_fields_is_refused_showing_the_call_to_write() -> None:
         BatchProcessor({"max_batch_size": 8, "batch_timeout": 0.002})
 
 
-@pytest.mark.parametrize("keywords", [{"metrics": None}, {"max_batch_size": 8, "workers": 2}])
-def test_an_unknown_keyword_is_refused_naming_it_and_what_is_taken(keywords) -> None:
-    with pytest.raises(TypeError, match=r"BatchProcessor\(\) got an unexpected keyword "
-                       r"argument '(metrics|workers)': it takes config \(a BatchProcessorConfig\)"
-                       " and metrics_collector"):
+def test_fields_given_beside_a_config_are_refused_showing_replace() -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            "to change a config's fields, BatchProcessor(dataclasses.replace(config, "
+            "max_batch_size=8))")):
+        BatchProcessor(BatchProcessorConfig(batch_timeout=0.002), max_batch_size=8)
+
+
+def test_a_misspelt_field_given_as_a_keyword_is_refused_naming_the_field() -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            "unexpected keyword argument 'max_batchsize' (did you mean 'max_batch_size'?)")):
+        BatchProcessor(max_batchsize=8)
+
+
+def test_a_subclass_may_add_fields_and_attributes() -> None:
+    @dataclasses.dataclass
+    class ServingConfig(BatchProcessorConfig):
+        model_name: str = "ranker"
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.cache = {}
+
+    config = ServingConfig(model_name="scorer", max_batch_size=8)
+    config.owner = "team"
+    assert (config.model_name, config.cache, config.owner) == ("scorer", {}, "team")
+    processor = BatchProcessor(config)
+    assert type(processor.config) is ServingConfig
+    assert processor.config.model_name == "scorer"
+
+
+@pytest.mark.parametrize(("keywords", "name", "hint"), [
+    ({"metric_collector": None}, "metric_collector", " (did you mean 'metrics_collector'?)"),
+    ({"max_batch_size": 8, "workers": 2}, "workers", " (did you mean 'max_workers'?)"),
+    ({"colour": 1}, "colour", ""),
+])
+def test_an_unknown_keyword_is_refused_naming_it_and_what_is_taken(keywords, name,
+                                                                   hint) -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            f"BatchProcessor() got an unexpected keyword argument {name!r}{hint}: it takes "
+            "config (a BatchProcessorConfig) and metrics_collector")):
         BatchProcessor(**keywords)
 
 

@@ -494,8 +494,10 @@ class BatchProcessorConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         if _READ_ONLY in self.__dict__:
             raise FrozenInstanceError(_FIXED.format(action="set", name=name))
-        if name not in FIELD_NAMES and not name.startswith("_"):
+        if (type(self) is BatchProcessorConfig and name not in FIELD_NAMES
+                and not name.startswith("_")):
             # A misspelt field would be set, and ignored: refused as the constructor does.
+            # (A subclass may add fields and attributes of its own.)
             close = _closest(name, FIELD_NAMES)
             raise AttributeError(
                 f"BatchProcessorConfig has no field {name!r}"

@@ -34,6 +34,7 @@ from .config import (
     FIELD_NAMES,
     BatchPriority,
     BatchProcessorConfig,
+    _closest,
     _require_number,
     read_only_copy,
 )
@@ -115,12 +116,19 @@ def _refuse_config_in_pieces(config: object, config_fields: Mapping[str, object]
             "the model goes to start(process_func), or use @batchproc.batch(...)")
     for name in config_fields:
         if name not in FIELD_NAMES:
-            raise TypeError(f"BatchProcessor() got an unexpected keyword argument {name!r}: "
-                            "it takes config (a BatchProcessorConfig) and metrics_collector")
+            close = _closest(name, (*FIELD_NAMES, "config", "metrics_collector"))
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise TypeError(f"BatchProcessor() got an unexpected keyword argument {name!r}"
+                            f"{hint}: it takes config (a BatchProcessorConfig) and "
+                            "metrics_collector")
     if config_fields:
         fields = ", ".join(f"{name}={value!r}" for name, value in config_fields.items())
+        if config is None:
+            raise TypeError("BatchProcessor takes a BatchProcessorConfig, not its fields as "
+                            f"keywords: BatchProcessor(BatchProcessorConfig({fields}))")
         raise TypeError("BatchProcessor takes a BatchProcessorConfig, not its fields as "
-                        f"keywords: BatchProcessor(BatchProcessorConfig({fields}))")
+                        "keywords: to change a config's fields, "
+                        f"BatchProcessor(dataclasses.replace(config, {fields}))")
     if isinstance(config, dict) and config and all(name in FIELD_NAMES for name in config):
         raise TypeError("BatchProcessor takes a BatchProcessorConfig, got a dict of its "
                         "fields: BatchProcessor(BatchProcessorConfig(**fields))")

@@ -364,6 +364,36 @@ def test_closing_early_withdraws_queued_chunks(make_processor):
     assert sizes == [4, 1]
 
 
+def test_closing_a_map_while_another_thread_collects_garbage_withdraws_at_once(
+        make_processor):
+    import gc
+
+    results, p = _first_read_five_chunks_queued(make_processor)
+    in_collection, let_go = threading.Event(), threading.Event()
+
+    class HeldInItsFinalizer:
+        def __del__(self):
+            in_collection.set()
+            let_go.wait(10)
+
+    def collect_a_cycle():
+        held = HeldInItsFinalizer()
+        held.cycle = held
+        del held
+        gc.collect()
+
+    collector = threading.Thread(target=collect_a_cycle)
+    collector.start()
+    try:
+        assert in_collection.wait(10)
+        results.close()  # on this thread, which runs no collection: withdrawn now
+        assert p.get_stats()["queue_size"] == 0
+    finally:
+        let_go.set()
+        collector.join(10)
+    assert p.get_stats()["total_cancelled"] == 5
+
+
 def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_there(
         make_processor):
     # A garbage collection starts at any allocation, on any thread, maybe one holding a

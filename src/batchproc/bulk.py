@@ -33,6 +33,7 @@ import asyncio
 import functools
 import gc
 import queue as _stdlib_queue
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -428,7 +429,7 @@ class Window:
         self.closed = True
         slots = list(self.slots)
         self.slots.clear()
-        if _collecting:
+        if _collecting_thread == threading.get_ident():
             self._processor._run_soon(functools.partial(_withdraw_slots, slots))
         else:
             _withdraw_slots(slots)
@@ -447,18 +448,18 @@ def _withdraw_singles(singles: Iterable[Any]) -> None:
             _withdraw(single)
 
 
-# Garbage collections in progress (gc.callbacks): finalizers they run may not take locks.
-_collecting = 0
+# The thread running a garbage collection, while one runs (gc.callbacks: one at a time,
+# its callbacks on that thread): finalizers it runs there may not take locks.
+_collecting_thread: int | None = None
 
 
 def _count_collections(phase: str, info: dict[str, int]) -> None:
-    global _collecting
-    # Never below 0: a collection may already run when the first map starts counting.
-    _collecting = _collecting + 1 if phase == "start" else max(_collecting - 1, 0)
+    global _collecting_thread
+    _collecting_thread = threading.get_ident() if phase == "start" else None
 
 
 def _watch_collections() -> None:
-    """Count collections from now on (once per process; called by the first map)."""
+    """Follow collections from now on (once per process; called by the first map)."""
     if _count_collections not in gc.callbacks:
         gc.callbacks.append(_count_collections)
 

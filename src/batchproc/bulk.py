@@ -453,15 +453,15 @@ def _withdraw_singles(singles: Iterable[Any]) -> None:
 _collecting_thread: int | None = None
 
 
-def _count_collections(phase: str, info: dict[str, int]) -> None:
+def _note_collecting_thread(phase: str, info: dict[str, int]) -> None:
     global _collecting_thread
     _collecting_thread = threading.get_ident() if phase == "start" else None
 
 
 def _watch_collections() -> None:
     """Follow collections from now on (once per process; called by the first map)."""
-    if _count_collections not in gc.callbacks:
-        gc.callbacks.append(_count_collections)
+    if _note_collecting_thread not in gc.callbacks:
+        gc.callbacks.append(_note_collecting_thread)
 
 
 def _withdraw(future: Any) -> None:

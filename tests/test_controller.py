@@ -713,6 +713,44 @@ def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
     assert not any(changes) and slots.limit == 1
 
 
+def test_windows_of_full_batches_are_not_quiet(monkeypatch):
+    # A closed loop that two calls serve in parallel (a model behind one lock, the next
+    # batch filled while the first runs): nothing waits when a batch ends, but the
+    # batches reach their target. Trying one call there costs a window at far fewer rows
+    # per second; the calls stay. Once most batches fall short, the quiet count starts.
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
+    assert _outrun(tuner, clock) == (1, 2)
+    assert _window(tuner, clock, backlog=True) is None  # two carried as much as one
+    n = tuner.WINDOW_BATCHES
+    mostly_full = -(-n * 3 // 4)  # 12 of 16
+    assert tuner.FULL_SHARE == 0.75
+    for _ in range(4 * tuner.MOST_QUIET_WINDOWS):
+        clock.now += 0.1
+        for i in range(n):
+            assert tuner.observe(64, backlog=False, full=i < mostly_full) is None
+    assert slots.limit == 2
+    changes = []
+    for _ in range(tuner.QUIET_WINDOWS):
+        clock.now += 0.1
+        changes += [tuner.observe(64, backlog=False, full=i < mostly_full - 1)
+                    for i in range(n)]
+    assert changes[-1] == (2, 1) and not any(changes[:-1])
+    assert slots.limit == 1
+
+
+def test_the_controller_tells_the_tuner_which_batches_reached_their_target(monkeypatch):
+    from batchproc.controller import ConcurrencyTuner
+
+    seen = []
+    monkeypatch.setattr(ConcurrencyTuner, "observe",
+                        lambda self, rows, backlog, full=False: seen.append((rows, full)))
+    c = controller(max_batch_size=64, initial_batch_size=32)  # ADAPTIVE, the default
+    c.observe_batch(31, 0.005, target=32)
+    c.observe_batch(32, 0.005, target=32)
+    c.observe_batch(40, 0.005, target=32)
+    assert seen == [(31, False), (32, True), (40, True)]
+
+
 def test_adaptive_and_greedy_start_with_one_call_fixed_with_all():
     from batchproc import BatchProcessingStrategy
 

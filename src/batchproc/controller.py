@@ -456,7 +456,9 @@ class ConcurrencyTuner:
       window at one carries at least QUIET_LOSS of the rows per second before it. No
       request waits either when every one is in flight (a closed loop that the calls in
       use serve in parallel): then one call carries far less, the limit comes back,
-      and the next try at one waits twice as many quiet windows.
+      and the next try at one waits twice as many quiet windows. A window whose batches
+      were mostly full (FULL_SHARE reached their target) is not quiet: a load that
+      fills every batch is no light one, and the try would cost a window at one call.
     """
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
@@ -468,6 +470,7 @@ class ConcurrencyTuner:
     BACKLOG_SHARE = 0.5      # share of a window's batches leaving a full batch: backlogged
     OUTRUN_SHARE = 0.75      # ... and the share that shows one call at a time outrun
     OUTRUN_WINDOWS = 2       # ... in this many windows in a row (one is a Poisson burst)
+    FULL_SHARE = 0.75        # share of a window's batches at their target: not quiet
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
     QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
     MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
@@ -480,6 +483,7 @@ class ConcurrencyTuner:
         self._rows = 0
         self._batches = 0
         self._backlogged = 0  # batches of this window that left a full batch waiting
+        self._full = 0  # batches of this window that reached their target
         self._outrun = 0  # windows in a row that outran one call at a time
         self._quiet = 0
         self._probing = False
@@ -490,11 +494,13 @@ class ConcurrencyTuner:
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
 
-    def observe(self, rows: int, backlog: bool) -> tuple[int, int] | None:
-        """Count a finished batch; returns (old, new) limit when it changed."""
+    def observe(self, rows: int, backlog: bool, full: bool = False) -> tuple[int, int] | None:
+        """Count a finished batch (``full``: it reached its target; ``backlog``: it left
+        a full batch waiting); returns (old, new) limit when it changed."""
         self._rows += rows
         self._batches += 1
         self._backlogged += backlog
+        self._full += full
         now = time.monotonic()
         elapsed = now - self._start
         if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
@@ -502,9 +508,10 @@ class ConcurrencyTuner:
         rate = self._rows / elapsed
         backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
         outrun = self._backlogged >= self.OUTRUN_SHARE * self._batches
-        self._start, self._rows, self._batches, self._backlogged = now, 0, 0, 0
+        filled = self._full >= self.FULL_SHARE * self._batches
+        self._start, self._rows, self._batches, self._backlogged, self._full = now, 0, 0, 0, 0
         self._outrun = self._outrun + 1 if outrun else 0
-        self._quiet = 0 if backlogged else self._quiet + 1
+        self._quiet = 0 if backlogged or filled else self._quiet + 1
         limit = self.slots.limit
         if self._probing:
             self._probing = False
@@ -666,7 +673,8 @@ class Controller:
             refitted = self.model.observe(rows, seconds)
             if self._tuner is None:
                 return  # FIXED
-            changed = self._tuner.observe(rows, backlog=queued_rows >= target)
+            changed = self._tuner.observe(rows, backlog=queued_rows >= target,
+                                          full=rows >= target)
             if changed is not None:
                 self._log("concurrent batches %d -> %d", *changed)
             if refitted:

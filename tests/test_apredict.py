@@ -780,3 +780,48 @@ def test_a_model_raising_what_asyncio_reads_as_control_flow_fails_the_call_plain
 
     error = asyncio.run(main())
     assert isinstance(error.__cause__, raised)
+
+
+def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_the_line_lock(
+        make_processor):
+    # A task waiting for room whose loop is closed under it, and which nobody keeps: its
+    # coroutine, in a cycle with its waiter's future, is closed by a garbage collection.
+    # A collection starts at any allocation, on any thread, maybe one holding the lock of
+    # the line the coroutine leaves: it must not take that lock there.
+    import gc
+
+    processor = make_processor(lambda batch: batch, max_queue_size=1, max_batch_size=1,
+                               max_workers=1,
+                               enable_memory_optimization=False)  # no collection of its own
+    processor.pause()
+    filler = processor.enqueue_predict(np.array([[0.0]]))
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(processor.apredict(np.array([[1.0]])))
+
+    async def until_in_line():
+        await _until(lambda: len(processor._room or ()) == 1, "the waiter")
+
+    loop.run_until_complete(until_in_line())
+    loop.close()  # the task still waits
+    line = processor._room
+    gc.disable()  # the collection below is the one that finds the coroutine
+    try:
+        del task
+        processor.resume()  # the filler's room reaches the line: the waiter leaves it
+        assert filler.result(10).tolist() == [[0.0]]
+        _wait_for(lambda: not line._line, "the waiter out of the line")
+        collected = threading.Event()
+
+        def collect_holding_the_line_lock():
+            with line._lock:
+                gc.collect()
+            collected.set()
+
+        threading.Thread(target=collect_holding_the_line_lock, daemon=True).start()
+        assert collected.wait(10), "the collection deadlocked in the coroutine's close"
+    finally:
+        gc.enable()
+    # The line goes on serving, its count of waiters right.
+    _wait_for(lambda: line.ahead == 0, "the closed coroutine's place given up")
+    result = asyncio.run(processor.apredict(np.array([[2.0]]), timeout=5))
+    assert result.tolist() == [[2.0]]

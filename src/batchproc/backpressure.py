@@ -60,14 +60,17 @@ such room's hand-out is on its way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import queue as _stdlib_queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from . import collecting
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import AsyncRequest, LoopChannel, QueuedFuture
 from .config import BatchPriority
@@ -101,10 +104,16 @@ class RoomWaiters:
 
     ``queue``: the ``RequestQueue`` whose room it hands out; its ``room`` is read under
     this line's lock, and only room not handed out already goes to the oldest waiters.
-    Without one (a line on its own) a release hands out the count it is given."""
+    Without one (a line on its own) a release hands out the count it is given.
+    ``defer``: runs work later on a thread of its own (``BatchProcessor._run_soon``):
+    a waiter withdrawn by a garbage collection (``collecting``) withdraws there."""
 
-    def __init__(self, queue: RequestQueue | None = None) -> None:
+    def __init__(self, queue: RequestQueue | None = None,
+                 defer: Callable[[Callable[[], object]], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._defer = defer
+        if defer is not None:
+            collecting.watch()
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
         self._claimed = 0  # waiters handed room that have neither pushed nor left
@@ -192,7 +201,18 @@ class RoomWaiters:
 
     def withdraw(self, waiter: _Waiter) -> None:
         """On the loop: the waiter stops waiting (cancelled, timed out). Room it was
-        already handed goes to the next waiter."""
+        already handed goes to the next waiter.
+
+        Run by a garbage collection (a waiting coroutine nobody kept, its loop closed
+        under it), on a thread that may hold this line's lock, it is left to ``defer``;
+        meanwhile the waiter's closed loop keeps it from any room (``_hand_out_locked``,
+        ``_unclaimed_locked``)."""
+        if self._defer is not None and collecting.on_this_thread():
+            self._defer(functools.partial(self._withdraw, waiter))
+        else:
+            self._withdraw(waiter)
+
+    def _withdraw(self, waiter: _Waiter) -> None:
         with self._lock:
             state = waiter.state
             if state == _CLAIMED:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import queue as _stdlib_queue
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -41,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import collecting
 from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
 from ._native.request_queue import QueueClosed, priority_arg
 from .aio import AsyncRequest, QueuedFuture
@@ -429,7 +428,7 @@ class Window:
         self.closed = True
         slots = list(self.slots)
         self.slots.clear()
-        if _collecting_thread == threading.get_ident():
+        if collecting.on_this_thread():
             self._processor._run_soon(functools.partial(_withdraw_slots, slots))
         else:
             _withdraw_slots(slots)
@@ -446,22 +445,6 @@ def _withdraw_singles(singles: Iterable[Any]) -> None:
     for single in singles:
         if not isinstance(single, BaseException):  # a refusal: nothing queued
             _withdraw(single)
-
-
-# The thread running a garbage collection, while one runs (gc.callbacks: one at a time,
-# its callbacks on that thread): finalizers it runs there may not take locks.
-_collecting_thread: int | None = None
-
-
-def _note_collecting_thread(phase: str, info: dict[str, int]) -> None:
-    global _collecting_thread
-    _collecting_thread = threading.get_ident() if phase == "start" else None
-
-
-def _watch_collections() -> None:
-    """Follow collections from now on (once per process; called by the first map)."""
-    if _note_collecting_thread not in gc.callbacks:
-        gc.callbacks.append(_note_collecting_thread)
 
 
 def _withdraw(future: Any) -> None:
@@ -501,7 +484,7 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
     queue = processor._queue
     priority = settings.priority
     window = Window(processor, settings)
-    _watch_collections()
+    collecting.watch()
 
     def make_future() -> tuple[Any, Any]:
         future = _RequestFuture()
@@ -595,7 +578,7 @@ def amap_results(processor: BatchProcessor[Any, Any],
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
     window = Window(processor, settings)
-    _watch_collections()
+    collecting.watch()
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
                      channel: Any) -> InFlight | Failed:

@@ -659,7 +659,7 @@ class BatchProcessor(Generic[T, U]):
         workers report each batch they pop to it."""
         with self._channels_lock:
             if self._room is None:
-                self._room = RoomWaiters(self._queue)
+                self._room = RoomWaiters(self._queue, defer=self._run_soon)
                 self._dispatcher.room = self._room
             return self._room
 

@@ -27,6 +27,7 @@ from batchproc import (
 
 HANG = 60.0  # seconds: a guard against a hung processor, never a speed assertion
 STOP_MARGIN = 1.0  # seconds stop() may run past its timeout
+REFUSAL_BOUND = 5.0  # seconds: a refusal that hangs, not a slow one under 16 threads
 MiB = 2**20
 
 pytestmark = pytest.mark.slow
@@ -255,7 +256,10 @@ def test_stop_while_16_threads_submit(make_processor):
           f"{failed} ProcessorStoppedError, stop took {stop_took:.3f} s")
     assert stop_took <= 0.5 + STOP_MARGIN
     assert pending_at_return == 0, f"{pending_at_return} futures pending after stop()"
-    assert max(max(r) for r in refused_after) < 0.5
+    # Refused without waiting for anything (a bound for a loaded machine; that a refusal
+    # does not wait for the drain is test_lifecycle's
+    # test_intake_is_closed_by_the_time_shutdown_event_is_set).
+    assert max(max(r) for r in refused_after) < REFUSAL_BOUND
 
 
 def test_stop_right_after_pause_leaves_nothing_pending():

@@ -738,6 +738,44 @@ def test_windows_of_full_batches_are_not_quiet(monkeypatch):
     assert slots.limit == 1
 
 
+def _controller_on_a_fake_clock(monkeypatch, **config):
+    from batchproc import controller as controller_module
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    return controller(**config), clock
+
+
+def _controller_windows(c, clock, n, rows, target, queued):
+    for _ in range(n):
+        clock.now += 0.1
+        for _ in range(c._tuner.WINDOW_BATCHES):
+            c.observe_batch(rows, 0.0005, target, queued)
+
+
+@pytest.mark.parametrize("case", ["max_batch_size 1", "memory critical"])
+def test_batches_at_the_smallest_target_are_full_whatever_the_load(monkeypatch, case):
+    # A batch of one row when one is the most (or all a critical memory level allows)
+    # says nothing of the load: a trickle after a burst goes back to one call.
+    if case == "max_batch_size 1":
+        c, clock = _controller_on_a_fake_clock(monkeypatch, max_batch_size=1, max_workers=4)
+    else:
+        c, clock = _controller_on_a_fake_clock(monkeypatch, max_batch_size=64,
+                                               initial_batch_size=8, max_workers=4)
+    target = c.current_batch_size
+    _controller_windows(c, clock, 2, rows=target, target=target, queued=5 * target)
+    assert c.slots.limit == 2  # a burst outran one call
+    _controller_windows(c, clock, 1, rows=target, target=target, queued=5 * target)
+    assert c.slots.limit >= 2  # two carried as much as one
+    if case == "memory critical":
+        c.set_memory_level(MEMORY_CRITICAL)
+        target = c.current_batch_size
+        assert target == 1
+    _controller_windows(c, clock, 9 * c._tuner.QUIET_WINDOWS, rows=target, target=target,
+                        queued=0)
+    assert c.slots.limit == 1
+
+
 def test_the_controller_tells_the_tuner_which_batches_reached_their_target(monkeypatch):
     from batchproc.controller import ConcurrencyTuner
 

@@ -457,8 +457,9 @@ class ConcurrencyTuner:
       request waits either when every one is in flight (a closed loop that the calls in
       use serve in parallel): then one call carries far less, the limit comes back,
       and the next try at one waits twice as many quiet windows. A window whose batches
-      were mostly full (FULL_SHARE reached their target) is not quiet: a load that
-      fills every batch is no light one, and the try would cost a window at one call.
+      were mostly full (FULL_SHARE reached a target above the smallest one) is not
+      quiet: a load that fills every batch is no light one, and the try would cost a
+      window at one call.
     """
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
@@ -673,8 +674,10 @@ class Controller:
             refitted = self.model.observe(rows, seconds)
             if self._tuner is None:
                 return  # FIXED
-            changed = self._tuner.observe(rows, backlog=queued_rows >= target,
-                                          full=rows >= target)
+            # A batch at the smallest target (max_batch_size 1, a critical memory
+            # level) is full whatever the load: it tells nothing.
+            full = rows >= target > self._config.min_batch_size
+            changed = self._tuner.observe(rows, backlog=queued_rows >= target, full=full)
             if changed is not None:
                 self._log("concurrent batches %d -> %d", *changed)
             if refitted:

@@ -207,3 +207,34 @@ def test_a_model_that_is_neither_a_factory_nor_a_path_is_refused_before_importin
     with pytest.raises(TypeError, match=r"^batched_deployment\(\) model must be a factory "
                        r".*got " + re.escape(repr(model)) + "$"):
         batched_deployment(model)
+
+
+def test_a_replica_collected_in_a_cycle_stops_its_processor_without_taking_a_lock_there():
+    # Serve calls __del__ to shut a replica down, and it stops the processor then. Run by
+    # a garbage collection instead (a replica dropped in a reference cycle), on a thread
+    # that may hold a lock stop() takes (here the processor's own lifecycle lock), it
+    # must not stop it there: the stop goes to a thread of its own.
+    import gc
+    import threading
+
+    from waiting import wait_for
+
+    replica = BatchedReplica(lambda: (lambda batch: batch))
+    processor = replica.processor
+    gc.disable()  # the collection below is the one that finds the replica
+    try:
+        replica.cycle = replica
+        del replica
+        collected = threading.Event()
+
+        def collect_holding_the_lifecycle_lock():
+            with processor._lifecycle:
+                gc.collect()
+            collected.set()
+
+        threading.Thread(target=collect_holding_the_lifecycle_lock, daemon=True).start()
+        assert collected.wait(10), "the collection deadlocked in the replica's __del__"
+    finally:
+        gc.enable()
+    wait_for(lambda: not processor.running, "the collected replica's processor stopped")
+    assert processor.get_stats()["total_processed"] == 0

@@ -325,14 +325,15 @@ def _stop_when_collected(owner: BatchedFunction[Any, Any],
     """Stop ``processor`` once ``owner`` is collected, also as part of a reference cycle
     (the finalizer holds the processor, never the owner). Not at exit: ``_stop_all``
     stops it then."""
-    finalizer = weakref.finalize(owner, _stop_in_background, processor)
+    finalizer = weakref.finalize(owner, stop_in_background, processor)
     finalizer.atexit = False
     return finalizer
 
 
-def _stop_in_background(processor: BatchProcessor[Any, Any]) -> None:
-    # Off the thread that collected the owner: that may be one of the processor's own
-    # workers, which stop() joins. Queued work is finished as by stop().
+def stop_in_background(processor: BatchProcessor[Any, Any]) -> None:
+    """Stop ``processor`` on a thread of its own: for finalizers. Off the thread that
+    collected the owner: that may be one of the processor's own workers, which stop()
+    joins, or one holding a lock stop() takes. Queued work is finished as by stop()."""
     threading.Thread(target=processor.stop, name="stop-collected:batchproc",
                      daemon=True).start()
 

@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import collecting
 from ..config import BatchProcessorConfig, check_keywords, checked_copy, keyword_only
 from ..errors import ProcessorStoppedError, QueueFullError
 from ..processor import BatchProcessor
+from .decorator import stop_in_background
 
 ModelFactory = Callable[[], Callable[[Any], Any]]
 
@@ -95,6 +97,7 @@ class BatchedReplica:
             collector = PrometheusMetrics(metrics_name)
         self.processor: BatchProcessor[Any, Any] = BatchProcessor(config, collector)
         self.processor.start(_resolve(model)())
+        collecting.watch()  # for __del__
         self._decode = decode
         self._encode = encode
         self._queue_wait = queue_wait
@@ -132,9 +135,15 @@ class BatchedReplica:
             raise RuntimeError("batchproc processor is not running")
 
     def __del__(self) -> None:
-        # Serve calls __del__ when it shuts a replica down: finish what is queued.
+        # Serve calls __del__ when it shuts a replica down: finish what is queued. Run by
+        # a garbage collection (a replica dropped in a reference cycle), on a thread that
+        # may hold a lock stop() takes, the stop goes to a thread of its own.
         processor = getattr(self, "processor", None)
-        if processor is not None:
+        if processor is None:
+            return
+        if collecting.on_this_thread():
+            stop_in_background(processor)
+        else:
             processor.stop(timeout=10.0)
 
 

@@ -7,14 +7,17 @@ run, each as the time of 200 sequential enqueue -> result round trips (identity 
 one row of 64 float32):
 
 - floor: a bare native RequestQueue and a RequestFuture between the caller and one
-  consumer thread that completes each future; the two thread wake-ups and the GIL hand-offs
-  any threaded batcher pays, with nothing else;
-- batchproc with the default configuration (adaptive, 4 workers) and with one worker;
+  consumer thread that completes each future, its pops spinning as batchproc's workers'
+  do (``RequestQueue.spin``); the GIL hand-offs and the caller's wake-up any threaded
+  batcher pays, with nothing else; floor-parked: the same, its pops parking at once (a
+  thread wake-up more per round trip);
+- batchproc with the default configuration (adaptive, 4 workers), the same with its
+  workers' pops parking at once (batchproc-parked), and with one worker;
 - the minimal pure-Python batcher (benchmarks/minimal_batcher.py), which waits its full
   5 ms delay for a batch that never fills.
 
 extra_info gives microseconds per round trip and, for batchproc, its distance to the floor
-measured in turn with it.
+and to batchproc-parked, each measured in turn with it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pytest
 
 from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc._native.request_queue import RequestQueue
+from batchproc.engine.workers import POP_SPIN
 from batchproc.futures import RequestFuture
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,8 +51,9 @@ def _identity(batch: Any) -> Any:
 class _Floor:
     """Caller -> native queue -> one consumer thread -> future: nothing else."""
 
-    def __init__(self) -> None:
+    def __init__(self, spin: float = POP_SPIN) -> None:
         self.queue = RequestQueue(1024)
+        self.queue.spin = spin
         self.thread = threading.Thread(target=self._consume, daemon=True)
         self.thread.start()
 
@@ -80,19 +85,26 @@ def _loop(submit: Callable[[Any], Any]) -> Callable[[], None]:
     return run
 
 
-@pytest.fixture(params=["floor", "batchproc", "batchproc-1-worker", "minimal"])
+def _batchproc(workers: int = 4, spin: float = POP_SPIN) -> BatchProcessor[Any, Any]:
+    config = BatchProcessorConfig(max_batch_size=64, batch_timeout=0.005, max_workers=workers)
+    processor: BatchProcessor[Any, Any] = BatchProcessor(config)
+    processor.start(_identity)
+    processor._queue.spin = spin
+    return processor
+
+
+@pytest.fixture(params=["floor", "floor-parked", "batchproc", "batchproc-parked",
+                        "batchproc-1-worker", "minimal"])
 def system(request: pytest.FixtureRequest) -> Iterator[tuple[str, Callable[[Any], Any]]]:
     kind = request.param
-    if kind == "floor":
-        floor = _Floor()
+    if kind.startswith("floor"):
+        floor = _Floor(0.0 if kind.endswith("parked") else POP_SPIN)
         yield kind, floor.submit
         floor.close()
     elif kind.startswith("batchproc"):
-        workers = 1 if kind.endswith("1-worker") else 4
-        config = BatchProcessorConfig(max_batch_size=64, batch_timeout=0.005,
-                                      max_workers=workers)
-        with BatchProcessor(config) as processor:
-            processor.start(_identity)
+        processor = _batchproc(1 if kind.endswith("1-worker") else 4,
+                               0.0 if kind.endswith("parked") else POP_SPIN)
+        with processor:
             yield kind, processor.enqueue_predict
     else:
         with MinimalBatcher(_identity, max_batch=64, max_delay=0.005) as minimal:
@@ -111,16 +123,23 @@ def test_bench_round_trip(benchmark: Any, system: tuple[str, Callable[[Any], Any
     benchmark.extra_info["us_per_round_trip_median"] = round(
         benchmark.stats.stats.median * 1e6 / ROUND_TRIPS, 1)
     if kind == "batchproc":
-        # Against the floor, measured in turn round after round (a shared machine's load
-        # hits both alike): what batchproc's own per-batch work adds to a round trip.
+        # Against the floor and against its workers parking at once, measured in turn
+        # round after round (a shared machine's load hits them alike): what batchproc's
+        # own per-batch work adds to a round trip, and what its spinning pops save.
         floor = _Floor()
+        parked = _batchproc(spin=0.0)
         try:
-            ours, bare = _interleaved_best([run, _loop(floor.submit)])
+            ours, bare, unspun = _interleaved_best(
+                [run, _loop(floor.submit), _loop(parked.enqueue_predict)])
         finally:
             floor.close()
-        benchmark.extra_info["us_floor"] = round(bare * 1e6 / ROUND_TRIPS, 1)
-        benchmark.extra_info["us_batchproc"] = round(ours * 1e6 / ROUND_TRIPS, 1)
-        benchmark.extra_info["us_added_by_batchproc"] = round((ours - bare) * 1e6 / ROUND_TRIPS, 1)
+            parked.stop()
+        us = 1e6 / ROUND_TRIPS
+        benchmark.extra_info["us_floor"] = round(bare * us, 1)
+        benchmark.extra_info["us_batchproc"] = round(ours * us, 1)
+        benchmark.extra_info["us_added_by_batchproc"] = round((ours - bare) * us, 1)
+        benchmark.extra_info["us_batchproc_parked"] = round(unspun * us, 1)
+        benchmark.extra_info["parked_over_spinning"] = round(unspun / ours, 2)
 
 
 def _interleaved_best(runs: list[Callable[[], None]], rounds: int = 10) -> list[float]:

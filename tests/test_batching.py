@@ -271,3 +271,31 @@ def test_split_gives_each_request_exactly_its_rows(out, rows):
         assert type(part) is type(expected)
         assert np.shape(part) == np.shape(expected)
         assert np.array_equal(part, expected)
+
+
+def test_a_worker_back_from_a_batch_spins_for_a_client_waiting_on_each_answer(
+        make_processor, monkeypatch):
+    # The next request of a client that waits on each answer comes within microseconds:
+    # the worker busy-waits for it (RequestQueue.spin) instead of parking, which would
+    # cost the round trip a thread wake-up.
+    from batchproc.engine import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1})
+    p = make_processor(lambda batch: batch, max_workers=1)
+    assert p._queue.spin == workers.POP_SPIN > 0.0
+    p._queue.spin = 10.0  # long enough for any scheduling delay: the request ends it
+    for i in range(20):
+        assert p.enqueue_predict(np.full((1, 2), i)).result(10)[0, 0] == i
+    assert p._queue._spins()[1] > 0
+
+
+def test_on_one_cpu_the_workers_do_not_spin(make_processor, monkeypatch):
+    # There the request a spinning worker waits for cannot be sent while it spins.
+    from batchproc.engine import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0})
+    p = make_processor(lambda batch: batch)
+    assert p._queue.spin == 0.0
+    for i in range(5):
+        p.enqueue_predict(np.full((1, 2), i)).result(10)
+    assert p._queue._spins() == (0, 0)

@@ -1769,3 +1769,105 @@ def test_max_priority_wait_serves_an_aged_entry_first(impl: Any) -> None:
     assert q.pop_batch(10, timeout=0) == ["high", "high2"]
     with pytest.raises(ValueError, match="max_priority_wait"):
         impl.RequestQueue(8, True, -1)
+
+
+# ------------------------------------------------------------------ spinning (native only)
+# A pop that finds the queue empty soon after a push busy-waits for the next one before
+# it parks (``spin``): an optimisation of the native queue's waits, not of its semantics,
+# so the reference queue has none.
+
+
+def _spinning_queue(spin: float = HANG) -> Any:
+    q = native_queue.RequestQueue(16)
+    q.spin = spin
+    q.spin_window = 1e9  # every pop on an empty queue spins (no push needed first)
+    return q
+
+
+@pytest.mark.parametrize("value", [-1e-6, math.nan, math.inf])
+@pytest.mark.parametrize("name", ["spin", "spin_window"])
+def test_spin_settings_refuse_what_is_not_finite_seconds(name: str, value: float) -> None:
+    q = native_queue.RequestQueue(4)
+    with pytest.raises(ValueError, match=name):
+        setattr(q, name, value)
+    with pytest.raises(TypeError, match=name):
+        setattr(q, name, "1ms")
+    assert (q.spin, q.spin_window) == (0.0, 0.002)  # the defaults: no spinning
+
+
+def test_a_spinning_pop_takes_a_push_waking_no_parked_consumer() -> None:
+    q = _spinning_queue()
+    q.spin = 0.0
+    parked = Worker(q.pop_batch, 10, timeout=HANG)
+    blocked(q, ITEMS)  # parked without spinning
+    q.spin = HANG
+    spinning = Worker(q.pop_batch, 10, timeout=HANG)
+    wait_until(lambda: q._spins() == (1, 1), "the second pop spinning")
+    assert q._waiters()[ITEMS] == 1  # a spinning pop is not on the waiters' stack
+    q.push("x")
+    assert spinning.outcome() == ["x"]  # long before its spin would end
+    assert q._spins() == (0, 1)
+    assert q._waiters()[ITEMS] == 1 and parked.is_alive()  # the push woke nobody
+    q.close()
+    assert parked.outcome() == []
+
+
+def test_a_spin_ends_at_the_pops_timeout() -> None:
+    q = _spinning_queue()
+    assert q.pop_batch(10, timeout=0.05) == []  # not after the spin's HANG seconds
+    assert q._spins() == (0, 1)
+
+
+def test_a_pop_spins_once_then_parks_and_a_push_wakes_it() -> None:
+    q = _spinning_queue(spin=0.001)
+    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    blocked(q, ITEMS)  # the spin ended without a push: parked
+    assert q._spins() == (0, 1)
+    q.push("x")
+    assert popping.outcome() == ["x"]
+    assert q._spins() == (0, 1)
+
+
+def test_a_pop_long_after_the_last_push_parks_without_spinning() -> None:
+    q = _spinning_queue()
+    q.spin_window = 0.0
+    q.push("a")
+    assert q.pop_batch(10) == ["a"]
+    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    blocked(q, ITEMS)
+    q.push("b")
+    assert popping.outcome() == ["b"]
+    assert q._spins() == (0, 0)
+
+
+def test_a_paused_queue_is_not_spun_on() -> None:
+    q = _spinning_queue()
+    q.pause()
+    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    blocked(q, ITEMS)
+    q.push("x")
+    q.resume()
+    assert popping.outcome() == ["x"]
+    assert q._spins() == (0, 0)
+
+
+def test_two_spinning_pops_share_one_push_and_the_other_parks() -> None:
+    q = _spinning_queue()
+    pops = [Worker(q.pop_batch, 10, timeout=HANG) for _ in range(2)]
+    wait_until(lambda: q._spins() == (2, 2), "both pops spinning")
+    q.push("x")
+    blocked(q, ITEMS)  # one took it; the other, having spun once, parked
+    assert q._spins() == (0, 2)
+    q.push("y")
+    assert sorted(w.outcome()[0] for w in pops) == ["x", "y"]
+
+
+@pytest.mark.parametrize("how", ["close", "retarget"])
+def test_what_ends_every_wait_ends_a_spin(how: str) -> None:
+    q = _spinning_queue(spin=1000.0)
+    retargets = q.retargets
+    popping = Worker(q.pop_batch, 10, timeout=100.0, retargets=retargets)
+    wait_until(lambda: q._spins() == (1, 1), "the pop spinning")
+    getattr(q, how)()
+    assert popping.outcome() == []  # at once, not after the spin or the timeout
+    assert q._spins() == (0, 1)

@@ -88,6 +88,10 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void sync_lock(Sync* s) noexcept nogil
     void sync_unlock(Sync* s) noexcept nogil
     void wait_items(Sync* s, double deadline) noexcept nogil
+    void spin_items(Sync* s, double until) noexcept nogil
+    int spinners(Sync* s) noexcept nogil
+    uint64_t spins(Sync* s) noexcept nogil
+    void notify_pushed(Sync* s) noexcept nogil
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
     void wait_expiry(Sync* s, double deadline) noexcept nogil
@@ -384,6 +388,13 @@ cdef double _float_arg(object v, str name) except? -1.0:
     return x
 
 
+cdef double _spin_arg(object v, str name) except? -1.0:
+    cdef double x = _float_arg(v, name)
+    if not 0.0 <= x < INFINITY:
+        raise ValueError(f"{name} must be finite seconds >= 0, got {v!r}")
+    return x
+
+
 cdef double _as_double(object v, str name) except? -1.0:
     cdef double x
     try:
@@ -498,9 +509,12 @@ cdef class RequestQueue:
     cdef double _aging
     cdef uint64_t _pushed       # entries accepted by push() (parks are not arrivals)
     cdef uint64_t _retargets    # retarget() calls: pops planned before one pop nothing
+    cdef double _spin           # seconds a pop spins on an empty queue before parking ...
+    cdef double _spin_window    # ... if the last push was at most this long ago
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX
+        self._spin_window = 0.002
         self._parked_until = INFINITY
         self._sync = sync_new()
         if self._sync == NULL:
@@ -669,7 +683,10 @@ cdef class RequestQueue:
         # those a push only moves their other deadlines (head age, idle gap) later, and
         # they re-check those when they wake. Waking them on every push would cost a
         # context switch per request in a burst.
-        notify_items_one(self._sync)
+        if self._len == 1:
+            notify_pushed(self._sync)
+        else:
+            notify_items_one(self._sync)
         if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
         seq[0] = e.seq
@@ -955,6 +972,7 @@ cdef class RequestQueue:
         """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
         cdef double t, d
         cdef int64_t wake_rows
+        cdef bint spun = False
         while True:
             # Step 1: wait for any live entry (and, while paused, for resume or close).
             # Parked entries count as coming: a wait ends when the first is due, and a
@@ -972,7 +990,14 @@ cdef class RequestQueue:
                 if not self._paused or self._closed:
                     if self._next_due_locked() < d:
                         d = self._next_due_locked()
-                wait_items(self._sync, d)
+                if (not spun and self._spin > 0.0 and not self._paused
+                        and t - self._last_push <= self._spin_window):
+                    # Requests came a moment ago: the next may be as near (a client
+                    # waiting on each answer).
+                    spun = True
+                    spin_items(self._sync, t + self._spin if t + self._spin < d else d)
+                else:
+                    wait_items(self._sync, d)
                 self._tick_locked()
             # Step 2: let the batch fill, bounded by the head's age and the idle gap.
             if p.fill:
@@ -1106,6 +1131,31 @@ cdef class RequestQueue:
         return out
 
     # ------------------------------------------------------------ public API
+
+    @property
+    def spin(self):
+        """Seconds a pop that finds the queue empty busy-waits for a push before it
+        parks, if the last push was at most ``spin_window`` seconds ago; 0.0 (the
+        default): never. It spins with the GIL and the queue's lock released and takes a
+        push it sees at once, without the thread wake-up a parked consumer costs (that
+        push wakes no parked consumer); once per pop. A paused queue is never spun on.
+        ``ValueError`` for a negative, infinite or NaN value."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value):
+        self._spin = _spin_arg(value, "spin")
+
+    @property
+    def spin_window(self):
+        """How recent the last push must be for a pop to spin (seconds; default 0.002): a
+        queue idle for longer is waited on without spinning. ``ValueError`` for a
+        negative, infinite or NaN value."""
+        return self._spin_window
+
+    @spin_window.setter
+    def spin_window(self, value):
+        self._spin_window = _spin_arg(value, "spin_window")
 
     @property
     def capacity(self):
@@ -1761,6 +1811,17 @@ cdef class RequestQueue:
             if self._heap[i].t_push < t:
                 t = self._heap[i].t_push
         return t
+
+    def _spins(self):
+        """Test hook: (pops spinning right now, pops that spun so far)."""
+        cdef int now
+        cdef uint64_t total
+        with nogil:
+            sync_lock(self._sync)
+            now = spinners(self._sync)
+            total = spins(self._sync)
+            sync_unlock(self._sync)
+        return (now, total)
 
     def _waiters(self):
         """Test hook: threads blocked right now in (pop waiting for an entry, pop waiting

@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <time.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -82,6 +83,9 @@ struct ItemWaiter {
 struct Sync {
     std::mutex mu;
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
+    std::atomic<uint64_t> wakes{0};  // pushes into an empty queue, wake-ups of all: end a spin
+    int spinners = 0;                 // consumers in spin_items; guarded by mu
+    uint64_t spins = 0;               // spin_items calls so far; guarded by mu
     CondVar fill;
     CondVar room;
     CondVar expiry;  // the collector of expired entries (take_expired)
@@ -128,6 +132,25 @@ inline void wait_items(Sync* s, double deadline) noexcept {
         }
     }
 }
+// Busy-waits, the mutex released, until a push into the empty queue (or a wake-up of all:
+// close, pause, retarget) or `until`; returns
+// with the mutex held again. A parked consumer costs the push a thread wake-up (tens of
+// microseconds on an idle core); one that spins sees the push at once.
+inline void spin_items(Sync* s, double until) noexcept {
+    uint64_t seen = s->wakes.load(std::memory_order_relaxed);
+    ++s->spinners;
+    ++s->spins;
+    s->mu.unlock();
+    while (s->wakes.load(std::memory_order_acquire) == seen && now() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        asm volatile("yield");
+#endif
+    }
+    s->mu.lock();
+    --s->spinners;
+}
 inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill, deadline); }
 inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
 inline void wait_expiry(Sync* s, double deadline) noexcept { wait_until(s, s->expiry, deadline); }
@@ -149,10 +172,21 @@ inline void notify_items_one(Sync* s) noexcept {
         w->cv.notify_one();
     }
 }
+inline int spinners(Sync* s) noexcept { return s->spinners; }
+inline uint64_t spins(Sync* s) noexcept { return s->spins; }
+// A push into the empty queue: a spinning consumer takes it, else one parked is woken.
+inline void notify_pushed(Sync* s) noexcept {
+    if (s->spinners > 0) {
+        s->wakes.fetch_add(1, std::memory_order_release);
+    } else {
+        notify_items_one(s);
+    }
+}
 inline void notify_fill_all(Sync* s) noexcept { s->fill.notify_all(); }
 inline void notify_room_one(Sync* s) noexcept { s->room.notify_one(); }
 inline void notify_room_all(Sync* s) noexcept { s->room.notify_all(); }
 inline void notify_everyone(Sync* s) noexcept {
+    s->wakes.fetch_add(1, std::memory_order_release);
     while (s->items != nullptr) notify_items_one(s);
     s->fill.notify_all();
     s->room.notify_all();

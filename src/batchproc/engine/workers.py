@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,21 @@ _monotonic = time.monotonic
 # close() and pause changes do not need it; it only bounds how long an abandoned or
 # surplus worker can linger.
 POP_POLL = 1.0
+# How long a worker's pop busy-waits on an empty queue before parking, when requests
+# came a moment ago (RequestQueue.spin): a client waiting on each answer sends its next
+# request within microseconds, and a parked worker costs it a thread wake-up, tens of
+# microseconds on an idle core (benchmarks/bench_round_trip.py).
+POP_SPIN = 30e-6
+
+
+def pop_spin() -> float:
+    """POP_SPIN where this process may run on two CPUs or more; on one, the request a
+    spinning worker waits for cannot be sent while it spins: 0.0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return POP_SPIN if cpus > 1 else 0.0
 # The worker watching for requests past batch_timeout looks again when the next may be
 # late; at most every half batch_timeout for calls that start meanwhile, and (as a slot
 # is held while idle, by a worker blocked in its pop) no more often than this.
@@ -76,6 +92,7 @@ class WorkerPool:
                  resume: threading.Event, count_cancelled: Callable[[int], None]) -> None:
         self._config = config
         self._queue = queue
+        queue.spin = pop_spin()
         self._controller = controller
         self._board = board
         self._executor = executor

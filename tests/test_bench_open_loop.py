@@ -127,6 +127,23 @@ def test_a_model_that_falls_behind_achieves_what_it_serves() -> None:
     assert res.throughput == pytest.approx(60.0, rel=0.1)
 
 
+@pytest.mark.parametrize("rate,duration", [(1000.0, 1.0), (30000.0, 1.0), (1e6, 0.002)],
+                         ids=["5x its capacity", "150x", "all at once"])
+def test_a_model_far_behind_achieves_what_it_serves_not_more(rate, duration) -> None:
+    # One request at a time, 5 ms each (no batching behind a lock): 200 req/s at most,
+    # whatever is offered. Only the first arrivals complete before the drain ends, so
+    # the longest lag among them is the backlog's, not the time a request takes.
+    load = Load("rate", rate=rate, features=4)
+
+    def one_at_a_time(i: int, a: float, previous: float) -> float:
+        return max(a, previous) + 0.005
+
+    res = _measured(load, Bounds(duration=duration), one_at_a_time,
+                    drained_by=duration + 1.0)
+    assert res.unfinished > 0
+    assert res.throughput == pytest.approx(200.0, rel=0.02)
+
+
 def test_a_low_load_achieves_what_it_is_offered_not_more() -> None:
     # 5 req/s for 1 s: 5 arrivals, each served in a millisecond.
     load = Load("rate", rate=5.0, features=4)

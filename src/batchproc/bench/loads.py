@@ -245,7 +245,8 @@ def check_arrivals(rate: float, duration: float, what: str) -> None:
             "duration")
 
 
-def open_span(window: float, arrived: np.ndarray, finished: np.ndarray) -> float:
+def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
+              unfinished: bool = False) -> float:
     """The seconds an open loop's throughput counts its completed requests over.
 
     ``arrived`` and ``finished``: each completed request's scheduled arrival and its
@@ -256,11 +257,17 @@ def open_span(window: float, arrived: np.ndarray, finished: np.ndarray) -> float
     fell behind. The window is then stretched by that excess: to the last completion,
     less the longest lag (completion less arrival) of the requests that arrived in the
     first :data:`EARLY_SHARE` of the window (at least the first), so the throughput
-    reads the rate it served at."""
+    reads the rate it served at. A run that left requests ``unfinished`` fell behind
+    for certain (or some requests never finished): it served from its first arrival to
+    its last completion, less the shortest such lag (the time any request takes). The
+    longest lag would undercount it there: its early requests may have waited in a
+    backlog already, and none but early ones completed (a queue served in order).
+    """
     if arrived.size == 0:
         return window
     early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
-    lag = float((finished[early] - arrived[early]).max())
+    lags = finished[early] - arrived[early]
+    lag = float(lags.min() if unfinished else lags.max())
     return max(window, float(finished.max()) - lag)
 
 
@@ -655,7 +662,8 @@ def _collect(
     span = None
     if window is not None:  # an open loop: the completed arrivals over its window
         start = np.asarray(arrived, dtype=float) - t0
-        span = open_span(window, start, start + np.asarray(lat, dtype=float))
+        span = open_span(window, start, start + np.asarray(lat, dtype=float),
+                         unfinished=len(unfinished) + len(late) > 0)
     # Unfinished requests: their wait until the horizon, a lower bound of their latency.
     lat += [horizon - t for t, _ in unfinished]
     pri += [prios[i % n_prios] for _, i in unfinished]

@@ -207,7 +207,8 @@ def test_a_full_queue_refuses_at_once_instead_of_blocking_the_loop(make_processo
 
 def test_without_a_running_loop_it_says_so(make_processor):
     processor = make_processor(lambda batch: batch)
-    with pytest.raises(RuntimeError, match="no running event loop"):
+    with pytest.raises(RuntimeError, match="needs a running event loop: await it in a "
+                       "coroutine; from a thread, call enqueue_predict"):
         processor.enqueue_predict_async(np.array([[1.0]]))
     assert processor.get_stats()["total_accepted"] == 0
 

@@ -578,7 +578,12 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
-        loop = _running_loop()
+        try:
+            loop = _running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "enqueue_predict_async needs a running event loop: await it in a "
+                "coroutine; from a thread, call enqueue_predict") from None
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(0)
         channel = self._last_channel

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from waiting import collected_holding
 from waiting import wait_for as _wait_for
 
 from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError, QueueTimeoutError
@@ -810,15 +811,7 @@ def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_th
         processor.resume()  # the filler's room reaches the line: the waiter leaves it
         assert filler.result(10).tolist() == [[0.0]]
         _wait_for(lambda: not line._line, "the waiter out of the line")
-        collected = threading.Event()
-
-        def collect_holding_the_line_lock():
-            with line._lock:
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect_holding_the_line_lock, daemon=True).start()
-        assert collected.wait(10), "the collection deadlocked in the coroutine's close"
+        assert collected_holding(line._lock), "the collection deadlocked in the coroutine's close"
     finally:
         gc.enable()
     # The line goes on serving, its count of waiters right.

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from waiting import collected_holding
 from waiting import wait_for as _wait_for
 
 from batchproc import (
@@ -408,15 +409,7 @@ def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_t
         cycle = [results]
         cycle.append(cycle)
         del results, cycle
-        collected = threading.Event()
-
-        def collect_holding_the_line_lock():
-            with line._lock:
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect_holding_the_line_lock, daemon=True).start()
-        assert collected.wait(10), "the collection deadlocked in the map's finalizer"
+        assert collected_holding(line._lock), "the collection deadlocked in the map's finalizer"
     finally:
         gc.enable()
     # Withdrawn all the same, by the supervisor.

@@ -215,9 +215,8 @@ def test_a_replica_collected_in_a_cycle_stops_its_processor_without_taking_a_loc
     # that may hold a lock stop() takes (here the processor's own lifecycle lock), it
     # must not stop it there: the stop goes to a thread of its own.
     import gc
-    import threading
 
-    from waiting import wait_for
+    from waiting import collected_holding, wait_for
 
     replica = BatchedReplica(lambda: (lambda batch: batch))
     processor = replica.processor
@@ -225,15 +224,8 @@ def test_a_replica_collected_in_a_cycle_stops_its_processor_without_taking_a_loc
     try:
         replica.cycle = replica
         del replica
-        collected = threading.Event()
-
-        def collect_holding_the_lifecycle_lock():
-            with processor._lifecycle:
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect_holding_the_lifecycle_lock, daemon=True).start()
-        assert collected.wait(10), "the collection deadlocked in the replica's __del__"
+        assert collected_holding(processor._lifecycle), (
+            "the collection deadlocked in the replica's __del__")
     finally:
         gc.enable()
     wait_for(lambda: not processor.running, "the collected replica's processor stopped")

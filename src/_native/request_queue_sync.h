@@ -7,6 +7,7 @@
 #pragma once
 
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
 
 #include <atomic>
@@ -142,11 +143,10 @@ inline void spin_items(Sync* s, double until) noexcept {
     ++s->spins;
     s->mu.unlock();
     while (s->wakes.load(std::memory_order_acquire) == seen && now() < until) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#elif defined(__aarch64__)
-        asm volatile("yield");
-#endif
+        // Yielding, not a pause instruction: on a busy machine the thread about to push
+        // may be waiting for this CPU (measured: spinning on pause lost to parking
+        // there, yielding did not).
+        sched_yield();
     }
     s->mu.lock();
     --s->spinners;

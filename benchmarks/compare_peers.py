@@ -409,8 +409,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
                              f"{med['completed']:,} of {doc['settings']['burst']:,} done")
         if med["errors"] or med["unfinished"]:
             req += " !"
-            footnotes.append(f"! {r['system']} / {r['model']} / {r['load']}: {med['errors']} "
-                             f"errors, {med['unfinished']} unfinished; {med['first_error']}")
+            first = f"; first error: {med['first_error']}" if med["first_error"] else ""
+            footnotes.append(f"! {r['system']} / {r['model']} / {r['load']}: {med['errors']:,} "
+                             f"errors, {med['unfinished']:,} unfinished over its "
+                             f"{med['repeats']} repetition(s){first}")
         rows.append([r["model"], r["load"], r["system"], report.fmt_rate(med["throughput"]),
                      report.fmt_ms(med["p50_ms"]), report.fmt_ms(med["p95_ms"]),
                      report.fmt_ms(med["p99_ms"]), f"{med['mean_batch']:.1f}", req,

@@ -1871,3 +1871,50 @@ def test_what_ends_every_wait_ends_a_spin(how: str) -> None:
     getattr(q, how)()
     assert popping.outcome() == []  # at once, not after the spin or the timeout
     assert q._spins() == (0, 1)
+
+
+def _a_push_while_a_stale_pop_still_counts_as_spinning() -> tuple[bool, Any, Worker]:
+    """One try at: P parked, S spinning in a pop planned before a ``retarget()``, which
+    ends S's spin; ``x`` pushed into the empty queue before S takes the queue's lock
+    back (S kept off the CPU: this thread's CPU, at idle priority). (whether S still
+    counted as spinning at the push, the queue, P)."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    q = native_queue.RequestQueue(16)
+    parked = Worker(q.pop_batch, 10, timeout=100.0)  # past outcome()'s wait: a lost wake
+    blocked(q, ITEMS)
+    q.spin, q.spin_window = 1000.0, 1e9
+    stale = Worker(q.pop_batch, 10, timeout=HANG, retargets=q.retargets)
+    wait_until(lambda: q._spins() == (1, 1), "the planned pop spinning")
+    q.spin = 0.0  # P, woken by the retarget, parks again without spinning
+    os.sched_setaffinity(stale.native_id, {cpus[0]})
+    os.sched_setscheduler(stale.native_id, os.SCHED_IDLE, os.sched_param(0))
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        q.retarget()
+        while q._waiters()[ITEMS] < 1:  # busy: the stale pop stays off the CPU
+            pass
+        counted = q._spins()[0] == 1
+        q.push("x")
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert stale.outcome() == []  # stale: it takes nothing
+    return counted, q, parked
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setscheduler")
+                    or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs Linux scheduling calls and two CPUs")
+def test_a_push_a_stale_spinning_pop_was_counted_on_reaches_a_parked_consumer() -> None:
+    # The push sees a spinner and wakes nobody; the spinner, stale, leaves without it:
+    # it must hand the wake on, or the entry waits for the parked consumer's timeout.
+    for _ in range(50):
+        counted, q, parked = _a_push_while_a_stale_pop_still_counts_as_spinning()
+        if counted:
+            break
+        q.close()  # the stale pop took the lock back first: try again
+        parked.outcome()
+    assert counted, "the stale pop never stayed off the CPU long enough"
+    assert parked.outcome() == ["x"]

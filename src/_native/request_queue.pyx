@@ -1004,7 +1004,7 @@ cdef class RequestQueue:
                 while (self._len > 0 and not self._closed and not self._paused
                        and self._rows < p.fill_rows and not self._heap[0].solo):
                     if self._stale_locked(p):
-                        return 0
+                        return self._leave_stale_locked()
                     d = self._fill_deadline(p)
                     t = mono_now()
                     if t >= d:
@@ -1027,8 +1027,15 @@ cdef class RequestQueue:
                     # step 1, with what is left of `timeout`.
                     continue
             if self._stale_locked(p):
-                return 0
+                return self._leave_stale_locked()
             return self._select_locked(p, buf)
+
+    cdef Py_ssize_t _leave_stale_locked(self) noexcept nogil:
+        """A stale pop (see ``retarget``) leaves entries it may have been counted on to
+        take (a push into the empty queue while it spun wakes nobody): the wake goes on
+        to a parked consumer. 0: popped nothing."""
+        notify_items_one(self._sync)
+        return 0
 
     cdef Py_ssize_t _drain_locked(self, PopBuf* buf) noexcept nogil:
         cdef Entry e

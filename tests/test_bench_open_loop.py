@@ -144,6 +144,87 @@ def test_a_model_far_behind_achieves_what_it_serves_not_more(rate, duration) -> 
     assert res.throughput == pytest.approx(200.0, rel=0.02)
 
 
+def _measured_refusing(load: Load, bounds: Bounds, finish, *, drained_by: float,
+                       limit: int):
+    """``_measured`` of a bounded system: an arrival finding ``limit`` accepted requests
+    not yet complete is refused."""
+    plan = schedule_of(load, bounds)
+    futs, sub, done, finishes = [], [], [], []
+    previous, refused = 0.0, 0
+    for i, a in enumerate(arrival_times(load, bounds)):
+        if sum(1 for d in finishes if d is None or d > a) >= limit:
+            refused += 1
+            continue
+        f: Future = Future()
+        d = finish(i, a, previous)
+        finishes.append(d)
+        if d is not None and d <= drained_by:
+            f.set_result(None)
+            previous = d
+        futs.append(f)
+        sub.append(T0 + a)
+        done.append(T0 + d if f.done() else 0.0)
+    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": refused,
+             "scheduled": plan.n, "window": plan.window}
+    end = T0 + drained_by
+    return _collect(futs, sub, done, [2], state, end, end, np.empty(0))
+
+
+def _jittered(stuck=()):
+    """Keeps up: each request served on its own in 5-400 ms (inputs of varied size)."""
+    def finish(i: int, a: float, previous: float) -> float | None:
+        return None if i in stuck else a + 0.005 + 0.395 * ((i * 37) % 100) / 99
+    return finish
+
+
+def test_a_run_that_keeps_up_reads_the_same_with_a_request_stuck() -> None:
+    load = Load("rate", rate=100.0, features=4)
+    res = _measured(load, Bounds(duration=1.0), _jittered(), drained_by=2.0)
+    assert res.unfinished == 0 and res.throughput == pytest.approx(100.0, rel=0.05)
+    res = _measured(load, Bounds(duration=1.0), _jittered(stuck={50}), drained_by=2.0)
+    assert res.unfinished == 1 and res.throughput == pytest.approx(99.0, rel=0.05)
+
+
+def test_an_overload_whose_queue_refuses_reads_what_it_served() -> None:
+    # One at a time, 5 ms each (200 req/s), at most 180 accepted and not yet done, 3,000
+    # req/s offered: every accepted request completes, served at 200 req/s.
+    load = Load("rate", rate=3000.0, features=4)
+
+    def one_at_a_time(i: int, a: float, previous: float) -> float:
+        return max(a, previous) + 0.005
+
+    res = _measured_refusing(load, Bounds(duration=1.0), one_at_a_time, drained_by=2.0,
+                             limit=180)
+    assert res.refused > 0 and res.unfinished == 0
+    assert res.throughput == pytest.approx(200.0, rel=0.1)
+
+
+def test_an_overload_that_sheds_late_requests_reads_what_it_served() -> None:
+    # One at a time, 5 ms each (200 req/s); a request not started within 0.5 s of its
+    # arrival fails at once (a deadline: an error, not unfinished). 1,000 req/s offered.
+    load = Load("rate", rate=1000.0, features=4)
+    plan = schedule_of(load, Bounds(duration=1.0))
+    futs, sub, done = [], [], []
+    free = 0.0
+    for a in arrival_times(load, Bounds(duration=1.0)):
+        f: Future = Future()
+        start = max(a, free)
+        if start > a + 0.5:
+            f.set_exception(TimeoutError("deadline"))
+            done.append(0.0)
+        else:
+            free = start + 0.005
+            f.set_result(None)
+            done.append(T0 + free)
+        futs.append(f)
+        sub.append(T0 + a)
+    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": 0,
+             "scheduled": plan.n, "window": plan.window}
+    res = _collect(futs, sub, done, [2], state, T0 + 2.0, T0 + 2.0, np.empty(0))
+    assert res.unfinished == 0 and res.errors > 0
+    assert res.throughput == pytest.approx(200.0, rel=0.1)
+
+
 def test_a_low_load_achieves_what_it_is_offered_not_more() -> None:
     # 5 req/s for 1 s: 5 arrivals, each served in a millisecond.
     load = Load("rate", rate=5.0, features=4)

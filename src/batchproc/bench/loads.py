@@ -246,7 +246,7 @@ def check_arrivals(rate: float, duration: float, what: str) -> None:
 
 
 def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
-              unfinished: bool = False) -> float:
+              unfinished: bool = False, refused: bool = False) -> float:
     """The seconds an open loop's throughput counts its completed requests over.
 
     ``arrived`` and ``finished``: each completed request's scheduled arrival and its
@@ -257,17 +257,27 @@ def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
     fell behind. The window is then stretched by that excess: to the last completion,
     less the longest lag (completion less arrival) of the requests that arrived in the
     first :data:`EARLY_SHARE` of the window (at least the first), so the throughput
-    reads the rate it served at. A run that left requests ``unfinished`` fell behind
-    for certain (or some requests never finished): it served from its first arrival to
-    its last completion, less the shortest such lag (the time any request takes). The
-    longest lag would undercount it there: its early requests may have waited in a
-    backlog already, and none but early ones completed (a queue served in order).
+    reads the rate it served at. A run that fell behind for certain (it ``refused``
+    requests, or its last arrivals, those of the last :data:`EARLY_SHARE`, trailed by
+    more than any early one, or none of them completed while requests were left
+    ``unfinished``) served from its first arrival to its last completion, less the
+    shortest such lag (the time any request takes): there the longest would overstate
+    its rate, its early requests having waited in a backlog already. A run that kept up but
+    left a request or two stuck still reads what it was offered.
     """
     if arrived.size == 0:
         return window
     early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
     lags = finished[early] - arrived[early]
-    lag = float(lags.min() if unfinished else lags.max())
+    lag = float(lags.max())
+    last = arrived >= (1.0 - EARLY_SHARE) * window
+    if last.any():
+        # Its last arrivals completed later after arriving than any early one: a backlog.
+        trailing = float(np.median(finished[last] - arrived[last])) > lag
+    else:
+        trailing = unfinished  # none of its last arrivals completed
+    if refused or trailing:
+        lag = float(lags.min())
     return max(window, float(finished.max()) - lag)
 
 
@@ -663,7 +673,8 @@ def _collect(
     if window is not None:  # an open loop: the completed arrivals over its window
         start = np.asarray(arrived, dtype=float) - t0
         span = open_span(window, start, start + np.asarray(lat, dtype=float),
-                         unfinished=len(unfinished) + len(late) > 0)
+                         unfinished=len(unfinished) + len(late) > 0,
+                         refused=state.get("refused", 0) > 0)
     # Unfinished requests: their wait until the horizon, a lower bound of their latency.
     lat += [horizon - t for t, _ in unfinished]
     pri += [prios[i % n_prios] for _, i in unfinished]

@@ -28,6 +28,16 @@ class RequestQueue:
         """``max_priority_wait`` (seconds, None: off): with priorities, an entry queued
         longer than this is served before every entry that has not, by arrival."""
     @property
+    def spin(self) -> float:
+        """Seconds a pop on the empty queue busy-waits for a push before it parks, if
+        the last push was at most ``spin_window`` seconds ago (0.0: never)."""
+    @spin.setter
+    def spin(self, value: SupportsFloat) -> None: ...
+    @property
+    def spin_window(self) -> float: ...
+    @spin_window.setter
+    def spin_window(self, value: SupportsFloat) -> None: ...
+    @property
     def capacity(self) -> int: ...
     @property
     def closed(self) -> bool: ...
@@ -125,5 +135,7 @@ class RequestQueue:
     @property
     def paused(self) -> bool: ...
     def oldest_age(self) -> float: ...
+    def _spins(self) -> tuple[int, int]:
+        """Test hook: (pops spinning now, pops that spun so far)."""
     def _waiters(self) -> tuple[int, int, int]:
         """Test hook: threads blocked in (pop for an entry, pop for a fill, push for room)."""

@@ -33,24 +33,30 @@ from batchproc.bench.sweep import SATURATED, run_sweep, table_rows
 T0 = 1000.0  # a run's start, on the clock of the synthetic timings
 
 
-def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float):
+def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float,
+              limit: int | None = None):
     """The result of an open loop of ``load`` whose request ``i`` arriving at ``a``
     (seconds from the start) completes at ``finish(i, a, previous completion)``, or never
-    (None); ``drained_by``: when the run stopped waiting, seconds from the start."""
+    (None); ``drained_by``: when the run stopped waiting, seconds from the start;
+    ``limit``: a bounded system, refusing an arrival that finds this many accepted
+    requests not yet complete."""
     plan = schedule_of(load, bounds)
-    arrivals = arrival_times(load, bounds)
-    futs, sub, done = [], [], []
-    previous = 0.0
-    for i, a in enumerate(arrivals):
+    futs, sub, done, finishes = [], [], [], []
+    previous, refused = 0.0, 0
+    for i, a in enumerate(arrival_times(load, bounds)):
+        if limit is not None and sum(1 for d in finishes if d is None or d > a) >= limit:
+            refused += 1
+            continue
         f: Future = Future()
         d = finish(i, a, previous)
+        finishes.append(d)
         if d is not None and d <= drained_by:
             f.set_result(None)
             previous = d
         futs.append(f)
         sub.append(T0 + a)
         done.append(T0 + d if f.done() else 0.0)
-    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": 0,
+    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": refused,
              "scheduled": plan.n, "window": plan.window}
     end = T0 + drained_by
     return _collect(futs, sub, done, [2], state, end, end, np.empty(0))
@@ -144,32 +150,6 @@ def test_a_model_far_behind_achieves_what_it_serves_not_more(rate, duration) -> 
     assert res.throughput == pytest.approx(200.0, rel=0.02)
 
 
-def _measured_refusing(load: Load, bounds: Bounds, finish, *, drained_by: float,
-                       limit: int):
-    """``_measured`` of a bounded system: an arrival finding ``limit`` accepted requests
-    not yet complete is refused."""
-    plan = schedule_of(load, bounds)
-    futs, sub, done, finishes = [], [], [], []
-    previous, refused = 0.0, 0
-    for i, a in enumerate(arrival_times(load, bounds)):
-        if sum(1 for d in finishes if d is None or d > a) >= limit:
-            refused += 1
-            continue
-        f: Future = Future()
-        d = finish(i, a, previous)
-        finishes.append(d)
-        if d is not None and d <= drained_by:
-            f.set_result(None)
-            previous = d
-        futs.append(f)
-        sub.append(T0 + a)
-        done.append(T0 + d if f.done() else 0.0)
-    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": refused,
-             "scheduled": plan.n, "window": plan.window}
-    end = T0 + drained_by
-    return _collect(futs, sub, done, [2], state, end, end, np.empty(0))
-
-
 def _jittered(stuck=()):
     """Keeps up: each request served on its own in 5-400 ms (inputs of varied size)."""
     def finish(i: int, a: float, previous: float) -> float | None:
@@ -193,8 +173,7 @@ def test_an_overload_whose_queue_refuses_reads_what_it_served() -> None:
     def one_at_a_time(i: int, a: float, previous: float) -> float:
         return max(a, previous) + 0.005
 
-    res = _measured_refusing(load, Bounds(duration=1.0), one_at_a_time, drained_by=2.0,
-                             limit=180)
+    res = _measured(load, Bounds(duration=1.0), one_at_a_time, drained_by=2.0, limit=180)
     assert res.refused > 0 and res.unfinished == 0
     assert res.throughput == pytest.approx(200.0, rel=0.1)
 

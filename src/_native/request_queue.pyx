@@ -1143,9 +1143,10 @@ cdef class RequestQueue:
     def spin(self):
         """Seconds a pop that finds the queue empty busy-waits for a push before it
         parks, if the last push was at most ``spin_window`` seconds ago; 0.0 (the
-        default): never. It spins with the GIL and the queue's lock released and takes a
-        push it sees at once, without the thread wake-up a parked consumer costs (that
-        push wakes no parked consumer); once per pop. A paused queue is never spun on.
+        default): never. It spins with the GIL and the queue's lock released, yielding
+        its CPU between looks, and takes a push it sees at once, without the thread
+        wake-up a parked consumer costs (that push wakes no parked consumer); once per
+        pop. A paused queue is never spun on.
         ``ValueError`` for a negative, infinite or NaN value."""
         return self._spin
 

@@ -54,6 +54,8 @@ def pop_spin() -> float:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return POP_SPIN if cpus > 1 else 0.0
+
+
 # The worker watching for requests past batch_timeout looks again when the next may be
 # late; at most every half batch_timeout for calls that start meanwhile, and (as a slot
 # is held while idle, by a worker blocked in its pop) no more often than this.

@@ -280,7 +280,7 @@ def test_a_worker_back_from_a_batch_spins_for_a_client_waiting_on_each_answer(
     # cost the round trip a thread wake-up.
     from batchproc.engine import workers
 
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 2.0)
     p = make_processor(lambda batch: batch, max_workers=1)
     assert p._queue.spin == workers.POP_SPIN > 0.0
     p._queue.spin = 10.0  # long enough for any scheduling delay: the request ends it
@@ -289,11 +289,13 @@ def test_a_worker_back_from_a_batch_spins_for_a_client_waiting_on_each_answer(
     assert p._queue._spins()[1] > 0
 
 
-def test_on_one_cpu_the_workers_do_not_spin(make_processor, monkeypatch):
-    # There the request a spinning worker waits for cannot be sent while it spins.
+@pytest.mark.parametrize("cpus", [1.0, 1.5])
+def test_on_less_than_two_cpus_the_workers_do_not_spin(make_processor, monkeypatch, cpus):
+    # There the request a spinning worker waits for cannot be sent while it spins, or a
+    # container's CPU quota pays for the spin (engine.cpus.usable_cpus).
     from batchproc.engine import workers
 
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(workers, "usable_cpus", lambda: cpus)
     p = make_processor(lambda batch: batch)
     assert p._queue.spin == 0.0
     for i in range(5):

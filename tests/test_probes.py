@@ -219,3 +219,46 @@ def test_without_a_cgroup_limit_memory_is_a_share_of_the_machine(make_processor,
     memory = p.health()["checks"]["memory"]
     assert memory["source"] == "system" and "limit_bytes" not in memory
     assert 0 < memory["value"] < 100
+
+
+# ------------------------------------------------------------------ usable CPUs
+# (workers spin for the next request only where two CPUs' worth of time is theirs)
+
+
+def test_usable_cpus_take_the_tightest_cgroup_v2_quota(tmp_path, monkeypatch):
+    from batchproc.engine import cpus
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
+    write(tmp_path / "cgroup.controllers", "cpu memory\n")
+    write(tmp_path / "self_cgroup", "0::/kubepods/pod1/ctr\n")
+    write(tmp_path / "kubepods/pod1/ctr/cpu.max", "max 100000\n")
+    write(tmp_path / "kubepods/pod1/cpu.max", "150000 100000\n")  # the pod: 1.5 CPUs
+    write(tmp_path / "kubepods/cpu.max", "400000 100000\n")
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 1.5
+    write(tmp_path / "kubepods/pod1/cpu.max", "max 100000\n")
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 4.0
+    write(tmp_path / "kubepods/cpu.max", "max 100000\n")
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 8.0  # the affinity
+
+
+def test_usable_cpus_read_a_cgroup_v1_quota_in_a_container(tmp_path, monkeypatch):
+    from batchproc.engine import cpus
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    write(tmp_path / "self_cgroup", "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "100000\n")  # the mount's root: its own
+    write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 1.0
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1\n")  # no quota
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 4.0
+
+
+def test_usable_cpus_without_a_readable_quota_are_the_affinity(tmp_path, monkeypatch):
+    from batchproc.engine import cpus
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpus.usable_cpus(tmp_path / "absent", tmp_path / "absent_too") == 2.0
+    write(tmp_path / "cgroup.controllers", "cpu\n")
+    write(tmp_path / "self_cgroup", "0::/\n")
+    write(tmp_path / "cpu.max", "lots 100000\n")
+    assert cpus.usable_cpus(tmp_path, tmp_path / "self_cgroup") == 2.0

@@ -80,27 +80,12 @@ class CgroupMemory:
         return None
 
     def _own_path(self, v1: bool) -> str:
-        """This process's cgroup path (v2: the "0::" line; v1: the memory controller's)."""
-        try:
-            text = self.proc_cgroup.read_text()
-        except OSError:
-            return "/"
-        for line in text.splitlines():
-            hierarchy, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if v1 and "memory" in controllers.split(","):
-                return path
-            if not v1 and hierarchy == "0" and not controllers:
-                return path
-        return "/"
+        return cgroup_path(self.proc_cgroup, "memory" if v1 else None)
 
     def _read(self, base: pathlib.Path, path: str, source: str, limit_file: str,
               usage_file: str, inactive_keys: tuple[str, ...]) -> dict[str, Any] | None:
-        own = base / path.strip("/")
-        if not own.is_dir() or base not in (own, *own.parents):
-            own = base  # a container's cgroup namespace: its cgroup is the mount's root
         nearest: dict[str, Any] | None = None
-        for directory in (own, *own.parents):
+        for directory in cgroup_dirs(base, path):
             limit = _limit(directory / limit_file)
             if limit is not None:
                 usage = int((directory / usage_file).read_text())
@@ -109,9 +94,36 @@ class CgroupMemory:
                 if nearest is None or percent > nearest["percent"]:
                     nearest = {"usage_bytes": working, "limit_bytes": limit,
                                "percent": percent, "source": source}
-            if directory == base:
-                break
         return nearest
+
+
+def cgroup_path(proc_cgroup: pathlib.Path, v1_controller: str | None) -> str:
+    """This process's cgroup path from ``proc_cgroup`` (``/proc/self/cgroup``): v2's
+    (the "0::" line) for ``None``, else that v1 controller's; "/" when not found."""
+    try:
+        text = proc_cgroup.read_text()
+    except OSError:
+        return "/"
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if v1_controller is not None and v1_controller in controllers.split(","):
+            return path
+        if v1_controller is None and hierarchy == "0" and not controllers:
+            return path
+    return "/"
+
+
+def cgroup_dirs(base: pathlib.Path, path: str) -> list[pathlib.Path]:
+    """The directories of the cgroup at ``path`` under the mount ``base`` and of each
+    ancestor up to ``base``, nearest first (a limit set on any of them applies)."""
+    own = base / path.strip("/")
+    if not own.is_dir() or base not in (own, *own.parents):
+        own = base  # a container's cgroup namespace: its cgroup is the mount's root
+    dirs = [own]
+    while dirs[-1] != base:
+        dirs.append(dirs[-1].parent)
+    return dirs
 
 
 def _limit(path: pathlib.Path) -> int | None:

@@ -112,8 +112,6 @@ class RoomWaiters:
                  defer: Callable[[Callable[[], object]], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._defer = defer
-        if defer is not None:
-            collecting.watch()
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
         self._claimed = 0  # waiters handed room that have neither pushed nor left

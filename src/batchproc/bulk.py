@@ -484,7 +484,6 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
     queue = processor._queue
     priority = settings.priority
     window = Window(processor, settings)
-    collecting.watch()
 
     def make_future() -> tuple[Any, Any]:
         future = _RequestFuture()
@@ -578,7 +577,6 @@ def amap_results(processor: BatchProcessor[Any, Any],
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
     window = Window(processor, settings)
-    collecting.watch()
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
                      channel: Any) -> InFlight | Failed:

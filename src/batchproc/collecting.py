@@ -22,12 +22,10 @@ def _note(phase: str, info: dict[str, int]) -> None:
     _collecting_thread = threading.get_ident() if phase == "start" else None
 
 
-def watch() -> None:
-    """Follow collections from now on (once per process; each user calls it first)."""
-    if _note not in gc.callbacks:
-        gc.callbacks.append(_note)
-
-
 def on_this_thread() -> bool:
-    """Whether the calling thread is inside a collection (watched since :func:`watch`)."""
+    """Whether the calling thread is inside a collection."""
     return _collecting_thread == threading.get_ident()
+
+
+# Followed from import on: a user that had to ask first could forget to.
+gc.callbacks.append(_note)

@@ -97,7 +97,6 @@ class BatchedReplica:
             collector = PrometheusMetrics(metrics_name)
         self.processor: BatchProcessor[Any, Any] = BatchProcessor(config, collector)
         self.processor.start(_resolve(model)())
-        collecting.watch()  # for __del__
         self._decode = decode
         self._encode = encode
         self._queue_wait = queue_wait

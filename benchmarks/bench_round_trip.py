@@ -8,17 +8,18 @@ one row of 64 float32):
 
 - floor: a bare native RequestQueue and a RequestFuture between the caller and one
   consumer thread that completes each future, its pops spinning as batchproc's workers'
-  do (``RequestQueue.spin``); the GIL hand-offs and the caller's wake-up any threaded
-  batcher pays, with nothing else; floor-parked: the same, its pops parking at once (a
-  thread wake-up more per round trip);
+  do (``RequestQueue.spin``) and its caller's ``result()`` as batchproc's callers' do;
+  the GIL hand-offs any threaded batcher pays, with nothing else; floor-parked: the
+  same, its pops parking at once (a thread wake-up more per round trip);
 - batchproc with the default configuration (adaptive, 4 workers), the same with its
-  workers' pops parking at once (batchproc-parked), and with one worker;
+  workers' pops parking at once (batchproc-parked), with its callers parking at once in
+  ``result()`` (batchproc-caller-parked: no ``RESULT_SPIN``), and with one worker;
 - the minimal pure-Python batcher (benchmarks/minimal_batcher.py), which waits its full
   5 ms delay for a batch that never fills.
 
 extra_info gives microseconds per round trip and, for batchproc, its distance to the floor
-(best rounds) and to batchproc-parked (median and best rounds), each measured in turn
-with it.
+(best rounds), to batchproc-parked and to batchproc-caller-parked (median and best
+rounds), each measured in turn with it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import pytest
 
 from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc._native.request_queue import RequestQueue
+from batchproc._native.waiting import get_spin
 from batchproc.engine.workers import POP_SPIN
-from batchproc.futures import RequestFuture
+from batchproc.futures import RequestFuture, set_result_spin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minimal_batcher import MinimalBatcher
@@ -95,14 +97,35 @@ def _batchproc(workers: int = 4, spin: float = POP_SPIN) -> BatchProcessor[Any, 
     return processor
 
 
+def _caller_parked(run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with callers blocked in ``result()`` parking at once (no RESULT_SPIN)."""
+    def parked() -> None:
+        spin = get_spin()
+        set_result_spin(0.0)
+        try:
+            run()
+        finally:
+            set_result_spin(spin)
+
+    return parked
+
+
 @pytest.fixture(params=["floor", "floor-parked", "batchproc", "batchproc-parked",
-                        "batchproc-1-worker", "minimal"])
+                        "batchproc-caller-parked", "batchproc-1-worker", "minimal"])
 def system(request: pytest.FixtureRequest) -> Iterator[tuple[str, Callable[[Any], Any]]]:
     kind = request.param
     if kind.startswith("floor"):
         floor = _Floor(0.0 if kind.endswith("parked") else POP_SPIN)
         yield kind, floor.submit
         floor.close()
+    elif kind == "batchproc-caller-parked":
+        spin = get_spin()
+        set_result_spin(0.0)
+        try:
+            with _batchproc() as processor:
+                yield kind, processor.enqueue_predict
+        finally:
+            set_result_spin(spin)
     elif kind.startswith("batchproc"):
         processor = _batchproc(1 if kind.endswith("1-worker") else 4,
                                0.0 if kind.endswith("parked") else POP_SPIN)
@@ -131,8 +154,9 @@ def test_bench_round_trip(benchmark: Any, system: tuple[str, Callable[[Any], Any
         floor = _Floor()
         parked = _batchproc(spin=0.0)
         try:
-            ours, bare, unspun = _interleaved(
-                [run, _loop(floor.submit), _loop(parked.enqueue_predict)])
+            ours, bare, unspun, caller_parked = _interleaved(
+                [run, _loop(floor.submit), _loop(parked.enqueue_predict),
+                 _caller_parked(run)])
         finally:
             floor.close()
             parked.stop()
@@ -148,6 +172,14 @@ def test_bench_round_trip(benchmark: Any, system: tuple[str, Callable[[Any], Any
         benchmark.extra_info["parked_over_spinning_median"] = round(
             statistics.median(unspun) / statistics.median(ours), 2)
         benchmark.extra_info["parked_over_spinning_best"] = round(min(unspun) / min(ours), 2)
+        # The same processor, its callers parking at once in result(): what their
+        # spin (batchproc.futures.RESULT_SPIN) saves.
+        benchmark.extra_info["us_batchproc_caller_parked_median"] = round(
+            statistics.median(caller_parked) * us, 1)
+        benchmark.extra_info["caller_parked_over_spinning_median"] = round(
+            statistics.median(caller_parked) / statistics.median(ours), 2)
+        benchmark.extra_info["caller_parked_over_spinning_best"] = round(
+            min(caller_parked) / min(ours), 2)
 
 
 def _interleaved(runs: list[Callable[[], None]], rounds: int = 10) -> list[list[float]]:

@@ -50,7 +50,7 @@ CC="$CC" CXX="$CXX" "$VENV/bin/python" -m pip install --quiet --no-deps --force-
 # (Importing them needs the runtime preloaded, like the tests below.)
 SOS=$(LD_PRELOAD="$RUNTIME" ASAN_OPTIONS=detect_leaks=0 "$VENV/bin/python" - <<'PY'
 import importlib.util
-for m in ("batch_assembler", "request_queue", "rolling_window", "future_state"):
+for m in ("batch_assembler", "request_queue", "rolling_window", "future_state", "waiting"):
     print(importlib.util.find_spec(f"batchproc._native.{m}").origin)
 PY
 )

@@ -28,6 +28,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.list cimport PyList_New
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 from libc.math cimport INFINITY, isnan
 from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint64_t
@@ -35,6 +36,8 @@ from libc.stdlib cimport free, realloc
 
 import queue as _queue
 import threading as _threading
+
+from batchproc._native import waiting as _waiting
 
 cdef extern from "Python.h":
     # Declared on PyObject* so moves between the table and C buffers stay plain
@@ -82,6 +85,7 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
         bint has_room() noexcept nogil
 
     double mono_now "batchproc_rq::now"() noexcept nogil
+    void set_let_go "batchproc_rq::set_let_go"(void* count) noexcept nogil
     Sync* sync_new() noexcept nogil
     void sync_delete(Sync* s) noexcept nogil
     bint sync_try_lock(Sync* s) noexcept nogil
@@ -102,6 +106,12 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void notify_room_one(Sync* s) noexcept nogil
     void notify_room_all(Sync* s) noexcept nogil
     void notify_everyone(Sync* s) noexcept nogil
+
+
+# A consumer starting to wait for items counts as a let-go of the GIL in
+# batchproc._native.waiting (see there): a caller spinning for its result takes the GIL
+# back once the worker that delivered it waits for the next requests.
+set_let_go(PyCapsule_GetPointer(_waiting.let_go_capsule, b"batchproc._native.waiting.let_go"))
 
 
 class QueueClosed(RuntimeError):

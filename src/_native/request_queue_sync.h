@@ -20,6 +20,17 @@
 
 namespace batchproc_rq {
 
+// batchproc._native.waiting's let-go count (set at import, from its capsule): bumped
+// when a consumer, the GIL dropped, begins to wait for items. A caller that spun until
+// its result was set waits for this before it asks for the GIL the worker held.
+inline std::atomic<uint64_t>* let_go = nullptr;
+inline void set_let_go(void* count) noexcept {
+    let_go = static_cast<std::atomic<uint64_t>*>(count);
+}
+inline void note_let_go() noexcept {
+    if (let_go != nullptr) let_go->fetch_add(1, std::memory_order_release);
+}
+
 using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC on Linux, as time.monotonic()
 
 // Seconds on the monotonic clock, comparable with Python's time.monotonic().
@@ -119,6 +130,7 @@ inline void wait_until(Sync* s, CondVar& cv, double deadline) noexcept {
 // Parks on the item-waiter stack until notified, the deadline passes or a spurious
 // wake-up; always leaves the stack before returning.
 inline void wait_items(Sync* s, double deadline) noexcept {
+    note_let_go();
     ItemWaiter w;
     w.next = s->items;
     w.linked = true;
@@ -142,6 +154,7 @@ inline void spin_items(Sync* s, double until) noexcept {
     ++s->spinners;
     ++s->spins;
     s->mu.unlock();
+    note_let_go();
     while (s->wakes.load(std::memory_order_acquire) == seen && now() < until) {
         // Yielding, not a pause instruction: on a busy machine the thread about to push
         // may be waiting for this CPU (measured: spinning on pause lost to parking

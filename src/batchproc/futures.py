@@ -13,7 +13,8 @@ walk those objects cost as much as the rest of the request path
 - it owns no lock: each state transition is one call into compiled code that no other
   Python thread can interleave with (``batchproc._native.future_state`` says why);
 - a thread blocked in ``result()``/``exception()`` waits on a lock of its own, created
-  only when somebody actually waits (the way ``Condition.wait`` works inside);
+  only when somebody actually waits (the way ``Condition.wait`` works inside), after
+  busy-waiting a moment for it without the GIL (``batchproc._native.waiting``);
 - lists of callbacks and waiters exist only once something is added to them;
 - a ``timeout`` longer than a thread can wait (``threading.TIMEOUT_MAX``, ``inf``)
   waits as long as it takes, where the standard one raises ``OverflowError``.
@@ -43,6 +44,7 @@ from concurrent.futures._base import (
 from typing import Any
 
 from ._native import future_state as _atomic
+from ._native import waiting as _waiting
 
 _Lock = threading.Lock
 _NEED_LOCK = _atomic.NEED_LOCK
@@ -53,6 +55,33 @@ _DESCRIPTION = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
                 CANCELLED_AND_NOTIFIED: "cancelled", FINISHED: "finished"}
 # Makes a future's lock exactly once, whichever thread asks first (rare: wait() only).
 _lock_creation = _Lock()
+
+# How long a thread blocked in result() busy-waits for it before it parks
+# (batchproc._native.waiting): a result that comes within microseconds then costs no
+# thread wake-up (benchmarks/bench_round_trip.py).
+RESULT_SPIN = 30e-6
+_spin_unset = True
+
+
+def result_spin(cpus: float) -> float:
+    """RESULT_SPIN where the process may use two CPUs or more (``engine.cpus``); with
+    less, the worker that would deliver the result cannot run while its caller spins: 0.0."""
+    return RESULT_SPIN if cpus >= 2.0 else 0.0
+
+
+def set_result_spin(seconds: float) -> None:
+    """Set how long a blocked ``result()`` busy-waits before it parks, in seconds (0.0:
+    never), for the whole process; ``ValueError`` outside [0, 1]. By default
+    ``result_spin`` of the CPUs the process may use, set on the first wait."""
+    global _spin_unset
+    _waiting.set_spin(seconds)
+    _spin_unset = False
+
+
+def _set_spin() -> None:
+    # On the first wait, not at import: the CPU quota is read from the cgroup files.
+    from .engine.cpus import usable_cpus
+    set_result_spin(result_spin(usable_cpus()))
 
 
 class RequestFuture(Future):  # type: ignore[type-arg]
@@ -66,7 +95,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     _first_callback: Any = None  # the first callback added, on its own (no list)
     _done_callbacks: Any = ()   # a list of the others, once a second one is added
     _waiter_list: list[Any] | None = None  # wait()/as_completed() waiters
-    _sleepers: list[Any] | None = None  # locks of threads blocked in result()/exception()
+    _sleepers: list[Any] | None = None  # waiting.Sleeper of each thread in result()/exception()
 
     def __init__(self) -> None:
         # Future.__init__ is deliberately not called: it builds the Condition.
@@ -143,8 +172,9 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     def _wait(self, timeout: float | None) -> None:
         """Block until done or until ``timeout`` passes (``Condition.wait`` semantics:
         None waits for ever, <= 0 does not wait)."""
-        sleeper = _Lock()
-        sleeper.acquire()
+        if _spin_unset:
+            _set_spin()
+        sleeper = _waiting.Sleeper()
         registered = _atomic.add_sleeper(self, sleeper)
         if registered == _NEED_LOCK:
             with self._condition:
@@ -153,15 +183,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                     self._sleepers = [*(self._sleepers or ()), sleeper]
         if not registered:
             return
-        if timeout is None or timeout > threading.TIMEOUT_MAX:
-            # Longer than a thread can wait (acquire would raise OverflowError): as long
-            # as it takes.
-            woken = sleeper.acquire()
-        elif timeout > 0:
-            woken = sleeper.acquire(True, timeout)
-        else:
-            woken = sleeper.acquire(False)
-        if not woken and _atomic.remove_sleeper(self, sleeper) == _NEED_LOCK:
+        if not sleeper.wait(timeout) and _atomic.remove_sleeper(self, sleeper) == _NEED_LOCK:
             with self._condition:
                 sleepers = self._sleepers
                 if sleepers is not None and sleeper in sleepers:

@@ -1,0 +1,227 @@
+# cython: autotestdict=False
+"""What a thread blocked in ``RequestFuture.result()`` waits on: a ``Sleeper``.
+
+Why native: a caller that parks at once costs each round trip two thread wake-ups'
+worth of time: the worker's release of a lock someone sleeps on is a system call, and
+the sleeper's CPU must be woken to run it again (tens of microseconds on an idle core).
+A result that comes within microseconds (a small model at low load) is caught sooner by
+a caller that busy-waits a moment first. The busy wait reads a flag without the GIL,
+which a Python loop could not: a spinning Python thread would take the GIL from the
+worker delivering the very result it waits for.
+
+A ``Sleeper`` is released once, by whoever completes or cancels the future (its
+``release``). Its ``wait`` first spins, the GIL released, for up to the module's
+``spin`` seconds, yielding its CPU between looks (on a busy machine the worker may be
+waiting for that CPU); then it blocks on a plain ``_thread`` lock, as a parked waiter
+always did, so a blocked wait stays interruptible (Ctrl-C). At most one thread of the
+process spins at a time: any other waiter parks at once, so many callers blocked
+together cost one CPU's spin at most, never all of them.
+
+A spin that sees its release must still take the GIL back, which the releasing worker
+holds through the rest of its delivery. A thread that asks for a held GIL blocks, and is
+woken when it is dropped: the very wake-up the spin saved. So the spinner goes on
+spinning, up to ``spin`` seconds more, until a thread lets go of the GIL after the
+release: the ``let_go`` count, which the request queue bumps each time a worker drops
+the GIL to wait for requests (``request_queue_sync.h``), as a worker does once it has
+delivered a batch. Any later let-go ends the wait too; a worker that runs on instead
+(another batch) is waited out to the limit, then the GIL is asked for as usual.
+"""
+
+cimport cython
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdint cimport uint64_t
+
+import _thread
+from numbers import Real as _Real
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    #include <atomic>
+    #include <chrono>
+
+    namespace batchproc_wait {
+    // Times a thread dropped the GIL to wait (see the module), bumped in other modules
+    // through the address in `let_go_capsule`.
+    inline std::atomic<uint64_t> let_go{0};
+    // Threads in spin_until_set now, and counts for the tests.
+    inline std::atomic<int> spinners{0};
+    inline std::atomic<uint64_t> spun{0};     // spins begun
+    inline std::atomic<uint64_t> caught{0};   // spins that saw their flag set
+    inline std::atomic<uint64_t> crowded{0};  // waits that parked at once: another spun
+    inline std::atomic<uint64_t> handed{0};   // caught spins that then saw a let-go
+    inline std::atomic<int> lingering{0};     // caught spins waiting for a let-go now
+
+    inline void* let_go_address() noexcept { return &let_go; }
+    inline uint64_t let_go_now() noexcept { return let_go.load(std::memory_order_acquire); }
+
+    inline double seconds_now() noexcept {
+        using namespace std::chrono;
+        return duration<double>(steady_clock::now().time_since_epoch()).count();
+    }
+    inline void flag_set(int* flag) noexcept {
+        __atomic_store_n(flag, 1, __ATOMIC_RELEASE);
+    }
+    inline bool flag_is_set(int* flag) noexcept {
+        return __atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0;
+    }
+    // Busy-waits up to `seconds` for *flag, the only spinner of the process; false at
+    // once when another thread spins. Once the flag is set, busy-waits up to `seconds`
+    // more for a let-go later than *released_at (the count when the flag was set).
+    // Touches no Python object: runs without the GIL.
+    inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds) noexcept {
+        int expected = 0;
+        if (!spinners.compare_exchange_strong(expected, 1)) {
+            crowded.fetch_add(1, std::memory_order_relaxed);
+            return false;
+        }
+        spun.fetch_add(1, std::memory_order_relaxed);
+        double until = seconds_now() + seconds;
+        bool set = flag_is_set(flag);
+        while (!set && seconds_now() < until) {
+            sched_yield();
+            set = flag_is_set(flag);
+        }
+        if (set) {
+            caught.fetch_add(1, std::memory_order_relaxed);
+            lingering.fetch_add(1, std::memory_order_relaxed);
+            uint64_t seen = *released_at;  // written before the flag (release order)
+            until = seconds_now() + seconds;
+            bool let = let_go_now() != seen;
+            while (!let && seconds_now() < until) {
+                sched_yield();
+                let = let_go_now() != seen;
+            }
+            if (let) handed.fetch_add(1, std::memory_order_relaxed);
+            lingering.fetch_sub(1, std::memory_order_relaxed);
+        }
+        spinners.store(0, std::memory_order_release);
+        return set;
+    }
+    }  // namespace batchproc_wait
+    """
+    bint spin_until_set "batchproc_wait::spin_until_set"(
+        int* flag, uint64_t* released_at, double seconds) noexcept nogil
+    void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
+    uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
+    uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
+    int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
+    void flag_set "batchproc_wait::flag_set"(int* flag) noexcept nogil
+    bint flag_is_set "batchproc_wait::flag_is_set"(int* flag) noexcept nogil
+    double seconds_now "batchproc_wait::seconds_now"() noexcept nogil
+    int spinners_now "batchproc_wait::spinners.load"() noexcept nogil
+    uint64_t spun_count "batchproc_wait::spun.load"() noexcept nogil
+    uint64_t caught_count "batchproc_wait::caught.load"() noexcept nogil
+    uint64_t crowded_count "batchproc_wait::crowded.load"() noexcept nogil
+
+cdef const char* LET_GO_CAPSULE = "batchproc._native.waiting.let_go"
+
+# How long a wait spins before it parks, in seconds (0.0: it parks at once). Set by
+# batchproc.futures from the CPUs the process may use.
+cdef double _spin = 0.0
+
+# The let-go count's address, for the modules that bump it (the request queue).
+let_go_capsule = PyCapsule_New(let_go_address(), LET_GO_CAPSULE, NULL)
+
+_allocate_lock = _thread.allocate_lock
+_TIMEOUT_MAX = _thread.TIMEOUT_MAX
+
+
+def set_spin(seconds):
+    """Set how long each wait spins before it parks, in seconds: a real number from 0
+    to 1 (``TypeError`` for anything else than a number, ``ValueError`` outside). 0.0
+    turns the spin off."""
+    if not isinstance(seconds, _Real):
+        raise TypeError(f"spin must be a number of seconds, got {type(seconds).__name__}")
+    cdef double s = float(seconds)
+    if not (0.0 <= s <= 1.0):  # also false for nan
+        raise ValueError(f"spin must be between 0 and 1 second, got {seconds!r}")
+    global _spin
+    _spin = s
+
+
+def get_spin():
+    """Seconds each wait spins before it parks."""
+    return _spin
+
+
+def spin_counts():
+    """(spinning now, spins begun, spins that caught their release, waits that parked at
+    once because another thread spun): counts since import, for tests and benchmarks."""
+    return (spinners_now(), spun_count(), caught_count(), crowded_count())
+
+
+def let_go_counts():
+    """(the let-go count, caught spins waiting for a let-go now, caught spins that saw
+    one before their limit): since import, for tests and benchmarks."""
+    return (let_go_now(), lingering_now(), handed_count())
+
+
+@cython.final
+cdef class Sleeper:
+    """One blocked wait for one future: ``release`` once, from any thread; ``wait`` by
+    the thread that made it."""
+
+    cdef int _released  # read and written only through flag_set / flag_is_set
+    cdef uint64_t _released_at  # the let-go count at release, written before the flag
+    # A held lock the waiter parks on, made only once its spin is over: a result caught
+    # by the spin costs no lock. Made and released with the GIL held, in compiled code
+    # no other thread interleaves with: release() sees it made, or the waiter sees the
+    # flag set before it makes one.
+    cdef object _lock
+
+    def release(self):
+        """Wake the waiter. A second release raises ``RuntimeError`` (as a lock's)."""
+        if flag_is_set(&self._released):
+            raise RuntimeError("release unlocked lock")
+        self._released_at = let_go_now()
+        flag_set(&self._released)
+        if self._lock is not None:
+            self._lock.release()
+
+    cdef object _park_lock(self):
+        """The lock to block on, held; None if released meanwhile."""
+        if flag_is_set(&self._released):
+            return None
+        lock = _allocate_lock()
+        lock.acquire()
+        self._lock = lock
+        return lock
+
+    @property
+    def released(self):
+        return flag_is_set(&self._released)
+
+    def wait(self, timeout=None):
+        """Block until released or until ``timeout`` seconds pass (``None``, or more than
+        ``threading.TIMEOUT_MAX``: no limit; <= 0: do not block). True if released."""
+        cdef double limit = -1.0  # no limit
+        cdef double spin = _spin
+        cdef double started
+        cdef bint caught
+        if timeout is not None:
+            limit = float(timeout)
+            if not limit > 0.0:  # nan too, as a lock's acquire(False)
+                return flag_is_set(&self._released)
+            if limit > _TIMEOUT_MAX:
+                limit = -1.0
+        if flag_is_set(&self._released):
+            return True
+        if spin > 0.0:
+            if 0.0 <= limit < spin:
+                spin = limit
+            started = seconds_now()
+            with nogil:
+                caught = spin_until_set(&self._released, &self._released_at, spin)
+            if caught:
+                return True
+            if limit >= 0.0:
+                limit -= seconds_now() - started
+                if limit <= 0.0:
+                    return flag_is_set(&self._released)
+        lock = self._park_lock()
+        if lock is None:
+            return True
+        if limit < 0.0:
+            return lock.acquire()
+        return lock.acquire(True, limit)

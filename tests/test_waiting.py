@@ -1,0 +1,302 @@
+"""A caller blocked in ``result()``: its short busy wait (native, without the GIL), the
+one-spinner rule, and the lock it parks on after. Orderings are made to happen: a spin
+of up to a second, observed through the module's counts, stands in for "the result
+came while the caller spun"."""
+
+import concurrent.futures as cf
+import math
+import signal
+import threading
+import time
+
+import pytest
+from waiting import wait_for
+
+from batchproc import futures
+from batchproc._native import waiting as native
+from batchproc._native.request_queue import RequestQueue
+from batchproc.futures import RESULT_SPIN, RequestFuture, result_spin, set_result_spin
+
+LONG_SPIN = 1.0  # longer than any step of a test: the caller is still spinning
+
+
+@pytest.fixture
+def spin():
+    """Set the result spin for one test; put the one in force back after it."""
+    before = native.get_spin()
+    wait_for(lambda: native.spin_counts()[0] == 0, "no thread spinning")
+    yield set_result_spin
+    set_result_spin(before)
+
+
+def _counts():
+    spinning, spun, caught, crowded = native.spin_counts()
+    return {"spinning": spinning, "spun": spun, "caught": caught, "crowded": crowded}
+
+
+def _worker_lets_go():
+    """What a worker does after a delivery: wait for requests, the GIL dropped (a caught
+    spin waits for this before it takes the GIL back)."""
+    assert RequestQueue(4).pop_batch(1, timeout=1e-3) == []
+
+
+def _waiter(future, out, timeout=None):
+    def run():
+        try:
+            out.append(("result", future.result(timeout)))
+        except BaseException as exc:  # the test looks at which
+            out.append(("raised", type(exc)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_result_set_while_the_caller_spins_reaches_it_without_parking(spin):
+    spin(LONG_SPIN)
+    before = _counts()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    future.set_result(7)
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 7)]
+    after = _counts()
+    assert after["spun"] - before["spun"] == 1
+    assert after["caught"] - before["caught"] == 1
+    assert after["spinning"] == 0
+
+
+def test_a_cancel_while_the_caller_spins_ends_its_wait(spin):
+    spin(LONG_SPIN)
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    assert future.cancel()
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("raised", cf.CancelledError)]
+
+
+def test_a_second_caller_parks_at_once_while_another_spins(spin):
+    spin(LONG_SPIN)
+    before = _counts()
+    first, second = RequestFuture(), RequestFuture()
+    out_first, out_second = [], []
+    spinning = _waiter(first, out_first)
+    wait_for(lambda: _counts()["spinning"] == 1, "the first caller spinning")
+    parked = _waiter(second, out_second)
+    wait_for(lambda: _counts()["crowded"] > before["crowded"], "the second caller parking")
+    second.set_result("b")
+    parked.join(10)
+    # Answered through its lock while the first still spins: it never waited its turn.
+    assert out_second == [("result", "b")]
+    assert out_first == []
+    first.set_result("a")
+    _worker_lets_go()
+    spinning.join(10)
+    assert out_first == [("result", "a")]
+    after = _counts()
+    assert after["spun"] - before["spun"] == 1
+    assert after["crowded"] - before["crowded"] == 1
+
+
+def test_a_spin_that_ends_without_the_result_parks_until_it_comes(spin):
+    spin(1e-3)
+    before = _counts()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+             "the spin over")
+    assert out == []
+    future.set_exception(KeyError("k"))
+    thread.join(10)
+    assert out == [("raised", KeyError)]
+    assert _counts()["caught"] == before["caught"]
+
+
+def test_a_timeout_shorter_than_the_spin_ends_the_wait_at_the_timeout(spin):
+    spin(LONG_SPIN)
+    future = RequestFuture()
+    started = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=0.02)
+    # A spin of a whole second would have run past this bound.
+    assert time.monotonic() - started < 0.5 * LONG_SPIN
+    assert _counts()["spinning"] == 0
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, 0.0, math.nan])
+def test_a_timeout_of_zero_or_less_neither_spins_nor_blocks(spin, timeout):
+    spin(LONG_SPIN)
+    before = _counts()
+    with pytest.raises(cf.TimeoutError):
+        RequestFuture().result(timeout=timeout)
+    assert _counts()["spun"] == before["spun"]
+
+
+def test_no_spin_means_no_spin(spin):
+    spin(0.0)
+    before = _counts()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    future.set_result(1)
+    thread.join(10)
+    assert out == [("result", 1)]
+    assert _counts()["spun"] == before["spun"]
+
+
+def test_a_parked_result_stays_interruptible(spin):
+    """A signal handler that raises (Ctrl-C's KeyboardInterrupt) ends a blocked result()
+    on the main thread, as it ends a blocked lock acquire."""
+    spin(1e-3)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    before = _counts()
+
+    def interrupt():
+        wait_for(lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+                 "the main thread's spin over")
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    try:
+        helper.start()
+        with pytest.raises(Interrupted):
+            RequestFuture().result(timeout=30)
+    finally:
+        helper.join(10)
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [
+    (1.0, 0.0), (1.5, 0.0), (1.999, 0.0), (2.0, RESULT_SPIN), (64.0, RESULT_SPIN)])
+def test_callers_spin_only_with_two_cpus_or_more(cpus, expected):
+    assert result_spin(cpus) == expected
+
+
+@pytest.mark.parametrize("bad", [-1e-6, 1.5, math.nan, math.inf, -math.inf])
+def test_a_spin_out_of_range_is_refused(spin, bad):
+    spin(2e-5)
+    with pytest.raises(ValueError, match="spin"):
+        set_result_spin(bad)
+    assert native.get_spin() == 2e-5
+
+
+def test_a_spin_that_is_no_number_is_refused(spin):
+    with pytest.raises(TypeError):
+        set_result_spin("fast")
+
+
+def test_the_first_wait_sets_the_spin_from_the_cpus(monkeypatch, spin):
+    monkeypatch.setattr(futures, "_spin_unset", True)
+    monkeypatch.setattr("batchproc.engine.cpus.usable_cpus", lambda: 1.0)
+    native.set_spin(LONG_SPIN)
+    future = RequestFuture()
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=1e-3)
+    assert native.get_spin() == 0.0 and futures._spin_unset is False
+
+
+class TestSleeper:
+    def test_released_before_the_wait(self):
+        s = native.Sleeper()
+        assert s.wait(0) is False and not s.released
+        s.release()
+        assert s.released
+        assert s.wait() is True and s.wait(0) is True and s.wait(5) is True
+
+    def test_a_second_release_raises_as_a_lock_does(self):
+        s = native.Sleeper()
+        s.release()
+        with pytest.raises(RuntimeError):
+            s.release()
+
+    def test_a_wait_that_times_out_answers_false(self, spin):
+        spin(1e-4)
+        assert native.Sleeper().wait(0.01) is False
+
+    @pytest.mark.parametrize("spin_s", [0.0, 1e-4])
+    def test_a_release_from_another_thread_wakes_a_parked_wait(self, spin, spin_s):
+        spin(spin_s)
+        s, woken = native.Sleeper(), []
+        before = _counts()
+
+        def wait():
+            woken.append(s.wait(30))
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        if spin_s:
+            wait_for(lambda: _counts()["spun"] > before["spun"]
+                     and _counts()["spinning"] == 0, "the spin over")
+        s.release()
+        thread.join(10)
+        assert woken == [True]
+
+    @pytest.mark.parametrize("timeout", [math.inf, 1e300])
+    def test_a_timeout_past_what_a_thread_can_wait_waits_for_the_release(self, spin, timeout):
+        spin(0.0)
+        s, woken = native.Sleeper(), []
+        thread = threading.Thread(target=lambda: woken.append(s.wait(timeout)), daemon=True)
+        thread.start()
+        s.release()
+        thread.join(10)
+        assert woken == [True]
+
+
+def _let_go():
+    count, lingering, handed = native.let_go_counts()
+    return {"count": count, "lingering": lingering, "handed": handed}
+
+
+def test_a_caught_spin_takes_the_gil_back_once_a_worker_lets_go_of_it(spin):
+    """The release is seen while the releasing thread still holds the GIL; the caller
+    goes on spinning until a consumer drops the GIL to wait for requests, instead of
+    blocking on the GIL and being woken when it is dropped."""
+    spin(LONG_SPIN)
+    before = _let_go()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    future.set_result(3)
+    wait_for(lambda: _let_go()["lingering"] == 1, "the caller waiting for a let-go")
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 3)]
+    after = _let_go()
+    assert after["handed"] - before["handed"] == 1
+    assert after["count"] > before["count"] and after["lingering"] == 0
+
+
+def test_a_caught_spin_with_no_let_go_takes_the_gil_at_its_limit(spin):
+    spin(1e-3)
+    before = _counts()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning", timeout=10)
+    future.set_result(4)
+    thread.join(10)
+    # Caught or not (a spin of 1 ms may end before the release), it answers.
+    assert out == [("result", 4)]
+    assert _let_go()["lingering"] == 0 and _counts()["spinning"] == 0
+    assert _counts()["spun"] - before["spun"] == 1
+
+
+@pytest.mark.parametrize("spin_s", [0.0, 1e-3])
+def test_a_consumer_waiting_for_items_counts_as_a_let_go(spin_s):
+    queue = RequestQueue(4)
+    queue.spin = spin_s
+    queue.push("x")
+    assert queue.pop_batch(1) == ["x"]  # a push a moment ago: the next pop may spin
+    before = _let_go()["count"]
+    assert queue.pop_batch(1, timeout=2e-3) == []
+    assert _let_go()["count"] > before

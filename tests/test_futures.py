@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from waiting import collection_runs
 
+from batchproc._native import future_state
 from batchproc._native.future_state import Request, enqueued_of, items_of, longest, total_rows
 from batchproc.futures import RequestFuture, finish_all, start_all
 
@@ -508,3 +510,32 @@ def test_a_wait_longer_than_a_thread_can_make_waits_until_done(method, timeout):
     future.set_result(42)
     thread.join(timeout=10)
     assert got == [42 if method == "result" else None]
+
+
+# A collection may start at any allocation and run Python code, so other threads; the
+# transitions make what they store before they read the state (future_state's module).
+
+def test_a_future_completed_while_a_waiter_registers_does_not_leave_it_blocked():
+    from batchproc._native.waiting import Sleeper
+
+    future, sleeper = RequestFuture(), Sleeper()
+    add = future_state.add_sleeper
+    with collection_runs(lambda: future.set_result(5)) as collection:
+        registered = add(future, sleeper)
+    assert collection.ran
+    # Not registered (already done), or registered and released: never left to block.
+    assert registered == 0 or sleeper.released
+    assert future.result(timeout=0) == 5
+
+
+def test_a_future_completed_while_a_callback_registers_still_calls_it():
+    future, calls = RequestFuture(), []
+    future.add_done_callback(lambda f: calls.append("first"))
+    second = lambda f: calls.append("second")  # noqa: E731 - made before the collection
+    add = future_state.add_callback
+    with collection_runs(lambda: future.set_result(5)) as collection:
+        added = add(future, second)
+    assert collection.ran
+    if added == 0:  # already done: the caller calls it now (add_done_callback)
+        second(future)
+    assert sorted(calls) == ["first", "second"]

@@ -27,3 +27,35 @@ def collected_holding(lock, timeout=10.0):
 
     threading.Thread(target=collect, daemon=True).start()
     return ended.wait(timeout)
+
+
+class collection_runs:
+    """Within the block, the next allocation of an object the collector tracks starts a
+    collection, and ``action`` runs at its start, once: what another thread could do at
+    that point, since a collection runs Python code (``gc.callbacks``, finalizers) and
+    so may switch threads. ``ran`` says whether it came."""
+
+    def __init__(self, action):
+        self.action = action
+        self.ran = False
+
+    def _callback(self, phase, info):
+        if phase == "start" and not self.ran:
+            self.ran = True
+            self.action()
+
+    def __enter__(self):
+        self._threshold = gc.get_threshold()
+        self._enabled = gc.isenabled()
+        gc.collect()
+        gc.enable()
+        gc.callbacks.append(self._callback)
+        gc.set_threshold(1)
+        return self
+
+    def __exit__(self, *exc):
+        gc.set_threshold(*self._threshold)
+        gc.callbacks.remove(self._callback)
+        if not self._enabled:
+            gc.disable()
+        return False

@@ -7,7 +7,11 @@ allocates a lock per future and takes it on every call. Each function here runs,
 the GIL held, only compiled code that calls no Python code (attribute reads and writes
 of a plain instance, list appends, ``_thread`` lock releases), and compiled code is never
 interrupted to switch threads: so each call is one indivisible step for every other
-Python thread, and the future needs no lock of its own.
+Python thread, and the future needs no lock of its own. One exception: making an object
+the collector tracks (a list) may start a garbage collection, which runs Python code
+(finalizers, ``gc.callbacks``), and other threads with it. So a function makes what it
+stores before it reads the state, and one that registers a waiter reads the state again
+once it is registered.
 
 That holds while the future has no lock (``_cond is None``). One exists once something
 asked for ``_condition``: ``concurrent.futures.wait()`` and ``as_completed()`` hold it while
@@ -148,6 +152,9 @@ def cancel(f):
 
 def add_callback(f, fn):
     """``add_done_callback``: 1 added; 0 the future is done (call ``fn`` now)."""
+    cdef list new = None
+    if f._first_callback is not None and type(f._done_callbacks) is not list:
+        new = [fn]  # before the state is read (see the module)
     if f._cond is not None:
         return _NEED_LOCK
     if _done(f._state):
@@ -161,22 +168,28 @@ def add_callback(f, fn):
     if type(callbacks) is list:
         (<list>callbacks).append(fn)
     else:
-        f._done_callbacks = [fn]
+        # Made above: with no list made, nothing ran since the first callback was read.
+        f._done_callbacks = new
     return 1
 
 
 def add_sleeper(f, sleeper):
     """A thread is about to block on ``sleeper`` (a held lock) until the future is done:
     1 registered (``finish``/``cancel`` will release it); 0 already done, do not block."""
+    cdef list new = [sleeper]  # before the state is read (see the module)
     if f._cond is not None:
         return _NEED_LOCK
     if _done(f._state):
         return 0
     sleepers = f._sleepers
     if sleepers is None:
-        f._sleepers = [sleeper]
+        f._sleepers = new
     else:
         (<list>sleepers).append(sleeper)
+    # Storing an attribute may make the instance's dict (a collection again): done
+    # meanwhile, the wake-up may have missed it, so it must not block.
+    if _done(f._state):
+        return 0
     return 1
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from waiting import wait_for
+from waiting import collection_runs, wait_for
 
 from batchproc import futures
 from batchproc._native import waiting as native
@@ -25,8 +25,10 @@ def spin():
     """Set the result spin for one test; put the one in force back after it."""
     before = native.get_spin()
     wait_for(lambda: native.spin_counts()[0] == 0, "no thread spinning")
+    native._reset_spin_score()
     yield set_result_spin
     set_result_spin(before)
+    native._reset_spin_score()
 
 
 def _counts():
@@ -300,3 +302,15 @@ def test_a_consumer_waiting_for_items_counts_as_a_let_go(spin_s):
     before = _let_go()["count"]
     assert queue.pop_batch(1, timeout=2e-3) == []
     assert _let_go()["count"] > before
+
+
+def test_a_release_during_the_collection_that_makes_the_park_lock_is_not_missed(spin):
+    """Making the lock a spin-less wait parks on may start a collection, during which
+    another thread may release the sleeper: the wait must see it, not block."""
+    spin(0.0)
+    sleeper = native.Sleeper()
+    wait = sleeper.wait
+    with collection_runs(sleeper.release) as collection:
+        woken = wait(2.0)
+    assert collection.ran
+    assert woken is True

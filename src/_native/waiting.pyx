@@ -15,7 +15,13 @@ A ``Sleeper`` is released once, by whoever completes or cancels the future (its
 waiting for that CPU); then it blocks on a plain ``_thread`` lock, as a parked waiter
 always did, so a blocked wait stays interruptible (Ctrl-C). At most one thread of the
 process spins at a time: any other waiter parks at once, so many callers blocked
-together cost one CPU's spin at most, never all of them.
+together cost one CPU's spin at most, never all of them. And a spin must pay: one that
+sees its release saves a thread wake-up, one that does not costs its CPU time for
+nothing (callers of a model that takes milliseconds). The process keeps the recent
+share of spins that saw their release (an exponential average over about eight
+spins); below half, waits park at once, except one in ``PROBE_EVERY``, which spins to
+find out whether spinning pays again (adaptive spinning, as in glibc's adaptive mutexes
+and the JVM's monitors).
 
 A spin that sees its release must still take the GIL back, which the releasing worker
 holds through the rest of its delivery. A thread that asks for a held GIL blocks, and is
@@ -51,6 +57,24 @@ cdef extern from *:
     inline std::atomic<uint64_t> crowded{0};  // waits that parked at once: another spun
     inline std::atomic<uint64_t> handed{0};   // caught spins that then saw a let-go
     inline std::atomic<int> lingering{0};     // caught spins waiting for a let-go now
+    inline std::atomic<uint64_t> declined{0}; // waits that parked at once: spins did not pay
+
+    // The recent share of spins that caught their release, in 1/SCORE_ONE; written only
+    // by the thread holding the spinner's place. Waits spin while it is SCORE_HALF or
+    // more, and one in PROBE_EVERY of the others does.
+    constexpr int SCORE_ONE = 256;
+    constexpr int SCORE_HALF = SCORE_ONE / 2;
+    constexpr int SCORE_WEIGHT = 8;  // each spin moves the score 1/8 of the way
+    constexpr uint64_t PROBE_EVERY = 32;
+    inline std::atomic<int> score{SCORE_ONE};
+    inline std::atomic<uint64_t> probes{0};
+
+    inline void score_spin(bool caught) noexcept {
+        int s = score.load(std::memory_order_relaxed);
+        s += caught ? (SCORE_ONE - s + SCORE_WEIGHT - 1) / SCORE_WEIGHT
+                    : -((s + SCORE_WEIGHT - 1) / SCORE_WEIGHT);
+        score.store(s, std::memory_order_relaxed);
+    }
 
     inline void* let_go_address() noexcept { return &let_go; }
     inline uint64_t let_go_now() noexcept { return let_go.load(std::memory_order_acquire); }
@@ -65,16 +89,26 @@ cdef extern from *:
     inline bool flag_is_set(int* flag) noexcept {
         return __atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0;
     }
-    // Busy-waits up to `seconds` for *flag, the only spinner of the process; false at
-    // once when another thread spins. Once the flag is set, busy-waits up to `seconds`
-    // more for a let-go later than *released_at (the count when the flag was set).
-    // Touches no Python object: runs without the GIL.
-    inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds) noexcept {
+    // Whether this wait may spin: it takes the spinner's place, unless another thread
+    // holds it or spins do not pay (see score), except a probe.
+    inline bool claim_spin() noexcept {
+        if (score.load(std::memory_order_relaxed) < SCORE_HALF
+                && probes.fetch_add(1, std::memory_order_relaxed) % PROBE_EVERY != 0) {
+            declined.fetch_add(1, std::memory_order_relaxed);
+            return false;
+        }
         int expected = 0;
         if (!spinners.compare_exchange_strong(expected, 1)) {
             crowded.fetch_add(1, std::memory_order_relaxed);
             return false;
         }
+        return true;
+    }
+    // With the spinner's place claimed: busy-waits up to `seconds` for *flag; once it is
+    // set, up to `seconds` more for a let-go later than *released_at (the count when
+    // the flag was set); gives the place back. Touches no Python object: runs without
+    // the GIL.
+    inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds) noexcept {
         spun.fetch_add(1, std::memory_order_relaxed);
         double until = seconds_now() + seconds;
         bool set = flag_is_set(flag);
@@ -95,17 +129,28 @@ cdef extern from *:
             if (let) handed.fetch_add(1, std::memory_order_relaxed);
             lingering.fetch_sub(1, std::memory_order_relaxed);
         }
+        score_spin(set);
         spinners.store(0, std::memory_order_release);
         return set;
     }
+    inline void reset_score() noexcept {
+        score.store(SCORE_ONE);
+        probes.store(0);
+    }
     }  // namespace batchproc_wait
     """
+    bint claim_spin "batchproc_wait::claim_spin"() noexcept nogil
     bint spin_until_set "batchproc_wait::spin_until_set"(
         int* flag, uint64_t* released_at, double seconds) noexcept nogil
     void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
     uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
     uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
+    uint64_t declined_count "batchproc_wait::declined.load"() noexcept nogil
+    int score_now "batchproc_wait::score.load"() noexcept nogil
+    int SCORE_ONE "batchproc_wait::SCORE_ONE"
+    uint64_t PROBE_EVERY_ "batchproc_wait::PROBE_EVERY"
+    void reset_score "batchproc_wait::reset_score"() noexcept nogil
     void flag_set "batchproc_wait::flag_set"(int* flag) noexcept nogil
     bint flag_is_set "batchproc_wait::flag_is_set"(int* flag) noexcept nogil
     double seconds_now "batchproc_wait::seconds_now"() noexcept nogil
@@ -151,6 +196,21 @@ def spin_counts():
     return (spinners_now(), spun_count(), caught_count(), crowded_count())
 
 
+PROBE_EVERY = PROBE_EVERY_
+
+
+def spin_score():
+    """The recent share of spins that saw their release, 0.0 to 1.0 (waits spin while it
+    is 0.5 or more), and the waits that parked at once because it was not: for tests and
+    benchmarks."""
+    return (<double>score_now() / SCORE_ONE, declined_count())
+
+
+def _reset_spin_score():
+    """Test hook: forget how spins went (they pay, as at import)."""
+    reset_score()
+
+
 def let_go_counts():
     """(the let-go count, caught spins waiting for a let-go now, caught spins that saw
     one before their limit): since import, for tests and benchmarks."""
@@ -165,9 +225,9 @@ cdef class Sleeper:
     cdef int _released  # read and written only through flag_set / flag_is_set
     cdef uint64_t _released_at  # the let-go count at release, written before the flag
     # A held lock the waiter parks on, made only once its spin is over: a result caught
-    # by the spin costs no lock. Made and released with the GIL held, in compiled code
-    # no other thread interleaves with: release() sees it made, or the waiter sees the
-    # flag set before it makes one.
+    # by the spin costs no lock. Published and released with the GIL held, in compiled
+    # code that runs no Python code, which no other thread interleaves with: release()
+    # sees it published, or the waiter sees the flag set before it publishes one.
     cdef object _lock
 
     def release(self):
@@ -181,10 +241,13 @@ cdef class Sleeper:
 
     cdef object _park_lock(self):
         """The lock to block on, held; None if released meanwhile."""
-        if flag_is_set(&self._released):
-            return None
+        # Made before the flag is read: making it may start a garbage collection, which
+        # runs Python code (finalizers, gc.callbacks), where other threads may run and
+        # release this sleeper. From the read to the publication nothing can.
         lock = _allocate_lock()
         lock.acquire()
+        if flag_is_set(&self._released):
+            return None
         self._lock = lock
         return lock
 
@@ -207,7 +270,9 @@ cdef class Sleeper:
                 limit = -1.0
         if flag_is_set(&self._released):
             return True
-        if spin > 0.0:
+        # Claimed with the GIL held: a wait that may not spin never drops and takes
+        # the GIL back for nothing (with many callers, each time a GIL hand-off).
+        if spin > 0.0 and claim_spin():
             if 0.0 <= limit < spin:
                 spin = limit
             started = seconds_now()

@@ -314,3 +314,43 @@ def test_a_release_during_the_collection_that_makes_the_park_lock_is_not_missed(
         woken = wait(2.0)
     assert collection.ran
     assert woken is True
+
+
+def _miss():
+    """A wait whose spin ends without its result (a short timeout after the spin)."""
+    with pytest.raises(cf.TimeoutError):
+        RequestFuture().result(timeout=3e-4)
+
+
+def test_waits_stop_spinning_once_spins_do_not_pay_but_for_a_probe(spin):
+    spin(1e-4)
+    misses = 0
+    while native.spin_score()[0] >= 0.5:
+        _miss()
+        misses += 1
+        assert misses < 50, "the score never fell"
+    # An average over about eight spins: a few misses are not enough, many are.
+    assert 3 <= misses <= 8
+    before, declined = _counts(), native.spin_score()[1]
+    for _ in range(2 * native.PROBE_EVERY):
+        _miss()
+    # One wait in PROBE_EVERY spins to find out whether spinning pays again.
+    assert _counts()["spun"] - before["spun"] == 2
+    assert native.spin_score()[1] - declined == 2 * native.PROBE_EVERY - 2
+
+
+def test_a_spin_that_sees_its_result_raises_the_score(spin):
+    spin(LONG_SPIN)
+    for _ in range(3):
+        with pytest.raises(cf.TimeoutError):
+            RequestFuture().result(timeout=1e-3)  # the spin cut to the timeout: a miss
+    low = native.spin_score()[0]
+    assert 0.5 <= low < 1.0
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    future.set_result(1)
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 1)]
+    assert native.spin_score()[0] > low

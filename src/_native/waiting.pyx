@@ -65,7 +65,7 @@ cdef extern from *:
     constexpr int SCORE_ONE = 256;
     constexpr int SCORE_HALF = SCORE_ONE / 2;
     constexpr int SCORE_WEIGHT = 8;  // each spin moves the score 1/8 of the way
-    constexpr uint64_t PROBE_EVERY = 32;
+    constexpr uint64_t PROBE_EVERY = 128;
     inline std::atomic<int> score{SCORE_ONE};
     inline std::atomic<uint64_t> probes{0};
 

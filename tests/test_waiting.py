@@ -5,6 +5,7 @@ came while the caller spun"."""
 
 import concurrent.futures as cf
 import math
+import os
 import signal
 import threading
 import time
@@ -354,3 +355,28 @@ def test_a_spin_that_sees_its_result_raises_the_score(spin):
     thread.join(10)
     assert out == [("result", 1)]
     assert native.spin_score()[0] > low
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_child_forked_while_a_caller_spins_may_spin(spin):
+    """The spinning thread is not in the child: its place must not stay taken there."""
+    spin(LONG_SPIN)
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its spinning count, then leave at once
+        try:
+            os.write(write, str(native.spin_counts()[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 16) == b"0"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+        future.set_result(None)
+        _worker_lets_go()
+        thread.join(10)

@@ -38,6 +38,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport uint64_t
 
 import _thread
+import os as _os
 from numbers import Real as _Real
 
 cdef extern from *:
@@ -133,6 +134,12 @@ cdef extern from *:
         spinners.store(0, std::memory_order_release);
         return set;
     }
+    // A forked child has only the thread that forked: one spinning in the parent then
+    // holds the spinner's place for ever there.
+    inline void forget_spinners() noexcept {
+        spinners.store(0);
+        lingering.store(0);
+    }
     inline void reset_score() noexcept {
         score.store(SCORE_ONE);
         probes.store(0);
@@ -151,6 +158,7 @@ cdef extern from *:
     int SCORE_ONE "batchproc_wait::SCORE_ONE"
     uint64_t PROBE_EVERY_ "batchproc_wait::PROBE_EVERY"
     void reset_score "batchproc_wait::reset_score"() noexcept nogil
+    void forget_spinners "batchproc_wait::forget_spinners"() noexcept nogil
     void flag_set "batchproc_wait::flag_set"(int* flag) noexcept nogil
     bint flag_is_set "batchproc_wait::flag_is_set"(int* flag) noexcept nogil
     double seconds_now "batchproc_wait::seconds_now"() noexcept nogil
@@ -209,6 +217,14 @@ def spin_score():
 def _reset_spin_score():
     """Test hook: forget how spins went (they pay, as at import)."""
     reset_score()
+
+
+def _forget_spinners_in_child():
+    forget_spinners()
+
+
+if hasattr(_os, "register_at_fork"):  # not on Windows, which has no fork
+    _os.register_at_fork(after_in_child=_forget_spinners_in_child)
 
 
 def let_go_counts():

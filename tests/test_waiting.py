@@ -55,16 +55,22 @@ def _waiter(future, out, timeout=None):
     return thread
 
 
-def test_a_result_set_while_the_caller_spins_reaches_it_without_parking(spin):
-    spin(LONG_SPIN)
-    before = _counts()
+def _answered_while_spinning(value):
+    """A caller waits on a new future; its result is set while the caller spins (under
+    a long spin), then a worker lets go of the GIL: what the caller got."""
     future, out = RequestFuture(), []
     thread = _waiter(future, out)
     wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
-    future.set_result(7)
+    future.set_result(value)
     _worker_lets_go()
     thread.join(10)
-    assert out == [("result", 7)]
+    return out
+
+
+def test_a_result_set_while_the_caller_spins_reaches_it_without_parking(spin):
+    spin(LONG_SPIN)
+    before = _counts()
+    assert _answered_while_spinning(7) == [("result", 7)]
     after = _counts()
     assert after["spun"] - before["spun"] == 1
     assert after["caught"] - before["caught"] == 1
@@ -347,13 +353,7 @@ def test_a_spin_that_sees_its_result_raises_the_score(spin):
             RequestFuture().result(timeout=1e-3)  # the spin cut to the timeout: a miss
     low = native.spin_score()[0]
     assert 0.5 <= low < 1.0
-    future, out = RequestFuture(), []
-    thread = _waiter(future, out)
-    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
-    future.set_result(1)
-    _worker_lets_go()
-    thread.join(10)
-    assert out == [("result", 1)]
+    assert _answered_while_spinning(1) == [("result", 1)]
     assert native.spin_score()[0] > low
 
 

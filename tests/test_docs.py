@@ -13,7 +13,9 @@ import pytest
 from extras import skip_without
 
 import batchproc.processor
+from batchproc._native.waiting import get_spin
 from batchproc.bench.cli import build_parser
+from batchproc.futures import set_result_spin
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,7 +39,7 @@ PYTHON_BLOCKS = {
     "priorities-and-limits.md": 3,
     "reference.md": 0,
     "services.md": 8,
-    "tuning.md": 2,
+    "tuning.md": 3,
 }
 
 
@@ -53,8 +55,17 @@ def python_blocks():
         yield pytest.param(block, id=f"{name}-{i}")
 
 
+@pytest.fixture
+def result_spin_kept():
+    """An example may set the process's result spin (docs/tuning.md): the tests after it
+    run with the one in force before."""
+    spin = get_spin()
+    yield
+    set_result_spin(spin)
+
+
 @pytest.mark.parametrize("code", list(python_blocks()))
-def test_example_runs(code):
+def test_example_runs(code, result_spin_kept):
     # An example that needs an extra says so on its first line: `# pip install ".[ray]"`.
     needs = re.match(r'# pip install "\.\[([\w,]+)\]"', code)
     extras = needs.group(1).split(",") if needs else []

@@ -4,6 +4,7 @@ of up to a second, observed through the module's counts, stands in for "the resu
 came while the caller spun"."""
 
 import concurrent.futures as cf
+import decimal
 import math
 import os
 import signal
@@ -380,3 +381,53 @@ def test_a_child_forked_while_a_caller_spins_may_spin(spin):
         future.set_result(None)
         _worker_lets_go()
         thread.join(10)
+
+
+def test_a_signal_during_the_spin_is_handled_when_it_ends(spin):
+    """Ctrl-C while the main thread spins in result(): the spin ends, the handler runs,
+    instead of the signal being left for a wait that nothing may end."""
+    spin(0.2)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+
+    def interrupt():
+        wait_for(lambda: _counts()["spinning"] == 1, "the main thread spinning")
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    started = time.monotonic()
+    try:
+        helper.start()
+        with pytest.raises(Interrupted):
+            RequestFuture().result(timeout=30)
+    finally:
+        helper.join(10)
+        signal.signal(signal.SIGUSR1, previous)
+    assert time.monotonic() - started < 15  # not the 30 s timeout
+
+
+def test_a_result_set_by_another_thread_is_not_held_for_a_let_go(spin):
+    """A future completed by a thread that never drops the GIL to wait for requests:
+    the caught spin waits for a let-go LINGER_MAX at most, not the whole spin again."""
+    spin(LONG_SPIN)
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    set_at = time.monotonic()
+    future.set_result(2)
+    thread.join(10)
+    assert out == [("result", 2)]
+    assert time.monotonic() - set_at < 0.5 * LONG_SPIN
+
+
+@pytest.mark.parametrize("timeout", ["0.01", b"1", decimal.Decimal("0.01"), [1]])
+def test_a_timeout_that_is_no_number_is_refused_as_a_lock_refuses_it(timeout):
+    with pytest.raises(TypeError):
+        RequestFuture().result(timeout=timeout)

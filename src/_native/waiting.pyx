@@ -26,15 +26,19 @@ and the JVM's monitors).
 A spin that sees its release must still take the GIL back, which the releasing worker
 holds through the rest of its delivery. A thread that asks for a held GIL blocks, and is
 woken when it is dropped: the very wake-up the spin saved. So the spinner goes on
-spinning, up to ``spin`` seconds more, until a thread lets go of the GIL after the
-release: the ``let_go`` count, which the request queue bumps each time a worker drops
-the GIL to wait for requests (``request_queue_sync.h``), as a worker does once it has
-delivered a batch. Any later let-go ends the wait too; a worker that runs on instead
-(another batch) is waited out to the limit, then the GIL is asked for as usual.
+spinning, up to ``LINGER_MAX`` (30 us; less if ``spin`` is shorter, never past the
+wait's timeout), until a thread lets go of the GIL after the release: the ``let_go``
+count, which the request queue bumps each time a worker drops the GIL to wait for
+requests (``request_queue_sync.h``), as a worker does once it has delivered a batch.
+Any later let-go ends the wait too; a worker that runs on instead (another batch), or a
+future completed by some other thread, is waited out to that limit, then the GIL is
+asked for as usual. A signal that comes during a spin is handled once it ends.
 """
 
 cimport cython
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.pycapsule cimport PyCapsule_New
+from libc.math cimport INFINITY
 from libc.stdint cimport uint64_t
 
 import _thread
@@ -106,10 +110,11 @@ cdef extern from *:
         return true;
     }
     // With the spinner's place claimed: busy-waits up to `seconds` for *flag; once it is
-    // set, up to `seconds` more for a let-go later than *released_at (the count when
-    // the flag was set); gives the place back. Touches no Python object: runs without
-    // the GIL.
-    inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds) noexcept {
+    // set, up to `linger` seconds more (and never past `deadline`) for a let-go later
+    // than *released_at (the count when the flag was set); gives the place back.
+    // Touches no Python object: runs without the GIL.
+    inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds,
+                               double linger, double deadline) noexcept {
         spun.fetch_add(1, std::memory_order_relaxed);
         double until = seconds_now() + seconds;
         bool set = flag_is_set(flag);
@@ -121,7 +126,8 @@ cdef extern from *:
             caught.fetch_add(1, std::memory_order_relaxed);
             lingering.fetch_add(1, std::memory_order_relaxed);
             uint64_t seen = *released_at;  // written before the flag (release order)
-            until = seconds_now() + seconds;
+            until = seconds_now() + linger;
+            if (until > deadline) until = deadline;
             bool let = let_go_now() != seen;
             while (!let && seconds_now() < until) {
                 sched_yield();
@@ -148,7 +154,8 @@ cdef extern from *:
     """
     bint claim_spin "batchproc_wait::claim_spin"() noexcept nogil
     bint spin_until_set "batchproc_wait::spin_until_set"(
-        int* flag, uint64_t* released_at, double seconds) noexcept nogil
+        int* flag, uint64_t* released_at, double seconds, double linger,
+        double deadline) noexcept nogil
     void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
     uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
     uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
@@ -168,6 +175,11 @@ cdef extern from *:
     uint64_t crowded_count "batchproc_wait::crowded.load"() noexcept nogil
 
 cdef const char* LET_GO_CAPSULE = "batchproc._native.waiting.let_go"
+
+# The longest a caught spin waits for a let-go: a worker's bookkeeping after a delivery
+# takes microseconds; a future completed by another thread (set_result from user code,
+# a worker going on to another batch) brings none, and its caller must not wait long.
+cdef double LINGER_MAX = 30e-6
 
 # How long a wait spins before it parks, in seconds (0.0: it parks at once). Set by
 # batchproc.futures from the CPUs the process may use.
@@ -276,9 +288,12 @@ cdef class Sleeper:
         ``threading.TIMEOUT_MAX``: no limit; <= 0: do not block). True if released."""
         cdef double limit = -1.0  # no limit
         cdef double spin = _spin
-        cdef double started
+        cdef double started, deadline
         cdef bint caught
         if timeout is not None:
+            if not isinstance(timeout, _Real):  # as a lock's acquire
+                raise TypeError(f"timeout must be a number of seconds or None, got "
+                                f"{type(timeout).__name__}")
             limit = float(timeout)
             if not limit > 0.0:  # nan too, as a lock's acquire(False)
                 return flag_is_set(&self._released)
@@ -292,10 +307,15 @@ cdef class Sleeper:
             if 0.0 <= limit < spin:
                 spin = limit
             started = seconds_now()
+            deadline = started + limit if limit >= 0.0 else INFINITY
             with nogil:
-                caught = spin_until_set(&self._released, &self._released_at, spin)
+                caught = spin_until_set(&self._released, &self._released_at, spin,
+                                        spin if spin < LINGER_MAX else LINGER_MAX, deadline)
             if caught:
                 return True
+            # A signal that came while spinning: its handler runs now (Ctrl-C raises
+            # KeyboardInterrupt here), not after a wait that nothing may end.
+            PyErr_CheckSignals()
             if limit >= 0.0:
                 limit -= seconds_now() - started
                 if limit <= 0.0:

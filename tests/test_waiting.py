@@ -31,6 +31,7 @@ def spin():
     yield set_result_spin
     set_result_spin(before)
     native._reset_spin_score()
+    native._set_linger_max(native.LINGER_MAX)
 
 
 def _counts():
@@ -157,34 +158,45 @@ def test_no_spin_means_no_spin(spin):
     assert _counts()["spun"] == before["spun"]
 
 
-def test_a_parked_result_stays_interruptible(spin):
-    """A signal handler that raises (Ctrl-C's KeyboardInterrupt) ends a blocked result()
-    on the main thread, as it ends a blocked lock acquire."""
-    spin(1e-3)
+class Interrupted(Exception):
+    pass
 
-    class Interrupted(Exception):
-        pass
+
+def _interrupted_in_result(when, what):
+    """The main thread blocks in result() (timeout 30 s); once ``when()`` holds, another
+    thread sends it a signal whose handler raises ``Interrupted`` (as Ctrl-C's raises
+    KeyboardInterrupt). Seconds until result() raised it."""
 
     def handler(signum, frame):
         raise Interrupted
 
     previous = signal.signal(signal.SIGUSR1, handler)
     main = threading.main_thread().ident
-    before = _counts()
 
     def interrupt():
-        wait_for(lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
-                 "the main thread's spin over")
+        wait_for(when, what)
         signal.pthread_kill(main, signal.SIGUSR1)
 
     helper = threading.Thread(target=interrupt, daemon=True)
+    started = time.monotonic()
     try:
         helper.start()
         with pytest.raises(Interrupted):
             RequestFuture().result(timeout=30)
+        return time.monotonic() - started
     finally:
         helper.join(10)
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_parked_result_stays_interruptible(spin):
+    """A signal handler that raises ends a blocked result() on the main thread, as it
+    ends a blocked lock acquire."""
+    spin(1e-3)
+    before = _counts()
+    _interrupted_in_result(
+        lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+        "the main thread's spin over")
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [
@@ -273,6 +285,7 @@ def test_a_caught_spin_takes_the_gil_back_once_a_worker_lets_go_of_it(spin):
     goes on spinning until a consumer drops the GIL to wait for requests, instead of
     blocking on the GIL and being woken when it is dropped."""
     spin(LONG_SPIN)
+    native._set_linger_max(LONG_SPIN)  # long enough to be seen waiting
     before = _let_go()
     future, out = RequestFuture(), []
     thread = _waiter(future, out)
@@ -387,30 +400,9 @@ def test_a_signal_during_the_spin_is_handled_when_it_ends(spin):
     """Ctrl-C while the main thread spins in result(): the spin ends, the handler runs,
     instead of the signal being left for a wait that nothing may end."""
     spin(0.2)
-
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    previous = signal.signal(signal.SIGUSR1, handler)
-    main = threading.main_thread().ident
-
-    def interrupt():
-        wait_for(lambda: _counts()["spinning"] == 1, "the main thread spinning")
-        signal.pthread_kill(main, signal.SIGUSR1)
-
-    helper = threading.Thread(target=interrupt, daemon=True)
-    started = time.monotonic()
-    try:
-        helper.start()
-        with pytest.raises(Interrupted):
-            RequestFuture().result(timeout=30)
-    finally:
-        helper.join(10)
-        signal.signal(signal.SIGUSR1, previous)
-    assert time.monotonic() - started < 15  # not the 30 s timeout
+    waited = _interrupted_in_result(lambda: _counts()["spinning"] == 1,
+                                    "the main thread spinning")
+    assert waited < 15  # not the 30 s timeout
 
 
 def test_a_result_set_by_another_thread_is_not_held_for_a_let_go(spin):

@@ -179,7 +179,8 @@ cdef const char* LET_GO_CAPSULE = "batchproc._native.waiting.let_go"
 # The longest a caught spin waits for a let-go: a worker's bookkeeping after a delivery
 # takes microseconds; a future completed by another thread (set_result from user code,
 # a worker going on to another batch) brings none, and its caller must not wait long.
-cdef double LINGER_MAX = 30e-6
+LINGER_MAX = 30e-6
+cdef double _linger_max = LINGER_MAX
 
 # How long a wait spins before it parks, in seconds (0.0: it parks at once). Set by
 # batchproc.futures from the CPUs the process may use.
@@ -224,6 +225,12 @@ def spin_score():
     is 0.5 or more), and the waits that parked at once because it was not: for tests and
     benchmarks."""
     return (<double>score_now() / SCORE_ONE, declined_count())
+
+
+def _set_linger_max(seconds):
+    """Test hook: the longest a caught spin waits for a let-go (default LINGER_MAX)."""
+    global _linger_max
+    _linger_max = float(seconds)
 
 
 def _reset_spin_score():
@@ -310,7 +317,7 @@ cdef class Sleeper:
             deadline = started + limit if limit >= 0.0 else INFINITY
             with nogil:
                 caught = spin_until_set(&self._released, &self._released_at, spin,
-                                        spin if spin < LINGER_MAX else LINGER_MAX, deadline)
+                                        spin if spin < _linger_max else _linger_max, deadline)
             if caught:
                 return True
             # A signal that came while spinning: its handler runs now (Ctrl-C raises

@@ -24,6 +24,7 @@ rounds), each measured in turn with it.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import threading
@@ -97,15 +98,22 @@ def _batchproc(workers: int = 4, spin: float = POP_SPIN) -> BatchProcessor[Any, 
     return processor
 
 
+@contextlib.contextmanager
+def _callers_parking() -> Iterator[None]:
+    """Callers blocked in ``result()`` park at once (no RESULT_SPIN) within the block."""
+    spin = get_spin()
+    set_result_spin(0.0)
+    try:
+        yield
+    finally:
+        set_result_spin(spin)
+
+
 def _caller_parked(run: Callable[[], None]) -> Callable[[], None]:
-    """``run`` with callers blocked in ``result()`` parking at once (no RESULT_SPIN)."""
+    """``run`` with callers blocked in ``result()`` parking at once."""
     def parked() -> None:
-        spin = get_spin()
-        set_result_spin(0.0)
-        try:
+        with _callers_parking():
             run()
-        finally:
-            set_result_spin(spin)
 
     return parked
 
@@ -119,13 +127,8 @@ def system(request: pytest.FixtureRequest) -> Iterator[tuple[str, Callable[[Any]
         yield kind, floor.submit
         floor.close()
     elif kind == "batchproc-caller-parked":
-        spin = get_spin()
-        set_result_spin(0.0)
-        try:
-            with _batchproc() as processor:
-                yield kind, processor.enqueue_predict
-        finally:
-            set_result_spin(spin)
+        with _callers_parking(), _batchproc() as processor:
+            yield kind, processor.enqueue_predict
     elif kind.startswith("batchproc"):
         processor = _batchproc(1 if kind.endswith("1-worker") else 4,
                                0.0 if kind.endswith("parked") else POP_SPIN)

@@ -32,6 +32,7 @@ def spin():
     set_result_spin(before)
     native._reset_spin_score()
     native._set_linger_max(native.LINGER_MAX)
+    native._set_main_spin_max(native.MAIN_SPIN_MAX)
 
 
 def _counts():
@@ -400,6 +401,7 @@ def test_a_signal_during_the_spin_is_handled_when_it_ends(spin):
     """Ctrl-C while the main thread spins in result(): the spin ends, the handler runs,
     instead of the signal being left for a wait that nothing may end."""
     spin(0.2)
+    native._set_main_spin_max(0.2)  # long enough to be seen spinning
     waited = _interrupted_in_result(lambda: _counts()["spinning"] == 1,
                                     "the main thread spinning")
     assert waited < 15  # not the 30 s timeout
@@ -423,3 +425,19 @@ def test_a_result_set_by_another_thread_is_not_held_for_a_let_go(spin):
 def test_a_timeout_that_is_no_number_is_refused_as_a_lock_refuses_it(timeout):
     with pytest.raises(TypeError):
         RequestFuture().result(timeout=timeout)
+
+
+def test_the_main_thread_spins_no_longer_than_main_spin_max(spin):
+    """Signal handlers run on the main thread once its spin ends: a long spin setting is
+    cut there, so Ctrl-C is handled within MAIN_SPIN_MAX of a wait's start."""
+    spin(LONG_SPIN)
+    before = _counts()
+    waited = _interrupted_in_result(
+        lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+        "the main thread's spin over")
+    assert waited < 0.5 * LONG_SPIN
+
+
+def test_a_spin_of_true_is_refused(spin):
+    with pytest.raises(TypeError):
+        set_result_spin(True)

@@ -42,8 +42,12 @@ from libc.math cimport INFINITY
 from libc.stdint cimport uint64_t
 
 import _thread
+import threading as _threading
 import os as _os
 from numbers import Real as _Real
+
+cdef extern from "Python.h":
+    unsigned long PyThread_get_thread_ident() nogil
 
 cdef extern from *:
     """
@@ -182,6 +186,12 @@ cdef const char* LET_GO_CAPSULE = "batchproc._native.waiting.let_go"
 LINGER_MAX = 30e-6
 cdef double _linger_max = LINGER_MAX
 
+# The longest spin on the main thread: Python runs signal handlers there, and a spin
+# (without the GIL) handles a signal (Ctrl-C) only once it ends.
+MAIN_SPIN_MAX = 1e-3
+cdef double _main_spin_max = MAIN_SPIN_MAX
+cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
+
 # How long a wait spins before it parks, in seconds (0.0: it parks at once). Set by
 # batchproc.futures from the CPUs the process may use.
 cdef double _spin = 0.0
@@ -197,7 +207,7 @@ def set_spin(seconds):
     """Set how long each wait spins before it parks, in seconds: a real number from 0
     to 1 (``TypeError`` for anything else than a number, ``ValueError`` outside). 0.0
     turns the spin off."""
-    if not isinstance(seconds, _Real):
+    if not isinstance(seconds, _Real) or isinstance(seconds, bool):
         raise TypeError(f"spin must be a number of seconds, got {type(seconds).__name__}")
     cdef double s = float(seconds)
     if not (0.0 <= s <= 1.0):  # also false for nan
@@ -231,6 +241,12 @@ def _set_linger_max(seconds):
     """Test hook: the longest a caught spin waits for a let-go (default LINGER_MAX)."""
     global _linger_max
     _linger_max = float(seconds)
+
+
+def _set_main_spin_max(seconds):
+    """Test hook: the longest spin on the main thread (default MAIN_SPIN_MAX)."""
+    global _main_spin_max
+    _main_spin_max = float(seconds)
 
 
 def _reset_spin_score():
@@ -315,6 +331,8 @@ cdef class Sleeper:
         if spin > 0.0 and claim_spin():
             if 0.0 <= limit < spin:
                 spin = limit
+            if spin > _main_spin_max and PyThread_get_thread_ident() == _MAIN_IDENT:
+                spin = _main_spin_max
             started = seconds_now()
             deadline = started + limit if limit >= 0.0 else INFINITY
             with nogil:

@@ -358,12 +358,14 @@ def test_waiters_who_lose_their_room_wait_again_in_their_order(make_processor):
         # room; before they can run, three requests from this thread take it.
         processor.resume()
         _wait_for(lambda: room.epoch != epoch, "the fillers popped")
+        # Their batch done before the pause: a batch popped as a pause begins is held
+        # until resume().
+        for future in fillers:
+            future.result(10)
         processor.pause()
         takers = [processor.enqueue_predict(np.array([[200.0 + i]]), timeout=0)
                   for i in range(3)]
         await _until(lambda: len(room) == 5, "W1..W3 back in line")
-        for future in fillers:
-            future.result(10)
         seen.clear()
         processor.resume()
         await asyncio.gather(*waiters)

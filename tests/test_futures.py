@@ -539,3 +539,36 @@ def test_a_future_completed_while_a_callback_registers_still_calls_it():
     if added == 0:  # already done: the caller calls it now (add_done_callback)
         second(future)
     assert sorted(calls) == ["first", "second"]
+
+
+
+def _crowded_future():
+    """A future whose class has used up its instances' shared attribute keys (CPython
+    keeps at most 30 per class): an attribute first stored on it after that makes the
+    instance's own dict, an allocation, so possibly a collection."""
+
+    class Crowded(RequestFuture):
+        pass
+
+    filler = Crowded()
+    for k in range(40):
+        setattr(filler, f"extra_{k}", k)
+    return Crowded()
+
+
+@pytest.mark.parametrize("callbacks_before", [0, 1])
+def test_a_callback_registering_on_a_future_with_a_dict_of_its_own_is_called(
+        callbacks_before):
+    # Storing the callback must not be where a collection starts: one that ran the
+    # completing thread there left the callback stored but never called.
+    future, calls = _crowded_future(), []
+    for _ in range(callbacks_before):
+        future.add_done_callback(lambda f: calls.append("before"))
+    callback = lambda f: calls.append("added")  # noqa: E731 - made before the collection
+    with collection_runs(lambda: future.set_result(5)) as collection:
+        added = future_state.add_callback(future, callback)
+    if not collection.ran:
+        future.set_result(5)
+    if added == 0:  # already done: the caller calls it now (add_done_callback)
+        callback(future)
+    assert sorted(calls) == ["added"] + ["before"] * callbacks_before

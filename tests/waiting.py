@@ -38,6 +38,7 @@ class collection_runs:
     def __init__(self, action):
         self.action = action
         self.ran = False
+        self._held = []
 
     def _callback(self, phase, info):
         if phase == "start" and not self.ran:
@@ -48,6 +49,9 @@ class collection_runs:
         self._threshold = gc.get_threshold()
         self._enabled = gc.isenabled()
         gc.collect()
+        # CPython reuses freed dicts without allocating: with its free list taken, making
+        # one (an instance's own __dict__) starts the collection too.
+        self._held = [{} for _ in range(100)]
         gc.enable()
         gc.callbacks.append(self._callback)
         gc.set_threshold(1)
@@ -56,6 +60,7 @@ class collection_runs:
     def __exit__(self, *exc):
         gc.set_threshold(*self._threshold)
         gc.callbacks.remove(self._callback)
+        self._held.clear()
         if not self._enabled:
             gc.disable()
         return False

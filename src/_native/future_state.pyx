@@ -11,7 +11,9 @@ Python thread, and the future needs no lock of its own. One exception: making an
 the collector tracks (a list) may start a garbage collection, which runs Python code
 (finalizers, ``gc.callbacks``), and other threads with it. So a function makes what it
 stores before it reads the state, and one that registers a waiter reads the state again
-once it is registered.
+once it is registered. Storing an attribute an instance does not have yet may make its
+``__dict__``, an allocation too: a future is born with every attribute stored here
+(``RequestFuture.__init__``).
 
 That holds while the future has no lock (``_cond is None``). One exists once something
 asked for ``_condition``: ``concurrent.futures.wait()`` and ``as_completed()`` hold it while

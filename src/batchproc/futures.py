@@ -64,9 +64,11 @@ _spin_unset = True
 
 
 def result_spin(cpus: float) -> float:
-    """RESULT_SPIN where the process may use two CPUs or more (``engine.cpus``); with
-    less, the worker that would deliver the result cannot run while its caller spins: 0.0."""
-    return RESULT_SPIN if cpus >= 2.0 else 0.0
+    """RESULT_SPIN where spinning pays with ``cpus`` CPUs' worth of time
+    (``engine.cpus.spinning_pays``), else 0.0."""
+    # Not at import: the engine package imports this module.
+    from .engine.cpus import spinning_pays
+    return RESULT_SPIN if spinning_pays(cpus) else 0.0
 
 
 def set_result_spin(seconds: float) -> None:
@@ -92,16 +94,20 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 
     # Class-level defaults: an instance gets its own only once it needs one.
     _cond: Any = None           # the lock behind _condition, once something asks for it
-    _first_callback: Any = None  # the first callback added, on its own (no list)
-    _done_callbacks: Any = ()   # a list of the others, once a second one is added
     _waiter_list: list[Any] | None = None  # wait()/as_completed() waiters
-    _sleepers: list[Any] | None = None  # waiting.Sleeper of each thread in result()/exception()
 
     def __init__(self) -> None:
         # Future.__init__ is deliberately not called: it builds the Condition.
         self._state = PENDING
         self._result = None
         self._exception: BaseException | None = None
+        # Every attribute the lock-free transitions store (future_state) exists from the
+        # start: storing a new one may make the instance's dict, so start a collection
+        # between a transition's read of the state and its store.
+        self._first_callback: Any = None  # the first callback added, on its own (no list)
+        self._done_callbacks: Any = ()  # a list of the others, once a second one is added
+        # waiting.Sleeper of each thread in result()/exception()
+        self._sleepers: list[Any] | None = None
 
     @property
     def _condition(self) -> Any:  # type: ignore[override]

@@ -14,6 +14,16 @@ from ..health import cgroup_dirs, cgroup_path
 
 logger = logging.getLogger(__name__)
 
+# A thread busy-waits for another (a worker for requests, a caller for its result) only
+# where that one can run meanwhile: with less than two CPUs' worth of time, the spin
+# holds back what it waits for, or its quota pays for it.
+SPIN_MIN_CPUS = 2.0
+
+
+def spinning_pays(cpus: float) -> bool:
+    """Whether busy-waiting may pay with ``cpus`` CPUs' worth of time (``usable_cpus``)."""
+    return cpus >= SPIN_MIN_CPUS
+
 
 def usable_cpus(root: str | os.PathLike[str] = "/sys/fs/cgroup",
                 proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> float:

@@ -27,7 +27,7 @@ from ..controller import Controller
 from ..errors import ProcessorStoppedError
 from ..formats import Workspace
 from .batch import CALLING, DELIVERING, Batch, Board
-from .cpus import usable_cpus
+from .cpus import spinning_pays, usable_cpus
 from .delivery import Delivery
 from .execution import Executor
 
@@ -47,10 +47,9 @@ POP_SPIN = 30e-6
 
 
 def pop_spin() -> float:
-    """POP_SPIN where this process may use two CPUs or more (its affinity and its
-    container's CPU quota: ``cpus.usable_cpus``); with less, the request a spinning
-    worker waits for cannot be sent while it spins, or its quota pays for the spin: 0.0."""
-    return POP_SPIN if usable_cpus() >= 2.0 else 0.0
+    """POP_SPIN where spinning pays for this process (``cpus.spinning_pays`` of its
+    affinity and its container's CPU quota), else 0.0."""
+    return POP_SPIN if spinning_pays(usable_cpus()) else 0.0
 
 
 # The worker watching for requests past batch_timeout looks again when the next may be

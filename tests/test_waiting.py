@@ -441,3 +441,122 @@ def test_the_main_thread_spins_no_longer_than_main_spin_max(spin):
 def test_a_spin_of_true_is_refused(spin):
     with pytest.raises(TypeError):
         set_result_spin(True)
+
+
+# How long a wait spins follows how long answers take (the module's answer time).
+
+def _typical_answer(seconds):
+    """Make the typical answer time ``seconds`` (an average over about eight waits: many
+    waits of that time)."""
+    for _ in range(400):
+        native._note_answer(seconds)
+    assert native.answer_time()[0] == pytest.approx(seconds, rel=1e-6)
+
+
+@pytest.mark.parametrize(("typical", "planned"), [
+    (0.0, 1e-3),      # no answer yet: the setting
+    (2e-4, 1e-3),     # twice the answer is shorter than the setting: the setting
+    (2e-3, 4e-3),     # twice the answer
+    (6e-3, 8e-3),     # at most STRETCH times the setting
+    (8e-3, 8e-3),     # an answer as late as the longest spin: still spun for
+    (9e-3, 0.0),      # later than that: no spin
+])
+def test_a_spin_lasts_twice_the_typical_answer_within_one_to_eight_times_the_setting(
+        spin, typical, planned):
+    spin(1e-3)
+    assert native.STRETCH == 8.0
+    _typical_answer(typical)
+    beyond = native.answer_time()[1]
+    assert native.planned_spin(1e-3) == pytest.approx(planned)
+    assert native.answer_time()[1] - beyond == (1 if planned == 0.0 else 0)
+
+
+def test_waits_park_at_once_while_answers_come_later_than_the_longest_spin(spin):
+    spin(1e-4)
+    _typical_answer(1.0)  # a model of a second
+    before, beyond = _counts(), native.answer_time()[1]
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: native.answer_time()[1] > beyond, "the caller parking")
+    future.set_result(9)
+    thread.join(10)
+    assert out == [("result", 9)]
+    assert _counts()["spun"] == before["spun"]
+
+
+def test_a_wait_longer_than_the_setting_is_spun_for_when_answers_take_that_long(spin):
+    spin(0.02)
+    _typical_answer(0.1)  # a spin of 0.16 s: eight times the setting
+    before = _counts()
+    future, out = RequestFuture(), []
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    time.sleep(0.05)  # past the setting, well within the stretched spin
+    assert _counts()["spinning"] == 1
+    future.set_result(6)
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 6)]
+    assert _counts()["caught"] - before["caught"] == 1
+
+
+@pytest.mark.parametrize("parks", [False, True])
+def test_a_released_wait_counts_how_long_its_answer_took(spin, parks):
+    spin(2e-3 if parks else LONG_SPIN)  # its longest spin, 16 ms, past the answer
+    assert native.answer_time()[0] == 0.0
+    before = _counts()
+    future, out = RequestFuture(), []
+    started = time.monotonic()
+    thread = _waiter(future, out)
+    if parks:
+        wait_for(lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+                 "the spin over")
+    else:
+        wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    time.sleep(0.01)
+    future.set_result(1)
+    waited = time.monotonic() - started
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 1)]
+    assert (_counts()["caught"] - before["caught"]) == (0 if parks else 1)
+    # One wait moves the average an eighth of the way from 0 to its answer time.
+    assert 0.01 / 8 <= native.answer_time()[0] <= waited / 8
+
+
+def test_a_wait_that_times_out_or_was_answered_before_it_began_counts_no_answer(spin):
+    spin(1e-4)
+    assert native.Sleeper().wait(0.01) is False
+    done = native.Sleeper()
+    done.release()
+    assert done.wait() is True
+    assert native.answer_time()[0] == 0.0
+
+
+def test_waits_without_a_spin_count_no_answer(spin):
+    spin(0.0)
+    sleeper, woken = native.Sleeper(), []
+    thread = threading.Thread(target=lambda: woken.append(sleeper.wait(10)), daemon=True)
+    thread.start()
+    time.sleep(0.01)  # parked by now, or not yet waiting: either counts nothing
+    sleeper.release()
+    thread.join(10)
+    assert woken == [True]
+    assert native.answer_time()[0] == 0.0
+
+
+def test_an_answer_later_than_four_longest_spins_counts_as_that(spin):
+    # One stalled answer does not stop spins for long: the average moves by at most an
+    # eighth of four times the longest spin.
+    spin(1e-4)  # the longest spin 0.8 ms
+    sleeper, woken = native.Sleeper(), []
+    before = _counts()
+    thread = threading.Thread(target=lambda: woken.append(sleeper.wait(10)), daemon=True)
+    thread.start()
+    wait_for(lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
+             "the spin over")
+    time.sleep(0.01)
+    sleeper.release()
+    thread.join(10)
+    assert woken == [True]
+    assert native.answer_time()[0] == pytest.approx(4 * 8 * 1e-4 / 8)

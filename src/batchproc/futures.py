@@ -56,9 +56,10 @@ _DESCRIPTION = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
 # Makes a future's lock exactly once, whichever thread asks first (rare: wait() only).
 _lock_creation = _Lock()
 
-# How long a thread blocked in result() busy-waits for it before it parks
-# (batchproc._native.waiting): a result that comes within microseconds then costs no
-# thread wake-up (benchmarks/bench_round_trip.py).
+# The shortest busy wait of a thread blocked in result() before it parks
+# (batchproc._native.waiting; up to 8 times longer while answers take longer): a result
+# that comes within microseconds then costs no thread wake-up
+# (benchmarks/bench_round_trip.py).
 RESULT_SPIN = 30e-6
 _spin_unset = True
 
@@ -72,8 +73,10 @@ def result_spin(cpus: float) -> float:
 
 
 def set_result_spin(seconds: float) -> None:
-    """Set how long a blocked ``result()`` busy-waits before it parks, in seconds (0.0:
-    never), for the whole process; ``ValueError`` outside [0, 1]. By default
+    """Set the shortest busy wait of a blocked ``result()`` before it parks, in seconds
+    (0.0: never), for the whole process; ``ValueError`` outside [0, 1]. A wait spins
+    for twice the typical time answers have taken, within 1 to 8 times this, and parks
+    at once when they take longer (``batchproc._native.waiting``). By default
     ``result_spin`` of the CPUs the process may use, set on the first wait."""
     global _spin_unset
     _waiting.set_spin(seconds)

@@ -229,6 +229,22 @@ def test_the_first_wait_sets_the_spin_from_the_cpus(monkeypatch, spin):
     assert native.get_spin() == 0.0 and futures._spin_unset is False
 
 
+@pytest.mark.parametrize(("cpus", "expected"), [(1.0, 0.0), (2.0, RESULT_SPIN)])
+def test_reading_the_spin_before_any_wait_gives_the_default(monkeypatch, spin, cpus,
+                                                             expected):
+    monkeypatch.setattr(futures, "_spin_unset", True)
+    monkeypatch.setattr("batchproc.engine.cpus.usable_cpus", lambda: cpus)
+    native.set_spin(LONG_SPIN)
+    assert futures.get_result_spin() == expected
+
+
+def test_reading_the_spin_gives_the_setting(spin):
+    spin(2e-5)
+    assert futures.get_result_spin() == 2e-5
+    spin(0.0)
+    assert futures.get_result_spin() == 0.0
+
+
 class TestSleeper:
     def test_released_before_the_wait(self):
         s = native.Sleeper()
@@ -302,17 +318,19 @@ def test_a_caught_spin_takes_the_gil_back_once_a_worker_lets_go_of_it(spin):
 
 
 def test_a_caught_spin_with_no_let_go_takes_the_gil_at_its_limit(spin):
-    spin(1e-3)
+    spin(LONG_SPIN)  # caught for sure: the release comes while it spins
     before = _counts()
     future, out = RequestFuture(), []
     thread = _waiter(future, out)
-    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning", timeout=10)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
     future.set_result(4)
+    # Unless a thread lets go of the GIL meanwhile, the caller takes it at its linger
+    # limit (30 us).
     thread.join(10)
-    # Caught or not (a spin of 1 ms may end before the release), it answers.
     assert out == [("result", 4)]
     assert _let_go()["lingering"] == 0 and _counts()["spinning"] == 0
     assert _counts()["spun"] - before["spun"] == 1
+    assert _counts()["caught"] - before["caught"] == 1
 
 
 @pytest.mark.parametrize("spin_s", [0.0, 1e-3])

@@ -74,13 +74,22 @@ def result_spin(cpus: float) -> float:
 
 def set_result_spin(seconds: float) -> None:
     """Set the shortest busy wait of a blocked ``result()`` before it parks, in seconds
-    (0.0: never), for the whole process; ``ValueError`` outside [0, 1]. A wait spins
-    for twice the typical time answers have taken, within 1 to 8 times this, and parks
-    at once when they take longer (``batchproc._native.waiting``). By default
-    ``result_spin`` of the CPUs the process may use, set on the first wait."""
+    (0.0: never), for the whole process: a number from 0 to 1 (``TypeError`` for
+    anything else than a number, ``ValueError`` outside). A wait spins for twice the
+    typical time answers have taken, within 1 to 8 times this, and parks at once when
+    they take longer (``batchproc._native.waiting``). By default ``RESULT_SPIN`` (30 us)
+    where the process may use two CPUs' worth of time or more, else 0.0."""
     global _spin_unset
     _waiting.set_spin(seconds)
     _spin_unset = False
+
+
+def get_result_spin() -> float:
+    """The shortest busy wait of a blocked ``result()``, in seconds (``set_result_spin``;
+    the default once known)."""
+    if _spin_unset:
+        _set_spin()
+    return float(_waiting.get_spin())
 
 
 def _set_spin() -> None:

@@ -10,16 +10,10 @@ which a Python loop could not: a spinning Python thread would take the GIL from 
 worker delivering the very result it waits for.
 
 A ``Sleeper`` is released once, by whoever completes or cancels the future (its
-``release``). Its ``wait`` first spins, the GIL released, yielding its CPU between looks
-(on a busy machine the worker may be waiting for that CPU); then it blocks on a plain
-``_thread`` lock, as a parked waiter always did, so a blocked wait stays interruptible
-(Ctrl-C). How long it spins follows how long answers take: the process keeps the
-typical time from a wait's start to its release (an exponential average over about
-eight waits, spun or parked), and a wait spins for twice that, but at least the
-module's ``spin`` seconds and at most ``STRETCH`` times them; when the typical answer
-comes later than that longest spin, waits park at once (a slower machine, whose worker
-takes longer to answer, still has its answers caught; callers of a model that takes
-milliseconds, or of a busy processor, do not spin for them). At most one thread of the
+``release``). Its ``wait`` first spins, the GIL released, for up to the module's
+``spin`` seconds, yielding its CPU between looks (on a busy machine the worker may be
+waiting for that CPU); then it blocks on a plain ``_thread`` lock, as a parked waiter
+always did, so a blocked wait stays interruptible (Ctrl-C). At most one thread of the
 process spins at a time: any other waiter parks at once, so many callers blocked
 together cost one CPU's spin at most, never all of them. And a spin must pay: one that
 sees its release saves a thread wake-up, one that does not costs its CPU time for
@@ -83,31 +77,6 @@ cdef extern from *:
     constexpr uint64_t PROBE_EVERY = 128;
     inline std::atomic<int> score{SCORE_ONE};
     inline std::atomic<uint64_t> probes{0};
-
-    // The typical seconds from a wait's start to its release (see the module); 0 until
-    // a wait was released. Written by every waiter, without order: an estimate.
-    constexpr double STRETCH = 8.0;
-    inline std::atomic<double> answer_time{0.0};
-    inline std::atomic<uint64_t> beyond{0};  // waits that parked at once: answers too slow
-    inline void note_answer(double seconds, double longest) noexcept {
-        // One very late answer (a stalled worker) moves the average only so far.
-        if (seconds > 4.0 * longest) seconds = 4.0 * longest;
-        double a = answer_time.load(std::memory_order_relaxed);
-        answer_time.store(a + (seconds - a) / SCORE_WEIGHT, std::memory_order_relaxed);
-    }
-    // How long a wait spins with the setting `base`: twice the typical answer, at least
-    // `base`, at most STRETCH times it; 0.0 when the typical answer comes later than
-    // that (the wait parks at once, counted).
-    inline double spin_length(double base) noexcept {
-        double longest = base * STRETCH;
-        double typical = answer_time.load(std::memory_order_relaxed);
-        if (typical > longest) {
-            beyond.fetch_add(1, std::memory_order_relaxed);
-            return 0.0;
-        }
-        double length = 2.0 * typical;
-        return length < base ? base : (length > longest ? longest : length);
-    }
 
     inline void score_spin(bool caught) noexcept {
         int s = score.load(std::memory_order_relaxed);
@@ -184,7 +153,6 @@ cdef extern from *:
     inline void reset_score() noexcept {
         score.store(SCORE_ONE);
         probes.store(0);
-        answer_time.store(0.0);
     }
     }  // namespace batchproc_wait
     """
@@ -198,11 +166,6 @@ cdef extern from *:
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
     uint64_t declined_count "batchproc_wait::declined.load"() noexcept nogil
     int score_now "batchproc_wait::score.load"() noexcept nogil
-    double STRETCH_ "batchproc_wait::STRETCH"
-    double answer_time_now "batchproc_wait::answer_time.load"() noexcept nogil
-    uint64_t beyond_count "batchproc_wait::beyond.load"() noexcept nogil
-    void note_answer "batchproc_wait::note_answer"(double seconds, double longest) noexcept nogil
-    double spin_length "batchproc_wait::spin_length"(double base) noexcept nogil
     int SCORE_ONE "batchproc_wait::SCORE_ONE"
     uint64_t PROBE_EVERY_ "batchproc_wait::PROBE_EVERY"
     void reset_score "batchproc_wait::reset_score"() noexcept nogil
@@ -229,11 +192,9 @@ MAIN_SPIN_MAX = 1e-3
 cdef double _main_spin_max = MAIN_SPIN_MAX
 cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
 
-# The shortest spin of a wait that spins, in seconds (0.0: waits park at once); it
-# stretches up to STRETCH times this while answers take longer. Set by
+# How long a wait spins before it parks, in seconds (0.0: it parks at once). Set by
 # batchproc.futures from the CPUs the process may use.
 cdef double _spin = 0.0
-STRETCH = STRETCH_
 
 # The let-go count's address, for the modules that bump it (the request queue).
 let_go_capsule = PyCapsule_New(let_go_address(), LET_GO_CAPSULE, NULL)
@@ -243,10 +204,9 @@ _TIMEOUT_MAX = _thread.TIMEOUT_MAX
 
 
 def set_spin(seconds):
-    """Set the shortest spin of a wait before it parks, in seconds (a spin stretches up
-    to ``STRETCH`` times it while answers take longer): a real number from 0 to 1
-    (``TypeError`` for anything else than a number, ``ValueError`` outside). 0.0 turns
-    the spin off."""
+    """Set how long each wait spins before it parks, in seconds: a real number from 0
+    to 1 (``TypeError`` for anything else than a number, ``ValueError`` outside). 0.0
+    turns the spin off."""
     if not isinstance(seconds, _Real) or isinstance(seconds, bool):
         raise TypeError(f"spin must be a number of seconds, got {type(seconds).__name__}")
     cdef double s = float(seconds)
@@ -257,25 +217,8 @@ def set_spin(seconds):
 
 
 def get_spin():
-    """The shortest spin of a wait, in seconds (``set_spin``)."""
+    """Seconds each wait spins before it parks."""
     return _spin
-
-
-def answer_time():
-    """(the typical seconds from a wait's start to its release, waits that parked at
-    once because it was longer than the longest spin): for tests and benchmarks."""
-    return (answer_time_now(), beyond_count())
-
-
-def planned_spin(base):
-    """How long a wait would spin now with the shortest spin ``base`` (seconds; 0.0: it
-    would park at once): for tests. Counts as a wait that parked when 0.0."""
-    return spin_length(float(base))
-
-
-def _note_answer(seconds):
-    """Test hook: count a wait released ``seconds`` after it began."""
-    note_answer(float(seconds), INFINITY)
 
 
 def spin_counts():
@@ -307,7 +250,7 @@ def _set_main_spin_max(seconds):
 
 
 def _reset_spin_score():
-    """Test hook: forget how spins and answers went (spins pay, as at import)."""
+    """Test hook: forget how spins went (they pay, as at import)."""
     reset_score()
 
 
@@ -332,7 +275,6 @@ cdef class Sleeper:
 
     cdef int _released  # read and written only through flag_set / flag_is_set
     cdef uint64_t _released_at  # the let-go count at release, written before the flag
-    cdef double _released_when  # seconds_now() at release, written before the flag
     # A held lock the waiter parks on, made only once its spin is over: a result caught
     # by the spin costs no lock. Published and released with the GIL held, in compiled
     # code that runs no Python code, which no other thread interleaves with: release()
@@ -344,7 +286,6 @@ cdef class Sleeper:
         if flag_is_set(&self._released):
             raise RuntimeError("release unlocked lock")
         self._released_at = let_go_now()
-        self._released_when = seconds_now()
         flag_set(&self._released)
         if self._lock is not None:
             self._lock.release()
@@ -369,8 +310,7 @@ cdef class Sleeper:
         """Block until released or until ``timeout`` seconds pass (``None``, or more than
         ``threading.TIMEOUT_MAX``: no limit; <= 0: do not block). True if released."""
         cdef double limit = -1.0  # no limit
-        cdef double base = _spin
-        cdef double spin = 0.0
+        cdef double spin = _spin
         cdef double started, deadline
         cdef bint caught
         if timeout is not None:
@@ -386,9 +326,6 @@ cdef class Sleeper:
                 limit = -1.0
         if flag_is_set(&self._released):
             return True
-        started = seconds_now()
-        if base > 0.0:
-            spin = spin_length(base)
         # Claimed with the GIL held: a wait that may not spin never drops and takes
         # the GIL back for nothing (with many callers, each time a GIL hand-off).
         if spin > 0.0 and claim_spin():
@@ -396,12 +333,12 @@ cdef class Sleeper:
                 spin = limit
             if spin > _main_spin_max and PyThread_get_thread_ident() == _MAIN_IDENT:
                 spin = _main_spin_max
+            started = seconds_now()
             deadline = started + limit if limit >= 0.0 else INFINITY
             with nogil:
                 caught = spin_until_set(&self._released, &self._released_at, spin,
                                         spin if spin < _linger_max else _linger_max, deadline)
             if caught:
-                self._note_answer(started, base)
                 return True
             # A signal that came while spinning: its handler runs now (Ctrl-C raises
             # KeyboardInterrupt here), not after a wait that nothing may end.
@@ -412,16 +349,7 @@ cdef class Sleeper:
                     return flag_is_set(&self._released)
         lock = self._park_lock()
         if lock is None:
-            self._note_answer(started, base)
             return True
         if limit < 0.0:
-            released = lock.acquire()
-        else:
-            released = lock.acquire(True, limit)
-        if released:
-            self._note_answer(started, base)
-        return released
-
-    cdef inline void _note_answer(self, double started, double base) noexcept:
-        if base > 0.0:
-            note_answer(self._released_when - started, base * STRETCH_)
+            return lock.acquire()
+        return lock.acquire(True, limit)

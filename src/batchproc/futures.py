@@ -56,10 +56,9 @@ _DESCRIPTION = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
 # Makes a future's lock exactly once, whichever thread asks first (rare: wait() only).
 _lock_creation = _Lock()
 
-# The shortest busy wait of a thread blocked in result() before it parks
-# (batchproc._native.waiting; up to 8 times longer while answers take longer): a result
-# that comes within microseconds then costs no thread wake-up
-# (benchmarks/bench_round_trip.py).
+# How long a thread blocked in result() busy-waits for it before it parks
+# (batchproc._native.waiting): a result that comes within microseconds then costs no
+# thread wake-up (benchmarks/bench_round_trip.py).
 RESULT_SPIN = 30e-6
 _spin_unset = True
 
@@ -73,11 +72,9 @@ def result_spin(cpus: float) -> float:
 
 
 def set_result_spin(seconds: float) -> None:
-    """Set the shortest busy wait of a blocked ``result()`` before it parks, in seconds
-    (0.0: never), for the whole process: a number from 0 to 1 (``TypeError`` for
-    anything else than a number, ``ValueError`` outside). A wait spins for twice the
-    typical time answers have taken, within 1 to 8 times this, and parks at once when
-    they take longer (``batchproc._native.waiting``). By default ``RESULT_SPIN`` (30 us)
+    """Set how long a blocked ``result()`` busy-waits before it parks, in seconds (0.0:
+    never), for the whole process: a number from 0 to 1 (``TypeError`` for anything
+    else than a number, ``ValueError`` outside). By default ``RESULT_SPIN`` (30 us)
     where the process may use two CPUs' worth of time or more, else 0.0."""
     global _spin_unset
     _waiting.set_spin(seconds)
@@ -85,8 +82,8 @@ def set_result_spin(seconds: float) -> None:
 
 
 def get_result_spin() -> float:
-    """The shortest busy wait of a blocked ``result()``, in seconds (``set_result_spin``;
-    the default once known)."""
+    """How long a blocked ``result()`` busy-waits, in seconds (``set_result_spin``; the
+    default once known)."""
     if _spin_unset:
         _set_spin()
     return float(_waiting.get_spin())

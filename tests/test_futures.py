@@ -542,15 +542,18 @@ def test_a_future_completed_while_a_callback_registers_still_calls_it():
 
 
 
-def _crowded_future():
+def _crowded_future(known=()):
     """A future whose class has used up its instances' shared attribute keys (CPython
-    keeps at most 30 per class): an attribute first stored on it after that makes the
-    instance's own dict, an allocation, so possibly a collection."""
+    keeps at most 30 per class), ``known`` among them: an attribute not among them, first
+    stored on it, makes the instance's own dict, an allocation, so possibly a
+    collection."""
 
     class Crowded(RequestFuture):
         pass
 
     filler = Crowded()
+    for name in known:
+        setattr(filler, name, None)
     for k in range(40):
         setattr(filler, f"extra_{k}", k)
     return Crowded()
@@ -561,7 +564,9 @@ def test_a_callback_registering_on_a_future_with_a_dict_of_its_own_is_called(
         callbacks_before):
     # Storing the callback must not be where a collection starts: one that ran the
     # completing thread there left the callback stored but never called.
-    future, calls = _crowded_future(), []
+    # With one callback before, the first is stored without making the dict; the list
+    # of the others is then the first attribute that would.
+    future, calls = _crowded_future(("_first_callback",) * callbacks_before), []
     for _ in range(callbacks_before):
         future.add_done_callback(lambda f: calls.append("before"))
     callback = lambda f: calls.append("added")  # noqa: E731 - made before the collection

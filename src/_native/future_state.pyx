@@ -10,10 +10,9 @@ interrupted to switch threads: so each call is one indivisible step for every ot
 Python thread, and the future needs no lock of its own. One exception: making an object
 the collector tracks (a list) may start a garbage collection, which runs Python code
 (finalizers, ``gc.callbacks``), and other threads with it. So a function makes what it
-stores before it reads the state, and one that registers a waiter reads the state again
-once it is registered. Storing an attribute an instance does not have yet may make its
-``__dict__``, an allocation too: a future is born with every attribute stored here
-(``RequestFuture.__init__``).
+stores before it reads the state; and since storing an attribute an instance does not
+have yet may make its ``__dict__``, an allocation too, a future is born with every
+attribute stored here (``RequestFuture.__init__``).
 
 That holds while the future has no lock (``_cond is None``). One exists once something
 asked for ``_condition``: ``concurrent.futures.wait()`` and ``as_completed()`` hold it while
@@ -188,10 +187,6 @@ def add_sleeper(f, sleeper):
         f._sleepers = new
     else:
         (<list>sleepers).append(sleeper)
-    # Storing an attribute may make the instance's dict (a collection again): done
-    # meanwhile, the wake-up may have missed it, so it must not block.
-    if _done(f._state):
-        return 0
     return 1
 
 

@@ -22,6 +22,7 @@ async def _until(predicate, what, timeout=10.0):
         await asyncio.sleep(0.001)
 
 
+@pytest.mark.slow
 def test_a_burst_of_50000_from_one_loop_completes(make_processor):
     processor = make_processor(lambda batch: batch * 2, max_queue_size=1000,
                                max_batch_size=128)

@@ -71,6 +71,7 @@ def test_the_benchmarks_folder_is_here() -> None:
     assert (BENCHMARKS / "compare_peers.py").is_file(), BENCHMARKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("script", "args", "stem"), SMOKE_RUNS,
                          ids=[s for s, _, _ in SMOKE_RUNS])
 def test_comparison_script_runs_at_its_smallest_size(
@@ -87,6 +88,7 @@ def test_comparison_script_runs_at_its_smallest_size(
     assert doc  # and the raw figures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("script", "args", "expected"), PRINTING_RUNS,
                          ids=[s for s, _, _ in PRINTING_RUNS])
 def test_profiling_script_prints_its_table(script: str, args: list[str], expected: str,

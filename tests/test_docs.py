@@ -52,7 +52,9 @@ def blocks(language):
 
 def python_blocks():
     for name, i, block in blocks("python"):
-        yield pytest.param(block, id=f"{name}-{i}")
+        # A Ray example starts a Ray cluster: tens of seconds.
+        marks = [pytest.mark.slow] if re.search(r"^import ray$", block, re.M) else []
+        yield pytest.param(block, id=f"{name}-{i}", marks=marks)
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -509,7 +510,7 @@ def run_in_fork(body: Any) -> Any:
 
 ProcessorMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None)
-test_processor_state_machine = ProcessorMachine.TestCase
+test_processor_state_machine = pytest.mark.slow(ProcessorMachine.TestCase)
 
 
 def test_a_refused_fire_and_forget_request_keeps_the_counts_balanced(make_processor):

@@ -561,6 +561,7 @@ def stop_interrupted(make_processor, interrupter, stop=None):
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="interrupts land on the main thread")
+@pytest.mark.slow
 @pytest.mark.parametrize("gaps", [(), (1,), (1, 3)], ids=["once", "twice", "thrice"])
 def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
         make_processor, short_slices, gaps):
@@ -595,6 +596,7 @@ def test_interrupts_at_every_instruction_of_stop_still_complete_every_future(
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="interrupts land on the main thread")
+@pytest.mark.slow
 @pytest.mark.parametrize("gaps", [(), (1,)], ids=["once", "twice"])
 def test_interrupts_at_every_instruction_of_the_exit_hook_still_stop_everything(
         make_processor, monkeypatch, short_slices, gaps):

@@ -15,7 +15,9 @@ two interpreters executing benchmarks/version_run.py, which drives batchproc.ben
 of 64 float32, max batch 64, max delay 5 ms, as in compare_peers.py. Configurations: the
 identity model at 1 client (closed loop, 3 s) and a burst of 50,000 from one thread; the
 fixed model (5 ms per call behind one lock) at 64 clients and in a burst; on request
-(``--configs fixed-50ms/4``) a fixed model of 50 ms at 4 clients, and open-loop Poisson
+(``--configs fixed-50ms/4``, or any ``fixed-<ms>ms/<clients>``: ``fixed-0.1ms/1``, a
+model answering in about 100 us, where callers' spins may or may not pay) a fixed model
+of that many ms at that many closed-loop clients, and open-loop Poisson
 loads of any model (``--configs mlp/rate-9000``: 9,000 requests/s from one thread, the
 same arrivals for both versions in a repetition), where latency and the process's CPU
 per request tell versions apart. In each repetition the two versions run one after the
@@ -90,12 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     if not a.configs:
         p.error("--configs: none given")
-    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)]
+    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)
+           and not _fixed_closed_loop(c)]
     if bad:
         known = ", ".join(CONFIGS + EXTRA_CONFIGS)
         p.error(f"--configs: unknown {', '.join(bad)} (choose from {known}, or MODEL/rate-N "
                 f"for an open loop of N requests/s, {RATES[0]:g} <= N <= {RATES[1]:,.0f}, "
-                "MODEL one of identity, mlp, fixed)")
+                "MODEL one of identity, mlp, fixed; or fixed-<ms>ms/<clients>, "
+                f"0 < ms <= {FIXED_MS_MAX:g}, 1 <= clients <= {CLIENTS_MAX})")
     return a
 
 
@@ -111,10 +115,21 @@ def _open_loop(config: str) -> bool:
             and RATES[0] <= float(match.group(1)) <= RATES[1])
 
 
+FIXED_MS_MAX, CLIENTS_MAX = 1000.0, 256
+_FIXED = re.compile(r"fixed-(\d+(\.\d*)?)ms/(\d+)")
+
+
+def _fixed_closed_loop(config: str) -> bool:
+    """``fixed-<ms>ms/<clients>``: the fixed model at that cost, closed-loop clients."""
+    match = _FIXED.fullmatch(config)
+    return (match is not None and 0 < float(match.group(1)) <= FIXED_MS_MAX
+            and 1 <= int(match.group(3)) <= CLIENTS_MAX)
+
+
 def load_label(key: str) -> str:
     if key.startswith("rate-"):
         return f"{float(key[5:]):,.0f} req/s open loop"
-    return LOAD_LABELS[key]
+    return LOAD_LABELS.get(key) or f"{int(key)} clients"
 
 
 def git(*args: str) -> str:

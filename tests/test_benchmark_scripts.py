@@ -62,6 +62,8 @@ PRINTING_RUNS = [
     # baseline from git: too slow for the suite).
     ("version_run.py", ['{"model": "mlp", "load": "rate-2000", "burst": 0, "cap": 0.2,'
                         ' "seed": 1}'], '"process_cpu_s": '),
+    ("version_run.py", ['{"model": "fixed-0.1ms", "load": "1", "burst": 0, "cap": 0.2,'
+                        ' "seed": 1}'], '"process_cpu_s": '),
 ]
 
 
@@ -105,6 +107,11 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
     (["--configs", "mlp/rate- 100"], "unknown mlp/rate- 100"),
     (["--configs", "nope/rate-100"], "unknown nope/rate-100"),
     (["--configs", "mlp/rate-inf"], "unknown mlp/rate-inf"),
+    (["--configs", "fixed-0ms/1"], "unknown fixed-0ms/1"),
+    (["--configs", "fixed-1ms/0"], "unknown fixed-1ms/0"),
+    (["--configs", "fixed-1ms/257"], "unknown fixed-1ms/257"),
+    (["--configs", "fixed-2000ms/1"], "unknown fixed-2000ms/1"),
+    (["--configs", "fixed-1ms"], "unknown fixed-1ms"),
     (["--cap", "0"], "--cap must be a positive number, got 0.0"),
     (["--cap", "nan"], "--cap must be a positive number, got nan"),
     (["--repeat", "0"], "--repeat must be a positive number, got 0"),

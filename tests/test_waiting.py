@@ -7,7 +7,9 @@ import concurrent.futures as cf
 import decimal
 import math
 import os
+import random
 import signal
+import sys
 import threading
 import time
 
@@ -28,9 +30,12 @@ def spin():
     before = native.get_spin()
     wait_for(lambda: native.spin_counts()[0] == 0, "no thread spinning")
     native._reset_spin_score()
+    park_cost = native.park_cost()
+    native._set_park_cost(0.0)  # none measured: each wait spins for the setting
     yield set_result_spin
     set_result_spin(before)
     native._reset_spin_score()
+    native._set_park_cost(park_cost)
     native._set_linger_max(native.LINGER_MAX)
     native._set_main_spin_max(native.MAIN_SPIN_MAX)
 
@@ -459,3 +464,109 @@ def test_the_main_thread_spins_no_longer_than_main_spin_max(spin):
 def test_a_spin_of_true_is_refused(spin):
     with pytest.raises(TypeError):
         set_result_spin(True)
+
+
+# How long a spin lasts: the setting, stretched to two parks' cost (see the module).
+
+def _parked_waiter(sleeper, out, timeout=None):
+    thread = threading.Thread(target=lambda: out.append(sleeper.wait(timeout)), daemon=True)
+    thread.start()
+    wait_for(lambda: sleeper.parked, "the waiter parked")
+    return thread
+
+
+def test_a_park_costs_the_time_from_its_release_to_its_resumption(spin):
+    spin(0.0)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the GIL stays with this thread while it holds it below
+    try:
+        s, out = native.Sleeper(), []
+        thread = _parked_waiter(s, out)
+        s.release()
+        # The waiter is woken and asks for the GIL, which this thread keeps 2 ms more.
+        until = time.perf_counter() + 2e-3
+        while time.perf_counter() < until:
+            pass
+        thread.join(10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert out == [True]
+    assert 2e-3 <= native.park_cost() < 1.0
+
+
+def test_a_park_that_times_out_costs_nothing(spin):
+    spin(0.0)
+    assert native.Sleeper().wait(1e-3) is False
+    assert native.park_cost() == 0.0
+
+
+def test_a_wait_released_before_it_parks_costs_nothing(spin):
+    spin(0.0)
+    s = native.Sleeper()
+    s.release()
+    assert s.wait() is True and not s.parked
+    assert native.park_cost() == 0.0
+
+
+@pytest.mark.parametrize(("setting", "park_cost", "length"), [
+    (30e-6, 0.0, 30e-6),       # none measured: the setting
+    (30e-6, 10e-6, 30e-6),     # parks cheaper than half the setting: the setting
+    (30e-6, 40e-6, 80e-6),     # twice a park's cost
+    (30e-6, 1.0, 30e-6 * 4),   # never more than SPIN_STRETCH_MAX times the setting
+    (0.0, 1e-3, 0.0),          # spins off stay off
+])
+def test_a_wait_spins_for_the_setting_or_twice_a_parks_cost(spin, setting, park_cost,
+                                                              length):
+    assert native.SPIN_STRETCH_MAX == 4
+    spin(setting)
+    native._set_park_cost(park_cost)
+    assert native.spin_length() == pytest.approx(length)
+    assert native.get_spin() == setting  # the setting itself unchanged
+
+
+def test_a_spin_stretched_by_the_park_cost_catches_a_result_past_the_setting(spin):
+    # Generous margins: a 0.2 s setting stretched to 0.8 s; the result comes 0.4 s after
+    # the wait began, when a spin of the setting alone would be over.
+    spin(0.2)
+    native._set_park_cost(1.0)
+    before = _counts()
+    future, out, began = RequestFuture(), [], []
+
+    def wait():
+        began.append(time.monotonic())
+        out.append(future.result())
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    wait_for(lambda: time.monotonic() >= began[0] + 0.4, "0.4 s into the wait")
+    future.set_result("late")
+    _worker_lets_go()
+    thread.join(10)
+    assert out == ["late"]
+    assert _counts()["caught"] - before["caught"] == 1
+
+
+def test_the_park_cost_settles_at_a_low_quantile_of_the_parks(spin):
+    rng = random.Random(7)
+    costs = [rng.uniform(10e-6, 110e-6) for _ in range(2000)]
+    for cost in costs:
+        native._record_park_cost(cost)
+    # About the quarter below (PARK_COST_UP / (PARK_COST_UP + PARK_COST_DOWN)).
+    assert native.PARK_COST_UP / (native.PARK_COST_UP + native.PARK_COST_DOWN) == 0.25
+    ranked = sorted(costs)
+    assert ranked[len(costs) // 10] < native.park_cost() < ranked[len(costs) // 2]
+
+
+def test_a_park_held_up_by_the_gil_now_and_then_does_not_stretch_the_spin(spin):
+    # One park in five kept 1 ms from the GIL (a worker delivering a long batch after the
+    # release): the cost stays near the others' 40 us, not their mean (240 us).
+    native._record_park_cost(40e-6)
+    for k in range(500):
+        native._record_park_cost(1e-3 if k % 5 == 0 else 40e-6)
+    assert 30e-6 < native.park_cost() < 60e-6
+
+
+def test_the_first_park_sets_the_cost(spin):
+    native._record_park_cost(75e-6)
+    assert native.park_cost() == 75e-6

@@ -23,6 +23,22 @@ spins); below half, waits park at once, except one in ``PROBE_EVERY``, which spi
 find out whether spinning pays again (adaptive spinning, as in glibc's adaptive mutexes
 and the JVM's monitors).
 
+How long a spin may last is bounded by what it saves (competitive spinning: Karlin, Li,
+Manasse and Owicki, "Empirical studies of competitive spinning for a shared-memory
+multiprocessor", SOSP 1991: spinning as long as a block costs, then blocking, costs at
+most twice the better choice made in hindsight). A park costs a client that sends its
+next request on its answer two wake-ups: its own (the time from its release to its
+resumption, the GIL taken back), and, since its next request then comes that much later,
+past the worker's own spin (``RequestQueue.spin``), the worker's on the next request. So
+a wait spins for twice a park's cost as measured, or the ``spin`` setting where that is
+longer, and never more than ``SPIN_STRETCH_MAX`` times the setting. The module measures
+every park that its release ends and keeps a low quantile of those costs (about the
+quarter below: a release followed by a long hold of the GIL, which inflates one measure,
+does not stretch the spin). The cost is measured on parked waits only, whose wake-ups the
+spin's length does not change, so the two cannot feed each other: where a park costs
+15 us a spin is the 30 us setting; where it costs 40 us the spin reaches the answers a
+30 us one missed, and neither the caller nor, next time, the worker is woken.
+
 A spin that sees its release must still take the GIL back, which the releasing worker
 holds through the rest of its delivery. A thread that asks for a held GIL blocks, and is
 woken when it is dropped: the very wake-up the spin saved. So the spinner goes on
@@ -196,6 +212,37 @@ cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
 # batchproc.futures from the CPUs the process may use.
 cdef double _spin = 0.0
 
+# The longest spin, in multiples of the setting, however much parks cost: a machine so
+# busy that its wake-ups take a millisecond has no CPU to spare for spinning that long.
+SPIN_STRETCH_MAX = 4.0
+cdef double _stretch_max = SPIN_STRETCH_MAX
+# A park's cost, seconds (0.0: none measured yet): a low quantile of release-to-resumption
+# times, tracked in place. Each measure below moves it down by PARK_COST_DOWN of itself,
+# each one above up by PARK_COST_UP; it settles where a quarter of the measures are below
+# (UP / (UP + DOWN)). Read and written with the GIL held.
+PARK_COST_DOWN = 1.0 / 8.0
+PARK_COST_UP = 1.0 / 24.0
+cdef double _park_cost = 0.0
+
+
+cdef inline void _note_park_cost(double took) noexcept:
+    global _park_cost
+    if _park_cost == 0.0:
+        _park_cost = took
+    elif took < _park_cost:
+        _park_cost -= _park_cost * PARK_COST_DOWN
+    else:
+        _park_cost += _park_cost * PARK_COST_UP
+
+
+cdef inline double _spin_length() noexcept:
+    """How long the next wait spins, seconds: the setting, stretched to two parks' cost."""
+    cdef double spin = _spin
+    cdef double parks = 2.0 * _park_cost
+    if spin > 0.0 and parks > spin:
+        spin = parks if parks < spin * _stretch_max else spin * _stretch_max
+    return spin
+
 # The let-go count's address, for the modules that bump it (the request queue).
 let_go_capsule = PyCapsule_New(let_go_address(), LET_GO_CAPSULE, NULL)
 
@@ -217,8 +264,32 @@ def set_spin(seconds):
 
 
 def get_spin():
-    """Seconds each wait spins before it parks."""
+    """Seconds each wait spins before it parks at least (the setting; see spin_length)."""
     return _spin
+
+
+def spin_length():
+    """Seconds the next wait spins before it parks: the setting, or twice a park's cost
+    where that is longer, at most ``SPIN_STRETCH_MAX`` times the setting (0.0 while the
+    setting is 0.0)."""
+    return _spin_length()
+
+
+def park_cost():
+    """A park's cost as measured, seconds: a low quantile of the times from a parked
+    wait's release to its resumption (0.0 before the first)."""
+    return _park_cost
+
+
+def _set_park_cost(seconds):
+    """Test hook: set the measured park cost (0.0: forget it)."""
+    global _park_cost
+    _park_cost = float(seconds)
+
+
+def _record_park_cost(seconds):
+    """Test hook: count one park of ``seconds``, as a released parked wait does."""
+    _note_park_cost(float(seconds))
 
 
 def spin_counts():
@@ -275,6 +346,7 @@ cdef class Sleeper:
 
     cdef int _released  # read and written only through flag_set / flag_is_set
     cdef uint64_t _released_at  # the let-go count at release, written before the flag
+    cdef double _released_time  # seconds_now() at the release of a parked waiter
     # A held lock the waiter parks on, made only once its spin is over: a result caught
     # by the spin costs no lock. Published and released with the GIL held, in compiled
     # code that runs no Python code, which no other thread interleaves with: release()
@@ -288,6 +360,7 @@ cdef class Sleeper:
         self._released_at = let_go_now()
         flag_set(&self._released)
         if self._lock is not None:
+            self._released_time = seconds_now()
             self._lock.release()
 
     cdef object _park_lock(self):
@@ -306,11 +379,17 @@ cdef class Sleeper:
     def released(self):
         return flag_is_set(&self._released)
 
+    @property
+    def parked(self):
+        """Whether its waiter parked: its spin, if any, ended before the release (True
+        from then on)."""
+        return self._lock is not None
+
     def wait(self, timeout=None):
         """Block until released or until ``timeout`` seconds pass (``None``, or more than
         ``threading.TIMEOUT_MAX``: no limit; <= 0: do not block). True if released."""
         cdef double limit = -1.0  # no limit
-        cdef double spin = _spin
+        cdef double spin = _spin_length()
         cdef double started, deadline
         cdef bint caught
         if timeout is not None:
@@ -351,5 +430,9 @@ cdef class Sleeper:
         if lock is None:
             return True
         if limit < 0.0:
-            return lock.acquire()
-        return lock.acquire(True, limit)
+            lock.acquire()
+        elif not lock.acquire(True, limit):
+            return False
+        # Released while parked (the lock is released nowhere else): what this park cost.
+        _note_park_cost(seconds_now() - self._released_time)
+        return True

@@ -72,10 +72,12 @@ def result_spin(cpus: float) -> float:
 
 
 def set_result_spin(seconds: float) -> None:
-    """Set how long a blocked ``result()`` busy-waits before it parks, in seconds (0.0:
-    never), for the whole process: a number from 0 to 1 (``TypeError`` for anything
-    else than a number, ``ValueError`` outside). By default ``RESULT_SPIN`` (30 us)
-    where the process may use two CPUs' worth of time or more, else 0.0."""
+    """Set how long a blocked ``result()`` busy-waits at least before it parks, in
+    seconds (0.0: never), for the whole process: a number from 0 to 1 (``TypeError`` for
+    anything else than a number, ``ValueError`` outside). By default ``RESULT_SPIN``
+    (30 us) where the process may use two CPUs' worth of time or more, else 0.0. Where a
+    parked caller's wake-up costs more than half of it, a spin lasts twice that cost, up
+    to ``SPIN_STRETCH_MAX`` (4) times the setting (``batchproc._native.waiting``)."""
     global _spin_unset
     _waiting.set_spin(seconds)
     _spin_unset = False

@@ -36,6 +36,7 @@ def spin():
     set_result_spin(before)
     native._reset_spin_score()
     native._set_park_cost(park_cost)
+    native._set_stretch_limit(native.SPIN_STRETCH_LIMIT)
     native._set_linger_max(native.LINGER_MAX)
     native._set_main_spin_max(native.MAIN_SPIN_MAX)
 
@@ -514,10 +515,15 @@ def test_a_wait_released_before_it_parks_costs_nothing(spin):
     (30e-6, 40e-6, 80e-6),     # twice a park's cost
     (30e-6, 1.0, 30e-6 * 4),   # never more than SPIN_STRETCH_MAX times the setting
     (0.0, 1e-3, 0.0),          # spins off stay off
+    (0.5e-3, 10.0, 1e-3),      # nor past SPIN_STRETCH_LIMIT
+    (0.4e-3, 0.6e-3, 1e-3),
+    (0.4e-3, 0.45e-3, 0.9e-3),
+    (2e-3, 10.0, 2e-3),        # a setting past that limit stays as set
+    (1.0, 10.0, 1.0),
 ])
 def test_a_wait_spins_for_the_setting_or_twice_a_parks_cost(spin, setting, park_cost,
                                                               length):
-    assert native.SPIN_STRETCH_MAX == 4
+    assert native.SPIN_STRETCH_MAX == 4 and native.SPIN_STRETCH_LIMIT == 1e-3
     spin(setting)
     native._set_park_cost(park_cost)
     assert native.spin_length() == pytest.approx(length)
@@ -525,9 +531,11 @@ def test_a_wait_spins_for_the_setting_or_twice_a_parks_cost(spin, setting, park_
 
 
 def test_a_spin_stretched_by_the_park_cost_catches_a_result_past_the_setting(spin):
-    # Generous margins: a 0.2 s setting stretched to 0.8 s; the result comes 0.4 s after
-    # the wait began, when a spin of the setting alone would be over.
+    # Generous margins: a 0.2 s setting stretched to 0.8 s (the stretch's limit lifted
+    # for the test); the result comes 0.4 s after the wait began, when a spin of the
+    # setting alone would be over.
     spin(0.2)
+    native._set_stretch_limit(1.0)  # put back by the fixture
     native._set_park_cost(1.0)
     before = _counts()
     future, out, began = RequestFuture(), [], []

@@ -31,13 +31,18 @@ next request on its answer two wake-ups: its own (the time from its release to i
 resumption, the GIL taken back), and, since its next request then comes that much later,
 past the worker's own spin (``RequestQueue.spin``), the worker's on the next request. So
 a wait spins for twice a park's cost as measured, or the ``spin`` setting where that is
-longer, and never more than ``SPIN_STRETCH_MAX`` times the setting. The module measures
-every park that its release ends and keeps a low quantile of those costs (about the
-quarter below: a release followed by a long hold of the GIL, which inflates one measure,
-does not stretch the spin). The cost is measured on parked waits only, whose wake-ups the
-spin's length does not change, so the two cannot feed each other: where a park costs
-15 us a spin is the 30 us setting; where it costs 40 us the spin reaches the answers a
-30 us one missed, and neither the caller nor, next time, the worker is woken.
+longer, and never more than ``SPIN_STRETCH_MAX`` times the setting nor, through that
+stretch, past ``SPIN_STRETCH_LIMIT`` (a spin set longer stays as set). The module
+measures every park that its release ends and keeps a low quantile of those costs (about
+the quarter below: a release followed by a long hold of the GIL, which inflates one
+measure, does not stretch the spin). Where many callers park together, they resume one
+at a time as each takes the GIL, and that queue is most of what they measure: the spin
+then stays at its longest, which costs one CPU at most (one caller spins at a time) and
+only while spins see their answers (the score above). The cost is measured on parked
+waits only, whose resumption the spinner (without the GIL) does not delay, so the two do
+not feed each other: where a park costs 15 us a spin is the 30 us setting; where it
+costs 40 us the spin reaches the answers a 30 us one missed, and neither the caller nor,
+next time, the worker is woken.
 
 A spin that sees its release must still take the GIL back, which the releasing worker
 holds through the rest of its delivery. A thread that asks for a held GIL blocks, and is
@@ -216,6 +221,9 @@ cdef double _spin = 0.0
 # busy that its wake-ups take a millisecond has no CPU to spare for spinning that long.
 SPIN_STRETCH_MAX = 4.0
 cdef double _stretch_max = SPIN_STRETCH_MAX
+# Nor does the stretch take a spin past 1 ms: no wake-up is worth more of a CPU.
+SPIN_STRETCH_LIMIT = 1e-3
+cdef double _stretch_limit = SPIN_STRETCH_LIMIT
 # A park's cost, seconds (0.0: none measured yet): a low quantile of release-to-resumption
 # times, tracked in place. Each measure below moves it down by PARK_COST_DOWN of itself,
 # each one above up by PARK_COST_UP; it settles where a quarter of the measures are below
@@ -239,8 +247,12 @@ cdef inline double _spin_length() noexcept:
     """How long the next wait spins, seconds: the setting, stretched to two parks' cost."""
     cdef double spin = _spin
     cdef double parks = 2.0 * _park_cost
+    cdef double longest
     if spin > 0.0 and parks > spin:
-        spin = parks if parks < spin * _stretch_max else spin * _stretch_max
+        longest = spin * _stretch_max
+        if longest > _stretch_limit:
+            longest = _stretch_limit if _stretch_limit > spin else spin
+        spin = parks if parks < longest else longest
     return spin
 
 # The let-go count's address, for the modules that bump it (the request queue).
@@ -270,14 +282,15 @@ def get_spin():
 
 def spin_length():
     """Seconds the next wait spins before it parks: the setting, or twice a park's cost
-    where that is longer, at most ``SPIN_STRETCH_MAX`` times the setting (0.0 while the
-    setting is 0.0)."""
+    where that is longer, at most ``SPIN_STRETCH_MAX`` times the setting and, through
+    that stretch, ``SPIN_STRETCH_LIMIT`` (0.0 while the setting is 0.0)."""
     return _spin_length()
 
 
 def park_cost():
     """A park's cost as measured, seconds: a low quantile of the times from a parked
-    wait's release to its resumption (0.0 before the first)."""
+    wait's release to its resumption with the GIL, its wake-up and its turn for the GIL
+    (0.0 before the first)."""
     return _park_cost
 
 
@@ -285,6 +298,12 @@ def _set_park_cost(seconds):
     """Test hook: set the measured park cost (0.0: forget it)."""
     global _park_cost
     _park_cost = float(seconds)
+
+
+def _set_stretch_limit(seconds):
+    """Test hook: the longest spin the stretch makes (default SPIN_STRETCH_LIMIT)."""
+    global _stretch_limit
+    _stretch_limit = float(seconds)
 
 
 def _record_park_cost(seconds):

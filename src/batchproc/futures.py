@@ -77,7 +77,8 @@ def set_result_spin(seconds: float) -> None:
     anything else than a number, ``ValueError`` outside). By default ``RESULT_SPIN``
     (30 us) where the process may use two CPUs' worth of time or more, else 0.0. Where a
     parked caller's wake-up costs more than half of it, a spin lasts twice that cost, up
-    to ``SPIN_STRETCH_MAX`` (4) times the setting (``batchproc._native.waiting``)."""
+    to ``SPIN_STRETCH_MAX`` (4) times the setting and never past ``SPIN_STRETCH_LIMIT``
+    (1 ms) through that stretch (``batchproc._native.waiting``)."""
     global _spin_unset
     _waiting.set_spin(seconds)
     _spin_unset = False

@@ -568,7 +568,7 @@ def test_the_park_cost_settles_at_a_low_quantile_of_the_parks(spin):
 
 def test_a_park_held_up_by_the_gil_now_and_then_does_not_stretch_the_spin(spin):
     # One park in five kept 1 ms from the GIL (a worker delivering a long batch after the
-    # release): the cost stays near the others' 40 us, not their mean (240 us).
+    # release): the cost stays near the others' 40 us, not the mean (232 us).
     native._record_park_cost(40e-6)
     for k in range(500):
         native._record_park_cost(1e-3 if k % 5 == 0 else 40e-6)

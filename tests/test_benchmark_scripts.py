@@ -8,6 +8,7 @@ figures are is not checked; that the script still measures something is.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -123,6 +124,21 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     # Refused on one line before the baseline is built (or any run starts).
     _refused("compare_versions.py", [*args, "--out-dir", str(tmp_path)], said, tmp_path)
     assert not list(tmp_path.iterdir())  # no results written
+
+
+@pytest.mark.parametrize(("config", "label"), [
+    ("fixed-0.1ms/1", "1 client"), ("fixed-2ms/16", "16 clients"),
+    ("fixed-1000ms/256", "256 clients"),
+])
+def test_compare_versions_takes_a_fixed_model_of_any_cost(config: str, label: str) -> None:
+    # Parsed only: a run would build the baseline from git.
+    spec = importlib.util.spec_from_file_location(
+        "compare_versions", BENCHMARKS / "compare_versions.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args(["--configs", config]).configs == [config]
+    assert module.load_label(config.partition("/")[2]) == label
 
 
 def _refused(script: str, args: list[str], said: str, cwd: Path) -> str:

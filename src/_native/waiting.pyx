@@ -59,7 +59,7 @@ asked for as usual. A signal that comes during a spin is handled once it ends.
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pycapsule cimport PyCapsule_New
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, fmax, fmin
 from libc.stdint cimport uint64_t
 
 import _thread
@@ -244,16 +244,14 @@ cdef inline void _note_park_cost(double took) noexcept:
 
 
 cdef inline double _spin_length() noexcept:
-    """How long the next wait spins, seconds: the setting, stretched to two parks' cost."""
+    """How long the next wait spins, seconds: the setting, stretched to two parks' cost
+    but no further than _stretch_max times it nor past _stretch_limit (a longer setting
+    stays as set)."""
     cdef double spin = _spin
-    cdef double parks = 2.0 * _park_cost
-    cdef double longest
-    if spin > 0.0 and parks > spin:
-        longest = spin * _stretch_max
-        if longest > _stretch_limit:
-            longest = _stretch_limit if _stretch_limit > spin else spin
-        spin = parks if parks < longest else longest
-    return spin
+    if spin <= 0.0:
+        return spin
+    return fmax(spin, fmin(2.0 * _park_cost,
+                           fmin(spin * _stretch_max, fmax(spin, _stretch_limit))))
 
 # The let-go count's address, for the modules that bump it (the request queue).
 let_go_capsule = PyCapsule_New(let_go_address(), LET_GO_CAPSULE, NULL)
@@ -408,8 +406,7 @@ cdef class Sleeper:
         """Block until released or until ``timeout`` seconds pass (``None``, or more than
         ``threading.TIMEOUT_MAX``: no limit; <= 0: do not block). True if released."""
         cdef double limit = -1.0  # no limit
-        cdef double spin = _spin_length()
-        cdef double started, deadline
+        cdef double spin, started, deadline
         cdef bint caught
         if timeout is not None:
             # float and int first: the abstract class's check costs more per wait.
@@ -426,7 +423,8 @@ cdef class Sleeper:
             return True
         # Claimed with the GIL held: a wait that may not spin never drops and takes
         # the GIL back for nothing (with many callers, each time a GIL hand-off).
-        if spin > 0.0 and claim_spin():
+        if _spin > 0.0 and claim_spin():
+            spin = _spin_length()
             if 0.0 <= limit < spin:
                 spin = limit
             if spin > _main_spin_max and PyThread_get_thread_ident() == _MAIN_IDENT:

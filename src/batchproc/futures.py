@@ -85,8 +85,8 @@ def set_result_spin(seconds: float) -> None:
 
 
 def get_result_spin() -> float:
-    """How long a blocked ``result()`` busy-waits, in seconds (``set_result_spin``; the
-    default once known)."""
+    """How long a blocked ``result()`` busy-waits at least, in seconds
+    (``set_result_spin``; the default once known)."""
     if _spin_unset:
         _set_spin()
     return float(_waiting.get_spin())

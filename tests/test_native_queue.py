@@ -1873,6 +1873,65 @@ def test_what_ends_every_wait_ends_a_spin(how: str) -> None:
     assert q._spins() == (0, 1)
 
 
+# A pop that a spin caught waits, without the GIL, for the thread that pushed to let go
+# of it (to wait for its result: batchproc._native.waiting's let-go count) before taking
+# it back: asked for while the pusher holds it, the GIL would park the pop, to be woken
+# (a thread wake-up). Only while such waits see their let-go.
+
+
+@pytest.fixture
+def pop_linger() -> Any:
+    """Set the longest wait of a pop for its pusher's let-go, for one test."""
+    yield native_queue._set_pop_linger
+    native_queue._set_pop_linger(native_queue.POP_LINGER)
+
+
+def _let_go_of_the_gil() -> None:
+    """Drop the GIL to wait, as a consumer does (a pop that parks on another queue)."""
+    assert native_queue.RequestQueue(1).pop_batch(1, timeout=1e-3) == []
+
+
+def test_a_pop_a_spin_caught_waits_for_its_pusher_to_let_go_of_the_gil(
+        pop_linger: Any) -> None:
+    pop_linger(HANG * 10)  # only a let-go ends the wait here
+    q = _spinning_queue()
+    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    wait_until(lambda: q._spins() == (1, 1), "the pop spinning")
+    q.push("x")
+    wait_until(lambda: q._lingers()[0] == 1, "the pop waiting for a let-go")
+    assert popping.is_alive()  # its item taken, it waits
+    _let_go_of_the_gil()
+    assert popping.outcome() == ["x"]
+    assert q._lingers() == (1, 1, 1.0)
+
+
+def test_a_pop_that_parked_does_not_wait_for_a_let_go(pop_linger: Any) -> None:
+    pop_linger(HANG * 10)
+    q = native_queue.RequestQueue(16)
+    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    blocked(q, ITEMS)
+    q.push("x")
+    assert popping.outcome() == ["x"]
+    assert q._lingers() == (0, 0, 1.0)
+
+
+def test_pops_stop_waiting_for_let_gos_that_do_not_come_but_one_in_128(
+        pop_linger: Any) -> None:
+    """Each wait that times out moves the share of waits that saw their let-go 1/8 of
+    the way down: after 6 in a row it is under half, and only one pop in 128 waits."""
+    pop_linger(5e-4)
+    q = _spinning_queue()
+    for i in range(20):
+        popping = Worker(q.pop_batch, 10, timeout=HANG)
+        wait_until(lambda: q._spins()[0] == 1, "the pop spinning")
+        q.push(i)  # and no let-go: this thread waits on a plain lock (join)
+        assert popping.outcome() == [i]
+    score = 256
+    for _ in range(7):
+        score -= -(-score // 8)
+    assert q._lingers() == (7, 0, score / 256)  # 6 in a row, then the first probe
+
+
 def _a_push_while_a_stale_pop_still_counts_as_spinning() -> tuple[bool, Any, Worker]:
     """One try at: P parked, S spinning in a pop planned before a ``retarget()``, which
     ends S's spin; ``x`` pushed into the empty queue before S takes the queue's lock

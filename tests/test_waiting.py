@@ -350,6 +350,51 @@ def test_a_consumer_waiting_for_items_counts_as_a_let_go(spin_s):
     assert _let_go()["count"] > before
 
 
+def test_a_caller_beginning_to_spin_counts_as_a_let_go(spin):
+    """A worker whose spin caught a caller's push waits for this before it takes the GIL
+    back (RequestQueue's linger_for_let_go): the caller is about to let go of it."""
+    spin(LONG_SPIN)
+    future, out = RequestFuture(), []
+    before = _let_go()["count"]
+    thread = _waiter(future, out)
+    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
+    assert _let_go()["count"] > before
+    future.set_result(5)
+    _worker_lets_go()
+    thread.join(10)
+    assert out == [("result", 5)]
+
+
+def test_a_caller_beginning_to_spin_ends_a_pops_wait_for_its_let_go(spin):
+    """A pop that a spin caught waits, the GIL released, for the thread that pushed to
+    let go of the GIL; a caller does as it begins to wait for its result."""
+    from batchproc._native import request_queue
+
+    spin(LONG_SPIN)
+    request_queue._set_pop_linger(LONG_SPIN * 10)  # only a let-go ends it in the test
+    try:
+        queue = RequestQueue(4)
+        queue.spin, queue.spin_window = LONG_SPIN * 10, 1e9
+        popped = []
+        pop = threading.Thread(target=lambda: popped.append(queue.pop_batch(1, timeout=10)))
+        pop.start()
+        wait_for(lambda: queue._spins()[0] == 1, "the pop spinning")
+        future = RequestFuture()
+        queue.push(future)
+        wait_for(lambda: queue._lingers()[0] == 1, "the pop waiting for a let-go")
+        assert pop.is_alive()
+        out = []
+        caller = _waiter(future, out)  # its spin begins: a let-go
+        pop.join(10)
+        assert popped == [[future]] and queue._lingers() == (1, 1, 1.0)
+        future.set_result(6)
+        _worker_lets_go()
+        caller.join(10)
+        assert out == [("result", 6)]
+    finally:
+        request_queue._set_pop_linger(request_queue.POP_LINGER)
+
+
 def test_a_release_during_the_collection_that_makes_the_park_lock_is_not_missed(spin):
     """Making the lock a spin-less wait parks on may start a collection, during which
     another thread may release the sleeper: the wait must see it, not block."""

@@ -92,9 +92,13 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void sync_lock(Sync* s) noexcept nogil
     void sync_unlock(Sync* s) noexcept nogil
     void wait_items(Sync* s, double deadline) noexcept nogil
-    void spin_items(Sync* s, double until) noexcept nogil
+    bint spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept nogil
+    void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexcept nogil
     int spinners(Sync* s) noexcept nogil
     uint64_t spins(Sync* s) noexcept nogil
+    uint64_t lingers(Sync* s) noexcept nogil
+    uint64_t lingers_seen(Sync* s) noexcept nogil
+    int linger_score(Sync* s) noexcept nogil
     void notify_pushed(Sync* s) noexcept nogil
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
@@ -108,10 +112,19 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void notify_everyone(Sync* s) noexcept nogil
 
 
-# A consumer starting to wait for items counts as a let-go of the GIL in
-# batchproc._native.waiting (see there): a caller spinning for its result takes the GIL
-# back once the worker that delivered it waits for the next requests.
+# The let-go count of batchproc._native.waiting (see there). A consumer starting to wait
+# for items bumps it: a caller spinning for its result takes the GIL back once the
+# worker that delivered it waits for the next requests. And the other way round: a pop
+# that a spin caught waits for its pusher to let go of the GIL (linger_for_let_go),
+# which a caller does as it begins to wait for its result.
 set_let_go(PyCapsule_GetPointer(_waiting.let_go_capsule, b"batchproc._native.waiting.let_go"))
+
+
+def _set_pop_linger(seconds):
+    """Test hook: the longest a pop that a spin caught waits for a let-go (default
+    POP_LINGER)."""
+    global _pop_linger
+    _pop_linger = float(seconds)
 
 
 class QueueClosed(RuntimeError):
@@ -137,6 +150,11 @@ cdef double _SIGNAL_SLICE = 0.1
 # How much faster than the requests carried across a call (an open load's rate) the rows
 # after its delivery must come to be its clients coming back (see _wave_deadline).
 cdef double WAVE_PACE = 8.0
+
+# The longest a pop that a spin caught waits for its pusher to let go of the GIL
+# (linger_for_let_go): as long as a caller waits for the worker's (waiting.LINGER_MAX).
+POP_LINGER = 30e-6
+cdef double _pop_linger = POP_LINGER
 cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
 
 # Status codes of the locked helpers (negative = nothing happened, try again).
@@ -182,6 +200,8 @@ ctypedef struct PopParams:
     bint fill           # whether step 2 (the fill wait) applies at all
     uint64_t retargets  # the queue's retargets the caller planned for (stale: pop nothing)
     bint planned        # whether the caller gave one
+    bint caught_push    # out: a spin of this pop saw a push (see linger_for_let_go) ...
+    uint64_t pushed_at  # ... and the let-go count then
 
 
 # The priority an entry gets once it has waited longer than max_priority_wait: above
@@ -977,7 +997,7 @@ cdef class RequestQueue:
                 return RQ_RETRY
         return self._select_locked(p, buf)
 
-    cdef Py_ssize_t _wait_pop_locked(self, const PopParams* p, double deadline, double wake_by,
+    cdef Py_ssize_t _wait_pop_locked(self, PopParams* p, double deadline, double wake_by,
                                      PopBuf* buf) noexcept nogil:
         """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
         cdef double t, d
@@ -1005,7 +1025,8 @@ cdef class RequestQueue:
                     # Requests came a moment ago: the next may be as near (a client
                     # waiting on each answer).
                     spun = True
-                    spin_items(self._sync, t + self._spin if t + self._spin < d else d)
+                    p.caught_push = spin_items(
+                        self._sync, t + self._spin if t + self._spin < d else d, &p.pushed_at)
                 else:
                     wait_items(self._sync, d)
                 self._tick_locked()
@@ -1156,7 +1177,11 @@ cdef class RequestQueue:
         default): never. It spins with the GIL and the queue's lock released, yielding
         its CPU between looks, and takes a push it sees at once, without the thread
         wake-up a parked consumer costs (that push wakes no parked consumer); once per
-        pop. A paused queue is never spun on.
+        pop. A paused queue is never spun on. Having taken its entries, such a pop waits
+        up to ``POP_LINGER`` seconds more, the GIL still released, for the pushing thread
+        to let go of the GIL (as a caller does when it begins to wait for its result),
+        so that it does not ask for the GIL while the pusher holds it and park on it;
+        only while most recent such waits saw their let-go (one in 128 otherwise).
         ``ValueError`` for a negative, infinite or NaN value."""
         return self._spin
 
@@ -1444,6 +1469,8 @@ cdef class RequestQueue:
         p.fill_time = _float_arg(fill_time, "fill_time")
         p.fill = p.fill_rows > 0 and p.max_wait > 0.0
         p.planned = retargets is not None
+        p.caught_push = False
+        p.pushed_at = 0
         p.retargets = retargets if p.planned else 0
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by
@@ -1470,6 +1497,8 @@ cdef class RequestQueue:
                 sync_lock(self._sync)
                 n = self._wait_pop_locked(&p, deadline, wake_by, &buf)
                 sync_unlock(self._sync)
+                if n > 0 and p.caught_push:
+                    linger_for_let_go(self._sync, p.pushed_at, _pop_linger)
             if n != RQ_RETRY:
                 break
             PyErr_CheckSignals()
@@ -1840,6 +1869,12 @@ cdef class RequestQueue:
             total = spins(self._sync)
             sync_unlock(self._sync)
         return (now, total)
+
+    def _lingers(self):
+        """Test hook: (pops that a spin caught and that then waited for their pusher's
+        let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
+        return (lingers(self._sync), lingers_seen(self._sync),
+                linger_score(self._sync) / 256.0)
 
     def _waiters(self):
         """Test hook: threads blocked right now in (pop waiting for an entry, pop waiting

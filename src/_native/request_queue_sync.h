@@ -95,6 +95,11 @@ struct ItemWaiter {
 struct Sync {
     std::mutex mu;
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
+    std::atomic<uint64_t> pushed_let_go{0};  // the let-go count at a push a spinner took
+    std::atomic<int> linger_score{256};       // see linger_for_let_go
+    std::atomic<uint64_t> linger_probes{0};
+    std::atomic<uint64_t> lingers{0};         // waits begun, and those that saw their
+    std::atomic<uint64_t> lingers_seen{0};    // let-go: counts for the tests
     std::atomic<uint64_t> wakes{0};  // pushes into an empty queue, wake-ups of all: end a spin
     int spinners = 0;                 // consumers in spin_items; guarded by mu
     uint64_t spins = 0;               // spin_items calls so far; guarded by mu
@@ -149,7 +154,7 @@ inline void wait_items(Sync* s, double deadline) noexcept {
 // close, pause, retarget) or `until`; returns
 // with the mutex held again. A parked consumer costs the push a thread wake-up (tens of
 // microseconds on an idle core); one that spins sees the push at once.
-inline void spin_items(Sync* s, double until) noexcept {
+inline bool spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept {
     uint64_t seen = s->wakes.load(std::memory_order_relaxed);
     ++s->spinners;
     ++s->spins;
@@ -163,6 +168,39 @@ inline void spin_items(Sync* s, double until) noexcept {
     }
     s->mu.lock();
     --s->spinners;
+    *pushed_at = s->pushed_let_go.load(std::memory_order_relaxed);
+    return s->wakes.load(std::memory_order_relaxed) != seen;
+}
+// After a pop that a spin caught: waits, the GIL and the mutex released, up to
+// `seconds` for a let-go later than `pushed_at` (the pusher dropping the GIL to wait
+// for its result), so that this thread's request for the GIL does not find it held
+// and park on it (a thread wake-up). Only while such waits see their let-go: a pusher
+// that runs on (an event loop pushing many requests) lets go of the GIL unseen, and
+// is then waited for only by one pop in LINGER_PROBE_EVERY, to find out whether the
+// wait pays again (as batchproc._native.waiting scores its spins).
+constexpr int LINGER_ONE = 256;
+constexpr int LINGER_WEIGHT = 8;  // each wait moves the score 1/8 of the way
+constexpr uint64_t LINGER_PROBE_EVERY = 128;
+inline void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexcept {
+    if (let_go == nullptr) return;
+    int score = s->linger_score.load(std::memory_order_relaxed);
+    if (score < LINGER_ONE / 2
+            && s->linger_probes.fetch_add(1, std::memory_order_relaxed) % LINGER_PROBE_EVERY)
+        return;
+    s->lingers.fetch_add(1, std::memory_order_relaxed);
+    double until = now() + seconds;
+    bool seen = true;
+    while (let_go->load(std::memory_order_acquire) == pushed_at) {
+        if (now() >= until) {
+            seen = false;
+            break;
+        }
+        sched_yield();
+    }
+    if (seen) s->lingers_seen.fetch_add(1, std::memory_order_relaxed);
+    score += seen ? (LINGER_ONE - score + LINGER_WEIGHT - 1) / LINGER_WEIGHT
+                  : -((score + LINGER_WEIGHT - 1) / LINGER_WEIGHT);
+    s->linger_score.store(score, std::memory_order_relaxed);
 }
 inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill, deadline); }
 inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
@@ -186,10 +224,16 @@ inline void notify_items_one(Sync* s) noexcept {
     }
 }
 inline int spinners(Sync* s) noexcept { return s->spinners; }
+inline uint64_t lingers(Sync* s) noexcept { return s->lingers.load(); }
+inline uint64_t lingers_seen(Sync* s) noexcept { return s->lingers_seen.load(); }
+inline int linger_score(Sync* s) noexcept { return s->linger_score.load(); }
 inline uint64_t spins(Sync* s) noexcept { return s->spins; }
 // A push into the empty queue: a spinning consumer takes it, else one parked is woken.
 inline void notify_pushed(Sync* s) noexcept {
     if (s->spinners > 0) {
+        if (let_go != nullptr)
+            s->pushed_let_go.store(let_go->load(std::memory_order_acquire),
+                                   std::memory_order_relaxed);
         s->wakes.fetch_add(1, std::memory_order_release);
     } else {
         notify_items_one(s);

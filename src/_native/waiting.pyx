@@ -54,6 +54,10 @@ requests (``request_queue_sync.h``), as a worker does once it has delivered a ba
 Any later let-go ends the wait too; a worker that runs on instead (another batch), or a
 future completed by some other thread, is waited out to that limit, then the GIL is
 asked for as usual. A signal that comes during a spin is handled once it ends.
+The same holds the other way round: a spinning worker sees a caller's push while the
+caller still holds the GIL, on its way to wait for the result. So a spin, as it begins,
+bumps the let-go count too, which such a worker waits for before it asks for the GIL
+(``RequestQueue.spin``).
 """
 
 cimport cython
@@ -107,6 +111,7 @@ cdef extern from *:
     }
 
     inline void* let_go_address() noexcept { return &let_go; }
+    inline void note_let_go() noexcept { let_go.fetch_add(1, std::memory_order_release); }
     inline uint64_t let_go_now() noexcept { return let_go.load(std::memory_order_acquire); }
 
     inline double seconds_now() noexcept {
@@ -141,6 +146,7 @@ cdef extern from *:
     inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds,
                                double linger, double deadline) noexcept {
         spun.fetch_add(1, std::memory_order_relaxed);
+        note_let_go();  // this thread let go of the GIL to wait
         double until = seconds_now() + seconds;
         bool set = flag_is_set(flag);
         while (!set && seconds_now() < until) {
@@ -182,6 +188,7 @@ cdef extern from *:
         int* flag, uint64_t* released_at, double seconds, double linger,
         double deadline) noexcept nogil
     void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
+    void note_let_go "batchproc_wait::note_let_go"() noexcept nogil
     uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
     uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil

@@ -8,6 +8,13 @@ MAX_CAPACITY: Final[int]
 MAX_COUNT: Final[int]
 """The most rows, bytes or sequence length one entry may count for (2**39 - 1)."""
 
+POP_LINGER: Final[float]
+"""The longest, in seconds, a pop that a spin caught waits for its pusher to let go of
+the GIL before it takes the GIL back."""
+
+def _set_pop_linger(seconds: float) -> None:
+    """Test hook: the longest a pop that a spin caught waits for a let-go."""
+
 def priority_arg(priority: SupportsIndex) -> int:
     """``priority`` as ``RequestQueue.push`` reads it, as an int in [0, 2**31-1];
     ``TypeError`` for what is not an integer, ``ValueError`` out of range."""
@@ -30,7 +37,9 @@ class RequestQueue:
     @property
     def spin(self) -> float:
         """Seconds a pop on the empty queue busy-waits for a push before it parks, if
-        the last push was at most ``spin_window`` seconds ago (0.0: never)."""
+        the last push was at most ``spin_window`` seconds ago (0.0: never). A pop that a
+        spin caught then waits up to ``POP_LINGER`` for the pusher to let go of the GIL
+        (while most such waits see it)."""
     @spin.setter
     def spin(self, value: SupportsFloat) -> None: ...
     @property
@@ -138,5 +147,8 @@ class RequestQueue:
     def newest_age(self) -> float: ...
     def _spins(self) -> tuple[int, int]:
         """Test hook: (pops spinning now, pops that spun so far)."""
+    def _lingers(self) -> tuple[int, int, float]:
+        """Test hook: (pops that a spin caught and that then waited for their pusher's
+        let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
     def _waiters(self) -> tuple[int, int, int]:
         """Test hook: threads blocked in (pop for an entry, pop for a fill, push for room)."""

@@ -99,6 +99,7 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     uint64_t lingers(Sync* s) noexcept nogil
     uint64_t lingers_seen(Sync* s) noexcept nogil
     int linger_score(Sync* s) noexcept nogil
+    int PAY_ONE "batchproc_pay::PayScore::ONE"
     void notify_pushed(Sync* s) noexcept nogil
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
@@ -118,13 +119,6 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
 # that a spin caught waits for its pusher to let go of the GIL (linger_for_let_go),
 # which a caller does as it begins to wait for its result.
 set_let_go(PyCapsule_GetPointer(_waiting.let_go_capsule, b"batchproc._native.waiting.let_go"))
-
-
-def _set_pop_linger(seconds):
-    """Test hook: the longest a pop that a spin caught waits for a let-go (default
-    POP_LINGER)."""
-    global _pop_linger
-    _pop_linger = float(seconds)
 
 
 class QueueClosed(RuntimeError):
@@ -155,6 +149,15 @@ cdef double WAVE_PACE = 8.0
 # (linger_for_let_go): as long as a caller waits for the worker's (waiting.LINGER_MAX).
 POP_LINGER = 30e-6
 cdef double _pop_linger = POP_LINGER
+
+
+def _set_pop_linger(seconds):
+    """Test hook: the longest a pop that a spin caught waits for a let-go (default
+    POP_LINGER)."""
+    global _pop_linger
+    _pop_linger = float(seconds)
+
+
 cdef unsigned long _MAIN_IDENT = <unsigned long>_threading.main_thread().ident
 
 # Status codes of the locked helpers (negative = nothing happened, try again).
@@ -1874,7 +1877,7 @@ cdef class RequestQueue:
         """Test hook: (pops that a spin caught and that then waited for their pusher's
         let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
         return (lingers(self._sync), lingers_seen(self._sync),
-                linger_score(self._sync) / 256.0)
+                linger_score(self._sync) / <double>PAY_ONE)
 
     def _waiters(self):
         """Test hook: threads blocked right now in (pop waiting for an entry, pop waiting

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "pay_score.h"
+
 namespace batchproc_rq {
 
 // batchproc._native.waiting's let-go count (set at import, from its capsule): bumped
@@ -96,8 +98,7 @@ struct Sync {
     std::mutex mu;
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
     std::atomic<uint64_t> pushed_let_go{0};  // the let-go count at a push a spinner took
-    std::atomic<int> linger_score{256};       // see linger_for_let_go
-    std::atomic<uint64_t> linger_probes{0};
+    batchproc_pay::PayScore lingers_pay;      // see linger_for_let_go
     std::atomic<uint64_t> lingers{0};         // waits begun, and those that saw their
     std::atomic<uint64_t> lingers_seen{0};    // let-go: counts for the tests
     std::atomic<uint64_t> wakes{0};  // pushes into an empty queue, wake-ups of all: end a spin
@@ -174,19 +175,11 @@ inline bool spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept {
 // After a pop that a spin caught: waits, the GIL and the mutex released, up to
 // `seconds` for a let-go later than `pushed_at` (the pusher dropping the GIL to wait
 // for its result), so that this thread's request for the GIL does not find it held
-// and park on it (a thread wake-up). Only while such waits see their let-go: a pusher
-// that runs on (an event loop pushing many requests) lets go of the GIL unseen, and
-// is then waited for only by one pop in LINGER_PROBE_EVERY, to find out whether the
-// wait pays again (as batchproc._native.waiting scores its spins).
-constexpr int LINGER_ONE = 256;
-constexpr int LINGER_WEIGHT = 8;  // each wait moves the score 1/8 of the way
-constexpr uint64_t LINGER_PROBE_EVERY = 128;
+// and park on it (a thread wake-up). Only while such waits see their let-go
+// (pay_score.h): a pusher that runs on (an event loop pushing many requests) lets go
+// of the GIL unseen, and is then waited for only by probes.
 inline void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexcept {
-    if (let_go == nullptr) return;
-    int score = s->linger_score.load(std::memory_order_relaxed);
-    if (score < LINGER_ONE / 2
-            && s->linger_probes.fetch_add(1, std::memory_order_relaxed) % LINGER_PROBE_EVERY)
-        return;
+    if (let_go == nullptr || !s->lingers_pay.pays_or_probe()) return;
     s->lingers.fetch_add(1, std::memory_order_relaxed);
     double until = now() + seconds;
     bool seen = true;
@@ -198,9 +191,7 @@ inline void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexc
         sched_yield();
     }
     if (seen) s->lingers_seen.fetch_add(1, std::memory_order_relaxed);
-    score += seen ? (LINGER_ONE - score + LINGER_WEIGHT - 1) / LINGER_WEIGHT
-                  : -((score + LINGER_WEIGHT - 1) / LINGER_WEIGHT);
-    s->linger_score.store(score, std::memory_order_relaxed);
+    s->lingers_pay.note(seen);
 }
 inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill, deadline); }
 inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
@@ -226,7 +217,7 @@ inline void notify_items_one(Sync* s) noexcept {
 inline int spinners(Sync* s) noexcept { return s->spinners; }
 inline uint64_t lingers(Sync* s) noexcept { return s->lingers.load(); }
 inline uint64_t lingers_seen(Sync* s) noexcept { return s->lingers_seen.load(); }
-inline int linger_score(Sync* s) noexcept { return s->linger_score.load(); }
+inline int linger_score(Sync* s) noexcept { return s->lingers_pay.now(); }
 inline uint64_t spins(Sync* s) noexcept { return s->spins; }
 // A push into the empty queue: a spinning consumer takes it, else one parked is woken.
 inline void notify_pushed(Sync* s) noexcept {

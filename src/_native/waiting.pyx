@@ -79,6 +79,7 @@ cdef extern from *:
     #include <sched.h>
     #include <atomic>
     #include <chrono>
+    #include "pay_score.h"
 
     namespace batchproc_wait {
     // Times a thread dropped the GIL to wait (see the module), bumped in other modules
@@ -93,22 +94,11 @@ cdef extern from *:
     inline std::atomic<int> lingering{0};     // caught spins waiting for a let-go now
     inline std::atomic<uint64_t> declined{0}; // waits that parked at once: spins did not pay
 
-    // The recent share of spins that caught their release, in 1/SCORE_ONE; written only
-    // by the thread holding the spinner's place. Waits spin while it is SCORE_HALF or
+    // The recent share of spins that caught their release (see pay_score.h); written
+    // only by the thread holding the spinner's place. Waits spin while it is half or
     // more, and one in PROBE_EVERY of the others does.
-    constexpr int SCORE_ONE = 256;
-    constexpr int SCORE_HALF = SCORE_ONE / 2;
-    constexpr int SCORE_WEIGHT = 8;  // each spin moves the score 1/8 of the way
-    constexpr uint64_t PROBE_EVERY = 128;
-    inline std::atomic<int> score{SCORE_ONE};
-    inline std::atomic<uint64_t> probes{0};
-
-    inline void score_spin(bool caught) noexcept {
-        int s = score.load(std::memory_order_relaxed);
-        s += caught ? (SCORE_ONE - s + SCORE_WEIGHT - 1) / SCORE_WEIGHT
-                    : -((s + SCORE_WEIGHT - 1) / SCORE_WEIGHT);
-        score.store(s, std::memory_order_relaxed);
-    }
+    inline batchproc_pay::PayScore spin_score;
+    inline int score_now() noexcept { return spin_score.now(); }
 
     inline void* let_go_address() noexcept { return &let_go; }
     inline void note_let_go() noexcept { let_go.fetch_add(1, std::memory_order_release); }
@@ -125,10 +115,9 @@ cdef extern from *:
         return __atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0;
     }
     // Whether this wait may spin: it takes the spinner's place, unless another thread
-    // holds it or spins do not pay (see score), except a probe.
+    // holds it or spins do not pay (see spin_score), except a probe.
     inline bool claim_spin() noexcept {
-        if (score.load(std::memory_order_relaxed) < SCORE_HALF
-                && probes.fetch_add(1, std::memory_order_relaxed) % PROBE_EVERY != 0) {
+        if (!spin_score.pays_or_probe()) {
             declined.fetch_add(1, std::memory_order_relaxed);
             return false;
         }
@@ -167,7 +156,7 @@ cdef extern from *:
             if (let) handed.fetch_add(1, std::memory_order_relaxed);
             lingering.fetch_sub(1, std::memory_order_relaxed);
         }
-        score_spin(set);
+        spin_score.note(set);
         spinners.store(0, std::memory_order_release);
         return set;
     }
@@ -177,10 +166,7 @@ cdef extern from *:
         spinners.store(0);
         lingering.store(0);
     }
-    inline void reset_score() noexcept {
-        score.store(SCORE_ONE);
-        probes.store(0);
-    }
+    inline void reset_score() noexcept { spin_score.reset(); }
     }  // namespace batchproc_wait
     """
     bint claim_spin "batchproc_wait::claim_spin"() noexcept nogil
@@ -188,14 +174,13 @@ cdef extern from *:
         int* flag, uint64_t* released_at, double seconds, double linger,
         double deadline) noexcept nogil
     void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
-    void note_let_go "batchproc_wait::note_let_go"() noexcept nogil
     uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
     uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
     uint64_t declined_count "batchproc_wait::declined.load"() noexcept nogil
-    int score_now "batchproc_wait::score.load"() noexcept nogil
-    int SCORE_ONE "batchproc_wait::SCORE_ONE"
-    uint64_t PROBE_EVERY_ "batchproc_wait::PROBE_EVERY"
+    int score_now "batchproc_wait::score_now"() noexcept nogil
+    int SCORE_ONE "batchproc_pay::PayScore::ONE"
+    uint64_t PROBE_EVERY_ "batchproc_pay::PayScore::PROBE_EVERY"
     void reset_score "batchproc_wait::reset_score"() noexcept nogil
     void forget_spinners "batchproc_wait::forget_spinners"() noexcept nogil
     void flag_set "batchproc_wait::flag_set"(int* flag) noexcept nogil

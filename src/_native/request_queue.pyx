@@ -99,7 +99,7 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     uint64_t lingers(Sync* s) noexcept nogil
     uint64_t lingers_seen(Sync* s) noexcept nogil
     int linger_score(Sync* s) noexcept nogil
-    int PAY_ONE "batchproc_pay::PayScore::ONE"
+    int PAY_ONE "batchproc_busy::PayScore::ONE"
     void notify_pushed(Sync* s) noexcept nogil
     void wait_fill(Sync* s, double deadline) noexcept nogil
     void wait_room(Sync* s, double deadline) noexcept nogil
@@ -203,7 +203,7 @@ ctypedef struct PopParams:
     bint fill           # whether step 2 (the fill wait) applies at all
     uint64_t retargets  # the queue's retargets the caller planned for (stale: pop nothing)
     bint planned        # whether the caller gave one
-    bint caught_push    # out: a spin of this pop saw a push (see linger_for_let_go) ...
+    bint caught_push    # out: a spin of this pop was ended (by a push: linger_for_let_go) ...
     uint64_t pushed_at  # ... and the let-go count then
 
 

@@ -18,7 +18,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "pay_score.h"
+#include "busy_wait.h"
 
 namespace batchproc_rq {
 
@@ -97,8 +97,8 @@ struct ItemWaiter {
 struct Sync {
     std::mutex mu;
     ItemWaiter* items = nullptr;  // top of the stack; guarded by mu
-    std::atomic<uint64_t> pushed_let_go{0};  // the let-go count at a push a spinner took
-    batchproc_pay::PayScore lingers_pay;      // see linger_for_let_go
+    uint64_t pushed_let_go = 0;  // the let-go count at a push a spinner took; guarded by mu
+    batchproc_busy::PayScore lingers_pay;     // see linger_for_let_go
     std::atomic<uint64_t> lingers{0};         // waits begun, and those that saw their
     std::atomic<uint64_t> lingers_seen{0};    // let-go: counts for the tests
     std::atomic<uint64_t> wakes{0};  // pushes into an empty queue, wake-ups of all: end a spin
@@ -169,27 +169,19 @@ inline bool spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept {
     }
     s->mu.lock();
     --s->spinners;
-    *pushed_at = s->pushed_let_go.load(std::memory_order_relaxed);
+    *pushed_at = s->pushed_let_go;
     return s->wakes.load(std::memory_order_relaxed) != seen;
 }
 // After a pop that a spin caught: waits, the GIL and the mutex released, up to
 // `seconds` for a let-go later than `pushed_at` (the pusher dropping the GIL to wait
 // for its result), so that this thread's request for the GIL does not find it held
 // and park on it (a thread wake-up). Only while such waits see their let-go
-// (pay_score.h): a pusher that runs on (an event loop pushing many requests) lets go
+// (busy_wait.h): a pusher that runs on (an event loop pushing many requests) lets go
 // of the GIL unseen, and is then waited for only by probes.
 inline void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexcept {
     if (let_go == nullptr || !s->lingers_pay.pays_or_probe()) return;
     s->lingers.fetch_add(1, std::memory_order_relaxed);
-    double until = now() + seconds;
-    bool seen = true;
-    while (let_go->load(std::memory_order_acquire) == pushed_at) {
-        if (now() >= until) {
-            seen = false;
-            break;
-        }
-        sched_yield();
-    }
+    bool seen = batchproc_busy::wait_for_let_go(*let_go, pushed_at, now() + seconds);
     if (seen) s->lingers_seen.fetch_add(1, std::memory_order_relaxed);
     s->lingers_pay.note(seen);
 }
@@ -222,9 +214,7 @@ inline uint64_t spins(Sync* s) noexcept { return s->spins; }
 // A push into the empty queue: a spinning consumer takes it, else one parked is woken.
 inline void notify_pushed(Sync* s) noexcept {
     if (s->spinners > 0) {
-        if (let_go != nullptr)
-            s->pushed_let_go.store(let_go->load(std::memory_order_acquire),
-                                   std::memory_order_relaxed);
+        if (let_go != nullptr) s->pushed_let_go = let_go->load(std::memory_order_acquire);
         s->wakes.fetch_add(1, std::memory_order_release);
     } else {
         notify_items_one(s);

@@ -79,7 +79,7 @@ cdef extern from *:
     #include <sched.h>
     #include <atomic>
     #include <chrono>
-    #include "pay_score.h"
+    #include "busy_wait.h"
 
     namespace batchproc_wait {
     // Times a thread dropped the GIL to wait (see the module), bumped in other modules
@@ -94,10 +94,10 @@ cdef extern from *:
     inline std::atomic<int> lingering{0};     // caught spins waiting for a let-go now
     inline std::atomic<uint64_t> declined{0}; // waits that parked at once: spins did not pay
 
-    // The recent share of spins that caught their release (see pay_score.h); written
+    // The recent share of spins that caught their release (see busy_wait.h); written
     // only by the thread holding the spinner's place. Waits spin while it is half or
     // more, and one in PROBE_EVERY of the others does.
-    inline batchproc_pay::PayScore spin_score;
+    inline batchproc_busy::PayScore spin_score;
     inline int score_now() noexcept { return spin_score.now(); }
 
     inline void* let_go_address() noexcept { return &let_go; }
@@ -148,11 +148,7 @@ cdef extern from *:
             uint64_t seen = *released_at;  // written before the flag (release order)
             until = seconds_now() + linger;
             if (until > deadline) until = deadline;
-            bool let = let_go_now() != seen;
-            while (!let && seconds_now() < until) {
-                sched_yield();
-                let = let_go_now() != seen;
-            }
+            bool let = batchproc_busy::wait_for_let_go(let_go, seen, until);
             if (let) handed.fetch_add(1, std::memory_order_relaxed);
             lingering.fetch_sub(1, std::memory_order_relaxed);
         }
@@ -179,8 +175,8 @@ cdef extern from *:
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
     uint64_t declined_count "batchproc_wait::declined.load"() noexcept nogil
     int score_now "batchproc_wait::score_now"() noexcept nogil
-    int SCORE_ONE "batchproc_pay::PayScore::ONE"
-    uint64_t PROBE_EVERY_ "batchproc_pay::PayScore::PROBE_EVERY"
+    int SCORE_ONE "batchproc_busy::PayScore::ONE"
+    uint64_t PROBE_EVERY_ "batchproc_busy::PayScore::PROBE_EVERY"
     void reset_score "batchproc_wait::reset_score"() noexcept nogil
     void forget_spinners "batchproc_wait::forget_spinners"() noexcept nogil
     void flag_set "batchproc_wait::flag_set"(int* flag) noexcept nogil

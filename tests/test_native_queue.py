@@ -1487,6 +1487,43 @@ def test_pause_ends_a_fill_wait_without_popping(impl: Any) -> None:
     assert popper.outcome() == ["a", "b", "c", "d"]
 
 
+def test_a_held_queue_wakes_no_pop_on_push_or_park() -> None:
+    # A paused queue hands nothing out: a push, or a retry parked, must not wake a pop
+    # waiting for an entry only for it to wait again (a thread wake-up per request, on
+    # the pushing thread's time, while a processor is paused under load). resume()
+    # wakes it, and it takes what came meanwhile.
+    q = native_queue.RequestQueue(16)
+    q.pause()
+    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    blocked(q, ITEMS)
+    woken = q._item_wakes()
+    for i in range(5):
+        q.push(i)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + HANG)
+    assert q._item_wakes() == woken
+    assert q._waiters()[ITEMS] == 1
+    q.resume()
+    assert popper.outcome() == [0, 1, 2, 3, 4]
+    assert q._item_wakes() == woken + 1
+
+
+def test_a_push_or_a_park_wakes_a_pop_waiting_for_an_entry() -> None:
+    # Unpaused, each wakes the waiting pop: the push to take it, the park to learn
+    # when the retry is due. (The pops wait on a queue with no recent push: no spin.)
+    q = native_queue.RequestQueue(16)
+    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    blocked(q, ITEMS)
+    woken = q._item_wakes()
+    q.push("a")
+    assert popper.outcome() == ["a"]
+    assert q._item_wakes() == woken + 1
+    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    blocked(q, ITEMS)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 0.05)
+    assert q._item_wakes() == woken + 2
+    assert popper.outcome() == ["retry"]  # once due
+
+
 def test_close_overrides_pause(impl: Any) -> None:
     q = impl.RequestQueue(8)
     q.pause()

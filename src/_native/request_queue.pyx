@@ -96,6 +96,7 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void linger_for_let_go(Sync* s, uint64_t pushed_at, double seconds) noexcept nogil
     int spinners(Sync* s) noexcept nogil
     uint64_t spins(Sync* s) noexcept nogil
+    uint64_t item_wakes(Sync* s) noexcept nogil
     uint64_t lingers(Sync* s) noexcept nogil
     uint64_t lingers_seen(Sync* s) noexcept nogil
     int linger_score(Sync* s) noexcept nogil
@@ -683,6 +684,10 @@ cdef class RequestQueue:
             wait_room(self._sync, deadline if deadline < wake_by else wake_by)
             self._w_room -= 1
 
+    cdef inline bint _held_locked(self) noexcept nogil:
+        """Paused and not closed: pops hand nothing out until resume() wakes them all."""
+        return self._paused and not self._closed
+
     cdef int _publish_locked(self, int32_t s, int64_t priority, int64_t rows, int64_t nbytes,
                              int64_t key, int64_t length, double deadline,
                              uint64_t* seq, bint accepted) noexcept nogil:
@@ -715,11 +720,13 @@ cdef class RequestQueue:
         # which a wave or a fill on pace is complete, see _wake_rows_locked): short of
         # those a push only moves their other deadlines (head age, idle gap) later, and
         # they re-check those when they wake. Waking them on every push would cost a
-        # context switch per request in a burst.
-        if self._len == 1:
-            notify_pushed(self._sync)
-        else:
-            notify_items_one(self._sync)
+        # context switch per request in a burst. A paused queue hands nothing out, so a
+        # push wakes no consumer (resume() wakes them all).
+        if not self._held_locked():
+            if self._len == 1:
+                notify_pushed(self._sync)
+            else:
+                notify_items_one(self._sync)
         if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
         seq[0] = e.seq
@@ -990,7 +997,7 @@ cdef class RequestQueue:
         if self._stale_locked(p):
             return 0
         self._tick_locked()
-        if self._len == 0 or (self._paused and not self._closed):
+        if self._len == 0 or self._held_locked():
             if self._nothing_coming_locked() or not may_wait:
                 return 0
             return RQ_RETRY
@@ -1011,7 +1018,7 @@ cdef class RequestQueue:
             # Parked entries count as coming: a wait ends when the first is due, and a
             # closed queue still hands them out then.
             self._tick_locked()
-            while self._len == 0 or (self._paused and not self._closed):
+            while self._len == 0 or self._held_locked():
                 if self._nothing_coming_locked() or self._stale_locked(p):
                     return 0
                 t = mono_now()
@@ -1020,7 +1027,7 @@ cdef class RequestQueue:
                 if t >= wake_by:
                     return RQ_RETRY
                 d = deadline if deadline < wake_by else wake_by
-                if not self._paused or self._closed:
+                if not self._held_locked():
                     if self._next_due_locked() < d:
                         d = self._next_due_locked()
                 if (not spun and self._spin > 0.0 and not self._paused
@@ -1056,7 +1063,7 @@ cdef class RequestQueue:
                     if self._w_fill == 0:
                         self._fill_need = INT64_MAX
                     self._tick_locked()
-                if self._len == 0 or (self._paused and not self._closed):
+                if self._len == 0 or self._held_locked():
                     # Cancelled, taken by another consumer or paused meanwhile: back to
                     # step 1, with what is left of `timeout`.
                     continue
@@ -1565,8 +1572,10 @@ cdef class RequestQueue:
         _t_push(self._pheap, self._info, T_PARKED, &self._plen, due, s)
         if deadline != INFINITY:
             self._add_deadline_locked(deadline, s)
-        # A consumer blocked without a time limit must learn when this one is due.
-        notify_items_one(self._sync)
+        # A consumer blocked without a time limit must learn when this one is due (a held
+        # one goes by resume()'s wake-up).
+        if not self._held_locked():
+            notify_items_one(self._sync)
 
     def take_expired(self, timeout=0.0):
         """The items whose ``deadline`` passed while they were queued or parked, in the
@@ -1878,6 +1887,16 @@ cdef class RequestQueue:
         let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
         return (lingers(self._sync), lingers_seen(self._sync),
                 linger_score(self._sync) / <double>PAY_ONE)
+
+    def _item_wakes(self):
+        """Test hook: how many times a consumer waiting for an entry was chosen and woken
+        (by a push, ``resume()``, ``close()``, ...)."""
+        cdef uint64_t n
+        with nogil:
+            sync_lock(self._sync)
+            n = item_wakes(self._sync)
+            sync_unlock(self._sync)
+        return n
 
     def _waiters(self):
         """Test hook: threads blocked right now in (pop waiting for an entry, pop waiting

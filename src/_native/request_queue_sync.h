@@ -104,6 +104,7 @@ struct Sync {
     std::atomic<uint64_t> wakes{0};  // pushes into an empty queue, wake-ups of all: end a spin
     int spinners = 0;                 // consumers in spin_items; guarded by mu
     uint64_t spins = 0;               // spin_items calls so far; guarded by mu
+    uint64_t item_wakes = 0;          // item waiters chosen by a notify; guarded by mu
     CondVar fill;
     CondVar room;
     CondVar expiry;  // the collector of expired entries (take_expired)
@@ -203,6 +204,7 @@ inline void notify_items_one(Sync* s) noexcept {
     if (w != nullptr) {
         s->items = w->next;
         w->linked = false;
+        ++s->item_wakes;
         w->cv.notify_one();
     }
 }
@@ -211,6 +213,7 @@ inline uint64_t lingers(Sync* s) noexcept { return s->lingers.load(); }
 inline uint64_t lingers_seen(Sync* s) noexcept { return s->lingers_seen.load(); }
 inline int linger_score(Sync* s) noexcept { return s->lingers_pay.now(); }
 inline uint64_t spins(Sync* s) noexcept { return s->spins; }
+inline uint64_t item_wakes(Sync* s) noexcept { return s->item_wakes; }
 // A push into the empty queue: a spinning consumer takes it, else one parked is woken.
 inline void notify_pushed(Sync* s) noexcept {
     if (s->spinners > 0) {

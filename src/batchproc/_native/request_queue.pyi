@@ -150,5 +150,7 @@ class RequestQueue:
     def _lingers(self) -> tuple[int, int, float]:
         """Test hook: (pops that a spin caught and that then waited for their pusher's
         let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
+    def _item_wakes(self) -> int:
+        """Test hook: how many times a consumer waiting for an entry was chosen and woken."""
     def _waiters(self) -> tuple[int, int, int]:
         """Test hook: threads blocked in (pop for an entry, pop for a fill, push for room)."""

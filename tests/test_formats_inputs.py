@@ -142,6 +142,34 @@ def test_bad_input_is_refused_at_enqueue_and_costs_others_nothing(make_processor
     assert p.get_stats()["total_accepted"] == 3
 
 
+@pytest.mark.parametrize("fields, bad", [
+    ({}, np.ones((1,) * 64)),
+    ({"pad_value": 0.0}, np.ones((2,) + (1,) * 63)),
+    ({}, {"x": np.ones(2), "y": np.ones((1,) * 64)}),
+], ids=["stacked", "stacked and padded", "an input of a dict"])
+def test_a_sample_with_no_room_for_the_stacked_axis_is_refused_at_enqueue(
+        make_processor, fields, bad):
+    # numpy arrays have at most 64 dimensions: stacking samples of 64 makes none. Refused
+    # as the item comes, not failed (and retried) when its batch is built.
+    calls = []
+    p = make_processor(lambda b: calls.append(b) or b, stack_items=True, **fields)
+    with pytest.raises(ValueError, match="stack_items adds a sample axis: an array of 64 "
+                                         "dimensions would make a batch of 65"):
+        p.enqueue_predict(bad)
+    assert p.get_stats()["total_accepted"] == 0 and calls == []
+
+
+@pytest.mark.parametrize("fields, item", [
+    ({"stack_items": True}, np.ones((1,) * 63)),
+    ({}, np.ones((1,) * 64)),
+], ids=["63 dimensions stacked", "64 dimensions concatenated"])
+def test_arrays_of_as_many_dimensions_as_a_batch_may_have_are_batched(
+        make_processor, fields, item):
+    p = make_processor(lambda b: b * 2, **fields)
+    got = p.enqueue_predict(item).result(timeout=10)
+    assert got.shape == item.shape and (got == 2).all()
+
+
 # ------------------------------------------------------------------ ragged sequences
 
 

@@ -24,6 +24,19 @@ _ndarray = np.ndarray
 _newaxis = np.newaxis
 
 
+def _max_dims() -> int:
+    """The most dimensions a numpy array may have: 64 since numpy 2.0, 32 before."""
+    try:
+        np.empty((1,) * 64)
+    except ValueError:
+        return 32
+    return 64
+
+
+# A stacked batch has one axis more than its items.
+MAX_STACKED_DIMS = _max_dims() - 1
+
+
 class ArrayLeaf:
     """Builds one input position of a batch from numpy arrays (of class ``cls``)."""
 
@@ -62,7 +75,7 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
                    ) -> tuple[tuple[Any, ...], Any, int, int, int]:
     """``(signature, item, rows, nbytes, length)`` of one array (an item, or one input of
     a mapping or tuple item called ``name``). ``ValueError`` for a 0-d array that needs a
-    sample axis."""
+    sample axis, and for one that has no room for the axis ``stack_items`` adds."""
     dtype = item.dtype
     if not dtype.isnative:
         # Byte-swapped input: copied once into native order so batches are native.
@@ -70,6 +83,11 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
         dtype = item.dtype
     shape = item.shape
     if stacked:
+        if len(shape) > MAX_STACKED_DIMS:
+            raise ValueError(
+                f"stack_items adds a sample axis: an array of {len(shape)} dimensions "
+                f"would make a batch of {len(shape) + 1}, more than numpy's "
+                f"{MAX_STACKED_DIMS + 1}")
         rows, trailing = 1, shape
     else:
         if not shape:

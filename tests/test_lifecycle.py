@@ -229,6 +229,35 @@ def test_pause_holds_batches_and_resume_releases_them(make_processor, recorder):
     assert p.get_stats()["is_paused"] is False
 
 
+def _until(predicate, what, limit=10.0):
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.001)
+
+
+def test_a_paused_processor_stops_watching_for_overdue_requests_until_resumed(
+        make_processor, monkeypatch):
+    # Requests queued while paused go past batch_timeout, yet no pop may take them:
+    # the worker watching for requests held up behind a call must not wake every watch
+    # period for them (it did: 200 wake-ups a second at batch_timeout 5 ms), but doze
+    # until resume() wakes it. The longest doze is stretched so that only that wake-up
+    # can end it within the test.
+    from batchproc.engine import workers
+
+    monkeypatch.setattr(workers, "POP_POLL", 60.0)
+    p = make_processor(lambda b: b, max_workers=2, batch_timeout=0.005)
+    assert p.enqueue_predict(one(0)).result(timeout=10)[0] == 0
+    slots = p._controller.slots
+    p.pause()
+    futures = [p.enqueue_predict(one(i)) for i in range(3)]
+    _until(lambda: p._queue.oldest_age() > 0.005, "requests past batch_timeout")
+    _until(lambda: slots.dozing, "the watcher dozing while paused")
+    p.resume()
+    assert not slots.dozing  # woken by resume() (it takes the flag down as it wakes it)
+    assert [f.result(timeout=10)[0] for f in futures] == [0, 1, 2]
+
+
 def test_stop_while_paused_drains_as_usual(make_processor):
     p = make_processor(lambda b: b * 10)
     p.pause()

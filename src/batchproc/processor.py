@@ -505,6 +505,7 @@ class BatchProcessor(Generic[T, U]):
             return
         self._queue.resume()
         self._resume.set()
+        self._controller.slots.wake_dozer()  # the watch for overdue requests, off while paused
 
     def __enter__(self) -> BatchProcessor[T, U]:
         return self

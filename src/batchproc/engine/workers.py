@@ -376,9 +376,13 @@ class WorkerPool:
         """Whether the watcher may doze (``CallSlots.acquire``): nothing queued or pushed
         for ``IDLE_AFTER`` and no batch on the board. Then any request to come is popped
         by a worker waiting in its pop, and a call that could hold one up begins by
-        registering its batch, which wakes the watcher. Asked by the watcher alone, under
-        the call slots' lock (lock order: the slots', then the board's)."""
+        registering its batch, which wakes the watcher. Or the queue is paused: nothing
+        is popped, so no request is held up by a call, until ``resume()``, which wakes
+        the watcher. Asked by the watcher alone, under the call slots' lock (lock order:
+        the slots', then the board's)."""
         queue = self._queue
+        if queue.paused and not queue.closed:
+            return True
         now = _monotonic()
         pushed = queue.pushed
         if pushed != self._pushed_seen or queue.rows or queue.closed:

@@ -134,6 +134,43 @@ def test_a_replicas_processor_config_is_read_only():
         replica.processor.stop(timeout=5.0)
 
 
+def test_a_handle_call_on_a_full_queue_gets_queue_full_error_after_queue_wait():
+    # As HTTP gets a 503: the call waits queue_wait for room, then is refused, instead of
+    # waiting as long as the queue stays full. A replica made directly: no Ray needed.
+    import asyncio
+    import threading
+
+    from batchproc import QueueFullError
+
+    release = threading.Event()
+
+    def blocking_model():
+        return lambda batch: release.wait(20) and batch
+
+    replica = BatchedReplica(blocking_model, BatchProcessorConfig(
+        max_batch_size=1, max_queue_size=1, max_workers=1), queue_wait=0.05)
+
+    async def until(what):
+        while not what(replica.processor.get_stats()):
+            await asyncio.sleep(0.001)
+
+    async def calls():
+        first = asyncio.ensure_future(replica(1))
+        await until(lambda s: s["total_accepted"] == 1 and s["queue_size"] == 0)  # popped
+        second = asyncio.ensure_future(replica(2))
+        await until(lambda s: s["queue_size"] == 1)  # queued: the queue is full
+        with pytest.raises(QueueFullError):
+            await asyncio.wait_for(replica(3), 10)
+        release.set()
+        return await first, await second
+
+    try:
+        assert asyncio.run(calls()) == (1, 2)
+    finally:
+        release.set()
+        replica.processor.stop(timeout=5.0)
+
+
 @pytest.mark.parametrize("config,match", [
     ("max_batch_size=8", "config must be a BatchProcessorConfig, got str"),
     ({"max_batch_size": 8}, "config must be a BatchProcessorConfig, got dict"),

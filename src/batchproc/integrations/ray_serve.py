@@ -18,8 +18,8 @@ zero-argument callable or as ``"package.module:attr"``; what it returns is the b
 function (``process_func``). Requests through a handle pass their item as is; over HTTP
 the JSON body is ``decode``-d into an item and the result ``encode``-d back (by default a
 list of rows becomes a float32 array and an array becomes lists). A full queue answers
-HTTP with 503 and ``Retry-After`` (after ``queue_wait`` seconds), a handle call with
-``QueueFullError``. Serve's own ``max_ongoing_requests`` (5 by default in Serve, too few
+HTTP with 503 and ``Retry-After``, a handle call with ``QueueFullError``, each after
+waiting ``queue_wait`` seconds for room. Serve's own ``max_ongoing_requests`` (5 by default in Serve, too few
 to batch) is set to four batches' worth unless given.
 
 ``BatchedReplica`` is the replica class, for subclassing (an endpoint of your own,
@@ -108,7 +108,7 @@ class BatchedReplica:
         from starlette.requests import Request
 
         if not isinstance(request, Request):
-            return await self.processor.apredict(request)
+            return await self.processor.apredict(request, timeout=self._queue_wait)
         from starlette.responses import JSONResponse
 
         try:

@@ -19,8 +19,8 @@ function (``process_func``). Requests through a handle pass their item as is; ov
 the JSON body is ``decode``-d into an item and the result ``encode``-d back (by default a
 list of rows becomes a float32 array and an array becomes lists). A full queue answers
 HTTP with 503 and ``Retry-After``, a handle call with ``QueueFullError``, each after
-waiting ``queue_wait`` seconds for room. Serve's own ``max_ongoing_requests`` (5 by default in Serve, too few
-to batch) is set to four batches' worth unless given.
+waiting ``queue_wait`` seconds for room. Serve's own ``max_ongoing_requests`` (5 by
+default in Serve, too few to batch) is set to four batches' worth unless given.
 
 ``BatchedReplica`` is the replica class, for subclassing (an endpoint of your own,
 another health rule) under ``@serve.deployment``.

@@ -1,6 +1,7 @@
 """apredict: from a coroutine, wait for room in a full queue instead of being refused."""
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -790,6 +791,38 @@ def test_a_model_raising_what_asyncio_reads_as_control_flow_fails_the_call_plain
 
     error = asyncio.run(main())
     assert isinstance(error.__cause__, raised)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync model", "async model"])
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, concurrent.futures.CancelledError],
+                         ids=["asyncio", "concurrent.futures"])
+def test_a_model_raising_a_cancelled_error_fails_a_thread_caller_plainly(
+        make_processor, raised, asynchronous):
+    # Not only for awaiting callers: a thread's result() raising CancelledError reads as
+    # its own future cancelled (``except CancelledError``), and through asyncio.to_thread
+    # it cancels the task awaiting it, which nobody cancelled.
+    def model(batch):
+        raise raised()
+
+    async def async_model(batch):
+        raise raised()
+
+    processor = make_processor(async_model if asynchronous else model, max_retries=0)
+    future = processor.enqueue_predict(np.array([[1.0]]))
+    with pytest.raises(RuntimeError, match="process_func raised") as info:
+        future.result(timeout=10)
+    assert isinstance(info.value.__cause__, raised) and not future.cancelled()
+
+    async def handler():
+        return await asyncio.to_thread(processor.enqueue_predict(np.array([[2.0]])).result, 10)
+
+    async def main():
+        task = asyncio.ensure_future(handler())
+        with pytest.raises(RuntimeError, match="process_func raised"):
+            await task
+        assert not task.cancelled()
+
+    asyncio.run(main())
 
 
 def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_the_line_lock(

@@ -23,6 +23,7 @@ import weakref
 from typing import Any
 
 from ._native import future_state as _atomic
+from .errors import for_callers
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +113,14 @@ class LoopChannel:
             if ok:
                 future.set_result(value)
                 continue
-            if isinstance(value, (StopIteration, asyncio.CancelledError)):
-                # Neither can travel as the model's error: an asyncio future refuses a
-                # StopIteration, and a CancelledError would read as the awaiting task's
-                # own cancellation (asyncio, TaskGroups and servers would treat it so).
+            if isinstance(value, StopIteration):
+                # An asyncio future refuses a StopIteration.
                 error = RuntimeError(f"process_func raised {value!r}")
                 error.__cause__ = value
                 value = error
-            future.set_exception(value)
+            # A CancelledError would read as the awaiting task's own cancellation
+            # (asyncio, TaskGroups and servers would treat it so).
+            future.set_exception(for_callers(value))
 
 
 class AsyncRequest:

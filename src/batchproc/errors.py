@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import queue
+
+# A model's exceptions that would read as the caller's own future or task cancelled.
+_CANCELLATIONS = (asyncio.CancelledError, concurrent.futures.CancelledError)
 
 
 class BatchProcessorError(Exception):
@@ -46,3 +51,16 @@ class QueueTimeoutError(BatchProcessorError, TimeoutError):
     processed and failed: the message says how many times, and its first failure (the
     one it was being retried after) is the ``__cause__``. Either way the model does not
     see it again."""
+
+
+def for_callers(error: BaseException) -> BaseException:
+    """The exception a caller gets for ``error``, raised by ``process_func``: the error
+    itself, unless it is a ``CancelledError`` (asyncio's or ``concurrent.futures``'),
+    which would read as the caller's own future or task cancelled (``except
+    CancelledError``, a task awaiting ``asyncio.to_thread``): then a ``RuntimeError``
+    whose ``__cause__`` it is."""
+    if not isinstance(error, _CANCELLATIONS):
+        return error
+    wrapped = RuntimeError(f"process_func raised {error!r}")
+    wrapped.__cause__ = error
+    return wrapped

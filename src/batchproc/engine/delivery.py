@@ -17,7 +17,7 @@ from typing import Any
 from .._native.future_state import Request, enqueued_of, start_all
 from ..config import BatchProcessorConfig
 from ..controller import Controller
-from ..errors import BatchOutputError, QueueTimeoutError
+from ..errors import BatchOutputError, QueueTimeoutError, for_callers
 from ..formats.chunks import handed_back, queued_again
 from ..futures import finish_all
 from ..metrics import (
@@ -154,6 +154,7 @@ class Delivery:
             self._metrics.error(error, len(counted))
             if self._metrics.records_requests:
                 record_requests(self._metrics, counted, outcome, dispatched_at)
+        error = for_callers(error)
         for request in pending:
             try:
                 request.future.set_exception(error)

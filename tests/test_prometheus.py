@@ -317,6 +317,27 @@ def test_names_label_processors_and_continue_across_restarts():
     assert _value(samples, "batchproc_requests_total", processor="g", outcome="completed") == 1
 
 
+def test_calls_refused_after_stop_count_alike_in_get_stats_and_the_metrics():
+    # A stopped decorated function refuses every call itself (its processor is gone
+    # from it); the processor that stop() stopped, kept by whoever reads its stats,
+    # counts them in total_rejected as the metrics count them: the same things.
+    registry = CollectorRegistry()
+
+    @batchproc.batch(max_batch_size=4, metrics_collector=PrometheusMetrics("h", registry))
+    def h(items):
+        return items
+
+    assert h(1) == 1
+    processor = h.processor
+    h.stop()
+    for call in (lambda: h(2), lambda: h.submit(3), lambda: asyncio.run(h.acall(4))):
+        with pytest.raises(ProcessorStoppedError):
+            call()
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_requests_total", processor="h", outcome="rejected") == 3
+    assert processor.get_stats()["total_rejected"] == 3
+
+
 def test_the_gauges_add_up_every_processor_under_one_name():
     # The instances of a decorated method share one collector, so one name: the gauges
     # are the sum of their queues, not the queue of whichever instance bound last.

@@ -669,12 +669,16 @@ class BatchProcessor(Generic[T, U]):
                 self._dispatcher.room = self._room
             return self._room
 
-    def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
-        """The error a caller gets when the queue refused its request (every path comes
-        here: one count for ``get_stats()`` and the metrics collector alike)."""
+    def _count_refusal(self) -> None:
+        """Count one request refused at enqueue, in ``get_stats()`` and the metrics."""
         with self._counts_lock:
             self._rejected += 1
         self._metrics.rejected(1)
+
+    def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
+        """The error a caller gets when the queue refused its request (every path comes
+        here: one count for ``get_stats()`` and the metrics collector alike)."""
+        self._count_refusal()
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
         return QueueFullError(
@@ -814,9 +818,7 @@ class BatchProcessor(Generic[T, U]):
         if tokens is not None:
             for k, token in enumerate(tokens):
                 if isinstance(token, BaseException):
-                    with self._counts_lock:
-                        self._rejected += 1
-                    self._metrics.rejected(1)
+                    self._count_refusal()
                     tokens[k] = QueueFullError(
                         f"no room to queue this item again after its map chunk failed "
                         f"({type(token).__name__}: the queue holds its most entries, or "

@@ -91,6 +91,9 @@ class BatchedFunction(Generic[T, U]):
         self._processor: BatchProcessor[T, U] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._stopped = False  # stop() was called: final
+        # The processor stop() stopped, while someone keeps it (its get_stats()): the
+        # calls refused after stop() count in its total_rejected.
+        self._stopped_processor: weakref.ref[BatchProcessor[T, U]] | None = None
         self._instance = instance  # a method's instance, which its function needs
         _LIVE.add(self)
         exiting.stop_at_exit(self)
@@ -156,7 +159,11 @@ class BatchedFunction(Generic[T, U]):
                 return processor
             if self._stopped:
                 # Counted as the processor counts its own refusals after stop().
-                MetricsSink(self._metrics_collector).rejected(1)
+                stopped = self._stopped_processor and self._stopped_processor()
+                if stopped is not None:
+                    stopped._count_refusal()
+                else:
+                    MetricsSink(self._metrics_collector).rejected(1)
                 raise ProcessorStoppedError(
                     f"batched function {self.name} was stopped; stop() is final (decorate "
                     "the function again for a new processor)")
@@ -177,6 +184,8 @@ class BatchedFunction(Generic[T, U]):
             with self._lock:
                 self._stopped = True
                 processor, self._processor = self._processor, None
+                if processor is not None:
+                    self._stopped_processor = weakref.ref(processor)
                 finalizer, self._finalizer = self._finalizer, None
             if finalizer is not None:
                 finalizer.detach()

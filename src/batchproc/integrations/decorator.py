@@ -159,7 +159,8 @@ class BatchedFunction(Generic[T, U]):
                 return processor
             if self._stopped:
                 # Counted as the processor counts its own refusals after stop().
-                stopped = self._stopped_processor and self._stopped_processor()
+                ref = self._stopped_processor
+                stopped = None if ref is None else ref()
                 if stopped is not None:
                     stopped._count_refusal()
                 else:

@@ -125,13 +125,8 @@ TITLE = "asyncio clients: batchproc against the no-work floor, and the intake's 
 
 
 def _header(argv: list[str] | None) -> str:
-    """The results' title, date, machine and command line (markdown)."""
     given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/profile_async.py", *given])
-    machine = report.machine_info()
-    return (f"# {TITLE}\n\n- date: {report.now_iso()}\n"
-            f"- machine: {machine['cpu']}, {machine['cores']} cores\n"
-            f"- command: `{command}`")
+    return report.results_header(TITLE, " ".join(["python benchmarks/profile_async.py", *given]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,15 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
+def results_header(title: str, command: str) -> str:
+    """A results file's head (markdown): its title, the date, the machine and the
+    ``command`` that made it."""
+    m = machine_info()
+    return (f"# {title}\n\n- date: {now_iso()}\n"
+            f"- machine: {m['cpu']}, {m['cores']} cores, {m['platform']}\n"
+            f"- command: `{command}`")
+
+
 # -- numbers ------------------------------------------------------------------------------
 
 

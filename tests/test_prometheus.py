@@ -330,7 +330,8 @@ def test_calls_refused_after_stop_count_alike_in_get_stats_and_the_metrics():
     assert h(1) == 1
     processor = h.processor
     h.stop()
-    for call in (lambda: h(2), lambda: h.submit(3), lambda: asyncio.run(h.acall(4))):
+    for call in (lambda: h(2), lambda: h.submit(3), lambda: asyncio.run(h.acall(4)),
+                 lambda: h.processor):  # a look at it is no request: not counted
         with pytest.raises(ProcessorStoppedError):
             call()
     _, samples = _scrape(registry)

@@ -112,14 +112,14 @@ class BatchedFunction(Generic[T, U]):
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
         _owner = self._live_owner()  # held by this frame while the request is pending
-        return await self.processor.apredict(item, timeout, priority)
+        return await self._processor_for_a_request().apredict(item, timeout, priority)
 
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
         after ``stop()`` (as every way of calling it)."""
         owner = self._live_owner()
-        future = self.processor.enqueue_predict(item, timeout, priority)
+        future = self._processor_for_a_request().enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
         # pending request keeps the owner, and so the processor, alive.
         future._bp_pending_owner = owner  # type: ignore[attr-defined]
@@ -150,21 +150,24 @@ class BatchedFunction(Generic[T, U]):
         processor = self._processor
         if processor is not None and processor.running:
             return processor
-        return self._start()
+        return self._start(a_request=False)
 
-    def _start(self) -> BatchProcessor[T, U]:
+    def _processor_for_a_request(self) -> BatchProcessor[T, U]:
+        """``processor``, for a call queueing a request: refused after ``stop()``, the
+        request counts as rejected."""
+        processor = self._processor
+        if processor is not None and processor.running:
+            return processor
+        return self._start(a_request=True)
+
+    def _start(self, a_request: bool) -> BatchProcessor[T, U]:
         with self._lock:
             processor = self._processor
             if processor is not None and processor.running:
                 return processor
             if self._stopped:
-                # Counted as the processor counts its own refusals after stop().
-                ref = self._stopped_processor
-                stopped = None if ref is None else ref()
-                if stopped is not None:
-                    stopped._count_refusal()
-                else:
-                    MetricsSink(self._metrics_collector).rejected(1)
+                if a_request:
+                    self._count_refusal()
                 raise ProcessorStoppedError(
                     f"batched function {self.name} was stopped; stop() is final (decorate "
                     "the function again for a new processor)")
@@ -173,6 +176,16 @@ class BatchedFunction(Generic[T, U]):
             self._processor = processor
             self._finalizer = _stop_when_collected(self, processor)
             return processor
+
+    def _count_refusal(self) -> None:
+        """Count a request refused after ``stop()`` as the processor counts its own
+        refusals: in its ``get_stats()`` while someone keeps it, and in the metrics."""
+        ref = self._stopped_processor
+        stopped = None if ref is None else ref()
+        if stopped is not None:
+            stopped._count_refusal()
+        else:
+            MetricsSink(self._metrics_collector).rejected(1)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor (finishing queued work within ``timeout``, as

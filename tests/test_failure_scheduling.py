@@ -7,6 +7,7 @@ Orderings come from pause/resume and events; the bounds are counts of model call
 generous multiples of a call's own time, never a sleep and hope.
 """
 
+import asyncio
 import threading
 import time
 
@@ -1141,3 +1142,35 @@ def test_a_done_callback_raising_a_base_exception_touches_no_other_request(
     assert [f.result(timeout=20)[0, 0] for f in futures] == [0, 1, 2, 3]
     stats = p.get_stats()
     assert stats["total_errors"] == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync model", "async model"])
+def test_a_model_raising_asyncio_cancelled_error_fails_only_the_request_that_causes_it(
+        make_processor, asynchronous):
+    # asyncio's CancelledError is a BaseException, but a model's own (a client library
+    # that leaks its cancellation) is a failure like any other: the batch is searched,
+    # the others get their results, and it is retried when retry_on names it. Only
+    # KeyboardInterrupt-like exceptions fail a whole call at once.
+    calls = []
+
+    def model(batch):
+        calls.append(batch[:, 0].tolist())
+        if (batch == -1).any():
+            raise asyncio.CancelledError("the model's own")
+        return batch * 2
+
+    async def async_model(batch):
+        return model(batch)
+
+    p = make_processor(async_model if asynchronous else model, max_workers=1,
+                       max_batch_size=8, processing_strategy="greedy", retry_delay=0.0,
+                       max_retries=1, retry_on=(asyncio.CancelledError,))
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in (1, 2, -1, 3)]
+    p.resume()
+    assert [f.result(timeout=10)[0, 0] for f in (futures[0], futures[1], futures[3])] == [
+        2, 4, 6]
+    with pytest.raises(RuntimeError, match="process_func raised") as info:
+        futures[2].result(timeout=10)
+    assert isinstance(info.value.__cause__, asyncio.CancelledError)
+    assert calls[0] == [1, 2, -1, 3] and calls.count([-1.0]) == 2  # alone, then retried

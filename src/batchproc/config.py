@@ -250,7 +250,9 @@ class BatchProcessorConfig:
             queue: it holds no worker, and nothing waits for it.
         retry_on: Which failures of a single request are retried, an exception class or
             a tuple of them. Default ``(Exception,)`` (every ``Exception``); others
-            fail the request at once. ``()`` retries nothing. An output that breaks the
+            fail the request at once. ``()`` retries nothing. A ``BaseException``
+            that is not an ``Exception`` (``KeyboardInterrupt``; not asyncio's
+            ``CancelledError``) is never retried, whatever this says. An output that breaks the
             output rule (`BatchOutputError`: wrong type, wrong rows) would come back on
             every try: it is retried only when ``retry_on`` names `BatchOutputError`
             (or a subclass of it) itself; a broader class (``Exception``,

@@ -16,8 +16,10 @@ Failure scheduling (docs/failures.md):
   native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
   worker and no call slot, and nothing else waits for it.
-* ``retry_on`` says which exceptions are retried; others (and any ``BaseException``
-  that is not an ``Exception``) fail the request at once. An output that breaks the
+* ``retry_on`` says which exceptions are retried; others fail the request at once. A
+  ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``; asyncio's
+  ``CancelledError`` excepted, ``interrupts``) fails its whole call at once, unsearched
+  and never retried, whatever ``retry_on`` says. An output that breaks the
   output rule (``BatchOutputError``) is batchproc's own check of the model's contract,
   not a transient failure: once the request fails it alone, it fails at once unless
   ``retry_on`` names ``BatchOutputError`` (or a subclass) itself (``retried``).
@@ -30,6 +32,7 @@ Failure scheduling (docs/failures.md):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import queue as _stdlib_queue
@@ -184,7 +187,7 @@ class Executor:
                 target: int, error: BaseException, origin: BaseException,
                 search: Callable[..., None]) -> None:
         """A call on exactly ``group`` failed with ``error``: settle its requests."""
-        if not isinstance(error, Exception):
+        if interrupts(error):
             # KeyboardInterrupt-like: not retried, but never lost: the group fails with it.
             logger.error("process_func raised %r; failing its %d requests without retry",
                          error, len(group))
@@ -228,7 +231,7 @@ class Executor:
             if status == OK:
                 suspects, aside = rest, []
                 continue
-            if not isinstance(failure, Exception):
+            if interrupts(failure):
                 self._failed(batch, tried, workspace, target, failure, origin,
                              self._isolate)
                 self._settle(batch, rest, workspace, target, origin)
@@ -331,7 +334,7 @@ class Executor:
             if status == ABANDONED:
                 return
             if status == FAILED:
-                if not isinstance(out, Exception):
+                if interrupts(out):
                     logger.error("process_func raised %r on a chunk of a %d-row request; "
                                  "failing it without retry", out, request.rows)
                     self._delivery.fail(batch, [request], out)
@@ -347,6 +350,16 @@ class Executor:
             return
         self._delivery.deliver(batch, [request], [joined], total_elapsed, request.rows,
                                self._config.max_batch_size)
+
+
+def interrupts(error: BaseException) -> bool:
+    """Whether the model's ``error`` fails its whole call at once, never searched for the
+    request that caused it nor retried: a ``BaseException`` that is not an ``Exception``
+    (``KeyboardInterrupt``, ``SystemExit``). Not asyncio's ``CancelledError`` (a
+    ``BaseException`` too): raised by a model (a client library's own cancellation), it
+    is a failure like any other, so the requests that did not cause it get their
+    results (its callers get it as a ``RuntimeError``, see ``errors.for_callers``)."""
+    return not isinstance(error, (Exception, asyncio.CancelledError))
 
 
 def retried(error: BaseException,

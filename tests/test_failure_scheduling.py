@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from hanging import hangs_on_666
+from waiting import wait_for
 
 from batchproc import (
     BatchOutputError,
@@ -1174,3 +1175,47 @@ def test_a_model_raising_asyncio_cancelled_error_fails_only_the_request_that_cau
         futures[2].result(timeout=10)
     assert isinstance(info.value.__cause__, asyncio.CancelledError)
     assert calls[0] == [1, 2, -1, 3] and calls.count([-1.0]) == 2  # alone, then retried
+
+
+@pytest.mark.parametrize("end", ["expires", "is stopped"])
+def test_a_request_queued_again_after_its_call_hung_says_it_ran_when_it_ends(
+        make_processor, end):
+    # Its call ran past item_timeout and was abandoned; it was queued again alone (the
+    # processor is paused meanwhile, so it waits there). Expired or stopped then, it
+    # must not read as never processed: it was in that call, whose end is its cause.
+    release, hanging = threading.Event(), threading.Event()
+
+    def model(batch):
+        if (batch == 666).any():
+            hanging.set()
+            release.wait(20)
+        return batch
+
+    p = make_processor(model, max_workers=1, max_batch_size=8,
+                       processing_strategy="greedy", item_timeout=0.1)
+    p.pause()
+    hung = p.enqueue_predict(item(666))
+    other = p.enqueue_predict(item(1), max_queue_time=1.0 if end == "expires" else None)
+    p.resume()
+    try:
+        assert hanging.wait(10)
+        p.pause()
+        wait_for(lambda: p.get_stats()["queue_size"] == 2, "both queued again alone")
+        if end == "expires":
+            error = other.exception(timeout=10)
+            assert isinstance(error, QueueTimeoutError)
+            assert "to run again alone: it was in a call that ended without its result" in (
+                str(error))
+        else:
+            p.stop(timeout=0)
+            error = other.exception(timeout=10)
+            assert isinstance(error, ProcessorStoppedError)
+            assert "waiting to run again alone" in str(error)
+        assert isinstance(error.__cause__, BatchTimeoutError)
+    finally:
+        release.set()
+        p.resume()
+    if end == "expires":  # no max_queue_time of its own: it runs again once resumed
+        assert hung.result(timeout=10)[0, 0] == 666
+    else:
+        assert isinstance(hung.exception(timeout=10), ProcessorStoppedError)

@@ -222,7 +222,8 @@ cdef class Request:
     ``queue_length`` (its length as the queue weighs it), ``priority`` (as given at
     enqueue) and ``deadline`` (monotonic time it expires while queued; ``inf``: never).
     ``attempt``: 0 for the first try, k for the k-th retry; ``error``: the failure that
-    sent it to be retried (None on its first try).
+    sent it to be retried, or that ended a call it was in without a result for it (then
+    with ``attempt`` 0: ``requeued``); None otherwise.
     """
 
     cdef readonly object future
@@ -272,6 +273,16 @@ cdef class Request:
         cdef Request r = self._copy(self.item, self.rows, self.nbytes)
         r.attempt = self.attempt + 1
         r.error = error
+        return r
+
+    def requeued(self, error):
+        """The same request, queued again alone after ``error`` ended its call without a
+        result of its own (a call abandoned past ``item_timeout``): the same attempt;
+        ``error`` kept, where it has no failure yet, to say why it ran before should it
+        expire or be stopped before it runs again."""
+        cdef Request r = self._copy(self.item, self.rows, self.nbytes)
+        if r.error is None:
+            r.error = error
         return r
 
     def __repr__(self):

@@ -482,6 +482,11 @@ class BatchProcessor(Generic[T, U]):
                     f"(after {request.attempt} failed "
                     f"{'call' if request.attempt == 1 else 'calls'})")
                 error.__cause__ = request.error
+            elif request.error is not None:
+                error = ProcessorStoppedError(
+                    "processor stopped while this request was waiting to run again alone "
+                    "(its call ended without its result)")
+                error.__cause__ = request.error
             else:
                 error = never_run
             request.future.set_exception(error)

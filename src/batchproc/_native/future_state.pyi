@@ -50,6 +50,8 @@ class Request:
         """The same request holding part of its item (one chunk of an oversized item)."""
     def for_retry(self, error: BaseException) -> Request:
         """The same request, to be tried once more after ``error``."""
+    def requeued(self, error: BaseException) -> Request:
+        """The same request, queued again alone after ``error`` ended its call."""
 
 def items_of(requests: list[Request]) -> list[Any]: ...
 def enqueued_of(requests: list[Request]) -> list[float]: ...

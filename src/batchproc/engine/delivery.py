@@ -215,14 +215,23 @@ class Delivery:
 
 def expiry_error(request: Request, now: float) -> QueueTimeoutError:
     """The error of a request whose ``max_queue_time`` ran out at ``now``: a request
-    never processed says so; one parked for a retry says how often it failed, and its
-    first failure (the one it is retried after) is the ``__cause__``."""
+    never processed says so; one queued again after a call that ended without its result
+    (abandoned past ``item_timeout``) says so, that end its ``__cause__``; one parked for a
+    retry says how often it failed, and its first failure (the one it is retried after)
+    is the ``__cause__``."""
     waited = now - request.enqueued_at
     allowed = request.deadline - request.enqueued_at
     ran_out = f"request waited {waited:.3f} s, past its max_queue_time of {allowed:.3f} s"
     if request.error is None:
         return QueueTimeoutError(f"{ran_out} in the queue; it was never processed")
     tries = request.attempt
+    if not tries:
+        error = QueueTimeoutError(
+            f"{ran_out} in the queue to run again alone: it was in a call that ended "
+            f"without its result ({type(request.error).__name__}: {request.error}, the "
+            "__cause__)")
+        error.__cause__ = request.error
+        return error
     error = QueueTimeoutError(
         f"{ran_out} while parked for retry {tries}: it was processed and failed "
         f"{tries} time{'s' if tries != 1 else ''} on its own; its first failure: "

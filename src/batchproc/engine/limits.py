@@ -124,9 +124,11 @@ class TimeLimits:
                 if self._board.closing:
                     left.append(r)
                     continue
+                again = r.requeued(error)  # says why it ran before, should it expire
                 try:
-                    self._queue.park(r, r.priority, r.rows, r.nbytes, r.key, r.queue_length,
-                                     now, None if r.deadline == _INF else r.deadline)
+                    self._queue.park(again, r.priority, r.rows, r.nbytes, r.key,
+                                     r.queue_length, now,
+                                     None if r.deadline == _INF else r.deadline)
                 except (_stdlib_queue.Full, MemoryError):
                     left.append(r)
         if left:

@@ -825,6 +825,24 @@ def test_a_model_raising_a_cancelled_error_fails_a_thread_caller_plainly(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("raised", [StopIteration, StopAsyncIteration])
+def test_a_model_raising_an_iteration_end_never_ends_the_callers_iteration(
+        make_processor, raised):
+    # Raised as itself from result(), a model's StopIteration would end the iteration the
+    # call is made in (the builtin map() below would stop after the first result,
+    # silently): it comes as a RuntimeError, as awaiting callers get it.
+    def model(batch):
+        if (batch == -1).any():
+            raise raised("the model's own")
+        return batch
+
+    processor = make_processor(model, max_retries=0)
+    items = [np.array([[1.0]]), np.array([[-1.0]]), np.array([[2.0]])]
+    with pytest.raises(RuntimeError, match="process_func raised") as info:
+        list(map(lambda x: processor.enqueue_predict(x).result(timeout=10), items))
+    assert isinstance(info.value.__cause__, raised)
+
+
 def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_the_line_lock(
         make_processor):
     # A task waiting for room whose loop is closed under it, and which nobody keeps: its

@@ -113,13 +113,9 @@ class LoopChannel:
             if ok:
                 future.set_result(value)
                 continue
-            if isinstance(value, StopIteration):
-                # An asyncio future refuses a StopIteration.
-                error = RuntimeError(f"process_func raised {value!r}")
-                error.__cause__ = value
-                value = error
-            # A CancelledError would read as the awaiting task's own cancellation
-            # (asyncio, TaskGroups and servers would treat it so).
+            # An asyncio future refuses a StopIteration, and a CancelledError would read
+            # as the awaiting task's own cancellation (asyncio, TaskGroups and servers
+            # would treat it so).
             future.set_exception(for_callers(value))
 
 

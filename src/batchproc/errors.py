@@ -6,8 +6,11 @@ import asyncio
 import concurrent.futures
 import queue
 
-# A model's exceptions that would read as the caller's own future or task cancelled.
-_CANCELLATIONS = (asyncio.CancelledError, concurrent.futures.CancelledError)
+# A model's exceptions that would read as control flow where the caller raises them: its
+# own future or task cancelled, or the end of an iteration (``map(f, ...)`` with ``f``
+# calling ``result()`` would stop early, silently; an asyncio future refuses them).
+_CONTROL_FLOW = (asyncio.CancelledError, concurrent.futures.CancelledError, StopIteration,
+                 StopAsyncIteration)
 
 
 class BatchProcessorError(Exception):
@@ -55,11 +58,12 @@ class QueueTimeoutError(BatchProcessorError, TimeoutError):
 
 def for_callers(error: BaseException) -> BaseException:
     """The exception a caller gets for ``error``, raised by ``process_func``: the error
-    itself, unless it is a ``CancelledError`` (asyncio's or ``concurrent.futures``'),
-    which would read as the caller's own future or task cancelled (``except
-    CancelledError``, a task awaiting ``asyncio.to_thread``): then a ``RuntimeError``
-    whose ``__cause__`` it is."""
-    if not isinstance(error, _CANCELLATIONS):
+    itself, unless it would read as control flow where the caller raises it: a
+    ``CancelledError`` (asyncio's or ``concurrent.futures``'), as the caller's own future
+    or task cancelled (``except CancelledError``, a task awaiting ``asyncio.to_thread``),
+    or ``StopIteration``/``StopAsyncIteration``, as the end of an iteration the call is
+    made in. Then a ``RuntimeError`` whose ``__cause__`` it is."""
+    if not isinstance(error, _CONTROL_FLOW):
         return error
     wrapped = RuntimeError(f"process_func raised {error!r}")
     wrapped.__cause__ = error

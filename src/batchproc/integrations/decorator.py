@@ -112,14 +112,14 @@ class BatchedFunction(Generic[T, U]):
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
         _owner = self._live_owner()  # held by this frame while the request is pending
-        return await self._processor_for_a_request().apredict(item, timeout, priority)
+        return await self._running(a_request=True).apredict(item, timeout, priority)
 
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
         after ``stop()`` (as every way of calling it)."""
         owner = self._live_owner()
-        future = self._processor_for_a_request().enqueue_predict(item, timeout, priority)
+        future = self._running(a_request=True).enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
         # pending request keeps the owner, and so the processor, alive.
         future._bp_pending_owner = owner  # type: ignore[attr-defined]
@@ -147,20 +147,14 @@ class BatchedFunction(Generic[T, U]):
         """The running processor (started now if it was not).
 
         Raises ``ProcessorStoppedError`` after ``stop()``."""
+        return self._running(a_request=False)
+
+    def _running(self, a_request: bool) -> BatchProcessor[T, U]:
+        """The running processor, started now if it was not. ``a_request``: for a call
+        queueing a request, which counts as rejected if refused after ``stop()``."""
         processor = self._processor
         if processor is not None and processor.running:
             return processor
-        return self._start(a_request=False)
-
-    def _processor_for_a_request(self) -> BatchProcessor[T, U]:
-        """``processor``, for a call queueing a request: refused after ``stop()``, the
-        request counts as rejected."""
-        processor = self._processor
-        if processor is not None and processor.running:
-            return processor
-        return self._start(a_request=True)
-
-    def _start(self, a_request: bool) -> BatchProcessor[T, U]:
         with self._lock:
             processor = self._processor
             if processor is not None and processor.running:

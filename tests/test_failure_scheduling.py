@@ -1187,6 +1187,7 @@ def test_a_request_queued_again_after_its_call_hung_says_it_ran_when_it_ends(
 
     def model(batch):
         if (batch == 666).any():
+            p.pause()  # before the call is abandoned: what it queues again waits
             hanging.set()
             release.wait(20)
         return batch
@@ -1199,7 +1200,6 @@ def test_a_request_queued_again_after_its_call_hung_says_it_ran_when_it_ends(
     p.resume()
     try:
         assert hanging.wait(10)
-        p.pause()
         wait_for(lambda: p.get_stats()["queue_size"] == 2, "both queued again alone")
         if end == "expires":
             error = other.exception(timeout=10)

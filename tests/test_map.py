@@ -1129,3 +1129,20 @@ def test_take_like_takes_a_run_of_arrays_exactly_like_the_template(make_processo
     with pytest.raises(RuntimeError, match="source broke"):
         take_like(broken(), template, 10, requests, items)
     assert len(requests) == len(items) == 2  # what was taken before stays
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, StopIteration])
+def test_a_chunk_failing_with_a_models_control_flow_exception_fails_only_its_item(
+        make_processor, raised):
+    # asyncio's CancelledError is a BaseException, but a model's own is a failure like
+    # any other: the chunk's items are queued again one by one, and only the one that
+    # causes it fails (as a RuntimeError, its cause the model's), as a StopIteration's.
+    def model(batch):
+        if -1 in batch:
+            raise raised("the model's own")
+        return [x * 10 for x in batch]
+
+    p = make_processor(model, max_batch_size=4, max_retries=0)
+    out = list(p.map([1, 2, -1, 3, 4], return_exceptions=True))
+    assert out[:2] + out[3:] == [10, 20, 30, 40]
+    assert isinstance(out[2], RuntimeError) and isinstance(out[2].__cause__, raised)

@@ -56,6 +56,16 @@ class QueueTimeoutError(BatchProcessorError, TimeoutError):
     see it again."""
 
 
+def interrupts(error: BaseException) -> bool:
+    """Whether the model's ``error`` fails its whole call at once, never searched for the
+    request that caused it nor retried: a ``BaseException`` that is not an ``Exception``
+    (``KeyboardInterrupt``, ``SystemExit``). Not asyncio's ``CancelledError`` (a
+    ``BaseException`` too): raised by a model (a client library's own cancellation), it
+    is a failure like any other, so the requests that did not cause it get their
+    results (its callers get it as a ``RuntimeError``: ``for_callers``)."""
+    return not isinstance(error, (Exception, asyncio.CancelledError))
+
+
 def for_callers(error: BaseException) -> BaseException:
     """The exception a caller gets for ``error``, raised by ``process_func``: the error
     itself, unless it would read as control flow where the caller raises it: a

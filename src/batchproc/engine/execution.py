@@ -18,7 +18,7 @@ Failure scheduling (docs/failures.md):
   worker and no call slot, and nothing else waits for it.
 * ``retry_on`` says which exceptions are retried; others fail the request at once. A
   ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``; asyncio's
-  ``CancelledError`` excepted, ``interrupts``) fails its whole call at once, unsearched
+  ``CancelledError`` excepted, ``errors.interrupts``) fails its whole call at once, unsearched
   and never retried, whatever ``retry_on`` says. An output that breaks the
   output rule (``BatchOutputError``) is batchproc's own check of the model's contract,
   not a transient failure: once the request fails it alone, it fails at once unless
@@ -32,7 +32,6 @@ Failure scheduling (docs/failures.md):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import queue as _stdlib_queue
@@ -43,7 +42,7 @@ from typing import Any
 from .._native.future_state import Request, enqueued_of, total_rows
 from ..config import MAX_SECONDS, BatchProcessorConfig
 from ..controller import Controller
-from ..errors import BatchOutputError
+from ..errors import BatchOutputError, interrupts
 from ..formats import Limits, Workspace
 from ..formats.chunks import handed_back
 from ..metrics import OUTCOME_ERROR, MetricsSink
@@ -350,16 +349,6 @@ class Executor:
             return
         self._delivery.deliver(batch, [request], [joined], total_elapsed, request.rows,
                                self._config.max_batch_size)
-
-
-def interrupts(error: BaseException) -> bool:
-    """Whether the model's ``error`` fails its whole call at once, never searched for the
-    request that caused it nor retried: a ``BaseException`` that is not an ``Exception``
-    (``KeyboardInterrupt``, ``SystemExit``). Not asyncio's ``CancelledError`` (a
-    ``BaseException`` too): raised by a model (a client library's own cancellation), it
-    is a failure like any other, so the requests that did not cause it get their
-    results (its callers get it as a ``RuntimeError``, see ``errors.for_callers``)."""
-    return not isinstance(error, (Exception, asyncio.CancelledError))
 
 
 def retried(error: BaseException,

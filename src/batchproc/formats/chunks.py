@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from .._native.future_state import Request
-from ..errors import ProcessorStoppedError, QueueTimeoutError
+from ..errors import ProcessorStoppedError, QueueTimeoutError, interrupts
 from .base import BatchFormat, Built, Limits, Workspace
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def items_queued_again(error: BaseException, count: int) -> bool:
     would be alone. Expired and stopped ones are not: their time or their processor is
     gone. Such a chunk has no outcome of its own in the counts; its items each have
     theirs."""
-    return (count > 1 and isinstance(error, Exception)
+    return (count > 1 and not interrupts(error)
             and not isinstance(error, (ProcessorStoppedError, QueueTimeoutError)))
 
 

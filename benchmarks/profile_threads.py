@@ -33,11 +33,53 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ROW = np.ones((1, 64), np.float32)
 
 
+# Who spends a request's CPU time (profile's "threads"): the closed loop's client
+# threads; the other threads Python started (the batcher's own: its server or workers);
+# and threads Python did not start, such as a BLAS library's pool, whose threads busy-wait
+# between calls for work on cores the others need.
+CLIENTS, BATCHER, NOT_PYTHONS = "client threads", "batcher threads", "threads Python did not start"
+
+
+def thread_cpu() -> dict[int, float]:
+    """Seconds on a CPU so far (user and kernel), per thread of this process by its native
+    id, in nanoseconds' precision (``/proc/self/task/*/schedstat``: Linux; elsewhere an
+    empty dict). A thread's user/kernel split in ``stat`` is counted in clock ticks,
+    coarser than what each of many client threads spends in a run."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    times = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                times[int(tid)] = int(f.read().split()[0]) / 1e9
+        except OSError:  # it ended meanwhile, or no scheduler statistics
+            continue
+    return times
+
+
+def _by_group(before: dict[int, float], after: dict[int, float], clients: set[int | None],
+              requests: int) -> dict[str, float]:
+    """Microseconds of CPU time per request, per group of threads, between two
+    ``thread_cpu`` readings taken while the client threads ran."""
+    pythons = {t.native_id for t in threading.enumerate()}
+    main = threading.main_thread().native_id
+    groups = dict.fromkeys((CLIENTS, BATCHER, NOT_PYTHONS), 0.0)
+    for tid, seconds in after.items():
+        if tid == main:
+            continue  # asleep while the clients run
+        group = CLIENTS if tid in clients else BATCHER if tid in pythons else NOT_PYTHONS
+        groups[group] += seconds - before.get(tid, 0.0)
+    return {group: seconds * 1e6 / max(requests, 1) for group, seconds in groups.items()}
+
+
 def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[], int],
                                                   Callable[[], None]]],
             clients: int, seconds: float) -> dict[str, Any]:
     """``start()`` -> (one blocking request, requests served so far, stop): figures over
-    ``seconds`` of ``clients`` threads calling it back to back."""
+    ``seconds`` of ``clients`` threads calling it back to back; ``threads``: the CPU time
+    per request of each group of threads (``_by_group``; empty where ``thread_cpu`` is)."""
     call, served, stop = start()
     stopping = threading.Event()
 
@@ -51,9 +93,13 @@ def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[],
             t.start()
         time.sleep(0.5)  # every client in its loop
         n0, u0, t0 = served(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        per_thread0 = thread_cpu()
         time.sleep(seconds)
+        per_thread1 = thread_cpu()
         n, u1 = served() - n0, resource.getrusage(resource.RUSAGE_SELF)
         elapsed = time.perf_counter() - t0
+        by_group = (_by_group(per_thread0, per_thread1, {t.native_id for t in threads}, n)
+                    if per_thread1 else {})
         stopping.set()
         for t in threads:
             t.join()
@@ -66,6 +112,7 @@ def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[],
         "sys_us": (u1.ru_stime - u0.ru_stime) * per,
         "voluntary": (u1.ru_nvcsw - u0.ru_nvcsw) / max(n, 1),
         "involuntary": (u1.ru_nivcsw - u0.ru_nivcsw) / max(n, 1),
+        "threads": by_group,
     }
 
 

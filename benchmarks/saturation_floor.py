@@ -19,13 +19,25 @@ on its own answer. Side by side, in rounds in a rotated order (medians reported)
 
 Each request is one row of 64 float32. Per system: requests per second, the ratio to the
 limit, and per request the process's CPU time in user space and in the kernel (thread
-wake-ups show as kernel time), from profile_threads.py.
+wake-ups show as kernel time), from profile_threads.py; then the same CPU time split
+between the client threads, the batcher's own threads and threads Python did not start.
+
+BLAS runs single-threaded, as in compare_adaptive.py and compare_peers.py (set
+``OPENBLAS_NUM_THREADS`` to change it): a BLAS pool's second thread busy-waits for work
+between calls, on the core that the batcher's threads would use, and the limit it speeds
+up is not one a batcher on two cores can share.
 """
+
+# ruff: noqa: E402  (BLAS settings must precede the numpy import)
 
 from __future__ import annotations
 
-import argparse
 import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
 import queue
 import statistics
 import sys
@@ -38,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_threads import ROW, profile
+from profile_threads import BATCHER, CLIENTS, NOT_PYTHONS, ROW, profile
 
 from batchproc.bench import report
 from batchproc.bench.models import make_model
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ("lean batcher", lean(model)), ("batchproc", batchproc(model))]
     rates: dict[str, list[float]] = {"limit": []}
     cpu: dict[str, list[tuple[float, float]]] = {}
+    split: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
         rates["limit"].append(limit(model, args.seconds))
         turn = systems[r % len(systems):] + systems[:r % len(systems)]
@@ -150,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             got = profile(name, start, args.clients, args.seconds)
             rates.setdefault(name, []).append(got["req_s"])
             cpu.setdefault(name, []).append((got["user_us"], got["sys_us"]))
+            if got["threads"]:
+                split.setdefault(name, []).append(got["threads"])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{k} {v[-1]:,.0f}" for k, v in rates.items()) + " req/s", file=sys.stderr)
     top = statistics.median(rates["limit"])
     print(_header(argv))
     print(f"\n{args.model} model, {args.clients} client threads, one row of 64 float32 per "
-          f"request; medians of {args.rounds} round(s) of {args.seconds:g} s\n")
+          f"request; OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; medians of "
+          f"{args.rounds} round(s) of {args.seconds:g} s\n")
     print("| system | req/s | / limit | user us/req | kernel us/req |")
     print("|---|---:|---:|---:|---:|")
     print(f"| limit (batches of {MAX_BATCH}, one thread) | {top:,.0f} | 1.00x | | |")
@@ -164,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         user = statistics.median(u for u, _ in cpu[name])
         kernel = statistics.median(k for _, k in cpu[name])
         print(f"| {name} | {rps:,.0f} | {rps / top:.3f}x | {user:.1f} | {kernel:.1f} |")
+    if split:
+        groups = (CLIENTS, BATCHER, NOT_PYTHONS)
+        print("\nCPU time per request by thread, us (user and kernel; medians; per thread "
+              "from /proc)\n")
+        print("| system | " + " | ".join(groups) + " |")
+        print("|---|" + "---:|" * len(groups))
+        for name, runs in split.items():
+            cells = [f"{statistics.median(run[group] for run in runs):.1f}" for group in groups]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

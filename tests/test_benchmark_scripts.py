@@ -46,7 +46,8 @@ PRINTING_RUNS = [
     ("no_work_batchers.py", [], "asyncio_thread_64_rps: "),
     ("profile_burst.py", ["--burst", "300", "--runs", "1"], "| load generator alone "),
     ("saturation_floor.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1"],
-     "| lean batcher | "),
+     "| system | client threads | batcher threads | threads Python did not start |\n"
+     "|---|---:|---:|---:|\n| lean batcher | "),
     ("profile_async.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1",
                           "--calls", "200"], "| the rest: Python glue | "),
     ("profile_adaptive.py", ["--model", "mlp", "--rate", "2000", "--duration", "0.2"],

@@ -454,6 +454,55 @@ def test_a_classmethod_is_refused_with_what_to_write_instead():
         Above().predict(1)
 
 
+def _two(items, extra):
+    return items
+
+
+async def _two_async(items, extra):
+    return items
+
+
+def _none():
+    return []
+
+
+def _keyword_needed(items, *, scale):
+    return items
+
+
+@pytest.mark.parametrize("func", [_two, _two_async, _none, _keyword_needed])
+def test_a_function_that_cannot_take_the_batch_alone_is_refused_when_decorated(func):
+    # Called with the batch alone, it would fail on every call (after its retries); and
+    # the decorated function's second positional argument is its timeout.
+    with pytest.raises(TypeError, match=rf"@batchproc.batch: {func.__qualname__}\(.*\) must "
+                                        r"take the batch as its only argument: the processor"):
+        batchproc.batch()(func)
+
+
+def test_a_method_that_cannot_take_the_instance_and_the_batch_is_refused():
+    with pytest.raises(TypeError, match=r"Model.predict\(self, items, extra\) must take the "
+                                        r"instance and the batch as its only arguments"):
+        class Model:
+            @batchproc.batch()
+            def predict(self, items, extra):
+                return items
+
+
+def _defaulted(items, scale=2):
+    return [x * scale for x in items]
+
+
+def _star(*batches):
+    return list(batches[0])
+
+
+@pytest.mark.parametrize("func, expected", [(_defaulted, 6), (_star, 3), (len, None)])
+def test_functions_that_take_the_batch_alone_are_accepted(stopped_after, func, expected):
+    fn = stopped_after(batchproc.batch(max_batch_size=4)(func))
+    if expected is not None:  # len answers one number per batch: only accepted here
+        assert fn(3) == expected
+
+
 def test_a_call_after_stop_raises_instead_of_restarting(stopped_after):
     @batchproc.batch()
     def ident(items):

@@ -438,10 +438,30 @@ class _Decorator:
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
         name = self._name or getattr(func, "__qualname__", None) or repr(func)
-        if _is_method(func):
+        method = _is_method(func)
+        _check_takes_the_batch(func, name, method)
+        if method:
             return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
                                                 name)
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
+
+
+def _check_takes_the_batch(func: Callable[..., Any], name: str, method: bool) -> None:
+    """``TypeError`` now, at decoration, for a function that cannot be called with the
+    batch alone (a method: the instance and the batch), as the processor calls it. Every
+    call would otherwise fail, and only once its retries ran out; and a second argument
+    given to the decorated function is its ``timeout``, not the function's."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to read (some builtins): as called
+        return
+    try:
+        signature.bind(*(("instance", "batch") if method else ("batch",)))
+    except TypeError:
+        takes = ("the instance and the batch as its only arguments" if method
+                 else "the batch as its only argument")
+        raise TypeError(f"@batchproc.batch: {name}{signature} must take {takes}: the "
+                        f"processor calls it with nothing else") from None
 
 
 def batch(function: None = None, /, *, config: BatchProcessorConfig | None = None,
@@ -462,7 +482,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     and the batch is a method: each instance gets its own processor. A static method
     (one taking only the batch, with or without ``@staticmethod``) gets one processor,
     as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
-    for a classmethod. The processor starts on the first call; ``stop()`` is final (later
+    for a classmethod, and for a function that cannot be called with the batch alone (a
+    method: the instance and the batch), checked when decorating. The processor starts on the first call; ``stop()`` is final (later
     calls raise ``ProcessorStoppedError``).
 
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only;

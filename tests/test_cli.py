@@ -463,6 +463,16 @@ def test_a_system_that_raises_is_a_failed_run_not_an_exception() -> None:
     assert report.ratio(run, ok) is None and report.ratio(ok, run) is None
 
 
+def test_the_limits_latencies_are_said_to_be_one_calls() -> None:
+    load = Load("closed", clients=1, features=4)
+    limit = run_limit(lambda b: b, "m", load, Bounds(requests=5), 4)
+    said = ("limit: the model called back to back on full batches, no queue: its latencies "
+            "are one call's, not a request's wait")
+    assert report.run_notes([limit]) == [said]
+    assert report.run_notes([run_target(BrokenTarget(), lambda b: b, "m", load,
+                                        Bounds(requests=5))]) != [said]
+
+
 # -- BLAS threads for the built-in numpy model -------------------------------------------------
 
 

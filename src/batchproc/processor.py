@@ -743,7 +743,8 @@ class BatchProcessor(Generic[T, U]):
         costs no future per item. At most ``buffersize`` such chunks (default
         ``2 * max_workers``) are queued or waiting to be read: ``items`` (any iterable,
         infinite or lazy) is read only as results are consumed. Nothing is read before
-        the first ``next()``.
+        the first ``next()``, which reads until ``buffersize`` chunks are queued (from a
+        slow source, give a smaller ``chunksize`` and ``buffersize``).
 
         A failing item fails its position only: the chunk holding it is not retried
         whole; its items are queued again one by one as it fails, each retried as the

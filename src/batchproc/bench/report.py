@@ -124,7 +124,7 @@ def fmt_completed(r: RunResult) -> str:
 
 def run_notes(runs: Sequence[RunResult]) -> list[str]:
     """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished and
-    refused requests."""
+    refused requests, and what the limit's latencies are."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"
@@ -150,6 +150,9 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
                 f"! {who}: {r.left_running} model call{'s' if r.left_running != 1 else ''} "
                 "still running after the run had waited for them; the runs after it "
                 "shared the machine with them")
+    if any(r.system == LIMIT and not r.failed for r in runs):
+        notes.append(f"{LIMIT}: the model called back to back on full batches, no queue: "
+                     "its latencies are one call's, not a request's wait")
     return notes
 
 

@@ -483,8 +483,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     (one taking only the batch, with or without ``@staticmethod``) gets one processor,
     as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
     for a classmethod, and for a function that cannot be called with the batch alone (a
-    method: the instance and the batch), checked when decorating. The processor starts on the first call; ``stop()`` is final (later
-    calls raise ``ProcessorStoppedError``).
+    method: the instance and the batch), checked when decorating. The processor starts
+    on the first call; ``stop()`` is final (later calls raise ``ProcessorStoppedError``).
 
     ``TypeError`` when used without parentheses (``@batch``): it takes keywords only;
     for a keyword that is neither a field nor one of its own, naming the closest field.

@@ -38,7 +38,8 @@ SMOKE_RUNS = [
     ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
 ]
 # What a script's table must hold beyond a table, where it reports more than one.
-EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best static"}
+EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best static",
+                     "compare_map.py": "| lean pipeline | "}
 # Scripts that print their table instead of writing files: (script, arguments, a line
 # the table must hold).
 PRINTING_RUNS = [

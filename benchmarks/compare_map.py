@@ -41,6 +41,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import asyncio
 import gc
+import itertools
 import queue
 import statistics
 import sys
@@ -122,27 +123,25 @@ def run_lean(items: list[np.ndarray], model: MLP) -> dict[str, Any]:
     gc.collect()
     results: list[Any] = []
     t0 = time.perf_counter()
-    starts = iter(range(0, len(items), MAX_BATCH))
+    chunks = (items[start:start + MAX_BATCH] for start in range(0, len(items), MAX_BATCH))
     in_flight = 0
-    for start in starts:
-        inbox.put(items[start:start + MAX_BATCH])
+    for chunk in itertools.islice(chunks, LEAN_DEPTH):
+        inbox.put(chunk)
         in_flight += 1
-        if in_flight == LEAN_DEPTH:
-            break
     while in_flight:
         results.extend(outbox.get())
         in_flight -= 1
-        following = next(starts, None)
+        following = next(chunks, None)
         if following is not None:
-            inbox.put(items[following:following + MAX_BATCH])
+            inbox.put(following)
             in_flight += 1
     elapsed = time.perf_counter() - t0
     inbox.put(None)
     server.join()
+    batches = -(-len(items) // MAX_BATCH)
     return {"throughput": len(items) / elapsed, "elapsed_s": elapsed,
             "completed": len(results), "wrong": _check(results, items, model),
-            "mean_batch": len(items) / -(-len(items) // MAX_BATCH),
-            "batches": -(-len(items) // MAX_BATCH)}
+            "mean_batch": len(items) / batches, "batches": batches}
 
 
 def run_runner(system: str, n: int, model: MLP, cap: float) -> dict[str, Any]:

@@ -373,20 +373,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
-def _is_method(func: Callable[..., Any]) -> bool:
-    """Whether ``func`` is a batch method: a function written in a class body (its
-    qualified name says so) that takes the instance and the batch. One that takes only
-    the batch is a static method (what the typed overloads of ``_Decorator`` also say)."""
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    """``func``'s signature; None where there is none to read (some builtins)."""
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_method(func: Callable[..., Any], signature: inspect.Signature | None) -> bool:
+    """Whether ``func`` (of ``signature``) is a batch method: a function written in a
+    class body (its qualified name says so) that takes the instance and the batch. One
+    that takes only the batch is a static method (what the typed overloads of
+    ``_Decorator`` also say)."""
     if inspect.ismethod(func):
         return False  # bound already
     parts = getattr(func, "__qualname__", "").split(".")
     if len(parts) < 2 or parts[-2] == "<locals>":
         return False
-    try:
-        parameters = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: as written in a class body
+    if signature is None:  # no signature to read: as written in a class body
         return True
-    required = [p for p in parameters if p.default is p.empty
+    required = [p for p in signature.parameters.values() if p.default is p.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(required) >= 2
 
@@ -438,23 +445,22 @@ class _Decorator:
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
         name = self._name or getattr(func, "__qualname__", None) or repr(func)
-        method = _is_method(func)
-        _check_takes_the_batch(func, name, method)
+        signature = _signature(func)
+        method = _is_method(func, signature)
+        if signature is not None:
+            _check_takes_the_batch(signature, name, method)
         if method:
             return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
                                                 name)
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
 
 
-def _check_takes_the_batch(func: Callable[..., Any], name: str, method: bool) -> None:
-    """``TypeError`` now, at decoration, for a function that cannot be called with the
-    batch alone (a method: the instance and the batch), as the processor calls it. Every
-    call would otherwise fail, and only once its retries ran out; and a second argument
-    given to the decorated function is its ``timeout``, not the function's."""
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):  # no signature to read (some builtins): as called
-        return
+def _check_takes_the_batch(signature: inspect.Signature, name: str, method: bool) -> None:
+    """``TypeError`` now, at decoration, for a function of ``signature`` that cannot be
+    called with the batch alone (a method: the instance and the batch), as the processor
+    calls it. Every call would otherwise fail, and only once its retries ran out; and a
+    second argument given to the decorated function is its ``timeout``, not the
+    function's."""
     try:
         signature.bind(*(("instance", "batch") if method else ("batch",)))
     except TypeError:

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import re
 import subprocess
@@ -486,6 +487,79 @@ def test_a_method_that_cannot_take_the_instance_and_the_batch_is_refused():
             @batchproc.batch()
             def predict(self, items, extra):
                 return items
+
+
+def test_a_method_without_the_batch_is_refused():
+    with pytest.raises(TypeError, match=r"Model.predict\(self\) must take the instance and "
+                                        r"the batch as its only arguments"):
+        class Model:
+            @batchproc.batch()
+            def predict(self):
+                return []
+
+
+def test_a_static_method_needing_two_arguments_is_refused_not_taken_for_a_method():
+    with pytest.raises(TypeError, match=r"Model.predict\(items, scale\) must take the batch "
+                                        r"as its only argument"):
+        class Model:
+            @batchproc.batch()
+            @staticmethod
+            def predict(items, scale):
+                return items
+
+
+def _supplying(scale):
+    """A functools.wraps decorator whose wrapper supplies the wrapped function's
+    second argument: the processor calls the wrapper."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(items):
+            return fn(items, scale)
+        return wrapper
+    return decorate
+
+
+def _needing_context(fn):
+    @functools.wraps(fn)
+    def wrapper(items, context):
+        return fn(items)
+    return wrapper
+
+
+def test_a_wrapped_function_is_checked_as_the_wrapper_takes_its_arguments(stopped_after):
+    @_supplying(5)
+    def scaled(items, scale):
+        return [x * scale for x in items]
+
+    fn = stopped_after(batchproc.batch(max_batch_size=4)(scaled))
+    assert fn(2) == 10
+
+    @_needing_context
+    def plain(items):
+        return items
+
+    with pytest.raises(TypeError, match=r"plain\(items, context\) must take the batch"):
+        batchproc.batch()(plain)
+
+
+def test_a_method_whose_batch_is_optional_or_starred_gets_the_instance(stopped_after):
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @batchproc.batch(max_batch_size=4)
+        def optional(self, items=None):
+            return [x * self.scale for x in items]
+
+        @batchproc.batch(max_batch_size=4)
+        def starred(self, *batches):
+            return [x * self.scale for x in batches[0]]
+
+    model = Model(3)
+    stopped_after(model.optional)
+    stopped_after(model.starred)
+    assert model.optional(2) == 6
+    assert model.starred(2) == 6
 
 
 def _defaulted(items, scale=2):

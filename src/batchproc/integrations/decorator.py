@@ -373,29 +373,33 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
-def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
-    """``func``'s signature; None where there is none to read (some builtins)."""
+def _signature(func: Callable[..., Any], follow_wrapped: bool) -> inspect.Signature | None:
+    """``func``'s signature (``follow_wrapped``: of the function a ``functools.wraps``
+    wrapper wraps, as written); None where there is none to read (some builtins)."""
     try:
-        return inspect.signature(func)
+        return inspect.signature(func, follow_wrapped=follow_wrapped)
     except (TypeError, ValueError):
         return None
 
 
-def _is_method(func: Callable[..., Any], signature: inspect.Signature | None) -> bool:
-    """Whether ``func`` (of ``signature``) is a batch method: a function written in a
-    class body (its qualified name says so) that takes the instance and the batch. One
-    that takes only the batch is a static method (what the typed overloads of
-    ``_Decorator`` also say)."""
+def _is_method(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is a batch method: a function written in a class body (its
+    qualified name says so) that takes the instance and the batch: its first parameter
+    is ``self``, or it requires two. One that takes only the batch is a static method
+    (what the typed overloads of ``_Decorator`` also say)."""
     if inspect.ismethod(func):
         return False  # bound already
     parts = getattr(func, "__qualname__", "").split(".")
     if len(parts) < 2 or parts[-2] == "<locals>":
         return False
+    signature = _signature(func, follow_wrapped=True)
     if signature is None:  # no signature to read: as written in a class body
         return True
-    required = [p for p in signature.parameters.values() if p.default is p.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(required) >= 2
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional and positional[0].name == "self":
+        return True
+    return sum(p.default is p.empty for p in positional) >= 2
 
 
 class _Decorator:
@@ -438,15 +442,17 @@ class _Decorator:
     def __call__(self, func: Callable[..., Any]) -> Any:
         if isinstance(func, classmethod):
             raise TypeError(_CLASSMETHOD.format(name=func.__func__.__qualname__))
+        static = False
         if isinstance(func, staticmethod):
             # A BatchedFunction is no descriptor: through the class or an instance it is
             # the same callable, so it needs no staticmethod around it.
-            func = func.__func__
+            func, static = func.__func__, True
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
         name = self._name or getattr(func, "__qualname__", None) or repr(func)
-        signature = _signature(func)
-        method = _is_method(func, signature)
+        method = not static and _is_method(func)
+        # What the processor calls is the outermost function, not one it wraps.
+        signature = _signature(func, follow_wrapped=False)
         if signature is not None:
             _check_takes_the_batch(signature, name, method)
         if method:
@@ -485,7 +491,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor
     for arrays and tensors. A function written in a class body that takes the instance
-    and the batch is a method: each instance gets its own processor. A static method
+    and the batch (its first parameter is ``self``, or it requires two) is a method: each
+    instance gets its own processor. A static method
     (one taking only the batch, with or without ``@staticmethod``) gets one processor,
     as does a bound method (``batch(...)(obj.method)``, per decoration). ``TypeError``
     for a classmethod, and for a function that cannot be called with the batch alone (a

@@ -357,8 +357,9 @@ def test_a_caller_beginning_to_spin_counts_as_a_let_go(spin):
     future, out = RequestFuture(), []
     before = _let_go()["count"]
     thread = _waiter(future, out)
-    wait_for(lambda: _counts()["spinning"] == 1, "the caller spinning")
-    assert _let_go()["count"] > before
+    # Its place as the spinner is claimed just before it lets go of the GIL.
+    wait_for(lambda: _let_go()["count"] > before, "the caller letting go as it spins")
+    assert _counts()["spinning"] == 1
     future.set_result(5)
     _worker_lets_go()
     thread.join(10)

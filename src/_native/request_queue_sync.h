@@ -29,8 +29,11 @@ inline std::atomic<uint64_t>* let_go = nullptr;
 inline void set_let_go(void* count) noexcept {
     let_go = static_cast<std::atomic<uint64_t>*>(count);
 }
-inline void note_let_go() noexcept {
-    if (let_go != nullptr) let_go->fetch_add(1, std::memory_order_release);
+// Returns the count with this let-go (0 before the count is set), which this thread's
+// own later waits for a let-go must not take for another thread's.
+inline uint64_t note_let_go() noexcept {
+    if (let_go == nullptr) return 0;
+    return let_go->fetch_add(1, std::memory_order_release) + 1;
 }
 
 using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC on Linux, as time.monotonic()
@@ -161,7 +164,7 @@ inline bool spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept {
     ++s->spinners;
     ++s->spins;
     s->mu.unlock();
-    note_let_go();
+    uint64_t own = note_let_go();
     while (s->wakes.load(std::memory_order_acquire) == seen && now() < until) {
         // Yielding, not a pause instruction: on a busy machine the thread about to push
         // may be waiting for this CPU (measured: spinning on pause lost to parking
@@ -170,7 +173,9 @@ inline bool spin_items(Sync* s, double until, uint64_t* pushed_at) noexcept {
     }
     s->mu.lock();
     --s->spinners;
-    *pushed_at = s->pushed_let_go;
+    // A push between this spin's start and its let-go read a count without it: its own
+    // let-go is not the pusher's.
+    *pushed_at = s->pushed_let_go < own ? own : s->pushed_let_go;
     return s->wakes.load(std::memory_order_relaxed) != seen;
 }
 // After a pop that a spin caught: waits, the GIL and the mutex released, up to

@@ -101,7 +101,11 @@ cdef extern from *:
     inline int score_now() noexcept { return spin_score.now(); }
 
     inline void* let_go_address() noexcept { return &let_go; }
-    inline void note_let_go() noexcept { let_go.fetch_add(1, std::memory_order_release); }
+    // The count with this let-go, which its own later waits for a let-go must not take
+    // for another thread's.
+    inline uint64_t note_let_go() noexcept {
+        return let_go.fetch_add(1, std::memory_order_release) + 1;
+    }
     inline uint64_t let_go_now() noexcept { return let_go.load(std::memory_order_acquire); }
 
     inline double seconds_now() noexcept {
@@ -135,7 +139,7 @@ cdef extern from *:
     inline bool spin_until_set(int* flag, uint64_t* released_at, double seconds,
                                double linger, double deadline) noexcept {
         spun.fetch_add(1, std::memory_order_relaxed);
-        note_let_go();  // this thread let go of the GIL to wait
+        uint64_t own = note_let_go();  // this thread let go of the GIL to wait
         double until = seconds_now() + seconds;
         bool set = flag_is_set(flag);
         while (!set && seconds_now() < until) {
@@ -146,6 +150,9 @@ cdef extern from *:
             caught.fetch_add(1, std::memory_order_relaxed);
             lingering.fetch_add(1, std::memory_order_relaxed);
             uint64_t seen = *released_at;  // written before the flag (release order)
+            // A release between this wait's start and its let-go read a count without
+            // it: its own let-go is not the one it waits for.
+            if (seen < own) seen = own;
             until = seconds_now() + linger;
             if (until > deadline) until = deadline;
             bool let = batchproc_busy::wait_for_let_go(let_go, seen, until);

@@ -1219,3 +1219,57 @@ def test_a_request_queued_again_after_its_call_hung_says_it_ran_when_it_ends(
         assert hung.result(timeout=10)[0, 0] == 666
     else:
         assert isinstance(hung.exception(timeout=10), ProcessorStoppedError)
+
+
+class FailsOncePerRow:
+    """Doubles its batch; raises ``Poison`` the first time it sees a batch holding one of
+    the rows in ``flaky`` (row k holds k). Records the first row of every call."""
+
+    def __init__(self, flaky):
+        self.flaky = set(flaky)
+        self.calls = []
+
+    def __call__(self, batch):
+        self.calls.append(int(batch[0, 0]))
+        hit = self.flaky & set(batch[:, 0].astype(int).tolist())
+        if hit:
+            self.flaky -= hit
+            raise Poison(f"rows {sorted(hit)}")
+        return batch * 2
+
+
+def test_a_cut_item_is_retried_from_its_failing_chunk(make_processor):
+    # 40 rows at max batch 4: ten chunks. Chunks 3 and 7 fail once each: each failure is
+    # a retry from that chunk; the chunks that had succeeded do not run again.
+    model = FailsOncePerRow({13, 29})
+    p = make_processor(model, max_workers=1, max_batch_size=4, max_retries=2,
+                       retry_delay=0.0)
+    big = np.arange(40, dtype=np.float64).reshape(40, 1)
+    out = p.enqueue_predict(big).result(timeout=20)
+    assert (out == big * 2).all()
+    assert model.calls == [0, 4, 8, 12, 12, 16, 20, 24, 28, 28, 32, 36]
+    stats = p.get_stats()
+    assert stats["total_processed"] == 1 and stats["total_errors"] == 0
+
+
+def test_each_failing_chunk_of_a_cut_item_counts_against_its_retries(make_processor):
+    # Three chunks fail once each, and max_retries=2: the third failure fails the item,
+    # after one run of each chunk before it.
+    model = FailsOncePerRow({1, 5, 9})
+    p = make_processor(model, max_workers=1, max_batch_size=4, max_retries=2,
+                       retry_delay=0.0)
+    big = np.arange(16, dtype=np.float64).reshape(16, 1)
+    error = p.enqueue_predict(big).exception(timeout=20)
+    assert isinstance(error, Poison) and "rows [9]" in str(error)
+    assert model.calls == [0, 0, 4, 4, 8]
+
+
+def test_a_cut_map_item_is_retried_from_its_failing_chunk(make_processor):
+    # map puts an item larger than a batch in a chunk of its own: the same retry.
+    model = FailsOncePerRow({9})
+    p = make_processor(model, max_workers=1, max_batch_size=4, max_retries=1,
+                       retry_delay=0.0)
+    items = [np.arange(12, dtype=np.float64).reshape(12, 1), np.full((1, 1), 100.0)]
+    out = list(p.map(items))
+    assert (out[0] == items[0] * 2).all() and out[1][0, 0] == 200.0
+    assert sorted(model.calls) == [0, 4, 8, 8, 100]  # chunks 0 and 1 ran once

@@ -223,7 +223,10 @@ cdef class Request:
     enqueue) and ``deadline`` (monotonic time it expires while queued; ``inf``: never).
     ``attempt``: 0 for the first try, k for the k-th retry; ``error``: the failure that
     sent it to be retried, or that ended a call it was in without a result for it (then
-    with ``attempt`` 0: ``requeued``); None otherwise.
+    with ``attempt`` 0: ``requeued``); None otherwise. ``done_parts``: for an item run in
+    pieces (too large for one batch) and sent to be retried from a failing piece, what
+    its attempts so far completed, ``(rows, outputs)``: its first ``rows`` rows, and the
+    outputs of the pieces that held them, in order; None otherwise.
     """
 
     cdef readonly object future
@@ -239,6 +242,7 @@ cdef class Request:
     cdef readonly double deadline
     cdef readonly int attempt
     cdef readonly object error
+    cdef readonly object done_parts
 
     def __cinit__(self, future, item, format, Py_ssize_t rows, Py_ssize_t nbytes,
                   Py_ssize_t length, double enqueued_at, long long key=0,
@@ -261,18 +265,23 @@ cdef class Request:
                                  self.priority, self.deadline)
         r.attempt = self.attempt
         r.error = self.error
+        r.done_parts = self.done_parts
         return r
 
     def replace_item(self, item, Py_ssize_t rows, Py_ssize_t nbytes):
         """The same request (future, format, length, arrival) holding part of its item:
         one chunk of an item too large for a batch."""
-        return self._copy(item, rows, nbytes)
+        cdef Request r = self._copy(item, rows, nbytes)
+        r.done_parts = None
+        return r
 
-    def for_retry(self, error):
-        """The same request, to be tried once more after ``error``."""
+    def for_retry(self, error, done_parts=None):
+        """The same request, to be tried once more after ``error``; ``done_parts``: what
+        its attempts so far completed (see the class), kept for the next."""
         cdef Request r = self._copy(self.item, self.rows, self.nbytes)
         r.attempt = self.attempt + 1
         r.error = error
+        r.done_parts = done_parts
         return r
 
     def requeued(self, error):

@@ -46,10 +46,14 @@ class Request:
     def attempt(self) -> int: ...
     @property
     def error(self) -> BaseException | None: ...
+    @property
+    def done_parts(self) -> tuple[int, list[Any]] | None: ...
     def replace_item(self, item: Any, rows: int, nbytes: int) -> Request:
         """The same request holding part of its item (one chunk of an oversized item)."""
-    def for_retry(self, error: BaseException) -> Request:
-        """The same request, to be tried once more after ``error``."""
+    def for_retry(self, error: BaseException,
+                  done_parts: tuple[int, list[Any]] | None = None) -> Request:
+        """The same request, to be tried once more after ``error``, with what its
+        attempts so far completed (``done_parts``)."""
     def requeued(self, error: BaseException) -> Request:
         """The same request, queued again alone after ``error`` ended its call."""
 

@@ -12,6 +12,9 @@ Failure scheduling (docs/failures.md):
 * A ``map`` chunk of several items that fails on its own is not retried: it fails at
   once, and ``map`` queues its items again one by one (formats/chunks.py), each then
   searched and retried as it would have been had it been queued alone.
+* An item too large for one batch runs in chunks that fit; a failing chunk sends it to
+  be retried from that chunk, the chunks before it keeping their results
+  (``_run_chunked``).
 * A request that fails on its own is never waited for on the worker: it is parked in the
   native queue (``RequestQueue.park``) until its backoff, ``retry_delay * 2**k``, is
   over, then popped as a batch of its own by whichever worker is free. Backoff holds no
@@ -280,8 +283,10 @@ class Executor:
                          self._bisect)
 
     def _retry_or_fail(self, batch: Batch, request: Request, error: BaseException,
-                       origin: BaseException) -> None:
-        """Park a single failing request for a retry after its backoff, or fail it.
+                       origin: BaseException,
+                       done_parts: tuple[int, list[Any]] | None = None) -> None:
+        """Park a single failing request for a retry after its backoff, or fail it;
+        ``done_parts``: what it completed so far, kept for the retry (``_run_chunked``).
 
         A map chunk of several items is not a single request: it fails at once, and its
         items are queued again one by one (``handed_back``), as a failing batch of
@@ -293,16 +298,17 @@ class Executor:
             return
         cfg = self._config
         if (retried(error, self._retry_on) and request.attempt < cfg.max_retries
-                and self._park(batch, request, error, origin)):
+                and self._park(batch, request, error, origin, done_parts)):
             return
         if cfg.debug_mode:  # the caller gets the error (enqueue logs it for fire and forget)
             logger.debug("request failed after %d retries: %r", request.attempt, error)
         self._delivery.fail(batch, [request], final_error(request, error, origin))
 
     def _park(self, batch: Batch, request: Request, error: BaseException,
-              origin: BaseException) -> bool:
+              origin: BaseException, done_parts: tuple[int, list[Any]] | None) -> bool:
         delay = backoff(self._config.retry_delay, request.attempt)
-        retry = request.for_retry(request.error if request.error is not None else origin)
+        retry = request.for_retry(request.error if request.error is not None else origin,
+                                  done_parts)
         deadline = request.deadline
         # Under the board's lock: either stop gave up on this batch first (and fails the
         # request with the batch), or the request is parked before stop drains the queue.
@@ -325,10 +331,12 @@ class Executor:
     def _run_chunked(self, batch: Batch, request: Request, chunks: list[Request],
                      workspace: Workspace) -> None:
         """One item larger than a batch: run it in chunks that fit, join the results. A
-        failing chunk sends the whole request to be retried (or fails it)."""
-        parts: list[Any] = []
+        failing chunk sends the request to be retried from that chunk: the chunks before
+        it keep their results (``Request.done_parts``), so a model that fails now and then
+        costs a large item a retry per failure, not a rerun of every chunk; or fails it."""
+        done_rows, parts = _done_parts(request, chunks)
         total_elapsed = 0.0
-        for chunk in chunks:
+        for chunk in chunks[len(parts):]:
             status, out, elapsed, _ = self.attempt(batch, [chunk], workspace)
             if status == ABANDONED:
                 return
@@ -338,9 +346,10 @@ class Executor:
                                  "failing it without retry", out, request.rows)
                     self._delivery.fail(batch, [request], out)
                 else:
-                    self._retry_or_fail(batch, request, out, out)
+                    self._retry_or_fail(batch, request, out, out, (done_rows, parts))
                 return
             parts.append(out[0])
+            done_rows += chunk.rows
             total_elapsed += elapsed
         try:
             joined = request.format.join(parts)
@@ -362,6 +371,18 @@ def retried(error: BaseException,
         classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
         retry_on = tuple(t for t in classes if issubclass(t, BatchOutputError))
     return isinstance(error, retry_on)
+
+
+def _done_parts(request: Request, chunks: list[Request]) -> tuple[int, list[Any]]:
+    """What earlier attempts of ``request`` completed, as (rows, outputs) of its first
+    chunks, when it is still cut into the same ``chunks`` (else nothing): a copy, which
+    this attempt extends."""
+    if request.done_parts is None:
+        return 0, []
+    rows, parts = request.done_parts
+    if len(parts) > len(chunks) or total_rows(chunks[:len(parts)]) != rows:
+        return 0, []
+    return rows, list(parts)
 
 
 def _mean(values: list[float]) -> float:

@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -300,6 +301,30 @@ def test_a_bad_timeout_is_refused_before_anything_is_queued(make_processor, time
 
     asyncio.run(main())
     assert processor.get_stats()["queue_size"] == 0
+
+
+@pytest.mark.parametrize("timeout", [
+    float("nan"), np.float64("nan"), Decimal("NaN"), Decimal("sNaN"), -1, -0.5,
+    np.float32(-1), "1", b"1", [1], True, np.True_])
+def test_enqueue_predict_apredict_and_stop_refuse_a_bad_timeout_alike(make_processor,
+                                                                      timeout):
+    processor = make_processor(lambda batch: batch)
+    processor.pause()
+    x = np.array([[1.0]])
+    with pytest.raises((TypeError, ValueError)) as queued:
+        processor.enqueue_predict(x, timeout=timeout)
+
+    async def main():
+        with pytest.raises((TypeError, ValueError)) as awaited:
+            await processor.apredict(x, timeout=timeout)
+        return awaited
+
+    awaited = asyncio.run(main())
+    with pytest.raises((TypeError, ValueError)) as stopped:
+        processor.stop(timeout=timeout)
+    errors = {(type(e.value), str(e.value)) for e in (queued, awaited, stopped)}
+    assert len(errors) == 1, errors
+    assert processor.get_stats()["queue_size"] == 0 and processor.running
 
 
 def test_a_retried_request_keeps_its_priority(make_processor):

@@ -542,8 +542,8 @@ class BatchProcessor(Generic[T, U]):
             raise self._forked_error()
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(timeout)
-        if timeout is True or timeout is False:  # the queue takes any number
-            raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
+        if timeout is not None:  # checked as apredict's and stop's are (NaN, bools)
+            timeout = timeout_arg(timeout)
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:

@@ -480,6 +480,35 @@ def test_a_function_that_cannot_take_the_batch_alone_is_refused_when_decorated(f
         batchproc.batch()(func)
 
 
+class _Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, items):
+        return [x * self.factor for x in items]
+
+
+@pytest.mark.parametrize(("func", "name"), [
+    (_Scaler(2), "_Scaler.__call__"),
+    (functools.partial(_two, extra=1), "partial(_two)"),
+    (functools.partial(functools.partial(_two, extra=1)), "partial(_two)"),
+    (functools.partial(_Scaler(2)), "partial(_Scaler.__call__)"),
+    (_Scaler(2).__call__, "_Scaler.__call__"),
+])
+def test_a_callable_object_is_named_by_its_class_or_function_not_its_repr(func, name):
+    # A repr holds the object's address: a different name for every object.
+    assert repr(batchproc.batch()(func)) == f"<batched function {name} (idle)>"
+
+
+@pytest.mark.parametrize(("func", "name"), [
+    (functools.partial(_two, 1, 2), "partial(_two)"),
+    (functools.partial(_Scaler(2), [1]), "partial(_Scaler.__call__)")])
+def test_a_callable_object_that_cannot_take_the_batch_is_refused_by_its_name(func, name):
+    with pytest.raises(TypeError, match=rf"@batchproc.batch: {re.escape(name)}\(\) must take "
+                                        r"the batch as its only argument"):
+        batchproc.batch()(func)
+
+
 def test_a_method_that_cannot_take_the_instance_and_the_batch_is_refused():
     with pytest.raises(TypeError, match=r"Model.predict\(self, items, extra\) must take the "
                                         r"instance and the batch as its only arguments"):

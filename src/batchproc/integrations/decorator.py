@@ -449,7 +449,7 @@ class _Decorator:
             func, static = func.__func__, True
         if not callable(func):
             raise TypeError(f"@batchproc.batch(...) decorates a function, got {func!r}")
-        name = self._name or getattr(func, "__qualname__", None) or repr(func)
+        name = self._name or _callable_name(func)
         method = not static and _is_method(func)
         # What the processor calls is the outermost function, not one it wraps.
         signature = _signature(func, follow_wrapped=False)
@@ -459,6 +459,16 @@ class _Decorator:
             return BatchedMethod[Any, Any, Any](func, self._config, self._metrics_collector,
                                                 name)
         return BatchedFunction[Any, Any](func, self._config, self._metrics_collector, name)
+
+
+def _callable_name(func: Any) -> str:
+    """How errors and ``repr`` name a decorated callable without a ``name``: a function's
+    qualified name; ``partial(name)`` for a ``functools.partial``; ``Class.__call__`` for
+    an instance of a class with ``__call__`` (its repr would change with every object)."""
+    if isinstance(func, functools.partial):
+        return f"partial({_callable_name(func.func)})"
+    name = getattr(func, "__qualname__", None)
+    return name if isinstance(name, str) else f"{type(func).__qualname__}.__call__"
 
 
 def _check_takes_the_batch(signature: inspect.Signature, name: str, method: bool) -> None:
@@ -486,7 +496,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     change nothing). ``metrics_collector`` goes to each processor made
     (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus: its own ``name``
     is the metrics' ``processor`` label); ``name`` names the function in its errors and
-    ``repr`` (default: the function's qualified name).
+    ``repr`` (default: the function's qualified name; ``partial(name)`` for a
+    ``functools.partial``, ``Class.__call__`` for a callable instance).
 
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor

@@ -20,6 +20,7 @@ from batchproc import (
     ConfigTypeError,
     ProcessorStoppedError,
     QueueTimeoutError,
+    bulk,
 )
 from batchproc.errors import BatchOutputError
 
@@ -876,6 +877,116 @@ def test_pause_holds_the_map_and_resume_finishes_it(make_processor):
     consumer.join(timeout=10)
     assert not consumer.is_alive()
     assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(40)]
+
+
+class RecordingFuture:
+    """Replaces map's future class: records the futures made, in order, and every wait
+    on one (future, timeout) before it waits (or is interrupted, with ``interrupt``)."""
+
+    def __init__(self, monkeypatch, interrupt=False):
+        import batchproc.processor
+
+        made, waits = self.made, self.waits = [], []
+        base = batchproc.processor._RequestFuture
+
+        class Recorded(base):
+            def __init__(self):
+                super().__init__()
+                made.append(self)
+
+            def _wait(self, timeout):
+                waits.append((self, timeout))
+                if interrupt:
+                    raise KeyboardInterrupt
+                return super()._wait(timeout)
+
+        monkeypatch.setattr(batchproc.processor, "_RequestFuture", Recorded)
+
+
+def test_the_iterating_thread_waits_for_chunks_in_groups_of_half_the_window(
+        make_processor, monkeypatch):
+    # Woken once per chunk, the iterating thread would take the GIL from the model once
+    # per chunk: while the oldest chunk is pending it waits for the one half a window
+    # after it, within GROUP_WAIT_S, and hands out the chunks up to it together.
+    monkeypatch.setattr(bulk, "GROUP_WAIT_S", 30.0)
+    futures = RecordingFuture(monkeypatch)
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(32), buffersize=8)))
+    consumer.start()
+    _wait_for(lambda: futures.waits, "the iterating thread waiting")
+    assert futures.waits[0] == (futures.made[4], 30.0)  # chunk 4 of 0..7
+    p.resume()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(32)]
+
+
+def test_a_group_that_does_not_complete_in_time_is_followed_by_waits_for_one_chunk(
+        make_processor, monkeypatch):
+    # Chunks slower than GROUP_WAIT_S gain nothing from a group: after one that missed,
+    # the iterating thread waits for the oldest chunk alone.
+    monkeypatch.setattr(bulk, "GROUP_WAIT_S", 0.0)  # every group misses
+    futures = RecordingFuture(monkeypatch)
+    p = make_processor(Calls(), max_batch_size=4)
+    p.pause()
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(32), buffersize=8)))
+    consumer.start()
+    _wait_for(lambda: len(futures.waits) >= 2, "the iterating thread waiting")
+    assert futures.waits[:2] == [(futures.made[4], 0.0), (futures.made[0], None)]
+    p.resume()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(32)]
+
+
+def test_a_slow_later_chunk_does_not_hold_up_the_results_before_it(make_processor,
+                                                                   monkeypatch):
+    # Chunk 2 fails once and waits a minute for its retry: the group the iterating
+    # thread waits for (chunks 0-2) does not complete, and chunks 0 and 1 are handed out
+    # once GROUP_WAIT_S has passed, not when chunk 2 is done.
+    monkeypatch.setattr(bulk, "GROUP_WAIT_S", 0.5)
+    failed = []
+
+    def model(batch):
+        if (batch == 2).any() and not failed:
+            failed.append(True)
+            raise ValueError("fails once")
+        return batch * 2
+
+    p = make_processor(model, max_batch_size=1, retry_delay=60.0)
+    p.pause()
+    results = p.map(rows(8), buffersize=4)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(itertools.islice(results, 2)))
+    consumer.start()
+    _wait_for(lambda: p.get_stats()["queue_size"] == 4, "four chunks queued while paused")
+    p.resume()
+    consumer.join(timeout=20)
+    assert not consumer.is_alive(), "results held up by the chunk after them"
+    assert [float(y[0, 0]) for y in got] == [0.0, 2.0] and failed
+    results.close()  # withdraws chunk 2 from its retry
+
+
+def test_interrupted_waiting_for_a_group_of_chunks_withdraws_them(make_processor,
+                                                                 monkeypatch):
+    futures = RecordingFuture(monkeypatch, interrupt=True)
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+    p.pause()
+    results = p.map(rows(32), buffersize=8)
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+    assert futures.waits == [(futures.made[4], bulk.GROUP_WAIT_S)]
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 8
+    monkeypatch.undo()
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
 
 
 def test_stop_mid_map_raises_processor_stopped(make_processor):

@@ -13,6 +13,7 @@ built natively by the items' own format and its output split per item.
 Flow control: at most ``buffersize`` chunks are in flight (queued, running, or done
 and not yet handed out); the input is read only to refill that window, so an infinite
 or lazy input is read as fast as results are consumed and memory stays bounded.
+``map`` hands results out a group of chunks at a time (``Grouping``).
 
 Failures: a chunk of several items that fails is not retried whole (the engine fails
 it at once, as it searches a failing batch of several requests at once). Its items are
@@ -475,6 +476,51 @@ def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -
 
 # --------------------------------------------------------------------------- threads
 
+# The longest map's iterating thread waits for a group of chunks (``Grouping``)
+# before it takes the oldest one's results alone: what the grouping may add to the time
+# a result takes to be handed out. Chunks that take longer than this gain nothing from
+# being grouped (it saves one GIL hand-off a chunk).
+GROUP_WAIT_S = 0.002
+# After a group that did not complete in time, the chunks of 2**k windows are waited for
+# one by one before the next try (k: the groups missed in a row before it, at most this).
+MAX_GROUP_BACKOFF = 6
+
+
+class Grouping:
+    """How ``map``'s iterating thread waits while the oldest chunk is pending: for the
+    chunk half a window after it, at most ``GROUP_WAIT_S``, so that the chunks up to it
+    are handed out in one go.
+
+    Each wake-up of the iterating thread takes the GIL while a worker is inside the
+    model (numpy lets go of it there), and the model then waits for the GIL until this
+    thread has handed out the chunk's results and queued the next chunk: woken once per
+    chunk, the model stalls once per chunk; woken once per group, once per group
+    (``benchmarks/ablate_map_groups.py``). Nothing is waited for beyond that bound: a
+    later chunk that is slow (retried, or in a call that hangs) holds up the results
+    before it by ``GROUP_WAIT_S`` at most. After a group that did not complete in time,
+    chunks are waited for one by one for a while (``MAX_GROUP_BACKOFF``)."""
+
+    __slots__ = ("missed", "ungrouped")
+
+    def __init__(self) -> None:
+        self.ungrouped = 0  # chunks to wait for one by one before grouping again
+        self.missed = 0  # groups in a row that did not complete in time
+
+    def wait(self, slots: deque[InFlight | Failed]) -> None:
+        """The oldest of ``slots`` is pending: wait for its group (or not at all)."""
+        if self.ungrouped:
+            self.ungrouped -= 1
+            return
+        later = slots[len(slots) // 2]
+        if later is slots[0] or not isinstance(later, InFlight):
+            return
+        later.future._wait(GROUP_WAIT_S)
+        if later.future.done():
+            self.missed = 0
+        else:
+            self.ungrouped = len(slots) << self.missed
+            self.missed = min(self.missed + 1, MAX_GROUP_BACKOFF)
+
 
 def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 settings: Settings) -> Iterator[Any]:
@@ -512,6 +558,7 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
         slots = window.slots
+        grouping = Grouping()
         try:
             while True:
                 while window.wants_more():
@@ -524,6 +571,8 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                 if not isinstance(slot, InFlight):
                     yield window.take_failure()
                     continue
+                if not slot.future.done():
+                    grouping.wait(slots)
                 # Its own outcome first (a failed chunk's items are queued again before
                 # its failure is set).
                 try:

@@ -677,15 +677,17 @@ def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
 def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     # A model holding the GIL: two calls only take turns, and carry less than one did.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
-    assert _outrun(tuner, clock) == (1, 2)
+    assert _outrun(tuner, clock) == (1, 2) and not tuner.serialized
     assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
+    assert tuner.serialized  # deliveries then keep the call slot (engine/delivery.py)
     # Backlogged still, but two is not tried again before COOLDOWN windows at one.
     changes = [_window(tuner, clock, backlog=True) for _ in range(tuner.COOLDOWN)]
-    assert not any(changes) and slots.limit == 1
+    assert not any(changes) and slots.limit == 1 and tuner.serialized
     assert _window(tuner, clock, backlog=True) == (1, 2)
     # This time two carries more (a model behind one lock: the next batch is ready
     # when the lock frees): it stays, and three is tried.
     assert _window(tuner, clock, backlog=True, rows_per_batch=70) == (2, 3)
+    assert not tuner.serialized
 
 
 def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):

@@ -1106,6 +1106,47 @@ def test_adaptive_keeps_the_call_slot_through_a_delivery_if_no_pop_could_go(
     assert callers[0] is callers[1]  # ... and the next by the worker that delivered
 
 
+@pytest.mark.parametrize("serialized", [False, True])
+def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_calls_take_turns(
+        make_processor, serialized):
+    # A full batch waits when the call ends: the next call starts on another worker while
+    # the results are handed out. Not once two calls at once were seen to carry fewer
+    # rows than one (a model holding the GIL, ConcurrencyTuner.serialized): a call
+    # started then would contend with the delivery for the GIL, and each batch would
+    # move to another thread. The worker that delivered makes the next call.
+    release_call, in_call = threading.Event(), threading.Event()
+    second_called, delivered = threading.Event(), threading.Event()
+    callers, during = [], []
+
+    def model(batch):
+        callers.append(threading.current_thread())
+        if batch[0, 0] == 1:
+            in_call.set()
+            assert release_call.wait(20)
+        else:
+            second_called.set()
+        return batch
+
+    def delivering(future):
+        # Bounds the look for what must not happen.
+        during.append(second_called.wait(0.3 if serialized else 10))
+        delivered.set()
+
+    p = make_processor(model, max_workers=2, max_batch_size=1, batch_timeout=1.0)
+    p._controller._tuner.serialized = serialized
+    first = p.enqueue_predict(item(1))
+    first.add_done_callback(delivering)
+    assert in_call.wait(10)
+    second = p.enqueue_predict(item(2))  # a full batch (max_batch_size=1) waiting
+    release_call.set()
+    assert first.result(timeout=20)[0, 0] == 1
+    assert second.result(timeout=20)[0, 0] == 2
+    assert delivered.wait(20)  # the callback runs after the result is set
+    assert p._controller.slots.limit == 1
+    assert during == [not serialized]
+    assert (callers[0] is callers[1]) == serialized
+
+
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):
     # Its callers get their results (each request succeeds alone), so only a warning
     # says the model's batched output is broken: once, then at most once a minute.

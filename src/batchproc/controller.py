@@ -494,6 +494,9 @@ class ConcurrencyTuner:
         self._baseline = 0.0
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
+        # The last try at two calls carried fewer rows than one: the model's calls take
+        # turns (the GIL) rather than overlap, until a try at two pays.
+        self.serialized = False
 
     def observe(self, rows: int, backlog: bool, full: bool = False) -> tuple[int, int] | None:
         """Count a finished batch (``full``: it reached its target; ``backlog``: it left
@@ -536,9 +539,11 @@ class ConcurrencyTuner:
             if rate < self._baseline * self.TWO_LOSS and limit > 1:
                 # Two calls carried fewer rows than one: they only take turns (the GIL)
                 # and contend while doing so.
+                self.serialized = True
                 self.slots.set_limit(1)
                 self._cool_down()
                 return limit, 1
+            self.serialized = False
             self._next_cooldown = self.COOLDOWN
         if self._outrun >= self.OUTRUN_WINDOWS and limit < self._busy_floor:
             if self._cooldown:
@@ -609,6 +614,13 @@ class Controller:
     @property
     def current_batch_size(self) -> int:
         return self._current
+
+    @property
+    def calls_serialize(self) -> bool:
+        """Whether the model's calls were seen to take turns rather than overlap: the
+        last try at two calls at once carried fewer rows than one
+        (``ConcurrencyTuner.serialized``)."""
+        return self._tuner is not None and self._tuner.serialized
 
     @property
     def memory_level(self) -> str:

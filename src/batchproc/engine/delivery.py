@@ -112,7 +112,13 @@ class Delivery:
         just ended (an open load: no wave of this batch's clients is coming back for
         the next pop to wait for). Otherwise the woken worker's pop would only wait for
         this delivery's end, and this worker, back from it, for a slot: two thread
-        wake-ups a batch, for nothing."""
+        wake-ups a batch, for nothing.
+
+        Never while the model's calls take turns (``Controller.calls_serialize``: the
+        GIL): a call started during this delivery would contend with it for the GIL, and
+        every batch would move to another thread, a wake-up each."""
+        if self._controller.calls_serialize:
+            return False
         if left_waiting >= target:
             return True
         if left_waiting <= 0:

@@ -1,21 +1,31 @@
-"""What ``map`` gains by handing out its results a group of chunks at a time.
+"""What each of ``map``'s mechanisms gains: ``map`` as it is against ``map`` with one of
+them switched off, on one processor, alternating within each round.
 
-    python benchmarks/ablate_map_groups.py                 # ~20 s on 2 cores
-    python benchmarks/ablate_map_groups.py --rounds 4      # a smoke run
+    python benchmarks/ablate_map.py                 # ~40 s on 2 cores
+    python benchmarks/ablate_map.py --rounds 2      # a smoke run
 
-While the oldest chunk is pending, ``map``'s iterating thread waits for the chunk half a
-window after it, at most ``bulk.GROUP_WAIT_S`` (docs/bulk.md). The same processor runs
-the same ``map`` grouped and chunk by chunk (``GROUP_WAIT_S = 0``: each wait takes the
-oldest chunk alone), alternating within each round, so both see the same machine; the
-figure is the median over rounds of the ratio within a round.
+Variants:
+
+- ``map``: as shipped;
+- ``chunk by chunk``: results taken one chunk at a time (``bulk.GROUP_WAIT_S = 0``), not
+  a group of chunks at a time (docs/bulk.md);
+- ``slot handed over``: the call slot handed to another worker during each delivery
+  while a full batch waits, even once the model's calls were seen to take turns on the
+  GIL (``Controller.calls_serialize`` read as False): each batch then moves to another
+  worker thread.
+
+All variants run on the same processor in a rotated order within each round, so they
+see the same machine and the controller's state; each figure is the median over rounds
+of ``map``'s items/s divided by the variant's within the round.
 
 Models: the ``mlp`` of ``batchproc bench`` (numpy, 64 -> 256 -> 256 -> 16; it holds the
-GIL between its matrix products, where the grouping pays), on 50,000 items of one row of
-64 float32; and, on the same items in half the rounds, a model that sleeps 2 ms per call
-(the GIL released throughout: chunks slower than the group wait, where grouping should
-cost nothing). Max batch 64, max delay 5 ms, the default workers and buffersize.
+GIL between its matrix products, where both mechanisms pay), on 50,000 items of one row
+of 64 float32; and, on the same items in half the rounds, a model that sleeps 2 ms per
+call (the GIL released throughout: chunks slower than the group wait, calls that
+overlap, where neither should cost anything). Max batch 64, max delay 5 ms, the default
+workers and buffersize.
 
-Writes benchmarks/results/map-groups.md and map-groups.json.
+Writes benchmarks/results/map-ablation.md and map-ablation.json.
 """
 
 # ruff: noqa: E402  (BLAS settings must precede the numpy import)
@@ -29,11 +39,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,13 +52,30 @@ import numpy as np
 from batchproc import BatchProcessor, BatchProcessorConfig, bulk
 from batchproc.bench import report
 from batchproc.bench.models import MLP
+from batchproc.controller import Controller
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURES = 64
 MAX_BATCH = 64
 MAX_DELAY = 0.005
 SLEEP_S = 0.002
-GROUPED, ONE_BY_ONE = "grouped", "chunk by chunk"
+MAP, ONE_BY_ONE, HANDED_OVER = "map", "chunk by chunk", "slot handed over"
+VARIANTS = (MAP, ONE_BY_ONE, HANDED_OVER)
+
+
+@contextlib.contextmanager
+def _variant(name: str) -> Iterator[None]:
+    """Run ``map`` with the mechanism that variant ``name`` names switched off."""
+    group_wait, serialize = bulk.GROUP_WAIT_S, Controller.calls_serialize
+    if name == ONE_BY_ONE:
+        bulk.GROUP_WAIT_S = 0.0
+    elif name == HANDED_OVER:
+        Controller.calls_serialize = property(lambda self: False)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        bulk.GROUP_WAIT_S = group_wait
+        Controller.calls_serialize = serialize  # type: ignore[method-assign]
 
 
 def _sleeping(batch: np.ndarray) -> np.ndarray:
@@ -63,45 +91,47 @@ def _rounds(model: Callable[[np.ndarray], Any], items: list[np.ndarray],
         max_queue_size=len(items), queue_warning_threshold=len(items),
         queue_critical_threshold=len(items)))
     p.start(model)
-    group_wait = bulk.GROUP_WAIT_S
-    rates: dict[str, list[float]] = {GROUPED: [], ONE_BY_ONE: []}
+    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
         list(p.map(items[:max(1, len(items) // 10)]))  # warm up
         for k in range(rounds):
-            order = (GROUPED, ONE_BY_ONE) if k % 2 == 0 else (ONE_BY_ONE, GROUPED)
-            for variant in order:
-                bulk.GROUP_WAIT_S = group_wait if variant == GROUPED else 0.0
-                gc.collect()
-                t0 = time.perf_counter()
-                n = len(list(p.map(items)))
-                rates[variant].append(n / (time.perf_counter() - t0))
-            print(f"  round {k + 1}/{rounds}: grouped / chunk by chunk "
-                  f"{rates[GROUPED][-1] / rates[ONE_BY_ONE][-1]:.2f}", file=sys.stderr,
-                  flush=True)
+            for variant in VARIANTS[k % 3:] + VARIANTS[:k % 3]:
+                with _variant(variant):
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    n = len(list(p.map(items)))
+                    rates[variant].append(n / (time.perf_counter() - t0))
+            print(f"  round {k + 1}/{rounds}: " + ", ".join(
+                f"map / {v} {rates[MAP][-1] / rates[v][-1]:.2f}" for v in VARIANTS[1:]),
+                file=sys.stderr, flush=True)
     finally:
-        bulk.GROUP_WAIT_S = group_wait
         p.stop()
     return rates
 
 
 def _summary(rates: dict[str, list[float]]) -> dict[str, Any]:
-    ratios = [a / b for a, b in zip(rates[GROUPED], rates[ONE_BY_ONE])]
-    return {"grouped_items_per_s": statistics.median(rates[GROUPED]),
-            "chunk_by_chunk_items_per_s": statistics.median(rates[ONE_BY_ONE]),
-            "ratio": statistics.median(ratios),
-            "grouped_faster": sum(r > 1.0 for r in ratios), "rounds": len(ratios),
-            "ratios": ratios, "rates": rates}
+    out: dict[str, Any] = {"items_per_s": {v: statistics.median(r) for v, r in rates.items()},
+                           "rates": rates, "versus": {}}
+    for v in VARIANTS[1:]:
+        ratios = [a / b for a, b in zip(rates[MAP], rates[v])]
+        out["versus"][v] = {"ratio": statistics.median(ratios),
+                            "map_faster": sum(r > 1.0 for r in ratios),
+                            "rounds": len(ratios), "ratios": ratios}
+    return out
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
     mach = doc["machine"]
-    rows = [[name, report.fmt_rate(r["grouped_items_per_s"]),
-             report.fmt_rate(r["chunk_by_chunk_items_per_s"]), f"{r['ratio']:.2f}x",
-             f"{r['grouped_faster']} of {r['rounds']}",
-             f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}"]
-            for name, r in doc["results"].items()]
+    rows = []
+    for model, r in doc["results"].items():
+        for v in VARIANTS[1:]:
+            x = r["versus"][v]
+            rows.append([model, v, report.fmt_rate(r["items_per_s"][MAP]),
+                         report.fmt_rate(r["items_per_s"][v]), f"{x['ratio']:.2f}x",
+                         f"{x['map_faster']} of {x['rounds']}",
+                         f"{min(x['ratios']):.2f}-{max(x['ratios']):.2f}"])
     return "\n".join([
-        "# `map`: results handed out by groups of chunks, or chunk by chunk",
+        "# `map`: each mechanism switched off in turn",
         "",
         f"- date: {doc['date']}",
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
@@ -111,23 +141,21 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"- group wait: {doc['group_wait_s'] * 1e3:g} ms; max batch {MAX_BATCH}, max delay "
         f"{MAX_DELAY * 1e3:g} ms, default workers and buffersize",
         "",
-        "Items/s (medians over rounds); each round runs both variants on the same "
-        "processor, in alternating order, and the ratio is taken within the round.",
+        "Items/s (medians over rounds); each round runs every variant on the same "
+        "processor, in a rotated order, and each ratio is taken within the round.",
         "",
-        report.markdown_table(["model", "grouped items/s", "chunk by chunk items/s",
-                               "grouped ÷ chunk by chunk", "grouped faster",
-                               "ratio range"], rows),
+        report.markdown_table(["model", "switched off", "map items/s", "variant items/s",
+                               "map ÷ variant", "map faster", "ratio range"], rows),
         "",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ablate_map_groups.py",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=16, help="rounds per model (default 16)")
+    ap = argparse.ArgumentParser(prog="ablate_map.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15, help="rounds on mlp (default 15)")
     ap.add_argument("--items", type=int, default=50_000, help="items per map (default 50000)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    ap.add_argument("--name", default="map-groups")
+    ap.add_argument("--name", default="map-ablation")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.items < 10:
         ap.error("--rounds must be >= 1 and --items >= 10")
@@ -140,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             _rounds(_sleeping, items, max(1, args.rounds // 2))),
     }
     doc = {"date": report.now_iso(),
-           "command": "python benchmarks/ablate_map_groups.py " + " ".join(sys.argv[1:]),
+           "command": "python benchmarks/ablate_map.py " + " ".join(sys.argv[1:]),
            "machine": report.machine_info(), "versions": report.versions(),
            "group_wait_s": bulk.GROUP_WAIT_S, "wall_s": time.perf_counter() - t0,
            "results": results}

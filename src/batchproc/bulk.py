@@ -495,7 +495,7 @@ class Grouping:
     model (numpy lets go of it there), and the model then waits for the GIL until this
     thread has handed out the chunk's results and queued the next chunk: woken once per
     chunk, the model stalls once per chunk; woken once per group, once per group
-    (``benchmarks/ablate_map_groups.py``). Nothing is waited for beyond that bound: a
+    (``benchmarks/ablate_map.py``). Nothing is waited for beyond that bound: a
     later chunk that is slow (retried, or in a call that hangs) holds up the results
     before it by ``GROUP_WAIT_S`` at most. After a group that did not complete in time,
     chunks are waited for one by one for a while (``MAX_GROUP_BACKOFF``)."""

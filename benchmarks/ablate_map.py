@@ -23,24 +23,20 @@ GIL between its matrix products, where both mechanisms pay), on 50,000 items of 
 of 64 float32; and, on the same items in half the rounds, a model that sleeps 2 ms per
 call (the GIL released throughout: chunks slower than the group wait, calls that
 overlap, where neither should cost anything). Max batch 64, max delay 5 ms, the default
-workers and buffersize.
+workers and buffersize (compare_map.py's processor).
 
 Writes benchmarks/results/map-ablation.md and map-ablation.json.
 """
 
-# ruff: noqa: E402  (BLAS settings must precede the numpy import)
-
 from __future__ import annotations
 
-import os
-
-# Single-threaded BLAS, as in compare_map.py.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# compare_map's workload; imported first, it sets single-threaded BLAS before numpy loads.
+from compare_map import FEATURES, MAX_BATCH, MAX_DELAY, _processor  # isort: skip
 
 import argparse
 import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
@@ -49,15 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from batchproc import BatchProcessor, BatchProcessorConfig, bulk
+from batchproc import bulk
 from batchproc.bench import report
 from batchproc.bench.models import MLP
 from batchproc.controller import Controller
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FEATURES = 64
-MAX_BATCH = 64
-MAX_DELAY = 0.005
 SLEEP_S = 0.002
 MAP, ONE_BY_ONE, HANDED_OVER = "map", "chunk by chunk", "slot handed over"
 VARIANTS = (MAP, ONE_BY_ONE, HANDED_OVER)
@@ -86,11 +79,7 @@ def _sleeping(batch: np.ndarray) -> np.ndarray:
 def _rounds(model: Callable[[np.ndarray], Any], items: list[np.ndarray],
             rounds: int) -> dict[str, list[float]]:
     """Items/s of each variant in each round, run in turn on one processor."""
-    p: BatchProcessor[Any, Any] = BatchProcessor(BatchProcessorConfig(
-        max_batch_size=MAX_BATCH, initial_batch_size=MAX_BATCH, batch_timeout=MAX_DELAY,
-        max_queue_size=len(items), queue_warning_threshold=len(items),
-        queue_critical_threshold=len(items)))
-    p.start(model)
+    p = _processor(model, len(items))
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
         list(p.map(items[:max(1, len(items) // 10)]))  # warm up

@@ -1067,6 +1067,25 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
     assert waited == [True]  # served while the first batch's delivery was still going
 
 
+class FirstCallHeld:
+    """The identity model, whose call on ``item(1)`` waits for ``release``; records the
+    thread of each call, and sets ``second_called`` at any other call."""
+
+    def __init__(self):
+        self.release, self.in_call = threading.Event(), threading.Event()
+        self.second_called = threading.Event()
+        self.callers = []
+
+    def __call__(self, batch):
+        self.callers.append(threading.current_thread())
+        if batch[0, 0] == 1:
+            self.in_call.set()
+            assert self.release.wait(20)
+        else:
+            self.second_called.set()
+        return batch
+
+
 def test_adaptive_keeps_the_call_slot_through_a_delivery_if_no_pop_could_go(
         make_processor):
     # One call at a time; a request came at the end of the call, neither a full batch
@@ -1074,36 +1093,24 @@ def test_adaptive_keeps_the_call_slot_through_a_delivery_if_no_pop_could_go(
     # so another worker handed the call slot now would only wait in the queue for the
     # delivery's end (two thread wake-ups a batch, for nothing): the worker that called
     # keeps the slot and calls again once it has delivered.
-    release_call, in_call = threading.Event(), threading.Event()
-    second_called = threading.Event()
-    callers, during = [], []
-
-    def model(batch):
-        callers.append(threading.current_thread())
-        if batch[0, 0] == 1:
-            in_call.set()
-            assert release_call.wait(20)
-        else:
-            second_called.set()
-        return batch
-
+    model, during = FirstCallHeld(), []
     # batch_timeout outlasts the look below: no extra call for a request held past it
     # starts meanwhile.
     p = make_processor(model, max_workers=2, max_batch_size=8, batch_timeout=1.0)
     first = p.enqueue_predict(item(1))
     # Bounds the look for what must not happen.
-    first.add_done_callback(lambda f: during.append(second_called.wait(0.3)))
-    assert in_call.wait(10)
+    first.add_done_callback(lambda f: during.append(model.second_called.wait(0.3)))
+    assert model.in_call.wait(10)
     # A call of 50 ms at least, the request in its last moments: still arriving at its
     # end (an open load's), which had the slot handed over before.
     threading.Event().wait(0.05)
     second = p.enqueue_predict(item(2))
-    release_call.set()
+    model.release.set()
     assert first.result(timeout=20)[0, 0] == 1
     assert second.result(timeout=20)[0, 0] == 2
     assert p._controller.slots.limit == 1
     assert during == [False]  # no call during the delivery ...
-    assert callers[0] is callers[1]  # ... and the next by the worker that delivered
+    assert model.callers[0] is model.callers[1]  # ... and the next by the one that delivered
 
 
 @pytest.mark.parametrize("serialized", [False, True])
@@ -1114,37 +1121,26 @@ def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_call
     # rows than one (a model holding the GIL, ConcurrencyTuner.serialized): a call
     # started then would contend with the delivery for the GIL, and each batch would
     # move to another thread. The worker that delivered makes the next call.
-    release_call, in_call = threading.Event(), threading.Event()
-    second_called, delivered = threading.Event(), threading.Event()
-    callers, during = [], []
-
-    def model(batch):
-        callers.append(threading.current_thread())
-        if batch[0, 0] == 1:
-            in_call.set()
-            assert release_call.wait(20)
-        else:
-            second_called.set()
-        return batch
+    model, during, delivered = FirstCallHeld(), [], threading.Event()
 
     def delivering(future):
         # Bounds the look for what must not happen.
-        during.append(second_called.wait(0.3 if serialized else 10))
+        during.append(model.second_called.wait(0.3 if serialized else 10))
         delivered.set()
 
     p = make_processor(model, max_workers=2, max_batch_size=1, batch_timeout=1.0)
     p._controller._tuner.serialized = serialized
     first = p.enqueue_predict(item(1))
     first.add_done_callback(delivering)
-    assert in_call.wait(10)
+    assert model.in_call.wait(10)
     second = p.enqueue_predict(item(2))  # a full batch (max_batch_size=1) waiting
-    release_call.set()
+    model.release.set()
     assert first.result(timeout=20)[0, 0] == 1
     assert second.result(timeout=20)[0, 0] == 2
     assert delivered.wait(20)  # the callback runs after the result is set
     assert p._controller.slots.limit == 1
     assert during == [not serialized]
-    assert (callers[0] is callers[1]) == serialized
+    assert (model.callers[0] is model.callers[1]) == serialized
 
 
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):

@@ -418,6 +418,17 @@ def test_a_map_collected_in_a_cycle_withdraws_its_chunks_without_taking_a_lock_t
     assert p.get_stats()["total_cancelled"] == 5
 
 
+def check_all_withdrawn_and_running(p, model, chunks, monkeypatch):
+    """After an interrupted map on paused ``p``: its ``chunks`` chunks left the queue,
+    and ``p``, its future class put back and resumed, still runs a request."""
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == chunks
+    monkeypatch.undo()
+    p.resume()
+    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
+    assert model.sizes == [1]
+
+
 @pytest.mark.parametrize("return_exceptions", [False, True])
 def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatch,
                                                       return_exceptions):
@@ -440,12 +451,7 @@ def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatc
     # chunk it waited for leaves the queue with the others.
     with pytest.raises(KeyboardInterrupt):
         next(results)
-    stats = p.get_stats()
-    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 8
-    monkeypatch.undo()
-    p.resume()
-    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
-    assert model.sizes == [1]
+    check_all_withdrawn_and_running(p, model, 8, monkeypatch)
 
 
 def pausing_on_a_failed_chunk(make_processor):
@@ -864,19 +870,32 @@ def test_max_queue_time_expires_whole_chunks(make_processor):
         next(p.map(rows(2), max_queue_time=0.05))
 
 
+def consume_in_a_thread(p, items, **kwargs):
+    """``list(p.map(items, **kwargs))`` on a thread of its own: (the thread, the list
+    its results go to)."""
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(p.map(items, **kwargs)))
+    consumer.start()
+    return consumer, out
+
+
+def resume_and_check_doubled(p, consumer, out, n):
+    """Resume ``p`` and check that the map ``consume_in_a_thread`` runs ends with the n
+    doubled rows of ``rows(n)``, in order."""
+    p.resume()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(n)]
+
+
 def test_pause_holds_the_map_and_resume_finishes_it(make_processor):
     model = Calls()
     p = make_processor(model, max_batch_size=4)
     p.pause()
-    out = []
-    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(40), buffersize=3)))
-    consumer.start()
+    consumer, out = consume_in_a_thread(p, rows(40), buffersize=3)
     _wait_for(lambda: p.get_stats()["queue_size"] == 3, "three chunks queued while paused")
     assert model.sizes == [] and out == []
-    p.resume()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive()
-    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(40)]
+    resume_and_check_doubled(p, consumer, out, 40)
 
 
 class RecordingFuture:
@@ -913,15 +932,10 @@ def test_the_iterating_thread_waits_for_chunks_in_groups_of_half_the_window(
     model = Calls()
     p = make_processor(model, max_batch_size=4)
     p.pause()
-    out = []
-    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(32), buffersize=8)))
-    consumer.start()
+    consumer, out = consume_in_a_thread(p, rows(32), buffersize=8)
     _wait_for(lambda: futures.waits, "the iterating thread waiting")
     assert futures.waits[0] == (futures.made[4], 30.0)  # chunk 4 of 0..7
-    p.resume()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive()
-    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(32)]
+    resume_and_check_doubled(p, consumer, out, 32)
 
 
 def test_a_group_that_does_not_complete_in_time_is_followed_by_waits_for_one_chunk(
@@ -932,15 +946,10 @@ def test_a_group_that_does_not_complete_in_time_is_followed_by_waits_for_one_chu
     futures = RecordingFuture(monkeypatch)
     p = make_processor(Calls(), max_batch_size=4)
     p.pause()
-    out = []
-    consumer = threading.Thread(target=lambda: out.extend(p.map(rows(32), buffersize=8)))
-    consumer.start()
+    consumer, out = consume_in_a_thread(p, rows(32), buffersize=8)
     _wait_for(lambda: len(futures.waits) >= 2, "the iterating thread waiting")
     assert futures.waits[:2] == [(futures.made[4], 0.0), (futures.made[0], None)]
-    p.resume()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive()
-    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(32)]
+    resume_and_check_doubled(p, consumer, out, 32)
 
 
 def test_a_slow_later_chunk_does_not_hold_up_the_results_before_it(make_processor,
@@ -981,12 +990,7 @@ def test_interrupted_waiting_for_a_group_of_chunks_withdraws_them(make_processor
     with pytest.raises(KeyboardInterrupt):
         next(results)
     assert futures.waits == [(futures.made[4], bulk.GROUP_WAIT_S)]
-    stats = p.get_stats()
-    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 8
-    monkeypatch.undo()
-    p.resume()
-    p.enqueue_predict(np.zeros((1, 3), np.float32)).result()
-    assert model.sizes == [1]
+    check_all_withdrawn_and_running(p, model, 8, monkeypatch)
 
 
 def test_stop_mid_map_raises_processor_stopped(make_processor):

@@ -64,10 +64,12 @@ import functools
 import itertools
 import math
 import queue as _stdlib_queue
+import reprlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import collecting
@@ -296,22 +298,31 @@ def timeout_arg(timeout: Any) -> float | None:
     """A ``timeout`` argument (``apredict``'s wait for room, ``stop``'s): ``None`` or
     seconds >= 0, any number ``enqueue_predict`` takes (numpy scalars, ``Fraction``,
     ``Decimal``; an int too large for a float is for ever). ``TypeError`` for a
-    non-number (a string, a bool, numpy's included), ``ValueError`` for NaN or a negative
-    number."""
+    non-number (a string, a bool, numpy's included), ``ValueError`` for a NaN (a
+    ``Decimal`` signalling one too) or a negative number."""
     if timeout is None:
         return None
     if isinstance(timeout, (str, bytes, bytearray)) or type(timeout).__name__ in ("bool", "bool_"):
-        raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
+        raise TypeError(f"timeout must be None or a number of seconds, got {_shown(timeout)}")
     try:
         value = float(timeout)
     except OverflowError:
         value = math.inf if timeout > 0 else -math.inf
     except (TypeError, ValueError):
-        raise TypeError(
-            f"timeout must be None or a number of seconds, got {timeout!r}") from None
+        if not (isinstance(timeout, Decimal) and timeout.is_nan()):  # a signalling NaN
+            raise TypeError(
+                f"timeout must be None or a number of seconds, got {_shown(timeout)}"
+            ) from None
+        value = math.nan
     if value != value or value < 0:
-        raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+        raise ValueError(f"timeout must be None or >= 0, got {_shown(timeout)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A refused timeout in an error message: its repr, cut short (an int of hundreds
+    of digits)."""
+    return reprlib.repr(value)
 
 
 async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | None,

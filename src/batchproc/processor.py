@@ -540,10 +540,10 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
-        if self._state is _STOPPING or self._state is _STOPPED:
-            raise self._refusal_after_stop(timeout)
         if timeout is not None:  # checked as apredict's and stop's are (NaN, bools)
             timeout = timeout_arg(timeout)
+        if self._state is _STOPPING or self._state is _STOPPED:
+            raise self._refusal_after_stop(timeout)
         future = _RequestFuture()
         now = _monotonic()
         if max_queue_time is _CONFIG:

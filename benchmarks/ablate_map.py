@@ -126,7 +126,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
         "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
                                    for k, v in doc["versions"].items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s'] / 60:.1f} min)",
+        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s']:.0f} s)",
         f"- group wait: {doc['group_wait_s'] * 1e3:g} ms; max batch {MAX_BATCH}, max delay "
         f"{MAX_DELAY * 1e3:g} ms, default workers and buffersize",
         "",

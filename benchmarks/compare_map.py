@@ -24,7 +24,8 @@ hand; a sample of map results is checked against the model on its own row. Syste
 run in a rotated order in each repetition; figures are medians, and each ratio is the
 median of the ratios within a repetition.
 
-Writes benchmarks/results/map.md and map.json (every repetition's figures).
+Writes benchmarks/results/map.md and map.json (every repetition's figures); with
+``--quick``, map-quick.md and map-quick.json.
 """
 
 # ruff: noqa: E402  (BLAS settings must precede the numpy import)

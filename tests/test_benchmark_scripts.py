@@ -58,6 +58,7 @@ PRINTING_RUNS = [
     ("after_a_hang.py", ["--hang", "0.05", "--gap-ms", "1", "--before", "20"],
      "median latency, ms: before the hang "),
     ("idle_cost.py", ["--seconds", "0.2"], "| 5 ms | 4 |"),
+    ("cut_item_retries.py", ["--items", "2", "--rows", "8", "--seeds", "0"], "| 0 | "),
     ("backlog_fit.py", ["--seeds", "1", "--noise", "0.05"], "| 0.1 ms * rows |"),
     ("behind_a_hang.py", ["--timeouts", "0.01", "--trials", "2", "--clients", "1",
                           "--seconds", "0.1"],

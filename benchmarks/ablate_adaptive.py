@@ -19,6 +19,9 @@ than the last system listed (the reference). Systems:
 * ``no-watch``: ADAPTIVE with no worker watching for requests past ``batch_timeout``
   (no call slot is taken over);
 * ``keep-slot``: ADAPTIVE whose batches keep their call slot through every delivery;
+* ``hand-over``: ADAPTIVE whose batches hand their call slot over during a delivery
+  (a full batch waiting) even once its calls were seen to take turns
+  (``Controller.calls_serialize`` read as False);
 * ``fixed:SIZE,DELAY_MS,WORKERS``: a static FIXED configuration.
 
 The variants replace one method of the engine for the length of their run, in this
@@ -50,11 +53,11 @@ from batchproc.bench.runner import run_target
 from batchproc.bench.targets import Batchproc
 from batchproc.bench.tune import Candidate
 from batchproc.config import BatchProcessorConfig
-from batchproc.controller import LatencyModel
+from batchproc.controller import Controller, LatencyModel
 from batchproc.engine.delivery import Delivery
 from batchproc.engine.workers import POP_POLL, WorkerPool
 
-VARIANTS = ("adaptive", "no-fit-ceiling", "no-watch", "keep-slot")
+VARIANTS = ("adaptive", "no-fit-ceiling", "no-watch", "keep-slot", "hand-over")
 
 
 @contextlib.contextmanager
@@ -74,6 +77,8 @@ def _variant(system: str) -> contextlib.AbstractContextManager[None]:
         return _patched(WorkerPool, "_until_overdue", lambda self: POP_POLL)
     if system == "keep-slot":
         return _patched(Delivery, "_next_call_can_start", lambda self, *args: False)
+    if system == "hand-over":
+        return _patched(Controller, "calls_serialize", property(lambda self: False))
     return contextlib.nullcontext()
 
 

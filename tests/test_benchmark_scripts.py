@@ -66,7 +66,7 @@ PRINTING_RUNS = [
      "hangs: req/s, p50 ms\nadaptive | "),
     ("ablate_adaptive.py", ["--rate", "2000", "--rounds", "1", "--duration", "0.2",
                             "--systems", "adaptive,no-fit-ceiling,no-watch,keep-slot,"
-                            "adaptive-workers:1,fixed:16,0,1"],
+                            "hand-over,adaptive-workers:1,fixed:16,0,1"],
      "| keep-slot | "),
     # compare_versions.py's run, on its open-loop load (the script itself builds a
     # baseline from git: too slow for the suite).

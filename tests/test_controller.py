@@ -12,6 +12,7 @@ from batchproc.controller import (
     MEMORY_CRITICAL,
     MEMORY_OK,
     MEMORY_WARNING,
+    ConcurrencyTuner,
     Controller,
     LatencyModel,
 )
@@ -576,6 +577,18 @@ def _window(tuner, clock, backlog, rows_per_batch=64):
     return change
 
 
+def _finish_trial(tuner, clock, began, backlog, tried_rows=64, before_rows=64):
+    """Run the trial that the change ``began`` (before, tried) started to its verdict:
+    windows alternate between the limit tried (``tried_rows`` a batch) and the one
+    before (``before_rows``), TRIAL_WINDOWS at each (the window that began it was the
+    first at ``before``). Returns the verdict's change: None when the tried limit stays."""
+    before, tried = began
+    for _ in range(tuner.TRIAL_WINDOWS - 1):
+        assert _window(tuner, clock, backlog, tried_rows) == (tried, before)
+        assert _window(tuner, clock, backlog, before_rows) == (before, tried)
+    return _window(tuner, clock, backlog, tried_rows)
+
+
 def _outrun(tuner, clock, rows_per_batch=64):
     """OUTRUN_WINDOWS windows in a row that leave a full batch waiting after every batch:
     no change before the last; returns the last one's."""
@@ -589,9 +602,10 @@ def test_concurrent_calls_one_when_idle_two_at_once_under_backlog_then_back(monk
     assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
     # Requests left waiting window after window: two at once, no probe needed.
     assert _outrun(tuner, clock) == (1, 2) and slots.limit == 2
-    # Still waiting: a probe to three, kept only if rows per second rise 10%.
-    assert _window(tuner, clock, backlog=True) == (2, 3)
-    assert _window(tuner, clock, backlog=True, rows_per_batch=64) == (3, 2)  # no gain
+    # Two carried as much as one: kept. Still waiting: a probe to three, kept only if
+    # rows per second rise 10%.
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True) == (2, 3)
+    assert _finish_trial(tuner, clock, (2, 3), backlog=True) == (3, 2)  # no gain
     assert slots.limit == 2
     # Quiet for QUIET_WINDOWS windows: back to one call at a time.
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
@@ -642,7 +656,7 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
 
     def fail_two_then_count_the_wait():
-        assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
+        assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=56) == (2, 1)
         wait = 0
         while (change := _window(tuner, clock, backlog=True)) is None:
             wait += 1
@@ -654,10 +668,11 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
     assert tuner.MOST_COOLDOWN == 64
     # Two carries as much as one: kept. A quiet spell takes it back to one, and the
     # next failed try waits COOLDOWN windows again.
-    assert _window(tuner, clock, backlog=True, rows_per_batch=64) is None
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True) is None
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (2, 1)
-    assert _window(tuner, clock, backlog=False) is None and slots.limit == 1
+    assert _finish_trial(tuner, clock, (2, 1), backlog=False) is None
+    assert slots.limit == 1
     assert _outrun(tuner, clock) == (1, 2)
     assert fail_two_then_count_the_wait() == tuner.COOLDOWN == 8
 
@@ -665,6 +680,7 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
 def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)  # no probes above two
     assert _outrun(tuner, clock) == (1, 2)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True) is None
     n = tuner.WINDOW_BATCHES
     changes = []
     for _ in range(tuner.QUIET_WINDOWS):
@@ -678,7 +694,7 @@ def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     # A model holding the GIL: two calls only take turns, and carry less than one did.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
     assert _outrun(tuner, clock) == (1, 2) and not tuner.serialized
-    assert _window(tuner, clock, backlog=True, rows_per_batch=56) == (2, 1)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=56) == (2, 1)
     assert tuner.serialized  # deliveries then keep the call slot (engine/delivery.py)
     # Backlogged still, but two is not tried again before COOLDOWN windows at one.
     changes = [_window(tuner, clock, backlog=True) for _ in range(tuner.COOLDOWN)]
@@ -686,8 +702,31 @@ def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     assert _window(tuner, clock, backlog=True) == (1, 2)
     # This time two carries more (a model behind one lock: the next batch is ready
     # when the lock frees): it stays, and three is tried.
-    assert _window(tuner, clock, backlog=True, rows_per_batch=70) == (2, 3)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=70) == (2, 3)
     assert not tuner.serialized
+
+
+@pytest.mark.parametrize("slow", ["the window before", "a window at two"])
+def test_one_slow_window_does_not_decide_a_trial(monkeypatch, slow):
+    # On a shared machine one window now and then runs slow for reasons of its own
+    # (another process, a GC pass). Compared window against window, it would decide the
+    # try: a slow window before it keeps two calls that carry fewer rows (a model
+    # holding the GIL: 54 rows a batch at two against 64 at one), a slow window at two
+    # drops two calls that carry more (80 against 64). The trial alternates the limits
+    # and pools each one's windows.
+    assert ConcurrencyTuner.TRIAL_WINDOWS == 2
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
+    if slow == "the window before":
+        assert _outrun(tuner, clock, rows_per_batch=50) == (1, 2)
+        at_two, expected = (54, 54), (2, 1)  # 54 / 50 would keep two; 54 / 57 does not
+    else:
+        assert _outrun(tuner, clock) == (1, 2)
+        at_two, expected = (60, 80), None  # 60 / 64 would drop two; 70 / 64 does not
+    assert _window(tuner, clock, backlog=True, rows_per_batch=at_two[0]) == (2, 1)
+    assert _window(tuner, clock, backlog=True, rows_per_batch=64) == (1, 2)
+    assert _window(tuner, clock, backlog=True, rows_per_batch=at_two[1]) == expected
+    assert slots.limit == (1 if expected else 2)
+    assert tuner.serialized is (expected is not None)
 
 
 def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
@@ -703,13 +742,13 @@ def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
     tuner = ConcurrencyTuner(slots, max_limit=4)
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (3, 1) and not any(changes[:-1])
-    assert _window(tuner, clock, backlog=False, rows_per_batch=22) == (1, 3)
+    assert _finish_trial(tuner, clock, (3, 1), backlog=False, tried_rows=22) == (1, 3)
     assert slots.limit == 3
     changes = [_window(tuner, clock, backlog=False)
                for _ in range(2 * tuner.QUIET_WINDOWS)]
     assert changes[-1] == (3, 1) and not any(changes[:-1])
     # A truly quiet load: one call carries as much, and one it stays.
-    assert _window(tuner, clock, backlog=False, rows_per_batch=63) is None
+    assert _finish_trial(tuner, clock, (3, 1), backlog=False, tried_rows=63) is None
     assert slots.limit == 1
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert not any(changes) and slots.limit == 1
@@ -722,7 +761,7 @@ def test_windows_of_full_batches_are_not_quiet(monkeypatch):
     # per second; the calls stay. Once most batches fall short, the quiet count starts.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
     assert _outrun(tuner, clock) == (1, 2)
-    assert _window(tuner, clock, backlog=True) is None  # two carried as much as one
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True) is None  # as much as one
     n = tuner.WINDOW_BATCHES
     mostly_full = -(-n * 3 // 4)  # 12 of 16
     assert tuner.FULL_SHARE == 0.75
@@ -767,7 +806,8 @@ def test_batches_at_the_smallest_target_are_full_whatever_the_load(monkeypatch, 
     target = c.current_batch_size
     _controller_windows(c, clock, 2, rows=target, target=target, queued=5 * target)
     assert c.slots.limit == 2  # a burst outran one call
-    _controller_windows(c, clock, 1, rows=target, target=target, queued=5 * target)
+    _controller_windows(c, clock, 2 * c._tuner.TRIAL_WINDOWS - 1, rows=target,
+                        target=target, queued=5 * target)
     assert c.slots.limit >= 2  # two carried as much as one
     if case == "memory critical":
         c.set_memory_level(MEMORY_CRITICAL)

@@ -427,6 +427,50 @@ class CallSlots:
             self._cond.notify_all()
 
 
+# What a trial of another call limit tries: two calls at once after one, one more call
+# (a probe), or one call after a quiet spell.
+_TWO, _MORE, _ONE = "two", "more", "one"
+
+
+class _Trial:
+    """Another call limit tried side by side with the one before it: measurement windows
+    alternate between them (before, tried, before, tried, ...) until each limit has
+    ``windows`` of them, and the verdict is the ratio of their rows per second, each
+    limit's windows pooled. One window against the next swings widely on a busy machine
+    (another process, a GC pass, the thread consuming the results); alternating spreads
+    such a spell over both limits instead of deciding on it."""
+
+    __slots__ = ("_counts", "_rows", "_seconds", "_windows", "before", "kind", "tried")
+
+    def __init__(self, kind: str, before: int, tried: int, rows: int, seconds: float,
+                 windows: int) -> None:
+        self.kind = kind
+        self.before = before
+        self.tried = tried
+        self._windows = windows
+        # [before, tried]: the window that began the trial is the first at ``before``.
+        self._rows = [rows, 0]
+        self._seconds = [seconds, 0.0]
+        self._counts = [1, 0]
+
+    def record(self, limit: int, rows: int, seconds: float) -> int | None:
+        """Count a window run at ``limit``; returns the limit for the next window, or
+        None when the trial is over (its last window was at ``tried``)."""
+        arm = int(limit == self.tried)
+        self._rows[arm] += rows
+        self._seconds[arm] += seconds
+        self._counts[arm] += 1
+        if min(self._counts) >= self._windows:
+            return None
+        return self.before if arm else self.tried
+
+    def ratio(self) -> float:
+        """Rows per second at ``tried`` over rows per second at ``before``."""
+        before = self._rows[0] / self._seconds[0]
+        tried = self._rows[1] / self._seconds[1]
+        return tried / before if before > 0 else float("inf")
+
+
 class ConcurrencyTuner:
     """Sizes the number of concurrent calls from what the last batches saw.
 
@@ -437,23 +481,26 @@ class ConcurrencyTuner:
       left a full batch (``target`` rows) waiting when they finished, so the load
       outruns one call at a time (one such window comes now and then from a Poisson
       load near capacity: a burst, which one call at a time absorbs). Then two at once
-      (one running, the next filling), kept only if the window at two carried about as
-      many rows per second as the window at one before it (TWO_LOSS: calls that
-      serialize on the GIL lose by running two; then back to one for a cooldown).
+      (one running, the next filling), kept only if two carried about as many rows per
+      second as one (TWO_LOSS: calls that serialize on the GIL lose by running two;
+      then back to one for a cooldown).
       A full batch left now and then, or after half the calls (a Poisson load just
       below capacity), is not enough: there one call at a time takes all that arrived
       during the last call as soon as it ends, while a second call would seal the next
       batch early (at ``batch_timeout``) and, on a model whose calls serialize (a lock,
       the GIL), only queue it behind the first, a whole call later and with fewer rows.
     - Backlogged (BACKLOG_SHARE of a window's batches) at two or more: hill-climb on
-      measured rows per second, trying one more call for a window and keeping it if
-      rows per second rose by GAIN.
+      measured rows per second, trying one more call and keeping it if rows per
+      second rose by GAIN.
+    - Each such try is a trial (``_Trial``): windows alternate between the limit tried
+      and the one before it, TRIAL_WINDOWS each, and the verdict pools each limit's
+      windows, so that one slow window on a shared machine does not decide it.
     - A try that did not pay (a probe, or two that carried less than one) is not made
       again for a cooldown of COOLDOWN windows, doubled after each try in a row that
       failed, up to MOST_COOLDOWN: under an open load below capacity more calls never
       carry more (the load is what it is), and every try seals batches early.
     - QUIET_WINDOWS windows in a row not backlogged: back to one, kept only if the
-      window at one carries at least QUIET_LOSS of the rows per second before it. No
+      windows at one carry at least QUIET_LOSS of the rows per second before. No
       request waits either when every one is in flight (a closed loop that the calls in
       use serve in parallel): then one call carries far less, the limit comes back,
       and the next try at one waits twice as many quiet windows. A window whose batches
@@ -475,6 +522,7 @@ class ConcurrencyTuner:
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
     QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
     MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
+    TRIAL_WINDOWS = 2        # windows at each limit before a try's verdict (_Trial)
 
     def __init__(self, slots: CallSlots, max_limit: int) -> None:
         self.slots = slots
@@ -487,11 +535,8 @@ class ConcurrencyTuner:
         self._full = 0  # batches of this window that reached their target
         self._outrun = 0  # windows in a row that outran one call at a time
         self._quiet = 0
-        self._probing = False
-        self._checking_two = False  # the window at two is being compared with one
-        self._checking_one = 0  # the limit before a quiet spell's drop to one, while checked
+        self._trial: _Trial | None = None
         self._quiet_needed = self.QUIET_WINDOWS
-        self._baseline = 0.0
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
         # The last try at two calls carried fewer rows than one: the model's calls take
@@ -509,7 +554,7 @@ class ConcurrencyTuner:
         elapsed = now - self._start
         if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
             return None
-        rate = self._rows / elapsed
+        window_rows = self._rows
         backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
         outrun = self._backlogged >= self.OUTRUN_SHARE * self._batches
         filled = self._full >= self.FULL_SHARE * self._batches
@@ -517,57 +562,68 @@ class ConcurrencyTuner:
         self._outrun = self._outrun + 1 if outrun else 0
         self._quiet = 0 if backlogged or filled else self._quiet + 1
         limit = self.slots.limit
-        if self._probing:
-            self._probing = False
-            if rate >= self._baseline * self.GAIN or limit - 1 < self._busy_floor:
-                self._next_cooldown = self.COOLDOWN
-                return None  # the extra call paid off: keep it
-            self.slots.set_limit(limit - 1)
-            self._cool_down()
-            return limit, limit - 1
-        if self._checking_one:
-            before, self._checking_one = self._checking_one, 0
-            if rate < self._baseline * self.QUIET_LOSS:
-                # Quiet because every request was in flight, served by the calls dropped.
-                self._quiet_needed = min(2 * self._quiet_needed, self.MOST_QUIET_WINDOWS)
-                self._quiet = 0
-                self.slots.set_limit(before)
-                return limit, before
-            self._quiet_needed = self.QUIET_WINDOWS
-        if self._checking_two:
-            self._checking_two = False
-            if rate < self._baseline * self.TWO_LOSS and limit > 1:
-                # Two calls carried fewer rows than one: they only take turns (the GIL)
-                # and contend while doing so.
-                self.serialized = True
-                self.slots.set_limit(1)
-                self._cool_down()
-                return limit, 1
-            self.serialized = False
-            self._next_cooldown = self.COOLDOWN
+        trial = self._trial
+        if trial is not None:
+            next_limit = trial.record(limit, window_rows, elapsed)
+            if next_limit is not None:  # the trial goes on at the other limit
+                self.slots.set_limit(next_limit)
+                return limit, next_limit
+            self._trial = None
+            undone = self._judge(trial)
+            if undone is not None:
+                return undone
+            limit = self.slots.limit
         if self._outrun >= self.OUTRUN_WINDOWS and limit < self._busy_floor:
             if self._cooldown:
                 self._cooldown -= 1
                 return None
-            self._checking_two = True
-            self._baseline = rate
-            self.slots.set_limit(self._busy_floor)
-            return limit, self._busy_floor
+            return self._try(_TWO, self._busy_floor, window_rows, elapsed)
         if self._quiet >= self._quiet_needed and limit > 1:
             self._quiet = self._cooldown = 0
-            self._checking_one = limit
-            self._baseline = rate
-            self.slots.set_limit(1)
-            return limit, 1
+            return self._try(_ONE, 1, window_rows, elapsed)
         if self._cooldown:
             self._cooldown -= 1
             return None
         if backlogged and self._busy_floor <= limit < self._max:
-            self._probing = True
-            self._baseline = rate
-            self.slots.set_limit(limit + 1)
-            return limit, limit + 1
+            return self._try(_MORE, limit + 1, window_rows, elapsed)
         return None
+
+    def _try(self, kind: str, tried: int, rows: int, seconds: float) -> tuple[int, int]:
+        """Begin a trial of ``tried`` calls, this window (``rows`` in ``seconds``) the
+        first at the limit before it."""
+        before = self.slots.limit
+        self._trial = _Trial(kind, before, tried, rows, seconds, self.TRIAL_WINDOWS)
+        self.slots.set_limit(tried)
+        return before, tried
+
+    def _judge(self, trial: _Trial) -> tuple[int, int] | None:
+        """Apply a finished trial (the limit is its ``tried`` one): (old, new) when it
+        goes back to the limit before, None when the tried one is kept."""
+        ratio = trial.ratio()
+        if trial.kind is _ONE:
+            if ratio < self.QUIET_LOSS:
+                # Quiet because every request was in flight, served by the calls dropped.
+                self._quiet_needed = min(2 * self._quiet_needed, self.MOST_QUIET_WINDOWS)
+                self._quiet = 0
+                return self._undo(trial)
+            self._quiet_needed = self.QUIET_WINDOWS
+            return None
+        if trial.kind is _TWO:
+            # Two calls carrying fewer rows than one only take turns (the GIL) and
+            # contend while doing so.
+            self.serialized = ratio < self.TWO_LOSS
+            if self.serialized:
+                self._cool_down()
+                return self._undo(trial)
+        elif ratio < self.GAIN:  # _MORE: the extra call did not pay off
+            self._cool_down()
+            return self._undo(trial)
+        self._next_cooldown = self.COOLDOWN
+        return None
+
+    def _undo(self, trial: _Trial) -> tuple[int, int]:
+        self.slots.set_limit(trial.before)
+        return trial.tried, trial.before
 
     def _cool_down(self) -> None:
         self._cooldown = self._next_cooldown

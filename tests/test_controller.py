@@ -577,13 +577,16 @@ def _window(tuner, clock, backlog, rows_per_batch=64):
     return change
 
 
-def _finish_trial(tuner, clock, began, backlog, tried_rows=64, before_rows=64):
+def _finish_trial(tuner, clock, began, backlog, tried_rows=64, before_rows=64,
+                  clear=False):
     """Run the trial that the change ``began`` (before, tried) started to its verdict:
     windows alternate between the limit tried (``tried_rows`` a batch) and the one
     before (``before_rows``), TRIAL_WINDOWS at each (the window that began it was the
-    first at ``before``). Returns the verdict's change: None when the tried limit stays."""
+    first at ``before``); ``clear``: the first window at the limit tried decides (its
+    rows per second CLEAR times beyond what the trial needs, either way). Returns the
+    verdict's change: None when the tried limit stays."""
     before, tried = began
-    for _ in range(tuner.TRIAL_WINDOWS - 1):
+    for _ in range(0 if clear else tuner.TRIAL_WINDOWS - 1):
         assert _window(tuner, clock, backlog, tried_rows) == (tried, before)
         assert _window(tuner, clock, backlog, before_rows) == (before, tried)
     return _window(tuner, clock, backlog, tried_rows)
@@ -706,6 +709,93 @@ def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     assert not tuner.serialized
 
 
+def test_a_step_up_that_did_not_pay_is_followed_by_a_step_down(monkeypatch):
+    # A model holding the GIL: two calls carry fewer rows than one, but a trial of two
+    # passed on a lucky spell. Three does not pay either; the next try, after the
+    # cooldown, is two against one, which carries more: one it is, and the calls are
+    # known to take turns.
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
+    assert _outrun(tuner, clock) == (1, 2)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True) == (2, 3)  # lucky: kept
+    assert _finish_trial(tuner, clock, (2, 3), backlog=True) == (3, 2)  # no gain
+    changes = [_window(tuner, clock, backlog=True) for _ in range(tuner.COOLDOWN)]
+    assert not any(changes) and slots.limit == 2
+    assert _window(tuner, clock, backlog=True) == (2, 1)
+    assert _finish_trial(tuner, clock, (2, 1), backlog=True, tried_rows=64,
+                         before_rows=56) is None
+    assert slots.limit == 1 and tuner.serialized
+    # Two is not tried again before a cooldown, however backlogged the windows at one:
+    # twice COOLDOWN, as after the second try in a row that found more calls not paying.
+    changes = [_window(tuner, clock, backlog=True) for _ in range(2 * tuner.COOLDOWN)]
+    assert not any(changes)
+    assert _window(tuner, clock, backlog=True) == (1, 2)
+
+
+def test_a_step_down_that_carries_less_goes_back_and_the_next_try_is_up(monkeypatch):
+    # Calls that overlap (the GIL let go): three carry what two do (a lock in the
+    # model), and one carries far less than two. Tries alternate up and down, each
+    # failed one doubling the wait before the next.
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
+    assert _outrun(tuner, clock, rows_per_batch=32) == (1, 2)
+    # Two carry twice what one does: kept on its first window (CLEAR).
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True, before_rows=32,
+                         clear=True) == (2, 3)
+    waits, tries = [], []
+    for _ in range(4):
+        change = tries[-1] if tries else None
+        if change == (2, 3):
+            assert _finish_trial(tuner, clock, change, backlog=True) == (3, 2)
+        elif change == (2, 1):
+            assert _finish_trial(tuner, clock, change, backlog=True, tried_rows=32,
+                                 clear=True) == (1, 2)
+        else:
+            assert _finish_trial(tuner, clock, (2, 3), backlog=True) == (3, 2)
+        wait = 0
+        while (change := _window(tuner, clock, backlog=True)) is None:
+            wait += 1
+        waits.append(wait)
+        tries.append(change)
+    assert tries == [(2, 1), (2, 3), (2, 1), (2, 3)]
+    assert waits == [8, 16, 32, 64]
+    assert _finish_trial(tuner, clock, (2, 3), backlog=True) == (3, 2)
+    assert slots.limit == 2 and not tuner.serialized
+
+
+def test_steps_down_go_on_while_they_are_kept(monkeypatch):
+    # All four calls running (a lucky climb), on a model whose calls take turns: at
+    # max_limit the try is a step down, and each step down kept is followed by the next.
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(4)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    assert _window(tuner, clock, backlog=True) == (4, 3)
+    # As many rows at three: kept, and the verdict's window begins the next step down.
+    assert _finish_trial(tuner, clock, (4, 3), backlog=True) == (3, 2)
+    assert _finish_trial(tuner, clock, (3, 2), backlog=True) == (2, 1)
+    assert _finish_trial(tuner, clock, (2, 1), backlog=True, before_rows=60) is None
+    assert slots.limit == 1 and tuner.serialized
+
+
+@pytest.mark.parametrize(("rows_at_two", "decided_at_once", "kept"), [
+    (84, True, True),    # 84 / 64 = 1.31: beyond 0.98 * 1.3, kept on its first window
+    (81, False, True),   # 1.27: not clear; kept after the whole trial
+    (48, True, False),   # 0.75: under 0.98 / 1.3, dropped on its first window
+    (49, False, False),  # 0.77: not clear; dropped after the whole trial
+])
+def test_a_clear_first_window_decides_a_trial(monkeypatch, rows_at_two, decided_at_once,
+                                              kept):
+    assert (ConcurrencyTuner.TWO_LOSS, ConcurrencyTuner.CLEAR) == (0.98, 1.3)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
+    assert _outrun(tuner, clock) == (1, 2)
+    verdict = None if kept else (2, 1)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=rows_at_two,
+                         clear=decided_at_once) == verdict
+    assert slots.limit == (2 if kept else 1) and tuner.serialized is not kept
+
+
 @pytest.mark.parametrize("slow", ["the window before", "a window at two"])
 def test_one_slow_window_does_not_decide_a_trial(monkeypatch, slow):
     # On a shared machine one window now and then runs slow for reasons of its own
@@ -742,7 +832,8 @@ def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
     tuner = ConcurrencyTuner(slots, max_limit=4)
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (3, 1) and not any(changes[:-1])
-    assert _finish_trial(tuner, clock, (3, 1), backlog=False, tried_rows=22) == (1, 3)
+    assert _finish_trial(tuner, clock, (3, 1), backlog=False, tried_rows=22,
+                         clear=True) == (1, 3)
     assert slots.limit == 3
     changes = [_window(tuner, clock, backlog=False)
                for _ in range(2 * tuner.QUIET_WINDOWS)]

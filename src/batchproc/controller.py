@@ -427,27 +427,33 @@ class CallSlots:
             self._cond.notify_all()
 
 
-# What a trial of another call limit tries: two calls at once after one, one more call
-# (a probe), or one call after a quiet spell.
-_TWO, _MORE, _ONE = "two", "more", "one"
+# What a trial of another call limit tries: two calls at once after one, one call more
+# or one fewer while busy, or one call after a quiet spell.
+_TWO, _MORE, _FEWER, _ONE = "two", "more", "fewer", "one"
 
 
 class _Trial:
     """Another call limit tried side by side with the one before it: measurement windows
     alternate between them (before, tried, before, tried, ...) until each limit has
-    ``windows`` of them, and the verdict is the ratio of their rows per second, each
-    limit's windows pooled. One window against the next swings widely on a busy machine
-    (another process, a GC pass, the thread consuming the results); alternating spreads
-    such a spell over both limits instead of deciding on it."""
+    ``windows`` of them, and the verdict compares their rows per second, each limit's
+    windows pooled: the limit tried is kept if it carries ``needed`` times the rows per
+    second of the one before or more. One window against the next swings widely on a
+    busy machine (another process, a GC pass, the thread consuming the results);
+    alternating spreads such a spell over both limits instead of deciding on it. A
+    verdict clear after the first window at the limit tried (a ratio ``clear`` times
+    beyond ``needed``, either way) is taken then."""
 
-    __slots__ = ("_counts", "_rows", "_seconds", "_windows", "before", "kind", "tried")
+    __slots__ = ("_clear", "_counts", "_rows", "_seconds", "_windows", "before", "kind",
+                 "needed", "tried")
 
-    def __init__(self, kind: str, before: int, tried: int, rows: int, seconds: float,
-                 windows: int) -> None:
+    def __init__(self, kind: str, before: int, tried: int, needed: float, rows: int,
+                 seconds: float, windows: int, clear: float) -> None:
         self.kind = kind
         self.before = before
         self.tried = tried
+        self.needed = needed
         self._windows = windows
+        self._clear = clear
         # [before, tried]: the window that began the trial is the first at ``before``.
         self._rows = [rows, 0]
         self._seconds = [seconds, 0.0]
@@ -462,6 +468,10 @@ class _Trial:
         self._counts[arm] += 1
         if min(self._counts) >= self._windows:
             return None
+        if self._counts[1] == 1 and arm:
+            ratio = self.ratio()
+            if ratio >= self.needed * self._clear or ratio * self._clear < self.needed:
+                return None
         return self.before if arm else self.tried
 
     def ratio(self) -> float:
@@ -469,6 +479,9 @@ class _Trial:
         before = self._rows[0] / self._seconds[0]
         tried = self._rows[1] / self._seconds[1]
         return tried / before if before > 0 else float("inf")
+
+    def kept(self) -> bool:
+        return self.ratio() >= self.needed
 
 
 class ConcurrencyTuner:
@@ -491,14 +504,20 @@ class ConcurrencyTuner:
       the GIL), only queue it behind the first, a whole call later and with fewer rows.
     - Backlogged (BACKLOG_SHARE of a window's batches) at two or more: hill-climb on
       measured rows per second, trying one more call and keeping it if rows per
-      second rose by GAIN.
+      second rose by GAIN. After a step up that did not pay (or at ``max_limit``), the
+      next try is one call fewer, kept unless the calls in use carried what a step up
+      must (GAIN more; two against one, TWO_LOSS as much), and on down while steps
+      down are kept: a limit kept on a lucky window is not kept for good.
     - Each such try is a trial (``_Trial``): windows alternate between the limit tried
       and the one before it, TRIAL_WINDOWS each, and the verdict pools each limit's
-      windows, so that one slow window on a shared machine does not decide it.
-    - A try that did not pay (a probe, or two that carried less than one) is not made
-      again for a cooldown of COOLDOWN windows, doubled after each try in a row that
-      failed, up to MOST_COOLDOWN: under an open load below capacity more calls never
-      carry more (the load is what it is), and every try seals batches early.
+      windows, so that one slow window on a shared machine does not decide it; a try
+      whose first window is CLEAR times beyond what it needs, either way (a step that
+      doubles the rows per second), is decided on that window.
+    - A try that did not pay (a step up or down, or two that carried less than one;
+      also a step down to one that was kept) is not made again for a cooldown of
+      COOLDOWN windows, doubled after each try in a row that failed, up to
+      MOST_COOLDOWN: under an open load below capacity more calls never carry more
+      (the load is what it is), and every try seals batches early.
     - QUIET_WINDOWS windows in a row not backlogged: back to one, kept only if the
       windows at one carry at least QUIET_LOSS of the rows per second before. No
       request waits either when every one is in flight (a closed loop that the calls in
@@ -522,7 +541,9 @@ class ConcurrencyTuner:
     TWO_LOSS = 0.98          # two calls carrying under this share of one's rows: back to one
     QUIET_LOSS = 0.90        # one call carrying under this share of the rows before: undo
     MOST_QUIET_WINDOWS = 8 * QUIET_WINDOWS  # the longest wait between tries at one
-    TRIAL_WINDOWS = 2        # windows at each limit before a try's verdict (_Trial)
+    TRIAL_WINDOWS = 2        # windows at each limit before a try's verdict (_Trial) ...
+    CLEAR = 1.3              # ... unless the first window at the limit tried is this far
+                             # beyond the ratio needed, either way
 
     def __init__(self, slots: CallSlots, max_limit: int) -> None:
         self.slots = slots
@@ -539,8 +560,10 @@ class ConcurrencyTuner:
         self._quiet_needed = self.QUIET_WINDOWS
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
-        # The last try at two calls carried fewer rows than one: the model's calls take
-        # turns (the GIL) rather than overlap, until a try at two pays.
+        self._fewer_next = False  # the next try of a busy spell is a step down
+        # The last trial of two calls against one found two carrying fewer rows: the
+        # model's calls take turns (the GIL) rather than overlap, until a trial finds
+        # otherwise.
         self.serialized = False
 
     def observe(self, rows: int, backlog: bool, full: bool = False) -> tuple[int, int] | None:
@@ -570,8 +593,8 @@ class ConcurrencyTuner:
                 return limit, next_limit
             self._trial = None
             undone = self._judge(trial)
-            if undone is not None:
-                return undone
+            if undone is not None or self._cooldown:
+                return undone  # a cooldown counts the windows after the verdict's
             limit = self.slots.limit
         if self._outrun >= self.OUTRUN_WINDOWS and limit < self._busy_floor:
             if self._cooldown:
@@ -584,42 +607,67 @@ class ConcurrencyTuner:
         if self._cooldown:
             self._cooldown -= 1
             return None
-        if backlogged and self._busy_floor <= limit < self._max:
-            return self._try(_MORE, limit + 1, window_rows, elapsed)
+        if backlogged and limit >= self._busy_floor:
+            if limit > 1 and (self._fewer_next or limit >= self._max):
+                return self._try(_FEWER, limit - 1, window_rows, elapsed)
+            if limit < self._max:
+                return self._try(_MORE, limit + 1, window_rows, elapsed)
         return None
 
     def _try(self, kind: str, tried: int, rows: int, seconds: float) -> tuple[int, int]:
         """Begin a trial of ``tried`` calls, this window (``rows`` in ``seconds``) the
         first at the limit before it."""
         before = self.slots.limit
-        self._trial = _Trial(kind, before, tried, rows, seconds, self.TRIAL_WINDOWS)
+        self._trial = _Trial(kind, before, tried, self._needed(kind, tried), rows, seconds,
+                             self.TRIAL_WINDOWS, self.CLEAR)
         self.slots.set_limit(tried)
         return before, tried
 
     def _judge(self, trial: _Trial) -> tuple[int, int] | None:
         """Apply a finished trial (the limit is its ``tried`` one): (old, new) when it
         goes back to the limit before, None when the tried one is kept."""
-        ratio = trial.ratio()
-        if trial.kind is _ONE:
-            if ratio < self.QUIET_LOSS:
-                # Quiet because every request was in flight, served by the calls dropped.
-                self._quiet_needed = min(2 * self._quiet_needed, self.MOST_QUIET_WINDOWS)
-                self._quiet = 0
-                return self._undo(trial)
-            self._quiet_needed = self.QUIET_WINDOWS
-            return None
-        if trial.kind is _TWO:
-            # Two calls carrying fewer rows than one only take turns (the GIL) and
-            # contend while doing so.
-            self.serialized = ratio < self.TWO_LOSS
-            if self.serialized:
-                self._cool_down()
-                return self._undo(trial)
-        elif ratio < self.GAIN:  # _MORE: the extra call did not pay off
+        kind = trial.kind
+        kept = trial.kept()
+        if kind is _ONE:
+            if kept:
+                self._quiet_needed = self.QUIET_WINDOWS
+                return None
+            # Quiet because every request was in flight, served by the calls dropped.
+            self._quiet_needed = min(2 * self._quiet_needed, self.MOST_QUIET_WINDOWS)
+            self._quiet = 0
+            return self._undo(trial)
+        # Two calls that carry fewer rows than one only take turns (the GIL) and contend
+        # while doing so.
+        if kind is _TWO:
+            self.serialized = not kept
+        elif kind is _FEWER and trial.tried == 1:
+            self.serialized = kept
+        # After a step up that did not pay, the next try is a step down (the calls in
+        # use may not pay either), and so on down while steps down are kept.
+        self._fewer_next = (kind is _MORE and not kept) or (kind is _FEWER and kept)
+        if not kept:
             self._cool_down()
             return self._undo(trial)
+        if kind is _FEWER and trial.tried == 1:
+            self._cool_down()  # as after a try at two that failed
+            return None
         self._next_cooldown = self.COOLDOWN
+        if trial.tried >= self._max:
+            # No step up is left, and the step down that comes next would compare the
+            # same two limits again at once.
+            self._cooldown = self.COOLDOWN
         return None
+
+    def _needed(self, kind: str, tried: int) -> float:
+        """The ratio of rows per second (tried / before) that keeps the limit tried."""
+        if kind is _ONE:
+            return self.QUIET_LOSS
+        if kind is _TWO:
+            return self.TWO_LOSS
+        if kind is _MORE:
+            return self.GAIN
+        # _FEWER: the call dropped stays dropped unless it carried what a step up must.
+        return 1.0 / (self.TWO_LOSS if tried == 1 else self.GAIN)
 
     def _undo(self, trial: _Trial) -> tuple[int, int]:
         self.slots.set_limit(trial.before)

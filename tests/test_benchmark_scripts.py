@@ -37,11 +37,14 @@ SMOKE_RUNS = [
                              "--capacity", "fixed=1000", "--name", "smoke"], "smoke"),
     ("compare_poison.py", ["--seconds", "0.3", "--repeat", "1", "--clients", "4"], "poison"),
     ("ablate_map.py", ["--rounds", "1", "--items", "2000", "--name", "smoke"], "smoke"),
+    ("tuner_trials.py", ["--rounds", "1", "--items", "2000", "--maps", "1", "--name",
+                         "smoke"], "smoke"),
 ]
 # What a script's table must hold beyond a table, where it reports more than one.
 EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best static",
                      "compare_map.py": "| lean pipeline | ",
-                     "ablate_map.py": "| sleeps 2 ms | slot handed over | "}
+                     "ablate_map.py": "| sleeps 2 ms | slot handed over | ",
+                     "tuner_trials.py": "| sleeps 2 ms | held at 4 | "}
 # Scripts that print their table instead of writing files: (script, arguments, a line
 # the table must hold).
 PRINTING_RUNS = [

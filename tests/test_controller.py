@@ -796,6 +796,22 @@ def test_a_clear_first_window_decides_a_trial(monkeypatch, rows_at_two, decided_
     assert slots.limit == (2 if kept else 1) and tuner.serialized is not kept
 
 
+def test_batches_of_no_rows_tell_no_number_of_calls_from_another(monkeypatch):
+    # Items of shape (0, n) make batches of no rows: no rows per second to compare.
+    # The number of calls in use stays (two, kept as carrying as much as one).
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
+    assert _outrun(tuner, clock, rows_per_batch=0) == (1, 2)
+    assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=0,
+                         before_rows=0) is None
+    changes = [_window(tuner, clock, backlog=True, rows_per_batch=0)
+               for _ in range(tuner.COOLDOWN)]
+    assert not any(changes) and slots.limit == 2
+    assert _window(tuner, clock, backlog=True, rows_per_batch=0) == (2, 1)
+    assert _finish_trial(tuner, clock, (2, 1), backlog=True, tried_rows=0,
+                         before_rows=0) == (1, 2)
+    assert slots.limit == 2 and not tuner.serialized
+
+
 @pytest.mark.parametrize("slow", ["the window before", "a window at two"])
 def test_one_slow_window_does_not_decide_a_trial(monkeypatch, slow):
     # On a shared machine one window now and then runs slow for reasons of its own

@@ -478,7 +478,9 @@ class _Trial:
         """Rows per second at ``tried`` over rows per second at ``before``."""
         before = self._rows[0] / self._seconds[0]
         tried = self._rows[1] / self._seconds[1]
-        return tried / before if before > 0 else float("inf")
+        if before > 0:
+            return tried / before
+        return float("inf") if tried > 0 else 1.0  # batches of no rows: no difference
 
     def kept(self) -> bool:
         return self.ratio() >= self.needed

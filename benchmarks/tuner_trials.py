@@ -2,7 +2,7 @@
 through ``map`` with the tuner as shipped, with one of its parts switched off, and with
 the number of calls held at the best one for the model, alternating within each round.
 
-    python benchmarks/tuner_trials.py              # ~2 min on 2 cores
+    python benchmarks/tuner_trials.py              # ~1 min on 2 cores
     python benchmarks/tuner_trials.py --rounds 1   # a smoke run
 
 The tuner tries another number of concurrent calls (two after one, one more or one
@@ -28,9 +28,10 @@ tuner's changes). Variants run in a rotated order within each round; each ratio 
 median of the within-round ratios.
 
 Models: the ``mlp`` of ``batchproc bench`` (numpy; it holds the GIL between its matrix
-products, so two calls only take turns and carry fewer rows than one); and, in half the
-rounds and on a quarter of the items, a model that sleeps 2 ms per call (the GIL
-released: calls overlap, and the tuner must find that more calls carry more).
+products, so two calls only take turns and carry fewer rows than one); and, in half as
+many rounds (at least one) and on a quarter of the items, a model that sleeps 2 ms per
+call (the GIL released: calls overlap, and the tuner must find that more calls carry
+more).
 compare_map.py's processor: max batch 64, max delay 5 ms, the default workers and
 buffersize.
 
@@ -181,7 +182,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
                                    for k, v in doc["versions"].items()),
         f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s']:.0f} s)",
-        f"- each stream: {doc['maps']} maps of {doc['items']:,} items (the sleeping model: "
+        f"- each stream: {doc['maps']} map(s) of {doc['items']:,} items (the sleeping model: "
         f"{doc['items'] // 4:,}) of one row of {FEATURES} float32 on a fresh processor; "
         f"max batch {MAX_BATCH}, max delay {MAX_DELAY * 1e3:g} ms, default workers and "
         f"buffersize; trials of {doc['trial_windows']} windows at each limit",

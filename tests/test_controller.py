@@ -812,6 +812,27 @@ def test_batches_of_no_rows_tell_no_number_of_calls_from_another(monkeypatch):
     assert slots.limit == 2 and not tuner.serialized
 
 
+def test_a_step_down_that_carries_less_is_not_kept_step_after_step(monkeypatch):
+    # Each call fewer carrying a little less (92%, 92%, 94% of the number above it):
+    # none is kept, however small its loss, or the losses would add up step after step
+    # (to 80% of four calls at one). Four it stays.
+    from batchproc import controller as controller_module
+    from batchproc.controller import CallSlots
+
+    clock = _Clock()
+    monkeypatch.setattr(controller_module.time, "monotonic", clock)
+    slots = CallSlots(4)
+    tuner = ConcurrencyTuner(slots, max_limit=4)
+    rows_at = {4: 100, 3: 92, 2: 85, 1: 80}
+    changes = []
+    for _ in range(40 * tuner.MOST_COOLDOWN):
+        change = _window(tuner, clock, backlog=True, rows_per_batch=rows_at[slots.limit])
+        if change is not None:
+            changes.append(change)
+    assert slots.limit == 4
+    assert set(changes) == {(4, 3), (3, 4)}
+
+
 @pytest.mark.parametrize("slow", ["the window before", "a window at two"])
 def test_one_slow_window_does_not_decide_a_trial(monkeypatch, slow):
     # On a shared machine one window now and then runs slow for reasons of its own

@@ -507,8 +507,8 @@ class ConcurrencyTuner:
     - Backlogged (BACKLOG_SHARE of a window's batches) at two or more: hill-climb on
       measured rows per second, trying one more call and keeping it if rows per
       second rose by GAIN. After a step up that did not pay (or at ``max_limit``), the
-      next try is one call fewer, kept unless the calls in use carried what a step up
-      must (GAIN more; two against one, TWO_LOSS as much), and on down while steps
+      next try is one call fewer, kept if it carries as many rows per second (one
+      against two: if two carried under TWO_LOSS of one), and on down while steps
       down are kept: a limit kept on a lucky window is not kept for good.
     - Each such try is a trial (``_Trial``): windows alternate between the limit tried
       and the one before it, TRIAL_WINDOWS each, and the verdict pools each limit's
@@ -563,9 +563,9 @@ class ConcurrencyTuner:
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
         self._fewer_next = False  # the next try of a busy spell is a step down
-        # The last trial of two calls against one found two carrying fewer rows: the
-        # model's calls take turns (the GIL) rather than overlap, until a trial finds
-        # otherwise.
+        # The last trial of two calls against one (a try at two, or a step down to one)
+        # found two carrying fewer rows: the model's calls take turns (the GIL) rather
+        # than overlap, until a trial finds otherwise.
         self.serialized = False
 
     def observe(self, rows: int, backlog: bool, full: bool = False) -> tuple[int, int] | None:
@@ -668,8 +668,11 @@ class ConcurrencyTuner:
             return self.TWO_LOSS
         if kind is _MORE:
             return self.GAIN
-        # _FEWER: the call dropped stays dropped unless it carried what a step up must.
-        return 1.0 / (self.TWO_LOSS if tried == 1 else self.GAIN)
+        # _FEWER: kept if the fewer calls carry as much. Between that and GAIN the calls
+        # in use stay: a step down that may lose up to what a step up must gain would,
+        # step after step, settle far below the best. One against two: the line that
+        # tells them apart, TWO_LOSS, either way.
+        return 1.0 / self.TWO_LOSS if tried == 1 else 1.0
 
     def _undo(self, trial: _Trial) -> tuple[int, int]:
         self.slots.set_limit(trial.before)
@@ -724,8 +727,8 @@ class Controller:
     @property
     def calls_serialize(self) -> bool:
         """Whether the model's calls were seen to take turns rather than overlap: the
-        last try at two calls at once carried fewer rows than one
-        (``ConcurrencyTuner.serialized``)."""
+        last trial of two calls at once against one (a try at two, or a step down to
+        one) found two carrying fewer rows (``ConcurrencyTuner.serialized``)."""
         return self._tuner is not None and self._tuner.serialized
 
     @property

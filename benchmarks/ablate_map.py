@@ -110,7 +110,6 @@ def _summary(rates: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    mach = doc["machine"]
     rows = []
     for model, r in doc["results"].items():
         for v in VARIANTS[1:]:
@@ -120,13 +119,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                          f"{x['map_faster']} of {x['rounds']}",
                          f"{min(x['ratios']):.2f}-{max(x['ratios']):.2f}"])
     return "\n".join([
-        "# `map`: each mechanism switched off in turn",
-        "",
-        f"- date: {doc['date']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
-        "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
-                                   for k, v in doc["versions"].items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s']:.0f} s)",
+        *report.doc_header_lines("`map`: each mechanism switched off in turn", doc),
         f"- group wait: {doc['group_wait_s'] * 1e3:g} ms; max batch {MAX_BATCH}, max delay "
         f"{MAX_DELAY * 1e3:g} ms, default workers and buffersize",
         "",

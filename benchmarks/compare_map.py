@@ -224,7 +224,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    s, mach, v = doc["settings"], doc["machine"], doc["versions"]
+    s = doc["settings"]
     rows = []
     for r in doc["results"]:
         m = r["median"]
@@ -240,12 +240,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             "-" if r["system"] not in (MAP, AMAP, LEAN) else f"{m['wrong']} wrong",
         ])
     lines = [
-        "# Bulk inference: `map` vs the limit, no batching and a future per item",
-        "",
-        f"- date: {doc['date']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
-        "- versions: " + ", ".join(f"{k} {x or 'not installed'}" for k, x in v.items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s'] / 60:.1f} min)",
+        *report.doc_header_lines(
+            "Bulk inference: `map` vs the limit, no batching and a future per item", doc),
         f"- workload: {s['items']:,} items of shape (1, {s['features']}) float32 through the "
         f"`{s['model']}` model; max batch {s['max_batch']}, max delay "
         f"{s['max_delay_ms']:g} ms; median of {s['repeat']} repetition(s), systems in "

@@ -347,16 +347,9 @@ def _no_work_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    v = doc["versions"]
-    mach = doc["machine"]
     s = doc["settings"]
     lines = [
-        "# batchproc vs peers",
-        "",
-        f"- date: {doc['date']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
-        "- versions: " + ", ".join(f"{k} {x or 'not installed'}" for k, x in v.items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s'] / 60:.1f} min)",
+        *report.doc_header_lines("batchproc vs peers", doc),
         f"- every request: one row of {s['features']} float32; max batch {s['max_batch']}, "
         f"max delay {s['max_delay_ms']:g} ms; batchproc strategy {s['batchproc_strategy']}"
         + (f", {s['batchproc_workers']} workers" if s["batchproc_workers"] else "")

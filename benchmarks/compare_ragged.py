@@ -300,14 +300,10 @@ def spread(runs: list[dict[str, Any]]) -> str:
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    s, mach, v = doc["settings"], doc["machine"], doc["versions"]
+    s = doc["settings"]
     lines = [
-        "# Ragged sequences: batchproc padding vs exact-shape grouping vs `batched`",
-        "",
-        f"- date: {doc['date']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
-        "- versions: " + ", ".join(f"{k} {x or 'not installed'}" for k, x in v.items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s'] / 60:.1f} min)",
+        *report.doc_header_lines(
+            "Ragged sequences: batchproc padding vs exact-shape grouping vs `batched`", doc),
         f"- workload: {s['requests']:,} int64 sequences, lengths uniform in "
         f"{s['lengths'][0]}..{s['lengths'][1]} (mean {s['mean_length']:.1f}), one row each; "
         f"model: one call at a time, sleeps {s['model_fixed_ms']:g} ms + "

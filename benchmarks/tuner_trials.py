@@ -162,7 +162,6 @@ def _rounds(model: Callable[[np.ndarray], Any], items: list[np.ndarray], maps: i
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    mach = doc["machine"]
     rows = []
     for model, r in doc["results"].items():
         for v in VARIANTS:
@@ -175,13 +174,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
             name = f"held at {r['held_calls']}" if v == HELD else v
             rows.append([model, name, report.fmt_rate(r["items_per_s"][v]), at, *versus])
     return "\n".join([
-        "# Concurrent calls: the tuner part by part",
-        "",
-        f"- date: {doc['date']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
-        "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
-                                   for k, v in doc["versions"].items()),
-        f"- command: `{doc['command'].strip()}` (wall time {doc['wall_s']:.0f} s)",
+        *report.doc_header_lines("Concurrent calls: the tuner part by part", doc),
         f"- each stream: {doc['maps']} map(s) of {doc['items']:,} items (the sleeping model: "
         f"{doc['items'] // 4:,}) of one row of {FEATURES} float32 on a fresh processor; "
         f"max batch {MAX_BATCH}, max delay {MAX_DELAY * 1e3:g} ms, default workers and "

@@ -556,15 +556,15 @@ class _Clock:
         return self.now
 
 
-def _tuner_on_a_fake_clock(monkeypatch, max_limit):
-    """A ConcurrencyTuner starting at one call slot, its time the returned ``_Clock``:
-    (tuner, slots, clock)."""
+def _tuner_on_a_fake_clock(monkeypatch, max_limit, limit=1):
+    """A ConcurrencyTuner starting at ``limit`` call slots, its time the returned
+    ``_Clock``: (tuner, slots, clock)."""
     from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
+    from batchproc.controller import CallSlots
 
     clock = _Clock()
     monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(1)
+    slots = CallSlots(limit)
     return ConcurrencyTuner(slots, max_limit=max_limit), slots, clock
 
 
@@ -764,13 +764,7 @@ def test_a_step_down_that_carries_less_goes_back_and_the_next_try_is_up(monkeypa
 def test_steps_down_go_on_while_they_are_kept(monkeypatch):
     # All four calls running (a lucky climb), on a model whose calls take turns: at
     # max_limit the try is a step down, and each step down kept is followed by the next.
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(4)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4, limit=4)
     assert _window(tuner, clock, backlog=True) == (4, 3)
     # As many rows at three: kept, and the verdict's window begins the next step down.
     assert _finish_trial(tuner, clock, (4, 3), backlog=True) == (3, 2)
@@ -816,13 +810,7 @@ def test_a_step_down_that_carries_less_is_not_kept_step_after_step(monkeypatch):
     # Each call fewer carrying a little less (92%, 92%, 94% of the number above it):
     # none is kept, however small its loss, or the losses would add up step after step
     # (to 80% of four calls at one). Four it stays.
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(4)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4, limit=4)
     rows_at = {4: 100, 3: 92, 2: 85, 1: 80}
     changes = []
     for _ in range(40 * tuner.MOST_COOLDOWN):
@@ -860,13 +848,7 @@ def test_quiet_because_all_in_flight_keeps_the_calls(monkeypatch):
     # Every request in flight at three calls (a closed loop the calls serve in
     # parallel): nothing waits, so the windows are quiet; one call then carries far less,
     # and the three come back, with twice the quiet windows before the next try.
-    from batchproc import controller as controller_module
-    from batchproc.controller import CallSlots, ConcurrencyTuner
-
-    clock = _Clock()
-    monkeypatch.setattr(controller_module.time, "monotonic", clock)
-    slots = CallSlots(3)
-    tuner = ConcurrencyTuner(slots, max_limit=4)
+    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4, limit=3)
     changes = [_window(tuner, clock, backlog=False) for _ in range(tuner.QUIET_WINDOWS)]
     assert changes[-1] == (3, 1) and not any(changes[:-1])
     assert _finish_trial(tuner, clock, (3, 1), backlog=False, tried_rows=22,

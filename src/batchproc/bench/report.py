@@ -77,6 +77,23 @@ def results_header(title: str, command: str) -> str:
             f"- command: `{command}`")
 
 
+def doc_header_lines(title: str, doc: dict[str, Any]) -> list[str]:
+    """A results file's head (markdown lines) from its JSON document: the title, then
+    ``doc``'s date, machine, versions, command and wall time (``wall_s``, seconds)."""
+    mach = doc["machine"]
+    wall = doc["wall_s"]
+    took = f"{wall:.0f} s" if wall < 120 else f"{wall / 60:.1f} min"
+    return [
+        f"# {title}",
+        "",
+        f"- date: {doc['date']}",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}",
+        "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
+                                   for k, v in doc["versions"].items()),
+        f"- command: `{doc['command'].strip()}` (wall time {took})",
+    ]
+
+
 # -- numbers ------------------------------------------------------------------------------
 
 

@@ -25,7 +25,8 @@ call (the GIL released throughout: chunks slower than the group wait, calls that
 overlap, where neither should cost anything). Max batch 64, max delay 5 ms, the default
 workers and buffersize (compare_map.py's processor).
 
-Writes benchmarks/results/map-ablation.md and map-ablation.json.
+Writes benchmarks/results/map-ablation.md and map-ablation.json; a run smaller than the defaults
+writes map-ablation-small.md and .json, marked not for quoting.
 """
 
 from __future__ import annotations
@@ -137,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15, help="rounds on mlp (default 15)")
     ap.add_argument("--items", type=int, default=50_000, help="items per map (default 50000)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    ap.add_argument("--name", default="map-ablation")
+    ap.add_argument("--name", help="output stem (default map-ablation; map-ablation-small for a "
+                    "run smaller than the defaults)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.items < 10:
         ap.error("--rounds must be >= 1 and --items >= 10")
+    smaller = report.smaller_than_defaults(ap, args, ("rounds", "items"))
+    name = args.name or ("map-ablation-small" if smaller else "map-ablation")
     rng = np.random.default_rng(0)
     items = list(rng.standard_normal((args.items, 1, FEATURES), dtype=np.float32))
     t0 = time.perf_counter()
@@ -152,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": report.now_iso(),
            "command": "python benchmarks/ablate_map.py " + " ".join(sys.argv[1:]),
            "machine": report.machine_info(), "versions": report.versions(),
+           "smaller": smaller,
            "group_wait_s": bulk.GROUP_WAIT_S, "wall_s": time.perf_counter() - t0,
            "results": results}
-    report.write_results(args.out_dir, args.name, to_markdown(doc), doc)
+    report.write_results(args.out_dir, name, to_markdown(doc), doc)
     return 0
 
 

@@ -35,7 +35,8 @@ more).
 compare_map.py's processor: max batch 64, max delay 5 ms, the default workers and
 buffersize.
 
-Writes benchmarks/results/tuner-trials.md and tuner-trials.json.
+Writes benchmarks/results/tuner-trials.md and tuner-trials.json; a run smaller than the defaults
+writes tuner-trials-small.md and .json, marked not for quoting.
 """
 
 from __future__ import annotations
@@ -198,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=50_000, help="items per map (default 50000)")
     ap.add_argument("--maps", type=int, default=8, help="maps per stream (default 8)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    ap.add_argument("--name", default="tuner-trials")
+    ap.add_argument("--name", help="output stem (default tuner-trials; tuner-trials-small for a "
+                    "run smaller than the defaults)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.items < 10 or args.maps < 1:
         ap.error("--rounds and --maps must be >= 1 and --items >= 10")
+    smaller = report.smaller_than_defaults(ap, args, ("rounds", "items", "maps"))
+    name = args.name or ("tuner-trials-small" if smaller else "tuner-trials")
     rng = np.random.default_rng(0)
     items = list(rng.standard_normal((args.items, 1, FEATURES), dtype=np.float32))
     t0 = time.perf_counter()
@@ -214,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": report.now_iso(),
            "command": "python benchmarks/tuner_trials.py " + " ".join(sys.argv[1:]),
            "machine": report.machine_info(), "versions": report.versions(),
+           "smaller": smaller,
            "items": args.items, "maps": args.maps,
            "trial_windows": ConcurrencyTuner.TRIAL_WINDOWS,
            "wall_s": time.perf_counter() - t0, "results": results}
-    report.write_results(args.out_dir, args.name, to_markdown(doc), doc)
+    report.write_results(args.out_dir, name, to_markdown(doc), doc)
     return 0
 
 

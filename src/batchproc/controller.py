@@ -48,14 +48,16 @@ The policy (docs/architecture.md, "The controller"):
   found by trying (``ConcurrencyTuner``): one until three quarters of the batches of two
   windows in a row leave a full batch waiting (the load outruns one call at a time; one
   such window is a burst of a Poisson load near capacity), then two (one
-  running, the next filling), and above two the controller tries one more for a window
-  of batches and keeps it only if rows per second rose by 10%; a try that fails waits
-  longer each time before the next. Below that backlog one
+  running, the next filling), and above two the controller tries one more and keeps it
+  only if rows per second rose by 10%, and one fewer after a step up that did not pay;
+  each try is measured side by side with the number before it, and a try that fails
+  waits longer each time before the next. Below that backlog one
   call at a time is what a model whose calls serialize (a lock, the GIL) does best: the
   next call takes everything that arrived during the last one, where a second call
   would be sealed early and wait at the lock. At saturation a model behind one lock (a
-  GPU) or holding the GIL stays at two, so the next batch is ready when the lock frees;
-  a model that runs in parallel (I/O, GIL-free native code) climbs toward
+  GPU) stays at two, so the next batch is ready when the lock frees; one holding the
+  GIL goes back to one (two calls only take turns, and carry fewer rows); a model that
+  runs in parallel (I/O, GIL-free native code) climbs toward
   ``max_workers``. FIXED runs ``max_workers`` at once and tunes nothing.
 """
 

@@ -79,10 +79,13 @@ def results_header(title: str, command: str) -> str:
 
 def doc_header_lines(title: str, doc: dict[str, Any]) -> list[str]:
     """A results file's head (markdown lines) from its JSON document: the title, then
-    ``doc``'s date, machine, versions, command and wall time (``wall_s``, seconds)."""
+    ``doc``'s date, machine, versions, command and wall time (``wall_s``, seconds), and
+    a warning where ``doc["smaller"]`` is true (a run smaller than the script's
+    defaults)."""
     mach = doc["machine"]
     wall = doc["wall_s"]
-    took = f"{wall:.0f} s" if wall < 120 else f"{wall / 60:.1f} min"
+    took = (f"{wall:.1f} s" if wall < 10 else f"{wall:.0f} s" if wall < 120
+            else f"{wall / 60:.1f} min")
     return [
         f"# {title}",
         "",
@@ -91,6 +94,8 @@ def doc_header_lines(title: str, doc: dict[str, Any]) -> list[str]:
         "- versions: " + ", ".join(f"{k} {v or 'not installed'}"
                                    for k, v in doc["versions"].items()),
         f"- command: `{doc['command'].strip()}` (wall time {took})",
+        *(["- **a run smaller than the script's defaults: not for quoting**"]
+          if doc.get("smaller") else []),
     ]
 
 
@@ -353,6 +358,11 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
             f.write(text)
 
     replace_file(path, write)
+
+
+def smaller_than_defaults(parser: Any, args: Any, sizes: Sequence[str]) -> bool:
+    """Whether any of the ``sizes`` arguments (dest names) is below its default."""
+    return any(getattr(args, size) < parser.get_default(size) for size in sizes)
 
 
 def write_results(out_dir: str, name: str, markdown: str, doc: dict[str, Any]) -> None:

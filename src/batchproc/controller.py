@@ -461,10 +461,11 @@ class _Trial:
         self._seconds = [seconds, 0.0]
         self._counts = [1, 0]
 
-    def record(self, limit: int, rows: int, seconds: float) -> int | None:
-        """Count a window run at ``limit``; returns the limit for the next window, or
-        None when the trial is over (its last window was at ``tried``)."""
-        arm = int(limit == self.tried)
+    def record(self, rows: int, seconds: float) -> int | None:
+        """Count the window just run (the limits alternate, so it was at ``tried`` when
+        ``before`` has more windows); returns the limit for the next window, or None
+        when the trial is over (its last window was at ``tried``)."""
+        arm = int(self._counts[0] > self._counts[1])
         self._rows[arm] += rows
         self._seconds[arm] += seconds
         self._counts[arm] += 1
@@ -591,7 +592,7 @@ class ConcurrencyTuner:
         limit = self.slots.limit
         trial = self._trial
         if trial is not None:
-            next_limit = trial.record(limit, window_rows, elapsed)
+            next_limit = trial.record(window_rows, elapsed)
             if next_limit is not None:  # the trial goes on at the other limit
                 self.slots.set_limit(next_limit)
                 return limit, next_limit
@@ -642,9 +643,10 @@ class ConcurrencyTuner:
             return self._undo(trial)
         # Two calls that carry fewer rows than one only take turns (the GIL) and contend
         # while doing so.
+        to_one = kind is _FEWER and trial.tried == 1
         if kind is _TWO:
             self.serialized = not kept
-        elif kind is _FEWER and trial.tried == 1:
+        elif to_one:
             self.serialized = kept
         # After a step up that did not pay, the next try is a step down (the calls in
         # use may not pay either), and so on down while steps down are kept.
@@ -652,7 +654,7 @@ class ConcurrencyTuner:
         if not kept:
             self._cool_down()
             return self._undo(trial)
-        if kind is _FEWER and trial.tried == 1:
+        if to_one:
             self._cool_down()  # as after a try at two that failed
             return None
         self._next_cooldown = self.COOLDOWN

@@ -4,6 +4,7 @@ the progress display. Only the CLI and the peer-comparison script call these.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import io
@@ -360,7 +361,8 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
     replace_file(path, write)
 
 
-def smaller_than_defaults(parser: Any, args: Any, sizes: Sequence[str]) -> bool:
+def smaller_than_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                          sizes: Sequence[str]) -> bool:
     """Whether any of the ``sizes`` arguments (dest names) is below its default."""
     return any(getattr(args, size) < parser.get_default(size) for size in sizes)
 

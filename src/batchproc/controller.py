@@ -55,8 +55,9 @@ The policy (docs/architecture.md, "The controller"):
   call at a time is what a model whose calls serialize (a lock, the GIL) does best: the
   next call takes everything that arrived during the last one, where a second call
   would be sealed early and wait at the lock. At saturation a model behind one lock (a
-  GPU) stays at two, so the next batch is ready when the lock frees; one holding the
-  GIL goes back to one (two calls only take turns, and carry fewer rows); a model that
+  GPU) stays at two, so the next batch is ready when the lock frees; one whose calls
+  contend for the GIL goes back to one, where two carry fewer rows (calls that only
+  take turns at equal rows may rest at any number up to the last step up); a model that
   runs in parallel (I/O, GIL-free native code) climbs toward
   ``max_workers``. FIXED runs ``max_workers`` at once and tunes nothing.
 """

@@ -16,6 +16,7 @@ import math
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -420,6 +421,106 @@ def test_a_blocked_pop_wakes_on_push(impl: Any) -> None:
     blocked(q, ITEMS)
     q.push("x")
     assert popper.outcome() == ["x"]
+
+
+class HoldingTheGil:
+    """Keeps the GIL in this thread (a long switch interval) until the block ends, as an
+    event loop does while it resumes its tasks and each pushes its next request. Pure
+    Python only inside: a call that lets go of the GIL would end the hold."""
+
+    def __enter__(self) -> HoldingTheGil:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(HANG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setswitchinterval(self._interval)
+
+    @staticmethod
+    def pause(seconds: float = 0.05) -> None:
+        """Run on, GIL held: time for a woken pop to reach the point where it needs the
+        GIL (it selects there; a pop that selected before would have taken less)."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            pass
+
+
+def test_a_pop_seals_its_batch_once_it_holds_the_gil(impl: Any) -> None:
+    # A pop woken by the first push cannot run its batch before it has the GIL, which
+    # the pusher holds while it pushes more: those join the batch, not the next one.
+    q = impl.RequestQueue(8)
+    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        q.push("a")
+        gil.pause()
+        for x in "bcd":
+            q.push(x)
+    assert popper.outcome() == ["a", "b", "c", "d"]
+    assert len(q) == 0
+
+
+def test_what_joins_a_batch_while_its_pop_waits_for_the_gil_follows_the_batch_rules(
+        impl: Any) -> None:
+    # Other keys stay queued in their place; the first compatible entry that does not
+    # fit ends the batch (no overtaking), as in a pop that took everything at once.
+    q = impl.RequestQueue(8)
+    popper = Worker(q.pop_batch, 4, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        q.push("a", 0, 1, 0, 1)
+        gil.pause()
+        q.push("x", 0, 1, 0, 2)
+        q.push("b", 0, 1, 0, 1)
+        q.push("c", 0, 3, 0, 1)
+        q.push("d", 0, 1, 0, 1)
+    assert popper.outcome() == ["a", "b"]
+    assert q.pop_batch(8, timeout=0) == ["x"]
+    assert q.pop_batch(8, timeout=0) == ["c", "d"]
+
+
+def test_a_more_urgent_push_while_a_pop_waits_for_the_gil_heads_the_next_batch() -> None:
+    # Native only (the twin takes its head holding the GIL): a batch stays in
+    # (priority, arrival) order, so the walk ends at the first more urgent entry.
+    q = native_queue.RequestQueue(8)
+    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        q.push("a", 1)
+        gil.pause()
+        q.push("b", 1)
+        q.push("u", 0)
+        q.push("c", 1)
+    assert popper.outcome() == ["a"]
+    assert q.pop_batch(8, timeout=0) == ["u", "b", "c"]
+
+
+def test_a_pop_paused_while_it_waits_for_the_gil_takes_no_more() -> None:
+    # Native only: the twin, holding the GIL throughout, has not taken its head yet.
+    q = native_queue.RequestQueue(8)
+    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        q.push("a")
+        gil.pause()
+        q.pause()
+        q.push("b")
+    assert popper.outcome() == ["a"]
+    q.resume()
+    assert q.pop_batch(8, timeout=0) == ["b"]
+
+
+def test_a_pop_that_waited_for_the_gil_takes_no_more_than_max_rows(impl: Any) -> None:
+    q = impl.RequestQueue(8)
+    popper = Worker(q.pop_batch, 3, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        q.push("a")
+        gil.pause()
+        for x in "bcd":
+            q.push(x)
+    assert popper.outcome() == ["a", "b", "c"]
+    assert q.pop_batch(8, timeout=0) == ["d"]
 
 
 def test_a_push_wakes_the_pop_that_blocked_last() -> None:

@@ -208,6 +208,19 @@ ctypedef struct PopParams:
     uint64_t pushed_at  # ... and the let-go count then
 
 
+ctypedef struct Taken:
+    # The batch a pop is taking, as the walk of step 3 needs it to take more.
+    int64_t key
+    bint solo
+    bint ended          # a compatible entry did not fit: nothing after it may be taken
+    int64_t rows
+    int64_t nbytes
+    int64_t longest     # the longest length among its entries
+    int64_t per_token   # the most bytes per row and unit of length among its entries
+    int64_t last_priority   # the (priority, seq) of its last entry
+    uint64_t last_seq
+
+
 # The priority an entry gets once it has waited longer than max_priority_wait: above
 # every level a push accepts, so aged entries go first, among themselves by arrival.
 cdef int64_t _AGED = -1
@@ -916,26 +929,41 @@ cdef class RequestQueue:
             return self._last_batch_rows
         return INT64_MAX
 
-    cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf) noexcept nogil:
+    cdef Py_ssize_t _select_locked(self, const PopParams* p, PopBuf* buf,
+                                   Taken* t) noexcept nogil:
         """Step 3 of pop_batch: move the batch's slots into buf. Requires _len > 0."""
-        cdef Entry head, e
-        cdef const Entry* top
-        cdef Py_ssize_t nskip = 0, i
-        cdef int64_t total_rows, total_bytes, longest, longest_after, per_token, per_token_after
+        cdef Entry head
         _heap_remove(self._heap, self._info, &self._len, 0, &head)
         buf.slots[buf.n] = head.slot        # buf starts empty with stack room: no check
         buf.n += 1
         self._rows -= head.rows
         self._unindex_locked(head.slot)
-        if head.solo:
+        t.key = head.key
+        t.solo = head.solo
+        t.ended = False
+        t.rows = head.rows
+        t.nbytes = head.nbytes
+        t.longest = head.length
+        t.per_token = _bytes_per_token(&head)
+        t.last_priority = head.priority
+        t.last_seq = head.seq
+        self._last_batch_rows = t.rows
+        self._last_batch_len = <Py_ssize_t>buf.n
+        return self._extend_locked(p, buf, t)
+
+    cdef Py_ssize_t _extend_locked(self, const PopParams* p, PopBuf* buf,
+                                   Taken* t) noexcept nogil:
+        """Step 3's walk after the head: take the queued entries that join batch t, in
+        (priority, arrival) order, up to the first that does not fit. Its size."""
+        cdef Entry e
+        cdef const Entry* top
+        cdef Py_ssize_t nskip = 0, i
+        cdef int64_t longest_after, per_token_after
+        if t.solo or t.ended:
             return <Py_ssize_t>buf.n
-        total_rows = head.rows
-        total_bytes = head.nbytes
-        longest = head.length
-        per_token = _bytes_per_token(&head)
         while self._len > 0:
             top = &self._heap[0]
-            if top.key != head.key or top.solo:
+            if top.key != t.key or top.solo:
                 # Incompatible: set aside, reinserted below with its own (priority, seq),
                 # so it keeps its place and order.
                 if nskip == self._skip_cap and not self._grow_skip():
@@ -945,46 +973,55 @@ cdef class RequestQueue:
                 continue
             # No overtaking: the first compatible entry that does not fit ends the batch.
             # (Written as differences: totals never exceed 2**63 - 1, caps are >= 0.)
-            if top.rows > p.max_rows - total_rows:
+            t.ended = True
+            if top.priority < t.last_priority or (
+                    top.priority == t.last_priority and top.seq < t.last_seq):
+                # Pushed after the batch was taken and more urgent than its last entry
+                # (a top-up): it heads the next batch, and this one stays in order.
                 break
-            if p.max_bytes > 0 and top.nbytes > p.max_bytes - total_bytes:
+            if top.rows > p.max_rows - t.rows:
+                break
+            if p.max_bytes > 0 and top.nbytes > p.max_bytes - t.nbytes:
                 break
             if p.max_tokens > 0:
                 # (rows after) x (longest after) <= max_tokens, tested by division: the
                 # product could overflow. Both sides are >= 0, so // floors exactly.
-                longest_after = top.length if top.length > longest else longest
+                longest_after = top.length if top.length > t.longest else t.longest
                 if (longest_after > 0 and
-                        total_rows + top.rows > p.max_tokens // longest_after):
+                        t.rows + top.rows > p.max_tokens // longest_after):
                     break
-            if p.max_bytes > 0 and (longest > 0 or top.length > 0):
+            if p.max_bytes > 0 and (t.longest > 0 or top.length > 0):
                 # Padded, the batch's bytes are its rows x its longest length x the most
                 # bytes per row and unit of length among its entries (by division again).
-                longest_after = top.length if top.length > longest else longest
+                longest_after = top.length if top.length > t.longest else t.longest
                 per_token_after = _bytes_per_token(top)
-                if per_token_after < per_token:
-                    per_token_after = per_token
+                if per_token_after < t.per_token:
+                    per_token_after = t.per_token
                 if per_token_after > 0 and (
                         longest_after > p.max_bytes // per_token_after or
-                        total_rows + top.rows >
+                        t.rows + top.rows >
                         p.max_bytes // per_token_after // longest_after):
                     break
             if not buf.has_room():
                 break
+            t.ended = False
             _heap_remove(self._heap, self._info, &self._len, 0, &e)
             buf.slots[buf.n] = e.slot
             buf.n += 1
             self._unindex_locked(e.slot)
-            total_rows += e.rows
-            total_bytes += e.nbytes
-            if e.length > longest:
-                longest = e.length
+            t.rows += e.rows
+            t.nbytes += e.nbytes
+            if e.length > t.longest:
+                t.longest = e.length
             per_token_after = _bytes_per_token(&e)
-            if per_token_after > per_token:
-                per_token = per_token_after
+            if per_token_after > t.per_token:
+                t.per_token = per_token_after
+            t.last_priority = e.priority
+            t.last_seq = e.seq
             self._rows -= e.rows
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
-        self._last_batch_rows = total_rows
+        self._last_batch_rows = t.rows
         self._last_batch_len = <Py_ssize_t>buf.n
         return <Py_ssize_t>buf.n
 
@@ -992,7 +1029,7 @@ cdef class RequestQueue:
         return p.planned and p.retargets != self._retargets
 
     cdef Py_ssize_t _try_pop_locked(self, const PopParams* p, bint may_wait,
-                                    PopBuf* buf) noexcept nogil:
+                                    PopBuf* buf, Taken* t) noexcept nogil:
         """pop_batch without waiting: the batch size, or RQ_RETRY if it must wait."""
         if self._stale_locked(p):
             return 0
@@ -1005,10 +1042,10 @@ cdef class RequestQueue:
                 and not self._heap[0].solo):
             if mono_now() < self._fill_deadline(p):
                 return RQ_RETRY
-        return self._select_locked(p, buf)
+        return self._select_locked(p, buf, t)
 
     cdef Py_ssize_t _wait_pop_locked(self, PopParams* p, double deadline, double wake_by,
-                                     PopBuf* buf) noexcept nogil:
+                                     PopBuf* buf, Taken* taken) noexcept nogil:
         """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
         cdef double t, d
         cdef int64_t wake_rows
@@ -1069,7 +1106,23 @@ cdef class RequestQueue:
                     continue
             if self._stale_locked(p):
                 return self._leave_stale_locked()
-            return self._select_locked(p, buf)
+            return self._select_locked(p, buf, taken)
+
+    cdef void _top_up(self, const PopParams* p, PopBuf* buf, Taken* t):
+        """After a pop that waited, the GIL held again: take the entries pushed since
+        that join batch t, then move the objects out and free the slots. The batch
+        cannot run before its worker holds the GIL, and a producer holds it while it
+        pushes (an event loop resuming its tasks pushes their next requests in one
+        pass): those requests go in this batch instead of waiting for the next."""
+        if not sync_try_lock(self._sync):
+            with nogil:
+                sync_lock(self._sync)
+        self._tick_locked()
+        if not self._held_locked():
+            self._extend_locked(p, buf, t)
+        self._move_out(buf)
+        self._release_slots_locked(buf.slots, <Py_ssize_t>buf.n)
+        sync_unlock(self._sync)
 
     cdef Py_ssize_t _leave_stale_locked(self) noexcept nogil:
         """A stale pop (see ``retarget``) leaves entries it may have been counted on to
@@ -1455,6 +1508,12 @@ cdef class RequestQueue:
            (padded sequences) the byte cap also holds for the padded batch: its rows x
            its longest length x the most bytes per row and unit of length among its
            entries (an entry's ``nbytes / (rows x length)``, rounded up).
+           A call that waited (step 1 or 2) walks on once it holds the GIL again,
+           taking by the same rules the entries pushed meanwhile (none while paused),
+           up to the first compatible one more urgent than the batch's last (it heads
+           the next batch: a batch is always in (priority, arrival) order): its worker
+           could not run the batch before, and a producer pushes holding the GIL (an
+           event loop resuming its tasks pushes their next requests in one pass).
 
         ``retargets``: the value of ``retargets`` the caller read before it chose
         ``max_rows`` and ``fill_rows``; once ``retarget()`` has been called since, the
@@ -1485,12 +1544,13 @@ cdef class RequestQueue:
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by
         cdef PopBuf buf
+        cdef Taken taken
         cdef Py_ssize_t n = RQ_RETRY
 
         # Fast path, GIL held: if no wait is needed, select, move the objects out and free
         # the slots in one critical section.
         if sync_try_lock(self._sync):
-            n = self._try_pop_locked(&p, c_timeout > 0.0, &buf)
+            n = self._try_pop_locked(&p, c_timeout > 0.0, &buf, &taken)
             if n > 0:
                 self._move_out(&buf)
                 self._release_slots_locked(buf.slots, n)
@@ -1498,14 +1558,14 @@ cdef class RequestQueue:
             if n >= 0:
                 return self._to_list(&buf)
 
-        # Slow path: wait and select without the GIL, then move the objects out with the
-        # GIL (lock released), then give the slots back.
+        # Slow path: wait and select without the GIL; then, the GIL taken back, take
+        # what joined the batch meanwhile, move the objects out and free the slots.
         deadline = mono_now() + c_timeout
         while True:
             wake_by = _wake_by()
             with nogil:
                 sync_lock(self._sync)
-                n = self._wait_pop_locked(&p, deadline, wake_by, &buf)
+                n = self._wait_pop_locked(&p, deadline, wake_by, &buf, &taken)
                 sync_unlock(self._sync)
                 if n > 0 and p.caught_push:
                     linger_for_let_go(self._sync, p.pushed_at, _pop_linger)
@@ -1513,8 +1573,7 @@ cdef class RequestQueue:
                 break
             PyErr_CheckSignals()
         if n > 0:
-            self._move_out(&buf)
-            self._release_slots(buf.slots, n)
+            self._top_up(&p, &buf, &taken)
         return self._to_list(&buf)
 
     def park(self, item, priority, rows, nbytes, key, length, not_before, deadline=None):

@@ -20,9 +20,11 @@ model answering in about 100 us, where callers' spins may or may not pay) a fixe
 of that many ms at that many closed-loop clients, and open-loop Poisson
 loads of any model (``--configs mlp/rate-9000``: 9,000 requests/s from one thread, the
 same arrivals for both versions in a repetition), where latency and the process's CPU
-per request tell versions apart. In each repetition the two versions run one after the
-other, the order alternating; reported are the median per version, the ratio
-current/baseline of the medians, and the range of the per-repetition ratios (each pair
+per request tell versions apart, and closed loops of any model from threads
+(``--configs mlp/64``) or from asyncio tasks on one event loop awaiting
+``enqueue_predict_async`` (``--configs identity/asyncio-64``). In each repetition the
+two versions run one after the other, the order alternating; reported are the median per
+version, the ratio current/baseline of the medians, and the range of the per-repetition ratios (each pair
 measured back to back), so noise is visible.
 
 Writes benchmarks/results/versions.md and versions.json (every run's figures).
@@ -93,13 +95,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not a.configs:
         p.error("--configs: none given")
     bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)
-           and not _fixed_closed_loop(c)]
+           and not _fixed_closed_loop(c) and not _closed_loop(c)]
     if bad:
         known = ", ".join(CONFIGS + EXTRA_CONFIGS)
         p.error(f"--configs: unknown {', '.join(bad)} (choose from {known}, or MODEL/rate-N "
                 f"for an open loop of N requests/s, {RATES[0]:g} <= N <= {RATES[1]:,.0f}, "
                 "MODEL one of identity, mlp, fixed; or fixed-<ms>ms/<clients>, "
-                f"0 < ms <= {FIXED_MS_MAX:g}, 1 <= clients <= {CLIENTS_MAX})")
+                f"0 < ms <= {FIXED_MS_MAX:g}, 1 <= clients <= {CLIENTS_MAX}; or "
+                f"MODEL/<clients>, MODEL/burst, or either as asyncio-<clients>, "
+                f"asyncio-burst (from asyncio tasks), 1 <= clients <= {CLIENTS_MAX})")
     return a
 
 
@@ -126,7 +130,21 @@ def _fixed_closed_loop(config: str) -> bool:
             and 1 <= int(match.group(3)) <= CLIENTS_MAX)
 
 
+_CLOSED = re.compile(r"(asyncio-)?(\d+|burst)")
+
+
+def _closed_loop(config: str) -> bool:
+    """``MODEL/<clients>``, ``MODEL/burst``, or the same prefixed ``asyncio-``: closed-loop
+    client threads or a burst from one thread, or asyncio tasks on one event loop."""
+    model, _, key = config.partition("/")
+    match = _CLOSED.fullmatch(key)
+    return (model in ("identity", "mlp", "fixed") and match is not None
+            and (match.group(2) == "burst" or 1 <= int(match.group(2)) <= CLIENTS_MAX))
+
+
 def load_label(key: str) -> str:
+    if key.startswith("asyncio-"):
+        return f"asyncio {load_label(key[8:])}"
     if key.startswith("rate-"):
         return f"{float(key[5:]):,.0f} req/s open loop"
     return LOAD_LABELS.get(key) or f"{int(key)} clients"

@@ -10,8 +10,9 @@ source tree, is first on sys.path) through ``batchproc.bench``: the same target,
 and measurement in every version since the benchmark package was written, so two
 versions differ only in the library under test. A short warm-up run of the same load
 comes first (thread start-up, first-call costs); then one measured run. Loads: ``burst``,
-a number of closed-loop clients, or ``rate-N``: open-loop Poisson arrivals at N requests/s
-from one thread (``seed`` picks the arrivals). Prints one JSON object on stdout: where
+a number of closed-loop clients, ``asyncio-N``: N closed-loop asyncio tasks on one event
+loop (``enqueue_predict_async``), or ``rate-N``: open-loop Poisson arrivals at N
+requests/s from one thread (``seed`` picks the arrivals). Prints one JSON object on stdout: where
 batchproc was imported from, versions, the figures, and the process's CPU seconds over
 the measured run (all threads: the load generator's too, the same in every version).
 """
@@ -38,9 +39,12 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     from batchproc.bench.loads import Bounds, Load
     from batchproc.bench.models import make_model
     from batchproc.bench.runner import run_target
-    from batchproc.bench.targets import Batchproc
+    from batchproc.bench.targets import Batchproc, BatchprocAsync
 
     key, burst, cap = spec["load"], int(spec["burst"]), float(spec["cap"])
+    kind = Batchproc
+    if key.startswith("asyncio-"):
+        kind, key = BatchprocAsync, key[8:]
     if key == "burst":
         load = Load("burst", burst=burst, features=FEATURES)
         warm = Load("burst", burst=min(burst, 2_000), features=FEATURES)
@@ -59,7 +63,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         model = make_model(name, features=FEATURES)
 
     def target() -> Batchproc:
-        return Batchproc(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
+        return kind(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
 
     run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))
     cpu = time.process_time()

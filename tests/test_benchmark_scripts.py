@@ -77,6 +77,8 @@ PRINTING_RUNS = [
                         ' "seed": 1}'], '"process_cpu_s": '),
     ("version_run.py", ['{"model": "fixed-0.1ms", "load": "1", "burst": 0, "cap": 0.2,'
                         ' "seed": 1}'], '"process_cpu_s": '),
+    ("version_run.py", ['{"model": "identity", "load": "asyncio-8", "burst": 0,'
+                        ' "cap": 0.2, "seed": 1}'], '"process_cpu_s": '),
 ]
 
 
@@ -125,6 +127,11 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
     (["--configs", "fixed-1ms/257"], "unknown fixed-1ms/257"),
     (["--configs", "fixed-2000ms/1"], "unknown fixed-2000ms/1"),
     (["--configs", "fixed-1ms"], "unknown fixed-1ms"),
+    (["--configs", "mlp/0"], "unknown mlp/0"),
+    (["--configs", "mlp/257"], "unknown mlp/257"),
+    (["--configs", "mlp/asyncio-0"], "unknown mlp/asyncio-0"),
+    (["--configs", "mlp/asyncio"], "unknown mlp/asyncio"),
+    (["--configs", "nope/asyncio-8"], "unknown nope/asyncio-8"),
     (["--cap", "0"], "--cap must be a positive number, got 0.0"),
     (["--cap", "nan"], "--cap must be a positive number, got nan"),
     (["--repeat", "0"], "--repeat must be a positive number, got 0"),
@@ -140,9 +147,10 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
 
 @pytest.mark.parametrize(("config", "label"), [
     ("fixed-0.1ms/1", "1 client"), ("fixed-2ms/16", "16 clients"),
-    ("fixed-1000ms/256", "256 clients"),
+    ("fixed-1000ms/256", "256 clients"), ("mlp/8", "8 clients"), ("mlp/burst", "burst"),
+    ("identity/asyncio-64", "asyncio 64 clients"), ("fixed/asyncio-burst", "asyncio burst"),
 ])
-def test_compare_versions_takes_a_fixed_model_of_any_cost(config: str, label: str) -> None:
+def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, label: str) -> None:
     # Parsed only: a run would build the baseline from git.
     spec = importlib.util.spec_from_file_location(
         "compare_versions", BENCHMARKS / "compare_versions.py")

@@ -212,7 +212,7 @@ ctypedef struct Taken:
     # The batch a pop is taking, as the walk of step 3 needs it to take more.
     int64_t key
     bint solo
-    bint ended          # a compatible entry did not fit: nothing after it may be taken
+    bint ended          # a compatible entry ended the walk: nothing after it joins
     int64_t rows
     int64_t nbytes
     int64_t longest     # the longest length among its entries
@@ -947,20 +947,22 @@ cdef class RequestQueue:
         t.per_token = _bytes_per_token(&head)
         t.last_priority = head.priority
         t.last_seq = head.seq
+        self._extend_locked(p, buf, t)
         self._last_batch_rows = t.rows
         self._last_batch_len = <Py_ssize_t>buf.n
-        return self._extend_locked(p, buf, t)
+        return <Py_ssize_t>buf.n
 
     cdef Py_ssize_t _extend_locked(self, const PopParams* p, PopBuf* buf,
                                    Taken* t) noexcept nogil:
         """Step 3's walk after the head: take the queued entries that join batch t, in
-        (priority, arrival) order, up to the first that does not fit. Its size."""
+        (priority, arrival) order, up to the first that does not fit. How many it took."""
         cdef Entry e
         cdef const Entry* top
         cdef Py_ssize_t nskip = 0, i
+        cdef size_t before = buf.n
         cdef int64_t longest_after, per_token_after
         if t.solo or t.ended:
-            return <Py_ssize_t>buf.n
+            return 0
         while self._len > 0:
             top = &self._heap[0]
             if top.key != t.key or top.solo:
@@ -1021,9 +1023,7 @@ cdef class RequestQueue:
             self._rows -= e.rows
         for i in range(nskip):
             _heap_push(self._heap, self._info, &self._len, &self._skip[i])
-        self._last_batch_rows = t.rows
-        self._last_batch_len = <Py_ssize_t>buf.n
-        return <Py_ssize_t>buf.n
+        return <Py_ssize_t>(buf.n - before)
 
     cdef inline bint _stale_locked(self, const PopParams* p) noexcept nogil:
         return p.planned and p.retargets != self._retargets
@@ -1046,7 +1046,8 @@ cdef class RequestQueue:
 
     cdef Py_ssize_t _wait_pop_locked(self, PopParams* p, double deadline, double wake_by,
                                      PopBuf* buf, Taken* taken) noexcept nogil:
-        """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by."""
+        """pop_batch steps 1-3 with waits: the batch size (0: none), or RQ_RETRY at wake_by
+        (the objects still in their slots: ``_top_up`` takes them out)."""
         cdef double t, d
         cdef int64_t wake_rows
         cdef bint spun = False
@@ -1118,8 +1119,9 @@ cdef class RequestQueue:
             with nogil:
                 sync_lock(self._sync)
         self._tick_locked()
-        if not self._held_locked():
-            self._extend_locked(p, buf, t)
+        if not self._held_locked() and self._extend_locked(p, buf, t) > 0:
+            self._last_batch_rows = t.rows
+            self._last_batch_len = <Py_ssize_t>buf.n
         self._move_out(buf)
         self._release_slots_locked(buf.slots, <Py_ssize_t>buf.n)
         sync_unlock(self._sync)

@@ -24,8 +24,8 @@ per request tell versions apart, and closed loops of any model from threads
 (``--configs mlp/64``) or from asyncio tasks on one event loop awaiting
 ``enqueue_predict_async`` (``--configs identity/asyncio-64``). In each repetition the
 two versions run one after the other, the order alternating; reported are the median per
-version, the ratio current/baseline of the medians, and the range of the per-repetition ratios (each pair
-measured back to back), so noise is visible.
+version, the ratio current/baseline of the medians, and the range of the per-repetition
+ratios (each pair measured back to back), so noise is visible.
 
 Writes benchmarks/results/versions.md and versions.json (every run's figures).
 """

@@ -437,26 +437,35 @@ class HoldingTheGil:
         sys.setswitchinterval(self._interval)
 
     @staticmethod
-    def pause(seconds: float = 0.05) -> None:
+    def run_on(seconds: float = 0.05) -> None:
         """Run on, GIL held: time for a woken pop to reach the point where it needs the
-        GIL (it selects there; a pop that selected before would have taken less)."""
+        GIL (a pop that took its whole batch before that point would take no more)."""
         until = time.monotonic() + seconds
         while time.monotonic() < until:
             pass
+
+
+def popped_beside_a_held_gil(q: Any, max_rows: int, first: Callable[[], object],
+                             then: Callable[[], object]) -> list[Any]:
+    """The batch of a pop that waits for an entry while this thread, holding the GIL,
+    pushes ``first()`` (which wakes the pop), runs on a moment, then pushes ``then()``."""
+    popper = Worker(q.pop_batch, max_rows, timeout=HANG)
+    blocked(q, ITEMS)
+    with HoldingTheGil() as gil:
+        first()
+        gil.run_on()
+        then()
+    result: list[Any] = popper.outcome()
+    return result
 
 
 def test_a_pop_seals_its_batch_once_it_holds_the_gil(impl: Any) -> None:
     # A pop woken by the first push cannot run its batch before it has the GIL, which
     # the pusher holds while it pushes more: those join the batch, not the next one.
     q = impl.RequestQueue(8)
-    popper = Worker(q.pop_batch, 8, timeout=HANG)
-    blocked(q, ITEMS)
-    with HoldingTheGil() as gil:
-        q.push("a")
-        gil.pause()
-        for x in "bcd":
-            q.push(x)
-    assert popper.outcome() == ["a", "b", "c", "d"]
+    batch = popped_beside_a_held_gil(q, 8, lambda: q.push("a"),
+                                     lambda: [q.push(x) for x in "bcd"])
+    assert batch == ["a", "b", "c", "d"]
     assert len(q) == 0
 
 
@@ -465,16 +474,15 @@ def test_what_joins_a_batch_while_its_pop_waits_for_the_gil_follows_the_batch_ru
     # Other keys stay queued in their place; the first compatible entry that does not
     # fit ends the batch (no overtaking), as in a pop that took everything at once.
     q = impl.RequestQueue(8)
-    popper = Worker(q.pop_batch, 4, timeout=HANG)
-    blocked(q, ITEMS)
-    with HoldingTheGil() as gil:
-        q.push("a", 0, 1, 0, 1)
-        gil.pause()
+
+    def then() -> None:
         q.push("x", 0, 1, 0, 2)
         q.push("b", 0, 1, 0, 1)
         q.push("c", 0, 3, 0, 1)
         q.push("d", 0, 1, 0, 1)
-    assert popper.outcome() == ["a", "b"]
+
+    assert popped_beside_a_held_gil(q, 4, lambda: q.push("a", 0, 1, 0, 1), then) == [
+        "a", "b"]
     assert q.pop_batch(8, timeout=0) == ["x"]
     assert q.pop_batch(8, timeout=0) == ["c", "d"]
 
@@ -483,43 +491,27 @@ def test_a_more_urgent_push_while_a_pop_waits_for_the_gil_heads_the_next_batch()
     # Native only (the twin takes its head holding the GIL): a batch stays in
     # (priority, arrival) order, so the walk ends at the first more urgent entry.
     q = native_queue.RequestQueue(8)
-    popper = Worker(q.pop_batch, 8, timeout=HANG)
-    blocked(q, ITEMS)
-    with HoldingTheGil() as gil:
-        q.push("a", 1)
-        gil.pause()
-        q.push("b", 1)
-        q.push("u", 0)
-        q.push("c", 1)
-    assert popper.outcome() == ["a"]
+    later = [("b", 1), ("u", 0), ("c", 1)]
+    batch = popped_beside_a_held_gil(q, 8, lambda: q.push("a", 1),
+                                     lambda: [q.push(x, p) for x, p in later])
+    assert batch == ["a"]
     assert q.pop_batch(8, timeout=0) == ["u", "b", "c"]
 
 
 def test_a_pop_paused_while_it_waits_for_the_gil_takes_no_more() -> None:
     # Native only: the twin, holding the GIL throughout, has not taken its head yet.
     q = native_queue.RequestQueue(8)
-    popper = Worker(q.pop_batch, 8, timeout=HANG)
-    blocked(q, ITEMS)
-    with HoldingTheGil() as gil:
-        q.push("a")
-        gil.pause()
-        q.pause()
-        q.push("b")
-    assert popper.outcome() == ["a"]
+    assert popped_beside_a_held_gil(
+        q, 8, lambda: q.push("a"), lambda: (q.pause(), q.push("b"))) == ["a"]
     q.resume()
     assert q.pop_batch(8, timeout=0) == ["b"]
 
 
 def test_a_pop_that_waited_for_the_gil_takes_no_more_than_max_rows(impl: Any) -> None:
     q = impl.RequestQueue(8)
-    popper = Worker(q.pop_batch, 3, timeout=HANG)
-    blocked(q, ITEMS)
-    with HoldingTheGil() as gil:
-        q.push("a")
-        gil.pause()
-        for x in "bcd":
-            q.push(x)
-    assert popper.outcome() == ["a", "b", "c"]
+    batch = popped_beside_a_held_gil(q, 3, lambda: q.push("a"),
+                                     lambda: [q.push(x) for x in "bcd"])
+    assert batch == ["a", "b", "c"]
     assert q.pop_batch(8, timeout=0) == ["d"]
 
 

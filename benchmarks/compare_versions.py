@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     if not a.configs:
         p.error("--configs: none given")
-    bad = [c for c in a.configs if c not in CONFIGS + EXTRA_CONFIGS and not _open_loop(c)
-           and not _fixed_closed_loop(c) and not _closed_loop(c)]
+    bad = [c for c in a.configs
+           if not (_open_loop(c) or _fixed_closed_loop(c) or _closed_loop(c))]
     if bad:
         known = ", ".join(CONFIGS + EXTRA_CONFIGS)
         p.error(f"--configs: unknown {', '.join(bad)} (choose from {known}, or MODEL/rate-N "
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+MODELS = ("identity", "mlp", "fixed")  # batchproc bench's, by name
 RATES = (1.0, 1e6)  # the open loops' rates, requests/s: at least one request a second
 _RATE = re.compile(r"rate-(\d+(\.\d*)?)")
 
@@ -115,7 +116,7 @@ def _open_loop(config: str) -> bool:
     """``MODEL/rate-N``: a model of batchproc bench and a rate within ``RATES``."""
     model, _, key = config.partition("/")
     match = _RATE.fullmatch(key)
-    return (model in ("identity", "mlp", "fixed") and match is not None
+    return (model in MODELS and match is not None
             and RATES[0] <= float(match.group(1)) <= RATES[1])
 
 
@@ -138,7 +139,7 @@ def _closed_loop(config: str) -> bool:
     client threads or a burst from one thread, or asyncio tasks on one event loop."""
     model, _, key = config.partition("/")
     match = _CLOSED.fullmatch(key)
-    return (model in ("identity", "mlp", "fixed") and match is not None
+    return (model in MODELS and match is not None
             and (match.group(2) == "burst" or 1 <= int(match.group(2)) <= CLIENTS_MAX))
 
 

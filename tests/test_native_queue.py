@@ -425,8 +425,9 @@ def test_a_blocked_pop_wakes_on_push(impl: Any) -> None:
 
 class HoldingTheGil:
     """Keeps the GIL in this thread (a long switch interval) until the block ends, as an
-    event loop does while it resumes its tasks and each pushes its next request. Pure
-    Python only inside: a call that lets go of the GIL would end the hold."""
+    event loop does while it resumes its tasks and each pushes its next request. Inside,
+    only calls that never let go of the GIL (``push``, ``pause`` or ``_try_len`` on a
+    free lock)."""
 
     def __enter__(self) -> HoldingTheGil:
         self._interval = sys.getswitchinterval()
@@ -437,23 +438,26 @@ class HoldingTheGil:
         sys.setswitchinterval(self._interval)
 
     @staticmethod
-    def run_on(seconds: float = 0.05) -> None:
-        """Run on, GIL held: time for a woken pop to reach the point where it needs the
-        GIL (a pop that took its whole batch before that point would take no more)."""
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            pass
+    def until_taken(q: Any) -> None:
+        """Run on, GIL held, until the woken pop has taken the queued entries (it now
+        waits for the GIL). The twin's pop takes nothing before it has the GIL: no wait."""
+        if not hasattr(q, "_try_len"):
+            return
+        deadline = time.monotonic() + HANG
+        while q._try_len() != 0:
+            assert time.monotonic() < deadline, "the woken pop never took its head"
 
 
 def popped_beside_a_held_gil(q: Any, max_rows: int, first: Callable[[], object],
                              then: Callable[[], object]) -> list[Any]:
     """The batch of a pop that waits for an entry while this thread, holding the GIL,
-    pushes ``first()`` (which wakes the pop), runs on a moment, then pushes ``then()``."""
+    pushes ``first()`` (which wakes the pop), lets the pop take it, then pushes
+    ``then()``."""
     popper = Worker(q.pop_batch, max_rows, timeout=HANG)
     blocked(q, ITEMS)
     with HoldingTheGil() as gil:
         first()
-        gil.run_on()
+        gil.until_taken(q)
         then()
     result: list[Any] = popper.outcome()
     return result
@@ -500,6 +504,7 @@ def test_a_more_urgent_push_while_a_pop_waits_for_the_gil_heads_the_next_batch()
 
 def test_a_pop_paused_while_it_waits_for_the_gil_takes_no_more() -> None:
     # Native only: the twin, holding the GIL throughout, has not taken its head yet.
+    # (pause() on a free lock keeps the GIL, as a push does.)
     q = native_queue.RequestQueue(8)
     assert popped_beside_a_held_gil(
         q, 8, lambda: q.push("a"), lambda: (q.pause(), q.push("b"))) == ["a"]

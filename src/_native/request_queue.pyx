@@ -211,8 +211,7 @@ ctypedef struct PopParams:
 ctypedef struct Taken:
     # The batch a pop is taking, as the walk of step 3 needs it to take more.
     int64_t key
-    bint solo
-    bint ended          # a compatible entry ended the walk: nothing after it joins
+    bint ended          # a solo head, or a compatible entry that ended the walk: no more
     int64_t rows
     int64_t nbytes
     int64_t longest     # the longest length among its entries
@@ -939,8 +938,7 @@ cdef class RequestQueue:
         self._rows -= head.rows
         self._unindex_locked(head.slot)
         t.key = head.key
-        t.solo = head.solo
-        t.ended = False
+        t.ended = head.solo
         t.rows = head.rows
         t.nbytes = head.nbytes
         t.longest = head.length
@@ -961,7 +959,7 @@ cdef class RequestQueue:
         cdef Py_ssize_t nskip = 0, i
         cdef size_t before = buf.n
         cdef int64_t longest_after, per_token_after
-        if t.solo or t.ended:
+        if t.ended:
             return 0
         while self._len > 0:
             top = &self._heap[0]
@@ -1873,11 +1871,18 @@ cdef class RequestQueue:
         """Hold every pop: until ``resume()`` (or ``close()``), ``pop_batch`` hands nothing
         out and waits as if the queue were empty (up to its ``timeout``). Pushes go on.
         """
-        with nogil:
-            sync_lock(self._sync)
-            self._paused = True
-            notify_fill_all(self._sync)     # a filling pop must hold, not pop at its deadline
-            sync_unlock(self._sync)
+        # As a push does: the mutex is only tried with the GIL, never waited for.
+        if sync_try_lock(self._sync):
+            self._pause_locked()
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                self._pause_locked()
+        sync_unlock(self._sync)
+
+    cdef void _pause_locked(self) noexcept nogil:
+        self._paused = True
+        notify_fill_all(self._sync)     # a filling pop must hold, not pop at its deadline
 
     def resume(self):
         """Undo ``pause()``; waiting pops wake and go on."""
@@ -1957,6 +1962,16 @@ cdef class RequestQueue:
             sync_lock(self._sync)
             n = item_wakes(self._sync)
             sync_unlock(self._sync)
+        return n
+
+    def _try_len(self):
+        """Test hook: ``len()`` if the queue's lock is free now, else None; never lets go
+        of the GIL (a test holding it watches a pop without handing the GIL over)."""
+        cdef Py_ssize_t n
+        if not sync_try_lock(self._sync):
+            return None
+        n = self._len + self._plen
+        sync_unlock(self._sync)
         return n
 
     def _waiters(self):

@@ -152,5 +152,6 @@ class RequestQueue:
         let-go of the GIL, those that saw it, the share of recent waits that saw it)."""
     def _item_wakes(self) -> int:
         """Test hook: how many times a consumer waiting for an entry was chosen and woken."""
+    def _try_len(self) -> int | None: ...
     def _waiters(self) -> tuple[int, int, int]:
         """Test hook: threads blocked in (pop for an entry, pop for a fill, push for room)."""

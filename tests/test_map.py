@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 from decimal import Decimal
 from fractions import Fraction
 
@@ -326,6 +327,141 @@ def test_items_of_no_rows_are_read_ahead_within_the_bound(make_processor, asynch
     assert [y.shape for y in out] == [x.shape for x in items]
     assert all((y == 2 * x).all() for x, y in zip(items, out))
     assert p.get_stats()["total_accepted"] == 1 + 5  # the first chunk, then 20 items by 4
+
+
+# ----------------------------------------------------------------------- slow sources
+
+# How long a slow source makes map wait before each item after a pause: past the
+# processor's batch_timeout, set to bulk.READ_WAIT_MIN below, so each such read is slow.
+PAUSE = bulk.READ_WAIT_MIN
+
+
+def _all_queued_delivered(p):
+    """Every request queued so far has its result set: each counted processed (before its
+    futures are set) and no batch still in flight (its delivery over). Stats are read
+    processed first, accepted last, so a chunk queued meanwhile is waited for."""
+    stats = p.get_stats()
+    return (stats["total_processed"] >= stats["total_accepted"]
+            and stats["active_batches"] == 0)
+
+
+def _paused(pause_before, k):
+    return k in pause_before if pause_before is not None else k > 0
+
+
+class SlowSource:
+    """Items from a source that pauses before some of them (``pause_before``; None:
+    every item after the first) for ``PAUSE`` seconds from when it is asked for the
+    item, then until every request queued so far has its result, so that a map that
+    hands out ready results before reading on can. ``handed`` records, for each result
+    handed out, how many items the source had given by then."""
+
+    def __init__(self, p, items, pause_before=None):
+        self.p = p
+        self.items = items
+        self.pause_before = pause_before
+        self.given = 0
+        self.handed = []
+
+    def __iter__(self):
+        for k, item in enumerate(self.items):
+            if _paused(self.pause_before, k):
+                asked = time.monotonic()
+                while time.monotonic() < asked + PAUSE:
+                    time.sleep(PAUSE / 4)
+                _wait_for(lambda: _all_queued_delivered(self.p), "the queued chunks' results")
+            self.given += 1
+            yield item
+
+    async def __aiter__(self):
+        channel = self.p._channel_for(asyncio.get_running_loop())
+        for k, item in enumerate(self.items):
+            if _paused(self.pause_before, k):
+                asked = time.monotonic()
+                while time.monotonic() < asked + PAUSE:
+                    await asyncio.sleep(PAUSE / 4)
+                # ... and those results set on this loop.
+                while not (_all_queued_delivered(self.p) and not channel._scheduled):
+                    await asyncio.sleep(0.001)
+            self.given += 1
+            yield item
+
+    def consume(self, results):
+        out = []
+        for y in results:
+            self.handed.append(self.given)
+            out.append(y)
+        return out
+
+    async def aconsume(self, results):
+        out = []
+        async for y in results:
+            self.handed.append(self.given)
+            out.append(y)
+        return out
+
+
+SLOW_KINDS = {
+    # Arrays of one shape: read by the native taker (take_like) after the first.
+    "arrays": lambda n: rows(n),
+    # Objects of no known format: each read and described by Python.
+    "objects": lambda n: [Fraction(k) for k in range(n)],
+}
+
+
+def _slow_model(batch):
+    return batch * 2 if isinstance(batch, np.ndarray) else [x * 2 for x in batch]
+
+
+def _value(y):
+    return float(y[0, 0]) if isinstance(y, np.ndarray) else float(y)
+
+
+@pytest.mark.parametrize("kind", sorted(SLOW_KINDS))
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_slow_source_gets_each_result_one_item_later(make_processor, kind, asynchronous):
+    # Before: nothing was handed out until buffersize chunks were queued (here all 8
+    # items were read first). Now a read that goes past batch_timeout queues what it
+    # has, and what is ready is handed out before the source is asked for more.
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=PAUSE)
+    source = SlowSource(p, SLOW_KINDS[kind](8))
+    if asynchronous:
+        out = asyncio.run(source.aconsume(p.amap(source)))
+    else:
+        out = source.consume(p.map(iter(source)))
+    assert [_value(y) for y in out] == [2.0 * k for k in range(8)]
+    # Item 0 comes at once and shares a chunk with item 1; from then on each item's
+    # result is out once the next one or two items are read.
+    assert source.handed[0] <= 3, source.handed
+    assert all(h <= k + 2 for k, h in enumerate(source.handed) if k), source.handed
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_source_pausing_between_bursts_gets_a_bursts_results_before_the_next(
+        make_processor, asynchronous):
+    # Bursts of a chunk each (4 items at once), a pause before each next burst: a full
+    # chunk does not keep map reading past a pause while results are ready.
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=PAUSE)
+    source = SlowSource(p, rows(16), pause_before={4, 8, 12})
+    if asynchronous:
+        out = asyncio.run(source.aconsume(p.amap(source)))
+    else:
+        out = source.consume(p.map(iter(source)))
+    assert [_value(y) for y in out] == [2.0 * k for k in range(16)]
+    # The first burst's results are out once the second burst's first item is read (a
+    # stall of the reading thread may close a chunk early and delay a result by a
+    # chunk); each result within two chunks and an item of its own.
+    assert all(h <= k + 2 * 4 + 1 for k, h in enumerate(source.handed)), source.handed
+
+
+def test_a_fast_source_fills_its_chunks(make_processor):
+    # The slow-source rule never cuts a chunk of items in memory: read_wait is at least
+    # READ_WAIT_MIN, however short batch_timeout is.
+    model = Calls()
+    p = make_processor(model, max_batch_size=16, batch_timeout=0.0)
+    assert len(list(p.map(rows(100)))) == 100
+    assert p.get_stats()["total_accepted"] == 7
+    assert bulk.Settings(p, None, None, 0, None, False).read_wait == bulk.READ_WAIT_MIN
 
 
 def _first_read_five_chunks_queued(make_processor, sizes=None):
@@ -1220,7 +1356,7 @@ def test_amap_stop_raises_processor_stopped(make_processor):
 
 
 def test_take_like_takes_a_run_of_arrays_exactly_like_the_template(make_processor):
-    from batchproc._native.future_state import ENDED, TOOK_ALL, take_like
+    from batchproc._native.future_state import DUE, ENDED, TOOK_ALL, take_like
 
     p = make_processor()
     template = p._describer.describe(np.zeros((1, 3), np.float32), None, 0.0)[0]
@@ -1235,6 +1371,13 @@ def test_take_like_takes_a_run_of_arrays_exactly_like_the_template(make_processo
     assert take_like(iter(same[:2]), template, 3, [], []) == (2, ENDED)
     other_dtype = np.zeros((1, 3), np.float64)
     assert take_like(iter([other_dtype]), template, 3, [], [])[1] is other_dtype
+
+    # An item taken at or after `due` (a time.monotonic() time) ends the run with DUE.
+    requests, items = [], []
+    assert take_like(iter(same), template, 10, requests, items, 0.0) == (1, DUE)
+    assert items == same[:1] and len(requests) == 1
+    later = time.monotonic() + 3600
+    assert take_like(iter(same), template, 3, [], [], later) == (3, TOOK_ALL)
 
     def broken():
         yield from same[:2]

@@ -33,6 +33,7 @@ thread may run between two of them.
 
 cimport cython
 from libc.math cimport INFINITY
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
@@ -441,19 +442,30 @@ cdef int _finish_one(object f, object value) except -1:
 
 
 # What take_like returns in place of an item: it stopped because it took ``count`` items,
-# or because the iterator ended.
+# because the iterator ended, or because an item it took came at or after ``due``.
 TOOK_ALL = object()
 ENDED = object()
+DUE = object()
 
 
-def take_like(iterator, Request template, Py_ssize_t count, list requests, list items):
+cdef inline double _monotonic() noexcept nogil:
+    """``time.monotonic()`` (CLOCK_MONOTONIC, as CPython reads it on POSIX)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def take_like(iterator, Request template, Py_ssize_t count, list requests, list items,
+              double due=INFINITY):
     """Take up to ``count`` more items from ``iterator`` as long as each is exactly like
     ``template.item`` (a plain ndarray: same type, same dtype object, same shape), which
     the describer would describe as it did ``template``: append a copy of ``template``
     holding each to ``requests`` and the item to ``items``. Returns ``(taken, stop)``:
-    ``stop`` is ``TOOK_ALL``, ``ENDED``, or the first item that differs (taken from the
-    iterator, not appended: the caller describes it). Exceptions of the iterator
-    propagate; what was taken before stays appended.
+    ``stop`` is ``TOOK_ALL``, ``ENDED``, ``DUE`` (the last item taken came at or after
+    ``due``, a ``time.monotonic()`` time: the source is slow, and the caller queues what
+    it has), or the first item that differs (taken from the iterator, not appended: the
+    caller describes it). Exceptions of the iterator propagate; what was taken before
+    stays appended.
 
     ``BatchProcessor.map``'s per-item loop for the common case, an iterator of arrays
     of one shape: no Python step per item."""
@@ -461,6 +473,7 @@ def take_like(iterator, Request template, Py_ssize_t count, list requests, list 
     cdef object cls = type(proto)
     cdef object dtype = proto.dtype
     cdef object shape = proto.shape
+    cdef bint timed = due != INFINITY
     cdef Py_ssize_t taken = 0
     cdef object item
     cdef Request r
@@ -474,4 +487,6 @@ def take_like(iterator, Request template, Py_ssize_t count, list requests, list 
         requests.append(r)
         items.append(item)
         taken += 1
+        if timed and _monotonic() >= due:
+            return taken, DUE
     return taken, TOOK_ALL

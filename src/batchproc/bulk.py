@@ -13,7 +13,10 @@ built natively by the items' own format and its output split per item.
 Flow control: at most ``buffersize`` chunks are in flight (queued, running, or done
 and not yet handed out); the input is read only to refill that window, so an infinite
 or lazy input is read as fast as results are consumed and memory stays bounded.
-``map`` hands results out a group of chunks at a time (``Grouping``).
+``map`` hands results out a group of chunks at a time (``Grouping``). A read that goes
+on for ``Settings.read_wait`` is waiting on a slow source: it queues the open chunk,
+and the results that are ready are handed out before the next read
+(``Window.reads_slowly``).
 
 Failures: a chunk of several items that fails is not retried whole (the engine fails
 it at once, as it searches a failing batch of several requests at once). Its items are
@@ -41,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import collecting
-from ._native.future_state import ENDED, TOOK_ALL, Request, take_like, total_rows
+from ._native.future_state import DUE, ENDED, TOOK_ALL, Request, take_like, total_rows
 from ._native.request_queue import QueueClosed, priority_arg
 from .aio import AsyncRequest, QueuedFuture
 from .backpressure import push_when_room
@@ -126,6 +129,8 @@ class Chunker:
         self._queue_length = 0
         self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
         self._template: Request | None = None
+        # The last read stopped at its due time: an item came at or after it.
+        self.overdue = False
 
     def add(self, item: Any) -> None:
         try:
@@ -184,11 +189,21 @@ class Chunker:
         self._rows = self._nbytes = self._length = self._queue_length = 0
         self._per_token = 0.0
 
-    def read(self, iterator: Iterator[Any]) -> bool:
-        """Read items until a chunk (or a failure) is ready; False once the input ended
-        (or raised: an ``InputFailed`` is then last in ``ready``)."""
+    def _past(self, due: float) -> None:
+        """After an item was added: at or after ``due``, close the open chunk."""
+        if _monotonic() >= due:
+            self.overdue = True
+            self.flush()
+
+    def read(self, iterator: Iterator[Any], wait: float) -> bool:
+        """Read items until a chunk (or a failure) is ready, or until an item comes
+        ``wait`` seconds or more after the read began, which closes the open chunk with
+        it (``overdue``: the source is slow); False once the input ended (or raised: an
+        ``InputFailed`` is then last in ``ready``)."""
         add = self.add
         ready = self.ready
+        self.overdue = False
+        due = _monotonic() + wait
         try:
             while not ready:
                 template = self._template
@@ -199,7 +214,7 @@ class Chunker:
                         room = min(room, (self._max_bytes - self._nbytes) // template.nbytes)
                     if room > 0:
                         taken, item = take_like(iterator, template, room, self._requests,
-                                                self._items)
+                                                self._items, due)
                         self._rows += taken * template.rows
                         self._nbytes += taken * template.nbytes
                         if self._full():
@@ -208,12 +223,18 @@ class Chunker:
                             continue
                         if item is ENDED:
                             break
+                        if item is DUE:
+                            self.overdue = True
+                            self.flush()
+                            continue
                         add(item)
+                        self._past(due)
                         continue
                 item = next(iterator, ENDED)
                 if item is ENDED:
                     break
                 add(item)
+                self._past(due)
             else:
                 return True
         except Exception as exc:
@@ -227,11 +248,13 @@ class Chunker:
         self.flush()
         return False
 
-    async def aread(self, iterator: AsyncIterator[Any]) -> bool:
+    async def aread(self, iterator: AsyncIterator[Any], wait: float) -> bool:
         """``read`` for an async iterator."""
         add = self.add
         ready = self.ready
         anext = iterator.__anext__
+        self.overdue = False
+        due = _monotonic() + wait
         try:
             while True:
                 try:
@@ -239,6 +262,7 @@ class Chunker:
                 except StopAsyncIteration:
                     break
                 add(item)
+                self._past(due)
                 if ready:
                     return True
         except Exception as exc:
@@ -261,7 +285,8 @@ class Settings:
     ``enqueue_predict``'s (the processor checks it). ``TypeError`` for a wrong type,
     ``ValueError`` for a value out of range."""
 
-    __slots__ = ("buffersize", "chunksize", "max_queue_time", "priority", "return_exceptions")
+    __slots__ = ("buffersize", "chunksize", "max_queue_time", "priority", "read_wait",
+                 "return_exceptions")
 
     def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int | None,
                  buffersize: int | None, priority: Any, max_queue_time: float | None,
@@ -274,6 +299,7 @@ class Settings:
                            else _count_arg("buffersize", buffersize, None, ">= 1"))
         self.priority = priority_arg(priority)
         self.max_queue_time = max_queue_time
+        self.read_wait = max(config.batch_timeout, READ_WAIT_MIN)
         self.return_exceptions = bool(return_exceptions)
 
     def deadline(self) -> float | None:
@@ -294,6 +320,13 @@ def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
 
 
 # --------------------------------------------------------------------------- the window
+
+# The least a read of the input goes on before map takes its source for a slow one,
+# closes the open chunk and hands out the results that are ready (``Settings.read_wait``:
+# ``batch_timeout``, at least this). Items in memory fill a chunk in microseconds, but
+# the reading thread may wait a switch interval (5 ms) or more for the GIL while a
+# worker runs: a read cut short by that would only make a smaller chunk.
+READ_WAIT_MIN = 0.02
 
 
 class InFlight:
@@ -318,6 +351,7 @@ class Window:
         self.slots: deque[InFlight | Failed] = deque()
         self.reading = True
         self.closed = False
+        self.handing_out = False  # a slow read left results ready: hand them out first
         self.make_future: Callable[[], tuple[Any, Any]] | None = None
         self._processor = processor
         self._settings = settings
@@ -331,6 +365,30 @@ class Window:
 
     def wants_more(self) -> bool:
         return self.reading and len(self.slots) < self._settings.buffersize
+
+    def _oldest_ready(self) -> bool:
+        """The oldest slot can be handed out now, without a wait."""
+        if not self.slots:
+            return False
+        slot = self.slots[0]
+        return not isinstance(slot, InFlight) or slot.future.done()
+
+    def refills(self) -> bool:
+        """Whether to read into the window before handing out the oldest slot: not while
+        a slow read (``reads_slowly``) left results ready."""
+        if self.handing_out and self._oldest_ready():
+            return False
+        self.handing_out = False
+        return True
+
+    def reads_slowly(self, chunker: Chunker) -> bool:
+        """After a read and its chunks were queued: whether to stop reading and hand out
+        the results that are ready first. Only after a slow read (``chunker.overdue``:
+        it went past ``read_wait``) and while the oldest result is ready: a fast source
+        keeps the window full, and a slow one does not hold back results that are ready
+        while it waits for items."""
+        self.handing_out = chunker.overdue and self._oldest_ready()
+        return self.handing_out
 
     def queue_again(self, chunk: Chunk, error: BaseException) -> bool:
         """``chunk`` (of several items) fails with ``error``, a failure of its processing:
@@ -559,12 +617,16 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         ready = chunker.ready
         slots = window.slots
         grouping = Grouping()
+        read_wait = settings.read_wait
         try:
             while True:
-                while window.wants_more():
-                    window.reading = chunker.read(iterator)
-                    while ready:
-                        window.add(submit(ready.popleft()), ready)
+                if window.refills():
+                    while window.wants_more():
+                        window.reading = chunker.read(iterator, read_wait)
+                        while ready:
+                            window.add(submit(ready.popleft()), ready)
+                        if window.reads_slowly(chunker):
+                            break
                 if not slots:
                     return
                 slot = slots[0]
@@ -666,13 +728,18 @@ def amap_results(processor: BatchProcessor[Any, Any],
         else:
             aiterator = None
             iterator = iter(items)
+        read_wait = settings.read_wait
         try:
             while True:
-                while window.wants_more():
-                    window.reading = (chunker.read(iterator) if aiterator is None
-                                      else await chunker.aread(aiterator))
-                    while ready:
-                        window.add(await submit(ready.popleft(), loop, channel), ready)
+                if window.refills():
+                    while window.wants_more():
+                        window.reading = (
+                            chunker.read(iterator, read_wait) if aiterator is None
+                            else await chunker.aread(aiterator, read_wait))
+                        while ready:
+                            window.add(await submit(ready.popleft(), loop, channel), ready)
+                        if window.reads_slowly(chunker):
+                            break
                 if not slots:
                     return
                 slot = slots[0]

@@ -66,7 +66,8 @@ def finish_all(requests: list[Request], results: list[Any]) -> int: ...
 
 TOOK_ALL: Final[object]
 ENDED: Final[object]
+DUE: Final[object]
 
 def take_like(iterator: Any, template: Request, count: int, requests: list[Request],
-              items: list[Any]) -> tuple[int, Any]:
+              items: list[Any], due: float = ...) -> tuple[int, Any]:
     """Take up to ``count`` items exactly like ``template.item`` (see the module)."""

@@ -22,7 +22,9 @@ loads of any model (``--configs mlp/rate-9000``: 9,000 requests/s from one threa
 same arrivals for both versions in a repetition), where latency and the process's CPU
 per request tell versions apart, and closed loops of any model from threads
 (``--configs mlp/64``) or from asyncio tasks on one event loop awaiting
-``enqueue_predict_async`` (``--configs identity/asyncio-64``). In each repetition the
+``enqueue_predict_async`` (``--configs identity/asyncio-64``), and a burst's items
+through ``map`` or ``amap`` (``--configs mlp/map``, ``mlp/asyncio-map``: throughput in
+items/s, no latency figures). In each repetition the
 two versions run one after the other, the order alternating; reported are the median per
 version, the ratio current/baseline of the medians, and the range of the per-repetition
 ratios (each pair measured back to back), so noise is visible.
@@ -59,7 +61,8 @@ CONFIGS = ("identity/1", "identity/burst", "fixed/64", "fixed/burst")
 # lock, where ADAPTIVE once split the clients into two groups served by alternate calls.
 EXTRA_CONFIGS = ("fixed-50ms/4",)
 MIN_PAIRS = 3  # fewer pairs than this get no verdict
-LOAD_LABELS = {"1": "1 client", "4": "4 clients", "64": "64 clients", "burst": "burst"}
+LOAD_LABELS = {"1": "1 client", "4": "4 clients", "64": "64 clients", "burst": "burst",
+               "map": "map"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,8 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"for an open loop of N requests/s, {RATES[0]:g} <= N <= {RATES[1]:,.0f}, "
                 "MODEL one of identity, mlp, fixed; or fixed-<ms>ms/<clients>, "
                 f"0 < ms <= {FIXED_MS_MAX:g}, 1 <= clients <= {CLIENTS_MAX}; or "
-                f"MODEL/<clients>, MODEL/burst, or either as asyncio-<clients>, "
-                f"asyncio-burst (from asyncio tasks), 1 <= clients <= {CLIENTS_MAX})")
+                f"MODEL/<clients>, MODEL/burst, MODEL/map, or each as asyncio-<clients>, "
+                f"asyncio-burst, asyncio-map (from asyncio tasks), "
+                f"1 <= clients <= {CLIENTS_MAX})")
     return a
 
 
@@ -131,16 +135,17 @@ def _fixed_closed_loop(config: str) -> bool:
             and 1 <= int(match.group(3)) <= CLIENTS_MAX)
 
 
-_CLOSED = re.compile(r"(asyncio-)?(\d+|burst)")
+_CLOSED = re.compile(r"(asyncio-)?(\d+|burst|map)")
 
 
 def _closed_loop(config: str) -> bool:
-    """``MODEL/<clients>``, ``MODEL/burst``, or the same prefixed ``asyncio-``: closed-loop
-    client threads or a burst from one thread, or asyncio tasks on one event loop."""
+    """``MODEL/<clients>``, ``MODEL/burst``, ``MODEL/map``, or the same prefixed
+    ``asyncio-``: closed-loop client threads, a burst from one thread, the burst's items
+    through ``map``; or the same from asyncio tasks on one event loop (``amap``)."""
     model, _, key = config.partition("/")
     match = _CLOSED.fullmatch(key)
     return (model in MODELS and match is not None
-            and (match.group(2) == "burst" or 1 <= int(match.group(2)) <= CLIENTS_MAX))
+            and (match.group(2) in ("burst", "map") or 1 <= int(match.group(2)) <= CLIENTS_MAX))
 
 
 def load_label(key: str) -> str:
@@ -307,7 +312,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     paired = {r["repetition"]: r for r in runs["baseline"]}
     for field in ("throughput", "p50_ms", "p99_ms"):
         per_rep = [c[field] / paired[c["repetition"]][field] for c in runs["current"]
-                   if c["repetition"] in paired and paired[c["repetition"]][field]]
+                   if c["repetition"] in paired and paired[c["repetition"]][field]
+                   and math.isfinite(c[field] / paired[c["repetition"]][field])]
         b, c = out["baseline"][field], out["current"][field]
         out[f"{field}_ratio"] = c / b if b else float("nan")
         out[f"{field}_ratios"] = per_rep

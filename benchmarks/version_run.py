@@ -11,8 +11,11 @@ and measurement in every version since the benchmark package was written, so two
 versions differ only in the library under test. A short warm-up run of the same load
 comes first (thread start-up, first-call costs); then one measured run. Loads: ``burst``,
 a number of closed-loop clients, ``asyncio-N``: N closed-loop asyncio tasks on one event
-loop (``enqueue_predict_async``), or ``rate-N``: open-loop Poisson arrivals at N
-requests/s from one thread (``seed`` picks the arrivals). Prints one JSON object on stdout: where
+loop (``enqueue_predict_async``), ``rate-N``: open-loop Poisson arrivals at N
+requests/s from one thread (``seed`` picks the arrivals), or ``map`` (``asyncio-map``):
+``burst`` items, distinct rows, through ``BatchProcessor.map`` (``amap``), timed from the
+call to the last result in hand (the ``map`` method is older than the benchmark package,
+so this load calls it directly). Prints one JSON object on stdout: where
 batchproc was imported from, versions, the figures, and the process's CPU seconds over
 the measured run (all threads: the load generator's too, the same in every version).
 """
@@ -30,6 +33,40 @@ MAX_BATCH = 64
 MAX_DELAY = 0.005
 FEATURES = 64
 WARMUP_S = 0.3
+
+
+def run_map(model: Any, items: int, asynchronous: bool) -> dict[str, Any]:
+    """``items`` rows through ``map`` (or ``amap``) of a fresh processor: figures in the
+    fields of ``batchproc.bench``'s results (throughput: items/s; no per-item latency)."""
+    import asyncio
+
+    import numpy as np
+
+    from batchproc import BatchProcessor, BatchProcessorConfig
+
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((1, FEATURES), dtype=np.float32) for _ in range(items)]
+    p: Any = BatchProcessor(BatchProcessorConfig(max_batch_size=MAX_BATCH,
+                                                 batch_timeout=MAX_DELAY))
+    p.start(model)
+    try:
+        t0 = time.perf_counter()
+        if asynchronous:
+            async def collect() -> list[Any]:
+                return [y async for y in p.amap(data)]
+            out = asyncio.run(collect())
+        else:
+            out = list(p.map(data))
+        elapsed = time.perf_counter() - t0
+        stats = p.get_stats()
+    finally:
+        p.stop()
+    nan = float("nan")
+    return {"system": "batchproc", "model": "", "load": "map", "throughput": len(out) / elapsed,
+            "p50_ms": nan, "p95_ms": nan, "p99_ms": nan, "mean_ms": nan,
+            "mean_batch": stats["avg_batch_size"], "batches": stats["total_batches"],
+            "submitted": items, "completed": len(out), "errors": 0, "unfinished": 0,
+            "elapsed_s": elapsed, "stopped_by": "requests"}
 
 
 def main(spec: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +90,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         load = warm = Load("rate", rate=float(key[5:]), features=FEATURES,
                            seed=int(spec.get("seed", 0)))
         bounds = Bounds(None, cap)
-    else:
+    elif key != "map":
         load = warm = Load("closed", clients=int(key), features=FEATURES)
         bounds = Bounds(None, cap)
     name = spec["model"]
@@ -65,16 +102,22 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     def target() -> Batchproc:
         return kind(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
 
-    run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))
-    cpu = time.process_time()
-    r = run_target(target(), model, spec["model"], load, bounds)
+    if key == "map":
+        run_map(model, min(burst, 2_000), kind is BatchprocAsync)  # warm-up
+        cpu = time.process_time()
+        result = run_map(model, burst, kind is BatchprocAsync)
+        result["model"] = spec["model"]
+    else:
+        run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))
+        cpu = time.process_time()
+        result = run_target(target(), model, spec["model"], load, bounds).to_dict()
     cpu = time.process_time() - cpu
     return {
         "batchproc_path": os.path.dirname(os.path.abspath(batchproc.__file__)),
         "batchproc_version": batchproc.__version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "result": {**r.to_dict(), "process_cpu_s": cpu},
+        "result": {**result, "process_cpu_s": cpu},
     }
 
 

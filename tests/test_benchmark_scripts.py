@@ -79,6 +79,10 @@ PRINTING_RUNS = [
                         ' "seed": 1}'], '"process_cpu_s": '),
     ("version_run.py", ['{"model": "identity", "load": "asyncio-8", "burst": 0,'
                         ' "cap": 0.2, "seed": 1}'], '"process_cpu_s": '),
+    ("version_run.py", ['{"model": "mlp", "load": "map", "burst": 500, "cap": 0.2,'
+                        ' "seed": 1}'], '"completed": 500'),
+    ("version_run.py", ['{"model": "identity", "load": "asyncio-map", "burst": 500,'
+                        ' "cap": 0.2, "seed": 1}'], '"completed": 500'),
 ]
 
 
@@ -131,6 +135,7 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
     (["--configs", "mlp/257"], "unknown mlp/257"),
     (["--configs", "mlp/asyncio-0"], "unknown mlp/asyncio-0"),
     (["--configs", "mlp/asyncio"], "unknown mlp/asyncio"),
+    (["--configs", "mlp/maps"], "unknown mlp/maps"),
     (["--configs", "nope/asyncio-8"], "unknown nope/asyncio-8"),
     (["--cap", "0"], "--cap must be a positive number, got 0.0"),
     (["--cap", "nan"], "--cap must be a positive number, got nan"),
@@ -149,6 +154,7 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     ("fixed-0.1ms/1", "1 client"), ("fixed-2ms/16", "16 clients"),
     ("fixed-1000ms/256", "256 clients"), ("mlp/8", "8 clients"), ("mlp/burst", "burst"),
     ("identity/asyncio-64", "asyncio 64 clients"), ("fixed/asyncio-burst", "asyncio burst"),
+    ("mlp/map", "map"), ("identity/asyncio-map", "asyncio map"),
 ])
 def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, label: str) -> None:
     # Parsed only: a run would build the baseline from git.
@@ -159,6 +165,29 @@ def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, labe
     spec.loader.exec_module(module)
     assert module.parse_args(["--configs", config]).configs == [config]
     assert module.load_label(config.partition("/")[2]) == label
+
+
+def test_compare_versions_gives_no_verdict_on_figures_a_load_has_not() -> None:
+    # A map load has a throughput but no per-item latency (nan): its latency ratios are
+    # none, not "faster" (a nan compares false with 1).
+    spec = importlib.util.spec_from_file_location(
+        "compare_versions", BENCHMARKS / "compare_versions.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    nan = float("nan")
+
+    def run(rep: int, throughput: float) -> dict[str, object]:
+        return {"repetition": rep, "throughput": throughput, "p50_ms": nan, "p99_ms": nan,
+                "mean_batch": 64.0, "completed": 10, "errors": 0, "unfinished": 0,
+                "stopped_by": "requests", "process_cpu_s": 0.1}
+
+    summary = module.summarize({"baseline": [run(k, 100.0) for k in range(3)],
+                                "current": [run(k, 110.0) for k in range(3)]})
+    assert summary["throughput_ratios"] == pytest.approx([1.1] * 3)
+    assert module.verdict(summary["throughput_ratios"], True) == "faster"
+    assert summary["p50_ms_ratios"] == summary["p99_ms_ratios"] == []
+    assert module.verdict(summary["p50_ms_ratios"], False) == "-"
 
 
 def _refused(script: str, args: list[str], said: str, cwd: Path) -> str:

@@ -24,7 +24,9 @@ per request tell versions apart, and closed loops of any model from threads
 (``--configs mlp/64``) or from asyncio tasks on one event loop awaiting
 ``enqueue_predict_async`` (``--configs identity/asyncio-64``), and a burst's items
 through ``map`` or ``amap`` (``--configs mlp/map``, ``mlp/asyncio-map``: throughput in
-items/s, no latency figures). In each repetition the
+items/s, latency from the call to each result), or a stream of items arriving at N
+items/s (Poisson, for the window) through them (``mlp/map-rate-1000``: latency from each
+item's arrival to its result). In each repetition the
 two versions run one after the other, the order alternating; reported are the median per
 version, the ratio current/baseline of the medians, and the range of the per-repetition
 ratios (each pair measured back to back), so noise is visible.
@@ -105,9 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"for an open loop of N requests/s, {RATES[0]:g} <= N <= {RATES[1]:,.0f}, "
                 "MODEL one of identity, mlp, fixed; or fixed-<ms>ms/<clients>, "
                 f"0 < ms <= {FIXED_MS_MAX:g}, 1 <= clients <= {CLIENTS_MAX}; or "
-                f"MODEL/<clients>, MODEL/burst, MODEL/map, or each as asyncio-<clients>, "
-                f"asyncio-burst, asyncio-map (from asyncio tasks), "
-                f"1 <= clients <= {CLIENTS_MAX})")
+                f"MODEL/<clients>, MODEL/burst, MODEL/map, MODEL/map-rate-N, or each as "
+                f"asyncio-<clients>, asyncio-burst, asyncio-map, asyncio-map-rate-N (from "
+                f"asyncio tasks), 1 <= clients <= {CLIENTS_MAX}, "
+                f"{RATES[0]:g} <= N <= {MAP_RATE_MAX:,.0f})")
     return a
 
 
@@ -125,6 +128,7 @@ def _open_loop(config: str) -> bool:
 
 
 FIXED_MS_MAX, CLIENTS_MAX = 1000.0, 256
+MAP_RATE_MAX = 1e5  # a stream's items/s through map: its source sleeps until each arrival
 _FIXED = re.compile(r"fixed-(\d+(\.\d*)?)ms/(\d+)")
 
 
@@ -135,22 +139,28 @@ def _fixed_closed_loop(config: str) -> bool:
             and 1 <= int(match.group(3)) <= CLIENTS_MAX)
 
 
-_CLOSED = re.compile(r"(asyncio-)?(\d+|burst|map)")
+_CLOSED = re.compile(r"(asyncio-)?(\d+|burst|map|map-rate-(\d+(\.\d*)?))")
 
 
 def _closed_loop(config: str) -> bool:
-    """``MODEL/<clients>``, ``MODEL/burst``, ``MODEL/map``, or the same prefixed
-    ``asyncio-``: closed-loop client threads, a burst from one thread, the burst's items
-    through ``map``; or the same from asyncio tasks on one event loop (``amap``)."""
+    """``MODEL/<clients>``, ``MODEL/burst``, ``MODEL/map``, ``MODEL/map-rate-N``, or the
+    same prefixed ``asyncio-``: closed-loop client threads, a burst from one thread, the
+    burst's items through ``map``, a stream of N items/s through ``map``; or the same
+    from asyncio tasks on one event loop (``amap``)."""
     model, _, key = config.partition("/")
     match = _CLOSED.fullmatch(key)
     return (model in MODELS and match is not None
-            and (match.group(2) in ("burst", "map") or 1 <= int(match.group(2)) <= CLIENTS_MAX))
+            and (match.group(2) in ("burst", "map")
+                 or (match.group(3) is not None
+                     and RATES[0] <= float(match.group(3)) <= MAP_RATE_MAX)
+                 or (match.group(2).isdigit() and 1 <= int(match.group(2)) <= CLIENTS_MAX)))
 
 
 def load_label(key: str) -> str:
     if key.startswith("asyncio-"):
         return f"asyncio {load_label(key[8:])}"
+    if key.startswith("map-rate-"):
+        return f"map, {float(key[9:]):,.0f} items/s stream"
     if key.startswith("rate-"):
         return f"{float(key[5:]):,.0f} req/s open loop"
     return LOAD_LABELS.get(key) or f"{int(key)} clients"

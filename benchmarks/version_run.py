@@ -12,10 +12,12 @@ versions differ only in the library under test. A short warm-up run of the same 
 comes first (thread start-up, first-call costs); then one measured run. Loads: ``burst``,
 a number of closed-loop clients, ``asyncio-N``: N closed-loop asyncio tasks on one event
 loop (``enqueue_predict_async``), ``rate-N``: open-loop Poisson arrivals at N
-requests/s from one thread (``seed`` picks the arrivals), or ``map`` (``asyncio-map``):
+requests/s from one thread (``seed`` picks the arrivals), ``map`` (``asyncio-map``):
 ``burst`` items, distinct rows, through ``BatchProcessor.map`` (``amap``), timed from the
-call to the last result in hand (the ``map`` method is older than the benchmark package,
-so this load calls it directly). Prints one JSON object on stdout: where
+call to the last result in hand, or ``map-rate-N``: a stream of items arriving at N
+items/s (Poisson, for ``cap`` seconds) through ``map``, each item's latency from its
+arrival to its result handed out (the ``map`` method is older than the benchmark package,
+so these loads call it directly). Prints one JSON object on stdout: where
 batchproc was imported from, versions, the figures, and the process's CPU seconds over
 the measured run (all threads: the load generator's too, the same in every version).
 """
@@ -35,9 +37,12 @@ FEATURES = 64
 WARMUP_S = 0.3
 
 
-def run_map(model: Any, items: int, asynchronous: bool) -> dict[str, Any]:
-    """``items`` rows through ``map`` (or ``amap``) of a fresh processor: figures in the
-    fields of ``batchproc.bench``'s results (throughput: items/s; no per-item latency)."""
+def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """``items`` rows through ``map`` (or ``amap``) of a fresh processor, all at hand or
+    (``rate``) arriving at that many items/s: figures in the fields of
+    ``batchproc.bench``'s results (throughput: items/s; latency: from an item's arrival
+    to its result in hand)."""
     import asyncio
 
     import numpy as np
@@ -46,26 +51,55 @@ def run_map(model: Any, items: int, asynchronous: bool) -> dict[str, Any]:
 
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((1, FEATURES), dtype=np.float32) for _ in range(items)]
+    due = (np.cumsum(np.random.default_rng(seed).exponential(1 / rate, items)) if rate
+           else np.zeros(items))
+    arrived = [0.0] * items
+    handed = [0.0] * items
+    clock = time.perf_counter
+
+    def source() -> Any:
+        start = clock()
+        for k, x in enumerate(data):
+            wait = start + due[k] - clock()
+            if wait > 0:
+                time.sleep(wait)
+            arrived[k] = clock()
+            yield x
+
+    async def asource() -> Any:
+        start = clock()
+        for k, x in enumerate(data):
+            wait = start + due[k] - clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            arrived[k] = clock()
+            yield x
+
     p: Any = BatchProcessor(BatchProcessorConfig(max_batch_size=MAX_BATCH,
                                                  batch_timeout=MAX_DELAY))
     p.start(model)
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         if asynchronous:
-            async def collect() -> list[Any]:
-                return [y async for y in p.amap(data)]
-            out = asyncio.run(collect())
+            async def collect() -> None:
+                k = 0
+                async for _ in p.amap(asource()):
+                    handed[k] = clock()
+                    k += 1
+            asyncio.run(collect())
         else:
-            out = list(p.map(data))
-        elapsed = time.perf_counter() - t0
+            for k, _ in enumerate(p.map(source())):
+                handed[k] = clock()
+        elapsed = clock() - t0
         stats = p.get_stats()
     finally:
         p.stop()
-    nan = float("nan")
-    return {"system": "batchproc", "model": "", "load": "map", "throughput": len(out) / elapsed,
-            "p50_ms": nan, "p95_ms": nan, "p99_ms": nan, "mean_ms": nan,
+    ms = 1e3 * (np.array(handed) - np.array(arrived))
+    return {"system": "batchproc", "model": "", "load": "map", "throughput": items / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
             "mean_batch": stats["avg_batch_size"], "batches": stats["total_batches"],
-            "submitted": items, "completed": len(out), "errors": 0, "unfinished": 0,
+            "submitted": items, "completed": items, "errors": 0, "unfinished": 0,
             "elapsed_s": elapsed, "stopped_by": "requests"}
 
 
@@ -90,7 +124,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         load = warm = Load("rate", rate=float(key[5:]), features=FEATURES,
                            seed=int(spec.get("seed", 0)))
         bounds = Bounds(None, cap)
-    elif key != "map":
+    elif not key.startswith("map"):
         load = warm = Load("closed", clients=int(key), features=FEATURES)
         bounds = Bounds(None, cap)
     name = spec["model"]
@@ -102,10 +136,12 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     def target() -> Batchproc:
         return kind(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
 
-    if key == "map":
-        run_map(model, min(burst, 2_000), kind is BatchprocAsync)  # warm-up
+    if key == "map" or key.startswith("map-rate-"):
+        rate = float(key[9:]) if key != "map" else None
+        items = burst if rate is None else max(1, round(rate * cap))
+        run_map(model, min(items, 2_000), kind is BatchprocAsync)  # warm-up, all at hand
         cpu = time.process_time()
-        result = run_map(model, burst, kind is BatchprocAsync)
+        result = run_map(model, items, kind is BatchprocAsync, rate, int(spec.get("seed", 0)))
         result["model"] = spec["model"]
     else:
         run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))

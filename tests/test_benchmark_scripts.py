@@ -83,6 +83,8 @@ PRINTING_RUNS = [
                         ' "seed": 1}'], '"completed": 500'),
     ("version_run.py", ['{"model": "identity", "load": "asyncio-map", "burst": 500,'
                         ' "cap": 0.2, "seed": 1}'], '"completed": 500'),
+    ("version_run.py", ['{"model": "mlp", "load": "asyncio-map-rate-2000", "burst": 0,'
+                        ' "cap": 0.2, "seed": 1}'], '"completed": 400'),
 ]
 
 
@@ -136,6 +138,8 @@ def test_profiling_script_prints_its_table(script: str, args: list[str], expecte
     (["--configs", "mlp/asyncio-0"], "unknown mlp/asyncio-0"),
     (["--configs", "mlp/asyncio"], "unknown mlp/asyncio"),
     (["--configs", "mlp/maps"], "unknown mlp/maps"),
+    (["--configs", "mlp/map-rate-0.5"], "unknown mlp/map-rate-0.5"),
+    (["--configs", "mlp/map-rate-200000"], "unknown mlp/map-rate-200000"),
     (["--configs", "nope/asyncio-8"], "unknown nope/asyncio-8"),
     (["--cap", "0"], "--cap must be a positive number, got 0.0"),
     (["--cap", "nan"], "--cap must be a positive number, got nan"),
@@ -155,6 +159,8 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     ("fixed-1000ms/256", "256 clients"), ("mlp/8", "8 clients"), ("mlp/burst", "burst"),
     ("identity/asyncio-64", "asyncio 64 clients"), ("fixed/asyncio-burst", "asyncio burst"),
     ("mlp/map", "map"), ("identity/asyncio-map", "asyncio map"),
+    ("mlp/map-rate-1000", "map, 1,000 items/s stream"),
+    ("fixed/asyncio-map-rate-25", "asyncio map, 25 items/s stream"),
 ])
 def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, label: str) -> None:
     # Parsed only: a run would build the baseline from git.

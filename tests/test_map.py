@@ -351,15 +351,16 @@ def _paused(pause_before, k):
 
 class SlowSource:
     """Items from a source that pauses before some of them (``pause_before``; None:
-    every item after the first) for ``PAUSE`` seconds from when it is asked for the
+    every item after the first) for ``pause`` seconds from when it is asked for the
     item, then until every request queued so far has its result, so that a map that
     hands out ready results before reading on can. ``handed`` records, for each result
     handed out, how many items the source had given by then."""
 
-    def __init__(self, p, items, pause_before=None):
+    def __init__(self, p, items, pause_before=None, pause=PAUSE):
         self.p = p
         self.items = items
         self.pause_before = pause_before
+        self.pause = pause
         self.given = 0
         self.handed = []
 
@@ -367,8 +368,8 @@ class SlowSource:
         for k, item in enumerate(self.items):
             if _paused(self.pause_before, k):
                 asked = time.monotonic()
-                while time.monotonic() < asked + PAUSE:
-                    time.sleep(PAUSE / 4)
+                while time.monotonic() < asked + self.pause:
+                    time.sleep(self.pause / 4)
                 _wait_for(lambda: _all_queued_delivered(self.p), "the queued chunks' results")
             self.given += 1
             yield item
@@ -378,8 +379,8 @@ class SlowSource:
         for k, item in enumerate(self.items):
             if _paused(self.pause_before, k):
                 asked = time.monotonic()
-                while time.monotonic() < asked + PAUSE:
-                    await asyncio.sleep(PAUSE / 4)
+                while time.monotonic() < asked + self.pause:
+                    await asyncio.sleep(self.pause / 4)
                 # ... and those results set on this loop.
                 while not (_all_queued_delivered(self.p) and not channel._scheduled):
                     await asyncio.sleep(0.001)
@@ -452,6 +453,40 @@ def test_a_source_pausing_between_bursts_gets_a_bursts_results_before_the_next(
     # stall of the reading thread may close a chunk early and delay a result by a
     # chunk); each result within two chunks and an item of its own.
     assert all(h <= k + 2 * 4 + 1 for k, h in enumerate(source.handed)), source.handed
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_after_a_slow_read_map_waits_a_moment_for_the_oldest_result(
+        make_processor, monkeypatch, asynchronous):
+    # A read that went past batch_timeout queued its chunk; the source keeps map waiting
+    # again, so map first waits for the oldest result, up to GROUP_WAIT_S (here long
+    # enough for any machine): each result is out before the next item is read.
+    monkeypatch.setattr(bulk, "GROUP_WAIT_S", 10.0)
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=PAUSE)
+    source = SlowSource(p, rows(6))
+    if asynchronous:
+        out = asyncio.run(source.aconsume(p.amap(source)))
+    else:
+        out = source.consume(p.map(iter(source)))
+    assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
+    assert source.handed == [2, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stream_the_model_keeps_up_with_gets_results_before_the_window_is_refilled(
+        make_processor, asynchronous):
+    # No read here is slow: the source only waits, before each chunk's first item, until
+    # the chunks queued before have their results. Before, map read 4 chunks (the whole
+    # window, all 16 items) before it handed out the first result.
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=PAUSE)
+    source = SlowSource(p, rows(16), pause_before={4, 8, 12}, pause=0.0)
+    if asynchronous:
+        out = asyncio.run(source.aconsume(p.amap(source, buffersize=4)))
+    else:
+        out = source.consume(p.map(iter(source), buffersize=4))
+    assert [_value(y) for y in out] == [2.0 * k for k in range(16)]
+    # Each chunk's results are out once the next chunk is read.
+    assert all(h <= (k // 4 + 2) * 4 for k, h in enumerate(source.handed)), source.handed
 
 
 def test_a_fast_source_fills_its_chunks(make_processor):

@@ -13,10 +13,12 @@ built natively by the items' own format and its output split per item.
 Flow control: at most ``buffersize`` chunks are in flight (queued, running, or done
 and not yet handed out); the input is read only to refill that window, so an infinite
 or lazy input is read as fast as results are consumed and memory stays bounded.
-``map`` hands results out a group of chunks at a time (``Grouping``). A read that goes
-on for ``Settings.read_wait`` is waiting on a slow source: it queues the open chunk,
-and the results that are ready are handed out before the next read
-(``Window.reads_slowly``).
+``map`` hands results out a group of chunks at a time (``Grouping``). Results that are
+ready are handed out before the window is refilled (``Window.hands_out_first``), so a
+stream slower than the model gets them as they come, not a window later. A read that
+goes on for ``Settings.read_wait`` is waiting on a slow source: it queues the open chunk
+with the item that came last, and waits a moment for the oldest result before it reads
+on.
 
 Failures: a chunk of several items that fails is not retried whole (the engine fails
 it at once, as it searches a failing batch of several requests at once). Its items are
@@ -373,21 +375,28 @@ class Window:
         slot = self.slots[0]
         return not isinstance(slot, InFlight) or slot.future.done()
 
+    def pending_oldest(self) -> Any:
+        """The oldest slot's future if it is still pending, else None."""
+        slot = self.slots[0] if self.slots else None
+        if isinstance(slot, InFlight) and not slot.future.done():
+            return slot.future
+        return None
+
     def refills(self) -> bool:
         """Whether to read into the window before handing out the oldest slot: not while
-        a slow read (``reads_slowly``) left results ready."""
+        results are ready since the last read (``hands_out_first``)."""
         if self.handing_out and self._oldest_ready():
             return False
         self.handing_out = False
         return True
 
-    def reads_slowly(self, chunker: Chunker) -> bool:
+    def hands_out_first(self) -> bool:
         """After a read and its chunks were queued: whether to stop reading and hand out
-        the results that are ready first. Only after a slow read (``chunker.overdue``:
-        it went past ``read_wait``) and while the oldest result is ready: a fast source
-        keeps the window full, and a slow one does not hold back results that are ready
-        while it waits for items."""
-        self.handing_out = chunker.overdue and self._oldest_ready()
+        the results that are ready. Where the model keeps up with the reading (a stream
+        slower than the model), each result goes out as soon as it can, not once the
+        window was refilled; where it does not, the oldest is pending and reading goes
+        on, the window kept full."""
+        self.handing_out = self._oldest_ready()
         return self.handing_out
 
     def queue_again(self, chunk: Chunk, error: BaseException) -> bool:
@@ -537,7 +546,9 @@ def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -
 # The longest map's iterating thread waits for a group of chunks (``Grouping``)
 # before it takes the oldest one's results alone: what the grouping may add to the time
 # a result takes to be handed out. Chunks that take longer than this gain nothing from
-# being grouped (it saves one GIL hand-off a chunk).
+# being grouped (it saves one GIL hand-off a chunk). Also how long, after a slow read
+# (a source that keeps it waiting), map waits for the oldest result before it reads on:
+# the source will keep it waiting again, and the result would wait for that read.
 GROUP_WAIT_S = 0.002
 # After a group that did not complete in time, the chunks of 2**k windows are waited for
 # one by one before the next try (k: the groups missed in a row before it, at most this).
@@ -625,7 +636,9 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                         window.reading = chunker.read(iterator, read_wait)
                         while ready:
                             window.add(submit(ready.popleft()), ready)
-                        if window.reads_slowly(chunker):
+                        if chunker.overdue and (pending := window.pending_oldest()):
+                            pending._wait(GROUP_WAIT_S)
+                        if window.hands_out_first():
                             break
                 if not slots:
                     return
@@ -738,7 +751,9 @@ def amap_results(processor: BatchProcessor[Any, Any],
                             else await chunker.aread(aiterator, read_wait))
                         while ready:
                             window.add(await submit(ready.popleft(), loop, channel), ready)
-                        if window.reads_slowly(chunker):
+                        if chunker.overdue and (pending := window.pending_oldest()):
+                            await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
+                        if window.hands_out_first():
                             break
                 if not slots:
                     return

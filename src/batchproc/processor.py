@@ -743,10 +743,11 @@ class BatchProcessor(Generic[T, U]):
         costs no future per item. At most ``buffersize`` such chunks (default
         ``2 * max_workers``) are queued or waiting to be read: ``items`` (any iterable,
         infinite or lazy) is read only as results are consumed. Nothing is read before
-        the first ``next()``, which reads until ``buffersize`` chunks are queued, unless
-        the source is slow: a read that goes on for ``batch_timeout`` (at least
-        ``bulk.READ_WAIT_MIN``, 20 ms) queues the open chunk with the item that came
-        last, and hands out the results that are ready before it reads on. Results are
+        the first ``next()``. Results that are ready are handed out before the window
+        is refilled, so a stream slower than the model gets each as its chunk is done;
+        a read that goes on for ``batch_timeout`` (at least ``bulk.READ_WAIT_MIN``,
+        20 ms) is waiting on a slow source and queues the open chunk with the item that
+        came last (docs/bulk.md). Results are
         handed out a group of chunks at a time: while the oldest chunk is pending, the
         iteration waits for the one half a window after it, at most
         ``bulk.GROUP_WAIT_S`` (2 ms), which saves the model a GIL hand-off per chunk.

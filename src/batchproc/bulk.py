@@ -323,11 +323,11 @@ def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
 
 # --------------------------------------------------------------------------- the window
 
-# The least a read of the input goes on before map takes its source for a slow one,
-# closes the open chunk and hands out the results that are ready (``Settings.read_wait``:
-# ``batch_timeout``, at least this). Items in memory fill a chunk in microseconds, but
-# the reading thread may wait a switch interval (5 ms) or more for the GIL while a
-# worker runs: a read cut short by that would only make a smaller chunk.
+# The least a read of the input goes on before map takes its source for a slow one and
+# queues the open chunk (``Settings.read_wait``: ``batch_timeout``, at least this). Items
+# in memory fill a chunk in microseconds, but the reading thread may wait a switch
+# interval (5 ms) or more for the GIL while a worker runs: a read cut short by that
+# would only make a smaller chunk.
 READ_WAIT_MIN = 0.02
 
 
@@ -353,7 +353,7 @@ class Window:
         self.slots: deque[InFlight | Failed] = deque()
         self.reading = True
         self.closed = False
-        self.handing_out = False  # a slow read left results ready: hand them out first
+        self.handing_out = False  # results were ready after the last read
         self.make_future: Callable[[], tuple[Any, Any]] | None = None
         self._processor = processor
         self._settings = settings
@@ -636,8 +636,10 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
                         window.reading = chunker.read(iterator, read_wait)
                         while ready:
                             window.add(submit(ready.popleft()), ready)
-                        if chunker.overdue and (pending := window.pending_oldest()):
-                            pending._wait(GROUP_WAIT_S)
+                        if chunker.overdue:
+                            pending = window.pending_oldest()
+                            if pending is not None:
+                                pending._wait(GROUP_WAIT_S)
                         if window.hands_out_first():
                             break
                 if not slots:
@@ -751,8 +753,10 @@ def amap_results(processor: BatchProcessor[Any, Any],
                             else await chunker.aread(aiterator, read_wait))
                         while ready:
                             window.add(await submit(ready.popleft(), loop, channel), ready)
-                        if chunker.overdue and (pending := window.pending_oldest()):
-                            await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
+                        if chunker.overdue:
+                            pending = window.pending_oldest()
+                            if pending is not None:
+                                await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
                         if window.hands_out_first():
                             break
                 if not slots:

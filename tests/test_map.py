@@ -489,6 +489,102 @@ def test_a_stream_the_model_keeps_up_with_gets_results_before_the_window_is_refi
     assert all(h <= (k // 4 + 2) * 4 for k, h in enumerate(source.handed)), source.handed
 
 
+def test_amap_hands_out_results_while_its_async_source_is_quiet(make_processor):
+    # A full chunk, then the source waits for something that only comes once that
+    # chunk's results are out (a client answering them): amap reads its async source in
+    # a task of its own, and hands out results while that read waits.
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2)
+
+    async def main():
+        answered = asyncio.Event()
+
+        async def source():
+            for x in rows(4):
+                yield x
+            # (Not answered in time: the source raises, and amap raises that.)
+            await asyncio.wait_for(answered.wait(), 10)
+            for x in rows(2, start=4):
+                yield x
+
+        out = []
+        async for y in p.amap(source()):
+            out.append(y)
+            if len(out) == 4:
+                answered.set()
+        return out
+
+    out = asyncio.run(main())
+    assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
+
+
+def test_amap_reads_its_async_source_from_one_task(make_processor):
+    # A source holding a task-bound context across its yields sees one task throughout,
+    # as when it is iterated directly.
+    p = make_processor(_slow_model, max_batch_size=4)
+    seen = set()
+
+    async def source():
+        for x in rows(20):
+            seen.add(asyncio.current_task())
+            yield x
+            await asyncio.sleep(0)
+
+    async def main():
+        return [y async for y in p.amap(source(), buffersize=2)]
+
+    out = asyncio.run(main())
+    assert [_value(y) for y in out] == [2.0 * k for k in range(20)]
+    assert len(seen) == 1
+
+
+def test_closing_amap_while_its_source_is_read_stops_the_reading(make_processor):
+    p = make_processor(_slow_model, max_batch_size=4)
+    closed = []
+
+    async def source():
+        try:
+            for x in rows(4):
+                yield x
+            await asyncio.Event().wait()  # quiet for ever
+        finally:
+            closed.append(True)
+
+    async def main():
+        results = p.amap(source())
+        first = await results.__anext__()
+        await results.aclose()
+        for _ in range(10):  # the reading task's cancellation runs on the loop
+            if closed:
+                break
+            await asyncio.sleep(0)
+        return first, list(closed)  # before asyncio.run cancels what is left
+
+    first, closed_then = asyncio.run(main())
+    assert _value(first) == 0.0 and closed_then == [True]
+
+
+def test_map_waits_a_moment_for_a_chunk_its_source_was_slow_to_fill(
+        make_processor, monkeypatch):
+    # The chunk fills before batch_timeout, but its read waited READ_WAIT_MIN or more on
+    # the source: map waits up to GROUP_WAIT_S (here long enough for any machine) for its
+    # results before reading on, instead of holding them for the whole next read.
+    monkeypatch.setattr(bulk, "GROUP_WAIT_S", 10.0)
+    p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=10.0)
+    given = [0]
+
+    def source():
+        start = time.monotonic()
+        for k, x in enumerate(rows(8)):
+            if k == 3:  # the first chunk's read takes READ_WAIT_MIN
+                while time.monotonic() < start + bulk.READ_WAIT_MIN:
+                    time.sleep(bulk.READ_WAIT_MIN / 4)
+            given[0] += 1
+            yield x
+
+    handed = [given[0] for _ in p.map(source())]
+    assert handed[:4] == [4] * 4, handed
+
+
 def test_a_fast_source_fills_its_chunks(make_processor):
     # The slow-source rule never cuts a chunk of items in memory: read_wait is at least
     # READ_WAIT_MIN, however short batch_timeout is.

@@ -131,8 +131,6 @@ class Chunker:
         self._queue_length = 0
         self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
         self._template: Request | None = None
-        # The last read stopped at its due time: an item came at or after it.
-        self.overdue = False
 
     def add(self, item: Any) -> None:
         try:
@@ -194,17 +192,15 @@ class Chunker:
     def _past(self, due: float) -> None:
         """After an item was added: at or after ``due``, close the open chunk."""
         if _monotonic() >= due:
-            self.overdue = True
             self.flush()
 
     def read(self, iterator: Iterator[Any], wait: float) -> bool:
         """Read items until a chunk (or a failure) is ready, or until an item comes
         ``wait`` seconds or more after the read began, which closes the open chunk with
-        it (``overdue``: the source is slow); False once the input ended (or raised: an
+        it (the source is slow); False once the input ended (or raised: an
         ``InputFailed`` is then last in ``ready``)."""
         add = self.add
         ready = self.ready
-        self.overdue = False
         due = _monotonic() + wait
         try:
             while not ready:
@@ -226,7 +222,6 @@ class Chunker:
                         if item is ENDED:
                             break
                         if item is DUE:
-                            self.overdue = True
                             self.flush()
                             continue
                         add(item)
@@ -255,7 +250,6 @@ class Chunker:
         add = self.add
         ready = self.ready
         anext = iterator.__anext__
-        self.overdue = False
         due = _monotonic() + wait
         try:
             while True:
@@ -323,9 +317,10 @@ def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
 
 # --------------------------------------------------------------------------- the window
 
-# The least a read of the input goes on before map takes its source for a slow one and
-# queues the open chunk (``Settings.read_wait``: ``batch_timeout``, at least this). Items
-# in memory fill a chunk in microseconds, but the reading thread may wait a switch
+# A read of the input this long waited on its source: map then waits up to
+# ``GROUP_WAIT_S`` for the oldest result before it reads on, and a read queues its open
+# chunk once it has gone on for ``batch_timeout``, at least this (``Settings.read_wait``).
+# Items in memory fill a chunk in microseconds, but the reading thread may wait a switch
 # interval (5 ms) or more for the GIL while a worker runs: a read cut short by that
 # would only make a smaller chunk.
 READ_WAIT_MIN = 0.02
@@ -381,6 +376,16 @@ class Window:
         if isinstance(slot, InFlight) and not slot.future.done():
             return slot.future
         return None
+
+    def pending_after_slow_read(self, began: float) -> Any:
+        """After a read that began at ``began`` (``time.monotonic()``) and its chunks
+        were queued: the oldest slot's pending future to wait for, up to
+        ``GROUP_WAIT_S``, before the next read, if this read waited on its source
+        (``READ_WAIT_MIN`` or longer); else None. The source will likely keep the next
+        read waiting too, and a result not handed out now would wait for it."""
+        if _monotonic() - began < READ_WAIT_MIN:
+            return None
+        return self.pending_oldest()
 
     def refills(self) -> bool:
         """Whether to read into the window before handing out the oldest slot: not while
@@ -633,13 +638,13 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
             while True:
                 if window.refills():
                     while window.wants_more():
+                        began = _monotonic()
                         window.reading = chunker.read(iterator, read_wait)
                         while ready:
                             window.add(submit(ready.popleft()), ready)
-                        if chunker.overdue:
-                            pending = window.pending_oldest()
-                            if pending is not None:
-                                pending._wait(GROUP_WAIT_S)
+                        pending = window.pending_after_slow_read(began)
+                        if pending is not None:
+                            pending._wait(GROUP_WAIT_S)
                         if window.hands_out_first():
                             break
                 if not slots:
@@ -744,19 +749,26 @@ def amap_results(processor: BatchProcessor[Any, Any],
             aiterator = None
             iterator = iter(items)
         read_wait = settings.read_wait
+        reader = (None if aiterator is None
+                  else SourceReader(chunker, aiterator, read_wait))
         try:
             while True:
                 if window.refills():
                     while window.wants_more():
-                        window.reading = (
-                            chunker.read(iterator, read_wait) if aiterator is None
-                            else await chunker.aread(aiterator, read_wait))
+                        if aiterator is None:
+                            began = _monotonic()
+                            window.reading = chunker.read(iterator, read_wait)
+                        else:
+                            assert reader is not None
+                            if not await reader.read_or_result(window):
+                                break  # the oldest result is ready: hand it out first
+                            window.reading = reader.take()
                         while ready:
                             window.add(await submit(ready.popleft(), loop, channel), ready)
-                        if chunker.overdue:
-                            pending = window.pending_oldest()
-                            if pending is not None:
-                                await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
+                        pending = (window.pending_after_slow_read(began)
+                                   if aiterator is None else None)
+                        if pending is not None:
+                            await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
                         if window.hands_out_first():
                             break
                 if not slots:
@@ -799,6 +811,71 @@ def amap_results(processor: BatchProcessor[Any, Any],
                     yield value
                 slots.popleft()
         finally:
+            if reader is not None:
+                reader.cancel()
             window.cancel()
 
     return gen()
+
+
+class SourceReader:
+    """``amap``'s async source, read a chunk at a time (``Chunker.aread``) in one task of
+    its own, so that results are handed out while the source keeps a read waiting (a
+    message queue gone quiet). One task for every read: a source that holds a
+    task-bound context across its yields (``asyncio.timeout``, a task group) sees one
+    task, as when it is iterated directly."""
+
+    __slots__ = ("_ask", "_chunker", "_iterator", "_read", "_task", "_wait")
+
+    def __init__(self, chunker: Chunker, iterator: AsyncIterator[Any], wait: float) -> None:
+        self._chunker = chunker
+        self._iterator = iterator
+        self._wait = wait
+        self._ask: asyncio.Future[None] | None = None  # the task waits on it between reads
+        self._read: asyncio.Future[bool] | None = None  # the read asked for, until taken
+        self._task: asyncio.Future[None] | None = None
+
+    async def read_or_result(self, window: Window) -> bool:
+        """Read a chunk into ``chunker.ready`` (begun now, or still going on from an
+        earlier call): True once it ended (``take`` gives what ``aread`` returned); False
+        as soon as the oldest result in ``window`` is ready while it goes on."""
+        read = self._read
+        if read is None:
+            read = self._read = asyncio.get_running_loop().create_future()
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._run())
+            else:
+                assert self._ask is not None
+                self._ask.set_result(None)
+        if not read.done():
+            pending = window.pending_oldest() if window.slots else None
+            if window.slots and pending is None:
+                return False
+            waits = (read,) if pending is None else (read, pending)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return read.done()
+
+    def take(self) -> bool:
+        """What the read that ended returned (``Chunker.aread``)."""
+        assert self._read is not None
+        read, self._read = self._read, None
+        return read.result()
+
+    def cancel(self) -> None:
+        """Stop reading (the amap ends): items read and not queued are dropped."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            read = self._read
+            assert read is not None
+            try:
+                ended = await self._chunker.aread(self._iterator, self._wait)
+            except BaseException:  # cancelled (the amap ends), or an interrupt
+                read.cancel()
+                raise
+            self._ask = loop.create_future()
+            read.set_result(ended)
+            await self._ask

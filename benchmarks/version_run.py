@@ -57,7 +57,7 @@ def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = Non
     handed = [0.0] * items
     clock = time.perf_counter
 
-    def source() -> Any:
+    def source() -> Any:  # a stream: each item once its arrival time has come
         start = clock()
         for k, x in enumerate(data):
             wait = start + due[k] - clock()
@@ -80,15 +80,19 @@ def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = Non
     p.start(model)
     try:
         t0 = clock()
+        if not rate:
+            arrived = [t0] * items  # all at hand: latency from the call
         if asynchronous:
             async def collect() -> None:
                 k = 0
-                async for _ in p.amap(asource()):
+                # Items in memory as a list, as compare_map.py gives them; a stream from
+                # an async generator (amap reads it in a task of its own).
+                async for _ in p.amap(asource() if rate else data):
                     handed[k] = clock()
                     k += 1
             asyncio.run(collect())
         else:
-            for k, _ in enumerate(p.map(source())):
+            for k, _ in enumerate(p.map(source() if rate else data)):
                 handed[k] = clock()
         elapsed = clock() - t0
         stats = p.get_stats()

@@ -825,7 +825,7 @@ class SourceReader:
     task-bound context across its yields (``asyncio.timeout``, a task group) sees one
     task, as when it is iterated directly."""
 
-    __slots__ = ("_ask", "_chunker", "_iterator", "_read", "_task", "_wait")
+    __slots__ = ("_ask", "_begun", "_chunker", "_iterator", "_read", "_task", "_wait")
 
     def __init__(self, chunker: Chunker, iterator: AsyncIterator[Any], wait: float) -> None:
         self._chunker = chunker
@@ -833,6 +833,7 @@ class SourceReader:
         self._wait = wait
         self._ask: asyncio.Future[None] | None = None  # the task waits on it between reads
         self._read: asyncio.Future[bool] | None = None  # the read asked for, until taken
+        self._begun = False  # the task has begun that read
         self._task: asyncio.Future[None] | None = None
 
     async def read_or_result(self, window: Window) -> bool:
@@ -842,11 +843,16 @@ class SourceReader:
         read = self._read
         if read is None:
             read = self._read = asyncio.get_running_loop().create_future()
+            self._begun = False
             if self._task is None:
                 self._task = asyncio.ensure_future(self._run())
             else:
                 assert self._ask is not None
                 self._ask.set_result(None)
+        if not read.done() and not self._begun:
+            # Its turn first (it was scheduled before this step): a source that does not
+            # keep it waiting gives a whole chunk in it, and the window stays full.
+            await asyncio.sleep(0)
         if not read.done():
             pending = window.pending_oldest() if window.slots else None
             if window.slots and pending is None:
@@ -871,6 +877,7 @@ class SourceReader:
         while True:
             read = self._read
             assert read is not None
+            self._begun = True
             try:
                 ended = await self._chunker.aread(self._iterator, self._wait)
             except BaseException:  # cancelled (the amap ends), or an interrupt

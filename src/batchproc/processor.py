@@ -747,7 +747,9 @@ class BatchProcessor(Generic[T, U]):
         is refilled, so a stream slower than the model gets each as its chunk is done;
         a read that goes on for ``batch_timeout`` (at least ``bulk.READ_WAIT_MIN``,
         20 ms) is waiting on a slow source and queues the open chunk with the item that
-        came last (docs/bulk.md). Results are
+        came last. While the source keeps a read waiting, nothing is handed out (use
+        ``amap`` with an async source for a stream that can go quiet; docs/bulk.md).
+        Results are
         handed out a group of chunks at a time: while the oldest chunk is pending, the
         iteration waits for the one half a window after it, at most
         ``bulk.GROUP_WAIT_S`` (2 ms), which saves the model a GIL hand-off per chunk.
@@ -789,10 +791,13 @@ class BatchProcessor(Generic[T, U]):
         """``map`` for asyncio: an async iterator of the results, in order
         (``async for result in processor.amap(items)``).
 
-        ``items`` may be an iterable or an async iterable; a plain iterable is read on
-        the event loop, so it must not block (make a blocking source an async
-        generator). Nothing blocks the loop: a full queue is waited for as ``apredict``
-        waits, and results reach the loop a batch at a time. Everything else as for
+        ``items`` may be an iterable or an async iterable; an async iterable is read
+        in a task of amap's own (one for all its reads), so results are handed out
+        while the source is quiet; a plain iterable is read on the event loop, so it
+        must not block (make a blocking source an async generator; give items in
+        memory as a plain iterable). Nothing blocks the loop: a full queue is waited
+        for as ``apredict`` waits, and results reach the loop a batch at a time.
+        Everything else as for
         ``map``; cancelling the task that iterates it, or closing it with ``await
         results.aclose()`` (``contextlib.aclosing``), withdraws its queued chunks at once.
         """

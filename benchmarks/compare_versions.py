@@ -24,7 +24,8 @@ per request tell versions apart, and closed loops of any model from threads
 (``--configs mlp/64``) or from asyncio tasks on one event loop awaiting
 ``enqueue_predict_async`` (``--configs identity/asyncio-64``), and a burst's items
 through ``map`` or ``amap`` (``--configs mlp/map``, ``mlp/asyncio-map``: throughput in
-items/s, latency from the call to each result), or a stream of items arriving at N
+items/s, latency from the call to each result; ``mlp/asyncio-map-gen``: the same items
+from an async generator), or a stream of items arriving at N
 items/s (Poisson, for the window) through them (``mlp/map-rate-1000``: latency from each
 item's arrival to its result). In each repetition the
 two versions run one after the other, the order alternating; reported are the median per
@@ -64,7 +65,7 @@ CONFIGS = ("identity/1", "identity/burst", "fixed/64", "fixed/burst")
 EXTRA_CONFIGS = ("fixed-50ms/4",)
 MIN_PAIRS = 3  # fewer pairs than this get no verdict
 LOAD_LABELS = {"1": "1 client", "4": "4 clients", "64": "64 clients", "burst": "burst",
-               "map": "map"}
+               "map": "map", "map-gen": "map from a generator"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -139,18 +140,19 @@ def _fixed_closed_loop(config: str) -> bool:
             and 1 <= int(match.group(3)) <= CLIENTS_MAX)
 
 
-_CLOSED = re.compile(r"(asyncio-)?(\d+|burst|map|map-rate-(\d+(\.\d*)?))")
+_CLOSED = re.compile(r"(asyncio-)?(\d+|burst|map|map-gen|map-rate-(\d+(\.\d*)?))")
 
 
 def _closed_loop(config: str) -> bool:
-    """``MODEL/<clients>``, ``MODEL/burst``, ``MODEL/map``, ``MODEL/map-rate-N``, or the
+    """``MODEL/<clients>``, ``MODEL/burst``, ``MODEL/map``, ``MODEL/map-gen``,
+    ``MODEL/map-rate-N``, or the
     same prefixed ``asyncio-``: closed-loop client threads, a burst from one thread, the
     burst's items through ``map``, a stream of N items/s through ``map``; or the same
     from asyncio tasks on one event loop (``amap``)."""
     model, _, key = config.partition("/")
     match = _CLOSED.fullmatch(key)
     return (model in MODELS and match is not None
-            and (match.group(2) in ("burst", "map")
+            and (match.group(2) in ("burst", "map", "map-gen")
                  or (match.group(3) is not None
                      and RATES[0] <= float(match.group(3)) <= MAP_RATE_MAX)
                  or (match.group(2).isdigit() and 1 <= int(match.group(2)) <= CLIENTS_MAX)))

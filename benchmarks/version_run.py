@@ -14,7 +14,8 @@ a number of closed-loop clients, ``asyncio-N``: N closed-loop asyncio tasks on o
 loop (``enqueue_predict_async``), ``rate-N``: open-loop Poisson arrivals at N
 requests/s from one thread (``seed`` picks the arrivals), ``map`` (``asyncio-map``):
 ``burst`` items, distinct rows, through ``BatchProcessor.map`` (``amap``), timed from the
-call to the last result in hand, or ``map-rate-N``: a stream of items arriving at N
+call to the last result in hand (``map-gen``: the same items from a generator, an async
+one for ``amap``), or ``map-rate-N``: a stream of items arriving at N
 items/s (Poisson, for ``cap`` seconds) through ``map``, each item's latency from its
 arrival to its result handed out (the ``map`` method is older than the benchmark package,
 so these loads call it directly). Prints one JSON object on stdout: where
@@ -38,9 +39,10 @@ WARMUP_S = 0.3
 
 
 def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = None,
-            seed: int = 0) -> dict[str, Any]:
-    """``items`` rows through ``map`` (or ``amap``) of a fresh processor, all at hand or
-    (``rate``) arriving at that many items/s: figures in the fields of
+            seed: int = 0, generator: bool = False) -> dict[str, Any]:
+    """``items`` rows through ``map`` (or ``amap``) of a fresh processor, all at hand (a
+    list, or with ``generator`` a generator, async for ``amap``) or (``rate``) arriving
+    at that many items/s from a generator: figures in the fields of
     ``batchproc.bench``'s results (throughput: items/s; latency: from an item's arrival
     to its result in hand)."""
     import asyncio
@@ -87,12 +89,12 @@ def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = Non
                 k = 0
                 # Items in memory as a list, as compare_map.py gives them; a stream from
                 # an async generator (amap reads it in a task of its own).
-                async for _ in p.amap(asource() if rate else data):
+                async for _ in p.amap(asource() if rate or generator else data):
                     handed[k] = clock()
                     k += 1
             asyncio.run(collect())
         else:
-            for k, _ in enumerate(p.map(source() if rate else data)):
+            for k, _ in enumerate(p.map(source() if rate or generator else data)):
                 handed[k] = clock()
         elapsed = clock() - t0
         stats = p.get_stats()
@@ -140,12 +142,13 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     def target() -> Batchproc:
         return kind(MAX_BATCH, MAX_DELAY, queue_size=max(1000, burst))
 
-    if key == "map" or key.startswith("map-rate-"):
-        rate = float(key[9:]) if key != "map" else None
+    if key in ("map", "map-gen") or key.startswith("map-rate-"):
+        rate = float(key[9:]) if key.startswith("map-rate-") else None
         items = burst if rate is None else max(1, round(rate * cap))
         run_map(model, min(items, 2_000), kind is BatchprocAsync)  # warm-up, all at hand
         cpu = time.process_time()
-        result = run_map(model, items, kind is BatchprocAsync, rate, int(spec.get("seed", 0)))
+        result = run_map(model, items, kind is BatchprocAsync, rate, int(spec.get("seed", 0)),
+                         generator=key == "map-gen")
         result["model"] = spec["model"]
     else:
         run_target(target(), model, spec["model"], warm, Bounds(None, WARMUP_S))

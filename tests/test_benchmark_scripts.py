@@ -85,6 +85,8 @@ PRINTING_RUNS = [
                         ' "cap": 0.2, "seed": 1}'], '"completed": 500'),
     ("version_run.py", ['{"model": "mlp", "load": "asyncio-map-rate-2000", "burst": 0,'
                         ' "cap": 0.2, "seed": 1}'], '"completed": 400'),
+    ("version_run.py", ['{"model": "identity", "load": "asyncio-map-gen", "burst": 300,'
+                        ' "cap": 0.2, "seed": 1}'], '"completed": 300'),
 ]
 
 
@@ -159,6 +161,7 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
     ("fixed-1000ms/256", "256 clients"), ("mlp/8", "8 clients"), ("mlp/burst", "burst"),
     ("identity/asyncio-64", "asyncio 64 clients"), ("fixed/asyncio-burst", "asyncio burst"),
     ("mlp/map", "map"), ("identity/asyncio-map", "asyncio map"),
+    ("identity/asyncio-map-gen", "asyncio map from a generator"),
     ("mlp/map-rate-1000", "map, 1,000 items/s stream"),
     ("fixed/asyncio-map-rate-25", "asyncio map, 25 items/s stream"),
 ])

@@ -563,6 +563,74 @@ def test_closing_amap_while_its_source_is_read_stops_the_reading(make_processor)
     assert _value(first) == 0.0 and closed_then == [True]
 
 
+class SourceInterrupt(BaseException):
+    """Neither an Exception nor a cancellation: ends the iteration as it is."""
+
+
+@pytest.mark.parametrize("after", [0, 6])
+def test_amap_gives_a_base_exception_of_its_async_source_as_it_is(make_processor, after):
+    # The build that read the source in the iterating task raised it there; read in a
+    # task of its own, it must not come out as that task's cancellation.
+    p = make_processor(_slow_model, max_batch_size=4)
+
+    async def source():
+        for x in rows(after):
+            yield x
+        raise SourceInterrupt("from the source")
+
+    async def main():
+        return [y async for y in p.amap(source(), buffersize=2)]
+
+    with pytest.raises(SourceInterrupt, match="from the source"):
+        asyncio.run(main())
+
+
+def test_amap_fails_clearly_when_its_reading_task_is_cancelled_from_elsewhere(
+        make_processor):
+    # What asyncio.timeout or a task group held by the source across its yields does when
+    # it fires while the source waits at a yield: it cancels the task that entered it,
+    # amap's reading task, outside the source. Here the test cancels that task itself,
+    # once the window is full and the reader waits to be asked for the next chunk.
+    gate = threading.Event()
+
+    def model(batch):
+        gate.wait(10)
+        return batch * 2
+
+    p = make_processor(model, max_batch_size=4, max_workers=1)
+
+    async def source():
+        for x in rows(40):
+            yield x
+
+    async def main():
+        results = p.amap(source(), buffersize=2)
+        first = asyncio.ensure_future(results.__anext__())
+        me = asyncio.current_task()
+        while len(asyncio.all_tasks()) < 3:  # this one, the iteration, the reader
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while p.get_stats()["queue_size"] + p.get_stats()["active_batches"] < 2:
+            assert time.monotonic() < deadline, "the window never filled"
+            await asyncio.sleep(0.001)
+        reader = [t for t in asyncio.all_tasks() if t is not me and t is not first]
+        assert len(reader) == 1
+        reader[0].cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        got = [await first]
+        with pytest.raises(RuntimeError, match="was cancelled while the source") as info:
+            async for y in results:
+                got.append(y)
+        assert isinstance(info.value.__cause__, asyncio.CancelledError)
+        return got
+
+    got = asyncio.run(main())
+    # The results of the chunks queued before come first.
+    assert [_value(y) for y in got] == [2.0 * k for k in range(len(got))]
+    assert len(got) == 8
+
+
 def test_map_waits_a_moment_for_a_chunk_its_source_was_slow_to_fill(
         make_processor, monkeypatch):
     # The chunk fills before batch_timeout, but its read waited READ_WAIT_MIN or more on

@@ -821,11 +821,16 @@ def amap_results(processor: BatchProcessor[Any, Any],
 class SourceReader:
     """``amap``'s async source, read a chunk at a time (``Chunker.aread``) in one task of
     its own, so that results are handed out while the source keeps a read waiting (a
-    message queue gone quiet). One task for every read: a source that holds a
-    task-bound context across its yields (``asyncio.timeout``, a task group) sees one
-    task, as when it is iterated directly."""
+    message queue gone quiet). A context the source holds across its yields and that
+    binds to a task (``asyncio.timeout``, a task group) binds to that task: should it
+    cancel the task while the source is not running (at a yield), the input ends there
+    with a ``RuntimeError`` (the cancellation its ``__cause__``), as the cancellation
+    cannot reach the source there. Any other ``BaseException`` out of the source (an
+    ``Exception`` ends the input at its position, ``Chunker.aread``) reaches the
+    consumer as it is."""
 
-    __slots__ = ("_ask", "_begun", "_chunker", "_iterator", "_read", "_task", "_wait")
+    __slots__ = ("_ask", "_begun", "_chunker", "_closing", "_failure", "_iterator", "_read",
+                 "_task", "_wait")
 
     def __init__(self, chunker: Chunker, iterator: AsyncIterator[Any], wait: float) -> None:
         self._chunker = chunker
@@ -835,20 +840,25 @@ class SourceReader:
         self._read: asyncio.Future[bool] | None = None  # the read asked for, until taken
         self._begun = False  # the task has begun that read
         self._task: asyncio.Future[None] | None = None
+        self._closing = False  # cancel() was called: the amap ends
+        self._failure: BaseException | None = None  # what ended the reading task
 
     async def read_or_result(self, window: Window) -> bool:
         """Read a chunk into ``chunker.ready`` (begun now, or still going on from an
-        earlier call): True once it ended (``take`` gives what ``aread`` returned); False
-        as soon as the oldest result in ``window`` is ready while it goes on."""
+        earlier call): True once it ended (``take`` gives what ``aread`` returned, or
+        raises what ended the reading); False as soon as the oldest result in
+        ``window`` is ready while it goes on."""
         read = self._read
         if read is None:
             read = self._read = asyncio.get_running_loop().create_future()
             self._begun = False
-            if self._task is None:
+            if self._failure is not None:
+                read.set_exception(self._failure)
+            elif self._task is None:
                 self._task = asyncio.ensure_future(self._run())
-            else:
-                assert self._ask is not None
+            elif self._ask is not None and not self._ask.done():
                 self._ask.set_result(None)
+            # (else the task was cancelled as it waited: it fails this read.)
         if not read.done() and not self._begun:
             # Its turn first (it was scheduled before this step): a source that does not
             # keep it waiting gives a whole chunk in it, and the window stays full.
@@ -862,27 +872,52 @@ class SourceReader:
         return read.done()
 
     def take(self) -> bool:
-        """What the read that ended returned (``Chunker.aread``)."""
+        """What the read that ended returned (``Chunker.aread``). Should the reading have
+        failed with an ``Exception``, the input ends there, as when the source raises
+        one (``InputFailed`` after the items read before); any other exception is
+        raised here."""
         assert self._read is not None
         read, self._read = self._read, None
+        failure = None if read.cancelled() else read.exception()
+        if isinstance(failure, Exception):
+            self._chunker.flush()
+            self._chunker.ready.append(InputFailed(failure))
+            return False
         return read.result()
 
     def cancel(self) -> None:
         """Stop reading (the amap ends): items read and not queued are dropped."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
+        read = self._read
+        if read is not None and read.done() and not read.cancelled():
+            read.exception()  # never taken: not an unretrieved failure
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            read = self._read
-            assert read is not None
-            self._begun = True
-            try:
+        try:
+            while True:
+                read = self._read
+                assert read is not None
+                self._begun = True
                 ended = await self._chunker.aread(self._iterator, self._wait)
-            except BaseException:  # cancelled (the amap ends), or an interrupt
-                read.cancel()
+                self._ask = loop.create_future()
+                read.set_result(ended)
+                await self._ask
+        except BaseException as exc:
+            if self._closing:
                 raise
-            self._ask = loop.create_future()
-            read.set_result(ended)
-            await self._ask
+            failure = exc
+            if isinstance(exc, asyncio.CancelledError):
+                failure = RuntimeError(
+                    "amap's task reading its async source was cancelled while the source "
+                    "was not running: by a context the source holds across its yields "
+                    "(asyncio.timeout, a task group)")
+                failure.__cause__ = exc
+            self._failure = failure
+            read = self._read
+            if read is not None and not read.done():
+                read.set_exception(failure)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise

@@ -460,7 +460,10 @@ def test_after_a_slow_read_map_waits_a_moment_for_the_oldest_result(
         make_processor, monkeypatch, asynchronous):
     # A read that went past batch_timeout queued its chunk; the source keeps map waiting
     # again, so map first waits for the oldest result, up to GROUP_WAIT_S (here long
-    # enough for any machine): each result is out before the next item is read.
+    # enough for any machine): each result is out before the next item is read. amap
+    # reads an async source in a task of its own: its open chunk goes at batch_timeout
+    # while the source pauses, and each result as it is ready (the source, once the
+    # result is set, may give its next item first).
     monkeypatch.setattr(bulk, "GROUP_WAIT_S", 10.0)
     p = make_processor(_slow_model, max_batch_size=4, max_workers=2, batch_timeout=PAUSE)
     source = SlowSource(p, rows(6))
@@ -469,7 +472,10 @@ def test_after_a_slow_read_map_waits_a_moment_for_the_oldest_result(
     else:
         out = source.consume(p.map(iter(source)))
     assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
-    assert source.handed == [2, 2, 3, 4, 5, 6]
+    if asynchronous:
+        assert all(h <= k + 2 for k, h in enumerate(source.handed)), source.handed
+    else:
+        assert source.handed == [2, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -561,6 +567,33 @@ def test_closing_amap_while_its_source_is_read_stops_the_reading(make_processor)
 
     first, closed_then = asyncio.run(main())
     assert _value(first) == 0.0 and closed_then == [True]
+
+
+def test_amap_queues_its_open_chunk_at_batch_timeout_while_the_source_is_quiet(
+        make_processor):
+    # Five items, chunks of four, then the source waits for the fifth's result: the open
+    # chunk (the fifth item alone) goes at batch_timeout, not when a next item comes.
+    p = make_processor(_slow_model, max_batch_size=4, batch_timeout=PAUSE)
+
+    async def main():
+        answered = asyncio.Event()
+
+        async def source():
+            for x in rows(5):
+                yield x
+            # (Not answered in time: the source raises, and amap raises that.)
+            await asyncio.wait_for(answered.wait(), 10)
+            yield rows(1, start=5)[0]
+
+        out = []
+        async for y in p.amap(source()):
+            out.append(y)
+            if len(out) == 5:
+                answered.set()
+        return out
+
+    out = asyncio.run(main())
+    assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
 
 
 class SourceInterrupt(BaseException):

@@ -131,6 +131,7 @@ class Chunker:
         self._queue_length = 0
         self._chunk_formats: dict[int, tuple[int, BatchFormat]] = {}
         self._template: Request | None = None
+        self.due = _INF  # when the async read in progress closes the open chunk (aread)
 
     def add(self, item: Any) -> None:
         try:
@@ -166,6 +167,10 @@ class Chunker:
         # that are exactly like it are described like it, natively (``read``).
         self._template = (request if type(item) is _ndarray and request.item is item
                           and not queue_length and rows and item.dtype.kind != "O" else None)
+
+    def holds_open(self) -> bool:
+        """Some items wait in the open chunk."""
+        return bool(self._requests)
 
     def _full(self) -> bool:
         """The open chunk holds ``chunksize`` rows, or as many items (of no rows)."""
@@ -250,7 +255,7 @@ class Chunker:
         add = self.add
         ready = self.ready
         anext = iterator.__anext__
-        due = _monotonic() + wait
+        due = self.due = _monotonic() + wait
         try:
             while True:
                 try:
@@ -760,9 +765,11 @@ def amap_results(processor: BatchProcessor[Any, Any],
                             window.reading = chunker.read(iterator, read_wait)
                         else:
                             assert reader is not None
-                            if not await reader.read_or_result(window):
+                            got = await reader.read_or_result(window)
+                            if got is False:
                                 break  # the oldest result is ready: hand it out first
-                            window.reading = reader.take()
+                            if got:
+                                window.reading = reader.take()
                         while ready:
                             window.add(await submit(ready.popleft(), loop, channel), ready)
                         pending = (window.pending_after_slow_read(began)
@@ -821,7 +828,8 @@ def amap_results(processor: BatchProcessor[Any, Any],
 class SourceReader:
     """``amap``'s async source, read a chunk at a time (``Chunker.aread``) in one task of
     its own, so that results are handed out while the source keeps a read waiting (a
-    message queue gone quiet). A context the source holds across its yields and that
+    message queue gone quiet), and the open chunk is queued at the read's due time
+    without waiting for a next item. A context the source holds across its yields and that
     binds to a task (``asyncio.timeout``, a task group) binds to that task: should it
     cancel the task while the source is not running (at a yield), the input ends there
     with a ``RuntimeError`` (the cancellation its ``__cause__``), as the cancellation
@@ -843,11 +851,13 @@ class SourceReader:
         self._closing = False  # cancel() was called: the amap ends
         self._failure: BaseException | None = None  # what ended the reading task
 
-    async def read_or_result(self, window: Window) -> bool:
+    async def read_or_result(self, window: Window) -> bool | None:
         """Read a chunk into ``chunker.ready`` (begun now, or still going on from an
         earlier call): True once it ended (``take`` gives what ``aread`` returned, or
         raises what ended the reading); False as soon as the oldest result in
-        ``window`` is ready while it goes on."""
+        ``window`` is ready while it goes on; None once the open chunk was closed at
+        the read's due time while the source keeps it waiting (its items are in
+        ``chunker.ready``; the read goes on)."""
         read = self._read
         if read is None:
             read = self._read = asyncio.get_running_loop().create_future()
@@ -868,7 +878,12 @@ class SourceReader:
             if window.slots and pending is None:
                 return False
             waits = (read,) if pending is None else (read, pending)
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            chunker = self._chunker
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED, timeout=(
+                max(0.0, chunker.due - _monotonic()) if chunker.holds_open() else None))
+            if not read.done() and chunker.holds_open() and _monotonic() >= chunker.due:
+                chunker.flush()
+                return None
         return read.done()
 
     def take(self) -> bool:

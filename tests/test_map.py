@@ -495,37 +495,40 @@ def test_a_stream_the_model_keeps_up_with_gets_results_before_the_window_is_refi
     assert all(h <= (k // 4 + 2) * 4 for k, h in enumerate(source.handed)), source.handed
 
 
-def test_amap_hands_out_results_while_its_async_source_is_quiet(make_processor):
-    # A full chunk, then the source waits for something that only comes once that
-    # chunk's results are out (a client answering them): amap reads its async source in
-    # a task of its own, and hands out results while that read waits.
-    p = make_processor(_slow_model, max_batch_size=4, max_workers=2)
+@pytest.mark.parametrize("burst", [4, 5])
+def test_amap_hands_out_results_while_its_async_source_is_quiet(make_processor, burst):
+    # A burst, then the source waits for something that only comes once the burst's
+    # results are out (a client answering them): amap reads its async source in a task
+    # of its own and hands out results while that read waits. A burst of 4 fills a
+    # chunk; of 5, the fifth item waits in the open chunk, queued at batch_timeout.
+    p = make_processor(_slow_model, max_batch_size=4, batch_timeout=PAUSE)
+    out = asyncio.run(_answered_after(p, burst))
+    assert [_value(y) for y in out] == [2.0 * k for k in range(burst + 2)]
 
-    async def main():
-        answered = asyncio.Event()
 
-        async def source():
-            for x in rows(4):
-                yield x
-            # (Not answered in time: the source raises, and amap raises that.)
-            await asyncio.wait_for(answered.wait(), 10)
-            for x in rows(2, start=4):
-                yield x
+async def _answered_after(p, burst):
+    """amap over a source that gives ``burst`` items, then 2 more once ``burst`` results
+    were handed out (or raises after 10 s, which amap raises)."""
+    answered = asyncio.Event()
 
-        out = []
-        async for y in p.amap(source()):
-            out.append(y)
-            if len(out) == 4:
-                answered.set()
-        return out
+    async def source():
+        for x in rows(burst):
+            yield x
+        await asyncio.wait_for(answered.wait(), 10)
+        for x in rows(2, start=burst):
+            yield x
 
-    out = asyncio.run(main())
-    assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
+    out = []
+    async for y in p.amap(source()):
+        out.append(y)
+        if len(out) == burst:
+            answered.set()
+    return out
 
 
 def test_amap_reads_its_async_source_from_one_task(make_processor):
-    # A source holding a task-bound context across its yields sees one task throughout,
-    # as when it is iterated directly.
+    # A source holding a task-bound context across its yields sees one task throughout
+    # (amap's reading task), not a task per read.
     p = make_processor(_slow_model, max_batch_size=4)
     seen = set()
 
@@ -567,33 +570,6 @@ def test_closing_amap_while_its_source_is_read_stops_the_reading(make_processor)
 
     first, closed_then = asyncio.run(main())
     assert _value(first) == 0.0 and closed_then == [True]
-
-
-def test_amap_queues_its_open_chunk_at_batch_timeout_while_the_source_is_quiet(
-        make_processor):
-    # Five items, chunks of four, then the source waits for the fifth's result: the open
-    # chunk (the fifth item alone) goes at batch_timeout, not when a next item comes.
-    p = make_processor(_slow_model, max_batch_size=4, batch_timeout=PAUSE)
-
-    async def main():
-        answered = asyncio.Event()
-
-        async def source():
-            for x in rows(5):
-                yield x
-            # (Not answered in time: the source raises, and amap raises that.)
-            await asyncio.wait_for(answered.wait(), 10)
-            yield rows(1, start=5)[0]
-
-        out = []
-        async for y in p.amap(source()):
-            out.append(y)
-            if len(out) == 5:
-                answered.set()
-        return out
-
-    out = asyncio.run(main())
-    assert [_value(y) for y in out] == [2.0 * k for k in range(6)]
 
 
 class SourceInterrupt(BaseException):

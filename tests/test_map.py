@@ -513,6 +513,7 @@ async def _answered_after(p, burst):
 
     async def source():
         for x in rows(burst):
+            await asyncio.sleep(0.001)  # awaits between items, as a real source does
             yield x
         await asyncio.wait_for(answered.wait(), 10)
         for x in rows(2, start=burst):

@@ -873,18 +873,23 @@ class SourceReader:
             # Its turn first (it was scheduled before this step): a source that does not
             # keep it waiting gives a whole chunk in it, and the window stays full.
             await asyncio.sleep(0)
-        if not read.done():
-            pending = window.pending_oldest() if window.slots else None
-            if window.slots and pending is None:
-                return False
-            waits = (read,) if pending is None else (read, pending)
-            chunker = self._chunker
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED, timeout=(
-                max(0.0, chunker.due - _monotonic()) if chunker.holds_open() else None))
-            if not read.done() and chunker.holds_open() and _monotonic() >= chunker.due:
+        chunker = self._chunker
+        while not read.done():
+            waits: tuple[asyncio.Future[Any], ...] = (read,)
+            if window.slots:
+                pending = window.pending_oldest()
+                if pending is None:
+                    return False
+                waits = (read, pending)
+            # Until the read's due time: items that join the open chunk meanwhile go at
+            # that time. Past it, an item that comes closes its chunk itself (aread).
+            left = chunker.due - _monotonic()
+            if left <= 0 and chunker.holds_open():
                 chunker.flush()
                 return None
-        return read.done()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED,
+                               timeout=left if left > 0 else None)
+        return True
 
     def take(self) -> bool:
         """What the read that ended returned (``Chunker.aread``). Should the reading have

@@ -59,20 +59,17 @@ def run_map(model: Any, items: int, asynchronous: bool, rate: float | None = Non
     handed = [0.0] * items
     clock = time.perf_counter
 
-    def source() -> Any:  # a stream: each item once its arrival time has come
-        start = clock()
+    # A stream: each item once its arrival time (from the call, t0) has come.
+    def source() -> Any:
         for k, x in enumerate(data):
-            wait = start + due[k] - clock()
-            if wait > 0:
+            if (wait := t0 + due[k] - clock()) > 0:
                 time.sleep(wait)
             arrived[k] = clock()
             yield x
 
     async def asource() -> Any:
-        start = clock()
         for k, x in enumerate(data):
-            wait = start + due[k] - clock()
-            if wait > 0:
+            if (wait := t0 + due[k] - clock()) > 0:
                 await asyncio.sleep(wait)
             arrived[k] = clock()
             yield x

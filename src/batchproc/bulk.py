@@ -370,10 +370,7 @@ class Window:
 
     def _oldest_ready(self) -> bool:
         """The oldest slot can be handed out now, without a wait."""
-        if not self.slots:
-            return False
-        slot = self.slots[0]
-        return not isinstance(slot, InFlight) or slot.future.done()
+        return bool(self.slots) and self.pending_oldest() is None
 
     def pending_oldest(self) -> Any:
         """The oldest slot's future if it is still pending, else None."""
@@ -772,10 +769,10 @@ def amap_results(processor: BatchProcessor[Any, Any],
                                 window.reading = reader.take()
                         while ready:
                             window.add(await submit(ready.popleft(), loop, channel), ready)
-                        pending = (window.pending_after_slow_read(began)
-                                   if aiterator is None else None)
-                        if pending is not None:
-                            await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
+                        if aiterator is None:  # (the reader's race covers an async source)
+                            pending = window.pending_after_slow_read(began)
+                            if pending is not None:
+                                await asyncio.wait((pending,), timeout=GROUP_WAIT_S)
                         if window.hands_out_first():
                             break
                 if not slots:

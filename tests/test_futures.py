@@ -577,3 +577,31 @@ def test_a_callback_registering_on_a_future_with_a_dict_of_its_own_is_called(
     if added == 0:  # already done: the caller calls it now (add_done_callback)
         callback(future)
     assert sorted(calls) == ["added"] + ["before"] * callbacks_before
+
+
+def test_finish_all_wakes_blocked_callers_once_every_future_of_the_batch_is_done():
+    """A caller woken while the worker still completes the batch would only block on the
+    GIL: the batch's sleepers are released together, after the last transition (and its
+    callbacks)."""
+    first, second, got, seen = RequestFuture(), RequestFuture(), [], []
+    thread = threading.Thread(target=lambda: got.append(first.result(10)), daemon=True)
+    thread.start()
+    _blocked_in_wait(first)
+    sleeper = first._sleepers[0]
+    second.add_done_callback(lambda f: seen.append((first.done(), sleeper.released)))
+    requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in (first, second)]
+    assert finish_all(requests, ["a", "b"]) == 0
+    thread.join(5)
+    assert seen == [(True, False)]
+    assert got == ["a"] and sleeper.released
+
+
+def test_finish_all_that_fails_partway_still_wakes_the_callers_it_completed():
+    future, got = RequestFuture(), []
+    thread = threading.Thread(target=lambda: got.append(future.result(10)), daemon=True)
+    thread.start()
+    _blocked_in_wait(future)
+    with pytest.raises(TypeError):
+        finish_all([Request(future, None, None, 1, 0, 0, 0.0), "no request"], ["a", "b"])
+    thread.join(5)
+    assert got == ["a"]

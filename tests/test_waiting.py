@@ -396,16 +396,20 @@ def test_a_caller_beginning_to_spin_ends_a_pops_wait_for_its_let_go(spin):
         request_queue._set_pop_linger(request_queue.POP_LINGER)
 
 
-def test_a_release_during_the_collection_that_makes_the_park_lock_is_not_missed(spin):
-    """Making the lock a spin-less wait parks on may start a collection, during which
-    another thread may release the sleeper: the wait must see it, not block."""
+def test_a_wait_parks_without_making_an_object_the_collector_tracks(spin):
+    """A collection runs Python code, and other threads with it: one started by making
+    the park lock, between the wait's look at its flag and the lock's publication, could
+    release the sleeper unseen. The park lock is a C lock, so no collection can start
+    there (with an object in its place, the release runs inside the wait, and the wait
+    sees it)."""
     spin(0.0)
     sleeper = native.Sleeper()
     wait = sleeper.wait
     with collection_runs(sleeper.release) as collection:
-        woken = wait(2.0)
-    assert collection.ran
-    assert woken is True
+        woken = wait(0.05)
+        ran = collection.ran
+    assert (woken, ran) == (False, False)
+    assert sleeper.parked
 
 
 def _miss():
@@ -624,3 +628,49 @@ def test_a_park_held_up_by_the_gil_now_and_then_does_not_stretch_the_spin(spin):
 def test_the_first_park_sets_the_cost(spin):
     native._record_park_cost(75e-6)
     assert native.park_cost() == 75e-6
+
+
+# release_all: a worker wakes the parked callers of a batch together, the GIL released.
+
+def test_release_all_wakes_the_parked_and_marks_the_rest_released(spin):
+    spin(0.0)
+    parked = [native.Sleeper() for _ in range(3)]
+    later = native.Sleeper()  # its waiter has not come yet
+    out = []
+    threads = [_parked_waiter(s, out, timeout=30) for s in parked]
+    lets_go = native.let_go_counts()[0]
+    native.release_all([*parked, later])
+    for thread in threads:
+        thread.join(10)
+    assert out == [True, True, True]
+    assert later.released and not later.parked
+    assert later.wait(30) is True and not later.parked
+    # The GIL was let go once for the wake-ups (a caught spin waits for that).
+    assert native.let_go_counts()[0] == lets_go + 1
+
+
+def test_release_all_with_no_parked_waiter_keeps_the_gil(spin):
+    spin(0.0)
+    sleepers = [native.Sleeper() for _ in range(4)]
+    lets_go = native.let_go_counts()[0]
+    native.release_all(sleepers)
+    native.release_all([])
+    assert all(s.released for s in sleepers)
+    assert native.let_go_counts()[0] == lets_go
+
+
+@pytest.mark.parametrize(("bad", "error"), [("released", RuntimeError), ("lock", TypeError)])
+def test_release_all_wakes_the_others_before_it_raises(spin, bad, error):
+    spin(0.0)
+    first, last, out = native.Sleeper(), native.Sleeper(), []
+    threads = [_parked_waiter(s, out, timeout=30) for s in (first, last)]
+    if bad == "released":
+        wrong = native.Sleeper()
+        wrong.release()
+    else:
+        wrong = threading.Lock()
+    with pytest.raises(error):
+        native.release_all([first, wrong, last])
+    for thread in threads:
+        thread.join(10)
+    assert out == [True, True]

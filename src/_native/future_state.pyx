@@ -35,6 +35,7 @@ cimport cython
 from libc.math cimport INFINITY
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from batchproc._native.waiting import release_all as _release_all
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
     CANCELLED as _CANCELLED_S,
@@ -89,11 +90,15 @@ cdef inline bint _done(object state):
     return state is FINISHED or state is CANCELLED or state is CANCELLED_AND_NOTIFIED
 
 
-cdef inline void _wake(object f) except *:
-    """Release every thread blocked in result()/exception() (their own locks)."""
+cdef inline void _wake(object f, list woken=None) except *:
+    """Release every thread blocked in result()/exception() (their own locks); or, with
+    ``woken``, add their sleepers to it, for the caller to release together."""
     cdef object sleepers = f._sleepers
     if sleepers is not None:
         f._sleepers = None
+        if woken is not None:
+            woken.extend(<list>sleepers)
+            return
         for sleeper in <list>sleepers:
             sleeper.release()
 
@@ -123,7 +128,7 @@ def finish(f, value, bint is_exception):
     return _finish(f, value, is_exception)
 
 
-cdef int _finish(object f, object value, bint is_exception) except? -3:
+cdef int _finish(object f, object value, bint is_exception, list woken=None) except? -3:
     if f._cond is not None:
         return _NEED_LOCK
     if _done(f._state):
@@ -133,7 +138,7 @@ cdef int _finish(object f, object value, bint is_exception) except? -3:
     else:
         f._result = value
     f._state = FINISHED
-    _wake(f)
+    _wake(f, woken)
     return 0 if f._first_callback is None else 1
 
 
@@ -393,12 +398,15 @@ def start_all(list requests):
 def finish_all(list requests, list results):
     """``set_result(results[i])`` on the future of each ``Request``, in order, running
     each future's callbacks after its own transition; the results of ``AsyncRequest``s go
-    to their loops' channels, one post per run of requests of one channel. Returns how
-    many futures were already done: their results are dropped."""
+    to their loops' channels, one post per run of requests of one channel. The threads
+    blocked on these futures are woken once all are done, together
+    (``waiting.release_all``). Returns how many futures were already done: their
+    results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None
     cdef list posts = None
+    cdef list woken = []
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
     try:
@@ -414,19 +422,23 @@ def finish_all(list requests, list results):
                     posts = []
                 posts.append((f._future, True, value))
                 continue
-            already_done += _finish_one(f, value)
+            already_done += _finish_one(f, value, woken)
     finally:
-        if posts:
-            channel.post_many(posts)
+        try:
+            if posts:
+                channel.post_many(posts)
+        finally:
+            if woken:
+                _release_all(woken)
     return already_done
 
 
-cdef int _finish_one(object f, object value) except -1:
+cdef int _finish_one(object f, object value, list woken) except -1:
     """``finish_all``'s step for one future other than an ``AsyncRequest``: 1 if it was
-    already done (its result dropped), else 0."""
+    already done (its result dropped), else 0. Its sleepers join ``woken``."""
     cdef int code
     if _direct is not None and isinstance(f, _direct):
-        code = _finish(f, value, False)
+        code = _finish(f, value, False, woken)
         if code == 0:
             return 0
         if code == 1:

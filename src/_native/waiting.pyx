@@ -12,8 +12,12 @@ worker delivering the very result it waits for.
 A ``Sleeper`` is released once, by whoever completes or cancels the future (its
 ``release``). Its ``wait`` first spins, the GIL released, for up to the module's
 ``spin`` seconds, yielding its CPU between looks (on a busy machine the worker may be
-waiting for that CPU); then it blocks on a plain ``_thread`` lock, as a parked waiter
-always did, so a blocked wait stays interruptible (Ctrl-C). At most one thread of the
+waiting for that CPU); then it blocks on a lock of CPython's own (what a ``_thread``
+lock wraps), interruptible as that lock's acquire is (Ctrl-C). A worker completing a
+batch wakes its parked callers together, the GIL released (``release_all``): each
+release is a system call, and each caller it wakes can take the GIL and run meanwhile,
+where a release with the GIL held would leave that caller blocked on it, to be woken a
+second time. At most one thread of the
 process spins at a time: any other waiter parks at once, so many callers blocked
 together cost one CPU's spin at most, never all of them. And a spin must pay: one that
 sees its release saves a thread wake-up, one that does not costs its CPU time for
@@ -62,6 +66,18 @@ bumps the let-go count too, which such a worker waits for before it asks for the
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    PY_LOCK_ACQUIRED,
+    PY_LOCK_FAILURE,
+    PyLockStatus,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+    PyThread_type_lock,
+)
 from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport INFINITY, fmax, fmin
 from libc.stdint cimport uint64_t
@@ -73,6 +89,8 @@ from numbers import Real as _Real
 
 cdef extern from "Python.h":
     unsigned long PyThread_get_thread_ident() nogil
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag) nogil
 
 cdef extern from *:
     """
@@ -178,6 +196,7 @@ cdef extern from *:
         double deadline) noexcept nogil
     void* let_go_address "batchproc_wait::let_go_address"() noexcept nogil
     uint64_t let_go_now "batchproc_wait::let_go_now"() noexcept nogil
+    uint64_t note_let_go "batchproc_wait::note_let_go"() noexcept nogil
     uint64_t handed_count "batchproc_wait::handed.load"() noexcept nogil
     int lingering_now "batchproc_wait::lingering.load"() noexcept nogil
     uint64_t declined_count "batchproc_wait::declined.load"() noexcept nogil
@@ -251,7 +270,6 @@ cdef inline double _spin_length() noexcept:
 # The let-go count's address, for the modules that bump it (the request queue).
 let_go_capsule = PyCapsule_New(let_go_address(), LET_GO_CAPSULE, NULL)
 
-_allocate_lock = _thread.allocate_lock
 _TIMEOUT_MAX = _thread.TIMEOUT_MAX
 
 
@@ -360,32 +378,49 @@ cdef class Sleeper:
     cdef uint64_t _released_at  # the let-go count at release, written before the flag
     cdef double _released_time  # seconds_now() at the release of a parked waiter
     # A held lock the waiter parks on, made only once its spin is over: a result caught
-    # by the spin costs no lock. Published and released with the GIL held, in compiled
-    # code that runs no Python code, which no other thread interleaves with: release()
-    # sees it published, or the waiter sees the flag set before it publishes one.
-    cdef object _lock
+    # by the spin costs no lock. Published with the GIL held, in compiled code that runs
+    # no Python code, which no other thread interleaves with: a release sees it
+    # published, or the waiter sees the flag set before it publishes one. A plain C
+    # lock (CPython's own, as a ``_thread`` lock wraps): a batch's releases can then
+    # run without the GIL (``release_all``).
+    cdef PyThread_type_lock _park
 
-    def release(self):
-        """Wake the waiter. A second release raises ``RuntimeError`` (as a lock's)."""
+    def __dealloc__(self):
+        if self._park != NULL:
+            # Freed unlocked, as CPython's _thread lock frees its own.
+            PyThread_acquire_lock(self._park, NOWAIT_LOCK)
+            PyThread_release_lock(self._park)
+            PyThread_free_lock(self._park)
+
+    cdef inline PyThread_type_lock _mark_released(self) except? NULL:
+        """Set the flag; the lock its parked waiter blocks on (NULL: none parked), for
+        the caller to release."""
         if flag_is_set(&self._released):
             raise RuntimeError("release unlocked lock")
         self._released_at = let_go_now()
         flag_set(&self._released)
-        if self._lock is not None:
+        if self._park != NULL:
             self._released_time = seconds_now()
-            self._lock.release()
+        return self._park
 
-    cdef object _park_lock(self):
-        """The lock to block on, held; None if released meanwhile."""
-        # Made before the flag is read: making it may start a garbage collection, which
-        # runs Python code (finalizers, gc.callbacks), where other threads may run and
-        # release this sleeper. From the read to the publication nothing can.
-        lock = _allocate_lock()
-        lock.acquire()
+    def release(self):
+        """Wake the waiter. A second release raises ``RuntimeError`` (as a lock's)."""
+        cdef PyThread_type_lock park = self._mark_released()
+        if park != NULL:
+            PyThread_release_lock(park)
+
+    cdef bint _publish_park(self) except -1:
+        """Make the lock to block on, held, unless released meanwhile (then False)."""
+        cdef PyThread_type_lock park = PyThread_allocate_lock()
+        if park == NULL:
+            raise MemoryError("no lock to park on")
+        PyThread_acquire_lock(park, NOWAIT_LOCK)  # new, so free: taken at once
         if flag_is_set(&self._released):
-            return None
-        self._lock = lock
-        return lock
+            PyThread_release_lock(park)
+            PyThread_free_lock(park)
+            return False
+        self._park = park
+        return True
 
     @property
     def released(self):
@@ -395,7 +430,7 @@ cdef class Sleeper:
     def parked(self):
         """Whether its waiter parked: its spin, if any, ended before the release (True
         from then on)."""
-        return self._lock is not None
+        return self._park != NULL
 
     def wait(self, timeout=None):
         """Block until released or until ``timeout`` seconds pass (``None``, or more than
@@ -416,6 +451,7 @@ cdef class Sleeper:
                 limit = -1.0
         if flag_is_set(&self._released):
             return True
+        started = seconds_now()
         # Claimed with the GIL held: a wait that may not spin never drops and takes
         # the GIL back for nothing (with many callers, each time a GIL hand-off).
         if _spin > 0.0 and claim_spin():
@@ -424,7 +460,6 @@ cdef class Sleeper:
                 spin = limit
             if spin > _main_spin_max and PyThread_get_thread_ident() == _MAIN_IDENT:
                 spin = _main_spin_max
-            started = seconds_now()
             deadline = started + limit if limit >= 0.0 else INFINITY
             with nogil:
                 caught = spin_until_set(&self._released, &self._released_at, spin,
@@ -434,17 +469,72 @@ cdef class Sleeper:
             # A signal that came while spinning: its handler runs now (Ctrl-C raises
             # KeyboardInterrupt here), not after a wait that nothing may end.
             PyErr_CheckSignals()
-            if limit >= 0.0:
-                limit -= seconds_now() - started
-                if limit <= 0.0:
-                    return flag_is_set(&self._released)
-        lock = self._park_lock()
-        if lock is None:
+            if limit >= 0.0 and seconds_now() - started >= limit:
+                return flag_is_set(&self._released)
+        if not self._publish_park():
             return True
-        if limit < 0.0:
-            lock.acquire()
-        elif not lock.acquire(True, limit):
+        if not self._block(started, limit):
             return False
         # Released while parked (the lock is released nowhere else): what this park cost.
         _note_park_cost(seconds_now() - self._released_time)
         return True
+
+    cdef bint _block(self, double started, double limit) except -1:
+        """Block on the park lock until released (True) or ``limit`` seconds from
+        ``started`` pass (False; limit < 0: none), the GIL released; a signal's handler
+        runs as it comes (as in a ``_thread`` lock's acquire), and what it raises ends
+        the wait."""
+        cdef PyLockStatus got
+        cdef long long micros = -1
+        while True:
+            if limit >= 0.0:
+                micros = <long long>((started + limit - seconds_now()) * 1e6)
+                if micros <= 0:
+                    return PyThread_acquire_lock_timed(self._park, 0, 0) == PY_LOCK_ACQUIRED
+            with nogil:
+                got = PyThread_acquire_lock_timed(self._park, micros, 1)
+            if got == PY_LOCK_ACQUIRED:
+                return True
+            if got == PY_LOCK_FAILURE:
+                return False
+            PyErr_CheckSignals()  # PY_LOCK_INTR: a signal came
+
+
+def release_all(list sleepers):
+    """``release`` each of ``sleepers``, then wake those that parked with the GIL
+    released: a worker completing a batch makes one system call per parked caller, and
+    each caller it wakes may take the GIL and run while it makes the next. A sleeper
+    released already raises ``RuntimeError`` (as ``release``), anything else in the list
+    ``TypeError``: the first such error, once the others are woken.
+    """
+    # Held here, whatever becomes of the list: each lock outlives its release.
+    cdef tuple held = tuple(sleepers)
+    cdef Py_ssize_t i, n = len(held), parked = 0
+    cdef PyThread_type_lock park
+    cdef PyThread_type_lock* parks
+    cdef object error = None
+    if n == 0:
+        return
+    parks = <PyThread_type_lock*>PyMem_Malloc(n * sizeof(PyThread_type_lock))
+    if parks == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            try:
+                park = (<Sleeper?>held[i])._mark_released()
+            except Exception as exc:  # released already, or no Sleeper: the rest go on
+                if error is None:
+                    error = exc
+                continue
+            if park != NULL:
+                parks[parked] = park
+                parked += 1
+        if parked:
+            note_let_go()  # this thread lets go of the GIL (see the module)
+            with nogil:
+                for i in range(parked):
+                    PyThread_release_lock(parks[i])
+    finally:
+        PyMem_Free(parks)
+    if error is not None:
+        raise error

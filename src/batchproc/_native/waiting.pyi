@@ -36,3 +36,8 @@ class Sleeper:
     @property
     def parked(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> bool: ...
+
+def release_all(sleepers: list[Sleeper]) -> None:
+    """Release each sleeper; those whose waiters parked are woken with the GIL released.
+    ``RuntimeError`` for one released already, ``TypeError`` for no Sleeper: the first
+    such error, once the others are woken."""

@@ -17,11 +17,18 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from waiting import collection_runs
+from waiting import collection_runs, wait_for
 
 from batchproc._native import future_state
+from batchproc._native import waiting as native_waiting
 from batchproc._native.future_state import Request, enqueued_of, items_of, longest, total_rows
-from batchproc.futures import RequestFuture, finish_all, start_all
+from batchproc.futures import (
+    RequestFuture,
+    finish_all,
+    get_result_spin,
+    set_result_spin,
+    start_all,
+)
 
 OPS = ("cancel", "set_running_or_notify_cancel", "set_result", "set_exception",
        "add_done_callback", "done", "running", "cancelled", "result", "exception", "repr")
@@ -579,21 +586,59 @@ def test_a_callback_registering_on_a_future_with_a_dict_of_its_own_is_called(
     assert sorted(calls) == ["added"] + ["before"] * callbacks_before
 
 
-def test_finish_all_wakes_blocked_callers_once_every_future_of_the_batch_is_done():
-    """A caller woken while the worker still completes the batch would only block on the
-    GIL: the batch's sleepers are released together, after the last transition (and its
-    callbacks)."""
-    first, second, got, seen = RequestFuture(), RequestFuture(), [], []
-    thread = threading.Thread(target=lambda: got.append(first.result(10)), daemon=True)
+def _parked_callers(futures):
+    """A thread blocked in result() on each future, parked (not spinning): (threads, got)."""
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.setdefault(i, futures[i].result(10)),
+                                daemon=True) for i in range(len(futures))]
+    for thread in threads:
+        thread.start()
+    for future in futures:
+        _blocked_in_wait(future)
+        wait_for(lambda f=future: f._sleepers and f._sleepers[0].parked, "a parked caller")
+    return threads, got
+
+
+def test_finish_all_wakes_the_parked_callers_of_a_batch_together():
+    """Their wake-ups go in one release_all, the GIL let go once (a caller woken while
+    the worker held the GIL would block on it and be woken again)."""
+    spin = get_result_spin()
+    set_result_spin(0.0)
+    try:
+        futures = [RequestFuture() for _ in range(3)]
+        threads, got = _parked_callers(futures)
+        lets_go = native_waiting.let_go_counts()[0]
+        requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in futures]
+        assert finish_all(requests, ["a", "b", "c"]) == 0
+        assert native_waiting.let_go_counts()[0] == lets_go + 1
+        for thread in threads:
+            thread.join(5)
+        assert got == {0: "a", 1: "b", 2: "c"}
+    finally:
+        set_result_spin(spin)
+
+
+@pytest.mark.parametrize("on", ["the same future", "a later future"])
+def test_a_caller_is_woken_before_the_callbacks_of_its_batch_run(on):
+    """As ``Future.set_result`` does: a callback never holds up a waiting caller, even
+    one that waits for that caller (with the wake after the batch, it would wait out
+    its timeout)."""
+    first, second = RequestFuture(), RequestFuture()
+    returned, seen = threading.Event(), []
+
+    def caller():
+        first.result(10)
+        returned.set()
+
+    thread = threading.Thread(target=caller, daemon=True)
     thread.start()
     _blocked_in_wait(first)
-    sleeper = first._sleepers[0]
-    second.add_done_callback(lambda f: seen.append((first.done(), sleeper.released)))
+    watched = first if on == "the same future" else second
+    watched.add_done_callback(lambda f: seen.append(returned.wait(5)))
     requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in (first, second)]
     assert finish_all(requests, ["a", "b"]) == 0
     thread.join(5)
-    assert seen == [(True, False)]
-    assert got == ["a"] and sleeper.released
+    assert seen == [True]
 
 
 def test_finish_all_that_fails_partway_still_wakes_the_callers_it_completed():

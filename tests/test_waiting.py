@@ -630,6 +630,20 @@ def test_the_first_park_sets_the_cost(spin):
     assert native.park_cost() == 75e-6
 
 
+def test_a_wait_after_one_that_timed_out_parks_on_the_same_lock_until_released(spin):
+    spin(0.0)
+    s, out = native.Sleeper(), []
+    assert s.wait(1e-3) is False and s.parked
+    assert s.wait(1e-3) is False  # still held: it blocked for its timeout
+    thread = threading.Thread(target=lambda: out.append(s.wait(30)), daemon=True)
+    thread.start()
+    wait_for(lambda: thread.is_alive(), "the third wait")
+    s.release()
+    thread.join(10)
+    assert out == [True]
+    assert s.wait(1e-3) is True
+
+
 # release_all: a worker wakes the parked callers of a batch together, the GIL released.
 
 def test_release_all_wakes_the_parked_and_marks_the_rest_released(spin):

@@ -95,10 +95,11 @@ cdef inline void _wake(object f, list woken=None) except *:
     ``woken``, add their sleepers to it, for the caller to release together."""
     cdef object sleepers = f._sleepers
     if sleepers is not None:
-        f._sleepers = None
         if woken is not None:
-            woken.extend(<list>sleepers)
+            woken.extend(<list>sleepers)  # before they leave the future: it may fail
+            f._sleepers = None
             return
+        f._sleepers = None
         for sleeper in <list>sleepers:
             sleeper.release()
 
@@ -399,9 +400,9 @@ def finish_all(list requests, list results):
     """``set_result(results[i])`` on the future of each ``Request``, in order, running
     each future's callbacks after its own transition; the results of ``AsyncRequest``s go
     to their loops' channels, one post per run of requests of one channel. The threads
-    blocked on these futures are woken once all are done, together
-    (``waiting.release_all``). Returns how many futures were already done: their
-    results are dropped."""
+    blocked on these futures are woken together (``waiting.release_all``) once all are
+    done, or before the first callback runs. Returns how many futures were already
+    done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None
@@ -428,28 +429,42 @@ def finish_all(list requests, list results):
             if posts:
                 channel.post_many(posts)
         finally:
-            if woken:
-                _release_all(woken)
+            _wake_now(woken)
     return already_done
 
 
 cdef int _finish_one(object f, object value, list woken) except -1:
     """``finish_all``'s step for one future other than an ``AsyncRequest``: 1 if it was
-    already done (its result dropped), else 0. Its sleepers join ``woken``."""
+    already done (its result dropped), else 0. Its sleepers join ``woken``, which is
+    released first where Python code is to run (callbacks, another class's
+    ``set_result``): as ``Future.set_result`` does, a caller is woken before any callback
+    runs, and so never waits on one (a slow one, one that waits for that caller)."""
     cdef int code
     if _direct is not None and isinstance(f, _direct):
         code = _finish(f, value, False, woken)
         if code == 0:
             return 0
         if code == 1:
+            _wake_now(woken)
             f._invoke_callbacks()
             return 0
         if code == _INVALID:
             return 1
+    _wake_now(woken)
     try:
         f.set_result(value)
     except InvalidStateError:
         return 1
+    return 0
+
+
+cdef inline int _wake_now(list woken) except -1:
+    """Release the sleepers gathered so far (``waiting.release_all``), and forget them."""
+    if woken:
+        try:
+            _release_all(woken)
+        finally:
+            del woken[:]
     return 0
 
 

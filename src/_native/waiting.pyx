@@ -410,7 +410,11 @@ cdef class Sleeper:
             PyThread_release_lock(park)
 
     cdef bint _publish_park(self) except -1:
-        """Make the lock to block on, held, unless released meanwhile (then False)."""
+        """Make the lock to block on, held, unless released meanwhile (then False). A
+        wait after one that timed out or was interrupted blocks on the same lock, still
+        held (a release since has unlocked it)."""
+        if self._park != NULL:
+            return True
         cdef PyThread_type_lock park = PyThread_allocate_lock()
         if park == NULL:
             raise MemoryError("no lock to park on")

@@ -211,6 +211,7 @@ def run_with_hangs(make_processor, model, size, **config):
         wait_until_hung_calls_settle(p)
     finally:
         model.release.set()
+    settled(p)
     assert model.calls[0] == [float(v) for v in range(size)]  # one batch first
     return p, outcome, halvings
 
@@ -304,6 +305,7 @@ def test_a_hang_of_the_batch_leaves_the_target_once_a_request_expired(make_proce
         wait_until_hung_calls_settle(p)
     finally:
         model.release.set()
+    settled(p)
     assert model.hung == [[0.0, 1.0]]
     assert halvings == [] and p.current_batch_size == 2
 
@@ -329,9 +331,7 @@ def test_an_abandoned_search_leaves_the_target(make_processor):
     for f in futures:
         f.exception(timeout=20)
     release.set()  # the abandoned call returns; its worker ends its part of the search
-    p.stop(timeout=20)
-    for thread in p._threads():
-        thread.join(20)
+    settled(p)
     assert p.current_batch_size == 8
 
 
@@ -451,6 +451,15 @@ def wait_until_hung_calls_settle(p):
         time.sleep(0.001)
 
 
+def settled(p):
+    """Stop ``p`` and wait for its threads: what a worker does after the last result has
+    reached its caller (the bookkeeping of a failed batch's search) is done. A caller is
+    woken as soon as its result is set, and may run before its worker goes on."""
+    p.stop(timeout=20)
+    for thread in p._threads():
+        thread.join(20)
+
+
 def record_halvings(p):
     """The target size at each time the controller is told a batch failed.
 
@@ -486,6 +495,7 @@ def test_the_target_size_shrinks_once_per_failed_batch(make_processor):
     # A poisoned request fails alone: its own failure, not the batch's, so the target
     # stays (not halved for the failed batch, for each failing call of the search, nor
     # for the poisoned request's own retries).
+    settled(p)
     assert halvings == []
     assert p.current_batch_size == 64
 
@@ -506,6 +516,7 @@ def test_a_failure_that_depends_on_the_batch_fails_no_request(make_processor, la
     halvings = record_halvings(p)
     futures = enqueue_paused(p, [float(v) for v in range(64)])
     assert [f.result(timeout=20)[0, 0] for f in futures] == [2.0 * v for v in range(64)]
+    settled(p)
     assert p.get_stats()["total_errors"] == 0
     assert halvings == [64]
     assert p.current_batch_size == 32
@@ -1161,6 +1172,7 @@ def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):
             futures = [p.enqueue_predict(item(v)) for v in range(4)]
             p.resume()
             assert [f.result(timeout=20)["a"][0, 0] for f in futures] == [0, 1, 2, 3]
+        settled(p)  # the last search's warning, if any, is logged after its results
     warnings = [r for r in caplog.records if "fails on batches" in r.getMessage()]
     assert len(warnings) == 1
     assert "BatchOutputError" in warnings[0].getMessage()

@@ -10,9 +10,12 @@ voluntary (a thread blocked: on its result, or on the GIL a woken thread could n
 and involuntary. A system whose kernel time and context switches per request dominate is
 bound by waking threads, not by its own code.
 
-Systems: batchproc (ADAPTIVE, default workers), batchproc with one worker, the minimal
-batcher, and the no-work batcher of no_work_batchers.py (one C-coded queue and a lock per
-client: no model, no copies).
+Systems: batchproc (ADAPTIVE, default workers), batchproc with one worker, batchproc
+FIXED (each batch waits up to the max delay to fill: with as many clients as the max
+batch, full batches), the minimal batcher, and the no-work batcher of
+no_work_batchers.py (one C-coded queue and a lock per client: no model, no copies). Also
+per system: the mean batch, and the CPU time per request of the client threads and of
+the batcher's own threads (Linux; "-" elsewhere).
 """
 
 from __future__ import annotations
@@ -74,13 +77,17 @@ def _by_group(before: dict[int, float], after: dict[int, float], clients: set[in
     return {group: seconds * 1e6 / max(requests, 1) for group, seconds in groups.items()}
 
 
-def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[], int],
-                                                  Callable[[], None]]],
-            clients: int, seconds: float) -> dict[str, Any]:
-    """``start()`` -> (one blocking request, requests served so far, stop): figures over
-    ``seconds`` of ``clients`` threads calling it back to back; ``threads``: the CPU time
-    per request of each group of threads (``_by_group``; empty where ``thread_cpu`` is)."""
-    call, served, stop = start()
+# What a system's start() returns: (one blocking request, requests served so far,
+# batches served so far, stop).
+Started = tuple[Callable[[], Any], Callable[[], int], Callable[[], int], Callable[[], None]]
+
+
+def profile(name: str, start: Callable[[], Started], clients: int,
+            seconds: float) -> dict[str, Any]:
+    """Figures over ``seconds`` of ``clients`` threads calling ``start()``'s request back
+    to back; ``threads``: the CPU time per request of each group of threads
+    (``_by_group``; empty where ``thread_cpu`` is)."""
+    call, served, batches, stop = start()
     stopping = threading.Event()
 
     def client() -> None:
@@ -92,11 +99,13 @@ def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[],
         for t in threads:
             t.start()
         time.sleep(0.5)  # every client in its loop
-        n0, u0, t0 = served(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        n0, b0 = served(), batches()
+        u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         per_thread0 = thread_cpu()
         time.sleep(seconds)
         per_thread1 = thread_cpu()
         n, u1 = served() - n0, resource.getrusage(resource.RUSAGE_SELF)
+        batched = batches() - b0
         elapsed = time.perf_counter() - t0
         by_group = (_by_group(per_thread0, per_thread1, {t.native_id for t in threads}, n)
                     if per_thread1 else {})
@@ -112,44 +121,47 @@ def profile(name: str, start: Callable[[], tuple[Callable[[], Any], Callable[[],
         "sys_us": (u1.ru_stime - u0.ru_stime) * per,
         "voluntary": (u1.ru_nvcsw - u0.ru_nvcsw) / max(n, 1),
         "involuntary": (u1.ru_nivcsw - u0.ru_nivcsw) / max(n, 1),
+        "mean_batch": n / max(batched, 1),
         "threads": by_group,
     }
 
 
-def _batchproc(workers: int | None) -> Callable[[], Any]:
-    def start() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+def _batchproc(workers: int | None, strategy: str = "adaptive") -> Callable[[], Started]:
+    def start() -> Started:
         from batchproc import BatchProcessor, BatchProcessorConfig
 
         fields: dict[str, Any] = {"max_batch_size": 64, "initial_batch_size": 64,
-                                  "batch_timeout": 0.005}
+                                  "batch_timeout": 0.005, "processing_strategy": strategy}
         if workers is not None:
             fields["max_workers"] = workers
         p: Any = BatchProcessor(BatchProcessorConfig(**fields))
         p.start(lambda batch: batch)
         enqueue = p.enqueue_predict
         return (lambda: enqueue(ROW).result(),
-                lambda: p.get_stats()["total_processed"], p.stop)
+                lambda: p.get_stats()["total_processed"],
+                lambda: p.get_stats()["total_batches"], p.stop)
     return start
 
 
-def _minimal() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+def _minimal() -> Started:
     from batchproc.bench.minimal import MinimalBatcher
 
-    served = [0]
+    served, batches = [0], [0]
 
     def model(batch: Any) -> Any:
         served[0] += len(batch)
+        batches[0] += 1
         return batch
 
     b = MinimalBatcher(model, max_batch=64, max_delay=0.005).start()
-    return (lambda: b.submit(ROW).result(), lambda: served[0], b.stop)
+    return (lambda: b.submit(ROW).result(), lambda: served[0], lambda: batches[0], b.stop)
 
 
-def _no_work() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]:
+def _no_work() -> Started:
     import queue
 
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    served = [0]
+    served, batches = [0], [0]
     local = threading.local()
 
     def server() -> None:
@@ -160,6 +172,7 @@ def _no_work() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]
                     batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
+            batches[0] += 1
             for lock in batch:
                 if lock is None:
                     return
@@ -181,7 +194,7 @@ def _no_work() -> tuple[Callable[[], Any], Callable[[], int], Callable[[], None]
         inbox.put(None)
         srv.join()
 
-    return call, lambda: served[0], stop
+    return call, lambda: served[0], lambda: batches[0], stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,15 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=2.0)
     args = ap.parse_args(argv)
     systems = [("batchproc", _batchproc(None)), ("batchproc, 1 worker", _batchproc(1)),
+               ("batchproc FIXED", _batchproc(None, "fixed")),
                ("minimal batcher", _minimal), ("no-work batcher", _no_work)]
     print(f"{args.clients} client threads, identity model, {args.seconds:g} s per system\n")
-    print("| system | req/s | user us/req | kernel us/req | voluntary switches/req |"
-          " involuntary/req |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| system | req/s | mean batch | user us/req | kernel us/req | voluntary "
+          "switches/req | involuntary/req | client threads us/req | batcher threads "
+          "us/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, start in systems:
         r = profile(name, start, args.clients, args.seconds)
-        print(f"| {r['system']} | {r['req_s']:,.0f} | {r['user_us']:.1f} | {r['sys_us']:.1f}"
-              f" | {r['voluntary']:.2f} | {r['involuntary']:.2f} |")
+        threads = r["threads"]
+        split = (f"{threads[CLIENTS]:.1f} | {threads[BATCHER]:.1f}" if threads
+                 else "- | -")
+        print(f"| {r['system']} | {r['req_s']:,.0f} | {r['mean_batch']:.1f} | "
+              f"{r['user_us']:.1f} | {r['sys_us']:.1f} | {r['voluntary']:.2f} | "
+              f"{r['involuntary']:.2f} | {split} |")
     return 0
 
 

@@ -50,15 +50,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_threads import BATCHER, CLIENTS, NOT_PYTHONS, ROW, profile
+from profile_threads import BATCHER, CLIENTS, NOT_PYTHONS, ROW, Started, profile
 
 from batchproc.bench import report
 from batchproc.bench.models import make_model
 
 MAX_BATCH = 64
 BATCH_TIMEOUT = 0.005
-
-Started = tuple[Callable[[], Any], Callable[[], int], Callable[[], None]]
 
 
 def limit(model: Callable[[np.ndarray], Any], seconds: float) -> float:
@@ -75,7 +73,7 @@ def limit(model: Callable[[np.ndarray], Any], seconds: float) -> float:
 def lean(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
     def start() -> Started:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C-coded: no Python lock
-        served = [0]
+        served, batches = [0], [0]
         local = threading.local()
 
         def server() -> None:
@@ -97,6 +95,7 @@ def lean(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
                     box[0] = out[i:i + 1]
                     lock.release()
                 served[0] += len(waiting)
+                batches[0] += 1
 
         srv = threading.Thread(target=server, name="lean-batcher", daemon=True)
         srv.start()
@@ -116,7 +115,7 @@ def lean(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
             inbox.put(None)
             srv.join()
 
-        return call, lambda: served[0], stop
+        return call, lambda: served[0], lambda: batches[0], stop
     return start
 
 
@@ -129,7 +128,8 @@ def batchproc(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
         p.start(model)
         enqueue = p.enqueue_predict
         return (lambda: enqueue(ROW).result(),
-                lambda: p.get_stats()["total_processed"], p.stop)
+                lambda: p.get_stats()["total_processed"],
+                lambda: p.get_stats()["total_batches"], p.stop)
     return start
 
 

@@ -28,7 +28,9 @@ Codes returned: ``NEED_LOCK`` (-1) everywhere; otherwise as each function says.
 transition over the futures of a whole batch of requests, and ``items_of``/``enqueued_of``
 read a batch's items and arrival times, so the per-request loops a worker runs on every
 batch are compiled too. Each future's transition is still one indivisible step; another
-thread may run between two of them.
+thread may run between two of them, and does where ``finish_all`` wakes the callers it
+gathered (``waiting.release_all`` lets go of the GIL): between transitions, never
+inside one.
 """
 
 cimport cython

@@ -17,15 +17,14 @@ lock wraps), interruptible as that lock's acquire is (Ctrl-C). A worker completi
 batch wakes its parked callers together, the GIL released (``release_all``): each
 release is a system call, and each caller it wakes can take the GIL and run meanwhile,
 where a release with the GIL held would leave that caller blocked on it, to be woken a
-second time. At most one thread of the
-process spins at a time: any other waiter parks at once, so many callers blocked
-together cost one CPU's spin at most, never all of them. And a spin must pay: one that
-sees its release saves a thread wake-up, one that does not costs its CPU time for
-nothing (callers of a model that takes milliseconds). The process keeps the recent
-share of spins that saw their release (an exponential average over about eight
-spins); below half, waits park at once, except one in ``PROBE_EVERY``, which spins to
-find out whether spinning pays again (adaptive spinning, as in glibc's adaptive mutexes
-and the JVM's monitors).
+second time. At most one thread of the process spins at a time: any other waiter
+parks at once, so many callers blocked together cost one CPU's spin at most, never all
+of them. And a spin must pay: one that sees its release saves a thread wake-up, one
+that does not costs its CPU time for nothing (callers of a model that takes
+milliseconds). The process keeps the recent share of spins that saw their release (an
+exponential average over about eight spins); below half, waits park at once, except
+one in ``PROBE_EVERY``, which spins to find out whether spinning pays again (adaptive
+spinning, as in glibc's adaptive mutexes and the JVM's monitors).
 
 How long a spin may last is bounded by what it saves (competitive spinning: Karlin, Li,
 Manasse and Owicki, "Empirical studies of competitive spinning for a shared-memory

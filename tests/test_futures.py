@@ -618,27 +618,35 @@ def test_finish_all_wakes_the_parked_callers_of_a_batch_together():
         set_result_spin(spin)
 
 
-@pytest.mark.parametrize("on", ["the same future", "a later future"])
-def test_a_caller_is_woken_before_the_callbacks_of_its_batch_run(on):
-    """As ``Future.set_result`` does: a callback never holds up a waiting caller, even
-    one that waits for that caller (with the wake after the batch, it would wait out
-    its timeout)."""
-    first, second = RequestFuture(), RequestFuture()
+@pytest.mark.parametrize(("waited", "watched"), [(0, 0), (0, 1), (1, 0)])
+def test_a_caller_is_woken_before_the_callbacks_of_its_batch_run(waited, watched):
+    """As ``Future.set_result`` does: a callback never holds up a waiting caller of its
+    batch, even one that waits for that caller, whichever future each is on."""
+    futures = [RequestFuture(), RequestFuture()]
     returned, seen = threading.Event(), []
 
     def caller():
-        first.result(10)
+        futures[waited].result(10)
         returned.set()
 
     thread = threading.Thread(target=caller, daemon=True)
     thread.start()
-    _blocked_in_wait(first)
-    watched = first if on == "the same future" else second
-    watched.add_done_callback(lambda f: seen.append(returned.wait(5)))
-    requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in (first, second)]
+    _blocked_in_wait(futures[waited])
+    futures[watched].add_done_callback(lambda f: seen.append(returned.wait(5)))
+    requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in futures]
     assert finish_all(requests, ["a", "b"]) == 0
     thread.join(5)
     assert seen == [True]
+
+
+def test_a_callback_sees_every_future_of_its_batch_done():
+    futures = [RequestFuture() for _ in range(3)]
+    seen = []
+    futures[0].add_done_callback(
+        lambda f: seen.append([g.result(timeout=0) for g in futures]))
+    requests = [Request(f, None, None, 1, 0, 0, 0.0) for f in futures]
+    assert finish_all(requests, ["a", "b", "c"]) == 0
+    assert seen == [["a", "b", "c"]]
 
 
 def test_finish_all_that_fails_partway_still_wakes_the_callers_it_completed():

@@ -169,10 +169,11 @@ class Interrupted(Exception):
     pass
 
 
-def _interrupted_in_result(when, what):
-    """The main thread blocks in result() (timeout 30 s); once ``when()`` holds, another
-    thread sends it a signal whose handler raises ``Interrupted`` (as Ctrl-C's raises
-    KeyboardInterrupt). Seconds until result() raised it."""
+def _interrupted_in_result(when, what, future=None):
+    """The main thread blocks in ``future.result()`` (a new future by default; timeout
+    30 s); once ``when()`` holds, another thread sends it a signal whose handler raises
+    ``Interrupted`` (as Ctrl-C's raises KeyboardInterrupt). Seconds until result()
+    raised it."""
 
     def handler(signum, frame):
         raise Interrupted
@@ -189,7 +190,7 @@ def _interrupted_in_result(when, what):
     try:
         helper.start()
         with pytest.raises(Interrupted):
-            RequestFuture().result(timeout=30)
+            (future or RequestFuture()).result(timeout=30)
         return time.monotonic() - started
     finally:
         helper.join(10)
@@ -204,6 +205,19 @@ def test_a_parked_result_stays_interruptible(spin):
     _interrupted_in_result(
         lambda: _counts()["spun"] > before["spun"] and _counts()["spinning"] == 0,
         "the main thread's spin over")
+
+
+def test_an_interrupted_result_leaves_no_sleeper_on_its_future(spin):
+    """Each interrupted wait made a sleeper (and its lock), held by the future until
+    it completed."""
+    spin(0.0)
+    future = RequestFuture()
+    for _ in range(3):
+        _interrupted_in_result(lambda: future._sleepers and future._sleepers[0].parked,
+                               "the main thread parked", future)
+    assert not future._sleepers
+    future.set_result(1)
+    assert future.result(timeout=0) == 1
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [

@@ -399,17 +399,21 @@ def start_all(list requests):
 
 
 def finish_all(list requests, list results):
-    """``set_result(results[i])`` on the future of each ``Request``, in order, running
-    each future's callbacks after its own transition; the results of ``AsyncRequest``s go
-    to their loops' channels, one post per run of requests of one channel. The threads
-    blocked on these futures are woken together (``waiting.release_all``) once all are
-    done, or before the first callback runs. Returns how many futures were already
-    done: their results are dropped."""
+    """``set_result(results[i])`` on the future of each ``Request``, in order; the results
+    of ``AsyncRequest``s go to their loops' channels, one post per run of requests of one
+    channel. In three steps: every transition (no Python code runs), then the threads
+    blocked on these futures are woken together (``waiting.release_all``), then the
+    futures' callbacks run, and the ``set_result`` of any other class or of a locked
+    future, in order. As ``Future.set_result`` wakes its callers before it runs a
+    callback, no caller waits on a callback of its batch (a slow one, one that waits for
+    a caller or reads another future of the batch). Returns how many futures were
+    already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None
     cdef list posts = None
     cdef list woken = []
+    cdef list later = []  # (future, value or _CALLBACKS): the third step
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
     try:
@@ -425,49 +429,61 @@ def finish_all(list requests, list results):
                     posts = []
                 posts.append((f._future, True, value))
                 continue
-            already_done += _finish_one(f, value, woken)
+            already_done += _finish_one(f, value, woken, later)
     finally:
         try:
             if posts:
                 channel.post_many(posts)
         finally:
-            _wake_now(woken)
+            try:
+                if woken:
+                    _release_all(woken)
+            finally:
+                already_done += _run_later(later)
     return already_done
 
 
-cdef int _finish_one(object f, object value, list woken) except -1:
-    """``finish_all``'s step for one future other than an ``AsyncRequest``: 1 if it was
-    already done (its result dropped), else 0. Its sleepers join ``woken``, which is
-    released first where Python code is to run (callbacks, another class's
-    ``set_result``): as ``Future.set_result`` does, a caller is woken before any callback
-    runs, and so never waits on one (a slow one, one that waits for that caller)."""
+# In finish_all's third step, in place of a value: run the future's callbacks.
+cdef object _CALLBACKS = object()
+
+
+cdef int _finish_one(object f, object value, list woken, list later) except -1:
+    """``finish_all``'s first step for one future other than an ``AsyncRequest``: 1 if it
+    was already done (its result dropped), else 0. Its sleepers join ``woken``; what runs
+    Python code (its callbacks, another class's ``set_result``) joins ``later``."""
     cdef int code
     if _direct is not None and isinstance(f, _direct):
         code = _finish(f, value, False, woken)
         if code == 0:
             return 0
-        if code == 1:
-            _wake_now(woken)
-            f._invoke_callbacks()
-            return 0
         if code == _INVALID:
             return 1
-    _wake_now(woken)
-    try:
-        f.set_result(value)
-    except InvalidStateError:
-        return 1
+        if code == 1:
+            later.append((f, _CALLBACKS))
+            return 0
+    later.append((f, value))
     return 0
 
 
-cdef inline int _wake_now(list woken) except -1:
-    """Release the sleepers gathered so far (``waiting.release_all``), and forget them."""
-    if woken:
+cdef Py_ssize_t _run_later(list later) except -1:
+    """``finish_all``'s third step: how many of ``later``'s futures were already done.
+    What one raises (a broken future class) is raised once the others have run."""
+    cdef Py_ssize_t already_done = 0
+    cdef object error = None
+    for f, value in later:
         try:
-            _release_all(woken)
-        finally:
-            del woken[:]
-    return 0
+            if value is _CALLBACKS:
+                f._invoke_callbacks()  # it runs them all, whatever one raises
+            else:
+                f.set_result(value)
+        except InvalidStateError:
+            already_done += 1
+        except BaseException as exc:
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
+    return already_done
 
 
 # What take_like returns in place of an item: it stopped because it took ``count`` items,

@@ -201,7 +201,18 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                     self._sleepers = [*(self._sleepers or ()), sleeper]
         if not registered:
             return
-        if not sleeper.wait(timeout) and _atomic.remove_sleeper(self, sleeper) == _NEED_LOCK:
+        try:
+            woken = sleeper.wait(timeout)
+        except BaseException:  # a signal's handler raised (Ctrl-C): this wait is over
+            self._forget(sleeper)
+            raise
+        if not woken:
+            self._forget(sleeper)
+
+    def _forget(self, sleeper: Any) -> None:
+        """A wait that ended without its release: the future no longer holds its sleeper
+        (released meanwhile, it is gone already)."""
+        if _atomic.remove_sleeper(self, sleeper) == _NEED_LOCK:
             with self._condition:
                 sleepers = self._sleepers
                 if sleepers is not None and sleeper in sleepers:

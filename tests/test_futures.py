@@ -639,8 +639,11 @@ def test_a_caller_is_woken_before_the_callbacks_of_its_batch_run(waited, watched
     assert seen == [True]
 
 
-def test_a_callback_sees_every_future_of_its_batch_done():
+@pytest.mark.parametrize("locked", [False, True])
+def test_a_callback_sees_every_future_of_its_batch_done(locked):
     futures = [RequestFuture() for _ in range(3)]
+    if locked:  # handed to wait(): their transitions take their locks
+        assert cf.wait(futures[1:], timeout=0).done == set()
     seen = []
     futures[0].add_done_callback(
         lambda f: seen.append([g.result(timeout=0) for g in futures]))

@@ -401,13 +401,13 @@ def start_all(list requests):
 def finish_all(list requests, list results):
     """``set_result(results[i])`` on the future of each ``Request``, in order; the results
     of ``AsyncRequest``s go to their loops' channels, one post per run of requests of one
-    channel. In three steps: every transition (no Python code runs), then the threads
-    blocked on these futures are woken together (``waiting.release_all``), then the
-    futures' callbacks run, and the ``set_result`` of any other class or of a locked
-    future, in order. As ``Future.set_result`` wakes its callers before it runs a
-    callback, no caller waits on a callback of its batch (a slow one, one that waits for
-    a caller or reads another future of the batch). Returns how many futures were
-    already done: their results are dropped."""
+    channel. In three steps: every transition (no code of the user's runs), then the
+    threads blocked on these futures are woken together (``waiting.release_all``), then
+    the futures' callbacks run, in order, and ``set_result`` is called on any future of
+    another class. As ``Future.set_result`` wakes its callers before it runs a callback,
+    no caller of a ``RequestFuture`` waits on a callback of its batch (a slow one, one
+    that waits for a caller or reads another future of the batch). Returns how many
+    futures were already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None
@@ -454,13 +454,16 @@ cdef int _finish_one(object f, object value, list woken, list later) except -1:
     cdef int code
     if _direct is not None and isinstance(f, _direct):
         code = _finish(f, value, False, woken)
+        if code == _NEED_LOCK:
+            # Handed to wait()/as_completed(): its transition under its lock, which
+            # notifies their waiters and wakes its own callers at once.
+            code = f._finish_locked(value, False)
         if code == 0:
             return 0
         if code == _INVALID:
             return 1
-        if code == 1:
-            later.append((f, _CALLBACKS))
-            return 0
+        later.append((f, _CALLBACKS))
+        return 0
     later.append((f, value))
     return 0
 

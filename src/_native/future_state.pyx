@@ -413,7 +413,8 @@ def finish_all(list requests, list results):
     cdef object channel = None
     cdef list posts = None
     cdef list woken = []
-    cdef list later = []  # (future, value or _CALLBACKS): the third step
+    cdef list later = None  # (future, value or _CALLBACKS): the third step
+    cdef int code
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
     try:
@@ -429,7 +430,15 @@ def finish_all(list requests, list results):
                     posts = []
                 posts.append((f._future, True, value))
                 continue
-            already_done += _finish_one(f, value, woken, later)
+            code = _finish_one(f, value, woken)
+            if code == _DONE_NOW:
+                continue
+            if code == _WAS_DONE:
+                already_done += 1
+                continue
+            if later is None:
+                later = []
+            later.append((f, _CALLBACKS if code == _CALLBACKS_LATER else value))
     finally:
         try:
             if posts:
@@ -439,18 +448,25 @@ def finish_all(list requests, list results):
                 if woken:
                     _release_all(woken)
             finally:
-                already_done += _run_later(later)
+                if later is not None:
+                    already_done += _run_later(later)
     return already_done
 
 
 # In finish_all's third step, in place of a value: run the future's callbacks.
 cdef object _CALLBACKS = object()
 
+# What _finish_one did with a future.
+cdef enum:
+    _DONE_NOW = 0          # done, nothing left to run
+    _WAS_DONE = 1          # it was done already: its result dropped
+    _CALLBACKS_LATER = 2   # done; its callbacks are to run in the third step
+    _SET_LATER = 3         # another class's: its set_result is to run in the third step
 
-cdef int _finish_one(object f, object value, list woken, list later) except -1:
-    """``finish_all``'s first step for one future other than an ``AsyncRequest``: 1 if it
-    was already done (its result dropped), else 0. Its sleepers join ``woken``; what runs
-    Python code (its callbacks, another class's ``set_result``) joins ``later``."""
+
+cdef int _finish_one(object f, object value, list woken) except -1:
+    """``finish_all``'s first step for one future other than an ``AsyncRequest``: what it
+    did (``_DONE_NOW`` ...). Its sleepers join ``woken``."""
     cdef int code
     if _direct is not None and isinstance(f, _direct):
         code = _finish(f, value, False, woken)
@@ -459,13 +475,11 @@ cdef int _finish_one(object f, object value, list woken, list later) except -1:
             # notifies their waiters and wakes its own callers at once.
             code = f._finish_locked(value, False)
         if code == 0:
-            return 0
+            return _DONE_NOW
         if code == _INVALID:
-            return 1
-        later.append((f, _CALLBACKS))
-        return 0
-    later.append((f, value))
-    return 0
+            return _WAS_DONE
+        return _CALLBACKS_LATER
+    return _SET_LATER
 
 
 cdef Py_ssize_t _run_later(list later) except -1:

@@ -65,7 +65,6 @@ bumps the let-go count too, which such a worker waits for before it asks for the
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pythread cimport (
     NOWAIT_LOCK,
     PY_LOCK_ACQUIRED,
@@ -503,6 +502,11 @@ cdef class Sleeper:
             PyErr_CheckSignals()  # PY_LOCK_INTR: a signal came
 
 
+# How many parked callers release_all wakes per let-go of the GIL (its stack buffer).
+cdef enum:
+    _WAKE_CHUNK = 64
+
+
 def release_all(list sleepers):
     """``release`` each of ``sleepers``, then wake those that parked with the GIL
     released: a worker completing a batch makes one system call per parked caller, and
@@ -510,34 +514,38 @@ def release_all(list sleepers):
     released already raises ``RuntimeError`` (as ``release``), anything else in the list
     ``TypeError``: the first such error, once the others are woken.
     """
-    # Held here, whatever becomes of the list: each lock outlives its release.
-    cdef tuple held = tuple(sleepers)
-    cdef Py_ssize_t i, n = len(held), parked = 0
+    cdef PyThread_type_lock parks[_WAKE_CHUNK]
     cdef PyThread_type_lock park
-    cdef PyThread_type_lock* parks
+    cdef Py_ssize_t parked = 0
+    cdef list held = None  # the parked sleepers, whatever becomes of the list meanwhile
     cdef object error = None
-    if n == 0:
-        return
-    parks = <PyThread_type_lock*>PyMem_Malloc(n * sizeof(PyThread_type_lock))
-    if parks == NULL:
-        raise MemoryError()
-    try:
-        for i in range(n):
-            try:
-                park = (<Sleeper?>held[i])._mark_released()
-            except Exception as exc:  # released already, or no Sleeper: the rest go on
-                if error is None:
-                    error = exc
-                continue
-            if park != NULL:
-                parks[parked] = park
-                parked += 1
-        if parked:
-            note_let_go()  # this thread lets go of the GIL (see the module)
-            with nogil:
-                for i in range(parked):
-                    PyThread_release_lock(parks[i])
-    finally:
-        PyMem_Free(parks)
+    for sleeper in sleepers:
+        try:
+            park = (<Sleeper?>sleeper)._mark_released()
+        except Exception as exc:  # released already, or no Sleeper: the rest go on
+            if error is None:
+                error = exc
+            continue
+        if park == NULL:
+            continue
+        if held is None:
+            held = []
+        held.append(sleeper)  # so its lock outlives its release
+        parks[parked] = park
+        parked += 1
+        if parked == _WAKE_CHUNK:
+            _release_parks(parks, parked)
+            parked = 0
+    if parked:
+        _release_parks(parks, parked)
     if error is not None:
         raise error
+
+
+cdef void _release_parks(PyThread_type_lock* parks, Py_ssize_t n) noexcept:
+    """Release ``n`` park locks, the GIL let go (see the module: a let-go)."""
+    cdef Py_ssize_t i
+    note_let_go()
+    with nogil:
+        for i in range(n):
+            PyThread_release_lock(parks[i])

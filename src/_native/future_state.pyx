@@ -413,7 +413,7 @@ def finish_all(list requests, list results):
     cdef object channel = None
     cdef list posts = None
     cdef list woken = []
-    cdef list later = None  # (future, value or _CALLBACKS): the third step
+    cdef list later = None  # (future, value, _finish_one's code): the third step
     cdef int code
     if len(results) != n:
         raise ValueError(f"{n} requests but {len(results)} results")
@@ -438,7 +438,7 @@ def finish_all(list requests, list results):
                 continue
             if later is None:
                 later = []
-            later.append((f, _CALLBACKS if code == _CALLBACKS_LATER else value))
+            later.append((f, value, code))
     finally:
         try:
             if posts:
@@ -452,9 +452,6 @@ def finish_all(list requests, list results):
                     already_done += _run_later(later)
     return already_done
 
-
-# In finish_all's third step, in place of a value: run the future's callbacks.
-cdef object _CALLBACKS = object()
 
 # What _finish_one did with a future.
 cdef enum:
@@ -487,9 +484,9 @@ cdef Py_ssize_t _run_later(list later) except -1:
     What one raises (a broken future class) is raised once the others have run."""
     cdef Py_ssize_t already_done = 0
     cdef object error = None
-    for f, value in later:
+    for f, value, code in later:
         try:
-            if value is _CALLBACKS:
+            if code == _CALLBACKS_LATER:
                 f._invoke_callbacks()  # it runs them all, whatever one raises
             else:
                 f.set_result(value)

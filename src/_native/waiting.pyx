@@ -367,6 +367,14 @@ def let_go_counts():
     return (let_go_now(), lingering_now(), handed_count())
 
 
+cdef inline void _free_park(PyThread_type_lock park) noexcept:
+    """Free a park lock, held or not: unlocked first, as CPython's _thread lock frees
+    its own."""
+    PyThread_acquire_lock(park, NOWAIT_LOCK)
+    PyThread_release_lock(park)
+    PyThread_free_lock(park)
+
+
 @cython.final
 cdef class Sleeper:
     """One blocked wait for one future: ``release`` once, from any thread; ``wait`` by
@@ -385,10 +393,7 @@ cdef class Sleeper:
 
     def __dealloc__(self):
         if self._park != NULL:
-            # Freed unlocked, as CPython's _thread lock frees its own.
-            PyThread_acquire_lock(self._park, NOWAIT_LOCK)
-            PyThread_release_lock(self._park)
-            PyThread_free_lock(self._park)
+            _free_park(self._park)
 
     cdef inline PyThread_type_lock _mark_released(self) except? NULL:
         """Set the flag; the lock its parked waiter blocks on (NULL: none parked), for
@@ -418,8 +423,7 @@ cdef class Sleeper:
             raise MemoryError("no lock to park on")
         PyThread_acquire_lock(park, NOWAIT_LOCK)  # new, so free: taken at once
         if flag_is_set(&self._released):
-            PyThread_release_lock(park)
-            PyThread_free_lock(park)
+            _free_park(park)
             return False
         self._park = park
         return True

@@ -82,6 +82,11 @@ def run_with_bad_inputs(make_processor, size, bad_positions):
     for v, f in zip(values, futures):
         if v != -1.0:
             assert f.result(timeout=20)[0, 0] == 2 * v
+    # A caller is woken before its worker runs the batch's callbacks and ends its search
+    # (parking the bad ones for their retry): wait for both, well within the backoff.
+    wait_for(lambda: len(good_done) == size - len(bad_positions), "the callbacks ran")
+    wait_for(lambda: p.get_stats()["queue_size"] == len(bad_positions),
+             "the bad requests parked")
     assert model.calls[0] == values  # one batch first
     return p, model, values, futures, good_done
 

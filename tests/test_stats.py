@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from batchproc import BatchProcessor, BatchStats, QueueFullError
 from batchproc.metrics import MetricsSink
@@ -92,6 +93,8 @@ def test_a_result_is_counted_before_it_is_delivered(make_processor):
         future = p.enqueue_predict(np.array([i]))
         future.add_done_callback(lambda f: seen.append(p.get_stats()["total_processed"]))
         future.result(timeout=10)
+        # The worker runs the callback once it has woken the caller.
+        wait_for(lambda i=i: len(seen) == i + 1, "the callback ran")
     assert seen == list(range(1, 21))
 
 

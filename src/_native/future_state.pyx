@@ -405,9 +405,10 @@ def finish_all(list requests, list results):
     threads blocked on these futures are woken together (``waiting.release_all``), then
     the futures' callbacks run, in order, and ``set_result`` is called on any future of
     another class. As ``Future.set_result`` wakes its callers before it runs a callback,
-    no caller of a ``RequestFuture`` waits on a callback of its batch (a slow one, one
-    that waits for a caller or reads another future of the batch). Returns how many
-    futures were already done: their results are dropped."""
+    no caller of a ``RequestFuture`` waits on a callback of the same ``finish_all`` (a
+    slow one, one that waits for a caller or reads another future it completes; a
+    failed batch's search calls it once per part). Returns how many futures were
+    already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None

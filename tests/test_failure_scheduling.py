@@ -34,23 +34,42 @@ def item(v):
 
 class CountingModel:
     """Doubles its batch, raising ``Poison`` for batches holding a row equal to -1; counts
-    calls, and for every request the number of calls made when its future completed."""
+    calls, and for the requests it watches the number of calls made when each future
+    completed (read at the start of each call, and by ``settle``: a worker completes a
+    part's futures before its next call)."""
 
     def __init__(self, bad=(-1.0,), exc=Poison):
         self.calls = []
         self.bad = set(bad)
         self.exc = exc
         self.lock = threading.Lock()
+        self.watched = []  # (future, the list its count goes to)
 
     def __call__(self, batch):
         with self.lock:
+            self._note_done()
             self.calls.append(batch[:, 0].tolist())
         if self.bad.intersection(batch[:, 0].tolist()):
             raise self.exc("poisoned row")
         return batch * 2
 
     def done_at(self, future, record):
-        future.add_done_callback(lambda f: record.append(len(self.calls)))
+        with self.lock:
+            self.watched.append((future, record))
+
+    def settle(self):
+        """Count the watched futures completed since the last call."""
+        with self.lock:
+            self._note_done()
+
+    def _note_done(self):
+        pending = []
+        for future, record in self.watched:
+            if future.done():
+                record.append(len(self.calls))
+            else:
+                pending.append((future, record))
+        self.watched = pending
 
 
 def enqueue_paused(p, values, before_resume=lambda futures: None):
@@ -82,9 +101,10 @@ def run_with_bad_inputs(make_processor, size, bad_positions):
     for v, f in zip(values, futures):
         if v != -1.0:
             assert f.result(timeout=20)[0, 0] == 2 * v
-    # A caller is woken before its worker runs the batch's callbacks and ends its search
-    # (parking the bad ones for their retry): wait for both, well within the backoff.
-    wait_for(lambda: len(good_done) == size - len(bad_positions), "the callbacks ran")
+    model.settle()
+    assert len(good_done) == size - len(bad_positions)
+    # A caller is woken before its worker ends the search (parking the bad ones for
+    # their retry): wait for it, well within the backoff.
     wait_for(lambda: p.get_stats()["queue_size"] == len(bad_positions),
              "the bad requests parked")
     assert model.calls[0] == values  # one batch first
@@ -1200,6 +1220,82 @@ def test_a_done_callback_raising_a_base_exception_touches_no_other_request(
     assert [f.result(timeout=20)[0, 0] for f in futures] == [0, 1, 2, 3]
     stats = p.get_stats()
     assert stats["total_errors"] == 0
+
+
+@pytest.mark.parametrize("bad_positions", [[0], [3], [7], [0, 7], [2, 3], [1, 4, 6]])
+@pytest.mark.parametrize("retried", [True, False], ids=["retried", "failed at once"])
+def test_the_done_callbacks_of_a_failed_batch_run_once_its_search_is_over(
+        make_processor, bad_positions, retried):
+    # A failed batch's search completes it one part at a time, each part a call: a
+    # part's done-callbacks (of results and of errors alike) wait for the search to end,
+    # so none holds up the next part's call, and each sees every request of the batch
+    # done (or parked for its retry).
+    model = CountingModel()
+    p = make_processor(model, max_workers=1, max_batch_size=8, initial_batch_size=8,
+                       retry_delay=30.0, **({} if retried else {"retry_on": ()}))
+    values = [float(v) for v in range(8)]
+    for i in bad_positions:
+        values[i] = -1.0
+    seen = []  # per callback: (calls made, how many of the batch were done)
+
+    def watch(futures):
+        for f in futures:
+            f.add_done_callback(
+                lambda f: seen.append((len(model.calls), sum(g.done() for g in futures))))
+
+    futures = enqueue_paused(p, values, watch)
+    settled(p)  # stop fails the parked ones, calling their callbacks too
+    searched = len(model.calls)
+    done_in_search = 8 - (len(bad_positions) if retried else 0)
+    assert seen[:done_in_search] == [(searched, done_in_search)] * done_in_search
+    assert len(seen) == 8
+    assert all(f.done() for f in futures)
+
+
+def test_a_done_callback_may_wait_for_a_later_part_of_its_failed_batch(make_processor):
+    # The search delivers [0, 1], then [2], then runs the bad one alone: a callback of 0
+    # waiting for 2's result ran on the worker before 2's call, and waited for ever.
+    model = CountingModel()
+    p = make_processor(model, max_workers=1, max_batch_size=4, initial_batch_size=4,
+                       retry_delay=30.0)
+    got = []
+    futures = enqueue_paused(
+        p, [0.0, 1.0, 2.0, -1.0],
+        lambda fs: fs[0].add_done_callback(lambda f: got.append(fs[2].result(timeout=10))))
+    assert futures[0].result(timeout=20)[0, 0] == 0
+    wait_for(lambda: got, "the callback ran")
+    assert got[0][0, 0] == 4
+    assert model.calls[1:] == [[0.0, 1.0], [2.0], [-1.0]]  # the search as described
+
+
+@pytest.mark.parametrize("ends", ["past item_timeout", "by stop"])
+def test_a_hung_call_of_a_search_holds_no_done_callback_of_the_parts_before_it(
+        make_processor, ends):
+    # The search delivered [0, 1], then its call on 666 hangs: the callbacks of 0 and 1
+    # run when the call is abandoned (its time limit, or stop giving up on it), not when
+    # (if ever) it returns.
+    model, release, hanging = hangs_on_666()
+
+    def poisoned(batch):
+        if (batch == -1).any():
+            raise Poison("poisoned row")
+        return model(batch)
+
+    timeouts = {"item_timeout": 0.2} if ends == "past item_timeout" else {}
+    p = make_processor(poisoned, max_workers=1, max_batch_size=4, initial_batch_size=4,
+                       retry_delay=30.0, **timeouts)
+    called = threading.Event()
+    try:
+        futures = enqueue_paused(p, [0.0, 1.0, 666.0, -1.0],
+                                 lambda fs: fs[0].add_done_callback(lambda f: called.set()))
+        assert futures[1].result(timeout=20)[0, 0] == 1
+        assert hanging.wait(20)
+        if ends == "by stop":
+            p.stop(timeout=0.2)
+        assert called.wait(20)
+        assert not release.is_set()  # the call still hangs
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync model", "async model"])

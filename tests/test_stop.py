@@ -63,33 +63,45 @@ def join_threads(p):
 
 
 def test_stop_takes_a_searched_batch_whose_delivery_outlasts_its_grace(make_processor,
-                                                                       caplog):
-    # The failure search delivers the good half; a done-callback keeps that delivery
-    # going past stop's grace. stop() must fail the rest of the batch itself: its worker
-    # may not go on searching (and park the poison request in the drained queue).
+                                                                       caplog, monkeypatch):
+    # The failure search delivers the good half, and that delivery goes on past stop's
+    # grace (held here inside it). stop() must fail the rest of the batch itself: its
+    # worker may not go on searching (and park the poison request in the drained
+    # queue). The delivery's futures are the worker's: it completes them, and runs their
+    # done-callbacks once it is over (the search's callbacks wait for its end, and stop
+    # has ended it).
+    from batchproc.engine import delivery
+
+    in_delivery, release = threading.Event(), threading.Event()
+    finish_all = delivery.finish_all
+
+    def held_finish_all(requests, parts, deferred=None):
+        if len(requests) == 2:  # the search's first part, [1, 2]
+            in_delivery.set()
+            release.wait(10)
+        return finish_all(requests, parts, deferred)
+
+    monkeypatch.setattr(delivery, "finish_all", held_finish_all)
     model = PoisonModel()
     p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
     p.pause()
     futures = [p.enqueue_predict(one(v)) for v in (1.0, 2.0, 3.0, POISON)]
-    in_delivery, release = threading.Event(), threading.Event()
-
-    def hold(_future):
-        in_delivery.set()
-        release.wait(10)
-
-    futures[0].add_done_callback(hold)
+    called = []
+    futures[0].add_done_callback(lambda f: called.append(f.result().tolist()))
     p.resume()
     assert in_delivery.wait(10)
     p.stop(timeout=0.05)
-    # [1, 2] is being delivered by the blocked callback; 3 and the poison are stop's.
+    # [1, 2] is being delivered; 3 and the poison are stop's.
     for future in futures[2:]:
         with pytest.raises(ProcessorStoppedError, match="before this request finished"):
             future.result(timeout=0)
     calls = len(model.calls)
+    assert not called
     release.set()
     join_threads(p)
     assert futures[0].result(timeout=0).tolist() == [[1.0]]
     assert futures[1].result(timeout=0).tolist() == [[2.0]]
+    assert called == [[[1.0]]]
     assert len(model.calls) == calls  # nothing ran after stop gave up
     assert p._queue.parked == 0 and len(p._queue) == 0
     assert not [r for r in caplog.records if "completed twice" in r.getMessage()]
@@ -267,9 +279,11 @@ def test_stop_from_a_done_callback_on_a_worker(make_processor, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_stop_from_a_done_callback_gives_up_the_rest_of_its_batch(make_processor, caplog):
-    # The callback runs in the failure search's delivery of the good half: the rest of
-    # the batch is given up, and the worker runs nothing more.
+def test_stop_from_a_done_callback_of_a_searched_batch_comes_after_its_search(
+        make_processor, caplog):
+    # The callback is on a request of the failure search's first part: it runs once the
+    # search is over (the poison request parked for its retry), and the stop it calls
+    # fails what is parked; the worker runs nothing more.
     model = PoisonModel()
     p = fixed_batches(make_processor, model, 4, max_retries=2, retry_delay=0.01)
     p.pause()
@@ -283,11 +297,11 @@ def test_stop_from_a_done_callback_gives_up_the_rest_of_its_batch(make_processor
     futures[0].add_done_callback(stop_here)
     p.resume()
     join_threads(p)
-    assert len(model.calls) == outcome["calls"] == 2
-    assert [f.result(timeout=0).tolist() for f in futures[:2]] == [[[1.0]], [[2.0]]]
-    for future in futures[2:]:
-        with pytest.raises(ProcessorStoppedError):
-            future.result(timeout=0)
+    assert model.calls == [[POISON, 1.0, 2.0, 3.0], [1.0, 2.0], [3.0], [POISON]]  # sorted
+    assert outcome["calls"] == 4
+    assert [f.result(timeout=0).tolist() for f in futures[:3]] == [[[1.0]], [[2.0]], [[3.0]]]
+    with pytest.raises(ProcessorStoppedError):
+        futures[3].result(timeout=0)
     assert p._queue.parked == 0 and len(p._queue) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -398,7 +398,7 @@ def start_all(list requests):
     return live
 
 
-def finish_all(list requests, list results):
+def finish_all(list requests, list results, list deferred=None):
     """``set_result(results[i])`` on the future of each ``Request``, in order; the results
     of ``AsyncRequest``s go to their loops' channels, one post per run of requests of one
     channel. In three steps: every transition (no code of the user's runs), then the
@@ -406,9 +406,14 @@ def finish_all(list requests, list results):
     the futures' callbacks run, in order, and ``set_result`` is called on any future of
     another class. As ``Future.set_result`` wakes its callers before it runs a callback,
     no caller of a ``RequestFuture`` waits on a callback of the same ``finish_all`` (a
-    slow one, one that waits for a caller or reads another future it completes; a
-    failed batch's search calls it once per part). Returns how many futures were
-    already done: their results are dropped."""
+    slow one, one that waits for a caller or reads another future it completes).
+
+    ``deferred``: a list the ``RequestFuture``s whose callbacks are still to run are
+    appended to, in order, instead of running them (``futures.invoke_callbacks`` runs
+    them): a failed batch's search completes its parts one call at a time, and a
+    callback of one part must not run before the next part's call.
+
+    Returns how many futures were already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
     cdef object f, value
     cdef object channel = None
@@ -436,6 +441,9 @@ def finish_all(list requests, list results):
                 continue
             if code == _WAS_DONE:
                 already_done += 1
+                continue
+            if code == _CALLBACKS_LATER and deferred is not None:
+                deferred.append(f)
                 continue
             if later is None:
                 later = []

@@ -304,14 +304,18 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     def set_exception(self, exception: BaseException | None) -> None:
         self._complete(exception, True)
 
-    def _complete(self, value: Any, is_exception: bool) -> None:
+    def _complete(self, value: Any, is_exception: bool,
+                  deferred: list[RequestFuture] | None = None) -> None:
         code = _atomic.finish(self, value, is_exception)
         if code == _NEED_LOCK:
             code = self._finish_locked(value, is_exception)
         if code == _INVALID:
             raise InvalidStateError(f"{self._state}: {self!r}")
         if code == 1:
-            self._invoke_callbacks()
+            if deferred is None:
+                self._invoke_callbacks()
+            else:
+                deferred.append(self)
 
     def _finish_locked(self, value: Any, is_exception: bool) -> int:
         """``_atomic.finish`` under the lock, notifying wait()/as_completed() waiters."""
@@ -338,3 +342,21 @@ class RequestFuture(Future):  # type: ignore[type-arg]
 _atomic.bind(RequestFuture)
 start_all = _atomic.start_all
 finish_all = _atomic.finish_all
+
+
+def fail(future: Future[Any], error: BaseException,
+         deferred: list[RequestFuture] | None = None) -> None:
+    """``future.set_exception(error)``; with ``deferred``, a ``RequestFuture`` whose
+    callbacks are still to run is appended to it instead (as ``finish_all`` does).
+    Raises ``InvalidStateError`` if the future is done."""
+    if deferred is not None and isinstance(future, RequestFuture):
+        future._complete(error, True, deferred)
+    else:
+        future.set_exception(error)
+
+
+def invoke_callbacks(futures: list[RequestFuture]) -> None:
+    """Run the done-callbacks ``finish_all`` or ``fail`` deferred, in order; whatever
+    one raises is logged, as on completion."""
+    for future in futures:
+        future._invoke_callbacks()

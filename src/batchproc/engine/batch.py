@@ -36,7 +36,7 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "calling", "delivering", "delivery_started",
+    __slots__ = ("call_started", "calling", "deferred", "delivering", "delivery_started",
                  "dispatched_at", "holds_slot", "in_flight", "own_failures", "requests",
                  "state", "worker")
 
@@ -61,6 +61,12 @@ class Batch:
         self.in_flight = True
         # Requests of it that failed alone (their own failure, not the batch's).
         self.own_failures = 0
+        # During a failure search, the futures it completed whose done-callbacks wait
+        # for the end of its calls (a callback of one part must not hold up the next
+        # part's call, nor wait for its result); None: callbacks run at delivery.
+        # Taken once, under the board's lock (take_deferred), by its worker at the end
+        # or by whoever abandons it.
+        self.deferred: list[Any] | None = None
 
 
 class Board:
@@ -109,13 +115,27 @@ class Board:
             holds, batch.holds_slot = batch.holds_slot, False
             return True, holds
 
-    def end_delivery(self, batch: Batch) -> None:
+    def end_delivery(self, batch: Batch, deferred: list[Any] | None = None,
+                     ) -> list[Any] | None:
+        """The delivery is over; its ``deferred`` callbacks join the batch's, or, when the
+        batch's were taken already (abandoned meanwhile), are returned to run now."""
         with self.lock:
             if batch.state is DELIVERING:  # else stop gave up on it during the delivery
                 batch.state = HELD
             batch.delivering = []
+            if deferred and batch.deferred is not None:
+                batch.deferred.extend(deferred)
+                deferred = None
             if self.closing:
                 self.settled.notify_all()  # stop may be waiting for this delivery
+        return deferred
+
+    def take_deferred(self, batch: Batch) -> list[Any]:
+        """The batch's deferred callbacks, to run now; from here on its deliveries run
+        their own."""
+        with self.lock:
+            deferred, batch.deferred = batch.deferred, None
+        return deferred or []
 
     def finish(self, batch: Batch) -> tuple[bool, bool]:
         """The worker is done: (it still counted as in flight, it held a call slot)."""

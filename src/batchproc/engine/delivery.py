@@ -19,7 +19,7 @@ from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError, for_callers
 from ..formats.chunks import handed_back, queued_again
-from ..futures import finish_all
+from ..futures import RequestFuture, fail, finish_all, invoke_callbacks
 from ..metrics import (
     OUTCOME_ERROR,
     OUTCOME_EXPIRED,
@@ -69,6 +69,7 @@ class Delivery:
         ok, holds_slot = board.begin_delivery(batch, requests, keep_slot)
         if not ok:
             return
+        deferred: list[RequestFuture] | None = None if batch.deferred is None else []
         if holds_slot:
             self._controller.slots.release(wake=self.others_needed())
         if len(board.active) > 1 and self._other_call_running(batch):
@@ -99,10 +100,20 @@ class Delivery:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
                              len(requests), rows, elapsed * 1e3, queue_time * 1e3)
             self._controller.batch_answered()
-            if finish_all(requests, parts):  # pragma: no cover - would be a batchproc bug
+            if finish_all(requests, parts, deferred):  # pragma: no cover - a batchproc bug
                 logger.error("a future was completed twice; result dropped")
         finally:
-            board.end_delivery(batch)
+            self._end_delivery(batch, deferred)
+
+    def _end_delivery(self, batch: Batch, deferred: list[RequestFuture] | None) -> None:
+        left = self._board.end_delivery(batch, deferred)
+        if left:
+            invoke_callbacks(left)
+
+    def run_deferred(self, batch: Batch) -> None:
+        """Run the done-callbacks its failure search deferred (``Batch.deferred``): by
+        its worker once its calls are over, or by whoever abandons it."""
+        invoke_callbacks(self._board.take_deferred(batch))
 
     def _next_call_can_start(self, left_waiting: int, target: int, elapsed: float) -> bool:
         """Whether a worker handed this batch's call slot now could start a call during
@@ -139,18 +150,22 @@ class Delivery:
             batch, requests, keep_slot=len(requests) == len(batch.requests))
         if not ok:
             return
+        deferred: list[RequestFuture] | None = None if batch.deferred is None else []
         if holds_slot:
             self._controller.slots.release(wake=self.others_needed())
         try:
             self._controller.batch_answered()
-            self.fail_pending(requests, error, dispatched_at=batch.dispatched_at)
+            self.fail_pending(requests, error, dispatched_at=batch.dispatched_at,
+                              deferred=deferred)
         finally:
-            self._board.end_delivery(batch)
+            self._end_delivery(batch, deferred)
 
     def fail_pending(self, requests: list[Request], error: BaseException,
-                     outcome: str = OUTCOME_ERROR, dispatched_at: float | None = None) -> int:
+                     outcome: str = OUTCOME_ERROR, dispatched_at: float | None = None,
+                     deferred: list[RequestFuture] | None = None) -> int:
         """Fail the requests not yet done; ``dispatched_at``: when their batch was popped
-        (for the metrics' queue times; ``None``: never dispatched)."""
+        (for the metrics' queue times; ``None``: never dispatched); ``deferred``: where
+        their done-callbacks wait (``futures.fail``), else they run now."""
         pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
@@ -163,7 +178,7 @@ class Delivery:
         error = for_callers(error)
         for request in pending:
             try:
-                request.future.set_exception(error)
+                fail(request.future, error, deferred)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
         return len(pending)

@@ -8,7 +8,8 @@ Failure scheduling (docs/failures.md):
   request is found in log2(n) calls and the others have their results within one more;
   then it runs alone, so that only a request that fails on its own gets an error. When
   more than one fails, the rest is bisected: both halves run, and each that fails is
-  bisected again.
+  bisected again. Each part gets its results (or errors) as its call ends; the parts'
+  done-callbacks run once the search is over (``Batch.deferred``).
 * A ``map`` chunk of several items that fails on its own is not retried: it fails at
   once, and ``map`` queues its items again one by one (formats/chunks.py), each then
   searched and retried as it would have been had it been queued alone.
@@ -105,6 +106,9 @@ class Executor:
         except BaseException as exc:  # a BaseException from process_func, or our own bug
             logger.exception("batch of %d requests failed outside the retry logic", len(live))
             self._delivery.fail(batch, live, exc)
+        finally:
+            if batch.deferred is not None:
+                self._delivery.run_deferred(batch)
 
     # ----------------------------------------------------------------- one call
 
@@ -156,8 +160,12 @@ class Executor:
         status, error = self._try(batch, requests, workspace, target)
         if status != FAILED:
             return
-        if self._config.debug_mode and len(requests) > 1:
-            logger.debug("batch of %d failed (%r): isolating", len(requests), error)
+        if len(requests) > 1:
+            # The search completes the batch one part at a time: the parts' done-callbacks
+            # wait for its end (Batch.deferred).
+            batch.deferred = []
+            if self._config.debug_mode:
+                logger.debug("batch of %d failed (%r): isolating", len(requests), error)
         self._failed(batch, requests, workspace, target, error, error, self._isolate)
         if (len(requests) > 1 and not batch.own_failures and requests[0].attempt == 0
                 and batch.state is not ABANDONED_BATCH):

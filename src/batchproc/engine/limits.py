@@ -85,6 +85,9 @@ class TimeLimits:
             self._queue_again([r for r in batch.requests
                                if id(r.future) not in failed and not r.future.done()],
                               error, batch.dispatched_at)
+            # The parts its failure search delivered before the call that hung: their
+            # done-callbacks must not wait for a call that may never return.
+            self._delivery.run_deferred(batch)
         if self._hung:
             self._settle_hung(now)
         return len(overdue)

@@ -239,6 +239,7 @@ class WorkerPool:
                 self._controller.batch_ended()
             failed += self._delivery.fail_pending(requests, error_factory(),
                                                   dispatched_at=batch.dispatched_at)
+            self._delivery.run_deferred(batch)  # its search's delivered parts
         return failed
 
     def wait_for_pops(self) -> bool:

@@ -816,6 +816,124 @@ def test_a_client_back_during_the_delivery_is_its_wave_not_carried(impl: Any) ->
     assert popper.outcome() == ["a", "b"]
 
 
+class Caller:
+    """A thread of its own that pushes when told: its pushes carry its identity, as a
+    client thread's do (a thread started per push could reuse an ended one's)."""
+
+    def __init__(self, q: Any) -> None:
+        self._q = q
+        self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def push(self, *items: str) -> None:
+        done = threading.Event()
+        self._todo.put((items, done))
+        assert done.wait(HANG)
+
+    def close(self) -> None:
+        self._todo.put(None)
+        self._thread.join(HANG)
+
+    def _run(self) -> None:
+        while (task := self._todo.get()) is not None:
+            items, done = task
+            for item in items:
+                self._q.push(item)
+            done.set()
+
+
+def callers_answered(q: Any, *entries: int, back_during_call: int | None = None,
+                     ) -> list[Caller]:
+    """A batch popped, run and answered now: the k-th of ``entries`` threads pushed
+    ``entries[k]`` of its entries. Thread ``back_during_call`` pushes "early" while it
+    runs."""
+    callers = [Caller(q) for _ in entries]
+    for i, (caller, n) in enumerate(zip(callers, entries)):
+        caller.push(*(f"first-{i}-{k}" for k in range(n)))
+    assert len(q.pop_batch(100)) == sum(entries)
+    q.begin_batch()
+    if back_during_call is not None:
+        callers[back_during_call].push("early")
+    q.answer_batch()
+    q.end_batch()
+    return callers
+
+
+# The plan of a model of microseconds: no idle gap, no pace; only its callers.
+FAST = {"fill_rows": 10, "max_wait": 60 * HANG, "idle_gap": 0.0, "fill_time": 0.0}
+
+
+def test_a_batch_waits_for_the_callers_of_the_last_one(impl: Any) -> None:
+    # Three threads each waited for one result of the last batch: the first back waits
+    # for the other two, the last of whom completes the batch (no gap, no ceiling).
+    q = impl.RequestQueue(16)
+    callers = callers_answered(q, 1, 1, 1)
+    callers[0].push("a")
+    popper = Worker(q.pop_batch, 10, caller_gap=6 * HANG, timeout=HANG, **FAST)
+    blocked(q, FILL)
+    callers[1].push("b")
+    assert popper.is_alive()
+    callers[2].push("c")
+    assert popper.outcome() == ["a", "b", "c"]
+    # Without caller_gap, the first back goes alone.
+    callers = callers_answered(q, 1, 1, 1)
+    callers[0].push("d")
+    assert q.pop_batch(10, timeout=HANG, **FAST) == ["d"]
+
+
+@pytest.mark.parametrize("entries", [(3,), (2, 1, 1), (1, 2, 1)])
+def test_a_thread_that_pushed_several_entries_of_the_last_batch_is_no_caller(
+        impl: Any, entries: tuple[int, ...]) -> None:
+    # A producer of several entries did not wait for one result: its next push is no
+    # caller coming back, and the batch goes at once (a caller back would hold it 6 *
+    # HANG for the others).
+    q = impl.RequestQueue(16)
+    callers = callers_answered(q, *entries)
+    for caller, n in zip(callers, entries):
+        if n > 1:
+            caller.push("again")
+    t_before = time.monotonic()
+    assert q.pop_batch(10, caller_gap=6 * HANG, timeout=HANG, **FAST) == ["again"]
+    assert time.monotonic() - t_before < HANG
+
+
+def test_a_caller_that_pushed_during_the_call_is_not_waited_for(impl: Any) -> None:
+    # A thread of the last batch pushed again before its results went out: it did not
+    # wait for them (a client that does not wait), so nobody is.
+    q = impl.RequestQueue(16)
+    callers_answered(q, 1, 1, back_during_call=0)
+    t_before = time.monotonic()
+    assert q.pop_batch(10, caller_gap=6 * HANG, timeout=HANG, **FAST) == ["early"]
+    assert time.monotonic() - t_before < HANG
+
+
+def test_callers_back_after_a_quiet_spell_are_not_waited_for(impl: Any) -> None:
+    # The first caller back came more than caller_gap after the end: no wave of the
+    # batch's callers (a caller served a new request meanwhile), it goes at once, not
+    # caller_gap (1 s) after it.
+    q = impl.RequestQueue(16)
+    callers = callers_answered(q, 1, 1)
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 1.05, "a quiet spell past caller_gap")
+    callers[0].push("a")
+    t_before = time.monotonic()
+    assert q.pop_batch(10, caller_gap=1.0, timeout=HANG, **FAST) == ["a"]
+    assert time.monotonic() - t_before < 0.5
+
+
+def test_the_wait_for_callers_ends_caller_gap_after_the_last_one_back(impl: Any) -> None:
+    q = impl.RequestQueue(16)
+    callers = callers_answered(q, 1, 1, 1)
+    callers[0].push("a")
+    before_last = time.monotonic()
+    callers[1].push("b")
+    assert q.pop_batch(10, caller_gap=0.2, timeout=HANG, **FAST) == ["a", "b"]
+    t = time.monotonic()
+    assert t >= before_last + 0.2 - 1e-3
+    assert t - before_last < 3 * HANG  # hang guard
+
+
 @pytest.mark.parametrize("answered_before_begin", [False, True])
 def test_a_row_pushed_before_the_batch_was_answered_is_carried(
         impl: Any, answered_before_begin: bool) -> None:

@@ -552,8 +552,9 @@ cdef class RequestQueue:
     cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch ...
     cdef Py_ssize_t _last_batch_len  # ... and its entries
     # The threads that pushed one entry each of that batch (its callers, if each waits
-    # for its result): how many, how many of them pushed again since, and the first and
-    # the latest of those pushes; their places in _caller_places.
+    # for its result): their places, how many, how many of them pushed again since, and
+    # the first and the latest of those pushes.
+    cdef CallerPlace _caller_places[_CALLER_PLACES]
     cdef uint32_t _caller_batch
     cdef Py_ssize_t _callers, _callers_back
     cdef double _first_back, _last_back
@@ -577,8 +578,6 @@ cdef class RequestQueue:
     cdef uint64_t _retargets    # retarget() calls: pops planned before one pop nothing
     cdef double _spin           # seconds a pop spins on an empty queue before parking ...
     cdef double _spin_window    # ... if the last push was at most this long ago
-    # Last: 4 KB that would otherwise set the fields after it apart from those before.
-    cdef CallerPlace _caller_places[_CALLER_PLACES]
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX

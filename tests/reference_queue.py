@@ -22,8 +22,6 @@ WAVE_PACE = 8.0
 _MAX_PRIORITY = 2**31 - 1
 _MAX_COUNT = 2**39 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# A batch of more entries notes no callers (the native queue's table holds twice as many).
-_MOST_CALLERS = 128
 
 
 class QueueClosed(RuntimeError):
@@ -76,7 +74,7 @@ _AGED = -1  # the priority of an entry that waited past max_priority_wait
 
 class _Entry:
     __slots__ = ("aged", "cancelled", "deadline", "due", "item", "key", "length", "nbytes",
-                 "priority", "pusher", "rows", "seq", "solo", "t_push")
+                 "priority", "rows", "seq", "solo", "t_push")
 
     def __init__(self, priority: int, seq: int, rows: int, nbytes: int, key: int,
                  length: int, item: Any, deadline: float = math.inf) -> None:
@@ -88,7 +86,6 @@ class _Entry:
         self.length = length
         self.item = item
         self.t_push = time.monotonic()
-        self.pusher = threading.get_ident()
         self.cancelled = False
         self.deadline = deadline
         self.solo = False
@@ -143,10 +140,6 @@ class RequestQueue:
         self._last_push = 0.0
         self._last_batch_rows = 0
         self._last_batch_len = 0
-        # The last batch's callers: thread -> its entries in that batch (0 once back).
-        self._callers: dict[int, int] = {}
-        self._callers_back = 0
-        self._first_back = self._last_back = 0.0
         self._cond = threading.Condition(threading.Lock())
         self._w_items = self._w_fill = self._w_room = 0
 
@@ -245,7 +238,6 @@ class RequestQueue:
             self._live[e.seq] = e
             self._rows += rows
             self._last_push = e.t_push
-            self._note_caller_back(e)
             self._cond.notify_all()
             return e.seq
 
@@ -267,7 +259,6 @@ class RequestQueue:
             self._live[e.seq] = e
             self._rows += rows
             self._last_push = e.t_push
-            self._note_caller_back(e)
             self._cond.notify_all()
             return e.seq
 
@@ -284,7 +275,6 @@ class RequestQueue:
             e = _Entry(prio if self._priorities else 0, -1, rows, nbytes, key, length, item,
                        expires)
             e.solo = True
-            e.pusher = 0  # a retry has no caller pushing it
             e.due = due
             self._parked.append(e)
             self._cond.notify_all()
@@ -321,8 +311,8 @@ class RequestQueue:
 
     def pop_batch(self, max_rows: int, max_bytes: int = 0, *, max_tokens: int = 0,
                   fill_rows: int = 0, max_wait: float = 0.0, idle_gap: float | None = None,
-                  fill_time: float = 0.0, caller_gap: float = 0.0,
-                  timeout: float | None = None, retargets: int | None = None) -> list[Any]:
+                  fill_time: float = 0.0, timeout: float | None = None,
+                  retargets: int | None = None) -> list[Any]:
         max_rows = _int_clamped(max_rows, "max_rows")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
@@ -332,7 +322,6 @@ class RequestQueue:
         max_wait = _float_arg(max_wait, "max_wait")
         idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
         fill_time = _float_arg(fill_time, "fill_time")
-        caller_gap = _float_arg(caller_gap, "caller_gap")
         deadline = time.monotonic() + _timeout_arg(timeout)
         fill = fill_rows > 0 and max_wait > 0
         def stale() -> bool:
@@ -382,8 +371,6 @@ class RequestQueue:
                                 and head.t_push <= self._idle_since + fill_time):
                             gap_end = max(gap_end, head.t_push + fill_time * self._rows
                                           / self._last_batch_rows)
-                        if self._callers_coming(caller_gap):
-                            gap_end = max(gap_end, self._last_back + caller_gap)
                         until = min(until, gap_end)
                     left = until - time.monotonic()
                     if left <= 0:
@@ -403,7 +390,6 @@ class RequestQueue:
             assert head is not None
             heapq.heappop(self._heap)
             out = [self._take(head)]
-            taken = [head]
             total_rows, total_bytes, longest = head.rows, head.nbytes, head.length
             per_token = _bytes_per_token(head)
             skipped: list[_Entry] = []
@@ -430,7 +416,6 @@ class RequestQueue:
                 else:
                     heapq.heappop(self._heap)
                     out.append(self._take(e))
-                    taken.append(e)
                     total_rows += e.rows
                     total_bytes += e.nbytes
                     longest = max(longest, e.length)
@@ -440,32 +425,8 @@ class RequestQueue:
             if not head.solo:
                 self._last_batch_rows = total_rows
                 self._last_batch_len = len(out)
-            self._note_batch(taken)
             self._cond.notify_all()
             return out
-
-    def _note_batch(self, taken: list[_Entry]) -> None:
-        """The threads that pushed the batch just popped: its callers, if one entry each."""
-        self._callers_back = 0
-        self._callers = {}
-        if len(taken) > _MOST_CALLERS:
-            return
-        for e in taken:
-            self._callers[e.pusher] = self._callers.get(e.pusher, 0) + 1
-
-    def _note_caller_back(self, e: _Entry) -> None:
-        if self._callers.get(e.pusher) != 1:
-            return
-        self._callers[e.pusher] = 0
-        self._callers_back += 1
-        if self._callers_back == 1:
-            self._first_back = e.t_push
-        self._last_back = e.t_push
-
-    def _callers_coming(self, caller_gap: float) -> bool:
-        callers = sum(1 for n in self._callers.values() if n <= 1)  # once 1, 0 when back
-        return (caller_gap > 0 and 0 < self._callers_back < callers
-                and self._idle_since <= self._first_back <= self._idle_since + caller_gap)
 
     def cancel(self, token: int) -> bool:
         try:

@@ -9,7 +9,6 @@ from waiting import wait_for as _wait_for
 
 from batchproc import BatchProcessorConfig
 from batchproc.controller import (
-    CALLER_GAP,
     MEMORY_CRITICAL,
     MEMORY_OK,
     MEMORY_WARNING,
@@ -283,7 +282,7 @@ def test_fixed_strategy_waits_batch_timeout_for_its_size():
     c = controller(processing_strategy="fixed", batch_timeout=0.07, initial_batch_size=16)
     plan = c.plan(queued_rows=1000)
     # None: arrivals pausing never end the wait (and no pace to keep, 0.0).
-    assert plan == (16, 0.07, None, 0.0, 0.0)
+    assert plan == (16, 0.07, None, 0.0)
     c.observe_failure()
     for _ in range(50):
         c.observe_batch(16, 0.01, 16)
@@ -303,9 +302,8 @@ def test_greedy_never_waits():
 
 
 def test_adaptive_does_not_wait_before_it_has_measured_anything():
-    # idle_gap 0: once nothing is in flight, the batch goes at once (no pace either),
-    # unless the last batch's callers are coming back.
-    assert controller(batch_timeout=0.2).plan(1)[1:] == (0.2, 0.0, 0.0, CALLER_GAP)
+    # idle_gap 0: once nothing is in flight, the batch goes at once (no pace either).
+    assert controller(batch_timeout=0.2).plan(1)[1:] == (0.2, 0.0, 0.0)
 
 
 def test_adaptive_waits_while_arrivals_come_within_a_sixteenth_of_the_fixed_cost():
@@ -359,8 +357,7 @@ def test_the_plan_keeps_its_idle_gap_and_pace_whatever_the_queued_requests_waite
 
 def test_a_model_too_fast_to_wait_for_gets_no_idle_gap():
     # A fixed cost of 0.4 ms: a sixteenth is 25 us, under the timer slack a timed wait
-    # lasts at least, so the batch goes at once (no pace either; and, its call longer
-    # than CALLER_GAP, no wait for the last batch's callers).
+    # lasts at least, so the batch goes at once (no pace either).
     from batchproc.controller import SHORTEST_IDLE_GAP
 
     c = controller(batch_timeout=0.05, initial_batch_size=64, max_batch_size=64)
@@ -368,26 +365,11 @@ def test_a_model_too_fast_to_wait_for_gets_no_idle_gap():
         rows = 1 + i % 64
         c.observe_batch(rows, 0.0004 + 0.000001 * rows, 64)
     assert 0.0004 / 16 < SHORTEST_IDLE_GAP
-    assert c.plan(1)[1:] == (0.05, 0.0, 0.0, 0.0)
+    assert c.plan(1)[1:] == (0.05, 0.0, 0.0)
     for i in range(1500):  # the cost grows to 2 ms: a gap of 125 us is worth waiting
         rows = 1 + i % 64
         c.observe_batch(rows, 0.002 + 0.000001 * rows, 64)
     assert c.plan(1).idle_gap == pytest.approx(0.002 / 16, rel=0.05)
-    assert c.plan(1).caller_gap == 0.0  # its idle gap and pace cover closed loops
-
-
-def test_a_fast_model_waits_for_its_callers_only_while_its_call_is_shorter():
-    # A call of the target's rows longer than CALLER_GAP (numpy's matrix products let
-    # go of the GIL) runs beside callers still coming back: no wait for them then.
-    c = controller(batch_timeout=0.05, initial_batch_size=64, max_batch_size=64)
-    for i in range(200):
-        rows = 1 + i % 64
-        c.observe_batch(rows, 0.00001 + 0.000001 * rows, 64)  # 74 us at 64 rows
-    assert c.plan(1).idle_gap == 0.0 and c.plan(1).caller_gap == CALLER_GAP
-    for i in range(1500):
-        rows = 1 + i % 64
-        c.observe_batch(rows, 0.00001 + 0.000002 * rows, 64)  # 138 us at 64 rows
-    assert c.plan(1).idle_gap == 0.0 and c.plan(1).caller_gap == 0.0
 
 
 def test_fixed_and_greedy_plans_ignore_the_age_of_queued_requests():
@@ -401,7 +383,7 @@ def test_fixed_and_greedy_plans_ignore_the_age_of_queued_requests():
                                             processing_strategy=strategy), q)
         for _ in range(20):
             c.observe_batch(16, 0.01, 16)
-        assert c.plan(10)[1:] == (wait, None, 0.0, 0.0)
+        assert c.plan(10)[1:] == (wait, None, 0.0)
 
 
 def test_full_batches_grow_the_target_toward_the_optimum():

@@ -1044,41 +1044,6 @@ def test_closed_loop_clients_split_across_a_call_merge_at_its_delivery(make_proc
     assert sizes[1:].count(4) >= 6, sizes
 
 
-def test_closed_loop_threads_at_a_fast_model_share_each_batch(make_processor, monkeypatch):
-    # A model of microseconds: no idle gap is waited for, yet threads that each wait for
-    # their result come back to one batch: a batch waits for the callers of the last
-    # one while they come back (CALLER_GAP after each, made long here so that a thread
-    # descheduled on a busy machine still counts). Without it, the first back goes
-    # alone and the rest make batches of their own.
-    import batchproc.controller
-
-    monkeypatch.setattr(batchproc.controller, "CALLER_GAP", 2.0)
-    sizes = []
-
-    def model(batch):
-        sizes.append(len(batch))
-        return batch
-
-    p = make_processor(model, max_workers=1, batch_timeout=5.0, max_batch_size=64)
-    stop = threading.Event()
-
-    def client(v):
-        while not stop.is_set():
-            assert p.enqueue_predict(item(v)).result(timeout=20)[0, 0] == v
-            if len(sizes) >= 30:
-                stop.set()
-
-    p.pause()  # the first batch holds a request of each client
-    clients = [threading.Thread(target=client, args=(v,)) for v in range(4)]
-    for t in clients:
-        t.start()
-    wait_for(lambda: p.get_stats()["queue_size"] == 4, "each client's first request")
-    p.resume()
-    for t in clients:
-        t.join(60)
-    assert sizes[:30] == [4] * 30
-
-
 def test_a_done_callback_that_blocks_holds_up_no_other_request(make_processor):
     # A batch keeps its call slot while it is delivered; a delivery that runs past
     # batch_timeout (a caller's done-callback blocking the worker) lets a free worker

@@ -31,7 +31,7 @@ from cpython.number cimport PyNumber_Index
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 from libc.math cimport INFINITY, isnan
-from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, UINT64_MAX, int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, realloc
 
 import queue as _queue
@@ -145,12 +145,6 @@ cdef double _SIGNAL_SLICE = 0.1
 # How much faster than the requests carried across a call (an open load's rate) the rows
 # after its delivery must come to be its clients coming back (see _wave_deadline).
 cdef double WAVE_PACE = 8.0
-# The callers of a batch that come back are told by their threads: the threads that each
-# pushed one entry of the last batch popped (_note_batch_locked; a table of this many
-# places, for batches of at most half as many entries).
-cdef enum:
-    _CALLER_PLACES = 256
-    _CALLER_MASK = _CALLER_PLACES - 1
 
 # The longest a pop that a spin caught waits for its pusher to let go of the GIL
 # (linger_for_let_go): as long as a caller waits for the worker's (waiting.LINGER_MAX).
@@ -194,17 +188,10 @@ ctypedef struct TEntry:
 
 ctypedef struct SlotInfo:
     uint64_t seq        # seq of the slot's latest entry (UINT64_MAX: none yet)
-    unsigned long pusher  # the thread that pushed it
     Py_ssize_t pos      # its index in the heap while queued, else -1
     Py_ssize_t dpos     # its index in the deadline heap, else -1
     Py_ssize_t ppos     # its index in the parked heap, else -1
     Py_ssize_t apos     # its index in the ageing heap, else -1
-
-ctypedef struct CallerPlace:
-    # A thread that pushed entries of the last batch popped (a place of _caller_places).
-    unsigned long ident
-    uint32_t batch      # _caller_batch when this place was filled (older: empty)
-    int32_t entries     # its entries in that batch; 0 once it pushed again
 
 ctypedef struct PopParams:
     int64_t max_rows
@@ -214,7 +201,6 @@ ctypedef struct PopParams:
     double max_wait
     double idle_gap
     double fill_time
-    double caller_gap   # > 0: wait for the last batch's callers coming back (pop_batch)
     bint fill           # whether step 2 (the fill wait) applies at all
     uint64_t retargets  # the queue's retargets the caller planned for (stale: pop nothing)
     bint planned        # whether the caller gave one
@@ -551,13 +537,6 @@ cdef class RequestQueue:
     cdef int64_t _answered_rows
     cdef int64_t _last_batch_rows  # rows of the last batch popped by pop_batch ...
     cdef Py_ssize_t _last_batch_len  # ... and its entries
-    # The threads that pushed one entry each of that batch (its callers, if each waits
-    # for its result): their places, how many, how many of them pushed again since, and
-    # the first and the latest of those pushes.
-    cdef CallerPlace _caller_places[_CALLER_PLACES]
-    cdef uint32_t _caller_batch
-    cdef Py_ssize_t _callers, _callers_back
-    cdef double _first_back, _last_back
     # Threads waiting for a batch to fill, and for room (item waiters: the Sync's stack).
     cdef Py_ssize_t _w_fill, _w_room
     cdef int64_t _fill_need     # least fill_rows among the filling consumers
@@ -581,7 +560,6 @@ cdef class RequestQueue:
 
     def __cinit__(self, *args, **kwargs):
         self._fill_need = INT64_MAX
-        self._caller_batch = 1  # the places, zeroed, are empty
         self._spin_window = 0.002
         self._parked_until = INFINITY
         self._sync = sync_new()
@@ -728,7 +706,6 @@ cdef class RequestQueue:
         """Queue the entry whose object is already in slot s; wake consumers. On a closed
         queue only an entry ``accepted`` already (``push_again``)."""
         cdef Entry e
-        cdef bint callers_back
         if self._closed and not accepted:
             return RQ_CLOSED
         e.priority = priority if self._priorities else 0
@@ -743,8 +720,6 @@ cdef class RequestQueue:
         e.slot = s
         e.solo = False
         self._info[s].seq = e.seq
-        self._info[s].pusher = PyThread_get_thread_ident()
-        callers_back = self._note_caller_back_locked(self._info[s].pusher, e.t_push)
         _heap_push(self._heap, self._info, &self._len, &e)
         self._rows += rows
         self._last_push = e.t_push
@@ -764,7 +739,7 @@ cdef class RequestQueue:
                 notify_pushed(self._sync)
             else:
                 notify_items_one(self._sync)
-        if self._w_fill > 0 and (self._rows >= self._fill_need or callers_back):
+        if self._w_fill > 0 and self._rows >= self._fill_need:
             notify_fill_all(self._sync)
         seq[0] = e.seq
         return RQ_OK
@@ -865,62 +840,6 @@ cdef class RequestQueue:
                 for _k in range(n):
                     notify_room_one(self._sync)
 
-    cdef inline CallerPlace* _caller_place(self, unsigned long ident) noexcept nogil:
-        """The place of ``ident`` in _caller_places: its own, or the empty one it would take
-        (NULL: none, which a table at most half full never is)."""
-        cdef size_t i = <size_t>((<uint64_t>ident * <uint64_t>0x9E3779B97F4A7C15) >> 56)
-        cdef size_t probes
-        cdef CallerPlace* place
-        for probes in range(_CALLER_PLACES):
-            place = &self._caller_places[(i + probes) & _CALLER_MASK]
-            if place.batch != self._caller_batch or place.ident == ident:
-                return place
-        return NULL
-
-    cdef void _note_batch_locked(self, const PopBuf* buf) noexcept nogil:
-        """The batch in ``buf`` was popped: note the threads that pushed its entries, each
-        one's a caller that may come back (``_note_caller_back_locked``) once it has its
-        result. A batch of more entries than half the table notes none."""
-        cdef size_t i
-        cdef CallerPlace* place
-        # Every place empty now: a new number (never 0, which unused places hold; a
-        # place filled 2**32 batches ago reads as filled: a caller missed, no more).
-        self._caller_batch += 1
-        if self._caller_batch == 0:
-            self._caller_batch = 1
-        self._callers = 0
-        self._callers_back = 0
-        if buf.n > _CALLER_PLACES // 2:
-            return
-        for i in range(buf.n):
-            place = self._caller_place(self._info[buf.slots[i]].pusher)
-            if place == NULL:
-                return
-            if place.batch != self._caller_batch:
-                place.ident = self._info[buf.slots[i]].pusher
-                place.batch = self._caller_batch
-                place.entries = 1
-                self._callers += 1
-            else:
-                if place.entries == 1:
-                    self._callers -= 1
-                place.entries += 1
-
-    cdef inline bint _note_caller_back_locked(self, unsigned long ident,
-                                              double t) noexcept nogil:
-        """A push by ``ident``: if it pushed one entry of the last batch, and this is its
-        first push since, a caller of that batch is back (a producer of several entries
-        is not a caller that waited for one result). True if it is the last one back."""
-        cdef CallerPlace* place = self._caller_place(ident)
-        if place == NULL or place.batch != self._caller_batch or place.entries != 1:
-            return False
-        place.entries = 0
-        self._callers_back += 1
-        if self._callers_back == 1:
-            self._first_back = t
-        self._last_back = t
-        return self._callers_back == self._callers
-
     cdef inline double _fill_deadline(self, const PopParams* p) noexcept nogil:
         """When the fill wait for the current head ends (see pop_batch, step 2)."""
         cdef double head_pushed = self._heap[0].t_push
@@ -957,19 +876,7 @@ cdef class RequestQueue:
                 <double>self._rows / <double>self._last_batch_rows)
             if on_pace > g:
                 g = on_pace
-        # ... and, with caller_gap, while the last batch's callers come back: the first
-        # within caller_gap of its end, each next within caller_gap of the one before.
-        if self._callers_coming(p) and self._last_back + p.caller_gap > g:
-            g = self._last_back + p.caller_gap
         return g if g < d else d
-
-    cdef inline bint _callers_coming(self, const PopParams* p) noexcept nogil:
-        """The fill wait for the callers of the last batch applies (see pop_batch): some
-        but not all are back, the first right after its end. (A push of one of them
-        before the end is no caller that waited for its result: then none is waited
-        for.)"""
-        return (p.caller_gap > 0.0 and 0 < self._callers_back < self._callers
-                and self._idle_since <= self._first_back <= self._idle_since + p.caller_gap)
 
     cdef inline double _wave_deadline(self, const PopParams* p,
                                       double head_pushed) noexcept nogil:
@@ -1041,7 +948,6 @@ cdef class RequestQueue:
         self._extend_locked(p, buf, t)
         self._last_batch_rows = t.rows
         self._last_batch_len = <Py_ssize_t>buf.n
-        self._note_batch_locked(buf)
         return <Py_ssize_t>buf.n
 
     cdef Py_ssize_t _extend_locked(self, const PopParams* p, PopBuf* buf,
@@ -1214,7 +1120,6 @@ cdef class RequestQueue:
         if not self._held_locked() and self._extend_locked(p, buf, t) > 0:
             self._last_batch_rows = t.rows
             self._last_batch_len = <Py_ssize_t>buf.n
-            self._note_batch_locked(buf)
         self._move_out(buf)
         self._release_slots_locked(buf.slots, <Py_ssize_t>buf.n)
         sync_unlock(self._sync)
@@ -1563,8 +1468,7 @@ cdef class RequestQueue:
         return _token(seq, s)
 
     def pop_batch(self, max_rows, max_bytes=0, *, max_tokens=0, fill_rows=0, max_wait=0.0,
-                  idle_gap=None, fill_time=0.0, caller_gap=0.0, timeout=None,
-                  retargets=None):
+                  idle_gap=None, fill_time=0.0, timeout=None, retargets=None):
         """Take the next batch: a list of items in (priority, arrival) order.
 
         1. Wait up to ``timeout`` seconds (None: until closed; 0: not at all) for at least
@@ -1587,13 +1491,7 @@ cdef class RequestQueue:
            than the last batch popped held, and each came within ``idle_gap`` of the one
            before and faster than 8 times the rate the rows queued at the end came
            (from the head's push to the end); the wait for it ends ``max_wait`` after
-           the end. With ``caller_gap > 0`` (seconds) the wait also lasts while the
-           callers of the last batch popped come back: the threads that each pushed one
-           of its entries (a producer of several is no caller waiting for its result)
-           push again, the first within ``caller_gap`` of that end, each next within
-           ``caller_gap`` of the one before, until all are back (closed-loop clients
-           answered together, whose pushes a busy interpreter spreads out, come back to
-           one batch instead of several). A batch of more than 128 entries has none.
+           the end.
            ``idle_gap=None`` (or negative) keeps the plain rule. A solo head (a parked
            retry) never waits to fill. This step applies whatever
            ``timeout`` is. Should the queue empty meanwhile (cancel, another consumer),
@@ -1638,7 +1536,6 @@ cdef class RequestQueue:
         p.max_wait = _float_arg(max_wait, "max_wait")
         p.idle_gap = -1.0 if idle_gap is None else _float_arg(idle_gap, "idle_gap")
         p.fill_time = _float_arg(fill_time, "fill_time")
-        p.caller_gap = _float_arg(caller_gap, "caller_gap")
         p.fill = p.fill_rows > 0 and p.max_wait > 0.0
         p.planned = retargets is not None
         p.caught_push = False
@@ -1731,7 +1628,6 @@ cdef class RequestQueue:
         e.t_push = due
         e.slot = s
         e.solo = True
-        self._info[s].pusher = 0  # a retry has no caller pushing it
         _t_push(self._pheap, self._info, T_PARKED, &self._plen, due, s)
         if deadline != INFINITY:
             self._add_deadline_locked(deadline, s)

@@ -31,14 +31,6 @@ The policy (docs/architecture.md, "The controller"):
   queue tells the two apart (``RequestQueue.pop_batch``); the plan is the same.
   Nor to a model whose idle gap would be under ``SHORTEST_IDLE_GAP`` (a fixed cost
   under 0.8 ms): so short a timed wait lasts the OS's timer slack, many times the gap.
-  Such a model's batch waits only for the last batch's callers (while a call of the
-  target's rows is shorter than ``CALLER_GAP``): threads that each sent one of its
-  requests and send again right after their result, each within ``CALLER_GAP`` of the
-  one before (``RequestQueue.pop_batch``'s ``caller_gap``).
-  Closed-loop threads answered together come back one at a time, each once it gets the
-  GIL; taken without them, they make a batch of their own, whose per-batch work in the
-  interpreter they then wait for. An open load (its requests sent by threads that do
-  not wait, or by many at once, or by an event loop) never waits.
   At low load an idle worker therefore takes what is queued almost at once (for a
   model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
   load, batches fill.
@@ -96,13 +88,6 @@ IDLE_GAP_SHARE = 1.0 / 16
 # timer slack (50 us by default on Linux) plus a wake-up, so a shorter gap would cost
 # many times itself (a model of microseconds, whose gap is a fraction of one).
 SHORTEST_IDLE_GAP = 50e-6
-# For such a model, the longest a filling batch waits for the next of the last batch's
-# callers coming back (RequestQueue.pop_batch's caller_gap), s: closed-loop client
-# threads answered together come back one at a time, each after the GIL hand-off it waits
-# for, and a timed wait overshoots by the timer slack. Going without them would leave
-# them a batch of their own, and the interpreter one more batch's work, which those
-# threads wait for.
-CALLER_GAP = 100e-6
 # A call in flight overruns once it has run this many times the model's usual time for its
 # rows (a hang, an outlier). Only then may requests queued past batch_timeout start a
 # call of their own beside it: a call of normal length, however long, is waited for.
@@ -121,7 +106,6 @@ class Plan(NamedTuple):
     max_wait: float
     idle_gap: float | None
     fill_time: float = 0.0
-    caller_gap: float = 0.0
 
 
 class LatencyModel:
@@ -781,12 +765,8 @@ class Controller:
             fixed_cost = max(self.model.a, 0.0)
             gap = fixed_cost * IDLE_GAP_SHARE
             # A model too fast to wait for: no idle gap, no pace (the fill while a batch
-            # is in flight and the ceiling stay). It waits for the last batch's callers
-            # only while its call is shorter than that wait: a longer call that lets go
-            # of the GIL (BLAS) runs beside callers still coming back, which the wait
-            # would keep it from.
-            callers = CALLER_GAP if self.model.predict(self._current) < CALLER_GAP else 0.0
-            self._plan = (Plan(self._current, cfg.batch_timeout, 0.0, 0.0, callers)
+            # is in flight and the ceiling stay).
+            self._plan = (Plan(self._current, cfg.batch_timeout, 0.0, 0.0)
                           if gap < SHORTEST_IDLE_GAP else
                           Plan(self._current, cfg.batch_timeout, gap, fixed_cost))
         else:  # FIXED waits up to batch_timeout to fill; GREEDY never waits

@@ -115,7 +115,6 @@ class RequestQueue:
         max_wait: SupportsFloat | SupportsIndex = 0.0,
         idle_gap: SupportsFloat | SupportsIndex | None = None,
         fill_time: SupportsFloat | SupportsIndex = 0.0,
-        caller_gap: SupportsFloat | SupportsIndex = 0.0,
         timeout: SupportsFloat | SupportsIndex | None = None,
         retargets: int | None = None,
     ) -> list[Any]:

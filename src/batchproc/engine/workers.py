@@ -313,8 +313,7 @@ class WorkerPool:
                             plan.target_rows, byte_cap, max_tokens=token_cap,
                             fill_rows=plan.target_rows,
                             max_wait=plan.max_wait, idle_gap=plan.idle_gap,
-                            fill_time=plan.fill_time, caller_gap=plan.caller_gap,
-                            timeout=POP_POLL,
+                            fill_time=plan.fill_time, timeout=POP_POLL,
                             retargets=retargets)
                     except BaseException:
                         self._register([], worker)  # only to end the pop

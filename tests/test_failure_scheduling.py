@@ -241,6 +241,28 @@ def run_with_hangs(make_processor, model, size, **config):
     return p, outcome, halvings
 
 
+def test_requests_queued_again_after_a_hung_call_run_quietly_when_waited_on(
+        make_processor, caplog):
+    # A call of several requests hangs past item_timeout: each is queued again alone and
+    # popped as a request already running. Handed to concurrent.futures.wait (which
+    # gives a future a lock), popping it again logged "Future in unexpected state" as
+    # CRITICAL, once per request.
+    import concurrent.futures
+
+    model, release, _ = hangs_on_666()
+    p = make_processor(model, max_workers=1, max_batch_size=4, initial_batch_size=4,
+                       item_timeout=0.2)
+    try:
+        futures = enqueue_paused(p, [666.0, 1.0, 2.0])
+        done, _ = concurrent.futures.wait(futures, timeout=20)
+        assert len(done) == 3
+    finally:
+        release.set()
+    assert type(futures[0].exception(timeout=0)).__name__ == "BatchTimeoutError"
+    assert [f.result(timeout=0)[0, 0] for f in futures[1:]] == [1.0, 2.0]
+    assert not [r for r in caplog.records if "unexpected state" in r.getMessage()]
+
+
 @pytest.mark.parametrize("size", [2, 8, 16])
 def test_a_request_held_with_one_that_hangs_gets_its_result(make_processor, size):
     # The call of the whole batch runs past item_timeout. Only the hanging request times

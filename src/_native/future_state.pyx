@@ -387,6 +387,11 @@ def start_all(list requests):
                 if f._state is RUNNING:
                     live.append(r)
                 continue
+            if f._state is RUNNING:
+                # The same, handed to wait()/as_completed() meanwhile (it has a lock):
+                # kept, not started again (which logs the state as unexpected).
+                live.append(r)
+                continue
         # A future with a lock, one its caller started or completed, or another
         # future-like: its own method.
         try:

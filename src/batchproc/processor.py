@@ -529,6 +529,10 @@ class BatchProcessor(Generic[T, U]):
 
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
+        ``priority``: a ``BatchPriority``, or any int in [0, 2**31-1] (lower is served
+        first, with ``enable_priority_queue``; ``operator.index`` reads it, so a numpy
+        integer, or a bool as the int it is, goes too); ``TypeError`` for a float or a
+        string, ``ValueError`` outside that range.
         A processing failure reaches the future as the exception ``process_func`` raised.
         ``max_queue_time`` (seconds; default: the config's): if the request is still
         waiting for its call that long after enqueue, it fails with

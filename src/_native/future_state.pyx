@@ -381,17 +381,14 @@ def start_all(list requests):
                 continue
             if code == 0:
                 continue
-            if code == _INVALID:
-                # Running already (queued again after its batch's call was abandoned
-                # past item_timeout): kept; done: left out.
-                if f._state is RUNNING:
-                    live.append(r)
-                continue
             if f._state is RUNNING:
-                # The same, handed to wait()/as_completed() meanwhile (it has a lock):
-                # kept, not started again (which logs the state as unexpected).
+                # Running already (queued again after its batch's call was abandoned
+                # past item_timeout), with a lock or not: kept, not started again
+                # (its locked method would log the state as unexpected).
                 live.append(r)
                 continue
+            if code == _INVALID:
+                continue  # done: left out
         # A future with a lock, one its caller started or completed, or another
         # future-like: its own method.
         try:

@@ -283,6 +283,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "cpython_floor": cpython_floor(),
         "no_work_batchers": (no_work_batchers.measure(args.repeat)
                              if "identity" in args.models else None),
+        "full_batch_threads": (
+            {"fixed": statistics.median(no_work_batchers.threads_full_batches(models["fixed"])
+                                        for _ in range(args.repeat))}
+            if "fixed" in models and "64" in args.loads else None),
         "results": results,
         "targets": target_ratios(results, args.burst),
     }
@@ -346,6 +350,23 @@ def _no_work_lines(nw: dict[str, float], results: list[dict[str, Any]]) -> list[
     return [*out, ""]
 
 
+def _full_batch_lines(fb: dict[str, float], results: list[dict[str, Any]]) -> list[str]:
+    """no_work_batchers.threads_full_batches against the limit: how near the limit
+    64 closed-loop client threads can bring the fixed model."""
+    rps = fb["fixed"]
+    lim = _find(results, "fixed", "64", LIMIT)
+    versus = f", {rps / lim['throughput']:.2f}x the limit" if lim and lim["throughput"] else ""
+    return [
+        f"A server that knows its 64 client threads, waits for all of them before each call "
+        f"and does no other work (`no_work_batchers.threads_full_batches`) reaches "
+        f"{rps:,.0f} req/s on the fixed model{versus}: each call waits for the wave of "
+        "clients the last one's answers woke, one at a time through the GIL. The *fixed, "
+        "64 clients* target measures that wave, not batching; bursts and more clients than "
+        "a batch hold do not wait for it.",
+        "",
+    ]
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     lines = [
@@ -385,6 +406,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
     nw = doc.get("no_work_batchers")
     if nw:
         lines += _no_work_lines(nw, doc["results"])
+    fb = doc.get("full_batch_threads")
+    if fb:
+        lines += _full_batch_lines(fb, doc["results"])
     lines += ["## All runs (medians)", ""]
     headers = ["model", "load", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
                "requests", "vs limit", "in GC"]

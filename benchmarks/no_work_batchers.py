@@ -20,6 +20,11 @@ prints both ratios.
   loop (batchproc's workers) pays. Ray Serve's ``serve.batch`` runs the batch on the loop
   itself, so the plain ``asyncio`` figure is its own ceiling and this one is batchproc's.
   Each batch costs the server thread's wake-up and the loop's.
+* ``threads, full batches`` (``threads_full_batches``, for the fixed model only, which
+  compare_peers.py passes it): the 64 client threads again, but the server knows them
+  and waits for all 64 before each call of the model. No batcher of closed-loop threads
+  keeps a fixed-cost model busier: every call waits for the wave of clients its last
+  answers woke, each taking its turn at the GIL.
 
     python benchmarks/no_work_batchers.py   # all three, median of 3 runs of 1.5 s each
 """
@@ -38,23 +43,18 @@ from typing import Any
 CLIENTS = 64
 
 
-def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
-    """Requests per second through a no-work server thread, ``clients`` client threads."""
-    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C-coded: a cheap put, a nogil get
+Inbox = queue.SimpleQueue[Any]
+
+
+def _threads(clients: int, seconds: float,
+             serve: Callable[[Inbox, threading.Event], None]) -> float:
+    """Requests per second of ``clients`` closed-loop client threads, each putting its own
+    held lock on a C-coded queue and blocking on it; ``serve(inbox, stopping)`` runs on
+    one server thread, takes the locks from ``inbox`` and releases them, and returns on a
+    ``None``, put there once ``stopping`` is set and every client has left."""
+    inbox: Inbox = queue.SimpleQueue()  # C-coded: a cheap put, a nogil get
     stopping = threading.Event()
     served = [0] * clients
-
-    def server() -> None:
-        get, get_nowait = inbox.get, inbox.get_nowait
-        while True:
-            batch = [get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    batch.append(get_nowait())
-            for lock in batch:
-                if lock is None:
-                    return
-                lock.release()
 
     def client(k: int) -> None:
         lock = threading.Lock()
@@ -67,7 +67,8 @@ def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
             n += 1
         served[k] = n
 
-    srv = threading.Thread(target=server, name="no-work-server", daemon=True)
+    srv = threading.Thread(target=serve, args=(inbox, stopping), name="no-work-server",
+                           daemon=True)
     srv.start()
     workers = [threading.Thread(target=client, args=(k,), daemon=True)
                for k in range(clients)]
@@ -82,6 +83,55 @@ def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
     inbox.put(None)
     srv.join()
     return sum(served) / elapsed
+
+
+def threads(clients: int = CLIENTS, seconds: float = 1.5) -> float:
+    """Requests per second through a no-work server thread, ``clients`` client threads."""
+
+    def serve(inbox: Inbox, stopping: threading.Event) -> None:
+        get, get_nowait = inbox.get, inbox.get_nowait
+        while True:
+            batch = [get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(get_nowait())
+            for lock in batch:
+                if lock is None:
+                    return
+                lock.release()
+
+    return _threads(clients, seconds, serve)
+
+
+def threads_full_batches(model: Callable[[Any], Any], clients: int = CLIENTS,
+                         seconds: float = 1.5) -> float:
+    """Requests per second of ``clients`` client threads through a server that knows
+    them all: it waits for every one of them, calls ``model`` once with the batch (the
+    clients' locks, in arrival order: a model whose cost is fixed ignores what it gets),
+    then answers them. On a model whose cost per call is fixed,
+    the most any batcher serving closed-loop threads can reach: each call waits for the
+    wave of clients its last answers woke, and no batch is short."""
+
+    def serve(inbox: Inbox, stopping: threading.Event) -> None:
+        get = inbox.get
+        while True:
+            batch = []
+            while len(batch) < clients:
+                try:
+                    lock = get(timeout=0.05)
+                except queue.Empty:
+                    if stopping.is_set():  # some clients have left: answer the rest
+                        break
+                    continue
+                if lock is None:
+                    return
+                batch.append(lock)
+            else:
+                model(batch)
+            for lock in batch:
+                lock.release()
+
+    return _threads(clients, seconds, serve)
 
 
 Batch = list[asyncio.Future[int]]

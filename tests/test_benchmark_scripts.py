@@ -248,3 +248,19 @@ def test_idle_cost_refuses_what_it_cannot_run(args: list[str], said: str,
     # At once: nothing is measured first (3 s a configuration by default).
     assert "|" not in _refused("idle_cost.py", args, said, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_full_batch_server_calls_its_model_once_every_client_is_in() -> None:
+    # The ceiling compare_peers.py prints for the fixed model at 64 client threads: each
+    # call must hold every client, or it is no ceiling; and stopping mid-wave must not
+    # leave a client blocked (the run would hang).
+    spec = importlib.util.spec_from_file_location(
+        "no_work_batchers", BENCHMARKS / "no_work_batchers.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sizes: list[int] = []
+    rps = module.threads_full_batches(lambda batch: sizes.append(len(batch)), clients=6,
+                                      seconds=0.2)
+    assert len(sizes) > 1 and set(sizes) == {6}, sizes
+    assert rps > 0

@@ -557,6 +557,66 @@ def test_padded_batches_hold_the_memory_cap(make_processor, recorder):
     assert sorted(b.shape for b in model.batches) == [(2, 1024), (4, 1)]
 
 
+class BytesSeen:
+    """A model that answers each row with its tag (first token of ``ids``) and records
+    each batch's bytes."""
+
+    def __init__(self):
+        self.built = []
+
+    def __call__(self, batch):
+        self.built.append(sum(x.nbytes for x in batch.values()))
+        return batch["ids"][:, :1]
+
+
+def _ids_and(length, rows=1, **others):
+    """A mapping item: ``ids`` of ``length`` (each row's first token is its tag), and
+    int64 inputs of the shapes ``others`` gives (rows first)."""
+    ids = np.zeros((rows, length), np.int64)
+    ids[:, 0] = np.arange(rows) + 10 * length
+    return {"ids": ids, **{name: np.ones((rows, *shape), np.int64)
+                           for name, shape in others.items()}}
+
+
+CAP = 10_000  # bytes; 8-byte tokens
+
+
+@pytest.mark.parametrize("pad_value, items", [
+    # A one-token input beside a long one: the batch pads both to its length.
+    ({"ids": 0, "dec": 0}, [_ids_and(400, dec=(1,))] + [_ids_and(100, dec=(1,))] * 3),
+    # A number pads every input with an axis 1, a 3-channel one too.
+    (0, [_ids_and(64, pixels=(3, 4))] + [_ids_and(8, pixels=(3, 4))] * 3),
+    # Inputs of one length each, but items of different lengths.
+    ({"ids": 0, "mask": 0}, [_ids_and(300, mask=(300,))] + [_ids_and(50, mask=(50,))] * 3),
+])
+@pytest.mark.parametrize("submit", ["enqueue_predict", "map"])
+def test_padded_mapping_batches_hold_the_memory_cap(make_processor, pad_value, items, submit):
+    # Every padded input of an item is padded to the batch's length, its short ones too:
+    # an item's bytes grow with the batch's length input by input, not in proportion to
+    # its longest input's.
+    model = BytesSeen()
+    p = make_processor(model, pad_value=pad_value, max_batch_memory_mb=CAP / 2**20,
+                       max_batch_size=64, processing_strategy="fixed", initial_batch_size=64)
+    results = (list(p.map(items)) if submit == "map"
+               else [f.result(timeout=10) for f in one_batch(p, items)])
+    assert [r.tolist() for r in results] == [[[x["ids"][0, 0]]] for x in items]
+    assert max(model.built) <= CAP, model.built
+    assert len(model.built) < len(items)  # the cap still lets batches hold several
+
+
+@pytest.mark.parametrize("item", [
+    _ids_and(300, rows=3, dec=(1,)),          # 4,800 bytes a row once dec is padded
+    _ids_and(200, rows=5, pixels=(3, 2)),     # 3,200
+])
+def test_a_padded_mapping_request_over_the_memory_cap_is_cut_by_rows(make_processor, item):
+    pad_value = {"ids": 0, "dec": 0} if "dec" in item else 0
+    model = BytesSeen()
+    p = make_processor(model, pad_value=pad_value, max_batch_memory_mb=CAP / 2**20)
+    result = p.enqueue_predict(item).result(timeout=10)
+    assert result[:, 0].tolist() == item["ids"][:, 0].tolist()
+    assert len(model.built) > 1 and max(model.built) <= CAP, model.built
+
+
 def test_a_masked_array_cannot_be_padded(make_processor):
     p = make_processor(lambda b: b, pad_value=0)
     with pytest.raises(ValueError, match="MaskedArray items cannot be padded"):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import queue as _stdlib_queue
 import time
 from collections import deque
@@ -142,7 +143,8 @@ class Chunker:
             return
         if self._requests and (
                 key != self._key or self._rows + rows > self._max_rows
-                or (self._max_bytes and self._nbytes + nbytes > self._max_bytes)
+                or (self._max_bytes and self._grown_bytes(nbytes, queue_length)
+                    > self._max_bytes)
                 or (self._max_tokens and (self._rows + rows) * max(
                     self._queue_length, queue_length) > self._max_tokens)):
             self.flush()
@@ -152,21 +154,27 @@ class Chunker:
         self._requests.append(request)
         self._items.append(item)
         self._rows += rows
+        self._nbytes = self._grown_bytes(nbytes, queue_length)
         if queue_length:
-            # The queue weighs padded bytes at the batch's longest length: keep this
-            # chunk's bytes per token, and weigh them at the chunk's longest.
             self._per_token += nbytes / queue_length
             self._queue_length = max(self._queue_length, queue_length)
             self._length = max(self._length, request.length)
-            self._nbytes = int(self._per_token * self._queue_length + 0.5)
-        else:
-            self._nbytes += nbytes
         if self._full():
             self.flush()
         # A plain array (described as it is, nothing looked into): the items after it
         # that are exactly like it are described like it, natively (``read``).
         self._template = (request if type(item) is _ndarray and request.item is item
                           and not queue_length and rows and item.dtype.kind != "O" else None)
+
+    def _grown_bytes(self, nbytes: int, queue_length: int) -> int:
+        """The open chunk's bytes with an item of ``nbytes`` (padded to its own
+        ``queue_length``; 0: not padded) added. The queue weighs padded bytes at the
+        batch's longest length, so a chunk keeps its bytes per token and weighs them at
+        its longest: a longer item pads every item before it."""
+        if not queue_length:
+            return self._nbytes + nbytes
+        per_token = self._per_token + nbytes / queue_length
+        return math.ceil(per_token * max(self._queue_length, queue_length))
 
     def holds_open(self) -> bool:
         """Some items wait in the open chunk."""

@@ -122,9 +122,8 @@ def _holds_sequences(item: Any) -> bool:
     return any(issubclass(t, (list, _ndarray)) for t in set(map(type, item.flat)))
 
 
-def _cut_rows(item: Any, start: int, stop: int) -> tuple[Any, int]:
-    piece = item[start:stop]
-    return piece, piece.nbytes
+def _cut_rows(item: Any, start: int, stop: int) -> Any:
+    return item[start:stop]
 
 
 class ArrayFamily(Family):

@@ -137,12 +137,12 @@ class Leaf(Protocol):
 class LeafFormat(BatchFormat):
     """A batch of items that are one array or tensor each (``leaf`` builds it).
 
-    ``cut(item, start, stop)`` gives rows ``[start:stop]`` of an item and their bytes (for
-    chunks); ``label`` names the format in reprs and logs.
+    ``cut(item, start, stop)`` gives rows ``[start:stop]`` of an item (for chunks);
+    ``label`` names the format in reprs and logs.
     """
 
     def __init__(self, leaf: Leaf, stacked: bool, padding: Any,
-                 cut: Callable[[Any, int, int], tuple[Any, int]], label: str) -> None:
+                 cut: Callable[[Any, int, int], Any], label: str) -> None:
         if padding is not None:
             padding.check_names(None, "an array or tensor item")
             padding.check_padded(leaf.padded, label)
@@ -173,11 +173,12 @@ class LeafFormat(BatchFormat):
 
 
 def row_chunks(request: Request, limits: Limits, tokens_per_row: int,
-               cut: Callable[[Any, int, int], tuple[Any, int]]) -> list[Request] | None:
+               cut: Callable[[Any, int, int], Any]) -> list[Request] | None:
     """Cut a request that holds rows into pieces within ``limits`` (rows, bytes and
     ``rows x tokens_per_row`` tokens); None when it fits, or when it is a single row
     (which then runs alone, whatever it costs). ``cut(item, start, stop)`` gives the
-    piece of rows ``[start:stop]`` and its bytes."""
+    piece of rows ``[start:stop]``; its bytes are its rows' share of the request's (as
+    counted at enqueue: padded to its length, which a piece keeps)."""
     rows = request.rows
     step = limits.rows
     if limits.nbytes and rows:
@@ -186,12 +187,12 @@ def row_chunks(request: Request, limits: Limits, tokens_per_row: int,
         step = min(step, max(1, limits.tokens // tokens_per_row))
     if rows <= step:
         return None
-    item = request.item
+    item, nbytes = request.item, request.nbytes
     pieces = []
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        piece, nbytes = cut(item, start, stop)
-        pieces.append(request.replace_item(piece, stop - start, nbytes))
+        pieces.append(request.replace_item(cut(item, start, stop), stop - start,
+                                           -(-nbytes * (stop - start) // rows)))
     return pieces
 
 

@@ -36,15 +36,17 @@ def _name(path: tuple[Any, ...]) -> str:
     return "item" + "".join(f"[{p!r}]" for p in path)
 
 
-def _nbytes(leaf: Any) -> int:
-    if isinstance(leaf, _ndarray):
-        return leaf.nbytes
-    return leaf.element_size() * leaf.nelement()  # type: ignore[no-any-return]
+def _cut_rows(item: tuple[Any, ...], start: int, stop: int) -> Any:
+    return tuple(leaf[start:stop] for leaf in item)
 
 
-def _cut_rows(item: tuple[Any, ...], start: int, stop: int) -> tuple[Any, int]:
-    piece = tuple(leaf[start:stop] for leaf in item)
-    return piece, sum(map(_nbytes, piece))
+def padded_nbytes(leaves: list[tuple[int, int]], length: int) -> int:
+    """The bytes of an item whose inputs are ``(bytes, length)`` pairs (length 0: not
+    padded) once every padded input is padded to ``length``, the item's longest: a batch
+    pads each padded input to the batch's length, the short ones too (a one-token
+    ``decoder_input_ids`` beside a 400-token ``input_ids`` takes 400 tokens)."""
+    return sum(-(-nbytes * length // leaf_length) if leaf_length else nbytes
+               for nbytes, leaf_length in leaves)
 
 
 class TreeFormat(BatchFormat):
@@ -110,7 +112,8 @@ class TreeFamily(Family):
                 "every input is an array or tensor (put other values in a separate object)")
         signatures = []
         kept = []
-        rows = nbytes = length = 0
+        rows = length = 0
+        sizes = []
         first_path: tuple[Any, ...] = ()
         for i, (path, leaf) in enumerate(zip(paths, leaves)):
             name = path[0] if path else None
@@ -128,14 +131,15 @@ class TreeFamily(Family):
                     "every input of one request must have the same rows on axis 0")
             signatures.append(signature)
             kept.append(leaf)
-            nbytes += leaf_bytes
+            sizes.append((leaf_bytes, leaf_length))
             length = max(length, leaf_length)
         devices = {s[1] for s in signatures if s[0] == "tensor"}
         if len(devices) > 1:
             raise ValueError(
                 f"the inputs of one request are on different devices "
                 f"({', '.join(sorted(map(str, devices)))}): move them to one device")
-        return ("tree", spec, tuple(signatures)), tuple(kept), rows, nbytes, length
+        return (("tree", spec, tuple(signatures)), tuple(kept), rows,
+                padded_nbytes(sizes, length), length)
 
     def make_format(self, signature: Any) -> BatchFormat:
         _, spec, signatures = signature

@@ -8,6 +8,7 @@ alignment), built on np.concatenate / np.stack writing into the rotating buffers
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import sys
 from collections.abc import Iterable
@@ -24,6 +25,13 @@ MAX_CAPACITY = 1 << 62
 # reference plus the temporary one of the expression (how _claim reads its owners).
 _PROBE = [object()]
 _OWN_REFS = sys.getrefcount(_PROBE[0])
+
+
+def _hold(owner: np.ndarray[Any, Any], start: int, nbytes: int) -> Any:
+    """The batch's bytes of ``owner`` as an object that is not an array (the native
+    ``_BufferHold``'s part): a result's base chain ends at the batch, never at the
+    whole buffer, which holds what earlier batches left past this one's bytes."""
+    return (ctypes.c_char * nbytes).from_buffer(owner, start)
 
 
 class BatchAssembler:
@@ -123,7 +131,7 @@ class BatchAssembler:
         slot = self._next
         owner, _replaced = self._claim(slot, total, seq)
         start = (-owner.ctypes.data) % ALIGN
-        out = np.ndarray(shape, dtype=dtype, buffer=owner, offset=start)
+        out = np.ndarray(shape, dtype=dtype, buffer=_hold(owner, start, total))
         if out.size and dtype.itemsize:
             out[...] = np.frombuffer(pad, dtype=dtype)
         row = 0
@@ -182,7 +190,7 @@ class BatchAssembler:
         slot = self._next
         owner, _replaced = self._claim(slot, total, seq)
         start = (-owner.ctypes.data) % ALIGN
-        out: Any = np.ndarray(shape, dtype=dtype, buffer=owner, offset=start)
+        out: Any = np.ndarray(shape, dtype=dtype, buffer=_hold(owner, start, total))
         if stacking:
             np.stack(seq, out=out)
         else:

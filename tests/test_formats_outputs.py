@@ -305,6 +305,31 @@ def test_a_result_is_a_view_whose_writes_reach_only_its_own_rows(make_processor,
         assert all(np.array_equal(a, b) for a, b in zip(_flat(results[k]), before[k]))
 
 
+MAX_BUFFERS = 16  # the most buffers a worker's assembler rotates over
+
+
+@pytest.mark.parametrize("model", [lambda b: b, lambda b: b[:, ::-1], lambda b: (b[:, 1:],)],
+                         ids=["identity", "a view of the input", "a tuple of a view"])
+def test_nothing_a_result_reaches_through_base_holds_an_earlier_batch(make_processor,
+                                                                       model):
+    # docs/formats.md: through ``result.base`` a caller reaches the rows of its own
+    # batch. The worker's buffer, reused for a later, smaller batch, still holds an
+    # earlier batch's rows past it: they must not be reachable.
+    p = make_processor(model, max_batch_size=64, max_workers=1)
+    secrets = [np.full((1, 4), 1000.0 + k) for k in range(16)]
+    assert len([f.result(timeout=10) for f in one_batch(p, secrets)]) == 16  # all dropped
+    # Batches of two, enough to come round every buffer of the worker's rotation.
+    mine = [f.result(timeout=10) for _ in range(MAX_BUFFERS)
+            for f in one_batch(p, [np.full((1, 4), -1.0)] * 2)]
+    patterns = [s.tobytes()[:8] for s in secrets]
+    for got in mine:
+        for leaf in _flat(got):
+            reached = leaf
+            while isinstance(reached, np.ndarray):  # the raw bytes, whatever the dtype
+                assert not any(pattern in reached.tobytes() for pattern in patterns)
+                reached = reached.base
+
+
 def _flat(tree):
     if isinstance(tree, dict):
         return [x for v in tree.values() for x in _flat(v)]

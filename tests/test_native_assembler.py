@@ -812,3 +812,35 @@ def test_native_cannot_be_pickled() -> None:
 
     with pytest.raises(TypeError):
         pickle.dumps(native_module.BatchAssembler())
+
+
+def _base_chain(out: Any) -> list[Any]:
+    chain = []
+    while (out := out.base) is not None and isinstance(out, np.ndarray):
+        chain.append(out)
+    return [*chain, out]
+
+
+@pytest.mark.parametrize("build", ["concat", "stack", "concat_padded"])
+def test_a_result_s_base_chain_reaches_its_own_batch_only(assembler_cls: Any,
+                                                           build: str) -> None:
+    # A buffer reused for a smaller batch still holds, past it, rows an earlier batch
+    # wrote there (other callers'); nothing reached through ``.base`` may show them.
+    asm = assembler_cls(buffers=1)
+    make = {"concat": lambda rows, v: asm.concat([np.full((rows, 4), v)]),
+            "stack": lambda rows, v: asm.stack([np.full(4, v)] * rows),
+            "concat_padded": lambda rows, v: asm.concat_padded(
+                [np.full((rows, 4), v)], 4, np.zeros(1).tobytes())}[build]
+    first = make(16, 1000.0)
+    address = first.ctypes.data
+    del first
+    out = make(2, -1.0)
+    assert out.ctypes.data == address             # the same buffer, written again
+    row = out[1:]
+    chain = _base_chain(row)
+    arrays = [a for a in chain if isinstance(a, np.ndarray)]
+    assert arrays and all(a.nbytes <= out.nbytes for a in arrays), chain
+    assert not any((np.asarray(a) >= 1000).any() for a in [row, *arrays])
+    holder = chain[-1]
+    assert holder is not None and not isinstance(holder, np.ndarray)
+    assert np.asarray(holder).size <= out.nbytes  # whatever it shows is the batch's

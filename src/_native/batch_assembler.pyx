@@ -8,6 +8,7 @@ other layout. A buffer is written again only while nothing but the assembler
 references it (see ``BatchAssembler``).
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject, PyTypeObject
@@ -237,6 +238,21 @@ cdef inline bint _overlaps(const char* src, int nd, const npy_intp* dims,
         else:
             b += <uintptr_t>strides[d] * <uintptr_t>(dims[d] - 1)
     return a < hi and lo < b
+
+
+@cython.final
+@cython.no_gc  # holds one uint8 array, which holds nothing: no cycle can pass through it
+cdef class _BufferHold:
+    """A batch's hold on its buffer: the base of a batch array, in the buffer's place.
+
+    A buffer is sized for the largest batch it has held, and past this batch's bytes
+    it keeps what earlier batches wrote there: other callers' rows. With the buffer as
+    the batch's base, ``result.base`` would reach them; through a hold, a result's base
+    chain ends at the batch itself (numpy stops collapsing views at a base that is not
+    an array), and the hold shows Python nothing. The buffer stays alive as long as
+    any hold does, which is what tells the assembler it is still in use.
+    """
+    cdef object _owner
 
 
 cdef class BatchAssembler:
@@ -645,7 +661,8 @@ cdef class BatchAssembler:
         None), for the caller to keep alive until its copy is done: an input may still
         alias that memory by address alone."""
         # Every view of a result (a slice, memoryview, tensor, at any depth) references
-        # the owner directly or through its base chain; our list holds one reference.
+        # the owner through its base chain (the result's hold); our list holds one
+        # reference.
         cdef PyObject* held = PyList_GET_ITEM(self._owners, slot)
         if (self._data[slot] != NULL and py_refcnt(held) == 1 and not overlap
                 and self._cap[slot] >= need):
@@ -656,14 +673,15 @@ cdef class BatchAssembler:
 
     cdef object _result(self, int slot, cnp.PyArray_Descr* descr, int nd):
         """A C-contiguous array of shape _out_dims[:nd] at the start of buffer `slot`,
-        its base the buffer's owner."""
-        owner = self._owners[slot]
+        its base a hold on the buffer's owner (``_BufferHold``)."""
+        cdef _BufferHold hold = _BufferHold.__new__(_BufferHold)
+        hold._owner = self._owners[slot]
         Py_INCREF(<object>descr)    # stolen by PyArray_NewFromDescr
         out = np_new_from_descr(
             &np_array_type, descr, nd, self._out_dims, NULL, self._data[slot],
             NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, NULL)
-        Py_INCREF(owner)            # stolen by PyArray_SetBaseObject
-        np_set_base(<cnp.PyArrayObject*>out, <PyObject*>owner)
+        Py_INCREF(hold)             # stolen by PyArray_SetBaseObject
+        np_set_base(<cnp.PyArrayObject*>out, <PyObject*>hold)
         return out
 
     cdef int _grow(self, int slot, Py_ssize_t need) except -1:

@@ -617,6 +617,22 @@ def test_a_padded_mapping_request_over_the_memory_cap_is_cut_by_rows(make_proces
     assert len(model.built) > 1 and max(model.built) <= CAP, model.built
 
 
+@pytest.mark.parametrize("wrap", [lambda x: x, lambda x: {"x": x}], ids=["array", "mapping"])
+def test_dtype_metadata_keeps_to_its_own_caller(make_processor, recorder, wrap):
+    # Dtypes that differ only in metadata compare equal, and a batch carries its first
+    # item's dtype: sharing one, a caller would get another's metadata.
+    tagged = [np.dtype("f8", metadata={"tenant": t}) for t in ("A", "B")]
+    model = recorder(lambda b: b)
+    p = make_processor(model, max_batch_size=64)
+    items = [np.zeros((1, 2)), np.zeros((1, 2), tagged[0]), np.zeros((1, 2), tagged[1]),
+             np.zeros((1, 2))]  # a plain array first: the describer remembers its dtype
+    results = [f.result(timeout=10) for f in one_batch(p, [wrap(x) for x in items])]
+    for item, got in zip(items, results):
+        got = got["x"] if isinstance(got, dict) else got
+        assert got.dtype.metadata == item.dtype.metadata
+    assert len(model.batches) == 3
+
+
 def test_a_masked_array_cannot_be_padded(make_processor):
     p = make_processor(lambda b: b, pad_value=0)
     with pytest.raises(ValueError, match="MaskedArray items cannot be padded"):

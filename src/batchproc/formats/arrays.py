@@ -108,7 +108,11 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
         trailing = (-1, *trailing[1:])  # the padded axis is free
         if stacked:
             item = item[_newaxis]  # one sample is one row of a padded batch
-    return ("array", dtype, trailing, stacked, pad, type(item)), item, rows, item.nbytes, length
+    # Dtypes that differ only in their metadata compare equal; a batch carries its first
+    # item's dtype, so each caller's metadata keeps to batches of its own.
+    metadata = None if dtype.metadata is None else repr(dtype.metadata)
+    return (("array", dtype, trailing, stacked, pad, type(item), metadata), item, rows,
+            item.nbytes, length)
 
 
 def _holds_sequences(item: Any) -> bool:
@@ -139,7 +143,7 @@ class ArrayFamily(Family):
         return describe_array(item, self._stacked, self._padding, None)
 
     def make_format(self, signature: Any) -> BatchFormat:
-        _, dtype, trailing, stacked, pad, cls = signature
+        _, dtype, trailing, stacked, pad, cls, _ = signature
         kind = "arrays" if cls is np.ndarray else cls.__name__
         label = (f"{'stacked ' if stacked else ''}{kind} of {dtype}, trailing shape {trailing}"
                  + ("" if pad is None else f", padded with {pad!r}"))

@@ -233,9 +233,10 @@ class Describer:
         self._families = families
         self._multiple = pad_multiple
         self._memo: dict[Hashable, tuple[int, BatchFormat]] = {}
-        # (dtype, shape) -> (key, format, rows, nbytes, length, queue_length) of a plain
-        # ndarray.
-        self._arrays: dict[tuple[Any, Any], tuple[int, BatchFormat, int, int, int, int]] = {}
+        # (dtype, shape) -> (key, format, rows, nbytes, length, queue_length, dtype) of a
+        # plain ndarray.
+        self._arrays: dict[tuple[Any, Any],
+                           tuple[int, BatchFormat, int, int, int, int, Any]] = {}
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -246,9 +247,12 @@ class Describer:
         ``pad_to_multiple_of`` (what it costs in tokens per row). ``priority`` and
         ``deadline`` are kept in the request, for a retry to queue it again."""
         if type(item) is _ndarray:
-            known = self._arrays.get((item.dtype, item.shape))
-            if known is not None:
-                key, fmt, rows, nbytes, length, queue_length = known
+            dtype = item.dtype
+            known = self._arrays.get((dtype, item.shape))
+            # The very dtype described, not an equal one: dtypes that differ only in
+            # their metadata compare (and hash) equal.
+            if known is not None and known[6] is dtype:
+                key, fmt, rows, nbytes, length, queue_length, _ = known
                 return (Request(future, item, fmt, rows, nbytes, length, now, key,
                                 queue_length, priority, deadline),
                         rows, nbytes, key, queue_length)
@@ -275,7 +279,7 @@ class Describer:
             if len(arrays) >= _MEMO_LIMIT:
                 arrays.clear()
             arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, nbytes, length,
-                                              queue_length)
+                                              queue_length, item.dtype)
         return (Request(future, item, entry[1], rows, nbytes, length, now, entry[0],
                         queue_length, priority, deadline),
                 rows, nbytes, entry[0], queue_length)

@@ -146,7 +146,7 @@ class TreeFamily(Family):
         leaves: list[Any] = []
         for s in signatures:
             if s[0] == "array":
-                _, dtype, _, stacked, pad, cls = s
+                _, dtype, _, stacked, pad, cls, _ = s
                 leaves.append(ArrayLeaf(dtype, stacked, pad, cls))
             else:
                 _, _, dtype, _, stacked, pad = s

@@ -158,7 +158,11 @@ def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor,
     (lambda: torch.ones(2, 2).to_sparse_csr(), "layout torch.sparse_csr"),
     (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
      "nested tensors"),
-], ids=["COO", "CSR", "nested"])
+    (lambda: torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.qint8),
+     "quantized tensors"),
+    (lambda: torch.quantize_per_tensor(torch.ones(2, 2), 1.0, 0, torch.quint4x2),
+     "quantized tensors"),
+], ids=["COO", "CSR", "nested", "qint8", "quint4x2"])
 @pytest.mark.parametrize("config", [{}, {"max_batch_size": 4}, {"pad_value": 0},
                                     {"stack_items": True}],
                          ids=["plain", "chunked", "padded", "stacked"])

@@ -82,7 +82,8 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
                     ) -> tuple[tuple[Any, ...], Any, int, int, int]:
     """``(signature, item, rows, nbytes, length)`` of one tensor (see ``describe_array``).
     ``ValueError`` for a tensor that torch cannot cut by rows, join or pad (nested,
-    sparse and other non-strided layouts), or a 0-d one that needs a sample axis."""
+    sparse and other non-strided layouts), one it would join wrongly (quantized: to the
+    first one's scale), or a 0-d one that needs a sample axis."""
     import torch  # imported already: the item is a tensor
 
     if item.is_nested:
@@ -90,6 +91,11 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
             "nested tensors cannot be batched: send each sequence as a tensor of its own"
             + ("" if padding is not None else
                " and set pad_value to batch sequences of different lengths together"))
+    if item.is_quantized:
+        raise ValueError(
+            "quantized tensors cannot be batched: joining them requantizes every caller's "
+            "values to the first one's scale and zero point; send x.dequantize(), and "
+            "quantize inside the model")
     layout = item.layout
     if layout is not torch.strided:
         raise ValueError(

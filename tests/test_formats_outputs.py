@@ -149,6 +149,31 @@ def test_an_undecidable_list_fails_until_a_batch_shows_what_it_means(make_proces
         np.testing.assert_array_equal(b, item * 20)
 
 
+@pytest.mark.parametrize("later", [
+    lambda k: rows_of(k, n=2, features=5),                       # another trailing shape
+    lambda k: rows_of(k, n=2).astype(np.float32),                # another dtype
+    lambda k: {"x": rows_of(k, n=2)},                            # another structure
+], ids=["shape", "dtype", "mapping"])
+def test_what_a_list_means_is_remembered_for_every_input_kind(make_processor, later):
+    # One model answers every kind of input: a batch of one kind shows what its lists
+    # mean for the batches of every other (docs/formats.md, "the same model").
+    calls = []
+
+    def model(b):
+        x = b["x"] if isinstance(b, dict) else b
+        calls.append(x.shape)
+        return [x * 10, x.sum(axis=1)]
+
+    p = make_processor(model, max_retries=0, retry_delay=0.0, max_batch_size=64)
+    p.enqueue_predict(rows_of(0, n=3)).result(timeout=10)          # shows: two outputs
+    item = later(1)
+    a, b = p.enqueue_predict(item).result(timeout=10)
+    x = item["x"] if isinstance(item, dict) else item
+    np.testing.assert_array_equal(a, x * 10)
+    np.testing.assert_array_equal(b, x.sum(axis=1))
+    assert len(calls) == 2  # no failed call, no search
+
+
 def test_a_per_row_list_of_arrays_stays_per_row_when_rows_equal_features(make_processor):
     # [f(row) for row in batch] where each row's result has 2 elements: in a batch of 2
     # rows it looks like 2 outputs of 2 rows, but an earlier batch showed per-row results.

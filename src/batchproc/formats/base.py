@@ -86,6 +86,8 @@ class BatchFormat(ABC):
 
     one_sample: bool = False
     per_token: outputs.PerToken = outputs.NO_TRIM
+    # The processor's (``Describer``), shared by its formats; a format made elsewhere
+    # (a test's) gets its own on first use.
     _list_reading: outputs.ListReading | None = None
 
     @abstractmethod
@@ -239,6 +241,10 @@ class Describer:
                            tuple[int, BatchFormat, int, int, int, int, Any]] = {}
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
+        # What the model means by a list output, once a batch has shown it: one memory
+        # for every format, since one model answers them all (and a format forgotten
+        # past _MEMO_LIMIT, made again, must not forget it).
+        self._list_reading = outputs.ListReading()
 
     def describe(self, item: Any, future: Any, now: float, priority: Any = 2,
                  deadline: float = _INF) -> tuple[Request, int, int, int, int]:
@@ -300,5 +306,7 @@ class Describer:
                     # Bounded: forgetting old signatures only stops their items from
                     # sharing a batch with newer ones of the same signature.
                     self._memo.clear()
-                entry = self._memo[signature] = (next(self._next_key), make(signature))
+                fmt = make(signature)
+                fmt._list_reading = self._list_reading
+                entry = self._memo[signature] = (next(self._next_key), fmt)
             return entry

@@ -954,7 +954,7 @@ def test_tune_reports_the_model_raising_in_its_runs(tmp_path, monkeypatch, capsy
     assert "no configuration tried meets the goal" in out
     line, = err.splitlines()
     assert line.startswith("batchproc tune: error: the default (ADAPTIVE) run: the model "
-                           "raised in ")
+                           "failed in ")
     assert line.endswith(", first: RuntimeError: GPU fell off the bus")
 
 

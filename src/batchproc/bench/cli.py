@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the raw figures as JSON: keys date, machine, versions, settings, "
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
         "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
-        "run that raised, model_errors: the model's calls that raised, arrival_rate: an "
+        "run that raised, model_errors: the model's calls that raised or whose output "
+        "batchproc refused, arrival_rate: an "
         "open loop's arrivals over their window, "
         "...), ratios (vs_no_batching, vs_limit) and interrupted (true when Ctrl-C ended "
         "the runs: runs holds those that finished)",
@@ -593,7 +594,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error") -> None:
-    """Lines on stderr for the runs that raised and the runs in which the model raised
+    """Lines on stderr for the runs that raised and the runs in which the model failed
     (the table's notes have them too): the reason should not hide among the figures.
     Runs that failed the same way share a line; so do the runs of one first model error.
     ``runs``: ``RunResult``s, or anything with their ``system``, ``failed``, ``batches``,
@@ -609,11 +610,11 @@ def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error")
                   f"{failure}", file=sys.stderr)
     for _, same in _grouped(runs, lambda r: r.first_model_error if r.model_errors else None):
         if len(same) == 1:
-            print(f"{say} the {same[0].system} run: {report.model_raised(same[0])}",
+            print(f"{say} the {same[0].system} run: {report.model_failed(same[0])}",
                   file=sys.stderr)
         else:
             calls = sum(r.model_errors for r in same)
-            print(f"{say} the model raised in {len(same)} runs ({calls:,} calls), first "
+            print(f"{say} the model failed in {len(same)} runs ({calls:,} calls), first "
                   f"in the {same[0].system} run: {same[0].first_model_error}",
                   file=sys.stderr)
 

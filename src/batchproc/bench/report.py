@@ -167,7 +167,7 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
                 f"! {who}: {r.refused:,} requests refused at submit, not counted as "
                 f"completed nor in its latencies; first: {r.first_refusal}")
         if r.model_errors:
-            notes.append(f"! {who}: {model_raised(r)}")
+            notes.append(f"! {who}: {model_failed(r)}")
         if r.left_running:
             notes.append(
                 f"! {who}: {r.left_running} model call{'s' if r.left_running != 1 else ''} "
@@ -179,10 +179,11 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
     return notes
 
 
-def model_raised(r: Any) -> str:
-    """How often the model raised in run ``r`` (a ``RunResult``), and its first error."""
+def model_failed(r: Any) -> str:
+    """How often the model failed in run ``r`` (a ``RunResult``): raised, or returned an
+    output the system refused; and the first error."""
     calls = f" of {r.batches:,} calls" if r.batches else ""
-    return (f"the model raised in {r.model_errors:,}{calls}, first: "
+    return (f"the model failed in {r.model_errors:,}{calls}, first: "
             f"{r.first_model_error}")
 
 

@@ -141,6 +141,20 @@ class AsyncCountingModel(CountingModel):
             self._ended()
 
 
+def _model_errors(counted: CountingModel, target: Any) -> tuple[int, str | None]:
+    """The model's failed calls in a run and the first one's error: those that raised,
+    and, where the target counts its failed batches (``failed_calls``: batchproc), those
+    whose output it refused. Either way the model is broken, even where retries let
+    every request complete."""
+    failed = getattr(target, "failed_calls", None)
+    refused = max(0, failed() - counted.raised) if failed is not None else 0
+    first = counted.first_raised
+    if refused and first is None:
+        first = (f"batchproc refused the output of {refused:,} call(s) (BatchOutputError), "
+                 "or could not build their batch: the warnings it logged say why")
+    return counted.raised + refused, first
+
+
 @dataclass
 class RunResult:
     system: str
@@ -307,10 +321,11 @@ def run_target(
         log.debug("%s failed", target.name, exc_info=True)
         progress.finish("failed")
         out = failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
-        out.model_errors, out.first_model_error = counted.raised, counted.first_raised
+        out.model_errors, out.first_model_error = _model_errors(counted, target)
         out.left_running = left
         return out
     p50, p95, p99, mean = _pct(res.latencies)
+    model_errors, first_model_error = _model_errors(counted, target)
     out = RunResult(
         system=target.name,
         model=model_name,
@@ -338,8 +353,8 @@ def run_target(
         gc_s=gc_clock.seconds,
         gc_full=gc_clock.full,
         extra=dict(getattr(target, "stats", dict)()),
-        model_errors=counted.raised,
-        first_model_error=counted.first_raised,
+        model_errors=model_errors,
+        first_model_error=first_model_error,
         left_running=left,
     )
     if res.errors:

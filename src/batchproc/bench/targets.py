@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..metrics import OUTCOME_ERROR
 from .minimal import MinimalBatcher
 from .models import Model
 
@@ -146,6 +148,23 @@ def _without_stop_summary() -> Iterator[None]:
         log.removeFilter(drop)
 
 
+class _FailedCalls:
+    """A metrics collector counting the batches whose attempt failed: the model raised,
+    its output was refused (``BatchOutputError``), or the batch could not be built.
+    batchproc retries and searches such batches, so their requests may all complete: a
+    broken model would otherwise look healthy in a run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def record_batch(self, size: int, rows: int, queue_time: float, processing_time: float,
+                     outcome: str) -> None:
+        if outcome == OUTCOME_ERROR:
+            with self._lock:
+                self.count += 1
+
+
 class Batchproc(SyncTarget):
     """``batchproc.BatchProcessor`` configured from the bench flags.
 
@@ -196,7 +215,8 @@ class Batchproc(SyncTarget):
         from batchproc import BatchPriority, BatchProcessor
 
         self._levels = [BatchPriority(p) for p in range(5)]
-        self._p: BatchProcessor[Any, Any] = BatchProcessor(self.config())
+        self._failed = _FailedCalls()
+        self._p: BatchProcessor[Any, Any] = BatchProcessor(self.config(), self._failed)
         self._p.start(model)
         self._enqueue = self._p.enqueue_predict
 
@@ -217,6 +237,10 @@ class Batchproc(SyncTarget):
 
     def stats(self) -> dict[str, Any]:
         return {k: v for k, v in self._stats.items() if isinstance(v, (int, float, bool, str))}
+
+    def failed_calls(self) -> int:
+        """Attempts at a batch that failed in the run (see ``_FailedCalls``)."""
+        return self._failed.count
 
 
 class BatchprocAsync(Batchproc):

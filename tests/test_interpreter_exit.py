@@ -111,3 +111,33 @@ def test_an_exit_while_threads_copy_without_the_gil_never_crashes(copy):
     for child in children:
         out, err = child.communicate(timeout=60)
         assert (child.returncode, out) == (0, "exiting\n"), err
+
+
+# An object that stops its processor in __del__ (a Ray Serve replica, a service class),
+# still referenced by __main__'s globals: __del__ runs as the interpreter finalizes,
+# when a thread started would never run and Thread.start would wait for it for ever.
+STOP_IN_DEL = """
+    import sys
+    from batchproc import BatchProcessor, BatchProcessorConfig
+
+    class Service:
+        def __init__(self):
+            self.processor = BatchProcessor(BatchProcessorConfig(max_batch_size=4))
+            self.processor.start(lambda batch: batch)
+
+        def __del__(self, finalizing=sys.is_finalizing):
+            print("finalizing", finalizing(), flush=True)
+            self.processor.stop(timeout=5.0)
+            print("stopped", self.processor.get_stats()["is_running"], flush=True)
+
+    service = Service()
+    if {stopped_before!r}:
+        service.processor.stop(timeout=5.0)
+    print(service.processor.enqueue_predict([1]).result(5) if not {stopped_before!r} else "")
+"""
+
+
+@pytest.mark.parametrize("stopped_before", [True, False], ids=["stopped", "running"])
+def test_a_stop_while_the_interpreter_finalizes_returns(stopped_before):
+    lines = run_child(STOP_IN_DEL.format(stopped_before=stopped_before), timeout=30)
+    assert lines[-2:] == ["finalizing True", "stopped False"], lines

@@ -17,6 +17,7 @@ goes on finishing on the helper thread, and the caller gets its interrupt back.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -130,7 +131,9 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded",
     caller's thread, with the shield of the shielded work it is nested in, if any. If no
     thread can be started, ``work`` runs on the caller's thread, unshielded.
     """
-    if threading.get_ident() != threading.main_thread().ident:
+    if threading.get_ident() != threading.main_thread().ident or sys.is_finalizing():
+        # Finalizing (an object's __del__ as the interpreter exits): a new thread would
+        # never start, and Thread.start waits for it for ever; no signal handler runs.
         return work(getattr(_local, "shield", None) or Shield())
     # Everything below may be interrupted at any instruction: each step is either done
     # (an assignment made) or done again by the next turn of the loop. The outer loop

@@ -267,3 +267,80 @@ def test_a_replica_collected_in_a_cycle_stops_its_processor_without_taking_a_loc
         gc.enable()
     wait_for(lambda: not processor.running, "the collected replica's processor stopped")
     assert processor.get_stats()["total_processed"] == 0
+
+
+@pytest.mark.parametrize("settings,error,match", [
+    ({"queue_wait": -1}, ValueError, "queue_wait"),
+    ({"queue_wait": float("nan")}, ValueError, "queue_wait"),
+    ({"queue_wait": "abc"}, ConfigTypeError, "queue_wait"),
+    ({"queue_wait": True}, ConfigTypeError, "queue_wait"),
+    ({"decode": 5}, TypeError, "decode must be a callable"),
+    ({"encode": None}, TypeError, "encode must be a callable"),
+    ({"metrics_name": 5}, TypeError, "metrics_name must be None or a str"),
+    ({"name": ""}, TypeError, "name must be a non-empty str"),
+])
+def test_a_deployment_refuses_its_own_bad_settings_before_importing_ray(settings, error,
+                                                                       match, monkeypatch):
+    # Accepted, each deployed and then failed every request, or every replica as it
+    # started.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(error, match=match):
+        batched_deployment(_doubling_model, **settings)
+    if "name" not in settings:  # a replica made directly checks them too
+        with pytest.raises(error, match=match):
+            BatchedReplica(_doubling_model, **settings)
+
+
+def _post(replica, body: bytes):
+    """``replica`` answering an HTTP POST of ``body`` (JSON) as Serve's proxy hands it
+    over: its status code and decoded JSON."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    response = asyncio.run(replica(Request(scope, receive)))
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.mark.parametrize("body", [
+    b"[1, 2]",                  # a row without its batch axis
+    b"[]", b"[[]]", b"[[1, 2], [3]]", b'"text"', b'{"x": [[1, 2]]}', b"3",
+    b"[[NaN, 1]]", b"[[1e39, 1]]", b"[[1e400, 1]]", b'[["a", 1]]',
+], ids=["flat", "empty", "empty row", "ragged", "str", "no inputs", "number", "nan",
+        "beyond float32", "infinity", "not a number"])
+def test_http_input_the_default_decoding_refuses_is_answered_400_without_a_model_call(body):
+    skip_without("service")
+    calls = []
+
+    def model():
+        return lambda batch: calls.append(batch) or batch * 2
+
+    replica = BatchedReplica(model, BatchProcessorConfig(max_batch_size=4))
+    try:
+        assert _post(replica, b'{"inputs": [[1, 2]]}') == (200, [[2.0, 4.0]])
+        status, answer = _post(replica, body)
+        assert status == 400 and answer["detail"].startswith("bad request: "), answer
+        assert len(calls) == 1
+    finally:
+        replica.processor.stop(timeout=5.0)
+
+
+def test_an_http_answer_that_is_not_finite_is_422_never_nulls():
+    skip_without("service")
+    def model(batch):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return batch / batch[:, :1]
+
+    replica = BatchedReplica(lambda: model, BatchProcessorConfig(max_batch_size=4))
+    try:
+        assert _post(replica, b"[[1, 2]]") == (200, [[1.0, 2.0]])
+        assert _post(replica, b"[[0, 2]]") == (422, {"detail":
+                                                    "the model's output is not finite"})
+    finally:
+        replica.processor.stop(timeout=5.0)

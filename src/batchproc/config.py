@@ -356,7 +356,7 @@ class BatchProcessorConfig:
             _require_at_most(name, getattr(self, name))
         self.max_retries = _require_int("max_retries", self.max_retries, minimum=0)
         for name in ("batch_timeout", "min_batch_interval", "retry_delay"):
-            setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0))
+            setattr(self, name, require_number(name, getattr(self, name), minimum=0.0))
         for name in ("min_batch_interval", "retry_delay"):
             if getattr(self, name) > MAX_SECONDS:
                 # A worker waits out the pacing interval, and a parked retry's backoff is
@@ -366,18 +366,18 @@ class BatchProcessorConfig:
                     f"threading.TIMEOUT_MAX: the longest a thread can wait), got "
                     f"{getattr(self, name)!r}")
         for name in ("item_timeout", "health_check_interval"):
-            setattr(self, name, _require_number(name, getattr(self, name), minimum=0.0,
+            setattr(self, name, require_number(name, getattr(self, name), minimum=0.0,
                                                 allow_zero=False))
         for name in ("memory_warning_threshold", "memory_critical_threshold"):
             if getattr(self, name) is None:
                 continue
-            value = _require_number(name, getattr(self, name), minimum=0.0)
+            value = require_number(name, getattr(self, name), minimum=0.0)
             if value > 100.0:
                 raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
             setattr(self, name, value)
         for name in ("max_batch_memory_mb", "max_queue_time", "max_priority_wait"):
             if getattr(self, name) is not None:
-                setattr(self, name, _require_number(
+                setattr(self, name, require_number(
                     name, getattr(self, name), minimum=0.0,
                     allow_zero=name == "max_priority_wait", unlimited=_NONE_MEANS[name]))
         if self.max_batch_memory_mb is not None and self.max_batch_memory_mb >= _MIB_LIMIT:
@@ -761,7 +761,7 @@ def _require_pad_number(name: str, value: Any) -> None:
             f"arrays and tensors hold), got {_shown(value)}")
 
 
-def _require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True,
+def require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True,
                     unlimited: str | None = None) -> float:
     """``value`` as a plain float: a finite real number (an int, a float, a numpy
     number, a ``Fraction`` or a ``Decimal``; never a bool) at or above ``minimum``.

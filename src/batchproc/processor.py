@@ -35,8 +35,8 @@ from .config import (
     BatchPriority,
     BatchProcessorConfig,
     _closest,
-    _require_number,
     read_only_copy,
+    require_number,
 )
 from .controller import Controller
 from .engine import Engine
@@ -1072,7 +1072,7 @@ def _queue_time_arg(value: Any) -> float:
     real number of seconds > 0 (numpy's, ``Fraction``, ``Decimal``); ``ConfigTypeError``
     (a ``TypeError`` and a ``ValueError``) for what is no number, ``ValueError`` for one
     out of range."""
-    return _require_number("max_queue_time", value, minimum=0.0, allow_zero=False,
+    return require_number("max_queue_time", value, minimum=0.0, allow_zero=False,
                           unlimited="no limit")
 
 

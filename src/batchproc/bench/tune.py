@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
-from batchproc.config import _require_int, _require_number
+from batchproc.config import _require_int, require_number
 
 from . import BenchError, report
 from .configs import describe_fields, format_config, parse_strategy
@@ -130,7 +130,7 @@ class Candidate:
             raise ValueError(f"{given} without {', '.join(unset)}: a candidate sets all of "
                              f"{', '.join(settings)}, or none of them (the default)")
         _require_int("max_batch_size", self.max_batch_size, minimum=1)
-        _require_number("delay_ms", self.delay_ms, minimum=0.0)
+        require_number("delay_ms", self.delay_ms, minimum=0.0)
         _require_int("max_workers", self.max_workers, minimum=1)
         BatchProcessorConfig(**self.fields())  # the config's other rules (upper bounds)
 

@@ -40,7 +40,13 @@ from typing import Any
 import numpy as np
 
 from .. import collecting
-from ..config import BatchProcessorConfig, check_keywords, checked_copy, keyword_only
+from ..config import (
+    BatchProcessorConfig,
+    check_keywords,
+    checked_copy,
+    keyword_only,
+    require_number,
+)
 from ..errors import ProcessorStoppedError, QueueFullError
 from ..processor import BatchProcessor
 from .decorator import stop_in_background
@@ -49,13 +55,28 @@ ModelFactory = Callable[[], Callable[[Any], Any]]
 
 
 def decode_rows(body: Any) -> Any:
-    """Default HTTP decoding: a JSON list (of rows) becomes a float32 array; an object
-    with ``"inputs"`` decodes those; anything else is the item as it is."""
+    """Default HTTP decoding: a JSON list of rows (``[[1, 2], [3, 4]]``), or an object
+    whose ``"inputs"`` is one, becomes a float32 array of shape ``(rows, features)``.
+    ``ValueError`` (answered 400) for anything else, and for rows of different lengths,
+    none, empty ones, or values that are not finite within float32's range (JSON's
+    ``1e400`` parses as infinity, and Python's parser takes ``NaN``): the model would
+    fail on them, after a search for the bad request that healthy ones wait behind.
+    Pass ``decode=`` for other bodies."""
     if isinstance(body, dict) and "inputs" in body:
         body = body["inputs"]
-    if isinstance(body, list):
-        return np.asarray(body, dtype=np.float32)
-    return body
+    if not (isinstance(body, list) and body and all(isinstance(row, list) for row in body)):
+        raise ValueError('expected a JSON list of rows ([[1.0, 2.0], ...]) or '
+                         '{"inputs": [[...], ...]}')
+    try:
+        with np.errstate(over="ignore"):  # beyond float32's range: refused below
+            rows = np.asarray(body, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"rows must be lists of numbers of one length: {exc}") from None
+    if rows.ndim != 2 or not rows.shape[1]:
+        raise ValueError("rows must be non-empty lists of numbers of one length")
+    if not np.isfinite(rows).all():
+        raise ValueError("values must be finite numbers within float32's range")
+    return rows
 
 
 def encode_rows(result: Any) -> Any:
@@ -90,6 +111,7 @@ class BatchedReplica:
                  decode: Callable[[Any], Any] = decode_rows,
                  encode: Callable[[Any], Any] = encode_rows, queue_wait: float = 0.1,
                  metrics_name: str | None = None) -> None:
+        check_replica_settings(decode, encode, queue_wait, metrics_name)
         collector = None
         if metrics_name is not None:
             from ..observe.prometheus import PrometheusMetrics
@@ -120,7 +142,12 @@ class BatchedReplica:
         except (QueueFullError, ProcessorStoppedError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503,
                                 headers={"Retry-After": self._retry_after})
-        return JSONResponse(self._encode(result))
+        encoded = self._encode(result)
+        try:
+            return JSONResponse(encoded)
+        except ValueError:  # NaN or infinity, which JSON has not: never answered as nulls
+            return JSONResponse({"detail": "the model's output is not finite"},
+                                status_code=422)
 
     def get_stats(self) -> dict[str, Any]:
         """This replica's ``get_stats()``, with its process id as ``replica_pid``."""
@@ -144,6 +171,20 @@ class BatchedReplica:
             stop_in_background(processor)
         else:
             processor.stop(timeout=10.0)
+
+
+def check_replica_settings(decode: Any, encode: Any, queue_wait: Any,
+                           metrics_name: Any) -> None:
+    """``TypeError`` unless ``decode`` and ``encode`` are callables and ``metrics_name``
+    is None or a string; ``ConfigTypeError``/``ValueError`` unless ``queue_wait`` is a
+    finite number of seconds at or above 0. A bad one would deploy, then fail every
+    request (or every replica as it starts)."""
+    for what, value in (("decode", decode), ("encode", encode)):
+        if not callable(value):
+            raise TypeError(f"{what} must be a callable, got {value!r}")
+    if metrics_name is not None and not isinstance(metrics_name, str):
+        raise TypeError(f"metrics_name must be None or a str, got {metrics_name!r}")
+    require_number("queue_wait", queue_wait, minimum=0.0)
 
 
 # What batched_deployment's model is, for its errors.
@@ -190,6 +231,9 @@ def batched_deployment(model: ModelFactory | str | None = None, *,
         raise TypeError(f"batched_deployment() model must be {_A_MODEL}, got {model!r}")
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
+    check_replica_settings(decode, encode, queue_wait, metrics_name)
+    if not (isinstance(name, str) and name):
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
     # Checked (and copied) here, before it sizes the deployment, not in each replica.
     config = BatchProcessorConfig(**fields) if config is None else checked_copy(config)
     from ray import serve

@@ -17,7 +17,8 @@ turning the requests Serve routes to it into batches for the model::
 zero-argument callable or as ``"package.module:attr"``; what it returns is the batch
 function (``process_func``). Requests through a handle pass their item as is; over HTTP
 the JSON body is ``decode``-d into an item and the result ``encode``-d back (by default a
-list of rows becomes a float32 array and an array becomes lists). A full queue answers
+list of rows becomes a float32 array and an array becomes lists); a body the decoding
+refuses is answered 400, an output that is not finite 422. A full queue answers
 HTTP with 503 and ``Retry-After``, a handle call with ``QueueFullError``, each after
 waiting ``queue_wait`` seconds for room. Serve's own ``max_ongoing_requests`` (5 by
 default in Serve, too few to batch) is set to four batches' worth unless given.

@@ -29,6 +29,7 @@ from batchproc.__main__ import main
 from batchproc.bench import BenchError, blas, cli, interrupts, models, report, targets
 from batchproc.bench.cli import build_parser
 from batchproc.bench.configs import parse_config
+from batchproc.bench.inputs import NpzSource
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.runner import NullProgress, RunResult, run_limit, run_target
 
@@ -471,6 +472,23 @@ def test_the_limits_latencies_are_said_to_be_one_calls() -> None:
     assert report.run_notes([limit]) == [said]
     assert report.run_notes([run_target(BrokenTarget(), lambda b: b, "m", load,
                                         Bounds(requests=5))]) != [said]
+
+
+@pytest.mark.parametrize("rows, over", [(10, 10), (3, None), (4, None)])
+def test_a_limit_of_requests_larger_than_a_batch_says_so(tmp_path, rows, over) -> None:
+    # With no request fitting --max-batch rows, the limit's batches are whole requests:
+    # its figures are not at the batch size batchproc runs; a note says so.
+    path = tmp_path / "big.npz"
+    np.savez(path, np.ones((rows, 4), np.float32))
+    load = Load("closed", clients=1, source=NpzSource(str(path)))
+    sizes: list[int] = []
+    limit = run_limit(lambda b: sizes.append(len(b)) or b, "m", load, Bounds(requests=3), 4)
+    assert limit.extra.get("rows_over_max_batch") == over
+    assert max(sizes) == rows if over else max(sizes) <= 4
+    notes = report.run_notes([limit])
+    assert any(n.startswith("! limit: no request fits a batch of --max-batch rows, so its "
+                            f"batches are whole requests, of up to {rows:,} rows")
+               for n in notes) == bool(over), notes
 
 
 # -- BLAS threads for the built-in numpy model -------------------------------------------------

@@ -176,6 +176,13 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
     if any(r.system == LIMIT and not r.failed for r in runs):
         notes.append(f"{LIMIT}: the model called back to back on full batches, no queue: "
                      "its latencies are one call's, not a request's wait")
+    for r in runs:
+        over = r.extra.get("rows_over_max_batch") if r.system == LIMIT else None
+        if over:
+            notes.append(
+                f"! {LIMIT}: no request fits a batch of --max-batch rows, so its batches "
+                f"are whole requests, of up to {over:,} rows; batchproc cuts such requests "
+                "into chunks of --max-batch rows: the two are not compared at one batch size")
     return notes
 
 

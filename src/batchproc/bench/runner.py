@@ -407,7 +407,11 @@ def run_limit(
     wanted = _expected(load, bounds)  # None: bounded by time alone
     dur = bounds.duration if bounds.duration is not None else float("inf")
     source = load.source or FeatureRows(load.features)
-    limit = _Limit(model, source, source.limit_plan(max_batch, load.seed), wanted, dur)
+    plan = source.limit_plan(max_batch, load.seed)
+    # Every request larger than a batch: the plan's batches are whole requests, which
+    # batchproc would cut into chunks of max_batch rows (the note says so).
+    largest = max(sum(rows_of(r) for r in batch) for batch in plan)
+    limit = _Limit(model, source, plan, wanted, dur)
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     bound = dur + drain_window(dur) if math.isfinite(dur) else math.inf
@@ -454,6 +458,7 @@ def run_limit(
         elapsed_s=elapsed,
         stopped_by=limit.stopped_by,
         note="model on full batches, one thread, no queue; latency = one call",
+        extra={"rows_over_max_batch": largest} if largest > max_batch else {},
     )
 
 

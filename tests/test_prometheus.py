@@ -317,6 +317,21 @@ def test_names_label_processors_and_continue_across_restarts():
     assert _value(samples, "batchproc_requests_total", processor="g", outcome="completed") == 1
 
 
+@pytest.mark.parametrize("bounds", [(0.1, 1.0, float("inf")), (float("inf"), 0.1, 1.0),
+                                    (0.1, 1.0)])
+def test_an_infinite_bucket_given_is_the_one_plus_inf_bucket(make_processor, bounds):
+    registry = CollectorRegistry()
+    p = make_processor(lambda items: items, PrometheusMetrics(
+        "p", registry, latency_buckets=bounds, size_buckets=bounds, call_buckets=bounds))
+    p.enqueue_predict(["x"]).result(10)
+    p.stop(timeout=5.0)
+    text = generate_latest(registry).decode()
+    for family in ("batchproc_request_latency_seconds", "batchproc_batch_size_rows",
+                   "batchproc_model_call_duration_seconds", "batchproc_queue_time_seconds"):
+        les = re.findall(family + r'_bucket\{[^}]*le="([^"]+)"', text)
+        assert les == ["0.1", "1.0", "+Inf"], (family, les)
+
+
 def test_calls_refused_after_stop_count_alike_in_get_stats_and_the_metrics():
     # A stopped decorated function refuses every call itself (its processor is gone
     # from it); the processor that stop() stopped, kept by whoever reads its stats,

@@ -52,6 +52,7 @@ histograms, and the gauges add up the queues and batches of the live ones.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from bisect import bisect_left
@@ -89,7 +90,9 @@ class _Buckets:
     __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(sorted(float(b) for b in bounds))
+        # +Inf is always the last bucket; one given too is that one (as prometheus_client's
+        # Histogram takes it), not a second series with le="inf".
+        self.bounds = tuple(sorted(b for b in map(float, bounds) if b != math.inf))
         self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
 

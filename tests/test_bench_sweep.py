@@ -182,6 +182,11 @@ def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
         ("processing_strategy=FASTEST", "one of 'fixed', 'adaptive', 'greedy'"),
         ("**{'a': 1}", "** is not accepted"),
         ("min_batch_size=10, max_batch_size=5", "batchproc rejects it"),
+        ("max_batch_size=8, max_batch_size=16", "max_batch_size is given twice"),
+        ("processing_strategy='fixed', processing_strategy='greedy'",
+         "processing_strategy is given twice"),
+        ("BatchProcessorConfig(batch_timeout=0.01, batch_timeout=0.01)",
+         "batch_timeout is given twice"),
     ],
 )
 def test_bad_configs(text: str, mentions: str) -> None:

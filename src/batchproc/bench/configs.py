@@ -28,7 +28,8 @@ def parse_config(text: str) -> dict[str, Any]:
 
     Raises:
         BenchError: not a call of keyword arguments, a value that is not a literal, an
-            unknown field, or a value ``BatchProcessorConfig`` rejects.
+            unknown field, a field given twice, or a value ``BatchProcessorConfig``
+            rejects.
     """
     from batchproc import BatchProcessorConfig
     from batchproc.config import check_keywords
@@ -58,6 +59,8 @@ def parse_config(text: str) -> dict[str, Any]:
     for kw in call.keywords:
         if kw.arg is None:
             raise BenchError(f"{where}: ** is not accepted; write each field")
+        if kw.arg in fields:  # a SyntaxError in Python: never a silent last-one-wins
+            raise BenchError(f"{where}: {kw.arg} is given twice")
         if kw.arg == "processing_strategy":
             fields[kw.arg] = _strategy(kw.value, where)
             continue

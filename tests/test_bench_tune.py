@@ -179,6 +179,29 @@ def test_a_saved_run_with_a_bad_field_is_refused_naming_it(tmp_path, saved, name
                                   "another file to start afresh")
 
 
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda r: r.update(p50_ms=r["p99_ms"] * 2), "'p50_ms' = "),
+    (lambda r: r.update(p95_ms=r["p99_ms"] + 1), "'p95_ms' = "),
+    (lambda r: r.update(completed=10**9), "completed 1000000000 requests, more than"),
+    (lambda r: r.update(throughput=1e30), "has a throughput of 1e+30/s, above"),
+])
+def test_saved_figures_no_run_could_measure_together_are_refused(tmp_path, saved, damage,
+                                                                  said) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    ResultsFile(str(_written(tmp_path, doc)), doc["identity"])  # as saved: taken
+    damage(run)
+    with pytest.raises(BenchError, match=f"damaged: run {i} ") as refused:
+        ResultsFile(str(_written(tmp_path, doc)), doc["identity"])
+    assert said in str(refused.value)
+
+
+def _written(tmp_path: Any, doc: dict[str, Any]) -> Any:
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
 @pytest.mark.parametrize("name", [*FIGURES, *COUNTS, "key", "label", "candidate", "offered",
                                   "first_error", "failed", "first_model_error"])
 def test_a_saved_run_lacking_a_field_is_refused_naming_it(tmp_path, saved, name) -> None:

@@ -304,6 +304,30 @@ def _damaged(path: str, what: str) -> BenchError:
     return BenchError(f"--json {path}: damaged: {what}; give another file to start afresh")
 
 
+def _check_consistent(path: str, i: int, run: dict[str, Any]) -> None:
+    """``BenchError`` for figures of one run that no run could have measured together:
+    percentiles out of order, more requests completed than its throughput carries in its
+    elapsed time, or a throughput above its arrivals (an open loop's throughput is the
+    completed arrivals of its window over that window)."""
+    latencies = [(name, run[name]) for name in ("p50_ms", "p95_ms", "p99_ms")
+                 if run[name] is not None]
+    for (low, a), (high, b) in zip(latencies, latencies[1:]):
+        if a > b:
+            raise _damaged(path, f"run {i} has {low!r} = {_shown(a)} above "
+                           f"{high!r} = {_shown(b)}")
+    throughput, elapsed, arrivals = run["throughput"], run["elapsed_s"], run["arrival_rate"]
+    if throughput is None:
+        return
+    # Slack for rounding and timing only: a real run sits at 1.00 of either bound.
+    if elapsed and run["completed"] > throughput * elapsed * 1.5 + 1:
+        raise _damaged(path, f"run {i} completed {run['completed']} requests, more than "
+                       f"its throughput ({_shown(throughput)}/s) carries in its "
+                       f"{_shown(elapsed)} s")
+    if arrivals is not None and throughput > arrivals * 1.5 + 1:
+        raise _damaged(path, f"run {i} has a throughput of {_shown(throughput)}/s, above "
+                       f"the {_shown(arrivals)}/s that arrived")
+
+
 def _check_saved_run(path: str, i: int, run: Any) -> None:
     """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything:
     a field missing, of the wrong type or out of range, a candidate that is no
@@ -323,6 +347,7 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
             if run[name] is None:
                 raise _damaged(path, f"run {i} has {name!r} = None: must be a number, "
                                f"as it completed {run['completed']} requests")
+    _check_consistent(path, i, run)
     candidate = _saved_candidate(path, i, run["candidate"])
     for name, own in (("key", candidate.key), ("label", candidate.label)):
         if run[name] != own:

@@ -410,7 +410,7 @@ def run_limit(
     plan = source.limit_plan(max_batch, load.seed)
     # Every request larger than a batch: the plan's batches are whole requests, which
     # batchproc would cut into chunks of max_batch rows (the note says so).
-    largest = max(sum(rows_of(r) for r in batch) for batch in plan)
+    largest = max((sum(rows_of(r) for r in batch) for batch in plan), default=0)
     limit = _Limit(model, source, plan, wanted, dur)
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)

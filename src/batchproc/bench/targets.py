@@ -239,8 +239,10 @@ class Batchproc(SyncTarget):
         return {k: v for k, v in self._stats.items() if isinstance(v, (int, float, bool, str))}
 
     def failed_calls(self) -> int:
-        """Attempts at a batch that failed in the run (see ``_FailedCalls``)."""
-        return self._failed.count
+        """Attempts at a batch that failed in the run (see ``_FailedCalls``); 0 before
+        ``start``."""
+        failed = getattr(self, "_failed", None)
+        return 0 if failed is None else failed.count
 
 
 class BatchprocAsync(Batchproc):

@@ -40,7 +40,7 @@ def _cut_rows(item: tuple[Any, ...], start: int, stop: int) -> Any:
     return tuple(leaf[start:stop] for leaf in item)
 
 
-def padded_nbytes(leaves: list[tuple[int, int]], length: int) -> int:
+def _padded_nbytes(leaves: list[tuple[int, int]], length: int) -> int:
     """The bytes of an item whose inputs are ``(bytes, length)`` pairs (length 0: not
     padded) once every padded input is padded to ``length``, the item's longest: a batch
     pads each padded input to the batch's length, the short ones too (a one-token
@@ -139,7 +139,7 @@ class TreeFamily(Family):
                 f"the inputs of one request are on different devices "
                 f"({', '.join(sorted(map(str, devices)))}): move them to one device")
         return (("tree", spec, tuple(signatures)), tuple(kept), rows,
-                padded_nbytes(sizes, length), length)
+                _padded_nbytes(sizes, length), length)
 
     def make_format(self, signature: Any) -> BatchFormat:
         _, spec, signatures = signature

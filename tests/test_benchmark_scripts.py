@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +89,15 @@ PRINTING_RUNS = [
     ("version_run.py", ['{"model": "identity", "load": "asyncio-map-gen", "burst": 300,'
                         ' "cap": 0.2, "seed": 1}'], '"completed": 300'),
 ]
+
+
+def _script_module(name: str) -> Any:
+    """The benchmark script ``name``.py, imported as a module (its parts tested alone)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_benchmarks_folder_is_here() -> None:
@@ -167,11 +177,7 @@ def test_compare_versions_refuses_what_it_cannot_run(args: list[str], said: str,
 ])
 def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, label: str) -> None:
     # Parsed only: a run would build the baseline from git.
-    spec = importlib.util.spec_from_file_location(
-        "compare_versions", BENCHMARKS / "compare_versions.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script_module("compare_versions")
     assert module.parse_args(["--configs", config]).configs == [config]
     assert module.load_label(config.partition("/")[2]) == label
 
@@ -179,11 +185,7 @@ def test_compare_versions_takes_any_model_at_any_load_it_names(config: str, labe
 def test_compare_versions_gives_no_verdict_on_figures_a_load_has_not() -> None:
     # A map load has a throughput but no per-item latency (nan): its latency ratios are
     # none, not "faster" (a nan compares false with 1).
-    spec = importlib.util.spec_from_file_location(
-        "compare_versions", BENCHMARKS / "compare_versions.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script_module("compare_versions")
     nan = float("nan")
 
     def run(rep: int, throughput: float) -> dict[str, object]:
@@ -254,11 +256,7 @@ def test_the_full_batch_server_calls_its_model_once_every_client_is_in() -> None
     # The ceiling compare_peers.py prints for the fixed model at 64 client threads: each
     # call must hold every client, or it is no ceiling; and stopping mid-wave must not
     # leave a client blocked (the run would hang).
-    spec = importlib.util.spec_from_file_location(
-        "no_work_batchers", BENCHMARKS / "no_work_batchers.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script_module("no_work_batchers")
     sizes: list[int] = []
     rps = module.threads_full_batches(lambda batch: sizes.append(len(batch)), clients=6,
                                       seconds=0.2)

@@ -617,11 +617,19 @@ def test_a_padded_mapping_request_over_the_memory_cap_is_cut_by_rows(make_proces
     assert len(model.built) > 1 and max(model.built) <= CAP, model.built
 
 
+_LUT = np.arange(5000)
+_LUT_B = _LUT.copy()
+_LUT_B[2500] = -1  # printed alike: numpy elides the middle of a long array's repr
+
+
 @pytest.mark.parametrize("wrap", [lambda x: x, lambda x: {"x": x}], ids=["array", "mapping"])
-def test_dtype_metadata_keeps_to_its_own_caller(make_processor, recorder, wrap):
+@pytest.mark.parametrize("metadata", [[{"tenant": "A"}, {"tenant": "B"}],
+                                      [{"lut": _LUT}, {"lut": _LUT_B}]],
+                         ids=["tags", "printed alike"])
+def test_dtype_metadata_keeps_to_its_own_caller(make_processor, recorder, wrap, metadata):
     # Dtypes that differ only in metadata compare equal, and a batch carries its first
     # item's dtype: sharing one, a caller would get another's metadata.
-    tagged = [np.dtype("f8", metadata={"tenant": t}) for t in ("A", "B")]
+    tagged = [np.dtype("f8", metadata=m) for m in metadata]
     model = recorder(lambda b: b)
     p = make_processor(model, max_batch_size=64)
     items = [np.zeros((1, 2)), np.zeros((1, 2), tagged[0]), np.zeros((1, 2), tagged[1]),
@@ -629,8 +637,43 @@ def test_dtype_metadata_keeps_to_its_own_caller(make_processor, recorder, wrap):
     results = [f.result(timeout=10) for f in one_batch(p, [wrap(x) for x in items])]
     for item, got in zip(items, results):
         got = got["x"] if isinstance(got, dict) else got
-        assert got.dtype.metadata == item.dtype.metadata
+        assert (got.dtype.metadata or {}).keys() == (item.dtype.metadata or {}).keys()
+        for key, value in (item.dtype.metadata or {}).items():
+            assert got.dtype.metadata[key] is value
     assert len(model.batches) == 3
+
+
+@pytest.mark.parametrize("config", [{"max_batch_size": 4}, {"max_batch_memory_mb": 32 / 2**20}],
+                         ids=["rows", "bytes"])
+def test_dtype_metadata_survives_a_request_cut_into_chunks(make_processor, config):
+    tagged = np.dtype("f8", metadata={"unit": "m"})
+    p = make_processor(lambda b: b, **config)
+    got = p.enqueue_predict(np.arange(20.0).reshape(10, 2).astype(tagged)).result(timeout=10)
+    assert got.dtype.metadata == {"unit": "m"} and got.tolist() == np.arange(20.0).reshape(
+        10, 2).tolist()
+
+
+def test_the_describer_remembers_plain_arrays_by_equal_dtype_not_one_with_metadata():
+    # An unpickled array (a Ray Serve handle's, multiprocessing's) has an equal copy of
+    # its dtype: it takes the remembered description; one with metadata, equal too, never.
+    import pickle
+
+    from batchproc import BatchProcessorConfig
+    from batchproc.formats import make_describer
+
+    describer = make_describer(BatchProcessorConfig())
+    a = np.ones((1, 64), np.float32)
+    describer.describe(a, None, 0.0)
+    asked = []
+    for family in describer._families:
+        family.describe = lambda item, ask=family.describe: asked.append(item) or ask(item)
+    copy = pickle.loads(pickle.dumps(a))
+    assert copy.dtype is not a.dtype and copy.dtype == a.dtype
+    describer.describe(copy, None, 0.0)
+    assert asked == []
+    tagged = np.ones((1, 64), np.dtype("f4", metadata={"x": 1}))
+    describer.describe(tagged, None, 0.0)
+    assert asked == [tagged]
 
 
 def test_a_masked_array_cannot_be_padded(make_processor):

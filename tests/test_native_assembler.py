@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.machinery
+import pickle
 from typing import Any
 
 import numpy as np
@@ -844,3 +845,6 @@ def test_a_result_s_base_chain_reaches_its_own_batch_only(assembler_cls: Any,
     holder = chain[-1]
     assert holder is not None and not isinstance(holder, np.ndarray)
     assert np.asarray(holder).size <= out.nbytes  # whatever it shows is the batch's
+    if assembler_cls is native_module.BatchAssembler:
+        with pytest.raises(TypeError, match="pickle"):  # __reduce__ would hand it out
+            pickle.dumps(holder)

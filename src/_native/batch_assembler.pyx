@@ -242,6 +242,7 @@ cdef inline bint _overlaps(const char* src, int nd, const npy_intp* dims,
 
 @cython.final
 @cython.no_gc  # holds one uint8 array, which holds nothing: no cycle can pass through it
+@cython.auto_pickle(False)  # pickling support would hand the buffer out (__reduce__)
 cdef class _BufferHold:
     """A batch's hold on its buffer: the base of a batch array, in the buffer's place.
 

@@ -109,8 +109,10 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
         if stacked:
             item = item[_newaxis]  # one sample is one row of a padded batch
     # Dtypes that differ only in their metadata compare equal; a batch carries its first
-    # item's dtype, so each caller's metadata keeps to batches of its own.
-    metadata = None if dtype.metadata is None else repr(dtype.metadata)
+    # item's dtype, so each caller's metadata keeps to batches of its own: by the dtype's
+    # identity (equal metadata in two dtype objects only costs two batches). Its id is
+    # not reused while the key lives: the format made for it keeps this dtype.
+    metadata = None if dtype.metadata is None else id(dtype)
     return (("array", dtype, trailing, stacked, pad, type(item), metadata), item, rows,
             item.nbytes, length)
 

@@ -255,9 +255,10 @@ class Describer:
         if type(item) is _ndarray:
             dtype = item.dtype
             known = self._arrays.get((dtype, item.shape))
-            # The very dtype described, not an equal one: dtypes that differ only in
-            # their metadata compare (and hash) equal.
-            if known is not None and known[6] is dtype:
+            # Only dtypes without metadata are remembered here, and one with metadata
+            # compares (and hashes) equal to them: check it has none, unless it is the
+            # very dtype described (an unpickled array's is an equal copy).
+            if known is not None and (known[6] is dtype or dtype.metadata is None):
                 key, fmt, rows, nbytes, length, queue_length, _ = known
                 return (Request(future, item, fmt, rows, nbytes, length, now, key,
                                 queue_length, priority, deadline),
@@ -280,7 +281,8 @@ class Describer:
             # Bytes padded to its own rounded length: the queue scales them to a batch's
             # longest to hold max_batch_memory_mb for the padded batch.
             nbytes = -(-nbytes * queue_length // length)
-        if item is original and type(item) is _ndarray and item.dtype.kind != "O":
+        if (item is original and type(item) is _ndarray and item.dtype.kind != "O"
+                and item.dtype.metadata is None):
             arrays = self._arrays
             if len(arrays) >= _MEMO_LIMIT:
                 arrays.clear()

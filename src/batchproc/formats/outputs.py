@@ -393,6 +393,9 @@ def _join_leaves(parts: list[Any]) -> Any:
     if isinstance(first, _ndarray):
         if type(first) is not _ndarray and isinstance(first, np.ma.MaskedArray):
             return np.ma.concatenate(parts)  # type: ignore[no-untyped-call]
+        dtype = first.dtype
+        if dtype.metadata is not None and all(p.dtype == dtype for p in parts):
+            return np.concatenate(parts, dtype=dtype)  # keeps the metadata numpy drops
         return np.concatenate(parts)
     if is_tensor(first):
         import torch

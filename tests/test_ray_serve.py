@@ -311,9 +311,11 @@ def _post(replica, body: bytes):
 @pytest.mark.parametrize("body", [
     b"[1, 2]",                  # a row without its batch axis
     b"[]", b"[[]]", b"[[1, 2], [3]]", b'"text"', b'{"x": [[1, 2]]}', b"3",
-    b"[[NaN, 1]]", b"[[1e39, 1]]", b"[[1e400, 1]]", b'[["a", 1]]',
+    b"[[NaN, 1]]", b"[[1e39, 1]]", b"[[1e400, 1]]", b'[["a", 1]]', b'[["1.5", "2"]]',
+    b"[[true, false]]", b"[[[1, 2]]]",
 ], ids=["flat", "empty", "empty row", "ragged", "str", "no inputs", "number", "nan",
-        "beyond float32", "infinity", "not a number"])
+        "beyond float32", "infinity", "not a number", "numeric strings", "booleans",
+        "nested"])
 def test_http_input_the_default_decoding_refuses_is_answered_400_without_a_model_call(body):
     skip_without("service")
     calls = []
@@ -327,6 +329,17 @@ def test_http_input_the_default_decoding_refuses_is_answered_400_without_a_model
         status, answer = _post(replica, body)
         assert status == 400 and answer["detail"].startswith("bad request: "), answer
         assert len(calls) == 1
+    finally:
+        replica.processor.stop(timeout=5.0)
+
+
+def test_an_http_answer_json_cannot_hold_is_422():
+    skip_without("service")
+    replica = BatchedReplica(lambda: lambda batch: batch.astype(np.complex64),
+                             BatchProcessorConfig(max_batch_size=4), encode=lambda r: r[0, 0])
+    try:
+        status, answer = _post(replica, b"[[1, 2]]")
+        assert status == 422 and answer["detail"].startswith("the model's output is no JSON")
     finally:
         replica.processor.stop(timeout=5.0)
 

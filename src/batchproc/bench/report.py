@@ -189,7 +189,7 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
 def model_failed(r: Any) -> str:
     """How often the model failed in run ``r`` (a ``RunResult``): raised, or returned an
     output the system refused; and the first error."""
-    calls = f" of {r.batches:,} calls" if r.batches else ""
+    calls = f" of {r.batches:,} calls" if r.batches else " calls"
     return (f"the model failed in {r.model_errors:,}{calls}, first: "
             f"{r.first_model_error}")
 

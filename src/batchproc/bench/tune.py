@@ -349,6 +349,11 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
                                f"as it completed {run['completed']} requests")
     _check_consistent(path, i, run)
     candidate = _saved_candidate(path, i, run["candidate"])
+    size, mean = candidate.max_batch_size, run["mean_batch"]
+    if size is not None and mean is not None and mean > size:
+        # A request larger than a batch is cut into chunks: no call holds more rows.
+        raise _damaged(path, f"run {i} has 'mean_batch' = {_shown(mean)}, above its "
+                       f"candidate's max_batch_size {size}")
     for name, own in (("key", candidate.key), ("label", candidate.label)):
         if run[name] != own:
             raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}: its "

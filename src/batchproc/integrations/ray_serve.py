@@ -68,6 +68,9 @@ def decode_rows(body: Any) -> Any:
     if not (isinstance(body, list) and body and all(isinstance(row, list) for row in body)):
         raise ValueError('expected a JSON list of rows ([[1.0, 2.0], ...]) or '
                          '{"inputs": [[...], ...]}')
+    if not all(type(value) in (int, float) for row in body for value in row):
+        # numpy would read "1.5" and true as numbers
+        raise ValueError("rows must hold numbers only (not strings, booleans or lists)")
     try:
         with np.errstate(over="ignore"):  # beyond float32's range: refused below
             rows = np.asarray(body, dtype=np.float32)
@@ -148,6 +151,9 @@ class BatchedReplica:
             return JSONResponse(encoded)
         except ValueError:  # NaN or infinity, which JSON has not: never answered as nulls
             return JSONResponse({"detail": "the model's output is not finite"},
+                                status_code=422)
+        except TypeError as exc:  # a complex number, a numpy scalar encode left as it was
+            return JSONResponse({"detail": f"the model's output is no JSON: {exc}"},
                                 status_code=422)
 
     def get_stats(self) -> dict[str, Any]:

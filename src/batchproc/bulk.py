@@ -141,20 +141,21 @@ class Chunker:
             self.flush()
             self.ready.append(Failed(exc))
             return
+        grown = self._grown_bytes(nbytes, queue_length)
         if self._requests and (
                 key != self._key or self._rows + rows > self._max_rows
-                or (self._max_bytes and self._grown_bytes(nbytes, queue_length)
-                    > self._max_bytes)
+                or (self._max_bytes and grown > self._max_bytes)
                 or (self._max_tokens and (self._rows + rows) * max(
                     self._queue_length, queue_length) > self._max_tokens)):
             self.flush()
+            grown = self._grown_bytes(nbytes, queue_length)  # alone in a new chunk
         if not self._requests:
             self._key = key
             self._format = request.format
         self._requests.append(request)
         self._items.append(item)
         self._rows += rows
-        self._nbytes = self._grown_bytes(nbytes, queue_length)
+        self._nbytes = grown
         if queue_length:
             self._per_token += nbytes / queue_length
             self._queue_length = max(self._queue_length, queue_length)

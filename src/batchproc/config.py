@@ -367,7 +367,7 @@ class BatchProcessorConfig:
                     f"{getattr(self, name)!r}")
         for name in ("item_timeout", "health_check_interval"):
             setattr(self, name, require_number(name, getattr(self, name), minimum=0.0,
-                                                allow_zero=False))
+                                               allow_zero=False))
         for name in ("memory_warning_threshold", "memory_critical_threshold"):
             if getattr(self, name) is None:
                 continue
@@ -762,7 +762,7 @@ def _require_pad_number(name: str, value: Any) -> None:
 
 
 def require_number(name: str, value: Any, *, minimum: float, allow_zero: bool = True,
-                    unlimited: str | None = None) -> float:
+                   unlimited: str | None = None) -> float:
     """``value`` as a plain float: a finite real number (an int, a float, a numpy
     number, a ``Fraction`` or a ``Decimal``; never a bool) at or above ``minimum``.
     ``ConfigTypeError`` for anything else: a duration (a ``timedelta``, a numpy

@@ -71,13 +71,10 @@ def decode_rows(body: Any) -> Any:
     if not all(type(value) in (int, float) for row in body for value in row):
         # numpy would read "1.5" and true as numbers
         raise ValueError("rows must hold numbers only (not strings, booleans or lists)")
-    try:
-        with np.errstate(over="ignore"):  # beyond float32's range: refused below
-            rows = np.asarray(body, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"rows must be lists of numbers of one length: {exc}") from None
-    if rows.ndim != 2 or not rows.shape[1]:
+    if not body[0] or any(len(row) != len(body[0]) for row in body):
         raise ValueError("rows must be non-empty lists of numbers of one length")
+    with np.errstate(over="ignore"):  # beyond float32's range: refused below
+        rows = np.asarray(body, dtype=np.float32)
     if not np.isfinite(rows).all():
         raise ValueError("values must be finite numbers within float32's range")
     return rows

@@ -312,10 +312,10 @@ def _post(replica, body: bytes):
     b"[1, 2]",                  # a row without its batch axis
     b"[]", b"[[]]", b"[[1, 2], [3]]", b'"text"', b'{"x": [[1, 2]]}', b"3",
     b"[[NaN, 1]]", b"[[1e39, 1]]", b"[[1e400, 1]]", b'[["a", 1]]', b'[["1.5", "2"]]',
-    b"[[true, false]]", b"[[[1, 2]]]",
+    b"[[true, false]]", b"[[[1, 2]]]", b"[[" + b"9" * 400 + b", 1]]",
 ], ids=["flat", "empty", "empty row", "ragged", "str", "no inputs", "number", "nan",
         "beyond float32", "infinity", "not a number", "numeric strings", "booleans",
-        "nested"])
+        "nested", "int beyond a float"])
 def test_http_input_the_default_decoding_refuses_is_answered_400_without_a_model_call(body):
     skip_without("service")
     calls = []
@@ -333,13 +333,25 @@ def test_http_input_the_default_decoding_refuses_is_answered_400_without_a_model
         replica.processor.stop(timeout=5.0)
 
 
+@pytest.mark.parametrize("value", [b"1e39", b"-1e400", b"9" * 400], ids=["float", "inf", "int"])
+def test_http_values_beyond_float32_are_refused_saying_so(value):
+    skip_without("service")
+    replica = BatchedReplica(_doubling_model, BatchProcessorConfig(max_batch_size=4))
+    try:
+        assert _post(replica, b"[[" + value + b", 1]]") == (400, {
+            "detail": "bad request: values must be finite numbers within float32's range"})
+    finally:
+        replica.processor.stop(timeout=5.0)
+
+
 def test_an_http_answer_json_cannot_hold_is_422():
     skip_without("service")
     replica = BatchedReplica(lambda: lambda batch: batch.astype(np.complex64),
                              BatchProcessorConfig(max_batch_size=4), encode=lambda r: r[0, 0])
     try:
         status, answer = _post(replica, b"[[1, 2]]")
-        assert status == 422 and answer["detail"].startswith("the model's output is no JSON")
+        assert status == 422 and answer["detail"].startswith("the model's output has no JSON "
+                                                             "form: ")
     finally:
         replica.processor.stop(timeout=5.0)
 
@@ -353,7 +365,9 @@ def test_an_http_answer_that_is_not_finite_is_422_never_nulls():
     replica = BatchedReplica(lambda: model, BatchProcessorConfig(max_batch_size=4))
     try:
         assert _post(replica, b"[[1, 2]]") == (200, [[1.0, 2.0]])
-        assert _post(replica, b"[[0, 2]]") == (422, {"detail":
-                                                    "the model's output is not finite"})
+        status, answer = _post(replica, b"[[0, 2]]")
+        assert status == 422, answer
+        assert answer["detail"] == ("the model's output has no JSON form: Out of range float "
+                                    "values are not JSON compliant")
     finally:
         replica.processor.stop(timeout=5.0)

@@ -18,7 +18,7 @@ zero-argument callable or as ``"package.module:attr"``; what it returns is the b
 function (``process_func``). Requests through a handle pass their item as is; over HTTP
 the JSON body is ``decode``-d into an item and the result ``encode``-d back (by default a
 list of rows becomes a float32 array and an array becomes lists); a body the decoding
-refuses is answered 400, an output that is not finite 422. A full queue answers
+refuses is answered 400, an output JSON cannot hold 422. A full queue answers
 HTTP with 503 and ``Retry-After``, a handle call with ``QueueFullError``, each after
 waiting ``queue_wait`` seconds for room. Serve's own ``max_ongoing_requests`` (5 by
 default in Serve, too few to batch) is set to four batches' worth unless given.
@@ -73,8 +73,11 @@ def decode_rows(body: Any) -> Any:
         raise ValueError("rows must hold numbers only (not strings, booleans or lists)")
     if not body[0] or any(len(row) != len(body[0]) for row in body):
         raise ValueError("rows must be non-empty lists of numbers of one length")
-    with np.errstate(over="ignore"):  # beyond float32's range: refused below
-        rows = np.asarray(body, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):  # beyond float32's range: refused below
+            rows = np.asarray(body, dtype=np.float32)
+    except OverflowError:  # an int beyond even a float's range
+        rows = np.full(1, np.inf)
     if not np.isfinite(rows).all():
         raise ValueError("values must be finite numbers within float32's range")
     return rows
@@ -146,11 +149,10 @@ class BatchedReplica:
         encoded = self._encode(result)
         try:
             return JSONResponse(encoded)
-        except ValueError:  # NaN or infinity, which JSON has not: never answered as nulls
-            return JSONResponse({"detail": "the model's output is not finite"},
-                                status_code=422)
-        except TypeError as exc:  # a complex number, a numpy scalar encode left as it was
-            return JSONResponse({"detail": f"the model's output is no JSON: {exc}"},
+        except (ValueError, TypeError) as exc:
+            # NaN or infinity (never answered as nulls), a complex number, a numpy scalar
+            # encode left as it was, an int of more digits than Python converts.
+            return JSONResponse({"detail": f"the model's output has no JSON form: {exc}"},
                                 status_code=422)
 
     def get_stats(self) -> dict[str, Any]:

@@ -5,8 +5,8 @@ Per-batch Python work: ``plan()`` runs once before each batch is popped and
 
 The policy (docs/architecture.md, "The controller"):
 
-* While a batch is in flight (popped and not yet delivered) the next one keeps filling,
-  within ``batch_timeout`` of its oldest request's arrival: the model is busy, so
+* While a batch is in flight (popped, and its delivery not begun) the next one keeps
+  filling, within ``batch_timeout`` of its oldest request's arrival: the model is busy, so
   dispatching early would only queue a small batch behind it, but a call that overruns
   (``OVERRUN_FACTOR`` times its fitted time, or hangs) never holds queued requests past
   the ceiling while a worker is free to start another.
@@ -837,8 +837,9 @@ class Controller:
         arrives from now on is their wave, not requests carried across the call."""
 
     def batch_ended(self) -> None:
-        """A batch is delivered (or abandoned): once none is in flight, pops that are
-        filling switch to the idle rule (go once arrivals pause)."""
+        """A batch's calls are over (the delivery of all its requests begins, or it is
+        abandoned): once none is in flight, pops that are filling switch to the idle
+        rule (go once arrivals pause)."""
 
     def observe_failure(self) -> None:
         cfg = self._config

@@ -56,8 +56,8 @@ class Batch:
         # until the model is free again (delivery, the end, or abandonment).
         self.holds_slot = True
         # Counted by the queue's fill rule as a batch in flight (Controller.batch_started)
-        # until it ends, or until its stalled call's slot is taken over: exactly one
-        # batch_ended() each.
+        # until the delivery of all its requests begins, it ends, or its stalled call's
+        # slot is taken over: exactly one batch_ended() each.
         self.in_flight = True
         # Requests of it that failed alone (their own failure, not the batch's).
         self.own_failures = 0
@@ -100,20 +100,26 @@ class Board:
             return True
 
     def begin_delivery(self, batch: Batch, requests: list[Request],
-                       keep_slot: bool) -> tuple[bool, bool]:
+                       keep_slot: bool) -> tuple[bool, bool, bool]:
         """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that
-        the caller must now release). With ``keep_slot`` the batch keeps its slot until
-        ``finish`` (see ``Delivery.deliver``)."""
+        the caller must now release, still counted as in flight: the caller must now end
+        that). With ``keep_slot`` the batch keeps its slot until ``finish`` (see
+        ``Delivery.deliver``). Delivering the whole batch ends its flight: its calls are
+        over, so a pop from now on (another worker's, during this delivery, or this
+        worker's after it) judges the requests carried across them alike."""
         with self.lock:
             if batch.state is not HELD:
-                return False, False
+                return False, False, False
             batch.state = DELIVERING
             batch.delivering = requests
             batch.delivery_started = _monotonic()
+            in_flight = False
+            if len(requests) == len(batch.requests):
+                in_flight, batch.in_flight = batch.in_flight, False
             if keep_slot:
-                return True, False
+                return True, False, in_flight
             holds, batch.holds_slot = batch.holds_slot, False
-            return True, holds
+            return True, holds, in_flight
 
     def end_delivery(self, batch: Batch, deferred: list[Any] | None = None,
                      ) -> list[Any] | None:

@@ -66,12 +66,11 @@ class Delivery:
         # search) frees the model for other calls at once.
         keep_slot = (len(requests) == len(batch.requests)
                      and not self._next_call_can_start(left_waiting, target, elapsed))
-        ok, holds_slot = board.begin_delivery(batch, requests, keep_slot)
+        ok, holds_slot, ends_flight = board.begin_delivery(batch, requests, keep_slot)
         if not ok:
             return
         deferred: list[RequestFuture] | None = None if batch.deferred is None else []
-        if holds_slot:
-            self._controller.slots.release(wake=self.others_needed())
+        self._answer(holds_slot, ends_flight)
         if len(board.active) > 1 and self._other_call_running(batch):
             # Another worker is inside process_func, and the model this batch just left
             # is now its to start, but starting takes the GIL, which this thread would
@@ -99,11 +98,22 @@ class Delivery:
             if self._config.debug_mode:
                 logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
                              len(requests), rows, elapsed * 1e3, queue_time * 1e3)
-            self._controller.batch_answered()
             if finish_all(requests, parts, deferred):  # pragma: no cover - a batchproc bug
                 logger.error("a future was completed twice; result dropped")
         finally:
             self._end_delivery(batch, deferred)
+
+    def _answer(self, holds_slot: bool, ends_flight: bool) -> None:
+        """A delivery begins (``Board.begin_delivery``): tell the queue that what arrives
+        from now on is the wave of the callers it answers; end the batch's flight first
+        when its calls are over, and only then free its call slot, so that a worker woken
+        by it pops under the same rule as this one will after the delivery."""
+        controller = self._controller
+        controller.batch_answered()
+        if ends_flight:
+            controller.batch_ended()
+        if holds_slot:
+            controller.slots.release(wake=self.others_needed())
 
     def _end_delivery(self, batch: Batch, deferred: list[RequestFuture] | None) -> None:
         left = self._board.end_delivery(batch, deferred)
@@ -118,12 +128,12 @@ class Delivery:
     def _next_call_can_start(self, left_waiting: int, target: int, elapsed: float) -> bool:
         """Whether a worker handed this batch's call slot now could start a call during
         its delivery: a full batch waits, or a request past ``batch_timeout`` (either
-        goes at once); or, where pops do not keep filling while a batch is in flight
-        (not ADAPTIVE), requests were still arriving in the second half of the call
-        just ended (an open load: no wave of this batch's clients is coming back for
-        the next pop to wait for). Otherwise the woken worker's pop would only wait for
-        this delivery's end, and this worker, back from it, for a slot: two thread
-        wake-ups a batch, for nothing.
+        goes at once, or waits only for the wave this delivery brings back); or, where
+        pops do not keep filling while a batch is in flight (not ADAPTIVE), requests
+        were still arriving in the second half of the call just ended (an open load:
+        no wave of this batch's clients is coming back for the next pop to wait for).
+        Otherwise the woken worker's pop would only wait for this delivery's end, and
+        this worker, back from it, for a slot: two thread wake-ups a batch, for nothing.
 
         Never while the model's calls take turns (``Controller.calls_serialize``: the
         GIL): a call started during this delivery would contend with it for the GIL, and
@@ -146,15 +156,13 @@ class Delivery:
 
     def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
         """Fail ``requests`` of a batch this worker still owns."""
-        ok, holds_slot = self._board.begin_delivery(
+        ok, holds_slot, ends_flight = self._board.begin_delivery(
             batch, requests, keep_slot=len(requests) == len(batch.requests))
         if not ok:
             return
         deferred: list[RequestFuture] | None = None if batch.deferred is None else []
-        if holds_slot:
-            self._controller.slots.release(wake=self.others_needed())
+        self._answer(holds_slot, ends_flight)
         try:
-            self._controller.batch_answered()
             self.fail_pending(requests, error, dispatched_at=batch.dispatched_at,
                               deferred=deferred)
         finally:

@@ -35,7 +35,8 @@ The policy (docs/architecture.md, "The controller"):
   model with a 5 ms fixed cost, 0.3 ms; for a model of microseconds, nothing); under
   load, batches fill.
 * ``batch_timeout`` bounds every wait (measured from the oldest request's arrival,
-  whether or not a batch is in flight); it is a ceiling, never a default delay.
+  whether or not a batch is in flight; for requests carried across a call, which may be
+  older, from that call's end); it is a ceiling, never a default delay.
 * The target size grows toward the throughput-optimal size of the fitted latency model
   ``t(rows) = a + b*rows + c*rows**2``: ``rows / t(rows)`` peaks at ``sqrt(a / c)``
   (at ``max_batch_size`` when cost grows at most linearly, or when a call at the

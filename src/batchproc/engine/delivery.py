@@ -132,8 +132,9 @@ class Delivery:
         pops do not keep filling while a batch is in flight (not ADAPTIVE), requests
         were still arriving in the second half of the call just ended (an open load:
         no wave of this batch's clients is coming back for the next pop to wait for).
-        Otherwise the woken worker's pop would only wait for this delivery's end, and
-        this worker, back from it, for a slot: two thread wake-ups a batch, for nothing.
+        Otherwise the woken worker's pop would mostly wait for the clients this delivery
+        answers (the wave rule), and this worker, back from it, for a slot: two thread
+        wake-ups a batch, for nothing.
 
         Never while the model's calls take turns (``Controller.calls_serialize``: the
         GIL): a call started during this delivery would contend with it for the GIL, and

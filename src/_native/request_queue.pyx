@@ -146,6 +146,16 @@ cdef double _SIGNAL_SLICE = 0.1
 # after its delivery must come to be its clients coming back (see _wave_deadline).
 cdef double WAVE_PACE = 8.0
 
+
+def _set_wave_pace(pace):
+    """Test hook: how much faster than the carried rows a wave must come (default 8);
+    returns the pace it replaces."""
+    global WAVE_PACE
+    previous = WAVE_PACE
+    WAVE_PACE = float(pace)
+    return previous
+
+
 # The longest a pop that a spin caught waits for its pusher to let go of the GIL
 # (linger_for_let_go): as long as a caller waits for the worker's (waiting.LINGER_MAX).
 POP_LINGER = 30e-6

@@ -15,6 +15,10 @@ the GIL before it takes the GIL back."""
 def _set_pop_linger(seconds: float) -> None:
     """Test hook: the longest a pop that a spin caught waits for a let-go."""
 
+def _set_wave_pace(pace: float) -> float:
+    """Test hook: how much faster than the carried rows a wave must come; returns the
+    pace it replaces."""
+
 def priority_arg(priority: SupportsIndex) -> int:
     """``priority`` as ``RequestQueue.push`` reads it, as an int in [0, 2**31-1];
     ``TypeError`` for what is not an integer, ``ValueError`` out of range."""

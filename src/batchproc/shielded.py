@@ -60,14 +60,12 @@ class _Helper(Generic[T]):
         self.done = threading.Lock()
         self.done.acquire()
         self.finished = False
-        self.thread: threading.Thread | None = None  # the one that ran the work
         self.result: Any = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         if not self.claim.acquire(blocking=False):
             return
-        self.thread = threading.current_thread()
         _local.shield = self.shield  # work nested in this one shares its shield
         try:
             self.result = self.work(self.shield)
@@ -89,6 +87,8 @@ class _Wait:
         self.wait_until = wait_until
         self.interrupted_at = math.inf
         self.waited_enough = False  # past the grace: leave the work to its helper
+        self.threads: list[threading.Thread] = []  # every helper thread started
+        self.joined = False  # the work finished, and every helper thread has ended
 
     def step(self, work: Callable[[Shield], Any], name: str) -> None:
         if self.helper is None:
@@ -100,6 +100,7 @@ class _Wait:
         # first to claim the work runs it, the others return at once).
         if not helper.claim.locked() and (not self.started or self.interrupt is not None):
             thread = threading.Thread(target=helper.run, name=name, daemon=True)
+            self.threads.append(thread)
             try:
                 thread.start()
             except Exception:
@@ -107,7 +108,16 @@ class _Wait:
             self.started = True
         # In slices: a signal the system delivers to another thread only sets a flag, and
         # its handler runs here at the next instruction, not in a wait that never ends.
-        helper.done.acquire(timeout=SIGNAL_POLL)
+        if not helper.finished:
+            helper.done.acquire(timeout=SIGNAL_POLL)
+        if helper.finished:
+            # Let the helper threads end too, so that they outlive nothing (one that found
+            # the work taken returns at once); a step, so an interrupt cannot skip it.
+            for thread in self.threads:
+                if thread is not threading.current_thread() and thread.is_alive():
+                    thread.join()
+            self.joined = True
+            return
         now = time.monotonic()
         if self.interrupt is not None and self.interrupted_at == math.inf:
             self.interrupted_at = now
@@ -142,9 +152,9 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded",
     # landing right after the outer handler, ends this wait early.
     state = _Wait(wait_until)
     # (The loops test attributes, not a call: a call's entry may be interrupted too.)
-    while state.helper is None or not (state.helper.finished or state.waited_enough):
+    while not (state.joined or state.waited_enough):
         try:
-            while state.helper is None or not (state.helper.finished or state.waited_enough):
+            while not (state.joined or state.waited_enough):
                 try:
                     state.step(work, name)
                 except BaseException as exc:
@@ -164,14 +174,6 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded",
         if interrupt is not None:
             raise interrupt
         return None
-    # The helper has finished its work; let it end too, so that it outlives nothing (one
-    # that found the work taken returns at once).
-    try:
-        if helper.thread is not None and helper.thread is not threading.current_thread():
-            helper.thread.join()
-    except BaseException as exc:
-        if interrupt is None:
-            interrupt = exc
     if interrupt is not None:
         raise interrupt
     if helper.error is not None:

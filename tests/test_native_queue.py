@@ -342,7 +342,8 @@ def test_len_rows_and_oldest_age(impl: Any) -> None:
     age = q.oldest_age()
     # The oldest by push time is the low-priority entry, not the head.
     assert 0.02 <= age <= time.monotonic() - t0
-    assert q.newest_age() <= time.monotonic() - t2 < 0.02
+    newest = q.newest_age()
+    assert newest <= time.monotonic() - t2 and newest <= q.oldest_age() - 0.02
     assert (len(q), q.rows) == (2, 7)
     while time.monotonic() < t3 + 0.02:
         pass
@@ -762,16 +763,20 @@ def test_rows_after_a_quiet_spell_are_no_wave(impl: Any) -> None:
     assert time.monotonic() - t_before < 0.4
 
 
-def carried_across(q: Any, last_rows: int, carried: list[str], busy: float) -> None:
-    """A batch of ``last_rows`` rows popped and in flight for ``busy`` seconds while
-    ``carried`` came, then ended: they were carried across it."""
+def carried_across(q: Any, last_rows: int, carried: list[str], busy: float) -> float:
+    """A batch of ``last_rows`` rows popped and in flight while ``carried`` came, then
+    ended at least ``busy`` seconds after them: they were carried across it. Returns a
+    time no later than the end (a thread preempted after ``end_batch`` reads a later
+    one), so waits measured from it are never shorter than the queue's."""
     answered(q, last_rows)
     q.begin_batch()
-    began = time.monotonic()
     for name in carried:
         q.push(name)
-    wait_until(lambda: time.monotonic() - began > busy, "the batch's call")
+    pushed = time.monotonic()
+    wait_until(lambda: time.monotonic() - pushed > busy, "the batch's call")
+    ending = time.monotonic()
     q.end_batch()
+    return ending
 
 
 def test_rows_carried_across_a_call_go_at_once_without_a_wave(impl: Any) -> None:
@@ -779,8 +784,7 @@ def test_rows_carried_across_a_call_go_at_once_without_a_wave(impl: Any) -> None
     # faster than 8 times their rate, so they go once the first row of a wave is late
     # (0.2 s / (8 x 2) = 12.5 ms), not after an idle gap of 5 s.
     q = impl.RequestQueue(16)
-    carried_across(q, 3, ["x", "y"], busy=0.2)
-    ended = time.monotonic()
+    ended = carried_across(q, 3, ["x", "y"], busy=0.2)
     assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
                        fill_time=HANG, timeout=HANG) == ["x", "y"]
     assert 0.0125 - 1e-3 <= time.monotonic() - ended < HANG / 4
@@ -880,8 +884,7 @@ def test_a_wave_on_pace_ends_at_max_wait_after_the_delivery(impl: Any) -> None:
     # back the 40 rows of the last batch: the carried row's wait for it ends max_wait
     # (0.1 s) after the end, not on the row's own max_wait (long past) or the gap.
     q = impl.RequestQueue(64)
-    carried_across(q, 40, ["x"], busy=0.4)
-    ended = time.monotonic()
+    ended = carried_across(q, 40, ["x"], busy=0.4)
     popper = Worker(q.pop_batch, 64, fill_rows=64, max_wait=0.1, idle_gap=6 * HANG,
                     fill_time=HANG, timeout=HANG)
     pushed = 0
@@ -1657,10 +1660,10 @@ def test_idle_gap_is_measured_from_the_end_of_the_last_batch(impl: Any) -> None:
     q = impl.RequestQueue(16)
     q.push("a")
     q.begin_batch()
+    ending = time.monotonic()
     q.end_batch()
-    ended = time.monotonic()
     assert q.pop_batch(10, fill_rows=5, max_wait=6 * HANG, idle_gap=0.2) == ["a"]
-    assert time.monotonic() >= ended + 0.2 - 1e-4
+    assert time.monotonic() >= ending + 0.2 - 1e-4
 
 
 def test_idle_gap_none_turns_the_early_end_off(impl: Any) -> None:

@@ -1009,10 +1009,14 @@ def _a_watch_ended_beside_a_sleeper():
 
     slots = CallSlots(1)
     assert slots.acquire(0.0)
-    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
+    # A long watch, ended by hand once the sleeper waits (the oldest waiter is woken
+    # first): a sleeper started late on a busy machine would find the watch over.
+    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 30.0)
     _until(lambda: slots._watched, "a watcher")
     sleeper, sleeper_got = _waiting_for_slot(slots, 30.0, 0.05)
     _until(lambda: len(slots._cond._waiters) == 2, "two waiters")
+    with slots._lock:
+        slots._cond.notify()
     watcher.join(10)
     assert watcher_got == [False]  # its watch period ended, no slot
     assert sleeper.is_alive() and not sleeper_got  # still waiting out its 30 s
@@ -1026,7 +1030,8 @@ def test_one_thread_waiting_for_a_call_slot_watches_the_others_sleep():
     slots, sleeper, sleeper_got = _a_watch_ended_beside_a_sleeper()
     # The next watcher is whoever comes back first; a slot freed wakes one waiter, and
     # a watcher that takes it hands the watch to one still asleep.
-    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 0.05)
+    # A watch long enough for this thread to free the slot within it, however late.
+    watcher, watcher_got = _waiting_for_slot(slots, 30.0, 1.0)
     _until(lambda: slots._watched and len(slots._cond._waiters) == 2, "a new watcher")
     slots.release(wake=False)  # freed without waking anyone: the watcher finds it
     watcher.join(10)

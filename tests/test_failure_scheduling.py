@@ -782,7 +782,7 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
     # done-callback blocks. A request comes a quarter of batch_timeout after the watcher
     # began to watch: it is taken by the other worker when it has waited batch_timeout,
     # not at the watcher's next look after that (with a look every half batch_timeout,
-    # 1.25 s: the look at 1 s finds it 0.75 s old).
+    # 2.5 s: the look at 2 s finds it 1.5 s old).
     release, holding = threading.Event(), threading.Event()
     started = {}
 
@@ -798,19 +798,19 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
         holding.set()
         release.wait(30)
 
-    p = make_processor(model, max_workers=2, batch_timeout=1.0, item_timeout=60)
+    p = make_processor(model, max_workers=2, batch_timeout=2.0, item_timeout=60)
     try:
         watching_since = _watch_started(p)
         held = p.enqueue_predict(item(1))
         if held_by == "delivery":
             held.add_done_callback(blocking_callback)
         assert holding.wait(10)
-        time.sleep(max(0.0, watching_since + 0.25 - time.monotonic()))
+        time.sleep(max(0.0, watching_since + 0.5 - time.monotonic()))
         sent = time.monotonic()
         late = p.enqueue_predict(item(2))
         assert late.result(timeout=20)[0, 0] == 2
         waited = started[2] - sent
-        assert 0.95 < waited < 1.15, waited  # batch_timeout, and a thread's wake-up
+        assert 1.95 < waited < 2.3, waited  # batch_timeout, and a thread's wake-up
     finally:
         release.set()
     assert held.result(timeout=20)[0, 0] == 1
@@ -911,28 +911,28 @@ def test_a_request_behind_a_blocked_delivery_waits_batch_timeout_from_its_push(
         else:
             if batch[0, 0] == 1:
                 calling.set()
-            time.sleep(0.5)
+            time.sleep(1.0)
         return batch
 
     def blocking_callback(future):
         blocking.set()
         release.wait(30)
 
-    p = make_processor(model, max_workers=2, batch_timeout=0.4, item_timeout=60)
+    p = make_processor(model, max_workers=2, batch_timeout=0.8, item_timeout=60)
     try:
-        for _ in range(2):  # the usual time: 0.5 s a call
+        for _ in range(2):  # the usual time: 1 s a call
             p.enqueue_predict(item(0)).result(timeout=20)
         held = p.enqueue_predict(item(1))
         held.add_done_callback(blocking_callback)
         assert calling.wait(10)
-        time.sleep(0.15)  # into the call: 0.35 s old when it ends
+        time.sleep(0.3)  # into the call: 0.7 s old when it ends
         sent = time.monotonic()
         late = p.enqueue_predict(item(2))
         assert late.result(timeout=20)[0, 0] == 2
         assert blocking.is_set()
         waited = started[2] - sent
-        # batch_timeout after the delivery began would be 0.75 s.
-        assert 0.38 < waited < 0.6, waited
+        # batch_timeout after the delivery began would be 1.5 s.
+        assert 0.78 < waited < 1.2, waited
     finally:
         release.set()
     assert held.result(timeout=20)[0, 0] == 1

@@ -394,7 +394,7 @@ def test_stop_returns_in_time_while_threads_keep_enqueuing(make_processor, attem
         done.set()
         for t in threads:
             t.join(10)
-    assert took < 1.0
+    assert took < 0.3 + 1.0  # its timeout, and the reliability suites' margin past it
     assert refused
     join_threads(p)
     with lock:

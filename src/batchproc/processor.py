@@ -1073,7 +1073,7 @@ def _queue_time_arg(value: Any) -> float:
     (a ``TypeError`` and a ``ValueError``) for what is no number, ``ValueError`` for one
     out of range."""
     return require_number("max_queue_time", value, minimum=0.0, allow_zero=False,
-                          unlimited="no limit")
+                           unlimited="no limit")
 
 
 class FailureLog:

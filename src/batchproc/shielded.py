@@ -114,7 +114,7 @@ class _Wait:
             # Let the helper threads end too, so that they outlive nothing (one that found
             # the work taken returns at once); a step, so an interrupt cannot skip it.
             for thread in self.threads:
-                if thread is not threading.current_thread() and thread.is_alive():
+                if thread.is_alive():  # one whose start failed never ran
                     thread.join()
             self.joined = True
             return

@@ -77,8 +77,8 @@ def decode_rows(body: Any) -> Any:
         with np.errstate(over="ignore"):  # beyond float32's range: refused below
             rows = np.asarray(body, dtype=np.float32)
     except OverflowError:  # an int beyond even a float's range
-        rows = np.full(1, np.inf)
-    if not np.isfinite(rows).all():
+        rows = None
+    if rows is None or not np.isfinite(rows).all():
         raise ValueError("values must be finite numbers within float32's range")
     return rows
 

@@ -221,6 +221,38 @@ def test_a_base_exception_fails_its_batch_without_retry_and_the_loop_serves_on(
     assert p.enqueue_predict("next").result(timeout=HANG) == "next"
 
 
+def _stop_the_loop():
+    asyncio.get_running_loop().stop()
+
+
+def _exit_on_the_loop():
+    def leave():
+        raise SystemExit(3)  # asyncio lets SystemExit out of run_forever
+    asyncio.get_running_loop().call_soon(leave)
+
+
+@pytest.mark.parametrize("end_the_loop", [_stop_the_loop, _exit_on_the_loop])
+def test_a_model_that_ends_the_processors_loop_does_not_end_its_service(
+        make_processor, caplog, end_the_loop):
+    async def model(batch):
+        if "end" in batch:
+            end_the_loop()
+        return batch
+
+    # A call the ended loop would never begin waits until item_timeout: far past HANG.
+    p = make_processor(model, item_timeout=60.0)
+    threads = loop_threads()
+    for _ in range(2):
+        assert p.enqueue_predict("end").result(timeout=HANG) == "end"
+        assert p.enqueue_predict("next").result(timeout=HANG) == "next"
+    assert loop_threads() == threads  # the same loop, on the same thread
+    ended = [r for r in caplog.records if "event loop of an async process_func" in r.message]
+    assert len(ended) == 1 and ended[0].message.endswith("; it runs on")  # logged once
+    assert p.health()["status"] == "healthy"
+    p.stop(timeout=HANG)
+    assert loop_threads() == []  # stop() still ends it
+
+
 # ----------------------------------------------------------------- time limits and stop
 
 

@@ -91,6 +91,8 @@ class AsyncModel:
         self._lock = threading.Lock()
         self._calls: set[_Call] = set()
         self._closed = False
+        self._shut_down = False  # set by the shutdown close() begins, as it stops the loop
+        self._interrupted = 0  # times the loop ended otherwise (logged the first time)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -127,12 +129,32 @@ class AsyncModel:
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_forever()
+            # The loop is the processor's: it ends when close() shuts it down, not when a
+            # model stops it (``loop.stop()``) or a callback's SystemExit escapes it, or
+            # the calls waiting on it would wait until item_timeout.
+            while not self._shut_down:
+                try:
+                    loop.run_forever()
+                except BaseException as exc:
+                    if loop.is_closed():
+                        return
+                    self._note_interruption(f"interrupted by {type(exc).__name__}", exc)
+                else:
+                    if not self._shut_down:
+                        self._note_interruption("stopped by something other than the "
+                                                "processor (loop.stop() in the model?)")
         finally:
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
+            if not loop.is_closed():
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
+
+    def _note_interruption(self, how: str, exc: BaseException | None = None) -> None:
+        if not self._interrupted:  # the first time: a model doing it on every call
+            logger.error("the event loop of an async process_func was %s; it runs on",
+                         how, exc_info=exc)
+        self._interrupted += 1
 
     def _begin(self, call: _Call, batch: Any) -> None:
         if call.done():
@@ -241,4 +263,5 @@ class AsyncModel:
             task.cancel("processor stopped")
         await asyncio.gather(*tasks, return_exceptions=True)
         await loop.shutdown_default_executor()
+        self._shut_down = True
         loop.stop()

@@ -1215,6 +1215,24 @@ def test_max_queue_time_expires_whole_chunks(make_processor):
         next(p.map(rows(2), max_queue_time=0.05))
 
 
+@pytest.mark.parametrize("api", ["map", "amap"])
+def test_an_expired_chunk_counts_its_max_queue_time_from_its_enqueue(make_processor, api):
+    # The error says how long the chunk was allowed: its deadline and its enqueue time
+    # come from one clock reading. (Read apart, a limit shorter than the time between
+    # them reads as less than given: "-0.000 s".)
+    p = make_processor(Calls(), max_batch_size=4)
+    p.pause()
+    if api == "map":
+        out = list(p.map(rows(6), max_queue_time=1e-9, return_exceptions=True))
+    else:
+        async def consume():
+            return [y async for y in p.amap(rows(6), max_queue_time=1e-9,
+                                            return_exceptions=True)]
+        out = asyncio.run(consume())
+    assert len(out) == 6 and all(isinstance(e, QueueTimeoutError) for e in out)
+    assert all("past its max_queue_time of 0.000 s in the queue" in str(e) for e in out), out
+
+
 def consume_in_a_thread(p, items, **kwargs):
     """``list(p.map(items, **kwargs))`` on a thread of its own: (the thread, the list
     its results go to)."""

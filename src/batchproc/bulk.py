@@ -312,9 +312,11 @@ class Settings:
         self.read_wait = max(config.batch_timeout, READ_WAIT_MIN)
         self.return_exceptions = bool(return_exceptions)
 
-    def deadline(self) -> float | None:
+    def deadline(self, now: float) -> float | None:
+        """When a chunk enqueued at monotonic ``now`` runs out of ``max_queue_time``
+        (None: never); ``now`` is also its ``enqueued_at``, which its error counts from."""
         mqt = self.max_queue_time
-        return None if mqt is None else _monotonic() + mqt
+        return None if mqt is None else now + mqt
 
 
 def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
@@ -447,8 +449,9 @@ class Window:
         if self.closed or make_future is None:
             return False
         now = _monotonic()
-        mqt = settings.max_queue_time
-        deadline = _INF if mqt is None else now + mqt
+        deadline = settings.deadline(now)
+        if deadline is None:
+            deadline = _INF
         priority = settings.priority
         requests = []
         waits: list[Any] = []
@@ -551,9 +554,10 @@ class ChunkRequest(AsyncRequest):
         self._bp_again = again
 
 
-def _request(future: Any, chunk: Chunk, priority: Any, deadline: float | None) -> Request:
+def _request(future: Any, chunk: Chunk, priority: Any, now: float,
+             deadline: float | None) -> Request:
     return Request(future, chunk.requests, chunk.format, chunk.rows, chunk.nbytes,
-                   chunk.length, _monotonic(), chunk.key, chunk.queue_length, priority,
+                   chunk.length, now, chunk.key, chunk.queue_length, priority,
                    _INF if deadline is None else deadline)
 
 
@@ -627,8 +631,9 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
             return entry
         future = _RequestFuture()
         future._bp_again = functools.partial(window.queue_again, entry)  # before it runs
-        deadline = settings.deadline()
-        request = _request(future, entry, priority, deadline)
+        now = _monotonic()
+        deadline = settings.deadline(now)
+        request = _request(future, entry, priority, now, deadline)
         try:
             token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
                                entry.queue_length, deadline)
@@ -727,9 +732,11 @@ def amap_results(processor: BatchProcessor[Any, Any],
         # Cancelling the task that awaits it cancels this future, which then takes the
         # chunk out of the queue at once (as apredict's does).
         future = QueuedFuture(loop=loop)
-        deadline = settings.deadline()
+        now = _monotonic()
+        deadline = settings.deadline(now)
         again = functools.partial(window.queue_again, entry)
-        request = _request(ChunkRequest(future, channel, again), entry, priority, deadline)
+        request = _request(ChunkRequest(future, channel, again), entry, priority, now,
+                           deadline)
         try:
             token = await push_when_room(processor, request, priority, entry.rows,
                                          entry.nbytes, entry.key, entry.queue_length,

@@ -2,12 +2,17 @@
 and a fire-and-forget request that fails is logged once, with repeats rate-limited."""
 
 import logging
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+from hanging import HANGS_ON, hangs_on_666
 
-from batchproc.errors import QueueFullError
+from batchproc.engine import limits
+from batchproc.errors import BatchTimeoutError, QueueFullError
+from batchproc.log_limits import LogLimiter, seconds
 from batchproc.processor import FAILURE_LOG_INTERVAL, FailureLog
 
 FAILING_ENQUEUE = """
@@ -112,3 +117,47 @@ def test_a_processor_failing_every_request_logs_one_line(make_processor, caplog)
         p._failure_log("failed", RuntimeError("model down"))
     assert warnings_of(caplog) == ["enqueue: request failed: RuntimeError('model down') "
                                    "(and 19 more RuntimeError in the last 10 s)"]
+
+
+# ----------------------------------------------------------------- engine lines, limited
+
+
+def test_a_log_limiter_lets_one_line_per_kind_through_per_interval():
+    clock = FakeClock()
+    limiter = LogLimiter(10.0, clock)
+    assert limiter.admit("a") == (0, 0.0)
+    assert limiter.admit("b") == (0, 0.0)  # each kind its own
+    clock.now += 9.9
+    assert limiter.admit("a") is None and limiter.admit("a") is None
+    clock.now += 0.1
+    assert limiter.admit("a") == (2, 10.0)  # the two left out, and since when
+    assert limiter.admit("a") is None
+    clock.now += 25.0
+    assert limiter.admit("a") == (1, 25.0)
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0001, "0.0001 s"), (0.25, "0.25 s"), (1.5, "1.5 s"), (30.0, "30 s"), (600, "600 s"),
+    (86400.0, "86400 s")])
+def test_seconds_in_log_lines_keep_three_digits(value, text):
+    assert seconds(value) == text
+
+
+def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
+        make_processor, caplog, monkeypatch):
+    # A model hanging on every call: one line, not one per call.
+    monkeypatch.setattr(limits, "OVERDUE_LOG_S", 3600.0)
+    model, release, _ = hangs_on_666()
+    p = make_processor(model, max_batch_size=1, item_timeout=0.0001, max_retries=0)
+    try:
+        with caplog.at_level(logging.ERROR, logger="batchproc"):
+            futures = [p.enqueue_predict(np.full((1, 2), HANGS_ON)) for _ in range(3)]
+            for f in futures:
+                assert isinstance(f.exception(timeout=10.0), BatchTimeoutError)
+    finally:
+        release.set()
+    lines = [r.getMessage() for r in caplog.records if "past item_timeout" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"process_func ran \S+ s on a batch of 1 request, past item_timeout=0\.0001 s; "
+        r"failing it with BatchTimeoutError and replacing worker \S+", lines[0]), lines[0]

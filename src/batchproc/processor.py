@@ -50,6 +50,7 @@ from .errors import (
 from .formats import make_describer
 from .futures import RequestFuture
 from .health import FORKED, PAUSED, HealthMonitor
+from .log_limits import LogLimiter
 from .metrics import OUTCOME_ERROR, MetricsSink
 from .stats import BatchStats
 
@@ -1088,23 +1089,15 @@ class FailureLog:
     def __init__(self, interval: float = FAILURE_LOG_INTERVAL,
                  clock: Callable[[], float] = _monotonic) -> None:
         self.interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        # (what, exception type) -> (time of its last line, failures left out since then)
-        self._last: dict[tuple[str, type], tuple[float, int]] = {}
+        self._limiter = LogLimiter(interval, clock)
 
     def __call__(self, what: str, exc: BaseException) -> None:
-        key = (what, type(exc))
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last[0] < self.interval:
-                self._last[key] = (last[0], last[1] + 1)
-                return
-            self._last[key] = (now, 0)
-        if last is not None and last[1]:
+        admitted = self._limiter.admit((what, type(exc)))
+        if admitted is None:
+            return
+        if admitted.left_out:
             logger.warning("enqueue: request %s: %r (and %d more %s in the last %.0f s)",
-                           what, exc, last[1], type(exc).__name__, now - last[0])
+                           what, exc, admitted.left_out, type(exc).__name__, admitted.since)
         else:
             logger.warning("enqueue: request %s: %r", what, exc)
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..log_limits import plural
 from .inputs import Batch, FeatureRows, rows_of
 from .loads import Bounds, Load, LoadResult, drain_window, run_load
 from .models import Model, OwnLoop, error_text, is_async_model
@@ -361,8 +362,8 @@ def run_target(
         log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
     late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
     late += f", {res.refused:,} refused" if res.refused else ""
-    late += f", the model raised {counted.raised:,} times" if counted.raised else ""
-    late += f", {left} model calls left running" if left else ""
+    late += f", the model raised {plural(counted.raised, 'time')}" if counted.raised else ""
+    late += f", {plural(left, 'model call')} left running" if left else ""
     progress.finish(f"{res.throughput:,.0f} req/s{late}")
     return out
 

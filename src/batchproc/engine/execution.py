@@ -49,6 +49,7 @@ from ..controller import Controller
 from ..errors import BatchOutputError, interrupts
 from ..formats import Limits, Workspace
 from ..formats.chunks import handed_back
+from ..log_limits import LogLimiter
 from ..metrics import OUTCOME_ERROR, MetricsSink
 from .batch import ABANDONED as ABANDONED_BATCH
 from .batch import HELD, Batch, Board
@@ -88,8 +89,7 @@ class Executor:
         self._limits = Limits(config.max_batch_size, config.max_batch_bytes,
                               config.max_batch_tokens or 0)
         self.process_func: Callable[[Any], Any] | None = None
-        self._batch_only_failures = 0  # since the last warning about them
-        self._batch_only_logged_at = -BATCH_ONLY_FAILURE_LOG_S
+        self._batch_only_log = LogLimiter(BATCH_ONLY_FAILURE_LOG_S)
 
     def run(self, batch: Batch, workspace: Workspace, target: int) -> None:
         """Run a popped batch until each of its requests is delivered, failed or parked."""
@@ -180,18 +180,15 @@ class Executor:
         """Callers get their results, yet every such batch costs a search of calls and
         halves the target: a model that only fails on batches (an output that cannot be
         split, out of memory) must not go unnoticed."""
-        self._batch_only_failures += 1
-        now = _monotonic()
-        if now - self._batch_only_logged_at < BATCH_ONLY_FAILURE_LOG_S:
+        admitted = self._batch_only_log.admit(None)
+        if admitted is None:
             return
         logger.warning(
             "a batch of %d requests failed (%s: %s), yet each of its requests succeeded "
             "on a smaller batch: process_func fails on batches, not on these inputs; %d "
             "such batch(es) since the last warning (each costs a search of calls and "
             "halves the batch target)", n, type(error).__name__, error,
-            self._batch_only_failures)
-        self._batch_only_failures = 0
-        self._batch_only_logged_at = now
+            admitted.left_out + 1)
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,

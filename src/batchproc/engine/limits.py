@@ -26,6 +26,7 @@ from .._native.future_state import Request, total_rows
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchTimeoutError
+from ..log_limits import LogLimiter, plural, seconds
 from ..metrics import OUTCOME_TIMEOUT, MetricsSink
 from .batch import ABANDONED, CALLING, Board
 from .delivery import Delivery
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 _INF = float("inf")
+# Calls abandoned past item_timeout are logged at once, then at most once per this many
+# seconds (with how many there were meanwhile).
+OVERDUE_LOG_S = 10.0
 
 
 class TimeLimits:
@@ -51,6 +55,7 @@ class TimeLimits:
         # Calls of several requests that timed out, until their requests have all ended
         # (only the supervisor's thread touches it).
         self._hung: list[_HungCall] = []
+        self._log_limiter = LogLimiter(OVERDUE_LOG_S)
 
     def expire_stuck(self) -> int:
         """Abandon batches whose process_func call has run past ``item_timeout``."""
@@ -67,12 +72,8 @@ class TimeLimits:
             calling = batch.requests if batch.calling is None else batch.calling
             # A call of several requests fails none of them: each is queued again alone.
             own = calling if len(calling) == 1 else []
-            logger.error(
-                "process_func ran %.3f s on a batch of %d requests, past item_timeout=%.3f s;"
-                " %s and replacing worker %s",
-                now - batch.call_started, len(calling), limit,
-                "failing it with BatchTimeoutError" if own else "queueing each again alone",
-                batch.worker.name)
+            self._log_overdue(now - batch.call_started, len(calling), bool(own),
+                              batch.worker.name)
             self._metrics.batch(len(calling), total_rows(calling),
                                 0.0, now - batch.call_started, OUTCOME_TIMEOUT)
             error = BatchTimeoutError(f"process_func exceeded item_timeout={limit} s")
@@ -91,6 +92,19 @@ class TimeLimits:
         if self._hung:
             self._settle_hung(now)
         return len(overdue)
+
+    def _log_overdue(self, ran: float, requests: int, failed: bool, worker: str) -> None:
+        """One line per ``OVERDUE_LOG_S`` at most (a model hanging on every call)."""
+        admitted = self._log_limiter.admit(failed)
+        if admitted is None:
+            return
+        more = (f" ({plural(admitted.left_out, 'more call')} like it in the last "
+                f"{seconds(admitted.since)})" if admitted.left_out else "")
+        logger.error(
+            "process_func ran %s on a batch of %s, past item_timeout=%s; %s and replacing "
+            "worker %s%s", seconds(ran), plural(requests, "request"), seconds(self._limit),
+            "failing it with BatchTimeoutError" if failed else "queueing each again alone",
+            worker, more)
 
     def _may_be_own(self, requests: list[Request]) -> None:
         """``requests`` timed out alone, or without running alone after a call of several

@@ -262,6 +262,45 @@ def test_room_a_release_counted_as_held_goes_on_once_its_waiter_has_pushed():
     asyncio.run(main())
 
 
+class _CountingChannel(LoopChannel):
+    """A channel that counts the looks at whether its loop runs."""
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.looks = 0
+
+    def serving(self):
+        self.looks += 1
+        return super().serving()
+
+
+def test_a_hand_out_looks_at_each_loop_not_at_each_claim():
+    # A queue's worth of waiters handed room, and more waiting behind them (a burst of
+    # apredict into a queue of 1,000): each settle looks once at the loop whether the
+    # claims still hold, not once at each claim (which made a burst quadratic).
+    claims, behind = 500, 100
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel = _CountingChannel(loop)
+        queue = _QueueRoom()
+        room = RoomWaiters(queue)
+        waiters = [room.wait(loop, channel, None, room.ticket())
+                   for _ in range(claims + behind)]
+        queue.room = claims
+        room.release(claims)
+        assert (room._claimed, len(room)) == (claims, behind)
+        channel.looks = 0
+        for waiter in waiters[:claims]:
+            queue.room -= 1  # it pushed
+            room.settle(waiter)
+        assert (room._claimed, len(room)) == (0, behind)
+        assert channel.looks <= claims, channel.looks
+        await asyncio.gather(*(w.future for w in waiters[:claims]))
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("from_config", [True, False])
 def test_max_queue_time_expires_an_awaited_request_that_never_reaches_the_model(
         make_processor, from_config):

@@ -117,7 +117,9 @@ class RoomWaiters:
         self._line: deque[_Waiter] = deque()
         self._waiting = 0  # entries of _line still _WAITING
         self._claimed = 0  # waiters handed room that have neither pushed nor left
-        self._claims: set[_Waiter] = set()  # those waiters
+        # Those waiters, by the channel of their loop: a hand-out looks at each loop once
+        # (whether it still runs), not at each waiter, of which there may be a queue's worth.
+        self._claims: dict[LoopChannel, set[_Waiter]] = {}
         # _waiting + _claimed: whoever finds it 0 may push at once (apredict's fast path).
         self.ahead = 0
         self._queue = queue
@@ -244,7 +246,10 @@ class RoomWaiters:
     def _unclaim_locked(self, waiter: _Waiter, state: int) -> None:
         """``waiter`` no longer holds the room it was handed; its new ``state``."""
         waiter.state = state
-        self._claims.discard(waiter)
+        claims = self._claims[waiter.channel]
+        claims.discard(waiter)
+        if not claims:
+            del self._claims[waiter.channel]
         self._claimed -= 1
         self.ahead -= 1
 
@@ -255,9 +260,10 @@ class RoomWaiters:
         without room, as if its loop had not been running at the hand-out."""
         if not self._waiting or self._queue is None:
             return 0
-        for waiter in [w for w in self._claims if not w.channel.serving()]:
-            closed = waiter.future.get_loop().is_closed()
-            self._unclaim_locked(waiter, _GONE if closed else _NUDGED)
+        for channel in [c for c in self._claims if not c.serving()]:
+            for waiter in list(self._claims[channel]):
+                closed = waiter.future.get_loop().is_closed()
+                self._unclaim_locked(waiter, _GONE if closed else _NUDGED)
         return self._queue.room - self._claimed
 
     def _hand_out_locked(self, count: int) -> None:
@@ -273,7 +279,7 @@ class RoomWaiters:
             self._waiting -= 1
             if waiter.channel.serving():
                 waiter.state = _CLAIMED
-                self._claims.add(waiter)
+                self._claims.setdefault(waiter.channel, set()).add(waiter)
                 self._claimed += 1
                 count -= 1
             else:

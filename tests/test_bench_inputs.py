@@ -141,13 +141,58 @@ def test_npz_stacked_rows(tmp_path) -> None:
     one = tmp_path / "one.npz"
     np.savez(one, x=np.arange(12, dtype=np.float32).reshape(6, 2))
     pool = parse_inputs([str(one)], None).requests(seed=0)
-    assert len(pool) == 6 and pool[2].tolist() == [[4.0, 5.0]]
+    assert len(pool) == 6 and all(list(r) == ["x"] for r in pool)
+    assert pool[2]["x"].tolist() == [[4.0, 5.0]]
     two = tmp_path / "two.npz"
     np.savez(two, ids=np.zeros((3, 5), np.int64), mask=np.ones((3, 5), np.int64))
     source = parse_inputs([str(two)], None)
     assert not source.padded
     assert [{k: v.shape for k, v in r.items()} for r in source.requests(0)] == [
         {"ids": (1, 5), "mask": (1, 5)}] * 3
+
+
+def test_npz_names_given_by_the_user_give_named_requests(tmp_path) -> None:
+    # One stacked array under a name of the user's is a named input, as several are
+    # and as --input NAME=DTYPE:SHAPE and the 0/name layout are: the name is kept.
+    ids = np.arange(360, dtype=np.int64).reshape(30, 12)
+    named = {
+        "one": {"input_ids": ids},
+        "two": {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+        "per-request": {f"{i}/input_ids": ids[i:i + 1] for i in range(30)},
+    }
+    for layout, arrays in named.items():
+        path = tmp_path / f"{layout}.npz"
+        np.savez(path, **arrays)
+        source = parse_inputs([str(path)], None)
+        pool = source.requests(seed=0)
+        assert len(pool) == 30, layout
+        assert all(isinstance(r, dict) and "input_ids" in r for r in pool), layout
+        assert pool[3]["input_ids"].tolist() == ids[3:4].tolist(), layout
+        assert "(named: " in source.description, layout
+        batch = make_batch(pool[:2])
+        assert isinstance(batch, dict) and batch["input_ids"].shape == (2, 12), layout
+    # A name numpy would not make up, however close: still the user's.
+    near = tmp_path / "near.npz"
+    np.savez(near, arr_x=ids, **{"arr_0a": ids})
+    assert all(sorted(r) == ["arr_0a", "arr_x"]
+               for r in parse_inputs([str(near)], None).requests(seed=0))
+
+
+def test_npz_names_numpy_made_up_give_array_requests(tmp_path) -> None:
+    # np.savez(path, *arrays) names them arr_0, arr_1, ...: one array request each; a
+    # lone one is one request of all its rows.
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    several = tmp_path / "several.npz"
+    np.savez(several, *np.split(rows, 6))
+    pool = parse_inputs([str(several)], None).requests(seed=0)
+    assert len(pool) == 6 and all(isinstance(r, np.ndarray) for r in pool)
+    assert pool[2].tolist() == rows[2:3].tolist()
+    lone = tmp_path / "lone.npz"
+    np.savez(lone, rows)
+    source = parse_inputs([str(lone)], None)
+    (request,) = source.requests(seed=0)
+    assert isinstance(request, np.ndarray) and request.tolist() == rows.tolist()
+    assert source.description.endswith("(arrays)")
 
 
 def test_npz_errors(tmp_path) -> None:
@@ -241,6 +286,29 @@ def test_bench_sends_npz_requests(tmp_path, capsys) -> None:
     assert runs["no batching"]["mean_batch"] == 2.0  # two rows per request
     # The limit stops at --requests 30 as well: one call of 30 two-row requests.
     assert runs["limit"]["completed"] == 30 and runs["limit"]["mean_batch"] == 60.0
+
+
+WHAT_IT_GOT = """\
+def what_it_got(batch):
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise LookupError(f"got {got}")
+"""
+
+
+@pytest.mark.parametrize("command", [["bench"], ["bench", "--sweep"], ["tune", "--rate", "50"]])
+def test_every_command_sends_a_one_array_npz_as_named_requests(
+    tmp_path, monkeypatch, capsys, command: list[str]
+) -> None:
+    # bench, bench --sweep and tune load an .npz alike: the model's first call (the
+    # check before any run, which fails here on purpose) gets the named input.
+    (tmp_path / "got_mod.py").write_text(WHAT_IT_GOT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    npz = tmp_path / "req.npz"
+    np.savez(npz, input_ids=np.ones((30, 12), np.int64))
+    code = main([*command, "--model", "got_mod:what_it_got", "--input", str(npz), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "(input_ids: int64 (1, 12)): LookupError: got ['input_ids']" in err, err
 
 
 @pytest.mark.parametrize(

@@ -24,12 +24,18 @@ request, shared by all of them, so their ranges must agree. One request may take
 An ``.npz`` holds sample requests in one of three layouts:
 
 - ``np.savez(path, *requests)``: keys ``arr_0``, ``arr_1``, ...: one array per request,
-  shapes free (ragged lengths, varied rows);
+  shapes free (ragged lengths, varied rows); a lone ``np.savez(path, rows)`` is one
+  request of all its rows (``np.savez(path, *np.split(rows, len(rows)))`` makes one
+  request of each row);
 - ``np.savez(path, **{f"{i}/{name}": ...})``: keys ``0/input_ids``, ``0/attention_mask``,
   ``1/input_ids``, ...: one named request per index, the same names in each;
 - ``np.savez(path, **inputs)``: any other keys: each array holds one row per request
-  along axis 0, the same count in all; one array gives array requests, several named
-  requests.
+  along axis 0, the same count in all.
+
+The names decide what a request is: arrays under the names numpy makes up (``arr_0``,
+...) give array requests; arrays under names the user gave (keywords of ``np.savez``)
+give named requests ``{name: array}``, whether one name or several, as ``--input
+NAME=DTYPE:SHAPE`` does.
 
 Every request of a file must be able to share a batch with every other: the same dtype
 and number of dimensions, and the same shape past axis 1 (axis 0 is its rows, axis 1 a
@@ -578,9 +584,8 @@ def load_npz(path: str) -> list[Request]:
     n = next(iter(counts.values()))
     if n == 0:
         raise BenchError(f"{where}: holds no requests (axis 0 is empty)")
-    if len(arrays) == 1:
-        a = next(iter(arrays.values()))
-        return [a[i:i + 1] for i in range(n)]
+    # Named by the user, so named requests, even for one array: the model is sent the
+    # mapping the other ways of naming an input send.
     return [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(n)]
 
 

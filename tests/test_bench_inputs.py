@@ -317,7 +317,7 @@ def test_every_command_sends_a_one_array_npz_as_named_requests(
         (["--input", "float32:1x0"], "--input"),
         (["--input", "nope.npz"], "no such file"),
         (["--input", "float32:1x4", "--features", "4"], "--features and --input"),
-        (["--model", "mlp", "--input", "float32:1x5"], "--model mlp failed on a batch of 1 row"),
+        (["--model", "mlp", "--input", "int64:1x5"], "--model mlp takes float32 rows"),
     ],
 )
 def test_bad_input_flags_are_one_line(capsys, argv: list[str], mentions: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ import pytest
 
 from batchproc.__main__ import main
 from batchproc.bench import BenchError, models
-from batchproc.bench.inputs import FeatureRows, NpzSource
+from batchproc.bench.inputs import FeatureRows, NpzSource, parse_inputs
 from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, load_user_model
 from batchproc.bench.runner import run_limit, run_target
@@ -70,6 +71,108 @@ def test_the_limits_batches_leave_out_a_request_larger_than_a_batch(tmp_path) ->
     load = Load("closed", clients=1, source=NpzSource(str(path)))
     run = run_limit(lambda b: b, "m", load, Bounds(requests=200), max_batch=64)
     assert run.completed == 200 and run.batches == 4 and run.mean_batch == 50.0
+
+
+# -- the built-in models' inputs ------------------------------------------------------------
+
+
+def _width_of(specs: list[str] | None = None, **kwargs: Any) -> int:
+    if specs is not None:
+        kwargs["source"] = parse_inputs(specs, None)
+    model = models.make_model("mlp", **kwargs)
+    assert isinstance(model, models.MLP)
+    return model.features
+
+
+def test_the_mlp_is_built_for_the_width_of_its_requests(tmp_path) -> None:
+    assert _width_of(["float32:1x32"]) == 32
+    assert _width_of(["float32:1..4x7"]) == 7  # rows per request may vary, not their width
+    assert _width_of(["float32:3x5"]) == 5
+    npz = tmp_path / "rows.npz"
+    np.savez(npz, *[np.ones((n, 12), np.float32) for n in (1, 3)])
+    assert _width_of([str(npz)]) == 12
+    assert _width_of(source=FeatureRows(20)) == 20
+    assert _width_of(features=9) == 9  # no source: the width given
+    # Each runs on its requests' batches.
+    for specs in (["float32:1x32"], ["float32:1..4x7"], [str(npz)]):
+        source = parse_inputs(specs, None)
+        check_model(models.make_model("mlp", source=source), source, max_batch=16)
+
+
+@pytest.mark.parametrize(
+    ("specs", "sends"),
+    [
+        (["int64:1x64"], "not int64 requests: int64:1x64/request"),
+        (["float64:1x64"], "not float64 requests"),
+        (["x=float32:1x64"], "not named inputs (x): x=float32:1x64/request"),
+        (["a=float32:1x8", "b=float32:1x8"], "not named inputs (a, b)"),
+        (["float32:1x8..16"], "not rows whose lengths differ"),
+        (["float32:1x3x4"], "not requests of 3 dimensions"),
+        (["float32:4"], "not requests of 1 dimension:"),
+    ],
+)
+def test_the_mlp_refuses_requests_it_cannot_take(specs: list[str], sends: str) -> None:
+    with pytest.raises(BenchError) as info:
+        models.make_model("mlp", source=parse_inputs(specs, None))
+    message = str(info.value)
+    assert message.startswith("--model mlp takes float32 rows of one width "
+                              "(--input float32:1xN, or --features N), "), message
+    assert sends in message and "\n" not in message
+
+
+def test_the_mlp_refuses_an_npz_it_cannot_take(tmp_path) -> None:
+    cases = {
+        "named": ({"input_ids": np.ones((4, 8), np.float32)}, "not named inputs (input_ids)"),
+        "ragged": ({"arr_0": np.ones((1, 8), np.float32), "arr_1": np.ones((1, 9), np.float32)},
+                   "not rows whose lengths differ"),
+        "empty-rows": ({"arr_0": np.ones((1, 0), np.float32)}, "not rows of no values"),
+        "ints": ({"arr_0": np.ones((1, 8), np.int32)}, "not int32 requests"),
+    }
+    for name, (arrays, sends) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(BenchError, match=re.escape(sends)):
+            models.make_model("mlp", source=parse_inputs([str(path)], None))
+
+
+@pytest.mark.parametrize("name", ["identity", "fixed"])
+def test_the_other_built_in_models_take_any_request(name: str) -> None:
+    for specs in (["int64:1x8..16"], ["x=float32:1x3x4"], ["float32:4"]):
+        source = parse_inputs(specs, None)
+        check_model(models.make_model(name, model_ms=0.0, source=source), source)
+
+
+@pytest.mark.parametrize("command", [["bench"], ["bench", "--sweep"], ["tune", "--rate", "50"]])
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--input", "int64:1x32"], "not int64 requests"),
+        (["--input", "ids=float32:1x32"], "not named inputs (ids)"),
+        (["--input", "float32:1x8..16"], "not rows whose lengths differ"),
+        # --features with --input is refused whatever the two say.
+        (["--input", "float32:1x32", "--features", "16"], "--features and --input"),
+    ],
+)
+def test_every_command_refuses_mlp_requests_before_running(
+    capsys: pytest.CaptureFixture[str], command: list[str], argv: list[str], mentions: str
+) -> None:
+    code = main([*command, "--model", "mlp", *argv, "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", err
+    assert len(err.strip().splitlines()) == 1 and mentions in err, err
+    assert "matmul" not in err
+
+
+def test_bench_runs_the_mlp_on_the_width_input_gives(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "b.json"
+    code = main(["bench", "--model", "mlp", "--input", "float32:1x32", "--clients", "2",
+                 *TINY, "--json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert all(r["completed"] == 40 and r["errors"] == 0 for r in runs.values()), runs
 
 
 # -- outputs: batchproc's own rule, before any run and in the limit ---------------------------

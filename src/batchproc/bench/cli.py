@@ -146,7 +146,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--model", default="fixed", metavar="NAME",
         help=f"{', '.join(BUILTIN_MODELS)} or package.module:callable, a batch function "
-        "taking what --input describes (default: fixed)",
+        "taking what --input describes (default: fixed); mlp takes float32 rows of one "
+        "width, --features or --input's",
     )
     m.add_argument(
         "--model-ms", type=_nonneg_float, default=DEFAULT_FIXED_MS, metavar="MS",
@@ -424,7 +425,7 @@ def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
 def _model_for(args: argparse.Namespace, source: RequestSource) -> Model:
     """The model, checked on batches of one and two of ``source``'s requests and on a
     full batch (``--max-batch``; tune: the largest of ``--sizes``)."""
-    model = make_model(args.model, features=args.features or 64, model_ms=args.model_ms)
+    model = make_model(args.model, model_ms=args.model_ms, source=source)
     max_batch = args.max_batch if hasattr(args, "max_batch") else max(args.sizes)
     check_model(model, source, name=f"--model {args.model}", seed=args.seed,
                 max_batch=max_batch)

@@ -9,7 +9,9 @@ built-ins span the cases that matter:
 
 - ``identity`` returns its input: all the time measured is the batcher's own overhead.
 - ``mlp`` is a small float32 numpy MLP (features -> 256 -> 256 -> 16, ReLU, fixed seed):
-  its cost grows with the batch, but far slower than linearly.
+  its cost grows with the batch, but far slower than linearly. Its width, ``features``,
+  is the requests': ``--features``, or what ``--input`` describes
+  (:func:`row_width`).
 - ``fixed`` costs a fixed time per call, whatever the batch, behind one lock — the shape
   of one GPU: calls are serialized and a full batch costs what a single row does.
 """
@@ -23,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -126,15 +128,56 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED_MS) -> Model:
-    """A built-in model by name, or the user's ``package.module:callable``."""
+# The built-in models made for float32 rows of one width, by name: built for the width
+# of the requests they are sent. The others take any request.
+ROW_MODELS: dict[str, Callable[[int], Model]] = {"mlp": MLP}
+
+
+def make_model(name: str, *, features: int = 64, model_ms: float = DEFAULT_FIXED_MS,
+               source: RequestSource | None = None) -> Model:
+    """A built-in model by name, or the user's ``package.module:callable``. A model of
+    :data:`ROW_MODELS` is built for the width of ``source``'s requests
+    (:func:`row_width`), or ``features`` without a source.
+
+    Raises:
+        BenchError: ``source``'s requests are not what the built-in model takes, or the
+            user's model cannot be loaded.
+    """
+    if name in ROW_MODELS:
+        return ROW_MODELS[name](features if source is None else row_width(name, source))
     if name == "identity":
         return identity
-    if name == "mlp":
-        return MLP(features)
     if name == "fixed":
         return FixedCost(model_ms / 1000.0)
     return load_user_model(name)
+
+
+def row_width(name: str, source: RequestSource) -> int:
+    """The width of ``source``'s requests, for the built-in model ``name`` (one of
+    :data:`ROW_MODELS`): their rows' length, when every request is float32 rows of that
+    one length (any number of rows).
+
+    Raises:
+        BenchError: one line, naming what the model takes and what ``source`` sends:
+            named inputs, another dtype, another number of dimensions, rows of lengths
+            that differ (padded), or of none.
+    """
+    first = source.requests(0)[0]
+    if isinstance(first, Mapping):
+        sends = f"named inputs ({', '.join(first)})"
+    elif first.dtype != np.float32:
+        sends = f"{first.dtype} requests"
+    elif first.ndim != 2:
+        sends = f"requests of {first.ndim} dimension{'s' if first.ndim != 1 else ''}"
+    elif source.padded:
+        sends = "rows whose lengths differ"
+    elif first.shape[1] < 1:
+        sends = "rows of no values"
+    else:
+        return int(first.shape[1])
+    raise BenchError(
+        f"--model {name} takes float32 rows of one width (--input float32:1xN, or "
+        f"--features N), not {sends}: {source.description}")
 
 
 def is_async_model(model: Any) -> bool:

@@ -6,6 +6,7 @@ with a non-zero exit and never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ from batchproc.bench.cli import build_parser
 from batchproc.bench.configs import parse_config
 from batchproc.bench.inputs import NpzSource
 from batchproc.bench.loads import Bounds, Load
-from batchproc.bench.runner import NullProgress, RunResult, run_limit, run_target
+from batchproc.bench.runner import LIMIT, NullProgress, RunResult, run_limit, run_target
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -223,6 +224,7 @@ def test_tiny_run_prints_the_three_systems_and_writes_json(
     assert doc["runs"][2]["completed"] == 40 and doc["runs"][2]["mean_batch"] == 40.0
     assert 1 <= bp["mean_batch"] <= 2  # two clients: never more than two rows at once
     assert set(doc["ratios"]) == {"vs_no_batching", "vs_limit"}
+    assert doc["ratios_not_compared"] == {}  # no run had errors: both compared
     assert doc["interrupted"] is False
 
 
@@ -426,6 +428,8 @@ def test_a_failing_limit_run_is_reported_and_the_other_runs_kept(
     assert runs["limit"]["failed"].endswith("RuntimeError: too big")
     assert runs["limit"]["throughput"] is None and runs["limit"]["completed"] == 0
     assert doc["ratios"]["vs_limit"] is None and doc["ratios"]["vs_no_batching"] > 0
+    assert doc["ratios_not_compared"] == {"vs_limit": "the limit run failed"}
+    assert "batchproc vs the limit:   not compared: the limit run failed" in out
 
 
 def test_the_limit_fails_on_its_last_partial_batch_too() -> None:
@@ -462,6 +466,91 @@ def test_a_system_that_raises_is_a_failed_run_not_an_exception() -> None:
     assert notes == ["! broken (m, 1 client): the run failed: OSError: no such device"]
     ok = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4), Bounds(requests=5), 4)
     assert report.ratio(run, ok) is None and report.ratio(ok, run) is None
+
+
+def _clean_run(system: str, throughput: float) -> RunResult:
+    run = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4), Bounds(requests=5), 4)
+    return dataclasses.replace(run, system=system, throughput=throughput)
+
+
+@pytest.mark.parametrize(
+    ("errors", "model_errors", "why"),
+    [
+        ({"batchproc": 3, "no batching": 2}, {}, "errors in both runs"),
+        ({}, {"batchproc": 7}, "errors in the batchproc run"),  # retried, none failed
+        ({"no batching": 1}, {"no batching": 1}, "errors in the no batching run"),
+    ],
+)
+def test_a_ratio_compares_only_runs_without_errors(errors, model_errors, why) -> None:
+    runs = [_clean_run("batchproc", 50.0), _clean_run("no batching", 2000.0),
+            _clean_run(LIMIT, 100.0)]
+    runs = [dataclasses.replace(r, errors=errors.get(r.system, 0),
+                                model_errors=model_errors.get(r.system, 0)) for r in runs]
+    bp, nb = runs[:2]
+    assert report.ratio(bp, nb) is None
+    assert (report.not_compared(bp, nb) or "").startswith(why)
+    ratios = report.bench_ratios(runs)
+    reasons = report.bench_not_compared(runs)
+    assert ratios["vs_no_batching"] is None and reasons["vs_no_batching"].startswith(why)
+    # The limit had no errors: compared with batchproc unless batchproc had some.
+    bp_erred = bool(errors.get("batchproc") or model_errors.get("batchproc"))
+    assert (ratios["vs_limit"] is None) == bp_erred
+    assert ("vs_limit" in reasons) == bp_erred
+    out = io.StringIO()
+    report.print_bench_table("t", runs, ratios, out, use_rich=False, not_compared=reasons)
+    lines = out.getvalue().splitlines()
+    assert f"batchproc vs no batching: not compared: {why}" in "\n".join(lines)
+    assert not any("0.025x" in line for line in lines)  # 50 / 2000: never shown
+
+
+def test_runs_without_errors_are_compared_and_a_failed_run_says_so() -> None:
+    runs = [_clean_run("batchproc", 500.0), _clean_run("no batching", 250.0),
+            dataclasses.replace(_clean_run(LIMIT, 1000.0), failed="RuntimeError: x")]
+    ratios, reasons = report.bench_ratios(runs), report.bench_not_compared(runs)
+    assert ratios == {"vs_no_batching": 2.0, "vs_limit": None}
+    assert reasons == {"vs_limit": "the limit run failed"}
+    out = io.StringIO()
+    report.print_bench_table("t", runs, ratios, out, use_rich=False, not_compared=reasons)
+    text = out.getvalue()
+    assert "batchproc vs no batching: 2.00x throughput\n" in text
+    assert "batchproc vs the limit:   not compared: the limit run failed\n" in text
+    assert report.bench_not_compared(runs[:2]) == {}  # a run missing: no reason, "-"
+
+
+FAILS_ON_ONE_ROW = """
+import numpy as np
+from batchproc.bench.inputs import FeatureRows
+
+BAD = FeatureRows(64).requests(0)[10]  # the 11th request of bench's default pool
+
+def fails_on_one_row(batch):
+    if (batch == BAD).all(axis=1).any():
+        raise ValueError("bad row")
+    return batch
+"""
+
+
+def test_bench_does_not_compare_runs_in_which_the_model_failed(
+    tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # batchproc retries the failing request after a backoff (its run stretched, the
+    # request late or failed), no batching fails it at once, the limit run fails: no
+    # ratio is a like-for-like figure, and none is printed or written as one.
+    (tmp_path / "one_row_mod.py").write_text(FAILS_ON_ONE_ROW)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "e.json"
+    code, out, err = run_cli(capsys, "--model", "one_row_mod:fails_on_one_row", "--clients",
+                             "2", "--requests", "40", "--duration", "1", "--quiet",
+                             "--json", str(path))
+    assert code == 1, err
+    assert "batchproc vs no batching: not compared: errors in both runs" in out, out
+    assert "batchproc vs the limit:   not compared: the limit run failed" in out, out
+    assert "x throughput" not in out
+    assert "no batching: 1 requests failed, first: ValueError: bad row" in out  # notes kept
+    doc = json.loads(path.read_text())
+    assert doc["ratios"] == {"vs_no_batching": None, "vs_limit": None}
+    assert doc["ratios_not_compared"]["vs_no_batching"].startswith("errors in both runs")
+    assert doc["ratios_not_compared"]["vs_limit"] == "the limit run failed"
 
 
 def test_the_limits_latencies_are_said_to_be_one_calls() -> None:

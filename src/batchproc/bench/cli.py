@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run that raised, model_errors: the model's calls that raised or whose output "
         "batchproc refused, arrival_rate: an "
         "open loop's arrivals over their window, "
-        "...), ratios (vs_no_batching, vs_limit) and interrupted (true when Ctrl-C ended "
+        "...), ratios (vs_no_batching, vs_limit; null when not given), "
+        "ratios_not_compared (why a ratio is not given, by the same keys: a run failed, "
+        "or had errors) and interrupted (true when Ctrl-C ended "
         "the runs: runs holds those that finished)",
     )
     o.add_argument(
@@ -559,6 +561,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if stop.interrupted and not runs:
         return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
+    not_compared = report.bench_not_compared(runs, subject=systems[0].name)
     failed = [r for r in runs if r.errors or r.failed or r.model_errors]
     # The files first: the table goes to a stdout that may be closed (`| head`).
     unwritten: list[dict[str, Any]] = []
@@ -577,12 +580,13 @@ def run_bench(args: argparse.Namespace) -> int:
             "settings": settings,
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
+            "ratios_not_compared": not_compared,
             "interrupted": stop.interrupted,
         }
         _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
                       doc, unwritten=unwritten)
     with _stdout_may_close():
-        report.print_bench_table(title, runs, ratios)
+        report.print_bench_table(title, runs, ratios, not_compared=not_compared)
         for line in _config_notes(args):
             print(line)
         if stop.interrupted:

@@ -217,18 +217,53 @@ def row_cells(r: RunResult) -> list[str]:
     ]
 
 
+def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
+    """Why the throughputs of runs ``a`` and ``b`` are not compared (None: they are, or
+    a run is missing). A run that failed has no throughput. A run with errors (requests
+    that failed, calls of the model that failed) did other work than a run without, and
+    each system does its own with a failure: batchproc retries the call after a backoff
+    and searches its batch, no batching fails the request at once, the limit fails its
+    run. So a ratio is given only between two runs without errors."""
+    if a is None or b is None:
+        return None
+    failed = [r.system for r in (a, b) if r.failed]
+    if failed:
+        return f"the {' and the '.join(failed)} run failed"
+    erred = [r.system for r in (a, b) if r.errors or r.model_errors]
+    if not erred:
+        return None
+    which = "both runs" if len(erred) == 2 else f"the {erred[0]} run"
+    return (f"errors in {which} (a ratio compares only runs without failed requests or "
+            "model calls)")
+
+
 def ratio(a: RunResult | None, b: RunResult | None) -> float | None:
-    if a is None or b is None or a.failed or b.failed or not b.throughput or not a.completed:
+    """``a``'s throughput over ``b``'s; None where it means nothing: a run missing,
+    ``b`` without throughput, ``a`` without a completed request, or the two not
+    compared (:func:`not_compared`)."""
+    if a is None or b is None or not_compared(a, b) or not b.throughput or not a.completed:
         return None
     return a.throughput / b.throughput
 
 
 def bench_ratios(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, float | None]:
+    """``subject``'s throughput over no batching's and over the limit's (:func:`ratio`)."""
     by = {r.system: r for r in runs}
     return {
         "vs_no_batching": ratio(by.get(subject), by.get("no batching")),
         "vs_limit": ratio(by.get(subject), by.get(LIMIT)),
     }
+
+
+def bench_not_compared(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, str]:
+    """Why a ratio of :func:`bench_ratios` is not given, for those with a reason
+    (:func:`not_compared`), by the same keys."""
+    by = {r.system: r for r in runs}
+    reasons = {
+        "vs_no_batching": not_compared(by.get(subject), by.get("no batching")),
+        "vs_limit": not_compared(by.get(subject), by.get(LIMIT)),
+    }
+    return {k: why for k, why in reasons.items() if why is not None}
 
 
 # -- text table ---------------------------------------------------------------------------
@@ -318,8 +353,10 @@ def print_bench_table(
     ratios: dict[str, float | None],
     out: TextIO | None = None,
     use_rich: bool | None = None,
+    not_compared: Mapping[str, str] | None = None,
 ) -> None:
-    """The ``batchproc bench`` table and the two ratios below it."""
+    """The ``batchproc bench`` table and the two ratios below it; a ratio
+    ``not_compared`` has a reason (:func:`bench_not_compared`) says it instead."""
     rows = [row_cells(r) for r in runs]
     lines = [n.replace(f" ({runs[0].model}, {runs[0].load})", "") for n in run_notes(runs)]
     for r in runs:
@@ -331,10 +368,17 @@ def print_bench_table(
     if offered is not None:
         lines.insert(0, offered)
     subject = runs[0].system if runs else "batchproc"
+    why = not_compared or {}
+
+    def compared(key: str, then: str = "") -> str:
+        if key in why:
+            return f"not compared: {why[key]}"
+        return f"{fmt_ratio(ratios.get(key))} throughput{then}"
+
     lines += [
-        f"{subject} vs no batching: {fmt_ratio(ratios.get('vs_no_batching'))} throughput",
-        f"{subject} vs the limit:   {fmt_ratio(ratios.get('vs_limit'))} throughput "
-        "(the limit: the model called back to back on full batches)",
+        f"{subject} vs no batching: {compared('vs_no_batching')}",
+        f"{subject} vs the limit:   " + compared(
+            "vs_limit", " (the limit: the model called back to back on full batches)"),
     ]
     print_table(title, COLUMNS, rows, lines, out, use_rich)
 

@@ -5,6 +5,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hanging import HANGS_ON, hangs_on_666
 
 from batchproc.engine import limits
 from batchproc.errors import BatchTimeoutError, QueueFullError
-from batchproc.log_limits import LogLimiter, seconds
+from batchproc.log_limits import LogLimiter, plural, seconds
 from batchproc.processor import FAILURE_LOG_INTERVAL, FailureLog
 
 FAILING_ENQUEUE = """
@@ -96,7 +97,8 @@ def test_each_error_type_and_refusals_have_their_own_limit(caplog):
     ]
 
 
-def test_a_processor_failing_every_request_logs_one_line(make_processor, caplog):
+def test_a_processor_failing_every_request_logs_one_line_and_a_count_at_stop(
+        make_processor, caplog):
     def model(batch):
         raise RuntimeError("model down")
 
@@ -110,13 +112,11 @@ def test_a_processor_failing_every_request_logs_one_line(make_processor, caplog)
             p.enqueue(np.ones((1, 2)))
         p.stop(timeout=10.0)
     assert p.get_stats()["total_errors"] == 20
-    assert warnings_of(caplog) == ["enqueue: request failed: RuntimeError('model down')"]
-    clock.now += FAILURE_LOG_INTERVAL
-    with caplog.at_level(logging.WARNING, logger="batchproc"):
-        caplog.clear()
-        p._failure_log("failed", RuntimeError("model down"))
-    assert warnings_of(caplog) == ["enqueue: request failed: RuntimeError('model down') "
-                                   "(and 19 more RuntimeError in the last 10 s)"]
+    assert warnings_of(caplog) == [
+        "enqueue: request failed: RuntimeError('model down')",
+        # stop tells what no later line will: the failures of the interval left out
+        "enqueue: 19 more requests failed with RuntimeError in the last 0 s",
+    ]
 
 
 # ----------------------------------------------------------------- engine lines, limited
@@ -136,16 +136,45 @@ def test_a_log_limiter_lets_one_line_per_kind_through_per_interval():
     assert limiter.admit("a") == (1, 25.0)
 
 
+def test_what_a_log_limiter_held_back_is_told_once_its_interval_passes():
+    clock = FakeClock()
+    limiter = LogLimiter(10.0, clock)
+    limiter.admit("a")
+    limiter.admit("a")
+    limiter.admit("a")
+    limiter.admit("b")  # logged, nothing held back
+    clock.now += 9.0
+    assert limiter.held() == []  # within the interval: the next line of "a" may tell it
+    clock.now += 1.0
+    assert limiter.held() == [("a", (2, 10.0))]
+    assert limiter.held() == []  # told once
+    assert limiter.admit("a") is None  # the summary counts as a line: a new interval
+    assert limiter.held(final=True) == [("a", (1, 0.0))]  # at stop, whatever the time
+
+
+@pytest.mark.parametrize("count, text", [(1, "1 batch"), (2, "2 batches"), (1024, "1,024 batches")])
+def test_counts_in_log_lines_take_their_plural(count, text):
+    assert plural(count, "batch", "batches") == text
+    assert plural(count, "call") == text.replace("batch", "call").replace("calles", "calls")
+
+
 @pytest.mark.parametrize("value, text", [
-    (0.0001, "0.0001 s"), (0.25, "0.25 s"), (1.5, "1.5 s"), (30.0, "30 s"), (600, "600 s"),
-    (86400.0, "86400 s")])
-def test_seconds_in_log_lines_keep_three_digits(value, text):
+    (0.0, "0.000 s"), (0.0001, "0.0001 s"), (1e-7, "1e-07 s"), (0.001, "0.001 s"),
+    (0.25, "0.250 s"), (10.0123, "10.012 s"), (30.0, "30.000 s"), (999.96, "999.960 s"),
+    (86400.0, "86400.000 s")])
+def test_seconds_in_log_lines_keep_the_millisecond_and_a_shorter_time_its_digits(
+        value, text):
     assert seconds(value) == text
+
+
+def overdue_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "past item_timeout" in r.getMessage()]
 
 
 def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
         make_processor, caplog, monkeypatch):
-    # A model hanging on every call: one line, not one per call.
+    # A model hanging on every call: one line, not one per call; the calls it stands for
+    # are told by a summary at the latest when the processor stops.
     monkeypatch.setattr(limits, "OVERDUE_LOG_S", 3600.0)
     model, release, _ = hangs_on_666()
     p = make_processor(model, max_batch_size=1, item_timeout=0.0001, max_retries=0)
@@ -154,10 +183,60 @@ def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
             futures = [p.enqueue_predict(np.full((1, 2), HANGS_ON)) for _ in range(3)]
             for f in futures:
                 assert isinstance(f.exception(timeout=10.0), BatchTimeoutError)
+            lines = overdue_lines(caplog)
+            assert len(lines) == 1, lines
+            assert re.fullmatch(
+                r"process_func ran \S+ s on a batch of 1 request, past "
+                r"item_timeout=0\.0001 s; failing it with BatchTimeoutError and replacing "
+                r"worker \S+", lines[0]), lines[0]
+            p.stop(timeout=10.0)
+            lines = overdue_lines(caplog)
     finally:
         release.set()
-    lines = [r.getMessage() for r in caplog.records if "past item_timeout" in r.getMessage()]
-    assert len(lines) == 1, lines
+    assert len(lines) == 2, lines
     assert re.fullmatch(
-        r"process_func ran \S+ s on a batch of 1 request, past item_timeout=0\.0001 s; "
-        r"failing it with BatchTimeoutError and replacing worker \S+", lines[0]), lines[0]
+        r"2 more process_func calls ran past item_timeout=0\.0001 s in the last \S+ s \(not "
+        r"logged one by one\); each failed its request with BatchTimeoutError", lines[1]), lines
+
+
+def test_failures_left_out_of_enqueues_log_are_told_once_their_interval_passes(caplog):
+    clock = FakeClock()
+    log = FailureLog(interval=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="batchproc"):
+        log("failed", ValueError("a"))
+        log("failed", ValueError("b"))
+        log("failed", ValueError("c"))
+        log.flush()  # within the interval: nothing yet
+        clock.now += 12.0
+        log.flush()  # no ValueError since: the two left out are told now
+        log.flush()
+    assert warnings_of(caplog) == [
+        "enqueue: request failed: ValueError('a')",
+        "enqueue: 2 more requests failed with ValueError in the last 12 s",
+    ]
+
+
+def test_the_supervisor_tells_what_the_log_left_out_once_its_interval_passes(
+        make_processor, caplog):
+    def model(batch):
+        raise RuntimeError("model down")
+
+    # One worker, batches of one: requests run in order, each delivery (and the log's
+    # callback) before the next, so the last one's failure follows all the logged ones.
+    p = make_processor(max_retries=0, retry_delay=0.0, max_batch_size=1, max_workers=1)
+    clock = FakeClock()
+    p._failure_log = FailureLog(clock=clock)
+    with caplog.at_level(logging.WARNING, logger="batchproc"):
+        p.start(model)
+        for _ in range(5):
+            p.enqueue(np.ones((1, 2)))
+        assert isinstance(p.enqueue_predict(np.ones((1, 2))).exception(timeout=10.0),
+                          RuntimeError)
+        clock.now += FAILURE_LOG_INTERVAL  # no failure since: the next tick tells the rest
+        summary = "enqueue: 4 more requests failed with RuntimeError in the last 10 s"
+        deadline = time.monotonic() + 10.0
+        while summary not in warnings_of(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert warnings_of(caplog) == [
+            "enqueue: request failed: RuntimeError('model down')", summary]
+        assert p.running  # told by the supervisor, not by stop

@@ -3,7 +3,9 @@
 A model failing or hanging on every call must cost a service a line every few seconds,
 not one per call: a flood of identical lines hides everything else in its log and costs
 the workers time. ``LogLimiter`` lets the first line of each kind through at once, then
-at most one per ``interval`` seconds, and tells that line how many it stands for.
+at most one per ``interval`` seconds, and tells that line how many it stands for; what
+it held back when no line of its kind comes again, the owner logs as a summary at the
+supervisor's tick and at stop (``held``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 class Admitted(NamedTuple):
@@ -22,8 +26,9 @@ class Admitted(NamedTuple):
     since: float
 
 
-class LogLimiter:
-    """At most one line per kind (any hashable key) per ``interval`` seconds.
+class LogLimiter(Generic[K]):
+    """At most one line per kind (a hashable key) per ``interval`` seconds; what it
+    held back is told by the next line of its kind, or by a summary line (``held``).
 
     Thread-safe: workers and the supervisor log through one limiter.
     """
@@ -33,9 +38,9 @@ class LogLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         # key -> (time of its last line, lines left out since)
-        self._last: dict[Hashable, tuple[float, int]] = {}
+        self._last: dict[K, tuple[float, int]] = {}
 
-    def admit(self, key: Hashable) -> Admitted | None:
+    def admit(self, key: K) -> Admitted | None:
         """``Admitted`` if a line of kind ``key`` may be logged now, else None (it is
         counted, and the next line of its kind says so)."""
         now = self._clock()
@@ -47,13 +52,33 @@ class LogLimiter:
             self._last[key] = (now, 0)
         return Admitted(0, 0.0) if last is None else Admitted(last[1], now - last[0])
 
+    def held(self, final: bool = False) -> list[tuple[K, Admitted]]:
+        """The kinds with lines left out whose interval has passed (every such kind when
+        ``final``: the logging source stops), each with how many and since when; each
+        then counts as logged now. The caller logs one summary line for each, so that
+        nothing held back goes untold when no line of its kind comes again."""
+        now = self._clock()
+        due = []
+        with self._lock:
+            for key, (at, left_out) in self._last.items():
+                if left_out and (final or now - at >= self.interval):
+                    due.append((key, Admitted(left_out, now - at)))
+                    self._last[key] = (now, 0)
+        return due
 
-def plural(count: int, noun: str) -> str:
-    """``1 request``, ``2 requests``, ``1,024 requests``."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 request``, ``2 requests``, ``1,024 requests``; ``nouns`` where the plural
+    is not ``noun`` + s (``plural(2, "batch", "batches")``)."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count:,} {noun + 's' if nouns is None else nouns}"
 
 
 def seconds(value: float) -> str:
-    """Seconds with three significant digits, so a short time does not read as 0.000 s:
-    ``0.0001 s``, ``0.25 s``, ``1.5 s``, ``30 s``."""
-    return f"{value:.3g} s" if value < 1000 else f"{value:.0f} s"
+    """Seconds to the millisecond (``0.250 s``, ``10.012 s``: a time past a limit reads
+    past it), and a time under a millisecond to three significant digits, so that it
+    does not read as none (``0.0001 s``)."""
+    if value == 0.0 or not abs(value) < 0.001:
+        return f"{value:.3f} s"
+    return f"{value:.3g} s"

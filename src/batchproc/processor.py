@@ -50,7 +50,7 @@ from .errors import (
 from .formats import make_describer
 from .futures import RequestFuture
 from .health import FORKED, PAUSED, HealthMonitor
-from .log_limits import LogLimiter
+from .log_limits import LogLimiter, plural
 from .metrics import OUTCOME_ERROR, MetricsSink
 from .stats import BatchStats
 
@@ -445,6 +445,7 @@ class BatchProcessor(Generic[T, U]):
             # at once unless a health check is running.
             supervisor.join(min(max(deadline - _monotonic(), SUPERVISOR_EXIT), 1.0))
         self._run_soon_now()  # what the supervisor had no tick left for
+        self._flush_logs(final=True)
         if leftover:
             logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
                            leftover)
@@ -1037,6 +1038,7 @@ class BatchProcessor(Generic[T, U]):
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
                 self._dispatcher.fill_vacancies()
+                self._flush_logs()
                 if self._async_model is not None:
                     # Every call that began before checked_at - item_timeout was abandoned
                     # just now (or before): cancel its coroutine.
@@ -1047,6 +1049,12 @@ class BatchProcessor(Generic[T, U]):
                     self._health.check_and_act()
             except Exception:
                 logger.exception("supervisor check failed; will retry")
+
+    def _flush_logs(self, final: bool = False) -> None:
+        """Summaries of the log lines held back by their limits (``log_limits``): at each
+        tick those whose interval has passed, at stop all."""
+        self._failure_log.flush(final)
+        self._dispatcher.flush_logs(final)
 
     def _threads(self) -> list[threading.Thread]:
         threads = self._dispatcher.threads()
@@ -1089,7 +1097,7 @@ class FailureLog:
     def __init__(self, interval: float = FAILURE_LOG_INTERVAL,
                  clock: Callable[[], float] = _monotonic) -> None:
         self.interval = interval
-        self._limiter = LogLimiter(interval, clock)
+        self._limiter: LogLimiter[tuple[str, type[BaseException]]] = LogLimiter(interval, clock)
 
     def __call__(self, what: str, exc: BaseException) -> None:
         admitted = self._limiter.admit((what, type(exc)))
@@ -1100,6 +1108,14 @@ class FailureLog:
                            what, exc, admitted.left_out, type(exc).__name__, admitted.since)
         else:
             logger.warning("enqueue: request %s: %r", what, exc)
+
+    def flush(self, final: bool = False) -> None:
+        """Log what was left out for each exception type whose interval has passed with
+        no line since (at stop: ``final``, all of it)."""
+        for (what, kind), held in self._limiter.held(final):
+            logger.warning("enqueue: %s %s with %s in the last %.0f s",
+                           plural(held.left_out, "more request"), what, kind.__name__,
+                           held.since)
 
     def future_done(self, future: Future[Any]) -> None:
         if not future.cancelled():

@@ -62,6 +62,11 @@ class Engine:
         self._executor.process_func = process_func
         self._pool.start()
 
+    def flush_logs(self, final: bool = False) -> None:
+        """Summaries of the log lines the engine's limits held back (``log_limits``)."""
+        self._limits.flush_log(final)
+        self._executor.flush_log(final)
+
     @property
     def room(self) -> Any:
         """The coroutines awaiting room in the queue (``backpressure.RoomWaiters``), told

@@ -49,7 +49,7 @@ from ..controller import Controller
 from ..errors import BatchOutputError, interrupts
 from ..formats import Limits, Workspace
 from ..formats.chunks import handed_back
-from ..log_limits import LogLimiter
+from ..log_limits import LogLimiter, plural
 from ..metrics import OUTCOME_ERROR, MetricsSink
 from .batch import ABANDONED as ABANDONED_BATCH
 from .batch import HELD, Batch, Board
@@ -89,7 +89,7 @@ class Executor:
         self._limits = Limits(config.max_batch_size, config.max_batch_bytes,
                               config.max_batch_tokens or 0)
         self.process_func: Callable[[Any], Any] | None = None
-        self._batch_only_log = LogLimiter(BATCH_ONLY_FAILURE_LOG_S)
+        self._batch_only_log: LogLimiter[None] = LogLimiter(BATCH_ONLY_FAILURE_LOG_S)
 
     def run(self, batch: Batch, workspace: Workspace, target: int) -> None:
         """Run a popped batch until each of its requests is delivered, failed or parked."""
@@ -189,6 +189,15 @@ class Executor:
             "such batch(es) since the last warning (each costs a search of calls and "
             "halves the batch target)", n, type(error).__name__, error,
             admitted.left_out + 1)
+
+    def flush_log(self, final: bool = False) -> None:
+        """Log a summary of the batch-only failures the warning held back, once their
+        interval has passed (at stop: ``final``, all of them)."""
+        for _, held in self._batch_only_log.held(final):
+            logger.warning(
+                "%s failed in the last %.0f s while each of their requests succeeded on a "
+                "smaller batch (process_func fails on batches, not on these inputs)",
+                plural(held.left_out, "more batch", "more batches"), held.since)
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,

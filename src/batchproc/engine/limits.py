@@ -55,7 +55,8 @@ class TimeLimits:
         # Calls of several requests that timed out, until their requests have all ended
         # (only the supervisor's thread touches it).
         self._hung: list[_HungCall] = []
-        self._log_limiter = LogLimiter(OVERDUE_LOG_S)
+        # By whether the call failed its request (one) or queued its requests again.
+        self._log_limiter: LogLimiter[bool] = LogLimiter(OVERDUE_LOG_S)
 
     def expire_stuck(self) -> int:
         """Abandon batches whose process_func call has run past ``item_timeout``."""
@@ -105,6 +106,16 @@ class TimeLimits:
             "worker %s%s", seconds(ran), plural(requests, "request"), seconds(self._limit),
             "failing it with BatchTimeoutError" if failed else "queueing each again alone",
             worker, more)
+
+    def flush_log(self, final: bool = False) -> None:
+        """Log a summary of the abandoned calls ``_log_overdue`` held back, once their
+        interval has passed (at stop: ``final``, all of them)."""
+        for failed, held in self._log_limiter.held(final):
+            logger.error(
+                "%s ran past item_timeout=%s in the last %s (not logged one by one); %s",
+                plural(held.left_out, "more process_func call"), seconds(self._limit),
+                seconds(held.since), "each failed its request with BatchTimeoutError"
+                if failed else "the requests of each were queued again alone")
 
     def _may_be_own(self, requests: list[Request]) -> None:
         """``requests`` timed out alone, or without running alone after a call of several

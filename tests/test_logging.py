@@ -115,7 +115,7 @@ def test_a_processor_failing_every_request_logs_one_line_and_a_count_at_stop(
     assert warnings_of(caplog) == [
         "enqueue: request failed: RuntimeError('model down')",
         # stop tells what no later line will: the failures of the interval left out
-        "enqueue: 19 more requests failed with RuntimeError in the last 0 s",
+        "enqueue: 19 more requests failed with RuntimeError in the last 0.000 s",
     ]
 
 
@@ -136,7 +136,7 @@ def test_a_log_limiter_lets_one_line_per_kind_through_per_interval():
     assert limiter.admit("a") == (1, 25.0)
 
 
-def test_what_a_log_limiter_held_back_is_told_once_its_interval_passes():
+def test_what_a_log_limiter_held_back_is_told_once_its_kind_goes_quiet():
     clock = FakeClock()
     limiter = LogLimiter(10.0, clock)
     limiter.admit("a")
@@ -146,10 +146,26 @@ def test_what_a_log_limiter_held_back_is_told_once_its_interval_passes():
     clock.now += 9.0
     assert limiter.held() == []  # within the interval: the next line of "a" may tell it
     clock.now += 1.0
-    assert limiter.held() == [("a", (2, 10.0))]
+    assert limiter.held() == [("a", (2, 10.0))]  # an interval without "a": told now
     assert limiter.held() == []  # told once
-    assert limiter.admit("a") is None  # the summary counts as a line: a new interval
+    assert limiter.admit("a") == (0, 0.0)  # after a summary, a line of its own again
+    assert limiter.admit("a") is None
     assert limiter.held(final=True) == [("a", (1, 0.0))]  # at stop, whatever the time
+
+
+def test_a_kind_still_coming_is_told_by_its_next_line_not_by_a_summary():
+    # Failures 3 s apart: each interval's line names the failure and counts the others.
+    clock = FakeClock()
+    limiter = LogLimiter(10.0, clock)
+    assert limiter.admit("a") == (0, 0.0)
+    for _ in range(3):
+        clock.now += 3.0
+        assert limiter.admit("a") is None
+        assert limiter.held() == []
+    clock.now += 1.0
+    assert limiter.held() == []  # 10 s since its line, 1 s since the last left out
+    clock.now += 2.0
+    assert limiter.admit("a") == (3, 12.0)
 
 
 @pytest.mark.parametrize("count, text", [(1, "1 batch"), (2, "2 batches"), (1024, "1,024 batches")])
@@ -171,8 +187,13 @@ def overdue_lines(caplog):
     return [r.getMessage() for r in caplog.records if "past item_timeout" in r.getMessage()]
 
 
+@pytest.mark.parametrize("hangs, told", [
+    (2, "1 more process_func call ran past item_timeout=0\\.0001 s in the last \\S+ s \\(not "
+        "logged one by one\\); it failed its request with BatchTimeoutError"),
+    (3, "2 more process_func calls ran past item_timeout=0\\.0001 s in the last \\S+ s \\(not "
+        "logged one by one\\); each failed its request with BatchTimeoutError")])
 def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
-        make_processor, caplog, monkeypatch):
+        make_processor, caplog, monkeypatch, hangs, told):
     # A model hanging on every call: one line, not one per call; the calls it stands for
     # are told by a summary at the latest when the processor stops.
     monkeypatch.setattr(limits, "OVERDUE_LOG_S", 3600.0)
@@ -180,7 +201,7 @@ def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
     p = make_processor(model, max_batch_size=1, item_timeout=0.0001, max_retries=0)
     try:
         with caplog.at_level(logging.ERROR, logger="batchproc"):
-            futures = [p.enqueue_predict(np.full((1, 2), HANGS_ON)) for _ in range(3)]
+            futures = [p.enqueue_predict(np.full((1, 2), HANGS_ON)) for _ in range(hangs)]
             for f in futures:
                 assert isinstance(f.exception(timeout=10.0), BatchTimeoutError)
             lines = overdue_lines(caplog)
@@ -194,9 +215,7 @@ def test_calls_abandoned_past_item_timeout_are_logged_once_per_interval(
     finally:
         release.set()
     assert len(lines) == 2, lines
-    assert re.fullmatch(
-        r"2 more process_func calls ran past item_timeout=0\.0001 s in the last \S+ s \(not "
-        r"logged one by one\); each failed its request with BatchTimeoutError", lines[1]), lines
+    assert re.fullmatch(told, lines[1]), lines
 
 
 def test_failures_left_out_of_enqueues_log_are_told_once_their_interval_passes(caplog):
@@ -212,7 +231,7 @@ def test_failures_left_out_of_enqueues_log_are_told_once_their_interval_passes(c
         log.flush()
     assert warnings_of(caplog) == [
         "enqueue: request failed: ValueError('a')",
-        "enqueue: 2 more requests failed with ValueError in the last 12 s",
+        "enqueue: 2 more requests failed with ValueError in the last 12.000 s",
     ]
 
 
@@ -233,7 +252,7 @@ def test_the_supervisor_tells_what_the_log_left_out_once_its_interval_passes(
         assert isinstance(p.enqueue_predict(np.ones((1, 2))).exception(timeout=10.0),
                           RuntimeError)
         clock.now += FAILURE_LOG_INTERVAL  # no failure since: the next tick tells the rest
-        summary = "enqueue: 4 more requests failed with RuntimeError in the last 10 s"
+        summary = "enqueue: 4 more requests failed with RuntimeError in the last 10.000 s"
         deadline = time.monotonic() + 10.0
         while summary not in warnings_of(caplog) and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -37,8 +37,8 @@ class LogLimiter(Generic[K]):
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (time of its last line, lines left out since)
-        self._last: dict[K, tuple[float, int]] = {}
+        # key -> (time of its last line, lines left out since, time of the last of those)
+        self._last: dict[K, tuple[float, int, float]] = {}
 
     def admit(self, key: K) -> Admitted | None:
         """``Admitted`` if a line of kind ``key`` may be logged now, else None (it is
@@ -47,23 +47,24 @@ class LogLimiter(Generic[K]):
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last[0] < self.interval:
-                self._last[key] = (last[0], last[1] + 1)
+                self._last[key] = (last[0], last[1] + 1, now)
                 return None
-            self._last[key] = (now, 0)
+            self._last[key] = (now, 0, now)
         return Admitted(0, 0.0) if last is None else Admitted(last[1], now - last[0])
 
     def held(self, final: bool = False) -> list[tuple[K, Admitted]]:
-        """The kinds with lines left out whose interval has passed (every such kind when
-        ``final``: the logging source stops), each with how many and since when; each
-        then counts as logged now. The caller logs one summary line for each, so that
-        nothing held back goes untold when no line of its kind comes again."""
+        """The kinds whose lines left out no later line of theirs will tell: none came
+        for an interval after the last of them (or, when ``final``, the logging source
+        stops). Each with how many and since its last line; the caller logs one summary
+        line for each. A kind still coming is left to its next line, which names what
+        happened; after a summary, the next line of its kind is let through as a first."""
         now = self._clock()
         due = []
         with self._lock:
-            for key, (at, left_out) in self._last.items():
-                if left_out and (final or now - at >= self.interval):
-                    due.append((key, Admitted(left_out, now - at)))
-                    self._last[key] = (now, 0)
+            for key, (at, left_out, seen) in list(self._last.items()):
+                if left_out and (final or now - seen >= self.interval):
+                    due.append((key, Admitted(left_out, max(now - at, 0.0))))
+                    del self._last[key]
         return due
 
 

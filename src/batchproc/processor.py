@@ -50,7 +50,7 @@ from .errors import (
 from .formats import make_describer
 from .futures import RequestFuture
 from .health import FORKED, PAUSED, HealthMonitor
-from .log_limits import LogLimiter, plural
+from .log_limits import LogLimiter, plural, seconds
 from .metrics import OUTCOME_ERROR, MetricsSink
 from .stats import BatchStats
 
@@ -1113,9 +1113,9 @@ class FailureLog:
         """Log what was left out for each exception type whose interval has passed with
         no line since (at stop: ``final``, all of it)."""
         for (what, kind), held in self._limiter.held(final):
-            logger.warning("enqueue: %s %s with %s in the last %.0f s",
+            logger.warning("enqueue: %s %s with %s in the last %s",
                            plural(held.left_out, "more request"), what, kind.__name__,
-                           held.since)
+                           seconds(held.since))
 
     def future_done(self, future: Future[Any]) -> None:
         if not future.cancelled():

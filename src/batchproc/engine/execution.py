@@ -49,7 +49,7 @@ from ..controller import Controller
 from ..errors import BatchOutputError, interrupts
 from ..formats import Limits, Workspace
 from ..formats.chunks import handed_back
-from ..log_limits import LogLimiter, plural
+from ..log_limits import LogLimiter, plural, seconds
 from ..metrics import OUTCOME_ERROR, MetricsSink
 from .batch import ABANDONED as ABANDONED_BATCH
 from .batch import HELD, Batch, Board
@@ -195,9 +195,10 @@ class Executor:
         interval has passed (at stop: ``final``, all of them)."""
         for _, held in self._batch_only_log.held(final):
             logger.warning(
-                "%s failed in the last %.0f s while each of their requests succeeded on a "
-                "smaller batch (process_func fails on batches, not on these inputs)",
-                plural(held.left_out, "more batch", "more batches"), held.since)
+                "%s failed in the last %s while each of %s requests succeeded on a smaller "
+                "batch (process_func fails on batches, not on these inputs)",
+                plural(held.left_out, "more batch", "more batches"), seconds(held.since),
+                "its" if held.left_out == 1 else "their")
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,

@@ -41,6 +41,16 @@ _INF = float("inf")
 OVERDUE_LOG_S = 10.0
 
 
+def _what_became_of(calls: int, failed: bool) -> str:
+    """What became of the requests of ``calls`` abandoned calls, each of one request
+    (``failed``) or of several."""
+    if failed:
+        return ("it failed its request with BatchTimeoutError" if calls == 1 else
+                "each failed its request with BatchTimeoutError")
+    return ("its requests were queued again alone" if calls == 1 else
+            "the requests of each were queued again alone")
+
+
 class TimeLimits:
     def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
                  pool: WorkerPool, controller: Controller, delivery: Delivery,
@@ -114,8 +124,7 @@ class TimeLimits:
             logger.error(
                 "%s ran past item_timeout=%s in the last %s (not logged one by one); %s",
                 plural(held.left_out, "more process_func call"), seconds(self._limit),
-                seconds(held.since), "each failed its request with BatchTimeoutError"
-                if failed else "the requests of each were queued again alone")
+                seconds(held.since), _what_became_of(held.left_out, failed))
 
     def _may_be_own(self, requests: list[Request]) -> None:
         """``requests`` timed out alone, or without running alone after a call of several

@@ -92,7 +92,7 @@ class AsyncModel:
         self._calls: set[_Call] = set()
         self._closed = False
         self._shut_down = False  # set by the shutdown close() begins, as it stops the loop
-        self._interrupted = 0  # times the loop ended otherwise (logged the first time)
+        self._interruption_logged = False  # the loop ended otherwise, and it was said
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -151,10 +151,10 @@ class AsyncModel:
                     loop.close()
 
     def _note_interruption(self, how: str, exc: BaseException | None = None) -> None:
-        if not self._interrupted:  # the first time: a model doing it on every call
+        if not self._interruption_logged:  # once: a model may do it on every call
             logger.error("the event loop of an async process_func was %s; it runs on",
                          how, exc_info=exc)
-        self._interrupted += 1
+            self._interruption_logged = True
 
     def _begin(self, call: _Call, batch: Any) -> None:
         if call.done():

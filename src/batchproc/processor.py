@@ -1052,7 +1052,7 @@ class BatchProcessor(Generic[T, U]):
 
     def _flush_logs(self, final: bool = False) -> None:
         """Summaries of the log lines held back by their limits (``log_limits``): at each
-        tick those whose interval has passed, at stop all."""
+        tick those of kinds gone quiet for an interval, at stop all."""
         self._failure_log.flush(final)
         self._dispatcher.flush_logs(final)
 
@@ -1110,8 +1110,8 @@ class FailureLog:
             logger.warning("enqueue: request %s: %r", what, exc)
 
     def flush(self, final: bool = False) -> None:
-        """Log what was left out for each exception type whose interval has passed with
-        no line since (at stop: ``final``, all of it)."""
+        """Log what was left out for each exception type none of which has come for an
+        interval (``LogLimiter.held``; at stop, ``final``: all of it)."""
         for (what, kind), held in self._limiter.held(final):
             logger.warning("enqueue: %s %s with %s in the last %s",
                            plural(held.left_out, "more request"), what, kind.__name__,

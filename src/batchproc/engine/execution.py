@@ -191,8 +191,8 @@ class Executor:
             admitted.left_out + 1)
 
     def flush_log(self, final: bool = False) -> None:
-        """Log a summary of the batch-only failures the warning held back, once their
-        interval has passed (at stop: ``final``, all of them)."""
+        """Log a summary of the batch-only failures the warning held back, once none
+        has come for an interval (``LogLimiter.held``; at stop, ``final``: all of them)."""
         for _, held in self._batch_only_log.held(final):
             logger.warning(
                 "%s failed in the last %s while each of %s requests succeeded on a smaller "

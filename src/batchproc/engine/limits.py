@@ -118,8 +118,8 @@ class TimeLimits:
             worker, more)
 
     def flush_log(self, final: bool = False) -> None:
-        """Log a summary of the abandoned calls ``_log_overdue`` held back, once their
-        interval has passed (at stop: ``final``, all of them)."""
+        """Log a summary of the abandoned calls ``_log_overdue`` held back, once none has
+        come for an interval (``LogLimiter.held``; at stop, ``final``: all of them)."""
         for failed, held in self._log_limiter.held(final):
             logger.error(
                 "%s ran past item_timeout=%s in the last %s (not logged one by one); %s",

@@ -19,6 +19,12 @@ The model is the identity on one row of 64 float32 (batchproc's cost alone) and,
 ``--model fixed``, a fixed 5 ms per call. Median of ``--runs`` runs, all in one process.
 
     python benchmarks/compare_apredict.py [--runs 3] [--out benchmarks/results/apredict.md]
+    python benchmarks/compare_apredict.py --baseline REV [--runs 5]
+
+With ``--baseline``, the two ``apredict`` ways on the identity model only, this checkout's
+installed batchproc against a baseline commit's (built as compare_versions.py builds it),
+each run in a fresh interpreter, the two versions alternating: the ratio of each pair
+and their median.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -119,11 +126,46 @@ def run_once(way, model):
         p.stop()
 
 
+# One run in a fresh interpreter of either version: requests/s of a way, on identity.
+_ONE_RUN = ("import sys; sys.path.insert(0, sys.argv[2]); "
+            "from compare_apredict import N, _models, run_once; "
+            "seconds, _, _ = run_once(sys.argv[1], _models()['identity']); print(N / seconds)")
+
+
+def against_baseline(rev: str, runs: int) -> None:
+    from compare_versions import baseline_python
+
+    baseline, commit = baseline_python(rev, rebuild=False)
+    here = os.path.dirname(os.path.abspath(__file__))
+    versions = {f"baseline {commit[:7]}": baseline, "current": sys.executable}
+    print(f"Burst of {N:,} from one asyncio loop, identity model, {runs} alternated pairs "
+          f"(`{shlex.join(['python', *sys.argv])}`)\n")
+    print("| way | baseline req/s | current req/s | current / baseline | pairs |")
+    print("|---|---:|---:|---:|---:|")
+    for way in ("apredict", "apredict, room for all"):
+        rates: dict[str, list[float]] = {name: [] for name in versions}
+        for i in range(runs):
+            for name in (list(versions) if i % 2 == 0 else list(versions)[::-1]):
+                out = subprocess.run([versions[name], "-c", _ONE_RUN, way, here],
+                                     capture_output=True, text=True, check=True)
+                rates[name].append(float(out.stdout.split()[-1]))
+        old, new = rates.values()
+        ratios = [n / o for n, o in zip(new, old)]
+        print(f"| {way} | {statistics.median(old):,.0f} | {statistics.median(new):,.0f} | "
+              f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="alternate with this commit's build (apredict ways, identity)")
     args = parser.parse_args()
+    if args.baseline is not None:
+        against_baseline(args.baseline, args.runs)
+        return
     load_before = os.getloadavg()[0]
     lines = [f"Burst of {N:,} requests from one asyncio loop, queue of {CAPACITY:,} "
              f"(median of {args.runs} runs; {os.cpu_count()} cores, "

@@ -114,6 +114,14 @@ def test_the_expiry_message_of_a_request_never_processed():
     assert error.__cause__ is None
 
 
+def test_the_expiry_message_states_a_limit_under_a_millisecond_as_given():
+    # Not rounded to 0.000 s (nor the wait to as much as its limit).
+    from batchproc.engine.delivery import expiry_error
+    error = expiry_error(_request(100.0, 100.0 + 0.00012), now=100.0003)
+    assert str(error) == ("request waited 0.0003 s, past its max_queue_time of 0.00012 s "
+                          "in the queue; it was never processed")
+
+
 @pytest.mark.parametrize("tries", [1, 2, 3])
 def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     from batchproc.engine.delivery import expiry_error

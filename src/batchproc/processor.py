@@ -1104,8 +1104,9 @@ class FailureLog:
         if admitted is None:
             return
         if admitted.left_out:
-            logger.warning("enqueue: request %s: %r (and %d more %s in the last %.0f s)",
-                           what, exc, admitted.left_out, type(exc).__name__, admitted.since)
+            logger.warning("enqueue: request %s: %r (and %s more %s in the last %.0f s)",
+                           what, exc, f"{admitted.left_out:,}", type(exc).__name__,
+                           admitted.since)
         else:
             logger.warning("enqueue: request %s: %r", what, exc)
 

@@ -20,6 +20,7 @@ from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError, for_callers
 from ..formats.chunks import handed_back, queued_again
 from ..futures import RequestFuture, fail, finish_all, invoke_callbacks
+from ..log_limits import seconds
 from ..metrics import (
     OUTCOME_ERROR,
     OUTCOME_EXPIRED,
@@ -251,7 +252,7 @@ def expiry_error(request: Request, now: float) -> QueueTimeoutError:
     is the ``__cause__``."""
     waited = now - request.enqueued_at
     allowed = request.deadline - request.enqueued_at
-    ran_out = f"request waited {waited:.3f} s, past its max_queue_time of {allowed:.3f} s"
+    ran_out = f"request waited {seconds(waited)}, past its max_queue_time of {seconds(allowed)}"
     if request.error is None:
         return QueueTimeoutError(f"{ran_out} in the queue; it was never processed")
     tries = request.attempt

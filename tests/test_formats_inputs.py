@@ -814,3 +814,46 @@ def test_plain_arrays_never_import_numpy_ma():
             "    p.enqueue_predict(np.ones((3, 2))).result(10)  # in chunks, joined\n"
             "assert 'numpy.ma' not in sys.modules, 'numpy.ma was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------ an item changed while queued
+
+
+def _resized(rows_before, rows_after):
+    """An owned array of ``rows_before`` rows, and how to resize it in place (a caller
+    breaking the rule that an item must not change until its result has come)."""
+    item = np.full((rows_before, 3), 7.0)
+
+    def resize():
+        item.resize((rows_after, 3), refcheck=False)
+        item[:] = 7.0
+    return item, resize
+
+
+@pytest.mark.parametrize("rows_before,rows_after", [(1, 2), (2, 1), (2, 0)])
+@pytest.mark.parametrize("wrap", ["array", "named", "padded"])
+def test_an_item_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
+        make_processor, rows_before, rows_after, wrap):
+    config = {"pad_value": 0} if wrap == "padded" else {}
+    p = make_processor(lambda batch: batch, max_batch_size=16, retry_delay=0.01, **config)
+    bad, resize = _resized(rows_before, rows_after)
+    healthy = [np.full((1, 3), float(i)) for i in range(3)]
+    items = [healthy[0], bad, *healthy[1:]]
+    if wrap == "named":
+        items = [{"x": x} for x in items]
+    futures = one_batch_after(p, items, resize)
+    with pytest.raises(ValueError, match="changed its rows after it was queued"):
+        futures[1].result(timeout=10)
+    for i, future in zip(range(3), [futures[0], *futures[2:]]):
+        result = future.result(timeout=10)
+        np.testing.assert_array_equal(result["x"] if wrap == "named" else result,
+                                      healthy[i])
+
+
+def one_batch_after(p, items, change):
+    """Queue ``items`` while paused, then ``change()`` before the batch is built."""
+    p.pause()
+    futures = [p.enqueue_predict(x) for x in items]
+    change()
+    p.resume()
+    return futures

@@ -237,3 +237,19 @@ def test_a_tensor_result_is_a_view_whose_writes_reach_only_its_own_rows(make_pro
     results[1][...] = -1.0
     torch.testing.assert_close(results[0], items[0] * 2)
     torch.testing.assert_close(results[2], items[2] * 2)
+
+
+@pytest.mark.parametrize("rows_before,rows_after", [(1, 2), (2, 1)])
+def test_a_tensor_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
+        make_processor, rows_before, rows_after):
+    p = make_processor(lambda batch: batch * 10, max_batch_size=16, retry_delay=0.01)
+    bad = torch.full((rows_before, 3), 7.0)
+    healthy = [torch.full((1, 3), float(i)) for i in range(3)]
+    p.pause()
+    futures = [p.enqueue_predict(x) for x in [healthy[0], bad, *healthy[1:]]]
+    bad.resize_(rows_after, 3).fill_(7.0)  # breaks the rule: it changed while queued
+    p.resume()
+    with pytest.raises(ValueError, match="changed its rows after it was queued"):
+        futures[1].result(timeout=10)
+    for x, future in zip(healthy, [futures[0], *futures[2:]]):
+        assert torch.equal(future.result(timeout=10), x * 10)

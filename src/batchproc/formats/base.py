@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
-from .._native.future_state import Request, items_of, longest
+from .._native.future_state import Request, items_of, longest, total_rows
 from ..errors import BatchOutputError
 from . import outputs
 
@@ -164,6 +164,8 @@ class LeafFormat(BatchFormat):
         padded_length = 0 if padding is None else padding.padded_length(longest(requests))
         batch = self._leaf.build(items_of(requests), workspace, 0, padded_length)
         rows = batch.shape[0]
+        if not self.one_sample:
+            check_queued_rows(rows, total_rows(requests))
         return Built(batch, rows, rows, padded_length)
 
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
@@ -172,6 +174,18 @@ class LeafFormat(BatchFormat):
         padding = self._padding
         tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
         return row_chunks(request, limits, tokens_per_row, self._cut)
+
+
+def check_queued_rows(rows: int, queued: int) -> None:
+    """``ValueError`` unless a batch (or one input of it) built of requests queued with
+    ``queued`` rows holds as many. An item whose rows changed after it was queued (a
+    resize) would shift every later caller's rows, which are cut from the output as
+    queued; failing the batch lets the failure search find the item and fail it alone."""
+    if rows != queued:
+        raise ValueError(
+            f"the batch's items hold {rows} rows where their requests were queued with "
+            f"{queued}: an item changed its rows after it was queued (an item must not "
+            "change until its result has come)")
 
 
 def row_chunks(request: Request, limits: Limits, tokens_per_row: int,

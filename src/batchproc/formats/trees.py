@@ -24,7 +24,16 @@ import numpy as np
 
 from .._native.future_state import Request, items_of, longest, total_rows
 from .arrays import ArrayLeaf, describe_array
-from .base import BatchFormat, Built, Description, Family, Limits, Workspace, row_chunks
+from .base import (
+    BatchFormat,
+    Built,
+    Description,
+    Family,
+    Limits,
+    Workspace,
+    check_queued_rows,
+    row_chunks,
+)
 from .outputs import flatten, tensor_type
 from .padding import Padding
 from .tensors import TensorLeaf, describe_tensor
@@ -77,7 +86,12 @@ class TreeFormat(BatchFormat):
         columns = zip(*items_of(requests))
         built = [leaf.build(column, workspace, position, padded_length)
                  for position, (leaf, column) in enumerate(zip(self._leaves, columns))]
-        rows = len(requests) if self.one_sample else total_rows(requests)
+        if self.one_sample:
+            rows = len(requests)
+        else:
+            rows = total_rows(requests)
+            for leaf in built:
+                check_queued_rows(leaf.shape[0], rows)
         return Built(self._spec.unflatten(built), rows, rows, padded_length)
 
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:

@@ -1,9 +1,11 @@
 """@batchproc.batch: a batch function called one item at a time."""
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import gc
+import pickle
 import re
 import subprocess
 import sys
@@ -689,6 +691,48 @@ def test_a_call_after_the_exit_hook_is_refused():
     assert out.splitlines() == ["5", "refused"]
 
 
+def test_an_instance_first_called_after_the_exit_hook_is_refused():
+    # A method binds a new processor per instance: one first bound after the hook (a
+    # late hook's new instance) must be refused as the functions stopped by it are.
+    code = (
+        "import atexit\n"
+        "atexit.register(lambda: late())  # before batchproc's hook, so it runs after it\n"
+        "import batchproc\n"
+        "class Model:\n"
+        "    @batchproc.batch(max_batch_size=4)\n"
+        "    def ident(self, items):\n"
+        "        return items\n"
+        "def late():\n"
+        "    late_model = Model()\n"
+        "    try:\n"
+        "        late_model.ident(1)\n"
+        "    except batchproc.ProcessorStoppedError:\n"
+        "        print('refused', flush=True)\n"
+        "    else:\n"
+        "        print('restarted', flush=True)\n"
+        "model = Model()\n"
+        "print(model.ident(5), flush=True)\n"
+    )
+    out = _script_output(code)
+    assert out.splitlines() == ["5", "refused"]
+
+
+def test_a_processor_stopped_through_its_property_is_final(stopped_after):
+    @batchproc.batch(max_batch_size=4)
+    def ident(items):
+        return items
+
+    stopped_after(ident)
+    assert ident(1) == 1
+    processor = ident.processor
+    processor.stop()
+    with pytest.raises(batchproc.ProcessorStoppedError, match="stop\\(\\) is final"):
+        ident(2)
+    with pytest.raises(batchproc.ProcessorStoppedError):
+        ident.processor  # noqa: B018 - the property starts nothing either
+    assert processor.get_stats()["total_rejected"] == 1
+
+
 def test_config_fields_are_checked_when_decorating():
     with pytest.raises(TypeError, match=r"^batch\(\) got an unexpected keyword argument "
                        r"'max_batch_sise' \(did you mean 'max_batch_size'\?\)\. batch\(\) "
@@ -924,3 +968,117 @@ def test_the_decorated_functions_processor_config_is_read_only():
 def test_a_config_that_is_not_a_config_is_refused_when_decorating(config):
     with pytest.raises(TypeError, match="config must be a BatchProcessorConfig, got "):
         batchproc.batch(config=config)
+
+
+# -- methods: subclasses, copies, pickles ---------------------------------------------
+
+
+class _Base:
+    @batchproc.batch(max_batch_size=4)
+    def predict(self, items):
+        return [("base", x) for x in items]
+
+
+class _Overrides(_Base):
+    def predict(self, item):  # a plain override that calls the batched one
+        return ("child", super().predict(item))
+
+
+class _BatchedToo(_Base):
+    @batchproc.batch(max_batch_size=4)
+    def predict(self, items):
+        return [("batched too", x) for x in items]
+
+
+class _Scaler:
+    def __init__(self, k):
+        self.k = k
+
+    @batchproc.batch(max_batch_size=4)
+    def scale(self, items):
+        return [self.k * x for x in items]
+
+
+@batchproc.batch(max_batch_size=4)
+def module_level_double(items):
+    return [2 * x for x in items]
+
+
+def test_a_subclass_override_is_not_hidden_by_the_batched_method_it_calls():
+    child = _Overrides()
+    try:
+        assert child.predict(1) == ("child", ("base", 1))
+        assert child.predict(2) == ("child", ("base", 2))  # the override still runs
+    finally:
+        _Base.predict.__get__(child).stop()
+
+
+def test_each_class_s_batched_method_runs_on_an_instance_whichever_ran_first():
+    for first in ("base", "subclass"):
+        obj = _BatchedToo()
+        try:
+            if first == "base":
+                assert _Base.predict(obj, 1) == ("base", 1)
+            assert obj.predict(1) == ("batched too", 1)
+            assert _Base.predict(obj, 1) == ("base", 1)
+            assert obj.predict(2) == ("batched too", 2)
+        finally:
+            _Base.predict.__get__(obj).stop()
+            obj.predict.stop()
+
+
+def test_a_copy_of_an_instance_binds_its_own_processor():
+    a = _Scaler(2)
+    try:
+        assert a.scale(1) == 2
+        b = copy.copy(a)
+        b.k = 3
+        assert b.scale(1) == 3
+        assert b.scale is not a.scale and b.scale.processor is not a.scale.processor
+        c = copy.deepcopy(a)
+        c.k = 5
+        assert c.scale(1) == 5 and c.scale.processor is not a.scale.processor
+        ref = weakref.ref(a)
+        del a
+        assert _collected(ref)
+        assert b.scale(2) == 6  # the original gone: the copy is not
+    finally:
+        for obj in (b, c):  # (not _Scaler.scale.stop(): final for the class's later ones)
+            obj.scale.stop()
+
+
+def test_an_instance_used_once_pickles_and_binds_anew_when_unpickled():
+    a = _Scaler(4)
+    try:
+        assert a.scale(1) == 4
+        b = pickle.loads(pickle.dumps(a))
+        assert b.k == 4 and b.scale(2) == 8
+        assert b.scale.processor is not a.scale.processor
+    finally:
+        a.scale.stop()
+        b.scale.stop()
+
+
+def test_a_module_level_function_pickles_by_reference():
+    assert pickle.loads(pickle.dumps(module_level_double)) is module_level_double
+    try:
+        assert module_level_double(3) == 6
+    finally:
+        module_level_double.stop()
+
+
+def test_a_function_made_at_runtime_that_names_itself_is_collected():
+    def make(k):
+        @batchproc.batch(max_batch_size=4)
+        def scale(items):
+            assert scale.name  # the body refers to the decorated function itself
+            return [k * x for x in items]
+        return scale
+
+    fn = make(2)
+    assert fn(1) == 2
+    threads = fn._threads()
+    ref = weakref.ref(fn)
+    del fn
+    assert _collected(ref)
+    assert _all_exit(threads)

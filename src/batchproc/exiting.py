@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 EXIT_TIMEOUT = 5.0
 
 _lock = threading.Lock()
+_has_run = False  # the exit hook began
 # Objects with a ``stop(timeout)`` method, in the order registered (the dict keeps it).
 _registered: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
 
@@ -51,6 +52,11 @@ def forget(obj: Any) -> None:
         _registered.pop(obj, None)
 
 
+def has_run() -> bool:
+    """Whether the exit hook has begun: what would start a processor now must not."""
+    return _has_run
+
+
 def registered() -> list[Any]:
     """What the exit hook would stop now, in its order."""
     with _lock:
@@ -64,6 +70,8 @@ def stop_all() -> None:
     Interrupted (Ctrl-C), what is left is given up at once and everything is still
     stopped; the interrupt is logged, not raised: an ``atexit`` hook's exception (a
     ``SystemExit`` too) is only printed as ignored and cannot change the exit status."""
+    global _has_run
+    _has_run = True
     interrupted: str | None = None
     deadline = time.monotonic() + EXIT_TIMEOUT
     while True:

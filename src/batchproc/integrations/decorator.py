@@ -13,8 +13,10 @@
     embed.stop()                    # also done at interpreter exit
 
 The processor is made and started on first use, one per decorated function, or one
-per instance for a method (kept in the instance's ``__dict__`` under the method's name,
-the way ``functools.cached_property`` keeps its value). What counts as which:
+per instance for a method (kept in the instance's ``__dict__`` under a key of the
+method's own, ``_batchproc:`` and its qualified name: not under its name, where it would
+hide a subclass's override; a copy or an unpickled instance binds its own on first
+use). What counts as which:
 
 - a function written in a class body that takes the instance and the batch is a method;
 - one that takes only the batch (``@staticmethod``, above or below ``@batch``) is a
@@ -25,18 +27,22 @@ the way ``functools.cached_property`` keeps its value). What counts as which:
 
 ``stop()`` is final, as ``BatchProcessor.stop`` is: every later call (and
 ``.processor``) raises ``ProcessorStoppedError`` rather than silently starting a new
-processor, also after the ``atexit`` hook stopped it; decorate the function again
-for a new one. On a method, ``Class.method.stop()`` stops it for every instance, those
+processor, also after ``.processor.stop()`` or the ``atexit`` hook stopped it (an
+instance first called after the hook included); decorate the function again for a new
+one. On a method, ``Class.method.stop()`` stops it for every instance, those
 made later included. A processor lives as long as its owner
-(the decorated function; for a method, the instance), reference cycles included: once
-the owner is collected its processor is stopped and its threads exit. A request still
+(the decorated function; for a method, the instance), reference cycles included (its
+workers reach the function only through a weak reference, so a function that names
+itself is collected too): once the owner is collected its processor is stopped and
+its threads exit. A request still
 pending keeps its owner alive (its future, or the coroutine awaiting it, holds it), so
 none is lost that way. Every processor still running at interpreter exit is stopped by
 an ``atexit`` hook (``batchproc.exiting``), so queued work is finished or failed, never
 lost silently. A process
 forked after the first call (a pre-forking server that warmed the model up before
 forking) does not inherit the processor, whose threads stay in the parent: its first
-call starts its own.
+call starts its own. A module-level decorated function pickles by reference, as a
+plain function does (``multiprocessing``: each process starts its own processor).
 
 ``async def`` batch functions are async models of the processor: they run on the event
 loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
@@ -54,6 +60,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, cast, overload
 
 from .. import exiting
+from ..async_model import is_async_callable
 from ..backpressure import timeout_arg
 from ..config import (
     BatchPriority,
@@ -95,6 +102,9 @@ class BatchedFunction(Generic[T, U]):
         # calls refused after stop() count in its total_rejected.
         self._stopped_processor: weakref.ref[BatchProcessor[T, U]] | None = None
         self._instance = instance  # a method's instance, which its function needs
+        # For a method: its descriptor and the id of its instance (see _is_bound_to).
+        self._method: object | None = None
+        self._instance_id = 0
         _LIVE.add(self)
         exiting.stop_at_exit(self)
 
@@ -159,6 +169,9 @@ class BatchedFunction(Generic[T, U]):
             processor = self._processor
             if processor is not None and processor.running:
                 return processor
+            if processor is not None or exiting.has_run():
+                # Stopped through .processor.stop(), or by the exit hook: final too.
+                self._stop_locked()
             if self._stopped:
                 if a_request:
                     self._count_refusal()
@@ -166,7 +179,8 @@ class BatchedFunction(Generic[T, U]):
                     f"batched function {self.name} was stopped; stop() is final (decorate "
                     "the function again for a new processor)")
             processor = BatchProcessor(self._config, self._metrics_collector)
-            processor.start(self._func)  # an async def one runs on the processor's loop
+            # An async def one runs on the processor's loop.
+            processor.start(_through_weakly(self))
             self._processor = processor
             self._finalizer = _stop_when_collected(self, processor)
             return processor
@@ -187,18 +201,45 @@ class BatchedFunction(Generic[T, U]):
         Idempotent, and safe before the first call. ``timeout``: ``TypeError`` if not a
         number, ``ValueError`` if NaN or negative."""
         timeout = timeout_arg(timeout)
-        exiting.forget(self)
         with self._stopping:  # a second stop() returns once the first has finished
             with self._lock:
-                self._stopped = True
-                processor, self._processor = self._processor, None
-                if processor is not None:
-                    self._stopped_processor = weakref.ref(processor)
-                finalizer, self._finalizer = self._finalizer, None
-            if finalizer is not None:
-                finalizer.detach()
+                processor = self._stop_locked()
             if processor is not None:
                 processor.stop(timeout)
+
+    def _stop_locked(self) -> BatchProcessor[T, U] | None:
+        """Mark it stopped for good (under ``_lock``); the processor to stop, if any."""
+        exiting.forget(self)
+        self._stopped = True
+        processor, self._processor = self._processor, None
+        if processor is not None:
+            self._stopped_processor = weakref.ref(processor)
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        return processor
+
+    def _is_bound_to(self, method: object, instance: Any) -> bool:
+        """Whether this is ``method`` bound to ``instance`` (not to the instance a copy of
+        it was made from, nor another descriptor's under the same key)."""
+        if self._method is not method or self._instance_id != id(instance):
+            return False
+        return self._instance is None or self._instance() is instance
+
+    # Copied, it stays itself, as a function does; a copy of a method's instance finds
+    # it bound to another instance and binds its own (BatchedMethod.__get__).
+    def __copy__(self) -> BatchedFunction[T, U]:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BatchedFunction[T, U]:
+        return self
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        if self._method is not None:
+            # In a pickled instance: its processor stays here; unpickled, it binds anew.
+            return (_unbound, ())
+        # A function pickles by reference (module and qualified name), as plain ones do.
+        return str(self.__dict__["__qualname__"])  # set by update_wrapper
 
     def _forget_after_fork(self) -> None:
         # In a forked child the parent's threads do not exist: its processor would accept
@@ -237,13 +278,12 @@ class BatchedMethod(Generic[S, T, U]):
         self._config = config
         self._metrics_collector = metrics_collector
         self._name = name
-        self._attr = func.__name__
+        # Where an instance keeps its binding: a key of this descriptor's own, not its
+        # name (there the binding would hide a subclass's method of that name).
+        self._key = f"_batchproc:{func.__qualname__}"
         self._lock = threading.Lock()
         self._bound: weakref.WeakSet[BatchedFunction[T, U]] = weakref.WeakSet()
         self._stopped = False  # stop() was called: instances bound later are stopped too
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self._attr = name
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None,
@@ -263,14 +303,12 @@ class BatchedMethod(Generic[S, T, U]):
             raise TypeError(
                 f"@batchproc.batch on {self._name}: the instance needs a __dict__ "
                 f"to hold its processor") from None
-        bound = namespace.get(self._attr)
-        if isinstance(bound, BatchedFunction):
-            # Normally the instance's __dict__ answers before this descriptor is asked;
-            # not for special methods (``__call__``), which are looked up on the type.
+        bound = namespace.get(self._key)
+        if isinstance(bound, BatchedFunction) and bound._is_bound_to(self, instance):
             return bound
         with self._lock:
-            bound = namespace.get(self._attr)
-            if isinstance(bound, BatchedFunction):
+            bound = namespace.get(self._key)
+            if isinstance(bound, BatchedFunction) and bound._is_bound_to(self, instance):
                 return bound  # another thread bound it meanwhile
             try:
                 ref: weakref.ref[Any] | None = weakref.ref(instance)
@@ -282,8 +320,9 @@ class BatchedMethod(Generic[S, T, U]):
                 _bind(self._func, instance, ref), self._config, self._metrics_collector,
                 self._name, ref)
             bound._stopped = self._stopped
-            # Later lookups find it in the instance's __dict__ before this descriptor.
-            namespace[self._attr] = bound
+            bound._method = self
+            bound._instance_id = id(instance)
+            namespace[self._key] = bound
             self._bound.add(bound)
         return bound
 
@@ -335,6 +374,33 @@ def _bind(func: Callable[..., Any], instance: Any,
     def bound(batch: Any) -> Any:
         return func(target(), batch)
     return bound
+
+
+def _through_weakly(owner: BatchedFunction[Any, Any]) -> Callable[[Any], Any]:
+    """What the processor calls: ``owner``'s function, reached through a weak reference
+    to ``owner``, so that its workers do not keep alive a function whose body names
+    itself (a pending request keeps ``owner`` alive, so a batch always finds it)."""
+    ref = weakref.ref(owner)
+
+    def func() -> Callable[[Any], Any]:
+        obj = ref()
+        if obj is None:
+            raise ReferenceError("the batched function was garbage-collected")
+        return obj._func
+
+    if is_async_callable(owner._func):
+        async def call_async(batch: Any) -> Any:
+            return await func()(batch)
+        return call_async
+
+    def call(batch: Any) -> Any:
+        return func()(batch)
+    return call
+
+
+def _unbound() -> None:
+    """What a method's binding unpickles as: nothing, so the instance binds anew."""
+    return None
 
 
 def _stop_when_collected(owner: BatchedFunction[Any, Any],

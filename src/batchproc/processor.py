@@ -716,6 +716,9 @@ class BatchProcessor(Generic[T, U]):
                 max_queue_time: float | _ConfigDefault | None = _CONFIG) -> None:
         """Fire and forget: failures are logged and counted, never raised to the caller.
 
+        A full queue is waited for as by ``enqueue_predict`` (``timeout``: ``None`` waits
+        as long as it takes; past it, the request is refused): it blocks, so do not call
+        it on an event loop's thread.
         A refused or failed request is logged once, as a warning on the
         ``batchproc.processor`` logger; repeats of one exception type are logged at most
         once per ``FAILURE_LOG_INTERVAL`` (10) seconds, with the number left out. Refusals
@@ -980,7 +983,7 @@ class BatchProcessor(Generic[T, U]):
         each check's ``status`` (ok, warning, critical, unknown) and ``value``: memory
         (percent of the container's memory limit, cgroup v2 or v1, where there is one;
         else of the machine's memory), queue (requests), stuck_batches, workers.
-        See docs/failures.md, "Health and probes".
+        See docs/services.md, "Health endpoints".
         """
         return self._health.check()
 

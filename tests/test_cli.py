@@ -349,13 +349,28 @@ def test_a_run_freezes_the_heap_it_found_and_thaws_it_after() -> None:
 
     from batchproc.bench.runner import _frozen_heap
 
-    assert gc.get_freeze_count() == 0
+    gc.unfreeze()  # what the interpreter may have frozen at start (CPython 3.12.1)
     with _frozen_heap():
         assert gc.get_freeze_count() > 0  # a collection in the run skips these
     assert gc.get_freeze_count() == 0
     with pytest.raises(RuntimeError), _frozen_heap():
         raise RuntimeError("a failing run")
     assert gc.get_freeze_count() == 0
+
+
+def test_a_run_leaves_a_heap_frozen_before_it_as_it_found_it() -> None:
+    import gc
+
+    from batchproc.bench.runner import _frozen_heap
+
+    gc.freeze()  # a pre-forking server's
+    try:
+        before = gc.get_freeze_count()
+        with _frozen_heap():
+            assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() == before  # not thawed
+    finally:
+        gc.unfreeze()
 
 
 # -- a plot's format is checked before anything runs ----------------------------------------

@@ -245,7 +245,12 @@ def _frozen_heap() -> Iterator[None]:
     """Collect, then freeze what exists (``gc.freeze``) for the block: a collection
     during a run scans what the run made, not the process's whole heap (every system's
     modules, what earlier runs and peers left behind), so one system's figures do not
-    depend on which ran before it."""
+    depend on which ran before it. A heap something else froze first (a pre-forking
+    server; CPython 3.12.1 itself, at start) is left as found: ``gc.unfreeze`` would thaw
+    that too."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:

@@ -486,6 +486,26 @@ EXIT_PRELUDE = """
 """
 
 
+# CPython 3.12+ starts no thread once the interpreter exits (atexit hooks included):
+# the same here, on any version, from when the exit hook begins.
+NO_THREADS_AT_EXIT = """
+    from batchproc import shielded
+    shielded.THREADS_AT_EXIT = False
+    real_start = threading.Thread.start
+
+    def start(self):
+        if exiting.has_run():
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return real_start(self)
+
+    threading.Thread.start = start
+"""
+
+# How the tests of the exit hook's interrupts and waits run: as this interpreter does,
+# and as one that starts no thread at exit does (CPython 3.12+).
+AT_EXIT = pytest.mark.parametrize("threads_at_exit", ["", NO_THREADS_AT_EXIT],
+                                  ids=["this-python", "no-threads-at-exit"])
+
 # A processor whose model never returns (its call has begun once ``entered`` is set).
 HANGING = """
     entered = threading.Event()
@@ -640,15 +660,17 @@ INTERRUPT_THE_DRAIN = """
 """
 
 
+@AT_EXIT
 @pytest.mark.parametrize("times", [1, 2, 5])
 @pytest.mark.parametrize("to", ["process", "thread"])
-def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future(times, to):
+def test_ctrl_c_during_the_exit_drain_gives_up_at_once_and_completes_every_future(
+        times, to, threads_at_exit):
     # A hung model and a queued request at exit, a drain of 30 s: both futures fail with
     # ProcessorStoppedError at once and the interpreter exits, with the status it had
     # (an atexit hook cannot change it), saying on stderr that it was interrupted.
     began = time.monotonic()
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(
-        EXIT_PRELUDE + HANGING + INTERRUPT_THE_DRAIN + f"""
+        EXIT_PRELUDE + threads_at_exit + HANGING + INTERRUPT_THE_DRAIN + f"""
     exiting.EXIT_TIMEOUT = 30.0
     threading.Thread(target=interrupt, args=({times}, {to!r}), daemon=True).start()
     print("exiting", flush=True)
@@ -853,8 +875,10 @@ def test_a_done_callback_that_blocks_holds_ctrl_c_only_a_grace():
     assert lines == ["raised True", "in callback True"]
 
 
-def test_a_done_callback_that_blocks_holds_the_exit_only_a_grace_past_its_timeout():
-    lines, took = run_script(EXIT_PRELUDE + HANGING + BLOCKING_CALLBACK + """
+@AT_EXIT
+def test_a_done_callback_that_blocks_holds_the_exit_only_a_grace_past_its_timeout(
+        threads_at_exit):
+    lines, took = run_script(EXIT_PRELUDE + threads_at_exit + HANGING + BLOCKING_CALLBACK + """
     print("exiting", flush=True)
     """, timeout=30)
     assert lines == ["exiting"]

@@ -12,11 +12,18 @@ The wait is not endless, though: once interrupted, or once past the time its cal
 gave, it lasts at most ``GRACE`` more seconds. The work gives up its own waits at once
 then, so only code it calls that blocks (a user's done-callback) can keep it longer; it
 goes on finishing on the helper thread, and the caller gets its interrupt back.
+
+CPython 3.12 and later start no thread once the interpreter is exiting, ``atexit`` hooks
+included (``RuntimeError``), which is where the exit hook needs one most. A process that
+will need one then keeps a thread parked from before (``keep_standby``): the helper
+work runs there when no new thread can be had.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import queue
 import sys
 import threading
 import time
@@ -35,6 +42,49 @@ SIGNAL_POLL = 0.05
 # How long the caller still waits for the work once interrupted, or once past its
 # ``wait_until``, before leaving it to finish on its helper thread (seconds).
 GRACE = 2.0
+
+
+# Whether a thread can be started while the interpreter exits (atexit hooks): not from
+# CPython 3.12 on.
+THREADS_AT_EXIT = sys.version_info < (3, 12)
+
+
+class _Standby:
+    """A daemon thread parked until work is handed to it, one per process."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="batchproc-standby", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self.work.get()()
+
+
+_standby: _Standby | None = None
+_standby_lock = threading.Lock()
+
+
+def keep_standby() -> None:
+    """Keep a thread parked for ``run`` to use where no new thread can be started (at
+    exit, from CPython 3.12 on); a no-op where one could be, or once one is kept in this
+    process (a forked child keeps its own)."""
+    global _standby
+    if THREADS_AT_EXIT:
+        return
+    with _standby_lock:
+        if _standby is None or _standby.pid != os.getpid():
+            _standby = _Standby()
+
+
+def _run_on_standby(work: Callable[[], None]) -> bool:
+    """Hand ``work`` to this process's standby thread; False if it has none."""
+    standby = _standby
+    if standby is None or standby.pid != os.getpid():
+        return False
+    standby.work.put(work)
+    return True
 
 
 class Shield:
@@ -104,7 +154,10 @@ class _Wait:
             try:
                 thread.start()
             except Exception:
-                helper.run()  # no thread to be had: run it here (unless one began)
+                # No new thread to be had (exiting, CPython 3.12+): the standby, if this
+                # process keeps one, else here (unless a thread began it).
+                if not _run_on_standby(helper.run):
+                    helper.run()
             self.started = True
         # In slices: a signal the system delivers to another thread only sets a flag, and
         # its handler runs here at the next instruction, not in a wait that never ends.
@@ -139,7 +192,8 @@ def run(work: Callable[[Shield], T], name: str = "batchproc-shielded",
     and is raised once ``work`` has finished, instead of its outcome; later ones are
     dropped. On any other thread (no signal handler runs there) ``work`` runs on the
     caller's thread, with the shield of the shielded work it is nested in, if any. If no
-    thread can be started, ``work`` runs on the caller's thread, unshielded.
+    thread can be started, ``work`` runs on the standby thread (``keep_standby``), or
+    without one on the caller's thread, unshielded.
     """
     if threading.get_ident() != threading.main_thread().ident or sys.is_finalizing():
         # Finalizing (an object's __del__ as the interpreter exits): a new thread would

@@ -213,8 +213,9 @@ def batched_deployment(model: ModelFactory | str | None = None, *,
     (``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
     ``max_ongoing_requests``, ...) go in ``deployment_options`` or, for the common ones,
     directly as keywords: ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
-    ``max_ongoing_requests``, ``max_queued_requests``. ``metrics_name`` attaches the
-    Prometheus exporter in each replica (to the replica's default registry).
+    ``max_ongoing_requests``, ``max_queued_requests``. ``metrics_name`` records the
+    Prometheus series of each replica's processor in that replica process's default
+    registry, which Ray does not export: serve it from the replica (docs/services.md).
 
     The settings are checked here, before Ray is imported: ``TypeError`` for a ``config``
     that is not a ``BatchProcessorConfig`` or a keyword that is neither a field nor one

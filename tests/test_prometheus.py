@@ -332,6 +332,19 @@ def test_an_infinite_bucket_given_is_the_one_plus_inf_bucket(make_processor, bou
         assert les == ["0.1", "1.0", "+Inf"], (family, les)
 
 
+@pytest.mark.parametrize("bounds,error,says", [
+    ((0.1, 0.1, 1.0), ValueError, "not repeat a bound"),
+    ((0.1, float("nan")), ValueError, "be numbers other than NaN and -inf"),
+    ((float("-inf"), 1.0), ValueError, "be numbers other than NaN and -inf"),
+    ((0.1, "soon"), TypeError, "be numbers, got"),
+    ((0.1, None), TypeError, "be numbers, got"),
+])
+@pytest.mark.parametrize("which", ["latency_buckets", "size_buckets", "call_buckets"])
+def test_bucket_bounds_that_make_no_buckets_are_refused(bounds, error, says, which):
+    with pytest.raises(error, match=f"^{which} must {re.escape(says)}"):
+        PrometheusMetrics("p", CollectorRegistry(), **{which: bounds})
+
+
 def test_calls_refused_after_stop_count_alike_in_get_stats_and_the_metrics():
     # A stopped decorated function refuses every call itself (its processor is gone
     # from it); the processor that stop() stopped, kept by whoever reads its stats,

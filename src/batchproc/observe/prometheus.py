@@ -111,6 +111,22 @@ class _Buckets:
         return out
 
 
+def _check_bounds(label: str, bounds: Sequence[float]) -> None:
+    """``ValueError`` unless ``bounds`` are distinct numbers, NaN and -inf excluded (each
+    is a series ``le="..."``: two alike would be one bucket twice, and ``le="nan"`` no
+    bucket at all); ``TypeError`` for what is no number. ``+Inf`` may be given: it is the
+    last bucket, always there."""
+    try:
+        values = [float(b) for b in bounds]
+    except (TypeError, ValueError):
+        raise TypeError(f"{label} must be numbers, got {bounds!r}") from None
+    finite = [v for v in values if v != math.inf]
+    if any(math.isnan(v) or v == -math.inf for v in finite):
+        raise ValueError(f"{label} must be numbers other than NaN and -inf, got {bounds!r}")
+    if len(set(finite)) != len(finite):
+        raise ValueError(f"{label} must not repeat a bound, got {bounds!r}")
+
+
 class _State:
     """Everything recorded under one processor name."""
 
@@ -232,6 +248,9 @@ class PrometheusMetrics:
                  latency_buckets: Sequence[float] = LATENCY_BUCKETS,
                  size_buckets: Sequence[float] = SIZE_BUCKETS,
                  call_buckets: Sequence[float] = CALL_BUCKETS) -> None:
+        for label, bounds in (("latency_buckets", latency_buckets),
+                              ("size_buckets", size_buckets), ("call_buckets", call_buckets)):
+            _check_bounds(label, bounds)
         self.name = name
         self.registry = REGISTRY if registry is None else registry
         self._state = _collector_for(self.registry).state(

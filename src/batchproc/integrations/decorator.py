@@ -360,20 +360,13 @@ def _bind(func: Callable[..., Any], instance: Any,
     if ref is None:
         return functools.partial(func, instance)
 
-    def target() -> Any:
+    def method() -> Callable[[Any], Any]:
         obj = ref()
         if obj is None:
             raise ReferenceError("the instance of this batch method was garbage-collected")
-        return obj
+        return functools.partial(func, obj)
 
-    if inspect.iscoroutinefunction(func):
-        async def bound_async(batch: Any) -> Any:
-            return await func(target(), batch)
-        return bound_async
-
-    def bound(batch: Any) -> Any:
-        return func(target(), batch)
-    return bound
+    return _calling(method, inspect.iscoroutinefunction(func))
 
 
 def _through_weakly(owner: BatchedFunction[Any, Any]) -> Callable[[Any], Any]:
@@ -388,13 +381,20 @@ def _through_weakly(owner: BatchedFunction[Any, Any]) -> Callable[[Any], Any]:
             raise ReferenceError("the batched function was garbage-collected")
         return obj._func
 
-    if is_async_callable(owner._func):
+    return _calling(func, is_async_callable(owner._func))
+
+
+def _calling(resolve: Callable[[], Callable[[Any], Any]],
+             is_async: bool) -> Callable[[Any], Any]:
+    """A batch function calling what ``resolve()`` gives at each call: a coroutine
+    function for an async one (the processor runs those on its loop)."""
+    if is_async:
         async def call_async(batch: Any) -> Any:
-            return await func()(batch)
+            return await resolve()(batch)
         return call_async
 
     def call(batch: Any) -> Any:
-        return func()(batch)
+        return resolve()(batch)
     return call
 
 

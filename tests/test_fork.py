@@ -15,7 +15,7 @@ import pytest
 from extras import skip_without
 
 import batchproc.processor
-from batchproc import ProcessorForkedError, ProcessorStoppedError
+from batchproc import ProcessorForkedError, ProcessorStoppedError, shielded
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -177,3 +177,18 @@ def test_a_prometheus_scrape_in_a_forked_child_leaves_out_the_parents_processor(
                            in text, "gauge": "batchproc_queue_depth{" in text}
 
     assert in_child(child) == {"counted": True, "gauge": False}
+
+
+def test_a_forked_child_keeps_a_standby_thread_of_its_own(monkeypatch):
+    # The thread parked for the exit hook (CPython 3.12+) stays in the parent at a fork.
+    monkeypatch.setattr(shielded, "THREADS_AT_EXIT", False)
+    monkeypatch.setattr(shielded, "_standby", None)
+    shielded.keep_standby()
+    parents = shielded._standby
+
+    def child():
+        shielded.keep_standby()
+        own = shielded._standby
+        return own is not parents and own.pid == os.getpid()
+
+    assert in_child(child) is True

@@ -94,5 +94,29 @@ def test_the_work_runs_on_the_calling_thread_when_no_thread_can_be_started(monke
     def refuse(self):
         raise RuntimeError("can't start new thread")
 
+    monkeypatch.setattr(shielded, "_standby", None)  # a process that keeps none
     monkeypatch.setattr(threading.Thread, "start", refuse)
     assert shielded.run(lambda shield: threading.current_thread()) is threading.main_thread()
+
+
+def test_the_work_runs_on_the_standby_thread_when_no_new_thread_can_be_started(monkeypatch):
+    # As at exit on CPython 3.12+: the thread kept parked from before runs it, shielded.
+    monkeypatch.setattr(shielded, "THREADS_AT_EXIT", False)
+    monkeypatch.setattr(shielded, "_standby", None)
+    shielded.keep_standby()
+    standby = shielded._standby
+    assert standby is not None
+    shielded.keep_standby()
+    assert shielded._standby is standby  # one per process
+    real_start = threading.Thread.start
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran_on = shielded.run(lambda shield: threading.current_thread())
+    assert ran_on.name == "batchproc-standby" and ran_on is not threading.main_thread()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    # It stays parked for the next one (a process's exit hook may run it twice).
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert shielded.run(lambda shield: threading.current_thread()) is ran_on

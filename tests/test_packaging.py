@@ -7,6 +7,7 @@ the package under test is that wheel, installed, and not a build from the source
 import dataclasses
 import enum
 import importlib.metadata
+import inspect
 import os
 import pathlib
 import re
@@ -59,10 +60,11 @@ UNITS = ("rows", "seconds", "requests", "batches", "MiB", "percent", "tokens", "
 def attribute_entries():
     """{field: its text} from the 'Attributes:' section of BatchProcessorConfig's
     docstring, the section the API reference renders."""
-    doc = BatchProcessorConfig.__doc__ or ""
+    # Dedented as Python 3.13 compiles docstrings, whatever the version.
+    doc = inspect.cleandoc(BatchProcessorConfig.__doc__ or "")
     section = doc.split("Attributes:\n", 1)[1]
     entries = {}
-    for match in re.finditer(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", section, re.M | re.S):
+    for match in re.finditer(r"^ {4}(\w+): (.*?)(?=^ {4}\w+: |\Z)", section, re.M | re.S):
         entries[match[1]] = " ".join(match[2].split())
     return entries
 

@@ -430,6 +430,7 @@ def test_item_size_counts_samples_toward_max_batch_size(make_processor, recorder
     (lambda x: -3, ValueError, "got -3"),
     (lambda x: 2.5, TypeError, "must return an int"),
     (lambda x: True, TypeError, "must return an int"),
+    (lambda x: np.True_, TypeError, "must return an int"),
     # The queue counts at most 2**39 - 1 rows per request: said in item_size's terms.
     (lambda x: 2**39, ValueError, "item_size returned 549755813888 samples for a str item; "
                                   "one request counts for at most 549755813887"),

@@ -426,6 +426,10 @@ cdef int64_t _int_arg_clamped(object v, str name) except? -1:
 
 cdef object _as_index(object v, str name):
     # Kept out of the int helpers so their common path (an int) sets up no try block.
+    cdef type kind = type(v)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        # No integer: numpy 2.3+ refuses its index, older numpy warns and gives 0 or 1.
+        raise TypeError(f"{name} must be an int, not numpy.{kind.__name__}")
     try:
         return PyNumber_Index(v)
     except TypeError:

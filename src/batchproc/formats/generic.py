@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .._native.future_state import Request, items_of, total_rows
 from .._native.request_queue import MAX_COUNT
 from .base import BatchFormat, Built, Description, Family, Workspace
@@ -54,7 +56,8 @@ def _samples(item_size: Callable[[Any], int], item: Any) -> int:
         raise ValueError(
             f"item_size raised {type(exc).__name__}: {exc} (for a {type(item).__name__} "
             "item)") from exc
-    if isinstance(size, bool) or not hasattr(size, "__index__"):
+    # numpy's bool too: older numpy gives it an index (0 or 1), with a warning.
+    if isinstance(size, (bool, np.bool_)) or not hasattr(size, "__index__"):
         raise TypeError(
             f"item_size must return an int, got {size!r} for a {type(item).__name__} item")
     size = size.__index__()

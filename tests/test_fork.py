@@ -192,3 +192,16 @@ def test_a_forked_child_keeps_a_standby_thread_of_its_own(monkeypatch):
         return own is not parents and own.pid == os.getpid()
 
     assert in_child(child) is True
+
+
+def test_a_fork_while_another_thread_keeps_the_standby_lock_does_not_hang_the_child(
+        monkeypatch):
+    monkeypatch.setattr(shielded, "THREADS_AT_EXIT", False)
+    monkeypatch.setattr(shielded, "_standby", None)
+    with shielded._standby_lock:  # as a thread starting the standby holds it at the fork
+
+        def child():
+            shielded.keep_standby()  # would wait for ever on the lock copied held
+            return shielded._standby is not None
+
+        assert in_child(child) is True

@@ -120,3 +120,17 @@ def test_the_work_runs_on_the_standby_thread_when_no_new_thread_can_be_started(m
     # It stays parked for the next one (a process's exit hook may run it twice).
     monkeypatch.setattr(threading.Thread, "start", refuse)
     assert shielded.run(lambda shield: threading.current_thread()) is ran_on
+
+
+def test_no_standby_is_kept_where_no_thread_can_be_started(monkeypatch):
+    # Already exiting (a first processor started by an exit hook), or a thread limit:
+    # keep_standby does without, and raises nothing.
+    monkeypatch.setattr(shielded, "THREADS_AT_EXIT", False)
+    monkeypatch.setattr(shielded, "_standby", None)
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    shielded.keep_standby()
+    assert shielded._standby is None

@@ -42,7 +42,6 @@ _registered: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
 def stop_at_exit(obj: Any) -> None:
     """Call ``obj.stop(timeout)`` at interpreter exit, unless ``forget(obj)`` was called
     first or ``obj`` was collected."""
-    shielded.keep_standby()  # the hook's shield needs a thread where none can start then
     with _lock:
         _registered[obj] = None
 

@@ -267,6 +267,7 @@ class BatchProcessor(Generic[T, U]):
                 failure = None
                 if hold:
                     self._queue.resume()
+                shielded.keep_standby()  # for the exit hook, where no thread can start
                 exiting.stop_at_exit(self)
         if failure is not None:
             # Atomic: what did start is stopped and joined before the error is raised.

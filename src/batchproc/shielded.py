@@ -69,13 +69,29 @@ _standby_lock = threading.Lock()
 def keep_standby() -> None:
     """Keep a thread parked for ``run`` to use where no new thread can be started (at
     exit, from CPython 3.12 on); a no-op where one could be, or once one is kept in this
-    process (a forked child keeps its own)."""
+    process (a forked child keeps its own). Where no thread can be started now (already
+    exiting, a thread limit) there is none, and ``run`` does without."""
     global _standby
     if THREADS_AT_EXIT:
         return
     with _standby_lock:
         if _standby is None or _standby.pid != os.getpid():
-            _standby = _Standby()
+            try:
+                _standby = _Standby()
+            except RuntimeError:
+                _standby = None
+
+
+def _forget_standby_after_fork() -> None:
+    # The parent's standby thread is not in the child, and a thread of the parent may
+    # have held the lock at the fork.
+    global _standby, _standby_lock
+    _standby = None
+    _standby_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_standby_after_fork)
 
 
 def _run_on_standby(work: Callable[[], None]) -> bool:

@@ -1054,9 +1054,117 @@ def test_an_instance_used_once_pickles_and_binds_anew_when_unpickled():
         b = pickle.loads(pickle.dumps(a))
         assert b.k == 4 and b.scale(2) == 8
         assert b.scale.processor is not a.scale.processor
+        threads = b.scale._threads()
+        ref = weakref.ref(b)
+        del b  # the unpickled binding holds its instance: a cycle, collected as one
+        assert _collected(ref)
+        assert _all_exit(threads)
     finally:
         a.scale.stop()
-        b.scale.stop()
+
+
+def test_a_batched_method_pickles_as_a_bound_method_does():
+    a = _Scaler(3)
+    b = None
+    try:
+        assert a.scale(1) == 3
+        method = pickle.loads(pickle.dumps(a.scale))
+        assert isinstance(method, BatchedFunction) and method(2) == 6
+        b = method._owner()
+        assert b is not a and b.k == 3 and b.scale is method  # its instance's own binding
+        assert method.processor is not a.scale.processor
+    finally:
+        a.scale.stop()
+        if b is not None:
+            b.scale.stop()
+
+
+def test_a_batched_method_reached_through_super_pickles_as_the_base_s():
+    child = _Overrides()
+    try:
+        assert child.predict(1) == ("child", ("base", 1))
+        base_method = pickle.loads(pickle.dumps(_Base.predict.__get__(child)))
+        assert base_method(2) == ("base", 2)
+        copy_of_child = base_method._owner()
+        assert copy_of_child.predict(3) == ("child", ("base", 3))
+    finally:
+        _Base.predict.__get__(child).stop()
+        _Base.predict.__get__(copy_of_child).stop()
+
+
+@pytest.mark.parametrize("func", [functools.partial(lambda k, items: items, 2),
+                                  type("Callable", (), {"__call__": lambda s, items: items})()],
+                         ids=["partial", "callable object"])
+def test_a_batched_partial_or_callable_object_says_it_cannot_pickle(func):
+    batched = batchproc.batch(max_batch_size=4)(func)
+    with pytest.raises(pickle.PicklingError, match="pickles by reference"):
+        pickle.dumps(batched)
+
+
+def test_pending_requests_keep_their_method_s_binding_even_if_the_instance_drops_it():
+    model = _Scaler(5)
+    processor = model.scale.processor
+    processor.pause()
+    futures = [model.scale.submit(i) for i in range(3)]
+    model.__dict__.clear()  # the binding leaves the instance: the requests still hold it
+    model.k = 5
+    gc.collect()
+    processor.resume()
+    try:
+        assert [f.result(10) for f in futures] == [0, 5, 10]
+    finally:
+        processor.stop()
+
+
+def test_methods_of_classes_alike_in_name_but_not_module_keep_their_own_bindings():
+    def model_class(module, base=object):
+        def embed(self, items):
+            return [(module, x) for x in items]
+        embed.__module__ = module
+        embed.__qualname__ = "Model.embed"
+        return type("Model", (base,), {"embed": batchproc.batch(max_batch_size=4)(embed),
+                                       "__module__": module})
+
+    base = model_class("pkg_a")
+    sub = model_class("pkg_b", base)
+    model = sub()
+    try:
+        assert model.embed(1) == ("pkg_b", 1)
+        first = model.embed
+        assert base.embed(model, 2) == ("pkg_a", 2)
+        assert model.embed(3) == ("pkg_b", 3) and model.embed is first  # not bound anew
+    finally:
+        model.embed.stop()
+        base.embed.__get__(model).stop()
+
+
+def test_a_processor_stopped_through_its_property_reads_stopped(stopped_after):
+    @batchproc.batch(max_batch_size=4)
+    def ident(items):
+        return items
+
+    stopped_after(ident)
+    ident(1)
+    ident.processor.stop()
+    assert "(stopped)" in repr(ident)
+
+
+def test_a_dropped_function_s_stop_in_the_background_survives_no_thread_to_start(monkeypatch):
+    # At exit on CPython 3.12+ no thread starts: the exit hook stops it instead.
+    from batchproc.integrations.decorator import stop_in_background
+
+    p = BatchProcessor(batchproc.BatchProcessorConfig())
+    p.start(lambda items: items)
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    try:
+        stop_in_background(p)  # no error
+    finally:
+        monkeypatch.undo()
+        p.stop()
 
 
 def test_a_module_level_function_pickles_by_reference():

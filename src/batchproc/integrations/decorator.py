@@ -42,7 +42,8 @@ lost silently. A process
 forked after the first call (a pre-forking server that warmed the model up before
 forking) does not inherit the processor, whose threads stay in the parent: its first
 call starts its own. A module-level decorated function pickles by reference, as a
-plain function does (``multiprocessing``: each process starts its own processor).
+plain function does, and a batched method as a bound method does, with its instance
+(``multiprocessing``: each process starts its own processor).
 
 ``async def`` batch functions are async models of the processor: they run on the event
 loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
@@ -53,6 +54,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import pickle
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,8 +105,12 @@ class BatchedFunction(Generic[T, U]):
         self._stopped_processor: weakref.ref[BatchProcessor[T, U]] | None = None
         self._instance = instance  # a method's instance, which its function needs
         # For a method: its descriptor and the id of its instance (see _is_bound_to).
-        self._method: object | None = None
+        self._method: BatchedMethod[Any, T, U] | None = None
         self._instance_id = 0
+        # A method unpickled alone holds its instance, as a bound method does (nothing
+        # else may: a process pool's task); the cycle through the instance's __dict__ is
+        # collected as any other.
+        self._holds_instance: Any = None
         _LIVE.add(self)
         exiting.stop_at_exit(self)
 
@@ -131,8 +137,9 @@ class BatchedFunction(Generic[T, U]):
         owner = self._live_owner()
         future = self._running(a_request=True).enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
-        # pending request keeps the owner, and so the processor, alive.
-        future._bp_pending_owner = owner  # type: ignore[attr-defined]
+        # pending request keeps the owner, and so the processor, alive, and this function,
+        # which the workers reach weakly (a method's, also if its instance lets go of it).
+        future._bp_pending_owner = (owner, self)  # type: ignore[attr-defined]
         return future
 
     def _owner(self) -> Any:
@@ -235,11 +242,27 @@ class BatchedFunction(Generic[T, U]):
         return self
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        if self._method is not None:
-            # In a pickled instance: its processor stays here; unpickled, it binds anew.
-            return (_unbound, ())
-        # A function pickles by reference (module and qualified name), as plain ones do.
-        return str(self.__dict__["__qualname__"])  # set by update_wrapper
+        method = self._method
+        if method is not None:
+            # As a bound method pickles: its instance and the method. Unpickled (alone, or
+            # in its instance's __dict__), it is the method bound to the instance
+            # unpickled, with a processor of its own; the processor stays here.
+            instance = self._owner()
+            owner = next((cls for cls in type(instance).__mro__
+                          if cls.__dict__.get(method._attr) is method), None)
+            if instance is None or owner is None:
+                raise pickle.PicklingError(
+                    f"cannot pickle batched method {self.name}: its instance is gone, or "
+                    "its class no longer holds it")
+            return (_bound_method, (owner, method._attr, instance))
+        qualname = getattr(self, "__qualname__", None)
+        if not isinstance(qualname, str):  # a decorated partial or callable object
+            raise pickle.PicklingError(
+                f"cannot pickle {self!r}: a batched function pickles by reference, as a "
+                "module-level function does; this one decorates "
+                f"{type(self._func).__name__}, which has no name to find it by")
+        # By reference (module and qualified name), as plain functions pickle.
+        return qualname
 
     def _forget_after_fork(self) -> None:
         # In a forked child the parent's threads do not exist: its processor would accept
@@ -259,9 +282,10 @@ class BatchedFunction(Generic[T, U]):
         return [] if self._processor is None else self._processor._threads()
 
     def __repr__(self) -> str:
-        if self._stopped:
-            state = "stopped"
-        elif self._processor is not None and self._processor.running:
+        processor = self._processor
+        if self._stopped or (processor is not None and not processor.running):
+            state = "stopped"  # (the latter through .processor.stop(): final too)
+        elif processor is not None:
             state = "running"
         else:
             state = "idle"
@@ -280,10 +304,15 @@ class BatchedMethod(Generic[S, T, U]):
         self._name = name
         # Where an instance keeps its binding: a key of this descriptor's own, not its
         # name (there the binding would hide a subclass's method of that name).
-        self._key = f"_batchproc:{func.__qualname__}"
+        self._key = f"_batchproc:{func.__module__}.{func.__qualname__}"
+        # Its name in the class that holds it (__set_name__): how a binding pickles.
+        self._attr = func.__name__
         self._lock = threading.Lock()
         self._bound: weakref.WeakSet[BatchedFunction[T, U]] = weakref.WeakSet()
         self._stopped = False  # stop() was called: instances bound later are stopped too
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._attr = name
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None,
@@ -339,9 +368,10 @@ class BatchedMethod(Generic[S, T, U]):
         ``ProcessorStoppedError``. ``timeout`` is each instance's, checked as
         ``BatchedFunction.stop`` checks it."""
         timeout = timeout_arg(timeout)
-        with self._lock:
+        with self._lock:  # no instance binds meanwhile: the set does not change under us
             self._stopped = True
-        for bound in list(self._bound):
+            bound_now = list(self._bound)
+        for bound in bound_now:
             bound.stop(timeout)
 
 
@@ -398,9 +428,13 @@ def _calling(resolve: Callable[[], Callable[[Any], Any]],
     return call
 
 
-def _unbound() -> None:
-    """What a method's binding unpickles as: nothing, so the instance binds anew."""
-    return None
+def _bound_method(owner: type[Any], attr: str, instance: Any) -> BatchedFunction[Any, Any]:
+    """A batched method unpickled: the method ``attr`` of class ``owner`` (the class whose
+    body defines it: not a subclass's override) bound to ``instance``, which it holds."""
+    method: BatchedMethod[Any, Any, Any] = owner.__dict__[attr]
+    bound = cast("BatchedFunction[Any, Any]", method.__get__(instance, owner))
+    bound._holds_instance = instance
+    return bound
 
 
 def _stop_when_collected(owner: BatchedFunction[Any, Any],
@@ -417,8 +451,12 @@ def stop_in_background(processor: BatchProcessor[Any, Any]) -> None:
     """Stop ``processor`` on a thread of its own: for finalizers. Off the thread that
     collected the owner: that may be one of the processor's own workers, which stop()
     joins, or one holding a lock stop() takes. Queued work is finished as by stop()."""
-    threading.Thread(target=processor.stop, name="stop-collected:batchproc",
-                     daemon=True).start()
+    try:
+        threading.Thread(target=processor.stop, name="stop-collected:batchproc",
+                         daemon=True).start()
+    except RuntimeError:
+        # No thread to be had: exiting, on CPython 3.12+. The exit hook, running, stops it.
+        pass
 
 
 # Every BatchedFunction alive, forgotten in a forked child (each is also stopped at

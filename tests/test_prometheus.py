@@ -345,6 +345,17 @@ def test_bucket_bounds_that_make_no_buckets_are_refused(bounds, error, says, whi
         PrometheusMetrics("p", CollectorRegistry(), **{which: bounds})
 
 
+def test_bucket_bounds_given_as_a_generator_are_all_used(make_processor):
+    registry = CollectorRegistry()
+    p = make_processor(lambda items: items, PrometheusMetrics(
+        "p", registry, latency_buckets=(b for b in (0.1, 1.0))))
+    p.enqueue_predict(["x"]).result(10)
+    p.stop(timeout=5.0)
+    text = generate_latest(registry).decode()
+    les = re.findall(r'batchproc_request_latency_seconds_bucket\{[^}]*le="([^"]+)"', text)
+    assert les == ["0.1", "1.0", "+Inf"]
+
+
 def test_calls_refused_after_stop_count_alike_in_get_stats_and_the_metrics():
     # A stopped decorated function refuses every call itself (its processor is gone
     # from it); the processor that stop() stopped, kept by whoever reads its stats,

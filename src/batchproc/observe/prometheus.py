@@ -56,7 +56,7 @@ import math
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -111,13 +111,14 @@ class _Buckets:
         return out
 
 
-def _check_bounds(label: str, bounds: Sequence[float]) -> None:
-    """``ValueError`` unless ``bounds`` are distinct numbers, NaN and -inf excluded (each
-    is a series ``le="..."``: two alike would be one bucket twice, and ``le="nan"`` no
-    bucket at all); ``TypeError`` for what is no number. ``+Inf`` may be given: it is the
-    last bucket, always there."""
+def _checked_bounds(label: str, bounds: Iterable[float]) -> tuple[float, ...]:
+    """``bounds`` as a tuple of floats (read once: a generator is used up by it).
+    ``ValueError`` unless they are distinct numbers, NaN and -inf excluded (each is a
+    series ``le="..."``: two alike would be one bucket twice, and ``le="nan"`` no bucket
+    at all); ``TypeError`` for what is no numbers. ``+Inf`` may be given: it is the last
+    bucket, always there."""
     try:
-        values = [float(b) for b in bounds]
+        values = tuple(float(b) for b in bounds)
     except (TypeError, ValueError):
         raise TypeError(f"{label} must be numbers, got {bounds!r}") from None
     finite = [v for v in values if v != math.inf]
@@ -125,6 +126,7 @@ def _check_bounds(label: str, bounds: Sequence[float]) -> None:
         raise ValueError(f"{label} must be numbers other than NaN and -inf, got {bounds!r}")
     if len(set(finite)) != len(finite):
         raise ValueError(f"{label} must not repeat a bound, got {bounds!r}")
+    return values
 
 
 class _State:
@@ -245,12 +247,12 @@ class PrometheusMetrics:
     """
 
     def __init__(self, name: str = "default", registry: CollectorRegistry | None = None, *,
-                 latency_buckets: Sequence[float] = LATENCY_BUCKETS,
-                 size_buckets: Sequence[float] = SIZE_BUCKETS,
-                 call_buckets: Sequence[float] = CALL_BUCKETS) -> None:
-        for label, bounds in (("latency_buckets", latency_buckets),
-                              ("size_buckets", size_buckets), ("call_buckets", call_buckets)):
-            _check_bounds(label, bounds)
+                 latency_buckets: Iterable[float] = LATENCY_BUCKETS,
+                 size_buckets: Iterable[float] = SIZE_BUCKETS,
+                 call_buckets: Iterable[float] = CALL_BUCKETS) -> None:
+        latency_buckets = _checked_bounds("latency_buckets", latency_buckets)
+        size_buckets = _checked_bounds("size_buckets", size_buckets)
+        call_buckets = _checked_bounds("call_buckets", call_buckets)
         self.name = name
         self.registry = REGISTRY if registry is None else registry
         self._state = _collector_for(self.registry).state(

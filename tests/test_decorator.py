@@ -990,7 +990,7 @@ class _BatchedToo(_Base):
         return [("batched too", x) for x in items]
 
 
-class _Scaler:
+class _Multiplier:
     def __init__(self, k):
         self.k = k
 
@@ -1028,7 +1028,7 @@ def test_each_class_s_batched_method_runs_on_an_instance_whichever_ran_first():
 
 
 def test_a_copy_of_an_instance_binds_its_own_processor():
-    a = _Scaler(2)
+    a = _Multiplier(2)
     try:
         assert a.scale(1) == 2
         b = copy.copy(a)
@@ -1043,12 +1043,12 @@ def test_a_copy_of_an_instance_binds_its_own_processor():
         assert _collected(ref)
         assert b.scale(2) == 6  # the original gone: the copy is not
     finally:
-        for obj in (b, c):  # (not _Scaler.scale.stop(): final for the class's later ones)
+        for obj in (b, c):  # (not _Multiplier.scale.stop(): final for the class's later ones)
             obj.scale.stop()
 
 
 def test_an_instance_used_once_pickles_and_binds_anew_when_unpickled():
-    a = _Scaler(4)
+    a = _Multiplier(4)
     try:
         assert a.scale(1) == 4
         b = pickle.loads(pickle.dumps(a))
@@ -1063,16 +1063,17 @@ def test_an_instance_used_once_pickles_and_binds_anew_when_unpickled():
         a.scale.stop()
 
 
-def test_a_batched_method_pickles_as_a_bound_method_does():
-    a = _Scaler(3)
+def test_a_batched_method_pickles_with_its_instance_as_a_bound_method_does():
+    a = _Multiplier(3)
     b = None
     try:
         assert a.scale(1) == 3
-        method = pickle.loads(pickle.dumps(a.scale))
-        assert isinstance(method, BatchedFunction) and method(2) == 6
-        b = method._owner()
-        assert b is not a and b.k == 3 and b.scale is method  # its instance's own binding
+        b, method = pickle.loads(pickle.dumps((a, a.scale)))
+        assert method is b.scale and method(2) == 6  # the unpickled instance's own
         assert method.processor is not a.scale.processor
+        alone = pickle.loads(pickle.dumps(a.scale))  # its instance, unpickled, held by none
+        with pytest.raises(ReferenceError, match="unpickled without its instance"):
+            alone(1)
     finally:
         a.scale.stop()
         if b is not None:
@@ -1081,15 +1082,129 @@ def test_a_batched_method_pickles_as_a_bound_method_does():
 
 def test_a_batched_method_reached_through_super_pickles_as_the_base_s():
     child = _Overrides()
+    copy_of_child = None
     try:
         assert child.predict(1) == ("child", ("base", 1))
-        base_method = pickle.loads(pickle.dumps(_Base.predict.__get__(child)))
+        copy_of_child, base_method = pickle.loads(
+            pickle.dumps((child, _Base.predict.__get__(child))))
         assert base_method(2) == ("base", 2)
-        copy_of_child = base_method._owner()
         assert copy_of_child.predict(3) == ("child", ("base", 3))
     finally:
         _Base.predict.__get__(child).stop()
-        _Base.predict.__get__(copy_of_child).stop()
+        if copy_of_child is not None:
+            _Base.predict.__get__(copy_of_child).stop()
+
+
+class _Pinned:
+    __slots__ = ("__dict__",)  # no __weakref__: its binding holds it
+
+    def __init__(self):
+        self.k = 2
+
+    @batchproc.batch(max_batch_size=4)
+    def scale(self, items):
+        return [self.k * x for x in items]
+
+
+class _Late:
+    pass
+
+
+class _Donor:
+    def negate(self, items):
+        return [-x for x in items]
+
+
+# Under another name than the function's, and no __set_name__ tells the descriptor.
+_Late.scale = batchproc.batch(max_batch_size=4)(_Donor.negate)
+
+
+@pytest.mark.parametrize("kind", [_Pinned, _Late], ids=["no weakref", "assigned later"])
+def test_instances_of_every_kind_pickle_with_their_methods(kind):
+    a = kind()
+    b = None
+    try:
+        first = a.scale(1)
+        b, method = pickle.loads(pickle.dumps((a, a.scale)))
+        assert method is b.scale and method(1) == first
+        assert pickle.loads(pickle.dumps(a)).scale is not a.scale
+    finally:
+        a.scale.stop()
+        if b is not None:
+            b.scale.stop()
+
+
+def test_an_unpickled_instance_dropped_is_freed_at_once_with_its_processor():
+    a = _Multiplier(4)
+    try:
+        assert a.scale(1) == 4
+        gc.disable()  # freed by its reference count: no cycle waits for a collection
+        try:
+            b = pickle.loads(pickle.dumps(a))
+            assert b.scale(2) == 8
+            threads = b.scale._threads()
+            ref = weakref.ref(b)
+            del b
+            assert ref() is None
+        finally:
+            gc.enable()
+        assert _all_exit(threads)
+    finally:
+        a.scale.stop()
+
+
+def test_a_deep_copied_graph_holding_a_method_holds_it_bound_to_the_copy():
+    a, b = _Multiplier(1), _Multiplier(2)
+    a.other, b.other = b, a
+    a.fn = b.scale
+    a2 = copy.deepcopy(a)
+    try:
+        assert a2.fn._bound_instance() is a2.other and a2.other is not b
+        assert a2.fn(3) == 6
+        b.scale.stop()
+        assert a2.fn(4) == 8  # the original's stop is not the copy's
+    finally:
+        a2.other.scale.stop()
+        a.scale.stop()
+
+
+def test_one_function_decorated_twice_in_a_class_keeps_two_bindings():
+    class Model:
+        def _embed(self, items):
+            return list(items)
+
+        small = batchproc.batch(max_batch_size=2)(_embed)
+        big = batchproc.batch(max_batch_size=64)(_embed)
+
+    model = Model()
+    try:
+        small = model.small
+        assert model.big(1) == 1 and model.small(2) == 2
+        assert model.small is small and model.big.processor is not small.processor
+    finally:
+        Model.small.stop()
+        Model.big.stop()
+
+
+def test_completed_requests_keep_no_dropped_binding_s_processor_alive():
+    model = _Multiplier(3)
+    before = {t for t in threading.enumerate() if t.name.startswith("batchproc")}
+    done = []
+    for i in range(5):
+        done.append(model.scale.submit(i))
+        assert done[-1].result(10) == 3 * i
+        model.__dict__.clear()  # the binding goes: its processor must stop
+        model.k = 3
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = {t for t in threading.enumerate()
+                if t.name.startswith("batchproc") and t.is_alive()} - before
+        if not left:
+            break
+        time.sleep(0.01)
+    assert not left, left
+    assert all(f.done() for f in done)
 
 
 @pytest.mark.parametrize("func", [functools.partial(lambda k, items: items, 2),
@@ -1102,7 +1217,7 @@ def test_a_batched_partial_or_callable_object_says_it_cannot_pickle(func):
 
 
 def test_pending_requests_keep_their_method_s_binding_even_if_the_instance_drops_it():
-    model = _Scaler(5)
+    model = _Multiplier(5)
     processor = model.scale.processor
     processor.pause()
     futures = [model.scale.submit(i) for i in range(3)]

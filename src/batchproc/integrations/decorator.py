@@ -42,8 +42,10 @@ lost silently. A process
 forked after the first call (a pre-forking server that warmed the model up before
 forking) does not inherit the processor, whose threads stay in the parent: its first
 call starts its own. A module-level decorated function pickles by reference, as a
-plain function does, and a batched method as a bound method does, with its instance
-(``multiprocessing``: each process starts its own processor).
+plain function does (``multiprocessing``: each process starts its own processor). A
+batched method pickles with its instance, as a bound method does; its instance
+unpickled is held weakly, as any is: pickle the instance with it, or alone and take the
+method from it.
 
 ``async def`` batch functions are async models of the processor: they run on the event
 loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
@@ -51,8 +53,10 @@ loop it owns, up to ``max_workers`` batches awaiting at once (docs/asyncio.md).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import itertools
 import os
 import pickle
 import threading
@@ -104,13 +108,11 @@ class BatchedFunction(Generic[T, U]):
         # calls refused after stop() count in its total_rejected.
         self._stopped_processor: weakref.ref[BatchProcessor[T, U]] | None = None
         self._instance = instance  # a method's instance, which its function needs
-        # For a method: its descriptor and the id of its instance (see _is_bound_to).
+        # For a method: its descriptor, the id of its instance (see _is_bound_to), and the
+        # instance itself where it has no weak reference (the binding holds it anyway).
         self._method: BatchedMethod[Any, T, U] | None = None
         self._instance_id = 0
-        # A method unpickled alone holds its instance, as a bound method does (nothing
-        # else may: a process pool's task); the cycle through the instance's __dict__ is
-        # collected as any other.
-        self._holds_instance: Any = None
+        self._pinned: Any = None
         _LIVE.add(self)
         exiting.stop_at_exit(self)
 
@@ -137,9 +139,8 @@ class BatchedFunction(Generic[T, U]):
         owner = self._live_owner()
         future = self._running(a_request=True).enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
-        # pending request keeps the owner, and so the processor, alive, and this function,
-        # which the workers reach weakly (a method's, also if its instance lets go of it).
-        future._bp_pending_owner = (owner, self)  # type: ignore[attr-defined]
+        # pending request keeps the owner, and so the processor, alive.
+        future._bp_pending_owner = owner  # type: ignore[attr-defined]
         return future
 
     def _owner(self) -> Any:
@@ -153,8 +154,9 @@ class BatchedFunction(Generic[T, U]):
         if owner is None:
             raise ReferenceError(
                 f"@batchproc.batch method {self.name}: its instance is gone (a temporary, "
-                "as in Model().method(x)?). A batch method's processor lives in its "
-                "instance: keep the instance while you call it")
+                "as in Model().method(x), or a method unpickled without its instance?). A "
+                "batch method's processor lives in its instance: keep the instance while "
+                "you call it")
         return owner
 
     # ----------------------------------------------------------------- lifecycle
@@ -186,8 +188,9 @@ class BatchedFunction(Generic[T, U]):
                     f"batched function {self.name} was stopped; stop() is final (decorate "
                     "the function again for a new processor)")
             processor = BatchProcessor(self._config, self._metrics_collector)
-            # An async def one runs on the processor's loop.
-            processor.start(_through_weakly(self))
+            # A method's function holds its instance weakly already; a function is reached
+            # weakly too. An async def one runs on the processor's loop.
+            processor.start(self._func if self._method is not None else _through_weakly(self))
             self._processor = processor
             self._finalizer = _stop_when_collected(self, processor)
             return processor
@@ -233,28 +236,35 @@ class BatchedFunction(Generic[T, U]):
             return False
         return self._instance is None or self._instance() is instance
 
-    # Copied, it stays itself, as a function does; a copy of a method's instance finds
-    # it bound to another instance and binds its own (BatchedMethod.__get__).
+    # Copied, it stays itself, as a function and a bound method do.
     def __copy__(self) -> BatchedFunction[T, U]:
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BatchedFunction[T, U]:
-        return self
+        if self._method is None:
+            return self
+        # A method held elsewhere in a copied graph: bound to its instance's copy, as a
+        # bound method is copied (the copy keeps to the rule: keep its instance).
+        return cast("BatchedFunction[T, U]",
+                    self._method.__get__(copy.deepcopy(self._bound_instance(), memo)))
+
+    def _bound_instance(self) -> Any:
+        """A method's instance (None once it is gone)."""
+        return self._pinned if self._instance is None else self._instance()
 
     def __reduce__(self) -> str | tuple[Any, ...]:
         method = self._method
         if method is not None:
-            # As a bound method pickles: its instance and the method. Unpickled (alone, or
-            # in its instance's __dict__), it is the method bound to the instance
-            # unpickled, with a processor of its own; the processor stays here.
-            instance = self._owner()
-            owner = next((cls for cls in type(instance).__mro__
-                          if cls.__dict__.get(method._attr) is method), None)
-            if instance is None or owner is None:
+            # As a bound method pickles: its instance and the method; unpickled, the method
+            # of the instance unpickled, with a processor of its own. (In its instance's
+            # own __dict__ it is left behind instead: _Binding.)
+            instance = self._bound_instance()
+            found = _holder(method, instance)
+            if instance is None or found is None:
                 raise pickle.PicklingError(
                     f"cannot pickle batched method {self.name}: its instance is gone, or "
                     "its class no longer holds it")
-            return (_bound_method, (owner, method._attr, instance))
+            return (_bound_method, (*found, instance))
         qualname = getattr(self, "__qualname__", None)
         if not isinstance(qualname, str):  # a decorated partial or callable object
             raise pickle.PicklingError(
@@ -302,17 +312,13 @@ class BatchedMethod(Generic[S, T, U]):
         self._config = config
         self._metrics_collector = metrics_collector
         self._name = name
-        # Where an instance keeps its binding: a key of this descriptor's own, not its
-        # name (there the binding would hide a subclass's method of that name).
-        self._key = f"_batchproc:{func.__module__}.{func.__qualname__}"
-        # Its name in the class that holds it (__set_name__): how a binding pickles.
-        self._attr = func.__name__
+        # Where an instance keeps its binding: a key of this descriptor's own (one function
+        # may be decorated twice), not its name (there the binding would hide a
+        # subclass's method of that name).
+        self._key = f"_batchproc:{func.__module__}.{func.__qualname__}#{next(_DESCRIPTORS)}"
         self._lock = threading.Lock()
         self._bound: weakref.WeakSet[BatchedFunction[T, U]] = weakref.WeakSet()
         self._stopped = False  # stop() was called: instances bound later are stopped too
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self._attr = name
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None,
@@ -332,13 +338,13 @@ class BatchedMethod(Generic[S, T, U]):
             raise TypeError(
                 f"@batchproc.batch on {self._name}: the instance needs a __dict__ "
                 f"to hold its processor") from None
-        bound = namespace.get(self._key)
-        if isinstance(bound, BatchedFunction) and bound._is_bound_to(self, instance):
-            return bound
+        held = namespace.get(self._key)
+        if type(held) is _Binding and held.bound._is_bound_to(self, instance):
+            return held.bound
         with self._lock:
-            bound = namespace.get(self._key)
-            if isinstance(bound, BatchedFunction) and bound._is_bound_to(self, instance):
-                return bound  # another thread bound it meanwhile
+            held = namespace.get(self._key)
+            if type(held) is _Binding and held.bound._is_bound_to(self, instance):
+                return held.bound  # another thread bound it meanwhile
             try:
                 ref: weakref.ref[Any] | None = weakref.ref(instance)
             except TypeError:  # not weakly referenceable: it lives as long as its processor
@@ -351,7 +357,9 @@ class BatchedMethod(Generic[S, T, U]):
             bound._stopped = self._stopped
             bound._method = self
             bound._instance_id = id(instance)
-            namespace[self._key] = bound
+            if ref is None:
+                bound._pinned = instance
+            namespace[self._key] = _Binding(bound)
             self._bound.add(bound)
         return bound
 
@@ -428,13 +436,49 @@ def _calling(resolve: Callable[[], Callable[[Any], Any]],
     return call
 
 
+class _Binding:
+    """What an instance's ``__dict__`` holds for a batched method: its binding, which
+    copies and pickles of the instance leave behind (each binds its own on first use,
+    with a processor of its own)."""
+
+    __slots__ = ("bound",)
+
+    def __init__(self, bound: BatchedFunction[Any, Any]) -> None:
+        self.bound = bound
+
+    def __copy__(self) -> _Binding:
+        return self  # the copy's method finds it bound to another instance
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_left_behind, ())
+
+
+def _left_behind() -> None:
+    """A method's binding in an unpickled instance: none yet."""
+    return None
+
+
+# Numbers the descriptors, for their keys: in the order a program defines them.
+_DESCRIPTORS = itertools.count()
+
+
+def _holder(method: BatchedMethod[Any, Any, Any], instance: Any) -> tuple[type[Any], str] | None:
+    """The class of ``instance`` whose namespace holds ``method``, and its name there."""
+    for cls in type(instance).__mro__:
+        for name, value in vars(cls).items():
+            if value is method:
+                return cls, name
+    return None
+
+
 def _bound_method(owner: type[Any], attr: str, instance: Any) -> BatchedFunction[Any, Any]:
-    """A batched method unpickled: the method ``attr`` of class ``owner`` (the class whose
-    body defines it: not a subclass's override) bound to ``instance``, which it holds."""
-    method: BatchedMethod[Any, Any, Any] = owner.__dict__[attr]
-    bound = cast("BatchedFunction[Any, Any]", method.__get__(instance, owner))
-    bound._holds_instance = instance
-    return bound
+    """A batched method unpickled: ``owner``'s method ``attr`` (the class that holds it,
+    not a subclass's override) bound to ``instance``."""
+    method: BatchedMethod[Any, Any, Any] = vars(owner)[attr]
+    return cast("BatchedFunction[Any, Any]", method.__get__(instance, owner))
 
 
 def _stop_when_collected(owner: BatchedFunction[Any, Any],

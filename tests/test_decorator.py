@@ -717,6 +717,31 @@ def test_an_instance_first_called_after_the_exit_hook_is_refused():
     assert out.splitlines() == ["5", "refused"]
 
 
+def test_a_processor_started_after_the_exit_hook_is_refused():
+    # It would never be stopped (its queued work lost), and from CPython 3.12 on its
+    # threads cannot start: refused as stopped, not as a thread limit.
+    code = (
+        "import atexit\n"
+        "atexit.register(lambda: late())  # before batchproc's hook, so it runs after it\n"
+        "import batchproc\n"
+        "def late():\n"
+        "    p = batchproc.BatchProcessor(batchproc.BatchProcessorConfig())\n"
+        "    try:\n"
+        "        p.start(lambda items: items)\n"
+        "    except batchproc.ProcessorStoppedError as exc:\n"
+        "        print('refused:', exc, flush=True)\n"
+        "    else:\n"
+        "        print('started', flush=True)\n"
+        "p = batchproc.BatchProcessor(batchproc.BatchProcessorConfig())\n"
+        "p.start(lambda items: items)\n"
+        "print(p.enqueue_predict('5').result(10), flush=True)\n"
+    )
+    out = _script_output(code)
+    assert out.splitlines() == [
+        "5", "refused: the interpreter is exiting (batchproc's exit hook has run): no "
+        "processor starts now"]
+
+
 def test_a_processor_stopped_through_its_property_is_final(stopped_after):
     @batchproc.batch(max_batch_size=4)
     def ident(items):

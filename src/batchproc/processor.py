@@ -224,7 +224,8 @@ class BatchProcessor(Generic[T, U]):
 
         Raises ``TypeError`` when ``process_func`` is not callable (``None`` included),
         ``ProcessorStoppedError`` once ``stop()`` was called (a stopped processor is never
-        started again: make a new one), ``ProcessorForkedError`` in a forked child of the
+        started again: make a new one) or once the interpreter's exit hook has run
+        (nothing would stop it), ``ProcessorForkedError`` in a forked child of the
         process that started it. ``RuntimeError`` when the system refuses one of its
         threads (too many threads in the process), naming how many workers started and
         chained to the system's error: start is all or nothing, so the threads it did
@@ -250,6 +251,12 @@ class BatchProcessor(Generic[T, U]):
             if self._state != _NEW:
                 raise ProcessorStoppedError(
                     "a stopped BatchProcessor cannot be started again; create a new one")
+            if exiting.has_run():
+                # Nothing would stop it and finish its work (and from CPython 3.12 on, no
+                # thread starts now).
+                raise ProcessorStoppedError(
+                    "the interpreter is exiting (batchproc's exit hook has run): no "
+                    "processor starts now")
             self._state = _RUNNING
             self._process_func = process_func
             self._started_in_pid = os.getpid()

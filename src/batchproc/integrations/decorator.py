@@ -14,9 +14,8 @@
 
 The processor is made and started on first use, one per decorated function, or one
 per instance for a method (kept in the instance's ``__dict__`` under a key of the
-method's own, ``_batchproc:`` and its qualified name: not under its name, where it would
-hide a subclass's override; a copy or an unpickled instance binds its own on first
-use). What counts as which:
+method's own, not under its name, where it would hide a subclass's override; a copy or
+an unpickled instance binds its own on first use). What counts as which:
 
 - a function written in a class body that takes the instance and the batch is a method;
 - one that takes only the batch (``@staticmethod``, above or below ``@batch``) is a
@@ -108,10 +107,9 @@ class BatchedFunction(Generic[T, U]):
         # calls refused after stop() count in its total_rejected.
         self._stopped_processor: weakref.ref[BatchProcessor[T, U]] | None = None
         self._instance = instance  # a method's instance, which its function needs
-        # For a method: its descriptor, the id of its instance (see _is_bound_to), and the
-        # instance itself where it has no weak reference (the binding holds it anyway).
+        # For a method: its descriptor, and the instance itself where it has no weak
+        # reference (the binding holds it anyway).
         self._method: BatchedMethod[Any, T, U] | None = None
-        self._instance_id = 0
         self._pinned: Any = None
         _LIVE.add(self)
         exiting.stop_at_exit(self)
@@ -232,9 +230,7 @@ class BatchedFunction(Generic[T, U]):
     def _is_bound_to(self, method: object, instance: Any) -> bool:
         """Whether this is ``method`` bound to ``instance`` (not to the instance a copy of
         it was made from, nor another descriptor's under the same key)."""
-        if self._method is not method or self._instance_id != id(instance):
-            return False
-        return self._instance is None or self._instance() is instance
+        return self._method is method and self._bound_instance() is instance
 
     # Copied, it stays itself, as a function and a bound method do.
     def __copy__(self) -> BatchedFunction[T, U]:
@@ -356,7 +352,6 @@ class BatchedMethod(Generic[S, T, U]):
                 self._name, ref)
             bound._stopped = self._stopped
             bound._method = self
-            bound._instance_id = id(instance)
             if ref is None:
                 bound._pinned = instance
             namespace[self._key] = _Binding(bound)

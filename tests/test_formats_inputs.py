@@ -858,3 +858,18 @@ def one_batch_after(p, items, change):
     change()
     p.resume()
     return futures
+
+
+def test_an_item_resized_while_queued_is_not_retried_unless_retry_on_names_it(
+        make_processor):
+    # It would come back the same on every try: failed at once, not after a backoff
+    # (30 s here: past the result's timeout), as a broken output is.
+    from batchproc import ItemChangedError
+
+    p = make_processor(lambda batch: batch, max_batch_size=16, retry_delay=30.0)
+    bad, resize = _resized(1, 2)
+    healthy = np.full((1, 3), 1.0)
+    futures = one_batch_after(p, [bad, healthy], resize)
+    with pytest.raises(ItemChangedError):
+        futures[0].result(timeout=10)
+    np.testing.assert_array_equal(futures[1].result(timeout=10), healthy)

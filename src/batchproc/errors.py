@@ -40,6 +40,11 @@ class BatchOutputError(BatchProcessorError, ValueError):
     """``process_func`` returned an output whose length differs from its batch's."""
 
 
+class ItemChangedError(BatchProcessorError, ValueError):
+    """A queued item's rows changed before its batch was built (an array resized in
+    place): the rows queued with it no longer say where its part of the output is."""
+
+
 class ProcessorForkedError(ProcessorStoppedError):
     """This process is a fork (``os.fork()``, gunicorn ``--preload``, multiprocessing's
     "fork" start method) of the one that started the processor. Its threads did not

@@ -25,8 +25,9 @@ Failure scheduling (docs/failures.md):
   ``CancelledError`` excepted, ``errors.interrupts``) fails its whole call at once, unsearched
   and never retried, whatever ``retry_on`` says. An output that breaks the
   output rule (``BatchOutputError``) is batchproc's own check of the model's contract,
-  not a transient failure: once the request fails it alone, it fails at once unless
-  ``retry_on`` names ``BatchOutputError`` (or a subclass) itself (``retried``).
+  and an item changed while queued (``ItemChangedError``) of the caller's: not transient
+  failures; once the request fails it alone, it fails at once unless ``retry_on`` names
+  that class (or a subclass) itself (``retried``).
 * The target size shrinks once per failed batch that no request of it explains by
   failing alone (a failure of the batch, such as out of memory on its size); never per
   step of the search or per retry, nor for a request's own failure.
@@ -46,7 +47,7 @@ from typing import Any
 from .._native.future_state import Request, enqueued_of, total_rows
 from ..config import MAX_SECONDS, BatchProcessorConfig
 from ..controller import Controller
-from ..errors import BatchOutputError, interrupts
+from ..errors import BatchOutputError, ItemChangedError, interrupts
 from ..formats import Limits, Workspace
 from ..formats.chunks import handed_back
 from ..log_limits import LogLimiter, plural, seconds
@@ -379,13 +380,19 @@ def retried(error: BaseException,
             retry_on: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
     """Whether a single request's failure ``error`` is retried under ``retry_on``.
 
-    An output the model's contract forbids (``BatchOutputError``) comes back the same on
-    every try: only a class of ``retry_on`` that is ``BatchOutputError`` or a subclass
-    of it retries it, never a broader one (``Exception``, ``ValueError``)."""
-    if isinstance(error, BatchOutputError):
-        classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
-        retry_on = tuple(t for t in classes if issubclass(t, BatchOutputError))
+    A broken contract (``BatchOutputError``, ``ItemChangedError``) comes back the same on
+    every try: only a class of ``retry_on`` that is that class or a subclass of it retries
+    it, never a broader one (``Exception``, ``ValueError``)."""
+    for contract in _CONTRACTS:
+        if isinstance(error, contract):
+            classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+            retry_on = tuple(t for t in classes if issubclass(t, contract))
+            break
     return isinstance(error, retry_on)
+
+
+# Failures no retry mends: batchproc's checks of the model's contract and of the caller's.
+_CONTRACTS = (BatchOutputError, ItemChangedError)
 
 
 def _done_parts(request: Request, chunks: list[Request]) -> tuple[int, list[Any]]:

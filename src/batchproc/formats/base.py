@@ -25,7 +25,7 @@ import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
 from .._native.future_state import Request, items_of, longest, total_rows
-from ..errors import BatchOutputError
+from ..errors import BatchOutputError, ItemChangedError
 from . import outputs
 
 # Compatibility keys are small ints (the native queue compares them); new signatures get
@@ -177,12 +177,12 @@ class LeafFormat(BatchFormat):
 
 
 def check_queued_rows(rows: int, queued: int) -> None:
-    """``ValueError`` unless a batch (or one input of it) built of requests queued with
+    """``ItemChangedError`` unless a batch (or one input of it) built of requests queued with
     ``queued`` rows holds as many. An item whose rows changed after it was queued (a
     resize) would shift every later caller's rows, which are cut from the output as
     queued; failing the batch lets the failure search find the item and fail it alone."""
     if rows != queued:
-        raise ValueError(
+        raise ItemChangedError(
             f"the batch's items hold {rows} rows where their requests were queued with "
             f"{queued}: an item changed its rows after it was queued (an item must not "
             "change until its result has come)")

@@ -743,7 +743,10 @@ def test_torch_counts_as_present_once_its_import_has_finished(monkeypatch):
 
 
 def _python_calls(func, *args):
-    """How many Python functions (generator steps included) ``func(*args)`` runs."""
+    """How many Python functions (generator steps included) ``func(*args)`` runs. With
+    the collector off: a collection the call's allocations set off would run the
+    finalizers of earlier tests' garbage, counted as the call's."""
+    import gc
     import sys
 
     calls = 0
@@ -752,11 +755,16 @@ def _python_calls(func, *args):
         nonlocal calls
         calls += event == "call"
 
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
     sys.setprofile(profile)
     try:
         func(*args)
     finally:
         sys.setprofile(None)
+        if enabled:
+            gc.enable()
     return calls
 
 

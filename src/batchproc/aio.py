@@ -8,10 +8,9 @@ first result posted to an idle ``LoopChannel`` schedules one flush on the loop, 
 ones join it, and the flush completes them all in one pass of the loop
 (benchmarks/compare_peers.py, "batchproc asyncio", measures the difference).
 
-``AsyncRequest`` stands in the queue where a ``RequestFuture`` would: the workers only
-call ``set_running_or_notify_cancel``, ``set_result``, ``set_exception`` and ``done``.
-Thread rules: the asyncio future is only completed on its loop (in the flush); workers
-only read whether it was cancelled.
+``AsyncRequest`` (native: ``_native.intake``, with the intake's common case) stands in
+the queue where a ``RequestFuture`` would. Thread rules: the asyncio future is only
+completed on its loop (in the flush); workers only read whether it was cancelled.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ import weakref
 from typing import Any
 
 from ._native import future_state as _atomic
+from ._native import intake as _intake
+from ._native.intake import AsyncRequest
 from .errors import for_callers
 
 logger = logging.getLogger(__name__)
-
-_PENDING, _RUNNING, _DONE = 0, 1, 2
-
 
 class QueuedFuture(asyncio.Future):  # type: ignore[type-arg]
     """The asyncio future of a queued request, whose ``cancel()`` also takes the request
@@ -119,36 +117,5 @@ class LoopChannel:
             future.set_exception(for_callers(value))
 
 
-class AsyncRequest:
-    """The queue's view of an async request: a future-like whose results go to a loop."""
-
-    __slots__ = ("_channel", "_future", "_state")
-
-    def __init__(self, future: asyncio.Future[Any], channel: LoopChannel) -> None:
-        self._future = future
-        self._channel = channel
-        self._state = _PENDING
-
-    def set_running_or_notify_cancel(self) -> bool:
-        """Called once, by the worker that popped it (or by stop()): False if the
-        awaiter has cancelled, and then it is never processed."""
-        if self._future.cancelled():
-            self._state = _DONE
-            return False
-        self._state = _RUNNING
-        return True
-
-    def set_result(self, result: Any) -> None:
-        self._state = _DONE
-        self._channel.post(self._future, True, result)
-
-    def set_exception(self, exception: BaseException) -> None:
-        self._state = _DONE
-        self._channel.post(self._future, False, exception)
-
-    def done(self) -> bool:
-        return self._state == _DONE
-
-
 # The workers' per-batch loops start and complete these without a Python call each.
-_atomic.bind_async(AsyncRequest, _RUNNING, _DONE)
+_atomic.bind_async(AsyncRequest, _intake.RUNNING, _intake.DONE)

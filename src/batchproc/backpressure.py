@@ -73,8 +73,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import collecting
+from ._native.intake import AsyncRequest
 from ._native.request_queue import QueueClosed, RequestQueue
-from .aio import AsyncRequest, LoopChannel, QueuedFuture
+from .aio import LoopChannel, QueuedFuture
 from .config import BatchPriority
 
 if TYPE_CHECKING:

@@ -48,8 +48,9 @@ import numpy as np
 
 from . import collecting
 from ._native.future_state import DUE, ENDED, TOOK_ALL, Request, take_like, total_rows
+from ._native.intake import AsyncRequest
 from ._native.request_queue import QueueClosed, priority_arg
-from .aio import AsyncRequest, QueuedFuture
+from .aio import QueuedFuture
 from .backpressure import push_when_room
 from .config import as_int
 from .errors import ProcessorStoppedError

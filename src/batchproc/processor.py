@@ -26,8 +26,9 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from . import bulk, exiting, forking, shielded
 from ._native.future_state import Request, start_all
+from ._native.intake import AsyncIntake, AsyncRequest
 from ._native.request_queue import QueueClosed, RequestQueue
-from .aio import AsyncRequest, LoopChannel, QueuedFuture
+from .aio import LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
 from .backpressure import RoomWaiters, apredict, timeout_arg
 from .config import (
@@ -173,6 +174,8 @@ class BatchProcessor(Generic[T, U]):
                                    config.max_priority_wait)
         self._describer = make_describer(config)
         self._describe = self._describer.describe
+        self._intake = AsyncIntake(self._queue, self._describer.known_arrays, Request,
+                                   QueuedFuture)
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector, self)
@@ -598,6 +601,13 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
+        if max_queue_time is _CONFIG:
+            max_queue_time = self._max_queue_time
+        # The common case, in one native call; None: the rest of this method.
+        future = self._intake.enqueue(item, priority, max_queue_time)
+        if future is not None:
+            future._bp_owner = self
+            return future  # type: ignore[no-any-return]
         try:
             loop = _running_loop()
         except RuntimeError:
@@ -609,10 +619,8 @@ class BatchProcessor(Generic[T, U]):
         channel = self._last_channel
         if channel is None or channel.loop_ref() is not loop:
             channel = self._channel_for(loop)
-        future: QueuedFuture = QueuedFuture(loop=loop)
+        future = QueuedFuture(loop=loop)
         now = _monotonic()
-        if max_queue_time is _CONFIG:
-            max_queue_time = self._max_queue_time
         if max_queue_time is None:
             request, rows, nbytes, key, length = self._describe(
                 item, AsyncRequest(future, channel), now, priority)
@@ -717,6 +725,7 @@ class BatchProcessor(Generic[T, U]):
             if channel is None:
                 channel = self._channels[loop] = LoopChannel(loop)
             self._last_channel = channel
+            self._intake.use_channel(channel)
         return channel
 
     def enqueue(self, item: T, timeout: float | None = None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
 from .._native.future_state import Request, items_of, longest, total_rows
+from .._native.intake import KnownArrays
 from ..errors import BatchOutputError, ItemChangedError
 from . import outputs
 
@@ -249,10 +250,9 @@ class Describer:
         self._families = families
         self._multiple = pad_multiple
         self._memo: dict[Hashable, tuple[int, BatchFormat]] = {}
-        # (dtype, shape) -> (key, format, rows, nbytes, length, queue_length, dtype) of a
-        # plain ndarray.
-        self._arrays: dict[tuple[Any, Any],
-                           tuple[int, BatchFormat, int, int, int, int, Any]] = {}
+        # Plain ndarrays by (dtype, shape), shared with the native intake
+        # (processor.enqueue_predict_async).
+        self.known_arrays = KnownArrays(_MEMO_LIMIT)
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
         # What the model means by a list output, once a batch has shown it: one memory
@@ -267,12 +267,8 @@ class Describer:
         ``pad_to_multiple_of`` (what it costs in tokens per row). ``priority`` and
         ``deadline`` are kept in the request, for a retry to queue it again."""
         if type(item) is _ndarray:
-            dtype = item.dtype
-            known = self._arrays.get((dtype, item.shape))
-            # Only dtypes without metadata are remembered here, and one with metadata
-            # compares (and hashes) equal to them: check it has none, unless it is the
-            # very dtype described (an unpickled array's is an equal copy).
-            if known is not None and (known[6] is dtype or dtype.metadata is None):
+            known = self.known_arrays.get(item)
+            if known is not None:
                 key, fmt, rows, nbytes, length, queue_length, _ = known
                 return (Request(future, item, fmt, rows, nbytes, length, now, key,
                                 queue_length, priority, deadline),
@@ -297,11 +293,8 @@ class Describer:
             nbytes = -(-nbytes * queue_length // length)
         if (item is original and type(item) is _ndarray and item.dtype.kind != "O"
                 and item.dtype.metadata is None):
-            arrays = self._arrays
-            if len(arrays) >= _MEMO_LIMIT:
-                arrays.clear()
-            arrays[item.dtype, item.shape] = (entry[0], entry[1], rows, nbytes, length,
-                                              queue_length, item.dtype)
+            self.known_arrays.add(item, (entry[0], entry[1], rows, nbytes, length,
+                                         queue_length, item.dtype))
         return (Request(future, item, entry[1], rows, nbytes, length, now, entry[0],
                         queue_length, priority, deadline),
                 rows, nbytes, entry[0], queue_length)

@@ -1,0 +1,271 @@
+# cython: language_level=3
+"""The per-request intake of ``enqueue_predict_async`` in one native call.
+
+Why native: on an event loop every request's intake runs on the loop's one thread, which
+also runs every task, so each microsecond of it is a microsecond of the loop's capacity
+(benchmarks/profile_async.py measures the intake and its parts). The common case, a
+plain ndarray of a dtype and shape described before, is all here: the running loop's
+check, the memoised description (``KnownArrays``), the asyncio future and the queue's
+stand-in for it (``AsyncRequest``), the ``Request`` record and the push. Anything else
+(another item, an argument to check, a refusal, another loop) is answered ``None``, and
+the caller takes its Python path, which does all of it with its errors; nothing is
+queued then.
+
+``KnownArrays`` is also the describer's own memo of plain ndarrays
+(``formats.base.Describer``): one memo, so the two paths can never give one kind of item
+two keys (which would split its batches).
+"""
+
+cimport cython
+from cpython.long cimport PyLong_AsUnsignedLong, PyLong_CheckExact
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
+from cpython.object cimport PyObject
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.math cimport INFINITY, isfinite
+from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cimport numpy as cnp
+from numpy cimport npy_intp
+
+import asyncio as _asyncio
+import queue as _queue
+import sys as _sys
+
+import numpy as np
+
+from batchproc._native.request_queue import QueueClosed as _QueueClosed
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    int np_ndim "PyArray_NDIM"(cnp.PyArrayObject* arr) noexcept nogil
+    npy_intp* np_dims "PyArray_DIMS"(cnp.PyArrayObject* arr) noexcept nogil
+    cnp.PyArray_Descr* np_descr "PyArray_DESCR"(cnp.PyArrayObject* arr) noexcept nogil
+
+cdef object _ndarray = np.ndarray
+cdef object _get_running_loop = _asyncio._get_running_loop
+cdef object _Full = _queue.Full
+# Before CPython 3.12, asyncio's running-loop lookup asks the kernel for the process id
+# on every call (a fork check). There a loop's own record of the thread running it
+# (``BaseEventLoop._thread_id``, set for as long as ``run_forever`` runs) answers the
+# same question for the loop this thread used last; other loops are asked as usual.
+cdef bint _LOOKUP_ASKS_PID = _sys.version_info < (3, 12)
+
+# The longest shape the last-entry cache compares (numpy 2 allows 64 dimensions; a
+# longer one is simply not cached).
+cdef enum:
+    _CACHED_DIMS = 64
+
+# AsyncRequest's states (the workers' start_all/finish_all set them: bind_async).
+PENDING, RUNNING, DONE = 0, 1, 2
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """``time.monotonic()`` (CLOCK_MONOTONIC on Linux, as CPython's)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+@cython.final
+cdef class KnownArrays:
+    """What describing a plain ndarray gave, by its (dtype, shape): the entry
+    ``(key, format, rows, nbytes, length, queue_length, dtype)`` of the first item
+    described with them (tuples of Python objects, as the queue and ``Request`` take
+    them). At most ``limit`` entries: past it, all are forgotten at once (an item then
+    only gets described again).
+
+    Only dtypes without metadata are remembered, and a dtype with metadata compares (and
+    hashes) equal to them: ``get`` checks it has none, unless it is the very dtype
+    remembered (an unpickled array's is an equal copy). The last entry found is also
+    kept by the identity of its dtype and its shape, so a stream of one kind of item
+    finds it without building a key."""
+
+    cdef dict _entries
+    cdef Py_ssize_t _limit
+    cdef object _last            # the last entry found or added; None when forgotten
+    cdef PyObject* _last_descr   # its dtype (held by the entry)
+    cdef int _last_ndim
+    cdef npy_intp _last_dims[_CACHED_DIMS]
+
+    def __cinit__(self, Py_ssize_t limit):
+        self._entries = {}
+        self._limit = limit
+        self._last = None
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, item):
+        """The entry of ``item`` (an exact ``np.ndarray``, else None), or None."""
+        if type(item) is not _ndarray:
+            return None
+        return self._find(<cnp.ndarray>item)
+
+    def add(self, item, tuple entry):
+        """Remember ``entry`` (of the form above, its dtype ``item``'s, without metadata)
+        for ``item``'s dtype and shape."""
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[item.dtype, item.shape] = entry
+        self._keep_last(<cnp.ndarray>item, entry)
+
+    cdef object _find(self, cnp.ndarray arr):
+        cdef int ndim = np_ndim(<cnp.PyArrayObject*>arr)
+        cdef PyObject* descr = <PyObject*>np_descr(<cnp.PyArrayObject*>arr)
+        if (descr == self._last_descr and ndim == self._last_ndim and self._last is not None
+                and memcmp(np_dims(<cnp.PyArrayObject*>arr), self._last_dims,
+                           ndim * sizeof(npy_intp)) == 0):
+            return self._last
+        dtype = <object>descr
+        entry = self._entries.get((dtype, (<object>arr).shape))
+        if entry is None:
+            return None
+        if (<tuple>entry)[6] is not dtype and dtype.metadata is not None:
+            return None
+        self._keep_last(arr, <tuple>entry)
+        return entry
+
+    cdef int _keep_last(self, cnp.ndarray arr, tuple entry) except -1:
+        cdef int ndim = np_ndim(<cnp.PyArrayObject*>arr)
+        cdef object dtype = entry[6]
+        if ndim > _CACHED_DIMS or <PyObject*>np_descr(<cnp.PyArrayObject*>arr) != <PyObject*>dtype:
+            self._last = None  # an equal dtype of another identity: found by key
+            return 0
+        memcpy(self._last_dims, np_dims(<cnp.PyArrayObject*>arr), ndim * sizeof(npy_intp))
+        self._last_ndim = ndim
+        self._last_descr = <PyObject*>dtype
+        self._last = entry
+        return 0
+
+    def clear(self):
+        self._entries.clear()
+        self._last = None
+
+
+cdef class AsyncRequest:
+    """The queue's view of an async request: a future-like whose results go to a loop.
+
+    It stands in the queue where a ``RequestFuture`` would: the workers only call
+    ``set_running_or_notify_cancel``, ``set_result``, ``set_exception`` and ``done``
+    (their per-batch loops, ``future_state.start_all``/``finish_all``, do the same
+    without a call each). Thread rules: the asyncio future (``_future``) is only ever
+    completed on its loop, by its ``LoopChannel`` (``_channel``); the workers only read
+    whether it was cancelled. ``_state``: ``PENDING``, ``RUNNING`` or ``DONE``."""
+
+    cdef readonly object _future
+    cdef readonly object _channel
+    cdef public object _state
+
+    def __init__(self, future, channel):
+        self._future = future
+        self._channel = channel
+        self._state = PENDING
+
+    def set_running_or_notify_cancel(self):
+        """Called once, by the worker that popped it (or by stop()): False if the
+        awaiter has cancelled, and then it is never processed."""
+        if self._future.cancelled():
+            self._state = DONE
+            return False
+        self._state = RUNNING
+        return True
+
+    def set_result(self, result):
+        self._state = DONE
+        self._channel.post(self._future, True, result)
+
+    def set_exception(self, exception):
+        self._state = DONE
+        self._channel.post(self._future, False, exception)
+
+    def done(self):
+        return self._state == DONE
+
+
+@cython.final
+cdef class AsyncIntake:
+    """``enqueue_predict_async``'s common case (see the module's docstring), for one
+    processor: ``queue`` its ``RequestQueue``, ``arrays`` its describer's memo,
+    ``request_type`` the ``Request`` record, ``future_type`` the asyncio future it
+    returns (``aio.QueuedFuture``: ``_bp_token`` is set here, ``_bp_owner`` by the
+    caller, so that this object holds no reference to its processor)."""
+
+    cdef KnownArrays _arrays
+    cdef object _push
+    cdef object _request_type
+    cdef object _future_type
+    cdef object _channel    # the LoopChannel used last ...
+    cdef object _loop_ref   # ... and its weak reference to its loop
+
+    def __cinit__(self, queue, KnownArrays arrays, request_type, future_type):
+        self._arrays = arrays
+        self._push = queue.push
+        self._request_type = request_type
+        self._future_type = future_type
+        self._channel = None
+        self._loop_ref = None
+
+    def use_channel(self, channel):
+        """The channel of the loop the last request came from (``LoopChannel``)."""
+        self._loop_ref = channel.loop_ref
+        self._channel = channel
+
+    def enqueue(self, item, priority, max_queue_time):
+        """Queue ``item`` and return its asyncio future; or ``None``, with nothing queued,
+        unless: the channel's loop runs in this thread, ``item`` is a plain ndarray known
+        to the memo, ``max_queue_time`` is None or a positive finite float (seconds), and
+        the queue takes it without waiting. Bad ``priority``: ``TypeError``/``ValueError``
+        from the queue, as on the Python path."""
+        cdef double now, deadline = INFINITY
+        cdef tuple known
+        cdef AsyncRequest stand_in
+        if type(item) is not _ndarray or self._loop_ref is None:
+            return None
+        loop = self._loop_here()
+        if loop is None:
+            return None
+        entry = self._arrays._find(<cnp.ndarray>item)
+        if entry is None:
+            return None
+        known = <tuple>entry
+        now = _monotonic()
+        if max_queue_time is None:
+            deadline_arg = None
+        elif PyFloat_CheckExact(max_queue_time):
+            deadline = PyFloat_AS_DOUBLE(max_queue_time)
+            if not (isfinite(deadline) and deadline > 0.0):
+                return None
+            deadline = now + deadline
+            deadline_arg = deadline
+        else:
+            return None
+        future = self._future_type(loop=loop)
+        stand_in = AsyncRequest.__new__(AsyncRequest)
+        stand_in._future = future
+        stand_in._channel = self._channel
+        stand_in._state = PENDING
+        key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
+        request = self._request_type(stand_in, item, known[1], rows, nbytes, known[4], now,
+                                     key, queue_length, priority, deadline)
+        try:
+            token = self._push(request, priority, rows, nbytes, key, 0, queue_length,
+                               deadline_arg)
+        except (_Full, _QueueClosed):
+            return None
+        future._bp_token = token
+        return future
+
+    cdef object _loop_here(self):
+        """The last channel's loop if it is the one running in this thread, else None."""
+        loop = self._loop_ref()
+        if loop is None:
+            return None
+        if _LOOKUP_ASKS_PID:
+            thread_id = getattr(loop, "_thread_id", None)
+            if PyLong_CheckExact(thread_id):
+                if PyLong_AsUnsignedLong(thread_id) == PyThread_get_thread_ident():
+                    return loop
+                return None
+        return loop if _get_running_loop() is loop else None

@@ -1,0 +1,390 @@
+"""The native intake of enqueue_predict_async (_native.intake): its common case must
+behave as the Python path does, and everything else must fall back to it."""
+
+import asyncio
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import reference_intake
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError
+from batchproc._native.future_state import Request
+from batchproc._native.intake import AsyncIntake, KnownArrays
+from batchproc._native.request_queue import RequestQueue
+from batchproc.aio import LoopChannel, QueuedFuture
+
+ROW = np.zeros((1, 4), np.float32)
+
+
+def _entry(item, key=1):
+    return (key, "format", item.shape[0], item.nbytes, 0, 0, item.dtype)
+
+
+# ------------------------------------------------------------------- KnownArrays
+
+
+def test_known_arrays_find_an_entry_by_dtype_and_shape_only():
+    arrays = KnownArrays(8)
+    a = np.zeros((2, 3), np.float32)
+    entry = _entry(a)
+    arrays.add(a, entry)
+    assert arrays.get(np.ones((2, 3), np.float32)[:, :]) is entry
+    assert arrays.get(np.zeros((3, 2), np.float32)) is None   # same size, other shape
+    assert arrays.get(np.zeros((2, 3, 1), np.float32)) is None  # a longer shape
+    assert arrays.get(np.zeros((2,), np.float32)) is None      # a shorter one
+    assert arrays.get(np.zeros((2, 3), np.float64)) is None
+    assert arrays.get([[0.0] * 3] * 2) is None
+
+
+def test_known_arrays_take_exact_ndarrays_only():
+    class Sub(np.ndarray):
+        pass
+
+    arrays = KnownArrays(8)
+    a = np.zeros((1, 3))
+    arrays.add(a, _entry(a))
+    assert arrays.get(a.view(Sub)) is None
+    assert arrays.get(np.ma.zeros((1, 3))) is None
+
+
+def test_a_dtype_with_metadata_is_not_taken_for_the_plain_one_it_compares_equal_to():
+    arrays = KnownArrays(8)
+    a = np.zeros((1, 3), np.float32)
+    arrays.add(a, _entry(a))
+    tagged = np.dtype(np.float32, metadata={"unit": "m"})
+    assert tagged == a.dtype and hash(tagged) == hash(a.dtype)
+    assert arrays.get(np.zeros((1, 3), tagged)) is None
+    # An equal copy of the dtype itself (an unpickled array's) is the same kind of item.
+    copy = pickle.loads(pickle.dumps(a))
+    assert arrays.get(copy) is not None
+
+
+def test_known_arrays_forget_everything_at_their_limit_the_last_one_found_too():
+    arrays = KnownArrays(2)
+    a, b, c = (np.zeros((1, n), np.float32) for n in (1, 2, 3))
+    arrays.add(a, _entry(a, 1))
+    arrays.add(b, _entry(b, 2))
+    assert arrays.get(a)[0] == 1  # now the last one found
+    arrays.add(c, _entry(c, 3))   # over the limit: a and b are forgotten
+    assert len(arrays) == 1
+    assert arrays.get(a) is None and arrays.get(b) is None
+    assert arrays.get(c)[0] == 3
+    arrays.clear()
+    assert arrays.get(c) is None
+
+
+def test_a_shape_of_more_dimensions_than_the_cache_compares_is_found_by_key():
+    arrays = KnownArrays(8)
+    deep = np.zeros((1,) * 40, np.int8)
+    arrays.add(deep, _entry(deep))
+    assert arrays.get(np.ones((1,) * 40, np.int8)) is not None
+    assert arrays.get(np.ones((1,) * 39, np.int8)) is None
+
+
+# ------------------------------------------------------------------- AsyncIntake
+
+
+@pytest.fixture
+def intake_parts():
+    """An AsyncIntake over a queue of 2 with ROW's kind known (key 7)."""
+    q = RequestQueue(2)
+    arrays = KnownArrays(8)
+    arrays.add(ROW, (7, "fmt", 1, ROW.nbytes, 0, 0, ROW.dtype))
+    return q, AsyncIntake(q, arrays, Request, QueuedFuture)
+
+
+def _on_a_loop(intake, work):
+    """Run ``work()`` on a fresh loop whose channel the intake uses."""
+    async def main():
+        intake.use_channel(LoopChannel(asyncio.get_running_loop()))
+        return work()
+
+    return asyncio.run(main())
+
+
+def test_the_intake_queues_a_known_row_with_its_description(intake_parts):
+    q, intake = intake_parts
+
+    def work():
+        future = intake.enqueue(ROW, BatchPriority.HIGH, 2.5)
+        assert isinstance(future, QueuedFuture)
+        assert future.get_loop() is asyncio.get_running_loop()
+        return future
+
+    future = _on_a_loop(intake, work)
+    (request,) = q.pop_batch(10, timeout=0)
+    assert request.future._future is future and request.item is ROW
+    assert (request.key, request.format, request.rows, request.nbytes) == (7, "fmt", 1, 16)
+    assert request.priority is BatchPriority.HIGH
+    assert request.deadline == pytest.approx(request.enqueued_at + 2.5)
+    assert future._bp_token >= 0
+
+
+@pytest.mark.parametrize("max_queue_time", [1, float("inf"), float("nan"), 0.0, -1.0,
+                                            np.float64(1.0)])
+def test_a_queue_time_to_check_is_left_to_the_python_path(intake_parts, max_queue_time):
+    q, intake = intake_parts
+    assert _on_a_loop(intake, lambda: intake.enqueue(ROW, 2, max_queue_time)) is None
+    assert len(q) == 0
+
+
+@pytest.mark.parametrize("item", [np.zeros((2, 4), np.float32), [[0.0] * 4],
+                                  np.zeros((1, 4), np.float64)])
+def test_an_item_it_does_not_know_is_left_to_the_python_path(intake_parts, item):
+    q, intake = intake_parts
+    assert _on_a_loop(intake, lambda: intake.enqueue(item, 2, None)) is None
+    assert len(q) == 0
+
+
+def test_a_full_or_closed_queue_is_left_to_the_python_path(intake_parts):
+    q, intake = intake_parts
+
+    def work():
+        assert intake.enqueue(ROW, 2, None) is not None
+        assert intake.enqueue(ROW, 2, None) is not None
+        assert intake.enqueue(ROW, 2, None) is None  # full (2)
+        q.close()
+        q.pop_batch(10, timeout=0)
+        assert intake.enqueue(ROW, 2, None) is None  # closed
+
+    _on_a_loop(intake, work)
+
+
+def test_a_bad_priority_raises_as_on_the_python_path(intake_parts):
+    q, intake = intake_parts
+    with pytest.raises(TypeError, match="priority"):
+        _on_a_loop(intake, lambda: intake.enqueue(ROW, "high", None))
+    with pytest.raises(ValueError, match="priority"):
+        _on_a_loop(intake, lambda: intake.enqueue(ROW, -1, None))
+    assert len(q) == 0
+
+
+def test_without_the_channels_loop_running_here_it_declines(intake_parts):
+    q, intake = intake_parts
+    assert intake.enqueue(ROW, 2, None) is None  # no channel yet
+    started, done = threading.Event(), threading.Event()
+    holder = {}
+
+    def other_thread():
+        async def main():
+            holder["channel"] = LoopChannel(asyncio.get_running_loop())
+            started.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 10)
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    try:
+        assert started.wait(10)
+        intake.use_channel(holder["channel"])  # its loop runs, in the other thread
+        assert intake.enqueue(ROW, 2, None) is None  # no loop in this thread
+
+        async def here():  # another loop runs in this thread
+            return intake.enqueue(ROW, 2, None)
+
+        assert asyncio.run(here()) is None
+    finally:
+        done.set()
+        t.join(10)
+    # The loop has ended (and is gone): a call from no loop declines too.
+    assert intake.enqueue(ROW, 2, None) is None
+    assert len(q) == 0
+
+
+def test_a_loop_without_a_thread_record_is_asked_for_as_usual(intake_parts):
+    # An event loop class that keeps no _thread_id (as a third-party loop may not).
+    q, intake = intake_parts
+
+    class Loop(asyncio.SelectorEventLoop):
+        @property
+        def _thread_id(self):
+            return None
+
+        @_thread_id.setter
+        def _thread_id(self, value):
+            pass
+
+    loop = Loop()
+    try:
+        async def main():
+            intake.use_channel(LoopChannel(loop))
+            return intake.enqueue(ROW, 2, None)
+
+        assert isinstance(loop.run_until_complete(main()), QueuedFuture)
+    finally:
+        loop.close()
+    assert len(q) == 1
+
+
+# ------------------------------------------------------ through the processor
+
+
+class _Watched:
+    """The processor's intake, recording what each call answered."""
+
+    def __init__(self, intake):
+        self.intake = intake
+        self.answers = []
+
+    def use_channel(self, channel):
+        self.intake.use_channel(channel)
+
+    def enqueue(self, *args):
+        answer = self.intake.enqueue(*args)
+        self.answers.append(answer is not None)
+        return answer
+
+
+def _watch(processor):
+    watched = processor._intake = _Watched(processor._intake)
+    return watched
+
+
+def test_rows_through_the_native_path_reach_their_own_callers(make_processor):
+    processor = make_processor(lambda batch: batch * 2, max_batch_size=8)
+    watched = _watch(processor)
+
+    async def main():
+        futures = [processor.enqueue_predict_async(np.full((1, 3), float(i), np.float32))
+                   for i in range(100)]
+        return await asyncio.gather(*futures)
+
+    results = asyncio.run(main())
+    assert [r.tolist() for r in results] == [[[2.0 * i] * 3] for i in range(100)]
+    assert watched.answers == [False] + [True] * 99  # the first one describes the kind
+
+
+async def _warm(processor, item):
+    """Run one request of ``item``'s kind from this loop, so that the next ones take the
+    native path; then watch what it answers."""
+    await processor.enqueue_predict_async(item)
+    return _watch(processor)
+
+
+def test_cancelling_a_native_path_future_takes_its_request_out_at_once(
+        make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model)
+
+    async def main():
+        watched = await _warm(processor, np.array([[0.0]]))
+        processor.pause()
+        doomed = processor.enqueue_predict_async(np.array([[7.0]]))
+        kept = processor.enqueue_predict_async(np.array([[8.0]]))
+        assert doomed.cancel()
+        stats = processor.get_stats()
+        assert (stats["queue_size"], stats["total_cancelled"]) == (1, 1)
+        processor.resume()
+        assert (await kept).tolist() == [[8.0]]
+        assert watched.answers == [True, True]
+
+    asyncio.run(main())
+    assert [b.tolist() for b in model.batches] == [[[0.0]], [[8.0]]]
+
+
+def test_a_full_queue_and_a_stop_refuse_native_path_requests_once_each(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+
+    async def main():
+        watched = await _warm(processor, ROW)
+        processor.pause()
+        first = processor.enqueue_predict_async(ROW)
+        with pytest.raises(QueueFullError):
+            processor.enqueue_predict_async(ROW)
+        assert processor.get_stats()["total_rejected"] == 1
+        await asyncio.get_running_loop().run_in_executor(None, processor.stop)
+        with pytest.raises(ProcessorStoppedError):
+            processor.enqueue_predict_async(ROW)
+        assert processor.get_stats()["total_rejected"] == 2
+        assert watched.answers == [True, False, False]
+        assert (await first).tolist() == ROW.tolist()  # stop ends the pause and drains
+
+    asyncio.run(main())
+
+
+def test_a_native_path_request_expires_after_its_max_queue_time(make_processor):
+    from batchproc import QueueTimeoutError
+
+    processor = make_processor(lambda batch: batch, max_queue_time=0.05)
+
+    async def main():
+        watched = await _warm(processor, ROW)
+        processor.pause()
+        future = processor.enqueue_predict_async(ROW)
+        with pytest.raises(QueueTimeoutError):
+            await asyncio.wait_for(future, 10)
+        assert watched.answers == [True]
+
+    asyncio.run(main())
+    assert processor.get_stats()["total_expired"] == 1
+
+
+def test_a_processor_used_from_a_second_loop_answers_on_that_loop(make_processor):
+    processor = make_processor(lambda batch: batch + 1)
+    asyncio.run(_warm(processor, ROW))  # its loop is gone now
+    watched = _watch(processor)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        futures = [processor.enqueue_predict_async(ROW) for _ in range(3)]
+        assert all(f.get_loop() is loop for f in futures)
+        return await asyncio.gather(*futures)
+
+    assert [r.tolist() for r in asyncio.run(main())] == [[[1.0] * 4]] * 3
+    assert watched.answers == [False, True, True]
+
+
+def test_in_a_forked_child_the_native_path_is_not_taken(make_processor):
+    from batchproc import ProcessorForkedError
+
+    processor = make_processor(lambda batch: batch)
+
+    async def main():
+        watched = await _warm(processor, ROW)
+        processor._forked = True  # what the fork hook sets in the child
+        try:
+            with pytest.raises(ProcessorForkedError):
+                processor.enqueue_predict_async(ROW)
+        finally:
+            processor._forked = False
+        assert watched.answers == []
+
+    asyncio.run(main())
+
+
+
+_DTYPES = [np.dtype(np.float32), np.dtype(np.int64), np.dtype(">f4"),
+           np.dtype(np.float32, metadata={"unit": "m"})]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "get", "get", "clear"]),
+                          st.integers(0, len(_DTYPES) - 1),
+                          st.lists(st.integers(0, 3), min_size=0, max_size=3),
+                          st.booleans()),
+                max_size=60),
+       st.integers(1, 5))
+def test_known_arrays_answer_as_their_python_twin(ops, limit):
+    native, twin = KnownArrays(limit), reference_intake.KnownArraysReference(limit)
+    for step, (op, which, shape, copied) in enumerate(ops):
+        dtype = _DTYPES[which]
+        if copied:  # an equal dtype of another identity
+            dtype = pickle.loads(pickle.dumps(dtype))
+        item = np.zeros(shape, dtype)
+        if op == "add":
+            if dtype.metadata is not None:
+                continue  # the describer remembers no dtype with metadata
+            entry = (step, "fmt", 1, item.nbytes, 0, 0, item.dtype)
+            native.add(item, entry)
+            twin.add(item, entry)
+        elif op == "get":
+            assert native.get(item) == twin.get(item), (step, item.dtype, item.shape)
+        else:
+            native.clear()
+            twin.clear()
+        assert len(native) == len(twin)

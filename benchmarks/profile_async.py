@@ -43,10 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from no_work_batchers import asyncio_thread
 
 from batchproc import BatchProcessor, BatchProcessorConfig
-from batchproc._native.future_state import Request
+from batchproc._native.future_state import AsyncRequest, Request
 from batchproc._native.intake import KnownArrays
 from batchproc._native.request_queue import RequestQueue
-from batchproc.aio import AsyncRequest, LoopChannel, QueuedFuture
+from batchproc.aio import LoopChannel, QueuedFuture
 from batchproc.bench import report
 
 ROW = np.ones((1, 64), np.float32)

@@ -302,8 +302,7 @@ class _RecordingChannel:
 
 
 def test_the_batch_loops_start_and_complete_async_requests_one_post_per_run():
-    from batchproc._native.future_state import Request, finish_all, start_all
-    from batchproc.aio import AsyncRequest
+    from batchproc._native.future_state import AsyncRequest, Request, finish_all, start_all
     from batchproc.futures import RequestFuture
 
     loop = asyncio.new_event_loop()
@@ -334,8 +333,7 @@ def test_the_batch_loops_start_and_complete_async_requests_one_post_per_run():
 
 
 def test_results_collected_for_a_loop_are_posted_even_if_a_later_future_raises():
-    from batchproc._native.future_state import Request, finish_all
-    from batchproc.aio import AsyncRequest
+    from batchproc._native.future_state import AsyncRequest, Request, finish_all
 
     class Broken:
         def set_result(self, value):

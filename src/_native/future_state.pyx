@@ -72,20 +72,52 @@ def bind(cls):
     _direct = cls
 
 
-# The queue's stand-in for an asyncio future (batchproc.aio.AsyncRequest) and its states:
-# start_all and finish_all handle them here, and finish_all hands each loop's channel the
-# results of a batch in one post, not one per request.
-cdef object _async = None
-cdef object _ASYNC_RUNNING = None
-cdef object _ASYNC_DONE = None
+# AsyncRequest's states.
+cdef enum:
+    _ASYNC_PENDING = 0
+    _ASYNC_RUNNING = 1
+    _ASYNC_DONE = 2
 
 
-def bind_async(cls, running, done):
-    """Let ``start_all``/``finish_all`` handle instances of ``cls`` (slots ``_future``, an
-    asyncio future; ``_channel``, with ``post_many(items)``; ``_state``: set to
-    ``running``/``done``) directly."""
-    global _async, _ASYNC_RUNNING, _ASYNC_DONE
-    _async, _ASYNC_RUNNING, _ASYNC_DONE = cls, running, done
+cdef class AsyncRequest:
+    """The queue's view of an async request: a future-like whose results go to a loop.
+
+    It stands in the queue where a ``RequestFuture`` would: the workers only call
+    ``set_running_or_notify_cancel``, ``set_result``, ``set_exception`` and ``done``, and
+    ``start_all``/``finish_all`` do the same for a whole batch without a call each,
+    handing each loop's channel the results of a batch in one post. Thread rules: the
+    asyncio future (``_future``) is only ever completed on its loop, by its channel
+    (``_channel``, a ``batchproc.aio.LoopChannel``: ``post``, ``post_many``); the workers
+    only read whether it was cancelled."""
+
+    cdef readonly object _future
+    cdef readonly object _channel
+    cdef int _state
+
+    def __init__(self, future, channel):
+        self._future = future
+        self._channel = channel
+        self._state = _ASYNC_PENDING
+
+    def set_running_or_notify_cancel(self):
+        """Called once, by the worker that popped it (or by stop()): False if the
+        awaiter has cancelled, and then it is never processed."""
+        if self._future.cancelled():
+            self._state = _ASYNC_DONE
+            return False
+        self._state = _ASYNC_RUNNING
+        return True
+
+    def set_result(self, result):
+        self._state = _ASYNC_DONE
+        self._channel.post(self._future, True, result)
+
+    def set_exception(self, exception):
+        self._state = _ASYNC_DONE
+        self._channel.post(self._future, False, exception)
+
+    def done(self):
+        return self._state == _ASYNC_DONE
 
 
 cdef inline bint _done(object state):
@@ -365,13 +397,13 @@ def start_all(list requests):
             if not f.done():
                 live.append(r)
             continue
-        if type(f) is _async:
+        if type(f) is AsyncRequest:
             # Only reads whether the awaiter cancelled: the asyncio future itself is
             # only ever completed on its loop.
-            if f._future.cancelled():
-                f._state = _ASYNC_DONE
+            if (<AsyncRequest>f)._future.cancelled():
+                (<AsyncRequest>f)._state = _ASYNC_DONE
             else:
-                f._state = _ASYNC_RUNNING
+                (<AsyncRequest>f)._state = _ASYNC_RUNNING
                 live.append(r)
             continue
         if _direct is not None and isinstance(f, _direct):
@@ -429,14 +461,14 @@ def finish_all(list requests, list results, list deferred=None):
         for i in range(n):
             f = (<Request?>requests[i]).future
             value = results[i]
-            if type(f) is _async:
-                f._state = _ASYNC_DONE
-                if f._channel is not channel:
+            if type(f) is AsyncRequest:
+                (<AsyncRequest>f)._state = _ASYNC_DONE
+                if (<AsyncRequest>f)._channel is not channel:
                     if posts:
                         channel.post_many(posts)
-                    channel = f._channel
+                    channel = (<AsyncRequest>f)._channel
                     posts = []
-                posts.append((f._future, True, value))
+                posts.append(((<AsyncRequest>f)._future, True, value))
                 continue
             code = _finish_one(f, value, woken)
             if code == _DONE_NOW:

@@ -6,10 +6,10 @@ also runs every task, so each microsecond of it is a microsecond of the loop's c
 (benchmarks/profile_async.py measures the intake and its parts). The common case, a
 plain ndarray of a dtype and shape described before, is all here: the running loop's
 check, the memoised description (``KnownArrays``), the asyncio future and the queue's
-stand-in for it (``AsyncRequest``), the ``Request`` record and the push. Anything else
-(another item, an argument to check, a refusal, another loop) is answered ``None``, and
-the caller takes its Python path, which does all of it with its errors; nothing is
-queued then.
+stand-in for it (``future_state.AsyncRequest``), the ``Request`` record and the push.
+Anything else (another item, an argument to check, a refusal, another loop) is answered
+``None``, and the caller takes its Python path, which does all of it with its errors;
+nothing is queued then.
 
 ``KnownArrays`` is also the describer's own memo of plain ndarrays
 (``formats.base.Describer``): one memo, so the two paths can never give one kind of item
@@ -34,6 +34,7 @@ import sys as _sys
 
 import numpy as np
 
+from batchproc._native.future_state import AsyncRequest as _AsyncRequest
 from batchproc._native.request_queue import QueueClosed as _QueueClosed
 
 cnp.import_array()
@@ -56,10 +57,6 @@ cdef bint _LOOKUP_ASKS_PID = _sys.version_info < (3, 12)
 # longer one is simply not cached).
 cdef enum:
     _CACHED_DIMS = 64
-
-# AsyncRequest's states (the workers' start_all/finish_all set them: bind_async).
-PENDING, RUNNING, DONE = 0, 1, 2
-
 
 cdef inline double _monotonic() noexcept nogil:
     """``time.monotonic()`` (CLOCK_MONOTONIC on Linux, as CPython's)."""
@@ -144,46 +141,6 @@ cdef class KnownArrays:
         self._last = None
 
 
-cdef class AsyncRequest:
-    """The queue's view of an async request: a future-like whose results go to a loop.
-
-    It stands in the queue where a ``RequestFuture`` would: the workers only call
-    ``set_running_or_notify_cancel``, ``set_result``, ``set_exception`` and ``done``
-    (their per-batch loops, ``future_state.start_all``/``finish_all``, do the same
-    without a call each). Thread rules: the asyncio future (``_future``) is only ever
-    completed on its loop, by its ``LoopChannel`` (``_channel``); the workers only read
-    whether it was cancelled. ``_state``: ``PENDING``, ``RUNNING`` or ``DONE``."""
-
-    cdef readonly object _future
-    cdef readonly object _channel
-    cdef public object _state
-
-    def __init__(self, future, channel):
-        self._future = future
-        self._channel = channel
-        self._state = PENDING
-
-    def set_running_or_notify_cancel(self):
-        """Called once, by the worker that popped it (or by stop()): False if the
-        awaiter has cancelled, and then it is never processed."""
-        if self._future.cancelled():
-            self._state = DONE
-            return False
-        self._state = RUNNING
-        return True
-
-    def set_result(self, result):
-        self._state = DONE
-        self._channel.post(self._future, True, result)
-
-    def set_exception(self, exception):
-        self._state = DONE
-        self._channel.post(self._future, False, exception)
-
-    def done(self):
-        return self._state == DONE
-
-
 @cython.final
 cdef class AsyncIntake:
     """``enqueue_predict_async``'s common case (see the module's docstring), for one
@@ -220,7 +177,6 @@ cdef class AsyncIntake:
         from the queue, as on the Python path."""
         cdef double now, deadline = INFINITY
         cdef tuple known
-        cdef AsyncRequest stand_in
         if type(item) is not _ndarray or self._loop_ref is None:
             return None
         loop = self._loop_here()
@@ -242,10 +198,7 @@ cdef class AsyncIntake:
         else:
             return None
         future = self._future_type(loop=loop)
-        stand_in = AsyncRequest.__new__(AsyncRequest)
-        stand_in._future = future
-        stand_in._channel = self._channel
-        stand_in._state = PENDING
+        stand_in = _AsyncRequest(future, self._channel)
         key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
         request = self._request_type(stand_in, item, known[1], rows, nbytes, known[4], now,
                                      key, queue_length, priority, deadline)

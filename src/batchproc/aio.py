@@ -8,8 +8,8 @@ first result posted to an idle ``LoopChannel`` schedules one flush on the loop, 
 ones join it, and the flush completes them all in one pass of the loop
 (benchmarks/compare_peers.py, "batchproc asyncio", measures the difference).
 
-``AsyncRequest`` (native: ``_native.intake``, with the intake's common case) stands in
-the queue where a ``RequestFuture`` would. Thread rules: the asyncio future is only
+``AsyncRequest`` (native, ``_native.future_state``) stands in the queue where a
+``RequestFuture`` would. Thread rules: the asyncio future is only
 completed on its loop (in the flush); workers only read whether it was cancelled.
 """
 
@@ -21,9 +21,6 @@ import threading
 import weakref
 from typing import Any
 
-from ._native import future_state as _atomic
-from ._native import intake as _intake
-from ._native.intake import AsyncRequest
 from .errors import for_callers
 
 logger = logging.getLogger(__name__)
@@ -116,6 +113,3 @@ class LoopChannel:
             # would treat it so).
             future.set_exception(for_callers(value))
 
-
-# The workers' per-batch loops start and complete these without a Python call each.
-_atomic.bind_async(AsyncRequest, _intake.RUNNING, _intake.DONE)

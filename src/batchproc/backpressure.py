@@ -73,7 +73,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import collecting
-from ._native.intake import AsyncRequest
+from ._native.future_state import AsyncRequest
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import LoopChannel, QueuedFuture
 from .config import BatchPriority

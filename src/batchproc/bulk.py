@@ -47,8 +47,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import collecting
-from ._native.future_state import DUE, ENDED, TOOK_ALL, Request, take_like, total_rows
-from ._native.intake import AsyncRequest
+from ._native.future_state import (
+    DUE,
+    ENDED,
+    TOOK_ALL,
+    AsyncRequest,
+    Request,
+    take_like,
+    total_rows,
+)
 from ._native.request_queue import QueueClosed, priority_arg
 from .aio import QueuedFuture
 from .backpressure import push_when_room

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 from . import bulk, exiting, forking, shielded
-from ._native.future_state import Request, start_all
-from ._native.intake import AsyncIntake, AsyncRequest
+from ._native.future_state import AsyncRequest, Request, start_all
+from ._native.intake import AsyncIntake
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable

@@ -1,12 +1,6 @@
 """The per-request intake of enqueue_predict_async in one native call (see the module)."""
 
-from typing import Any, Final, final
-
-from typing_extensions import disjoint_base
-
-PENDING: Final[int]
-RUNNING: Final[int]
-DONE: Final[int]
+from typing import Any, final
 
 @final
 class KnownArrays:
@@ -17,21 +11,6 @@ class KnownArrays:
     def get(self, item: Any) -> tuple[Any, ...] | None: ...
     def add(self, item: Any, entry: tuple[Any, ...]) -> None: ...
     def clear(self) -> None: ...
-
-@disjoint_base
-class AsyncRequest:
-    """The queue's view of an async request: a future-like whose results go to a loop."""
-
-    _state: Any
-    def __init__(self, future: Any, channel: Any) -> None: ...
-    @property
-    def _future(self) -> Any: ...
-    @property
-    def _channel(self) -> Any: ...
-    def set_running_or_notify_cancel(self) -> bool: ...
-    def set_result(self, result: Any) -> None: ...
-    def set_exception(self, exception: BaseException) -> None: ...
-    def done(self) -> bool: ...
 
 @final
 class AsyncIntake:

@@ -8,7 +8,8 @@ started and paused, its workers waiting for requests it holds. Measured in turn,
 after round, in one run. A pause holds the pops, so a request queued meanwhile must wake
 no worker: the paused processor's intake is asserted to cost at most ``PAUSED_MAX``
 times the other's. (It once cost about 1.5x from a thread and 4x from a coroutine: every
-push woke a worker to find the queue still paused.)
+push woke a worker to find the queue still paused.) And the native intake against the
+Python path it falls back to (for an item of a kind not described before), both APIs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PAUSED_MAX = 1.3    # paused processor's intake vs a processor not started
 def _processor(paused: bool) -> BatchProcessor[Any, Any]:
     # Room for every call of the run; nothing is popped.
     p: BatchProcessor[Any, Any] = BatchProcessor(BatchProcessorConfig(
-        max_batch_size=64, batch_timeout=0.005, max_queue_size=4 * ROUNDS * CALLS))
+        max_batch_size=64, batch_timeout=0.005, max_queue_size=6 * ROUNDS * CALLS))
     if paused:
         p.start(lambda batch: batch)
         p.pause()
@@ -91,3 +92,45 @@ def test_bench_intake_asyncio(benchmark: Any, processors: Any) -> None:
     assert paused_us <= PAUSED_MAX * not_started_us, (
         f"enqueue_predict_async into a paused processor: {paused_us:.2f} us against "
         f"{not_started_us:.2f} us into one not started")
+
+
+class _Declining:
+    """An intake that takes nothing: every request takes the Python path."""
+
+    def use_channel(self, channel: Any) -> None:
+        pass
+
+    def enqueue(self, *args: Any) -> None:
+        return None
+
+    enqueue_async = enqueue
+
+
+@pytest.mark.benchmark(group="intake")
+def test_bench_intake_native_against_the_python_path(benchmark: Any) -> None:
+    """The native intake (``_native.intake``) against the Python path it falls back to,
+    from a thread and from a coroutine, side by side: it must not cost more."""
+    native, python = _processor(False), _processor(False)
+    python._intake = _Declining()  # type: ignore[attr-defined]
+    try:
+        thread_native, thread_python = _rounds([lambda: native.enqueue_predict(ITEM),
+                                                lambda: python.enqueue_predict(ITEM)])
+
+        async def measure() -> list[float]:
+            native.enqueue_predict_async(ITEM)  # this loop's channel, as its first call
+            return _rounds([lambda: native.enqueue_predict_async(ITEM),
+                            lambda: python.enqueue_predict_async(ITEM)])
+
+        async_native, async_python = asyncio.run(measure())
+        benchmark.pedantic(native.enqueue_predict, (ITEM,), rounds=ROUNDS, iterations=CALLS)
+    finally:
+        native.stop(timeout=0)
+        python.stop(timeout=0)
+    for name, value in [("us_thread_native", thread_native),
+                        ("us_thread_python_path", thread_python),
+                        ("us_async_native", async_native),
+                        ("us_async_python_path", async_python)]:
+        benchmark.extra_info[name] = round(value, 3)
+    assert thread_native <= thread_python and async_native <= async_python, (
+        f"native intake: {thread_native:.2f} us from a thread (Python path "
+        f"{thread_python:.2f}), {async_native:.2f} us from a coroutine ({async_python:.2f})")

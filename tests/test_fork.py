@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 
+import numpy as np
 import pytest
 from extras import skip_without
 
@@ -205,3 +206,27 @@ def test_a_fork_while_another_thread_keeps_the_standby_lock_does_not_hang_the_ch
             return shielded._standby is not None
 
         assert in_child(child) is True
+
+
+def test_a_child_forked_from_a_coroutine_serves_its_own_loop(make_processor):
+    # A processor made (and used from asyncio, before start) in the parent, started in
+    # a child forked from inside a coroutine: the child's requests go to the child's
+    # loop, not to the parent's loop the child inherited.
+    row = np.zeros((1, 4), np.float32)
+    later = make_processor()
+
+    def child():
+        async def main():
+            later.start(lambda batch: batch + 1)
+            return (await asyncio.wait_for(later.enqueue_predict_async(row), 10)).tolist()
+
+        return asyncio.run(main())
+
+    async def parent():
+        queued = later.enqueue_predict_async(row)  # the parent's loop, used last
+        try:
+            return in_child(child)
+        finally:
+            queued.cancel()
+
+    assert asyncio.run(parent()) == [[1.0] * 4]

@@ -10,12 +10,13 @@ import pytest
 import reference_intake
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from waiting import wait_for as _wait_for
 
 from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError
-from batchproc._native.future_state import Request
-from batchproc._native.intake import AsyncIntake, KnownArrays
+from batchproc._native.intake import Intake, KnownArrays
 from batchproc._native.request_queue import RequestQueue
 from batchproc.aio import LoopChannel, QueuedFuture
+from batchproc.futures import RequestFuture
 
 ROW = np.zeros((1, 4), np.float32)
 
@@ -85,16 +86,16 @@ def test_a_shape_of_more_dimensions_than_the_cache_compares_is_found_by_key():
     assert arrays.get(np.ones((1,) * 39, np.int8)) is None
 
 
-# ------------------------------------------------------------------- AsyncIntake
+# ------------------------------------------------------------------- Intake
 
 
 @pytest.fixture
 def intake_parts():
-    """An AsyncIntake over a queue of 2 with ROW's kind known (key 7)."""
+    """An Intake over a queue of 2 with ROW's kind known (key 7)."""
     q = RequestQueue(2)
     arrays = KnownArrays(8)
     arrays.add(ROW, (7, "fmt", 1, ROW.nbytes, 0, 0, ROW.dtype))
-    return q, AsyncIntake(q, arrays, Request, QueuedFuture)
+    return q, Intake(q, arrays, RequestFuture, QueuedFuture)
 
 
 def _on_a_loop(intake, work):
@@ -110,7 +111,7 @@ def test_the_intake_queues_a_known_row_with_its_description(intake_parts):
     q, intake = intake_parts
 
     def work():
-        future = intake.enqueue(ROW, BatchPriority.HIGH, 2.5)
+        future = intake.enqueue_async(ROW, BatchPriority.HIGH, 2.5)
         assert isinstance(future, QueuedFuture)
         assert future.get_loop() is asyncio.get_running_loop()
         return future
@@ -128,7 +129,7 @@ def test_the_intake_queues_a_known_row_with_its_description(intake_parts):
                                             np.float64(1.0)])
 def test_a_queue_time_to_check_is_left_to_the_python_path(intake_parts, max_queue_time):
     q, intake = intake_parts
-    assert _on_a_loop(intake, lambda: intake.enqueue(ROW, 2, max_queue_time)) is None
+    assert _on_a_loop(intake, lambda: intake.enqueue_async(ROW, 2, max_queue_time)) is None
     assert len(q) == 0
 
 
@@ -136,7 +137,7 @@ def test_a_queue_time_to_check_is_left_to_the_python_path(intake_parts, max_queu
                                   np.zeros((1, 4), np.float64)])
 def test_an_item_it_does_not_know_is_left_to_the_python_path(intake_parts, item):
     q, intake = intake_parts
-    assert _on_a_loop(intake, lambda: intake.enqueue(item, 2, None)) is None
+    assert _on_a_loop(intake, lambda: intake.enqueue_async(item, 2, None)) is None
     assert len(q) == 0
 
 
@@ -144,12 +145,12 @@ def test_a_full_or_closed_queue_is_left_to_the_python_path(intake_parts):
     q, intake = intake_parts
 
     def work():
-        assert intake.enqueue(ROW, 2, None) is not None
-        assert intake.enqueue(ROW, 2, None) is not None
-        assert intake.enqueue(ROW, 2, None) is None  # full (2)
+        assert intake.enqueue_async(ROW, 2, None) is not None
+        assert intake.enqueue_async(ROW, 2, None) is not None
+        assert intake.enqueue_async(ROW, 2, None) is None  # full (2)
         q.close()
         q.pop_batch(10, timeout=0)
-        assert intake.enqueue(ROW, 2, None) is None  # closed
+        assert intake.enqueue_async(ROW, 2, None) is None  # closed
 
     _on_a_loop(intake, work)
 
@@ -157,15 +158,15 @@ def test_a_full_or_closed_queue_is_left_to_the_python_path(intake_parts):
 def test_a_bad_priority_raises_as_on_the_python_path(intake_parts):
     q, intake = intake_parts
     with pytest.raises(TypeError, match="priority"):
-        _on_a_loop(intake, lambda: intake.enqueue(ROW, "high", None))
+        _on_a_loop(intake, lambda: intake.enqueue_async(ROW, "high", None))
     with pytest.raises(ValueError, match="priority"):
-        _on_a_loop(intake, lambda: intake.enqueue(ROW, -1, None))
+        _on_a_loop(intake, lambda: intake.enqueue_async(ROW, -1, None))
     assert len(q) == 0
 
 
 def test_without_the_channels_loop_running_here_it_declines(intake_parts):
     q, intake = intake_parts
-    assert intake.enqueue(ROW, 2, None) is None  # no channel yet
+    assert intake.enqueue_async(ROW, 2, None) is None  # no channel yet
     started, done = threading.Event(), threading.Event()
     holder = {}
 
@@ -182,43 +183,41 @@ def test_without_the_channels_loop_running_here_it_declines(intake_parts):
     try:
         assert started.wait(10)
         intake.use_channel(holder["channel"])  # its loop runs, in the other thread
-        assert intake.enqueue(ROW, 2, None) is None  # no loop in this thread
+        assert intake.enqueue_async(ROW, 2, None) is None  # no loop in this thread
 
         async def here():  # another loop runs in this thread
-            return intake.enqueue(ROW, 2, None)
+            return intake.enqueue_async(ROW, 2, None)
 
         assert asyncio.run(here()) is None
     finally:
         done.set()
         t.join(10)
     # The loop has ended (and is gone): a call from no loop declines too.
-    assert intake.enqueue(ROW, 2, None) is None
+    assert intake.enqueue_async(ROW, 2, None) is None
     assert len(q) == 0
 
 
-def test_a_loop_without_a_thread_record_is_asked_for_as_usual(intake_parts):
-    # An event loop class that keeps no _thread_id (as a third-party loop may not).
+def test_a_nested_loop_gets_a_future_of_its_own(intake_parts):
+    # A loop run inside a coroutine of another (as nest_asyncio allows), in one thread:
+    # the outer loop, used last, is not the running one.
     q, intake = intake_parts
 
-    class Loop(asyncio.SelectorEventLoop):
-        @property
-        def _thread_id(self):
-            return None
+    async def inner():
+        return intake.enqueue_async(ROW, 2, None)
 
-        @_thread_id.setter
-        def _thread_id(self, value):
-            pass
+    async def outer():
+        intake.use_channel(LoopChannel(asyncio.get_running_loop()))
+        inner_loop = asyncio.new_event_loop()
+        running = asyncio._get_running_loop()
+        asyncio._set_running_loop(None)
+        try:
+            return inner_loop.run_until_complete(inner())
+        finally:
+            asyncio._set_running_loop(running)
+            inner_loop.close()
 
-    loop = Loop()
-    try:
-        async def main():
-            intake.use_channel(LoopChannel(loop))
-            return intake.enqueue(ROW, 2, None)
-
-        assert isinstance(loop.run_until_complete(main()), QueuedFuture)
-    finally:
-        loop.close()
-    assert len(q) == 1
+    assert asyncio.run(outer()) is None  # the Python path makes the inner loop's future
+    assert len(q) == 0
 
 
 # ------------------------------------------------------ through the processor
@@ -236,6 +235,11 @@ class _Watched:
 
     def enqueue(self, *args):
         answer = self.intake.enqueue(*args)
+        self.answers.append(answer is not None)
+        return answer
+
+    def enqueue_async(self, *args):
+        answer = self.intake.enqueue_async(*args)
         self.answers.append(answer is not None)
         return answer
 
@@ -388,3 +392,110 @@ def test_known_arrays_answer_as_their_python_twin(ops, limit):
             native.clear()
             twin.clear()
         assert len(native) == len(twin)
+
+
+def test_threads_rows_through_the_native_path_reach_their_own_callers(make_processor):
+    processor = make_processor(lambda batch: batch * 3, max_batch_size=8)
+    watched = _watch(processor)
+    futures = [processor.enqueue_predict(np.full((1, 2), float(i))) for i in range(50)]
+    assert [f.result(timeout=10).tolist() for f in futures] == [
+        [[3.0 * i] * 2] for i in range(50)]
+    assert watched.answers == [False] + [True] * 49
+    # A timeout to honour is the Python path's: the native one is not asked.
+    assert processor.enqueue_predict(np.zeros((1, 2)), timeout=1.0).result(10).shape == (1, 2)
+    assert len(watched.answers) == 50
+
+
+def test_cancelling_a_native_path_thread_future_takes_its_request_out_at_once(
+        make_processor, recorder):
+    model = recorder()
+    processor = make_processor(model)
+    processor.enqueue_predict(np.array([[0.0]])).result(timeout=10)
+    watched = _watch(processor)
+    processor.pause()
+    doomed = processor.enqueue_predict(np.array([[7.0]]))
+    kept = processor.enqueue_predict(np.array([[8.0]]))
+    assert doomed.cancel()
+    stats = processor.get_stats()
+    assert (stats["queue_size"], stats["total_cancelled"]) == (1, 1)
+    processor.resume()
+    assert kept.result(timeout=10).tolist() == [[8.0]]
+    assert watched.answers == [True, True]
+    assert [b.tolist() for b in model.batches] == [[[0.0]], [[8.0]]]
+
+
+def test_a_thread_waiting_for_room_on_the_native_path_is_refused_by_stop(make_processor):
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.enqueue_predict(ROW).result(timeout=10)
+    watched = _watch(processor)
+    processor.pause()
+    first = processor.enqueue_predict(ROW)
+    outcome = []
+
+    def enqueue():
+        try:
+            processor.enqueue_predict(ROW)
+        except ProcessorStoppedError as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=enqueue)
+    waiter.start()
+    _wait_for(lambda: processor._queue._waiters()[2] == 1, "the waiting push")
+    processor.stop()
+    waiter.join(10)
+    assert len(outcome) == 1
+    assert watched.answers == [True, False]
+    assert processor.get_stats()["total_rejected"] == 1
+    assert first.result(timeout=10).tolist() == ROW.tolist()  # stop drained it
+
+
+def test_a_request_is_answered_on_its_own_loop_when_another_loop_switches_channels(
+        make_processor):
+    # Making the asyncio future runs Python code of its loop (get_debug), where another
+    # thread may take the GIL and enqueue from its own loop, making its channel the
+    # last one used: the request must still be answered through its own loop's channel.
+    processor = make_processor(lambda batch: batch + 1)
+    armed, b_may_enqueue, b_enqueued = threading.Event(), threading.Event(), threading.Event()
+    answered = {}
+
+    scheduled_from = set()  # the threads that scheduled work on loop A
+
+    class LoopA(asyncio.SelectorEventLoop):
+        def get_debug(self):
+            if armed.is_set() and threading.current_thread().name == "loop-a":
+                armed.clear()
+                b_may_enqueue.set()
+                assert b_enqueued.wait(10)
+            return super().get_debug()
+
+        def call_soon(self, *args, **kwargs):
+            scheduled_from.add(threading.current_thread().name)
+            return super().call_soon(*args, **kwargs)
+
+    async def a_main():
+        await processor.enqueue_predict_async(ROW)
+        armed.set()
+        answered["a"] = (await processor.enqueue_predict_async(ROW)).tolist()
+
+    async def b_main():
+        await asyncio.get_running_loop().run_in_executor(None, b_may_enqueue.wait, 10)
+        future = processor.enqueue_predict_async(ROW)
+        b_enqueued.set()
+        answered["b"] = (await future).tolist()
+
+    loop_a = LoopA()
+    a = threading.Thread(target=lambda: loop_a.run_until_complete(a_main()), name="loop-a",
+                         daemon=True)
+    b = threading.Thread(target=lambda: asyncio.run(b_main()), daemon=True)
+    b.start()
+    a.start()
+    b.join(20)
+    a.join(5)
+    if a.is_alive():  # its answer went elsewhere: wake its loop to see what it holds
+        loop_a.call_soon_threadsafe(lambda: None)
+        a.join(10)
+    loop_a.close()
+    assert answered == {"a": [[1.0] * 4], "b": [[1.0] * 4]}
+    # A's result was handed to A's loop, which completed its future itself (a future
+    # completed from another thread schedules its awaiter where nothing wakes for it).
+    assert scheduled_from == {"loop-a"}

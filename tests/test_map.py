@@ -787,9 +787,11 @@ def test_interrupted_waiting_for_a_chunk_withdraws_it(make_processor, monkeypatc
                 raise KeyboardInterrupt
             return super().result(timeout)
 
-    monkeypatch.setattr(batchproc.processor, "_RequestFuture", Interrupted)
     model = Calls()
     p = make_processor(model, max_batch_size=4)
+    # After the processor is made: its own requests' futures (enqueue_predict) stay
+    # plain; map makes its chunks' futures as it goes.
+    monkeypatch.setattr(batchproc.processor, "_RequestFuture", Interrupted)
     p.pause()
     results = p.map(rows(32), buffersize=8, return_exceptions=return_exceptions)
     # The interruption is not the chunk's outcome: it is raised, never yielded, and the
@@ -828,8 +830,9 @@ def test_interrupted_waiting_for_a_failed_chunks_item_withdraws_it(make_processo
                 raise KeyboardInterrupt
             return super().result(timeout)
 
-    monkeypatch.setattr(batchproc.processor, "_RequestFuture", ItemInterrupted)
     p, model = pausing_on_a_failed_chunk(make_processor)
+    # After the processor is made, as above.
+    monkeypatch.setattr(batchproc.processor, "_RequestFuture", ItemInterrupted)
     results = p.map(rows(4), buffersize=1)
     with pytest.raises(KeyboardInterrupt):
         next(results)
@@ -1263,7 +1266,8 @@ def test_pause_holds_the_map_and_resume_finishes_it(make_processor):
 
 class RecordingFuture:
     """Replaces map's future class: records the futures made, in order, and every wait
-    on one (future, timeout) before it waits (or is interrupted, with ``interrupt``)."""
+    on one (future, timeout) before it waits (or is interrupted, with ``interrupt``).
+    Made after the processor: its own requests' futures (enqueue_predict) stay plain."""
 
     def __init__(self, monkeypatch, interrupt=False):
         import batchproc.processor
@@ -1291,9 +1295,9 @@ def test_the_iterating_thread_waits_for_chunks_in_groups_of_half_the_window(
     # per chunk: while the oldest chunk is pending it waits for the one half a window
     # after it, within GROUP_WAIT_S, and hands out the chunks up to it together.
     monkeypatch.setattr(bulk, "GROUP_WAIT_S", 30.0)
-    futures = RecordingFuture(monkeypatch)
     model = Calls()
     p = make_processor(model, max_batch_size=4)
+    futures = RecordingFuture(monkeypatch)
     p.pause()
     consumer, out = consume_in_a_thread(p, rows(32), buffersize=8)
     _wait_for(lambda: futures.waits, "the iterating thread waiting")
@@ -1306,8 +1310,8 @@ def test_a_group_that_does_not_complete_in_time_is_followed_by_waits_for_one_chu
     # Chunks slower than GROUP_WAIT_S gain nothing from a group: after one that missed,
     # the iterating thread waits for the oldest chunk alone.
     monkeypatch.setattr(bulk, "GROUP_WAIT_S", 0.0)  # every group misses
-    futures = RecordingFuture(monkeypatch)
     p = make_processor(Calls(), max_batch_size=4)
+    futures = RecordingFuture(monkeypatch)
     p.pause()
     consumer, out = consume_in_a_thread(p, rows(32), buffersize=8)
     _wait_for(lambda: len(futures.waits) >= 2, "the iterating thread waiting")
@@ -1345,9 +1349,9 @@ def test_a_slow_later_chunk_does_not_hold_up_the_results_before_it(make_processo
 
 def test_interrupted_waiting_for_a_group_of_chunks_withdraws_them(make_processor,
                                                                  monkeypatch):
-    futures = RecordingFuture(monkeypatch, interrupt=True)
     model = Calls()
     p = make_processor(model, max_batch_size=4)
+    futures = RecordingFuture(monkeypatch, interrupt=True)
     p.pause()
     results = p.map(rows(32), buffersize=8)
     with pytest.raises(KeyboardInterrupt):

@@ -1,15 +1,18 @@
 # cython: language_level=3
-"""The per-request intake of ``enqueue_predict_async`` in one native call.
+"""The per-request intake of ``enqueue_predict`` and ``enqueue_predict_async``, in one
+native call.
 
-Why native: on an event loop every request's intake runs on the loop's one thread, which
-also runs every task, so each microsecond of it is a microsecond of the loop's capacity
-(benchmarks/profile_async.py measures the intake and its parts). The common case, a
-plain ndarray of a dtype and shape described before, is all here: the running loop's
-check, the memoised description (``KnownArrays``), the asyncio future and the queue's
-stand-in for it (``future_state.AsyncRequest``), the ``Request`` record and the push.
-Anything else (another item, an argument to check, a refusal, another loop) is answered
-``None``, and the caller takes its Python path, which does all of it with its errors;
-nothing is queued then.
+Why native: the intake runs on the caller's thread, once per request, holding the GIL
+that the workers need too: on an event loop it runs on the one thread that also runs
+every task, so each microsecond of it is a microsecond of the loop's capacity, and a
+burst from one thread is as fast as its intake (benchmarks/profile_async.py measures the
+intake and its parts). The common case, a plain ndarray of a dtype and shape described
+before, is all here: for a coroutine, the check that its loop is the one used last; the
+memoised description (``KnownArrays``); the future (for a coroutine, the asyncio future
+and the queue's stand-in for it, ``future_state.AsyncRequest``); the ``Request`` record
+and the push. Anything else (another item, an argument to check, a refusal, another
+loop) is answered ``None``, and the caller takes its Python path, which does all of it
+with its errors; nothing is queued then.
 
 ``KnownArrays`` is also the describer's own memo of plain ndarrays
 (``formats.base.Describer``): one memo, so the two paths can never give one kind of item
@@ -17,11 +20,9 @@ two keys (which would split its batches).
 """
 
 cimport cython
-from cpython.long cimport PyLong_AsUnsignedLong, PyLong_CheckExact
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.object cimport PyObject
-from cpython.pythread cimport PyThread_get_thread_ident
-from libc.math cimport INFINITY, isfinite
+from libc.math cimport INFINITY, NAN, isfinite
 from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -30,11 +31,11 @@ from numpy cimport npy_intp
 
 import asyncio as _asyncio
 import queue as _queue
-import sys as _sys
 
 import numpy as np
 
 from batchproc._native.future_state import AsyncRequest as _AsyncRequest
+from batchproc._native.future_state import Request as _Request
 from batchproc._native.request_queue import QueueClosed as _QueueClosed
 
 cnp.import_array()
@@ -47,16 +48,33 @@ cdef extern from "numpy/arrayobject.h":
 cdef object _ndarray = np.ndarray
 cdef object _get_running_loop = _asyncio._get_running_loop
 cdef object _Full = _queue.Full
-# Before CPython 3.12, asyncio's running-loop lookup asks the kernel for the process id
-# on every call (a fork check). There a loop's own record of the thread running it
-# (``BaseEventLoop._thread_id``, set for as long as ``run_forever`` runs) answers the
-# same question for the loop this thread used last; other loops are asked as usual.
-cdef bint _LOOKUP_ASKS_PID = _sys.version_info < (3, 12)
 
 # The longest shape the last-entry cache compares (numpy 2 allows 64 dimensions; a
 # longer one is simply not cached).
 cdef enum:
     _CACHED_DIMS = 64
+
+cdef object _running_loop_of(channel):
+    """``channel``'s loop if it is the loop running in this thread, else None."""
+    loop = channel.loop_ref()
+    if loop is not None and _get_running_loop() is loop:
+        return loop
+    return None
+
+
+cdef double _deadline(object max_queue_time, double now) except? -1.0:
+    """When a request queued at ``now`` expires: ``inf`` for a ``max_queue_time`` of None,
+    ``now`` plus it for a positive finite float; NaN for anything else (the Python path
+    checks it)."""
+    cdef double seconds
+    if max_queue_time is None:
+        return INFINITY
+    if PyFloat_CheckExact(max_queue_time):
+        seconds = PyFloat_AS_DOUBLE(max_queue_time)
+        if isfinite(seconds) and seconds > 0.0:
+            return now + seconds
+    return NAN
+
 
 cdef inline double _monotonic() noexcept nogil:
     """``time.monotonic()`` (CLOCK_MONOTONIC on Linux, as CPython's)."""
@@ -142,83 +160,96 @@ cdef class KnownArrays:
 
 
 @cython.final
-cdef class AsyncIntake:
-    """``enqueue_predict_async``'s common case (see the module's docstring), for one
-    processor: ``queue`` its ``RequestQueue``, ``arrays`` its describer's memo,
-    ``request_type`` the ``Request`` record, ``future_type`` the asyncio future it
-    returns (``aio.QueuedFuture``: ``_bp_token`` is set here, ``_bp_owner`` by the
-    caller, so that this object holds no reference to its processor)."""
+cdef class Intake:
+    """The common case of ``enqueue_predict`` and ``enqueue_predict_async`` (see the
+    module's docstring), for one processor: ``queue`` its ``RequestQueue``, ``arrays`` its
+    describer's memo, ``future_type`` the future ``enqueue_predict`` returns and
+    ``async_future_type`` the asyncio future ``enqueue_predict_async`` returns. Each
+    future gets its ``_bp_token`` here and its ``_bp_owner`` from the caller, so that this
+    object holds no reference to its processor."""
 
     cdef KnownArrays _arrays
     cdef object _push
-    cdef object _request_type
     cdef object _future_type
-    cdef object _channel    # the LoopChannel used last ...
-    cdef object _loop_ref   # ... and its weak reference to its loop
+    cdef object _async_future_type
+    # The LoopChannel used last: read once per call (another thread may replace it
+    # meanwhile), and the loop taken from the channel read.
+    cdef object _channel
 
-    def __cinit__(self, queue, KnownArrays arrays, request_type, future_type):
+    def __cinit__(self, queue, KnownArrays arrays, future_type, async_future_type):
         self._arrays = arrays
         self._push = queue.push
-        self._request_type = request_type
         self._future_type = future_type
+        self._async_future_type = async_future_type
         self._channel = None
-        self._loop_ref = None
 
     def use_channel(self, channel):
-        """The channel of the loop the last request came from (``LoopChannel``)."""
-        self._loop_ref = channel.loop_ref
+        """The channel of the loop the last async request came from (``LoopChannel``)."""
         self._channel = channel
 
     def enqueue(self, item, priority, max_queue_time):
-        """Queue ``item`` and return its asyncio future; or ``None``, with nothing queued,
-        unless: the channel's loop runs in this thread, ``item`` is a plain ndarray known
-        to the memo, ``max_queue_time`` is None or a positive finite float (seconds), and
-        the queue takes it without waiting. Bad ``priority``: ``TypeError``/``ValueError``
-        from the queue, as on the Python path."""
-        cdef double now, deadline = INFINITY
-        cdef tuple known
-        if type(item) is not _ndarray or self._loop_ref is None:
+        """``enqueue_predict(item, None, priority, max_queue_time)``: queue ``item``,
+        waiting for room in a full queue (without the GIL), and return its future; or
+        ``None``, with nothing queued, unless ``item`` is a plain ndarray known to the memo,
+        ``max_queue_time`` is None or a positive finite float (seconds) and the queue is
+        open. Bad ``priority``: ``TypeError``/``ValueError`` from the queue, as on the
+        Python path."""
+        cdef double now, deadline
+        if type(item) is not _ndarray:
             return None
-        loop = self._loop_here()
+        entry = self._arrays._find(<cnp.ndarray>item)
+        if entry is None:
+            return None
+        now = _monotonic()
+        deadline = _deadline(max_queue_time, now)
+        if deadline != deadline:
+            return None
+        future = self._future_type()
+        if not self._push_request(<tuple>entry, item, future, future, priority, now,
+                                  deadline, max_queue_time, None):
+            return None
+        return future
+
+    def enqueue_async(self, item, priority, max_queue_time):
+        """``enqueue_predict_async(item, priority, max_queue_time)``: queue ``item`` and
+        return its asyncio future; or ``None``, with nothing queued, unless the channel's
+        loop runs in this thread, ``item`` is a plain ndarray known to the memo,
+        ``max_queue_time`` is None or a positive finite float (seconds), and the queue
+        takes it without waiting. Bad ``priority``: as ``enqueue``."""
+        cdef double now, deadline
+        channel = self._channel
+        if type(item) is not _ndarray or channel is None:
+            return None
+        loop = _running_loop_of(channel)
         if loop is None:
             return None
         entry = self._arrays._find(<cnp.ndarray>item)
         if entry is None:
             return None
-        known = <tuple>entry
         now = _monotonic()
-        if max_queue_time is None:
-            deadline_arg = None
-        elif PyFloat_CheckExact(max_queue_time):
-            deadline = PyFloat_AS_DOUBLE(max_queue_time)
-            if not (isfinite(deadline) and deadline > 0.0):
-                return None
-            deadline = now + deadline
-            deadline_arg = deadline
-        else:
+        deadline = _deadline(max_queue_time, now)
+        if deadline != deadline:
             return None
-        future = self._future_type(loop=loop)
-        stand_in = _AsyncRequest(future, self._channel)
-        key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
-        request = self._request_type(stand_in, item, known[1], rows, nbytes, known[4], now,
-                                     key, queue_length, priority, deadline)
-        try:
-            token = self._push(request, priority, rows, nbytes, key, 0, queue_length,
-                               deadline_arg)
-        except (_Full, _QueueClosed):
+        future = self._async_future_type(loop=loop)
+        stand_in = _AsyncRequest(future, channel)
+        if not self._push_request(<tuple>entry, item, stand_in, future, priority, now,
+                                  deadline, max_queue_time, 0):
             return None
-        future._bp_token = token
         return future
 
-    cdef object _loop_here(self):
-        """The last channel's loop if it is the one running in this thread, else None."""
-        loop = self._loop_ref()
-        if loop is None:
-            return None
-        if _LOOKUP_ASKS_PID:
-            thread_id = getattr(loop, "_thread_id", None)
-            if PyLong_CheckExact(thread_id):
-                if PyLong_AsUnsignedLong(thread_id) == PyThread_get_thread_ident():
-                    return loop
-                return None
-        return loop if _get_running_loop() is loop else None
+    cdef bint _push_request(self, tuple known, item, stand_in, future, priority,
+                            double now, double deadline, max_queue_time,
+                            timeout) except -1:
+        """Push ``item``'s request (its future-like ``stand_in``) as described by
+        ``known``; set ``future._bp_token``. False if the queue refused it (full past
+        ``timeout``, or closed)."""
+        key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
+        request = _Request(stand_in, item, known[1], rows, nbytes, known[4], now, key,
+                           queue_length, priority, deadline)
+        try:
+            token = self._push(request, priority, rows, nbytes, key, timeout, queue_length,
+                               None if max_queue_time is None else deadline)
+        except (_Full, _QueueClosed):
+            return False
+        future._bp_token = token
+        return True

@@ -26,7 +26,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from . import bulk, exiting, forking, shielded
 from ._native.future_state import AsyncRequest, Request, start_all
-from ._native.intake import AsyncIntake
+from ._native.intake import Intake
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
@@ -174,8 +174,8 @@ class BatchProcessor(Generic[T, U]):
                                    config.max_priority_wait)
         self._describer = make_describer(config)
         self._describe = self._describer.describe
-        self._intake = AsyncIntake(self._queue, self._describer.known_arrays, Request,
-                                   QueuedFuture)
+        self._intake = Intake(self._queue, self._describer.known_arrays, _RequestFuture,
+                              QueuedFuture)
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector, self)
@@ -557,14 +557,20 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
-        if timeout is not None:  # checked as apredict's and stop's are (NaN, bools)
+        if max_queue_time is _CONFIG:
+            max_queue_time = self._max_queue_time
+        if timeout is None:
+            # The common case, in one native call; None: the rest of this method.
+            future = self._intake.enqueue(item, priority, max_queue_time)
+            if future is not None:
+                future._bp_owner = self
+                return future  # type: ignore[no-any-return]
+        else:  # checked as apredict's and stop's are (NaN, bools)
             timeout = timeout_arg(timeout)
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(timeout)
         future = _RequestFuture()
         now = _monotonic()
-        if max_queue_time is _CONFIG:
-            max_queue_time = self._max_queue_time
         if max_queue_time is None:
             request, rows, nbytes, key, length = self._describe(item, future, now, priority)
             deadline = None
@@ -604,7 +610,7 @@ class BatchProcessor(Generic[T, U]):
         if max_queue_time is _CONFIG:
             max_queue_time = self._max_queue_time
         # The common case, in one native call; None: the rest of this method.
-        future = self._intake.enqueue(item, priority, max_queue_time)
+        future = self._intake.enqueue_async(item, priority, max_queue_time)
         if future is not None:
             future._bp_owner = self
             return future  # type: ignore[no-any-return]

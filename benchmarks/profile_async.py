@@ -19,9 +19,9 @@ Measured in one process, side by side (closed loops in rounds, medians):
   (``QueuedFuture``), the queue's stand-in for it (``AsyncRequest``), the ``Request``
   record, the native queue's ``push``, the describer's memo of plain ndarrays
   (``KnownArrays.get``), ``asyncio.get_running_loop()`` (on CPython before 3.12 it asks
-  the kernel for the process id on every call) and ``time.monotonic()``. Their sum is what any intake made of
-  these objects pays; the rest is the call's own work (the method's Python lines, the
-  loop's check, the deadline).
+  the kernel for the process id on every call) and ``time.monotonic()``. Their sum is
+  what any intake made of these objects pays; the rest is the call's own work (the
+  method's Python lines, the deadline).
 """
 
 from __future__ import annotations

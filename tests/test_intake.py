@@ -41,6 +41,17 @@ def test_known_arrays_find_an_entry_by_dtype_and_shape_only():
     assert arrays.get([[0.0] * 3] * 2) is None
 
 
+def test_known_arrays_refuse_what_they_cannot_remember():
+    arrays = KnownArrays(8)
+    with pytest.raises(TypeError):
+        arrays.add([[0.0]], _entry(ROW))
+    with pytest.raises(TypeError):
+        arrays.add(None, _entry(ROW))
+    with pytest.raises(ValueError, match="7 fields, not 3"):
+        arrays.add(ROW, (1, "fmt", 1))
+    assert len(arrays) == 0 and arrays.get(ROW) is None
+
+
 def test_known_arrays_take_exact_ndarrays_only():
     class Sub(np.ndarray):
         pass

@@ -118,13 +118,15 @@ cdef class KnownArrays:
             return None
         return self._find(<cnp.ndarray>item)
 
-    def add(self, item, tuple entry):
+    def add(self, cnp.ndarray item not None, tuple entry not None):
         """Remember ``entry`` (of the form above, its dtype ``item``'s, without metadata)
-        for ``item``'s dtype and shape."""
+        for ``item``'s dtype and shape. ``ValueError`` for an entry of another length."""
+        if len(entry) != 7:
+            raise ValueError(f"an entry holds 7 fields, not {len(entry)}")
         if len(self._entries) >= self._limit:
             self._entries.clear()
-        self._entries[item.dtype, item.shape] = entry
-        self._keep_last(<cnp.ndarray>item, entry)
+        self._entries[item.dtype, (<object>item).shape] = entry
+        self._keep_last(item, entry)
 
     cdef object _find(self, cnp.ndarray arr):
         cdef int ndim = np_ndim(<cnp.PyArrayObject*>arr)

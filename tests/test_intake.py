@@ -47,6 +47,8 @@ def test_known_arrays_refuse_what_they_cannot_remember():
         arrays.add([[0.0]], _entry(ROW))
     with pytest.raises(TypeError):
         arrays.add(None, _entry(ROW))
+    with pytest.raises(TypeError, match="matrix"):
+        arrays.add(np.zeros((1, 4)).view(np.matrix), _entry(ROW))
     with pytest.raises(ValueError, match="7 fields, not 3"):
         arrays.add(ROW, (1, "fmt", 1))
     assert len(arrays) == 0 and arrays.get(ROW) is None

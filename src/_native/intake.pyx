@@ -120,7 +120,10 @@ cdef class KnownArrays:
 
     def add(self, cnp.ndarray item not None, tuple entry not None):
         """Remember ``entry`` (of the form above, its dtype ``item``'s, without metadata)
-        for ``item``'s dtype and shape. ``ValueError`` for an entry of another length."""
+        for ``item``'s dtype and shape. ``TypeError`` for an item other than an exact
+        ndarray (``get`` finds no other), ``ValueError`` for an entry of another length."""
+        if type(item) is not _ndarray:
+            raise TypeError(f"an exact numpy.ndarray, not {type(item).__name__}")
         if len(entry) != 7:
             raise ValueError(f"an entry holds 7 fields, not {len(entry)}")
         if len(self._entries) >= self._limit:
@@ -197,18 +200,12 @@ cdef class Intake:
         open. Bad ``priority``: ``TypeError``/``ValueError`` from the queue, as on the
         Python path."""
         cdef double now, deadline
-        if type(item) is not _ndarray:
-            return None
-        entry = self._arrays._find(<cnp.ndarray>item)
-        if entry is None:
-            return None
-        now = _monotonic()
-        deadline = _deadline(max_queue_time, now)
-        if deadline != deadline:
+        known = self._known(item, max_queue_time, &now, &deadline)
+        if known is None:
             return None
         future = self._future_type()
-        if not self._push_request(<tuple>entry, item, future, future, priority, now,
-                                  deadline, max_queue_time, None):
+        if not self._push_request(known, item, future, future, priority, now, deadline,
+                                  max_queue_time, None):
             return None
         return future
 
@@ -220,24 +217,34 @@ cdef class Intake:
         takes it without waiting. Bad ``priority``: as ``enqueue``."""
         cdef double now, deadline
         channel = self._channel
-        if type(item) is not _ndarray or channel is None:
+        if channel is None or type(item) is not _ndarray:
             return None
         loop = _running_loop_of(channel)
         if loop is None:
             return None
-        entry = self._arrays._find(<cnp.ndarray>item)
-        if entry is None:
-            return None
-        now = _monotonic()
-        deadline = _deadline(max_queue_time, now)
-        if deadline != deadline:
+        known = self._known(item, max_queue_time, &now, &deadline)
+        if known is None:
             return None
         future = self._async_future_type(loop=loop)
         stand_in = _AsyncRequest(future, channel)
-        if not self._push_request(<tuple>entry, item, stand_in, future, priority, now,
-                                  deadline, max_queue_time, 0):
+        if not self._push_request(known, item, stand_in, future, priority, now, deadline,
+                                  max_queue_time, 0):
             return None
         return future
+
+    cdef tuple _known(self, item, max_queue_time, double* now, double* deadline):
+        """The memo's entry of ``item``, its arrival time (``now``) and when it expires
+        (``deadline``); None where the Python path must take it."""
+        if type(item) is not _ndarray:
+            return None
+        entry = self._arrays._find(<cnp.ndarray>item)
+        if entry is None:
+            return None
+        now[0] = _monotonic()
+        deadline[0] = _deadline(max_queue_time, now[0])
+        if deadline[0] != deadline[0]:
+            return None
+        return <tuple>entry
 
     cdef bint _push_request(self, tuple known, item, stand_in, future, priority,
                             double now, double deadline, max_queue_time,

@@ -550,8 +550,9 @@ class BatchProcessor(Generic[T, U]):
         ``max_queue_time`` (seconds; default: the config's): if the request is still
         waiting for its call that long after enqueue, it fails with
         ``QueueTimeoutError`` and is never processed; ``None``: no limit. It takes what
-        the config's field takes (any real number > 0, numpy's too): ``ConfigTypeError``
-        for what is no number, ``ValueError`` for one out of range.
+        the config's field takes (any finite real number > 0, numpy's too; ``None``, not
+        ``inf``, for no limit): ``ConfigTypeError`` for what is no number (a bool too),
+        ``ValueError`` for one out of range.
         In a forked child of the process that started the processor:
         ``ProcessorForkedError`` (a ``ProcessorStoppedError``).
         """

@@ -67,7 +67,7 @@ def test_results_of_a_batch_reach_the_loop_in_one_wake_up(make_processor):
 
         loop.call_soon_threadsafe = counting
         futures = [processor.enqueue_predict_async(np.array([[float(i)]])) for i in range(10)]
-        channel = processor._last_channel
+        channel = processor._intake.last_channel
         processor.resume()
         # Hold the loop (so no flush can run) until the worker has posted all ten.
         _wait_for(lambda: len(channel._pending) == 10, "ten posted results")

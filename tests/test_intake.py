@@ -243,6 +243,10 @@ class _Watched:
         self.intake = intake
         self.answers = []
 
+    @property
+    def last_channel(self):
+        return self.intake.last_channel
+
     def use_channel(self, channel):
         self.intake.use_channel(channel)
 

@@ -179,18 +179,18 @@ cdef class Intake:
     cdef object _async_future_type
     # The LoopChannel used last: read once per call (another thread may replace it
     # meanwhile), and the loop taken from the channel read.
-    cdef object _channel
+    cdef readonly object last_channel
 
     def __cinit__(self, queue, KnownArrays arrays, future_type, async_future_type):
         self._arrays = arrays
         self._push = queue.push
         self._future_type = future_type
         self._async_future_type = async_future_type
-        self._channel = None
+        self.last_channel = None
 
     def use_channel(self, channel):
         """The channel of the loop the last async request came from (``LoopChannel``)."""
-        self._channel = channel
+        self.last_channel = channel
 
     def enqueue(self, item, priority, max_queue_time):
         """``enqueue_predict(item, None, priority, max_queue_time)``: queue ``item``,
@@ -216,7 +216,7 @@ cdef class Intake:
         ``max_queue_time`` is None or a positive finite float (seconds), and the queue
         takes it without waiting. Bad ``priority``: as ``enqueue``."""
         cdef double now, deadline
-        channel = self._channel
+        channel = self.last_channel
         if channel is None or type(item) is not _ndarray:
             return None
         loop = _running_loop_of(channel)

@@ -340,7 +340,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     loop = asyncio.get_running_loop()
     future = QueuedFuture(loop=loop)
     request, rows, nbytes, key, length = processor._describe(
-        item, AsyncRequest(future, _channel(processor, loop)), _monotonic(), priority,
+        item, AsyncRequest(future, processor._channel_for(loop)), _monotonic(), priority,
         _INF if deadline_at is None else deadline_at)
     token = await push_when_room(processor, request, priority, rows, nbytes, key, length,
                                  deadline_at, timeout)
@@ -350,14 +350,6 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     future._bp_token = token
     future._bp_owner = processor
     return cast("U", await future)
-
-
-def _channel(processor: BatchProcessor[Any, Any], loop: asyncio.AbstractEventLoop,
-             ) -> LoopChannel:
-    channel = processor._last_channel
-    if channel is None or channel.loop_ref() is not loop:
-        channel = processor._channel_for(loop)
-    return channel
 
 
 async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
@@ -398,7 +390,7 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
         # Made on first need; every release reaches it from now on (room freed before,
         # it reads from the queue).
         room = processor._room_waiters()
-    channel = _channel(processor, loop)
+    channel = processor._channel_for(loop)
     ticket = room.ticket()
     epoch: int | None = None
     claim: _Waiter | None = None  # this caller's waiter, handed room, about to push

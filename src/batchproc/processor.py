@@ -199,12 +199,11 @@ class BatchProcessor(Generic[T, U]):
         self._supervisor_stop = threading.Event()
         # Work handed to the supervisor by code that may not take locks (_run_soon).
         self._soon: collections.deque[Callable[[], object]] = collections.deque()
-        # enqueue_predict_async: one LoopChannel per event loop (neither holds the loop),
-        # the last one used cached, read in one step by any thread.
+        # enqueue_predict_async: one LoopChannel per event loop (neither holds the loop);
+        # the intake keeps the last one used.
         self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopChannel] = (
             weakref.WeakKeyDictionary())
         self._channels_lock = threading.Lock()
-        self._last_channel: LoopChannel | None = None
         self._failure_log = FailureLog()
         self._max_queue_time = config.max_queue_time
 
@@ -623,9 +622,7 @@ class BatchProcessor(Generic[T, U]):
                 "coroutine; from a thread, call enqueue_predict") from None
         if self._state is _STOPPING or self._state is _STOPPED:
             raise self._refusal_after_stop(0)
-        channel = self._last_channel
-        if channel is None or channel.loop_ref() is not loop:
-            channel = self._channel_for(loop)
+        channel = self._channel_for(loop)
         future = QueuedFuture(loop=loop)
         now = _monotonic()
         if max_queue_time is None:
@@ -727,11 +724,15 @@ class BatchProcessor(Generic[T, U]):
         return self._refusal(QueueClosed(), waited)
 
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> LoopChannel:
+        """The ``LoopChannel`` of ``loop``, made on first use; the last one used is found
+        without the lock."""
+        channel: LoopChannel | None = self._intake.last_channel
+        if channel is not None and channel.loop_ref() is loop:
+            return channel
         with self._channels_lock:
             channel = self._channels.get(loop)
             if channel is None:
                 channel = self._channels[loop] = LoopChannel(loop)
-            self._last_channel = channel
             self._intake.use_channel(channel)
         return channel
 

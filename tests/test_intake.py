@@ -2,7 +2,9 @@
 behave as the Python path does, and everything else must fall back to it."""
 
 import asyncio
+import os
 import pickle
+import sys
 import threading
 
 import numpy as np
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 from waiting import wait_for as _wait_for
 
 from batchproc import BatchPriority, ProcessorStoppedError, QueueFullError
-from batchproc._native.intake import Intake, KnownArrays
+from batchproc._native.intake import Intake, KnownArrays, _running_loop_is
 from batchproc._native.request_queue import RequestQueue
 from batchproc.aio import LoopChannel, QueuedFuture
 from batchproc.futures import RequestFuture
@@ -231,6 +233,59 @@ def test_a_nested_loop_gets_a_future_of_its_own(intake_parts):
 
     assert asyncio.run(outer()) is None  # the Python path makes the inner loop's future
     assert len(q) == 0
+
+
+# CPython 3.10 and 3.11 call getpid() in every get_running_loop(); the intake reads the
+# running loop itself there (3.12+ has no system call in it, and is asked).
+READS_THE_RUNNING_LOOP = sys.version_info < (3, 12) and hasattr(os, "fork")
+
+
+def _read(loop):
+    """What the intake's reading says of ``loop``: 1 running here, 0 not, -1 ask asyncio."""
+    answer = _running_loop_is(loop)
+    if not READS_THE_RUNNING_LOOP:
+        assert answer == -1
+        return None
+    return answer
+
+
+def test_the_running_loop_is_read_as_asyncio_reads_it():
+    other = asyncio.new_event_loop()
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            running, stopped = _read(loop), _read(other)
+            asyncio._set_running_loop(None)  # as a loop nested in this one does
+            try:
+                set_aside = _read(loop)
+            finally:
+                asyncio._set_running_loop(loop)
+            return running, stopped, set_aside, loop
+
+        running, stopped, set_aside, loop = asyncio.run(main())
+        if READS_THE_RUNNING_LOOP:
+            assert (running, stopped, set_aside) == (1, 0, 0)
+        assert _read(loop) in (0, None)  # ended
+        seen = {}
+        thread = threading.Thread(target=lambda: seen.update(fresh=_running_loop_is(other)))
+        thread.start()
+        thread.join(10)
+        assert seen["fresh"] in (0, -1)  # a thread that never ran a loop
+    finally:
+        other.close()
+
+
+@pytest.mark.skipif(not READS_THE_RUNNING_LOOP, reason="asyncio is asked on 3.12+")
+def test_a_child_forked_from_a_coroutine_is_not_running_its_parents_loop():
+    from test_fork import in_child
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        # asyncio says no running loop in the child (its holder names the parent's
+        # process); the intake's reading must agree, not serve the parent's loop.
+        return _read(loop), in_child(lambda: [_read(loop), asyncio._get_running_loop()])
+
+    assert asyncio.run(main()) == (1, [0, None])
 
 
 # ------------------------------------------------------ through the processor

@@ -30,6 +30,7 @@ cimport numpy as cnp
 from numpy cimport npy_intp
 
 import asyncio as _asyncio
+import os as _os
 import queue as _queue
 
 import numpy as np
@@ -54,10 +55,70 @@ cdef object _Full = _queue.Full
 cdef enum:
     _CACHED_DIMS = 64
 
+# Which loop runs in this thread, read as asyncio reads it but without its getpid():
+# CPython 3.10 and 3.11 keep, in the thread-state dict, a holder of the running loop and
+# of the process id it was set in, and ask the kernel for the process id at every
+# ``get_running_loop()`` (a system call per request on the loop's one thread). Here the
+# process id is this module's, renewed in a forked child (as CPython 3.12+ itself does,
+# resetting the running loop there). The holder's layout is fixed in those released
+# versions and checked by its type's name; anything else is answered -1 (unknown), and
+# asyncio is asked.
+cdef extern from *:
+    """
+    #if PY_VERSION_HEX < 0x030C0000 && defined(HAVE_GETPID) && !defined(MS_WINDOWS)
+    typedef struct {
+        PyObject_HEAD
+        PyObject *rl_loop;
+        pid_t rl_pid;
+    } bp_RunningLoopHolder;
+
+    static int bp_running_loop_is(PyObject *key, PyObject *loop, long pid) {
+        PyObject *dict = PyThreadState_GetDict();
+        PyObject *holder;
+        if (dict == NULL) return -1;
+        holder = PyDict_GetItemWithError(dict, key);
+        if (holder == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        if (strcmp(Py_TYPE(holder)->tp_name, "_RunningLoopHolder") != 0) return -1;
+        return ((bp_RunningLoopHolder *)holder)->rl_loop == loop
+            && ((bp_RunningLoopHolder *)holder)->rl_pid == (pid_t)pid;
+    }
+    #else
+    static int bp_running_loop_is(PyObject *key, PyObject *loop, long pid) {
+        return -1;
+    }
+    #endif
+    """
+    int bp_running_loop_is(PyObject* key, PyObject* loop, long pid) noexcept
+
+
+cdef str _RUNNING_LOOP_KEY = "__asyncio_running_event_loop__"  # the dict's key
+cdef long _pid = _os.getpid()
+
+
+def _renew_pid():
+    global _pid
+    _pid = _os.getpid()
+
+
+_os.register_at_fork(after_in_child=_renew_pid)
+
+
+def _running_loop_is(loop):
+    """1 if ``loop`` runs in this thread, 0 if it does not, -1 if only asyncio can tell
+    (CPython 3.12+, or a holder not recognised): the fast reading above, for tests."""
+    return bp_running_loop_is(<PyObject*>_RUNNING_LOOP_KEY, <PyObject*>loop, _pid)
+
+
 cdef object _running_loop_of(channel):
     """``channel``'s loop if it is the loop running in this thread, else None."""
     loop = channel.loop_ref()
-    if loop is not None and _get_running_loop() is loop:
+    if loop is None:
+        return None
+    cdef int running = bp_running_loop_is(<PyObject*>_RUNNING_LOOP_KEY, <PyObject*>loop, _pid)
+    if running == 1 or (running == -1 and _get_running_loop() is loop):
         return loop
     return None
 

@@ -19,9 +19,13 @@ Measured in one process, side by side (closed loops in rounds, medians):
   (``QueuedFuture``), the queue's stand-in for it (``AsyncRequest``), the ``Request``
   record, the native queue's ``push``, the describer's memo of plain ndarrays
   (``KnownArrays.get``), ``asyncio.get_running_loop()`` (on CPython before 3.12 it asks
-  the kernel for the process id on every call) and ``time.monotonic()``. Their sum is
+  the kernel for the process id on every call; the intake reads the running loop without
+  it there) and ``time.monotonic()``. Their sum is
   what any intake made of these objects pays; the rest is the call's own work (the
   method's Python lines, the deadline).
+* **waking a batch's awaiters**: from completing ``--clients`` futures, each awaited by a
+  task, to the last task resumed, per awaiter: woken in the flush's own pass
+  (``awaiters.complete``, as the processor does) and by asyncio's handle per result.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from batchproc._native.future_state import AsyncRequest, Request
 from batchproc._native.intake import KnownArrays
 from batchproc._native.request_queue import RequestQueue
 from batchproc.aio import LoopChannel, QueuedFuture
+from batchproc.awaiters import complete
 from batchproc.bench import report
 
 ROW = np.ones((1, 64), np.float32)
@@ -125,6 +130,50 @@ def intake(number: int) -> dict[str, float]:
         p.stop(timeout=1.0)
 
 
+def waking(clients: int, rounds: int) -> dict[str, float]:
+    """Microseconds per awaiter from completing a batch of ``clients`` futures, each awaited
+    by a task, to the last task resumed (minimum of ``rounds``, the two ways alternating):
+    woken in the flush's own pass (``awaiters.complete``, as the processor does) and by
+    asyncio (``set_result`` alone: a ``call_soon`` handle per callback, run on later turns
+    of the loop; ``complete`` without a loop does that)."""
+
+    async def one_round(loop: asyncio.AbstractEventLoop, in_the_flush: bool) -> float:
+        futures = [loop.create_future() for _ in range(clients)]
+        resumed = 0
+        all_back = loop.create_future()
+
+        async def awaiter(future: asyncio.Future[Any]) -> None:
+            nonlocal resumed
+            await future
+            resumed += 1
+            if resumed == clients:
+                all_back.set_result(None)
+
+        tasks = [loop.create_task(awaiter(f)) for f in futures]
+        await asyncio.sleep(0)  # each task now awaits its future
+        outcomes = [(f, True, None) for f in futures]
+        t0 = time.perf_counter()
+        # From a callback of the loop, as the flush is (never from inside a task).
+        loop.call_soon(complete, loop if in_the_flush else None, outcomes)
+        await all_back
+        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+        return elapsed / clients * 1e6
+
+    async def run() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        flush: list[float] = []
+        handles: list[float] = []
+        for r in range(rounds):
+            first, second = (flush, handles) if r % 2 else (handles, flush)
+            first.append(await one_round(loop, first is flush))
+            second.append(await one_round(loop, second is flush))
+        return {"in the flush (awaiters.complete)": min(flush),
+                "by asyncio (a handle each)": min(handles)}
+
+    return asyncio.run(run())
+
+
 TITLE = "asyncio clients: batchproc against the no-work floor, and the intake's parts"
 
 
@@ -140,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=20_000,
                     help="calls per timing of an intake part (default 20000)")
+    ap.add_argument("--wake-rounds", type=int, default=400,
+                    help="batches woken each way (default 400)")
     args = ap.parse_args(argv)
-    if args.clients < 1 or args.seconds <= 0 or args.rounds < 1 or args.calls < 1:
-        ap.error("--clients, --seconds, --rounds and --calls must be positive")
+    if (args.clients < 1 or args.seconds <= 0 or args.rounds < 1 or args.calls < 1
+            or args.wake_rounds < 1):
+        ap.error("--clients, --seconds, --rounds, --calls and --wake-rounds must be positive")
     bp: list[dict[str, float]] = []
     floor: list[float] = []
     for r in range(args.rounds):
@@ -155,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}: batchproc {bp[-1]['req_s']:,.0f}, no-work "
               f"{floor[-1]:,.0f} req/s", file=sys.stderr)
     parts = intake(args.calls)
+    woken = waking(args.clients, args.wake_rounds)
 
     def med(key: str) -> float:
         return statistics.median(x[key] for x in bp)
@@ -181,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(parts.values())
     print(f"| the parts together | {total:.3f} |")
     print(f"| the rest: the call's own work | {whole - total:.3f} |")
+    flush, handles = woken.values()
+    print(f"\n| waking the {args.clients} awaiters of a batch (min of {args.wake_rounds}) "
+          "| us per awaiter |")
+    print("|---|---:|")
+    for name, us in woken.items():
+        print(f"| {name} | {us:.3f} |")
+    print(f"\nwoken in the flush / by asyncio: {flush / handles:.2f}x")
     return 0
 
 

@@ -56,7 +56,8 @@ PRINTING_RUNS = [
      "| system | client threads | batcher threads | threads Python did not start |\n"
      "|---|---:|---:|---:|\n| lean batcher | "),
     ("profile_async.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1",
-                          "--calls", "200"], "| the rest: the call's own work | "),
+                          "--calls", "200", "--wake-rounds", "4"],
+     "| in the flush (awaiters.complete) | "),
     ("profile_adaptive.py", ["--model", "mlp", "--rate", "2000", "--duration", "0.2"],
      '"process_cpu_share": '),
     ("after_a_hang.py", ["--hang", "0.05", "--gap-ms", "1", "--before", "20"],

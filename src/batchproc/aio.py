@@ -5,8 +5,9 @@ running loop. Wrapping a ``concurrent.futures.Future`` instead (``asyncio.wrap_f
 costs a ``call_soon_threadsafe`` per request: a write to the loop's wake-up socket and
 a callback per result. Here a worker hands a loop every result of a batch at once: the
 first result posted to an idle ``LoopChannel`` schedules one flush on the loop, later
-ones join it, and the flush completes them all in one pass of the loop
-(benchmarks/compare_peers.py, "batchproc asyncio", measures the difference).
+ones join it, and the flush completes them all in one pass of the loop, waking their
+awaiters in the same pass (``awaiters.complete``; benchmarks/compare_peers.py, "batchproc
+asyncio", measures the difference).
 
 ``AsyncRequest`` (native, ``_native.future_state``) stands in the queue where a
 ``RequestFuture`` would. Thread rules: the asyncio future is only
@@ -21,7 +22,7 @@ import threading
 import weakref
 from typing import Any
 
-from .errors import for_callers
+from .awaiters import complete
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,7 @@ class LoopChannel:
         logger.debug("event loop closed; %d results dropped", dropped)
 
     def _flush(self) -> None:
-        """On the loop: complete everything posted so far."""
+        """On the loop: complete everything posted so far, and wake its awaiters."""
         with self._lock:
-            items, self._pending, self._scheduled = self._pending, [], False
-        for future, ok, value in items:
-            if future.done():
-                continue  # cancelled by its awaiter meanwhile
-            if ok:
-                future.set_result(value)
-                continue
-            # An asyncio future refuses a StopIteration, and a CancelledError would read
-            # as the awaiting task's own cancellation (asyncio, TaskGroups and servers
-            # would treat it so).
-            future.set_exception(for_callers(value))
-
+            outcomes, self._pending, self._scheduled = self._pending, [], False
+        complete(self.loop_ref(), outcomes)

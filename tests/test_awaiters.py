@@ -1,0 +1,187 @@
+"""awaiters.complete: a batch's asyncio futures completed on their loop and their
+awaiters woken in the same pass, as asyncio would wake them one handle each."""
+
+import asyncio
+import contextvars
+import sys
+import threading
+
+import pytest
+
+from batchproc.aio import LoopChannel
+from batchproc.awaiters import complete
+
+whose = contextvars.ContextVar("whose")
+
+
+def _in_complete():
+    """Whether this code runs inside ``awaiters.complete`` (woken in the flush's pass)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is complete.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _post_from_a_thread(channel, outcomes):
+    thread = threading.Thread(target=channel.post_many, args=(outcomes,))
+    thread.start()
+    thread.join(10)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_awaiters_wake_in_their_own_context_in_the_flush_unless_debugging(debug):
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_debug(debug)
+        channel = LoopChannel(loop)
+        futures = [loop.create_future() for _ in range(5)]
+
+        async def awaiter(i):
+            whose.set(i)
+            value = await futures[i]
+            return value, whose.get(), _in_complete()
+
+        tasks = [asyncio.create_task(awaiter(i)) for i in range(5)]
+        await asyncio.sleep(0)  # each task now waits on its future
+        _post_from_a_thread(channel, [(f, True, i * 10) for i, f in enumerate(futures)])
+        return await asyncio.gather(*tasks)
+
+    woken_in_the_flush = not debug  # a debug loop keeps asyncio's own handles
+    assert asyncio.run(main()) == [(i * 10, i, woken_in_the_flush) for i in range(5)]
+
+
+def test_a_failing_callback_is_reported_and_the_batch_goes_on():
+    reported, seen = [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        channel = LoopChannel(loop)
+        futures = [loop.create_future() for _ in range(3)]
+
+        def fails(_):
+            raise ValueError("from a callback")
+
+        futures[0].add_done_callback(fails)
+        for f in futures:
+            f.add_done_callback(lambda f: seen.append(f.result()))
+        done = asyncio.gather(*futures)
+        _post_from_a_thread(channel, [(f, True, i) for i, f in enumerate(futures)])
+        return await done
+
+    assert asyncio.run(main()) == [0, 1, 2]
+    assert seen == [0, 1, 2]
+    assert len(reported) == 1
+    assert isinstance(reported[0]["exception"], ValueError)
+    assert reported[0]["message"].startswith("Exception in callback")
+
+
+@pytest.mark.parametrize("escaping", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_from_a_callback_leaves_the_rest_to_asyncio(escaping):
+    # As out of any callback, KeyboardInterrupt and SystemExit go on out of the loop;
+    # what the flush had not done yet (the rest of this future's callbacks, the rest of
+    # the batch) is completed and scheduled first, not lost.
+    loop = asyncio.new_event_loop()
+    try:
+        channel = LoopChannel(loop)
+        futures = [loop.create_future() for _ in range(3)]
+        called = []
+
+        def interrupts(_):
+            called.append("interrupts")
+            raise escaping()
+
+        futures[0].add_done_callback(interrupts)
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda _, i=i: called.append(i))
+        channel.post_many([(f, True, i) for i, f in enumerate(futures)])
+        with pytest.raises(escaping):
+            loop.run_forever()
+        assert [f.done() for f in futures] == [True, True, True]
+        assert called == ["interrupts"]
+        loop.run_until_complete(asyncio.sleep(0))
+        assert called == ["interrupts", 0, 1, 2]
+        assert [f.result() for f in futures] == [0, 1, 2]
+    finally:
+        loop.close()
+
+
+def test_a_callback_may_cancel_or_add_to_a_later_future_of_the_batch():
+    calls = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel = LoopChannel(loop)
+        first, second, third = (loop.create_future() for _ in range(3))
+
+        def on_first(_):
+            second.cancel()
+            third.add_done_callback(lambda f: calls.append(("added", f.result())))
+
+        first.add_done_callback(on_first)
+        second.add_done_callback(lambda f: calls.append(("second", f.cancelled())))
+        done = asyncio.gather(first, second, third, return_exceptions=True)
+        _post_from_a_thread(channel, [(first, True, 1), (second, True, 2), (third, True, 3)])
+        return await done
+
+    first, second, third = asyncio.run(main())
+    assert (first, third) == (1, 3)
+    assert isinstance(second, asyncio.CancelledError)
+    assert sorted(calls) == [("added", 3), ("second", True)]  # each once
+
+
+def test_failures_reach_their_awaiters_as_callers_get_them():
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel = LoopChannel(loop)
+        futures = [loop.create_future() for _ in range(3)]
+        done = asyncio.gather(*futures, return_exceptions=True)
+        _post_from_a_thread(channel, [(futures[0], False, ValueError("bad item")),
+                                      (futures[1], False, StopIteration()),
+                                      (futures[2], True, "ok")])
+        return await done
+
+    bad, stop, ok = asyncio.run(main())
+    assert isinstance(bad, ValueError) and str(bad) == "bad item"
+    assert type(stop) is RuntimeError  # an asyncio future refuses a StopIteration
+    assert ok == "ok"
+
+
+def test_without_its_loop_the_futures_complete_and_asyncio_schedules_the_callbacks():
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        called = []
+        future.add_done_callback(lambda f: called.append(f.result()))
+        complete(None, [(future, True, 7)])
+        assert future.result() == 7 and called == []  # scheduled, not run
+        loop.run_until_complete(asyncio.sleep(0))
+        assert called == [7]
+    finally:
+        loop.close()
+
+
+def test_called_from_inside_a_task_it_leaves_the_waking_to_asyncio():
+    # A task's wake-up cannot run inside another running task (asyncio refuses to enter
+    # a task while one runs): from a task, the callbacks are scheduled as usual.
+    async def main():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+
+        async def awaiter(f):
+            return await f, _in_complete()
+
+        tasks = [asyncio.create_task(awaiter(f)) for f in futures]
+        await asyncio.sleep(0)
+        complete(loop, [(f, True, i) for i, f in enumerate(futures)])
+        await asyncio.wait(tasks, timeout=10)  # a task never woken stays pending
+        return [t.result() if t.done() else "never woken" for t in tasks]
+
+    # Not asyncio.run: its shutdown would wait for a task that is never woken.
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == [(0, False), (1, False), (2, False)]
+    finally:
+        loop.close()

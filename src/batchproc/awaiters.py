@@ -13,8 +13,8 @@ from a callback goes to the loop's exception handler, and ``KeyboardInterrupt`` 
 future's callbacks, the rest of the batch) handed to asyncio first, as usual.
 
 A loop in debug mode gets asyncio's own way (its ``Handle`` records where each callback
-was scheduled and times it), as does a future whose callbacks cannot be read
-(``Future._callbacks``, read by asyncio's own tests and by this module only).
+was scheduled and times it), as does an asyncio whose futures do not show their
+callbacks (``Future._callbacks``, private to asyncio: read here, never written).
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ def _renew_pid():
     _pid = _os.getpid()
 
 
-_os.register_at_fork(after_in_child=_renew_pid)
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_renew_pid)
 
 
 def _running_loop_is(loop):

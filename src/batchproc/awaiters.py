@@ -2,60 +2,92 @@
 same pass.
 
 When an asyncio future completes, asyncio schedules each of its done-callbacks (for an
-awaiting task, the task's wake-up) as a separate ``Handle`` with ``loop.call_soon``, and
-a later pass of the loop runs each one: per result, a ``call_soon``, a ``Handle``
-object and a turn of the loop, in Python, on the one thread that runs every task. A
-flush that completes a whole batch's futures (``aio.LoopChannel``) is already such a
-turn of the loop, so it runs each future's callbacks itself, right after completing it,
-each in its own context, as ``Handle._run`` would (asyncio's ``events.py``): an exception
-from a callback goes to the loop's exception handler, and ``KeyboardInterrupt`` or
-``SystemExit`` goes on out of the loop, with what it left undone (the rest of this
-future's callbacks, the rest of the batch) handed to asyncio first, as usual.
+awaiting task, the task's wake-up) with ``loop.call_soon``: per result, a ``Handle``
+made and queued in Python, and run on the loop's next turn. A flush that completes a
+whole batch's futures (``aio.LoopChannel``) is already a callback of the loop, so it
+runs their callbacks itself: it first completes every future of the batch (so an
+awaiter sees all of them done, as with ``set_result``), then runs each one's callbacks
+in order, each in its own context, as ``Handle._run`` would (asyncio's ``events.py``).
 
-A loop in debug mode gets asyncio's own way (its ``Handle`` records where each callback
-was scheduled and times it), as does an asyncio whose futures do not show their
-callbacks (``Future._callbacks``, private to asyncio: read here, never written).
+What asyncio's way gives and this keeps:
+
+* an exception from a callback goes to the loop's exception handler, with the handle
+  asyncio would have made for it, in the callback's context;
+* ``KeyboardInterrupt`` or ``SystemExit`` goes on out of the loop, the callbacks not run
+  yet handed to ``call_soon`` first;
+* a callback that runs the loop again (a nested loop: ``nest_asyncio``) finds the
+  callbacks not run yet in the loop's queue: a sentinel queued before the first one
+  hands them over if the loop turns before they are all run.
+
+A loop in debug mode gets asyncio's own way (its handles record where each callback was
+scheduled and time it), as does a call from inside a running task (a task's wake-up
+cannot run inside another task) and an asyncio whose futures do not show their callbacks
+(``Future._callbacks``, private to asyncio: read here, never written).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+import functools
+import types
+from asyncio import format_helpers
+from collections import deque
+from collections.abc import Callable
+from contextvars import Context
 from typing import Any
 
 from .errors import for_callers
 
 Outcome = tuple["asyncio.Future[Any]", bool, Any]  # (future, ok, result or exception)
+_Callback = tuple[Callable[..., Any], Context, "asyncio.Future[Any]"]
 
 _CALLBACKS_READABLE = hasattr(asyncio.Future, "_callbacks")
+# remove_done_callback compares the future's callbacks with ``==``: the flush takes them
+# off only where every one of them is of a type whose equality runs no code of anyone
+# else's (functions, C functions such as a task's wake-up, partials): an object with
+# its own ``__eq__`` could raise, or stand for another. A future with any other
+# callback is left to asyncio.
+_DETACHABLE = frozenset({types.FunctionType, types.BuiltinFunctionType, functools.partial})
+# How asyncio names a callback in its error messages (with its source line).
+_format_callback_source = getattr(format_helpers, "_format_callback_source",
+                                  lambda func, args: repr(func))
 
 
 def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) -> None:
-    """On ``loop``'s thread: complete each ``(future, ok, value)`` of ``outcomes`` not done
-    yet (cancelled by its awaiter meanwhile) with ``value``, its result if ``ok`` else its
-    exception, and run its done-callbacks now. ``loop`` None (gone) or in debug mode, or
-    a task of it running (a task's wake-up cannot run inside another task): asyncio
-    schedules the callbacks, as ``set_result`` does."""
-    pending = iter(outcomes)
+    """On ``loop``'s thread, from a callback of it: complete each ``(future, ok, value)``
+    of ``outcomes`` not done yet (cancelled by its awaiter meanwhile) with ``value``, its
+    result if ``ok`` else its exception, then run their done-callbacks. ``loop`` None
+    (gone) or in debug mode, or a task of it running: asyncio schedules the callbacks,
+    as ``set_result`` does."""
     if (loop is None or not _CALLBACKS_READABLE or loop.get_debug()
             or asyncio.current_task(loop) is not None):
-        _complete_and_schedule(pending)
+        for future, ok, value in outcomes:
+            if not future.done():
+                _settle(future, ok, value)
         return
+    callbacks: deque[_Callback] = deque()
+    rest = iter(outcomes)
     try:
-        for future, ok, value in pending:
+        for future, ok, value in rest:
             if future.done():
                 continue
-            # A copy: removing them below may edit the future's own list.
-            callbacks = tuple(future._callbacks or ())
-            if callbacks:
-                for callback, _ in callbacks:
-                    future.remove_done_callback(callback)
+            # A copy: removing them may edit the future's own list.
+            taken = tuple(future._callbacks or ())
+            if not all(type(callback) in _DETACHABLE for callback, _ in taken):
+                _settle(future, ok, value)  # asyncio schedules them
+                continue
+            for callback, _ in taken:
+                future.remove_done_callback(callback)
             _settle(future, ok, value)
-            if callbacks:
-                _run(loop, future, callbacks)
-    except BaseException:
-        _complete_and_schedule(pending)
+            callbacks.extend((callback, context, future) for callback, context in taken)
+    except BaseException:  # an interrupt (a signal's handler): leave nothing pending
+        for future, ok, value in rest:
+            if not future.done():
+                _settle(future, ok, value)
+        _hand_over(loop, callbacks)
         raise
+    if callbacks:
+        _run(loop, callbacks)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -68,29 +100,39 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(for_callers(value))
 
 
-def _complete_and_schedule(pending: Iterator[Outcome]) -> None:
-    for future, ok, value in pending:
-        if not future.done():
-            _settle(future, ok, value)
-
-
-def _run(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-         callbacks: Iterable[tuple[Any, Any]]) -> None:
-    """Run ``future``'s done-callbacks, as a ``Handle`` each would."""
-    left = iter(callbacks)
+def _run(loop: asyncio.AbstractEventLoop, callbacks: deque[_Callback]) -> None:
+    """Run ``callbacks`` in order, as a ``Handle`` each would; whatever is left when the
+    loop turns (nested) or an interrupt goes out goes to ``call_soon``."""
+    sentinel = loop.call_soon(_hand_over, loop, callbacks)
     try:
-        for callback, context in left:
+        while callbacks:
+            callback, context, future = callbacks.popleft()
             try:
                 context.run(callback, future)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
-                loop.call_exception_handler({
-                    "message": f"Exception in callback {callback!r}({future!r})",
-                    "exception": exc,
-                    "future": future,
-                })
-    except BaseException:
-        for callback, context in left:
-            loop.call_soon(callback, future, context=context)
-        raise
+                _report(loop, callback, context, future, exc)
+    finally:
+        sentinel.cancel()
+        _hand_over(loop, callbacks)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, callbacks: deque[_Callback]) -> None:
+    while callbacks:
+        callback, context, future = callbacks.popleft()
+        loop.call_soon(callback, future, context=context)
+
+
+def _report(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], context: Context,
+            future: asyncio.Future[Any], exc: BaseException) -> None:
+    """What ``Handle._run`` tells the loop's exception handler of a callback's exception."""
+    report = {
+        "message": f"Exception in callback {_format_callback_source(callback, (future,))}",
+        "exception": exc,
+        "handle": asyncio.Handle(callback, (future,), loop, context),
+    }
+    try:
+        context.run(loop.call_exception_handler, report)
+    except RuntimeError:  # its context is entered further up (what the callback hit)
+        loop.call_exception_handler(report)

@@ -127,11 +127,16 @@ def _hand_over(loop: asyncio.AbstractEventLoop, callbacks: deque[_Callback]) -> 
 def _report(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], context: Context,
             future: asyncio.Future[Any], exc: BaseException) -> None:
     """What ``Handle._run`` tells the loop's exception handler of a callback's exception."""
+    handle = asyncio.Handle(callback, (future,), loop, context)
     report = {
         "message": f"Exception in callback {_format_callback_source(callback, (future,))}",
         "exception": exc,
-        "handle": asyncio.Handle(callback, (future,), loop, context),
+        "handle": handle,
     }
+    if hasattr(handle, "get_context"):
+        # CPython 3.12+: asyncio runs a loop's handler in the handle's context itself.
+        loop.call_exception_handler(report)
+        return
     try:
         context.run(loop.call_exception_handler, report)
     except RuntimeError:  # its context is entered further up (what the callback hit)

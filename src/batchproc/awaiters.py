@@ -71,15 +71,23 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
         for future, ok, value in rest:
             if future.done():
                 continue
-            # A copy: removing them may edit the future's own list.
-            taken = tuple(future._callbacks or ())
-            if not all(type(callback) in _DETACHABLE for callback, _ in taken):
-                _settle(future, ok, value)  # asyncio schedules them
+            taken = future._callbacks
+            if taken and len(taken) == 1:  # the common case: the awaiting task's wake-up
+                callback, context = taken[0]
+                if type(callback) in _DETACHABLE:
+                    future.remove_done_callback(callback)
+                    _settle(future, ok, value)
+                    callbacks.append((callback, context, future))
+                    continue
+            elif taken and _detachable(taken):
+                detached = tuple(taken)  # a copy: removal may edit the future's own list
+                for callback, _ in detached:
+                    future.remove_done_callback(callback)
+                _settle(future, ok, value)
+                for callback, context in detached:
+                    callbacks.append((callback, context, future))
                 continue
-            for callback, _ in taken:
-                future.remove_done_callback(callback)
-            _settle(future, ok, value)
-            callbacks.extend((callback, context, future) for callback, context in taken)
+            _settle(future, ok, value)  # no callbacks, or asyncio schedules them
     except BaseException:  # an interrupt (a signal's handler): leave nothing pending
         for future, ok, value in rest:
             if not future.done():
@@ -88,6 +96,10 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
         raise
     if callbacks:
         _run(loop, callbacks)
+
+
+def _detachable(taken: list[tuple[Any, Any]]) -> bool:
+    return all(type(callback) in _DETACHABLE for callback, _ in taken)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -3,6 +3,7 @@ awaiters woken in the same pass, as asyncio would wake them one handle each."""
 
 import asyncio
 import contextvars
+import inspect
 import subprocess
 import sys
 import threading
@@ -264,3 +265,78 @@ def test_callbacks_that_define_equality_are_left_to_asyncio():
 
     assert asyncio.run(main()) == [2, 1]
     assert calls == [1]
+
+
+def _lines_of(function):
+    """The lines of ``function`` inside its first ``try:`` (before it, nothing is
+    done: an interrupt there loses the batch, as it would before any callback)."""
+    source, first = inspect.getsourcelines(function)
+    start = first + next(i for i, text in enumerate(source) if text.strip() == "try:")
+    return sorted({line for _, _, line in function.__code__.co_lines()
+                   if line is not None and line > start})
+
+
+def _interrupted_batch(line, interrupt):
+    """Four tasks awaiting one batch; ``interrupt(tasks)`` runs at the first time
+    ``complete`` reaches ``line`` (as a signal's handler would, between two calls).
+    Returns what each task ended with once the loop has run again; nothing may reach
+    the loop's exception handler."""
+    loop = asyncio.new_event_loop()
+    reported = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    previous = sys.gettrace()
+    try:
+        channel = LoopChannel(loop)
+        futures = [loop.create_future() for _ in range(4)]
+
+        async def awaiter(future):
+            return await future
+
+        tasks = [loop.create_task(awaiter(f)) for f in futures]
+        loop.run_until_complete(asyncio.sleep(0))  # each task now awaits its future
+        fired = []
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not fired:
+                fired.append(line)
+                interrupt(tasks)
+            return local
+
+        def trace(frame, event, arg):
+            return local if frame.f_code is complete.__code__ else None
+
+        channel.post_many([(f, True, i) for i, f in enumerate(futures)])
+        sys.settrace(trace)
+        try:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(previous)
+        loop.run_until_complete(asyncio.wait(tasks, timeout=10))
+        assert reported == []  # nothing went wrong in the flush
+        return [("cancelled" if t.cancelled() else t.result()) if t.done() else "pending"
+                for t in tasks]
+    finally:
+        sys.settrace(previous)
+        loop.close()
+
+
+def _raise_keyboard_interrupt(tasks):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("line", _lines_of(complete))
+def test_an_interrupt_anywhere_in_the_flush_leaves_every_awaiter_its_result(line):
+    # KeyboardInterrupt out of a signal's handler between any two lines: every task is
+    # still resumed with its own result once the loop runs again.
+    assert _interrupted_batch(line, _raise_keyboard_interrupt) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("line", _lines_of(complete))
+def test_a_cancellation_anywhere_in_the_flush_still_resumes_its_task(line):
+    # asyncio.run's SIGINT handler cancels the main task (and so the future it awaits)
+    # between any two calls: the cancelled task must still be resumed to end.
+    ended = _interrupted_batch(line, lambda tasks: tasks[0].cancel())
+    assert ended[0] in ("cancelled", 0)
+    assert ended[1:] == [1, 2, 3]

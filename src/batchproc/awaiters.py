@@ -12,7 +12,8 @@ in order, each in its own context, as ``Handle._run`` would (asyncio's ``events.
 What asyncio's way gives and this keeps:
 
 * an exception from a callback goes to the loop's exception handler, with the handle
-  asyncio would have made for it, in the callback's context;
+  asyncio would have made for it, in the callback's context (where asyncio on CPython
+  3.12+ and uvloop run it; asyncio before 3.12 ran it in the loop's own);
 * ``KeyboardInterrupt`` or ``SystemExit`` goes on out of the loop, the callbacks not run
   yet handed to ``call_soon`` first;
 * a callback that runs the loop again (a nested loop: ``nest_asyncio``) finds the
@@ -59,43 +60,57 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
     result if ``ok`` else its exception, then run their done-callbacks. ``loop`` None
     (gone) or in debug mode, or a task of it running: asyncio schedules the callbacks,
     as ``set_result`` does."""
-    if (loop is None or not _CALLBACKS_READABLE or loop.get_debug()
-            or asyncio.current_task(loop) is not None):
-        for future, ok, value in outcomes:
-            if not future.done():
-                _settle(future, ok, value)
-        return
-    callbacks: deque[_Callback] = deque()
     rest = iter(outcomes)
+    callbacks: deque[_Callback] = deque()
+    # The outcome being handled: a signal's handler may run between any two calls here
+    # (raise KeyboardInterrupt, or cancel a future, as asyncio.run's does), and then
+    # this one must still end with its callbacks run or scheduled, once each.
+    current = None
     try:
-        for future, ok, value in rest:
+        if (loop is None or not _CALLBACKS_READABLE or loop.get_debug()
+                or asyncio.current_task(loop) is not None):
+            for future, ok, value in rest:
+                if not future.done():
+                    _settle(future, ok, value)
+            return
+        for current in rest:  # recorded as it is taken
+            future, ok, value = current
             if future.done():
                 continue
             taken = future._callbacks
             if taken and len(taken) == 1:  # the common case: the awaiting task's wake-up
                 callback, context = taken[0]
                 if type(callback) in _DETACHABLE:
-                    future.remove_done_callback(callback)
+                    callbacks.append((callback, context, future))  # first: never lost
+                    if not future.remove_done_callback(callback):
+                        callbacks.pop()  # cancelled meanwhile: asyncio scheduled it
                     _settle(future, ok, value)
-                    callbacks.append((callback, context, future))
                     continue
             elif taken and _detachable(taken):
                 detached = tuple(taken)  # a copy: removal may edit the future's own list
-                for callback, _ in detached:
-                    future.remove_done_callback(callback)
-                _settle(future, ok, value)
+                callbacks.extend([(callback, context, future) for callback, context in detached])
                 for callback, context in detached:
-                    callbacks.append((callback, context, future))
+                    if not future.remove_done_callback(callback):
+                        callbacks.remove((callback, context, future))  # as above
+                _settle(future, ok, value)
                 continue
             _settle(future, ok, value)  # no callbacks, or asyncio schedules them
-    except BaseException:  # an interrupt (a signal's handler): leave nothing pending
+        current = None
+        if callbacks:
+            _run(loop, callbacks)
+    except BaseException:
+        if current is not None and not current[0].done():
+            future, ok, value = current
+            for callback, _, of in callbacks:  # taken already: off it, then settled
+                if of is future:
+                    future.remove_done_callback(callback)
+            _settle(future, ok, value)
         for future, ok, value in rest:
             if not future.done():
                 _settle(future, ok, value)
-        _hand_over(loop, callbacks)
+        if loop is not None:
+            _hand_over(loop, callbacks)
         raise
-    if callbacks:
-        _run(loop, callbacks)
 
 
 def _detachable(taken: list[tuple[Any, Any]]) -> bool:
@@ -103,13 +118,18 @@ def _detachable(taken: list[tuple[Any, Any]]) -> bool:
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if ok:
-        future.set_result(value)
-    else:
-        # An asyncio future refuses a StopIteration, and a CancelledError would read as
-        # the awaiting task's own cancellation (asyncio, TaskGroups and servers would
-        # treat it so).
-        future.set_exception(for_callers(value))
+    """Complete ``future``, unless it was cancelled meanwhile (by its awaiter, or by a
+    signal's handler between a check and this)."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            # An asyncio future refuses a StopIteration, and a CancelledError would read
+            # as the awaiting task's own cancellation (asyncio, TaskGroups and servers
+            # would treat it so).
+            future.set_exception(for_callers(value))
+    except asyncio.InvalidStateError:
+        pass
 
 
 def _run(loop: asyncio.AbstractEventLoop, callbacks: deque[_Callback]) -> None:
@@ -145,8 +165,8 @@ def _report(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], conte
         "exception": exc,
         "handle": handle,
     }
-    if hasattr(handle, "get_context"):
-        # CPython 3.12+: asyncio runs a loop's handler in the handle's context itself.
+    if isinstance(loop, asyncio.BaseEventLoop) and hasattr(handle, "get_context"):
+        # asyncio on CPython 3.12+ runs the handler in the handle's context itself.
         loop.call_exception_handler(report)
         return
     try:

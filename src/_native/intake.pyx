@@ -107,10 +107,15 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_renew_pid)
 
 
-def _running_loop_is(loop):
+cdef inline int _reading(loop) noexcept:
     """1 if ``loop`` runs in this thread, 0 if it does not, -1 if only asyncio can tell
-    (CPython 3.12+, or a holder not recognised): the fast reading above, for tests."""
+    (CPython 3.12+, or a holder not recognised)."""
     return bp_running_loop_is(<PyObject*>_RUNNING_LOOP_KEY, <PyObject*>loop, _pid)
+
+
+def _running_loop_is(loop):
+    """The reading above, for tests."""
+    return _reading(loop)
 
 
 cdef object _running_loop_of(channel):
@@ -118,7 +123,7 @@ cdef object _running_loop_of(channel):
     loop = channel.loop_ref()
     if loop is None:
         return None
-    cdef int running = bp_running_loop_is(<PyObject*>_RUNNING_LOOP_KEY, <PyObject*>loop, _pid)
+    cdef int running = _reading(loop)
     if running == 1 or (running == -1 and _get_running_loop() is loop):
         return loop
     return None

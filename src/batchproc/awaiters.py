@@ -78,23 +78,18 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
             if future.done():
                 continue
             taken = future._callbacks
-            if taken and len(taken) == 1:  # the common case: the awaiting task's wake-up
+            if taken and len(taken) == 1 and type(taken[0][0]) in _DETACHABLE:
+                # The common case (the awaiting task's wake-up), without the copy below.
                 callback, context = taken[0]
-                if type(callback) in _DETACHABLE:
-                    callbacks.append((callback, context, future))  # first: never lost
-                    if not future.remove_done_callback(callback):
-                        callbacks.pop()  # cancelled meanwhile: asyncio scheduled it
-                    _settle(future, ok, value)
-                    continue
+                callbacks.append((callback, context, future))  # first: never lost
+                if not future.remove_done_callback(callback):
+                    callbacks.pop()  # cancelled meanwhile: asyncio scheduled it
             elif taken and _detachable(taken):
-                detached = tuple(taken)  # a copy: removal may edit the future's own list
-                callbacks.extend([(callback, context, future) for callback, context in detached])
-                for callback, context in detached:
+                for callback, context in tuple(taken):  # a copy: removal may edit it
+                    callbacks.append((callback, context, future))
                     if not future.remove_done_callback(callback):
-                        callbacks.remove((callback, context, future))  # as above
-                _settle(future, ok, value)
-                continue
-            _settle(future, ok, value)  # no callbacks, or asyncio schedules them
+                        callbacks.pop()
+            _settle(future, ok, value)  # else asyncio schedules its callbacks, if any
         current = None
         if callbacks:
             _run(loop, callbacks)

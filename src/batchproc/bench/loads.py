@@ -506,19 +506,41 @@ def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> np.n
     return t0 + sched[first:total]
 
 
-def _marker(done: list[float], count: list[int]) -> tuple[Callable[[Any], None], dict[int, int]]:
-    """One done-callback shared by every request of a run, and the index it reads:
-    ``index[id(future)]`` is the request's place in ``done``. A callback made per request
-    (a ``partial``) would add two objects per waiting request for the cyclic garbage
-    collector to walk, a cost the harness would add to every system it measures."""
-    index: dict[int, int] = {}
+def _marker(times: dict[int, float]) -> Callable[[Any], None]:
+    """One done-callback shared by every request of a run, recording in ``times``
+    (``times[id(future)]``) the moment the future completed. One dict store per request,
+    whichever thread completes it: the harness's own cost is in every system's figures,
+    and a callback made per request (a ``partial``) would add objects for the cyclic
+    garbage collector to walk. Each future stays referenced for the run (its id is not
+    reused); ``len(times)`` is the run's progress."""
     pc = time.perf_counter
 
     def mark(fut: Any) -> None:
-        done[index[id(fut)]] = pc()
-        count[0] += 1  # progress only: a lost update under a thread switch does not matter
+        times[id(fut)] = pc()
 
-    return mark, index
+    return mark
+
+
+def _wait_for_all(futs: list[Any], until: float, count: Callable[[], int],
+                  tick: Tick) -> None:
+    """Wait until every one of ``futs`` is done or the ``until`` (perf_counter) deadline,
+    reporting progress. The newest first: once it is done most others are too, so the
+    watching thread wakes about every 0.1 s, not per request, and takes no CPU from the
+    system under test while it serves the run."""
+    pc = time.perf_counter
+    for f in reversed(futs):
+        while True:
+            left = until - pc()
+            if left <= 0.0:
+                return
+            try:
+                f.exception(timeout=min(left, 0.1))
+            except FutureTimeout:
+                tick(count())
+                continue
+            except CancelledError:
+                pass
+            break
 
 
 def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> LoadResult:
@@ -530,50 +552,41 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     pool = load.requests()
     n_pool = len(pool)
     sub: list[float] = []
-    done: list[float] = [0.0] * total
     futs: list[Future[Any]] = []
-    count = [0]
     state = _open_state(plan, sched)
-    # The run's end (closed) and the generator's bookkeeping exclude each other: a request
-    # is either in futs when the run ends, or `submitting` (its arrival) then, or neither.
-    lock = threading.Lock()
+    # No lock between the generator and the run's end: the generator alone writes `sub`,
+    # `futs` and the refusals, each arrival's outcome in one store (`sub` before `futs`),
+    # and checks `closed` before each arrival. The end sets `closed`, then reads how many
+    # were submitted, then how many refused: the arrival in progress is in at most one of
+    # the two, and every arrival after those counted is late.
     closed = [False]
-    submitting: list[float | None] = [None]
-    mark, index = _marker(done, count)
+    times: dict[int, float] = {}
+    mark = _marker(times)
 
     def generate() -> None:
         submit = target.submit
         pc = time.perf_counter
         sleep = time.sleep
+        add_arrival, add_future = sub.append, futs.append
         t0 = state["t0"]
         for i in range(total):
             if closed[0]:
                 return  # the drain has ended: what is left is counted late
-            now = pc()
             if sched is not None:
                 t = t0 + sched[i]
+                now = pc()
                 if t > now:
                     sleep(t - now)
             else:
                 t = t0  # a burst arrives all at once
-            submitting[0] = t
             try:
                 f = submit(pool[i % n_pool], prios[i % n_prios])
             except Exception as exc:  # refused (a full queue): the next arrival still comes
-                with lock:
-                    if closed[0]:
-                        return
-                    submitting[0] = None
-                    state["refused"] += 1
-                    state["first_refusal"] = state.get("first_refusal") or _describe(exc)
+                state["first_refusal"] = state["first_refusal"] or _describe(exc)
+                state["refused"] += 1
                 continue
-            with lock:
-                if closed[0]:
-                    return  # the run has ended: counted as unfinished while submitting
-                submitting[0] = None
-                sub.append(t)
-                futs.append(f)
-            index[id(f)] = i  # f stays in futs: its id is not reused during the run
+            add_arrival(t)
+            add_future(f)
             f.add_done_callback(mark)
 
     gen = threading.Thread(target=generate, name="bench-generator", daemon=True)
@@ -581,39 +594,25 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     t0 = state["t0"] = pc()
     try:
         gen.start()
-        _join_until([gen], t0 + dur, lambda: count[0], tick)
+        _join_until([gen], t0 + dur, times.__len__, tick)
         drained_by = _drained_by(t0, dur)
-        _join_until([gen], drained_by, lambda: count[0], tick)
-        # Wait for what was submitted (bounded), still reporting progress. Futures
-        # complete roughly in order: block on the oldest unfinished one (no polling,
-        # which would steal CPU from the system under test); most of the rest are done
-        # by then.
-        last = pc()
-        k = 0
-        while k < len(futs) and pc() < drained_by:
-            f = futs[k]
-            if not f.done():
-                with contextlib.suppress(FutureTimeout, CancelledError):
-                    f.exception(timeout=max(drained_by - pc(), 0.0))
-            now = pc()
-            if now - last > 0.1:
-                tick(count[0])
-                last = now
-            k += 1
+        _join_until([gen], drained_by, times.__len__, tick)
+        # Wait for what was submitted (bounded), still reporting progress.
+        _wait_for_all(futs[:], drained_by, times.__len__, tick)
     except BaseException:  # interrupted (Ctrl-C): the generator submits nothing more
         closed[0] = True
         raise
-    with lock:
-        closed[0] = True
-        m = len(futs)
-        held = [] if submitting[0] is None else [submitting[0]]
-        refused = state["refused"]
+    closed[0] = True
+    m = len(futs)
+    refused = state["refused"]
+    # The counts as read: an arrival still in progress is late, its refusal too.
+    counted = dict(state, refused=refused,
+                   first_refusal=state["first_refusal"] if refused else None)
     end = pc()
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
-    late = np.concatenate([np.asarray(held, dtype=float),
-                           _unsent(t0, sched, m + refused + len(held), total)])
-    res = _collect(futs[:m], sub, done, prios, state, end, _horizon(t0, dur, end), late)
+    late = _unsent(t0, sched, m + refused, total)
+    res = _collect(futs[:m], sub, times, prios, counted, end, _horizon(t0, dur, end), late)
     tick(res.completed + res.errors)
     return res
 
@@ -627,7 +626,7 @@ def _open_state(plan: Schedule, sched: np.ndarray | None) -> dict[str, Any]:
 def _collect(
     futs: list[Any],
     sub: list[float],
-    done: list[float],
+    times: dict[int, float],
     prios: list[int],
     state: dict[str, Any],
     end: float,
@@ -660,8 +659,8 @@ def _collect(
             errors += 1
             first_error = first_error or _describe(exc)
             continue
-        d = done[i]
-        if d == 0.0:  # completed between the last check and now; callback not yet run
+        d = times.get(id(f))
+        if d is None:  # completed between the last check and now; callback not yet run
             d = time.perf_counter()
         lat.append(d - sub[i])
         arrived.append(sub[i])
@@ -707,7 +706,8 @@ def _collect(
 def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | None,
                tick: Tick) -> LoadResult:
     box: dict[str, Any] = {}
-    progress = [0]
+    progress = [0]  # a closed loop's completions
+    times: dict[int, float] = {}  # an open loop's (see _marker)
     abandoned = threading.Event()
 
     async def main() -> LoadResult:
@@ -716,7 +716,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
         box["cancel"] = functools.partial(loop.call_soon_threadsafe, task.cancel)
         if abandoned.is_set():  # interrupted before ``cancel`` was there to be called
             raise asyncio.CancelledError
-        return await _async_main(target, load, n, dur, plan, progress)
+        return await _async_main(target, load, n, dur, plan, progress, times)
 
     def thread_main() -> None:
         try:
@@ -729,7 +729,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
         t.start()
         while t.is_alive():
             t.join(0.1)
-            tick(progress[0])
+            tick(progress[0] + len(times))
     except BaseException:  # interrupted (Ctrl-C): the loop's clients and requests end
         abandoned.set()
         cancel = box.get("cancel")
@@ -745,7 +745,8 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
 
 
 async def _async_main(
-    target: Any, load: Load, n: int, dur: float, plan: Schedule | None, progress: list[int]
+    target: Any, load: Load, n: int, dur: float, plan: Schedule | None, progress: list[int],
+    times: dict[int, float],
 ) -> LoadResult:
     acall = target.acall
     prios = _priority_table(load, n)
@@ -810,13 +811,12 @@ async def _async_main(
     total = plan.n
     sched = _schedule(load, plan)
     sub: list[float] = []
-    done: list[float] = [0.0] * total
     futs: list[asyncio.Task[Any]] = []
     state = _open_state(plan, sched)
     state["t0"] = pc()
     drained_by = _drained_by(state["t0"], dur)
 
-    mark, index = _marker(done, progress)
+    mark = _marker(times)
     loop = asyncio.get_running_loop()
     for i in range(total):
         now = pc()
@@ -832,12 +832,11 @@ async def _async_main(
         task = loop.create_task(acall(pool[i % n_pool], prios[i % n_prios]))
         sub.append(t)
         futs.append(task)
-        index[id(task)] = i  # the task stays in futs: its id is not reused during the run
         task.add_done_callback(mark)
     await _wait_until(futs, drained_by)
     end = pc()
     unsent = _unsent(state["t0"], sched, len(futs), total)
-    result = _collect(futs, sub, done, prios, state, end, _horizon(state["t0"], dur, end),
+    result = _collect(futs, sub, times, prios, state, end, _horizon(state["t0"], dur, end),
                       unsent)
     # After _collect (a cancelled task is done): what it found unfinished.
     await _cancel([f for f in futs if not f.done()])

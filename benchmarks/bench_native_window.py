@@ -97,3 +97,13 @@ def test_bench_window_add_native(benchmark: Any) -> None:
 def test_bench_window_stats_native(benchmark: Any) -> None:
     w = _full_window()
     benchmark(lambda: (w.mean(), w.percentiles((50, 95, 99))))
+
+
+@pytest.mark.benchmark(group="window-extend-64-1000")
+def test_bench_window_extend_batch_native(benchmark: Any) -> None:
+    """The engine's pattern: a batch's 64 latencies at a time, percentiles read rarely
+    (``get_stats()``); each read indexes what came since the last."""
+    w = _full_window()
+    batch = _samples()[:64]
+    benchmark(w.extend, batch)
+    assert len(w) == N

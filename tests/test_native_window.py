@@ -124,6 +124,30 @@ def test_many_ties(window_cls: Any, capacity: int, data: list[float]) -> None:
 # ---------------------------------------------------------------- targeted cases
 
 
+# The native window indexes samples for order statistics only when asked, or once
+# INDEX_EVERY (4096) of them wait in a larger window: these cross both, with ties.
+@pytest.mark.parametrize("capacity", [1000, 4096, 5000, 9000])
+def test_queries_between_runs_of_samples_of_every_length(window_cls: Any,
+                                                          capacity: int) -> None:
+    rng = np.random.default_rng(capacity)
+    w = window_cls(capacity)
+    model: deque[float] = deque(maxlen=capacity)
+    # Runs shorter, as long as and longer than the window and the indexing bound, each
+    # followed by a query, so the samples indexed before it are partly or all evicted.
+    for run in (1, capacity - 1, 1, 4095, 4096, 4097, 2 * capacity + 3, 17, capacity):
+        # Half ties among seven values, half distinct.
+        data = np.where(rng.random(run) < 0.5, rng.integers(-3, 4, size=run),
+                        rng.normal(0.0, 2.0, size=run))
+        if run % 2:
+            w.extend(data)
+        else:
+            for x in data.tolist():
+                w.add(x)
+        model.extend(data.tolist())
+        check_against_model(w, model)
+
+
+
 def test_capacity_one(window_cls: Any) -> None:
     w = window_cls(1)
     for x in (3.0, -2.0, 5.5):

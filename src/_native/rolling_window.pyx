@@ -2,10 +2,18 @@
 """Fixed-capacity window of recent samples: mean, min, max and percentiles.
 
 Storage is a ring buffer in insertion order whose slots are also the nodes of a
-treap (randomised balanced BST) keyed by (value, age) and augmented with subtree
-sizes, so add/evict and the k-th smallest value are O(log n) expected. Node i is
-ring slot i - 1; node 0 is the empty sentinel (size 0). Arrays grow lazily up to
-the capacity, so a large, mostly empty window costs little memory.
+treap (randomised balanced BST) keyed by (value, sequence number) and augmented
+with subtree sizes, so the k-th smallest value is O(log n) expected. Node i is ring
+slot i - 1; node 0 is the empty sentinel (size 0). Arrays grow lazily up to the
+capacity, so a large, mostly empty window costs little memory.
+
+Adding a sample only writes the ring (O(1)); the treap takes in the samples added
+since it was last brought up to date when an order statistic is asked for, or once
+INDEX_EVERY samples wait in a window larger than that (O(log n) each, evicting the
+samples they replaced). A sample evicted before anyone asks is never indexed: the
+engine adds every request's latency and reads percentiles only in get_stats(). A
+query waits for at most INDEX_EVERY samples to be indexed (the whole window when it
+is no larger).
 """
 
 cimport cython
@@ -21,6 +29,7 @@ import numpy as np
 cdef enum:
     _MAX_CAPACITY = 1 << 26
     NOGIL_EXTEND = 4096     # extend() releases the GIL for batches at least this long
+    INDEX_EVERY = 4096      # most samples left out of the treap in a larger window
 
 MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 
@@ -42,7 +51,12 @@ cdef class RollingWindow:
     cdef double _sum, _comp         # Neumaier running sum of the window
     cdef uint32_t _rng
     cdef int32_t _root
-    cdef double* _val
+    cdef Py_ssize_t _pending        # newest samples not in the treap yet (<= _n)
+    cdef Py_ssize_t _indexed_n      # _n when the treap was last brought up to date
+    cdef uint32_t _pushed           # samples pushed, wrapping: sequence numbers
+    cdef double* _val               # the ring: each slot's current sample
+    cdef double* _key               # each treap node's value (its slot's, when indexed)
+    cdef uint32_t* _seq             # each treap node's sequence number: ties, older first
     cdef int32_t* _left
     cdef int32_t* _right
     cdef int32_t* _size
@@ -50,6 +64,8 @@ cdef class RollingWindow:
 
     def __cinit__(self, *args, **kwargs):
         self._val = NULL
+        self._key = NULL
+        self._seq = NULL
         self._left = NULL
         self._right = NULL
         self._size = NULL
@@ -70,6 +86,8 @@ cdef class RollingWindow:
 
     def __dealloc__(self):
         free(self._val)
+        free(self._key)
+        free(self._seq)
         free(self._left)
         free(self._right)
         free(self._size)
@@ -171,6 +189,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
+                self._index()
                 r = self._select(0)
         return r
 
@@ -180,6 +199,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
+                self._index()
                 r = self._select(self._n - 1)
         return r
 
@@ -191,6 +211,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
+                self._index()
                 r = self._quantile(q)
         return r
 
@@ -211,6 +232,7 @@ cdef class RollingWindow:
         with self._lock:
             empty = self._n == 0
             if not empty:
+                self._index()
                 for i in range(m):
                     qv[i] = self._quantile(qv[i])
         if empty:
@@ -260,6 +282,8 @@ cdef class RollingWindow:
         self._n = 0
         self._head = 0
         self._root = 0
+        self._pending = 0
+        self._indexed_n = 0
         self._sum = 0.0
         self._comp = 0.0
         self._evictions = 0
@@ -284,6 +308,14 @@ cdef class RollingWindow:
         if p == NULL:
             return -1
         self._val = <double*>p
+        p = realloc(self._key, slots * sizeof(double))
+        if p == NULL:
+            return -1
+        self._key = <double*>p
+        p = realloc(self._seq, slots * sizeof(uint32_t))
+        if p == NULL:
+            return -1
+        self._seq = <uint32_t*>p
         p = realloc(self._left, slots * sizeof(int32_t))
         if p == NULL:
             return -1
@@ -303,6 +335,8 @@ cdef class RollingWindow:
         if self._alloc <= 0:
             # The sentinel: an empty subtree.
             self._val[0] = 0.0
+            self._key[0] = 0.0
+            self._seq[0] = 0
             self._left[0] = 0
             self._right[0] = 0
             self._size[0] = 0
@@ -319,18 +353,14 @@ cdef class RollingWindow:
         self._rng = x
         return x
 
-    cdef inline Py_ssize_t _age(self, int32_t node) noexcept nogil:
-        cdef Py_ssize_t a = (node - 1) - self._head
-        if a < 0:
-            a += self.capacity
-        return a
-
     cdef inline bint _less(self, int32_t a, int32_t b) noexcept nogil:
-        """Order of nodes: by value, ties broken by age (older first)."""
-        cdef double va = self._val[a], vb = self._val[b]
+        """Order of nodes: by value, ties broken by sequence number (older first). The
+        treap's nodes span fewer than 2 * capacity pushes, far less than 2**31: the
+        difference of two sequence numbers, as signed, orders them across wrapping."""
+        cdef double va = self._key[a], vb = self._key[b]
         if va != vb:
             return va < vb
-        return self._age(a) < self._age(b)
+        return <int32_t>(self._seq[a] - self._seq[b]) < 0
 
     cdef inline void _update(self, int32_t t) noexcept nogil:
         self._size[t] = 1 + self._size[self._left[t]] + self._size[self._right[t]]
@@ -403,7 +433,7 @@ cdef class RollingWindow:
             if k < ls:
                 t = self._left[t]
             elif k == ls:
-                return self._val[t]
+                return self._key[t]
             else:
                 k -= ls + 1
                 t = self._right[t]
@@ -454,8 +484,9 @@ cdef class RollingWindow:
             self._n += 1
             self._val[node] = x
         else:
+            # The treap may still hold the evicted sample at this node: _key and _seq
+            # keep it there until _index takes it out.
             node = <int32_t>(self._head + 1)
-            self._erase(node)
             old = self._val[node]
             self._val[node] = x
             self._head += 1
@@ -463,14 +494,41 @@ cdef class RollingWindow:
                 self._head = 0
             self._sum_add(-old)
             self._evictions += 1
-        self._left[node] = 0
-        self._right[node] = 0
-        self._prio[node] = self._next_prio()
-        self._insert(node)
+        self._pushed += 1
+        if self._pending < self._n:
+            self._pending += 1
         self._sum_add(x)
         if self._evictions >= self.capacity:
             self._recompute_sum()
+        if self._pending >= INDEX_EVERY and self.capacity > INDEX_EVERY:
+            self._index()
         return 0
+
+    cdef void _index(self) noexcept nogil:
+        """Bring the treap up to date: take in the `_pending` newest samples, each in
+        place of what its node held when the treap was last up to date (a sample since
+        evicted). All of them pending: index the window afresh."""
+        cdef Py_ssize_t n = self._n, k = self._pending, age
+        cdef int32_t node
+        cdef bint afresh = k == n
+        if k == 0:
+            return
+        if afresh:
+            self._root = 0
+        for age in range(n - k, n):
+            node = <int32_t>((self._head + age) % self.capacity + 1)
+            # Its slot held a sample when the treap was last up to date (slots fill
+            # from 0 until the window is full, and _indexed_n is capacity after).
+            if not afresh and node - 1 < self._indexed_n:
+                self._erase(node)
+            self._key[node] = self._val[node]
+            self._seq[node] = self._pushed - <uint32_t>(n - age)
+            self._left[node] = 0
+            self._right[node] = 0
+            self._prio[node] = self._next_prio()
+            self._insert(node)
+        self._indexed_n = n
+        self._pending = 0
 
     cdef int _push_many(self, const double* xs, Py_ssize_t k) noexcept nogil:
         cdef Py_ssize_t i, start = 0

@@ -1,7 +1,8 @@
 """BatchStats: thread-safe rolling statistics over recent batches.
 
-The windows are the native RollingWindow (O(log n) per sample and per percentile), so
-recording a batch costs a few native calls and ``get_stats()`` never sorts anything.
+The windows are the native RollingWindow: recording a batch writes its samples to the
+windows' rings in a few native calls, and ``get_stats()`` indexes the samples added since
+it was last called (O(log n) each) before reading its percentiles; it never sorts.
 """
 
 from __future__ import annotations

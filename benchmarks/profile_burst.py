@@ -11,14 +11,19 @@ over the runs, microseconds), each measured on its own:
 
 * ``enqueue_predict``: the submitting thread's call (describe, future, native push), on a
   processor not started, so that no worker competes for the GIL;
+* ``workers``: the worker's side alone: the burst queued on a paused processor, then
+  served from ``resume()`` to the last result (pop, batch, model, delivery, futures);
 * ``burst``: submit all, then ``result()`` each, first submit to last result; and of it,
   the time in CPython's cyclic garbage collector (``gc.callbacks``);
 * ``load generator alone``: ``batchproc.bench``'s burst against a target whose futures
   are done at once (what the comparison's harness adds per request, for every system);
-* ``burst through the load generator``: the same burst as the comparison runs it.
+* ``burst through the load generator``: the same burst as the comparison runs it;
+* the last two for the minimal batcher the comparison measures batchproc against
+  (``batchproc.bench.minimal``).
 
-The peer comparison's burst ratios are of the last figure: the load generator's cost is
-in both sides of each ratio.
+The peer comparison's burst target is the ratio of the two systems' bursts through the
+load generator, whose own cost is in both sides: the table ends with that ratio and
+with the ratio of the bursts without it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc.bench.loads import Bounds, Load, run_load
+from batchproc.bench.minimal import MinimalBatcher
 from batchproc.futures import RequestFuture
 
 ROW = np.ones((1, 64), np.float32)
@@ -80,17 +86,52 @@ def enqueue_only(burst: int, clock: _GCClock) -> dict[str, float]:
     return {"us": elapsed / burst * 1e6}
 
 
-def plain_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+def workers_alone(burst: int, clock: _GCClock) -> dict[str, float]:
     p = _processor(burst)
+    p.pause()
+    futures = [p.enqueue_predict(ROW) for _ in range(burst)]
     clock.reset()
     t0 = time.perf_counter()
-    futures = [p.enqueue_predict(ROW) for _ in range(burst)]
+    p.resume()
+    futures[-1].result()  # FIFO at one priority: the last one is served last
+    elapsed = time.perf_counter() - t0
+    in_gc = clock.total
+    for f in futures:
+        f.result()
+    p.stop()
+    return {"us": elapsed / burst * 1e6, "gc_us": in_gc / burst * 1e6}
+
+
+def _timed_burst(submit: Callable[[Any], Any], burst: int,
+                 clock: _GCClock) -> dict[str, float]:
+    clock.reset()
+    t0 = time.perf_counter()
+    futures = [submit(ROW) for _ in range(burst)]
     for f in futures:
         f.result()
     elapsed = time.perf_counter() - t0
-    in_gc = clock.total
+    return {"us": elapsed / burst * 1e6, "gc_us": clock.total / burst * 1e6}
+
+
+def plain_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    p = _processor(burst)
+    figures = _timed_burst(p.enqueue_predict, burst, clock)
     p.stop()
-    return {"us": elapsed / burst * 1e6, "gc_us": in_gc / burst * 1e6}
+    return figures
+
+
+def _minimal() -> MinimalBatcher:
+    b = MinimalBatcher(lambda batch: batch, max_batch=64, max_delay=0.005).start()
+    for _ in range(WARMUP):
+        b.submit(ROW).result()
+    return b
+
+
+def minimal_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    b = _minimal()
+    figures = _timed_burst(b.submit, burst, clock)
+    b.stop()
+    return figures
 
 
 class _DoneAtOnce:
@@ -112,23 +153,47 @@ def generator_alone(burst: int, clock: _GCClock) -> dict[str, float]:
     return {"us": res.elapsed / burst * 1e6}
 
 
-def generator_burst(burst: int, clock: _GCClock) -> dict[str, float]:
-    p = _processor(burst)
+class _Minimal:
+    def __init__(self, b: MinimalBatcher) -> None:
+        self.submit = lambda item, priority: b.submit(item)
+
+
+def _through_generator(target: Any, burst: int, clock: _GCClock) -> dict[str, float]:
     clock.reset()
-    res = run_load(_Batchproc(p), Load("burst", burst=burst), Bounds(None, 60.0))
+    res = run_load(target, Load("burst", burst=burst), Bounds(None, 60.0))
     in_gc = clock.total
-    p.stop()
     if res.completed != burst:
         raise SystemExit(f"the burst did not complete: {res.completed} of {burst}")
     return {"us": res.elapsed / burst * 1e6, "gc_us": in_gc / burst * 1e6}
 
 
+def generator_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    p = _processor(burst)
+    figures = _through_generator(_Batchproc(p), burst, clock)
+    p.stop()
+    return figures
+
+
+def minimal_generator_burst(burst: int, clock: _GCClock) -> dict[str, float]:
+    b = _minimal()
+    figures = _through_generator(_Minimal(b), burst, clock)
+    b.stop()
+    return figures
+
+
 MEASURES: list[tuple[str, Callable[[int, _GCClock], dict[str, float]]]] = [
     ("enqueue_predict alone", enqueue_only),
+    ("workers alone", workers_alone),
     ("burst", plain_burst),
     ("load generator alone", generator_alone),
     ("burst through the load generator", generator_burst),
+    ("minimal batcher: burst", minimal_burst),
+    ("minimal batcher: burst through the generator", minimal_generator_burst),
 ]
+# (system, reference): the minimal batcher's time per request over batchproc's
+RATIOS = [("burst", "minimal batcher: burst"),
+          ("burst through the load generator",
+           "minimal batcher: burst through the generator")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,13 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run + 1}/{args.runs} done", flush=True)
     print(f"\nper request, microseconds (median of {args.runs} runs, burst of "
           f"{args.burst:,}):\n")
-    print(f"| {'measure':<36} | {'time':>7} | {'in GC':>7} | {'req/s':>9} |")
-    print(f"|{'-' * 38}|{'-' * 9}:|{'-' * 9}:|{'-' * 10}:|")
+    width = max(len(name) for name, _ in MEASURES)
+    print(f"| {'measure':<{width}} | {'time':>7} | {'in GC':>7} | {'req/s':>9} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 9}:|{'-' * 9}:|{'-' * 10}:|")
+    medians = {}
     for name, _ in MEASURES:
-        us = statistics.median(f["us"] for f in figures[name])
+        us = medians[name] = statistics.median(f["us"] for f in figures[name])
         gcs = [f["gc_us"] for f in figures[name] if "gc_us" in f]
         in_gc = f"{statistics.median(gcs):.2f}" if gcs else "-"
-        print(f"| {name:<36} | {us:7.2f} | {in_gc:>7} | {1e6 / us:9,.0f} |")
+        print(f"| {name:<{width}} | {us:7.2f} | {in_gc:>7} | {1e6 / us:9,.0f} |")
+    print()
+    for system, reference in RATIOS:
+        print(f"batchproc against the minimal batcher, {system}: "
+              f"{medians[reference] / medians[system]:.2f}x")
     return 0
 
 

@@ -51,7 +51,8 @@ EXPECTED_IN_TABLE = {"compare_adaptive.py": "Confirmation: ADAPTIVE and the best
 PRINTING_RUNS = [
     ("profile_threads.py", ["--clients", "8", "--seconds", "0.2"], "| no-work batcher |"),
     ("no_work_batchers.py", [], "asyncio_thread_64_rps: "),
-    ("profile_burst.py", ["--burst", "300", "--runs", "1"], "| load generator alone "),
+    ("profile_burst.py", ["--burst", "300", "--runs", "1"],
+     "batchproc against the minimal batcher, burst through the load generator: "),
     ("saturation_floor.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1"],
      "| system | client threads | batcher threads | threads Python did not start |\n"
      "|---|---:|---:|---:|\n| lean batcher | "),

@@ -34,6 +34,15 @@ cdef enum:
 MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 
 
+cdef inline int _grow(void** block, size_t size) noexcept nogil:
+    """realloc ``*block`` to ``size`` bytes; -1 (the block kept as it was) on failure."""
+    cdef void* p = realloc(block[0], size)
+    if p == NULL:
+        return -1
+    block[0] = p
+    return 0
+
+
 @cython.final
 cdef class RollingWindow:
     """Fixed-capacity window over the most recent samples; thread-safe.
@@ -291,7 +300,6 @@ cdef class RollingWindow:
     cdef int _reserve(self, Py_ssize_t want) noexcept nogil:
         """Make room for `want` nodes (plus the sentinel); -1 when out of memory."""
         cdef Py_ssize_t new_alloc, slots
-        cdef void* p
         if want <= self._alloc:
             return 0
         new_alloc = self._alloc * 2
@@ -304,34 +312,14 @@ cdef class RollingWindow:
         slots = new_alloc + 1
         # Each realloc keeps the old block on failure, so a failure leaves a
         # consistent (if partly larger) set of arrays; _alloc only moves at the end.
-        p = realloc(self._val, slots * sizeof(double))
-        if p == NULL:
+        if (_grow(<void**>&self._val, slots * sizeof(double)) < 0
+                or _grow(<void**>&self._key, slots * sizeof(double)) < 0
+                or _grow(<void**>&self._seq, slots * sizeof(uint32_t)) < 0
+                or _grow(<void**>&self._left, slots * sizeof(int32_t)) < 0
+                or _grow(<void**>&self._right, slots * sizeof(int32_t)) < 0
+                or _grow(<void**>&self._size, slots * sizeof(int32_t)) < 0
+                or _grow(<void**>&self._prio, slots * sizeof(uint32_t)) < 0):
             return -1
-        self._val = <double*>p
-        p = realloc(self._key, slots * sizeof(double))
-        if p == NULL:
-            return -1
-        self._key = <double*>p
-        p = realloc(self._seq, slots * sizeof(uint32_t))
-        if p == NULL:
-            return -1
-        self._seq = <uint32_t*>p
-        p = realloc(self._left, slots * sizeof(int32_t))
-        if p == NULL:
-            return -1
-        self._left = <int32_t*>p
-        p = realloc(self._right, slots * sizeof(int32_t))
-        if p == NULL:
-            return -1
-        self._right = <int32_t*>p
-        p = realloc(self._size, slots * sizeof(int32_t))
-        if p == NULL:
-            return -1
-        self._size = <int32_t*>p
-        p = realloc(self._prio, slots * sizeof(uint32_t))
-        if p == NULL:
-            return -1
-        self._prio = <uint32_t*>p
         if self._alloc <= 0:
             # The sentinel: an empty subtree.
             self._val[0] = 0.0

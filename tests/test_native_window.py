@@ -124,8 +124,8 @@ def test_many_ties(window_cls: Any, capacity: int, data: list[float]) -> None:
 # ---------------------------------------------------------------- targeted cases
 
 
-# The native window indexes samples for order statistics only when asked, or once
-# INDEX_EVERY (4096) of them wait in a larger window: these cross both, with ties.
+# The native window of up to 4096 samples indexes them for order statistics only when
+# asked (without the GIL from 256 of them); a larger one as they come: both, with ties.
 @pytest.mark.parametrize("capacity", [1000, 4096, 5000, 9000])
 def test_queries_between_runs_of_samples_of_every_length(window_cls: Any,
                                                           capacity: int) -> None:

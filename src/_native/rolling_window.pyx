@@ -7,13 +7,13 @@ with subtree sizes, so the k-th smallest value is O(log n) expected. Node i is r
 slot i - 1; node 0 is the empty sentinel (size 0). Arrays grow lazily up to the
 capacity, so a large, mostly empty window costs little memory.
 
-Adding a sample only writes the ring (O(1)); the treap takes in the samples added
-since it was last brought up to date when an order statistic is asked for, or once
-INDEX_EVERY samples wait in a window larger than that (O(log n) each, evicting the
-samples they replaced). A sample evicted before anyone asks is never indexed: the
-engine adds every request's latency and reads percentiles only in get_stats(). A
-query waits for at most INDEX_EVERY samples to be indexed (the whole window when it
-is no larger).
+In a window of at most LAZY_CAPACITY samples, adding one only writes the ring
+(O(1)); the treap takes in the samples added since it was last brought up to date
+when an order statistic is asked for (O(log n) each, evicting the samples they
+replaced), without the GIL when there are many. A sample evicted before anyone asks
+is never indexed: the engine adds every request's latency and reads percentiles only
+in get_stats(). A larger window indexes each sample as it is added, so that neither
+an add nor a query ever waits for more than one sample's indexing.
 """
 
 cimport cython
@@ -29,7 +29,8 @@ import numpy as np
 cdef enum:
     _MAX_CAPACITY = 1 << 26
     NOGIL_EXTEND = 4096     # extend() releases the GIL for batches at least this long
-    INDEX_EVERY = 4096      # most samples left out of the treap in a larger window
+    LAZY_CAPACITY = 4096    # largest window that indexes its samples only when asked
+    NOGIL_INDEX = 256       # a query indexing this many samples releases the GIL
 
 MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 
@@ -198,7 +199,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
-                self._index()
+                self._index_for_query()
                 r = self._select(0)
         return r
 
@@ -208,7 +209,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
-                self._index()
+                self._index_for_query()
                 r = self._select(self._n - 1)
         return r
 
@@ -220,7 +221,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
-                self._index()
+                self._index_for_query()
                 r = self._quantile(q)
         return r
 
@@ -241,7 +242,7 @@ cdef class RollingWindow:
         with self._lock:
             empty = self._n == 0
             if not empty:
-                self._index()
+                self._index_for_query()
                 for i in range(m):
                     qv[i] = self._quantile(qv[i])
         if empty:
@@ -488,9 +489,18 @@ cdef class RollingWindow:
         self._sum_add(x)
         if self._evictions >= self.capacity:
             self._recompute_sum()
-        if self._pending >= INDEX_EVERY and self.capacity > INDEX_EVERY:
+        if self.capacity > LAZY_CAPACITY:
             self._index()
         return 0
+
+    cdef void _index_for_query(self) noexcept:
+        """``_index`` for a query holding the lock (and the GIL, released when the
+        samples to index are many)."""
+        if self._pending >= NOGIL_INDEX:
+            with nogil:
+                self._index()
+        else:
+            self._index()
 
     cdef void _index(self) noexcept nogil:
         """Bring the treap up to date: take in the `_pending` newest samples, each in

@@ -603,3 +603,86 @@ def test_ctrl_c_while_a_run_is_watched_ends_its_load(blocked, target, load):
                  "the load's threads to end")
     finally:
         target.stop()
+
+
+# -- what each request's future says about it --------------------------------------------
+
+
+class SharedFuture:
+    """A cache: every request gets the same future, done before the first submit."""
+
+    name = "shared-future"
+    is_async = False
+
+    def __init__(self) -> None:
+        self.future: Future = Future()
+        self.future.set_result(None)
+
+    def submit(self, item, priority):
+        return self.future
+
+
+def test_requests_sharing_a_future_each_keep_their_own_completion_time():
+    # Its done-callback runs at each add_done_callback, once per request, in their order:
+    # each request is charged its own, not the last one's.
+    res = run_load(SharedFuture(), Load("burst", burst=50, features=4), Bounds(duration=5.0))
+    assert res.completed == 50 and res.unfinished == res.errors == 0
+    lat = res.latencies
+    assert np.all(np.diff(lat) >= 0.0) and lat[-1] > lat[0]
+
+
+class RefusesSome:
+    """Refuses the arrivals whose index is in ``refuse``; completes the rest at once,
+    recording the priority each was submitted with."""
+
+    name = "refuses-some"
+    is_async = False
+
+    def __init__(self, refuse: set[int]) -> None:
+        self.refuse = refuse
+        self.calls = 0
+        self.priorities: list[int] = []
+
+    def submit(self, item, priority):
+        i = self.calls
+        self.calls += 1
+        if i in self.refuse:
+            raise RuntimeError("full")
+        self.priorities.append(priority)
+        f: Future = Future()
+        f.set_result(None)
+        return f
+
+
+@pytest.mark.parametrize("refuse", [{0}, {1, 2}, {5}, {0, 7}])
+def test_priorities_stay_with_their_requests_past_a_refusal(refuse):
+    target = RefusesSome(refuse)
+    res = run_load(target, Load("burst", burst=8, priorities=True, features=4),
+                   Bounds(duration=5.0))
+    assert res.refused == len(refuse) and res.completed == 8 - len(refuse)
+    assert res.priorities.tolist() == target.priorities
+
+
+class CancelsSome:
+    """Returns a cancelled future for every other request, a done one for the rest."""
+
+    name = "cancels-some"
+    is_async = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def submit(self, item, priority):
+        f: Future = Future()
+        if self.calls % 2:
+            f.cancel()
+        else:
+            f.set_result(None)
+        self.calls += 1
+        return f
+
+
+def test_a_cancelled_request_failed_it_did_not_complete():
+    res = run_load(CancelsSome(), Load("burst", burst=6, features=4), Bounds(duration=5.0))
+    assert res.completed == 3 and res.errors == 3 and res.unfinished == 0
+    assert res.first_error is not None and res.first_error.startswith("CancelledError")

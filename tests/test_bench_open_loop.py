@@ -41,8 +41,7 @@ def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float,
     ``limit``: a bounded system, refusing an arrival that finds this many accepted
     requests not yet complete."""
     plan = schedule_of(load, bounds)
-    futs, sub, finishes = [], [], []
-    done: dict[int, float] = {}  # completion times, as the run's done-callback records
+    futs, sub, done, finishes = [], [], [], []
     previous, refused = 0.0, 0
     for i, a in enumerate(arrival_times(load, bounds)):
         if limit is not None and sum(1 for d in finishes if d is None or d > a) >= limit:
@@ -56,8 +55,7 @@ def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float,
             previous = d
         futs.append(f)
         sub.append(T0 + a)
-        if f.done():
-            done[id(f)] = T0 + d
+        done.append(T0 + d if f.done() else None)
     state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": refused,
              "scheduled": plan.n, "window": plan.window}
     end = T0 + drained_by
@@ -185,18 +183,18 @@ def test_an_overload_that_sheds_late_requests_reads_what_it_served() -> None:
     # arrival fails at once (a deadline: an error, not unfinished). 1,000 req/s offered.
     load = Load("rate", rate=1000.0, features=4)
     plan = schedule_of(load, Bounds(duration=1.0))
-    futs, sub = [], []
-    done: dict[int, float] = {}
+    futs, sub, done = [], [], []
     free = 0.0
     for a in arrival_times(load, Bounds(duration=1.0)):
         f: Future = Future()
         start = max(a, free)
         if start > a + 0.5:
             f.set_exception(TimeoutError("deadline"))
+            done.append(None)
         else:
             free = start + 0.005
             f.set_result(None)
-            done[id(f)] = T0 + free
+            done.append(T0 + free)
         futs.append(f)
         sub.append(T0 + a)
     state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": 0,

@@ -49,13 +49,14 @@ the target (:mod:`.interrupts`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -506,19 +507,60 @@ def _unsent(t0: float, sched: np.ndarray | None, first: int, total: int) -> np.n
     return t0 + sched[first:total]
 
 
-def _marker(times: dict[int, float]) -> Callable[[Any], None]:
-    """One done-callback shared by every request of a run, recording in ``times``
-    (``times[id(future)]``) the moment the future completed. One dict store per request,
-    whichever thread completes it: the harness's own cost is in every system's figures,
-    and a callback made per request (a ``partial``) would add objects for the cyclic
-    garbage collector to walk. Each future stays referenced for the run (its id is not
-    reused); ``len(times)`` is the run's progress."""
-    pc = time.perf_counter
+class _Marks:
+    """When each request of a run completed, as its done-callback saw it. ``mark`` is the
+    one callback shared by every request: one dict store per request, whichever thread
+    completes it (the harness's own cost is in every system's figures, and a callback
+    made per request, a ``partial``, would add objects for the cyclic garbage collector to
+    walk). A future a target returns for several requests (a cache's) has its callback
+    run once per request, in their order: those later times are kept apart. Each future
+    stays referenced for the run, so its id is not reused; ``len()`` is the progress."""
 
-    def mark(fut: Any) -> None:
-        times[id(fut)] = pc()
+    def __init__(self) -> None:
+        first: dict[int, float] = {}
+        again: list[tuple[int, float]] = []
+        pc = time.perf_counter
 
-    return mark
+        def mark(fut: Any) -> None:
+            key = id(fut)
+            if key in first:
+                again.append((key, pc()))
+            else:
+                first[key] = pc()
+
+        self.mark = mark
+        self._first = first
+        self._again = again
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._again)
+
+    def times(self, futs: list[Any]) -> list[float | None]:
+        """The completion time of each request of ``futs`` (its futures, in the order
+        the requests were submitted); None where none was seen."""
+        later: dict[int, collections.deque[float]] = {}
+        for key, t in list(self._again):
+            later.setdefault(key, collections.deque()).append(t)
+        seen: set[int] = set()
+        out: list[float | None] = []
+        for f in futs:
+            key = id(f)
+            if key in seen:
+                kept = later.get(key)
+                out.append(kept.popleft() if kept else None)
+            else:
+                seen.add(key)
+                out.append(self._first.get(key))
+        return out
+
+
+def _submitted_arrivals(submitted: int, refused_at: list[int]) -> list[int] | range:
+    """The arrival index of each submitted request, in order, given the arrivals refused
+    (``refused_at``, ascending) among the first ``submitted + len(refused_at)``."""
+    if not refused_at:
+        return range(submitted)
+    refused = set(refused_at)
+    return [i for i in range(submitted + len(refused_at)) if i not in refused]
 
 
 def _wait_for_all(futs: list[Any], until: float, count: Callable[[], int],
@@ -560,8 +602,8 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     # were submitted, then how many refused: the arrival in progress is in at most one of
     # the two, and every arrival after those counted is late.
     closed = [False]
-    times: dict[int, float] = {}
-    mark = _marker(times)
+    marks = _Marks()
+    mark = marks.mark
 
     def generate() -> None:
         submit = target.submit
@@ -583,6 +625,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
                 f = submit(pool[i % n_pool], prios[i % n_prios])
             except Exception as exc:  # refused (a full queue): the next arrival still comes
                 state["first_refusal"] = state["first_refusal"] or _describe(exc)
+                state["refused_at"].append(i)
                 state["refused"] += 1
                 continue
             add_arrival(t)
@@ -594,11 +637,11 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     t0 = state["t0"] = pc()
     try:
         gen.start()
-        _join_until([gen], t0 + dur, times.__len__, tick)
+        _join_until([gen], t0 + dur, marks.__len__, tick)
         drained_by = _drained_by(t0, dur)
-        _join_until([gen], drained_by, times.__len__, tick)
+        _join_until([gen], drained_by, marks.__len__, tick)
         # Wait for what was submitted (bounded), still reporting progress.
-        _wait_for_all(futs[:], drained_by, times.__len__, tick)
+        _wait_for_all(futs[:], drained_by, marks.__len__, tick)
     except BaseException:  # interrupted (Ctrl-C): the generator submits nothing more
         closed[0] = True
         raise
@@ -612,7 +655,9 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
     late = _unsent(t0, sched, m + refused, total)
-    res = _collect(futs[:m], sub, times, prios, counted, end, _horizon(t0, dur, end), late)
+    arrivals = _submitted_arrivals(m, state["refused_at"][:refused])
+    res = _collect(futs[:m], sub, marks.times(futs[:m]), prios, counted, end,
+                   _horizon(t0, dur, end), late, arrivals)
     tick(res.completed + res.errors)
     return res
 
@@ -620,23 +665,27 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
 def _open_state(plan: Schedule, sched: np.ndarray | None) -> dict[str, Any]:
     """The bookkeeping an open loop or burst shares with :func:`_collect`."""
     return {"bound": plan.bound, "t0": 0.0, "first_refusal": None, "refused": 0,
-            "scheduled": None if sched is None else plan.n, "window": plan.window}
+            "refused_at": [], "scheduled": None if sched is None else plan.n,
+            "window": plan.window}
 
 
 def _collect(
     futs: list[Any],
     sub: list[float],
-    times: dict[int, float],
+    done: list[float | None],
     prios: list[int],
     state: dict[str, Any],
     end: float,
     horizon: float,
     late: np.ndarray,
+    arrivals: Sequence[int] | None = None,
 ) -> LoadResult:
-    """The result of an open loop: ``futs`` (``sub``: their arrivals) submitted by
-    ``end``, and ``late``: the arrivals of requests never submitted by then. A future not
-    done when this looks at it is unfinished; it and ``late`` wait until ``horizon``.
-    ``state["refused"]`` requests were refused at submit."""
+    """The result of an open loop: ``futs`` (``sub``: their arrivals, ``done``: when their
+    done-callbacks saw them complete, None if not yet) submitted by ``end``, and
+    ``late``: the arrivals of requests never submitted by then. A future not done when
+    this looks at it is unfinished; it and ``late`` wait until ``horizon``; a cancelled
+    one failed. ``state["refused"]`` requests were refused at submit; ``arrivals``: the
+    arrival index of each of ``futs`` (its priority's), by default its position."""
     m = len(futs)
     lat: list[float] = []
     pri: list[int] = []
@@ -646,6 +695,8 @@ def _collect(
     t0 = state["t0"]
     last = t0
     n_prios = len(prios)
+    if arrivals is None:
+        arrivals = range(m)
     # Each future is looked at once: one that completes meanwhile (the target is still
     # running) is counted completed or unfinished, never both.
     unfinished: list[tuple[float, int]] = []
@@ -654,17 +705,17 @@ def _collect(
         if not f.done():
             unfinished.append((sub[i], i))
             continue
-        exc = f.exception() if not f.cancelled() else None
+        exc = CancelledError() if f.cancelled() else f.exception()
         if exc is not None:
             errors += 1
             first_error = first_error or _describe(exc)
             continue
-        d = times.get(id(f))
+        d = done[i]
         if d is None:  # completed between the last check and now; callback not yet run
             d = time.perf_counter()
         lat.append(d - sub[i])
         arrived.append(sub[i])
-        pri.append(prios[i % n_prios])
+        pri.append(prios[arrivals[i] % n_prios])
         last = max(last, d)
     completed = len(lat)
     window = state.get("window")
@@ -676,7 +727,7 @@ def _collect(
                          refused=state.get("refused", 0) > 0)
     # Unfinished requests: their wait until the horizon, a lower bound of their latency.
     lat += [horizon - t for t, _ in unfinished]
-    pri += [prios[i % n_prios] for _, i in unfinished]
+    pri += [prios[arrivals[i] % n_prios] for _, i in unfinished]
     refused = state.get("refused", 0)
     first_late = m + refused
     late_pri = np.take(np.asarray(prios, dtype=np.int8),
@@ -707,7 +758,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
                tick: Tick) -> LoadResult:
     box: dict[str, Any] = {}
     progress = [0]  # a closed loop's completions
-    times: dict[int, float] = {}  # an open loop's (see _marker)
+    marks = _Marks()  # an open loop's
     abandoned = threading.Event()
 
     async def main() -> LoadResult:
@@ -716,7 +767,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
         box["cancel"] = functools.partial(loop.call_soon_threadsafe, task.cancel)
         if abandoned.is_set():  # interrupted before ``cancel`` was there to be called
             raise asyncio.CancelledError
-        return await _async_main(target, load, n, dur, plan, progress, times)
+        return await _async_main(target, load, n, dur, plan, progress, marks)
 
     def thread_main() -> None:
         try:
@@ -729,7 +780,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
         t.start()
         while t.is_alive():
             t.join(0.1)
-            tick(progress[0] + len(times))
+            tick(progress[0] + len(marks))
     except BaseException:  # interrupted (Ctrl-C): the loop's clients and requests end
         abandoned.set()
         cancel = box.get("cancel")
@@ -746,7 +797,7 @@ def _run_async(target: Any, load: Load, n: int, dur: float, plan: Schedule | Non
 
 async def _async_main(
     target: Any, load: Load, n: int, dur: float, plan: Schedule | None, progress: list[int],
-    times: dict[int, float],
+    marks: _Marks,
 ) -> LoadResult:
     acall = target.acall
     prios = _priority_table(load, n)
@@ -816,7 +867,7 @@ async def _async_main(
     state["t0"] = pc()
     drained_by = _drained_by(state["t0"], dur)
 
-    mark = _marker(times)
+    mark = marks.mark
     loop = asyncio.get_running_loop()
     for i in range(total):
         now = pc()
@@ -836,8 +887,8 @@ async def _async_main(
     await _wait_until(futs, drained_by)
     end = pc()
     unsent = _unsent(state["t0"], sched, len(futs), total)
-    result = _collect(futs, sub, times, prios, state, end, _horizon(state["t0"], dur, end),
-                      unsent)
+    result = _collect(futs, sub, marks.times(futs), prios, state, end,
+                      _horizon(state["t0"], dur, end), unsent)
     # After _collect (a cancelled task is done): what it found unfinished.
     await _cancel([f for f in futs if not f.done()])
     return result

@@ -210,6 +210,23 @@ def test_mean_does_not_drift(window_cls: Any) -> None:
     assert math.isclose(w.mean(), 0.1, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("huge", [1e300, -1e300, 1e150, 1e20, 2.0 ** 60])
+def test_mean_after_huge_samples_left_the_window(window_cls: Any, huge: float) -> None:
+    # A running sum that took in a sample far larger than the window's and then let it
+    # go loses the small ones (it read 0.0 for 1e300, 1e150, 1, 1, 1 in a window of 3).
+    # One at a time: an extend longer than the window only takes in its last samples.
+    w = window_cls(3)
+    for x in (huge, huge / 3, 1.0, 1.0, 1.0):
+        w.add(x)
+    assert w.mean() == 1.0
+    for x in (huge, 2.0, 2.0, 2.0):
+        w.add(x)
+    assert w.mean() == 2.0
+    for x in (-huge, 0.5, 0.25):
+        w.add(x)
+    assert w.mean() == pytest.approx((-huge + 0.75) / 3, rel=1e-12)
+
+
 def test_accepts_ints_numpy_scalars_and_bools(window_cls: Any) -> None:
     w = window_cls(10)
     w.add(3)

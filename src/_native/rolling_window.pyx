@@ -34,6 +34,11 @@ cdef enum:
 
 MAX_CAPACITY = _MAX_CAPACITY  # for Python callers that check a capacity first (the config)
 
+# A compensated sum of n terms is off by about n * eps**2 times the sum of their
+# magnitudes: past this many times the sum, for up to 2**26 terms, that may exceed 1e-12
+# of the sum, and the mean sums the window again.
+cdef double CANCELLATION = 2.0 ** 40
+
 
 cdef inline int _grow(void** block, size_t size) noexcept nogil:
     """realloc ``*block`` to ``size`` bytes; -1 (the block kept as it was) on failure."""
@@ -59,6 +64,7 @@ cdef class RollingWindow:
     cdef unsigned long long _total  # samples ever added
     cdef Py_ssize_t _evictions      # since the running sum was last recomputed
     cdef double _sum, _comp         # Neumaier running sum of the window
+    cdef double _magnitude          # sum of |x| over what it added and took away since
     cdef uint32_t _rng
     cdef int32_t _root
     cdef Py_ssize_t _pending        # newest samples not in the treap yet (<= _n)
@@ -188,7 +194,7 @@ cdef class RollingWindow:
         self._check_init()
         with self._lock:
             if self._n:
-                if not isfinite(self._sum + self._comp):
+                if not self._sum_is_exact():
                     self._recompute_sum()
                 r = (self._sum + self._comp) / self._n
         return r
@@ -296,6 +302,7 @@ cdef class RollingWindow:
         self._indexed_n = 0
         self._sum = 0.0
         self._comp = 0.0
+        self._magnitude = 0.0
         self._evictions = 0
 
     cdef int _reserve(self, Py_ssize_t want) noexcept nogil:
@@ -454,12 +461,24 @@ cdef class RollingWindow:
             self._comp += (x - t) + s
         self._sum = t
 
+    cdef inline bint _sum_is_exact(self) noexcept nogil:
+        """Whether the running sum still holds the window's to double precision. A
+        compensated sum's error grows with the magnitudes that went through it, so
+        samples far larger than the window's sum, added then evicted (1e300 before a
+        run of ones), leave it wrong: then it is summed again from the ring."""
+        cdef double total = self._sum + self._comp
+        return isfinite(total) and self._magnitude <= CANCELLATION * fabs(total)
+
     cdef void _recompute_sum(self) noexcept nogil:
         cdef Py_ssize_t i
+        cdef double x
         self._sum = 0.0
         self._comp = 0.0
+        self._magnitude = 0.0
         for i in range(self._n):
-            self._sum_add(self._val[1 + (self._head + i) % self.capacity])
+            x = self._val[1 + (self._head + i) % self.capacity]
+            self._sum_add(x)
+            self._magnitude += fabs(x)
         self._evictions = 0
 
     cdef int _push(self, double x) noexcept nogil:
@@ -482,11 +501,13 @@ cdef class RollingWindow:
             if self._head == self.capacity:
                 self._head = 0
             self._sum_add(-old)
+            self._magnitude += fabs(old)
             self._evictions += 1
         self._pushed += 1
         if self._pending < self._n:
             self._pending += 1
         self._sum_add(x)
+        self._magnitude += fabs(x)
         if self._evictions >= self.capacity:
             self._recompute_sum()
         if self.capacity > LAZY_CAPACITY:

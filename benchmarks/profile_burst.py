@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.burst:,}):\n")
     width = max(len(name) for name, _ in MEASURES)
     print(f"| {'measure':<{width}} | {'time':>7} | {'in GC':>7} | {'req/s':>9} |")
-    print(f"|{'-' * (width + 2)}|{'-' * 9}:|{'-' * 9}:|{'-' * 10}:|")
+    print(f"|{'-' * (width + 2)}|{'-' * 8}:|{'-' * 8}:|{'-' * 10}:|")
     medians = {}
     for name, _ in MEASURES:
         us = medians[name] = statistics.median(f["us"] for f in figures[name])

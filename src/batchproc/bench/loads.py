@@ -597,10 +597,11 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     futs: list[Future[Any]] = []
     state = _open_state(plan, sched)
     # No lock between the generator and the run's end: the generator alone writes `sub`,
-    # `futs` and the refusals, each arrival's outcome in one store (`sub` before `futs`),
-    # and checks `closed` before each arrival. The end sets `closed`, then reads how many
-    # were submitted, then how many refused: the arrival in progress is in at most one of
-    # the two, and every arrival after those counted is late.
+    # `futs` and `refused_at` (the arrivals refused), each arrival's outcome in one store
+    # (`sub` before `futs`), and checks `closed` before each arrival. The end sets
+    # `closed`, then reads how many were submitted, then how many refused: the arrival in
+    # progress is in at most one of the two, and every arrival after those counted is late.
+    refused_at: list[int] = []
     closed = [False]
     marks = _Marks()
     mark = marks.mark
@@ -625,8 +626,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
                 f = submit(pool[i % n_pool], prios[i % n_prios])
             except Exception as exc:  # refused (a full queue): the next arrival still comes
                 state["first_refusal"] = state["first_refusal"] or _describe(exc)
-                state["refused_at"].append(i)
-                state["refused"] += 1
+                refused_at.append(i)
                 continue
             add_arrival(t)
             add_future(f)
@@ -647,7 +647,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
         raise
     closed[0] = True
     m = len(futs)
-    refused = state["refused"]
+    refused = len(refused_at)
     # The counts as read: an arrival still in progress is late, its refusal too.
     counted = dict(state, refused=refused,
                    first_refusal=state["first_refusal"] if refused else None)
@@ -655,7 +655,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
     # Arrivals the generator never submitted, blocked in a submit past the drain or too
     # slow to keep to its schedule, are late too.
     late = _unsent(t0, sched, m + refused, total)
-    arrivals = _submitted_arrivals(m, state["refused_at"][:refused])
+    arrivals = _submitted_arrivals(m, refused_at[:refused])
     res = _collect(futs[:m], sub, marks.times(futs[:m]), prios, counted, end,
                    _horizon(t0, dur, end), late, arrivals)
     tick(res.completed + res.errors)
@@ -665,8 +665,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
 def _open_state(plan: Schedule, sched: np.ndarray | None) -> dict[str, Any]:
     """The bookkeeping an open loop or burst shares with :func:`_collect`."""
     return {"bound": plan.bound, "t0": 0.0, "first_refusal": None, "refused": 0,
-            "refused_at": [], "scheduled": None if sched is None else plan.n,
-            "window": plan.window}
+            "scheduled": None if sched is None else plan.n, "window": plan.window}
 
 
 def _collect(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from batchproc import BatchPriority, QueueTimeoutError
+from batchproc.log_limits import seconds
 
 
 def item(v):
@@ -101,14 +102,14 @@ def test_a_request_expires_during_its_backoff(make_processor):
     assert p.get_stats()["total_expired"] == 1 and p.get_stats()["queue_size"] == 0
 
 
-def _request(enqueued_at, deadline):
+def _request(enqueued_at, max_queue_time):
     from batchproc._native.future_state import Request
-    return Request(None, None, None, 1, 8, 0, enqueued_at, deadline=deadline)
+    return Request(None, None, None, 1, 8, 0, enqueued_at, max_queue_time=max_queue_time)
 
 
 def test_the_expiry_message_of_a_request_never_processed():
     from batchproc.engine.delivery import expiry_error
-    error = expiry_error(_request(100.0, 100.5), now=100.75)
+    error = expiry_error(_request(100.0, 0.5), now=100.75)
     assert str(error) == ("request waited 0.750 s, past its max_queue_time of 0.500 s in "
                           "the queue; it was never processed")
     assert error.__cause__ is None
@@ -117,16 +118,41 @@ def test_the_expiry_message_of_a_request_never_processed():
 def test_the_expiry_message_states_a_limit_under_a_millisecond_as_given():
     # Not rounded to 0.000 s (nor the wait to as much as its limit).
     from batchproc.engine.delivery import expiry_error
-    error = expiry_error(_request(100.0, 100.0 + 0.00012), now=100.0003)
+    error = expiry_error(_request(100.0, 0.00012), now=100.0003)
     assert str(error) == ("request waited 0.0003 s, past its max_queue_time of 0.00012 s "
                           "in the queue; it was never processed")
+
+
+@pytest.mark.parametrize("enqueued_at", [0.0, 0.37, 1234.5, 33485.422053089, 2.0**23 + 0.1,
+                                         1.7e7, 3.2e9])
+@pytest.mark.parametrize("limit", [1e-9, 3.5e-8, 1e-6, 0.00012, 0.001, 0.25, 2.0, 60.0,
+                                   86400.0, 1e9])
+def test_the_expiry_message_states_the_limit_given_whatever_the_clock_reads(enqueued_at,
+                                                                             limit):
+    # The deadline is the enqueue time plus the limit, a sum rounded to the clock's
+    # magnitude: subtracted again, 1e-09 read 9.97e-10 after hours of uptime, and 0 once
+    # the clock's unit in the last place passes twice the limit.
+    from batchproc.engine.delivery import expiry_error
+    request = _request(enqueued_at, limit)
+    assert request.deadline == enqueued_at + limit and request.max_queue_time == limit
+    message = str(expiry_error(request, now=request.deadline))
+    assert f"past its max_queue_time of {seconds(limit)} in the queue" in message
+
+
+def test_the_expiry_message_keeps_the_limit_through_a_retry_and_a_requeue():
+    from batchproc.engine.delivery import expiry_error
+    first = ValueError("bad row")
+    for request in (_request(3.2e9, 1e-9).for_retry(first),
+                    _request(3.2e9, 1e-9).requeued(first)):
+        assert request.max_queue_time == 1e-9
+        assert "past its max_queue_time of 1e-09 s" in str(expiry_error(request, 3.2e9))
 
 
 @pytest.mark.parametrize("tries", [1, 2, 3])
 def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     from batchproc.engine.delivery import expiry_error
     first = ValueError("bad row")
-    request = _request(100.0, 102.0).for_retry(first)
+    request = _request(100.0, 2.0).for_retry(first)
     for _ in range(1, tries):
         request = request.for_retry(first)  # as the engine parks it: the first failure kept
     error = expiry_error(request, now=102.25)

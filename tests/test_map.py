@@ -1220,9 +1220,9 @@ def test_max_queue_time_expires_whole_chunks(make_processor):
 
 @pytest.mark.parametrize("api", ["map", "amap"])
 def test_an_expired_chunk_counts_its_max_queue_time_from_its_enqueue(make_processor, api):
-    # The error says how long the chunk was allowed: its deadline and its enqueue time
-    # come from one clock reading. (Read apart, a limit shorter than the time between
-    # them reads as less than given: "-0.000 s".)
+    # The error says how long the chunk was allowed, as given: not its deadline less its
+    # enqueue time (read from two clock readings, "-0.000 s"; from one, still rounded to
+    # the clock's magnitude: 9.97e-10 s after hours of uptime).
     p = make_processor(Calls(), max_batch_size=4)
     p.pause()
     if api == "map":

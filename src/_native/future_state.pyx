@@ -261,7 +261,10 @@ cdef class Request:
 
     What the queue needs to queue it again for a retry: ``key`` (its compatibility key),
     ``queue_length`` (its length as the queue weighs it), ``priority`` (as given at
-    enqueue) and ``deadline`` (monotonic time it expires while queued; ``inf``: never).
+    enqueue) and ``deadline`` (monotonic time it expires while queued: ``enqueued_at``
+    plus ``max_queue_time``, the limit as given, in seconds; ``inf``: never). The limit is
+    kept as given, since the sum's rounding to the clock's magnitude loses what the
+    subtraction would recover of a limit of microseconds or less.
     ``attempt``: 0 for the first try, k for the k-th retry; ``error``: the failure that
     sent it to be retried, or that ended a call it was in without a result for it (then
     with ``attempt`` 0: ``requeued``); None otherwise. ``done_parts``: for an item run in
@@ -280,6 +283,7 @@ cdef class Request:
     cdef readonly long long key
     cdef readonly Py_ssize_t queue_length
     cdef readonly object priority
+    cdef readonly double max_queue_time
     cdef readonly double deadline
     cdef readonly int attempt
     cdef readonly object error
@@ -287,7 +291,7 @@ cdef class Request:
 
     def __cinit__(self, future, item, format, Py_ssize_t rows, Py_ssize_t nbytes,
                   Py_ssize_t length, double enqueued_at, long long key=0,
-                  Py_ssize_t queue_length=0, priority=2, double deadline=INFINITY):
+                  Py_ssize_t queue_length=0, priority=2, double max_queue_time=INFINITY):
         self.future = future
         self.item = item
         self.format = format
@@ -298,12 +302,13 @@ cdef class Request:
         self.key = key
         self.queue_length = queue_length
         self.priority = priority
-        self.deadline = deadline
+        self.max_queue_time = max_queue_time
+        self.deadline = enqueued_at + max_queue_time
 
     cdef Request _copy(self, object item, Py_ssize_t rows, Py_ssize_t nbytes):
         cdef Request r = Request(self.future, item, self.format, rows, nbytes, self.length,
                                  self.enqueued_at, self.key, self.queue_length,
-                                 self.priority, self.deadline)
+                                 self.priority, self.max_queue_time)
         r.attempt = self.attempt
         r.error = self.error
         r.done_parts = self.done_parts

@@ -129,17 +129,16 @@ cdef object _running_loop_of(channel):
     return None
 
 
-cdef double _deadline(object max_queue_time, double now) except? -1.0:
-    """When a request queued at ``now`` expires: ``inf`` for a ``max_queue_time`` of None,
-    ``now`` plus it for a positive finite float; NaN for anything else (the Python path
-    checks it)."""
+cdef double _queue_seconds(object max_queue_time) except? -1.0:
+    """A request's ``max_queue_time`` in seconds: ``inf`` for None, itself for a positive
+    finite float; NaN for anything else (the Python path checks it)."""
     cdef double seconds
     if max_queue_time is None:
         return INFINITY
     if PyFloat_CheckExact(max_queue_time):
         seconds = PyFloat_AS_DOUBLE(max_queue_time)
         if isfinite(seconds) and seconds > 0.0:
-            return now + seconds
+            return seconds
     return NAN
 
 
@@ -266,12 +265,12 @@ cdef class Intake:
         ``max_queue_time`` is None or a positive finite float (seconds) and the queue is
         open. Bad ``priority``: ``TypeError``/``ValueError`` from the queue, as on the
         Python path."""
-        cdef double now, deadline
-        known = self._known(item, max_queue_time, &now, &deadline)
+        cdef double now, limit
+        known = self._known(item, max_queue_time, &now, &limit)
         if known is None:
             return None
         future = self._future_type()
-        if not self._push_request(known, item, future, future, priority, now, deadline,
+        if not self._push_request(known, item, future, future, priority, now, limit,
                                   max_queue_time, None):
             return None
         return future
@@ -282,49 +281,50 @@ cdef class Intake:
         loop runs in this thread, ``item`` is a plain ndarray known to the memo,
         ``max_queue_time`` is None or a positive finite float (seconds), and the queue
         takes it without waiting. Bad ``priority``: as ``enqueue``."""
-        cdef double now, deadline
+        cdef double now, limit
         channel = self.last_channel
         if channel is None or type(item) is not _ndarray:
             return None
         loop = _running_loop_of(channel)
         if loop is None:
             return None
-        known = self._known(item, max_queue_time, &now, &deadline)
+        known = self._known(item, max_queue_time, &now, &limit)
         if known is None:
             return None
         future = self._async_future_type(loop=loop)
         stand_in = _AsyncRequest(future, channel)
-        if not self._push_request(known, item, stand_in, future, priority, now, deadline,
+        if not self._push_request(known, item, stand_in, future, priority, now, limit,
                                   max_queue_time, 0):
             return None
         return future
 
-    cdef tuple _known(self, item, max_queue_time, double* now, double* deadline):
-        """The memo's entry of ``item``, its arrival time (``now``) and when it expires
-        (``deadline``); None where the Python path must take it."""
+    cdef tuple _known(self, item, max_queue_time, double* now, double* limit):
+        """The memo's entry of ``item``, its arrival time (``now``) and its
+        ``max_queue_time`` in seconds (``limit``, ``inf`` for none); None where the Python
+        path must take it."""
         if type(item) is not _ndarray:
             return None
         entry = self._arrays._find(<cnp.ndarray>item)
         if entry is None:
             return None
-        now[0] = _monotonic()
-        deadline[0] = _deadline(max_queue_time, now[0])
-        if deadline[0] != deadline[0]:
+        limit[0] = _queue_seconds(max_queue_time)
+        if limit[0] != limit[0]:
             return None
+        now[0] = _monotonic()
         return <tuple>entry
 
     cdef bint _push_request(self, tuple known, item, stand_in, future, priority,
-                            double now, double deadline, max_queue_time,
+                            double now, double limit, max_queue_time,
                             timeout) except -1:
         """Push ``item``'s request (its future-like ``stand_in``) as described by
         ``known``; set ``future._bp_token``. False if the queue refused it (full past
         ``timeout``, or closed)."""
         key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
         request = _Request(stand_in, item, known[1], rows, nbytes, known[4], now, key,
-                           queue_length, priority, deadline)
-        try:
+                           queue_length, priority, limit)
+        try:  # the request's deadline, as it sums it (inf: never)
             token = self._push(request, priority, rows, nbytes, key, timeout, queue_length,
-                               None if max_queue_time is None else deadline)
+                               now + limit)
         except (_Full, _QueueClosed):
             return False
         future._bp_token = token

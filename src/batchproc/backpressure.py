@@ -333,17 +333,17 @@ def _shown(value: Any) -> str:
 
 
 async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | None,
-                   priority: BatchPriority | int, deadline_at: float | None) -> U:
-    """See ``BatchProcessor.apredict``; ``deadline_at``: the request's ``max_queue_time``
-    deadline (monotonic seconds), or ``None``."""
+                   priority: BatchPriority | int, max_queue_time: float | None) -> U:
+    """See ``BatchProcessor.apredict``; ``max_queue_time``: the request's, checked
+    (seconds), or ``None``."""
     timeout = timeout_arg(timeout)
     loop = asyncio.get_running_loop()
     future = QueuedFuture(loop=loop)
     request, rows, nbytes, key, length = processor._describe(
         item, AsyncRequest(future, processor._channel_for(loop)), _monotonic(), priority,
-        _INF if deadline_at is None else deadline_at)
+        _INF if max_queue_time is None else max_queue_time)
     token = await push_when_room(processor, request, priority, rows, nbytes, key, length,
-                                 deadline_at, timeout)
+                                 timeout)
     # Cancelling the awaiting task cancels the future: still queued, the request leaves
     # the queue at once (its room goes to the next waiter); already dispatched, the worker
     # sees the cancelled future and its result is dropped.
@@ -354,30 +354,30 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
 
 async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
                          priority: BatchPriority | int, rows: int, nbytes: int, key: int,
-                         length: int, deadline_at: float | None, timeout: float | None,
-                         ) -> int:
+                         length: int, timeout: float | None) -> int:
     """On the loop: push a described request (its future an ``AsyncRequest`` of this
-    loop), waiting for room in a full queue, or behind those already waiting for it, up
-    to ``timeout`` seconds (``None``: as long as it takes); its token.
+    loop; its ``deadline`` the queue's), waiting for room in a full queue, or behind
+    those already waiting for it, up to ``timeout`` seconds (``None``: as long as it
+    takes); its token.
     ``QueueFullError`` when the time is up, ``ProcessorStoppedError`` once stopped."""
     room = processor._room
     if room is None or not room.ahead:
         # Nobody in line (the fast path): push, as enqueue_predict_async does.
         try:
             return processor._queue.push(request, priority, rows, nbytes, key, 0, length,
-                                         deadline_at)
+                                         request.deadline)
         except QueueClosed as exc:
             raise processor._refusal(exc, timeout) from None
         except _stdlib_queue.Full:
             pass
     return await _push_in_line(processor, room, request, priority, rows, nbytes, key,
-                               length, deadline_at, timeout)
+                               length, timeout)
 
 
 async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters | None,
                         request: Any, priority: BatchPriority | int, rows: int,
-                        nbytes: int, key: int, length: int, deadline_at: float | None,
-                        timeout: float | None) -> int:
+                        nbytes: int, key: int, length: int, timeout: float | None,
+                        ) -> int:
     """``push_when_room`` once it found the queue full or others in line: take a place
     at the back of the line, and push when handed room."""
     loop = asyncio.get_running_loop()
@@ -419,7 +419,8 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
             claim = waiter
         epoch = room.epoch
         try:
-            token = queue.push(request, priority, rows, nbytes, key, 0, length, deadline_at)
+            token = queue.push(request, priority, rows, nbytes, key, 0, length,
+                               request.deadline)
         except QueueClosed as exc:
             if claim is not None:
                 room.withdraw(claim)

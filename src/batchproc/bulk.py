@@ -316,15 +316,10 @@ class Settings:
         self.buffersize = (max(2, 2 * config.max_workers) if buffersize is None
                            else _count_arg("buffersize", buffersize, None, ">= 1"))
         self.priority = priority_arg(priority)
-        self.max_queue_time = max_queue_time
+        # As a request keeps it: seconds, inf for none.
+        self.max_queue_time = _INF if max_queue_time is None else max_queue_time
         self.read_wait = max(config.batch_timeout, READ_WAIT_MIN)
         self.return_exceptions = bool(return_exceptions)
-
-    def deadline(self, now: float) -> float | None:
-        """When a chunk enqueued at monotonic ``now`` runs out of ``max_queue_time``
-        (None: never); ``now`` is also its ``enqueued_at``, which its error counts from."""
-        mqt = self.max_queue_time
-        return None if mqt is None else now + mqt
 
 
 def _count_arg(name: str, value: Any, most: int | None, allowed: str) -> int:
@@ -457,16 +452,14 @@ class Window:
         if self.closed or make_future is None:
             return False
         now = _monotonic()
-        deadline = settings.deadline(now)
-        if deadline is None:
-            deadline = _INF
+        limit = settings.max_queue_time
         priority = settings.priority
         requests = []
         waits: list[Any] = []
         for r in chunk.requests:
             future, wait = make_future()
             requests.append(Request(future, r.item, r.format, r.rows, r.nbytes, r.length,
-                                    now, r.key, r.queue_length, priority, deadline))
+                                    now, r.key, r.queue_length, priority, limit))
             waits.append(wait)
         tokens = processor._push_accepted(requests)
         if tokens is None:
@@ -562,11 +555,11 @@ class ChunkRequest(AsyncRequest):
         self._bp_again = again
 
 
-def _request(future: Any, chunk: Chunk, priority: Any, now: float,
-             deadline: float | None) -> Request:
+def _request(future: Any, chunk: Chunk, priority: Any, settings: Settings) -> Request:
+    """``chunk``'s request, enqueued now; its error counts its wait from ``enqueued_at``."""
     return Request(future, chunk.requests, chunk.format, chunk.rows, chunk.nbytes,
-                   chunk.length, now, chunk.key, chunk.queue_length, priority,
-                   _INF if deadline is None else deadline)
+                   chunk.length, _monotonic(), chunk.key, chunk.queue_length, priority,
+                   settings.max_queue_time)
 
 
 # --------------------------------------------------------------------------- threads
@@ -639,12 +632,10 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
             return entry
         future = _RequestFuture()
         future._bp_again = functools.partial(window.queue_again, entry)  # before it runs
-        now = _monotonic()
-        deadline = settings.deadline(now)
-        request = _request(future, entry, priority, now, deadline)
+        request = _request(future, entry, priority, settings)
         try:
             token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
-                               entry.queue_length, deadline)
+                               entry.queue_length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             return Failed(processor._refusal(exc, None))
         future._bp_token = token  # its cancel() withdraws it from the queue
@@ -740,15 +731,12 @@ def amap_results(processor: BatchProcessor[Any, Any],
         # Cancelling the task that awaits it cancels this future, which then takes the
         # chunk out of the queue at once (as apredict's does).
         future = QueuedFuture(loop=loop)
-        now = _monotonic()
-        deadline = settings.deadline(now)
         again = functools.partial(window.queue_again, entry)
-        request = _request(ChunkRequest(future, channel, again), entry, priority, now,
-                           deadline)
+        request = _request(ChunkRequest(future, channel, again), entry, priority, settings)
         try:
             token = await push_when_room(processor, request, priority, entry.rows,
                                          entry.nbytes, entry.key, entry.queue_length,
-                                         deadline, None)
+                                         None)
         except ProcessorStoppedError as exc:
             return Failed(exc)
         future._bp_token = token

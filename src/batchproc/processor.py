@@ -571,16 +571,11 @@ class BatchProcessor(Generic[T, U]):
             raise self._refusal_after_stop(timeout)
         future = _RequestFuture()
         now = _monotonic()
-        if max_queue_time is None:
-            request, rows, nbytes, key, length = self._describe(item, future, now, priority)
-            deadline = None
-        else:
-            deadline = now + _queue_time_arg(max_queue_time)
-            request, rows, nbytes, key, length = self._describe(item, future, now, priority,
-                                                                deadline)
+        limit = _INF if max_queue_time is None else _queue_time_arg(max_queue_time)
+        request, rows, nbytes, key, length = self._describe(item, future, now, priority, limit)
         try:
             token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
-                                     deadline)
+                                     request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, timeout) from None
         future._bp_token = token
@@ -625,17 +620,12 @@ class BatchProcessor(Generic[T, U]):
         channel = self._channel_for(loop)
         future = QueuedFuture(loop=loop)
         now = _monotonic()
-        if max_queue_time is None:
-            request, rows, nbytes, key, length = self._describe(
-                item, AsyncRequest(future, channel), now, priority)
-            deadline = None
-        else:
-            deadline = now + _queue_time_arg(max_queue_time)
-            request, rows, nbytes, key, length = self._describe(
-                item, AsyncRequest(future, channel), now, priority, deadline)
+        limit = _INF if max_queue_time is None else _queue_time_arg(max_queue_time)
+        request, rows, nbytes, key, length = self._describe(
+            item, AsyncRequest(future, channel), now, priority, limit)
         try:
             token = self._queue.push(request, priority, rows, nbytes, key, 0, length,
-                                     deadline)
+                                     request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
         future._bp_token = token
@@ -667,9 +657,8 @@ class BatchProcessor(Generic[T, U]):
             raise self._forked_error()
         if max_queue_time is _CONFIG:
             max_queue_time = self._max_queue_time
-        deadline = (None if max_queue_time is None
-                    else _monotonic() + _queue_time_arg(max_queue_time))
-        return await apredict(self, item, timeout, priority, deadline)
+        limit = None if max_queue_time is None else _queue_time_arg(max_queue_time)
+        return await apredict(self, item, timeout, priority, limit)
 
     _room: RoomWaiters | None = None
 

@@ -32,7 +32,6 @@ from .workers import WorkerPool
 
 __all__ = ["Engine"]
 
-_INF = float("inf")
 
 
 class Engine:
@@ -92,7 +91,7 @@ class Engine:
                 try:
                     out.append(queue.push_again(
                         r, r.priority, r.rows, r.nbytes, r.key, r.queue_length,
-                        None if r.deadline == _INF else r.deadline))
+                        r.deadline))
                 except (_stdlib_queue.Full, MemoryError) as exc:
                     out.append(exc)
         return out

@@ -251,8 +251,8 @@ def expiry_error(request: Request, now: float) -> QueueTimeoutError:
     retry says how often it failed, and its first failure (the one it is retried after)
     is the ``__cause__``."""
     waited = now - request.enqueued_at
-    allowed = request.deadline - request.enqueued_at
-    ran_out = f"request waited {seconds(waited)}, past its max_queue_time of {seconds(allowed)}"
+    ran_out = (f"request waited {seconds(waited)}, past its max_queue_time of "
+               f"{seconds(request.max_queue_time)}")
     if request.error is None:
         return QueueTimeoutError(f"{ran_out} in the queue; it was never processed")
     tries = request.attempt

@@ -62,7 +62,6 @@ _monotonic = time.monotonic
 # A batch that fails while each of its requests succeeds alone is logged at once, then
 # at most once per this many seconds (with how many there were meanwhile).
 BATCH_ONLY_FAILURE_LOG_S = 60.0
-_INF = float("inf")
 
 
 def backoff(retry_delay: float, attempt: int) -> float:
@@ -325,7 +324,6 @@ class Executor:
         delay = backoff(self._config.retry_delay, request.attempt)
         retry = request.for_retry(request.error if request.error is not None else origin,
                                   done_parts)
-        deadline = request.deadline
         # Under the board's lock: either stop gave up on this batch first (and fails the
         # request with the batch), or the request is parked before stop drains the queue.
         with self._board.lock:
@@ -334,7 +332,7 @@ class Executor:
             try:
                 self._queue.park(retry, request.priority, request.rows, request.nbytes,
                                  request.key, request.queue_length, _monotonic() + delay,
-                                 None if deadline == _INF else deadline)
+                                 request.deadline)
             except (_stdlib_queue.Full, MemoryError):
                 return False
             # No longer this batch's: a time limit on its later calls must not fail it.

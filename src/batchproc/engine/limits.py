@@ -35,7 +35,6 @@ from .workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
-_INF = float("inf")
 # Calls abandoned past item_timeout are logged at once, then at most once per this many
 # seconds (with how many there were meanwhile).
 OVERDUE_LOG_S = 10.0
@@ -164,8 +163,7 @@ class TimeLimits:
                 again = r.requeued(error)  # says why it ran before, should it expire
                 try:
                     self._queue.park(again, r.priority, r.rows, r.nbytes, r.key,
-                                     r.queue_length, now,
-                                     None if r.deadline == _INF else r.deadline)
+                                     r.queue_length, now, r.deadline)
                 except (_stdlib_queue.Full, MemoryError):
                     left.append(r)
         if left:

@@ -261,17 +261,18 @@ class Describer:
         self._list_reading = outputs.ListReading()
 
     def describe(self, item: Any, future: Any, now: float, priority: Any = 2,
-                 deadline: float = _INF) -> tuple[Request, int, int, int, int]:
+                 max_queue_time: float = _INF) -> tuple[Request, int, int, int, int]:
         """``(request, rows, nbytes, key, queue_length)`` for ``item``: what the queue
         needs to order and group it. ``queue_length`` is its padded length rounded up to
         ``pad_to_multiple_of`` (what it costs in tokens per row). ``priority`` and
-        ``deadline`` are kept in the request, for a retry to queue it again."""
+        ``max_queue_time`` (seconds from ``now``; the request's ``deadline`` is their sum)
+        are kept in the request, for a retry to queue it again."""
         if type(item) is _ndarray:
             known = self.known_arrays.get(item)
             if known is not None:
                 key, fmt, rows, nbytes, length, queue_length, _ = known
                 return (Request(future, item, fmt, rows, nbytes, length, now, key,
-                                queue_length, priority, deadline),
+                                queue_length, priority, max_queue_time),
                         rows, nbytes, key, queue_length)
         original = item
         for family in self._families:
@@ -296,7 +297,7 @@ class Describer:
             self.known_arrays.add(item, (entry[0], entry[1], rows, nbytes, length,
                                          queue_length, item.dtype))
         return (Request(future, item, entry[1], rows, nbytes, length, now, entry[0],
-                        queue_length, priority, deadline),
+                        queue_length, priority, max_queue_time),
                 rows, nbytes, entry[0], queue_length)
 
     def format_for(self, signature: Hashable, make: Callable[[Any], BatchFormat],

@@ -19,7 +19,7 @@ import pytest
 from waiting import wait_for
 
 from batchproc import BatchProcessor, BatchProcessorConfig
-from batchproc.bench import report
+from batchproc.bench import report, runner
 from batchproc.bench.loads import (
     DRAIN_MAX_S,
     DRAIN_MIN_S,
@@ -29,7 +29,7 @@ from batchproc.bench.loads import (
     drain_window,
     run_load,
 )
-from batchproc.bench.runner import run_target
+from batchproc.bench.runner import run_limit, run_target
 from batchproc.bench.targets import Batchproc, BatchprocAsync, NoBatching
 
 DURATION = 0.2
@@ -57,7 +57,8 @@ class Recording:
 
     def __init__(self) -> None:
         self.done: list[int] = []
-        self.summary = ""
+        self.summary = ""  # the last
+        self.summaries: list[str] = []
 
     def start(self, label: str, total: int | None, duration: float | None) -> None:
         pass
@@ -67,6 +68,7 @@ class Recording:
 
     def finish(self, summary: str) -> None:
         self.summary = summary
+        self.summaries.append(summary)
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_an_overloaded_open_loop_ends_within_its_drain(blocked, target):
     # Each waited at least the drain: latencies are not flattered by leaving them out.
     assert run.p50_ms >= drain_window(DURATION) * 1000
     assert run.elapsed_s >= DURATION + drain_window(DURATION)
-    assert "unfinished" in progress.summary
+    assert "unfinished" in progress.summaries[0]
     # The processor was stopped with the run: nothing is left to serve.
     assert target._p.shutdown_event.is_set()
 
@@ -544,17 +546,76 @@ def test_a_run_waits_for_the_model_calls_it_left_running(blocked):
     assert run.batches == 3  # ... and they were counted as they returned
 
 
-def test_a_run_reports_the_model_calls_still_running_after_its_wait():
+@pytest.mark.parametrize(("most_s", "why"), [(runner.LEFT_RUNNING_WAIT_S, "none ended for 0.05 s"),
+                                             (0.0, "0 s from the stop")])
+def test_a_run_reports_the_model_calls_still_running_after_its_wait(monkeypatch, most_s, why):
+    # Hung calls are not waited for once none ends for a settle, nor any past the most
+    # a run waits. Those still running are remembered: the next run says it started
+    # beside them, and is compared with no other, until they end.
+    monkeypatch.setattr(runner, "LEFT_RUNNING_WAIT_S", most_s)
     model = Lingering()
+    progress = Recording()
     try:
         run = run_target(StopsLate(model, release_on_stop=True), model, "lingering",
                          Load("closed", clients=2, features=4), Bounds(duration=DURATION),
-                         settle_s=0.05)
+                         progress, settle_s=0.05)
         assert run.left_running == 2 and model.returned == 0
+        assert progress.summary == (f"2 calls still running ({why}); the runs after it "
+                                    "share the machine with them")
         assert any("2 model calls still running after the run" in note
                    for note in report.run_notes([run]))
+        assert runner.calls_left_behind() == 2
+        limit = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4),
+                          Bounds(requests=5), 4)
+        beside = run_target(NoBatching(), lambda b: b, "m",
+                            Load("closed", clients=1, features=4), Bounds(requests=5))
+        assert limit.started_beside == beside.started_beside == 2
+        assert report.ratio(beside, limit) is None
+        assert report.not_compared(beside, limit) == (
+            "the no batching run started while 2 model calls an earlier run left running "
+            "were still running; the limit run started while 2 model calls an earlier run "
+            "left running were still running")
     finally:
         model.done.set()
+        for counted in list(runner._left_behind):
+            assert counted.wait_idle(10) == 0
+    assert runner.calls_left_behind() == 0 and model.returned == 2
+    after = run_target(NoBatching(), lambda b: b, "m", Load("closed", clients=1, features=4),
+                       Bounds(requests=5))
+    assert after.started_beside == 0
+
+
+class EndsLeftCalls(Recording):
+    """A progress display that lets the lingering calls return once the run waits for
+    them on a line of their own."""
+
+    def __init__(self, model: Lingering) -> None:
+        super().__init__()
+        self.model = model
+        self.labels: list[str] = []
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        self.labels.append(label)
+        if "left running" in label:
+            self.model.done.set()
+
+
+def test_the_calls_a_run_left_running_are_waited_for_on_a_line_of_their_own():
+    # Past the settle the run's figures are taken; the calls still running then are
+    # waited for before the next run starts, shown as they end.
+    model = Lingering()
+    progress = EndsLeftCalls(model)
+    try:
+        run = run_target(StopsLate(model, release_on_stop=True), model, "lingering",
+                         Load("closed", clients=2, features=4), Bounds(duration=DURATION),
+                         progress=progress, settle_s=2.0)  # a stall: no call ended in 2 s
+    finally:
+        model.done.set()
+    assert run.left_running == 0 and model.returned == 2 and run.batches == 2
+    assert progress.labels == ["lingering · 2 clients · stops-late",
+                               "lingering · 2 clients · stops-late · 2 model calls left running"]
+    assert progress.summaries[1] == "ended"
+    assert runner.calls_left_behind() == 0
 
 
 def test_counting_model_waits_for_its_calls_in_progress():

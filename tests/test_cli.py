@@ -114,6 +114,8 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
          "offers at most 2,000,000"),
         (["--burst", "3000000"], "--burst 3,000,000 is more than a run offers: at most "
          "2,000,000"),
+        (["--clients", "4097"], "--clients must be from 1 to 4,096 (each client is a thread"),
+        (["--clients", "100000", "--asyncio"], "--clients must be from 1 to 4,096"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(
@@ -516,6 +518,32 @@ def test_a_ratio_compares_only_runs_without_errors(errors, model_errors, why) ->
     lines = out.getvalue().splitlines()
     assert f"batchproc vs no batching: not compared: {why}" in "\n".join(lines)
     assert not any("0.025x" in line for line in lines)  # 50 / 2000: never shown
+
+
+@pytest.mark.parametrize("idle", ["batchproc", "no batching", LIMIT])
+def test_a_run_that_completed_no_request_is_not_compared_and_says_so(idle) -> None:
+    runs = [_clean_run("batchproc", 500.0), _clean_run("no batching", 250.0),
+            _clean_run(LIMIT, 1000.0)]
+    runs = [dataclasses.replace(r, completed=0, throughput=0.0) if r.system == idle else r
+            for r in runs]
+    ratios, reasons = report.bench_ratios(runs), report.bench_not_compared(runs)
+    why = f"the {idle} run completed no request"
+    expected = (["vs_no_batching", "vs_limit"] if idle == "batchproc"
+                else ["vs_no_batching" if idle == "no batching" else "vs_limit"])
+    assert reasons == dict.fromkeys(expected, why)
+    assert [k for k, v in ratios.items() if v is None] == expected
+
+
+def test_a_run_started_beside_calls_an_earlier_run_left_is_not_compared() -> None:
+    runs = [_clean_run("batchproc", 500.0), _clean_run("no batching", 250.0),
+            dataclasses.replace(_clean_run(LIMIT, 1000.0), started_beside=75)]
+    ratios, reasons = report.bench_ratios(runs), report.bench_not_compared(runs)
+    assert ratios == {"vs_no_batching": 2.0, "vs_limit": None}
+    assert reasons == {"vs_limit": "the limit run started while 75 model calls an earlier "
+                                   "run left running were still running"}
+    assert ("! limit (m, 1 client): started while 75 model calls an earlier run left "
+            "running were still running; its throughput is not compared"
+            in report.run_notes(runs))
 
 
 def test_runs_without_errors_are_compared_and_a_failed_run_says_so() -> None:

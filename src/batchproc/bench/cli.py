@@ -29,7 +29,7 @@ from . import BenchError, interrupts, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, parse_inputs
-from .loads import Bounds, Load, check_arrivals, drain_window, schedule_of
+from .loads import MAX_CLIENTS, Bounds, Load, check_arrivals, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
 from .sweep import CAPACITY_CLIENTS, DEFAULT_FRACTIONS, capacity_clients
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape = ld.add_mutually_exclusive_group()
     shape.add_argument(
         "--clients", type=_positive_int, metavar="N",
-        help=f"closed loop: N threads, each submits and waits (default: {DEFAULT_CLIENTS})",
+        help=f"closed loop: N threads, each submits and waits (default: {DEFAULT_CLIENTS}; "
+        f"at most {MAX_CLIENTS:,})",
     )
     shape.add_argument(
         "--rate", type=_positive_float, metavar="R",

@@ -76,6 +76,10 @@ N_LEVELS = 5
 DRAIN_MULTIPLE = 1.0
 DRAIN_MIN_S = 0.5
 DRAIN_MAX_S = 60.0
+# The most clients of a closed loop: each is a thread, and past a few thousand a run
+# measures the scheduler and the drain more than the system (an open loop, --rate, offers
+# more load from one thread).
+MAX_CLIENTS = 4096
 # The most arrivals one open-loop run or burst may offer: its schedule and the record of
 # each request are held in memory, and a run past it would take far longer than its
 # bound to count (a rate, duration or capacity that would go past it is refused).
@@ -131,8 +135,9 @@ class Load:
     def __post_init__(self) -> None:
         if self.kind not in ("closed", "rate", "burst"):
             raise BenchError(f"unknown load kind {self.kind!r}")
-        if self.kind == "closed" and self.clients < 1:
-            raise BenchError(f"--clients must be >= 1, got {self.clients}")
+        if self.kind == "closed" and not 1 <= self.clients <= MAX_CLIENTS:
+            raise BenchError(f"--clients must be from 1 to {MAX_CLIENTS:,} (each client is a "
+                             f"thread; --rate offers more load from one), got {self.clients}")
         if self.kind == "rate" and not (self.rate > 0 and math.isfinite(self.rate)):
             raise BenchError(f"--rate must be a positive number, got {self.rate}")
         if self.kind == "burst" and self.burst < 1:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
+from ..log_limits import plural
 from .outputs import replace_file
 from .runner import LIMIT, RunResult
 
@@ -168,11 +169,14 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
                 f"completed nor in its latencies; first: {r.first_refusal}")
         if r.model_errors:
             notes.append(f"! {who}: {model_failed(r)}")
+        if r.started_beside:
+            notes.append(
+                f"! {who}: started while {plural(r.started_beside, 'model call')} an earlier "
+                "run left running were still running; its throughput is not compared")
         if r.left_running:
             notes.append(
-                f"! {who}: {r.left_running} model call{'s' if r.left_running != 1 else ''} "
-                "still running after the run had waited for them; the runs after it "
-                "shared the machine with them")
+                f"! {who}: {plural(r.left_running, 'model call')} still running after the "
+                "run had waited for them; the runs after it shared the machine with them")
     if any(r.system == LIMIT and not r.failed for r in runs):
         notes.append(f"{LIMIT}: the model called back to back on full batches, no queue: "
                      "its latencies are one call's, not a request's wait")
@@ -219,16 +223,26 @@ def row_cells(r: RunResult) -> list[str]:
 
 def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     """Why the throughputs of runs ``a`` and ``b`` are not compared (None: they are, or
-    a run is missing). A run that failed has no throughput. A run with errors (requests
-    that failed, calls of the model that failed) did other work than a run without, and
-    each system does its own with a failure: batchproc retries the call after a backoff
-    and searches its batch, no batching fails the request at once, the limit fails its
-    run. So a ratio is given only between two runs without errors."""
+    a run is missing). A run that failed has no throughput, nor has one that completed
+    no request. A run with errors (requests that failed, calls of the model that
+    failed) did other work than a run without, and each system does its own with a
+    failure: batchproc retries the call after a backoff and searches its batch, no
+    batching fails the request at once, the limit fails its run. So a ratio is given
+    only between two runs without errors. A run that started while calls of the model
+    an earlier run left were still running shared the machine with them."""
     if a is None or b is None:
         return None
     failed = [r.system for r in (a, b) if r.failed]
     if failed:
         return f"the {' and the '.join(failed)} run failed"
+    idle = [r.system for r in (a, b) if not (r.completed and r.throughput > 0)]
+    if idle:
+        return f"the {' and the '.join(idle)} run completed no request"
+    beside = [r for r in (a, b) if r.started_beside]
+    if beside:
+        return "; ".join(
+            f"the {r.system} run started while {plural(r.started_beside, 'model call')} an "
+            "earlier run left running were still running" for r in beside)
     erred = [r.system for r in (a, b) if r.errors or r.model_errors]
     if not erred:
         return None
@@ -238,10 +252,9 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
 
 
 def ratio(a: RunResult | None, b: RunResult | None) -> float | None:
-    """``a``'s throughput over ``b``'s; None where it means nothing: a run missing,
-    ``b`` without throughput, ``a`` without a completed request, or the two not
-    compared (:func:`not_compared`)."""
-    if a is None or b is None or not_compared(a, b) or not b.throughput or not a.completed:
+    """``a``'s throughput over ``b``'s; None where it means nothing: a run missing, or
+    the two not compared (:func:`not_compared` says why)."""
+    if a is None or b is None or not_compared(a, b):
         return None
     return a.throughput / b.throughput
 

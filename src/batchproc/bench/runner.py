@@ -25,7 +25,7 @@ import numpy as np
 
 from ..log_limits import plural
 from .inputs import Batch, FeatureRows, rows_of
-from .loads import Bounds, Load, LoadResult, drain_window, run_load
+from .loads import DRAIN_MAX_S, Bounds, Load, LoadResult, drain_window, run_load
 from .models import Model, OwnLoop, error_text, is_async_model
 from .targets import STOP_TIMEOUT_S
 
@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 
 LIMIT = "limit"
 PRIORITY_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW", "BACKGROUND")
+# How long from a run's stop the calls of the model it left running (closed-loop clients
+# of no batching queued on the model's lock) get to end before the next run starts.
+LEFT_RUNNING_WAIT_S = DRAIN_MAX_S
+
+# The models (``CountingModel``, ``_Limit``) of runs that ended with calls still running
+# in this process: a run that starts beside them shares the machine with them.
+_left_behind: list[Any] = []
+
+
+def calls_left_behind() -> int:
+    """Calls of the model that earlier runs in this process left running, still running."""
+    _left_behind[:] = [m for m in _left_behind if m.running]
+    return sum(m.running for m in _left_behind)
 
 
 class Progress(Protocol):
@@ -197,8 +210,10 @@ class RunResult:
     model_errors: int = 0
     first_model_error: str | None = None
     # Calls of the model still running when the run had waited for them (they share the
-    # machine with the run after it).
+    # machine with the runs after it), and those of earlier runs still running when this
+    # one started (it shared the machine with them: its throughput is not compared).
     left_running: int = 0
+    started_beside: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,8 +306,13 @@ def run_target(
     ``label`` names the run on the progress display (default: model, load and system).
     Once the target is stopped, the calls of the model still in progress (a closed-loop
     client or generator of no batching in the model, a processor's worker its stop gave
-    up on) are waited for, until ``settle_s`` seconds from the stop: those still running
-    then are reported (``left_running``), as they take from the next run.
+    up on) are waited for: until ``settle_s`` seconds from the stop within the run (what
+    ends then counts in it), then on a progress line of their own for as long as one
+    ends at least every ``settle_s`` (a queue of them draining; not a hung one), until
+    ``LEFT_RUNNING_WAIT_S`` from the stop, so that the next run does not start beside
+    them. Those still running then are reported (``left_running``), and a run that starts
+    while any are says how many (``started_beside``): :func:`.report.not_compared`
+    compares neither's throughput.
 
     Ctrl-C (``KeyboardInterrupt``) during the run ends it: the load's threads end, the
     target is stopped, the progress line says "interrupted", and the interrupt goes on
@@ -301,11 +321,12 @@ def run_target(
     """
     progress = progress or NullProgress()
     counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)
+    label = label or f"{model_name} · {load.label} · {target.name}"
+    beside = calls_left_behind()
     gc.collect()
     total = _expected(load, bounds)
-    progress.start(label or f"{model_name} · {load.label} · {target.name}", total,
-                   bounds.duration)
-    left = 0
+    progress.start(label, total, bounds.duration)
+    stopped = time.perf_counter()
     try:
         target.start(counted)
         try:
@@ -319,7 +340,7 @@ def run_target(
             try:
                 target.stop()
             finally:
-                left = counted.wait_idle(stopped + settle_s - time.perf_counter())
+                counted.wait_idle(stopped + settle_s - time.perf_counter())
     except KeyboardInterrupt:
         progress.finish("interrupted")
         raise
@@ -328,7 +349,8 @@ def run_target(
         progress.finish("failed")
         out = failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
         out.model_errors, out.first_model_error = _model_errors(counted, target)
-        out.left_running = left
+        out.started_beside = beside
+        out.left_running = _let_calls_end(counted, label, progress, stopped, settle_s)
         return out
     p50, p95, p99, mean = _pct(res.latencies)
     model_errors, first_model_error = _model_errors(counted, target)
@@ -361,16 +383,50 @@ def run_target(
         extra=dict(getattr(target, "stats", dict)()),
         model_errors=model_errors,
         first_model_error=first_model_error,
-        left_running=left,
+        started_beside=beside,
     )
     if res.errors:
         log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
     late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
     late += f", {res.refused:,} refused" if res.refused else ""
     late += f", the model raised {plural(counted.raised, 'time')}" if counted.raised else ""
-    late += f", {plural(left, 'model call')} left running" if left else ""
+    late += (f", started beside {plural(beside, 'model call')} an earlier run left running"
+             if beside else "")
     progress.finish(f"{res.throughput:,.0f} req/s{late}")
+    out.left_running = _let_calls_end(counted, label, progress, stopped, settle_s)
     return out
+
+
+def _let_calls_end(counted: CountingModel, label: str, progress: Progress, stopped: float,
+                   stall_s: float) -> int:
+    """Wait for the calls of the model a run left running to end, on a progress line of
+    their own, for as long as one ends at least every ``stall_s`` seconds (calls queued
+    on the model drain; a hung one is not waited for), until ``LEFT_RUNNING_WAIT_S``
+    from the run's stop (``perf_counter`` time). How many are still running then (they
+    are remembered: a later run says it started beside them)."""
+    left = counted.running
+    if not left:
+        return 0
+    waited_for = left
+    progress.start(f"{label} · {plural(left, 'model call')} left running", waited_for, None)
+    now = time.perf_counter()
+    until, ended_by = stopped + LEFT_RUNNING_WAIT_S, now + stall_s
+    while left and now < until and now < ended_by:
+        still = counted.wait_idle(min(0.1, until - now, ended_by - now))
+        now = time.perf_counter()
+        if still < left:
+            ended_by = now + stall_s
+        left = still
+        progress.update(max(waited_for - left, 0))
+    if not left:
+        progress.finish("ended")
+        return 0
+    _left_behind.append(counted)
+    why = (f"{LEFT_RUNNING_WAIT_S:g} s from the stop" if now >= until
+           else f"none ended for {stall_s:g} s")
+    progress.finish(f"{plural(left, 'call')} still running ({why}); the runs after it share "
+                    "the machine with them")
+    return left
 
 
 def _batch_words(batch: Batch) -> str:
@@ -418,6 +474,7 @@ def run_limit(
     # batchproc would cut into chunks of max_batch rows (the note says so).
     largest = max((sum(rows_of(r) for r in batch) for batch in plan), default=0)
     limit = _Limit(model, source, plan, wanted, dur)
+    beside = calls_left_behind()
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     bound = dur + drain_window(dur) if math.isfinite(dur) else math.inf
@@ -440,13 +497,19 @@ def run_limit(
         on = _batch_words(batch) if batch is not None else "its last batch"
         limit.failure = (f"the model did not return within {bound:.3g} s (the run's duration "
                          f"and drain) on {on}; the call was left running")
+        _left_behind.append(limit)
     if limit.failure is not None:
         progress.finish("failed")
-        return failed_run(LIMIT, model_name, load, limit.failure)
+        failed = failed_run(LIMIT, model_name, load, limit.failure)
+        failed.started_beside = beside
+        failed.left_running = limit.running
+        return failed
     done, elapsed, times = limit.done, limit.elapsed, limit.times
     lat = np.asarray(times)
     p50, p95, p99, mean = _pct(lat)
-    progress.finish(f"{done / elapsed:,.0f} req/s")
+    progress.finish(f"{done / elapsed:,.0f} req/s" + (
+        f", started beside {plural(beside, 'model call')} an earlier run left running"
+        if beside else ""))
     return RunResult(
         system=LIMIT,
         model=model_name,
@@ -465,6 +528,7 @@ def run_limit(
         stopped_by=limit.stopped_by,
         note="model on full batches, one thread, no queue; latency = one call",
         extra={"rows_over_max_batch": largest} if largest > max_batch else {},
+        started_beside=beside,
     )
 
 
@@ -505,6 +569,11 @@ class _Limit:
                 self.failure = f"the limit failed: {error_text(exc)}"
         finally:
             self.finished.set()
+
+    @property
+    def running(self) -> int:
+        """Calls of the model in progress now (0 or 1)."""
+        return 0 if self.finished.is_set() else 1
 
     def give_up(self) -> None:
         """Start no other call; cancel an async model's call in progress."""

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from batchproc import BatchOutputError
+from batchproc import BatchOutputError, ItemChangedError
 
 STRING_DTYPE = getattr(np.dtypes, "StringDType", lambda: None)()  # numpy >= 2
 
@@ -857,6 +857,48 @@ def test_an_item_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
         result = future.result(timeout=10)
         np.testing.assert_array_equal(result["x"] if wrap == "named" else result,
                                       healthy[i])
+
+
+@pytest.mark.parametrize("wrap", ["array", "named", "padded"])
+def test_items_resized_both_ways_in_one_batch_fail_alone_though_the_total_holds(
+        make_processor, wrap):
+    # One grows by a row, one shrinks by one: the batch holds the rows it was queued
+    # with, yet the callers between them would get their neighbours' rows.
+    config = {"pad_value": 0} if wrap == "padded" else {}
+    p = make_processor(lambda batch: batch, max_batch_size=16, retry_delay=0.01, **config)
+    grows, grow = _resized(1, 2)
+    shrinks, shrink = _resized(2, 1)
+    healthy = [np.full((1, 3), float(i)) for i in range(3)]
+    items = [healthy[0], grows, healthy[1], shrinks, healthy[2]]
+    if wrap == "named":
+        items = [{"x": x} for x in items]
+    futures = one_batch_after(p, items, lambda: (grow(), shrink()))
+    for bad in (futures[1], futures[3]):
+        with pytest.raises(ValueError, match="changed its rows after it was queued"):
+            bad.result(timeout=10)
+    for x, future in zip(healthy, [futures[0], futures[2], futures[4]]):
+        result = future.result(timeout=10)
+        np.testing.assert_array_equal(result["x"] if wrap == "named" else result, x)
+
+
+@pytest.mark.parametrize(("queued", "now", "says"), [
+    (1, (2, 3), "an item holds 2 rows where its request was queued with 1 row"),
+    (2, (1, 3), "an item holds 1 row where its request was queued with 2 rows"),
+    (1, (), "an item holds no rows axis where its request was queued with 1 row"),
+])
+def test_the_changed_item_error_says_its_rows_now_and_as_queued(queued, now, says):
+    from batchproc._native.future_state import Request
+    from batchproc.formats.base import check_queued_rows
+
+    same = np.zeros((1, 3))
+    changed = np.zeros(now)
+    requests = [Request(None, same, None, 1, 8, 0, 0.0),
+                Request(None, changed, None, queued, 8, 0, 0.0)]
+    check_queued_rows(requests[:1], [same])
+    with pytest.raises(ItemChangedError) as info:
+        check_queued_rows(requests, [same, changed])
+    assert str(info.value) == (f"{says}: it changed its rows after it was queued (an item "
+                               "must not change until its result has come)")
 
 
 def one_batch_after(p, items, change):

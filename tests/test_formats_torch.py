@@ -239,6 +239,24 @@ def test_a_tensor_result_is_a_view_whose_writes_reach_only_its_own_rows(make_pro
     torch.testing.assert_close(results[2], items[2] * 2)
 
 
+def test_tensors_resized_both_ways_in_one_batch_fail_alone_though_the_total_holds(
+        make_processor):
+    p = make_processor(lambda batch: batch * 10, max_batch_size=16, retry_delay=0.01)
+    grows, shrinks = torch.full((1, 3), 7.0), torch.full((2, 3), 8.0)
+    healthy = [torch.full((1, 3), float(i)) for i in range(3)]
+    p.pause()
+    futures = [p.enqueue_predict(x) for x in [healthy[0], grows, healthy[1], shrinks,
+                                              healthy[2]]]
+    grows.resize_(2, 3).fill_(7.0)  # both break the rule; the batch's total still holds
+    shrinks.resize_(1, 3)
+    p.resume()
+    for bad in (futures[1], futures[3]):
+        with pytest.raises(ValueError, match="changed its rows after it was queued"):
+            bad.result(timeout=10)
+    for x, future in zip(healthy, [futures[0], futures[2], futures[4]]):
+        assert torch.equal(future.result(timeout=10), x * 10)
+
+
 @pytest.mark.parametrize("rows_before,rows_after", [(1, 2), (2, 1)])
 def test_a_tensor_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
         make_processor, rows_before, rows_after):

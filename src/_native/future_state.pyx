@@ -38,6 +38,7 @@ from libc.math cimport INFINITY
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from batchproc._native.waiting import release_all as _release_all
+from numpy import ndarray as _ndarray
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
     CANCELLED as _CANCELLED_S,
@@ -370,6 +371,23 @@ def total_rows(list requests):
     for r in requests:
         total += (<Request?>r).rows
     return total
+
+
+def changed_item(list requests, items):
+    """The index of the first of ``items`` (each request's item, or one input of it, in
+    order) whose rows now differ from those its request was queued with, or -1. Its rows:
+    its first axis (an ndarray's ``len``, a tensor's ``shape[0]``); one that lost the
+    axis (resized to 0-d) differs."""
+    cdef Py_ssize_t i, rows
+    for i in range(len(requests)):
+        item = items[i]
+        try:
+            rows = len(item) if type(item) is _ndarray else item.shape[0]
+        except (TypeError, IndexError):
+            return i
+        if rows != (<Request?>requests[i]).rows:
+            return i
+    return -1
 
 
 def longest(list requests):

@@ -18,15 +18,16 @@ from __future__ import annotations
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
-from .._native.future_state import Request, items_of, longest, total_rows
+from .._native.future_state import Request, changed_item, items_of, longest
 from .._native.intake import KnownArrays
 from ..errors import BatchOutputError, ItemChangedError
+from ..log_limits import plural
 from . import outputs
 
 # Compatibility keys are small ints (the native queue compares them); new signatures get
@@ -163,10 +164,11 @@ class LeafFormat(BatchFormat):
     def build(self, requests: list[Request], workspace: Workspace) -> Built:
         padding = self._padding
         padded_length = 0 if padding is None else padding.padded_length(longest(requests))
-        batch = self._leaf.build(items_of(requests), workspace, 0, padded_length)
-        rows = batch.shape[0]
+        items = items_of(requests)
         if not self.one_sample:
-            check_queued_rows(rows, total_rows(requests))
+            check_queued_rows(requests, items)
+        batch = self._leaf.build(items, workspace, 0, padded_length)
+        rows = batch.shape[0]
         return Built(batch, rows, rows, padded_length)
 
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
@@ -177,16 +179,20 @@ class LeafFormat(BatchFormat):
         return row_chunks(request, limits, tokens_per_row, self._cut)
 
 
-def check_queued_rows(rows: int, queued: int) -> None:
-    """``ItemChangedError`` unless a batch (or one input of it) built of requests queued with
-    ``queued`` rows holds as many. An item whose rows changed after it was queued (a
-    resize) would shift every later caller's rows, which are cut from the output as
-    queued; failing the batch lets the failure search find the item and fail it alone."""
-    if rows != queued:
+def check_queued_rows(requests: list[Request], items: Sequence[Any]) -> None:
+    """``ItemChangedError`` unless each of ``items`` (each request's item, or one input of
+    it) holds the rows its request was queued with. An item whose rows changed after it
+    was queued (a resize) would shift every later caller's rows, which are cut from the
+    output as queued, even where another's change made up for it in the batch's total;
+    failing the batch lets the failure search find the item and fail it alone."""
+    changed = changed_item(requests, items)
+    if changed >= 0:
+        shape = getattr(items[changed], "shape", None)
+        now = plural(shape[0], "row") if shape else "no rows axis"
         raise ItemChangedError(
-            f"the batch's items hold {rows} rows where their requests were queued with "
-            f"{queued}: an item changed its rows after it was queued (an item must not "
-            "change until its result has come)")
+            f"an item holds {now} where its request was queued with "
+            f"{plural(requests[changed].rows, 'row')}: it changed its rows after it was "
+            "queued (an item must not change until its result has come)")
 
 
 def row_chunks(request: Request, limits: Limits, tokens_per_row: int,

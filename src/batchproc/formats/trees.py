@@ -83,15 +83,15 @@ class TreeFormat(BatchFormat):
     def build(self, requests: list[Request], workspace: Workspace) -> Built:
         padding = self._padding
         padded_length = 0 if padding is None else padding.padded_length(longest(requests))
-        columns = zip(*items_of(requests))
-        built = [leaf.build(column, workspace, position, padded_length)
-                 for position, (leaf, column) in enumerate(zip(self._leaves, columns))]
+        columns = list(zip(*items_of(requests)))
         if self.one_sample:
             rows = len(requests)
         else:
             rows = total_rows(requests)
-            for leaf in built:
-                check_queued_rows(leaf.shape[0], rows)
+            for column in columns:
+                check_queued_rows(requests, column)
+        built = [leaf.build(column, workspace, position, padded_length)
+                 for position, (leaf, column) in enumerate(zip(self._leaves, columns))]
         return Built(self._spec.unflatten(built), rows, rows, padded_length)
 
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:

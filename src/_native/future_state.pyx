@@ -378,11 +378,13 @@ def changed_item(list requests, items):
     order) whose rows now differ from those its request was queued with, or -1. Its rows:
     its first axis (an ndarray's ``len``, a tensor's ``shape[0]``); one that lost the
     axis (resized to 0-d) differs."""
+    cdef list column = items if type(items) is list else list(items)
     cdef Py_ssize_t i, rows
+    cdef object ndarray = _ndarray
     for i in range(len(requests)):
-        item = items[i]
+        item = column[i]
         try:
-            rows = len(item) if type(item) is _ndarray else item.shape[0]
+            rows = len(item) if type(item) is ndarray else item.shape[0]
         except (TypeError, IndexError):
             return i
         if rows != (<Request?>requests[i]).rows:

@@ -19,7 +19,7 @@ import pytest
 from waiting import wait_for
 
 from batchproc import BatchProcessor, BatchProcessorConfig
-from batchproc.bench import report, runner
+from batchproc.bench import interrupts, report, runner
 from batchproc.bench.loads import (
     DRAIN_MAX_S,
     DRAIN_MIN_S,
@@ -546,27 +546,41 @@ def test_a_run_waits_for_the_model_calls_it_left_running(blocked):
     assert run.batches == 3  # ... and they were counted as they returned
 
 
-@pytest.mark.parametrize(("most_s", "why"), [(runner.LEFT_RUNNING_WAIT_S, "none ended for 0.05 s"),
-                                             (0.0, "0 s from the stop")])
-def test_a_run_reports_the_model_calls_still_running_after_its_wait(monkeypatch, most_s, why):
-    # Hung calls are not waited for once none ends for a settle, nor any past the most
-    # a run waits. Those still running are remembered: the next run says it started
-    # beside them, and is compared with no other, until they end.
+def _let_lingering_calls_end(model: Lingering) -> None:
+    model.done.set()
+    for run in list(runner._left_behind):
+        assert run.model.wait_idle(10) == 0
+    assert runner.calls_left_behind() == 0
+
+
+def _lingering_run(model: Lingering, settle_s: float, progress=None):
+    """A run whose two closed-loop clients are still in the model when it ends."""
+    return run_target(StopsLate(model, release_on_stop=True), model, "lingering",
+                      Load("closed", clients=2, features=4), Bounds(duration=DURATION),
+                      progress, settle_s=settle_s)
+
+
+@pytest.mark.parametrize(("most_s", "why"), [(runner.LEFT_RUNNING_WAIT_S,
+                                              "none ended for 0.05 s"),
+                                             (0.0, "0 s from its stop")])
+def test_a_run_after_calls_that_do_not_end_says_it_started_beside_them(monkeypatch, most_s,
+                                                                        why):
+    # Hung calls are not waited for once none ends for the settle of the run that left
+    # them, nor past the most a run's calls are waited for: the next run starts beside
+    # them, says so, and is compared with no other.
     monkeypatch.setattr(runner, "LEFT_RUNNING_WAIT_S", most_s)
     model = Lingering()
     progress = Recording()
     try:
-        run = run_target(StopsLate(model, release_on_stop=True), model, "lingering",
-                         Load("closed", clients=2, features=4), Bounds(duration=DURATION),
-                         progress, settle_s=0.05)
+        run = _lingering_run(model, settle_s=0.05)
         assert run.left_running == 2 and model.returned == 0
-        assert progress.summary == (f"2 calls still running ({why}); the runs after it "
-                                    "share the machine with them")
-        assert any("2 model calls still running after the run" in note
-                   for note in report.run_notes([run]))
-        assert runner.calls_left_behind() == 2
+        assert ("! stops-late (lingering, 2 clients): 2 model calls still running at the end "
+                "of the run; a run after it waits for them first, while they keep ending"
+                in report.run_notes([run]))
         limit = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4),
-                          Bounds(requests=5), 4)
+                          Bounds(requests=5), 4, progress)
+        assert progress.summaries[0] == (f"2 calls still running ({why}); the next run "
+                                         "starts beside them")
         beside = run_target(NoBatching(), lambda b: b, "m",
                             Load("closed", clients=1, features=4), Bounds(requests=5))
         assert limit.started_beside == beside.started_beside == 2
@@ -576,17 +590,15 @@ def test_a_run_reports_the_model_calls_still_running_after_its_wait(monkeypatch,
             "were still running; the limit run started while 2 model calls an earlier run "
             "left running were still running")
     finally:
-        model.done.set()
-        for counted in list(runner._left_behind):
-            assert counted.wait_idle(10) == 0
-    assert runner.calls_left_behind() == 0 and model.returned == 2
+        _let_lingering_calls_end(model)
+    assert model.returned == 2
     after = run_target(NoBatching(), lambda b: b, "m", Load("closed", clients=1, features=4),
                        Bounds(requests=5))
     assert after.started_beside == 0
 
 
 class EndsLeftCalls(Recording):
-    """A progress display that lets the lingering calls return once the run waits for
+    """A progress display that lets the lingering calls return once a run waits for
     them on a line of their own."""
 
     def __init__(self, model: Lingering) -> None:
@@ -600,22 +612,48 @@ class EndsLeftCalls(Recording):
             self.model.done.set()
 
 
-def test_the_calls_a_run_left_running_are_waited_for_on_a_line_of_their_own():
-    # Past the settle the run's figures are taken; the calls still running then are
-    # waited for before the next run starts, shown as they end.
+def test_the_next_run_waits_for_the_calls_a_run_left_running_on_a_line_of_their_own():
     model = Lingering()
-    progress = EndsLeftCalls(model)
     try:
-        run = run_target(StopsLate(model, release_on_stop=True), model, "lingering",
-                         Load("closed", clients=2, features=4), Bounds(duration=DURATION),
-                         progress=progress, settle_s=2.0)  # a stall: no call ended in 2 s
+        run = _lingering_run(model, settle_s=2.0)  # the stall: no call ended in 2 s
+        assert run.left_running == 2 and model.returned == 0 and run.batches == 2
+        progress = EndsLeftCalls(model)
+        after = run_target(NoBatching(), lambda b: b, "m",
+                           Load("closed", clients=1, features=4), Bounds(requests=5),
+                           progress)
     finally:
-        model.done.set()
-    assert run.left_running == 0 and model.returned == 2 and run.batches == 2
-    assert progress.labels == ["lingering · 2 clients · stops-late",
-                               "lingering · 2 clients · stops-late · 2 model calls left running"]
-    assert progress.summaries[1] == "ended"
-    assert runner.calls_left_behind() == 0
+        _let_lingering_calls_end(model)
+    assert model.returned == 2 and after.started_beside == 0
+    assert progress.labels == ["lingering · 2 clients · stops-late · 2 model calls left running",
+                               "m · 1 client · no batching"]
+    assert progress.summaries[0] == "ended"
+
+
+class InterruptsLeftCalls(Recording):
+    """Ctrl-C while a run waits for the calls an earlier run left running."""
+
+    def start(self, label: str, total: int | None, duration: float | None) -> None:
+        self.waiting = "left running" in label
+
+    def update(self, done: int) -> None:
+        if self.waiting:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_the_next_run_waits_for_left_calls_keeps_the_runs_that_finished():
+    model = Lingering()
+    progress = InterruptsLeftCalls()
+    runs = []
+    try:
+        with interrupts.keep_finished() as stop:
+            runs.append(_lingering_run(model, settle_s=5.0))
+            runs.append(run_target(NoBatching(), lambda b: b, "m",
+                                   Load("closed", clients=1, features=4), Bounds(requests=5),
+                                   progress))
+    finally:
+        _let_lingering_calls_end(model)
+    assert stop.interrupted and [r.system for r in runs] == ["stops-late"]
+    assert progress.summaries == ["interrupted"]
 
 
 def test_counting_model_waits_for_its_calls_in_progress():

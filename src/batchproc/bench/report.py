@@ -171,12 +171,12 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
             notes.append(f"! {who}: {model_failed(r)}")
         if r.started_beside:
             notes.append(
-                f"! {who}: started while {plural(r.started_beside, 'model call')} an earlier "
-                "run left running were still running; its throughput is not compared")
+                f"! {who}: started while {_calls_left(r.started_beside)} still running; its "
+                "throughput is not compared")
         if r.left_running:
             notes.append(
-                f"! {who}: {plural(r.left_running, 'model call')} still running after the "
-                "run had waited for them; the runs after it shared the machine with them")
+                f"! {who}: {plural(r.left_running, 'model call')} still running at the end "
+                "of the run; a run after it waits for them first, while they keep ending")
     if any(r.system == LIMIT and not r.failed for r in runs):
         notes.append(f"{LIMIT}: the model called back to back on full batches, no queue: "
                      "its latencies are one call's, not a request's wait")
@@ -241,14 +241,20 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     beside = [r for r in (a, b) if r.started_beside]
     if beside:
         return "; ".join(
-            f"the {r.system} run started while {plural(r.started_beside, 'model call')} an "
-            "earlier run left running were still running" for r in beside)
+            f"the {r.system} run started while {_calls_left(r.started_beside)} still running"
+            for r in beside)
     erred = [r.system for r in (a, b) if r.errors or r.model_errors]
     if not erred:
         return None
     which = "both runs" if len(erred) == 2 else f"the {erred[0]} run"
     return (f"errors in {which} (a ratio compares only runs without failed requests or "
             "model calls)")
+
+
+def _calls_left(count: int) -> str:
+    """``3 model calls an earlier run left running were``."""
+    return (f"{plural(count, 'model call')} an earlier run left running "
+            f"{'was' if count == 1 else 'were'}")
 
 
 def ratio(a: RunResult | None, b: RunResult | None) -> float | None:

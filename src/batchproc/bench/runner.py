@@ -25,7 +25,7 @@ import numpy as np
 
 from ..log_limits import plural
 from .inputs import Batch, FeatureRows, rows_of
-from .loads import DRAIN_MAX_S, Bounds, Load, LoadResult, drain_window, run_load
+from .loads import DRAIN_MAX_S, DRAIN_MIN_S, Bounds, Load, LoadResult, drain_window, run_load
 from .models import Model, OwnLoop, error_text, is_async_model
 from .targets import STOP_TIMEOUT_S
 
@@ -37,15 +37,66 @@ PRIORITY_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW", "BACKGROUND")
 # of no batching queued on the model's lock) get to end before the next run starts.
 LEFT_RUNNING_WAIT_S = DRAIN_MAX_S
 
-# The models (``CountingModel``, ``_Limit``) of runs that ended with calls still running
-# in this process: a run that starts beside them shares the machine with them.
-_left_behind: list[Any] = []
+
+@dataclass
+class _LeftBehind:
+    """A run that ended with calls of its model still running: its ``model`` (a
+    ``CountingModel`` or ``_Limit``: what has ``running``), its progress ``label``, when
+    it stopped (``perf_counter``) and the longest a call of its left may take to end
+    after the one before (``stall_s``: its settle) while the next run waits for them."""
+
+    model: Any
+    label: str
+    stopped: float
+    stall_s: float
+
+
+# Runs of this process whose calls may still be running: a run that starts beside them
+# shares the machine with them.
+_left_behind: list[_LeftBehind] = []
 
 
 def calls_left_behind() -> int:
     """Calls of the model that earlier runs in this process left running, still running."""
-    _left_behind[:] = [m for m in _left_behind if m.running]
-    return sum(m.running for m in _left_behind)
+    _left_behind[:] = [run for run in _left_behind if run.model.running]
+    return sum(run.model.running for run in _left_behind)
+
+
+def _let_calls_end(progress: Progress) -> int:
+    """Before a run: wait for the calls of the model that earlier runs left running to
+    end, each run's on a progress line of its own, for as long as one ends at least every
+    ``stall_s`` (calls queued on the model draining; a hung one is not waited for), until
+    ``LEFT_RUNNING_WAIT_S`` from that run's stop. How many are still running then (the
+    run about to start says it started beside them). Ctrl-C ends the wait (the line says
+    "interrupted") as it would the run: the runs that finished are kept."""
+    for run in list(_left_behind):
+        left = run.model.running
+        if not left:
+            continue
+        waited_for = left
+        progress.start(f"{run.label} · {plural(left, 'model call')} left running", waited_for,
+                       None)
+        now = time.perf_counter()
+        until, ended_by = run.stopped + LEFT_RUNNING_WAIT_S, now + run.stall_s
+        try:
+            while left and now < until and now < ended_by:
+                still = run.model.wait_idle(min(0.1, until - now, ended_by - now))
+                now = time.perf_counter()
+                if still < left:
+                    ended_by = now + run.stall_s
+                left = still
+                progress.update(max(waited_for - left, 0))
+        except KeyboardInterrupt:
+            progress.finish("interrupted")
+            raise
+        if not left:
+            progress.finish("ended")
+            continue
+        why = (f"{LEFT_RUNNING_WAIT_S:g} s from its stop" if now >= until
+               else f"none ended for {run.stall_s:g} s")
+        progress.finish(f"{plural(left, 'call')} still running ({why}); the next run starts "
+                        "beside them")
+    return calls_left_behind()
 
 
 class Progress(Protocol):
@@ -306,13 +357,13 @@ def run_target(
     ``label`` names the run on the progress display (default: model, load and system).
     Once the target is stopped, the calls of the model still in progress (a closed-loop
     client or generator of no batching in the model, a processor's worker its stop gave
-    up on) are waited for: until ``settle_s`` seconds from the stop within the run (what
-    ends then counts in it), then on a progress line of their own for as long as one
-    ends at least every ``settle_s`` (a queue of them draining; not a hung one), until
-    ``LEFT_RUNNING_WAIT_S`` from the stop, so that the next run does not start beside
-    them. Those still running then are reported (``left_running``), and a run that starts
-    while any are says how many (``started_beside``): :func:`.report.not_compared`
-    compares neither's throughput.
+    up on) are waited for until ``settle_s`` seconds from the stop within the run (what
+    ends then counts in it); those still running then are reported (``left_running``),
+    and the next run (this function's or :func:`run_limit`) first waits for them on a
+    progress line of their own, for as long as one ends at least every ``settle_s`` (a
+    queue of them draining; not a hung one), until ``LEFT_RUNNING_WAIT_S`` from the stop.
+    A run that starts while some still run says how many (``started_beside``):
+    :func:`.report.not_compared` compares its throughput with none.
 
     Ctrl-C (``KeyboardInterrupt``) during the run ends it: the load's threads end, the
     target is stopped, the progress line says "interrupted", and the interrupt goes on
@@ -322,7 +373,7 @@ def run_target(
     progress = progress or NullProgress()
     counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)
     label = label or f"{model_name} · {load.label} · {target.name}"
-    beside = calls_left_behind()
+    beside = _let_calls_end(progress)
     gc.collect()
     total = _expected(load, bounds)
     progress.start(label, total, bounds.duration)
@@ -350,8 +401,9 @@ def run_target(
         out = failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
         out.model_errors, out.first_model_error = _model_errors(counted, target)
         out.started_beside = beside
-        out.left_running = _let_calls_end(counted, label, progress, stopped, settle_s)
+        out.left_running = _leaves_behind(counted, label, stopped, settle_s)
         return out
+    left = _leaves_behind(counted, label, stopped, settle_s)
     p50, p95, p99, mean = _pct(res.latencies)
     model_errors, first_model_error = _model_errors(counted, target)
     out = RunResult(
@@ -383,6 +435,7 @@ def run_target(
         extra=dict(getattr(target, "stats", dict)()),
         model_errors=model_errors,
         first_model_error=first_model_error,
+        left_running=left,
         started_beside=beside,
     )
     if res.errors:
@@ -392,40 +445,16 @@ def run_target(
     late += f", the model raised {plural(counted.raised, 'time')}" if counted.raised else ""
     late += (f", started beside {plural(beside, 'model call')} an earlier run left running"
              if beside else "")
+    late += f", {plural(left, 'model call')} left running" if left else ""
     progress.finish(f"{res.throughput:,.0f} req/s{late}")
-    out.left_running = _let_calls_end(counted, label, progress, stopped, settle_s)
     return out
 
 
-def _let_calls_end(counted: CountingModel, label: str, progress: Progress, stopped: float,
-                   stall_s: float) -> int:
-    """Wait for the calls of the model a run left running to end, on a progress line of
-    their own, for as long as one ends at least every ``stall_s`` seconds (calls queued
-    on the model drain; a hung one is not waited for), until ``LEFT_RUNNING_WAIT_S``
-    from the run's stop (``perf_counter`` time). How many are still running then (they
-    are remembered: a later run says it started beside them)."""
-    left = counted.running
-    if not left:
-        return 0
-    waited_for = left
-    progress.start(f"{label} · {plural(left, 'model call')} left running", waited_for, None)
-    now = time.perf_counter()
-    until, ended_by = stopped + LEFT_RUNNING_WAIT_S, now + stall_s
-    while left and now < until and now < ended_by:
-        still = counted.wait_idle(min(0.1, until - now, ended_by - now))
-        now = time.perf_counter()
-        if still < left:
-            ended_by = now + stall_s
-        left = still
-        progress.update(max(waited_for - left, 0))
-    if not left:
-        progress.finish("ended")
-        return 0
-    _left_behind.append(counted)
-    why = (f"{LEFT_RUNNING_WAIT_S:g} s from the stop" if now >= until
-           else f"none ended for {stall_s:g} s")
-    progress.finish(f"{plural(left, 'call')} still running ({why}); the runs after it share "
-                    "the machine with them")
+def _leaves_behind(model: Any, label: str, stopped: float, stall_s: float) -> int:
+    """How many calls of ``model`` a run left running; the next run waits for them."""
+    left: int = model.running
+    if left:
+        _left_behind.append(_LeftBehind(model, label, stopped, stall_s))
     return left
 
 
@@ -474,7 +503,7 @@ def run_limit(
     # batchproc would cut into chunks of max_batch rows (the note says so).
     largest = max((sum(rows_of(r) for r in batch) for batch in plan), default=0)
     limit = _Limit(model, source, plan, wanted, dur)
-    beside = calls_left_behind()
+    beside = _let_calls_end(progress)
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     bound = dur + drain_window(dur) if math.isfinite(dur) else math.inf
@@ -497,7 +526,7 @@ def run_limit(
         on = _batch_words(batch) if batch is not None else "its last batch"
         limit.failure = (f"the model did not return within {bound:.3g} s (the run's duration "
                          f"and drain) on {on}; the call was left running")
-        _left_behind.append(limit)
+        _leaves_behind(limit, f"{model_name} · {load.label} · {LIMIT}", pc(), DRAIN_MIN_S)
     if limit.failure is not None:
         progress.finish("failed")
         failed = failed_run(LIMIT, model_name, load, limit.failure)
@@ -574,6 +603,12 @@ class _Limit:
     def running(self) -> int:
         """Calls of the model in progress now (0 or 1)."""
         return 0 if self.finished.is_set() else 1
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the call in progress to return; ``running``
+        then."""
+        self.finished.wait(max(timeout, 0.0))
+        return self.running
 
     def give_up(self) -> None:
         """Start no other call; cancel an async model's call in progress."""

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from batchproc import BatchOutputError, ItemChangedError
 
@@ -882,9 +883,9 @@ def test_items_resized_both_ways_in_one_batch_fail_alone_though_the_total_holds(
 
 
 @pytest.mark.parametrize(("queued", "now", "says"), [
-    (1, (2, 3), "an item holds 2 rows where its request was queued with 1 row"),
-    (2, (1, 3), "an item holds 1 row where its request was queued with 2 rows"),
-    (1, (), "an item holds no rows axis where its request was queued with 1 row"),
+    (1, (2, 3), "holds 2 rows where 1 row was queued"),
+    (2, (1, 3), "holds 1 row where 2 rows were queued"),
+    (1, (), "holds no rows axis where 1 row was queued"),
 ])
 def test_the_changed_item_error_says_its_rows_now_and_as_queued(queued, now, says):
     from batchproc._native.future_state import Request
@@ -897,8 +898,42 @@ def test_the_changed_item_error_says_its_rows_now_and_as_queued(queued, now, say
     check_queued_rows(requests[:1], [same])
     with pytest.raises(ItemChangedError) as info:
         check_queued_rows(requests, [same, changed])
-    assert str(info.value) == (f"{says}: it changed its rows after it was queued (an item "
-                               "must not change until its result has come)")
+    assert str(info.value) == (f"an item (or the piece of it cut for this batch) {says}: it "
+                               "changed its rows after it was queued (an item must not "
+                               "change until its result has come)")
+
+
+@pytest.mark.parametrize("rows_after", [14, 6, 0])
+@pytest.mark.parametrize("wrap", ["array", "named"])
+@pytest.mark.parametrize("api", ["enqueue", "map"])
+def test_an_item_cut_into_pieces_that_changed_its_rows_fails_with_its_own_rows(
+        make_processor, caplog, rows_after, wrap, api):
+    # Checked whole before it is cut by the rows it was queued with: grown, its last rows
+    # were left out of its result, silently; shrunk, the error gave a piece's rows.
+    p = make_processor(lambda batch: batch, max_batch_size=4, retry_delay=30.0)
+    bad, resize = _resized(10, rows_after)
+    healthy = np.full((1, 3), 1.0)
+    items = [bad, healthy] if wrap == "array" else [{"x": bad}, {"x": healthy}]
+    if api == "enqueue":
+        futures = one_batch_after(p, items, resize)
+        outcomes = [f.exception(timeout=10) or f.result() for f in futures]
+    else:
+        p.pause()
+
+        def resize_once_queued():
+            wait_for(lambda: p.get_stats()["queue_size"] == 2, "both chunks queued")
+            resize()
+            p.resume()
+
+        changer = threading.Thread(target=resize_once_queued)
+        changer.start()
+        outcomes = list(p.map(items, chunksize=1, return_exceptions=True))
+        changer.join(10)
+    error, fine = outcomes
+    assert isinstance(error, ItemChangedError), error
+    assert f"holds {rows_after} rows where 10 rows were queued" in str(error)
+    assert "outside the retry logic" not in caplog.text  # the caller's fault, not ours
+    np.testing.assert_array_equal(fine["x"] if wrap == "named" else fine, healthy)
 
 
 def one_batch_after(p, items, change):

@@ -97,8 +97,12 @@ class Executor:
         try:
             # A request too large for one batch (it was popped alone) runs in chunks; a
             # single row is never cut.
-            chunks = (live[0].format.chunks(live[0], self._limits)
-                      if len(live) == 1 and live[0].rows > 1 else None)
+            try:
+                chunks = (live[0].format.chunks(live[0], self._limits)
+                          if len(live) == 1 and live[0].rows > 1 else None)
+            except ItemChangedError as exc:  # the caller's, not transient: as a build's
+                self._delivery.fail(batch, live, exc)
+                return
             if chunks is not None:
                 self._run_chunked(batch, live[0], chunks, workspace)
             else:

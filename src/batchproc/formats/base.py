@@ -174,6 +174,7 @@ class LeafFormat(BatchFormat):
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
         if self.one_sample:
             return None
+        check_queued_rows([request], [request.item])  # before its pieces are cut by them
         padding = self._padding
         tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
         return row_chunks(request, limits, tokens_per_row, self._cut)
@@ -189,10 +190,12 @@ def check_queued_rows(requests: list[Request], items: Sequence[Any]) -> None:
     if changed >= 0:
         shape = getattr(items[changed], "shape", None)
         now = plural(shape[0], "row") if shape else "no rows axis"
+        queued = requests[changed].rows
         raise ItemChangedError(
-            f"an item holds {now} where its request was queued with "
-            f"{plural(requests[changed].rows, 'row')}: it changed its rows after it was "
-            "queued (an item must not change until its result has come)")
+            f"an item (or the piece of it cut for this batch) holds {now} where "
+            f"{plural(queued, 'row')} {'was' if queued == 1 else 'were'} queued: it changed "
+            "its rows after it was queued (an item must not change until its result has "
+            "come)")
 
 
 def row_chunks(request: Request, limits: Limits, tokens_per_row: int,

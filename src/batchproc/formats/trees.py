@@ -97,6 +97,8 @@ class TreeFormat(BatchFormat):
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
         if self.one_sample:
             return None
+        for leaf in request.item:  # before its pieces are cut by the rows queued
+            check_queued_rows([request], [leaf])
         padding = self._padding
         tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
         return row_chunks(request, limits, tokens_per_row, _cut_rows)

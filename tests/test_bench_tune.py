@@ -25,6 +25,7 @@ from batchproc.bench.loads import drain_window
 from batchproc.bench.models import identity
 from batchproc.bench.targets import STOP_TIMEOUT_S
 from batchproc.bench.tune import (
+    _SAVED_LATER_FIELDS,
     _SAVED_RERUN_FIELDS,
     _SAVED_RUN_FIELDS,
     CONFIRM_SHARE,
@@ -218,7 +219,25 @@ def test_a_saved_run_lacking_a_field_is_refused_naming_it(tmp_path, saved, name)
 def test_the_saved_format_is_what_the_search_writes(saved) -> None:
     # Every field of every run the search wrote is checked on reading, and no more.
     for run in saved[1]["runs"]:
-        assert set(run) - set(_SAVED_RERUN_FIELDS) == set(_SAVED_RUN_FIELDS)
+        assert set(_SAVED_LATER_FIELDS) <= set(run)
+        assert (set(run) - set(_SAVED_RERUN_FIELDS) - set(_SAVED_LATER_FIELDS)
+                == set(_SAVED_RUN_FIELDS))
+
+
+def test_a_file_saved_before_started_beside_was_recorded_is_read(tmp_path, saved) -> None:
+    doc = copy.deepcopy(saved[1])
+    for run in doc["runs"]:
+        del run["started_beside"]
+    assert ResultsFile(str(_written(tmp_path, doc)), doc["identity"]).runs
+
+
+@pytest.mark.parametrize("value", [-1, "2", 1.5, None])
+def test_a_saved_started_beside_that_is_not_a_count_is_refused(tmp_path, saved, value) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    run["started_beside"] = value
+    with pytest.raises(BenchError, match=f"damaged: run {i} has 'started_beside'"):
+        ResultsFile(str(_written(tmp_path, doc)), doc["identity"])
 
 
 # (field of the candidate, value, what the message says): the rules of a configuration.
@@ -678,6 +697,8 @@ def test_goal_needs_the_load_carried_and_the_slo() -> None:
     assert not Goal(rate=100.0, p99_ms=5.0).meets(run)
     assert not Goal(rate=100.0).meets({**run, "throughput": 80.0})
     assert not Goal(rate=100.0).meets({**run, "errors": 1})
+    # It shared the machine with calls an earlier run left running: not a fair reading.
+    assert not Goal(rate=100.0).meets({**run, "started_beside": 3})
     with pytest.raises(BenchError):
         Goal()
 

@@ -211,7 +211,7 @@ class Goal:
         (a retried call hides it), it achieved :data:`SUSTAINED` of the load its run was
         offered (its arrivals over their window), and its p99 is within the SLO."""
         if (m["errors"] or m["unfinished"] or m.get("refused") or m.get("model_errors")
-                or not m["completed"]):
+                or m.get("started_beside") or not m["completed"]):
             return False
         if m["throughput"] < SUSTAINED * (m.get("arrival_rate") or m["offered"]):
             return False
@@ -285,8 +285,11 @@ _SAVED_RUN_FIELDS: dict[str, _Check] = {
     "failed": functools.partial(_text, allow_null=True), "model_errors": _count,
     "first_model_error": functools.partial(_text, allow_null=True),
 }
-# ... and what only a confirming rerun holds: which rerun it is.
+# ... and what only a confirming rerun holds: which rerun it is; and what files written
+# before it was recorded lack: the calls of the model earlier runs left running that were
+# still running when the run started (it shared the machine with them).
 _SAVED_RERUN_FIELDS: dict[str, _Check] = {"repeat": functools.partial(_count, minimum=1)}
+_SAVED_LATER_FIELDS: dict[str, _Check] = {"started_beside": _count}
 # Figures a run that completed requests has (the search compares and prints them).
 _FIGURES_OF_COMPLETED = ("throughput", "mean_batch")
 
@@ -334,9 +337,10 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
     configuration (`Candidate`'s own checks) or not the run's ``key`` and ``label``."""
     if not isinstance(run, dict):
         raise _damaged(path, f"run {i} is not a record: {_shown(run)}")
-    for name, check in (*_SAVED_RUN_FIELDS.items(), *_SAVED_RERUN_FIELDS.items()):
+    for name, check in (*_SAVED_RUN_FIELDS.items(), *_SAVED_RERUN_FIELDS.items(),
+                        *_SAVED_LATER_FIELDS.items()):
         if name not in run:
-            if name in _SAVED_RERUN_FIELDS:
+            if name in _SAVED_RERUN_FIELDS or name in _SAVED_LATER_FIELDS:
                 continue
             raise _damaged(path, f"run {i} lacks {name!r}")
         wrong = check(run[name])
@@ -683,7 +687,7 @@ class Tuner:
             **{k: r[k] for k in ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
                                  "mean_batch", "completed", "errors", "unfinished", "refused",
                                  "first_error", "elapsed_s", "failed", "model_errors",
-                                 "first_model_error")},
+                                 "first_model_error", "started_beside")},
         }
         return report._clean(record)  # type: ignore[no-any-return]
 
@@ -1016,7 +1020,7 @@ def _deciding_of(goal: Goal, records: Sequence[dict[str, Any]]) -> list[dict[str
 
 _MEDIANS = ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch",
             "arrival_rate", "completed", "elapsed_s")
-_ANY_RUN = ("errors", "unfinished", "refused", "model_errors")
+_ANY_RUN = ("errors", "unfinished", "refused", "model_errors", "started_beside")
 
 
 def _median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

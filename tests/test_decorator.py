@@ -1178,6 +1178,45 @@ def test_an_unpickled_instance_dropped_is_freed_at_once_with_its_processor():
         a.scale.stop()
 
 
+def test_the_worker_that_answered_a_method_call_holds_no_reference_to_its_instance():
+    # The worker that completed a call's future may still hold it (here: in a done
+    # callback) after the caller woke with its result; the instance dropped then is
+    # freed at once all the same.
+    b = _Multiplier(3)
+    bound = b.scale
+    assert b.scale(1) == 3  # starts its processor
+    processor = bound._processor
+    threads = bound._threads()
+    in_callback, release = threading.Event(), threading.Event()
+
+    def hold(_future):
+        in_callback.set()
+        release.wait(10)
+
+    def submit_held(item, timeout=None, priority=batchproc.BatchPriority.NORMAL,
+                    submit=bound.submit):
+        processor.pause()  # the callback goes on before the worker can complete it
+        future = submit(item, timeout, priority)
+        future.add_done_callback(hold)
+        processor.resume()
+        return future
+
+    bound.submit = submit_held
+    del submit_held  # the function holds it, and it the function: one cycle
+    ref = weakref.ref(b)
+    gc.disable()  # freed by its reference count: no cycle waits for a collection
+    try:
+        assert b.scale(2) == 6
+        assert in_callback.wait(10)  # the worker holds the completed future
+        del b, bound
+        assert ref() is None
+    finally:
+        release.set()
+        gc.enable()
+    gc.collect()  # the function and the wrapper set on it hold each other
+    assert _all_exit(threads)  # and its processor stopped with it
+
+
 def test_a_deep_copied_graph_holding_a_method_holds_it_bound_to_the_copy():
     a, b = _Multiplier(1), _Multiplier(2)
     a.other, b.other = b, a

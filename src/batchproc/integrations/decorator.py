@@ -121,7 +121,13 @@ class BatchedFunction(Generic[T, U]):
         """From a thread: the item's result. ``timeout`` bounds the wait for room in a
         full queue (then ``QueueFullError``); a failure raises what the function raised.
         Do not call it on an event loop's thread (it blocks): use ``acall``."""
-        return self.submit(item, timeout, priority).result()
+        future = self.submit(item, timeout, priority)
+        try:
+            return future.result()
+        finally:
+            # The worker that completed it may still hold the future a moment after this
+            # thread woke: it must not hold the owner (a method's instance) with it.
+            future._bp_pending_owner = None  # type: ignore[attr-defined]
 
     async def acall(self, item: T, timeout: float | None = None,
                     priority: BatchPriority | int = _NORMAL) -> U:

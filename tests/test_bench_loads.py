@@ -624,7 +624,7 @@ def test_the_next_run_waits_for_the_calls_a_run_left_running_on_a_line_of_their_
     finally:
         _let_lingering_calls_end(model)
     assert model.returned == 2 and after.started_beside == 0
-    assert progress.labels == ["lingering · 2 clients · stops-late · 2 model calls left running",
+    assert progress.labels == ["lingering · 2 clients · stops-late · 2 calls left running",
                                "m · 1 client · no batching"]
     assert progress.summaries[0] == "ended"
 

@@ -557,7 +557,11 @@ def test_runs_without_errors_are_compared_and_a_failed_run_says_so() -> None:
     text = out.getvalue()
     assert "batchproc vs no batching: 2.00x throughput\n" in text
     assert "batchproc vs the limit:   not compared: the limit run failed\n" in text
-    assert report.bench_not_compared(runs[:2]) == {}  # a run missing: no reason, "-"
+    # A run missing (Ctrl-C ended the command before it): said so, not a bare "-".
+    assert report.bench_not_compared(runs[:2]) == {"vs_limit": "the limit run not measured"}
+    assert report.bench_not_compared(runs[1:2]) == {
+        "vs_no_batching": "the batchproc run not measured",
+        "vs_limit": "the batchproc and the limit run not measured"}
 
 
 FAILS_ON_ONE_ROW = """
@@ -1184,8 +1188,10 @@ CTRL_C_BENCH = ["--model", "ctrl_c_mod:model", "--clients", "2", "--requests", "
 
 
 @pytest.mark.parametrize(("at", "finished", "ratios"), [
-    (2, ["batchproc"], ("vs no batching: - throughput", "vs the limit:   - throughput")),
-    (3, ["batchproc", "no batching"], ("vs the limit:   - throughput",)),
+    (2, ["batchproc"], ("vs no batching: not compared: the no batching run not measured",
+                        "vs the limit:   not compared: the limit run not measured")),
+    (3, ["batchproc", "no batching"],
+     ("vs the limit:   not compared: the limit run not measured",)),
 ], ids=["no-batching", "limit"])
 def test_ctrl_c_keeps_the_runs_that_finished(tmp_path, capsys, ctrl_c, at, finished,
                                              ratios) -> None:
@@ -1208,6 +1214,8 @@ def test_ctrl_c_keeps_the_runs_that_finished(tmp_path, capsys, ctrl_c, at, finis
     assert "batchproc" in out and interrupts.NOTE in out
     for line in ratios:
         assert line in out, line
+    # Each ratio not given says why.
+    assert {k for k, v in doc["ratios"].items() if v is None} == set(doc["ratios_not_compared"])
 
 
 def test_ctrl_c_keeps_the_sweep_points_that_finished(tmp_path, capsys, ctrl_c) -> None:

@@ -275,14 +275,17 @@ def bench_ratios(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[
 
 
 def bench_not_compared(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, str]:
-    """Why a ratio of :func:`bench_ratios` is not given, for those with a reason
-    (:func:`not_compared`), by the same keys."""
+    """Why a ratio of :func:`bench_ratios` is not given, by the same keys: a run not
+    measured (Ctrl-C ended the command before it), or :func:`not_compared`'s reason."""
     by = {r.system: r for r in runs}
-    reasons = {
-        "vs_no_batching": not_compared(by.get(subject), by.get("no batching")),
-        "vs_limit": not_compared(by.get(subject), by.get(LIMIT)),
-    }
-    return {k: why for k, why in reasons.items() if why is not None}
+    reasons = {}
+    for key, other in (("vs_no_batching", "no batching"), ("vs_limit", LIMIT)):
+        missing = [name for name in (subject, other) if name not in by]
+        why = (f"the {' and the '.join(missing)} run not measured" if missing
+               else not_compared(by[subject], by[other]))
+        if why is not None:
+            reasons[key] = why
+    return reasons
 
 
 # -- text table ---------------------------------------------------------------------------

@@ -74,8 +74,7 @@ def _let_calls_end(progress: Progress) -> int:
         if not left:
             continue
         waited_for = left
-        progress.start(f"{run.label} · {plural(left, 'model call')} left running", waited_for,
-                       None)
+        progress.start(f"{run.label} · {plural(left, 'call')} left running", waited_for, None)
         now = time.perf_counter()
         until, ended_by = run.stopped + LEFT_RUNNING_WAIT_S, now + run.stall_s
         try:

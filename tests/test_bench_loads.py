@@ -581,9 +581,11 @@ def test_a_run_after_calls_that_do_not_end_says_it_started_beside_them(monkeypat
                           Bounds(requests=5), 4, progress)
         assert progress.summaries[0] == (f"2 calls still running ({why}); the next run "
                                          "starts beside them")
+        again = Recording()
         beside = run_target(NoBatching(), lambda b: b, "m",
-                            Load("closed", clients=1, features=4), Bounds(requests=5))
+                            Load("closed", clients=1, features=4), Bounds(requests=5), again)
         assert limit.started_beside == beside.started_beside == 2
+        assert len(again.summaries) == 1  # its own line: given up on, they are not waited for
         assert report.ratio(beside, limit) is None
         assert report.not_compared(beside, limit) == (
             "the no batching run started while 2 model calls an earlier run left running "

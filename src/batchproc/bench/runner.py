@@ -43,12 +43,14 @@ class _LeftBehind:
     """A run that ended with calls of its model still running: its ``model`` (a
     ``CountingModel`` or ``_Limit``: what has ``running``), its progress ``label``, when
     it stopped (``perf_counter``) and the longest a call of its left may take to end
-    after the one before (``stall_s``: its settle) while the next run waits for them."""
+    after the one before (``stall_s``: its settle) while the next run waits for them;
+    ``given_up`` once a run has waited for them as long as that: no later run waits."""
 
     model: Any
     label: str
     stopped: float
     stall_s: float
+    given_up: bool = False
 
 
 # Runs of this process whose calls may still be running: a run that starts beside them
@@ -71,7 +73,7 @@ def _let_calls_end(progress: Progress) -> int:
     "interrupted") as it would the run: the runs that finished are kept."""
     for run in list(_left_behind):
         left = run.model.running
-        if not left:
+        if not left or run.given_up:
             continue
         waited_for = left
         progress.start(f"{run.label} · {plural(left, 'call')} left running", waited_for, None)
@@ -91,6 +93,7 @@ def _let_calls_end(progress: Progress) -> int:
         if not left:
             progress.finish("ended")
             continue
+        run.given_up = True
         why = (f"{LEFT_RUNNING_WAIT_S:g} s from its stop" if now >= until
                else f"none ended for {run.stall_s:g} s")
         progress.finish(f"{plural(left, 'call')} still running ({why}); the next run starts "

@@ -33,7 +33,6 @@ from .workers import WorkerPool
 __all__ = ["Engine"]
 
 
-
 class Engine:
     def __init__(self, config: BatchProcessorConfig, queue: Any, controller: Controller,
                  stats: BatchStats, metrics: MetricsSink, resume: threading.Event,

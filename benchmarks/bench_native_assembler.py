@@ -144,22 +144,22 @@ def _queued(items: list[Any]) -> list[Any]:
     return [Request(None, x, None, 1, 4 * FEATURES, 0, 0.0) for x in items]
 
 
-@pytest.mark.benchmark(group="assemble-rows-check-64")
-def test_bench_rows_check_arrays(benchmark: Any) -> None:
-    # Each item's rows against its request's, before a batch of 64 arrays is built:
-    # the share of a batch's assembly (the concat group above) this check adds.
-    from batchproc._native.future_state import changed_item
+@pytest.mark.benchmark(group="assemble-shape-check-64")
+def test_bench_shape_check_arrays(benchmark: Any) -> None:
+    # Each item's shape against the one it was queued with, before a batch of 64 arrays
+    # is built: the share of a batch's assembly (the concat group above) this check adds.
+    from batchproc._native.future_state import QUEUED_ROWS, changed_item
 
     items = _items_2d()
     requests = _queued(items)
-    assert benchmark(changed_item, requests, items) == -1
+    assert benchmark(changed_item, requests, items, (QUEUED_ROWS, FEATURES)) == -1
 
 
-@pytest.mark.benchmark(group="assemble-rows-check-64")
-def test_bench_rows_check_tensors(benchmark: Any) -> None:
+@pytest.mark.benchmark(group="assemble-shape-check-64")
+def test_bench_shape_check_tensors(benchmark: Any) -> None:
     torch = pytest.importorskip("torch")
-    from batchproc._native.future_state import changed_item
+    from batchproc._native.future_state import QUEUED_ROWS, changed_item
 
     items = [torch.ones(1, FEATURES) for _ in range(ROWS)]
     requests = _queued(items)
-    assert benchmark(changed_item, requests, items) == -1
+    assert benchmark(changed_item, requests, items, (QUEUED_ROWS, FEATURES)) == -1

@@ -3,6 +3,8 @@ generic items with item_size, and bad input refused at enqueue at no cost to oth
 
 import collections
 import collections.abc
+import math
+import re
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ import pytest
 from waiting import wait_for
 
 from batchproc import BatchOutputError, ItemChangedError
+from batchproc._native.future_state import AT_MOST_LENGTH, QUEUED_LENGTH, QUEUED_ROWS
 
 STRING_DTYPE = getattr(np.dtypes, "StringDType", lambda: None)()  # numpy >= 2
 
@@ -852,7 +855,7 @@ def test_an_item_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
     if wrap == "named":
         items = [{"x": x} for x in items]
     futures = one_batch_after(p, items, resize)
-    with pytest.raises(ValueError, match="changed its rows after it was queued"):
+    with pytest.raises(ValueError, match="changed after it was queued"):
         futures[1].result(timeout=10)
     for i, future in zip(range(3), [futures[0], *futures[2:]]):
         result = future.result(timeout=10)
@@ -875,32 +878,111 @@ def test_items_resized_both_ways_in_one_batch_fail_alone_though_the_total_holds(
         items = [{"x": x} for x in items]
     futures = one_batch_after(p, items, lambda: (grow(), shrink()))
     for bad in (futures[1], futures[3]):
-        with pytest.raises(ValueError, match="changed its rows after it was queued"):
+        with pytest.raises(ValueError, match="changed after it was queued"):
             bad.result(timeout=10)
     for x, future in zip(healthy, [futures[0], futures[2], futures[4]]):
         result = future.result(timeout=10)
         np.testing.assert_array_equal(result["x"] if wrap == "named" else result, x)
 
 
-@pytest.mark.parametrize(("queued", "now", "says"), [
-    (1, (2, 3), "holds 2 rows where 1 row was queued"),
-    (2, (1, 3), "holds 1 row where 2 rows were queued"),
-    (1, (), "holds no rows axis where 1 row was queued"),
-])
-def test_the_changed_item_error_says_its_rows_now_and_as_queued(queued, now, says):
-    from batchproc._native.future_state import Request
-    from batchproc.formats.base import check_queued_rows
+def _changed_in_place(item, shape):
+    """Give ``item`` ``shape`` in place: resized to a new size, else its sizes regrouped
+    (a caller breaking the rule that an item must not change until its result has come)."""
+    if item.size == math.prod(shape):
+        item.shape = shape
+    else:
+        item.resize(shape, refcheck=False)
+    item[...] = 7.0
 
-    same = np.zeros((1, 3))
+
+# Changes other than to the rows: (config, the item's shape queued, its shape after).
+SHAPE_CHANGES = {
+    "trailing shape shrunk": ({}, (1, 4), (1, 2)),
+    "trailing shape grown": ({}, (1, 4), (1, 6)),
+    "trailing shape regrouped": ({}, (1, 4), (1, 2, 2)),
+    "padded length grown past the batch's": ({"pad_value": 0}, (1, 3), (1, 6)),
+    "padded length shrunk": ({"pad_value": 0}, (1, 3), (1, 2)),
+    "stacked sample grown": ({"stack_items": True}, (4,), (5,)),
+    "stacked sample regrouped": ({"stack_items": True}, (4,), (2, 2)),
+}
+
+
+# A padded input of a named item may shrink: its own length is not kept, only the
+# item's longest (the unit test of AT_MOST_LENGTH below).
+@pytest.mark.parametrize(("change", "wrap"), [
+    (change, wrap) for change in SHAPE_CHANGES for wrap in ("array", "named")
+    if (change, wrap) != ("padded length shrunk", "named")])
+def test_an_item_whose_shape_changed_while_queued_fails_alone(make_processor, change, wrap):
+    # Before, each ran on its new data after the batch failed (or with its batch, cut
+    # back to the length queued), or failed as a transient error retried with backoff.
+    config, queued, now = SHAPE_CHANGES[change]
+    p = make_processor(lambda batch: batch, max_batch_size=16, retry_delay=30.0, **config)
+    bad = np.full(queued, 7.0)
+    healthy = [np.full(queued, float(i)) for i in range(3)]
+    items = [healthy[0], bad, *healthy[1:]]
+    if wrap == "named":
+        items = [{"x": x} for x in items]
+    futures = one_batch_after(p, items, lambda: _changed_in_place(bad, now))
+    with pytest.raises(ItemChangedError, match=re.escape(f"has shape {now} where")):
+        futures[1].result(timeout=10)
+    for x, future in zip(healthy, [futures[0], *futures[2:]]):
+        result = future.result(timeout=10)
+        np.testing.assert_array_equal(result["x"] if wrap == "named" else result, x)
+
+
+@pytest.mark.parametrize(("queued_shape", "queued_rows", "now", "says"), [
+    ((QUEUED_ROWS, 3), 1, (2, 3), "has shape (2, 3) where (1, 3) was queued"),
+    ((QUEUED_ROWS, 3), 2, (1, 3), "has shape (1, 3) where (2, 3) was queued"),
+    ((QUEUED_ROWS, 3), 1, (), "has shape () where (1, 3) was queued"),
+    ((QUEUED_ROWS, 3), 1, (1, 2), "has shape (1, 2) where (1, 3) was queued"),
+    ((QUEUED_ROWS, 3), 1, (1, 3, 1), "has shape (1, 3, 1) where (1, 3) was queued"),
+    ((QUEUED_ROWS, QUEUED_LENGTH), 1, (1, 6), "has shape (1, 6) where (1, 5) was queued"),
+    ((QUEUED_ROWS, QUEUED_LENGTH), 1, (1, 4), "has shape (1, 4) where (1, 5) was queued"),
+    ((QUEUED_ROWS, AT_MOST_LENGTH), 1, (1, 6),
+     "has shape (1, 6) where (1, at most 5) was queued"),
+    ((3,), 1, (4,), "has shape (4,) where (3,) was queued"),
+    ((3,), 1, (1, 3), "has shape (1, 3) where (3,) was queued"),
+])
+def test_the_changed_item_error_says_its_shape_now_and_as_queued(queued_shape, queued_rows,
+                                                                 now, says):
+    from batchproc._native.future_state import Request
+    from batchproc.formats.base import check_queued_shapes
+
+    # Both queued with length 5 (a padded axis's; ignored where no axis is padded).
+    def queued(item, rows):
+        return Request(None, item, None, rows, 8, 5, 0.0)
+
+    same = np.zeros(tuple(queued_rows if size == QUEUED_ROWS else 5 if size < 0 else size
+                          for size in queued_shape))
     changed = np.zeros(now)
-    requests = [Request(None, same, None, 1, 8, 0, 0.0),
-                Request(None, changed, None, queued, 8, 0, 0.0)]
-    check_queued_rows(requests[:1], [same])
+    requests = [queued(same, queued_rows), queued(changed, queued_rows)]
+    check_queued_shapes(requests[:1], [same], queued_shape)
     with pytest.raises(ItemChangedError) as info:
-        check_queued_rows(requests, [same, changed])
+        check_queued_shapes(requests, [same, changed], queued_shape)
     assert str(info.value) == (f"an item (or the piece of it cut for this batch) {says}: it "
-                               "changed its rows after it was queued (an item must not "
-                               "change until its result has come)")
+                               "changed after it was queued (an item must not change until "
+                               "its result has come)")
+
+
+def test_the_changed_item_error_says_so_of_an_item_with_no_shape():
+    from batchproc._native.future_state import Request
+    from batchproc.formats.base import check_queued_shapes
+
+    with pytest.raises(ItemChangedError, match="has no shape where"):
+        check_queued_shapes([Request(None, [1.0], None, 1, 8, 0, 0.0)], [[1.0]],
+                            (QUEUED_ROWS,))
+
+
+@pytest.mark.parametrize(("length", "changed"), [(3, -1), (1, -1), (0, -1), (4, 0)])
+def test_a_padded_input_of_a_named_item_may_have_any_length_up_to_its_request_s(
+        length, changed):
+    # A named item's length is its longest input's: a shorter padded input beside it
+    # was queued with a length of its own the request does not keep (up to the item's).
+    from batchproc._native.future_state import Request, changed_item
+
+    request = Request(None, None, None, 1, 8, 3, 0.0)
+    assert changed_item([request], [np.zeros((1, length))],
+                        (QUEUED_ROWS, AT_MOST_LENGTH)) == changed
 
 
 @pytest.mark.parametrize("rows_after", [14, 6, 0])
@@ -931,7 +1013,7 @@ def test_an_item_cut_into_pieces_that_changed_its_rows_fails_with_its_own_rows(
         changer.join(10)
     error, fine = outcomes
     assert isinstance(error, ItemChangedError), error
-    assert f"holds {rows_after} rows where 10 rows were queued" in str(error)
+    assert f"has shape ({rows_after}, 3) where (10, 3) was queued" in str(error)
     assert "outside the retry logic" not in caplog.text  # the caller's fault, not ours
     np.testing.assert_array_equal(fine["x"] if wrap == "named" else fine, healthy)
 

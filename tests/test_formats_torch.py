@@ -5,6 +5,7 @@ BATCHPROC_REQUIRE_TORCH=1 (CI sets it) makes its absence a failure.
 """
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -251,7 +252,7 @@ def test_tensors_resized_both_ways_in_one_batch_fail_alone_though_the_total_hold
     shrinks.resize_(1, 3)
     p.resume()
     for bad in (futures[1], futures[3]):
-        with pytest.raises(ValueError, match="changed its rows after it was queued"):
+        with pytest.raises(ValueError, match="changed after it was queued"):
             bad.result(timeout=10)
     for x, future in zip(healthy, [futures[0], futures[2], futures[4]]):
         assert torch.equal(future.result(timeout=10), x * 10)
@@ -267,7 +268,36 @@ def test_a_tensor_resized_while_queued_fails_alone_and_shifts_no_caller_s_rows(
     futures = [p.enqueue_predict(x) for x in [healthy[0], bad, *healthy[1:]]]
     bad.resize_(rows_after, 3).fill_(7.0)  # breaks the rule: it changed while queued
     p.resume()
-    with pytest.raises(ValueError, match="changed its rows after it was queued"):
+    with pytest.raises(ValueError, match="changed after it was queued"):
+        futures[1].result(timeout=10)
+    for x, future in zip(healthy, [futures[0], *futures[2:]]):
+        assert torch.equal(future.result(timeout=10), x * 10)
+
+
+# Changes other than to the rows: (config, the tensor's shape queued, its shape after).
+TENSOR_SHAPE_CHANGES = {
+    "trailing shape shrunk": ({}, (1, 4), (1, 2)),
+    "trailing shape regrouped": ({}, (1, 4), (1, 2, 2)),
+    "padded length grown past the batch's": ({"pad_value": 0}, (1, 3), (1, 6)),
+    "padded length shrunk": ({"pad_value": 0}, (1, 3), (1, 2)),
+    "stacked sample grown": ({"stack_items": True}, (4,), (5,)),
+}
+
+
+@pytest.mark.parametrize("change", list(TENSOR_SHAPE_CHANGES))
+def test_a_tensor_whose_shape_changed_while_queued_fails_alone(make_processor, change):
+    from batchproc import ItemChangedError
+
+    config, queued, now = TENSOR_SHAPE_CHANGES[change]
+    p = make_processor(lambda batch: batch * 10, max_batch_size=16, retry_delay=30.0,
+                       **config)
+    bad = torch.full(queued, 7.0)
+    healthy = [torch.full(queued, float(i)) for i in range(3)]
+    p.pause()
+    futures = [p.enqueue_predict(x) for x in [healthy[0], bad, *healthy[1:]]]
+    bad.resize_(now).fill_(7.0)  # breaks the rule: it changed while queued
+    p.resume()
+    with pytest.raises(ItemChangedError, match=re.escape(f"has shape {now} where")):
         futures[1].result(timeout=10)
     for x, future in zip(healthy, [futures[0], *futures[2:]]):
         assert torch.equal(future.result(timeout=10), x * 10)

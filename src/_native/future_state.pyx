@@ -37,8 +37,9 @@ cimport cython
 from libc.math cimport INFINITY
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+cimport numpy as cnp
+
 from batchproc._native.waiting import release_all as _release_all
-from numpy import ndarray as _ndarray
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (
     CANCELLED as _CANCELLED_S,
@@ -47,6 +48,8 @@ from concurrent.futures._base import (
     PENDING as _PENDING_S,
     RUNNING as _RUNNING_S,
 )
+
+cnp.import_array()
 
 cdef object PENDING = _PENDING_S
 cdef object RUNNING = _RUNNING_S
@@ -373,21 +376,59 @@ def total_rows(list requests):
     return total
 
 
-def changed_item(list requests, items):
+# What a queued shape (``changed_item``) holds besides fixed sizes: the request's rows,
+# its length, or any size up to its length (one padded input of a named item: the
+# request's length is its longest input's).
+cdef enum:
+    _QUEUED_LENGTH = -1
+    _QUEUED_ROWS = -2
+    _AT_MOST_LENGTH = -3
+
+QUEUED_LENGTH = _QUEUED_LENGTH
+QUEUED_ROWS = _QUEUED_ROWS
+AT_MOST_LENGTH = _AT_MOST_LENGTH
+
+
+cdef inline bint _size_fits(Py_ssize_t size, Py_ssize_t queued, Request request) noexcept:
+    if queued >= 0:
+        return size == queued
+    if queued == _QUEUED_ROWS:
+        return size == request.rows
+    if queued == _QUEUED_LENGTH:
+        return size == request.length
+    return size <= request.length
+
+
+def changed_item(list requests, items, tuple queued_shape):
     """The index of the first of ``items`` (each request's item, or one input of it, in
-    order) whose rows now differ from those its request was queued with, or -1. Its rows:
-    its first axis (an ndarray's ``len``, a tensor's ``shape[0]``); one that lost the
-    axis (resized to 0-d) differs."""
+    order) whose shape now differs from the one its request was queued with, or -1.
+    ``queued_shape``: the shape every one was queued with, a size per axis or
+    ``QUEUED_ROWS`` (the request's ``rows``), ``QUEUED_LENGTH`` (its ``length``),
+    ``AT_MOST_LENGTH`` (up to its ``length``). An ndarray's shape is read natively,
+    anything else's from its ``shape`` (a tensor's); one with no shape differs."""
     cdef list column = items if type(items) is list else list(items)
-    cdef Py_ssize_t i, rows
-    cdef object ndarray = _ndarray
+    cdef Py_ssize_t i, j, ndim = len(queued_shape)
+    cdef Request request
+    cdef cnp.npy_intp* dims
     for i in range(len(requests)):
         item = column[i]
+        request = <Request?>requests[i]
+        if cnp.PyArray_Check(item):
+            if cnp.PyArray_NDIM(<cnp.ndarray>item) != ndim:
+                return i
+            dims = cnp.PyArray_DIMS(<cnp.ndarray>item)
+            for j in range(ndim):
+                if not _size_fits(dims[j], queued_shape[j], request):
+                    return i
+            continue
         try:
-            rows = len(item) if type(item) is ndarray else item.shape[0]
-        except (TypeError, IndexError):
-            return i
-        if rows != (<Request?>requests[i]).rows:
+            shape = item.shape
+            if len(shape) != ndim:
+                return i
+            for j in range(ndim):
+                if not _size_fits(shape[j], queued_shape[j], request):
+                    return i
+        except (AttributeError, TypeError, IndexError, OverflowError):
             return i
     return -1
 

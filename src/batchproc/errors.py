@@ -41,8 +41,9 @@ class BatchOutputError(BatchProcessorError, ValueError):
 
 
 class ItemChangedError(BatchProcessorError, ValueError):
-    """A queued item's rows changed before its batch was built (an array resized in
-    place): the rows queued with it no longer say where its part of the output is."""
+    """A queued item's shape changed before its batch was built (an array or tensor
+    resized or reshaped in place): the rows and length queued with it no longer say
+    where its part of the output is, nor what the batch holds."""
 
 
 class ProcessorForkedError(ProcessorStoppedError):

@@ -150,4 +150,4 @@ class ArrayFamily(Family):
         label = (f"{'stacked ' if stacked else ''}{kind} of {dtype}, trailing shape {trailing}"
                  + ("" if pad is None else f", padded with {pad!r}"))
         return LeafFormat(ArrayLeaf(dtype, stacked, pad, cls), stacked, self._padding, _cut_rows,
-                          label)
+                          label, trailing)

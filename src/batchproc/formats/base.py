@@ -24,10 +24,17 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from .._native.batch_assembler import BatchAssembler
-from .._native.future_state import Request, changed_item, items_of, longest
+from .._native.future_state import (
+    AT_MOST_LENGTH,
+    QUEUED_LENGTH,
+    QUEUED_ROWS,
+    Request,
+    changed_item,
+    items_of,
+    longest,
+)
 from .._native.intake import KnownArrays
 from ..errors import BatchOutputError, ItemChangedError
-from ..log_limits import plural
 from . import outputs
 
 # Compatibility keys are small ints (the native queue compares them); new signatures get
@@ -142,11 +149,13 @@ class LeafFormat(BatchFormat):
     """A batch of items that are one array or tensor each (``leaf`` builds it).
 
     ``cut(item, start, stop)`` gives rows ``[start:stop]`` of an item (for chunks);
-    ``label`` names the format in reprs and logs.
+    ``label`` names the format in reprs and logs; ``trailing``: the signature's trailing
+    shape (-1 at the padded axis).
     """
 
     def __init__(self, leaf: Leaf, stacked: bool, padding: Any,
-                 cut: Callable[[Any, int, int], Any], label: str) -> None:
+                 cut: Callable[[Any, int, int], Any], label: str,
+                 trailing: tuple[int, ...]) -> None:
         if padding is not None:
             padding.check_names(None, "an array or tensor item")
             padding.check_padded(leaf.padded, label)
@@ -155,6 +164,7 @@ class LeafFormat(BatchFormat):
         self._padding = padding if leaf.padded else None
         if self._padding is not None:
             self.per_token = self._padding.per_token
+        self._queued_shape = queued_shape(trailing, stacked, leaf.padded, exact_length=True)
         self._cut = cut
         self._label = label
 
@@ -165,8 +175,7 @@ class LeafFormat(BatchFormat):
         padding = self._padding
         padded_length = 0 if padding is None else padding.padded_length(longest(requests))
         items = items_of(requests)
-        if not self.one_sample:
-            check_queued_rows(requests, items)
+        check_queued_shapes(requests, items, self._queued_shape)
         batch = self._leaf.build(items, workspace, 0, padded_length)
         rows = batch.shape[0]
         return Built(batch, rows, rows, padded_length)
@@ -174,28 +183,54 @@ class LeafFormat(BatchFormat):
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
         if self.one_sample:
             return None
-        check_queued_rows([request], [request.item])  # before its pieces are cut by them
+        # Before its pieces are cut by the rows it was queued with.
+        check_queued_shapes([request], [request.item], self._queued_shape)
         padding = self._padding
         tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
         return row_chunks(request, limits, tokens_per_row, self._cut)
 
 
-def check_queued_rows(requests: list[Request], items: Sequence[Any]) -> None:
+def queued_shape(trailing: tuple[int, ...], stacked: bool, padded: bool,
+                 exact_length: bool) -> tuple[int, ...]:
+    """The shape each item of a format (or one input of it) was queued with, as
+    ``check_queued_shapes`` reads it: its request's rows, then ``trailing`` (a
+    signature's; -1 at the padded axis, which is the request's length, or with
+    ``exact_length`` false at most that: one input of a named item, whose request's
+    length is its longest input's). A stacked item is one sample with no rows axis,
+    unless it is padded (kept as a batch of one row)."""
+    length = QUEUED_LENGTH if exact_length else AT_MOST_LENGTH
+    sizes = tuple(length if size == -1 else size for size in trailing)
+    return sizes if stacked and not padded else (QUEUED_ROWS, *sizes)
+
+
+def check_queued_shapes(requests: list[Request], items: Sequence[Any],
+                        queued: tuple[int, ...]) -> None:
     """``ItemChangedError`` unless each of ``items`` (each request's item, or one input of
-    it) holds the rows its request was queued with. An item whose rows changed after it
-    was queued (a resize) would shift every later caller's rows, which are cut from the
-    output as queued, even where another's change made up for it in the batch's total;
-    failing the batch lets the failure search find the item and fail it alone."""
-    changed = changed_item(requests, items)
+    it) has the shape its request was queued with (``queued``: see ``queued_shape``). An
+    item resized after it was queued would shift every later caller's rows, which are
+    cut from the output as queued (even where another's change made up for it in the
+    batch's total), or be padded and cut back to a length it no longer has; failing the
+    batch lets the failure search find the item and fail it alone."""
+    changed = changed_item(requests, items, queued)
     if changed >= 0:
         shape = getattr(items[changed], "shape", None)
-        now = plural(shape[0], "row") if shape else "no rows axis"
-        queued = requests[changed].rows
+        now = "no shape" if shape is None else f"shape {_sizes(shape)}"
         raise ItemChangedError(
-            f"an item (or the piece of it cut for this batch) holds {now} where "
-            f"{plural(queued, 'row')} {'was' if queued == 1 else 'were'} queued: it changed "
-            "its rows after it was queued (an item must not change until its result has "
-            "come)")
+            f"an item (or the piece of it cut for this batch) has {now} where "
+            f"{_sizes(_as_queued(queued, requests[changed]))} was queued: it changed after it "
+            "was queued (an item must not change until its result has come)")
+
+
+def _as_queued(queued: tuple[int, ...], request: Request) -> list[int | str]:
+    marks: dict[int, int | str] = {QUEUED_ROWS: request.rows, QUEUED_LENGTH: request.length,
+                                   AT_MOST_LENGTH: f"at most {request.length}"}
+    return [marks.get(size, size) for size in queued]
+
+
+def _sizes(shape: Sequence[int | str]) -> str:
+    """``(2, 3)``, ``(3,)``, ``()``, as a tuple of sizes prints."""
+    sizes = [str(size) for size in shape]
+    return f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
 
 
 def row_chunks(request: Request, limits: Limits, tokens_per_row: int,

@@ -143,4 +143,4 @@ class TensorFamily(Family):
         label = (f"{'stacked ' if stacked else ''}tensors of {dtype} on {device}, trailing "
                  f"shape {trailing}" + ("" if pad is None else f", padded with {pad!r}"))
         return LeafFormat(TensorLeaf(dtype, stacked, pad), stacked, self._padding, _cut_rows,
-                          label)
+                          label, trailing)

@@ -31,7 +31,8 @@ from .base import (
     Family,
     Limits,
     Workspace,
-    check_queued_rows,
+    check_queued_shapes,
+    queued_shape,
     row_chunks,
 )
 from .outputs import flatten, tensor_type
@@ -60,10 +61,11 @@ def _padded_nbytes(leaves: list[tuple[int, int]], length: int) -> int:
 
 class TreeFormat(BatchFormat):
     """A batch of mapping/tuple items of one structure; leaf ``j`` is built by the
-    worker's assembler ``j`` (arrays) or by torch (tensors)."""
+    worker's assembler ``j`` (arrays) or by torch (tensors), from inputs queued with
+    shape ``queued_shapes[j]`` (``queued_shape``)."""
 
-    def __init__(self, spec: Any, leaves: list[Any], stacked: bool,
-                 padding: Padding | None) -> None:
+    def __init__(self, spec: Any, leaves: list[Any], queued_shapes: list[tuple[int, ...]],
+                 stacked: bool, padding: Padding | None) -> None:
         padded = any(leaf.padded for leaf in leaves)
         if padding is not None:
             root = spec.type
@@ -72,6 +74,7 @@ class TreeFormat(BatchFormat):
             padding.check_padded(padded, f"inputs {spec}")
         self._spec = spec
         self._leaves = leaves
+        self._queued_shapes = queued_shapes
         self.one_sample = stacked
         self._padding = padding if padded else None
         if self._padding is not None:
@@ -84,12 +87,9 @@ class TreeFormat(BatchFormat):
         padding = self._padding
         padded_length = 0 if padding is None else padding.padded_length(longest(requests))
         columns = list(zip(*items_of(requests)))
-        if self.one_sample:
-            rows = len(requests)
-        else:
-            rows = total_rows(requests)
-            for column in columns:
-                check_queued_rows(requests, column)
+        rows = len(requests) if self.one_sample else total_rows(requests)
+        for column, queued in zip(columns, self._queued_shapes):
+            check_queued_shapes(requests, column, queued)
         built = [leaf.build(column, workspace, position, padded_length)
                  for position, (leaf, column) in enumerate(zip(self._leaves, columns))]
         return Built(self._spec.unflatten(built), rows, rows, padded_length)
@@ -97,8 +97,9 @@ class TreeFormat(BatchFormat):
     def chunks(self, request: Request, limits: Limits) -> list[Request] | None:
         if self.one_sample:
             return None
-        for leaf in request.item:  # before its pieces are cut by the rows queued
-            check_queued_rows([request], [leaf])
+        # Before its pieces are cut by the rows it was queued with.
+        for leaf, queued in zip(request.item, self._queued_shapes):
+            check_queued_shapes([request], [leaf], queued)
         padding = self._padding
         tokens_per_row = 0 if padding is None else padding.padded_length(request.length)
         return row_chunks(request, limits, tokens_per_row, _cut_rows)
@@ -160,11 +161,13 @@ class TreeFamily(Family):
     def make_format(self, signature: Any) -> BatchFormat:
         _, spec, signatures = signature
         leaves: list[Any] = []
+        shapes = []
         for s in signatures:
             if s[0] == "array":
-                _, dtype, _, stacked, pad, cls, _ = s
+                _, dtype, trailing, stacked, pad, cls, _ = s
                 leaves.append(ArrayLeaf(dtype, stacked, pad, cls))
             else:
-                _, _, dtype, _, stacked, pad = s
+                _, _, dtype, trailing, stacked, pad = s
                 leaves.append(TensorLeaf(dtype, stacked, pad))
-        return TreeFormat(spec, leaves, self._stacked, self._padding)
+            shapes.append(queued_shape(trailing, stacked, pad is not None, exact_length=False))
+        return TreeFormat(spec, leaves, shapes, self._stacked, self._padding)

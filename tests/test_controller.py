@@ -696,7 +696,9 @@ def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
 def test_two_calls_that_carry_fewer_rows_than_one_go_back_to_one(monkeypatch):
     # A model holding the GIL: two calls only take turns, and carry less than one did.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
-    assert _outrun(tuner, clock) == (1, 2) and not tuner.serialized
+    # Taken to take turns until a trial finds otherwise (deliveries keep the call slot).
+    assert tuner.serialized
+    assert _outrun(tuner, clock) == (1, 2) and tuner.serialized
     assert _finish_trial(tuner, clock, (1, 2), backlog=True, tried_rows=56) == (2, 1)
     assert tuner.serialized  # deliveries then keep the call slot (engine/delivery.py)
     # Backlogged still, but two is not tried again before COOLDOWN windows at one.
@@ -765,6 +767,7 @@ def test_steps_down_go_on_while_they_are_kept(monkeypatch):
     # All four calls running (a lucky climb), on a model whose calls take turns: at
     # max_limit the try is a step down, and each step down kept is followed by the next.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4, limit=4)
+    tuner.serialized = False  # as the climb's trials found
     assert _window(tuner, clock, backlog=True) == (4, 3)
     # As many rows at three: kept, and the verdict's window begins the next step down.
     assert _finish_trial(tuner, clock, (4, 3), backlog=True) == (3, 2)

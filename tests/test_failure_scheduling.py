@@ -1124,6 +1124,7 @@ def test_requests_still_arriving_at_the_end_of_a_call_start_the_next_during_its_
         delivered.set()
 
     p = make_processor(model, max_workers=2, batch_timeout=0.05)
+    p._controller._tuner.serialized = False  # a trial saw two calls at once carry more
     first = p.enqueue_predict(item(1))
     first.add_done_callback(delivering)
     assert in_call.wait(10)
@@ -1184,23 +1185,27 @@ def test_adaptive_keeps_the_call_slot_through_a_delivery_if_no_pop_could_go(
     assert model.callers[0] is model.callers[1]  # ... and the next by the one that delivered
 
 
-@pytest.mark.parametrize("serialized", [False, True])
+@pytest.mark.parametrize("serialized", [False, True, None])
 def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_calls_take_turns(
         make_processor, serialized):
     # A full batch waits when the call ends: the next call starts on another worker while
-    # the results are handed out. Not once two calls at once were seen to carry fewer
-    # rows than one (a model holding the GIL, ConcurrencyTuner.serialized): a call
-    # started then would contend with the delivery for the GIL, and each batch would
-    # move to another thread. The worker that delivered makes the next call.
+    # the results are handed out, once two calls at once were seen to carry as many rows
+    # as one. Not where they carried fewer (a model holding the GIL,
+    # ConcurrencyTuner.serialized), nor before any such trial (None: a processor just
+    # started): a call started then would contend with the delivery for the GIL, and
+    # each batch would move to another thread. The worker that delivered makes the next
+    # call.
     model, during, delivered = FirstCallHeld(), [], threading.Event()
+    takes_turns = serialized is not False
 
     def delivering(future):
         # Bounds the look for what must not happen.
-        during.append(model.second_called.wait(0.3 if serialized else 10))
+        during.append(model.second_called.wait(0.3 if takes_turns else 10))
         delivered.set()
 
     p = make_processor(model, max_workers=2, max_batch_size=1, batch_timeout=1.0)
-    p._controller._tuner.serialized = serialized
+    if serialized is not None:
+        p._controller._tuner.serialized = serialized
     first = p.enqueue_predict(item(1))
     first.add_done_callback(delivering)
     assert model.in_call.wait(10)
@@ -1210,8 +1215,8 @@ def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_call
     assert second.result(timeout=20)[0, 0] == 2
     assert delivered.wait(20)  # the callback runs after the result is set
     assert p._controller.slots.limit == 1
-    assert during == [not serialized]
-    assert (model.callers[0] is model.callers[1]) == serialized
+    assert during == [not takes_turns]
+    assert (model.callers[0] is model.callers[1]) == takes_turns
 
 
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):

@@ -568,10 +568,15 @@ class ConcurrencyTuner:
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
         self._fewer_next = False  # the next try of a busy spell is a step down
-        # The last trial of two calls against one (a try at two, or a step down to one)
-        # found two carrying fewer rows: the model's calls take turns (the GIL) rather
-        # than overlap, until a trial finds otherwise.
-        self.serialized = False
+        # The model's calls take turns (the GIL) rather than overlap: so taken until a
+        # trial of two calls against one (a try at two, or a step down to one) finds two
+        # carrying as many rows, and from then on as the last such trial found. Taken
+        # wrongly for a model whose calls overlap, it costs the time of each delivery
+        # not hidden behind the next call until its first try at two (the load outruns
+        # one call); taken wrongly the other way, a model holding the GIL pays a thread
+        # wake-up and a delivery contending with the next call for the GIL on every
+        # batch of a backlog.
+        self.serialized = True
 
     def observe(self, rows: int, backlog: bool, full: bool = False) -> tuple[int, int] | None:
         """Count a finished batch (``full``: it reached its target; ``backlog``: it left
@@ -732,9 +737,9 @@ class Controller:
 
     @property
     def calls_serialize(self) -> bool:
-        """Whether the model's calls were seen to take turns rather than overlap: the
-        last trial of two calls at once against one (a try at two, or a step down to
-        one) found two carrying fewer rows (``ConcurrencyTuner.serialized``)."""
+        """Whether the model's calls take turns rather than overlap: until a trial of
+        two calls at once against one (a try at two, or a step down to one) has run,
+        yes; then as the last one found (``ConcurrencyTuner.serialized``)."""
         return self._tuner is not None and self._tuner.serialized
 
     @property

@@ -449,6 +449,36 @@ class HoldingTheGil:
             assert time.monotonic() < deadline, "the woken pop never took its head"
 
 
+def test_a_worker_s_calls_on_every_batch_keep_the_gil_on_a_free_lock() -> None:
+    # begin_batch, answer_batch and end_batch run on every batch. Letting go of the GIL
+    # for a lock that was free handed it to a thread waiting for it (a thread
+    # submitting), and the worker then waited for it back: a thread switch a call in a
+    # burst. A thread waiting for the GIL here runs only if one of them lets go of it.
+    q = native_queue.RequestQueue(8)
+    ran = [0]
+    stop = threading.Event()
+
+    def run_when_let_in() -> None:
+        while not stop.is_set():
+            ran[0] += 1
+            time.sleep(0)  # lets go of the GIL at once, to wait for it again
+
+    waiting = threading.Thread(target=run_when_let_in)
+    with HoldingTheGil():
+        waiting.start()
+        while ran[0] == 0:  # it has run; it waits for the GIL (long switch interval)
+            time.sleep(0.001)
+        before = ran[0]
+        for _ in range(10_000):
+            q.begin_batch()
+            q.answer_batch()
+            q.end_batch()
+        after = ran[0]
+        stop.set()
+    waiting.join(HANG)
+    assert after == before
+
+
 def popped_beside_a_held_gil(q: Any, max_rows: int, first: Callable[[], object],
                              then: Callable[[], object]) -> list[Any]:
     """The batch of a pop that waits for an entry while this thread, holding the GIL,

@@ -1817,22 +1817,40 @@ cdef class RequestQueue:
             notify_everyone(self._sync)
             sync_unlock(self._sync)
 
+    # The three calls a worker makes on every batch keep the GIL when the lock is free
+    # (as the properties do): letting go of it for a moment hands it to any thread
+    # waiting for it (a thread submitting), and the worker then waits for it back.
+
     def begin_batch(self):
         """Tell the queue a popped batch is now running (see ``pop_batch``'s fill wait)."""
-        with nogil:
-            sync_lock(self._sync)
-            self._in_flight += 1
-            self._begun_at = mono_now()
+        if sync_try_lock(self._sync):
+            self._begin_batch_locked()
             sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                self._begin_batch_locked()
+                sync_unlock(self._sync)
+
+    cdef inline void _begin_batch_locked(self) noexcept nogil:
+        self._in_flight += 1
+        self._begun_at = mono_now()
 
     def answer_batch(self):
         """Tell the queue a running batch's results are being handed out: what is pushed
         from now on came back after its call (its clients' wave), not during it."""
-        with nogil:
-            sync_lock(self._sync)
-            self._answered_at = mono_now()
-            self._answered_rows = self._rows
+        if sync_try_lock(self._sync):
+            self._answer_batch_locked()
             sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                self._answer_batch_locked()
+                sync_unlock(self._sync)
+
+    cdef inline void _answer_batch_locked(self) noexcept nogil:
+        self._answered_at = mono_now()
+        self._answered_rows = self._rows
 
     def end_batch(self):
         """Undo one ``begin_batch()``; when none is left running, fill waits re-check.
@@ -1841,19 +1859,26 @@ cdef class RequestQueue:
         brings back (``pop_batch``), is then when its results began to be handed out
         (``answer_batch``, if called since the latest ``begin_batch``), else now: clients
         answered early in a delivery come back before it ends."""
-        with nogil:
-            sync_lock(self._sync)
-            if self._in_flight > 0:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    if self._answered_at >= self._begun_at:
-                        self._idle_since = self._answered_at
-                        self._idle_rows = self._answered_rows
-                    else:
-                        self._idle_since = mono_now()
-                        self._idle_rows = self._rows
-                    notify_fill_all(self._sync)
+        if sync_try_lock(self._sync):
+            self._end_batch_locked()
             sync_unlock(self._sync)
+        else:
+            with nogil:
+                sync_lock(self._sync)
+                self._end_batch_locked()
+                sync_unlock(self._sync)
+
+    cdef inline void _end_batch_locked(self) noexcept nogil:
+        if self._in_flight > 0:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                if self._answered_at >= self._begun_at:
+                    self._idle_since = self._answered_at
+                    self._idle_rows = self._answered_rows
+                else:
+                    self._idle_since = mono_now()
+                    self._idle_rows = self._rows
+                notify_fill_all(self._sync)
 
     @property
     def pushed(self):

@@ -281,6 +281,8 @@ TENSOR_SHAPE_CHANGES = {
     "padded length grown past the batch's": ({"pad_value": 0}, (1, 3), (1, 6)),
     "padded length shrunk": ({"pad_value": 0}, (1, 3), (1, 2)),
     "stacked sample grown": ({"stack_items": True}, (4,), (5,)),
+    "stacked padded sample grown": ({"stack_items": True, "pad_value": 0}, (4,), (6,)),
+    "stacked padded sample shrunk": ({"stack_items": True, "pad_value": 0}, (4,), (2,)),
 }
 
 

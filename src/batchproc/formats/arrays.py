@@ -64,6 +64,8 @@ class ArrayLeaf:
     def build(self, items: list[Any] | tuple[Any, ...], workspace: Workspace, position: int,
               padded_length: int) -> Any:
         if self._pad is not None:
+            if self._stacked:  # each sample is one row of a padded batch
+                items = [item[_newaxis] for item in items]
             return workspace.assembler(position).concat_padded(items, padded_length, self._pad)
         if self._numpy is not None:
             return self._numpy(items)
@@ -106,8 +108,6 @@ def describe_array(item: Any, stacked: bool, padding: Padding | None, name: obje
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])  # the padded axis is free
-        if stacked:
-            item = item[_newaxis]  # one sample is one row of a padded batch
     # Dtypes that differ only in their metadata compare equal; a batch carries its first
     # item's dtype, so each caller's metadata keeps to batches of its own: by the dtype's
     # identity (equal metadata in two dtype objects only costs two batches). Its id is

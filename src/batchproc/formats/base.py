@@ -164,7 +164,7 @@ class LeafFormat(BatchFormat):
         self._padding = padding if leaf.padded else None
         if self._padding is not None:
             self.per_token = self._padding.per_token
-        self._queued_shape = queued_shape(trailing, stacked, leaf.padded, exact_length=True)
+        self._queued_shape = queued_shape(trailing, stacked, exact_length=True)
         self._cut = cut
         self._label = label
 
@@ -190,17 +190,16 @@ class LeafFormat(BatchFormat):
         return row_chunks(request, limits, tokens_per_row, self._cut)
 
 
-def queued_shape(trailing: tuple[int, ...], stacked: bool, padded: bool,
+def queued_shape(trailing: tuple[int, ...], stacked: bool,
                  exact_length: bool) -> tuple[int, ...]:
     """The shape each item of a format (or one input of it) was queued with, as
-    ``check_queued_shapes`` reads it: its request's rows, then ``trailing`` (a
-    signature's; -1 at the padded axis, which is the request's length, or with
-    ``exact_length`` false at most that: one input of a named item, whose request's
-    length is its longest input's). A stacked item is one sample with no rows axis,
-    unless it is padded (kept as a batch of one row)."""
+    ``check_queued_shapes`` reads it: its request's rows (none for a stacked item: one
+    sample), then ``trailing`` (a signature's; -1 at the padded axis, which is the
+    request's length, or with ``exact_length`` false at most that: one input of a named
+    item, whose request's length is its longest input's)."""
     length = QUEUED_LENGTH if exact_length else AT_MOST_LENGTH
     sizes = tuple(length if size == -1 else size for size in trailing)
-    return sizes if stacked and not padded else (QUEUED_ROWS, *sizes)
+    return sizes if stacked else (QUEUED_ROWS, *sizes)
 
 
 def check_queued_shapes(requests: list[Request], items: Sequence[Any],

@@ -45,6 +45,8 @@ class TensorLeaf:
         with torch.no_grad():
             if self._pad is None:
                 return torch.stack(items) if self._stacked else torch.cat(items)
+            if self._stacked:  # each sample is one row of a padded batch
+                items = [item.unsqueeze(0) for item in items]
             first = items[0]
             rows = sum(item.shape[0] for item in items)
             batch = first.new_full((rows, padded_length, *first.shape[2:]), self._pad)
@@ -115,8 +117,6 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
     if pad is not None:
         length = trailing[0]
         trailing = (-1, *trailing[1:])
-        if stacked:
-            item = item.unsqueeze(0)
     nbytes = item.element_size() * item.nelement()
     return ("tensor", item.device, item.dtype, trailing, stacked, pad), item, rows, nbytes, length
 

@@ -169,5 +169,5 @@ class TreeFamily(Family):
             else:
                 _, _, dtype, trailing, stacked, pad = s
                 leaves.append(TensorLeaf(dtype, stacked, pad))
-            shapes.append(queued_shape(trailing, stacked, pad is not None, exact_length=False))
+            shapes.append(queued_shape(trailing, stacked, exact_length=False))
         return TreeFormat(spec, leaves, shapes, self._stacked, self._padding)

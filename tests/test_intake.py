@@ -104,13 +104,17 @@ def test_a_shape_of_more_dimensions_than_the_cache_compares_is_found_by_key():
 # ------------------------------------------------------------------- Intake
 
 
+# What the intake gives each future to leave the queue by (a processor's WeakMethod).
+CANCEL_QUEUED = object()
+
+
 @pytest.fixture
 def intake_parts():
     """An Intake over a queue of 2 with ROW's kind known (key 7)."""
     q = RequestQueue(2)
     arrays = KnownArrays(8)
     arrays.add(ROW, (7, "fmt", 1, ROW.nbytes, 0, 0, ROW.dtype))
-    return q, Intake(q, arrays, RequestFuture, QueuedFuture)
+    return q, Intake(q, arrays, RequestFuture, QueuedFuture, CANCEL_QUEUED)
 
 
 def _on_a_loop(intake, work):
@@ -138,6 +142,17 @@ def test_the_intake_queues_a_known_row_with_its_description(intake_parts):
     assert request.priority is BatchPriority.HIGH
     assert request.deadline == pytest.approx(request.enqueued_at + 2.5)
     assert future._bp_token >= 0
+    assert future._bp_cancel_queued is CANCEL_QUEUED
+
+
+def test_a_future_from_a_thread_gets_its_token_and_its_way_out_of_the_queue(intake_parts):
+    q, intake = intake_parts
+    future = intake.enqueue(ROW, 2, None)
+    assert isinstance(future, RequestFuture)
+    (request,) = q.pop_batch(10, timeout=0)
+    assert request.future is future
+    assert future._bp_token >= 0
+    assert future._bp_cancel_queued is CANCEL_QUEUED
 
 
 @pytest.mark.parametrize("max_queue_time", [1, float("inf"), float("nan"), 0.0, -1.0,

@@ -235,23 +235,27 @@ cdef class Intake:
     """The common case of ``enqueue_predict`` and ``enqueue_predict_async`` (see the
     module's docstring), for one processor: ``queue`` its ``RequestQueue``, ``arrays`` its
     describer's memo, ``future_type`` the future ``enqueue_predict`` returns and
-    ``async_future_type`` the asyncio future ``enqueue_predict_async`` returns. Each
-    future gets its ``_bp_token`` here and its ``_bp_owner`` from the caller, so that this
-    object holds no reference to its processor."""
+    ``async_future_type`` the asyncio future ``enqueue_predict_async`` returns, and
+    ``cancel_queued`` the ``weakref.WeakMethod`` of the processor's ``_cancel_queued``.
+    Each future gets its ``_bp_token`` and ``_bp_cancel_queued`` here; neither this object
+    nor a future holds its processor."""
 
     cdef KnownArrays _arrays
     cdef object _push
     cdef object _future_type
     cdef object _async_future_type
+    cdef object _cancel_queued
     # The LoopChannel used last: read once per call (another thread may replace it
     # meanwhile), and the loop taken from the channel read.
     cdef readonly object last_channel
 
-    def __cinit__(self, queue, KnownArrays arrays, future_type, async_future_type):
+    def __cinit__(self, queue, KnownArrays arrays, future_type, async_future_type,
+                  cancel_queued):
         self._arrays = arrays
         self._push = queue.push
         self._future_type = future_type
         self._async_future_type = async_future_type
+        self._cancel_queued = cancel_queued
         self.last_channel = None
 
     def use_channel(self, channel):
@@ -317,8 +321,8 @@ cdef class Intake:
                             double now, double limit, max_queue_time,
                             timeout) except -1:
         """Push ``item``'s request (its future-like ``stand_in``) as described by
-        ``known``; set ``future._bp_token``. False if the queue refused it (full past
-        ``timeout``, or closed)."""
+        ``known``; set ``future._bp_token`` and ``_bp_cancel_queued``. False if the queue
+        refused it (full past ``timeout``, or closed)."""
         key, rows, nbytes, queue_length = known[0], known[2], known[3], known[5]
         request = _Request(stand_in, item, known[1], rows, nbytes, known[4], now, key,
                            queue_length, priority, limit)
@@ -328,4 +332,5 @@ cdef class Intake:
         except (_Full, _QueueClosed):
             return False
         future._bp_token = token
+        future._bp_cancel_queued = self._cancel_queued
         return True

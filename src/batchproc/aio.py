@@ -23,6 +23,7 @@ import weakref
 from typing import Any
 
 from .awaiters import complete
+from .futures import CancelQueued, cancel_queued
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,15 @@ class QueuedFuture(asyncio.Future):  # type: ignore[type-arg]
     that awaits it cancels it too (``Task.cancel`` cancels the future it waits on)."""
 
     # Set once queued. Slots: no per-request __dict__ (as cheap as loop.create_future()).
-    __slots__ = ("_bp_owner", "_bp_token")
-    _bp_owner: Any  # the BatchProcessor
+    __slots__ = ("_bp_cancel_queued", "_bp_token")
+    _bp_cancel_queued: CancelQueued  # its way out of the queue (futures.cancel_queued)
     _bp_token: int
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        owner = getattr(self, "_bp_owner", None)
-        if owner is not None:
-            # False once a worker popped it: that worker then counts it as cancelled.
-            owner._cancel_queued(self._bp_token)
+        # False once a worker popped it: that worker then counts it as cancelled.
+        cancel_queued(getattr(self, "_bp_cancel_queued", None), getattr(self, "_bp_token", -1))
         return True
 
 

@@ -348,7 +348,7 @@ async def apredict(processor: BatchProcessor[T, U], item: T, timeout: float | No
     # the queue at once (its room goes to the next waiter); already dispatched, the worker
     # sees the cancelled future and its result is dropped.
     future._bp_token = token
-    future._bp_owner = processor
+    future._bp_cancel_queued = processor._cancel_queued_ref
     return cast("U", await future)
 
 

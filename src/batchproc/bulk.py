@@ -474,7 +474,7 @@ class Window:
                 waits[k] = token  # this position gets the refusal
             else:
                 waits[k]._bp_token = token  # its cancel() withdraws it
-                waits[k]._bp_owner = processor
+                waits[k]._bp_cancel_queued = processor._cancel_queued_ref
         chunk.singles = waits
         if self.closed:  # closed meanwhile: nobody will read them
             _withdraw_singles(waits)
@@ -639,7 +639,7 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         except (_stdlib_queue.Full, QueueClosed) as exc:
             return Failed(processor._refusal(exc, None))
         future._bp_token = token  # its cancel() withdraws it from the queue
-        future._bp_owner = processor
+        future._bp_cancel_queued = processor._cancel_queued_ref
         return InFlight(entry, future)
 
     def gen() -> Iterator[Any]:
@@ -740,7 +740,7 @@ def amap_results(processor: BatchProcessor[Any, Any],
         except ProcessorStoppedError as exc:
             return Failed(exc)
         future._bp_token = token
-        future._bp_owner = processor
+        future._bp_cancel_queued = processor._cancel_queued_ref
         return InFlight(entry, future)
 
     async def gen() -> AsyncIterator[Any]:

@@ -344,6 +344,19 @@ start_all = _atomic.start_all
 finish_all = _atomic.finish_all
 
 
+# A queued request's way out of its queue: the weakref.WeakMethod of its processor's
+# _cancel_queued (a future its caller keeps must not keep the processor alive).
+CancelQueued = Callable[[], Callable[[int], bool] | None]
+
+
+def cancel_queued(ref: CancelQueued | None, token: int) -> bool:
+    """Take the request of ``token`` out of its queue through ``ref`` (a future's
+    ``_bp_cancel_queued``): False if it was no longer queued (a worker took it, and will
+    see the cancellation), or its processor is gone."""
+    cancel = ref() if ref is not None else None
+    return cancel is not None and cancel(token)
+
+
 def fail(future: Future[Any], error: BaseException,
          deferred: list[RequestFuture] | None = None) -> None:
     """``future.set_exception(error)``; with ``deferred``, a ``RequestFuture`` whose

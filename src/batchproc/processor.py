@@ -49,7 +49,7 @@ from .errors import (
     QueueFullError,
 )
 from .formats import make_describer
-from .futures import RequestFuture
+from .futures import CancelQueued, RequestFuture, cancel_queued
 from .health import FORKED, PAUSED, HealthMonitor
 from .log_limits import LogLimiter, plural, seconds
 from .metrics import OUTCOME_ERROR, MetricsSink
@@ -92,7 +92,8 @@ FAILURE_LOG_INTERVAL = 10.0
 class _RequestFuture(RequestFuture):
     """A future whose ``cancel()`` also removes the request from the queue at once."""
 
-    _bp_owner: BatchProcessor[Any, Any] | None = None
+    # Set once queued: the request's way out of the queue (futures.cancel_queued).
+    _bp_cancel_queued: CancelQueued | None = None
     _bp_token = -1
     # A map chunk's: queues its items again should it fail (bulk.Window.queue_again).
     _bp_again: Any = None
@@ -100,8 +101,7 @@ class _RequestFuture(RequestFuture):
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        owner = self._bp_owner
-        if owner is not None and owner._cancel_queued(self._bp_token):
+        if cancel_queued(self._bp_cancel_queued, self._bp_token):
             # Taken out of the queue, so no worker will ever see it: tell
             # concurrent.futures.wait()/as_completed() now, as a worker would have.
             self.set_running_or_notify_cancel()
@@ -174,8 +174,10 @@ class BatchProcessor(Generic[T, U]):
                                    config.max_priority_wait)
         self._describer = make_describer(config)
         self._describe = self._describer.describe
+        # Every queued request's way out of the queue (futures.cancel_queued).
+        self._cancel_queued_ref = weakref.WeakMethod(self._cancel_queued)
         self._intake = Intake(self._queue, self._describer.known_arrays, _RequestFuture,
-                              QueuedFuture)
+                              QueuedFuture, self._cancel_queued_ref)
         self._stats = BatchStats(config.monitoring_window)
         self._controller = Controller(config, self._queue)
         self._metrics = MetricsSink(metrics_collector, self)
@@ -563,7 +565,6 @@ class BatchProcessor(Generic[T, U]):
             # The common case, in one native call; None: the rest of this method.
             future = self._intake.enqueue(item, priority, max_queue_time)
             if future is not None:
-                future._bp_owner = self
                 return future  # type: ignore[no-any-return]
         else:  # checked as apredict's and stop's are (NaN, bools)
             timeout = timeout_arg(timeout)
@@ -579,7 +580,7 @@ class BatchProcessor(Generic[T, U]):
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, timeout) from None
         future._bp_token = token
-        future._bp_owner = self
+        future._bp_cancel_queued = self._cancel_queued_ref
         return future
 
     def enqueue_predict_async(self, item: T,
@@ -607,7 +608,6 @@ class BatchProcessor(Generic[T, U]):
         # The common case, in one native call; None: the rest of this method.
         future = self._intake.enqueue_async(item, priority, max_queue_time)
         if future is not None:
-            future._bp_owner = self
             return future  # type: ignore[no-any-return]
         try:
             loop = _running_loop()
@@ -629,7 +629,7 @@ class BatchProcessor(Generic[T, U]):
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, 0) from None
         future._bp_token = token
-        future._bp_owner = self
+        future._bp_cancel_queued = self._cancel_queued_ref
         return future
 
     async def apredict(self, item: T, timeout: float | None = None,

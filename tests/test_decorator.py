@@ -1196,15 +1196,14 @@ def test_the_worker_that_answered_a_method_call_holds_no_reference_to_its_instan
         in_callback.set()
         release.wait(10)
 
-    def submit_held(item, timeout=None, priority=batchproc.BatchPriority.NORMAL,
-                    submit=bound.submit):
+    def submit_held(item, timeout, priority, submit=bound._submit):
         processor.pause()  # the callback goes on before the worker can complete it
         future = submit(item, timeout, priority)
         future.add_done_callback(hold)
         processor.resume()
         return future
 
-    bound.submit = submit_held
+    bound._submit = submit_held  # what a call submits through
     del submit_held  # the function holds it, and it the function: one cycle
     ref = weakref.ref(b)
     gc.disable()  # freed by its reference count: no cycle waits for a collection

@@ -11,12 +11,14 @@ traceback holds the frames it passed through, the model's call among them.
 """
 
 import asyncio
+import concurrent.futures
 import gc
 import weakref
 
 import numpy as np
 import pytest
 
+import batchproc
 from batchproc import BatchProcessor, BatchProcessorConfig
 from batchproc.errors import ProcessorStoppedError, QueueTimeoutError
 
@@ -44,6 +46,8 @@ def _freed_after_stop(make_futures):
     p, model = _processor()
     kept = make_futures(p, model)
     p.stop()
+    for thread in p._threads():  # a stop that gave up at once leaves them exiting
+        thread.join(10)
     refs = [weakref.ref(p), weakref.ref(model)]
     del p, model
     gc.collect()
@@ -128,12 +132,39 @@ def test_the_futures_keep_their_outcomes_once_their_processor_is_gone():
 
 
 def test_cancelling_a_queued_future_of_a_processor_gone_only_cancels_it():
-    # Never started: the request stays queued until the processor is dropped.
+    # Never started: the requests stay queued until the processor is dropped. No worker
+    # will see them: wait() and as_completed() are told at once, as on any cancel.
     p = BatchProcessor(BatchProcessorConfig(max_batch_size=4))
-    f = p.enqueue_predict(ROW)
+    futures = [p.enqueue_predict(ROW), p.enqueue_predict(ROW, timeout=1),
+               p.enqueue_predict([[1.0, 2.0, 3.0, 4.0]])]
     ref = weakref.ref(p)
     del p
     gc.collect()
     assert ref() is None
-    assert f.cancel()
-    assert f.cancelled()
+    assert all(f.cancel() for f in futures)
+    assert all(f.cancelled() for f in futures)
+    done, not_done = concurrent.futures.wait(futures, timeout=0)
+    assert (len(done), len(not_done)) == (3, 0)
+    assert len(list(concurrent.futures.as_completed(futures, timeout=0))) == 3
+
+
+class Embedder:
+    @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
+    def embed(self, batch):
+        return batch
+
+
+def test_a_kept_future_of_a_decorated_method_keeps_neither_its_instance_nor_its_model():
+    # Pending, a request keeps the instance (which the method needs); done, it must not.
+    embedder = Embedder()
+    done = embedder.embed.submit(ROW)
+    assert done.result(10).tolist() == ROW.tolist()
+    embedder.embed.processor.pause()
+    cancelled = embedder.embed.submit(ROW)
+    assert cancelled.cancel()
+    embedder.embed.processor.resume()
+    ref = weakref.ref(embedder)
+    del embedder
+    gc.collect()
+    assert ref() is None
+    assert done.done() and cancelled.cancelled()

@@ -40,8 +40,10 @@ class QueuedFuture(asyncio.Future):  # type: ignore[type-arg]
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        # False once a worker popped it: that worker then counts it as cancelled.
-        cancel_queued(getattr(self, "_bp_cancel_queued", None), getattr(self, "_bp_token", -1))
+        ref = getattr(self, "_bp_cancel_queued", None)
+        if ref is not None:
+            # False once a worker popped it: that worker then counts it as cancelled.
+            cancel_queued(ref, self._bp_token)
         return True
 
 

@@ -349,12 +349,13 @@ finish_all = _atomic.finish_all
 CancelQueued = Callable[[], Callable[[int], bool] | None]
 
 
-def cancel_queued(ref: CancelQueued | None, token: int) -> bool:
+def cancel_queued(ref: CancelQueued, token: int) -> bool:
     """Take the request of ``token`` out of its queue through ``ref`` (a future's
-    ``_bp_cancel_queued``): False if it was no longer queued (a worker took it, and will
-    see the cancellation), or its processor is gone."""
-    cancel = ref() if ref is not None else None
-    return cancel is not None and cancel(token)
+    ``_bp_cancel_queued``). True if no worker will ever see it: taken out now, or its
+    processor is gone (a processor never started, dropped: its workers hold it while they
+    run); False if a worker took it, and will see the cancellation."""
+    cancel = ref()
+    return cancel is None or cancel(token)
 
 
 def fail(future: Future[Any], error: BaseException,

@@ -101,9 +101,10 @@ class _RequestFuture(RequestFuture):
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        if cancel_queued(self._bp_cancel_queued, self._bp_token):
-            # Taken out of the queue, so no worker will ever see it: tell
-            # concurrent.futures.wait()/as_completed() now, as a worker would have.
+        ref = self._bp_cancel_queued
+        if ref is not None and cancel_queued(ref, self._bp_token):
+            # No worker will ever see it: tell concurrent.futures.wait()/as_completed()
+            # now, as a worker would have.
             self.set_running_or_notify_cancel()
         return True
 

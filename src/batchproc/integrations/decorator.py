@@ -121,7 +121,7 @@ class BatchedFunction(Generic[T, U]):
         """From a thread: the item's result. ``timeout`` bounds the wait for room in a
         full queue (then ``QueueFullError``); a failure raises what the function raised.
         Do not call it on an event loop's thread (it blocks): use ``acall``."""
-        future = self.submit(item, timeout, priority)
+        future = self._submit(item, timeout, priority)
         try:
             return future.result()
         finally:
@@ -139,7 +139,14 @@ class BatchedFunction(Generic[T, U]):
     def submit(self, item: T, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
-        after ``stop()`` (as every way of calling it)."""
+        after ``stop()`` (as every way of calling it). Kept once done, it no longer keeps
+        the function's owner (a method's instance) nor its processor alive."""
+        future = self._submit(item, timeout, priority)
+        future.add_done_callback(_forget_owner)
+        return future
+
+    def _submit(self, item: T, timeout: float | None,
+                priority: BatchPriority | int) -> Future[U]:
         owner = self._live_owner()
         future = self._running(a_request=True).enqueue_predict(item, timeout, priority)
         # The queue, then the worker, hold the future until it completes: through it a
@@ -389,6 +396,11 @@ _CLASSMETHOD = (
     "processor per instance, and there is none per class). For one processor shared by "
     "the class, write it as a @staticmethod taking only the batch (or a module-level "
     "function); for one per instance, as a method taking self and the batch")
+
+
+def _forget_owner(future: Future[Any]) -> None:
+    """A done-callback: the future no longer keeps its request's owner alive."""
+    future._bp_pending_owner = None  # type: ignore[attr-defined]
 
 
 def _bind(func: Callable[..., Any], instance: Any,

@@ -1371,3 +1371,32 @@ def test_a_function_made_at_runtime_that_names_itself_is_collected():
     del fn
     assert _collected(ref)
     assert _all_exit(threads)
+
+
+def test_timeout_and_priority_are_keywords_so_a_second_input_is_refused():
+    # f(a, b) reads as two inputs: it must not run f(a) with b as its timeout.
+    @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
+    def double(items):
+        return [2 * x for x in items]
+
+    class Tripler:
+        @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
+        def scale(self, items):
+            return [3 * x for x in items]
+
+    m = Tripler()
+    try:
+        calls = [lambda: double(1, 2), lambda: double.submit(1, 2),
+                 lambda: asyncio.run(double.acall(1, 2)), lambda: m.scale(1, 2),
+                 lambda: Tripler.scale(m, 1, 2)]
+        for call in calls:
+            with pytest.raises(TypeError, match="positional argument"):
+                call()
+        assert double(1, timeout=2, priority=batchproc.BatchPriority.HIGH) == 2
+        assert double.submit(1, timeout=2).result(10) == 2
+        assert asyncio.run(double.acall(1, timeout=2)) == 2
+        assert m.scale(1, timeout=2) == 3
+        assert Tripler.scale(m, 1, timeout=2) == 3
+    finally:
+        double.stop()
+        Tripler.scale.stop()

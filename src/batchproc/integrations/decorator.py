@@ -116,11 +116,13 @@ class BatchedFunction(Generic[T, U]):
 
     # ----------------------------------------------------------------- calling
 
-    def __call__(self, item: T, timeout: float | None = None,
+    def __call__(self, item: T, *, timeout: float | None = None,
                  priority: BatchPriority | int = _NORMAL) -> U:
         """From a thread: the item's result. ``timeout`` bounds the wait for room in a
         full queue (then ``QueueFullError``); a failure raises what the function raised.
-        Do not call it on an event loop's thread (it blocks): use ``acall``."""
+        Do not call it on an event loop's thread (it blocks): use ``acall``. ``timeout``
+        and ``priority`` are keywords (here, in ``submit`` and in ``acall``): a second
+        positional argument, a second input, is a ``TypeError``."""
         future = self._submit(item, timeout, priority)
         try:
             return future.result()
@@ -129,14 +131,14 @@ class BatchedFunction(Generic[T, U]):
             # thread woke: it must not hold the owner (a method's instance) with it.
             future._bp_pending_owner = None  # type: ignore[attr-defined]
 
-    async def acall(self, item: T, timeout: float | None = None,
+    async def acall(self, item: T, *, timeout: float | None = None,
                     priority: BatchPriority | int = _NORMAL) -> U:
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
         _owner = self._live_owner()  # held by this frame while the request is pending
         return await self._running(a_request=True).apredict(item, timeout, priority)
 
-    def submit(self, item: T, timeout: float | None = None,
+    def submit(self, item: T, *, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
         after ``stop()`` (as every way of calling it). Kept once done, it no longer keeps
@@ -371,12 +373,12 @@ class BatchedMethod(Generic[S, T, U]):
             self._bound.add(bound)
         return bound
 
-    def __call__(self, instance: S, item: T, timeout: float | None = None,
+    def __call__(self, instance: S, item: T, *, timeout: float | None = None,
                  priority: BatchPriority | int = _NORMAL) -> U:
         """Called on the class, ``Class.method(instance, item)``: as
         ``instance.method(item)``."""
         bound: BatchedFunction[T, U] = self.__get__(instance, type(instance))
-        return bound(item, timeout, priority)
+        return bound(item, timeout=timeout, priority=priority)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the processor of every instance. Final, as ``BatchedFunction.stop``: the

@@ -165,6 +165,25 @@ def test_wrong_output_length_fails_with_a_value_error_naming_both(make_processor
     assert isinstance(info.value, BatchOutputError)
 
 
+@pytest.mark.parametrize("item", [np.ones(8, np.float32), np.ones(100, np.float32)])
+def test_a_wrong_count_behind_a_1d_item_says_how_it_was_counted(make_processor, item):
+    # One sample of 8 features given as shape (8,) is 8 rows: a model that reduces its
+    # input gives fewer results, and the error says why the batch had 8 rows. (100 values
+    # run in pieces of at most max_batch_size rows.)
+    p = make_processor(lambda b: b[:1], max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError, match=r"a 1-D item, which counts one row per "
+                                               r"value: one sample of N values is an item "
+                                               r"of shape \(1, N\), not \(N,\)"):
+        p.enqueue_predict(item).result(timeout=10)
+
+
+def test_a_wrong_count_of_2d_items_gives_no_such_hint(make_processor):
+    p = make_processor(lambda b: b[:-1], max_retries=0, retry_delay=0.0)
+    with pytest.raises(BatchOutputError) as info:
+        p.enqueue_predict(rows(3)).result(timeout=10)
+    assert str(info.value) == "process_func returned 2 results for a batch of 3"
+
+
 def test_output_without_length_is_a_failure(make_processor):
     p = make_processor(lambda b: 42, max_retries=0, retry_delay=0.0)
     with pytest.raises(ValueError, match="int, which the output rule cannot split"):

@@ -150,7 +150,7 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
     if type(out) is _ndarray and not per_token:
         # The common case first: one array.
         if not out.ndim or out.shape[0] != n:
-            raise _wrong_rows((), out, n)
+            raise _wrong_rows((), out, n, _rows_hint(requests))
         return _cut_rows(out, requests, one_sample)
     if isinstance(out, list):
         if _list_of_outputs(out, n, one_sample, bool(per_token), reading):
@@ -162,7 +162,7 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
         return _cut_rows(out, requests, one_sample)
     if _is_leaf(out):
         if _leading(out) != n:
-            raise _wrong_rows((), out, n)
+            raise _wrong_rows((), out, n, _rows_hint(requests))
         if per_token:
             if per_token is not True:
                 raise BatchOutputError(
@@ -179,14 +179,26 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
         "them (several outputs), or a list with one result per row")
 
 
-def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int) -> BatchOutputError:
+def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int, hint: str = "") -> BatchOutputError:
     got = _leading(leaf)
     where = "" if not path else f" in {_path_str(path)}"
     if got is None:
         return BatchOutputError(
             f"process_func returned {type(leaf).__name__}{where} with no axis 0 "
-            f"for a batch of {n}")
-    return BatchOutputError(f"process_func returned {got} results{where} for a batch of {n}")
+            f"for a batch of {n}{hint}")
+    return BatchOutputError(
+        f"process_func returned {got} results{where} for a batch of {n}{hint}")
+
+
+def _rows_hint(requests: list[Request]) -> str:
+    """For a wrong count of results: how a 1-D item of the batch was counted, the usual
+    mistake behind one (one sample of N values given as shape (N,), not (1, N))."""
+    for request in requests:
+        shape = getattr(request.item, "shape", None)
+        if shape is not None and len(shape) == 1 and request.rows > 1:
+            return (" (this batch has a 1-D item, which counts one row per value: one "
+                    "sample of N values is an item of shape (1, N), not (N,))")
+    return ""
 
 
 def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,

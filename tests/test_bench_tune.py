@@ -676,6 +676,23 @@ def test_a_climb_cut_short_below_the_best_is_marked_and_ranked_below(capsys) -> 
     assert "the default is the best configuration tried" in out
 
 
+def test_a_budget_that_ends_before_any_configuration_says_only_the_default_ran(capsys) -> None:
+    small, mid, big = (c.key for c in candidates([8, 16, 32], [1.0], [1], ["fixed"]))
+    carries = {"default": 450.0, small: 1000.0, mid: 1000.0, big: 450.0}
+    full = FakeTuner(carries)
+    full.run()
+    default_runs = sum(1 for key, _ in full.calls if key == "default")
+    tuner = FakeTuner(carries, runs=default_runs + 1)  # the first configuration's first run
+    result = tuner.run()
+    assert result.cut_short == small and result.best["key"] == "default"
+    out, _ = _printed(result, capsys)
+    assert "best: default (ADAPTIVE): " in out
+    assert ("only the default was measured: no configuration of the search finished within "
+            "the budget (pass --json FILE to keep the results and continue in a later run)"
+            in out)
+    assert "the default is the best configuration tried" not in out
+
+
 def test_the_default_config_is_printed_with_the_imports_it_uses(capsys) -> None:
     result = FakeTuner({"default": 450.0}).run()
     assert result.best is not None and result.best["key"] == "default"

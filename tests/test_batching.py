@@ -177,6 +177,30 @@ def test_a_wrong_count_behind_a_1d_item_says_how_it_was_counted(make_processor, 
         p.enqueue_predict(item).result(timeout=10)
 
 
+class _Shaped:
+    """An item of no array kind with a ``shape`` of its own (counted by ``item_size``)."""
+
+    def __init__(self, shape):
+        self._shape = shape
+
+    @property
+    def shape(self):
+        if self._shape is None:
+            raise RuntimeError("no shape yet")
+        return self._shape
+
+
+@pytest.mark.parametrize("shape", [(5,), 7, None], ids=["1-D", "an int", "raises"])
+def test_items_of_no_array_kind_get_their_count_not_a_hint(make_processor, shape):
+    # One result per item, the item weighing 5 rows (item_size) toward max_batch_size,
+    # whatever its shape says or does.
+    p = make_processor(lambda b: np.zeros(3), item_size=lambda x: 5, max_retries=0,
+                       retry_delay=0.0)
+    with pytest.raises(BatchOutputError) as info:
+        p.enqueue_predict(_Shaped(shape)).result(timeout=10)
+    assert str(info.value) == "process_func returned 3 results for a batch of 1"
+
+
 def test_a_wrong_count_of_2d_items_gives_no_such_hint(make_processor):
     p = make_processor(lambda b: b[:-1], max_retries=0, retry_delay=0.0)
     with pytest.raises(BatchOutputError) as info:

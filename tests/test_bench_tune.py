@@ -682,15 +682,19 @@ def test_a_budget_that_ends_before_any_configuration_says_only_the_default_ran(c
     full = FakeTuner(carries)
     full.run()
     default_runs = sum(1 for key, _ in full.calls if key == "default")
-    tuner = FakeTuner(carries, runs=default_runs + 1)  # the first configuration's first run
-    result = tuner.run()
-    assert result.cut_short == small and result.best["key"] == "default"
+    result = FakeTuner(carries, runs=default_runs).run()  # none left for the search
+    assert result.budget_spent and result.best["key"] == "default"
     out, _ = _printed(result, capsys)
     assert "best: default (ADAPTIVE): " in out
-    assert ("only the default was measured: no configuration of the search finished within "
-            "the budget (pass --json FILE to keep the results and continue in a later run)"
-            in out)
+    assert ("only the default was measured: the budget ended before the search's first "
+            "run (pass --json FILE to keep the results and continue in a later run)" in out)
     assert "the default is the best configuration tried" not in out
+    # One run more: the first configuration was measured (cut short), tying the default.
+    result = FakeTuner(carries, runs=default_runs + 1).run()
+    assert result.cut_short == small and result.best["key"] == "default"
+    out, _ = _printed(result, capsys)
+    assert "the default is the best configuration tried" in out
+    assert "only the default was measured" not in out
 
 
 def test_the_default_config_is_printed_with_the_imports_it_uses(capsys) -> None:

@@ -475,8 +475,7 @@ def _keyword_needed(items, *, scale):
 
 @pytest.mark.parametrize("func", [_two, _two_async, _none, _keyword_needed])
 def test_a_function_that_cannot_take_the_batch_alone_is_refused_when_decorated(func):
-    # Called with the batch alone, it would fail on every call (after its retries); and
-    # the decorated function's second positional argument is its timeout.
+    # Called with the batch alone, it would fail on every call (after its retries).
     with pytest.raises(TypeError, match=rf"@batchproc.batch: {func.__qualname__}\(.*\) must "
                                         r"take the batch as its only argument: the processor"):
         batchproc.batch()(func)

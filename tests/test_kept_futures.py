@@ -148,6 +148,21 @@ def test_cancelling_a_queued_future_of_a_processor_gone_only_cancels_it():
     assert len(list(concurrent.futures.as_completed(futures, timeout=0))) == 3
 
 
+def test_a_second_cancel_finds_it_cancelled_whether_or_not_its_processor_is_gone():
+    p = BatchProcessor(BatchProcessorConfig(max_batch_size=4))
+    before, after = p.enqueue_predict(ROW), p.enqueue_predict(ROW)
+    assert before.cancel()  # its processor still there: taken out of the queue
+    assert p.get_stats()["total_cancelled"] == 1
+    ref = weakref.ref(p)
+    del p
+    gc.collect()
+    assert ref() is None
+    assert after.cancel() and after.cancel()
+    assert before.cancel()
+    done, _ = concurrent.futures.wait([before, after], timeout=0)
+    assert len(done) == 2
+
+
 class Embedder:
     @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
     def embed(self, batch):

@@ -262,6 +262,11 @@ class RequestFuture(Future):  # type: ignore[type-arg]
     # ----------------------------------------------------------------- transitions
 
     def cancel(self) -> bool:
+        return self._cancel() != 0
+
+    def _cancel(self) -> int:
+        """``cancel``'s transition: 1 cancelled by this call (its callbacks run), 2 it
+        already was, 0 it cannot be (running or finished)."""
         code = _atomic.cancel(self)
         if code == _NEED_LOCK:
             with self._condition:
@@ -276,7 +281,7 @@ class RequestFuture(Future):  # type: ignore[type-arg]
                     code = 1
         if code == 1:
             self._invoke_callbacks()
-        return code != 0
+        return code
 
     def set_running_or_notify_cancel(self) -> bool:
         code = _atomic.start(self)

@@ -99,14 +99,14 @@ class _RequestFuture(RequestFuture):
     _bp_again: Any = None
 
     def cancel(self) -> bool:
-        if not super().cancel():
-            return False
+        code = self._cancel()
         ref = self._bp_cancel_queued
-        if ref is not None and cancel_queued(ref, self._bp_token):
+        # Only the call that cancelled it: a second one finds it told already.
+        if code == 1 and ref is not None and cancel_queued(ref, self._bp_token):
             # No worker will ever see it: tell concurrent.futures.wait()/as_completed()
             # now, as a worker would have.
             self.set_running_or_notify_cancel()
-        return True
+        return code != 0
 
 
 def _refuse_config_in_pieces(config: object, config_fields: Mapping[str, object]) -> None:

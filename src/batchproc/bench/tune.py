@@ -907,9 +907,9 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
         return
     cut = " (cut short)" if best["key"] == result.cut_short else ""
     print(f"best: {best['label']}{cut}: {_verdict(best)}")
-    if best["key"] == DEFAULT_KEY and result.candidates_done <= 1:  # the default first
-        print("  only the default was measured: no configuration of the search finished "
-              f"within the budget ({_how_to_continue(result)})")
+    if best["key"] == DEFAULT_KEY and all(r["key"] == DEFAULT_KEY for r in result.records):
+        print("  only the default was measured: the budget ended before the search's "
+              f"first run ({_how_to_continue(result)})")
     elif best["key"] == DEFAULT_KEY:
         print("  the default is the best configuration tried")
     elif default is not None:

@@ -191,11 +191,14 @@ def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int, hint: str = "") -> Bat
 
 
 def _rows_hint(requests: list[Request]) -> str:
-    """For a wrong count of results: how a 1-D item of the batch was counted, the usual
-    mistake behind one (one sample of N values given as shape (N,), not (1, N))."""
+    """For a wrong count of results: how a 1-D array or tensor item of the batch was
+    counted, the usual mistake behind one (one sample of N values given as shape (N,),
+    not (1, N)). Other items count as their format (or ``item_size``) says."""
+    tensor = tensor_type()
+    kinds = (_ndarray,) if tensor is None else (_ndarray, tensor)
     for request in requests:
-        shape = getattr(request.item, "shape", None)
-        if shape is not None and len(shape) == 1 and request.rows > 1:
+        item = request.item
+        if isinstance(item, kinds) and item.ndim == 1 and request.rows > 1:
             return (" (this batch has a 1-D item, which counts one row per value: one "
                     "sample of N values is an item of shape (1, N), not (N,))")
     return ""

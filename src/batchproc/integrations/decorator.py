@@ -637,9 +637,8 @@ def _callable_name(func: Any) -> str:
 def _check_takes_the_batch(signature: inspect.Signature, name: str, method: bool) -> None:
     """``TypeError`` now, at decoration, for a function of ``signature`` that cannot be
     called with the batch alone (a method: the instance and the batch), as the processor
-    calls it. Every call would otherwise fail, and only once its retries ran out; and a
-    second argument given to the decorated function is its ``timeout``, not the
-    function's."""
+    calls it. Every call would otherwise fail, and only once its retries ran out (the
+    decorated function takes one item, and ``timeout`` and ``priority`` as keywords)."""
     try:
         signature.bind(*(("instance", "batch") if method else ("batch",)))
     except TypeError:

@@ -195,10 +195,10 @@ def _rows_hint(requests: list[Request]) -> str:
     counted, the usual mistake behind one (one sample of N values given as shape (N,),
     not (1, N)). Other items count as their format (or ``item_size``) says."""
     tensor = tensor_type()
-    kinds = (_ndarray,) if tensor is None else (_ndarray, tensor)
+    kinds: tuple[type, ...] = (_ndarray,) if tensor is None else (_ndarray, tensor)
     for request in requests:
         item = request.item
-        if isinstance(item, kinds) and item.ndim == 1 and request.rows > 1:
+        if isinstance(item, kinds) and getattr(item, "ndim", None) == 1 and request.rows > 1:
             return (" (this batch has a 1-D item, which counts one row per value: one "
                     "sample of N values is an item of shape (1, N), not (N,))")
     return ""

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import inspect
 import pickle
 import re
 import subprocess
@@ -1399,3 +1400,35 @@ def test_timeout_and_priority_are_keywords_so_a_second_input_is_refused():
     finally:
         double.stop()
         Tripler.scale.stop()
+
+
+def test_a_method_on_its_instance_shows_as_the_method_bound():
+    # As Python shows a bound method: its name, docstring and signature without self;
+    # not those of the call that reaches the instance weakly.
+    class Scorer:
+        @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
+        def score(self, items: list[int]) -> list[int]:
+            """One score per item."""
+            return [len(str(x)) for x in items]
+
+        @batchproc.batch(max_batch_size=4, batch_timeout=0.001)
+        async def ascore(self, items: list[int], /) -> list[int]:
+            """The same, async."""
+            return [len(str(x)) for x in items]
+
+    s = Scorer()
+    try:
+        for method, name, doc in [(s.score, "score", "One score per item."),
+                                  (s.ascore, "ascore", "The same, async.")]:
+            assert (method.__name__, method.__doc__) == (name, doc)
+            assert method.__qualname__.endswith(f"Scorer.{name}")
+            assert list(inspect.signature(method).parameters) == ["items"]
+            assert inspect.signature(method).return_annotation == list[int]
+        assert s.score(123) == 3
+        ref = weakref.ref(s)
+        del s, method
+        gc.collect()
+        assert ref() is None  # what it shows holds no instance
+    finally:
+        Scorer.score.stop()
+        Scorer.ascore.stop()

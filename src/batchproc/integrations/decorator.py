@@ -365,6 +365,7 @@ class BatchedMethod(Generic[S, T, U]):
             bound = BatchedFunction[T, U](
                 _bind(self._func, instance, ref), self._config, self._metrics_collector,
                 self._name, ref)
+            _show_as_bound(bound, self._func)
             bound._stopped = self._stopped
             bound._method = self
             if ref is None:
@@ -420,6 +421,20 @@ def _bind(func: Callable[..., Any], instance: Any,
         return functools.partial(func, obj)
 
     return _calling(method, inspect.iscoroutinefunction(func))
+
+
+def _show_as_bound(bound: BatchedFunction[Any, Any], func: Callable[..., Any]) -> None:
+    """Name, docstring and signature of ``bound`` as the method ``func`` bound to an
+    instance (its first parameter left out), as Python shows a bound method: not those of
+    the call that reaches the instance weakly. Holds no instance."""
+    functools.update_wrapper(bound, func, updated=())
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to show (some builtins)
+        return
+    parameters = list(signature.parameters.values())[1:]
+    bound.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=parameters)
 
 
 def _through_weakly(owner: BatchedFunction[Any, Any]) -> Callable[[Any], Any]:

@@ -1386,12 +1386,17 @@ def test_timeout_and_priority_are_keywords_so_a_second_input_is_refused():
 
     m = Tripler()
     try:
-        calls = [lambda: double(1, 2), lambda: double.submit(1, 2),
-                 lambda: asyncio.run(double.acall(1, 2)), lambda: m.scale(1, 2),
-                 lambda: Tripler.scale(m, 1, 2)]
-        for call in calls:
-            with pytest.raises(TypeError, match="positional argument"):
+        calls = [(lambda: double(1, 2), "double()"),
+                 (lambda: double.submit(1, 2), "double.submit()"),
+                 (lambda: asyncio.run(double.acall(1, 2)), "double.acall()"),
+                 (lambda: m.scale(1, 2), "Tripler.scale()"),
+                 (lambda: Tripler.scale(m, 1, 2), "Tripler.scale()")]
+        for call, called in calls:
+            with pytest.raises(TypeError) as info:
                 call()
+            assert (f"{called} takes one item, got 2 positional arguments: a batched "
+                    "function is called with one item") in str(info.value)  # qualified name
+            assert "timeout= and priority= are keywords" in str(info.value)
         assert double(1, timeout=2, priority=batchproc.BatchPriority.HIGH) == 2
         assert double.submit(1, timeout=2).result(10) == 2
         assert asyncio.run(double.acall(1, timeout=2)) == 2

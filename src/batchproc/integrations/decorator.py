@@ -116,13 +116,15 @@ class BatchedFunction(Generic[T, U]):
 
     # ----------------------------------------------------------------- calling
 
-    def __call__(self, item: T, *, timeout: float | None = None,
+    def __call__(self, item: T, *more: object, timeout: float | None = None,
                  priority: BatchPriority | int = _NORMAL) -> U:
         """From a thread: the item's result. ``timeout`` bounds the wait for room in a
         full queue (then ``QueueFullError``); a failure raises what the function raised.
         Do not call it on an event loop's thread (it blocks): use ``acall``. ``timeout``
         and ``priority`` are keywords (here, in ``submit`` and in ``acall``): a second
         positional argument, a second input, is a ``TypeError``."""
+        if more:
+            raise _one_item(self.name, more)
         future = self._submit(item, timeout, priority)
         try:
             return future.result()
@@ -131,18 +133,22 @@ class BatchedFunction(Generic[T, U]):
             # thread woke: it must not hold the owner (a method's instance) with it.
             future._bp_pending_owner = None  # type: ignore[attr-defined]
 
-    async def acall(self, item: T, *, timeout: float | None = None,
+    async def acall(self, item: T, *more: object, timeout: float | None = None,
                     priority: BatchPriority | int = _NORMAL) -> U:
         """From a coroutine: the item's result. A full queue is waited out without
         blocking the loop (``BatchProcessor.apredict``)."""
+        if more:
+            raise _one_item(f"{self.name}.acall", more)
         _owner = self._live_owner()  # held by this frame while the request is pending
         return await self._running(a_request=True).apredict(item, timeout, priority)
 
-    def submit(self, item: T, *, timeout: float | None = None,
+    def submit(self, item: T, *more: object, timeout: float | None = None,
                priority: BatchPriority | int = _NORMAL) -> Future[U]:
         """The ``concurrent.futures.Future`` of the item's result. ``ProcessorStoppedError``
         after ``stop()`` (as every way of calling it). Kept once done, it no longer keeps
         the function's owner (a method's instance) nor its processor alive."""
+        if more:
+            raise _one_item(f"{self.name}.submit", more)
         future = self._submit(item, timeout, priority)
         future.add_done_callback(_forget_owner)
         return future
@@ -374,10 +380,12 @@ class BatchedMethod(Generic[S, T, U]):
             self._bound.add(bound)
         return bound
 
-    def __call__(self, instance: S, item: T, *, timeout: float | None = None,
+    def __call__(self, instance: S, item: T, *more: object, timeout: float | None = None,
                  priority: BatchPriority | int = _NORMAL) -> U:
         """Called on the class, ``Class.method(instance, item)``: as
         ``instance.method(item)``."""
+        if more:
+            raise _one_item(self._name, more)
         bound: BatchedFunction[T, U] = self.__get__(instance, type(instance))
         return bound(item, timeout=timeout, priority=priority)
 
@@ -399,6 +407,14 @@ _CLASSMETHOD = (
     "processor per instance, and there is none per class). For one processor shared by "
     "the class, write it as a @staticmethod taking only the batch (or a module-level "
     "function); for one per instance, as a method taking self and the batch")
+
+
+def _one_item(called: str, more: tuple[object, ...]) -> TypeError:
+    """A call given more than its one item (``timeout`` and ``priority`` are keywords)."""
+    return TypeError(
+        f"{called}() takes one item, got {1 + len(more)} positional arguments: a batched "
+        "function is called with one item (its batch is made for it); timeout= and "
+        "priority= are keywords")
 
 
 def _forget_owner(future: Future[Any]) -> None:

@@ -17,6 +17,7 @@ from waiting import wait_for as _wait_for
 
 from batchproc import (
     BatchPriority,
+    BatchProcessingStrategy,
     BatchTimeoutError,
     ConfigTypeError,
     ProcessorStoppedError,
@@ -67,6 +68,37 @@ def test_chunksize_sets_the_rows_per_request(make_processor):
     p = make_processor(lambda b: b, max_batch_size=16)
     assert len(list(p.map(rows(20), chunksize=5))) == 20
     assert p.get_stats()["total_accepted"] == 4
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+def test_chunks_follow_the_processors_target_rows(make_processor, method):
+    # Requests one by one never give the model more rows than the target (FIXED's as
+    # set, a memory level's cap, a failure's halving): a map's chunks do not either.
+    model = Calls()
+    p = make_processor(model, max_batch_size=64, initial_batch_size=8, batch_timeout=0.001,
+                       processing_strategy=BatchProcessingStrategy.FIXED)
+    call = getattr(p, method)
+    out = _run(call(rows(100)))
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(100)]
+    assert max(model.sizes) == 8 and p.get_stats()["total_accepted"] == 13
+    for target, chunksize, chunks in [(5, None, 26), (5, 3, 43), (64, None, 2)]:
+        p.update_batch_size(target)
+        model.sizes.clear()
+        accepted = p.get_stats()["total_accepted"]
+        out = _run(call(rows(128), chunksize=chunksize))
+        assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(128)]
+        assert max(model.sizes) == target, (target, chunksize)
+        assert p.get_stats()["total_accepted"] - accepted == chunks, (target, chunksize)
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+def test_chunks_follow_a_target_lowered_by_memory_pressure(make_processor, method):
+    model = Calls()
+    p = make_processor(model, max_batch_size=64)
+    p._controller.set_memory_level("critical")  # as the health monitor sets it
+    out = _run(getattr(p, method)(rows(40)))
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(40)]
+    assert set(model.sizes) == {1}
 
 
 def test_items_of_several_rows_get_their_rows(make_processor):
@@ -1163,6 +1195,72 @@ def test_bad_input_fails_its_own_position(make_processor):
     assert len([next(results) for _ in range(3)]) == 3
     with pytest.raises(ValueError, match="0-d"):
         next(results)
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+def test_an_item_the_queue_refuses_fails_its_own_position(make_processor, method):
+    p = make_processor(lambda b: b * 2, max_batch_size=8)
+    huge = np.empty((2**40, 0), np.float32)  # more rows than the queue counts, no memory
+    with pytest.raises(ValueError) as alone:
+        p.enqueue_predict(huge)
+    items = [*rows(3), huge, *rows(3, start=3)]
+    out = _run(getattr(p, method)(items, return_exceptions=True))
+    assert type(out[3]) is ValueError and str(out[3]) == str(alone.value)
+    assert [float(y[0, 0]) for k, y in enumerate(out) if k != 3] == [0, 2, 4, 6, 8, 10]
+    results = p.map(items)
+    assert [float(next(results)[0, 0]) for _ in range(3)] == [0, 2, 4]
+    with pytest.raises(ValueError, match="rows must be in"):
+        next(results)
+
+
+def test_a_chunk_stays_within_what_the_queue_takes_one_by_one(make_processor):
+    # Items the queue takes alone are never refused together: a chunk closes before its
+    # bytes pass the queue's range (views of 2**38 bytes each, no memory behind them).
+    p = make_processor(max_batch_size=8)  # never started: nothing runs
+    wide = np.broadcast_to(np.zeros((1, 1), np.float64), (1, 2**35))
+    chunker = bulk.Chunker(p, 8)
+    for _ in range(3):
+        chunker.add(wide)
+    chunker.flush()
+    assert [(len(c.items), c.nbytes) for c in chunker.ready] == [(1, 2**38)] * 3
+    p.enqueue_predict(wide).cancel()  # which the queue takes alone
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_a_models_interrupt_is_raised_whatever_return_exceptions_says(make_processor,
+                                                                       method, raised):
+    def model(batch):
+        if -1 in batch:
+            raise raised("the model's")
+        return [x * 10 for x in batch]
+
+    p = make_processor(model, max_batch_size=2, max_retries=0)
+    got = []
+
+    async def consume_async():
+        async for y in p.amap([1, 2, -1, 3, 4], return_exceptions=True):
+            got.append(y)
+
+    with pytest.raises(raised, match="the model's"):
+        if method == "map":
+            for y in p.map([1, 2, -1, 3, 4], return_exceptions=True):
+                got.append(y)
+        else:
+            asyncio.run(consume_async())
+    assert got == [10, 20]  # the chunk before it; nothing after, nothing in its place
+
+
+@pytest.mark.parametrize("method", ["map", "amap"])
+def test_items_and_return_exceptions_are_checked_at_the_call(make_processor, method):
+    p = make_processor(lambda b: b, max_batch_size=8)
+    call = getattr(p, method)
+    with pytest.raises(TypeError, match="not iterable"):
+        call(5)
+    for bad in ("no", 1, None, np.array([True, False])):
+        with pytest.raises(TypeError, match="return_exceptions must be a bool"):
+            call(rows(2), return_exceptions=bad)
+    assert len(_run(call(rows(2), return_exceptions=np.True_))) == 2
 
 
 @pytest.mark.parametrize("return_exceptions", [False, True])

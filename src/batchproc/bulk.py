@@ -56,11 +56,11 @@ from ._native.future_state import (
     take_like,
     total_rows,
 )
-from ._native.request_queue import QueueClosed, priority_arg
+from ._native.request_queue import MAX_COUNT, QueueClosed, priority_arg
 from .aio import QueuedFuture
 from .backpressure import push_when_room
 from .config import as_int
-from .errors import ProcessorStoppedError
+from .errors import ProcessorStoppedError, interrupts
 from .formats.base import BatchFormat
 from .formats.chunks import ChunkFormat
 
@@ -99,12 +99,15 @@ class Chunk:
 
 
 class Failed:
-    """One position whose item could not be queued (bad input: the describer's error)."""
+    """Positions whose items could not be queued: one (bad input: the describer's error)
+    or the ``count`` items of a chunk the queue refused (as it would refuse them one by
+    one: a stopped processor, a size past its range), each getting ``error``."""
 
-    __slots__ = ("error",)
+    __slots__ = ("count", "error")
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, count: int = 1) -> None:
         self.error = error
+        self.count = count
 
 
 class InputFailed(Failed):
@@ -115,19 +118,25 @@ class InputFailed(Failed):
 
 class Chunker:
     """Groups consecutive items of one kind (one compatibility key) into chunks within
-    the processor's caps: ``chunksize`` rows, ``max_batch_memory_mb`` and
+    the processor's caps: its target rows per batch as the chunk opens
+    (``current_batch_size``, which failures and memory pressure lower, as they do for
+    requests one by one), at most ``chunksize``; ``max_batch_memory_mb`` and
     ``max_batch_tokens``. An item over a cap goes alone (the engine cuts it by rows).
-    A chunk also holds at most ``chunksize`` items: items of no rows (an array of shape
-    ``(0, n)``) fill no rows, and the read-ahead is bounded in items.
+    A chunk also holds at most as many items as rows: items of no rows (an array of
+    shape ``(0, n)``) fill no rows, and the read-ahead is bounded in items.
     Closed chunks, and failures in their places, wait in ``ready``."""
 
     def __init__(self, processor: BatchProcessor[Any, Any], chunksize: int) -> None:
         config = processor.config
+        self._processor = processor
         self._describer = processor._describer
         self._describe = self._describer.describe
-        self._max_rows = chunksize
-        self._max_bytes = config.max_batch_bytes
-        self._max_tokens = config.max_batch_tokens or 0
+        self._chunksize = chunksize
+        self._max_rows = self._chunk_rows()
+        # Within the queue's range too (MAX_COUNT): items it takes one by one are taken
+        # in a chunk, and a chunk refused at push is one item it would refuse alone.
+        self._max_bytes = min(config.max_batch_bytes or MAX_COUNT, MAX_COUNT)
+        self._max_tokens = min(config.max_batch_tokens or MAX_COUNT, MAX_COUNT)
         self.ready: deque[Chunk | Failed] = deque()
         self._requests: list[Request] = []
         self._items: list[Any] = []
@@ -152,9 +161,9 @@ class Chunker:
         grown = self._grown_bytes(nbytes, queue_length)
         if self._requests and (
                 key != self._key or self._rows + rows > self._max_rows
-                or (self._max_bytes and grown > self._max_bytes)
-                or (self._max_tokens and (self._rows + rows) * max(
-                    self._queue_length, queue_length) > self._max_tokens)):
+                or grown > self._max_bytes
+                or (self._rows + rows) * max(self._queue_length, queue_length)
+                > self._max_tokens):
             self.flush()
             grown = self._grown_bytes(nbytes, queue_length)  # alone in a new chunk
         if not self._requests:
@@ -189,8 +198,12 @@ class Chunker:
         """Some items wait in the open chunk."""
         return bool(self._requests)
 
+    def _chunk_rows(self) -> int:
+        """The rows of the next chunk: the processor's target now, at most ``chunksize``."""
+        return min(self._chunksize, self._processor._current_batch_size)
+
     def _full(self) -> bool:
-        """The open chunk holds ``chunksize`` rows, or as many items (of no rows)."""
+        """The open chunk holds its rows, or as many items (of no rows)."""
         return self._rows >= self._max_rows or len(self._requests) >= self._max_rows
 
     def flush(self) -> None:
@@ -210,6 +223,7 @@ class Chunker:
         self._items = []
         self._rows = self._nbytes = self._length = self._queue_length = 0
         self._per_token = 0.0
+        self._max_rows = self._chunk_rows()
 
     def _past(self, due: float) -> None:
         """After an item was added: at or after ``due``, close the open chunk."""
@@ -230,7 +244,7 @@ class Chunker:
                 if template is not None:
                     room = min((self._max_rows - self._rows) // template.rows,
                                self._max_rows - len(self._requests))
-                    if self._max_bytes and template.nbytes:
+                    if template.nbytes:
                         room = min(room, (self._max_bytes - self._nbytes) // template.nbytes)
                     if room > 0:
                         taken, item = take_like(iterator, template, room, self._requests,
@@ -319,6 +333,8 @@ class Settings:
         # As a request keeps it: seconds, inf for none.
         self.max_queue_time = _INF if max_queue_time is None else max_queue_time
         self.read_wait = max(config.batch_timeout, READ_WAIT_MIN)
+        if not isinstance(return_exceptions, (bool, np.bool_)):
+            raise TypeError(f"return_exceptions must be a bool, got {return_exceptions!r}")
         self.return_exceptions = bool(return_exceptions)
 
 
@@ -483,8 +499,11 @@ class Window:
     def take_failure(self) -> BaseException:
         """The oldest position could not be queued: its error, to yield; raised when it
         ends the iteration."""
-        slot = self.slots.popleft()
+        slot = self.slots[0]
         assert isinstance(slot, Failed)
+        slot.count -= 1
+        if not slot.count:
+            self.slots.popleft()
         if type(slot) is InputFailed or self.final(slot.error):
             raise slot.error
         return slot.error
@@ -501,8 +520,12 @@ class Window:
         return len(slot.chunk.items)
 
     def final(self, error: BaseException) -> bool:
-        """Whether ``error`` at a position ends the iteration (is raised)."""
-        return not self._settings.return_exceptions or isinstance(error, ProcessorStoppedError)
+        """Whether ``error`` at a position ends the iteration (is raised): always a
+        ``ProcessorStoppedError`` and an interrupt of the model's (``KeyboardInterrupt``,
+        ``SystemExit``: never a result, as an asyncio task raises them out of ``gather``
+        whatever its ``return_exceptions``)."""
+        return (not self._settings.return_exceptions
+                or isinstance(error, ProcessorStoppedError) or interrupts(error))
 
     def cancel(self) -> None:
         """Withdraw what is still queued (what runs completes unseen): an iterator closed
@@ -637,13 +660,16 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
             token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
                                entry.queue_length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
-            return Failed(processor._refusal(exc, None))
+            return Failed(processor._refusal(exc, None), len(entry.items))
+        except Exception as exc:  # refused as enqueue_predict's push would refuse it
+            return Failed(exc, len(entry.items))
         future._bp_token = token  # its cancel() withdraws it from the queue
         future._bp_cancel_queued = processor._cancel_queued_ref
         return InFlight(entry, future)
 
+    iterator = iter(items)  # a TypeError at the call; nothing is read before next()
+
     def gen() -> Iterator[Any]:
-        iterator = iter(items)
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
         slots = window.slots
@@ -723,6 +749,12 @@ def amap_results(processor: BatchProcessor[Any, Any],
     """``BatchProcessor.amap`` (see its docstring): an async generator."""
     priority = settings.priority
     window = Window(processor, settings)
+    # A TypeError at the call; nothing is read before the first item is asked for.
+    if isinstance(items, AsyncIterable):
+        aiterator: AsyncIterator[Any] | None = items.__aiter__()
+    else:
+        aiterator = None
+        iterator = iter(items)
 
     async def submit(entry: Chunk | Failed, loop: asyncio.AbstractEventLoop,
                      channel: Any) -> InFlight | Failed:
@@ -737,8 +769,8 @@ def amap_results(processor: BatchProcessor[Any, Any],
             token = await push_when_room(processor, request, priority, entry.rows,
                                          entry.nbytes, entry.key, entry.queue_length,
                                          None)
-        except ProcessorStoppedError as exc:
-            return Failed(exc)
+        except Exception as exc:  # refused as enqueue_predict's push would refuse it
+            return Failed(exc, len(entry.items))
         future._bp_token = token
         future._bp_cancel_queued = processor._cancel_queued_ref
         return InFlight(entry, future)
@@ -757,11 +789,6 @@ def amap_results(processor: BatchProcessor[Any, Any],
         chunker = Chunker(processor, settings.chunksize)
         ready = chunker.ready
         slots = window.slots
-        if isinstance(items, AsyncIterable):
-            aiterator: AsyncIterator[Any] | None = items.__aiter__()
-        else:
-            aiterator = None
-            iterator = iter(items)
         read_wait = settings.read_wait
         reader = (None if aiterator is None
                   else SourceReader(chunker, aiterator, read_wait))

@@ -762,8 +762,9 @@ class BatchProcessor(Generic[T, U]):
         An item is what ``enqueue_predict`` takes: an array ``(r, ...)`` counts ``r``
         rows (``(1, features)`` for one sample; with ``stack_items=True`` a sample
         ``(features,)``), a tensor likewise, a dict or tuple of them, or any other object.
-        Consecutive items of one kind are queued together as one request of up to
-        ``chunksize`` rows (default and maximum: ``max_batch_size``), so a bulk job
+        Consecutive items of one kind are queued together as one request (a chunk) of
+        the processor's target rows (``current_batch_size`` as the chunk opens), at most
+        ``chunksize`` (default and maximum: ``max_batch_size``), so a bulk job
         costs no future per item. At most ``buffersize`` such chunks (default
         ``2 * max_workers``) are queued or waiting to be read: ``items`` (any iterable,
         infinite or lazy) is read only as results are consumed. Nothing is read before
@@ -788,11 +789,12 @@ class BatchProcessor(Generic[T, U]):
         iteration goes on. Bad input (an item ``enqueue_predict`` would refuse) fails its
         own position the same way. Always raised, ending the iteration, whatever
         ``return_exceptions`` says: ``ProcessorStoppedError`` at the first position not
-        finished when the processor stopped, and an exception of the input iterator
-        after the results of the items read before it.
+        finished when the processor stopped, a ``KeyboardInterrupt`` or ``SystemExit``
+        of the model's, and an exception of the input iterator after the results of the
+        items read before it.
 
         ``priority`` and ``max_queue_time`` (seconds, counted for each chunk from when it
-        is queued) as for ``enqueue_predict``. Closing the iterator (``close()``, or
+        is submitted, a wait for room included) as for ``enqueue_predict``. Closing the iterator (``close()``, or
         dropping it) withdraws its queued chunks. In ``get_stats()`` a chunk counts as
         one request and its rows as rows; a chunk whose items were queued again one by
         one counts as those requests instead. Checked at the call, as the same arguments
@@ -801,8 +803,9 @@ class BatchProcessor(Generic[T, U]):
         ``enqueue_predict``. ``TypeError`` for a wrong type (a bool or a float where an
         integer goes, a string), ``ValueError`` for a value out of range (a ``chunksize``
         outside [1, max_batch_size], a ``buffersize`` below 1, a ``priority`` outside
-        [0, 2**31-1]) and for a bad ``max_queue_time``; ``ProcessorForkedError`` in a
-        forked child.
+        [0, 2**31-1]) and for a bad ``max_queue_time``; ``TypeError`` for ``items`` that
+        is not iterable and a ``return_exceptions`` that is not a bool;
+        ``ProcessorForkedError`` in a forked child.
         """
         return bulk.map_results(self, items, self._bulk_settings(
             chunksize, buffersize, priority, max_queue_time, return_exceptions))

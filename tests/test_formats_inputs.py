@@ -413,6 +413,20 @@ def test_ragged_object_array_with_pad_value_is_refused_with_advice(make_processo
         p.enqueue_predict(np.array([np.ones(2), np.ones(3)], dtype=object))
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_matrix_stacked_as_a_sample_is_refused_with_advice(make_processor):
+    # np.stack cannot add an axis to a matrix (always 2-D): the batch would lose its
+    # sample axis. Unstacked, a matrix batches by rows as any subclass does.
+    p = make_processor(lambda b: b * 2, stack_items=True)
+    with pytest.raises(ValueError, match=r"np.matrix items cannot be stacked.*np.asarray"):
+        p.enqueue_predict(np.matrix([[1.0, 2.0, 3.0]]))
+    assert p.get_stats()["total_accepted"] == 0
+    assert p.enqueue_predict(np.ones((1, 3))).result(timeout=10).shape == (1, 3)
+    rows = make_processor(lambda b: b * 2)
+    got = rows.enqueue_predict(np.matrix([[1.0, 2.0, 3.0]])).result(timeout=10)
+    assert type(got) is np.matrix and got.tolist() == [[2.0, 4.0, 6.0]]
+
+
 # ------------------------------------------------------------------ generic items
 
 

@@ -129,6 +129,11 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
     (1 + 2j, torch.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as "
                             r"torch.float32"),
     (1 + 0j, torch.int64, r"pad_value \(1\+0j\) is complex; it cannot be stored as torch.int64"),
+    # Past the largest value: saturated where the dtype has no inf, and refused by torch's
+    # fill of a batch where it rounds to the largest.
+    (1e6, torch.float8_e4m3fn, r"stored exactly as torch.float8_e4m3fn \(it would become 448.0"),
+    (1e6, torch.float8_e5m2, r"stored exactly as torch.float8_e5m2 \(it would become inf"),
+    (65519.0, torch.float16, r"stored exactly as torch.float16 \(it would become 65504.0"),
 ])
 def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad,
                                                                         dtype, match):
@@ -142,7 +147,8 @@ def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_pro
 @pytest.mark.parametrize("pad, dtype", [
     (2**64 - 1, torch.uint64), (-(2**63), torch.int64), (1 + 2j, torch.complex64),
     (0.1, torch.float32), (True, torch.bool), (float("inf"), torch.float32),
-    (np.float32(0.5), torch.float64),
+    (np.float32(0.5), torch.float64), (0.5, torch.float8_e4m3fn), (448.0, torch.float8_e4m3fn),
+    (float("nan"), torch.float8_e4m3fn), (65504.0, torch.float16),
 ])
 def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor, pad, dtype):
     seen = []
@@ -151,7 +157,10 @@ def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor,
     got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
     assert got[0].shape == (1, 3)  # no per_token_outputs: the padded row comes back
     want = torch.full((), pad, dtype=dtype)
-    assert seen[0][0, 1:].tolist() == [want.item()] * 2
+    assert seen[0].dtype == dtype
+    wide = torch.complex128 if dtype.is_complex else torch.float64  # float8 has no ==
+    padded, want = seen[0][0, 1:].to(wide), want.to(wide)
+    assert torch.equal(padded, want.expand(2)) or bool(want.isnan() and padded.isnan().all())
 
 
 @pytest.mark.parametrize("make, match", [
@@ -284,6 +293,53 @@ TENSOR_SHAPE_CHANGES = {
     "stacked padded sample grown": ({"stack_items": True, "pad_value": 0}, (4,), (6,)),
     "stacked padded sample shrunk": ({"stack_items": True, "pad_value": 0}, (4,), (2,)),
 }
+
+
+@pytest.mark.parametrize("config", [{}, {"pad_value": 0}, {"stack_items": True}, "named"])
+def test_a_tensor_whose_dtype_changed_while_queued_fails_alone(make_processor, config):
+    # Its shape is the same, but torch.cat would promote the whole batch to float64, and
+    # every other caller's result with it.
+    from batchproc import ItemChangedError
+
+    named = config == "named"
+    def model(batch):
+        return {"x": batch["x"] * 10} if named else batch * 10
+
+    p = make_processor(model, max_batch_size=16, retry_delay=30.0,
+                       **({} if named else config))
+    shape = (4,) if config == {"stack_items": True} else (1, 4)
+    bad = torch.full(shape, 7.0)
+    healthy = [torch.full(shape, float(i)) for i in range(3)]
+
+    def item(x):
+        return {"x": x} if named else x
+
+    p.pause()
+    futures = [p.enqueue_predict(item(x)) for x in [healthy[0], bad, *healthy[1:]]]
+    bad.data = bad.data.double()  # breaks the rule: it changed while queued
+    p.resume()
+    with pytest.raises(ItemChangedError,
+                       match=re.escape("a tensor is torch.float64 on cpu where torch.float32")):
+        futures[1].result(timeout=10)
+    for x, future in zip(healthy, [futures[0], *futures[2:]]):
+        got = future.result(timeout=10)
+        got = got["x"] if named else got
+        assert got.dtype == torch.float32 and torch.equal(got, x * 10)
+
+
+def test_a_tensor_subclass_shares_a_batch_only_with_its_own_class(make_processor):
+    class Scaled(torch.Tensor):
+        pass
+
+    model = Recorder(lambda batch: batch * 10)
+    p = make_processor(model, max_batch_size=16)
+    items = [torch.ones(1, 3), torch.ones(1, 3).as_subclass(Scaled), torch.ones(1, 3)]
+    results = [f.result(timeout=10) for f in one_batch(p, items)]
+    assert sorted((type(b).__name__, len(b)) for b in model.batches) == [
+        ("Scaled", 1), ("Tensor", 2)]
+    assert [type(r) for r in results] == [torch.Tensor, Scaled, torch.Tensor]
+    assert all(torch.equal(r.as_subclass(torch.Tensor), torch.full((1, 3), 10.0))
+               for r in results)
 
 
 @pytest.mark.parametrize("change", list(TENSOR_SHAPE_CHANGES))

@@ -793,18 +793,18 @@ class BatchProcessor(Generic[T, U]):
         of the model's, and an exception of the input iterator after the results of the
         items read before it.
 
-        ``priority`` and ``max_queue_time`` (seconds, counted for each chunk from when it
-        is submitted, a wait for room included) as for ``enqueue_predict``. Closing the iterator (``close()``, or
-        dropping it) withdraws its queued chunks. In ``get_stats()`` a chunk counts as
-        one request and its rows as rows; a chunk whose items were queued again one by
-        one counts as those requests instead. Checked at the call, as the same arguments
-        are elsewhere: ``chunksize`` and ``buffersize`` are integers as in the config (an
-        int or a numpy integer), ``priority`` and ``max_queue_time`` as for
-        ``enqueue_predict``. ``TypeError`` for a wrong type (a bool or a float where an
-        integer goes, a string), ``ValueError`` for a value out of range (a ``chunksize``
-        outside [1, max_batch_size], a ``buffersize`` below 1, a ``priority`` outside
-        [0, 2**31-1]) and for a bad ``max_queue_time``; ``TypeError`` for ``items`` that
-        is not iterable and a ``return_exceptions`` that is not a bool;
+        ``priority`` and ``max_queue_time`` (seconds, counted for each chunk from when it is
+        submitted, a wait for room included) as for ``enqueue_predict``. Closing the
+        iterator (``close()``, or dropping it) withdraws its queued chunks. In
+        ``get_stats()`` a chunk counts as one request and its rows as rows; a chunk whose
+        items were queued again one by one counts as those requests instead. Checked at the
+        call, as the same arguments are elsewhere: ``chunksize`` and ``buffersize`` are
+        integers as in the config (an int or a numpy integer), ``priority`` and
+        ``max_queue_time`` as for ``enqueue_predict``. ``TypeError`` for a wrong type (a
+        bool or a float where an integer goes, a string), ``ValueError`` for a value out of
+        range (a ``chunksize`` outside [1, max_batch_size], a ``buffersize`` below 1, a
+        ``priority`` outside [0, 2**31-1]) and for a bad ``max_queue_time``; ``TypeError``
+        for ``items`` that is not iterable and a ``return_exceptions`` that is not a bool;
         ``ProcessorForkedError`` in a forked child.
         """
         return bulk.map_results(self, items, self._bulk_settings(

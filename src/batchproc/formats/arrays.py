@@ -55,6 +55,10 @@ class ArrayLeaf:
             self._numpy = np.stack if stacked else np.concatenate
         if pad is not None and cls is not np.ndarray:
             raise ValueError(f"{cls.__name__} items cannot be padded; send plain arrays")
+        if stacked and issubclass(cls, np.matrix):
+            raise ValueError("np.matrix items cannot be stacked as samples: a matrix is "
+                             "always 2-D, so the batch would have no sample axis; send "
+                             "np.asarray(item)")
         self._pad = None if pad is None else pad_bytes(pad, dtype)
 
     @property

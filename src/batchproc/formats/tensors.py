@@ -5,7 +5,9 @@ item cannot be a tensor otherwise), so batchproc never imports it itself; while 
 thread is still importing it, items are described as if it were absent. A batch is
 built on the tensors' device with ``torch.cat`` (rows) or ``torch.stack`` (samples, with
 ``stack_items``); padded batches are filled on that device. Tensors share a batch when
-their device, dtype and trailing shape are equal (axis 1 excepted when it is padded).
+their class, device, dtype and trailing shape are equal (axis 1 excepted when it is
+padded): torch's operations make a batch of the first one's subclass and promote it to
+the widest dtype, which every caller's result would take.
 Each caller gets its rows as a tensor (a view of the output). batchproc never reuses a
 tensor it built, so it never changes a result after it is delivered. Batches are built
 without autograd, so no graph links one caller's tensors to another's (use
@@ -18,6 +20,7 @@ import math
 import numbers
 from typing import Any
 
+from ..errors import ItemChangedError
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
 from .outputs import tensor_type
 from .padding import Padding
@@ -26,9 +29,11 @@ from .padding import Padding
 class TensorLeaf:
     """Builds one input position of a batch from torch tensors."""
 
-    __slots__ = ("_pad", "_stacked")
+    __slots__ = ("_device", "_dtype", "_pad", "_stacked")
 
-    def __init__(self, dtype: Any, stacked: bool, pad: Any) -> None:
+    def __init__(self, dtype: Any, device: Any, stacked: bool, pad: Any) -> None:
+        self._dtype = dtype
+        self._device = device
         self._stacked = stacked
         self._pad = None if pad is None else _check_pad(pad, dtype)
 
@@ -40,6 +45,7 @@ class TensorLeaf:
               padded_length: int) -> Any:
         import torch
 
+        _check_unchanged(items, self._dtype, self._device)
         # Without autograd: a batch built from tensors that require grad would join every
         # caller's tensors in one graph, reachable from every caller's result.
         with torch.no_grad():
@@ -58,6 +64,19 @@ class TensorLeaf:
             return batch
 
 
+def _check_unchanged(items: list[Any] | tuple[Any, ...], dtype: Any, device: Any) -> None:
+    """``ItemChangedError`` unless every tensor still has the dtype and device it was
+    queued with (``x.data = x.data.double()`` changes both in place): torch would promote
+    the whole batch to a changed one's dtype, every caller's results with it. Failing the
+    batch lets the failure search find the item and fail it alone, as a resized one."""
+    for item in items:
+        if item.dtype != dtype or item.device != device:
+            raise ItemChangedError(
+                f"a tensor is {item.dtype} on {item.device} where {dtype} on {device} was "
+                "queued: it changed after it was queued (an item must not change until "
+                "its result has come)")
+
+
 def _check_pad(value: Any, dtype: Any) -> Any:
     """``value`` if a tensor of ``dtype`` can hold it, else ``ValueError`` (as for arrays:
     a pad silently changed by the cast would corrupt every padded position)."""
@@ -70,8 +89,16 @@ def _check_pad(value: Any, dtype: Any) -> Any:
         held = torch.full((), value, dtype=dtype)  # what the padded batch is filled with
     except (RuntimeError, TypeError, OverflowError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
-    if dtype.is_floating_point or dtype.is_complex:
-        ok = bool(torch.isfinite(held)) == math.isfinite(abs(value))  # no overflow
+    # Checked in a wide dtype: torch has no isfinite for some (float8_e4m3fn).
+    if dtype.is_floating_point:
+        # A finite value past the dtype's largest: a 0-d tensor holds it overflowed to
+        # inf or saturated (float8_e4m3fn has no inf), and torch refuses to fill a batch
+        # with it ("cannot be converted ... without overflow").
+        finite = math.isfinite(value)
+        ok = (bool(torch.isfinite(held.double())) == finite
+              and not (finite and abs(float(value)) > torch.finfo(dtype).max))
+    elif dtype.is_complex:
+        ok = bool(torch.isfinite(held.to(torch.complex128))) == math.isfinite(abs(value))
     else:
         ok = held.item() == value
     if not ok:
@@ -118,7 +145,8 @@ def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: obj
         length = trailing[0]
         trailing = (-1, *trailing[1:])
     nbytes = item.element_size() * item.nelement()
-    return ("tensor", item.device, item.dtype, trailing, stacked, pad), item, rows, nbytes, length
+    return (("tensor", item.device, item.dtype, trailing, stacked, pad, type(item)), item, rows,
+            nbytes, length)
 
 
 def _cut_rows(item: Any, start: int, stop: int) -> Any:
@@ -139,8 +167,9 @@ class TensorFamily(Family):
         return describe_tensor(item, self._stacked, self._padding, None)
 
     def make_format(self, signature: Any) -> BatchFormat:
-        _, device, dtype, trailing, stacked, pad = signature
-        label = (f"{'stacked ' if stacked else ''}tensors of {dtype} on {device}, trailing "
-                 f"shape {trailing}" + ("" if pad is None else f", padded with {pad!r}"))
-        return LeafFormat(TensorLeaf(dtype, stacked, pad), stacked, self._padding, _cut_rows,
-                          label, trailing)
+        _, device, dtype, trailing, stacked, pad, cls = signature
+        kind = "tensors" if cls is tensor_type() else cls.__name__
+        label = (f"{'stacked ' if stacked else ''}{kind} of {dtype} on {device}, "
+                 f"trailing shape {trailing}" + ("" if pad is None else f", padded with {pad!r}"))
+        return LeafFormat(TensorLeaf(dtype, device, stacked, pad), stacked, self._padding,
+                          _cut_rows, label, trailing)

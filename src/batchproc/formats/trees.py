@@ -167,7 +167,7 @@ class TreeFamily(Family):
                 _, dtype, trailing, stacked, pad, cls, _ = s
                 leaves.append(ArrayLeaf(dtype, stacked, pad, cls))
             else:
-                _, _, dtype, trailing, stacked, pad = s
-                leaves.append(TensorLeaf(dtype, stacked, pad))
+                _, device, dtype, trailing, stacked, pad, _ = s
+                leaves.append(TensorLeaf(dtype, device, stacked, pad))
             shapes.append(queued_shape(trailing, stacked, exact_length=False))
         return TreeFormat(spec, leaves, shapes, self._stacked, self._padding)

@@ -145,6 +145,40 @@ def test_cancelling_a_task_waiting_for_room_leaves_the_line(make_processor, reco
 
     assert asyncio.run(main()).tolist() == [[1.0]]
     assert [b.tolist() for b in model.batches] == [[[1.0]]]
+    # Never accepted: it counts as refused, once (every request ends in one outcome).
+    stats = processor.get_stats()
+    assert (stats["total_accepted"], stats["total_rejected"], stats["total_cancelled"]) == (
+        1, 1, 0)
+
+
+@pytest.mark.parametrize("method", ["apredict", "amap"])
+def test_max_queue_time_bounds_the_wait_for_room(make_processor, method):
+    # It counts from the call, and a wait for room is time in the queue to the caller:
+    # without a timeout, the wait still ends when it runs out.
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.pause()
+
+    async def main():
+        first = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
+        await _until(lambda: len(processor._queue) == 1, "the first request queued")
+        began = time.monotonic()
+        if method == "apredict":
+            call = processor.apredict(np.array([[2.0]]), max_queue_time=0.05)
+        else:
+            async def call_amap():
+                return [y async for y in processor.amap([np.array([[2.0]])],
+                                                        max_queue_time=0.05)]
+            call = call_amap()
+        with pytest.raises(QueueFullError, match=r"queue full \(1 requests\) for 0\.0"):
+            await asyncio.wait_for(call, 10)  # bounded: before, it waited for ever
+        waited = time.monotonic() - began
+        assert len(processor._room_waiters()) == 0 and len(processor._queue) == 1
+        processor.resume()
+        return await first, waited
+
+    result, waited = asyncio.run(main())
+    assert result.tolist() == [[1.0]] and 0.04 <= waited < 5.0
+    assert processor.get_stats()["total_rejected"] == 1
 
 
 def test_cancelled_after_dispatch_the_result_is_dropped(make_processor):
@@ -754,14 +788,17 @@ def test_room_is_not_lost_to_a_waiter_whose_loop_is_gone(make_processor, closed)
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop stopped"])
-@pytest.mark.parametrize("healthy_in_line", [True, False],
-                         ids=["healthy waiting behind it", "healthy coming after"])
+@pytest.mark.parametrize("healthy_in_line", ["behind", "after", "after, not waiting"],
+                         ids=["healthy waiting behind it", "healthy coming after",
+                              "healthy coming after with timeout 0"])
 def test_room_handed_to_a_waiter_whose_loop_then_stops_goes_on(make_processor, closed,
                                                                healthy_in_line):
     # The room reaches waiter A while its loop runs (busy in a callback); the loop stops
     # before A's wake runs, so A never takes it. A healthy waiter behind A, or one arriving
     # later, must still get it, while the only worker is held in a call (so no pop ends
-    # to report room: only the supervisor's look at the claims can find it).
+    # to report room: only the supervisor's look at the claims can find it); with nobody
+    # waiting, that look takes the claim back too, or every caller that cannot wait would
+    # be refused behind it for good.
     in_call, gate = threading.Event(), threading.Event()
 
     def model(batch):
@@ -794,7 +831,7 @@ def test_room_handed_to_a_waiter_whose_loop_then_stops_goes_on(make_processor, c
 
     async def main():
         healthy = None
-        if healthy_in_line:
+        if healthy_in_line == "behind":
             healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=10))
             await _until(lambda: len(processor._room) == 2, "the healthy waiter behind A")
         processor.resume()
@@ -805,7 +842,10 @@ def test_room_handed_to_a_waiter_whose_loop_then_stops_goes_on(make_processor, c
         assert not loop_a.is_running()
         if closed:
             loop_a.close()
-        if healthy is None:
+        if healthy_in_line == "after, not waiting":
+            await _until(lambda: processor._room.ahead == 0, "A's claim taken back")
+            healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=0))
+        elif healthy is None:
             healthy = asyncio.ensure_future(processor.apredict(np.array([[7.0]]), timeout=10))
         await _until(lambda: len(processor._queue) == 1, "the healthy request queued", 5.0)
         gate.set()
@@ -845,6 +885,33 @@ def test_an_event_loop_is_not_kept_alive_by_the_processor(make_processor):
     # The worker that posted a loop its last result holds that loop until it is back
     # from posting, which may be after the loop has run and closed.
     _wait_for(freed, "the loops freed")
+    assert len(processor._channels) == 0
+
+
+def test_a_loop_closed_before_its_results_were_flushed_is_not_kept(make_processor):
+    # The result reaches a loop that stopped (its flush scheduled, never run); the loop
+    # is then closed. What waited for that flush held the loop, as the value of the
+    # loop's own weak key in the processor's channels: the supervisor drops it.
+    import gc
+    import weakref
+
+    processor = make_processor(lambda batch: batch)
+    loop = asyncio.new_event_loop()
+
+    async def submit():
+        return processor.enqueue_predict_async(np.ones((4, 4)))  # never awaited
+
+    future = loop.run_until_complete(submit())  # the loop stops; the result comes later
+    _wait_for(lambda: processor.get_stats()["total_processed"] == 1, "the result posted")
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop, future
+
+    def freed():
+        gc.collect()
+        return ref() is None
+
+    _wait_for(freed, "the closed loop freed")
     assert len(processor._channels) == 0
 
 

@@ -100,6 +100,20 @@ class LoopChannel:
             dropped, self._pending, self._scheduled = len(self._pending), [], False
         logger.debug("event loop closed; %d results dropped", dropped)
 
+    def drop_if_closed(self) -> None:
+        """From any thread (the supervisor, at its tick): a flush scheduled on a loop that
+        closed before running it never runs; drop what waited for it, which holds the
+        loop (its futures) for as long as this channel lives. (A post meanwhile finds the
+        loop closed and drops its results itself.)"""
+        if not self._scheduled:
+            return
+        loop = self.loop_ref()
+        if loop is not None and not loop.is_closed():
+            return
+        with self._lock:
+            dropped, self._pending, self._scheduled = len(self._pending), [], False
+        logger.debug("event loop closed; %d results dropped", dropped)
+
     def _flush(self) -> None:
         """On the loop: complete everything posted so far, and wake its awaiters."""
         with self._lock:

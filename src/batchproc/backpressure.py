@@ -241,6 +241,9 @@ class RoomWaiters:
         if not self._claimed:
             return
         with self._lock:
+            # Taken back even with nobody waiting: a claim counts in ``ahead``, which
+            # sends every caller to the line (and refuses those that cannot wait).
+            self._drop_dead_claims_locked()
             if self._waiting:
                 self._hand_out_locked(self._unclaimed_locked())
 
@@ -261,11 +264,17 @@ class RoomWaiters:
         without room, as if its loop had not been running at the hand-out."""
         if not self._waiting or self._queue is None:
             return 0
+        self._drop_dead_claims_locked()
+        return self._queue.room - self._claimed
+
+    def _drop_dead_claims_locked(self) -> None:
+        """Take back the room of waiters whose loop stopped or closed after they were
+        handed it: each is woken without room, as if its loop had not been running at
+        the hand-out."""
         for channel in [c for c in self._claims if not c.serving()]:
             for waiter in list(self._claims[channel]):
                 closed = waiter.future.get_loop().is_closed()
                 self._unclaim_locked(waiter, _GONE if closed else _NUDGED)
-        return self._queue.room - self._claimed
 
     def _hand_out_locked(self, count: int) -> None:
         """Hand ``count`` units of room to the oldest waiters whose loop runs, and wake
@@ -358,8 +367,11 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
     """On the loop: push a described request (its future an ``AsyncRequest`` of this
     loop; its ``deadline`` the queue's), waiting for room in a full queue, or behind
     those already waiting for it, up to ``timeout`` seconds (``None``: as long as it
-    takes); its token.
-    ``QueueFullError`` when the time is up, ``ProcessorStoppedError`` once stopped."""
+    takes), and never past the request's ``max_queue_time`` (its ``deadline``), which
+    counts from the call: a wait for room is time in the queue to its caller; its token.
+    ``QueueFullError`` when the time is up, ``ProcessorStoppedError`` once stopped; a
+    caller that stops waiting (its task cancelled) is counted as refused: its request was
+    never accepted."""
     room = processor._room
     if room is None or not room.ahead:
         # Nobody in line (the fast path): push, as enqueue_predict_async does.
@@ -370,6 +382,9 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
             raise processor._refusal(exc, timeout) from None
         except _stdlib_queue.Full:
             pass
+    left = request.deadline - _monotonic()  # inf without a max_queue_time
+    if timeout is None or left < timeout:
+        timeout = None if left == _INF else max(left, 0.0)
     return await _push_in_line(processor, room, request, priority, rows, nbytes, key,
                                length, timeout)
 
@@ -409,6 +424,7 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
                 raise processor._refusal(_stdlib_queue.Full(), timeout) from None
             except BaseException:
                 room.withdraw(waiter)
+                processor._count_refusal()  # gave up waiting: never accepted
                 raise
             finally:
                 if timer is not None:

@@ -650,9 +650,11 @@ class BatchProcessor(Generic[T, U]):
         result is dropped.
         After stop: ``ProcessorStoppedError``; in a forked child: ``ProcessorForkedError``.
         Results reach the loop a batch at a time, as with ``enqueue_predict_async``.
-        ``max_queue_time`` as for ``enqueue_predict``, counted from this call (a wait for
-        room counts). ``timeout``: ``TypeError`` if not a number, ``ValueError`` if NaN or
-        negative.
+        ``max_queue_time`` as for ``enqueue_predict``, counted from this call: a wait for
+        room counts, and ends by it as by ``timeout`` (``QueueFullError``). A call that
+        stops waiting for room (refused, or its task cancelled) counts in
+        ``total_rejected``: its request was never accepted. ``timeout``: ``TypeError`` if
+        not a number, ``ValueError`` if NaN or negative.
         """
         if self._forked:
             raise self._forked_error()
@@ -702,8 +704,8 @@ class BatchProcessor(Generic[T, U]):
         self._count_refusal()
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
-        return QueueFullError(
-            f"queue full ({self.config.max_queue_size} requests) for {waited} s")
+        waiting = "" if waited is None else f" for {seconds(waited)}"
+        return QueueFullError(f"queue full ({self.config.max_queue_size} requests){waiting}")
 
     def _refusal_after_stop(self, waited: float | None) -> BatchProcessorError:
         """Refuse a request once stop() began, before any work on it (the queue, closed
@@ -1036,8 +1038,8 @@ class BatchProcessor(Generic[T, U]):
     def _supervise(self) -> None:
         """Fail requests whose max_queue_time ran out as soon as it does (the queue wakes
         this thread then); enforce item_timeout at a fine tick; take back room handed to
-        ``apredict`` waiters whose loop stopped since (``RoomWaiters.reclaim``); run
-        health checks at their interval."""
+        ``apredict`` waiters whose loop stopped since (``RoomWaiters.reclaim``) and drop
+        results posted to loops closed since; run health checks at their interval."""
         cfg = self.config
         tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
         next_health = _monotonic() + cfg.health_check_interval
@@ -1055,6 +1057,7 @@ class BatchProcessor(Generic[T, U]):
                 room = self._room
                 if room is not None:
                     room.reclaim()
+                self._drop_closed_loops()
                 self._run_soon_now()
                 checked_at = _monotonic()
                 self._dispatcher.expire_stuck()
@@ -1070,6 +1073,17 @@ class BatchProcessor(Generic[T, U]):
                     self._health.check_and_act()
             except Exception:
                 logger.exception("supervisor check failed; will retry")
+
+    def _drop_closed_loops(self) -> None:
+        """Results posted to a loop that closed before it ran their flush stay in its
+        channel, and hold the loop (through their futures) as the value of the loop's
+        own weak key: drop them (``LoopChannel.drop_if_closed``), so the loop can go."""
+        if not self._channels:
+            return
+        with self._channels_lock:
+            channels = list(self._channels.values())
+        for channel in channels:
+            channel.drop_if_closed()
 
     def _flush_logs(self, final: bool = False) -> None:
         """Summaries of the log lines held back by their limits (``log_limits``): at each

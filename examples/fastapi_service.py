@@ -11,7 +11,8 @@
   waits (without blocking the event loop) up to ``queue_wait`` seconds for room in a full
   queue, then answers 503 with ``Retry-After``: the service sheds load instead of letting
   latency grow without bound. Concurrent requests share batches.
-- A request's features must be finite numbers within float32's range (422 otherwise),
+- A request's features must be JSON numbers, finite and within float32's range (422
+  otherwise: a boolean or a string is not a feature),
   and an output that is not finite is answered 422, never as JSON nulls.
 - ``GET /ready`` answers 200 while ``processor.health()["ready"]`` (running, not paused,
   no critical check), 503 otherwise: a readiness probe takes the replica out of rotation.
@@ -31,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from batchproc import (
     BatchProcessor,
@@ -58,6 +59,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class PredictRequest(BaseModel):
+    # Strict: JSON numbers only (an integer is a float); lax mode would read true as 1.0
+    # and "1e3" as 1000.0.
+    model_config = ConfigDict(strict=True)
     features: list[float]
 
     @field_validator("features")

@@ -119,6 +119,39 @@ def test_every_worker_stuck_past_item_timeout_is_not_live(make_processor):
     assert p.health()["ready"]
 
 
+def test_calls_stuck_on_their_own_requests_leave_it_live_while_others_return(
+        make_processor):
+    # A request that hangs alone leaves its thread stuck; the worker that took its place
+    # still answers the others: the process can serve, so a liveness probe must not
+    # restart it. Only when nothing has returned since the newest stuck call began (a
+    # wedged device) is it not live.
+    release = threading.Event()
+
+    def model(batch):
+        if batch[0] == "hang":
+            release.wait(HANG)
+        return batch
+
+    p = make_processor(model, max_workers=1, item_timeout=0.05, max_batch_size=1)
+    p._health.memory_probe = FakeProbe()
+    try:
+        p.enqueue_predict("hang").exception(timeout=HANG)  # abandoned: its thread stuck
+        assert p.health()["live"] is False  # nothing has returned since it began
+        assert p.enqueue_predict("ok").result(timeout=HANG) == "ok"
+        report = p.health()
+        stuck = report["checks"]["stuck_batches"]
+        assert (stuck["value"], stuck["calls_ended_since"]) == (1, True)
+        assert (report["ready"], report["live"]) == (False, True)  # stuck: not ready
+        p.enqueue_predict("hang").exception(timeout=HANG)  # the next call hangs too
+        report = p.health()
+        stuck = report["checks"]["stuck_batches"]
+        assert (stuck["value"], stuck["calls_ended_since"]) == (2, False)
+        assert report["live"] is False
+    finally:
+        release.set()
+    wait_for(lambda: p.health()["live"], "the stuck calls to return")
+
+
 # ----------------------------------------------------------------- cgroup memory
 
 

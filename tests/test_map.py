@@ -1226,23 +1226,27 @@ def test_a_chunk_stays_within_what_the_queue_takes_one_by_one(make_processor):
     p.enqueue_predict(wide).cancel()  # which the queue takes alone
 
 
+def _raising_on_minus_one(raised):
+    """A model of generic items: each times 10, or ``raised`` for a batch holding -1."""
+    def model(batch):
+        if -1 in batch:
+            raise raised("the model's own")
+        return [x * 10 for x in batch]
+    return model
+
+
 @pytest.mark.parametrize("method", ["map", "amap"])
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
 def test_a_models_interrupt_is_raised_whatever_return_exceptions_says(make_processor,
                                                                        method, raised):
-    def model(batch):
-        if -1 in batch:
-            raise raised("the model's")
-        return [x * 10 for x in batch]
-
-    p = make_processor(model, max_batch_size=2, max_retries=0)
+    p = make_processor(_raising_on_minus_one(raised), max_batch_size=2, max_retries=0)
     got = []
 
     async def consume_async():
         async for y in p.amap([1, 2, -1, 3, 4], return_exceptions=True):
             got.append(y)
 
-    with pytest.raises(raised, match="the model's"):
+    with pytest.raises(raised, match="the model's own"):
         if method == "map":
             for y in p.map([1, 2, -1, 3, 4], return_exceptions=True):
                 got.append(y)
@@ -1724,12 +1728,7 @@ def test_a_chunk_failing_with_a_models_control_flow_exception_fails_only_its_ite
     # asyncio's CancelledError is a BaseException, but a model's own is a failure like
     # any other: the chunk's items are queued again one by one, and only the one that
     # causes it fails (as a RuntimeError, its cause the model's), as a StopIteration's.
-    def model(batch):
-        if -1 in batch:
-            raise raised("the model's own")
-        return [x * 10 for x in batch]
-
-    p = make_processor(model, max_batch_size=4, max_retries=0)
+    p = make_processor(_raising_on_minus_one(raised), max_batch_size=4, max_retries=0)
     out = list(p.map([1, 2, -1, 3, 4], return_exceptions=True))
     assert out[:2] + out[3:] == [10, 20, 30, 40]
     assert isinstance(out[2], RuntimeError) and isinstance(out[2].__cause__, raised)

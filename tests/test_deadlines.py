@@ -164,6 +164,34 @@ def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     assert error.__cause__ is first
 
 
+@pytest.mark.parametrize("api", ["enqueue_predict", "map"])
+def test_max_queue_time_ends_a_threads_wait_for_room(make_processor, api):
+    # It counts from the call, and a wait for room is time in the queue to the caller:
+    # with no timeout, a queue that stays full no longer holds the thread for ever.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchproc import QueueFullError
+
+    p = make_processor(lambda batch: batch, max_queue_size=1, max_batch_size=1)
+    p.pause()
+    first = p.enqueue_predict(item(1.0))
+
+    def call():
+        if api == "enqueue_predict":
+            return p.enqueue_predict(item(2.0), max_queue_time=0.05)
+        return list(p.map([item(2.0)], max_queue_time=0.05))
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(call)
+        try:
+            with pytest.raises(QueueFullError, match=r"queue full \(1 requests\) for 0\.05"):
+                waiting.result(timeout=10)  # bounded: before, it waited for ever
+        finally:
+            p.resume()  # lets a wait that did not end go on, so the test ends
+    assert first.result(timeout=10).tolist() == [[1.0]]
+    assert p.get_stats()["total_rejected"] == 1
+
+
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), -float("inf"), "1",
                                    True])
 def test_bad_max_queue_time_is_refused(make_processor, value):

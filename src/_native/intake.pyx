@@ -267,15 +267,16 @@ cdef class Intake:
         waiting for room in a full queue (without the GIL), and return its future; or
         ``None``, with nothing queued, unless ``item`` is a plain ndarray known to the memo,
         ``max_queue_time`` is None or a positive finite float (seconds) and the queue is
-        open. Bad ``priority``: ``TypeError``/``ValueError`` from the queue, as on the
-        Python path."""
+        open. With a ``max_queue_time``, a full queue is left to the Python path, whose
+        wait for room ends by it. Bad ``priority``: ``TypeError``/``ValueError`` from the
+        queue, as on the Python path."""
         cdef double now, limit
         known = self._known(item, max_queue_time, &now, &limit)
         if known is None:
             return None
         future = self._future_type()
         if not self._push_request(known, item, future, future, priority, now, limit,
-                                  max_queue_time, None):
+                                  max_queue_time, None if limit == INFINITY else 0):
             return None
         return future
 

@@ -643,6 +643,8 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
     queue = processor._queue
     priority = settings.priority
     window = Window(processor, settings)
+    # A full queue is waited for, within the chunk's max_queue_time (counted from then).
+    room_wait = None if settings.max_queue_time == _INF else settings.max_queue_time
 
     def make_future() -> tuple[Any, Any]:
         future = _RequestFuture()
@@ -657,10 +659,10 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         future._bp_again = functools.partial(window.queue_again, entry)  # before it runs
         request = _request(future, entry, priority, settings)
         try:
-            token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key, None,
-                               entry.queue_length, request.deadline)
+            token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key,
+                               room_wait, entry.queue_length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
-            return Failed(processor._refusal(exc, None), len(entry.items))
+            return Failed(processor._refusal(exc, room_wait), len(entry.items))
         except Exception as exc:  # refused as enqueue_predict's push would refuse it
             return Failed(exc, len(entry.items))
         future._bp_token = token  # its cancel() withdraws it from the queue

@@ -544,14 +544,15 @@ class BatchProcessor(Generic[T, U]):
         """Queue ``item`` and return the Future of its result.
 
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
-        ``queue.Queue.put``); then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
+        ``queue.Queue.put``), and so does ``max_queue_time``, which counts from the call;
+        then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
         ``priority``: a ``BatchPriority``, or any int in [0, 2**31-1] (lower is served
         first, with ``enable_priority_queue``; ``operator.index`` reads it, so a numpy
         integer, or a bool as the int it is, goes too); ``TypeError`` for a float or a
         string, ``ValueError`` outside that range.
         A processing failure reaches the future as the exception ``process_func`` raised.
         ``max_queue_time`` (seconds; default: the config's): if the request is still
-        waiting for its call that long after enqueue, it fails with
+        waiting for its call that long after this call, it fails with
         ``QueueTimeoutError`` and is never processed; ``None``: no limit. It takes what
         the config's field takes (any finite real number > 0, numpy's too; ``None``, not
         ``inf``, for no limit): ``ConfigTypeError`` for what is no number (a bool too),
@@ -576,6 +577,8 @@ class BatchProcessor(Generic[T, U]):
         now = _monotonic()
         limit = _INF if max_queue_time is None else _queue_time_arg(max_queue_time)
         request, rows, nbytes, key, length = self._describe(item, future, now, priority, limit)
+        if limit < (_INF if timeout is None else timeout):
+            timeout = limit  # a wait for room is time in the queue to its caller
         try:
             token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
                                      request.deadline)

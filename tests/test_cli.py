@@ -1003,6 +1003,71 @@ def test_a_model_that_raises_is_reported_for_every_run(tmp_path, monkeypatch, ca
     assert lines[-1].endswith("first in the batchproc run: RuntimeError: GPU fell off the bus")
 
 
+INTERRUPTS_AFTER_CHECK = """
+import asyncio
+
+CALLS = [0]
+
+def raise_it(kind):
+    CALLS[0] += 1
+    if CALLS[0] > 3:  # past the bench's own check of the model
+        raise {"exit": SystemExit(4), "interrupt": KeyboardInterrupt(),
+               "generator": GeneratorExit("closed")}[kind]
+
+def exits(batch):
+    raise_it("exit")
+    return batch
+
+def interrupts(batch):
+    raise_it("interrupt")
+    return batch
+
+def closes(batch):
+    raise_it("generator")
+    return batch
+
+async def exits_async(batch):
+    await asyncio.sleep(0)
+    raise_it("exit")
+    return batch
+"""
+
+
+@pytest.mark.parametrize(("model", "said", "load"), [
+    ("exits", "SystemExit: 4", ["--rate", "300"]),
+    ("closes", "GeneratorExit: closed", ["--rate", "300"]),
+    ("interrupts", "KeyboardInterrupt", ["--clients", "2"]),
+    ("closes", "GeneratorExit: closed", ["--clients", "2"]),
+    ("exits", "SystemExit: 4", ["--asyncio", "--rate", "300"]),
+    ("interrupts", "KeyboardInterrupt", ["--asyncio", "--clients", "2"]),
+    ("exits_async", "SystemExit: 4", ["--clients", "2"]),
+])
+def test_a_model_raising_what_is_no_exception_fails_its_requests_in_every_system(
+        tmp_path, monkeypatch, capsys, model, said, load) -> None:
+    # SystemExit, KeyboardInterrupt and GeneratorExit from the model (on the systems'
+    # threads, never where Ctrl-C arrives) are its failures: counted in every run, each
+    # request failed, no thread of the load left dead and no traceback.
+    (tmp_path / "bench_interrupts_mod.py").write_text(INTERRUPTS_AFTER_CHECK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bench_interrupts_mod", None)  # its count of calls starts again
+    path = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "--model", f"bench_interrupts_mod:{model}", *load,
+                           "--requests", "30", "--duration", "0.2", "--quiet",
+                           "--json", str(path))
+    assert code == 1, err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert "BatchOutputError" not in err, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    for name in ("batchproc asyncio" if "--asyncio" in load else "batchproc", "no batching"):
+        run = runs[name]
+        assert run["model_errors"] == run["batches"] > 0, (name, run)
+        assert run["first_model_error"] == said, (name, run)
+        assert run["errors"] == run["submitted"] > 0 and run["completed"] == 0, (name, run)
+        assert run["unfinished"] == 0, (name, run)
+        assert run["first_error"] == said, (name, run)
+    assert runs["limit"]["failed"].endswith(said)
+
+
 def test_counting_model_counts_what_raised_on_one_line() -> None:
     from batchproc.bench.runner import CountingModel
 

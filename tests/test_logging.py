@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hanging import HANGS_ON, hangs_on_666
 
-from batchproc.engine import limits
+from batchproc.engine import execution, limits
 from batchproc.errors import BatchTimeoutError, QueueFullError
 from batchproc.log_limits import LogLimiter, plural, seconds
 from batchproc.processor import FAILURE_LOG_INTERVAL, FailureLog
@@ -259,3 +259,34 @@ def test_the_supervisor_tells_what_the_log_left_out_once_its_interval_passes(
         assert warnings_of(caplog) == [
             "enqueue: request failed: RuntimeError('model down')", summary]
         assert p.running  # told by the supervisor, not by stop
+
+
+def interrupt_lines(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.ERROR and "without retry" in r.getMessage()]
+
+
+@pytest.mark.parametrize("raised", [SystemExit(4), KeyboardInterrupt(), GeneratorExit("x")])
+def test_calls_raising_an_interrupt_are_logged_once_per_interval(make_processor, caplog,
+                                                                 monkeypatch, raised):
+    # A model raising SystemExit on every call: one line, not one per call, as for its
+    # other failures; the calls it stands for are told at the latest at stop.
+    monkeypatch.setattr(execution, "INTERRUPT_LOG_S", 3600.0)
+
+    def model(batch):
+        raise raised
+
+    p = make_processor(model, max_batch_size=1, max_workers=1)
+    with caplog.at_level(logging.ERROR, logger="batchproc"):
+        for _ in range(3):
+            error = p.enqueue_predict(np.ones((1, 2))).exception(timeout=10.0)
+            assert type(error) is type(raised)
+        lines = interrupt_lines(caplog)
+        assert lines == [f"process_func raised {raised!r}; failing its 1 request without "
+                         "retry"], lines
+        p.stop(timeout=10.0)
+    lines = interrupt_lines(caplog)
+    assert len(lines) == 2, lines
+    assert re.fullmatch(rf"process_func raised {type(raised).__name__} in 2 more calls in "
+                        r"the last \S+ s \(not logged one by one\); their requests failed "
+                        "without retry", lines[1]), lines

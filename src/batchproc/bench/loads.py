@@ -422,7 +422,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
             failure = None
             try:
                 call(pool[k % n_pool], p)
-            except Exception as exc:
+            except BaseException as exc:  # the model's SystemExit too: this request failed
                 failure = exc
             with lock:
                 if closed[0]:
@@ -481,7 +481,29 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, _Escaping) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Escaping(Exception):
+    """A request's ``SystemExit`` or ``KeyboardInterrupt`` (its ``__cause__``), raised
+    by the model and passed on by the system, carried through an asyncio run as an
+    ``Exception``: asyncio lets those two out of its loop, which would end the run."""
+
+
+def _contained(acall: Callable[..., Any]) -> Callable[..., Any]:
+    """``acall``, raising what asyncio would let out of its loop as :class:`_Escaping`;
+    no real Ctrl-C arrives there (the loop runs on a thread of its own)."""
+
+    async def call(item: Any, priority: int) -> Any:
+        try:
+            return await acall(item, priority)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise _Escaping(_describe(exc)) from exc
+
+    return call
 
 
 def _schedule(load: Load, plan: Schedule) -> np.ndarray | None:
@@ -629,7 +651,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
                 t = t0  # a burst arrives all at once
             try:
                 f = submit(pool[i % n_pool], prios[i % n_prios])
-            except Exception as exc:  # refused (a full queue): the next arrival still comes
+            except BaseException as exc:  # refused (a full queue): the next arrival still comes
                 state["first_refusal"] = state["first_refusal"] or _describe(exc)
                 refused_at.append(i)
                 continue
@@ -803,7 +825,7 @@ async def _async_main(
     target: Any, load: Load, n: int, dur: float, plan: Schedule | None, progress: list[int],
     marks: _Marks,
 ) -> LoadResult:
-    acall = target.acall
+    acall = _contained(target.acall)
     prios = _priority_table(load, n)
     n_prios = len(prios)
     pool = load.requests()
@@ -832,7 +854,9 @@ async def _async_main(
                 inflight[i] = (t, p)
                 try:
                     await acall(pool[k % n_pool], p)
-                except Exception as exc:
+                except asyncio.CancelledError:
+                    raise  # the run's end
+                except BaseException as exc:  # the model's GeneratorExit too
                     errors.append(exc)
                     continue
                 finally:

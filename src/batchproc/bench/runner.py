@@ -11,6 +11,7 @@ own statistics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -126,14 +127,19 @@ class NullProgress:
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line (a message's lines joined), cut at ``limit``."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    """``Type: message`` on one line (a message's lines joined; ``Type`` alone when it
+    says nothing), cut at ``limit``."""
+    text = " ".join(error_text(exc).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class CountingModel:
     """Wraps a model; counts calls, rows, the calls that raised and the calls in
-    progress (thread-safe, a lock per batch)."""
+    progress (thread-safe, a lock per batch).
+
+    Whatever a call raises counts, ``SystemExit``, ``KeyboardInterrupt`` and
+    ``GeneratorExit`` included: the model runs on the systems' threads, never on the
+    main one, where alone a real Ctrl-C arrives. Raised again as it was."""
 
     def __init__(self, model: Model):
         self.model = model
@@ -151,7 +157,7 @@ class CountingModel:
         self._started(batch)
         try:
             return self.model(batch)
-        except Exception as exc:
+        except BaseException as exc:
             self._raised(exc)
             raise
         finally:
@@ -164,7 +170,7 @@ class CountingModel:
             self.rows += n
             self._running += 1
 
-    def _raised(self, exc: Exception) -> None:
+    def _raised(self, exc: BaseException) -> None:
         with self._lock:
             self.raised += 1
             if self.first_raised is None:
@@ -195,13 +201,17 @@ class CountingModel:
 
 class AsyncCountingModel(CountingModel):
     """A :class:`CountingModel` of an ``async def`` model: itself a coroutine function,
-    so that batchproc sees one and awaits it on its event loop, as it would the model."""
+    so that batchproc sees one and awaits it on its event loop, as it would the model.
+    A call cancelled (a system gave up on it: its time limit, its stop) is not counted
+    as raising."""
 
     async def __call__(self, batch: Any) -> Any:
         self._started(batch)
         try:
             return await self.model(batch)
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
             self._raised(exc)
             raise
         finally:

@@ -96,7 +96,7 @@ class NoBatching(SyncTarget):
         fut: Future[Any] = Future()
         try:
             fut.set_result(self._model(item))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the model's, failing this request
             fut.set_exception(exc)
         return fut
 

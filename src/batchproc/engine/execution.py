@@ -62,6 +62,10 @@ _monotonic = time.monotonic
 # A batch that fails while each of its requests succeeds alone is logged at once, then
 # at most once per this many seconds (with how many there were meanwhile).
 BATCH_ONLY_FAILURE_LOG_S = 60.0
+# A call that raised a BaseException that is no Exception (SystemExit, KeyboardInterrupt)
+# is logged at once, then at most once per this many seconds per exception type (with how
+# many there were meanwhile): a model raising it on every call must not flood the log.
+INTERRUPT_LOG_S = 10.0
 
 
 def backoff(retry_delay: float, attempt: int) -> float:
@@ -90,6 +94,8 @@ class Executor:
                               config.max_batch_tokens or 0)
         self.process_func: Callable[[Any], Any] | None = None
         self._batch_only_log: LogLimiter[None] = LogLimiter(BATCH_ONLY_FAILURE_LOG_S)
+        # By the exception type's name.
+        self._interrupt_log: LogLimiter[str] = LogLimiter(INTERRUPT_LOG_S)
 
     def run(self, batch: Batch, workspace: Workspace, target: int) -> None:
         """Run a popped batch until each of its requests is delivered, failed or parked."""
@@ -195,14 +201,31 @@ class Executor:
             admitted.left_out + 1)
 
     def flush_log(self, final: bool = False) -> None:
-        """Log a summary of the batch-only failures the warning held back, once none
-        has come for an interval (``LogLimiter.held``; at stop, ``final``: all of them)."""
+        """Log a summary of the batch-only failures and the interrupting calls the
+        warnings held back, once none has come for an interval (``LogLimiter.held``; at
+        stop, ``final``: all of them)."""
         for _, held in self._batch_only_log.held(final):
             logger.warning(
                 "%s failed in the last %s while each of %s requests succeeded on a smaller "
                 "batch (process_func fails on batches, not on these inputs)",
                 plural(held.left_out, "more batch", "more batches"), seconds(held.since),
                 "its" if held.left_out == 1 else "their")
+        for kind, held in self._interrupt_log.held(final):
+            logger.error("process_func raised %s in %s in the last %s (not logged one by "
+                         "one); their requests failed without retry", kind,
+                         plural(held.left_out, "more call"), seconds(held.since))
+
+    def _log_interrupt(self, error: BaseException, what: str, on: str = "") -> None:
+        """The ERROR line of a call (``on`` what, if not a batch) that raised ``error``
+        (``interrupts``), failing ``what`` without retry: one per ``INTERRUPT_LOG_S`` per
+        exception type at most."""
+        admitted = self._interrupt_log.admit(type(error).__name__)
+        if admitted is None:
+            return
+        more = (f" ({plural(admitted.left_out, 'more call')} raised it in the last "
+                f"{seconds(admitted.since)})" if admitted.left_out else "")
+        logger.error("process_func raised %r%s; failing %s without retry%s", error, on, what,
+                     more)
 
     def _failed(self, batch: Batch, group: list[Request], workspace: Workspace,
                 target: int, error: BaseException, origin: BaseException,
@@ -210,8 +233,7 @@ class Executor:
         """A call on exactly ``group`` failed with ``error``: settle its requests."""
         if interrupts(error):
             # KeyboardInterrupt-like: not retried, but never lost: the group fails with it.
-            logger.error("process_func raised %r; failing its %d requests without retry",
-                         error, len(group))
+            self._log_interrupt(error, f"its {plural(len(group), 'request')}")
             self._delivery.fail(batch, group, error)
         elif len(group) == 1:
             self._retry_or_fail(batch, group[0], error, origin)
@@ -360,8 +382,8 @@ class Executor:
                 return
             if status == FAILED:
                 if interrupts(out):
-                    logger.error("process_func raised %r on a chunk of a %d-row request; "
-                                 "failing it without retry", out, request.rows)
+                    self._log_interrupt(out, "it", f" on a chunk of a {request.rows}-row "
+                                        "request")
                     self._delivery.fail(batch, [request], out)
                 else:
                     self._retry_or_fail(batch, request, out, out, (done_rows, parts))

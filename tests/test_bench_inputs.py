@@ -377,6 +377,62 @@ def test_bench_refuses_a_huge_input_in_one_line_before_allocating(capsys) -> Non
         "3.64 TiB (1,000,000,000,000 values), over the limit of 256 MiB per request")
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["bench", "--max-batch", "100000000"],
+     "--max-batch 100000000: a full batch of 100,000,000 rows of 256 B would take 23.8 GiB"),
+    (["bench", "--input", "float32:1x50000000"],
+     "--max-batch 64: a full batch of 64 rows of 191 MiB would take 11.9 GiB"),
+    # Ragged: the top of the length's range; named inputs: a row holds all of them.
+    (["bench", "--input", "a=float32:1x1..8000000", "--input", "b=uint8:1x1..8000000",
+      "--max-batch", "256"],
+     "--max-batch 256: a full batch of 256 rows of 38.1 MiB would take 9.54 GiB"),
+    (["bench", "--sweep", "--max-batch", "100000000"], "--max-batch 100000000: "),
+    (["tune", "--rate", "100", "--sizes", "8,100000000"],
+     "--sizes 100000000: a full batch of 100,000,000 rows of 256 B would take 23.8 GiB"),
+])
+def test_a_full_batch_too_large_is_refused_before_anything_is_allocated(
+        capsys, monkeypatch, argv: list[str], said: str) -> None:
+    from batchproc.bench import cli, inputs
+
+    monkeypatch.setattr(inputs, "memory_available", lambda: 1 << 40)
+
+    def allocates(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a batch was built")
+
+    monkeypatch.setattr(inputs.RequestSource, "limit_plan", allocates)
+    monkeypatch.setattr(cli, "check_model", allocates)
+    code = main([*argv, "--model", "identity", "--duration", "0.2", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", err
+    assert len(err.strip().splitlines()) == 1, err
+    assert said in err, err
+    flag = said.split()[0]
+    assert err.rstrip().endswith(f"over the limit of 4 GiB: lower {flag} or the size of a "
+                                 "request"), err
+
+
+def test_a_full_batch_past_half_the_memory_available_is_refused(capsys, monkeypatch) -> None:
+    from batchproc.bench import inputs
+
+    monkeypatch.setattr(inputs, "memory_available", lambda: 1 << 30)
+    source = parse_inputs(["float32:1x1000000"], None)
+    inputs.check_full_batch(source, 128, "--max-batch")  # 488 MiB: under 512 MiB
+    with pytest.raises(BenchError) as info:
+        inputs.check_full_batch(source, 256, "--max-batch")
+    assert str(info.value) == (
+        "--max-batch 256: a full batch of 256 rows of 3.81 MiB would take 977 MiB, over "
+        "half the memory available (1 GiB): lower --max-batch or the size of a request")
+
+
+def test_an_npz_full_batch_counts_its_widest_row_padded(tmp_path) -> None:
+    path = tmp_path / "r.npz"
+    np.savez(path, np.zeros((3, 10), np.float32), np.zeros((1, 50), np.float32))
+    assert NpzSource(str(path)).row_bytes() == 200
+    np.savez(path, **{"0/ids": np.zeros((1, 8), np.int64), "0/mask": np.zeros((1, 8), np.int8),
+                      "1/ids": np.zeros((2, 4), np.int64), "1/mask": np.zeros((2, 4), np.int8)})
+    assert NpzSource(str(path)).row_bytes() == 8 * 8 + 8
+
+
 # Request sets one batch cannot join: each refused at load, naming what differs.
 UNBATCHABLE = [
     # A 2-D request and a 1-D one, either way round.

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from . import BenchError, interrupts, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
-from .inputs import RequestSource, parse_inputs
+from .inputs import RequestSource, check_full_batch, parse_inputs
 from .loads import MAX_CLIENTS, Bounds, Load, check_arrivals, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
 from .outputs import check_writable
@@ -427,9 +427,12 @@ def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
 
 def _model_for(args: argparse.Namespace, source: RequestSource) -> Model:
     """The model, checked on batches of one and two of ``source``'s requests and on a
-    full batch (``--max-batch``; tune: the largest of ``--sizes``)."""
-    model = make_model(args.model, model_ms=args.model_ms, source=source)
+    full batch (``--max-batch``; tune: the largest of ``--sizes``), once that batch is
+    known to fit (:func:`~.inputs.check_full_batch`: ``BenchError`` if not)."""
     max_batch = args.max_batch if hasattr(args, "max_batch") else max(args.sizes)
+    check_full_batch(source, max_batch, "--max-batch" if hasattr(args, "max_batch")
+                     else "--sizes")
+    model = make_model(args.model, model_ms=args.model_ms, source=source)
     check_model(model, source, name=f"--model {args.model}", seed=args.seed,
                 max_batch=max_batch)
     try:

@@ -19,7 +19,8 @@ sends, and refuse what it refuses.
 dimension ``LO..HI`` is ragged, drawn uniformly per request: on axis 0 (rows per
 request) or axis 1 (sequence length, padded in a batch). Named inputs draw one length per
 request, shared by all of them, so their ranges must agree. One request may take at most
-:data:`MAX_REQUEST_BYTES` (256 MiB).
+:data:`MAX_REQUEST_BYTES` (256 MiB), and a full batch (:func:`check_full_batch`) at most
+:data:`MAX_BATCH_BYTES` (4 GiB) or half the memory available, whichever is less.
 
 An ``.npz`` holds sample requests in one of three layouts:
 
@@ -65,6 +66,11 @@ POOL_BYTES = 64 << 20  # ... unless they would take more memory than this
 # "x", an extra digit) far more often than a model's real input, and would be allocated
 # many times over (the pool, the limit's batches) before anything reported it.
 MAX_REQUEST_BYTES = 256 << 20
+# The largest full batch (max batch rows of the widest row) the check before the runs and
+# the limit may build, several of which the runs hold at once: past it, or past half the
+# memory available, a typo in --max-batch or --sizes would end in a MemoryError after
+# minutes of allocating.
+MAX_BATCH_BYTES = 4 << 30
 # ASCII digits only: ``\d`` takes any script's digits, which int() reads.
 _DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
@@ -226,8 +232,50 @@ class RequestSource:
         chosen = self.limit_plan(max_rows, seed)[0][:max_requests]
         return make_batch(chosen), len(chosen)
 
+    def row_bytes(self) -> int:
+        """The bytes of one row of a batch at most: its widest request's, padded to the
+        longest on axis 1, all inputs of a named request together."""
+        return _row_bytes(self.requests(0))
+
     def to_dict(self) -> dict[str, Any]:
         return {"description": self.description, "padded": self.padded}
+
+
+def _row_bytes(requests: Sequence[Request]) -> int:
+    """One row of a batch of ``requests`` at most, in bytes (see ``row_bytes``)."""
+    widest: dict[Any, int] = {}
+    for r in requests:
+        for name, a in (r.items() if isinstance(r, Mapping) else [(None, r)]):
+            widest[name] = max(widest.get(name, 0),
+                               a.dtype.itemsize * math.prod(a.shape[1:]))
+    return sum(widest.values())
+
+
+def check_full_batch(source: RequestSource, max_rows: int, flag: str) -> None:
+    """Refuse, before anything is allocated, a full batch of ``max_rows`` rows of
+    ``source`` (``flag`` set it) past :data:`MAX_BATCH_BYTES` or half the memory
+    available now: ``BenchError`` (exit 2) on one line, naming both and what to lower."""
+    row = source.row_bytes()
+    nbytes = max_rows * row
+    bound, which = MAX_BATCH_BYTES, f"the limit of {format_bytes(MAX_BATCH_BYTES)}"
+    available = memory_available()
+    if available is not None and available // 2 < bound:
+        bound, which = available // 2, f"half the memory available ({format_bytes(available)})"
+    if nbytes > bound:
+        raise BenchError(
+            f"{flag} {max_rows}: a full batch of {max_rows:,} rows of "
+            f"{format_bytes(row)} would take {format_bytes(nbytes)}, over {which}: lower "
+            f"{flag} or the size of a request")
+
+
+def memory_available() -> int | None:
+    """The memory available to this process now, in bytes (psutil); None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # an unsupported platform: the fixed limit alone
+        return None
 
 
 def _fill(fits: list[int], sizes: list[int], start: int, max_rows: int) -> list[int]:
@@ -262,6 +310,9 @@ class FeatureRows(RequestSource):
         self.pool = pool if pool is not None else max(
             1, min(POOL_SIZE, POOL_BYTES // (4 * features)))
         self.description = f"{features} float32 features/request"
+
+    def row_bytes(self) -> int:
+        return 4 * self.features
 
     def requests(self, seed: int) -> list[Request]:
         rows = np.random.default_rng(seed + 100).standard_normal(
@@ -384,6 +435,11 @@ class SpecSource(RequestSource):
             arrays = {s.name: _random(rng, s, drawn) for s in self.specs}
             out.append(arrays if self.named else arrays[None])
         return out
+
+    def row_bytes(self) -> int:
+        # At the top of the ragged ranges, in Python ints: drawing requests to see is the
+        # allocation this refuses.
+        return sum(s.dtype.itemsize * math.prod(d.hi for d in s.dims[1:]) for s in self.specs)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "inputs": [str(s) for s in self.specs]}

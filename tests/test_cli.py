@@ -945,6 +945,43 @@ def test_an_empty_output_name_fails_before_any_run(
     assert err.strip() == f"batchproc {argv[0]}: error: {flag}: an empty file name", err
 
 
+@pytest.mark.parametrize(("command", "first", "second", "how"), [
+    ("bench", "--input", "--json", "same"),
+    ("bench", "--input", "--plot", "link"),
+    ("bench", "--json", "--plot", "same"),
+    ("bench", "--json", "--plot", "hard link"),
+    ("sweep", "--input", "--json", "same"),
+    ("sweep", "--json", "--plot", "link"),
+    ("tune", "--input", "--json", "same"),
+    ("tune", "--input", "--json", "hard link"),
+])
+def test_two_files_of_a_command_that_are_one_file_fail_before_any_run(
+        tmp_path, capsys, command: str, first: str, second: str, how: str) -> None:
+    # Writing the output would replace the sample requests, or the other output.
+    ext = {"--input": ".npz", "--json": ".json", "--plot": ".png"}
+    # --json takes any name: --plot p.png --json p.png left JSON named .png.
+    path = tmp_path / f"r{ext['--plot' if (first, second) == ('--json', '--plot') else first]}"
+    np.savez(tmp_path / "r.npz", np.ones((1, 4), np.float32), np.ones((1, 4), np.float32))
+    if first != "--input":
+        path.write_text("kept")
+    before = path.read_bytes()
+    other = path if how == "same" else tmp_path / f"other{ext[second]}"
+    if how == "link":
+        other.symlink_to(path)
+    elif how == "hard link":
+        os.link(path, other)
+    flags = {first: str(path), second: str(other)}
+    flags.setdefault("--input", "float32:1x4")
+    argv = [*SHORT_RUNS[command], "--model", "identity"]
+    code = main([*argv, *(x for kv in flags.items() for x in kv)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", err
+    names = str(path) if how == "same" else f"{path} and {other}"
+    assert err.strip() == (f"batchproc {argv[0]}: error: {first} and {second} name the same "
+                           f"file ({names}); give each its own"), err
+    assert path.read_bytes() == before
+
+
 def _one_curve() -> dict[str, list[RunResult]]:
     run = RunResult(
         system="batchproc", model="m", load="l", throughput=100.0, p50_ms=1.0, p95_ms=2.0,

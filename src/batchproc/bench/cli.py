@@ -31,7 +31,7 @@ from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, check_full_batch, parse_inputs
 from .loads import MAX_CLIENTS, Bounds, Load, check_arrivals, drain_window, schedule_of
 from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
-from .outputs import check_writable
+from .outputs import check_distinct, check_writable
 from .sweep import CAPACITY_CLIENTS, DEFAULT_FRACTIONS, capacity_clients
 from .targets import Batchproc, BatchprocAsync, NoBatching
 
@@ -456,6 +456,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise BenchError(str(exc)) from None
     if args.json is not None:
         check_writable("--json", args.json)
+    files = [("--input", spec) for spec in args.input or () if spec.endswith(".npz")]
+    files += [(flag, path) for flag, path in (("--json", args.json),
+                                               ("--plot", getattr(args, "plot", None)))
+              if path is not None]
+    check_distinct(files)
 
 
 def _write_output(command: str, flag: str, path: str, write: Callable[[str], None],

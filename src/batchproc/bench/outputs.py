@@ -74,6 +74,27 @@ def check_writable(flag: str, path: str) -> None:
     os.unlink(tmp)
 
 
+def check_distinct(files: list[tuple[str, str]]) -> None:
+    """``BenchError`` (exit 2) if two of ``files`` (flag, path: the input read and the
+    outputs written) are one file: the same real path, or the same file by another name
+    (a hard link). Writing one would replace the other."""
+    for i, (flag, path) in enumerate(files):
+        for other_flag, other in files[:i]:
+            if _same_file(path, other):
+                same = path if path == other else f"{other} and {path}"
+                raise BenchError(f"{other_flag} and {flag} name the same file ({same}); "
+                                 "give each its own")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there yet: only its name could have matched
+        return False
+
+
 def _refuse_standard_stream(flag: str, path: str, st: os.stat_result) -> None:
     for fd, name in ((1, "standard output"), (2, "standard error")):
         try:

@@ -14,13 +14,14 @@ import re
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
 from batchproc.bench import BenchError
 from batchproc.bench.configs import format_config
-from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.inputs import FeatureRows, NpzSource
 from batchproc.bench.loads import drain_window
 from batchproc.bench.models import identity
 from batchproc.bench.targets import STOP_TIMEOUT_S
@@ -1073,3 +1074,22 @@ def test_a_load_no_run_can_offer_is_refused_before_anything_runs(capsys, argv, s
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and said in err, err
     assert time.monotonic() - started < 5  # the budget is not spent: nothing ran
+
+
+def test_a_results_file_of_an_npz_since_rewritten_is_refused(tmp_path, capsys) -> None:
+    # The same path and count of requests, other dtypes and shapes (or values): the runs
+    # saved were measured on other requests.
+    from batchproc.bench import cli, tune
+
+    npz, path = tmp_path / "req.npz", tmp_path / "tune.json"
+    argv = [*FAST, "--rate", "300", "--input", str(npz), "--json", str(path)]
+    args = cli.build_parser().parse_args(["tune", *argv])
+    np.savez(npz, *[np.ones((1, 4), np.float32)] * 8)
+    tune.ResultsFile(str(path), cli.tune_identity(args, NpzSource(str(npz)))).save({})
+    tune.ResultsFile(str(path), cli.tune_identity(args, NpzSource(str(npz))))  # the same
+    for requests in ([np.ones((1, 8, 100), np.int64)] * 8, [np.zeros((1, 4), np.float32)] * 8):
+        np.savez(npz, *requests)
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "", err
+        assert err.strip() == (f"batchproc tune: error: --json {path}: holds runs of other "
+                               "settings (input); give another file to start afresh"), err

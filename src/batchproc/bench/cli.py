@@ -763,14 +763,7 @@ def run_tune(args: argparse.Namespace) -> int:
                        f"--rate {args.rate:g} for --duration {args.duration:g}")
     _check_outputs(args)
     source = parse_inputs(args.input, args.features)
-    identity = {
-        "model": args.model,
-        "model_ms": args.model_ms if args.model == "fixed" else None,
-        "input": source.to_dict(),
-        "duration_s": args.duration,
-        "seed": args.seed,
-    }
-    results = tune.ResultsFile(args.json, identity)
+    results = tune.ResultsFile(args.json, tune_identity(args, source))
     space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
                             seed=args.seed)
     # Before the model is made (it may take long to load): a budget too small is refused.
@@ -794,6 +787,18 @@ def run_tune(args: argparse.Namespace) -> int:
     if _report_unwritten_results(args, results):
         return 1
     return 0 if result.best is not None else 1
+
+
+def tune_identity(args: argparse.Namespace, source: RequestSource) -> dict[str, Any]:
+    """What makes ``tune``'s runs comparable, kept in its results file: a file of other
+    settings (an ``.npz`` of other contents, under the same name too) is refused."""
+    return {
+        "model": args.model,
+        "model_ms": args.model_ms if args.model == "fixed" else None,
+        "input": source.to_dict(),
+        "duration_s": args.duration,
+        "seed": args.seed,
+    }
 
 
 def _report_unwritten_results(args: argparse.Namespace, results: tune.ResultsFile,

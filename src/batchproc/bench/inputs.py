@@ -47,6 +47,7 @@ Every error is a :class:`~batchproc.bench.BenchError` with a one-line message.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import zipfile
@@ -512,12 +513,27 @@ class NpzSource(RequestSource):
         self.padded = _needs_padding(self._requests)
         kind = ("named: " + ", ".join(first)) if isinstance(first, Mapping) else "arrays"
         self.description = f"{len(self._requests)} sample requests from {path} ({kind})"
+        self.sha256 = _digest(self._requests)
 
     def requests(self, seed: int) -> list[Request]:
         return self._requests
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "npz": self.path, "count": len(self._requests)}
+        # The digest tells a file rewritten under the same name and count from the one
+        # that a tune results file's runs were measured on.
+        return {**super().to_dict(), "npz": self.path, "count": len(self._requests),
+                "sha256": self.sha256}
+
+
+def _digest(requests: Sequence[Request]) -> str:
+    """SHA-256 of ``requests`` as sent: each one's names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(b"request")
+        for name, a in (r.items() if isinstance(r, Mapping) else [(None, r)]):
+            h.update(repr((name, a.dtype.str, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
 
 
 def _needs_padding(requests: list[Request]) -> bool:

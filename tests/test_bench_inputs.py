@@ -7,6 +7,8 @@ layouts) gives the requests it says, and every bad one is a one-line BenchError.
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from batchproc.bench.inputs import (
     MAX_REQUEST_BYTES,
     FeatureRows,
     NpzSource,
+    RequestSource,
     SpecSource,
     make_batch,
     parse_inputs,
@@ -534,12 +537,63 @@ def test_when_no_request_fits_each_batch_is_one_request(tmp_path) -> None:
     assert [[len(r) for r in batch] for batch in source.limit_plan(8, seed=0)] == [[9], [10]]
 
 
-def test_requests_of_no_rows_do_not_fill_a_batch_for_ever(tmp_path) -> None:
-    source = npz_source(tmp_path, np.zeros((0, 2)), np.zeros((0, 2)))
+class Given(RequestSource):
+    """A request source of the requests given (the command line refuses requests of no
+    rows; a source of the API may still hold them)."""
+
+    def __init__(self, *requests: np.ndarray) -> None:
+        self._requests = list(requests)
+
+    def requests(self, seed: int) -> list[np.ndarray]:
+        return self._requests
+
+
+def test_requests_of_no_rows_do_not_fill_a_batch_for_ever() -> None:
+    source = Given(np.zeros((0, 2)), np.zeros((0, 2)))
     assert [len(batch) for batch in source.limit_plan(8, seed=0)] == [2]
-    source = npz_source(tmp_path, np.zeros((0, 2)), np.ones((1, 2)))
+    source = Given(np.zeros((0, 2)), np.ones((1, 2)))
     (batch,) = source.limit_plan(3, seed=0)
     assert sum(len(r) for r in batch) == 3
+
+
+@pytest.mark.parametrize("arrays", [
+    {"arr_0": np.zeros((1, 4), np.float32), "arr_1": np.zeros((0, 4), np.float32)},
+    {"arr_0": np.zeros(0, np.float32)},
+    {"0/ids": np.zeros((1, 4), np.int64), "1/ids": np.zeros((0, 4), np.int64)},
+])
+def test_an_npz_request_of_no_rows_is_refused_as_the_spec_form_is(tmp_path, capsys,
+                                                                  arrays) -> None:
+    path = tmp_path / "zero.npz"
+    np.savez(path, **arrays)
+    key = next(k for k, a in arrays.items() if not len(a))
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input {path}: array {key!r} has "
+                           f"shape {arrays[key].shape}: a request needs at least one row "
+                           "(axis 0)"), err
+    code, _, err = run_cli(capsys, "--input", "float32:0x4", "--model", "identity", *TINY)
+    assert code == 2 and "dimension '0' needs 1 <= LO <= HI" in err, err
+
+
+def _zip(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+@pytest.mark.parametrize(("members", "key"), [
+    ({"a.txt": b"hello"}, "a.txt"),
+    # Pickle bytes under an .npy name: never unpickled.
+    ({"arr_0.npy": pickle.dumps(np.zeros((1, 4)))}, "arr_0"),
+    ({"arr_0.npy": b"", "arr_1.npy": b""}, "arr_0"),
+])
+def test_an_npz_member_that_is_no_npy_is_one_line(tmp_path, capsys, members, key) -> None:
+    path = tmp_path / "junk.npz"
+    _zip(path, members)
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input {path}: member {key!r} is not "
+                           "a .npy array (numpy.savez writes one per array)"), err
 
 
 def test_the_default_requests_are_different_rows() -> None:

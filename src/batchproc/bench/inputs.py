@@ -570,12 +570,18 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
 def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
     """One array of an open ``.npz``; its refusal as a one-line ``BenchError``."""
     try:
-        return npz[key]  # type: ignore[no-any-return]
+        array = npz[key]
     except ValueError:
         if _holds_objects(npz, key):
             raise BenchError(f"{where}: array {key!r} holds Python objects (dtype object); "
                              "save numeric arrays") from None
         raise BenchError(f"{where}: array {key!r} is not a readable .npy array") from None
+    # numpy gives the raw bytes of a member that is no .npy (another file zipped in, or
+    # a pickle under an .npy name), never unpickled.
+    if not isinstance(array, np.ndarray):
+        raise BenchError(f"{where}: member {key!r} is not a .npy array (numpy.savez "
+                         "writes one per array)")
+    return array
 
 
 def _holds_objects(npz: Any, key: str) -> bool:
@@ -596,9 +602,9 @@ def load_npz(path: str) -> list[Request]:
     """Sample requests from ``path`` (one of the three layouts of the module docstring).
 
     Raises:
-        BenchError: the file is missing, not an ``.npz``, empty, mixes layouts, holds
-            object arrays or 0-d arrays, or its arrays (stacked layout) or named requests
-            do not line up.
+        BenchError: the file is missing, not an ``.npz``, empty, mixes layouts, holds a
+            member that is no ``.npy``, object arrays, 0-d arrays or requests of no rows,
+            or its arrays (stacked layout) or named requests do not line up.
     """
     where = f"--input {path}"
     try:
@@ -621,10 +627,12 @@ def load_npz(path: str) -> list[Request]:
     keys = list(arrays)
     if all(_PER_REQUEST.match(k) for k in keys):
         keys.sort(key=lambda k: int(k[4:]))
+        _check_rows(where, keys, arrays)
         _check_batchable(where, [(k, arrays[k]) for k in keys])
         return [arrays[k] for k in keys]
     named = [_PER_REQUEST_NAMED.match(k) for k in keys]
     if all(named):
+        _check_rows(where, keys, arrays)
         groups: dict[int, dict[str, np.ndarray]] = {}
         for m in named:
             assert m is not None
@@ -659,6 +667,15 @@ def load_npz(path: str) -> list[Request]:
     # Named by the user, so named requests, even for one array: the model is sent the
     # mapping the other ways of naming an input send.
     return [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(n)]
+
+
+def _check_rows(where: str, keys: list[str], arrays: dict[str, np.ndarray]) -> None:
+    """Refuse a request of no rows (axis 0 empty), as ``--input`` refuses a shape of 0:
+    it would be sent, counted and batched as a request the model never sees."""
+    for k in keys:
+        if not len(arrays[k]):
+            raise BenchError(f"{where}: array {k!r} has shape {arrays[k].shape}: a request "
+                             "needs at least one row (axis 0)")
 
 
 def _check_batchable(where: str, arrays: list[tuple[str, np.ndarray]]) -> None:

@@ -468,6 +468,33 @@ def test_bench_goes_on_past_a_limit_call_that_does_not_return(
     assert runs["batchproc"]["completed"] == runs["no batching"]["completed"] == 40
 
 
+def test_a_sweep_whose_runs_complete_nothing_exits_1_and_says_which(
+    user_module: types.ModuleType, release: threading.Event, tmp_path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = []
+
+    def hangs_after_check(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) > 3:  # past the check before the runs
+            release.wait()
+        return batch
+
+    user_module.hangs_after_check = hangs_after_check  # type: ignore[attr-defined]
+    path = tmp_path / "s.json"
+    code, _, err = cli(capsys, "--sweep", "--model", "bench_user_mod:hangs_after_check",
+                       "--capacity", "20", "--loads", "1", "--duration", "0.2",
+                       "--quiet", "--json", str(path))
+    assert code == 1, err
+    runs = json.loads(path.read_text())["points"]
+    assert [(r["system"], r["completed"]) for r in runs] == [("batchproc", 0),
+                                                             ("no batching", 0)]
+    unfinished = sum(r["unfinished"] for r in runs)
+    assert err.strip().splitlines()[-1] == (
+        "batchproc bench: error: 2 runs completed no request (batchproc, no batching; "
+        f"{unfinished} requests unfinished when they ended)"), err
+
+
 # -- async def models: awaited everywhere, as batchproc awaits them ---------------------------
 
 

@@ -1105,6 +1105,34 @@ def test_a_model_raising_what_is_no_exception_fails_its_requests_in_every_system
     assert runs["limit"]["failed"].endswith(said)
 
 
+def test_a_bench_in_which_no_system_completed_a_request_exits_1(capsys) -> None:
+    # No error anywhere, yet no figure either: a duration too short for any request.
+    code, out, err = run_cli(capsys, "--model", "identity", "--duration", "1e-9", "--quiet")
+    assert code == 1, err
+    assert "completed no request" in out
+    assert err.strip() == ("batchproc bench: error: 3 runs completed no request (batchproc, "
+                           "no batching, limit; none was sent within their duration)"), err
+
+
+@pytest.mark.parametrize(("idle", "said"), [
+    ({"system": "batchproc", "unfinished": 7},
+     "the batchproc run completed no request (7 unfinished when it ended)"),
+    ({"system": "limit"},
+     "the limit run completed no request (none was sent within its duration)"),
+    # Runs whose failure has a line of its own get no other.
+    ({"system": "batchproc", "errors": 3}, None),
+    ({"system": "batchproc", "failed": "RuntimeError: x"}, None),
+    ({"system": "batchproc", "unfinished": 2, "model_errors": 1}, None),
+])
+def test_the_runs_that_completed_no_request_are_named_on_stderr(
+        capsys, idle: dict[str, object], said: str | None) -> None:
+    runs = [dataclasses.replace(_clean_run("no batching", 10.0), completed=0, **idle),
+            _clean_run("minimal batcher", 10.0)]
+    cli._report_idle_runs("bench", runs)
+    err = capsys.readouterr().err
+    assert err == ("" if said is None else f"batchproc bench: error: {said}\n")
+
+
 def test_counting_model_counts_what_raised_on_one_line() -> None:
     from batchproc.bench.runner import CountingModel
 

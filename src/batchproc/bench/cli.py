@@ -7,12 +7,14 @@ request) and the limit (the model called back to back on full batches); ``bench
 searches static configurations (:mod:`.tune`). Bad flags (an unwritable --json, a
 --plot format matplotlib cannot write, a tune --budget too small for one run) end with
 one line on stderr and exit status 2, before anything runs. A run that raises is shown
-as failed, the other runs are kept, and the status is 1; so is an output that fails to
-be written after the runs (the figures are printed all the same); any other failure
-while running ends with one line and status 1. Ctrl-C ends the run in progress and
-keeps the runs that finished (:mod:`.interrupts`): ``bench`` prints and writes them as
-usual, marked interrupted, and ``tune``'s results file holds them; then the command
-says it was interrupted on stderr and exits with status 130.
+as failed, the other runs are kept, and the status is 1; so it is when the model failed
+in a run, when a run completed no request (a model that hung, a duration too short for
+any), and when an output fails to be written after the runs (the figures are printed
+all the same); any other failure while running ends with one line and status 1.
+``tune``'s status is 1 when no configuration met the goal. Ctrl-C ends the run in
+progress and keeps the runs that finished (:mod:`.interrupts`): ``bench`` prints and
+writes them as usual, marked interrupted, and ``tune``'s results file holds them; then
+the command says it was interrupted on stderr and exits with status 130.
 """
 
 from __future__ import annotations
@@ -571,7 +573,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     not_compared = report.bench_not_compared(runs, subject=systems[0].name)
-    failed = [r for r in runs if r.errors or r.failed or r.model_errors]
+    failed = [r for r in runs if r.errors or r.failed or r.model_errors or not r.completed]
     # The files first: the table goes to a stdout that may be closed (`| head`).
     unwritten: list[dict[str, Any]] = []
     if args.plot:
@@ -602,6 +604,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(interrupts.NOTE)
         _print_unwritten(unwritten)
     _report_failed_runs("bench", runs)
+    _report_idle_runs("bench", runs)
     if stop.interrupted:
         return _interrupted(args)
     return 1 if failed or unwritten else 0
@@ -631,6 +634,30 @@ def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error")
             print(f"{say} the model failed in {len(same)} runs ({calls:,} calls), first "
                   f"in the {same[0].system} run: {same[0].first_model_error}",
                   file=sys.stderr)
+
+
+def _report_idle_runs(command: str, runs: Sequence[Any]) -> None:
+    """The line on stderr for the ``RunResult``s that completed no request, neither
+    failed nor with errors (:func:`_report_failed_runs` has those): a model that hung,
+    or a duration too short for any request; the command exits with status 1 for them
+    too."""
+    say = f"{PROG} {command}: error:"
+    idle = [r for r in runs
+            if not r.completed and not r.failed and not r.errors and not r.model_errors]
+    if not idle:
+        return
+    if len(idle) == 1:
+        r = idle[0]
+        why = (f"{r.unfinished:,} unfinished when it ended" if r.unfinished
+               else "none was sent within its duration")
+        print(f"{say} the {r.system} run completed no request ({why})", file=sys.stderr)
+        return
+    systems = ", ".join(system + (f" ({len(same)})" if len(same) > 1 else "")
+                        for system, same in _grouped(idle, lambda r: r.system))
+    unfinished = sum(r.unfinished for r in idle)
+    why = (f"{unfinished:,} requests unfinished when they ended" if unfinished
+           else "none was sent within their duration")
+    print(f"{say} {len(idle)} runs completed no request ({systems}; {why})", file=sys.stderr)
 
 
 def _grouped(runs: Sequence[Any], key: Callable[[Any], str | None],
@@ -749,9 +776,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     if capacity_run is not None:
         runs.insert(0, capacity_run)
     _report_failed_runs("bench", runs)
+    _report_idle_runs("bench", runs)
     if result.interrupted:
         return _interrupted(args)
-    return 1 if any(r.errors or r.failed or r.model_errors for r in runs) or unwritten else 0
+    failed = [r for r in runs if r.errors or r.failed or r.model_errors or not r.completed]
+    return 1 if failed or unwritten else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -1200,15 +1200,17 @@ class _ClosedPipe(io.StringIO):
         return False
 
 
+@pytest.mark.parametrize("stdout", ["pipe", "none"], ids=["reader gone", "closed (>&-)"])
 @pytest.mark.parametrize("command", ["bench", "tune"])
 def test_a_closed_stdout_loses_neither_the_json_nor_the_status(tmp_path, monkeypatch,
-                                                               capsys, command) -> None:
+                                                               capsys, command, stdout) -> None:
     path = tmp_path / "out.json"
     argv = (["bench", "--model", "identity", "--clients", "2", *TINY] if command == "bench"
             else ["tune", "--model", "identity", "--duration", "0.15", "--quiet", "--rate",
                   "100", "--sizes", "4", "--delays-ms", "1", "--workers", "1",
                   "--strategies", "fixed", "--budget", "1.8"])
-    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    # Closed before the command started, Python has no sys.stdout at all.
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe() if stdout == "pipe" else None)
     code = main([*argv, "--json", str(path)])
     err = capsys.readouterr().err
     assert code == 0 if command == "bench" else code in (0, 1), err

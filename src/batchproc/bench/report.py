@@ -336,8 +336,11 @@ def print_table(
     use_rich: bool | None = None,
 ) -> None:
     """A title, a table (rich when installed, else plain text) and lines of notes. The
-    first and last columns align left, the others (numbers) right."""
-    out = out or sys.stdout
+    first and last columns align left, the others (numbers) right. Nothing when there is
+    no standard output (closed at the start, ``>&-``: ``sys.stdout`` is None)."""
+    out = out if out is not None else sys.stdout
+    if out is None:
+        return
     if use_rich is None:
         use_rich = have_rich()
     if use_rich:
@@ -667,6 +670,6 @@ def make_progress(quiet: bool = False) -> Any:
 
     if quiet:
         return NullProgress()
-    if have_rich() and sys.stderr.isatty():
+    if have_rich() and sys.stderr is not None and sys.stderr.isatty():
         return RichProgress()
     return PlainProgress()

@@ -16,6 +16,7 @@ import pytest
 from batchproc.__main__ import main
 from batchproc.bench import BenchError
 from batchproc.bench.inputs import (
+    MAX_DIMS,
     MAX_REQUEST_BYTES,
     FeatureRows,
     NpzSource,
@@ -90,6 +91,8 @@ def test_named_inputs_share_one_length_per_request() -> None:
         # Digits of other scripts are no dimension (int() would read them).
         ("float32:1x\u0661\u0662", "'\u0661\u0662' is not N or LO..HI"),
         ("float32:1x4..\uff19", "is not N or LO..HI"),
+        ("float32:" + "x".join(["1"] * (MAX_DIMS + 1)),
+         f"{MAX_DIMS + 1} dimensions; a numpy array has at most {MAX_DIMS}"),
     ],
 )
 def test_bad_specs(spec: str, mentions: str) -> None:
@@ -370,6 +373,14 @@ def test_a_request_over_the_size_limit_is_refused_with_its_size(
     assert f"one request would take {size} ({values} values)" in message
     assert message.endswith("over the limit of 256 MiB per request")
     assert "\n" not in message
+
+
+def test_a_spec_of_more_dimensions_than_numpy_allows_is_one_line(capsys) -> None:
+    most = "float32:" + "x".join(["1"] * MAX_DIMS)
+    code, out, err = run_cli(capsys, "--input", most + "x1", "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input '{most}x1': {MAX_DIMS + 1} "
+                           f"dimensions; a numpy array has at most {MAX_DIMS}"), err
 
 
 def test_bench_refuses_a_huge_input_in_one_line_before_allocating(capsys) -> None:

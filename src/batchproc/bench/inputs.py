@@ -75,6 +75,8 @@ MAX_BATCH_BYTES = 4 << 30
 # ASCII digits only: ``\d`` takes any script's digits, which int() reads.
 _DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+# The most dimensions a numpy array may have (64 from numpy 2, 32 before).
+MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 _PER_REQUEST = re.compile(r"^arr_([0-9]+)$")
 _PER_REQUEST_NAMED = re.compile(r"^([0-9]+)/(.+)$")
 
@@ -355,8 +357,8 @@ def parse_tensor_spec(text: str) -> TensorSpec:
 
     Raises:
         BenchError: not of that form, an unknown or non-numeric dtype, a dimension that
-            is not a positive whole number or ``LO..HI`` with ``1 <= LO <= HI``, or a
-            ragged dimension past axis 1.
+            is not a positive whole number or ``LO..HI`` with ``1 <= LO <= HI``, a
+            ragged dimension past axis 1, or more dimensions than numpy allows.
     """
     where = f"--input {text!r}"
     name: str | None = None
@@ -390,6 +392,9 @@ def parse_tensor_spec(text: str) -> TensorSpec:
                 f"{where}: only axis 0 (rows) and axis 1 (length) may be ragged, not axis {axis}"
             )
         dims.append(Dim(lo, hi))
+    if len(dims) > MAX_DIMS:
+        raise BenchError(f"{where}: {len(dims)} dimensions; a numpy array has at most "
+                         f"{MAX_DIMS}")
     return TensorSpec(name, dtype, tuple(dims))
 
 

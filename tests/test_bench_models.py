@@ -495,6 +495,32 @@ def test_a_sweep_whose_runs_complete_nothing_exits_1_and_says_which(
         f"{unfinished} requests unfinished when they ended)"), err
 
 
+@pytest.mark.parametrize("argv", [
+    ["tune", "--p99-ms", "10", "--budget", "30", "--duration", "0.15"],
+    ["bench", "--sweep", "--duration", "0.15"],
+])
+def test_a_model_hanging_while_capacity_is_measured_is_said_to_hang(
+    user_module: types.ModuleType, release: threading.Event,
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    calls = []
+
+    def hangs_after_check(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) > 3:  # past the check before the runs
+            release.wait()
+        return batch
+
+    user_module.hangs_after_check = hangs_after_check  # type: ignore[attr-defined]
+    code = main([*argv, "--model", "bench_user_mod:hangs_after_check", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", err
+    assert re.fullmatch(
+        rf"batchproc {argv[0]}: error: no request completed while measuring capacity "
+        r"\([0-9,]+ unfinished after 0\.15 s and the drain; [0-9,]+ calls? of the model "
+        r"still running\): the model hangs, or is too slow for --duration", err.strip()), err
+
+
 # -- async def models: awaited everywhere, as batchproc awaits them ---------------------------
 
 

@@ -719,9 +719,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 probe, model, args.model, source, clients=capacity_clients(args.max_batch),
                 duration=duration, seed=args.seed, progress=progress)
             if not capacity_run.completed:
-                why = (capacity_run.failed or capacity_run.first_error
-                       or "the model is too slow for --duration")
-                raise BenchError(f"no request completed while measuring capacity: {why}")
+                raise BenchError(sweep.no_capacity(capacity_run, duration))
             capacity = capacity_run.throughput
             check_arrivals(capacity * fractions[-1], duration,
                            f"the measured capacity, {capacity:,.0f} req/s, at the highest "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..log_limits import plural
 from . import report
 from .inputs import RequestSource
 from .interrupts import NOTE, keep_finished
@@ -105,6 +106,22 @@ def measure_capacity(
     return run_target(target, model, model_name, load, Bounds(duration=duration), progress,
                       label=f"capacity · {load.label} · {target.name}",
                       settle_s=settle_s)
+
+
+def no_capacity(run: RunResult, duration: float) -> str:
+    """Why a capacity run that completed no request measured nothing, on one line: the
+    run failed, requests failed or the model raised (the first error), or neither: the
+    model hung or is too slow for ``duration`` (seconds), with its requests left
+    unfinished and its calls left running."""
+    why = run.failed or run.first_error or (run.first_model_error if run.model_errors
+                                            else None)
+    if why is not None:
+        return f"the model failed while measuring capacity: {why}"
+    left = (f"; {plural(run.left_running, 'call')} of the model still running"
+            if run.left_running else "")
+    return (f"no request completed while measuring capacity ({run.unfinished:,} unfinished "
+            f"after {duration:g} s and the drain{left}): the model hangs, or is too slow "
+            "for --duration")
 
 
 def queue_size_for(max_rate: float, duration: float) -> int:

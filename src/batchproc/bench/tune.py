@@ -63,7 +63,7 @@ from .interrupts import keep_finished
 from .loads import MAX_ARRIVALS, Bounds, Load, drain_window
 from .models import Model
 from .runner import Progress, RunResult, run_target
-from .sweep import arrival_rate, capacity_clients, measure_capacity
+from .sweep import arrival_rate, capacity_clients, measure_capacity, no_capacity
 from .targets import STOP_TIMEOUT_S, Batchproc
 
 SUSTAINED = 0.9  # achieved at least this share of the offered load: it keeps up
@@ -767,11 +767,10 @@ class Tuner:
             clients=capacity_clients(biggest, least=16), duration=self.duration, seed=self.seed,
             progress=self.progress, settle_s=STOP_TIMEOUT_S,
         )
-        if not run.completed or run.errors:
-            raise BenchError(
-                "the model failed while measuring capacity: "
-                f"{run.failed or run.first_error or 'no results'}"
-            )
+        if not run.completed:
+            raise BenchError(no_capacity(run, self.duration))
+        if run.errors:
+            raise BenchError(f"the model failed while measuring capacity: {run.first_error}")
         if _ladder_rate(run.throughput, 0) * self.duration > MAX_ARRIVALS:
             raise BenchError(
                 f"the measured capacity, {report.fmt_rate(run.throughput)} req/s, would "

@@ -140,12 +140,12 @@ def test_calls_stuck_on_their_own_requests_leave_it_live_while_others_return(
         assert p.enqueue_predict("ok").result(timeout=HANG) == "ok"
         report = p.health()
         stuck = report["checks"]["stuck_batches"]
-        assert (stuck["value"], stuck["calls_ended_since"]) == (1, True)
+        assert (stuck["value"], stuck["calls_returned_since"]) == (1, True)
         assert (report["ready"], report["live"]) == (False, True)  # stuck: not ready
         p.enqueue_predict("hang").exception(timeout=HANG)  # the next call hangs too
         report = p.health()
         stuck = report["checks"]["stuck_batches"]
-        assert (stuck["value"], stuck["calls_ended_since"]) == (2, False)
+        assert (stuck["value"], stuck["calls_returned_since"]) == (2, False)
         assert report["live"] is False
     finally:
         release.set()

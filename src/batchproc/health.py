@@ -211,7 +211,7 @@ class HealthMonitor:
         queue_size: Callable[[], int],
         stuck_batches: Callable[[], list[dict[str, Any]]],
         workers: Callable[[], tuple[int, int]],
-        last_call_ended: Callable[[], float] = lambda: 0.0,
+        returned_call_began: Callable[[], float] = lambda: 0.0,
         memory_probe: MemoryProbe | None = None,
         state: Callable[[], str] = lambda: RUNNING,
     ) -> None:
@@ -220,7 +220,7 @@ class HealthMonitor:
         self._metrics = metrics
         self._queue_size = queue_size
         self._stuck_batches = stuck_batches
-        self._last_call_ended = last_call_ended
+        self._returned_call_began = returned_call_began
         self._workers = workers
         self._state = state
         self.memory_probe = memory_probe or MemoryProbe()
@@ -270,13 +270,13 @@ class HealthMonitor:
             worst = max(worst, 1)
         # Live: this processor can still serve (or recover) in this process. Not when
         # forked, when workers are missing, or when as many calls as workers are stuck
-        # and none has returned since the newest of them began (the model answers
+        # and no call begun after the newest of them has returned (the model answers
         # nothing: a wedged device; requests that hang alone leave it answering others).
         stuck = checks["stuck_batches"]
         live = state != FORKED and (
             state not in (RUNNING, PAUSED)
             or (checks["workers"]["status"] == OK
-                and (stuck["value"] < cfg.max_workers or stuck["calls_ended_since"])))
+                and (stuck["value"] < cfg.max_workers or stuck["calls_returned_since"])))
         ready = state == RUNNING and live and worst < 2
         return {"status": _OVERALL[worst], "ready": ready, "live": live, "state": state,
                 "timestamp": time.time(), "checks": checks}
@@ -295,11 +295,11 @@ class HealthMonitor:
 
         stuck = self._stuck_batches()
         # Asked after the stuck batches: a call that returned in between is not missed.
-        ended = self._last_call_ended()
+        began = self._returned_call_began()
         newest = time.monotonic() - min((b["running_for"] for b in stuck), default=0.0)
         checks["stuck_batches"] = {"status": CRITICAL if stuck else OK, "value": len(stuck),
                                    "batches": stuck, "item_timeout": cfg.item_timeout,
-                                   "calls_ended_since": bool(stuck) and ended > newest}
+                                   "calls_returned_since": bool(stuck) and began > newest}
 
         alive, expected = self._workers()
         checks["workers"] = {"status": OK if alive >= expected else CRITICAL,

@@ -191,7 +191,7 @@ class BatchProcessor(Generic[T, U]):
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
             stuck_batches=self._dispatcher.stuck_batches,
-            last_call_ended=self._dispatcher.last_call_ended,
+            returned_call_began=self._dispatcher.returned_call_began,
             workers=self._dispatcher.alive_workers,
             state=self._lifecycle_state)
         self._async_model: AsyncModel | None = None

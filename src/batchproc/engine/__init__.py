@@ -56,10 +56,10 @@ class Engine:
         self.fill_vacancies = self._pool.fill_vacancies
         self.stuck_batches = self._limits.stuck_batches
 
-    def last_call_ended(self) -> float:
-        """When the last call that was not abandoned returned (``time.monotonic()``;
-        0.0: none yet)."""
-        return self._board.last_call_ended
+    def returned_call_began(self) -> float:
+        """When the latest call that returned (not abandoned) had begun
+        (``time.monotonic()``; 0.0: none yet)."""
+        return self._board.returned_call_began
 
     def start(self, process_func: Callable[[Any], Any]) -> None:
         self._executor.process_func = process_func

@@ -81,9 +81,9 @@ class Board:
         # Set by stop just before it takes what is left in the queue for the last time:
         # nothing accepted already may be queued again after that (Engine.push_accepted).
         self.sealed = False
-        # When the last call that was not abandoned returned (time.monotonic(); 0.0:
-        # none yet): whether the model still answers while calls are stuck (health).
-        self.last_call_ended = 0.0
+        # When the latest call that returned (not abandoned) had begun (time.monotonic();
+        # 0.0: none yet): whether the model still answers while calls are stuck (health).
+        self.returned_call_began = 0.0
 
     def begin_call(self, batch: Batch, requests: list[Request]) -> bool:
         with self.lock:
@@ -100,7 +100,8 @@ class Board:
             if batch.state is not CALLING:
                 return False
             batch.state = HELD
-            self.last_call_ended = _monotonic()
+            if batch.call_started > self.returned_call_began:
+                self.returned_call_began = batch.call_started
             return True
 
     def begin_delivery(self, batch: Batch, requests: list[Request],

@@ -169,7 +169,7 @@ def test_max_queue_time_bounds_the_wait_for_room(make_processor, method):
                 return [y async for y in processor.amap([np.array([[2.0]])],
                                                         max_queue_time=0.05)]
             call = call_amap()
-        with pytest.raises(QueueFullError, match=r"queue full \(1 requests\) for 0\.0"):
+        with pytest.raises(QueueFullError, match=r"queue full \(1 request\) for 0\.0"):
             await asyncio.wait_for(call, 10)  # bounded: before, it waited for ever
         waited = time.monotonic() - began
         assert len(processor._room_waiters()) == 0 and len(processor._queue) == 1
@@ -984,12 +984,14 @@ def test_a_model_raising_an_iteration_end_never_ends_the_callers_iteration(
     assert isinstance(info.value.__cause__, raised)
 
 
-def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_the_line_lock(
-        make_processor):
+@pytest.mark.parametrize("held", ["the line's", "the counts'"])
+def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_a_lock(
+        make_processor, held):
     # A task waiting for room whose loop is closed under it, and which nobody keeps: its
     # coroutine, in a cycle with its waiter's future, is closed by a garbage collection.
     # A collection starts at any allocation, on any thread, maybe one holding the lock of
-    # the line the coroutine leaves: it must not take that lock there.
+    # the line the coroutine leaves, or the processor's counts' lock (it counts as
+    # refused): it must not take either there.
     import gc
 
     processor = make_processor(lambda batch: batch, max_queue_size=1, max_batch_size=1,
@@ -1012,10 +1014,12 @@ def test_a_waiter_of_a_closed_loop_collected_in_a_cycle_leaves_without_taking_th
         processor.resume()  # the filler's room reaches the line: the waiter leaves it
         assert filler.result(10).tolist() == [[0.0]]
         _wait_for(lambda: not line._line, "the waiter out of the line")
-        assert collected_holding(line._lock), "the collection deadlocked in the coroutine's close"
+        lock = line._lock if held == "the line's" else processor._counts_lock
+        assert collected_holding(lock), "the collection deadlocked in the coroutine's close"
     finally:
         gc.enable()
     # The line goes on serving, its count of waiters right.
     _wait_for(lambda: line.ahead == 0, "the closed coroutine's place given up")
+    _wait_for(lambda: processor.get_stats()["total_rejected"] == 1, "it counted as refused")
     result = asyncio.run(processor.apredict(np.array([[2.0]]), timeout=5))
     assert result.tolist() == [[2.0]]

@@ -413,6 +413,28 @@ def test_ragged_object_array_with_pad_value_is_refused_with_advice(make_processo
         p.enqueue_predict(np.array([np.ones(2), np.ones(3)], dtype=object))
 
 
+def test_an_array_subclass_whose_dtype_changed_while_queued_fails_alone(make_processor):
+    # numpy joins subclasses itself, promoting the batch to a changed item's dtype: every
+    # other caller's result would come back float64. (Plain arrays are copied natively
+    # as queued.)
+    from batchproc import ItemChangedError
+
+    class Tagged(np.ndarray):
+        pass
+
+    p = make_processor(lambda batch: batch * 2, max_batch_size=8, retry_delay=30.0)
+    items = [np.full((1, 4), float(k), np.float32).view(Tagged) for k in range(3)]
+    p.pause()
+    futures = [p.enqueue_predict(x) for x in items]
+    items[1].dtype = np.int32  # breaks the rule: same shape, another dtype
+    p.resume()
+    with pytest.raises(ItemChangedError, match="an array is int32 where float32 was queued"):
+        futures[1].result(timeout=10)
+    for k in (0, 2):
+        got = futures[k].result(timeout=10)
+        assert got.dtype == np.float32 and (got == 2.0 * k).all()
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_a_matrix_stacked_as_a_sample_is_refused_with_advice(make_processor):
     # np.stack cannot add an axis to a matrix (always 2-D): the batch would lose its

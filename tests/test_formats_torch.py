@@ -134,6 +134,13 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
     (1e6, torch.float8_e4m3fn, r"stored exactly as torch.float8_e4m3fn \(it would become 448.0"),
     (1e6, torch.float8_e5m2, r"stored exactly as torch.float8_e5m2 \(it would become inf"),
     (65519.0, torch.float16, r"stored exactly as torch.float16 \(it would become 65504.0"),
+    # An inf where the dtype has none becomes NaN (the fnuz dtypes); a dtype of powers of
+    # two has no zero and no sign (float8_e8m0fnu); a value too small becomes zero.
+    (float("inf"), torch.float8_e4m3fnuz, r"float8_e4m3fnuz \(it would become nan"),
+    (-float("inf"), torch.float8_e5m2fnuz, r"float8_e5m2fnuz \(it would become nan"),
+    (0, torch.float8_e8m0fnu, r"float8_e8m0fnu \(it would become 5.87"),
+    (-1.0, torch.float8_e8m0fnu, r"float8_e8m0fnu \(it would become 1.0"),
+    (1e-50, torch.float32, r"torch.float32 \(it would become 0.0"),
 ])
 def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_processor, pad,
                                                                         dtype, match):
@@ -148,7 +155,8 @@ def test_a_pad_value_the_tensor_dtype_cannot_hold_is_refused_at_enqueue(make_pro
     (2**64 - 1, torch.uint64), (-(2**63), torch.int64), (1 + 2j, torch.complex64),
     (0.1, torch.float32), (True, torch.bool), (float("inf"), torch.float32),
     (np.float32(0.5), torch.float64), (0.5, torch.float8_e4m3fn), (448.0, torch.float8_e4m3fn),
-    (float("nan"), torch.float8_e4m3fn), (65504.0, torch.float16),
+    (float("nan"), torch.float8_e4m3fn), (65504.0, torch.float16), (0.1, torch.bfloat16),
+    (1e-40, torch.float32), (-0.0, torch.float32), (4.0, torch.float8_e8m0fnu),
 ])
 def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor, pad, dtype):
     seen = []

@@ -91,6 +91,24 @@ def test_chunks_follow_the_processors_target_rows(make_processor, method):
         assert p.get_stats()["total_accepted"] - accepted == chunks, (target, chunksize)
 
 
+def test_a_chunk_takes_the_target_of_when_it_opens(make_processor):
+    # The source lowers the target just before it yields the first item of the second
+    # chunk: that chunk, and those after it, hold the new target's rows.
+    model = Calls()
+    p = make_processor(model, max_batch_size=8, initial_batch_size=8, max_workers=1,
+                       processing_strategy=BatchProcessingStrategy.FIXED)
+
+    def items():
+        for k in range(16):
+            if k == 8:
+                p.update_batch_size(2)
+            yield rows(1, start=k)[0]
+
+    out = list(p.map(items(), buffersize=1))
+    assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(16)]
+    assert model.sizes == [8, 2, 2, 2, 2]
+
+
 @pytest.mark.parametrize("method", ["map", "amap"])
 def test_chunks_follow_a_target_lowered_by_memory_pressure(make_processor, method):
     model = Calls()

@@ -301,6 +301,17 @@ class RoomWaiters:
             waiter.channel.post(waiter.future, True, None)
 
 
+def _count_given_up(processor: BatchProcessor[Any, Any]) -> None:
+    """A caller that stopped waiting for room (its task cancelled) counts as refused: its
+    request was never accepted. Run by a garbage collection (a waiting coroutine closed
+    with its loop), on a thread that may hold the counts' lock, the count is left to the
+    processor's supervisor, as ``RoomWaiters.withdraw`` leaves its own work."""
+    if collecting.on_this_thread():
+        processor._run_soon(processor._count_refusal)
+    else:
+        processor._count_refusal()
+
+
 class _NoRoomInTime(Exception):
     """A waiter's ``timeout`` passed."""
 
@@ -424,7 +435,7 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
                 raise processor._refusal(_stdlib_queue.Full(), timeout) from None
             except BaseException:
                 room.withdraw(waiter)
-                processor._count_refusal()  # gave up waiting: never accepted
+                _count_given_up(processor)
                 raise
             finally:
                 if timer is not None:

@@ -166,7 +166,8 @@ class Chunker:
                 > self._max_tokens):
             self.flush()
             grown = self._grown_bytes(nbytes, queue_length)  # alone in a new chunk
-        if not self._requests:
+        if not self._requests:  # a chunk opens
+            self._max_rows = self._chunk_rows()
             self._key = key
             self._format = request.format
         self._requests.append(request)
@@ -223,7 +224,6 @@ class Chunker:
         self._items = []
         self._rows = self._nbytes = self._length = self._queue_length = 0
         self._per_token = 0.0
-        self._max_rows = self._chunk_rows()
 
     def _past(self, due: float) -> None:
         """After an item was added: at or after ``due``, close the open chunk."""
@@ -241,7 +241,9 @@ class Chunker:
         try:
             while not ready:
                 template = self._template
-                if template is not None:
+                # A chunk opens through add(), which reads the target once its first
+                # item has come (the source may have changed it meanwhile).
+                if template is not None and self._requests:
                     room = min((self._max_rows - self._rows) // template.rows,
                                self._max_rows - len(self._requests))
                     if template.nbytes:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ItemChangedError
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
 from .padding import Padding, pad_bytes
 
@@ -40,10 +41,11 @@ MAX_STACKED_DIMS = _max_dims() - 1
 class ArrayLeaf:
     """Builds one input position of a batch from numpy arrays (of class ``cls``)."""
 
-    __slots__ = ("_numpy", "_pad", "_stacked")
+    __slots__ = ("_dtype", "_numpy", "_pad", "_stacked")
 
     def __init__(self, dtype: np.dtype[Any], stacked: bool, pad: Any,
                  cls: type = np.ndarray) -> None:
+        self._dtype = dtype
         self._stacked = stacked
         # Object arrays and subclasses are numpy's to join; the assembler copies raw bytes.
         self._numpy = None
@@ -72,9 +74,22 @@ class ArrayLeaf:
                 items = [item[_newaxis] for item in items]
             return workspace.assembler(position).concat_padded(items, padded_length, self._pad)
         if self._numpy is not None:
+            # numpy joins what it is given, promoting the batch to a changed item's dtype
+            # (every caller's result with it); the assembler copies the queued dtype.
+            _check_dtypes(items, self._dtype)
             return self._numpy(items)
         assembler = workspace.assembler(position)
         return assembler.stack(items) if self._stacked else assembler.concat(items)
+
+
+def _check_dtypes(items: list[Any] | tuple[Any, ...], dtype: np.dtype[Any]) -> None:
+    """``ItemChangedError`` unless every array still has the dtype it was queued with
+    (``a.dtype = ...`` changes it in place)."""
+    for item in items:
+        if item.dtype != dtype:
+            raise ItemChangedError(
+                f"an array is {item.dtype} where {dtype} was queued: it changed after it "
+                "was queued (an item must not change until its result has come)")
 
 
 def describe_array(item: Any, stacked: bool, padding: Padding | None, name: object,

@@ -89,14 +89,8 @@ def _check_pad(value: Any, dtype: Any) -> Any:
         held = torch.full((), value, dtype=dtype)  # what the padded batch is filled with
     except (RuntimeError, TypeError, OverflowError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
-    # Checked in a wide dtype: torch has no isfinite for some (float8_e4m3fn).
     if dtype.is_floating_point:
-        # A finite value past the dtype's largest: a 0-d tensor holds it overflowed to
-        # inf or saturated (float8_e4m3fn has no inf), and torch refuses to fill a batch
-        # with it ("cannot be converted ... without overflow").
-        finite = math.isfinite(value)
-        ok = (bool(torch.isfinite(held.double())) == finite
-              and not (finite and abs(float(value)) > torch.finfo(dtype).max))
+        ok = _float_held(float(value), float(held.double()), torch.finfo(dtype))
     elif dtype.is_complex:
         ok = bool(torch.isfinite(held.to(torch.complex128))) == math.isfinite(abs(value))
     else:
@@ -105,6 +99,22 @@ def _check_pad(value: Any, dtype: Any) -> Any:
         raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype} "
                          f"(it would become {held.item()!r})")
     return value
+
+
+def _float_held(value: float, held: float, info: Any) -> bool:
+    """Whether ``held`` (read back in float64: torch has no isfinite for some float8
+    dtypes) is ``value`` stored in a float dtype of ``info`` (``torch.finfo``): the value
+    itself, or it rounded to the nearest the dtype holds, as any float cast. Not an
+    overflow past the largest value (torch then refuses to fill a batch with it), a
+    saturation (float8_e4m3fn has no inf), a NaN for an inf (the fnuz dtypes), a sign
+    lost, or zero for a value or a value for zero (float8_e8m0fnu has no zero)."""
+    if math.isnan(value):
+        return math.isnan(held)
+    if held == value:
+        return True
+    return (math.isfinite(value) and math.isfinite(held) and value != 0.0 and held != 0.0
+            and (held > 0.0) == (value > 0.0) and abs(value) <= info.max
+            and abs(held - value) <= max(abs(value) * info.eps, info.tiny * info.eps))
 
 
 def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: object,

@@ -31,6 +31,7 @@ from batchproc.bench.loads import (
 )
 from batchproc.bench.runner import run_limit, run_target
 from batchproc.bench.targets import Batchproc, BatchprocAsync, NoBatching
+from batchproc.log_limits import plural
 
 DURATION = 0.2
 # The run's drain and the target's stop, with room for a loaded machine; the model stays
@@ -187,7 +188,7 @@ def test_a_runs_end_leaves_its_unfinished_requests_to_the_report(blocked, target
     with caplog.at_level(logging.WARNING, logger="batchproc.processor"):
         p.stop()
     assert [r.getMessage() for r in caplog.records] == [
-        "batchproc stopped: 1 requests failed with ProcessorStoppedError"]
+        "batchproc stopped: 1 request failed with ProcessorStoppedError"]
 
 
 def test_unsent_and_queued_requests_wait_until_the_same_horizon():
@@ -299,7 +300,7 @@ def test_the_table_and_its_notes_say_what_was_late(blocked):
                      Load("rate", rate=200.0, features=4), Bounds(duration=DURATION))
     assert report.fmt_completed(run) == f"0 + {run.unfinished:,} late"
     assert report.row_cells(run)[-1] == f"0 + {run.unfinished:,} late *"
-    assert any(f"{run.unfinished:,} requests (late) unfinished" in note
+    assert any(f"{plural(run.unfinished, 'request')} (late) unfinished" in note
                for note in report.run_notes([run]))
     assert run.to_dict()["unfinished"] == run.unfinished
 
@@ -366,7 +367,7 @@ def test_every_arrival_is_accounted_when_the_target_refuses_some(load, every):
     assert run.to_dict()["refused"] == run.refused
     assert report.fmt_completed(run) == (
         f"{run.completed:,} + {run.refused:,} refused")
-    assert any(f"{run.refused:,} requests refused at submit" in note
+    assert any(f"{plural(run.refused, 'request')} refused at submit" in note
                and "RuntimeError: queue full" in note for note in report.run_notes([run]))
 
 

@@ -30,6 +30,7 @@ from batchproc.bench.loads import Bounds, Load
 from batchproc.bench.models import check_model, load_user_model
 from batchproc.bench.runner import run_limit, run_target
 from batchproc.bench.targets import Batchproc, NoBatching
+from batchproc.log_limits import plural
 
 TINY = ["--requests", "40", "--duration", "5", "--quiet"]
 
@@ -492,7 +493,7 @@ def test_a_sweep_whose_runs_complete_nothing_exits_1_and_says_which(
     unfinished = sum(r["unfinished"] for r in runs)
     assert err.strip().splitlines()[-1] == (
         "batchproc bench: error: 2 runs completed no request (batchproc, no batching; "
-        f"{unfinished} requests unfinished when they ended)"), err
+        f"{plural(unfinished, 'request')} unfinished when they ended)"), err
 
 
 @pytest.mark.parametrize("argv", [

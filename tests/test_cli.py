@@ -593,7 +593,7 @@ def test_bench_does_not_compare_runs_in_which_the_model_failed(
     assert "batchproc vs no batching: not compared: errors in both runs" in out, out
     assert "batchproc vs the limit:   not compared: the limit run failed" in out, out
     assert "x throughput" not in out
-    assert "no batching: 1 requests failed, first: ValueError: bad row" in out  # notes kept
+    assert "no batching: 1 request failed, first: ValueError: bad row" in out  # notes kept
     doc = json.loads(path.read_text())
     assert doc["ratios"] == {"vs_no_batching": None, "vs_limit": None}
     assert doc["ratios_not_compared"]["vs_no_batching"].startswith("errors in both runs")

@@ -184,7 +184,7 @@ def test_max_queue_time_ends_a_threads_wait_for_room(make_processor, api):
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(call)
         try:
-            with pytest.raises(QueueFullError, match=r"queue full \(1 requests\) for 0\.05"):
+            with pytest.raises(QueueFullError, match=r"queue full \(1 request\) for 0\.05"):
                 waiting.result(timeout=10)  # bounded: before, it waited for ever
         finally:
             p.resume()  # lets a wait that did not end go on, so the test ends

@@ -461,8 +461,8 @@ class BatchProcessor(Generic[T, U]):
         self._run_soon_now()  # what the supervisor had no tick left for
         self._flush_logs(final=True)
         if leftover:
-            logger.warning("batchproc stopped: %d requests failed with ProcessorStoppedError",
-                           leftover)
+            logger.warning("batchproc stopped: %s failed with ProcessorStoppedError",
+                           plural(leftover, "request"))
         else:
             logger.info("batchproc stopped")
 
@@ -709,7 +709,8 @@ class BatchProcessor(Generic[T, U]):
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
         waiting = "" if waited is None else f" for {seconds(waited)}"
-        return QueueFullError(f"queue full ({self.config.max_queue_size} requests){waiting}")
+        size = plural(self.config.max_queue_size, "request")
+        return QueueFullError(f"queue full ({size}){waiting}")
 
     def _refusal_after_stop(self, waited: float | None) -> BatchProcessorError:
         """Refuse a request once stop() began, before any work on it (the queue, closed

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
+from ..log_limits import plural
 from . import BenchError, interrupts, tune
 from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
@@ -655,9 +656,10 @@ def _report_idle_runs(command: str, runs: Sequence[Any]) -> None:
     systems = ", ".join(system + (f" ({len(same)})" if len(same) > 1 else "")
                         for system, same in _grouped(idle, lambda r: r.system))
     unfinished = sum(r.unfinished for r in idle)
-    why = (f"{unfinished:,} requests unfinished when they ended" if unfinished
+    why = (f"{plural(unfinished, 'request')} unfinished when they ended" if unfinished
            else "none was sent within their duration")
-    print(f"{say} {len(idle)} runs completed no request ({systems}; {why})", file=sys.stderr)
+    print(f"{say} {plural(len(idle), 'run')} completed no request ({systems}; {why})",
+          file=sys.stderr)
 
 
 def _grouped(runs: Sequence[Any], key: Callable[[Any], str | None],

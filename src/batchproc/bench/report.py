@@ -157,15 +157,16 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.stopped_by == "duration":
             notes.append(f"* {who}: stopped by the time bound after {r.elapsed_s:.1f} s")
         if r.errors:
-            notes.append(f"! {who}: {r.errors:,} requests failed, first: {r.first_error}")
+            notes.append(f"! {who}: {plural(r.errors, 'request')} failed, first: "
+                         f"{r.first_error}")
         if r.unfinished:
             notes.append(
-                f"! {who}: {r.unfinished:,} requests (late) unfinished when the run ended, "
-                "not counted as completed; their wait until the end of the drain counts "
-                "in its latencies")
+                f"! {who}: {plural(r.unfinished, 'request')} (late) unfinished when the run "
+                "ended, not counted as completed; their wait until the end of the drain "
+                "counts in its latencies")
         if r.refused:
             notes.append(
-                f"! {who}: {r.refused:,} requests refused at submit, not counted as "
+                f"! {who}: {plural(r.refused, 'request')} refused at submit, not counted as "
                 f"completed nor in its latencies; first: {r.first_refusal}")
         if r.model_errors:
             notes.append(f"! {who}: {model_failed(r)}")

@@ -451,7 +451,8 @@ def run_target(
         started_beside=beside,
     )
     if res.errors:
-        log.warning("%s: %d requests failed, first: %s", target.name, res.errors, res.first_error)
+        log.warning("%s: %s failed, first: %s", target.name, plural(res.errors, "request"),
+                    res.first_error)
     late = f", {res.unfinished:,} unfinished" if res.unfinished else ""
     late += f", {res.refused:,} refused" if res.refused else ""
     late += f", the model raised {plural(counted.raised, 'time')}" if counted.raised else ""

@@ -114,7 +114,8 @@ class Executor:
             else:
                 self._run(batch, live, workspace, target)
         except BaseException as exc:  # a BaseException from process_func, or our own bug
-            logger.exception("batch of %d requests failed outside the retry logic", len(live))
+            logger.exception("batch of %s failed outside the retry logic",
+                             plural(len(live), "request"))
             self._delivery.fail(batch, live, exc)
         finally:
             if batch.deferred is not None:

@@ -438,6 +438,20 @@ def test_a_full_batch_past_half_the_memory_available_is_refused(capsys, monkeypa
         "half the memory available (1 GiB): lower --max-batch or the size of a request")
 
 
+def test_the_memory_available_is_the_containers_under_a_cgroup_limit(monkeypatch) -> None:
+    from batchproc import health
+    from batchproc.bench import inputs
+
+    machine = inputs.memory_available()
+    assert machine is not None and machine > 0
+    monkeypatch.setattr(health.CgroupMemory, "read", lambda self: {
+        "usage_bytes": 3 << 30, "limit_bytes": 4 << 30, "percent": 75.0,
+        "source": "cgroup v2"})
+    assert inputs.memory_available() == min(machine, 1 << 30)
+    monkeypatch.setattr(health.CgroupMemory, "read", lambda self: None)
+    assert inputs.memory_available() is not None  # no limit: the machine's
+
+
 def test_an_npz_full_batch_counts_its_widest_row_padded(tmp_path) -> None:
     path = tmp_path / "r.npz"
     np.savez(path, np.zeros((3, 10), np.float32), np.zeros((1, 50), np.float32))

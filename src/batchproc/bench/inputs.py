@@ -272,13 +272,21 @@ def check_full_batch(source: RequestSource, max_rows: int, flag: str) -> None:
 
 
 def memory_available() -> int | None:
-    """The memory available to this process now, in bytes (psutil); None if unknown."""
+    """The memory available to this process now, in bytes: the machine's (psutil), or
+    less under a container's limit (its cgroup, read as ``health()`` reads it); None if
+    unknown."""
+    from ..health import CgroupMemory
+
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        available = int(psutil.virtual_memory().available)
     except Exception:  # an unsupported platform: the fixed limit alone
         return None
+    cgroup = CgroupMemory().read()
+    if cgroup is not None:
+        available = min(available, max(int(cgroup["limit_bytes"] - cgroup["usage_bytes"]), 0))
+    return available
 
 
 def _fill(fits: list[int], sizes: list[int], start: int, max_rows: int) -> list[int]:

@@ -820,7 +820,7 @@ def test_finalists_are_rerun_and_the_verdict_is_on_medians(capsys) -> None:
     assert set(result.confirmed) == {"default", small, mid}
     out, top = _printed(result, capsys)
     assert mid.split("/")[0].upper() in top.upper() and "(median of 3)" in top
-    assert "finalists (the 3 best and the default)" in out
+    assert "3 finalists (the best that met the goal, at most 3, and the default)" in out
     assert "default (ADAPTIVE): p50 1.00 ms, p99 15.0 ms" in out
 
 
@@ -862,15 +862,16 @@ def test_worst_case_runs_and_their_confirmation_stay_within_the_budget(monkeypat
 
 @pytest.mark.parametrize(("budget", "note"), [
     # Room for the default's run only: no rerun; the verdict is on single runs.
-    (3.8, "finalists (the 3 best and the default) not rerun: the budget had no room left "
-          "for a rerun; the verdict is on single runs (pass --json FILE to keep the "
-          "results and continue in a later run)"),
+    (3.8, "1 finalist (the default) not rerun: the budget had no room left for a rerun; "
+          "the verdict is on single runs (pass --json FILE to keep the results and "
+          "continue in a later run)"),
     # The search, then one rerun of the two finalists' four.
-    (7.5, "finalists (the 3 best and the default) rerun at their deciding load until the "
-          "budget ended the reruns: 3 of 6 runs; they are ranked first, on the medians of "
-          "their runs (pass --json FILE to keep the results and continue in a later run)"),
-    (60.0, "finalists (the 3 best and the default) rerun at their deciding load, 3 runs "
-           "each; they are ranked first, on their medians"),
+    (7.5, "2 finalists (the best that met the goal, at most 3, and the default) rerun at "
+          "their deciding load until the budget ended the reruns: 3 of 6 runs; they are "
+          "ranked first, on the medians of their runs (pass --json FILE to keep the "
+          "results and continue in a later run)"),
+    (60.0, "2 finalists (the best that met the goal, at most 3, and the default) rerun at "
+           "their deciding load, 3 runs each; they are ranked first, on their medians"),
 ])
 def test_the_output_says_how_far_confirming_the_finalists_went(monkeypatch, capsys,
                                                                budget, note) -> None:

@@ -56,6 +56,7 @@ from typing import Any
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.config import _require_int, require_number
 
+from ..log_limits import plural
 from . import BenchError, report
 from .configs import describe_fields, format_config, parse_strategy
 from .inputs import RequestSource
@@ -970,7 +971,10 @@ def _nothing_measured(result: TuneResult) -> str:
 def _confirmation_note(result: TuneResult) -> str:
     """What confirming the finalists did: every rerun, some (the budget ended them), or
     none, in which case the verdict is on single runs."""
-    finalists = f"finalists (the {FINALISTS} best and the default)"
+    finalists = (f"{plural(len(result.confirmed), 'finalist')} (the best that met the "
+                 f"goal, at most {FINALISTS}, and the default)")
+    if result.default is not None and list(result.confirmed) == [result.default["key"]]:
+        finalists = "1 finalist (the default)"
     runs = sum(r.get("runs", 1) for r in result.confirmed.values())
     planned = len(result.confirmed) * CONFIRM_RUNS
     if runs == planned:

@@ -444,11 +444,9 @@ def test_the_memory_available_is_the_containers_under_a_cgroup_limit(monkeypatch
 
     machine = inputs.memory_available()
     assert machine is not None and machine > 0
-    monkeypatch.setattr(health.CgroupMemory, "read", lambda self: {
-        "usage_bytes": 3 << 30, "limit_bytes": 4 << 30, "percent": 75.0,
-        "source": "cgroup v2"})
+    monkeypatch.setattr(health.CgroupMemory, "headroom", lambda self: 1 << 30)
     assert inputs.memory_available() == min(machine, 1 << 30)
-    monkeypatch.setattr(health.CgroupMemory, "read", lambda self: None)
+    monkeypatch.setattr(health.CgroupMemory, "headroom", lambda self: None)
     assert inputs.memory_available() is not None  # no limit: the machine's
 
 

@@ -184,7 +184,7 @@ def test_a_saved_run_with_a_bad_field_is_refused_naming_it(tmp_path, saved, name
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda r: r.update(p50_ms=r["p99_ms"] * 2), "'p50_ms' = "),
     (lambda r: r.update(p95_ms=r["p99_ms"] + 1), "'p95_ms' = "),
-    (lambda r: r.update(completed=10**9), "completed 1000000000 requests, more than"),
+    (lambda r: r.update(completed=10**9), "completed 1,000,000,000 requests, more than"),
     (lambda r: r.update(throughput=1e30), "has a throughput of 1e+30/s, above"),
     (lambda r: r.update(mean_batch=1500.0), "'mean_batch' = 1500.0, above its candidate's"),
 ])

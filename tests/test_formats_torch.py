@@ -123,7 +123,8 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
 @pytest.mark.parametrize("pad, dtype, match", [
     (-1, torch.uint8, r"pad_value -1 cannot be stored exactly as torch.uint8"),
     (0.5, torch.int64, r"pad_value 0.5 cannot be stored exactly as torch.int64"),
-    (1e9, torch.float16, r"pad_value 1000000000.0 cannot be stored exactly as torch.float16"),
+    (1e9, torch.float16, r"pad_value 1000000000.0 cannot be stored exactly as torch.float16, "
+                        r"past its largest, 65504.0 \(it would become inf\)"),
     (2**64 - 1, torch.int64, r"pad_value 18446744073709551615 cannot be stored as torch.int64"),
     (2, torch.bool, r"pad_value 2 cannot be stored exactly as torch.bool"),
     (1 + 2j, torch.float32, r"pad_value \(1\+2j\) is complex; it cannot be stored as "
@@ -131,9 +132,9 @@ def test_tokenizer_tensors_padded_with_per_token_outputs(make_processor):
     (1 + 0j, torch.int64, r"pad_value \(1\+0j\) is complex; it cannot be stored as torch.int64"),
     # Past the largest value: saturated where the dtype has no inf, and refused by torch's
     # fill of a batch where it rounds to the largest.
-    (1e6, torch.float8_e4m3fn, r"stored exactly as torch.float8_e4m3fn \(it would become 448.0"),
-    (1e6, torch.float8_e5m2, r"stored exactly as torch.float8_e5m2 \(it would become inf"),
-    (65519.0, torch.float16, r"stored exactly as torch.float16 \(it would become 65504.0"),
+    (1e6, torch.float8_e4m3fn, r"float8_e4m3fn, past its largest, 448.0 \(it would become 448.0"),
+    (1e6, torch.float8_e5m2, r"float8_e5m2, past its largest, 57344.0 \(it would become inf"),
+    (65519.0, torch.float16, r"float16, past its largest, 65504.0 \(it would become 65504.0"),
     # An inf where the dtype has none becomes NaN (the fnuz dtypes); a dtype of powers of
     # two has no zero and no sign (float8_e8m0fnu); a value too small becomes zero.
     (float("inf"), torch.float8_e4m3fnuz, r"float8_e4m3fnuz \(it would become nan"),

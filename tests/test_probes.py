@@ -189,6 +189,21 @@ def test_cgroup_v2_the_limit_nearest_to_being_reached_counts(tmp_path):
     assert reading["percent"] == pytest.approx(100.0 * (3 * GiB + 614 * MiB) / (4 * GiB))
 
 
+def test_cgroup_headroom_is_the_fewest_bytes_left_at_any_level(tmp_path):
+    # The nearest limit in percent is not the one with the least room in bytes: a
+    # container at 95% of 2 GiB has 0.1 GiB left, its pod at 99% of 1 TiB 10 GiB.
+    write(tmp_path / "cgroup.controllers", "memory\n")
+    write(tmp_path / "self_cgroup", "0::/pod/ctr\n")
+    v2_cgroup(tmp_path, "/pod/ctr", 2 * GiB, 2 * GiB - 100 * MiB)
+    v2_cgroup(tmp_path, "/pod", 1024 * GiB, 1014 * GiB)
+    memory = CgroupMemory(tmp_path, tmp_path / "self_cgroup")
+    assert memory.read()["limit_bytes"] == 1024 * GiB  # nearest to being reached
+    assert memory.headroom() == 100 * MiB
+    write(tmp_path / "pod" / "ctr" / "memory.max", "max\n")
+    assert memory.headroom() == 10 * GiB
+    assert CgroupMemory(tmp_path / "missing", tmp_path / "self_cgroup").headroom() is None
+
+
 def test_cgroup_v2_without_a_limit_reads_as_none(tmp_path):
     write(tmp_path / "cgroup.controllers", "memory\n")
     write(tmp_path / "self_cgroup", "0::/\n")

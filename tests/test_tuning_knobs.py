@@ -107,7 +107,7 @@ def test_debug_mode_logs_batch_decisions(make_processor, caplog):
         p = make_processor(lambda b: b, debug_mode=True)
         p.enqueue_predict(np.array([1, 2])).result(timeout=10)
         p.stop()
-    assert any("delivered 1 requests (2 rows)" in r.getMessage() for r in caplog.records)
+    assert any("delivered 1 request (2 rows)" in r.getMessage() for r in caplog.records)
 
 
 def test_no_batch_decision_logs_without_debug_mode(make_processor, caplog):

@@ -66,6 +66,25 @@ class CgroupMemory:
         """``{"usage_bytes", "limit_bytes", "percent", "source"}`` of the limit nearest to
         being reached (``source``: "cgroup v2" or "cgroup v1"), or None when no limit is
         set or there is no cgroup filesystem to read. Never raises."""
+        levels = self._levels()
+        if not levels:
+            return None
+        limit, working, source = max(levels, key=lambda level: level[1] / level[0])
+        return {"usage_bytes": working, "limit_bytes": limit,
+                "percent": 100.0 * working / limit, "source": source}
+
+    def headroom(self) -> int | None:
+        """The fewest bytes left under any limit of this process's cgroup and its
+        ancestors (a level nearer its limit in percent may have more room in bytes), or
+        None as for ``read``. Never raises."""
+        levels = self._levels()
+        if not levels:
+            return None
+        return max(0, min(limit - working for limit, working, _ in levels))
+
+    def _levels(self) -> list[tuple[int, int, str]]:
+        """``(limit, working set, source)`` in bytes of each level with a limit, nearest
+        first; empty when there is none or nothing to read."""
         try:
             if (self.root / "cgroup.controllers").is_file():
                 return self._read(self.root, self._own_path(v1=False), "cgroup v2",
@@ -77,24 +96,21 @@ class CgroupMemory:
                                   ("total_inactive_file", "inactive_file"))
         except (OSError, ValueError):
             logger.debug("could not read the cgroup memory files", exc_info=True)
-        return None
+        return []
 
     def _own_path(self, v1: bool) -> str:
         return cgroup_path(self.proc_cgroup, "memory" if v1 else None)
 
     def _read(self, base: pathlib.Path, path: str, source: str, limit_file: str,
-              usage_file: str, inactive_keys: tuple[str, ...]) -> dict[str, Any] | None:
-        nearest: dict[str, Any] | None = None
+              usage_file: str, inactive_keys: tuple[str, ...]) -> list[tuple[int, int, str]]:
+        levels = []
         for directory in cgroup_dirs(base, path):
             limit = _limit(directory / limit_file)
             if limit is not None:
                 usage = int((directory / usage_file).read_text())
                 working = max(0, usage - _stat(directory / "memory.stat", inactive_keys))
-                percent = 100.0 * working / limit
-                if nearest is None or percent > nearest["percent"]:
-                    nearest = {"usage_bytes": working, "limit_bytes": limit,
-                               "percent": percent, "source": source}
-        return nearest
+                levels.append((limit, working, source))
+        return levels
 
 
 def cgroup_path(proc_cgroup: pathlib.Path, v1_controller: str | None) -> str:

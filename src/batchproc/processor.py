@@ -674,7 +674,8 @@ class BatchProcessor(Generic[T, U]):
         that may run where it must not take locks (a finalizer run by a garbage
         collection). Taking no lock itself (``deque.append`` is atomic), it may be called
         anywhere. ``stop()`` runs what is left when the supervisor has ended; handed
-        over after that, it is dropped with the processor (nothing is queued then)."""
+        over after that, ``get_stats()`` runs it (a count), or it is dropped with the
+        processor (nothing is queued then)."""
         self._soon.append(work)
 
     def _run_soon_now(self) -> None:
@@ -969,6 +970,10 @@ class BatchProcessor(Generic[T, U]):
         """
         if self._forked:
             raise self._forked_error()
+        if self._state is _STOPPED:
+            # No supervisor any more: what a garbage collection handed it since (a
+            # caller's count) is run here, on the caller's thread.
+            self._run_soon_now()
         stats = self._stats.get_stats()
         active = self._dispatcher.active_batches()
         with self._counts_lock:

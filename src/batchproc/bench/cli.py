@@ -837,7 +837,7 @@ def _report_unwritten_results(args: argparse.Namespace, results: tune.ResultsFil
     if results.write_error is None:
         return False
     print(f"{PROG} tune: error: --json {args.json}: could not be written "
-          f"({results.write_error}); it holds {results.saved_runs} runs, from its last "
+          f"({results.write_error}); it holds {plural(results.saved_runs, 'run')}, from its last "
           "write that succeeded" + ("; the search's result is above" if shown else ""),
           file=sys.stderr)
     return True

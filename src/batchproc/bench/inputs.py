@@ -283,10 +283,8 @@ def memory_available() -> int | None:
         available = int(psutil.virtual_memory().available)
     except Exception:  # an unsupported platform: the fixed limit alone
         return None
-    cgroup = CgroupMemory().read()
-    if cgroup is not None:
-        available = min(available, max(int(cgroup["limit_bytes"] - cgroup["usage_bytes"]), 0))
-    return available
+    headroom = CgroupMemory().headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 def _fill(fits: list[int], sizes: list[int], start: int, max_rows: int) -> list[int]:

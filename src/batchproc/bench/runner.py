@@ -473,8 +473,8 @@ def _leaves_behind(model: Any, label: str, stopped: float, stall_s: float) -> in
 
 def _batch_words(batch: Batch) -> str:
     """``a batch of 4 rows (4 requests)``."""
-    return (f"a batch of {batch.rows} row{'s' if batch.rows != 1 else ''} "
-            f"({batch.requests} requests)")
+    return (f"a batch of {plural(batch.rows, 'row')} "
+            f"({plural(batch.requests, 'request')})")
 
 
 def _expected(load: Load, bounds: Bounds) -> int | None:

@@ -324,7 +324,7 @@ def _check_consistent(path: str, i: int, run: dict[str, Any]) -> None:
         return
     # Slack for rounding and timing only: a real run sits at 1.00 of either bound.
     if elapsed and run["completed"] > throughput * elapsed * 1.5 + 1:
-        raise _damaged(path, f"run {i} completed {run['completed']} requests, more than "
+        raise _damaged(path, f"run {i} completed {plural(run['completed'], 'request')}, more than "
                        f"its throughput ({_shown(throughput)}/s) carries in its "
                        f"{_shown(elapsed)} s")
     if arrivals is not None and throughput > arrivals * 1.5 + 1:
@@ -351,7 +351,7 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
         for name in _FIGURES_OF_COMPLETED:
             if run[name] is None:
                 raise _damaged(path, f"run {i} has {name!r} = None: must be a number, "
-                               f"as it completed {run['completed']} requests")
+                               f"as it completed {plural(run['completed'], 'request')}")
     _check_consistent(path, i, run)
     candidate = _saved_candidate(path, i, run["candidate"])
     size, mean = candidate.max_batch_size, run["mean_batch"]

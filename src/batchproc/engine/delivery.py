@@ -20,7 +20,7 @@ from ..controller import Controller
 from ..errors import BatchOutputError, QueueTimeoutError, for_callers
 from ..formats.chunks import handed_back, queued_again
 from ..futures import RequestFuture, fail, finish_all, invoke_callbacks
-from ..log_limits import seconds
+from ..log_limits import plural, seconds
 from ..metrics import (
     OUTCOME_ERROR,
     OUTCOME_EXPIRED,
@@ -97,8 +97,9 @@ class Delivery:
                 metrics.requests(latencies or [now - t for t in enqueued],
                                  [dispatched - t for t in enqueued], OUTCOME_OK)
             if self._config.debug_mode:
-                logger.debug("delivered %d requests (%d rows) in %.3f ms after %.3f ms queued",
-                             len(requests), rows, elapsed * 1e3, queue_time * 1e3)
+                logger.debug("delivered %s (%s) in %.3f ms after %.3f ms queued",
+                             plural(len(requests), "request"), plural(rows, "row"),
+                             elapsed * 1e3, queue_time * 1e3)
             if finish_all(requests, parts, deferred):  # pragma: no cover - a batchproc bug
                 logger.error("a future was completed twice; result dropped")
         finally:

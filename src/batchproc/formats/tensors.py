@@ -96,7 +96,10 @@ def _check_pad(value: Any, dtype: Any) -> Any:
     else:
         ok = held.item() == value
     if not ok:
-        raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype} "
+        past = (dtype.is_floating_point and math.isfinite(float(value))
+                and abs(float(value)) > torch.finfo(dtype).max)
+        largest = f", past its largest, {torch.finfo(dtype).max!r}" if past else ""
+        raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype}{largest} "
                          f"(it would become {held.item()!r})")
     return value
 
@@ -106,8 +109,10 @@ def _float_held(value: float, held: float, info: Any) -> bool:
     dtypes) is ``value`` stored in a float dtype of ``info`` (``torch.finfo``): the value
     itself, or it rounded to the nearest the dtype holds, as any float cast. Not an
     overflow past the largest value (torch then refuses to fill a batch with it), a
-    saturation (float8_e4m3fn has no inf), a NaN for an inf (the fnuz dtypes), a sign
-    lost, or zero for a value or a value for zero (float8_e8m0fnu has no zero)."""
+    saturation (float8_e4m3fn has no inf), a NaN for an inf (the fnuz dtypes), the
+    opposite sign, or zero for a value or a value for zero (float8_e8m0fnu has no zero;
+    a value too small for the dtype). A zero's own sign may be lost (-0.0 in the fnuz
+    dtypes pads with 0.0, which compares equal)."""
     if math.isnan(value):
         return math.isnan(held)
     if held == value:

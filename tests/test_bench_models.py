@@ -469,19 +469,25 @@ def test_bench_goes_on_past_a_limit_call_that_does_not_return(
     assert runs["batchproc"]["completed"] == runs["no batching"]["completed"] == 40
 
 
-def test_a_sweep_whose_runs_complete_nothing_exits_1_and_says_which(
-    user_module: types.ModuleType, release: threading.Event, tmp_path,
-    capsys: pytest.CaptureFixture[str]
-) -> None:
+def _hang_after_the_check(user_module: types.ModuleType, release: threading.Event) -> None:
+    """``bench_user_mod:hangs_after_check``: answers the check before the runs (its
+    first three calls), then hangs until ``release``."""
     calls = []
 
     def hangs_after_check(batch: np.ndarray) -> np.ndarray:
         calls.append(len(batch))
-        if len(calls) > 3:  # past the check before the runs
+        if len(calls) > 3:
             release.wait()
         return batch
 
     user_module.hangs_after_check = hangs_after_check  # type: ignore[attr-defined]
+
+
+def test_a_sweep_whose_runs_complete_nothing_exits_1_and_says_which(
+    user_module: types.ModuleType, release: threading.Event, tmp_path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hang_after_the_check(user_module, release)
     path = tmp_path / "s.json"
     code, _, err = cli(capsys, "--sweep", "--model", "bench_user_mod:hangs_after_check",
                        "--capacity", "20", "--loads", "1", "--duration", "0.2",
@@ -504,15 +510,7 @@ def test_a_model_hanging_while_capacity_is_measured_is_said_to_hang(
     user_module: types.ModuleType, release: threading.Event,
     capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    calls = []
-
-    def hangs_after_check(batch: np.ndarray) -> np.ndarray:
-        calls.append(len(batch))
-        if len(calls) > 3:  # past the check before the runs
-            release.wait()
-        return batch
-
-    user_module.hangs_after_check = hangs_after_check  # type: ignore[attr-defined]
+    _hang_after_the_check(user_module, release)
     code = main([*argv, "--model", "bench_user_mod:hangs_after_check", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 2 and out == "", err

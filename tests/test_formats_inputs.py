@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -426,7 +427,9 @@ def test_an_array_subclass_whose_dtype_changed_while_queued_fails_alone(make_pro
     items = [np.full((1, 4), float(k), np.float32).view(Tagged) for k in range(3)]
     p.pause()
     futures = [p.enqueue_predict(x) for x in items]
-    items[1].dtype = np.int32  # breaks the rule: same shape, another dtype
+    with warnings.catch_warnings():  # numpy 2.5 deprecates setting it, but still does it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        items[1].dtype = np.int32  # breaks the rule: same shape, another dtype
     p.resume()
     with pytest.raises(ItemChangedError, match="an array is int32 where float32 was queued"):
         futures[1].result(timeout=10)

@@ -321,6 +321,16 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(_NoRoomInTime())
 
 
+def room_wait(timeout: float | None, max_queue_time: float) -> float | None:
+    """How long a push may wait for room in a full queue: ``timeout`` (``None``: as long
+    as it takes), never past the request's ``max_queue_time`` left (seconds, ``inf``:
+    none), which counts from the call: a wait for room is time in the queue to its
+    caller."""
+    if max_queue_time < (_INF if timeout is None else timeout):
+        return max(max_queue_time, 0.0)
+    return timeout
+
+
 def timeout_arg(timeout: Any) -> float | None:
     """A ``timeout`` argument (``apredict``'s wait for room, ``stop``'s): ``None`` or
     seconds >= 0, any number ``enqueue_predict`` takes (numpy scalars, ``Fraction``,
@@ -393,9 +403,7 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
             raise processor._refusal(exc, timeout) from None
         except _stdlib_queue.Full:
             pass
-    left = request.deadline - _monotonic()  # inf without a max_queue_time
-    if timeout is None or left < timeout:
-        timeout = None if left == _INF else max(left, 0.0)
+    timeout = room_wait(timeout, request.deadline - _monotonic())
     return await _push_in_line(processor, room, request, priority, rows, nbytes, key,
                                length, timeout)
 

@@ -58,7 +58,7 @@ from ._native.future_state import (
 )
 from ._native.request_queue import MAX_COUNT, QueueClosed, priority_arg
 from .aio import QueuedFuture
-from .backpressure import push_when_room
+from .backpressure import push_when_room, room_wait
 from .config import as_int
 from .errors import ProcessorStoppedError, interrupts
 from .formats.base import BatchFormat
@@ -132,7 +132,7 @@ class Chunker:
         self._describer = processor._describer
         self._describe = self._describer.describe
         self._chunksize = chunksize
-        self._max_rows = self._chunk_rows()
+        self._max_rows = chunksize  # each chunk's, read as it opens (add)
         # Within the queue's range too (MAX_COUNT): items it takes one by one are taken
         # in a chunk, and a chunk refused at push is one item it would refuse alone.
         self._max_bytes = min(config.max_batch_bytes or MAX_COUNT, MAX_COUNT)
@@ -646,7 +646,7 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
     priority = settings.priority
     window = Window(processor, settings)
     # A full queue is waited for, within the chunk's max_queue_time (counted from then).
-    room_wait = None if settings.max_queue_time == _INF else settings.max_queue_time
+    wait = room_wait(None, settings.max_queue_time)
 
     def make_future() -> tuple[Any, Any]:
         future = _RequestFuture()
@@ -662,9 +662,9 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         request = _request(future, entry, priority, settings)
         try:
             token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key,
-                               room_wait, entry.queue_length, request.deadline)
+                               wait, entry.queue_length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
-            return Failed(processor._refusal(exc, room_wait), len(entry.items))
+            return Failed(processor._refusal(exc, wait), len(entry.items))
         except Exception as exc:  # refused as enqueue_predict's push would refuse it
             return Failed(exc, len(entry.items))
         future._bp_token = token  # its cancel() withdraws it from the queue

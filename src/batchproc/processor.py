@@ -30,7 +30,7 @@ from ._native.intake import Intake
 from ._native.request_queue import QueueClosed, RequestQueue
 from .aio import LoopChannel, QueuedFuture
 from .async_model import AsyncModel, is_async_callable
-from .backpressure import RoomWaiters, apredict, timeout_arg
+from .backpressure import RoomWaiters, apredict, room_wait, timeout_arg
 from .config import (
     FIELD_NAMES,
     BatchPriority,
@@ -577,8 +577,7 @@ class BatchProcessor(Generic[T, U]):
         now = _monotonic()
         limit = _INF if max_queue_time is None else _queue_time_arg(max_queue_time)
         request, rows, nbytes, key, length = self._describe(item, future, now, priority, limit)
-        if limit < (_INF if timeout is None else timeout):
-            timeout = limit  # a wait for room is time in the queue to its caller
+        timeout = room_wait(timeout, limit)
         try:
             token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
                                      request.deadline)

@@ -574,7 +574,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     not_compared = report.bench_not_compared(runs, subject=systems[0].name)
-    failed = [r for r in runs if r.errors or r.failed or r.model_errors or not r.completed]
+    failed = [r for r in runs if _run_failed(r)]
     # The files first: the table goes to a stdout that may be closed (`| head`).
     unwritten: list[dict[str, Any]] = []
     if args.plot:
@@ -635,6 +635,12 @@ def _report_failed_runs(command: str, runs: Sequence[Any], level: str = "error")
             print(f"{say} the model failed in {len(same)} runs ({calls:,} calls), first "
                   f"in the {same[0].system} run: {same[0].first_model_error}",
                   file=sys.stderr)
+
+
+def _run_failed(r: Any) -> bool:
+    """A ``RunResult`` that makes the command's status 1: it failed, had errors, its model
+    raised, or it completed no request."""
+    return bool(r.errors or r.failed or r.model_errors or not r.completed)
 
 
 def _report_idle_runs(command: str, runs: Sequence[Any]) -> None:
@@ -779,8 +785,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     _report_idle_runs("bench", runs)
     if result.interrupted:
         return _interrupted(args)
-    failed = [r for r in runs if r.errors or r.failed or r.model_errors or not r.completed]
-    return 1 if failed or unwritten else 0
+    return 1 if any(_run_failed(r) for r in runs) or unwritten else 0
 
 
 def run_tune(args: argparse.Namespace) -> int:

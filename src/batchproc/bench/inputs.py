@@ -248,10 +248,15 @@ def _row_bytes(requests: Sequence[Request]) -> int:
     """One row of a batch of ``requests`` at most, in bytes (see ``row_bytes``)."""
     widest: dict[Any, int] = {}
     for r in requests:
-        for name, a in (r.items() if isinstance(r, Mapping) else [(None, r)]):
+        for name, a in _arrays_of(r):
             widest[name] = max(widest.get(name, 0),
                                a.dtype.itemsize * math.prod(a.shape[1:]))
     return sum(widest.values())
+
+
+def _arrays_of(request: Request) -> list[tuple[Any, np.ndarray]]:
+    """``(name, array)`` of each input of ``request`` (one unnamed for a plain array)."""
+    return list(request.items()) if isinstance(request, Mapping) else [(None, request)]
 
 
 def check_full_batch(source: RequestSource, max_rows: int, flag: str) -> None:
@@ -541,7 +546,7 @@ def _digest(requests: Sequence[Request]) -> str:
     h = hashlib.sha256()
     for r in requests:
         h.update(b"request")
-        for name, a in (r.items() if isinstance(r, Mapping) else [(None, r)]):
+        for name, a in _arrays_of(r):
             h.update(repr((name, a.dtype.str, a.shape)).encode())
             h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()

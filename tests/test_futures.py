@@ -7,10 +7,12 @@ asyncio.wrap_future) are tested with the orderings made to happen, not slept for
 
 import asyncio
 import concurrent.futures as cf
+import copy
 import gc
 import importlib.machinery
 import inspect
 import logging
+import pickle
 import threading
 
 import numpy as np
@@ -661,3 +663,19 @@ def test_finish_all_that_fails_partway_still_wakes_the_callers_it_completed():
         finish_all([Request(future, None, None, 1, 0, 0, 0.0), "no request"], ["a", "b"])
     thread.join(5)
     assert got == ["a"]
+
+
+@pytest.mark.parametrize("duplicate", [copy.copy, copy.deepcopy, pickle.dumps],
+                         ids=["copy", "deepcopy", "pickle"])
+def test_a_queued_requests_future_refuses_to_be_copied_and_stays_its_requests(
+        make_processor, duplicate):
+    # A copy carried the original's way out of the queue: cancelling the copy withdrew
+    # the request, and the original future stayed pending forever.
+    processor = make_processor(lambda batch: batch)
+    processor.pause()
+    future = processor.enqueue_predict(np.ones((1, 2)))
+    with pytest.raises(TypeError, match="cannot be copied or pickled: it stands for one"):
+        duplicate(future)
+    processor.resume()
+    assert future.result(timeout=5).tolist() == [[1.0, 1.0]]
+    assert processor.get_stats()["total_cancelled"] == 0

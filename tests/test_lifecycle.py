@@ -883,3 +883,13 @@ def test_a_done_callback_that_blocks_holds_the_exit_only_a_grace_past_its_timeou
     """, timeout=30)
     assert lines == ["exiting"]
     assert took < 20
+
+
+@pytest.mark.parametrize("duplicate", [copy.copy, copy.deepcopy, pickle.dumps],
+                         ids=["copy", "deepcopy", "pickle"])
+def test_a_processor_refuses_to_be_copied_and_keeps_working(make_processor, duplicate):
+    # A shallow copy shared the queue and workers: stopping the copy stopped the original.
+    p = make_processor(lambda batch: batch)
+    with pytest.raises(TypeError, match="cannot be copied or pickled: it owns a running"):
+        duplicate(p)
+    assert p.enqueue_predict(one(1.0)).result(timeout=5).tolist() == [1.0]

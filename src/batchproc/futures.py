@@ -150,6 +150,14 @@ class RequestFuture(Future):  # type: ignore[type-arg]
             return f"{head} returned {type(self._result).__name__}>"
         return head + ">"
 
+    def __reduce__(self) -> Any:
+        # A copy would carry this future's way out of the queue: cancelling the copy would
+        # withdraw the request and leave this future pending forever. (copy.copy,
+        # copy.deepcopy and pickle all come here.)
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it stands for one queued "
+            "request; pass the future itself, or its result()")
+
     # ----------------------------------------------------------------- queries
 
     def cancelled(self) -> bool:

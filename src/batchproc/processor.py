@@ -535,6 +535,14 @@ class BatchProcessor(Generic[T, U]):
                  tb: TracebackType | None) -> None:
         self.stop()
 
+    def __reduce__(self) -> Any:
+        # A copy would share this processor's queue and workers: stopping either would
+        # stop both, and neither would own them. (copy.copy, copy.deepcopy and pickle
+        # all come here.)
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it owns a running queue "
+            "and worker threads; make another with BatchProcessor(config)")
+
     # ----------------------------------------------------------------- intake
 
     def enqueue_predict(self, item: T, timeout: float | None = None,

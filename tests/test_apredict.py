@@ -89,8 +89,8 @@ def test_timeout_bounds_the_wait_for_room(make_processor):
     async def main():
         first = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))
         await _until(lambda: len(processor._queue) == 1, "the first request queued")
-        with pytest.raises(QueueFullError):
-            await processor.apredict(np.array([[2.0]]), timeout=0.05)
+        with pytest.raises(QueueFullError, match=r"^queue full \(1 request\) for 0\.050 s$"):
+            await processor.apredict(np.array([[2.0]]), timeout=0.05, max_queue_time=10)
         with pytest.raises(QueueFullError):  # 0: refuse at once, like the async path
             await processor.apredict(np.array([[3.0]]), timeout=0)
         assert len(processor._room_waiters()) == 0
@@ -169,7 +169,9 @@ def test_max_queue_time_bounds_the_wait_for_room(make_processor, method):
                 return [y async for y in processor.amap([np.array([[2.0]])],
                                                         max_queue_time=0.05)]
             call = call_amap()
-        with pytest.raises(QueueFullError, match=r"queue full \(1 request\) for 0\.0"):
+        with pytest.raises(QueueFullError, match=(
+                r"^queue full \(1 request\) for 0\.0\d\d s: the request's max_queue_time "
+                "ended its wait for room$")):
             await asyncio.wait_for(call, 10)  # bounded: before, it waited for ever
         waited = time.monotonic() - began
         assert len(processor._room_waiters()) == 0 and len(processor._queue) == 1

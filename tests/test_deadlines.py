@@ -164,10 +164,18 @@ def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     assert error.__cause__ is first
 
 
-@pytest.mark.parametrize("api", ["enqueue_predict", "map"])
-def test_max_queue_time_ends_a_threads_wait_for_room(make_processor, api):
+@pytest.mark.parametrize("api, timeout, said", [
+    ("enqueue_predict", None, "queue full (1 request) for 0.050 s: the request's "
+                              "max_queue_time ended its wait for room"),
+    ("enqueue_predict", 10.0, "queue full (1 request) for 0.050 s: the request's "
+                              "max_queue_time ended its wait for room"),
+    ("map", None, "queue full (1 request) for 0.050 s: the request's max_queue_time "
+                  "ended its wait for room"),
+])
+def test_max_queue_time_ends_a_threads_wait_for_room(make_processor, api, timeout, said):
     # It counts from the call, and a wait for room is time in the queue to the caller:
-    # with no timeout, a queue that stays full no longer holds the thread for ever.
+    # with no timeout, a queue that stays full no longer holds the thread for ever; a
+    # longer timeout does not either. The error says which limit ended the wait.
     from concurrent.futures import ThreadPoolExecutor
 
     from batchproc import QueueFullError
@@ -178,18 +186,32 @@ def test_max_queue_time_ends_a_threads_wait_for_room(make_processor, api):
 
     def call():
         if api == "enqueue_predict":
-            return p.enqueue_predict(item(2.0), max_queue_time=0.05)
+            return p.enqueue_predict(item(2.0), timeout=timeout, max_queue_time=0.05)
         return list(p.map([item(2.0)], max_queue_time=0.05))
 
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(call)
         try:
-            with pytest.raises(QueueFullError, match=r"queue full \(1 request\) for 0\.05"):
+            with pytest.raises(QueueFullError) as refused:
                 waiting.result(timeout=10)  # bounded: before, it waited for ever
         finally:
             p.resume()  # lets a wait that did not end go on, so the test ends
+    assert str(refused.value) == said
     assert first.result(timeout=10).tolist() == [[1.0]]
     assert p.get_stats()["total_rejected"] == 1
+
+
+def test_a_timeout_shorter_than_max_queue_time_is_the_limit_said(make_processor):
+    from batchproc import QueueFullError
+
+    p = make_processor(lambda batch: batch, max_queue_size=1, max_batch_size=1)
+    p.pause()
+    first = p.enqueue_predict(item(1.0))
+    with pytest.raises(QueueFullError) as refused:
+        p.enqueue_predict(item(2.0), timeout=0.05, max_queue_time=10)
+    assert str(refused.value) == "queue full (1 request) for 0.050 s"
+    p.resume()
+    assert first.result(timeout=10).tolist() == [[1.0]]
 
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), -float("inf"), "1",

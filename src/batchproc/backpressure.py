@@ -70,7 +70,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from . import collecting
 from ._native.future_state import AsyncRequest
@@ -321,14 +321,21 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(_NoRoomInTime())
 
 
-def room_wait(timeout: float | None, max_queue_time: float) -> float | None:
+class RoomWait(NamedTuple):
+    """How long a push may wait for room in a full queue, and which limit set it."""
+
+    seconds: float | None  # None: as long as it takes
+    by_max_queue_time: bool  # the request's max_queue_time, not the caller's timeout
+
+
+def room_wait(timeout: float | None, max_queue_time: float) -> RoomWait:
     """How long a push may wait for room in a full queue: ``timeout`` (``None``: as long
     as it takes), never past the request's ``max_queue_time`` left (seconds, ``inf``:
     none), which counts from the call: a wait for room is time in the queue to its
     caller."""
     if max_queue_time < (_INF if timeout is None else timeout):
-        return max(max_queue_time, 0.0)
-    return timeout
+        return RoomWait(max(max_queue_time, 0.0), True)
+    return RoomWait(timeout, False)
 
 
 def timeout_arg(timeout: Any) -> float | None:
@@ -403,23 +410,22 @@ async def push_when_room(processor: BatchProcessor[Any, Any], request: Any,
             raise processor._refusal(exc, timeout) from None
         except _stdlib_queue.Full:
             pass
-    timeout = room_wait(timeout, request.deadline - _monotonic())
+    wait = room_wait(timeout, request.deadline - _monotonic())
     return await _push_in_line(processor, room, request, priority, rows, nbytes, key,
-                               length, timeout)
+                               length, wait)
 
 
 async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters | None,
                         request: Any, priority: BatchPriority | int, rows: int,
-                        nbytes: int, key: int, length: int, timeout: float | None,
-                        ) -> int:
+                        nbytes: int, key: int, length: int, wait: RoomWait) -> int:
     """``push_when_room`` once it found the queue full or others in line: take a place
     at the back of the line, and push when handed room."""
     loop = asyncio.get_running_loop()
     queue = processor._queue
-    deadline = None if timeout is None else loop.time() + timeout
+    deadline = None if wait.seconds is None else loop.time() + wait.seconds
     if deadline is not None and loop.time() >= deadline:
         # It would have to wait (timeout=0): refused at once.
-        raise processor._refusal(_stdlib_queue.Full(), timeout)
+        raise processor._refusal(_stdlib_queue.Full(), *wait)
     if room is None:
         # Made on first need; every release reaches it from now on (room freed before,
         # it reads from the queue).
@@ -434,13 +440,13 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
         if waiter is not None:
             if deadline is not None and loop.time() >= deadline:
                 room.withdraw(waiter)
-                raise processor._refusal(_stdlib_queue.Full(), timeout)
+                raise processor._refusal(_stdlib_queue.Full(), *wait)
             timer = None if deadline is None else loop.call_at(deadline, _expire, waiter.future)
             try:
                 await waiter.future
             except _NoRoomInTime:
                 room.withdraw(waiter)
-                raise processor._refusal(_stdlib_queue.Full(), timeout) from None
+                raise processor._refusal(_stdlib_queue.Full(), *wait) from None
             except BaseException:
                 room.withdraw(waiter)
                 _count_given_up(processor)
@@ -459,13 +465,13 @@ async def _push_in_line(processor: BatchProcessor[Any, Any], room: RoomWaiters |
         except QueueClosed as exc:
             if claim is not None:
                 room.withdraw(claim)
-            raise processor._refusal(exc, timeout) from None
+            raise processor._refusal(exc, *wait) from None
         except _stdlib_queue.Full as exc:
             # Taken by a caller outside the line: wait again, in this caller's old place.
             if deadline is not None and loop.time() >= deadline:
                 if claim is not None:
                     room.withdraw(claim)
-                raise processor._refusal(exc, timeout) from None
+                raise processor._refusal(exc, *wait) from None
             continue
         if claim is not None:
             room.settle(claim)

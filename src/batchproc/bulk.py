@@ -662,9 +662,9 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
         request = _request(future, entry, priority, settings)
         try:
             token = queue.push(request, priority, entry.rows, entry.nbytes, entry.key,
-                               wait, entry.queue_length, request.deadline)
+                               wait.seconds, entry.queue_length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
-            return Failed(processor._refusal(exc, wait), len(entry.items))
+            return Failed(processor._refusal(exc, *wait), len(entry.items))
         except Exception as exc:  # refused as enqueue_predict's push would refuse it
             return Failed(exc, len(entry.items))
         future._bp_token = token  # its cancel() withdraws it from the queue

@@ -585,12 +585,12 @@ class BatchProcessor(Generic[T, U]):
         now = _monotonic()
         limit = _INF if max_queue_time is None else _queue_time_arg(max_queue_time)
         request, rows, nbytes, key, length = self._describe(item, future, now, priority, limit)
-        timeout = room_wait(timeout, limit)
+        wait = room_wait(timeout, limit)
         try:
-            token = self._queue.push(request, priority, rows, nbytes, key, timeout, length,
-                                     request.deadline)
+            token = self._queue.push(request, priority, rows, nbytes, key, wait.seconds,
+                                     length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
-            raise self._refusal(exc, timeout) from None
+            raise self._refusal(exc, *wait) from None
         future._bp_token = token
         future._bp_cancel_queued = self._cancel_queued_ref
         return future
@@ -710,13 +710,17 @@ class BatchProcessor(Generic[T, U]):
             self._rejected += 1
         self._metrics.rejected(1)
 
-    def _refusal(self, exc: BaseException, waited: float | None) -> BatchProcessorError:
+    def _refusal(self, exc: BaseException, waited: float | None,
+                 by_max_queue_time: bool = False) -> BatchProcessorError:
         """The error a caller gets when the queue refused its request (every path comes
-        here: one count for ``get_stats()`` and the metrics collector alike)."""
+        here: one count for ``get_stats()`` and the metrics collector alike); ``waited``:
+        how long it could wait for room, set by its ``max_queue_time`` or its timeout."""
         self._count_refusal()
         if isinstance(exc, QueueClosed):
             return ProcessorStoppedError("processor is stopped; request refused")
         waiting = "" if waited is None else f" for {seconds(waited)}"
+        if by_max_queue_time:
+            waiting += ": the request's max_queue_time ended its wait for room"
         size = plural(self.config.max_queue_size, "request")
         return QueueFullError(f"queue full ({size}){waiting}")
 

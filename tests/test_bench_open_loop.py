@@ -28,6 +28,7 @@ from batchproc.bench.loads import (
     run_load,
     schedule_of,
 )
+from batchproc.bench.runner import RunResult
 from batchproc.bench.sweep import SATURATED, run_sweep, table_rows
 
 T0 = 1000.0  # a run's start, on the clock of the synthetic timings
@@ -307,7 +308,37 @@ def test_a_sweep_shows_the_load_offered_and_achieved_at_a_low_load(monkeypatch) 
     assert not any(p.saturated for p in result.points["instant"])
     run = result.points["instant"][0].run
     assert run.scheduled == 1 and run.window_s == 0.2 and run.arrival_rate == 5.0
-    assert "offered: 1 arrivals over 0.2 s = 5 req/s" in report.offered_note(run)
+    assert "offered: 1 arrival over 0.2 s = 5 req/s" in report.offered_note(run)
+    assert report.stretched_span(run) is None
+    assert not any("stretched" in note for note in report.run_notes([run]))
+
+
+def test_arrivals_within_one_requests_time_cannot_show_a_rate() -> None:
+    # 5 arrivals within 0.5 us, served together 0.6 ms later: the window alone would read
+    # 10,000,000 req/s, a rate no run this short can show. It served 5 in 0.6 ms.
+    load = Load("rate", rate=1e7, features=4)
+    bounds = Bounds(requests=5, duration=1.0)
+    res = _measured(load, bounds, lambda i, a, p: 0.0006, drained_by=1.5)
+    assert res.scheduled == res.completed == 5 and res.offered_rate == pytest.approx(1e7)
+    assert res.throughput == pytest.approx(5 / 0.0006, rel=1e-3)
+    # Its neighbours: a window as long as the quickest request reads the window; a run
+    # that kept up over a longer one reads what it was offered.
+    arrived = np.array([0.0, 0.1, 0.2, 0.3])
+    assert open_span(0.3, arrived, arrived + 0.3) == 0.3
+    assert open_span(0.29, arrived, arrived + 0.3) == pytest.approx(0.6)
+    assert open_span(1.0, arrived, arrived + 0.3) == 1.0
+
+
+def test_a_run_counted_over_more_than_its_window_says_so() -> None:
+    run = RunResult(
+        system="batchproc", model="identity", load="1e+07 req/s", throughput=5 / 0.0006,
+        p50_ms=0.6, p95_ms=0.6, p99_ms=0.6, mean_ms=0.6, mean_batch=5.0, batches=1,
+        submitted=5, completed=5, errors=0, elapsed_s=0.0006, stopped_by="requests",
+        scheduled=5, window_s=5e-7, arrival_rate=1e7)
+    assert report.stretched_span(run) == pytest.approx(0.0006)
+    note, = (n for n in report.run_notes([run]) if "stretched" in n)
+    assert note.startswith("* batchproc (identity, 1e+07 req/s): req/s counts its "
+                           "completed arrivals over 0.0006 s")
 
 
 def test_a_schedule_past_the_most_arrivals_a_run_offers_is_refused() -> None:

@@ -269,10 +269,14 @@ def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
     ``unfinished``) served from its first arrival to its last completion, less the
     shortest such lag (the time any request takes): there the longest would overstate
     its rate, its early requests having waited in a backlog already. A run that kept up but
-    left a request or two stuck still reads what it was offered.
+    left a request or two stuck still reads what it was offered. A run whose arrivals all
+    came within the time its quickest request took cannot show that it kept up: it served
+    from its first arrival to its last completion.
     """
     if arrived.size == 0:
         return window
+    if window < float((finished - arrived).min()):
+        return max(window, float(finished.max() - arrived.min()))
     early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
     lags = finished[early] - arrived[early]
     lag = float(lags.max())

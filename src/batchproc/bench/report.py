@@ -170,6 +170,12 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
                 f"completed nor in its latencies; first: {r.first_refusal}")
         if r.model_errors:
             notes.append(f"! {who}: {model_failed(r)}")
+        span = stretched_span(r)
+        if span is not None:
+            notes.append(
+                f"* {who}: req/s counts its completed arrivals over {span:.3g} s, its "
+                "window stretched to its completions (it fell behind, or its arrivals all "
+                "came within a request's time)")
         if r.started_beside:
             notes.append(
                 f"! {who}: started while {_calls_left(r.started_beside)} still running; its "
@@ -204,8 +210,18 @@ def offered_note(r: RunResult) -> str | None:
     throughput counts."""
     if r.scheduled is None or not r.window_s or r.arrival_rate is None:
         return None
-    return (f"offered: {r.scheduled:,} arrivals over {r.window_s:.3g} s = "
+    return (f"offered: {plural(r.scheduled, 'arrival')} over {r.window_s:.3g} s = "
             f"{fmt_rate(r.arrival_rate)} req/s; req/s: completed arrivals over that window")
+
+
+def stretched_span(r: RunResult) -> float | None:
+    """The seconds an open loop's req/s counts over where that is longer than its
+    arrivals' window (:func:`.loads.open_span`: it fell behind, or its arrivals came
+    within a request's time); None otherwise."""
+    if not r.window_s or r.throughput <= 0 or r.failed:
+        return None
+    span = r.completed / r.throughput
+    return span if span > r.window_s * (1 + 1e-9) else None
 
 
 def row_cells(r: RunResult) -> list[str]:

@@ -258,6 +258,42 @@ def test_a_paused_processor_stops_watching_for_overdue_requests_until_resumed(
     assert [f.result(timeout=10)[0] for f in futures] == [0, 1, 2]
 
 
+def test_a_resume_racing_a_pause_leaves_it_running_not_stalled(make_processor):
+    # A resume() that ran between pause()'s two steps (the event cleared, then the
+    # queue paused) left the queue paused while the processor said it ran: its workers
+    # stopped popping, is_paused and health() said running, and nothing resumed it.
+    p = make_processor(lambda b: b)
+    queue_itself = p._queue
+    in_pause, go_on = threading.Event(), threading.Event()
+
+    class PauseWaits:
+        """The processor's queue, whose pause() waits, midway through pause()."""
+
+        def __getattr__(self, name):
+            return getattr(queue_itself, name)
+
+        def pause(self):
+            in_pause.set()
+            assert go_on.wait(10)
+            queue_itself.pause()
+
+    p._queue = PauseWaits()
+    pausing = threading.Thread(target=p.pause)
+    pausing.start()
+    assert in_pause.wait(10)
+    resuming = threading.Thread(target=p.resume)
+    resuming.start()
+    # Before the fix the resume ran through at once, here; now it waits for the pause.
+    resuming.join(timeout=0.5)
+    go_on.set()
+    pausing.join(10)
+    resuming.join(10)
+    p._queue = queue_itself
+    assert not p.is_paused and not queue_itself.paused
+    assert p.health()["state"] == "running"
+    assert p.enqueue_predict(one(7.0)).result(timeout=10).tolist() == [7.0]
+
+
 def test_stop_while_paused_drains_as_usual(make_processor):
     p = make_processor(lambda b: b * 10)
     p.pause()

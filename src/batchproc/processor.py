@@ -515,6 +515,9 @@ class BatchProcessor(Generic[T, U]):
 
     def pause(self) -> None:
         """No batch is dispatched until ``resume()``; intake continues."""
+        # Under the lock, as resume() is: the queue's pause and the event change together,
+        # so a pause and a resume racing leave it paused or running, never the queue
+        # paused while the processor says it runs.
         with self._lifecycle:
             if self._state not in (_STOPPING, _STOPPED) and not self._forked:
                 self._resume.clear()
@@ -522,10 +525,11 @@ class BatchProcessor(Generic[T, U]):
 
     def resume(self) -> None:
         """Dispatch again after ``pause()``."""
-        if self._forked:
-            return
-        self._queue.resume()
-        self._resume.set()
+        with self._lifecycle:
+            if self._forked:
+                return
+            self._queue.resume()
+            self._resume.set()
         self._controller.slots.wake_dozer()  # the watch for overdue requests, off while paused
 
     def __enter__(self) -> BatchProcessor[T, U]:

@@ -125,6 +125,40 @@ def test_an_item_larger_than_max_rows_is_split_and_rejoined(make_processor, reco
     assert stats["total_processed"] == 1  # a split item counts once
 
 
+def test_each_call_of_a_split_item_counts_as_the_call_it_was(make_processor, recorder):
+    # Counted as one call of all its rows, a split item showed batches above
+    # max_batch_size (metrics, statistics) and fed the controller's fit one "call" of
+    # 10 rows taking three calls' time.
+    class Calls:
+        def __init__(self):
+            self.batches = []  # (requests, rows) per record_batch
+            self.outcomes = []  # (requests, outcome) per record_requests
+
+        def record_batch(self, size, rows, queue_time, processing_time, outcome):
+            self.batches.append((size, rows))
+
+        def record_requests(self, latencies, queue_times, outcome):
+            self.outcomes.append((len(latencies), outcome))
+
+    calls = Calls()
+    model = recorder(lambda b: b[:, :1] * 3)
+    p = make_processor(metrics_collector=calls, max_batch_size=4)
+    observed = []
+    observe_batch = p._controller.observe_batch
+    p._controller.observe_batch = lambda rows, *rest: (observed.append(rows),
+                                                       observe_batch(rows, *rest))
+    p.start(model)
+    big = rows(10)
+    np.testing.assert_array_equal(p.enqueue_predict(big).result(timeout=10), big[:, :1] * 3)
+    assert model.sizes == [4, 4, 2]
+    assert calls.batches == [(1, 4), (1, 4), (1, 2)]
+    assert calls.outcomes == [(1, "ok")]
+    assert observed == [4, 4, 2]
+    stats = p.get_stats()
+    assert (stats["total_batches"], stats["total_processed"]) == (3, 1)
+    assert stats["avg_batch_size"] == pytest.approx(10 / 3)
+
+
 def test_a_row_larger_than_the_byte_cap_goes_alone(make_processor, recorder):
     model = recorder(lambda b: b * 2)
     p = make_processor(model, max_batch_memory_mb=10 / 2**20)  # 10 bytes

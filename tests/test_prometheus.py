@@ -456,3 +456,44 @@ def test_the_package_imports_prometheus_client_only_when_asked():
             "batchproc.PrometheusMetrics\n"
             "assert 'prometheus_client' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", [7, None, b"p", ""])
+def test_a_name_that_is_no_label_value_is_refused_before_it_breaks_a_scrape(name):
+    # Taken, it broke every later scrape of its registry, the application's own
+    # metrics included.
+    registry = CollectorRegistry()
+    mine = prometheus_client.Counter("my_app_requests", "mine", registry=registry)
+    mine.inc()
+    with pytest.raises(TypeError, match=r"^name must be a non-empty str \(the processor "
+                                        r"label\), got "):
+        PrometheusMetrics(name, registry)
+    assert "my_app_requests_total 1.0" in generate_latest(registry).decode()
+
+
+def test_a_registry_that_is_not_one_is_refused_saying_so():
+    with pytest.raises(TypeError, match=r"^registry must be a prometheus_client "
+                                        r"CollectorRegistry or None .*, got str$"):
+        PrometheusMetrics("p", "my_registry")
+
+
+def test_a_registration_the_registry_refused_is_tried_again_not_kept():
+    # The first registration failed (a name of the application's took one of ours); the
+    # collector was kept all the same, and the next PrometheusMetrics recorded into it,
+    # unregistered: nothing exported, nothing said.
+    registry = CollectorRegistry()
+    taken = prometheus_client.Histogram("batchproc_queue_depth", "the app's",
+                                        registry=registry)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            PrometheusMetrics("a", registry)
+    registry.unregister(taken)
+    metrics = PrometheusMetrics("a", registry)
+    p = batchproc.BatchProcessor(metrics_collector=metrics)
+    p.start(lambda items: items)
+    try:
+        p.enqueue_predict(["x"]).result(10)
+    finally:
+        p.stop(timeout=5.0)
+    assert ('batchproc_requests_total{outcome="completed",processor="a"} 1.0'
+            in generate_latest(registry).decode())

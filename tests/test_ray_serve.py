@@ -273,6 +273,37 @@ def test_a_replica_collected_in_a_cycle_stops_its_processor_without_taking_a_loc
     assert processor.get_stats()["total_processed"] == 0
 
 
+def test_the_health_check_fails_a_replica_that_cannot_serve_so_serve_replaces_it():
+    # It looked at `running` only: a replica whose one worker was stuck in a call that
+    # never returns passed it, so Serve never replaced it (health() said not live).
+    import threading
+
+    from waiting import wait_for
+
+    release = threading.Event()
+
+    def wedging():
+        def model(batch):
+            release.wait(30)
+            return batch
+        return model
+
+    replica = BatchedReplica(wedging, BatchProcessorConfig(
+        max_batch_size=4, item_timeout=0.2, max_workers=1, max_retries=0))
+    try:
+        replica.check_health()  # running and live
+        replica.processor.enqueue_predict(np.ones((1, 2), dtype=np.float32))
+        wait_for(lambda: not replica.processor.health()["live"], "the call stuck")
+        with pytest.raises(RuntimeError) as failed:
+            replica.check_health()
+        assert str(failed.value) == "batchproc processor is not live (stuck_batches: 1)"
+    finally:
+        release.set()
+        replica.processor.stop(timeout=10)
+    with pytest.raises(RuntimeError, match=r"^batchproc processor is not running$"):
+        replica.check_health()
+
+
 @pytest.mark.parametrize("settings,error,match", [
     ({"queue_wait": -1}, ValueError, "queue_wait"),
     ({"queue_wait": float("nan")}, ValueError, "queue_wait"),

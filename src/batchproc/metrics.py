@@ -65,15 +65,35 @@ class MetricsCollector(Protocol):
     def record_cancelled(self, count: int) -> None: ...
 
 
+_RECORD_METHODS = ("record_batch", "record_error", "record_health", "record_requests",
+                   "record_rejected", "record_cancelled")
+
+
+def collector_methods(collector: object) -> dict[str, Any]:
+    """The ``MetricsCollector`` methods ``collector`` has, by name. ``TypeError`` for a
+    class (an instance was meant: its methods, read off the class, would fail on every
+    call) and for an object with none of them and no ``bind_processor`` (a string): it
+    would be called for nothing."""
+    if isinstance(collector, type):
+        raise TypeError(
+            f"metrics_collector must be an instance, got the class "
+            f"{collector.__qualname__}: make one ({collector.__qualname__}(...))")
+    found = {name: method for name in _RECORD_METHODS
+             if callable(method := getattr(collector, name, None))}
+    if not found and not callable(getattr(collector, "bind_processor", None)):
+        raise TypeError(
+            f"metrics_collector must have one or more of {', '.join(_RECORD_METHODS)} "
+            f"(the MetricsCollector protocol), got {collector!r}; for Prometheus: "
+            "batchproc.observe.prometheus.PrometheusMetrics(name)")
+    return found
+
+
 class MetricsSink:
     """Calls its collectors' methods if they have them, swallowing and logging failures.
 
     One collector comes from ``BatchProcessor(metrics_collector=...)``; ``add`` attaches
     more later (an exporter attached to a running processor).
     """
-
-    _METHODS = ("record_batch", "record_error", "record_health", "record_requests",
-                "record_rejected", "record_cancelled")
 
     def __init__(self, collector: object | None, owner: object = None) -> None:
         self._methods: dict[str, tuple[Any, ...]] = {}
@@ -92,6 +112,7 @@ class MetricsSink:
         the next event on. ``TypeError`` for an object with none of them and no
         ``bind_processor`` (a string, a class where an instance was meant): it would be
         called for nothing."""
+        found = collector_methods(collector)
         bind = getattr(collector, "bind_processor", None)
         if callable(bind) and self._owner is not None:
             try:
@@ -100,15 +121,8 @@ class MetricsSink:
                 # As for every other method: a collector never breaks the processor.
                 logger.exception("metrics_collector.bind_processor raised; its other "
                                  "methods are still called")
-        found = {name: method for name in self._METHODS
-                 if callable(method := getattr(collector, name, None))}
         if not found:
-            if callable(bind):
-                return  # it reads the processor itself (bound above)
-            raise TypeError(
-                f"metrics_collector must have one or more of {', '.join(self._METHODS)} "
-                f"(the MetricsCollector protocol), got {collector!r}; for Prometheus: "
-                "batchproc.observe.prometheus.PrometheusMetrics(name)")
+            return  # it reads the processor itself (bound above)
         with self._adding:
             methods = dict(self._methods)
             for name, method in found.items():

@@ -105,6 +105,20 @@ class Delivery:
         finally:
             self._end_delivery(batch, deferred)
 
+    def call_returned(self, batch: Batch, request: Request, rows: int,
+                      elapsed: float) -> None:
+        """A call of ``rows`` of ``request``, a request cut into chunks, returned and the
+        request is not delivered with it (more chunks follow): counted as the model call
+        it was (a batch in the statistics, the controller's fit and the metrics), the
+        request not yet (``deliver`` counts it, with its last chunk's call)."""
+        queue_time = batch.dispatched_at - request.enqueued_at
+        self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
+                           requests=0)
+        self._controller.observe_batch(rows, elapsed, self._config.max_batch_size,
+                                       self._queue.rows)
+        if self._metrics.records_batches:
+            self._metrics.batch(1, rows, queue_time, elapsed, OUTCOME_OK)
+
     def _answer(self, holds_slot: bool, ends_flight: bool) -> None:
         """A delivery begins (``Board.begin_delivery``): tell the queue that what arrives
         from now on is the wave of the callers it answers; end the batch's flight first

@@ -376,8 +376,11 @@ class Executor:
         it keep their results (``Request.done_parts``), so a model that fails now and then
         costs a large item a retry per failure, not a rerun of every chunk; or fails it."""
         done_rows, parts = _done_parts(request, chunks)
-        total_elapsed = 0.0
-        for chunk in chunks[len(parts):]:
+        # Each chunk's call is a model call of its own rows (the statistics, the
+        # controller's fit, the metrics); the request completes once, with the last.
+        # (An attempt always has a chunk left: a retry starts at the chunk that failed.)
+        remaining = chunks[len(parts):]
+        for k, chunk in enumerate(remaining):
             status, out, elapsed, _ = self.attempt(batch, [chunk], workspace)
             if status == ABANDONED:
                 return
@@ -391,13 +394,15 @@ class Executor:
                 return
             parts.append(out[0])
             done_rows += chunk.rows
-            total_elapsed += elapsed
+            if k < len(remaining) - 1:
+                self._delivery.call_returned(batch, request, chunk.rows, elapsed)
         try:
             joined = request.format.join(parts)
         except Exception as exc:
+            self._delivery.call_returned(batch, request, chunk.rows, elapsed)
             self._delivery.fail(batch, [request], exc)
             return
-        self._delivery.deliver(batch, [request], [joined], total_elapsed, request.rows,
+        self._delivery.deliver(batch, [request], [joined], elapsed, chunk.rows,
                                self._config.max_batch_size)
 
 

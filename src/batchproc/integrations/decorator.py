@@ -75,7 +75,7 @@ from ..config import (
     keyword_only,
 )
 from ..errors import ProcessorStoppedError
-from ..metrics import MetricsSink
+from ..metrics import MetricsSink, collector_methods
 from ..processor import BatchProcessor
 
 T = TypeVar("T")
@@ -686,7 +686,7 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
 
     ``fields`` are ``BatchProcessorConfig``'s fields (``max_batch_size=64``, ...), checked
     now; or pass a whole ``config``, checked now too and copied (later changes to it
-    change nothing). ``metrics_collector`` goes to each processor made
+    change nothing). ``metrics_collector`` (checked now) goes to each processor made
     (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus: its own ``name``
     is the metrics' ``processor`` label); ``name`` names the function in its errors and
     ``repr`` (default: the function's qualified name; ``partial(name)`` for a
@@ -718,4 +718,6 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
         raise TypeError("pass either config or its fields, not both")
     # Validated now, and kept: later changes to the caller's object change nothing.
     config = BatchProcessorConfig(**fields) if config is None else checked_copy(config)
+    if metrics_collector is not None:
+        collector_methods(metrics_collector)  # a TypeError now, not on the first call
     return _Decorator(config, metrics_collector, name)

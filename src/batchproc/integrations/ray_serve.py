@@ -162,9 +162,18 @@ class BatchedReplica:
         return stats
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose processor stopped is restarted."""
+        """Serve's health check, which restarts a replica when it raises: its processor
+        stopped, or it can no longer serve in this process (``health()["live"]`` false:
+        as many calls stuck past ``item_timeout`` as workers, none returning; workers
+        missing). ``RuntimeError`` naming the critical checks."""
         if not self.processor.running:
             raise RuntimeError("batchproc processor is not running")
+        health = self.processor.health()
+        if not health["live"]:
+            critical = ", ".join(f"{name}: {check['value']}"
+                                 for name, check in health["checks"].items()
+                                 if check["status"] == "critical")
+            raise RuntimeError(f"batchproc processor is not live ({critical})")
 
     def __del__(self) -> None:
         # Serve calls __del__ when it shuts a replica down: finish what is queued. Run by

@@ -233,8 +233,9 @@ def _collector_for(registry: CollectorRegistry) -> _RegistryCollector:
     with _collectors_lock:
         collector = _collectors.get(registry)
         if collector is None:
-            collector = _collectors[registry] = _RegistryCollector()
-            registry.register(collector)
+            collector = _RegistryCollector()
+            registry.register(collector)  # may raise (a name taken): nothing kept then
+            _collectors[registry] = collector
         return collector
 
 
@@ -250,6 +251,14 @@ class PrometheusMetrics:
                  latency_buckets: Iterable[float] = LATENCY_BUCKETS,
                  size_buckets: Iterable[float] = SIZE_BUCKETS,
                  call_buckets: Iterable[float] = CALL_BUCKETS) -> None:
+        if not isinstance(name, str) or not name:
+            # Checked here: a label value that is no string breaks every later scrape of
+            # the registry, the application's own metrics included.
+            raise TypeError(f"name must be a non-empty str (the processor label), got "
+                            f"{name!r}")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise TypeError("registry must be a prometheus_client CollectorRegistry or "
+                            f"None (the global one), got {type(registry).__name__}")
         latency_buckets = _checked_bounds("latency_buckets", latency_buckets)
         size_buckets = _checked_bounds("size_buckets", size_buckets)
         call_buckets = _checked_bounds("call_buckets", call_buckets)

@@ -1081,3 +1081,14 @@ def test_an_item_resized_while_queued_is_not_retried_unless_retry_on_names_it(
     with pytest.raises(ItemChangedError):
         futures[0].result(timeout=10)
     np.testing.assert_array_equal(futures[1].result(timeout=10), healthy)
+
+
+@pytest.mark.parametrize("items", [0, 1, 3])
+def test_changed_item_refuses_a_column_of_another_length_than_its_requests(items):
+    # Read without bounds checks, a shorter column read past its end: a segfault.
+    from batchproc._native.future_state import Request, changed_item
+
+    requests = [Request(None, None, None, 1, 8, 0, 0.0) for _ in range(2)]
+    with pytest.raises(ValueError, match=f"^2 requests but {items} items$"):
+        changed_item(requests, [np.zeros((1, 2))] * items, (QUEUED_ROWS, 2))
+    assert changed_item(requests, [np.zeros((1, 2))] * 2, (QUEUED_ROWS, 2)) == -1

@@ -405,11 +405,14 @@ def changed_item(list requests, items, tuple queued_shape):
     ``queued_shape``: the shape every one was queued with, a size per axis or
     ``QUEUED_ROWS`` (the request's ``rows``), ``QUEUED_LENGTH`` (its ``length``),
     ``AT_MOST_LENGTH`` (up to its ``length``). An ndarray's shape is read natively,
-    anything else's from its ``shape`` (a tensor's); one with no shape differs."""
+    anything else's from its ``shape`` (a tensor's); one with no shape differs.
+    ``ValueError`` unless there is one item per request."""
     cdef list column = items if type(items) is list else list(items)
     cdef Py_ssize_t i, j, ndim = len(queued_shape)
     cdef Request request
     cdef cnp.npy_intp* dims
+    if len(column) != len(requests):  # read unchecked below (boundscheck off)
+        raise ValueError(f"{len(requests)} requests but {len(column)} items")
     for i in range(len(requests)):
         item = column[i]
         request = <Request?>requests[i]

@@ -60,25 +60,29 @@ def test_waiting_for_room_does_not_block_the_loop(make_processor):
     processor = make_processor(lambda batch: batch + 1, max_queue_size=2)
     processor.pause()
 
+    # A wait for room that blocked the loop would be ended by this (not hang the test):
+    # the checks below, made while it should still be paused, then fail.
+    watchdog = threading.Timer(10, processor.resume)
+
     async def main():
         tasks = [asyncio.ensure_future(processor.apredict(np.array([[float(i)]])))
                  for i in range(5)]
-        ticks = 0
-        # The loop keeps running other work while three coroutines wait for room.
+        # This coroutine runs (the loop is free) while three of them wait for room.
         while len(processor._room_waiters()) < 3:
-            ticks += 1
+            assert not watchdog.finished.is_set(), "the loop was blocked"
             await asyncio.sleep(0)
+        assert not watchdog.finished.is_set(), "the loop was blocked"
         assert len(processor._queue) == 2
         assert not any(t.done() for t in tasks)
-        for _ in range(10):
-            await asyncio.sleep(0)
-            ticks += 1
         processor.resume()
         results = await asyncio.gather(*tasks)
-        return ticks, [r.tolist() for r in results]
+        return [r.tolist() for r in results]
 
-    ticks, results = asyncio.run(main())
-    assert ticks >= 10
+    watchdog.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        watchdog.cancel()
     assert results == [[[float(i + 1)]] for i in range(5)]
 
 
@@ -438,7 +442,10 @@ def test_a_retried_request_keeps_its_priority(make_processor):
         await _until(lambda: processor.get_stats()["queue_size"] == 6, "all queued")
         processor.resume()
         await _until(failed_once.is_set, "the first failure")
-        # The retry's backoff (1 ms) passes while paused: then it is due.
+        # Parked for its retry (len counts parked requests): set in the model before it
+        # raised, the event alone says nothing of the worker's failure path. The retry's
+        # backoff (1 ms) then passes while paused: it is due.
+        await _until(lambda: len(processor._queue) == 6, "the retry parked")
         parked_at = time.monotonic()
         await _until(lambda: time.monotonic() > parked_at + 0.05, "the backoff")
         processor.resume()

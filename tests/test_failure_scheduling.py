@@ -730,7 +730,7 @@ def test_retry_on_nothing_fails_single_requests_at_once(make_processor):
 
 
 @pytest.mark.parametrize("usual_calls", [0, 5])  # before any fit; after fast calls
-@pytest.mark.parametrize("call_seconds", [0.3, None])  # long, and never ending
+@pytest.mark.parametrize("call_seconds", [10.0, None])  # long, and never ending
 def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_seconds,
                                                          usual_calls):
     # max_workers=4: a call overrunning (no usual time known yet, or past twice the
@@ -752,13 +752,12 @@ def test_a_long_call_holds_no_request_past_batch_timeout(make_processor, call_se
             p.enqueue_predict(item(v)).result(timeout=20)
         slow = p.enqueue_predict(item(666))
         assert entered.wait(10)
-        sent = time.monotonic()
         fast = p.enqueue_predict(item(1))
         assert fast.result(timeout=20)[0, 0] == 2
-        if call_seconds is None:
-            assert not slow.done()
-        else:
-            assert time.monotonic() - sent < call_seconds + 5  # generous; see the ordering
+        # Answered while the slow call still runs (it ends only once released, or after
+        # 10 s): not queued behind it. (A long call that ended by itself soon after
+        # batch_timeout would have let the request through without any takeover.)
+        assert not slow.done()
     finally:
         release.set()
     assert slow.result(timeout=20)[0, 0] == 1332
@@ -782,7 +781,7 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
     # done-callback blocks. A request comes a quarter of batch_timeout after the watcher
     # began to watch: it is taken by the other worker when it has waited batch_timeout,
     # not at the watcher's next look after that (with a look every half batch_timeout,
-    # 2.5 s: the look at 2 s finds it 1.5 s old).
+    # 5 s: the look at 4 s finds it 3 s old).
     release, holding = threading.Event(), threading.Event()
     started = {}
 
@@ -798,19 +797,19 @@ def test_a_request_held_up_waits_batch_timeout_not_a_watch_period_more(make_proc
         holding.set()
         release.wait(30)
 
-    p = make_processor(model, max_workers=2, batch_timeout=2.0, item_timeout=60)
+    p = make_processor(model, max_workers=2, batch_timeout=4.0, item_timeout=60)
     try:
         watching_since = _watch_started(p)
         held = p.enqueue_predict(item(1))
         if held_by == "delivery":
             held.add_done_callback(blocking_callback)
         assert holding.wait(10)
-        time.sleep(max(0.0, watching_since + 0.5 - time.monotonic()))
+        time.sleep(max(0.0, watching_since + 1.0 - time.monotonic()))
         sent = time.monotonic()
         late = p.enqueue_predict(item(2))
         assert late.result(timeout=20)[0, 0] == 2
         waited = started[2] - sent
-        assert 1.95 < waited < 2.3, waited  # batch_timeout, and a thread's wake-up
+        assert 3.95 < waited < 4.6, waited  # batch_timeout, and a thread's wake-up
     finally:
         release.set()
     assert held.result(timeout=20)[0, 0] == 1
@@ -874,7 +873,7 @@ def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, s
     # batch_timeout; the worker that takes it takes the hung call's slot, so the
     # requests after it go as usual instead of each waiting batch_timeout again.
     model, release, hanging = hangs_on_666()
-    p = make_processor(model, max_workers=3, batch_timeout=0.5, item_timeout=60,
+    p = make_processor(model, max_workers=3, batch_timeout=2.0, item_timeout=60,
                        processing_strategy=strategy)
     try:
         for v in range(5):  # the usual time: fast
@@ -887,7 +886,7 @@ def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, s
             sent = time.monotonic()
             assert p.enqueue_predict(item(v)).result(timeout=20)[0, 0] == v
             waits.append(time.monotonic() - sent)
-        assert max(waits) < 0.25, waits  # generous; each waited 0.5 s before
+        assert max(waits) < 1.0, waits  # generous; each waited 2 s before
         assert not hung.done()
     finally:
         release.set()
@@ -911,28 +910,28 @@ def test_a_request_behind_a_blocked_delivery_waits_batch_timeout_from_its_push(
         else:
             if batch[0, 0] == 1:
                 calling.set()
-            time.sleep(1.0)
+            time.sleep(2.0)
         return batch
 
     def blocking_callback(future):
         blocking.set()
         release.wait(30)
 
-    p = make_processor(model, max_workers=2, batch_timeout=0.8, item_timeout=60)
+    p = make_processor(model, max_workers=2, batch_timeout=1.6, item_timeout=60)
     try:
-        for _ in range(2):  # the usual time: 1 s a call
+        for _ in range(2):  # the usual time: 2 s a call
             p.enqueue_predict(item(0)).result(timeout=20)
         held = p.enqueue_predict(item(1))
         held.add_done_callback(blocking_callback)
         assert calling.wait(10)
-        time.sleep(0.3)  # into the call: 0.7 s old when it ends
+        time.sleep(0.6)  # into the call: 1.4 s old when it ends
         sent = time.monotonic()
         late = p.enqueue_predict(item(2))
         assert late.result(timeout=20)[0, 0] == 2
         assert blocking.is_set()
         waited = started[2] - sent
-        # batch_timeout after the delivery began would be 1.5 s.
-        assert 0.78 < waited < 1.2, waited
+        # batch_timeout after the delivery began would be 3 s.
+        assert 1.56 < waited < 2.4, waited
     finally:
         release.set()
     assert held.result(timeout=20)[0, 0] == 1
@@ -959,8 +958,11 @@ def test_the_watch_does_not_spin_with_no_batch_timeout(make_processor, monkeypat
         held = p.enqueue_predict(item(1))
         assert holding.wait(10)
         looks.clear()
+        began = time.monotonic()
         time.sleep(0.3)
-        assert 0 < len(looks) < 150, len(looks)  # one in 5 ms; spinning: 10**5
+        # One in 5 ms at most, however long this thread slept; spinning: 10**5.
+        most = (time.monotonic() - began) / 0.005 + 10
+        assert 0 < len(looks) < most, (len(looks), most)
     finally:
         release.set()
     assert held.result(timeout=20)[0, 0] == 1
@@ -1007,14 +1009,14 @@ def test_a_call_of_usual_length_is_waited_for_not_joined_by_a_second(make_proces
             calls.append(batch[:, 0].tolist())
             if batch[0, 0] == 100:
                 entered.set()
-            time.sleep(0.25 if batch[0, 0] == 100 else 0.2)
+            time.sleep(0.5 if batch[0, 0] == 100 else 0.4)
             return batch
         finally:
             lock.release()
 
     p = make_processor(model, max_workers=4, batch_timeout=0.005, max_batch_size=64,
                        initial_batch_size=64)
-    for v in range(3):  # the model's usual time: 0.2 s a call
+    for v in range(3):  # the model's usual time: 0.4 s a call
         p.enqueue_predict(item(v)).result(timeout=20)
     first = p.enqueue_predict(item(100))
     assert entered.wait(10)

@@ -332,10 +332,8 @@ def test_many_waiters_are_all_woken():
                for _ in range(8)]
     for t in threads:
         t.start()
-    for _ in range(10_000):
-        if future._sleepers and len(future._sleepers) == 8:
-            break
-        threading.Event().wait(0.001)
+    wait_for(lambda: future._sleepers is not None and len(future._sleepers) == 8,
+             "all 8 waiters parked")
     future.set_result("x")
     for t in threads:
         t.join(5)

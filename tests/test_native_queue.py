@@ -910,11 +910,12 @@ def test_the_carried_rows_rate_counts_from_the_head_not_the_busy_spell(impl: Any
 
 
 def test_a_wave_on_pace_ends_at_max_wait_after_the_delivery(impl: Any) -> None:
-    # A wave that keeps its pace (a row every 5 ms; 50 ms would do) but never brings
-    # back the 40 rows of the last batch: the carried row's wait for it ends max_wait
-    # (0.1 s) after the end, not on the row's own max_wait (long past) or the gap.
+    # A wave that keeps its pace (a row every 5 ms; 250 ms would do, so a stalled test
+    # thread still keeps it) but never brings back the 40 rows of the last batch: the
+    # carried row's wait for it ends max_wait (0.1 s) after the end, not on the row's own
+    # max_wait (long past) or the gap.
     q = impl.RequestQueue(64)
-    ended = carried_across(q, 40, ["x"], busy=0.4)
+    ended = carried_across(q, 40, ["x"], busy=2.0)
     popper = Worker(q.pop_batch, 64, fill_rows=64, max_wait=0.1, idle_gap=6 * HANG,
                     fill_time=HANG, timeout=HANG)
     pushed = 0

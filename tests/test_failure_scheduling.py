@@ -1242,6 +1242,28 @@ def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):
     assert len(warnings) == 2, warnings
     assert "BatchOutputError" in warnings[0]
     assert warnings[1].startswith("1 more batch failed in the last ")
+    # Counted too: without logging set up (a library's loggers print nothing by
+    # themselves), the warning alone is never seen.
+    stats = p.get_stats()
+    assert stats["total_batch_only_failures"] == 2
+    assert (stats["total_errors"], stats["total_processed"]) == (0, 8)
+
+
+def test_a_request_that_fails_alone_is_no_batch_only_failure(make_processor):
+    def poisoned(batch):
+        if (batch[:, 0] == 2).any():
+            raise ValueError("bad row")
+        return batch
+
+    p = make_processor(poisoned, max_workers=1, batch_timeout=0.05, max_retries=0)
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in range(4)]
+    p.resume()
+    with pytest.raises(ValueError, match="bad row"):
+        futures[2].result(timeout=20)
+    assert [futures[v].result(timeout=20)[0, 0] for v in (0, 1, 3)] == [0, 1, 3]
+    stats = p.get_stats()
+    assert (stats["total_batch_only_failures"], stats["total_errors"]) == (0, 1)
 
 
 @pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])

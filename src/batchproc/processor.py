@@ -979,7 +979,11 @@ class BatchProcessor(Generic[T, U]):
         ran out before their call: ``QueueTimeoutError``; not in ``total_errors``),
         ``total_cancelled`` (by their callers, before dispatch), ``total_rejected``
         (refused at enqueue, by any path, because the queue was full or the processor
-        stopped; never accepted).
+        stopped; never accepted); and ``total_batch_only_failures``: batches that failed
+        whole while each of their requests then succeeded on a smaller batch
+        (``process_func`` fails on batches, not on these inputs: an output of the wrong
+        rows, out of memory on the batch's size; each halves the target and costs a
+        search of calls, docs/failures.md).
 
         ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """
@@ -1010,6 +1014,7 @@ class BatchProcessor(Generic[T, U]):
             total_rejected=rejected,
             total_expired=self._dispatcher.expired,
             total_timed_out=self._dispatcher.timed_out,
+            total_batch_only_failures=self._dispatcher.batch_only_failures,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )

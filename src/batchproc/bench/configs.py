@@ -43,7 +43,7 @@ def parse_config(text: str) -> dict[str, Any]:
         src = f"BatchProcessorConfig({src})"
     try:
         call = ast.parse(src, mode="eval").body
-    except SyntaxError:
+    except SyntaxError as error:
         # A dashed name (max-batch-size=8) is no Python keyword: name the field it meant.
         dashed = re.findall(r"([A-Za-z_][\w-]*-[\w-]*)\s*=", src)
         if dashed:
@@ -51,6 +51,15 @@ def parse_config(text: str) -> dict[str, Any]:
                 check_keywords(BatchProcessorConfig.__name__, dashed)
             except TypeError as exc:
                 raise BenchError(f"{where}: {exc}") from None
+        # A value that is no Python literal (batch_timeout=5ms): name its field (the
+        # last one before the error, with no comma after its "=").
+        before = src[:max((error.offset or 1) - 1, 0)]
+        fields_before = list(re.finditer(r"([A-Za-z_]\w*)\s*=(?!=)", before))
+        if fields_before and "," not in before[fields_before[-1].end():]:
+            raise BenchError(
+                f"{where}: {fields_before[-1].group(1)}: {error.msg} (each value is a "
+                "Python literal: a number, times in seconds as in batch_timeout=0.005; a "
+                "quoted string; True, False or None)") from None
         raise BenchError(f"{where}: expected field=value, ... (BatchProcessorConfig's fields)"
                          ) from None
     if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):

@@ -126,6 +126,10 @@ class Engine:
     def handed_back(self) -> int:
         return self.delivery.handed_back
 
+    @property
+    def batch_only_failures(self) -> int:
+        return self._executor.batch_only_failures
+
     def active_batches(self) -> int:
         board = self._board
         with board.lock:

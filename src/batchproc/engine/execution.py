@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import queue as _stdlib_queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,10 @@ class Executor:
                               config.max_batch_tokens or 0)
         self.process_func: Callable[[Any], Any] | None = None
         self._batch_only_log: LogLimiter[None] = LogLimiter(BATCH_ONLY_FAILURE_LOG_S)
+        # Batches that failed whole while each of their requests succeeded on a smaller
+        # one (get_stats: without logging set up, the warning alone is never seen).
+        self._counts_lock = threading.Lock()
+        self.batch_only_failures = 0
         # By the exception type's name.
         self._interrupt_log: LogLimiter[str] = LogLimiter(INTERRUPT_LOG_S)
 
@@ -191,6 +196,8 @@ class Executor:
         """Callers get their results, yet every such batch costs a search of calls and
         halves the target: a model that only fails on batches (an output that cannot be
         split, out of memory) must not go unnoticed."""
+        with self._counts_lock:
+            self.batch_only_failures += 1
         admitted = self._batch_only_log.admit(None)
         if admitted is None:
             return

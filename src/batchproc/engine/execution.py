@@ -190,12 +190,12 @@ class Executor:
             # smaller ones may get through.
             # Once per failed batch, never per step of the search or per retry.
             self._controller.observe_failure()
-            self._warn_batch_only_failure(len(requests), error)
+            self._note_batch_only_failure(len(requests), error)
 
-    def _warn_batch_only_failure(self, n: int, error: BaseException) -> None:
-        """Callers get their results, yet every such batch costs a search of calls and
-        halves the target: a model that only fails on batches (an output that cannot be
-        split, out of memory) must not go unnoticed."""
+    def _note_batch_only_failure(self, n: int, error: BaseException) -> None:
+        """Count it and warn (rate-limited): callers get their results, yet every such
+        batch costs a search of calls and halves the target: a model that only fails on
+        batches (an output that cannot be split, out of memory) must not go unnoticed."""
         with self._counts_lock:
             self.batch_only_failures += 1
         admitted = self._batch_only_log.admit(None)

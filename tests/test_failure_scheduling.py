@@ -867,6 +867,27 @@ def test_a_call_that_hangs_after_an_idle_spell_holds_up_no_request_past_batch_ti
     assert hung.result(timeout=20)[0, 0] == 666
 
 
+def test_nothing_is_kept_of_a_worker_abandoned_in_a_call_once_the_call_returns(
+        make_processor):
+    # Each worker abandoned at item_timeout stayed in the pool's list (and its thread
+    # object) for as long as the processor ran: memory grew with every hung call.
+    from batchproc import BatchTimeoutError
+
+    model, release, hanging = hangs_on_666()
+    p = make_processor(model, max_workers=1, item_timeout=0.1, max_retries=0)
+    pool = p._dispatcher._pool
+    for _ in range(3):
+        hanging.clear()
+        with pytest.raises(BatchTimeoutError):
+            p.enqueue_predict(item(666)).result(timeout=20)
+        assert hanging.is_set()
+    assert len(pool._workers) >= 4  # the stuck ones still run, beside their replacement
+    release.set()
+    wait_for(lambda: len(pool._workers) == 1, "the abandoned workers gone")
+    assert pool.alive_workers() == (1, 1)
+    assert p.enqueue_predict(item(1)).result(timeout=20)[0, 0] == 1
+
+
 @pytest.mark.parametrize("strategy", ["adaptive", "greedy"])
 def test_a_hung_call_holds_up_only_the_first_request_behind_it(make_processor, strategy):
     # One call at a time, and that call hangs. The first request behind it waits

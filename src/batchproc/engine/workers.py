@@ -346,6 +346,14 @@ class WorkerPool:
             logger.critical("worker %s crashed; starting a replacement", worker.name,
                             exc_info=True)
             self.replace(worker)
+        finally:
+            if worker.abandoned:
+                # Its place went to another: nothing is kept of it once its call returned
+                # (a long-lived processor whose calls now and then overrun item_timeout
+                # would keep a worker and its thread per such call).
+                with self._board.lock:
+                    if worker in self._workers:
+                        self._workers.remove(worker)
 
     def _until_overdue(self) -> float:
         """Seconds until requests may be overdue (0.0: they are): waiting past

@@ -56,6 +56,10 @@ PRINTING_RUNS = [
     ("saturation_floor.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1"],
      "| system | client threads | batcher threads | threads Python did not start |\n"
      "|---|---:|---:|---:|\n| lean batcher | "),
+    ("saturation_warmup.py", ["--clients", "8", "--seconds", "0.2", "--windows", "2",
+                              "--rounds", "1"],
+     "| run on one processor | seconds from its start | req/s | / limit |\n|---|---|---:|"
+     "---:|\n| 1 (fresh) | 0-0.2 | "),
     ("profile_async.py", ["--clients", "8", "--seconds", "0.2", "--rounds", "1",
                           "--calls", "200", "--wake-rounds", "4"],
      "| in the flush (awaiters.complete) | "),

@@ -159,6 +159,28 @@ def test_each_call_of_a_split_item_counts_as_the_call_it_was(make_processor, rec
     assert stats["avg_batch_size"] == pytest.approx(10 / 3)
 
 
+def test_a_failing_call_of_a_split_item_counts_as_a_failed_call(make_processor):
+    # As any failed call is recorded (its rows, outcome "error"): it was left out.
+    calls = []
+
+    class Outcomes:
+        def record_batch(self, size, rows, queue_time, processing_time, outcome):
+            calls.append((size, rows, outcome))
+
+    def model(batch):
+        if batch[0, 0] == 12:  # the second chunk: rows 4-7, three values a row
+            raise ValueError("bad chunk")
+        return batch
+
+    p = make_processor(model, metrics_collector=Outcomes(), max_batch_size=4,
+                       max_retries=0)
+    with pytest.raises(ValueError, match="bad chunk"):
+        p.enqueue_predict(rows(10)).result(timeout=10)
+    assert calls == [(1, 4, "ok"), (1, 4, "error")]
+    stats = p.get_stats()
+    assert (stats["total_batches"], stats["total_errors"]) == (1, 1)
+
+
 def test_a_row_larger_than_the_byte_cap_goes_alone(make_processor, recorder):
     model = recorder(lambda b: b * 2)
     p = make_processor(model, max_batch_memory_mb=10 / 2**20)  # 10 bytes

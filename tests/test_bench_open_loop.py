@@ -314,27 +314,51 @@ def test_a_sweep_shows_the_load_offered_and_achieved_at_a_low_load(monkeypatch) 
 
 
 def test_arrivals_within_one_requests_time_cannot_show_a_rate() -> None:
-    # 5 arrivals within 0.5 us, served together 0.6 ms later: the window alone would read
-    # 10,000,000 req/s, a rate no run this short can show. It served 5 in 0.6 ms.
+    # 5 arrivals within 0.5 us, served together 0.6 ms later: the run read 10,000,000
+    # req/s, and was compared as such ("36.7x the limit"). Its throughput is still the
+    # rate offered (reading it otherwise would halve a slow model's rate on one side of
+    # a threshold), but the run says it is too short to show one, and is not compared.
     load = Load("rate", rate=1e7, features=4)
-    bounds = Bounds(requests=5, duration=1.0)
-    res = _measured(load, bounds, lambda i, a, p: 0.0006, drained_by=1.5)
+    res = _measured(load, Bounds(requests=5, duration=1.0), lambda i, a, p: 0.0006,
+                    drained_by=1.5)
     assert res.scheduled == res.completed == 5 and res.offered_rate == pytest.approx(1e7)
-    assert res.throughput == pytest.approx(5 / 0.0006, rel=1e-3)
-    # Its neighbours: a window as long as the quickest request reads the window; a run
-    # that kept up over a longer one reads what it was offered.
-    arrived = np.array([0.0, 0.1, 0.2, 0.3])
-    assert open_span(0.3, arrived, arrived + 0.3) == 0.3
-    assert open_span(0.29, arrived, arrived + 0.3) == pytest.approx(0.6)
-    assert open_span(1.0, arrived, arrived + 0.3) == 1.0
+    assert res.too_short
+    # Its neighbours: a window as long as the quickest request, or a run that kept up
+    # over many requests' times, shows its rate.
+    for rate, bounds, latency in ((1e4, Bounds(requests=6, duration=1.0), 0.0005),
+                                  (1000.0, Bounds(duration=1.0), 0.001)):
+        res = _measured(Load("rate", rate=rate, features=4), bounds,
+                        lambda i, a, p, d=latency: a + d, drained_by=1.5)
+        assert not res.too_short, (rate, bounds)
+        assert res.throughput == pytest.approx(res.offered_rate)
+
+
+def _short_run(system: str, throughput: float, too_short: bool) -> RunResult:
+    return RunResult(
+        system=system, model="identity", load="1e+07 req/s", throughput=throughput,
+        p50_ms=0.6, p95_ms=0.6, p99_ms=0.6, mean_ms=0.6, mean_batch=5.0, batches=1,
+        submitted=5, completed=5, errors=0, elapsed_s=0.0006, stopped_by="requests",
+        scheduled=5, window_s=5e-7, arrival_rate=1e7, too_short=too_short)
+
+
+def test_a_run_too_short_to_show_a_rate_says_so_and_is_not_compared() -> None:
+    short = _short_run("batchproc", 1e7, True)
+    limit = _short_run("limit", 46_942, False)
+    assert report.not_compared(short, limit) == (
+        "the batchproc run's arrivals all came within one request's time: too short a "
+        "run to show a rate")
+    assert report.not_compared(_short_run("batchproc", 1e7, False), limit) is None
+    assert report.not_compared(short, _short_run("no batching", 1e7, True)) == (
+        "the batchproc and the no batching runs' arrivals all came within one request's "
+        "time: too short a run to show a rate")
+    assert not any("stretched" in note for note in report.run_notes([short]))
+    assert ("! batchproc (identity, 1e+07 req/s): its arrivals all came within its "
+            "quickest request's time: too short a run to show a rate (its req/s is the "
+            "rate offered); not compared") in report.run_notes([short])
 
 
 def test_a_run_counted_over_more_than_its_window_says_so() -> None:
-    run = RunResult(
-        system="batchproc", model="identity", load="1e+07 req/s", throughput=5 / 0.0006,
-        p50_ms=0.6, p95_ms=0.6, p99_ms=0.6, mean_ms=0.6, mean_batch=5.0, batches=1,
-        submitted=5, completed=5, errors=0, elapsed_s=0.0006, stopped_by="requests",
-        scheduled=5, window_s=5e-7, arrival_rate=1e7)
+    run = _short_run("batchproc", 5 / 0.0006, False)
     assert report.stretched_span(run) == pytest.approx(0.0006)
     note, = (n for n in report.run_notes([run]) if "stretched" in n)
     assert note.startswith("* batchproc (identity, 1e+07 req/s): req/s counts its "

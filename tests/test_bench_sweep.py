@@ -176,7 +176,7 @@ def test_config_accepts_what_tune_prints_and_its_arguments() -> None:
 @pytest.mark.parametrize(
     ("text", "mentions"),
     [
-        ("max_batch_size=", "field=value"),
+        ("max_batch_size=", "invalid syntax at the end (give field=value"),
         ("32", "keyword arguments only"),
         ("max_batch_size=int('3')", "not a literal"),
         ("processing_strategy=FASTEST", "one of 'fixed', 'adaptive', 'greedy'"),

@@ -99,14 +99,15 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
          "'max-batch-size' (did you mean 'max_batch_size'?)"),
         (["--config", "Max-Batch-Size=3, batch_timeout=0.001"],
          "'Max-Batch-Size' (did you mean 'max_batch_size'?)"),
-        (["--config", "max_batch_size=3,,"], "expected field=value"),
-        (["--config", "batch_timeout=5ms"], "--config 'batch_timeout=5ms': batch_timeout: "
-         "invalid decimal literal (each value is a Python literal: a number, times in "
-         "seconds as in batch_timeout=0.005; a quoted string; True, False or None)"),
-        (["--config", "max_batch_size=8, batch_timeout=5 ms"], ": batch_timeout: invalid "
-         "syntax"),
-        (["--config", "max_batch_size=8 batch_timeout=1"], ": max_batch_size: invalid "
-         "syntax. Perhaps you forgot a comma? (each value"),
+        (["--config", "max_batch_size=3,,"], "invalid syntax at ',' (give field=value"),
+        (["--config", "batch_timeout=5ms"], "--config 'batch_timeout=5ms': invalid decimal "
+         "literal at '5ms' (give field=value, ... separated by commas; each value a Python "
+         "literal: a number, times in seconds as in batch_timeout=0.005; a quoted string; "
+         "True, False or None)"),
+        (["--config", "max_batch_size=8; batch_timeout=0.1"],
+         "invalid syntax at '; batch_timeout=0.1' (give"),
+        (["--config", "max_batch_size=8 batch_timeout=1"],
+         "Perhaps you forgot a comma? at '8 batch_timeout=1' (give"),
         (["--config", ""], "--config '': empty; give field=value"),
         (["--config", " "], "--config ' ': empty"),
         (["--config", "min_batch_size=100"], "batchproc rejects this configuration "

@@ -158,7 +158,8 @@ def test_a_raising_collector_is_logged_and_never_breaks_processing(make_processo
     assert sum("record_batch raised" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("collector", [object(), "prometheus"], ids=["object", "a name"])
+@pytest.mark.parametrize("collector", [object(), "prometheus", MetricsSink],
+                         ids=["object", "a name", "a class of none"])
 def test_a_collector_with_none_of_the_methods_is_refused(collector):
     with pytest.raises(TypeError, match=r"metrics_collector must have one or more of "
                        r"record_batch, .* \(the MetricsCollector protocol\), got .*"
@@ -174,10 +175,10 @@ class Batches:
         self.rows.append(rows)
 
 
-@pytest.mark.parametrize("collector", [Batches, MetricsSink], ids=["collector", "other"])
-def test_a_collector_class_given_for_an_instance_is_refused(make_processor, collector):
+def test_a_collector_class_given_for_an_instance_is_refused(make_processor):
     # Its methods, read off the class, are callable: it was taken, and every call of them
     # failed (logged once each), so nothing was ever recorded.
+    collector = Batches
     name = collector.__qualname__
     said = (f"metrics_collector must be an instance, got the class {name}: make one "
             f"({name}(...))")
@@ -191,6 +192,29 @@ def test_a_collector_class_given_for_an_instance_is_refused(make_processor, coll
     q = make_processor(lambda b: b, metrics_collector=instance)
     q.enqueue_predict(np.array([1, 2])).result(timeout=10)
     assert instance.rows == [2]
+
+
+def test_a_class_of_static_and_class_methods_is_a_collector(make_processor):
+    # Its methods need no instance: it records, given as it is (and to the decorator).
+    seen_rows, seen_requests = [], []
+
+    class Recorder:
+        @staticmethod
+        def record_batch(size, rows, queue_time, processing_time, outcome):
+            seen_rows.append(rows)
+
+        @classmethod
+        def record_requests(cls, latencies, queue_times, outcome):
+            seen_requests.append(len(latencies))
+
+    p = make_processor(lambda b: b, metrics_collector=Recorder)
+    p.enqueue_predict(np.array([1, 2])).result(timeout=10)
+    batched = batchproc.batch(metrics_collector=Recorder)(lambda items: items)
+    try:
+        assert batched("x") == "x"
+    finally:
+        batched.stop()
+    assert seen_rows == [2, 1] and seen_requests == [1, 1]
 
 
 def test_a_collector_with_some_of_the_methods_gets_those(make_processor):

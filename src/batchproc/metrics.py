@@ -35,8 +35,10 @@ logged (once per method, then at debug level) and never breaks processing.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import types
 from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -71,10 +73,13 @@ _RECORD_METHODS = ("record_batch", "record_error", "record_health", "record_requ
 
 def collector_methods(collector: object) -> dict[str, Any]:
     """The ``MetricsCollector`` methods ``collector`` has, by name. ``TypeError`` for a
-    class (an instance was meant: its methods, read off the class, would fail on every
-    call) and for an object with none of them and no ``bind_processor`` (a string): it
-    would be called for nothing."""
-    if isinstance(collector, type):
+    class whose methods need an instance (one was meant: read off the class, they would
+    fail on every call; a class of static or class methods is a collector) and for an
+    object with none of them and no ``bind_processor`` (a string): it would be called
+    for nothing."""
+    if isinstance(collector, type) and any(
+            isinstance(inspect.getattr_static(collector, name, None), types.FunctionType)
+            for name in (*_RECORD_METHODS, "bind_processor")):
         raise TypeError(
             f"metrics_collector must be an instance, got the class "
             f"{collector.__qualname__}: make one ({collector.__qualname__}(...))")

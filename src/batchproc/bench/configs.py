@@ -39,7 +39,8 @@ def parse_config(text: str) -> dict[str, Any]:
     if not src:
         raise BenchError(f"{where}: empty; give field=value, ... (BatchProcessorConfig's "
                          "fields), or the BatchProcessorConfig(...) that tune prints")
-    if not src.startswith("BatchProcessorConfig("):
+    wrapped = not src.startswith("BatchProcessorConfig(")
+    if wrapped:
         src = f"BatchProcessorConfig({src})"
     try:
         call = ast.parse(src, mode="eval").body
@@ -51,17 +52,15 @@ def parse_config(text: str) -> dict[str, Any]:
                 check_keywords(BatchProcessorConfig.__name__, dashed)
             except TypeError as exc:
                 raise BenchError(f"{where}: {exc}") from None
-        # A value that is no Python literal (batch_timeout=5ms): name its field (the
-        # last one before the error, with no comma after its "=").
-        before = src[:max((error.offset or 1) - 1, 0)]
-        fields_before = list(re.finditer(r"([A-Za-z_]\w*)\s*=(?!=)", before))
-        if fields_before and "," not in before[fields_before[-1].end():]:
-            raise BenchError(
-                f"{where}: {fields_before[-1].group(1)}: {error.msg} (each value is a "
-                "Python literal: a number, times in seconds as in batch_timeout=0.005; a "
-                "quoted string; True, False or None)") from None
-        raise BenchError(f"{where}: expected field=value, ... (BatchProcessorConfig's fields)"
-                         ) from None
+        # Where Python found it wrong, in the text as given (batch_timeout=5ms, a ";").
+        rest = src[max((error.offset or 1) - 1, 0):]
+        if wrapped and rest.endswith(")"):
+            rest = rest[:-1]
+        at = f"at {rest[:24]!r}" if rest.strip() else "at the end"
+        raise BenchError(
+            f"{where}: {error.msg} {at} (give field=value, ... separated by commas; each "
+            "value a Python literal: a number, times in seconds as in batch_timeout=0.005; "
+            "a quoted string; True, False or None)") from None
     if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):
         raise BenchError(f"{where}: expected field=value, ... (keyword arguments only)")
     fields: dict[str, Any] = {}

@@ -269,14 +269,10 @@ def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
     ``unfinished``) served from its first arrival to its last completion, less the
     shortest such lag (the time any request takes): there the longest would overstate
     its rate, its early requests having waited in a backlog already. A run that kept up but
-    left a request or two stuck still reads what it was offered. A run whose arrivals all
-    came within the time its quickest request took cannot show that it kept up: it served
-    from its first arrival to its last completion.
+    left a request or two stuck still reads what it was offered.
     """
     if arrived.size == 0:
         return window
-    if window < float((finished - arrived).min()):
-        return max(window, float(finished.max() - arrived.min()))
     early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
     lags = finished[early] - arrived[early]
     lag = float(lags.max())
@@ -319,6 +315,9 @@ class LoadResult:
     first_refusal: str | None = None
     # The seconds the throughput counts over (an open loop: open_span); None: elapsed.
     span: float | None = None
+    # An open loop whose arrivals all came within its quickest request's time: too short
+    # a run to show a rate (what it read is what it was offered, however slow it is).
+    too_short: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -750,11 +749,13 @@ def _collect(
     completed = len(lat)
     window = state.get("window")
     span = None
+    too_short = False
     if window is not None:  # an open loop: the completed arrivals over its window
         start = np.asarray(arrived, dtype=float) - t0
         span = open_span(window, start, start + np.asarray(lat, dtype=float),
                          unfinished=len(unfinished) + len(late) > 0,
                          refused=state.get("refused", 0) > 0)
+        too_short = bool(completed > 0 and window < min(lat))
     # Unfinished requests: their wait until the horizon, a lower bound of their latency.
     lat += [horizon - t for t, _ in unfinished]
     pri += [prios[arrivals[i] % n_prios] for _, i in unfinished]
@@ -778,6 +779,7 @@ def _collect(
         refused=refused,
         first_refusal=state.get("first_refusal"),
         span=span,
+        too_short=too_short,
     )
 
 

@@ -170,12 +170,16 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
                 f"completed nor in its latencies; first: {r.first_refusal}")
         if r.model_errors:
             notes.append(f"! {who}: {model_failed(r)}")
-        span = stretched_span(r)
+        if r.too_short:
+            notes.append(
+                f"! {who}: its arrivals all came within its quickest request's time: too "
+                "short a run to show a rate (its req/s is the rate offered); not compared")
+        span = None if r.too_short else stretched_span(r)
         if span is not None:
             notes.append(
                 f"* {who}: req/s counts its completed arrivals over {span:.3g} s, its "
-                "window stretched to its completions (it fell behind, or its arrivals all "
-                "came within a request's time)")
+                "window stretched to its completions (its last requests waited longer "
+                "than its first: it fell behind)")
         if r.started_beside:
             notes.append(
                 f"! {who}: started while {_calls_left(r.started_beside)} still running; its "
@@ -216,8 +220,7 @@ def offered_note(r: RunResult) -> str | None:
 
 def stretched_span(r: RunResult) -> float | None:
     """The seconds an open loop's req/s counts over where that is longer than its
-    arrivals' window (:func:`.loads.open_span`: it fell behind, or its arrivals came
-    within a request's time); None otherwise."""
+    arrivals' window (:func:`.loads.open_span`: it fell behind); None otherwise."""
     if not r.window_s or r.throughput <= 0 or r.failed:
         return None
     span = r.completed / r.throughput
@@ -246,7 +249,9 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     failure: batchproc retries the call after a backoff and searches its batch, no
     batching fails the request at once, the limit fails its run. So a ratio is given
     only between two runs without errors. A run that started while calls of the model
-    an earlier run left were still running shared the machine with them."""
+    an earlier run left were still running shared the machine with them. An open loop
+    whose arrivals all came within one request's time read the rate it was offered,
+    whatever the system (``RunResult.too_short``)."""
     if a is None or b is None:
         return None
     failed = [r.system for r in (a, b) if r.failed]
@@ -255,6 +260,11 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     idle = [r.system for r in (a, b) if not (r.completed and r.throughput > 0)]
     if idle:
         return f"the {' and the '.join(idle)} run completed no request"
+    short = [r.system for r in (a, b) if r.too_short]
+    if short:
+        whose = "runs'" if len(short) == 2 else "run's"
+        return (f"the {' and the '.join(short)} {whose} arrivals all came within one "
+                "request's time: too short a run to show a rate")
     beside = [r for r in (a, b) if r.started_beside]
     if beside:
         return "; ".join(

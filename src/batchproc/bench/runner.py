@@ -277,6 +277,8 @@ class RunResult:
     # one started (it shared the machine with them: its throughput is not compared).
     left_running: int = 0
     started_beside: int = 0
+    # An open loop too short to show a rate (LoadResult.too_short): not compared.
+    too_short: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -449,6 +451,7 @@ def run_target(
         first_model_error=first_model_error,
         left_running=left,
         started_beside=beside,
+        too_short=res.too_short,
     )
     if res.errors:
         log.warning("%s: %s failed, first: %s", target.name, plural(res.errors, "request"),

@@ -388,10 +388,12 @@ class Executor:
         # (An attempt always has a chunk left: a retry starts at the chunk that failed.)
         remaining = chunks[len(parts):]
         for k, chunk in enumerate(remaining):
-            status, out, elapsed, _ = self.attempt(batch, [chunk], workspace)
+            status, out, elapsed, rows = self.attempt(batch, [chunk], workspace)
             if status == ABANDONED:
                 return
             if status == FAILED:
+                self._metrics.batch(1, rows, batch.dispatched_at - request.enqueued_at,
+                                    elapsed, OUTCOME_ERROR)  # as _try counts a failed call
                 if interrupts(out):
                     self._log_interrupt(out, "it", f" on a chunk of a {request.rows}-row "
                                         "request")
@@ -402,14 +404,14 @@ class Executor:
             parts.append(out[0])
             done_rows += chunk.rows
             if k < len(remaining) - 1:
-                self._delivery.call_returned(batch, request, chunk.rows, elapsed)
+                self._delivery.call_returned(batch, request, rows, elapsed)
         try:
             joined = request.format.join(parts)
         except Exception as exc:
-            self._delivery.call_returned(batch, request, chunk.rows, elapsed)
+            self._delivery.call_returned(batch, request, rows, elapsed)
             self._delivery.fail(batch, [request], exc)
             return
-        self._delivery.deliver(batch, [request], [joined], elapsed, chunk.rows,
+        self._delivery.deliver(batch, [request], [joined], elapsed, rows,
                                self._config.max_batch_size)
 
 

@@ -86,12 +86,9 @@ class Delivery:
             latencies = ([now - t for t in enqueued] if self._config.enable_monitoring
                          else None)
             # Counted before any future completes: a caller holding its result sees it.
-            self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
-                               requests=len(requests), latencies=latencies)
-            self._controller.observe_batch(rows, elapsed, target, left_waiting)
+            self._count_call(requests, rows, elapsed, queue_time, target, left_waiting,
+                             latencies)
             metrics = self._metrics
-            if metrics.records_batches:
-                metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
             if metrics.records_requests:
                 dispatched = batch.dispatched_at
                 metrics.requests(latencies or [now - t for t in enqueued],
@@ -105,19 +102,25 @@ class Delivery:
         finally:
             self._end_delivery(batch, deferred)
 
-    def call_returned(self, batch: Batch, request: Request, rows: int,
+    def call_returned(self, batch: Batch, chunk: Request, rows: int,
                       elapsed: float) -> None:
-        """A call of ``rows`` of ``request``, a request cut into chunks, returned and the
+        """A call of ``chunk``, a piece of a request cut into chunks, returned and the
         request is not delivered with it (more chunks follow): counted as the model call
-        it was (a batch in the statistics, the controller's fit and the metrics), the
-        request not yet (``deliver`` counts it, with its last chunk's call)."""
-        queue_time = batch.dispatched_at - request.enqueued_at
+        it was, the request not yet (``deliver`` counts it, with its last chunk's call)."""
+        self._count_call([chunk], rows, elapsed, batch.dispatched_at - chunk.enqueued_at,
+                         self._config.max_batch_size, self._queue.rows, completed=False)
+
+    def _count_call(self, requests: list[Request], rows: int, elapsed: float,
+                    queue_time: float, target: int, left_waiting: int,
+                    latencies: list[float] | None = None, completed: bool = True) -> None:
+        """A model call of ``requests`` (``rows`` in ``elapsed`` seconds) that returned:
+        a batch in the statistics (its requests, and their ``latencies``, only if it
+        ``completed`` them), the controller's fit and the metrics' batch figures."""
         self._stats.update(elapsed, rows, queue_time, queue_length=len(self._queue),
-                           requests=0)
-        self._controller.observe_batch(rows, elapsed, self._config.max_batch_size,
-                                       self._queue.rows)
+                           requests=len(requests) if completed else 0, latencies=latencies)
+        self._controller.observe_batch(rows, elapsed, target, left_waiting)
         if self._metrics.records_batches:
-            self._metrics.batch(1, rows, queue_time, elapsed, OUTCOME_OK)
+            self._metrics.batch(len(requests), rows, queue_time, elapsed, OUTCOME_OK)
 
     def _answer(self, holds_slot: bool, ends_flight: bool) -> None:
         """A delivery begins (``Board.begin_delivery``): tell the queue that what arrives

@@ -164,10 +164,16 @@ class Executor:
             self._delivery.deliver(batch, requests, out, elapsed, rows, target)
             return OK, None
         if status == FAILED:
-            self._metrics.batch(len(requests), rows,
-                                batch.dispatched_at - _mean(enqueued_of(requests)),
-                                elapsed, OUTCOME_ERROR)
+            self._count_failed_call(batch, requests, rows, elapsed)
         return status, out
+
+    def _count_failed_call(self, batch: Batch, requests: list[Request], rows: int,
+                           elapsed: float) -> None:
+        """A model call of ``requests`` that failed: in the metrics' batch figures (the
+        statistics count calls that returned)."""
+        self._metrics.batch(len(requests), rows,
+                            batch.dispatched_at - _mean(enqueued_of(requests)), elapsed,
+                            OUTCOME_ERROR)
 
     # ----------------------------------------------------------------- failures
 
@@ -392,8 +398,7 @@ class Executor:
             if status == ABANDONED:
                 return
             if status == FAILED:
-                self._metrics.batch(1, rows, batch.dispatched_at - request.enqueued_at,
-                                    elapsed, OUTCOME_ERROR)  # as _try counts a failed call
+                self._count_failed_call(batch, [chunk], rows, elapsed)
                 if interrupts(out):
                     self._log_interrupt(out, "it", f" on a chunk of a {request.rows}-row "
                                         "request")
@@ -404,11 +409,11 @@ class Executor:
             parts.append(out[0])
             done_rows += chunk.rows
             if k < len(remaining) - 1:
-                self._delivery.call_returned(batch, request, rows, elapsed)
+                self._delivery.call_returned(batch, chunk, rows, elapsed)
         try:
             joined = request.format.join(parts)
         except Exception as exc:
-            self._delivery.call_returned(batch, request, rows, elapsed)
+            self._delivery.call_returned(batch, chunk, rows, elapsed)
             self._delivery.fail(batch, [request], exc)
             return
         self._delivery.deliver(batch, [request], [joined], elapsed, rows,

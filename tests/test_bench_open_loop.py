@@ -315,9 +315,10 @@ def test_a_sweep_shows_the_load_offered_and_achieved_at_a_low_load(monkeypatch) 
 
 def test_arrivals_within_one_requests_time_cannot_show_a_rate() -> None:
     # 5 arrivals within 0.5 us, served together 0.6 ms later: the run read 10,000,000
-    # req/s, and was compared as such ("36.7x the limit"). Its throughput is still the
-    # rate offered (reading it otherwise would halve a slow model's rate on one side of
-    # a threshold), but the run says it is too short to show one, and is not compared.
+    # req/s, and was compared as such ("36.7x the limit"). Its throughput is left as
+    # open_span reads it (reading it otherwise would halve a slow model's rate on one
+    # side of a threshold), but the run says it is too short to show one, and is not
+    # compared.
     load = Load("rate", rate=1e7, features=4)
     res = _measured(load, Bounds(requests=5, duration=1.0), lambda i, a, p: 0.0006,
                     drained_by=1.5)
@@ -353,8 +354,8 @@ def test_a_run_too_short_to_show_a_rate_says_so_and_is_not_compared() -> None:
         "time: too short a run to show a rate")
     assert not any("stretched" in note for note in report.run_notes([short]))
     assert ("! batchproc (identity, 1e+07 req/s): its arrivals all came within its "
-            "quickest request's time: too short a run to show a rate (its req/s is the "
-            "rate offered); not compared") in report.run_notes([short])
+            "quickest request's time: too short a run to show a rate (its req/s tells "
+            "nothing of what it sustains); not compared") in report.run_notes([short])
 
 
 def test_a_run_counted_over_more_than_its_window_says_so() -> None:

@@ -316,7 +316,7 @@ class LoadResult:
     # The seconds the throughput counts over (an open loop: open_span); None: elapsed.
     span: float | None = None
     # An open loop whose arrivals all came within its quickest request's time: too short
-    # a run to show a rate (what it read is what it was offered, however slow it is).
+    # a run to show a rate it sustains (a slow system reads about what a fast one does).
     too_short: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

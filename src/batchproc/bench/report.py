@@ -173,7 +173,8 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.too_short:
             notes.append(
                 f"! {who}: its arrivals all came within its quickest request's time: too "
-                "short a run to show a rate (its req/s is the rate offered); not compared")
+                "short a run to show a rate (its req/s tells nothing of what it sustains); "
+                "not compared")
         span = None if r.too_short else stretched_span(r)
         if span is not None:
             notes.append(
@@ -250,8 +251,8 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     batching fails the request at once, the limit fails its run. So a ratio is given
     only between two runs without errors. A run that started while calls of the model
     an earlier run left were still running shared the machine with them. An open loop
-    whose arrivals all came within one request's time read the rate it was offered,
-    whatever the system (``RunResult.too_short``)."""
+    whose arrivals all came within one request's time shows no rate it sustains, fast
+    system or slow (``RunResult.too_short``)."""
     if a is None or b is None:
         return None
     failed = [r.system for r in (a, b) if r.failed]

@@ -497,3 +497,36 @@ def test_a_registration_the_registry_refused_is_tried_again_not_kept():
         p.stop(timeout=5.0)
     assert ('batchproc_requests_total{outcome="completed",processor="a"} 1.0'
             in generate_latest(registry).decode())
+
+
+def test_batch_only_failures_are_counted_alike_in_stats_the_protocol_and_the_metrics(
+        make_processor):
+    # The model's output has one row too few for a batch of more than one request: each
+    # batch fails, its requests succeed alone, and every caller is served. Only these
+    # counts show that batching stopped working.
+    registry = CollectorRegistry()
+    prometheus = PrometheusMetrics("batches", registry)
+    sizes = []
+
+    class Collector:
+        def record_batch_only_failure(self, size):
+            sizes.append(size)
+            prometheus.record_batch_only_failure(size)
+
+    def loses_a_row_when_batched(batch):
+        return batch[:1] if len(batch) > 1 else batch
+
+    p = make_processor(loses_a_row_when_batched, metrics_collector=Collector(),
+                       max_workers=1, batch_timeout=0.05)
+    for n in (3, 1, 2):  # a lone request is no batch: it cannot fail as one
+        p.pause()
+        futures = [p.enqueue_predict(np.array([[float(v)]])) for v in range(n)]
+        p.resume()
+        assert [f.result(timeout=20)[0, 0] for f in futures] == list(range(n))
+    p.stop()
+    assert sizes == [3, 2]
+    assert p.get_stats()["total_batch_only_failures"] == 2
+    _, samples = _scrape(registry)
+    assert _value(samples, "batchproc_batch_only_failures_total", processor="batches") == 2
+    assert _value(samples, "batchproc_requests_total", processor="batches",
+                  outcome="completed") == 0  # the collector passed on nothing else

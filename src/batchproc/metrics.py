@@ -25,6 +25,11 @@ A metrics collector is any object with some of these methods; missing ones are s
     ``apredict``).
 ``record_cancelled(count)``
     Requests cancelled by their callers before they were dispatched.
+``record_batch_only_failure(size)``
+    Once per batch of ``size`` requests that failed as a whole while each of its requests
+    then succeeded on a smaller batch (``get_stats()["total_batch_only_failures"]``):
+    ``process_func`` fails on batches, not on these inputs (out of memory at that size,
+    an output that cannot be split). Its callers got their results.
 ``bind_processor(processor)``
     Once, when the collector is given to a ``BatchProcessor``: for collectors that read
     its state when they are read themselves (queue depth, batches in flight).
@@ -66,9 +71,11 @@ class MetricsCollector(Protocol):
 
     def record_cancelled(self, count: int) -> None: ...
 
+    def record_batch_only_failure(self, size: int) -> None: ...
+
 
 _RECORD_METHODS = ("record_batch", "record_error", "record_health", "record_requests",
-                   "record_rejected", "record_cancelled")
+                   "record_rejected", "record_cancelled", "record_batch_only_failure")
 
 
 def collector_methods(collector: object) -> dict[str, Any]:
@@ -166,3 +173,6 @@ class MetricsSink:
 
     def cancelled(self, count: int) -> None:
         self._call("record_cancelled", count)
+
+    def batch_only_failure(self, size: int) -> None:
+        self._call("record_batch_only_failure", size)

@@ -204,6 +204,7 @@ class Executor:
         batches (an output that cannot be split, out of memory) must not go unnoticed."""
         with self._counts_lock:
             self.batch_only_failures += 1
+        self._metrics.batch_only_failure(n)
         admitted = self._batch_only_log.admit(None)
         if admitted is None:
             return

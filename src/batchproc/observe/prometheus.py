@@ -15,6 +15,9 @@ registry (``prometheus_client.REGISTRY`` unless ``registry=`` says otherwise) se
 ``batchproc_queue_depth``                          gauge       requests queued now
 ``batchproc_batches_in_flight``                    gauge       batches being processed now
 ``batchproc_requests_total{outcome}``              counter     requests by outcome (below)
+``batchproc_batch_only_failures_total``            counter     batches that failed while
+                                                               each of their requests then
+                                                               succeeded on a smaller batch
 =================================================  ==========  ============================
 
 every series labelled ``processor`` with the name given. Times are in seconds, sizes in
@@ -140,6 +143,7 @@ class _State:
         self.size = _Buckets(size)
         self.call = _Buckets(call)
         self.requests = dict.fromkeys(OUTCOMES, 0)
+        self.batch_only_failures = 0
         # Every live processor bound under this name (the instances of a decorated
         # method share it): the gauges add theirs up, as the counters do.
         self.processors: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -189,6 +193,11 @@ class _RegistryCollector:
             "(item_timeout), expired (max_queue_time), cancelled (before dispatch), "
             "rejected (at enqueue: queue full or stopped).",
             labels=(*_LABELS, "outcome"))
+        batch_only_failures = CounterMetricFamily(
+            "batchproc_batch_only_failures", "Batches that failed as a whole while each of "
+            "their requests then succeeded on a smaller batch: process_func fails on "
+            "batches (out of memory at that size, an output that cannot be split).",
+            labels=_LABELS)
         for name, state in states or ():
             with state.lock:
                 for family, buckets in ((latency, state.latency),
@@ -196,13 +205,15 @@ class _RegistryCollector:
                                         (size, state.size), (call, state.call)):
                     family.add_metric([name], buckets.cumulative(), buckets.total)
                 counts = dict(state.requests)
+                batch_only_failures.add_metric([name], float(state.batch_only_failures))
             for outcome, count in counts.items():
                 requests.add_metric([name, outcome], float(count))
             gauges = _gauges(state)
             if gauges is not None:
                 depth.add_metric([name], gauges[0])
                 in_flight.add_metric([name], gauges[1])
-        yield from (latency, queue_time, size, call, depth, in_flight, requests)
+        yield from (latency, queue_time, size, call, depth, in_flight, requests,
+                    batch_only_failures)
 
 
 def _gauges(state: _State) -> tuple[float, float] | None:
@@ -299,6 +310,11 @@ class PrometheusMetrics:
         state = self._state
         with state.lock:
             state.requests["cancelled"] += count
+
+    def record_batch_only_failure(self, size: int) -> None:
+        state = self._state
+        with state.lock:
+            state.batch_only_failures += 1
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics({self.name!r})"

@@ -90,7 +90,12 @@ class RollingWindow:
 
     def mean(self) -> float:
         a = self._snapshot()
-        return float(a.mean()) if a.size else math.nan
+        if not a.size:
+            return math.nan
+        with np.errstate(over="ignore"):
+            mean = float(a.mean())
+        # numpy reads inf where the sum overflows though the mean does not: scale first.
+        return mean if math.isfinite(mean) else float((a / a.size).sum())
 
     def min(self) -> float:
         a = self._snapshot()

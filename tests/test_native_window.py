@@ -227,6 +227,21 @@ def test_mean_after_huge_samples_left_the_window(window_cls: Any, huge: float) -
     assert w.mean() == pytest.approx((-huge + 0.75) / 3, rel=1e-12)
 
 
+@pytest.mark.parametrize("samples, mean", [
+    ([1e308, 1e308], 1e308),
+    ([1.5e308, 1.5e308, -1e308], 1.5e308 / 3 * 2 - 1e308 / 3),
+    ([-1.7e308, -1.7e308, 1.0], (-1.7e308 / 3) * 2 + 1 / 3),
+])
+def test_mean_of_samples_whose_sum_overflows(window_cls: Any, samples: list[float],
+                                             mean: float) -> None:
+    # Their sum is no double, their mean is: it read NaN (the compensation overflowed).
+    w = window_cls(len(samples))
+    w.extend(samples)
+    assert w.mean() == pytest.approx(mean, rel=1e-12)
+    w.add(2.0)  # the first sample leaves: the sum is a double again
+    assert w.mean() == pytest.approx(sum([*samples[1:], 2.0]) / len(samples), rel=1e-12)
+
+
 def test_accepts_ints_numpy_scalars_and_bools(window_cls: Any) -> None:
     w = window_cls(10)
     w.add(3)

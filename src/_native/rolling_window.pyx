@@ -197,6 +197,8 @@ cdef class RollingWindow:
                 if not self._sum_is_exact():
                     self._recompute_sum()
                 r = (self._sum + self._comp) / self._n
+                if not isfinite(r):
+                    r = self._scaled_mean()
         return r
 
     def min(self):
@@ -468,6 +470,16 @@ cdef class RollingWindow:
         run of ones), leave it wrong: then it is summed again from the ring."""
         cdef double total = self._sum + self._comp
         return isfinite(total) and self._magnitude <= CANCELLATION * fabs(total)
+
+    cdef double _scaled_mean(self) noexcept nogil:
+        """The mean as the sum of each sample over n: for samples whose sum overflows a
+        double (near 1e308) though their mean does not (the sum read inf, or NaN once
+        the compensation overflowed too)."""
+        cdef Py_ssize_t i
+        cdef double total = 0.0
+        for i in range(self._n):
+            total += self._val[1 + (self._head + i) % self.capacity] / self._n
+        return total
 
     cdef void _recompute_sum(self) noexcept nogil:
         cdef Py_ssize_t i

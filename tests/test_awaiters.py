@@ -3,6 +3,7 @@ awaiters woken in the same pass, as asyncio would wake them one handle each."""
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import pytest
 
 from batchproc.aio import LoopChannel
-from batchproc.awaiters import complete
+from batchproc.awaiters import _take_all, complete
 
 whose = contextvars.ContextVar("whose")
 
@@ -268,19 +269,21 @@ def test_callbacks_that_define_equality_are_left_to_asyncio():
 
 
 def _lines_of(function):
-    """The lines of ``function`` inside its first ``try:`` (before it, nothing is
-    done: an interrupt there loses the batch, as it would before any callback)."""
+    """The lines of ``function`` inside its first ``try:`` if it has one (before it,
+    nothing is done: an interrupt there loses the batch, as it would before any
+    callback), else all of them (``complete``'s ``try:`` is around its calls)."""
     source, first = inspect.getsourcelines(function)
-    start = first + next(i for i, text in enumerate(source) if text.strip() == "try:")
+    start = first + next((i for i, text in enumerate(source) if text.strip() == "try:"), 0)
     return sorted({line for _, _, line in function.__code__.co_lines()
                    if line is not None and line > start})
 
 
-def _interrupted_batch(line, interrupt):
+def _interrupted_batch(line, interrupt, traced=complete, added=None):
     """Four tasks awaiting one batch; ``interrupt(tasks)`` runs at the first time
-    ``complete`` reaches ``line`` (as a signal's handler would, between two calls).
+    ``traced`` reaches ``line`` (as a signal's handler would, between two calls).
     Returns what each task ended with once the loop has run again; nothing may reach
-    the loop's exception handler."""
+    the loop's exception handler. ``added``: a list the futures' extra done-callbacks
+    were added to (``_with_duplicates``), and append to."""
     loop = asyncio.new_event_loop()
     reported = []
     loop.set_exception_handler(lambda _, context: reported.append(context))
@@ -294,6 +297,9 @@ def _interrupted_batch(line, interrupt):
 
         tasks = [loop.create_task(awaiter(f)) for f in futures]
         loop.run_until_complete(asyncio.sleep(0))  # each task now awaits its future
+        if added is not None:
+            for future in futures:
+                _with_duplicates(future, added)
         fired = []
 
         def local(frame, event, arg):
@@ -303,7 +309,7 @@ def _interrupted_batch(line, interrupt):
             return local
 
         def trace(frame, event, arg):
-            return local if frame.f_code is complete.__code__ else None
+            return local if frame.f_code is traced.__code__ else None
 
         channel.post_many([(f, True, i) for i, f in enumerate(futures)])
         sys.settrace(trace)
@@ -340,3 +346,59 @@ def test_a_cancellation_anywhere_in_the_flush_still_resumes_its_task(line):
     ended = _interrupted_batch(line, lambda tasks: tasks[0].cancel())
     assert ended[0] in ("cancelled", 0)
     assert ended[1:] == [1, 2, 3]
+
+
+def _with_duplicates(future, calls):
+    """Add two callbacks to ``future``, one of them twice: ``calls`` gets ("a", value),
+    ("b", value), ("a", value) when they run, in that order, as asyncio runs them."""
+    def a(f):
+        calls.append(("a", f.result() if not f.cancelled() else "cancelled"))
+
+    b = functools.partial(lambda tag, f: calls.append(
+        (tag, f.result() if not f.cancelled() else "cancelled")), "b")
+    for callback in (a, b, a):
+        future.add_done_callback(callback)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_callback_added_twice_runs_twice_in_its_order(debug):
+    # remove_done_callback takes off every copy at once: the flush ran one of them.
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_debug(debug)
+        channel = LoopChannel(loop)
+        calls, appended = [], []
+        futures = [loop.create_future() for _ in range(2)]
+        for future in futures:
+            _with_duplicates(future, calls)
+            for _ in range(2):  # equal, not the same object: a bound method read twice
+                future.add_done_callback(appended.append)
+        _post_from_a_thread(channel, [(f, True, i) for i, f in enumerate(futures)])
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await asyncio.sleep(0)  # in debug mode asyncio runs them on its next turn
+        return calls, appended, futures
+
+    calls, appended, futures = asyncio.run(main())
+    assert calls == [("a", 0), ("b", 0), ("a", 0), ("a", 1), ("b", 1), ("a", 1)]
+    assert appended == [futures[0]] * 2 + [futures[1]] * 2
+
+
+@pytest.mark.parametrize("line", _lines_of(_take_all))
+def test_an_interrupt_while_taking_duplicates_runs_each_callback_as_often(line):
+    calls = []
+    assert _interrupted_batch(line, _raise_keyboard_interrupt, _take_all, calls) == [
+        0, 1, 2, 3]
+    assert sorted(calls) == sorted([("a", v) for v in range(4)] * 2
+                                   + [("b", v) for v in range(4)])
+
+
+@pytest.mark.parametrize("line", _lines_of(_take_all))
+def test_a_cancellation_while_taking_duplicates_runs_each_callback_as_often(line):
+    calls = []
+    ended = _interrupted_batch(line, lambda tasks: tasks[0].cancel(), _take_all, calls)
+    assert ended[0] in ("cancelled", 0)
+    assert ended[1:] == [1, 2, 3]
+    first = "cancelled" if ended[0] == "cancelled" else 0
+    assert sorted(calls, key=repr) == sorted(
+        [("a", first)] * 2 + [("b", first)]
+        + [("a", v) for v in (1, 2, 3)] * 2 + [("b", v) for v in (1, 2, 3)], key=repr)

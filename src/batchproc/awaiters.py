@@ -85,10 +85,7 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
                 if not future.remove_done_callback(callback):
                     callbacks.pop()  # cancelled meanwhile: asyncio scheduled it
             elif taken and _detachable(taken):
-                for callback, context in tuple(taken):  # a copy: removal may edit it
-                    callbacks.append((callback, context, future))
-                    if not future.remove_done_callback(callback):
-                        callbacks.pop()
+                _take_all(future, callbacks)
             _settle(future, ok, value)  # else asyncio schedules its callbacks, if any
         current = None
         if callbacks:
@@ -110,6 +107,30 @@ def complete(loop: asyncio.AbstractEventLoop | None, outcomes: list[Outcome]) ->
 
 def _detachable(taken: list[tuple[Any, Any]]) -> bool:
     return all(type(callback) in _DETACHABLE for callback, _ in taken)
+
+
+def _take_all(future: asyncio.Future[Any], callbacks: deque[_Callback]) -> None:
+    """Move every done-callback of ``future`` to the end of ``callbacks``, in order and as
+    often as it was added (asyncio runs a callback added twice twice).
+    ``remove_done_callback`` takes off every copy of a callback at once, so each distinct
+    one is removed once. Should one be gone (the future cancelled meanwhile, by a
+    signal's handler: asyncio scheduled what was still on it), its copies and those of
+    the callbacks not removed yet leave ``callbacks`` again."""
+    # A copy (removal edits the list); None once cancelled (asyncio scheduled them).
+    entries = tuple(future._callbacks or ())
+    start = len(callbacks)
+    callbacks.extend((callback, context, future) for callback, context in entries)  # never lost
+    removed: list[Callable[..., Any]] = []
+    for callback, _ in entries:
+        if callback in removed:  # ==, as asyncio compares: safe for _DETACHABLE types
+            continue
+        if not future.remove_done_callback(callback):
+            # Right to left: a deletion leaves the indices before it as they were.
+            for k in range(len(entries) - 1, -1, -1):
+                if entries[k][0] not in removed:
+                    del callbacks[start + k]
+            return
+        removed.append(callback)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -597,6 +597,46 @@ def test_a_model_that_hangs_delays_exit_only_by_the_exit_timeout():
     assert took < 30  # EXIT_TIMEOUT plus the interpreter's start; never the 30 s item_timeout
 
 
+# A thread the interpreter waits for at exit (an executor's worker, as in a server's
+# handler pool; a plain non-daemon thread alike) waiting on a processor's result.
+WAITING_THREAD = """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def handler():
+        try:
+            got = int(p.enqueue_predict(one(7)).result()[0, 0])
+        except Exception as exc:
+            got = type(exc).__name__
+        print("handler got", got, flush=True)
+
+    waiting = {kind}
+    if waiting == "pool":
+        ThreadPoolExecutor(1).submit(handler)
+    else:
+        threading.Thread(target=handler).start()
+    while p.get_stats()["total_accepted"] == 0:
+        threading.Event().wait(0.001)
+    print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["pool", "thread"])
+def test_the_exit_hook_runs_before_the_interpreter_waits_for_its_threads(kind):
+    # An atexit hook runs only once every non-daemon thread has ended: one waiting on a
+    # hung model held the exit until item_timeout, and on a paused processor for ever.
+    lines, took = run_script(EXIT_PRELUDE + HANGING + """
+    exiting.EXIT_TIMEOUT = 0.5
+    """ + WAITING_THREAD.format(kind=repr(kind)), timeout=60)
+    assert lines == ["exiting", "handler got ProcessorStoppedError"]
+    assert took < 25  # EXIT_TIMEOUT plus the interpreter's start; never item_timeout (30 s)
+    lines, _ = run_script(EXIT_PRELUDE + """
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(lambda batch: batch)
+    p.pause()  # stop() resumes: the queued request is served
+    """ + WAITING_THREAD.format(kind=repr(kind)), timeout=60)
+    assert lines == ["exiting", "handler got 7"]
+
+
 def test_the_exit_hook_stops_within_one_timeout_for_all_processors():
     lines, _ = run_script(EXIT_PRELUDE + """
     import time

@@ -123,6 +123,35 @@ def test_counts_add_up(make_processor):
     assert s["error_rate"] == pytest.approx(3 / 13)
 
 
+def test_a_snapshot_never_counts_more_ended_or_queued_than_accepted(make_processor,
+                                                                    monkeypatch):
+    # A request that arrives while get_stats reads its counts (here: during the read of
+    # the map chunks handed back, just before the arrivals): read out of a request's
+    # order (the arrivals before the queue), a dashboard's in-flight, accepted less
+    # ended and queued, went below zero under load.
+    p = make_processor(lambda b: b, max_queue_time=60.0)
+    p.pause()
+    p.enqueue_predict(np.array([0]))
+    engine = type(p._dispatcher)
+    real = engine.handed_back
+    arrived = []
+
+    def reading(self):
+        if not arrived:
+            arrived.append(p.enqueue_predict(np.array([1])))  # between two reads
+        return real.fget(self)
+
+    monkeypatch.setattr(engine, "handed_back", property(reading))
+    s = p.get_stats()
+    assert arrived
+    ended = (s["total_processed"] + s["total_errors"] + s["total_expired"]
+             + s["total_cancelled"])
+    assert s["total_accepted"] >= ended + s["queue_size"], s
+    monkeypatch.undo()
+    s = p.get_stats()
+    assert (s["total_accepted"], s["queue_size"]) == (2, 2)
+
+
 def test_metrics_collector_gets_batches_and_errors(make_processor):
     batches, errors = [], []
 

@@ -993,28 +993,37 @@ class BatchProcessor(Generic[T, U]):
             # No supervisor any more: what a garbage collection handed it since (a
             # caller's count) is run here, on the caller's thread.
             self._run_soon_now()
+        # Read in the order a request moves (the outcomes, then the queue, then the
+        # arrivals), so that while requests flow no snapshot counts more of them ended
+        # or queued than accepted: total_accepted >= the outcomes + queue_size, always.
         stats = self._stats.get_stats()
-        active = self._dispatcher.active_batches()
+        dispatcher = self._dispatcher
+        expired, timed_out = dispatcher.expired, dispatcher.timed_out
         with self._counts_lock:
             cancelled, rejected = self._cancelled, self._rejected
+        queue = self._queue
+        queue_size, queued_rows = len(queue), queue.rows
+        active = dispatcher.active_batches()
         # The native queue counts arrivals already. A map chunk whose items were queued
-        # again one by one is counted as those items, not as a request of its own.
-        accepted = self._queue.pushed - self._dispatcher.handed_back
+        # again one by one is counted as those items, not as a request of its own
+        # (read first: the items are pushed before the chunk is counted as handed back).
+        handed_back = dispatcher.handed_back
+        accepted = queue.pushed - handed_back
         stats.update(
             current_batch_size=self._controller.current_batch_size,
             system_load=min(1.0, active / self.config.max_workers),
             active_batches=active,
-            queue_size=len(self._queue),
-            queued_rows=self._queue.rows,
+            queue_size=queue_size,
+            queued_rows=queued_rows,
             is_paused=self.is_paused,
             is_stopping=self._state in (_STOPPING, _STOPPED),
             is_running=self._state == _RUNNING,
             total_accepted=accepted,
             total_cancelled=cancelled,
             total_rejected=rejected,
-            total_expired=self._dispatcher.expired,
-            total_timed_out=self._dispatcher.timed_out,
-            total_batch_only_failures=self._dispatcher.batch_only_failures,
+            total_expired=expired,
+            total_timed_out=timed_out,
+            total_batch_only_failures=dispatcher.batch_only_failures,
             strategy=self._controller.strategy.name,
             memory_level=self._controller.memory_level,
         )

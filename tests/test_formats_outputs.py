@@ -10,6 +10,7 @@ import collections.abc
 import dataclasses
 
 import numpy as np
+import optree
 import pytest
 
 from batchproc import BatchOutputError
@@ -412,6 +413,54 @@ def test_a_list_whose_length_is_the_rows_with_a_batch_sized_element_is_not_guess
     # A list of 2 for 4 rows is read as outputs: the error names h, the one without them.
     with pytest.raises(BatchOutputError, match=r"3 results in output\[1\] for a batch of 4"):
         p.enqueue_predict(rows_of(0, n=4)).result(timeout=10)
+
+
+OFF_AXIS_OUTPUTS = {
+    # An LSTM's state, (num_layers=2, batch, hidden), beside a per-row output.
+    "tuple": lambda b: (b * 10, np.stack([b, b + 0.5])),
+    "dict": lambda b: {"y": b * 10, "h": np.stack([b, b + 0.5])},
+    "nested": lambda b: {"y": b * 10, "state": (np.stack([b, b + 0.5]),)},
+    # The batch on axis 1 of the only output: (features=2, batch).
+    "transposed": lambda b: b[:, :2].T.copy(),
+}
+
+
+@pytest.mark.parametrize("kind", OFF_AXIS_OUTPUTS)
+def test_a_failed_batch_s_search_never_cuts_an_output_along_another_axis(make_processor,
+                                                                         kind):
+    # Three requests: the output's axis 0 has 2 entries, not 3, and the batch fails. Its
+    # search runs two of them together: 2 rows, and the 2 entries pass the length check,
+    # so each caller got a slice of the layers, holding another caller's values. That
+    # call showed its axis 0 did not follow the batch: every caller gets the error.
+    p = make_processor(OFF_AXIS_OUTPUTS[kind], max_workers=1, max_batch_size=8,
+                       max_retries=0)
+    futures = one_batch(p, [rows_of(i) for i in range(3)])
+    for future in futures:
+        assert isinstance(future.exception(timeout=10), BatchOutputError)
+    assert p.get_stats()["total_processed"] == 0
+    # The memory is the batch's own: a lone request of 2 rows later gets the output
+    # whole, as it always did (its own data, whatever its axis 0 holds).
+    got = p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)
+    expected = OFF_AXIS_OUTPUTS[kind](rows_of(0, n=2))
+    assert optree.tree_structure(got) == optree.tree_structure(expected)
+    for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_output_that_follows_the_batch_is_still_served_by_the_search(make_processor):
+    # A model that drops a row it cannot handle: its output is one row short for every
+    # batch holding one, so lengths that a failed call showed come back in calls of
+    # other sizes. The search may then refuse a good call, never a caller: each is
+    # served (alone if need be), and only the bad one fails.
+    def drops_bad_rows(b):
+        return b[b[:, 0] != 100] * 10
+
+    p = make_processor(drops_bad_rows, max_workers=1, max_batch_size=8, max_retries=0)
+    futures = one_batch(p, [rows_of(i) for i in range(6)])
+    with pytest.raises(BatchOutputError):
+        futures[1].result(timeout=10)
+    for i in (0, 2, 3, 4, 5):
+        assert (futures[i].result(timeout=10) == rows_of(i) * 10).all()
 
 
 def test_a_per_row_model_keeps_its_reading_when_one_row_result_has_the_batch_length(

@@ -37,7 +37,19 @@ class ConfigTypeError(BatchProcessorError, TypeError, ValueError):
 
 
 class BatchOutputError(BatchProcessorError, ValueError):
-    """``process_func`` returned an output whose length differs from its batch's."""
+    """``process_func`` returned an output that cannot be cut into its callers' parts:
+    one whose length on axis 0 differs from its batch's rows (or that the output rule
+    does not cover, docs/formats.md).
+
+    ``path``: where in the output the wrong length is (a tuple of keys and positions,
+    ``()`` for the output itself), and ``rows``: that length (None: no axis 0); both
+    None when the error is of another kind."""
+
+    def __init__(self, message: str, *, path: tuple[object, ...] | None = None,
+                 rows: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.rows = rows
 
 
 class ItemChangedError(BatchProcessorError, ValueError):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request
+from ..formats.outputs import OffAxis
 
 _monotonic = time.monotonic
 
@@ -37,8 +38,8 @@ class Batch:
     """The requests one worker popped together."""
 
     __slots__ = ("call_started", "calling", "deferred", "delivering", "delivery_started",
-                 "dispatched_at", "holds_slot", "in_flight", "own_failures", "requests",
-                 "state", "worker")
+                 "dispatched_at", "holds_slot", "in_flight", "off_axis", "own_failures",
+                 "requests", "state", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -61,6 +62,10 @@ class Batch:
         self.in_flight = True
         # Requests of it that failed alone (their own failure, not the batch's).
         self.own_failures = 0
+        # Output leaves its failed calls returned with another length than their rows
+        # (formats.outputs.check_follows): a later call of its requests whose rows match
+        # that length must not be cut along it. None until one has.
+        self.off_axis: OffAxis | None = None
         # During a failure search, the futures it completed whose done-callbacks wait
         # for the end of its calls (a callback of one part must not hold up the next
         # part's call, nor wait for its result); None: callbacks run at delivery.

@@ -151,9 +151,13 @@ class Executor:
             return ABANDONED, None, elapsed, rows
         if status == OK:
             try:
-                out = fmt.split(out, requests, built)
+                out = fmt.split(out, requests, built, batch.off_axis)
             except Exception as exc:
                 out, status = exc, FAILED
+                if isinstance(exc, BatchOutputError) and exc.rows is not None:
+                    if batch.off_axis is None:
+                        batch.off_axis = {}
+                    batch.off_axis[exc.path or ()] = (exc.rows, built.length)
         return status, out, elapsed, rows
 
     def _try(self, batch: Batch, requests: list[Request], workspace: Workspace,

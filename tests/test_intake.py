@@ -536,6 +536,42 @@ def test_a_thread_waiting_for_room_on_the_native_path_is_refused_by_stop(make_pr
     assert first.result(timeout=10).tolist() == ROW.tolist()  # stop drained it
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals reach the main thread")
+@pytest.mark.parametrize("how", ["enqueue_predict", "with a timeout", "map"])
+def test_a_wait_for_room_ended_by_ctrl_c_is_counted_as_refused(make_processor, how):
+    # As an apredict caller that stops waiting: its request was never accepted, so it
+    # has no other outcome, and every request submitted ends in exactly one.
+    import signal
+
+    processor = make_processor(lambda batch: batch, max_queue_size=1)
+    processor.pause()
+    first = processor.enqueue_predict(ROW)
+    main = threading.main_thread().ident
+
+    def ctrl_c():
+        _wait_for(lambda: processor._queue._waiters()[2] == 1, "the waiting push")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sender = threading.Thread(target=ctrl_c)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            if how == "map":
+                list(processor.map([ROW]))
+            else:
+                processor.enqueue_predict(ROW, timeout=60.0 if how != "enqueue_predict"
+                                          else None)
+    finally:
+        sender.join(10)
+        signal.signal(signal.SIGINT, previous)
+    stats = processor.get_stats()
+    assert (stats["total_rejected"], stats["total_accepted"]) == (1, 1)
+    processor.resume()
+    assert first.result(timeout=10).tolist() == ROW.tolist()
+
+
 def test_a_request_is_answered_on_its_own_loop_when_another_loop_switches_channels(
         make_processor):
     # Making the asyncio future runs Python code of its loop (get_debug), where another

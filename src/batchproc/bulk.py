@@ -667,6 +667,9 @@ def map_results(processor: BatchProcessor[Any, Any], items: Iterable[Any],
             return Failed(processor._refusal(exc, *wait), len(entry.items))
         except Exception as exc:  # refused as enqueue_predict's push would refuse it
             return Failed(exc, len(entry.items))
+        except BaseException as exc:
+            processor._count_interrupted_wait(exc)
+            raise
         future._bp_token = token  # its cancel() withdraws it from the queue
         future._bp_cancel_queued = processor._cancel_queued_ref
         return InFlight(entry, future)

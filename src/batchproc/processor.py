@@ -47,6 +47,7 @@ from .errors import (
     ProcessorForkedError,
     ProcessorStoppedError,
     QueueFullError,
+    interrupts,
 )
 from .formats import make_describer
 from .futures import CancelQueued, RequestFuture, cancel_queued
@@ -557,7 +558,8 @@ class BatchProcessor(Generic[T, U]):
 
         ``timeout`` bounds the wait for room in a full queue (``None`` waits, like
         ``queue.Queue.put``), and so does ``max_queue_time``, which counts from the call;
-        then ``QueueFullError``. After stop: ``ProcessorStoppedError``.
+        then ``QueueFullError``. After stop: ``ProcessorStoppedError``. A refusal, or a
+        wait for room a Ctrl-C ends, counts in ``get_stats()["total_rejected"]``.
         ``priority``: a ``BatchPriority``, or any int in [0, 2**31-1] (lower is served
         first, with ``enable_priority_queue``; ``operator.index`` reads it, so a numpy
         integer, or a bool as the int it is, goes too); ``TypeError`` for a float or a
@@ -577,8 +579,13 @@ class BatchProcessor(Generic[T, U]):
         if max_queue_time is _CONFIG:
             max_queue_time = self._max_queue_time
         if timeout is None:
-            # The common case, in one native call; None: the rest of this method.
-            future = self._intake.enqueue(item, priority, max_queue_time)
+            # The common case, in one native call (its wait for room included); None:
+            # the rest of this method.
+            try:
+                future = self._intake.enqueue(item, priority, max_queue_time)
+            except BaseException as exc:
+                self._count_interrupted_wait(exc)
+                raise
             if future is not None:
                 return future  # type: ignore[no-any-return]
         else:  # checked as apredict's and stop's are (NaN, bools)
@@ -595,6 +602,9 @@ class BatchProcessor(Generic[T, U]):
                                      length, request.deadline)
         except (_stdlib_queue.Full, QueueClosed) as exc:
             raise self._refusal(exc, *wait) from None
+        except BaseException as exc:
+            self._count_interrupted_wait(exc)
+            raise
         future._bp_token = token
         future._bp_cancel_queued = self._cancel_queued_ref
         return future
@@ -713,6 +723,14 @@ class BatchProcessor(Generic[T, U]):
         with self._counts_lock:
             self._rejected += 1
         self._metrics.rejected(1)
+
+    def _count_interrupted_wait(self, exc: BaseException) -> None:
+        """A push raised ``exc``: if an interrupt (Ctrl-C) ended its wait for room, its
+        request was never accepted, and is counted as refused, as an ``apredict`` caller
+        that stops waiting is (any other exception is the caller's error: counted
+        nowhere)."""
+        if interrupts(exc):
+            self._count_refusal()
 
     def _refusal(self, exc: BaseException, waited: float | None,
                  by_max_queue_time: bool = False) -> BatchProcessorError:

@@ -74,7 +74,7 @@ def monitor(state="running", percent=10.0, workers=(2, 2), stuck=0, queue=0, **c
     ({"percent": 85.0}, True, True, "degraded"),          # memory warning: still ready
     ({"percent": 95.0}, False, True, "unhealthy"),        # memory critical: shed load
     ({"queue": 900}, False, True, "unhealthy"),           # queue past critical
-    ({"stuck": 1}, False, True, "unhealthy"),             # one of two workers stuck
+    ({"stuck": 1}, True, True, "degraded"),               # one stuck: the other serves
     ({"stuck": 2}, False, False, "unhealthy"),            # every worker stuck
     ({"workers": (1, 2)}, False, False, "unhealthy"),     # a worker missing
     ({"state": "paused", "stuck": 2}, False, False, "unhealthy"),
@@ -141,7 +141,7 @@ def test_calls_stuck_on_their_own_requests_leave_it_live_while_others_return(
         report = p.health()
         stuck = report["checks"]["stuck_batches"]
         assert (stuck["value"], stuck["calls_returned_since"]) == (1, True)
-        assert (report["ready"], report["live"]) == (False, True)  # stuck: not ready
+        assert (report["ready"], report["live"], stuck["status"]) == (True, True, "warning")
         p.enqueue_predict("hang").exception(timeout=HANG)  # the next call hangs too
         report = p.health()
         stuck = report["checks"]["stuck_batches"]
@@ -150,6 +150,32 @@ def test_calls_stuck_on_their_own_requests_leave_it_live_while_others_return(
     finally:
         release.set()
     wait_for(lambda: p.health()["live"], "the stuck calls to return")
+
+
+def test_a_request_that_hangs_alone_leaves_it_ready_while_the_others_are_served(
+        make_processor):
+    # One hung request must not take the process out of its load balancer's rotation
+    # while its other workers serve the rest: the stuck call is a warning, not critical.
+    release = threading.Event()
+
+    def model(batch):
+        if "poison" in batch:
+            release.wait(HANG)
+        return batch
+
+    p = make_processor(model, max_workers=4, item_timeout=0.3)
+    p._health.memory_probe = FakeProbe()
+    try:
+        p.enqueue_predict("poison").exception(timeout=HANG)  # abandoned: its thread stuck
+        futures = [p.enqueue_predict(f"r{i}") for i in range(15)]
+        assert [f.result(timeout=HANG) for f in futures] == [f"r{i}" for i in range(15)]
+        report = p.health()
+        stuck = report["checks"]["stuck_batches"]
+        assert (stuck["value"], stuck["status"]) == (1, "warning")
+        assert probe_view(report) == ("running", True, True, "degraded")
+    finally:
+        release.set()
+    wait_for(lambda: p.health()["status"] == "healthy", "the stuck call to return")
 
 
 # ----------------------------------------------------------------- cgroup memory

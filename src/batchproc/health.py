@@ -285,14 +285,12 @@ class HealthMonitor:
         elif state == PAUSED:
             worst = max(worst, 1)
         # Live: this processor can still serve (or recover) in this process. Not when
-        # forked, when workers are missing, or when as many calls as workers are stuck
-        # and no call begun after the newest of them has returned (the model answers
-        # nothing: a wedged device; requests that hang alone leave it answering others).
-        stuck = checks["stuck_batches"]
+        # forked, when workers are missing, or when the stuck batches are critical (see
+        # _check_work: the model answers nothing, a wedged device).
         live = state != FORKED and (
             state not in (RUNNING, PAUSED)
             or (checks["workers"]["status"] == OK
-                and (stuck["value"] < cfg.max_workers or stuck["calls_returned_since"])))
+                and checks["stuck_batches"]["status"] != CRITICAL))
         ready = state == RUNNING and live and worst < 2
         return {"status": _OVERALL[worst], "ready": ready, "live": live, "state": state,
                 "timestamp": time.time(), "checks": checks}
@@ -313,9 +311,16 @@ class HealthMonitor:
         # Asked after the stuck batches: a call that returned in between is not missed.
         began = self._returned_call_began()
         newest = time.monotonic() - min((b["running_for"] for b in stuck), default=0.0)
-        checks["stuck_batches"] = {"status": CRITICAL if stuck else OK, "value": len(stuck),
+        returned = bool(stuck) and began > newest
+        # Critical only when it cannot serve: as many stuck as workers and no call begun
+        # after the newest of them has returned. Requests that hang alone leave the
+        # others served (each stuck call's worker is replaced): a warning, still ready.
+        status = OK
+        if stuck:
+            status = WARNING if len(stuck) < cfg.max_workers or returned else CRITICAL
+        checks["stuck_batches"] = {"status": status, "value": len(stuck),
                                    "batches": stuck, "item_timeout": cfg.item_timeout,
-                                   "calls_returned_since": bool(stuck) and began > newest}
+                                   "calls_returned_since": returned}
 
         alive, expected = self._workers()
         checks["workers"] = {"status": OK if alive >= expected else CRITICAL,

@@ -1053,7 +1053,8 @@ class BatchProcessor(Generic[T, U]):
         Keys: ``ready`` (bool: serve traffic to this process: running, not paused, live,
         and no check critical), ``live`` (bool: False only when the processor cannot
         recover in this process: a forked child's copy, workers missing, or as many
-        calls stuck past ``item_timeout`` as ``max_workers``), ``state`` (new, running,
+        calls stuck past ``item_timeout`` as ``max_workers`` and no call begun after the
+        newest of them returned; fewer stuck are a warning), ``state`` (new, running,
         paused, stopping, stopped, forked), ``status`` (healthy, degraded, unhealthy:
         the worst check; unhealthy whenever the processor is not started or stopped,
         at least degraded while paused), ``timestamp`` (Unix seconds) and ``checks``:

@@ -178,6 +178,39 @@ def test_a_request_that_hangs_alone_leaves_it_ready_while_the_others_are_served(
     wait_for(lambda: p.health()["status"] == "healthy", "the stuck call to return")
 
 
+def test_a_done_callback_that_blocks_its_worker_past_item_timeout_is_a_stuck_batch(
+        make_processor):
+    # The worker completing a batch's futures runs their done-callbacks: one that blocks
+    # holds it outside process_func, as surely as a call that hangs, and nothing
+    # abandons it. With max_workers=1 nothing more is served: neither ready nor live.
+    entered, block = threading.Event(), threading.Event()
+
+    def blocking(future):
+        entered.set()
+        block.wait(HANG)
+
+    p = make_processor(lambda batch: batch, max_workers=1, item_timeout=0.3)
+    p._health.memory_probe = FakeProbe()
+    p.pause()  # the callback is added before the future can complete
+    p.enqueue_predict("first").add_done_callback(blocking)
+    p.resume()
+    try:
+        assert entered.wait(HANG)
+        later = p.enqueue_predict("later")
+        wait_for(lambda: p.health()["checks"]["stuck_batches"]["value"] == 1,
+                 "the delivery to run past item_timeout")
+        report = p.health()
+        [batch] = report["checks"]["stuck_batches"]["batches"]
+        assert (batch["delivering"], batch["abandoned"]) == (True, False)
+        assert report["checks"]["stuck_batches"]["status"] == "critical"
+        assert probe_view(report) == ("running", False, False, "unhealthy")
+        assert not later.done()
+    finally:
+        block.set()
+    assert later.result(timeout=HANG) == "later"
+    wait_for(lambda: p.health()["status"] == "healthy", "the delivery to end")
+
+
 # ----------------------------------------------------------------- cgroup memory
 
 

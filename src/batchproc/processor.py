@@ -1053,14 +1053,16 @@ class BatchProcessor(Generic[T, U]):
         Keys: ``ready`` (bool: serve traffic to this process: running, not paused, live,
         and no check critical), ``live`` (bool: False only when the processor cannot
         recover in this process: a forked child's copy, workers missing, or as many
-        calls stuck past ``item_timeout`` as ``max_workers`` and no call begun after the
-        newest of them returned; fewer stuck are a warning), ``state`` (new, running,
+        batches stuck past ``item_timeout`` as ``max_workers`` and no call begun after
+        the newest of them returned; fewer stuck are a warning), ``state`` (new, running,
         paused, stopping, stopped, forked), ``status`` (healthy, degraded, unhealthy:
         the worst check; unhealthy whenever the processor is not started or stopped,
         at least degraded while paused), ``timestamp`` (Unix seconds) and ``checks``:
         each check's ``status`` (ok, warning, critical, unknown) and ``value``: memory
         (percent of the container's memory limit, cgroup v2 or v1, where there is one;
-        else of the machine's memory), queue (requests), stuck_batches, workers.
+        else of the machine's memory), queue (requests), stuck_batches (batches whose
+        call, or whose delivery: its futures' done-callbacks, runs past
+        ``item_timeout``), workers.
         See docs/services.md, "Health endpoints".
         """
         return self._health.check()

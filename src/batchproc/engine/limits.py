@@ -171,16 +171,26 @@ class TimeLimits:
             self._may_be_own(left)
 
     def stuck_batches(self) -> list[dict[str, Any]]:
-        """Batches whose call is past ``item_timeout``, abandoned or about to be."""
+        """Batches whose call is past ``item_timeout``, abandoned or about to be, and
+        those whose delivery is (``delivering``: a done-callback that blocks holds its
+        worker as surely as a call that hangs, and nothing abandons it)."""
         limit = self._limit
         now = _monotonic()
+        stuck = []
         with self._board.lock:
-            return [{"worker": b.worker.name, "requests": len(b.requests),
-                     "running_for": now - b.call_started,
-                     "abandoned": b.state is ABANDONED}
-                    for b in self._board.active
-                    if b.state in (CALLING, ABANDONED) and b.call_started > 0.0
-                    and now - b.call_started > limit]
+            for b in self._board.active:
+                if b.delivering:  # DELIVERING, or given up on by stop during it
+                    started = b.delivery_started
+                elif b.state in (CALLING, ABANDONED):
+                    started = b.call_started
+                else:
+                    continue
+                if started > 0.0 and now - started > limit:
+                    stuck.append({"worker": b.worker.name, "requests": len(b.requests),
+                                  "running_for": now - started,
+                                  "abandoned": b.state is ABANDONED,
+                                  "delivering": bool(b.delivering)})
+        return stuck
 
 
 class _HungCall:

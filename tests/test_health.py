@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -107,6 +108,24 @@ def test_periodic_checks_reach_the_metrics_collector(make_processor):
     make_processor(lambda b: b, metrics_collector=Collector(), health_check_interval=0.05)
     assert got.wait(10)
     assert reports[0]["status"] in ("healthy", "degraded", "unhealthy")
+
+
+def test_periodic_checks_come_every_interval_even_below_half_a_second(make_processor):
+    # The supervisor's tick followed item_timeout alone (at most 0.5 s): with the default
+    # item_timeout, checks asked for every 0.05 s came every 0.5 s.
+    times = []
+    eleven = threading.Event()
+
+    class Collector:
+        def record_health(self, report):
+            times.append(time.monotonic())
+            if len(times) == 11:
+                eleven.set()
+
+    make_processor(lambda b: b, metrics_collector=Collector(), health_check_interval=0.05)
+    assert eleven.wait(30)
+    # Ten intervals: 0.5 s, give or take a tick (0.05 s); at a 0.5 s tick at least 5 s.
+    assert 0.4 < times[10] - times[0] < 2.5
 
 
 def test_no_monitor_checks_when_health_monitoring_is_off(make_processor):

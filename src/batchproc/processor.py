@@ -1101,7 +1101,8 @@ class BatchProcessor(Generic[T, U]):
         ``apredict`` waiters whose loop stopped since (``RoomWaiters.reclaim``) and drop
         results posted to loops closed since; run health checks at their interval."""
         cfg = self.config
-        tick = min(max(cfg.item_timeout / 10.0, 0.005), 0.5)
+        # Fine enough for item_timeout and for health checks due every interval.
+        tick = max(min(cfg.item_timeout / 10.0, cfg.health_check_interval, 0.5), 0.005)
         next_health = _monotonic() + cfg.health_check_interval
         queue = self._queue
         stop = self._supervisor_stop
@@ -1128,8 +1129,13 @@ class BatchProcessor(Generic[T, U]):
                     # just now (or before): cancel its coroutine.
                     self._async_model.cancel_started_before(
                         checked_at - cfg.item_timeout, cfg.item_timeout)
-                if cfg.enable_health_monitoring and _monotonic() >= next_health:
-                    next_health = _monotonic() + cfg.health_check_interval
+                now = _monotonic()
+                if cfg.enable_health_monitoring and now >= next_health:
+                    # On the interval's own grid: a check found due up to a tick late
+                    # does not put the next one later (after a longer stall, no burst).
+                    next_health += cfg.health_check_interval
+                    if next_health <= now:
+                        next_health = now + cfg.health_check_interval
                     self._health.check_and_act()
             except Exception:
                 logger.exception("supervisor check failed; will retry")

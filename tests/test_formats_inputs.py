@@ -438,6 +438,70 @@ def test_an_array_subclass_whose_dtype_changed_while_queued_fails_alone(make_pro
         assert got.dtype == np.float32 and (got == 2.0 * k).all()
 
 
+# Every path a plain array takes into a batch: (config, the queued shape, the item
+# around the array). A dtype changed in place with the same itemsize keeps the shape.
+# (numpy refuses to change an object array's dtype; a subclass's: above.)
+DTYPE_CHANGE_PATHS = {
+    "rows": ({}, (1, 4), "array"),
+    "rows cut into pieces": ({"max_batch_size": 2}, (3, 4), "array"),
+    "stacked sample": ({"stack_items": True}, (4,), "array"),
+    "stacked 0-d sample": ({"stack_items": True}, (), "array"),
+    "padded": ({"pad_value": 0}, (1, 3), "array"),
+    "stacked padded sample": ({"stack_items": True, "pad_value": 0}, (3,), "array"),
+    "named": ({}, (1, 4), "named"),
+    "named padded": ({"pad_value": {"x": 0}}, (1, 3), "named"),
+    "named stacked": ({"stack_items": True}, (4,), "named"),
+    "tuple": ({}, (1, 4), "tuple"),
+    "tuple padded": ({"pad_value": 0}, (1, 3), "tuple"),
+}
+
+
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("path", list(DTYPE_CHANGE_PATHS))
+def test_an_array_whose_dtype_changed_while_queued_fails_alone(make_processor, path,
+                                                               position):
+    # Before, only the shape was checked: the assembler copied the changed array's bytes
+    # as its new dtype (the whole batch, when it came first: a float64 format's model
+    # was called with an int64 batch, the changed caller got garbage without an error),
+    # or refused the batch for a mix of dtypes, counted as a batch-only failure.
+    config, shape, wrap = DTYPE_CHANGE_PATHS[path]
+    seen = []
+
+    def model(batch):
+        leaves = (list(batch.values()) if isinstance(batch, dict)
+                  else list(batch) if isinstance(batch, tuple) else [batch])
+        seen.extend(leaf.dtype for leaf in leaves)
+        doubled = [leaf * 2 for leaf in leaves]
+        return ({"x": doubled[0]} if isinstance(batch, dict)
+                else tuple(doubled) if isinstance(batch, tuple) else doubled[0])
+
+    config = {"max_batch_size": 16, "retry_delay": 30.0, **config}
+    p = make_processor(model, **config)
+    dtype = np.float64
+    bad = np.full(shape, 7.0, dtype)
+    healthy = [np.full(shape, float(i), dtype) for i in range(3)]
+    arrays = [*healthy[:position], bad, *healthy[position:]]
+
+    def item(x):
+        return {"x": x} if wrap == "named" else (x,) if wrap == "tuple" else x
+
+    p.pause()
+    futures = [p.enqueue_predict(item(x)) for x in arrays]
+    with warnings.catch_warnings():  # numpy 2.5 deprecates setting it, but still does it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bad.dtype = np.int64  # breaks the rule: same itemsize, so the same shape
+    p.resume()
+    with pytest.raises(ItemChangedError, match="an array is int64 where float64 was queued"):
+        futures[position].result(timeout=10)
+    for k, x in enumerate(healthy):
+        got = futures[k + (k >= position)].result(timeout=10)
+        got = got["x"] if wrap == "named" else got[0] if wrap == "tuple" else got
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, x * 2)
+    assert set(seen) == {np.dtype(dtype)}  # the model never saw the changed dtype
+    assert p.get_stats()["total_batch_only_failures"] == 0
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_a_matrix_stacked_as_a_sample_is_refused_with_advice(make_processor):
     # np.stack cannot add an axis to a matrix (always 2-D): the batch would lose its

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.machinery
 import pickle
+import warnings
 from typing import Any
 
 import numpy as np
@@ -848,3 +849,44 @@ def test_a_result_s_base_chain_reaches_its_own_batch_only(assembler_cls: Any,
     if assembler_cls is native_module.BatchAssembler:
         with pytest.raises(TypeError, match="pickle"):  # __reduce__ would hand it out
             pickle.dumps(holder)
+
+
+# ------------------------------------------------------------ first_changed_dtype
+
+
+def test_first_changed_dtype_finds_an_array_whose_dtype_changed_in_place() -> None:
+    # ``a.dtype = ...`` keeps the shape when the itemsize is the same: only the dtype
+    # tells that the bytes are no longer what was queued.
+    first_changed_dtype = native_module.first_changed_dtype
+    arrays = [np.zeros((1, 2)) for _ in range(4)]
+    assert first_changed_dtype(arrays, np.dtype(np.float64)) == -1
+    assert first_changed_dtype(tuple(arrays), np.dtype(np.float64)) == -1
+    assert first_changed_dtype(iter(arrays), np.dtype(np.float64)) == -1
+    assert first_changed_dtype([], np.dtype(np.float64)) == -1
+    with warnings.catch_warnings():  # numpy 2.5 deprecates setting it, but still does it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        arrays[2].dtype = np.int64
+        arrays[3].dtype = np.uint64
+    assert first_changed_dtype(arrays, np.dtype(np.float64)) == 2
+    assert first_changed_dtype(arrays, np.dtype(np.int64)) == 0
+
+
+@pytest.mark.parametrize("queued, now, changed", [
+    ("<f8", ">f8", True),            # byte order counts
+    ("<f8", "=f8", False),           # another object for the same dtype
+    ("f8", np.dtype("f8", metadata={"unit": "m"}), False),  # metadata does not
+    ("i8", "u8", True),
+    ("S8", "f8", True),
+    ([("a", "<i4"), ("b", "<f4")], [("a", "<i4"), ("b", "<i4")], True),
+    ("O", "O", False),
+])
+def test_first_changed_dtype_compares_dtypes_as_numpy_s_equivalence(queued: Any, now: Any,
+                                                                     changed: bool) -> None:
+    arrays = [np.zeros(2, queued), np.zeros(2, now)]
+    assert native_module.first_changed_dtype(arrays, np.dtype(queued)) == (1 if changed else -1)
+
+
+def test_first_changed_dtype_counts_what_is_not_an_array_as_changed() -> None:
+    assert native_module.first_changed_dtype([np.zeros(1), [0.0]], np.dtype("f8")) == 1
+    with pytest.raises(TypeError, match=r"dtype must be a numpy\.dtype, not str"):
+        native_module.first_changed_dtype([np.zeros(1)], "f8")

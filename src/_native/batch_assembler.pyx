@@ -706,6 +706,30 @@ cdef class BatchAssembler:
         return 0
 
 
+def first_changed_dtype(arrays, dtype):
+    """The index of the first of ``arrays`` (a batch's, or one input of each item) whose
+    dtype is no longer equivalent to ``dtype``, the one it was queued with, or -1; an
+    item that is not an array counts as changed. ``a.dtype = ...`` changes an array's
+    dtype in place, its shape kept when the itemsize is: a batch would be built from its
+    bytes read as the new dtype. One pass in C: a pointer comparison per array that kept
+    its dtype object, numpy's equivalence test for another dtype object."""
+    if not isinstance(dtype, np.dtype):
+        raise TypeError(f"dtype must be a numpy.dtype, not {type(dtype).__name__}")
+    cdef tuple seq = arrays if type(arrays) is tuple else tuple(arrays)
+    cdef cnp.PyArray_Descr* want = <cnp.PyArray_Descr*>dtype
+    cdef cnp.PyArray_Descr* descr
+    cdef PyObject* obj
+    cdef Py_ssize_t i
+    for i in range(PyTuple_GET_SIZE(seq)):
+        obj = PyTuple_GET_ITEM(seq, i)
+        if not np_is_array(obj):
+            return i
+        descr = np_descr(<cnp.PyArrayObject*>obj)
+        if descr != want and not np_equiv(descr, want):
+            return i
+    return -1
+
+
 cdef inline cnp.PyArrayObject* _array_like_first(
         PyObject* obj, Py_ssize_t i, cnp.PyArray_Descr* descr0) except NULL:
     """Item ``i`` as an array, checked to have item 0's dtype."""

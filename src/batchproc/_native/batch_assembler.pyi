@@ -51,3 +51,9 @@ class BatchAssembler:
         both shapes), ``L_i > length``, ``length < 0``, ``pad`` of the wrong size, a
         size that overflows; MemoryError if the buffer cannot be allocated.
         """
+
+def first_changed_dtype(arrays: Iterable[Any], dtype: np.dtype[Any]) -> int:
+    """The index of the first of ``arrays`` whose dtype is no longer equivalent to
+    ``dtype`` (the one it was queued with: ``a.dtype = ...`` changes it in place), or
+    -1; an item that is not an ndarray counts as changed. One pass in C. TypeError
+    unless ``dtype`` is a ``numpy.dtype``."""

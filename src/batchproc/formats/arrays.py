@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._native.batch_assembler import first_changed_dtype
 from ..errors import ItemChangedError
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
 from .padding import Padding, pad_bytes
@@ -69,27 +70,31 @@ class ArrayLeaf:
 
     def build(self, items: list[Any] | tuple[Any, ...], workspace: Workspace, position: int,
               padded_length: int) -> Any:
+        # Before anything reads an item as the dtype it was queued with.
+        _check_dtypes(items, self._dtype)
         if self._pad is not None:
             if self._stacked:  # each sample is one row of a padded batch
                 items = [item[_newaxis] for item in items]
             return workspace.assembler(position).concat_padded(items, padded_length, self._pad)
         if self._numpy is not None:
-            # numpy joins what it is given, promoting the batch to a changed item's dtype
-            # (every caller's result with it); the assembler copies the queued dtype.
-            _check_dtypes(items, self._dtype)
             return self._numpy(items)
         assembler = workspace.assembler(position)
         return assembler.stack(items) if self._stacked else assembler.concat(items)
 
 
 def _check_dtypes(items: list[Any] | tuple[Any, ...], dtype: np.dtype[Any]) -> None:
-    """``ItemChangedError`` unless every array still has the dtype it was queued with
-    (``a.dtype = ...`` changes it in place)."""
-    for item in items:
-        if item.dtype != dtype:
-            raise ItemChangedError(
-                f"an array is {item.dtype} where {dtype} was queued: it changed after it "
-                "was queued (an item must not change until its result has come)")
+    """``ItemChangedError`` unless every array still has the dtype it was queued with.
+    ``a.dtype = ...`` changes it in place, and keeps the shape when the itemsize is the
+    same: the assembler would copy the array's bytes as its new dtype (the whole batch,
+    were it the first: a float64 format's model called with an int64 batch), and numpy's
+    concatenation (object arrays, subclasses) would promote the batch to it, every
+    caller's result with it. Failing the batch lets the failure search find the item and
+    fail it alone, as a resized one. One native pass over the batch's items."""
+    changed = first_changed_dtype(items, dtype)
+    if changed >= 0:
+        raise ItemChangedError(
+            f"an array is {items[changed].dtype} where {dtype} was queued: it changed after "
+            "it was queued (an item must not change until its result has come)")
 
 
 def describe_array(item: Any, stacked: bool, padding: Padding | None, name: object,

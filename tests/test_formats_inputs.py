@@ -408,6 +408,77 @@ def test_a_pad_value_at_the_dtype_s_limits_pads_with_that_value(make_processor, 
     assert got[0].tolist() == [[0, pad, pad]] and got[1].tolist() == long_.tolist()
 
 
+NAN, INF = float("nan"), float("inf")
+# One table for arrays and tensors (test_formats_torch.py runs it on tensors): (dtype, a
+# pad_value, None where a batch is padded with it, else what refusing it at enqueue
+# says, "{dtype}" standing for the dtype: float16, torch.float16). A float is rounded
+# as any cast rounds it (0.1 in float32; 3e-8 in float16, to its smallest subnormal),
+# but a value that would become zero (either part of a complex too), or that lies past
+# the dtype's largest, is refused: arrays once padded with 0.0 for 1e-8 in float16.
+PAD_VALUE_CASES = [
+    ("float16", 1e-8, "pad_value 1e-08 cannot be stored exactly as {dtype} "
+                      "(it would become 0.0)"),
+    ("float16", -1e-8, "pad_value -1e-08 cannot be stored exactly as {dtype} "
+                       "(it would become -0.0)"),
+    ("float32", 1e-50, "pad_value 1e-50 cannot be stored exactly as {dtype} "
+                       "(it would become 0.0)"),
+    ("float32", 7e-46, "pad_value 7e-46 cannot be stored exactly as {dtype} "
+                       "(it would become 0.0)"),
+    ("float16", 65519.0, "pad_value 65519.0 cannot be stored exactly as {dtype}, past its "
+                         "largest, 65504.0 (it would become 65504.0)"),
+    ("float16", 1e9, "pad_value 1000000000.0 cannot be stored exactly as {dtype}, past its "
+                     "largest, 65504.0 (it would become inf)"),
+    ("complex64", 1e-50, "pad_value 1e-50 cannot be stored exactly as {dtype} "
+                         "(it would become 0j)"),
+    ("complex64", 1 + 1e-50j, "pad_value (1+1e-50j) cannot be stored exactly as {dtype} "
+                              "(it would become (1+0j))"),
+    ("uint8", -1, "pad_value -1 cannot be stored exactly as {dtype} (it would become 255)"),
+    ("int64", 0.5, "pad_value 0.5 cannot be stored exactly as {dtype} (it would become 0)"),
+    ("bool", 2, "pad_value 2 cannot be stored exactly as {dtype} (it would become True)"),
+    ("float16", 0, None),
+    ("float16", -1, None),
+    ("float16", 1.5, None),
+    ("float16", -0.0, None),
+    ("float16", 65504.0, None),
+    ("float16", 6e-8, None),        # a subnormal
+    ("float16", 3e-8, None),        # rounded to the smallest subnormal, not to zero
+    ("float32", 1e-40, None),
+    ("float32", 0.1, None),
+    ("float64", 5e-324, None),
+    ("float16", NAN, None),
+    ("float16", INF, None),
+    ("float32", -INF, None),
+    ("float16", True, None),
+    ("complex64", 1 + 2j, None),
+    ("complex64", complex(INF, 1.0), None),
+    ("complex64", complex(NAN, 0.0), None),
+    ("int64", 2**63 - 1, None),
+    ("int64", -(2**63), None),
+    ("uint64", 2**64 - 1, None),
+    ("int8", 1.0, None),
+    ("bool", True, None),
+]
+PAD_VALUE_IDS = [f"{dtype}-{pad!r}" for dtype, pad, _ in PAD_VALUE_CASES]
+
+
+@pytest.mark.parametrize("dtype, pad, refused", PAD_VALUE_CASES, ids=PAD_VALUE_IDS)
+def test_a_pad_value_is_padded_with_or_refused_by_the_rule_tensors_follow(make_processor,
+                                                                          dtype, pad, refused):
+    seen = []
+    p = make_processor(lambda b: seen.append(b.copy()) or b, pad_value=pad, max_batch_size=8)
+    if refused is not None:
+        with pytest.raises(ValueError, match=re.escape(refused.format(dtype=dtype))):
+            p.enqueue_predict(np.zeros((1, 2), dtype))
+        assert p.get_stats()["total_accepted"] == 0
+        return
+    short, long_ = np.zeros((1, 1), dtype), np.zeros((1, 2), dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].shape == (1, 2) and len(seen) == 1 and seen[0].dtype == dtype
+    want = np.asarray(pad).astype(dtype)
+    np.testing.assert_array_equal(seen[0][0, 1], want)  # NaN pads compare equal here
+    assert np.signbit(seen[0][0, 1].real) == np.signbit(want.real)
+
+
 def test_ragged_object_array_with_pad_value_is_refused_with_advice(make_processor):
     p = make_processor(lambda b: b, pad_value=0)
     with pytest.raises(ValueError, match="as an array of its own"):

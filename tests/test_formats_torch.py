@@ -18,6 +18,8 @@ if os.environ.get("BATCHPROC_REQUIRE_TORCH") == "1":
 else:
     torch = pytest.importorskip("torch")
 
+from test_formats_inputs import PAD_VALUE_CASES, PAD_VALUE_IDS
+
 from batchproc import BatchOutputError
 
 
@@ -170,6 +172,27 @@ def test_a_pad_value_the_tensor_dtype_holds_pads_with_that_value(make_processor,
     wide = torch.complex128 if dtype.is_complex else torch.float64  # float8 has no ==
     padded, want = seen[0][0, 1:].to(wide), want.to(wide)
     assert torch.equal(padded, want.expand(2)) or bool(want.isnan() and padded.isnan().all())
+
+
+@pytest.mark.parametrize("dtype, pad, refused", PAD_VALUE_CASES, ids=PAD_VALUE_IDS)
+def test_a_pad_value_is_padded_with_or_refused_by_the_rule_arrays_follow(make_processor,
+                                                                         dtype, pad, refused):
+    # The table arrays run (test_formats_inputs.py): one rule, one message, at enqueue.
+    seen = []
+    p = make_processor(lambda b: seen.append(b.clone()) or b, pad_value=pad, max_batch_size=8)
+    tensor_dtype = getattr(torch, dtype)
+    if refused is not None:
+        with pytest.raises(ValueError, match=re.escape(refused.format(dtype=tensor_dtype))):
+            p.enqueue_predict(torch.zeros(1, 2, dtype=tensor_dtype))
+        assert p.get_stats()["total_accepted"] == 0
+        return
+    short, long_ = torch.zeros(1, 1, dtype=tensor_dtype), torch.zeros(1, 2, dtype=tensor_dtype)
+    got = [f.result(timeout=10) for f in one_batch(p, [short, long_])]
+    assert got[0].shape == (1, 2) and len(seen) == 1 and seen[0].dtype == tensor_dtype
+    padded = seen[0][0, 1].numpy()
+    want = np.asarray(pad).astype(dtype)  # what an array of this dtype is padded with
+    np.testing.assert_array_equal(padded, want)
+    assert np.signbit(padded.real) == np.signbit(want.real)
 
 
 @pytest.mark.parametrize("make, match", [

@@ -18,8 +18,9 @@ it (``per_token_outputs``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -102,12 +103,68 @@ class Padding:
         return -(-longest // multiple) * multiple
 
 
+class FloatLimits(NamedTuple):
+    """What ``float_pad_refused`` needs of a float dtype (``np.finfo``, ``torch.finfo``;
+    a complex dtype's are its parts'), as Python floats: numpy's ``finfo`` gives them
+    in the dtype itself, where arithmetic on them would round as the dtype does."""
+
+    largest: float
+    eps: float
+    tiny: float
+
+    @classmethod
+    def of(cls, info: Any) -> FloatLimits:
+        with np.errstate(over="ignore", under="ignore"):  # longdouble's, past float64's
+            return cls(float(info.max), float(info.eps), float(info.tiny))
+
+
+def float_pad_refused(value: Any, held: Any, is_complex: bool, dtype: object,
+                      limits: FloatLimits, became: Any) -> ValueError | None:
+    """The error for ``value`` as a pad of a float or complex ``dtype`` that stores it
+    as ``held`` (shown as ``became``), or None when ``held`` is ``value`` rounded as any
+    float cast rounds (``_float_held``; each part of a complex). One rule for arrays and
+    tensors: a value that becomes zero (1e-8 in float16, 1e-50 in float32, either part
+    of a complex), a saturation or an overflow past the largest value, an inf that
+    becomes NaN, is refused at enqueue; NaN, inf and a subnormal the dtype holds are
+    padded with."""
+    if is_complex:
+        wanted, got = complex(value), complex(held)
+        parts = [(wanted.real, got.real), (wanted.imag, got.imag)]
+    else:
+        parts = [(float(value), float(held))]
+    if all(_float_held(v, h, limits) for v, h in parts):
+        return None
+    past = any(math.isfinite(v) and abs(v) > limits.largest for v, _ in parts)
+    largest = f", past its largest, {limits.largest!r}" if past else ""
+    return ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype}{largest} "
+                      f"(it would become {became!r})")
+
+
+def _float_held(value: float, held: float, limits: FloatLimits) -> bool:
+    """Whether ``held`` (read back in float64: torch has no isfinite for some float8
+    dtypes) is ``value`` stored in a float dtype of ``limits``: the value itself, or it
+    rounded to the nearest the dtype holds, as any float cast. Not an overflow past the
+    largest value (torch then refuses to fill a batch with it), a saturation
+    (float8_e4m3fn has no inf), a NaN for an inf (the fnuz dtypes), the opposite sign,
+    or zero for a value or a value for zero (float8_e8m0fnu has no zero; a value too
+    small for the dtype). A zero's own sign may be lost (-0.0 in the fnuz dtypes pads
+    with 0.0, which compares equal)."""
+    if math.isnan(value):
+        return math.isnan(held)
+    if held == value:
+        return True
+    return (math.isfinite(value) and math.isfinite(held) and value != 0.0 and held != 0.0
+            and (held > 0.0) == (value > 0.0) and abs(value) <= limits.largest
+            and abs(held - value) <= max(abs(value) * limits.eps, limits.tiny * limits.eps))
+
+
 def pad_bytes(value: Any, dtype: np.dtype[Any]) -> bytes:
     """``value`` encoded in ``dtype`` (the pattern the native padder writes).
 
-    ``ValueError`` if the dtype cannot hold it (0.5 or -1 in a uint8 array, 1e9 in
-    float16): padding with another value than the one asked for would silently corrupt
-    every padded position. Floating dtypes round as numpy does (0.1 in float32).
+    ``ValueError`` if the dtype cannot hold it (0.5 or -1 in a uint8 array, 1e9 or 1e-8
+    in float16): padding with another value than the one asked for would silently
+    corrupt every padded position. Floating dtypes round as numpy does (0.1 in float32),
+    but never to zero (``float_pad_refused``: the rule tensors follow too).
     """
     if dtype.hasobject:
         raise ValueError("object arrays cannot be padded; pad_value needs a numeric dtype")
@@ -121,11 +178,14 @@ def pad_bytes(value: Any, dtype: np.dtype[Any]) -> bytes:
             encoded = np.asarray(value).astype(dtype, casting="unsafe")
     except (OverflowError, ValueError, TypeError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
-    if encoded.dtype.kind in "fc":
-        held = np.isfinite(encoded) == np.isfinite(np.asarray(value))  # no overflow
-    else:
-        held = encoded == value
-    if not held:
+    if dtype.kind in "fc":
+        # As for tensors (``tensors._check_pad``): rounded, but never to zero, past the
+        # largest value or to inf.
+        refused = float_pad_refused(value, encoded.item(), dtype.kind == "c", dtype,
+                                    FloatLimits.of(np.finfo(dtype)), encoded.item())
+        if refused is not None:
+            raise refused
+    elif encoded != value:
         raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype} "
                          f"(it would become {encoded.item()!r})")
     return encoded.tobytes()

@@ -16,14 +16,13 @@ without autograd, so no graph links one caller's tensors to another's (use
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
 from ..errors import ItemChangedError
 from .base import BatchFormat, Description, Family, LeafFormat, Workspace
 from .outputs import tensor_type
-from .padding import Padding
+from .padding import FloatLimits, Padding, float_pad_refused
 
 
 class TensorLeaf:
@@ -78,8 +77,9 @@ def _check_unchanged(items: list[Any] | tuple[Any, ...], dtype: Any, device: Any
 
 
 def _check_pad(value: Any, dtype: Any) -> Any:
-    """``value`` if a tensor of ``dtype`` can hold it, else ``ValueError`` (as for arrays:
-    a pad silently changed by the cast would corrupt every padded position)."""
+    """``value`` if a tensor of ``dtype`` can hold it, else ``ValueError`` (as for arrays,
+    by the same rule for floats, ``float_pad_refused``: a pad silently changed by the
+    cast would corrupt every padded position)."""
     import torch
 
     if (not dtype.is_complex and isinstance(value, numbers.Complex)
@@ -89,37 +89,17 @@ def _check_pad(value: Any, dtype: Any) -> Any:
         held = torch.full((), value, dtype=dtype)  # what the padded batch is filled with
     except (RuntimeError, TypeError, OverflowError) as exc:
         raise ValueError(f"pad_value {value!r} cannot be stored as {dtype}: {exc}") from None
-    if dtype.is_floating_point:
-        ok = _float_held(float(value), float(held.double()), torch.finfo(dtype))
-    elif dtype.is_complex:
-        ok = bool(torch.isfinite(held.to(torch.complex128))) == math.isfinite(abs(value))
-    else:
-        ok = held.item() == value
-    if not ok:
-        past = (dtype.is_floating_point and math.isfinite(float(value))
-                and abs(float(value)) > torch.finfo(dtype).max)
-        largest = f", past its largest, {torch.finfo(dtype).max!r}" if past else ""
-        raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype}{largest} "
+    if dtype.is_floating_point or dtype.is_complex:
+        # Read back in float64 (complex128): torch has no isfinite for some float8 dtypes.
+        wide = held.to(torch.complex128).item() if dtype.is_complex else float(held.double())
+        refused = float_pad_refused(value, wide, dtype.is_complex, dtype,
+                                    FloatLimits.of(torch.finfo(dtype)), held.item())
+        if refused is not None:
+            raise refused
+    elif held.item() != value:
+        raise ValueError(f"pad_value {value!r} cannot be stored exactly as {dtype} "
                          f"(it would become {held.item()!r})")
     return value
-
-
-def _float_held(value: float, held: float, info: Any) -> bool:
-    """Whether ``held`` (read back in float64: torch has no isfinite for some float8
-    dtypes) is ``value`` stored in a float dtype of ``info`` (``torch.finfo``): the value
-    itself, or it rounded to the nearest the dtype holds, as any float cast. Not an
-    overflow past the largest value (torch then refuses to fill a batch with it), a
-    saturation (float8_e4m3fn has no inf), a NaN for an inf (the fnuz dtypes), the
-    opposite sign, or zero for a value or a value for zero (float8_e8m0fnu has no zero;
-    a value too small for the dtype). A zero's own sign may be lost (-0.0 in the fnuz
-    dtypes pads with 0.0, which compares equal)."""
-    if math.isnan(value):
-        return math.isnan(held)
-    if held == value:
-        return True
-    return (math.isfinite(value) and math.isfinite(held) and value != 0.0 and held != 0.0
-            and (held > 0.0) == (value > 0.0) and abs(value) <= info.max
-            and abs(held - value) <= max(abs(value) * info.eps, info.tiny * info.eps))
 
 
 def describe_tensor(item: Any, stacked: bool, padding: Padding | None, name: object,

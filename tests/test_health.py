@@ -124,8 +124,9 @@ def test_periodic_checks_come_every_interval_even_below_half_a_second(make_proce
 
     make_processor(lambda b: b, metrics_collector=Collector(), health_check_interval=0.05)
     assert eleven.wait(30)
-    # Ten intervals: 0.5 s, give or take a tick (0.05 s); at a 0.5 s tick at least 5 s.
-    assert 0.4 < times[10] - times[0] < 2.5
+    # Ten intervals: 0.5 s, give or take a tick (0.05 s), and whatever a busy machine
+    # adds; at a 0.5 s tick at least 5 s.
+    assert 0.4 < times[10] - times[0] < 4.0
 
 
 def test_no_monitor_checks_when_health_monitoring_is_off(make_processor):

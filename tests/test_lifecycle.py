@@ -597,44 +597,66 @@ def test_a_model_that_hangs_delays_exit_only_by_the_exit_timeout():
     assert took < 30  # EXIT_TIMEOUT plus the interpreter's start; never the 30 s item_timeout
 
 
-# A thread the interpreter waits for at exit (an executor's worker, as in a server's
-# handler pool; a plain non-daemon thread alike) waiting on a processor's result.
-WAITING_THREAD = """
+# Threads the interpreter waits for at exit (non-daemon), using a processor after the
+# main thread has returned: a server loop, an executor's queued tasks (its own exit
+# hook finishes them).
+SERVING_AFTER_MAIN = """
     from concurrent.futures import ThreadPoolExecutor
 
-    def handler():
-        try:
-            got = int(p.enqueue_predict(one(7)).result()[0, 0])
-        except Exception as exc:
-            got = type(exc).__name__
-        print("handler got", got, flush=True)
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
+    p.start(lambda batch: batch)
+    main_done = threading.Event()
 
-    waiting = {kind}
-    if waiting == "pool":
-        ThreadPoolExecutor(1).submit(handler)
-    else:
-        threading.Thread(target=handler).start()
-    while p.get_stats()["total_accepted"] == 0:
-        threading.Event().wait(0.001)
-    print("exiting", flush=True)
+    def server_loop():
+        main_done.wait()
+        for v in (1, 2):
+            print("served", int(p.enqueue_predict(one(v)).result()[0, 0]), flush=True)
+
+    def task(v):
+        main_done.wait()
+        return int(p.enqueue_predict(one(v)).result()[0, 0])
+
+    {start}
+    print("main returns", flush=True)
+    threading.Timer(0.2, main_done.set).start()
 """
 
 
-@pytest.mark.parametrize("kind", ["pool", "thread"])
-def test_the_exit_hook_runs_before_the_interpreter_waits_for_its_threads(kind):
-    # An atexit hook runs only once every non-daemon thread has ended: one waiting on a
-    # hung model held the exit until item_timeout, and on a paused processor for ever.
-    lines, took = run_script(EXIT_PRELUDE + HANGING + """
-    exiting.EXIT_TIMEOUT = 0.5
-    """ + WAITING_THREAD.format(kind=repr(kind)), timeout=60)
-    assert lines == ["exiting", "handler got ProcessorStoppedError"]
-    assert took < 25  # EXIT_TIMEOUT plus the interpreter's start; never item_timeout (30 s)
-    lines, _ = run_script(EXIT_PRELUDE + """
-    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01))
-    p.start(lambda batch: batch)
-    p.pause()  # stop() resumes: the queued request is served
-    """ + WAITING_THREAD.format(kind=repr(kind)), timeout=60)
-    assert lines == ["exiting", "handler got 7"]
+def test_threads_that_go_on_serving_after_the_main_thread_are_served():
+    # The exit hook runs once the interpreter has waited for them: run where
+    # concurrent.futures runs its own (before that wait), it stopped the processor
+    # under a server thread as soon as the main thread returned.
+    lines, _ = run_script(EXIT_PRELUDE + SERVING_AFTER_MAIN.format(
+        start="threading.Thread(target=server_loop).start()"))
+    assert lines == ["main returns", "served 1", "served 2"]
+    lines, _ = run_script(EXIT_PRELUDE + SERVING_AFTER_MAIN.format(start="""
+    pool = ThreadPoolExecutor(2)
+    futures = [pool.submit(task, v) for v in range(20)]
+    futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+    """))
+    assert lines == ["main returns", "last 19"]
+
+
+def test_a_thread_waiting_on_a_hung_call_at_exit_gets_its_item_timeout():
+    # A non-daemon thread waits on a result as it would on anything: the interpreter
+    # waits for it, and item_timeout ends the wait (the hook runs after).
+    lines, took = run_script(EXIT_PRELUDE + """
+    release = threading.Event()
+    p = BatchProcessor(BatchProcessorConfig(max_workers=1, batch_timeout=0.01,
+                                            item_timeout=1.0))
+    p.start(lambda batch: release.wait() and batch)
+
+    def handler():
+        try:
+            p.enqueue_predict(one(7)).result()
+        except Exception as exc:
+            print("handler got", type(exc).__name__, flush=True)
+
+    threading.Thread(target=handler).start()
+    print("main returns", flush=True)
+    """)
+    assert lines == ["main returns", "handler got BatchTimeoutError"]
+    assert took < 30  # item_timeout (1 s) and the interpreter's start
 
 
 def test_the_exit_hook_stops_within_one_timeout_for_all_processors():

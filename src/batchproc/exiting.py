@@ -2,13 +2,13 @@
 
 A processor's workers are daemon threads (one stuck in a model call must never keep the
 interpreter alive), so work still queued at exit would die with them unnoticed. Instead,
-as ``concurrent.futures.ThreadPoolExecutor`` does, an exit hook stops every running
-``BatchProcessor`` and every ``@batch`` function. It runs where the executor's does
-(``threading._register_atexit``): once the main thread is done, before the interpreter
-waits for its other non-daemon threads. An ``atexit`` hook would run after that wait,
-and a non-daemon thread (an executor's worker, a server's handler) waiting on a result
-would hold the exit until its request was served, for ever while paused. Their queued
-work is finished, within
+as ``concurrent.futures.ThreadPoolExecutor`` does, an ``atexit`` hook stops every running
+``BatchProcessor`` and every ``@batch`` function. It runs once the interpreter has
+waited for its non-daemon threads (an executor's own hook included, which finishes the
+tasks queued on it): a thread that goes on serving after the main thread returned (a
+server loop, an executor's queued tasks) is still served; one that waits on a result
+waits as for anything else, until its call returns or ``item_timeout`` fails it, and on
+a paused processor until it is resumed or stopped. Their queued work is finished, within
 ``EXIT_TIMEOUT`` seconds for all of them together, and what is left then fails with
 ``ProcessorStoppedError`` as in ``stop()``. A Ctrl-C (or any exception a signal handler
 raises), however often, gives up at once on what is left (it fails with
@@ -68,6 +68,7 @@ def registered() -> list[Any]:
         return list(_registered)
 
 
+@atexit.register
 def stop_all() -> None:
     """Stop everything registered, within ``EXIT_TIMEOUT`` seconds in all.
 
@@ -94,27 +95,6 @@ def stop_all() -> None:
         logger.warning("interrupted at interpreter exit (%s): queued work given up "
                        "(ProcessorStoppedError)", interrupted)
 
-
-def _register(hook: Any) -> None:
-    """Run ``hook`` where ``concurrent.futures`` runs its own exit hook (a CPython private
-    function, there since 3.9), else (an interpreter without it, or one already shutting
-    down) at ``atexit``."""
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(hook)
-            return
-        except RuntimeError:  # "can't register atexit after shutdown"
-            pass
-    atexit.register(hook)
-
-
-# These hooks run last registered first: the executor's (registered when its module is
-# first imported) must come after this one, or its wait for a worker that waits on a
-# processor's result would come before the stop that answers it.
-import concurrent.futures.thread  # noqa: E402,F401
-
-_register(stop_all)
 
 # Held while the stops run: a run again after an interrupt that ended the hook's wait
 # early (the stops it began have taken the objects off the list) waits for them.

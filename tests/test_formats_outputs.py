@@ -447,6 +447,23 @@ def test_a_failed_batch_s_search_never_cuts_an_output_along_another_axis(make_pr
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("items", [["alice", "bob", "carol", "dave"],
+                                   [rows_of(i) for i in range(4)]],
+                         ids=["one result per item", "one result per row"])
+def test_a_list_of_results_of_a_constant_length_is_refused_in_the_search(make_processor,
+                                                                         items):
+    # Two results whatever the batch, each made of every item: the batch of 4 fails, and
+    # the search's call of 2 passed the count and handed two callers each other's data.
+    def two_results(batch):
+        return [repr(list(batch))] * 2
+
+    p = make_processor(two_results, max_workers=1, max_batch_size=8, max_retries=0)
+    for future in one_batch(p, items):
+        error = future.exception(timeout=10)
+        assert isinstance(error, BatchOutputError)
+    assert p.get_stats()["total_processed"] == 0
+
+
 def test_an_output_that_follows_the_batch_is_still_served_by_the_search(make_processor):
     # A model that drops a row it cannot handle: its output is one row short for every
     # batch holding one, so lengths that a failed call showed come back in calls of

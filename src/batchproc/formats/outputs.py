@@ -206,13 +206,15 @@ def check_follows(out: Any, n: int, off_axis: OffAxis) -> None:
     by rows it would hand each caller parts of the others' data. A failed batch's
     search for its failing request runs its requests in smaller calls: without this it
     would deliver the one call whose size matches."""
+    paths, leaves = [()], [out]  # the output itself: an array, or a list of results
     if isinstance(out, (list, tuple, Mapping)):
-        _, paths, leaves, _ = flatten(out)
-    else:
-        paths, leaves = [()], [out]
+        _, inner_paths, inner_leaves, _ = flatten(out)
+        paths += inner_paths
+        leaves += inner_leaves
     for path, leaf in zip(paths, leaves):
         seen = off_axis.get(path)
-        if seen is not None and seen[0] == n and _is_leaf(leaf) and _leading(leaf) == n:
+        if (seen is not None and seen[0] == n and (_is_leaf(leaf) or type(leaf) is list)
+                and _leading(leaf) == n):
             where = "" if not path else f" in {_path_str(path)}"
             raise BatchOutputError(
                 f"process_func returned {n} results{where} for a batch of {n}, and "
@@ -250,7 +252,8 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
                     "is one result per item: return a tuple or dict for several outputs)"
                     if all_rows else "")
             raise BatchOutputError(
-                f"process_func returned {k} results for a batch of {n}{hint}")
+                f"process_func returned {k} results for a batch of {n}{hint}", path=(),
+                rows=k)
         return False
     known = reading.outputs
     if k != n:
@@ -259,7 +262,8 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
             # rows as an output would): name the one that has not, as a tuple's error.
             if known or (known is None and (per_token or any(with_rows))):
                 raise _wrong_output(out, n, with_rows)
-            raise BatchOutputError(f"process_func returned {k} results for a batch of {n}")
+            raise BatchOutputError(f"process_func returned {k} results for a batch of {n}",
+                                   path=(), rows=k)
         decided = True  # several outputs, each with the batch's rows
     elif not any(with_rows):
         decided = False  # one result per row: no element looks like a batch's output

@@ -447,12 +447,12 @@ def test_a_failure_of_every_request_ends_within_one_retry_schedule(make_processo
         assert "0 results for a batch of 1" in str(info.value)
     elapsed = time.monotonic() - started
     schedule = delay * (2**3 - 1)
-    assert elapsed < schedule + 1.5  # generous for the 21 calls on a loaded machine
-    # The search for one failing request: [r0 r1 r2 r3], [r0 r1], [r2 r3 r0], then the
-    # two set aside with r1 fail on their own, so r0 runs alone and [r2 r3 r1] is
-    # bisected: [r2], [r3 r1], [r3], [r1]. Then each request's 3 retries, alone.
-    assert calls[:9] == [4, 2, 3, 3, 1, 1, 2, 1, 1]
-    assert sorted(calls[9:]) == [1] * 12
+    assert elapsed < schedule + 1.5  # generous for the 17 calls on a loaded machine
+    # Once the batch's output could not be cut, its requests run alone (a smaller call's
+    # output could pass the length check by chance and be cut wrongly): one call each,
+    # then each request's 3 retries, alone.
+    assert calls[:5] == [4, 1, 1, 1, 1]
+    assert sorted(calls[5:]) == [1] * 12
     assert p.get_stats()["total_errors"] == 4
 
 

@@ -415,13 +415,22 @@ def test_a_list_whose_length_is_the_rows_with_a_batch_sized_element_is_not_guess
         p.enqueue_predict(rows_of(0, n=4)).result(timeout=10)
 
 
+class Results(list):
+    pass
+
+
 OFF_AXIS_OUTPUTS = {
     # An LSTM's state, (num_layers=2, batch, hidden), beside a per-row output.
     "tuple": lambda b: (b * 10, np.stack([b, b + 0.5])),
     "dict": lambda b: {"y": b * 10, "h": np.stack([b, b + 0.5])},
     "nested": lambda b: {"y": b * 10, "state": (np.stack([b, b + 0.5]),)},
+    # The state alone, as a list of outputs: nothing in it has the batch's rows.
+    "list of states": lambda b: [np.stack([b, b + 0.5]), np.stack([b, b - 0.5])],
     # The batch on axis 1 of the only output: (features=2, batch).
     "transposed": lambda b: b[:, :2].T.copy(),
+    # Two results whatever the batch, in a list and in a list's subclass.
+    "list": lambda b: [repr(b.tolist())] * 2,
+    "list subclass": lambda b: Results([repr(b.tolist())] * 2),
 }
 
 
@@ -429,19 +438,25 @@ OFF_AXIS_OUTPUTS = {
 def test_a_failed_batch_s_search_never_cuts_an_output_along_another_axis(make_processor,
                                                                          kind):
     # Three requests: the output's axis 0 has 2 entries, not 3, and the batch fails. Its
-    # search runs two of them together: 2 rows, and the 2 entries pass the length check,
-    # so each caller got a slice of the layers, holding another caller's values. That
-    # call showed its axis 0 did not follow the batch: every caller gets the error.
-    p = make_processor(OFF_AXIS_OUTPUTS[kind], max_workers=1, max_batch_size=8,
-                       max_retries=0)
+    # search ran two of them together: 2 rows, and the 2 entries passed the length
+    # check, so each caller got a slice of the layers, holding another caller's values.
+    # Once an output could not be cut, the batch's requests run alone: every caller
+    # gets the error (alone, its 1 row is not the 2 entries either), none another's data.
+    model = OFF_AXIS_OUTPUTS[kind]
+    calls = []
+    p = make_processor(lambda b: (calls.append(len(b)), model(b))[1], max_workers=1,
+                       max_batch_size=8, max_retries=0)
     futures = one_batch(p, [rows_of(i) for i in range(3)])
     for future in futures:
         assert isinstance(future.exception(timeout=10), BatchOutputError)
     assert p.get_stats()["total_processed"] == 0
-    # The memory is the batch's own: a lone request of 2 rows later gets the output
+    assert calls == [3, 1, 1, 1]
+    if kind == "list of states":
+        return  # alone, 2 rows read as 2 outputs or 2 results: not told (its own test)
+    # The rule is the batch's own: a lone request of 2 rows later gets the output
     # whole, as it always did (its own data, whatever its axis 0 holds).
     got = p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)
-    expected = OFF_AXIS_OUTPUTS[kind](rows_of(0, n=2))
+    expected = model(rows_of(0, n=2))
     assert optree.tree_structure(got) == optree.tree_structure(expected)
     for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)
@@ -462,6 +477,24 @@ def test_a_list_of_results_of_a_constant_length_is_refused_in_the_search(make_pr
         error = future.exception(timeout=10)
         assert isinstance(error, BatchOutputError)
     assert p.get_stats()["total_processed"] == 0
+
+
+def test_a_time_major_output_of_padded_inputs_is_never_cut_in_the_search(make_processor):
+    # (T, batch), as torch's LSTM gives by default: T follows the padded length, so a
+    # smaller call of shorter items had T equal to its rows and was cut along time.
+    calls = []
+
+    def time_major(batch):
+        calls.append(batch.shape)
+        return batch.T.copy()
+
+    p = make_processor(time_major, max_workers=1, max_batch_size=8, max_retries=0,
+                       pad_value=0)
+    items = [np.full((1, 2), 1.0), np.full((1, 2), 2.0), np.full((1, 5), 3.0),
+             np.full((1, 5), 4.0)]
+    for future in one_batch(p, items):
+        assert isinstance(future.exception(timeout=10), BatchOutputError)
+    assert calls[0] == (4, 5) and all(shape[0] == 1 for shape in calls[1:])
 
 
 def test_an_output_that_follows_the_batch_is_still_served_by_the_search(make_processor):

@@ -211,6 +211,45 @@ def test_a_done_callback_that_blocks_its_worker_past_item_timeout_is_a_stuck_bat
     wait_for(lambda: p.health()["status"] == "healthy", "the delivery to end")
 
 
+def test_a_done_callback_a_failure_search_deferred_that_blocks_is_a_stuck_batch(
+        make_processor):
+    # A search delivers its batch in parts and runs their done-callbacks once its calls
+    # are over, outside any delivery: one that blocks there held the only worker while
+    # health said healthy, live and ready.
+    entered, block = threading.Event(), threading.Event()
+
+    def blocking(future):
+        entered.set()
+        block.wait(HANG)
+
+    def model(batch):
+        if "bad" in batch:
+            raise ValueError("bad item")
+        return batch
+
+    p = make_processor(model, max_workers=1, item_timeout=0.3, max_retries=0)
+    p._health.memory_probe = FakeProbe()
+    p.pause()
+    p.enqueue_predict("good").add_done_callback(blocking)
+    bad = p.enqueue_predict("bad")
+    p.resume()
+    try:
+        assert entered.wait(HANG)
+        assert isinstance(bad.exception(timeout=HANG), ValueError)
+        later = p.enqueue_predict("later")
+        wait_for(lambda: p.health()["checks"]["stuck_batches"]["value"] == 1,
+                 "the deferred callbacks to run past item_timeout")
+        report = p.health()
+        [batch] = report["checks"]["stuck_batches"]["batches"]
+        assert batch["delivering"] is True
+        assert probe_view(report) == ("running", False, False, "unhealthy")
+        assert not later.done()
+    finally:
+        block.set()
+    assert later.result(timeout=HANG) == "later"
+    wait_for(lambda: p.health()["status"] == "healthy", "the callbacks to end")
+
+
 # ----------------------------------------------------------------- cgroup memory
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request
-from ..formats.outputs import OffAxis
+from ..errors import BatchOutputError
 
 _monotonic = time.monotonic
 
@@ -37,9 +37,9 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "calling", "deferred", "delivering", "delivery_started",
-                 "dispatched_at", "holds_slot", "in_flight", "off_axis", "own_failures",
-                 "requests", "state", "worker")
+    __slots__ = ("call_started", "callbacks_started", "calling", "deferred", "delivering",
+                 "delivery_started", "dispatched_at", "holds_slot", "in_flight",
+                 "own_failures", "requests", "state", "uncut", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -62,16 +62,17 @@ class Batch:
         self.in_flight = True
         # Requests of it that failed alone (their own failure, not the batch's).
         self.own_failures = 0
-        # Output leaves its failed calls returned with another length than their rows
-        # (formats.outputs.check_follows): a later call of its requests whose rows match
-        # that length must not be cut along it. None until one has.
-        self.off_axis: OffAxis | None = None
+        # The error of its first call whose output could not be cut into its requests'
+        # parts: from then on its requests run alone (Executor._try).
+        self.uncut: BatchOutputError | None = None
         # During a failure search, the futures it completed whose done-callbacks wait
         # for the end of its calls (a callback of one part must not hold up the next
         # part's call, nor wait for its result); None: callbacks run at delivery.
         # Taken once, under the board's lock (take_deferred), by its worker at the end
         # or by whoever abandons it.
         self.deferred: list[Any] | None = None
+        # When the thread that took them began running those callbacks (0.0: not now).
+        self.callbacks_started = 0.0
 
 
 class Board:

@@ -141,8 +141,16 @@ class Delivery:
 
     def run_deferred(self, batch: Batch) -> None:
         """Run the done-callbacks its failure search deferred (``Batch.deferred``): by
-        its worker once its calls are over, or by whoever abandons it."""
-        invoke_callbacks(self._board.take_deferred(batch))
+        its worker once its calls are over, or by whoever abandons it. Timed as a
+        delivery is (``Batch.callbacks_started``): one that blocks is a stuck batch."""
+        callbacks = self._board.take_deferred(batch)
+        if not callbacks:
+            return
+        batch.callbacks_started = _monotonic()
+        try:
+            invoke_callbacks(callbacks)
+        finally:
+            batch.callbacks_started = 0.0
 
     def _next_call_can_start(self, left_waiting: int, target: int, elapsed: float) -> bool:
         """Whether a worker handed this batch's call slot now could start a call during

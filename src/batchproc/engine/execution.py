@@ -151,18 +151,25 @@ class Executor:
             return ABANDONED, None, elapsed, rows
         if status == OK:
             try:
-                out = fmt.split(out, requests, built, batch.off_axis)
+                out = fmt.split(out, requests, built)
             except Exception as exc:
                 out, status = exc, FAILED
-                if isinstance(exc, BatchOutputError) and exc.rows is not None:
-                    if batch.off_axis is None:
-                        batch.off_axis = {}
-                    batch.off_axis[exc.path or ()] = (exc.rows, built.length)
+                if isinstance(exc, BatchOutputError) and batch.uncut is None:
+                    batch.uncut = exc
         return status, out, elapsed, rows
 
     def _try(self, batch: Batch, requests: list[Request], workspace: Workspace,
              target: int) -> tuple[int, Any]:
-        """One attempt; delivers on success. (status, the error if it failed)."""
+        """One attempt; delivers on success. (status, the error if it failed).
+
+        Once an output of the batch could not be cut into its requests' parts
+        (``Batch.uncut``), a call of several of them is not made: it fails as that one
+        did, so the search runs each request alone. A smaller call's output may pass the
+        length check by coincidence (an LSTM's ``(num_layers, batch, hidden)`` state in
+        a call of ``num_layers`` rows, a list of two results for two requests) and be
+        cut wrongly, handing callers each other's data; alone, a caller gets its own."""
+        if batch.uncut is not None and len(requests) > 1:
+            return FAILED, batch.uncut
         status, out, elapsed, rows = self.attempt(batch, requests, workspace)
         if status == OK:
             self._delivery.deliver(batch, requests, out, elapsed, rows, target)
@@ -305,8 +312,12 @@ class Executor:
             if status == ABANDONED:
                 return
             if status == FAILED:
-                # The requests set aside fail too: the suspect's own health is unknown.
-                self._settle(batch, suspects, workspace, target, origin)
+                # The requests set aside fail too: the suspect's own health is unknown,
+                # unless the search's last call ran it alone.
+                if alone_failure is not None:
+                    self._retry_or_fail(batch, suspects[0], alone_failure, origin)
+                else:
+                    self._settle(batch, suspects, workspace, target, origin)
                 self._failed(batch, aside, workspace, target, failure, origin,
                              self._bisect)
                 return

@@ -173,23 +173,27 @@ class TimeLimits:
     def stuck_batches(self) -> list[dict[str, Any]]:
         """Batches whose call is past ``item_timeout``, abandoned or about to be, and
         those whose delivery is (``delivering``: a done-callback that blocks holds its
-        worker as surely as a call that hangs, and nothing abandons it)."""
+        worker as surely as a call that hangs, and nothing abandons it), the callbacks a
+        failure search deferred to its end included."""
         limit = self._limit
         now = _monotonic()
         stuck = []
         with self._board.lock:
             for b in self._board.active:
+                delivering = True
                 if b.delivering:  # DELIVERING, or given up on by stop during it
                     started = b.delivery_started
+                elif b.callbacks_started > 0.0:
+                    started = b.callbacks_started
                 elif b.state in (CALLING, ABANDONED):
-                    started = b.call_started
+                    started, delivering = b.call_started, False
                 else:
                     continue
                 if started > 0.0 and now - started > limit:
                     stuck.append({"worker": b.worker.name, "requests": len(b.requests),
                                   "running_for": now - started,
                                   "abandoned": b.state is ABANDONED,
-                                  "delivering": bool(b.delivering)})
+                                  "delivering": delivering})
         return stuck
 
 

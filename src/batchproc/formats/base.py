@@ -103,19 +103,17 @@ class BatchFormat(ABC):
     def build(self, requests: list[Request], workspace: Workspace) -> Built:
         """The batch of ``requests`` (in order) to call ``process_func`` with."""
 
-    def split(self, out: Any, requests: list[Request], built: Built,
-              off_axis: outputs.OffAxis | None = None) -> list[Any]:
+    def split(self, out: Any, requests: list[Request], built: Built) -> list[Any]:
         """Each request's part of ``out``, in request order. ``BatchOutputError`` if the
         output does not have the batch's rows (docs/formats.md, "Outputs"), or if
         cutting it raises (an object with a length that does not slice by rows, a
-        ``deque``): either way the output breaks the model's contract. ``off_axis``:
-        what earlier calls of these requests showed (``outputs.check_follows``)."""
+        ``deque``): either way the output breaks the model's contract."""
         reading = self._list_reading
         if reading is None:
             reading = self._list_reading = outputs.ListReading()
         try:
             return outputs.split(out, requests, built, self.one_sample, self.per_token,
-                                 reading, off_axis)
+                                 reading)
         except BatchOutputError:
             raise
         except Exception as exc:

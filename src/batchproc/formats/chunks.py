@@ -18,7 +18,6 @@ from typing import Any
 from .._native.future_state import Request
 from ..errors import ProcessorStoppedError, QueueTimeoutError, interrupts
 from .base import BatchFormat, Built, Limits, Workspace
-from .outputs import OffAxis
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +77,8 @@ class ChunkFormat(BatchFormat):
     def build(self, requests: list[Request], workspace: Workspace) -> Built:
         return self.inner.build(_inner(requests), workspace)
 
-    def split(self, out: Any, requests: list[Request], built: Built,
-              off_axis: OffAxis | None = None) -> list[Any]:
-        parts = self.inner.split(out, _inner(requests), built, off_axis)
+    def split(self, out: Any, requests: list[Request], built: Built) -> list[Any]:
+        parts = self.inner.split(out, _inner(requests), built)
         if len(requests) == 1:
             return [parts]
         per_chunk = []

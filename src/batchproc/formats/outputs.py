@@ -50,9 +50,6 @@ from ..errors import BatchOutputError
 # outputs) of those that do; the empty set for none.
 PerToken: TypeAlias = "bool | frozenset[str | int]"
 NO_TRIM: frozenset[str | int] = frozenset()
-# Leaves seen with another length on axis 0 than their call's rows (``check_follows``):
-# by path, that length and the rows of that call.
-OffAxis: TypeAlias = "dict[tuple[Any, ...], tuple[int, int]]"
 
 _ndarray = np.ndarray
 
@@ -141,19 +138,15 @@ class ListReading:
 
 
 def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
-          per_token: PerToken, reading: ListReading,
-          off_axis: OffAxis | None = None) -> list[Any]:
+          per_token: PerToken, reading: ListReading) -> list[Any]:
     """Each request's part of ``out``, in request order (the module's rule).
 
     ``built`` is the batch as built (``formats.base.Built``): ``built.length`` is the
     leading length every output must have, ``built.padded_length`` the length that
     per-token outputs must have on axis 1. ``reading`` is the format's memory of what its
-    model means by a list. ``off_axis``: the leaves earlier calls of the same batch's
-    requests returned with another length than their rows (``check_follows``).
+    model means by a list.
     """
     n = built.length
-    if off_axis and len(requests) > 1:
-        check_follows(out, n, off_axis)
     if type(out) is _ndarray and not per_token:
         # The common case first: one array.
         if not out.ndim or out.shape[0] != n:
@@ -196,32 +189,6 @@ def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int, hint: str = "") -> Bat
     return BatchOutputError(
         f"process_func returned {got} results{where} for a batch of {n}{hint}",
         path=path, rows=got)
-
-
-def check_follows(out: Any, n: int, off_axis: OffAxis) -> None:
-    """``BatchOutputError`` if a leaf that an earlier call of the same requests returned
-    with ``length`` entries on axis 0 for another number of rows has ``length`` again,
-    now that it equals ``n``, the rows: its axis 0 did not follow the batch (an LSTM's
-    ``(num_layers, batch, hidden)`` state in a call of ``num_layers`` rows), and cut
-    by rows it would hand each caller parts of the others' data. A failed batch's
-    search for its failing request runs its requests in smaller calls: without this it
-    would deliver the one call whose size matches."""
-    paths, leaves = [()], [out]  # the output itself: an array, or a list of results
-    if isinstance(out, (list, tuple, Mapping)):
-        _, inner_paths, inner_leaves, _ = flatten(out)
-        paths += inner_paths
-        leaves += inner_leaves
-    for path, leaf in zip(paths, leaves):
-        seen = off_axis.get(path)
-        if (seen is not None and seen[0] == n and (_is_leaf(leaf) or type(leaf) is list)
-                and _leading(leaf) == n):
-            where = "" if not path else f" in {_path_str(path)}"
-            raise BatchOutputError(
-                f"process_func returned {n} results{where} for a batch of {n}, and "
-                f"{seen[0]} for a batch of {seen[1]} of the same requests: its axis 0 "
-                "does not follow the batch's rows (an LSTM's (num_layers, batch, hidden) "
-                "state?), so it cannot be cut into each caller's rows: put the batch on "
-                "axis 0 of every output", path=path, rows=n)
 
 
 def _rows_hint(requests: list[Request]) -> str:

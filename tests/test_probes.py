@@ -178,27 +178,40 @@ def test_a_request_that_hangs_alone_leaves_it_ready_while_the_others_are_served(
     wait_for(lambda: p.health()["status"] == "healthy", "the stuck call to return")
 
 
+def _fails_on_bad(batch):
+    if "bad" in batch:
+        raise ValueError("bad item")
+    return batch
+
+
+@pytest.mark.parametrize("after", ["a delivery", "a failure search"])
 def test_a_done_callback_that_blocks_its_worker_past_item_timeout_is_a_stuck_batch(
-        make_processor):
+        make_processor, after):
     # The worker completing a batch's futures runs their done-callbacks: one that blocks
     # holds it outside process_func, as surely as a call that hangs, and nothing
     # abandons it. With max_workers=1 nothing more is served: neither ready nor live.
+    # A search runs the callbacks of the parts it delivered once its calls are over,
+    # outside any delivery: one that blocked there went unseen (healthy, live, ready).
     entered, block = threading.Event(), threading.Event()
 
     def blocking(future):
         entered.set()
         block.wait(HANG)
 
-    p = make_processor(lambda batch: batch, max_workers=1, item_timeout=0.3)
+    p = make_processor(_fails_on_bad, max_workers=1, item_timeout=0.3, max_retries=0)
     p._health.memory_probe = FakeProbe()
     p.pause()  # the callback is added before the future can complete
     p.enqueue_predict("first").add_done_callback(blocking)
+    if after == "a failure search":
+        bad = p.enqueue_predict("bad")
     p.resume()
     try:
         assert entered.wait(HANG)
+        if after == "a failure search":
+            assert isinstance(bad.exception(timeout=HANG), ValueError)
         later = p.enqueue_predict("later")
         wait_for(lambda: p.health()["checks"]["stuck_batches"]["value"] == 1,
-                 "the delivery to run past item_timeout")
+                 "the callback to run past item_timeout")
         report = p.health()
         [batch] = report["checks"]["stuck_batches"]["batches"]
         assert (batch["delivering"], batch["abandoned"]) == (True, False)
@@ -208,46 +221,7 @@ def test_a_done_callback_that_blocks_its_worker_past_item_timeout_is_a_stuck_bat
     finally:
         block.set()
     assert later.result(timeout=HANG) == "later"
-    wait_for(lambda: p.health()["status"] == "healthy", "the delivery to end")
-
-
-def test_a_done_callback_a_failure_search_deferred_that_blocks_is_a_stuck_batch(
-        make_processor):
-    # A search delivers its batch in parts and runs their done-callbacks once its calls
-    # are over, outside any delivery: one that blocks there held the only worker while
-    # health said healthy, live and ready.
-    entered, block = threading.Event(), threading.Event()
-
-    def blocking(future):
-        entered.set()
-        block.wait(HANG)
-
-    def model(batch):
-        if "bad" in batch:
-            raise ValueError("bad item")
-        return batch
-
-    p = make_processor(model, max_workers=1, item_timeout=0.3, max_retries=0)
-    p._health.memory_probe = FakeProbe()
-    p.pause()
-    p.enqueue_predict("good").add_done_callback(blocking)
-    bad = p.enqueue_predict("bad")
-    p.resume()
-    try:
-        assert entered.wait(HANG)
-        assert isinstance(bad.exception(timeout=HANG), ValueError)
-        later = p.enqueue_predict("later")
-        wait_for(lambda: p.health()["checks"]["stuck_batches"]["value"] == 1,
-                 "the deferred callbacks to run past item_timeout")
-        report = p.health()
-        [batch] = report["checks"]["stuck_batches"]["batches"]
-        assert batch["delivering"] is True
-        assert probe_view(report) == ("running", False, False, "unhealthy")
-        assert not later.done()
-    finally:
-        block.set()
-    assert later.result(timeout=HANG) == "later"
-    wait_for(lambda: p.health()["status"] == "healthy", "the callbacks to end")
+    wait_for(lambda: p.health()["status"] == "healthy", "the callback to end")
 
 
 # ----------------------------------------------------------------- cgroup memory

@@ -194,6 +194,46 @@ def test_a_call_of_a_search_past_item_timeout_times_out_only_the_hanging_request
     assert p.get_stats()["total_timed_out"] == 1
 
 
+def test_a_blocking_callback_of_a_timed_out_search_holds_no_time_limit(make_processor):
+    # A search delivers part of its batch, then a call of it hangs past item_timeout:
+    # the delivered part's deferred done-callbacks ran on the thread that enforces
+    # item_timeout, and one that blocked there stopped every later time limit (a call
+    # of 3 s with item_timeout=0.3 ran out and returned its result).
+    release, blocking, entered = threading.Event(), threading.Event(), threading.Event()
+    ran_on = []
+
+    def model(batch):
+        values = batch[:, 0].tolist()
+        if 9.0 in values and len(values) > 1:
+            raise Poison("the batch fails")  # the search runs [0.0] first, then [9.0]
+        if 9.0 in values or 8.0 in values:
+            release.wait()  # hangs past item_timeout
+        return batch * 2
+
+    def callback(future):
+        ran_on.append(threading.current_thread().name)
+        entered.set()
+        blocking.wait(30)
+
+    p = make_processor(model, max_workers=2, max_retries=0, item_timeout=0.3)
+    try:
+        p.pause()
+        first = p.enqueue_predict(np.array([[0.0]]))
+        first.add_done_callback(callback)
+        hung = p.enqueue_predict(np.array([[9.0]]))
+        p.resume()
+        assert isinstance(hung.exception(timeout=20), BatchTimeoutError)
+        assert entered.wait(20)
+        # The callback still blocks: a later call past item_timeout times out as ever.
+        later = p.enqueue_predict(np.array([[8.0]]))
+        assert isinstance(later.exception(timeout=20), BatchTimeoutError)
+        assert first.result(timeout=1)[0, 0] == 0.0
+        assert ran_on == ["batchproc-callbacks"]
+    finally:
+        blocking.set()
+        release.set()
+
+
 class HangingModel:
     """Doubles its batch; a call holding one of the ``hang`` values, or more than
     ``above`` rows, blocks until ``release`` is set (the test sets it at its end). Counts

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue as _stdlib_queue
+import threading
 import time
 from typing import Any
 
@@ -97,8 +98,10 @@ class TimeLimits:
                                if id(r.future) not in failed and not r.future.done()],
                               error, batch.dispatched_at)
             # The parts its failure search delivered before the call that hung: their
-            # done-callbacks must not wait for a call that may never return.
-            self._delivery.run_deferred(batch)
+            # done-callbacks must not wait for a call that may never return, nor hold
+            # this thread, which enforces item_timeout, should one of them block.
+            if batch.deferred:
+                _run_aside(self._delivery.run_deferred, batch)
         if self._hung:
             self._settle_hung(now)
         return len(overdue)
@@ -195,6 +198,16 @@ class TimeLimits:
                                   "abandoned": b.state is ABANDONED,
                                   "delivering": delivering})
         return stuck
+
+
+def _run_aside(work: Any, batch: Any) -> None:
+    """``work(batch)`` on a thread of its own; here where no thread can start (at
+    interpreter exit on CPython 3.12+, a thread limit)."""
+    try:
+        threading.Thread(target=work, args=(batch,), name="batchproc-callbacks",
+                         daemon=True).start()
+    except RuntimeError:
+        work(batch)
 
 
 class _HungCall:

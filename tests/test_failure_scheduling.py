@@ -232,6 +232,9 @@ def test_a_blocking_callback_of_a_timed_out_search_holds_no_time_limit(make_proc
     finally:
         blocking.set()
         release.set()
+    for thread in threading.enumerate():
+        if thread.name == "batchproc-callbacks":
+            thread.join(10)  # its callback returned: it ends
 
 
 class HangingModel:

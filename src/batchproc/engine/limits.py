@@ -21,6 +21,7 @@ import logging
 import queue as _stdlib_queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request, total_rows
@@ -29,7 +30,7 @@ from ..controller import Controller
 from ..errors import BatchTimeoutError
 from ..log_limits import LogLimiter, plural, seconds
 from ..metrics import OUTCOME_TIMEOUT, MetricsSink
-from .batch import ABANDONED, CALLING, Board
+from .batch import ABANDONED, CALLING, Batch, Board
 from .delivery import Delivery
 from .workers import WorkerPool
 
@@ -200,7 +201,7 @@ class TimeLimits:
         return stuck
 
 
-def _run_aside(work: Any, batch: Any) -> None:
+def _run_aside(work: Callable[[Batch], None], batch: Batch) -> None:
     """``work(batch)`` on a thread of its own; here where no thread can start (at
     interpreter exit on CPython 3.12+, a thread limit)."""
     try:

@@ -608,11 +608,15 @@ SERVING_AFTER_MAIN = """
     main_done = threading.Event()
 
     def server_loop():
-        main_done.wait()
+        # The main thread ends once the interpreter's exit hooks run before the wait
+        # for non-daemon threads: a hook there has stopped the processor by then.
+        threading.main_thread().join()
         for v in (1, 2):
             print("served", int(p.enqueue_predict(one(v)).result()[0, 0]), flush=True)
 
     def task(v):
+        # An executor's exit hook waits for its tasks before the main thread ends, so
+        # these cannot join it: they start once it has returned, most of them after it.
         main_done.wait()
         return int(p.enqueue_predict(one(v)).result()[0, 0])
 

@@ -222,6 +222,37 @@ def test_base_exceptions_fail_the_batch_but_not_the_worker(make_processor):
     assert len(calls) == 2  # not retried
 
 
+def test_a_blocking_callback_holds_no_other_request_of_a_failed_group(make_processor):
+    # A call of several requests past item_timeout while stop() drains fails them all
+    # at once: each error was set and its callbacks run one request after another, so a
+    # callback that blocked held back the errors of the requests after it. As in a
+    # delivery, every request of the group now has its outcome before any callback runs.
+    entered, release, hang = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking(future):
+        entered.set()
+        release.wait(30)
+
+    def model(batch):
+        hang.wait(30)
+        return batch
+
+    p = make_processor(model, max_workers=1, max_retries=0, item_timeout=0.3)
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in range(4)]
+    futures[1].add_done_callback(blocking)
+    stopping = threading.Thread(target=p.stop, args=(10.0,))
+    stopping.start()  # it drains: resumes, and the call of all four hangs
+    try:
+        assert entered.wait(20)
+        assert [f.done() for f in futures] == [True] * 4
+        assert all(isinstance(f.exception(timeout=0), BatchTimeoutError) for f in futures)
+    finally:
+        release.set()
+        hang.set()
+        stopping.join(20)
+
+
 def test_every_accepted_future_completes_exactly_once(make_processor):
     completions = {}
     lock = threading.Lock()

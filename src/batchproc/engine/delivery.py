@@ -201,7 +201,9 @@ class Delivery:
                      deferred: list[RequestFuture] | None = None) -> int:
         """Fail the requests not yet done; ``dispatched_at``: when their batch was popped
         (for the metrics' queue times; ``None``: never dispatched); ``deferred``: where
-        their done-callbacks wait (``futures.fail``), else they run now."""
+        their done-callbacks wait (``futures.fail``), else they run once every one of
+        them has its error (as ``finish_all`` runs a delivery's: a callback that blocks
+        holds up the callbacks after it, not the other requests' outcomes)."""
         pending = [r for r in requests if not r.future.done()]
         if not pending:
             return 0
@@ -212,11 +214,14 @@ class Delivery:
             if self._metrics.records_requests:
                 record_requests(self._metrics, counted, outcome, dispatched_at)
         error = for_callers(error)
+        callbacks: list[RequestFuture] = [] if deferred is None else deferred
         for request in pending:
             try:
-                fail(request.future, error, deferred)
+                fail(request.future, error, callbacks)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
+        if deferred is None:
+            invoke_callbacks(callbacks)
         return len(pending)
 
     def time_out(self, requests: list[Request], error: BaseException,
@@ -254,13 +259,15 @@ class Delivery:
             self.expired += len(live)
         if self._metrics.records_requests:
             record_requests(self._metrics, live, OUTCOME_EXPIRED, None)
+        callbacks: list[RequestFuture] = []  # run once every one has its error
         for request in live:
             error = expiry_error(request, now)
             self._metrics.error(error, 1)
             try:
-                request.future.set_exception(error)
+                fail(request.future, error, callbacks)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
+        invoke_callbacks(callbacks)
         return len(live)
 
     def others_needed(self) -> bool:

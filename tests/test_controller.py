@@ -2,6 +2,7 @@
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -1133,3 +1134,125 @@ def test_a_thread_woken_for_a_slot_another_took_returns_to_look_again():
     assert slots.acquire(0.0)  # the releasing thread takes it back first
     waiter.join(10)
     assert got == [False]
+
+
+def _watched_slots(batch_timeout=30.0):
+    """CallSlots(1), its slot taken, whose watcher waits in a queue's await_late."""
+    from batchproc._native.request_queue import RequestQueue
+    from batchproc.controller import CallSlots
+    from batchproc.engine.workers import _LateRequests
+
+    slots, queue = CallSlots(1), RequestQueue(8)
+    slots.watch_with(_LateRequests(queue, batch_timeout))
+    assert slots.acquire(0.0)
+    return slots, queue
+
+
+def _acquiring(slots, *args):
+    got = []
+    thread = threading.Thread(target=lambda: got.append(slots.acquire(*args)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_the_watcher_waits_in_the_queue_and_a_freed_slot_wakes_it():
+    slots, _queue = _watched_slots()
+    watcher, got = _acquiring(slots, 30.0, 30.0)
+    _until(lambda: slots._watch_waiting, "the watcher in the queue's wait")
+    assert not slots._cond._waiters  # not on the condition
+    slots.release()
+    watcher.join(10)
+    assert got == [True] and not slots._watch_waiting
+
+
+@pytest.mark.parametrize("wake", ["set_limit", "wake_all"])
+def test_a_new_limit_or_a_wake_of_all_wakes_the_watcher_in_the_queue(wake):
+    slots, _queue = _watched_slots()
+    watcher, got = _acquiring(slots, 30.0, 30.0)
+    _until(lambda: slots._watch_waiting, "the watcher in the queue's wait")
+    if wake == "set_limit":
+        slots.set_limit(2)
+    else:
+        slots.wake_all()
+    watcher.join(10)
+    assert got == [wake == "set_limit"]
+
+
+def test_a_freed_slot_goes_to_a_thread_on_the_condition_before_the_watcher():
+    slots, queue = _watched_slots()
+    watcher, watched = _acquiring(slots, 30.0, 30.0)
+    _until(lambda: slots._watch_waiting, "the watcher in the queue's wait")
+    waiter, waited = _acquiring(slots, 30.0)
+    _until(lambda: len(slots._cond._waiters) == 1, "a thread on the condition")
+    wakes = queue.watch_wakes
+    slots.release()
+    waiter.join(10)
+    assert waited == [True] and queue.watch_wakes == wakes and watcher.is_alive()
+    slots.wake_all()
+    watcher.join(10)
+    assert watched == [False]
+
+
+def test_a_slot_freed_before_the_watcher_waits_in_the_queue_is_not_missed():
+    # The slot is freed (and the watch woken) after the watcher read the wake count and
+    # before its wait begins: the wait returns at once instead of after 30 s.
+    from batchproc._native.request_queue import RequestQueue
+    from batchproc.controller import CallSlots
+    from batchproc.engine.workers import _LateRequests
+
+    slots = CallSlots(1)
+    assert slots.acquire(0.0)
+    real = _LateRequests(RequestQueue(8), 30.0)
+    releaser = threading.Thread(target=slots.release, daemon=True)
+
+    class Ordered:
+        def wakes(self):
+            releaser.start()  # blocks on the slots' lock, held now
+            return real.wakes()
+
+        def wait(self, first_look, timeout, since):
+            releaser.join(10)  # the release and its wake are done
+            assert not releaser.is_alive()
+            real.wait(first_look, timeout, since)
+
+        def wake(self):
+            real.wake()
+
+    slots.watch_with(Ordered())
+    watcher, got = _acquiring(slots, 30.0, 30.0)
+    watcher.join(10)
+    assert got == [True]
+
+
+def test_the_watcher_in_the_queue_comes_back_for_a_late_request_not_before():
+    slots, queue = _watched_slots(batch_timeout=0.05)
+    began = time.monotonic()
+    watcher, got = _acquiring(slots, 30.0, 0.01)
+    queue.push("a")
+    watcher.join(10)
+    assert got == [False] and time.monotonic() - began >= 0.05
+    assert queue.oldest_age() >= 0.05
+
+
+def test_two_slots_freed_before_a_woken_waiter_returns_wake_the_watcher_too():
+    # The second freed slot comes while the thread on the condition woken for the first
+    # has not yet returned (it needs the lock): it goes to the watcher, not to a notify
+    # that finds nobody left on the condition.
+    from batchproc._native.request_queue import RequestQueue
+    from batchproc.controller import CallSlots
+    from batchproc.engine.workers import _LateRequests
+
+    slots = CallSlots(2)
+    slots.watch_with(_LateRequests(RequestQueue(8), 30.0))
+    assert slots.acquire(0.0) and slots.acquire(0.0)
+    watcher, watched = _acquiring(slots, 30.0, 30.0)
+    _until(lambda: slots._watch_waiting, "the watcher in the queue's wait")
+    waiter, waited = _acquiring(slots, 30.0)
+    _until(lambda: len(slots._cond._waiters) == 1, "a thread on the condition")
+    with slots._lock:  # both freed at once, as two releases back to back
+        slots._busy -= 2
+        slots._wake_one_locked()
+        slots._wake_one_locked()
+    waiter.join(10)
+    watcher.join(10)
+    assert waited == [True] and watched == [True]

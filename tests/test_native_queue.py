@@ -2149,3 +2149,76 @@ def test_a_push_a_stale_spinning_pop_was_counted_on_reaches_a_parked_consumer() 
         parked.outcome()
     assert counted, "the stale pop never stayed off the CPU long enough"
     assert parked.outcome() == ["x"]
+
+
+# ------------------------------------------------------------------ the watch's wait
+
+
+def test_await_late_returns_once_an_entry_has_waited_the_age() -> None:
+    q = native_queue.RequestQueue(4)
+    q.push("a")
+    pushed = time.monotonic()
+    assert q.await_late(0.05, 0.0, HANG, q.watch_wakes, 0.005) is True
+    assert time.monotonic() - pushed >= 0.05
+    assert q.await_late(0.05, 0.0, HANG, q.watch_wakes, 0.005) is True  # still late
+
+
+def test_await_late_waits_on_past_an_entry_popped_before_it_was_late() -> None:
+    # The oldest entry leaves before its age: the wait goes on (to its timeout), it does
+    # not report the entry, nor spin while the queue is empty.
+    q = native_queue.RequestQueue(4)
+    q.push("a")
+    popper = Worker(q.pop_batch, 10, timeout=HANG)
+    assert popper.outcome() == ["a"]
+    looks = q._watch_looks_count()
+    began = time.monotonic()
+    assert q.await_late(0.02, 0.0, 0.2, q.watch_wakes, 0.02) is False
+    waited = time.monotonic() - began
+    assert waited >= 0.2
+    assert 0 < q._watch_looks_count() - looks <= waited / 0.02 + 2
+
+
+def test_await_late_looks_first_after_first_look() -> None:
+    q = native_queue.RequestQueue(4)
+    q.push("a")
+    began = time.monotonic()
+    assert q.await_late(0.0, 0.1, HANG, q.watch_wakes, 0.005) is True
+    assert time.monotonic() - began >= 0.1
+
+
+def test_await_late_sees_an_entry_pushed_while_it_waits() -> None:
+    q = native_queue.RequestQueue(4)
+    watcher = Worker(q.await_late, 0.01, 0.0, HANG, q.watch_wakes, 0.01)
+    wait_until(lambda: q._watch_looks_count() >= 1, "the watch's first look")
+    q.push("a")
+    assert watcher.outcome() is True
+
+
+@pytest.mark.parametrize("wake", ["wake_watch", "close", "pause", "resume"])
+def test_a_wake_ends_an_await_late_and_one_since_it_was_read(wake: str) -> None:
+    q = native_queue.RequestQueue(4)
+    since = q.watch_wakes
+    # It looks at once, then waits (the lock let go only by the wait): a wake that
+    # takes the lock after the look comes during the wait.
+    watcher = Worker(q.await_late, 60.0, 0.0, None, since, 60.0)
+    wait_until(lambda: q._watch_looks_count() == 1, "the watch waiting")
+    getattr(q, wake)()
+    assert watcher.outcome() is False
+    assert q.watch_wakes == since + 1
+    # A wake between reading the count and the wait: the wait returns at once.
+    assert q.await_late(60.0, 60.0, None, since, 60.0) is False
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    ((float("nan"), 0.0, 1.0, 0, 0.01), ValueError),
+    ((-1.0, 0.0, 1.0, 0, 0.01), ValueError),
+    ((0.01, -1.0, 1.0, 0, 0.01), ValueError),
+    ((0.01, 0.0, -1.0, 0, 0.01), ValueError),
+    ((0.01, 0.0, 1.0, 0, 0.0), ValueError),
+    ((0.01, 0.0, 1.0, 0, float("inf")), ValueError),
+    (("1", 0.0, 1.0, 0, 0.01), TypeError),
+    ((0.01, 0.0, 1.0, -1, 0.01), OverflowError),
+])
+def test_await_late_rejects_bad_arguments(args: tuple[Any, ...], error: type) -> None:
+    with pytest.raises(error):
+        native_queue.RequestQueue(4).await_late(*args)

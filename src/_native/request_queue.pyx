@@ -106,6 +106,8 @@ cdef extern from "request_queue_sync.h" namespace "batchproc_rq":
     void wait_room(Sync* s, double deadline) noexcept nogil
     void wait_expiry(Sync* s, double deadline) noexcept nogil
     void notify_expiry_all(Sync* s) noexcept nogil
+    void wait_watch(Sync* s, double deadline) noexcept nogil
+    void notify_watch_all(Sync* s) noexcept nogil
     void notify_items_one(Sync* s) noexcept nogil
     size_t items_waiting(Sync* s) noexcept nogil
     void notify_fill_all(Sync* s) noexcept nogil
@@ -569,6 +571,8 @@ cdef class RequestQueue:
     cdef double _aging
     cdef uint64_t _pushed       # entries accepted by push() (parks are not arrivals)
     cdef uint64_t _retargets    # retarget() calls: pops planned before one pop nothing
+    cdef uint64_t _watch_wakes  # wake_watch() (close, pause, resume) calls: see await_late
+    cdef uint64_t _watch_looks  # times await_late looked at the queue (a test hook's)
     cdef double _spin           # seconds a pop spins on an empty queue before parking ...
     cdef double _spin_window    # ... if the last push was at most this long ago
 
@@ -1815,6 +1819,7 @@ cdef class RequestQueue:
             if until < self._parked_until:
                 self._parked_until = until
             notify_everyone(self._sync)
+            self._wake_watch_locked()
             sync_unlock(self._sync)
 
     # The three calls a worker makes on every batch keep the GIL when the lock is free
@@ -1922,6 +1927,7 @@ cdef class RequestQueue:
     cdef void _pause_locked(self) noexcept nogil:
         self._paused = True
         notify_fill_all(self._sync)     # a filling pop must hold, not pop at its deadline
+        self._wake_watch_locked()       # the watch dozes instead (nothing is popped)
 
     def resume(self):
         """Undo ``pause()``; waiting pops wake and go on."""
@@ -1929,6 +1935,7 @@ cdef class RequestQueue:
             sync_lock(self._sync)
             self._paused = False
             notify_everyone(self._sync)
+            self._wake_watch_locked()
             sync_unlock(self._sync)
 
     @property
@@ -1975,6 +1982,89 @@ cdef class RequestQueue:
             if self._heap[i].t_push < t:
                 t = self._heap[i].t_push
         return t
+
+    # The watch for entries waiting too long (a worker without a call slot, see
+    # engine/workers.py) looks every batch_timeout while requests flow. Between looks
+    # it waits here, the GIL released: a thread that woke and took the GIL that often
+    # would hold up the worker and the callers it hands results to, for nothing in
+    # nearly every look (the requests were popped in time).
+
+    def await_late(self, age, first_look, timeout, since, period):
+        """Wait, the GIL released, until a queued entry has waited ``age`` seconds or
+        more, looking first after ``first_look`` seconds, then whenever one could be
+        that late (every ``period`` seconds while none is queued: a push is not
+        watched); at most ``timeout`` seconds. Returns at once once ``wake_watch()``,
+        ``close()``, ``pause()`` or ``resume()`` was called since ``since``
+        (``watch_wakes`` as read before). True if an entry is that late now."""
+        cdef double c_age = _spin_arg(age, "age")
+        cdef double c_period = _spin_arg(period, "period")
+        cdef double start = mono_now()
+        cdef double look_at = start + _spin_arg(first_look, "first_look")
+        cdef double deadline = start + _timeout_arg(timeout)
+        cdef uint64_t c_since = since
+        cdef double wake_by
+        cdef int late = RQ_RETRY
+        if c_period == 0.0:
+            raise ValueError("period must be > 0 seconds, got 0")
+        while late == RQ_RETRY:
+            wake_by = _wake_by()
+            with nogil:
+                sync_lock(self._sync)
+                late = self._await_late_locked(c_age, c_period, look_at, deadline,
+                                               c_since, wake_by)
+                sync_unlock(self._sync)
+            if late == RQ_RETRY:
+                PyErr_CheckSignals()
+        return late == 1
+
+    cdef int _await_late_locked(self, double age, double period, double look_at,
+                                double deadline, uint64_t since,
+                                double wake_by) noexcept nogil:
+        cdef double t, until
+        while True:
+            if self._watch_wakes != since:
+                return 0
+            t = mono_now()
+            if t >= look_at:
+                self._watch_looks += 1
+                self._tick_locked()
+                until = self._oldest_locked() + age
+                if until <= t:
+                    return 1
+                if t >= deadline:
+                    return 0
+                if until == INFINITY:
+                    until = t + period
+            else:
+                until = look_at
+            if until > deadline:
+                until = deadline
+            if t >= wake_by:
+                return RQ_RETRY
+            if until > wake_by:
+                until = wake_by
+            wait_watch(self._sync, until)
+
+    @property
+    def watch_wakes(self):
+        """How many times ``wake_watch()``, ``close()``, ``pause()`` or ``resume()`` was
+        called: read it before ``await_late``."""
+        return self._watch_wakes
+
+    def wake_watch(self):
+        """End every ``await_late`` in progress (one began after this returns waits)."""
+        with nogil:
+            sync_lock(self._sync)
+            self._wake_watch_locked()
+            sync_unlock(self._sync)
+
+    cdef inline void _wake_watch_locked(self) noexcept nogil:
+        self._watch_wakes += 1
+        notify_watch_all(self._sync)
+
+    def _watch_looks_count(self):
+        """Test hook: how many times ``await_late`` looked at the queue."""
+        return self._watch_looks
 
     def _spins(self):
         """Test hook: (pops spinning right now, pops that spun so far)."""

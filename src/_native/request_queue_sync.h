@@ -111,6 +111,7 @@ struct Sync {
     CondVar fill;
     CondVar room;
     CondVar expiry;  // the collector of expired entries (take_expired)
+    CondVar watch;   // the watcher of entries waiting too long (await_late)
 };
 
 inline Sync* sync_new() noexcept {
@@ -195,6 +196,8 @@ inline void wait_fill(Sync* s, double deadline) noexcept { wait_until(s, s->fill
 inline void wait_room(Sync* s, double deadline) noexcept { wait_until(s, s->room, deadline); }
 inline void wait_expiry(Sync* s, double deadline) noexcept { wait_until(s, s->expiry, deadline); }
 inline void notify_expiry_all(Sync* s) noexcept { s->expiry.notify_all(); }
+inline void wait_watch(Sync* s, double deadline) noexcept { wait_until(s, s->watch, deadline); }
+inline void notify_watch_all(Sync* s) noexcept { s->watch.notify_all(); }
 
 // Notifications are sent with the mutex held (the waiter counts they depend on are only
 // consistent under it).

@@ -71,7 +71,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .config import BatchProcessingStrategy, BatchProcessorConfig, as_int
 
@@ -321,6 +321,21 @@ def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] 
     return out[0], out[1], out[2]
 
 
+class LateWatch(Protocol):
+    """Where the thread watching for requests past ``batch_timeout`` waits between its
+    looks (``CallSlots.watch_with``): the queue's ``await_late`` (engine/workers.py)."""
+
+    def wakes(self) -> int:
+        """How many times ``wake`` was called; read before ``wait``."""
+
+    def wait(self, first_look: float, timeout: float, since: int) -> None:
+        """Wait ``first_look`` seconds, then until a request is late, at most
+        ``timeout`` in all; at once if ``wake`` was called since ``since``."""
+
+    def wake(self) -> None:
+        """End the ``wait`` in progress (or the next, if it read ``wakes`` before)."""
+
+
 class CallSlots:
     """A counting gate: how many batches may be popped and run at once.
 
@@ -338,6 +353,14 @@ class CallSlots:
         # The watcher dozes through an idle spell (see acquire's ``idle``); read
         # unlocked by wake_dozer on every batch.
         self.dozing = False
+        # Where the watcher waits between looks, the GIL released (``watch_with``), and
+        # whether it waits there now; how many threads wait on the condition, and how
+        # many of them a notify woke that have not yet returned (a freed slot goes to
+        # one of the others, else to the watcher).
+        self._watch: LateWatch | None = None
+        self._watch_waiting = False
+        self._cond_waiters = 0
+        self._cond_woken = 0
 
     @property
     def limit(self) -> int:
@@ -360,9 +383,11 @@ class CallSlots:
         (the wait timed out, or another thread took the slot it was woken for).
 
         With ``watch_timeout``, one waiting thread at a time waits only that long: the
-        watch (``WorkerPool`` looks for requests overdue past ``batch_timeout``). The
-        others wait ``timeout``, without waking every watch period for nothing; a
-        watcher that takes a slot wakes one of them to take the watch over.
+        watch (``WorkerPool`` looks for requests overdue past ``batch_timeout``). With a
+        ``LateWatch`` (``watch_with``) it waits there instead: at least that long, then
+        on until a request is late, at most ``timeout``. The others wait ``timeout``,
+        without waking every watch period for nothing; a watcher that takes a slot
+        wakes one of them to take the watch over.
         With ``idle`` (asked under this lock: True if no batch is running and none can
         begin unseen), the watcher dozes instead: it waits ``timeout`` too, unless
         ``wake_dozer`` (a batch began) or a freed slot wakes it first.
@@ -371,26 +396,84 @@ class CallSlots:
             if self._take_locked():
                 return True
             watching = watch_timeout is not None and not self._watched
-            if not watching:
-                self._cond.wait(timeout)
+            if watch_timeout is None or not watching:
+                self._wait_locked(timeout)
             else:
                 self._watched = True
                 # Set before asking: a batch that begins after the answer sees it.
                 self.dozing = idle is not None
                 try:
                     if idle is not None and idle():
-                        self._cond.wait(timeout)
+                        self._wait_locked(timeout)
                     else:
                         self.dozing = False
-                        self._cond.wait(watch_timeout)
+                        if self._watch is None:
+                            self._wait_locked(watch_timeout)
+                        else:
+                            self._watch_locked(self._watch, watch_timeout, timeout)
                 finally:
                     self._watched = False
                     self.dozing = False
             if not self._take_locked():
                 return False
             if watching:
-                self._cond.notify()
+                self._notify_locked()
             return True
+
+    def watch_with(self, watch: LateWatch) -> None:
+        """Have the watcher wait in ``watch`` between its looks instead of on this
+        gate's condition: there it wakes for a request that waited too long or a freed
+        slot only, and without the GIL: a thread that took it every look would hold up
+        the worker and the callers it hands results to, for nothing in nearly every
+        look (the requests were popped in time)."""
+        self._watch = watch
+
+    def _wait_locked(self, timeout: float) -> None:
+        self._cond_waiters += 1
+        notified = False
+        try:
+            notified = self._cond.wait(timeout)
+        finally:
+            self._cond_waiters -= 1
+            # A notify a wait timing out took is not seen here (the wait says it timed
+            # out): the count errs by one until the waiters are gone, toward waking the
+            # watcher too, never toward a freed slot that wakes nobody.
+            self._cond_woken = max(0, min(self._cond_woken - notified, self._cond_waiters))
+
+    def _watch_locked(self, watch: LateWatch, first_look: float, timeout: float) -> None:
+        """Wait in the watch, this gate's lock let go meanwhile: a slot freed once
+        ``wakes`` is read (under the lock) ends the wait (``_wake_one_locked``)."""
+        since = watch.wakes()
+        self._watch_waiting = True
+        self._lock.release()
+        try:
+            watch.wait(first_look, timeout, since)
+        finally:
+            self._lock.acquire()
+            self._watch_waiting = False
+
+    def _notify_locked(self) -> None:
+        self._cond_woken = min(self._cond_woken + 1, self._cond_waiters)
+        self._cond.notify()
+
+    def _notify_all_locked(self) -> None:
+        self._cond_woken = self._cond_waiters
+        self._cond.notify_all()
+
+    def _wake_one_locked(self) -> None:
+        """Wake one thread waiting for a slot: one on the condition, else the watcher
+        waiting in the watch."""
+        watch = self._watch
+        if (watch is not None and self._watch_waiting
+                and self._cond_waiters <= self._cond_woken):
+            watch.wake()
+        else:
+            self._notify_locked()
+
+    def _wake_all_locked(self) -> None:
+        self._notify_all_locked()
+        if self._watch is not None and self._watch_waiting:
+            self._watch.wake()
 
     def wake_dozer(self) -> None:
         """A batch began: a dozing watcher must watch it (it may overrun), so it is woken
@@ -400,7 +483,7 @@ class CallSlots:
             with self._lock:
                 if self.dozing:
                     self.dozing = False
-                    self._cond.notify_all()
+                    self._notify_all_locked()
 
     def took_over(self) -> None:
         """The watcher took over the slot of a call that overruns (or a delivery that
@@ -408,7 +491,7 @@ class CallSlots:
         free. The count is unchanged; one of the threads still waiting is woken to take
         the watch over."""
         with self._lock:
-            self._cond.notify()
+            self._notify_locked()
 
     def release(self, wake: bool = True) -> None:
         """Free a slot. ``wake=False`` when the releasing thread comes back for one at
@@ -418,17 +501,17 @@ class CallSlots:
         with self._lock:
             self._busy -= 1
             if wake:
-                self._cond.notify()
+                self._wake_one_locked()
 
     def wake_all(self) -> None:
         """Wake every thread waiting for a slot (the queue closed)."""
         with self._lock:
-            self._cond.notify_all()
+            self._wake_all_locked()
 
     def set_limit(self, limit: int) -> None:
         with self._cond:
             self._limit = limit
-            self._cond.notify_all()
+            self._wake_all_locked()
 
 
 # What a trial of another call limit tries: two calls at once after one, one call more

@@ -149,6 +149,18 @@ class RequestQueue:
     def paused(self) -> bool: ...
     def oldest_age(self) -> float: ...
     def newest_age(self) -> float: ...
+    def await_late(self, age: float, first_look: float, timeout: float | None,
+                   since: int, period: float) -> bool:
+        """Wait, the GIL released, until a queued entry has waited ``age`` seconds (looking
+        first after ``first_look``, then whenever one could be; every ``period`` while
+        none is queued), at most ``timeout``; at once after ``wake_watch()``,
+        ``close()``, ``pause()`` or ``resume()`` since ``since`` (``watch_wakes``). True if
+        one is that late now."""
+    @property
+    def watch_wakes(self) -> int: ...
+    def wake_watch(self) -> None: ...
+    def _watch_looks_count(self) -> int:
+        """Test hook: how many times ``await_late`` looked at the queue."""
     def _spins(self) -> tuple[int, int]:
         """Test hook: (pops spinning now, pops that spun so far)."""
     def _lingers(self) -> tuple[int, int, float]:

@@ -80,6 +80,31 @@ class Worker:
         self.thread: threading.Thread | None = None
 
 
+class _LateRequests:
+    """The watcher's wait between looks (``CallSlots.watch_with``): the queue's
+    ``await_late``, until a request has waited ``batch_timeout`` (any, once the queue is
+    closed: nothing waits to fill a batch then, as in ``_until_overdue``)."""
+
+    __slots__ = ("_batch_timeout", "_queue")
+
+    def __init__(self, queue: Any, batch_timeout: float) -> None:
+        self._queue = queue
+        self._batch_timeout = batch_timeout
+
+    def wakes(self) -> int:
+        return int(self._queue.watch_wakes)
+
+    def wait(self, first_look: float, timeout: float, since: int) -> None:
+        queue = self._queue
+        age = 0.0 if queue.closed else self._batch_timeout
+        # Back at least every IDLE_AFTER, to ask whether an idle spell began (a doze).
+        timeout = min(timeout, max(first_look, IDLE_AFTER))
+        queue.await_late(age, first_look, timeout, since, max(age, WATCH_PERIOD_MIN))
+
+    def wake(self) -> None:
+        self._queue.wake_watch()
+
+
 class WorkerPool:
     # Told how many requests each pop took out of the queue, once something awaits room in
     # it (backpressure.RoomWaiters); until then the workers pay one attribute read.
@@ -92,6 +117,7 @@ class WorkerPool:
         self._queue = queue
         queue.spin = pop_spin()
         self._controller = controller
+        controller.slots.watch_with(_LateRequests(queue, config.batch_timeout))
         self._board = board
         self._executor = executor
         self._delivery = delivery

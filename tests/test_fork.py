@@ -117,6 +117,41 @@ def test_a_started_processor_refuses_in_a_forked_child(make_processor):
     assert p.enqueue_predict(["after"]).result(timeout=HANG) == ["after"]
 
 
+def test_a_forked_child_inherits_no_callbacks_thread(make_processor):
+    # The parent's callbacks thread (done-callbacks of the requests its supervisor
+    # failed) runs a callback as the fork happens: the child has no such thread, keeps no
+    # reference to it, and its stop() waits for nothing.
+    import threading
+
+    p = make_processor(lambda batch: batch, max_workers=1)
+    p.pause()
+    entered, release, ran_on = threading.Event(), threading.Event(), []
+
+    def blocking(future):
+        ran_on.append(threading.current_thread().name)
+        entered.set()
+        release.wait(HANG)
+
+    p.enqueue_predict(["expires"], max_queue_time=0.05).add_done_callback(blocking)
+    try:
+        assert entered.wait(HANG)
+        assert ran_on == ["batchproc-callbacks"]
+
+        def child():
+            started = time.monotonic()
+            names = [t.name for t in p._threads()]
+            p.stop(timeout=HANG)
+            return {"names": names, "seconds": time.monotonic() - started}
+
+        out = in_child(child)
+    finally:
+        release.set()
+    assert "batchproc-callbacks" not in out["names"]
+    assert out["seconds"] < HANG / 2
+    p.resume()
+    assert p.enqueue_predict(["after"]).result(timeout=HANG) == ["after"]
+
+
 async def _submit_async(p):
     return await p.enqueue_predict_async(["x"])
 

@@ -16,6 +16,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from hanging import hangs_on_666
+from waiting import wait_for
 
 from batchproc import BatchProcessingStrategy, ProcessorStoppedError
 
@@ -306,8 +307,9 @@ def test_stop_from_a_done_callback_of_a_searched_batch_comes_after_its_search(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_stop_from_a_done_callback_on_the_supervisor(make_processor, caplog):
-    # An expired request is failed on the supervisor thread, its callbacks too.
+def test_stop_from_a_done_callback_on_the_callbacks_thread(make_processor, caplog):
+    # An expired request is failed on the supervisor thread, its callbacks run on the
+    # processor's callbacks thread, which stop() does not wait for.
     p = make_processor(lambda b: b)
     p.pause()
     queued = p.enqueue_predict(one(2.0))
@@ -323,8 +325,9 @@ def test_stop_from_a_done_callback_on_the_supervisor(make_processor, caplog):
 
     expiring = p.enqueue_predict(one(1.0), max_queue_time=0.5)
     expiring.add_done_callback(stop_here)
+    wait_for(lambda: len(outcome) == 2, "the callback's stop() to return")
     join_threads(p)
-    assert outcome == {"thread": "batchproc-supervisor", "returned": True}
+    assert outcome == {"thread": "batchproc-callbacks", "returned": True}
     assert queued.result(timeout=0).tolist() == [[2.0]]  # stop drains, as always
     assert p.health()["state"] == "stopped"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

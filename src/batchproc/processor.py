@@ -2,9 +2,10 @@
 
 Intake (``enqueue_predict``) runs on the caller's thread and does the per-request work:
 describe the item, create its future, push it onto the native queue. Everything after
-that happens on the processor's threads: the workers (``engine/``) and one supervisor
+that happens on the processor's threads: the workers (``engine/``), one supervisor
 that fails requests whose ``max_queue_time`` ran out, enforces ``item_timeout`` and runs
-the health checks.
+the health checks, and, started on first need, one that runs the done-callbacks of the
+requests the supervisor fails (``engine/callbacks.py``), so that none holds it up.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .config import (
 from .controller import Controller
 from .engine import Engine
 from .engine.delivery import record_requests
+from .engine.workers import DELIVERY_GRACE
 from .errors import (
     BatchProcessorError,
     ProcessorForkedError,
@@ -367,10 +369,13 @@ class BatchProcessor(Generic[T, U]):
         before it has its outcome: a result, the model's error, or
         ``ProcessorStoppedError``; no call, delivery or retry starts afterwards. Only the
         requests whose results a worker was completing when time ran out (a done-callback
-        of one of them still running) are completed by that worker, after stop returns.
+        of one of them still running) are completed by that worker, after stop returns;
+        likewise the done-callbacks of requests that expired or timed out before the
+        stop, which run on the processor's callbacks thread: stop waits for them as it
+        waits for deliveries, and one still blocking leaves the rest to that thread.
 
         Called on one of the processor's own threads (a done-callback running on a worker
-        or the supervisor, an ``async def`` model on the event loop), it does the same
+        or the callbacks thread, an ``async def`` model on the event loop), it does the same
         but never waits for that thread: the work it is doing is given up (its other
         requests fail with ``ProcessorStoppedError``), and the thread exits once its
         current callback or call returns. Returns ``None`` in every case.
@@ -460,12 +465,32 @@ class BatchProcessor(Generic[T, U]):
             # at once unless a health check is running.
             supervisor.join(min(max(deadline - _monotonic(), SUPERVISOR_EXIT), 1.0))
         self._run_soon_now()  # what the supervisor had no tick left for
+        self._join_callbacks(deadline, shield)
         self._flush_logs(final=True)
         if leftover:
             logger.warning("batchproc stopped: %s failed with ProcessorStoppedError",
                            plural(leftover, "request"))
         else:
             logger.info("batchproc stopped")
+
+    def _join_callbacks(self, deadline: float, shield: shielded.Shield | None) -> None:
+        """The done-callbacks the supervisor handed to the callbacks thread run before
+        stop returns (those handed over from now on run where they are handed over):
+        waited for as the workers' deliveries are, until ``deadline``, and at least
+        ``DELIVERY_GRACE`` (a callback in progress when time ran out, or at once on an
+        interrupt); one that blocks past that is left to finish, and the thread runs
+        the rest after it."""
+        callbacks = self._dispatcher.callbacks
+        callbacks.close()
+        until = max(deadline, _monotonic() + DELIVERY_GRACE)
+        while True:
+            now = _monotonic()
+            if shield is not None and shield.interrupted:
+                until = min(until, now + DELIVERY_GRACE)
+            if callbacks.join(max(0.0, min(until, now + INTERRUPT_POLL) - now)):
+                return
+            if callbacks.thread is threading.current_thread() or _monotonic() >= until:
+                return
 
     def _drain(self, deadline: float, shield: shielded.Shield | None) -> bool:
         """Wait until ``deadline`` for the workers to finish the queued work and exit;
@@ -1085,6 +1110,7 @@ class BatchProcessor(Generic[T, U]):
         self._lifecycle = threading.Lock()
         self._counts_lock = threading.Lock()
         self._failure_log = FailureLog()
+        self._dispatcher.callbacks.forked_in_child()  # its thread is the parent's
 
     def _forked_error(self) -> ProcessorForkedError:
         return ProcessorForkedError(
@@ -1114,7 +1140,9 @@ class BatchProcessor(Generic[T, U]):
                 else:
                     expired = queue.take_expired(tick)
                     if expired:
-                        self._dispatcher.expire_queued(expired)
+                        # Their done-callbacks run on the callbacks thread, as those
+                        # of the calls expire_stuck abandons: none holds a time limit.
+                        self._dispatcher.expire_queued(expired, aside=True)
                 room = self._room
                 if room is not None:
                     room.reclaim()
@@ -1161,6 +1189,9 @@ class BatchProcessor(Generic[T, U]):
         threads = self._dispatcher.threads()
         if self._supervisor is not None:
             threads.append(self._supervisor)
+        callbacks = self._dispatcher.callbacks.thread
+        if callbacks is not None:
+            threads.append(callbacks)
         if self._async_model is not None:
             threads.append(self._async_model.thread)
         return threads

@@ -7,7 +7,8 @@ One module per job, each with a narrow interface:
 - ``workers``: the worker threads, their loop, and the hand-over at stop;
 - ``execution``: one batch's calls: build, call, check and split, bisection, retries;
 - ``delivery``: completing futures (results, failures, expired deadlines), counted first;
-- ``limits``: ``item_timeout``.
+- ``limits``: ``item_timeout``;
+- ``callbacks``: the thread that runs the done-callbacks of what the supervisor fails.
 
 ``Engine`` wires them together for the processor.
 """
@@ -22,9 +23,11 @@ from typing import Any
 from .._native.future_state import Request
 from ..config import BatchProcessorConfig
 from ..controller import Controller
+from ..futures import RequestFuture
 from ..metrics import MetricsSink
 from ..stats import BatchStats
 from .batch import ABANDONED, Board
+from .callbacks import CallbackThread
 from .delivery import Delivery
 from .execution import Executor
 from .limits import TimeLimits
@@ -45,8 +48,10 @@ class Engine:
                                   metrics)
         self._pool = WorkerPool(config, queue, controller, self._board, self._executor,
                                 self.delivery, resume, count_cancelled)
+        # Runs the done-callbacks of the requests the supervisor fails (engine/callbacks).
+        self.callbacks = CallbackThread()
         self._limits = TimeLimits(config, self._board, queue, self._pool, controller,
-                                  self.delivery, metrics)
+                                  self.delivery, metrics, self.callbacks)
         self.join = self._pool.join
         self.abandon_all = self._pool.abandon_all
         self.wait_for_pops = self._pool.wait_for_pops
@@ -107,12 +112,19 @@ class Engine:
         with self._board.lock:
             self._board.sealed = True
 
-    def expire_queued(self, requests: list[Request]) -> int:
-        """Fail requests whose ``max_queue_time`` ran out in the queue."""
+    def expire_queued(self, requests: list[Request], aside: bool = False) -> int:
+        """Fail requests whose ``max_queue_time`` ran out in the queue. Their
+        done-callbacks run on the callbacks thread with ``aside`` (the supervisor's
+        calls: it enforces every time limit), else on this one (stop's)."""
         room = self._pool.room
         if room is not None and requests:
             room.release(len(requests))
-        return self.delivery.expire(requests)
+        if not aside:
+            return self.delivery.expire(requests)
+        callbacks: list[RequestFuture] = []
+        expired = self.delivery.expire(requests, callbacks)
+        self.callbacks.run(callbacks)
+        return expired
 
     @property
     def expired(self) -> int:

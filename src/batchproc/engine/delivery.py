@@ -141,8 +141,10 @@ class Delivery:
 
     def run_deferred(self, batch: Batch) -> None:
         """Run the done-callbacks its failure search deferred (``Batch.deferred``): by
-        its worker once its calls are over, or by whoever abandons it. Timed as a
-        delivery is (``Batch.callbacks_started``): one that blocks is a stuck batch."""
+        its worker once its calls are over, or by stop giving up on it (a call of it
+        abandoned past ``item_timeout`` hands them to the callbacks thread instead).
+        Timed as a delivery is (``Batch.callbacks_started``): one that blocks is a stuck
+        batch."""
         callbacks = self._board.take_deferred(batch)
         if not callbacks:
             return
@@ -225,10 +227,11 @@ class Delivery:
         return len(pending)
 
     def time_out(self, requests: list[Request], error: BaseException,
-                 dispatched_at: float) -> int:
+                 dispatched_at: float, deferred: list[RequestFuture] | None = None) -> int:
         """Fail the requests of a call abandoned past ``item_timeout``, counted in
-        ``timed_out`` (as in the statistics' errors) before any future completes."""
-        return self.fail_pending(requests, error, OUTCOME_TIMEOUT, dispatched_at)
+        ``timed_out`` (as in the statistics' errors) before any future completes;
+        ``deferred`` as for ``fail_pending``."""
+        return self.fail_pending(requests, error, OUTCOME_TIMEOUT, dispatched_at, deferred)
 
     def _counted(self, pending: list[Request], error: BaseException,
                  outcome: str) -> list[Request]:
@@ -245,10 +248,11 @@ class Delivery:
                 self.timed_out += timed_out
         return counted
 
-    def expire(self, requests: list[Request]) -> int:
+    def expire(self, requests: list[Request],
+               deferred: list[RequestFuture] | None = None) -> int:
         """Fail requests whose ``max_queue_time`` ran out while they were queued (or
         parked for a retry) with ``QueueTimeoutError``; they do not reach the model
-        again."""
+        again. ``deferred`` as for ``fail_pending``."""
         live = start_all(requests)
         if len(live) != len(requests):
             self._count_cancelled(len(requests) - len(live))
@@ -259,7 +263,8 @@ class Delivery:
             self.expired += len(live)
         if self._metrics.records_requests:
             record_requests(self._metrics, live, OUTCOME_EXPIRED, None)
-        callbacks: list[RequestFuture] = []  # run once every one has its error
+        # Run once every one has its error.
+        callbacks: list[RequestFuture] = [] if deferred is None else deferred
         for request in live:
             error = expiry_error(request, now)
             self._metrics.error(error, 1)
@@ -267,7 +272,8 @@ class Delivery:
                 fail(request.future, error, callbacks)
             except InvalidStateError:  # pragma: no cover - would be a batchproc bug
                 logger.error("a future was completed twice; error dropped")
-        invoke_callbacks(callbacks)
+        if deferred is None:
+            invoke_callbacks(callbacks)
         return len(live)
 
     def others_needed(self) -> bool:

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import logging
 import queue as _stdlib_queue
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .._native.future_state import Request, total_rows
 from ..config import BatchProcessorConfig
 from ..controller import Controller
 from ..errors import BatchTimeoutError
+from ..futures import RequestFuture
 from ..log_limits import LogLimiter, plural, seconds
 from ..metrics import OUTCOME_TIMEOUT, MetricsSink
-from .batch import ABANDONED, CALLING, Batch, Board
+from .batch import ABANDONED, CALLING, Board
+from .callbacks import CallbackThread
 from .delivery import Delivery
 from .workers import WorkerPool
 
@@ -55,7 +55,7 @@ def _what_became_of(calls: int, failed: bool) -> str:
 class TimeLimits:
     def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
                  pool: WorkerPool, controller: Controller, delivery: Delivery,
-                 metrics: MetricsSink) -> None:
+                 metrics: MetricsSink, callbacks: CallbackThread) -> None:
         self._limit = config.item_timeout
         self._board = board
         self._queue = queue
@@ -63,6 +63,7 @@ class TimeLimits:
         self._controller = controller
         self._delivery = delivery
         self._metrics = metrics
+        self._callbacks = callbacks
         # Calls of several requests that timed out, until their requests have all ended
         # (only the supervisor's thread touches it).
         self._hung: list[_HungCall] = []
@@ -89,7 +90,10 @@ class TimeLimits:
             self._metrics.batch(len(calling), total_rows(calling),
                                 0.0, now - batch.call_started, OUTCOME_TIMEOUT)
             error = BatchTimeoutError(f"process_func exceeded item_timeout={limit} s")
-            self._delivery.time_out(own, error, batch.dispatched_at)
+            # The done-callbacks of what it fails run on the callbacks thread: one that
+            # blocked here would hold up every later time limit.
+            callbacks: list[RequestFuture] = []
+            self._delivery.time_out(own, error, batch.dispatched_at, callbacks)
             if own:
                 self._may_be_own(own)
             else:
@@ -97,12 +101,12 @@ class TimeLimits:
             failed = {id(r.future) for r in own}  # a chunk shares its request's future
             self._queue_again([r for r in batch.requests
                                if id(r.future) not in failed and not r.future.done()],
-                              error, batch.dispatched_at)
+                              error, batch.dispatched_at, callbacks)
             # The parts its failure search delivered before the call that hung: their
-            # done-callbacks must not wait for a call that may never return, nor hold
-            # this thread, which enforces item_timeout, should one of them block.
+            # done-callbacks must not wait for a call that may never return either.
             if batch.deferred:
-                _run_aside(self._delivery.run_deferred, batch)
+                self._callbacks.run(self._board.take_deferred(batch))
+            self._callbacks.run(callbacks)
         if self._hung:
             self._settle_hung(now)
         return len(overdue)
@@ -153,10 +157,11 @@ class TimeLimits:
         self._hung = left
 
     def _queue_again(self, requests: list[Request], error: BaseException,
-                     dispatched_at: float) -> None:
+                     dispatched_at: float, deferred: list[RequestFuture]) -> None:
         """Queue the requests of an abandoned batch that its time-out did not fail; each
         is popped alone (parked, due now; its own deadline still holds). Once stop has
-        begun, or with no room, they time out with the call instead: never lost."""
+        begun, or with no room, they time out with the call instead: never lost (their
+        callbacks join ``deferred``)."""
         now = _monotonic()
         left = []
         with self._board.lock:  # stop sets closing under it before it drains the queue
@@ -171,7 +176,7 @@ class TimeLimits:
                 except (_stdlib_queue.Full, MemoryError):
                     left.append(r)
         if left:
-            self._delivery.time_out(left, error, dispatched_at)
+            self._delivery.time_out(left, error, dispatched_at, deferred)
             self._may_be_own(left)
 
     def stuck_batches(self) -> list[dict[str, Any]]:
@@ -199,16 +204,6 @@ class TimeLimits:
                                   "abandoned": b.state is ABANDONED,
                                   "delivering": delivering})
         return stuck
-
-
-def _run_aside(work: Callable[[Batch], None], batch: Batch) -> None:
-    """``work(batch)`` on a thread of its own; here where no thread can start (at
-    interpreter exit on CPython 3.12+, a thread limit)."""
-    try:
-        threading.Thread(target=work, args=(batch,), name="batchproc-callbacks",
-                         daemon=True).start()
-    except RuntimeError:
-        work(batch)
 
 
 class _HungCall:

@@ -25,6 +25,11 @@ def item(v):
     return np.array([[v]], dtype=np.float64)
 
 
+class FakeProbe:
+    def read(self):
+        return {"rss_bytes": 1.0, "percent": 10.0, "system_percent": 10.0}
+
+
 class Blocking:
     """A done-callback that blocks until ``release`` (or HANG), noting its thread."""
 
@@ -209,3 +214,32 @@ def test_stop_from_a_callback_on_the_callbacks_thread_does_not_wait_for_itself(
     assert name == CALLBACKS
     assert took < HANG / 2  # it never joins its own thread
     assert not p.running
+
+
+def test_a_callback_blocking_past_item_timeout_is_a_stuck_delivery_not_a_dead_worker(
+        make_processor):
+    # Run on the supervisor, it went unseen by health(). On the callbacks thread it holds
+    # no worker: a warning (degraded), never critical, even with max_workers=1.
+    p = make_processor(lambda b: b, max_workers=1, item_timeout=0.3)
+    p._health.memory_probe = FakeProbe()
+    p.pause()
+    blocking = Blocking()
+    expire_with(p, blocking)
+    try:
+        assert blocking.entered.wait(HANG)
+        p.resume()
+        wait_for(lambda: p.health()["checks"]["stuck_batches"]["value"] == 1,
+                 "the callback to run past item_timeout", HANG)
+        report = p.health()
+        stuck = report["checks"]["stuck_batches"]
+        [entry] = stuck["batches"]
+        assert (entry["worker"], entry["requests"]) == (CALLBACKS, 1)
+        assert (entry["delivering"], entry["abandoned"]) == (True, False)
+        assert entry["running_for"] > 0.3
+        assert stuck["status"] == "warning"
+        assert (report["ready"], report["live"], report["status"]) == (
+            True, True, "degraded")
+        assert p.enqueue_predict(item(2.0)).result(timeout=HANG)[0, 0] == 2.0
+    finally:
+        blocking.release.set()
+    wait_for(lambda: p.health()["status"] == "healthy", "the callback to end", HANG)

@@ -227,6 +227,7 @@ class HealthMonitor:
         queue_size: Callable[[], int],
         stuck_batches: Callable[[], list[dict[str, Any]]],
         workers: Callable[[], tuple[int, int]],
+        stuck_callbacks: Callable[[], list[dict[str, Any]]] = lambda: [],
         returned_call_began: Callable[[], float] = lambda: 0.0,
         memory_probe: MemoryProbe | None = None,
         state: Callable[[], str] = lambda: RUNNING,
@@ -236,6 +237,7 @@ class HealthMonitor:
         self._metrics = metrics
         self._queue_size = queue_size
         self._stuck_batches = stuck_batches
+        self._stuck_callbacks = stuck_callbacks
         self._returned_call_began = returned_call_began
         self._workers = workers
         self._state = state
@@ -318,8 +320,15 @@ class HealthMonitor:
         status = OK
         if stuck:
             status = WARNING if len(stuck) < cfg.max_workers or returned else CRITICAL
-        checks["stuck_batches"] = {"status": status, "value": len(stuck),
-                                   "batches": stuck, "item_timeout": cfg.item_timeout,
+        # Done-callbacks of requests the supervisor failed, blocking on the callbacks
+        # thread (engine/callbacks.py): shown as a delivery is, a warning only, as they
+        # hold no worker.
+        aside = self._stuck_callbacks()
+        if aside and status == OK:
+            status = WARNING
+        checks["stuck_batches"] = {"status": status, "value": len(stuck) + len(aside),
+                                   "batches": stuck + aside,
+                                   "item_timeout": cfg.item_timeout,
                                    "calls_returned_since": returned}
 
         alive, expected = self._workers()

@@ -194,6 +194,7 @@ class BatchProcessor(Generic[T, U]):
             config, self._controller, self._metrics,
             queue_size=self._queue.__len__,
             stuck_batches=self._dispatcher.stuck_batches,
+            stuck_callbacks=self._dispatcher.stuck_callbacks,
             returned_call_began=self._dispatcher.returned_call_began,
             workers=self._dispatcher.alive_workers,
             state=self._lifecycle_state)
@@ -1087,7 +1088,8 @@ class BatchProcessor(Generic[T, U]):
         (percent of the container's memory limit, cgroup v2 or v1, where there is one;
         else of the machine's memory), queue (requests), stuck_batches (batches whose
         call, or whose delivery: its futures' done-callbacks, runs past
-        ``item_timeout``), workers.
+        ``item_timeout``; and the callbacks thread, running the done-callbacks of
+        requests that expired or timed out, past it: a warning only), workers.
         See docs/services.md, "Health endpoints".
         """
         return self._health.check()

@@ -60,6 +60,7 @@ class Engine:
         self.expire_stuck = self._limits.expire_stuck
         self.fill_vacancies = self._pool.fill_vacancies
         self.stuck_batches = self._limits.stuck_batches
+        self.stuck_callbacks = self._limits.stuck_callbacks
 
     def returned_call_began(self) -> float:
         """When the latest call that returned (not abandoned) had begun

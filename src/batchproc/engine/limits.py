@@ -30,6 +30,7 @@ from ..futures import RequestFuture
 from ..log_limits import LogLimiter, plural, seconds
 from ..metrics import OUTCOME_TIMEOUT, MetricsSink
 from .batch import ABANDONED, CALLING, Board
+from .callbacks import NAME as CALLBACKS_THREAD
 from .callbacks import CallbackThread
 from .delivery import Delivery
 from .workers import WorkerPool
@@ -204,6 +205,17 @@ class TimeLimits:
                                   "abandoned": b.state is ABANDONED,
                                   "delivering": delivering})
         return stuck
+
+    def stuck_callbacks(self) -> list[dict[str, Any]]:
+        """The callbacks thread, as ``stuck_batches`` shows a delivery, when the
+        done-callbacks it runs have run past ``item_timeout`` (one blocks): it holds up
+        the callbacks after it, though no worker."""
+        requests, started = self._callbacks.running()
+        running_for = _monotonic() - started
+        if not requests or running_for <= self._limit:
+            return []
+        return [{"worker": CALLBACKS_THREAD, "requests": requests,
+                 "running_for": running_for, "abandoned": False, "delivering": True}]
 
 
 class _HungCall:

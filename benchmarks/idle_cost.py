@@ -7,9 +7,10 @@ A processor that serves nothing should cost nothing. Its workers wait for a requ
 or for a call slot; one of those waiting for a slot watches for requests held up past
 ``batch_timeout`` behind a call that overruns, and the queue looks for it every watch
 period (``batch_timeout``, at least 5 ms), without the GIL. After an idle spell it
-dozes until the next batch begins. Each configuration is measured idle for ``--seconds`` after 20 requests and a
-settling pause, with the doze (``batchproc``) and, in the same run, without it (the
-watcher asked whether it is idle always answers no: ``no doze``): the process's
+dozes until the next batch begins. Each configuration is measured idle for
+``--seconds`` after 20 requests and a settling pause, with the doze (``batchproc``)
+and, in the same run, without it (the watcher asked whether it is idle always answers
+no: ``no doze``): the process's
 voluntary context switches (each a thread going to sleep) and CPU seconds per second,
 less the same measured with no processor.
 """

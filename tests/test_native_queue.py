@@ -2186,6 +2186,15 @@ def test_await_late_looks_first_after_first_look() -> None:
     assert time.monotonic() - began >= 0.1
 
 
+def test_await_late_ends_at_its_timeout_before_its_first_look() -> None:
+    # A timeout shorter than the first look ends the wait (it spun until the first look).
+    q = native_queue.RequestQueue(4)
+    q.push("a")
+    watcher = Worker(q.await_late, 0.0, 60.0, 0.05, q.watch_wakes, 0.005)
+    assert watcher.outcome() is False
+    assert q._watch_looks_count() == 0
+
+
 def test_await_late_sees_an_entry_pushed_while_it_waits() -> None:
     q = native_queue.RequestQueue(4)
     watcher = Worker(q.await_late, 0.01, 0.0, HANG, q.watch_wakes, 0.01)

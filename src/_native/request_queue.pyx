@@ -2031,12 +2031,12 @@ cdef class RequestQueue:
                 until = self._oldest_locked() + age
                 if until <= t:
                     return 1
-                if t >= deadline:
-                    return 0
                 if until == INFINITY:
                     until = t + period
             else:
                 until = look_at
+            if t >= deadline:
+                return 0
             if until > deadline:
                 until = deadline
             if t >= wake_by:

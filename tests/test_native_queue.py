@@ -2226,8 +2226,20 @@ def test_a_wake_ends_an_await_late_and_one_since_it_was_read(wake: str) -> None:
     ((0.01, 0.0, 1.0, 0, 0.0), ValueError),
     ((0.01, 0.0, 1.0, 0, float("inf")), ValueError),
     (("1", 0.0, 1.0, 0, 0.01), TypeError),
-    ((0.01, 0.0, 1.0, -1, 0.01), OverflowError),
+    ((0.01, 0.0, 1.0, -1, 0.01), ValueError),
+    ((0.01, 0.0, 1.0, 2**64, 0.01), ValueError),
+    ((0.01, 0.0, 1.0, 0.0, 0.01), TypeError),
+    ((0.01, 0.0, 1.0, None, 0.01), TypeError),
 ])
 def test_await_late_rejects_bad_arguments(args: tuple[Any, ...], error: type) -> None:
     with pytest.raises(error):
         native_queue.RequestQueue(4).await_late(*args)
+
+
+@pytest.mark.parametrize("since", [1.5, -1, 2**64, None])
+def test_await_late_names_a_bad_since(since: Any) -> None:
+    # A float was cut to an int without a word (1.5 waited as 1: a wake count it never
+    # had, so the wait ended at once); the others raised without naming the argument.
+    q = native_queue.RequestQueue(4)
+    with pytest.raises((TypeError, ValueError), match="since"):
+        q.await_late(0.01, 0.0, 1.0, since, 0.01)

@@ -426,6 +426,16 @@ cdef int64_t _int_arg_clamped(object v, str name) except? -1:
     return x
 
 
+cdef uint64_t _count_arg(object v, str name) except? 0:
+    """v as a uint64 (a count the queue gave out, such as ``watch_wakes``): an integer
+    (``operator.index``), never a float cut to one; TypeError/ValueError naming it."""
+    if not PyLong_Check(v):
+        v = _as_index(v, name)
+    if v < 0 or v > UINT64_MAX:
+        raise ValueError(f"{name} must be in [0, {UINT64_MAX}], got {v!r}")
+    return v
+
+
 cdef object _as_index(object v, str name):
     # Kept out of the int helpers so their common path (an int) sets up no try block.
     cdef type kind = type(v)
@@ -2001,7 +2011,7 @@ cdef class RequestQueue:
         cdef double start = mono_now()
         cdef double look_at = start + _spin_arg(first_look, "first_look")
         cdef double deadline = start + _timeout_arg(timeout)
-        cdef uint64_t c_since = since
+        cdef uint64_t c_since = _count_arg(since, "since")
         cdef double wake_by
         cdef int late = RQ_RETRY
         if c_period == 0.0:

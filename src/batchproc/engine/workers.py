@@ -97,7 +97,8 @@ class _LateRequests:
     def wait(self, first_look: float, timeout: float, since: int) -> None:
         queue = self._queue
         age = 0.0 if queue.closed else self._batch_timeout
-        # Back at least every IDLE_AFTER, to ask whether an idle spell began (a doze).
+        # Back after IDLE_AFTER (or the first look, if later) to ask whether an idle
+        # spell began (a doze).
         timeout = min(timeout, max(first_look, IDLE_AFTER))
         queue.await_late(age, first_look, timeout, since, max(age, WATCH_PERIOD_MIN))
 

@@ -189,7 +189,8 @@ class RequestQueue:
         for e in sorted((e for e in self._parked if e.due <= now), key=lambda e: e.due):
             self._parked.remove(e)
             e.seq = next(self._seq)
-            e.t_push = now
+            # Pushed when it was due, or behind the last push since: the head stays oldest.
+            e.t_push = max(e.due, self._last_push) if self._live else e.due
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += e.rows
@@ -324,6 +325,8 @@ class RequestQueue:
         fill_time = _float_arg(fill_time, "fill_time")
         deadline = time.monotonic() + _timeout_arg(timeout)
         fill = fill_rows > 0 and max_wait > 0
+        if retargets is not None:
+            retargets = _int_arg(retargets, "retargets", 0, 2**64 - 1)
         def stale() -> bool:
             return retargets is not None and retargets != self._retargets
 

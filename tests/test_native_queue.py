@@ -1004,6 +1004,16 @@ def test_a_retarget_ends_a_fill_wait_leaving_the_entries_queued(impl: Any) -> No
     assert q.pop_batch(2, retargets=q.retargets, timeout=0) == ["a", "b"]
 
 
+@pytest.mark.parametrize("retargets", [0.5, 1.0, -1, 2**64, "0"])
+def test_a_pop_names_a_bad_retargets(impl: Any, retargets: Any) -> None:
+    # A count the queue gave out: a float was cut to an int without a word.
+    q = impl.RequestQueue(4)
+    q.push("a")
+    with pytest.raises((TypeError, ValueError, OverflowError), match="retargets"):
+        q.pop_batch(10, timeout=0, retargets=retargets)
+    assert q.pop_batch(10, timeout=0, retargets=q.retargets) == ["a"]
+
+
 def test_a_pop_that_gives_no_retargets_is_not_ended_by_one(impl: Any) -> None:
     q = impl.RequestQueue(16)
     q.push("a")
@@ -1790,6 +1800,29 @@ def test_a_parked_entry_comes_back_alone_when_due(impl: Any) -> None:
     q.push("z2")
     assert q.pop_batch(10, timeout=0) == ["z", "z2"]  # solo: it joins no batch
     assert q.pop_batch(10, timeout=0) == ["r2"]
+
+
+def test_a_retry_due_while_nobody_looked_waits_from_when_it_was_due() -> None:
+    # A hung call holds the only call slot: no pop looks at the queue, only the watch,
+    # a period apart. A retry due a second before that look has waited a second, not
+    # since the look (which left it waiting up to another watch period to be late).
+    q = native_queue.RequestQueue(4)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() - 1.0)
+    assert q.await_late(0.5, 0.0, 0.0, q.watch_wakes, 0.01) is True
+    assert q.oldest_age() >= 1.0
+    assert q.pop_batch(10, timeout=0) == ["retry"]
+
+
+def test_a_retry_due_before_a_push_it_comes_in_behind_is_no_older(impl: Any) -> None:
+    # In line behind "x" (pushed after the retry was due, queued before the retry was
+    # looked at), it counts from x's push: an entry never waits longer than the one
+    # ahead of it (the head of a FIFO queue is its oldest).
+    q = impl.RequestQueue(4)
+    q.park("retry", 0, 1, 0, 0, 0, time.monotonic() - 1.0)
+    q.push("x")
+    assert q.pop_batch(10, timeout=0) == ["x"]
+    assert q.oldest_age() < 0.5
+    assert q.pop_batch(10, timeout=0) == ["retry"]
 
 
 def test_a_closed_queue_still_hands_out_parked_entries(impl: Any) -> None:

@@ -809,7 +809,7 @@ cdef class RequestQueue:
         """Apply the clock: expire entries past their deadline, queue parked entries that
         are due, age entries that waited past max_priority_wait. Cheap when none of these
         is in use (three length checks)."""
-        cdef double now
+        cdef double now, arrived
         cdef int32_t s
         cdef Entry e
         cdef Py_ssize_t i, before
@@ -826,17 +826,23 @@ cdef class RequestQueue:
             notify_expiry_all(self._sync)
         while self._plen > 0 and self._pheap[0].key <= now:
             s = self._pheap[0].slot
+            arrived = self._pheap[0].key
             _t_remove(self._pheap, self._info, T_PARKED, &self._plen, 0)
             e = self._parked[s]
-            # Due now: it arrives again (a new place in line, a new push time).
+            # Due: it arrives again, at the back of the line. It waits from when it was
+            # due, not from this tick (which may come late: no pop may be looking while
+            # a call hangs), or from the last push since, if later: the head stays the
+            # oldest entry.
+            if self._len > 0 and self._last_push > arrived:
+                arrived = self._last_push
             e.seq = self._seq
             self._seq += 1
-            e.t_push = now
+            e.t_push = arrived
             self._info[s].seq = e.seq
             _heap_push(self._heap, self._info, &self._len, &e)
             self._rows += e.rows
             if self._aging >= 0.0:
-                _t_push(self._aheap, self._info, T_AGE, &self._alen, now, s)
+                _t_push(self._aheap, self._info, T_AGE, &self._alen, arrived, s)
         while self._alen > 0 and self._aheap[0].key + self._aging < now:
             s = self._aheap[0].slot
             _t_remove(self._aheap, self._info, T_AGE, &self._alen, 0)
@@ -1568,7 +1574,7 @@ cdef class RequestQueue:
         p.planned = retargets is not None
         p.caught_push = False
         p.pushed_at = 0
-        p.retargets = retargets if p.planned else 0
+        p.retargets = _count_arg(retargets, "retargets") if p.planned else 0
         cdef double c_timeout = _timeout_arg(timeout)
         cdef double deadline, wake_by
         cdef PopBuf buf
@@ -1607,7 +1613,9 @@ cdef class RequestQueue:
     def park(self, item, priority, rows, nbytes, key, length, not_before, deadline=None):
         """Hold ``item`` out of line until ``not_before`` (a ``time.monotonic()`` time),
         then queue it as a new arrival of ``priority`` that always makes a batch of its own
-        (a request waiting to be retried). Meanwhile it counts in ``len()`` and
+        (a request waiting to be retried), at the back of the line; it counts as pushed
+        when it was due (or at the last push since, if later), however late the queue
+        looks (its age, for ``max_wait`` and ``await_late``). Meanwhile it counts in ``len()`` and
         ``parked``, not in ``rows``; a pop waiting for entries wakes when it is due, even
         on a closed queue (``pop_batch`` returns ``[]`` only once nothing is parked
         either, or nothing due by ``close``'s ``parked_until``). ``deadline`` as for

@@ -10,7 +10,10 @@ model (2 ms a call, the default configuration otherwise, 4 workers) hangs on one
 a request is sent at a random moment during the hang, and the time from its send to
 the start of the call that serves it is measured. Prints, per ``batch_timeout``, that
 wait's overshoot past ``batch_timeout`` (median, 90th percentile and the most, in ms):
-how late the worker watching for such requests finds them. Then, per strategy,
+how late the worker watching for such requests finds them. The same for a request that
+failed once just before the hang began and comes due for its retry during it (the
+queue empty, parked for ``retry_delay``, the hang beginning at a random moment before
+it is due): its wait counts from when it was due. Then, per strategy,
 ``--clients`` closed-loop clients for ``--seconds`` before the hang and as long again
 during it (``batch_timeout=0.1``, batches of at most ``--clients`` rows): the
 requests/s and median latency of each. The hung call's slot is taken over by the worker
@@ -32,22 +35,30 @@ from batchproc import BatchProcessor, BatchProcessorConfig
 HANG, PROBE = -1.0, -2.0
 
 
-def overshoots(batch_timeout: float, trials: int, rng: random.Random) -> list[float]:
-    """Seconds past ``batch_timeout`` each probe waited for its call to start."""
+def overshoots(batch_timeout: float, trials: int, rng: random.Random,
+               retried: bool = False) -> list[float]:
+    """Seconds past ``batch_timeout`` each probe waited for its call to start: from its
+    send, or (``retried``) from when its retry was due."""
     hanging, release = threading.Event(), threading.Event()
     probe_started: list[float] = []
+    probe_failed: list[float] = []
+    retry_delay = max(batch_timeout, 0.01)
 
     def model(batch: np.ndarray) -> np.ndarray:
         if batch[0, 0] == HANG:
             hanging.set()
             release.wait(60)
         elif batch[0, 0] == PROBE:
+            if retried and len(probe_failed) == len(probe_started):
+                probe_failed.append(time.monotonic())
+                raise RuntimeError("the probe's first call fails")
             probe_started.append(time.monotonic())
         time.sleep(0.002)
         return batch
 
     processor = BatchProcessor(BatchProcessorConfig(
-        max_workers=4, batch_timeout=batch_timeout, item_timeout=120))
+        max_workers=4, batch_timeout=batch_timeout, item_timeout=120,
+        retry_delay=retry_delay))
     processor.start(model)
     row = np.zeros((1, 4), np.float32)
     out = []
@@ -57,14 +68,25 @@ def overshoots(batch_timeout: float, trials: int, rng: random.Random) -> list[fl
         for _ in range(trials):
             hanging.clear()
             release.clear()
+            if retried:
+                failed = len(probe_failed)
+                probe = processor.enqueue_predict(np.full((1, 4), PROBE, np.float32))
+                while len(probe_failed) == failed:
+                    time.sleep(0.0005)
+                time.sleep(rng.uniform(0.0, retry_delay / 2))
             hung = processor.enqueue_predict(np.full((1, 4), HANG, np.float32))
             hanging.wait(10)
-            # Past the hung call's overrun point (twice its usual time), at a random
-            # moment against the watcher's looks.
-            time.sleep(0.005 + rng.uniform(0.0, max(batch_timeout, 0.01)))
-            sent = time.monotonic()
-            processor.enqueue_predict(np.full((1, 4), PROBE, np.float32)).result()
-            out.append(probe_started.pop() - sent - batch_timeout)
+            if retried:
+                probe.result()
+                out.append(probe_started[-1] - probe_failed[-1] - retry_delay
+                           - batch_timeout)
+            else:
+                # Past the hung call's overrun point (twice its usual time), at a random
+                # moment against the watcher's looks.
+                time.sleep(0.005 + rng.uniform(0.0, max(batch_timeout, 0.01)))
+                sent = time.monotonic()
+                processor.enqueue_predict(np.full((1, 4), PROBE, np.float32)).result()
+                out.append(probe_started[-1] - sent - batch_timeout)
             release.set()
             hung.result()
     finally:
@@ -145,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     if not timeouts or any(not 0.0 <= t <= 10.0 for t in timeouts):
         parser.error("--timeouts: each in [0, 10] seconds")
     rng = random.Random(args.seed)
-    print("batch_timeout ms | overshoot ms: median | p90 | most")
+    print("batch_timeout ms | request | overshoot ms: median | p90 | most")
     for timeout in timeouts:
-        late = sorted(x * 1e3 for x in overshoots(timeout, args.trials, rng))
-        p90 = late[min(len(late) - 1, int(0.9 * len(late)))]
-        print(f"{timeout * 1e3:g} | {statistics.median(late):.2f} | {p90:.2f} | {late[-1]:.2f}",
-              flush=True)
+        for retried in (False, True):
+            late = sorted(x * 1e3 for x in overshoots(timeout, args.trials, rng, retried))
+            p90 = late[min(len(late) - 1, int(0.9 * len(late)))]
+            print(f"{timeout * 1e3:g} | {'a retry' if retried else 'new'} | "
+                  f"{statistics.median(late):.2f} | {p90:.2f} | {late[-1]:.2f}", flush=True)
     if args.clients:
         print(f"\n{args.clients} clients, batch_timeout 100 ms | before the hang: req/s, "
               "p50 ms | while one call hangs: req/s, p50 ms")

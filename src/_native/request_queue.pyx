@@ -1615,12 +1615,12 @@ cdef class RequestQueue:
         then queue it as a new arrival of ``priority`` that always makes a batch of its own
         (a request waiting to be retried), at the back of the line; it counts as pushed
         when it was due (or at the last push since, if later), however late the queue
-        looks (its age, for ``max_wait`` and ``await_late``). Meanwhile it counts in ``len()`` and
-        ``parked``, not in ``rows``; a pop waiting for entries wakes when it is due, even
-        on a closed queue (``pop_batch`` returns ``[]`` only once nothing is parked
-        either, or nothing due by ``close``'s ``parked_until``). ``deadline`` as for
-        ``push``. It never waits for room and is accepted
-        even after ``close()``: the request was accepted once already.
+        looks (its age, for ``max_wait`` and ``await_late``). Meanwhile it counts in
+        ``len()`` and ``parked``, not in ``rows``; a pop waiting for entries wakes when it
+        is due, even on a closed queue (``pop_batch`` returns ``[]`` only once nothing is
+        parked either, or nothing due by ``close``'s ``parked_until``). ``deadline`` as
+        for ``push``. It never waits for room and is accepted even after ``close()``: the
+        request was accepted once already.
         """
         cdef int64_t c_prio = _priority_arg(priority)
         cdef int64_t c_rows = _int_arg(rows, "rows", 0, _MAX_COUNT)

@@ -101,7 +101,8 @@ class RequestQueue:
         not_before: SupportsFloat | SupportsIndex,
         deadline: SupportsFloat | SupportsIndex | None = None,
     ) -> None:
-        """Queue ``item`` as a batch of its own once ``not_before`` (monotonic) comes."""
+        """Queue ``item`` as a batch of its own once ``not_before`` (monotonic) comes,
+        counted as pushed then (or at the last push since, if later)."""
 
     def take_expired(self, timeout: SupportsFloat | SupportsIndex | None = 0.0) -> list[Any]:
         """Items whose deadline passed while queued or parked; waits up to ``timeout``."""
@@ -120,7 +121,7 @@ class RequestQueue:
         idle_gap: SupportsFloat | SupportsIndex | None = None,
         fill_time: SupportsFloat | SupportsIndex = 0.0,
         timeout: SupportsFloat | SupportsIndex | None = None,
-        retargets: int | None = None,
+        retargets: SupportsIndex | None = None,
     ) -> list[Any]:
         """Caps: ``max_rows`` (>= 1), ``max_bytes`` and ``max_tokens`` (<= 0: none), where a
         batch's tokens are its rows times the longest ``length`` among its entries. The

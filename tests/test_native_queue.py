@@ -1813,6 +1813,19 @@ def test_a_retry_due_while_nobody_looked_waits_from_when_it_was_due() -> None:
     assert q.pop_batch(10, timeout=0) == ["retry"]
 
 
+def test_an_await_late_on_an_empty_queue_looks_when_a_parked_retry_is_late() -> None:
+    # Pushes are not watched (it looks a period on), but a parked retry's due time is
+    # known: it looks when the retry will have waited ``age``, not a period (60 s) on.
+    # (Off the main thread, whose waits come back often to run signal handlers.)
+    q = native_queue.RequestQueue(4)
+    due = time.monotonic() + 0.05
+    q.park("retry", 0, 1, 0, 0, 0, due)
+    watcher = Worker(q.await_late, 0.05, 0.0, 2.0, q.watch_wakes, 60.0)
+    assert watcher.outcome() is True
+    assert due + 0.05 <= time.monotonic() < due + 1.5  # not at its timeout, 2 s
+    assert q.pop_batch(10, timeout=0) == ["retry"]
+
+
 def test_a_retry_due_before_a_push_it_comes_in_behind_is_no_older(impl: Any) -> None:
     # In line behind "x" (pushed after the retry was due, queued before the retry was
     # looked at), it counts from x's push: an entry never waits longer than the one

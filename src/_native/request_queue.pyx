@@ -2010,8 +2010,9 @@ cdef class RequestQueue:
     def await_late(self, age, first_look, timeout, since, period):
         """Wait, the GIL released, until a queued entry has waited ``age`` seconds or
         more, looking first after ``first_look`` seconds, then whenever one could be
-        that late (every ``period`` seconds while none is queued: a push is not
-        watched); at most ``timeout`` seconds. Returns at once once ``wake_watch()``,
+        that late (while none is queued, every ``period`` seconds, a push not being
+        watched, or sooner when a parked entry will have waited ``age`` since it is
+        due); at most ``timeout`` seconds. Returns at once once ``wake_watch()``,
         ``close()``, ``pause()`` or ``resume()`` was called since ``since``
         (``watch_wakes`` as read before). True if an entry is that late now."""
         cdef double c_age = _spin_arg(age, "age")
@@ -2050,7 +2051,11 @@ cdef class RequestQueue:
                 if until <= t:
                     return 1
                 if until == INFINITY:
-                    until = t + period
+                    # Nothing queued: pushes are not watched, so look again a period on,
+                    # or when a parked retry will have waited ``age`` since it is due.
+                    until = self._next_due_locked() + age
+                    if until > t + period:
+                        until = t + period
             else:
                 until = look_at
             if t >= deadline:

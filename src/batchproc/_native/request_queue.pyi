@@ -153,8 +153,8 @@ class RequestQueue:
     def await_late(self, age: float, first_look: float, timeout: float | None,
                    since: int, period: float) -> bool:
         """Wait, the GIL released, until a queued entry has waited ``age`` seconds (looking
-        first after ``first_look``, then whenever one could be; every ``period`` while
-        none is queued), at most ``timeout``; at once after ``wake_watch()``,
+        first after ``first_look``, then whenever one could be; while none is queued,
+        every ``period`` or when a parked one will have), at most ``timeout``; at once after ``wake_watch()``,
         ``close()``, ``pause()`` or ``resume()`` since ``since`` (``watch_wakes``). True if
         one is that late now."""
     @property

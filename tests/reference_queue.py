@@ -138,6 +138,7 @@ class RequestQueue:
         self._begun_at = self._answered_at = 0.0
         self._answered_rows = 0
         self._last_push = 0.0
+        self._last_arrival = 0.0  # the latest push time given to an entry coming into line
         self._last_batch_rows = 0
         self._last_batch_len = 0
         self._cond = threading.Condition(threading.Lock())
@@ -189,8 +190,16 @@ class RequestQueue:
         for e in sorted((e for e in self._parked if e.due <= now), key=lambda e: e.due):
             self._parked.remove(e)
             e.seq = next(self._seq)
-            # Pushed when it was due, or behind the last push since: the head stays oldest.
-            e.t_push = max(e.due, self._last_push) if self._live else e.due
+            # Pushed when it was due; in a FIFO queue no earlier than the entries ahead.
+            arrived = e.due
+            if not self._live:
+                self._last_arrival = arrived
+            elif self._last_arrival > arrived:
+                if not self._priorities:
+                    arrived = self._last_arrival
+            else:
+                self._last_arrival = arrived
+            e.t_push = arrived
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += e.rows
@@ -238,7 +247,7 @@ class RequestQueue:
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += rows
-            self._last_push = e.t_push
+            self._last_push = self._last_arrival = e.t_push
             self._cond.notify_all()
             return e.seq
 
@@ -259,7 +268,7 @@ class RequestQueue:
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += rows
-            self._last_push = e.t_push
+            self._last_push = self._last_arrival = e.t_push
             self._cond.notify_all()
             return e.seq
 
@@ -548,7 +557,7 @@ class RequestQueue:
         with self._cond:
             if not self._live:
                 return 0.0
-            newest = self._last_push
+            newest = self._last_arrival
         return max(0.0, time.monotonic() - newest)
 
     def _waiters(self) -> tuple[int, int, int]:

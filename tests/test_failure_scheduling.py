@@ -326,6 +326,31 @@ def test_a_request_held_with_one_that_hangs_gets_its_result(make_processor, size
         assert halvings == [] and p.current_batch_size == size
 
 
+def test_requests_of_an_abandoned_call_run_again_in_the_order_they_were_sent(
+        make_processor):
+    # The call of all eight hangs past item_timeout: they are queued again together (due
+    # at one time) and each runs alone, in their order (not the timer heap's, which put
+    # the last first for requests due at one moment).
+    release = threading.Event()
+    alone = []
+
+    def model(batch):
+        if len(batch) > 1:
+            release.wait(30)
+        else:
+            alone.append(batch[0, 0])
+        return batch
+
+    p = make_processor(model, max_batch_size=8, initial_batch_size=8, item_timeout=0.3)
+    try:
+        futures = enqueue_paused(p, [float(v) for v in range(8)])
+        for v, f in enumerate(futures):
+            assert f.result(timeout=20)[0, 0] == v
+    finally:
+        release.set()
+    assert alone == [float(v) for v in range(8)]
+
+
 def test_two_hanging_requests_time_out_and_no_other(make_processor):
     model = HangingModel(hang=[1.0, 6.0])
     p, outcome, halvings = run_with_hangs(make_processor, model, 8, max_retries=0)

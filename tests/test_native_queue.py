@@ -1505,13 +1505,17 @@ class NativeVsReference(RuleBasedStateMachine):
             self._queued(item)
 
     @rule(priority=st.integers(0, 3), rows=st.integers(0, 4), key=st.integers(0, 2),
-          due=st.booleans(), deadline=st.sampled_from([None, 1.0, 1e12]))
-    def park(self, priority: int, rows: int, key: int, due: bool,
+          due=st.sampled_from(["long ago", 1.0, 2.0, 3.0, "later"]),
+          deadline=st.sampled_from([None, 1.0, 1e12]))
+    def park(self, priority: int, rows: int, key: int, due: str | float,
              deadline: float | None) -> None:
         item = self._new_item()
         self.parks += 1
-        # Distinct times in the past: the queues agree on the order they come due in.
-        not_before = self.parks * 1e-6 if due else 1e12 + self.parks
+        # Due long ago (all at one time: they come back in the order parked), some
+        # seconds ago (their ages tell whether each counts from when it was due), or
+        # not in this test.
+        not_before = (1e-6 if due == "long ago" else 1e12 + self.parks if due == "later"
+                      else time.monotonic() - float(due))
         got, _ = self._both(
             lambda: self.native.park(item, priority, rows, 0, key, 0, not_before, deadline),
             lambda: self.ref.park(item, priority, rows, 0, key, 0, not_before, deadline))
@@ -1576,6 +1580,10 @@ class NativeVsReference(RuleBasedStateMachine):
         assert self.native.rows == self.ref.rows
         assert self.native.closed == self.ref.closed
         assert (self.native.oldest_age() == 0.0) == (len(self.ref) == self.ref.parked)
+        # Ages of a second or more apart, when a parked entry came into line (the reads
+        # are microseconds apart).
+        assert abs(self.native.oldest_age() - self.ref.oldest_age()) < 0.5
+        assert abs(self.native.newest_age() - self.ref.newest_age()) < 0.5
 
     @invariant()
     def entries_hidden_from_the_collector_exactly_while_queued(self) -> None:
@@ -1830,12 +1838,61 @@ def test_a_retry_due_before_a_push_it_comes_in_behind_is_no_older(impl: Any) -> 
     # In line behind "x" (pushed after the retry was due, queued before the retry was
     # looked at), it counts from x's push: an entry never waits longer than the one
     # ahead of it (the head of a FIFO queue is its oldest).
-    q = impl.RequestQueue(4)
+    q = impl.RequestQueue(4, priorities=False)
     q.park("retry", 0, 1, 0, 0, 0, time.monotonic() - 1.0)
     q.push("x")
     assert q.pop_batch(10, timeout=0) == ["x"]
     assert q.oldest_age() < 0.5
     assert q.pop_batch(10, timeout=0) == ["retry"]
+
+
+def test_retries_due_at_one_time_come_back_in_the_order_they_were_parked(
+        impl: Any) -> None:
+    # As the requests of an abandoned call are (one time for all): a heap of due times
+    # alone gave them back in its own order.
+    q = impl.RequestQueue(64)
+    due = time.monotonic() - 0.5
+    for i in range(10):
+        q.park(f"r{i}", 0, 1, 0, 0, 0, due)
+    assert [q.pop_batch(10, timeout=0) for _ in range(10)] == [[f"r{i}"] for i in range(10)]
+
+
+@pytest.mark.parametrize("priorities", [False, True])
+def test_a_retry_is_never_newer_than_the_queue_says(impl: Any, priorities: bool) -> None:
+    # Only a retry in line, nothing ever pushed: the newest entry is that retry, a
+    # second old, not the last push (none).
+    q = impl.RequestQueue(4, priorities=priorities)
+    q.park("r", 0, 1, 0, 0, 0, time.monotonic() - 1.0)
+    assert q.exhausted is False  # a look: it comes into line
+    assert 1.0 <= q.oldest_age() < 1.5 and 1.0 <= q.newest_age() <= q.oldest_age()
+
+
+def test_a_retry_due_earlier_than_one_ahead_of_it_is_no_older_in_a_fifo_queue(
+        impl: Any) -> None:
+    # "a" came into line counting from 1 s ago; "b", due 5 s ago but looked at after,
+    # comes in behind it: it counts from a's time, so the head is still the oldest.
+    q = impl.RequestQueue(8, priorities=False)
+    t = time.monotonic()
+    q.park("a", 0, 1, 0, 0, 0, t - 1.0)
+    assert q.exhausted is False
+    q.park("b", 0, 1, 0, 0, 0, t - 5.0)
+    assert q.exhausted is False
+    assert 1.0 <= q.oldest_age() < 1.5
+    assert q.pop_batch(10, timeout=0) == ["a"]
+    assert 1.0 <= q.oldest_age() < 1.5
+    assert q.pop_batch(10, timeout=0) == ["b"]
+
+
+def test_with_priorities_a_retry_ages_from_when_it_was_due_whatever_came_since(
+        impl: Any) -> None:
+    # An urgent push between the retry's due time and the look does not restart the
+    # retry's clock: due a second ago, it has waited past max_priority_wait and goes
+    # first (the oldest entry is found by a scan with priorities: no order to keep).
+    q = impl.RequestQueue(8, priorities=True, max_priority_wait=0.5)
+    q.park("retry", 3, 1, 0, 0, 0, time.monotonic() - 1.0)
+    q.push("urgent", 0)
+    assert q.pop_batch(10, timeout=0) == ["retry"]
+    assert q.pop_batch(10, timeout=0) == ["urgent"]
 
 
 def test_a_closed_queue_still_hands_out_parked_entries(impl: Any) -> None:

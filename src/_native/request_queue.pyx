@@ -194,9 +194,12 @@ ctypedef struct Entry:
     bint solo           # always a batch of its own (a request being retried)
 
 ctypedef struct TEntry:
-    # An entry of a timer heap: what time it is keyed on, and its slot.
+    # An entry of a timer heap: what time it is keyed on, its slot, and the order it came
+    # in (entries due at one time leave in that order: retries parked together come
+    # back in line as they were).
     double key
     int32_t slot
+    uint64_t order
 
 ctypedef struct SlotInfo:
     uint64_t seq        # seq of the slot's latest entry (UINT64_MAX: none yet)
@@ -330,12 +333,16 @@ cdef inline void _t_setpos(SlotInfo* info, int which, int32_t slot,
         info[slot].apos = i
 
 
+cdef inline bint _t_before(const TEntry* a, const TEntry* b) noexcept nogil:
+    return a.key < b.key or (a.key == b.key and a.order < b.order)
+
+
 cdef void _t_sift_up(TEntry* h, SlotInfo* info, int which, Py_ssize_t i) noexcept nogil:
     cdef TEntry e = h[i]
     cdef Py_ssize_t parent
     while i > 0:
         parent = (i - 1) >> 1
-        if not e.key < h[parent].key:
+        if not _t_before(&e, &h[parent]):
             break
         h[i] = h[parent]
         _t_setpos(info, which, h[i].slot, i)
@@ -352,9 +359,9 @@ cdef void _t_sift_down(TEntry* h, SlotInfo* info, int which, Py_ssize_t n,
         child = 2 * i + 1
         if child >= n:
             break
-        if child + 1 < n and h[child + 1].key < h[child].key:
+        if child + 1 < n and _t_before(&h[child + 1], &h[child]):
             child += 1
-        if not h[child].key < e.key:
+        if not _t_before(&h[child], &e):
             break
         h[i] = h[child]
         _t_setpos(info, which, h[i].slot, i)
@@ -364,9 +371,11 @@ cdef void _t_sift_down(TEntry* h, SlotInfo* info, int which, Py_ssize_t n,
 
 
 cdef inline void _t_push(TEntry* h, SlotInfo* info, int which, Py_ssize_t* n, double key,
-                         int32_t slot) noexcept nogil:
+                         int32_t slot, uint64_t* order) noexcept nogil:
     h[n[0]].key = key
     h[n[0]].slot = slot
+    h[n[0]].order = order[0]
+    order[0] += 1
     n[0] += 1
     _t_sift_up(h, info, which, n[0] - 1)
 
@@ -378,7 +387,7 @@ cdef void _t_remove(TEntry* h, SlotInfo* info, int which, Py_ssize_t* n,
     if i == n[0]:
         return
     h[i] = h[n[0]]
-    if i > 0 and h[i].key < h[(i - 1) >> 1].key:
+    if i > 0 and _t_before(&h[i], &h[(i - 1) >> 1]):
         _t_sift_up(h, info, which, i)
     else:
         _t_sift_down(h, info, which, n[0], i)
@@ -553,6 +562,8 @@ cdef class RequestQueue:
     cdef int64_t _rows          # rows of queued entries
     cdef uint64_t _seq
     cdef double _last_push
+    cdef double _last_arrival   # the latest push time given to an entry coming into line
+    cdef uint64_t _timed        # entries put on a timer heap (their order there)
     cdef bint _priorities, _closed
     cdef bint _paused           # pops hand nothing out while set (until close)
     cdef Py_ssize_t _in_flight  # batches the consumer says are running (begin/end_batch)
@@ -750,9 +761,9 @@ cdef class RequestQueue:
         self._info[s].seq = e.seq
         _heap_push(self._heap, self._info, &self._len, &e)
         self._rows += rows
-        self._last_push = e.t_push
+        self._last_push = self._last_arrival = e.t_push
         if self._aging >= 0.0:
-            _t_push(self._aheap, self._info, T_AGE, &self._alen, e.t_push, s)
+            _t_push(self._aheap, self._info, T_AGE, &self._alen, e.t_push, s, &self._timed)
         if deadline != INFINITY:
             self._add_deadline_locked(deadline, s)
         # One new entry can start one idle consumer. Filling consumers only need waking
@@ -776,7 +787,7 @@ cdef class RequestQueue:
         # The collector waits for the earliest deadline: wake it if this one is earlier.
         if self._w_exp > 0 and (self._dlen == 0 or deadline < self._dheap[0].key):
             notify_expiry_all(self._sync)
-        _t_push(self._dheap, self._info, T_DEADLINE, &self._dlen, deadline, s)
+        _t_push(self._dheap, self._info, T_DEADLINE, &self._dlen, deadline, s, &self._timed)
 
     cdef void _unindex_locked(self, int32_t s) noexcept nogil:
         """Take a slot that leaves the queue out of its deadline and ageing heaps."""
@@ -831,10 +842,15 @@ cdef class RequestQueue:
             e = self._parked[s]
             # Due: it arrives again, at the back of the line. It waits from when it was
             # due, not from this tick (which may come late: no pop may be looking while
-            # a call hangs), or from the last push since, if later: the head stays the
-            # oldest entry.
-            if self._len > 0 and self._last_push > arrived:
-                arrived = self._last_push
+            # a call hangs); in a FIFO queue no earlier than the entries ahead of it came
+            # into line, so that the head stays the oldest entry.
+            if self._len == 0:
+                self._last_arrival = arrived
+            elif self._last_arrival > arrived:
+                if not self._priorities:
+                    arrived = self._last_arrival
+            else:
+                self._last_arrival = arrived
             e.seq = self._seq
             self._seq += 1
             e.t_push = arrived
@@ -842,7 +858,8 @@ cdef class RequestQueue:
             _heap_push(self._heap, self._info, &self._len, &e)
             self._rows += e.rows
             if self._aging >= 0.0:
-                _t_push(self._aheap, self._info, T_AGE, &self._alen, arrived, s)
+                _t_push(self._aheap, self._info, T_AGE, &self._alen, arrived, s,
+                        &self._timed)
         while self._alen > 0 and self._aheap[0].key + self._aging < now:
             s = self._aheap[0].slot
             _t_remove(self._aheap, self._info, T_AGE, &self._alen, 0)
@@ -1614,8 +1631,11 @@ cdef class RequestQueue:
         """Hold ``item`` out of line until ``not_before`` (a ``time.monotonic()`` time),
         then queue it as a new arrival of ``priority`` that always makes a batch of its own
         (a request waiting to be retried), at the back of the line; it counts as pushed
-        when it was due (or at the last push since, if later), however late the queue
-        looks (its age, for ``max_wait`` and ``await_late``). Meanwhile it counts in
+        when it was due, however late the queue looks (its age, for ``max_wait``,
+        ``await_late`` and ageing), except that in a FIFO queue it is never older than
+        an entry ahead of it (while some are queued: then it counts from the latest
+        time an entry came into line, if later). Retries due at one time come into
+        line in the order they were parked. Meanwhile it counts in
         ``len()`` and ``parked``, not in ``rows``; a pop waiting for entries wakes when it
         is due, even on a closed queue (``pop_batch`` returns ``[]`` only once nothing is
         parked either, or nothing due by ``close``'s ``parked_until``). ``deadline`` as
@@ -1664,7 +1684,7 @@ cdef class RequestQueue:
         e.t_push = due
         e.slot = s
         e.solo = True
-        _t_push(self._pheap, self._info, T_PARKED, &self._plen, due, s)
+        _t_push(self._pheap, self._info, T_PARKED, &self._plen, due, s, &self._timed)
         if deadline != INFINITY:
             self._add_deadline_locked(deadline, s)
         # A consumer blocked without a time limit must learn when this one is due (a held
@@ -1968,8 +1988,10 @@ cdef class RequestQueue:
         return _age_since(self._push_time(False))
 
     def newest_age(self):
-        """Seconds since the latest push while something is queued (arrivals still
-        coming in, or stopped a while ago); 0.0 when empty. O(1)."""
+        """Seconds since the latest entry came into line (a push, or a parked retry at
+        the time it counts as pushed, ``park``) while something is queued (arrivals
+        still coming in, or stopped a while ago); 0.0 when empty. Never more than
+        ``oldest_age()``. O(1)."""
         return _age_since(self._push_time(True))
 
     cdef double _push_time(self, bint newest):
@@ -1987,7 +2009,7 @@ cdef class RequestQueue:
         return t
 
     cdef inline double _newest_locked(self) noexcept nogil:
-        return self._last_push if self._len > 0 else INFINITY
+        return self._last_arrival if self._len > 0 else INFINITY
 
     cdef double _oldest_locked(self) noexcept nogil:
         cdef Py_ssize_t i

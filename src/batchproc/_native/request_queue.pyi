@@ -102,7 +102,8 @@ class RequestQueue:
         deadline: SupportsFloat | SupportsIndex | None = None,
     ) -> None:
         """Queue ``item`` as a batch of its own once ``not_before`` (monotonic) comes,
-        counted as pushed then (or at the last push since, if later)."""
+        counted as pushed then (in a FIFO queue, never older than an entry ahead of it);
+        retries due together come back in the order parked."""
 
     def take_expired(self, timeout: SupportsFloat | SupportsIndex | None = 0.0) -> list[Any]:
         """Items whose deadline passed while queued or parked; waits up to ``timeout``."""

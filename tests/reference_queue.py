@@ -70,11 +70,13 @@ def _timeout_arg(v: Any) -> float:
 
 
 _AGED = -1  # the priority of an entry that waited past max_priority_wait
+# The order entries were made, so their deadlines set: deadlines that tie expire in it.
+_MADE = itertools.count()
 
 
 class _Entry:
-    __slots__ = ("aged", "cancelled", "deadline", "due", "item", "key", "length", "nbytes",
-                 "priority", "rows", "seq", "solo", "t_push")
+    __slots__ = ("aged", "cancelled", "deadline", "due", "item", "key", "length", "made",
+                 "nbytes", "priority", "rows", "seq", "solo", "t_push")
 
     def __init__(self, priority: int, seq: int, rows: int, nbytes: int, key: int,
                  length: int, item: Any, deadline: float = math.inf) -> None:
@@ -88,6 +90,7 @@ class _Entry:
         self.t_push = time.monotonic()
         self.cancelled = False
         self.deadline = deadline
+        self.made = next(_MADE)
         self.solo = False
         self.due = 0.0
         self.aged = False
@@ -179,7 +182,7 @@ class RequestQueue:
         """Expire, queue what is due, age: what the native queue does on every look."""
         now = time.monotonic()
         gone = [e for e in list(self._live.values()) + self._parked if e.deadline <= now]
-        for e in sorted(gone, key=lambda e: e.deadline):
+        for e in sorted(gone, key=lambda e: (e.deadline, e.made)):
             if e in self._parked:
                 self._parked.remove(e)
             else:

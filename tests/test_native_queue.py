@@ -1526,7 +1526,7 @@ class NativeVsReference(RuleBasedStateMachine):
     def take_expired(self) -> None:
         got_n, got_r = self._both(lambda: self.native.take_expired(0),
                                   lambda: self.ref.take_expired(0))
-        assert sorted(got_n) == sorted(got_r)
+        assert got_n == got_r  # deadlines that tie expire in the order they were set
         self._left(got_n)
 
     @rule(max_rows=st.integers(1, 9), max_bytes=st.integers(-1, 700),

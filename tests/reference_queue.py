@@ -194,15 +194,9 @@ class RequestQueue:
             self._parked.remove(e)
             e.seq = next(self._seq)
             # Pushed when it was due; in a FIFO queue no earlier than the entries ahead.
-            arrived = e.due
-            if not self._live:
-                self._last_arrival = arrived
-            elif self._last_arrival > arrived:
-                if not self._priorities:
-                    arrived = self._last_arrival
-            else:
-                self._last_arrival = arrived
-            e.t_push = arrived
+            if not self._live or e.due >= self._last_arrival:
+                self._last_arrival = e.due
+            e.t_push = e.due if self._priorities else self._last_arrival
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += e.rows

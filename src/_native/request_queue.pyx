@@ -844,13 +844,10 @@ cdef class RequestQueue:
             # due, not from this tick (which may come late: no pop may be looking while
             # a call hangs); in a FIFO queue no earlier than the entries ahead of it came
             # into line, so that the head stays the oldest entry.
-            if self._len == 0:
+            if self._len == 0 or arrived >= self._last_arrival:
                 self._last_arrival = arrived
-            elif self._last_arrival > arrived:
-                if not self._priorities:
-                    arrived = self._last_arrival
-            else:
-                self._last_arrival = arrived
+            elif not self._priorities:
+                arrived = self._last_arrival
             e.seq = self._seq
             self._seq += 1
             e.t_push = arrived

@@ -155,9 +155,9 @@ class RequestQueue:
                    since: int, period: float) -> bool:
         """Wait, the GIL released, until a queued entry has waited ``age`` seconds (looking
         first after ``first_look``, then whenever one could be; while none is queued,
-        every ``period`` or when a parked one will have), at most ``timeout``; at once after ``wake_watch()``,
-        ``close()``, ``pause()`` or ``resume()`` since ``since`` (``watch_wakes``). True if
-        one is that late now."""
+        every ``period`` or when a parked one will have), at most ``timeout``; at once
+        after ``wake_watch()``, ``close()``, ``pause()`` or ``resume()`` since ``since``
+        (``watch_wakes``). True if one is that late now."""
     @property
     def watch_wakes(self) -> int: ...
     def wake_watch(self) -> None: ...

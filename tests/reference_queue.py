@@ -190,6 +190,17 @@ class RequestQueue:
                 e.cancelled = True
                 self._rows -= e.rows
             self._expired.append(e)
+        self._arrive_due(now)
+        if self._aging >= 0:
+            changed = False
+            for e in self._live.values():
+                if not e.aged and e.t_push + self._aging < now:
+                    e.aged, e.priority, changed = True, _AGED, True
+            if changed:
+                heapq.heapify(self._heap)
+
+    def _arrive_due(self, now: float) -> None:
+        """Queue the parked entries due by ``now`` (on every look, and before a push)."""
         for e in sorted((e for e in self._parked if e.due <= now), key=lambda e: e.due):
             self._parked.remove(e)
             e.seq = next(self._seq)
@@ -200,13 +211,6 @@ class RequestQueue:
             heapq.heappush(self._heap, e)
             self._live[e.seq] = e
             self._rows += e.rows
-        if self._aging >= 0:
-            changed = False
-            for e in self._live.values():
-                if not e.aged and e.t_push + self._aging < now:
-                    e.aged, e.priority, changed = True, _AGED, True
-            if changed:
-                heapq.heapify(self._heap)
 
     def _next_due(self) -> float:
         return min((e.due for e in self._parked), default=math.inf)
@@ -238,6 +242,7 @@ class RequestQueue:
                     self._cond.wait(None if math.isinf(left) else left)
                 finally:
                     self._w_room -= 1
+            self._arrive_due(time.monotonic())
             self._pushed += 1
             e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
                        length, item, expires)
@@ -259,6 +264,7 @@ class RequestQueue:
         with self._cond:
             if self._used() >= _MAX_CAPACITY:
                 raise queue.Full
+            self._arrive_due(time.monotonic())
             self._pushed += 1
             e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
                        length, item, expires)

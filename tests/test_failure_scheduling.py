@@ -326,6 +326,42 @@ def test_a_request_held_with_one_that_hangs_gets_its_result(make_processor, size
         assert halvings == [] and p.current_batch_size == size
 
 
+def test_a_retry_due_before_a_request_is_sent_runs_before_it(make_processor):
+    # "flaky" fails and is parked for retry_delay; the one worker is then busy with
+    # "slow", so nothing looks at the queue when the retry comes due. A request sent
+    # after that goes behind the retry (it went ahead: the push did not queue the
+    # retry first).
+    slow_started, release = threading.Event(), threading.Event()
+    failed, ran = [], []
+
+    def model(batch):
+        v = batch[0, 0]
+        if v == 1 and not failed:
+            failed.append(v)
+            raise Poison("once")
+        if v == 2:
+            slow_started.set()
+            release.wait(30)
+        ran.append(v)
+        return batch
+
+    p = make_processor(model, max_workers=1, max_batch_size=1, initial_batch_size=1,
+                       retry_delay=0.05, max_retries=1)
+    try:
+        futures = enqueue_paused(p, [1.0, 2.0])
+        assert slow_started.wait(10)
+        # The retry was parked before "slow" began: due by now + retry_delay.
+        due_by = time.monotonic() + 0.05
+        while time.monotonic() <= due_by:
+            threading.Event().wait(due_by - time.monotonic() + 0.001)
+        futures.append(p.enqueue_predict(item(3.0)))
+    finally:
+        release.set()
+    for f in futures:
+        f.result(timeout=20)
+    assert ran == [2.0, 1.0, 3.0]
+
+
 def test_requests_of_an_abandoned_call_run_again_in_the_order_they_were_sent(
         make_processor):
     # The call of all eight hangs past item_timeout: they are queued again together (due

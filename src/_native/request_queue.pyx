@@ -745,8 +745,12 @@ cdef class RequestQueue:
         """Queue the entry whose object is already in slot s; wake consumers. On a closed
         queue only an entry ``accepted`` already (``push_again``)."""
         cdef Entry e
+        cdef double now
         if self._closed and not accepted:
             return RQ_CLOSED
+        now = mono_now()
+        if self._plen > 0:
+            self._arrive_due_locked(now)
         e.priority = priority if self._priorities else 0
         e.seq = self._seq
         self._seq += 1
@@ -755,7 +759,7 @@ cdef class RequestQueue:
         e.nbytes = nbytes
         e.key = key
         e.length = length
-        e.t_push = mono_now()
+        e.t_push = now
         e.slot = s
         e.solo = False
         self._info[s].seq = e.seq
@@ -820,9 +824,8 @@ cdef class RequestQueue:
         """Apply the clock: expire entries past their deadline, queue parked entries that
         are due, age entries that waited past max_priority_wait. Cheap when none of these
         is in use (three length checks)."""
-        cdef double now, arrived
+        cdef double now
         cdef int32_t s
-        cdef Entry e
         cdef Py_ssize_t i, before
         if self._dlen == 0 and self._plen == 0 and self._alen == 0:
             return
@@ -835,6 +838,21 @@ cdef class RequestQueue:
             self._nexpired += 1
         if self._nexpired > before and self._w_exp > 0:
             notify_expiry_all(self._sync)
+        if self._plen > 0:
+            self._arrive_due_locked(now)
+        while self._alen > 0 and self._aheap[0].key + self._aging < now:
+            s = self._aheap[0].slot
+            _t_remove(self._aheap, self._info, T_AGE, &self._alen, 0)
+            i = self._info[s].pos
+            self._heap[i].priority = _AGED
+            _sift_up(self._heap, self._info, i)
+
+    cdef void _arrive_due_locked(self, double now) noexcept nogil:
+        """Queue the parked entries due by ``now``, soonest due first (on every look,
+        and before a push: an entry pushed after a retry was due goes behind it)."""
+        cdef double arrived
+        cdef int32_t s
+        cdef Entry e
         while self._plen > 0 and self._pheap[0].key <= now:
             s = self._pheap[0].slot
             arrived = self._pheap[0].key
@@ -857,12 +875,6 @@ cdef class RequestQueue:
             if self._aging >= 0.0:
                 _t_push(self._aheap, self._info, T_AGE, &self._alen, arrived, s,
                         &self._timed)
-        while self._alen > 0 and self._aheap[0].key + self._aging < now:
-            s = self._aheap[0].slot
-            _t_remove(self._aheap, self._info, T_AGE, &self._alen, 0)
-            i = self._info[s].pos
-            self._heap[i].priority = _AGED
-            _sift_up(self._heap, self._info, i)
 
     cdef inline bint _nothing_coming_locked(self) noexcept nogil:
         """Closed, with no parked entry a pop should wait for (none parked, or the first

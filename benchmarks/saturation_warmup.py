@@ -6,8 +6,7 @@
 compare_adaptive.py measures ADAPTIVE's saturation on a fresh processor: a closed loop of
 128 client threads for 1.5 s, against the limit (the model called back to back on full
 batches of 64 rows from one thread). A fresh processor starts at one call at a time, goes
-to two once two windows of 8 batches in a row left a full batch waiting (windows are 16
-batches once that first trial is judged), then tries
+to two once two windows of 16 batches in a row left a full batch waiting, then tries
 three and, later, one again, each try measured side by side with the calls before it
 (``controller.ConcurrencyTuner``). On the ``fixed`` model (5 ms calls behind one lock), 1.5 s
 is about 300 batches, 19 windows: those first windows are a fair share of the run. Here,

@@ -548,7 +548,7 @@ def test_under_load_batches_grow_with_a_fixed_cost_model(make_processor):
 
 
 class _Clock:
-    """Stands in for time.monotonic in the controller: the tests move it on."""
+    """Stands in for time.monotonic in the controller: each window lasts 0.1 s."""
 
     def __init__(self):
         self.now = 0.0
@@ -569,18 +569,11 @@ def _tuner_on_a_fake_clock(monkeypatch, max_limit, limit=1):
     return ConcurrencyTuner(slots, max_limit=max_limit), slots, clock
 
 
-# A window of 8 batches lasts 2.5 times WINDOW_SECONDS; a power of two, so that windows
-# of either length carry exactly the same rows per second.
-BATCH_SECONDS = 1 / 64
-
-
 def _window(tuner, clock, backlog, rows_per_batch=64):
-    """One measurement window (``window_batches`` batches: FIRST_WINDOW_BATCHES until the
-    first trial's verdict, WINDOW_BATCHES after), each batch BATCH_SECONDS long, so that
-    windows of either length carry the same rows per second; returns the last change."""
+    """One measurement window of WINDOW_BATCHES batches; returns the last change."""
     change = None
-    clock.now += BATCH_SECONDS * tuner.window_batches
-    for _ in range(tuner.window_batches):
+    clock.now += 0.1
+    for _ in range(tuner.WINDOW_BATCHES):
         change = tuner.observe(rows_per_batch, backlog) or change
     return change
 
@@ -630,8 +623,8 @@ def test_a_full_batch_left_now_and_then_keeps_one_call_at_a_time(monkeypatch):
     # call ends. Only when three quarters of a window's batches leave one (the load
     # outruns one call) does a second call start.
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
-    n = tuner.window_batches
-    short_of_outrun = -(-n * 3 // 4) - 1  # 5 of 8 (a fresh tuner's windows)
+    n = tuner.WINDOW_BATCHES
+    short_of_outrun = -(-n * 3 // 4) - 1  # 11 of 16
     assert tuner.OUTRUN_SHARE == 0.75
     for left in (1, n // 2, short_of_outrun):
         for _ in range(3 * tuner.QUIET_WINDOWS):
@@ -688,39 +681,11 @@ def test_a_try_that_does_not_pay_waits_longer_each_time(monkeypatch):
     assert fail_two_then_count_the_wait() == tuner.COOLDOWN == 8
 
 
-def test_windows_are_half_as_long_until_the_first_trial_is_judged(monkeypatch):
-    # A processor started under load runs at one call until a trial finds two better: on
-    # a slow model several seconds of windows of 16 batches. Until the first verdict a
-    # window is 8 batches; then 16. Either way a window lasts WINDOW_SECONDS at least.
-    tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=4)
-    first, full = tuner.FIRST_WINDOW_BATCHES, tuner.WINDOW_BATCHES
-    assert (first, full) == (8, 16) and tuner.window_batches == first
-
-    def window(batches, seconds=0.1):
-        clock.now += seconds
-        return [tuner.observe(64, backlog=True) for _ in range(batches)]
-
-    # Batches, however many, within WINDOW_SECONDS close no window.
-    assert not any(window(3 * full, seconds=0.9 * tuner.WINDOW_SECONDS))
-    assert window(1, seconds=0.2 * tuner.WINDOW_SECONDS) == [None]  # the first window ends
-    changes = window(first)
-    assert changes[-1] == (1, 2) and not any(changes[:-1])  # outrun in two windows of 8
-    assert window(first)[-1] == (2, 1)  # the trial's windows are short too
-    assert window(first)[-1] == (1, 2)
-    # Two kept; still backlogged, the verdict's window begins a try of three.
-    assert window(first)[-1] == (2, 3) and slots.limit == 3
-    assert tuner.window_batches == full
-    # From the verdict on a window is 16 batches: the try's first window at three ends
-    # after 16, not 8.
-    changes = window(first) + window(first)
-    assert changes[-1] == (3, 2) and not any(changes[:-1])
-
-
 def test_two_calls_go_back_to_one_once_the_backlog_is_occasional(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)  # no probes above two
     assert _outrun(tuner, clock) == (1, 2)
     assert _finish_trial(tuner, clock, (1, 2), backlog=True) is None
-    n = tuner.window_batches
+    n = tuner.WINDOW_BATCHES
     changes = []
     for _ in range(tuner.QUIET_WINDOWS):
         clock.now += 0.1
@@ -911,7 +876,7 @@ def test_windows_of_full_batches_are_not_quiet(monkeypatch):
     tuner, slots, clock = _tuner_on_a_fake_clock(monkeypatch, max_limit=2)
     assert _outrun(tuner, clock) == (1, 2)
     assert _finish_trial(tuner, clock, (1, 2), backlog=True) is None  # as much as one
-    n = tuner.window_batches
+    n = tuner.WINDOW_BATCHES
     mostly_full = -(-n * 3 // 4)  # 12 of 16
     assert tuner.FULL_SHARE == 0.75
     for _ in range(4 * tuner.MOST_QUIET_WINDOWS):
@@ -939,7 +904,7 @@ def _controller_on_a_fake_clock(monkeypatch, **config):
 def _controller_windows(c, clock, n, rows, target, queued):
     for _ in range(n):
         clock.now += 0.1
-        for _ in range(c._tuner.window_batches):
+        for _ in range(c._tuner.WINDOW_BATCHES):
             c.observe_batch(rows, 0.0005, target, queued)
 
 

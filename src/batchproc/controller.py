@@ -48,8 +48,7 @@ The policy (docs/architecture.md, "The controller"):
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
   found by trying (``ConcurrencyTuner``): one until three quarters of the batches of two
   windows in a row leave a full batch waiting (the load outruns one call at a time; one
-  such window is a burst of a Poisson load near capacity; windows are half as long until
-  the first trial is judged, so a processor started under load reaches two sooner), then two (one
+  such window is a burst of a Poisson load near capacity), then two (one
   running, the next filling), and above two the controller tries one more and keeps it
   only if rows per second rose by 10%, and one fewer after a step up that did not pay;
   each try is measured side by side with the number before it, and a try that fails
@@ -599,8 +598,6 @@ class ConcurrencyTuner:
       next try is one call fewer, kept if it carries as many rows per second (one
       against two: if two carried under TWO_LOSS of one), and on down while steps
       down are kept: a limit kept on a lucky window is not kept for good.
-    - A window is WINDOW_BATCHES batches and WINDOW_SECONDS at least; FIRST_WINDOW_BATCHES
-      until the first trial's verdict.
     - Each such try is a trial (``_Trial``): windows alternate between the limit tried
       and the one before it, TRIAL_WINDOWS each, and the verdict pools each limit's
       windows, so that one slow window on a shared machine does not decide it; a try
@@ -623,11 +620,6 @@ class ConcurrencyTuner:
 
     WINDOW_BATCHES = 16      # batches per measurement window ...
     WINDOW_SECONDS = 0.05    # ... and at least this long, so timer noise averages out
-    # Batches per window until the first trial's verdict. A processor started under load
-    # (a restart into a backlog) runs at one call until a trial finds two better: on a
-    # slow model, several seconds of full windows. Halved, the trial's alternating
-    # windows still guard its verdict; the windows after it are full again.
-    FIRST_WINDOW_BATCHES = WINDOW_BATCHES // 2
     GAIN = 1.10              # a probe must beat the baseline by 10% to be kept
     COOLDOWN = 8             # windows to wait after a failed try before the next ...
     MOST_COOLDOWN = 8 * COOLDOWN  # ... doubled after each failed try in a row, up to this
@@ -656,7 +648,6 @@ class ConcurrencyTuner:
         self._quiet = 0
         self._trial: _Trial | None = None
         self._quiet_needed = self.QUIET_WINDOWS
-        self.window_batches = self.FIRST_WINDOW_BATCHES  # batches in the window running
         self._cooldown = 0
         self._next_cooldown = self.COOLDOWN
         self._fewer_next = False  # the next try of a busy spell is a step down
@@ -679,7 +670,7 @@ class ConcurrencyTuner:
         self._full += full
         now = time.monotonic()
         elapsed = now - self._start
-        if self._batches < self.window_batches or elapsed < self.WINDOW_SECONDS:
+        if self._batches < self.WINDOW_BATCHES or elapsed < self.WINDOW_SECONDS:
             return None
         window_rows = self._rows
         backlogged = self._backlogged >= self.BACKLOG_SHARE * self._batches
@@ -730,7 +721,6 @@ class ConcurrencyTuner:
     def _judge(self, trial: _Trial) -> tuple[int, int] | None:
         """Apply a finished trial (the limit is its ``tried`` one): (old, new) when it
         goes back to the limit before, None when the tried one is kept."""
-        self.window_batches = self.WINDOW_BATCHES
         kind = trial.kind
         kept = trial.kept()
         if kind is _ONE:

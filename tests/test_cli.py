@@ -493,6 +493,15 @@ def test_a_system_that_raises_is_a_failed_run_not_an_exception() -> None:
     assert report.ratio(run, ok) is None and report.ratio(ok, run) is None
 
 
+def test_a_run_stopped_by_its_time_bound_says_its_time_counts_the_requests_in_flight() -> None:
+    # A closed loop stops sending at the bound, then waits for each client's last
+    # request: the time in all is past the bound, and the note says why.
+    run = dataclasses.replace(_clean_run("sys", 100.0), stopped_by="duration", elapsed_s=5.3)
+    assert report.run_notes([run]) == [
+        "* sys (m, 1 client): stopped by the time bound; 5.3 s in all with the requests "
+        "then in flight"]
+
+
 def _clean_run(system: str, throughput: float) -> RunResult:
     run = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4), Bounds(requests=5), 4)
     return dataclasses.replace(run, system=system, throughput=throughput)

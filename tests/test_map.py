@@ -1285,6 +1285,45 @@ def test_items_and_return_exceptions_are_checked_at_the_call(make_processor, met
     assert len(_run(call(rows(2), return_exceptions=np.True_))) == 2
 
 
+@pytest.mark.parametrize("method", ["map", "amap"])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_an_input_that_raises_an_interrupt_raises_it_at_once(make_processor, method,
+                                                             raised):
+    # Unlike an Exception, which ends the input at its position after the results of
+    # the items read before it, a Ctrl-C landing in the input is raised at once, and
+    # the chunks of those items leave the queue.
+    model = Calls()
+    p = make_processor(model, max_batch_size=4)
+
+    def source():
+        yield from rows(6)
+        raise raised("from the input")
+
+    async def consume_async():
+        async for _ in p.amap(source(), chunksize=2):
+            pass
+
+    p.pause()  # nothing read can finish before the input raises
+    # Were the interrupt held back for the results read before it, they would come once
+    # this resumes the processor, and the first would be handed out instead.
+    hold_back_bound = threading.Timer(10.0, p.resume)
+    hold_back_bound.start()
+    try:
+        with pytest.raises(raised, match="from the input"):
+            if method == "map":
+                next(p.map(source(), chunksize=2))
+            else:
+                asyncio.run(consume_async())
+    finally:
+        hold_back_bound.cancel()
+    stats = p.get_stats()
+    assert stats["queue_size"] == 0 and stats["total_cancelled"] == 3
+    assert model.sizes == []
+    p.resume()
+    assert [float(y[0, 0]) for y in _run(p.map(rows(2)))] == [0.0, 2.0]
+    assert model.sizes == [2]
+
+
 @pytest.mark.parametrize("return_exceptions", [False, True])
 def test_an_input_that_raises_ends_after_the_items_read_before(make_processor,
                                                                 return_exceptions):

@@ -30,7 +30,8 @@ drains them as requests accepted before it. A chunk that expired (``QueueTimeout
 or was refused or dropped at stop (``ProcessorStoppedError``) is not queued again: each
 of its positions gets that error.
 ``ProcessorStoppedError`` and an exception raised by the input iterator always end the
-iteration at their position, with or without ``return_exceptions``.
+iteration at their position, with or without ``return_exceptions``; a ``KeyboardInterrupt``
+or ``SystemExit`` from the input iterator is raised at once.
 """
 
 from __future__ import annotations

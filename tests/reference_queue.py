@@ -242,16 +242,22 @@ class RequestQueue:
                     self._cond.wait(None if math.isinf(left) else left)
                 finally:
                     self._w_room -= 1
-            self._arrive_due(time.monotonic())
-            self._pushed += 1
-            e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
-                       length, item, expires)
-            heapq.heappush(self._heap, e)
-            self._live[e.seq] = e
-            self._rows += rows
-            self._last_push = self._last_arrival = e.t_push
-            self._cond.notify_all()
-            return e.seq
+            return self._publish(item, prio, rows, nbytes, key, length, expires)
+
+    def _publish(self, item: object, prio: int, rows: int, nbytes: int, key: int,
+                 length: int, expires: float) -> int:
+        """Queue a new entry (the lock held), the retries due first: the native queue's
+        ``_publish_locked``."""
+        self._arrive_due(time.monotonic())
+        self._pushed += 1
+        e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
+                   length, item, expires)
+        heapq.heappush(self._heap, e)
+        self._live[e.seq] = e
+        self._rows += rows
+        self._last_push = self._last_arrival = e.t_push
+        self._cond.notify_all()
+        return e.seq
 
     def push_again(self, item: object, priority: int, rows: int, nbytes: int, key: int,
                    length: int = 0, deadline: float | None = None) -> int:
@@ -264,16 +270,7 @@ class RequestQueue:
         with self._cond:
             if self._used() >= _MAX_CAPACITY:
                 raise queue.Full
-            self._arrive_due(time.monotonic())
-            self._pushed += 1
-            e = _Entry(prio if self._priorities else 0, next(self._seq), rows, nbytes, key,
-                       length, item, expires)
-            heapq.heappush(self._heap, e)
-            self._live[e.seq] = e
-            self._rows += rows
-            self._last_push = self._last_arrival = e.t_push
-            self._cond.notify_all()
-            return e.seq
+            return self._publish(item, prio, rows, nbytes, key, length, expires)
 
     def park(self, item: object, priority: int, rows: int, nbytes: int, key: int,
              length: int, not_before: float, deadline: float | None = None) -> None:

@@ -977,9 +977,9 @@ def _confirmation_note(result: TuneResult) -> str:
         finalists = "1 finalist (the default)"
     runs = sum(r.get("runs", 1) for r in result.confirmed.values())
     planned = len(result.confirmed) * CONFIRM_RUNS
-    their, they_are = ("its", "it is") if len(result.confirmed) == 1 else ("their", "they are")
+    their, they_are, each = (("its", "it is", "") if len(result.confirmed) == 1
+                             else ("their", "they are", " each"))
     if runs == planned:
-        each = " each" if len(result.confirmed) > 1 else ""
         return (f"{finalists} rerun at {their} deciding load, {CONFIRM_RUNS} runs{each}; "
                 f"{they_are} ranked first, on {their} medians")
     if runs == len(result.confirmed):

@@ -878,8 +878,8 @@ FINALIST_NOTES = [
 @pytest.mark.parametrize(("budget", "only_default", "note"), [
     *[(budget, False, note) for budget, note in FINALIST_NOTES],
     # Only the default met the goal: one finalist, in the singular.
-    (60.0, True, "1 finalist (the default) rerun at its deciding load, 3 runs; it is "
-                 "ranked first, on its medians"),
+    (60.0, True, "1 finalist (the default) rerun at its deciding load, 3 runs; the "
+                 "verdict is on its medians"),
 ])
 def test_the_output_says_how_far_confirming_the_finalists_went(monkeypatch, capsys,
                                                                budget, only_default,

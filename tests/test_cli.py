@@ -498,8 +498,8 @@ def test_a_run_stopped_by_its_time_bound_says_its_time_counts_the_requests_in_fl
     # request: the time in all is past the bound, and the note says why.
     run = dataclasses.replace(_clean_run("sys", 100.0), stopped_by="duration", elapsed_s=5.3)
     assert report.run_notes([run]) == [
-        "* sys (m, 1 client): stopped by the time bound; 5.3 s in all with the requests "
-        "then in flight"]
+        "* sys (m, 1 client): stopped by the time bound; it took 5.3 s, the requests in "
+        "flight at the bound included"]
 
 
 def _clean_run(system: str, throughput: float) -> RunResult:

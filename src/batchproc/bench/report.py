@@ -155,8 +155,8 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
         if r.failed:
             notes.append(f"! {who}: the run failed: {r.failed}")
         if r.stopped_by == "duration":
-            notes.append(f"* {who}: stopped by the time bound; {r.elapsed_s:.1f} s in all "
-                         "with the requests then in flight")
+            notes.append(f"* {who}: stopped by the time bound; it took {r.elapsed_s:.1f} s, "
+                         "the requests in flight at the bound included")
         if r.errors:
             notes.append(f"! {who}: {plural(r.errors, 'request')} failed, first: "
                          f"{r.first_error}")

@@ -977,17 +977,18 @@ def _confirmation_note(result: TuneResult) -> str:
         finalists = "1 finalist (the default)"
     runs = sum(r.get("runs", 1) for r in result.confirmed.values())
     planned = len(result.confirmed) * CONFIRM_RUNS
-    their, they_are, each = (("its", "it is", "") if len(result.confirmed) == 1
-                             else ("their", "they are", " each"))
+    one = len(result.confirmed) == 1
+    their, each = ("its", "") if one else ("their", " each")
+    verdict = "the verdict is on" if one else "they are ranked first, on"
     if runs == planned:
         return (f"{finalists} rerun at {their} deciding load, {CONFIRM_RUNS} runs{each}; "
-                f"{they_are} ranked first, on {their} medians")
+                f"{verdict} {their} medians")
     if runs == len(result.confirmed):
         return (f"{finalists} not rerun: the budget had no room left for a rerun; the "
                 f"verdict is on single runs ({_how_to_continue(result)})")
     return (f"{finalists} rerun at {their} deciding load until the budget ended the reruns: "
-            f"{runs} of {planned} runs; {they_are} ranked first, on the medians of {their} "
-            f"runs ({_how_to_continue(result)})")
+            f"{runs} of {planned} runs; {verdict} the medians of {their} runs "
+            f"({_how_to_continue(result)})")
 
 
 def _round_up(seconds: float) -> float:

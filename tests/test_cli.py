@@ -216,6 +216,8 @@ def test_tiny_run_prints_the_three_systems_and_writes_json(
     for name in ("batchproc", "no batching", "limit", "req/s", "p99", "mean batch"):
         assert name in out
     assert "vs no batching" in out and "vs the limit" in out
+    # The limit is defined once, in its note, not again on the ratio's line.
+    assert out.count("called back to back") == 1, out
     doc = json.loads(path.read_text())
     assert {"date", "machine", "versions", "settings", "runs", "ratios"} <= doc.keys()
     assert {"cpu", "cores"} <= doc["machine"].keys()

@@ -424,15 +424,14 @@ def print_bench_table(
     subject = runs[0].system if runs else "batchproc"
     why = not_compared or {}
 
-    def compared(key: str, then: str = "") -> str:
+    def compared(key: str) -> str:
         if key in why:
             return f"not compared: {why[key]}"
-        return f"{fmt_ratio(ratios.get(key))} throughput{then}"
+        return f"{fmt_ratio(ratios.get(key))} throughput"
 
     lines += [
         f"{subject} vs no batching: {compared('vs_no_batching')}",
-        f"{subject} vs the limit:   " + compared(
-            "vs_limit", " (the limit: the model called back to back on full batches)"),
+        f"{subject} vs the limit:   {compared('vs_limit')}",
     ]
     print_table(title, COLUMNS, rows, lines, out, use_rich)
 

@@ -29,6 +29,7 @@ from batchproc.bench.tune import (
     _SAVED_LATER_FIELDS,
     _SAVED_RERUN_FIELDS,
     _SAVED_RUN_FIELDS,
+    CONFIRM_RUNS,
     CONFIRM_SHARE,
     DEFAULT,
     Candidate,
@@ -858,6 +859,43 @@ def test_worst_case_runs_and_their_confirmation_stay_within_the_budget(monkeypat
         if budget >= 30.0:  # room for the search and its finalists' reruns
             assert result.confirmed and result.best is not None
             assert result.best["runs"] == 3
+
+
+def test_a_search_keeps_time_for_the_finalists_it_found_not_for_those_it_might_have(
+        monkeypatch) -> None:
+    # Only the default meets the goal: the search keeps time for its reruns and those of
+    # one more finalist (its next run may meet the goal), not for three more.
+    from batchproc.bench import tune
+    from batchproc.bench.runner import RunResult
+
+    now = [0.0]
+    bound = run_bound_s(1.0)  # every run takes its bound: 2.5 s
+    search_runs = []
+
+    def run_target(target, model, name, load, bounds, progress, label=None):
+        if "rerun" not in (label or ""):
+            search_runs.append(target.name)
+        now[0] += bound
+        p99 = 30.0 if "FIXED" in target.name else 3.0
+        return RunResult(system=target.name, model=name, load=load.label, throughput=load.rate,
+                         p50_ms=1.0, p95_ms=2.0, p99_ms=p99, mean_ms=1.0, mean_batch=1.0,
+                         batches=1, submitted=10, completed=10, errors=0, elapsed_s=1.0,
+                         stopped_by="duration")
+
+    monkeypatch.setattr(tune, "run_target", run_target)
+    space = candidates([4, 8, 16, 32, 64], [0.0, 1.0, 2.0, 5.0, 10.0], [1, 2], ["fixed"])
+    tuner = Tuner(identity, "identity", FeatureRows(4), Goal(rate=100.0, p99_ms=10.0),
+                  space, duration=1.0, budget=60.0, results=ResultsFile(None, {}),
+                  clock=lambda: now[0])
+    result = tuner.run()
+    kept = 2 * (CONFIRM_RUNS - 1) * bound  # the default's reruns and one more finalist's
+    # A run starts while it and the time kept fit: at 0, 2.5, ... 47.5 s (47.5 + 2.5 + 10
+    # = 60), 20 runs; then the default's two reruns, to 55 s. Time kept for four
+    # finalists (20 s, a third of the budget) would have stopped the search at 16.
+    assert kept == 10.0
+    assert len(search_runs) == 20 and now[0] == 55.0
+    assert set(result.confirmed) == {"default"} and result.confirmed["default"]["runs"] == 3
+    assert result.budget_spent
 
 
 FINALIST_NOTES = [

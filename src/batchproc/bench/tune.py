@@ -26,10 +26,12 @@ Single short runs are noisy (one unlucky p99 can pick the wrong winner), so the 
 ends by confirming its *finalists*, the :data:`FINALISTS` best and the default: each is
 rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, each rerun on fresh
 arrivals (draw 1, 2, ... of the seed: the same draw for every finalist), and the
-verdict is taken on their medians. A share of the budget is kept for this (:data:`CONFIRM_SHARE` at
-most); a run is counted at its bound (duration, drain and stop), so the search does not
-overrun its budget. A budget too small for one run is refused before anything runs
-(:func:`check_budget`); the output says how far confirming went when the budget ended it.
+verdict is taken on their medians. The search keeps room for this: the reruns of every
+finalist it could have after its next run (those so far, one more, and the default), at
+most :data:`CONFIRM_SHARE` of the budget. A run is counted at its bound (duration, drain
+and stop), so the search does not overrun its budget. A budget too small for one run is
+refused before anything runs (:func:`check_budget`); the output says how far confirming
+went when the budget ended it.
 
 Results are written to the results file after every run, with the settings that make
 them comparable (model, input, run duration, seed, capacity). Rerunning with the same
@@ -619,9 +621,7 @@ class Tuner:
         self.reused = 0
         self.records: list[dict[str, Any]] = []
         self._end = clock() + budget
-        # The search leaves room for confirming its finalists: at most CONFIRM_SHARE.
-        confirming = (FINALISTS + 1) * (CONFIRM_RUNS - 1) * run_bound_s(duration)
-        self._deadline = self._end - min(confirming, budget * CONFIRM_SHARE)
+        self._confirming = False
         self._done = 0
         self._total = len(self.space) + 1
         self.capacity: float | None = results.capacity
@@ -645,7 +645,20 @@ class Tuner:
         return Batchproc(queue_size=queue_size, fields=fields, name=c.label)
 
     def _time_left(self) -> bool:
-        return self.clock() + run_bound_s(self.duration) <= self._deadline
+        kept = 0.0 if self._confirming else self._kept_for_confirming()
+        return self.clock() + run_bound_s(self.duration) + kept <= self._end
+
+    def _kept_for_confirming(self) -> float:
+        """Seconds the search leaves for confirming: the reruns of every finalist it could
+        have after one more run (the configurations that met the goal so far, one more,
+        up to FINALISTS, and the default), at most CONFIRM_SHARE of the budget: sized by
+        what was found, so that a search in which only the default meets the goal goes
+        on measuring instead of keeping time for finalists it has not found."""
+        met = {r["key"] for r in _deciding_of(self.goal, self.records)
+               if self.goal.meets(r)} - {DEFAULT_KEY}
+        finalists = min(FINALISTS, len(met) + 1) + 1
+        return min(finalists * (CONFIRM_RUNS - 1) * run_bound_s(self.duration),
+                   self.budget * CONFIRM_SHARE)
 
     def measure(self, c: Candidate, offered: float, repeat: int = 0) -> dict[str, Any] | None:
         """The run of ``c`` at ``offered`` requests/s (``repeat`` > 0: a confirming
@@ -744,7 +757,7 @@ class Tuner:
         """Rerun the finalists (the FINALISTS best deciding runs that meet the goal, and
         the default's) at their deciding loads, up to CONFIRM_RUNS runs each, as far as
         the budget goes; their medians, by key."""
-        self._deadline = self._end
+        self._confirming = True
         ranked = sorted((r for r in _deciding_of(self.goal, self.records)
                          if self.goal.meets(r)), key=lambda r: _rank(self.goal, r))
         finalists = ranked[:FINALISTS]

@@ -930,7 +930,8 @@ def test_a_model_raising_what_asyncio_reads_as_control_flow_fails_the_call_plain
     def model(batch):
         raise raised()
 
-    processor = make_processor(model)
+    # Retried as any exception is, without the default backoff's seconds.
+    processor = make_processor(model, retry_delay=0.001)
 
     async def main():
         task = asyncio.ensure_future(processor.apredict(np.array([[1.0]])))

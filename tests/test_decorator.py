@@ -880,7 +880,6 @@ async def use() -> None:
 '''
 
 
-@pytest.mark.slow  # mypy over batchproc and its dependencies' stubs: half a minute
 def test_mypy_infers_item_and_result_types(tmp_path):
     skip_without("test")  # mypy
     path = tmp_path / "typed.py"

@@ -898,6 +898,43 @@ def test_a_search_keeps_time_for_the_finalists_it_found_not_for_those_it_might_h
     assert result.budget_spent
 
 
+def test_a_resumed_search_reads_the_saved_reruns_of_finalists_after_one_it_cannot_rerun(
+        monkeypatch, capsys) -> None:
+    # The first search confirmed the default and `small`; the resumed one also measures
+    # `mid`, now the best, with no room left to rerun it: the reruns of the two others are
+    # in the results file and count.
+    from batchproc.bench import tune
+    from batchproc.bench.runner import RunResult
+
+    small, mid = (c for c in candidates([8, 16], [1.0], [1], ["fixed"]))
+    p99s = {small.label: 4.0, mid.label: 3.0}
+    now = [0.0]
+
+    def run_target(target, model, name, load, bounds, progress, label=None):
+        now[0] += run_bound_s(bounds.duration)
+        return RunResult(system=target.name, model=name, load=load.label, throughput=load.rate,
+                         p50_ms=1.0, p95_ms=2.0, p99_ms=p99s.get(target.name, 5.0),
+                         mean_ms=1.0, mean_batch=1.0, batches=1, submitted=10,
+                         completed=10, errors=0, elapsed_s=1.0, stopped_by="duration")
+
+    monkeypatch.setattr(tune, "run_target", run_target)
+    results = ResultsFile(None, {})
+    goal = Goal(rate=100.0, p99_ms=10.0)
+    first = Tuner(identity, "identity", FeatureRows(4), goal, [small], duration=1.0,
+                  budget=1e9, results=results, clock=lambda: now[0]).run()
+    assert {k: r["runs"] for k, r in first.confirmed.items()} == {"default": 3, small.key: 3}
+    now[0] = 0.0
+    # Room for `mid`'s run (2.5 s, with a third of the budget kept), none for a rerun.
+    resumed = Tuner(identity, "identity", FeatureRows(4), goal, [small, mid], duration=1.0,
+                    budget=4.0, results=results, clock=lambda: now[0]).run()
+    assert now[0] == 2.5  # mid's run, nothing else measured
+    assert {k: r.get("runs", 1) for k, r in resumed.confirmed.items()} == {
+        mid.key: 1, small.key: 3, "default": 3}
+    assert resumed.best is not None and resumed.best["key"] == mid.key
+    out, _ = _printed(resumed, capsys)
+    assert "until the budget ended the reruns: 7 of 9 runs" in out
+
+
 FINALIST_NOTES = [
     # Room for the default's run only: no rerun; the verdict is on single runs.
     (3.8, "1 finalist (the default) not rerun: the budget had no room left for a rerun; "

@@ -768,10 +768,11 @@ class Tuner:
         runs = {r["key"]: [r] for r in finalists}
         for repeat in range(1, CONFIRM_RUNS):
             for r in finalists:
+                # None: no room left for it. The finalists after it go on: their reruns
+                # may be in the results file (a resumed search that found a new one).
                 again = self.measure(Candidate(**r["candidate"]), r["offered"], repeat)
-                if again is None:
-                    return {k: _median_record(v) for k, v in runs.items()}
-                runs[r["key"]].append(again)
+                if again is not None:
+                    runs[r["key"]].append(again)
         return {k: _median_record(v) for k, v in runs.items()}
 
     def _measure_capacity(self) -> None:

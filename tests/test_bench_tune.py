@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import re
+import threading
 import time
 from typing import Any
 
@@ -933,6 +934,52 @@ def test_a_resumed_search_reads_the_saved_reruns_of_finalists_after_one_it_canno
     assert resumed.best is not None and resumed.best["key"] == mid.key
     out, _ = _printed(resumed, capsys)
     assert "until the budget ended the reruns: 7 of 9 runs" in out
+
+
+class _CallsThatDoNotEnd:
+    """An earlier run's model with calls still running (a lock's queue of them): none
+    ends while the test lasts; ``wait_idle`` waits as long as it is asked to."""
+
+    def __init__(self, running: int) -> None:
+        self.running = running
+        self._never = threading.Event()
+
+    def wait_idle(self, timeout: float) -> int:
+        self._never.wait(max(timeout, 0.0))
+        return self.running
+
+
+def test_a_run_whose_wait_for_left_calls_leaves_no_room_is_not_started(monkeypatch) -> None:
+    # The default's run leaves calls running that the next run would wait for first (up
+    # to a minute while they keep ending): the search waits only while the budget leaves
+    # room for the run after it, then stops, within its budget.
+    from batchproc.bench import runner, tune
+    from batchproc.bench.runner import RunResult
+
+    left = _CallsThatDoNotEnd(running=3)
+    started: list[str] = []
+
+    def run_target(target, model, name, load, bounds, progress, label=None):
+        started.append(target.name)
+        if len(started) == 1:
+            monkeypatch.setattr(runner, "_left_behind", [runner._LeftBehind(
+                left, "the default's run", time.perf_counter(), stall_s=60.0)])
+        return RunResult(system=target.name, model=name, load=load.label, throughput=load.rate,
+                         p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.0, mean_batch=1.0,
+                         batches=1, submitted=10, completed=10, errors=0, elapsed_s=1.0,
+                         stopped_by="duration")
+
+    monkeypatch.setattr(tune, "run_target", run_target)
+    budget = 3.0  # runs counted at 1.15 s, a third kept: room to wait about 0.85 s
+    began = time.monotonic()
+    result = Tuner(identity, "identity", FeatureRows(4), Goal(rate=100.0),
+                   candidates([8, 16], [1.0], [1], ["fixed"]), duration=0.15, budget=budget,
+                   results=ResultsFile(None, {})).run()
+    took = time.monotonic() - began
+    assert started == [DEFAULT.label]  # no run started beside the calls, or after them
+    assert result.budget_spent
+    assert 0.5 < took < budget  # it waited for them, and not past the budget
+    assert runner.calls_left_behind() == 3  # not given up on: a later run waits for them
 
 
 FINALIST_NOTES = [

@@ -65,13 +65,16 @@ def calls_left_behind() -> int:
     return sum(run.model.running for run in _left_behind)
 
 
-def _let_calls_end(progress: Progress) -> int:
+def let_calls_end(progress: Progress, deadline: float = math.inf) -> int:
     """Before a run: wait for the calls of the model that earlier runs left running to
     end, each run's on a progress line of its own, for as long as one ends at least every
     ``stall_s`` (calls queued on the model draining; a hung one is not waited for), until
     ``LEFT_RUNNING_WAIT_S`` from that run's stop. How many are still running then (the
-    run about to start says it started beside them). Ctrl-C ends the wait (the line says
-    "interrupted") as it would the run: the runs that finished are kept."""
+    run about to start says it started beside them). ``deadline`` (``perf_counter``)
+    ends the wait sooner, for a caller with no time for a run after it (``tune``'s
+    budget): the calls still running then are waited for again before the next run.
+    Ctrl-C ends the wait (the line says "interrupted") as it would the run: the runs
+    that finished are kept."""
     for run in list(_left_behind):
         left = run.model.running
         if not left or run.given_up:
@@ -81,8 +84,9 @@ def _let_calls_end(progress: Progress) -> int:
         now = time.perf_counter()
         until, ended_by = run.stopped + LEFT_RUNNING_WAIT_S, now + run.stall_s
         try:
-            while left and now < until and now < ended_by:
-                still = run.model.wait_idle(min(0.1, until - now, ended_by - now))
+            while left and now < min(until, ended_by, deadline):
+                still = run.model.wait_idle(min(0.1, until - now, ended_by - now,
+                                                deadline - now))
                 now = time.perf_counter()
                 if still < left:
                     ended_by = now + run.stall_s
@@ -94,6 +98,9 @@ def _let_calls_end(progress: Progress) -> int:
         if not left:
             progress.finish("ended")
             continue
+        if now >= deadline and now < min(until, ended_by):
+            progress.finish(f"{plural(left, 'call')} still running; no time left for a run")
+            break
         run.given_up = True
         why = (f"{LEFT_RUNNING_WAIT_S:g} s from its stop" if now >= until
                else f"none ended for {run.stall_s:g} s")
@@ -387,7 +394,7 @@ def run_target(
     progress = progress or NullProgress()
     counted = (AsyncCountingModel if is_async_model(model) else CountingModel)(model)
     label = label or f"{model_name} · {load.label} · {target.name}"
-    beside = _let_calls_end(progress)
+    beside = let_calls_end(progress)
     gc.collect()
     total = _expected(load, bounds)
     progress.start(label, total, bounds.duration)
@@ -519,7 +526,7 @@ def run_limit(
     # batchproc would cut into chunks of max_batch rows (the note says so).
     largest = max((sum(rows_of(r) for r in batch) for batch in plan), default=0)
     limit = _Limit(model, source, plan, wanted, dur)
-    beside = _let_calls_end(progress)
+    beside = let_calls_end(progress)
     gc.collect()
     progress.start(f"{model_name} · {load.label} · {LIMIT}", wanted, bounds.duration)
     bound = dur + drain_window(dur) if math.isfinite(dur) else math.inf

@@ -65,7 +65,14 @@ from .inputs import RequestSource
 from .interrupts import keep_finished
 from .loads import MAX_ARRIVALS, Bounds, Load, drain_window
 from .models import Model
-from .runner import Progress, RunResult, run_target
+from .runner import (
+    NullProgress,
+    Progress,
+    RunResult,
+    calls_left_behind,
+    let_calls_end,
+    run_target,
+)
 from .sweep import arrival_rate, capacity_clients, measure_capacity, no_capacity
 from .targets import STOP_TIMEOUT_S, Batchproc
 
@@ -645,8 +652,22 @@ class Tuner:
         return Batchproc(queue_size=queue_size, fields=fields, name=c.label)
 
     def _time_left(self) -> bool:
+        return self._room() >= 0.0
+
+    def _room(self) -> float:
+        """Seconds of the budget left after the next run, counted at its bound, and the
+        time kept for confirming (while searching)."""
         kept = 0.0 if self._confirming else self._kept_for_confirming()
-        return self.clock() + run_bound_s(self.duration) + kept <= self._end
+        return self._end - self.clock() - run_bound_s(self.duration) - kept
+
+    def _room_after_left_calls(self) -> bool:
+        """Wait for the calls of the model an earlier run left running (the next run
+        would wait for them first: see ``runner.let_calls_end``) as long as the budget
+        leaves room for the run after it; whether it still does."""
+        if calls_left_behind():
+            deadline = time.perf_counter() + self._room()
+            let_calls_end(self.progress or NullProgress(), deadline)
+        return self._time_left()
 
     def _kept_for_confirming(self) -> float:
         """Seconds the search leaves for confirming: the reruns of every finalist it could
@@ -670,7 +691,7 @@ class Tuner:
             self.reused += 1
             self.records.append(old)
             return old
-        if not self._time_left():
+        if not self._time_left() or not self._room_after_left_calls():
             return None
         # Candidates at one load share its arrivals (draw 0); a confirming rerun gets
         # fresh ones, the same for every finalist (draw ``repeat``).

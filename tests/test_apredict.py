@@ -42,9 +42,16 @@ def test_a_burst_of_50000_from_one_loop_completes(make_processor):
                 refused += 1
         processor.resume()
         await asyncio.gather(*accepted)
-        # The waiting path: all of them complete.
-        results = await asyncio.gather(
+        # The waiting path: all of them complete. Paused until the queue is full and the
+        # rest wait in line for room (running, the workers could keep the queue from
+        # filling, and the line would never form).
+        processor.pause()
+        gathered = asyncio.gather(
             *(processor.apredict(np.array([[float(i)]])) for i in range(n)))
+        await _until(lambda: processor._room is not None and len(processor._room) == n - 1000,
+                     "the rest in line for room")
+        processor.resume()
+        results = await gathered
         return refused, len(accepted), results
 
     refused, accepted, results = asyncio.run(main())

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "open loop's arrivals over their window, "
         "...), ratios (vs_no_batching, vs_limit; null when not given), "
         "ratios_not_compared (why a ratio is not given, by the same keys: a run failed, "
-        "or had errors) and interrupted (true when Ctrl-C ended "
+        "had errors, or carried the load an open loop offered while the other went at "
+        "its own pace) and interrupted (true when Ctrl-C ended "
         "the runs: runs holds those that finished)",
     )
     o.add_argument(

@@ -529,6 +529,9 @@ def test_least_budget_has_room_for_the_first_run_and_counts_a_capacity_run() -> 
     assert least_budget(Goal(p99_ms=50.0), 0.15) == (3.5, 3.5)  # the capacity run first
     assert least_budget(Goal(p99_ms=50.0), 0.15, capacity_known=True) == (1.8, 1.8)
     assert least_budget(Goal(rate=300.0), 0.15, configurations=5)[1] == 8.7
+    # Past three times the finalists' reruns, the time kept is theirs, not a third: 136
+    # runs of 2.5 s and 8 reruns take 360 s, not 340 / (2/3).
+    assert least_budget(Goal(rate=300.0), 1.0, configurations=136)[1] == 361.0
     # A run of 0.75 s is counted as 2 s: exactly 3 s would leave the search no time to
     # start its run; whole seconds from 10 s.
     assert least_budget(Goal(rate=300.0), 0.75)[0] == 3.1

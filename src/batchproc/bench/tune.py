@@ -541,7 +541,11 @@ def least_budget(goal: Goal, duration: float, capacity_known: bool = False,
     first = run * (2 if goal.rate is None and not capacity_known else 1)
     every = first + run * (configurations - 1)
     share = 1 - CONFIRM_SHARE
-    return _round_up(first / share + START_S), _round_up(every / share + START_S)
+    # The search keeps at most a third of the budget, and never more than every
+    # finalist's reruns (Tuner._kept_for_confirming).
+    confirming = (FINALISTS + 1) * (CONFIRM_RUNS - 1) * run
+    return (_round_up(first / share + START_S),
+            _round_up(min(every / share, every + confirming) + START_S))
 
 
 def check_budget(goal: Goal, duration: float, budget: float, results: ResultsFile,

@@ -543,9 +543,15 @@ def least_budget(goal: Goal, duration: float, capacity_known: bool = False,
     share = 1 - CONFIRM_SHARE
     # The search keeps at most a third of the budget, and never more than every
     # finalist's reruns (Tuner._kept_for_confirming).
-    confirming = (FINALISTS + 1) * (CONFIRM_RUNS - 1) * run
+    confirming = _reruns_s(FINALISTS + 1, duration)
     return (_round_up(first / share + START_S),
             _round_up(min(every / share, every + confirming) + START_S))
+
+
+def _reruns_s(finalists: int, duration: float) -> float:
+    """The longest confirming ``finalists`` finalists takes: their reruns, each counted
+    at its bound."""
+    return finalists * (CONFIRM_RUNS - 1) * run_bound_s(duration)
 
 
 def check_budget(goal: Goal, duration: float, budget: float, results: ResultsFile,
@@ -682,8 +688,7 @@ class Tuner:
         met = {r["key"] for r in _deciding_of(self.goal, self.records)
                if self.goal.meets(r)} - {DEFAULT_KEY}
         finalists = min(FINALISTS, len(met) + 1) + 1
-        return min(finalists * (CONFIRM_RUNS - 1) * run_bound_s(self.duration),
-                   self.budget * CONFIRM_SHARE)
+        return min(_reruns_s(finalists, self.duration), self.budget * CONFIRM_SHARE)
 
     def measure(self, c: Candidate, offered: float, repeat: int = 0) -> dict[str, Any] | None:
         """The run of ``c`` at ``offered`` requests/s (``repeat`` > 0: a confirming

@@ -580,8 +580,8 @@ def test_a_run_after_calls_that_do_not_end_says_it_started_beside_them(monkeypat
                 in report.run_notes([run]))
         limit = run_limit(lambda b: b, "m", Load("closed", clients=1, features=4),
                           Bounds(requests=5), 4, progress)
-        assert progress.summaries[0] == (f"2 calls still running ({why}); the next run "
-                                         "starts beside them")
+        assert progress.summaries[0] == (f"2 calls still running ({why}); runs from now "
+                                         "on start beside them")
         again = Recording()
         beside = run_target(NoBatching(), lambda b: b, "m",
                             Load("closed", clients=1, features=4), Bounds(requests=5), again)
@@ -788,3 +788,30 @@ def test_a_cancelled_request_failed_it_did_not_complete():
     res = run_load(CancelsSome(), Load("burst", burst=6, features=4), Bounds(duration=5.0))
     assert res.completed == 3 and res.errors == 3 and res.unfinished == 0
     assert res.first_error is not None and res.first_error.startswith("CancelledError")
+
+
+class _CallsThatDoNotEnd:
+    """An earlier run's model whose calls none end while the test lasts."""
+
+    running = 2
+
+    def wait_idle(self, timeout: float) -> int:
+        threading.Event().wait(max(timeout, 0.0))
+        return self.running
+
+
+def test_a_wait_for_left_calls_cut_by_its_deadline_gives_none_of_them_up(monkeypatch) -> None:
+    # A caller with no time for a run after the wait (tune's budget) ends it early: the
+    # calls are not given up on, so the wait before a later run is for them again.
+    left = runner._LeftBehind(_CallsThatDoNotEnd(), "earlier", time.perf_counter(),
+                              stall_s=60.0)
+    monkeypatch.setattr(runner, "_left_behind", [left])
+    progress = Recording()
+    assert runner.let_calls_end(progress, time.perf_counter() + 0.2) == 2
+    assert progress.summaries == [
+        "2 calls still running when the time given for the wait ran out"]
+    assert not left.given_up
+    progress = Recording()
+    assert runner.let_calls_end(progress, time.perf_counter() + 0.1) == 2
+    assert progress.summaries == [
+        "2 calls still running when the time given for the wait ran out"]

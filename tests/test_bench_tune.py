@@ -475,7 +475,7 @@ def test_a_completed_run_has_its_figures(tmp_path, saved) -> None:
 # A run of 0.15 s is counted as 1.15 s (with its drain and stop), and a third of the
 # budget is kept for confirming finalists: 1.8 s is the least with room for one run.
 TOO_SMALL = ("is too small for one run: a run is counted as 1.15 s (--duration, its drain "
-             "and stop) and a third of the budget is kept for rerunning the finalists; give "
+             "and stop) and up to a third of the budget is kept for rerunning the finalists; give "
              "--budget 1.8 or more (about 8.7 s measures each of the 5 configurations once)")
 
 
@@ -737,7 +737,7 @@ def test_an_slo_search_too_small_for_the_capacity_run_and_one_more_is_refused(
     assert err == (
         "batchproc tune: error: --budget 3.4 s is too small for one run (an SLO alone "
         "measures the capacity first): a run is counted as 1.15 s (--duration, its drain "
-        "and stop) and a third of the budget is kept for rerunning the finalists; give "
+        "and stop) and up to a third of the budget is kept for rerunning the finalists; give "
         "--budget 3.5 or more (about 11 s measures each of the 5 configurations once)\n")
 
 

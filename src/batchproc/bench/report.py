@@ -211,11 +211,6 @@ def model_failed(r: Any) -> str:
             f"{r.first_model_error}")
 
 
-# An open loop that achieved less than this share of its offered load did not keep up
-# (the sweep's "saturated"); one that achieved more carried its load.
-SATURATED = 0.8
-
-
 def offered_note(r: RunResult) -> str | None:
     """What an open loop offered: its arrivals over their window, and what its
     throughput counts."""
@@ -258,9 +253,11 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     only between two runs without errors. A run that started while calls of the model
     an earlier run left were still running shared the machine with them. An open loop
     whose arrivals all came within one request's time shows no rate it sustains, fast
-    system or slow (``RunResult.too_short``). An open loop that carried its offered load
-    ran at the load's pace, not its own: against a run at its own pace (the limit, a
-    closed loop) the ratio would be the load's share of that run's throughput."""
+    system or slow (``RunResult.too_short``). An open loop that kept up with its arrivals
+    (its completions within their window: :func:`stretched_span`) ran at the load's pace,
+    not its own: against a run at its own pace (the limit, a closed loop) the ratio
+    would be the load's share of that run's throughput. One that fell behind ran at its
+    own, and is compared."""
     if a is None or b is None:
         return None
     failed = [r.system for r in (a, b) if r.failed]
@@ -276,7 +273,7 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
                 "request's time: too short a run to show a rate")
     paced = [r.system for r in (a, b) if r.arrival_rate is None]
     carried = [(r.system, rate) for r in (a, b)
-               if (rate := r.arrival_rate) is not None and r.throughput >= SATURATED * rate]
+               if (rate := r.arrival_rate) is not None and stretched_span(r) is None]
     if paced and carried:
         system, rate = carried[0]
         return (f"the {system} run carried the {fmt_rate(rate)} req/s offered (its "

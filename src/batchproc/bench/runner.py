@@ -99,13 +99,14 @@ def let_calls_end(progress: Progress, deadline: float = math.inf) -> int:
             progress.finish("ended")
             continue
         if now >= deadline and now < min(until, ended_by):
-            progress.finish(f"{plural(left, 'call')} still running; no time left for a run")
+            progress.finish(f"{plural(left, 'call')} still running when the time given for "
+                            "the wait ran out")
             break
         run.given_up = True
         why = (f"{LEFT_RUNNING_WAIT_S:g} s from its stop" if now >= until
                else f"none ended for {run.stall_s:g} s")
-        progress.finish(f"{plural(left, 'call')} still running ({why}); the next run starts "
-                        "beside them")
+        progress.finish(f"{plural(left, 'call')} still running ({why}); runs from now on "
+                        "start beside them")
     return calls_left_behind()
 
 

@@ -26,10 +26,10 @@ from .inputs import RequestSource
 from .interrupts import NOTE, keep_finished
 from .loads import Bounds, Load, drain_window
 from .models import Model
-from .report import SATURATED
 from .runner import Progress, RunResult, run_target
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+SATURATED = 0.8  # achieved below this share of the offered load: not keeping up
 SATURATED_IN_A_ROW = 2
 # The most closed-loop clients (threads) the capacity is measured with.
 CAPACITY_CLIENTS = 512

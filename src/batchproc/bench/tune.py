@@ -577,8 +577,8 @@ def check_budget(goal: Goal, duration: float, budget: float, results: ResultsFil
         goal.rate is None and capacity is None) else ""
     raise BenchError(
         f"--budget {budget:g} s is too small for one run{capacity_first}: a run is counted "
-        f"as {run_bound_s(duration):.3g} s (--duration, its drain and stop) and a third "
-        f"of the budget is kept for rerunning the finalists; give --budget {least:g} or "
+        f"as {run_bound_s(duration):.3g} s (--duration, its drain and stop) and up to a "
+        f"third of the budget is kept for rerunning the finalists; give --budget {least:g} or "
         f"more (about {every:g} s measures each of the {configurations} configurations "
         "once)")
 

@@ -27,11 +27,12 @@ ends by confirming its *finalists*, the :data:`FINALISTS` best and the default: 
 rerun at its deciding load until it has :data:`CONFIRM_RUNS` runs, each rerun on fresh
 arrivals (draw 1, 2, ... of the seed: the same draw for every finalist), and the
 verdict is taken on their medians. The search keeps room for this: the reruns of every
-finalist it could have after its next run (those so far, one more, and the default), at
-most :data:`CONFIRM_SHARE` of the budget. A run is counted at its bound (duration, drain
-and stop), so the search does not overrun its budget. A budget too small for one run is
-refused before anything runs (:func:`check_budget`); the output says how far confirming
-went when the budget ended it.
+finalist it could have after its next run (those so far and one more, at most
+:data:`FINALISTS`, and the default), at most :data:`CONFIRM_SHARE` of the budget. A
+run is counted at its bound (duration, drain and stop), so the search does not overrun
+its budget. A budget too small for one run is refused before anything runs
+(:func:`check_budget`); the output says how far confirming went when the budget ended
+it.
 
 Results are written to the results file after every run, with the settings that make
 them comparable (model, input, run duration, seed, capacity). Rerunning with the same

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+from hanging import CallsThatDoNotEnd
 from waiting import wait_for
 
 from batchproc import BatchProcessor, BatchProcessorConfig
@@ -790,20 +791,10 @@ def test_a_cancelled_request_failed_it_did_not_complete():
     assert res.first_error is not None and res.first_error.startswith("CancelledError")
 
 
-class _CallsThatDoNotEnd:
-    """An earlier run's model whose calls none end while the test lasts."""
-
-    running = 2
-
-    def wait_idle(self, timeout: float) -> int:
-        threading.Event().wait(max(timeout, 0.0))
-        return self.running
-
-
 def test_a_wait_for_left_calls_cut_by_its_deadline_gives_none_of_them_up(monkeypatch) -> None:
     # A caller with no time for a run after the wait (tune's budget) ends it early: the
     # calls are not given up on, so the wait before a later run is for them again.
-    left = runner._LeftBehind(_CallsThatDoNotEnd(), "earlier", time.perf_counter(),
+    left = runner._LeftBehind(CallsThatDoNotEnd(), "earlier", time.perf_counter(),
                               stall_s=60.0)
     monkeypatch.setattr(runner, "_left_behind", [left])
     progress = Recording()

@@ -11,12 +11,12 @@ import copy
 import json
 import math
 import re
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+from hanging import CallsThatDoNotEnd
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
@@ -939,19 +939,6 @@ def test_a_resumed_search_reads_the_saved_reruns_of_finalists_after_one_it_canno
     assert "until the budget ended the reruns: 7 of 9 runs" in out
 
 
-class _CallsThatDoNotEnd:
-    """An earlier run's model with calls still running (a lock's queue of them): none
-    ends while the test lasts; ``wait_idle`` waits as long as it is asked to."""
-
-    def __init__(self, running: int) -> None:
-        self.running = running
-        self._never = threading.Event()
-
-    def wait_idle(self, timeout: float) -> int:
-        self._never.wait(max(timeout, 0.0))
-        return self.running
-
-
 def test_a_run_whose_wait_for_left_calls_leaves_no_room_is_not_started(monkeypatch) -> None:
     # The default's run leaves calls running that the next run would wait for first (up
     # to a minute while they keep ending): the search waits only while the budget leaves
@@ -959,7 +946,7 @@ def test_a_run_whose_wait_for_left_calls_leaves_no_room_is_not_started(monkeypat
     from batchproc.bench import runner, tune
     from batchproc.bench.runner import RunResult
 
-    left = _CallsThatDoNotEnd(running=3)
+    left = CallsThatDoNotEnd(running=3)
     started: list[str] = []
 
     def run_target(target, model, name, load, bounds, progress, label=None):

@@ -662,23 +662,21 @@ class Tuner:
         queue_size = max(1000, int(offered * QUEUE_S))
         return Batchproc(queue_size=queue_size, fields=fields, name=c.label)
 
-    def _time_left(self) -> bool:
-        return self._room() >= 0.0
-
     def _room(self) -> float:
         """Seconds of the budget left after the next run, counted at its bound, and the
         time kept for confirming (while searching)."""
         kept = 0.0 if self._confirming else self._kept_for_confirming()
         return self._end - self.clock() - run_bound_s(self.duration) - kept
 
-    def _room_after_left_calls(self) -> bool:
-        """Wait for the calls of the model an earlier run left running (the next run
-        would wait for them first: see ``runner.let_calls_end``) as long as the budget
-        leaves room for the run after it; whether it still does."""
-        if calls_left_behind():
-            deadline = time.perf_counter() + self._room()
-            let_calls_end(self.progress or NullProgress(), deadline)
-        return self._time_left()
+    def _room_for_a_run(self) -> bool:
+        """Whether the budget has room for the next run. The calls of the model an earlier
+        run left running (the run would wait for them first: ``runner.let_calls_end``)
+        are waited for here, only as long as the room lasts."""
+        room = self._room()
+        if room >= 0.0 and calls_left_behind():
+            let_calls_end(self.progress or NullProgress(), time.perf_counter() + room)
+            room = self._room()
+        return room >= 0.0
 
     def _kept_for_confirming(self) -> float:
         """Seconds the search leaves for confirming: the reruns of every finalist it could
@@ -701,7 +699,7 @@ class Tuner:
             self.reused += 1
             self.records.append(old)
             return old
-        if not self._time_left() or not self._room_after_left_calls():
+        if not self._room_for_a_run():
             return None
         # Candidates at one load share its arrivals (draw 0); a confirming rerun gets
         # fresh ones, the same for every finalist (draw ``repeat``).

@@ -583,6 +583,9 @@ class _IndexFails:
     def __index__(self) -> int:
         raise ValueError("no index for this one")
 
+    def __repr__(self) -> str:  # the same test id in every process (pytest-xdist's workers)
+        return "_IndexFails()"
+
 
 def _unitless_timedeltas() -> list[np.timedelta64]:
     """numpy's timedelta64 without a unit, where it still exists: made quietly (numpy 2.5

@@ -11,6 +11,7 @@ arrivals and completions go straight to the function that counts them.
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import Future
 
 import numpy as np
@@ -371,9 +372,51 @@ def test_an_open_loop_that_kept_up_is_not_compared_with_a_run_at_its_own_pace() 
     assert report.stretched_span(behind) is not None
     assert report.not_compared(behind, limit) is None
     assert report.ratio(behind, limit) == pytest.approx(11_600 / 12_000)
-    # Two open loops at one load: compared.
+    # Two open loops at one load: compared where one fell behind (ratio_bound's test).
     assert report.not_compared(kept_up, _rate_run("no batching", 400.0, 3_000.0, 15.0)) is None
-    assert report.not_compared(kept_up, _rate_run("no batching", 3_000.0, 3_000.0)) is None
+
+
+def test_two_open_loops_that_kept_up_are_not_compared() -> None:
+    # Each throughput is the load's: the ratio would be 1 whatever their paces.
+    kept_up = _rate_run("batchproc", 3_000.0, 3_000.0)
+    other = _rate_run("no batching", 3_000.0, 3_000.0)
+    why = "both runs carried the 3,000 req/s offered (their throughput is the load's)"
+    assert report.not_compared(kept_up, other) == why
+    assert report.not_compared(other, kept_up) == why
+    assert report.ratio(kept_up, other) is None and report.ratio_bound(kept_up, other) is None
+
+
+def test_an_open_loop_that_kept_up_against_one_that_fell_behind_is_a_bound() -> None:
+    # batchproc carried all 3,000 req/s offered, no batching fell behind at 400: 7.5x is
+    # what batchproc had to carry, not its own pace, so its pace is 7.5x or more.
+    kept_up = _rate_run("batchproc", 3_000.0, 3_000.0)
+    behind = _rate_run("no batching", 400.0, 3_000.0, span=15.0)
+    assert report.ratio(kept_up, behind) == pytest.approx(7.5)
+    assert report.ratio_bound(kept_up, behind) == "at least"
+    assert report.ratio_bound(behind, kept_up) == "at most"
+    # Both behind: each at its own pace, the ratio is theirs. Not compared: no bound.
+    slower = _rate_run("batchproc", 2_000.0, 3_000.0, span=3.0)
+    assert report.ratio_bound(slower, behind) is None
+    limit = _rate_run("limit", 12_000.0, None)
+    assert report.ratio_bound(kept_up, limit) is None
+    assert report.ratio_bound(behind, limit) is None  # compared: both at their own pace
+    runs = [kept_up, behind, limit]
+    bounds = report.bench_ratio_bounds(runs)
+    assert bounds == {"vs_no_batching": "at least"}
+    out = io.StringIO()
+    report.print_bench_table("t", runs, report.bench_ratios(runs), out, use_rich=False,
+                             not_compared=report.bench_not_compared(runs), bounds=bounds)
+    assert ("batchproc vs no batching: at least 7.50x throughput (the batchproc run "
+            "carried the 3,000 req/s offered: its own pace is that or more)") in out.getvalue()
+    # The other way round: batchproc fell behind, no batching kept up.
+    runs = [slower, _rate_run("no batching", 3_000.0, 3_000.0)]
+    bounds = report.bench_ratio_bounds(runs)
+    assert bounds == {"vs_no_batching": "at most"}
+    out = io.StringIO()
+    report.print_bench_table("t", runs, report.bench_ratios(runs), out, use_rich=False,
+                             bounds=bounds)
+    assert ("batchproc vs no batching: at most 0.67x throughput (the no batching run "
+            "carried the 3,000 req/s offered: its own pace is that or more)") in out.getvalue()
 
 
 def test_a_run_too_short_to_show_a_rate_says_so_and_is_not_compared() -> None:

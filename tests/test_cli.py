@@ -237,6 +237,7 @@ def test_tiny_run_prints_the_three_systems_and_writes_json(
     assert 1 <= bp["mean_batch"] <= 2  # two clients: never more than two rows at once
     assert set(doc["ratios"]) == {"vs_no_batching", "vs_limit"}
     assert doc["ratios_not_compared"] == {}  # no run had errors: both compared
+    assert doc["ratio_bounds"] == {}  # closed loops: each at its own pace, no bound
     assert doc["interrupted"] is False
 
 

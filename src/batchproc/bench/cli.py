@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         "...), ratios (vs_no_batching, vs_limit; null when not given), "
         "ratios_not_compared (why a ratio is not given, by the same keys: a run failed, "
         "had errors, or carried the load an open loop offered while the other went at "
-        "its own pace) and interrupted (true when Ctrl-C ended "
+        "its own pace), ratio_bounds (\"at least\" or \"at most\", by the same keys, "
+        "where one run carried an open load the other fell behind on) and interrupted "
+        "(true when Ctrl-C ended "
         "the runs: runs holds those that finished)",
     )
     o.add_argument(
@@ -575,6 +577,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     not_compared = report.bench_not_compared(runs, subject=systems[0].name)
+    bounds = report.bench_ratio_bounds(runs, subject=systems[0].name)
     failed = [r for r in runs if _run_failed(r)]
     # The files first: the table goes to a stdout that may be closed (`| head`).
     unwritten: list[dict[str, Any]] = []
@@ -594,12 +597,14 @@ def run_bench(args: argparse.Namespace) -> int:
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
             "ratios_not_compared": not_compared,
+            "ratio_bounds": bounds,
             "interrupted": stop.interrupted,
         }
         _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
                       doc, unwritten=unwritten)
     with _stdout_may_close():
-        report.print_bench_table(title, runs, ratios, not_compared=not_compared)
+        report.print_bench_table(title, runs, ratios, not_compared=not_compared,
+                                 bounds=bounds)
         for line in _config_notes(args):
             print(line)
         if stop.interrupted:

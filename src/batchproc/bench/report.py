@@ -256,8 +256,9 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     system or slow (``RunResult.too_short``). An open loop that kept up with its arrivals
     (its completions within their window: :func:`stretched_span`) ran at the load's pace,
     not its own: against a run at its own pace (the limit, a closed loop) the ratio
-    would be the load's share of that run's throughput. One that fell behind ran at its
-    own, and is compared."""
+    would be the load's share of that run's throughput, and against another that kept up
+    it would be 1 (both carried the load). One that fell behind ran at its own, and is
+    compared (:func:`ratio_bound` says where the ratio is a bound)."""
     if a is None or b is None:
         return None
     failed = [r.system for r in (a, b) if r.failed]
@@ -272,12 +273,14 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
         return (f"the {' and the '.join(short)} {whose} arrivals all came within one "
                 "request's time: too short a run to show a rate")
     paced = [r.system for r in (a, b) if r.arrival_rate is None]
-    carried = [(r.system, rate) for r in (a, b)
-               if (rate := r.arrival_rate) is not None and stretched_span(r) is None]
+    carried = [(r.system, rate) for r in (a, b) if (rate := carried_load(r)) is not None]
     if paced and carried:
         system, rate = carried[0]
         return (f"the {system} run carried the {fmt_rate(rate)} req/s offered (its "
                 f"throughput is the load's), the {paced[0]} run went at its own pace")
+    if len(carried) == 2:
+        return (f"both runs carried the {fmt_rate(carried[0][1])} req/s offered (their "
+                "throughput is the load's)")
     beside = [r for r in (a, b) if r.started_beside]
     if beside:
         return "; ".join(
@@ -289,6 +292,31 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     which = "both runs" if len(erred) == 2 else f"the {erred[0]} run"
     return (f"errors in {which} (a ratio compares only runs without failed requests or "
             "model calls)")
+
+
+def carried_load(r: RunResult) -> float | None:
+    """The req/s an open loop offered where the run kept up with it (its completions
+    within their window), so that its throughput is the load's and its own pace is that
+    or more; None for a run at its own pace, or an open loop that fell behind."""
+    if r.arrival_rate is None or stretched_span(r) is not None:
+        return None
+    return r.arrival_rate
+
+
+def ratio_bound(a: RunResult | None, b: RunResult | None) -> str | None:
+    """Where ``a``'s throughput over ``b``'s (:func:`ratio`) bounds the ratio of their
+    own paces rather than measuring it: "at least" when ``a`` carried an open load that
+    ``b`` fell behind on (``a``'s own pace is the load's or more), "at most" the other
+    way round; None where the ratio is the paces' (or not given)."""
+    if ratio(a, b) is None:
+        return None
+    assert a is not None and b is not None
+    kept_up = carried_load(a) is not None, carried_load(b) is not None
+    if kept_up == (True, False):
+        return "at least"
+    if kept_up == (False, True):
+        return "at most"
+    return None
 
 
 def _calls_left(count: int) -> str:
@@ -305,13 +333,26 @@ def ratio(a: RunResult | None, b: RunResult | None) -> float | None:
     return a.throughput / b.throughput
 
 
+# The ratios `batchproc bench` gives, by key: the subject's throughput over this system's.
+BENCH_RATIOS = {"vs_no_batching": "no batching", "vs_limit": LIMIT}
+
+
 def bench_ratios(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, float | None]:
     """``subject``'s throughput over no batching's and over the limit's (:func:`ratio`)."""
     by = {r.system: r for r in runs}
-    return {
-        "vs_no_batching": ratio(by.get(subject), by.get("no batching")),
-        "vs_limit": ratio(by.get(subject), by.get(LIMIT)),
-    }
+    return {key: ratio(by.get(subject), by.get(other)) for key, other in BENCH_RATIOS.items()}
+
+
+def bench_ratio_bounds(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, str]:
+    """Which ratios of :func:`bench_ratios` are bounds (:func:`ratio_bound`), by the same
+    keys: "at least" or "at most"."""
+    by = {r.system: r for r in runs}
+    bounds = {}
+    for key, other in BENCH_RATIOS.items():
+        bound = ratio_bound(by.get(subject), by.get(other))
+        if bound is not None:
+            bounds[key] = bound
+    return bounds
 
 
 def bench_not_compared(runs: Sequence[RunResult], subject: str = "batchproc") -> dict[str, str]:
@@ -319,7 +360,7 @@ def bench_not_compared(runs: Sequence[RunResult], subject: str = "batchproc") ->
     measured (Ctrl-C ended the command before it), or :func:`not_compared`'s reason."""
     by = {r.system: r for r in runs}
     reasons = {}
-    for key, other in (("vs_no_batching", "no batching"), ("vs_limit", LIMIT)):
+    for key, other in BENCH_RATIOS.items():
         missing = [name for name in (subject, other) if name not in by]
         why = (f"the {' and the '.join(missing)} run not measured" if missing
                else not_compared(by[subject], by[other]))
@@ -419,9 +460,11 @@ def print_bench_table(
     out: TextIO | None = None,
     use_rich: bool | None = None,
     not_compared: Mapping[str, str] | None = None,
+    bounds: Mapping[str, str] | None = None,
 ) -> None:
     """The ``batchproc bench`` table and the two ratios below it; a ratio
-    ``not_compared`` has a reason (:func:`bench_not_compared`) says it instead."""
+    ``not_compared`` has a reason (:func:`bench_not_compared`) says it instead, and one
+    that is a bound (``bounds``: :func:`bench_ratio_bounds`) says so and why."""
     rows = [row_cells(r) for r in runs]
     lines = [n.replace(f" ({runs[0].model}, {runs[0].load})", "") for n in run_notes(runs)]
     for r in runs:
@@ -434,11 +477,19 @@ def print_bench_table(
         lines.insert(0, offered)
     subject = runs[0].system if runs else "batchproc"
     why = not_compared or {}
+    by = {r.system: r for r in runs}
 
     def compared(key: str) -> str:
         if key in why:
             return f"not compared: {why[key]}"
-        return f"{fmt_ratio(ratios.get(key))} throughput"
+        text = f"{fmt_ratio(ratios.get(key))} throughput"
+        bound = (bounds or {}).get(key)
+        if bound is None:
+            return text
+        carrier = subject if bound == "at least" else BENCH_RATIOS[key]
+        return (f"{bound} {text} (the {carrier} run carried the "
+                f"{fmt_rate(carried_load(by[carrier]) or 0.0)} req/s offered: its own pace "
+                "is that or more)")
 
     lines += [
         f"{subject} vs no batching: {compared('vs_no_batching')}",

@@ -405,7 +405,7 @@ def test_an_open_loop_that_kept_up_against_one_that_fell_behind_is_a_bound() -> 
     assert bounds == {"vs_no_batching": "at least"}
     out = io.StringIO()
     report.print_bench_table("t", runs, report.bench_ratios(runs), out, use_rich=False,
-                             not_compared=report.bench_not_compared(runs), bounds=bounds)
+                             not_compared=report.bench_not_compared(runs), ratio_bounds=bounds)
     assert ("batchproc vs no batching: at least 7.50x throughput (the batchproc run "
             "carried the 3,000 req/s offered: its own pace is that or more)") in out.getvalue()
     # The other way round: batchproc fell behind, no batching kept up.
@@ -414,7 +414,7 @@ def test_an_open_loop_that_kept_up_against_one_that_fell_behind_is_a_bound() -> 
     assert bounds == {"vs_no_batching": "at most"}
     out = io.StringIO()
     report.print_bench_table("t", runs, report.bench_ratios(runs), out, use_rich=False,
-                             bounds=bounds)
+                             ratio_bounds=bounds)
     assert ("batchproc vs no batching: at most 0.67x throughput (the no batching run "
             "carried the 3,000 req/s offered: its own pace is that or more)") in out.getvalue()
 

@@ -577,7 +577,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _interrupted(args)
     ratios = report.bench_ratios(runs, subject=systems[0].name)
     not_compared = report.bench_not_compared(runs, subject=systems[0].name)
-    bounds = report.bench_ratio_bounds(runs, subject=systems[0].name)
+    ratio_bounds = report.bench_ratio_bounds(runs, subject=systems[0].name)
     failed = [r for r in runs if _run_failed(r)]
     # The files first: the table goes to a stdout that may be closed (`| head`).
     unwritten: list[dict[str, Any]] = []
@@ -597,14 +597,14 @@ def run_bench(args: argparse.Namespace) -> int:
             "runs": [r.to_dict() for r in runs],
             "ratios": ratios,
             "ratios_not_compared": not_compared,
-            "ratio_bounds": bounds,
+            "ratio_bounds": ratio_bounds,
             "interrupted": stop.interrupted,
         }
         _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
                       doc, unwritten=unwritten)
     with _stdout_may_close():
         report.print_bench_table(title, runs, ratios, not_compared=not_compared,
-                                 bounds=bounds)
+                                 ratio_bounds=ratio_bounds)
         for line in _config_notes(args):
             print(line)
         if stop.interrupted:

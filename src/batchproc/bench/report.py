@@ -460,11 +460,11 @@ def print_bench_table(
     out: TextIO | None = None,
     use_rich: bool | None = None,
     not_compared: Mapping[str, str] | None = None,
-    bounds: Mapping[str, str] | None = None,
+    ratio_bounds: Mapping[str, str] | None = None,
 ) -> None:
     """The ``batchproc bench`` table and the two ratios below it; a ratio
     ``not_compared`` has a reason (:func:`bench_not_compared`) says it instead, and one
-    that is a bound (``bounds``: :func:`bench_ratio_bounds`) says so and why."""
+    that is a bound (``ratio_bounds``: :func:`bench_ratio_bounds`) says so and why."""
     rows = [row_cells(r) for r in runs]
     lines = [n.replace(f" ({runs[0].model}, {runs[0].load})", "") for n in run_notes(runs)]
     for r in runs:
@@ -483,7 +483,7 @@ def print_bench_table(
         if key in why:
             return f"not compared: {why[key]}"
         text = f"{fmt_ratio(ratios.get(key))} throughput"
-        bound = (bounds or {}).get(key)
+        bound = (ratio_bounds or {}).get(key)
         if bound is None:
             return text
         carrier = subject if bound == "at least" else BENCH_RATIOS[key]

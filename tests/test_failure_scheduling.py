@@ -1394,6 +1394,45 @@ def test_a_request_that_fails_alone_is_no_batch_only_failure(make_processor):
     assert (stats["total_batch_only_failures"], stats["total_errors"]) == (0, 1)
 
 
+class _Interrupt(BaseException):
+    """Like KeyboardInterrupt: not an Exception, so it fails its call's requests at once."""
+
+
+@pytest.mark.parametrize("where", ["the batch's call", "a call of its search"])
+def test_requests_an_interrupting_error_failed_make_no_batch_only_failure(make_processor,
+                                                                          where):
+    # A batch-only failure is a batch whose search answered every request on smaller
+    # calls. An interrupting error fails the requests of its call unsearched: whether it
+    # ended the batch's own call or one of its search's, those requests were not
+    # answered, so the batch is no such failure: not counted, not warned of, and the
+    # target not halved for it.
+    def model(batch):
+        rows = batch[:, 0].tolist()
+        if where == "the batch's call" or rows == [0.0, 1.0]:
+            raise _Interrupt("stop the world")
+        if len(rows) > 2:
+            raise ValueError("fails on batches of more than two")
+        return batch
+
+    p = make_processor(model, max_workers=1, max_batch_size=8, processing_strategy="greedy",
+                       max_retries=0)
+    p.pause()
+    futures = [p.enqueue_predict(item(v)) for v in range(4)]
+    target = p.current_batch_size
+    p.resume()
+    interrupted = futures if where == "the batch's call" else futures[:2]
+    for f in interrupted:
+        with pytest.raises(_Interrupt):
+            f.result(timeout=20)
+    answered = futures[len(interrupted):]
+    assert [f.result(timeout=20)[0, 0] for f in answered] == list(range(len(interrupted), 4))
+    settled(p)
+    stats = p.get_stats()
+    assert stats["total_batch_only_failures"] == 0
+    assert stats["total_errors"] == len(interrupted)
+    assert p.current_batch_size == target
+
+
 @pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
 def test_a_done_callback_raising_a_base_exception_touches_no_other_request(
         make_processor, raised):

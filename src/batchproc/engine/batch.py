@@ -39,7 +39,7 @@ class Batch:
 
     __slots__ = ("call_started", "callbacks_started", "calling", "deferred", "delivering",
                  "delivery_started", "dispatched_at", "holds_slot", "in_flight",
-                 "own_failures", "requests", "state", "uncut", "worker")
+                 "answered", "requests", "state", "uncut", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests
@@ -60,8 +60,9 @@ class Batch:
         # until the delivery of all its requests begins, it ends, or its stalled call's
         # slot is taken over: exactly one batch_ended() each.
         self.in_flight = True
-        # Requests of it that failed alone (their own failure, not the batch's).
-        self.own_failures = 0
+        # Requests of it its calls answered with results (Executor._try): after its first
+        # call failed, those of its failure search.
+        self.answered = 0
         # The error of its first call whose output could not be cut into its requests'
         # parts: from then on its requests run alone (Executor._try).
         self.uncut: BatchOutputError | None = None

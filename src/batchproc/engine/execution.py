@@ -173,6 +173,7 @@ class Executor:
         status, out, elapsed, rows = self.attempt(batch, requests, workspace)
         if status == OK:
             self._delivery.deliver(batch, requests, out, elapsed, rows, target)
+            batch.answered += len(requests)
             return OK, None
         if status == FAILED:
             self._count_failed_call(batch, requests, rows, elapsed)
@@ -200,11 +201,12 @@ class Executor:
             if self._config.debug_mode:
                 logger.debug("batch of %d failed (%r): isolating", len(requests), error)
         self._failed(batch, requests, workspace, target, error, error, self._isolate)
-        if (len(requests) > 1 and not batch.own_failures and requests[0].attempt == 0
-                and batch.state is not ABANDONED_BATCH):
-            # The batch failed, yet none of its requests fails alone (and its search ran
-            # to the end): a failure of the batch (out of memory on its size, say), so
-            # smaller ones may get through.
+        if (len(requests) > 1 and batch.answered == len(requests)
+                and requests[0].attempt == 0 and batch.state is not ABANDONED_BATCH):
+            # The batch failed, yet the calls of its search answered every one of its
+            # requests: a failure of the batch (out of memory on its size, say), so
+            # smaller ones may get through. (Counted, not inferred from no request
+            # failing alone: an interrupting error fails them all unsearched.)
             # Once per failed batch, never per step of the search or per retry.
             self._controller.observe_failure()
             self._note_batch_only_failure(len(requests), error)
@@ -363,7 +365,6 @@ class Executor:
         items are queued again one by one (``handed_back``), as a failing batch of
         several requests is searched at once. Retried and parked whole, it would make
         every item wait for a backoff it may not outlive (``max_queue_time``)."""
-        batch.own_failures += 1
         if handed_back(request, error):
             self._delivery.fail(batch, [request], error)
             return

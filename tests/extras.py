@@ -5,9 +5,13 @@ installed them all) makes a missing one a failure, so a broken install cannot pa
 skipped tests.
 """
 
+import contextlib
+import fcntl
 import importlib
 import importlib.util
 import os
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -45,3 +49,15 @@ def skip_without(*extras):
             if REQUIRED:
                 pytest.fail(f"BATCHPROC_REQUIRE_EXTRAS=1 but {module} ({extra}) is missing")
             pytest.skip(f"needs the {extra} extra ({module})")
+
+
+@contextlib.contextmanager
+def one_ray_cluster_at_a_time() -> Iterator[None]:
+    """Hold the machine's lock for starting a local Ray cluster: two at once (tests in
+    two pytest-xdist workers, or two test sessions) share its cores, and a Serve
+    example's HTTP port, with each other. A lock on a file, so it holds across
+    processes; the kernel drops it with the process that held it."""
+    path = os.path.join(tempfile.gettempdir(), "batchproc-tests-ray.lock")
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -2,6 +2,7 @@
 docs/ (the documentation site), the `batchproc` command lines shown there, and the
 examples in the docstrings the API reference is generated from."""
 
+import contextlib
 import doctest
 import pathlib
 import re
@@ -10,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from extras import skip_without
+from extras import one_ray_cluster_at_a_time, skip_without
 
 import batchproc.processor
 from batchproc._native.waiting import get_spin
@@ -73,7 +74,8 @@ def test_example_runs(code, result_spin_kept):
     extras = needs.group(1).split(",") if needs else []
     skip_without(*extras)
     if ISOLATED.intersection(extras):
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+        with one_ray_cluster_at_a_time() if "ray" in extras else contextlib.nullcontext():
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
         return
     exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})
 

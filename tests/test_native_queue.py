@@ -38,6 +38,9 @@ from batchproc._native import request_queue as native_queue
 
 IMPLS = {"native": native_queue, "reference": reference_queue}
 HANG = 10.0  # seconds: only a guard against a hung thread, never a speed assertion
+# A pop's own timeout (and a spin) in a test is ten times (a hundred times) that: one that
+# ran out on a loaded machine would return [] (stop spinning), a wrong result instead of a
+# thread found still blocked when joined.
 ITEMS, FILL, ROOM = 0, 1, 2  # indices into _waiters()
 
 
@@ -409,7 +412,7 @@ def test_pop_wakes_a_blocked_pusher(impl: Any) -> None:
     q = impl.RequestQueue(2)
     q.push("a")
     q.push("b")
-    pusher = Worker(q.push, "c", timeout=HANG)
+    pusher = Worker(q.push, "c", timeout=10 * HANG)
     blocked(q, ROOM)
     assert q.pop_batch(1) == ["a"]
     assert isinstance(pusher.outcome(), int)
@@ -418,7 +421,7 @@ def test_pop_wakes_a_blocked_pusher(impl: Any) -> None:
 
 def test_a_blocked_pop_wakes_on_push(impl: Any) -> None:
     q = impl.RequestQueue(2)
-    popper = Worker(q.pop_batch, 4, timeout=HANG)
+    popper = Worker(q.pop_batch, 4, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.push("x")
     assert popper.outcome() == ["x"]
@@ -484,7 +487,7 @@ def popped_beside_a_held_gil(q: Any, max_rows: int, first: Callable[[], object],
     """The batch of a pop that waits for an entry while this thread, holding the GIL,
     pushes ``first()`` (which wakes the pop), lets the pop take it, then pushes
     ``then()``."""
-    popper = Worker(q.pop_batch, max_rows, timeout=HANG)
+    popper = Worker(q.pop_batch, max_rows, timeout=10 * HANG)
     blocked(q, ITEMS)
     with HoldingTheGil() as gil:
         first()
@@ -555,9 +558,9 @@ def test_a_push_wakes_the_pop_that_blocked_last() -> None:
     # LIFO: at low load the worker that just finished (so parked last) takes the next
     # request while the others sleep on. Native only: wake order is not the twin's job.
     q = native_queue.RequestQueue(4)
-    first = Worker(q.pop_batch, 1, timeout=HANG)
+    first = Worker(q.pop_batch, 1, timeout=10 * HANG)
     blocked(q, ITEMS, 1)
-    last = Worker(q.pop_batch, 1, timeout=HANG)
+    last = Worker(q.pop_batch, 1, timeout=10 * HANG)
     blocked(q, ITEMS, 2)
     q.push("x")
     assert last.outcome() == ["x"]
@@ -570,11 +573,11 @@ def test_a_timed_out_pop_leaves_the_waiter_stack_intact() -> None:
     # The middle waiter times out and must unlink itself; the other two are still woken,
     # one per push, newest first, and close() wakes everyone left.
     q = native_queue.RequestQueue(4)
-    bottom = Worker(q.pop_batch, 1, timeout=HANG)
+    bottom = Worker(q.pop_batch, 1, timeout=10 * HANG)
     blocked(q, ITEMS, 1)
     middle = Worker(q.pop_batch, 1, timeout=1.0)  # time for `top` to park above it
     blocked(q, ITEMS, 2)
-    top = Worker(q.pop_batch, 1, timeout=HANG)
+    top = Worker(q.pop_batch, 1, timeout=10 * HANG)
     blocked(q, ITEMS, 3)
     assert middle.outcome() == []
     q.push("a")
@@ -656,7 +659,7 @@ def test_a_pause_does_not_end_a_fill_on_pace(impl: Any) -> None:
     for name in "abc":
         q.push(name)
     popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=6 * HANG, idle_gap=0.001,
-                    fill_time=HANG, timeout=HANG)
+                    fill_time=HANG, timeout=10 * HANG)
     blocked(q, FILL)
     paused_from = time.monotonic()
     wait_until(lambda: time.monotonic() - paused_from > 0.05, "a pause of 50 idle gaps")
@@ -681,7 +684,7 @@ def test_a_wave_as_large_as_the_last_batch_goes_at_once(impl: Any, last_rows: in
     for name in names:
         q.push(name)
     assert q.pop_batch(10, fill_rows=10, max_wait=60 * HANG, idle_gap=6 * HANG,
-                       fill_time=60 * HANG, timeout=HANG) == names
+                       fill_time=60 * HANG, timeout=10 * HANG) == names
     assert time.monotonic() - t_before < HANG
 
 
@@ -703,7 +706,7 @@ def test_a_wave_goes_at_once_only_with_all_its_requests_back(impl: Any) -> None:
     t_before = time.monotonic()
     q.push("a", rows=6)
     assert q.pop_batch(20, fill_rows=20, max_wait=60 * HANG, idle_gap=0.3,
-                       fill_time=60 * HANG, timeout=HANG) == ["a"]
+                       fill_time=60 * HANG, timeout=10 * HANG) == ["a"]
     waited = time.monotonic() - t_before
     assert waited >= 0.3 - 1e-3
     assert waited < 3 * HANG
@@ -713,7 +716,7 @@ def test_a_wave_goes_at_once_only_with_all_its_requests_back(impl: Any) -> None:
     q.push("b", rows=5)
     q.push("c", rows=1)
     assert q.pop_batch(20, fill_rows=20, max_wait=60 * HANG, idle_gap=6 * HANG,
-                       fill_time=60 * HANG, timeout=HANG) == ["b", "c"]
+                       fill_time=60 * HANG, timeout=10 * HANG) == ["b", "c"]
     assert time.monotonic() - t_before < HANG
 
 
@@ -725,7 +728,7 @@ def test_a_wave_completed_by_a_push_goes_at_once(impl: Any) -> None:
     for name in "abc":
         q.push(name)
     popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=60 * HANG, idle_gap=6 * HANG,
-                    fill_time=60 * HANG, timeout=HANG)
+                    fill_time=60 * HANG, timeout=10 * HANG)
     blocked(q, FILL)
     pushed = time.monotonic()
     q.push("d")
@@ -745,7 +748,7 @@ def test_rows_as_many_as_the_last_batch_after_a_quiet_spell_wait_for_the_pause(
     q.push("a")
     q.push("b")
     assert q.pop_batch(10, fill_rows=8, max_wait=60 * HANG, idle_gap=0.3, fill_time=0.2,
-                       timeout=HANG) == ["a", "b"]
+                       timeout=10 * HANG) == ["a", "b"]
     waited = time.monotonic() - t_before
     assert waited >= 0.3 - 1e-3
     assert waited < 3 * HANG
@@ -760,7 +763,7 @@ def test_a_fill_off_pace_ends_on_the_pause(impl: Any) -> None:
     q.push("a")
     q.push("b")
     assert q.pop_batch(10, fill_rows=8, max_wait=6 * HANG, idle_gap=0.001, fill_time=0.4,
-                       timeout=HANG) == ["a", "b"]
+                       timeout=10 * HANG) == ["a", "b"]
     waited = time.monotonic() - t_before
     assert waited >= 0.1 - 1e-4
     assert waited < 3 * HANG  # not the ceiling
@@ -774,7 +777,7 @@ def test_a_lone_row_is_no_wave(impl: Any) -> None:
     t_before = time.monotonic()
     q.push("a")
     assert q.pop_batch(10, fill_rows=8, max_wait=60 * HANG, idle_gap=0.001,
-                       fill_time=6 * HANG, timeout=HANG) == ["a"]
+                       fill_time=6 * HANG, timeout=10 * HANG) == ["a"]
     assert time.monotonic() - t_before < HANG
 
 
@@ -789,7 +792,7 @@ def test_rows_after_a_quiet_spell_are_no_wave(impl: Any) -> None:
     q.push("a")
     q.push("b")
     assert q.pop_batch(10, fill_rows=8, max_wait=6 * HANG, idle_gap=0.001, fill_time=1.0,
-                       timeout=HANG) == ["a", "b"]
+                       timeout=10 * HANG) == ["a", "b"]
     assert time.monotonic() - t_before < 0.4
 
 
@@ -816,7 +819,7 @@ def test_rows_carried_across_a_call_go_at_once_without_a_wave(impl: Any) -> None
     q = impl.RequestQueue(16)
     ended = carried_across(q, 3, ["x", "y"], busy=0.2)
     assert q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
-                       fill_time=HANG, timeout=HANG) == ["x", "y"]
+                       fill_time=HANG, timeout=10 * HANG) == ["x", "y"]
     assert 0.0125 - 1e-3 <= time.monotonic() - ended < HANG / 4
 
 
@@ -828,7 +831,7 @@ def test_the_wave_after_a_delivery_joins_the_rows_carried_across_it(impl: Any) -
     carried_across(q, 3, ["x"], busy=0.4)
     q.push("a")
     popper = Worker(q.pop_batch, 10, fill_rows=10, max_wait=0.3, idle_gap=6 * HANG,
-                    fill_time=HANG, timeout=HANG)
+                    fill_time=HANG, timeout=10 * HANG)
     blocked(q, FILL)
     q.push("b")
     q.push("c")  # the wave is back: the wait ends now, not on a gap or the ceiling
@@ -844,7 +847,7 @@ def test_a_client_back_during_the_delivery_is_its_wave_not_carried(impl: Any) ->
     q.push("a")
     q.end_batch()
     popper = Worker(q.pop_batch, 10, fill_rows=2, max_wait=6 * HANG, idle_gap=HANG / 2,
-                    fill_time=HANG, timeout=HANG)
+                    fill_time=HANG, timeout=10 * HANG)
     blocked(q, FILL)
     q.push("b")
     assert popper.outcome() == ["a", "b"]
@@ -864,7 +867,7 @@ def test_a_row_pushed_before_the_batch_was_answered_is_carried(
     q.end_batch()
     t_before = time.monotonic()
     assert q.pop_batch(10, fill_rows=2, max_wait=6 * HANG, idle_gap=HANG / 2,
-                       fill_time=HANG, timeout=HANG) == ["a"]
+                       fill_time=HANG, timeout=10 * HANG) == ["a"]
     assert time.monotonic() - t_before < HANG / 4
 
 
@@ -886,7 +889,7 @@ def pop_after_a_late_row(q: Any, ended: float) -> tuple[list[Any], float]:
     q.push("a")
     t_before = time.monotonic()
     batch = q.pop_batch(10, fill_rows=10, max_wait=6 * HANG, idle_gap=HANG / 2,
-                        fill_time=HANG, timeout=HANG)
+                        fill_time=HANG, timeout=10 * HANG)
     return batch, time.monotonic() - t_before
 
 
@@ -917,7 +920,7 @@ def test_a_wave_on_pace_ends_at_max_wait_after_the_delivery(impl: Any) -> None:
     q = impl.RequestQueue(64)
     ended = carried_across(q, 40, ["x"], busy=2.0)
     popper = Worker(q.pop_batch, 64, fill_rows=64, max_wait=0.1, idle_gap=6 * HANG,
-                    fill_time=HANG, timeout=HANG)
+                    fill_time=HANG, timeout=10 * HANG)
     pushed = 0
     while popper.is_alive() and pushed < 30:
         q.push(f"w{pushed}")
@@ -936,7 +939,7 @@ def test_a_fill_on_pace_still_ends_at_the_ceiling(impl: Any) -> None:
     for name in "abc":
         q.push(name)
     assert q.pop_batch(10, fill_rows=4, max_wait=0.2, idle_gap=0.0, fill_time=6 * HANG,
-                       timeout=HANG) == ["a", "b", "c"]
+                       timeout=10 * HANG) == ["a", "b", "c"]
     waited = time.monotonic() - t_before
     assert 0.2 - 1e-4 <= waited < 3 * HANG
 
@@ -1098,7 +1101,7 @@ def test_cancel_token_of_a_reused_slot(impl: Any) -> None:
 def test_cancel_wakes_a_blocked_pusher(impl: Any) -> None:
     q = impl.RequestQueue(1)
     tok = q.push("a")
-    pusher = Worker(q.push, "b", timeout=HANG)
+    pusher = Worker(q.push, "b", timeout=10 * HANG)
     blocked(q, ROOM)
     assert q.cancel(tok)
     pusher.outcome()
@@ -1266,13 +1269,13 @@ def test_producers_and_one_consumer(impl: Any) -> None:
     def produce(p: int) -> None:
         start.wait(HANG)
         for i in range(per_producer):
-            q.push((p, i), priority=prio(p, i), timeout=HANG)
+            q.push((p, i), priority=prio(p, i), timeout=10 * HANG)
 
     workers = [Worker(produce, p) for p in range(producers)]
     start.wait(HANG)
     out: list[tuple[int, int]] = []
     while len(out) < producers * per_producer:
-        batch = q.pop_batch(5, timeout=HANG)
+        batch = q.pop_batch(5, timeout=10 * HANG)
         assert batch, "consumer starved"
         levels = [prio(*item) for item in batch]
         assert levels == sorted(levels)          # a batch is in priority order
@@ -1303,12 +1306,12 @@ def test_producers_and_several_consumers(impl: Any) -> None:
     def produce(p: int) -> None:
         start.wait(HANG)
         for i in range(per_producer):
-            q.push((p, i), priority=i % 2, timeout=HANG)
+            q.push((p, i), priority=i % 2, timeout=10 * HANG)
 
     def consume() -> list[tuple[int, int]]:
         start.wait(HANG)
         got: list[tuple[int, int]] = []
-        while batch := q.pop_batch(3, timeout=HANG):   # [] only once closed and empty
+        while batch := q.pop_batch(3, timeout=10 * HANG):   # [] only once closed and empty
             assert [i % 2 for _, i in batch] == sorted(i % 2 for _, i in batch)
             got.extend(batch)
         return got
@@ -1614,7 +1617,7 @@ def test_pause_holds_pops_and_resume_releases_them(impl: Any) -> None:
     q.push("b")  # intake goes on while paused
     assert q.pop_batch(8, timeout=0) == []
     assert q.pop_batch(8, timeout=0.05) == []
-    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    popper = Worker(q.pop_batch, 8, timeout=10 * HANG)
     blocked(q, ITEMS)  # waiting although entries are queued
     assert len(q) == 2
     q.resume()
@@ -1625,7 +1628,7 @@ def test_pause_holds_pops_and_resume_releases_them(impl: Any) -> None:
 def test_pause_ends_a_fill_wait_without_popping(impl: Any) -> None:
     q = impl.RequestQueue(8)
     q.push("a")
-    popper = Worker(q.pop_batch, 8, fill_rows=4, max_wait=HANG, timeout=HANG)
+    popper = Worker(q.pop_batch, 8, fill_rows=4, max_wait=HANG, timeout=10 * HANG)
     blocked(q, FILL)
     q.pause()
     q.push("b")  # wakes the fill wait, which must now hold instead of popping
@@ -1644,7 +1647,7 @@ def test_a_held_queue_wakes_no_pop_on_push_or_park() -> None:
     # wakes it, and it takes what came meanwhile.
     q = native_queue.RequestQueue(16)
     q.pause()
-    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    popper = Worker(q.pop_batch, 16, timeout=10 * HANG)
     blocked(q, ITEMS)
     woken = q._item_wakes()
     for i in range(5):
@@ -1661,13 +1664,13 @@ def test_a_push_or_a_park_wakes_a_pop_waiting_for_an_entry() -> None:
     # Unpaused, each wakes the waiting pop: the push to take it, the park to learn
     # when the retry is due. (The pops wait on a queue with no recent push: no spin.)
     q = native_queue.RequestQueue(16)
-    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    popper = Worker(q.pop_batch, 16, timeout=10 * HANG)
     blocked(q, ITEMS)
     woken = q._item_wakes()
     q.push("a")
     assert popper.outcome() == ["a"]
     assert q._item_wakes() == woken + 1
-    popper = Worker(q.pop_batch, 16, timeout=HANG)
+    popper = Worker(q.pop_batch, 16, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 0.05)
     assert q._item_wakes() == woken + 2
@@ -1678,7 +1681,7 @@ def test_close_overrides_pause(impl: Any) -> None:
     q = impl.RequestQueue(8)
     q.pause()
     q.push("a")
-    popper = Worker(q.pop_batch, 8, timeout=HANG)
+    popper = Worker(q.pop_batch, 8, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.close()
     assert popper.outcome() == ["a"]
@@ -1694,7 +1697,7 @@ def test_idle_gap_only_counts_while_no_batch_is_in_flight(impl: Any) -> None:
     assert q.in_flight == 1
     q.push("a")
     popper = Worker(q.pop_batch, 10, fill_rows=5, max_wait=6 * HANG, idle_gap=0.0,
-                    timeout=HANG)
+                    timeout=10 * HANG)
     blocked(q, FILL)  # idle_gap=0 would end the wait at once, but a batch is in flight
     q.push("b")
     blocked(q, FILL)
@@ -1733,7 +1736,7 @@ def test_a_batch_in_flight_fills_only_up_to_max_wait(impl: Any) -> None:
     pushed = time.monotonic()
     q.push("a")
     # idle_gap=0 would end an idle wait at once: only the ceiling ends this one.
-    assert q.pop_batch(10, fill_rows=5, max_wait=0.2, idle_gap=0.0, timeout=HANG) == ["a"]
+    assert q.pop_batch(10, fill_rows=5, max_wait=0.2, idle_gap=0.0, timeout=10 * HANG) == ["a"]
     assert 0.2 - 1e-4 <= time.monotonic() - pushed < HANG
     assert q.in_flight == 1
 
@@ -1801,7 +1804,7 @@ def test_a_parked_entry_comes_back_alone_when_due(impl: Any) -> None:
     q.push("x")
     q.push("y")
     assert q.pop_batch(10, timeout=0) == ["x", "y"]
-    popper = Worker(q.pop_batch, 10, timeout=HANG)   # wakes when the park is due
+    popper = Worker(q.pop_batch, 10, timeout=10 * HANG)   # wakes when the park is due
     assert popper.outcome() == ["retry"]
     q.push("z")
     q.park("r2", 0, 1, 0, 0, 0, 0.0)                  # due: it arrives on the next look
@@ -1900,8 +1903,8 @@ def test_a_closed_queue_still_hands_out_parked_entries(impl: Any) -> None:
     q = impl.RequestQueue(2)
     q.park("retry", 0, 1, 0, 0, 0, time.monotonic() + 0.05)
     q.close()
-    assert q.pop_batch(10, timeout=HANG) == ["retry"]
-    assert q.pop_batch(10, timeout=HANG) == []
+    assert q.pop_batch(10, timeout=10 * HANG) == ["retry"]
+    assert q.pop_batch(10, timeout=10 * HANG) == []
 
 
 def returns_at_once(fn: Callable[[], Any]) -> Any:
@@ -1917,7 +1920,7 @@ def test_a_closed_queue_waits_for_no_parked_entry_due_after_its_horizon(impl: An
     now = time.monotonic()
     q.park("late", 0, 1, 0, 0, 0, now + 1e6)
     q.close(parked_until=now + 60)
-    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=10 * HANG)) == []
     assert q.exhausted
     assert len(q) == 1 and q.parked == 1
     assert q.drain() == ["late"]  # left for the consumer to fail
@@ -1930,8 +1933,8 @@ def test_a_parked_entry_due_within_the_horizon_is_still_waited_for(impl: Any) ->
     q.park("late", 0, 1, 0, 0, 0, now + 1e6)
     q.close(parked_until=now + 60)
     assert not q.exhausted
-    assert q.pop_batch(10, timeout=HANG) == ["soon"]
-    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert q.pop_batch(10, timeout=10 * HANG) == ["soon"]
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=10 * HANG)) == []
     assert q.exhausted and q.drain() == ["late"]
 
 
@@ -1942,7 +1945,7 @@ def test_the_earliest_parked_horizon_given_to_close_counts(impl: Any) -> None:
     q.close(parked_until=now + 10)
     q.close()                           # none given: the horizon stays
     q.close(parked_until=now + 1000)    # a later one does not extend it
-    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=10 * HANG)) == []
     assert q.exhausted
 
 
@@ -2001,9 +2004,9 @@ def test_push_again_is_accepted_after_close_and_handed_out(impl: Any) -> None:
     q.push_again("c", 0, 1, 0, 0)
     assert not q.exhausted and q.pushed == 3
     assert q.cancel(token)
-    assert q.pop_batch(10, timeout=HANG) == ["a", "c"]
+    assert q.pop_batch(10, timeout=10 * HANG) == ["a", "c"]
     assert q.exhausted
-    assert returns_at_once(lambda: q.pop_batch(10, timeout=HANG)) == []
+    assert returns_at_once(lambda: q.pop_batch(10, timeout=10 * HANG)) == []
 
 
 def test_push_again_orders_and_expires_as_push_does(impl: Any) -> None:
@@ -2050,7 +2053,7 @@ def test_max_priority_wait_serves_an_aged_entry_first(impl: Any) -> None:
 # so the reference queue has none.
 
 
-def _spinning_queue(spin: float = HANG) -> Any:
+def _spinning_queue(spin: float = 100 * HANG) -> Any:
     q = native_queue.RequestQueue(16)
     q.spin = spin
     q.spin_window = 1e9  # every pop on an empty queue spins (no push needed first)
@@ -2071,10 +2074,10 @@ def test_spin_settings_refuse_what_is_not_finite_seconds(name: str, value: float
 def test_a_spinning_pop_takes_a_push_waking_no_parked_consumer() -> None:
     q = _spinning_queue()
     q.spin = 0.0
-    parked = Worker(q.pop_batch, 10, timeout=HANG)
+    parked = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)  # parked without spinning
     q.spin = HANG
-    spinning = Worker(q.pop_batch, 10, timeout=HANG)
+    spinning = Worker(q.pop_batch, 10, timeout=10 * HANG)
     wait_until(lambda: q._spins() == (1, 1), "the second pop spinning")
     assert q._waiters()[ITEMS] == 1  # a spinning pop is not on the waiters' stack
     q.push("x")
@@ -2093,7 +2096,7 @@ def test_a_spin_ends_at_the_pops_timeout() -> None:
 
 def test_a_pop_spins_once_then_parks_and_a_push_wakes_it() -> None:
     q = _spinning_queue(spin=0.001)
-    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)  # the spin ended without a push: parked
     assert q._spins() == (0, 1)
     q.push("x")
@@ -2106,7 +2109,7 @@ def test_a_pop_long_after_the_last_push_parks_without_spinning() -> None:
     q.spin_window = 0.0
     q.push("a")
     assert q.pop_batch(10) == ["a"]
-    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.push("b")
     assert popping.outcome() == ["b"]
@@ -2116,7 +2119,7 @@ def test_a_pop_long_after_the_last_push_parks_without_spinning() -> None:
 def test_a_paused_queue_is_not_spun_on() -> None:
     q = _spinning_queue()
     q.pause()
-    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.push("x")
     q.resume()
@@ -2126,7 +2129,7 @@ def test_a_paused_queue_is_not_spun_on() -> None:
 
 def test_two_spinning_pops_share_one_push_and_the_other_parks() -> None:
     q = _spinning_queue()
-    pops = [Worker(q.pop_batch, 10, timeout=HANG) for _ in range(2)]
+    pops = [Worker(q.pop_batch, 10, timeout=10 * HANG) for _ in range(2)]
     wait_until(lambda: q._spins() == (2, 2), "both pops spinning")
     q.push("x")
     blocked(q, ITEMS)  # one took it; the other, having spun once, parked
@@ -2168,7 +2171,7 @@ def test_a_pop_a_spin_caught_waits_for_its_pusher_to_let_go_of_the_gil(
         pop_linger: Any) -> None:
     pop_linger(HANG * 10)  # only a let-go ends the wait here
     q = _spinning_queue()
-    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
     wait_until(lambda: q._spins() == (1, 1), "the pop spinning")
     q.push("x")
     wait_until(lambda: q._lingers()[0] == 1, "the pop waiting for a let-go")
@@ -2181,7 +2184,7 @@ def test_a_pop_a_spin_caught_waits_for_its_pusher_to_let_go_of_the_gil(
 def test_a_pop_that_parked_does_not_wait_for_a_let_go(pop_linger: Any) -> None:
     pop_linger(HANG * 10)
     q = native_queue.RequestQueue(16)
-    popping = Worker(q.pop_batch, 10, timeout=HANG)
+    popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)
     q.push("x")
     assert popping.outcome() == ["x"]
@@ -2195,7 +2198,7 @@ def test_pops_stop_waiting_for_let_gos_that_do_not_come_but_one_in_128(
     pop_linger(5e-4)
     q = _spinning_queue()
     for i in range(20):
-        popping = Worker(q.pop_batch, 10, timeout=HANG)
+        popping = Worker(q.pop_batch, 10, timeout=10 * HANG)
         wait_until(lambda: q._spins()[0] == 1, "the pop spinning")
         q.push(i)  # and no let-go: this thread waits on a plain lock (join)
         assert popping.outcome() == [i]
@@ -2218,7 +2221,7 @@ def _a_push_while_a_stale_pop_still_counts_as_spinning() -> tuple[bool, Any, Wor
     parked = Worker(q.pop_batch, 10, timeout=100.0)  # past outcome()'s wait: a lost wake
     blocked(q, ITEMS)
     q.spin, q.spin_window = 1000.0, 1e9
-    stale = Worker(q.pop_batch, 10, timeout=HANG, retargets=q.retargets)
+    stale = Worker(q.pop_batch, 10, timeout=10 * HANG, retargets=q.retargets)
     wait_until(lambda: q._spins() == (1, 1), "the planned pop spinning")
     q.spin = 0.0  # P, woken by the retarget, parks again without spinning
     os.sched_setaffinity(stale.native_id, {cpus[0]})
@@ -2272,7 +2275,7 @@ def test_await_late_waits_on_past_an_entry_popped_before_it_was_late() -> None:
     # not report the entry, nor spin while the queue is empty.
     q = native_queue.RequestQueue(4)
     q.push("a")
-    popper = Worker(q.pop_batch, 10, timeout=HANG)
+    popper = Worker(q.pop_batch, 10, timeout=10 * HANG)
     assert popper.outcome() == ["a"]
     looks = q._watch_looks_count()
     began = time.monotonic()

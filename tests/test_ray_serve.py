@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
-from extras import skip_without
+from extras import one_ray_cluster_at_a_time, skip_without
 
 from batchproc import BatchProcessorConfig, ConfigTypeError
 from batchproc.bench.models import MLP
@@ -94,7 +94,8 @@ def test_two_replicas_batch_requests_from_a_handle_and_http(tmp_path):
     rng = np.random.default_rng(1)
     handle_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(400)]
     http_rows = [rng.standard_normal((1, FEATURES)).astype(np.float32) for _ in range(200)]
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with (one_ray_cluster_at_a_time(),
+          ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool):
         by_handle, by_http, stats = pool.submit(
             _serve_and_call, handle_rows, http_rows, str(tmp_path)).result(timeout=840)
     rows_by_replica = {int(path.stem): [int(n) for n in path.read_text().split()]

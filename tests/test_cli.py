@@ -800,6 +800,62 @@ def test_an_existing_output_that_is_no_regular_file_fails_before_any_run(
     assert err.strip() == f"batchproc {command}: error: {flag} {path}: {says}", err
 
 
+class _NeedsAProgram:
+    """A canvas whose writer fails as matplotlib's PGF writer does without a TeX system."""
+
+    def __init__(self, figure) -> None:
+        self.figure = figure
+
+    def print_needsprog(self, *args, **kwargs) -> None:
+        raise RuntimeError("'xelatex' not found")
+
+
+def test_a_plot_format_whose_writer_fails_here_is_refused_before_any_run(
+        tmp_path, capsys, monkeypatch) -> None:
+    # Known to matplotlib (its list of formats has it), not writable on this machine.
+    require("matplotlib", "test")
+    import sys
+    import types
+
+    from matplotlib import backend_bases
+
+    backend = types.ModuleType("needsprog_backend")
+    backend.FigureCanvas = _NeedsAProgram  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "needsprog_backend", backend)
+    # What matplotlib's register_backend does, undone after the test.
+    monkeypatch.setitem(backend_bases._default_backends, "needsprog", "needsprog_backend")
+    monkeypatch.setitem(backend_bases._default_filetypes, "needsprog", "needs a program")
+    path = tmp_path / "p.needsprog"
+    code, out, err = run_cli(capsys, "--model", "identity", "--clients", "1", *TINY,
+                             "--plot", str(path))
+    assert code == 2 and out == "" and not path.exists()
+    assert err == (f"batchproc bench: error: --plot {path}: matplotlib cannot write "
+                   ".needsprog here (RuntimeError: 'xelatex' not found); .png, .svg and "
+                   ".pdf need nothing beyond matplotlib\n")
+
+
+def test_a_plot_whose_writer_fails_after_the_runs_loses_no_figures(
+        tmp_path, capsys, monkeypatch) -> None:
+    # Any failure of the writer, not only the file system's: the table and the JSON
+    # are kept, the plot named on stderr.
+    require("matplotlib", "test")
+
+    def fails(fig, path) -> bytes:
+        raise RuntimeError("'xelatex' not found")
+
+    monkeypatch.setattr(report, "_rendered", fails)
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    code, out, err = run_cli(capsys, "--model", "identity", "--clients", "2", *TINY,
+                             "--json", str(out_json), "--plot", str(out_png))
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"batchproc bench: error: --plot {out_png}: could not be written "
+        "(RuntimeError: 'xelatex' not found), left as it was"]
+    assert "no batching" in out and not out_png.exists()
+    assert [r["system"] for r in json.loads(out_json.read_text())["runs"]] == [
+        "batchproc", "no batching", "limit"]
+
+
 @pytest.fixture
 def full_disk(monkeypatch) -> None:
     """Every output is written where a full disk would take it: the write fails with

@@ -473,15 +473,18 @@ def _write_output(command: str, flag: str, path: str, write: Callable[[str], Non
                   doc: dict[str, Any] | None = None, *,
                   unwritten: list[dict[str, Any]]) -> bool:
     """Write one output after the runs, before the table is printed. A write that fails
-    (a full disk) is one line on stderr, and the figures are not lost: ``doc``, the JSON
-    the file was to hold, is added to ``unwritten``, printed after the table
-    (:func:`_print_unwritten`). False when it failed."""
+    (a full disk, a plot format whose writer fails) is one line on stderr, and the
+    figures are not lost: ``doc``, the JSON the file was to hold, is added to
+    ``unwritten``, printed after the table (:func:`_print_unwritten`). False when it
+    failed."""
     try:
         write(path)
-    except OSError as exc:
+    except Exception as exc:
         then = "; the JSON follows on stdout" if doc is not None else ""
+        why = (exc.strerror or str(exc) if isinstance(exc, OSError)
+               else f"{type(exc).__name__}: {exc}")
         print(f"{PROG} {command}: error: {flag} {path}: could not be written "
-              f"({exc.strerror or exc}), left as it was{then}", file=sys.stderr)
+              f"({why}), left as it was{then}", file=sys.stderr)
         unwritten.append(doc or {})
         return False
     return True

@@ -570,8 +570,9 @@ def plot_formats() -> dict[str, str]:
 
 def check_plot_path(flag: str, path: str) -> None:
     """Raise :class:`PlotUnavailable` (one line) unless matplotlib is installed and
-    ``path``'s extension names a format it writes: checked before any run, so a typo
-    costs nothing."""
+    writes ``path``'s format on this machine: checked before any run, so a typo costs
+    nothing. A format matplotlib knows may need a program it runs for text (``.pgf``: a
+    TeX system), so a figure holding a word is written in it, in memory."""
     formats = plot_formats()
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     if ext not in formats:
@@ -580,6 +581,16 @@ def check_plot_path(flag: str, path: str) -> None:
             f"{flag} {path}: {what}; end it in one of "
             + ", ".join(f".{e}" for e in sorted(formats))
         )
+    from matplotlib.figure import Figure
+
+    probe = Figure(figsize=(1, 1))
+    probe.text(0.5, 0.5, "probe")
+    try:
+        probe.savefig(io.BytesIO(), format=ext)
+    except Exception as exc:
+        raise PlotUnavailable(
+            f"{flag} {path}: matplotlib cannot write .{ext} here ({type(exc).__name__}: "
+            f"{exc}); .png, .svg and .pdf need nothing beyond matplotlib") from None
 
 
 def write_plot(
@@ -594,8 +605,8 @@ def write_plot(
     Both axes are logarithmic, throughput in requests/s and latency in ms. The title is
     wrapped to the figure's width and ``subtitle`` (settings) printed small below it.
     Raises :class:`PlotUnavailable` before drawing if ``path``'s format is not one
-    matplotlib writes; ``OSError`` if the file cannot be written (``path`` is then left
-    as it was).
+    matplotlib writes here (:func:`check_plot_path`); ``OSError`` if the file cannot be
+    written (``path`` is then left as it was).
     """
     check_plot_path("plot", path)
     import matplotlib

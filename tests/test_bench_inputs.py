@@ -22,6 +22,7 @@ from batchproc.bench.inputs import (
     NpzSource,
     RequestSource,
     SpecSource,
+    format_bytes,
     make_batch,
     parse_inputs,
     parse_tensor_spec,
@@ -617,6 +618,52 @@ def test_an_npz_member_that_is_no_npy_is_one_line(tmp_path, capsys, members, key
     assert code == 2 and out == "", err
     assert err.strip() == (f"batchproc bench: error: --input {path}: member {key!r} is not "
                            "a .npy array (numpy.savez writes one per array)"), err
+
+
+def _npy_header_only(shape: tuple[int, ...], dtype: str) -> bytes:
+    """An .npy member declaring ``shape`` and ``dtype`` followed by 16 bytes of data: what
+    a small file may claim (zeros compress to almost nothing, a header may lie)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(16)
+
+
+@pytest.mark.parametrize(("members", "values"), [
+    ({"arr_0.npy": (1, 1), "arr_1.npy": (1, 70_000_000)}, 70_000_000),
+    ({"0/ids.npy": (1, 40_000_000), "0/mask.npy": (1, 40_000_000)}, 80_000_000),
+    ({"ids.npy": (4, 70_000_000)}, 70_000_000),  # stacked: a request is a row
+], ids=["per request", "named", "stacked"])
+def test_an_npz_request_past_the_limit_is_refused_from_its_header(tmp_path, capsys,
+                                                                   members, values) -> None:
+    # As the DTYPE:SHAPE form is: before anything is decompressed, whatever the layout.
+    path = tmp_path / "big.npz"
+    _zip(path, {k: _npy_header_only(shape, "float32") for k, shape in members.items()})
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    nbytes = values * 4
+    assert nbytes > MAX_REQUEST_BYTES
+    assert err.strip() == (
+        f"batchproc bench: error: --input {path}: one request would take "
+        f"{format_bytes(nbytes)} ({values:,} values), over the limit of 256 MiB per "
+        "request"), err
+
+
+def test_an_npz_whose_arrays_would_not_fit_in_memory_is_refused_from_its_headers(
+        tmp_path, capsys, monkeypatch) -> None:
+    # Small requests, too many of them: a header may claim a shape no data backs.
+    from batchproc.bench import inputs
+
+    monkeypatch.setattr(inputs, "memory_available", lambda: 1 << 30)
+    path = tmp_path / "lie.npz"
+    _zip(path, {"rows.npy": _npy_header_only((100_000_000_000, 64), "float32")})
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (
+        f"batchproc bench: error: --input {path}: its arrays would take 23.3 TiB in "
+        "memory, over half the memory available (1 GiB)"), err
 
 
 def test_the_default_requests_are_different_rows() -> None:

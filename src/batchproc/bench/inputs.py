@@ -19,8 +19,10 @@ sends, and refuse what it refuses.
 dimension ``LO..HI`` is ragged, drawn uniformly per request: on axis 0 (rows per
 request) or axis 1 (sequence length, padded in a batch). Named inputs draw one length per
 request, shared by all of them, so their ranges must agree. One request may take at most
-:data:`MAX_REQUEST_BYTES` (256 MiB), and a full batch (:func:`check_full_batch`) at most
-:data:`MAX_BATCH_BYTES` (4 GiB) or half the memory available, whichever is less.
+:data:`MAX_REQUEST_BYTES` (256 MiB), an ``.npz`` request too (from its arrays' headers,
+which also may not declare more than half the memory available), and a full batch
+(:func:`check_full_batch`) at most :data:`MAX_BATCH_BYTES` (4 GiB) or half the memory
+available, whichever is less.
 
 An ``.npz`` holds sample requests in one of three layouts:
 
@@ -573,6 +575,8 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
     if f.read(4) not in _ZIP_MAGIC:
         raise BenchError(f"{where}: not a readable .npz file (numpy.savez writes one)")
     f.seek(0)
+    _check_npz_sizes(_npz_headers(f), where)
+    f.seek(0)
     try:
         with np.load(f, allow_pickle=False) as npz:
             return {k: _npz_array(npz, k, where) for k in npz.files}
@@ -581,6 +585,68 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BenchError(f"{where}: not a readable .npz file (a zip numpy cannot read: "
                          f"{type(exc).__name__})") from None
+    except MemoryError:  # a header that lied about its array's size
+        raise BenchError(f"{where}: its arrays do not fit in memory") from None
+
+
+def _npz_headers(f: Any) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """The shape and dtype each ``.npy`` member of the zip ``f`` declares, read from its
+    header alone (nothing decompressed past it); a member whose header is unreadable is
+    left out, for the load after it to refuse."""
+    fmt = np.lib.format
+    headers = {}
+    try:
+        with zipfile.ZipFile(f) as z:
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                try:
+                    with z.open(name) as member:
+                        version = fmt.read_magic(member)
+                        read = {(1, 0): fmt.read_array_header_1_0,
+                                (2, 0): fmt.read_array_header_2_0}.get(version)
+                        if read is not None:
+                            shape, _, dtype = read(member)
+                            headers[name[:-len(".npy")]] = (shape, dtype)
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                    continue
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return {}
+    return headers
+
+
+def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
+                     where: str) -> None:
+    """Refuse, from their headers and before anything is decompressed, an ``.npz`` whose
+    arrays would take more than half the memory available, or holding a request past
+    :data:`MAX_REQUEST_BYTES` (as ``--input DTYPE:SHAPE`` is refused): a small file may
+    declare any size (zeros compress to almost nothing, a header may lie)."""
+    nbytes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in headers.items()}
+    total = sum(nbytes.values())
+    available = memory_available()
+    if available is not None and total > available // 2:
+        raise BenchError(
+            f"{where}: its arrays would take {format_bytes(total)} in memory, over half "
+            f"the memory available ({format_bytes(available)})")
+    # One request's bytes and values, by layout (load_npz's): an array per request, the
+    # named arrays of one request, or a row of every stacked array.
+    requests: dict[str, list[int]] = {}
+    for k, (shape, _) in headers.items():
+        named = _PER_REQUEST_NAMED.match(k)
+        if _PER_REQUEST.match(k) or named:
+            part = [nbytes[k], math.prod(shape)]
+            key = named.group(1) if named else k
+        elif shape and shape[0]:
+            part = [nbytes[k] // shape[0], math.prod(shape[1:])]
+            key = ""  # a stacked request: a row of each array
+        else:
+            continue
+        sizes = requests.setdefault(key, [0, 0])
+        sizes[0] += part[0]
+        sizes[1] += part[1]
+    if requests:
+        largest, values = max(requests.values())
+        _check_request_size(where, largest, values)
 
 
 def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:

@@ -37,9 +37,9 @@ HELD, CALLING, DELIVERING, DONE, ABANDONED = (
 class Batch:
     """The requests one worker popped together."""
 
-    __slots__ = ("call_started", "callbacks_started", "calling", "deferred", "delivering",
-                 "delivery_started", "dispatched_at", "holds_slot", "in_flight",
-                 "answered", "requests", "state", "uncut", "worker")
+    __slots__ = ("answered", "call_started", "callbacks_started", "calling", "deferred",
+                 "delivering", "delivery_started", "dispatched_at", "holds_slot",
+                 "in_flight", "requests", "state", "uncut", "worker")
 
     def __init__(self, requests: list[Request], worker: Any) -> None:
         self.requests = requests

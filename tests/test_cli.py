@@ -1002,7 +1002,8 @@ def test_log_records_and_a_bench_progress_never_share_a_line(
     assert all(line.endswith(" ...") or line.endswith(" s)") for line in runs), err
     # ... and the limit's error line, and the model's errors in the other runs.
     assert len(warnings) + len(runs) + 2 == len(lines), err
-    assert lines[-1].startswith("batchproc bench: error: the model failed in 2 runs ("), err
+    # Every run's: the limit's call that raised is a failed call of the model too.
+    assert lines[-1].startswith("batchproc bench: error: the model failed in 3 runs ("), err
     assert lines[-1].endswith(", first in the batchproc run: ValueError: flaky"), err
 
 
@@ -1109,10 +1110,14 @@ def test_a_model_that_raises_is_reported_for_every_run(tmp_path, monkeypatch, ca
     for name in ("batchproc", "no batching"):
         assert runs[name]["model_errors"] > 0, name
         assert runs[name]["first_model_error"] == "RuntimeError: GPU fell off the bus"
+    # The limit's run ends at its first call that raises: one failed call, counted.
+    assert runs["limit"]["model_errors"] == 1 and runs["limit"]["failed"]
+    assert runs["limit"]["first_model_error"] == "RuntimeError: GPU fell off the bus"
     assert "batchproc: the model failed in " in out
+    assert "limit: the model failed in 1 call, first: RuntimeError: GPU" in out
     assert "first: RuntimeError: GPU fell off the bus" in out
     lines = err.splitlines()
-    assert lines[-1].startswith("batchproc bench: error: the model failed in 2 runs (")
+    assert lines[-1].startswith("batchproc bench: error: the model failed in 3 runs (")
     assert lines[-1].endswith("first in the batchproc run: RuntimeError: GPU fell off the bus")
 
 

@@ -206,9 +206,9 @@ def run_notes(runs: Sequence[RunResult]) -> list[str]:
 def model_failed(r: Any) -> str:
     """How often the model failed in run ``r`` (a ``RunResult``): raised, or returned an
     output the system refused; and the first error."""
-    calls = f" of {r.batches:,} calls" if r.batches else " calls"
-    return (f"the model failed in {r.model_errors:,}{calls}, first: "
-            f"{r.first_model_error}")
+    calls = (f"{r.model_errors:,} of {r.batches:,} calls" if r.batches
+             else plural(r.model_errors, "call"))
+    return f"the model failed in {calls}, first: {r.first_model_error}"
 
 
 def offered_note(r: RunResult) -> str | None:

@@ -556,6 +556,8 @@ def run_limit(
         failed = failed_run(LIMIT, model_name, load, limit.failure)
         failed.started_beside = beside
         failed.left_running = limit.running
+        if limit.model_error is not None:
+            failed.model_errors, failed.first_model_error = 1, limit.model_error
         return failed
     done, elapsed, times = limit.done, limit.elapsed, limit.times
     lat = np.asarray(times)
@@ -606,6 +608,9 @@ class _Limit:
         self.stopped_by = "requests"
         self.current: Batch | None = None  # the batch of the call in progress
         self.failure: str | None = None
+        # The error of the model's call that ended the run (it raised, or batchproc
+        # refuses its output): a failed call of the model, counted as every system's are.
+        self.model_error: str | None = None
         self.stop = False
         self.finished = threading.Event()
         # An async model's calls are awaited back to back on an event loop of their own.
@@ -640,6 +645,13 @@ class _Limit:
         if self._own_loop is not None:
             self._own_loop.cancel()
 
+    def _raised(self, batch: Batch, exc: BaseException) -> None:
+        """The model's call on ``batch`` raised ``exc``: the run's failure, and a failed
+        call of the model unless the run gave up on it (an async call cancelled)."""
+        self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+        if not self.stop:
+            self.model_error = one_line(exc)
+
     def _plan(self) -> list[tuple[Batch, Any, int, int]]:
         """Each batch with its inputs, requests and rows, unpacked once for the calls."""
         return [(b, b.inputs, b.requests, b.rows) for b in self.batches]
@@ -659,6 +671,7 @@ class _Limit:
         except BatchOutputError as exc:
             self.failure = (f"batchproc refuses the model's output on "
                             f"{_batch_words(batch)}: {error_text(exc)}")
+            self.model_error = one_line(exc)
             return False
         self.checked[k] = True
         return True
@@ -686,7 +699,7 @@ class _Limit:
             try:
                 out = model(inputs)
             except BaseException as exc:
-                self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+                self._raised(batch, exc)
                 return
             t1 = pc()
             append(t1 - t)
@@ -724,7 +737,7 @@ class _Limit:
             try:
                 out = await model(inputs)
             except BaseException as exc:  # CancelledError too: the watcher gave up
-                self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+                self._raised(batch, exc)
                 return
             t1 = pc()
             append(t1 - t)

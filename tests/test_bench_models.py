@@ -656,6 +656,20 @@ def test_a_plain_function_returning_a_coroutine_is_told_to_be_async_def() -> Non
         "function returning a coroutine: make it async def)")
 
 
+def test_a_generator_function_is_told_to_return_not_yield() -> None:
+    # asyncio counts a generator as a coroutine: the hint must not say async def.
+    def yields(batch: np.ndarray) -> Any:
+        yield batch
+
+    with pytest.raises(BenchError) as info:
+        check_model(yields, FeatureRows(4))
+    assert str(info.value).endswith(
+        "BatchOutputError: process_func returned generator, which the output rule cannot "
+        "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
+        "dict of them (several outputs), or a list with one result per row (a generator "
+        "function: return the batch's outputs, do not yield them)")
+
+
 def test_the_async_counting_wrapper_counts_a_raising_call_and_its_end():
     import asyncio
 

@@ -82,6 +82,7 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["--max-delay", "-2"], "--max-delay"),
         (["--max-batch", "0"], "--max-batch"),
         (["--model-ms", "-1"], "--model-ms"),
+        (["--model-ms", "1e308"], "must be at most 3,600,000 (an hour), got 1e308"),
         (["--rate", "100", "--clients", "4"], "not allowed"),
         (["--burst", "10", "--rate", "5"], "not allowed"),
         (["--strategy", "fastest"], "--strategy"),

@@ -144,6 +144,17 @@ def _nonneg_float(s: str) -> float:
     return _float(s, allow_zero=True)
 
 
+MAX_MODEL_MS = 3_600_000.0  # an hour per call: past it, a typo (and past time_t's range)
+
+
+def _model_ms(s: str) -> float:
+    v = _nonneg_float(s)
+    if v > MAX_MODEL_MS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_MODEL_MS:,.0f} (an hour), "
+                                         f"got {s}")
+    return v
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and requests")
     m.add_argument(
@@ -153,7 +164,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "width, --features or --input's",
     )
     m.add_argument(
-        "--model-ms", type=_nonneg_float, default=DEFAULT_FIXED_MS, metavar="MS",
+        "--model-ms", type=_model_ms, default=DEFAULT_FIXED_MS, metavar="MS",
         help=f"cost per call of the fixed model (default: {DEFAULT_FIXED_MS:g})",
     )
     m.add_argument(

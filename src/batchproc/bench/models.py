@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -230,9 +231,14 @@ def check_model(model: Model, source: RequestSource, name: str = "model", seed: 
             batch.check(call.result)
         except BatchOutputError as exc:
             hint = ""
-            if asyncio.iscoroutine(call.result):
+            # inspect's, not asyncio's: asyncio counts a generator as a coroutine.
+            if inspect.iscoroutine(call.result):
                 call.result.close()  # never run: no "never awaited" warning either
                 hint = " (a plain function returning a coroutine: make it async def)"
+            elif inspect.isgenerator(call.result):
+                call.result.close()
+                hint = (" (a generator function: return the batch's outputs, do not yield "
+                        "them)")
             raise BenchError(f"{name} returned an output batchproc refuses for {what}: "
                              f"{error_text(exc)}{hint}") from None
 

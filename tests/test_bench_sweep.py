@@ -228,3 +228,31 @@ def test_a_system_that_fails_in_a_sweep_is_reported_and_the_others_kept() -> Non
         in notes(result)
     points = to_json(result)["points"]
     assert [p["failed"] for p in points] == ["OSError: no such device", None]
+
+
+def test_a_sweep_notes_a_run_that_fell_behind_but_not_each_time_bound() -> None:
+    # Every sweep run ends at its time bound (no note for it); one whose req/s counts
+    # over its completions, past its arrivals' window, says so as bench does.
+    from batchproc.bench.runner import RunResult
+    from batchproc.bench.sweep import SweepPoint, SweepResult
+
+    def run(throughput: float, span: float) -> RunResult:
+        completed = round(throughput * span)
+        return RunResult(
+            system="batchproc", model="fixed", load="3,000 req/s Poisson",
+            throughput=throughput, p50_ms=6.0, p95_ms=9.0, p99_ms=10.0, mean_ms=6.0,
+            mean_batch=20.0, batches=100, submitted=completed, completed=completed,
+            errors=0, elapsed_s=span, stopped_by="duration", scheduled=6_000,
+            window_s=2.0, arrival_rate=3_000.0)
+
+    kept_up, behind = run(3_000.0, 2.0), run(2_500.0, 2.4)
+    result = SweepResult(capacity=3_000.0, capacity_run=None, skipped={}, points={
+        "batchproc": [SweepPoint(1.0, 3_000.0, kept_up, 2.0),
+                      SweepPoint(1.0, 3_000.0, behind, 2.0)]})
+    said = notes(result)
+    assert not any("time bound" in n for n in said), said
+    assert said == [
+        "* batchproc (fixed, 3,000 req/s Poisson): req/s counts its completed arrivals over "
+        "2.4 s, its window stretched to its completions (its last requests waited longer "
+        "than its first: it fell behind)"]
+

@@ -146,15 +146,16 @@ def fmt_completed(r: RunResult) -> str:
             + (f" + {r.refused:,} refused" if r.refused else ""))
 
 
-def run_notes(runs: Sequence[RunResult]) -> list[str]:
-    """Footnotes for the table: failed runs, time-bounded runs, errors, unfinished and
-    refused requests, and what the limit's latencies are."""
+def run_notes(runs: Sequence[RunResult], time_bound: bool = True) -> list[str]:
+    """Footnotes for the table: failed runs, time-bounded runs (unless not
+    ``time_bound``: a sweep's runs all are), errors, unfinished and refused requests, and
+    what the limit's latencies are."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"
         if r.failed:
             notes.append(f"! {who}: the run failed: {r.failed}")
-        if r.stopped_by == "duration":
+        if time_bound and r.stopped_by == "duration":
             notes.append(f"* {who}: stopped by the time bound; it took {r.elapsed_s:.1f} s, "
                          "the requests in flight at the bound included")
         if r.errors:

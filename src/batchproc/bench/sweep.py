@@ -202,7 +202,8 @@ def notes(result: SweepResult) -> list[str]:
     for system, fr in result.skipped.items():
         out.append(f"{system}: saturated, not run at " + ", ".join(f"{f:g}x" for f in fr))
     runs = [p.run for pts in result.points.values() for p in pts]
-    out += [n for n in report.run_notes(runs) if not n.startswith("*")]
+    # Every run of a sweep ends at its time bound: saying so of each is noise.
+    out += report.run_notes(runs, time_bound=False)
     if result.interrupted:
         out.append(NOTE)
     return out

@@ -642,32 +642,31 @@ def test_bench_runs_an_async_model(
     assert [runs[s]["completed"] for s in ("batchproc", "no batching", "limit")] == [40] * 3
 
 
+def _returns_a_coroutine(batch: np.ndarray) -> Any:
+    return amodel(batch)
+
+
+def _yields(batch: np.ndarray) -> Any:
+    yield batch
+
+
 @pytest.mark.usefixtures("no_unawaited_coroutines")
-def test_a_plain_function_returning_a_coroutine_is_told_to_be_async_def() -> None:
-    def returns_a_coroutine(batch: np.ndarray) -> Any:
-        return amodel(batch)
-
-    with pytest.raises(BenchError) as info:
-        check_model(returns_a_coroutine, FeatureRows(4))
-    assert str(info.value).endswith(
-        "BatchOutputError: process_func returned coroutine, which the output rule cannot "
-        "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
-        "dict of them (several outputs), or a list with one result per row (a plain "
-        "function returning a coroutine: make it async def)")
-
-
-def test_a_generator_function_is_told_to_return_not_yield() -> None:
+@pytest.mark.parametrize(("model", "returned", "hint"), [
+    (_returns_a_coroutine, "coroutine",
+     "a plain function returning a coroutine: make it async def"),
     # asyncio counts a generator as a coroutine: the hint must not say async def.
-    def yields(batch: np.ndarray) -> Any:
-        yield batch
-
+    (_yields, "generator", "a generator function: return the batch's outputs, do not "
+     "yield them"),
+], ids=["coroutine", "generator"])
+def test_a_model_returning_a_coroutine_or_a_generator_is_told_what_to_write(
+        model, returned, hint) -> None:
     with pytest.raises(BenchError) as info:
-        check_model(yields, FeatureRows(4))
+        check_model(model, FeatureRows(4))
     assert str(info.value).endswith(
-        "BatchOutputError: process_func returned generator, which the output rule cannot "
+        f"BatchOutputError: process_func returned {returned}, which the output rule cannot "
         "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
-        "dict of them (several outputs), or a list with one result per row (a generator "
-        "function: return the batch's outputs, do not yield them)")
+        "dict of them (several outputs), or a list with one result per row "
+        f"({hint})")
 
 
 def test_the_async_counting_wrapper_counts_a_raising_call_and_its_end():

@@ -360,7 +360,7 @@ def test_a_request_at_the_size_limit_is_accepted() -> None:
         (["a=float32:1x40000000", "b=float32:1x40000000"], None, "305 MiB", "80,000,000"),
         # Too large for int64: never wraps around to a small size.
         (["uint8:99999999999999999999x99999999999999999999"], None,
-         "8,881,784,197,001,252,593,205,248 PiB",
+         "8,881,784,197,001,252,323,211,417 PiB",
          "9,999,999,999,999,999,999,800,000,000,000,000,000,001"),
         (None, 100_000_000, "381 MiB", "100,000,000"),
     ],
@@ -620,27 +620,52 @@ def test_an_npz_member_that_is_no_npy_is_one_line(tmp_path, capsys, members, key
                            "a .npy array (numpy.savez writes one per array)"), err
 
 
-def _npy_header_only(shape: tuple[int, ...], dtype: str) -> bytes:
+def _npy_header_only(shape: tuple[int, ...], dtype: str,
+                     version: tuple[int, int] = (1, 0)) -> bytes:
     """An .npy member declaring ``shape`` and ``dtype`` followed by 16 bytes of data: what
-    a small file may claim (zeros compress to almost nothing, a header may lie)."""
+    a small file may claim (zeros compress to almost nothing, a header may lie). Version
+    3.0 is 2.0's layout, its text utf-8."""
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
-    return buf.getvalue() + bytes(16)
+    header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    if version == (1, 0):
+        np.lib.format.write_array_header_1_0(buf, header)
+    else:
+        np.lib.format.write_array_header_2_0(buf, header)
+    data = bytearray(buf.getvalue())
+    data[6:8] = bytes(version)
+    return bytes(data) + bytes(16)
 
 
+@pytest.fixture
+def plenty_of_memory(monkeypatch) -> None:
+    """Half the memory available is far past any file here: only the request limit."""
+    from batchproc.bench import inputs
+
+    monkeypatch.setattr(inputs, "memory_available", lambda: 1 << 50)
+
+
+@pytest.mark.usefixtures("plenty_of_memory")
 @pytest.mark.parametrize(("members", "values"), [
     ({"arr_0.npy": (1, 1), "arr_1.npy": (1, 70_000_000)}, 70_000_000),
     ({"0/ids.npy": (1, 40_000_000), "0/mask.npy": (1, 40_000_000)}, 80_000_000),
+    # One request to numpy, which reads "00" as request 0 too.
+    ({"0/ids.npy": (1, 40_000_000), "00/mask.npy": (1, 40_000_000),
+      "1/ids.npy": (1, 1), "1/mask.npy": (1, 1)}, 80_000_000),
     ({"ids.npy": (4, 70_000_000)}, 70_000_000),  # stacked: a request is a row
-], ids=["per request", "named", "stacked"])
+    # An array to numpy whatever its name: the .npy magic makes it one.
+    ({"arr_0": (1, 70_000_000)}, 70_000_000),
+    ({"ids.NPY": (4, 70_000_000)}, 70_000_000),
+    ({"arr_0.npy": ((1, 70_000_000), (3, 0))}, 70_000_000),  # a version 3.0 header
+], ids=["per request", "named", "named 00", "stacked", "no .npy", ".NPY", "version 3"])
 def test_an_npz_request_past_the_limit_is_refused_from_its_header(tmp_path, capsys,
                                                                    members, values) -> None:
     # As the DTYPE:SHAPE form is: before anything is decompressed, whatever the layout.
     path = tmp_path / "big.npz"
-    _zip(path, {k: _npy_header_only(shape, "float32") for k, shape in members.items()})
+    _zip(path, {k: _npy_header_only(spec[0], "float32", spec[1])
+                if isinstance(spec[1], tuple) else _npy_header_only(spec, "float32")
+                for k, spec in members.items()})
     code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
     assert code == 2 and out == "", err
     nbytes = values * 4
@@ -649,6 +674,44 @@ def test_an_npz_request_past_the_limit_is_refused_from_its_header(tmp_path, caps
         f"batchproc bench: error: --input {path}: one request would take "
         f"{format_bytes(nbytes)} ({values:,} values), over the limit of 256 MiB per "
         "request"), err
+
+
+@pytest.mark.usefixtures("plenty_of_memory")
+@pytest.mark.parametrize(("member", "says"), [
+    (_npy_header_only((10**200, 10**200), "float32"),
+     "array 'arr_0' declares shape (10**200, 10**200), which no array can have"),
+    (_npy_header_only((-1, 10), "float32"),
+     "array 'arr_0' declares shape (-1, 10), which no array can have"),
+    (_npy_header_only((1, 4), "float32", (9, 9)),
+     "array 'arr_0' has a .npy header of version (9, 9), which this cannot read"),
+    # Sized as a pointer per value, but never loaded: the load refuses objects first.
+    (_npy_header_only((1, 10**9), "O"),
+     "array 'arr_0' holds Python objects (dtype object); save numeric arrays"),
+], ids=["huge", "negative", "version", "objects"])
+def test_an_npz_header_no_array_can_have_is_refused_in_one_line(tmp_path, capsys, member,
+                                                                says) -> None:
+    path = tmp_path / "odd.npz"
+    _zip(path, {"arr_0.npy": member})
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    says = says.replace("10**200", str(10**200))
+    assert err.strip() == f"batchproc bench: error: --input {path}: {says}", err
+
+
+def test_an_npz_compressed_in_a_way_zipfile_cannot_read_is_one_line(tmp_path,
+                                                                     capsys) -> None:
+    # Method 99 (AES encryption): zipfile raises NotImplementedError on opening it.
+    path = tmp_path / "aes.npz"
+    np.savez(path, np.ones((1, 4), np.float32))
+    data = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.index(signature) + offset
+        data[at:at + 2] = (99).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input {path}: not a readable .npz "
+                           "file (a zip numpy cannot read: NotImplementedError)"), err
 
 
 def test_an_npz_whose_arrays_would_not_fit_in_memory_is_refused_from_its_headers(

@@ -477,12 +477,11 @@ def format_bytes(n: int) -> str:
     """``n`` bytes in binary units, three digits: ``256 MiB``, ``3.64 TiB``."""
     if n < 1024:
         return f"{n} B"
-    value = n / 1024
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            return f"{value:.3g} {unit}"
-        value /= 1024
-    return f"{value:.3g} PiB" if value < 1000 else f"{value:,.0f} PiB"
+    for shift, unit in ((10, "KiB"), (20, "MiB"), (30, "GiB"), (40, "TiB")):
+        if n < 1024 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    pib = n >> 50  # an int: a header may declare more bytes than a float holds
+    return f"{n / (1 << 50):.3g} PiB" if pib < 1000 else f"{pib:,} PiB"
 
 
 def _first_duplicate(names: Sequence[Any]) -> Any:
@@ -575,43 +574,61 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
     if f.read(4) not in _ZIP_MAGIC:
         raise BenchError(f"{where}: not a readable .npz file (numpy.savez writes one)")
     f.seek(0)
-    _check_npz_sizes(_npz_headers(f), where)
+    _check_npz_sizes(_npz_headers(f, where), where)
     f.seek(0)
     try:
         with np.load(f, allow_pickle=False) as npz:
             return {k: _npz_array(npz, k, where) for k in npz.files}
     except BenchError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError,
+            NotImplementedError, OverflowError) as exc:
         raise BenchError(f"{where}: not a readable .npz file (a zip numpy cannot read: "
                          f"{type(exc).__name__})") from None
     except MemoryError:  # a header that lied about its array's size
         raise BenchError(f"{where}: its arrays do not fit in memory") from None
 
 
-def _npz_headers(f: Any) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
-    """The shape and dtype each ``.npy`` member of the zip ``f`` declares, read from its
-    header alone (nothing decompressed past it); a member whose header is unreadable is
-    left out, for the load after it to refuse."""
+# The largest element count a header may declare and numpy allocate (an intp).
+_MAX_ELEMENTS = 2**63 - 1
+
+
+def _npz_headers(f: Any, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """The shape and dtype each array member of the zip ``f`` declares, read from its
+    header alone (nothing decompressed past it), by the key ``numpy.load`` gives it (its
+    name less ``.npy``). Any member with the ``.npy`` magic is an array to numpy, whatever
+    its name; one without is left for the load to refuse, as is a zip this cannot read.
+    Raises ``BenchError`` for a header numpy would read but this cannot size: a version
+    it does not know, a shape no array can have."""
     fmt = np.lib.format
     headers = {}
     try:
         with zipfile.ZipFile(f) as z:
             for name in z.namelist():
-                if not name.endswith(".npy"):
-                    continue
-                try:
-                    with z.open(name) as member:
-                        version = fmt.read_magic(member)
-                        read = {(1, 0): fmt.read_array_header_1_0,
-                                (2, 0): fmt.read_array_header_2_0}.get(version)
-                        if read is not None:
-                            shape, _, dtype = read(member)
-                            headers[name[:-len(".npy")]] = (shape, dtype)
-                except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-                    continue
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-        return {}
+                key = name[:-len(".npy")] if name.endswith(".npy") else name
+                with z.open(name) as member:
+                    if member.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
+                        continue
+                    major, minor = member.read(2).ljust(2, b"\0")
+                    version = (major, minor)
+                    # 3.0's header differs from 2.0's in its text's encoding (utf-8).
+                    read = {(1, 0): fmt.read_array_header_1_0,
+                            (2, 0): fmt.read_array_header_2_0,
+                            (3, 0): fmt.read_array_header_2_0}.get(version)
+                    if read is None:
+                        raise BenchError(f"{where}: array {key!r} has a .npy header of "
+                                         f"version {version}, which this cannot read")
+                    shape, _, dtype = read(member)
+                if (any(d < 0 for d in shape)
+                        or math.prod(d for d in shape if d) > _MAX_ELEMENTS):
+                    raise BenchError(f"{where}: array {key!r} declares shape {shape}, "
+                                     "which no array can have")
+                headers[key] = (shape, dtype)
+    except BenchError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
+            NotImplementedError):
+        return {}  # the load refuses the file, saying why
     return headers
 
 
@@ -620,7 +637,9 @@ def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
     """Refuse, from their headers and before anything is decompressed, an ``.npz`` whose
     arrays would take more than half the memory available, or holding a request past
     :data:`MAX_REQUEST_BYTES` (as ``--input DTYPE:SHAPE`` is refused): a small file may
-    declare any size (zeros compress to almost nothing, a header may lie)."""
+    declare any size (zeros compress to almost nothing, a header may lie). Object arrays
+    are left to the load, which refuses them."""
+    headers = {k: h for k, h in headers.items() if not h[1].hasobject}
     nbytes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in headers.items()}
     total = sum(nbytes.values())
     available = memory_available()
@@ -628,17 +647,19 @@ def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
         raise BenchError(
             f"{where}: its arrays would take {format_bytes(total)} in memory, over half "
             f"the memory available ({format_bytes(available)})")
-    # One request's bytes and values, by layout (load_npz's): an array per request, the
-    # named arrays of one request, or a row of every stacked array.
-    requests: dict[str, list[int]] = {}
+    # One request's bytes and values, by load_npz's layouts: an array per request, the
+    # named arrays of one request (by its number, as load_npz groups them), or a row of
+    # every stacked array.
+    requests: dict[object, list[int]] = {}
     for k, (shape, _) in headers.items():
         named = _PER_REQUEST_NAMED.match(k)
+        key: object
         if _PER_REQUEST.match(k) or named:
             part = [nbytes[k], math.prod(shape)]
-            key = named.group(1) if named else k
+            key = int(named.group(1)) if named else k
         elif shape and shape[0]:
             part = [nbytes[k] // shape[0], math.prod(shape[1:])]
-            key = ""  # a stacked request: a row of each array
+            key = None  # a stacked request: a row of each array
         else:
             continue
         sizes = requests.setdefault(key, [0, 0])

@@ -57,7 +57,7 @@ def one_ray_cluster_at_a_time() -> Iterator[None]:
     two pytest-xdist workers, or two test sessions) share its cores, and a Serve
     example's HTTP port, with each other. A lock on a file, so it holds across
     processes; the kernel drops it with the process that held it."""
-    path = os.path.join(tempfile.gettempdir(), "batchproc-tests-ray.lock")
+    path = os.path.join(tempfile.gettempdir(), f"batchproc-tests-ray-{os.getuid()}.lock")
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield

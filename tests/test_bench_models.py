@@ -650,6 +650,10 @@ def _yields(batch: np.ndarray) -> Any:
     yield batch
 
 
+async def _yields_async(batch: np.ndarray) -> Any:
+    yield batch
+
+
 @pytest.mark.usefixtures("no_unawaited_coroutines")
 @pytest.mark.parametrize(("model", "returned", "hint"), [
     (_returns_a_coroutine, "coroutine",
@@ -657,7 +661,9 @@ def _yields(batch: np.ndarray) -> Any:
     # asyncio counts a generator as a coroutine: the hint must not say async def.
     (_yields, "generator", "a generator function: return the batch's outputs, do not "
      "yield them"),
-], ids=["coroutine", "generator"])
+    (_yields_async, "async_generator", "a generator function: return the batch's outputs, "
+     "do not yield them"),
+], ids=["coroutine", "generator", "async generator"])
 def test_a_model_returning_a_coroutine_or_a_generator_is_told_what_to_write(
         model, returned, hint) -> None:
     with pytest.raises(BenchError) as info:

@@ -53,8 +53,10 @@ def blocks(language):
 
 def python_blocks():
     for name, i, block in blocks("python"):
-        # A Ray example starts a Ray cluster: tens of seconds.
-        marks = [pytest.mark.slow] if re.search(r"^import ray$", block, re.M) else []
+        # A Ray example starts a Ray cluster: tens of seconds, after waiting for any other
+        # test's cluster to end (one_ray_cluster_at_a_time), which may take minutes.
+        marks = ([pytest.mark.slow, pytest.mark.timeout(1200)]
+                 if re.search(r"^import ray$", block, re.M) else [])
         yield pytest.param(block, id=f"{name}-{i}", marks=marks)
 
 

@@ -219,9 +219,9 @@ class BatchProcessorConfig:
             `BatchProcessingStrategy`, or its value or name in any case (``"adaptive"``,
             ``"ADAPTIVE"``); anything else raises ``ValueError`` listing them. Default
             ``BatchProcessingStrategy.ADAPTIVE``.
-        reduce_batch_on_failure: Halve the target after a batch fails though none of
-            its requests fails alone (out of memory on its size, say), on or off (not
-            with FIXED). Default ``True``.
+        reduce_batch_on_failure: Halve the target after a batch fails though each of
+            its requests then succeeds on a smaller call (out of memory on its size,
+            say), on or off (not with FIXED). Default ``True``.
         enable_monitoring: Record every request's latency for the percentiles of
             ``get_stats()``, on or off. Default ``True``; off, the latency keys stay 0.
         monitoring_window: How many recent samples the statistics look at, in batches

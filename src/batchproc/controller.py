@@ -44,7 +44,8 @@ The policy (docs/architecture.md, "The controller"):
   Every term is fitted at zero or above, and a curvature counts only if it is
   significant (``LatencyModel._fit``).
 * Classic inputs stay: a backed-up queue grows the target, failures of a batch
-  (no request of it fails alone) halve it (``reduce_batch_on_failure``), memory pressure caps it.
+  (each request of it then succeeding on a smaller call) halve it
+  (``reduce_batch_on_failure``), memory pressure caps it.
 * How many batches are in progress at once (``CallSlots``, at most ``max_workers``) is
   found by trying (``ConcurrencyTuner``): one until three quarters of the batches of two
   windows in a row leave a full batch waiting (the load outruns one call at a time; one

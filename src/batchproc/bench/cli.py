@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "...), ratios (vs_no_batching, vs_limit; null when not given), "
         "ratios_not_compared (why a ratio is not given, by the same keys: a run failed, "
         "had errors, or carried the load an open loop offered while the other went at "
-        "its own pace), ratio_bounds (\"at least\" or \"at most\", by the same keys, "
-        "where one run carried an open load the other fell behind on) and interrupted "
+        "its own pace or carried it too), ratio_bounds (\"at least\" or \"at most\", "
+        "by the same keys, where one run carried an open load the other fell behind "
+        "on) and interrupted "
         "(true when Ctrl-C ended "
         "the runs: runs holds those that finished)",
     )
@@ -488,9 +489,12 @@ def _write_output(command: str, flag: str, path: str, write: Callable[[str], Non
     figures are not lost: ``doc``, the JSON the file was to hold, is added to
     ``unwritten``, printed after the table (:func:`_print_unwritten`). False when it
     failed."""
+    # A plot's writer may fail its own way (matplotlib, a program it runs); a JSON file's
+    # only the file system's: anything else there is a bug of this command, raised.
+    failures = (OSError,) if doc is not None else (Exception,)
     try:
         write(path)
-    except Exception as exc:
+    except failures as exc:
         then = "; the JSON follows on stdout" if doc is not None else ""
         why = (exc.strerror or str(exc) if isinstance(exc, OSError)
                else f"{type(exc).__name__}: {exc}")

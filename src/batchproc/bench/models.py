@@ -231,14 +231,14 @@ def check_model(model: Model, source: RequestSource, name: str = "model", seed: 
             batch.check(call.result)
         except BatchOutputError as exc:
             hint = ""
-            # inspect's, not asyncio's: asyncio counts a generator as a coroutine.
-            if inspect.iscoroutine(call.result):
-                call.result.close()  # never run: no "never awaited" warning either
-                hint = " (a plain function returning a coroutine: make it async def)"
-            elif inspect.isgenerator(call.result):
-                call.result.close()
+            result = call.result
+            # asyncio counts a generator as a coroutine: asked first.
+            if inspect.isgenerator(result) or inspect.isasyncgen(result):
                 hint = (" (a generator function: return the batch's outputs, do not yield "
                         "them)")
+            elif asyncio.iscoroutine(result):
+                result.close()  # never run: no "never awaited" warning either
+                hint = " (a plain function returning a coroutine: make it async def)"
             raise BenchError(f"{name} returned an output batchproc refuses for {what}: "
                              f"{error_text(exc)}{hint}") from None
 

@@ -671,7 +671,8 @@ class _Limit:
         except BatchOutputError as exc:
             self.failure = (f"batchproc refuses the model's output on "
                             f"{_batch_words(batch)}: {error_text(exc)}")
-            self.model_error = one_line(exc)
+            if not self.stop:  # a call the run gave up on is no call of the run
+                self.model_error = one_line(exc)
             return False
         self.checked[k] = True
         return True

@@ -28,9 +28,10 @@ Failure scheduling (docs/failures.md):
   and an item changed while queued (``ItemChangedError``) of the caller's: not transient
   failures; once the request fails it alone, it fails at once unless ``retry_on`` names
   that class (or a subclass) itself (``retried``).
-* The target size shrinks once per failed batch that no request of it explains by
-  failing alone (a failure of the batch, such as out of memory on its size); never per
-  step of the search or per retry, nor for a request's own failure.
+* The target size shrinks once per failed batch whose search then answered every one
+  of its requests (a failure of the batch, such as out of memory on its size); never per
+  step of the search or per retry, nor for a request's own failure or an interrupting
+  error's.
 * A call past ``item_timeout`` is not searched here: its worker is stuck in it, and the
   time limit (engine/limits.py) queues each of its requests again alone.
 """

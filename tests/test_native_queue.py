@@ -2076,7 +2076,7 @@ def test_a_spinning_pop_takes_a_push_waking_no_parked_consumer() -> None:
     q.spin = 0.0
     parked = Worker(q.pop_batch, 10, timeout=10 * HANG)
     blocked(q, ITEMS)  # parked without spinning
-    q.spin = HANG
+    q.spin = 100 * HANG
     spinning = Worker(q.pop_batch, 10, timeout=10 * HANG)
     wait_until(lambda: q._spins() == (1, 1), "the second pop spinning")
     assert q._waiters()[ITEMS] == 1  # a spinning pop is not on the waiters' stack
@@ -2090,7 +2090,7 @@ def test_a_spinning_pop_takes_a_push_waking_no_parked_consumer() -> None:
 
 def test_a_spin_ends_at_the_pops_timeout() -> None:
     q = _spinning_queue()
-    assert q.pop_batch(10, timeout=0.05) == []  # not after the spin's HANG seconds
+    assert q.pop_batch(10, timeout=0.05) == []  # not at the spin's end
     assert q._spins() == (0, 1)
 
 

@@ -574,18 +574,19 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
     if f.read(4) not in _ZIP_MAGIC:
         raise BenchError(f"{where}: not a readable .npz file (numpy.savez writes one)")
     f.seek(0)
-    _check_npz_sizes(_npz_headers(f, where), where)
+    headers = _npz_headers(f, where)
+    _check_npz_sizes(headers, where)
     f.seek(0)
     try:
         with np.load(f, allow_pickle=False) as npz:
-            return {k: _npz_array(npz, k, where) for k in npz.files}
+            return {k: _npz_array(npz, k, where, headers) for k in npz.files}
     except BenchError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError,
             NotImplementedError, OverflowError) as exc:
         raise BenchError(f"{where}: not a readable .npz file (a zip numpy cannot read: "
                          f"{type(exc).__name__})") from None
-    except MemoryError:  # a header that lied about its array's size
+    except MemoryError:  # what the headers declare fit, but not once allocated
         raise BenchError(f"{where}: its arrays do not fit in memory") from None
 
 
@@ -650,32 +651,31 @@ def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
     # One request's bytes and values, by load_npz's layouts: an array per request, the
     # named arrays of one request (by its number, as load_npz groups them), or a row of
     # every stacked array.
-    requests: dict[object, list[int]] = {}
+    requests: dict[object, tuple[int, int]] = {}  # request: (bytes, values)
     for k, (shape, _) in headers.items():
         named = _PER_REQUEST_NAMED.match(k)
         key: object
         if _PER_REQUEST.match(k) or named:
-            part = [nbytes[k], math.prod(shape)]
-            key = int(named.group(1)) if named else k
-        elif shape and shape[0]:
-            part = [nbytes[k] // shape[0], math.prod(shape[1:])]
-            key = None  # a stacked request: a row of each array
+            key, part = int(named.group(1)) if named else k, (nbytes[k], math.prod(shape))
+        elif shape and shape[0]:  # a stacked request: a row of each array
+            key, part = None, (nbytes[k] // shape[0], math.prod(shape[1:]))
         else:
             continue
-        sizes = requests.setdefault(key, [0, 0])
-        sizes[0] += part[0]
-        sizes[1] += part[1]
+        before = requests.get(key, (0, 0))
+        requests[key] = (before[0] + part[0], before[1] + part[1])
     if requests:
         largest, values = max(requests.values())
         _check_request_size(where, largest, values)
 
 
-def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
-    """One array of an open ``.npz``; its refusal as a one-line ``BenchError``."""
+def _npz_array(npz: Any, key: str, where: str,
+               headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> np.ndarray:
+    """One array of an open ``.npz`` (``headers``: :func:`_npz_headers`'); its refusal as
+    a one-line ``BenchError``."""
     try:
         array = npz[key]
     except ValueError:
-        if _holds_objects(npz, key):
+        if key in headers and headers[key][1].hasobject:  # its data a pickle, never loaded
             raise BenchError(f"{where}: array {key!r} holds Python objects (dtype object); "
                              "save numeric arrays") from None
         raise BenchError(f"{where}: array {key!r} is not a readable .npy array") from None
@@ -685,20 +685,6 @@ def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
         raise BenchError(f"{where}: member {key!r} is not a .npy array (numpy.savez "
                          "writes one per array)")
     return array
-
-
-def _holds_objects(npz: Any, key: str) -> bool:
-    """Whether the header of ``key`` in ``npz`` declares an object dtype (its data would
-    be a pickle, which is never loaded)."""
-    fmt = np.lib.format
-    try:
-        with npz.zip.open(f"{key}.npy") as f:
-            version = fmt.read_magic(f)
-            read = {(1, 0): fmt.read_array_header_1_0,
-                    (2, 0): fmt.read_array_header_2_0}.get(version)
-            return read is not None and bool(read(f)[2].hasobject)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return False
 
 
 def load_npz(path: str) -> list[Request]:

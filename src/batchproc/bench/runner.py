@@ -645,10 +645,11 @@ class _Limit:
         if self._own_loop is not None:
             self._own_loop.cancel()
 
-    def _raised(self, batch: Batch, exc: BaseException) -> None:
-        """The model's call on ``batch`` raised ``exc``: the run's failure, and a failed
-        call of the model unless the run gave up on it (an async call cancelled)."""
-        self.failure = f"the model raised on {_batch_words(batch)}: {error_text(exc)}"
+    def _call_failed(self, failure: str, exc: BaseException) -> None:
+        """A call of the model failed with ``exc`` (it raised, or batchproc refuses its
+        output): the run's ``failure``, and a failed call of the model unless the run had
+        given up on it (an async call cancelled, a call past the run's end)."""
+        self.failure = failure
         if not self.stop:
             self.model_error = one_line(exc)
 
@@ -669,10 +670,8 @@ class _Limit:
         try:
             batch.check(out)
         except BatchOutputError as exc:
-            self.failure = (f"batchproc refuses the model's output on "
-                            f"{_batch_words(batch)}: {error_text(exc)}")
-            if not self.stop:  # a call the run gave up on is no call of the run
-                self.model_error = one_line(exc)
+            self._call_failed(f"batchproc refuses the model's output on "
+                              f"{_batch_words(batch)}: {error_text(exc)}", exc)
             return False
         self.checked[k] = True
         return True
@@ -700,7 +699,8 @@ class _Limit:
             try:
                 out = model(inputs)
             except BaseException as exc:
-                self._raised(batch, exc)
+                self._call_failed(f"the model raised on {_batch_words(batch)}: "
+                                  f"{error_text(exc)}", exc)
                 return
             t1 = pc()
             append(t1 - t)
@@ -738,7 +738,8 @@ class _Limit:
             try:
                 out = await model(inputs)
             except BaseException as exc:  # CancelledError too: the watcher gave up
-                self._raised(batch, exc)
+                self._call_failed(f"the model raised on {_batch_words(batch)}: "
+                                  f"{error_text(exc)}", exc)
                 return
             t1 = pc()
             append(t1 - t)

@@ -658,14 +658,22 @@ def plenty_of_memory(monkeypatch) -> None:
     ({"arr_0": (1, 70_000_000)}, 70_000_000),
     ({"ids.NPY": (4, 70_000_000)}, 70_000_000),
     ({"arr_0.npy": ((1, 70_000_000), (3, 0))}, 70_000_000),  # a version 3.0 header
-], ids=["per request", "named", "named 00", "stacked", "no .npy", ".NPY", "version 3"])
+    # A member whose header is unreadable hides no other's size.
+    ({"arr_0.npy": (1, 70_000_000), "arr_1.npy": ((1, 4), "<U1000000000")}, 70_000_000),
+], ids=["per request", "named", "named 00", "stacked", "no .npy", ".NPY", "version 3",
+        "beside an unreadable header"])
 def test_an_npz_request_past_the_limit_is_refused_from_its_header(tmp_path, capsys,
                                                                    members, values) -> None:
     # As the DTYPE:SHAPE form is: before anything is decompressed, whatever the layout.
     path = tmp_path / "big.npz"
-    _zip(path, {k: _npy_header_only(spec[0], "float32", spec[1])
-                if isinstance(spec[1], tuple) else _npy_header_only(spec, "float32")
-                for k, spec in members.items()})
+    def member(spec) -> bytes:
+        if isinstance(spec[1], tuple):
+            return _npy_header_only(spec[0], "float32", spec[1])  # a header version
+        if isinstance(spec[1], str):  # a dtype numpy's header reader refuses
+            return _npy_header_only(spec[0], "float32").replace(b"'<f4'", f"'{spec[1]}'".encode())
+        return _npy_header_only(spec, "float32")
+
+    _zip(path, {k: member(spec) for k, spec in members.items()})
     code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
     assert code == 2 and out == "", err
     nbytes = values * 4
@@ -696,6 +704,18 @@ def test_an_npz_header_no_array_can_have_is_refused_in_one_line(tmp_path, capsys
     assert code == 2 and out == "", err
     says = says.replace("10**200", str(10**200))
     assert err.strip() == f"batchproc bench: error: --input {path}: {says}", err
+
+
+def test_an_npz_with_one_named_input_twice_for_a_request_is_refused(tmp_path,
+                                                                     capsys) -> None:
+    # "0/a" and "00/a" are both request 0's input "a": one would be dropped unsaid.
+    path = tmp_path / "twice.npz"
+    np.savez(path, **{"0/a": np.ones((1, 4)), "00/a": np.ones((1, 8)),
+                      "1/a": np.ones((1, 4))})
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input {path}: request 0 has input "
+                           "'a' twice (keys differing in their number's zeros)"), err
 
 
 def test_an_npz_compressed_in_a_way_zipfile_cannot_read_is_one_line(tmp_path,

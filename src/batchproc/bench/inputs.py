@@ -601,36 +601,50 @@ def _npz_headers(f: Any, where: str) -> dict[str, tuple[tuple[int, ...], np.dtyp
     its name; one without is left for the load to refuse, as is a zip this cannot read.
     Raises ``BenchError`` for a header numpy would read but this cannot size: a version
     it does not know, a shape no array can have."""
-    fmt = np.lib.format
     headers = {}
     try:
-        with zipfile.ZipFile(f) as z:
-            for name in z.namelist():
-                key = name[:-len(".npy")] if name.endswith(".npy") else name
-                with z.open(name) as member:
-                    if member.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
-                        continue
-                    major, minor = member.read(2).ljust(2, b"\0")
-                    version = (major, minor)
-                    # 3.0's header differs from 2.0's in its text's encoding (utf-8).
-                    read = {(1, 0): fmt.read_array_header_1_0,
-                            (2, 0): fmt.read_array_header_2_0,
-                            (3, 0): fmt.read_array_header_2_0}.get(version)
-                    if read is None:
-                        raise BenchError(f"{where}: array {key!r} has a .npy header of "
-                                         f"version {version}, which this cannot read")
-                    shape, _, dtype = read(member)
-                if (any(d < 0 for d in shape)
-                        or math.prod(d for d in shape if d) > _MAX_ELEMENTS):
-                    raise BenchError(f"{where}: array {key!r} declares shape {shape}, "
-                                     "which no array can have")
-                headers[key] = (shape, dtype)
-    except BenchError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
-            NotImplementedError):
+        z = zipfile.ZipFile(f)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return {}  # the load refuses the file, saying why
+    with z:
+        for name in z.namelist():
+            key = name[:-len(".npy")] if name.endswith(".npy") else name
+            # A member this cannot read is refused by the load; the others' sizes are
+            # still checked first (the load decompresses the members before it).
+            try:
+                header = _npy_header(z, name, key, where)
+            except BenchError:
+                raise
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
+                    NotImplementedError):
+                continue
+            if header is not None:
+                headers[key] = header
     return headers
+
+
+def _npy_header(z: zipfile.ZipFile, name: str, key: str,
+                where: str) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
+    """The shape and dtype member ``name`` of ``z`` declares, None if it has no ``.npy``
+    magic; ``BenchError`` for a header numpy reads but this cannot size."""
+    fmt = np.lib.format
+    with z.open(name) as member:
+        if member.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
+            return None
+        major, minor = member.read(2).ljust(2, b"\0")
+        version = (major, minor)
+        # 3.0's header differs from 2.0's in its text's encoding (utf-8).
+        read = {(1, 0): fmt.read_array_header_1_0,
+                (2, 0): fmt.read_array_header_2_0,
+                (3, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise BenchError(f"{where}: array {key!r} has a .npy header of version "
+                             f"{version}, which this cannot read")
+        shape, _, dtype = read(member)
+    if any(d < 0 for d in shape) or math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise BenchError(f"{where}: array {key!r} declares shape {shape}, which no array "
+                         "can have")
+    return shape, dtype
 
 
 def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
@@ -725,7 +739,12 @@ def load_npz(path: str) -> list[Request]:
         groups: dict[int, dict[str, np.ndarray]] = {}
         for m in named:
             assert m is not None
-            groups.setdefault(int(m.group(1)), {})[m.group(2)] = arrays[m.group(0)]
+            group = groups.setdefault(int(m.group(1)), {})
+            if m.group(2) in group:  # "0/a" and "00/a": one request's input, twice
+                raise BenchError(f"{where}: request {int(m.group(1))} has input "
+                                 f"{m.group(2)!r} twice (keys differing in their number's "
+                                 "zeros)")
+            group[m.group(2)] = arrays[m.group(0)]
         ordered = [groups[i] for i in sorted(groups)]
         names = sorted(ordered[0])
         for i, g in zip(sorted(groups), ordered):

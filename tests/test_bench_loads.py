@@ -228,6 +228,11 @@ def test_a_run_that_keeps_up_leaves_nothing_unfinished(target):
                      Load("rate", rate=200.0, features=4), Bounds(duration=DURATION))
     assert run.unfinished == 0 and run.completed == run.submitted == run.scheduled
     assert run.elapsed_s < DURATION + drain_window(DURATION)
+    # It ended with its last request, not at its time bound (the window only set how
+    # many arrivals there were): no "*" and no note saying the time bound stopped it.
+    assert run.stopped_by == "requests"
+    assert not report.row_cells(run)[-1].endswith("*")
+    assert not any("time bound" in note for note in report.run_notes([run]))
 
 
 class Slow:

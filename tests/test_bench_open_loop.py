@@ -58,7 +58,7 @@ def _measured(load: Load, bounds: Bounds, finish, *, drained_by: float,
         futs.append(f)
         sub.append(T0 + a)
         done.append(T0 + d if f.done() else None)
-    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": refused,
+    state = {"t0": T0, "first_refusal": None, "refused": refused,
              "scheduled": plan.n, "window": plan.window}
     end = T0 + drained_by
     return _collect(futs, sub, done, [2], state, end, end, np.empty(0))
@@ -80,7 +80,7 @@ def test_a_request_bound_shortens_the_window_not_the_rate() -> None:
     load = Load("rate", rate=5000.0, features=4)
     bounds = Bounds(requests=1000, duration=5.0)
     plan = schedule_of(load, bounds)
-    assert (plan.n, plan.window, plan.bound) == (1000, 0.2, "requests")
+    assert (plan.n, plan.window) == (1000, 0.2)
     assert plan.rate == pytest.approx(5000.0)
     assert arrival_times(load, bounds)[-1] < 0.2
 
@@ -199,7 +199,7 @@ def test_an_overload_that_sheds_late_requests_reads_what_it_served() -> None:
             done.append(T0 + free)
         futs.append(f)
         sub.append(T0 + a)
-    state = {"bound": plan.bound, "t0": T0, "first_refusal": None, "refused": 0,
+    state = {"t0": T0, "first_refusal": None, "refused": 0,
              "scheduled": plan.n, "window": plan.window}
     res = _collect(futs, sub, done, [2], state, T0 + 2.0, T0 + 2.0, np.empty(0))
     assert res.unfinished == 0 and res.errors > 0

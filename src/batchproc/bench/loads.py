@@ -189,11 +189,10 @@ class Bounds:
 class Schedule:
     """What an open loop or burst offers: ``n`` arrivals; an open loop's within its
     arrival ``window`` (seconds from the start), a burst's all at once (``window``
-    None). ``bound``: which bound of the run set ``n`` ("requests" or "duration")."""
+    None)."""
 
     n: int
     window: float | None
-    bound: str
 
     @property
     def rate(self) -> float | None:
@@ -219,20 +218,20 @@ def schedule_of(load: Load, bounds: Bounds) -> Schedule | None:
         if n > MAX_ARRIVALS:
             raise BenchError(f"--burst {n:,} is more than a run offers: at most "
                              f"{MAX_ARRIVALS:,} requests")
-        return Schedule(n, None, "requests")
+        return Schedule(n, None)
     if bounds.duration is not None:
         timed = load.rate * bounds.duration
         if bounds.requests is None or bounds.requests >= max(1, round(min(timed, 1e18))):
             check_arrivals(load.rate, bounds.duration,
                            f"--rate {fmt_load_rate(load.rate)} for --duration "
                            f"{bounds.duration:g}")
-            return Schedule(max(1, round(timed)), bounds.duration, "duration")
+            return Schedule(max(1, round(timed)), bounds.duration)
     assert bounds.requests is not None
     n = bounds.requests
     if n > MAX_ARRIVALS:
         raise BenchError(f"--requests {n:,} at --rate {fmt_load_rate(load.rate)} is more "
                          f"than a run offers: at most {MAX_ARRIVALS:,} arrivals")
-    return Schedule(n, n / load.rate, "requests")
+    return Schedule(n, n / load.rate)
 
 
 def _fmt_count(n: float) -> str:
@@ -694,7 +693,7 @@ def _open(target: Any, load: Load, dur: float, plan: Schedule, tick: Tick) -> Lo
 
 def _open_state(plan: Schedule, sched: np.ndarray | None) -> dict[str, Any]:
     """The bookkeeping an open loop or burst shares with :func:`_collect`."""
-    return {"bound": plan.bound, "t0": 0.0, "first_refusal": None, "refused": 0,
+    return {"t0": 0.0, "first_refusal": None, "refused": 0,
             "scheduled": None if sched is None else plan.n, "window": plan.window}
 
 
@@ -771,7 +770,9 @@ def _collect(
         completed=completed,
         errors=errors,
         elapsed=max((end if left else last) - t0, 1e-9),
-        stopped_by="duration" if left else state["bound"],
+        # Every arrival answered: the run ended with its requests (an open loop's window
+        # only set how many there were).
+        stopped_by="duration" if left else "requests",
         unfinished=left,
         first_error=first_error,
         scheduled=state.get("scheduled"),

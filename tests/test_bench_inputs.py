@@ -130,7 +130,9 @@ def test_npz_one_array_per_request(tmp_path) -> None:
     source = parse_inputs([str(path)], None)
     assert isinstance(source, NpzSource) and source.padded
     assert [r.tolist() for r in source.requests(seed=0)] == [r.tolist() for r in requests]
-    assert "3 sample requests" in source.description
+    assert "3 sample requests from" in source.description
+    np.savez(path, requests[0])
+    assert "1 sample request from" in parse_inputs([str(path)], None).description
 
 
 def test_npz_named_requests(tmp_path) -> None:
@@ -682,6 +684,16 @@ def test_an_npz_request_past_the_limit_is_refused_from_its_header(tmp_path, caps
         f"batchproc bench: error: --input {path}: one request would take "
         f"{format_bytes(nbytes)} ({values:,} values), over the limit of 256 MiB per "
         "request"), err
+
+
+@pytest.mark.usefixtures("plenty_of_memory")
+def test_a_request_of_one_value_past_the_limit_says_one_value(tmp_path, capsys) -> None:
+    path = tmp_path / "wide.npz"
+    _zip(path, {"arr_0.npy": _npy_header_only((1,), "V300000000")})
+    code, out, err = run_cli(capsys, "--input", str(path), "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip().endswith(
+        "one request would take 286 MiB (1 value), over the limit of 256 MiB per request"), err
 
 
 @pytest.mark.usefixtures("plenty_of_memory")

@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from ..log_limits import plural
 from . import BenchError
 
 Request = Any  # np.ndarray | dict[str, np.ndarray]
@@ -469,7 +470,8 @@ def _check_request_size(where: str, nbytes: int, values: int) -> None:
     ragged shapes)."""
     if nbytes > MAX_REQUEST_BYTES:
         raise BenchError(
-            f"{where}: one request would take {format_bytes(nbytes)} ({values:,} values), "
+            f"{where}: one request would take {format_bytes(nbytes)} "
+            f"({plural(values, 'value')}), "
             f"over the limit of {format_bytes(MAX_REQUEST_BYTES)} per request")
 
 
@@ -529,7 +531,8 @@ class NpzSource(RequestSource):
         first = self._requests[0]
         self.padded = _needs_padding(self._requests)
         kind = ("named: " + ", ".join(first)) if isinstance(first, Mapping) else "arrays"
-        self.description = f"{len(self._requests)} sample requests from {path} ({kind})"
+        self.description = (f"{plural(len(self._requests), 'sample request')} from {path} "
+                            f"({kind})")
         self.sha256 = _digest(self._requests)
 
     def requests(self, seed: int) -> list[Request]:

@@ -57,7 +57,10 @@ class Delivery:
         self.handed_back = 0  # map chunks that failed and came back as their items
 
     def deliver(self, batch: Batch, requests: list[Request], parts: list[Any],
-                elapsed: float, rows: int, target: int) -> None:
+                elapsed: float, rows: int, target: int) -> bool:
+        """Complete ``requests`` with their ``parts`` of a call's output; False when the
+        batch was abandoned (``stop`` gave up on it) after the call returned: its callers
+        were failed by the stop, nothing is delivered."""
         board = self._board
         # What this batch left waiting, read before another worker may pop it: the
         # controller sizes the calls in flight on it.
@@ -69,7 +72,7 @@ class Delivery:
                      and not self._next_call_can_start(left_waiting, target, elapsed))
         ok, holds_slot, ends_flight = board.begin_delivery(batch, requests, keep_slot)
         if not ok:
-            return
+            return False
         deferred: list[RequestFuture] | None = None if batch.deferred is None else []
         self._answer(holds_slot, ends_flight)
         if len(board.active) > 1 and self._other_call_running(batch):
@@ -101,6 +104,7 @@ class Delivery:
                 logger.error("a future was completed twice; result dropped")
         finally:
             self._end_delivery(batch, deferred)
+        return True
 
     def call_returned(self, batch: Batch, chunk: Request, rows: int,
                       elapsed: float) -> None:

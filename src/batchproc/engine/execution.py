@@ -173,8 +173,8 @@ class Executor:
             return FAILED, batch.uncut
         status, out, elapsed, rows = self.attempt(batch, requests, workspace)
         if status == OK:
-            self._delivery.deliver(batch, requests, out, elapsed, rows, target)
-            batch.answered += len(requests)
+            if self._delivery.deliver(batch, requests, out, elapsed, rows, target):
+                batch.answered += len(requests)
             return OK, None
         if status == FAILED:
             self._count_failed_call(batch, requests, rows, elapsed)

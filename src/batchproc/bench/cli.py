@@ -362,8 +362,9 @@ def _add_tune_parser(sub: Any) -> None:
     r.add_argument("--duration", type=_positive_float, default=DEFAULT_TUNE_S, metavar="S",
                    help=f"seconds per run (default: {DEFAULT_TUNE_S:g})")
     r.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET_S, metavar="S",
-                   help="start no run that could end past S seconds from the start; one "
-                   "too small for a run is refused, saying the least (default: "
+                   help="start no run that could end past S seconds from the search's "
+                   "start (the model loaded: loading it is not counted); one too small "
+                   "for a run is refused, saying the least (default: "
                    f"{DEFAULT_BUDGET_S:g})")
     r.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed (>= 0) for requests, arrivals and the search order; "

@@ -87,7 +87,12 @@ def test_chunks_follow_the_processors_target_rows(make_processor, method):
         accepted = p.get_stats()["total_accepted"]
         out = _run(call(rows(128), chunksize=chunksize))
         assert [float(y[0, 0]) for y in out] == [2.0 * k for k in range(128)]
-        assert max(model.sizes) == target, (target, chunksize)
+        # Chunks of the target's rows fill calls of exactly that; chunks of 3 under a
+        # target of 5 share a call only with the last chunk (of 2 rows), if it comes while
+        # one waits: never more than the target either way.
+        assert max(model.sizes) <= target, (target, chunksize)
+        if chunksize is None:
+            assert max(model.sizes) == target
         assert p.get_stats()["total_accepted"] - accepted == chunks, (target, chunksize)
 
 

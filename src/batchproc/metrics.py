@@ -29,7 +29,8 @@ A metrics collector is any object with some of these methods; missing ones are s
     Once per batch of ``size`` requests that failed as a whole while each of its requests
     then succeeded on a smaller batch (``get_stats()["total_batch_only_failures"]``):
     ``process_func`` fails on batches, not on these inputs (out of memory at that size,
-    an output that cannot be split). Its callers got their results.
+    an output that cannot be split), or its failure did not recur (a model that fails
+    at random). Its callers got their results.
 ``bind_processor(processor)``
     Once, when the collector is given to a ``BatchProcessor``: for collectors that read
     its state when they are read themselves (queue depth, batches in flight).

@@ -1026,8 +1026,8 @@ class BatchProcessor(Generic[T, U]):
         stopped; never accepted); and ``total_batch_only_failures``: batches that failed
         whole while each of their requests then succeeded on a smaller batch
         (``process_func`` fails on batches, not on these inputs: an output of the wrong
-        rows, out of memory on the batch's size; each halves the target and costs a
-        search of calls, docs/failures.md).
+        rows, out of memory on the batch's size; or a failure that did not recur, at
+        random; each halves the target and costs a search of calls, docs/failures.md).
 
         ``ProcessorForkedError`` in a forked child: the statistics are the parent's.
         """

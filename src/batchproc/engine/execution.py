@@ -224,7 +224,8 @@ class Executor:
             return
         logger.warning(
             "a batch of %d requests failed (%s: %s), yet each of its requests succeeded "
-            "on a smaller batch: process_func fails on batches, not on these inputs; %d "
+            "on a smaller batch: process_func fails on batches, not on these inputs (or its "
+            "failure did not recur: a model that fails at random); %d "
             "such batch(es) since the last warning (each costs a search of calls and "
             "halves the batch target)", n, type(error).__name__, error,
             admitted.left_out + 1)
@@ -236,7 +237,7 @@ class Executor:
         for _, held in self._batch_only_log.held(final):
             logger.warning(
                 "%s failed in the last %s while each of %s requests succeeded on a smaller "
-                "batch (process_func fails on batches, not on these inputs)",
+                "batch (process_func fails on batches, not on these inputs, or at random)",
                 plural(held.left_out, "more batch", "more batches"), seconds(held.since),
                 "its" if held.left_out == 1 else "their")
         for kind, held in self._interrupt_log.held(final):

@@ -231,8 +231,8 @@ def test_a_system_that_fails_in_a_sweep_is_reported_and_the_others_kept() -> Non
 
 
 def test_a_sweep_notes_a_run_that_fell_behind_but_not_each_time_bound() -> None:
-    # Every sweep run ends at its time bound (no note for it); one whose req/s counts
-    # over its completions, past its arrivals' window, says so as bench does.
+    # A sweep's table marks no run "*", so none gets the time bound's note; one whose
+    # req/s counts over its completions, past its arrivals' window, says so as bench does.
     from batchproc.bench.runner import RunResult
     from batchproc.bench.sweep import SweepPoint, SweepResult
 

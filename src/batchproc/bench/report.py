@@ -147,9 +147,9 @@ def fmt_completed(r: RunResult) -> str:
 
 
 def run_notes(runs: Sequence[RunResult], time_bound: bool = True) -> list[str]:
-    """Footnotes for the table: failed runs, time-bounded runs (unless not
-    ``time_bound``: a sweep's runs all are), errors, unfinished and refused requests, and
-    what the limit's latencies are."""
+    """Footnotes for the table: failed runs, runs their time bound ended (unless not
+    ``time_bound``: a sweep's table marks none), errors, unfinished and refused requests,
+    and what the limit's latencies are."""
     notes = []
     for r in runs:
         who = f"{r.system} ({r.model}, {r.load})"

@@ -202,7 +202,8 @@ def notes(result: SweepResult) -> list[str]:
     for system, fr in result.skipped.items():
         out.append(f"{system}: saturated, not run at " + ", ".join(f"{f:g}x" for f in fr))
     runs = [p.run for pts in result.points.values() for p in pts]
-    # Every run of a sweep ends at its time bound: saying so of each is noise.
+    # The sweep's table marks no run "*": one its time bound ended (its arrivals not all
+    # answered) is told by its note of late requests.
     out += report.run_notes(runs, time_bound=False)
     if result.interrupted:
         out.append(NOTE)

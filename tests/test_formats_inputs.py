@@ -83,12 +83,22 @@ def test_stacked_named_inputs(make_processor):
         assert future.result(timeout=10) == 4.0 * i
 
 
+class Inputs(tuple):
+    """A tuple class optree does not know (it knows namedtuples only)."""
+
+
+class Layers(list):
+    """A list class optree does not know."""
+
+
 @pytest.mark.parametrize("wrap", [
     lambda x: (x, collections.UserDict(x=x * 10)),
     lambda x: {"enc": collections.UserDict(ids=x), "dec": (x * 10,)},
     lambda x: collections.UserDict(enc=collections.UserDict(ids=x)),
-], ids=["in a tuple", "in a dict", "in itself"])
-def test_a_mapping_class_is_batched_like_a_dict_at_any_depth(make_processor, wrap):
+    lambda x: Inputs((x, x * 10)),
+    lambda x: {"enc": Layers([x, x * 10]), "dec": Inputs((x,))},
+], ids=["in a tuple", "in a dict", "in itself", "tuple class", "list and tuple classes"])
+def test_a_container_class_is_batched_as_its_plain_kind_at_any_depth(make_processor, wrap):
     seen = []
 
     def model(batch):
@@ -99,8 +109,8 @@ def test_a_mapping_class_is_batched_like_a_dict_at_any_depth(make_processor, wra
     items = [wrap(np.full((1 + i, 2), float(i))) for i in range(3)]
     for item, future in zip(items, one_batch(p, items)):
         got = future.result(timeout=10)
-        assert _as_dicts(got) == _as_dicts(item) and _no_mapping_class(got)
-    assert len(seen) == 1 and _no_mapping_class(seen[0])
+        assert _as_dicts(got) == _as_dicts(item) and _plain_containers(got)
+    assert len(seen) == 1 and _plain_containers(seen[0])
 
 
 def _as_dicts(tree):
@@ -111,11 +121,12 @@ def _as_dicts(tree):
     return tree.tolist()
 
 
-def _no_mapping_class(tree):
+def _plain_containers(tree):
+    """Every container in ``tree`` a dict, tuple or list: what the model and callers get."""
     if isinstance(tree, collections.abc.Mapping):
-        return type(tree) is dict and all(map(_no_mapping_class, tree.values()))
+        return type(tree) is dict and all(map(_plain_containers, tree.values()))
     if isinstance(tree, (tuple, list)):
-        return all(map(_no_mapping_class, tree))
+        return type(tree) in (tuple, list) and all(map(_plain_containers, tree))
     return True
 
 

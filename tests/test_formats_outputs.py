@@ -228,45 +228,79 @@ class FrozenMapping(collections.abc.Mapping):
         return len(self._values)
 
 
+class Outputs(tuple):
+    """A tuple class optree does not know (it knows namedtuples only)."""
+
+
+class Layers(list):
+    """A list class optree does not know."""
+
+
 def _dicts(tree):
-    """``tree`` with every mapping a dict: what a caller receives."""
+    """``tree`` with every mapping a dict and every tuple or list class but a namedtuple
+    a tuple or list: what a caller receives."""
     if isinstance(tree, collections.abc.Mapping):
         return {k: _dicts(v) for k, v in tree.items()}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*map(_dicts, tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map(_dicts, tree))
+    if isinstance(tree, tuple):
+        return tuple(map(_dicts, tree))
+    if isinstance(tree, list):
+        return list(map(_dicts, tree))
     return tree
 
 
-MAPPING_CLASS_OUTPUTS = {
+CONTAINER_CLASS_OUTPUTS = {
     "top level": lambda b: ModelOutput(logits=_logits(b)),
     "in a tuple": lambda b: (ModelOutput(logits=_logits(b)), _embeddings(b)),
     "in a dict": lambda b: {"enc": ModelOutput(logits=_logits(b)), "x": b},
     "in a namedtuple": lambda b: Pair(ModelOutput(logits=_logits(b)), _embeddings(b)),
     "deep": lambda b: {"a": [(FrozenMapping(h=ModelOutput(e=_embeddings(b)), n=None),)]},
     "no dict at all": lambda b: FrozenMapping(logits=_logits(b)),
+    "tuple class": lambda b: Outputs((_logits(b), _embeddings(b))),
+    "list class in a dict": lambda b: {"h": Layers([_embeddings(b), b]), "n": None},
+    "tuple class in a list class": lambda b: {"h": Layers([Outputs((b, _logits(b)))])},
 }
 
 
-@pytest.mark.parametrize("kind", MAPPING_CLASS_OUTPUTS)
+@pytest.mark.parametrize("kind", CONTAINER_CLASS_OUTPUTS)
 @pytest.mark.parametrize("n", SIZES)
-def test_a_mapping_class_is_split_like_a_dict_at_any_depth(make_processor, kind, n):
-    model = MAPPING_CLASS_OUTPUTS[kind]
+def test_a_container_class_is_split_as_its_plain_kind_at_any_depth(make_processor, kind, n):
+    model = CONTAINER_CLASS_OUTPUTS[kind]
     p = make_processor(model, max_batch_size=64)
     items = [rows_of(i, n=1 + i % 2) for i in range(n)]
     for item, future in zip(items, one_batch(p, items)):
         got = future.result(timeout=10)
         expected = _dicts(model(item))
-        assert type(got) is type(expected)
+        assert _types(got) == _types(expected)
         assert _tree_equal(got, expected), (got, expected)
 
 
-def test_a_chunked_request_joins_mapping_class_outputs(make_processor):
-    p = make_processor(lambda b: (ModelOutput(y=b * 2), b), max_batch_size=2)
+def _types(tree):
+    """The container types of ``tree``, at every depth."""
+    if isinstance(tree, collections.abc.Mapping):
+        return type(tree), {k: _types(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree), [_types(x) for x in tree]
+    return None
+
+
+def test_a_chunked_request_joins_container_class_outputs(make_processor):
+    p = make_processor(lambda b: Outputs((ModelOutput(y=b * 2), Layers([b]))),
+                       max_batch_size=2)
     item = rows_of(0, n=5)
     got = p.enqueue_predict(item).result(timeout=10)
-    assert _tree_equal(got, ({"y": item * 2}, item))
+    assert type(got) is tuple and type(got[1]) is list
+    assert _tree_equal(got, ({"y": item * 2}, [item]))
+
+
+def test_a_list_class_of_outputs_is_read_as_a_list(make_processor):
+    # ONNX Runtime's reading of a list: two outputs of a batch of 3 rows each.
+    p = make_processor(lambda b: Layers([b * 2, b[:, :1]]), max_batch_size=64)
+    items = [rows_of(i, n=3) for i in range(2)]
+    for item, future in zip(items, one_batch(p, items)):
+        got = future.result(timeout=10)
+        assert type(got) is list and _tree_equal(got, [item * 2, item[:, :1]])
 
 
 def test_none_leaves_stay_none_and_a_model_output_mapping_arrives_as_a_dict(make_processor):

@@ -9,7 +9,8 @@ The rule goes by the output's type first; shapes are checked (docs/formats.md):
 * A **tuple** (namedtuple included) or a **mapping** is a multi-output: each caller gets
   the same structure, every leaf cut as above. Containers nested inside (tuples, lists,
   dicts) are part of the structure; ``None`` stays ``None``. Every leaf must be an array
-  or tensor with the batch's leading length on axis 0.
+  or tensor with the batch's leading length on axis 0. A container class optree does not
+  know (a ``UserDict``, a subclass of tuple or list) is its plain kind (``flatten``).
 * A **list**, with a one-sample format, holds one result per item (Ray Serve's rule).
   With a format of rows it is either one result per row (``[f(row) for row in batch]``)
   or several outputs, like a tuple (ONNX Runtime's ``run`` returns a list of outputs):
@@ -84,14 +85,20 @@ def is_tensor(obj: object) -> bool:
     return tensor is not None and isinstance(obj, tensor)
 
 
+# Containers optree keeps whole, as leaves, when it does not know their class: a mapping
+# (a ``UserDict``, a model-output class) or a subclass of tuple or list (namedtuples and
+# structseqs, such as torch's ``return_types``, it knows).
+_UNKNOWN_CONTAINERS = (tuple, list, Mapping)
+
+
 def flatten(tree: Any) -> tuple[Any, list[Any], list[Any], Any]:
     """``(tree, paths, leaves, spec)``: ``tree`` flattened by optree (``None`` is no
-    leaf), with every mapping optree does not know (a ``UserDict``, a model-output class)
-    made a ``dict`` first, at any depth: optree walks only the containers it knows and
-    would keep such a mapping whole, as a leaf. A tree holding none is flattened once."""
+    leaf), with every container optree does not know made its plain kind first, at any
+    depth (a mapping a ``dict``, a tuple or list subclass a ``tuple`` or ``list``): optree
+    would keep it whole, as a leaf. A tree holding none is flattened once."""
     paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
     for leaf in leaves:
-        if type(leaf) is not _ndarray and isinstance(leaf, Mapping):
+        if type(leaf) is not _ndarray and isinstance(leaf, _UNKNOWN_CONTAINERS):
             tree = _plain(tree)
             paths, leaves, spec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
             break
@@ -100,8 +107,14 @@ def flatten(tree: Any) -> tuple[Any, list[Any], list[Any], Any]:
 
 def _plain(tree: Any) -> Any:
     leaves, spec = optree.tree_flatten(tree, none_is_leaf=False)
-    return spec.unflatten([_plain(dict(leaf)) if isinstance(leaf, Mapping) else leaf
-                           for leaf in leaves])
+    return spec.unflatten([_plain(_plain_kind(leaf)) if isinstance(leaf, _UNKNOWN_CONTAINERS)
+                           else leaf for leaf in leaves])
+
+
+def _plain_kind(container: Any) -> Any:
+    if isinstance(container, Mapping):
+        return dict(container)
+    return tuple(container) if isinstance(container, tuple) else list(container)
 
 
 def _is_leaf(obj: object) -> bool:

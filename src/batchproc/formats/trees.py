@@ -3,8 +3,9 @@
 A tokenizer's ``{"input_ids": (1, L), "attention_mask": (1, L)}`` or a multi-input model's
 ``(image, text)`` is one request; a batch holds the same structure with each leaf batched
 across requests (the model gets ``{"input_ids": (rows, L), ...}``). Structures nest (tuples,
-lists and mappings inside, walked by ``optree``; ``None`` stays ``None``; a mapping class
-optree does not know is made a ``dict`` at any depth). Every leaf of one
+lists and mappings inside, walked by ``optree``; ``None`` stays ``None``; a container class
+optree does not know is made its plain kind at any depth: a mapping a ``dict``, a tuple or
+list subclass but a namedtuple a ``tuple`` or ``list``). Every leaf of one
 request must have the same rows on axis 0 (with ``stack_items`` each leaf is one sample).
 Requests share a batch only with the same structure (keys, positions) and, leaf by leaf,
 the same kind (array or tensor), dtype, device and trailing shape. Padding is by input

@@ -95,7 +95,7 @@ def test_a_request_expires_during_its_backoff(make_processor):
         future.result(timeout=10)
     assert isinstance(info.value.__cause__, ConnectionError)  # why it was waiting
     message = str(info.value)
-    assert "while parked for retry 1: it was processed and failed 1 time on its own" in message
+    assert "while parked to be retried: it was processed and failed 1 time on its own" in message
     assert message.endswith("its first failure: ConnectionError: down (the __cause__)")
     assert "never processed" not in message
     assert len(calls) == 1
@@ -158,8 +158,8 @@ def test_the_expiry_message_of_a_request_that_failed_counts_its_failures(tries):
     error = expiry_error(request, now=102.25)
     plural = "time" if tries == 1 else "times"
     assert str(error) == (
-        f"request waited 2.250 s, past its max_queue_time of 2.000 s while parked for retry "
-        f"{tries}: it was processed and failed {tries} {plural} on its own; its first "
+        f"request waited 2.250 s, past its max_queue_time of 2.000 s while parked to be "
+        f"retried: it was processed and failed {tries} {plural} on its own; its first "
         "failure: ValueError: bad row (the __cause__)")
     assert error.__cause__ is first
 

@@ -307,7 +307,7 @@ def expiry_error(request: Request, now: float) -> QueueTimeoutError:
         error.__cause__ = request.error
         return error
     error = QueueTimeoutError(
-        f"{ran_out} while parked for retry {tries}: it was processed and failed "
+        f"{ran_out} while parked to be retried: it was processed and failed "
         f"{tries} time{'s' if tries != 1 else ''} on its own; its first failure: "
         f"{type(request.error).__name__}: {request.error} (the __cause__)")
     error.__cause__ = request.error

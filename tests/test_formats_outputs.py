@@ -294,6 +294,16 @@ def test_a_chunked_request_joins_container_class_outputs(make_processor):
     assert _tree_equal(got, ({"y": item * 2}, [item]))
 
 
+def test_a_list_class_of_results_per_row_is_a_list_however_its_request_ran(make_processor):
+    p = make_processor(lambda b: Layers([float(row[0]) for row in b]), max_batch_size=2)
+    alone = p.enqueue_predict(rows_of(0, n=2)).result(timeout=10)  # handed over whole
+    chunked = p.enqueue_predict(rows_of(1, n=5)).result(timeout=10)  # joined from chunks
+    batched = [f.result(timeout=10) for f in one_batch(p, [rows_of(2), rows_of(3)])]
+    assert [type(x) for x in (alone, chunked, *batched)] == [list] * 4
+    assert alone == [0.0, 4.0] and chunked == [100.0, 104.0, 108.0, 112.0, 116.0]
+    assert batched == [[200.0], [300.0]]
+
+
 def test_a_list_class_of_outputs_is_read_as_a_list(make_processor):
     # ONNX Runtime's reading of a list: two outputs of a batch of 3 rows each.
     p = make_processor(lambda b: Layers([b * 2, b[:, :1]]), max_batch_size=64)

@@ -166,6 +166,8 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
             raise _wrong_rows((), out, n, _rows_hint(requests))
         return _cut_rows(out, requests, one_sample)
     if isinstance(out, list):
+        if type(out) is not list:  # a subclass is a list, cut or whole (see flatten)
+            out = list(out)
         if _list_of_outputs(out, n, one_sample, bool(per_token), reading):
             return _split_tree(out, requests, n, built.padded_length, one_sample, per_token)
         if per_token:

@@ -399,6 +399,8 @@ def parse_tensor_spec(text: str) -> TensorSpec:
             raise BenchError(f"{where}: dimension {part!r} is not N or LO..HI")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
+        if m.group(2) is None and lo < 1:
+            raise BenchError(f"{where}: dimension {part!r} must be at least 1")
         if lo < 1 or hi < lo:
             raise BenchError(f"{where}: dimension {part!r} needs 1 <= LO <= HI")
         if lo != hi and axis > 1:

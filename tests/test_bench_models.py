@@ -670,7 +670,7 @@ def test_a_model_returning_a_coroutine_or_a_generator_is_told_what_to_write(
         check_model(model, FeatureRows(4))
     assert str(info.value).endswith(
         f"BatchOutputError: process_func returned {returned}, which the output rule cannot "
-        "split: return an array or tensor with the batch's 1 rows on axis 0, a tuple or "
+        "split: return an array or tensor with the batch's 1 row on axis 0, a tuple or "
         "dict of them (several outputs), or a list with one result per row "
         f"({hint})")
 

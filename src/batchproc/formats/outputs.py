@@ -45,6 +45,7 @@ import optree
 
 from .._native.future_state import Request
 from ..errors import BatchOutputError
+from ..log_limits import plural
 
 # Which outputs have the padded axis on axis 1 and are cut back to each caller's length:
 # True for every output, else the top-level names (mapping outputs) or positions (tuple
@@ -190,8 +191,8 @@ def split(out: Any, requests: list[Request], built: Any, one_sample: bool,
         return _split_tree(out, requests, n, built.padded_length, one_sample, per_token)
     raise BatchOutputError(
         f"process_func returned {type(out).__name__}, which the output rule cannot split: "
-        f"return an array or tensor with the batch's {n} rows on axis 0, a tuple or dict of "
-        "them (several outputs), or a list with one result per row")
+        f"return an array or tensor with the batch's {plural(n, 'row')} on axis 0, a tuple "
+        "or dict of them (several outputs), or a list with one result per row")
 
 
 def _wrong_rows(path: tuple[Any, ...], leaf: Any, n: int, hint: str = "") -> BatchOutputError:
@@ -230,8 +231,9 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
     all_rows = k > 0 and all(with_rows)
     if one_sample:
         if k != n:
-            hint = (f" (a list of {k} outputs with {n} rows each? With these inputs a list "
-                    "is one result per item: return a tuple or dict for several outputs)"
+            hint = (f" (a list of {k} outputs with {plural(n, 'row')} each? With these "
+                    "inputs a list is one result per item: return a tuple or dict for "
+                    "several outputs)"
                     if all_rows else "")
             raise BatchOutputError(
                 f"process_func returned {k} results for a batch of {n}{hint}", path=(),
@@ -263,8 +265,9 @@ def _list_of_outputs(out: list[Any], n: int, one_sample: bool, per_token: bool,
             if not all_rows:
                 raise _wrong_output(out, n, with_rows)
             return True
-        what = (f"a list of {k} arrays with {n} rows each" if all_rows else
-                f"a list of {k} results, some of them arrays with the batch's {n} rows")
+        what = (f"a list of {k} arrays with {plural(n, 'row')} each" if all_rows else
+                f"a list of {k} results, some of them arrays with the batch's "
+                f"{plural(n, 'row')}")
         raise BatchOutputError(
             f"process_func returned {what} for a batch of {n}: that is one result per row "
             f"or {k} outputs split by rows, and no earlier batch has shown which "
@@ -289,7 +292,7 @@ def _wrong_output(out: list[Any], n: int, with_rows: list[bool]) -> BatchOutputE
         return _wrong_rows((i,), out[i], n)
     return BatchOutputError(
         f"{_path_str((i,))} is {type(out[i]).__name__}: every output of a list of outputs "
-        f"must be an array or tensor with the batch's {n} rows on axis 0")
+        f"must be an array or tensor with the batch's {plural(n, 'row')} on axis 0")
 
 
 # Leaf types seen to slice by rows. A lone request's leaf is handed over uncut, so a type
@@ -373,7 +376,8 @@ def _split_tree(out: Any, requests: list[Request], n: int, padded_length: int,
         if not _is_leaf(leaf):
             raise BatchOutputError(
                 f"{_path_str(path)} is {type(leaf).__name__}: every leaf of a tuple or dict "
-                f"output must be an array or tensor with the batch's {n} rows on axis 0")
+                f"output must be an array or tensor with the batch's {plural(n, 'row')} on "
+                "axis 0")
         if _leading(leaf) != n:
             raise _wrong_rows(path, leaf, n)
         trim = per_token is True or (bool(path) and path[0] in per_token)  # type: ignore[operator]

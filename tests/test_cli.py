@@ -646,6 +646,13 @@ def test_a_limit_of_requests_larger_than_a_batch_says_so(tmp_path, rows, over) -
     assert any(n.startswith("! limit: no request fits a batch of --max-batch rows, so its "
                             f"batches are whole requests, of up to {rows:,} rows")
                for n in notes) == bool(over), notes
+    # ... and gives no ratio against it: the two ran at different batch sizes.
+    batchproc = run_target(targets.Batchproc(max_batch=4), lambda b: b, "m", load,
+                           Bounds(requests=3))
+    why = report.not_compared(batchproc, limit)
+    assert (why == f"the limit's batches were whole requests of up to {rows:,} rows, past "
+            "--max-batch, where batchproc runs chunks of --max-batch rows") == bool(over), why
+    assert (report.ratio(batchproc, limit) is None) == bool(over)
 
 
 # -- BLAS threads for the built-in numpy model -------------------------------------------------

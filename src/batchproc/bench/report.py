@@ -254,8 +254,10 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     only between two runs without errors. A run that started while calls of the model
     an earlier run left were still running shared the machine with them. An open loop
     whose arrivals all came within one request's time shows no rate it sustains, fast
-    system or slow (``RunResult.too_short``). An open loop that kept up with its arrivals
-    (its completions within their window: :func:`stretched_span`) ran at the load's pace,
+    system or slow (``RunResult.too_short``). A limit whose batches were whole requests
+    larger than ``--max-batch`` (none fitted) ran at another batch size than batchproc.
+    An open loop that kept up with its arrivals (its completions within their window:
+    :func:`stretched_span`) ran at the load's pace,
     not its own: against a run at its own pace (the limit, a closed loop) the ratio
     would be the load's share of that run's throughput, and against another that kept up
     it would be 1 (both carried the load). One that fell behind ran at its own, and is
@@ -268,6 +270,11 @@ def not_compared(a: RunResult | None, b: RunResult | None) -> str | None:
     idle = [r.system for r in (a, b) if not (r.completed and r.throughput > 0)]
     if idle:
         return f"the {' and the '.join(idle)} run completed no request"
+    over = next((r.extra["rows_over_max_batch"] for r in (a, b)
+                 if r.system == LIMIT and r.extra.get("rows_over_max_batch")), None)
+    if over:
+        return (f"the {LIMIT}'s batches were whole requests of up to {over:,} rows, past "
+                "--max-batch, where batchproc runs chunks of --max-batch rows")
     short = [r.system for r in (a, b) if r.too_short]
     if short:
         whose = "runs'" if len(short) == 2 else "run's"

@@ -143,8 +143,14 @@ def test_npz_named_requests(tmp_path) -> None:
         for i, n in enumerate((4, 6)) for name in ("input_ids", "attention_mask")
     })
     pool = parse_inputs([str(path)], None).requests(seed=0)
-    assert [sorted(r) for r in pool] == [["attention_mask", "input_ids"]] * 2
+    # The inputs in the order saved (the first request's), as the stacked layout keeps
+    # them: a model may read them by position.
+    assert [list(r) for r in pool] == [["input_ids", "attention_mask"]] * 2
     assert [r["input_ids"].shape for r in pool] == [(1, 4), (1, 6)]
+    np.savez(path, **{"0/b": np.ones((1, 2)), "0/a": np.ones((1, 2)),
+                      "1/a": np.ones((1, 2)), "1/b": np.ones((1, 2))})
+    assert [list(r) for r in parse_inputs([str(path)], None).requests(seed=0)] == [
+        ["b", "a"]] * 2
 
 
 def test_npz_stacked_rows(tmp_path) -> None:

@@ -751,12 +751,12 @@ def load_npz(path: str) -> list[Request]:
                                  "zeros)")
             group[m.group(2)] = arrays[m.group(0)]
         ordered = [groups[i] for i in sorted(groups)]
-        names = sorted(ordered[0])
+        names = list(ordered[0])  # as saved, as the stacked layout keeps them
         for i, g in zip(sorted(groups), ordered):
-            if sorted(g) != names:
+            if sorted(g) != sorted(names):
                 raise BenchError(
                     f"{where}: request {i} has inputs {sorted(g)}, request "
-                    f"{min(groups)} has {names}"
+                    f"{min(groups)} has {sorted(names)}"
                 )
             if len({len(a) for a in g.values()}) > 1:
                 raise BenchError(f"{where}: request {i}'s inputs differ in rows")

@@ -668,6 +668,8 @@ def test_a_climb_cut_short_that_beats_the_best_is_the_best(capsys) -> None:
     assert f"{label} (cut short)" in top
     assert f"best: {label} (cut short): " in out
     assert "(cut short): the budget ended its climb" in out
+    # The default and the first finished; the cut one is counted apart.
+    assert "2 of 4 configurations done (and 1 cut short) (budget spent" in out
     assert config_of(out).max_batch_size == Candidate(**result.best["candidate"]).max_batch_size
 
 

@@ -927,6 +927,7 @@ def print_result(title: str, result: TuneResult, top: int = 10) -> None:
     notes = [
         f"runs: {result.measured} measured now, {result.reused} reused from the results "
         f"file; {result.candidates_done} of {result.candidates_total} configurations done"
+        + (" (and 1 cut short)" if result.cut_short is not None else "")
         + (f" (budget spent: {_how_to_continue(result)})" if result.budget_spent else ""),
     ]
     if result.confirmed:

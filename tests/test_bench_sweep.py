@@ -16,6 +16,7 @@ from batchproc.__main__ import main
 from batchproc.bench import BenchError
 from batchproc.bench.configs import format_config, parse_config
 from batchproc.bench.inputs import FeatureRows
+from batchproc.bench.loads import fmt_load_rate
 from batchproc.bench.models import FixedCost
 from batchproc.bench.sweep import SATURATED_IN_A_ROW, notes, run_sweep, table_rows, to_json
 from batchproc.bench.targets import NoBatching
@@ -70,7 +71,13 @@ def test_sweep_measures_the_capacity_first(tmp_path, capsys) -> None:
     assert cap["measured"] is True and cap["req_s"] > 0
     assert cap["run"]["load"] == "8 clients"  # twice --max-batch
     assert cap["run"]["throughput"] == cap["req_s"]
-    assert doc["points"][0]["offered"] == pytest.approx(0.05 * cap["req_s"])
+    # That share of it, to whole arrivals over the run's window.
+    duration = float(FAST[FAST.index("--duration") + 1])
+    point = doc["points"][0]
+    assert point["offered"] == pytest.approx(round(0.05 * cap["req_s"] * duration) / duration)
+    # The run's name (in the notes) gives the load the table gives: the arrivals offered.
+    assert point["arrival_rate"] == pytest.approx(point["offered"])
+    assert point["load"] == f"{fmt_load_rate(point['offered'])} req/s Poisson"
     assert "capacity (measured)" in out
 
 

@@ -160,7 +160,9 @@ def run_sweep(
                     skipped.setdefault(target.name, []).extend(sorted(fractions)[i:])
                     k += len(fractions) - i - 1
                     break
-                rate = capacity * f
+                # The arrivals the window holds, as a rate (schedule_of rounds to whole
+                # arrivals): the run's name in the notes reads as the table's offered load.
+                rate = max(1, round(capacity * f * duration)) / duration
                 load = Load("rate", rate=rate, source=source, seed=seed)
                 run = run_target(
                     target, model, model_name, load, Bounds(duration=duration), progress,

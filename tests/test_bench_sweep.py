@@ -13,7 +13,7 @@ from extras import skip_without
 
 from batchproc import BatchProcessingStrategy, BatchProcessorConfig
 from batchproc.__main__ import main
-from batchproc.bench import BenchError
+from batchproc.bench import BenchError, report
 from batchproc.bench.configs import format_config, parse_config
 from batchproc.bench.inputs import FeatureRows
 from batchproc.bench.loads import fmt_load_rate
@@ -262,4 +262,23 @@ def test_a_sweep_notes_a_run_that_fell_behind_but_not_each_time_bound() -> None:
         "* batchproc (fixed, 3,000 req/s Poisson): req/s counts its completed arrivals over "
         "2.4 s, its window stretched to its completions (its last requests waited longer "
         "than its first: it fell behind)"]
+    # The note's "*" marks the req/s it speaks of, in the sweep's table and in bench's.
+    rows = table_rows(result)
+    assert [row[2].split(" !")[0] for row in rows] == ["3,000", "2,500 *"]
+    assert [report.row_cells(r)[1] for r in (kept_up, behind)] == ["3,000", "2,500 *"]
+
+
+def test_a_sweep_names_a_load_under_10_req_s_as_its_table_gives_it() -> None:
+    # 3 arrivals over 1.3 s: 2.31 req/s, in the table as in the run's name in the notes.
+    from batchproc.bench.runner import RunResult
+    from batchproc.bench.sweep import SweepPoint, SweepResult
+
+    run = RunResult(
+        system="batchproc", model="fixed", load="2.31 req/s Poisson", throughput=2.2,
+        p50_ms=6.0, p95_ms=9.0, p99_ms=10.0, mean_ms=6.0, mean_batch=1.0, batches=3,
+        submitted=3, completed=3, errors=0, elapsed_s=1.3, stopped_by="requests",
+        scheduled=3, window_s=1.3, arrival_rate=3 / 1.3)
+    result = SweepResult(capacity=10.0, capacity_run=None, skipped={}, points={
+        "batchproc": [SweepPoint(0.23, 3 / 1.3, run, 1.3)]})
+    assert table_rows(result)[0][1] == "2.31 (0.23x)"
 

@@ -177,7 +177,7 @@ def run_notes(runs: Sequence[RunResult], time_bound: bool = True) -> list[str]:
                 f"! {who}: its arrivals all came within its quickest request's time: too "
                 "short a run to show a rate (its req/s tells nothing of what it sustains); "
                 "not compared")
-        span = None if r.too_short else stretched_span(r)
+        span = window_stretched(r)
         if span is not None:
             notes.append(
                 f"* {who}: req/s counts its completed arrivals over {span:.3g} s, its "
@@ -230,12 +230,23 @@ def stretched_span(r: RunResult) -> float | None:
     return span if span > r.window_s * (1 + 1e-9) else None
 
 
+def window_stretched(r: RunResult) -> float | None:
+    """:func:`stretched_span` where its note is given (not for a run too short to show
+    a rate, which has a note of its own)."""
+    return None if r.too_short else stretched_span(r)
+
+
+def fmt_throughput(r: RunResult) -> str:
+    """req/s; ``*`` marks one counted over a stretched window (see run_notes)."""
+    return fmt_rate(r.throughput) + (" *" if window_stretched(r) is not None else "")
+
+
 def row_cells(r: RunResult) -> list[str]:
     if r.failed:
         return [r.system, "failed", "-", "-", "-", "-", "-"]
     return [
         r.system,
-        fmt_rate(r.throughput),
+        fmt_throughput(r),
         fmt_ms(r.p50_ms),
         fmt_ms(r.p95_ms),
         fmt_ms(r.p99_ms),

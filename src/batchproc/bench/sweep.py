@@ -24,7 +24,7 @@ from ..log_limits import plural
 from . import report
 from .inputs import RequestSource
 from .interrupts import NOTE, keep_finished
-from .loads import Bounds, Load, drain_window
+from .loads import Bounds, Load, drain_window, fmt_load_rate
 from .models import Model
 from .runner import Progress, RunResult, run_target
 
@@ -181,14 +181,15 @@ def table_rows(result: SweepResult) -> list[list[str]]:
     for system, pts in result.points.items():
         for p in pts:
             r = p.run
-            offered = f"{report.fmt_rate(p.arrival_rate)} ({p.fraction:g}x)"
+            # As the run's name in the notes gives it (fmt_load_rate: 2.31 below 10).
+            offered = f"{fmt_load_rate(p.arrival_rate)} ({p.fraction:g}x)"
             if r.failed:
                 rows.append([system, offered, "failed", "-", "-", "-", "-"])
                 continue
             rows.append([
                 system,
                 offered,
-                report.fmt_rate(r.throughput) + (" !" if p.saturated else ""),
+                report.fmt_throughput(r) + (" !" if p.saturated else ""),
                 report.fmt_ms(r.p50_ms),
                 report.fmt_ms(r.p99_ms),
                 f"{r.mean_batch:.1f}",
@@ -204,8 +205,8 @@ def notes(result: SweepResult) -> list[str]:
     for system, fr in result.skipped.items():
         out.append(f"{system}: saturated, not run at " + ", ".join(f"{f:g}x" for f in fr))
     runs = [p.run for pts in result.points.values() for p in pts]
-    # The sweep's table marks no run "*": one its time bound ended (its arrivals not all
-    # answered) is told by its note of late requests.
+    # The sweep's table marks no run ended by its time bound (its arrivals not all
+    # answered): its note of late requests tells it.
     out += report.run_notes(runs, time_bound=False)
     if result.interrupted:
         out.append(NOTE)

@@ -278,16 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         "runs (one object per system: system, throughput, p50_ms, p95_ms, p99_ms, "
         "mean_batch, completed, unfinished, refused, stopped_by, failed: the error of a "
         "run that raised, model_errors: the model's calls that raised or whose output "
-        "batchproc refused, arrival_rate: an "
-        "open loop's arrivals over their window, "
+        "batchproc refused, arrival_rate: an open loop's arrivals over their window, "
         "...), ratios (vs_no_batching, vs_limit; null when not given), "
-        "ratios_not_compared (why a ratio is not given, by the same keys: a run failed, "
-        "had errors, or carried the load an open loop offered while the other went at "
-        "its own pace or carried it too), ratio_bounds (\"at least\" or \"at most\", "
-        "by the same keys, where one run carried an open load the other fell behind "
-        "on) and interrupted "
-        "(true when Ctrl-C ended "
-        "the runs: runs holds those that finished)",
+        "ratios_not_compared (why a ratio is not given, by the same keys: a run failed "
+        "or had errors, an open loop carried the load it was offered, the limit's "
+        "batches were past --max-batch, ...), ratio_bounds (\"at least\" or \"at "
+        "most\", by the same keys, where one run carried an open load the other fell "
+        "behind on) and interrupted (true when Ctrl-C ended the runs: runs holds those "
+        "that finished)",
     )
     o.add_argument(
         "--plot", metavar="FILE.png",

@@ -598,8 +598,11 @@ def _npz_arrays(f: Any, where: str) -> dict[str, np.ndarray]:
 # The largest element count a header may declare and numpy allocate (an intp).
 _MAX_ELEMENTS = 2**63 - 1
 
+# The shape and dtype each array of an .npz declares, by the key numpy.load gives it.
+NpyHeaders = dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
 
-def _npz_headers(f: Any, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+
+def _npz_headers(f: Any, where: str) -> NpyHeaders:
     """The shape and dtype each array member of the zip ``f`` declares, read from its
     header alone (nothing decompressed past it), by the key ``numpy.load`` gives it (its
     name less ``.npy``). Any member with the ``.npy`` magic is an array to numpy, whatever
@@ -652,8 +655,7 @@ def _npy_header(z: zipfile.ZipFile, name: str, key: str,
     return shape, dtype
 
 
-def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
-                     where: str) -> None:
+def _check_npz_sizes(headers: NpyHeaders, where: str) -> None:
     """Refuse, from their headers and before anything is decompressed, an ``.npz`` whose
     arrays would take more than half the memory available, or holding a request past
     :data:`MAX_REQUEST_BYTES` (as ``--input DTYPE:SHAPE`` is refused): a small file may
@@ -687,8 +689,7 @@ def _check_npz_sizes(headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
         _check_request_size(where, largest, values)
 
 
-def _npz_array(npz: Any, key: str, where: str,
-               headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> np.ndarray:
+def _npz_array(npz: Any, key: str, where: str, headers: NpyHeaders) -> np.ndarray:
     """One array of an open ``.npz`` (``headers``: :func:`_npz_headers`'); its refusal as
     a one-line ``BenchError``."""
     try:
@@ -752,11 +753,12 @@ def load_npz(path: str) -> list[Request]:
             group[m.group(2)] = arrays[m.group(0)]
         ordered = [groups[i] for i in sorted(groups)]
         names = list(ordered[0])  # as saved, as the stacked layout keeps them
+        expected = sorted(names)
         for i, g in zip(sorted(groups), ordered):
-            if sorted(g) != sorted(names):
+            if sorted(g) != expected:
                 raise BenchError(
                     f"{where}: request {i} has inputs {sorted(g)}, request "
-                    f"{min(groups)} has {sorted(names)}"
+                    f"{min(groups)} has {expected}"
                 )
             if len({len(a) for a in g.values()}) > 1:
                 raise BenchError(f"{where}: request {i}'s inputs differ in rows")

@@ -15,7 +15,12 @@ on its own answer. Side by side, in rounds in a rotated order (medians reported)
   model once on their rows, hands each client its row and releases the client's lock.
   No queue policy, no futures, no statistics: the least a thread-driven batcher does;
 * batchproc: ``enqueue_predict(row).result()``, the default configuration except
-  ``max_batch_size=64`` and ``batch_timeout=5 ms``, as compare_adaptive.py runs it.
+  ``max_batch_size=64`` and ``batch_timeout=5 ms``, as compare_adaptive.py runs it;
+* batchproc with one worker (``max_workers=1``): one call at a time, as the lean batcher
+  makes them, and as ADAPTIVE makes them on a model that holds the GIL or before its
+  tuner has seen two calls at once pay. Between two calls its worker hands out a batch's
+  results and takes the next: on ``fixed`` (a model that lets go of the GIL) the gap
+  between its calls is what it loses to the limit.
 
 Each request is one row of 64 float32. Per system: requests per second, the ratio to the
 limit, and per request the process's CPU time in user space and in the kernel (thread
@@ -119,12 +124,12 @@ def lean(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
     return start
 
 
-def batchproc(model: Callable[[np.ndarray], Any]) -> Callable[[], Started]:
+def batchproc(model: Callable[[np.ndarray], Any], **config: Any) -> Callable[[], Started]:
     def start() -> Started:
         from batchproc import BatchProcessor, BatchProcessorConfig
 
         p: Any = BatchProcessor(BatchProcessorConfig(max_batch_size=MAX_BATCH,
-                                                     batch_timeout=BATCH_TIMEOUT))
+                                                     batch_timeout=BATCH_TIMEOUT, **config))
         p.start(model)
         enqueue = p.enqueue_predict
         return (lambda: enqueue(ROW).result(),
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clients, --seconds and --rounds must be positive")
     model = make_model(args.model)
     systems: list[tuple[str, Callable[[], Started]]] = [
-        ("lean batcher", lean(model)), ("batchproc", batchproc(model))]
+        ("lean batcher", lean(model)), ("batchproc", batchproc(model)),
+        ("batchproc, one worker", batchproc(model, max_workers=1))]
     rates: dict[str, list[float]] = {"limit": []}
     cpu: dict[str, list[tuple[float, float]]] = {}
     split: dict[str, list[dict[str, float]]] = {}

@@ -18,6 +18,7 @@ from waiting import wait_for
 
 from batchproc import (
     BatchOutputError,
+    BatchProcessingStrategy,
     BatchTimeoutError,
     ProcessorStoppedError,
     QueueTimeoutError,
@@ -1347,6 +1348,35 @@ def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_call
     assert p._controller.slots.limit == 1
     assert during == [not takes_turns]
     assert (model.callers[0] is model.callers[1]) == takes_turns
+
+
+@pytest.mark.parametrize(("queued", "keeps_gil"), [(2, True), (3, True), (1, False), (0, False)])
+def test_a_delivery_wakes_its_callers_keeping_the_gil_while_a_full_batch_waits(
+        make_processor, monkeypatch, queued, keeps_gil):
+    # A full batch queued when a call ends: the model waits for this worker's next call,
+    # so the callers it answers are woken with the GIL held (else the worker would take
+    # it back only after each of them had run). Anything less is not kept waiting for.
+    from batchproc.engine import delivery
+
+    woken = []
+    finish_all = delivery.finish_all
+
+    def recorded(requests, parts, deferred=None, keep_gil=False):
+        woken.append((sorted(float(part[0, 0]) for part in parts), keep_gil))
+        return finish_all(requests, parts, deferred, keep_gil)
+
+    monkeypatch.setattr(delivery, "finish_all", recorded)
+    model = FirstCallHeld()
+    p = make_processor(model, max_workers=1, max_batch_size=2, initial_batch_size=2,
+                       processing_strategy=BatchProcessingStrategy.FIXED,
+                       batch_timeout=0.01)
+    first = p.enqueue_predict(item(1))
+    assert model.in_call.wait(10)
+    later = [p.enqueue_predict(item(v)) for v in range(10, 10 + queued)]
+    model.release.set()
+    assert first.result(timeout=20)[0, 0] == 1
+    assert [f.result(timeout=20)[0, 0] for f in later] == list(range(10, 10 + queued))
+    assert woken[0] == ([1.0], keeps_gil)
 
 
 def test_a_model_that_fails_only_on_batches_is_logged(make_processor, caplog):

@@ -76,11 +76,11 @@ def test_stop_takes_a_searched_batch_whose_delivery_outlasts_its_grace(make_proc
     in_delivery, release = threading.Event(), threading.Event()
     finish_all = delivery.finish_all
 
-    def held_finish_all(requests, parts, deferred=None):
+    def held_finish_all(requests, parts, deferred=None, keep_gil=False):
         if len(requests) == 2:  # the search's first part, [1, 2]
             in_delivery.set()
             release.wait(10)
-        return finish_all(requests, parts, deferred)
+        return finish_all(requests, parts, deferred, keep_gil)
 
     monkeypatch.setattr(delivery, "finish_all", held_finish_all)
     model = PoisonModel()

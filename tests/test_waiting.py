@@ -677,6 +677,29 @@ def test_release_all_wakes_the_parked_and_marks_the_rest_released(spin):
     assert native.let_go_counts()[0] == lets_go + 1
 
 
+def test_release_all_keeping_the_gil_wakes_the_parked_once_it_lets_go(spin):
+    # For a worker whose next call waits for it: the callers it wakes run only once it
+    # lets go of the GIL, not while it wakes the others.
+    spin(0.0)
+    parked = [native.Sleeper() for _ in range(3)]
+    out = []
+    threads = [_parked_waiter(s, out, timeout=30) for s in parked]
+    lets_go = native.let_go_counts()[0]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the GIL stays with this thread while it holds it below
+    try:
+        native.release_all(parked, keep_gil=True)
+        resumed_before = list(out)
+        let_go = native.let_go_counts()[0] - lets_go
+    finally:
+        sys.setswitchinterval(switch)
+    for thread in threads:
+        thread.join(10)
+    assert resumed_before == [] and let_go == 0
+    assert out == [True, True, True]
+    assert all(s.released and s.parked for s in parked)
+
+
 def test_release_all_with_no_parked_waiter_keeps_the_gil(spin):
     spin(0.0)
     sleepers = [native.Sleeper() for _ in range(4)]

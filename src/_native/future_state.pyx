@@ -501,7 +501,7 @@ def start_all(list requests):
     return live
 
 
-def finish_all(list requests, list results, list deferred=None):
+def finish_all(list requests, list results, list deferred=None, bint keep_gil=False):
     """``set_result(results[i])`` on the future of each ``Request``, in order; the results
     of ``AsyncRequest``s go to their loops' channels, one post per run of requests of one
     channel. In three steps: every transition (no code of the user's runs), then the
@@ -515,6 +515,8 @@ def finish_all(list requests, list results, list deferred=None):
     appended to, in order, instead of running them (``futures.invoke_callbacks`` runs
     them): a failed batch's search completes its parts one call at a time, and a
     callback of one part must not run before the next part's call.
+
+    ``keep_gil``: wake the blocked threads with the GIL held (``waiting.release_all``).
 
     Returns how many futures were already done: their results are dropped."""
     cdef Py_ssize_t i, n = len(requests), already_done = 0
@@ -558,7 +560,7 @@ def finish_all(list requests, list results, list deferred=None):
         finally:
             try:
                 if woken:
-                    _release_all(woken)
+                    _release_all(woken, keep_gil)
             finally:
                 if later is not None:
                     already_done += _run_later(later)

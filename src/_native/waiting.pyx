@@ -17,14 +17,19 @@ lock wraps), interruptible as that lock's acquire is (Ctrl-C). A worker completi
 batch wakes its parked callers together, the GIL released (``release_all``): each
 release is a system call, and each caller it wakes can take the GIL and run meanwhile,
 where a release with the GIL held would leave that caller blocked on it, to be woken a
-second time. At most one thread of the process spins at a time: any other waiter
-parks at once, so many callers blocked together cost one CPU's spin at most, never all
-of them. And a spin must pay: one that sees its release saves a thread wake-up, one
-that does not costs its CPU time for nothing (callers of a model that takes
-milliseconds). The process keeps the recent share of spins that saw their release (an
-exponential average over about eight spins); below half, waits park at once, except
-one in ``PROBE_EVERY``, which spins to find out whether spinning pays again (adaptive
-spinning, as in glibc's adaptive mutexes and the JVM's monitors).
+second time. Except where a full batch is queued: the model then waits for the worker's
+next call, and a worker that let go of the GIL would take it back only after each
+caller it woke had run; it keeps the GIL, and they run once it lets go (in a call of a
+model that releases the GIL, or its next wait).
+
+At most one thread of the process spins at a time: any other waiter parks at once, so
+many callers blocked together cost one CPU's spin at most, never all of them. And a spin
+must pay: one that sees its release saves a thread wake-up, one that does not costs its
+CPU time for nothing (callers of a model that takes milliseconds). The process keeps
+the recent share of spins that saw their release (an exponential average over about
+eight spins); below half, waits park at once, except one in ``PROBE_EVERY``, which spins
+to find out whether spinning pays again (adaptive spinning, as in glibc's adaptive
+mutexes and the JVM's monitors).
 
 How long a spin may last is bounded by what it saves (competitive spinning: Karlin, Li,
 Manasse and Owicki, "Empirical studies of competitive spinning for a shared-memory
@@ -511,12 +516,17 @@ cdef enum:
     _WAKE_CHUNK = 64
 
 
-def release_all(list sleepers):
+def release_all(list sleepers, bint keep_gil=False):
     """``release`` each of ``sleepers``, then wake those that parked with the GIL
     released: a worker completing a batch makes one system call per parked caller, and
     each caller it wakes may take the GIL and run while it makes the next. A sleeper
     released already raises ``RuntimeError`` (as ``release``), anything else in the list
     ``TypeError``: the first such error, once the others are woken.
+
+    ``keep_gil``: wake them with the GIL held instead, for a worker whose next call is
+    waiting for it (a full batch queued): otherwise it takes the GIL back only after the
+    callers it woke have each had their turn, the model idle meanwhile. They run once it
+    lets go (in its next call of a model that releases the GIL, or its next wait).
     """
     cdef PyThread_type_lock parks[_WAKE_CHUNK]
     cdef PyThread_type_lock park
@@ -538,17 +548,23 @@ def release_all(list sleepers):
         parks[parked] = park
         parked += 1
         if parked == _WAKE_CHUNK:
-            _release_parks(parks, parked)
+            _release_parks(parks, parked, keep_gil)
             parked = 0
     if parked:
-        _release_parks(parks, parked)
+        _release_parks(parks, parked, keep_gil)
     if error is not None:
         raise error
 
 
-cdef void _release_parks(PyThread_type_lock* parks, Py_ssize_t n) noexcept:
-    """Release ``n`` park locks, the GIL let go (see the module: a let-go)."""
+cdef void _release_parks(PyThread_type_lock* parks, Py_ssize_t n,
+                         bint keep_gil) noexcept:
+    """Release ``n`` park locks, the GIL let go (see the module: a let-go) unless
+    ``keep_gil``."""
     cdef Py_ssize_t i
+    if keep_gil:
+        for i in range(n):
+            PyThread_release_lock(parks[i])
+        return
     note_let_go()
     with nogil:
         for i in range(n):

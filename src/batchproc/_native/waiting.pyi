@@ -37,7 +37,7 @@ class Sleeper:
     def parked(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> bool: ...
 
-def release_all(sleepers: list[Sleeper]) -> None:
-    """Release each sleeper; those whose waiters parked are woken with the GIL released.
-    ``RuntimeError`` for one released already, ``TypeError`` for no Sleeper: the first
-    such error, once the others are woken."""
+def release_all(sleepers: list[Sleeper], keep_gil: bool = False) -> None:
+    """Release each sleeper; those whose waiters parked are woken with the GIL released
+    (held with ``keep_gil``). ``RuntimeError`` for one released already, ``TypeError``
+    for no Sleeper: the first such error, once the others are woken."""

@@ -100,7 +100,11 @@ class Delivery:
                 logger.debug("delivered %s (%s) in %.3f ms after %.3f ms queued",
                              plural(len(requests), "request"), plural(rows, "row"),
                              elapsed * 1e3, queue_time * 1e3)
-            if finish_all(requests, parts, deferred):  # pragma: no cover - a batchproc bug
+            # With a full batch queued the model waits for this worker's next call: it
+            # wakes the callers keeping the GIL, or it would take the GIL back only
+            # after each of them had run.
+            full = left_waiting >= target
+            if finish_all(requests, parts, deferred, full):  # pragma: no cover - a batchproc bug
                 logger.error("a future was completed twice; result dropped")
         finally:
             self._end_delivery(batch, deferred)

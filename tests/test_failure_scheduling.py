@@ -1350,6 +1350,48 @@ def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_call
     assert (model.callers[0] is model.callers[1]) == takes_turns
 
 
+def test_a_worker_whose_call_returned_lets_a_waiting_call_start_before_it_delivers(
+        make_processor):
+    # Two calls of a model behind one lock: the second waits inside process_func for
+    # the first. Once the first returns, the second must go on at once, not after the
+    # first's worker has split and delivered its output holding the GIL. (The switch
+    # interval is made long so that only a thread's own step off the GIL hands it over.)
+    import sys
+
+    model_lock, order = threading.Lock(), []
+    first_in, second_in, release_first = (threading.Event(), threading.Event(),
+                                          threading.Event())
+
+    def model(batch):
+        if batch[0, 0] == 2:
+            second_in.set()
+        with model_lock:
+            if batch[0, 0] == 1:
+                first_in.set()
+                assert release_first.wait(20)
+            else:
+                order.append("second called")
+        return batch
+
+    p = make_processor(model, max_workers=2, max_batch_size=1, initial_batch_size=1,
+                       processing_strategy=BatchProcessingStrategy.FIXED, batch_timeout=0.0)
+    first = p.enqueue_predict(item(1))
+    first.add_done_callback(lambda f: order.append("first delivered"))
+    assert first_in.wait(10)
+    second = p.enqueue_predict(item(2))
+    assert second_in.wait(10)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        release_first.set()
+        assert first.result(timeout=20)[0, 0] == 1
+        assert second.result(timeout=20)[0, 0] == 2
+    finally:
+        sys.setswitchinterval(switch)
+    wait_for(lambda: len(order) == 2, "both calls and the first delivery")
+    assert order == ["second called", "first delivered"]
+
+
 @pytest.mark.parametrize(("queued", "keeps_gil"), [(2, True), (3, True), (1, False), (0, False)])
 def test_a_delivery_wakes_its_callers_keeping_the_gil_while_a_full_batch_waits(
         make_processor, monkeypatch, queued, keeps_gil):

@@ -111,6 +111,11 @@ class Board:
                 self.returned_call_began = batch.call_started
             return True
 
+    def other_calling(self, batch: Batch) -> bool:
+        """Whether a batch other than ``batch`` is in its model call."""
+        with self.lock:
+            return any(b.state is CALLING for b in self.active if b is not batch)
+
     def begin_delivery(self, batch: Batch, requests: list[Request],
                        keep_slot: bool) -> tuple[bool, bool, bool]:
         """Complete ``requests`` (of ``batch``) next: (may deliver, held a call slot that

@@ -29,16 +29,11 @@ from ..metrics import (
     MetricsSink,
 )
 from ..stats import BatchStats
-from .batch import CALLING, Batch, Board
+from .batch import Batch, Board
 
 logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
-
-# How long a worker that finished its call steps off the GIL for another one starting its
-# call (see Delivery.deliver): any sleep, rounded up by the kernel's timer slack.
-_HAND_OVER_S = 1e-6
-
 
 class Delivery:
     def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
@@ -75,13 +70,6 @@ class Delivery:
             return False
         deferred: list[RequestFuture] | None = None if batch.deferred is None else []
         self._answer(holds_slot, ends_flight)
-        if len(board.active) > 1 and self._other_call_running(batch):
-            # Another worker is inside process_func, and the model this batch just left
-            # is now its to start, but starting takes the GIL, which this thread would
-            # hold through the whole delivery. Step off it first (a sleep of ~50 us with
-            # Linux's default timer slack) so the model is busy again before results go
-            # out (benchmarks/compare_peers.py, fixed model: the gap between calls).
-            time.sleep(_HAND_OVER_S)
         try:
             now = _monotonic()
             enqueued = enqueued_of(requests)
@@ -187,10 +175,6 @@ class Delivery:
             return True
         return (not self._controller.fills_while_in_flight
                 and queue.newest_age() < elapsed / 2)
-
-    def _other_call_running(self, batch: Batch) -> bool:
-        with self._board.lock:
-            return any(b.state is CALLING for b in self._board.active if b is not batch)
 
     def fail(self, batch: Batch, requests: list[Request], error: BaseException) -> None:
         """Fail ``requests`` of a batch this worker still owns."""

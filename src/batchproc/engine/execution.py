@@ -61,6 +61,11 @@ from .delivery import Delivery, final_error
 logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+
+# How long a worker whose call returned steps off the GIL for another one starting its
+# call (Executor.attempt): any sleep, rounded up by the kernel's timer slack (~50 us).
+_HAND_OVER_S = 1e-6
+
 # A batch that fails while each of its requests succeeds alone is logged at once, then
 # at most once per this many seconds (with how many there were meanwhile).
 BATCH_ONLY_FAILURE_LOG_S = 60.0
@@ -148,8 +153,16 @@ class Executor:
         except BaseException as exc:
             out, status = exc, FAILED
         elapsed = _monotonic() - started
-        if not self._board.end_call(batch):
+        board = self._board
+        if not board.end_call(batch):
             return ABANDONED, None, elapsed, rows
+        if len(board.active) > 1 and board.other_calling(batch):
+            # Another worker is inside process_func, and the model this call just left
+            # is now its to start, but starting takes the GIL, which this thread would
+            # hold through the split and the delivery. Step off it first so the model is
+            # busy again before results go out (the gap between calls of a model behind
+            # one lock: benchmarks/saturation_floor.py --model fixed).
+            time.sleep(_HAND_OVER_S)
         if status == OK:
             try:
                 out = fmt.split(out, requests, built)

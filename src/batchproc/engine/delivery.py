@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
+
 class Delivery:
     def __init__(self, config: BatchProcessorConfig, board: Board, queue: Any,
                  controller: Controller, stats: BatchStats, metrics: MetricsSink,

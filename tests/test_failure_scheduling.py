@@ -10,6 +10,7 @@ generous multiples of a call's own time, never a sleep and hope.
 import asyncio
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1350,46 +1351,60 @@ def test_a_full_batch_waiting_starts_the_next_call_during_a_delivery_unless_call
     assert (model.callers[0] is model.callers[1]) == takes_turns
 
 
-def test_a_worker_whose_call_returned_lets_a_waiting_call_start_before_it_delivers(
-        make_processor):
+def test_a_worker_whose_call_returned_hands_the_gil_to_a_waiting_call_before_it_splits(
+        make_processor, monkeypatch):
     # Two calls of a model behind one lock: the second waits inside process_func for
-    # the first. Once the first returns, the second must go on at once, not after the
-    # first's worker has split and delivered its output holding the GIL. (The switch
-    # interval is made long so that only a thread's own step off the GIL hands it over.)
-    import sys
+    # the first. Once the first returns, its worker steps off the GIL for the second
+    # before it cuts the output and delivers (which it would otherwise do holding the
+    # GIL, the model idle). The second call waits for that step, so a worker that did
+    # not take it is seen (the wait runs out); the second's own worker has no call to
+    # step off for.
+    from batchproc.engine import execution
+    from batchproc.formats.base import BatchFormat
 
-    model_lock, order = threading.Lock(), []
+    steps, handed = [], threading.Event()
+
+    def hand_over(seconds):
+        steps.append(("hand over", threading.current_thread()))
+        handed.set()
+        time.sleep(seconds)
+
+    split = BatchFormat.split
+
+    def recorded_split(self, out, requests, built):
+        steps.append(("split", threading.current_thread()))
+        return split(self, out, requests, built)
+
+    monkeypatch.setattr(execution, "time", types.SimpleNamespace(sleep=hand_over))
+    monkeypatch.setattr(BatchFormat, "split", recorded_split)
+    model_lock, callers = threading.Lock(), {}
     first_in, second_in, release_first = (threading.Event(), threading.Event(),
                                           threading.Event())
 
     def model(batch):
-        if batch[0, 0] == 2:
+        v = batch[0, 0]
+        callers[v] = threading.current_thread()
+        if v == 2:
             second_in.set()
         with model_lock:
-            if batch[0, 0] == 1:
+            if v == 1:
                 first_in.set()
                 assert release_first.wait(20)
             else:
-                order.append("second called")
+                handed.wait(5)
         return batch
 
     p = make_processor(model, max_workers=2, max_batch_size=1, initial_batch_size=1,
                        processing_strategy=BatchProcessingStrategy.FIXED, batch_timeout=0.0)
     first = p.enqueue_predict(item(1))
-    first.add_done_callback(lambda f: order.append("first delivered"))
     assert first_in.wait(10)
     second = p.enqueue_predict(item(2))
-    assert second_in.wait(10)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1.0)
-    try:
-        release_first.set()
-        assert first.result(timeout=20)[0, 0] == 1
-        assert second.result(timeout=20)[0, 0] == 2
-    finally:
-        sys.setswitchinterval(switch)
-    wait_for(lambda: len(order) == 2, "both calls and the first delivery")
-    assert order == ["second called", "first delivered"]
+    assert second_in.wait(10)  # in its call, waiting for the model's lock
+    release_first.set()
+    assert first.result(timeout=20)[0, 0] == 1
+    assert second.result(timeout=20)[0, 0] == 2
+    assert [step for step, thread in steps if thread is callers[1]] == ["hand over", "split"]
+    assert [step for step, thread in steps if thread is callers[2]] == ["split"]
 
 
 @pytest.mark.parametrize(("queued", "keeps_gil"), [(2, True), (3, True), (1, False), (0, False)])

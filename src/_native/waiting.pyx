@@ -560,12 +560,15 @@ cdef void _release_parks(PyThread_type_lock* parks, Py_ssize_t n,
                          bint keep_gil) noexcept:
     """Release ``n`` park locks, the GIL let go (see the module: a let-go) unless
     ``keep_gil``."""
-    cdef Py_ssize_t i
     if keep_gil:
-        for i in range(n):
-            PyThread_release_lock(parks[i])
+        _unpark(parks, n)
         return
     note_let_go()
     with nogil:
-        for i in range(n):
-            PyThread_release_lock(parks[i])
+        _unpark(parks, n)
+
+
+cdef inline void _unpark(PyThread_type_lock* parks, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        PyThread_release_lock(parks[i])

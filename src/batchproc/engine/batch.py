@@ -113,6 +113,8 @@ class Board:
 
     def other_calling(self, batch: Batch) -> bool:
         """Whether a batch other than ``batch`` is in its model call."""
+        if len(self.active) < 2:
+            return False  # ``batch`` alone (a read that races only a batch's arrival)
         with self.lock:
             return any(b.state is CALLING for b in self.active if b is not batch)
 

@@ -156,7 +156,7 @@ class Executor:
         board = self._board
         if not board.end_call(batch):
             return ABANDONED, None, elapsed, rows
-        if len(board.active) > 1 and board.other_calling(batch):
+        if board.other_calling(batch):
             # Another worker is inside process_func, and the model this call just left
             # is now its to start, but starting takes the GIL, which this thread would
             # hold through the split and the delivery. Step off it first so the model is

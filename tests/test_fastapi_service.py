@@ -43,8 +43,12 @@ def serve(app):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # The keep-alive outlasts any test: a pooled connection the server closes after its
+    # idle timeout (5 s by default), as the client sends on it, fails that request with
+    # "Server disconnected" on a loaded machine.
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=10,
+                                           timeout_keep_alive=600))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="uvicorn-test", daemon=True)
     thread.start()

@@ -1259,9 +1259,34 @@ def test_config_systems_take_the_flags_as_their_defaults() -> None:
     assert (config.max_batch_size, config.initial_batch_size) == (4, 4)
     assert config.processing_strategy == BatchProcessingStrategy.GREEDY
     assert config.batch_timeout == 0.002 and config.max_workers == 1
-    assert cli._config_notes(args) == [
+    assert cli._config_notes(args, FeatureRows(4)) == [
         "config 1: batch_timeout=0.01; the rest from the flags",
         "config 2: max_batch_size=4, processing_strategy=GREEDY; the rest from the flags"]
+
+
+@pytest.mark.parametrize("fields", ["max_batch_tokens=64", "pad_to_multiple_of=7",
+                                    "max_batch_tokens=64, pad_value=-1"])
+def test_a_config_of_padding_fields_runs_on_ragged_requests(tmp_path, capsys, fields) -> None:
+    """The bench pads ragged requests (pad_value=0) for every batchproc system: a
+    --config's fields are checked over that, not alone (where padding fields need a
+    pad_value of their own)."""
+    path = tmp_path / "c.json"
+    code, _, err = run_cli(capsys, "--model", "identity", "--clients", "4", "--input",
+                           "int64:1x8..32", "--config", fields, *TINY, "--json", str(path))
+    assert code == 0, err
+    runs = {r["system"]: r for r in json.loads(path.read_text())["runs"]}
+    assert runs["config 1"]["completed"] == 40 and runs["config 1"]["errors"] == 0
+
+
+@pytest.mark.parametrize("fields, why", [
+    ("max_batch_tokens=64", "max_batch_tokens needs pad_value"),
+    ("pad_to_multiple_of=7", "pad_to_multiple_of needs pad_value")])
+def test_a_config_of_padding_fields_is_refused_on_requests_of_one_length(
+        capsys, fields, why) -> None:
+    code, _, err = run_cli(capsys, "--model", "identity", "--clients", "4", "--config",
+                           fields, *TINY)
+    assert code == 2
+    assert err.count("\n") == 1 and why in err, err
 
 
 def test_a_config_runs_with_the_flags_max_batch(tmp_path, capsys) -> None:

@@ -425,15 +425,23 @@ def settings_from(
         "max_delay_ms": args.max_delay,
         "workers": args.workers,
         "strategy": args.strategy,
-        "configs": [describe_fields(c) for c in _configs(args)],
+        "configs": [describe_fields(c) for c in _configs(args, source)],
         "asyncio": args.asyncio,
         "queue_size": queue_size,
     }
     return load, bounds, settings
 
 
-def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [parse_config(text) for text in args.config or ()]
+def _configs(args: argparse.Namespace, source: RequestSource | None) -> list[dict[str, Any]]:
+    """Each --config's fields, checked over the fields the bench adds for ``source``."""
+    base = _source_fields(source)
+    return [parse_config(text, base) for text in args.config or ()]
+
+
+def _source_fields(source: RequestSource | None) -> dict[str, Any]:
+    """What every batchproc system is given for ``source``'s requests: ``pad_value=0``
+    when they are ragged (batchproc needs one to batch them)."""
+    return {"pad_value": 0} if source is not None and source.padded else {}
 
 
 def _model_and_source(args: argparse.Namespace) -> tuple[Model, RequestSource]:
@@ -518,7 +526,7 @@ def _bench_targets(
 ) -> list[Batchproc]:
     """batchproc from the flags, then one per --config (the flags' settings, its own
     fields over them); padded when requests are ragged."""
-    pad = {"pad_value": 0} if source.padded else {}
+    pad = _source_fields(source)
 
     def system(cls: type[Batchproc], fields: dict[str, Any], name: str | None) -> Batchproc:
         fields = {**pad, **fields}
@@ -544,13 +552,14 @@ def _bench_targets(
         return target
 
     bp = system(BatchprocAsync if args.asyncio else Batchproc, {}, None)
-    configs = [system(Batchproc, c, f"config {i}") for i, c in enumerate(_configs(args), 1)]
+    configs = [system(Batchproc, c, f"config {i}")
+               for i, c in enumerate(_configs(args, source), 1)]
     return [bp, *configs]
 
 
-def _config_notes(args: argparse.Namespace) -> list[str]:
+def _config_notes(args: argparse.Namespace, source: RequestSource) -> list[str]:
     notes = []
-    for i, c in enumerate(_configs(args), 1):
+    for i, c in enumerate(_configs(args, source), 1):
         own = describe_fields(c)
         notes.append(f"config {i}: {own}; the rest from the flags" if own
                      else f"config {i}: the flags' settings")
@@ -622,7 +631,7 @@ def run_bench(args: argparse.Namespace) -> int:
     with _stdout_may_close():
         report.print_bench_table(title, runs, ratios, not_compared=not_compared,
                                  ratio_bounds=ratio_bounds)
-        for line in _config_notes(args):
+        for line in _config_notes(args, source):
             print(line)
         if stop.interrupted:
             print(interrupts.NOTE)
@@ -768,7 +777,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         sub = (f"{source.description}; batchproc: max batch {args.max_batch}, max delay "
                f"{args.max_delay:g} ms, {args.strategy}"
                + (f", {args.workers} workers" if args.workers else "")
-               + "".join(f"; {n}" for n in _config_notes(args))
+               + "".join(f"; {n}" for n in _config_notes(args, source))
                + f". Open loop, Poisson, {duration:g} s per load, "
                f"{', '.join(f'{f:g}' for f in fractions)} x capacity "
                f"({report.fmt_rate(capacity)} req/s).")
@@ -790,7 +799,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 "max_delay_ms": args.max_delay,
                 "workers": args.workers,
                 "strategy": args.strategy,
-                "configs": [describe_fields(c) for c in _configs(args)],
+                "configs": [describe_fields(c) for c in _configs(args, source)],
                 "seed": args.seed,
                 "queue_size": queue_size,
             },
@@ -799,7 +808,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         _write_output("bench", "--json", args.json, lambda path: report.write_json(path, doc),
                       doc, unwritten=unwritten)
     with _stdout_may_close():
-        sweep.print_sweep(title, result, _config_notes(args))
+        sweep.print_sweep(title, result, _config_notes(args, source))
         _print_unwritten(unwritten)
     runs = [p.run for pts in result.points.values() for p in pts]
     if capacity_run is not None:

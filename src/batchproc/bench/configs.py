@@ -23,8 +23,11 @@ from typing import Any
 from . import BenchError
 
 
-def parse_config(text: str) -> dict[str, Any]:
-    """``BatchProcessorConfig`` keyword arguments from ``text``, checked by building one.
+def parse_config(text: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``BatchProcessorConfig`` keyword arguments from ``text``, checked by building one
+    over ``base``: the fields the caller gives every configuration, which ``text``'s own
+    override (the bench's ``pad_value`` for ragged requests, which ``max_batch_tokens``
+    needs).
 
     Raises:
         BenchError: not a call of keyword arguments, a value that is not a literal, an
@@ -79,7 +82,7 @@ def parse_config(text: str) -> dict[str, Any]:
                 f"{where}: {kw.arg}={ast.unparse(kw.value)} is not a literal value"
             ) from None
     try:
-        BatchProcessorConfig(**fields)
+        BatchProcessorConfig(**{**(base or {}), **fields})
     except TypeError as exc:
         raise BenchError(f"{where}: {exc}") from None
     except ValueError as exc:

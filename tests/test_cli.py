@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -204,6 +205,91 @@ def test_user_model_that_breaks_its_contract_is_one_line(
     code, _, err = run_cli(capsys, "--model", "bad_model_mod:boom", *TINY)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no GPU here" in err
+
+
+_modules = itertools.count()
+
+
+def _fresh_module(tmp_path, monkeypatch, text: str) -> str:
+    """A module of ``text`` under a name no test imported before (imports are cached
+    for the process): its name."""
+    name = f"model_mod_{next(_modules)}"
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+NASTY_MODULE = """
+class Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("str of exception fails")
+
+calls = 0
+
+def later(exc):
+    def model(batch):
+        global calls
+        calls += 1
+        if calls > 2:  # past the check's two calls: in the runs
+            raise exc
+        return batch
+    return model
+
+def multiline(batch):
+    raise RuntimeError("line one\\nline two\\nline three")
+
+def unprintable(batch):
+    raise Unprintable()
+
+def huge(batch):
+    raise RuntimeError("x" * 100_000)
+
+multiline_later = later(RuntimeError("later one\\nlater two"))
+unprintable_later = later(Unprintable())
+"""
+
+
+@pytest.mark.parametrize("module, attr, says", [
+    ("", "multiline", "RuntimeError: line one line two line three"),
+    ("", "unprintable", "Unprintable: (its message could not be read: str() raised "
+                        "ValueError)"),
+    ("", "huge", "RuntimeError: xxx"),
+    ("raise RuntimeError('at import\\nsecond line')\n", "f",
+     "cannot import '{mod}': RuntimeError: at import second line"),
+    ("class E(Exception):\n    def __str__(self):\n        raise ValueError('nope')\n"
+     "raise E()\n", "f",
+     "cannot import '{mod}': E: (its message could not be read: str() raised "
+     "ValueError)"),
+    ("import sys\nsys.exit(4)\n", "f", "importing '{mod}' called sys.exit(4)"),
+    ("raise GeneratorExit('bye')\n", "f", "cannot import '{mod}': GeneratorExit: bye"),
+    ("def __getattr__(name):\n    raise RuntimeError('getattr boom')\n", "dyn",
+     "getting 'dyn' of '{mod}' raised RuntimeError: getattr boom"),
+], ids=["multiline", "unprintable", "huge", "import multiline", "import unprintable",
+        "import sys.exit", "import GeneratorExit", "module __getattr__"])
+def test_a_model_that_fails_before_the_runs_is_named_on_one_line(
+        tmp_path, monkeypatch, capsys, module, attr, says) -> None:
+    """Whatever the user's module raises, at import, on lookup or in the check, the
+    command says so on one short line and exits 2: a message's lines are joined, a long
+    one cut, one whose str() raises named as such."""
+    mod = _fresh_module(tmp_path, monkeypatch, module or NASTY_MODULE)
+    code, _, err = run_cli(capsys, "--model", f"{mod}:{attr}", *TINY)
+    assert code == 2, err
+    assert err.count("\n") == 1 and says.format(mod=mod) in err, err
+    assert len(err) < 600, len(err)
+
+
+@pytest.mark.parametrize("attr, says", [
+    ("multiline_later", "RuntimeError: later one later two"),
+    ("unprintable_later", "Unprintable: (its message could not be read: str() raised "
+                          "ValueError)")])
+def test_a_model_that_fails_in_the_runs_is_quoted_on_one_line(
+        tmp_path, monkeypatch, capsys, attr, says) -> None:
+    mod = _fresh_module(tmp_path, monkeypatch, NASTY_MODULE)
+    code, out, err = run_cli(capsys, "--model", f"{mod}:{attr}", *TINY)
+    assert code == 1
+    quoted = [line for line in (out + err).splitlines() if "later two" in line
+              or "could not be read" in line or "str of exception" in line]
+    assert quoted and all(says in line for line in quoted), quoted
 
 
 def test_tiny_run_prints_the_three_systems_and_writes_json(

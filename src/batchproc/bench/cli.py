@@ -33,7 +33,14 @@ from .blas import one_blas_thread
 from .configs import describe_fields, parse_config, parse_strategy
 from .inputs import RequestSource, check_full_batch, parse_inputs
 from .loads import MAX_CLIENTS, Bounds, Load, check_arrivals, drain_window, schedule_of
-from .models import BUILTIN_MODELS, DEFAULT_FIXED_MS, Model, check_model, make_model
+from .models import (
+    BUILTIN_MODELS,
+    DEFAULT_FIXED_MS,
+    Model,
+    check_model,
+    error_text,
+    make_model,
+)
 from .outputs import check_distinct, check_writable
 from .sweep import CAPACITY_CLIENTS, DEFAULT_FRACTIONS, capacity_clients
 from .targets import Batchproc, BatchprocAsync, NoBatching
@@ -504,7 +511,7 @@ def _write_output(command: str, flag: str, path: str, write: Callable[[str], Non
     except failures as exc:
         then = "; the JSON follows on stdout" if doc is not None else ""
         why = (exc.strerror or str(exc) if isinstance(exc, OSError)
-               else f"{type(exc).__name__}: {exc}")
+               else error_text(exc))
         print(f"{PROG} {command}: error: {flag} {path}: could not be written "
               f"({why}), left as it was{then}", file=sys.stderr)
         unwritten.append(doc or {})
@@ -960,11 +967,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with one_blas_thread(args.model, command):
             return run_tune(args) if args.command == "tune" else run_bench(args)
     except BenchError as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr)
+        # One line, whatever a message quoted (a user's exception, a path).
+        print(f"{command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the runs or after them (the runs keep theirs)
         return _interrupted(args)
     except Exception as exc:  # never a traceback for the user; the log keeps it
         log.debug("%s failed", args.command, exc_info=True)
-        print(f"{command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{command}: error: {error_text(exc)}", file=sys.stderr)
         return 1

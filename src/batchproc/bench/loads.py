@@ -66,6 +66,7 @@ import numpy as np
 
 from . import BenchError
 from .inputs import FeatureRows, RequestSource
+from .models import error_text
 
 NORMAL = 2  # BatchPriority.NORMAL
 N_LEVELS = 5
@@ -485,8 +486,7 @@ def _closed(target: Any, load: Load, n: int, dur: float, tick: Tick) -> LoadResu
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, _Escaping) and exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return error_text(exc)
 
 
 class _Escaping(Exception):

@@ -108,9 +108,15 @@ def load_user_model(spec: str) -> Model:
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of the user's module
+    except KeyboardInterrupt:  # Ctrl-C while it imports: the command is interrupted
+        raise
+    except SystemExit as exc:
         raise BenchError(
-            f"--model {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+            f"--model {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})"
+        ) from None
+    except BaseException as exc:  # any other import-time failure of the user's module
+        raise BenchError(
+            f"--model {spec!r}: cannot import {module_name!r}: {error_text(exc)}"
         ) from None
     for part in attr.split("."):
         try:
@@ -118,6 +124,11 @@ def load_user_model(spec: str) -> Model:
         except AttributeError:
             raise BenchError(
                 f"--model {spec!r}: {module_name!r} has no attribute {attr!r}"
+            ) from None
+        except Exception as exc:  # a module __getattr__ or a property of the user's
+            raise BenchError(
+                f"--model {spec!r}: getting {part!r} of {module_name!r} raised "
+                f"{error_text(exc)}"
             ) from None
     if not callable(obj):
         raise BenchError(f"--model {spec!r}: {attr!r} is {_a(type(obj).__name__)}, not callable")
@@ -243,10 +254,21 @@ def check_model(model: Model, source: RequestSource, name: str = "model", seed: 
                              f"{error_text(exc)}{hint}") from None
 
 
-def error_text(exc: BaseException) -> str:
-    """``RuntimeError: no GPU``; ``KeyboardInterrupt`` when it says nothing."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+# The most of an exception's message a report quotes, in characters.
+ERROR_TEXT_MAX = 300
+
+
+def error_text(exc: BaseException, limit: int = ERROR_TEXT_MAX) -> str:
+    """``RuntimeError: no GPU``, on one line (the message's lines joined) and cut at
+    ``limit`` characters; ``KeyboardInterrupt`` when it says nothing. An exception whose
+    ``str()`` itself raises is named with that failure, never replaced by it."""
+    name = type(exc).__name__
+    try:
+        text = " ".join(str(exc).split())
+    except Exception as broken:  # the user's __str__: the report must still be made
+        text = f"(its message could not be read: str() raised {type(broken).__name__})"
+    text = f"{name}: {text}" if text else name
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class _BoundedCall:

@@ -134,13 +134,6 @@ class NullProgress:
         pass
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line (a message's lines joined; ``Type`` alone when it
-    says nothing), cut at ``limit``."""
-    text = " ".join(error_text(exc).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 class CountingModel:
     """Wraps a model; counts calls, rows, the calls that raised and the calls in
     progress (thread-safe, a lock per batch).
@@ -182,7 +175,7 @@ class CountingModel:
         with self._lock:
             self.raised += 1
             if self.first_raised is None:
-                self.first_raised = one_line(exc)
+                self.first_raised = error_text(exc)
 
     def _ended(self) -> None:
         with self._lock:
@@ -420,7 +413,7 @@ def run_target(
     except Exception as exc:  # the system itself broke: keep the other systems' runs
         log.debug("%s failed", target.name, exc_info=True)
         progress.finish("failed")
-        out = failed_run(target.name, model_name, load, f"{type(exc).__name__}: {exc}")
+        out = failed_run(target.name, model_name, load, error_text(exc))
         out.model_errors, out.first_model_error = _model_errors(counted, target)
         out.started_beside = beside
         out.left_running = _leaves_behind(counted, label, stopped, settle_s)
@@ -651,7 +644,7 @@ class _Limit:
         given up on it (an async call cancelled, a call past the run's end)."""
         self.failure = failure
         if not self.stop:
-            self.model_error = one_line(exc)
+            self.model_error = error_text(exc)
 
     def _plan(self) -> list[tuple[Batch, Any, int, int]]:
         """Each batch with its inputs, requests and rows, unpacked once for the calls."""

@@ -777,3 +777,22 @@ def test_the_default_requests_are_different_rows() -> None:
     assert FeatureRows(4).requests(seed=1)[0].tolist() != pool[0].tolist()
     # Fewer rows when 256 would take more than the pool's memory.
     assert len(FeatureRows(1 << 20).requests(seed=0)) == 16
+
+
+# -- input names: what the message says -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ok.npz", "a.b", "a:b", "a-b", "9lives", "ids\u00e9",
+                                  "\u0661", "a b", ""])
+def test_an_input_name_is_letters_digits_and_underscores(capsys, name) -> None:
+    spec = f"{name}=float32:1x4"
+    code, out, err = run_cli(capsys, "--input", spec, "--model", "identity", *TINY)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"batchproc bench: error: --input {spec!r}: {name!r} is not an "
+                           "input name (letters, digits and _, not starting with a "
+                           "digit)"), err
+
+
+@pytest.mark.parametrize("name", ["input_ids", "_x", "A9", "x", "attention_mask2"])
+def test_names_of_letters_digits_and_underscores_are_accepted(name) -> None:
+    assert parse_tensor_spec(f"{name}=float32:1x4").name == name

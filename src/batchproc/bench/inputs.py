@@ -77,7 +77,8 @@ MAX_REQUEST_BYTES = 256 << 20
 MAX_BATCH_BYTES = 4 << 30
 # ASCII digits only: ``\d`` takes any script's digits, which int() reads.
 _DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+# ASCII letters, digits and _, not starting with a digit: what the refusal says.
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The most dimensions a numpy array may have (64 from numpy 2, 32 before).
 MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 _PER_REQUEST = re.compile(r"^arr_([0-9]+)$")
@@ -380,7 +381,8 @@ def parse_tensor_spec(text: str) -> TensorSpec:
     if "=" in text:
         name, _, body = text.partition("=")
         if not _NAME.match(name):
-            raise BenchError(f"{where}: {name!r} is not an input name (letters, digits, _)")
+            raise BenchError(f"{where}: {name!r} is not an input name (letters, digits and "
+                             "_, not starting with a digit)")
     dtype_text, sep, shape_text = body.partition(":")
     if not sep or not dtype_text or not shape_text:
         raise BenchError(

@@ -15,10 +15,13 @@ sends, and refuse what it refuses.
     NAME=DTYPE:SHAPE       input_ids=int64:1x8..128 (repeat the flag for each name)
     FILE.npz               sample requests, layouts below
 
-``SHAPE`` is one request's shape, dimensions joined by ``x``; the first is its rows. A
-dimension ``LO..HI`` is ragged, drawn uniformly per request: on axis 0 (rows per
-request) or axis 1 (sequence length, padded in a batch). Named inputs draw one length per
-request, shared by all of them, so their ranges must agree. One request may take at most
+``NAME`` is ASCII letters, digits and ``_``, not starting with a digit. ``SHAPE`` is one
+request's shape, dimensions joined by ``x``, each at least 1, at most
+:data:`MAX_REQUEST_DIMS` of them (:func:`check_request_shape`, which an ``.npz``'s
+requests pass too); the first is its rows. A dimension ``LO..HI`` is ragged, drawn
+uniformly per request: on axis 0 (rows per request) or axis 1 (sequence length, padded
+in a batch). Named inputs draw one length per request, shared by all of them, so their
+ranges must agree. One request may take at most
 :data:`MAX_REQUEST_BYTES` (256 MiB), an ``.npz`` request too (from its arrays' headers,
 which also may not declare more than half the memory available), and a full batch
 (:func:`check_full_batch`) at most :data:`MAX_BATCH_BYTES` (4 GiB) or half the memory
@@ -81,6 +84,9 @@ _DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The most dimensions a numpy array may have (64 from numpy 2, 32 before).
 MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+# The most a request may have: batchproc cuts a batch's output into one-row parts as
+# (requests, 1, ...) views, one axis more than a request's.
+MAX_REQUEST_DIMS = MAX_DIMS - 1
 _PER_REQUEST = re.compile(r"^arr_([0-9]+)$")
 _PER_REQUEST_NAMED = re.compile(r"^([0-9]+)/(.+)$")
 
@@ -371,9 +377,10 @@ def parse_tensor_spec(text: str) -> TensorSpec:
     """Parse ``[NAME=]DTYPE:SHAPE`` (``int64:1x8..128``).
 
     Raises:
-        BenchError: not of that form, an unknown or non-numeric dtype, a dimension that
-            is not a positive whole number or ``LO..HI`` with ``1 <= LO <= HI``, a
-            ragged dimension past axis 1, or more dimensions than numpy allows.
+        BenchError: not of that form, a name that is not letters, digits and ``_``, an
+            unknown or non-numeric dtype, a dimension that is not a positive whole number
+            or ``LO..HI`` with ``1 <= LO <= HI``, a ragged dimension past axis 1, or more
+            dimensions than :data:`MAX_REQUEST_DIMS`.
     """
     where = f"--input {text!r}"
     name: str | None = None
@@ -401,18 +408,14 @@ def parse_tensor_spec(text: str) -> TensorSpec:
             raise BenchError(f"{where}: dimension {part!r} is not N or LO..HI")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
-        if m.group(2) is None and lo < 1:
-            raise BenchError(f"{where}: dimension {part!r} must be at least 1")
-        if lo < 1 or hi < lo:
+        if lo != hi and (lo < 1 or hi < lo):
             raise BenchError(f"{where}: dimension {part!r} needs 1 <= LO <= HI")
         if lo != hi and axis > 1:
             raise BenchError(
                 f"{where}: only axis 0 (rows) and axis 1 (length) may be ragged, not axis {axis}"
             )
         dims.append(Dim(lo, hi))
-    if len(dims) > MAX_DIMS:
-        raise BenchError(f"{where}: {len(dims)} dimensions; a numpy array has at most "
-                         f"{MAX_DIMS}")
+    check_request_shape(where, tuple(d.lo for d in dims))
     return TensorSpec(name, dtype, tuple(dims))
 
 
@@ -467,6 +470,27 @@ class SpecSource(RequestSource):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "inputs": [str(s) for s in self.specs]}
+
+
+def check_request_shape(where: str, shape: tuple[int, ...], first_axis: int = 0) -> None:
+    """Refuse a request's shape (the smallest, for ragged ones) that batchproc cannot
+    batch: no row axis, more than :data:`MAX_REQUEST_DIMS` dimensions, or 0 on any axis
+    from ``first_axis`` on (1 for an array stacking requests on axis 0, whose length is
+    their count). ``where`` names what has it: ``--input 'float32:1x0'``, or an ``.npz``
+    and its member. The one rule of ``--input DTYPE:SHAPE`` and ``--input FILE.npz``."""
+    if not shape:
+        raise BenchError(f"{where} is 0-d; a request needs a row axis")
+    if len(shape) > MAX_REQUEST_DIMS:
+        raise BenchError(
+            f"{where} has {len(shape)} dimensions: a request may have at most "
+            f"{MAX_REQUEST_DIMS} (numpy's {MAX_DIMS}, less the axis batchproc adds to cut "
+            "a batch's output)")
+    axis = next((i for i in range(first_axis, len(shape)) if shape[i] < 1), None)
+    if axis is not None:
+        needs = ("at least one row (axis 0)" if axis == 0 else
+                 "a length of at least 1 (axis 1)" if axis == 1 else
+                 f"at least 1 on every axis, not 0 on axis {axis}")
+        raise BenchError(f"{where} has shape {shape}: a request needs {needs}")
 
 
 def _check_request_size(where: str, nbytes: int, values: int) -> None:
@@ -714,7 +738,8 @@ def load_npz(path: str) -> list[Request]:
 
     Raises:
         BenchError: the file is missing, not an ``.npz``, empty, mixes layouts, holds a
-            member that is no ``.npy``, object arrays, 0-d arrays or requests of no rows,
+            member that is no ``.npy``, object arrays, requests of a shape
+            :func:`check_request_shape` refuses (0-d, 0 on an axis, too many dimensions),
             or its arrays (stacked layout) or named requests do not line up.
     """
     where = f"--input {path}"
@@ -731,19 +756,17 @@ def load_npz(path: str) -> list[Request]:
     if not isinstance(arrays, dict) or not arrays:
         raise BenchError(f"{where}: holds no arrays")
     for k, a in arrays.items():
-        if a.ndim == 0:
-            raise BenchError(f"{where}: array {k!r} is 0-d; a request needs a row axis")
         if a.dtype.kind not in "biufc":
             raise BenchError(f"{where}: array {k!r} has dtype {a.dtype}, not numeric or bool")
     keys = list(arrays)
     if all(_PER_REQUEST.match(k) for k in keys):
         keys.sort(key=lambda k: int(k[4:]))
-        _check_rows(where, keys, arrays)
+        _check_shapes(where, keys, arrays)
         _check_batchable(where, [(k, arrays[k]) for k in keys])
         return [arrays[k] for k in keys]
     named = [_PER_REQUEST_NAMED.match(k) for k in keys]
     if all(named):
-        _check_rows(where, keys, arrays)
+        _check_shapes(where, keys, arrays)
         groups: dict[int, dict[str, np.ndarray]] = {}
         for m in named:
             assert m is not None
@@ -772,6 +795,7 @@ def load_npz(path: str) -> list[Request]:
         raise BenchError(
             f"{where}: mixes per-request keys (arr_0, 0/name) with other keys: {keys[:4]}"
         )
+    _check_shapes(where, keys, arrays, first_axis=1)  # axis 0: the count, below
     counts = {k: len(a) for k, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise BenchError(
@@ -786,13 +810,15 @@ def load_npz(path: str) -> list[Request]:
     return [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(n)]
 
 
-def _check_rows(where: str, keys: list[str], arrays: dict[str, np.ndarray]) -> None:
-    """Refuse a request of no rows (axis 0 empty), as ``--input`` refuses a shape of 0:
-    it would be sent, counted and batched as a request the model never sees."""
+def _check_shapes(where: str, keys: list[str], arrays: dict[str, np.ndarray],
+                  first_axis: int = 0) -> None:
+    """Refuse, as ``--input DTYPE:SHAPE`` refuses its shape, an array whose requests
+    batchproc cannot batch (:func:`check_request_shape`): a request of no rows would be
+    sent, counted and batched as one the model never sees, one empty on another axis
+    benchmarks nothing, and one of numpy's most dimensions cannot be cut from its batch's
+    output."""
     for k in keys:
-        if not len(arrays[k]):
-            raise BenchError(f"{where}: array {k!r} has shape {arrays[k].shape}: a request "
-                             "needs at least one row (axis 0)")
+        check_request_shape(f"{where}: array {k!r}", arrays[k].shape, first_axis)
 
 
 def _check_batchable(where: str, arrays: list[tuple[str, np.ndarray]]) -> None:

@@ -204,6 +204,178 @@ def test_saved_figures_no_run_could_measure_together_are_refused(tmp_path, saved
     assert said in str(refused.value)
 
 
+# A run of the saved file (0.15 s at 300 req/s: 45 arrivals) and what its figures may be,
+# at and past the bounds of what a run measures. Slack of 1.5x (and one request) over
+# each bound allows for rounding and timing only.
+IMPOSSIBLE = [
+    # More requests than arrived, whatever became of them.
+    (dict(errors=10**6), "counts 1,000,045 requests completed, failed, unfinished or "
+     "refused, more than the 300.0/s that arrived in its 0.15 s"),
+    (dict(refused=100), "counts 145 requests completed, failed, unfinished or refused"),
+    (dict(unfinished=50), "counts 95 requests completed, failed, unfinished or refused"),
+    # Arrivals are the load asked, to rounding; no run offers more than MAX_ARRIVALS.
+    (dict(arrival_rate=1000.0), "'arrival_rate' = 1000.0: its arrivals are the load asked"),
+    (dict(arrival_rate=100.0), "'arrival_rate' = 100.0: its arrivals are the load asked"),
+    (dict(offered=1e12), "'offered' = 1000000000000.0: a run of 0.15 s at that load would "
+     "offer more than 2,000,000 arrivals"),
+    # A latency is no longer than the run (its duration, drain and stop).
+    (dict(p99_ms=1e9), "'p99_ms' = 1000000000.0, longer than the run lasts"),
+    (dict(mean_ms=1e9), "'mean_ms' = 1000000000.0, longer than the run lasts"),
+    # No throughput without completed requests; a call holds at least one row.
+    (dict(completed=0), "has a throughput of 300.0/s, but completed no request"),
+    (dict(mean_batch=0.5), "'mean_batch' = 0.5, below one row per call, as it completed "
+     "45 requests"),
+    (dict(mean_batch=0.0), "'mean_batch' = 0.0, below one row per call"),
+    (dict(mean_batch=4.5), "'mean_batch' = 4.5, above its candidate's max_batch_size 4"),
+]
+POSSIBLE = [
+    dict(errors=10, unfinished=5, refused=5), dict(arrival_rate=310.0),
+    dict(arrival_rate=290.0), dict(p99_ms=1000.0, mean_ms=500.0), dict(mean_batch=1.0),
+    dict(mean_batch=4.0), dict(completed=0, throughput=0.0, mean_batch=0.0),
+    dict(completed=0, throughput=0.0, mean_batch=None),
+]
+
+
+@pytest.mark.parametrize(("damage", "said"), IMPOSSIBLE)
+def test_saved_figures_past_what_a_run_measures_are_refused(tmp_path, saved, damage,
+                                                            said) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, FIXED_KEY)
+    run.update(damage)
+    path = _written(tmp_path, doc)
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), doc["identity"])
+    assert str(refused.value).startswith(f"--json {path}: damaged: run {i} ")
+    assert said in str(refused.value)
+    assert str(refused.value).endswith("; give another file to start afresh")
+
+
+@pytest.mark.parametrize("values", POSSIBLE)
+def test_saved_figures_within_what_a_run_measures_are_taken(tmp_path, saved, values) -> None:
+    doc = copy.deepcopy(saved[1])
+    _, run = _first_run(doc, FIXED_KEY)
+    run.update(values)
+    assert ResultsFile(str(_written(tmp_path, doc)), doc["identity"]).get(FIXED_KEY, 300.0)
+
+
+@pytest.mark.parametrize(("mean_batch", "taken"), [
+    (float(BatchProcessorConfig().max_batch_size), True),
+    (BatchProcessorConfig().max_batch_size + 0.5, False), (1e9, False),
+])
+def test_the_default_s_mean_batch_is_bounded_by_the_library_s_max_batch_size(
+        tmp_path, saved, mean_batch, taken) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = _first_run(doc, "default")
+    run["mean_batch"] = mean_batch
+    path = _written(tmp_path, doc)
+    if taken:
+        assert ResultsFile(str(path), doc["identity"]).runs
+        return
+    with pytest.raises(BenchError, match=re.escape(
+            f"damaged: run {i} has 'mean_batch' = {mean_batch!r}, above its candidate's "
+            f"max_batch_size {BatchProcessorConfig().max_batch_size}; give another")):
+        ResultsFile(str(path), doc["identity"])
+
+
+@pytest.mark.parametrize(("repeat", "taken"), [(1, True), (CONFIRM_RUNS - 1, True),
+                                               (CONFIRM_RUNS, False), (10**6, False)])
+def test_a_saved_rerun_the_search_does_not_make_is_refused(tmp_path, saved, repeat,
+                                                           taken) -> None:
+    doc = copy.deepcopy(saved[1])
+    i, run = next((i, r) for i, r in enumerate(doc["runs"]) if r.get("repeat"))
+    # The only rerun of its configuration in the file: its number is free.
+    doc["runs"] = [r for j, r in enumerate(doc["runs"])
+                   if j == i or not (r.get("repeat") and r["key"] == run["key"])]
+    i = doc["runs"].index(run)
+    run["repeat"] = repeat
+    path = _written(tmp_path, doc)
+    if taken:
+        assert ResultsFile(str(path), doc["identity"]).get(run["key"], run["offered"], repeat)
+        return
+    with pytest.raises(BenchError, match=re.escape(
+            f"damaged: run {i} has 'repeat' = {repeat}: a finalist is rerun at most "
+            f"{CONFIRM_RUNS - 1} times; give another")):
+        ResultsFile(str(path), doc["identity"])
+
+
+# The largest capacity whose lowest ladder load (0.05x) still offers a run of 0.15 s at
+# most MAX_ARRIVALS arrivals: 2,000,000 / 0.15 / 0.05; and the least a capacity run of
+# 0.15 s measures (one request completed, to rounding).
+MOST_CAPACITY = 2_000_000 / 0.15 / 0.05
+
+
+@pytest.mark.parametrize(("capacity", "taken"), [
+    (MOST_CAPACITY, True), (MOST_CAPACITY * 1.01, False), (1e300, False),
+    (1234.5, True), (10.0, True), (1.0, False), (0.001, False),
+])
+def test_a_saved_capacity_no_capacity_run_measures_is_refused(tmp_path, saved, capacity,
+                                                              taken) -> None:
+    doc = copy.deepcopy(saved[1])
+    doc["capacity"] = capacity
+    path = _written(tmp_path, doc)
+    if taken:
+        assert ResultsFile(str(path), doc["identity"]).capacity == capacity
+        return
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), doc["identity"])
+    assert str(refused.value) == (
+        f"--json {path}: damaged: the file has 'capacity' = {capacity!r}: no capacity run "
+        "of 0.15 s measures it; give another file to start afresh")
+
+
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("interrupted", "yes", "must be true or false"),
+    ("interrupted", 1, "must be true or false"),
+    ("interrupted", None, "must be true or false"),
+    ("budget_spent", "no", "must be true or false"),
+    ("budget_spent", 0, "must be true or false"),
+    ("date", 5, "must be a string"),
+    ("machine", "x", "must be a record"),
+    ("versions", [1], "must be a record"),
+    ("best", "x", "must be a record, or null"),
+    ("default", 3, "must be a record, or null"),
+    ("goal", None, "must be a record of 'rate' and 'p99_ms'"),
+    ("goal", {"rate": 300.0}, "must be a record of 'rate' and 'p99_ms'"),
+    ("goal", {"rate": None, "p99_ms": None}, "must give 'rate', 'p99_ms' or both"),
+    ("goal", {"rate": -1, "p99_ms": None}, "its 'rate' must be a finite number > 0, or null"),
+    ("goal", {"rate": 300.0, "p99_ms": "5"}, "its 'p99_ms' must be a finite number > 0"),
+])
+def test_a_saved_summary_field_of_the_wrong_type_is_refused(tmp_path, saved, name, value,
+                                                            said) -> None:
+    doc = copy.deepcopy(saved[1])
+    doc[name] = value
+    path = _written(tmp_path, doc)
+    with pytest.raises(BenchError) as refused:
+        ResultsFile(str(path), doc["identity"])
+    # (A record is shown with its keys sorted.)
+    assert str(refused.value).startswith(f"--json {path}: damaged: the file has {name!r} = ")
+    assert f": {said}" in str(refused.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("interrupted", True), ("interrupted", False), ("budget_spent", True),
+    ("best", None), ("default", None), ("goal", {"rate": None, "p99_ms": 5}),
+    ("goal", {"rate": 300, "p99_ms": 5.0}),
+])
+def test_a_saved_summary_field_of_its_type_is_taken(tmp_path, saved, name, value) -> None:
+    doc = copy.deepcopy(saved[1])
+    doc[name] = value
+    assert ResultsFile(str(_written(tmp_path, doc)), doc["identity"]).runs
+
+
+def test_the_command_refuses_an_impossible_capacity_on_one_line(tmp_path, capsys,
+                                                                saved) -> None:
+    argv, doc = saved[0], copy.deepcopy(saved[1])
+    doc["capacity"] = 1e300
+    path = _written(tmp_path, doc)
+    argv = [a for a in argv[:-1] if a not in ("--rate", "300")]
+    code, out, err = run_cli(capsys, *argv, str(path), "--p99-ms", "5", "--budget", "12")
+    assert code == 2 and out == "", out
+    assert err == (f"batchproc tune: error: --json {path}: damaged: the file has 'capacity' "
+                   "= 1e+300: no capacity run of 0.15 s measures it; give another file to "
+                   "start afresh\n")
+
+
 def _written(tmp_path: Any, doc: dict[str, Any]) -> Any:
     path = tmp_path / "tune.json"
     path.write_text(json.dumps(doc))
@@ -446,7 +618,7 @@ def test_a_saved_file_with_its_neighbouring_good_values_resumes(tmp_path, capsys
     _, run = _first_run(doc, FIXED_KEY)
     # What a run may hold: figures of 0 or null (a run that failed outright completes
     # nothing and has none), whole numbers as ints, an offered load as an int, notes.
-    run.update(offered=300, p99_ms=None, p50_ms=0, errors=0, first_error="x", failed=None)
+    run.update(offered=300, p50_ms=0, errors=0, first_error="x", failed=None)
     _, default = _first_run(doc, "default")
     default.update(completed=0, throughput=None, mean_batch=None, elapsed_s=None,
                    failed="RuntimeError: no", p99_ms=None, p50_ms=None, p95_ms=None,
@@ -463,7 +635,8 @@ def test_a_saved_file_with_its_neighbouring_good_values_resumes(tmp_path, capsys
 
 
 def test_a_completed_run_has_its_figures(tmp_path, saved) -> None:
-    for name in ("throughput", "mean_batch"):
+    for name in ("throughput", "mean_batch", "arrival_rate", "p50_ms", "p95_ms", "p99_ms",
+                 "mean_ms", "elapsed_s"):
         doc = copy.deepcopy(saved[1])
         i, run = _first_run(doc, FIXED_KEY)
         run[name] = None

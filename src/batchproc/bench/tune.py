@@ -302,7 +302,42 @@ _SAVED_RUN_FIELDS: dict[str, _Check] = {
 _SAVED_RERUN_FIELDS: dict[str, _Check] = {"repeat": functools.partial(_count, minimum=1)}
 _SAVED_LATER_FIELDS: dict[str, _Check] = {"started_beside": _count}
 # Figures a run that completed requests has (the search compares and prints them).
-_FIGURES_OF_COMPLETED = ("throughput", "mean_batch")
+_FIGURES_OF_COMPLETED = ("throughput", "mean_batch", "arrival_rate", "p50_ms", "p95_ms",
+                         "p99_ms", "mean_ms", "elapsed_s")
+# Slack for rounding and timing only, over a bound a real run sits at 1.00 of.
+_SLACK = 1.5
+
+
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _goal(v: Any) -> str | None:
+    if not isinstance(v, dict) or set(v) != {"rate", "p99_ms"}:
+        return "must be a record of 'rate' and 'p99_ms'"
+    if v["rate"] is None and v["p99_ms"] is None:
+        return "must give 'rate', 'p99_ms' or both"
+    for name in ("rate", "p99_ms"):
+        wrong = _number(v[name], minimum=0.0, allow_zero=False, allow_null=True)
+        if wrong is not None:
+            return f"its {name!r} {wrong}"
+    return None
+
+
+def _record_or_null(v: Any) -> str | None:
+    return None if v is None or isinstance(v, dict) else "must be a record, or null"
+
+
+# The fields of the summary of the file's last search and of where it ran (what
+# ``ResultsFile.save`` writes beside the runs). They are not read back, but a file that
+# holds them of another type was not written by the search.
+_SAVED_SUMMARY_FIELDS: dict[str, _Check] = {
+    "date": _text, "machine": _record, "versions": _record, "goal": _goal,
+    "best": _record_or_null, "default": _record_or_null, "budget_spent": _flag,
+    "interrupted": _flag,
+}
 
 
 _SHOWN = reprlib.Repr()
@@ -318,31 +353,60 @@ def _damaged(path: str, what: str) -> BenchError:
     return BenchError(f"--json {path}: damaged: {what}; give another file to start afresh")
 
 
-def _check_consistent(path: str, i: int, run: dict[str, Any]) -> None:
-    """``BenchError`` for figures of one run that no run could have measured together:
-    percentiles out of order, more requests completed than its throughput carries in its
-    elapsed time, or a throughput above its arrivals (an open loop's throughput is the
-    completed arrivals of its window over that window)."""
+def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -> None:
+    """``BenchError`` for figures of one run of ``duration`` seconds that no run could
+    have measured together: percentiles out of order; a load no run offers (more than
+    :data:`MAX_ARRIVALS` arrivals), arrivals far from the load asked; more requests
+    completed, failed, left unfinished or refused than arrived; a throughput above its
+    arrivals (an open loop's throughput is the completed arrivals of its window over that
+    window), or not of its completed requests (more of them than it carries in its
+    elapsed time, or none); a latency longer than the run lasts; fewer than one row per
+    call of the model in a run that completed requests."""
     latencies = [(name, run[name]) for name in ("p50_ms", "p95_ms", "p99_ms")
                  if run[name] is not None]
     for (low, a), (high, b) in zip(latencies, latencies[1:]):
         if a > b:
             raise _damaged(path, f"run {i} has {low!r} = {_shown(a)} above "
                            f"{high!r} = {_shown(b)}")
-    throughput, elapsed, arrivals = run["throughput"], run["elapsed_s"], run["arrival_rate"]
-    if throughput is None:
-        return
-    # Slack for rounding and timing only: a real run sits at 1.00 of either bound.
-    if elapsed and run["completed"] > throughput * elapsed * 1.5 + 1:
-        raise _damaged(path, f"run {i} completed {plural(run['completed'], 'request')}, more than "
+    offered = run["offered"]
+    if offered * duration > MAX_ARRIVALS:
+        raise _damaged(path, f"run {i} has 'offered' = {_shown(offered)}: a run of "
+                       f"{duration:g} s at that load would offer more than "
+                       f"{MAX_ARRIVALS:,} arrivals, and none is run")
+    arrivals = run["arrival_rate"]
+    if arrivals is not None and not (
+            offered / _SLACK - 1 / duration <= arrivals <= offered * _SLACK + 1 / duration):
+        raise _damaged(path, f"run {i} has 'arrival_rate' = {_shown(arrivals)}: its "
+                       f"arrivals are the load asked ({_shown(offered)}/s), to rounding")
+    longest = max(run_bound_s(duration), run["elapsed_s"] or 0.0) * 1000.0
+    for name in ("p99_ms", "mean_ms"):
+        if run[name] is not None and run[name] > longest * _SLACK:
+            raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}, longer than "
+                           f"the run lasts ({longest:.6g} ms)")
+    throughput, elapsed, completed = run["throughput"], run["elapsed_s"], run["completed"]
+    if throughput is not None and elapsed and completed > throughput * elapsed * _SLACK + 1:
+        raise _damaged(path, f"run {i} completed {plural(completed, 'request')}, more than "
                        f"its throughput ({_shown(throughput)}/s) carries in its "
                        f"{_shown(elapsed)} s")
-    if arrivals is not None and throughput > arrivals * 1.5 + 1:
+    if throughput is not None and arrivals is not None and throughput > arrivals * _SLACK + 1:
         raise _damaged(path, f"run {i} has a throughput of {_shown(throughput)}/s, above "
                        f"the {_shown(arrivals)}/s that arrived")
+    if throughput and not completed:  # completed requests over the seconds counted
+        raise _damaged(path, f"run {i} has a throughput of {_shown(throughput)}/s, but "
+                       "completed no request")
+    rate = offered if arrivals is None else arrivals
+    counted = sum(run[name] for name in ("completed", "errors", "unfinished", "refused"))
+    if counted > rate * duration * _SLACK + 1:
+        raise _damaged(path, f"run {i} counts {plural(counted, 'request')} completed, "
+                       f"failed, unfinished or refused, more than the {_shown(rate)}/s "
+                       f"that arrived in its {duration:g} s")
+    mean = run["mean_batch"]
+    if completed and mean is not None and mean < 1:
+        raise _damaged(path, f"run {i} has 'mean_batch' = {_shown(mean)}, below one row "
+                       f"per call, as it completed {plural(completed, 'request')}")
 
 
-def _check_saved_run(path: str, i: int, run: Any) -> None:
+def _check_saved_run(path: str, i: int, run: Any, duration: float) -> None:
     """``BenchError`` naming what is wrong with run ``i`` of a results file, if anything:
     a field missing, of the wrong type or out of range, a candidate that is no
     configuration (`Candidate`'s own checks) or not the run's ``key`` and ``label``."""
@@ -362,10 +426,15 @@ def _check_saved_run(path: str, i: int, run: Any) -> None:
             if run[name] is None:
                 raise _damaged(path, f"run {i} has {name!r} = None: must be a number, "
                                f"as it completed {plural(run['completed'], 'request')}")
-    _check_consistent(path, i, run)
+    if run.get("repeat", 0) >= CONFIRM_RUNS:
+        raise _damaged(path, f"run {i} has 'repeat' = {_shown(run['repeat'])}: a finalist "
+                       f"is rerun at most {CONFIRM_RUNS - 1} times")
+    _check_consistent(path, i, run, duration)
     candidate = _saved_candidate(path, i, run["candidate"])
     size, mean = candidate.max_batch_size, run["mean_batch"]
-    if size is not None and mean is not None and mean > size:
+    if size is None:  # the default: the library's
+        size = BatchProcessorConfig().max_batch_size
+    if mean is not None and mean > size:
         # A request larger than a batch is cut into chunks: no call holds more rows.
         raise _damaged(path, f"run {i} has 'mean_batch' = {_shown(mean)}, above its "
                        f"candidate's max_batch_size {size}")
@@ -395,7 +464,8 @@ def _saved_candidate(path: str, i: int, fields: dict[str, Any]) -> Candidate:
 def _saved_runs(path: str, doc: Any, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A results file's runs by their `_run_key`, once the whole file is checked:
     ``BenchError`` naming what is wrong, if anything: its own fields (``kind``,
-    ``version``, ``identity``, ``capacity``, ``runs``), then each run
+    ``version``, ``identity``, ``capacity``, ``runs``), a capacity no capacity run of the
+    file's duration measures, a summary field of the wrong type, then each run
     (:func:`_check_saved_run`), a run saved twice; or saying which settings differ from
     ``identity`` (the search's, as JSON holds it). The summary of its last search is not
     read back."""
@@ -432,10 +502,21 @@ def _saved_runs(path: str, doc: Any, identity: dict[str, Any]) -> dict[str, dict
                          if _strict(identity.get(k)) != _strict(saved.get(k)))
         raise BenchError(f"--json {path}: holds runs of other settings "
                          f"({', '.join(changed)}); give another file to start afresh")
+    duration = float(identity["duration_s"])
+    capacity = doc["capacity"]
+    if capacity is not None and (_ladder_rate(capacity, 0) * duration > MAX_ARRIVALS
+                                 or capacity * duration * _SLACK < 1):
+        # What the capacity run measures, or the search refuses (Tuner._measure_capacity):
+        # at least one request completed in its duration, and a lowest load a run offers.
+        raise _damaged(path, f"the file has 'capacity' = {_shown(capacity)}: no capacity "
+                       f"run of {duration:g} s measures it")
+    for name, check in _SAVED_SUMMARY_FIELDS.items():
+        if name in doc and (wrong := check(doc[name])) is not None:
+            raise _damaged(path, f"the file has {name!r} = {_shown(doc[name])}: {wrong}")
     runs: dict[str, dict[str, Any]] = {}
     index: dict[str, int] = {}
     for i, run in enumerate(doc["runs"]):
-        _check_saved_run(path, i, run)
+        _check_saved_run(path, i, run, duration)
         # Looked up by float loads (``get``): an offered load saved as 300 is 300.0.
         key = _run_key(run["key"], float(run["offered"]), run.get("repeat", 0))
         if key in runs:

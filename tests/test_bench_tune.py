@@ -666,11 +666,36 @@ def test_a_budget_too_small_for_one_run_is_refused_before_any_run(tmp_path, caps
     assert not path.exists()  # nothing ran, nothing was written
 
 
-def test_a_budget_too_small_is_refused_before_the_model_is_made(capsys) -> None:
-    # A model that cannot even be imported: the budget is refused first.
-    code, _, err = run_cli(capsys, "--model", "no_such_module_xyz:predict", "--duration",
-                           "0.15", "--quiet", *SPACE, "--rate", "300", "--budget", "1")
-    assert code == 2 and TOO_SMALL in err
+NO_MODULE = ("batchproc tune: error: --model 'no_such_module_xyz:predict': cannot import "
+             "'no_such_module_xyz': ModuleNotFoundError: No module named 'no_such_module_xyz'\n")
+TOO_LARGE = ("batchproc tune: error: --sizes 100000: a full batch of 100,000 rows of 391 KiB "
+             "would take 37.3 GiB, over the limit of 4 GiB: lower --sizes or the size of a "
+             "request\n")
+
+
+@pytest.mark.parametrize("budget", ["1", "3", "30"])
+@pytest.mark.parametrize("goal", [["--rate", "300"], ["--p99-ms", "5"]])
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--model", "no_such_module_xyz:predict", *SPACE], NO_MODULE),
+    (["--model", "identity", "--sizes", "100000", "--input", "float32:1x100000"], TOO_LARGE),
+])
+def test_the_model_and_inputs_are_refused_before_the_budget(capsys, argv, said, goal,
+                                                            budget) -> None:
+    # What is wrong with them is what to fix first, whatever the budget: a larger one
+    # would only be refused for them next.
+    started = time.monotonic()
+    code, out, err = run_cli(capsys, *argv, *goal, "--duration", "0.15", "--quiet",
+                             "--budget", budget)
+    assert code == 2 and out == ""
+    assert err == said
+    assert time.monotonic() - started < 5  # nothing ran
+
+
+def test_a_budget_too_small_for_a_good_model_is_refused_once_it_is_checked(capsys) -> None:
+    code, out, err = run_cli(capsys, *FAST, *SPACE, "--p99-ms", "5", "--budget", "3")
+    assert code == 2 and out == ""
+    assert err.startswith("batchproc tune: error: --budget 3 s is too small for one run "
+                          "(an SLO alone measures the capacity first)")
 
 
 def test_the_least_budget_measures_one_run_then_a_rerun_continues(tmp_path, capsys) -> None:

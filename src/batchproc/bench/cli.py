@@ -839,9 +839,10 @@ def run_tune(args: argparse.Namespace) -> int:
     results = tune.ResultsFile(args.json, tune_identity(args, source))
     space = tune.candidates(args.sizes, args.delays_ms, args.workers, args.strategies,
                             seed=args.seed)
-    # Before the model is made (it may take long to load): a budget too small is refused.
-    tune.check_budget(goal, args.duration, args.budget, results, len(space) + 1)
+    # The model and the inputs first (what is wrong with them stays wrong whatever the
+    # budget), by the check every command makes before its runs; then the budget.
     model = _model_for(args, source)
+    tune.check_budget(goal, args.duration, args.budget, results, len(space) + 1)
     with _progress_display(args.quiet) as progress:
         result = tune.Tuner(
             model, args.model, source, goal, space, duration=args.duration,

@@ -308,8 +308,6 @@ _FIGURES_OF_COMPLETED = ("throughput", "mean_batch", "arrival_rate", "p50_ms", "
 _SLACK = 1.5
 
 
-
-
 def _flag(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 

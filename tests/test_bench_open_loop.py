@@ -242,6 +242,27 @@ def test_the_span_of_an_open_loop() -> None:
     assert open_span(1.0, arrived[:0], arrived[:0]) == 1.0
 
 
+def test_one_slow_request_at_the_end_of_an_open_loop_is_a_tail_not_a_backlog() -> None:
+    # 100 arrivals over 1 s, each answered 5 ms later, but the last 10x slower: the
+    # run kept up (its last arrivals' median lag is its early ones'), and reads its
+    # window, not one stretched to that request's completion.
+    arrived = np.linspace(0.0, 0.99, 100)
+    lags = np.full(100, 0.005)
+    lags[-1] = 0.05
+    assert open_span(1.0, arrived, arrived + lags) == 1.0
+    lags[3] = 0.05  # an early outlier too: still the window
+    assert open_span(1.0, arrived, arrived + lags) == 1.0
+    # Its neighbours: the whole last tenth 10x slower is a backlog; refused requests
+    # mean the run fell behind whatever the lags. Both served to the last completion,
+    # less the shortest early lag.
+    lags = np.full(100, 0.005)
+    lags[90:] = 0.05
+    assert open_span(1.0, arrived, arrived + lags) == pytest.approx(0.99 + 0.05 - 0.005)
+    lags = np.full(100, 0.005)
+    lags[-1] = 0.05
+    assert open_span(1.0, arrived, arrived + lags, refused=True) == pytest.approx(1.035)
+
+
 class Instant:
     """A sync target that completes each request as it is submitted."""
 

@@ -258,33 +258,29 @@ def open_span(window: float, arrived: np.ndarray, finished: np.ndarray,
     ``arrived`` and ``finished``: each completed request's scheduled arrival and its
     completion, in seconds from the start of the run. The throughput is the completed
     arrivals over the arrival ``window``, so a run that keeps up reads the load it was
-    offered, whatever the latency of its last requests; unless its completions trail
-    its arrivals by more at the end than at the start, which is a backlog: a run that
-    fell behind. The window is then stretched by that excess: to the last completion,
-    less the longest lag (completion less arrival) of the requests that arrived in the
-    first :data:`EARLY_SHARE` of the window (at least the first), so the throughput
-    reads the rate it served at. A run that fell behind for certain (it ``refused``
-    requests, or its last arrivals, those of the last :data:`EARLY_SHARE`, trailed by
-    more than any early one, or none of them completed while requests were left
-    ``unfinished``) served from its first arrival to its last completion, less the
-    shortest such lag (the time any request takes): there the longest would overstate
-    its rate, its early requests having waited in a backlog already. A run that kept up but
-    left a request or two stuck still reads what it was offered.
+    offered, whatever the latency of its last requests (one slow request is a tail, not
+    a backlog); unless it fell behind: it ``refused`` requests, or its last arrivals,
+    those of the last :data:`EARLY_SHARE` of the window, trailed their arrivals (the
+    median of their lags, completion less arrival) by more than any of those of the
+    first :data:`EARLY_SHARE` (at least the first) did, or none of them completed while
+    requests were left ``unfinished``. Such a run served from its first arrival to its
+    last completion, less the shortest early lag (the time any request takes): the
+    throughput then reads the rate it served at. A run that kept up but left a request
+    or two stuck still reads what it was offered.
     """
     if arrived.size == 0:
         return window
     early = arrived <= max(EARLY_SHARE * window, float(arrived.min()))
     lags = finished[early] - arrived[early]
-    lag = float(lags.max())
     last = arrived >= (1.0 - EARLY_SHARE) * window
     if last.any():
         # Its last arrivals completed later after arriving than any early one: a backlog.
-        trailing = float(np.median(finished[last] - arrived[last])) > lag
+        trailing = float(np.median(finished[last] - arrived[last])) > float(lags.max())
     else:
         trailing = unfinished  # none of its last arrivals completed
-    if refused or trailing:
-        lag = float(lags.min())
-    return max(window, float(finished.max()) - lag)
+    if not (refused or trailing):
+        return window
+    return max(window, float(finished.max()) - float(lags.min()))
 
 
 @dataclass

@@ -66,6 +66,25 @@ def test_each_caller_gets_its_own_rows_of_every_output(make_processor, recorder,
     assert len(model.batches) == 1
 
 
+# The most dimensions a numpy array may have.
+NUMPY_MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+
+
+@pytest.mark.parametrize("ndim", [NUMPY_MAX_DIMS - 1, NUMPY_MAX_DIMS])
+def test_requests_of_numpy_s_most_dimensions_get_their_own_rows(make_processor, recorder,
+                                                                 ndim):
+    # A batch of one-row requests is cut through a (requests, 1, ...) view: an axis more
+    # than numpy allows for requests of its most dimensions, which are sliced instead.
+    model = recorder(lambda b: b * 2)
+    p = make_processor(model, max_batch_size=8)
+    items = [np.full((1,) * ndim, float(i)) for i in range(3)]
+    futures = one_batch(p, items)
+    for i, future in enumerate(futures):
+        got = future.result(timeout=10)
+        assert got.shape == (1,) * ndim and got.ravel()[0] == 2.0 * i
+    assert len(model.batches) == 1
+
+
 def _tree_equal(a, b):
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_tree_equal(a[k], b[k]) for k in a)

@@ -17,7 +17,7 @@ sends, and refuse what it refuses.
 
 ``NAME`` is ASCII letters, digits and ``_``, not starting with a digit. ``SHAPE`` is one
 request's shape, dimensions joined by ``x``, each at least 1, at most
-:data:`MAX_REQUEST_DIMS` of them (:func:`check_request_shape`, which an ``.npz``'s
+:data:`MAX_DIMS` of them (:func:`check_request_shape`, which an ``.npz``'s
 requests pass too); the first is its rows. A dimension ``LO..HI`` is ragged, drawn
 uniformly per request: on axis 0 (rows per request) or axis 1 (sequence length, padded
 in a batch). Named inputs draw one length per request, shared by all of them, so their
@@ -84,9 +84,6 @@ _DIM = re.compile(r"^([0-9]+)(?:\.\.([0-9]+))?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The most dimensions a numpy array may have (64 from numpy 2, 32 before).
 MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
-# The most a request may have: batchproc cuts a batch's output into one-row parts as
-# (requests, 1, ...) views, one axis more than a request's.
-MAX_REQUEST_DIMS = MAX_DIMS - 1
 _PER_REQUEST = re.compile(r"^arr_([0-9]+)$")
 _PER_REQUEST_NAMED = re.compile(r"^([0-9]+)/(.+)$")
 
@@ -380,7 +377,7 @@ def parse_tensor_spec(text: str) -> TensorSpec:
         BenchError: not of that form, a name that is not letters, digits and ``_``, an
             unknown or non-numeric dtype, a dimension that is not a positive whole number
             or ``LO..HI`` with ``1 <= LO <= HI``, a ragged dimension past axis 1, or more
-            dimensions than :data:`MAX_REQUEST_DIMS`.
+            dimensions than numpy allows (:data:`MAX_DIMS`).
     """
     where = f"--input {text!r}"
     name: str | None = None
@@ -474,17 +471,15 @@ class SpecSource(RequestSource):
 
 def check_request_shape(where: str, shape: tuple[int, ...], first_axis: int = 0) -> None:
     """Refuse a request's shape (the smallest, for ragged ones) that batchproc cannot
-    batch: no row axis, more than :data:`MAX_REQUEST_DIMS` dimensions, or 0 on any axis
+    batch: no row axis, more dimensions than numpy allows (:data:`MAX_DIMS`), or 0 on any axis
     from ``first_axis`` on (1 for an array stacking requests on axis 0, whose length is
     their count). ``where`` names what has it: ``--input 'float32:1x0'``, or an ``.npz``
     and its member. The one rule of ``--input DTYPE:SHAPE`` and ``--input FILE.npz``."""
     if not shape:
         raise BenchError(f"{where} is 0-d; a request needs a row axis")
-    if len(shape) > MAX_REQUEST_DIMS:
-        raise BenchError(
-            f"{where} has {len(shape)} dimensions: a request may have at most "
-            f"{MAX_REQUEST_DIMS} (numpy's {MAX_DIMS}, less the axis batchproc adds to cut "
-            "a batch's output)")
+    if len(shape) > MAX_DIMS:
+        raise BenchError(f"{where} has {len(shape)} dimensions; a numpy array has at most "
+                         f"{MAX_DIMS}")
     axis = next((i for i in range(first_axis, len(shape)) if shape[i] < 1), None)
     if axis is not None:
         needs = ("at least one row (axis 0)" if axis == 0 else
@@ -814,9 +809,8 @@ def _check_shapes(where: str, keys: list[str], arrays: dict[str, np.ndarray],
                   first_axis: int = 0) -> None:
     """Refuse, as ``--input DTYPE:SHAPE`` refuses its shape, an array whose requests
     batchproc cannot batch (:func:`check_request_shape`): a request of no rows would be
-    sent, counted and batched as one the model never sees, one empty on another axis
-    benchmarks nothing, and one of numpy's most dimensions cannot be cut from its batch's
-    output."""
+    sent, counted and batched as one the model never sees, and one empty on another
+    axis benchmarks nothing."""
     for k in keys:
         check_request_shape(f"{where}: array {k!r}", arrays[k].shape, first_axis)
 

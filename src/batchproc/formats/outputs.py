@@ -331,8 +331,13 @@ def _cut_rows(leaf: Any, requests: list[Request], one_sample: bool) -> list[Any]
             if request.rows != 1:
                 break
         else:
-            # One row each (the usual case): numpy makes the (1, ...) views in C.
-            return list(leaf.reshape((count, 1, *leaf.shape[1:])))
+            # One row each (the usual case): numpy makes the (1, ...) views in C, but
+            # through an axis more than the leaf's, which numpy may not allow (a leaf of
+            # its most dimensions): those are sliced below.
+            try:
+                return list(leaf.reshape((count, 1, *leaf.shape[1:])))
+            except ValueError:
+                pass
     cut = iloc if iloc is not None else leaf
     parts = []
     start = 0

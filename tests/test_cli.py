@@ -260,12 +260,28 @@ unprintable_later = later(Unprintable())
      "raise E()\n", "f",
      "cannot import '{mod}': E: (its message could not be read: str() raised "
      "ValueError)"),
-    ("import sys\nsys.exit(4)\n", "f", "importing '{mod}' called sys.exit(4)"),
+    ("import sys\nsys.exit(4)\n", "f", "cannot import '{mod}': SystemExit: 4"),
+    ("import sys\nsys.exit('z' * 100_000)\n", "f", "cannot import '{mod}': SystemExit: zzz"),
+    ("class R:\n    def __repr__(self):\n        raise ValueError('r')\n"
+     "    __str__ = __repr__\nimport sys\nsys.exit(R())\n", "f",
+     "cannot import '{mod}': SystemExit: (its message could not be read: str() raised "
+     "ValueError)"),
+    ("raise AttributeError('at import')\n", "f",
+     "cannot import '{mod}': AttributeError: at import"),
     ("raise GeneratorExit('bye')\n", "f", "cannot import '{mod}': GeneratorExit: bye"),
     ("def __getattr__(name):\n    raise RuntimeError('getattr boom')\n", "dyn",
-     "getting 'dyn' of '{mod}' raised RuntimeError: getattr boom"),
+     "getting 'dyn' of '{mod}' raised: RuntimeError: getattr boom"),
+    ("def __getattr__(name):\n    raise SystemExit(5)\n", "dyn",
+     "getting 'dyn' of '{mod}' raised: SystemExit: 5"),
+    ("def __getattr__(name):\n    raise GeneratorExit('ge')\n", "dyn",
+     "getting 'dyn' of '{mod}' raised: GeneratorExit: ge"),
+    ("def __getattr__(name):\n    raise AttributeError(name)\n", "dyn",
+     "'{mod}' has no attribute 'dyn'"),
 ], ids=["multiline", "unprintable", "huge", "import multiline", "import unprintable",
-        "import sys.exit", "import GeneratorExit", "module __getattr__"])
+        "import sys.exit", "import sys.exit long", "import sys.exit unprintable",
+        "import AttributeError", "import GeneratorExit", "module __getattr__",
+        "module __getattr__ sys.exit", "module __getattr__ GeneratorExit",
+        "module __getattr__ AttributeError"])
 def test_a_model_that_fails_before_the_runs_is_named_on_one_line(
         tmp_path, monkeypatch, capsys, module, attr, says) -> None:
     """Whatever the user's module raises, at import, on lookup or in the check, the

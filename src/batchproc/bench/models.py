@@ -106,33 +106,33 @@ def load_user_model(spec: str) -> Model:
         )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except KeyboardInterrupt:  # Ctrl-C while it imports: the command is interrupted
-        raise
-    except SystemExit as exc:
-        raise BenchError(
-            f"--model {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})"
-        ) from None
-    except BaseException as exc:  # any other import-time failure of the user's module
-        raise BenchError(
-            f"--model {spec!r}: cannot import {module_name!r}: {error_text(exc)}"
-        ) from None
+    obj: Any = _users_code(spec, f"cannot import {module_name!r}",
+                           importlib.import_module, module_name)
     for part in attr.split("."):
         try:
-            obj = getattr(obj, part)
+            obj = _users_code(spec, f"getting {part!r} of {module_name!r} raised",
+                              getattr, obj, part, passes=AttributeError)
         except AttributeError:
             raise BenchError(
                 f"--model {spec!r}: {module_name!r} has no attribute {attr!r}"
             ) from None
-        except Exception as exc:  # a module __getattr__ or a property of the user's
-            raise BenchError(
-                f"--model {spec!r}: getting {part!r} of {module_name!r} raised "
-                f"{error_text(exc)}"
-            ) from None
     if not callable(obj):
         raise BenchError(f"--model {spec!r}: {attr!r} is {_a(type(obj).__name__)}, not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def _users_code(spec: str, failed: str, call: Callable[..., Any], *args: Any,
+                passes: type[BaseException] = KeyboardInterrupt) -> Any:
+    """``call(*args)``, which runs code of the user's module (its import, a module
+    ``__getattr__``): whatever that raises but Ctrl-C and ``passes`` is a one-line
+    ``--model`` error saying ``failed`` (``sys.exit()`` and ``GeneratorExit`` too: the
+    command reports them, it does not exit with them)."""
+    try:
+        return call(*args)
+    except (KeyboardInterrupt, passes):
+        raise
+    except BaseException as exc:
+        raise BenchError(f"--model {spec!r}: {failed}: {error_text(exc)}") from None
 
 
 def _a(noun: str) -> str:
@@ -171,8 +171,9 @@ def row_width(name: str, source: RequestSource) -> int:
 
     Raises:
         BenchError: one line, naming what the model takes and what ``source`` sends:
-            named inputs, another dtype, another number of dimensions, rows of lengths
-            that differ (padded), or of none.
+            named inputs, another dtype, another number of dimensions, or rows of
+            lengths that differ (padded). (A request of no values never gets here:
+            ``--input`` refuses it, from a spec or a file.)
     """
     first = source.requests(0)[0]
     if isinstance(first, Mapping):
@@ -183,8 +184,6 @@ def row_width(name: str, source: RequestSource) -> int:
         sends = f"requests of {first.ndim} dimension{'s' if first.ndim != 1 else ''}"
     elif source.padded:
         sends = "rows whose lengths differ"
-    elif first.shape[1] < 1:
-        sends = "rows of no values"
     else:
         return int(first.shape[1])
     raise BenchError(
@@ -265,7 +264,7 @@ def error_text(exc: BaseException, limit: int = ERROR_TEXT_MAX) -> str:
     name = type(exc).__name__
     try:
         text = " ".join(str(exc).split())
-    except Exception as broken:  # the user's __str__: the report must still be made
+    except BaseException as broken:  # the user's __str__: the report must still be made
         text = f"(its message could not be read: str() raised {type(broken).__name__})"
     text = f"{name}: {text}" if text else name
     return text if len(text) <= limit else text[:limit - 3] + "..."

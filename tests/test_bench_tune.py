@@ -218,7 +218,8 @@ IMPOSSIBLE = [
     (dict(arrival_rate=100.0), "'arrival_rate' = 100.0: its arrivals are the load asked"),
     (dict(offered=1e12), "'offered' = 1000000000000.0: a run of 0.15 s at that load would "
      "offer more than 2,000,000 arrivals"),
-    # A latency is no longer than the run (its duration, drain and stop).
+    # A run lasts no longer than its duration, drain and stop, nor does a latency.
+    (dict(elapsed_s=1e6), "'elapsed_s' = 1000000.0, longer than a run of 0.15 s lasts"),
     (dict(p99_ms=1e9), "'p99_ms' = 1000000000.0, longer than the run lasts"),
     (dict(mean_ms=1e9), "'mean_ms' = 1000000000.0, longer than the run lasts"),
     # No throughput without completed requests; a call holds at least one row.

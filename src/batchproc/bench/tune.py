@@ -358,8 +358,8 @@ def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -
     completed, failed, left unfinished or refused than arrived; a throughput above its
     arrivals (an open loop's throughput is the completed arrivals of its window over that
     window), or not of its completed requests (more of them than it carries in its
-    elapsed time, or none); a latency longer than the run lasts; fewer than one row per
-    call of the model in a run that completed requests."""
+    elapsed time, or none); an elapsed time or a latency longer than the run lasts;
+    fewer than one row per call of the model in a run that completed requests."""
     latencies = [(name, run[name]) for name in ("p50_ms", "p95_ms", "p99_ms")
                  if run[name] is not None]
     for (low, a), (high, b) in zip(latencies, latencies[1:]):
@@ -376,7 +376,11 @@ def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -
             offered / _SLACK - 1 / duration <= arrivals <= offered * _SLACK + 1 / duration):
         raise _damaged(path, f"run {i} has 'arrival_rate' = {_shown(arrivals)}: its "
                        f"arrivals are the load asked ({_shown(offered)}/s), to rounding")
-    longest = max(run_bound_s(duration), run["elapsed_s"] or 0.0) * 1000.0
+    bound = run_bound_s(duration)
+    if run["elapsed_s"] is not None and run["elapsed_s"] > bound * _SLACK:
+        raise _damaged(path, f"run {i} has 'elapsed_s' = {_shown(run['elapsed_s'])}, longer "
+                       f"than a run of {duration:g} s lasts ({bound:.6g} s)")
+    longest = max(bound, run["elapsed_s"] or 0.0) * 1000.0
     for name in ("p99_ms", "mean_ms"):
         if run[name] is not None and run[name] > longest * _SLACK:
             raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}, longer than "

@@ -111,7 +111,7 @@ def load_user_model(spec: str) -> Model:
     for part in attr.split("."):
         try:
             obj = _users_code(spec, f"getting {part!r} of {module_name!r} raised",
-                              getattr, obj, part, passes=AttributeError)
+                              getattr, obj, part, passes=(AttributeError,))
         except AttributeError:
             raise BenchError(
                 f"--model {spec!r}: {module_name!r} has no attribute {attr!r}"
@@ -122,14 +122,16 @@ def load_user_model(spec: str) -> Model:
 
 
 def _users_code(spec: str, failed: str, call: Callable[..., Any], *args: Any,
-                passes: type[BaseException] = KeyboardInterrupt) -> Any:
+                passes: tuple[type[BaseException], ...] = ()) -> Any:
     """``call(*args)``, which runs code of the user's module (its import, a module
     ``__getattr__``): whatever that raises but Ctrl-C and ``passes`` is a one-line
     ``--model`` error saying ``failed`` (``sys.exit()`` and ``GeneratorExit`` too: the
     command reports them, it does not exit with them)."""
     try:
         return call(*args)
-    except (KeyboardInterrupt, passes):
+    except KeyboardInterrupt:
+        raise
+    except passes:
         raise
     except BaseException as exc:
         raise BenchError(f"--model {spec!r}: {failed}: {error_text(exc)}") from None

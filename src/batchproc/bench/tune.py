@@ -277,8 +277,10 @@ def _text(v: Any, allow_null: bool = False) -> str | None:
     return "must be a string" + (", or null" if allow_null else "")
 
 
-def _record(v: Any) -> str | None:
-    return None if isinstance(v, dict) else "must be a record"
+def _record(v: Any, allow_null: bool = False) -> str | None:
+    if isinstance(v, dict) or (v is None and allow_null):
+        return None
+    return "must be a record" + (", or null" if allow_null else "")
 
 
 _Check = Callable[[Any], "str | None"]
@@ -324,16 +326,13 @@ def _goal(v: Any) -> str | None:
     return None
 
 
-def _record_or_null(v: Any) -> str | None:
-    return None if v is None or isinstance(v, dict) else "must be a record, or null"
-
-
 # The fields of the summary of the file's last search and of where it ran (what
 # ``ResultsFile.save`` writes beside the runs). They are not read back, but a file that
 # holds them of another type was not written by the search.
 _SAVED_SUMMARY_FIELDS: dict[str, _Check] = {
     "date": _text, "machine": _record, "versions": _record, "goal": _goal,
-    "best": _record_or_null, "default": _record_or_null, "budget_spent": _flag,
+    "best": functools.partial(_record, allow_null=True),
+    "default": functools.partial(_record, allow_null=True), "budget_spent": _flag,
     "interrupted": _flag,
 }
 

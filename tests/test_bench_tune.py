@@ -163,8 +163,10 @@ def _damaged_runs() -> list[Any]:
     for name in ("key", "label"):
         cases += [(name, v, f"{name!r} = {v!r}: must be a string") for v in (1, None, [])]
     for name in ("first_error", "failed", "first_model_error"):
-        cases += [(name, v, f"{name!r} = {v!r}: must be a string, or null")
-                  for v in (1, True, ["x"])]
+        # What the search writes there is one line (the report prints it as one).
+        cases += [(name, v, f"{name!r} = {v!r}: must be one line of text, or null")
+                  for v in (1, True, ["x"], "two\nlines", "ends\n", "\r", "a\x1cb",
+                            "a\u2028b")]
     cases += [("candidate", v, f"'candidate' = {v!r}: must be a record")
               for v in ("fixed", None, [1])]
     cases += [("repeat", v, f"'repeat' = {v!r}: must be a whole number >= 1")

@@ -271,10 +271,16 @@ def _count(v: Any, minimum: int = 0) -> str | None:
     return None
 
 
-def _text(v: Any, allow_null: bool = False) -> str | None:
-    if isinstance(v, str) or (v is None and allow_null):
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _line(v: Any) -> str | None:
+    """A note the search wrote (an error, why a run failed): one line, as the report
+    prints it, or null."""
+    if v is None or (isinstance(v, str) and v.splitlines() in ([], [v])):
         return None
-    return "must be a string" + (", or null" if allow_null else "")
+    return "must be one line of text, or null"
 
 
 def _record(v: Any, allow_null: bool = False) -> str | None:
@@ -294,9 +300,8 @@ _SAVED_RUN_FIELDS: dict[str, _Check] = {
     "arrival_rate": _FIGURE, "throughput": _FIGURE, "p50_ms": _FIGURE, "p95_ms": _FIGURE,
     "p99_ms": _FIGURE, "mean_ms": _FIGURE, "mean_batch": _FIGURE,
     "completed": _count, "errors": _count, "unfinished": _count, "refused": _count,
-    "first_error": functools.partial(_text, allow_null=True), "elapsed_s": _FIGURE,
-    "failed": functools.partial(_text, allow_null=True), "model_errors": _count,
-    "first_model_error": functools.partial(_text, allow_null=True),
+    "first_error": _line, "elapsed_s": _FIGURE, "failed": _line, "model_errors": _count,
+    "first_model_error": _line,
 }
 # ... and what only a confirming rerun holds: which rerun it is; and what files written
 # before it was recorded lack: the calls of the model earlier runs left running that were

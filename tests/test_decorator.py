@@ -1442,3 +1442,9 @@ def test_a_method_on_its_instance_shows_as_the_method_bound():
     finally:
         Scorer.score.stop()
         Scorer.ascore.stop()
+
+
+@pytest.mark.parametrize("name", [3, b"f", ["f"]])
+def test_a_name_that_is_not_a_str_is_refused_when_decorating(name):
+    with pytest.raises(TypeError, match="name must be a str"):
+        batchproc.batch(name=name)

@@ -690,7 +690,8 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     (``batchproc.observe.prometheus.PrometheusMetrics`` for Prometheus: its own ``name``
     is the metrics' ``processor`` label); ``name`` names the function in its errors and
     ``repr`` (default: the function's qualified name; ``partial(name)`` for a
-    ``functools.partial``, ``Class.__call__`` for a callable instance).
+    ``functools.partial``, ``Class.__call__`` for a callable instance; ``TypeError`` if
+    not a str).
 
     The function takes a batch and returns one result per row, as ``process_func`` does
     (docs/formats.md): a list of items for generic items, the concatenated array or tensor
@@ -716,6 +717,9 @@ def batch(function: None = None, /, *, config: BatchProcessorConfig | None = Non
     check_keywords("batch", fields, keyword_only(batch))
     if config is not None and fields:
         raise TypeError("pass either config or its fields, not both")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (how errors and repr name the function) or "
+                        f"None, got {name!r}")
     # Validated now, and kept: later changes to the caller's object change nothing.
     config = BatchProcessorConfig(**fields) if config is None else checked_copy(config)
     if metrics_collector is not None:

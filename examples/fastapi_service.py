@@ -16,6 +16,9 @@
   and an output that is not finite is answered 422, never as JSON nulls.
 - ``GET /ready`` answers 200 while ``processor.health()["ready"]`` (running, not paused,
   no critical check), 503 otherwise: a readiness probe takes the replica out of rotation.
+- ``GET /live`` answers 200 while ``processor.health()["live"]``, 503 once the processor
+  cannot serve in this process (every worker stuck in a call that does not return): a
+  liveness probe restarts the container.
 - ``GET /metrics`` serves the Prometheus exposition (``batchproc.observe.prometheus``).
 """
 
@@ -133,6 +136,12 @@ def create_app(model: Callable[[np.ndarray], np.ndarray] | None = None,
         processor: BatchProcessor[Any, Any] = request.app.state.processor
         report = processor.health()
         return JSONResponse(_jsonable(report), status_code=200 if report["ready"] else 503)
+
+    @app.get("/live")
+    async def live(request: Request) -> JSONResponse:
+        processor: BatchProcessor[Any, Any] = request.app.state.processor
+        report = processor.health()
+        return JSONResponse(_jsonable(report), status_code=200 if report["live"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

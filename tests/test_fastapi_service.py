@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -186,6 +187,47 @@ def test_ready_is_503_when_unhealthy():
             future.result(10)
     assert response.status_code == 503
     assert response.json()["status"] == "unhealthy"
+
+
+def test_live_is_503_while_every_worker_is_stuck_in_a_call_then_200_again():
+    release = threading.Event()
+    entered = threading.Event()
+
+    def model(batch):
+        if batch[0, 0] == 1.0:  # the request that hangs
+            entered.set()
+            release.wait(30)
+        return batch[:, :4]
+
+    app = example.create_app(
+        model, BatchProcessorConfig(max_workers=1, item_timeout=0.05),
+        registry=CollectorRegistry())
+
+    async def live(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await client.get("/live")
+
+    row = np.zeros((1, example.FEATURES), dtype=np.float32)
+    with serve(app) as url:
+        processor = app.state.processor
+        processor.pause()  # not ready, but live: a probe must not restart it
+        paused = asyncio.run(live(url))
+        processor.resume()
+        stuck = processor.enqueue_predict(row + 1.0)
+        assert entered.wait(30)
+        # Not live once the call is past item_timeout (the health report's own rule).
+        deadline = time.monotonic() + 30
+        while processor.health()["live"] and time.monotonic() < deadline:
+            release.wait(0.01)
+        hung = asyncio.run(live(url))
+        release.set()
+        with pytest.raises(TimeoutError):
+            stuck.result(30)
+        processor.enqueue_predict(row).result(30)  # a call returns: live again
+        recovered = asyncio.run(live(url))
+    assert paused.status_code == 200 and paused.json()["ready"] is False
+    assert hung.status_code == 503 and hung.json()["live"] is False
+    assert recovered.status_code == 200 and recovered.json()["live"] is True
 
 
 # The overflowing case overflows in the model's matmul, as it would in production.

@@ -530,3 +530,32 @@ def test_batch_only_failures_are_counted_alike_in_stats_the_protocol_and_the_met
     assert _value(samples, "batchproc_batch_only_failures_total", processor="batches") == 2
     assert _value(samples, "batchproc_requests_total", processor="batches",
                   outcome="completed") == 0  # the collector passed on nothing else
+
+
+def test_the_call_histograms_count_every_call_and_total_batches_the_delivered_ones(
+        make_processor):
+    # A failed batch is searched for its failing request: every call of the search is a
+    # model call (histograms), only those that returned results are batches delivered.
+    registry = CollectorRegistry()
+    calls = []
+
+    def model(batch):
+        calls.append(3 in batch)
+        if 3 in batch:
+            raise ValueError("bad item")
+        return [x * 2 for x in batch]
+
+    p = make_processor(model, metrics_collector=PrometheusMetrics("search", registry),
+                       max_batch_size=8, max_retries=0, max_workers=1)
+    p.pause()
+    futures = [p.enqueue_predict(v) for v in range(8)]
+    p.resume()
+    assert [f.exception(timeout=20) is None for f in futures] == [v != 3 for v in range(8)]
+    p.stop()
+    delivered = calls.count(False)
+    assert len(calls) > delivered > 1  # a search: failed calls and delivered ones
+    assert p.get_stats()["total_batches"] == delivered
+    _, samples = _scrape(registry)
+    for name in ("batchproc_batch_size_rows_count",
+                 "batchproc_model_call_duration_seconds_count"):
+        assert _value(samples, name, processor="search") == len(calls)

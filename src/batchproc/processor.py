@@ -1009,7 +1009,8 @@ class BatchProcessor(Generic[T, U]):
         ``avg_latency``, ``p50_latency``, ``p95_latency``, ``p99_latency`` and
         ``max_latency`` (from enqueue to result, over the last ``monitoring_window``
         requests), ``throughput`` (requests per second), ``error_rate`` (of
-        ``total_processed`` and ``total_errors``, below), ``total_batches``,
+        ``total_processed`` and ``total_errors``, below), ``total_batches`` (model
+        calls whose results were delivered),
         ``avg_queue_length``, ``uptime``; and the processor's own:
         ``current_batch_size`` (target rows), ``system_load`` (batches in progress /
         ``max_workers``), ``active_batches``, ``queue_size`` (requests), ``queued_rows``,

@@ -109,18 +109,42 @@ def test_a_blocking_callback_holds_up_no_item_timeout(make_processor, blocked_by
         hang.set()
 
 
+class HeldProbe(FakeProbe):
+    """A memory probe whose first read holds the supervisor (a health check runs on it)
+    until ``release``."""
+
+    def __init__(self):
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def read(self):
+        if not self.held.is_set():
+            self.held.set()
+            self.release.wait(HANG)
+        return super().read()
+
+
 def test_requests_expiring_together_all_have_their_errors_before_a_callback_runs(
         make_processor):
-    p = make_processor(lambda b: b, max_workers=1)
+    p = make_processor(lambda b: b, max_workers=1, health_check_interval=0.01)
+    probe = p._health.memory_probe = HeldProbe()
     p.pause()
+    # The four run out while the supervisor is held: its next look takes them together,
+    # however far apart they were enqueued.
+    assert probe.held.wait(HANG)
     seen = []
-    futures = [p.enqueue_predict(item(float(v)), max_queue_time=0.2) for v in range(4)]
+    futures = [p.enqueue_predict(item(float(v)), max_queue_time=0.01) for v in range(4)]
 
     def callback(future):
         seen.append((threading.current_thread().name, [f.done() for f in futures]))
 
     for f in futures:
         f.add_done_callback(callback)
+    deadline = time.monotonic() + 0.01
+    while time.monotonic() <= deadline:
+        probe.release.wait(0.01)
+    assert not any(f.done() for f in futures)
+    probe.release.set()
     for f in futures:
         assert isinstance(f.exception(timeout=HANG), QueueTimeoutError)
     wait_for(lambda: len(seen) == 4, "the callbacks to run", HANG)

@@ -189,6 +189,21 @@ def test_a_row_larger_than_the_byte_cap_goes_alone(make_processor, recorder):
     assert model.sizes == [1, 1, 1]
 
 
+def test_an_item_of_0_rows_gets_0_rows_beside_others_and_alone_calls_the_model_on_0(
+        make_processor, recorder):
+    model = recorder(lambda b: b[:, :2] * 2)
+    p = make_processor(model, max_batch_size=8)
+    p.pause()
+    items = [rows(2), rows(0), rows(1, 10)]
+    futures = [p.enqueue_predict(x) for x in items]
+    p.resume()
+    for item, future in zip(items, futures):
+        np.testing.assert_array_equal(future.result(timeout=10), item[:, :2] * 2)
+    assert model.sizes == [3]
+    alone = p.enqueue_predict(rows(0)).result(timeout=10)
+    assert alone.shape == (0, 2) and model.sizes == [3, 0]
+
+
 def test_results_never_change_after_delivery_when_output_aliases_the_buffer(make_processor):
     # lambda x: x returns the reused input buffer itself; thousands of batches later every
     # delivered result must still hold its own values.

@@ -224,6 +224,14 @@ IMPOSSIBLE = [
     (dict(elapsed_s=1e6), "'elapsed_s' = 1000000.0, longer than a run of 0.15 s lasts"),
     (dict(p99_ms=1e9), "'p99_ms' = 1000000000.0, longer than the run lasts"),
     (dict(mean_ms=1e9), "'mean_ms' = 1000000000.0, longer than the run lasts"),
+    # Latencies are never negative: at least half the requests took the median or more,
+    # one in a hundred the p99 or more, and the mean holds their share.
+    (dict(p50_ms=8.0, p95_ms=9.0, p99_ms=10.0, mean_ms=2.0), "'mean_ms' = 2.0, below the "
+     "0.5 of 'p50_ms' = 8.0 that the requests that took that long or longer (50%) add"),
+    (dict(p50_ms=0.1, p95_ms=0.1, p99_ms=1000.0, mean_ms=5.0), "'mean_ms' = 5.0, below the "
+     "0.01 of 'p99_ms' = 1000.0"),
+    (dict(p50_ms=0.1, p95_ms=200.0, p99_ms=200.0, mean_ms=5.0), "'mean_ms' = 5.0, below "
+     "the 0.05 of 'p95_ms' = 200.0"),
     # No throughput without completed requests; a call holds at least one row.
     # (Each sets the figures its message quotes: the run's own vary with the machine.)
     (dict(completed=0, throughput=300.0), "has a throughput of 300.0/s, but completed no "
@@ -236,6 +244,10 @@ IMPOSSIBLE = [
 POSSIBLE = [
     dict(errors=10, unfinished=5, refused=5), dict(arrival_rate=310.0),
     dict(arrival_rate=290.0), dict(p99_ms=1000.0, mean_ms=500.0), dict(mean_batch=1.0),
+    # A mean at the least its percentiles allow, and within the slack below it.
+    dict(p50_ms=8.0, p95_ms=9.0, p99_ms=10.0, mean_ms=4.0),
+    dict(p50_ms=8.0, p95_ms=9.0, p99_ms=10.0, mean_ms=2.7),
+    dict(p50_ms=0.1, p95_ms=0.1, p99_ms=1000.0, mean_ms=10.0),
     dict(mean_batch=4.0), dict(completed=0, throughput=0.0, mean_batch=0.0),
     dict(completed=0, throughput=0.0, mean_batch=None),
 ]

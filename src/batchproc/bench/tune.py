@@ -313,6 +313,9 @@ _FIGURES_OF_COMPLETED = ("throughput", "mean_batch", "arrival_rate", "p50_ms", "
                          "p99_ms", "mean_ms", "elapsed_s")
 # Slack for rounding and timing only, over a bound a real run sits at 1.00 of.
 _SLACK = 1.5
+# The share of a run's requests that took at least each percentile: latencies are never
+# negative, so the mean is at least that share of the percentile.
+_SHARE_AT_OR_ABOVE = {"p50_ms": 0.5, "p95_ms": 0.05, "p99_ms": 0.01}
 
 
 def _flag(v: Any) -> str | None:
@@ -357,7 +360,8 @@ def _damaged(path: str, what: str) -> BenchError:
 
 def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -> None:
     """``BenchError`` for figures of one run of ``duration`` seconds that no run could
-    have measured together: percentiles out of order; a load no run offers (more than
+    have measured together: percentiles out of order, a mean below what they allow; a
+    load no run offers (more than
     :data:`MAX_ARRIVALS` arrivals), arrivals far from the load asked; more requests
     completed, failed, left unfinished or refused than arrived; a throughput above its
     arrivals (an open loop's throughput is the completed arrivals of its window over that
@@ -389,6 +393,13 @@ def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -
         if run[name] is not None and run[name] > longest * _SLACK:
             raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}, longer than "
                            f"the run lasts ({longest:.6g} ms)")
+    mean_ms = run["mean_ms"]
+    for name, value in latencies if mean_ms is not None else ():
+        share = _SHARE_AT_OR_ABOVE[name]  # of the requests, each that long or longer
+        if mean_ms * _SLACK < value * share:
+            raise _damaged(path, f"run {i} has 'mean_ms' = {_shown(mean_ms)}, below "
+                           f"the {share:g} of {name!r} = {_shown(value)} that the requests "
+                           f"that took that long or longer ({share:.0%}) add to the mean")
     throughput, elapsed, completed = run["throughput"], run["elapsed_s"], run["completed"]
     if throughput is not None and elapsed and completed > throughput * elapsed * _SLACK + 1:
         raise _damaged(path, f"run {i} completed {plural(completed, 'request')}, more than "

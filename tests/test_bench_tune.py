@@ -226,12 +226,12 @@ IMPOSSIBLE = [
     (dict(mean_ms=1e9), "'mean_ms' = 1000000000.0, longer than the run lasts"),
     # Latencies are never negative: at least half the requests took the median or more,
     # one in a hundred the p99 or more, and the mean holds their share.
-    (dict(p50_ms=8.0, p95_ms=9.0, p99_ms=10.0, mean_ms=2.0), "'mean_ms' = 2.0, below the "
-     "0.5 of 'p50_ms' = 8.0 that the requests that took that long or longer (50%) add"),
-    (dict(p50_ms=0.1, p95_ms=0.1, p99_ms=1000.0, mean_ms=5.0), "'mean_ms' = 5.0, below the "
-     "0.01 of 'p99_ms' = 1000.0"),
-    (dict(p50_ms=0.1, p95_ms=200.0, p99_ms=200.0, mean_ms=5.0), "'mean_ms' = 5.0, below "
-     "the 0.05 of 'p95_ms' = 200.0"),
+    (dict(p50_ms=8.0, p95_ms=9.0, p99_ms=10.0, mean_ms=2.0), "'mean_ms' = 2.0, below 50% "
+     "of 'p50_ms' = 8.0: 50% of its requests took that long or longer"),
+    (dict(p50_ms=0.1, p95_ms=0.1, p99_ms=1000.0, mean_ms=5.0), "'mean_ms' = 5.0, below 1% "
+     "of 'p99_ms' = 1000.0: 1% of its requests"),
+    (dict(p50_ms=0.1, p95_ms=200.0, p99_ms=200.0, mean_ms=5.0), "'mean_ms' = 5.0, below 5% "
+     "of 'p95_ms' = 200.0: 5% of its requests"),
     # No throughput without completed requests; a call holds at least one row.
     # (Each sets the figures its message quotes: the run's own vary with the machine.)
     (dict(completed=0, throughput=300.0), "has a throughput of 300.0/s, but completed no "

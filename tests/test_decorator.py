@@ -884,9 +884,8 @@ def test_mypy_infers_item_and_result_types(tmp_path):
     skip_without("test")  # mypy
     path = tmp_path / "typed.py"
     path.write_text(TYPED)
-    # batchproc's optional integrations import torch and matplotlib for their types: read,
-    # they are most of mypy's time (about 1,400 of torch's modules), and none of the types
-    # revealed here comes from them.
+    # batchproc's optional integrations import torch and matplotlib for their types:
+    # reading them is most of mypy's time, and none of the types revealed here is theirs.
     config = tmp_path / "mypy.ini"
     config.write_text("[mypy]\n[mypy-torch.*,matplotlib.*]\nfollow_imports = skip\n")
     # In a child process: mypy raises the garbage collector's thresholds for good in the

@@ -361,9 +361,9 @@ def _damaged(path: str, what: str) -> BenchError:
 def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -> None:
     """``BenchError`` for figures of one run of ``duration`` seconds that no run could
     have measured together: percentiles out of order, a mean below what they allow; a
-    load no run offers (more than
-    :data:`MAX_ARRIVALS` arrivals), arrivals far from the load asked; more requests
-    completed, failed, left unfinished or refused than arrived; a throughput above its
+    load no run offers (more than :data:`MAX_ARRIVALS` arrivals), arrivals far from the
+    load asked; more requests completed, failed, left unfinished or refused than
+    arrived; a throughput above its
     arrivals (an open loop's throughput is the completed arrivals of its window over that
     window), or not of its completed requests (more of them than it carries in its
     elapsed time, or none); an elapsed time or a latency longer than the run lasts;
@@ -394,12 +394,13 @@ def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -
             raise _damaged(path, f"run {i} has {name!r} = {_shown(run[name])}, longer than "
                            f"the run lasts ({longest:.6g} ms)")
     mean_ms = run["mean_ms"]
-    for name, value in latencies if mean_ms is not None else ():
-        share = _SHARE_AT_OR_ABOVE[name]  # of the requests, each that long or longer
-        if mean_ms * _SLACK < value * share:
-            raise _damaged(path, f"run {i} has 'mean_ms' = {_shown(mean_ms)}, below "
-                           f"the {share:g} of {name!r} = {_shown(value)} that the requests "
-                           f"that took that long or longer ({share:.0%}) add to the mean")
+    if mean_ms is not None:
+        for name, value in latencies:
+            share = _SHARE_AT_OR_ABOVE[name]
+            if mean_ms * _SLACK < value * share:
+                raise _damaged(path, f"run {i} has 'mean_ms' = {_shown(mean_ms)}, below "
+                               f"{share:.0%} of {name!r} = {_shown(value)}: {share:.0%} of "
+                               "its requests took that long or longer")
     throughput, elapsed, completed = run["throughput"], run["elapsed_s"], run["completed"]
     if throughput is not None and elapsed and completed > throughput * elapsed * _SLACK + 1:
         raise _damaged(path, f"run {i} completed {plural(completed, 'request')}, more than "

@@ -71,6 +71,18 @@ def test_an_nn_module_gets_a_tensor_and_each_caller_its_rows(make_processor, n):
     assert len(recorded.batches) == 1
 
 
+def test_a_tensor_of_0_rows_gets_0_rows_beside_others_and_alone_calls_the_model_on_0(
+        make_processor):
+    recorded = Recorder(lambda b: b[:, :2] * 2)
+    p = make_processor(recorded, max_batch_size=8)
+    items = [torch.ones(2, 4), torch.empty(0, 4), torch.full((1, 4), 3.0)]
+    for item, future in zip(items, one_batch(p, items)):
+        torch.testing.assert_close(future.result(timeout=10), item[:, :2] * 2)
+    alone = p.enqueue_predict(torch.empty(0, 4)).result(timeout=10)
+    assert isinstance(alone, torch.Tensor) and alone.shape == (0, 2)
+    assert [tuple(b.shape) for b in recorded.batches] == [(3, 4), (0, 4)]
+
+
 def test_stacked_tensors(make_processor):
     p = make_processor(lambda b: b.sum(dim=1), stack_items=True)
     items = [torch.full((3,), float(i)) for i in range(3)]

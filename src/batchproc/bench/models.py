@@ -127,11 +127,10 @@ def _users_code(spec: str, failed: str, call: Callable[..., Any], *args: Any,
     ``__getattr__``): whatever that raises but Ctrl-C and ``passes`` is a one-line
     ``--model`` error saying ``failed`` (``sys.exit()`` and ``GeneratorExit`` too: the
     command reports them, it does not exit with them)."""
+    let_through: tuple[type[BaseException], ...] = (KeyboardInterrupt, *passes)
     try:
         return call(*args)
-    except KeyboardInterrupt:
-        raise
-    except passes:
+    except let_through:
         raise
     except BaseException as exc:
         raise BenchError(f"--model {spec!r}: {failed}: {error_text(exc)}") from None

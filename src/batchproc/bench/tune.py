@@ -363,11 +363,11 @@ def _check_consistent(path: str, i: int, run: dict[str, Any], duration: float) -
     have measured together: percentiles out of order, a mean below what they allow; a
     load no run offers (more than :data:`MAX_ARRIVALS` arrivals), arrivals far from the
     load asked; more requests completed, failed, left unfinished or refused than
-    arrived; a throughput above its
-    arrivals (an open loop's throughput is the completed arrivals of its window over that
-    window), or not of its completed requests (more of them than it carries in its
-    elapsed time, or none); an elapsed time or a latency longer than the run lasts;
-    fewer than one row per call of the model in a run that completed requests."""
+    arrived; a throughput above its arrivals (an open loop's throughput is the completed
+    arrivals of its window over that window), or not of its completed requests (more of
+    them than it carries in its elapsed time, or none); an elapsed time or a latency
+    longer than the run lasts; fewer than one row per call of the model in a run that
+    completed requests."""
     latencies = [(name, run[name]) for name in ("p50_ms", "p95_ms", "p99_ms")
                  if run[name] is not None]
     for (low, a), (high, b) in zip(latencies, latencies[1:]):
